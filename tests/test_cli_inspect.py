@@ -240,6 +240,9 @@ def other_kinds(tmp_path_factory) -> dict[str, Path]:
     controlnet = diffusers_controlnet(bundle.unet_config, 5, hint_widths=(16, 32))
     files["controlnet"] = write_layout(controlnet, "original", folder / "cn")
     files["controlnet-pth"] = write_layout(controlnet, "original-pth", folder / "cn-pth")
+    from t2i_adapter_fixtures import diffusers_adapter, write_adapter
+    files["t2i-adapter"] = write_adapter(diffusers_adapter("full_adapter", (32, 64), 2), "original-pth",
+                                         folder / "t2ia", name="t2iadapter_canny_sd15v2")
     files["compact-upscaler"] = folder / "realesr-general-x4v3.safetensors"
     save_file({"body.0.weight": torch.randn(8, 3, 3, 3), "body.0.bias": torch.zeros(8), "body.1.weight": torch.ones(8),
                "body.2.weight": torch.randn(48, 8, 3, 3), "body.2.bias": torch.zeros(48)}, str(files["compact-upscaler"]))
@@ -260,6 +263,9 @@ def other_kinds(tmp_path_factory) -> dict[str, Path]:
     ("upscaler", "upscaler", ["architecture    RRDBNet", "scale           4x", "features        8"], "sdlab upscale"),
     ("controlnet", "ControlNet", ["layout          original", "hint            3 channels"], "--control"),
     ("controlnet-pth", "ControlNet", ["layout          original", "hint            3 channels"], "--control"),
+    ("t2i-adapter", "T2I-Adapter", ["for             SD1 / SD2 models", "kind            full",
+                                    "layout          original", "hint            3 channels", "features        32, 64"],
+     "--control"),
     ("compact-upscaler", "upscaler", ["architecture    SRVGGNetCompact", "scale           4x"], "sdlab upscale"),
     ("vae-folder", "VAE", ["latent          4 channels"], "--vae"),
     ("unet-folder", "diffusers UNet2DConditionModel folder (one part of a pipeline)", ["in_channels     4"],

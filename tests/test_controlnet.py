@@ -173,7 +173,7 @@ def test_not_a_controlnet(tmp_path):
         load_controlnet(tmp_path / "missing.safetensors")
     others = {   # key names of each kind's released files
         "t2iadapter_canny_sd15v2.pth": ({"conv_in.weight": (320, 192, 3, 3), "body.0.block1.weight": (320, 320, 3, 3)},
-                                        "a T2I-Adapter, .* sdlab does not load T2I-Adapters"),
+                                        "a T2I-Adapter, not a ControlNet; a control .* loads it as one"),
         "t2iadapter_color_sd14v1.pth": ({"body.0.in_conv.weight": (320, 192, 1, 1)}, "a T2I-Adapter"),
         "t2iadapter_style_sd14v1.pth": ({"style_embedding": (1, 8, 1024), "ln_post.weight": (1024,)}, "a T2I-Adapter"),
         "t2i_diffusers.safetensors": ({"adapter.conv_in.weight": (320, 64, 3, 3),

@@ -145,14 +145,15 @@ def legacy_hash(path: str | os.PathLike[str]) -> str:
 # reading
 
 
-# Other control networks, by the keys that mark their files: (what the file is, what they are, its marker keys).
+# Other control networks, by the keys that mark their files: (what the file is, what sdlab does with it, its
+# marker keys).
 _OTHER_CONTROLS = (
-    ("a ControlNet-LLLite (kohya)", "ControlNet-LLLites", re.compile(r"lllite_")),
-    ("an IP-Adapter", "IP-Adapters", re.compile(r"(image_proj|ip_adapter)\.")),
+    ("a ControlNet-LLLite (kohya)", "sdlab does not load ControlNet-LLLites", re.compile(r"lllite_")),
+    ("an IP-Adapter", "sdlab does not load IP-Adapters", re.compile(r"(image_proj|ip_adapter)\.")),
     # TencentARC's files (full: body.N.block1 / block2 / in_conv; light: body.N.in_conv / out_conv; style:
     # style_embedding) and diffusers' T2IAdapter (adapter.conv_in, adapter.body.N.resnets / in_conv); an
     # upscaler's body.N.rdbK (Real-ESRGAN) or body.N (compact SRVGG) is none of them
-    ("a T2I-Adapter", "T2I-Adapters",
+    ("a T2I-Adapter", "a control (--control, a ControlNet unit) loads it as one (checkpoints.t2i_adapter)",
      re.compile(r"(adapter\.)?body\.\d+\.(block1|block2|in_conv|out_conv|resnets)\.|adapter\.conv_in\.|style_embedding$")),
 )
 
@@ -164,7 +165,7 @@ def _not_a_controlnet(path: Path, keys: list[str]) -> CheckpointError:
     elif any(k.startswith(("lora_unet_", "lora_te")) or ".lora_" in k for k in keys):
         what = "a LoRA (lora_* keys), not a ControlNet"
     elif other is not None:
-        what = f"{other[0]}, not a ControlNet; sdlab does not load {other[1]}"
+        what = f"{other[0]}, not a ControlNet; {other[1]}"
     elif any(k.startswith(("down_blocks.", "conv_in.")) for k in keys) and not any("controlnet" in k for k in keys):
         what = "a diffusers U-Net, not a ControlNet"
     else:

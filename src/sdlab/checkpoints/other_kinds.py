@@ -1,9 +1,9 @@
-"""What a file that is not a whole model is: a LoRA, a ControlNet, a VAE, an upscaler, a textual-inversion
-embedding, one component folder of a diffusers pipeline, or an ``sdlab train`` run checkpoint (`sdlab inspect`
-on it).
+"""What a file that is not a whole model is: a LoRA, a ControlNet, a T2I-Adapter, a VAE, an upscaler, a
+textual-inversion embedding, one component folder of a diffusers pipeline, or an ``sdlab train`` run checkpoint
+(`sdlab inspect` on it).
 
 Each kind is recognised by the reader that loads it for generation (`load_lora_file`, `read_controlnet`,
-`load_vae_source`, `read_upscaler`, `load_embedding`), tried in that order (the embedding reader last: it
+`read_t2i_adapter`, `load_vae_source`, `read_upscaler`, `load_embedding`), tried in that order (the embedding reader last: it
 takes any single 2-D tensor), so what is described here is what `--lora`, `--control`, `--vae`,
 `sdlab upscale --model` and `--embeddings-dir` would load; a file with LoRA keys that no reader accepts
 gets the LoRA reader's error (an OFT / GLoRA file, a module without its ``lora_down``), as `--lora` gives
@@ -38,8 +38,8 @@ def describe_other_kind(path: str | os.PathLike[str]) -> Description | None:
     from sdlab.checkpoints.lora import UnusableLoRAError
 
     path = Path(path)
-    readers: tuple[Callable[[Path], Description], ...] = (_run_checkpoint, _lora, _controlnet, _vae, _upscaler,
-                                                          _embedding, _component)
+    readers: tuple[Callable[[Path], Description], ...] = (_run_checkpoint, _lora, _controlnet, _t2i_adapter, _vae,
+                                                          _upscaler, _embedding, _component)
     unusable_lora = None
     for describe in readers:
         try:
@@ -146,6 +146,21 @@ def _controlnet(path: Path) -> Description:
         facts["residuals"] = "pooled over the picture (shuffle)"
     facts["parameters"] = parameters
     return {"kind": "ControlNet", "facts": facts, "use": "--control FILE:IMAGE[:STRENGTH]"}
+
+
+def _t2i_adapter(path: Path) -> Description:
+    from sdlab.checkpoints.components import meta_device_without_init
+    from sdlab.checkpoints.t2i_adapter import read_t2i_adapter
+    from sdlab.models.t2i_adapter import T2IAdapter
+
+    found = read_t2i_adapter(path, shapes_only=True)
+    cfg = found.config
+    with meta_device_without_init():
+        parameters = sum(p.numel() for p in T2IAdapter(cfg).parameters())
+    facts = {"for": "SDXL models" if cfg.downsampled[1:2] == (False,) else "SD1 / SD2 models", "kind": cfg.kind,
+             "layout": found.layout, "hint": cfg.hint_channels, "features": list(cfg.channels),
+             "parameters": parameters}
+    return {"kind": "T2I-Adapter", "facts": facts, "use": "--control FILE:IMAGE[:STRENGTH]"}
 
 
 def _vae(path: Path) -> Description:

@@ -463,6 +463,30 @@ def copies_to(x: Tensor, rows: int) -> Tensor:
     return x if len(x) == rows else torch.cat([x] * (rows // len(x)))
 
 
+def adapter_blocks(cfg: UNetConfig) -> list[int]:
+    """The input blocks whose outputs take a T2I-Adapter's features, one per level, as diffusers adds its
+    `down_intrablock_additional_residuals`: a level with transformers at its last [ResBlock, transformer] (before
+    its Downsample), a level without at its Downsample's output, or its last ResBlock where it has none (the
+    last level). SD 1.x: 2, 5, 8, 11; SDXL: 3, 5, 8, and a fourth feature goes to the middle block's output:
+    the indices A1111's ControlNet extension and ComfyUI write down for the two."""
+    blocks, index = [], 0                  # index: the input block before the level's first ResBlock
+    last_level = len(cfg.channel_mult) - 1
+    for level in range(len(cfg.channel_mult)):
+        last_res = index + cfg.num_res_blocks
+        downsample = level != last_level
+        blocks.append(last_res + 1 if downsample and not cfg.has_transformer(level) else last_res)
+        index = last_res + downsample
+    return blocks
+
+
+def _with_feature(h: Tensor, feature: Tensor, rows: int) -> Tensor:
+    """h (B' rows standing for `rows`, `copies_to`) plus a T2I-Adapter feature (rows, C, h, w) of its shape."""
+    if feature.shape[1:] != h.shape[1:]:
+        raise ValueError(f"UNet: a T2I-Adapter feature of shape {tuple(feature.shape[1:])} meets features of "
+                         f"{tuple(h.shape[1:])}")
+    return copies_to(h, rows) + feature.to(h.dtype)
+
+
 def shared_rows(x: Tensor, emb: BlockEmbeddings, blocks: nn.ModuleList, context: Tensor) -> int:
     """How many of x's first rows the U-Net's opening blocks need to run: B // 2 where the batch is two
     equal halves with one time embedding, as in every guided step ([x, x] for the negative and the positive
@@ -634,6 +658,7 @@ class UNet(nn.Module):
         image_prompt: ImagePrompt | None = None,
         identity_rows: Tensor | None = None,
         identity_layers: Collection[str] = (),
+        adapter: list[Tensor] | None = None,
     ) -> Tensor:
         """x: (B, in_channels, h, w) noisy latent; t: (B,) or () float timesteps in [0, 1000);
         context: (B, T, context_dim) text embeddings; y: (B, adm_in_channels) for SDXL, else None;
@@ -649,6 +674,9 @@ class UNet(nn.Module):
         identity_rows: (B,) bool, the rows on which the self-attentions named in identity_layers (their module
         names, e.g. "middle_block.1.transformer_blocks.0.attn1") have the identity for attention map:
         perturbed-attention guidance's perturbed pass (`SelfAttentionIdentity`); None: every row attends.
+        adapter: T2I-Adapter features, one per level, each added to the output of its `adapter_blocks` input block
+        before the block's skip is stored (both the skip and the next block see it), any further one to the
+        middle block's output (diffusers' down_intrablock_additional_residuals).
         Inputs are cast to the parameters' dtype; returns (B, out_channels, h, w) in that dtype.
 
         Feature maps are kept channels-last (NHWC strides, NCHW shape): oneDNN and cuDNN convolutions take that
@@ -666,16 +694,25 @@ class UNet(nn.Module):
         identity = self._identity(identity_rows, identity_layers, rows)
         if identity is None:   # perturbed rows differ from the others from their first self-attention on
             h = h[: shared_rows(h, emb, self.input_blocks, context)]  # (B or B / 2, C, h, w): equal halves run once
+        # T2I-Adapter features by the input block they join; a further one joins the middle block's output
+        joins = [*adapter_blocks(self.cfg), -1]
+        if adapter is not None and len(adapter) > len(joins):
+            raise ValueError(f"UNet: {len(adapter)} T2I-Adapter features for {len(joins)} places (levels + middle)")
+        features = dict(zip(joins, adapter or ()))
         skips = []
         for i, block in enumerate(self.input_blocks):
             h = block(h, emb, context, merging=merging, identity=identity,
                       image_prompt=image_prompt)  # (B, C_i, h_i, w_i) from the first text context on
+            if i in features:
+                h = _with_feature(h, features.pop(i), rows)   # (B, C_i, h_i, w_i)
             skip = copies_to(h, rows)
             skips.append(skip if skip_residuals is None else skip + skip_residuals[i].to(dtype))
         h = copies_to(self.middle_block(h, emb, context, merging=merging, identity=identity,
                                         image_prompt=image_prompt), rows)  # (B, C_mid, h_mid, w_mid)
         if middle_residual is not None:
             h = h + middle_residual.to(dtype)
+        if -1 in features:
+            h = _with_feature(h, features.pop(-1), rows)       # (B, C_mid, h_mid, w_mid)
         per_level = self.cfg.num_res_blocks + 1
         for i, block in enumerate(self.output_blocks):
             skip = skips.pop()

@@ -13,6 +13,13 @@ Semantics are diffusers' (`StableDiffusionControlNetPipeline`, `MultiControlNetM
   only, the unconditional rows get none (diffusers turns guess mode on for it; A1111 multiplies them by
   `cond_mark`);
 - each ControlNet's residuals are multiplied by its strength; several ControlNets are summed;
+- a T2I-Adapter (`checkpoints.t2i_adapter`) runs once on the hint, before sampling (`adapter_features`); its
+  features, times the strength (under soft injection strength * (0.25, 0.62, 0.825, 1.0), A1111's), join the
+  U-Net's encoder where diffusers adds its `down_intrablock_additional_residuals` (`unet.adapter_blocks`: SD1 /
+  SD2 input blocks 2, 5, 8, 11, SDXL 3, 5, 8 and the middle block, where A1111's extension and ComfyUI add them
+  too), on both CFG halves (diffusers' adapter pipelines; A1111's Balanced), several adapters summed. Start / end,
+  control modes, preprocessors and resize modes act as for a ControlNet; diffusers' `adapter_conditioning_factor`
+  f is end = f;
 - A1111's control modes (`ControlInput.control_mode`): "balanced" is the above; "prompt" ("My prompt is more
   important") scales residual k of the K residuals (the middle block's last: K = 13 for SD1 / SD2, 10 for
   SDXL) by strength * 0.825 ** (12 - k) ("soft injection"); "control" ("ControlNet is more important") does
@@ -53,10 +60,12 @@ from torch import Tensor
 
 from sdlab.checkpoints.controlnet import LoadedControlNet, legacy_hash, load_controlnet
 from sdlab.checkpoints.errors import CheckpointError
+from sdlab.checkpoints.t2i_adapter import LoadedT2IAdapter, is_t2i_adapter, load_t2i_adapter
 from sdlab.diffusion.denoiser import DenoiseFn
 from sdlab.diffusion.steps import step_of_call
 from sdlab.families.loaded import ModelBundle
 from sdlab.models.circular_padding import circular_padding, padded_convolutions
+from sdlab.models.t2i_adapter import hint_input
 from sdlab.models.freeu import FreeU
 from sdlab.pipeline.hint_resize import high_quality_resize
 from sdlab.pipeline.images import eight_bit, flattened
@@ -74,6 +83,8 @@ CONTROL_MODES = {"balanced": "Balanced", "prompt": "My prompt is more important"
                  "control": "ControlNet is more important"}
 """sdlab's names of A1111's control modes -> A1111's (its `ControlMode` values, in its order)."""
 SOFT_INJECTION_BASE = 0.825     # A1111: residual k of 13 scaled by 0.825 ** (12 - k)
+ADAPTER_SOFT_SCALES = (0.25, 0.62, 0.825, 1.0)
+"""A1111's soft injection of a T2I-Adapter's four features (its hook's `control_scales` for T2I_Adapter)."""
 RESIZE_MODES = {"resize": "Just Resize", "crop": "Crop and Resize", "fill": "Resize and Fill"}
 """sdlab's names of A1111's resize modes -> A1111's (its `ResizeMode` values, in its order)."""
 DEFAULT_RESIZE = {"diffusers": "resize", "a1111": "crop"}
@@ -84,12 +95,17 @@ A1111_RESIZE_ALIASES = {"Inner Fit (Scale to Fit)": "Crop and Resize", "Outer Fi
 """The ControlNet extension's older names of its resize modes (`resize_mode_aliases`)."""
 
 
+LOADED = (LoadedControlNet, LoadedT2IAdapter)
+"""The loaded networks a control may carry: a ControlNet, or a T2I-Adapter (whose features join the U-Net's
+encoder where diffusers adds them, `UNet.forward`'s `adapter`)."""
+
+
 @dataclass(frozen=True)
 class ControlInput:
-    """One ControlNet of a request: the network (a file, folder or loaded ControlNet), its hint image (a path
-    or PIL image), how strongly and on which fraction of the steps it acts, and an optional preprocessor
-    (`module`, A1111's Module: "none", "canny", "scribble", "threshold", "invert", "tile_resample", or sdlab's
-    "tile"; `PREPROCESSORS`)
+    """One ControlNet or T2I-Adapter of a request: the network (a file, folder or loaded ControlNet / T2I-Adapter),
+    its hint image (a path or PIL image), how strongly and on which fraction of the steps it acts, and an optional
+    preprocessor (`module`, A1111's Module: "none", "canny", "scribble", "threshold", "invert", "tile_resample", or
+    sdlab's "tile"; `PREPROCESSORS`)
     applied to the image first. `control_mode` and `resize_mode` are A1111's (`CONTROL_MODES`, `RESIZE_MODES`;
     `resize_mode` None: the request's convention's, `DEFAULT_RESIZE`), `threshold_a` / `threshold_b` its
     preprocessor parameters (None: the preprocessor's default; `preprocess.PARAMETERS`). `mask` (a picture or
@@ -99,7 +115,7 @@ class ControlInput:
     A1111's convention the extension's 512: `processor_res_under`);
     `pixel_perfect` picks it from the drawing's size instead (`resolution_of`)."""
 
-    model: LoadedControlNet | str | os.PathLike[str]
+    model: LoadedControlNet | LoadedT2IAdapter | str | os.PathLike[str]
     image: Image.Image | str | os.PathLike[str]
     strength: float = 1.0
     start: float = 0.0
@@ -115,7 +131,7 @@ class ControlInput:
 
     @property
     def model_path(self) -> str:
-        return self.model.origin if isinstance(self.model, LoadedControlNet) else os.fspath(self.model)
+        return self.model.origin if isinstance(self.model, LOADED) else os.fspath(self.model)
 
     def resize_mode_under(self, convention: str) -> str:
         """The resize mode the control runs with under the request's `control_convention`."""
@@ -170,7 +186,7 @@ def check_control(control: ControlInput, index: int = 0, convention: str = "diff
                            f"{highest}) or unset, got {resolution!r}")
     if not isinstance(control.pixel_perfect, bool):
         raise RequestError(f"{name}: pixel_perfect must be true or false, got {control.pixel_perfect!r}")
-    if not isinstance(control.model, LoadedControlNet) and not Path(control.model).exists():
+    if not isinstance(control.model, LOADED) and not Path(control.model).exists():
         raise RequestError(f"{name}: the ControlNet {control.model_path!r} does not exist")
     if not isinstance(control.image, Image.Image) and not Path(control.image).exists():
         raise RequestError(f"{name}: the image {os.fspath(control.image)!r} does not exist")
@@ -301,7 +317,7 @@ class PreparedControl:
     """A control ready to run: the loaded network, its hint on the model's device, strength and step range,
     A1111's control mode, and whether it runs in a hires fix's second pass."""
 
-    net: LoadedControlNet
+    net: LoadedControlNet | LoadedT2IAdapter
     hint: Tensor                    # (1, 3, H, W) in [0, 1]; -1 at an inpaint hint's masked pixels
     strength: float
     start: float
@@ -310,6 +326,7 @@ class PreparedControl:
     convention: str = "diffusers"   # the step rule: "diffusers" or "a1111"
     control_mode: str = "balanced"
     hires_pass: bool = False
+    features: tuple[Tensor, ...] = ()   # a T2I-Adapter's, made once from the hint: (1, C_i, h_i, w_i) each
 
     def active(self, step: int, steps: int) -> bool:
         """Whether step i of N runs the control. diffusers' controlnet_keep: i / N >= start and
@@ -323,7 +340,8 @@ class PreparedControl:
     def cond_only(self) -> bool:
         """Whether the residuals go to the prompt's rows only: a pooling ControlNet's, or in A1111's "ControlNet
         is more important" mode (its `cfg_injection`)."""
-        return self.net.config.global_pool or self.control_mode == "control"
+        pools = isinstance(self.net, LoadedControlNet) and self.net.config.global_pool
+        return pools or self.control_mode == "control"
 
     @property
     def soft(self) -> bool:
@@ -334,15 +352,24 @@ class PreparedControl:
 
     def scales(self, count: int) -> list[float]:
         """The factors of the control's `count` residuals, the middle block's last: the strength, or with soft
-        injection strength * 0.825 ** (12 - k) for residual k (A1111's 13 factors; SDXL takes the first 10)."""
+        injection strength * 0.825 ** (12 - k) for residual k (A1111's 13 factors; SDXL takes the first 10); a
+        T2I-Adapter's `count` features, softly injected: strength * (0.25, 0.62, 0.825, 1.0) (A1111's; a fifth
+        or later feature, which no released adapter has, keeps the strength)."""
         if not self.soft:
             return [self.strength] * count
+        if isinstance(self.net, LoadedT2IAdapter):
+            return [self.strength * (ADAPTER_SOFT_SCALES[k] if k < len(ADAPTER_SOFT_SCALES) else 1.0)
+                    for k in range(count)]
         return [self.strength * SOFT_INJECTION_BASE ** (12 - k) for k in range(count)]
 
 
-def load_control_net(model: LoadedControlNet | str | os.PathLike[str], bundle: ModelBundle) -> LoadedControlNet:
-    """The ControlNet of `model` for `bundle` (loaded in its dtype on its device), checked to fit it."""
+def load_control_net(model: LoadedControlNet | LoadedT2IAdapter | str | os.PathLike[str],
+                     bundle: ModelBundle) -> LoadedControlNet | LoadedT2IAdapter:
+    """The ControlNet or T2I-Adapter (`is_t2i_adapter`) of `model` for `bundle` (loaded in its dtype on its
+    device), checked to fit it."""
     family = bundle.family.name
+    if isinstance(model, LoadedT2IAdapter) or (not isinstance(model, LoadedControlNet) and is_t2i_adapter(model)):
+        return _load_adapter(model, bundle)
     if isinstance(model, LoadedControlNet):
         model.check_compatible(bundle.unet_config, family)
         param = next(bundle.unet.parameters())
@@ -352,6 +379,28 @@ def load_control_net(model: LoadedControlNet | str | os.PathLike[str], bundle: M
     loaded = load_controlnet(model, like=bundle.unet_config, like_family=family, dtype=param.dtype, device=param.device)
     loaded.check_compatible(bundle.unet_config, family)
     return loaded
+
+
+def _load_adapter(model: LoadedT2IAdapter | str | os.PathLike[str], bundle: ModelBundle) -> LoadedT2IAdapter:
+    param = next(bundle.unet.parameters())
+    if isinstance(model, LoadedT2IAdapter):
+        model.model.to(device=param.device, dtype=param.dtype)
+    else:
+        model = load_t2i_adapter(model, like=bundle.unet_config, dtype=param.dtype, device=param.device)
+    model.check_compatible(bundle.unet_config, bundle.vae_config.downsample_factor, bundle.family.name)
+    return model
+
+
+def adapter_features(net: LoadedT2IAdapter, hint: Tensor, index: int) -> tuple[Tensor, ...]:
+    """A T2I-Adapter's features of a (1, 3, H, W) hint, made once for every step (as diffusers and A1111's
+    extension make them); a size its pixel-unshuffle cannot split is a `RequestError`."""
+    step = net.config.unshuffle
+    height, width = hint.shape[-2:]
+    if height % step or width % step:
+        raise RequestError(f"control {index}: {net.origin} reads pictures in steps of {step} pixels; "
+                           f"{width}x{height} is not one")
+    with torch.no_grad():
+        return tuple(net.model(hint_input(hint, net.config)))      # (1, C_i, h_i, w_i) each
 
 
 def prepare_controls(
@@ -375,10 +424,10 @@ def prepare_controls(
             net = load_control_net(control.model, bundle)
         except CheckpointError as err:
             raise RequestError(f"control {index}: {err}") from None
-        if net.config.hint_channels != 3:
+        if isinstance(net, LoadedControlNet) and net.config.hint_channels != 3:
             raise RequestError(f"control {index}: {net.origin} reads {net.config.hint_channels}-channel hints; "
                                "only RGB hints are supported")
-        if net.config.hint_factor != factor:
+        if isinstance(net, LoadedControlNet) and net.config.hint_factor != factor:
             raise RequestError(
                 f"control {index}: {net.origin} maps hints {net.config.hint_factor}x down, but this model's "
                 f"latents are {factor}x smaller than the picture"
@@ -396,9 +445,10 @@ def prepare_controls(
         if control.module in INPAINT_MODULES:
             hint = _masked_hint(hint, control, index, mask, region, picture_size, resize_mode)
         hint = hint.to(next(bundle.unet.parameters()).device)
+        features = adapter_features(net, hint, index) if isinstance(net, LoadedT2IAdapter) else ()
         prepared.append(PreparedControl(net, hint, float(control.strength), float(control.start),
                                         float(control.end), control.module, convention, control.control_mode,
-                                        hires_pass))
+                                        hires_pass, features))
     return prepared
 
 
@@ -463,14 +513,20 @@ class ControlledUNet:
         IP-Adapters' image tokens, for the U-Net alone too (the ControlNets attend to the text, as in diffusers)."""
         skips: list[Tensor] | None = None
         middle: Tensor | None = None
+        adapter: list[Tensor] | None = None
         for control, wrapped in zip(self.controls, self.wrapped):
             if control_step is not None and not control.active(*control_step):
+                continue
+            rows = cond_mark.view(-1, 1, 1, 1) if control.cond_only and cond_mark is not None else 1.0   # (B, 1, 1, 1)
+            if control.features:       # a T2I-Adapter: its features, made once, on every row
+                features = [f.expand(x.shape[0], -1, -1, -1) * (scale * rows)        # (B, C_i, h_i, w_i)
+                            for f, scale in zip(control.features, control.scales(len(control.features)))]
+                adapter = features if adapter is None else _summed(adapter, features)
                 continue
             cfg = control.net.config
             hint = control.hint.expand(x.shape[0], -1, -1, -1)                     # (B, 3, H, W)
             with circular_padding(*wrapped):
                 residuals, mid = control.net.model(x[:, : cfg.unet.in_channels], t, context, hint, y)
-            rows = cond_mark.view(-1, 1, 1, 1) if control.cond_only and cond_mark is not None else 1.0   # (B, 1, 1, 1)
             outputs = [r * (scale * rows) for r, scale in zip([*residuals, mid], control.scales(len(residuals) + 1))]
             residuals, mid = outputs[:-1], outputs[-1]
             if skips is None:
@@ -479,9 +535,15 @@ class ControlledUNet:
                 skips = [a + b for a, b in zip(skips, residuals)]
                 middle = middle + mid
         control = None if skips is None else (skips, middle)
+        adapted = {} if adapter is None else {"adapter": adapter}   # T2I-Adapter features (`UNet.forward`)
         return self.unet(x, t, context, y, control=control, guidance_emb=guidance_emb, freeu=self.freeu,
                          identity_rows=identity_rows, identity_layers=identity_layers,
-                         image_prompt=image_prompt)
+                         image_prompt=image_prompt, **adapted)
+
+
+def _summed(a: list[Tensor], b: list[Tensor]) -> list[Tensor]:
+    """Two T2I-Adapters' features added level by level (the longer one's last levels kept)."""
+    return [x + y for x, y in zip(a, b)] + (a[len(b):] if len(a) > len(b) else b[len(a):])
 
 
 def controlled_unet(unet: torch.nn.Module, controls: Sequence[PreparedControl], circular: bool = False,

@@ -1,0 +1,200 @@
+"""T2I-Adapters as controls: sdlab's generate loop with a `ControlInput` whose model is a T2I-Adapter gives the
+pictures of diffusers' StableDiffusionAdapterPipeline (full and light adapters) and StableDiffusionXLAdapterPipeline
+(full_adapter_xl, with `adapter_conditioning_factor` as the control's end) on the same random weights, seed and
+settings, within 2/255 per pixel. Each adapter is written as a diffusers folder, one diffusers-named file, and
+TencentARC's original layout (safetensors and a .pth pickle); sdlab reads each, diffusers its own folder.
+
+The reduced bundles have a factor-2 VAE, so the adapters pixel-unshuffle by 2 (SD1) and 4 (SDXL) where the
+released ones take 8 and 16; their U-Nets have three levels so that every feature has its place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from diffusers import (
+    EulerDiscreteScheduler,
+    StableDiffusionAdapterPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLAdapterPipeline,
+    StableDiffusionXLPipeline,
+)
+from PIL import Image, ImageDraw
+from safetensors.torch import save_file
+
+import sdlab
+from bundle_fixtures import as_released, randomize_, tiny_unet_config, write_diffusers_folder
+from t2i_adapter_fixtures import diffusers_adapter, write_adapter
+from picture_parity import CFG, MAX_PIXEL_DIFF, PROMPT, SEED, SIZE, STEPS, max_pixel_diff
+from sdlab.checkpoints import create
+from sdlab.checkpoints.errors import CheckpointError
+from sdlab.checkpoints.t2i_adapter import load_t2i_adapter, read_t2i_adapter
+from sdlab.families import get_family
+from sdlab.models.unet import adapter_blocks
+from sdlab.pipeline.control import ControlInput, PreparedControl, adapter_features
+from sdlab.pipeline.request import RequestError
+
+NEGATIVE = "blurry"
+EULER = dict(sampler="Euler", schedule="leading", init_noise="vp")
+THREE_LEVELS = {"sd1": dict(channel_mult=(1, 2, 2), transformer_depth=(1, 1, 0)),
+                "sdxl": dict(channel_mult=(1, 2, 2), transformer_depth=(0, 1, 1), transformer_depth_middle=1)}
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _bundle(name: str, seed: int = 11):
+    family = get_family(name)
+    bundle = create.new_bundle(name, tiny=True, unet=replace(tiny_unet_config(family), **THREE_LEVELS[name]), seed=seed)
+    randomize_(bundle.unet, seed)
+    randomize_(bundle.vae, seed + 1)
+    for i, te in enumerate(bundle.text_encoders):
+        randomize_(te.model, seed + 2 + i)
+    return bundle
+
+
+def _pipeline(name: str, folder):
+    bundle = _bundle(name)
+    released = as_released(write_diffusers_folder(bundle, folder / "pipe"), SIZE // 2)
+    base = (StableDiffusionPipeline if name == "sd1" else StableDiffusionXLPipeline).from_pretrained(
+        released, local_files_only=True)
+    base.scheduler = EulerDiscreteScheduler.from_config(base.scheduler.config)
+    return sdlab.load(released), base, bundle
+
+
+@pytest.fixture(scope="module")
+def sd1(tmp_path_factory):
+    return _pipeline("sd1", tmp_path_factory.mktemp("sd1"))
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    return _pipeline("sdxl", tmp_path_factory.mktemp("sdxl"))
+
+
+def _hint(seed: int = 0) -> Image.Image:
+    image = Image.new("RGB", (48, 40), "black")          # another size: both sides resize it to SIZE
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([5 + seed * 7, 4, 30, 30], outline="white", width=3)
+    draw.ellipse([20, 10 + seed * 3, 44, 36], fill=(200, 60 * seed, 90))
+    return image
+
+
+def _generators(batch):
+    return [torch.Generator().manual_seed(SEED + i) for i in range(batch)]
+
+
+def _not_vacuous(plain, reference):
+    assert max_pixel_diff(plain, reference) > 5 * MAX_PIXEL_DIFF   # the adapter changes the picture
+
+
+def test_features_join_the_blocks_a1111_names():
+    """diffusers' placement in sdlab's blocks is the list A1111's extension and ComfyUI write down."""
+    assert adapter_blocks(get_family("sd1").unet) == [2, 5, 8, 11]
+    assert adapter_blocks(get_family("sd2").unet) == [2, 5, 8, 11]
+    assert adapter_blocks(get_family("sdxl").unet) == [3, 5, 8]
+
+
+@pytest.mark.parametrize("layout", ["folder", "diffusers-file", "original", "original-pth"])
+def test_full_adapter_txt2img_is_diffusers(sd1, tmp_path, layout):
+    ours, base, _ = sd1
+    net = diffusers_adapter("full_adapter", (32, 64, 64), 2)
+    path = write_adapter(net, layout, tmp_path)
+    pipe = StableDiffusionAdapterPipeline(**{k: v for k, v in base.components.items() if k != "image_encoder"},
+                                          adapter=net)
+    pipe.set_progress_bar_config(disable=True)
+    reference = pipe(PROMPT, _hint(), negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=CFG,
+                     width=SIZE, height=SIZE, adapter_conditioning_scale=0.8, num_images_per_prompt=2,
+                     generator=_generators(2), output_type="np").images
+    args = dict(steps=STEPS, cfg_scale=CFG, seed=SEED, width=SIZE, height=SIZE, batch_size=2, **EULER)
+    plain = ours.txt2img(PROMPT, NEGATIVE, **args)
+    result = ours.txt2img(PROMPT, NEGATIVE, controls=[ControlInput(path, _hint(), 0.8)], **args)
+    _not_vacuous(plain.images, reference)
+    assert max_pixel_diff(result.images, reference) <= MAX_PIXEL_DIFF
+
+
+def test_light_adapter_txt2img_is_diffusers(sd1, tmp_path):
+    ours, base, _ = sd1
+    net = diffusers_adapter("light_adapter", (32, 64), 2, blocks=1, std=0.2)
+    path = write_adapter(net, "original", tmp_path)
+    assert read_t2i_adapter(path).config.kind == "light"
+    pipe = StableDiffusionAdapterPipeline(**{k: v for k, v in base.components.items() if k != "image_encoder"},
+                                          adapter=net)
+    pipe.set_progress_bar_config(disable=True)
+    reference = pipe(PROMPT, _hint(1), negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=CFG,
+                     width=SIZE, height=SIZE, generator=_generators(1), output_type="np").images
+    args = dict(steps=STEPS, cfg_scale=CFG, seed=SEED, width=SIZE, height=SIZE, **EULER)
+    plain = ours.txt2img(PROMPT, NEGATIVE, **args)
+    result = ours.txt2img(PROMPT, NEGATIVE, controls=[ControlInput(path, _hint(1))], **args)
+    _not_vacuous(plain.images, reference)
+    assert max_pixel_diff(result.images, reference) <= MAX_PIXEL_DIFF
+
+
+@pytest.mark.parametrize("layout", ["folder", "original"])
+def test_sdxl_adapter_with_conditioning_factor_is_diffusers(sdxl, tmp_path, layout):
+    """diffusers' `adapter_conditioning_factor` f runs the adapter on steps i < int(N * f): the control's end f
+    under diffusers' step rule. The original layout says nothing of which levels downsample: the SDXL U-Net
+    it runs with does."""
+    ours, base, _ = sdxl
+    net = diffusers_adapter("full_adapter_xl", (64, 128, 128, 128), 4, std=0.15)
+    path = write_adapter(net, layout, tmp_path)
+    pipe = StableDiffusionXLAdapterPipeline(**{k: v for k, v in base.components.items()
+                                               if k not in ("image_encoder", "feature_extractor")}, adapter=net)
+    pipe.set_progress_bar_config(disable=True)
+    reference = pipe(PROMPT, image=_hint(), negative_prompt=NEGATIVE, num_inference_steps=STEPS,
+                     guidance_scale=CFG, width=SIZE, height=SIZE, adapter_conditioning_scale=0.9,
+                     adapter_conditioning_factor=0.6, generator=_generators(1), output_type="np").images
+    args = dict(steps=STEPS, cfg_scale=CFG, seed=SEED, width=SIZE, height=SIZE, **EULER)
+    whole = ours.txt2img(PROMPT, NEGATIVE, controls=[ControlInput(path, _hint(), 0.9)], **args)
+    result = ours.txt2img(PROMPT, NEGATIVE, controls=[ControlInput(path, _hint(), 0.9, 0.0, 0.6)], **args)
+    _not_vacuous(whole.images, reference)        # the factor matters
+    assert max_pixel_diff(result.images, reference) <= MAX_PIXEL_DIFF
+
+
+def test_a_one_channel_adapter_reads_the_hints_first_channel(tmp_path):
+    """The sketch adapters read one channel (conv_in of 64 = 1 x 8^2 inputs); A1111's extension gives them the
+    hint's first channel."""
+    net = diffusers_adapter("full_adapter", (32, 64), 2, in_channels=1)
+    loaded = load_t2i_adapter(write_adapter(net, "original", tmp_path))
+    assert loaded.config.hint_channels == 1
+    from sdlab.models.t2i_adapter import hint_input
+    hint = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        ours = loaded.model(hint_input(hint, loaded.config))
+        theirs = net(hint[:, :1])
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_soft_injection_takes_a1111s_adapter_scales(tmp_path):
+    net = load_t2i_adapter(write_adapter(diffusers_adapter("full_adapter", (32, 64, 64, 64), 2), "folder", tmp_path))
+    prepared = PreparedControl(net, torch.zeros(1, 3, 8, 8), 0.5, 0.0, 1.0, control_mode="prompt")
+    assert prepared.scales(4) == pytest.approx([0.125, 0.31, 0.4125, 0.5])
+    assert PreparedControl(net, torch.zeros(1, 3, 8, 8), 0.5, 0.0, 1.0).scales(4) == [0.5] * 4
+
+
+def test_an_adapter_of_another_family_is_refused_with_one_line(sd1, sdxl, tmp_path):
+    sd1_model, sdxl_model = sd1[0], sdxl[0]
+    sd1_adapter = write_adapter(diffusers_adapter("full_adapter", (32, 64, 64), 2), "original", tmp_path / "a")
+    with pytest.raises(RequestError, match=r"control 0: .*this T2I-Adapter gives features 32 at 1/2, 64 at 1/2, 64 "
+                                           r"at 1/4 \(of the picture\) but the sdxl model takes 64 at 1/4, 128 at 1/4"):
+        sdxl_model.txt2img(PROMPT, steps=1, width=SIZE, height=SIZE, controls=[ControlInput(sd1_adapter, _hint())])
+    xl_adapter = load_t2i_adapter(write_adapter(diffusers_adapter("full_adapter_xl", (64, 128, 128, 128), 4),
+                                                "folder", tmp_path / "b"))
+    with pytest.raises(RequestError, match=r"control 2: .*reads pictures in steps of 4 pixels; 38x40 is not one"):
+        adapter_features(xl_adapter, torch.zeros(1, 3, 40, 38), 2)
+
+
+@pytest.mark.parametrize("keys, what", [
+    ({"style_embedding": torch.zeros(1, 8, 16), "proj": torch.zeros(16, 8)}, "StyleAdapter"),
+    ({"task_embedding.weight": torch.zeros(4, 4), "spatial_feat_mapping.0.weight": torch.zeros(4, 4)},
+     "CoAdapter fuser"),
+])
+def test_style_adapters_and_coadapter_fusers_are_refused(sd1, tmp_path, keys, what):
+    path = tmp_path / "t2iadapter_style_sd14v1.safetensors"
+    save_file(keys, path)
+    with pytest.raises(CheckpointError, match=what):
+        read_t2i_adapter(path)
+    with pytest.raises(RequestError, match=f"control 0: .*{what}"):
+        sd1[0].txt2img(PROMPT, steps=1, width=SIZE, height=SIZE, controls=[ControlInput(path, _hint())])
