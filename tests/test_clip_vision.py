@@ -81,3 +81,20 @@ def test_known_towers_have_the_released_shapes(cfg, hf):
               if not k.endswith("position_ids")}
     assert ours == theirs
     assert cfg.heads == hf["num_attention_heads"] and cfg.activation == "gelu"
+
+
+def test_a_lone_file_of_a_known_width_loads_as_that_tower(tmp_path):
+    """A 1280-wide file without config.json: ViT-H/14's heads (16, 80 wide) and GELU, the rest from the shapes."""
+    torch.manual_seed(7)
+    reference = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=1280, intermediate_size=2560, num_hidden_layers=1, num_attention_heads=16, patch_size=14,
+        image_size=224, projection_dim=1024, hidden_act="gelu")).eval()
+    lone = tmp_path / "clip_h.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(lone))
+    encoder = load_image_encoder(lone)
+    assert (encoder.config.heads, encoder.config.layers, encoder.config.mlp_width) == (16, 1, 2560)
+    assert encoder.name == "ViT-H/14"
+    pixels = clip_pixels(Image.open(SAMPLE_PICTURE)).unsqueeze(0)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder.model(pixels).image_embeds, reference(pixel_values=pixels).image_embeds,
+                                   rtol=0, atol=1e-5)

@@ -117,3 +117,102 @@ def test_sdxl_pictures_match_diffusers(tmp_path_factory):
     result = ours.txt2img(PROMPT, NEGATIVE, ip_adapters=[IPAdapterInput(path, _picture(), 0.6)], **options)
     assert max_pixel_diff(plain.images, reference) > 5 * MAX_PIXEL_DIFF
     assert max_pixel_diff(result.images, reference) <= MAX_PIXEL_DIFF
+
+
+FAST = ["--steps", "3", "--width", "32", "--height", "32", "--no-progress", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def cli_files(tmp_path_factory):
+    from bundle_fixtures import write_original
+
+    folder = tmp_path_factory.mktemp("ip_cli")
+    bundle = tiny_bundle("sd1")
+    model = folder / "tiny-sd1.safetensors"
+    write_original(bundle, model, junk=False)
+    models = folder / "ipadapter"
+    write_image_encoder(models / "image_encoder", seed=5, projection=EMBED)
+    widths = [attn.to_q.weight.shape[0] for attn in cross_attentions(bundle.unet)]
+    adapter = write_ip_adapter(models / "ip-adapter_tiny.safetensors",
+                               ip_adapter_state(widths, bundle.unet_config.context_dim, EMBED, seed=6, std=0.3))
+    picture = folder / "reference.png"
+    _picture().save(picture)
+    return {"model": model, "adapter": adapter, "picture": picture, "folder": folder}
+
+
+def test_cli_draws_the_api_picture_records_it_and_redraws_from_png(cli_files, tmp_path, capsys):
+    import numpy as np
+    from cli_helpers import pixels, run
+    from sdlab.pipeline.png_info import parse_parameters, read_parameters
+
+    base = ["txt2img", "a red apple", "--model", str(cli_files["model"]), *FAST]
+    plain, drawn, again = tmp_path / "plain.png", tmp_path / "ip.png", tmp_path / "again.png"
+    assert run([*base, "--out", str(plain)], capsys)[0] == 0
+    code, _, stderr = run([*base, "--ip-adapter", str(cli_files["adapter"]), "--ip-adapter-image",
+                           str(cli_files["picture"]), "--ip-adapter-scale", "0.8", "--out", str(drawn)], capsys)
+    assert code == 0, stderr
+    assert np.abs(pixels(plain) - pixels(drawn)).max() > 10
+    api = sdlab.load(cli_files["model"]).txt2img(
+        "a red apple", steps=3, width=32, height=32, seed=3,
+        ip_adapters=[IPAdapterInput(cli_files["adapter"], Image.open(cli_files["picture"]), 0.8)])
+    assert np.abs(pixels(drawn) - np.asarray(api.images[0], dtype=np.int16)).max() == 0
+    params = parse_parameters(read_parameters(drawn))
+    assert params["IP-Adapter 0"].startswith("Model: ip-adapter_tiny [")
+    assert params["IP-Adapter 0"].endswith("], Weight: 0.8")
+    # --from-png: the Weight read back; without --ip-adapter the line is named in a warning
+    code, _, stderr = run(["txt2img", "--model", str(cli_files["model"]), "--no-progress", "--from-png", str(drawn),
+                           "--ip-adapter", str(cli_files["adapter"]), "--ip-adapter-image", str(cli_files["picture"]),
+                           "--out", str(again)], capsys)
+    assert code == 0, stderr
+    assert np.abs(pixels(drawn) - pixels(again)).max() == 0
+    code, _, stderr = run(["txt2img", "--model", str(cli_files["model"]), "--no-progress", "--from-png", str(drawn),
+                           "--out", str(tmp_path / "without.png")], capsys)
+    assert code == 0, stderr
+    assert "the picture was drawn with IP-Adapter 0 (Model: ip-adapter_tiny [" in stderr
+
+
+def test_cli_bad_input_is_one_line_and_no_file(cli_files, tmp_path, capsys):
+    from cli_helpers import run
+
+    base = ["txt2img", "a red apple", "--model", str(cli_files["model"]), *FAST]
+    adapter, picture = str(cli_files["adapter"]), str(cli_files["picture"])
+    lone = tmp_path / "lone.safetensors"
+    lone.write_bytes(cli_files["adapter"].read_bytes())
+    cases = [
+        (["--ip-adapter", adapter], "0 --ip-adapter-image for 1 --ip-adapter"),
+        (["--ip-adapter", adapter, "--ip-adapter-image", picture, "--ip-adapter-scale", "1",
+          "--ip-adapter-scale", "2"], "2 --ip-adapter-scale for 1 --ip-adapter"),
+        (["--ip-adapter", adapter, "--ip-adapter-image", picture, "--ip-adapter-scale", "11"], "scale must be"),
+        (["--ip-adapter", str(tmp_path / "no.safetensors"), "--ip-adapter-image", picture], "does not exist"),
+        (["--ip-adapter", adapter, "--ip-adapter-image", str(tmp_path / "no.png")], "no.png"),
+        (["--ip-adapter", str(lone), "--ip-adapter-image", picture], "no image encoder for the IP-Adapter"),
+        (["--ip-adapter", adapter, "--ip-adapter-image", picture, "--ip-adapter-encoder", adapter],
+         "not a CLIP image encoder"),
+    ]
+    for extra, message in cases:
+        out = tmp_path / "bad.png"
+        code, _, stderr = run([*base, *extra, "--out", str(out)], capsys)
+        assert code != 0 and message in stderr, stderr
+        errors = [line for line in stderr.splitlines() if "error" in line]
+        assert "Traceback" not in stderr and len(errors) == 1, stderr
+        assert "WARNING" not in stderr or message == "not a CLIP image encoder", stderr    # refused before any load
+        assert not out.exists()
+
+
+def test_grid_cells_are_txt2img_with_the_adapter(cli_files, tmp_path, capsys):
+    import numpy as np
+    from cli_helpers import pixels, run
+    from sdlab.pipeline.png_info import parse_parameters, read_parameters
+
+    options = ["--model", str(cli_files["model"]), "--seed", "3", "--width", "32", "--height", "32",
+               "--ip-adapter", str(cli_files["adapter"]), "--ip-adapter-image", str(cli_files["picture"]),
+               "--ip-adapter-scale", "0.5", "--no-progress"]
+    cells = tmp_path / "cells"
+    code, _, err = run(["grid", "a red apple", "--x", "steps=2,3", *options, "--out", str(tmp_path / "g.png"),
+                        "--keep-cells", str(cells)], capsys)
+    assert code == 0, err
+    single = tmp_path / "single.png"
+    assert run(["txt2img", "a red apple", "--steps", "3", *options, "--out", str(single)], capsys)[0] == 0
+    kept = cells / "001-x1-y0-z0.png"
+    assert np.array_equal(pixels(kept), pixels(single))
+    assert parse_parameters(read_parameters(kept))["IP-Adapter 0"].endswith("Weight: 0.5")

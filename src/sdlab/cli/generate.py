@@ -339,6 +339,18 @@ def _add_run_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
     p.add_argument("--control-mask", action="append", default=[], metavar="FILE",
                    help="the mask of the matching --control's inpaint / inpaint_only hint (white = masked; "
                         "without one an inpainting run's mask serves); none: no mask of its own; repeatable")
+    p.add_argument("--ip-adapter", action="append", default=[], metavar="FILE",
+                   help="an IP-Adapter (h94's ip-adapter_sd15 / ip-adapter_sdxl .safetensors or .bin): the "
+                        "matching --ip-adapter-image is drawn as an image prompt; repeatable")
+    p.add_argument("--ip-adapter-image", action="append", default=[], metavar="FILE",
+                   help="the picture of the matching --ip-adapter (the first for the first, ...); repeatable")
+    p.add_argument("--ip-adapter-scale", action="append", default=[], type=float, metavar="S",
+                   help="how strongly the matching --ip-adapter's picture acts, 0..10 (default 1, or the Weight "
+                        "the picture's parameters record; A1111's Weight); repeatable")
+    p.add_argument("--ip-adapter-encoder", action="append", default=[], metavar="PATH",
+                   help="the CLIP image encoder of the matching --ip-adapter (a folder with config.json and "
+                        "model.safetensors, or its .safetensors file); default: the image_encoder folder beside "
+                        "the adapter file or one folder up (h94/IP-Adapter's layout); repeatable")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads (default: all cores; for small models such as the shipped one the free "
@@ -866,6 +878,45 @@ def _parse_control(spec: str, convention: str, **settings: Any):
         raise UserError(f"--control {spec!r}: {err}") from None
 
 
+def _ip_adapters(args: argparse.Namespace, recorded: dict[str, Any]) -> tuple:
+    """The --ip-adapter `IPAdapterInput`s, each with the --ip-adapter-image / -scale / -encoder of its place,
+    checked. A scale not given is the Weight the --from-png picture's `IP-Adapter N` line records, else 1; lines
+    past the adapters given are named in a warning (the picture is not recorded: each needs its image again)."""
+    from sdlab.pipeline.image_prompt import IPAdapterInput, check_ip_adapter, recorded_weight
+    from sdlab.pipeline.request import RequestError
+
+    count = len(args.ip_adapter)
+    if len(args.ip_adapter_image) != count:
+        raise UserError(f"{len(args.ip_adapter_image)} --ip-adapter-image for {count} --ip-adapter: give each "
+                        "adapter its picture")
+    for flag, values in (("--ip-adapter-scale", args.ip_adapter_scale),
+                         ("--ip-adapter-encoder", args.ip_adapter_encoder)):
+        if len(values) > count:
+            raise UserError(f"{len(values)} {flag} for {count} --ip-adapter")
+    left_out = [key for key in sorted(recorded, key=lambda key: (len(key), key))
+                if key.startswith("IP-Adapter ") and key[len("IP-Adapter "):].isdigit()
+                and int(key[len("IP-Adapter "):]) >= count]
+    if left_out:
+        logger.warning("the picture was drawn with %s; pass --ip-adapter and --ip-adapter-image for each to "
+                       "redraw it", ", ".join(f"{key} ({recorded[key]})" for key in left_out))
+    prompts = []
+    for index, (file, image) in enumerate(zip(args.ip_adapter, args.ip_adapter_image)):
+        scale = args.ip_adapter_scale[index] if index < len(args.ip_adapter_scale) else None
+        if scale is None and f"IP-Adapter {index}" in recorded:
+            try:
+                scale = recorded_weight(recorded[f"IP-Adapter {index}"])
+            except ValueError as err:
+                raise UserError(f"IP-Adapter {index}: {err}; pass --ip-adapter-scale") from None
+        encoder = args.ip_adapter_encoder[index] if index < len(args.ip_adapter_encoder) else None
+        prompt = IPAdapterInput(file, _open_image(image, "IP-Adapter image"), 1.0 if scale is None else scale,
+                                encoder)
+        try:
+            prompts.append(check_ip_adapter(prompt, index))
+        except RequestError as err:
+            raise UserError(f"--ip-adapter {file!r}: {err}") from None
+    return tuple(prompts)
+
+
 def _per_control(values: list[Any], flag: str, count: int) -> list[Any]:
     """A per-control option's values (`--control-module`, ...), one for each of the `count` --control in
     order: the first for the first, ...; None for the controls past the last given."""
@@ -1266,6 +1317,9 @@ def run_generate(args: argparse.Namespace, pipelines: dict | None = None) -> int
     controls = _controls(args, recorded, options.get("control_convention", GenerationRequest.control_convention))
     if controls:
         options["controls"] = controls
+    ip_adapters = _ip_adapters(args, recorded)
+    if ip_adapters:
+        options["ip_adapters"] = ip_adapters
     try:
         request = GenerationRequest(**options)
     except TypeError as err:

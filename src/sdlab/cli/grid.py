@@ -621,7 +621,7 @@ class _CellDrawing:
 
 
 def run_grid(args: argparse.Namespace) -> int:
-    from sdlab.cli.generate import _controls, _open_image, _options_from_args, styles_of
+    from sdlab.cli.generate import _controls, _ip_adapters, _open_image, _options_from_args, styles_of
     from sdlab.pipeline.grid import MODEL_FIELDS, cell_picture, fix_seeds, with_plot_parameters
     from sdlab.pipeline.png_info import encode_image, format_parameters, image_format, write_files_all_or_nothing
     from sdlab.pipeline.request import GenerationRequest
@@ -639,6 +639,9 @@ def run_grid(args: argparse.Namespace) -> int:
     controls = _controls(args, {}, options.get("control_convention", GenerationRequest.control_convention))
     if controls:
         options["controls"] = controls
+    ip_adapters = _ip_adapters(args, {})
+    if ip_adapters:
+        options["ip_adapters"] = ip_adapters
     options["styles"] = tuple(args.style)                # applied in each cell, after its axes (`_cells`)
     typed = _cells(plot, options, lambda prompt: args.preset, args.mode, None, styles)    # each cell's LoRAs
     models = {index: _cell_model(args, cell) for index, cell in typed}

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from sdlab.checkpoints.controlnet import legacy_hash
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.image_encoder import LoadedImageEncoder, load_image_encoder
 from sdlab.checkpoints.ip_adapter import LoadedIPAdapter, check_fits, load_ip_adapter
@@ -85,6 +86,8 @@ def check_ip_adapter(prompt: IPAdapterInput, index: int = 0) -> IPAdapterInput:
     encoder = prompt.image_encoder
     if isinstance(encoder, (str, os.PathLike)) and not Path(encoder).exists():
         raise RequestError(f"{name}: the image encoder {os.fspath(encoder)!r} does not exist")
+    if encoder is None:
+        image_encoder_of(prompt.model_path)                   # found beside the adapter, else refused now
     return prompt
 
 
@@ -170,3 +173,34 @@ def image_prompt_conds(prepared: PreparedImagePrompts | None) -> tuple[dict[str,
     if prepared is None:
         return {}, {}
     return {"image_tokens": prepared.cond_tokens}, {"image_tokens": prepared.uncond_tokens}
+
+
+def _number(value: float) -> str:
+    return f"{value:g}"
+
+
+def infotext_lines(prompts: Sequence[IPAdapterInput]) -> dict[str, str]:
+    """sdlab's infotext lines of the image prompts, {"IP-Adapter 0": "Model: NAME [hash], Weight: 0.7"}: NAME is
+    the adapter file's name without its suffix, hash A1111's short model hash (as a ControlNet line names its
+    model). The picture itself is not recorded: a redraw is given it again (`--ip-adapter-image`)."""
+    lines = {}
+    for index, prompt in enumerate(prompts):
+        path = prompt.model_path
+        try:
+            model = f"{Path(path).stem} [{legacy_hash(path)}]"
+        except OSError:
+            model = Path(path).stem
+        lines[f"IP-Adapter {index}"] = f"Model: {model}, Weight: {_number(float(prompt.scale))}"
+    return lines
+
+
+def recorded_weight(line: str) -> float | None:
+    """The Weight an "IP-Adapter N" infotext line records (`infotext_lines`); None where it records none. One
+    that is not a number is a ValueError naming it."""
+    fields = dict(item.strip().split(": ", 1) for item in str(line).split(",") if ": " in item)
+    if "Weight" not in fields:
+        return None
+    try:
+        return float(fields["Weight"])
+    except ValueError:
+        raise ValueError(f"Weight {fields['Weight']!r} is not a number") from None

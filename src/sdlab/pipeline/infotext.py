@@ -29,6 +29,7 @@ from sdlab.diffusion.samplers import (
 from sdlab.diffusion.schedule_names import a1111_label, schedule_from_a1111, schedule_key
 from sdlab.models.freeu import FreeU
 from sdlab.pipeline.control import infotext_lines
+from sdlab.pipeline.image_prompt import infotext_lines as image_prompt_lines
 from sdlab.pipeline.perturbed_attention import DEFAULT_LAYERS
 from sdlab.pipeline.png_info import NEGATIVE_PROMPT, PROMPT, version_label
 from sdlab.pipeline.prompt_loras import resolve_prompt_loras, split_prompt_loras, without_merged_tags
@@ -293,6 +294,7 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         **sdxl_parameters(req),
         **infotext_lines(req.controls, req.control_convention),
         "Control steps": req.control_convention if req.controls else None,
+        **image_prompt_lines(req.ip_adapters),
         "Refiner": None if refiner is None else refiner_label(refiner.name, refiner.hash),
         "Refiner switch at": None if refiner is None else refiner.switch_at,
         "Refiner steps": None if refiner is None else refiner.convention,
