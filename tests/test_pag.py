@@ -18,12 +18,16 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPAGPipeline, StableDiffusionXLPAGPipeline
+from diffusers import (
+    StableDiffusionPAGImg2ImgPipeline, StableDiffusionPAGInpaintPipeline, StableDiffusionPAGPipeline,
+    StableDiffusionXLPAGPipeline,
+)
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.pipelines.pag.pag_utils import PAGMixin
 from picture_parity import MAX_PIXEL_DIFF, PROMPT, SEED, SIZE, STEPS, max_pixel_diff, uint8_pictures
 from test_pipeline_parity import NEGATIVE, _generators, _quiet, _schedulers
-from test_pipeline_parity import sd1, sdxl  # noqa: F401 (fixtures: sdlab's and diffusers' pipelines of one folder)
+from bundle_fixtures import init_picture, lower_right_mask, tiny_bundle, write_diffusers_folder
+from test_pipeline_parity import sd1, sd1_inpaint, sdxl  # noqa: F401 (fixtures: sdlab's and diffusers' pipelines of one folder)
 from test_unet import SMALL, _diffusers_unet, _inputs, _sdlab_from
 
 from sdlab.models import cpu_attention
@@ -228,3 +232,52 @@ def test_a_layer_the_model_lacks_is_a_request_error(sd1):  # noqa: F811
         ours_pipe.txt2img(PROMPT, steps=2, width=SIZE, height=SIZE, pag_scale=3.0, pag_layers=["down_blocks.7"])
     with pytest.raises(RequestError, match="PAG scale"):
         ours_pipe.txt2img(PROMPT, steps=2, width=SIZE, height=SIZE, pag_scale=-1.0)
+
+
+def test_sd1_img2img_matches_diffusers_pag_img2img_pipeline(sd1):  # noqa: F811
+    ours_pipe, pipe = sd1
+    pag = _quiet(StableDiffusionPAGImg2ImgPipeline(**pipe.components, pag_applied_layers=["mid", "up_blocks.1"]))
+    pag.scheduler, sampler = _schedulers(pipe.scheduler.config)["euler"]
+    reference = pag(PROMPT, image=init_picture(SIZE), strength=0.6, negative_prompt=NEGATIVE, num_images_per_prompt=2,
+                    num_inference_steps=STEPS, guidance_scale=6.0, pag_scale=3.0, generator=_generators(2),
+                    output_type="np").images
+    ours = ours_pipe.img2img(PROMPT, init_picture(SIZE), strength=0.6, negative_prompt=NEGATIVE, steps=STEPS,
+                             cfg_scale=6.0, seed=SEED, batch_size=2, pag_scale=3.0, pag_layers=["mid", "up_blocks.1"],
+                             **sampler)
+    assert max_pixel_diff(ours.images, reference) <= MAX_PIXEL_DIFF
+
+
+def test_sd1_9_channel_inpaint_matches_diffusers_pag_inpaint_pipeline(sd1_inpaint):  # noqa: F811
+    ours_pipe, pipe = sd1_inpaint
+    pag = _quiet(StableDiffusionPAGInpaintPipeline(**pipe.components))
+    pag.scheduler, sampler = _schedulers(pipe.scheduler.config)["euler"]
+    image, mask = init_picture(SIZE), lower_right_mask(SIZE)
+    reference = pag(PROMPT, image=image, mask_image=mask, strength=0.75, negative_prompt=NEGATIVE,
+                    num_inference_steps=STEPS, guidance_scale=7.0, pag_scale=3.0, pag_adaptive_scale=0.003,
+                    width=SIZE, height=SIZE, generator=_generators(1), output_type="np").images
+    ours = ours_pipe.inpaint(PROMPT, image, mask, NEGATIVE, strength=0.75, steps=STEPS, cfg_scale=7.0, seed=SEED,
+                             paste_back=False, pag_scale=3.0, pag_adaptive_scale=0.003, **sampler)
+    assert max_pixel_diff(ours.images, reference) <= MAX_PIXEL_DIFF
+
+
+def test_controlnet_txt2img_matches_diffusers_pag_controlnet_pipeline(tmp_path):
+    """diffusers' StableDiffusionControlNetPAGPipeline: the ControlNet runs on all three rows unperturbed, its
+    residuals added to the perturbed row too."""
+    from diffusers import StableDiffusionControlNetPAGPipeline, StableDiffusionPipeline
+    from test_controlnet_pipeline import EULER, _controlnet_files, _euler, _hint, _released
+
+    from sdlab.pipeline.control import ControlInput
+    import sdlab
+
+    bundle = tiny_bundle("sd1", seed=11)
+    folder = _released(write_diffusers_folder(bundle, tmp_path / "pipe"))
+    base = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    [(net, path)] = _controlnet_files(tmp_path, bundle.unet_config, 1, "original")
+    pipe = _quiet(StableDiffusionControlNetPAGPipeline(**base.components, controlnet=net, pag_applied_layers=["mid"]))
+    pipe.scheduler = _euler(base)
+    reference = pipe(PROMPT, _hint(0), negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=7.0,
+                     pag_scale=3.0, width=SIZE, height=SIZE, controlnet_conditioning_scale=0.8,
+                     generator=_generators(1), output_type="np").images
+    ours = sdlab.load(folder).txt2img(PROMPT, NEGATIVE, steps=STEPS, cfg_scale=7.0, seed=SEED, width=SIZE,
+                                      height=SIZE, pag_scale=3.0, controls=[ControlInput(path, _hint(0), 0.8)], **EULER)
+    assert max_pixel_diff(ours.images, reference) <= MAX_PIXEL_DIFF

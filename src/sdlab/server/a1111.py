@@ -68,7 +68,7 @@ from sdlab.pipeline.upscale import (
     A1111_REALESRGAN_STEMS, DEFAULT_OVERLAP, DEFAULT_TILE, LATENT_UPSCALE_MODES, UpscaleError, centred_on_canvas,
     upscale_by,
 )
-from sdlab.server.alwayson import alwayson_freeu, check_alwayson_scripts
+from sdlab.server.alwayson import alwayson_freeu, alwayson_pag, check_alwayson_scripts
 from sdlab.server.a1111_scripts import (
     NOT_DRAWN, Drawn, Pictures, ScriptHost, ScriptPictures, ScriptSeeds, script_info, scripts_list,
     selected_script,
@@ -360,7 +360,7 @@ def _request(body: Txt2ImgIn, controls: tuple = (), inits: tuple[Image.Image, ..
         clip_skip=settings["CLIP_stop_at_last_layers"], clip_skip_convention="a1111", eta=_eta(body, settings, sampler),
         sdxl_clip_l_skip=settings["sdxl_clip_l_skip"],
         **_sigma_options(body, settings, sampler), **_schedule_settings(settings), **_noise_settings(settings),
-        controls=controls,
+        controls=controls, **alwayson_pag(body.alwayson_scripts),
         **_ensd(settings), rng=settings["randn_source"],
         seed_resize_from_w=body.seed_resize_from_w, seed_resize_from_h=body.seed_resize_from_h,
         tiling=settings["tiling"] if body.tiling is None else body.tiling, **_sdxl_options(settings), **extra,

@@ -40,6 +40,11 @@ SELECTABLE_SCRIPTS = {"txt2img": _ANY_TAB, "img2img": (
     "img2img alternative test", "Loopback", "Outpainting mk2", "Poor man's outpainting", *_ANY_TAB, "SD upscale")}
 """A1111 1.10's selectable scripts of each tab (scripts/*.py; Custom code only with --allow-code)."""
 SELECTABLE_ERROR = "Cannot have a selectable script in the always on scripts params"
+PAG = "perturbedattentionguidance integrated"
+PAG_ARGS = ("enabled", "scale")
+PAG_DEFAULTS = (False, 3.0)
+"""Forge's PerturbedAttentionGuidance Integrated script (extensions-builtin/sd_forge_perturbed_attention/scripts/
+forge_perturbed_attention.py): its args in order, and its UI's values for the ones a request leaves out."""
 
 
 def check_alwayson_scripts(scripts: dict[str, Any], tab: str, masked: bool = False) -> None:
@@ -58,6 +63,9 @@ def check_alwayson_scripts(scripts: dict[str, Any], tab: str, masked: bool = Fal
         if key in selectable:
             raise BadRequest(f"alwayson_scripts: {SELECTABLE_ERROR} ('{name}' is run by script_name)", 422,
                              SELECTABLE_ERROR)
+        if key == PAG:
+            alwayson_pag({name: script})
+            continue
         if key not in titles:
             raise BadRequest(f"Script '{name}' not found: alwayson_scripts takes A1111's own always-on scripts "
                              f"({', '.join(ALWAYSON_SCRIPTS[tab])}) and controlnet", 422, f"Script '{name}' not found")
@@ -65,6 +73,24 @@ def check_alwayson_scripts(scripts: dict[str, Any], tab: str, masked: bool = Fal
         if titles[key] == "Soft Inpainting" and masked and args and args[0]:
             raise BadRequest(f"alwayson_scripts.{name}: Soft Inpainting is not drawn by sdlab; leave it out or "
                              "send its first arg false for A1111's ordinary inpainting", 422)
+
+
+def alwayson_pag(scripts: dict[str, Any]) -> dict[str, float]:
+    """The perturbed-attention guidance fields of Forge's PerturbedAttentionGuidance Integrated in `alwayson_scripts`:
+    its args [enabled, scale] (left out: its UI's defaults) as `pag_scale`, on its layers (the middle block's
+    self-attentions: diffusers' "mid", the request's default) without an adaptive scale; none where it is absent or
+    not enabled. More args, or a scale that is not a number, is a 422."""
+    name = next((name for name in scripts if name.lower() == PAG), None)
+    if name is None:
+        return {}
+    args = _script_args(name, scripts[name])
+    if len(args) > len(PAG_ARGS):
+        raise BadRequest(f"alwayson_scripts.{name} takes {len(PAG_ARGS)} args ({', '.join(PAG_ARGS)}), "
+                         f"got {len(args)}", 422)
+    enabled, scale = [*args, *PAG_DEFAULTS[len(args):]]
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise BadRequest(f"alwayson_scripts.{name}: scale must be a number, got {scale!r}", 422)
+    return {"pag_scale": float(scale)} if enabled else {}
 
 
 def _script_args(name: str, script: Any) -> list[Any]:
