@@ -227,3 +227,21 @@ def native_controls(items: list[dict[str, Any]], folder: ModelFolder, limits: Li
                                native_threshold(item.get("processor_res")), item.get("pixel_perfect") or False)
         controls.append(checked_control(control, index, "diffusers"))
     return tuple(controls)
+
+
+def native_ip_adapters(items: list[dict[str, Any]], folder: ModelFolder, limits: Limits) -> tuple:
+    """The native `ip_adapters` entries as `IPAdapterInput`s: each model a file of the server's ControlNet folder
+    by name (404 otherwise), its picture base64; one the pipeline refuses (`check_ip_adapter`: its scale, no image
+    encoder beside it) is a 422 naming it."""
+    from sdlab.pipeline.image_prompt import IPAdapterInput, check_ip_adapter
+
+    prompts = []
+    for index, item in enumerate(items):
+        what = f"IP-Adapter {index}"
+        prompt = IPAdapterInput(model_path(item.get("model"), what, folder),
+                                hint_image(item.get("image"), what, limits), item.get("scale", 1.0))
+        try:
+            prompts.append(check_ip_adapter(prompt, index))
+        except RequestError as err:
+            raise BadRequest(str(err), 422) from None
+    return tuple(prompts)

@@ -37,7 +37,7 @@ from sdlab.pipeline.request import (
 from sdlab.pipeline.styles import PROMPT_FIELDS, STYLES_ARRAY, infotext_styles, styled_options
 from sdlab.server import script_jobs
 from sdlab.server.a1111_scripts import selected_script
-from sdlab.server.controls import native_controls
+from sdlab.server.controls import native_controls, native_ip_adapters
 from sdlab.server.inputs import (
     BadRequest, JobSpec, LoraChoice, NullsAreDefaults, decode_base64, decode_image, opened_picture, refiner_choice,
     schedule_name, spec_with_preset, unset_preset_fields,
@@ -89,6 +89,16 @@ class ControlIn(BaseModel):
     mask: str | None = None                 # an inpaint / inpaint_only entry's own mask (base64, white = masked)
     processor_res: int | None = None        # A1111's Processor Res of canny / threshold / scribble (None or -1: the
     pixel_perfect: bool = False             # picture's own size); A1111's Pixel Perfect: the resolution from the size
+
+
+class IPAdapterIn(BaseModel):
+    """One image prompt: an IP-Adapter of the server's ControlNet folder by name (A1111's extension keeps them
+    there), its picture (base64) and scale; its image encoder is the image_encoder folder beside it or one up."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model: str
+    image: str
+    scale: float = 1.0
 
 
 class JobIn(NullsAreDefaults):
@@ -208,6 +218,7 @@ class JobIn(NullsAreDefaults):
     vae: str | None = None                  # a VAE file by its name in GET /sdapi/v1/sd-vae, "None" (the model's
                                             # own), null / "Automatic" (the VAE found near it, else its own)
     controls: list[ControlIn] = Field(default_factory=list)
+    ip_adapters: list[IPAdapterIn] = Field(default_factory=list)
     script_name: str | None = None          # one of A1111's selectable scripts (`GET /api/scripts`), drawn as its
     script_args: list[Any] = Field(default_factory=list)   # API draws it (`script_jobs`); its args in its order
 
@@ -333,6 +344,7 @@ def create_job(body: JobIn, request: Request) -> dict[str, Any]:
         hr_sampler=body.hr_sampler, hr_schedule=body.hr_schedule, hr_eta=body.hr_eta, hr_prompt=texts["hr_prompt"],
         hr_negative_prompt=texts["hr_negative_prompt"],
         controls=native_controls([c.model_dump() for c in body.controls], service.controlnets, limits),
+        ip_adapters=native_ip_adapters([a.model_dump() for a in body.ip_adapters], service.controlnets, limits),
         steps=body.steps, tiling=body.tiling, token_merging_ratio=body.token_merging_ratio,
         token_merging_ratio_hr=body.token_merging_ratio_hr, freeu=None if body.freeu is None else body.freeu.model_dump(),
         **sdxl_conditioning(body), **_ensd(body),

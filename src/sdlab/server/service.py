@@ -170,6 +170,9 @@ class Service:
                             refiner_convention=refiner.convention)
         if request.controls:
             settings["controls"] = [_control_settings(c, request.control_convention) for c in request.controls]
+        if request.ip_adapters:                 # as the controls: the model by its file name, the picture left out
+            settings["ip_adapters"] = [{"model": Path(prompt.model_path).name, "scale": prompt.scale}
+                                       for prompt in request.ip_adapters]
         return spec, mode, checkpoint.title, settings
 
 
