@@ -309,8 +309,9 @@ def _add_run_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
                         "included; repeatable (also searched: models/Lora beside the --model's folder, "
                         + _if_from_png(from_png, "the --from-png file's folder, ") + "the current folder)")
     p.add_argument("--control", action="append", default=[], metavar="FILE:IMAGE[:STRENGTH[:START:END]]",
-                   help="a ControlNet (original or diffusers file / folder) and its hint image, with its "
-                        "strength (default 1) and the fraction of the steps it acts on (default 0:1); repeatable")
+                   help="a ControlNet or T2I-Adapter (original or diffusers file / folder) and its hint image, "
+                        "with its strength (default 1) and the fraction of the steps it acts on (default 0:1); "
+                        "repeatable")
     p.add_argument("--control-module", action="append", default=[], metavar="NAME",
                    help="preprocessor of the hint image of the matching --control (the first for the first, ...): "
                         "none (default), canny, scribble, threshold, invert, tile_resample, inpaint, inpaint_only "
