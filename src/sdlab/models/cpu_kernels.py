@@ -7,17 +7,17 @@ allocator that reuses large blocks inside a model's call (`cpu_memory`). It is
 built the first time a bf16 model of any size draws on such a CPU (`torch.utils.cpp_extension`: a C++ compiler
 and ninja; about 30 s once on 2 idle cores, into torch's extensions folder (`build_folder()`), keyed by the
 sources' path and contents, and imported from there afterwards); where it cannot be built, every caller falls
-back to PyTorch's own operations.
+back to PyTorch's own operations. Without a compiler on PATH nothing is tried (one line says so: install g++); a
+build that fails is remembered in its folder (`FAILED_MARKER`) and not tried again until the compiler, ninja
+or Python's headers change or a day has passed (a fix nothing here can see: OpenMP installed, disk space
+freed); each process that would use the kernels says in one line that they are off, why, and where that is
+remembered.
 
 Which path a tensor takes depends only on the tensor (shape, dtype, layout, device, whether a gradient is
 wanted) and on fixed facts of the machine (`runs_here`, `amx_cpu`, whether the build succeeds), never on what
 ran earlier in the process: the kernels round differently from PyTorch's operations, and a chooser that took
 them for a small tensor only once something large had loaded them gave the same seed and settings a
-different picture after a larger model had drawn (`loaded()` answers questions, it chooses nothing). Without a compiler on PATH nothing is tried (one line says so: install g++); a
-build that fails is remembered in its folder (`FAILED_MARKER`) and not tried again until the compiler, ninja
-or Python's headers change or a day has passed (a fix nothing here can see: OpenMP installed, disk space
-freed); each process that would use the kernels says in one line that they are off, why, and where that is
-remembered.
+different picture after a larger model had drawn (`loaded()` answers questions, it chooses nothing).
 """
 
 from __future__ import annotations
