@@ -281,3 +281,48 @@ def test_controlnet_txt2img_matches_diffusers_pag_controlnet_pipeline(tmp_path):
     ours = sdlab.load(folder).txt2img(PROMPT, NEGATIVE, steps=STEPS, cfg_scale=7.0, seed=SEED, width=SIZE,
                                       height=SIZE, pag_scale=3.0, controls=[ControlInput(path, _hint(0), 0.8)], **EULER)
     assert max_pixel_diff(ours.images, reference) <= MAX_PIXEL_DIFF
+
+
+def test_the_hires_pass_guides_with_pag_and_the_picture_redraws(sd1, monkeypatch):  # noqa: F811
+    """The hires fix's second pass is guided with PAG too, and the parameters the picture records draw it again."""
+    from sdlab.pipeline import generate as generate_module
+    from sdlab.pipeline.infotext import from_parameters, to_parameters
+    from sdlab.pipeline.png_info import format_parameters, parse_parameters
+
+    ours_pipe, _ = sd1
+    options = dict(steps=3, cfg_scale=5.0, seed=SEED, width=SIZE, height=SIZE, sampler="Euler", hr_scale=1.5,
+                   hr_denoise=0.6)
+    drawn = ours_pipe.txt2img(PROMPT, NEGATIVE, pag_scale=3.0, pag_layers=["mid", "up"], **options)
+    text = format_parameters(to_parameters(drawn.request))
+    assert "PerturbedAttentionGuidance_scale: 3" in text and 'PAG layers: "[\\"mid\\", \\"up\\"]"' in text
+    again = ours_pipe.txt2img(**from_parameters(parse_parameters(text)))
+    assert np.array_equal(uint8_pictures(again.images), uint8_pictures(drawn.images))
+    calls = []
+    cfg = generate_module.cfg
+
+    def counting(*args, perturbed=None, **kwargs):
+        calls.append(perturbed is not None)
+        return cfg(*args, perturbed=perturbed, **kwargs)
+
+    monkeypatch.setattr(generate_module, "cfg", counting)
+    ours_pipe.txt2img(PROMPT, NEGATIVE, pag_scale=3.0, **options)
+    assert calls == [True, True]                                        # the first pass's guidance and the hires pass's
+
+
+def test_an_edit_model_draws_without_pag_and_says_so(tmp_path, caplog):
+    """An InstructPix2Pix model's guidance (its image scale) takes no PAG: a warning, the picture without PAG, no PAG
+    label."""
+    import sdlab
+    from bundle_fixtures import as_released
+
+    from sdlab.pipeline.infotext import to_parameters
+
+    folder = as_released(write_diffusers_folder(tiny_bundle("sd1-edit", seed=5), tmp_path / "pipe"), SIZE // 2)
+    edit = sdlab.load(folder)
+    options = dict(steps=2, cfg_scale=5.0, seed=SEED, sampler="Euler")
+    plain = edit.img2img(PROMPT, init_picture(SIZE), **options)
+    with caplog.at_level("WARNING"):
+        pag = edit.img2img(PROMPT, init_picture(SIZE), pag_scale=3.0, **options)
+    assert "not applied to an edit (InstructPix2Pix) model" in caplog.text
+    assert np.array_equal(uint8_pictures(pag.images), uint8_pictures(plain.images))
+    assert "PerturbedAttentionGuidance_scale" not in to_parameters(pag.request)

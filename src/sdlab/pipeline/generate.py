@@ -711,6 +711,9 @@ def _perturbed_guidance(bundle: ModelBundle, sampling: ModelSampling, req: Gener
     (the U-Net's `identity_layers`); a layer entry that selects no self-attention of the model is a RequestError."""
     if not req.pag_scale:
         return None
+    if bundle.family.is_edit:
+        logger.warning("perturbed-attention guidance is not applied to an edit (InstructPix2Pix) model")
+        return None
     try:
         extra_cond["identity_layers"] = extra_uncond["identity_layers"] = pag_layer_names(bundle.unet_config,
                                                                                           req.pag_layers)
