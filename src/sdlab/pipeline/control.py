@@ -485,10 +485,11 @@ def prompt_marks(controls: Sequence[PreparedControl], batch: int,
 
 class ControlledUNet:
     """`net(x, t, context, y=None, control_step=(i, N), cond_mark=None)`: the U-Net with the residuals of
-    every control active at step i added (`UNet.forward`'s `control`). Without `control_step` every control
-    runs; `cond_mark` (B,) is 1 on the prompt's rows and 0 on the negative prompt's (`prompt_marks`), and
-    without it every row counts as the prompt's. `circular`: under Tiling the ControlNets pad circularly while
-    they run, as the U-Net does (`models.circular_padding`): sdlab's choice, A1111 leaves them zero-padded.
+    every control active at step i added (`UNet.forward`'s `control`; a T2I-Adapter's features, made once before
+    sampling, its `adapter`). Without `control_step` every control runs; `cond_mark` (B,) is 1 on the prompt's rows
+    and 0 on the negative prompt's (`prompt_marks`), and without it every row counts as the prompt's. `circular`:
+    under Tiling the ControlNets pad circularly while they run, as the U-Net does (`models.circular_padding`):
+    sdlab's choice, A1111 leaves them zero-padded (a T2I-Adapter, run before sampling, keeps zero padding).
     `freeu`: the U-Net's FreeU setting at every call (`UNet.forward`'s `freeu`), None: off."""
 
     def __init__(self, unet: torch.nn.Module, controls: Sequence[PreparedControl], circular: bool = False,
@@ -497,7 +498,8 @@ class ControlledUNet:
         self.controls = list(controls)
         self.freeu = freeu
         # each control's padded convolutions, found once: the ones Tiling makes circular while it runs
-        self.wrapped = [padded_convolutions(control.net.model) if circular else [] for control in self.controls]
+        self.wrapped = [padded_convolutions(control.net.model) if circular and not control.features else []
+                        for control in self.controls]
 
     def parameters(self):   # the Denoiser reads the net's dtype from its first parameter
         return self.unet.parameters()
