@@ -66,3 +66,29 @@ def write_ip_adapter(path: Path, state: dict[str, dict[str, torch.Tensor]]) -> P
     else:
         torch.save(state, path)
     return path
+
+
+def ip_adapter_plus_state(cross_widths: list[int], context_dim: int, hidden_dim: int, tokens: int = 16,
+                          width: int = 128, depth: int = 4, seed: int = 1, std: float = 0.1) -> dict[str, dict[str, torch.Tensor]]:
+    """An IP-Adapter Plus in h94's layout with random weights: image_proj is the Perceiver resampler (latents,
+    proj_in from the encoder's `hidden_dim`, layers.i.0 = norm1 / norm2 / to_q / to_kv / to_out with 64-wide
+    heads, layers.i.1 = LayerNorm, Linear, GELU, Linear at 4x, proj_out, norm_out); ip_adapter as the base's."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def draw(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen) * std
+
+    proj = {"latents": draw(1, tokens, width) * 5, "proj_in.weight": draw(width, hidden_dim), "proj_in.bias": draw(width),
+            "proj_out.weight": draw(context_dim, width), "proj_out.bias": draw(context_dim),
+            "norm_out.weight": 1 + draw(context_dim), "norm_out.bias": draw(context_dim)}
+    for i in range(depth):
+        for norm in ("norm1", "norm2"):
+            proj[f"layers.{i}.0.{norm}.weight"], proj[f"layers.{i}.0.{norm}.bias"] = 1 + draw(width), draw(width)
+        proj[f"layers.{i}.0.to_q.weight"] = draw(width, width)
+        proj[f"layers.{i}.0.to_kv.weight"] = draw(2 * width, width)
+        proj[f"layers.{i}.0.to_out.weight"] = draw(width, width)
+        proj[f"layers.{i}.1.0.weight"], proj[f"layers.{i}.1.0.bias"] = 1 + draw(width), draw(width)
+        proj[f"layers.{i}.1.1.weight"] = draw(4 * width, width)
+        proj[f"layers.{i}.1.3.weight"] = draw(width, 4 * width)
+    base = ip_adapter_state(cross_widths, context_dim, 8, seed=seed + 1, std=std)
+    return {"image_proj": proj, "ip_adapter": base["ip_adapter"]}

@@ -103,6 +103,16 @@ def test_bad_input_is_one_line(sd1, tmp_path):
     mismatched = write_ip_adapter(models / "vith.safetensors", other)
     cases.append((IPAdapterInput(mismatched, _picture()),
                   "takes 40-wide image embeddings; the image encoder .* gives 32-wide ones"))
+    from ip_adapter_fixtures import ip_adapter_plus_state
+
+    widths = [attn.to_q.weight.shape[0] for attn in cross_attentions(ours.bundle.unet)]
+    plus = write_ip_adapter(models / "plus-bigG.safetensors",
+                            ip_adapter_plus_state(widths, ours.bundle.unet_config.context_dim, 1664))
+    cases.append((IPAdapterInput(plus, _picture()), "Plus reads 1664-wide image encoder hidden states "
+                  r"\(ViT-bigG/14\); the image encoder .* is 128 wide"))
+    full = dict(state, image_proj={"proj.0.weight": torch.zeros(8, 8), **state["image_proj"]})
+    cases.append((IPAdapterInput(write_ip_adapter(models / "full.safetensors", full), _picture()),
+                  "an IP-Adapter Full / FaceID"))
     for prompt, message in cases:
         with pytest.raises(RequestError, match=message):
             ours.txt2img(PROMPT, ip_adapters=[prompt], **options)
@@ -216,3 +226,20 @@ def test_grid_cells_are_txt2img_with_the_adapter(cli_files, tmp_path, capsys):
     kept = cells / "001-x1-y0-z0.png"
     assert np.array_equal(pixels(kept), pixels(single))
     assert parse_parameters(read_parameters(kept))["IP-Adapter 0"].endswith("Weight: 0.5")
+
+
+def test_sd1_plus_adapter_matches_diffusers(sd1):
+    """IP-Adapter Plus: the resampler over the encoder's penultimate hidden states, the negative rows a zero
+    picture's (diffusers' encode_image with output_hidden_states)."""
+    from ip_adapter_fixtures import ip_adapter_plus_state
+
+    ours, base, encoder, models, _ = sd1
+    widths = [attn.to_q.weight.shape[0] for attn in cross_attentions(ours.bundle.unet)]
+    state = ip_adapter_plus_state(widths, ours.bundle.unet_config.context_dim, encoder.config.hidden_size, seed=31)
+    path = write_ip_adapter(models / "ip-adapter-plus_tiny.bin", state)
+    reference = _reference(base, StableDiffusionPipeline, encoder, models, path.name, 0.8, batch=1)
+    options = dict(steps=STEPS, cfg_scale=CFG, seed=SEED, width=SIZE, height=SIZE, **EULER)
+    plain = ours.txt2img(PROMPT, NEGATIVE, **options)
+    result = ours.txt2img(PROMPT, NEGATIVE, ip_adapters=[IPAdapterInput(path, _picture(), 0.8)], **options)
+    assert max_pixel_diff(plain.images, reference) > 5 * MAX_PIXEL_DIFF
+    assert max_pixel_diff(result.images, reference) <= MAX_PIXEL_DIFF

@@ -7,7 +7,9 @@
 
 Sizes come from the tensors: the image embedding's width (proj's input), the context width (norm), the token
 count (proj's output / context width) and each cross-attention's width (to_k_ip's output). Adapters whose
-image projection is another network (Plus' Resampler ``image_proj.latents``, FaceID's) are refused by name.
+image projection is another network (Full-face's, FaceID's MLP) are refused by name. Plus adapters
+(``image_proj.latents``, ``proj_in``, ``layers.N.{0,1}``, ``proj_out``, ``norm_out``: a Perceiver resampler over the
+encoder's hidden states) read their sizes from those tensors too.
 `check_fits` refuses an adapter for another U-Net or image encoder with one line naming both widths.
 """
 
@@ -28,12 +30,11 @@ from sdlab.checkpoints.image_encoder import TOWERS_BY_WIDTH
 from sdlab.checkpoints.io import read_checkpoint, shapes_of
 from sdlab.checkpoints.runnable import nonfinite_tensors
 from sdlab.models.clip_vision import CLIPVisionConfig
-from sdlab.models.ip_adapter import IPAdapter, IPAdapterConfig, cross_attentions
+from sdlab.models.ip_adapter import IPAdapter, IPAdapterConfig, ResamplerConfig, cross_attentions
 from sdlab.models.unet import UNet
 
 _LAYER = re.compile(r"ip_adapter\.(\d+)\.to_k_ip\.weight")
-_OTHER_PROJECTIONS = {"image_proj.latents": "an IP-Adapter Plus (its image projection is a Resampler)",
-                      "image_proj.proj.0.weight": "an IP-Adapter Full / FaceID (an MLP image projection)",
+_OTHER_PROJECTIONS = {"image_proj.proj.0.weight": "an IP-Adapter Full / FaceID (an MLP image projection)",
                       "image_proj.perceiver_resampler.proj_in.weight": "an IP-Adapter FaceID Plus"}
 
 
@@ -52,19 +53,43 @@ class LoadedIPAdapter:
 def _config_from_shapes(shapes: Mapping[str, torch.Size], path: Path) -> IPAdapterConfig:
     for key, what in _OTHER_PROJECTIONS.items():
         if key in shapes:
-            raise CheckpointError(f"{path}: {what}; sdlab draws with base IP-Adapters (image_proj.proj + norm) only")
+            raise CheckpointError(f"{path}: {what}; sdlab draws with base and Plus IP-Adapters only")
+    if "image_proj.latents" in shapes:
+        return _plus_config(shapes, path, _layer_widths(shapes, path))
     if "image_proj.proj.weight" not in shapes or "image_proj.norm.weight" not in shapes:
         raise CheckpointError(f"{path}: not an IP-Adapter (no image_proj.proj.weight / image_proj.norm.weight)")
-    numbers = sorted(int(m.group(1)) for key in shapes if (m := _LAYER.fullmatch(key)))
-    if not numbers or numbers != list(range(1, 2 * len(numbers), 2)):
-        raise CheckpointError(f"{path}: not an IP-Adapter: its ip_adapter.N.to_k_ip layers are numbered "
-                              f"{numbers[:6]}..., not 1, 3, 5, ...")
+    widths = _layer_widths(shapes, path)
     context_dim = shapes["image_proj.norm.weight"][0]
     out_width, embed_dim = shapes["image_proj.proj.weight"]
     if out_width % context_dim:
         raise CheckpointError(f"{path}: image_proj.proj gives {out_width} numbers, not whole {context_dim}-wide tokens")
-    widths = tuple(shapes[f"ip_adapter.{n}.to_k_ip.weight"][0] for n in numbers)
     return IPAdapterConfig(embed_dim=embed_dim, context_dim=context_dim, tokens=out_width // context_dim, widths=widths)
+
+
+def _layer_widths(shapes: Mapping[str, torch.Size], path: Path) -> tuple[int, ...]:
+    """Each cross-attention's width (to_k_ip's output), the layers numbered 1, 3, 5, ..."""
+    numbers = sorted(int(m.group(1)) for key in shapes if (m := _LAYER.fullmatch(key)))
+    if not numbers or numbers != list(range(1, 2 * len(numbers), 2)):
+        raise CheckpointError(f"{path}: not an IP-Adapter: its ip_adapter.N.to_k_ip layers are numbered "
+                              f"{numbers[:6]}..., not 1, 3, 5, ...")
+    return tuple(shapes[f"ip_adapter.{n}.to_k_ip.weight"][0] for n in numbers)
+
+
+def _plus_config(shapes: Mapping[str, torch.Size], path: Path, widths: tuple[int, ...]) -> IPAdapterConfig:
+    """A Plus adapter's sizes: latents (1, T, W), proj_in (W, E), proj_out (C, W), to_q (heads * 64, W), the
+    feed-forward's first Linear (mult * W, W), and how many layers."""
+    try:
+        _, tokens, width = shapes["image_proj.latents"]
+        embed_dim = shapes["image_proj.proj_in.weight"][1]
+        context_dim = shapes["image_proj.proj_out.weight"][0]
+        heads = shapes["image_proj.layers.0.0.to_q.weight"][0] // 64
+        ff_mult = shapes["image_proj.layers.0.1.1.weight"][0] // width
+    except (KeyError, ValueError):
+        raise CheckpointError(f"{path}: an IP-Adapter Plus without the resampler sdlab knows (latents, proj_in, "
+                              "layers.N.0.to_q / to_kv / to_out, layers.N.1, proj_out, norm_out)") from None
+    depth = sum(1 for key in shapes if re.fullmatch(r"image_proj\.layers\.\d+\.0\.to_q\.weight", key))
+    return IPAdapterConfig(embed_dim=embed_dim, context_dim=context_dim, tokens=tokens, widths=widths,
+                           resampler=ResamplerConfig(width=width, depth=depth, heads=heads, ff_mult=ff_mult))
 
 
 def read_ip_adapter(path: str | os.PathLike[str]) -> tuple[IPAdapterConfig, Mapping[str, Tensor]]:
@@ -102,6 +127,10 @@ def _tower(width: int) -> str:
     return f" ({' or '.join(names)})" if names else ""
 
 
+def _tower_by_width(width: int) -> str:
+    return f" ({TOWERS_BY_WIDTH[width][0]})" if width in TOWERS_BY_WIDTH else ""
+
+
 def check_fits(adapter: LoadedIPAdapter, unet: UNet, encoder: CLIPVisionConfig, encoder_origin: str) -> None:
     """Refuse (`CheckpointError`, one line naming both sides) an adapter for another U-Net (context width, number
     or widths of the cross-attentions) or for another image encoder (embedding width)."""
@@ -113,7 +142,13 @@ def check_fits(adapter: LoadedIPAdapter, unet: UNet, encoder: CLIPVisionConfig, 
     if widths != cfg.widths:
         raise CheckpointError(f"{adapter.origin}: this IP-Adapter has {len(cfg.widths)} cross-attention layers; the "
                               f"model has {len(widths)} (widths {sorted(set(cfg.widths))} vs {sorted(set(widths))})")
-    if encoder.projection_dim != cfg.embed_dim:
+    if cfg.resampler is not None:
+        if encoder.width != cfg.embed_dim:
+            raise CheckpointError(
+                f"{adapter.origin}: this IP-Adapter Plus reads {cfg.embed_dim}-wide image encoder hidden states"
+                f"{_tower_by_width(cfg.embed_dim)}; the image encoder {encoder_origin} is {encoder.width} wide"
+                f"{_tower_by_width(encoder.width)}: use the image encoder the adapter was trained with")
+    elif encoder.projection_dim != cfg.embed_dim:
         raise CheckpointError(
             f"{adapter.origin}: this IP-Adapter takes {cfg.embed_dim}-wide image embeddings{_tower(cfg.embed_dim)}; "
             f"the image encoder {encoder_origin} gives {encoder.projection_dim}-wide ones"

@@ -2,11 +2,14 @@
 Models"): a picture as a prompt, through extra tokens and a second cross-attention in every transformer block.
 
     tokens = LayerNorm(reshape(proj(image_embeds), (T, C_ctx)))              image_proj, base adapters (T = 4)
+    tokens = Resampler(hidden_states[-2])                                     image_proj, Plus adapters (T = 16)
     attn2(x) = to_out(softmax(q k^T) v + scale * softmax(q k_ip^T) v_ip)     per cross-attention, same q
 
 with k = to_k(text context), v = to_v(text context) as before and k_ip = to_k_ip(tokens), v_ip = to_v_ip(tokens)
 from the adapter's own projections ("decoupled cross-attention", section 3.2, eq. 5). `image_embeds` is the
-CLIP image encoder's projected class token (`models.clip_vision`). Several adapters add one term each.
+CLIP image encoder's projected class token (`models.clip_vision`); Plus adapters read the encoder's penultimate
+hidden states instead, through a Perceiver resampler (Jaegle et al. 2021; Flamingo's): T learned latents
+attend, in `depth` blocks, to the projected patch tokens and themselves. Several adapters add one term each.
 
 Parameter names are those of h94/IP-Adapter's files: ``image_proj.proj``, ``image_proj.norm``, and
 ``ip_adapter.{n}.to_k_ip`` / ``to_v_ip`` where n = 2k + 1 for the k-th cross-attention counted over
@@ -27,15 +30,28 @@ from sdlab.models.layers import attention
 
 
 @dataclass(frozen=True)
+class ResamplerConfig:
+    """A Plus adapter's resampler: its width, blocks, heads (64 wide) and feed-forward ratio."""
+
+    width: int
+    depth: int
+    heads: int
+    ff_mult: int = 4
+    head_dim: int = 64
+
+
+@dataclass(frozen=True)
 class IPAdapterConfig:
-    """embed_dim: the image embedding's width (the image encoder's projection_dim: ViT-H/14 1024, bigG 1280);
-    context_dim: the U-Net's text-context width; tokens: image tokens (base: 4); widths: each cross-attention's
-    width, in `cross_attentions` order."""
+    """embed_dim: the width of what the image projection reads: the image embedding (the image encoder's
+    projection_dim: ViT-H/14 1024, bigG 1280), for a Plus adapter (`resampler`) the encoder's hidden states (its
+    width: ViT-H/14 1280); context_dim: the U-Net's text-context width; tokens: image tokens (base: 4, Plus: 16);
+    widths: each cross-attention's width, in `cross_attentions` order."""
 
     embed_dim: int
     context_dim: int
     tokens: int
     widths: tuple[int, ...]
+    resampler: ResamplerConfig | None = None
 
 
 class ImageProjection(nn.Module):
@@ -53,6 +69,55 @@ class ImageProjection(nn.Module):
         return self.norm(x.reshape(len(x), self.tokens, -1))                      # (B, T, C)
 
 
+class PerceiverAttention(nn.Module):
+    """The latents attend to [image tokens, latents] (both LayerNorm'd), heads `head_dim` wide; no output bias."""
+
+    def __init__(self, cfg: ResamplerConfig):
+        super().__init__()
+        inner = cfg.heads * cfg.head_dim
+        self.heads = cfg.heads
+        self.norm1 = nn.LayerNorm(cfg.width)
+        self.norm2 = nn.LayerNorm(cfg.width)
+        self.to_q = nn.Linear(cfg.width, inner, bias=False)
+        self.to_kv = nn.Linear(cfg.width, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, cfg.width, bias=False)
+
+    def forward(self, x: Tensor, latents: Tensor) -> Tensor:
+        """x: (B, N, W) image tokens, latents: (B, T, W) -> (B, T, W)"""
+        x, latents = self.norm1(x), self.norm2(latents)
+        k, v = self.to_kv(torch.cat([x, latents], dim=1)).chunk(2, dim=-1)          # 2 x (B, N + T, inner)
+        return self.to_out(attention(self.to_q(latents), k, v, self.heads))        # (B, T, W)
+
+
+class Resampler(nn.Module):
+    """IP-Adapter Plus' image projection (diffusers' `IPAdapterPlusImageProjection`): hidden states (B, N, E) ->
+    `tokens` context tokens (B, T, C_ctx). Names as in h94's files: latents, proj_in, layers.{i}.0 (attention),
+    layers.{i}.1 (LayerNorm, Linear, GELU, Linear), proj_out, norm_out."""
+
+    def __init__(self, cfg: IPAdapterConfig):
+        super().__init__()
+        r = cfg.resampler
+        assert r is not None
+        self.latents = nn.Parameter(torch.zeros(1, cfg.tokens, r.width))
+        self.proj_in = nn.Linear(cfg.embed_dim, r.width)
+        self.layers = nn.ModuleList(nn.ModuleList([
+            PerceiverAttention(r),
+            nn.Sequential(nn.LayerNorm(r.width), nn.Linear(r.width, r.ff_mult * r.width, bias=False), nn.GELU(),
+                          nn.Linear(r.ff_mult * r.width, r.width, bias=False)),
+        ]) for _ in range(r.depth))
+        self.proj_out = nn.Linear(r.width, cfg.context_dim)
+        self.norm_out = nn.LayerNorm(cfg.context_dim)
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        """hidden_states: (B, N, embed_dim) -> (B, tokens, context_dim)"""
+        x = self.proj_in(hidden_states.to(self.proj_in.weight.dtype))               # (B, N, W)
+        latents = self.latents.expand(len(x), -1, -1)                                # (B, T, W)
+        for attn, ff in self.layers:
+            latents = attn(x, latents) + latents
+            latents = ff(latents) + latents
+        return self.norm_out(self.proj_out(latents))                                 # (B, T, C)
+
+
 class DecoupledKV(nn.Module):
     """One cross-attention's key and value projections of the image tokens."""
 
@@ -66,9 +131,14 @@ class IPAdapter(nn.Module):
     def __init__(self, cfg: IPAdapterConfig):
         super().__init__()
         self.cfg = cfg
-        self.image_proj = ImageProjection(cfg)
+        self.image_proj = ImageProjection(cfg) if cfg.resampler is None else Resampler(cfg)
         self.ip_adapter = nn.ModuleDict({str(2 * k + 1): DecoupledKV(cfg.context_dim, width)
                                          for k, width in enumerate(cfg.widths)})
+
+    @property
+    def reads_hidden_states(self) -> bool:
+        """Whether the image projection reads the encoder's penultimate hidden states (Plus), not image_embeds."""
+        return self.cfg.resampler is not None
 
     def layers(self) -> list[DecoupledKV]:
         """The k/v projections in `cross_attentions` order."""

@@ -3,9 +3,11 @@
 Semantics are diffusers' (`load_ip_adapter`, `ip_adapter_image`, `set_ip_adapter_scale`):
 
 - the picture goes through CLIP's preprocessing (`clip_image.clip_pixels`) and the adapter's image encoder; its
-  projected class token (`image_embeds`) is turned into tokens by the adapter's `image_proj`;
+  projected class token (`image_embeds`; a Plus adapter: the penultimate hidden states) is turned into tokens by
+  the adapter's `image_proj`;
 - with classifier-free guidance the negative rows get the adapter's tokens of zero image embeddings
-  (`prepare_ip_adapter_image_embeds` / `encode_image`: ``uncond_image_embeds = zeros_like(image_embeds)``);
+  (`prepare_ip_adapter_image_embeds` / `encode_image`: ``uncond_image_embeds = zeros_like(image_embeds)``); a
+  Plus adapter's, those of the hidden states of a zero picture (``image_encoder(zeros_like(image))``);
 - every cross-attention of the U-Net adds `scale` times its attention to the tokens (`models.ip_adapter`); a
   ControlNet attends to the text alone, as in diffusers' ControlNet pipelines;
 - the image encoder is the one named, else an `image_encoder` folder beside the adapter file or one folder up
@@ -131,13 +133,24 @@ def prepare_image_prompts(bundle: ModelBundle, prompts: Sequence[IPAdapterInput]
         picture = input_image(prompt.image, f"IP-Adapter {index} image")
         pixels = clip_pixels(picture, encoder.config.image_size).unsqueeze(0)                # (1, 3, 224, 224)
         param = next(encoder.model.parameters())
-        with torch.no_grad():
-            embeds = encoder.model(pixels.to(device=param.device, dtype=param.dtype)).image_embeds   # (1, E)
-            tokens = adapter.model.image_proj(embeds)                                         # (1, T, C)
+        tokens, negative = _tokens(adapter.model, encoder.model, pixels.to(device=param.device, dtype=param.dtype))
         adapters.append((adapter.model, float(prompt.scale), tokens.shape[1]))
         cond.append(tokens.expand(batch, -1, -1))                                             # (B, T, C)
-        uncond.append(zero_embeds_tokens(adapter.model, embeds).expand(batch, -1, -1))        # (B, T, C)
+        uncond.append(negative.expand(batch, -1, -1))                                         # (B, T, C)
     return PreparedImagePrompts(tuple(adapters), torch.cat(cond, dim=1), torch.cat(uncond, dim=1))
+
+
+def _tokens(adapter: IPAdapter, encoder: torch.nn.Module, pixels: Tensor) -> tuple[Tensor, Tensor]:
+    """The picture's tokens and the negative rows' (1, T, C), as diffusers' `encode_image`: a base adapter
+    projects image_embeds and zero embeddings; a Plus adapter the penultimate hidden states of the picture and
+    of a zero picture (zeros in CLIP's normalised space). pixels: (1, 3, 224, 224)"""
+    with torch.no_grad():
+        if adapter.reads_hidden_states:
+            both = encoder(torch.cat([pixels, torch.zeros_like(pixels)])).hidden_states[-2]     # (2, N, W)
+            tokens = adapter.image_proj(both)                                                  # (2, T, C)
+            return tokens[:1], tokens[1:]
+        embeds = encoder(pixels).image_embeds                                                  # (1, E)
+        return adapter.image_proj(embeds), zero_embeds_tokens(adapter, embeds)
 
 
 class ImagePromptedNet:
