@@ -55,7 +55,7 @@ from sdlab.pipeline.request import MAX_BATCH_COUNT, MAX_SIDE, fixed_seed
 from sdlab.pipeline.sd_upscale import TileBatch, combined_pictures, tile_plan, upscale_fields, upscales
 from sdlab.pipeline.tile_grid import TileGrid, split_grid
 from sdlab.pipeline.upscale import UpscaleError
-from sdlab.server.alwayson import ALWAYSON_SCRIPTS, CONTROLNET, FREEU
+from sdlab.server.alwayson import ALWAYSON_SCRIPTS, CONTROLNET, FREEU, PAG
 from sdlab.server.inputs import PLAIN_UPSCALER_NAMES, BadRequest
 
 MODES = ("txt2img", "img2img")
@@ -1081,10 +1081,10 @@ def selected_script(name: str | None, mode: str) -> SelectableScript | None:
 def scripts_list() -> dict[str, list[str]]:
     """A1111's `get_scripts_list` of the scripts sdlab runs in each tab: their names (the title in lower case,
     but `UNLISTED_NAMES`), the selectable ones, then the always-on ones `alwayson_scripts` takes, then the
-    ControlNet extension's and Forge's FreeU Integrated."""
+    ControlNet extension's and Forge's FreeU Integrated and PerturbedAttentionGuidance Integrated."""
     return {mode: [script.title.lower() for script in RUNNABLE_SCRIPTS if mode in script.modes]
             + [name for title in ALWAYSON_SCRIPTS[mode] if (name := UNLISTED_NAMES.get(title, title.lower()))]
-            + [CONTROLNET, FREEU] for mode in MODES}
+            + [CONTROLNET, FREEU, PAG] for mode in MODES}
 
 
 def script_args(script: SelectableScript, img2img: bool,
