@@ -243,3 +243,24 @@ def test_sd1_plus_adapter_matches_diffusers(sd1):
     result = ours.txt2img(PROMPT, NEGATIVE, ip_adapters=[IPAdapterInput(path, _picture(), 0.8)], **options)
     assert max_pixel_diff(plain.images, reference) > 5 * MAX_PIXEL_DIFF
     assert max_pixel_diff(result.images, reference) <= MAX_PIXEL_DIFF
+
+
+def test_img2img_and_the_hires_pass_take_the_adapter(sd1, monkeypatch):
+    """Every pass that draws with the base model attends to the picture: img2img's, and both of the hires fix's
+    (each pass's U-Net calls carry the adapter's tokens)."""
+    from sdlab.models.ip_adapter import ImagePrompt
+
+    ours, _, _, models, state = sd1
+    path = write_ip_adapter(models / "passes.safetensors", state)
+    prompt = IPAdapterInput(path, _picture(), 0.7)
+    options = dict(steps=2, cfg_scale=CFG, seed=SEED, width=SIZE, height=SIZE, **EULER)
+    init = ours.txt2img(PROMPT, NEGATIVE, **options).images[0]
+    calls, attended = [], ImagePrompt.attended
+    monkeypatch.setattr(ImagePrompt, "attended", lambda self, attn, q: calls.append(q.shape[1]) or attended(self, attn, q))
+    ours.img2img(PROMPT, init, 0.6, negative_prompt=NEGATIVE, **options)
+    assert not calls
+    ours.img2img(PROMPT, init, 0.6, negative_prompt=NEGATIVE, ip_adapters=[prompt], **options)
+    assert calls and set(calls) <= {(SIZE // 2 // f) ** 2 for f in (1, 2, 4, 8)}
+    calls.clear()
+    ours.txt2img(PROMPT, NEGATIVE, hr_scale=2, hr_denoise=0.5, ip_adapters=[prompt], **options)
+    assert (SIZE // 2) ** 2 in calls and SIZE ** 2 in calls          # the first pass's tokens and the second's
