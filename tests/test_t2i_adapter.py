@@ -96,6 +96,25 @@ def test_features_join_the_blocks_a1111_names():
     assert adapter_blocks(get_family("sdxl").unet) == [3, 5, 8]
 
 
+@pytest.mark.parametrize("adapter_type, channels, downscale", [
+    ("full_adapter", (32, 64, 64, 64), 2), ("full_adapter_xl", (64, 128, 128, 128), 4), ("light_adapter", (32, 64), 2)])
+@pytest.mark.parametrize("layout", ["folder", "diffusers-file", "original"])
+def test_features_are_diffusers(tmp_path, adapter_type, channels, downscale, layout):
+    """Every feature of every kind and layout, on a hint whose sides halve to odd sizes (pooling rounds up, as
+    diffusers' and the U-Net's stride-2 convs): 1e-6. A file without config.json learns the SDXL levels from the
+    SDXL U-Net it is loaded for."""
+    net = diffusers_adapter(adapter_type, channels, downscale)
+    like = get_family("sdxl").unet if adapter_type == "full_adapter_xl" else None
+    loaded = load_t2i_adapter(write_adapter(net, layout, tmp_path), like=like)
+    odd = (9, 11) if adapter_type == "full_adapter_xl" else (18, 22)   # odd where the pooling is: 9, 11
+    hint = torch.rand(1, 3, odd[0] * downscale, odd[1] * downscale)
+    with torch.no_grad():
+        ours, theirs = loaded.model(hint), net(hint)
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("layout", ["folder", "diffusers-file", "original", "original-pth"])
 def test_full_adapter_txt2img_is_diffusers(sd1, tmp_path, layout):
     ours, base, _ = sd1
