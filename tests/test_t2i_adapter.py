@@ -217,3 +217,69 @@ def test_style_adapters_and_coadapter_fusers_are_refused(sd1, tmp_path, keys, wh
         read_t2i_adapter(path)
     with pytest.raises(RequestError, match=f"control 0: .*{what}"):
         sd1[0].txt2img(PROMPT, steps=1, width=SIZE, height=SIZE, controls=[ControlInput(path, _hint())])
+
+
+class _OriginalResnetBlock(torch.nn.Module):
+    """TencentARC's `ResnetBlock` with sk=True, transcribed from Mikubill/sd-webui-controlnet scripts/adapter.py
+    (commit 6e7e1d8, the second definition, the one in force) for the layouts diffusers cannot write: kernel 3
+    and the stride-2 conv `down_opt.op` (use_conv=True)."""
+
+    def __init__(self, in_c, out_c, down, ksize, use_conv):
+        super().__init__()
+        ps = ksize // 2
+        self.in_conv = torch.nn.Conv2d(in_c, out_c, ksize, 1, ps) if in_c != out_c else None
+        self.block1 = torch.nn.Conv2d(out_c, out_c, 3, 1, 1)
+        self.act = torch.nn.ReLU()
+        self.block2 = torch.nn.Conv2d(out_c, out_c, ksize, 1, ps)
+        self.down = down
+        if down:
+            self.down_opt = torch.nn.Module()
+            self.down_opt.op = (torch.nn.Conv2d(in_c, in_c, 3, stride=2, padding=1) if use_conv
+                                else torch.nn.AvgPool2d(2, 2))
+
+    def forward(self, x):
+        if self.down:
+            x = self.down_opt.op(x)
+        if self.in_conv is not None:
+            x = self.in_conv(x)
+        h = self.block2(self.act(self.block1(x)))
+        return h + x
+
+
+class _OriginalAdapter(torch.nn.Module):
+    """TencentARC's `Adapter` (same source): PixelUnshuffle(8), conv_in, nums_rb blocks per level, every level
+    but the first downsampling."""
+
+    def __init__(self, channels, nums_rb, cin, ksize, use_conv):
+        super().__init__()
+        self.unshuffle = torch.nn.PixelUnshuffle(8)
+        self.channels, self.nums_rb = channels, nums_rb
+        self.body = torch.nn.ModuleList(
+            _OriginalResnetBlock(channels[i - 1] if i and not j else channels[i], channels[i], bool(i and not j),
+                                 ksize, use_conv)
+            for i in range(len(channels)) for j in range(nums_rb))
+        self.conv_in = torch.nn.Conv2d(cin, channels[0], 3, 1, 1)
+
+    def forward(self, x):
+        x = self.conv_in(self.unshuffle(x))
+        features = []
+        for i in range(len(self.channels)):
+            for j in range(self.nums_rb):
+                x = self.body[i * self.nums_rb + j](x)
+            features.append(x)
+        return features
+
+
+@pytest.mark.parametrize("ksize, use_conv", [(3, True), (1, True), (3, False)])
+def test_original_adapters_with_kernel_3_or_conv_downsampling_are_tencentarcs(tmp_path, ksize, use_conv):
+    reference = _OriginalAdapter([16, 32, 64, 64], 2, 192, ksize, use_conv).eval()
+    randomize_(reference, 3)
+    path = tmp_path / "t2iadapter_x_sd14v1.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, path)
+    cfg = load_t2i_adapter(path).config
+    assert (cfg.kernel_size, cfg.conv_downsample, cfg.num_res_blocks, cfg.channels) == (ksize, use_conv, 2, (16, 32, 64, 64))
+    loaded = load_t2i_adapter(path)
+    hint = torch.rand(1, 3, 128, 64)   # even at every halving: the original's pooling rounds odd sizes down
+    with torch.no_grad():
+        for a, b in zip(loaded.model(hint), reference(hint), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)

@@ -153,7 +153,8 @@ def _original_names(keys: list[str]) -> tuple[dict[str, str], str]:
     for key, file_key in local.items():
         if m := _DIFFUSERS_RESNET.fullmatch(key):
             level, block, rest = int(m.group(1)), int(m.group(2)), m.group(3)
-            names[f"body.{level * per_level + block}.{rest}" if full else f"body.{level}.body.{block}.{rest}"] = file_key
+            name = f"body.{level * per_level + block}.{rest}" if full else f"body.{level}.body.{block}.{rest}"
+            names[name] = file_key
         elif full and (m := _DIFFUSERS_LEVEL.fullmatch(key)) and m.group(2) == "in_conv":
             names[f"body.{int(m.group(1)) * per_level}.in_conv.{m.group(3)}"] = file_key
         else:
