@@ -2,7 +2,7 @@
 inpainting U-Net, whose ``conv_in`` takes 9 channels (latent, mask, masked image's latent), as A1111 applies
 them (extensions-builtin/Lora/networks.py `network_apply_weights`: ``updown`` of a 4-D weight with 9 input
 channels is zero-padded, ``F.pad(updown, (0, 0, 0, 0, 0, 5))``): the latent's channels change, the others
-not, and the rest of the file applies. Where A1111's padding fails (a DoRA module) or the module is for 9
+not, and the rest of the file applies. An edit model's 8-channel conv_in is not padded: A1111's sum fails there. Where A1111's padding fails (a DoRA module) or the module is for 9
 channels on a 4-channel model, A1111 logs an error and leaves that layer as it is: so does sdlab, with a
 warning. The expected weights are A1111's formula; fp32, compared within 1e-6.
 """
@@ -64,17 +64,21 @@ def test_a_4_channel_conv_in_module_is_zero_padded_on_an_inpainting_model(tmp_pa
     torch.testing.assert_close(_to_q(bundle).weight, q0 + q_change, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("model, channels", [("sd1-inpaint", 4), ("sd1", 9)])
-def test_conv_in_modules_a1111_cannot_apply_leave_the_layer_and_apply_the_rest(tmp_path, caplog, model, channels):
+@pytest.mark.parametrize("model, channels, dora", [("sd1-inpaint", 4, True), ("sd1", 9, False), ("sd1-edit", 4, False),
+                                                   ("sd1-edit", 4, True), ("sd1", 8, False)])
+def test_conv_in_modules_a1111_cannot_apply_leave_the_layer_and_apply_the_rest(tmp_path, caplog, model, channels,
+                                                                               dora):
     """A 4-channel DoRA module on a 9-channel conv_in; a module for 9 channels (made on an inpainting
-    model) on a 4-channel one."""
+    model) on a 4-channel one; a 4-channel module on an edit (InstructPix2Pix) model's 8-channel conv_in, which
+    A1111 does not pad (weight + updown fails, networks.py counts an error and applies the rest); a module made on
+    an edit model on a 4-channel one."""
     g = torch.Generator().manual_seed(1)
     bundle = tiny_bundle(model)
     conv_in = bundle.unet.input_blocks[0][0]
     out = conv_in.weight.shape[0]
     module = {"lora_down.weight": torch.randn(RANK, channels, 3, 3, generator=g) * 0.1,
               "lora_up.weight": torch.randn(out, RANK, 1, 1, generator=g) * 0.1}
-    if channels == 4:
+    if dora:
         module["dora_scale"] = torch.rand(out, 1, 1, 1, generator=g) + 0.5
     path, q_change = _file(tmp_path / "l.safetensors", module, _to_q(bundle).weight, g)
     w0, q0 = conv_in.weight.detach().clone(), _to_q(bundle).weight.detach().clone()

@@ -381,41 +381,49 @@ def _peft_alpha(configs: Mapping[str, dict], name: str, rank: int) -> float | No
 LayerMerges = dict[nn.Module, list[tuple[str, Mapping[str, Tensor], float]]]
 
 
-_LATENT_IN, _INPAINT_IN = 4, 9      # input channels of conv_in: the latent; + the mask and the masked latent
+_LATENT_IN = 4          # conv_in's input channels for the latent alone; wider ones: + the mask and the masked latent
+_EXTRA_IN = {9: "an inpainting", 8: "an edit"}          # (inpainting), + the picture's latent (edit)
+_INPAINT_IN = 9         # the width A1111 zero-pads a latent-only update to
 
 
 def _merged_weight(name: str, module: Mapping[str, Tensor], weight: Tensor,
                    multiplier: float) -> tuple[Tensor | None, Tensor | None]:
     """`merged_weight`, and A1111's handling (networks.py `network_apply_weights`) of a module for a
-    4-channel ``conv_in`` on an inpainting U-Net's 9-channel one: the update is zero-padded to 9 input
-    channels (``F.pad(updown, (0, 0, 0, 0, 0, 5))``), so it changes the latent's 4 and leaves the mask's and
-    the masked image's. A1111's padding fails for (IA)^3 and DoRA modules (their update depends on the whole
-    weight) and the reverse, a module for 9 channels on a 4-channel ``conv_in``, does not fit: A1111 logs an
-    error and leaves the layer as it is, and so does this, with a warning (new weight None); the rest of
-    the file applies. (A LoHa without Tucker cores is padded here too, where A1111's padding of its 2-D
+    4-channel ``conv_in`` on a U-Net whose ``conv_in`` takes more: on an inpainting U-Net's 9 channels the update
+    is zero-padded to 9 input channels (``F.pad(updown, (0, 0, 0, 0, 0, 5))``), so it changes the latent's 4 and
+    leaves the mask's and the masked image's. A1111 pads for 9 channels alone: on an edit (InstructPix2Pix) U-Net's
+    8 the sum fails, and its padding fails for (IA)^3 and DoRA modules (their update depends on the whole
+    weight); the reverse, a module for 9 or 8 channels on a 4-channel ``conv_in``, does not fit either. There
+    A1111 logs an error and leaves the layer as it is, and so does this, with a warning (new weight None); the
+    rest of the file applies. (A LoHa without Tucker cores is padded here too, where A1111's padding of its 2-D
     update fails: its update does not depend on the weight, so padding it is unambiguous.)"""
     try:
         return merged_weight(module, weight, multiplier)
     except ValueError as exc:
-        if weight.ndim != 4 or weight.shape[1] not in (_LATENT_IN, _INPAINT_IN):
+        if weight.ndim != 4 or (weight.shape[1] != _LATENT_IN and weight.shape[1] not in _EXTRA_IN):
             raise
         error = exc
-    if weight.shape[1] == _INPAINT_IN:
+    if weight.shape[1] in _EXTRA_IN:
         try:
             latent, delta_bias = merged_weight(module, weight[:, :_LATENT_IN], multiplier)   # (out, 4, kh, kw)
         except ValueError:
             raise error from None
         dora = "dora_scale" in module or "magnitude" in module
-        if not dora and module_kind(module) != "ia3":
+        if weight.shape[1] == _INPAINT_IN and not dora and module_kind(module) != "ia3":
             return torch.cat([latent, weight[:, _LATENT_IN:]], dim=1), delta_bias
-        reason = f"a {_LATENT_IN}-channel {'DoRA' if dora else '(IA)^3'} module"
+        kind = "" if weight.shape[1] != _INPAINT_IN else " DoRA" if dora else " (IA)^3"
+        reason = f"a {_LATENT_IN}-channel{kind} module"
     else:
-        padded = torch.nn.functional.pad(weight, (0, 0, 0, 0, 0, _INPAINT_IN - _LATENT_IN))
-        try:
-            merged_weight(module, padded, multiplier)
-        except ValueError:
+        for channels, model in _EXTRA_IN.items():
+            padded = torch.nn.functional.pad(weight, (0, 0, 0, 0, 0, channels - _LATENT_IN))
+            try:
+                merged_weight(module, padded, multiplier)
+            except ValueError:
+                continue
+            reason = f"a module for {model} model's {channels} input channels"
+            break
+        else:
             raise error from None
-        reason = f"a module for an inpainting model's {_INPAINT_IN} input channels"
     logger.warning("LoRA module %s is %s on a %d-channel conv: the layer is left as it is, as in A1111",
                    name, reason, weight.shape[1])
     return None, None
