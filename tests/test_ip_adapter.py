@@ -264,3 +264,21 @@ def test_img2img_and_the_hires_pass_take_the_adapter(sd1, monkeypatch):
     calls.clear()
     ours.txt2img(PROMPT, NEGATIVE, hr_scale=2, hr_denoise=0.5, ip_adapters=[prompt], **options)
     assert (SIZE // 2) ** 2 in calls and SIZE ** 2 in calls          # the first pass's tokens and the second's
+
+
+def test_inspect_names_adapters_and_encoders(cli_files, tmp_path, capsys):
+    from cli_helpers import run
+    from ip_adapter_fixtures import ip_adapter_plus_state
+
+    code, out, err = run(["inspect", str(cli_files["adapter"])], capsys)
+    assert code == 0, err
+    assert "IP-Adapter" in out and "base" in out and "32-wide image embeddings" in out
+    plus = write_ip_adapter(tmp_path / "plus.bin", ip_adapter_plus_state([64], 48, 1280))
+    code, out, err = run(["inspect", str(plus)], capsys)
+    assert code == 0, err
+    assert "Plus (resampler)" in out and "1280-wide hidden states (ViT-H/14)" in out and "16" in out
+    code, out, err = run(["inspect", str(cli_files["adapter"].parent / "image_encoder")], capsys)
+    assert code == 0, err
+    assert "CLIP image encoder" in out and "--ip-adapter-encoder" in out
+    code, _, err = run(["txt2img", "x", "--model", str(cli_files["adapter"]), "--no-progress"], capsys)
+    assert code != 0 and "not a whole model; use it with --ip-adapter FILE" in err

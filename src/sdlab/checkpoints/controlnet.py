@@ -149,7 +149,8 @@ def legacy_hash(path: str | os.PathLike[str]) -> str:
 # marker keys).
 _OTHER_CONTROLS = (
     ("a ControlNet-LLLite (kohya)", "sdlab does not load ControlNet-LLLites", re.compile(r"lllite_")),
-    ("an IP-Adapter", "sdlab does not load IP-Adapters", re.compile(r"(image_proj|ip_adapter)\.")),
+    ("an IP-Adapter", "an image prompt (--ip-adapter, IPAdapterInput, the native ip_adapters) draws with it",
+     re.compile(r"(image_proj|ip_adapter)\.")),
     # TencentARC's files (full: body.N.block1 / block2 / in_conv; light: body.N.in_conv / out_conv; style:
     # style_embedding) and diffusers' T2IAdapter (adapter.conv_in, adapter.body.N.resnets / in_conv); an
     # upscaler's body.N.rdbK (Real-ESRGAN) or body.N (compact SRVGG) is none of them

@@ -1,6 +1,6 @@
-"""What a file that is not a whole model is: a LoRA, a ControlNet, a T2I-Adapter, a VAE, an upscaler, a
-textual-inversion embedding, one component folder of a diffusers pipeline, or an ``sdlab train`` run checkpoint
-(`sdlab inspect` on it).
+"""What a file that is not a whole model is: a LoRA, a ControlNet, a T2I-Adapter, an IP-Adapter, a VAE, an
+upscaler, a textual-inversion embedding, a CLIP image encoder, one component folder of a diffusers pipeline, or an
+``sdlab train`` run checkpoint (`sdlab inspect` on it).
 
 Each kind is recognised by the reader that loads it for generation (`load_lora_file`, `read_controlnet`,
 `read_t2i_adapter`, `load_vae_source`, `read_upscaler`, `load_embedding`), tried in that order (the embedding reader last: it
@@ -38,8 +38,9 @@ def describe_other_kind(path: str | os.PathLike[str]) -> Description | None:
     from sdlab.checkpoints.lora import UnusableLoRAError
 
     path = Path(path)
-    readers: tuple[Callable[[Path], Description], ...] = (_run_checkpoint, _lora, _controlnet, _t2i_adapter, _vae,
-                                                          _upscaler, _embedding, _component)
+    readers: tuple[Callable[[Path], Description], ...] = (_run_checkpoint, _lora, _controlnet, _t2i_adapter,
+                                                          _ip_adapter, _vae, _upscaler, _embedding, _image_encoder,
+                                                          _component)
     unusable_lora = None
     for describe in readers:
         try:
@@ -161,6 +162,33 @@ def _t2i_adapter(path: Path) -> Description:
              "layout": found.layout, "hint": cfg.hint_channels, "features": list(cfg.channels),
              "parameters": parameters}
     return {"kind": "T2I-Adapter", "facts": facts, "use": "--control FILE:IMAGE[:STRENGTH]"}
+
+
+def _ip_adapter(path: Path) -> Description:
+    from sdlab.checkpoints.image_encoder import TOWERS_BY_WIDTH
+    from sdlab.checkpoints.ip_adapter import read_ip_adapter
+
+    cfg, tensors = read_ip_adapter(path)
+    towers = [name for width, (name, tower) in TOWERS_BY_WIDTH.items()
+              if (width if cfg.resampler is not None else tower.projection_dim) == cfg.embed_dim]
+    reads = "hidden states" if cfg.resampler is not None else "image embeddings"
+    facts = {"for": f"U-Nets of a {cfg.context_dim}-wide text context, {len(cfg.widths)} cross-attentions",
+             "image projection": "Plus (resampler)" if cfg.resampler is not None else "base", "tokens": cfg.tokens,
+             "reads": f"{cfg.embed_dim}-wide {reads}" + (f" ({' or '.join(towers)})" if towers else ""),
+             "parameters": sum(shape.numel() for shape in shapes_of(tensors).values())}
+    return {"kind": "IP-Adapter", "facts": facts,
+            "use": "--ip-adapter FILE --ip-adapter-image PICTURE (its image encoder beside it or --ip-adapter-encoder)"}
+
+
+def _image_encoder(path: Path) -> Description:
+    from sdlab.checkpoints.image_encoder import TOWERS_BY_WIDTH, read_image_encoder
+
+    cfg, tensors = read_image_encoder(path)
+    known = TOWERS_BY_WIDTH.get(cfg.width)
+    facts = {"tower": known[0] if known else f"{cfg.width} wide", "layers": cfg.layers, "heads": cfg.heads,
+             "image embeddings": cfg.projection_dim,
+             "parameters": sum(shape.numel() for shape in shapes_of(tensors).values())}
+    return {"kind": "CLIP image encoder", "facts": facts, "use": "--ip-adapter-encoder PATH (an IP-Adapter's)"}
 
 
 def _vae(path: Path) -> Description:
