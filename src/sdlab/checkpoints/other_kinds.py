@@ -230,10 +230,10 @@ def _embedding(path: Path) -> Description:
 
 
 def _families_with_text_widths(widths: tuple[int, ...]) -> list[str]:
-    """The model families (inpainting variants left out) whose text encoders have these widths, in order."""
+    """The model families (inpainting and edit variants left out) whose text encoders have these widths, in order."""
     from sdlab.families import registered_families
 
-    return [spec.name for spec in registered_families() if not spec.name.endswith("-inpaint")
+    return [spec.name for spec in registered_families() if not spec.name.endswith(("-inpaint", "-edit"))
             and tuple(te.config.width for te in spec.text_encoders) == widths]
 
 
