@@ -80,6 +80,14 @@ def _scheduler(pipe, name: str):
     }[name]
 
 
+def _without_the_picture(monkeypatch) -> None:
+    """The edit conditioning replaced by zeros, for the runs that show a test sees the picture's conditioning."""
+    import sdlab.pipeline.generate as generate_module
+
+    real = generate_module._edit_image
+    monkeypatch.setattr(generate_module, "_edit_image", lambda *args: torch.zeros_like(real(*args)))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # loading
 
@@ -150,6 +158,67 @@ def test_edit_guidance_is_a1111s_on_its_batch():
     assert edit_cfg(denoiser, cond, None, image, 7.0, 1.5)(x, 2.0).shape == x.shape
 
 
+def _toy_guidance_inputs():
+    g = torch.Generator().manual_seed(0)
+    x, image = torch.randn(2, 4, 3, 3, generator=g), torch.randn(2, 4, 3, 3, generator=g)
+    cond, uncond = {"context": torch.randn(2, 5, 6, generator=g)}, {"context": torch.randn(2, 5, 6, generator=g)}
+    weight = torch.randn(8 + 6, 4, generator=g)
+
+    def denoiser(x, sigma, context, concat):
+        pooled = torch.cat([x, concat], 1).mean((2, 3))                                        # (B, 8)
+        return x * 0.3 + (torch.cat([pooled, context.mean(1)], 1) @ weight)[:, :, None, None]
+
+    return denoiser, x, image, cond, uncond
+
+
+def _diffusers_edit_guidance(denoiser, x, image, cond, uncond, guidance_scale, image_guidance_scale):
+    # diffusers 0.42 StableDiffusionInstructPix2PixPipeline.__call__ (transcribed): do_classifier_free_guidance is
+    # guidance_scale > 1.0 and image_guidance_scale >= 1.0; without it one pass of [prompt + picture]
+    if not (guidance_scale > 1.0 and image_guidance_scale >= 1.0):
+        return denoiser(x, None, cond["context"], image)
+    three = denoiser(torch.cat([x] * 3), None, torch.cat([cond["context"], uncond["context"], uncond["context"]]),
+                     torch.cat([image, image, torch.zeros_like(image)]))
+    text, image_only, neither = three.chunk(3)
+    return neither + guidance_scale * (text - image_only) + image_guidance_scale * (image_only - neither)
+
+
+@pytest.mark.parametrize("scale, image_scale", [(7.0, 0.5), (1.0, 1.5), (0.5, 0.5), (7.0, 1.5)])
+def test_diffusers_convention_guides_as_diffusers_pipeline(scale, image_scale):
+    """Under diffusers' convention an image scale below 1 (or CFG <= 1) turns guidance off: the conditional pass
+    alone, as diffusers' edit pipelines; above, the image formula. Exact within 1e-5."""
+    denoiser, x, image, cond, uncond = _toy_guidance_inputs()
+    ours = edit_cfg(denoiser, cond, uncond, image, scale, image_scale, convention="diffusers")(x, torch.tensor(2.0))
+    reference = _diffusers_edit_guidance(denoiser, x, image, cond, uncond, scale, image_scale)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("scale, image_scale", [(1.0, 1.5), (0.5, 1.5), (1.0, 0.5), (7.0, 0.5)])
+def test_a1111_convention_applies_the_image_formula_at_every_cfg(scale, image_scale):
+    """A1111's CFGDenoiser has no CFG 1 shortcut for an edit model (is_edit_model: image scale set and not 1):
+    u + cfg * (c - i) + s_img * (i - u) at CFG 1 and below, and at image scales below 1. Within 1e-5."""
+    denoiser, x, image, cond, uncond = _toy_guidance_inputs()
+    ours = edit_cfg(denoiser, cond, uncond, image, scale, image_scale, convention="a1111")(x, torch.tensor(2.0))
+    three = denoiser(torch.cat([x] * 3), None, torch.cat([cond["context"], uncond["context"], uncond["context"]]),
+                     torch.cat([image, image, torch.zeros_like(image)]))
+    torch.testing.assert_close(ours, _a1111_combine_denoised_for_edit_model(three, scale, image_scale), rtol=0,
+                               atol=1e-5)
+
+
+def test_ngms_skips_no_pass_of_the_image_formula_and_skip_early_cfg_does():
+    """A1111's NGMS rule ends `and not is_edit_model`: a call NGMS would skip runs the whole image formula; Skip
+    Early CFG's calls run the conditional pass alone (sdlab's `skipping_uncond`)."""
+    from sdlab.diffusion.guidance import recording_effects, skipping_uncond
+
+    denoiser, x, image, cond, uncond = _toy_guidance_inputs()
+    guided = edit_cfg(denoiser, cond, uncond, image, 7.0, 1.5)
+    full = guided(x, torch.tensor(2.0))
+    with recording_effects() as effects:
+        ngms = skipping_uncond(guided, lambda call, sigma: "s_min_uncond")(x, torch.tensor(2.0))
+    assert torch.equal(ngms, full) and "s_min_uncond" not in effects
+    early = skipping_uncond(guided, lambda call, sigma: "skip_early_cond")(x, torch.tensor(2.0))
+    torch.testing.assert_close(early, denoiser(x, None, cond["context"], image), rtol=0, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # parity with diffusers' InstructPix2Pix pipelines
 
@@ -176,6 +245,22 @@ def test_the_image_scale_changes_the_picture(sd1_edit):
     a, b = (ours_pipe.img2img(INSTRUCTION, image, negative_prompt=NEGATIVE, steps=STEPS, cfg_scale=CFG,
                               image_cfg_scale=scale, seed=SEED, **options).images for scale in (1.5, 1.0))
     assert max_pixel_diff(a, b) > 4 * MAX_PIXEL_DIFF
+
+
+def test_below_image_scale_1_diffusers_convention_matches_diffusers(sd1_edit):
+    """diffusers turns guidance off at image_guidance_scale < 1 (do_classifier_free_guidance); so does sdlab under
+    its convention (A1111's formula under A1111's: another picture)."""
+    ours_pipe, pipe = sd1_edit
+    pipe.scheduler, options = _scheduler(pipe, "euler")
+    image = init_picture(SIZE)
+    reference = pipe(INSTRUCTION, image=image, negative_prompt=NEGATIVE, num_inference_steps=STEPS,
+                     guidance_scale=CFG, image_guidance_scale=0.5, generator=_generators(1), output_type="np").images
+    ours = ours_pipe.img2img(INSTRUCTION, image, negative_prompt=NEGATIVE, steps=STEPS, cfg_scale=CFG,
+                             image_cfg_scale=0.5, seed=SEED, **options)
+    assert max_pixel_diff(ours.images, reference) <= MAX_PIXEL_DIFF
+    a1111 = ours_pipe.img2img(INSTRUCTION, image, negative_prompt=NEGATIVE, steps=STEPS, cfg_scale=CFG,
+                              image_cfg_scale=0.5, seed=SEED, **options, img2img_convention="a1111", strength=1.0)
+    assert max_pixel_diff(a1111.images, reference) > 4 * MAX_PIXEL_DIFF
 
 
 def test_sdxl_edit_matches_diffusers(sdxl_edit):
@@ -205,6 +290,19 @@ def test_a_composed_prompt_on_an_edit_model_is_refused(sd1_edit):
     ours_pipe, _ = sd1_edit
     with pytest.raises(RequestError, match="composable diffusion"):
         ours_pipe.img2img("snow AND night", init_picture(SIZE), steps=2)
+
+
+def test_a_composed_prompt_draws_without_image_guidance(sd1_edit, monkeypatch):
+    """A1111 asserts against AND only where its edit path is on (image scale set and not 1): with the image scale
+    unset (its API's default) or 1 the prompt with AND draws, each pass with the picture; the two are one picture."""
+    ours_pipe, _ = sd1_edit
+    draw = lambda scale: ours_pipe.img2img("snow AND night", init_picture(SIZE), steps=3, seed=SEED,  # noqa: E731
+                                           image_cfg_scale=scale, img2img_convention="a1111")
+    unset, one = draw(None), draw(1.0)
+    assert max_pixel_diff(unset.images, one.images) == 0
+    assert unset.request.image_cfg_scale is None and one.request.image_cfg_scale == 1.0
+    _without_the_picture(monkeypatch)
+    assert max_pixel_diff(draw(None).images, unset.images) > MAX_PIXEL_DIFF
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -266,6 +364,40 @@ def test_cli_image_cfg_scale_is_drawn_recorded_and_redrawn(edit_file, tmp_path, 
     assert np.array_equal(pixels(again), pixels(out))
 
 
+def _no_image_guidance_picture(edit_file, path: Path):
+    """An edit model's picture drawn under A1111's convention without image guidance (A1111's API default): no
+    `Image CFG scale` label."""
+    from sdlab.pipeline.infotext import to_parameters
+    from sdlab.pipeline.png_info import format_parameters, save_png_atomic
+
+    result = sdlab.load(edit_file).img2img(INSTRUCTION, init_picture(SIZE), steps=3, seed=3, sampler="Euler",
+                                           image_cfg_scale=None, img2img_convention="a1111")
+    text = format_parameters(to_parameters(result.request))
+    assert "Image CFG scale" not in text and "Img2img steps: a1111" in text
+    save_png_atomic(result.images[0], path, text)
+    return np.asarray(result.images[0], dtype=np.int16)
+
+
+def test_cli_from_png_redraws_a_picture_drawn_without_image_guidance(edit_file, tmp_path, capsys):
+    """Without the label, a picture drawn under A1111's convention had no image guidance: --from-png draws it so
+    (not at the CLI's default 1.5) and writes no label either; --image-cfg-scale still overrides. The picture is
+    drawn by the Python API in this process and the CLI's run may use other threads: within 1/255."""
+    from cli_helpers import pixels, run
+    from sdlab.pipeline.png_info import read_parameters
+
+    drawn = _no_image_guidance_picture(edit_file, tmp_path / "none.png")
+    init, again, guided = tmp_path / "init.png", tmp_path / "again.png", tmp_path / "guided.png"
+    init_picture(SIZE).save(init)
+    line = ["img2img", "--from-png", str(tmp_path / "none.png"), "--model", str(edit_file), "--init", str(init),
+            "--no-progress"]
+    code, _, err = run([*line, "--out", str(again)], capsys)
+    assert code == 0, err
+    assert np.abs(pixels(again) - drawn).max() <= 1 and "Image CFG scale" not in read_parameters(again)  # 16 at 1.5
+    code, _, err = run([*line, "--image-cfg-scale", "1.5", "--out", str(guided)], capsys)
+    assert code == 0, err
+    assert "Image CFG scale: 1.5" in read_parameters(guided) and np.abs(pixels(guided) - drawn).max() > MAX_PIXEL_DIFF
+
+
 def test_cli_txt2img_on_an_edit_model_is_one_error(edit_file, tmp_path, capsys):
     from cli_helpers import run
 
@@ -318,11 +450,32 @@ def test_servers_draw_an_edit_model_and_refuse_its_txt2img(edit_server):
         assert "Image CFG scale: 1.5" in json.dumps(job)
 
 
+def test_api_parameters_of_a_picture_drawn_without_image_guidance_redraw_it(edit_server, edit_file, tmp_path):
+    """`/api/parameters` (the web UI's drop, Reuse) of a picture A1111's convention drew without image guidance
+    gives image scale 1, which draws the same picture (A1111's edit path is off at 1 as when unset); a native job of
+    those settings redraws it pixel for pixel (a job's unset image scale would be 1.5)."""
+    import base64
+
+    import httpx
+    from server_fixtures import b64_png, picture, run_job
+
+    drawn = _no_image_guidance_picture(edit_file, tmp_path / "none.png")
+    png = base64.b64encode((tmp_path / "none.png").read_bytes()).decode()
+    with httpx.Client(base_url=edit_server.url, timeout=120) as client:
+        settings = client.post("/api/parameters", json={"image": png}).json()["settings"]
+        assert settings["image_cfg_scale"] == 1.0
+        job = run_job(client, {**{key: value for key, value in settings.items() if value is not None},
+                               "mode": "img2img", "init_image": b64_png(init_picture(SIZE))})
+        assert job["status"] == "done", job
+        again = np.asarray(picture(base64.b64encode(client.get(job["images"][0]).content).decode()), dtype=np.int16)
+    assert np.abs(again - drawn).max() <= 1          # the server's threads may differ from this process's
+
+
 # ---------------------------------------------------------------------------------------------------------
 # A1111's convention: any model's img2img strength; inpainting with the latent blend; sdlab inspect
 
 
-def test_under_a1111s_convention_the_strength_is_img2imgs(sd1_edit):
+def test_under_a1111s_convention_the_strength_is_img2imgs(sd1_edit, monkeypatch):
     """A1111 runs an edit model's img2img as any model's (the noised init latent at the strength's step), with the
     edit conditioning; diffusers' convention ignores the strength (pure noise, all steps)."""
     ours_pipe, pipe = sd1_edit
@@ -334,9 +487,30 @@ def test_under_a1111s_convention_the_strength_is_img2imgs(sd1_edit):
     half, full = draw(0.5, "a1111"), draw(1.0, "a1111")
     assert half.request.strength == 0.5 and max_pixel_diff(half.images, full.images) > MAX_PIXEL_DIFF
     assert max_pixel_diff(draw(0.5, "diffusers").images, draw(1.0, "diffusers").images) == 0
+    _without_the_picture(monkeypatch)
+    assert max_pixel_diff(draw(0.5, "a1111").images, half.images) > MAX_PIXEL_DIFF    # the picture conditions it
 
 
-def test_inpainting_with_an_edit_model_keeps_the_unmasked_picture(sd1_edit):
+def test_under_a1111s_convention_cfg_1_and_ngms_keep_the_image_formula(sd1_edit):
+    """At CFG 1 A1111 still runs the edit formula (the negative prompt's passes included): CFG 1 draws what CFG
+    1.000001 draws, not the conditional pass alone. NGMS skips no call of an edit model (`and not is_edit_model`):
+    NGMS 100 draws the plain picture and, having skipped nothing, writes no NGMS label (A1111 sets it where a call
+    skipped)."""
+    from sdlab.pipeline.infotext import to_parameters
+    from sdlab.pipeline.png_info import format_parameters
+
+    ours_pipe, _ = sd1_edit
+    image = init_picture(SIZE)
+    draw = lambda **options: ours_pipe.img2img(INSTRUCTION, image, steps=4, seed=SEED, sampler="Euler",  # noqa: E731
+                                               img2img_convention="a1111", **{"image_cfg_scale": 1.5, **options})
+    one, near, plain = draw(cfg_scale=1.0), draw(cfg_scale=1.0 + 1e-6), draw(cfg_scale=1.0, image_cfg_scale=None)
+    assert max_pixel_diff(one.images, near.images) <= 1 and max_pixel_diff(one.images, plain.images) > MAX_PIXEL_DIFF
+    base, ngms = draw(cfg_scale=7.0), draw(cfg_scale=7.0, s_min_uncond=100.0)
+    assert max_pixel_diff(base.images, ngms.images) == 0
+    assert "NGMS" not in format_parameters(to_parameters(ngms.request))
+
+
+def test_inpainting_with_an_edit_model_keeps_the_unmasked_picture(sd1_edit, monkeypatch):
     """A1111's img2img_image_conditioning gives an edit model its picture's conditioning with a mask too, and
     CFGDenoiser blends the latent as for any 4-channel model; the picture outside the mask is pasted back."""
     from bundle_fixtures import lower_right_mask
@@ -348,6 +522,10 @@ def test_inpainting_with_an_edit_model_keeps_the_unmasked_picture(sd1_edit):
     kept = np.asarray(mask) == 0
     assert np.array_equal(np.asarray(result.images[0])[kept], np.asarray(image)[kept])
     assert result.request.image_cfg_scale == 1.5
+    _without_the_picture(monkeypatch)
+    blind = ours_pipe.inpaint(INSTRUCTION, image, mask, steps=3, seed=SEED, image_cfg_scale=1.5,
+                              img2img_convention="a1111")
+    assert max_pixel_diff(blind.images, result.images) > MAX_PIXEL_DIFF          # the picture conditions it
 
 
 def test_inspect_names_the_edit_kind(edit_file, capsys):
@@ -358,7 +536,7 @@ def test_inspect_names_the_edit_kind(edit_file, capsys):
     assert "sd1-edit (detected): Stable Diffusion 1.x InstructPix2Pix edit model" in out and "in_channels=8" in out
 
 
-def test_an_image_cfg_scale_axis_draws_single_edits():
+def test_an_image_cfg_scale_axis_draws_single_edits(monkeypatch):
     """A1111's X/Y/Z axis Image CFG Scale (img2img, `apply_field("image_cfg_scale")`): each cell is the img2img
     run with that image scale on the edit model."""
     from functools import partial
@@ -381,3 +559,6 @@ def test_an_image_cfg_scale_axis_draws_single_edits():
         assert np.array_equal(cell, np.asarray(single, dtype=np.int16))
     assert np.abs(cells[0] - cells[1]).max() > 0
     assert isinstance(results[(0, 0, 0)].images[0], PILImage.Image)
+    _without_the_picture(monkeypatch)
+    blind = np.asarray(run(GenerationRequest(**shared, image_cfg_scale=1.5)).images[0], dtype=np.int16)
+    assert np.abs(blind - cells[0]).max() > MAX_PIXEL_DIFF                        # the picture conditions the cells

@@ -29,7 +29,8 @@ from sdlab.diffusion.denoiser import DenoiseFn, Prediction, prediction_scalings
 
 __all__ = [
     "IDENTITY_ROWS", "PerturbedGuidance", "a1111_skips", "blend_known", "cfg", "composable_cfg", "edit_cfg", "masked", "masked_input", "needs_uncond",
-    "recording_effects", "rescale_guidance", "skipping_uncond", "switch_at_calls", "took_effect", "with_unguided",
+    "edit_guidance", "recording_effects", "rescale_guidance", "skipping_uncond", "switch_at_calls", "took_effect",
+    "with_unguided",
 ]
 
 NoiseScaling = Callable[..., Tensor]
@@ -335,6 +336,24 @@ def _rescaled(x0: Tensor, x0_c: Tensor, x: Tensor, sigma_b: Tensor, scalings: Ca
     return base + rescale_guidance(x0 - base, x0_c - base, rescale)
 
 
+def edit_guidance(scale: float, image_scale: float | None, convention: str = "a1111") -> str:
+    """How an edit model's guidance at CFG ``scale`` and image scale ``image_scale`` runs (``edit_cfg``):
+
+    - ``"plain"``: ``cfg`` with the picture in both passes: image scale None or 1, where the image formula is that
+      (A1111's ``is_edit_model`` off; diffusers at image scale 1);
+    - ``"image"``: the three-pass image formula. Under A1111's convention at every CFG scale (A1111's
+      ``CFGDenoiser`` has no shortcut at CFG 1 for an edit model: u + 1 * (c - i) + s_img * (i - u));
+    - ``"conditional"``: the conditional pass alone, under diffusers' convention where its edit pipelines turn
+      guidance off (``do_classifier_free_guidance = guidance_scale > 1.0 and image_guidance_scale >= 1.0``).
+
+    ``convention`` is the request's img2img convention: "diffusers", else A1111's rule (A1111's and ComfyUI's)."""
+    if image_scale is None or float(image_scale) == 1.0:
+        return "plain"
+    if convention == "diffusers" and not (float(scale) > 1.0 and float(image_scale) >= 1.0):
+        return "conditional"
+    return "image"
+
+
 def edit_cfg(
     denoiser: DenoiseFn,
     cond: Mapping[str, Any],
@@ -343,6 +362,7 @@ def edit_cfg(
     scale: float,
     image_scale: float | None,
     rescale: float = 0.0,
+    convention: str = "a1111",
 ) -> DenoiseFn:
     """Guidance of an InstructPix2Pix edit model (Brooks et al. 2023, eq. 3), whose U-Net reads the latent of the
     picture it edits, ``image`` (B, 4, h, w), as its ``concat`` channels:
@@ -352,16 +372,21 @@ def edit_cfg(
     with x0_c the prompt and the picture, x0_i the negative prompt and the picture, x0_u the negative prompt and a
     zero picture; one forward pass of the batch [prompt, image, uncond] (diffusers'
     ``StableDiffusionInstructPix2PixPipeline``; A1111's ``combine_denoised_for_edit_model``). Affine in the
-    network output, so the same in x0 as in eps. With ``image_scale`` 1 or None the formula is ``cfg`` with the
-    picture in both passes, x0_i + scale * (x0_c - x0_i), which is what A1111 runs then (two passes). With
-    ``scale <= 1`` or no ``uncond`` only the conditional pass runs (diffusers' ``do_classifier_free_guidance``).
+    network output, so the same in x0 as in eps. Which passes run is ``edit_guidance``'s rule under
+    ``convention``: with ``image_scale`` 1 or None ``cfg`` with the picture in both passes, x0_i + scale *
+    (x0_c - x0_i), which is what A1111 runs then (two passes); under diffusers' convention at CFG <= 1 or an image
+    scale below 1 the conditional pass alone; with no ``uncond`` the conditional pass alone.
     Guidance rescale moves toward x0_c as in ``cfg`` (diffusers' SDXL edit pipeline). A call ``skipping_uncond``
-    skips runs the conditional pass alone. The image scale is noted as drawn (``took_effect``)."""
+    skips by Skip Early CFG runs the conditional pass alone; NGMS skips none of the formula's calls (A1111's
+    rule: ``and not is_edit_model``). The image scale is noted as drawn (``took_effect``)."""
     with_image = {**cond, "concat": image}
     if image_scale is not None:
         took_effect("image_cfg_scale")
-    if uncond is None or image_scale is None or float(image_scale) == 1.0:
-        return cfg(denoiser, with_image, None if uncond is None else {**uncond, "concat": image}, scale, rescale)
+    how = edit_guidance(scale, image_scale, convention)
+    if uncond is None or how == "conditional":
+        return cfg(denoiser, with_image, None, scale, rescale)
+    if how == "plain":
+        return cfg(denoiser, with_image, {**uncond, "concat": image}, scale, rescale)
     scale, image_scale = float(scale), float(image_scale)
     if not (math.isfinite(scale) and math.isfinite(image_scale)):
         raise ValueError(f"guidance scales must be finite, got {scale} and {image_scale}")
@@ -375,9 +400,7 @@ def edit_cfg(
         return None if pair is None else _cat_conds(pair, neither)
 
     def guided(x: Tensor, sigma: Tensor, **extra: Any) -> Tensor:
-        if not needs_uncond(scale, cfg_pp=_UNGUIDED.get() is not None):
-            return denoiser(x, sigma, **with_image, **extra)
-        if skipped_by := _SKIP_UNCOND.get():
+        if (skipped_by := _SKIP_UNCOND.get()) and skipped_by != "s_min_uncond":
             took_effect(skipped_by)
             x0_c = denoiser(x, sigma, **with_image, **extra)
             _leave_unguided(x0_c)

@@ -77,7 +77,7 @@ from sdlab.diffusion.brownian import BrownianTreeNoise
 from sdlab.diffusion.denoiser import DenoiseFn, Denoiser
 from sdlab.diffusion.discretization import A1111_IMG2IMG, UI_IMG2IMG, steps_run
 from sdlab.diffusion.guidance import (
-    a1111_skips, cfg, composable_cfg, edit_cfg, masked, masked_input, recording_effects, skipping_uncond,
+    a1111_skips, cfg, composable_cfg, edit_cfg, edit_guidance, masked, masked_input, recording_effects, skipping_uncond,
     switch_at_calls, took_effect,
 )
 from sdlab.diffusion.guidance import PerturbedGuidance
@@ -674,7 +674,7 @@ def _guided_model(
     net = image_prompted(controlled_unet(bundle.unet, controls, circular=req.tiling, freeu=req.freeu), bundle.unet,
                          image_prompts)
     denoiser = Denoiser(net, sampling, quantize=req.quantize_timesteps)
-    if spans_part(controls):                            # else every control runs at every step
+    if spans_part(controls) or (req.freeu is not None and req.freeu.windowed):   # else all act at every step
         denoiser = tag_steps(denoiser, sigmas)
     marks, extra_uncond = prompt_marks(controls, req.batch_size, device)   # which rows are the prompt's
     extra_cond.update(marks)
@@ -683,16 +683,23 @@ def _guided_model(
     extra_uncond.update(uncond_image_tokens)
     if bundle.family.is_inpaint:
         extra_cond["concat"] = extra_uncond["concat"] = _inpaint_extra(bundle, req, start, generators)
-    if bundle.family.is_edit and composed:
+    edit = _edit_guidance(bundle, req)
+    if composed and edit == "image":
         raise RequestError("an edit (InstructPix2Pix) model guides one prompt with its picture; a prompt with AND "
-                           "or a :WEIGHT (composable diffusion) is not drawn on one")
+                           "or a :WEIGHT (composable diffusion) is drawn on one only without image guidance "
+                           "(image CFG scale unset or 1), as A1111")
+    if composed and edit is not None:   # A1111's is_edit_model off: the picture in every pass, plain guidance
+        extra_cond["concat"] = extra_uncond["concat"] = _edit_image(bundle, req, start)
+        if req.image_cfg_scale is not None:
+            took_effect("image_cfg_scale")
     if not composed:
-        guided = bundle.runs_uncond(req.cfg_scale, get_sampler(req.sampler).cfg_pp)
+        guided = bundle.runs_uncond(req.cfg_scale, get_sampler(req.sampler).cfg_pp) or edit == "image"
         guide = partial(cfg, denoiser, scale=guidance_scale(req), rescale=req.guidance_rescale,
                         perturbed=_perturbed_guidance(bundle, sampling, req, extra_cond, extra_uncond))
-        if bundle.family.is_edit:           # the picture's latent as the U-Net's extra channels, an image scale
+        if edit is not None:                # the picture's latent as the U-Net's extra channels, an image scale
             guide = partial(edit_cfg, denoiser, image=_edit_image(bundle, req, start), scale=guidance_scale(req),
-                            image_scale=req.image_cfg_scale, rescale=req.guidance_rescale)
+                            image_scale=req.image_cfg_scale, rescale=req.guidance_rescale,
+                            convention=req.img2img_convention)
         model = switch_at_calls([
             (end, guide({**cond, **extra_cond}, None if uncond is None else {**uncond, **extra_uncond}))
             for end, cond, uncond in conditioning(parts[0][0], req.negative_prompt, guidance=guided)
@@ -703,6 +710,14 @@ def _guided_model(
     if start.mask is not None and _blends_latent(bundle, req):
         model = _with_latent_blend(model, bundle, sampling, req, start, steps_done)
     return model
+
+
+def _edit_guidance(bundle: ModelBundle, req: GenerationRequest) -> str | None:
+    """How an edit model's guidance runs under the request's img2img convention (`guidance.edit_guidance`:
+    "plain", "image" or "conditional"); None for any other model."""
+    if not bundle.family.is_edit:
+        return None
+    return edit_guidance(guidance_scale(req), req.image_cfg_scale, req.img2img_convention)
 
 
 def _perturbed_guidance(bundle: ModelBundle, sampling: ModelSampling, req: GenerationRequest,

@@ -22,12 +22,14 @@ from dataclasses import dataclass, fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
-from sdlab.diffusion.discretization import DIFFUSERS_NAMES, UnknownDiscretizationError, schedule_overrides
+from sdlab.diffusion.discretization import (
+    A1111_IMG2IMG, DIFFUSERS_NAMES, UnknownDiscretizationError, schedule_overrides,
+)
 from sdlab.diffusion.samplers import (
     A1111_TIMESTEP_SAMPLERS, UnknownSamplerError, a1111_schedule, also_discards, comfyui_spelling, get_sampler,
 )
 from sdlab.diffusion.schedule_names import a1111_label, schedule_from_a1111, schedule_key
-from sdlab.models.freeu import FreeU
+from sdlab.models.freeu import FREEU_FACTORS, FREEU_WINDOW, FreeU
 from sdlab.pipeline.control import infotext_lines
 from sdlab.pipeline.image_prompt import infotext_lines as image_prompt_lines
 from sdlab.pipeline.perturbed_attention import DEFAULT_LAYERS
@@ -399,32 +401,34 @@ def sdxl_parameters(req: GenerationRequest) -> dict[str, Any]:
     return p
 
 
-FREEU_LABELS = ("freeu_b1", "freeu_b2", "freeu_s1", "freeu_s2")
-"""Forge's FreeU Integrated labels of the four factors (its `extra_generation_params`, with `freeu_enabled: True`)."""
+FREEU_LABELS = {f"freeu_{name}": name for name in (*FREEU_FACTORS, *FREEU_WINDOW)}
+"""Forge's FreeU Integrated labels of the four factors and the step window (its `extra_generation_params`, with
+`freeu_enabled: True`) and the `FreeU` field each holds."""
 
 
 def freeu_parameters(freeu: FreeU | None) -> dict[str, Any]:
     """FreeU where it is on: Forge's labels (its built-in FreeU Integrated, which draws ComfyUI's FreeU_V2:
-    `freeu_enabled: True`, `freeu_b1` .. `freeu_s2`), and sdlab's `FreeU version: 1` (v1) and `FreeU convention:
-    diffusers` where they are not Forge's."""
+    `freeu_enabled: True`, `freeu_b1` .. `freeu_s2`, `freeu_start`, `freeu_end`), and sdlab's `FreeU version: 1`
+    (v1) and `FreeU convention: diffusers` where they are not Forge's."""
     if freeu is None:
         return {}
-    return {"freeu_enabled": True, **{label: getattr(freeu, label[6:]) for label in FREEU_LABELS},
+    return {"freeu_enabled": True, **{label: getattr(freeu, name) for label, name in FREEU_LABELS.items()},
             "FreeU version": freeu.version if freeu.version != 2 else None,
             "FreeU convention": freeu.convention if freeu.convention != "comfyui" else None}
 
 
 def _freeu_fields(p: dict[str, Any]) -> dict[str, Any]:
     """The `freeu` field of parsed parameters (`freeu_parameters`) as the native API's object: on where
-    `freeu_enabled` is true; a factor the text leaves out is `FreeU`'s default."""
+    `freeu_enabled` is true; a factor or window end the text leaves out (Forge before its PR #1689 wrote no
+    freeu_start / freeu_end) is `FreeU`'s default."""
     if str(p.get("freeu_enabled", "false")).lower() not in ("true", "1", "yes"):
         return {}
     setting: dict[str, Any] = {"version": p.get("FreeU version", 2), "convention": p.get("FreeU convention", "comfyui")}
-    for label in FREEU_LABELS:
+    for label, name in FREEU_LABELS.items():
         if label in p:
-            setting[label[6:]] = p[label]
+            setting[name] = p[label]
     try:
-        setting = {**setting, **{name: float(setting[name]) for name in ("b1", "b2", "s1", "s2") if name in setting},
+        setting = {**setting, **{name: float(setting[name]) for name in FREEU_LABELS.values() if name in setting},
                    "version": int(setting["version"]), "convention": str(setting["convention"])}
     except (TypeError, ValueError):
         raise ValueError(f"the PNG's FreeU values {setting!r} are not numbers") from None
@@ -692,6 +696,8 @@ def from_parameters(p: dict[str, Any]) -> dict[str, Any]:
     fields.update(_etas(p, fields))
     if not drawn_by_sdlab(p):
         _as_a1111_ran(fields)
+    if fields.get("img2img_convention") in A1111_IMG2IMG and _img2img_picture(p):
+        fields.setdefault("image_cfg_scale", None)     # no label: an edit model drew without image guidance (A1111)
     for name in ("schedule", "hr_schedule", "hr_sampler"):
         if name in fields and fields[name] is None:         # "Automatic" in sdlab's files: the model's default
             del fields[name]
@@ -699,6 +705,13 @@ def from_parameters(p: dict[str, Any]) -> dict[str, Any]:
 
 
 _SAME_AS_FIRST = {"hr_sampler": "Use same sampler", "hr_schedule": "Use same scheduler"}   # A1111's defaults
+
+
+def _img2img_picture(p: dict[str, Any]) -> bool:
+    """Whether parsed parameters `p` are an img2img or inpainting picture's: a Denoising strength that is not a hires
+    fix's (sdlab's files also say `Img2img steps`, for those alone)."""
+    hires = "First pass size" in p or any(label.startswith("Hires ") for label in p)
+    return "Img2img steps" in p or ("Denoising strength" in p and not hires)
 
 
 def _sampler_and_schedule(fields: dict[str, Any], sampler: str, schedule: str) -> None:
