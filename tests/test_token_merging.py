@@ -214,8 +214,8 @@ def test_a_sampled_picture_matches_diffusers_with_tomesd(tmp_path_factory):
     expected, pictures = reference("latent"), reference("np")
     actual = sample_latents(ours.bundle, request(0.5))
     merged_diff = (actual - expected).abs().max()
-    # merging adds no disagreement of its own: sdlab and diffusers differ as much as without it (1.3e-4 of latents
-    # up to ~3, float32 over 5 steps), where merging moves the latents by far more
+    # merging adds no disagreement of its own: sdlab and diffusers differ as much as without it (measured 1.41e-4
+    # without, 1.36e-4 with, on latents up to 23.5, float32 over 5 steps), where merging moves them by 1.3e-2
     assert merged_diff <= 2 * plain_diff + 1e-5, (merged_diff, plain_diff)
     assert (expected - plain).abs().max() > 50 * merged_diff
     assert max_pixel_diff(ours.run(request(0.5)).images, pictures) <= MAX_PIXEL_DIFF
