@@ -40,3 +40,15 @@ def test_the_image_cfg_scale_slider_is_sent_and_filled(page, base_url):
     wait(page, lambda d: text(d, "notice") == "Settings read from edit.png", 20, "the PNG was not read cleanly")
     page.find_element(By.ID, "tab-img2img").click()
     assert (value(page, "image_cfg_scale"), text(page, "image_cfg_scale-value")) == ("1.25", "1.25")
+
+
+def test_a_picture_drawn_without_image_guidance_sets_the_slider_to_1(page, base_url):
+    """An img2img picture A1111 drew without `Image CFG scale` (its API's default: no image guidance) sets the
+    slider to 1, which draws it again (A1111's edit path is off at 1 as when unset), not to the slider's 1.5."""
+    set_slider(page, "image_cfg_scale", 1.2)
+    parameters = ("make it winter\nSteps: 3, Sampler: Euler, CFG scale: 7.5, Seed: 3, Size: 64x64, "
+                  "Denoising strength: 0.75")
+    drop_file(page, png_with_parameters(parameters), "plain.png")
+    wait(page, lambda d: text(d, "notice") == "Settings read from plain.png", 20, "the PNG was not read cleanly")
+    page.find_element(By.ID, "tab-img2img").click()
+    assert (value(page, "image_cfg_scale"), text(page, "image_cfg_scale-value")) == ("1", "1.00")
