@@ -400,7 +400,7 @@ def test_the_settings_a_version_implies_are_drawn(v, sampler):
 
 
 def test_from_png_names_what_it_cannot_draw_in_one_warning(tmp_path, capsys):
-    text = ("a red cube\nSteps: 2, Sampler: Euler, CFG scale: 5, Seed: 41, Size: 32x32, Token merging ratio: 0.3, "
+    text = ("a red cube\nSteps: 2, Sampler: Euler, CFG scale: 5, Seed: 41, Size: 32x32, Face restoration: CodeFormer, "
             "CFG Rescale phi: 0.7, Version: v1.6.0")
     recorded = png_with_parameters(tmp_path / "old.png", text, (32, 32))
     code, _, err = run(["txt2img", "--from-png", str(recorded), "--out", str(tmp_path / "again.png"), "--no-progress"],
@@ -408,4 +408,4 @@ def test_from_png_names_what_it_cannot_draw_in_one_warning(tmp_path, capsys):
     assert code == 0, err
     warnings = [line for line in err.splitlines() if "does not draw" in line]
     assert len(warnings) == 1
-    assert "Token merging ratio: 0.3" in warnings[0] and "CFG Rescale phi: 0.7" in warnings[0]
+    assert "Face restoration: CodeFormer" in warnings[0] and "CFG Rescale phi: 0.7" in warnings[0]

@@ -47,6 +47,7 @@ SDLAB_AXES = {
     "Schedule rho": "schedule_rho", "Eta": "eta", "Clip skip": "clip_skip", "Denoising": "strength",
     "Initial noise multiplier": "noise_multiplier", "Extra noise": "extra_noise", "Hires upscaler": "hr_upscaler",
     "Cond. Image Mask Weight": "inpainting_mask_weight", "UniPC Order": "unipc_order",
+    "Token merging ratio": "token_merging_ratio", "Token merging ratio high-res": "token_merging_ratio_hr",
     "Styles": "styles",
     "Always discard next-to-last sigma": "discard_penultimate_sigma", "SGM noise multiplier": "sgm_noise_multiplier",
     "RNG source": "rng", "Checkpoint name": "checkpoint", "VAE": "vae", "Refiner checkpoint": "refiner",
@@ -112,8 +113,9 @@ def test_scripts_and_script_info_list_the_x_y_z_plot(client) -> None:
     img2img = ["loopback", "outpainting mk2", "poor man's outpainting", "prompt matrix", "prompts from file or textbox",
                "sd upscale", "x/y/z plot"]
     assert client.get("/scripts").json() == {
-        "txt2img": [*selectable, *always_on, "controlnet", "freeu integrated", "perturbedattentionguidance integrated"],
-        "img2img": [*img2img, *always_on, "soft inpainting", "controlnet", "freeu integrated",
+        "txt2img": [*selectable, *always_on, "controlnet", "freeu integrated (sd 1.x, sd 2.x, sdxl)",
+                    "perturbedattentionguidance integrated"],
+        "img2img": [*img2img, *always_on, "soft inpainting", "controlnet", "freeu integrated (sd 1.x, sd 2.x, sdxl)",
                     "perturbedattentionguidance integrated"]}
     infos = [info for info in client.get("/script-info").json() if info["name"] == "x/y/z plot"]
     assert [(i["name"], i["is_img2img"], i["is_alwayson"]) for i in infos] == [

@@ -231,3 +231,23 @@ def test_both_apis_draw_and_record_the_ratios(client):
         assert failed["status"] == "error" and "token_merging_ratio" in failed.get("error", ""), failed
     else:
         assert 400 <= bad.status_code < 500 and "token_merging_ratio" in bad.text
+
+
+# ---------------------------------------------------------------- X/Y/Z plot: A1111's two Token merging axes
+
+
+def test_the_x_y_z_plots_token_merging_axes_set_the_ratios():
+    """A1111 1.10's xyz_grid.py: AxisOption("Token merging ratio", float, apply_override('token_merging_ratio')),
+    AxisOption("Token merging ratio high-res", float, apply_override('token_merging_ratio_hr')); the server's
+    plot sends them as those override_settings (`OPTION_FIELDS`), which `_token_merging` reads."""
+    from sdlab.pipeline.grid import Plot, parse_axis
+    from sdlab.server.a1111_scripts import A1111_AXES, OPTION_FIELDS, sdlab_field
+
+    plot = Plot(parse_axis("Token merging ratio=0,0.5"), parse_axis("Token merging ratio high-res=0.2"))
+    cells = [options for _, options in plot.cells({"prompt": "a wall"})]
+    assert [(c["token_merging_ratio"], c["token_merging_ratio_hr"]) for c in cells] == [(0.0, 0.2), (0.5, 0.2)]
+    assert plot.x.labels == ("Token merging ratio: 0.0", "Token merging ratio: 0.5")
+    fields = {axis.label: sdlab_field(axis) for axis in A1111_AXES}
+    for label, name in (("Token merging ratio", "token_merging_ratio"),
+                        ("Token merging ratio high-res", "token_merging_ratio_hr")):
+        assert fields[label].name == name and OPTION_FIELDS[name] == name

@@ -173,12 +173,12 @@ def test_a_dropped_png_fills_hires_clip_skip_and_variation_and_names_the_rest(pa
     parameters = ("a red apple\nSteps: 4, Sampler: Euler, Schedule type: Uniform, CFG scale: 5, Seed: 3, Size: 64x48, "
                   "Model hash: 0123456789, Clip skip: 2, Variation seed: 9, Variation seed strength: 0.4, "
                   "Denoising strength: 0.5, Hires upscale: 2, Hires steps: 2, Hires upscaler: Latent, ENSD: 31337, "
-                  "Mask blur: 3, Token merging ratio: 0.5, RNG: GPU, "
+                  "Mask blur: 3, Face restoration: CodeFormer, RNG: GPU, "
                   'ControlNet 0: "Module: canny, Model: control_canny [abc]", Version: v1.10.0')
     drop_file(page, png_with_parameters(parameters), "apple.png")
     wait(page, lambda d: text(d, "notice").startswith("Settings read from apple.png"), 20, "the PNG was not read")
     notice = text(page, "notice")
-    for note in ("Token merging ratio: 0.5", "ControlNet 0: Module: canny"):
+    for note in ("Face restoration: CodeFormer", "ControlNet 0: Module: canny"):
         assert note in notice, (note, notice)
     for applied_or_no_op in ("Model hash", "Version", "RNG", "Hires", "hires", "Clip skip", "clip skip", "Variation",
                              "variation", "Mask blur", "Steps", "Seed", "ENSD"):

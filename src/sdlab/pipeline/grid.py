@@ -37,6 +37,7 @@ and `.` ignored), the request field's name, or a short name; labels as A1111's `
 | Cond. Image Mask Weight                | inpainting_mask_weight               |                  |
 | Styles                                 | styles: the value's names (split at commas) after the request's | |
 | UniPC Order                            | unipc_order (1..steps - 1, as A1111; with UniPC on ddim_uniform only) |  |
+| Token merging ratio (high-res)         | token_merging_ratio, token_merging_ratio_hr |           |
 | Always discard next-to-last sigma      | discard_penultimate_sigma (True / False) |              |
 | SGM noise multiplier                   | sgm_noise_multiplier (True / False)  |                  |
 | RNG source                             | rng (CPU, GPU, NV)                   |                  |
@@ -226,6 +227,8 @@ FIELDS: tuple[Field, ...] = (         # A1111's axis_options (scripts/xyz_grid.p
     Field("inpainting_mask_weight", float, "Cond. Image Mask Weight"),
     Field("styles", str, "Styles", None, _add_styles),
     Field("unipc_order", int, "UniPC Order", None, _unipc_order, cost=0.5),
+    Field("token_merging_ratio", float, "Token merging ratio"),
+    Field("token_merging_ratio_hr", float, "Token merging ratio high-res"),
     Field("discard_penultimate_sigma", bool, "Always discard next-to-last sigma"),
     Field("sgm_noise_multiplier", bool, "SGM noise multiplier"),
     Field("rng", str, "RNG source"),

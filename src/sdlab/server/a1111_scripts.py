@@ -207,13 +207,14 @@ OPTION_FIELDS = {       # ... -> the option its `apply_override` sets in `overri
     "inpainting_mask_weight": "inpainting_mask_weight", "unipc_order": "uni_pc_order",
     "discard_penultimate_sigma": "always_discard_next_to_last_sigma", "sgm_noise_multiplier": "sgm_noise_multiplier",
     "rng": "randn_source", "checkpoint": "sd_model_checkpoint", "vae": "sd_vae",
+    "token_merging_ratio": "token_merging_ratio", "token_merging_ratio_hr": "token_merging_ratio_hr",
 }
 """Cond. Image Mask Weight sets A1111's `p.inpainting_mask_weight`, which its option sets too."""
 
 
 def sdlab_field(axis: AxisType) -> Field | None:
-    """The `sdlab.pipeline.grid` field of A1111's axis, None for one sdlab does not draw (Face restore, Token
-    merging, FP8 mode, ...)."""
+    """The `sdlab.pipeline.grid` field of A1111's axis, None for one sdlab does not draw (Face restore, FP8 mode,
+    ...)."""
     try:
         return field_named(axis.label)
     except GridError:
