@@ -178,8 +178,10 @@ def test_a_dropped_png_fills_hires_clip_skip_and_variation_and_names_the_rest(pa
     drop_file(page, png_with_parameters(parameters), "apple.png")
     wait(page, lambda d: text(d, "notice").startswith("Settings read from apple.png"), 20, "the PNG was not read")
     notice = text(page, "notice")
-    for note in ("Face restoration: CodeFormer", "ControlNet 0: Module: canny"):
+    # a ControlNet unit whose model the server has not: named, its unit filled but not enabled
+    for note in ("Face restoration: CodeFormer", 'ControlNet 0 model "control_canny [abc]"'):
         assert note in notice, (note, notice)
+    assert not checked(page, "cn0_enabled") and value(page, "cn0_module") == "canny"
     for applied_or_no_op in ("Model hash", "Version", "RNG", "Hires", "hires", "Clip skip", "clip skip", "Variation",
                              "variation", "Mask blur", "Steps", "Seed", "ENSD"):
         assert applied_or_no_op not in notice, (applied_or_no_op, notice)
@@ -348,9 +350,8 @@ def test_reuse_and_a_dropped_png_name_alike_what_the_form_lacks(page, base_url):
             value(page, "inpaint_padding")) == ("true", "latent noise", "true", "4")
     # any other field the form lacks is named once it holds something, unless the form sends it (`KEPT`)
     named = page.execute_script("return settingsNotInForm(arguments[0])",
-                                {**job["request"], "original_size": [96, 96], "mask_blur_y": 7, "controls": [{}],
-                                 "some_new_field": 3})
-    assert {"Mask blur y 7", "1 ControlNet unit", "some_new_field 3"} <= set(named), named
+                                {**job["request"], "original_size": [96, 96], "mask_blur_y": 7, "some_new_field": 3})
+    assert {"Mask blur y 7", "some_new_field 3"} <= set(named), named
     assert not any("original_size" in note for note in named), named
 
 

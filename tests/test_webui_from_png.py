@@ -108,7 +108,14 @@ def test_the_reader_answers_the_settings_from_png_reads_and_names_the_rest(base_
     assert answer["settings"]["schedule"] == "ddim"                 # ddim_uniform as /sdapi/v1/schedulers names it
     assert {key: answer["settings"][key] for key in ("sampler", "clip_skip_convention", "rng", "emphasis")} == {
         "sampler": "DDIM", "clip_skip_convention": "a1111", "rng": "GPU", "emphasis": "No norm"}
-    assert answer["unread"] == ["ControlNet 0: Module: canny, Model: control_canny [abc]"]
+    # the ControlNet unit's line is read as a native `controls` entry (its picture the page's to give)
+    assert answer["settings"]["controls"] == [{"model": "control_canny [abc]", "module": "canny"}]
+    assert answer["unread"] == []
+    # a line with a preprocessor sdlab has not is named unread, the others read
+    depth = a1111.replace("Emphasis", 'ControlNet 1: "Module: depth_midas, Model: control_depth [def]", Emphasis')
+    answer = http_json(base_url, "/api/parameters", {"image": base64.b64encode(png_with_parameters(depth)).decode()})
+    assert answer["settings"]["controls"] == [{"model": "control_canny [abc]", "module": "canny"}]
+    assert answer["unread"] == ["ControlNet 1: Module: depth_midas, Model: control_depth [def]"]
 
 
 @pytest.mark.parametrize("hires, listed", [("Hires sampler: DDIM", "ddim"), ("Hires schedule type: Beta", "Beta"),

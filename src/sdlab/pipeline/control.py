@@ -673,6 +673,12 @@ def _recorded_resolution(value: str) -> int:
     return processor_resolution(number)
 
 
+def recorded_model(line: str) -> str | None:
+    """The Model a ControlNet (or IP-Adapter) infotext line names, "NAME [hash]" as `/controlnet/model_list`
+    titles it; None where it names none."""
+    return _line_fields(line).get("Model")
+
+
 def recorded_unit(line: str) -> dict[str, Any]:
     """The `ControlInput` settings a ControlNet infotext line records (`infotext_lines`, or the extension's):
     `module` (A1111's name or UI alias, `a1111_module`), `strength`, `start`, `end`, `threshold_a` /

@@ -14,6 +14,8 @@ import re
 from typing import Any
 
 from sdlab.diffusion.schedule_names import A1111_SCHEDULERS, a1111_name
+from sdlab.pipeline.control import recorded_model, recorded_unit
+from sdlab.pipeline.image_prompt import recorded_weight
 from sdlab.pipeline.infotext import from_parameters, refiner_handoff
 from sdlab.server.a1111_scripts import XYZ_ARG_NAMES
 from sdlab.server.registry import ModelRegistry
@@ -46,7 +48,46 @@ def picture_settings(p: dict[str, Any], models: ModelRegistry) -> dict[str, Any]
         settings.update(refiner=_REFINER_HASH.sub("", str(p["Refiner"])), refiner_convention=convention)
         if switch is not None:
             settings["refiner_switch"] = switch
+    controls, ip_adapters, _ = recorded_units(p)
+    if controls:
+        settings["controls"] = controls
+    if ip_adapters:
+        settings["ip_adapters"] = ip_adapters
     return {**settings, **script_settings(p)}
+
+
+def _numbered(p: dict[str, Any], prefix: str) -> list[str]:
+    """The labels `prefix N` of `p` (N a whole number), in N's order."""
+    labels = [label for label in p if label.startswith(prefix) and label[len(prefix):].isdigit()]
+    return sorted(labels, key=lambda label: int(label[len(prefix):]))
+
+
+def recorded_units(p: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
+    """The `ControlNet N` and `IP-Adapter N` lines of parsed parameters `p` as the native job's `controls` and
+    `ip_adapters` entries without their pictures (which the text does not hold): a control's settings as
+    `--from-png` reads them (`control.recorded_unit`) and `model` the line's "NAME [hash]"; an image prompt's
+    `model` and `scale` (its Weight, else 1). A line sdlab cannot draw (a preprocessor or mode it has not, a
+    number that is not one, no model) is left out, and its label is the third list's."""
+    controls, ip_adapters, unreadable = [], [], []
+    for label in _numbered(p, "ControlNet "):
+        line = str(p[label])
+        try:
+            model = recorded_model(line)
+            if model is None:
+                raise ValueError("no model")
+            controls.append({"model": model, **recorded_unit(line)})
+        except ValueError:
+            unreadable.append(label)
+    for label in _numbered(p, "IP-Adapter "):
+        line = str(p[label])
+        try:
+            model, weight = recorded_model(line), recorded_weight(line)
+            if model is None:
+                raise ValueError("no model")
+            ip_adapters.append({"model": model, "scale": 1.0 if weight is None else weight})
+        except ValueError:
+            unreadable.append(label)
+    return controls, ip_adapters, unreadable
 
 
 def script_settings(p: dict[str, Any]) -> dict[str, Any]:
@@ -93,7 +134,8 @@ def unread_labels(p: dict[str, Any], models: ModelRegistry) -> list[str]:
         probed = {label: value if label in read else _Probe(label, touched) for label, value in p.items()}
         with contextlib.suppress(Exception):    # a probe read stops the try: it raises _Read (or the reader's error)
             picture_settings(probed, models)
-        if touched <= read:
+        if touched <= read:                     # the units' lines sdlab cannot draw are read and left out
+            read -= set(recorded_units(p)[2])
             return [f"{label}: {value}" for label, value in p.items() if label not in read]
         read |= touched
 

@@ -114,7 +114,7 @@ const KEPT = {
 // it sends (the hires pass's own count, the rule of an unset size: a job records its size) or list the PNG's
 // unread labels
 const KEPT_APART = new Set(["mode", "model", "vae", "loras", "styles", "refiner_convention", ...Object.keys(KEPT),
-  "first_pass_steps", "size_convention", "unread", "script_name", "script_args"]);
+  "controls", "ip_adapters", "first_pass_steps", "size_convention", "unread", "script_name", "script_args"]);
 
 // A1111's selectable scripts: each one's `script_args` in its `Script.run` order, from its controls (`id`, read as
 // `type`) or a value the form sends as it is (`value`: A1111's HTML notes, Loopback's interrogator, which sdlab has
@@ -219,6 +219,8 @@ async function api(path, options = {}) {
   try { data = text ? parseJson(text) : null; } catch (_) { data = null; }
   if (!response.ok) {
     let message = data ? detailText(data.detail ?? data.error ?? data) : text.trim();
+    // A1111-shaped errors (/sdapi, /controlnet) carry the reason in `errors` beside a short `detail`
+    if (data && typeof data.errors === "string" && data.errors && data.errors !== message) message += `: ${data.errors}`;
     if (response.status === 429 && !message) message = "the queue is full; wait for a job to finish";
     throw new ApiError(`${response.status} ${response.statusText || ""}`.trim() + (message ? `: ${message}` : ""));
   }
@@ -310,6 +312,7 @@ async function loadLists() {
     loadVaes(),
     loadHiresUpscalers(),
     api("/api/scripts").then((scripts) => { state.scripts = scripts; renderScripts(); }),
+    loadControlLists(),                     // controlnet.js: the ControlNet folder's models, the preprocessors
   ]);
   const failed = results.filter((r) => r.status === "rejected").map((r) => r.reason.message);
   if (failed.length) showError("Could not load the lists: " + failed.join("; "));
@@ -865,6 +868,7 @@ function collectRequest() {
     if (!state.maskPainted) throw new ApiError("inpaint needs a mask: paint the area to repaint on the image");
     Object.assign(body, inpaintRequest());
   }
+  Object.assign(body, controlRequest());    // controlnet.js: the enabled ControlNet units and IP-Adapter
   for (const key of Object.keys(body)) if (body[key] === undefined) delete body[key];
   return body;
 }
@@ -947,6 +951,7 @@ function fillForm(settings) {
   fillImageOptions(settings, unknown);
   fillVariation(settings);
   fillFreeU(settings, unknown);
+  fillControls(settings, unknown);                         // controlnet.js
   if (usesHires(settings)) fillHires(settings, unknown);
   else setToggle("enable_hr", false);
   fillRefiner(settings, unknown);
@@ -1024,8 +1029,7 @@ function settingsNotInForm(s) {
     if (KEPT_APART.has(key) || $("settings").contains(document.getElementById(key))) continue;
     const known = NOT_IN_FORM[key];
     if (known ? sameValue(value, known.none) || known.unused?.(s) : isEmpty(value)) continue;
-    notes.push(key === "controls" ? `${value.length} ControlNet unit${value.length > 1 ? "s" : ""}`
-      : `${known?.name ?? key} ${typeof value === "object" ? JSON.stringify(value) : value}`);
+    notes.push(`${known?.name ?? key} ${typeof value === "object" ? JSON.stringify(value) : value}`);
   }
   return [...notes, ...(s.unread || [])];
 }
@@ -1424,7 +1428,7 @@ function setupDrop() {
     if (!hasFiles(event)) return;
     event.preventDefault();
     const onZone = zone.contains(event.target) && state.mode !== "txt2img";
-    overlay.hidden = onZone;
+    overlay.hidden = onZone || Boolean(event.target.closest?.("[data-picture]"));
     zone.classList.toggle("dragging", onZone);
   });
   document.addEventListener("drop", async (event) => {
@@ -1434,7 +1438,10 @@ function setupDrop() {
     zone.classList.remove("dragging");
     if (!file) return;
     event.preventDefault();
-    if (zone.contains(event.target) && state.mode !== "txt2img") {
+    const pictureZone = event.target.closest?.("[data-picture]");    // a ControlNet unit's or the IP-Adapter's
+    if (pictureZone) {
+      try { await setControlPicture(pictureZone.dataset.picture, await readFile(file)); } catch (err) { showError(err.message); }
+    } else if (zone.contains(event.target) && state.mode !== "txt2img") {
       try { await setInitImage(await readFile(file)); } catch (err) { showError(err.message); }
     } else {
       await readParameters(file);
@@ -1448,6 +1455,7 @@ function setup() {
   setMode("txt2img");
   setupMaskPainting();
   setupDrop();
+  setupControls();                          // controlnet.js
   const tabs = [...document.querySelectorAll('[role="tab"]')];
   for (const tab of tabs) tab.addEventListener("click", () => setMode(tab.dataset.mode));
   $("settings").querySelector('[role="tablist"]').addEventListener("keydown", (event) => {

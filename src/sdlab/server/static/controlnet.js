@@ -1,0 +1,284 @@
+// sdlab web UI: the ControlNet units and the IP-Adapter box (loaded after app.js, whose helpers it uses).
+//   lists:    GET /controlnet/model_list (the ControlNet folder: ControlNets, T2I-Adapters, IP-Adapters; rescanned),
+//             GET /controlnet/module_list (the preprocessors and each one's threshold sliders)
+//   preview:  POST /controlnet/detect (a unit's picture through its preprocessor)
+//   a job:    the native API's `controls: [{model, image, strength, start, end, module, control_mode, resize_mode,
+//             threshold_a, threshold_b, processor_res, pixel_perfect}]` and `ip_adapters: [{model, image, scale}]`
+"use strict";
+
+const CONTROL_UNIT_COUNT = 3;      // the extension's default unit count (GET /controlnet/settings)
+// the preprocessors the extension runs at its Processor Res (pipeline/preprocess.py RESOLUTION_MODULES)
+const RESOLUTION_MODULES = ["canny", "threshold", "scribble"];
+const CONTROL_MODES = [["balanced", "Balanced"], ["prompt", "My prompt is more important"],
+  ["control", "ControlNet is more important"]];
+const CONTROL_RESIZE_MODES = [["resize", "Just Resize"], ["crop", "Crop and Resize"], ["fill", "Resize and Fill"]];
+
+const controlState = {
+  pictures: Array(CONTROL_UNIT_COUNT).fill(null),   // each unit's own control picture (data URL), or none
+  ipPicture: null,                                   // the IP-Adapter's picture (data URL), or none
+  sliders: {},                                       // module -> its threshold sliders [{name, min, max, value, step}]
+};
+
+function element(tag, props = {}, children = []) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(props)) {
+    if (key === "dataset") Object.assign(node.dataset, value);
+    else if (key in node) node[key] = value;
+    else node.setAttribute(key, value);
+  }
+  node.append(...children);
+  return node;
+}
+
+function labelled(id, text, control, title = "") {
+  return element("div", {}, [element("label", { htmlFor: id, textContent: text, title }), control]);
+}
+
+function numberInput(id, value, min, max, step) {
+  return element("input", { type: "number", id, value, min, max, step });
+}
+
+function choiceSelect(id, choices, chosen) {
+  const select = element("select", { id });
+  for (const [value, label] of choices) select.append(new Option(label, value, false, value === chosen));
+  return select;
+}
+
+// A picture box: a file picker, a drop zone showing the picture (`data-picture` routes a drop here: setupDrop),
+// a Clear button
+function pictureBox(prefix, placeholder) {
+  return [
+    element("div", { className: "row" }, [
+      element("label", { className: "file-button", htmlFor: `${prefix}_file`, textContent: "Choose picture" }),
+      element("input", { type: "file", id: `${prefix}_file`, accept: "image/*", hidden: true }),
+      element("button", { type: "button", id: `${prefix}_clear`, textContent: "Clear" }),
+    ]),
+    element("div", { id: `${prefix}_drop`, className: "drop-zone picture-drop", dataset: { picture: prefix },
+      role: "group", "aria-label": `${placeholder} (drop a picture here)` }, [
+      element("p", { id: `${prefix}_placeholder`, textContent: placeholder }),
+      element("img", { id: `${prefix}_view`, className: "control-picture", alt: "", hidden: true }),
+    ]),
+  ];
+}
+
+// One ControlNet unit, as the extension's: Enable, its picture, Preprocessor, Model, Control weight, Starting /
+// Ending control step, Control mode, Resize mode, Pixel perfect, Processor res and thresholds (as its preprocessor
+// has them), and Preview of the preprocessed map
+function controlUnit(i) {
+  const p = `cn${i}`;
+  const sliderBox = (key) => element("div", { id: `${p}_${key}_box`, hidden: true }, [
+    element("label", { htmlFor: `${p}_${key}`, id: `${p}_${key}_label` }), numberInput(`${p}_${key}`, "", 0, 255, 1)]);
+  return element("details", { id: p, className: "control-unit", open: i === 0 }, [
+    element("summary", { id: `${p}_summary`, textContent: `ControlNet Unit ${i}` }),
+    element("label", { className: "toggle" }, [element("input", { type: "checkbox", id: `${p}_enabled` }), " Enable"]),
+    ...pictureBox(p, "Control picture (none: img2img's initial image)"),
+    element("div", { className: "grid2" }, [
+      labelled(`${p}_module`, "Preprocessor", element("select", { id: `${p}_module` })),
+      labelled(`${p}_model`, "Model", element("select", { id: `${p}_model` }),
+        "A ControlNet or T2I-Adapter of the server's ControlNet folder"),
+      labelled(`${p}_weight`, "Control weight", numberInput(`${p}_weight`, 1, 0, 2, 0.05)),
+      labelled(`${p}_control_mode`, "Control mode", choiceSelect(`${p}_control_mode`, CONTROL_MODES, "balanced")),
+      labelled(`${p}_start`, "Starting control step", numberInput(`${p}_start`, 0, 0, 1, 0.01)),
+      labelled(`${p}_end`, "Ending control step", numberInput(`${p}_end`, 1, 0, 1, 0.01)),
+      labelled(`${p}_resize_mode`, "Resize mode", choiceSelect(`${p}_resize_mode`, CONTROL_RESIZE_MODES, "crop"),
+        "How the control picture fits the picture drawn"),
+      element("div", { id: `${p}_res_box`, hidden: true }, [
+        element("label", { htmlFor: `${p}_processor_res`, textContent: "Processor res" }),
+        element("div", { className: "row" }, [numberInput(`${p}_processor_res`, 512, 64, 2048, 1),
+          element("label", { className: "toggle", title: "The resolution from the picture's size (A1111's Pixel Perfect)" },
+            [element("input", { type: "checkbox", id: `${p}_pixel_perfect` }), " Pixel perfect"])]),
+      ]),
+      sliderBox("threshold_a"),
+      sliderBox("threshold_b"),
+    ]),
+    element("div", { className: "row control-preview-row" }, [
+      element("button", { type: "button", id: `${p}_preview_button`, textContent: "Preview",
+        title: "The preprocessor's map of the control picture (POST /controlnet/detect)" }),
+      element("img", { id: `${p}_preview`, className: "control-picture", alt: `Unit ${i} preprocessed map`, hidden: true }),
+    ]),
+  ]);
+}
+
+// Show a unit's Processor res and thresholds as its preprocessor has them, each threshold at its slider's default
+function showModuleSliders(i) {
+  const p = `cn${i}`;
+  const module = $(`${p}_module`).value;
+  $(`${p}_res_box`).hidden = !RESOLUTION_MODULES.includes(module);
+  const sliders = controlState.sliders[module] || [];
+  ["threshold_a", "threshold_b"].forEach((key, index) => {
+    const slider = sliders[index];
+    $(`${p}_${key}_box`).hidden = !slider;
+    if (!slider) return;
+    $(`${p}_${key}_label`).textContent = slider.name;
+    Object.assign($(`${p}_${key}`), { min: slider.min, max: slider.max, step: slider.step ?? 1, value: slider.value });
+  });
+}
+
+function showPicture(prefix, dataUrl) {
+  $(`${prefix}_view`).src = dataUrl || "";
+  $(`${prefix}_view`).hidden = !dataUrl;
+  $(`${prefix}_placeholder`).hidden = Boolean(dataUrl);
+}
+
+// Set the picture of a box (`prefix`: cnN or ipa) from a data URL (null clears it)
+async function setControlPicture(prefix, dataUrl) {
+  if (dataUrl) await loadImage(dataUrl);            // a file the browser cannot read is refused here
+  if (prefix === "ipa") controlState.ipPicture = dataUrl;
+  else controlState.pictures[Number(prefix.slice(2))] = dataUrl;
+  showPicture(prefix, dataUrl);
+  if (prefix !== "ipa") $(`${prefix}_preview`).hidden = true;
+}
+
+// The ControlNet folder's models and the preprocessors, into every unit's selects (a choice still listed stays)
+async function loadControlLists() {
+  const [models, modules] = await Promise.all([api("/controlnet/model_list"), api("/controlnet/module_list")]);
+  const titles = (models && models.model_list) || [];
+  controlState.sliders = Object.fromEntries(Object.entries((modules && modules.module_detail) || {})
+    .map(([name, detail]) => [name, (detail.sliders || []).slice(1).filter(Boolean)]));
+  const items = titles.map((title) => ({ label: title, value: title }));
+  for (let i = 0; i < CONTROL_UNIT_COUNT; i++) {
+    fillSelect($(`cn${i}_model`), items, { blank: titles.length ? "None" : "no ControlNets found" });
+    const module = $(`cn${i}_module`).value;
+    fillSelect($(`cn${i}_module`), ((modules && modules.module_list) || []).map((name) => ({ label: name, value: name })));
+    if (module !== $(`cn${i}_module`).value || !module) showModuleSliders(i);
+  }
+  fillSelect($("ipa_model"), items, { blank: titles.length ? "None" : "no IP-Adapters found" });
+}
+
+const controlNumber = (id) => Number($(id).value);
+
+// The picture a unit or the IP-Adapter draws with: its own, else img2img's / inpaint's initial image (as the
+// extension takes it), with whether it is the initial image
+function pictureOf(own, what) {
+  if (own) return { picture: own, initial: false };
+  if (state.mode !== "txt2img" && state.initImage) return { picture: state.initImage, initial: true };
+  throw new ApiError(`${what} needs a picture: choose or drop one`);
+}
+
+// The enabled units and IP-Adapter as the native API's `controls` and `ip_adapters` (none: left out); a unit
+// without a model or picture is an error the page shows
+function controlRequest() {
+  const body = {};
+  const controls = [];
+  for (let i = 0; i < CONTROL_UNIT_COUNT; i++) {
+    const p = `cn${i}`;
+    if (!$(`${p}_enabled`).checked) continue;
+    const what = `ControlNet Unit ${i}`;
+    if (!$(`${p}_model`).value) throw new ApiError(`${what} needs a model: choose one or untick Enable`);
+    const { picture, initial } = pictureOf(controlState.pictures[i], what);
+    const module = $(`${p}_module`).value || "none";
+    const thresholds = controlState.sliders[module] || [];
+    const initResize = $("resize_mode").value === "latent" ? "resize" : $("resize_mode").value;
+    controls.push({
+      model: $(`${p}_model`).value, image: base64Of(picture), module,
+      strength: controlNumber(`${p}_weight`), start: controlNumber(`${p}_start`), end: controlNumber(`${p}_end`),
+      control_mode: $(`${p}_control_mode`).value,
+      // a unit on the initial image fits it as img2img does (the extension's rule)
+      resize_mode: initial ? initResize : $(`${p}_resize_mode`).value,
+      threshold_a: thresholds.length > 0 ? controlNumber(`${p}_threshold_a`) : null,
+      threshold_b: thresholds.length > 1 ? controlNumber(`${p}_threshold_b`) : null,
+      processor_res: RESOLUTION_MODULES.includes(module) ? controlNumber(`${p}_processor_res`) : null,
+      pixel_perfect: RESOLUTION_MODULES.includes(module) && $(`${p}_pixel_perfect`).checked,
+    });
+  }
+  if (controls.length) body.controls = controls;
+  if ($("ipa_enabled").checked) {
+    if (!$("ipa_model").value) throw new ApiError("IP-Adapter needs a model: choose one or untick it");
+    const { picture } = pictureOf(controlState.ipPicture, "IP-Adapter");
+    body.ip_adapters = [{ model: $("ipa_model").value, image: base64Of(picture), scale: controlNumber("ipa_scale") }];
+  }
+  return body;
+}
+
+// Select the model a job or a picture names: a list title ("name [hash]"), else the same name without its hash or
+// file suffix (a job records the file name), in any case
+function selectControlModel(select, wanted) {
+  const stem = (name) => String(name).replace(/\s*\[[0-9a-f]+\]\s*$/i, "").replace(/\.(safetensors|pth|pt|ckpt|bin)$/i, "")
+    .trim().toLowerCase();
+  const found = [...select.options].find((o) => o.value === wanted)
+    || [...select.options].find((o) => o.value && stem(o.value) === stem(wanted));
+  if (found) select.value = found.value;
+  return Boolean(found);
+}
+
+// Settings' `controls` (a job's request, or a picture's ControlNet N lines) enable and fill the units in order,
+// `ip_adapters` the IP-Adapter box; units they do not fill are unticked (their values stay), and so is one whose
+// model the server has not (named: the form draws without it). The pictures stay: neither a job nor a picture
+// holds them.
+function fillControls(settings, unknown) {
+  const controls = Array.isArray(settings.controls) ? settings.controls : [];
+  for (let i = 0; i < CONTROL_UNIT_COUNT; i++) {
+    const p = `cn${i}`;
+    const unit = controls[i];
+    $(`${p}_enabled`).checked = Boolean(unit);
+    if (!unit) continue;
+    $(p).open = true;
+    if (!selectControlModel($(`${p}_model`), unit.model)) {
+      unknown.push(`ControlNet ${i} model "${unit.model}"`);
+      $(`${p}_enabled`).checked = false;
+    }
+    if (!selectMatching($(`${p}_module`), unit.module ?? "none")) unknown.push(`preprocessor "${unit.module}"`);
+    showModuleSliders(i);
+    const values = { weight: unit.strength ?? 1, start: unit.start ?? 0, end: unit.end ?? 1,
+      threshold_a: unit.threshold_a, threshold_b: unit.threshold_b, processor_res: unit.processor_res };
+    for (const [key, value] of Object.entries(values)) if (value != null) $(`${p}_${key}`).value = value;
+    $(`${p}_pixel_perfect`).checked = unit.pixel_perfect === true;
+    $(`${p}_control_mode`).value = unit.control_mode ?? "balanced";
+    if (unit.resize_mode) $(`${p}_resize_mode`).value = unit.resize_mode;
+  }
+  if (controls.length > CONTROL_UNIT_COUNT) unknown.push(`${controls.length - CONTROL_UNIT_COUNT} ControlNet units past ${CONTROL_UNIT_COUNT}`);
+  const prompts = Array.isArray(settings.ip_adapters) ? settings.ip_adapters : [];
+  const found = prompts.length > 0 && selectControlModel($("ipa_model"), prompts[0].model);
+  if (prompts.length && !found) unknown.push(`IP-Adapter model "${prompts[0].model}"`);
+  $("ipa_enabled").checked = found;
+  $("ipa-options").hidden = !found;
+  if (!prompts.length) return;
+  $("ipa_scale").value = prompts[0].scale ?? 1;
+  if (prompts.length > 1) unknown.push(`${prompts.length - 1} IP-Adapters past the first`);
+}
+
+// Preview: the unit's picture (or the initial image) through its preprocessor, as the job's unit would see it
+async function previewControl(i) {
+  const p = `cn${i}`;
+  showError("");
+  try {
+    const { picture } = pictureOf(controlState.pictures[i], `ControlNet Unit ${i}`);
+    const module = $(`${p}_module`).value || "none";
+    const thresholds = controlState.sliders[module] || [];
+    const read = await api("/controlnet/detect", { method: "POST", body: {
+      controlnet_module: module, controlnet_input_images: [base64Of(picture)],
+      controlnet_processor_res: RESOLUTION_MODULES.includes(module) ? controlNumber(`${p}_processor_res`) : null,
+      controlnet_threshold_a: thresholds.length > 0 ? controlNumber(`${p}_threshold_a`) : -1,
+      controlnet_threshold_b: thresholds.length > 1 ? controlNumber(`${p}_threshold_b`) : -1 } });
+    $(`${p}_preview`).src = `data:image/png;base64,${read.images[0]}`;
+    $(`${p}_preview`).hidden = false;
+  } catch (err) {
+    showError(`Preview of ControlNet Unit ${i}: ${err.message}`);
+  }
+}
+
+function wirePictureBox(prefix) {
+  $(`${prefix}_file`).addEventListener("change", async () => {
+    const file = $(`${prefix}_file`).files[0];
+    try { if (file) await setControlPicture(prefix, await readFile(file)); } catch (err) { showError(err.message); }
+    $(`${prefix}_file`).value = "";
+  });
+  $(`${prefix}_clear`).addEventListener("click", () => setControlPicture(prefix, null));
+}
+
+// Build the units, wire their controls (the lists load with the page's: loadLists)
+function setupControls() {
+  const units = $("cn-units");
+  for (let i = 0; i < CONTROL_UNIT_COUNT; i++) {
+    units.append(controlUnit(i));
+    wirePictureBox(`cn${i}`);
+    $(`cn${i}_module`).addEventListener("change", () => showModuleSliders(i));
+    $(`cn${i}_preview_button`).addEventListener("click", () => previewControl(i));
+  }
+  $("ipa-picture").append(...pictureBox("ipa", "IP-Adapter picture (none: img2img's initial image)"));
+  wirePictureBox("ipa");
+  $("ipa_enabled").addEventListener("change", () => { $("ipa-options").hidden = !$("ipa_enabled").checked; });
+  $("cn-refresh").addEventListener("click", async () => {
+    try { await loadControlLists(); } catch (err) { showError(err.message); }
+  });
+}

@@ -1,0 +1,232 @@
+"""The web UI's ControlNet units and IP-Adapter box in a real headless browser (the helpers of test_webui.py), on a
+server whose ControlNet folder holds a random-weight ControlNet and IP-Adapter (its image encoder in
+models/image_encoder): a unit sends the native `controls` entry and the job records and draws it; Preview shows the
+preprocessed map; the IP-Adapter box sends `ip_adapters`; Reuse and a dropped PNG restore the units; a bad unit's
+error shows in the page's error box."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from controlnet_fixtures import diffusers_controlnet, write_layout
+from ip_adapter_fixtures import SAMPLE_PICTURE, ip_adapter_state, write_image_encoder, write_ip_adapter
+from server_fixtures import start_server
+from test_webui import (  # noqa: F401  (fixtures: browser, page)
+    By, Select, browser, drop_file, http_bytes, job_by_prompt, open_page, page, set_value, text, value, wait,
+    wait_job,
+)
+
+
+@pytest.fixture(scope="module")
+def base_url(tmp_path_factory: pytest.TempPathFactory):
+    """A server with tiny_canny.safetensors and ip-adapter_tiny.safetensors in its ControlNet folder."""
+    import sdlab
+    from sdlab.models.ip_adapter import cross_attentions
+
+    root = tmp_path_factory.mktemp("webui-controlnet")
+    models = root / "models"
+    (models / "ControlNet").mkdir(parents=True)
+    bundle = sdlab.load().bundle                    # the shipped model the server draws with
+    widths = (16, 32, 96, 256)[: bundle.vae_config.downsample_factor.bit_length()]
+    net = write_layout(diffusers_controlnet(bundle.unet_config, 3, hint_widths=widths, std=0.05),
+                       "diffusers-file", models / "ControlNet")
+    net.rename(models / "ControlNet" / "tiny_canny.safetensors")
+    write_image_encoder(models / "image_encoder", seed=2, projection=32)
+    attention_widths = [attn.to_q.weight.shape[0] for attn in cross_attentions(bundle.unet)]
+    write_ip_adapter(models / "ControlNet" / "ip-adapter_tiny.safetensors",
+                     ip_adapter_state(attention_widths, bundle.unet_config.context_dim, 32, seed=3, std=0.3))
+    server = start_server(root / "outputs", "--models-dir", str(models))
+    yield server.url.rstrip("/")
+    server.stop()
+
+
+def _hint_png() -> bytes:
+    image = Image.new("RGB", (64, 64), "black")
+    ImageDraw.Draw(image).rectangle([10, 10, 50, 50], outline="white", width=4)
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _reference_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.open(SAMPLE_PICTURE).convert("RGB").crop((0, 0, 200, 160)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _lists_loaded(driver) -> bool:
+    return driver.execute_script("return document.getElementById('cn0_model').options.length > 1 && "
+                                 "document.getElementById('cn0_module').options.length > 1")
+
+
+def _model_title(driver, stem: str) -> str:
+    titles = driver.execute_script("return [...document.getElementById('cn0_model').options].map((o) => o.value)")
+    return next(title for title in titles if title.startswith(stem + " ["))
+
+
+def _checked(driver, element_id: str) -> bool:
+    return driver.find_element(By.ID, element_id).is_selected()
+
+
+def _generate(driver, base: str, prompt: str) -> dict:
+    set_value(driver, "prompt", prompt)
+    set_value(driver, "steps", 2)
+    set_value(driver, "width", 64)
+    set_value(driver, "height", 64)
+    driver.find_element(By.ID, "generate").click()
+    wait(driver, lambda d: any(job["request"].get("prompt") == prompt for job in
+                               __import__("test_webui").http_json(base, "/api/jobs")["jobs"]), 30, "no job queued")
+    return wait_job(base, job_by_prompt(base, prompt)["id"])
+
+
+def _set_canny_unit(driver) -> str:
+    """Unit 0: enabled, the hint dropped on it, canny, tiny_canny, weight 0.8, start 0.1, Control mode "My prompt is
+    more important", Crop and Resize (the default); returns the model's title."""
+    wait(driver, _lists_loaded, 30, "the ControlNet lists did not load")
+    driver.find_element(By.ID, "cn0_enabled").click()
+    drop_file(driver, _hint_png(), "hint.png", "cn0_drop")
+    wait(driver, lambda d: d.find_element(By.ID, "cn0_view").is_displayed(), 10, "the dropped hint is not shown")
+    Select(driver.find_element(By.ID, "cn0_module")).select_by_value("canny")
+    title = _model_title(driver, "tiny_canny")
+    Select(driver.find_element(By.ID, "cn0_model")).select_by_value(title)
+    set_value(driver, "cn0_weight", 0.8)
+    set_value(driver, "cn0_start", 0.1)
+    Select(driver.find_element(By.ID, "cn0_control_mode")).select_by_value("prompt")
+    return title
+
+
+def test_the_page_lists_the_folder_and_knows_the_preprocessors_resolution(page, base_url):
+    from sdlab.pipeline.preprocess import RESOLUTION_MODULES
+
+    wait(page, _lists_loaded, 30, "the ControlNet lists did not load")
+    titles = page.execute_script("return [...document.getElementById('cn0_model').options].map((o) => o.value)")
+    assert titles[0] == "" and sorted(t.split(" [")[0] for t in titles[1:]) == ["ip-adapter_tiny", "tiny_canny"]
+    assert page.execute_script("return RESOLUTION_MODULES") == list(RESOLUTION_MODULES)
+    assert [page.find_element(By.ID, f"cn{i}").tag_name for i in range(3)] == ["details"] * 3
+    # canny shows its Processor res and its two thresholds with the extension's names and defaults; none hides them
+    Select(page.find_element(By.ID, "cn0_module")).select_by_value("canny")
+    assert text(page, "cn0_threshold_a_label") == "Canny Low Threshold" and value(page, "cn0_threshold_a") == "100"
+    assert value(page, "cn0_threshold_b") == "200" and page.find_element(By.ID, "cn0_res_box").is_displayed()
+    Select(page.find_element(By.ID, "cn0_module")).select_by_value("none")
+    assert not page.find_element(By.ID, "cn0_threshold_a_box").is_displayed()
+    assert "controls" not in page.execute_script("return collectRequest()")
+
+
+def test_a_unit_draws_the_job_records_it_and_reuse_and_its_png_restore_it(page, base_url):
+    title = _set_canny_unit(page)
+    job = _generate(page, base_url, "a web controlnet house")
+    assert job["status"] == "done", job
+    unit = job["request"]["controls"][0]
+    assert len(job["request"]["controls"]) == 1
+    assert {key: unit[key] for key in ("model", "module", "strength", "start", "end", "control_mode", "resize_mode",
+                                       "threshold_a", "threshold_b", "processor_res", "pixel_perfect")} == {
+        "model": "tiny_canny.safetensors", "module": "canny", "strength": 0.8, "start": 0.1, "end": 1.0,
+        "control_mode": "prompt", "resize_mode": "crop", "threshold_a": 100.0, "threshold_b": 200.0,
+        "processor_res": 512, "pixel_perfect": False}
+    assert 'ControlNet 0: "Module: canny, Model: tiny_canny [' in job["infotexts"][0]
+    # Reuse in a fresh page: unit 0 enabled and filled; the picture is the page's to give again
+    for restore in ("reuse", "png"):
+        open_page(page, base_url)
+        wait(page, _lists_loaded, 30, "the ControlNet lists did not load")
+        if restore == "reuse":
+            card = f'#gallery [data-job-id="{job["id"]}"]'
+            wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, f"{card} button.reuse"), 20, "no gallery card")
+            page.find_element(By.CSS_SELECTOR, f"{card} button.reuse").click()
+        else:
+            drop_file(page, http_bytes(base_url, job["images"][0]), "drawn.png")
+        wait(page, lambda d: _checked(d, "cn0_enabled"), 20, f"{restore}: unit 0 is not enabled")
+        assert text(page, "notice") in ("", "Settings read from drawn.png"), text(page, "notice")
+        assert [value(page, f"cn0_{key}") for key in ("model", "module", "weight", "start", "end", "control_mode",
+                                                     "resize_mode", "threshold_a", "threshold_b", "processor_res")] == [
+            title, "canny", "0.8", "0.1", "1", "prompt", "crop", "100", "200", "512"], restore
+        assert not _checked(page, "cn1_enabled") and not _checked(page, "ipa_enabled")
+        # no picture: txt2img's unit asks for one in the error box, nothing is sent
+        page.find_element(By.ID, "generate").click()
+        wait(page, lambda d: "ControlNet Unit 0 needs a picture" in text(d, "error"), 10, "no error for the picture")
+    # with a picture again the request is the job's unit
+    drop_file(page, _hint_png(), "hint.png", "cn0_drop")
+    wait(page, lambda d: d.find_element(By.ID, "cn0_view").is_displayed(), 10, "the dropped hint is not shown")
+    sent = page.execute_script("return collectRequest()")["controls"][0]
+    assert {key: sent[key] for key in ("module", "strength", "start", "control_mode", "threshold_a")} == {
+        "module": "canny", "strength": 0.8, "start": 0.1, "control_mode": "prompt", "threshold_a": 100}
+    assert sent["image"] == base64.b64encode(_hint_png()).decode()
+
+
+def test_img2img_unit_takes_the_initial_image_and_bad_units_show_their_errors(page, base_url):
+    _set_canny_unit(page)
+    page.find_element(By.ID, "cn0_clear").click()
+    page.find_element(By.CSS_SELECTOR, '[role="tab"][data-mode="img2img"]').click()
+    drop_file(page, _hint_png(), "init.png", "init-drop")
+    wait(page, lambda d: d.execute_script("return state.initImage") is not None, 10, "no initial image")
+    sent = page.execute_script("return collectRequest()")
+    assert sent["controls"][0]["image"] == sent["init_image"]
+    assert sent["controls"][0]["resize_mode"] == sent["resize_mode"] == "resize"   # the extension: img2img's mode
+    # an enabled unit without a model: the page's own error (units past the first start folded)
+    assert not page.find_element(By.ID, "cn1_enabled").is_displayed()
+    page.find_element(By.ID, "cn1_summary").click()
+    page.find_element(By.ID, "cn1_enabled").click()
+    page.find_element(By.ID, "generate").click()
+    wait(page, lambda d: "ControlNet Unit 1 needs a model" in text(d, "error"), 10, "no error for the model")
+    page.find_element(By.ID, "cn1_enabled").click()
+    # a unit the server refuses (start after end): its 422 in the error box, no job queued
+    set_value(page, "cn0_start", 0.9)
+    set_value(page, "cn0_end", 0.2)
+    set_value(page, "prompt", "a refused unit")
+    page.find_element(By.ID, "generate").click()
+    wait(page, lambda d: text(d, "error").startswith("422") and "control 0" in text(d, "error"), 20,
+         "the server's error is not shown")
+
+
+def test_preview_shows_the_preprocessed_map(page, base_url):
+    from sdlab.pipeline.preprocess import preprocess
+
+    _set_canny_unit(page)
+    set_value(page, "cn0_threshold_a", 50)
+    page.find_element(By.ID, "cn0_preview_button").click()
+    wait(page, lambda d: d.execute_script("const i = document.getElementById('cn0_preview');"
+                                          "return !i.hidden && i.complete && i.naturalWidth > 0"), 20, "no preview")
+    shown = page.execute_script("return document.getElementById('cn0_preview').src")
+    assert shown.startswith("data:image/png;base64,")
+    mapped = np.asarray(Image.open(io.BytesIO(base64.b64decode(shown.split(",", 1)[1]))).convert("RGB"))
+    hint = Image.open(io.BytesIO(_hint_png()))
+    expected = np.asarray(preprocess(hint, "canny", 50.0, 200.0, 512).convert("RGB"))
+    assert mapped.shape == expected.shape and (mapped == expected).all()
+    # a preprocessor /controlnet/detect does not run: the server's reason in the error box
+    Select(page.find_element(By.ID, "cn0_module")).select_by_value("inpaint")
+    page.find_element(By.ID, "cn0_preview_button").click()
+    wait(page, lambda d: "Module not supported" in text(d, "error") and "does not run 'inpaint'" in text(d, "error"),
+         10, "the preview error is not shown")
+
+
+def test_the_ip_adapter_box_sends_its_fields_and_reuse_fills_it(page, base_url):
+    wait(page, _lists_loaded, 30, "the ControlNet lists did not load")
+    assert not page.find_element(By.ID, "ipa-options").is_displayed()
+    page.find_element(By.ID, "ipa_enabled").click()
+    titles = page.execute_script("return [...document.getElementById('ipa_model').options].map((o) => o.value)")
+    title = next(t for t in titles if t.startswith("ip-adapter_tiny ["))
+    Select(page.find_element(By.ID, "ipa_model")).select_by_value(title)
+    set_value(page, "ipa_scale", 0.7)
+    drop_file(page, _reference_png(), "reference.png", "ipa_drop")
+    wait(page, lambda d: d.find_element(By.ID, "ipa_view").is_displayed(), 10, "the dropped picture is not shown")
+    sent = page.execute_script("return collectRequest()")["ip_adapters"]
+    assert sent == [{"model": title, "image": base64.b64encode(_reference_png()).decode(), "scale": 0.7}]
+    job = _generate(page, base_url, "a web image prompt")
+    assert job["status"] == "done", job
+    assert job["request"]["ip_adapters"] == [{"model": "ip-adapter_tiny.safetensors", "scale": 0.7}]
+    assert 'IP-Adapter 0: "Model: ip-adapter_tiny [' in job["infotexts"][0]
+    for restore in ("reuse", "png"):
+        open_page(page, base_url)
+        wait(page, _lists_loaded, 30, "the ControlNet lists did not load")
+        if restore == "reuse":
+            card = f'#gallery [data-job-id="{job["id"]}"]'
+            wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, f"{card} button.reuse"), 20, "no gallery card")
+            page.find_element(By.CSS_SELECTOR, f"{card} button.reuse").click()
+        else:
+            drop_file(page, http_bytes(base_url, job["images"][0]), "drawn.png")
+        wait(page, lambda d: _checked(d, "ipa_enabled"), 20, f"{restore}: the IP-Adapter is not ticked")
+        assert value(page, "ipa_model") == title and value(page, "ipa_scale") == "0.7", restore
