@@ -591,14 +591,12 @@ def _options_from_args(args: argparse.Namespace, recorded: dict[str, Any] | None
     return options
 
 
-FREEU_FACTORS = ("b1", "b2", "s1", "s2")
-
-
 def _add_freeu_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
     p.add_argument("--freeu", metavar="B1,B2,S1,S2",
                    help="FreeU (Si et al. 2023): the U-Net decoder's backbone features of its two deepest stages times "
-                        "B1 / B2, their skip features' lowest frequencies times S1 / S2 (FreeU's README: SD1.4/1.5 "
-                        "1.2,1.4,0.9,0.2; SD2 1.4,1.6,0.9,0.2; SDXL 1.3,1.4,0.9,0.2); the base model only, not a "
+                        "B1 / B2, their skip features' lowest frequencies times S1 / S2 (ComfyUI's FreeU_V2 node: "
+                        "1.3,1.4,0.9,0.2, also FreeU's README for SD1.4 and SDXL; its README's SD1.5 1.5,1.6,0.9,0.2, "
+                        "SD2.1 1.4,1.6,0.9,0.2; Forge's sliders 1.01,1.02,0.99,0.95); the base model only, not a "
                         "refiner; recorded with Forge's freeu_* labels"
                         + _if_from_png(from_png, "; over a --from-png picture's"))
     p.add_argument("--freeu-version", type=int, choices=(1, 2),
@@ -609,15 +607,23 @@ def _add_freeu_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
                    help="which decoder blocks are FreeU's stages 1 and 2: comfyui (the default; the original code's, "
                         "ComfyUI's and Forge's: by channel count) or diffusers (enable_freeu's: by up block); they "
                         "differ on SD1 and SDXL (README)")
+    p.add_argument("--freeu-start", type=float, metavar="FRACTION",
+                   help="the fraction of the sampler steps where FreeU starts (Forge's Start step; default 0): it acts "
+                        "on each pass's steps whose fraction lies in [start, end], counted as Forge counts them "
+                        "(README)")
+    p.add_argument("--freeu-end", type=float, metavar="FRACTION",
+                   help="the fraction of the sampler steps after which FreeU stops (Forge's End step; default 1)")
     if from_png:
         p.add_argument("--no-freeu", action="store_true", help="draw without a --from-png picture's FreeU")
 
 
 def _freeu_options(args: argparse.Namespace, options: dict[str, Any]) -> None:
-    """The request's `freeu` from --freeu B1,B2,S1,S2, --freeu-version and --freeu-convention, over a --from-png
-    picture's (`options["freeu"]`), or none with --no-freeu. A version or convention without a FreeU to set, or
-    factors that are not four numbers, is a UserError."""
-    text, version, convention = (getattr(args, name, None) for name in ("freeu", "freeu_version", "freeu_convention"))
+    """The request's `freeu` from --freeu B1,B2,S1,S2, --freeu-version, --freeu-convention, --freeu-start and
+    --freeu-end, over a --from-png picture's (`options["freeu"]`), or none with --no-freeu. A version, convention
+    or window without a FreeU to set, or factors that are not four numbers, is a UserError."""
+    from sdlab.pipeline.request import FREEU_FACTORS, FREEU_WINDOW
+    text = getattr(args, "freeu", None)
+    others = {name: getattr(args, f"freeu_{name}", None) for name in ("version", "convention", *FREEU_WINDOW)}
     if getattr(args, "no_freeu", False):
         if text is not None:
             raise UserError("--freeu and --no-freeu contradict each other")
@@ -630,14 +636,15 @@ def _freeu_options(args: argparse.Namespace, options: dict[str, Any]) -> None:
         except ValueError:
             factors = []
         if len(factors) != 4:
-            raise UserError(f"--freeu takes four numbers B1,B2,S1,S2 (e.g. 1.2,1.4,0.9,0.2), got {text!r}")
+            raise UserError(f"--freeu takes four numbers B1,B2,S1,S2 (e.g. 1.3,1.4,0.9,0.2), got {text!r}")
         setting.update(zip(FREEU_FACTORS, factors))
+    given = {name: value for name, value in others.items() if value is not None}
     if not setting:
-        if version is not None or convention is not None:
-            raise UserError("--freeu-version and --freeu-convention set FreeU's --freeu B1,B2,S1,S2, which is not given")
+        if given:
+            raise UserError(f"{', '.join('--freeu-' + name for name in given)} set FreeU's --freeu B1,B2,S1,S2, "
+                            "which is not given")
         return
-    setting.update({name: value for name, value in (("version", version), ("convention", convention))
-                    if value is not None})
+    setting.update(given)
     options["freeu"] = setting
 
 

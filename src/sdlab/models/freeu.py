@@ -18,7 +18,14 @@ Which blocks are stage 1 and 2 differs between the references:
 - "diffusers" (`UNet2DConditionModel.enable_freeu`, `apply_freeu`): by up block, up block 0 -> stage 1, up block 1
   -> stage 2 (each up block = one level's num_res_blocks + 1 output blocks). SD1.5: stage 1 is the 8 x 8 1280
   level, stage 2 the 16 x 16 1280 level; SDXL: stage 1 the 1280 level, stage 2 the 640 level, where ComfyUI
-  also counts the 640 level's first block to stage 1 and the 320 level's first block to stage 2.
+  also counts the 640 level's first block to stage 1 and the 320 level's first block to stage 2. As diffusers'
+  up blocks (`is_freeu_enabled` tests each factor's truth), a factor of 0 turns FreeU off at every block.
+
+The step window [start, end] is Forge's FreeU Integrated's (extensions-builtin/sd_forge_freeu/scripts/
+forge_freeu.py since Forge PR #1689): FreeU acts on the model calls whose step fraction s / (N - 1) lies in
+[start, end], N the sampler steps the pass runs and s the step A1111's state reports to `on_cfg_denoiser`, which
+its sampler callback sets after a step's model calls: i - 1 during step i (0 during step 0). A one-step pass
+counts as 0 (where Forge divides by zero).
 """
 
 from __future__ import annotations
@@ -31,25 +38,47 @@ from torch import Tensor
 FREEU_VERSIONS = (1, 2)
 FREEU_CONVENTIONS = ("comfyui", "diffusers")
 MAX_FREEU_FACTOR = 10.0     # |b|, |s|: ComfyUI's inputs stop at 10, the extensions' sliders at 2..4
+FREEU_FACTORS = ("b1", "b2", "s1", "s2")
+"""FreeU's factors in the order every door lists them (the CLI's --freeu, Forge's args and its freeu_* labels)."""
+FREEU_WINDOW = ("start", "end")
+"""The step window's fields in Forge's order (its args after the factors, its freeu_start / freeu_end labels)."""
 
 
 @dataclass(frozen=True)
 class FreeU:
     """FreeU's setting: backbone factors b1, b2 and skip factors s1, s2 of stages 1 and 2, `version` 1 (the paper's
     constant backbone factor) or 2 (FreeU_V2: scaled by each position's normalised channel mean), and the
-    `convention` that picks each stage's blocks ("comfyui" or "diffusers": module docstring). The defaults are
-    the FreeU README's SD1.4 / SD1.5 values; SDXL's README values are b1 1.3, b2 1.4, s1 0.9, s2 0.2."""
+    `convention` that picks each stage's blocks ("comfyui" or "diffusers": module docstring), and the fractions
+    `start`..`end` of the sampler steps it acts on (Forge's window: module docstring). The default factors are
+    ComfyUI's FreeU_V2 node's (1.3, 1.4, 0.9, 0.2), which are also ChenyangSi/FreeU's README values for SD1.4 and
+    SDXL; that README gives SD1.5 1.5, 1.6, 0.9, 0.2 and SD2.1 1.4, 1.6, 0.9, 0.2 (Forge's presets too), ComfyUI's
+    FreeU (v1) node defaults to 1.1, 1.2, 0.9, 0.2 and Forge's sliders to 1.01, 1.02, 0.99, 0.95."""
 
-    b1: float = 1.2
+    b1: float = 1.3
     b2: float = 1.4
     s1: float = 0.9
     s2: float = 0.2
     version: int = 2
     convention: str = "comfyui"
+    start: float = 0.0
+    end: float = 1.0
+
+    @property
+    def windowed(self) -> bool:
+        """Whether the step window leaves some steps out (FreeU then needs each model call's step)."""
+        return self.start > 0 or self.end < 1
+
+    def active(self, step: int, steps: int) -> bool:
+        """Whether FreeU acts on the model calls of sampler step i (0-based) of N: Forge's start <= s / (N - 1)
+        <= end with s = max(i - 1, 0), the step A1111's state reports then (module docstring)."""
+        reported = max(step - 1, 0)
+        return self.start <= (reported / (steps - 1) if steps > 1 else 0.0) <= self.end
 
     def stage_of(self, block: int, channels: int, model_channels: int, blocks_per_level: int) -> int | None:
         """The stage (1, 2 or None) of output block `block`, whose incoming backbone features have `channels`."""
         if self.convention == "diffusers":
+            if not all(getattr(self, name) for name in FREEU_FACTORS):   # diffusers' is_freeu_enabled: truthiness
+                return None
             up_block = block // blocks_per_level
             return up_block + 1 if up_block < 2 else None
         return {4 * model_channels: 1, 2 * model_channels: 2}.get(channels)

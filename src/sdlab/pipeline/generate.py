@@ -674,7 +674,7 @@ def _guided_model(
     net = image_prompted(controlled_unet(bundle.unet, controls, circular=req.tiling, freeu=req.freeu), bundle.unet,
                          image_prompts)
     denoiser = Denoiser(net, sampling, quantize=req.quantize_timesteps)
-    if spans_part(controls):                            # else every control runs at every step
+    if spans_part(controls) or (req.freeu is not None and req.freeu.windowed):   # else all act at every step
         denoiser = tag_steps(denoiser, sigmas)
     marks, extra_uncond = prompt_marks(controls, req.batch_size, device)   # which rows are the prompt's
     extra_cond.update(marks)

@@ -29,7 +29,7 @@ from sdlab.diffusion.samplers import (
     A1111_TIMESTEP_SAMPLERS, UnknownSamplerError, a1111_schedule, also_discards, comfyui_spelling, get_sampler,
 )
 from sdlab.diffusion.schedule_names import a1111_label, schedule_from_a1111, schedule_key
-from sdlab.models.freeu import FreeU
+from sdlab.models.freeu import FREEU_FACTORS, FREEU_WINDOW, FreeU
 from sdlab.pipeline.control import infotext_lines
 from sdlab.pipeline.image_prompt import infotext_lines as image_prompt_lines
 from sdlab.pipeline.perturbed_attention import DEFAULT_LAYERS
@@ -401,32 +401,34 @@ def sdxl_parameters(req: GenerationRequest) -> dict[str, Any]:
     return p
 
 
-FREEU_LABELS = ("freeu_b1", "freeu_b2", "freeu_s1", "freeu_s2")
-"""Forge's FreeU Integrated labels of the four factors (its `extra_generation_params`, with `freeu_enabled: True`)."""
+FREEU_LABELS = {f"freeu_{name}": name for name in (*FREEU_FACTORS, *FREEU_WINDOW)}
+"""Forge's FreeU Integrated labels of the four factors and the step window (its `extra_generation_params`, with
+`freeu_enabled: True`) and the `FreeU` field each holds."""
 
 
 def freeu_parameters(freeu: FreeU | None) -> dict[str, Any]:
     """FreeU where it is on: Forge's labels (its built-in FreeU Integrated, which draws ComfyUI's FreeU_V2:
-    `freeu_enabled: True`, `freeu_b1` .. `freeu_s2`), and sdlab's `FreeU version: 1` (v1) and `FreeU convention:
-    diffusers` where they are not Forge's."""
+    `freeu_enabled: True`, `freeu_b1` .. `freeu_s2`, `freeu_start`, `freeu_end`), and sdlab's `FreeU version: 1`
+    (v1) and `FreeU convention: diffusers` where they are not Forge's."""
     if freeu is None:
         return {}
-    return {"freeu_enabled": True, **{label: getattr(freeu, label[6:]) for label in FREEU_LABELS},
+    return {"freeu_enabled": True, **{label: getattr(freeu, name) for label, name in FREEU_LABELS.items()},
             "FreeU version": freeu.version if freeu.version != 2 else None,
             "FreeU convention": freeu.convention if freeu.convention != "comfyui" else None}
 
 
 def _freeu_fields(p: dict[str, Any]) -> dict[str, Any]:
     """The `freeu` field of parsed parameters (`freeu_parameters`) as the native API's object: on where
-    `freeu_enabled` is true; a factor the text leaves out is `FreeU`'s default."""
+    `freeu_enabled` is true; a factor or window end the text leaves out (Forge before its PR #1689 wrote no
+    freeu_start / freeu_end) is `FreeU`'s default."""
     if str(p.get("freeu_enabled", "false")).lower() not in ("true", "1", "yes"):
         return {}
     setting: dict[str, Any] = {"version": p.get("FreeU version", 2), "convention": p.get("FreeU convention", "comfyui")}
-    for label in FREEU_LABELS:
+    for label, name in FREEU_LABELS.items():
         if label in p:
-            setting[label[6:]] = p[label]
+            setting[name] = p[label]
     try:
-        setting = {**setting, **{name: float(setting[name]) for name in ("b1", "b2", "s1", "s2") if name in setting},
+        setting = {**setting, **{name: float(setting[name]) for name in FREEU_LABELS.values() if name in setting},
                    "version": int(setting["version"]), "convention": str(setting["convention"])}
     except (TypeError, ValueError):
         raise ValueError(f"the PNG's FreeU values {setting!r} are not numbers") from None

@@ -57,7 +57,9 @@ from sdlab.diffusion.samplers import (
     A1111_TIMESTEP_SAMPLERS, SamplerSpec, UnknownSamplerError, comfyui_spelling, get_sampler, runs_a1111_timesteps,
 )
 from sdlab.diffusion.schedule_names import schedule_from_a1111
-from sdlab.models.freeu import FREEU_CONVENTIONS, FREEU_VERSIONS, MAX_FREEU_FACTOR, FreeU
+from sdlab.models.freeu import (
+    FREEU_CONVENTIONS, FREEU_FACTORS, FREEU_VERSIONS, FREEU_WINDOW, MAX_FREEU_FACTOR, FreeU,
+)
 from sdlab.pipeline.images import on_white, read_image, snap_size, upright_size
 from sdlab.pipeline.perturbed_attention import DEFAULT_LAYERS, PagLayerError, check_layer_patterns
 from sdlab.pipeline.upscale import (
@@ -464,23 +466,28 @@ def _bounded(name: str, value: float, low: float, high: float) -> float:
 def check_freeu(freeu: Any) -> FreeU | None:
     """`freeu` (a `FreeU`, a mapping of its fields as the native API and the infotext reader give it, or None) as a
     `FreeU` with float factors, or a `RequestError` naming what is wrong: another field, a factor that is not finite
-    or past +-`MAX_FREEU_FACTOR`, a version other than 1 or 2, an unknown convention."""
+    or past +-`MAX_FREEU_FACTOR`, a version other than 1 or 2, an unknown convention, a step window start / end
+    outside [0, 1] or with start after end."""
     if freeu is None:
         return None
     if isinstance(freeu, Mapping):
-        unknown = sorted(set(freeu) - {f.name for f in fields(FreeU)})
+        names = [f.name for f in fields(FreeU)]
+        unknown = sorted(set(freeu) - set(names))
         if unknown:
-            raise RequestError(f"freeu takes b1, b2, s1, s2, version and convention, got {', '.join(map(str, unknown))}")
+            raise RequestError(f"freeu takes {', '.join(names)}, got {', '.join(map(str, unknown))}")
         freeu = FreeU(**freeu)
     if not isinstance(freeu, FreeU):
         raise RequestError(f"freeu must be a FreeU setting or None, got {type(freeu).__name__}")
     factors = {name: _bounded(f"FreeU {name}", getattr(freeu, name), -MAX_FREEU_FACTOR, MAX_FREEU_FACTOR)
-               for name in ("b1", "b2", "s1", "s2")}
+               for name in FREEU_FACTORS}
+    window = {name: _bounded(f"FreeU {name}", getattr(freeu, name), 0.0, 1.0) for name in FREEU_WINDOW}
+    if window["start"] > window["end"]:
+        raise RequestError(f"FreeU start ({window['start']:g}) must not come after its end ({window['end']:g})")
     if isinstance(freeu.version, bool) or freeu.version not in FREEU_VERSIONS:
         raise RequestError(f"FreeU version must be 1 or 2, got {freeu.version!r}")
     if freeu.convention not in FREEU_CONVENTIONS:
         raise RequestError(f"unknown FreeU convention {freeu.convention!r}; valid: {', '.join(FREEU_CONVENTIONS)}")
-    return replace(freeu, **factors, version=int(freeu.version))
+    return replace(freeu, **factors, **window, version=int(freeu.version))
 
 
 A1111_UNIPC_VARIANTS = ("bh1", "bh2")
