@@ -113,8 +113,9 @@ def test_scripts_and_script_info_list_the_x_y_z_plot(client) -> None:
     img2img = ["loopback", "outpainting mk2", "poor man's outpainting", "prompt matrix", "prompts from file or textbox",
                "sd upscale", "x/y/z plot"]
     assert client.get("/scripts").json() == {
-        "txt2img": [*selectable, *always_on, "controlnet", "freeu integrated", "perturbedattentionguidance integrated"],
-        "img2img": [*img2img, *always_on, "soft inpainting", "controlnet", "freeu integrated",
+        "txt2img": [*selectable, *always_on, "controlnet", "freeu integrated (sd 1.x, sd 2.x, sdxl)",
+                    "perturbedattentionguidance integrated"],
+        "img2img": [*img2img, *always_on, "soft inpainting", "controlnet", "freeu integrated (sd 1.x, sd 2.x, sdxl)",
                     "perturbedattentionguidance integrated"]}
     infos = [info for info in client.get("/script-info").json() if info["name"] == "x/y/z plot"]
     assert [(i["name"], i["is_img2img"], i["is_alwayson"]) for i in infos] == [

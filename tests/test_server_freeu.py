@@ -49,17 +49,24 @@ def test_a_native_job_draws_records_and_redraws_freeu(client):
     plain = _drawn(client, BASE)
     job = _drawn(client, {**BASE, "freeu": setting})
     assert np.abs(_pixels(client, job) - _pixels(client, plain)).max() > 8
-    assert job["request"]["freeu"] == setting
-    assert "freeu_enabled: True, freeu_b1: 1.3, freeu_b2: 1.6, freeu_s1: 0.9, freeu_s2: 0.2, FreeU version: 1" in \
-        job["infotexts"][0]
-    body = {key: value for key, value in job["request"].items() if key in JobIn.model_fields and value is not None}
-    again = _drawn(client, body)
-    assert np.array_equal(_pixels(client, again), _pixels(client, job)) and again["infotexts"] == job["infotexts"]
-    # the picture's parameters give the setting back as the job's
-    image = base64.b64encode(client.get(job["images"][0]).content).decode()
-    read = client.post("/api/parameters", json={"image": image})
-    assert read.status_code == 200, read.text
-    assert read.json()["settings"]["freeu"] == setting and read.json()["unread"] == []
+    assert job["request"]["freeu"] == {**setting, "start": 0.0, "end": 1.0}     # unset: FreeU's defaults
+    assert ("freeu_enabled: True, freeu_b1: 1.3, freeu_b2: 1.6, freeu_s1: 0.9, freeu_s2: 0.2, freeu_start: 0, "
+            "freeu_end: 1, FreeU version: 1") in job["infotexts"][0]
+    # a step window (Forge's start / end): FreeU on the third of 3 steps only, recorded, its record redrawing it
+    windowed = _drawn(client, {**BASE, "freeu": {**setting, "start": 0.5}})
+    assert np.abs(_pixels(client, windowed) - _pixels(client, job)).max() > 4
+    assert "freeu_start: 0.5, freeu_end: 1" in windowed["infotexts"][0]
+    for drawn in (job, windowed):
+        body = {key: value for key, value in drawn["request"].items()
+                if key in JobIn.model_fields and value is not None}
+        again = _drawn(client, body)
+        assert np.array_equal(_pixels(client, again), _pixels(client, drawn))
+        assert again["infotexts"] == drawn["infotexts"]
+        # the picture's parameters give the setting back as the job's
+        image = base64.b64encode(client.get(drawn["images"][0]).content).decode()
+        read = client.post("/api/parameters", json={"image": image})
+        assert read.status_code == 200, read.text
+        assert read.json()["settings"]["freeu"] == drawn["request"]["freeu"] and read.json()["unread"] == []
 
 
 @pytest.mark.parametrize("freeu, status, words", [
@@ -67,6 +74,10 @@ def test_a_native_job_draws_records_and_redraws_freeu(client):
     ({"version": 3}, 400, "FreeU version must be 1 or 2"),
     ({"s2": 99}, 400, "FreeU s2 must lie in [-10, 10]"),
     ({"convention": "forge"}, 400, "unknown FreeU convention 'forge'"),
+    ({"version": True}, 422, "version"),                     # not drawn as version 1
+    ({"b1": True}, 422, "b1"),
+    ({"start": 2}, 400, "FreeU start must lie in [0, 1]"),
+    ({"start": 0.9, "end": 0.1}, 400, "FreeU start (0.9) must not come after its end (0.1)"),
 ])
 def test_a_bad_native_setting_is_refused(client, freeu, status, words):
     refused = client.post("/api/jobs", json={**BASE, "freeu": freeu})
@@ -74,17 +85,26 @@ def test_a_bad_native_setting_is_refused(client, freeu, status, words):
 
 
 def test_forges_freeu_integrated_args_draw_freeu_v2(client):
-    """alwayson_scripts {"FreeU Integrated": {"args": [enabled, b1, b2, s1, s2]}} draws ComfyUI's FreeU_V2 (Forge's
-    `opFreeU_V2.patch`) and records Forge's labels; unticked it draws the plain picture; more args or a factor that
-    is not a number is a 422."""
+    """alwayson_scripts {"FreeU Integrated": {"args": [enabled, b1, b2, s1, s2]}} (the script before Forge PR #1689)
+    draws ComfyUI's FreeU_V2 (Forge's `opFreeU_V2.patch`) and records Forge's labels; unticked it draws the plain
+    picture; today's title with 7 args [enabled, b1, b2, s1, s2, start, end] draws the step window; more args, a
+    factor that is not a number or out of range is a 422, as A1111's other script-arg errors."""
     a1111 = {"prompt": BASE["prompt"], "steps": 3, "seed": 11, "width": 64, "height": 64, "sampler_name": "Euler",
              "scheduler": "Automatic"}
     forge = client.post("/sdapi/v1/txt2img", json={
         **a1111, "alwayson_scripts": {"FreeU Integrated": {"args": [True, 1.3, 1.6, 0.9, 0.2]}}})
     assert forge.status_code == 200, forge.text
     info = json.loads(forge.json()["info"])["infotexts"][0]
-    assert "freeu_enabled: True, freeu_b1: 1.3, freeu_b2: 1.6, freeu_s1: 0.9, freeu_s2: 0.2" in info
+    assert "freeu_enabled: True, freeu_b1: 1.3, freeu_b2: 1.6, freeu_s1: 0.9, freeu_s2: 0.2, freeu_start: 0, " \
+        "freeu_end: 1" in info
     assert "FreeU version" not in info
+    today = "FreeU Integrated (SD 1.x, SD 2.x, SDXL)"
+    full = client.post("/sdapi/v1/txt2img", json={
+        **a1111, "alwayson_scripts": {today: {"args": [True, 1.3, 1.6, 0.9, 0.2, 0.0, 1.0]}}})
+    windowed = client.post("/sdapi/v1/txt2img", json={
+        **a1111, "alwayson_scripts": {today.lower(): {"args": [True, 1.3, 1.6, 0.9, 0.2, 0.5, 1.0]}}})
+    assert full.status_code == 200 and windowed.status_code == 200, (full.text, windowed.text)
+    assert "freeu_start: 0.5, freeu_end: 1" in json.loads(windowed.json()["info"])["infotexts"][0]
     off = client.post("/sdapi/v1/txt2img", json={
         **a1111, "alwayson_scripts": {"freeu integrated": {"args": [False, 1.3, 1.6, 0.9, 0.2]}}})
     plain = client.post("/sdapi/v1/txt2img", json=a1111)
@@ -96,9 +116,15 @@ def test_forges_freeu_integrated_args_draw_freeu_v2(client):
 
     assert np.array_equal(picture(off), picture(plain))
     assert np.abs(picture(forge) - picture(plain)).max() > 8
-    for args, words in (([True, 1.3, 1.6, 0.9, 0.2, 7], "takes 5 args"), ([True, "high"], "b1 must be a number")):
-        refused = client.post("/sdapi/v1/txt2img", json={**a1111, "alwayson_scripts": {
-            "FreeU Integrated": {"args": args}}})
+    assert np.array_equal(picture(full), picture(forge))             # 5 args: the window is every step
+    assert np.abs(picture(windowed) - picture(forge)).max() > 4
+    for args, words in (([True, 1.3, 1.6, 0.9, 0.2, 0, 1, 7], "takes 7 args"),
+                        ([True, "high"], "FreeU b1 must be a finite number"),
+                        ([True, 1.3, 1.6, 0.9, 99], "FreeU s2 must lie in [-10, 10]"),
+                        ([True, 1.3, 1.6, 0.9, float("nan")], "FreeU s2 must be a finite number"),
+                        ([True, 1.3, 1.6, 0.9, 0.2, 0.5, 1.5], "FreeU end must lie in [0, 1]")):
+        body = json.dumps({**a1111, "alwayson_scripts": {"FreeU Integrated": {"args": args}}})   # NaN as JSON's NaN
+        refused = client.post("/sdapi/v1/txt2img", content=body, headers={"content-type": "application/json"})
         assert refused.status_code == 422 and words in refused.text, refused.text
 
 

@@ -1,6 +1,7 @@
 """The web UI's FreeU box in a real headless browser (the helpers and fixtures of test_webui.py): unticked by
 default, ticked it sends the native API's `freeu` object and the job draws with it; Reuse of the job and a dropped
-PNG (sdlab's, and Forge's FreeU Integrated labels) tick it and fill it; a picture without FreeU unticks it."""
+PNG (sdlab's, and Forge's FreeU Integrated labels, with or without its step window) tick it and fill it; a picture
+without FreeU unticks it."""
 
 from __future__ import annotations
 
@@ -19,20 +20,23 @@ def test_the_freeu_box_reaches_the_job_and_reuse_fills_it(page, base_url):
     assert "freeu" not in page.execute_script("return collectRequest()")
     page.find_element(By.ID, "freeu").click()
     assert page.find_element(By.ID, "freeu-options").is_displayed()
-    assert [value(page, f"freeu_{name}") for name in ("b1", "b2", "s1", "s2", "version", "convention")] == [
-        "1.2", "1.4", "0.9", "0.2", "2", "comfyui"]
+    assert [value(page, f"freeu_{name}") for name in ("b1", "b2", "s1", "s2", "version", "convention", "start",
+                                                      "end")] == ["1.3", "1.4", "0.9", "0.2", "2", "comfyui", "0", "1"]
     prompt = "a freeu web house"
     set_value(page, "prompt", prompt)
     set_value(page, "steps", 2)
     set_value(page, "freeu_b1", 1.3)
     set_value(page, "freeu_b2", 1.6)
+    set_value(page, "freeu_end", 0.5)
     Select(page.find_element(By.ID, "freeu_version")).select_by_value("1")
     page.find_element(By.ID, "generate").click()
     wait(page, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results img.result")) == 1, message="no result")
     job = wait_job(base_url, job_by_prompt(base_url, prompt)["id"])
-    setting = {"b1": 1.3, "b2": 1.6, "s1": 0.9, "s2": 0.2, "version": 1, "convention": "comfyui"}
+    setting = {"b1": 1.3, "b2": 1.6, "s1": 0.9, "s2": 0.2, "version": 1, "convention": "comfyui", "start": 0,
+               "end": 0.5}
     assert job["status"] == "done" and job["request"]["freeu"] == setting, job
     assert "freeu_enabled: True, freeu_b1: 1.3, freeu_b2: 1.6" in job["infotexts"][0]
+    assert "freeu_start: 0, freeu_end: 0.5" in job["infotexts"][0]
     # Reuse in a fresh page ticks the box and fills it: the form sends the job's setting again
     open_page(page, base_url)
     card = f'#gallery [data-job-id="{job["id"]}"]'
@@ -49,7 +53,11 @@ def test_a_dropped_png_ticks_freeu_from_forges_labels_and_one_without_unticks_it
     wait(page, lambda d: text(d, "notice") == "Settings read from forge.png", 20, "the PNG was not read cleanly")
     assert _checked(page) and page.find_element(By.ID, "freeu-options").is_displayed()
     assert page.execute_script("return collectRequest()")["freeu"] == {
-        "b1": 1.01, "b2": 1.02, "s1": 0.99, "s2": 0.95, "version": 2, "convention": "comfyui"}
+        "b1": 1.01, "b2": 1.02, "s1": 0.99, "s2": 0.95, "version": 2, "convention": "comfyui", "start": 0, "end": 1}
+    today = forge + ", freeu_start: 0.25, freeu_end: 0.75"           # Forge since its PR #1689: the step window
+    drop_file(page, png_with_parameters(today), "today.png")
+    wait(page, lambda d: text(d, "notice") == "Settings read from today.png", 20, "the PNG was not read cleanly")
+    assert [value(page, "freeu_start"), value(page, "freeu_end")] == ["0.25", "0.75"]
     drop_file(page, png_with_parameters("a plain house\nSteps: 20, Sampler: Euler, Seed: 1, Size: 64x64"), "plain.png")
     wait(page, lambda d: text(d, "notice") == "Settings read from plain.png", 20, "the PNG was not read cleanly")
     assert not _checked(page) and "freeu" not in page.execute_script("return collectRequest()")

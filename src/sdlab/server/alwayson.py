@@ -16,7 +16,8 @@ selectable script in the always on scripts params". A stock A1111 1.10 loads the
   way, which sdlab does not draw, so that is a 422 rather than another picture.
 
 The ControlNet extension's key, `controlnet` in any case, is read by `controls.a1111_controls`; Forge's built-in
-FreeU, `FreeU Integrated` in any case, by `alwayson_freeu`; any other extension's (ADetailer, ...) is A1111's 422 for
+FreeU, `FreeU Integrated (SD 1.x, SD 2.x, SDXL)` or its earlier title `FreeU Integrated` in any case, by
+`alwayson_freeu`; any other extension's (ADetailer, ...) is A1111's 422 for
 a script it has not loaded.
 """
 
@@ -24,14 +25,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from sdlab.models.freeu import FREEU_FACTORS, FREEU_WINDOW
+from sdlab.pipeline.request import RequestError, check_freeu
 from sdlab.server.inputs import BadRequest
 
 CONTROLNET = "controlnet"
-FREEU = "freeu integrated"
-FREEU_ARGS = ("enabled", "b1", "b2", "s1", "s2")
-FREEU_DEFAULTS = (False, 1.01, 1.02, 0.99, 0.95)
-"""Forge's FreeU Integrated script (extensions-builtin/sd_forge_freeu/scripts/forge_freeu.py): its args in order,
-and the UI's values that A1111's API fills the ones a request leaves out with."""
+FREEU = "freeu integrated (sd 1.x, sd 2.x, sdxl)"
+FREEU_TITLES = (FREEU, "freeu integrated")
+FREEU_ARGS = ("enabled", *FREEU_FACTORS, *FREEU_WINDOW)
+FREEU_DEFAULTS = (False, 1.01, 1.02, 0.99, 0.95, 0.0, 1.0)
+"""Forge's FreeU Integrated script (extensions-builtin/sd_forge_freeu/scripts/forge_freeu.py): its titles (today's,
+and the one before Forge PR #1689, Sept 2024, which had no step window and took the first 5 args), its args in
+order, and the UI's values that A1111's API fills the ones a request leaves out with."""
 _BOTH_TABS = ("Refiner", "Seed", "Sampler", "Comments", "Hypertile", "Extra options")
 ALWAYSON_SCRIPTS = {"txt2img": _BOTH_TABS, "img2img": (*_BOTH_TABS, "Soft Inpainting")}
 """A1111 1.10's always-on scripts of each tab (`Script.title()`; `show` is `AlwaysVisible` there)."""
@@ -57,7 +62,7 @@ def check_alwayson_scripts(scripts: dict[str, Any], tab: str, masked: bool = Fal
         key = name.lower()
         if key == CONTROLNET:
             continue
-        if key == FREEU:
+        if key in FREEU_TITLES:
             alwayson_freeu({name: script})
             continue
         if key in selectable:
@@ -102,10 +107,11 @@ def _script_args(name: str, script: Any) -> list[Any]:
 
 
 def alwayson_freeu(scripts: dict[str, Any]) -> dict[str, Any] | None:
-    """The FreeU setting (`models.freeu.FreeU`'s fields) of Forge's FreeU Integrated in `alwayson_scripts`: its args
-    [enabled, b1, b2, s1, s2] (those left out: its UI's defaults), drawn as Forge draws them, ComfyUI's FreeU_V2;
-    None where it is absent or not enabled. More args, or a factor that is not a number, is a 422."""
-    name = next((name for name in scripts if name.lower() == FREEU), None)
+    """The FreeU setting (`models.freeu.FreeU`'s fields) of Forge's FreeU Integrated in `alwayson_scripts`, under
+    either title: its args [enabled, b1, b2, s1, s2, start, end] (the earlier script's 5, or fewer: those left out
+    its UI's defaults), drawn as Forge draws them, ComfyUI's FreeU_V2 on the steps of its window; None where it is
+    absent or not enabled. More args, or a value that is not a number or out of range (`check_freeu`), is a 422."""
+    name = next((name for name in scripts if name.lower() in FREEU_TITLES), None)
     if name is None:
         return None
     args = _script_args(name, scripts[name])
@@ -113,9 +119,11 @@ def alwayson_freeu(scripts: dict[str, Any]) -> dict[str, Any] | None:
         raise BadRequest(f"alwayson_scripts.{name} takes {len(FREEU_ARGS)} args ({', '.join(FREEU_ARGS)}), "
                          f"got {len(args)}", 422)
     values = dict(zip(FREEU_ARGS, [*args, *FREEU_DEFAULTS[len(args):]]))
-    for factor in FREEU_ARGS[1:]:
-        if isinstance(values[factor], bool) or not isinstance(values[factor], (int, float)):
-            raise BadRequest(f"alwayson_scripts.{name}: {factor} must be a number, got {values[factor]!r}", 422)
     if not values.pop("enabled"):
         return None
-    return {**values, "version": 2, "convention": "comfyui"}
+    setting = {**values, "version": 2, "convention": "comfyui"}
+    try:
+        check_freeu(setting)
+    except RequestError as err:
+        raise BadRequest(f"alwayson_scripts.{name}: {err}", 422) from None
+    return setting

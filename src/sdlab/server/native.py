@@ -22,13 +22,15 @@ import io
 import json
 import re
 from collections.abc import Callable
-from typing import Any, Literal
+from dataclasses import fields
+from typing import Any, Literal, get_type_hints
 
 import anyio
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from sdlab.models.freeu import FreeU
 from sdlab.pipeline.perturbed_attention import DEFAULT_LAYERS
 from sdlab.pipeline.png_info import foreign_metadata, parse_parameters, read_parameters
 from sdlab.pipeline.request import (
@@ -59,17 +61,12 @@ class LoraIn(BaseModel):
     weight: float = 1.0
 
 
-class FreeUIn(BaseModel):
-    """FreeU's setting (`models.freeu.FreeU`): backbone factors b1, b2, skip factors s1, s2, version 1 or 2, the
-    "comfyui" or "diffusers" rule for its stages; unset fields FreeU's defaults (the README's SD1.5 values, v2)."""
-
-    model_config = ConfigDict(extra="forbid")
-    b1: float = 1.2
-    b2: float = 1.4
-    s1: float = 0.9
-    s2: float = 0.2
-    version: int = 2
-    convention: str = "comfyui"
+FreeUIn = create_model(
+    "FreeUIn", __config__=ConfigDict(extra="forbid", strict=True),
+    __doc__="FreeU's setting (`models.freeu.FreeU`): backbone factors b1, b2, skip factors s1, s2, version 1 or 2, "
+            "the \"comfyui\" or \"diffusers\" rule for its stages, the step window start..end; its fields, types and "
+            "defaults are the dataclass's (strict: true is no number).",
+    **{f.name: (hint, f.default) for f, hint in zip(fields(FreeU), get_type_hints(FreeU).values())})
 
 
 class ControlIn(BaseModel):

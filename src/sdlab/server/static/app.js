@@ -774,10 +774,11 @@ function variationRequest() {
     seed_resize_from_h: numberOrDefault("seed_resize_from_h", { integer: true }) };
 }
 
-// FreeU's setting (the native API's `freeu` object): its four factors, version and stage rule
+// FreeU's setting (the native API's `freeu` object): its four factors, version, stage rule and step window
 function freeuRequest() {
   return { b1: numberField("freeu_b1"), b2: numberField("freeu_b2"), s1: numberField("freeu_s1"),
-           s2: numberField("freeu_s2"), version: Number($("freeu_version").value), convention: $("freeu_convention").value };
+           s2: numberField("freeu_s2"), version: Number($("freeu_version").value), convention: $("freeu_convention").value,
+           start: numberField("freeu_start"), end: numberField("freeu_end") };
 }
 
 // Settings with FreeU tick its box and fill it; without, the box is unticked (the values stay)
@@ -786,6 +787,8 @@ function fillFreeU(settings, unknown) {
   setToggle("freeu", Boolean(freeu));
   if (!freeu) return;
   for (const factor of ["b1", "b2", "s1", "s2"]) setField(`freeu_${factor}`, freeu[factor]);
+  setField("freeu_start", freeu.start ?? 0);
+  setField("freeu_end", freeu.end ?? 1);
   if (!selectMatching($("freeu_version"), String(freeu.version ?? 2))) unknown.push(`FreeU version "${freeu.version}"`);
   if (!selectMatching($("freeu_convention"), freeu.convention ?? "comfyui")) unknown.push(`FreeU convention "${freeu.convention}"`);
 }
