@@ -245,6 +245,76 @@ def test_sd1_plus_adapter_matches_diffusers(sd1):
     assert max_pixel_diff(result.images, reference) <= MAX_PIXEL_DIFF
 
 
+def _adapted_pipe(pipe, models, names: list[str], scales: list[float]):
+    """diffusers' pipeline `pipe` with the adapter files `names` of `models` loaded at `scales`."""
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_ip_adapter([str(models)] * len(names), subfolder=[""] * len(names), weight_name=names,
+                         image_encoder_folder=None)
+    pipe.set_ip_adapter_scale(scales)
+    return pipe
+
+
+def test_two_adapters_at_once_match_diffusers(sd1):
+    """A base adapter and a Plus adapter on two pictures, batch 2: each adapter attends to its own tokens at its
+    own scale (diffusers' list of adapters). Drawing with the first adapter alone is far from it."""
+    from ip_adapter_fixtures import ip_adapter_plus_state
+
+    ours, base, encoder, models, state = sd1
+    widths = [attn.to_q.weight.shape[0] for attn in cross_attentions(ours.bundle.unet)]
+    first = write_ip_adapter(models / "two_base.safetensors", state)
+    second = write_ip_adapter(models / "two_plus.bin", ip_adapter_plus_state(
+        widths, ours.bundle.unet_config.context_dim, encoder.config.hidden_size, seed=31))
+    other = Image.open(SAMPLE_PICTURE).convert("RGB").crop((100, 40, 300, 200))
+    pipe = _adapted_pipe(StableDiffusionPipeline(**{**base.components, "image_encoder": encoder,
+                                                   "feature_extractor": CLIPImageProcessor()}),
+                         models, [first.name, second.name], [0.6, 0.5])
+    reference = pipe(PROMPT, negative_prompt=NEGATIVE, ip_adapter_image=[_picture(), other],
+                     num_inference_steps=STEPS, guidance_scale=CFG, width=SIZE, height=SIZE, num_images_per_prompt=2,
+                     generator=[torch.Generator().manual_seed(SEED + i) for i in range(2)], output_type="np").images
+    options = dict(steps=STEPS, cfg_scale=CFG, seed=SEED, width=SIZE, height=SIZE, batch_size=2, **EULER)
+    one = ours.txt2img(PROMPT, NEGATIVE, ip_adapters=[IPAdapterInput(first, _picture(), 0.6)], **options)
+    both = ours.txt2img(PROMPT, NEGATIVE, ip_adapters=[IPAdapterInput(first, _picture(), 0.6),
+                                                       IPAdapterInput(second, other, 0.5)], **options)
+    assert max_pixel_diff(one.images, reference) > 5 * MAX_PIXEL_DIFF
+    assert max_pixel_diff(both.images, reference) <= MAX_PIXEL_DIFF
+
+
+def test_controlnet_and_adapter_together_match_diffusers(sd1):
+    """A ControlNet and a Plus adapter in one run, batch 2 with a negative prompt: the U-Net attends to the
+    picture, the ControlNet to the text alone (diffusers' StableDiffusionControlNetPipeline + load_ip_adapter)."""
+    from controlnet_fixtures import diffusers_controlnet, write_layout
+    from diffusers import StableDiffusionControlNetPipeline
+    from ip_adapter_fixtures import ip_adapter_plus_state
+    from PIL import ImageDraw
+    from sdlab.pipeline.control import ControlInput
+
+    ours, base, encoder, models, _ = sd1
+    widths = [attn.to_q.weight.shape[0] for attn in cross_attentions(ours.bundle.unet)]
+    plus = write_ip_adapter(models / "cn_plus.bin", ip_adapter_plus_state(
+        widths, ours.bundle.unet_config.context_dim, encoder.config.hidden_size, seed=31))
+    net = diffusers_controlnet(ours.bundle.unet_config, seed=20, hint_widths=(16, 32), std=0.05)
+    control = write_layout(net, "folder", models.parent / "controlnet")
+    hint = Image.new("RGB", (48, 40), "black")
+    draw = ImageDraw.Draw(hint)
+    draw.rectangle([5, 4, 30, 30], outline="white", width=3)
+    draw.ellipse([20, 10, 44, 36], fill=(200, 0, 90))
+    pipe = _adapted_pipe(StableDiffusionControlNetPipeline(**{**base.components, "image_encoder": encoder,
+                                                             "feature_extractor": CLIPImageProcessor()},
+                                                          controlnet=net), models, [plus.name], [0.7])
+    reference = pipe(PROMPT, hint, negative_prompt=NEGATIVE, ip_adapter_image=[_picture()],
+                     num_inference_steps=STEPS, guidance_scale=CFG, width=SIZE, height=SIZE,
+                     controlnet_conditioning_scale=0.8, num_images_per_prompt=2,
+                     generator=[torch.Generator().manual_seed(SEED + i) for i in range(2)], output_type="np").images
+    options = dict(steps=STEPS, cfg_scale=CFG, seed=SEED, width=SIZE, height=SIZE, batch_size=2, **EULER)
+    controls = [ControlInput(control, hint, 0.8)]
+    plain = ours.txt2img(PROMPT, NEGATIVE, controls=controls, **options)
+    result = ours.txt2img(PROMPT, NEGATIVE, controls=controls, ip_adapters=[IPAdapterInput(plus, _picture(), 0.7)],
+                          **options)
+    assert max_pixel_diff(plain.images, reference) > 5 * MAX_PIXEL_DIFF
+    assert max_pixel_diff(result.images, reference) <= MAX_PIXEL_DIFF
+
+
 def test_img2img_and_the_hires_pass_take_the_adapter(sd1, monkeypatch):
     """Every pass that draws with the base model attends to the picture: img2img's, and both of the hires fix's
     (each pass's U-Net calls carry the adapter's tokens)."""
