@@ -7,6 +7,8 @@ attention's unconditional rows (zero image embeddings), scale 0, ControlNet + IP
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -226,6 +228,43 @@ def test_grid_cells_are_txt2img_with_the_adapter(cli_files, tmp_path, capsys):
     kept = cells / "001-x1-y0-z0.png"
     assert np.array_equal(pixels(kept), pixels(single))
     assert parse_parameters(read_parameters(kept))["IP-Adapter 0"].endswith("Weight: 0.5")
+
+
+def test_the_encoder_loads_and_encodes_a_picture_once(cli_files, tmp_path, capsys, monkeypatch):
+    """The picture's tokens are the same in every pass, batch of a batch count, grid cell and request: the image
+    encoder is loaded once and run once for them all; a changed encoder file is read again."""
+    import sdlab.pipeline.image_prompt as image_prompt
+    from cli_helpers import run
+    from sdlab.models.clip_vision import CLIPVisionModel
+
+    image_prompt.forget_image_prompt_models()
+    loads, adapter_loads, encodes = [], [], []
+    load, load_adapter, forward = image_prompt.load_image_encoder, image_prompt.load_ip_adapter, CLIPVisionModel.forward
+    monkeypatch.setattr(image_prompt, "load_image_encoder", lambda *a, **k: loads.append(1) or load(*a, **k))
+    monkeypatch.setattr(image_prompt, "load_ip_adapter", lambda *a, **k: adapter_loads.append(1) or load_adapter(*a, **k))
+    monkeypatch.setattr(CLIPVisionModel, "forward", lambda self, x: encodes.append(x.shape[0]) or forward(self, x))
+    options = ["--model", str(cli_files["model"]), "--seed", "3", "--width", "32", "--height", "32", "--steps", "2",
+               "--ip-adapter", str(cli_files["adapter"]), "--ip-adapter-image", str(cli_files["picture"]),
+               "--no-progress"]
+    code, _, err = run(["txt2img", "a red apple", *options, "--batch-count", "3", "--hr-scale", "2",
+                        "--out", str(tmp_path / "a.png")], capsys)     # 3 batches of 2 passes
+    assert code == 0, err
+    assert (len(loads), len(adapter_loads), len(encodes)) == (1, 1, 1)
+    code, _, err = run(["grid", "a red apple", "--x", "steps=2,3", *options, "--out", str(tmp_path / "g.png")], capsys)
+    assert code == 0, err
+    assert (len(loads), len(adapter_loads), len(encodes)) == (1, 1, 1)    # the grid's cells: none again
+    api = sdlab.load(cli_files["model"])
+    prompt = IPAdapterInput(cli_files["adapter"], Image.open(cli_files["picture"]), 0.7)
+    api.txt2img("a red apple", steps=1, width=32, height=32, ip_adapters=[prompt])
+    assert (len(loads), len(encodes)) == (1, 1)                          # another request, another model object
+    api.txt2img("a red apple", steps=1, width=32, height=32,
+                ip_adapters=[IPAdapterInput(cli_files["adapter"], Image.open(cli_files["picture"]).rotate(90), 0.7)])
+    assert (len(loads), len(encodes)) == (1, 2)                          # another picture: encoded
+    weights = next((cli_files["adapter"].parent / "image_encoder").glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1_000_000_000))
+    api.txt2img("a red apple", steps=1, width=32, height=32, ip_adapters=[prompt])
+    assert (len(loads), len(encodes)) == (2, 3)                          # a changed encoder file: read again
+    image_prompt.forget_image_prompt_models()
 
 
 def test_sd1_plus_adapter_matches_diffusers(sd1):

@@ -13,6 +13,11 @@ Semantics are diffusers' (`load_ip_adapter`, `ip_adapter_image`, `set_ip_adapter
 - the image encoder is the one named, else an `image_encoder` folder beside the adapter file or one folder up
   (h94/IP-Adapter's layout: `models/ip-adapter_sd15.safetensors` with `models/image_encoder/`).
 
+A picture's tokens are the same in every pass, batch of a batch count, grid cell and request: the adapters and
+encoders read from files are kept while their files are unchanged (the last `KEPT["encoder"]` encoders and
+`KEPT["adapter"]` adapters, per dtype and device), and the tokens of the last `KEPT_TOKENS` (adapter, encoder,
+picture) triples, so a picture is encoded once (`forget_image_prompt_models` lets them all go).
+
 The seam with the generate loop: the tokens ride in the conditional and unconditional condition dicts as
 `image_tokens` (CFG batches them as it batches the prompts), and `image_prompted` wraps the network the
 Denoiser calls, turning them into the U-Net's `image_prompt`.
@@ -20,9 +25,13 @@ Denoiser calls, turning them into the U-Net's `image_prompt`.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
-from collections.abc import Sequence
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +48,7 @@ from sdlab.families.loaded import ModelBundle
 from sdlab.models.ip_adapter import ImagePrompt, IPAdapter, cross_attentions, zero_embeds_tokens
 from sdlab.pipeline.clip_image import clip_pixels
 from sdlab.pipeline.request import RequestError, input_image
+from sdlab.utils.file_hashes import stat_version
 
 MAX_SCALE = 10.0         # diffusers takes any scale; A1111's weight slider stops at 2
 ENCODER_FOLDERS = ("image_encoder", "../image_encoder")
@@ -103,18 +113,80 @@ class PreparedImagePrompts:
     uncond_tokens: Tensor
 
 
+# --- loaded adapters / encoders and pictures' tokens, kept ------------------------------------------------
+
+KEPT = {"encoder": 1, "adapter": 2}
+"""How many loaded image encoders / adapters are kept (a ViT-H/14 encoder is 0.6 G parameters, bigG 1.8 G)."""
+KEPT_TOKENS = 8
+_LOADED: OrderedDict[tuple, Any] = OrderedDict()             # (kind, file version, dtype, device) -> loaded
+_TOKENS: OrderedDict[tuple, tuple[Any, Any, Tensor, Tensor]] = OrderedDict()
+_LOCK = threading.Lock()
+
+
+def _file_version(path: str | os.PathLike[str]) -> tuple:
+    """The file, or each file of the folder, at `path` in this version of it (`stat_version`)."""
+    path = Path(path).resolve()
+    files = sorted(f for f in path.iterdir() if f.is_file()) if path.is_dir() else [path]
+    return (str(path), *((f.name, *stat_version(f.stat())) for f in files))
+
+
+def _kept(kind: str, path: str | os.PathLike[str], param: Tensor, load: Callable[[], Any]) -> Any:
+    """The `kind` loaded from `path` in `param`'s dtype and device: the kept one while its file is unchanged,
+    else `load()` (the oldest of its kind let go first, so no more than `KEPT[kind]` are held)."""
+    key = (kind, _file_version(path), param.dtype, str(param.device))
+    with _LOCK:
+        if key in _LOADED:
+            _LOADED.move_to_end(key)
+            return _LOADED[key]
+        same = [k for k in _LOADED if k[0] == kind]
+        for old in same[:max(len(same) - KEPT[kind] + 1, 0)]:
+            del _LOADED[old]
+    loaded = load()
+    with _LOCK:
+        _LOADED[key] = loaded
+    return loaded
+
+
+def forget_image_prompt_models() -> None:
+    """Let go the kept adapters, image encoders and tokens (the next request loads and encodes again)."""
+    with _LOCK:
+        _LOADED.clear()
+        _TOKENS.clear()
+
+
 def _loaded(prompt: IPAdapterInput, bundle: ModelBundle) -> tuple[LoadedIPAdapter, LoadedImageEncoder]:
     param = next(bundle.unet.parameters())
-    adapter = prompt.model if isinstance(prompt.model, LoadedIPAdapter) else \
-        load_ip_adapter(prompt.model, dtype=param.dtype, device=param.device)
+    adapter = prompt.model
+    if not isinstance(adapter, LoadedIPAdapter):
+        adapter = _kept("adapter", adapter, param,
+                        lambda: load_ip_adapter(prompt.model, dtype=param.dtype, device=param.device))
     adapter.model.to(device=param.device, dtype=param.dtype)
     encoder = prompt.image_encoder
     if not isinstance(encoder, LoadedImageEncoder):
-        encoder = load_image_encoder(image_encoder_of(prompt.model_path) if encoder is None else encoder,
-                                     dtype=param.dtype, device=param.device)
+        path = image_encoder_of(prompt.model_path) if encoder is None else encoder
+        encoder = _kept("encoder", path, param, lambda: load_image_encoder(path, dtype=param.dtype,
+                                                                           device=param.device))
     encoder.model.to(device=param.device, dtype=param.dtype)
     check_fits(adapter, bundle.unet, encoder.config, encoder.origin)
     return adapter, encoder
+
+
+def _kept_tokens(adapter: IPAdapter, encoder: torch.nn.Module, pixels: Tensor) -> tuple[Tensor, Tensor]:
+    """`_tokens`, kept for the last `KEPT_TOKENS` (adapter, encoder, picture) triples: the same objects (held
+    weakly) in the same dtype and device, and the same preprocessed pixels. pixels: (1, 3, 224, 224)"""
+    digest = hashlib.sha256(pixels.detach().float().cpu().numpy().tobytes()).hexdigest()
+    key = (id(adapter), id(encoder), pixels.dtype, str(pixels.device), tuple(pixels.shape), digest)
+    with _LOCK:
+        kept = _TOKENS.get(key)
+        if kept is not None and kept[0]() is adapter and kept[1]() is encoder:
+            _TOKENS.move_to_end(key)
+            return kept[2], kept[3]
+    tokens, negative = _tokens(adapter, encoder, pixels)
+    with _LOCK:
+        _TOKENS[key] = (weakref.ref(adapter), weakref.ref(encoder), tokens, negative)
+        while len(_TOKENS) > KEPT_TOKENS:
+            _TOKENS.popitem(last=False)
+    return tokens, negative
 
 
 def prepare_image_prompts(bundle: ModelBundle, prompts: Sequence[IPAdapterInput],
@@ -133,7 +205,8 @@ def prepare_image_prompts(bundle: ModelBundle, prompts: Sequence[IPAdapterInput]
         picture = input_image(prompt.image, f"IP-Adapter {index} image")
         pixels = clip_pixels(picture, encoder.config.image_size).unsqueeze(0)                # (1, 3, 224, 224)
         param = next(encoder.model.parameters())
-        tokens, negative = _tokens(adapter.model, encoder.model, pixels.to(device=param.device, dtype=param.dtype))
+        tokens, negative = _kept_tokens(adapter.model, encoder.model,
+                                        pixels.to(device=param.device, dtype=param.dtype))
         adapters.append((adapter.model, float(prompt.scale), tokens.shape[1]))
         cond.append(tokens.expand(batch, -1, -1))                                             # (B, T, C)
         uncond.append(negative.expand(batch, -1, -1))                                         # (B, T, C)
