@@ -185,7 +185,9 @@ SD1_CASES = {
     "no cfg": dict(cfg=1.0, pag=3.0),
     "adaptive": dict(cfg=7.0, pag=3.0, adaptive=0.004),
     "layers": dict(cfg=5.0, pag=2.0, layers=["down_blocks.1", "up_blocks.0.attentions.1"]),
-    "rescale": dict(cfg=7.0, pag=3.0, rescale=0.7),
+    # rescale after PAG (diffusers) vs before it (ComfyUI's / Forge's order): 0 vs 10/255 from diffusers' picture here
+    # (at cfg 7, pag 3, rescale 0.7 only 1 vs 3, too close to the 2/255 bound to tell the orders apart)
+    "rescale": dict(cfg=7.0, pag=6.0, rescale=0.9),
 }
 
 
@@ -326,3 +328,35 @@ def test_an_edit_model_draws_without_pag_and_says_so(tmp_path, caplog):
     assert "not applied to an edit (InstructPix2Pix) model" in caplog.text
     assert np.array_equal(uint8_pictures(pag.images), uint8_pictures(plain.images))
     assert "PerturbedAttentionGuidance_scale" not in to_parameters(pag.request)
+
+
+def test_a_layer_the_refiner_lacks_is_refused_before_either_model_samples(monkeypatch):
+    """An SDXL refiner with transformers at one level only has no `up_blocks.0` self-attention (nor has the released
+    refiner, whose deepest level has none): a request whose PAG layers select one on the base only is refused while
+    the plan is made, naming the refiner and its transformers, before the base's U-Net is called; `mid` draws."""
+    import dataclasses
+
+    from sdlab.checkpoints.create import new_bundle, tiny_unet_config
+    from sdlab.families import get_family
+    from sdlab.pipeline.generate import generate_with_refiner
+    from sdlab.pipeline.request import GenerationRequest
+
+    from bundle_fixtures import randomize_
+
+    base = tiny_bundle("sdxl", seed=3)
+    family = get_family("sdxl-refiner")
+    one_level = dataclasses.replace(tiny_unet_config(family), channel_mult=(1, 2, 2), transformer_depth=(0, 1, 0),
+                                    transformer_depth_middle=1)
+    refiner = new_bundle(family, tiny=True, unet=one_level, seed=4)
+    randomize_(refiner.unet, 4)
+    calls = []
+    forward = type(base.unet).forward
+    monkeypatch.setattr(type(base.unet), "forward", lambda unet, *a, **k: calls.append(unet) or forward(unet, *a, **k))
+    request = GenerationRequest(prompt=PROMPT, negative_prompt=NEGATIVE, steps=3, width=SIZE, height=SIZE, seed=SEED,
+                                sampler="Euler", pag_scale=3.0, pag_layers=["up_blocks.0"])
+    with pytest.raises(RequestError, match=r"'up_blocks.0' selects no self-attention of the refiner; its transformers: "
+                                           r"down_blocks.1.attentions.0, mid_block.attentions.0, up_blocks.1"):
+        generate_with_refiner(base, refiner, request, switch_at=0.5)
+    assert calls == []                                                  # refused before the base sampled
+    drawn = generate_with_refiner(base, refiner, dataclasses.replace(request, pag_layers=["mid"]), switch_at=0.5)
+    assert drawn.refined and any(unet is refiner.unet for unet in calls)

@@ -67,3 +67,16 @@ def test_forges_pag_integrated_args_draw_the_native_apis_pag(client):
         refused = client.post("/sdapi/v1/txt2img", json={**A1111, "alwayson_scripts": {
             "PerturbedAttentionGuidance Integrated": {"args": args}}})
         assert refused.status_code == 422 and words in refused.text, refused.text
+
+
+def test_a_pag_layer_the_loaded_model_lacks_is_a_400_at_submit(client):
+    """With the job's model loaded (a job has drawn on it), a PAG layer that selects none of its self-attentions is
+    refused when the job is posted (400, naming the layer and the model's transformers), not queued to fail."""
+    _native(client, {"prompt": "a pag lighthouse", "steps": 1, "width": 64, "height": 64})    # loads the model
+    for layers in (["down_blocks.7"], ["mid", "up_blocks.3"]):
+        refused = client.post("/api/jobs", json={"prompt": "x", "steps": 2, "width": 64, "height": 64,
+                                                 "pag_scale": 3, "pag_layers": layers})
+        assert refused.status_code == 400, refused.text
+        assert f"PAG layer {layers[-1]!r} selects no self-attention" in refused.text and "its transformers" in \
+            refused.text
+    _native(client, {"prompt": "x", "steps": 2, "width": 64, "height": 64, "pag_layers": ["down_blocks.7"]})  # PAG off

@@ -86,9 +86,9 @@ def _same_last_number(entry: str, name: str) -> bool:
     return last_entry.isnumeric() and last_name.isnumeric() and last_entry == last_name
 
 
-def pag_layer_names(cfg: UNetConfig, entries: Sequence[str]) -> tuple[str, ...]:
+def pag_layer_names(cfg: UNetConfig, entries: Sequence[str], model: str = "this model") -> tuple[str, ...]:
     """The sdlab module names of the self-attentions that the PAG layer `entries` select in a U-Net of `cfg`, in the
-    U-Net's order; a `PagLayerError` for an entry that selects none (naming the model's transformer blocks)."""
+    U-Net's order; a `PagLayerError` for an entry that selects none, naming `model` and its transformer blocks."""
     names = self_attention_names(cfg)
     chosen: set[str] = set()
     for entry in check_layer_patterns(entries):
@@ -97,7 +97,7 @@ def pag_layer_names(cfg: UNetConfig, entries: Sequence[str]) -> tuple[str, ...]:
                  if pattern.search(theirs) and not _same_last_number(entry, theirs)}
         if not found:
             blocks = sorted({theirs.split(".transformer_blocks")[0] for theirs in names})
-            raise PagLayerError(f"PAG layer {entry!r} selects no self-attention of this model; its transformers: "
+            raise PagLayerError(f"PAG layer {entry!r} selects no self-attention of {model}; its transformers: "
                                 f"{', '.join(blocks) or 'none'}")
         chosen |= found
     return tuple(ours for ours in names.values() if ours in chosen)

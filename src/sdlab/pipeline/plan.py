@@ -40,6 +40,7 @@ from sdlab.families.loaded import ModelBundle
 from sdlab.pipeline.conditioning import ClipSkip, encoder_skip, hidden_state_layers, prompt_chunks
 from sdlab.pipeline.memory import available_bytes, check_memory
 from sdlab.pipeline.init_picture import InitPicture, init_pictures
+from sdlab.pipeline.perturbed_attention import PagLayerError, pag_layer_names
 from sdlab.pipeline.prompt_loras import without_extra_networks
 from sdlab.pipeline.prompt_schedule import composable_parts, prompt_schedule
 from sdlab.pipeline.prompt_syntax import PromptError, is_break, strip_comments, weighted_runs
@@ -60,6 +61,7 @@ __all__ = [
     "FAR_FROM_NATIVE",
     "GenerationPlan",
     "REFINER_CONVENTIONS",
+    "check_pag_layers",
     "check_refiner_convention",
     "encoder_clip_skips",
     "handoff_index",
@@ -147,15 +149,28 @@ def _calls_before(sampler: SamplerSpec | None, step: int) -> int:
 
 
 def _check_model(bundle: ModelBundle, req: GenerationRequest, free: int | None, which: str = "") -> None:
-    """The checks that need the model: clip skip within its text encoders' layers, memory."""
+    """The checks that need the model: clip skip within its text encoders' layers, PAG layers, memory."""
     skips = encoder_clip_skips(bundle, req)
     for i, encoder in enumerate(bundle.text_encoders):
         try:
             hidden_state_layers(encoder, encoder_skip(skips, i))
         except ValueError as err:
             raise RequestError(f"clip skip {req.clip_skip} is too large for {which or 'this model'}: {err}") from None
+    check_pag_layers(bundle, req, which)
     if free is not None:                                           # None: the device cannot tell
         check_memory(bundle, req, free)
+
+
+def check_pag_layers(bundle: ModelBundle, req: GenerationRequest, which: str = "") -> None:
+    """Each PAG layer entry of a request with perturbed-attention guidance selects a self-attention of `bundle` (an
+    edit model draws without PAG: not checked); else a RequestError naming `which` model ("the refiner"), so a
+    layer that a base has and its refiner lacks is refused before either samples."""
+    if not req.pag_scale or bundle.family.is_edit:
+        return
+    try:
+        pag_layer_names(bundle.unet_config, req.pag_layers, which or "this model")
+    except PagLayerError as err:
+        raise RequestError(str(err)) from None
 
 
 def resolve_for(bundle: ModelBundle, request: GenerationRequest) -> GenerationRequest:
