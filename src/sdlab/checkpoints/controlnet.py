@@ -151,11 +151,14 @@ _OTHER_CONTROLS = (
     ("a ControlNet-LLLite (kohya)", "sdlab does not load ControlNet-LLLites", re.compile(r"lllite_")),
     ("an IP-Adapter", "an image prompt (--ip-adapter, IPAdapterInput, the native ip_adapters) draws with it",
      re.compile(r"(image_proj|ip_adapter)\.")),
-    # TencentARC's files (full: body.N.block1 / block2 / in_conv; light: body.N.in_conv / out_conv; style:
-    # style_embedding) and diffusers' T2IAdapter (adapter.conv_in, adapter.body.N.resnets / in_conv); an
-    # upscaler's body.N.rdbK (Real-ESRGAN) or body.N (compact SRVGG) is none of them
+    # TencentARC's StyleAdapter (style_embedding), refused by the T2I-Adapter reader too
+    ("a T2I StyleAdapter", "sdlab does not load StyleAdapters (they add CLIP vision tokens to the text context)",
+     re.compile(r"(adapter\.)?style_embedding$")),
+    # TencentARC's files (full: body.N.block1 / block2 / in_conv; light: body.N.in_conv / out_conv) and diffusers'
+    # T2IAdapter (adapter.conv_in, adapter.body.N.resnets / in_conv); an upscaler's body.N.rdbK (Real-ESRGAN) or
+    # body.N (compact SRVGG) is none of them
     ("a T2I-Adapter", "a control (--control, a ControlNet unit) loads it as one (checkpoints.t2i_adapter)",
-     re.compile(r"(adapter\.)?body\.\d+\.(block1|block2|in_conv|out_conv|resnets)\.|adapter\.conv_in\.|style_embedding$")),
+     re.compile(r"(adapter\.)?body\.\d+\.(block1|block2|in_conv|out_conv|resnets)\.|adapter\.conv_in\.")),
 )
 
 

@@ -34,23 +34,25 @@ _LORA_PARTS = {"unet": "U-Net", "te": "text encoder", "te1": "text encoder 1", "
 
 def describe_other_kind(path: str | os.PathLike[str]) -> Description | None:
     """The description of `path` by the first reader that accepts it (module docstring); None when none does,
-    or the `UnusableLoRAError` of a file with LoRA keys sdlab cannot merge."""
+    or the error of a file its reader recognises and refuses: the `UnusableLoRAError` of LoRA keys sdlab cannot
+    merge, the `RefusedAdapterError` of a T2I StyleAdapter or CoAdapter fuser."""
     from sdlab.checkpoints.lora import UnusableLoRAError
+    from sdlab.checkpoints.t2i_adapter import RefusedAdapterError
 
     path = Path(path)
     readers: tuple[Callable[[Path], Description], ...] = (_run_checkpoint, _lora, _controlnet, _t2i_adapter,
                                                           _ip_adapter, _vae, _upscaler, _embedding, _image_encoder,
                                                           _component)
-    unusable_lora = None
+    refused = None
     for describe in readers:
         try:
             return {"source": str(path), **describe(path)}
-        except UnusableLoRAError as exc:
-            unusable_lora = exc
+        except (UnusableLoRAError, RefusedAdapterError) as exc:
+            refused = refused or exc
         except CheckpointError:
             continue
-    if unusable_lora is not None:
-        raise unusable_lora
+    if refused is not None:
+        raise refused
     return None
 
 
@@ -59,10 +61,11 @@ def not_a_model(path: str | os.PathLike[str]) -> CheckpointError | None:
     the option that takes it, from its description (`describe_other_kind`, as `sdlab inspect` gives it); None
     when it is of none of these kinds."""
     from sdlab.checkpoints.lora import UnusableLoRAError
+    from sdlab.checkpoints.t2i_adapter import RefusedAdapterError
 
     try:
         described = describe_other_kind(path)
-    except UnusableLoRAError as exc:                    # LoRA keys sdlab cannot merge: says so
+    except (UnusableLoRAError, RefusedAdapterError) as exc:   # a kind its reader refuses: says so
         return exc
     if described is None:
         return None

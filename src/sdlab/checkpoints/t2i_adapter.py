@@ -15,12 +15,14 @@ factor u from conv_in's input width (channels * u^2), the widths from each level
 diffusers' names or, in the original full layout, from where the width changes (A1111's extension takes 2).
 What tensors cannot show is which levels halve the picture (average pooling has no weights): an SDXL adapter
 (`Adapter_XL`, `full_adapter_xl`) only at its third level, the others at every level but the first. A
-config.json's `adapter_type` says which; otherwise the model the adapter runs with (`like`: an SDXL U-Net takes
-the SDXL pattern), and without one u = 16 (A1111's extension: conv_in reads 256 or 768 channels).
-`check_fits` refuses an adapter whose features do not land where the U-Net adds them (`unet.adapter_blocks`).
+config.json's `adapter_type` says which; otherwise the file's unshuffle factor: u twice the pixels per latent
+position (`latent_factor`, 8 for every released VAE) is SDXL's, whose first feature joins the U-Net after its
+first halving (A1111's extension: conv_in reads 256 or 768 channels, u = 16), any other u the SD1 / SD2 pattern.
+So an adapter is described as what it is whatever model it is given to, and `check_fits` refuses one whose
+features do not land where the U-Net adds them (`unet.adapter_blocks`), naming both grids.
 
 The StyleAdapter (`style_embedding`: tokens appended to the text context from a CLIP vision embedding) and
-the CoAdapter fuser are refused with one line naming them.
+the CoAdapter fuser are refused with one line naming them (`RefusedAdapterError`).
 """
 
 from __future__ import annotations
@@ -56,6 +58,10 @@ _LIGHT_LEVEL = re.compile(r"body\.(\d+)\.out_conv\.weight")
 _LIGHT_BLOCK = re.compile(r"body\.(\d+)\.body\.(\d+)\.block1\.weight")
 _DIFFUSERS_RESNET = re.compile(r"body\.(\d+)\.resnets\.(\d+)\.(.+)")
 _DIFFUSERS_LEVEL = re.compile(r"body\.(\d+)\.(in_conv|out_conv)\.(.+)")
+
+
+class RefusedAdapterError(CheckpointError):
+    """A T2I-Adapter file of a kind sdlab recognises and does not run (StyleAdapter, CoAdapter fuser)."""
 
 
 @dataclass(frozen=True)
@@ -134,11 +140,11 @@ def _adapter_keys(keys: list[str]) -> bool:
 
 def _refused(path: Path, keys: list[str]) -> None:
     if any(_STYLE.match(k) for k in keys):
-        raise CheckpointError(f"{path}: a T2I StyleAdapter (style_embedding): it adds tokens from a CLIP vision "
+        raise RefusedAdapterError(f"{path}: a T2I StyleAdapter (style_embedding): it adds tokens from a CLIP vision "
                               "embedding to the text context, which sdlab does not do; only full and light "
                               "T2I-Adapters load")
     if any(_FUSER.match(k) for k in keys):
-        raise CheckpointError(f"{path}: a CoAdapter fuser: sdlab does not combine CoAdapters; give each "
+        raise RefusedAdapterError(f"{path}: a CoAdapter fuser: sdlab does not combine CoAdapters; give each "
                               "adapter as its own control")
 
 
@@ -174,7 +180,8 @@ def _downsampled(levels: int, xl: bool) -> tuple[bool, ...]:
     return tuple(level == 2 if xl else level > 0 for level in range(levels))
 
 
-def _full_config(shapes: Mapping[str, torch.Size], xl: bool | None, path: Path) -> T2IAdapterConfig:
+def _full_config(shapes: Mapping[str, torch.Size], xl: bool | None, latent_factor: int,
+                 path: Path) -> T2IAdapterConfig:
     blocks = sorted(int(m.group(1)) for k in shapes if (m := _FULL_BLOCK.fullmatch(k)))
     count = len(blocks)
     if not count or blocks != list(range(count)):
@@ -187,7 +194,7 @@ def _full_config(shapes: Mapping[str, torch.Size], xl: bool | None, path: Path) 
     if any(conv_down):
         downsampled = conv_down
     else:
-        downsampled = _downsampled(levels, unshuffle == 16 if xl is None else xl)
+        downsampled = _downsampled(levels, unshuffle == 2 * latent_factor if xl is None else xl)
     return T2IAdapterConfig(
         kind="full", hint_channels=hint_channels,
         channels=tuple(int(shapes[f"body.{i * per_level}.block1.weight"][0]) for i in range(levels)),
@@ -250,11 +257,11 @@ class _Renamed(Mapping[str, Tensor]):
         return len(self._names)
 
 
-def read_t2i_adapter(path: str | os.PathLike[str], *, like: UNetConfig | None = None,
+def read_t2i_adapter(path: str | os.PathLike[str], *, latent_factor: int = 8,
                      shapes_only: bool = False) -> T2IAdapterFile:
-    """What a T2I-Adapter file or diffusers folder holds (module docstring), from names and shapes; `like`: the
-    config of the U-Net it will run with (which levels downsample, where no config.json says). Raises
-    `CheckpointError` with one line."""
+    """What a T2I-Adapter file or diffusers folder holds (module docstring), from names and shapes;
+    `latent_factor`: pixels per latent position of the models it is for (which levels downsample, where no
+    config.json says). Raises `CheckpointError` with one line."""
     path = Path(path)
     state, config_json = _read(path, shapes_only)
     keys = list(state)
@@ -265,14 +272,14 @@ def read_t2i_adapter(path: str | os.PathLike[str], *, like: UNetConfig | None = 
     names, layout = _original_names(keys)
     all_shapes = shapes_of(state)
     shapes = {name: all_shapes[key] for name, key in names.items()}
-    xl = None if like is None else like.adm_in_channels is not None
+    xl = None                                       # from the unshuffle factor (`_full_config`)
     if config_json is not None:
         kind = config_json.get("adapter_type", "full_adapter")
         if kind not in _DIFFUSERS_TYPES:
             raise CheckpointError(f"{path}: adapter_type {kind!r} is not one of {', '.join(_DIFFUSERS_TYPES)}")
         xl = _DIFFUSERS_TYPES[kind][1]
     if "conv_in.weight" in shapes:
-        cfg = _full_config(shapes, xl, path)
+        cfg = _full_config(shapes, xl, latent_factor, path)
     elif "body.0.out_conv.weight" in shapes and "body.0.in_conv.weight" in shapes:
         cfg = _light_config(shapes, path)
     else:
@@ -286,11 +293,11 @@ def read_t2i_adapter(path: str | os.PathLike[str], *, like: UNetConfig | None = 
     return T2IAdapterFile(cfg, _Renamed(state, names), str(path), layout)
 
 
-def load_t2i_adapter(path: str | os.PathLike[str], *, like: UNetConfig | None = None,
+def load_t2i_adapter(path: str | os.PathLike[str], *, latent_factor: int = 8,
                      dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> LoadedT2IAdapter:
-    """Read a T2I-Adapter (`read_t2i_adapter`) and load its weights as `dtype` on `device`. Raises
-    `CheckpointError` with one line."""
-    found = read_t2i_adapter(path, like=like)
+    """Read a T2I-Adapter (`read_t2i_adapter`, `latent_factor` as there) and load its weights as `dtype` on
+    `device`. Raises `CheckpointError` with one line."""
+    found = read_t2i_adapter(path, latent_factor=latent_factor)
     with meta_device_without_init():
         model = T2IAdapter(found.config)
     model.load_state_dict(CastingView(found.tensors, dtype, device), strict=True, assign=True)

@@ -14,14 +14,18 @@ ControlNet extension and ComfyUI load:
 `downsampled[i]` says whether level i halves its input first: SD1 / SD2 adapters (u = 8) at every level but
 the first, giving features at 1, 1/2, 1/4, 1/8 of the latent; SDXL's (`Adapter_XL`, diffusers'
 `full_adapter_xl`, u = 16) at the third level only, giving 1/2, 1/2, 1/4, 1/4. Average pooling rounds odd
-sizes up (diffusers' `ceil_mode=True`; the original rounds down), so the features land on the grid of the
-U-Net's own stride-2 convs. Where they are added is the U-Net's business (`unet.adapter_blocks`).
+sizes up by default (diffusers' `ceil_mode=True`), so the features land on the grid of the U-Net's own stride-2
+convs; `forward(hint, pool_ceil=False)` rounds them down as TencentARC's `AvgPool2d(2, 2)` does, which A1111's
+ControlNet extension runs (its features then miss the U-Net's grid at odd sizes, and the U-Net resizes them:
+`UNet.forward`'s `adapter_nearest`). A stride-2 conv (`down_opt.op`) rounds up under both. Where the features
+are added is the U-Net's business (`unet.adapter_blocks`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 ADAPTER_KINDS = ("full", "light")
@@ -61,19 +65,25 @@ class T2IAdapterConfig:
 
 
 def _downsample(channels: int, conv: bool) -> nn.Module:
-    if conv:
-        return _Downsample(channels)
-    return nn.AvgPool2d(kernel_size=2, stride=2, ceil_mode=True)
+    return _Downsample(channels) if conv else _AveragePool()
+
+
+class _AveragePool(nn.Module):
+    """2x2 average pooling, stride 2 (no tensors): odd sizes round up with `ceil` (diffusers' ceil_mode=True),
+    else down (TencentARC's AvgPool2d(2, 2))."""
+
+    def forward(self, x: Tensor, ceil: bool = True) -> Tensor:
+        return F.avg_pool2d(x, kernel_size=2, stride=2, ceil_mode=ceil)   # (B, C, h / 2, w / 2)
 
 
 class _Downsample(nn.Module):
-    """The original `Downsample(use_conv=True)`: a 3x3 stride-2 conv under the name `op`."""
+    """The original `Downsample(use_conv=True)`: a 3x3 stride-2 conv under the name `op` (rounds up)."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, ceil: bool = True) -> Tensor:
         return self.op(x)
 
 
@@ -89,9 +99,9 @@ class _ResnetBlock(nn.Module):
         self.act = nn.ReLU()
         self.block2 = nn.Conv2d(out_c, out_c, kernel_size, padding=pad)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, pool_ceil: bool = True) -> Tensor:
         if self.down_opt is not None:
-            x = self.down_opt(x)                     # (B, C_in, h / 2, w / 2), rounded up
+            x = self.down_opt(x, pool_ceil)          # (B, C_in, h / 2, w / 2)
         if self.in_conv is not None:
             x = self.in_conv(x)                      # (B, C_out, h, w)
         return x + self.block2(self.act(self.block1(x)))
@@ -120,9 +130,9 @@ class _Extractor(nn.Module):
         self.body = nn.Sequential(*(_LightResnetBlock(inner) for _ in range(blocks)))
         self.out_conv = nn.Conv2d(inner, out_c, 1)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, pool_ceil: bool = True) -> Tensor:
         if self.down_opt is not None:
-            x = self.down_opt(x)
+            x = self.down_opt(x, pool_ceil)          # (B, C_in, h / 2, w / 2)
         return self.out_conv(self.body(self.in_conv(x)))   # (B, C_out, h, w)
 
 
@@ -149,21 +159,22 @@ class T2IAdapter(nn.Module):
             self.body = nn.ModuleList(_Extractor(in_c, out_c, cfg.num_res_blocks, down)
                                       for in_c, out_c, down in zip(widths, cfg.channels, cfg.downsampled))
 
-    def forward(self, hint: Tensor) -> list[Tensor]:
+    def forward(self, hint: Tensor, pool_ceil: bool = True) -> list[Tensor]:
         """hint: (B, hint_channels, H, W), H and W multiples of `cfg.unshuffle` -> features, feature i
-        (B, channels[i], H / f_i, W / f_i) with f_i = `cfg.feature_factors()[i]`, in the parameters' dtype."""
+        (B, channels[i], H / f_i, W / f_i) with f_i = `cfg.feature_factors()[i]`, in the parameters' dtype;
+        `pool_ceil`: average pooling rounds odd sizes up (diffusers), else down (TencentARC, A1111's extension)."""
         dtype = next(self.parameters()).dtype
         x = self.unshuffle(hint.to(dtype))              # (B, hint_channels * u^2, H / u, W / u)
         features = []
         if self.conv_in is None:
             for level in self.body:
-                x = level(x)
+                x = level(x, pool_ceil)
                 features.append(x)
             return features
         x = self.conv_in(x)                              # (B, channels[0], H / u, W / u)
         per_level = self.cfg.num_res_blocks
         for i, block in enumerate(self.body):
-            x = block(x)
+            x = block(x, pool_ceil)
             if (i + 1) % per_level == 0:
                 features.append(x)
         return features

@@ -479,11 +479,15 @@ def adapter_blocks(cfg: UNetConfig) -> list[int]:
     return blocks
 
 
-def _with_feature(h: Tensor, feature: Tensor, rows: int) -> Tensor:
-    """h (B' rows standing for `rows`, `copies_to`) plus a T2I-Adapter feature (rows, C, h, w) of its shape."""
-    if feature.shape[1:] != h.shape[1:]:
+def _with_feature(h: Tensor, feature: Tensor, rows: int, nearest: bool = False) -> Tensor:
+    """h (B' rows standing for `rows`, `copies_to`) plus a T2I-Adapter feature (rows, C, h, w) of its shape;
+    `nearest`: a feature of another height or width is first resized to h's with nearest interpolation (A1111's
+    ControlNet extension, hook.py `aligned_adding`)."""
+    if feature.shape[1] != h.shape[1] or (feature.shape[2:] != h.shape[2:] and not nearest):
         raise ValueError(f"UNet: a T2I-Adapter feature of shape {tuple(feature.shape[1:])} meets features of "
                          f"{tuple(h.shape[1:])}")
+    if feature.shape[2:] != h.shape[2:]:
+        feature = F.interpolate(feature, size=h.shape[2:], mode="nearest")   # (rows, C, h_i, w_i)
     return copies_to(h, rows) + feature.to(h.dtype)
 
 
@@ -659,6 +663,7 @@ class UNet(nn.Module):
         identity_rows: Tensor | None = None,
         identity_layers: Collection[str] = (),
         adapter: list[Tensor] | None = None,
+        adapter_nearest: bool = False,
     ) -> Tensor:
         """x: (B, in_channels, h, w) noisy latent; t: (B,) or () float timesteps in [0, 1000);
         context: (B, T, context_dim) text embeddings; y: (B, adm_in_channels) for SDXL, else None;
@@ -676,7 +681,9 @@ class UNet(nn.Module):
         perturbed-attention guidance's perturbed pass (`SelfAttentionIdentity`); None: every row attends.
         adapter: T2I-Adapter features, one per level, each added to the output of its `adapter_blocks` input block
         before the block's skip is stored (both the skip and the next block see it), any further one to the
-        middle block's output (diffusers' down_intrablock_additional_residuals).
+        middle block's output (diffusers' down_intrablock_additional_residuals). adapter_nearest: a feature off its
+        block's grid (an adapter that pooled odd sizes down) is resized to it with nearest interpolation, as A1111's
+        ControlNet extension adds it (hook.py `aligned_adding`); False: such a feature is an error.
         Inputs are cast to the parameters' dtype; returns (B, out_channels, h, w) in that dtype.
 
         Feature maps are kept channels-last (NHWC strides, NCHW shape): oneDNN and cuDNN convolutions take that
@@ -704,7 +711,7 @@ class UNet(nn.Module):
             h = block(h, emb, context, merging=merging, identity=identity,
                       image_prompt=image_prompt)  # (B, C_i, h_i, w_i) from the first text context on
             if i in features:
-                h = _with_feature(h, features.pop(i), rows)   # (B, C_i, h_i, w_i)
+                h = _with_feature(h, features.pop(i), rows, adapter_nearest)   # (B, C_i, h_i, w_i)
             skip = copies_to(h, rows)
             skips.append(skip if skip_residuals is None else skip + skip_residuals[i].to(dtype))
         h = copies_to(self.middle_block(h, emb, context, merging=merging, identity=identity,
@@ -712,7 +719,7 @@ class UNet(nn.Module):
         if middle_residual is not None:
             h = h + middle_residual.to(dtype)
         if -1 in features:
-            h = _with_feature(h, features.pop(-1), rows)       # (B, C_mid, h_mid, w_mid)
+            h = _with_feature(h, features.pop(-1), rows, adapter_nearest)   # (B, C_mid, h_mid, w_mid)
         per_level = self.cfg.num_res_blocks + 1
         for i, block in enumerate(self.output_blocks):
             skip = skips.pop()

@@ -19,7 +19,9 @@ Semantics are diffusers' (`StableDiffusionControlNetPipeline`, `MultiControlNetM
   SD2 input blocks 2, 5, 8, 11, SDXL 3, 5, 8 and the middle block, where A1111's extension and ComfyUI add them
   too), on both CFG halves (diffusers' adapter pipelines; A1111's Balanced), several adapters summed. Start / end,
   control modes, preprocessors and resize modes act as for a ControlNet; diffusers' `adapter_conditioning_factor`
-  f is end = f;
+  f is end = f. Its average pooling rounds odd sizes up (diffusers); under A1111's convention down, as the
+  extension's TencentARC `Adapter` does, and a feature that then misses the U-Net's grid is resized to it with
+  nearest interpolation (the extension's `aligned_adding`; `UNet.forward`'s `adapter_nearest`);
 - A1111's control modes (`ControlInput.control_mode`): "balanced" is the above; "prompt" ("My prompt is more
   important") scales residual k of the K residuals (the middle block's last: K = 13 for SD1 / SD2, 10 for
   SDXL) by strength * 0.825 ** (12 - k) ("soft injection"); "control" ("ControlNet is more important") does
@@ -386,21 +388,30 @@ def _load_adapter(model: LoadedT2IAdapter | str | os.PathLike[str], bundle: Mode
     if isinstance(model, LoadedT2IAdapter):
         model.model.to(device=param.device, dtype=param.dtype)
     else:
-        model = load_t2i_adapter(model, like=bundle.unet_config, dtype=param.dtype, device=param.device)
+        model = load_t2i_adapter(model, latent_factor=bundle.vae_config.downsample_factor, dtype=param.dtype,
+                                 device=param.device)
     model.check_compatible(bundle.unet_config, bundle.vae_config.downsample_factor, bundle.family.name)
     return model
 
 
-def adapter_features(net: LoadedT2IAdapter, hint: Tensor, index: int) -> tuple[Tensor, ...]:
+def adapter_features(net: LoadedT2IAdapter, hint: Tensor, index: int,
+                     convention: str = "diffusers") -> tuple[Tensor, ...]:
     """A T2I-Adapter's features of a (1, 3, H, W) hint, made once for every step (as diffusers and A1111's
-    extension make them); a size its pixel-unshuffle cannot split is a `RequestError`."""
+    extension make them), its average pooling rounding odd sizes up (diffusers) or, under A1111's `convention`,
+    down (the extension's). A size its pixel-unshuffle cannot split, or one that rounding down pools to nothing,
+    is a `RequestError`."""
     step = net.config.unshuffle
     height, width = hint.shape[-2:]
     if height % step or width % step:
         raise RequestError(f"control {index}: {net.origin} reads pictures in steps of {step} pixels; "
                            f"{width}x{height} is not one")
+    floor = convention == "a1111"
+    smallest = net.config.feature_factors()[-1]
+    if floor and not net.config.conv_downsample and min(height, width) < smallest:
+        raise RequestError(f"control {index}: {net.origin} pools pictures down to 1/{smallest} of their size; "
+                           f"{width}x{height} is smaller than that")
     with torch.no_grad():
-        return tuple(net.model(hint_input(hint, net.config)))      # (1, C_i, h_i, w_i) each
+        return tuple(net.model(hint_input(hint, net.config), pool_ceil=not floor))   # (1, C_i, h_i, w_i) each
 
 
 def prepare_controls(
@@ -445,7 +456,7 @@ def prepare_controls(
         if control.module in INPAINT_MODULES:
             hint = _masked_hint(hint, control, index, mask, region, picture_size, resize_mode)
         hint = hint.to(next(bundle.unet.parameters()).device)
-        features = adapter_features(net, hint, index) if isinstance(net, LoadedT2IAdapter) else ()
+        features = adapter_features(net, hint, index, convention) if isinstance(net, LoadedT2IAdapter) else ()
         prepared.append(PreparedControl(net, hint, float(control.strength), float(control.start),
                                         float(control.end), control.module, convention, control.control_mode,
                                         hires_pass, features))
@@ -539,6 +550,8 @@ class ControlledUNet:
                 middle = middle + mid
         control = None if skips is None else (skips, middle)
         adapted = {} if adapter is None else {"adapter": adapter}   # T2I-Adapter features (`UNet.forward`)
+        if adapter is not None and any(c.features and c.convention == "a1111" for c in self.controls):
+            adapted["adapter_nearest"] = True       # features pooled down: resized onto the U-Net's grid
         freeu = self.freeu
         if freeu is not None and control_step is not None and not freeu.active(*control_step):
             freeu = None
