@@ -8,6 +8,8 @@ attention's unconditional rows (zero image embeddings), scale 0, ControlNet + IP
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -183,6 +185,76 @@ def test_cli_draws_the_api_picture_records_it_and_redraws_from_png(cli_files, tm
     assert "the picture was drawn with IP-Adapter 0 (Model: ip-adapter_tiny [" in stderr
 
 
+A1111_UNIT = ('ControlNet 0: "Module: ip-adapter_clip_sd15, Model: ip-adapter_tiny [{hash}], Weight: {weight}, '
+              'Resize Mode: Crop and Resize, Low Vram: False, Processor Res: 512, Guidance Start: 0.0, '
+              'Guidance End: 1.0, Pixel Perfect: False, Control Mode: Balanced"')
+"""An IP-Adapter unit as A1111's ControlNet extension and Forge record it: an ordinary ControlNet unit line whose
+Module is an ip-adapter preprocessor (sd-webui-controlnet's preprocessor table, tag "IP-Adapter")."""
+
+
+def test_cli_from_png_reads_the_extensions_ip_adapter_unit(cli_files, tmp_path, capsys):
+    """--from-png of a picture whose infotext records its IP-Adapter as the ControlNet extension writes it: the
+    N-th --ip-adapter takes the unit's Weight (unless --ip-adapter-scale sets one), no --control is asked for it."""
+    import numpy as np
+    from cli_helpers import pixels, png_with_parameters, run
+    from sdlab.checkpoints.controlnet import legacy_hash
+    from sdlab.pipeline.png_info import read_parameters
+
+    drawn = tmp_path / "ip.png"
+    adapter = ["--ip-adapter", str(cli_files["adapter"]), "--ip-adapter-image", str(cli_files["picture"])]
+    code, _, stderr = run(["txt2img", "a red apple", "--model", str(cli_files["model"]), *FAST, *adapter,
+                           "--ip-adapter-scale", "0.4", "--out", str(drawn)], capsys)
+    assert code == 0, stderr
+    own = read_parameters(drawn)
+    unit = A1111_UNIT.format(hash=legacy_hash(cli_files["adapter"]), weight=0.4)
+    item = re.search(r'IP-Adapter 0: "[^"]*"', own).group(0)            # sdlab's line, the extension's instead
+    a1111 = png_with_parameters(tmp_path / "a1111.png", own.replace(item, unit), size=(32, 32))
+    again, scaled = tmp_path / "again.png", tmp_path / "scaled.png"
+    base = ["txt2img", "--model", str(cli_files["model"]), "--no-progress", "--from-png", str(a1111), *adapter]
+    code, _, stderr = run([*base, "--out", str(again)], capsys)
+    assert code == 0, stderr
+    assert "--control" not in stderr, stderr
+    assert np.abs(pixels(drawn) - pixels(again)).max() == 0
+    code, _, stderr = run([*base, "--ip-adapter-scale", "1", "--out", str(scaled)], capsys)
+    assert code == 0, stderr
+    assert np.abs(pixels(drawn) - pixels(scaled)).max() > 10            # the CLI's scale over the recorded one
+    code, _, stderr = run(["txt2img", "--model", str(cli_files["model"]), "--no-progress", "--from-png", str(a1111),
+                           "--out", str(tmp_path / "without.png")], capsys)
+    assert code == 0, stderr
+    assert "the picture was drawn with ControlNet 0 (Module: ip-adapter_clip_sd15" in stderr
+    assert "pass --ip-adapter and --ip-adapter-image" in stderr
+
+
+def test_parameters_read_the_extensions_ip_adapter_units():
+    """POST /api/parameters' reading (picture_settings.recorded_units): the extension's IP-Adapter unit is an
+    ip_adapters entry (model by its name, Weight -> scale), not a ControlNet; a face-reading one is unread."""
+    from sdlab.pipeline.png_info import parse_parameters
+    from sdlab.server.picture_settings import recorded_units
+
+    text = ("a red apple\nSteps: 3, Seed: 3, Size: 32x32, "
+            + A1111_UNIT.format(hash="12345678", weight=0.7) + ", "
+            + 'ControlNet 1: "Module: canny, Model: cn [87654321], Weight: 0.8, Resize Mode: Crop and Resize, '
+              'Processor Res: 512, Threshold A: 100, Threshold B: 200, Guidance Start: 0.0, Guidance End: 1.0, '
+              'Pixel Perfect: False, Control Mode: Balanced", '
+            + 'ControlNet 2: "Module: ip-adapter_face_id_plus, Model: ip-adapter-faceid-plus_sd15 [11111111], '
+              'Weight: 0.5"')
+    controls, ip_adapters, unread = recorded_units(parse_parameters(text))
+    assert [unit["model"] for unit in controls] == ["cn [87654321]"]
+    assert ip_adapters == [{"model": "ip-adapter_tiny [12345678]", "scale": 0.7}]
+    assert unread == ["ControlNet 2"]
+
+
+def _controlnet_file(cli_files) -> Path:
+    """A random-weight ControlNet of the CLI's model, in A1111's single-file layout, beside it."""
+    from controlnet_fixtures import diffusers_controlnet, write_layout
+
+    path = cli_files["folder"] / "control_cn.safetensors"
+    if not path.exists():
+        write_layout(diffusers_controlnet(tiny_bundle("sd1").unet_config, seed=4, hint_widths=(16, 32)), "original",
+                     cli_files["folder"])
+    return path
+
+
 def test_cli_bad_input_is_one_line_and_no_file(cli_files, tmp_path, capsys):
     from cli_helpers import run
 
@@ -200,6 +272,12 @@ def test_cli_bad_input_is_one_line_and_no_file(cli_files, tmp_path, capsys):
         (["--ip-adapter", str(lone), "--ip-adapter-image", picture], "no image encoder for the IP-Adapter"),
         (["--ip-adapter", adapter, "--ip-adapter-image", picture, "--ip-adapter-encoder", adapter],
          "not a CLIP image encoder"),
+        (["--ip-adapter", str(cli_files["adapter"].parent), "--ip-adapter-image", picture],
+         "is a folder, not an IP-Adapter file"),
+        (["--ip-adapter", str(cli_files["model"]), "--ip-adapter-image", picture],
+         "this is a Stable Diffusion checkpoint, not an IP-Adapter; use it with --model"),
+        (["--ip-adapter", str(_controlnet_file(cli_files)), "--ip-adapter-image", picture],
+         "this is a ControlNet, not an IP-Adapter; use it with --control"),
     ]
     for extra, message in cases:
         out = tmp_path / "bad.png"

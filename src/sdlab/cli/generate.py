@@ -888,9 +888,11 @@ def _parse_control(spec: str, convention: str, **settings: Any):
 
 def _ip_adapters(args: argparse.Namespace, recorded: dict[str, Any]) -> tuple:
     """The --ip-adapter `IPAdapterInput`s, each with the --ip-adapter-image / -scale / -encoder of its place,
-    checked. A scale not given is the Weight the --from-png picture's `IP-Adapter N` line records, else 1; lines
-    past the adapters given are named in a warning (the picture is not recorded: each needs its image again)."""
-    from sdlab.pipeline.image_prompt import IPAdapterInput, check_ip_adapter, recorded_weight
+    checked. A scale not given is the Weight the --from-png picture records for the adapter of its place (its
+    `IP-Adapter N` lines, then the IP-Adapter units of the ControlNet extension and Forge: `recorded_ip_adapters`),
+    else 1; those past the adapters given are named in a warning (the picture is not recorded: each needs its
+    image again)."""
+    from sdlab.pipeline.image_prompt import IPAdapterInput, check_ip_adapter, recorded_ip_adapters, recorded_weight
     from sdlab.pipeline.request import RequestError
 
     count = len(args.ip_adapter)
@@ -901,20 +903,19 @@ def _ip_adapters(args: argparse.Namespace, recorded: dict[str, Any]) -> tuple:
                          ("--ip-adapter-encoder", args.ip_adapter_encoder)):
         if len(values) > count:
             raise UserError(f"{len(values)} {flag} for {count} --ip-adapter")
-    left_out = [key for key in sorted(recorded, key=lambda key: (len(key), key))
-                if key.startswith("IP-Adapter ") and key[len("IP-Adapter "):].isdigit()
-                and int(key[len("IP-Adapter "):]) >= count]
-    if left_out:
+    lines = recorded_ip_adapters(recorded)
+    if lines[count:]:
         logger.warning("the picture was drawn with %s; pass --ip-adapter and --ip-adapter-image for each to "
-                       "redraw it", ", ".join(f"{key} ({recorded[key]})" for key in left_out))
+                       "redraw it", ", ".join(f"{label} ({line})" for label, line in lines[count:]))
     prompts = []
     for index, (file, image) in enumerate(zip(args.ip_adapter, args.ip_adapter_image)):
         scale = args.ip_adapter_scale[index] if index < len(args.ip_adapter_scale) else None
-        if scale is None and f"IP-Adapter {index}" in recorded:
+        if scale is None and index < len(lines):
+            label, line = lines[index]
             try:
-                scale = recorded_weight(recorded[f"IP-Adapter {index}"])
+                scale = recorded_weight(line)
             except ValueError as err:
-                raise UserError(f"IP-Adapter {index}: {err}; pass --ip-adapter-scale") from None
+                raise UserError(f"{label}: {err}; pass --ip-adapter-scale") from None
         encoder = args.ip_adapter_encoder[index] if index < len(args.ip_adapter_encoder) else None
         prompt = IPAdapterInput(file, _open_image(image, "IP-Adapter image"), 1.0 if scale is None else scale,
                                 encoder)
@@ -933,13 +934,27 @@ def _per_control(values: list[Any], flag: str, count: int) -> list[Any]:
     return [*values, *[None] * (count - len(values))]
 
 
+def _control_units(recorded: dict[str, Any]) -> list[str]:
+    """The --from-png picture's `ControlNet N` labels of ControlNet / T2I-Adapter units, in N's order: the N-th
+    --control redraws the N-th of them. The extension's IP-Adapter units are --ip-adapter's
+    (`image_prompt.is_ip_adapter_unit`)."""
+    from sdlab.pipeline.image_prompt import is_ip_adapter_unit
+
+    labels = [key for key in recorded if key.startswith("ControlNet ") and key[len("ControlNet "):].isdigit()]
+    return [key for key in sorted(labels, key=lambda key: int(key[len("ControlNet "):]))
+            if not is_ip_adapter_unit(recorded[key])]
+
+
 def _recorded_unit(recorded: dict[str, Any], index: int, source: str | None) -> dict[str, Any]:
-    """The settings the --from-png picture's `ControlNet {index}` line records ({} without it)."""
+    """The settings the --from-png picture's `index`-th ControlNet unit records ({} without it)."""
     from sdlab.pipeline.control import recorded_unit
 
-    line = f"ControlNet {index}"
+    units = _control_units(recorded)
+    if index >= len(units):
+        return {}
+    line = units[index]
     try:
-        return recorded_unit(recorded[line]) if line in recorded else {}
+        return recorded_unit(recorded[line])
     except ValueError as err:
         raise UserError(f"{source}: {line}: {err}; pass the --control-* option that sets it") from None
 
@@ -1172,10 +1187,7 @@ def _undrawn_unit_labels(recorded: dict[str, Any], request) -> list[str]:
     from sdlab.pipeline.control import undrawn_unit_labels
 
     found = []
-    for index in range(len(request.controls)):
-        line = f"ControlNet {index}"
-        if line not in recorded:
-            continue
+    for line in _control_units(recorded)[:len(request.controls)]:
         labels = undrawn_unit_labels(recorded[line], bool(request.hires))
         if labels:
             found.append(f"{line}: {', '.join(labels)}")
@@ -1203,8 +1215,7 @@ def _warn_what_is_not_given(recorded: dict[str, Any], refiner, vae: tuple | None
     if missing:
         logger.warning("the picture used the embeddings %s, which are not loaded; pass --embeddings-dir with "
                        "them to redraw it", ", ".join(missing))
-    units = sorted((key for key in recorded if key.startswith("ControlNet ")), key=lambda key: (len(key), key))
-    left_out = units[len(request.controls):]          # the N-th --control redraws the picture's ControlNet N
+    left_out = _control_units(recorded)[len(request.controls):]     # the N-th --control redraws the N-th unit
     if left_out:
         logger.warning("the picture was drawn with %s; pass a --control for each to redraw it", ", ".join(left_out))
     unit_labels = _undrawn_unit_labels(recorded, request)

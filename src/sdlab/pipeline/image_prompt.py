@@ -47,6 +47,7 @@ from sdlab.checkpoints.ip_adapter import LoadedIPAdapter, check_fits, load_ip_ad
 from sdlab.families.loaded import ModelBundle
 from sdlab.models.ip_adapter import ImagePrompt, IPAdapter, cross_attentions, zero_embeds_tokens
 from sdlab.pipeline.clip_image import clip_pixels
+from sdlab.pipeline.control import _line_fields
 from sdlab.pipeline.request import RequestError, input_image
 from sdlab.utils.file_hashes import stat_version
 
@@ -91,8 +92,8 @@ def check_ip_adapter(prompt: IPAdapterInput, index: int = 0) -> IPAdapterInput:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) \
             or not 0.0 <= scale <= MAX_SCALE:
         raise RequestError(f"{name}: scale must be a number in [0, {MAX_SCALE:g}], got {scale!r}")
-    if not isinstance(prompt.model, LoadedIPAdapter) and not Path(prompt.model).is_file():
-        raise RequestError(f"{name}: the IP-Adapter file {prompt.model_path!r} does not exist")
+    if not isinstance(prompt.model, LoadedIPAdapter):
+        _check_adapter_file(Path(prompt.model), name)
     if not isinstance(prompt.image, Image.Image) and not Path(prompt.image).is_file():
         raise RequestError(f"{name}: the image {os.fspath(prompt.image)!r} does not exist")
     encoder = prompt.image_encoder
@@ -101,6 +102,44 @@ def check_ip_adapter(prompt: IPAdapterInput, index: int = 0) -> IPAdapterInput:
     if encoder is None:
         image_encoder_of(prompt.model_path)                   # found beside the adapter, else refused now
     return prompt
+
+
+def _check_adapter_file(path: Path, name: str) -> None:
+    """A RequestError unless `path` is an IP-Adapter file sdlab builds: a folder, a missing file, or a file of
+    another kind named as `sdlab inspect` names it (`other_kinds.describe_other_kind`) with the option that
+    takes it. Reads the file's names and shapes only, so it runs before any model loads."""
+    from sdlab.checkpoints.ip_adapter import read_ip_adapter
+    from sdlab.checkpoints.other_kinds import describe_other_kind
+
+    if path.is_dir():
+        raise RequestError(f"{name}: {os.fspath(path)!r} is a folder, not an IP-Adapter file (h94's "
+                           "ip-adapter_*.safetensors / .bin)")
+    if not path.is_file():
+        raise RequestError(f"{name}: the IP-Adapter file {os.fspath(path)!r} does not exist")
+    try:
+        read_ip_adapter(path)
+        return
+    except CheckpointError as err:
+        problem = str(err)
+    try:
+        described = describe_other_kind(path)
+    except CheckpointError:
+        described = None
+    if described is not None and described["kind"] != "IP-Adapter":
+        problem = f"{os.fspath(path)}: this is a {described['kind']}, not an IP-Adapter; use it with {described['use']}"
+    elif described is None and any(key.startswith("model.diffusion_model.") for key in _keys(path)):
+        problem = f"{os.fspath(path)}: this is a Stable Diffusion checkpoint, not an IP-Adapter; use it with --model"
+    raise RequestError(f"{name}: {problem}")
+
+
+def _keys(path: Path) -> list[str]:
+    """The tensor names of a checkpoint file (none where it cannot be read)."""
+    from sdlab.checkpoints.io import read_checkpoint
+
+    try:
+        return list(read_checkpoint(path, shapes_only=True)[0])
+    except CheckpointError:
+        return []
 
 
 @dataclass(frozen=True)
@@ -280,10 +319,46 @@ def infotext_lines(prompts: Sequence[IPAdapterInput]) -> dict[str, str]:
     return lines
 
 
+A1111_MODULES = ("ip-adapter_clip_sd15", "ip-adapter_clip_sdxl", "ip-adapter_clip_sdxl_plus_vith",
+                 "ip-adapter_clip_h", "ip-adapter_clip_g", "ip-adapter-auto")
+"""The preprocessors of an IP-Adapter unit of A1111's ControlNet extension (and Forge's) that sdlab draws: the
+picture's CLIP image embeddings, which the adapter file decides how to read (sd-webui-controlnet
+scripts/preprocessor/legacy/preprocessor_compiled.py, tag "IP-Adapter": ip-adapter_clip_sd15 and _sdxl_plus_vith
+with ViT-H, _sdxl with bigG; its later names ip-adapter_clip_h / _clip_g and ip-adapter-auto). Its other IP-Adapter
+preprocessors (ip-adapter_face_id, _face_id_plus, _pulid) read faces, which sdlab does not draw."""
+
+
+def is_ip_adapter_unit(line: str) -> bool:
+    """Whether a "ControlNet N" infotext line is an IP-Adapter unit (its Module an ip-adapter preprocessor), as
+    the ControlNet extension and Forge record one: "Module: ip-adapter_clip_sd15, Model: ip-adapter_sd15 [hash],
+    Weight: 0.7, ..."."""
+    return _line_fields(line).get("Module", "").strip().lower().startswith("ip-adapter")
+
+
+def recorded_ip_adapters(recorded: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, line) of each image prompt parsed infotext `recorded` holds, in the order a redraw's adapters take
+    them: sdlab's "IP-Adapter N" lines, then the ControlNet extension's IP-Adapter units ("ControlNet N" lines,
+    `is_ip_adapter_unit`)."""
+    def numbered(prefix: str) -> list[str]:
+        labels = [label for label in recorded if label.startswith(prefix) and label[len(prefix):].isdigit()]
+        return sorted(labels, key=lambda label: int(label[len(prefix):]))
+
+    own = [(label, str(recorded[label])) for label in numbered("IP-Adapter ")]
+    units = [(label, str(recorded[label])) for label in numbered("ControlNet ") if is_ip_adapter_unit(recorded[label])]
+    return own + units
+
+
+def check_recorded_module(line: str) -> None:
+    """A ValueError naming an IP-Adapter unit's Module that sdlab does not draw (`A1111_MODULES`)."""
+    module = _line_fields(line).get("Module")
+    if module is not None and module.strip().lower() not in A1111_MODULES:
+        raise ValueError(f"Module {module!r} is not one sdlab draws ({', '.join(A1111_MODULES)})")
+
+
 def recorded_weight(line: str) -> float | None:
-    """The Weight an "IP-Adapter N" infotext line records (`infotext_lines`); None where it records none. One
-    that is not a number is a ValueError naming it."""
-    fields = dict(item.strip().split(": ", 1) for item in str(line).split(",") if ": " in item)
+    """The Weight an "IP-Adapter N" infotext line (`infotext_lines`) or an IP-Adapter unit's "ControlNet N" line
+    records; None where it records none. One that is not a number is a ValueError naming it."""
+    fields = _line_fields(line)
     if "Weight" not in fields:
         return None
     try:

@@ -15,7 +15,8 @@ from typing import Any
 
 from sdlab.diffusion.schedule_names import A1111_SCHEDULERS, a1111_name
 from sdlab.pipeline.control import recorded_model, recorded_unit
-from sdlab.pipeline.image_prompt import recorded_weight
+from sdlab.pipeline.image_prompt import (check_recorded_module, is_ip_adapter_unit, recorded_ip_adapters,
+                                        recorded_weight)
 from sdlab.pipeline.infotext import from_parameters, refiner_handoff
 from sdlab.server.a1111_scripts import XYZ_ARG_NAMES
 from sdlab.server.registry import ModelRegistry
@@ -66,11 +67,15 @@ def recorded_units(p: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[s
     """The `ControlNet N` and `IP-Adapter N` lines of parsed parameters `p` as the native job's `controls` and
     `ip_adapters` entries without their pictures (which the text does not hold): a control's settings as
     `--from-png` reads them (`control.recorded_unit`) and `model` the line's "NAME [hash]"; an image prompt's
-    `model` and `scale` (its Weight, else 1). A line sdlab cannot draw (a preprocessor or mode it has not, a
-    number that is not one, no model) is left out, and its label is the third list's."""
+    `model` and `scale` (its Weight, else 1), from its `IP-Adapter N` line or the IP-Adapter unit the ControlNet
+    extension and Forge write as a `ControlNet N` line (`image_prompt.recorded_ip_adapters`). A line sdlab cannot
+    draw (a preprocessor or mode it has not, a number that is not one, no model) is left out, and its label is
+    the third list's."""
     controls, ip_adapters, unreadable = [], [], []
     for label in _numbered(p, "ControlNet "):
         line = str(p[label])
+        if is_ip_adapter_unit(line):
+            continue
         try:
             model = recorded_model(line)
             if model is None:
@@ -78,9 +83,9 @@ def recorded_units(p: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[s
             controls.append({"model": model, **recorded_unit(line)})
         except ValueError:
             unreadable.append(label)
-    for label in _numbered(p, "IP-Adapter "):
-        line = str(p[label])
+    for label, line in recorded_ip_adapters(p):
         try:
+            check_recorded_module(line)
             model, weight = recorded_model(line), recorded_weight(line)
             if model is None:
                 raise ValueError("no model")
