@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from ip_adapter_fixtures import SAMPLE_PICTURE, write_image_encoder
 from sdlab.checkpoints.errors import CheckpointError
@@ -26,7 +26,9 @@ def _pictures() -> dict[str, Image.Image]:
 @pytest.mark.parametrize("name", ["wide", "tall", "rgba", "small", "grey"])
 def test_pixels_are_clip_image_processors(name):
     picture = _pictures()[name]
-    expected = CLIPImageProcessor()(picture, return_tensors="pt").pixel_values[0]      # (3, 224, 224)
+    # transformers' Pillow backend: what CLIPImageProcessor() is without torchvision (absent here: it falls back to
+    # CLIPImageProcessorPil); torchvision's backend resizes with its own bicubic and is not what sdlab matches
+    expected = CLIPImageProcessorPil()(picture, return_tensors="pt").pixel_values[0]   # (3, 224, 224)
     ours = clip_pixels(picture)
     assert ours.shape == expected.shape == (3, 224, 224)
     assert torch.equal(ours, expected)          # Pillow's bicubic on both sides: the same bytes, the same float ops

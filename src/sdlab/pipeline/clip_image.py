@@ -1,4 +1,7 @@
 """A picture as CLIP's image encoder takes it: transformers' `CLIPImageProcessor` defaults, with Pillow and torch.
+Pixel-equal to transformers 5.23's Pillow backend (`CLIPImageProcessorPil`, which `CLIPImageProcessor` falls back
+to without torchvision; tests/test_clip_vision.py); its torchvision backend, not compared, resizes with
+torchvision's bicubic and may differ by a few levels.
 
 1. RGB (an alpha channel is dropped, as `convert_rgb`);
 2. the shortest side resized to 224 with Pillow's bicubic filter, the other to int(224 * long / short);
