@@ -345,6 +345,21 @@ def test_the_encoder_loads_and_encodes_a_picture_once(cli_files, tmp_path, capsy
     image_prompt.forget_image_prompt_models()
 
 
+def test_unloading_the_servers_checkpoint_lets_the_encoder_go(cli_files):
+    """A1111's unload-checkpoint (the server's `ModelHost.unload`) lets go the kept adapters, encoders and tokens
+    with the model, so the encoder's memory goes with it."""
+    from types import SimpleNamespace
+
+    import sdlab.pipeline.image_prompt as image_prompt
+    from sdlab.server.worker import ModelHost
+
+    sdlab.load(cli_files["model"]).txt2img("a red apple", steps=1, width=32, height=32, ip_adapters=[
+        IPAdapterInput(cli_files["adapter"], Image.open(cli_files["picture"]), 0.7)])
+    assert image_prompt._LOADED and image_prompt._TOKENS
+    ModelHost.unload(SimpleNamespace(device="cpu"))
+    assert not image_prompt._LOADED and not image_prompt._TOKENS
+
+
 def test_sd1_plus_adapter_matches_diffusers(sd1):
     """IP-Adapter Plus: the resampler over the encoder's penultimate hidden states, the negative rows a zero
     picture's (diffusers' encode_image with output_hidden_states)."""

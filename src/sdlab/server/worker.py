@@ -41,6 +41,7 @@ from sdlab.checkpoints.upscaler import Upscaler
 from sdlab.diffusion.steps import StepInfo
 from sdlab.families.loaded import ModelBundle
 from sdlab.pipeline.generate import ProgressFn, SamplingStopped
+from sdlab.pipeline.image_prompt import forget_image_prompt_models
 from sdlab.pipeline.infotext import LoraRef, RefinerRef, to_parameters
 from sdlab.pipeline.plan import GenerationPlan
 from sdlab.pipeline.png_info import embedding_hash, encode_image, format_parameters, vae_ref, write_files_all_or_nothing
@@ -221,10 +222,12 @@ class ModelHost:
             patcher_for(self.pipe.bundle).forget()
 
     def unload(self) -> None:
-        """Let the model and the refiner go (A1111's unload-checkpoint): the next job, or `pipeline`, loads
-        its model again from the file, its embeddings folder read anew. Called while `busy` is held."""
+        """Let the model and the refiner go (A1111's unload-checkpoint), and the IP-Adapters and image encoders
+        kept for image prompts: the next job, or `pipeline`, loads its model again from the file, its embeddings
+        folder read anew. Called while `busy` is held."""
         self.pipe, self._key, self._vae_key, self.previewer = None, None, None, None
         self._refiner, self._refiner_key, self._embeddings_version = None, None, None
+        forget_image_prompt_models()
         trim()
         if str(self.device).startswith("cuda"):
             torch.cuda.empty_cache()
