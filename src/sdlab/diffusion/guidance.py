@@ -418,7 +418,6 @@ def edit_cfg(
     return guided
 
 
-
 def _perturbation_marks(cond: Mapping[str, Any], uncond: Mapping[str, Any] | None) -> tuple[dict[str, Any], ...]:
     """(uncond, cond, perturbed) condition dicts for PAG: each with ``IDENTITY_ROWS`` (B,), True on the perturbed
     one's rows alone (B from the prompt's context); uncond None stays None."""
