@@ -102,6 +102,13 @@ def test_a_ratio_outside_0_to_1_is_refused(tiny_sd1, field, value):
         make_plan(tiny_sd1, _request(**{field: value}))
 
 
+def test_a_hires_ratio_without_the_hires_fix_is_refused(tiny_sd1):
+    """As every other hr_* field: the hires pass's ratio without a hires pass is an error, not dropped."""
+    with pytest.raises(RequestError, match=r"token_merging_ratio_hr \(0.5\) needs hr_scale .*hires fix"):
+        make_plan(tiny_sd1, _request(token_merging_ratio_hr=0.5))
+    make_plan(tiny_sd1, _request(token_merging_ratio_hr=0.5, hr_scale=1.5, hr_denoise=0.5))
+
+
 # ---------------------------------------------------------------- infotext
 
 
@@ -112,7 +119,7 @@ def test_the_infotext_says_the_ratios_as_a1111_does_and_reads_them_back(tiny_sd1
     merged = text(token_merging_ratio=0.5).splitlines()[-1].split(", ")
     assert "Token merging ratio: 0.5" in merged and not any("ratio hr" in item for item in merged)
     assert merged.index("Token merging ratio: 0.5") < merged.index("RNG: CPU")
-    assert "Token merging" not in text() and "Token merging" not in text(token_merging_ratio_hr=0.3)
+    assert "Token merging" not in text()
     hires = text(token_merging_ratio=0.5, hr_scale=1.5).splitlines()[-1].split(", ")
     assert "Token merging ratio hr: 0.5" in hires                         # the first pass's, as A1111's
     hires = text(token_merging_ratio=0.5, token_merging_ratio_hr=0.3, hr_scale=1.5)
@@ -156,6 +163,10 @@ def test_the_command_line_draws_records_and_redraws_with_token_merging(tmp_path,
     assert settings == [0.4]
     code, _, err = run(["txt2img", "a wall", "--token-merging-ratio", "1.5", "--out", str(again), *fast], capsys)
     assert code != 0 and "token_merging_ratio must lie in [0, 1)" in err and "Traceback" not in err
+    lone = tmp_path / "lone-hr.png"
+    code, _, err = run(["txt2img", "a wall", "--token-merging-ratio-hr", "0.5", "--out", str(lone), *fast], capsys)
+    assert code != 0 and "token_merging_ratio_hr (0.5) needs hr_scale" in err and "Traceback" not in err
+    assert not lone.exists()
 
 
 # ---------------------------------------------------------------- A1111's API rules (no server)
@@ -165,13 +176,16 @@ def test_the_a1111_apis_options_and_overrides_give_its_ratios():
     from sdlab.server.a1111 import Img2ImgIn, Txt2ImgIn, _check_options, _infotext_overrides, _request as a1111_request
     from sdlab.server.inputs import BadRequest
 
-    def ratios(options=None, overrides=None, img2img=False):
-        body = (Img2ImgIn if img2img else Txt2ImgIn)(prompt="x", override_settings=overrides or {})
+    def ratios(options=None, overrides=None, img2img=False, hires=False):
+        hr = {"enable_hr": True, "hr_scale": 1.5, "denoising_strength": 0.5} if hires else {}
+        body = (Img2ImgIn if img2img else Txt2ImgIn)(prompt="x", override_settings=overrides or {}, **hr)
         req = a1111_request(body, inits=(init_picture(64),) if img2img else (), options=options)
         return req.token_merging_ratio, req.token_merging_ratio_hr
 
     assert ratios() == (0.0, 0.0)
-    assert ratios({"token_merging_ratio": 0.5, "token_merging_ratio_hr": 0.3}) == (0.5, 0.3)
+    assert ratios({"token_merging_ratio": 0.5, "token_merging_ratio_hr": 0.3}, hires=True) == (0.5, 0.3)
+    # without the hires fix A1111 never reads the hires option: it is not sent (the request would refuse it)
+    assert ratios({"token_merging_ratio": 0.5, "token_merging_ratio_hr": 0.3}) == (0.5, 0.0)
     assert ratios(overrides={"token_merging_ratio": 0.4}) == (0.4, 0.0)
     # img2img: its own option over txt2img's, unless the request overrides txt2img's
     assert ratios({"token_merging_ratio": 0.5}, img2img=True)[0] == 0.5
@@ -207,6 +221,9 @@ def test_both_apis_draw_and_record_the_ratios(client):
 
     assert not any(item.startswith("Token merging") for item in a1111_line())
     assert "Token merging ratio: 0.5" in a1111_line(override_settings={"token_merging_ratio": 0.5})
+    # the hires option without the hires fix: drawn, unread, as A1111 draws it
+    assert not any(item.startswith("Token merging") for item in a1111_line(
+        override_settings={"token_merging_ratio_hr": 0.3}))
     hires = a1111_line(enable_hr=True, hr_scale=1.5, denoising_strength=0.5,
                        override_settings={"token_merging_ratio": 0.5, "token_merging_ratio_hr": 0.3})
     assert "Token merging ratio: 0.5" in hires and "Token merging ratio hr: 0.3" in hires
@@ -225,6 +242,11 @@ def test_both_apis_draw_and_record_the_ratios(client):
     line = job["infotexts"][0].splitlines()[-1].split(", ")
     assert job["status"] == "done" and "Token merging ratio: 0.5" in line and "Token merging ratio hr: 0.3" in line
     assert job["request"]["token_merging_ratio"] == 0.5
+    for field in ("token_merging_ratio", "token_merging_ratio_hr"):     # true is no ratio (pydantic's 1.0)
+        refused = client.post("/api/jobs", json={**body, field: True, "hr_scale": 1.5, "hr_denoise": 0.5})
+        assert refused.status_code == 422 and f"{field} must be a number in [0, 1), got true" in refused.text
+    lone = client.post("/api/jobs", json={**body, "token_merging_ratio_hr": 0.3})
+    assert lone.status_code == 400 and "token_merging_ratio_hr (0.3) needs hr_scale" in lone.text, lone.text
     bad = client.post("/api/jobs", json={**body, "token_merging_ratio": 1.5})
     if bad.status_code == 202:                                   # refused when drawn: the job fails with the reason
         failed = wait_for_job(client, bad.json()["id"])

@@ -39,3 +39,12 @@ def test_a_dropped_png_and_a_reused_job_fill_it(page, base_url):
     assert value(page, "token_merging_ratio") == "0.5"
     sent = page.execute_script("return collectRequest()")
     assert (sent["token_merging_ratio"], sent["token_merging_ratio_hr"]) == (0.5, 0.2)
+    # without the hires fix the kept hires ratio is not sent (the server refuses it alone), and comes back with it
+    page.execute_script('document.getElementById("enable_hr").checked = false')
+    sent = page.execute_script("return collectRequest()")
+    assert "token_merging_ratio_hr" not in sent and sent["token_merging_ratio"] == 0.5
+    job = wait_job(base_url, http_json(base_url, "/api/jobs", {**sent, "prompt": "a merged cat", "steps": 2,
+                                                               "width": 64, "height": 64})["id"])
+    assert job["status"] == "done", job
+    page.execute_script('document.getElementById("enable_hr").checked = true')
+    assert page.execute_script("return collectRequest()")["token_merging_ratio_hr"] == 0.2

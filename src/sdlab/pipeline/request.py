@@ -662,6 +662,9 @@ def _resolve_hires(r: GenerationRequest, width: int, height: int, multiple: int,
         if r.hr_upscaler is not None or r.hr_steps or r.hr_denoise is not None:
             raise RequestError("hr_upscaler, hr_steps and hr_denoise need hr_scale or hr_width / hr_height "
                                "(the hires fix)")
+        if r.token_merging_ratio_hr != 0:
+            raise RequestError(f"token_merging_ratio_hr ({r.token_merging_ratio_hr!r}) needs hr_scale or hr_width / "
+                               "hr_height (the hires fix)")
         return {}
     if r.init_image is not None:
         raise RequestError("the hires fix is for txt2img; for img2img, upscale the init image instead")

@@ -364,20 +364,24 @@ def _request(body: Txt2ImgIn, controls: tuple = (), inits: tuple[Image.Image, ..
         **_ensd(settings), rng=settings["randn_source"],
         seed_resize_from_w=body.seed_resize_from_w, seed_resize_from_h=body.seed_resize_from_h,
         tiling=settings["tiling"] if body.tiling is None else body.tiling, **_sdxl_options(settings), **extra,
-        **_token_merging(settings, body.override_settings, img2img=bool(inits)),
+        **_token_merging(settings, body.override_settings, img2img=bool(inits), hires=body.enable_hr),
         freeu=alwayson_freeu(body.alwayson_scripts),
         **_guidance_settings(body, settings), **_unipc_settings(settings),
     )
 
 
-def _token_merging(settings: dict[str, Any], overrides: dict[str, Any], img2img: bool) -> dict[str, float]:
+def _token_merging(settings: dict[str, Any], overrides: dict[str, Any], img2img: bool,
+                   hires: bool) -> dict[str, float]:
     """A1111's token merging ratios (`get_token_merging_ratio`, its API setting no processing field): txt2img's
-    `token_merging_ratio` and the hires pass's `token_merging_ratio_hr` (0: the first pass's, the request's rule);
+    `token_merging_ratio` and, with the hires fix, the hires pass's `token_merging_ratio_hr` (0: the first pass's,
+    the request's rule; without the hires fix A1111 never reads that setting, so it is not sent);
     img2img's `token_merging_ratio` where the request overrides it, else `token_merging_ratio_img2img`, else
     `token_merging_ratio` (A1111's StableDiffusionProcessingImg2Img: an override of the txt2img option wins)."""
     if not img2img:
-        return {"token_merging_ratio": float(settings["token_merging_ratio"]),
-                "token_merging_ratio_hr": float(settings["token_merging_ratio_hr"])}
+        ratios = {"token_merging_ratio": float(settings["token_merging_ratio"])}
+        if hires:
+            ratios["token_merging_ratio_hr"] = float(settings["token_merging_ratio_hr"])
+        return ratios
     ratio = ("token_merging_ratio" in overrides and settings["token_merging_ratio"]) or \
         settings["token_merging_ratio_img2img"] or settings["token_merging_ratio"]
     return {"token_merging_ratio": float(ratio)}

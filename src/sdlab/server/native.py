@@ -28,7 +28,7 @@ from typing import Any, Literal, get_type_hints
 import anyio
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator
 
 from sdlab.models.freeu import FreeU
 from sdlab.pipeline.perturbed_attention import DEFAULT_LAYERS
@@ -218,6 +218,14 @@ class JobIn(NullsAreDefaults):
     ip_adapters: list[IPAdapterIn] = Field(default_factory=list)
     script_name: str | None = None          # one of A1111's selectable scripts (`GET /api/scripts`), drawn as its
     script_args: list[Any] = Field(default_factory=list)   # API draws it (`script_jobs`); its args in its order
+
+    @field_validator("token_merging_ratio", "token_merging_ratio_hr", mode="before")
+    @classmethod
+    def _ratio_is_no_bool(cls, value: Any, info: ValidationInfo) -> Any:
+        """true is no ratio (pydantic would read it as 1.0), as the A1111 API's options refuse it."""
+        if isinstance(value, bool):
+            raise ValueError(f"{info.field_name} must be a number in [0, 1), got {str(value).lower()}")
+        return value
 
 
 SDXL_CONDITIONING = ("original_size", "crops_coords_top_left", "target_size", "aesthetic_score",

@@ -854,9 +854,11 @@ function collectRequest() {
   if ($("schedule").value) body.schedule = $("schedule").value;
   if ($("seed-extra").checked) Object.assign(body, variationRequest());
   if ($("freeu").checked) body.freeu = freeuRequest();
-  if (state.mode === "txt2img" && $("enable_hr").checked) Object.assign(body, hiresRequest());
+  const hires = state.mode === "txt2img" && $("enable_hr").checked;
+  if (hires) Object.assign(body, hiresRequest());
   if ($("enable_refiner").checked && $("refiner").value) Object.assign(body, refinerRequest());
   Object.assign(body, keptRequest(), scriptRequest());
+  if (!hires) delete body.token_merging_ratio_hr;   // kept for a hires pass only (the server refuses it alone)
   if (body.hr_scale !== undefined && body.refiner) {
     throw new ApiError("the hires fix does not run with an SDXL refiner: untick Hires. fix or Refiner");
   }
