@@ -245,7 +245,9 @@ def _add_sampling_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
     _add_freeu_flags(p, from_png)
     p.add_argument("--token-merging-ratio", type=float, metavar="R",
                    help="A1111's Token merging ratio (tomesd): merge this fraction (0 <= R < 1) of the full-resolution "
-                        "tokens before each self-attention; faster at large sizes, a little less faithful (default 0: "
+                        "tokens before each self-attention, at most 3/4 of them (tomesd's cap: a ratio above 0.75 "
+                        "merges as 0.75); faster at large sizes, a little less faithful; SDXL, without attention at "
+                        "full resolution, draws unchanged (default 0: "
                         "none" + _if_from_png(from_png, ", or the --from-png picture's") + ")")
     p.add_argument("--eta", type=float, help="noise amount of ancestral / DDIM samplers (TCD: gamma)")
     p.add_argument("--s-churn", type=float, help="A1111's Sigma churn: Euler, Heun and DPM2 add noise back at each "

@@ -17,8 +17,9 @@ whole cell are all sources.
 As tomesd applies it (and A1111 with it: `merge_attn` only, no merging for cross-attention or the
 feed-forward), only the self-attention input of the transformer blocks merges, and only at the levels whose
 token grid is at most `max_downsample` times smaller on a side than the latent's (1: the full-resolution
-level alone, SD1's 4 + 5 of 16 transformer blocks). The level is found from the token count, as tomesd does:
-downsample = ceil(sqrt(latent tokens // N)); its grid is ceil(latent side / downsample) on each side.
+level alone, SD1's 5 of 16 transformer blocks: 2 down, 3 up; SDXL has none there). The level is found from the
+token count, as tomesd does: downsample = ceil(sqrt(latent tokens // N)); its grid is ceil(latent side /
+downsample) on each side.
 
 The U-Net reads its `token_merging` setting (`TokenMerging` or None) each call; `merging_tokens` sets it for
 the length of a block, as a pipeline run holds its model.
