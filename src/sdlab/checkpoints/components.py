@@ -117,6 +117,22 @@ class CastingView(Mapping[str, Tensor]):
         return key in self._state
 
 
+class RenamedView(Mapping[str, Tensor]):
+    """`state` seen under other names (new name -> file name); tensors fetched on access."""
+
+    def __init__(self, state: Mapping[str, Tensor], names: Mapping[str, str]):
+        self._state, self._names = state, dict(names)
+
+    def __getitem__(self, key: str) -> Tensor:
+        return self._state[self._names[key]]
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
 @dataclass(frozen=True)
 class ComponentSource:
     """One network as stored: where, in which layout, with which config."""

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sdlab.checkpoints.components import CastingView, key_problems, meta_device_without_init
+from sdlab.checkpoints.components import CastingView, RenamedView, meta_device_without_init
 from sdlab.checkpoints.diffusers_folder import read_config_json, component_weights
 from sdlab.checkpoints.diffusers_unet import (
     unet_config_from_diffusers,
@@ -43,7 +43,7 @@ from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.sidecar import model_params, sidecar_of
 from sdlab.checkpoints.infer import infer_unet_config
 from sdlab.checkpoints.io import read_checkpoint, shapes_of
-from sdlab.checkpoints.runnable import nonfinite_tensors
+from sdlab.checkpoints.runnable import check_builds, nonfinite_tensors
 from sdlab.checkpoints.validate import check_unet
 from sdlab.models.controlnet import ControlNet, ControlNetConfig
 from sdlab.models.unet import UNetConfig
@@ -184,22 +184,6 @@ def _prefixed(state: Mapping[str, Tensor], marker: str) -> tuple[str, dict[str, 
             prefix = key[: -len(marker)]
             return prefix, {k[len(prefix):]: k for k in state if k.startswith(prefix)}
     return None
-
-
-class _Renamed(Mapping[str, Tensor]):
-    """`state` seen under other names (new name -> file name); tensors fetched on access."""
-
-    def __init__(self, state: Mapping[str, Tensor], names: Mapping[str, str]):
-        self._state, self._names = state, dict(names)
-
-    def __getitem__(self, key: str) -> Tensor:
-        return self._state[self._names[key]]
-
-    def __iter__(self):
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
 
 
 def _hint_widths(shapes: Mapping[str, torch.Size], path: Path) -> tuple[int, tuple[int, ...]]:
@@ -353,7 +337,7 @@ def read_controlnet(
     cfg = ControlNetConfig(unet=encoder, hint_channels=hint_channels, hint_widths=widths, hint_bgr=bgr, global_pool=pool)
 
     _check_keys(cfg, local_shapes, path)
-    return ControlNetFile(config=cfg, tensors=_Renamed(state, names), origin=str(path), layout=layout)
+    return ControlNetFile(config=cfg, tensors=RenamedView(state, names), origin=str(path), layout=layout)
 
 
 def load_controlnet(
@@ -378,8 +362,4 @@ def load_controlnet(
 
 
 def _check_keys(cfg: ControlNetConfig, shapes: Mapping[str, torch.Size], path: Path) -> None:
-    with meta_device_without_init():
-        expected = {k: v.shape for k, v in ControlNet(cfg).state_dict().items()}
-    problems = key_problems(expected, shapes, shown=lambda key: key.removeprefix("<unknown>"))
-    if problems:
-        raise CheckpointError(f"{path}: not a ControlNet sdlab can build: " + "; ".join(problems))
+    check_builds(lambda: ControlNet(cfg), shapes, path, "a ControlNet", shown=lambda key: key.removeprefix("<unknown>"))

@@ -21,11 +21,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from sdlab.checkpoints.components import CastingView, key_problems, meta_device_without_init
 from sdlab.checkpoints.diffusers_folder import read_config_json, read_weights, weights_file
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.io import read_checkpoint, shapes_of
-from sdlab.checkpoints.runnable import nonfinite_tensors
+from sdlab.checkpoints.runnable import check_builds, load_checked
 from sdlab.models.clip_vision import VIT_BIGG_14, VIT_H_14, CLIPVisionConfig, CLIPVisionModel
 
 PREFIX = "vision_model."
@@ -103,11 +102,7 @@ def read_image_encoder(path: str | os.PathLike[str]) -> tuple[CLIPVisionConfig, 
         tensors = _sdlab_names(read_checkpoint(path)[0])
         shapes = shapes_of(tensors)
         config = _config_from_shapes(shapes, path)
-    with meta_device_without_init():
-        expected = {k: v.shape for k, v in CLIPVisionModel(config).state_dict().items()}
-    problems = key_problems(expected, shapes)
-    if problems:
-        raise CheckpointError(f"{path}: not a CLIP image encoder sdlab can build: " + "; ".join(problems))
+    check_builds(lambda: CLIPVisionModel(config), shapes, path, "a CLIP image encoder")
     return config, tensors
 
 
@@ -115,12 +110,5 @@ def load_image_encoder(path: str | os.PathLike[str], *, dtype: torch.dtype = tor
                        device: torch.device | str = "cpu") -> LoadedImageEncoder:
     """Read an image encoder (`read_image_encoder`) and load it as `dtype` on `device`; one-line errors."""
     config, tensors = read_image_encoder(path)
-    with meta_device_without_init():
-        model = CLIPVisionModel(config)
-    model.load_state_dict(CastingView(tensors, dtype, device), strict=True, assign=True)
-    model.eval()
-    bad = nonfinite_tensors(model)
-    if bad:
-        raise CheckpointError(f"{path}: {len(bad)} image encoder tensors hold NaN or infinite values "
-                              f"({', '.join(bad[:3])})")
+    model = load_checked(lambda: CLIPVisionModel(config), tensors, dtype, device, path, "image encoder")
     return LoadedImageEncoder(model=model, config=config, origin=os.fspath(path))

@@ -24,11 +24,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from sdlab.checkpoints.components import CastingView, key_problems, meta_device_without_init
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.image_encoder import TOWERS_BY_WIDTH
 from sdlab.checkpoints.io import read_checkpoint, shapes_of
-from sdlab.checkpoints.runnable import nonfinite_tensors
+from sdlab.checkpoints.runnable import check_builds, load_checked
 from sdlab.models.clip_vision import CLIPVisionConfig
 from sdlab.models.ip_adapter import IPAdapter, IPAdapterConfig, ResamplerConfig, cross_attentions
 from sdlab.models.unet import UNet
@@ -100,24 +99,14 @@ def read_ip_adapter(path: str | os.PathLike[str]) -> tuple[IPAdapterConfig, Mapp
     tensors, _ = read_checkpoint(path, nested=True)
     shapes = shapes_of(tensors)
     config = _config_from_shapes(shapes, path)
-    with meta_device_without_init():
-        expected = {k: v.shape for k, v in IPAdapter(config).state_dict().items()}
-    problems = key_problems(expected, shapes)
-    if problems:
-        raise CheckpointError(f"{path}: not an IP-Adapter sdlab can build: " + "; ".join(problems))
+    check_builds(lambda: IPAdapter(config), shapes, path, "an IP-Adapter")
     return config, tensors
 
 
 def load_ip_adapter(path: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32,
                     device: torch.device | str = "cpu") -> LoadedIPAdapter:
     config, tensors = read_ip_adapter(path)
-    with meta_device_without_init():
-        model = IPAdapter(config)
-    model.load_state_dict(CastingView(tensors, dtype, device), strict=True, assign=True)
-    model.eval()
-    bad = nonfinite_tensors(model)
-    if bad:
-        raise CheckpointError(f"{path}: {len(bad)} IP-Adapter tensors hold NaN or infinite values ({', '.join(bad[:3])})")
+    model = load_checked(lambda: IPAdapter(config), tensors, dtype, device, path, "IP-Adapter")
     return LoadedIPAdapter(model=model, config=config, origin=os.fspath(path))
 
 

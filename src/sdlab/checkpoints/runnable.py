@@ -10,12 +10,14 @@ after they are cast to the dtype they run in (a float32 weight beyond float16's 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from sdlab.checkpoints.components import ComponentSource, meta_view
+from sdlab.checkpoints.components import (CastingView, ComponentSource, key_problems, meta_device_without_init,
+                                          meta_view)
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.models.clip import CLIPTextConfig
 from sdlab.models.tokenizer import CONTEXT_LENGTH, VOCAB_SIZE
@@ -90,6 +92,32 @@ def nonfinite_tensors(module: nn.Module) -> list[str]:
         flags = [_finite(t) for _, t in named]
         flags = torch.stack([f.to(flags[0].device) for f in flags]).tolist()
     return [name for (name, _), ok in zip(named, flags) if not ok]
+
+
+def check_builds(build: Callable[[], nn.Module], shapes: Mapping[str, torch.Size], path: object, what: str,
+                 shown: Callable[[str], str] = str) -> None:
+    """Raise a one-line `CheckpointError` ("{path}: not {what} sdlab can build: ...") where a file's tensor
+    `shapes` are not the state of the module `build()` makes (made on the meta device: no memory)."""
+    with meta_device_without_init():
+        expected = {k: v.shape for k, v in build().state_dict().items()}
+    problems = key_problems(expected, shapes, shown=shown)
+    if problems:
+        raise CheckpointError(f"{path}: not {what} sdlab can build: " + "; ".join(problems))
+
+
+def load_checked(build: Callable[[], nn.Module], tensors: Mapping[str, torch.Tensor], dtype: torch.dtype,
+                 device: torch.device | str, path: object, what: str) -> nn.Module:
+    """The module `build()` makes, its tensors taken from `tensors` as `dtype` on `device` (no second copy),
+    in eval mode; a one-line `CheckpointError` where any of them holds a NaN or an infinity (`what`: the
+    kind named in it, e.g. "IP-Adapter")."""
+    with meta_device_without_init():
+        model = build()
+    model.load_state_dict(CastingView(tensors, dtype, device), strict=True, assign=True)
+    model.eval()
+    bad = nonfinite_tensors(model)
+    if bad:
+        raise CheckpointError(f"{path}: {len(bad)} {what} tensors hold NaN or infinite values ({', '.join(bad[:3])})")
+    return model
 
 
 def _finite(t: torch.Tensor) -> torch.Tensor:

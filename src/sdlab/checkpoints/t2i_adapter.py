@@ -38,11 +38,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sdlab.checkpoints.components import CastingView, key_problems, meta_device_without_init
+from sdlab.checkpoints.components import RenamedView
 from sdlab.checkpoints.diffusers_folder import component_weights, read_config_json
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.io import read_checkpoint, shapes_of
-from sdlab.checkpoints.runnable import nonfinite_tensors
+from sdlab.checkpoints.runnable import check_builds, load_checked
 from sdlab.models.t2i_adapter import T2IAdapter, T2IAdapterConfig
 from sdlab.models.unet import UNetConfig, adapter_blocks
 
@@ -241,22 +241,6 @@ class T2IAdapterFile:
     layout: str                     # "original" | "diffusers"
 
 
-class _Renamed(Mapping[str, Tensor]):
-    """`state` seen under other names (new name -> file name); tensors fetched on access."""
-
-    def __init__(self, state: Mapping[str, Tensor], names: Mapping[str, str]):
-        self._state, self._names = state, dict(names)
-
-    def __getitem__(self, key: str) -> Tensor:
-        return self._state[self._names[key]]
-
-    def __iter__(self):
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-
 def read_t2i_adapter(path: str | os.PathLike[str], *, latent_factor: int = 8,
                      shapes_only: bool = False) -> T2IAdapterFile:
     """What a T2I-Adapter file or diffusers folder holds (module docstring), from names and shapes;
@@ -285,12 +269,8 @@ def read_t2i_adapter(path: str | os.PathLike[str], *, latent_factor: int = 8,
     else:
         raise CheckpointError(f"{path}: a T2I-Adapter of neither the full (conv_in) nor the light "
                               "(body.0.in_conv / out_conv) kind")
-    with meta_device_without_init():
-        expected = {k: v.shape for k, v in T2IAdapter(cfg).state_dict().items()}
-    problems = key_problems(expected, shapes)
-    if problems:
-        raise CheckpointError(f"{path}: not a T2I-Adapter sdlab can build: " + "; ".join(problems))
-    return T2IAdapterFile(cfg, _Renamed(state, names), str(path), layout)
+    check_builds(lambda: T2IAdapter(cfg), shapes, path, "a T2I-Adapter")
+    return T2IAdapterFile(cfg, RenamedView(state, names), str(path), layout)
 
 
 def load_t2i_adapter(path: str | os.PathLike[str], *, latent_factor: int = 8,
@@ -298,12 +278,5 @@ def load_t2i_adapter(path: str | os.PathLike[str], *, latent_factor: int = 8,
     """Read a T2I-Adapter (`read_t2i_adapter`, `latent_factor` as there) and load its weights as `dtype` on
     `device`. Raises `CheckpointError` with one line."""
     found = read_t2i_adapter(path, latent_factor=latent_factor)
-    with meta_device_without_init():
-        model = T2IAdapter(found.config)
-    model.load_state_dict(CastingView(found.tensors, dtype, device), strict=True, assign=True)
-    model.eval()
-    bad = nonfinite_tensors(model)
-    if bad:
-        raise CheckpointError(f"{path}: {len(bad)} T2I-Adapter tensors hold NaN or infinite values "
-                              f"({', '.join(bad[:3])})")
+    model = load_checked(lambda: T2IAdapter(found.config), found.tensors, dtype, device, path, "T2I-Adapter")
     return LoadedT2IAdapter(model=model, config=found.config, origin=found.origin, layout=found.layout)
