@@ -140,6 +140,27 @@ def b64_png(image: Image.Image) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+def file_b64(path: Path) -> str:
+    """A file's bytes in base64, as a request sends a picture file."""
+    return base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def png_picture(data: bytes) -> Image.Image:
+    """A picture read whole from its file's bytes (its PNG text chunks in `.info`)."""
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+def cli_txt2img(tmp_path: Path, *args: str) -> Image.Image:
+    """`sdlab txt2img ARGS` in a subprocess under the servers' environment; the picture it wrote."""
+    out = tmp_path / "cli.png"
+    result = subprocess.run([sys.executable, "-m", "sdlab", "txt2img", *args, "--out", str(out), "--no-progress"],
+                            capture_output=True, text=True, env=server_env(), timeout=300)
+    assert result.returncode == 0, result.stderr
+    return png_picture(out.read_bytes())
+
+
 def picture(b64: str) -> Image.Image:
     """An answer's base64 picture, in RGB."""
     return Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import json
-import io
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
 from controlnet_fixtures import diffusers_controlnet, write_layout
-from server_fixtures import b64_png, server_env, start_server
+from server_fixtures import cli_txt2img, b64_png, file_b64, png_picture, server_env, start_server
 from test_upscale_models import new_arch_state
 
 GEN = {"prompt": "a red apple", "steps": 3, "seed": 11, "width": 64, "height": 64, "cfg_scale": 5}
@@ -50,24 +49,6 @@ def setup(tmp_path_factory: pytest.TempPathFactory):
     server.stop()
 
 
-def _b64(path: Path) -> str:
-    return base64.b64encode(path.read_bytes()).decode("ascii")
-
-
-def _picture(data: bytes) -> Image.Image:
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image
-
-
-def _cli(tmp_path: Path, *args: str) -> Image.Image:
-    out = tmp_path / "cli.png"
-    result = subprocess.run([sys.executable, "-m", "sdlab", "txt2img", *args, "--out", str(out), "--no-progress"],
-                            capture_output=True, text=True, env=server_env(), timeout=300)
-    assert result.returncode == 0, result.stderr
-    return _picture(out.read_bytes())
-
-
 def _same(a: Image.Image, b: Image.Image) -> None:
     assert a.size == b.size
     assert (np.asarray(a.convert("RGB")) == np.asarray(b.convert("RGB"))).all()
@@ -80,30 +61,30 @@ def test_controlnet_units_equal_the_cli(setup, tmp_path):
     assert len(listed) == 1 and listed[0].startswith("tiny_canny [") and len(listed[0]) == len("tiny_canny [12345678]")
     assert "canny" in httpx.get(url + "/controlnet/module_list", timeout=30).json()["module_list"]
 
-    cli = _cli(tmp_path, GEN["prompt"], "--steps", "3", "--seed", "11", "--width", "64", "--height", "64",
+    cli = cli_txt2img(tmp_path, GEN["prompt"], "--steps", "3", "--seed", "11", "--width", "64", "--height", "64",
                "--cfg", "5", "--sampler", "Euler", "--control", f"{setup['net']}:{setup['hint']}:0.8:0:0.7")
     assert "ControlNet 0" in cli.info["parameters"]
-    unit = {"enabled": True, "model": listed[0], "input_image": _b64(setup["hint"]), "weight": 0.8,
+    unit = {"enabled": True, "model": listed[0], "input_image": file_b64(setup["hint"]), "weight": 0.8,
             "guidance_start": 0.0, "guidance_end": 0.7, "module": "none", "pixel_perfect": False}
     off = {**unit, "enabled": False, "model": "not there"}
     response = httpx.post(url + "/sdapi/v1/txt2img", timeout=300, json={
         **GEN, "sampler_name": "Euler", "scheduler": "sgm_uniform",     # the CLI's default here (A1111's: uniform)
         "alwayson_scripts": {"controlnet": {"args": [unit, off]}}})
     assert response.status_code == 200, response.text
-    served = _picture(base64.b64decode(response.json()["images"][0]))
+    served = png_picture(base64.b64decode(response.json()["images"][0]))
     # A1111's step rule: with 3 steps and end 0.7 the extension runs the ControlNet at every step (it reads
     # the step its callback last reported: 0, 0, 1), diffusers' at the first two; --from-png takes the rule
     assert "Control steps: a1111" in served.info["parameters"]
     assert not (np.asarray(served) == np.asarray(cli)).all()
     (tmp_path / "served.png").write_bytes(base64.b64decode(response.json()["images"][0]))
-    _same(served, _cli(tmp_path, "--from-png", str(tmp_path / "served.png"),
+    _same(served, cli_txt2img(tmp_path, "--from-png", str(tmp_path / "served.png"),
                        "--control", f"{setup['net']}:{setup['hint']}:0.8:0:0.7"))
     echoed = response.json()["parameters"]["alwayson_scripts"]["controlnet"]["args"][0]
     assert echoed["input_image"] is None and echoed["weight"] == 0.8
 
     with httpx.Client(base_url=url, timeout=300) as client:          # the native API, model by stem
         job_id = client.post("/api/jobs", json={**GEN, "sampler": "Euler", "controls": [
-            {"model": "tiny_canny", "image": _b64(setup["hint"]), "strength": 0.8, "end": 0.7}]}).json()["id"]
+            {"model": "tiny_canny", "image": file_b64(setup["hint"]), "strength": 0.8, "end": 0.7}]}).json()["id"]
         deadline = time.monotonic() + 300
         while (job := client.get(f"/api/jobs/{job_id}").json())["status"] in ("queued", "running"):
             assert time.monotonic() < deadline
@@ -113,12 +94,12 @@ def test_controlnet_units_equal_the_cli(setup, tmp_path):
             "model": "tiny_canny.safetensors", "strength": 0.8, "start": 0.0, "end": 0.7, "module": "none",
             "control_mode": "balanced", "resize_mode": "resize", "threshold_a": None, "threshold_b": None,
             "processor_res": None, "pixel_perfect": False}]
-        _same(_picture(client.get(job["images"][0]).content), cli)
+        _same(png_picture(client.get(job["images"][0]).content), cli)
 
 
 def test_bad_units_are_refused(setup):
     url = setup["server"].url
-    unit = {"model": "tiny_canny", "image": _b64(setup["hint"])}
+    unit = {"model": "tiny_canny", "image": file_b64(setup["hint"])}
 
     def post(**change):
         return httpx.post(url + "/sdapi/v1/txt2img", timeout=60, json={
@@ -150,17 +131,17 @@ def test_native_controls_take_the_control_and_resize_modes(setup, tmp_path):
     --control-mode --control-resize` draws; another value is a 422 naming the field."""
     wide = tmp_path / "wide.png"
     Image.open(setup["hint"]).resize((96, 64)).save(wide)
-    cli = _cli(tmp_path, GEN["prompt"], "--steps", "3", "--seed", "11", "--width", "64", "--height", "64",
+    cli = cli_txt2img(tmp_path, GEN["prompt"], "--steps", "3", "--seed", "11", "--width", "64", "--height", "64",
                "--cfg", "5", "--sampler", "Euler", "--control", f"{setup['net']}:{wide}:0.8",
                "--control-mode", "control", "--control-resize", "fill")
     assert "Resize Mode: Resize and Fill" in cli.info["parameters"]
     assert "Control Mode: ControlNet is more important" in cli.info["parameters"]
-    control = {"model": "tiny_canny", "image": _b64(wide), "strength": 0.8}
+    control = {"model": "tiny_canny", "image": file_b64(wide), "strength": 0.8}
     with httpx.Client(base_url=setup["server"].url, timeout=300) as client:
         job = _finished_job(client, {**GEN, "sampler": "Euler", "controls": [
             {**control, "control_mode": "control", "resize_mode": "fill"}]})
         assert job["status"] == "done", job
-        _same(_picture(client.get(job["images"][0]).content), cli)
+        _same(png_picture(client.get(job["images"][0]).content), cli)
         for field, bad in (("control_mode", "ControlNet is more important"), ("resize_mode", "Just Resize"),
                            ("resize_mode", 1)):
             refused = client.post("/api/jobs", json={**GEN, "controls": [{**control, field: bad}]})
@@ -180,14 +161,14 @@ def test_extra_single_image_upscales(setup):
     response = httpx.post(url + "/sdapi/v1/extra-single-image", timeout=120,
                           json={"image": image, "upscaler_1": "tinyx2", "upscaling_resize": 3})
     assert response.status_code == 200, response.text
-    served = _picture(base64.b64decode(response.json()["image"]))
+    served = png_picture(base64.b64decode(response.json()["image"]))
     expected = upscale_by(source, load_upscaler(setup["upscaler"]), 3)      # A1111: 60 x 48 rounded down to 8
     assert served.size == (56, 48)
     assert np.abs(np.asarray(served, dtype=np.int16) - np.asarray(expected, dtype=np.int16)).max() <= 1
 
     lanczos = httpx.post(url + "/sdapi/v1/extra-single-image", timeout=60, json={
         "image": image, "upscaler_1": "Lanczos", "resize_mode": 1, "upscaling_resize_w": 40, "upscaling_resize_h": 40})
-    assert _picture(base64.b64decode(lanczos.json()["image"])).size == (40, 40)
+    assert png_picture(base64.b64decode(lanczos.json()["image"])).size == (40, 40)
     unknown = httpx.post(url + "/sdapi/v1/extra-single-image", timeout=60,
                          json={"image": image, "upscaler_1": str(setup["upscaler"])})
     assert unknown.status_code == 404
@@ -558,7 +539,7 @@ def test_a1111_units_in_the_extensions_other_forms(tmp_path):
     ImageDraw.Draw(mask).rectangle((2, 2, 9, 9), fill=255)
     picture.save(root / "picture.png")
     mask.save(root / "mask.png")
-    image, mask = _b64(root / "picture.png"), _b64(root / "mask.png")
+    image, mask = file_b64(root / "picture.png"), file_b64(root / "mask.png")
     [expected] = _units(tmp_path, module="inpaint", image={"image": image, "mask": mask})
     for form in ([image, mask], (image, mask), [{"image": image, "mask": mask}]):
         [unit] = _units(tmp_path, module="inpaint", image=form)
@@ -609,7 +590,7 @@ def test_img2img_units_without_an_image_draw_with_img2imgs_resize_mode(setup, tm
     ImageDraw.Draw(init_picture).rectangle((40, 8, 90, 56), outline="white", width=4)
     init_picture.save(tmp_path / "init.png")
     response = httpx.post(setup["server"].url + "/sdapi/v1/img2img", timeout=300, json={
-        **GEN, "steps": 2, "init_images": [_b64(tmp_path / "init.png")], "resize_mode": 2, "denoising_strength": 0.5,
+        **GEN, "steps": 2, "init_images": [file_b64(tmp_path / "init.png")], "resize_mode": 2, "denoising_strength": 0.5,
         "alwayson_scripts": {"controlnet": {"args": [{"model": "tiny_canny", "image": "", "module": "none"}]}}})
     assert response.status_code == 200, response.text
     assert "Resize Mode: Resize and Fill" in json.loads(response.json()["info"])["infotexts"][0]
@@ -627,15 +608,15 @@ def test_native_controls_take_thresholds_and_a_mask(setup, tmp_path):
     with httpx.Client(base_url=setup["server"].url, timeout=300) as client:
         for module, flag_a, value_a, flag_b, value_b, entry_mask in settings:
             flags = [flag_a, str(value_a)] + ([flag_b, str(value_b)] if flag_b else [])
-            cli = _cli(tmp_path, GEN["prompt"], "--steps", "3", "--seed", "11", "--width", "64", "--height", "64",
+            cli = cli_txt2img(tmp_path, GEN["prompt"], "--steps", "3", "--seed", "11", "--width", "64", "--height", "64",
                        "--cfg", "5", "--sampler", "Euler", "--control", f"{setup['net']}:{setup['hint']}:0.8",
                        "--control-module", module, *flags)
-            control = {"model": "tiny_canny", "image": _b64(setup["hint"]), "strength": 0.8, "module": module}
+            control = {"model": "tiny_canny", "image": file_b64(setup["hint"]), "strength": 0.8, "module": module}
             control.update({"threshold_a": value_a, "threshold_b": value_b} if entry_mask is None
-                           else {"mask": _b64(entry_mask)})
+                           else {"mask": file_b64(entry_mask)})
             job = _finished_job(client, {**GEN, "sampler": "Euler", "controls": [control]})
             assert job["status"] == "done", job
-            _same(_picture(client.get(job["images"][0]).content), cli)
+            _same(png_picture(client.get(job["images"][0]).content), cli)
             if entry_mask is None:
                 recorded = job["request"]["controls"][0]
                 assert (recorded["threshold_a"], recorded["threshold_b"]) == (value_a, value_b)
@@ -658,16 +639,16 @@ def test_a_unit_without_an_image_takes_each_script_pass_own_init_picture(setup):
     init = Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8))
     upscaled = _img2img(url, init_images=[b64_png(init)], script_name="SD upscale", script_args=["", 32, "None", 1],
                         **unit)
-    combined = np.asarray(_picture(base64.b64decode(upscaled["images"][0])).convert("RGB"))
+    combined = np.asarray(png_picture(base64.b64decode(upscaled["images"][0])).convert("RGB"))
     tile = _img2img(url, init_images=[b64_png(init.crop((0, 0, 64, 64)))], **unit)["images"][0]
-    alone = np.asarray(_picture(base64.b64decode(tile)).convert("RGB"))
+    alone = np.asarray(png_picture(base64.b64decode(tile)).convert("RGB"))
     assert np.array_equal(combined[:32, :32], alone[:32, :32])      # the corner only tile 0 covers
 
     looped = _img2img(url, init_images=[b64_png(init.resize((64, 64)))], script_name="Loopback",
                       script_args=[2, 0.5, "Linear", "None"], **unit)["images"]
     second = _img2img(url, init_images=[looped[1]], seed=GEN["seed"] + 1, **unit)["images"][0]
-    assert np.array_equal(np.asarray(_picture(base64.b64decode(looped[2])).convert("RGB")),
-                          np.asarray(_picture(base64.b64decode(second)).convert("RGB")))
+    assert np.array_equal(np.asarray(png_picture(base64.b64decode(looped[2])).convert("RGB")),
+                          np.asarray(png_picture(base64.b64decode(second)).convert("RGB")))
 
 
 def test_a1111_units_processor_res_and_pixel_perfect(tmp_path):
@@ -696,35 +677,35 @@ def test_processor_res_draws_in_detect_units_native_controls_and_the_cli(setup, 
     url = setup["server"].url
     hint = Image.open(setup["hint"])
     for given, side in ((256, 256), (None, 512)):
-        body = {"controlnet_module": "canny", "controlnet_input_images": [_b64(setup["hint"])]}
+        body = {"controlnet_module": "canny", "controlnet_input_images": [file_b64(setup["hint"])]}
         answer = httpx.post(url + "/controlnet/detect", timeout=60,
                             json={**body, **({} if given is None else {"controlnet_processor_res": given})})
         assert answer.status_code == 200, answer.text
-        drawn = _picture(base64.b64decode(answer.json()["images"][0]))
+        drawn = png_picture(base64.b64decode(answer.json()["images"][0]))
         assert drawn.size == (side, side)
         assert np.array_equal(np.asarray(drawn.convert("RGB")), np.asarray(preprocess(hint, "canny", resolution=given or 512)))
 
-    unit = {"enabled": True, "model": "tiny_canny", "image": _b64(setup["hint"]), "module": "canny",
+    unit = {"enabled": True, "model": "tiny_canny", "image": file_b64(setup["hint"]), "module": "canny",
             "processor_res": 256, "resize_mode": "Just Resize"}
     response = httpx.post(url + "/sdapi/v1/txt2img", timeout=300, json={
         **GEN, "sampler_name": "Euler", "scheduler": "sgm_uniform", "alwayson_scripts": {"controlnet": {"args": [unit]}}})
     assert response.status_code == 200, response.text
     served = base64.b64decode(response.json()["images"][0])
-    assert "Processor Res: 256" in _picture(served).info["parameters"]
+    assert "Processor Res: 256" in png_picture(served).info["parameters"]
     (tmp_path / "served.png").write_bytes(served)
-    _same(_picture(served), _cli(tmp_path, "--from-png", str(tmp_path / "served.png"),
+    _same(png_picture(served), cli_txt2img(tmp_path, "--from-png", str(tmp_path / "served.png"),
                                  "--control", f"{setup['net']}:{setup['hint']}"))
 
-    cli = _cli(tmp_path, GEN["prompt"], "--steps", "3", "--seed", "11", "--width", "64", "--height", "64", "--cfg",
+    cli = cli_txt2img(tmp_path, GEN["prompt"], "--steps", "3", "--seed", "11", "--width", "64", "--height", "64", "--cfg",
                "5", "--sampler", "Euler", "--control", f"{setup['net']}:{setup['hint']}", "--control-module", "canny",
                "--control-processor-res", "256")
     with httpx.Client(base_url=url, timeout=300) as client:
-        control = {"model": "tiny_canny", "image": _b64(setup["hint"]), "module": "canny"}
+        control = {"model": "tiny_canny", "image": file_b64(setup["hint"]), "module": "canny"}
         job = _finished_job(client, {**GEN, "sampler": "Euler", "controls": [{**control, "processor_res": 256}]})
         assert job["status"] == "done", job
-        _same(_picture(client.get(job["images"][0]).content), cli)
+        _same(png_picture(client.get(job["images"][0]).content), cli)
         own_size = _finished_job(client, {**GEN, "sampler": "Euler", "controls": [control]})
-        assert not np.array_equal(np.asarray(_picture(client.get(own_size["images"][0]).content)), np.asarray(cli))
+        assert not np.array_equal(np.asarray(png_picture(client.get(own_size["images"][0]).content)), np.asarray(cli))
 
 
 def test_a_map_past_the_bound_is_one_line_in_detect_units_and_the_cli(setup, tmp_path):
@@ -735,9 +716,9 @@ def test_a_map_past_the_bound_is_one_line_in_detect_units_and_the_cli(setup, tmp
     Image.new("RGB", (1024, 4), "white").save(strip)
     message = "processor resolution 512 scales the 1024x4 picture to 131072x512, past the 16777216 pixels"
     answer = httpx.post(url + "/controlnet/detect", timeout=60,
-                        json={"controlnet_module": "canny", "controlnet_input_images": [_b64(strip)]})
+                        json={"controlnet_module": "canny", "controlnet_input_images": [file_b64(strip)]})
     assert answer.status_code == 422 and message in answer.text
-    unit = {"enabled": True, "model": "tiny_canny", "image": _b64(strip), "module": "canny"}
+    unit = {"enabled": True, "model": "tiny_canny", "image": file_b64(strip), "module": "canny"}
     response = httpx.post(url + "/sdapi/v1/txt2img", timeout=300, json={
         **GEN, "steps": 1, "alwayson_scripts": {"controlnet": {"args": [unit]}}})
     assert response.status_code == 400 and message in response.text

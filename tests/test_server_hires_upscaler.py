@@ -7,7 +7,6 @@ and a file that cannot be loaded fails the job, without the server's paths. Extr
 from __future__ import annotations
 
 import base64
-import io
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ from sdlab.checkpoints.upscaler import load_upscaler
 from sdlab.pipeline.request import GenerationRequest, RequestError
 from sdlab.server.model_folders import UPSCALER_SUFFIXES, ModelFolder
 from sdlab.server.worker import HiresUpscaler, _run_with_upscaler
-from server_fixtures import b64_png, run_job, server_env, start_server
+from server_fixtures import b64_png, png_picture, run_job, server_env, start_server
 from test_upscale_models import new_arch_state
 
 PROMPT = "a hires red apple"
@@ -50,13 +49,7 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     server.stop()
 
 
-def _picture(data: bytes) -> Image.Image:
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image
-
-
-def _cli(tmp_path: Path, upscaler: Path) -> Image.Image:
+def cli_txt2img(tmp_path: Path, upscaler: Path) -> Image.Image:
     out = tmp_path / "cli.png"
     result = subprocess.run([sys.executable, "-m", "sdlab", "txt2img", PROMPT, "--steps", "3", "--seed", "11",
                              "--width", "64", "--height", "64", "--cfg", "5", "--sampler", "Euler", "--hr-scale", "2",
@@ -64,7 +57,7 @@ def _cli(tmp_path: Path, upscaler: Path) -> Image.Image:
                              "--out", str(out), "--no-progress"],
                             capture_output=True, text=True, env=server_env(), timeout=300)
     assert result.returncode == 0, result.stderr
-    return _picture(out.read_bytes())
+    return png_picture(out.read_bytes())
 
 
 def _pixels(image: Image.Image) -> np.ndarray:
@@ -74,22 +67,22 @@ def _pixels(image: Image.Image) -> np.ndarray:
 def test_both_apis_draw_the_hires_fix_with_a_listed_upscaler_model_as_the_cli(server, tmp_path):
     names = [row["name"] for row in httpx.get(server.url + "/sdapi/v1/upscalers", timeout=30).json()]
     assert names == ["None", "Lanczos", "Nearest", "broken", "removed", "tinyx2"]
-    cli = _cli(tmp_path, server.upscaler)
+    cli = cli_txt2img(tmp_path, server.upscaler)
     assert cli.size == (128, 128) and "Hires upscaler: tinyx2" in cli.info["parameters"]
 
     with httpx.Client(base_url=server.url, timeout=300) as client:
         job = run_job(client, {**NATIVE, "hr_upscaler": "tinyx2"}, timeout_s=300)
         assert job["status"] == "done", job
         assert job["request"]["hr_upscaler"] == "tinyx2"
-        native = _picture(client.get(job["images"][0]).content)
+        native = png_picture(client.get(job["images"][0]).content)
         assert (_pixels(native) == _pixels(cli)).all()
         assert native.info["parameters"] == cli.info["parameters"]
         lanczos = run_job(client, {**NATIVE, "hr_upscaler": "Lanczos"}, timeout_s=300)
-        assert not (_pixels(_picture(client.get(lanczos["images"][0]).content)) == _pixels(cli)).all()
+        assert not (_pixels(png_picture(client.get(lanczos["images"][0]).content)) == _pixels(cli)).all()
 
     response = httpx.post(server.url + "/sdapi/v1/txt2img", timeout=300, json={**A1111, "hr_upscaler": "tinyx2"})
     assert response.status_code == 200, response.text
-    served = _picture(base64.b64decode(response.json()["images"][0]))
+    served = png_picture(base64.b64decode(response.json()["images"][0]))
     assert (_pixels(served) == _pixels(cli)).all()
     infotext = response.json()["info"]
     assert "Hires upscaler: tinyx2" in served.info["parameters"] and "Hires upscaler: tinyx2" in infotext

@@ -4,12 +4,9 @@ record names it, and bad entries are 4xx."""
 
 from __future__ import annotations
 
-import base64
-import io
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -17,7 +14,7 @@ import pytest
 from PIL import Image
 
 from ip_adapter_fixtures import SAMPLE_PICTURE, ip_adapter_state, write_image_encoder, write_ip_adapter
-from server_fixtures import server_env, start_server
+from server_fixtures import file_b64, png_picture, server_env, start_server
 
 GEN = {"prompt": "a red apple", "steps": 3, "seed": 11, "width": 64, "height": 64, "cfg_scale": 5, "sampler": "Euler"}
 
@@ -44,16 +41,6 @@ def setup(tmp_path_factory: pytest.TempPathFactory):
     server.stop()
 
 
-def _b64(path: Path) -> str:
-    return base64.b64encode(path.read_bytes()).decode("ascii")
-
-
-def _picture(data: bytes) -> Image.Image:
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image
-
-
 def test_native_ip_adapter_equals_the_cli_and_is_recorded(setup, tmp_path):
     out = tmp_path / "cli.png"
     result = subprocess.run([sys.executable, "-m", "sdlab", "txt2img", GEN["prompt"], "--steps", "3", "--seed", "11",
@@ -62,10 +49,10 @@ def test_native_ip_adapter_equals_the_cli_and_is_recorded(setup, tmp_path):
                              "--ip-adapter-scale", "0.7", "--out", str(out), "--no-progress"],
                             capture_output=True, text=True, env=server_env(), timeout=300)
     assert result.returncode == 0, result.stderr
-    cli = _picture(out.read_bytes())
+    cli = png_picture(out.read_bytes())
     with httpx.Client(base_url=setup["server"].url, timeout=300) as client:
         bodies = {"plain": GEN, "ip": {**GEN, "ip_adapters": [
-            {"model": "ip-adapter_tiny", "image": _b64(setup["picture"]), "scale": 0.7}]}}
+            {"model": "ip-adapter_tiny", "image": file_b64(setup["picture"]), "scale": 0.7}]}}
         jobs = {}
         for name, body in bodies.items():
             response = client.post("/api/jobs", json=body)
@@ -75,7 +62,7 @@ def test_native_ip_adapter_equals_the_cli_and_is_recorded(setup, tmp_path):
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
             assert job["status"] == "done", job
-            jobs[name] = (job, _picture(client.get(job["images"][0]).content))
+            jobs[name] = (job, png_picture(client.get(job["images"][0]).content))
     job, served = jobs["ip"]
     assert job["request"]["ip_adapters"] == [{"model": "ip-adapter_tiny.safetensors", "scale": 0.7}]
     assert (np.asarray(served.convert("RGB")) == np.asarray(cli.convert("RGB"))).all()
@@ -86,7 +73,7 @@ def test_native_ip_adapter_equals_the_cli_and_is_recorded(setup, tmp_path):
 
 
 def test_bad_ip_adapters_are_refused(setup):
-    entry = {"model": "ip-adapter_tiny", "image": _b64(setup["picture"])}
+    entry = {"model": "ip-adapter_tiny", "image": file_b64(setup["picture"])}
 
     def post(**change):
         return httpx.post(setup["server"].url + "/api/jobs", timeout=60, json={**GEN, "ip_adapters": [{**entry, **change}]})

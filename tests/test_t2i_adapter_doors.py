@@ -6,9 +6,6 @@ native API's controls. Parity with diffusers is tests/test_t2i_adapter.py's."""
 from __future__ import annotations
 
 import base64
-import io
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +16,7 @@ from PIL import Image, ImageDraw
 
 from bundle_fixtures import tiny_bundle, write_original
 from cli_helpers import pixels, run
-from server_fixtures import server_env, start_server
+from server_fixtures import cli_txt2img, png_picture, start_server
 from t2i_adapter_fixtures import diffusers_adapter, write_adapter
 from sdlab.checkpoints.controlnet import legacy_hash
 from sdlab.pipeline.png_info import parse_parameters, read_parameters
@@ -88,20 +85,6 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     process.stop()
 
 
-def _picture(data: bytes) -> Image.Image:
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image
-
-
-def _cli(tmp_path: Path, *args: str) -> Image.Image:
-    out = tmp_path / "cli.png"
-    result = subprocess.run([sys.executable, "-m", "sdlab", "txt2img", *args, "--out", str(out), "--no-progress"],
-                            capture_output=True, text=True, env=server_env(), timeout=300)
-    assert result.returncode == 0, result.stderr
-    return _picture(out.read_bytes())
-
-
 def _same(a: Image.Image, b: Image.Image) -> None:
     assert (np.asarray(a.convert("RGB")) == np.asarray(b.convert("RGB"))).all()
     assert a.info["parameters"] == b.info["parameters"]
@@ -120,14 +103,14 @@ def test_a1111_unit_and_native_control_name_an_adapter(server, tmp_path):
         **GEN, "sampler_name": "Euler", "scheduler": "sgm_uniform",
         "alwayson_scripts": {"controlnet": {"args": [unit]}}})
     assert response.status_code == 200, response.text
-    served = _picture(base64.b64decode(response.json()["images"][0]))
+    served = png_picture(base64.b64decode(response.json()["images"][0]))
     line = parse_parameters(served.info["parameters"])["ControlNet 0"]
     assert line.startswith(f"Module: none, Model: {title}, Weight: 0.8, Resize Mode: Crop and Resize")
     assert "Control Mode: My prompt is more important" in line
     (tmp_path / "served.png").write_bytes(base64.b64decode(response.json()["images"][0]))
     spec = f"{server['adapter']}:{server['hint']}"
-    _same(served, _cli(tmp_path, "--from-png", str(tmp_path / "served.png"), "--control", spec))
-    plain = _cli(tmp_path, "--from-png", str(tmp_path / "served.png"))
+    _same(served, cli_txt2img(tmp_path, "--from-png", str(tmp_path / "served.png"), "--control", spec))
+    plain = cli_txt2img(tmp_path, "--from-png", str(tmp_path / "served.png"))
     assert np.abs(np.asarray(plain, dtype=int) - np.asarray(served, dtype=int)).max() > 10   # the adapter drew
 
     with httpx.Client(base_url=url, timeout=300) as client:          # the native API, model by stem
@@ -138,7 +121,7 @@ def test_a1111_unit_and_native_control_name_an_adapter(server, tmp_path):
             assert time.monotonic() < deadline
             time.sleep(0.1)
         assert job["status"] == "done", job
-        native = _picture(client.get(job["images"][0]).content)
-    cli = _cli(tmp_path, GEN["prompt"], "--steps", "3", "--seed", "11", "--width", "64", "--height", "64", "--cfg",
+        native = png_picture(client.get(job["images"][0]).content)
+    cli = cli_txt2img(tmp_path, GEN["prompt"], "--steps", "3", "--seed", "11", "--width", "64", "--height", "64", "--cfg",
                "5", "--sampler", "Euler", "--control", f"{spec}:0.8:0:0.7")
     _same(native, cli)
