@@ -218,7 +218,9 @@ def test_losses_and_huber_schedules_are_kohya_s(loss_type, schedule):
     if c_ref is not None:
         assert torch.allclose(c_ours, c_ref.float(), rtol=1e-6, atol=0)
     ours = sdl.elementwise_loss(pred, target, loss_type, c_ours)
-    assert torch.allclose(ours, kohya_conditional_loss(pred, target, loss_type, "none", c_ref), rtol=1e-5, atol=1e-7)
+    # atol: Huber's 2c(sqrt(d^2 + c^2) - c) cancels in fp32 for small d, an absolute error up to ~2c^2 x 2 ulp
+    # (4e-7 at c = 0.95), and c itself is computed on each side with its own rounding (7e-7 relative apart here)
+    assert torch.allclose(ours, kohya_conditional_loss(pred, target, loss_type, "none", c_ref), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("keep_tokens, separator", [(0, ","), (1, ","), (2, ","), (5, ","), (1, "|")])

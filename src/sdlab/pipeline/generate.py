@@ -64,7 +64,7 @@ import math
 from functools import partial
 import logging
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -223,7 +223,13 @@ def tiling_padding(req: GenerationRequest, *bundles: ModelBundle) -> AbstractCon
 def token_merging(req: GenerationRequest, bundle: ModelBundle) -> AbstractContextManager[None]:
     """A1111's Token merging ratio (`req.token_merging_ratio`, a pass's) for the block: the bundle's U-Net merges
     tokens as tomesd with A1111's settings (`models.token_merging`: use_rand off, max_downsample 1, 2 x 2 cells).
-    An SDXL refiner's U-Net does not (A1111 patches the model it loaded for the job, the base)."""
+    An SDXL refiner's U-Net does not (A1111 patches the model it loaded for the job, the base). Ratio 0 leaves
+    the network alone, so a plug-in family's own network, which may not merge tokens, draws as before."""
+    if req.token_merging_ratio <= 0:
+        return nullcontext()
+    if not hasattr(bundle.unet, "token_merging"):
+        raise RequestError(f"token merging needs sdlab's U-Net; this model's network ({type(bundle.unet).__name__}) "
+                           "does not merge tokens")
     return merging_tokens(bundle.unet, TokenMerging(req.token_merging_ratio))
 
 
