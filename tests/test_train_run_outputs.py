@@ -453,7 +453,7 @@ def test_a_second_signal_under_the_python_api_raises_keyboard_interrupt(tiny, tm
     assert "KeyboardInterrupt raised" in out, err[-3000:]        # the caller caught it: its process lives on
     assert "received SIGINT again: stopping at once (KeyboardInterrupt)" in err
     # and exits cleanly; an open bug (4 runs of about 40 on a non-AMX AVX-512 bf16 CPU, once sdlab's CPU
-    # kernels loaded since they take bf16 norms of every size): the interpreter's exit, after the caught
+    # kernels are loaded, as they are for bf16 norms of every size): the interpreter's exit, after the caught
     # interrupt, aborts with "terminate called without an active exception" (SIGABRT). Tolerated here, and only it.
     aborted_at_exit = proc.returncode == -signal.SIGABRT and "terminate called without an active exception" in err
     assert proc.returncode == 0 or aborted_at_exit, err[-3000:]
