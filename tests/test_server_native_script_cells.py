@@ -160,7 +160,7 @@ def _running(client: httpx.Client, body: dict) -> str:
 
 
 def test_a_script_job_cancelled_while_queued_keeps_no_picture(client) -> None:
-    long = _running(client, {**BASE, "steps": 60})
+    long = _running(client, {**BASE, "steps": 150})    # cancelled below; 60 steps could end before the DELETE
     queued = client.post("/api/jobs", json={**BASE, "script_name": "X/Y/Z plot", "script_args": [4, "1,2,3"]}).json()
     assert client.delete(f"/api/jobs/{queued['id']}").json()["status"] == "queued"
     job = wait_for_job(client, queued["id"], 300)
