@@ -398,7 +398,7 @@ def run_from_config(cfg: TrainConfig, ctx: DistContext | None = None, resume: Re
                        "skipped": result.skipped, "images_per_second": result.images_per_second,
                        "seconds_per_step": result.seconds_per_step, "resolution": cfg.resolution,
                        "data_layout": cfg.data_layout,
-                       "peak_memory_gib": result.peak_memory and round(result.peak_memory[0], 3),
+                       "peak_memory_gib": result.peak_memory and result.peak_memory[0],
                        "peak_memory_of": result.peak_memory and result.peak_memory[1]}
             Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
             atomic_write(Path(cfg.output_dir) / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))

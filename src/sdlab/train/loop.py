@@ -493,8 +493,14 @@ def reset_peak_memory(device: torch.device) -> None:
 
 
 def peak_memory(device: torch.device) -> tuple[float, str] | None:
-    """The peak memory in GiB since `reset_peak_memory`, and of what: the CUDA memory allocated on ``device``
+    """The peak memory in GiB since `reset_peak_memory`, rounded to the MiB so that every place that shows it
+    (the final line, summary.json) shows one number, and of what: the CUDA memory allocated on ``device``
     ("GPU"), or on the CPU the peak resident RAM ("RAM"); None where neither is known."""
+    peak = _peak_memory(device)
+    return peak and (round(peak[0], 3), peak[1])
+
+
+def _peak_memory(device: torch.device) -> tuple[float, str] | None:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30, "GPU"
     if device.type != "cpu":
