@@ -4,8 +4,8 @@ A request that cannot fit is refused with a `RequestError` that says how much it
 free, instead of running for minutes and then dying in the allocator (or pushing the machine into swap).
 The estimate counts what dominates a run, in the bundle's dtype (``e`` bytes per element):
 
-- U-Net, one forward over ``rows = B`` (``2B`` with the negative pass, `ModelBundle.runs_uncond`) latents of
-  ``N = h * w`` positions: about ``UNET_PER_ELEMENT * rows * N * c0 * e`` where ``c0`` is the first level's
+- U-Net, one forward over ``rows = B x unet_rows`` latents of ``N = h * w`` positions (`unet_rows`: the rows one
+  step's guidance batches for a picture: the prompt, the negative, PAG's perturbed row, an edit model's image row): about ``UNET_PER_ELEMENT * rows * N * c0 * e`` where ``c0`` is the first level's
   width. Its widest moments are the transformer blocks' feed-forward (GEGLU holds 8 x the channels per
   position) and the skip connections kept for the decoder half; without attention at the first level (SDXL)
   the first level is lighter.
@@ -27,17 +27,38 @@ import os
 
 import torch
 
+from sdlab.diffusion.guidance import edit_guidance
 from sdlab.diffusion.samplers import get_sampler
 from sdlab.families.loaded import ModelBundle
 from sdlab.pipeline.request import GenerationRequest, RequestError
 from sdlab.pipeline.tiling import should_tile
 
-__all__ = ["available_bytes", "check_memory", "estimate_bytes", "is_out_of_memory"]
+__all__ = ["available_bytes", "check_memory", "estimate_bytes", "is_out_of_memory", "unet_rows"]
 
 UNET_PER_ELEMENT = {True: 28, False: 16}    # first level with / without attention
 VAE_PER_ELEMENT = 6
 VAE_TILE = 64                               # latent pixels per tile side (tiling.decode_tiled's default)
 PICTURE_BYTES_PER_PIXEL = 3 * 4 * 4         # float32 RGB: the decoded batch, [0, 1], x 255, rounded
+
+
+def unet_rows(bundle: ModelBundle, req: GenerationRequest) -> int:
+    """The U-Net rows a guided step runs for one picture of a resolved one-part-prompt request, in one batch, as
+    `generate` batches them:
+
+    - the prompt, and the negative where guidance runs it (`ModelBundle.runs_uncond`: CFG above 1, a CFG++ sampler);
+    - perturbed-attention guidance (``pag_scale`` not 0): one row more, [uncond, cond, perturbed] or [cond, perturbed]
+      (`guidance.cfg`); not on an edit model, which draws without it;
+    - an edit (InstructPix2Pix) model: its guidance rule (`guidance.edit_guidance` at the sampler's guidance scale):
+      the image formula 3 rows (prompt + picture, negative + picture, negative + zero picture) at any CFG, plain
+      CFG with the picture in both passes 2 (1 where CFG runs no negative), the conditional pass alone 1.
+
+    FreeU scales features inside the U-Net's pass and an IP-Adapter adds tokens to its cross-attention: no row."""
+    sampler = get_sampler(req.sampler)
+    guided = 2 if bundle.runs_uncond(req.cfg_scale, sampler.cfg_pp) else 1
+    if bundle.family.is_edit:
+        how = edit_guidance(req.cfg_scale * sampler.cfg_scale_factor, req.image_cfg_scale, req.img2img_convention)
+        return {"image": 3, "plain": guided, "conditional": 1}[how]
+    return guided + (1 if req.pag_scale else 0)
 
 
 def estimate_bytes(bundle: ModelBundle, req: GenerationRequest) -> int:
@@ -46,7 +67,7 @@ def estimate_bytes(bundle: ModelBundle, req: GenerationRequest) -> int:
     factor = bundle.vae_config.downsample_factor
     height, width, batch = req.height, req.width, req.batch_size
     positions = (height // factor) * (width // factor)
-    rows = batch * (2 if bundle.runs_uncond(req.cfg_scale, get_sampler(req.sampler).cfg_pp) else 1)
+    rows = batch * unet_rows(bundle, req)
     unet = bundle.unet_config
     attends_first = unet.transformer_depth[0] > 0
     unet_bytes = UNET_PER_ELEMENT[attends_first] * rows * positions * unet.model_channels * element

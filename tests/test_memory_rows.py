@@ -1,0 +1,80 @@
+"""The memory estimate counts the U-Net rows guidance runs: `memory.unet_rows` against the batches `generate` hands
+the U-Net, on reduced random-weight SD1 and SD1 edit (InstructPix2Pix) models.
+
+Plain CFG runs [uncond, cond] (2 rows a picture), CFG 1 the prompt alone (1), PAG one perturbed row more (3, or 2
+at CFG 1), an edit model's image formula [prompt + picture, negative + picture, negative + zero picture] (3) at any
+CFG under A1111's convention, its image scale 1 / none plain CFG (2), diffusers' convention below image scale 1 the
+prompt's pass alone (1); FreeU adds no pass.
+"""
+
+from __future__ import annotations
+
+import pytest
+from bundle_fixtures import init_picture, tiny_bundle
+
+from sdlab.models.freeu import FreeU
+from sdlab.pipeline.generate import generate
+from sdlab.pipeline.memory import estimate_bytes, unet_rows
+from sdlab.pipeline.plan import resolve_for
+from sdlab.pipeline.request import GenerationRequest
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+SIZE, STEPS, BATCH = 16, 2, 2
+
+
+@pytest.fixture(scope="module")
+def bundles():
+    return {"sd1": tiny_bundle("sd1", seed=3), "sd1-edit": tiny_bundle("sd1-edit", seed=4)}
+
+
+def _drawn_rows(bundle, request: GenerationRequest) -> set[int]:
+    """The rows per picture of every U-Net call `generate` makes for `request`."""
+    batches: list[int] = []
+    hook = bundle.unet.register_forward_hook(lambda module, args, out: batches.append(args[0].shape[0]))
+    try:
+        generate(bundle, request)
+    finally:
+        hook.remove()
+    return {batch / BATCH for batch in batches}
+
+
+CASES = [   # (family, request options, rows a picture)
+    ("sd1", dict(cfg_scale=7.0), 2),
+    ("sd1", dict(cfg_scale=1.0), 1),
+    ("sd1", dict(cfg_scale=7.0, pag_scale=3.0), 3),
+    ("sd1", dict(cfg_scale=1.0, pag_scale=3.0), 2),
+    ("sd1", dict(cfg_scale=7.0, freeu=FreeU()), 2),
+    ("sd1-edit", dict(cfg_scale=7.0, image_cfg_scale=1.5), 3),
+    ("sd1-edit", dict(cfg_scale=1.0, image_cfg_scale=1.5, img2img_convention="a1111"), 3),
+    ("sd1-edit", dict(cfg_scale=7.0, image_cfg_scale=1.0), 2),
+    ("sd1-edit", dict(cfg_scale=7.0, image_cfg_scale=None), 2),
+    ("sd1-edit", dict(cfg_scale=7.0, image_cfg_scale=0.5), 1),
+    ("sd1-edit", dict(cfg_scale=7.0, image_cfg_scale=0.5, img2img_convention="a1111"), 3),
+    ("sd1-edit", dict(cfg_scale=7.0, image_cfg_scale=1.5, pag_scale=3.0), 3),   # PAG is not applied to edit models
+]
+
+
+@pytest.mark.parametrize(("family", "options", "rows"), CASES)
+def test_the_estimate_counts_the_rows_guidance_runs(bundles, family, options, rows):
+    bundle = bundles[family]
+    picture = {"init_image": init_picture(SIZE), "strength": 1.0} if family == "sd1-edit" else {}
+    request = GenerationRequest("a red cube", "blurry", steps=STEPS, seed=7, width=SIZE, height=SIZE,
+                                batch_size=BATCH, sampler="Euler", **picture, **options)
+    resolved = resolve_for(bundle, request)
+    assert unet_rows(bundle, resolved) == rows
+    assert _drawn_rows(bundle, request) == {rows}
+
+
+def test_the_estimate_grows_with_the_rows(bundles):
+    """PAG's third row and an edit model's image row each cost a third more U-Net memory than plain CFG."""
+    sd1, edit = bundles["sd1"], bundles["sd1-edit"]
+    big = dict(width=1024, height=1024, batch_size=4, sampler="Euler", cfg_scale=7.0)   # the U-Net phase dominates
+    plain = estimate_bytes(sd1, resolve_for(sd1, GenerationRequest("x", **big)))
+    assert estimate_bytes(sd1, resolve_for(sd1, GenerationRequest("x", **big, pag_scale=3.0))) == plain * 3 // 2
+    assert estimate_bytes(sd1, resolve_for(sd1, GenerationRequest("x", **big, freeu=FreeU()))) == plain
+    edit_plain, edit_image = (
+        estimate_bytes(edit, resolve_for(edit, GenerationRequest("x", **big, init_image=init_picture(SIZE),
+                                                                 image_cfg_scale=scale)))
+        for scale in (1.0, 1.5))
+    assert edit_image == edit_plain * 3 // 2
