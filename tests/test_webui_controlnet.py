@@ -182,6 +182,24 @@ def test_img2img_unit_takes_the_initial_image_and_bad_units_show_their_errors(pa
          "the server's error is not shown")
 
 
+def test_a_units_number_boxes_are_read_as_the_forms(page, base_url):
+    """An emptied box is left out of the unit (the server's default), as the form's own boxes; text that is not a
+    number is the page's error naming the unit and the box, and Processor res must be a whole number."""
+    _set_canny_unit(page)
+    page.find_element(By.ID, "cn0_weight").clear()
+    sent = page.execute_script("return JSON.parse(JSON.stringify(collectRequest()))")["controls"][0]
+    assert "strength" not in sent and sent["start"] == 0.1          # the server's strength: 1, not 0
+    page.find_element(By.ID, "cn0_weight").send_keys("1e")           # a number box's bad input reads as ""
+    page.find_element(By.ID, "generate").click()
+    wait(page, lambda d: text(d, "error") == "ControlNet Unit 0: Control weight: the text typed is not a number", 10,
+         "no error for the weight")
+    set_value(page, "cn0_weight", 0.8)
+    set_value(page, "cn0_processor_res", "512.5")
+    page.find_element(By.ID, "generate").click()
+    wait(page, lambda d: text(d, "error") == 'ControlNet Unit 0: Processor res: "512.5" is not a whole number', 10,
+         "no error for the processor resolution")
+
+
 def test_preview_shows_the_preprocessed_map(page, base_url):
     from sdlab.pipeline.preprocess import preprocess
 

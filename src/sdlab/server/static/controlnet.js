@@ -145,7 +145,15 @@ async function loadControlLists() {
   fillSelect($("ipa_model"), items, { blank: titles.length ? "None" : "no IP-Adapters found" });
 }
 
-const controlNumber = (id) => Number($(id).value);
+// A unit's (or the IP-Adapter's) number box as the form reads its own (`numberField`): empty is left out (the
+// server's default), text that is not a number is the page's error naming the unit
+function controlNumber(id, what, options = {}) {
+  try {
+    return numberField(id, options);
+  } catch (err) {
+    throw new ApiError(`${what}: ${err.message}`);
+  }
+}
 
 // The picture a unit or the IP-Adapter draws with: its own, else img2img's / inpaint's initial image (as the
 // extension takes it), with whether it is the initial image
@@ -153,6 +161,21 @@ function pictureOf(own, what) {
   if (own) return { picture: own, initial: false };
   if (state.mode !== "txt2img" && state.initImage) return { picture: state.initImage, initial: true };
   throw new ApiError(`${what} needs a picture: choose or drop one`);
+}
+
+// Unit i's preprocessor and the numbers it reads: thresholds as its sliders have them, Processor res for the
+// RESOLUTION_MODULES (null: one it has not)
+function preprocessorFields(i, what) {
+  const p = `cn${i}`;
+  const module = $(`${p}_module`).value || "none";
+  const thresholds = controlState.sliders[module] || [];
+  return {
+    module,
+    threshold_a: thresholds.length > 0 ? controlNumber(`${p}_threshold_a`, what) : null,
+    threshold_b: thresholds.length > 1 ? controlNumber(`${p}_threshold_b`, what) : null,
+    processor_res: RESOLUTION_MODULES.includes(module) ? controlNumber(`${p}_processor_res`, what, { integer: true })
+      : null,
+  };
 }
 
 // The enabled units and IP-Adapter as the native API's `controls` and `ip_adapters` (none: left out); a unit
@@ -166,26 +189,24 @@ function controlRequest() {
     const what = `ControlNet Unit ${i}`;
     if (!$(`${p}_model`).value) throw new ApiError(`${what} needs a model: choose one or untick Enable`);
     const { picture, initial } = pictureOf(controlState.pictures[i], what);
-    const module = $(`${p}_module`).value || "none";
-    const thresholds = controlState.sliders[module] || [];
+    const preprocessing = preprocessorFields(i, what);
     const initResize = $("resize_mode").value === "latent" ? "resize" : $("resize_mode").value;
     controls.push({
-      model: $(`${p}_model`).value, image: base64Of(picture), module,
-      strength: controlNumber(`${p}_weight`), start: controlNumber(`${p}_start`), end: controlNumber(`${p}_end`),
+      model: $(`${p}_model`).value, image: base64Of(picture), ...preprocessing,
+      strength: controlNumber(`${p}_weight`, what), start: controlNumber(`${p}_start`, what),
+      end: controlNumber(`${p}_end`, what),
       control_mode: $(`${p}_control_mode`).value,
       // a unit on the initial image fits it as img2img does (the extension's rule)
       resize_mode: initial ? initResize : $(`${p}_resize_mode`).value,
-      threshold_a: thresholds.length > 0 ? controlNumber(`${p}_threshold_a`) : null,
-      threshold_b: thresholds.length > 1 ? controlNumber(`${p}_threshold_b`) : null,
-      processor_res: RESOLUTION_MODULES.includes(module) ? controlNumber(`${p}_processor_res`) : null,
-      pixel_perfect: RESOLUTION_MODULES.includes(module) && $(`${p}_pixel_perfect`).checked,
+      pixel_perfect: RESOLUTION_MODULES.includes(preprocessing.module) && $(`${p}_pixel_perfect`).checked,
     });
   }
   if (controls.length) body.controls = controls;
   if ($("ipa_enabled").checked) {
     if (!$("ipa_model").value) throw new ApiError("IP-Adapter needs a model: choose one or untick it");
     const { picture } = pictureOf(controlState.ipPicture, "IP-Adapter");
-    body.ip_adapters = [{ model: $("ipa_model").value, image: base64Of(picture), scale: controlNumber("ipa_scale") }];
+    body.ip_adapters = [{ model: $("ipa_model").value, image: base64Of(picture),
+      scale: controlNumber("ipa_scale", "IP-Adapter") }];
   }
   return body;
 }
@@ -240,20 +261,19 @@ function fillControls(settings, unknown) {
 // Preview: the unit's picture (or the initial image) through its preprocessor, as the job's unit would see it
 async function previewControl(i) {
   const p = `cn${i}`;
+  const what = `ControlNet Unit ${i}`;
   showError("");
   try {
-    const { picture } = pictureOf(controlState.pictures[i], `ControlNet Unit ${i}`);
-    const module = $(`${p}_module`).value || "none";
-    const thresholds = controlState.sliders[module] || [];
+    const { picture } = pictureOf(controlState.pictures[i], what);
+    const { module, threshold_a, threshold_b, processor_res } = preprocessorFields(i, what);
     const read = await api("/controlnet/detect", { method: "POST", body: {
-      controlnet_module: module, controlnet_input_images: [base64Of(picture)],
-      controlnet_processor_res: RESOLUTION_MODULES.includes(module) ? controlNumber(`${p}_processor_res`) : null,
-      controlnet_threshold_a: thresholds.length > 0 ? controlNumber(`${p}_threshold_a`) : -1,
-      controlnet_threshold_b: thresholds.length > 1 ? controlNumber(`${p}_threshold_b`) : -1 } });
+      controlnet_module: module, controlnet_input_images: [base64Of(picture)], controlnet_processor_res: processor_res,
+      controlnet_threshold_a: threshold_a ?? -1, controlnet_threshold_b: threshold_b ?? -1 } });
     $(`${p}_preview`).src = `data:image/png;base64,${read.images[0]}`;
     $(`${p}_preview`).hidden = false;
   } catch (err) {
-    showError(`Preview of ControlNet Unit ${i}: ${err.message}`);
+    // the page's own errors name the unit already; the server's get its name
+    showError(`Preview of ${err.message.startsWith(what) ? err.message : `${what}: ${err.message}`}`);
   }
 }
 
