@@ -6,10 +6,13 @@
                   weights-only unpickler (`checkpoints.io`, nested keys joined with dots): no pickled code runs.
 
 Sizes come from the tensors: the image embedding's width (proj's input), the context width (norm), the token
-count (proj's output / context width) and each cross-attention's width (to_k_ip's output). Adapters whose
-image projection is another network (Full-face's, FaceID's MLP) are refused by name. Plus adapters
+count (proj's output / context width) and each cross-attention's width (to_k_ip's output). Plus adapters
 (``image_proj.latents``, ``proj_in``, ``layers.N.{0,1}``, ``proj_out``, ``norm_out``: a Perceiver resampler over the
-encoder's hidden states) read their sizes from those tensors too.
+encoder's hidden states) read their sizes from those tensors too, and so does the Full-face adapter
+(``image_proj.proj.0`` / ``proj.2`` / ``proj.3``: Linear, GELU, Linear, LayerNorm over the hidden states; h94's
+`ip-adapter-full-face_sd15`). FaceID adapters, whose projection reads InsightFace face embeddings
+(``image_proj.proj.0`` / ``proj.2`` / ``norm`` without ``proj.3``; FaceID Plus: ``perceiver_resampler``), are
+refused by name.
 `check_fits` refuses an adapter for another U-Net or image encoder with one line naming both widths.
 """
 
@@ -33,8 +36,10 @@ from sdlab.models.ip_adapter import IPAdapter, IPAdapterConfig, ResamplerConfig,
 from sdlab.models.unet import UNet
 
 _LAYER = re.compile(r"ip_adapter\.(\d+)\.to_k_ip\.weight")
-_OTHER_PROJECTIONS = {"image_proj.proj.0.weight": "an IP-Adapter Full / FaceID (an MLP image projection)",
-                      "image_proj.perceiver_resampler.proj_in.weight": "an IP-Adapter FaceID Plus"}
+_FACE_ID = ("its image projection reads InsightFace face embeddings, which sdlab does not compute; sdlab draws "
+            "base, Plus and Full-face IP-Adapters")
+_OTHER_PROJECTIONS = {"image_proj.perceiver_resampler.proj_in.weight": f"an IP-Adapter FaceID Plus: {_FACE_ID}",
+                      "image_proj.proj.0.weight": f"an IP-Adapter FaceID: {_FACE_ID}"}
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,8 @@ class LoadedIPAdapter:
 
 
 def _config_from_shapes(shapes: Mapping[str, torch.Size], path: Path) -> IPAdapterConfig:
+    if "image_proj.proj.3.weight" in shapes and "image_proj.perceiver_resampler.proj_in.weight" not in shapes:
+        return _full_config(shapes, path, _layer_widths(shapes, path))
     for key, what in _OTHER_PROJECTIONS.items():
         if key in shapes:
             raise CheckpointError(f"{path}: {what}; sdlab draws with base and Plus IP-Adapters only")
@@ -72,6 +79,21 @@ def _layer_widths(shapes: Mapping[str, torch.Size], path: Path) -> tuple[int, ..
         raise CheckpointError(f"{path}: not an IP-Adapter: its ip_adapter.N.to_k_ip layers are numbered "
                               f"{numbers[:6]}..., not 1, 3, 5, ...")
     return tuple(shapes[f"ip_adapter.{n}.to_k_ip.weight"][0] for n in numbers)
+
+
+def _full_config(shapes: Mapping[str, torch.Size], path: Path, widths: tuple[int, ...]) -> IPAdapterConfig:
+    """The Full-face adapter's sizes: proj.0 (E, E), proj.2 (C, E), proj.3 (C); its token count is the image
+    encoder's (0 here)."""
+    try:
+        hidden, embed_dim = shapes["image_proj.proj.0.weight"]
+        context_dim, inner = shapes["image_proj.proj.2.weight"]
+    except (KeyError, ValueError):
+        raise CheckpointError(f"{path}: an IP-Adapter Full-face without the projection sdlab knows (proj.0, proj.2, "
+                              "proj.3: Linear, GELU, Linear, LayerNorm)") from None
+    if hidden != embed_dim or inner != hidden:
+        raise CheckpointError(f"{path}: an IP-Adapter Full-face whose proj.0 is {hidden}x{embed_dim} and proj.2 "
+                              f"{context_dim}x{inner}; sdlab knows the one whose first Linear keeps the width")
+    return IPAdapterConfig(embed_dim=embed_dim, context_dim=context_dim, tokens=0, widths=widths, full=True)
 
 
 def _plus_config(shapes: Mapping[str, torch.Size], path: Path, widths: tuple[int, ...]) -> IPAdapterConfig:
@@ -131,10 +153,11 @@ def check_fits(adapter: LoadedIPAdapter, unet: UNet, encoder: CLIPVisionConfig, 
     if widths != cfg.widths:
         raise CheckpointError(f"{adapter.origin}: this IP-Adapter has {len(cfg.widths)} cross-attention layers; the "
                               f"model has {len(widths)} (widths {sorted(set(cfg.widths))} vs {sorted(set(widths))})")
-    if cfg.resampler is not None:
+    if cfg.resampler is not None or cfg.full:
         if encoder.width != cfg.embed_dim:
             raise CheckpointError(
-                f"{adapter.origin}: this IP-Adapter Plus reads {cfg.embed_dim}-wide image encoder hidden states"
+                f"{adapter.origin}: this IP-Adapter {'Full-face' if cfg.full else 'Plus'} reads {cfg.embed_dim}-wide "
+                f"image encoder hidden states"
                 f"{_tower_by_width(cfg.embed_dim)}; the image encoder {encoder_origin} is {encoder.width} wide"
                 f"{_tower_by_width(encoder.width)}: use the image encoder the adapter was trained with")
     elif encoder.projection_dim != cfg.embed_dim:

@@ -172,11 +172,13 @@ def _ip_adapter(path: Path) -> Description:
     from sdlab.checkpoints.ip_adapter import read_ip_adapter
 
     cfg, tensors = read_ip_adapter(path)
+    hidden = cfg.resampler is not None or cfg.full
     towers = [name for width, (name, tower) in TOWERS_BY_WIDTH.items()
-              if (width if cfg.resampler is not None else tower.projection_dim) == cfg.embed_dim]
-    reads = "hidden states" if cfg.resampler is not None else "image embeddings"
+              if (width if hidden else tower.projection_dim) == cfg.embed_dim]
+    reads = "hidden states" if hidden else "image embeddings"
+    projection = "Plus (resampler)" if cfg.resampler is not None else "Full-face (MLP)" if cfg.full else "base"
     facts = {"for": f"U-Nets of a {cfg.context_dim}-wide text context, {len(cfg.widths)} cross-attentions",
-             "image projection": "Plus (resampler)" if cfg.resampler is not None else "base", "tokens": cfg.tokens,
+             "image projection": projection, "tokens": cfg.tokens or "one per image encoder position",
              "reads": f"{cfg.embed_dim}-wide {reads}" + (f" ({' or '.join(towers)})" if towers else ""),
              "parameters": sum(shape.numel() for shape in shapes_of(tensors).values())}
     return {"kind": "IP-Adapter", "facts": facts,

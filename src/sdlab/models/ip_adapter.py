@@ -3,6 +3,7 @@ Models"): a picture as a prompt, through extra tokens and a second cross-attenti
 
     tokens = LayerNorm(reshape(proj(image_embeds), (T, C_ctx)))              image_proj, base adapters (T = 4)
     tokens = Resampler(hidden_states[-2])                                     image_proj, Plus adapters (T = 16)
+    tokens = LayerNorm(Linear(GELU(Linear(hidden_states[-2]))))              image_proj, Full-face (T = positions)
     attn2(x) = to_out(softmax(q k^T) v + scale * softmax(q k_ip^T) v_ip)     per cross-attention, same q
 
 with k = to_k(text context), v = to_v(text context) as before and k_ip = to_k_ip(tokens), v_ip = to_v_ip(tokens)
@@ -52,6 +53,7 @@ class IPAdapterConfig:
     tokens: int
     widths: tuple[int, ...]
     resampler: ResamplerConfig | None = None
+    full: bool = False          # the Full-face adapter's MLP over every hidden state (`tokens`: 0, the encoder's)
 
 
 class ImageProjection(nn.Module):
@@ -67,6 +69,21 @@ class ImageProjection(nn.Module):
         """image_embeds: (B, embed_dim) -> (B, tokens, context_dim)"""
         x = self.proj(image_embeds.to(self.proj.weight.dtype))                   # (B, T * C)
         return self.norm(x.reshape(len(x), self.tokens, -1))                      # (B, T, C)
+
+
+class FullImageProjection(nn.Module):
+    """The Full-face adapter's image projection (diffusers' `IPAdapterFullImageProjection`, IP-Adapter's
+    `MLPProjModel`): each of the encoder's penultimate hidden states through Linear (E -> E), GELU, Linear (E -> C)
+    and LayerNorm, one token per position. Names as in h94's file: proj.0, proj.2, proj.3 (the LayerNorm)."""
+
+    def __init__(self, cfg: IPAdapterConfig):
+        super().__init__()
+        self.proj = nn.Sequential(nn.Linear(cfg.embed_dim, cfg.embed_dim), nn.GELU(),
+                                  nn.Linear(cfg.embed_dim, cfg.context_dim), nn.LayerNorm(cfg.context_dim))
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        """hidden_states: (B, N, embed_dim) -> (B, N, context_dim)"""
+        return self.proj(hidden_states.to(self.proj[0].weight.dtype))             # (B, N, C)
 
 
 class PerceiverAttention(nn.Module):
@@ -131,14 +148,16 @@ class IPAdapter(nn.Module):
     def __init__(self, cfg: IPAdapterConfig):
         super().__init__()
         self.cfg = cfg
-        self.image_proj = ImageProjection(cfg) if cfg.resampler is None else Resampler(cfg)
+        self.image_proj = (Resampler(cfg) if cfg.resampler is not None else FullImageProjection(cfg) if cfg.full
+                           else ImageProjection(cfg))
         self.ip_adapter = nn.ModuleDict({str(2 * k + 1): DecoupledKV(cfg.context_dim, width)
                                          for k, width in enumerate(cfg.widths)})
 
     @property
     def reads_hidden_states(self) -> bool:
-        """Whether the image projection reads the encoder's penultimate hidden states (Plus), not image_embeds."""
-        return self.cfg.resampler is not None
+        """Whether the image projection reads the encoder's penultimate hidden states (Plus, Full-face), not
+        image_embeds."""
+        return self.cfg.resampler is not None or self.cfg.full
 
     def layers(self) -> list[DecoupledKV]:
         """The k/v projections in `cross_attentions` order."""
@@ -153,19 +172,24 @@ def cross_attentions(unet: nn.Module) -> list[nn.Module]:
 
 
 class ImagePrompt:
-    """One U-Net call's image prompts: for each adapter its tokens (B, T_i, C_ctx) and scale, and which of the
-    U-Net's cross-attentions (`cross_attentions`) each of its k/v projections serves. The cross-attention asks
-    `attended(attention, q)` for the sum of scale * softmax(q k_ip^T / sqrt(d)) v_ip over the adapters."""
+    """One U-Net call's image prompts: for each adapter its tokens (B, T_i, C_ctx) and scale, one number or one
+    per cross-attention (InstantStyle's per-layer scales), and which of the U-Net's cross-attentions
+    (`cross_attentions`) each of its k/v projections serves. The cross-attention asks `attended(attention, q)` for
+    the sum of scale * softmax(q k_ip^T / sqrt(d)) v_ip over the adapters; a scale of 0 skips the term, as
+    diffusers' IPAdapterAttnProcessor does."""
 
-    def __init__(self, attentions: Sequence[nn.Module], adapters: Sequence[tuple[IPAdapter, Tensor, float]]):
+    def __init__(self, attentions: Sequence[nn.Module],
+                 adapters: Sequence[tuple[IPAdapter, Tensor, float | Sequence[float]]]):
         self.by_attention: dict[nn.Module, list[tuple[DecoupledKV, Tensor, float]]] = {a: [] for a in attentions}
         for adapter, tokens, scale in adapters:
             layers = adapter.layers()
-            if len(layers) != len(attentions):
-                raise ValueError(f"ImagePrompt: an IP-Adapter of {len(layers)} cross-attentions on a U-Net of "
-                                 f"{len(attentions)}")
-            for attn, kv in zip(attentions, layers):
-                self.by_attention[attn].append((kv, tokens, float(scale)))
+            scales = [float(scale)] * len(attentions) if isinstance(scale, (int, float)) else list(map(float, scale))
+            if len(layers) != len(attentions) or len(scales) != len(attentions):
+                raise ValueError(f"ImagePrompt: an IP-Adapter of {len(layers)} cross-attentions and {len(scales)} "
+                                 f"scales on a U-Net of {len(attentions)}")
+            for attn, kv, layer_scale in zip(attentions, layers, scales):
+                if layer_scale != 0.0:
+                    self.by_attention[attn].append((kv, tokens, layer_scale))
 
     def attended(self, attn: nn.Module, q: Tensor) -> Tensor | None:
         """q: (B, N, C) the cross-attention's queries -> (B, N, C), or None where no adapter serves `attn`."""

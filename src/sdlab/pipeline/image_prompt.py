@@ -9,7 +9,8 @@ Semantics are diffusers' (`load_ip_adapter`, `ip_adapter_image`, `set_ip_adapter
   (`prepare_ip_adapter_image_embeds` / `encode_image`: ``uncond_image_embeds = zeros_like(image_embeds)``); a
   Plus adapter's, those of the hidden states of a zero picture (``image_encoder(zeros_like(image))``);
 - every cross-attention of the U-Net adds `scale` times its attention to the tokens (`models.ip_adapter`); a
-  ControlNet attends to the text alone, as in diffusers' ControlNet pipelines;
+  ControlNet attends to the text alone, as in diffusers' ControlNet pipelines; `layer_scales` (diffusers'
+  per-layer dict, InstantStyle's presets: `ip_adapter_layers`) give each cross-attention its own factor of `scale`;
 - the image encoder is the one named, else an `image_encoder` folder beside the adapter file or one folder up
   (h94/IP-Adapter's layout: `models/ip-adapter_sd15.safetensors` with `models/image_encoder/`).
 
@@ -31,7 +32,7 @@ import os
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ from sdlab.checkpoints.ip_adapter import LoadedIPAdapter, check_fits, load_ip_ad
 from sdlab.families.loaded import ModelBundle
 from sdlab.models.ip_adapter import ImagePrompt, IPAdapter, cross_attentions, zero_embeds_tokens
 from sdlab.pipeline.clip_image import clip_pixels
+from sdlab.pipeline.ip_adapter_layers import LayerScaleError, check_layer_scales, expand_layer_scales, layer_scales_text
 from sdlab.pipeline.control import _line_fields
 from sdlab.pipeline.request import RequestError, input_image
 from sdlab.utils.file_hashes import stat_version
@@ -66,6 +68,9 @@ class IPAdapterInput:
     image: Image.Image | str | os.PathLike[str]
     scale: float = 1.0
     image_encoder: LoadedImageEncoder | str | os.PathLike[str] | None = None
+    # per-layer scales multiplying `scale` (None: every cross-attention): diffusers' `set_ip_adapter_scale` dict,
+    # a preset "style" / "style+layout" or their compact text (`ip_adapter_layers`)
+    layer_scales: Mapping[str, Any] | str | None = None
 
     @property
     def model_path(self) -> str:
@@ -92,6 +97,11 @@ def check_ip_adapter(prompt: IPAdapterInput, index: int = 0) -> IPAdapterInput:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) \
             or not 0.0 <= scale <= MAX_SCALE:
         raise RequestError(f"{name}: scale must be a number in [0, {MAX_SCALE:g}], got {scale!r}")
+    if prompt.layer_scales is not None:
+        try:
+            check_layer_scales(prompt.layer_scales, MAX_SCALE)
+        except LayerScaleError as err:
+            raise RequestError(f"{name}: {err}") from None
     if not isinstance(prompt.model, LoadedIPAdapter):
         _check_adapter_file(Path(prompt.model), name)
     if not isinstance(prompt.image, Image.Image) and not Path(prompt.image).is_file():
@@ -147,7 +157,7 @@ class PreparedImagePrompts:
     """The adapters with their scales and token counts, and the tokens of the prompt's rows and the negative
     prompt's, each (B, sum of the adapters' tokens, context_dim) in the adapters' order."""
 
-    adapters: tuple[tuple[IPAdapter, float, int], ...]
+    adapters: tuple[tuple[IPAdapter, float | tuple[float, ...], int], ...]      # scale: one, or per cross-attention
     cond_tokens: Tensor
     uncond_tokens: Tensor
 
@@ -246,16 +256,27 @@ def prepare_image_prompts(bundle: ModelBundle, prompts: Sequence[IPAdapterInput]
         param = next(encoder.model.parameters())
         tokens, negative = _kept_tokens(adapter.model, encoder.model,
                                         pixels.to(device=param.device, dtype=param.dtype))
-        adapters.append((adapter.model, float(prompt.scale), tokens.shape[1]))
+        adapters.append((adapter.model, _scales(prompt, bundle, index), tokens.shape[1]))
         cond.append(tokens.expand(batch, -1, -1))                                             # (B, T, C)
         uncond.append(negative.expand(batch, -1, -1))                                         # (B, T, C)
     return PreparedImagePrompts(tuple(adapters), torch.cat(cond, dim=1), torch.cat(uncond, dim=1))
 
 
+def _scales(prompt: IPAdapterInput, bundle: ModelBundle, index: int) -> float | tuple[float, ...]:
+    """The prompt's scale, or with layer scales its product with each cross-attention's (`ip_adapter_layers`)."""
+    if prompt.layer_scales is None:
+        return float(prompt.scale)
+    try:
+        layers = expand_layer_scales(prompt.layer_scales, bundle.unet.cfg, MAX_SCALE)
+    except LayerScaleError as err:
+        raise RequestError(f"IP-Adapter {index}: {err}") from None
+    return tuple(float(prompt.scale) * layer for layer in layers)
+
+
 def _tokens(adapter: IPAdapter, encoder: torch.nn.Module, pixels: Tensor) -> tuple[Tensor, Tensor]:
     """The picture's tokens and the negative rows' (1, T, C), as diffusers' `encode_image`: a base adapter
-    projects image_embeds and zero embeddings; a Plus adapter the penultimate hidden states of the picture and
-    of a zero picture (zeros in CLIP's normalised space). pixels: (1, 3, 224, 224)"""
+    projects image_embeds and zero embeddings; a Plus or Full-face adapter the penultimate hidden states of the
+    picture and of a zero picture (zeros in CLIP's normalised space). pixels: (1, 3, 224, 224)"""
     with torch.no_grad():
         if adapter.reads_hidden_states:
             both = encoder(torch.cat([pixels, torch.zeros_like(pixels)])).hidden_states[-2]     # (2, N, W)
@@ -307,7 +328,8 @@ def _number(value: float) -> str:
 def infotext_lines(prompts: Sequence[IPAdapterInput]) -> dict[str, str]:
     """sdlab's infotext lines of the image prompts, {"IP-Adapter 0": "Model: NAME [hash], Weight: 0.7"}: NAME is
     the adapter file's name without its suffix, hash A1111's short model hash (as a ControlNet line names its
-    model). The picture itself is not recorded: a redraw is given it again (`--ip-adapter-image`)."""
+    model); per-layer scales add "Layers: style" or their compact text ("Layers: down.block_2=0/1 up.block_0=0/1/0").
+    The picture itself is not recorded: a redraw is given it again (`--ip-adapter-image`)."""
     lines = {}
     for index, prompt in enumerate(prompts):
         path = prompt.model_path
@@ -316,6 +338,8 @@ def infotext_lines(prompts: Sequence[IPAdapterInput]) -> dict[str, str]:
         except OSError:
             model = Path(path).stem
         lines[f"IP-Adapter {index}"] = f"Model: {model}, Weight: {_number(float(prompt.scale))}"
+        if prompt.layer_scales is not None:
+            lines[f"IP-Adapter {index}"] += f", Layers: {layer_scales_text(prompt.layer_scales)}"
     return lines
 
 
@@ -365,3 +389,16 @@ def recorded_weight(line: str) -> float | None:
         return float(fields["Weight"])
     except ValueError:
         raise ValueError(f"Weight {fields['Weight']!r} is not a number") from None
+
+
+def recorded_layer_scales(line: str) -> str | None:
+    """The per-layer scales an "IP-Adapter N" infotext line records ("Layers: ..."), checked; None where it records
+    none. Ones sdlab cannot read are a ValueError naming them."""
+    layers = _line_fields(line).get("Layers")
+    if layers is None:
+        return None
+    try:
+        check_layer_scales(layers, MAX_SCALE)
+    except LayerScaleError as err:
+        raise ValueError(f"Layers {layers!r}: {err}") from None
+    return layers.strip()

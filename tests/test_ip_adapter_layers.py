@@ -1,0 +1,242 @@
+"""Per-layer IP-Adapter scales (InstantStyle) and the Full-face adapter, against diffusers 0.42.
+
+- `expand_layer_scales` gives every cross-attention of full-size SD1.5 / SDXL U-Nets (built by diffusers on the meta
+  device from sdlab's configs) the scale diffusers' `set_ip_adapter_scale` gives its IPAdapterAttnProcessor
+  (`_maybe_expand_lora_scales`, default 0, then `attn_name.startswith(key)`), exactly;
+- pictures: sdlab with `layer_scales` vs StableDiffusionPipeline / StableDiffusionXLPipeline after
+  `set_ip_adapter_scale(dict)` on the same random weights, within `MAX_PIXEL_DIFF` / 255; two adapters, each with
+  its own dict; the Full-face adapter (IPAdapterFullImageProjection over the penultimate hidden states);
+- grammar errors and blocks the model lacks are one RequestError line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers.loaders.unet_loader_utils import _maybe_expand_lora_scales
+from transformers import CLIPImageProcessor
+
+from ip_adapter_fixtures import SAMPLE_PICTURE, ip_adapter_plus_state, write_ip_adapter
+from picture_parity import CFG, MAX_PIXEL_DIFF, PROMPT, SEED, SIZE, STEPS, max_pixel_diff
+from PIL import Image
+from sdlab.families.sdxl import SDXL_UNET
+from sdlab.models.ip_adapter import cross_attentions
+from sdlab.models.unet import UNetConfig
+from sdlab.pipeline.image_prompt import IPAdapterInput
+from sdlab.pipeline.ip_adapter_layers import (PRESETS, LayerScaleError, check_layer_scales, cross_attention_blocks,
+                                              expand_layer_scales, layer_scales_text, parse_layer_scales)
+from sdlab.pipeline.request import RequestError
+from test_ip_adapter import EULER, NEGATIVE, _adapted_pipe, _family, _picture, _reference
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _diffusers_scales(cfg: UNetConfig, spec) -> list[float]:
+    """diffusers' scale of each attn2 processor (in attn_processors order) after set_ip_adapter_scale(spec)."""
+    from sdlab.checkpoints.diffusers_unet import unet_config_to_diffusers
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**unet_config_to_diffusers(cfg))
+    config = _maybe_expand_lora_scales(unet, [spec], default_scale=0.0)[0]
+    scales = []
+    for name in unet.attn_processors:
+        if name.endswith("attn2.processor"):
+            scale = None
+            for key, value in config.items():          # set_ip_adapter_scale: the last key that prefixes the name
+                if name.startswith(key):
+                    scale = value
+            scales.append(scale)
+    return scales
+
+
+FULL_SIZE = {"sd15": UNetConfig(), "sdxl": SDXL_UNET}
+SPECS = {
+    "sdxl": [PRESETS["style"], PRESETS["style+layout"], {"down": 0.5, "mid": [0.3], "up": {"block_1": [1, 0, 2]}},
+             {"up": {"block_0": [0.4]}}, {"mid": 1.5}],
+    "sd15": [{"down": {"block_2": [0.0, 1.0]}, "up": {"block_1": [0.0, 1.0, 0.0]}}, {"up": 0.7, "mid": 0.2},
+             {"down": {"block_0": 1, "block_1": [0.5]}, "up": {"block_3": [1, 2, 3]}}],
+}
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_expansion_is_diffusers_on_full_size_unets(family):
+    cfg = FULL_SIZE[family]
+    for spec in SPECS[family]:
+        ours = expand_layer_scales(spec, cfg, 10.0)
+        assert list(ours) == _diffusers_scales(cfg, spec), spec
+        assert any(ours) and not all(ours)
+    assert len(cross_attention_blocks(cfg)) == (16 if family == "sd15" else 70)
+
+
+def test_the_presets_are_the_documented_instantstyle_layers():
+    style = expand_layer_scales("style", SDXL_UNET, 10.0)
+    blocks = cross_attention_blocks(SDXL_UNET)
+    assert {blocks[i] for i, s in enumerate(style) if s} == {"up_blocks.0.attentions.1"}
+    layout = expand_layer_scales("style+layout", SDXL_UNET, 10.0)
+    assert {blocks[i] for i, s in enumerate(layout) if s} == {"up_blocks.0.attentions.1", "down_blocks.2.attentions.1"}
+
+
+def test_spellings_round_trip():
+    spec = {"down": {"block_2": [0.0, 1.0]}, "mid": 0.5, "up": {"block_0": [0.0, 1.0, 0.0]}}
+    text = layer_scales_text(spec)
+    assert text == "down.block_2=0/1 mid=0.5 up.block_0=0/1/0"
+    assert parse_layer_scales(text) == spec
+    assert parse_layer_scales('{"up": {"block_0": [0, 1, 0]}}') == {"up": {"block_0": [0, 1, 0]}}
+    assert layer_scales_text(" style+layout") == "style+layout"
+    assert check_layer_scales("down=0.25 up.block_1=1", 10) == {"down": 0.25, "up": {"block_1": 1.0}}
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"middle": 1}, "unknown part 'middle'"),
+    ({"up": {"blok_0": 1}}, "up.blok_0 is not a block name"),
+    ({"mid": [1, 2]}, "mid takes 1 number, got 2"),
+    ({"up": {"block_0": [1, "x"]}}, r"up.block_0 must be a number in \[0, 10\]"),
+    ({"down": -1}, "down must be a number"),
+    ({}, "must name one or more of down, mid, up"),
+    ("sytle", "'sytle' is not part=NUMBERS"),
+    ("{not json", "are not JSON"),
+    ("up=1 up=2", "up is given twice"),
+])
+def test_grammar_errors_are_one_line(spec, message):
+    with pytest.raises(LayerScaleError, match=message):
+        check_layer_scales(spec, 10.0)
+
+
+def test_blocks_the_model_lacks_are_named():
+    with pytest.raises(LayerScaleError, match="up.block_0, which has no transformer in this model; its up blocks "
+                                              "with transformers: block_1, block_2, block_3"):
+        expand_layer_scales("style", UNetConfig(), 10.0)
+    with pytest.raises(LayerScaleError, match=r"up.block_0 takes 3 numbers \(one per transformer\) or 1, got 2"):
+        expand_layer_scales({"up": {"block_0": [0, 1]}}, SDXL_UNET, 10.0)
+
+
+# --- pictures ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sd1(tmp_path_factory):
+    return _family(tmp_path_factory, "sd1", StableDiffusionPipeline, 11)
+
+
+OPTIONS = dict(steps=STEPS, cfg_scale=CFG, seed=SEED, width=SIZE, height=SIZE, **EULER)
+SD1_LAYERS = {"down": {"block_1": 1.0}, "mid": 0.5, "up": {"block_0": [0.0, 1.5]}}   # the tiny SD1: 1 block per level
+
+
+def test_sd1_layer_scales_match_diffusers(sd1):
+    ours, base, encoder, models, state = sd1
+    path = write_ip_adapter(models / "layers.safetensors", state)
+    reference = _reference(base, StableDiffusionPipeline, encoder, models, path.name, SD1_LAYERS, batch=1)
+    whole = ours.txt2img(PROMPT, NEGATIVE, ip_adapters=[IPAdapterInput(path, _picture(), 1.0)], **OPTIONS)
+    result = ours.txt2img(PROMPT, NEGATIVE, **OPTIONS,
+                          ip_adapters=[IPAdapterInput(path, _picture(), layer_scales=SD1_LAYERS)])
+    assert max_pixel_diff(whole.images, reference) > 5 * MAX_PIXEL_DIFF      # the layers change the picture
+    assert max_pixel_diff(result.images, reference) <= MAX_PIXEL_DIFF
+    text = ours.txt2img(PROMPT, NEGATIVE, **OPTIONS, ip_adapters=[
+        IPAdapterInput(path, _picture(), 0.5, layer_scales=layer_scales_text({"down": {"block_1": 2.0}, "mid": 1.0,
+                                                                                "up": {"block_0": [0.0, 3.0]}}))])
+    assert max_pixel_diff(text.images, result.images) <= 1                  # scale x layers, the compact text
+
+
+def test_two_adapters_each_with_its_own_layers_match_diffusers(sd1):
+    ours, base, encoder, models, state = sd1
+    widths = [attn.to_q.weight.shape[0] for attn in cross_attentions(ours.bundle.unet)]
+    first = write_ip_adapter(models / "layers_a.safetensors", state)
+    second = write_ip_adapter(models / "layers_b.bin", ip_adapter_plus_state(
+        widths, ours.bundle.unet_config.context_dim, encoder.config.hidden_size, seed=31))
+    other = Image.open(SAMPLE_PICTURE).convert("RGB").crop((100, 40, 300, 200))
+    layers = [{"up": {"block_0": [0.0, 1.0]}}, {"down": {"block_1": [0.8]}, "up": {"block_1": 0.6}}]
+    pipe = _adapted_pipe(StableDiffusionPipeline(**{**base.components, "image_encoder": encoder,
+                                                   "feature_extractor": CLIPImageProcessor()}),
+                         models, [first.name, second.name], layers)
+    reference = pipe(PROMPT, negative_prompt=NEGATIVE, ip_adapter_image=[_picture(), other],
+                     num_inference_steps=STEPS, guidance_scale=CFG, width=SIZE, height=SIZE,
+                     generator=torch.Generator().manual_seed(SEED), output_type="np").images
+    swapped = ours.txt2img(PROMPT, NEGATIVE, **OPTIONS, ip_adapters=[
+        IPAdapterInput(first, _picture(), layer_scales=layers[1]), IPAdapterInput(second, other, layer_scales=layers[0])])
+    both = ours.txt2img(PROMPT, NEGATIVE, **OPTIONS, ip_adapters=[
+        IPAdapterInput(first, _picture(), layer_scales=layers[0]), IPAdapterInput(second, other, layer_scales=layers[1])])
+    assert max_pixel_diff(swapped.images, reference) > 5 * MAX_PIXEL_DIFF
+    assert max_pixel_diff(both.images, reference) <= MAX_PIXEL_DIFF
+
+
+def test_sdxl_layer_scales_match_diffusers(tmp_path_factory):
+    ours, base, encoder, models, state = _family(tmp_path_factory, "sdxl", StableDiffusionXLPipeline, 21)
+    path = write_ip_adapter(models / "layers_sdxl.safetensors", state)
+    layers = {"up": {"block_0": [0.0, 1.0]}, "mid": 0.4}                         # the tiny SDXL's style layer + mid
+    reference = _reference(base, StableDiffusionXLPipeline, encoder, models, path.name, layers, batch=1)
+    whole = ours.txt2img(PROMPT, NEGATIVE, ip_adapters=[IPAdapterInput(path, _picture(), 1.0)], **OPTIONS)
+    result = ours.txt2img(PROMPT, NEGATIVE, ip_adapters=[IPAdapterInput(path, _picture(), layer_scales=layers)],
+                          **OPTIONS)
+    assert max_pixel_diff(whole.images, reference) > 5 * MAX_PIXEL_DIFF
+    assert max_pixel_diff(result.images, reference) <= MAX_PIXEL_DIFF
+    with pytest.raises(RequestError, match="IP-Adapter 0: layer scales: up.block_0 takes 2 numbers"):
+        ours.txt2img(PROMPT, ip_adapters=[IPAdapterInput(path, _picture(), layer_scales="style")], steps=1,
+                     width=SIZE, height=SIZE)
+
+
+def test_bad_layer_scales_are_one_line(sd1):
+    ours, _, _, models, state = sd1
+    path = write_ip_adapter(models / "bad_layers.safetensors", state)
+    for layers, message in [({"up": {"block_2": 1}}, "IP-Adapter 0: layer scales name up.block_2, which has no "
+                                                     "transformer in this model; its up blocks with transformers: "
+                                                     "block_0, block_1"),
+                            ("style", "up.block_0 takes 2 numbers"),
+                            ({"down": {"block_1": [1, 0]}}, "down.block_1 takes 1 numbers"),
+                            ({"up": 11}, r"IP-Adapter 0: layer scales: up must be a number in \[0, 10\]")]:
+        with pytest.raises(RequestError, match=message):
+            ours.txt2img(PROMPT, ip_adapters=[IPAdapterInput(path, _picture(), layer_scales=layers)], steps=1,
+                         width=SIZE, height=SIZE)
+
+
+# --- the Full-face adapter ----------------------------------------------------------------------------------
+
+
+def full_face_state(cross_widths: list[int], context_dim: int, hidden_dim: int, seed: int = 5,
+                    std: float = 0.1) -> dict[str, dict[str, torch.Tensor]]:
+    """h94's ip-adapter-full-face_sd15 layout with random weights: image_proj.proj.0 (E, E), proj.2 (C, E), proj.3
+    the LayerNorm (MLPProjModel: Linear, GELU, Linear, LayerNorm); ip_adapter.{2k+1}.to_k_ip / to_v_ip."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def draw(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen) * std
+
+    proj = {"proj.0.weight": draw(hidden_dim, hidden_dim), "proj.0.bias": draw(hidden_dim),
+            "proj.2.weight": draw(context_dim, hidden_dim), "proj.2.bias": draw(context_dim),
+            "proj.3.weight": 1 + draw(context_dim), "proj.3.bias": draw(context_dim)}
+    layers = {}
+    for k, width in enumerate(cross_widths):
+        layers[f"{2 * k + 1}.to_k_ip.weight"] = draw(width, context_dim)
+        layers[f"{2 * k + 1}.to_v_ip.weight"] = draw(width, context_dim)
+    return {"image_proj": proj, "ip_adapter": layers}
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".bin"])
+def test_full_face_adapter_matches_diffusers(sd1, suffix):
+    ours, base, encoder, models, _ = sd1
+    widths = [attn.to_q.weight.shape[0] for attn in cross_attentions(ours.bundle.unet)]
+    state = full_face_state(widths, ours.bundle.unet_config.context_dim, encoder.config.hidden_size)
+    path = write_ip_adapter(models / f"ip-adapter-full-face_tiny{suffix}", state)
+    reference = _reference(base, StableDiffusionPipeline, encoder, models, path.name, 0.8, batch=2)
+    options = dict(OPTIONS, batch_size=2)
+    plain = ours.txt2img(PROMPT, NEGATIVE, **options)
+    result = ours.txt2img(PROMPT, NEGATIVE, ip_adapters=[IPAdapterInput(path, _picture(), 0.8)], **options)
+    assert max_pixel_diff(plain.images, reference) > 5 * MAX_PIXEL_DIFF
+    assert max_pixel_diff(result.images, reference) <= MAX_PIXEL_DIFF
+
+
+def test_face_id_adapters_stay_refused_and_a_wrong_encoder_is_named(sd1):
+    ours, _, _, models, state = sd1
+    widths = [attn.to_q.weight.shape[0] for attn in cross_attentions(ours.bundle.unet)]
+    context = ours.bundle.unet_config.context_dim
+    face_id = {"image_proj": {"proj.0.weight": torch.zeros(1024, 512), "proj.0.bias": torch.zeros(1024),
+                              "proj.2.weight": torch.zeros(4 * context, 1024), "proj.2.bias": torch.zeros(4 * context),
+                              "norm.weight": torch.ones(context), "norm.bias": torch.zeros(context)},
+               "ip_adapter": state["ip_adapter"]}
+    wide = write_ip_adapter(models / "full-face-wide.safetensors", full_face_state(widths, context, 1280))
+    cases = [(write_ip_adapter(models / "faceid.safetensors", face_id), "an IP-Adapter FaceID: its image projection "
+              "reads InsightFace face embeddings"),
+             (wide, r"Full-face reads 1280-wide image encoder hidden states \(ViT-H/14\); the image encoder .* is "
+              "128 wide")]
+    for path, message in cases:
+        with pytest.raises(RequestError, match=message):
+            ours.txt2img(PROMPT, ip_adapters=[IPAdapterInput(path, _picture())], steps=1, width=SIZE, height=SIZE)
