@@ -17,8 +17,8 @@ from controlnet_fixtures import diffusers_controlnet, write_layout
 from ip_adapter_fixtures import SAMPLE_PICTURE, ip_adapter_state, write_image_encoder, write_ip_adapter
 from server_fixtures import start_server
 from test_webui import (  # noqa: F401  (fixtures: browser, page)
-    By, Select, browser, drop_file, http_bytes, job_by_prompt, open_page, page, set_value, text, value, wait,
-    wait_job,
+    By, Keys, Select, browser, drop_file, http_bytes, job_by_prompt, open_page, page, set_value,
+    severe_console_errors, text, value, wait, wait_job,
 )
 
 
@@ -115,6 +115,24 @@ def test_the_page_lists_the_folder_and_knows_the_preprocessors_resolution(page, 
     Select(page.find_element(By.ID, "cn0_module")).select_by_value("none")
     assert not page.find_element(By.ID, "cn0_threshold_a_box").is_displayed()
     assert "controls" not in page.execute_script("return collectRequest()")
+
+
+def test_the_keyboard_reaches_the_picture_pickers_and_each_is_named(page, base_url, tmp_path):
+    wait(page, _lists_loaded, 30, "the ControlNet lists did not load")
+    page.find_element(By.ID, "cn0_enabled").send_keys(Keys.TAB)     # Enable, then the unit's file picker
+    assert page.switch_to.active_element.get_attribute("id") == "cn0_file"
+    assert page.find_element(By.ID, "cn0_file").accessible_name == "ControlNet Unit 0: choose a picture"
+    assert page.find_element(By.ID, "cn0_enabled").accessible_name == "Enable ControlNet Unit 0"
+    page.find_element(By.ID, "ipa_enabled").click()
+    assert page.find_element(By.ID, "ipa_clear").accessible_name == "Clear the picture of IP-Adapter"
+    # a file chosen with the picker is the unit's picture; Clear takes it away
+    (tmp_path / "hint.png").write_bytes(_hint_png())
+    page.find_element(By.ID, "cn0_file").send_keys(str(tmp_path / "hint.png"))
+    wait(page, lambda d: d.find_element(By.ID, "cn0_view").is_displayed(), 10, "the chosen hint is not shown")
+    assert page.execute_script("return controlState.pictures[0]").endswith(base64.b64encode(_hint_png()).decode())
+    page.find_element(By.ID, "cn0_clear").click()
+    assert page.execute_script("return controlState.pictures[0]") is None
+    assert severe_console_errors(page) == []
 
 
 def test_a_unit_draws_the_job_records_it_and_reuse_and_its_png_restore_it(page, base_url):

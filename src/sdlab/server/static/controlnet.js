@@ -44,14 +44,17 @@ function choiceSelect(id, choices, chosen) {
   return select;
 }
 
-// A picture box: a file picker, a drop zone showing the picture (`data-picture` routes a drop here: setupDrop),
-// a Clear button
-function pictureBox(prefix, placeholder) {
+// A picture box of `name` (a unit, the IP-Adapter): a file picker (its input visually hidden, not hidden, so the
+// keyboard reaches it), a drop zone showing the picture (`data-picture` routes a drop here: setupDrop), a Clear
+// button; the picker and Clear are named with the box's owner
+function pictureBox(prefix, name, placeholder) {
   return [
     element("div", { className: "row" }, [
-      element("label", { className: "file-button", htmlFor: `${prefix}_file`, textContent: "Choose picture" }),
-      element("input", { type: "file", id: `${prefix}_file`, accept: "image/*", hidden: true }),
-      element("button", { type: "button", id: `${prefix}_clear`, textContent: "Clear" }),
+      element("label", { className: "file-button", htmlFor: `${prefix}_file`, textContent: "Choose picture" }, [
+        element("input", { type: "file", id: `${prefix}_file`, accept: "image/*", className: "visually-hidden",
+          "aria-label": `${name}: choose a picture` })]),
+      element("button", { type: "button", id: `${prefix}_clear`, textContent: "Clear",
+        "aria-label": `Clear the picture of ${name}` }),
     ]),
     element("div", { id: `${prefix}_drop`, className: "drop-zone picture-drop", dataset: { picture: prefix },
       role: "group", "aria-label": `${placeholder} (drop a picture here)` }, [
@@ -70,8 +73,9 @@ function controlUnit(i) {
     element("label", { htmlFor: `${p}_${key}`, id: `${p}_${key}_label` }), numberInput(`${p}_${key}`, "", 0, 255, 1)]);
   return element("details", { id: p, className: "control-unit", open: i === 0 }, [
     element("summary", { id: `${p}_summary`, textContent: `ControlNet Unit ${i}` }),
-    element("label", { className: "toggle" }, [element("input", { type: "checkbox", id: `${p}_enabled` }), " Enable"]),
-    ...pictureBox(p, "Control picture (none: img2img's initial image)"),
+    element("label", { className: "toggle" }, [
+      element("input", { type: "checkbox", id: `${p}_enabled`, "aria-label": `Enable ControlNet Unit ${i}` }), " Enable"]),
+    ...pictureBox(p, `ControlNet Unit ${i}`, "Control picture (none: img2img's initial image)"),
     element("div", { className: "grid2" }, [
       labelled(`${p}_module`, "Preprocessor", element("select", { id: `${p}_module` })),
       labelled(`${p}_model`, "Model", element("select", { id: `${p}_model` }),
@@ -295,7 +299,7 @@ function setupControls() {
     $(`cn${i}_module`).addEventListener("change", () => showModuleSliders(i));
     $(`cn${i}_preview_button`).addEventListener("click", () => previewControl(i));
   }
-  $("ipa-picture").append(...pictureBox("ipa", "IP-Adapter picture (none: img2img's initial image)"));
+  $("ipa-picture").append(...pictureBox("ipa", "IP-Adapter", "IP-Adapter picture (none: img2img's initial image)"));
   wirePictureBox("ipa");
   $("ipa_enabled").addEventListener("change", () => { $("ipa-options").hidden = !$("ipa_enabled").checked; });
   $("cn-refresh").addEventListener("click", async () => {
