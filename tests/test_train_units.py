@@ -115,6 +115,44 @@ def test_sharding_and_accumulation_cover_the_same_global_batch(tmp_path):
     assert sorted(epoch0) == list(range(5))
 
 
+
+def test_an_interrupt_while_loading_stops_leaves_the_loading_threads_alive(tmp_path, monkeypatch):
+    """A KeyboardInterrupt while the data loading stops (a second Ctrl-C under the Python API) must not land in
+    a Thread.join: on Python 3.11 that marks the still-running thread as ended (cpython#90882), and the
+    interpreter's exit then finalized under it and aborted ("terminate called without an active exception")."""
+    import threading
+    import sdlab.train.data as data_module
+    scan = scan_dataset(write_caption_folder(tmp_path / "d", n=4, size=20))
+    data = TrainData(scan, batch_size=1, grad_accum=1, resolution=16, center_crop=False, random_flip=False, seed=0,
+                     num_workers=1)
+    release, calls, load = threading.Event(), [], data_module.load_training_image
+
+    def held_second_image(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:         # the look-ahead's batch: held until the test lets it go
+            release.wait(60)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(data_module, "load_training_image", held_second_image)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        batches = data.iterate(0, 3)
+        next(batches)                                       # batch 0; batch 1 is now loading, held
+        main = threading.main_thread().ident                # a Ctrl-C, delivered to the waiting main thread
+        threading.Timer(0.3, signal.pthread_kill, (main, signal.SIGINT)).start()
+        with pytest.raises(KeyboardInterrupt):
+            batches.close()                                 # waits for the held batch: the interrupt lands there
+        data.close()
+        loading = [t for t in threading.enumerate() if t.name.startswith(("sdlab-prefetch", "sdlab-data"))]
+        assert loading and all(t.is_alive() for t in loading), [(t.name, t.is_alive()) for t in loading]
+    finally:
+        signal.signal(signal.SIGINT, before)
+        release.set()
+    for thread in loading:
+        thread.join(30)
+        assert not thread.is_alive()
+
+
 # --- config -----------------------------------------------------------------------------------------------
 
 

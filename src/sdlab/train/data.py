@@ -45,7 +45,7 @@ import random
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -786,7 +786,13 @@ class TrainData:
                 pending = lookahead.submit(self._assemble, *order[i + 1]) if i + 1 < len(order) else None
                 yield step, micro, batch
         finally:
-            lookahead.shutdown(wait=True, cancel_futures=True)
+            lookahead.shutdown(wait=False, cancel_futures=True)  # no Thread.join: see `close`
+            wait([pending] if pending is not None else [])     # a wait a KeyboardInterrupt may cut safely
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Stop the loading threads without joining them: they end on their own once their work is done (the
+        interpreter's exit joins them). A KeyboardInterrupt raised inside Thread.join (a second Ctrl-C while
+        training runs under the Python API) marks the still-running thread as ended on Python 3.11
+        (cpython#90882); the exit then finalizes the interpreter under it, and the thread, waking inside
+        torch, aborts the process ("terminate called without an active exception")."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
