@@ -240,3 +240,61 @@ def test_face_id_adapters_stay_refused_and_a_wrong_encoder_is_named(sd1):
     for path, message in cases:
         with pytest.raises(RequestError, match=message):
             ours.txt2img(PROMPT, ip_adapters=[IPAdapterInput(path, _picture())], steps=1, width=SIZE, height=SIZE)
+
+
+# --- CLI and infotext -----------------------------------------------------------------------------------------
+
+from test_ip_adapter import FAST, cli_files  # noqa: E402,F401  (the tiny SD1 file, adapter and picture)
+
+CLI_LAYERS = "mid=0.5 up.block_0=0/1"
+
+
+def test_cli_layer_scales_draw_the_api_picture_record_them_and_redraw_from_png(cli_files, tmp_path, capsys):
+    import numpy as np
+    from cli_helpers import pixels, run
+    from sdlab.pipeline.png_info import parse_parameters, read_parameters
+
+    import sdlab
+
+    base = ["txt2img", "a red apple", "--model", str(cli_files["model"]), *FAST]
+    adapter = ["--ip-adapter", str(cli_files["adapter"]), "--ip-adapter-image", str(cli_files["picture"])]
+    whole, drawn, as_json, again = (tmp_path / f"{name}.png" for name in ("whole", "drawn", "json", "again"))
+    assert run([*base, *adapter, "--out", str(whole)], capsys)[0] == 0
+    code, _, stderr = run([*base, *adapter, "--ip-adapter-scale", CLI_LAYERS, "--out", str(drawn)], capsys)
+    assert code == 0, stderr
+    assert np.abs(pixels(whole) - pixels(drawn)).max() > 10
+    api = sdlab.load(cli_files["model"]).txt2img(
+        "a red apple", steps=3, width=32, height=32, seed=3, ip_adapters=[
+            IPAdapterInput(cli_files["adapter"], Image.open(cli_files["picture"]),
+                           layer_scales={"mid": 0.5, "up": {"block_0": [0, 1]}})])
+    assert np.abs(pixels(drawn) - np.asarray(api.images[0], dtype=np.int16)).max() == 0
+    line = parse_parameters(read_parameters(drawn))["IP-Adapter 0"]
+    assert line.endswith(f"], Weight: 1, Layers: {CLI_LAYERS}")
+    code, _, stderr = run([*base, *adapter, "--ip-adapter-scale", '{"up": {"block_0": [0, 1]}, "mid": [0.5]}',
+                           "--out", str(as_json)], capsys)
+    assert code == 0, stderr
+    assert np.abs(pixels(drawn) - pixels(as_json)).max() == 0
+    code, _, stderr = run(["txt2img", "--model", str(cli_files["model"]), "--no-progress", "--from-png", str(drawn),
+                           *adapter, "--out", str(again)], capsys)
+    assert code == 0, stderr
+    assert np.abs(pixels(drawn) - pixels(again)).max() == 0                  # Weight and Layers read back
+    code, _, stderr = run(["txt2img", "--model", str(cli_files["model"]), "--no-progress", "--from-png", str(drawn),
+                           *adapter, "--ip-adapter-scale", "1", "--out", str(tmp_path / "over.png")], capsys)
+    assert code == 0, stderr
+    assert np.abs(pixels(whole) - pixels(tmp_path / "over.png")).max() == 0  # a given scale replaces both
+
+
+def test_cli_bad_layer_scales_are_one_line_and_no_file(cli_files, tmp_path, capsys):
+    from cli_helpers import run
+
+    base = ["txt2img", "a red apple", "--model", str(cli_files["model"]), *FAST, "--ip-adapter",
+            str(cli_files["adapter"]), "--ip-adapter-image", str(cli_files["picture"])]
+    for scale, message in [("stlye", "'stlye' is not part=NUMBERS"), ('{"middle": 1}', "unknown part 'middle'"),
+                           ("up.block_0=0/1/0", "up.block_0 takes 2 numbers"),
+                           ("style", "up.block_0 takes 2 numbers"),
+                           ("down.block_4=1", "down.block_4, which has no transformer")]:
+        out = tmp_path / "bad.png"
+        code, _, stderr = run([*base, "--ip-adapter-scale", scale, "--out", str(out)], capsys)
+        assert code != 0 and message in stderr, stderr
+        assert "Traceback" not in stderr and len([ln for ln in stderr.splitlines() if "error" in ln]) == 1, stderr
+        assert not out.exists()

@@ -347,9 +347,13 @@ def _add_run_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
                         "matching --ip-adapter-image is drawn as an image prompt; repeatable")
     p.add_argument("--ip-adapter-image", action="append", default=[], metavar="FILE",
                    help="the picture of the matching --ip-adapter (the first for the first, ...); repeatable")
-    p.add_argument("--ip-adapter-scale", action="append", default=[], type=float, metavar="S",
+    p.add_argument("--ip-adapter-scale", action="append", default=[], type=_ip_adapter_scale, metavar="S",
                    help="how strongly the matching --ip-adapter's picture acts, 0..10 (default 1, or the Weight "
-                        "the picture's parameters record; A1111's Weight); repeatable")
+                        "and Layers the picture's parameters record; A1111's Weight); or per layer (InstantStyle), "
+                        "diffusers' set_ip_adapter_scale dict as JSON ('{\"up\": {\"block_0\": [0, 1, 0]}}': "
+                        "blocks not named 0), its compact text ('down.block_2=0/1 up.block_0=0/1/0') or a preset: "
+                        "style, style+layout (SDXL's up_blocks.0.attentions.1, and down_blocks.2.attentions.1); "
+                        "repeatable")
     p.add_argument("--ip-adapter-encoder", action="append", default=[], metavar="PATH",
                    help="the CLIP image encoder of the matching --ip-adapter (a folder with config.json and "
                         "model.safetensors, or its .safetensors file); default: the image_encoder folder beside "
@@ -888,13 +892,30 @@ def _parse_control(spec: str, convention: str, **settings: Any):
         raise UserError(f"--control {spec!r}: {err}") from None
 
 
+def _ip_adapter_scale(text: str) -> float | str:
+    """An --ip-adapter-scale: a number, else per-layer scales (a preset, JSON or the compact text), checked."""
+    from sdlab.pipeline.image_prompt import MAX_SCALE
+    from sdlab.pipeline.ip_adapter_layers import LayerScaleError, check_layer_scales
+
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        check_layer_scales(text, MAX_SCALE)
+    except LayerScaleError as err:
+        raise argparse.ArgumentTypeError(f"not a number, and {err}") from None
+    return text.strip()
+
+
 def _ip_adapters(args: argparse.Namespace, recorded: dict[str, Any]) -> tuple:
     """The --ip-adapter `IPAdapterInput`s, each with the --ip-adapter-image / -scale / -encoder of its place,
-    checked. A scale not given is the Weight the --from-png picture records for the adapter of its place (its
-    `IP-Adapter N` lines, then the IP-Adapter units of the ControlNet extension and Forge: `recorded_ip_adapters`),
-    else 1; those past the adapters given are named in a warning (the picture is not recorded: each needs its
-    image again)."""
-    from sdlab.pipeline.image_prompt import IPAdapterInput, check_ip_adapter, recorded_ip_adapters, recorded_weight
+    checked. A scale not given is the Weight (and Layers) the --from-png picture records for the adapter of its
+    place (its `IP-Adapter N` lines, then the IP-Adapter units of the ControlNet extension and Forge:
+    `recorded_ip_adapters`), else 1; per-layer scales given (`_ip_adapter_scale`) draw at scale 1. Those past the
+    adapters given are named in a warning (the picture is not recorded: each needs its image again)."""
+    from sdlab.pipeline.image_prompt import (IPAdapterInput, check_ip_adapter, recorded_ip_adapters,
+                                             recorded_layer_scales, recorded_weight)
     from sdlab.pipeline.request import RequestError
 
     count = len(args.ip_adapter)
@@ -912,15 +933,18 @@ def _ip_adapters(args: argparse.Namespace, recorded: dict[str, Any]) -> tuple:
     prompts = []
     for index, (file, image) in enumerate(zip(args.ip_adapter, args.ip_adapter_image)):
         scale = args.ip_adapter_scale[index] if index < len(args.ip_adapter_scale) else None
-        if scale is None and index < len(lines):
+        layers = None
+        if isinstance(scale, str):
+            scale, layers = 1.0, scale
+        elif scale is None and index < len(lines):
             label, line = lines[index]
             try:
-                scale = recorded_weight(line)
+                scale, layers = recorded_weight(line), recorded_layer_scales(line)
             except ValueError as err:
                 raise UserError(f"{label}: {err}; pass --ip-adapter-scale") from None
         encoder = args.ip_adapter_encoder[index] if index < len(args.ip_adapter_encoder) else None
         prompt = IPAdapterInput(file, _open_image(image, "IP-Adapter image"), 1.0 if scale is None else scale,
-                                encoder)
+                                encoder, layer_scales=layers)
         try:
             prompts.append(check_ip_adapter(prompt, index))
         except RequestError as err:
