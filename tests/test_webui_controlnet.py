@@ -69,6 +69,13 @@ def _model_title(driver, stem: str) -> str:
     return next(title for title in titles if title.startswith(stem + " ["))
 
 
+def _shown_picture(driver, element_id: str) -> np.ndarray:
+    """The RGB pixels of the data URL picture an <img> shows."""
+    shown = driver.execute_script("return document.getElementById(arguments[0]).src", element_id)
+    assert shown.startswith("data:image/png;base64,")
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(shown.split(",", 1)[1]))).convert("RGB"))
+
+
 def _checked(driver, element_id: str) -> bool:
     return driver.find_element(By.ID, element_id).is_selected()
 
@@ -219,24 +226,47 @@ def test_a_units_number_boxes_are_read_as_the_forms(page, base_url):
 
 
 def test_preview_shows_the_preprocessed_map(page, base_url):
-    from sdlab.pipeline.preprocess import preprocess
+    from sdlab.pipeline.preprocess import pixel_perfect_resolution, preprocess
 
     _set_canny_unit(page)
     set_value(page, "cn0_threshold_a", 50)
     page.find_element(By.ID, "cn0_preview_button").click()
     wait(page, lambda d: d.execute_script("const i = document.getElementById('cn0_preview');"
                                           "return !i.hidden && i.complete && i.naturalWidth > 0"), 20, "no preview")
-    shown = page.execute_script("return document.getElementById('cn0_preview').src")
-    assert shown.startswith("data:image/png;base64,")
-    mapped = np.asarray(Image.open(io.BytesIO(base64.b64decode(shown.split(",", 1)[1]))).convert("RGB"))
+    mapped = _shown_picture(page, "cn0_preview")
     hint = Image.open(io.BytesIO(_hint_png()))
     expected = np.asarray(preprocess(hint, "canny", 50.0, 200.0, 512).convert("RGB"))
     assert mapped.shape == expected.shape and (mapped == expected).all()
-    # a preprocessor /controlnet/detect does not run: the server's reason in the error box
+    # Pixel perfect: the resolution from the picture's and the drawing's size, as the job's unit runs at
+    # (preprocess.pixel_perfect_resolution: 64 x 64 covering 64 x 96 under Crop and Resize: 96)
+    page.find_element(By.ID, "cn0_pixel_perfect").click()
+    page.find_element(By.ID, "cn0_preview_button").click()
+    wait(page, lambda d: "Pixel perfect's preview needs the drawing's size" in text(d, "error"), 10,
+         "no error for the model's default size")
+    assert not page.find_element(By.ID, "cn0_preview").is_displayed()     # no earlier map left shown
+    set_value(page, "width", 64)
+    set_value(page, "height", 96)
+    page.find_element(By.ID, "cn0_preview_button").click()
+    wait(page, lambda d: d.execute_script("const i = document.getElementById('cn0_preview');"
+                                          "return !i.hidden && i.complete && i.naturalWidth > 0"), 20, "no preview")
+    assert pixel_perfect_resolution(hint.size, 64, 96, "crop") == 96
+    cases = [(picture, drawing, mode) for picture in ((64, 64), (100, 37), (33, 77), (640, 480), (4, 2))
+             for drawing in ((64, 96), (512, 768), (72, 40), (5, 5)) for mode in ("resize", "crop", "fill")]
+    assert page.execute_script("return arguments[0].map(([[pw, ph], [w, h], mode]) => "
+                               "pixelPerfectResolution(pw, ph, w, h, mode))", cases) == [
+        pixel_perfect_resolution(picture, *drawing, mode) for picture, drawing, mode in cases]   # 2.5 -> 2 too
+    expected = np.asarray(preprocess(hint, "canny", 50.0, 200.0, 96).convert("RGB"))
+    assert mapped.shape == (512, 512, 3)                                   # Processor res's map, above
+    shown = _shown_picture(page, "cn0_preview")
+    assert shown.shape == expected.shape == (96, 96, 3) and (shown == expected).all()
+    assert text(page, "error") == ""
+    # a preprocessor /controlnet/detect does not run: the server's reason in the error box, the button free again
     Select(page.find_element(By.ID, "cn0_module")).select_by_value("inpaint")
     page.find_element(By.ID, "cn0_preview_button").click()
     wait(page, lambda d: "Module not supported" in text(d, "error") and "does not run 'inpaint'" in text(d, "error"),
          10, "the preview error is not shown")
+    assert page.find_element(By.ID, "cn0_preview_button").is_enabled()
+    assert not page.find_element(By.ID, "cn0_preview").is_displayed()
 
 
 def test_the_ip_adapter_box_sends_its_fields_and_reuse_fills_it(page, base_url):

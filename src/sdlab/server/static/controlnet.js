@@ -182,6 +182,32 @@ function preprocessorFields(i, what) {
   };
 }
 
+// The resize mode unit i runs with: its own, or on the initial image img2img's (the extension's rule; A1111's
+// latent upscale is Just Resize for a unit)
+function unitResizeMode(i, initial) {
+  if (!initial) return $(`cn${i}_resize_mode`).value;
+  return $("resize_mode").value === "latent" ? "resize" : $("resize_mode").value;
+}
+
+// The extension's Pixel Perfect resolution (preprocess.pixel_perfect_resolution) of a picture of `pictureWidth` x
+// `pictureHeight` drawn at width x height: its short side times the scale that fits it inside the drawing under
+// "fill", else the scale that covers it, rounded half to even as NumPy rounds
+function pixelPerfectResolution(pictureWidth, pictureHeight, width, height, resizeMode) {
+  const [k0, k1] = [height / pictureHeight, width / pictureWidth];
+  const exact = (resizeMode === "fill" ? Math.min(k0, k1) : Math.max(k0, k1)) * Math.min(pictureWidth, pictureHeight);
+  const floor = Math.floor(exact);
+  return exact - floor > 0.5 || (exact - floor === 0.5 && floor % 2 === 1) ? floor + 1 : floor;
+}
+
+// The size the job draws at as the page knows it: Width and Height, an unset side img2img's / inpaint's initial
+// image's (the native API's rule); null where a side is the model's default, which the server knows
+function drawingSize() {
+  const initial = state.mode !== "txt2img" && state.initImage ? $("init-canvas") : null;
+  const width = sideField("width") ?? initial?.width;
+  const height = sideField("height") ?? initial?.height;
+  return width && height ? { width, height } : null;
+}
+
 // The enabled units and IP-Adapter as the native API's `controls` and `ip_adapters` (none: left out); a unit
 // without a model or picture is an error the page shows
 function controlRequest() {
@@ -194,14 +220,12 @@ function controlRequest() {
     if (!$(`${p}_model`).value) throw new ApiError(`${what} needs a model: choose one or untick Enable`);
     const { picture, initial } = pictureOf(controlState.pictures[i], what);
     const preprocessing = preprocessorFields(i, what);
-    const initResize = $("resize_mode").value === "latent" ? "resize" : $("resize_mode").value;
     controls.push({
       model: $(`${p}_model`).value, image: base64Of(picture), ...preprocessing,
       strength: controlNumber(`${p}_weight`, what), start: controlNumber(`${p}_start`, what),
       end: controlNumber(`${p}_end`, what),
       control_mode: $(`${p}_control_mode`).value,
-      // a unit on the initial image fits it as img2img does (the extension's rule)
-      resize_mode: initial ? initResize : $(`${p}_resize_mode`).value,
+      resize_mode: unitResizeMode(i, initial),
       pixel_perfect: RESOLUTION_MODULES.includes(preprocessing.module) && $(`${p}_pixel_perfect`).checked,
     });
   }
@@ -262,22 +286,41 @@ function fillControls(settings, unknown) {
   if (prompts.length > 1) unknown.push(`${prompts.length - 1} IP-Adapters past the first`);
 }
 
-// Preview: the unit's picture (or the initial image) through its preprocessor, as the job's unit would see it
+// The Processor res a unit's Preview runs at: Pixel perfect's from the picture's and the drawing's size where it is
+// ticked (as the extension's preview), else the box's
+async function previewResolution(i, picture, initial, processorRes, what) {
+  if (!$(`cn${i}_pixel_perfect`).checked) return processorRes;
+  const size = drawingSize();
+  if (!size) throw new ApiError(`${what}: Pixel perfect's preview needs the drawing's size: set Width and Height`);
+  const image = await loadImage(picture);
+  return pixelPerfectResolution(image.naturalWidth, image.naturalHeight, size.width, size.height,
+    unitResizeMode(i, initial));
+}
+
+// Preview: the unit's picture (or the initial image) through its preprocessor, as the job's unit would see it (the
+// whole picture, before the resize mode cuts it, as the extension's preview). The button waits while the server
+// works; a failed preview leaves no earlier map shown.
 async function previewControl(i) {
   const p = `cn${i}`;
   const what = `ControlNet Unit ${i}`;
   showError("");
+  $(`${p}_preview`).hidden = true;
+  $(`${p}_preview_button`).disabled = true;
   try {
-    const { picture } = pictureOf(controlState.pictures[i], what);
+    const { picture, initial } = pictureOf(controlState.pictures[i], what);
     const { module, threshold_a, threshold_b, processor_res } = preprocessorFields(i, what);
+    const resolution = RESOLUTION_MODULES.includes(module)
+      ? await previewResolution(i, picture, initial, processor_res, what) : null;
     const read = await api("/controlnet/detect", { method: "POST", body: {
-      controlnet_module: module, controlnet_input_images: [base64Of(picture)], controlnet_processor_res: processor_res,
+      controlnet_module: module, controlnet_input_images: [base64Of(picture)], controlnet_processor_res: resolution,
       controlnet_threshold_a: threshold_a ?? -1, controlnet_threshold_b: threshold_b ?? -1 } });
     $(`${p}_preview`).src = `data:image/png;base64,${read.images[0]}`;
     $(`${p}_preview`).hidden = false;
   } catch (err) {
     // the page's own errors name the unit already; the server's get its name
     showError(`Preview of ${err.message.startsWith(what) ? err.message : `${what}: ${err.message}`}`);
+  } finally {
+    $(`${p}_preview_button`).disabled = false;
   }
 }
 
