@@ -91,6 +91,19 @@ def _generate(driver, base: str, prompt: str) -> dict:
     return wait_job(base, job_by_prompt(base, prompt)["id"])
 
 
+def _restore(driver, base: str, job: dict, how: str) -> None:
+    """In a fresh page, fill the form from a drawn `job`: its gallery card's Reuse (`how` "reuse") or its
+    picture dropped on the page ("png", as drawn.png)."""
+    open_page(driver, base)
+    wait(driver, _lists_loaded, 30, "the ControlNet lists did not load")
+    if how == "reuse":
+        card = f'#gallery [data-job-id="{job["id"]}"]'
+        wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, f"{card} button.reuse"), 20, "no gallery card")
+        driver.find_element(By.CSS_SELECTOR, f"{card} button.reuse").click()
+    else:
+        drop_file(driver, http_bytes(base, job["images"][0]), "drawn.png")
+
+
 def _set_canny_unit(driver) -> str:
     """Unit 0: enabled, the hint dropped on it, canny, tiny_canny, weight 0.8, start 0.1, Control mode "My prompt is
     more important", Crop and Resize (the default); returns the model's title."""
@@ -156,14 +169,7 @@ def test_a_unit_draws_the_job_records_it_and_reuse_and_its_png_restore_it(page, 
     assert 'ControlNet 0: "Module: canny, Model: tiny_canny [' in job["infotexts"][0]
     # Reuse in a fresh page: unit 0 enabled and filled; the picture is the page's to give again
     for restore in ("reuse", "png"):
-        open_page(page, base_url)
-        wait(page, _lists_loaded, 30, "the ControlNet lists did not load")
-        if restore == "reuse":
-            card = f'#gallery [data-job-id="{job["id"]}"]'
-            wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, f"{card} button.reuse"), 20, "no gallery card")
-            page.find_element(By.CSS_SELECTOR, f"{card} button.reuse").click()
-        else:
-            drop_file(page, http_bytes(base_url, job["images"][0]), "drawn.png")
+        _restore(page, base_url, job, restore)
         wait(page, lambda d: _checked(d, "cn0_enabled"), 20, f"{restore}: unit 0 is not enabled")
         assert text(page, "notice") in ("", "Settings read from drawn.png"), text(page, "notice")
         assert [value(page, f"cn0_{key}") for key in ("model", "module", "weight", "start", "end", "control_mode",
@@ -286,13 +292,6 @@ def test_the_ip_adapter_box_sends_its_fields_and_reuse_fills_it(page, base_url):
     assert job["request"]["ip_adapters"] == [{"model": "ip-adapter_tiny.safetensors", "scale": 0.7}]
     assert 'IP-Adapter 0: "Model: ip-adapter_tiny [' in job["infotexts"][0]
     for restore in ("reuse", "png"):
-        open_page(page, base_url)
-        wait(page, _lists_loaded, 30, "the ControlNet lists did not load")
-        if restore == "reuse":
-            card = f'#gallery [data-job-id="{job["id"]}"]'
-            wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, f"{card} button.reuse"), 20, "no gallery card")
-            page.find_element(By.CSS_SELECTOR, f"{card} button.reuse").click()
-        else:
-            drop_file(page, http_bytes(base_url, job["images"][0]), "drawn.png")
+        _restore(page, base_url, job, restore)
         wait(page, lambda d: _checked(d, "ipa_enabled"), 20, f"{restore}: the IP-Adapter is not ticked")
         assert value(page, "ipa_model") == title and value(page, "ipa_scale") == "0.7", restore
