@@ -774,11 +774,15 @@ function variationRequest() {
     seed_resize_from_h: numberOrDefault("seed_resize_from_h", { integer: true }) };
 }
 
+// FreeU's number boxes (freeu_NAME): its four factors and step window, sent and filled alike; settings without
+// the window's ends fill the whole window
+const FREEU_NUMBERS = ["b1", "b2", "s1", "s2", "start", "end"];
+const FREEU_WINDOW = { start: 0, end: 1 };
+
 // FreeU's setting (the native API's `freeu` object): its four factors, version, stage rule and step window
 function freeuRequest() {
-  return { b1: numberField("freeu_b1"), b2: numberField("freeu_b2"), s1: numberField("freeu_s1"),
-           s2: numberField("freeu_s2"), version: Number($("freeu_version").value), convention: $("freeu_convention").value,
-           start: numberField("freeu_start"), end: numberField("freeu_end") };
+  return { ...Object.fromEntries(FREEU_NUMBERS.map((name) => [name, numberField(`freeu_${name}`)])),
+           version: Number($("freeu_version").value), convention: $("freeu_convention").value };
 }
 
 // Settings with FreeU tick its box and fill it; without, the box is unticked (the values stay)
@@ -786,9 +790,7 @@ function fillFreeU(settings, unknown) {
   const freeu = settings.freeu;
   setToggle("freeu", Boolean(freeu));
   if (!freeu) return;
-  for (const factor of ["b1", "b2", "s1", "s2"]) setField(`freeu_${factor}`, freeu[factor]);
-  setField("freeu_start", freeu.start ?? 0);
-  setField("freeu_end", freeu.end ?? 1);
+  for (const name of FREEU_NUMBERS) setField(`freeu_${name}`, freeu[name] ?? FREEU_WINDOW[name]);
   if (!selectMatching($("freeu_version"), String(freeu.version ?? 2))) unknown.push(`FreeU version "${freeu.version}"`);
   if (!selectMatching($("freeu_convention"), freeu.convention ?? "comfyui")) unknown.push(`FreeU convention "${freeu.convention}"`);
 }
