@@ -12,7 +12,8 @@ Each call takes the fields of `GenerationRequest` as keyword arguments and retur
 request and returns its `GenerationPlan` (resolved request, sampler, sigmas, sizes) without drawing;
 `Pipeline.run` takes that plan (or a request, which it resolves once).
 
-FreeU (`sdlab.api.FreeU`) is one such field: `pipe.txt2img("a house", freeu=FreeU(b1=1.3, b2=1.4, s1=0.9, s2=0.2))`.
+FreeU (`sdlab.api.FreeU`) is one such field: `pipe.txt2img("a house", freeu=FreeU(b1=1.3, b2=1.4, s1=0.9, s2=0.2))`;
+DeepCache (`sdlab.api.DeepCache`) another: `pipe.txt2img("a house", deep_cache=DeepCache(interval=3, branch=0))`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from sdlab.checkpoints.load import load_bundle, with_vae
 from sdlab.checkpoints.lora import apply_lora, load_lora_file, lora_preset
 from sdlab.checkpoints.upscaler import Upscaler
 from sdlab.families.loaded import ModelBundle
+from sdlab.models.deep_cache import DeepCache as DeepCache  # re-exported: the `deep_cache` field's setting
 from sdlab.models.freeu import FreeU as FreeU  # re-exported: the `freeu` field's setting
 from sdlab.pipeline.generate import ProgressFn, SamplingStopped, generate, generate_with_refiner
 from sdlab.pipeline.hires import generate_hires

@@ -59,6 +59,7 @@ from torch import Tensor, nn
 
 from sdlab.models import cpu_kernels, cpu_linear, cpu_norm, generation_memo, patch_conv
 from sdlab.models.cpu_memory import reuses_large_blocks
+from sdlab.models.deep_cache import DeepFeature
 from sdlab.models.freeu import FreeU
 from sdlab.models.ip_adapter import ImagePrompt
 from sdlab.models.layers import attention, timestep_embedding
@@ -664,6 +665,7 @@ class UNet(nn.Module):
         identity_layers: Collection[str] = (),
         adapter: list[Tensor] | None = None,
         adapter_nearest: bool = False,
+        deep_cache: DeepFeature | None = None,
     ) -> Tensor:
         """x: (B, in_channels, h, w) noisy latent; t: (B,) or () float timesteps in [0, 1000);
         context: (B, T, context_dim) text embeddings; y: (B, adm_in_channels) for SDXL, else None;
@@ -684,6 +686,10 @@ class UNet(nn.Module):
         middle block's output (diffusers' down_intrablock_additional_residuals). adapter_nearest: a feature off its
         block's grid (an adapter that pooled odd sizes down) is resized to it with nearest interpolation, as A1111's
         ControlNet extension adds it (hook.py `aligned_adding`); False: such a feature is an error.
+        deep_cache: DeepCache's slot for this call (`models.deep_cache`): with its `feature`, only the shallow branch
+        runs (input blocks 0..K, then output blocks from len(output_blocks) - 1 - K on, starting from that feature;
+        the control residuals and adapter features of the blocks it skips are not read); without, the whole
+        U-Net runs and leaves there the features entering that output block. None: the whole U-Net.
         Inputs are cast to the parameters' dtype; returns (B, out_channels, h, w) in that dtype.
 
         Feature maps are kept channels-last (NHWC strides, NCHW shape): oneDNN and cuDNN convolutions take that
@@ -707,21 +713,30 @@ class UNet(nn.Module):
             raise ValueError(f"UNet: {len(adapter)} T2I-Adapter features for {len(joins)} places (levels + middle)")
         features = dict(zip(joins, adapter or ()))
         skips = []
-        for i, block in enumerate(self.input_blocks):
+        shallow = deep_cache is not None and deep_cache.feature is not None
+        encoder = self.input_blocks[: deep_cache.skip_block + 1] if shallow else self.input_blocks
+        for i, block in enumerate(encoder):
             h = block(h, emb, context, merging=merging, identity=identity,
                       image_prompt=image_prompt)  # (B, C_i, h_i, w_i) from the first text context on
             if i in features:
                 h = _with_feature(h, features.pop(i), rows, adapter_nearest)   # (B, C_i, h_i, w_i)
             skip = copies_to(h, rows)
             skips.append(skip if skip_residuals is None else skip + skip_residuals[i].to(dtype))
-        h = copies_to(self.middle_block(h, emb, context, merging=merging, identity=identity,
-                                        image_prompt=image_prompt), rows)  # (B, C_mid, h_mid, w_mid)
-        if middle_residual is not None:
-            h = h + middle_residual.to(dtype)
-        if -1 in features:
-            h = _with_feature(h, features.pop(-1), rows, adapter_nearest)   # (B, C_mid, h_mid, w_mid)
+        cached_at = None if deep_cache is None else len(self.output_blocks) - 1 - deep_cache.skip_block
+        if shallow:
+            h = deep_cache.feature   # (B, C, h_k, w_k): the last full call's features entering output block k
+        else:
+            h = copies_to(self.middle_block(h, emb, context, merging=merging, identity=identity,
+                                            image_prompt=image_prompt), rows)  # (B, C_mid, h_mid, w_mid)
+            if middle_residual is not None:
+                h = h + middle_residual.to(dtype)
+            if -1 in features:
+                h = _with_feature(h, features.pop(-1), rows, adapter_nearest)   # (B, C_mid, h_mid, w_mid)
         per_level = self.cfg.num_res_blocks + 1
-        for i, block in enumerate(self.output_blocks):
+        first = cached_at if shallow else 0
+        for i, block in enumerate(self.output_blocks[first:], start=first):
+            if i == cached_at and not shallow:
+                deep_cache.feature = h   # (B, C, h_k, w_k), kept for the shallow calls that follow
             skip = skips.pop()
             if freeu is None:
                 h = torch.cat([h, skip], dim=1)  # (B, C + C_skip, h, w)

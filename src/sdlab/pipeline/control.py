@@ -68,6 +68,7 @@ from sdlab.diffusion.steps import step_of_call
 from sdlab.families.loaded import ModelBundle
 from sdlab.models.circular_padding import circular_padding, padded_convolutions
 from sdlab.models.t2i_adapter import hint_input
+from sdlab.models.deep_cache import DeepCache, DeepCacheRun
 from sdlab.models.freeu import FreeU
 from sdlab.pipeline.hint_resize import high_quality_resize
 from sdlab.pipeline.images import eight_bit, flattened
@@ -502,13 +503,17 @@ class ControlledUNet:
     under Tiling the ControlNets pad circularly while they run, as the U-Net does (`models.circular_padding`):
     sdlab's choice, A1111 leaves them zero-padded (a T2I-Adapter, run before sampling, keeps zero padding).
     `freeu`: the U-Net's FreeU setting (`UNet.forward`'s `freeu`) at the calls of the steps its window takes
-    (`FreeU.active`; every call without `control_step`), None: off."""
+    (`FreeU.active`; every call without `control_step`), None: off. `deep_cache`: DeepCache over the sampling pass
+    this model serves (`models.deep_cache`; each call needs its `control_step`), None: off."""
 
     def __init__(self, unet: torch.nn.Module, controls: Sequence[PreparedControl], circular: bool = False,
-                 freeu: FreeU | None = None):
+                 freeu: FreeU | None = None, deep_cache: DeepCache | None = None):
         self.unet = unet
         self.controls = list(controls)
         self.freeu = freeu
+        cfg = getattr(unet, "cfg", None)
+        self.deep_cache = None if deep_cache is None else DeepCacheRun(
+            deep_cache, deep_cache.skip_block(cfg.num_res_blocks, len(cfg.channel_mult)))
         # each control's padded convolutions, found once: the ones Tiling makes circular while it runs
         self.wrapped = [padded_convolutions(control.net.model) if circular and not control.features else []
                         for control in self.controls]
@@ -555,9 +560,16 @@ class ControlledUNet:
         freeu = self.freeu
         if freeu is not None and control_step is not None and not freeu.active(*control_step):
             freeu = None
-        return self.unet(x, t, context, y, control=control, guidance_emb=guidance_emb, freeu=freeu,
-                         identity_rows=identity_rows, identity_layers=identity_layers,
-                         image_prompt=image_prompt, **adapted)
+        if self.deep_cache is not None:
+            if control_step is None:
+                raise ValueError("ControlledUNet: DeepCache needs each call's control_step (`tag_steps`)")
+            adapted["deep_cache"] = slot = self.deep_cache.slot(control_step[0], len(x))
+        out = self.unet(x, t, context, y, control=control, guidance_emb=guidance_emb, freeu=freeu,
+                        identity_rows=identity_rows, identity_layers=identity_layers,
+                        image_prompt=image_prompt, **adapted)
+        if self.deep_cache is not None:
+            self.deep_cache.keep(slot)
+        return out
 
 
 def _summed(a: list[Tensor], b: list[Tensor]) -> list[Tensor]:
@@ -566,10 +578,12 @@ def _summed(a: list[Tensor], b: list[Tensor]) -> list[Tensor]:
 
 
 def controlled_unet(unet: torch.nn.Module, controls: Sequence[PreparedControl], circular: bool = False,
-                    freeu: FreeU | None = None) -> Any:
-    """`unet` itself without controls or FreeU, else the `ControlledUNet` that applies them (`circular`, `freeu`:
-    see there)."""
-    return ControlledUNet(unet, controls, circular, freeu) if controls or freeu is not None else unet
+                    freeu: FreeU | None = None, deep_cache: DeepCache | None = None) -> Any:
+    """`unet` itself without controls, FreeU or DeepCache, else the `ControlledUNet` that applies them (`circular`,
+    `freeu`, `deep_cache`: see there)."""
+    if controls or freeu is not None or deep_cache is not None:
+        return ControlledUNet(unet, controls, circular, freeu, deep_cache)
+    return unet
 
 
 def step_of(sigma: Tensor | float, sigmas: Tensor) -> int:

@@ -88,7 +88,8 @@ from sdlab.diffusion.steps import StepInfo
 from sdlab.models.circular_padding import circular_padding
 from sdlab.models.token_merging import TokenMerging, merging_tokens
 from sdlab.models.generation_memo import reusing_generation_work
-from sdlab.models.unet import guidance_scale_embedding
+from sdlab.models.deep_cache import DeepCache
+from sdlab.models.unet import UNet, guidance_scale_embedding
 from sdlab.models.vae import DiagonalGaussian
 from sdlab.pipeline.control import (
     controlled_unet, inpaint_mask, prepare_controls, prompt_marks, spans_part, tag_steps,
@@ -369,7 +370,8 @@ def generate_with_refiner(
         if split < len(sigmas) - 1:
             # ControlNets fit the base only; FreeU patches the base's U-Net alone, as ComfyUI's FreeU node patches
             # the one model it is given and diffusers' enable_freeu one pipeline's U-Net
-            no_controls = dataclasses.replace(req, controls=(), freeu=None, ip_adapters=())   # IP-Adapters too
+            no_controls = dataclasses.replace(req, controls=(), freeu=None, deep_cache=None,   # DeepCache too
+                                              ip_adapters=())   # IP-Adapters too
 
             def refine(at: _Start) -> DenoiseFn:
                 return _noting_a_call(_guided_model(refiner, plan.refiner_sampling, no_controls, at, overlay,
@@ -676,12 +678,14 @@ def _guided_model(
                                 picture_size=None if overlay is None else overlay.original.size,
                                 mask=inpaint_mask(req.mask_image, req.invert_mask, req.mask_blur,
                                                   req.mask_blur_y))
-    image_prompts = prepare_image_prompts(bundle, req.ip_adapters, req.batch_size)    # IP-Adapters' tokens
-    net = image_prompted(controlled_unet(bundle.unet, controls, circular=req.tiling, freeu=req.freeu), bundle.unet,
-                         image_prompts)
+    image_prompts = prepare_image_prompts(bundle, req.ip_adapters, req.batch_size,    # IP-Adapters' tokens
+                                          req.control_convention)
+    net = image_prompted(controlled_unet(bundle.unet, controls, circular=req.tiling, freeu=req.freeu,
+                                         deep_cache=_deep_cache(bundle, req)), bundle.unet, image_prompts)
     denoiser = Denoiser(net, sampling, quantize=req.quantize_timesteps)
-    if spans_part(controls) or (req.freeu is not None and req.freeu.windowed):   # else all act at every step
-        denoiser = tag_steps(denoiser, sigmas)
+    if spans_part(controls) or (req.freeu is not None and req.freeu.windowed) or req.deep_cache is not None \
+            or (image_prompts is not None and image_prompts.windowed):
+        denoiser = tag_steps(denoiser, sigmas)                        # else all act at every step
     marks, extra_uncond = prompt_marks(controls, req.batch_size, device)   # which rows are the prompt's
     extra_cond.update(marks)
     image_tokens, uncond_image_tokens = image_prompt_conds(image_prompts)  # CFG batches them as the prompts
@@ -716,6 +720,22 @@ def _guided_model(
     if start.mask is not None and _blends_latent(bundle, req):
         model = _with_latent_blend(model, bundle, sampling, req, start, steps_done)
     return model
+
+
+def _deep_cache(bundle: ModelBundle, req: GenerationRequest) -> DeepCache | None:
+    """The request's DeepCache for the bundle's U-Net, or a RequestError where the network has no such branch (or is
+    not sdlab's U-Net: a plug-in family's own network)."""
+    if req.deep_cache is None:
+        return None
+    cfg = getattr(bundle.unet, "cfg", None)
+    if not isinstance(bundle.unet, UNet):
+        raise RequestError(f"DeepCache needs sdlab's U-Net; this model's network ({type(bundle.unet).__name__}) "
+                           "has no cached branch")
+    try:
+        req.deep_cache.skip_block(cfg.num_res_blocks, len(cfg.channel_mult))
+    except ValueError as exc:
+        raise RequestError(str(exc)) from None
+    return req.deep_cache
 
 
 def _edit_guidance(bundle: ModelBundle, req: GenerationRequest) -> str | None:

@@ -57,6 +57,7 @@ from sdlab.diffusion.samplers import (
     A1111_TIMESTEP_SAMPLERS, SamplerSpec, UnknownSamplerError, comfyui_spelling, get_sampler, runs_a1111_timesteps,
 )
 from sdlab.diffusion.schedule_names import schedule_from_a1111
+from sdlab.models.deep_cache import DEEP_CACHE_FIELDS, MAX_DEEP_CACHE_INTERVAL, DeepCache
 from sdlab.models.freeu import (
     FREEU_CONVENTIONS, FREEU_FACTORS, FREEU_VERSIONS, FREEU_WINDOW, MAX_FREEU_FACTOR, FreeU,
 )
@@ -79,6 +80,7 @@ HIRES_IMG2IMG = "a1111_fix_steps"           # the hires pass's img2img conventio
 MAX_SCHEDULE = 10_000                       # img2img "comfyui" stretches the schedule to steps / strength
 MAX_CFG = 100.0                             # |CFG|; useful values are 1..30
 DEFAULT_IMAGE_CFG_SCALE = 1.5               # an edit model's image guidance: diffusers' default, A1111's slider's
+NO_IMAGE_GUIDANCE = "none"                  # how the CLI and the native API say image_cfg_scale None (A1111's unset)
 MAX_ETA = 10.0                              # eta and s_noise; useful values are 0..1
 MAX_CHURN = 1000.0                          # s_churn: A1111's slider ends at 100
 MAX_MASK_BLUR = 256.0                       # pixels (A1111's slider stops at 64)
@@ -283,6 +285,9 @@ class GenerationRequest:
                                             # (every padded convolution pads circularly: models/circular_padding.py)
     freeu: FreeU | None = None              # FreeU's decoder feature scaling (models/freeu.py); None: off. The base
                                             # model's U-Net only, in every pass (the hires fix's too), not a refiner's
+    deep_cache: DeepCache | None = None     # DeepCache's reuse of the U-Net's deep features across steps
+                                            # (models/deep_cache.py); None: off. The base model's U-Net only, its
+                                            # cache started afresh in every pass (the hires fix's too)
     token_merging_ratio: float = 0.0        # A1111's Token merging ratio (tomesd, use_rand off): the fraction of the
                                             # full-resolution level's tokens merged before each self-attention, in
                                             # [0, 1) (models/token_merging.py); 0: none. The base model's U-Net only
@@ -429,14 +434,17 @@ def _plain_control(control: Any) -> Any:
 def _plain_numbers(request: GenerationRequest) -> GenerationRequest:
     """`request` with every number a Python bool, int or float (NumPy scalars converted), controls included."""
     values = {f.name: _plain_number(getattr(request, f.name)) for f in fields(request)
-              if f.name not in ("controls", "freeu")}
+              if f.name not in ("controls", "freeu", "deep_cache")}
     controls = tuple(_plain_control(control) for control in request.controls)
-    freeu = request.freeu
-    if isinstance(freeu, Mapping):
-        freeu = {name: _plain_number(value) for name, value in freeu.items()}
-    elif freeu is not None:
-        freeu = _plain_control(freeu)
-    return replace(request, **values, controls=controls, freeu=freeu)
+    settings = {}
+    for name in ("freeu", "deep_cache"):
+        setting = getattr(request, name)
+        if isinstance(setting, Mapping):
+            setting = {key: _plain_number(value) for key, value in setting.items()}
+        elif setting is not None:
+            setting = _plain_control(setting)
+        settings[name] = setting
+    return replace(request, **values, controls=controls, **settings)
 
 
 def _checked_pag(r: GenerationRequest) -> GenerationRequest:
@@ -488,6 +496,32 @@ def check_freeu(freeu: Any) -> FreeU | None:
     if freeu.convention not in FREEU_CONVENTIONS:
         raise RequestError(f"unknown FreeU convention {freeu.convention!r}; valid: {', '.join(FREEU_CONVENTIONS)}")
     return replace(freeu, **factors, **window, version=int(freeu.version))
+
+
+def check_deep_cache(deep_cache: Any) -> DeepCache | None:
+    """`deep_cache` (a `DeepCache`, a mapping of its fields as the native API and the infotext reader give it, or
+    None) as a `DeepCache` with int fields, or a `RequestError` naming what is wrong: another field, an interval that
+    is not a whole number in 1..`MAX_DEEP_CACHE_INTERVAL`, a branch that is not a whole number >= 0 (whether the
+    model has that branch is checked with the model, `generate`)."""
+    if deep_cache is None:
+        return None
+    if isinstance(deep_cache, Mapping):
+        unknown = sorted(set(deep_cache) - set(DEEP_CACHE_FIELDS))
+        if unknown:
+            raise RequestError(f"deep_cache takes {', '.join(DEEP_CACHE_FIELDS)}, got {', '.join(map(str, unknown))}")
+        deep_cache = DeepCache(**deep_cache)
+    if not isinstance(deep_cache, DeepCache):
+        raise RequestError(f"deep_cache must be a DeepCache setting or None, got {type(deep_cache).__name__}")
+    values = {}
+    for name, low, high in (("interval", 1, MAX_DEEP_CACHE_INTERVAL), ("branch", 0, None)):
+        value = getattr(deep_cache, name)
+        whole = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) \
+            and value == int(value)
+        if not whole or value < low or (high is not None and value > high):
+            span = f"{low}..{high}" if high is not None else f">= {low}"
+            raise RequestError(f"DeepCache {name} must be a whole number {span}, got {value!r}")
+        values[name] = int(value)
+    return DeepCache(**values)
 
 
 A1111_UNIPC_VARIANTS = ("bh1", "bh2")
@@ -1114,4 +1148,5 @@ def resolve(
         **seed_resize, **hires,
         init_image=init_image, init_images=init_images,
         tiled_vae=False if r.tiling else r.tiled_vae, freeu=check_freeu(r.freeu),
+        deep_cache=check_deep_cache(r.deep_cache),
     )

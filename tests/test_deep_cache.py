@@ -1,0 +1,220 @@
+"""DeepCache (`models.deep_cache`): sdlab's cached U-Net against DeepCache's own `DeepCacheSDHelper` (PyPI DeepCache
+0.1.1, `DeepCache/extension/deepcache.py`) wrapped around diffusers' pipelines on the same random reduced-width
+weights, seed and sampler; the uint8 pictures agree within `MAX_PIXEL_DIFF` (2/255), as the plain pipelines do
+(tests/test_pipeline_parity.py). The helper counts a step as the index of the call's timestep in the scheduler's
+list, so DDIM and Euler (one model call a step) are the samplers both sides count alike."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from bundle_fixtures import as_released, init_picture, tiny_bundle, write_diffusers_folder
+from DeepCache import DeepCacheSDHelper
+from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+from picture_parity import CFG, MAX_PIXEL_DIFF, PROMPT, SEED, SIZE, max_pixel_diff, uint8_pictures
+
+import sdlab
+from sdlab.api import DeepCache
+from sdlab.models.deep_cache import DeepCacheRun, DeepFeature
+from sdlab.models.unet import UNet
+from sdlab.pipeline.generate import sample_latents
+from sdlab.pipeline.request import GenerationRequest, RequestError
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+NEGATIVE = "blurry, low quality"
+STEPS = 7                                  # interval 3: full steps 0, 3, 6; 2: 0, 2, 4, 6
+SCHEDULER_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "steps_offset",
+                  "timestep_spacing", "prediction_type")
+
+
+def _pipes(tmp_path_factory, name: str, pipeline):
+    folder = as_released(write_diffusers_folder(tiny_bundle(name, seed=11), tmp_path_factory.mktemp(name) / "pipe"),
+                         SIZE // 2)
+    pipe = pipeline.from_pretrained(folder, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return sdlab.load(folder), pipe
+
+
+@pytest.fixture(scope="module")
+def sd1(tmp_path_factory):
+    return _pipes(tmp_path_factory, "sd1", StableDiffusionPipeline)
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    return _pipes(tmp_path_factory, "sdxl", StableDiffusionXLPipeline)
+
+
+def _scheduler(pipe, name: str):
+    """diffusers' scheduler `name` and the sdlab options that draw the same sampler and sigmas."""
+    config = {key: pipe.scheduler.config[key] for key in SCHEDULER_KEYS}
+    if name == "ddim":
+        return (DDIMScheduler.from_config(config, clip_sample=False, set_alpha_to_one=False),
+                dict(sampler="DDIM", schedule="ddim_leading", init_noise="vp"))
+    return EulerDiscreteScheduler.from_config(config), dict(sampler="Euler", schedule="leading", init_noise="vp")
+
+
+def _reference(pipe, interval: int, branch: int, batch: int = 1) -> np.ndarray:
+    helper = DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=interval, cache_branch_id=branch)
+    helper.enable()
+    try:
+        generators = [torch.Generator("cpu").manual_seed(SEED + i) for i in range(batch)]
+        return pipe(PROMPT, negative_prompt=NEGATIVE, num_images_per_prompt=batch, num_inference_steps=STEPS,
+                    guidance_scale=CFG, width=SIZE, height=SIZE, generator=generators, output_type="np").images
+    finally:
+        helper.disable()
+
+
+def _ours(ours_pipe, options, deep_cache, batch: int = 1, **changes):
+    return ours_pipe.txt2img(PROMPT, NEGATIVE, steps=STEPS, cfg_scale=CFG, seed=SEED, width=SIZE, height=SIZE,
+                             batch_size=batch, deep_cache=deep_cache, **options, **changes).images
+
+
+# the tiny U-Nets have 2 levels of 1 ResBlock (2 decoder ResBlocks a level): branches 0, 1 (level 0), 3, 4 (level 1)
+@pytest.mark.parametrize("scheduler, interval, branch", [
+    ("ddim", 3, 0), ("ddim", 2, 1), ("euler", 3, 3), ("euler", 5, 4),
+])
+def test_sd1_matches_deepcache_helper(sd1, scheduler, interval, branch):
+    ours_pipe, pipe = sd1
+    pipe.scheduler, options = _scheduler(pipe, scheduler)
+    reference = _reference(pipe, interval, branch, batch=2)
+    ours = _ours(ours_pipe, options, DeepCache(interval=interval, branch=branch), batch=2)
+    assert max_pixel_diff(ours, reference) <= MAX_PIXEL_DIFF
+    plain = _ours(ours_pipe, options, None, batch=2)
+    assert max_pixel_diff(plain, reference) > 2 * MAX_PIXEL_DIFF     # the bound sees what the cache changes
+
+
+@pytest.mark.parametrize("branch", [0, 3])
+def test_sdxl_matches_deepcache_helper(sdxl, branch):
+    ours_pipe, pipe = sdxl
+    pipe.scheduler, options = _scheduler(pipe, "euler")
+    reference = _reference(pipe, 3, branch)
+    ours = _ours(ours_pipe, options, DeepCache(interval=3, branch=branch))
+    assert max_pixel_diff(ours, reference) <= MAX_PIXEL_DIFF
+    assert max_pixel_diff(_ours(ours_pipe, options, None), reference) > 2 * MAX_PIXEL_DIFF
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "Heun"])
+def test_interval_1_is_off_bit_for_bit(sd1, sampler):
+    """Every step a full step: the same latents to the bit as without DeepCache (the cached seam changes nothing)."""
+    ours_pipe, _ = sd1
+    request = GenerationRequest(prompt=PROMPT, negative_prompt=NEGATIVE, steps=STEPS, cfg_scale=CFG, seed=SEED,
+                                width=SIZE, height=SIZE, sampler=sampler, batch_size=2)
+    off = sample_latents(ours_pipe.bundle, request)
+    assert torch.equal(sample_latents(ours_pipe.bundle, replace(request, deep_cache=DeepCache(1, 0))), off)
+    assert not torch.equal(sample_latents(ours_pipe.bundle, replace(request, deep_cache=DeepCache(2, 0))), off)
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Each U-Net call's kind while the test runs: "F" (whole U-Net) or "s" (DeepCache's shallow branch)."""
+    seen: list[str] = []
+    forward = UNet.forward
+
+    def watched(self, *args, deep_cache=None, **kwargs):
+        seen.append("s" if deep_cache is not None and deep_cache.feature is not None else "F")
+        return forward(self, *args, deep_cache=deep_cache, **kwargs)
+
+    monkeypatch.setattr(UNet, "forward", watched)
+    return seen
+
+
+@pytest.mark.parametrize("sampler, expected", [
+    ("Euler", "FssFssF"),
+    ("Heun", "FF" "ss" "ss" "FF" "ss" "ss" "F"),     # both calls of a step alike; Heun's last step calls once
+])
+def test_a_step_is_a_sampler_step(sd1, calls, sampler, expected):
+    ours_pipe, _ = sd1
+    _ours(ours_pipe, dict(sampler=sampler), DeepCache(interval=3, branch=0), batch=2)
+    assert "".join(calls) == expected             # CFG's negative and positive prompt: one call, one cache
+
+
+def test_every_pass_starts_afresh(sd1, calls):
+    """The hires fix's second pass and img2img's shortened schedule start with a full step."""
+    ours_pipe, _ = sd1
+    _ours(ours_pipe, dict(sampler="Euler"), DeepCache(interval=2, branch=1), hr_scale=1.5, hr_steps=3,
+          hr_upscaler="Latent")
+    assert "".join(calls) == "FsFsFsF" + "FsF"
+    calls.clear()
+    ours_pipe.img2img(PROMPT, init_picture(SIZE), 0.5, NEGATIVE, steps=8, seed=SEED,
+                      sampler="Euler", cfg_scale=CFG, deep_cache=DeepCache(interval=3, branch=0))
+    assert "".join(calls) == "FssF"
+
+
+def test_a_call_whose_rows_differ_runs_whole():
+    run = DeepCacheRun(DeepCache(interval=3, branch=0), skip_block=0)
+    slot = run.slot(0, rows=4)
+    slot.feature = torch.zeros(4, 8, 2, 2)
+    run.keep(slot)
+    assert run.slot(1, rows=4).feature is not None
+    assert run.slot(2, rows=2).feature is None       # a pass with the negative prompt skipped: 2 rows, not 4
+
+
+def _tiny_unet(name: str) -> UNet:
+    return tiny_bundle(name, seed=3).unet
+
+
+@pytest.mark.parametrize("name", ["sd1", "sd2", "sdxl"])
+@pytest.mark.parametrize("branch", [0, 1, 3, 4])
+@torch.no_grad()
+def test_the_shallow_branch_on_its_own_features_is_the_whole_unet(name, branch):
+    """A shallow call on the features a whole call left, with that call's inputs, gives the whole call's output:
+    the shallow branch recomputes exactly the blocks the cached features do not stand for. ControlNet residuals
+    of the blocks it skips (deeper skips, the middle block) are not read."""
+    unet = _tiny_unet(name)
+    cfg = unet.cfg
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, cfg.in_channels, 8, 8, generator=gen)
+    t = torch.tensor([500.0, 500.0])
+    context = torch.randn(2, 5, cfg.context_dim, generator=gen)
+    y = None if cfg.adm_in_channels is None else torch.randn(2, cfg.adm_in_channels, generator=gen)
+    skip = DeepCache(interval=2, branch=branch).skip_block(cfg.num_res_blocks, len(cfg.channel_mult))
+    full = DeepFeature(skip)
+    whole = unet(x, t, context, y, deep_cache=full)
+    assert full.feature is not None
+    assert torch.equal(unet(x, t, context, y), whole)                          # keeping costs nothing
+    shallow = unet(x, t, context, y, deep_cache=DeepFeature(skip, full.feature))
+    torch.testing.assert_close(shallow, whole, rtol=0, atol=1e-6)
+
+    residuals = _control_residuals(unet, x, t, context, y)
+    deeper = [r if i <= skip else r + 5.0 for i, r in enumerate(residuals[0])], residuals[1] + 5.0
+    controlled = DeepFeature(skip)
+    unet(x, t, context, y, control=residuals, deep_cache=controlled)
+    expected = unet(x, t, context, y, control=residuals, deep_cache=DeepFeature(skip, controlled.feature))
+    assert torch.equal(unet(x, t, context, y, control=deeper, deep_cache=DeepFeature(skip, controlled.feature)),
+                       expected)
+    assert not torch.equal(unet(x, t, context, y, control=deeper), unet(x, t, context, y, control=residuals))
+
+
+def _control_residuals(unet: UNet, x, t, context, y):
+    """Random residuals shaped like each input block's output and the middle block's (what a ControlNet gives)."""
+    shapes = []
+    hooks = [block.register_forward_hook(lambda _m, _i, out: shapes.append(out.shape)) for block in unet.input_blocks]
+    hooks.append(unet.middle_block.register_forward_hook(lambda _m, _i, out: shapes.append(out.shape)))
+    unet(x, t, context, y)
+    for hook in hooks:
+        hook.remove()
+    gen = torch.Generator().manual_seed(5)
+    tensors = [torch.randn((len(x), *shape[1:]), generator=gen) * 0.1 for shape in shapes]
+    return tensors[:-1], tensors[-1]
+
+
+@pytest.mark.parametrize("setting, message", [
+    (DeepCache(interval=0), "interval must be a whole number 1..1000"),
+    (DeepCache(interval=2.5), "interval must be a whole number"),
+    (DeepCache(interval=True), "interval must be a whole number"),
+    (DeepCache(branch=-1), "branch must be a whole number >= 0"),
+    (DeepCache(branch=6), "branch 6 (level 2, layer 0) is not in this U-Net: 2 levels of 2 decoder ResBlocks"),
+    (DeepCache(branch=2), "branch 2 (level 0, layer 2) is not in this U-Net"),
+    ({"interval": 3, "depth": 2}, "deep_cache takes interval, branch, got depth"),
+])
+def test_bad_settings_are_one_clear_error(sd1, setting, message):
+    ours_pipe, _ = sd1
+    with pytest.raises(RequestError, match=re.escape(message)):
+        _ours(ours_pipe, {}, setting)
