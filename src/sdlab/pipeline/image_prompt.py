@@ -262,6 +262,13 @@ def prepare_image_prompts(bundle: ModelBundle, prompts: Sequence[IPAdapterInput]
     return PreparedImagePrompts(tuple(adapters), torch.cat(cond, dim=1), torch.cat(uncond, dim=1))
 
 
+def check_image_prompt_layers(bundle: ModelBundle, prompts: Sequence[IPAdapterInput]) -> None:
+    """Each image prompt's per-layer scales against the model's U-Net, before it loads an adapter (the server
+    checks a job as it is posted); a RequestError names the first block it lacks or list of the wrong length."""
+    for index, prompt in enumerate(prompts):
+        _scales(prompt, bundle, index)
+
+
 def _scales(prompt: IPAdapterInput, bundle: ModelBundle, index: int) -> float | tuple[float, ...]:
     """The prompt's scale, or with layer scales its product with each cross-attention's (`ip_adapter_layers`)."""
     if prompt.layer_scales is None:
@@ -402,3 +409,9 @@ def recorded_layer_scales(line: str) -> str | None:
     except LayerScaleError as err:
         raise ValueError(f"Layers {layers!r}: {err}") from None
     return layers.strip()
+
+
+def layer_settings(layer_scales: Mapping[str, Any] | str | None) -> dict[str, str]:
+    """The `layer_scales` entry of a native `ip_adapters` item (their compact text, `layer_scales_text`); none
+    without per-layer scales."""
+    return {} if layer_scales is None else {"layer_scales": layer_scales_text(layer_scales)}

@@ -239,7 +239,8 @@ def native_ip_adapters(items: list[dict[str, Any]], folder: ModelFolder, limits:
     for index, item in enumerate(items):
         what = f"IP-Adapter {index}"
         prompt = IPAdapterInput(model_path(item.get("model"), what, folder),
-                                hint_image(item.get("image"), what, limits), item.get("scale", 1.0))
+                                hint_image(item.get("image"), what, limits), item.get("scale", 1.0),
+                                layer_scales=item.get("layer_scales"))
         try:
             prompts.append(check_ip_adapter(prompt, index))
         except RequestError as err:

@@ -29,6 +29,7 @@ from sdlab.families.loaded import ModelBundle
 from sdlab.diffusion.schedule_names import (
     A1111_SCHEDULERS, a1111_name, schedule_from_a1111, schedule_key, split_a1111_sampler,
 )
+from sdlab.pipeline.image_prompt import check_image_prompt_layers
 from sdlab.pipeline.images import ImageTooLargeError, open_image, upright_8bit
 from sdlab.pipeline.infotext import LoraRef
 from sdlab.pipeline.png_info import ParametersError
@@ -454,9 +455,10 @@ def check_request(request: GenerationRequest, limits: Limits, model: ModelBundle
     if size_known:
         check_work(resolved, limits, factor, model, batch_count)
     if model is not None:               # its tokenizers count the prompt's chunks, its U-Net has the PAG layers
-        try:
+        try:                            # and the blocks the image prompts' layer scales name
             check_prompt_chunks(model, resolved)
             check_pag_layers(model, resolved)
+            check_image_prompt_layers(model, request.ip_adapters)
         except (RequestError, ValueError) as err:
             raise BadRequest(str(err)) from None
     return request

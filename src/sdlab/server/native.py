@@ -96,6 +96,9 @@ class IPAdapterIn(BaseModel):
     model: str
     image: str
     scale: float = 1.0
+    # per-layer scales multiplying `scale` (InstantStyle): diffusers' set_ip_adapter_scale dict, a preset
+    # "style" / "style+layout" or the compact text ("down.block_2=0/1 up.block_0=0/1/0"); null: every layer
+    layer_scales: str | dict[str, Any] | None = None
 
 
 class JobIn(NullsAreDefaults):

@@ -9,6 +9,7 @@ from typing import Any
 
 from sdlab.api import shipped_model_path
 from sdlab.pipeline.control import ControlInput
+from sdlab.pipeline.image_prompt import layer_settings
 from sdlab.pipeline.infotext import drawn_hires_prompt, hires_tag_refs, tag_loras
 from sdlab.pipeline.prompt_loras import forget_read_loras, without_extra_networks
 from sdlab.pipeline.prompt_syntax import strip_comments
@@ -171,7 +172,8 @@ class Service:
         if request.controls:
             settings["controls"] = [_control_settings(c, request.control_convention) for c in request.controls]
         if request.ip_adapters:                 # as the controls: the model by its file name, the picture left out
-            settings["ip_adapters"] = [{"model": Path(prompt.model_path).name, "scale": prompt.scale}
+            settings["ip_adapters"] = [{"model": Path(prompt.model_path).name, "scale": prompt.scale,
+                                        **layer_settings(prompt.layer_scales)}
                                        for prompt in request.ip_adapters]
         return spec, mode, checkpoint.title, settings
 

@@ -1,0 +1,69 @@
+"""The native API's `ip_adapters[].layer_scales` (InstantStyle's per-layer scales): the picture equals
+`sdlab txt2img --ip-adapter-scale LAYERS`, the job records the compact text, POST /api/parameters reads a picture's
+Layers back, and bad layer scales are 4xx as the job is posted."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+
+from server_fixtures import file_b64, png_picture, server_env
+from test_server_ip_adapter import GEN, setup  # noqa: F401  (the server with the tiny adapter)
+
+LAYERS = "mid=1 up.block_1=0/1"           # the shipped model: up_blocks.1 has 2 transformers, as every up block
+
+
+def _draw(client: httpx.Client, body: dict) -> tuple[dict, object]:
+    response = client.post("/api/jobs", json=body)
+    assert response.status_code == 202, response.text
+    deadline = time.monotonic() + 300
+    while (job := client.get(f"/api/jobs/{response.json()['id']}").json())["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert job["status"] == "done", job
+    return job, png_picture(client.get(job["images"][0]).content)
+
+
+def test_native_layer_scales_equal_the_cli_and_are_recorded_and_read_back(setup, tmp_path):  # noqa: F811
+    out = tmp_path / "cli.png"
+    result = subprocess.run([sys.executable, "-m", "sdlab", "txt2img", GEN["prompt"], "--steps", "3", "--seed", "11",
+                             "--width", "64", "--height", "64", "--cfg", "5", "--sampler", "Euler",
+                             "--ip-adapter", str(setup["adapter"]), "--ip-adapter-image", str(setup["picture"]),
+                             "--ip-adapter-scale", LAYERS, "--out", str(out), "--no-progress"],
+                            capture_output=True, text=True, env=server_env(), timeout=300)
+    assert result.returncode == 0, result.stderr
+    cli = png_picture(out.read_bytes())
+    entry = {"model": "ip-adapter_tiny", "image": file_b64(setup["picture"])}
+    with httpx.Client(base_url=setup["server"].url, timeout=300) as client:
+        job, served = _draw(client, {**GEN, "ip_adapters": [{**entry, "layer_scales": LAYERS}]})
+        _, as_dict = _draw(client, {**GEN, "ip_adapters": [{**entry, "layer_scales": {"up": {"block_1": [0, 1]},
+                                                                                      "mid": 1}}]})
+        _, whole = _draw(client, {**GEN, "ip_adapters": [entry]})
+        read = client.post("/api/parameters", json={"image": file_b64(out)})     # the same parameters
+    assert job["request"]["ip_adapters"] == [{"model": "ip-adapter_tiny.safetensors", "scale": 1.0,
+                                              "layer_scales": LAYERS}]
+    pictures = [np.asarray(p.convert("RGB"), dtype=np.int16) for p in (served, cli, as_dict, whole)]
+    assert (pictures[0] == pictures[1]).all() and (pictures[0] == pictures[2]).all()
+    assert np.abs(pictures[0] - pictures[3]).max() > 10
+    assert served.info["parameters"] == cli.info["parameters"]
+    assert f"Weight: 1, Layers: {LAYERS}" in served.info["parameters"]
+    assert read.status_code == 200, read.text
+    assert [{k: v for k, v in a.items() if k != "model"} for a in read.json()["settings"]["ip_adapters"]] == [
+        {"scale": 1.0, "layer_scales": LAYERS}]
+
+
+def test_bad_layer_scales_are_refused_as_the_job_is_posted(setup):  # noqa: F811
+    entry = {"model": "ip-adapter_tiny", "image": file_b64(setup["picture"])}
+    for layers, status, message in [
+            ("style", 400, "IP-Adapter 0: layer scales: up.block_0 takes 2 numbers (one per transformer) or 1, got 3"),
+            ("down.block_7=1", 400, "down.block_7, which has no transformer in this model"),
+            ({"middle": 1}, 422, "unknown part 'middle'"),
+            ("up=1/x", 422, "'up=1/x' is not part=NUMBERS"),
+            (["up"], 422, "layer_scales")]:
+        response = httpx.post(setup["server"].url + "/api/jobs", timeout=60,
+                              json={**GEN, "ip_adapters": [{**entry, "layer_scales": layers}]})
+        assert response.status_code == status and message in response.text, (layers, response.text)
