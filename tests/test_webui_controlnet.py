@@ -17,7 +17,7 @@ from controlnet_fixtures import diffusers_controlnet, write_layout
 from ip_adapter_fixtures import SAMPLE_PICTURE, ip_adapter_state, write_image_encoder, write_ip_adapter
 from server_fixtures import start_server
 from test_webui import (  # noqa: F401  (fixtures: browser, page)
-    By, Keys, Select, browser, drop_file, http_bytes, job_by_prompt, open_page, page, set_value,
+    By, Keys, Select, browser, drop_file, http_bytes, job_by_prompt, open_page, page, png_with_parameters, set_value,
     severe_console_errors, text, value, wait, wait_job,
 )
 
@@ -186,6 +186,80 @@ def test_a_unit_draws_the_job_records_it_and_reuse_and_its_png_restore_it(page, 
     assert {key: sent[key] for key in ("module", "strength", "start", "control_mode", "threshold_a")} == {
         "module": "canny", "strength": 0.8, "start": 0.1, "control_mode": "prompt", "threshold_a": 100}
     assert sent["image"] == base64.b64encode(_hint_png()).decode()
+
+
+UNIT_FIELDS = ("module", "weight", "start", "end", "control_mode", "resize_mode", "threshold_a", "threshold_b",
+               "processor_res")
+"""A unit's boxes and selects besides its model (cnN_NAME)."""
+
+
+def _fill_unit(driver, i: int, settings: dict) -> None:
+    """Unit i enabled with the hint dropped on it, tiny_canny and `settings` (UNIT_FIELDS' names and
+    pixel_perfect)."""
+    if not driver.find_element(By.ID, f"cn{i}_enabled").is_displayed():
+        driver.find_element(By.ID, f"cn{i}_summary").click()
+    driver.find_element(By.ID, f"cn{i}_enabled").click()
+    drop_file(driver, _hint_png(), "hint.png", f"cn{i}_drop")
+    Select(driver.find_element(By.ID, f"cn{i}_module")).select_by_value(settings["module"])
+    Select(driver.find_element(By.ID, f"cn{i}_model")).select_by_value(_model_title(driver, "tiny_canny"))
+    for key, chosen in settings.items():
+        if key in ("control_mode", "resize_mode"):
+            Select(driver.find_element(By.ID, f"cn{i}_{key}")).select_by_value(chosen)
+        elif key == "pixel_perfect":
+            if _checked(driver, f"cn{i}_pixel_perfect") != chosen:
+                driver.find_element(By.ID, f"cn{i}_pixel_perfect").click()
+        elif key != "module":
+            set_value(driver, f"cn{i}_{key}", chosen)
+
+
+def _unit_shown(driver, i: int) -> dict:
+    """Unit i's enable box, model, UNIT_FIELDS and Pixel perfect as the page shows them."""
+    return {"enabled": _checked(driver, f"cn{i}_enabled"), "model": value(driver, f"cn{i}_model"),
+            **{key: value(driver, f"cn{i}_{key}") for key in UNIT_FIELDS},
+            "pixel_perfect": _checked(driver, f"cn{i}_pixel_perfect")}
+
+
+def test_reuse_and_the_png_restore_every_field_of_three_units_and_the_ip_adapter(page, base_url):
+    """Three units whose every field is other than its default, and the IP-Adapter: the job draws them, and Reuse
+    and the drawn PNG give each box back; a PNG with one unit leaves units 1, 2 and the IP-Adapter unticked, and
+    the boxes its line does not name (Processor Res, Resize Mode) take the extension's defaults."""
+    wait(page, _lists_loaded, 30, "the ControlNet lists did not load")
+    units = [
+        {"module": "threshold", "weight": "0.6", "start": "0.2", "end": "0.7", "control_mode": "control",
+         "resize_mode": "fill", "threshold_a": "80", "processor_res": "256", "pixel_perfect": False},
+        {"module": "canny", "weight": "1.25", "start": "0", "end": "0.9", "control_mode": "balanced",
+         "resize_mode": "resize", "threshold_a": "60", "threshold_b": "150", "pixel_perfect": True},
+        {"module": "tile_resample", "weight": "0.5", "start": "0.3", "end": "1", "control_mode": "prompt",
+         "resize_mode": "crop", "threshold_a": "2", "pixel_perfect": False},
+    ]
+    for i, settings in enumerate(units):
+        _fill_unit(page, i, settings)
+    page.find_element(By.ID, "ipa_enabled").click()
+    Select(page.find_element(By.ID, "ipa_model")).select_by_value(_model_title(page, "ip-adapter_tiny"))
+    set_value(page, "ipa_scale", 0.4)
+    drop_file(page, _reference_png(), "reference.png", "ipa_drop")
+    wait(page, lambda d: d.find_element(By.ID, "ipa_view").is_displayed(), 10, "the dropped picture is not shown")
+    expected = [_unit_shown(page, i) for i in range(3)]
+    job = _generate(page, base_url, "three web units")
+    assert job["status"] == "done", job
+    assert [unit["module"] for unit in job["request"]["controls"]] == ["threshold", "canny", "tile_resample"]
+    for restore in ("reuse", "png"):
+        _restore(page, base_url, job, restore)
+        wait(page, lambda d: _checked(d, "cn2_enabled") and _checked(d, "ipa_enabled"), 20, f"{restore}: not filled")
+        for i in range(3):
+            assert _unit_shown(page, i) == expected[i], (restore, i)
+        assert (value(page, "ipa_model"), value(page, "ipa_scale")) == (_model_title(page, "ip-adapter_tiny"),
+                                                                         "0.4"), restore
+    # a PNG naming one unit, its line without Processor Res or Resize Mode (an older extension's)
+    set_value(page, "cn0_processor_res", 768)
+    Select(page.find_element(By.ID, "cn0_resize_mode")).select_by_value("fill")
+    line = 'ControlNet 0: "Module: canny, Model: tiny_canny, Weight: 0.9, Guidance Start: 0, Guidance End: 1"'
+    drop_file(page, png_with_parameters(f"a cat\nSteps: 2, Seed: 1, Size: 64x64, {line}"), "one-unit.png")
+    wait(page, lambda d: not _checked(d, "cn1_enabled"), 20, "unit 1 is still ticked")
+    assert _unit_shown(page, 0) == {**expected[1], "weight": "0.9", "end": "1", "threshold_a": "100",
+                                    "threshold_b": "200", "resize_mode": "crop", "processor_res": "512",
+                                    "pixel_perfect": False}
+    assert not _checked(page, "cn2_enabled") and not _checked(page, "ipa_enabled")
 
 
 def test_img2img_unit_takes_the_initial_image_and_bad_units_show_their_errors(page, base_url):

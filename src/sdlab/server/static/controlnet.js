@@ -12,6 +12,9 @@ const RESOLUTION_MODULES = ["canny", "threshold", "scribble"];
 const CONTROL_MODES = [["balanced", "Balanced"], ["prompt", "My prompt is more important"],
   ["control", "ControlNet is more important"]];
 const CONTROL_RESIZE_MODES = [["resize", "Just Resize"], ["crop", "Crop and Resize"], ["fill", "Resize and Fill"]];
+// A new unit's values, as the extension's (its Processor Res 512, Crop and Resize): the boxes start with them, and
+// settings without one of them fill it (the preprocessor's own thresholds: showModuleSliders)
+const UNIT_DEFAULTS = { weight: 1, start: 0, end: 1, control_mode: "balanced", resize_mode: "crop", processor_res: 512 };
 
 const controlState = {
   pictures: Array(CONTROL_UNIT_COUNT).fill(null),   // each unit's own control picture (data URL), or none
@@ -80,15 +83,16 @@ function controlUnit(i) {
       labelled(`${p}_module`, "Preprocessor", element("select", { id: `${p}_module` })),
       labelled(`${p}_model`, "Model", element("select", { id: `${p}_model` }),
         "A ControlNet or T2I-Adapter of the server's ControlNet folder"),
-      labelled(`${p}_weight`, "Control weight", numberInput(`${p}_weight`, 1, 0, 2, 0.05)),
-      labelled(`${p}_control_mode`, "Control mode", choiceSelect(`${p}_control_mode`, CONTROL_MODES, "balanced")),
-      labelled(`${p}_start`, "Starting control step", numberInput(`${p}_start`, 0, 0, 1, 0.01)),
-      labelled(`${p}_end`, "Ending control step", numberInput(`${p}_end`, 1, 0, 1, 0.01)),
-      labelled(`${p}_resize_mode`, "Resize mode", choiceSelect(`${p}_resize_mode`, CONTROL_RESIZE_MODES, "crop"),
+      labelled(`${p}_weight`, "Control weight", numberInput(`${p}_weight`, UNIT_DEFAULTS.weight, 0, 2, 0.05)),
+      labelled(`${p}_control_mode`, "Control mode", choiceSelect(`${p}_control_mode`, CONTROL_MODES, UNIT_DEFAULTS.control_mode)),
+      labelled(`${p}_start`, "Starting control step", numberInput(`${p}_start`, UNIT_DEFAULTS.start, 0, 1, 0.01)),
+      labelled(`${p}_end`, "Ending control step", numberInput(`${p}_end`, UNIT_DEFAULTS.end, 0, 1, 0.01)),
+      labelled(`${p}_resize_mode`, "Resize mode",
+        choiceSelect(`${p}_resize_mode`, CONTROL_RESIZE_MODES, UNIT_DEFAULTS.resize_mode),
         "How the control picture fits the picture drawn"),
       element("div", { id: `${p}_res_box`, hidden: true }, [
         element("label", { htmlFor: `${p}_processor_res`, textContent: "Processor res" }),
-        element("div", { className: "row" }, [numberInput(`${p}_processor_res`, 512, 64, 2048, 1),
+        element("div", { className: "row" }, [numberInput(`${p}_processor_res`, UNIT_DEFAULTS.processor_res, 64, 2048, 1),
           element("label", { className: "toggle", title: "The resolution from the picture's size (A1111's Pixel Perfect)" },
             [element("input", { type: "checkbox", id: `${p}_pixel_perfect` }), " Pixel perfect"])]),
       ]),
@@ -234,9 +238,21 @@ function controlRequest() {
     if (!$("ipa_model").value) throw new ApiError("IP-Adapter needs a model: choose one or untick it");
     const { picture } = pictureOf(controlState.ipPicture, "IP-Adapter");
     body.ip_adapters = [{ model: $("ipa_model").value, image: base64Of(picture),
-      scale: controlNumber("ipa_scale", "IP-Adapter") }];
+      scale: controlNumber("ipa_scale", "IP-Adapter"),
+      ...($("ipa_layers").value ? { layer_scales: $("ipa_layers").value } : {}) }];
   }
   return body;
+}
+
+// The IP-Adapter's Layers set to a job's or a picture's `layer_scales`: a preset, or another spelling (the compact
+// text the server records) added as an option of its own; none: All
+function setIpLayers(layers) {
+  const select = $("ipa_layers");
+  const wanted = typeof layers === "string" ? layers : "";
+  if (![...select.options].some((o) => o.value === wanted)) {
+    select.append(element("option", { value: wanted, textContent: wanted }));
+  }
+  select.value = wanted;
 }
 
 // Select the model a job or a picture names: a list title ("name [hash]"), else the same name without its hash or
@@ -251,9 +267,9 @@ function selectControlModel(select, wanted) {
 }
 
 // Settings' `controls` (a job's request, or a picture's ControlNet N lines) enable and fill the units in order,
-// `ip_adapters` the IP-Adapter box; units they do not fill are unticked (their values stay), and so is one whose
-// model the server has not (named: the form draws without it). The pictures stay: neither a job nor a picture
-// holds them.
+// `ip_adapters` the IP-Adapter box; a field a unit does not name takes its default (UNIT_DEFAULTS), as the extension
+// reads an older line; units they do not fill are unticked (their values stay), and so is one whose model the
+// server has not (named: the form draws without it). The pictures stay: neither a job nor a picture holds them.
 function fillControls(settings, unknown) {
   const controls = Array.isArray(settings.controls) ? settings.controls : [];
   for (let i = 0; i < CONTROL_UNIT_COUNT; i++) {
@@ -268,12 +284,11 @@ function fillControls(settings, unknown) {
     }
     if (!selectMatching($(`${p}_module`), unit.module ?? "none")) unknown.push(`preprocessor "${unit.module}"`);
     showModuleSliders(i);
-    const values = { weight: unit.strength ?? 1, start: unit.start ?? 0, end: unit.end ?? 1,
-      threshold_a: unit.threshold_a, threshold_b: unit.threshold_b, processor_res: unit.processor_res };
-    for (const [key, value] of Object.entries(values)) if (value != null) $(`${p}_${key}`).value = value;
+    const values = { weight: unit.strength, start: unit.start, end: unit.end, control_mode: unit.control_mode,
+      resize_mode: unit.resize_mode, threshold_a: unit.threshold_a, threshold_b: unit.threshold_b,
+      processor_res: unit.processor_res };
+    for (const [key, value] of Object.entries(values)) setField(`${p}_${key}`, value ?? UNIT_DEFAULTS[key]);
     $(`${p}_pixel_perfect`).checked = unit.pixel_perfect === true;
-    $(`${p}_control_mode`).value = unit.control_mode ?? "balanced";
-    if (unit.resize_mode) $(`${p}_resize_mode`).value = unit.resize_mode;
   }
   if (controls.length > CONTROL_UNIT_COUNT) unknown.push(`${controls.length - CONTROL_UNIT_COUNT} ControlNet units past ${CONTROL_UNIT_COUNT}`);
   const prompts = Array.isArray(settings.ip_adapters) ? settings.ip_adapters : [];
@@ -283,6 +298,7 @@ function fillControls(settings, unknown) {
   $("ipa-options").hidden = !found;
   if (!prompts.length) return;
   $("ipa_scale").value = prompts[0].scale ?? 1;
+  setIpLayers(prompts[0].layer_scales);
   if (prompts.length > 1) unknown.push(`${prompts.length - 1} IP-Adapters past the first`);
 }
 
