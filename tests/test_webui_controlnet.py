@@ -17,8 +17,8 @@ from controlnet_fixtures import diffusers_controlnet, write_layout
 from ip_adapter_fixtures import SAMPLE_PICTURE, ip_adapter_state, write_image_encoder, write_ip_adapter
 from server_fixtures import start_server
 from test_webui import (  # noqa: F401  (fixtures: browser, page)
-    By, Keys, Select, browser, drop_file, http_bytes, job_by_prompt, open_page, page, png_with_parameters, set_value,
-    severe_console_errors, text, value, wait, wait_job,
+    By, Keys, Select, browser, drop_file, http_bytes, job_by_prompt, open_page, page, paint_stroke, png_with_parameters,
+    set_value, severe_console_errors, text, value, wait, wait_job,
 )
 
 
@@ -260,6 +260,7 @@ def test_reuse_and_the_png_restore_every_field_of_three_units_and_the_ip_adapter
                                     "threshold_b": "200", "resize_mode": "crop", "processor_res": "512",
                                     "pixel_perfect": False}
     assert not _checked(page, "cn2_enabled") and not _checked(page, "ipa_enabled")
+    assert severe_console_errors(page) == []
 
 
 def test_img2img_unit_takes_the_initial_image_and_bad_units_show_their_errors(page, base_url):
@@ -271,6 +272,14 @@ def test_img2img_unit_takes_the_initial_image_and_bad_units_show_their_errors(pa
     sent = page.execute_script("return collectRequest()")
     assert sent["controls"][0]["image"] == sent["init_image"]
     assert sent["controls"][0]["resize_mode"] == sent["resize_mode"] == "resize"   # the extension: img2img's mode
+    # the inpaint tab's unit takes its initial image too, with its resize mode
+    page.find_element(By.CSS_SELECTOR, '[role="tab"][data-mode="inpaint"]').click()
+    Select(page.find_element(By.ID, "resize_mode")).select_by_value("fill")
+    paint_stroke(page, -20, 20)
+    sent = page.execute_script("return collectRequest()")
+    assert sent["mode"] == "inpaint" and sent["controls"][0]["image"] == sent["init_image"]
+    assert sent["controls"][0]["resize_mode"] == sent["resize_mode"] == "fill"
+    page.find_element(By.CSS_SELECTOR, '[role="tab"][data-mode="img2img"]').click()
     # an enabled unit without a model: the page's own error (units past the first start folded)
     assert not page.find_element(By.ID, "cn1_enabled").is_displayed()
     page.find_element(By.ID, "cn1_summary").click()
