@@ -201,10 +201,16 @@ class ScriptJob:
 
     def cancel(self) -> str:
         """A1111's Interrupt of the script: the request drawing stops (its batch's pictures dropped) and no later
-        one is drawn; the job ends cancelled with what was drawn."""
+        one is drawn; the job ends cancelled with what was drawn. Returns its status after, as `JobQueue.cancel`
+        does, decided here rather than read from the job, which the script's task ends on the event loop while
+        this runs: `cancelled` where no request had started (a job cancelled while queued ends so at once),
+        `running` while a request draws (it stops before its next step), else the job's own."""
         self._stop()
-        if self.current is not None:
-            self.service.queue.cancel(self.current)
+        drawing = self.current is not None and self.service.queue.cancel(self.current) == "running"
+        if drawing:
+            return "running"
+        if all(job.started is None for job in self.requests):
+            return "cancelled"
         return self.job.status
 
     def interrupt(self) -> bool:
