@@ -145,13 +145,23 @@ def test_the_keyboard_reaches_the_picture_pickers_and_each_is_named(page, base_u
     assert page.find_element(By.ID, "cn0_enabled").accessible_name == "Enable ControlNet Unit 0"
     page.find_element(By.ID, "ipa_enabled").click()
     assert page.find_element(By.ID, "ipa_clear").accessible_name == "Clear the picture of IP-Adapter"
-    # a file chosen with the picker is the unit's picture; Clear takes it away
+    # a file chosen with the picker is the unit's picture and ticks its Enable, as the extension's upload does;
+    # Clear takes the picture away and leaves Enable
     (tmp_path / "hint.png").write_bytes(_hint_png())
+    assert not _checked(page, "cn0_enabled")
     page.find_element(By.ID, "cn0_file").send_keys(str(tmp_path / "hint.png"))
     wait(page, lambda d: d.find_element(By.ID, "cn0_view").is_displayed(), 10, "the chosen hint is not shown")
     assert page.execute_script("return controlState.pictures[0]").endswith(base64.b64encode(_hint_png()).decode())
+    assert _checked(page, "cn0_enabled")
     page.find_element(By.ID, "cn0_clear").click()
-    assert page.execute_script("return controlState.pictures[0]") is None
+    assert page.execute_script("return controlState.pictures[0]") is None and _checked(page, "cn0_enabled")
+    # a picture dropped on a unit ticks it too; one the browser cannot read is the page's error and ticks nothing
+    page.find_element(By.ID, "cn1_summary").click()
+    drop_file(page, b"not a picture", "broken.png", "cn1_drop")
+    wait(page, lambda d: text(d, "error") == "the file is not an image the browser can read", 10, "no error")
+    assert not _checked(page, "cn1_enabled")
+    drop_file(page, _hint_png(), "hint.png", "cn1_drop")
+    wait(page, lambda d: _checked(d, "cn1_enabled"), 10, "the dropped hint does not enable unit 1")
     assert severe_console_errors(page) == []
 
 

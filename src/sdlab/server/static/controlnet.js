@@ -128,13 +128,16 @@ function showPicture(prefix, dataUrl) {
   $(`${prefix}_placeholder`).hidden = Boolean(dataUrl);
 }
 
-// Set the picture of a box (`prefix`: cnN or ipa) from a data URL (null clears it)
+// Set the picture of a box (`prefix`: cnN or ipa) from a data URL (null clears it); a picture given to a unit ticks
+// its Enable, as the extension's upload does (javascript/active_units.js), Clear leaves it
 async function setControlPicture(prefix, dataUrl) {
   if (dataUrl) await loadImage(dataUrl);            // a file the browser cannot read is refused here
   if (prefix === "ipa") controlState.ipPicture = dataUrl;
   else controlState.pictures[Number(prefix.slice(2))] = dataUrl;
   showPicture(prefix, dataUrl);
-  if (prefix !== "ipa") $(`${prefix}_preview`).hidden = true;
+  if (prefix === "ipa") return;
+  $(`${prefix}_preview`).hidden = true;
+  if (dataUrl) $(`${prefix}_enabled`).checked = true;
 }
 
 // The ControlNet folder's models and the preprocessors, into every unit's selects (a choice still listed stays)
