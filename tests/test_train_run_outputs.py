@@ -451,7 +451,10 @@ def test_a_second_signal_under_the_python_api_raises_keyboard_interrupt(tiny, tm
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert "KeyboardInterrupt raised" in out, err[-3000:]        # the caller caught it: its process lives on
-    assert "received SIGINT again: stopping at once (KeyboardInterrupt)" in err
+    # where the second signal lands depends on the machine's speed: in the loop's end (at once) or in the
+    # checkpoint written for the first (once it is complete); either way the caller gets the KeyboardInterrupt
+    assert ("received SIGINT again: stopping at once (KeyboardInterrupt)" in err
+            or "received SIGINT again: stopping once the checkpoint being written is complete" in err), err[-3000:]
     # and exits cleanly: before, the interrupt could land inside a Thread.join of the data threads, which marks
     # a running thread as ended on Python 3.11 (cpython#90882), and the exit aborted under it (SIGABRT,
     # "terminate called without an active exception"; about 1 run in 10).
