@@ -12,7 +12,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from bundle_fixtures import as_released, init_picture, tiny_bundle, write_diffusers_folder
+from bundle_fixtures import as_released, init_picture, tiny_bundle, write_diffusers_folder, write_original
+from cli_helpers import pixels, run
 from DeepCache import DeepCacheSDHelper
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from picture_parity import CFG, MAX_PIXEL_DIFF, PROMPT, SEED, SIZE, max_pixel_diff, uint8_pictures
@@ -22,6 +23,9 @@ from sdlab.api import DeepCache
 from sdlab.models.deep_cache import DeepCacheRun, DeepFeature
 from sdlab.models.unet import UNet
 from sdlab.pipeline.generate import sample_latents
+from sdlab.pipeline.infotext import DEEP_CACHE_LABELS, from_parameters, to_parameters
+from sdlab.pipeline.plan import make_plan
+from sdlab.pipeline.png_info import format_parameters, parse_parameters, read_parameters
 from sdlab.pipeline.request import GenerationRequest, RequestError
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -218,3 +222,78 @@ def test_bad_settings_are_one_clear_error(sd1, setting, message):
     ours_pipe, _ = sd1
     with pytest.raises(RequestError, match=re.escape(message)):
         _ours(ours_pipe, {}, setting)
+
+
+# ---------------------------------------------------------------- the command line and the infotext
+def test_the_command_line_draws_records_and_redraws_deep_cache(tmp_path, capsys):
+    model = tmp_path / "tiny-sd1.safetensors"
+    write_original(tiny_bundle("sd1", seed=3), model, junk=False)
+    fast = ["--model", str(model), "--steps", "5", "--width", "32", "--height", "32", "--seed", "3", "--no-progress"]
+    cached, plain, again, python = (tmp_path / f"{name}.png" for name in ("cached", "plain", "again", "python"))
+    assert run(["txt2img", "a wall", "--deepcache-interval", "2", "--deepcache-branch", "1", "--out", str(cached),
+                *fast], capsys)[0] == 0
+    assert run(["txt2img", "a wall", "--out", str(plain), *fast], capsys)[0] == 0
+    recorded = parse_parameters(read_parameters(cached))
+    assert {label: recorded[label] for label in DEEP_CACHE_LABELS} == {"DeepCache interval": "2",
+                                                                       "DeepCache branch": "1"}
+    assert not any(key.startswith("DeepCache") for key in parse_parameters(read_parameters(plain)))
+    assert np.abs(pixels(cached) - pixels(plain)).max() > 4
+    pipe = sdlab.load(model)        # the Python API draws the same picture
+    pipe.txt2img("a wall", steps=5, width=32, height=32, seed=3,
+                 deep_cache=DeepCache(interval=2, branch=1)).images[0].save(python)
+    assert np.array_equal(pixels(python), pixels(cached))
+    assert run(["txt2img", "--from-png", str(cached), "--out", str(again), *fast], capsys)[0] == 0
+    assert np.array_equal(pixels(again), pixels(cached))
+    assert run(["txt2img", "--from-png", str(cached), "--no-deepcache", "--out", str(again), *fast], capsys)[0] == 0
+    assert np.array_equal(pixels(again), pixels(plain))
+    assert run(["txt2img", "--from-png", str(cached), "--deepcache-branch", "0", "--out", str(again), *fast],
+               capsys)[0] == 0         # one flag over the picture's: its interval, branch 0
+    assert {label: parse_parameters(read_parameters(again))[label] for label in DEEP_CACHE_LABELS} == {
+        "DeepCache interval": "2", "DeepCache branch": "0"}
+    init = tmp_path / "init.png"
+    init_picture(32).save(init)
+    for mode, extra in (("img2img", []), ("inpaint", ["--mask", str(init)])):
+        out = tmp_path / f"{mode}.png"
+        assert run([mode, "a wall", "--init", str(init), *extra, "--deepcache-interval", "3", "--out", str(out),
+                    *fast], capsys)[0] == 0
+        assert parse_parameters(read_parameters(out))["DeepCache interval"] == "3"
+
+
+def test_the_infotext_reads_back_into_the_request():
+    bundle = tiny_bundle("sd1", seed=3)
+    request = GenerationRequest(prompt="a", steps=2, width=SIZE, height=SIZE, deep_cache=DeepCache(4, 3))
+    text = format_parameters(to_parameters(make_plan(bundle, request).request))
+    assert "DeepCache interval: 4, DeepCache branch: 3" in text
+    parsed = from_parameters(parse_parameters(text))
+    assert parsed["deep_cache"] == {"interval": 4, "branch": 3}
+    assert make_plan(bundle, GenerationRequest(**parsed)).request.deep_cache == DeepCache(4, 3)
+    with pytest.raises(ValueError, match="DeepCache values"):
+        from_parameters({"DeepCache interval": "three"})
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--deepcache-branch", "1"], "--deepcache-branch sets DeepCache's --deepcache-interval N, which is not given"),
+    (["--deepcache-interval", "0"], "DeepCache interval must be a whole number 1..1000"),
+    (["--deepcache-interval", "2", "--deepcache-branch", "12"], r"DeepCache branch 12 \(level 4, layer 0\)"),
+    (["--deepcache-interval", "x"], "invalid int value"),
+])
+def test_bad_deep_cache_flags_are_one_line(flags, message, tmp_path, capsys):
+    model = tmp_path / "tiny-sd1.safetensors"
+    write_original(tiny_bundle("sd1", seed=3), model, junk=False)
+    code, out, err = run(["txt2img", "a wall", "--model", str(model), "--steps", "1", "--width", "32", "--height",
+                          "32", "--no-progress", "--out", str(tmp_path / "x.png"), *flags], capsys)
+    assert code != 0 and re.search(message, err) and "Traceback" not in err, err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_a_grids_cells_draw_deep_cache_as_txt2img(tmp_path, capsys):
+    model = tmp_path / "tiny-sd1.safetensors"
+    write_original(tiny_bundle("sd1", seed=3), model, junk=False)
+    flags = ["--model", str(model), "--seed", "4", "--width", "32", "--height", "32", "--deepcache-interval", "2",
+             "--no-progress"]
+    cells = tmp_path / "cells"
+    assert run(["grid", "a red house", "--x", "Steps=3,4", "--out", str(tmp_path / "g.png"), "--keep-cells",
+                str(cells), *flags], capsys)[0] == 0
+    for path in sorted(cells.glob("*.png")):
+        assert parse_parameters(read_parameters(path))["DeepCache interval"] == "2"
+    assert len(list(cells.glob("*.png"))) == 2

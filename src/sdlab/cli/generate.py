@@ -243,6 +243,7 @@ def _add_sampling_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
                         "edge its bottom (a texture that tiles)"
                         + _if_from_png(from_png, "; --no-tiling turns off a --from-png picture's"))
     _add_freeu_flags(p, from_png)
+    _add_deep_cache_flags(p, from_png)
     p.add_argument("--token-merging-ratio", type=float, metavar="R",
                    help="A1111's Token merging ratio (tomesd): merge this fraction (0 <= R < 1) of the full-resolution "
                         "tokens before each self-attention, at most 3/4 of them (tomesd's cap: a ratio above 0.75 "
@@ -594,6 +595,7 @@ def _options_from_args(args: argparse.Namespace, recorded: dict[str, Any] | None
         options.pop("strength", None)
     _hires_options(args, options)
     _freeu_options(args, options)
+    _deep_cache_options(args, options)
     return options
 
 
@@ -652,6 +654,39 @@ def _freeu_options(args: argparse.Namespace, options: dict[str, Any]) -> None:
         return
     setting.update(given)
     options["freeu"] = setting
+
+
+def _add_deep_cache_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
+    p.add_argument("--deepcache-interval", type=int, metavar="N",
+                   help="DeepCache (Ma et al. 2023): the whole U-Net runs every N-th sampler step of each pass (the "
+                        "first included), the steps between rerun only its shallow branch on the deep features the "
+                        "last whole step left; 3 is diffusers' DeepCache example (speed and picture change: "
+                        "docs/performance.md), 1 runs every step whole; the base model only, not a refiner"
+                        + _if_from_png(from_png, "; over a --from-png picture's"))
+    p.add_argument("--deepcache-branch", type=int, metavar="B",
+                   help="DeepCache's cache_branch_id: the skip the shallow branch reaches, 0 (the default, cheapest: "
+                        "the first convolution and the last decoder block) up to 11 (SD1 / SD2) or 8 (SDXL); "
+                        "deeper is slower and closer to the plain picture")
+    if from_png:
+        p.add_argument("--no-deepcache", action="store_true", help="draw without a --from-png picture's DeepCache")
+
+
+def _deep_cache_options(args: argparse.Namespace, options: dict[str, Any]) -> None:
+    """The request's `deep_cache` from --deepcache-interval and --deepcache-branch, over a --from-png picture's
+    (`options["deep_cache"]`), or none with --no-deepcache. A branch without a DeepCache to set is a UserError."""
+    interval, branch = getattr(args, "deepcache_interval", None), getattr(args, "deepcache_branch", None)
+    if getattr(args, "no_deepcache", False):
+        if interval is not None or branch is not None:
+            raise UserError("--deepcache-interval / --deepcache-branch and --no-deepcache contradict each other")
+        options.pop("deep_cache", None)
+        return
+    setting = dict(options.get("deep_cache") or {})
+    if interval is None and not setting:
+        if branch is not None:
+            raise UserError("--deepcache-branch sets DeepCache's --deepcache-interval N, which is not given")
+        return
+    setting.update({name: value for name, value in (("interval", interval), ("branch", branch)) if value is not None})
+    options["deep_cache"] = setting
 
 
 def _seed_resize_options(value: str | None) -> dict[str, int]:

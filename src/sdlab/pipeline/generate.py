@@ -88,8 +88,7 @@ from sdlab.diffusion.steps import StepInfo
 from sdlab.models.circular_padding import circular_padding
 from sdlab.models.token_merging import TokenMerging, merging_tokens
 from sdlab.models.generation_memo import reusing_generation_work
-from sdlab.models.deep_cache import DeepCache
-from sdlab.models.unet import UNet, guidance_scale_embedding
+from sdlab.models.unet import guidance_scale_embedding
 from sdlab.models.vae import DiagonalGaussian
 from sdlab.pipeline.control import (
     controlled_unet, inpaint_mask, prepare_controls, prompt_marks, spans_part, tag_steps,
@@ -109,6 +108,7 @@ from sdlab.pipeline.masked_content import masked_latent
 from sdlab.pipeline.overlay import Overlay, apply_overlay
 from sdlab.pipeline.perturbed_attention import PagLayerError, pag_layer_names
 from sdlab.pipeline.plan import (
+    check_deep_cache_branch,
     GenerationPlan,
     a1111_switches,
     a1111_training_sigmas,
@@ -681,7 +681,7 @@ def _guided_model(
     image_prompts = prepare_image_prompts(bundle, req.ip_adapters, req.batch_size,    # IP-Adapters' tokens
                                           req.control_convention)
     net = image_prompted(controlled_unet(bundle.unet, controls, circular=req.tiling, freeu=req.freeu,
-                                         deep_cache=_deep_cache(bundle, req)), bundle.unet, image_prompts)
+                                         deep_cache=check_deep_cache_branch(bundle, req)), bundle.unet, image_prompts)
     denoiser = Denoiser(net, sampling, quantize=req.quantize_timesteps)
     if spans_part(controls) or (req.freeu is not None and req.freeu.windowed) or req.deep_cache is not None \
             or (image_prompts is not None and image_prompts.windowed):
@@ -720,22 +720,6 @@ def _guided_model(
     if start.mask is not None and _blends_latent(bundle, req):
         model = _with_latent_blend(model, bundle, sampling, req, start, steps_done)
     return model
-
-
-def _deep_cache(bundle: ModelBundle, req: GenerationRequest) -> DeepCache | None:
-    """The request's DeepCache for the bundle's U-Net, or a RequestError where the network has no such branch (or is
-    not sdlab's U-Net: a plug-in family's own network)."""
-    if req.deep_cache is None:
-        return None
-    cfg = getattr(bundle.unet, "cfg", None)
-    if not isinstance(bundle.unet, UNet):
-        raise RequestError(f"DeepCache needs sdlab's U-Net; this model's network ({type(bundle.unet).__name__}) "
-                           "has no cached branch")
-    try:
-        req.deep_cache.skip_block(cfg.num_res_blocks, len(cfg.channel_mult))
-    except ValueError as exc:
-        raise RequestError(str(exc)) from None
-    return req.deep_cache
 
 
 def _edit_guidance(bundle: ModelBundle, req: GenerationRequest) -> str | None:

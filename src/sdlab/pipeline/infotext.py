@@ -29,6 +29,7 @@ from sdlab.diffusion.samplers import (
     A1111_TIMESTEP_SAMPLERS, UnknownSamplerError, a1111_schedule, also_discards, comfyui_spelling, get_sampler,
 )
 from sdlab.diffusion.schedule_names import a1111_label, schedule_from_a1111, schedule_key
+from sdlab.models.deep_cache import DEEP_CACHE_FIELDS, DeepCache
 from sdlab.models.freeu import FREEU_FACTORS, FREEU_WINDOW, FreeU
 from sdlab.pipeline.control import infotext_lines
 from sdlab.pipeline.image_prompt import infotext_lines as image_prompt_lines
@@ -291,6 +292,7 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         "Timestep rounding": "true" if req.quantize_timesteps else None,
         "Tiling": "True" if req.tiling else None,            # A1111's label and value (processing.py)
         **freeu_parameters(req.freeu),
+        **deep_cache_parameters(req.deep_cache),
         "Downcast alphas_cumprod": True if req.downcast_alphas_cumprod else None,   # apply_alpha_schedule_override
         "Noise Schedule": _ZERO_SNR if req.zero_terminal_snr else None,
         **sdxl_parameters(req),
@@ -415,6 +417,30 @@ def freeu_parameters(freeu: FreeU | None) -> dict[str, Any]:
     return {"freeu_enabled": True, **{label: getattr(freeu, name) for label, name in FREEU_LABELS.items()},
             "FreeU version": freeu.version if freeu.version != 2 else None,
             "FreeU convention": freeu.convention if freeu.convention != "comfyui" else None}
+
+
+DEEP_CACHE_LABELS = {f"DeepCache {name}": name for name in DEEP_CACHE_FIELDS}
+"""sdlab's labels of DeepCache's fields (`DeepCache interval: 3, DeepCache branch: 0`): A1111 has no DeepCache of its
+own, and its DeepCache extension (sd-webui-deepcache-standalone) writes none."""
+
+
+def deep_cache_parameters(deep_cache: DeepCache | None) -> dict[str, Any]:
+    """DeepCache where it is on: its interval and branch under `DEEP_CACHE_LABELS`."""
+    if deep_cache is None:
+        return {}
+    return {label: getattr(deep_cache, name) for label, name in DEEP_CACHE_LABELS.items()}
+
+
+def _deep_cache_fields(p: dict[str, Any]) -> dict[str, Any]:
+    """The `deep_cache` field of parsed parameters (`deep_cache_parameters`) as the native API's object: on where
+    either label is there, the other one's value `DeepCache`'s default."""
+    given = {name: p[label] for label, name in DEEP_CACHE_LABELS.items() if label in p}
+    if not given:
+        return {}
+    try:
+        return {"deep_cache": {name: int(str(value)) for name, value in given.items()}}
+    except ValueError:
+        raise ValueError(f"the PNG's DeepCache values {given!r} are not whole numbers") from None
 
 
 def _freeu_fields(p: dict[str, Any]) -> dict[str, Any]:
@@ -686,6 +712,7 @@ def from_parameters(p: dict[str, Any]) -> dict[str, Any]:
     fields.update(_sdxl_fields(p))
     fields.update(_pag_fields(p))
     fields.update(_freeu_fields(p))
+    fields.update(_deep_cache_fields(p))
     if "Hires resize" in p:
         fields["hr_width"], fields["hr_height"] = _size_label(p, "Hires resize")
     if "First pass size" in p:

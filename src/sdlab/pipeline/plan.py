@@ -37,6 +37,8 @@ from sdlab.diffusion.samplers import (
 )
 from sdlab.families import FamilySpec, TextEncoderSpec
 from sdlab.families.loaded import ModelBundle
+from sdlab.models.deep_cache import DeepCache
+from sdlab.models.unet import UNet
 from sdlab.pipeline.conditioning import ClipSkip, encoder_skip, hidden_state_layers, prompt_chunks
 from sdlab.pipeline.memory import available_bytes, check_memory
 from sdlab.pipeline.init_picture import InitPicture, init_pictures
@@ -568,6 +570,22 @@ def _check_refiner_fits(base: ModelBundle, refiner: ModelBundle) -> None:
                            "(latents_mean / latents_std); a latent handoff needs the same latent space")
 
 
+def check_deep_cache_branch(bundle: ModelBundle, req: GenerationRequest) -> DeepCache | None:
+    """The request's DeepCache (None: off) where the bundle's U-Net has its branch, else a RequestError (also for a
+    network other than sdlab's U-Net: a plug-in family's own)."""
+    if req.deep_cache is None:
+        return None
+    if not isinstance(bundle.unet, UNet):
+        raise RequestError(f"DeepCache needs sdlab's U-Net; this model's network ({type(bundle.unet).__name__}) "
+                           "has no cached branch")
+    cfg = bundle.unet.cfg
+    try:
+        req.deep_cache.skip_block(cfg.num_res_blocks, len(cfg.channel_mult))
+    except ValueError as exc:
+        raise RequestError(str(exc)) from None
+    return req.deep_cache
+
+
 def make_plan(
     bundle: ModelBundle,
     request: GenerationRequest,
@@ -586,6 +604,7 @@ def make_plan(
     free = available_bytes(bundle.device)                         # one reading for every model's check
     req = _resolve(bundle, request, free)
     check_prompt_chunks(bundle, req)
+    check_deep_cache_branch(bundle, req)
     if req.hires and free is not None:                            # the second pass, at the upscaled size
         multiple = math.lcm(SIZE_MULTIPLE, bundle.vae_config.downsample_factor)
         (width, height), _ = hires_sizes(*hires_base_size(req), req.hr_scale, req.hr_width, req.hr_height, multiple)

@@ -35,7 +35,9 @@ from sdlab.pipeline.infotext import LoraRef
 from sdlab.pipeline.png_info import ParametersError
 from sdlab.pipeline.presets import PRESETS, get_preset
 from sdlab.pipeline.hires import hires_steps, pass_sizes
-from sdlab.pipeline.plan import check_pag_layers, check_prompt_chunks, check_refiner_convention, prompt_parts
+from sdlab.pipeline.plan import (
+    check_deep_cache_branch, check_pag_layers, check_prompt_chunks, check_refiner_convention, prompt_parts,
+)
 from sdlab.pipeline.prompt_schedule import composable_parts
 from sdlab.pipeline.request import (
     SIZE_MULTIPLE, GenerationRequest, RequestError, check_batch_seeds, check_refiner_switch, requested_size, resolve,
@@ -454,10 +456,11 @@ def check_request(request: GenerationRequest, limits: Limits, model: ModelBundle
             check_pixels(f"the hires pass at {hr_width}x{hr_height}", hr_width, hr_height, limits)
     if size_known:
         check_work(resolved, limits, factor, model, batch_count)
-    if model is not None:               # its tokenizers count the prompt's chunks, its U-Net has the PAG layers
-        try:                            # and the blocks the image prompts' layer scales name
+    if model is not None:               # its tokenizers count the prompt's chunks, its U-Net has the PAG layers,
+        try:                            # DeepCache's branch and the blocks the image prompts' layer scales name
             check_prompt_chunks(model, resolved)
             check_pag_layers(model, resolved)
+            check_deep_cache_branch(model, resolved)
             check_image_prompt_layers(model, request.ip_adapters)
         except (RequestError, ValueError) as err:
             raise BadRequest(str(err)) from None

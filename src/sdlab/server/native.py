@@ -30,6 +30,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator
 
+from sdlab.models.deep_cache import DeepCache
 from sdlab.models.freeu import FreeU
 from sdlab.pipeline.perturbed_attention import DEFAULT_LAYERS
 from sdlab.pipeline.png_info import foreign_metadata, parse_parameters, read_parameters
@@ -67,6 +68,13 @@ FreeUIn = create_model(
             "the \"comfyui\" or \"diffusers\" rule for its stages, the step window start..end; its fields, types and "
             "defaults are the dataclass's (strict: true is no number).",
     **{f.name: (hint, f.default) for f, hint in zip(fields(FreeU), get_type_hints(FreeU).values())})
+
+
+DeepCacheIn = create_model(
+    "DeepCacheIn", __config__=ConfigDict(extra="forbid", strict=True),
+    __doc__="DeepCache's setting (`models.deep_cache.DeepCache`): a whole U-Net call every `interval` steps, the "
+            "shallow `branch` between; its fields, types and defaults are the dataclass's (strict: 3.0 is no int).",
+    **{f.name: (hint, f.default) for f, hint in zip(fields(DeepCache), get_type_hints(DeepCache).values())})
 
 
 class ControlIn(BaseModel):
@@ -201,6 +209,7 @@ class JobIn(NullsAreDefaults):
                                             # tokens merged before each self-attention, 0 <= r < 1; 0: none
     token_merging_ratio_hr: float = 0.0     # the hires pass's; 0: token_merging_ratio's
     freeu: FreeUIn | None = None            # FreeU on the model's U-Net (not a refiner's); null: off
+    deep_cache: DeepCacheIn | None = None   # DeepCache on the model's U-Net (not a refiner's); null: off
     refiner: str | None = None              # an SDXL refiner (a model's title or name) that finishes the schedule
     refiner_switch: float = 0.8             # ... after this fraction of it drawn by `model`
     refiner_convention: str = "diffusers"   # ... at the step diffusers' denoising_end picks, "a1111"'s, "a1111_steps"'s
@@ -355,6 +364,7 @@ def create_job(body: JobIn, request: Request) -> dict[str, Any]:
         ip_adapters=native_ip_adapters([a.model_dump() for a in body.ip_adapters], service.controlnets, limits),
         steps=body.steps, tiling=body.tiling, token_merging_ratio=body.token_merging_ratio,
         token_merging_ratio_hr=body.token_merging_ratio_hr, freeu=None if body.freeu is None else body.freeu.model_dump(),
+        deep_cache=None if body.deep_cache is None else body.deep_cache.model_dump(),
         **sdxl_conditioning(body), **_ensd(body),
         **{name: getattr(body, name) for name in PROMPT_OPTIONS},
         **{name: getattr(body, name) for name in (*SIGMA_OPTIONS, *NOISE_OPTIONS)},

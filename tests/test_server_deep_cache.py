@@ -1,0 +1,71 @@
+"""DeepCache through the server: the native API's `deep_cache` object (drawn, recorded, its record drawing the same
+picture, a bad one a 4xx) and `POST /api/parameters` of a picture giving the setting back. A1111's API has no
+DeepCache field: A1111 has none of its own, and its DeepCache extension (sd-webui-deepcache-standalone) reads its
+settings from `shared.opts` keys that changed between its versions, with another caching rule than DeepCache's."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from server_fixtures import sdlab_server  # noqa: F401  (a session fixture)
+
+FINAL = {"done", "failed", "cancelled"}
+BASE = {"prompt": "a cached house", "steps": 4, "seed": 11, "width": 64, "height": 64, "sampler": "Euler"}
+
+
+@pytest.fixture
+def client(sdlab_server):
+    with httpx.Client(base_url=sdlab_server.url, timeout=120) as c:
+        yield c
+
+
+def _drawn(client: httpx.Client, body: dict) -> dict:
+    created = client.post("/api/jobs", json=body)
+    assert created.status_code == 202, created.text
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        job = client.get(f"/api/jobs/{created.json()['id']}").json()
+        if job["status"] in FINAL:
+            assert job["status"] == "done", job
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {created.json()['id']} did not finish")
+
+
+def _pixels(client: httpx.Client, job: dict) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(client.get(job["images"][0]).content)).convert("RGB"), dtype=np.int16)
+
+
+def test_a_native_job_draws_records_and_redraws_deep_cache(client):
+    from sdlab.server.native import JobIn
+
+    plain = _drawn(client, BASE)
+    job = _drawn(client, {**BASE, "deep_cache": {"interval": 2}})
+    assert np.abs(_pixels(client, job) - _pixels(client, plain)).max() > 2
+    assert job["request"]["deep_cache"] == {"interval": 2, "branch": 0}      # unset: DeepCache's default branch
+    assert "DeepCache interval: 2, DeepCache branch: 0" in job["infotexts"][0]
+    assert "DeepCache" not in plain["infotexts"][0]
+    body = {key: value for key, value in job["request"].items() if key in JobIn.model_fields and value is not None}
+    again = _drawn(client, body)
+    assert np.array_equal(_pixels(client, again), _pixels(client, job))
+    image = base64.b64encode(client.get(job["images"][0]).content).decode()
+    read = client.post("/api/parameters", json={"image": image})
+    assert read.status_code == 200, read.text
+    assert read.json()["settings"]["deep_cache"] == {"interval": 2, "branch": 0} and read.json()["unread"] == []
+
+
+@pytest.mark.parametrize("deep_cache, status, words", [
+    ({"interval": 2, "depth": 1}, 422, "depth"),
+    ({"interval": 2.0}, 422, "interval"),                    # strict: a float is no interval
+    ({"interval": 0}, 400, "DeepCache interval must be a whole number 1..1000"),
+    ({"interval": 3, "branch": 99}, 400, "DeepCache branch 99 (level 33, layer 0) is not in this U-Net"),
+])
+def test_a_bad_native_setting_is_refused(client, deep_cache, status, words):
+    refused = client.post("/api/jobs", json={**BASE, "deep_cache": deep_cache})
+    assert refused.status_code == status and words in refused.text, refused.text
