@@ -35,6 +35,13 @@ A1111_AXIS_OPTIONS = [
     ("", "Always discard next-to-last sigma"), ("", "SGM noise multiplier"), ("", "Refiner checkpoint"),
     ("", "Refiner switch at"), ("", "RNG source"), ("", "FP8 mode"), ("", "Size"),
 ]
+# ... then the axes sdlab adds as an extension would (`axis_options.extend`): ljleb/sd-webui-freeu
+# lib_free_u/xyz_grid.py's names for the FreeU factors it draws, sdlab's own for FreeU's window and the PAG scale
+EXTENSION_AXIS_OPTIONS = [
+    ("", "[FreeU] Enabled"), ("", "[FreeU] Stage 1 Backbone Scale"), ("", "[FreeU] Stage 1 Skip Scale"),
+    ("", "[FreeU] Stage 2 Backbone Scale"), ("", "[FreeU] Stage 2 Skip Scale"), ("", "FreeU start"),
+    ("", "FreeU end"), ("", "PAG scale"),
+]
 # A1111's axis -> the sdlab grid field it is (None: one sdlab does not draw)
 SDLAB_AXES = {
     "Nothing": "nothing", "Seed": "seed", "Var. seed": "subseed", "Var. strength": "subseed_strength",
@@ -52,6 +59,10 @@ SDLAB_AXES = {
     "Always discard next-to-last sigma": "discard_penultimate_sigma", "SGM noise multiplier": "sgm_noise_multiplier",
     "RNG source": "rng", "Checkpoint name": "checkpoint", "VAE": "vae", "Refiner checkpoint": "refiner",
     "Refiner switch at": "refiner_switch", "Size": "size",
+    "[FreeU] Enabled": "freeu_enabled", "[FreeU] Stage 1 Backbone Scale": "freeu_b1",
+    "[FreeU] Stage 1 Skip Scale": "freeu_s1", "[FreeU] Stage 2 Backbone Scale": "freeu_b2",
+    "[FreeU] Stage 2 Skip Scale": "freeu_s2", "FreeU start": "freeu_start", "FreeU end": "freeu_end",
+    "PAG scale": "pag_scale",
 }
 XYZ_ARGS = ["x_type", "x_values", "x_values_dropdown", "y_type", "y_values", "y_values_dropdown", "z_type",
             "z_values", "z_values_dropdown", "draw_legend", "include_lone_images", "include_sub_grids",
@@ -62,7 +73,7 @@ BASE = {"prompt": "a red apple", "negative_prompt": "blurry", "steps": 2, "seed"
 
 def a1111_indexes(mode: str) -> list[str]:
     tag = "i" if mode == "img2img" else "t"
-    return [label for kind, label in A1111_AXIS_OPTIONS if kind in ("", tag)]
+    return [label for kind, label in A1111_AXIS_OPTIONS + EXTENSION_AXIS_OPTIONS if kind in ("", tag)]
 
 
 def xyz_args(**given) -> list:
@@ -99,7 +110,9 @@ def test_axis_indexes_are_a1111s_for_the_tab(mode: str) -> None:
 
 def test_every_axis_sdlab_draws_sets_an_a1111_field_or_option() -> None:
     """The request field of each axis sdlab draws goes where A1111's `apply_field` / `apply_override` put it."""
-    set_fields = {*BODY_FIELDS, *OPTION_FIELDS, "nothing", "prompt_order", "size"}     # Size: width and height
+    set_fields = {*BODY_FIELDS, *OPTION_FIELDS, "nothing", "prompt_order", "size",     # Size: width and height
+                  *(f"freeu_{name}" for name in ("enabled", "b1", "b2", "s1", "s2", "start", "end")),  # FreeU's
+                  "pag_scale"}      # and PAG's always-on scripts' args (`alwayson_args`)
     assert set(SDLAB_AXES.values()) <= set_fields
     assert not set(BODY_FIELDS) & set(OPTION_FIELDS)
 
@@ -233,7 +246,7 @@ def test_img2img_cells_are_single_img2img_requests(client) -> None:
 @pytest.mark.parametrize("args, message", [
     (xyz_args(x_type=index_of("Face restore"), x_values="a"), "x_type 32 is A1111's 'Face restore' axis"),
     (xyz_args(x_type=index_of("FP8 mode"), x_values="Enable"), "x_type 40 is A1111's 'FP8 mode' axis"),
-    (xyz_args(x_values="1", y_type=44, y_values="1"), "y_type must be 0..41"),
+    (xyz_args(x_values="1", y_type=60, y_values="1"), "y_type must be 0..49"),
     (xyz_args(x_type=index_of("Steps"), x_values="1,x"), "'x' is not an integer"),
     (xyz_args(x_type=index_of("Sampler"), x_values="Euler"), "x_values_dropdown (csv_mode false): no values"),
     (xyz_args(x_type=index_of("Prompt S/R"), x_values="banana,kiwi"), "Prompt S/R did not find 'banana'"),

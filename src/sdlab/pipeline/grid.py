@@ -46,6 +46,17 @@ and `.` ignored), the request field's name, or a short name; labels as A1111's `
 | Refiner checkpoint, Refiner switch at  | refiner (None: none), refiner_switch (in (0, 1)) | Refiner checkpoint: its file name alone |
 | Size                                   | width and height (`512x768`, as A1111's `apply_size`) |    |
 | Width, Height (sdlab's own)            | width, height                        |                  |
+| [FreeU] Enabled (sd-webui-freeu's)     | freeu: the cell's setting (True) or none (False) |      |
+| [FreeU] Stage 1 / 2 Backbone Scale     | freeu's b1 / b2                      |                  |
+| [FreeU] Stage 1 / 2 Skip Scale         | freeu's s1 / s2                      |                  |
+| FreeU start, FreeU end (sdlab's own)   | freeu's start / end (Forge's step window, fractions in [0, 1]) |  |
+| PAG scale (sdlab's own)                | pag_scale (perturbed-attention guidance; 0 off) |       |
+
+The FreeU axes take the names sd-webui-freeu gives its X/Y/Z axes (lib_free_u/xyz_grid.py: "[FreeU] Stage 1 Backbone
+Scale" ..., earlier "[FreeU] Block 1 ..."); they set sdlab's FreeU (`models.freeu`: Forge's / ComfyUI's filter, not that
+extension's windowed one) on the cell's setting: the request's, else FreeU's defaults, so a factor axis on a request
+without FreeU draws it on. Its step window has sdlab's own names: the extension's Start At Step / Stop At Step count
+steps its own way (an integer a step, with a transition smoothness). Forge's built-in FreeU and PAG add no axes.
 
 Checkpoint name, VAE, Refiner checkpoint and Refiner switch at (`MODEL_FIELDS`) are no request fields but what
 a cell loads and draws with (the server's: a listed model or VAE; `sdlab grid`'s: a file, as its --model, --vae
@@ -95,7 +106,10 @@ from PIL import Image, ImageDraw, ImageFont
 from sdlab.diffusion.noise import RNG_SOURCES
 from sdlab.diffusion.samplers import get_sampler
 from sdlab.diffusion.schedule_names import schedule_from_a1111
-from sdlab.pipeline.request import GenerationRequest, GenerationResult, fixed_seed, next_batch, runs_a1111_unipc
+from sdlab.models.freeu import FREEU_FACTORS, MAX_FREEU_FACTOR, FreeU
+from sdlab.pipeline.request import (
+    MAX_CFG, GenerationRequest, GenerationResult, check_freeu, fixed_seed, next_batch, runs_a1111_unipc,
+)
 from sdlab.pipeline.styles import StyleDatabase, styled_options
 from sdlab.utils.numbers import finite_float
 
@@ -174,6 +188,23 @@ def _set_size(options: dict[str, Any], value: str, values: tuple[str, ...]) -> d
     return {**options, "width": width, "height": height}
 
 
+def cell_freeu(options: Mapping[str, Any]) -> FreeU:
+    """The cell's FreeU setting as the axes before this one left it: the request's (a `FreeU`, or the native API's
+    mapping of its fields), else FreeU's defaults."""
+    freeu = options.get("freeu")
+    return FreeU() if freeu is None else check_freeu(freeu)
+
+
+def _set_freeu(name: str) -> Callable[[dict[str, Any], Any, tuple[Any, ...]], dict[str, Any]]:
+    """sd-webui-freeu's `apply_global_state`: the value into the cell's FreeU field `name` (FreeU on)."""
+    return lambda options, value, values: {**options, "freeu": replace(cell_freeu(options), **{name: value})}
+
+
+def _freeu_enabled(options: dict[str, Any], value: bool, values: tuple[bool, ...]) -> dict[str, Any]:
+    """sd-webui-freeu's [FreeU] Enabled: True draws the cell's FreeU setting, False none."""
+    return {**options, "freeu": cell_freeu(options) if value else None}
+
+
 MODEL_FIELDS = ("checkpoint", "vae", "refiner", "refiner_switch")
 """The axes' fields that are no request field but what a cell draws with: its model, VAE file
 ("None": the checkpoint's own, "Automatic": the one found near it), SDXL refiner ("None": none) and switch."""
@@ -239,6 +270,14 @@ FIELDS: tuple[Field, ...] = (         # A1111's axis_options (scripts/xyz_grid.p
     Field("size", str, "Size", None, _set_size),
     Field("width", int, "Width"),                # sdlab's own: A1111's is Size
     Field("height", int, "Height"),
+    Field("freeu_enabled", bool, "[FreeU] Enabled", None, _freeu_enabled),        # sd-webui-freeu's names
+    Field("freeu_b1", float, "[FreeU] Stage 1 Backbone Scale", None, _set_freeu("b1")),
+    Field("freeu_b2", float, "[FreeU] Stage 2 Backbone Scale", None, _set_freeu("b2")),
+    Field("freeu_s1", float, "[FreeU] Stage 1 Skip Scale", None, _set_freeu("s1")),
+    Field("freeu_s2", float, "[FreeU] Stage 2 Skip Scale", None, _set_freeu("s2")),
+    Field("freeu_start", float, "FreeU start", None, _set_freeu("start")),         # sdlab's own
+    Field("freeu_end", float, "FreeU end", None, _set_freeu("end")),
+    Field("pag_scale", float, "PAG scale"),
 )
 HIRES_DENOISE = Field("hr_denoise", float, "Denoising")   # `hr_denoise`: A1111's Denoising as the hires fix's alone
 _ALIASES = {
@@ -247,6 +286,9 @@ _ALIASES = {
     "hrsamplername": "hr_sampler", "variationseed": "subseed", "variationstrength": "subseed_strength",
     "ngms": "s_min_uncond", "randnsource": "rng", "model": "checkpoint", "sdmodelcheckpoint": "checkpoint",
     "sdvae": "vae",
+    **{f"[FreeU] Block {stage} {part} Scale": f"freeu_{letter}{stage}"                # sd-webui-freeu's names
+       for stage in (1, 2) for part, letter in (("Backbone", "b"), ("Skip", "s"))},   # before its Stage ones
+    "freeu": "freeu_enabled", "pag": "pag_scale",
 }
 
 
@@ -386,6 +428,12 @@ def _check_value(field: Field, value: Any) -> None:
         raise GridError(f"Var. strength must lie in [0, 1], got {value:g}")
     elif field.name == "refiner_switch" and not 0.0 < value < 1.0:
         raise GridError(f"Refiner switch at must lie in (0, 1), got {value:g}")
+    elif field.name in (f"freeu_{name}" for name in FREEU_FACTORS) and not abs(value) <= MAX_FREEU_FACTOR:
+        raise GridError(f"{field.label} must lie in [-{MAX_FREEU_FACTOR:g}, {MAX_FREEU_FACTOR:g}], got {value:g}")
+    elif field.name in ("freeu_start", "freeu_end") and not 0.0 <= value <= 1.0:
+        raise GridError(f"{field.label} must lie in [0, 1] (a fraction of the steps), got {value:g}")
+    elif field.name == "pag_scale" and not 0.0 <= value <= MAX_CFG:
+        raise GridError(f"PAG scale must lie in [0, {MAX_CFG:g}], got {value:g}")
     elif field.name == "size" and (not _SIZE.fullmatch(value) or 0 in map(int, _SIZE.fullmatch(value).groups())):
         raise GridError(f"{value!r} is not a size WIDTHxHEIGHT of at least 1x1 (512x768)")
 

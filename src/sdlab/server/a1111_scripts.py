@@ -51,11 +51,14 @@ from sdlab.pipeline.outpainting_scripts import DIRECTIONS, OutpaintError, mk2_pa
 from sdlab.pipeline.png_info import format_parameters, parse_parameters
 from sdlab.pipeline.prompt_matrix import DELIMITERS, PROMPT_TYPES, PromptMatrix, prompt_matrix
 from sdlab.pipeline.prompts_file import POSITIONS, Line, line_prompts, line_seeds, read_lines
-from sdlab.pipeline.request import MAX_BATCH_COUNT, MAX_SIDE, fixed_seed
+from sdlab.pipeline.request import MAX_BATCH_COUNT, MAX_SIDE, check_freeu, fixed_seed
 from sdlab.pipeline.sd_upscale import TileBatch, combined_pictures, tile_plan, upscale_fields, upscales
 from sdlab.pipeline.tile_grid import TileGrid, split_grid
 from sdlab.pipeline.upscale import UpscaleError
-from sdlab.server.alwayson import ALWAYSON_SCRIPTS, CONTROLNET, FREEU, PAG
+from sdlab.models.freeu import FREEU_FACTORS, FREEU_WINDOW
+from sdlab.server.alwayson import (
+    ALWAYSON_SCRIPTS, CONTROLNET, FREEU, FREEU_TITLES, PAG, alwayson_freeu, alwayson_pag,
+)
 from sdlab.server.inputs import PLAIN_UPSCALER_NAMES, BadRequest
 
 MODES = ("txt2img", "img2img")
@@ -182,12 +185,22 @@ A1111_AXES = (          # AUTOMATIC1111/stable-diffusion-webui v1.10.1 scripts/x
     AxisType("Refiner checkpoint", None, True), AxisType("Refiner switch at"), AxisType("RNG source", None, True),
     AxisType("FP8 mode", None, True), AxisType("Size"),
 )
+EXTENSION_AXES = (      # after A1111's, as an extension's `axis_options.extend` puts them
+    AxisType("[FreeU] Enabled", None, True),            # ljleb/sd-webui-freeu lib_free_u/xyz_grid.py's names
+    AxisType("[FreeU] Stage 1 Backbone Scale"), AxisType("[FreeU] Stage 1 Skip Scale"),
+    AxisType("[FreeU] Stage 2 Backbone Scale"), AxisType("[FreeU] Stage 2 Skip Scale"),
+    AxisType("FreeU start"), AxisType("FreeU end"), AxisType("PAG scale"),          # sdlab's own
+)
+"""The axes sdlab adds after A1111 1.10's, drawn with Forge's FreeU Integrated and PerturbedAttentionGuidance
+Integrated always-on scripts (`alwayson_args`): sd-webui-freeu's names for FreeU's factors (that extension also lists
+axes sdlab does not draw, and its versions differ, so these indices are sdlab's: look an axis up by its label in
+`GET /api/scripts`), sdlab's own for FreeU's step window and the PAG scale (neither Forge script adds axes)."""
 
 
 def axis_types(mode: str) -> list[AxisType]:
     """The axes A1111 offers in `mode`, which x_type / y_type / z_type index (`Script.ui`'s
     `current_axis_options`: the axes of both tabs and those of `mode`'s)."""
-    return [axis for axis in A1111_AXES if axis.mode in (None, mode)]
+    return [axis for axis in (*A1111_AXES, *EXTENSION_AXES) if axis.mode in (None, mode)]
 
 
 BODY_FIELDS = {         # sdlab's request field an axis sets -> the A1111 request field its `apply_field` sets
@@ -210,6 +223,9 @@ OPTION_FIELDS = {       # ... -> the option its `apply_override` sets in `overri
     "token_merging_ratio": "token_merging_ratio", "token_merging_ratio_hr": "token_merging_ratio_hr",
 }
 """Cond. Image Mask Weight sets A1111's `p.inpainting_mask_weight`, which its option sets too."""
+ALWAYSON_AXES = {       # ... -> the always-on script whose args carry it (`alwayson_args`)
+    "freeu": FREEU, "pag_scale": PAG,
+}
 
 
 def sdlab_field(axis: AxisType) -> Field | None:
@@ -373,7 +389,36 @@ def _cell_body(body: Any, base: Mapping[str, Any], cell: Mapping[str, Any]) -> A
     options = {OPTION_FIELDS[key]: value for key, value in changed.items() if key in OPTION_FIELDS}
     if options:
         update["override_settings"] = {**body.override_settings, **options}
+    if any(key in ALWAYSON_AXES for key in changed):
+        update["alwayson_scripts"] = alwayson_args(body.alwayson_scripts, changed)
     return body.model_copy(update=update)
+
+
+def alwayson_base(scripts: Mapping[str, Any]) -> dict[str, Any]:
+    """The FreeU setting (a `FreeU`, or None) and the PAG scale of a request's `alwayson_scripts`, which the FreeU
+    and PAG axes change (`ALWAYSON_AXES`)."""
+    freeu = alwayson_freeu(dict(scripts))
+    return {"freeu": None if freeu is None else check_freeu(freeu),
+            "pag_scale": alwayson_pag(dict(scripts)).get("pag_scale", 0.0)}
+
+
+def alwayson_args(scripts: Mapping[str, Any], changed: Mapping[str, Any]) -> dict[str, Any]:
+    """`scripts` with the FreeU setting and the PAG scale of `changed` as Forge's FreeU Integrated args [enabled,
+    b1, b2, s1, s2, start, end] and PerturbedAttentionGuidance Integrated args [enabled, scale], each under the
+    title the request named it by (else Forge's)."""
+    out = dict(scripts)
+    for key, title in ALWAYSON_AXES.items():
+        if key not in changed:
+            continue
+        titles = FREEU_TITLES if key == "freeu" else (PAG,)
+        name = next((name for name in out if name.lower() in titles), title)
+        value = changed[key]
+        if key == "pag_scale":
+            out[name] = {"args": [True, value]}
+        else:
+            out[name] = {"args": [False] if value is None else
+                         [True, *(getattr(value, field) for field in (*FREEU_FACTORS, *FREEU_WINDOW))]}
+    return out
 
 
 def cell_bodies(body: Any, plot: Plot, args: XyzArgs, mode: str) -> list[tuple[Index, Any]]:
@@ -383,7 +428,7 @@ def cell_bodies(body: Any, plot: Plot, args: XyzArgs, mode: str) -> list[tuple[I
     if not args.no_fixed_seeds:
         body = body.model_copy(update={"seed": fixed_seed(body.seed), "subseed": fixed_seed(body.subseed)})
     base: dict[str, Any] = {"prompt": body.prompt, "negative_prompt": body.negative_prompt, "seed": body.seed,
-                            "steps": body.steps, "styles": tuple(body.styles)}
+                            "steps": body.steps, "styles": tuple(body.styles), **alwayson_base(body.alwayson_scripts)}
     if mode == "img2img":
         base["init_image"] = True       # only what the Denoising axis reads: img2img's strength, not the hires fix's
     try:

@@ -21,9 +21,11 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from sdlab.pipeline.png_info import save_png_atomic
-from sdlab.pipeline.request import DEFAULT_HR_DENOISE, MASKED_CONTENT, RESIZE_MODES, GenerationRequest
+from sdlab.pipeline.request import DEFAULT_HR_DENOISE, MASKED_CONTENT, RESIZE_MODES, GenerationRequest, check_freeu
 from sdlab.pipeline.styles import PROMPT_FIELDS
-from sdlab.server.a1111_scripts import RUNNABLE_SCRIPTS, SelectableScript, axis_types, script_args, sdlab_field
+from sdlab.server.a1111_scripts import (
+    RUNNABLE_SCRIPTS, SelectableScript, alwayson_args, axis_types, script_args, sdlab_field,
+)
 from sdlab.server.inputs import BadRequest, JobSpec, refiner_choice, sampler_and_schedule, spec_with_preset
 from sdlab.server.jobs import Job, QueueFull, Unavailable
 from sdlab.server.service import Service
@@ -115,7 +117,7 @@ def a1111_body(service: Service, body: Any) -> Any:
                        if getattr(body, name) is not None}, enable_hr=True)
         fields["denoising_strength"] = DEFAULT_HR_DENOISE if body.hr_denoise is None else body.hr_denoise
     fields.update(override_settings=_options(service, body), script_name=body.script_name,
-                  script_args=body.script_args)
+                  script_args=body.script_args, alwayson_scripts=_alwayson(body))
     if body.mode == "txt2img":
         return a1111.Txt2ImgIn(**fields)
     if body.init_image is None:
@@ -132,6 +134,15 @@ def a1111_body(service: Service, body: Any) -> Any:
                       inpaint_full_res_padding=body.inpaint_padding,
                       inpainting_fill=_choice_index(body.inpaint_fill, MASKED_CONTENT, "inpaint_fill"))
     return a1111.Img2ImgIn(**fields)
+
+
+def _alwayson(body: Any) -> dict[str, Any]:
+    """The job's FreeU and PAG scale as Forge's always-on scripts' args (`alwayson_args`), which the X/Y/Z plot's
+    FreeU and PAG axes start from."""
+    own = {"freeu": check_freeu(body.freeu.model_dump())} if body.freeu is not None else {}
+    if body.pag_scale:
+        own["pag_scale"] = body.pag_scale
+    return alwayson_args({}, own)
 
 
 def _differs(a: Any, b: Any) -> bool:
@@ -162,6 +173,9 @@ def cell_request(job: GenerationRequest, base: tuple[Any, GenerationRequest],
                and _differs(getattr(request, field.name), getattr(base_request, field.name))}
     if job.mask_image is None and request.mask_image is not None:
         changed.update({name: getattr(request, name) for name in MASK_FIELDS})
+    if changed.get("freeu") is not None and job.freeu is not None:     # Forge's args carry neither: the job's
+        own = check_freeu(job.freeu)
+        changed["freeu"] = {**changed["freeu"], "version": own.version, "convention": own.convention}
     for name, fields in SET_BY.items():
         if getattr(body, name) != getattr(base_body, name):
             changed.update({field: getattr(request, field) for field in fields})

@@ -1,0 +1,40 @@
+"""The web UI's X/Y/Z plot offers the FreeU and PAG axes (sd-webui-freeu's names for FreeU's factors, sdlab's own for
+its window and the PAG scale) after A1111's, in a real headless browser (test_webui.py's fixtures), and a plot over
+them draws: its job sends their indices in the server's axis list and its grid names them."""
+
+from __future__ import annotations
+
+from test_webui import (  # noqa: F401  (fixtures: base_url, browser, page; the session's sdlab_server)
+    By, Select, base_url, browser, http_json, page, sdlab_server, set_value, text, wait, wait_job,
+)
+
+AXES = ["[FreeU] Enabled", "[FreeU] Stage 1 Backbone Scale", "[FreeU] Stage 1 Skip Scale",
+        "[FreeU] Stage 2 Backbone Scale", "[FreeU] Stage 2 Skip Scale", "FreeU start", "FreeU end", "PAG scale"]
+
+
+def test_the_freeu_and_pag_axes_are_offered_and_drawn(page, base_url):
+    prompt = "a green cone (freeu x pag)"
+    set_value(page, "prompt", prompt)
+    Select(page.find_element(By.ID, "script")).select_by_visible_text("X/Y/Z plot")
+    x_type = Select(page.find_element(By.ID, "xyz_x_type"))
+    assert [o.text for o in x_type.options][-len(AXES):] == AXES               # after A1111's, in both tabs
+    Select(page.find_element(By.ID, "xyz_x_type")).select_by_visible_text("[FreeU] Stage 2 Backbone Scale")
+    set_value(page, "xyz_x_values", "1,1.6")
+    Select(page.find_element(By.ID, "xyz_y_type")).select_by_visible_text("PAG scale")
+    set_value(page, "xyz_y_values", "2")
+    page.find_element(By.ID, "generate").click()
+    job_id = wait(page, lambda d: [j["id"] for j in http_json(base_url, "/api/jobs")["jobs"]
+                                   if j["request"].get("prompt") == prompt], 30,
+                  f"no job queued; error: {text(page, 'error')}")[0]
+    job = wait_job(base_url, job_id)
+    assert job["status"] == "done", job
+    listed = [a["label"] for a in http_json(base_url, "/api/scripts")["txt2img"]["axes"]]
+    axes = {a["label"]: a["index"] for a in http_json(base_url, "/api/scripts")["txt2img"]["axes"]}
+    assert set(AXES) <= set(listed)
+    args = job["request"]["script_args"]
+    assert (args[0], args[1], args[3], args[4]) == (axes["[FreeU] Stage 2 Backbone Scale"], "1,1.6",
+                                                    axes["PAG scale"], "2")
+    assert "X Type: [FreeU] Stage 2 Backbone Scale" in job["infotexts"][0] and "Y Type: PAG scale" in job["infotexts"][0]
+    assert "freeu_b2: 1," in job["infotexts"][0] and "PerturbedAttentionGuidance_scale: 2" in job["infotexts"][0]
+    page.find_element(By.ID, "tab-img2img").click()
+    assert [o.text for o in Select(page.find_element(By.ID, "xyz_x_type")).options][-len(AXES):] == AXES
