@@ -14,7 +14,7 @@ const MASK_COLOUR = "#ff3df5";   // how the painted mask shows on the image (it 
 const SUBMITTED_KEY = "sdlab-submitted";   // sessionStorage (one per browser tab): this tab's jobs, over a reload
 // checkboxes that show their options (A1111's "Hires. fix" and seed "Extra"); unticked, the request leaves them out
 const TOGGLES = { enable_hr: "hires-options", "seed-extra": "seed-extra-options", enable_refiner: "refiner-options",
-  freeu: "freeu-options" };
+  freeu: "freeu-options", deep_cache: "deep_cache-options" };
 
 // The seeds the server takes (pipeline/request.py MIN_SEED..MAX_SEED; -1 draws one); a test compares them and the
 // defaults below with Python's (tests/test_webui_from_png.py::test_every_field_the_api_takes_reaches_the_job_...)
@@ -459,6 +459,7 @@ function setMode(mode) {
   excludeHiresOrRefiner();
   renderKept();
   renderScripts();
+  showUnitStates();                         // controlnet.js: a unit without its own picture takes the initial image
 }
 
 // ---------------------------------------------------------------- scripts
@@ -691,6 +692,13 @@ function setSlider(id, value) {
   showSliderValue(id);
 }
 
+// The Image CFG Scale slider on at `scale` (null: as it is), or off with its None ticked (no image guidance)
+function setImageGuidance(on, scale = null) {
+  $("image_cfg_none").checked = !on;
+  $("image_cfg_scale").disabled = !on;
+  if (on) setSlider("image_cfg_scale", scale);
+}
+
 // ---------------------------------------------------------------- request
 
 // A number box's label and text; a box holding text that is not a number ("abc", "1e400") reads as "": say
@@ -795,6 +803,21 @@ function fillFreeU(settings, unknown) {
   if (!selectMatching($("freeu_convention"), freeu.convention ?? "comfyui")) unknown.push(`FreeU convention "${freeu.convention}"`);
 }
 
+// DeepCache's setting (the native API's `deep_cache` object): its interval and branch
+function deepCacheRequest() {
+  return { interval: numberField("deep_cache_interval", { integer: true }),
+           branch: numberField("deep_cache_branch", { integer: true }) };
+}
+
+// Settings with DeepCache tick its box and fill it; without, the box is unticked (the values stay)
+function fillDeepCache(settings) {
+  const deepCache = settings.deep_cache;
+  setToggle("deep_cache", Boolean(deepCache));
+  if (!deepCache) return;
+  setField("deep_cache_interval", deepCache.interval ?? 3);
+  setField("deep_cache_branch", deepCache.branch ?? 0);
+}
+
 // The painted mask and the inpaint box: A1111's Mask blur, Mask mode, Masked content and Inpaint area (Only
 // masked, with its padding)
 function inpaintRequest() {
@@ -856,6 +879,7 @@ function collectRequest() {
   if ($("schedule").value) body.schedule = $("schedule").value;
   if ($("seed-extra").checked) Object.assign(body, variationRequest());
   if ($("freeu").checked) body.freeu = freeuRequest();
+  if ($("deep_cache").checked) body.deep_cache = deepCacheRequest();
   const hires = state.mode === "txt2img" && $("enable_hr").checked;
   if (hires) Object.assign(body, hiresRequest());
   if ($("enable_refiner").checked && $("refiner").value) Object.assign(body, refinerRequest());
@@ -868,7 +892,8 @@ function collectRequest() {
     if (!state.initImage) throw new ApiError(`${state.mode} needs an initial image: choose or drop one`);
     body.init_image = base64Of(state.initImage);
     body.strength = Number($("strength").value);
-    body.image_cfg_scale = Number($("image_cfg_scale").value);   // read by edit (InstructPix2Pix) models alone
+    body.image_cfg_scale = $("image_cfg_none").checked ? "none"  // no image guidance; read by edit models alone
+      : Number($("image_cfg_scale").value);
     body.resize_mode = $("resize_mode").value;
   }
   if (state.mode === "inpaint") {
@@ -954,10 +979,12 @@ function fillForm(settings) {
   const rng = settings.rng ?? "CPU";                       // a record without it: sdlab's default drew it
   if (!selectMatching($("rng"), rng)) unknown.push(`RNG "${rng}"`);
   setSlider("strength", settings.strength);
-  setSlider("image_cfg_scale", settings.image_cfg_scale);  // an edit model's; without one the slider stays (A1111)
+  if (settings.image_cfg_scale === "none") setImageGuidance(false);   // an edit model's: drawn without image guidance
+  else if (settings.image_cfg_scale != null) setImageGuidance(true, settings.image_cfg_scale);   // else it stays (A1111)
   fillImageOptions(settings, unknown);
   fillVariation(settings);
   fillFreeU(settings, unknown);
+  fillDeepCache(settings);
   fillControls(settings, unknown);                         // controlnet.js
   if (usesHires(settings)) fillHires(settings, unknown);
   else setToggle("enable_hr", false);
@@ -1459,10 +1486,10 @@ function setupDrop() {
 // ---------------------------------------------------------------- wiring
 
 function setup() {
+  setupControls();                          // controlnet.js (before setMode, which shows the units' state)
   setMode("txt2img");
   setupMaskPainting();
   setupDrop();
-  setupControls();                          // controlnet.js
   const tabs = [...document.querySelectorAll('[role="tab"]')];
   for (const tab of tabs) tab.addEventListener("click", () => setMode(tab.dataset.mode));
   $("settings").querySelector('[role="tablist"]').addEventListener("keydown", (event) => {
@@ -1497,6 +1524,7 @@ function setup() {
   for (const id of ["strength", "image_cfg_scale", "subseed_strength", "hr_denoise"]) {
     $(id).addEventListener("input", () => showSliderValue(id));
   }
+  $("image_cfg_none").addEventListener("change", () => setImageGuidance(!$("image_cfg_none").checked));
   for (const id of Object.keys(TOGGLES)) $(id).addEventListener("change", () => setToggle(id, $(id).checked));
   for (const id of new Set(Object.values(KEPT).flatMap((k) => k.with))) $(id).addEventListener("change", () => dropKept(id));
   $("subseed-random").addEventListener("click", () => { $("subseed").value = -1; });
