@@ -459,7 +459,6 @@ function setMode(mode) {
   excludeHiresOrRefiner();
   renderKept();
   renderScripts();
-  showUnitStates();                         // controlnet.js: a unit without its own picture takes the initial image
 }
 
 // ---------------------------------------------------------------- scripts
@@ -692,13 +691,6 @@ function setSlider(id, value) {
   showSliderValue(id);
 }
 
-// The Image CFG Scale slider on at `scale` (null: as it is), or off with its None ticked (no image guidance)
-function setImageGuidance(on, scale = null) {
-  $("image_cfg_none").checked = !on;
-  $("image_cfg_scale").disabled = !on;
-  if (on) setSlider("image_cfg_scale", scale);
-}
-
 // ---------------------------------------------------------------- request
 
 // A number box's label and text; a box holding text that is not a number ("abc", "1e400") reads as "": say
@@ -892,8 +884,7 @@ function collectRequest() {
     if (!state.initImage) throw new ApiError(`${state.mode} needs an initial image: choose or drop one`);
     body.init_image = base64Of(state.initImage);
     body.strength = Number($("strength").value);
-    body.image_cfg_scale = $("image_cfg_none").checked ? "none"  // no image guidance; read by edit models alone
-      : Number($("image_cfg_scale").value);
+    body.image_cfg_scale = Number($("image_cfg_scale").value);   // read by edit (InstructPix2Pix) models alone
     body.resize_mode = $("resize_mode").value;
   }
   if (state.mode === "inpaint") {
@@ -979,8 +970,7 @@ function fillForm(settings) {
   const rng = settings.rng ?? "CPU";                       // a record without it: sdlab's default drew it
   if (!selectMatching($("rng"), rng)) unknown.push(`RNG "${rng}"`);
   setSlider("strength", settings.strength);
-  if (settings.image_cfg_scale === "none") setImageGuidance(false);   // an edit model's: drawn without image guidance
-  else if (settings.image_cfg_scale != null) setImageGuidance(true, settings.image_cfg_scale);   // else it stays (A1111)
+  setSlider("image_cfg_scale", settings.image_cfg_scale);  // an edit model's; without one the slider stays (A1111)
   fillImageOptions(settings, unknown);
   fillVariation(settings);
   fillFreeU(settings, unknown);
@@ -1486,10 +1476,10 @@ function setupDrop() {
 // ---------------------------------------------------------------- wiring
 
 function setup() {
-  setupControls();                          // controlnet.js (before setMode, which shows the units' state)
   setMode("txt2img");
   setupMaskPainting();
   setupDrop();
+  setupControls();                          // controlnet.js
   const tabs = [...document.querySelectorAll('[role="tab"]')];
   for (const tab of tabs) tab.addEventListener("click", () => setMode(tab.dataset.mode));
   $("settings").querySelector('[role="tablist"]').addEventListener("keydown", (event) => {
@@ -1524,7 +1514,6 @@ function setup() {
   for (const id of ["strength", "image_cfg_scale", "subseed_strength", "hr_denoise"]) {
     $(id).addEventListener("input", () => showSliderValue(id));
   }
-  $("image_cfg_none").addEventListener("change", () => setImageGuidance(!$("image_cfg_none").checked));
   for (const id of Object.keys(TOGGLES)) $(id).addEventListener("change", () => setToggle(id, $(id).checked));
   for (const id of new Set(Object.values(KEPT).flatMap((k) => k.with))) $(id).addEventListener("change", () => dropKept(id));
   $("subseed-random").addEventListener("click", () => { $("subseed").value = -1; });
