@@ -5,8 +5,8 @@ free, instead of running for minutes and then dying in the allocator (or pushing
 The estimate counts what dominates a run, in the bundle's dtype (``e`` bytes per element):
 
 - U-Net, one forward over ``rows = B x unet_rows`` latents of ``N = h * w`` positions (`unet_rows`: the rows one
-  step's guidance batches for a picture: the prompt, the negative, PAG's perturbed row, an edit model's image row): about ``UNET_PER_ELEMENT * rows * N * c0 * e`` where ``c0`` is the first level's
-  width. Its widest moments are the transformer blocks' feed-forward (GEGLU holds 8 x the channels per
+  step's guidance batches for a picture: the prompt, the negative, PAG's perturbed row, an edit model's image
+  row): about ``UNET_PER_ELEMENT * rows * N * c0 * e`` where ``c0`` is the first level's width. Its widest moments are the transformer blocks' feed-forward (GEGLU holds 8 x the channels per
   position) and the skip connections kept for the decoder half; without attention at the first level (SDXL)
   the first level is lighter.
   Attention itself goes through fused kernels that never hold the ``N x N`` score matrix.
