@@ -282,6 +282,7 @@ def test_img2img_unit_takes_the_initial_image_and_bad_units_show_their_errors(pa
     sent = page.execute_script("return collectRequest()")
     assert sent["controls"][0]["image"] == sent["init_image"]
     assert sent["controls"][0]["resize_mode"] == sent["resize_mode"] == "resize"   # the extension: img2img's mode
+    assert not page.find_element(By.ID, "cn0_resize_mode").is_enabled()    # so its own is greyed out
     # the inpaint tab's unit takes its initial image too, with its resize mode
     page.find_element(By.CSS_SELECTOR, '[role="tab"][data-mode="inpaint"]').click()
     Select(page.find_element(By.ID, "resize_mode")).select_by_value("fill")
@@ -304,6 +305,13 @@ def test_img2img_unit_takes_the_initial_image_and_bad_units_show_their_errors(pa
     page.find_element(By.ID, "generate").click()
     wait(page, lambda d: text(d, "error").startswith("422") and "control 0" in text(d, "error"), 20,
          "the server's error is not shown")
+    # a picture of its own: the unit's Resize mode counts again; in txt2img it always does
+    drop_file(page, _hint_png(), "hint.png", "cn0_drop")
+    wait(page, lambda d: d.find_element(By.ID, "cn0_resize_mode").is_enabled(), 10, "Resize mode still greyed out")
+    page.find_element(By.ID, "cn0_clear").click()
+    assert not page.find_element(By.ID, "cn0_resize_mode").is_enabled()
+    page.find_element(By.CSS_SELECTOR, '[role="tab"][data-mode="txt2img"]').click()
+    assert page.find_element(By.ID, "cn0_resize_mode").is_enabled()
 
 
 def test_a_units_number_boxes_are_read_as_the_forms(page, base_url):
@@ -339,6 +347,8 @@ def test_preview_shows_the_preprocessed_map(page, base_url):
     # Pixel perfect: the resolution from the picture's and the drawing's size, as the job's unit runs at
     # (preprocess.pixel_perfect_resolution: 64 x 64 covering 64 x 96 under Crop and Resize: 96)
     page.find_element(By.ID, "cn0_pixel_perfect").click()
+    assert not page.find_element(By.ID, "cn0_processor_res").is_enabled()     # as the extension hides it
+    assert page.execute_script("return collectRequest()")["controls"][0]["processor_res"] is None
     page.find_element(By.ID, "cn0_preview_button").click()
     wait(page, lambda d: "Pixel perfect's preview needs the drawing's size" in text(d, "error"), 10,
          "no error for the model's default size")

@@ -459,6 +459,7 @@ function setMode(mode) {
   excludeHiresOrRefiner();
   renderKept();
   renderScripts();
+  showUnitStates();                         // controlnet.js: a unit without its own picture takes the initial image
 }
 
 // ---------------------------------------------------------------- scripts
@@ -1476,10 +1477,10 @@ function setupDrop() {
 // ---------------------------------------------------------------- wiring
 
 function setup() {
+  setupControls();                          // controlnet.js (before setMode, which shows the units' state)
   setMode("txt2img");
   setupMaskPainting();
   setupDrop();
-  setupControls();                          // controlnet.js
   const tabs = [...document.querySelectorAll('[role="tab"]')];
   for (const tab of tabs) tab.addEventListener("click", () => setMode(tab.dataset.mode));
   $("settings").querySelector('[role="tablist"]').addEventListener("keydown", (event) => {

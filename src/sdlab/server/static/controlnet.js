@@ -122,6 +122,20 @@ function showModuleSliders(i) {
   });
 }
 
+// Unit i's boxes the job would not read greyed out, as the extension's: Processor res under Pixel perfect, and
+// Resize mode where the unit takes img2img's / inpaint's initial image (with img2img's resize mode)
+function showUnitState(i) {
+  const p = `cn${i}`;
+  $(`${p}_processor_res`).disabled = $(`${p}_pixel_perfect`).checked;
+  const onInitial = state.mode !== "txt2img" && !controlState.pictures[i];
+  $(`${p}_resize_mode`).disabled = onInitial;
+  $(`${p}_resize_mode`).title = onInitial ? "The unit takes the initial image with img2img's Resize mode" : "";
+}
+
+function showUnitStates() {
+  for (let i = 0; i < CONTROL_UNIT_COUNT; i++) showUnitState(i);
+}
+
 function showPicture(prefix, dataUrl) {
   $(`${prefix}_view`).src = dataUrl || "";
   $(`${prefix}_view`).hidden = !dataUrl;
@@ -138,6 +152,7 @@ async function setControlPicture(prefix, dataUrl) {
   if (prefix === "ipa") return;
   $(`${prefix}_preview`).hidden = true;
   if (dataUrl) $(`${prefix}_enabled`).checked = true;
+  showUnitState(Number(prefix.slice(2)));
 }
 
 // The ControlNet folder's models and the preprocessors, into every unit's selects (a choice still listed stays)
@@ -175,17 +190,17 @@ function pictureOf(own, what) {
 }
 
 // Unit i's preprocessor and the numbers it reads: thresholds as its sliders have them, Processor res for the
-// RESOLUTION_MODULES (null: one it has not)
+// RESOLUTION_MODULES without Pixel perfect (null: one it has not, or Pixel perfect's from the sizes)
 function preprocessorFields(i, what) {
   const p = `cn${i}`;
   const module = $(`${p}_module`).value || "none";
   const thresholds = controlState.sliders[module] || [];
+  const resolution = RESOLUTION_MODULES.includes(module) && !$(`${p}_pixel_perfect`).checked;
   return {
     module,
     threshold_a: thresholds.length > 0 ? controlNumber(`${p}_threshold_a`, what) : null,
     threshold_b: thresholds.length > 1 ? controlNumber(`${p}_threshold_b`, what) : null,
-    processor_res: RESOLUTION_MODULES.includes(module) ? controlNumber(`${p}_processor_res`, what, { integer: true })
-      : null,
+    processor_res: resolution ? controlNumber(`${p}_processor_res`, what, { integer: true }) : null,
   };
 }
 
@@ -292,6 +307,7 @@ function fillControls(settings, unknown) {
       processor_res: unit.processor_res };
     for (const [key, value] of Object.entries(values)) setField(`${p}_${key}`, value ?? UNIT_DEFAULTS[key]);
     $(`${p}_pixel_perfect`).checked = unit.pixel_perfect === true;
+    showUnitState(i);
   }
   if (controls.length > CONTROL_UNIT_COUNT) unknown.push(`${controls.length - CONTROL_UNIT_COUNT} ControlNet units past ${CONTROL_UNIT_COUNT}`);
   const prompts = Array.isArray(settings.ip_adapters) ? settings.ip_adapters : [];
@@ -359,6 +375,7 @@ function setupControls() {
     units.append(controlUnit(i));
     wirePictureBox(`cn${i}`);
     $(`cn${i}_module`).addEventListener("change", () => showModuleSliders(i));
+    $(`cn${i}_pixel_perfect`).addEventListener("change", () => showUnitState(i));
     $(`cn${i}_preview_button`).addEventListener("click", () => previewControl(i));
   }
   $("ipa-picture").append(...pictureBox("ipa", "IP-Adapter", "IP-Adapter picture (none: img2img's initial image)"));
