@@ -398,3 +398,51 @@ def test_the_ip_adapter_box_sends_its_fields_and_reuse_fills_it(page, base_url):
         _restore(page, base_url, job, restore)
         wait(page, lambda d: _checked(d, "ipa_enabled"), 20, f"{restore}: the IP-Adapter is not ticked")
         assert value(page, "ipa_model") == title and value(page, "ipa_scale") == "0.7", restore
+
+
+@pytest.fixture(scope="module")
+def empty_folder_server(tmp_path_factory: pytest.TempPathFactory):
+    """A server whose ControlNet folder starts empty (and has no image_encoder folder): (its URL, the folder)."""
+    root = tmp_path_factory.mktemp("webui-controlnet-empty")
+    folder = root / "models" / "ControlNet"
+    folder.mkdir(parents=True)
+    server = start_server(root / "outputs", "--models-dir", str(root / "models"))
+    yield server.url.rstrip("/"), folder
+    server.stop()
+
+
+def test_a_server_without_controlnets_or_an_image_encoder(browser, empty_folder_server):
+    """No models: each list says so and an enabled unit asks for one; an IP-Adapter added later is listed on
+    refresh, and without its image encoder the server's 422 names what is missing, shown in the page, no job
+    queued."""
+    import sdlab
+    from sdlab.models.ip_adapter import cross_attentions
+
+    url, folder = empty_folder_server
+    open_page(browser, url)
+    wait(browser, lambda d: d.execute_script("return document.getElementById('cn0_module').options.length > 1"), 30,
+         "the preprocessors did not load")
+    assert [o.text for o in Select(browser.find_element(By.ID, "cn0_model")).options] == ["no ControlNets found"]
+    assert browser.execute_script("return document.getElementById('ipa_model').options[0].text") == \
+        "no IP-Adapters found"
+    drop_file(browser, _hint_png(), "hint.png", "cn0_drop")
+    wait(browser, lambda d: _checked(d, "cn0_enabled"), 10, "the dropped hint does not enable unit 0")
+    browser.find_element(By.ID, "generate").click()
+    wait(browser, lambda d: "ControlNet Unit 0 needs a model" in text(d, "error"), 10, "no error for the model")
+    browser.find_element(By.ID, "cn0_enabled").click()
+    bundle = sdlab.load().bundle
+    widths = [attn.to_q.weight.shape[0] for attn in cross_attentions(bundle.unet)]
+    write_ip_adapter(folder / "ip-adapter_tiny.safetensors",
+                     ip_adapter_state(widths, bundle.unet_config.context_dim, 32, seed=3, std=0.3))
+    browser.find_element(By.ID, "cn-refresh").click()
+    wait(browser, lambda d: len(Select(d.find_element(By.ID, "ipa_model")).options) == 2, 20, "no refreshed list")
+    browser.find_element(By.ID, "ipa_enabled").click()
+    Select(browser.find_element(By.ID, "ipa_model")).select_by_index(1)
+    drop_file(browser, _reference_png(), "reference.png", "ipa_drop")
+    wait(browser, lambda d: d.find_element(By.ID, "ipa_view").is_displayed(), 10, "the dropped picture is not shown")
+    set_value(browser, "prompt", "no image encoder")
+    browser.find_element(By.ID, "generate").click()
+    wait(browser, lambda d: text(d, "error").startswith("422") and "no image encoder for the IP-Adapter"
+         in text(d, "error"), 20, "the missing encoder is not shown")
+    assert __import__("test_webui").http_json(url, "/api/jobs")["jobs"] == []
+
