@@ -332,12 +332,8 @@ class PreparedControl:
     features: tuple[Tensor, ...] = ()   # a T2I-Adapter's, made once from the hint: (1, C_i, h_i, w_i) each
 
     def active(self, step: int, steps: int) -> bool:
-        """Whether step i of N runs the control. diffusers' controlnet_keep: i / N >= start and
-        (i + 1) / N <= end. A1111's (`UnetHook.guidance_schedule_handler`): start <= s / N <= end with s the
-        sampler step its callback last reported, which is set after a step's model calls: i - 1 (0 at i = 0)."""
-        if self.convention == "a1111":
-            return self.start <= max(step - 1, 0) / steps <= self.end
-        return not (step / steps < self.start or (step + 1) / steps > self.end)
+        """Whether step i of N runs the control (`in_window`)."""
+        return in_window(self.start, self.end, step, steps, self.convention)
 
     @property
     def cond_only(self) -> bool:
@@ -364,6 +360,17 @@ class PreparedControl:
             return [self.strength * (ADAPTER_SOFT_SCALES[k] if k < len(ADAPTER_SOFT_SCALES) else 1.0)
                     for k in range(count)]
         return [self.strength * SOFT_INJECTION_BASE ** (12 - k) for k in range(count)]
+
+
+def in_window(start: float, end: float, step: int, steps: int, convention: str) -> bool:
+    """Whether step i (0-based) of N lies in the window [start, end] by `convention`'s rule. diffusers'
+    controlnet_keep: i / N >= start and (i + 1) / N <= end. A1111's (the ControlNet extension's
+    `UnetHook.guidance_schedule_handler`, which its IP-Adapter units read as `current_sampling_percent` too):
+    start <= s / N <= end with s the sampler step its callback last reported, which is set after a step's model
+    calls: i - 1 (0 at i = 0)."""
+    if convention == "a1111":
+        return start <= max(step - 1, 0) / steps <= end
+    return not (step / steps < start or (step + 1) / steps > end)
 
 
 def load_control_net(model: LoadedControlNet | LoadedT2IAdapter | str | os.PathLike[str],

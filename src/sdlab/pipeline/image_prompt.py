@@ -12,7 +12,10 @@ Semantics are diffusers' (`load_ip_adapter`, `ip_adapter_image`, `set_ip_adapter
   ControlNet attends to the text alone, as in diffusers' ControlNet pipelines; `layer_scales` (diffusers'
   per-layer dict, InstantStyle's presets: `ip_adapter_layers`) give each cross-attention its own factor of `scale`;
 - the image encoder is the one named, else an `image_encoder` folder beside the adapter file or one folder up
-  (h94/IP-Adapter's layout: `models/ip-adapter_sd15.safetensors` with `models/image_encoder/`).
+  (h94/IP-Adapter's layout: `models/ip-adapter_sd15.safetensors` with `models/image_encoder/`);
+- an adapter acts on the steps of its window [start, end] alone (A1111's ControlNet extension's Guidance Start /
+  End of an IP-Adapter unit; diffusers has none), chosen by the request's `control_convention` as a ControlNet's
+  steps are (`control.in_window`); outside it the cross-attentions attend to the text alone.
 
 A picture's tokens are the same in every pass, batch of a batch count, grid cell and request: the adapters and
 encoders read from files are kept while their files are unchanged (the last `KEPT["encoder"]` encoders and
@@ -49,7 +52,7 @@ from sdlab.families.loaded import ModelBundle
 from sdlab.models.ip_adapter import ImagePrompt, IPAdapter, cross_attentions, zero_embeds_tokens
 from sdlab.pipeline.clip_image import clip_pixels
 from sdlab.pipeline.ip_adapter_layers import LayerScaleError, check_layer_scales, expand_layer_scales, layer_scales_text
-from sdlab.pipeline.control import _line_fields
+from sdlab.pipeline.control import _line_fields, in_window
 from sdlab.pipeline.request import RequestError, input_image
 from sdlab.utils.file_hashes import stat_version
 
@@ -61,8 +64,11 @@ ENCODER_FOLDERS = ("image_encoder", "../image_encoder")
 @dataclass(frozen=True)
 class IPAdapterInput:
     """One image prompt: the adapter (a file or a loaded one), the picture (a path or PIL image), the scale of its
-    attention (diffusers' `set_ip_adapter_scale`, A1111's Weight) and the CLIP image encoder (a folder, a file, a
-    loaded one; None: found beside the adapter, `ENCODER_FOLDERS`)."""
+    attention (diffusers' `set_ip_adapter_scale`, A1111's Weight), the CLIP image encoder (a folder, a file, a
+    loaded one; None: found beside the adapter, `ENCODER_FOLDERS`), the fractions of the steps it acts from and
+    to (A1111's Guidance Start / End; the request's `control_convention` picks the steps) and `module`: the
+    ControlNet extension's preprocessor of the A1111 unit it came from (its infotext is then that unit's
+    "ControlNet N" line, `infotext_lines`), None for sdlab's own image prompts ("IP-Adapter N")."""
 
     model: LoadedIPAdapter | str | os.PathLike[str]
     image: Image.Image | str | os.PathLike[str]
@@ -71,6 +77,14 @@ class IPAdapterInput:
     # per-layer scales multiplying `scale` (None: every cross-attention): diffusers' `set_ip_adapter_scale` dict,
     # a preset "style" / "style+layout" or their compact text (`ip_adapter_layers`)
     layer_scales: Mapping[str, Any] | str | None = None
+    start: float = 0.0
+    end: float = 1.0
+    module: str | None = None
+
+    @property
+    def windowed(self) -> bool:
+        """Whether the adapter acts on part of the steps only (start > 0 or end < 1)."""
+        return self.start > 0 or self.end < 1
 
     @property
     def model_path(self) -> str:
@@ -88,8 +102,9 @@ def image_encoder_of(adapter: str | os.PathLike[str]) -> Path:
                        f"{' and '.join(map(str, places))}; name one (image_encoder / --ip-adapter-encoder)")
 
 
-def check_ip_adapter(prompt: IPAdapterInput, index: int = 0) -> IPAdapterInput:
-    """The input's numbers and paths checked; a RequestError names what is wrong."""
+def check_ip_adapter(prompt: IPAdapterInput, index: int = 0, convention: str = "diffusers") -> IPAdapterInput:
+    """The input's numbers and paths checked; a RequestError names what is wrong. Its window as a control's
+    (`control.check_control`): A1111's `convention` takes start == end, diffusers' refuses it (no step)."""
     name = f"IP-Adapter {index}"
     if not isinstance(prompt, IPAdapterInput):
         raise RequestError(f"{name}: expected an IPAdapterInput, got {type(prompt).__name__}")
@@ -97,6 +112,7 @@ def check_ip_adapter(prompt: IPAdapterInput, index: int = 0) -> IPAdapterInput:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) \
             or not 0.0 <= scale <= MAX_SCALE:
         raise RequestError(f"{name}: scale must be a number in [0, {MAX_SCALE:g}], got {scale!r}")
+    _check_window(prompt, name, convention)
     if prompt.layer_scales is not None:
         try:
             check_layer_scales(prompt.layer_scales, MAX_SCALE)
@@ -112,6 +128,17 @@ def check_ip_adapter(prompt: IPAdapterInput, index: int = 0) -> IPAdapterInput:
     if encoder is None:
         image_encoder_of(prompt.model_path)                   # found beside the adapter, else refused now
     return prompt
+
+
+def _check_window(prompt: IPAdapterInput, name: str, convention: str) -> None:
+    for what, value in (("start", prompt.start), ("end", prompt.end)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise RequestError(f"{name}: {what} must be a finite number, got {value!r}")
+    strict = convention != "a1111"                                          # diffusers: start < end
+    ordered = prompt.start < prompt.end if strict else prompt.start <= prompt.end
+    if not (0.0 <= prompt.start and prompt.end <= 1.0 and ordered):
+        raise RequestError(f"{name}: need 0 <= start {'<' if strict else '<='} end <= 1, got start "
+                           f"{prompt.start}, end {prompt.end}")
 
 
 def _check_adapter_file(path: Path, name: str) -> None:
@@ -155,11 +182,27 @@ def _keys(path: Path) -> list[str]:
 @dataclass(frozen=True)
 class PreparedImagePrompts:
     """The adapters with their scales and token counts, and the tokens of the prompt's rows and the negative
-    prompt's, each (B, sum of the adapters' tokens, context_dim) in the adapters' order."""
+    prompt's, each (B, sum of the adapters' tokens, context_dim) in the adapters' order; each adapter's step
+    window (start, end) and the rule that picks its steps (the request's `control_convention`)."""
 
     adapters: tuple[tuple[IPAdapter, float | tuple[float, ...], int], ...]      # scale: one, or per cross-attention
     cond_tokens: Tensor
     uncond_tokens: Tensor
+    windows: tuple[tuple[float, float], ...] = ()
+    convention: str = "diffusers"
+
+    @property
+    def windowed(self) -> bool:
+        """Whether some adapter acts on part of the steps only: each model call must then learn its step
+        (`control.tag_steps`)."""
+        return any(start > 0 or end < 1 for start, end in self.windows)
+
+    def active(self, step: tuple[int, int] | None) -> list[bool]:
+        """Whether each adapter acts at sampler step (i, N) (`control.in_window`); every one where the step is
+        not known (None: no adapter is windowed)."""
+        if step is None or not self.windows:
+            return [True] * len(self.adapters)
+        return [in_window(start, end, *step, self.convention) for start, end in self.windows]
 
 
 # --- loaded adapters / encoders and pictures' tokens, kept ------------------------------------------------
@@ -238,15 +281,16 @@ def _kept_tokens(adapter: IPAdapter, encoder: torch.nn.Module, pixels: Tensor) -
     return tokens, negative
 
 
-def prepare_image_prompts(bundle: ModelBundle, prompts: Sequence[IPAdapterInput],
-                          batch: int) -> PreparedImagePrompts | None:
+def prepare_image_prompts(bundle: ModelBundle, prompts: Sequence[IPAdapterInput], batch: int,
+                          convention: str = "diffusers") -> PreparedImagePrompts | None:
     """Load (or take) each adapter and its image encoder, check they fit the model, encode each picture; None
-    without image prompts. Errors are RequestErrors naming the adapter."""
+    without image prompts. `convention`: the request's `control_convention`, the rule of the adapters' step
+    windows. Errors are RequestErrors naming the adapter."""
     if not prompts:
         return None
     adapters, cond, uncond = [], [], []
     for index, prompt in enumerate(prompts):
-        prompt = check_ip_adapter(prompt, index)
+        prompt = check_ip_adapter(prompt, index, convention)
         try:
             adapter, encoder = _loaded(prompt, bundle)
         except CheckpointError as err:
@@ -259,7 +303,8 @@ def prepare_image_prompts(bundle: ModelBundle, prompts: Sequence[IPAdapterInput]
         adapters.append((adapter.model, _scales(prompt, bundle, index), tokens.shape[1]))
         cond.append(tokens.expand(batch, -1, -1))                                             # (B, T, C)
         uncond.append(negative.expand(batch, -1, -1))                                         # (B, T, C)
-    return PreparedImagePrompts(tuple(adapters), torch.cat(cond, dim=1), torch.cat(uncond, dim=1))
+    return PreparedImagePrompts(tuple(adapters), torch.cat(cond, dim=1), torch.cat(uncond, dim=1),
+                                tuple((float(p.start), float(p.end)) for p in prompts), convention)
 
 
 def check_image_prompt_layers(bundle: ModelBundle, prompts: Sequence[IPAdapterInput]) -> None:
@@ -294,25 +339,35 @@ def _tokens(adapter: IPAdapter, encoder: torch.nn.Module, pixels: Tensor) -> tup
 
 
 class ImagePromptedNet:
-    """`net(x, t, context, ..., image_tokens=None)`: the wrapped network (the U-Net, or the `ControlledUNet`
-    around it) called with the U-Net's `image_prompt` built from `image_tokens` (B, sum T_i, C_ctx), each
-    adapter's slice of them with its scale."""
+    """`net(x, t, context, ..., image_tokens=None, control_step=None)`: the wrapped network (the U-Net, or the
+    `ControlledUNet` around it) called with the U-Net's `image_prompt` built from `image_tokens` (B, sum T_i,
+    C_ctx), each adapter's slice of them with its scale, the adapters outside their step window at
+    `control_step` (i, N) left out (none left: no image prompt). `control_step` goes on to a `ControlledUNet`,
+    not to a bare U-Net."""
 
     def __init__(self, net: Any, unet: torch.nn.Module, prepared: PreparedImagePrompts):
         self.net = net
         self.attentions = cross_attentions(unet)
+        self.prepared = prepared
         self.adapters = prepared.adapters
+        self.takes_step = net is not unet
 
     def parameters(self):   # the Denoiser reads the net's dtype from its first parameter
         return self.net.parameters()
 
-    def __call__(self, x: Tensor, t: Tensor, *args: Any, image_tokens: Tensor | None = None, **kwargs: Any) -> Tensor:
+    def __call__(self, x: Tensor, t: Tensor, *args: Any, image_tokens: Tensor | None = None,
+                 control_step: tuple[int, int] | None = None, **kwargs: Any) -> Tensor:
+        if self.takes_step and control_step is not None:
+            kwargs["control_step"] = control_step
         if image_tokens is None:
             return self.net(x, t, *args, **kwargs)
         bound, start = [], 0
-        for adapter, scale, count in self.adapters:
-            bound.append((adapter, image_tokens[:, start:start + count], scale))             # (B, T_i, C)
+        for (adapter, scale, count), active in zip(self.adapters, self.prepared.active(control_step)):
+            if active:
+                bound.append((adapter, image_tokens[:, start:start + count], scale))         # (B, T_i, C)
             start += count
+        if not bound:
+            return self.net(x, t, *args, **kwargs)
         return self.net(x, t, *args, image_prompt=ImagePrompt(self.attentions, bound), **kwargs)
 
 
@@ -332,21 +387,35 @@ def _number(value: float) -> str:
     return f"{value:g}"
 
 
-def infotext_lines(prompts: Sequence[IPAdapterInput]) -> dict[str, str]:
+def infotext_lines(prompts: Sequence[IPAdapterInput], first_unit: int = 0) -> dict[str, str]:
     """sdlab's infotext lines of the image prompts, {"IP-Adapter 0": "Model: NAME [hash], Weight: 0.7"}: NAME is
     the adapter file's name without its suffix, hash A1111's short model hash (as a ControlNet line names its
-    model); per-layer scales add "Layers: style" or their compact text ("Layers: down.block_2=0/1 up.block_0=0/1/0").
-    The picture itself is not recorded: a redraw is given it again (`--ip-adapter-image`)."""
-    lines = {}
-    for index, prompt in enumerate(prompts):
+    model); per-layer scales add "Layers: style" or their compact text ("Layers: down.block_2=0/1 up.block_0=0/1/0"),
+    a step window other than every step `Guidance Start` / `Guidance End`. An A1111 unit's (`module` set) is the
+    line the ControlNet extension writes for it (`serialize_unit`), "ControlNet N": "Module: ip-adapter_clip_sd15,
+    Model: NAME [hash], Weight: 0.7, Guidance Start: 0, Guidance End: 1", numbered on from `first_unit` (after
+    the request's ControlNet units); the unit's resize mode, processor resolution and control mode, which do not
+    act on an IP-Adapter, are left out. The picture itself is not recorded: a redraw is given it again
+    (`--ip-adapter-image`)."""
+    lines, own, unit = {}, 0, first_unit
+    for prompt in prompts:
         path = prompt.model_path
         try:
             model = f"{Path(path).stem} [{legacy_hash(path)}]"
         except OSError:
             model = Path(path).stem
-        lines[f"IP-Adapter {index}"] = f"Model: {model}, Weight: {_number(float(prompt.scale))}"
+        window = f", Guidance Start: {_number(float(prompt.start))}, Guidance End: {_number(float(prompt.end))}"
+        if prompt.module is not None:
+            lines[f"ControlNet {unit}"] = (f"Module: {prompt.module}, Model: {model}, "
+                                           f"Weight: {_number(float(prompt.scale))}{window}")
+            unit += 1
+            continue
+        label, own = f"IP-Adapter {own}", own + 1
+        lines[label] = f"Model: {model}, Weight: {_number(float(prompt.scale))}"
         if prompt.layer_scales is not None:
-            lines[f"IP-Adapter {index}"] += f", Layers: {layer_scales_text(prompt.layer_scales)}"
+            lines[label] += f", Layers: {layer_scales_text(prompt.layer_scales)}"
+        if prompt.windowed:
+            lines[label] += window
     return lines
 
 
@@ -384,6 +453,19 @@ def check_recorded_module(line: str) -> None:
     module = _line_fields(line).get("Module")
     if module is not None and module.strip().lower() not in A1111_MODULES:
         raise ValueError(f"Module {module!r} is not one sdlab draws ({', '.join(A1111_MODULES)})")
+
+
+def recorded_window(line: str) -> dict[str, float]:
+    """The `start` / `end` an image prompt's infotext line records (its Guidance Start / End; a label it lacks
+    is 0 / 1), none where they are every step; one that is not a number is a ValueError naming it."""
+    fields, window = _line_fields(line), {"start": 0.0, "end": 1.0}
+    for label, key in (("Guidance Start", "start"), ("Guidance End", "end")):
+        if label in fields:
+            try:
+                window[key] = float(fields[label])
+            except ValueError:
+                raise ValueError(f"{label} {fields[label]!r} is not a number") from None
+    return {} if window == {"start": 0.0, "end": 1.0} else window
 
 
 def recorded_weight(line: str) -> float | None:

@@ -297,8 +297,8 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         "Noise Schedule": _ZERO_SNR if req.zero_terminal_snr else None,
         **sdxl_parameters(req),
         **infotext_lines(req.controls, req.control_convention),
-        "Control steps": req.control_convention if req.controls else None,
-        **image_prompt_lines(req.ip_adapters),
+        "Control steps": req.control_convention if req.controls or _windowed_prompts(req) else None,
+        **image_prompt_lines(req.ip_adapters, first_unit=len(req.controls)),
         "Refiner": None if refiner is None else refiner_label(refiner.name, refiner.hash),
         "Refiner switch at": None if refiner is None else refiner.switch_at,
         "Refiner steps": None if refiner is None else refiner.convention,
@@ -358,6 +358,11 @@ def guidance_parameters(req: GenerationRequest) -> dict[str, Any]:
             "Skip Early CFG": req.skip_early_cond or None,
             "Pad conds": True if req.pad_cond_uncond and not req.pad_cond_uncond_v0 else None,
             "Pad conds v0": True if req.pad_cond_uncond_v0 else None}
+
+
+def _windowed_prompts(req: GenerationRequest) -> bool:
+    """Whether an image prompt of the request acts on part of the steps (which `Control steps` then picks)."""
+    return any(getattr(prompt, "windowed", False) for prompt in req.ip_adapters)
 
 
 def pag_parameters(req: GenerationRequest) -> dict[str, Any]:

@@ -229,10 +229,12 @@ def native_controls(items: list[dict[str, Any]], folder: ModelFolder, limits: Li
     return tuple(controls)
 
 
-def native_ip_adapters(items: list[dict[str, Any]], folder: ModelFolder, limits: Limits) -> tuple:
+def native_ip_adapters(items: list[dict[str, Any]], folder: ModelFolder, limits: Limits,
+                       convention: str = "diffusers") -> tuple:
     """The native `ip_adapters` entries as `IPAdapterInput`s: each model a file of the server's ControlNet folder
-    by name (404 otherwise), its picture base64; one the pipeline refuses (`check_ip_adapter`: its scale, no image
-    encoder beside it) is a 422 naming it."""
+    by name (404 otherwise), its picture base64, its step window `start` / `end` by the request's
+    `control_convention`; one the pipeline refuses (`check_ip_adapter`: its scale or window, no image encoder
+    beside it) is a 422 naming it."""
     from sdlab.pipeline.image_prompt import IPAdapterInput, check_ip_adapter
 
     prompts = []
@@ -240,9 +242,10 @@ def native_ip_adapters(items: list[dict[str, Any]], folder: ModelFolder, limits:
         what = f"IP-Adapter {index}"
         prompt = IPAdapterInput(model_path(item.get("model"), what, folder),
                                 hint_image(item.get("image"), what, limits), item.get("scale", 1.0),
-                                layer_scales=item.get("layer_scales"))
+                                layer_scales=item.get("layer_scales"), start=item.get("start", 0.0),
+                                end=item.get("end", 1.0))
         try:
-            prompts.append(check_ip_adapter(prompt, index))
+            prompts.append(check_ip_adapter(prompt, index, convention))
         except RequestError as err:
             raise BadRequest(str(err), 422) from None
     return tuple(prompts)

@@ -98,12 +98,16 @@ class ControlIn(BaseModel):
 
 class IPAdapterIn(BaseModel):
     """One image prompt: an IP-Adapter of the server's ControlNet folder by name (A1111's extension keeps them
-    there), its picture (base64) and scale; its image encoder is the image_encoder folder beside it or one up."""
+    there), its picture (base64) and scale, the fractions of the steps it acts from and to (the request's
+    `control_convention` picks them, as a control's); its image encoder is the image_encoder folder beside it or
+    one up."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
     model: str
     image: str
     scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
     # per-layer scales multiplying `scale` (InstantStyle): diffusers' set_ip_adapter_scale dict, a preset
     # "style" / "style+layout" or the compact text ("down.block_2=0/1 up.block_0=0/1/0"); null: every layer
     layer_scales: str | dict[str, Any] | None = None
@@ -361,7 +365,8 @@ def create_job(body: JobIn, request: Request) -> dict[str, Any]:
         hr_sampler=body.hr_sampler, hr_schedule=body.hr_schedule, hr_eta=body.hr_eta, hr_prompt=texts["hr_prompt"],
         hr_negative_prompt=texts["hr_negative_prompt"],
         controls=native_controls([c.model_dump() for c in body.controls], service.controlnets, limits),
-        ip_adapters=native_ip_adapters([a.model_dump() for a in body.ip_adapters], service.controlnets, limits),
+        ip_adapters=native_ip_adapters([a.model_dump() for a in body.ip_adapters], service.controlnets, limits,
+                                       body.control_convention),
         steps=body.steps, tiling=body.tiling, token_merging_ratio=body.token_merging_ratio,
         token_merging_ratio_hr=body.token_merging_ratio_hr, freeu=None if body.freeu is None else body.freeu.model_dump(),
         deep_cache=None if body.deep_cache is None else body.deep_cache.model_dump(),

@@ -16,7 +16,7 @@ from typing import Any
 from sdlab.diffusion.schedule_names import A1111_SCHEDULERS, a1111_name
 from sdlab.pipeline.control import recorded_model, recorded_unit
 from sdlab.pipeline.image_prompt import (check_recorded_module, is_ip_adapter_unit, recorded_ip_adapters,
-                                        recorded_weight)
+                                        recorded_weight, recorded_window)
 from sdlab.pipeline.image_prompt import layer_settings, recorded_layer_scales
 from sdlab.pipeline.infotext import from_parameters, refiner_handoff
 from sdlab.server.a1111_scripts import XYZ_ARG_NAMES
@@ -90,7 +90,7 @@ def recorded_units(p: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[s
             model, weight = recorded_model(line), recorded_weight(line)
             if model is None:
                 raise ValueError("no model")
-            ip_adapters.append({"model": model, "scale": 1.0 if weight is None else weight,
+            ip_adapters.append({"model": model, "scale": 1.0 if weight is None else weight, **recorded_window(line),
                                 **layer_settings(recorded_layer_scales(line))})
         except ValueError:
             unreadable.append(label)

@@ -173,6 +173,7 @@ class Service:
             settings["controls"] = [_control_settings(c, request.control_convention) for c in request.controls]
         if request.ip_adapters:                 # as the controls: the model by its file name, the picture left out
             settings["ip_adapters"] = [{"model": Path(prompt.model_path).name, "scale": prompt.scale,
+                                        **({"start": prompt.start, "end": prompt.end} if prompt.windowed else {}),
                                         **layer_settings(prompt.layer_scales)}
                                        for prompt in request.ip_adapters]
         return spec, mode, checkpoint.title, settings
