@@ -116,7 +116,7 @@ def test_bad_input_is_one_line(sd1, tmp_path):
                   r"\(ViT-bigG/14\); the image encoder .* is 128 wide"))
     full = dict(state, image_proj={"proj.0.weight": torch.zeros(8, 8), **state["image_proj"]})
     cases.append((IPAdapterInput(write_ip_adapter(models / "full.safetensors", full), _picture()),
-                  "an IP-Adapter FaceID: its image projection reads InsightFace"))
+                  "an IP-Adapter FaceID without the projection sdlab knows"))
     for prompt, message in cases:
         with pytest.raises(RequestError, match=message):
             ours.txt2img(PROMPT, ip_adapters=[prompt], **options)

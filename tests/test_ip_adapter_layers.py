@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.loaders.unet_loader_utils import _maybe_expand_lora_scales
 from transformers import CLIPImageProcessor
 
@@ -224,22 +224,93 @@ def test_full_face_adapter_matches_diffusers(sd1, suffix):
     assert max_pixel_diff(result.images, reference) <= MAX_PIXEL_DIFF
 
 
-def test_face_id_adapters_stay_refused_and_a_wrong_encoder_is_named(sd1):
-    ours, _, _, models, state = sd1
+def face_id_state(cross_widths: list[int], context_dim: int, width: int = 512, tokens: int = 4, seed: int = 7,
+                  std: float = 0.05, lora: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+    """h94's FaceID layout (ip-adapter-faceid-portrait_sd15 without a LoRA; ip-adapter-faceid_sd15 with one) with
+    random weights: image_proj.proj.0 (2E, E), proj.2 (T x C, 2E), norm (C); ip_adapter.{2k+1}.to_k_ip /
+    to_v_ip, and with `lora` the attention layers' to_q_lora ... (one layer's, enough to be refused)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def draw(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen) * std
+
+    proj = {"proj.0.weight": draw(2 * width, width), "proj.0.bias": draw(2 * width),
+            "proj.2.weight": draw(tokens * context_dim, 2 * width) * 4, "proj.2.bias": draw(tokens * context_dim),
+            "norm.weight": 1 + draw(context_dim), "norm.bias": draw(context_dim)}
+    layers = {}
+    for k, attn_width in enumerate(cross_widths):
+        layers[f"{2 * k + 1}.to_k_ip.weight"] = draw(attn_width, context_dim) * 4
+        layers[f"{2 * k + 1}.to_v_ip.weight"] = draw(attn_width, context_dim) * 4
+    if lora:
+        layers["0.to_q_lora.down.weight"], layers["0.to_q_lora.up.weight"] = draw(4, 32), draw(32, 4)
+    return {"image_proj": proj, "ip_adapter": layers}
+
+
+@pytest.mark.parametrize("faces", [1, 2])
+def test_face_id_adapter_with_given_face_embeddings_matches_diffusers(sd1, faces, tmp_path):
+    """diffusers' ip_adapter_image_embeds: [zeros, faces] stacked (2, N, 512) for the FaceID adapter; sdlab's
+    image is the (N, 512) embedding, a tensor or a .npy file."""
+    import numpy as np
+
+    ours, base, _, models, _ = sd1
+    widths = [attn.to_q.weight.shape[0] for attn in cross_attentions(ours.bundle.unet)]
+    path = write_ip_adapter(models / "ip-adapter-faceid-portrait_tiny.bin",
+                            face_id_state(widths, ours.bundle.unet_config.context_dim))
+    embeds = torch.nn.functional.normalize(torch.randn(faces, 512, generator=torch.Generator().manual_seed(faces)),
+                                           dim=-1)                                  # as InsightFace's normed_embedding
+    pipe = StableDiffusionPipeline(**base.components)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(base.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_ip_adapter(str(models), subfolder="", weight_name=path.name, image_encoder_folder=None)
+    pipe.set_ip_adapter_scale(0.9)
+    stacked = torch.cat([torch.zeros_like(embeds), embeds]).unsqueeze(1) if faces == 1 else \
+        torch.stack([torch.zeros_like(embeds), embeds])                             # (2, N, 512)
+    reference = pipe(PROMPT, negative_prompt=NEGATIVE, ip_adapter_image_embeds=[stacked], num_inference_steps=STEPS,
+                     guidance_scale=CFG, width=SIZE, height=SIZE, generator=torch.Generator().manual_seed(SEED),
+                     output_type="np").images
+    plain = ours.txt2img(PROMPT, NEGATIVE, **OPTIONS)
+    npy = tmp_path / "face.npy"
+    np.save(npy, embeds.numpy())
+    for image in (embeds, npy):
+        result = ours.txt2img(PROMPT, NEGATIVE, ip_adapters=[IPAdapterInput(path, image, 0.9)], **OPTIONS)
+        assert max_pixel_diff(result.images, reference) <= MAX_PIXEL_DIFF
+    assert max_pixel_diff(plain.images, reference) > 5 * MAX_PIXEL_DIFF
+
+
+def test_face_id_refusals_and_a_wrong_encoder_are_one_line(sd1, tmp_path):
+    ours, _, _, models, _ = sd1
     widths = [attn.to_q.weight.shape[0] for attn in cross_attentions(ours.bundle.unet)]
     context = ours.bundle.unet_config.context_dim
-    face_id = {"image_proj": {"proj.0.weight": torch.zeros(1024, 512), "proj.0.bias": torch.zeros(1024),
-                              "proj.2.weight": torch.zeros(4 * context, 1024), "proj.2.bias": torch.zeros(4 * context),
-                              "norm.weight": torch.ones(context), "norm.bias": torch.zeros(context)},
-               "ip_adapter": state["ip_adapter"]}
+    face_id = write_ip_adapter(models / "faceid_refusals.bin", face_id_state(widths, context))
+    with_lora = write_ip_adapter(models / "faceid_lora.bin", face_id_state(widths, context, lora=True))
+    plus = dict(face_id_state(widths, context), image_proj={
+        **face_id_state(widths, context)["image_proj"], "perceiver_resampler.proj_in.weight": torch.zeros(8, 8)})
     wide = write_ip_adapter(models / "full-face-wide.safetensors", full_face_state(widths, context, 1280))
-    cases = [(write_ip_adapter(models / "faceid.safetensors", face_id), "an IP-Adapter FaceID: its image projection "
-              "reads InsightFace face embeddings"),
-             (wide, r"Full-face reads 1280-wide image encoder hidden states \(ViT-H/14\); the image encoder .* is "
-              "128 wide")]
-    for path, message in cases:
+    base = write_ip_adapter(models / "base_for_face.safetensors", _family_state(ours))
+    cases = [
+        (IPAdapterInput(face_id, _picture()), "an IP-Adapter FaceID reads an InsightFace face embedding, which sdlab "
+         "does not compute from a picture; give the embedding \\(512 numbers per face"),
+        (IPAdapterInput(face_id, torch.zeros(3, 500)), r"the face embedding has shape \(3, 500\)"),
+        (IPAdapterInput(face_id, torch.full((512,), float("nan"))), "holds NaN or infinite values"),
+        (IPAdapterInput(face_id, tmp_path / "none.npy"), "the face embedding .*none.npy' does not exist"),
+        (IPAdapterInput(base, torch.zeros(512)), "a face embedding is for an IP-Adapter FaceID"),
+        (IPAdapterInput(with_lora, torch.zeros(512)), "an IP-Adapter FaceID with a LoRA for the U-Net's attention "
+         "layers \\(2 tensors"),
+        (IPAdapterInput(write_ip_adapter(models / "faceid_plus.bin", plus), torch.zeros(512)),
+         "an IP-Adapter FaceID Plus"),
+        (IPAdapterInput(wide, _picture()), r"Full-face reads 1280-wide image encoder hidden states \(ViT-H/14\); "
+         "the image encoder .* is 128 wide"),
+    ]
+    for prompt, message in cases:
         with pytest.raises(RequestError, match=message):
-            ours.txt2img(PROMPT, ip_adapters=[IPAdapterInput(path, _picture())], steps=1, width=SIZE, height=SIZE)
+            ours.txt2img(PROMPT, ip_adapters=[prompt], steps=1, width=SIZE, height=SIZE)
+
+
+def _family_state(ours):
+    from ip_adapter_fixtures import ip_adapter_state
+
+    widths = [attn.to_q.weight.shape[0] for attn in cross_attentions(ours.bundle.unet)]
+    return ip_adapter_state(widths, ours.bundle.unet_config.context_dim, 32)
 
 
 # --- CLI and infotext -----------------------------------------------------------------------------------------

@@ -10,9 +10,11 @@ count (proj's output / context width) and each cross-attention's width (to_k_ip'
 (``image_proj.latents``, ``proj_in``, ``layers.N.{0,1}``, ``proj_out``, ``norm_out``: a Perceiver resampler over the
 encoder's hidden states) read their sizes from those tensors too, and so does the Full-face adapter
 (``image_proj.proj.0`` / ``proj.2`` / ``proj.3``: Linear, GELU, Linear, LayerNorm over the hidden states; h94's
-`ip-adapter-full-face_sd15`). FaceID adapters, whose projection reads InsightFace face embeddings
-(``image_proj.proj.0`` / ``proj.2`` / ``norm`` without ``proj.3``; FaceID Plus: ``perceiver_resampler``), are
-refused by name.
+`ip-adapter-full-face_sd15`). A FaceID adapter's projection (``image_proj.proj.0`` / ``proj.2`` / ``norm``, no
+``proj.3``) reads an InsightFace face embedding, which sdlab does not compute: it draws with one given
+(`pipeline.image_prompt`); one whose file also holds a LoRA for the U-Net's attention layers
+(``ip_adapter.N.to_q_lora.down.weight`` ...: ip-adapter-faceid_sd15, which diffusers applies as a LoRA) and FaceID
+Plus (``perceiver_resampler``, which also reads the picture's CLIP hidden states) are refused by name.
 `check_fits` refuses an adapter for another U-Net or image encoder with one line naming both widths.
 """
 
@@ -36,10 +38,10 @@ from sdlab.models.ip_adapter import IPAdapter, IPAdapterConfig, ResamplerConfig,
 from sdlab.models.unet import UNet
 
 _LAYER = re.compile(r"ip_adapter\.(\d+)\.to_k_ip\.weight")
-_FACE_ID = ("its image projection reads InsightFace face embeddings, which sdlab does not compute; sdlab draws "
-            "base, Plus and Full-face IP-Adapters")
-_OTHER_PROJECTIONS = {"image_proj.perceiver_resampler.proj_in.weight": f"an IP-Adapter FaceID Plus: {_FACE_ID}",
-                      "image_proj.proj.0.weight": f"an IP-Adapter FaceID: {_FACE_ID}"}
+_OTHER_PROJECTIONS = {"image_proj.perceiver_resampler.proj_in.weight":
+                      "an IP-Adapter FaceID Plus (its projection reads an InsightFace face embedding and the "
+                      "picture's CLIP hidden states); sdlab draws base, Plus, Full-face and FaceID IP-Adapters"}
+_LORA = re.compile(r"ip_adapter\.\d+\.to_(q|k|v|out)_lora\.(down|up)\.weight")
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,8 @@ def _config_from_shapes(shapes: Mapping[str, torch.Size], path: Path) -> IPAdapt
             raise CheckpointError(f"{path}: {what}; sdlab draws with base and Plus IP-Adapters only")
     if "image_proj.latents" in shapes:
         return _plus_config(shapes, path, _layer_widths(shapes, path))
+    if "image_proj.proj.0.weight" in shapes and "image_proj.norm.weight" in shapes:
+        return _face_id_config(shapes, path, _layer_widths(shapes, path))
     if "image_proj.proj.weight" not in shapes or "image_proj.norm.weight" not in shapes:
         raise CheckpointError(f"{path}: not an IP-Adapter (no image_proj.proj.weight / image_proj.norm.weight)")
     widths = _layer_widths(shapes, path)
@@ -94,6 +98,28 @@ def _full_config(shapes: Mapping[str, torch.Size], path: Path, widths: tuple[int
         raise CheckpointError(f"{path}: an IP-Adapter Full-face whose proj.0 is {hidden}x{embed_dim} and proj.2 "
                               f"{context_dim}x{inner}; sdlab knows the one whose first Linear keeps the width")
     return IPAdapterConfig(embed_dim=embed_dim, context_dim=context_dim, tokens=0, widths=widths, full=True)
+
+
+def _face_id_config(shapes: Mapping[str, torch.Size], path: Path, widths: tuple[int, ...]) -> IPAdapterConfig:
+    """A FaceID adapter's sizes: proj.0 (H, E), proj.2 (T * C, H), norm (C); one with a LoRA for the U-Net's
+    attention layers is refused (sdlab would draw without it, unlike diffusers)."""
+    lora = [key for key in shapes if _LORA.fullmatch(key)]
+    if lora:
+        raise CheckpointError(f"{path}: an IP-Adapter FaceID with a LoRA for the U-Net's attention layers "
+                              f"({len(lora)} tensors such as {lora[0]}), which sdlab does not apply with it; sdlab "
+                              "draws FaceID adapters without one (ip-adapter-faceid-portrait*)")
+    try:
+        hidden, embed_dim = shapes["image_proj.proj.0.weight"]
+        out_width, inner = shapes["image_proj.proj.2.weight"]
+        context_dim = shapes["image_proj.norm.weight"][0]
+    except (KeyError, ValueError):
+        raise CheckpointError(f"{path}: an IP-Adapter FaceID without the projection sdlab knows (proj.0, proj.2, "
+                              "norm)") from None
+    if inner != hidden or out_width % context_dim:
+        raise CheckpointError(f"{path}: an IP-Adapter FaceID whose proj.2 ({out_width}x{inner}) does not follow proj.0 "
+                              f"({hidden}x{embed_dim}) into whole {context_dim}-wide tokens")
+    return IPAdapterConfig(embed_dim=embed_dim, context_dim=context_dim, tokens=out_width // context_dim,
+                           widths=widths, face_id=True, mlp_width=hidden)
 
 
 def _plus_config(shapes: Mapping[str, torch.Size], path: Path, widths: tuple[int, ...]) -> IPAdapterConfig:
@@ -142,9 +168,10 @@ def _tower_by_width(width: int) -> str:
     return f" ({TOWERS_BY_WIDTH[width][0]})" if width in TOWERS_BY_WIDTH else ""
 
 
-def check_fits(adapter: LoadedIPAdapter, unet: UNet, encoder: CLIPVisionConfig, encoder_origin: str) -> None:
+def check_fits(adapter: LoadedIPAdapter, unet: UNet, encoder: CLIPVisionConfig | None, encoder_origin: str) -> None:
     """Refuse (`CheckpointError`, one line naming both sides) an adapter for another U-Net (context width, number
-    or widths of the cross-attentions) or for another image encoder (embedding width)."""
+    or widths of the cross-attentions) or for another image encoder (embedding width; None: a FaceID adapter's
+    face embedding, no encoder)."""
     cfg = adapter.config
     if cfg.context_dim != unet.cfg.context_dim:
         raise CheckpointError(f"{adapter.origin}: this IP-Adapter is for a U-Net with a {cfg.context_dim}-wide text "
@@ -153,6 +180,8 @@ def check_fits(adapter: LoadedIPAdapter, unet: UNet, encoder: CLIPVisionConfig, 
     if widths != cfg.widths:
         raise CheckpointError(f"{adapter.origin}: this IP-Adapter has {len(cfg.widths)} cross-attention layers; the "
                               f"model has {len(widths)} (widths {sorted(set(cfg.widths))} vs {sorted(set(widths))})")
+    if encoder is None:
+        return
     if cfg.resampler is not None or cfg.full:
         if encoder.width != cfg.embed_dim:
             raise CheckpointError(

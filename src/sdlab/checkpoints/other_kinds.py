@@ -175,14 +175,18 @@ def _ip_adapter(path: Path) -> Description:
     hidden = cfg.resampler is not None or cfg.full
     towers = [name for width, (name, tower) in TOWERS_BY_WIDTH.items()
               if (width if hidden else tower.projection_dim) == cfg.embed_dim]
-    reads = "hidden states" if hidden else "image embeddings"
-    projection = "Plus (resampler)" if cfg.resampler is not None else "Full-face (MLP)" if cfg.full else "base"
+    reads = "hidden states" if hidden else "face embeddings (InsightFace)" if cfg.face_id else "image embeddings"
+    towers = [] if cfg.face_id else towers
+    projection = ("Plus (resampler)" if cfg.resampler is not None else "Full-face (MLP)" if cfg.full
+                  else "FaceID (MLP)" if cfg.face_id else "base")
     facts = {"for": f"U-Nets of a {cfg.context_dim}-wide text context, {len(cfg.widths)} cross-attentions",
              "image projection": projection, "tokens": cfg.tokens or "one per image encoder position",
              "reads": f"{cfg.embed_dim}-wide {reads}" + (f" ({' or '.join(towers)})" if towers else ""),
              "parameters": sum(shape.numel() for shape in shapes_of(tensors).values())}
-    return {"kind": "IP-Adapter", "facts": facts,
-            "use": "--ip-adapter FILE --ip-adapter-image PICTURE (its image encoder beside it or --ip-adapter-encoder)"}
+    use = ("Python: IPAdapterInput(FILE, face_embedding) with an InsightFace face embedding (sdlab computes none)"
+           if cfg.face_id else
+           "--ip-adapter FILE --ip-adapter-image PICTURE (its image encoder beside it or --ip-adapter-encoder)")
+    return {"kind": "IP-Adapter", "facts": facts, "use": use}
 
 
 def _image_encoder(path: Path) -> Description:

@@ -4,6 +4,7 @@ Models"): a picture as a prompt, through extra tokens and a second cross-attenti
     tokens = LayerNorm(reshape(proj(image_embeds), (T, C_ctx)))              image_proj, base adapters (T = 4)
     tokens = Resampler(hidden_states[-2])                                     image_proj, Plus adapters (T = 16)
     tokens = LayerNorm(Linear(GELU(Linear(hidden_states[-2]))))              image_proj, Full-face (T = positions)
+    tokens = LayerNorm(reshape(Linear(GELU(Linear(face_embeds))), (T, C)))  image_proj, FaceID (T = 4 or 16)
     attn2(x) = to_out(softmax(q k^T) v + scale * softmax(q k_ip^T) v_ip)     per cross-attention, same q
 
 with k = to_k(text context), v = to_v(text context) as before and k_ip = to_k_ip(tokens), v_ip = to_v_ip(tokens)
@@ -54,6 +55,8 @@ class IPAdapterConfig:
     widths: tuple[int, ...]
     resampler: ResamplerConfig | None = None
     full: bool = False          # the Full-face adapter's MLP over every hidden state (`tokens`: 0, the encoder's)
+    face_id: bool = False       # FaceID's MLP over an InsightFace face embedding (`embed_dim` wide) ...
+    mlp_width: int = 0          # ... through a `mlp_width`-wide hidden layer
 
 
 class ImageProjection(nn.Module):
@@ -84,6 +87,24 @@ class FullImageProjection(nn.Module):
     def forward(self, hidden_states: Tensor) -> Tensor:
         """hidden_states: (B, N, embed_dim) -> (B, N, context_dim)"""
         return self.proj(hidden_states.to(self.proj[0].weight.dtype))             # (B, N, C)
+
+
+class FaceIDProjection(nn.Module):
+    """FaceID's image projection (diffusers' `IPAdapterFaceIDImageProjection`, IP-Adapter's faceid
+    `MLPProjModel`): a face embedding through Linear (E -> H), GELU, Linear (H -> T * C), then each of the T
+    tokens LayerNorm'd. Names as in h94's files: proj.0, proj.2, norm."""
+
+    def __init__(self, cfg: IPAdapterConfig):
+        super().__init__()
+        self.tokens = cfg.tokens
+        self.proj = nn.Sequential(nn.Linear(cfg.embed_dim, cfg.mlp_width), nn.GELU(),
+                                  nn.Linear(cfg.mlp_width, cfg.tokens * cfg.context_dim))
+        self.norm = nn.LayerNorm(cfg.context_dim)
+
+    def forward(self, face_embeds: Tensor) -> Tensor:
+        """face_embeds: (B, embed_dim) -> (B, tokens, context_dim)"""
+        x = self.proj(face_embeds.to(self.proj[0].weight.dtype))                  # (B, T * C)
+        return self.norm(x.reshape(len(x), self.tokens, -1))                      # (B, T, C)
 
 
 class PerceiverAttention(nn.Module):
@@ -149,7 +170,7 @@ class IPAdapter(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.image_proj = (Resampler(cfg) if cfg.resampler is not None else FullImageProjection(cfg) if cfg.full
-                           else ImageProjection(cfg))
+                           else FaceIDProjection(cfg) if cfg.face_id else ImageProjection(cfg))
         self.ip_adapter = nn.ModuleDict({str(2 * k + 1): DecoupledKV(cfg.context_dim, width)
                                          for k, width in enumerate(cfg.widths)})
 

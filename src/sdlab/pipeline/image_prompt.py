@@ -11,6 +11,9 @@ Semantics are diffusers' (`load_ip_adapter`, `ip_adapter_image`, `set_ip_adapter
 - every cross-attention of the U-Net adds `scale` times its attention to the tokens (`models.ip_adapter`); a
   ControlNet attends to the text alone, as in diffusers' ControlNet pipelines; `layer_scales` (diffusers'
   per-layer dict, InstantStyle's presets: `ip_adapter_layers`) give each cross-attention its own factor of `scale`;
+- a FaceID adapter reads no picture but an InsightFace face embedding, which sdlab does not compute: `image` is
+  that embedding (a tensor or NumPy array, E or N x E numbers for N faces, or a .npy file), as diffusers'
+  `ip_adapter_image_embeds`; each face gives T tokens, the negative rows those of zero embeddings;
 - the image encoder is the one named, else an `image_encoder` folder beside the adapter file or one folder up
   (h94/IP-Adapter's layout: `models/ip-adapter_sd15.safetensors` with `models/image_encoder/`);
 - an adapter acts on the steps of its window [start, end] alone (A1111's ControlNet extension's Guidance Start /
@@ -40,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
@@ -49,7 +53,7 @@ from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.image_encoder import LoadedImageEncoder, load_image_encoder
 from sdlab.checkpoints.ip_adapter import LoadedIPAdapter, check_fits, load_ip_adapter
 from sdlab.families.loaded import ModelBundle
-from sdlab.models.ip_adapter import ImagePrompt, IPAdapter, cross_attentions, zero_embeds_tokens
+from sdlab.models.ip_adapter import ImagePrompt, IPAdapter, IPAdapterConfig, cross_attentions, zero_embeds_tokens
 from sdlab.pipeline.clip_image import clip_pixels
 from sdlab.pipeline.ip_adapter_layers import LayerScaleError, check_layer_scales, expand_layer_scales, layer_scales_text
 from sdlab.pipeline.control import _line_fields, in_window
@@ -71,7 +75,7 @@ class IPAdapterInput:
     "ControlNet N" line, `infotext_lines`), None for sdlab's own image prompts ("IP-Adapter N")."""
 
     model: LoadedIPAdapter | str | os.PathLike[str]
-    image: Image.Image | str | os.PathLike[str]
+    image: Image.Image | str | os.PathLike[str] | Tensor | np.ndarray   # FaceID: the face embedding (`face_embeds`)
     scale: float = 1.0
     image_encoder: LoadedImageEncoder | str | os.PathLike[str] | None = None
     # per-layer scales multiplying `scale` (None: every cross-attention): diffusers' `set_ip_adapter_scale` dict,
@@ -118,14 +122,16 @@ def check_ip_adapter(prompt: IPAdapterInput, index: int = 0, convention: str = "
             check_layer_scales(prompt.layer_scales, MAX_SCALE)
         except LayerScaleError as err:
             raise RequestError(f"{name}: {err}") from None
-    if not isinstance(prompt.model, LoadedIPAdapter):
-        _check_adapter_file(Path(prompt.model), name)
-    if not isinstance(prompt.image, Image.Image) and not Path(prompt.image).is_file():
+    config = prompt.model.config if isinstance(prompt.model, LoadedIPAdapter) \
+        else _check_adapter_file(Path(prompt.model), name)
+    _check_face_input(prompt.image, config, name)
+    if not _is_face_embedding(prompt.image) and not isinstance(prompt.image, Image.Image) \
+            and not Path(prompt.image).is_file():
         raise RequestError(f"{name}: the image {os.fspath(prompt.image)!r} does not exist")
     encoder = prompt.image_encoder
     if isinstance(encoder, (str, os.PathLike)) and not Path(encoder).exists():
         raise RequestError(f"{name}: the image encoder {os.fspath(encoder)!r} does not exist")
-    if encoder is None:
+    if encoder is None and not config.face_id:
         image_encoder_of(prompt.model_path)                   # found beside the adapter, else refused now
     return prompt
 
@@ -141,7 +147,47 @@ def _check_window(prompt: IPAdapterInput, name: str, convention: str) -> None:
                            f"{prompt.start}, end {prompt.end}")
 
 
-def _check_adapter_file(path: Path, name: str) -> None:
+def _is_face_embedding(image: Any) -> bool:
+    """Whether an input's `image` is a face embedding: a tensor, a NumPy array or a .npy file."""
+    return isinstance(image, (Tensor, np.ndarray)) or (
+        isinstance(image, (str, os.PathLike)) and os.fspath(image).lower().endswith(".npy"))
+
+
+def _check_face_input(image: Any, config: IPAdapterConfig, name: str) -> None:
+    """A RequestError where a FaceID adapter is given a picture, or another adapter a face embedding."""
+    if config.face_id and not _is_face_embedding(image):
+        raise RequestError(f"{name}: an IP-Adapter FaceID reads an InsightFace face embedding, which sdlab does not "
+                           f"compute from a picture; give the embedding ({config.embed_dim} numbers per face: a "
+                           "tensor, a NumPy array or a .npy file) as the image through the Python API")
+    if not config.face_id and _is_face_embedding(image):
+        raise RequestError(f"{name}: a face embedding is for an IP-Adapter FaceID; this adapter reads a picture")
+    if isinstance(image, (str, os.PathLike)) and config.face_id and not Path(image).is_file():
+        raise RequestError(f"{name}: the face embedding {os.fspath(image)!r} does not exist")
+
+
+def face_embeds(image: Tensor | np.ndarray | str | os.PathLike[str], width: int, name: str) -> Tensor:
+    """A FaceID input's face embeddings as (N, width) float32: a tensor or array of `width` numbers per face
+    (E, N x E or 1 x N x E, diffusers' `ip_adapter_image_embeds` without its negative half) or a .npy file of
+    one (read without pickles); a RequestError names another shape or values that are not finite."""
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            image = np.load(image, allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise RequestError(f"{name}: the face embedding {os.fspath(image)!r} is not a NumPy .npy array: {err}") \
+                from None
+    embeds = torch.as_tensor(np.asarray(image) if isinstance(image, np.ndarray) else image).detach()
+    if not embeds.is_floating_point() or embeds.ndim not in (1, 2, 3) or embeds.shape[-1] != width \
+            or embeds.numel() == 0 or (embeds.ndim == 3 and len(embeds) != 1):
+        raise RequestError(f"{name}: the face embedding has shape {tuple(embeds.shape)} ({embeds.dtype}); this "
+                           f"FaceID adapter takes {width} floats per face (InsightFace's normed_embedding): "
+                           f"({width},) or (faces, {width})")
+    embeds = embeds.float().reshape(-1, width)                                                 # (N, E)
+    if not torch.isfinite(embeds).all():
+        raise RequestError(f"{name}: the face embedding holds NaN or infinite values")
+    return embeds
+
+
+def _check_adapter_file(path: Path, name: str) -> IPAdapterConfig:
     """A RequestError unless `path` is an IP-Adapter file sdlab builds: a folder, a missing file, or a file of
     another kind named as `sdlab inspect` names it (`other_kinds.describe_other_kind`) with the option that
     takes it. Reads the file's names and shapes only, so it runs before any model loads."""
@@ -154,8 +200,7 @@ def _check_adapter_file(path: Path, name: str) -> None:
     if not path.is_file():
         raise RequestError(f"{name}: the IP-Adapter file {os.fspath(path)!r} does not exist")
     try:
-        read_ip_adapter(path)
-        return
+        return read_ip_adapter(path)[0]
     except CheckpointError as err:
         problem = str(err)
     try:
@@ -246,13 +291,17 @@ def forget_image_prompt_models() -> None:
         _TOKENS.clear()
 
 
-def _loaded(prompt: IPAdapterInput, bundle: ModelBundle) -> tuple[LoadedIPAdapter, LoadedImageEncoder]:
+def _loaded(prompt: IPAdapterInput, bundle: ModelBundle) -> tuple[LoadedIPAdapter, LoadedImageEncoder | None]:
+    """The adapter and its image encoder (None for a FaceID adapter), loaded or kept, checked to fit the model."""
     param = next(bundle.unet.parameters())
     adapter = prompt.model
     if not isinstance(adapter, LoadedIPAdapter):
         adapter = _kept("adapter", adapter, param,
                         lambda: load_ip_adapter(prompt.model, dtype=param.dtype, device=param.device))
     adapter.model.to(device=param.device, dtype=param.dtype)
+    if adapter.config.face_id:
+        check_fits(adapter, bundle.unet, None, "")
+        return adapter, None
     encoder = prompt.image_encoder
     if not isinstance(encoder, LoadedImageEncoder):
         path = image_encoder_of(prompt.model_path) if encoder is None else encoder
@@ -295,11 +344,7 @@ def prepare_image_prompts(bundle: ModelBundle, prompts: Sequence[IPAdapterInput]
             adapter, encoder = _loaded(prompt, bundle)
         except CheckpointError as err:
             raise RequestError(f"IP-Adapter {index}: {err}") from None
-        picture = input_image(prompt.image, f"IP-Adapter {index} image")
-        pixels = clip_pixels(picture, encoder.config.image_size).unsqueeze(0)                # (1, 3, 224, 224)
-        param = next(encoder.model.parameters())
-        tokens, negative = _kept_tokens(adapter.model, encoder.model,
-                                        pixels.to(device=param.device, dtype=param.dtype))
+        tokens, negative = _prompt_tokens(prompt, adapter, encoder, index)                   # 2 x (1, T, C)
         adapters.append((adapter.model, _scales(prompt, bundle, index), tokens.shape[1]))
         cond.append(tokens.expand(batch, -1, -1))                                             # (B, T, C)
         uncond.append(negative.expand(batch, -1, -1))                                         # (B, T, C)
@@ -312,6 +357,29 @@ def check_image_prompt_layers(bundle: ModelBundle, prompts: Sequence[IPAdapterIn
     checks a job as it is posted); a RequestError names the first block it lacks or list of the wrong length."""
     for index, prompt in enumerate(prompts):
         _scales(prompt, bundle, index)
+
+
+def _prompt_tokens(prompt: IPAdapterInput, adapter: LoadedIPAdapter, encoder: LoadedImageEncoder | None,
+                   index: int) -> tuple[Tensor, Tensor]:
+    """The prompt's tokens and the negative rows', (1, T, C) each: its picture's through the encoder (kept,
+    `_kept_tokens`), or a FaceID adapter's of its face embeddings, N faces' T tokens each (`face_id_tokens`)."""
+    if encoder is None:
+        param = next(adapter.model.parameters())
+        embeds = face_embeds(prompt.image, adapter.config.embed_dim, f"IP-Adapter {index}")
+        return face_id_tokens(adapter.model, embeds.to(device=param.device, dtype=param.dtype))
+    picture = input_image(prompt.image, f"IP-Adapter {index} image")
+    pixels = clip_pixels(picture, encoder.config.image_size).unsqueeze(0)                     # (1, 3, 224, 224)
+    param = next(encoder.model.parameters())
+    return _kept_tokens(adapter.model, encoder.model, pixels.to(device=param.device, dtype=param.dtype))
+
+
+def face_id_tokens(adapter: IPAdapter, embeds: Tensor) -> tuple[Tensor, Tensor]:
+    """A FaceID adapter's tokens of N faces' embeddings (N, E) and of zero embeddings (the negative rows, as
+    diffusers' FaceID examples give `zeros_like`), each (1, N * T, C): the faces' tokens one after another."""
+    with torch.no_grad():
+        both = adapter.image_proj(torch.cat([embeds, torch.zeros_like(embeds)]))              # (2N, T, C)
+    faces, negative = both.chunk(2)                                                           # 2 x (N, T, C)
+    return faces.reshape(1, -1, faces.shape[-1]), negative.reshape(1, -1, negative.shape[-1])
 
 
 def _scales(prompt: IPAdapterInput, bundle: ModelBundle, index: int) -> float | tuple[float, ...]:
