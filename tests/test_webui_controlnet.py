@@ -162,6 +162,13 @@ def test_the_keyboard_reaches_the_picture_pickers_and_each_is_named(page, base_u
     assert not _checked(page, "cn1_enabled")
     drop_file(page, _hint_png(), "hint.png", "cn1_drop")
     wait(page, lambda d: _checked(d, "cn1_enabled"), 10, "the dropped hint does not enable unit 1")
+    # an enabled unit's title says so and names its preprocessor, folded too; the picture is named
+    Select(page.find_element(By.ID, "cn1_module")).select_by_value("canny")
+    page.find_element(By.ID, "cn1_summary").click()
+    assert text(page, "cn1_summary") == "ControlNet Unit 1 (enabled: canny)"
+    page.find_element(By.ID, "cn0_enabled").click()
+    assert text(page, "cn0_summary") == "ControlNet Unit 0"
+    assert page.find_element(By.ID, "cn1_view").get_attribute("alt") == "The picture of ControlNet Unit 1"
     assert severe_console_errors(page) == []
 
 
@@ -266,6 +273,8 @@ def test_reuse_and_the_png_restore_every_field_of_three_units_and_the_ip_adapter
     line = 'ControlNet 0: "Module: canny, Model: tiny_canny, Weight: 0.9, Guidance Start: 0, Guidance End: 1"'
     drop_file(page, png_with_parameters(f"a cat\nSteps: 2, Seed: 1, Size: 64x64, {line}"), "one-unit.png")
     wait(page, lambda d: not _checked(d, "cn1_enabled"), 20, "unit 1 is still ticked")
+    assert [text(page, f"cn{i}_summary") for i in range(3)] == ["ControlNet Unit 0 (enabled: canny)",
+                                                                "ControlNet Unit 1", "ControlNet Unit 2"]
     assert _unit_shown(page, 0) == {**expected[1], "weight": "0.9", "end": "1", "threshold_a": "100",
                                     "threshold_b": "200", "resize_mode": "crop", "processor_res": "512",
                                     "pixel_perfect": False}

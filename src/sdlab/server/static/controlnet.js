@@ -62,7 +62,8 @@ function pictureBox(prefix, name, placeholder) {
     element("div", { id: `${prefix}_drop`, className: "drop-zone picture-drop", dataset: { picture: prefix },
       role: "group", "aria-label": `${placeholder} (drop a picture here)` }, [
       element("p", { id: `${prefix}_placeholder`, textContent: placeholder }),
-      element("img", { id: `${prefix}_view`, className: "control-picture", alt: "", hidden: true }),
+      element("img", { id: `${prefix}_view`, className: "control-picture", alt: `The picture of ${name}`,
+        hidden: true }),
     ]),
   ];
 }
@@ -122,10 +123,14 @@ function showModuleSliders(i) {
   });
 }
 
-// Unit i's boxes the job would not read greyed out, as the extension's: Processor res under Pixel perfect, and
-// Resize mode where the unit takes img2img's / inpaint's initial image (with img2img's resize mode)
+// Unit i's state shown: its title names its preprocessor while it is enabled (folded, as the extension's tab shows
+// an active unit), and the boxes the job would not read are greyed out, as the extension's: Processor res under
+// Pixel perfect, and Resize mode where the unit takes img2img's / inpaint's initial image (with img2img's)
 function showUnitState(i) {
   const p = `cn${i}`;
+  const on = $(`${p}_enabled`).checked;
+  $(`${p}_summary`).textContent = `ControlNet Unit ${i}` + (on ? ` (enabled: ${$(`${p}_module`).value || "none"})` : "");
+  $(`${p}_summary`).classList.toggle("unit-on", on);
   $(`${p}_processor_res`).disabled = $(`${p}_pixel_perfect`).checked;
   const onInitial = state.mode !== "txt2img" && !controlState.pictures[i];
   $(`${p}_resize_mode`).disabled = onInitial;
@@ -294,7 +299,10 @@ function fillControls(settings, unknown) {
     const p = `cn${i}`;
     const unit = controls[i];
     $(`${p}_enabled`).checked = Boolean(unit);
-    if (!unit) continue;
+    if (!unit) {
+      showUnitState(i);
+      continue;
+    }
     $(p).open = true;
     if (!selectControlModel($(`${p}_model`), unit.model)) {
       unknown.push(`ControlNet ${i} model "${unit.model}"`);
@@ -374,7 +382,8 @@ function setupControls() {
   for (let i = 0; i < CONTROL_UNIT_COUNT; i++) {
     units.append(controlUnit(i));
     wirePictureBox(`cn${i}`);
-    $(`cn${i}_module`).addEventListener("change", () => showModuleSliders(i));
+    $(`cn${i}_module`).addEventListener("change", () => { showModuleSliders(i); showUnitState(i); });
+    $(`cn${i}_enabled`).addEventListener("change", () => showUnitState(i));
     $(`cn${i}_pixel_perfect`).addEventListener("change", () => showUnitState(i));
     $(`cn${i}_preview_button`).addEventListener("click", () => previewControl(i));
   }
