@@ -26,7 +26,9 @@ from sdlab.pipeline.image_prompt import IPAdapterInput
 from sdlab.pipeline.ip_adapter_layers import (PRESETS, LayerScaleError, check_layer_scales, cross_attention_blocks,
                                               expand_layer_scales, layer_scales_text, parse_layer_scales)
 from sdlab.pipeline.request import RequestError
-from test_ip_adapter import EULER, NEGATIVE, _adapted_pipe, _family, _picture, _reference
+from test_ip_adapter import (  # noqa: F401  (cli_files: the tiny SD1 file, adapter and picture)
+    EULER, FAST, NEGATIVE, _adapted_pipe, _family, _picture, _reference, cli_files,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -152,9 +154,11 @@ def test_two_adapters_each_with_its_own_layers_match_diffusers(sd1):
                      num_inference_steps=STEPS, guidance_scale=CFG, width=SIZE, height=SIZE,
                      generator=torch.Generator().manual_seed(SEED), output_type="np").images
     swapped = ours.txt2img(PROMPT, NEGATIVE, **OPTIONS, ip_adapters=[
-        IPAdapterInput(first, _picture(), layer_scales=layers[1]), IPAdapterInput(second, other, layer_scales=layers[0])])
+        IPAdapterInput(first, _picture(), layer_scales=layers[1]),
+        IPAdapterInput(second, other, layer_scales=layers[0])])
     both = ours.txt2img(PROMPT, NEGATIVE, **OPTIONS, ip_adapters=[
-        IPAdapterInput(first, _picture(), layer_scales=layers[0]), IPAdapterInput(second, other, layer_scales=layers[1])])
+        IPAdapterInput(first, _picture(), layer_scales=layers[0]),
+        IPAdapterInput(second, other, layer_scales=layers[1])])
     assert max_pixel_diff(swapped.images, reference) > 5 * MAX_PIXEL_DIFF
     assert max_pixel_diff(both.images, reference) <= MAX_PIXEL_DIFF
 
@@ -314,8 +318,6 @@ def _family_state(ours):
 
 
 # --- CLI and infotext -----------------------------------------------------------------------------------------
-
-from test_ip_adapter import FAST, cli_files  # noqa: E402,F401  (the tiny SD1 file, adapter and picture)
 
 CLI_LAYERS = "mid=0.5 up.block_0=0/1"
 

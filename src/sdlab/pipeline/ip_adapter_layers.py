@@ -7,8 +7,8 @@ index (down_blocks.N / up_blocks.N; up_blocks.0 is the deepest) and a block has 
 going down, one more going up. Every cross-attention of a transformer takes its number; a block or part not named
 takes 0. So on SDXL
 
-    style           {"up": {"block_0": [0.0, 1.0, 0.0]}}                                  up_blocks.0.attentions.1
-    style+layout    {"down": {"block_2": [0.0, 1.0]}, "up": {"block_0": [0.0, 1.0, 0.0]}}  and down_blocks.2.attentions.1
+    style           {"up": {"block_0": [0.0, 1.0, 0.0]}}                                 up_blocks.0.attentions.1
+    style+layout    {"down": {"block_2": [0.0, 1.0]}, "up": {"block_0": [0.0, 1.0, 0.0]}}  + down_blocks.2.attentions.1
 
 are the diffusers docs' InstantStyle settings (`PRESETS`). Unlike diffusers, which passes over a block name that has
 no transformer, such a name is an error here, as is a list of the wrong length.
