@@ -87,6 +87,19 @@ def _config_from_shapes(shapes: Mapping[str, torch.Size], path: Path) -> CLIPVis
                    patch_size=patch[-1], image_size=grid * patch[-1], projection_dim=shapes[PROJECTION][0])
 
 
+def image_encoder_config(path: str | os.PathLike[str]) -> CLIPVisionConfig:
+    """The shape of the image encoder at `path` from its config.json or its tensors' names and shapes alone (no
+    weights read); `CheckpointError` where it is not one."""
+    path = Path(path)
+    if path.is_dir() and (path / "config.json").exists():
+        return _config_from_json(path / "config.json", {})
+    if path.is_dir():
+        return _config_from_shapes(shapes_of(_sdlab_names(read_weights(weights_file(path)))), path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such image encoder")
+    return _config_from_shapes(_sdlab_names(read_checkpoint(path, shapes_only=True)[0]), path)
+
+
 def read_image_encoder(path: str | os.PathLike[str]) -> tuple[CLIPVisionConfig, Mapping[str, Tensor]]:
     """The config and (lazy) tensors of an image encoder folder or file, checked to fit; `CheckpointError` else."""
     path = Path(path)

@@ -57,6 +57,7 @@ from sdlab.models.ip_adapter import ImagePrompt, IPAdapter, IPAdapterConfig, cro
 from sdlab.pipeline.clip_image import clip_pixels
 from sdlab.pipeline.ip_adapter_layers import LayerScaleError, check_layer_scales, expand_layer_scales, layer_scales_text
 from sdlab.pipeline.control import _line_fields, in_window
+from sdlab.pipeline.ip_adapter_units import MODULE_ENCODERS, is_ip_adapter_module
 from sdlab.pipeline.request import RequestError, input_image
 from sdlab.utils.file_hashes import stat_version
 
@@ -487,20 +488,20 @@ def infotext_lines(prompts: Sequence[IPAdapterInput], first_unit: int = 0) -> di
     return lines
 
 
-A1111_MODULES = ("ip-adapter_clip_sd15", "ip-adapter_clip_sdxl", "ip-adapter_clip_sdxl_plus_vith",
-                 "ip-adapter_clip_h", "ip-adapter_clip_g", "ip-adapter-auto")
+A1111_MODULES = tuple(MODULE_ENCODERS)
 """The preprocessors of an IP-Adapter unit of A1111's ControlNet extension (and Forge's) that sdlab draws: the
-picture's CLIP image embeddings, which the adapter file decides how to read (sd-webui-controlnet
+picture's CLIP image embeddings, which the adapter file decides how to read (`ip_adapter_units`: sd-webui-controlnet
 scripts/preprocessor/legacy/preprocessor_compiled.py, tag "IP-Adapter": ip-adapter_clip_sd15 and _sdxl_plus_vith
-with ViT-H, _sdxl with bigG; its later names ip-adapter_clip_h / _clip_g and ip-adapter-auto). Its other IP-Adapter
-preprocessors (ip-adapter_face_id, _face_id_plus, _pulid) read faces, which sdlab does not draw."""
+with ViT-H, _sdxl with bigG; its later names ip-adapter_clip_h / _clip_g and ip-adapter-auto; Forge's CLIP-ViT-H /
+CLIP-ViT-bigG (IPAdapter)). Its other IP-Adapter preprocessors (ip-adapter_face_id, _face_id_plus, _pulid) read
+faces, which sdlab does not draw."""
 
 
 def is_ip_adapter_unit(line: str) -> bool:
     """Whether a "ControlNet N" infotext line is an IP-Adapter unit (its Module an ip-adapter preprocessor), as
     the ControlNet extension and Forge record one: "Module: ip-adapter_clip_sd15, Model: ip-adapter_sd15 [hash],
-    Weight: 0.7, ..."."""
-    return _line_fields(line).get("Module", "").strip().lower().startswith("ip-adapter")
+    Weight: 0.7, ..." (`ip_adapter_units.is_ip_adapter_module`)."""
+    return is_ip_adapter_module(_line_fields(line).get("Module", ""))
 
 
 def recorded_ip_adapters(recorded: dict[str, Any]) -> list[tuple[str, str]]:

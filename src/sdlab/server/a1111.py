@@ -45,6 +45,8 @@ from sdlab.checkpoints.upscaler import read_upscaler
 from sdlab.diffusion.samplers import (A1111_SAMPLERS_MAP, SAMPLER_TABLE, SAMPLERS, a1111_schedule, comfyui_spelling,
                                      get_sampler)
 from sdlab.diffusion.schedule_names import a1111_label
+from sdlab.pipeline.image_prompt import IPAdapterInput
+from sdlab.pipeline.ip_adapter_units import LISTED_MODULES as IP_ADAPTER_MODULES
 from sdlab.pipeline.images import open_image
 from sdlab.pipeline.infotext import (
     a1111_backcompat, drawn_by_sdlab, eta_label, hires_parameters, img2img_parameters, old_hires_sizes, refiner_label,
@@ -323,7 +325,8 @@ def _request(body: Txt2ImgIn, controls: tuple = (), inits: tuple[Image.Image, ..
     the request's `override_settings` (A1111 sets those for the one request). Several init pictures `inits`
     draw one picture each, in every iteration (A1111's `init_images`); the `n_iter` iterations are the job's
     batch count (`_drawn_job`). The overrides are checked as `POST options` checks options, whether or not they
-    stay afterwards. The request's `styles` (of `styles`) are applied to its prompts first (`_styled`)."""
+    stay afterwards. The request's `styles` (of `styles`) are applied to its prompts first (`_styled`). `controls`
+    are the request's ControlNet units (`a1111_controls`): its ControlNets and its IP-Adapters."""
     body = _styled(body, styles)
     _check_options(body.override_settings, "override_settings.")
     settings = {**OPTION_DEFAULTS, **(options or {}), **body.override_settings}
@@ -360,7 +363,8 @@ def _request(body: Txt2ImgIn, controls: tuple = (), inits: tuple[Image.Image, ..
         clip_skip=settings["CLIP_stop_at_last_layers"], clip_skip_convention="a1111", eta=_eta(body, settings, sampler),
         sdxl_clip_l_skip=settings["sdxl_clip_l_skip"],
         **_sigma_options(body, settings, sampler), **_schedule_settings(settings), **_noise_settings(settings),
-        controls=controls, **alwayson_pag(body.alwayson_scripts),
+        controls=tuple(c for c in controls if not isinstance(c, IPAdapterInput)),
+        ip_adapters=tuple(c for c in controls if isinstance(c, IPAdapterInput)), **alwayson_pag(body.alwayson_scripts),
         **_ensd(settings), rng=settings["randn_source"],
         seed_resize_from_w=body.seed_resize_from_w, seed_resize_from_h=body.seed_resize_from_h,
         tiling=settings["tiling"] if body.tiling is None else body.tiling, **_sdxl_options(settings), **extra,
@@ -716,7 +720,8 @@ async def _checked_request(service: Service, body: Txt2ImgIn, mode: str, first: 
     inits = first.init_images or ((first.init_image,) if first.init_image is not None else ())
     try:
         with _named_by_infotext(body):
-            request = _request(body, first.controls, inits, first.mask_image, service.options, service.styles)
+            request = _request(body, (*first.controls, *first.ip_adapters), inits, first.mask_image, service.options,
+                               service.styles)
             spec, model = _job_spec(service, body, request)
             if job_of is not None:
                 spec, model = job_of(body, spec, model)
@@ -734,7 +739,7 @@ def _pictured_request(service: Service, body: Txt2ImgIn, request: GenerationRequ
     own = pictures if isinstance(pictures, Pictures) else Pictures(tuple(pictures), request.mask_image,
                                                                     request.latent_mask_image)
     with _named_by_infotext(body):
-        controls = _controls(service, body, own.init_images[0]) if request.controls else ()
+        controls = _controls(service, body, own.init_images[0]) if request.controls or request.ip_adapters else ()
         drawn = _request(body, controls, own.init_images, own.mask, service.options, service.styles)
     return dataclasses.replace(drawn, latent_mask_image=own.latent_mask)
 
@@ -863,7 +868,7 @@ def _drawn_parameters(job: Job, request: GenerationRequest) -> dict[str, Any]:
     """A1111's `extra_generation_params` of the hires fix and of an img2img job (Denoising strength, Hires
     upscale, Mask blur, Inpaint area, ...: `infotext.hires_parameters` and `img2img_parameters`, as its
     infotext writes them): `request`'s pictures with the settings the job drew with."""
-    images = {"init_image", "init_images", "mask_image", "controls"}
+    images = {"init_image", "init_images", "mask_image", "controls", "ip_adapters"}
     names = {f.name for f in dataclasses.fields(GenerationRequest)} - images
     drawn = dataclasses.replace(request, **{k: v for k, v in job.settings.items() if k in names})
     labels = {**hires_parameters(drawn), **img2img_parameters(drawn)}
@@ -2061,9 +2066,11 @@ def _module_label(module: str) -> str:
 
 
 def _ui_modules() -> list[str]:
-    """The extension's `ui_preprocessor_keys` of sdlab's preprocessors: none, invert, then the others sorted."""
+    """The extension's `ui_preprocessor_keys` of sdlab's preprocessors and the IP-Adapter modules it draws
+    (`ip_adapter_units.LISTED_MODULES`): none, invert, then the others sorted."""
     first = ["none", _module_label("invert")]
-    return first + sorted(label for label in map(_module_label, PREPROCESSORS) if label not in first)
+    return first + sorted(label for label in [*map(_module_label, PREPROCESSORS), *IP_ADAPTER_MODULES]
+                          if label not in first)
 
 
 def _control_type(name: str, models: list[str]) -> dict[str, Any]:
@@ -2098,9 +2105,11 @@ def controlnet_models(request: Request, update: bool = True) -> dict[str, Any]:
 
 @controlnet_router.get("/module_list")
 def controlnet_modules(alias_names: bool = False) -> dict[str, Any]:
-    """The preprocessors (by the extension's UI names with `alias_names`) and each one's `module_detail`: its
-    sliders (`_module_sliders`) and whether it needs no model (none of sdlab's)."""
+    """The preprocessors (by the extension's UI names with `alias_names`), then the IP-Adapter modules sdlab
+    draws (`ip_adapter_units.LISTED_MODULES`, which have no sliders), and each one's `module_detail`: its sliders
+    (`_module_sliders`) and whether it needs no model (none of sdlab's)."""
     names = {module: _module_label(module) if alias_names else module for module in PREPROCESSORS}
+    names.update({module: module for module in IP_ADAPTER_MODULES})
     return {"module_list": list(names.values()),
             "module_detail": {name: {"model_free": False, "sliders": _module_sliders(module)}
                               for module, name in names.items()}}

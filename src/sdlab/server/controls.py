@@ -9,10 +9,18 @@ pixel_perfect}]`. A1111's units select their steps by the extension's rule (the 
 `threshold_a` / `threshold_b`, `processor_res` and `pixel_perfect` are A1111's, a native entry's modes are
 sdlab's names (`CONTROL_MODES`, `RESIZE_MODES`). Unit fields sdlab does not implement (low_vram, ...) are
 ignored.
+
+A unit whose module is one of the extension's IP-Adapter preprocessors (`ip_adapter_units`) is an image prompt:
+an `IPAdapterInput` of its model (found as a ControlNet's), its picture, `weight` as the scale, its Guidance
+Start / End as the adapter's step window (the extension's rule: `control.in_window`) and the image encoder its
+module names (`unit_image_encoder`). Its resize_mode, processor_res, pixel_perfect, thresholds and control_mode
+are read by the extension's preprocessors and ControlNets alone: the CLIP preprocessor takes the picture as
+sent, and the adapter's weight is its only strength, so they do nothing for such a unit.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -21,7 +29,9 @@ from PIL import Image
 from sdlab.pipeline.control import (
     CONTROL_MODES, DEFAULT_RESIZE, RESIZE_MODES, ControlInput, a1111_mode, check_control, check_mask_size,
 )
+from sdlab.pipeline.image_prompt import IPAdapterInput, check_ip_adapter
 from sdlab.pipeline.images import eight_bit
+from sdlab.pipeline.ip_adapter_units import is_ip_adapter_module, unit_image_encoder
 from sdlab.pipeline.preprocess import (
     A1111_MODULE_ALIASES, INPAINT_MODULES, SLIDER_RANGES, a1111_module, processor_resolution,
 )
@@ -181,12 +191,33 @@ def a1111_unit(unit: dict[str, Any], index: int, folder: ModelFolder, limits: Li
     return checked_control(control, index, "a1111")
 
 
+def a1111_ip_adapter(unit: dict[str, Any], index: int, folder: ModelFolder, limits: Limits,
+                     init: Image.Image | None) -> IPAdapterInput:
+    """One enabled unit with an IP-Adapter module as a checked `IPAdapterInput` (module docstring); without an
+    image it takes img2img's init image, as the extension's `choose_input_image` does. A module sdlab does not
+    draw (the InsightFace ones), a model that is no IP-Adapter sdlab draws, or an image encoder that is missing
+    or does not fit the adapter is a 422 naming the module."""
+    module = str(unit.get("module")).strip()
+    what = f"control {index} (module {module!r})"
+    own = image_field(unit.get("image") or unit.get("input_image") or None, what)
+    image = hint_image(own or init, what, limits)
+    path = model_path(unit["model"], what, folder)
+    try:
+        prompt = IPAdapterInput(path, image, unit.get("weight", 1.0), start=unit.get("guidance_start", 0.0),
+                                end=unit.get("guidance_end", unit.get("guidance", 1.0)), module=module)
+        prompt = dataclasses.replace(prompt, image_encoder=unit_image_encoder(module, path))
+        return check_ip_adapter(prompt, index, "a1111")
+    except RequestError as err:
+        raise BadRequest(f"{what}: {err}", 422) from None
+
+
 def a1111_controls(scripts: Any, folder: ModelFolder, limits: Limits, init: Image.Image | None = None,
-                   init_resize: int = 0) -> tuple[ControlInput, ...]:
+                   init_resize: int = 0) -> tuple[ControlInput | IPAdapterInput, ...]:
     """The enabled units among the first `CONTROLNET_UNIT_COUNT` of `alwayson_scripts["controlnet"]["args"]` (the
     key in any case): A1111's `init_script_args` passes a script no more args than it has (the extension one per
     unit), so the others are neither read nor decoded. A unit without an image (webuiapi sends "") takes
-    img2img's init image and resize mode (`init_resize`), as the extension does."""
+    img2img's init image and resize mode (`init_resize`), as the extension does. A unit with an IP-Adapter
+    module is an `IPAdapterInput` (`a1111_ip_adapter`), in its place among the others."""
     if not isinstance(scripts, dict):
         return ()
     script = next((v for k, v in scripts.items() if isinstance(k, str) and k.lower() == "controlnet"), None)
@@ -201,7 +232,10 @@ def a1111_controls(scripts: Any, folder: ModelFolder, limits: Limits, init: Imag
             raise BadRequest(f"a ControlNet unit must be an object, got {unit!r}", 422)
         if not unit.get("enabled", True) or unit.get("model") in (None, "", "None"):
             continue
-        controls.append(a1111_unit(unit, len(controls), folder, limits, init, init_resize))
+        if is_ip_adapter_module(unit.get("module")):
+            controls.append(a1111_ip_adapter(unit, len(controls), folder, limits, init))
+        else:
+            controls.append(a1111_unit(unit, len(controls), folder, limits, init, init_resize))
     return tuple(controls)
 
 
@@ -235,8 +269,6 @@ def native_ip_adapters(items: list[dict[str, Any]], folder: ModelFolder, limits:
     by name (404 otherwise), its picture base64, its step window `start` / `end` by the request's
     `control_convention`; one the pipeline refuses (`check_ip_adapter`: its scale or window, no image encoder
     beside it) is a 422 naming it."""
-    from sdlab.pipeline.image_prompt import IPAdapterInput, check_ip_adapter
-
     prompts = []
     for index, item in enumerate(items):
         what = f"IP-Adapter {index}"
