@@ -1,0 +1,167 @@
+"""IP-Adapter units of A1111's ControlNet extension (sd-webui-controlnet) and Forge: which preprocessors
+("modules") sdlab draws, and the CLIP image encoder each one names.
+
+The extension's IP-Adapter preprocessors are CLIP vision towers (`annotator/clipvision`, `ClipVisionDetector`):
+
+    ip-adapter_clip_h, ip-adapter_clip_sd15, ip-adapter_clip_sdxl_plus_vith    clip_h.pth   OpenCLIP ViT-H/14
+    ip-adapter_clip_g, ip-adapter_clip_sdxl                                   clip_g.pth   OpenCLIP ViT-bigG/14
+    CLIP-ViT-H (IPAdapter), CLIP-ViT-bigG (IPAdapter)  (Forge)               CLIP-ViT-H-14 / CLIP-ViT-bigG
+    ip-adapter-auto: the module of the model's preset (`scripts/ipadapter/presets.py`, by the file's stem)
+
+(the later names clip_h / clip_g are those of `scripts/ipadapter/presets.py`; the older ones those of
+`preprocessor_compiled.py`). sdlab looks for the encoder a module names by the extension's and Forge's file
+names (`ENCODER_NAMES`: a file with a checkpoint suffix, or a Hugging Face folder of that name) in a
+`clip_vision` folder beside the adapter or one up (the extension's `models/clip_vision`, Forge's and ComfyUI's),
+or Forge's `ControlNetPreprocessor` one up; where none is there, it takes the adapter's own `image_encoder`
+folder (`image_prompt.image_encoder_of`, as sdlab's other doors do), unless that one is the other tower by its
+width.
+The encoder must fit the adapter (its image embeddings, or a Plus adapter's hidden states, as wide as the
+adapter reads): a module whose encoder does not is refused by name, as is a module whose encoder is nowhere.
+For ip-adapter-auto without a preset sdlab takes the first encoder that fits (ViT-H's places first).
+
+The face preprocessors (InsightFace: FaceID, FaceID Plus, PuLID, InstantID) need a face-analysis network
+sdlab does not have: a unit with one is refused naming it (`FACE_MODULES`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sdlab.checkpoints.errors import CheckpointError
+from sdlab.checkpoints.image_encoder import TOWERS_BY_WIDTH, image_encoder_config
+from sdlab.checkpoints.ip_adapter import read_ip_adapter
+from sdlab.models.clip_vision import CLIPVisionConfig
+from sdlab.models.ip_adapter import IPAdapterConfig
+from sdlab.pipeline.request import RequestError
+
+CLIP_H, CLIP_G = "clip_h", "clip_g"
+TOWER_NAMES = {CLIP_H: "ViT-H/14", CLIP_G: "ViT-bigG/14"}
+MODULE_ENCODERS: dict[str, str | None] = {
+    "ip-adapter_clip_h": CLIP_H, "ip-adapter_clip_sd15": CLIP_H, "ip-adapter_clip_sdxl_plus_vith": CLIP_H,
+    "ip-adapter_clip_g": CLIP_G, "ip-adapter_clip_sdxl": CLIP_G,
+    "clip-vit-h (ipadapter)": CLIP_H, "clip-vit-bigg (ipadapter)": CLIP_G,
+    "ip-adapter-auto": None,
+}
+"""The IP-Adapter modules sdlab draws (lower case) -> the encoder each names (None: the model's, ip-adapter-auto)."""
+LISTED_MODULES = tuple(sorted(name for name in MODULE_ENCODERS if not name.endswith("(ipadapter)")))
+"""The extension's names of them, as `/controlnet/module_list` lists them (Forge's own are not the extension's)."""
+FACE_MODULES = ("ip-adapter_face_id", "ip-adapter_face_id_plus", "ip-adapter_pulid", "instant_id_face_embedding",
+                "instant_id_face_keypoints", "insightface+clip-h (ipadapter)", "insightface (instantid)")
+"""The extension's and Forge's IP-Adapter / InstantID modules that read faces with InsightFace (refused)."""
+PRESET_ENCODERS = {
+    "ip-adapter_sd15": CLIP_H, "ip-adapter_sd15_light": CLIP_H, "ip-adapter_sd15_light_v11": CLIP_H,
+    "ip-adapter_sd15_vit-G": CLIP_G, "ip-adapter-plus_sd15": CLIP_H, "ip-adapter_sd15_plus": CLIP_H,
+    "ip-adapter_plus_composition_sd15": CLIP_H, "ip-adapter-plus-face_sd15": CLIP_H,
+    "ip-adapter-full-face_sd15": CLIP_H, "ip-adapter_sdxl": CLIP_G, "ip-adapter_sdxl_vit-h": CLIP_H,
+    "ip-adapter-plus_sdxl_vit-h": CLIP_H, "ip-adapter_plus_composition_sdxl": CLIP_H,
+    "ip-adapter-plus-face_sdxl_vit-h": CLIP_H,
+}
+"""ip-adapter-auto's presets (the extension's `ipadapter_presets`): a model's file stem -> its module's encoder."""
+ENCODER_NAMES = {CLIP_H: ("clip_h", "CLIP-ViT-H-14"), CLIP_G: ("clip_g", "CLIP-ViT-bigG")}
+ENCODER_PLACES = ("clip_vision", "../clip_vision", "../ControlNetPreprocessor")
+"""Where a module's encoder is looked for, relative to the adapter file's folder."""
+ENCODER_SUFFIXES = (".safetensors", ".pth", ".bin", ".pt")
+
+
+def is_ip_adapter_module(module: object) -> bool:
+    """Whether a unit's module is one of the extension's or Forge's IP-Adapter (or InstantID) preprocessors."""
+    name = module.strip().lower() if isinstance(module, str) else ""
+    return name.startswith("ip-adapter") or name.endswith("(ipadapter)") or name in FACE_MODULES
+
+
+def check_module(module: str) -> str:
+    """The module's name in lower case; a RequestError for a face module or one sdlab does not know."""
+    name = module.strip().lower()
+    if name in FACE_MODULES:
+        raise RequestError(f"the IP-Adapter module {module!r} reads faces with InsightFace, which sdlab does not "
+                           f"have; sdlab draws the CLIP modules: {', '.join(MODULE_ENCODERS)}")
+    if name not in MODULE_ENCODERS:
+        raise RequestError(f"unknown IP-Adapter module {module!r}; sdlab draws: {', '.join(MODULE_ENCODERS)}")
+    return name
+
+
+def _named_places(adapter: Path, tower: str) -> list[Path]:
+    """The files and folders where the encoder `tower` is looked for beside `adapter`, in order."""
+    places = []
+    for folder in ENCODER_PLACES:
+        base = (adapter.parent / folder).resolve()
+        for stem in ENCODER_NAMES[tower]:
+            places += [base / stem, *(base / f"{stem}{suffix}" for suffix in ENCODER_SUFFIXES)]
+    return places
+
+
+def _own_encoder(adapter: Path) -> Path | None:
+    """The adapter's own `image_encoder` folder (`image_prompt.image_encoder_of`), None where there is none."""
+    from sdlab.pipeline.image_prompt import image_encoder_of
+
+    try:
+        return image_encoder_of(adapter)
+    except RequestError:
+        return None
+
+
+def _config(path: Path) -> CLIPVisionConfig:
+    try:
+        return image_encoder_config(path)
+    except CheckpointError as err:
+        raise RequestError(str(err)) from None
+
+
+def _reads(adapter: IPAdapterConfig) -> str:
+    """What width of the encoder the adapter reads, in words."""
+    return (f"{adapter.embed_dim}-wide hidden states" if adapter.resampler is not None
+            else f"{adapter.embed_dim}-wide image embeddings")
+
+
+def _fits(adapter: IPAdapterConfig, encoder: CLIPVisionConfig) -> bool:
+    """Whether the encoder gives what the adapter reads (a Plus adapter: hidden states; a base one: embeddings)."""
+    width = encoder.width if adapter.resampler is not None else encoder.projection_dim
+    return width == adapter.embed_dim
+
+
+def _gives(adapter: IPAdapterConfig, encoder: CLIPVisionConfig) -> str:
+    return (f"{encoder.width}-wide hidden states" if adapter.resampler is not None
+            else f"{encoder.projection_dim}-wide image embeddings")
+
+
+def _candidates(adapter: Path, tower: str) -> list[tuple[Path, CLIPVisionConfig]]:
+    """The encoders found for `tower` beside `adapter`: its named files and folders, else the adapter's own
+    `image_encoder` unless its width is the other tower's."""
+    found = [(place, _config(place)) for place in _named_places(adapter, tower) if place.exists()]
+    own = None if found else _own_encoder(adapter)
+    if own is not None:
+        config = _config(own)
+        known = TOWERS_BY_WIDTH.get(config.width, ("", None))[0]
+        if known not in (name for key, name in TOWER_NAMES.items() if key != tower):
+            found.append((own, config))
+    return found
+
+
+def unit_image_encoder(module: str, adapter: str | Path) -> Path:
+    """The image encoder a unit's `module` names for the IP-Adapter file `adapter` (module docstring); a
+    RequestError naming the module where it is missing or does not fit the adapter."""
+    name = check_module(module)
+    adapter = Path(adapter)
+    try:
+        config = read_ip_adapter(adapter)[0]
+    except CheckpointError as err:
+        from sdlab.pipeline.image_prompt import _check_adapter_file
+
+        _check_adapter_file(adapter, "IP-Adapter")      # names the kind of file it is, and the option that takes it
+        raise RequestError(str(err)) from None
+    towers = [MODULE_ENCODERS[name]] if MODULE_ENCODERS[name] else \
+        [PRESET_ENCODERS[adapter.stem]] if adapter.stem in PRESET_ENCODERS else [CLIP_H, CLIP_G]
+    found = [(tower, path, encoder) for tower in towers for path, encoder in _candidates(adapter, tower)]
+    if not found:
+        wanted = " or ".join(f"{TOWER_NAMES[t]} ({' / '.join(ENCODER_NAMES[t])})" for t in towers)
+        raise RequestError(f"module {module!r} draws with the {wanted} image encoder, and there is none: looked "
+                           f"in {', '.join(str((adapter.parent / p).resolve()) for p in ENCODER_PLACES)} for a "
+                           "file (.safetensors, .pth, .bin) or folder of that name, and for the adapter's "
+                           "image_encoder folder")
+    fitting = [path for _, path, encoder in found if _fits(config, encoder)]
+    if fitting:
+        return fitting[0]
+    _, path, encoder = found[0]
+    raise RequestError(f"module {module!r} draws with the image encoder {path} ({_gives(config, encoder)}), but "
+                       f"the IP-Adapter {adapter.name} reads {_reads(config)}: choose the module of the encoder "
+                       f"it was trained with (ip-adapter_clip_h or ip-adapter_clip_g, or ip-adapter-auto)")

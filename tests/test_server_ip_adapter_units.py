@@ -1,0 +1,204 @@
+"""IP-Adapter units of A1111's ControlNet extension through `/sdapi/v1/txt2img` / `img2img`
+(`alwayson_scripts.controlnet.args`, a unit's module an ip-adapter preprocessor): the picture equals the native
+`ip_adapters` job of the same settings (read back from the picture's infotext by `/api/parameters`), mixed with a
+ControlNet unit and a disabled one; the encoder the module names (clip_h / clip_g) is found beside the adapter
+and must fit it; the face modules, a model that is no IP-Adapter and bad numbers are 4xx naming the module; the
+`ControlNet N` line is the extension's form; `/controlnet/module_list` lists the modules."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from controlnet_fixtures import diffusers_controlnet, write_layout
+from ip_adapter_fixtures import (SAMPLE_PICTURE, ip_adapter_plus_state, ip_adapter_state, write_image_encoder,
+                                 write_ip_adapter)
+from server_fixtures import b64_png, file_b64, png_picture, start_server
+
+GEN = {"prompt": "a red apple", "negative_prompt": "blurry", "steps": 4, "seed": 11, "width": 64, "height": 64,
+       "cfg_scale": 5, "sampler_name": "Euler"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory):
+    import sdlab
+    from sdlab.models.ip_adapter import cross_attentions
+
+    root = tmp_path_factory.mktemp("server-ip-adapter-units")
+    models = root / "models"
+    (models / "ControlNet" / "lone").mkdir(parents=True)
+    bundle = sdlab.load().bundle
+    context = bundle.unet_config.context_dim
+    widths = [attn.to_q.weight.shape[0] for attn in cross_attentions(bundle.unet)]
+    write_image_encoder(models / "image_encoder", seed=2, width=128, projection=32)       # h94's layout: ViT-H's
+    write_image_encoder(models / "clip_vision" / "clip_g", seed=4, width=128, projection=48)   # the extension's
+    controlnet = models / "ControlNet"
+    write_ip_adapter(controlnet / "ip-adapter_tiny.safetensors", ip_adapter_state(widths, context, 32, seed=3, std=0.3))
+    write_ip_adapter(controlnet / "ip-adapter-plus_tiny.safetensors",
+                     ip_adapter_plus_state(widths, context, 128, width=64, depth=2, seed=5, std=0.2))
+    write_ip_adapter(controlnet / "lone" / "ip-adapter_lone.safetensors", ip_adapter_state(widths, context, 32))
+    factor = bundle.vae_config.downsample_factor
+    net = write_layout(diffusers_controlnet(bundle.unet_config, 3, hint_widths=(16, 32, 96, 256)[: factor.bit_length()],
+                                            std=0.05), "diffusers-file", controlnet)
+    net.rename(controlnet / "tiny_canny.safetensors")
+    picture = root / "reference.png"
+    Image.open(SAMPLE_PICTURE).convert("RGB").crop((0, 0, 200, 160)).save(picture)
+    hint = Image.new("RGB", (64, 64), "black")
+    ImageDraw.Draw(hint).rectangle([10, 10, 50, 50], outline="white", width=4)
+    server = start_server(root / "outputs", "--models-dir", str(models))
+    client = httpx.Client(base_url=server.url, timeout=300)
+    yield {"client": client, "picture": file_b64(picture), "hint": b64_png(hint)}
+    client.close()
+    server.stop()
+
+
+def _unit(setup, **change) -> dict:
+    return {"enabled": True, "module": "ip-adapter_clip_sd15", "model": "ip-adapter_tiny", "weight": 0.7,
+            "image": setup["picture"], "guidance_start": 0.0, "guidance_end": 1.0, **change}
+
+
+def _txt2img(setup, *units, **body) -> httpx.Response:
+    return setup["client"].post("/sdapi/v1/txt2img", json={
+        **GEN, **body, "alwayson_scripts": {"controlnet": {"args": list(units)}}})
+
+
+def _pixels(b64: str) -> np.ndarray:
+    return np.asarray(png_picture(base64.b64decode(b64)).convert("RGB"), dtype=np.int16)
+
+
+def _native(client: httpx.Client, body: dict) -> np.ndarray:
+    created = client.post("/api/jobs", json=body)
+    assert created.status_code == 202, created.text
+    deadline = time.monotonic() + 300
+    while (job := client.get(f"/api/jobs/{created.json()['id']}").json())["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert job["status"] == "done", job
+    return np.asarray(png_picture(client.get(job["images"][0]).content).convert("RGB"), dtype=np.int16)
+
+
+def _redrawn(setup, answer: httpx.Response, images: dict[str, list[str]]) -> np.ndarray:
+    """The native job of the settings the answer's picture records (`/api/parameters`), given the pictures the
+    text does not hold (`images`: per entry list, in order)."""
+    from sdlab.server.native import JobIn
+
+    client = setup["client"]
+    settings = client.post("/api/parameters", json={"image": answer.json()["images"][0]}).json()["settings"]
+    body = {key: value for key, value in settings.items()
+            if value is not None and key in JobIn.model_fields and key != "model"}
+    for key, pictures in images.items():
+        assert len(body[key]) == len(pictures), body
+        body[key] = [{**entry, "image": image} for entry, image in zip(body[key], pictures)]
+    return _native(client, body)
+
+
+def _extension_parse_unit(text: str) -> dict:
+    """sd-webui-controlnet scripts/infotext.py (v1.1.455) `parse_unit` and `parse_value`, transcribed: the
+    fields a pasted `ControlNet N` line gives a unit."""
+    def parse_value(value: str):
+        if value in ("True", "False"):
+            return value == "True"
+        try:
+            return int(value)
+        except ValueError:
+            try:
+                return float(value)
+            except ValueError:
+                return value
+
+    return {"_".join(word.lower() for word in key.split(" ")): parse_value(value)
+            for item in text.split(",") for (key, value) in (item.strip().split(": "),)}
+
+
+def test_an_ip_adapter_unit_draws_the_native_ip_adapter_of_its_settings(setup):
+    client = setup["client"]
+    model = next(title for title in client.get("/controlnet/model_list").json()["model_list"]
+                 if title.startswith("ip-adapter_tiny ["))
+    unit = _unit(setup, model=model, guidance_start=0.25, guidance_end=0.8, resize_mode="Just Resize",
+                 processor_res=256, pixel_perfect=True, control_mode="My prompt is more important")
+    drawn = _txt2img(setup, unit)
+    assert drawn.status_code == 200, drawn.text
+    plain = _txt2img(setup)
+    assert np.abs(_pixels(drawn.json()["images"][0]) - _pixels(plain.json()["images"][0])).max() > 10
+    text = json.loads(drawn.json()["info"])["infotexts"][0]
+    line = text.split('ControlNet 0: "')[1].split('"')[0]
+    assert line == f"Module: ip-adapter_clip_sd15, Model: {model}, Weight: 0.7, Guidance Start: 0.25, Guidance End: 0.8"
+    assert _extension_parse_unit(line) == {"module": "ip-adapter_clip_sd15", "model": model, "weight": 0.7,
+                                           "guidance_start": 0.25, "guidance_end": 0.8}
+    assert "Control steps: a1111" in text
+    native = _redrawn(setup, drawn, {"ip_adapters": [setup["picture"]]})
+    assert np.array_equal(native, _pixels(drawn.json()["images"][0]))
+    # the same unit with every step: the window acts (0.25 .. 0.8 of 4 steps leaves the first and last out)
+    full = _txt2img(setup, _unit(setup, model=model))
+    assert np.abs(_pixels(full.json()["images"][0]) - _pixels(drawn.json()["images"][0])).max() > 0
+
+
+def test_units_mixed_with_a_controlnet_and_a_disabled_one_equal_the_native_job(setup):
+    ip = _unit(setup, module="ip-adapter-auto", weight=0.9, guidance_end=0.5)
+    off = _unit(setup, enabled=False, model="not there", module="ip-adapter_face_id")
+    control = {"enabled": True, "module": "none", "model": "tiny_canny", "image": setup["hint"], "weight": 0.8}
+    drawn = _txt2img(setup, control, off, ip)
+    assert drawn.status_code == 200, drawn.text
+    text = json.loads(drawn.json()["info"])["infotexts"][0]
+    assert 'ControlNet 0: "Module: none, Model: tiny_canny [' in text
+    assert 'ControlNet 1: "Module: ip-adapter-auto, Model: ip-adapter_tiny [' in text
+    native = _redrawn(setup, drawn, {"controls": [setup["hint"]], "ip_adapters": [setup["picture"]]})
+    assert np.array_equal(native, _pixels(drawn.json()["images"][0]))
+    alone = _txt2img(setup, control)
+    assert np.abs(_pixels(alone.json()["images"][0]) - _pixels(drawn.json()["images"][0])).max() > 0
+
+
+def test_a_plus_unit_and_an_img2img_unit_without_an_image(setup):
+    plus = _unit(setup, module="ip-adapter_clip_h", model="ip-adapter-plus_tiny", input_image=setup["picture"],
+                 image=None, weight=0.6)
+    drawn = _txt2img(setup, plus)
+    assert drawn.status_code == 200, drawn.text
+    assert np.array_equal(_redrawn(setup, drawn, {"ip_adapters": [setup["picture"]]}),
+                          _pixels(drawn.json()["images"][0]))
+    # img2img: a unit without an image takes the init picture, as the extension's `choose_input_image`
+    client = setup["client"]
+    body = {**GEN, "init_images": [setup["picture"]], "denoising_strength": 0.6}
+    bare = client.post("/sdapi/v1/img2img", json={**body, "alwayson_scripts": {"controlnet": {"args": [
+        _unit(setup, image="")]}}})
+    given = client.post("/sdapi/v1/img2img", json={**body, "alwayson_scripts": {"controlnet": {"args": [
+        _unit(setup, image={"image": setup["picture"], "mask": None})]}}})
+    assert bare.status_code == 200 and given.status_code == 200, (bare.text, given.text)
+    assert np.array_equal(_pixels(bare.json()["images"][0]), _pixels(given.json()["images"][0]))
+
+
+@pytest.mark.parametrize("change, status, words", [
+    ({"module": "ip-adapter_face_id_plus"}, 422, "'ip-adapter_face_id_plus' reads faces with InsightFace"),
+    ({"module": "InsightFace+CLIP-H (IPAdapter)"}, 422, "'InsightFace+CLIP-H (IPAdapter)' reads faces"),
+    ({"module": "ip-adapter_clip_sdxl"}, 422, "module 'ip-adapter_clip_sdxl' draws with the image encoder"),
+    ({"module": "CLIP-ViT-bigG (IPAdapter)"}, 422, "reads 32-wide image embeddings"),
+    ({"model": "ip-adapter_lone"}, 422, "ViT-H/14 (clip_h / CLIP-ViT-H-14) image encoder, and there is none"),
+    ({"model": "tiny_canny"}, 422, "this is a ControlNet, not an IP-Adapter"),
+    ({"model": "nothing such"}, 404, "unknown ControlNet model 'nothing such'"),
+    ({"weight": 20}, 422, "scale must be a number in [0, 10]"),
+    ({"guidance_start": 0.8, "guidance_end": 0.2}, 422, "need 0 <= start <= end <= 1"),
+    ({"module": "ip-adapter_clip_x"}, 422, "unknown IP-Adapter module 'ip-adapter_clip_x'"),
+    ({"image": None}, 422, "needs an image"),
+])
+def test_bad_units_are_refused_naming_the_module(setup, change, status, words):
+    refused = _txt2img(setup, _unit(setup, **change))
+    assert refused.status_code == status and words in refused.text, refused.text
+    if status == 422:
+        assert f"module {change.get('module', 'ip-adapter_clip_sd15')!r}" in refused.text
+
+
+def test_module_list_and_control_types_list_the_ip_adapter_modules(setup):
+    client = setup["client"]
+    listed = client.get("/controlnet/module_list").json()
+    for module in ("ip-adapter_clip_h", "ip-adapter_clip_g", "ip-adapter-auto", "ip-adapter_clip_sd15"):
+        assert module in listed["module_list"] and listed["module_detail"][module] == {"model_free": False,
+                                                                                        "sliders": []}
+    assert "ip-adapter_face_id" not in listed["module_list"]
+    kind = client.get("/controlnet/control_types").json()["control_types"]["IP-Adapter"]
+    assert kind["default_option"] == "ip-adapter_clip_sd15" and "ip-adapter_clip_g" in kind["module_list"]
+    assert any(model.startswith("ip-adapter_tiny [") for model in kind["model_list"])
