@@ -359,6 +359,11 @@ def _add_run_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
                    help="the CLIP image encoder of the matching --ip-adapter (a folder with config.json and "
                         "model.safetensors, or its .safetensors file); default: the image_encoder folder beside "
                         "the adapter file or one folder up (h94/IP-Adapter's layout); repeatable")
+    for flag, which, default in (("--ip-adapter-start", "from", "0"), ("--ip-adapter-end", "to", "1")):
+        p.add_argument(flag, action="append", default=[], type=float, metavar="F",
+                       help=f"the fraction of the steps the matching --ip-adapter acts {which}, 0..1 (default "
+                            f"{default}, or the picture's Guidance Start / End; A1111's ControlNet unit's); its steps "
+                            "as a --control's: diffusers' rule, or a --from-png picture's Control steps; repeatable")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads (default: all cores; for small models such as the shipped one the free "
@@ -943,14 +948,15 @@ def _ip_adapter_scale(text: str) -> float | str:
     return text.strip()
 
 
-def _ip_adapters(args: argparse.Namespace, recorded: dict[str, Any]) -> tuple:
-    """The --ip-adapter `IPAdapterInput`s, each with the --ip-adapter-image / -scale / -encoder of its place,
-    checked. A scale not given is the Weight (and Layers) the --from-png picture records for the adapter of its
-    place (its `IP-Adapter N` lines, then the IP-Adapter units of the ControlNet extension and Forge:
-    `recorded_ip_adapters`), else 1; per-layer scales given (`_ip_adapter_scale`) draw at scale 1. Those past the
-    adapters given are named in a warning (the picture is not recorded: each needs its image again)."""
+def _ip_adapters(args: argparse.Namespace, recorded: dict[str, Any], convention: str = "diffusers") -> tuple:
+    """The --ip-adapter `IPAdapterInput`s, each with the --ip-adapter-image / -scale / -encoder / -start / -end of
+    its place, checked (the window by the request's `convention`: a --from-png picture's Control steps). A scale not given is the Weight
+    (and Layers) the --from-png picture records for the adapter of its place (its `IP-Adapter N` lines, then the
+    IP-Adapter units of the ControlNet extension and Forge: `recorded_ip_adapters`), else 1, a start / end not given
+    its Guidance Start / End, else 0 / 1; per-layer scales given (`_ip_adapter_scale`) draw at scale 1. Those past
+    the adapters given are named in a warning (the picture is not recorded: each needs its image again)."""
     from sdlab.pipeline.image_prompt import (IPAdapterInput, check_ip_adapter, recorded_ip_adapters,
-                                             recorded_layer_scales, recorded_weight)
+                                             recorded_layer_scales, recorded_weight, recorded_window)
     from sdlab.pipeline.request import RequestError
 
     count = len(args.ip_adapter)
@@ -958,7 +964,8 @@ def _ip_adapters(args: argparse.Namespace, recorded: dict[str, Any]) -> tuple:
         raise UserError(f"{len(args.ip_adapter_image)} --ip-adapter-image for {count} --ip-adapter: give each "
                         "adapter its picture")
     for flag, values in (("--ip-adapter-scale", args.ip_adapter_scale),
-                         ("--ip-adapter-encoder", args.ip_adapter_encoder)):
+                         ("--ip-adapter-encoder", args.ip_adapter_encoder), ("--ip-adapter-start", args.ip_adapter_start),
+                         ("--ip-adapter-end", args.ip_adapter_end)):
         if len(values) > count:
             raise UserError(f"{len(values)} {flag} for {count} --ip-adapter")
     lines = recorded_ip_adapters(recorded)
@@ -978,10 +985,19 @@ def _ip_adapters(args: argparse.Namespace, recorded: dict[str, Any]) -> tuple:
             except ValueError as err:
                 raise UserError(f"{label}: {err}; pass --ip-adapter-scale") from None
         encoder = args.ip_adapter_encoder[index] if index < len(args.ip_adapter_encoder) else None
+        window = {"start": 0.0, "end": 1.0}
+        if index < len(lines):
+            try:
+                window.update(recorded_window(lines[index][1]))
+            except ValueError as err:
+                raise UserError(f"{lines[index][0]}: {err}; pass --ip-adapter-start / --ip-adapter-end") from None
+        for key, given in (("start", args.ip_adapter_start), ("end", args.ip_adapter_end)):
+            if index < len(given):
+                window[key] = given[index]
         prompt = IPAdapterInput(file, _open_image(image, "IP-Adapter image"), 1.0 if scale is None else scale,
-                                encoder, layer_scales=layers)
+                                encoder, layer_scales=layers, **window)
         try:
-            prompts.append(check_ip_adapter(prompt, index))
+            prompts.append(check_ip_adapter(prompt, index, convention))
         except RequestError as err:
             raise UserError(f"--ip-adapter {file!r}: {err}") from None
     return tuple(prompts)
@@ -1397,7 +1413,7 @@ def run_generate(args: argparse.Namespace, pipelines: dict | None = None) -> int
     controls = _controls(args, recorded, options.get("control_convention", GenerationRequest.control_convention))
     if controls:
         options["controls"] = controls
-    ip_adapters = _ip_adapters(args, recorded)
+    ip_adapters = _ip_adapters(args, recorded, options.get("control_convention", GenerationRequest.control_convention))
     if ip_adapters:
         options["ip_adapters"] = ip_adapters
     try:

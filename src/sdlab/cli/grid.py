@@ -639,7 +639,7 @@ def run_grid(args: argparse.Namespace) -> int:
     controls = _controls(args, {}, options.get("control_convention", GenerationRequest.control_convention))
     if controls:
         options["controls"] = controls
-    ip_adapters = _ip_adapters(args, {})
+    ip_adapters = _ip_adapters(args, {}, options.get("control_convention", GenerationRequest.control_convention))
     if ip_adapters:
         options["ip_adapters"] = ip_adapters
     options["styles"] = tuple(args.style)                # applied in each cell, after its axes (`_cells`)
