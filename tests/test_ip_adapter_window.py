@@ -136,3 +136,28 @@ def test_the_infotext_records_the_window(tiny):
     assert written["Control steps"] == "a1111"
     plain = to_parameters(GenerationRequest("x", steps=2, seed=1, ip_adapters=(IPAdapterInput(adapter, picture, 0.5),)))
     assert plain["IP-Adapter 0"].endswith("], Weight: 0.5") and plain.get("Control steps") is None
+
+
+def test_the_cli_draws_the_window_records_it_and_redraws_it(tiny, tmp_path, capsys):
+    """--ip-adapter-start / --ip-adapter-end draw the Python API's picture; --from-png takes the window back."""
+    from cli_helpers import pixels, run
+
+    pipe, adapter, picture = tiny
+    reference, drawn, again = tmp_path / "reference.png", tmp_path / "window.png", tmp_path / "again.png"
+    picture.save(reference)
+    base = ["txt2img", "a red apple", "--steps", "6", "--seed", "5", "--width", "64", "--height", "64", "--cfg", "5",
+            "--no-progress", "--ip-adapter", str(adapter), "--ip-adapter-image", str(reference),
+            "--ip-adapter-scale", "0.7"]
+    code, _, stderr = run([*base, "--ip-adapter-start", "0.25", "--ip-adapter-end", "0.8", "--out", str(drawn)], capsys)
+    assert code == 0, stderr
+    api = pipe.txt2img("a red apple", steps=6, seed=5, width=64, height=64, cfg_scale=5.0,
+                       ip_adapters=[IPAdapterInput(adapter, Image.open(reference), 0.7, start=0.25, end=0.8)])
+    assert np.array_equal(pixels(drawn), np.asarray(api.images[0].convert("RGB"), dtype=np.int16))
+    code, _, stderr = run(["txt2img", "--no-progress", "--from-png", str(drawn), "--ip-adapter", str(adapter),
+                           "--ip-adapter-image", str(reference), "--out", str(again)], capsys)
+    assert code == 0, stderr
+    assert np.array_equal(pixels(drawn), pixels(again))
+    code, _, stderr = run([*base, "--ip-adapter-start", "0.9", "--ip-adapter-end", "0.1", "--out",
+                           str(tmp_path / "bad.png")], capsys)
+    assert code != 0 and "need 0 <= start < end <= 1" in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "bad.png").exists()
