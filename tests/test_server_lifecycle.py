@@ -34,12 +34,12 @@ def test_restart_keeps_history_and_marks_cut_off_jobs_interrupted(tmp_path):
     """A crashed server's unfinished jobs are `interrupted` on the next start, never a live server's: while one
     runs, a second `sdlab serve` on its output folder is refused with one line naming the folder."""
     out = tmp_path / "outputs"
-    first = start_server(out)
+    first = start_server(out, "--max-steps", "1000")      # a job that outlasts the refused second server; killed
     try:
         with httpx.Client(base_url=first.url, timeout=60) as client:
             done_id = client.post("/api/jobs", json={"prompt": "kept", "steps": 2, "seed": 4}).json()["id"]
             done = _wait_status(client, done_id, ("done",))
-            running_id = client.post("/api/jobs", json=LONG).json()["id"]
+            running_id = client.post("/api/jobs", json={**LONG, "steps": 1000}).json()["id"]
             queued_id = client.post("/api/jobs", json=LONG).json()["id"]
             _wait_status(client, running_id, ("running",))
             other = subprocess.run([sys.executable, "-m", "sdlab", "serve", "--port", str(free_port()),
