@@ -9,12 +9,14 @@ pictures (uint8, within `MAX_PIXEL_DIFF` = 2 / 255); the guidance is A1111's `co
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from bundle_fixtures import (as_released, full_size_shapes, init_picture, tiny_bundle, write_diffusers_folder,
                              write_original)
 from diffusers import (
@@ -398,6 +400,36 @@ def test_cli_from_png_redraws_a_picture_drawn_without_image_guidance(edit_file, 
     assert "Image CFG scale: 1.5" in read_parameters(guided) and np.abs(pixels(guided) - drawn).max() > MAX_PIXEL_DIFF
 
 
+def test_cli_image_cfg_scale_none_draws_records_and_redraws_without_image_guidance(edit_file, tmp_path, capsys):
+    """`--image-cfg-scale none` (the request's None, A1111's unset field) under diffusers' convention, the CLI's:
+    plain CFG with the picture in both passes, as the Python API's image_cfg_scale=None (within 1/255: other
+    threads), which image scale 1 draws too; no `Image CFG scale` label, and --from-png of it draws it again without
+    image guidance (before: at the CLI's default 1.5, 16/255 away). A word other than none is one error line."""
+    from cli_helpers import pixels, run
+    from sdlab.pipeline.png_info import read_parameters
+
+    init, none, again, one = tmp_path / "init.png", tmp_path / "none.png", tmp_path / "again.png", tmp_path / "1.png"
+    init_picture(SIZE).save(init)
+    fast = ["--steps", "3", "--seed", "3", "--sampler", "Euler", "--no-progress", "--model", str(edit_file),
+            "--init", str(init)]
+    code, _, err = run(["img2img", INSTRUCTION, "--image-cfg-scale", "None", "--out", str(none), *fast], capsys)
+    assert code == 0, err
+    assert "Image CFG scale" not in read_parameters(none)
+    python = sdlab.load(edit_file).img2img(INSTRUCTION, init_picture(SIZE), steps=3, seed=3, sampler="Euler",
+                                           image_cfg_scale=None)
+    assert np.abs(pixels(none) - np.asarray(python.images[0], dtype=np.int16)).max() <= 1
+    code, _, err = run(["img2img", INSTRUCTION, "--image-cfg-scale", "1", "--out", str(one), *fast], capsys)
+    assert code == 0, err
+    assert np.array_equal(pixels(one), pixels(none)) and "Image CFG scale: 1" in read_parameters(one)
+    code, _, err = run(["img2img", "--from-png", str(none), "--out", str(again), *fast[6:]], capsys)
+    assert code == 0, err
+    assert np.array_equal(pixels(again), pixels(none)) and "Image CFG scale" not in read_parameters(again)
+    bad = tmp_path / "bad.png"
+    code, _, err = run(["img2img", INSTRUCTION, "--image-cfg-scale", "off", "--out", str(bad), *fast], capsys)
+    assert code != 0 and not bad.exists() and "expected a number or none, got 'off'" in err
+    assert "Traceback" not in err
+
+
 def test_cli_txt2img_on_an_edit_model_is_one_error(edit_file, tmp_path, capsys):
     from cli_helpers import run
 
@@ -452,8 +484,8 @@ def test_servers_draw_an_edit_model_and_refuse_its_txt2img(edit_server):
 
 def test_api_parameters_of_a_picture_drawn_without_image_guidance_redraw_it(edit_server, edit_file, tmp_path):
     """`/api/parameters` (the web UI's drop, Reuse) of a picture A1111's convention drew without image guidance
-    gives image scale 1, which draws the same picture (A1111's edit path is off at 1 as when unset); a native job of
-    those settings redraws it pixel for pixel (a job's unset image scale would be 1.5)."""
+    gives image_cfg_scale "none", the native API's no image guidance; a native job of those settings redraws it
+    pixel for pixel (a job's unset image scale would be 1.5)."""
     import base64
 
     import httpx
@@ -463,12 +495,46 @@ def test_api_parameters_of_a_picture_drawn_without_image_guidance_redraw_it(edit
     png = base64.b64encode((tmp_path / "none.png").read_bytes()).decode()
     with httpx.Client(base_url=edit_server.url, timeout=120) as client:
         settings = client.post("/api/parameters", json={"image": png}).json()["settings"]
-        assert settings["image_cfg_scale"] == 1.0
+        assert settings["image_cfg_scale"] == "none"
         job = run_job(client, {**{key: value for key, value in settings.items() if value is not None},
                                "mode": "img2img", "init_image": b64_png(init_picture(SIZE))})
         assert job["status"] == "done", job
         again = np.asarray(picture(base64.b64encode(client.get(job["images"][0]).content).decode()), dtype=np.int16)
     assert np.abs(again - drawn).max() <= 1          # the server's threads may differ from this process's
+
+
+def test_the_native_api_says_no_image_guidance_with_none(edit_server):
+    """A native job's image_cfg_scale "none": no image guidance (the picture in both passes), as image scale 1 draws
+    it, recorded as sent and without `Image CFG scale`; unset and null are 1.5; `/api/parameters` of its picture
+    gives "none" back, and that job draws it again. Another word is a 422."""
+    import base64
+
+    import httpx
+    from server_fixtures import b64_png, run_job
+
+    body = {"mode": "img2img", "prompt": INSTRUCTION, "steps": 2, "seed": 1, "sampler": "Euler",
+            "init_image": b64_png(init_picture(SIZE))}
+    with httpx.Client(base_url=edit_server.url, timeout=120) as client:
+        def drawn(**fields):
+            job = run_job(client, {**body, **fields})
+            assert job["status"] == "done", job
+            return job, client.get(job["images"][0]).content
+
+        (none, none_png), (one, one_png) = drawn(image_cfg_scale="none"), drawn(image_cfg_scale=1.0)
+        (null, null_png), (unset, unset_png) = drawn(image_cfg_scale=None), drawn()
+        assert none["request"]["image_cfg_scale"] == "none" and "Image CFG scale" not in none["infotexts"][0]
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(none_png))), np.asarray(Image.open(io.BytesIO(one_png))))
+        assert "Image CFG scale: 1.5" in null["infotexts"][0] and "Image CFG scale: 1.5" in unset["infotexts"][0]
+        assert null_png == unset_png != none_png
+        settings = client.post("/api/parameters", json={"image": base64.b64encode(none_png).decode()}).json()
+        assert settings["settings"]["image_cfg_scale"] == "none"
+        again = run_job(client, {**{k: v for k, v in settings["settings"].items() if v is not None},
+                                 "mode": "img2img", "init_image": body["init_image"]})
+        assert again["status"] == "done", again
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(client.get(again["images"][0]).content))),
+                              np.asarray(Image.open(io.BytesIO(none_png))))
+        refused = client.post("/api/jobs", json={**body, "image_cfg_scale": "off"})
+        assert refused.status_code == 422 and "image_cfg_scale" in refused.text
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The web UI's Image CFG Scale slider (A1111's, in its img2img tab; read by edit / InstructPix2Pix models), in real
 headless chromium (test_webui.py's fixtures): its default 1.5 reaches the native API's image_cfg_scale, a moved
-slider sends its value, and a dropped picture's `Image CFG scale` sets it."""
+slider sends its value, and a dropped picture's `Image CFG scale` sets it; its None sends "none" (no image
+guidance), ticked by a picture drawn without the label."""
 
 from __future__ import annotations
 
@@ -42,13 +43,29 @@ def test_the_image_cfg_scale_slider_is_sent_and_filled(page, base_url):
     assert (value(page, "image_cfg_scale"), text(page, "image_cfg_scale-value")) == ("1.25", "1.25")
 
 
-def test_a_picture_drawn_without_image_guidance_sets_the_slider_to_1(page, base_url):
-    """An img2img picture A1111 drew without `Image CFG scale` (its API's default: no image guidance) sets the
-    slider to 1, which draws it again (A1111's edit path is off at 1 as when unset), not to the slider's 1.5."""
+def test_a_picture_drawn_without_image_guidance_ticks_none(page, base_url):
+    """An img2img picture A1111 drew without `Image CFG scale` (its API's default: no image guidance) ticks the
+    slider's None, which sends image_cfg_scale "none" (the native API's no image guidance) and greys the slider; a
+    picture with the label unticks it and sets the slider; unticked by hand the slider's value is sent again."""
+    page.find_element(By.ID, "tab-img2img").click()
+    drop_file(page, _png(), "init.png", "init-drop")
+    wait(page, lambda d: d.execute_script("return state.initImage !== null"), 20, "the init picture was not read")
     set_slider(page, "image_cfg_scale", 1.2)
     parameters = ("make it winter\nSteps: 3, Sampler: Euler, CFG scale: 7.5, Seed: 3, Size: 64x64, "
                   "Denoising strength: 0.75")
     drop_file(page, png_with_parameters(parameters), "plain.png")
     wait(page, lambda d: text(d, "notice") == "Settings read from plain.png", 20, "the PNG was not read cleanly")
     page.find_element(By.ID, "tab-img2img").click()
-    assert (value(page, "image_cfg_scale"), text(page, "image_cfg_scale-value")) == ("1", "1.00")
+    none = page.find_element(By.ID, "image_cfg_none")
+    assert none.is_selected() and not page.find_element(By.ID, "image_cfg_scale").is_enabled()
+    assert page.execute_script("return collectRequest()")["image_cfg_scale"] == "none"
+    none.click()
+    assert page.find_element(By.ID, "image_cfg_scale").is_enabled()
+    assert page.execute_script("return collectRequest()")["image_cfg_scale"] == 1.2
+    none.click()
+    drop_file(page, png_with_parameters(parameters.replace("Seed: 3", "Image CFG scale: 1.75, Seed: 3")), "edit.png")
+    wait(page, lambda d: text(d, "notice") == "Settings read from edit.png", 20, "the PNG was not read cleanly")
+    page.find_element(By.ID, "tab-img2img").click()
+    assert not none.is_selected() and (value(page, "image_cfg_scale"), text(page, "image_cfg_scale-value")) == \
+        ("1.75", "1.75")
+    assert page.execute_script("return collectRequest()")["image_cfg_scale"] == 1.75

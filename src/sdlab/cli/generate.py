@@ -386,11 +386,25 @@ def _add_init_flags(p: argparse.ArgumentParser, init_help: str, strength_default
     p.add_argument("--mask-weight", type=float, dest="inpainting_mask_weight", metavar="W",
                    help="A1111's Conditional mask weight: how much an inpainting model's masked picture is masked, "
                         "0 (the whole picture) to 1 (the default)")
-    p.add_argument("--image-cfg-scale", type=float, metavar="S",
+    p.add_argument("--image-cfg-scale", type=_image_cfg_scale, metavar="S",
                    help="an edit (InstructPix2Pix) model's image guidance scale (A1111's Image CFG scale, diffusers' "
                         "image_guidance_scale): how closely it keeps to --init, 0 or more (default 1.5"
-                        + _if_from_png(from_png, ", or the --from-png picture's") + "; 1: no image guidance); "
+                        + _if_from_png(from_png, ", or the --from-png picture's") + "); none: no image guidance, "
+                        "the picture in both passes of CFG (A1111's unset field), which 1 draws too but records; "
                         "other models do not read it")
+
+
+def _image_cfg_scale(text: str) -> float | str:
+    """--image-cfg-scale: a number, or "none" (`NO_IMAGE_GUIDANCE`, any case), which `_options_from_args` makes the
+    request's None."""
+    from sdlab.pipeline.request import NO_IMAGE_GUIDANCE
+
+    if text.strip().lower() == NO_IMAGE_GUIDANCE:
+        return NO_IMAGE_GUIDANCE
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or none, got {text!r}") from None
 
 
 def _add_inpaint_flags(p: argparse.ArgumentParser) -> None:
@@ -590,6 +604,8 @@ def _options_from_args(args: argparse.Namespace, recorded: dict[str, Any] | None
     }
     _drop_second_prompts_of_another(options, given)
     options.update({k: v for k, v in given.items() if v is not None})
+    if isinstance(options.get("image_cfg_scale"), str):         # --image-cfg-scale none: no image guidance
+        options["image_cfg_scale"] = None
     if given["mask_blur"] is not None:               # --mask-blur blurs both ways: not a --from-png picture's y
         options.pop("mask_blur_y", None)
     if given["eta"] is not None:                     # --eta draws both passes (--hr-eta the second)

@@ -22,9 +22,7 @@ from dataclasses import dataclass, fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
-from sdlab.diffusion.discretization import (
-    A1111_IMG2IMG, DIFFUSERS_NAMES, UnknownDiscretizationError, schedule_overrides,
-)
+from sdlab.diffusion.discretization import DIFFUSERS_NAMES, UnknownDiscretizationError, schedule_overrides
 from sdlab.diffusion.samplers import (
     A1111_TIMESTEP_SAMPLERS, UnknownSamplerError, a1111_schedule, also_discards, comfyui_spelling, get_sampler,
 )
@@ -728,8 +726,8 @@ def from_parameters(p: dict[str, Any]) -> dict[str, Any]:
     fields.update(_etas(p, fields))
     if not drawn_by_sdlab(p):
         _as_a1111_ran(fields)
-    if fields.get("img2img_convention") in A1111_IMG2IMG and _img2img_picture(p):
-        fields.setdefault("image_cfg_scale", None)     # no label: an edit model drew without image guidance (A1111)
+    if _img2img_picture(p):     # no label: an edit model drew without image guidance (A1111's rule; sdlab writes
+        fields.setdefault("image_cfg_scale", None)  # the label wherever one drew with it, under any convention)
     for name in ("schedule", "hr_schedule", "hr_sampler"):
         if name in fields and fields[name] is None:         # "Automatic" in sdlab's files: the model's default
             del fields[name]

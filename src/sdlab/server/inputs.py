@@ -40,7 +40,8 @@ from sdlab.pipeline.plan import (
 )
 from sdlab.pipeline.prompt_schedule import composable_parts
 from sdlab.pipeline.request import (
-    SIZE_MULTIPLE, GenerationRequest, RequestError, check_batch_seeds, check_refiner_switch, requested_size, resolve,
+    NO_IMAGE_GUIDANCE, SIZE_MULTIPLE, GenerationRequest, RequestError, check_batch_seeds, check_refiner_switch,
+    requested_size, resolve,
 )
 from sdlab.pipeline.upscale import (
     LATENT_UPSCALE_MODES, PLAIN_UPSCALERS, UpscaleError, canonical_latent_name, missing_upscaler,
@@ -115,8 +116,11 @@ class JobSpec:
         return replace(request, prompt=self.prompt_to_record, hr_prompt=self.hr_prompt_to_record)
 
     def recorded(self, parameters: dict[str, Any]) -> dict[str, Any]:
-        """The request's `parameters` as the job's record keeps them: with styles, the prompts as sent and the
-        styles, which draw the job again (the drawn prompts are its pictures' parameters)."""
+        """The request's `parameters` as the job's record keeps them: an img2img's image scale None as the native
+        API's "none" (its null is 1.5); with styles, the prompts as sent and the styles, which draw the job again
+        (the drawn prompts are its pictures' parameters)."""
+        if self.request.init_image is not None and parameters.get("image_cfg_scale", 0.0) is None:
+            parameters = {**parameters, "image_cfg_scale": NO_IMAGE_GUIDANCE}
         if not self.styles:
             return parameters
         typed = {key: text for key, text in self.typed_prompts.items() if key in parameters}

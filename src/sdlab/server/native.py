@@ -35,7 +35,8 @@ from sdlab.models.freeu import FreeU
 from sdlab.pipeline.perturbed_attention import DEFAULT_LAYERS
 from sdlab.pipeline.png_info import foreign_metadata, parse_parameters, read_parameters
 from sdlab.pipeline.request import (
-    DEFAULT_IMAGE_CFG_SCALE, MAX_BATCH_COUNT, GenerationRequest, RequestError, check_sdxl_conditioning,
+    DEFAULT_IMAGE_CFG_SCALE, MAX_BATCH_COUNT, NO_IMAGE_GUIDANCE, GenerationRequest, RequestError,
+    check_sdxl_conditioning,
 )
 from sdlab.pipeline.styles import PROMPT_FIELDS, STYLES_ARRAY, infotext_styles, styled_options
 from sdlab.server import script_jobs
@@ -179,8 +180,9 @@ class JobIn(NullsAreDefaults):
     sgm_noise_multiplier: bool = False      # A1111's SGM noise multiplier: txt2img's start noise sqrt(1 + sigma^2)
     extra_noise: float = 0.0                # A1111's Extra noise: img2img's and the hires pass's start noise again
     inpainting_mask_weight: float = 1.0     # A1111's Conditional mask weight (9-channel inpainting models)
-    image_cfg_scale: float | None = None    # an edit (InstructPix2Pix) model's image guidance (A1111's Image CFG
-                                            # scale); None: 1.5 in img2img / inpaint (diffusers' and A1111's UI's)
+    image_cfg_scale: float | Literal["none"] | None = None  # an edit (InstructPix2Pix) model's image guidance
+                                            # (A1111's Image CFG scale); unset / null: 1.5 in img2img / inpaint
+                                            # (diffusers' and A1111's UI's); "none": none (`NO_IMAGE_GUIDANCE`)
     # the drawing conventions a job records, so that its record draws it again (a ComfyUI-spelt sampler's are
     # recorded under A1111's name: `GenerationRequest`'s module docstring)
     eta_noise_seed_delta: int | None = None  # A1111's ENSD: step noise from seed + this; unset: the request's
@@ -270,7 +272,11 @@ Pad conds v0, diffusers' perturbed-attention guidance (PAG)."""
 
 
 def _image_cfg_scale(body: JobIn) -> float | None:
-    """The job's image guidance scale: as sent, else 1.5 for a job with an init picture (an edit model reads it)."""
+    """The job's image guidance scale: as sent, "none" (`NO_IMAGE_GUIDANCE`) None, no image guidance (the picture in
+    both passes, which image scale 1 draws too; recorded without `Image CFG scale`), else 1.5 for a job with an init
+    picture (an edit model reads it): unset and null are that default, as every null of the native API."""
+    if body.image_cfg_scale == NO_IMAGE_GUIDANCE:
+        return None
     if body.image_cfg_scale is not None or body.mode == "txt2img":
         return body.image_cfg_scale
     return DEFAULT_IMAGE_CFG_SCALE

@@ -19,6 +19,7 @@ from sdlab.pipeline.image_prompt import (check_recorded_module, is_ip_adapter_un
                                         recorded_weight, recorded_window)
 from sdlab.pipeline.image_prompt import layer_settings, recorded_layer_scales
 from sdlab.pipeline.infotext import from_parameters, refiner_handoff
+from sdlab.pipeline.request import NO_IMAGE_GUIDANCE
 from sdlab.server.a1111_scripts import XYZ_ARG_NAMES
 from sdlab.server.registry import ModelRegistry
 
@@ -37,7 +38,7 @@ def picture_settings(p: dict[str, Any], models: ModelRegistry) -> dict[str, Any]
     raises ValueError."""
     settings = {"sampler": None, "schedule": None, **from_parameters(p)}
     if "image_cfg_scale" in settings and settings["image_cfg_scale"] is None:
-        settings["image_cfg_scale"] = 1.0   # drawn without image guidance: 1 draws the same (a job's null is 1.5)
+        settings["image_cfg_scale"] = NO_IMAGE_GUIDANCE    # drawn without image guidance (a job's null is 1.5)
     for name in ("schedule", "hr_schedule"):
         if name in settings:
             settings[name] = _LISTED_SCHEDULES.get(settings[name], settings[name])

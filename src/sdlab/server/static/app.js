@@ -692,6 +692,13 @@ function setSlider(id, value) {
   showSliderValue(id);
 }
 
+// The Image CFG Scale slider on at `scale` (null: as it is), or off with its None ticked (no image guidance)
+function setImageGuidance(on, scale = null) {
+  $("image_cfg_none").checked = !on;
+  $("image_cfg_scale").disabled = !on;
+  if (on) setSlider("image_cfg_scale", scale);
+}
+
 // ---------------------------------------------------------------- request
 
 // A number box's label and text; a box holding text that is not a number ("abc", "1e400") reads as "": say
@@ -885,7 +892,8 @@ function collectRequest() {
     if (!state.initImage) throw new ApiError(`${state.mode} needs an initial image: choose or drop one`);
     body.init_image = base64Of(state.initImage);
     body.strength = Number($("strength").value);
-    body.image_cfg_scale = Number($("image_cfg_scale").value);   // read by edit (InstructPix2Pix) models alone
+    body.image_cfg_scale = $("image_cfg_none").checked ? "none"  // no image guidance; read by edit models alone
+      : Number($("image_cfg_scale").value);
     body.resize_mode = $("resize_mode").value;
   }
   if (state.mode === "inpaint") {
@@ -971,7 +979,8 @@ function fillForm(settings) {
   const rng = settings.rng ?? "CPU";                       // a record without it: sdlab's default drew it
   if (!selectMatching($("rng"), rng)) unknown.push(`RNG "${rng}"`);
   setSlider("strength", settings.strength);
-  setSlider("image_cfg_scale", settings.image_cfg_scale);  // an edit model's; without one the slider stays (A1111)
+  if (settings.image_cfg_scale === "none") setImageGuidance(false);   // an edit model's: drawn without image guidance
+  else if (settings.image_cfg_scale != null) setImageGuidance(true, settings.image_cfg_scale);   // else it stays (A1111)
   fillImageOptions(settings, unknown);
   fillVariation(settings);
   fillFreeU(settings, unknown);
@@ -1515,6 +1524,7 @@ function setup() {
   for (const id of ["strength", "image_cfg_scale", "subseed_strength", "hr_denoise"]) {
     $(id).addEventListener("input", () => showSliderValue(id));
   }
+  $("image_cfg_none").addEventListener("change", () => setImageGuidance(!$("image_cfg_none").checked));
   for (const id of Object.keys(TOGGLES)) $(id).addEventListener("change", () => setToggle(id, $(id).checked));
   for (const id of new Set(Object.values(KEPT).flatMap((k) => k.with))) $(id).addEventListener("change", () => dropKept(id));
   $("subseed-random").addEventListener("click", () => { $("subseed").value = -1; });
