@@ -81,7 +81,6 @@ MAX_SCHEDULE = 10_000                       # img2img "comfyui" stretches the sc
 MAX_CFG = 100.0                             # |CFG|; useful values are 1..30
 DEFAULT_IMAGE_CFG_SCALE = 1.5               # an edit model's image guidance: diffusers' default, A1111's slider's
 NO_IMAGE_GUIDANCE = "none"                  # how the CLI and the native API say image_cfg_scale None (A1111's unset)
-NO_IMAGE_GUIDANCE = "none"                  # how the CLI and the native API say image_cfg_scale None (A1111's unset)
 MAX_ETA = 10.0                              # eta and s_noise; useful values are 0..1
 MAX_CHURN = 1000.0                          # s_churn: A1111's slider ends at 100
 MAX_MASK_BLUR = 256.0                       # pixels (A1111's slider stops at 64)
