@@ -12,8 +12,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from bundle_fixtures import as_released, init_picture, tiny_bundle, write_diffusers_folder, write_original
+from bundle_fixtures import (
+    as_released, init_picture, lower_right_mask, tiny_bundle, write_diffusers_folder, write_original,
+)
 from cli_helpers import pixels, run
+from controlnet_fixtures import diffusers_controlnet, write_layout
 from DeepCache import DeepCacheSDHelper
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from picture_parity import CFG, MAX_PIXEL_DIFF, PROMPT, SEED, SIZE, max_pixel_diff, uint8_pictures
@@ -22,7 +25,8 @@ import sdlab
 from sdlab.api import DeepCache
 from sdlab.models.deep_cache import DeepCacheRun, DeepFeature
 from sdlab.models.unet import UNet
-from sdlab.pipeline.generate import sample_latents
+from sdlab.pipeline.control import ControlInput
+from sdlab.pipeline.generate import generate, sample_latents
 from sdlab.pipeline.infotext import DEEP_CACHE_LABELS, from_parameters, to_parameters
 from sdlab.pipeline.plan import make_plan
 from sdlab.pipeline.png_info import format_parameters, parse_parameters, read_parameters
@@ -297,3 +301,24 @@ def test_a_grids_cells_draw_deep_cache_as_txt2img(tmp_path, capsys):
     for path in sorted(cells.glob("*.png")):
         assert parse_parameters(read_parameters(path))["DeepCache interval"] == "2"
     assert len(list(cells.glob("*.png"))) == 2
+
+
+@pytest.mark.parametrize("mode", ["controlnet", "inpaint"])
+def test_a_controlnet_or_inpainting_run_reads_the_cache_and_interval_1_changes_nothing(mode, tmp_path, calls):
+    """With a ControlNet (its residuals through `ControlledUNet`) and in inpainting the cached steps run shallow, and
+    interval 1 draws the plain picture to the bit."""
+    bundle = tiny_bundle("sd1", seed=3)
+    changes = {
+        "controlnet": lambda: dict(controls=(ControlInput(write_layout(
+            diffusers_controlnet(bundle.unet_config, seed=3, hint_widths=(16, 32), std=0.05), "original", tmp_path),
+            init_picture(SIZE), 0.8),)),
+        "inpaint": lambda: dict(init_image=init_picture(SIZE), mask_image=lower_right_mask(SIZE), strength=0.9),
+    }[mode]()
+    request = GenerationRequest(prompt="a red apple", negative_prompt="blurry", steps=4, cfg_scale=5.0, seed=7,
+                                width=SIZE, height=SIZE, sampler="Euler", **changes)
+    plain = np.asarray(generate(bundle, make_plan(bundle, request)).images[0])
+    calls.clear()
+    cached = np.asarray(generate(bundle, make_plan(bundle, replace(request, deep_cache=DeepCache(2)))).images[0])
+    assert "s" in calls and np.abs(cached.astype(int) - plain).max() > 0
+    same = generate(bundle, make_plan(bundle, replace(request, deep_cache=DeepCache(1)))).images[0]
+    assert np.array_equal(np.asarray(same), plain)

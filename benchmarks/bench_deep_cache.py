@@ -1,0 +1,160 @@
+"""DeepCache (`sdlab.models.deep_cache`): what a shallow U-Net call costs against a whole one on an SD 1.5-size U-Net,
+what that makes of a run of steps, and what the cache does to a drawn picture's time and pixels.
+
+    python benchmarks/bench_deep_cache.py                       # 512 px bf16 U-Net calls; the shipped model's pictures
+    python benchmarks/bench_deep_cache.py --dtype fp32 --size 256 --branches 0 3 --runs 5
+    python benchmarks/bench_deep_cache.py --no-calls --intervals 2 3 5 --rounds 5 --picture-steps 20
+
+U-Net calls: batch 2 (one latent twice, as guidance passes it; two 77 x 768 contexts), random weights (PyTorch's
+initialisation, seed 0), inside one `reusing_generation_work()` scope as a generation's steps run. A whole call keeps
+its features (`DeepFeature`), then each branch's shallow call runs on them; the whole call and the shallow ones
+alternate (the order flips every run) so that load from other processes hits them alike; median of `--runs` after one
+warm-up, wall and process CPU time. A run of S steps at interval N makes ceil(S / N) whole calls and the rest shallow,
+so its U-Net time against plain is (W + (S - W) * shallow / whole) / S with W = ceil(S / N): the "run speed-up" column.
+
+Pictures (`--no-picture` skips them): the shipped model (sdlab-tiny) draws one prompt at `--picture-size` with each
+interval (branch `--picture-branch`) and without DeepCache, same seed: one warm-up drawing, then `--rounds` rounds with
+the settings alternating (the order flips every round), the median wall and process CPU time (all threads; it moves
+less than wall time when other processes share the cores), and the largest and mean per-pixel difference of the uint8
+picture against the plain one. Numbers on a shared machine are noisy: the load average is printed; repeat before
+trusting a few per cent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from sdlab.models.deep_cache import DeepCache, DeepFeature
+from sdlab.models.generation_memo import reusing_generation_work
+from sdlab.models.unet import UNet, UNetConfig
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PROMPT = "a red fox in a snowy forest"
+
+
+def call_times(dtype: torch.dtype, size: int, branches: list[int],
+               runs: int) -> dict[int | None, tuple[float, float, torch.Tensor]]:
+    """None (the whole call) or a branch -> (median wall seconds, median CPU seconds, its output in fp32)."""
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig()).to(dtype).eval()
+    cfg = unet.cfg
+    side = size // 8
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 4, side, side, generator=gen).expand(2, -1, -1, -1).contiguous()
+    t = torch.tensor([500.0, 500.0])
+    context = torch.randn(2, 77, 768, generator=gen)
+    blocks = {branch: DeepCache(2, branch).skip_block(cfg.num_res_blocks, len(cfg.channel_mult)) for branch in branches}
+    kinds: list[int | None] = [None, *branches]
+    walls: dict[int | None, list[float]] = {kind: [] for kind in kinds}
+    cpus: dict[int | None, list[float]] = {kind: [] for kind in kinds}
+    outputs: dict[int | None, torch.Tensor] = {}
+    with torch.inference_mode(), reusing_generation_work():
+        kept = {}
+        for branch, block in blocks.items():            # the features each branch reuses, from one whole call
+            slot = DeepFeature(block)
+            unet(x, t, context, deep_cache=slot)
+            kept[branch] = slot.feature
+        for run in range(runs + 1):
+            for kind in (kinds if run % 2 == 0 else kinds[::-1]):
+                slot = None if kind is None else DeepFeature(blocks[kind], kept[kind])
+                start, cpu_start = time.perf_counter(), time.process_time()
+                out = unet(x, t, context, deep_cache=slot)
+                elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+                if run:                                   # run 0 warms up
+                    walls[kind].append(elapsed)
+                    cpus[kind].append(cpu)
+                outputs[kind] = out.float()
+    return {kind: (statistics.median(walls[kind]), statistics.median(cpus[kind]), outputs[kind]) for kind in kinds}
+
+
+def run_speed_up(steps: int, interval: int, shallow_over_whole: float) -> float:
+    """A run of `steps` steps at `interval`: plain U-Net time over DeepCache's (whole calls ceil(steps / interval))."""
+    whole = math.ceil(steps / interval)
+    return steps / (whole + (steps - whole) * shallow_over_whole)
+
+
+def pictures(size: int, intervals: list[int], branch: int, steps: int | None,
+             rounds: int) -> dict[int, tuple[float, float, float, float]]:
+    """interval (1: off) -> (largest, mean per-pixel difference to off out of 255, median wall s, median CPU s)."""
+    import sdlab
+
+    pipe = sdlab.load(dtype="fp32")
+    options = {"seed": 7, "width": size, "height": size, **({"steps": steps} if steps else {})}
+
+    def draw(interval: int) -> np.ndarray:
+        setting = None if interval == 1 else DeepCache(interval, branch)
+        return np.asarray(pipe.txt2img(PROMPT, deep_cache=setting, **options).images[0]).astype(np.int16)
+
+    settings = [1, *intervals]
+    draw(settings[-1])                                       # warm-up: kernels, caches, the text encoder's memo
+    drawn: dict[int, np.ndarray] = {}
+    walls: dict[int, list[float]] = {s: [] for s in settings}
+    cpus: dict[int, list[float]] = {s: [] for s in settings}
+    for round_ in range(rounds):
+        for interval in (settings if round_ % 2 == 0 else settings[::-1]):
+            start, cpu_start = time.perf_counter(), time.process_time()
+            drawn[interval] = draw(interval)
+            walls[interval].append(time.perf_counter() - start)
+            cpus[interval].append(time.process_time() - cpu_start)
+    return {s: (float(np.abs(drawn[s] - drawn[1]).max()), float(np.abs(drawn[s] - drawn[1]).mean()),
+                statistics.median(walls[s]), statistics.median(cpus[s])) for s in settings}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=512, help="the U-Net calls' picture side (latent: size / 8)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--branches", type=int, nargs="+", default=[0, 3], help="shallow branches timed")
+    parser.add_argument("--intervals", type=int, nargs="+", default=[2, 3, 5])
+    parser.add_argument("--run-steps", type=int, default=20, help="the run the call times are turned into")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's)")
+    parser.add_argument("--no-calls", action="store_true", help="skip the SD1.5-size U-Net calls")
+    parser.add_argument("--no-picture", action="store_true", help="skip the shipped model's pictures")
+    parser.add_argument("--picture-size", type=int, default=None, help="the pictures' side (default: the model's)")
+    parser.add_argument("--picture-steps", type=int, default=None, help="the pictures' steps (default: the model's)")
+    parser.add_argument("--picture-branch", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=3, help="timed pictures a setting (median), after a warm-up")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    if not args.no_calls:
+        print(f"SD1.5 U-Net, {args.size} px ({args.size // 8}^2 latent), {args.dtype}, guided call (batch 2), "
+              f"{torch.get_num_threads()} threads, median of {args.runs}")
+        results = call_times(DTYPES[args.dtype], args.size, args.branches, args.runs)
+        whole_time, whole_cpu, whole = results[None]
+        print(f"{'call':>10} {'wall ms':>9} {'cpu ms':>9} {'of whole':>9}  "
+              + " ".join(f"{f'run x (N={n})':>12}" for n in args.intervals))
+        print(f"{'whole':>10} {whole_time * 1e3:9.0f} {whole_cpu * 1e3:9.0f} {1.0:9.3f}")
+        for branch in args.branches:
+            seconds, cpu, out = results[branch]
+            share = seconds / whole_time
+            ups = " ".join(f"{run_speed_up(args.run_steps, n, share):11.2f}x" for n in args.intervals)
+            same = (out - whole).abs().max().item()
+            print(f"{f'branch {branch}':>10} {seconds * 1e3:9.0f} {cpu * 1e3:9.0f} {share:9.3f}  {ups}"
+                  f"   (on its own features: max |diff| {same:.2g})")
+        print(f"run x: a {args.run_steps}-step run's U-Net time, plain over DeepCache, from these call times")
+    if not args.no_picture:
+        size = f"{args.picture_size} px" if args.picture_size else "its native size"
+        steps = f"{args.picture_steps} steps" if args.picture_steps else "its default steps"
+        print(f"\nshipped model (sdlab-tiny, fp32), {size}, {steps} and sampler, seed 7, branch {args.picture_branch}, "
+              f"{torch.get_num_threads()} threads, one warm-up drawing, median of {args.rounds} interleaved rounds:")
+        print(f"{'interval':>8} {'max px diff':>11} {'mean px diff':>12} {'wall s':>7} {'cpu s':>7} {'speed-up':>9}")
+        drawn = pictures(args.picture_size, args.intervals, args.picture_branch, args.picture_steps, args.rounds)
+        base_wall = drawn[1][2]
+        for interval, (largest, mean, wall, cpu) in drawn.items():
+            name = "off" if interval == 1 else str(interval)
+            print(f"{name:>8} {largest:11.0f} {mean:12.2f} {wall:7.2f} {cpu:7.2f} {base_wall / wall:8.2f}x")
+    print(f"load average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()
