@@ -3,7 +3,8 @@
 //             GET /controlnet/module_list (the preprocessors and each one's threshold sliders)
 //   preview:  POST /controlnet/detect (a unit's picture through its preprocessor)
 //   a job:    the native API's `controls: [{model, image, strength, start, end, module, control_mode, resize_mode,
-//             threshold_a, threshold_b, processor_res, pixel_perfect}]` and `ip_adapters: [{model, image, scale}]`
+//             threshold_a, threshold_b, processor_res, pixel_perfect}]` and `ip_adapters: [{model, image, scale,
+//             start, end, layer_scales}]`
 "use strict";
 
 const CONTROL_UNIT_COUNT = 3;      // the extension's default unit count (GET /controlnet/settings)
@@ -260,8 +261,10 @@ function controlRequest() {
   if ($("ipa_enabled").checked) {
     if (!$("ipa_model").value) throw new ApiError("IP-Adapter needs a model: choose one or untick it");
     const { picture } = pictureOf(controlState.ipPicture, "IP-Adapter");
+    const start = controlNumber("ipa_start", "IP-Adapter"), end = controlNumber("ipa_end", "IP-Adapter");
     body.ip_adapters = [{ model: $("ipa_model").value, image: base64Of(picture),
       scale: controlNumber("ipa_scale", "IP-Adapter"),
+      ...(start ? { start } : {}), ...(end !== undefined && end !== 1 ? { end } : {}),    // every step: left out
       ...($("ipa_layers").value ? { layer_scales: $("ipa_layers").value } : {}) }];
   }
   return body;
@@ -325,6 +328,8 @@ function fillControls(settings, unknown) {
   $("ipa-options").hidden = !found;
   if (!prompts.length) return;
   $("ipa_scale").value = prompts[0].scale ?? 1;
+  $("ipa_start").value = prompts[0].start ?? 0;                      // a job or a picture of every step: none
+  $("ipa_end").value = prompts[0].end ?? 1;
   setIpLayers(prompts[0].layer_scales);
   if (prompts.length > 1) unknown.push(`${prompts.length - 1} IP-Adapters past the first`);
 }
