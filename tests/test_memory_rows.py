@@ -9,6 +9,8 @@ prompt's pass alone (1); FreeU adds no pass.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from bundle_fixtures import init_picture, tiny_bundle
 
@@ -78,3 +80,37 @@ def test_the_estimate_grows_with_the_rows(bundles):
                                                                  image_cfg_scale=scale)))
         for scale in (1.0, 1.5))
     assert edit_image == edit_plain * 3 // 2
+
+
+def test_the_estimate_adds_the_ip_adapters_and_encoder_it_loads(bundles, tmp_path):
+    """An IP-Adapter request's estimate is the plain request's plus its adapter's and image encoder's tensors in
+    the model's dtype (fp32 here, 4 bytes; the .bin pickle's nested parts too) while they are not loaded; once a
+    drawing has kept them, plus nothing."""
+    from ip_adapter_fixtures import SAMPLE_PICTURE, ip_adapter_state, write_image_encoder, write_ip_adapter
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from sdlab.models.ip_adapter import cross_attentions
+    from sdlab.pipeline.image_prompt import IPAdapterInput, forget_image_prompt_models
+
+    sd1 = bundles["sd1"]
+    encoder = write_image_encoder(tmp_path / "image_encoder", projection=32)
+    widths = [attn.to_q.weight.shape[0] for attn in cross_attentions(sd1.unet)]
+    state = ip_adapter_state(widths, sd1.unet_config.context_dim, 32)
+    adapter_numel = sum(t.numel() for part in state.values() for t in part.values())
+    encoder_numel = sum(t.numel() for t in load_file(str(tmp_path / "image_encoder" / "model.safetensors")).values())
+    assert encoder_numel == sum(p.numel() for p in encoder.parameters())
+    picture = Image.open(SAMPLE_PICTURE).convert("RGB")
+    plain = GenerationRequest("a red cube", steps=STEPS, seed=7, width=SIZE, height=SIZE, batch_size=BATCH,
+                              sampler="Euler", cfg_scale=7.0)
+    before = estimate_bytes(sd1, resolve_for(sd1, plain))
+    forget_image_prompt_models()
+    try:
+        for suffix in (".safetensors", ".bin"):
+            path = write_ip_adapter(tmp_path / f"ip-adapter_tiny{suffix}", state)
+            request = replace(plain, ip_adapters=(IPAdapterInput(path, picture, 0.5),))
+            assert estimate_bytes(sd1, resolve_for(sd1, request)) - before == 4 * (adapter_numel + encoder_numel)
+        generate(sd1, request)                                                 # the .bin adapter and encoder kept
+        assert estimate_bytes(sd1, resolve_for(sd1, request)) == before
+    finally:
+        forget_image_prompt_models()

@@ -292,6 +292,47 @@ def forget_image_prompt_models() -> None:
         _TOKENS.clear()
 
 
+def weights_to_load(bundle: ModelBundle, prompts: Sequence[IPAdapterInput], convention: str = "diffusers") -> int:
+    """The bytes that loading the adapters and image encoders of `prompts` (as `_loaded` loads them, in the U-Net's
+    dtype) adds to what is held now: each file's tensors counted from its names and shapes (no weight read), none
+    for one given loaded or kept, a file two prompts share once, less the kept ones of a kind that loading lets go
+    (`_kept`: at most `KEPT[kind]` held). Each prompt is checked first (`check_ip_adapter` under the request's
+    control `convention`). What `memory.estimate_bytes` counts for the image prompts."""
+    from sdlab.checkpoints.diffusers_folder import weights_file
+    from sdlab.checkpoints.io import read_checkpoint
+
+    param = next(bundle.unet.parameters())
+    wanted: dict[tuple, Path] = {}
+    for index, prompt in enumerate(prompts):
+        check_ip_adapter(prompt, index, convention)
+        if isinstance(prompt.model, LoadedIPAdapter):
+            face_id = prompt.model.config.face_id
+        else:
+            face_id = _check_adapter_file(Path(prompt.model), f"IP-Adapter {index}").face_id
+            wanted.setdefault(("adapter", _file_version(prompt.model), param.dtype, str(param.device)),
+                              Path(prompt.model))
+        encoder = prompt.image_encoder
+        if not face_id and not isinstance(encoder, LoadedImageEncoder):
+            path = Path(image_encoder_of(prompt.model_path) if encoder is None else encoder)
+            wanted.setdefault(("encoder", _file_version(path), param.dtype, str(param.device)), path)
+    with _LOCK:
+        held = [(key, sum(p.numel() * p.element_size() for p in loaded.model.parameters()))
+                for key, loaded in _LOADED.items()]                            # (key, bytes), oldest first
+    added = 0
+    for key, path in wanted.items():
+        if any(k == key for k, _ in held):
+            continue
+        tensors = read_checkpoint(weights_file(path) if path.is_dir() else path, nested=True, shapes_only=True)[0]
+        size = sum(t.numel() for t in tensors.values()) * param.element_size()
+        same = [entry for entry in held if entry[0][0] == key[0]]
+        for entry in same[:max(len(same) - KEPT[key[0]] + 1, 0)]:         # let go before the new one loads
+            added -= entry[1]
+            held.remove(entry)
+        added += size
+        held.append((key, size))
+    return max(added, 0)
+
+
 def _loaded(prompt: IPAdapterInput, bundle: ModelBundle) -> tuple[LoadedIPAdapter, LoadedImageEncoder | None]:
     """The adapter and its image encoder (None for a FaceID adapter), loaded or kept, checked to fit the model."""
     param = next(bundle.unet.parameters())

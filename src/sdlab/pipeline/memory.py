@@ -14,6 +14,9 @@ The estimate counts what dominates a run, in the bundle's dtype (``e`` bytes per
   at full resolution, where ``c`` is the VAE's top-level width, or that for one tile when the picture is
   tiled, plus the float32 output and its blend weights.
 - the pictures: the decoded batch and its conversions to 8-bit (``PICTURE_BYTES_PER_PIXEL`` per pixel).
+- IP-Adapters: the adapters and CLIP image encoders the request loads (`image_prompt.weights_to_load`: their
+  tensors in the U-Net's dtype, none for those kept from an earlier request), held from before sampling to its end,
+  on top of the largest phase. Encoding a picture is one 224 px pass of the encoder, far below the U-Net's.
 
 The constants were measured (peak resident memory on CPU, fp32) on sdlab-tiny and reduced-width SD1 / SDXL
 models at 256 to 1024 px and rounded down, so the estimate errs low: only requests that clearly cannot fit
@@ -30,6 +33,7 @@ import torch
 from sdlab.diffusion.guidance import edit_guidance
 from sdlab.diffusion.samplers import get_sampler
 from sdlab.families.loaded import ModelBundle
+from sdlab.pipeline.image_prompt import weights_to_load
 from sdlab.pipeline.request import GenerationRequest, RequestError
 from sdlab.pipeline.tiling import should_tile
 
@@ -52,7 +56,8 @@ def unet_rows(bundle: ModelBundle, req: GenerationRequest) -> int:
       the image formula 3 rows (prompt + picture, negative + picture, negative + zero picture) at any CFG, plain
       CFG with the picture in both passes 2 (1 where CFG runs no negative), the conditional pass alone 1.
 
-    FreeU scales features inside the U-Net's pass and an IP-Adapter adds tokens to its cross-attention: no row."""
+    FreeU scales features inside the U-Net's pass and an IP-Adapter adds tokens to its cross-attention: no row (its
+    adapter and image encoder are counted apart, `estimate_bytes`)."""
     sampler = get_sampler(req.sampler)
     guided = 2 if bundle.runs_uncond(req.cfg_scale, sampler.cfg_pp) else 1
     if bundle.family.is_edit:
@@ -79,7 +84,8 @@ def estimate_bytes(bundle: ModelBundle, req: GenerationRequest) -> int:
     if tiled:
         vae_bytes += 4 * height * width * 4                                    # float32 output + weighted tile
     pictures = PICTURE_BYTES_PER_PIXEL * batch * height * width
-    return max(unet_bytes, vae_bytes + pictures)
+    image_prompts = weights_to_load(bundle, req.ip_adapters, req.control_convention) if req.ip_adapters else 0
+    return max(unet_bytes, vae_bytes + pictures) + image_prompts
 
 
 def available_bytes(device: torch.device) -> int | None:
