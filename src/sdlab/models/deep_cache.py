@@ -15,7 +15,9 @@ b % 3 (counting the level's decoder ResBlocks from its last one) of diffusers' u
 len(output_blocks) - 1 - K, the one whose skip is input block K's output. SD 1.x / 2.x / SDXL have R = 2, so a
 level is exactly three branches (12 for SD 1.x / 2.x, 9 for SDXL); branch 0, the cheapest, runs conv_in, the
 last output block and the output convolution. DeepCache's "uniform" rule makes every `interval`-th step a full
-step, counting from the pass's first (step i with i % interval == 0).
+step, counting from the pass's first (step i with i % interval == 0). Its non-uniform rule is not offered: it lives
+in DeepCache's experiment pipeline only (`sample_from_quad_center(steps, n, center, pow)`, whose center and power
+have no defaults there), and `DeepCacheSDHelper` 0.1.1 with `skip_mode` other than "uniform" never runs a full step.
 
 What a "step" is (sdlab's choices where DeepCache, written for one model call per step, says nothing):
 - a sampler step: every model call of a full step runs whole (Heun's, DPM2's two), and the j-th call of a cached
