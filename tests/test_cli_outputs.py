@@ -291,10 +291,10 @@ def test_hostile_images_are_one_error_line(models, tmp_path, capsys):
         (["txt2img", "--from-png", str(redos)], "limit"),
     ]
     for args, message in cases:
-        start = time.perf_counter()
+        start = time.process_time()                   # CPU time: a bound on the work, not on the machine's load
         code, _, err = run([*args, "--model", str(models["a"]), "--out", str(tmp_path / "out"), "--no-progress"], capsys)
         assert code == 2 and err.count("sdlab: error:") == 1 and message in err and "Traceback" not in err, (args, err)
-        assert time.perf_counter() - start < 10
+        assert time.process_time() - start < 10
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
 
 

@@ -83,10 +83,10 @@ BAD_CONFIGS = {
 def test_bad_sdlab_config_is_one_clear_error_before_building(saved, tmp_path, case):
     edit, pattern = BAD_CONFIGS[case]
     path = _with_config(saved, tmp_path, edit)
-    start = time.perf_counter()
+    start = time.process_time()                       # CPU time: a bound on the work, not on the machine's load
     with pytest.raises(CheckpointError, match=pattern) as err:
         plan_checkpoint(path)
-    assert time.perf_counter() - start < 5
+    assert time.process_time() - start < 5
     assert str(err.value).startswith(str(path)) and "metadata sdlab.config" in str(err.value)
     assert "\n" not in str(err.value)
 

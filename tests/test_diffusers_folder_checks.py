@@ -73,10 +73,10 @@ BAD_FIELDS = [
 @pytest.mark.parametrize(("file", "changes", "pattern"), BAD_FIELDS, ids=[f"{f}:{next(iter(c))}" for f, c, _ in BAD_FIELDS])
 def test_malformed_config_is_one_error_naming_file_and_field(folder, file, changes, pattern):
     path = _edit(folder, file, **changes)
-    start = time.perf_counter()
+    start = time.process_time()                       # CPU time: a bound on the work, not on the machine's load
     with pytest.raises(CheckpointError, match=pattern) as err:
         plan_checkpoint(folder)
-    assert time.perf_counter() - start < 5
+    assert time.process_time() - start < 5
     assert str(folder) in str(err.value) and file in str(err.value) and "\n" not in str(err.value)
 
 
@@ -144,10 +144,10 @@ def test_config_linked_to_dev_zero_is_refused(folder):
     config = folder / "unet" / "config.json"
     config.unlink()
     config.symlink_to("/dev/zero")
-    start = time.perf_counter()
+    start = time.process_time()                       # CPU time: reading /dev/zero would spend it
     with pytest.raises(CheckpointError, match=r"unet/config.json: not a regular file"):
         plan_checkpoint(folder)
-    assert time.perf_counter() - start < 5
+    assert time.process_time() - start < 5
 
 
 def test_model_index_fifo_does_not_block(folder):

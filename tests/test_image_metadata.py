@@ -77,9 +77,9 @@ def _png_header_only(path: Path, width: int, height: int) -> Path:
     '\\"' * 100_000,
 ])
 def test_parse_is_linear_on_hostile_text(tail):
-    start = time.perf_counter()
+    start = time.process_time()                       # CPU time: a bound on the work, not on the machine's load
     parse_parameters("p\n" + tail)
-    assert time.perf_counter() - start < 2.0          # A1111's pattern: > 60 s for the first case
+    assert time.process_time() - start < 2.0          # A1111's pattern: > 60 s for the first case
 
 
 def test_pair_scanner_finds_what_a1111s_pattern_finds():
@@ -93,9 +93,9 @@ def test_pair_scanner_finds_what_a1111s_pattern_finds():
 def test_redos_file_is_read_quickly_and_oversize_text_is_refused(tmp_path):
     bomb = _png_with_text(tmp_path / "redos.png", "parameters", "p\nA: " + "a" * 60_000, compressed=True)
     assert bomb.stat().st_size < 1_000
-    start = time.perf_counter()
+    start = time.process_time()
     assert parse_parameters(read_parameters(bomb))["Prompt"].startswith("p\nA: aaa")
-    assert time.perf_counter() - start < 2.0
+    assert time.process_time() - start < 2.0
 
     big = _png_with_text(tmp_path / "big.png", "parameters", "p\nA: " + "a" * 200_000, compressed=True)
     with pytest.raises(ParametersError, match=f"limit is {MAX_PARAMETERS_CHARS}"):

@@ -52,10 +52,10 @@ def test_philox_state_rewinds():
 def test_philox_sdxl_latent_speed():
     """An SDXL latent (4 x 128 x 128) draws in well under a second (measured: ~10 ms on one core)."""
     generator = PhiloxGenerator(1)
-    start = time.perf_counter()
+    start = time.process_time()                       # CPU time: a bound on the work, not on the machine's load
     for _ in range(4):
         generator.randn((4, 128, 128))
-    assert (time.perf_counter() - start) / 4 < 0.5
+    assert (time.process_time() - start) / 4 < 0.5
 
 
 
