@@ -85,6 +85,7 @@ class IPAdapterInput:
     start: float = 0.0
     end: float = 1.0
     module: str | None = None
+    unit: int | None = None         # an A1111 unit's place among its request's enabled units (None: after them)
 
     @property
     def windowed(self) -> bool:
@@ -503,9 +504,9 @@ def infotext_lines(prompts: Sequence[IPAdapterInput], first_unit: int = 0) -> di
     model); per-layer scales add "Layers: style" or their compact text ("Layers: down.block_2=0/1 up.block_0=0/1/0"),
     a step window other than every step `Guidance Start` / `Guidance End`. An A1111 unit's (`module` set) is the
     line the ControlNet extension writes for it (`serialize_unit`), "ControlNet N": "Module: ip-adapter_clip_sd15,
-    Model: NAME [hash], Weight: 0.7, Guidance Start: 0, Guidance End: 1", numbered on from `first_unit` (after
-    the request's ControlNet units); the unit's resize mode, processor resolution and control mode, which do not
-    act on an IP-Adapter, are left out. The picture itself is not recorded: a redraw is given it again
+    Model: NAME [hash], Weight: 0.7, Guidance Start: 0, Guidance End: 1", numbered by its `unit` place, else on
+    from `first_unit` (after the request's ControlNet units); the unit's resize mode, processor resolution and
+    control mode, which do not act on an IP-Adapter, are left out. The picture itself is not recorded: a redraw is given it again
     (`--ip-adapter-image`)."""
     lines, own, unit = {}, 0, first_unit
     for prompt in prompts:
@@ -516,9 +517,9 @@ def infotext_lines(prompts: Sequence[IPAdapterInput], first_unit: int = 0) -> di
             model = Path(path).stem
         window = f", Guidance Start: {_number(float(prompt.start))}, Guidance End: {_number(float(prompt.end))}"
         if prompt.module is not None:
-            lines[f"ControlNet {unit}"] = (f"Module: {prompt.module}, Model: {model}, "
-                                           f"Weight: {_number(float(prompt.scale))}{window}")
-            unit += 1
+            number, unit = (unit, unit + 1) if prompt.unit is None else (prompt.unit, unit)
+            lines[f"ControlNet {number}"] = (f"Module: {prompt.module}, Model: {model}, "
+                                             f"Weight: {_number(float(prompt.scale))}{window}")
             continue
         label, own = f"IP-Adapter {own}", own + 1
         lines[label] = f"Model: {model}, Weight: {_number(float(prompt.scale))}"

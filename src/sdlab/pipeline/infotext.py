@@ -13,6 +13,7 @@ it is encoded, as A1111 does.
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 import math
 import os
@@ -294,9 +295,10 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         "Downcast alphas_cumprod": True if req.downcast_alphas_cumprod else None,   # apply_alpha_schedule_override
         "Noise Schedule": _ZERO_SNR if req.zero_terminal_snr else None,
         **sdxl_parameters(req),
-        **infotext_lines(req.controls, req.control_convention),
+        **_unit_lines(req),
         "Control steps": req.control_convention if req.controls or _windowed_prompts(req) else None,
-        **image_prompt_lines(req.ip_adapters, first_unit=len(req.controls)),
+        **{label: line for label, line in image_prompt_lines(req.ip_adapters).items()
+           if not label.startswith("ControlNet ")},                        # sdlab's own `IP-Adapter N` lines
         "Refiner": None if refiner is None else refiner_label(refiner.name, refiner.hash),
         "Refiner switch at": None if refiner is None else refiner.switch_at,
         "Refiner steps": None if refiner is None else refiner.convention,
@@ -356,6 +358,18 @@ def guidance_parameters(req: GenerationRequest) -> dict[str, Any]:
             "Skip Early CFG": req.skip_early_cond or None,
             "Pad conds": True if req.pad_cond_uncond and not req.pad_cond_uncond_v0 else None,
             "Pad conds v0": True if req.pad_cond_uncond_v0 else None}
+
+
+def _unit_lines(req: GenerationRequest) -> dict[str, str]:
+    """The `ControlNet N` lines of the request's ControlNets and of its A1111 IP-Adapter units, numbered as the
+    ControlNet extension numbers its enabled units (`Infotext.write_infotext`): an IP-Adapter unit at its place
+    (`IPAdapterInput.unit`), the ControlNets in order in the places left."""
+    units = {label: line for label, line in image_prompt_lines(req.ip_adapters, first_unit=len(req.controls)).items()
+             if label.startswith("ControlNet ")}
+    number = lambda label: int(label.removeprefix("ControlNet "))            # noqa: E731
+    free = (n for n in itertools.count() if f"ControlNet {n}" not in units)
+    controls = {f"ControlNet {next(free)}": line for line in infotext_lines(req.controls, req.control_convention).values()}
+    return dict(sorted({**controls, **units}.items(), key=lambda item: number(item[0])))
 
 
 def _windowed_prompts(req: GenerationRequest) -> bool:

@@ -204,7 +204,7 @@ def a1111_ip_adapter(unit: dict[str, Any], index: int, folder: ModelFolder, limi
     path = model_path(unit["model"], what, folder)
     try:
         prompt = IPAdapterInput(path, image, unit.get("weight", 1.0), start=unit.get("guidance_start", 0.0),
-                                end=unit.get("guidance_end", unit.get("guidance", 1.0)), module=module)
+                                end=unit.get("guidance_end", unit.get("guidance", 1.0)), module=module, unit=index)
         prompt = dataclasses.replace(prompt, image_encoder=unit_image_encoder(module, path))
         return check_ip_adapter(prompt, index, "a1111")
     except RequestError as err:
