@@ -152,6 +152,14 @@ def test_units_mixed_with_a_controlnet_and_a_disabled_one_equal_the_native_job(s
     assert np.array_equal(native, _pixels(drawn.json()["images"][0]))
     alone = _txt2img(setup, control)
     assert np.abs(_pixels(alone.json()["images"][0]) - _pixels(drawn.json()["images"][0])).max() > 0
+    # the image prompt first: its line is ControlNet 0, as the extension numbers its enabled units; the same picture
+    first = _txt2img(setup, ip, off, control)
+    text = json.loads(first.json()["info"])["infotexts"][0]
+    assert 'ControlNet 0: "Module: ip-adapter-auto, Model: ip-adapter_tiny [' in text
+    assert 'ControlNet 1: "Module: none, Model: tiny_canny [' in text
+    assert np.array_equal(_pixels(first.json()["images"][0]), _pixels(drawn.json()["images"][0]))
+    assert np.array_equal(_redrawn(setup, first, {"controls": [setup["hint"]], "ip_adapters": [setup["picture"]]}),
+                          _pixels(drawn.json()["images"][0]))
 
 
 def test_a_plus_unit_and_an_img2img_unit_without_an_image(setup):
