@@ -149,7 +149,8 @@ def legacy_hash(path: str | os.PathLike[str]) -> str:
 # marker keys).
 _OTHER_CONTROLS = (
     ("a ControlNet-LLLite (kohya)", "sdlab does not load ControlNet-LLLites", re.compile(r"lllite_")),
-    ("an IP-Adapter", "an image prompt (--ip-adapter, IPAdapterInput, the native ip_adapters) draws with it",
+    ("an IP-Adapter", "an image prompt (--ip-adapter, IPAdapterInput, the native ip_adapters, an A1111 ControlNet "
+     "unit with an IP-Adapter module: ip-adapter_clip_h, ip-adapter_clip_g, ip-adapter-auto) draws with it",
      re.compile(r"(image_proj|ip_adapter)\.")),
     # TencentARC's StyleAdapter (style_embedding), refused by the T2I-Adapter reader too
     ("a T2I StyleAdapter", "sdlab does not load StyleAdapters (they add CLIP vision tokens to the text context)",
