@@ -200,6 +200,12 @@ def test_bad_units_are_refused_naming_the_module(setup, change, status, words):
         assert f"module {change.get('module', 'ip-adapter_clip_sd15')!r}" in refused.text
 
 
+def test_an_ip_adapter_model_under_a_controlnet_module_says_which_module_draws_it(setup):
+    refused = _txt2img(setup, _unit(setup, module="none"))
+    assert refused.status_code == 400, refused.text
+    assert "an IP-Adapter, not a ControlNet" in refused.text and "unit with an IP-Adapter module" in refused.text
+
+
 def test_module_list_and_control_types_list_the_ip_adapter_modules(setup):
     client = setup["client"]
     listed = client.get("/controlnet/module_list").json()
