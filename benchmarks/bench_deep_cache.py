@@ -4,6 +4,7 @@ what that makes of a run of steps, and what the cache does to a drawn picture's 
     python benchmarks/bench_deep_cache.py                       # 512 px bf16 U-Net calls; the shipped model's pictures
     python benchmarks/bench_deep_cache.py --dtype fp32 --size 256 --branches 0 3 --runs 5
     python benchmarks/bench_deep_cache.py --no-calls --intervals 2 3 5 --rounds 5 --picture-steps 20
+    python benchmarks/bench_deep_cache.py --no-calls --no-picture --runs-at 256 --run-steps 10 --rounds 2
 
 U-Net calls: batch 2 (one latent twice, as guidance passes it; two 77 x 768 contexts), random weights (PyTorch's
 initialisation, seed 0), inside one `reusing_generation_work()` scope as a generation's steps run. A whole call keeps
@@ -11,6 +12,8 @@ its features (`DeepFeature`), then each branch's shallow call runs on them; the 
 alternate (the order flips every run) so that load from other processes hits them alike; median of `--runs` after one
 warm-up, wall and process CPU time. A run of S steps at interval N makes ceil(S / N) whole calls and the rest shallow,
 so its U-Net time against plain is (W + (S - W) * shallow / whole) / S with W = ceil(S / N): the "run speed-up" column.
+`--runs-at PX` also times such runs: `--run-steps` guided calls at PX, each output moving the latent, the slots from
+`DeepCacheRun` as a generation's model takes them, each interval against off, alternating, median of `--rounds`.
 
 Pictures (`--no-picture` skips them): the shipped model (sdlab-tiny) draws one prompt at `--picture-size` with each
 interval (branch `--picture-branch`) and without DeepCache, same seed: one warm-up drawing, then `--rounds` rounds with
@@ -74,6 +77,41 @@ def call_times(dtype: torch.dtype, size: int, branches: list[int],
     return {kind: (statistics.median(walls[kind]), statistics.median(cpus[kind]), outputs[kind]) for kind in kinds}
 
 
+def run_times(dtype: torch.dtype, size: int, steps: int, intervals: list[int], branch: int,
+              rounds: int) -> dict[int, tuple[float, float]]:
+    """interval (1: off) -> (median wall s, median CPU s) of `steps` guided U-Net calls as a sampler makes them (one
+    a step, the latent moved by each output), through `DeepCacheRun` as a generation's model runs them."""
+    from sdlab.models.deep_cache import DeepCacheRun
+
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig()).to(dtype).eval()
+    cfg = unet.cfg
+    side = size // 8
+    gen = torch.Generator().manual_seed(1)
+    start_x = torch.randn(1, 4, side, side, generator=gen).to(dtype)
+    context = torch.randn(2, 77, 768, generator=gen)
+    settings = [1, *intervals]
+    walls: dict[int, list[float]] = {s: [] for s in settings}
+    cpus: dict[int, list[float]] = {s: [] for s in settings}
+    with torch.inference_mode(), reusing_generation_work():
+        for round_ in range(rounds + 1):
+            for interval in (settings if round_ % 2 == 0 else settings[::-1]):
+                setting = DeepCache(interval, branch)
+                run = DeepCacheRun(setting, setting.skip_block(cfg.num_res_blocks, len(cfg.channel_mult)))
+                x = start_x
+                begin, cpu_begin = time.perf_counter(), time.process_time()
+                for step in range(steps):
+                    t = torch.full((2,), 999.0 * (1 - step / steps))
+                    slot = run.slot(step, 2)
+                    out = unet(x.expand(2, -1, -1, -1), t, context, deep_cache=slot)   # (2, 4, side, side)
+                    run.keep(slot)
+                    x = x - 0.05 * out[:1]
+                if round_:                                # round 0 warms up
+                    walls[interval].append(time.perf_counter() - begin)
+                    cpus[interval].append(time.process_time() - cpu_begin)
+    return {s: (statistics.median(walls[s]), statistics.median(cpus[s])) for s in settings}
+
+
 def run_speed_up(steps: int, interval: int, shallow_over_whole: float) -> float:
     """A run of `steps` steps at `interval`: plain U-Net time over DeepCache's (whole calls ceil(steps / interval))."""
     whole = math.ceil(steps / interval)
@@ -117,6 +155,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's)")
     parser.add_argument("--no-calls", action="store_true", help="skip the SD1.5-size U-Net calls")
+    parser.add_argument("--runs-at", type=int, default=None, metavar="PX",
+                        help="also time whole runs of --run-steps guided SD1.5-size U-Net calls at this size, branch "
+                             "--picture-branch, each interval against off (--rounds rounds after a warm-up one)")
     parser.add_argument("--no-picture", action="store_true", help="skip the shipped model's pictures")
     parser.add_argument("--picture-size", type=int, default=None, help="the pictures' side (default: the model's)")
     parser.add_argument("--picture-steps", type=int, default=None, help="the pictures' steps (default: the model's)")
@@ -142,6 +183,15 @@ def main() -> None:
             print(f"{f'branch {branch}':>10} {seconds * 1e3:9.0f} {cpu * 1e3:9.0f} {share:9.3f}  {ups}"
                   f"   (on its own features: max |diff| {same:.2g})")
         print(f"run x: a {args.run_steps}-step run's U-Net time, plain over DeepCache, from these call times")
+    if args.runs_at:
+        print(f"\nSD1.5 U-Net runs: {args.run_steps} guided calls at {args.runs_at} px, {args.dtype}, branch "
+              f"{args.picture_branch}, one warm-up round, median of {args.rounds} interleaved rounds:")
+        print(f"{'interval':>8} {'wall s':>8} {'cpu s':>8} {'speed-up':>9}")
+        runs = run_times(DTYPES[args.dtype], args.runs_at, args.run_steps, args.intervals, args.picture_branch,
+                         args.rounds)
+        for interval, (wall, cpu) in runs.items():
+            name = "off" if interval == 1 else str(interval)
+            print(f"{name:>8} {wall:8.2f} {cpu:8.2f} {runs[1][0] / wall:8.2f}x")
     if not args.no_picture:
         size = f"{args.picture_size} px" if args.picture_size else "its native size"
         steps = f"{args.picture_steps} steps" if args.picture_steps else "its default steps"
