@@ -40,7 +40,8 @@ from sdlab.models.unet import UNet
 _LAYER = re.compile(r"ip_adapter\.(\d+)\.to_k_ip\.weight")
 _OTHER_PROJECTIONS = {"image_proj.perceiver_resampler.proj_in.weight":
                       "an IP-Adapter FaceID Plus (its projection reads an InsightFace face embedding and the "
-                      "picture's CLIP hidden states); sdlab draws base, Plus, Full-face and FaceID IP-Adapters"}
+                      "picture's CLIP hidden states), which sdlab does not draw; it draws base, Plus, Full-face and "
+                      "FaceID IP-Adapters"}
 _LORA = re.compile(r"ip_adapter\.\d+\.to_(q|k|v|out)_lora\.(down|up)\.weight")
 
 
@@ -61,7 +62,7 @@ def _config_from_shapes(shapes: Mapping[str, torch.Size], path: Path) -> IPAdapt
         return _full_config(shapes, path, _layer_widths(shapes, path))
     for key, what in _OTHER_PROJECTIONS.items():
         if key in shapes:
-            raise CheckpointError(f"{path}: {what}; sdlab draws with base and Plus IP-Adapters only")
+            raise CheckpointError(f"{path}: {what}")
     if "image_proj.latents" in shapes:
         return _plus_config(shapes, path, _layer_widths(shapes, path))
     if "image_proj.proj.0.weight" in shapes and "image_proj.norm.weight" in shapes:

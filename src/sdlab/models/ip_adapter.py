@@ -225,8 +225,12 @@ class ImagePrompt:
         return total
 
 
-def zero_embeds_tokens(adapter: IPAdapter, image_embeds: Tensor) -> Tensor:
-    """The unconditional tokens of a base adapter: its projection of zero image embeddings, as diffusers'
-    `encode_image` gives `zeros_like(image_embeds)` for the negative (B, embed_dim) -> (B, T, C_ctx)."""
+def embeds_tokens(adapter: IPAdapter, embeds: Tensor) -> tuple[Tensor, Tensor]:
+    """A base or FaceID adapter's tokens of embeddings (N, embed_dim) (a picture's image_embeds, or N faces') and
+    of zero embeddings, the negative rows (diffusers' `encode_image` gives `zeros_like(image_embeds)`, its FaceID
+    examples `zeros_like` of the faces'), projected together as diffusers projects both halves of its batch:
+    2 x (N, T, C_ctx)."""
     with torch.no_grad():
-        return adapter.image_proj(torch.zeros_like(image_embeds))
+        both = adapter.image_proj(torch.cat([embeds, torch.zeros_like(embeds)]))              # (2N, T, C_ctx)
+    tokens, negative = both.chunk(2)
+    return tokens, negative

@@ -53,7 +53,7 @@ from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.image_encoder import LoadedImageEncoder, load_image_encoder
 from sdlab.checkpoints.ip_adapter import LoadedIPAdapter, check_fits, load_ip_adapter
 from sdlab.families.loaded import ModelBundle
-from sdlab.models.ip_adapter import ImagePrompt, IPAdapter, IPAdapterConfig, cross_attentions, zero_embeds_tokens
+from sdlab.models.ip_adapter import ImagePrompt, IPAdapter, IPAdapterConfig, cross_attentions, embeds_tokens
 from sdlab.pipeline.clip_image import clip_pixels
 from sdlab.pipeline.ip_adapter_layers import LayerScaleError, check_layer_scales, expand_layer_scales, layer_scales_text
 from sdlab.pipeline.control import _line_fields, in_window
@@ -405,24 +405,17 @@ def check_image_prompt_layers(bundle: ModelBundle, prompts: Sequence[IPAdapterIn
 def _prompt_tokens(prompt: IPAdapterInput, adapter: LoadedIPAdapter, encoder: LoadedImageEncoder | None,
                    index: int) -> tuple[Tensor, Tensor]:
     """The prompt's tokens and the negative rows', (1, T, C) each: its picture's through the encoder (kept,
-    `_kept_tokens`), or a FaceID adapter's of its face embeddings, N faces' T tokens each (`face_id_tokens`)."""
+    `_kept_tokens`), or a FaceID adapter's of its N face embeddings and of zero ones, the faces' T tokens one
+    after another."""
     if encoder is None:
         param = next(adapter.model.parameters())
-        embeds = face_embeds(prompt.image, adapter.config.embed_dim, f"IP-Adapter {index}")
-        return face_id_tokens(adapter.model, embeds.to(device=param.device, dtype=param.dtype))
+        embeds = face_embeds(prompt.image, adapter.config.embed_dim, f"IP-Adapter {index}")       # (N, E)
+        faces, negative = embeds_tokens(adapter.model, embeds.to(device=param.device, dtype=param.dtype))
+        return faces.reshape(1, -1, faces.shape[-1]), negative.reshape(1, -1, negative.shape[-1])  # 2 x (1, N*T, C)
     picture = input_image(prompt.image, f"IP-Adapter {index} image")
     pixels = clip_pixels(picture, encoder.config.image_size).unsqueeze(0)                     # (1, 3, 224, 224)
     param = next(encoder.model.parameters())
     return _kept_tokens(adapter.model, encoder.model, pixels.to(device=param.device, dtype=param.dtype))
-
-
-def face_id_tokens(adapter: IPAdapter, embeds: Tensor) -> tuple[Tensor, Tensor]:
-    """A FaceID adapter's tokens of N faces' embeddings (N, E) and of zero embeddings (the negative rows, as
-    diffusers' FaceID examples give `zeros_like`), each (1, N * T, C): the faces' tokens one after another."""
-    with torch.no_grad():
-        both = adapter.image_proj(torch.cat([embeds, torch.zeros_like(embeds)]))              # (2N, T, C)
-    faces, negative = both.chunk(2)                                                           # 2 x (N, T, C)
-    return faces.reshape(1, -1, faces.shape[-1]), negative.reshape(1, -1, negative.shape[-1])
 
 
 def _scales(prompt: IPAdapterInput, bundle: ModelBundle, index: int) -> float | tuple[float, ...]:
@@ -445,8 +438,7 @@ def _tokens(adapter: IPAdapter, encoder: torch.nn.Module, pixels: Tensor) -> tup
             both = encoder(torch.cat([pixels, torch.zeros_like(pixels)])).hidden_states[-2]     # (2, N, W)
             tokens = adapter.image_proj(both)                                                  # (2, T, C)
             return tokens[:1], tokens[1:]
-        embeds = encoder(pixels).image_embeds                                                  # (1, E)
-        return adapter.image_proj(embeds), zero_embeds_tokens(adapter, embeds)
+        return embeds_tokens(adapter, encoder(pixels).image_embeds)                            # 2 x (1, T, C)
 
 
 class ImagePromptedNet:

@@ -15,9 +15,8 @@ from typing import Any
 
 from sdlab.diffusion.schedule_names import A1111_SCHEDULERS, a1111_name
 from sdlab.pipeline.control import recorded_model, recorded_unit
-from sdlab.pipeline.image_prompt import (check_recorded_module, is_ip_adapter_unit, recorded_ip_adapters,
-                                        recorded_weight, recorded_window)
-from sdlab.pipeline.image_prompt import layer_settings, recorded_layer_scales
+from sdlab.pipeline.image_prompt import (check_recorded_module, is_ip_adapter_unit, layer_settings,
+                                        recorded_ip_adapters, recorded_layer_scales, recorded_weight, recorded_window)
 from sdlab.pipeline.infotext import from_parameters, refiner_handoff
 from sdlab.pipeline.request import NO_IMAGE_GUIDANCE
 from sdlab.server.a1111_scripts import XYZ_ARG_NAMES
