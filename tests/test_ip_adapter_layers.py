@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
@@ -54,9 +56,11 @@ def _diffusers_scales(cfg: UNetConfig, spec) -> list[float]:
 FULL_SIZE = {"sd15": UNetConfig(), "sdxl": SDXL_UNET}
 SPECS = {
     "sdxl": [PRESETS["style"], PRESETS["style+layout"], {"down": 0.5, "mid": [0.3], "up": {"block_1": [1, 0, 2]}},
-             {"up": {"block_0": [0.4]}}, {"mid": 1.5}],
+             {"up": {"block_0": [0.4]}}, {"mid": 1.5},
+             {"up": [0.0, 1.0, 0.0]}, {"down": [0.2, 0.9], "up": {"block_1": 0.5}}],   # a list for every block
     "sd15": [{"down": {"block_2": [0.0, 1.0]}, "up": {"block_1": [0.0, 1.0, 0.0]}}, {"up": 0.7, "mid": 0.2},
-             {"down": {"block_0": 1, "block_1": [0.5]}, "up": {"block_3": [1, 2, 3]}}],
+             {"down": {"block_0": 1, "block_1": [0.5]}, "up": {"block_3": [1, 2, 3]}},
+             {"down": [0.0, 1.0]}, {"down": [0.5], "up": [1, 0, 2], "mid": 1}, {"down": {}, "up": 1}],
 }
 
 
@@ -68,6 +72,50 @@ def test_expansion_is_diffusers_on_full_size_unets(family):
         assert list(ours) == _diffusers_scales(cfg, spec), spec
         assert any(ours) and not all(ours)
     assert len(cross_attention_blocks(cfg)) == (16 if family == "sd15" else 70)
+
+
+def test_a_list_for_every_block_of_a_half_of_the_wrong_length_is_refused_as_diffusers_does():
+    spec = {"down": [0.0, 1.0, 0.0]}                    # SD1.5's down blocks have 2 transformers each
+    with pytest.raises(ValueError, match="Expected 2 scales for down.block_0, got 3"):
+        _diffusers_scales(UNetConfig(), spec)
+    with pytest.raises(LayerScaleError, match=r"layer scales: down \(for each of its blocks\) takes 2 numbers "
+                                              r"\(one per transformer\) or 1, got 3"):
+        expand_layer_scales(spec, UNetConfig(), 10.0)
+    assert layer_scales_text({"down": [0.0, 1.0]}) == "down=0/1"
+    assert check_layer_scales("down=0/1", 10.0) == {"down": [0.0, 1.0]}
+
+
+def test_a_block_name_is_diffusers_spelling_exactly():
+    """diffusers names block i f"block_{i}" and passes over any other name, so "block_01" acts nowhere there (every
+    scale 0); sdlab refuses it rather than read it as block_1."""
+    assert set(_diffusers_scales(SDXL_UNET, {"down": {"block_01": 1}})) == {0.0}
+    for name in ("block_01", "block_00", "block_+1", "block_\u0661", "block_1\u0661", "block_ 1", "Block_1"):
+        with pytest.raises(LayerScaleError, match=f"layer scales: down.{re.escape(name)} is not a block name "
+                                                  r"\(block_ and its index without a leading zero"):
+            check_layer_scales({"down": {name: 1}}, 10.0)
+    with pytest.raises(LayerScaleError, match="down.block_01 is not a block name"):
+        check_layer_scales("down.block_01=1", 10.0)
+    assert check_layer_scales({"down": {"block_0": 1, "block_10": 1}}, 10.0) == {"down": {"block_0": 1.0,
+                                                                                         "block_10": 1.0}}
+
+
+def test_a_part_given_no_blocks_is_recorded_as_that_part_at_zero_and_reads_back():
+    """{"down": {}} names no down block: each takes 0, as {"down": 0} gives them. Its compact text is "down=0" (not
+    an empty text that no door reads back); the infotext line's Layers read back to the same scales."""
+    from sdlab.pipeline.image_prompt import infotext_lines, layer_settings, recorded_layer_scales
+
+    for spec, text in [({"down": {}}, "down=0"), ({"down": {}, "mid": 1, "up": {}}, "down=0 mid=1 up=0"),
+                       ('{"up": {}}', "up=0")]:
+        assert layer_scales_text(spec) == text
+        assert layer_settings(spec) == {"layer_scales": text}
+        line = infotext_lines([IPAdapterInput("models/ip-adapter_x.safetensors", _picture(),
+                                              layer_scales=spec)])["IP-Adapter 0"]
+        assert line.endswith(f"Weight: 1, Layers: {text}")
+        assert recorded_layer_scales(line) == text
+        for cfg in FULL_SIZE.values():
+            assert expand_layer_scales(text, cfg, 10.0) == expand_layer_scales(spec, cfg, 10.0)
+            assert list(expand_layer_scales(text, cfg, 10.0)) == _diffusers_scales(
+                cfg, spec if isinstance(spec, dict) else parse_layer_scales(spec))
 
 
 def test_the_presets_are_the_documented_instantstyle_layers():
@@ -91,6 +139,8 @@ def test_spellings_round_trip():
 @pytest.mark.parametrize("spec, message", [
     ({"middle": 1}, "unknown part 'middle'"),
     ({"up": {"blok_0": 1}}, "up.blok_0 is not a block name"),
+    ({"up": {"block_01": 1}}, "up.block_01 is not a block name"),
+    ({"down": []}, "down is an empty list"),
     ({"mid": [1, 2]}, "mid takes 1 number, got 2"),
     ({"up": {"block_0": [1, "x"]}}, r"up.block_0 must be a number in \[0, 10\]"),
     ({"down": -1}, "down must be a number"),
@@ -137,6 +187,21 @@ def test_sd1_layer_scales_match_diffusers(sd1):
         IPAdapterInput(path, _picture(), 0.5, layer_scales=layer_scales_text({"down": {"block_1": 2.0}, "mid": 1.0,
                                                                                 "up": {"block_0": [0.0, 3.0]}}))])
     assert max_pixel_diff(text.images, result.images) <= 1                  # scale x layers, the compact text
+
+
+def test_sd1_a_list_for_every_block_of_a_half_matches_diffusers(sd1):
+    ours, base, encoder, models, state = sd1
+    path = write_ip_adapter(models / "half_lists.safetensors", state)
+    layers = {"up": [0.0, 1.5], "mid": 0.5}                    # each up block of the tiny SD1 takes [0, 1.5]
+    reference = _reference(base, StableDiffusionPipeline, encoder, models, path.name, layers, batch=1)
+    whole = ours.txt2img(PROMPT, NEGATIVE, ip_adapters=[IPAdapterInput(path, _picture(), 1.0)], **OPTIONS)
+    result = ours.txt2img(PROMPT, NEGATIVE, **OPTIONS, ip_adapters=[IPAdapterInput(path, _picture(),
+                                                                                   layer_scales=layers)])
+    text = ours.txt2img(PROMPT, NEGATIVE, **OPTIONS, ip_adapters=[IPAdapterInput(path, _picture(),
+                                                                                 layer_scales="up=0/1.5 mid=0.5")])
+    assert max_pixel_diff(whole.images, reference) > 5 * MAX_PIXEL_DIFF
+    assert max_pixel_diff(result.images, reference) <= MAX_PIXEL_DIFF
+    assert max_pixel_diff(text.images, result.images) == 0
 
 
 def test_two_adapters_each_with_its_own_layers_match_diffusers(sd1):
@@ -359,6 +424,25 @@ def test_cli_layer_scales_draw_the_api_picture_record_them_and_redraw_from_png(c
     assert np.abs(pixels(whole) - pixels(tmp_path / "over.png")).max() == 0  # a given scale replaces both
 
 
+def test_cli_a_part_given_no_blocks_is_recorded_so_from_png_redraws_it(cli_files, tmp_path, capsys):
+    import numpy as np
+    from cli_helpers import pixels, run
+    from sdlab.pipeline.png_info import parse_parameters, read_parameters
+
+    base = ["txt2img", "a red apple", "--model", str(cli_files["model"]), *FAST]
+    adapter = ["--ip-adapter", str(cli_files["adapter"]), "--ip-adapter-image", str(cli_files["picture"])]
+    drawn, zero, again = (tmp_path / f"{name}.png" for name in ("drawn", "zero", "again"))
+    code, _, stderr = run([*base, *adapter, "--ip-adapter-scale", '{"down": {}}', "--out", str(drawn)],
+                          capsys)
+    assert code == 0, stderr
+    assert parse_parameters(read_parameters(drawn))["IP-Adapter 0"].endswith("Weight: 1, Layers: down=0")
+    assert run([*base, *adapter, "--ip-adapter-scale", "down=0", "--out", str(zero)], capsys)[0] == 0
+    code, _, stderr = run(["txt2img", "--model", str(cli_files["model"]), "--no-progress", "--from-png", str(drawn),
+                           *adapter, "--out", str(again)], capsys)
+    assert code == 0, stderr
+    assert np.abs(pixels(drawn) - pixels(zero)).max() == 0 and np.abs(pixels(drawn) - pixels(again)).max() == 0
+
+
 def test_cli_bad_layer_scales_are_one_line_and_no_file(cli_files, tmp_path, capsys):
     from cli_helpers import run
 
@@ -367,7 +451,9 @@ def test_cli_bad_layer_scales_are_one_line_and_no_file(cli_files, tmp_path, caps
     for scale, message in [("stlye", "'stlye' is not part=NUMBERS"), ('{"middle": 1}', "unknown part 'middle'"),
                            ("up.block_0=0/1/0", "up.block_0 takes 2 numbers"),
                            ("style", "up.block_0 takes 2 numbers"),
-                           ("down.block_4=1", "down.block_4, which has no transformer")]:
+                           ("down.block_4=1", "down.block_4, which has no transformer"),
+                           ("down.block_01=1", "down.block_01 is not a block name"),
+                           ("up=0/1/0", "up (for each of its blocks) takes 2 numbers")]:
         out = tmp_path / "bad.png"
         code, _, stderr = run([*base, "--ip-adapter-scale", scale, "--out", str(out)], capsys)
         assert code != 0 and message in stderr, stderr

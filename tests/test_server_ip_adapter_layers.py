@@ -15,6 +15,7 @@ from server_fixtures import file_b64, png_picture, server_env
 from test_server_ip_adapter import GEN, setup  # noqa: F401  (the server with the tiny adapter)
 
 LAYERS = "mid=1 up.block_1=0/1"           # the shipped model: up_blocks.1 has 2 transformers, as every up block
+EACH_UP_BLOCK = "up.block_0=0/1 up.block_1=0/1 up.block_2=0/1"      # the shipped model's up blocks, each [0, 1]
 
 
 def _draw(client: httpx.Client, body: dict) -> tuple[dict, object]:
@@ -63,7 +64,36 @@ def test_bad_layer_scales_are_refused_as_the_job_is_posted(setup):  # noqa: F811
             ("down.block_7=1", 400, "down.block_7, which has no transformer in this model"),
             ({"middle": 1}, 422, "unknown part 'middle'"),
             ("up=1/x", 422, "'up=1/x' is not part=NUMBERS"),
+            ({"down": {"block_01": 1}}, 422, "IP-Adapter 0: layer scales: down.block_01 is not a block name"),
+            ("down.block_01=1", 422, "down.block_01 is not a block name"),
+            ("up=0/1/0", 400, "layer scales: up (for each of its blocks) takes 2 numbers (one per transformer) or 1"),
             (["up"], 422, "layer_scales")]:
         response = httpx.post(setup["server"].url + "/api/jobs", timeout=60,
                               json={**GEN, "ip_adapters": [{**entry, "layer_scales": layers}]})
         assert response.status_code == status and message in response.text, (layers, response.text)
+
+
+def test_a_part_given_no_blocks_is_recorded_so_the_job_and_the_picture_draw_again(setup):  # noqa: F811
+    """{"down": {}}: every down block at 0, as "down=0"; the job records that text (not ""), so its request and the
+    picture's parameters post again and draw the same picture; {"up": [0, 1]} (each up block [0, 1]) draws as the
+    blocks named one by one."""
+    entry = {"model": "ip-adapter_tiny", "image": file_b64(setup["picture"])}
+    with httpx.Client(base_url=setup["server"].url, timeout=300) as client:
+        job, drawn = _draw(client, {**GEN, "ip_adapters": [{**entry, "layer_scales": {"down": {}}}]})
+        recorded = job["request"]["ip_adapters"][0]["layer_scales"]
+        _, again = _draw(client, {**GEN, "ip_adapters": [{**entry, "layer_scales": recorded}]})
+        read = client.post("/api/parameters", json={"image": file_b64_bytes(client.get(job["images"][0]).content)})
+        assert read.status_code == 200, read.text
+        from_picture = read.json()["settings"]["ip_adapters"][0]["layer_scales"]
+        _, each = _draw(client, {**GEN, "ip_adapters": [{**entry, "layer_scales": {"up": [0, 1]}}]})
+        _, named = _draw(client, {**GEN, "ip_adapters": [{**entry, "layer_scales": EACH_UP_BLOCK}]})
+    assert recorded == from_picture == "down=0"
+    assert "Layers: down=0" in drawn.info["parameters"]
+    pictures = [np.asarray(p.convert("RGB"), dtype=np.int16) for p in (drawn, again, each, named)]
+    assert (pictures[0] == pictures[1]).all() and (pictures[2] == pictures[3]).all()
+
+
+def file_b64_bytes(data: bytes) -> str:
+    import base64
+
+    return base64.b64encode(data).decode()

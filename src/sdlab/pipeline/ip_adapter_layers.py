@@ -1,21 +1,24 @@
 """Per-layer IP-Adapter scales (InstantStyle, Wang et al. 2024): which cross-attentions an image prompt acts in.
 
 The grammar is diffusers' `set_ip_adapter_scale` dict (loaders/unet_loader_utils.py `_maybe_expand_lora_scales`,
-default 0): parts "down", "mid", "up"; "mid" a number (or a list of one); "down" / "up" a number for every block
-of that half, or {"block_N": number or [one number per transformer of the block]} where N is diffusers' block
-index (down_blocks.N / up_blocks.N; up_blocks.0 is the deepest) and a block has `num_res_blocks` transformers
-going down, one more going up. Every cross-attention of a transformer takes its number; a block or part not named
-takes 0. So on SDXL
+default 0): parts "down", "mid", "up"; "mid" a number (or a list of one); "down" / "up" either what every block
+of that half takes (a number, or one number per transformer of a block: {"down": [0, 1]} gives each down block
+[0, 1]) or {"block_N": number or [one number per transformer of the block]} where N is diffusers' block index
+(down_blocks.N / up_blocks.N; up_blocks.0 is the deepest; "block_" and the number as diffusers writes it, no
+leading zero) and a block has `num_res_blocks` transformers going down, one more going up. A list of one number
+is that number. Every cross-attention of a transformer takes its number; a block or part not named takes 0. So
+on SDXL
 
     style           {"up": {"block_0": [0.0, 1.0, 0.0]}}                                 up_blocks.0.attentions.1
     style+layout    {"down": {"block_2": [0.0, 1.0]}, "up": {"block_0": [0.0, 1.0, 0.0]}}  + down_blocks.2.attentions.1
 
 are the diffusers docs' InstantStyle settings (`PRESETS`). Unlike diffusers, which passes over a block name that has
-no transformer, such a name is an error here, as is a list of the wrong length.
+no transformer or is not spelled as it writes one ("block_01": scale 0 there), such a name is an error here, as
+is a list of the wrong length.
 
 Spellings: a preset name, the JSON dict, or the compact text infotext records (`layer_scales_text`): space-separated
 `part=value` or `part.block_N=value` items, a value one number or numbers joined by "/", e.g.
-"down.block_2=0/1 up.block_0=0/1/0".
+"down.block_2=0/1 up.block_0=0/1/0"; a part given as no blocks ({"down": {}}: every block at 0) is "down=0".
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 """diffusers' documented InstantStyle settings (docs: IP-Adapter, "Style & layout control"), for SDXL."""
 
 PARTS = ("down", "mid", "up")
-_BLOCK = re.compile(r"block_(\d+)")
+_BLOCK = re.compile(r"block_(0|[1-9][0-9]*)")     # diffusers' f"block_{i}"
 
 
 class LayerScaleError(ValueError):
@@ -79,11 +82,12 @@ def check_layer_scales(spec: Mapping[str, Any] | str, top: float) -> dict[str, A
             blocks = {}
             for block, numbers in value.items():
                 if not isinstance(block, str) or not _BLOCK.fullmatch(block):
-                    raise LayerScaleError(f"layer scales: {part}.{block} is not a block name (block_0, block_1, ...)")
+                    raise LayerScaleError(f"layer scales: {part}.{block} is not a block name (block_ and its index "
+                                          f"without a leading zero: block_0, block_1, ...)")
                 blocks[block] = _numbers(numbers, f"{part}.{block}", top)
             checked[part] = blocks
         else:
-            checked[part] = _number(value, part, top)
+            checked[part] = _numbers(value, part, top)
     return checked
 
 
@@ -139,7 +143,7 @@ def layer_scales_text(spec: Mapping[str, Any] | str) -> str:
     for part in PARTS:
         value = spec.get(part)
         if isinstance(value, Mapping):
-            items += [f"{part}.{block}={numbers(v)}" for block, v in value.items()]
+            items += [f"{part}.{block}={numbers(v)}" for block, v in value.items()] or [f"{part}=0"]
         elif value is not None:
             items.append(f"{part}={numbers(value)}")
     return " ".join(items)
@@ -170,6 +174,7 @@ def expand_layer_scales(spec: Mapping[str, Any] | str, cfg: UNetConfig, top: flo
         value = spec.get(half, 0.0)
         blocks = value if isinstance(value, Mapping) else {f"block_{i}": value for i in with_transformer[half]}
         for block, numbers in blocks.items():
+            named = f"{half}.{block}" if isinstance(value, Mapping) else f"{half} (for each of its blocks)"
             index = int(_BLOCK.fullmatch(block).group(1))
             if index not in with_transformer[half]:
                 have = ", ".join(f"block_{i}" for i in with_transformer[half]) or "none"
@@ -180,7 +185,7 @@ def expand_layer_scales(spec: Mapping[str, Any] | str, cfg: UNetConfig, top: flo
             elif len(numbers) == 1:
                 numbers = numbers * per_block[half]
             elif len(numbers) != per_block[half]:
-                raise LayerScaleError(f"layer scales: {half}.{block} takes {per_block[half]} numbers (one per "
+                raise LayerScaleError(f"layer scales: {named} takes {per_block[half]} numbers (one per "
                                       f"transformer) or 1, got {len(numbers)}")
             for j, number in enumerate(numbers):
                 by_block[f"{half}_blocks.{index}.attentions.{j}"] = number
