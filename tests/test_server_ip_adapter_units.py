@@ -216,3 +216,32 @@ def test_module_list_and_control_types_list_the_ip_adapter_modules(setup):
     kind = client.get("/controlnet/control_types").json()["control_types"]["IP-Adapter"]
     assert kind["default_option"] == "ip-adapter_clip_sd15" and "ip-adapter_clip_g" in kind["module_list"]
     assert any(model.startswith("ip-adapter_tiny [") for model in kind["model_list"])
+
+
+def test_a_unit_prepares_its_picture_as_the_extension_and_takes_its_mask(setup):
+    """The unit's picture is squashed as the extension's CLIP preprocessor squashes it (control_convention a1111,
+    `clip_image.extension_clip_pixels`), not cut as diffusers' CLIPImageProcessor: the native job with the
+    diffusers convention draws another picture, with a1111 the same; its mask ({image, mask}, mask or
+    mask_image) scales the pixels: all black is no mask, a white half acts, one of another size is a 422."""
+    from sdlab.server.native import JobIn
+
+    answer = _txt2img(setup, _unit(setup))
+    drawn = _pixels(answer.json()["images"][0])
+    settings = setup["client"].post("/api/parameters", json={"image": answer.json()["images"][0]}).json()["settings"]
+    native = {key: value for key, value in settings.items()
+              if value is not None and key in JobIn.model_fields and key != "model"}
+    native["ip_adapters"] = [{**native["ip_adapters"][0], "image": setup["picture"]}]
+    assert native["control_convention"] == "a1111"               # the text records it ("Control steps: a1111")
+    assert np.array_equal(_native(setup["client"], native), drawn)
+    assert np.abs(_native(setup["client"], {**native, "control_convention": "diffusers"}) - drawn).max() > 0
+    black, half = Image.new("L", (200, 160)), Image.new("L", (200, 160))
+    ImageDraw.Draw(half).rectangle([100, 0, 199, 159], fill=255)
+    unmasked = _txt2img(setup, _unit(setup, image={"image": setup["picture"], "mask": b64_png(black)}))
+    assert np.array_equal(_pixels(unmasked.json()["images"][0]), drawn)
+    for unit in (_unit(setup, image={"image": setup["picture"], "mask": b64_png(half)}),
+                 _unit(setup, mask=b64_png(half)), _unit(setup, mask_image=b64_png(half))):
+        masked = _txt2img(setup, unit)
+        assert masked.status_code == 200, masked.text
+        assert np.abs(_pixels(masked.json()["images"][0]) - drawn).max() > 0
+    wrong = _txt2img(setup, _unit(setup, mask=b64_png(Image.new("L", (64, 64)))))
+    assert wrong.status_code == 422 and "the mask is 64x64 but its image 200x160" in wrong.text, wrong.text

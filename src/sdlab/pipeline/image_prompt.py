@@ -2,7 +2,9 @@
 
 Semantics are diffusers' (`load_ip_adapter`, `ip_adapter_image`, `set_ip_adapter_scale`):
 
-- the picture goes through CLIP's preprocessing (`clip_image.clip_pixels`) and the adapter's image encoder; its
+- the picture goes through CLIP's preprocessing (`clip_image.clip_pixels`; under the request's control_convention
+  "a1111" A1111's ControlNet extension's, `clip_image.extension_clip_pixels`: squashed to 224 x 224 by OpenCV's
+  INTER_AREA, no crop, an A1111 unit's mask applied) and the adapter's image encoder; its
   projected class token (`image_embeds`; a Plus adapter: the penultimate hidden states) is turned into tokens by
   the adapter's `image_proj`;
 - with classifier-free guidance the negative rows get the adapter's tokens of zero image embeddings
@@ -54,7 +56,7 @@ from sdlab.checkpoints.image_encoder import LoadedImageEncoder, load_image_encod
 from sdlab.checkpoints.ip_adapter import LoadedIPAdapter, check_fits, load_ip_adapter
 from sdlab.families.loaded import ModelBundle
 from sdlab.models.ip_adapter import ImagePrompt, IPAdapter, IPAdapterConfig, cross_attentions, embeds_tokens
-from sdlab.pipeline.clip_image import clip_pixels
+from sdlab.pipeline.clip_image import clip_pixels, extension_clip_pixels
 from sdlab.pipeline.ip_adapter_layers import LayerScaleError, check_layer_scales, expand_layer_scales, layer_scales_text
 from sdlab.pipeline.control import _line_fields, in_window
 from sdlab.pipeline.ip_adapter_units import MODULE_ENCODERS, is_ip_adapter_module
@@ -86,6 +88,8 @@ class IPAdapterInput:
     end: float = 1.0
     module: str | None = None
     unit: int | None = None         # an A1111 unit's place among its request's enabled units (None: after them)
+    # an A1111 unit's mask: the extension's CLIP mask (`clip_image.extension_clip_pixels`; control_convention "a1111")
+    mask: Image.Image | str | os.PathLike[str] | None = None
 
     @property
     def windowed(self) -> bool:
@@ -387,7 +391,7 @@ def prepare_image_prompts(bundle: ModelBundle, prompts: Sequence[IPAdapterInput]
             adapter, encoder = _loaded(prompt, bundle)
         except CheckpointError as err:
             raise RequestError(f"IP-Adapter {index}: {err}") from None
-        tokens, negative = _prompt_tokens(prompt, adapter, encoder, index)                   # 2 x (1, T, C)
+        tokens, negative = _prompt_tokens(prompt, adapter, encoder, index, convention)       # 2 x (1, T, C)
         adapters.append((adapter.model, _scales(prompt, bundle, index), tokens.shape[1]))
         cond.append(tokens.expand(batch, -1, -1))                                             # (B, T, C)
         uncond.append(negative.expand(batch, -1, -1))                                         # (B, T, C)
@@ -403,19 +407,35 @@ def check_image_prompt_layers(bundle: ModelBundle, prompts: Sequence[IPAdapterIn
 
 
 def _prompt_tokens(prompt: IPAdapterInput, adapter: LoadedIPAdapter, encoder: LoadedImageEncoder | None,
-                   index: int) -> tuple[Tensor, Tensor]:
+                   index: int, convention: str = "diffusers") -> tuple[Tensor, Tensor]:
     """The prompt's tokens and the negative rows', (1, T, C) each: its picture's through the encoder (kept,
-    `_kept_tokens`), or a FaceID adapter's of its N face embeddings and of zero ones, the faces' T tokens one
-    after another."""
+    `_kept_tokens`; prepared as `convention` says, `picture_pixels`), or a FaceID adapter's of its N face
+    embeddings and of zero ones, the faces' T tokens one after another."""
     if encoder is None:
         param = next(adapter.model.parameters())
         embeds = face_embeds(prompt.image, adapter.config.embed_dim, f"IP-Adapter {index}")       # (N, E)
         faces, negative = embeds_tokens(adapter.model, embeds.to(device=param.device, dtype=param.dtype))
         return faces.reshape(1, -1, faces.shape[-1]), negative.reshape(1, -1, negative.shape[-1])  # 2 x (1, N*T, C)
-    picture = input_image(prompt.image, f"IP-Adapter {index} image")
-    pixels = clip_pixels(picture, encoder.config.image_size).unsqueeze(0)                     # (1, 3, 224, 224)
+    pixels = picture_pixels(prompt, encoder.config.image_size, index, convention).unsqueeze(0)  # (1, 3, 224, 224)
     param = next(encoder.model.parameters())
     return _kept_tokens(adapter.model, encoder.model, pixels.to(device=param.device, dtype=param.dtype))
+
+
+def picture_pixels(prompt: IPAdapterInput, size: int, index: int, convention: str) -> Tensor:
+    """The prompt's picture as its encoder takes it, (3, size, size): transformers' `CLIPImageProcessor`
+    (diffusers'), or under `convention` "a1111" A1111's ControlNet extension's squash with its unit's mask
+    (`clip_image`). A mask under diffusers' convention, or one not the picture's size, is a RequestError."""
+    picture = input_image(prompt.image, f"IP-Adapter {index} image")
+    if convention != "a1111":
+        if prompt.mask is not None:
+            raise RequestError(f"IP-Adapter {index}: a mask is the A1111 ControlNet extension's (control_convention "
+                               f"'a1111'), not diffusers'")
+        return clip_pixels(picture, size)
+    mask = None if prompt.mask is None else input_image(prompt.mask, f"IP-Adapter {index} mask")
+    try:
+        return extension_clip_pixels(picture, size, mask)
+    except ValueError as err:
+        raise RequestError(f"IP-Adapter {index}: {err}") from None
 
 
 def _scales(prompt: IPAdapterInput, bundle: ModelBundle, index: int) -> float | tuple[float, ...]:

@@ -296,7 +296,7 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         "Noise Schedule": _ZERO_SNR if req.zero_terminal_snr else None,
         **sdxl_parameters(req),
         **_unit_lines(req),
-        "Control steps": req.control_convention if req.controls or _windowed_prompts(req) else None,
+        "Control steps": req.control_convention if req.controls or _prompts_follow_convention(req) else None,
         **{label: line for label, line in image_prompt_lines(req.ip_adapters).items()
            if not label.startswith("ControlNet ")},                        # sdlab's own `IP-Adapter N` lines
         "Refiner": None if refiner is None else refiner_label(refiner.name, refiner.hash),
@@ -372,9 +372,12 @@ def _unit_lines(req: GenerationRequest) -> dict[str, str]:
     return dict(sorted({**controls, **units}.items(), key=lambda item: number(item[0])))
 
 
-def _windowed_prompts(req: GenerationRequest) -> bool:
-    """Whether an image prompt of the request acts on part of the steps (which `Control steps` then picks)."""
-    return any(getattr(prompt, "windowed", False) for prompt in req.ip_adapters)
+def _prompts_follow_convention(req: GenerationRequest) -> bool:
+    """Whether `Control steps` decides how an image prompt of the request is drawn: one acts on part of the steps
+    (which it then picks), or the convention is A1111's, which also prepares the pictures as A1111's ControlNet
+    extension does (`image_prompt.picture_pixels`)."""
+    return any(getattr(prompt, "windowed", False) for prompt in req.ip_adapters) \
+        or bool(req.ip_adapters and req.control_convention == "a1111")
 
 
 def pag_parameters(req: GenerationRequest) -> dict[str, Any]:

@@ -189,13 +189,46 @@ def _area_pass(x: np.ndarray, axis: int, target: int) -> np.ndarray:
     return np.moveaxis(out, 0, axis)
 
 
+def _area_linear_taps(source: int, target: int) -> tuple[np.ndarray, np.ndarray]:
+    """OpenCV's INTER_AREA taps along one axis of a resize that enlarges either axis (its generic linear
+    resize with area coefficients): for target pixel d, s = floor(d / k) and f = (d + 1) - (s + 1) k (k =
+    target / source) taken modulo 1 where positive, else 0; the 2 source indices s, s + 1 (borders repeated)
+    and their weights 1 - f, f times 2048, rounded half to even (its fixed-point coefficients)."""
+    inv_scale = target / source
+    start = np.floor(np.arange(target) * (1.0 / inv_scale)).astype(np.int64)
+    f = ((np.arange(target) + 1) - (start + 1) * inv_scale).astype(np.float32)
+    f = np.where(f <= 0, np.float32(0), f - np.floor(f)).astype(np.float32)
+    weights = np.stack([np.float32(1) - f, f], axis=-1)                       # (target, 2) float32
+    index = np.clip(start[:, None] + np.arange(2), 0, source - 1)
+    return index, np.rint(weights * np.float32(2048)).astype(np.int64)
+
+
+def _area_enlarge(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
+    """`cv2.resize(..., interpolation=cv2.INTER_AREA)` of a uint8 (H, W, C) picture where either side grows
+    (`_area_linear_taps`): columns in integers (a column past the last source one takes that one's value
+    times 2048), then rows as OpenCV's vector code (`VResizeLinearVec_32s8u`) computes them: each sum shifted
+    right by 4, times its weight keeping the high 16 bits, the two added, (+ 2) >> 2."""
+    cols, col_weights = _area_linear_taps(pixels.shape[1], width)
+    rows, row_weights = _area_linear_taps(pixels.shape[0], height)
+    last = cols[:, 0] + 1 >= pixels.shape[1]                                 # OpenCV's `xmax` on
+    col_weights[last] = (2048, 0)
+    source = pixels.astype(np.int64)
+    across = (source[:, cols[:, 0]] * col_weights[None, :, 0, None]
+              + source[:, cols[:, 1]] * col_weights[None, :, 1, None])        # (H, width, C), < 2 ** 19
+    high = [((across[rows[:, k]] >> 4) * row_weights[:, k, None, None]) >> 16 for k in range(2)]
+    return np.clip((high[0] + high[1] + 2) >> 2, 0, 255).astype(np.uint8)
+
+
 def area_resize(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
-    """`cv2.resize(pixels, (width, height), interpolation=cv2.INTER_AREA)` for shrinking a uint8 (H, W, C)
-    picture, bit for bit: whole factors average their blocks (2 x 2 as (sum + 2) >> 2, others as
-    float(sum) / area rounded half to even), other factors weigh the covered parts in float32, rows then
-    columns, rounded half to even."""
+    """`cv2.resize(pixels, (width, height), interpolation=cv2.INTER_AREA)` of a uint8 (H, W, C) picture, bit
+    for bit. Shrinking (neither side grows): whole factors average their blocks (2 x 2 as (sum + 2) >> 2,
+    others as float(sum) / area rounded half to even), other factors weigh the covered parts in float32, rows
+    then columns, rounded half to even; either side growing: OpenCV's linear resize with area weights
+    (`_area_enlarge`)."""
     rows, cols = pixels.shape[:2]
     scale_x, scale_y = 1.0 / (width / cols), 1.0 / (height / rows)
+    if scale_x < 1 or scale_y < 1:
+        return _area_enlarge(pixels, width, height)
     fold_x, fold_y = round(scale_x), round(scale_y)
     if abs(scale_x - fold_x) < np.finfo(float).eps and abs(scale_y - fold_y) < np.finfo(float).eps:
         sums = pixels.astype(np.int64).reshape(height, fold_y, width, fold_x, -1).sum(axis=(1, 3))

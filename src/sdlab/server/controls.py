@@ -164,6 +164,23 @@ def unit_mask(unit: dict[str, Any], own: Any, image: Image.Image, init: Image.Im
     return None if init is None or image.size == init.size else Image.new("L", image.size)
 
 
+def clip_mask(unit: dict[str, Any], own: Any, image: Image.Image, what: str, limits: Limits) -> Image.Image | None:
+    """An IP-Adapter unit's mask, as the extension's `get_input_images_rgba` hands it to its CLIP preprocessor
+    (the picture's fourth channel, `clip_image.extension_clip_pixels`): its `mask` (or `mask_image`, or its own
+    image's `{image, mask}` object's), taken as it is; None without one, or without an image of its own (img2img's
+    init picture goes in as RGB). A mask of another size than the unit's picture is a 422, as the extension's
+    `combine_image_and_mask` refuses it."""
+    mask = unit.get("mask") or unit.get("mask_image") or (own.get("mask") if isinstance(own, dict) else None)
+    if not mask or not own:
+        return None
+    mask = mask if isinstance(mask, Image.Image) else decode_image(mask, f"{what} mask", limits)
+    try:
+        check_mask_size(image.size, mask.size, what)
+    except RequestError as err:
+        raise BadRequest(str(err), 422) from None
+    return mask
+
+
 def masks_something(mask: Image.Image) -> bool:
     """Whether the extension takes `mask` for a unit's mask: its first channel is not all 0 or all 255
     (`choose_input_image`'s `have_mask`) and is above 127 somewhere (`image_has_mask`); a uniform one is no
@@ -201,10 +218,12 @@ def a1111_ip_adapter(unit: dict[str, Any], index: int, folder: ModelFolder, limi
     what = f"control {index} (module {module!r})"
     own = image_field(unit.get("image") or unit.get("input_image") or None, what)
     image = hint_image(own or init, what, limits)
+    mask = clip_mask(unit, own, image, what, limits)
     path = model_path(unit["model"], what, folder)
     try:
         prompt = IPAdapterInput(path, image, unit.get("weight", 1.0), start=unit.get("guidance_start", 0.0),
-                                end=unit.get("guidance_end", unit.get("guidance", 1.0)), module=module, unit=index)
+                                end=unit.get("guidance_end", unit.get("guidance", 1.0)), module=module, unit=index,
+                                mask=mask)
         prompt = dataclasses.replace(prompt, image_encoder=unit_image_encoder(module, path))
         return check_ip_adapter(prompt, index, "a1111")
     except RequestError as err:
