@@ -155,6 +155,48 @@ def test_every_pass_starts_afresh(sd1, calls):
     assert "".join(calls) == "FssF"
 
 
+@pytest.fixture
+def sources(monkeypatch):
+    """Each U-Net call while the test runs: "F" (whole), "s" (shallow on features a whole call on the same
+    context left) or "X" (shallow on the features of a call on another context: another prompt's)."""
+    made: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}      # id(feature) -> (feature, its call's context)
+    seen: list[str] = []
+    forward = UNet.forward
+
+    def watched(self, x, t, context, *args, deep_cache=None, **kwargs):
+        shallow = deep_cache is not None and deep_cache.feature is not None
+        source = made.get(id(deep_cache.feature)) if shallow else None
+        out = forward(self, x, t, context, *args, deep_cache=deep_cache, **kwargs)
+        if shallow:
+            seen.append("s" if source is not None and torch.equal(source[1], context) else "X")
+        elif deep_cache is not None:
+            made[id(deep_cache.feature)] = (deep_cache.feature, context)
+            seen.append("F")
+        return out
+
+    monkeypatch.setattr(UNet, "forward", watched)
+    return seen
+
+
+@pytest.mark.parametrize("changes, interval, expected", [
+    # composable prompt (negative, part 1, part 2 each its own call); NGMS drops the negative at odd steps
+    (dict(prompt="a red apple AND a green pear"), 2, "FFF" "sss" "FFF" "sss" "FFF" "sss"),
+    (dict(prompt="a red apple AND a green pear", s_min_uncond=100.0), 2, "FFF" "ss" "FFF" "ss" "FFF" "ss"),
+    # NGMS on a plain prompt (the conditional rows alone where it skips: at 100 steps 0, 2, 4, at 1.0 step 4): a
+    # pass the last full step did not run runs whole, and the other pass's features outlive it
+    (dict(s_min_uncond=100.0), 3, "F" "F" "s" "F" "F" "s"),
+    (dict(s_min_uncond=1.0), 3, "F" "s" "s" "F" "F" "s"),
+])
+def test_each_pass_keeps_its_own_features(sources, changes, interval, expected):
+    """A cached call reuses the features its own pass (its conditioning) left since the last full step, whatever
+    calls a step leaves out; a pass the last full step did not run runs whole and keeps its own."""
+    bundle = tiny_bundle("sd1", seed=3)
+    request = GenerationRequest(prompt="a red apple", negative_prompt="blurry", steps=6, cfg_scale=5.0, seed=7,
+                                width=32, height=32, sampler="Euler", deep_cache=DeepCache(interval, 0))
+    sample_latents(bundle, replace(request, **changes))
+    assert "".join(sources) == expected
+
+
 def test_a_call_whose_rows_differ_runs_whole():
     run = DeepCacheRun(DeepCache(interval=3, branch=0), skip_block=0)
     slot = run.slot(0, rows=4)

@@ -20,12 +20,15 @@ in DeepCache's experiment pipeline only (`sample_from_quad_center(steps, n, cent
 have no defaults there), and `DeepCacheSDHelper` 0.1.1 with `skip_mode` other than "uniform" never runs a full step.
 
 What a "step" is (sdlab's choices where DeepCache, written for one model call per step, says nothing):
-- a sampler step: every model call of a full step runs whole (Heun's, DPM2's two), and the j-th call of a cached
-  step reuses the features of the j-th call of the last full step, so calls that see different things (Heun's
-  second evaluation, a negative prompt that runs in its own pass) keep their own features;
+- a sampler step: every model call of a full step runs whole (Heun's, DPM2's two), and a call of a cached step
+  reuses the features of the same pass at the last full step: a pass is the call's conditioning (its prompt
+  embeddings, pooled vector and row marks, compared by value) and its order among the step's calls on that
+  conditioning, so calls that see different things (Heun's second evaluation, each part of a composable prompt,
+  a negative prompt that runs in its own pass) keep their own features whatever calls a step leaves out;
 - CFG's negative and positive prompt, batched into one call, share one call's features row by row;
-- a call whose rows differ from those features' (a pass whose negative prompt is skipped at some steps) runs
-  whole and keeps its features;
+- a pass the last full step did not run (a negative prompt skipped there by NGMS, the conditional rows run
+  alone at another step) runs whole at its first call and keeps its features for the steps up to the next
+  full one; a pass's features never stand for another's;
 - each sampling pass starts empty: the hires fix's second pass, img2img's shortened schedule, every picture of
   a batch count (`DeepCacheRun` lives as long as one pass's model).
 """
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 DEEP_CACHE_FIELDS = ("interval", "branch")
@@ -75,27 +79,66 @@ class DeepFeature:
     feature: Tensor | None = None
 
 
+Conditioning = tuple["Tensor | None", ...]
+"""What a U-Net call is conditioned on, row by row (`ControlledUNet`: context, pooled vector y, cond_mark,
+identity_rows): two calls of a step on equal conditioning are the same pass."""
+
+
+def same_conditioning(a: Conditioning, b: Conditioning) -> bool:
+    """Whether two calls' conditionings are equal: the same tensors, or equal shapes and values."""
+    return len(a) == len(b) and all(
+        u is v or (u is not None and v is not None and u.shape == v.shape and u.dtype == v.dtype
+                   and u.device == v.device and torch.equal(u, v))
+        for u, v in zip(a, b))
+
+
+@dataclass
+class KeptFeature:
+    """The features a whole call of pass (`conditioning`, `order`) left since the last full step."""
+
+    conditioning: Conditioning
+    order: int
+    feature: Tensor
+
+
 @dataclass
 class DeepCacheRun:
-    """DeepCache over one sampling pass: which calls run whole, and the features each call position of the last
-    full step left (module docstring: a step's j-th call reuses the j-th call's)."""
+    """DeepCache over one sampling pass: which calls run whole, and the features each pass (its conditioning and
+    its order among the step's calls on it) left at its last whole call since the last full step (module
+    docstring)."""
 
     setting: DeepCache
     skip_block: int
-    features: dict[int, Tensor] = field(default_factory=dict)
+    kept: list[KeptFeature] = field(default_factory=list)
     step: int | None = None
-    call: int = 0
+    seen: list[Conditioning] = field(default_factory=list)   # the conditionings of this step's calls so far
+    current: tuple[Conditioning, int] = ((), 0)              # the pass of the call being made
 
-    def slot(self, step: int, rows: int) -> DeepFeature:
-        """The slot of the next model call, made in sampler step `step` on `rows` rows."""
-        self.call = self.call + 1 if step == self.step else 0
-        self.step = step
-        kept = self.features.get(self.call)
-        if self.setting.full_step(step) or kept is None or len(kept) != rows:
+    def slot(self, step: int, rows: int, conditioning: Conditioning = ()) -> DeepFeature:
+        """The slot of the next model call, made in sampler step `step` on `rows` rows conditioned on
+        `conditioning`: the features its pass left, else None (the call runs whole)."""
+        if step != self.step:
+            self.step, self.seen = step, []
+            if self.setting.full_step(step):
+                self.kept = []
+        order = sum(same_conditioning(c, conditioning) for c in self.seen)
+        self.seen.append(conditioning)
+        self.current = (conditioning, order)
+        kept = self._kept(conditioning, order)
+        if self.setting.full_step(step) or kept is None or len(kept.feature) != rows:
             return DeepFeature(self.skip_block)
-        return DeepFeature(self.skip_block, kept)
+        return DeepFeature(self.skip_block, kept.feature)
 
     def keep(self, slot: DeepFeature) -> None:
-        """Keep what a whole call left in its slot, for the same call of the steps up to the next full one."""
-        if slot.feature is not None:
-            self.features[self.call] = slot.feature
+        """Keep what a whole call left in its slot, for its pass's calls of the steps up to the next full one."""
+        conditioning, order = self.current
+        kept = self._kept(conditioning, order)
+        if slot.feature is None or (kept is not None and kept.feature is slot.feature):
+            return
+        if kept is not None:
+            self.kept.remove(kept)
+        self.kept.append(KeptFeature(conditioning, order, slot.feature))
+
+    def _kept(self, conditioning: Conditioning, order: int) -> KeptFeature | None:
+        return next((k for k in self.kept if k.order == order and same_conditioning(k.conditioning, conditioning)),
+                    None)

@@ -570,7 +570,8 @@ class ControlledUNet:
         if self.deep_cache is not None:
             if control_step is None:
                 raise ValueError("ControlledUNet: DeepCache needs each call's control_step (`tag_steps`)")
-            adapted["deep_cache"] = slot = self.deep_cache.slot(control_step[0], len(x))
+            adapted["deep_cache"] = slot = self.deep_cache.slot(   # each pass keeps its own features
+                control_step[0], len(x), (context, y, cond_mark, identity_rows))
         out = self.unet(x, t, context, y, control=control, guidance_emb=guidance_emb, freeu=freeu,
                         identity_rows=identity_rows, identity_layers=identity_layers,
                         image_prompt=image_prompt, **adapted)
