@@ -136,6 +136,8 @@ def calls(monkeypatch):
 @pytest.mark.parametrize("sampler, expected", [
     ("Euler", "FssFssF"),
     ("Heun", "FF" "ss" "ss" "FF" "ss" "ss" "F"),     # both calls of a step alike; Heun's last step calls once
+    ("DPM2 a", "FF" "ss" "ss" "FF" "ss" "ss" "F"),   # the midpoint call (below sigma_next) is its own step's
+    ("DPM++ 2S a", "FF" "ss" "ss" "FF" "ss" "ss" "F"),
 ])
 def test_a_step_is_a_sampler_step(sd1, calls, sampler, expected):
     ours_pipe, _ = sd1

@@ -258,7 +258,8 @@ def sample_dpm_2_ancestral(
         if sigma_down == 0:
             x = x + d * (sigma_down - sigma)
             continue
-        x, _ = _dpm2_midpoint_step(model, x, d, sigma, sigma_down, sigmas)
+        with within_step(i):        # the midpoint lies below sigma_next when sigma_down does
+            x, _ = _dpm2_midpoint_step(model, x, d, sigma, sigma_down, sigmas)
         x = _renoise(x, noise, sigmas, i, sigma_up, s_noise)
     return x
 
@@ -363,7 +364,8 @@ def sample_dpmpp_2s_ancestral(
             h = t_next - t
             sigma_mid = math.exp(-(t + h / 2))
             x_mid = (sigma_mid / sigma) * x - math.expm1(-h / 2) * unguided
-            _, unguided_mid = predict(x_mid, sigma_batch(sigma_mid, x, sigmas))
+            with within_step(i):    # the midpoint of sigma and sigma_down may lie below sigma_next
+                _, unguided_mid = predict(x_mid, sigma_batch(sigma_mid, x, sigmas))
             x = (sigma_down / sigma) * x - math.expm1(-h) * unguided_mid
         x = _renoise(x, noise, sigmas, i, sigma_up, s_noise)
         if cfg_pp:
