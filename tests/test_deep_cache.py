@@ -145,8 +145,10 @@ def test_a_step_is_a_sampler_step(sd1, calls, sampler, expected):
     assert "".join(calls) == expected             # CFG's negative and positive prompt: one call, one cache
 
 
-def test_every_pass_starts_afresh(sd1, calls):
-    """The hires fix's second pass and img2img's shortened schedule start with a full step."""
+def test_every_pass_counts_its_steps_from_its_first(sd1, calls):
+    """The hires fix's second pass and img2img's shortened schedule start with a full step. (This cannot tell a
+    fresh `DeepCacheRun` from one shared by the passes, since a full step forgets every kept feature:
+    `test_a_pass_after_a_one_step_pass_starts_empty` can.)"""
     ours_pipe, _ = sd1
     _ours(ours_pipe, dict(sampler="Euler"), DeepCache(interval=2, branch=1), hr_scale=1.5, hr_steps=3,
           hr_upscaler="Latent")
@@ -155,6 +157,29 @@ def test_every_pass_starts_afresh(sd1, calls):
     ours_pipe.img2img(PROMPT, init_picture(SIZE), 0.5, NEGATIVE, steps=8, seed=SEED,
                       sampler="Euler", cfg_scale=CFG, deep_cache=DeepCache(interval=3, branch=0))
     assert "".join(calls) == "FssF"
+
+
+def test_a_pass_after_a_one_step_pass_starts_empty(sd1, monkeypatch):
+    """A one-step first pass ends on step 0, the step the hires fix's second pass (at the same size) starts on:
+    without a fresh `DeepCacheRun` the second pass's step 1 would run on the first pass's step 0 features."""
+    made: list[torch.Tensor] = []          # each whole call's features, in call order
+    origins: list[int | None] = []         # each call: the whole call whose features it ran on (None: whole)
+    forward = UNet.forward
+
+    def watched(self, *args, deep_cache=None, **kwargs):
+        origin = next((i for i, f in enumerate(made) if f is deep_cache.feature), -1) \
+            if deep_cache is not None and deep_cache.feature is not None else None
+        out = forward(self, *args, deep_cache=deep_cache, **kwargs)
+        origins.append(origin)
+        made.append(deep_cache.feature if origin is None else None)
+        return out
+
+    monkeypatch.setattr(UNet, "forward", watched)
+    ours_pipe, _ = sd1
+    ours_pipe.txt2img(PROMPT, NEGATIVE, steps=1, cfg_scale=CFG, seed=SEED, width=SIZE, height=SIZE,
+                      deep_cache=DeepCache(interval=2, branch=1), sampler="Euler", hr_scale=1.0, hr_steps=3,
+                      hr_upscaler="Latent")
+    assert origins == [None] + [None, 1, None]      # pass 2's step 1 runs on pass 2's step 0 (call 1)
 
 
 @pytest.fixture
