@@ -30,7 +30,7 @@ from sdlab.pipeline.generate import generate, sample_latents
 from sdlab.pipeline.infotext import DEEP_CACHE_LABELS, from_parameters, to_parameters
 from sdlab.pipeline.plan import make_plan
 from sdlab.pipeline.png_info import format_parameters, parse_parameters, read_parameters
-from sdlab.pipeline.request import GenerationRequest, RequestError
+from sdlab.pipeline.request import GenerationRequest, RequestError, check_deep_cache
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -344,8 +344,20 @@ def test_the_infotext_reads_back_into_the_request():
         from_parameters({"DeepCache interval": "three"})
 
 
+def test_a_branch_alone_is_deep_cache_at_interval_3_at_every_door(tmp_path, capsys):
+    """The CLI's --deepcache-branch alone, the native API's {"branch": B} and DeepCache(branch=B): interval 3."""
+    model = tmp_path / "tiny-sd1.safetensors"
+    write_original(tiny_bundle("sd1", seed=3), model, junk=False)
+    out = tmp_path / "x.png"
+    assert run(["txt2img", "a wall", "--model", str(model), "--steps", "1", "--width", "32", "--height", "32",
+                "--no-progress", "--out", str(out), "--deepcache-branch", "1"], capsys)[0] == 0
+    recorded = parse_parameters(read_parameters(out))
+    assert {label: recorded[label] for label in DEEP_CACHE_LABELS} == {"DeepCache interval": "3",
+                                                                       "DeepCache branch": "1"}
+    assert check_deep_cache({"branch": 1}) == DeepCache(3, 1)       # the native API's object, as a request reads it
+
+
 @pytest.mark.parametrize("flags, message", [
-    (["--deepcache-branch", "1"], "--deepcache-branch sets DeepCache's --deepcache-interval N, which is not given"),
     (["--deepcache-interval", "0"], "DeepCache interval must be a whole number 1..1000"),
     (["--deepcache-interval", "2", "--deepcache-branch", "12"], r"DeepCache branch 12 \(level 4, layer 0\)"),
     (["--deepcache-interval", "x"], "invalid int value"),

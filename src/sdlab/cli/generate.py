@@ -687,14 +687,15 @@ def _add_deep_cache_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
     p.add_argument("--deepcache-branch", type=int, metavar="B",
                    help="DeepCache's cache_branch_id: the skip the shallow branch reaches, 0 (the default, cheapest: "
                         "the first convolution and the last decoder block) up to 11 (SD1 / SD2) or 8 (SDXL); "
-                        "deeper is slower and closer to the plain picture")
+                        "deeper is slower and closer to the plain picture; alone it turns DeepCache on at interval 3")
     if from_png:
         p.add_argument("--no-deepcache", action="store_true", help="draw without a --from-png picture's DeepCache")
 
 
 def _deep_cache_options(args: argparse.Namespace, options: dict[str, Any]) -> None:
     """The request's `deep_cache` from --deepcache-interval and --deepcache-branch, over a --from-png picture's
-    (`options["deep_cache"]`), or none with --no-deepcache. A branch without a DeepCache to set is a UserError."""
+    (`options["deep_cache"]`), or none with --no-deepcache. A branch alone turns DeepCache on at `DeepCache`'s
+    interval 3, as the native API's `deep_cache` object with a branch only does."""
     interval, branch = getattr(args, "deepcache_interval", None), getattr(args, "deepcache_branch", None)
     if getattr(args, "no_deepcache", False):
         if interval is not None or branch is not None:
@@ -702,9 +703,7 @@ def _deep_cache_options(args: argparse.Namespace, options: dict[str, Any]) -> No
         options.pop("deep_cache", None)
         return
     setting = dict(options.get("deep_cache") or {})
-    if interval is None and not setting:
-        if branch is not None:
-            raise UserError("--deepcache-branch sets DeepCache's --deepcache-interval N, which is not given")
+    if interval is None and branch is None and not setting:
         return
     setting.update({name: value for name, value in (("interval", interval), ("branch", branch)) if value is not None})
     options["deep_cache"] = setting
