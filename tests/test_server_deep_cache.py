@@ -69,3 +69,22 @@ def test_a_native_job_draws_records_and_redraws_deep_cache(client):
 def test_a_bad_native_setting_is_refused(client, deep_cache, status, words):
     refused = client.post("/api/jobs", json={**BASE, "deep_cache": deep_cache})
     assert refused.status_code == status and words in refused.text, refused.text
+
+
+def test_a_branch_a_model_not_yet_loaded_lacks_fails_the_job_naming_it(tmp_path_factory):
+    """The submit check needs the model's U-Net: for a model not loaded when the job is posted the job is taken
+    (202) and fails as it starts, before sampling, with the same line (docs/server.md)."""
+    from server_fixtures import run_job, start_server, write_preset_models
+
+    root = tmp_path_factory.mktemp("deep-cache-server")
+    loaded = write_preset_models(root / "models")
+    server = start_server(root / "outputs", "--models-dir", str(root / "models"), "--model", str(loaded))
+    try:
+        with httpx.Client(base_url=server.url, timeout=120) as client:
+            job = run_job(client, {**BASE, "width": 32, "height": 32, "model": "plain.safetensors",
+                                   "deep_cache": {"interval": 3, "branch": 99}})
+    finally:
+        server.stop()
+    assert job["status"] == "failed" and job["images"] == [], job
+    assert "DeepCache branch 99 (level 33, layer 0) is not in this U-Net" in str(job["error"]), job
+    assert "Traceback" not in str(job["error"]), job
