@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -131,6 +132,18 @@ def wait_for_job(client: httpx.Client, job_id: str, timeout_s: float = 120) -> d
             return job
         time.sleep(0.02)
     raise AssertionError(f"job {job_id} did not finish")
+
+
+def drawn_job(client: httpx.Client, body: dict) -> dict:
+    """`run_job`, asserting the job ended done."""
+    job = run_job(client, body)
+    assert job["status"] == "done", job
+    return job
+
+
+def job_pixels(client: httpx.Client, job: dict, index: int = 0) -> np.ndarray:
+    """A done job's picture ``index`` as RGB int16 pixels (differences do not wrap)."""
+    return np.asarray(png_picture(client.get(job["images"][index]).content).convert("RGB"), dtype=np.int16)
 
 
 def b64_png(image: Image.Image) -> str:

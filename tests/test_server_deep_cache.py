@@ -6,16 +6,12 @@ settings from `shared.opts` keys that changed between its versions, with another
 from __future__ import annotations
 
 import base64
-import io
-import time
 
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
-from server_fixtures import sdlab_server  # noqa: F401  (a session fixture)
+from server_fixtures import drawn_job as _drawn, job_pixels as _pixels, sdlab_server  # noqa: F401
 
-FINAL = {"done", "failed", "cancelled"}
 BASE = {"prompt": "a cached house", "steps": 4, "seed": 11, "width": 64, "height": 64, "sampler": "Euler"}
 
 
@@ -23,23 +19,6 @@ BASE = {"prompt": "a cached house", "steps": 4, "seed": 11, "width": 64, "height
 def client(sdlab_server):
     with httpx.Client(base_url=sdlab_server.url, timeout=120) as c:
         yield c
-
-
-def _drawn(client: httpx.Client, body: dict) -> dict:
-    created = client.post("/api/jobs", json=body)
-    assert created.status_code == 202, created.text
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        job = client.get(f"/api/jobs/{created.json()['id']}").json()
-        if job["status"] in FINAL:
-            assert job["status"] == "done", job
-            return job
-        time.sleep(0.05)
-    raise AssertionError(f"job {created.json()['id']} did not finish")
-
-
-def _pixels(client: httpx.Client, job: dict) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(client.get(job["images"][0]).content)).convert("RGB"), dtype=np.int16)
 
 
 def test_a_native_job_draws_records_and_redraws_deep_cache(client):
