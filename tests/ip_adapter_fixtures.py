@@ -92,3 +92,29 @@ def ip_adapter_plus_state(cross_widths: list[int], context_dim: int, hidden_dim:
         proj[f"layers.{i}.1.3.weight"] = draw(width, 4 * width)
     base = ip_adapter_state(cross_widths, context_dim, 8, seed=seed + 1, std=std)
     return {"image_proj": proj, "ip_adapter": base["ip_adapter"]}
+
+
+def write_shipped_model_ip_adapter(models: Path) -> Path:
+    """A server's models folder for the shipped model: ip-adapter_tiny.safetensors in its ControlNet folder (base
+    adapter for the shipped U-Net's cross-attentions) and the image encoder in models/image_encoder."""
+    import sdlab
+    from sdlab.models.ip_adapter import cross_attentions
+
+    (models / "ControlNet").mkdir(parents=True)
+    bundle = sdlab.load().bundle
+    write_image_encoder(models / "image_encoder", seed=2, projection=32)
+    widths = [attn.to_q.weight.shape[0] for attn in cross_attentions(bundle.unet)]
+    write_ip_adapter(models / "ControlNet" / "ip-adapter_tiny.safetensors",
+                     ip_adapter_state(widths, bundle.unet_config.context_dim, 32, seed=3, std=0.3))
+    return models
+
+
+def reference_png() -> bytes:
+    """A reference picture's PNG bytes: a 200x160 corner of the sample sheet."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.open(SAMPLE_PICTURE).convert("RGB").crop((0, 0, 200, 160)).save(buffer, "PNG")
+    return buffer.getvalue()

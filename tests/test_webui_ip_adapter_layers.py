@@ -4,12 +4,9 @@ the next job sends again."""
 
 from __future__ import annotations
 
-import io
-
 import pytest
-from PIL import Image
 
-from ip_adapter_fixtures import SAMPLE_PICTURE, ip_adapter_state, write_image_encoder, write_ip_adapter
+from ip_adapter_fixtures import reference_png, write_shipped_model_ip_adapter
 from server_fixtures import start_server
 from test_webui import (  # noqa: F401  (fixtures: browser, page)
     By, Select, browser, drop_file, http_json, open_page, page, set_value, text, value, wait, wait_job,
@@ -21,32 +18,17 @@ LAYERS = "mid=1 up.block_1=0/1"
 @pytest.fixture(scope="module")
 def base_url(tmp_path_factory: pytest.TempPathFactory):
     """A server with ip-adapter_tiny.safetensors in its ControlNet folder and the image encoder one folder up."""
-    import sdlab
-    from sdlab.models.ip_adapter import cross_attentions
-
     root = tmp_path_factory.mktemp("webui-ip-layers")
-    models = root / "models"
-    (models / "ControlNet").mkdir(parents=True)
-    bundle = sdlab.load().bundle                    # the shipped model the server draws with
-    write_image_encoder(models / "image_encoder", seed=2, projection=32)
-    widths = [attn.to_q.weight.shape[0] for attn in cross_attentions(bundle.unet)]
-    write_ip_adapter(models / "ControlNet" / "ip-adapter_tiny.safetensors",
-                     ip_adapter_state(widths, bundle.unet_config.context_dim, 32, seed=3, std=0.3))
+    models = write_shipped_model_ip_adapter(root / "models")
     server = start_server(root / "outputs", "--models-dir", str(models))
     yield server.url.rstrip("/")
     server.stop()
 
 
-def _reference_png() -> bytes:
-    buffer = io.BytesIO()
-    Image.open(SAMPLE_PICTURE).convert("RGB").crop((0, 0, 200, 160)).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
 def _reference_b64() -> str:
     import base64
 
-    return base64.b64encode(_reference_png()).decode()
+    return base64.b64encode(reference_png()).decode()
 
 
 def _adapter_title(driver) -> str:
@@ -60,7 +42,7 @@ def test_layers_select_sends_shows_refusals_and_reuses(page, base_url):
     wait(page, lambda d: d.execute_script("return document.getElementById('ipa_model').options.length > 1"), 30,
          "the IP-Adapter list did not load")
     Select(page.find_element(By.ID, "ipa_model")).select_by_value(_adapter_title(page))
-    drop_file(page, _reference_png(), "reference.png", "ipa_drop")
+    drop_file(page, reference_png(), "reference.png", "ipa_drop")
     wait(page, lambda d: d.find_element(By.ID, "ipa_view").is_displayed(), 10, "the dropped picture is not shown")
     assert [o.get_attribute("value") for o in Select(page.find_element(By.ID, "ipa_layers")).options] == [
         "", "style", "style+layout"]
@@ -86,7 +68,7 @@ def test_layers_select_sends_shows_refusals_and_reuses(page, base_url):
     page.find_element(By.CSS_SELECTOR, f"{card} button.reuse").click()
     wait(page, lambda d: value(d, "ipa_layers") == LAYERS, 20, "Reuse did not select the job's layers")
     assert value(page, "ipa_scale") == "0.8"
-    drop_file(page, _reference_png(), "reference.png", "ipa_drop")
+    drop_file(page, reference_png(), "reference.png", "ipa_drop")
     wait(page, lambda d: d.find_element(By.ID, "ipa_view").is_displayed(), 10, "the dropped picture is not shown")
     sent = page.execute_script("return JSON.parse(JSON.stringify(collectRequest()))")["ip_adapters"][0]
     assert sent["layer_scales"] == LAYERS and sent["scale"] == 0.8

@@ -3,12 +3,9 @@ as the native `start` / `end` and the job draws with it, and Reuse of a job with
 
 from __future__ import annotations
 
-import io
-
 import pytest
-from PIL import Image
 
-from ip_adapter_fixtures import SAMPLE_PICTURE, ip_adapter_state, write_image_encoder, write_ip_adapter
+from ip_adapter_fixtures import reference_png, write_shipped_model_ip_adapter
 from server_fixtures import start_server
 from test_webui import (  # noqa: F401  (fixtures: browser, page)
     By, Select, browser, drop_file, http_json, open_page, page, set_value, value, wait, wait_job,
@@ -18,26 +15,11 @@ from test_webui import (  # noqa: F401  (fixtures: browser, page)
 @pytest.fixture(scope="module")
 def base_url(tmp_path_factory: pytest.TempPathFactory):
     """A server with ip-adapter_tiny.safetensors in its ControlNet folder and the image encoder one folder up."""
-    import sdlab
-    from sdlab.models.ip_adapter import cross_attentions
-
     root = tmp_path_factory.mktemp("webui-ip-window")
-    models = root / "models"
-    (models / "ControlNet").mkdir(parents=True)
-    bundle = sdlab.load().bundle
-    write_image_encoder(models / "image_encoder", seed=2, projection=32)
-    widths = [attn.to_q.weight.shape[0] for attn in cross_attentions(bundle.unet)]
-    write_ip_adapter(models / "ControlNet" / "ip-adapter_tiny.safetensors",
-                     ip_adapter_state(widths, bundle.unet_config.context_dim, 32, seed=3, std=0.3))
+    models = write_shipped_model_ip_adapter(root / "models")
     server = start_server(root / "outputs", "--models-dir", str(models))
     yield server.url.rstrip("/")
     server.stop()
-
-
-def _reference_png() -> bytes:
-    buffer = io.BytesIO()
-    Image.open(SAMPLE_PICTURE).convert("RGB").crop((0, 0, 200, 160)).save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 def _sent(page) -> dict:
@@ -53,7 +35,7 @@ def test_the_window_boxes_send_draw_and_reuse(page, base_url):
     titles = page.execute_script("return [...document.getElementById('ipa_model').options].map((o) => o.value)")
     Select(page.find_element(By.ID, "ipa_model")).select_by_value(
         next(title for title in titles if title.startswith("ip-adapter_tiny [")))
-    drop_file(page, _reference_png(), "reference.png", "ipa_drop")
+    drop_file(page, reference_png(), "reference.png", "ipa_drop")
     wait(page, lambda d: d.find_element(By.ID, "ipa_view").is_displayed(), 10, "the dropped picture is not shown")
     assert value(page, "ipa_start") == "0" and value(page, "ipa_end") == "1"
     assert "start" not in _sent(page) and "end" not in _sent(page)            # every step: nothing sent
@@ -65,7 +47,7 @@ def test_the_window_boxes_send_draw_and_reuse(page, base_url):
     job = http_json(base_url, "/api/jobs", {"prompt": "windowed", "steps": 4, "width": 64, "height": 64,
                                             "ip_adapters": [{"model": "ip-adapter_tiny", "scale": 0.8, "start": 0.5,
                                                              "end": 0.75,
-                                                             "image": base64.b64encode(_reference_png()).decode()}]})
+                                                             "image": base64.b64encode(reference_png()).decode()}]})
     done = wait_job(base_url, job["id"])
     assert done["status"] == "done", done
     assert done["request"]["ip_adapters"][0]["start"] == 0.5 and done["request"]["ip_adapters"][0]["end"] == 0.75
@@ -75,7 +57,7 @@ def test_the_window_boxes_send_draw_and_reuse(page, base_url):
     page.find_element(By.CSS_SELECTOR, f"{card} button.reuse").click()
     wait(page, lambda d: value(d, "ipa_start") == "0.5", 20, "Reuse did not fill the Starting step")
     assert value(page, "ipa_end") == "0.75" and value(page, "ipa_scale") == "0.8"
-    drop_file(page, _reference_png(), "reference.png", "ipa_drop")
+    drop_file(page, reference_png(), "reference.png", "ipa_drop")
     wait(page, lambda d: d.find_element(By.ID, "ipa_view").is_displayed(), 10, "the dropped picture is not shown")
     sent = _sent(page)
     assert sent["start"] == 0.5 and sent["end"] == 0.75
