@@ -368,21 +368,21 @@ def test_cli_image_cfg_scale_is_drawn_recorded_and_redrawn(edit_file, tmp_path, 
 
 def _no_image_guidance_picture(edit_file, path: Path):
     """An edit model's picture drawn under A1111's convention without image guidance (A1111's API default): no
-    `Image CFG scale` label."""
+    `Image CFG scale` label (as A1111), sdlab's `Image guidance: none`."""
     from sdlab.pipeline.infotext import to_parameters
     from sdlab.pipeline.png_info import format_parameters, save_png_atomic
 
     result = sdlab.load(edit_file).img2img(INSTRUCTION, init_picture(SIZE), steps=3, seed=3, sampler="Euler",
                                            image_cfg_scale=None, img2img_convention="a1111")
-    text = format_parameters(to_parameters(result.request))
-    assert "Image CFG scale" not in text and "Img2img steps: a1111" in text
+    text = format_parameters(to_parameters(result.request, edit_model=True))
+    assert "Image CFG scale" not in text and "Image guidance: none" in text and "Img2img steps: a1111" in text
     save_png_atomic(result.images[0], path, text)
     return np.asarray(result.images[0], dtype=np.int16)
 
 
 def test_cli_from_png_redraws_a_picture_drawn_without_image_guidance(edit_file, tmp_path, capsys):
-    """Without the label, a picture drawn under A1111's convention had no image guidance: --from-png draws it so
-    (not at the CLI's default 1.5) and writes no label either; --image-cfg-scale still overrides. The picture is
+    """A picture drawn under A1111's convention without image guidance (`Image guidance: none`): --from-png draws
+    it so (not at the CLI's default 1.5) and records it so; --image-cfg-scale still overrides. The picture is
     drawn by the Python API in this process and the CLI's run may use other threads: within 1/255."""
     from cli_helpers import pixels, run
     from sdlab.pipeline.png_info import read_parameters
@@ -395,9 +395,49 @@ def test_cli_from_png_redraws_a_picture_drawn_without_image_guidance(edit_file, 
     code, _, err = run([*line, "--out", str(again)], capsys)
     assert code == 0, err
     assert np.abs(pixels(again) - drawn).max() <= 1 and "Image CFG scale" not in read_parameters(again)  # 16 at 1.5
+    assert "Image guidance: none" in read_parameters(again)
     code, _, err = run([*line, "--image-cfg-scale", "1.5", "--out", str(guided)], capsys)
     assert code == 0, err
     assert "Image CFG scale: 1.5" in read_parameters(guided) and np.abs(pixels(guided) - drawn).max() > MAX_PIXEL_DIFF
+
+
+def _non_edit_picture(tmp_path: Path, capsys) -> Path:
+    """An img2img picture the CLI drew with a plain SD1 model, which records no image scale."""
+    from cli_helpers import run
+    from sdlab.pipeline.png_info import read_parameters
+
+    model, init, out = tmp_path / "sd1.safetensors", tmp_path / "init.png", tmp_path / "nonedit.png"
+    write_original(tiny_bundle("sd1", seed=3), model)
+    init_picture(SIZE).save(init)
+    code, _, err = run(["img2img", INSTRUCTION, "--steps", "3", "--seed", "3", "--sampler", "Euler", "--no-progress",
+                        "--model", str(model), "--init", str(init), "--out", str(out)], capsys)
+    assert code == 0, err
+    assert "Image CFG scale" not in read_parameters(out) and "Image guidance" not in read_parameters(out)
+    return out
+
+
+def test_cli_from_png_of_a_picture_without_an_image_scale_draws_the_default(edit_file, tmp_path, capsys):
+    """A picture without `Image CFG scale` or `Image guidance` (another model's, or A1111's) read into an edit model
+    draws at the default image scale 1.5, as A1111's paste leaves its slider (before: no image guidance)."""
+    from cli_helpers import pixels, run
+    from sdlab.pipeline.infotext import from_parameters
+    from sdlab.pipeline.png_info import parse_parameters, read_parameters
+
+    plain = _non_edit_picture(tmp_path, capsys)
+    line = ["img2img", "--from-png", str(plain), "--model", str(edit_file), "--init", str(tmp_path / "init.png"),
+            "--no-progress"]
+    again, guided, none = tmp_path / "again.png", tmp_path / "guided.png", tmp_path / "none.png"
+    for out, extra in ((again, []), (guided, ["--image-cfg-scale", "1.5"]), (none, ["--image-cfg-scale", "none"])):
+        code, _, err = run([*line, *extra, "--out", str(out)], capsys)
+        assert code == 0, err
+    assert "Image CFG scale: 1.5" in read_parameters(again) and np.array_equal(pixels(again), pixels(guided))
+    assert np.abs(pixels(again) - pixels(none)).max() > MAX_PIXEL_DIFF
+    a1111 = ("make it winter\nSteps: 3, Sampler: Euler, CFG scale: 7.5, Seed: 3, Size: 32x32, "
+             "Denoising strength: 0.75, Model hash: 0123456789")
+    assert "image_cfg_scale" not in from_parameters(parse_parameters(a1111))
+    assert from_parameters(parse_parameters(a1111 + ", Image guidance: none"))["image_cfg_scale"] is None
+    with pytest.raises(ValueError, match="the PNG's 'Image guidance' value 'off' is not 'none'"):
+        from_parameters(parse_parameters(a1111 + ", Image guidance: off"))
 
 
 def test_cli_image_cfg_scale_none_draws_records_and_redraws_without_image_guidance(edit_file, tmp_path, capsys):
@@ -414,13 +454,14 @@ def test_cli_image_cfg_scale_none_draws_records_and_redraws_without_image_guidan
             "--init", str(init)]
     code, _, err = run(["img2img", INSTRUCTION, "--image-cfg-scale", "None", "--out", str(none), *fast], capsys)
     assert code == 0, err
-    assert "Image CFG scale" not in read_parameters(none)
+    assert "Image CFG scale" not in read_parameters(none) and "Image guidance: none" in read_parameters(none)
     python = sdlab.load(edit_file).img2img(INSTRUCTION, init_picture(SIZE), steps=3, seed=3, sampler="Euler",
                                            image_cfg_scale=None)
     assert np.abs(pixels(none) - np.asarray(python.images[0], dtype=np.int16)).max() <= 1
     code, _, err = run(["img2img", INSTRUCTION, "--image-cfg-scale", "1", "--out", str(one), *fast], capsys)
     assert code == 0, err
     assert np.array_equal(pixels(one), pixels(none)) and "Image CFG scale: 1" in read_parameters(one)
+    assert "Image guidance" not in read_parameters(one)
     code, _, err = run(["img2img", "--from-png", str(none), "--out", str(again), *fast[6:]], capsys)
     assert code == 0, err
     assert np.array_equal(pixels(again), pixels(none)) and "Image CFG scale" not in read_parameters(again)
@@ -475,6 +516,8 @@ def test_servers_draw_an_edit_model_and_refuse_its_txt2img(edit_server):
         assert "Image CFG scale: 1.25" in sent.json()["info"]
         unset = client.post("/sdapi/v1/img2img", json=body)
         assert unset.status_code == 200 and "Image CFG scale" not in unset.json()["info"]
+        assert "Image guidance: none" in unset.json()["info"] and "Image guidance" not in sent.json()["info"]
+        assert "Image guidance" not in json.loads(unset.json()["info"])["extra_generation_params"]   # sdlab's label
         refused = client.post("/sdapi/v1/txt2img", json={"prompt": INSTRUCTION, "steps": 2})
         assert 400 <= refused.status_code < 500 and "edit (InstructPix2Pix) model" in refused.text
         job = run_job(client, {"mode": "img2img", "prompt": INSTRUCTION, "steps": 2, "seed": 1, "init_image": image})
@@ -503,6 +546,24 @@ def test_api_parameters_of_a_picture_drawn_without_image_guidance_redraw_it(edit
     assert np.abs(again - drawn).max() <= 1          # the server's threads may differ from this process's
 
 
+def test_api_parameters_of_a_picture_without_an_image_scale_leave_the_default(edit_server, tmp_path, capsys):
+    """`/api/parameters` of an img2img picture another model drew (no `Image CFG scale`, no `Image guidance`) gives
+    no image_cfg_scale (before: "none"), so a native job of those settings on an edit model draws at 1.5."""
+    import base64
+
+    import httpx
+    from server_fixtures import b64_png, run_job
+
+    png = base64.b64encode(_non_edit_picture(tmp_path, capsys).read_bytes()).decode()
+    with httpx.Client(base_url=edit_server.url, timeout=120) as client:
+        settings = client.post("/api/parameters", json={"image": png}).json()["settings"]
+        assert settings.get("image_cfg_scale") is None
+        job = run_job(client, {**{key: value for key, value in settings.items() if value is not None and key != "model"},
+                               "mode": "img2img", "init_image": b64_png(init_picture(SIZE))})   # the other model's
+        assert job["status"] == "done", job
+        assert "Image CFG scale: 1.5" in job["infotexts"][0] and "Image guidance" not in job["infotexts"][0]
+
+
 def test_the_native_api_says_no_image_guidance_with_none(edit_server):
     """A native job's image_cfg_scale "none": no image guidance (the picture in both passes), as image scale 1 draws
     it, recorded as sent and without `Image CFG scale`; unset and null are 1.5; `/api/parameters` of its picture
@@ -521,8 +582,12 @@ def test_the_native_api_says_no_image_guidance_with_none(edit_server):
             return job, client.get(job["images"][0]).content
 
         (none, none_png), (one, one_png) = drawn(image_cfg_scale="none"), drawn(image_cfg_scale=1.0)
+        for spelling in ("None", " NONE "):                 # any case, as the CLI's --image-cfg-scale
+            same, same_png = drawn(image_cfg_scale=spelling)
+            assert same_png == none_png and same["request"]["image_cfg_scale"] == "none"
         (null, null_png), (unset, unset_png) = drawn(image_cfg_scale=None), drawn()
         assert none["request"]["image_cfg_scale"] == "none" and "Image CFG scale" not in none["infotexts"][0]
+        assert "Image guidance: none" in none["infotexts"][0] and "Image guidance" not in one["infotexts"][0]
         assert np.array_equal(np.asarray(Image.open(io.BytesIO(none_png))), np.asarray(Image.open(io.BytesIO(one_png))))
         assert "Image CFG scale: 1.5" in null["infotexts"][0] and "Image CFG scale: 1.5" in unset["infotexts"][0]
         assert null_png == unset_png != none_png

@@ -44,9 +44,10 @@ def test_the_image_cfg_scale_slider_is_sent_and_filled(page, base_url):
 
 
 def test_a_picture_drawn_without_image_guidance_ticks_none(page, base_url):
-    """An img2img picture A1111 drew without `Image CFG scale` (its API's default: no image guidance) ticks the
-    slider's None, which sends image_cfg_scale "none" (the native API's no image guidance) and greys the slider; a
-    picture with the label unticks it and sets the slider; unticked by hand the slider's value is sent again."""
+    """An img2img picture an edit model drew without image guidance (`Image guidance: none`) ticks the slider's
+    None, which sends image_cfg_scale "none" (the native API's no image guidance) and greys the slider; a picture
+    with neither label (another model's, or A1111's) leaves both as they are (A1111's paste); a picture with
+    `Image CFG scale` unticks it and sets the slider; unticked by hand the slider's value is sent again."""
     page.find_element(By.ID, "tab-img2img").click()
     drop_file(page, _png(), "init.png", "init-drop")
     wait(page, lambda d: d.execute_script("return state.initImage !== null"), 20, "the init picture was not read")
@@ -57,12 +58,20 @@ def test_a_picture_drawn_without_image_guidance_ticks_none(page, base_url):
     wait(page, lambda d: text(d, "notice") == "Settings read from plain.png", 20, "the PNG was not read cleanly")
     page.find_element(By.ID, "tab-img2img").click()
     none = page.find_element(By.ID, "image_cfg_none")
+    assert not none.is_selected() and page.execute_script("return collectRequest()")["image_cfg_scale"] == 1.2
+    drop_file(page, png_with_parameters(parameters + ", Image guidance: none"), "none.png")
+    wait(page, lambda d: text(d, "notice") == "Settings read from none.png", 20, "the PNG was not read cleanly")
+    page.find_element(By.ID, "tab-img2img").click()
     assert none.is_selected() and not page.find_element(By.ID, "image_cfg_scale").is_enabled()
     assert page.execute_script("return collectRequest()")["image_cfg_scale"] == "none"
     none.click()
     assert page.find_element(By.ID, "image_cfg_scale").is_enabled()
     assert page.execute_script("return collectRequest()")["image_cfg_scale"] == 1.2
     none.click()
+    drop_file(page, png_with_parameters(parameters), "plain.png")      # stays ticked
+    wait(page, lambda d: text(d, "notice") == "Settings read from plain.png", 20, "the PNG was not read cleanly")
+    page.find_element(By.ID, "tab-img2img").click()
+    assert none.is_selected() and page.execute_script("return collectRequest()")["image_cfg_scale"] == "none"
     drop_file(page, png_with_parameters(parameters.replace("Seed: 3", "Image CFG scale: 1.75, Seed: 3")), "edit.png")
     wait(page, lambda d: text(d, "notice") == "Settings read from edit.png", 20, "the PNG was not read cleanly")
     page.find_element(By.ID, "tab-img2img").click()

@@ -615,7 +615,8 @@ class _CellDrawing:
                               prompt=to_record, vae=vae, refiner=refiner if result.refined else None,
                               embeddings=[(e.name, embedding_hash(e.path))
                                           for e in pipe.embeddings_used(result.request)],
-                              hires_loras=hires_tag_refs(result.request, loras.find, lora_hash))
+                              hires_loras=hires_tag_refs(result.request, loras.find, lora_hash),
+                              edit_model=pipe.bundle.family.is_edit)
                 for result in drawn[index] for i in range(len(result.images))]
         self.results.update(drawn)
 

@@ -38,7 +38,7 @@ from sdlab.pipeline.prompt_loras import resolve_prompt_loras, split_prompt_loras
 from sdlab.pipeline.prompt_schedule import old_rule_differs
 from sdlab.pipeline.prompt_syntax import strip_comments
 from sdlab.pipeline.request import (
-    GenerationRequest, hires_base_size, runs_a1111_unipc, sampler_init_noise, sgm_noise_multiplied,
+    NO_IMAGE_GUIDANCE, GenerationRequest, hires_base_size, runs_a1111_unipc, sampler_init_noise, sgm_noise_multiplied,
 )
 from sdlab.pipeline.upscale import a1111_upscaler_name
 
@@ -229,7 +229,7 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
                   prompt: str | None = None, embeddings: Sequence[tuple[str, str]] = (),
                   refiner: RefinerRef | None = None,
                   vae: tuple[str, str | None] | None = None,
-                  hires_loras: Sequence[LoraRef] = ()) -> dict[str, Any]:
+                  hires_loras: Sequence[LoraRef] = (), edit_model: bool = False) -> dict[str, Any]:
     """The labelled parameters of image `index` of a resolved request (its seed is seed + index).
 
     `loras` are the LoRAs merged into the model: each gets a `<lora:NAME:WEIGHT>` tag in the prompt
@@ -240,7 +240,8 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
     [hash]`, `Refiner switch at`) with the handoff rule (`Refiner steps`). `vae` is a standalone VAE that replaced the
     model's: (file name, short hash), A1111's `VAE hash` and `VAE`. `hires_loras` are the LoRAs the hires prompt's
     tags merge in the second pass (`tag_refs`): `Lora hashes` names those not in `loras` after them, as A1111's
-    `lora_hashes` gathers both passes' networks.
+    `lora_hashes` gathers both passes' networks. `edit_model`: an edit (InstructPix2Pix) model drew it, whose img2img
+    without image guidance (image scale None) is recorded as `Image guidance: none` (`no_image_guidance_label`).
     """
     p: dict[str, Any] = {
         PROMPT: with_lora_tags(strip_comments(req.prompt if prompt is None else prompt), loras),
@@ -251,6 +252,7 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         **_schedule_overrides(req),
         "CFG scale": req.cfg_scale,
         "Image CFG scale": req.image_cfg_scale,     # None unless an edit model drew with it (`drawn_request`)
+        "Image guidance": no_image_guidance_label(req, edit_model),
         "Seed": req.seeds()[index],
         "Size": "{}x{}".format(*hires_base_size(req)) if req.hires else f"{req.width}x{req.height}",
         "Variation seed": req.subseeds()[index] if req.subseed_strength else None,
@@ -308,6 +310,16 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         "Version": version_label(),
     }
     return p
+
+
+def no_image_guidance_label(req: GenerationRequest, edit_model: bool) -> str | None:
+    """sdlab's `Image guidance: none` where an edit model drew an img2img picture without image guidance (image scale
+    None: A1111's unset field), which A1111 records by leaving `Image CFG scale` out; a picture without either label
+    (any other model's, which never writes it) reads as the default image scale, as A1111's paste leaves its slider.
+    A1111 passes over the label (its paste knows no such field and adds no setting for it)."""
+    if edit_model and req.init_image is not None and req.image_cfg_scale is None:
+        return NO_IMAGE_GUIDANCE
+    return None
 
 
 def merged_at_load(req: GenerationRequest, loras: Sequence[LoraRef]) -> list[LoraRef]:
@@ -743,8 +755,9 @@ def from_parameters(p: dict[str, Any]) -> dict[str, Any]:
     fields.update(_etas(p, fields))
     if not drawn_by_sdlab(p):
         _as_a1111_ran(fields)
-    if _img2img_picture(p):     # no label: an edit model drew without image guidance (A1111's rule; sdlab writes
-        fields.setdefault("image_cfg_scale", None)  # the label wherever one drew with it, under any convention)
+    if "Image guidance" in p and _label_flag("Image guidance", p["Image guidance"], {NO_IMAGE_GUIDANCE: True}):
+        fields["image_cfg_scale"] = None    # sdlab's edit picture without image guidance; without either label the
+                                            # default (A1111's paste leaves its Image CFG Scale slider as it is)
     for name in ("schedule", "hr_schedule", "hr_sampler"):
         if name in fields and fields[name] is None:         # "Automatic" in sdlab's files: the model's default
             del fields[name]
@@ -752,13 +765,6 @@ def from_parameters(p: dict[str, Any]) -> dict[str, Any]:
 
 
 _SAME_AS_FIRST = {"hr_sampler": "Use same sampler", "hr_schedule": "Use same scheduler"}   # A1111's defaults
-
-
-def _img2img_picture(p: dict[str, Any]) -> bool:
-    """Whether parsed parameters `p` are an img2img or inpainting picture's: a Denoising strength that is not a hires
-    fix's (sdlab's files also say `Img2img steps`, for those alone)."""
-    hires = "First pass size" in p or any(label.startswith("Hires ") for label in p)
-    return "Img2img steps" in p or ("Denoising strength" in p and not hires)
 
 
 def _sampler_and_schedule(fields: dict[str, Any], sampler: str, schedule: str) -> None:

@@ -888,10 +888,10 @@ SDLAB_LABELS = frozenset({
     "SDXL original size", "SDXL target size", "SDXL negative original size", "SDXL negative target size",
     "SDXL crop top", "SDXL crop left", "SDXL negative crop top", "SDXL negative crop left",
     "SDXL aesthetic score", "SDXL negative aesthetic score", "Clip skip SDXL", "Prompt 2", "Negative prompt 2",
-    "CFG rescale",
+    "CFG rescale", "Image guidance",
 })
 """The labels sdlab writes of settings A1111 has no label for (its own conventions, SDXL's conditioning and second
-prompts, A1111's Clip skip SDXL option, diffusers' guidance rescale)."""
+prompts, A1111's Clip skip SDXL option, diffusers' guidance rescale, an edit model's no image guidance)."""
 NOT_EXTRA_LABELS = A1111_FIXED_LABELS | SDLAB_LABELS
 """The labels `_written_extra_parameters` leaves out."""
 

@@ -245,6 +245,14 @@ class JobIn(NullsAreDefaults):
             raise ValueError(f"{info.field_name} must be a number in [0, 1), got {str(value).lower()}")
         return value
 
+    @field_validator("image_cfg_scale", mode="before")
+    @classmethod
+    def _none_in_any_case(cls, value: Any) -> Any:
+        """"none" in any case and spacing ("None", " NONE"), as the CLI's --image-cfg-scale reads it."""
+        if isinstance(value, str) and value.strip().lower() == NO_IMAGE_GUIDANCE:
+            return NO_IMAGE_GUIDANCE
+        return value
+
 
 SDXL_CONDITIONING = ("original_size", "crops_coords_top_left", "target_size", "aesthetic_score",
                      "negative_original_size", "negative_crops_coords_top_left", "negative_target_size",
@@ -273,7 +281,7 @@ Pad conds v0, diffusers' perturbed-attention guidance (PAG)."""
 
 def _image_cfg_scale(body: JobIn) -> float | None:
     """The job's image guidance scale: as sent, "none" (`NO_IMAGE_GUIDANCE`) None, no image guidance (the picture in
-    both passes, which image scale 1 draws too; recorded without `Image CFG scale`), else 1.5 for a job with an init
+    both passes, which image scale 1 draws too; recorded as `Image guidance: none`), else 1.5 for a job with an init
     picture (an edit model reads it): unset and null are that default, as every null of the native API."""
     if body.image_cfg_scale == NO_IMAGE_GUIDANCE:
         return None

@@ -338,7 +338,8 @@ class Runner:
                                                     model_hash=checkpoint.hash, loras=refs,
                                                     prompt=job.spec.prompt_to_record, embeddings=used,
                                                     refiner=_refiner_ref(refiner, choice) if result.refined else None,
-                                                    vae=vae_ref(pipe.bundle.report), hires_loras=job.spec.hires_tag_loras))
+                                                    vae=vae_ref(pipe.bundle.report), hires_loras=job.spec.hires_tag_loras,
+                                                    edit_model=pipe.bundle.family.is_edit))
                     for i in range(len(result.images))]
 
         try:
