@@ -71,11 +71,41 @@ def test_the_axes_are_found_by_name(name, field):
     ("[FreeU] Stage 1 Backbone Scale=11", "must lie in [-10, 10]"),
     ("FreeU start=1.5", "must lie in [0, 1]"),
     ("PAG scale=-1", "PAG scale must lie in [0, 100]"),
-    ("[FreeU] Enabled=maybe", "is not True or False"),
+    ("[FreeU] Enabled=maybe", "'maybe' is not True, False, 1, 0 or None"),
+    ("[FreeU] Enabled=none", "'none' is not True, False, 1, 0 or None"),   # the extension's None: that case alone
 ])
 def test_a_bad_value_is_a_grid_error(spec, words):
     with pytest.raises(GridError, match=words.replace("[", r"\[").replace("]", r"\]")):
         parse_axis(spec)
+
+
+def test_enabled_reads_values_as_the_extension_does():
+    """[FreeU] Enabled's values as sd-webui-freeu's `str_to_bool` (lib_free_u/xyz_grid.py) reads them: true / 1,
+    false / 0 in any case, "None" and "" None, which its FreeU draws off (`if not global_state.instance.enable`)."""
+
+    def str_to_bool(string):    # ljleb/sd-webui-freeu lib_free_u/xyz_grid.py (master, 1a8be97), transcribed
+        string = str(string)
+        if string in ["None", ""]:
+            return None
+        elif string.lower() in ["true", "1"]:
+            return True
+        elif string.lower() in ["false", "0"]:
+            return False
+        else:
+            raise ValueError(f"Could not convert string to boolean: {string}")
+
+    words = ["True", "true", "TRUE", "1", "False", "false", "0", "None", ""]
+    axis = parse_axis("[FreeU] Enabled=" + ",".join(words))
+    assert axis.values == tuple(str_to_bool(word) for word in words)
+    cells = dict(Plot(axis).cells({"prompt": "x"}))
+    assert [cells[(i, 0, 0)]["freeu"] is not None for i in range(len(words))] == [bool(str_to_bool(w)) for w in words]
+
+
+def test_a_cell_at_odds_with_the_requests_own_freeu_names_the_cell():
+    """An axis value that makes the cell's FreeU wrong with the request's own (an end before its start) is a
+    GridError naming the cell and the axis, not the request's FreeU."""
+    with pytest.raises(GridError, match=r"^the grid cell FreeU end: 0.2: FreeU start \(0.5\) must not come after"):
+        Plot(parse_axis("FreeU end=0.7,0.2")).cells({"prompt": "x", "freeu": {"start": 0.5}})
 
 
 def test_a1111_cells_carry_forges_script_args():
@@ -149,6 +179,16 @@ def test_a1111_plot_cells_are_the_single_requests_with_forges_scripts(client):
         assert f"freeu_b2: {b2:g}" in info["infotexts"][1 + n]
     assert not np.array_equal(pictures[1], pictures[2]) and not np.array_equal(pictures[1], pictures[3])
     assert "X Type: [FreeU] Stage 2 Backbone Scale" in info["infotexts"][0]
+
+
+def test_an_a1111_cell_at_odds_with_the_requests_freeu_is_a_422_naming_the_cell(client):
+    """FreeU end 0.2 on FreeU Integrated args starting at 0.5: a 422 naming the cell, not the request's args."""
+    answer = client.post("/sdapi/v1/txt2img", json={
+        **A1111, "script_name": "X/Y/Z plot", "script_args": _script_args(("FreeU end", "0.2")),
+        "alwayson_scripts": {"FreeU Integrated": {"args": [True, 1.2, 1.3, 0.8, 0.3, 0.5, 1.0]}}})
+    assert answer.status_code == 422
+    assert "the grid cell FreeU end: 0.2: FreeU start (0.5) must not come after its end (0.2)" in answer.text
+    assert "alwayson_scripts" not in answer.text
 
 
 def test_a_native_plot_starts_from_the_jobs_freeu_and_pag(client):

@@ -46,7 +46,7 @@ and `.` ignored), the request field's name, or a short name; labels as A1111's `
 | Refiner checkpoint, Refiner switch at  | refiner (None: none), refiner_switch (in (0, 1)) | Refiner checkpoint: its file name alone |
 | Size                                   | width and height (`512x768`, as A1111's `apply_size`) |    |
 | Width, Height (sdlab's own)            | width, height                        |                  |
-| [FreeU] Enabled (sd-webui-freeu's)     | freeu: the cell's setting (True) or none (False) |      |
+| [FreeU] Enabled (sd-webui-freeu's)     | freeu: the cell's setting (True / 1) or none (False / 0, None) |  |
 | [FreeU] Stage 1 / 2 Backbone Scale     | freeu's b1 / b2                      |                  |
 | [FreeU] Stage 1 / 2 Skip Scale         | freeu's s1 / s2                      |                  |
 | FreeU start, FreeU end (sdlab's own)   | freeu's start / end (Forge's step window, fractions in [0, 1]) |  |
@@ -108,7 +108,7 @@ from sdlab.diffusion.samplers import get_sampler
 from sdlab.diffusion.schedule_names import schedule_from_a1111
 from sdlab.models.freeu import FREEU_FACTORS, MAX_FREEU_FACTOR, FreeU
 from sdlab.pipeline.request import (
-    MAX_CFG, GenerationRequest, GenerationResult, check_freeu, fixed_seed, next_batch, runs_a1111_unipc,
+    MAX_CFG, GenerationRequest, GenerationResult, RequestError, check_freeu, fixed_seed, next_batch, runs_a1111_unipc,
 )
 from sdlab.pipeline.styles import StyleDatabase, styled_options
 from sdlab.utils.numbers import finite_float
@@ -196,12 +196,19 @@ def cell_freeu(options: Mapping[str, Any]) -> FreeU:
 
 
 def _set_freeu(name: str) -> Callable[[dict[str, Any], Any, tuple[Any, ...]], dict[str, Any]]:
-    """sd-webui-freeu's `apply_global_state`: the value into the cell's FreeU field `name` (FreeU on)."""
-    return lambda options, value, values: {**options, "freeu": replace(cell_freeu(options), **{name: value})}
+    """sd-webui-freeu's `apply_global_state`: the value into the cell's FreeU field `name` (FreeU on); a setting it
+    makes wrong with the request's own (an end before its start) is a GridError, which `Plot.cells` says of the cell."""
+    def apply(options: dict[str, Any], value: Any, values: tuple[Any, ...]) -> dict[str, Any]:
+        try:
+            return {**options, "freeu": check_freeu(replace(cell_freeu(options), **{name: value}))}
+        except RequestError as err:
+            raise GridError(str(err)) from None
+
+    return apply
 
 
 def _freeu_enabled(options: dict[str, Any], value: bool, values: tuple[bool, ...]) -> dict[str, Any]:
-    """sd-webui-freeu's [FreeU] Enabled: True draws the cell's FreeU setting, False none."""
+    """sd-webui-freeu's [FreeU] Enabled: True draws the cell's FreeU setting, False and None none."""
     return {**options, "freeu": cell_freeu(options) if value else None}
 
 
@@ -383,6 +390,16 @@ def _bool_value(text: str) -> bool:
     return text.lower() == "true"
 
 
+def _extension_bool(text: str) -> bool | None:
+    """sd-webui-freeu's `str_to_bool` (lib_free_u/xyz_grid.py), its [FreeU] Enabled axis's type: true / 1 and
+    false / 0 in any case, "None" (that case alone) and "" None, which its FreeU reads as off (`if not enable`)."""
+    if text in ("None", ""):
+        return None
+    if text.lower() not in ("true", "1", "false", "0"):
+        raise GridError(f"{text!r} is not True, False, 1, 0 or None")
+    return text.lower() in ("true", "1")
+
+
 def _orders(raw: list[str], text: str) -> list[tuple[str, ...]]:
     """A1111's Prompt order values: every permutation of the tokens (`str_permutations`), the typed order first."""
     _too_many(math.factorial(len(raw)), text)
@@ -396,6 +413,8 @@ def parse_values(field: Field, text: str) -> list[Any]:
         values: list[Any] = raw if field.name == "prompt" else [v for v in raw if v]
     elif field.kind is tuple:
         values = _orders([v for v in raw if v], text) if any(raw) else []
+    elif field.name == "freeu_enabled":                # each value, "" too, as the extension reads it
+        values = [_extension_bool(v) for v in raw]
     elif field.kind is bool:
         values = [_bool_value(v) for v in raw if v]
     else:
