@@ -227,7 +227,8 @@ def test_cli_from_png_reads_the_extensions_ip_adapter_unit(cli_files, tmp_path, 
 
 def test_parameters_read_the_extensions_ip_adapter_units():
     """POST /api/parameters' reading (picture_settings.recorded_units): the extension's IP-Adapter unit is an
-    ip_adapters entry (model by its name, Weight -> scale), not a ControlNet; a face-reading one is unread."""
+    ip_adapters entry (model by its name, Weight -> scale, its module, which names its encoder), not a ControlNet;
+    a face-reading one is unread."""
     from sdlab.pipeline.png_info import parse_parameters
     from sdlab.server.picture_settings import recorded_units
 
@@ -240,7 +241,7 @@ def test_parameters_read_the_extensions_ip_adapter_units():
               'Weight: 0.5"')
     controls, ip_adapters, unread = recorded_units(parse_parameters(text))
     assert [unit["model"] for unit in controls] == ["cn [87654321]"]
-    assert ip_adapters == [{"model": "ip-adapter_tiny [12345678]", "scale": 0.7}]
+    assert ip_adapters == [{"model": "ip-adapter_tiny [12345678]", "scale": 0.7, "module": "ip-adapter_clip_sd15"}]
     assert unread == ["ControlNet 2"]
 
 

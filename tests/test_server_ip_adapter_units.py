@@ -43,6 +43,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory):
     write_ip_adapter(controlnet / "ip-adapter-plus_tiny.safetensors",
                      ip_adapter_plus_state(widths, context, 128, width=64, depth=2, seed=5, std=0.2))
     write_ip_adapter(controlnet / "lone" / "ip-adapter_lone.safetensors", ip_adapter_state(widths, context, 32))
+    # reads clip_g's 48-wide embeddings: drawn by ip-adapter_clip_g only (its own image_encoder is 32 wide)
+    write_ip_adapter(controlnet / "ip-adapter_g48.safetensors", ip_adapter_state(widths, context, 48, seed=9, std=0.3))
     factor = bundle.vae_config.downsample_factor
     net = write_layout(diffusers_controlnet(bundle.unet_config, 3, hint_widths=(16, 32, 96, 256)[: factor.bit_length()],
                                             std=0.05), "diffusers-file", controlnet)
@@ -53,7 +55,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory):
     ImageDraw.Draw(hint).rectangle([10, 10, 50, 50], outline="white", width=4)
     server = start_server(root / "outputs", "--models-dir", str(models))
     client = httpx.Client(base_url=server.url, timeout=300)
-    yield {"client": client, "picture": file_b64(picture), "hint": b64_png(hint)}
+    yield {"client": client, "picture": file_b64(picture), "hint": b64_png(hint), "models": models,
+           "picture_file": picture}
     client.close()
     server.stop()
 
@@ -245,3 +248,38 @@ def test_a_unit_prepares_its_picture_as_the_extension_and_takes_its_mask(setup):
         assert np.abs(_pixels(masked.json()["images"][0]) - drawn).max() > 0
     wrong = _txt2img(setup, _unit(setup, mask=b64_png(Image.new("L", (64, 64)))))
     assert wrong.status_code == 422 and "the mask is 64x64 but its image 200x160" in wrong.text, wrong.text
+
+
+def test_a_clip_g_unit_redraws_with_its_modules_encoder_through_parameters_and_from_png(setup, tmp_path, capsys):
+    """A unit whose module names another encoder than the adapter's own image_encoder folder (ip-adapter_clip_g:
+    clip_vision/clip_g) is read back with its module: /api/parameters' ip_adapters entry carries it, and the native
+    job of those settings draws with that encoder and records the unit's line again; --from-png does the same.
+    Both redraw the unit's picture (the native job exactly; before, both took the 32-wide image_encoder, which
+    the adapter does not read, and were refused)."""
+    from cli_helpers import pixels, run
+    from sdlab.pipeline.png_info import read_parameters
+
+    drawn = _txt2img(setup, _unit(setup, module="ip-adapter_clip_g", model="ip-adapter_g48", guidance_start=0.25))
+    assert drawn.status_code == 200, drawn.text
+    settings = setup["client"].post("/api/parameters", json={"image": drawn.json()["images"][0]}).json()["settings"]
+    assert [entry.get("module") for entry in settings["ip_adapters"]] == ["ip-adapter_clip_g"]
+    assert np.array_equal(_redrawn(setup, drawn, {"ip_adapters": [setup["picture"]]}), _pixels(drawn.json()["images"][0]))
+    saved, again = tmp_path / "unit.png", tmp_path / "again.png"
+    saved.write_bytes(base64.b64decode(drawn.json()["images"][0]))
+    code, _, stderr = run(["txt2img", "--no-progress", "--from-png", str(saved), "--ip-adapter",
+                           str(setup["models"] / "ControlNet" / "ip-adapter_g48.safetensors"),
+                           "--ip-adapter-image", str(setup["picture_file"]), "--out", str(again)], capsys)
+    assert code == 0, stderr
+    assert read_parameters(again) == read_parameters(saved)        # the unit's line again, module and all
+    # this process against the server's: float sums may round apart (seen: 3 values off by 1 of 12288)
+    assert np.abs(pixels(again) - _pixels(drawn.json()["images"][0])).max() <= 1
+
+
+def test_a_native_entry_with_a_module_is_checked_as_the_unit(setup):
+    client, job = setup["client"], {"prompt": "a red apple", "steps": 2, "width": 64, "height": 64}
+    entry = {"model": "ip-adapter_g48", "image": setup["picture"], "module": "ip-adapter_clip_h"}
+    refused = client.post("/api/jobs", json={**job, "ip_adapters": [entry]})
+    assert refused.status_code == 422 and "module 'ip-adapter_clip_h'" in refused.text, refused.text
+    both = {**entry, "module": "ip-adapter_clip_g", "layer_scales": "style"}
+    refused = client.post("/api/jobs", json={**job, "ip_adapters": [both]})
+    assert refused.status_code == 422 and "layer_scales and module" in refused.text, refused.text

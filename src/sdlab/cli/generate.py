@@ -968,10 +968,12 @@ def _ip_adapters(args: argparse.Namespace, recorded: dict[str, Any], convention:
     its place, checked (the window by the request's `convention`: a --from-png picture's Control steps). A scale not given is the Weight
     (and Layers) the --from-png picture records for the adapter of its place (its `IP-Adapter N` lines, then the
     IP-Adapter units of the ControlNet extension and Forge: `recorded_ip_adapters`), else 1, a start / end not given
-    its Guidance Start / End, else 0 / 1; per-layer scales given (`_ip_adapter_scale`) draw at scale 1. Those past
+    its Guidance Start / End, else 0 / 1, an encoder not given the one an IP-Adapter unit's Module names
+    (`unit_image_encoder`; the redraw records the unit's line again); per-layer scales given (`_ip_adapter_scale`) draw at scale 1. Those past
     the adapters given are named in a warning (the picture is not recorded: each needs its image again)."""
     from sdlab.pipeline.image_prompt import (IPAdapterInput, check_ip_adapter, recorded_ip_adapters,
                                              recorded_layer_scales, recorded_weight, recorded_window)
+    from sdlab.pipeline.ip_adapter_units import unit_image_encoder
     from sdlab.pipeline.request import RequestError
 
     count = len(args.ip_adapter)
@@ -1000,6 +1002,12 @@ def _ip_adapters(args: argparse.Namespace, recorded: dict[str, Any], convention:
             except ValueError as err:
                 raise UserError(f"{label}: {err}; pass --ip-adapter-scale") from None
         encoder = args.ip_adapter_encoder[index] if index < len(args.ip_adapter_encoder) else None
+        module = _recorded_ip_module(lines[index]) if index < len(lines) else None
+        if module is not None and encoder is None:
+            try:
+                encoder = unit_image_encoder(module, file)
+            except RequestError as err:
+                raise UserError(f"--ip-adapter {file!r} ({lines[index][0]}): {err}; pass --ip-adapter-encoder") from None
         window = {"start": 0.0, "end": 1.0}
         if index < len(lines):
             try:
@@ -1010,12 +1018,25 @@ def _ip_adapters(args: argparse.Namespace, recorded: dict[str, Any], convention:
             if index < len(given):
                 window[key] = given[index]
         prompt = IPAdapterInput(file, _open_image(image, "IP-Adapter image"), 1.0 if scale is None else scale,
-                                encoder, layer_scales=layers, **window)
+                                encoder, layer_scales=layers, module=module, **window)
         try:
             prompts.append(check_ip_adapter(prompt, index, convention))
         except RequestError as err:
             raise UserError(f"--ip-adapter {file!r}: {err}") from None
     return tuple(prompts)
+
+
+def _recorded_ip_module(labelled: tuple[str, str]) -> str | None:
+    """The Module of a --from-png picture's IP-Adapter unit line (None: an `IP-Adapter N` line): the redraw takes
+    the image encoder it names, as the unit did, and records the unit's line again; one sdlab does not draw is a
+    UserError naming it."""
+    from sdlab.pipeline.image_prompt import check_recorded_module
+
+    label, line = labelled
+    try:
+        return check_recorded_module(line)
+    except ValueError as err:
+        raise UserError(f"{label}: {err}") from None
 
 
 def _per_control(values: list[Any], flag: str, count: int) -> list[Any]:

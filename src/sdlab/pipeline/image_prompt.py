@@ -571,11 +571,14 @@ def recorded_ip_adapters(recorded: dict[str, Any]) -> list[tuple[str, str]]:
     return own + units
 
 
-def check_recorded_module(line: str) -> None:
-    """A ValueError naming an IP-Adapter unit's Module that sdlab does not draw (`A1111_MODULES`)."""
+def check_recorded_module(line: str) -> str | None:
+    """The Module an IP-Adapter unit's "ControlNet N" line records (None: an "IP-Adapter N" line, which has none);
+    one sdlab does not draw (`A1111_MODULES`) is a ValueError naming it. A redraw takes the image encoder the
+    module names (`ip_adapter_units.unit_image_encoder`), as the unit did."""
     module = _line_fields(line).get("Module")
     if module is not None and module.strip().lower() not in A1111_MODULES:
         raise ValueError(f"Module {module!r} is not one sdlab draws ({', '.join(A1111_MODULES)})")
+    return None if module is None else module.strip()
 
 
 def recorded_window(line: str) -> dict[str, float]:

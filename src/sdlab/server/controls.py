@@ -287,15 +287,22 @@ def native_ip_adapters(items: list[dict[str, Any]], folder: ModelFolder, limits:
     """The native `ip_adapters` entries as `IPAdapterInput`s: each model a file of the server's ControlNet folder
     by name (404 otherwise), its picture base64, its step window `start` / `end` by the request's
     `control_convention`; one the pipeline refuses (`check_ip_adapter`: its scale or window, no image encoder
-    beside it) is a 422 naming it."""
+    beside it) is a 422 naming it. An entry with an A1111 unit's `module` draws with the image encoder the module
+    names (`unit_image_encoder`, as the unit did) and is recorded as that unit's line, which holds no layer scales
+    (both given: a 422)."""
     prompts = []
     for index, item in enumerate(items):
         what = f"IP-Adapter {index}"
-        prompt = IPAdapterInput(model_path(item.get("model"), what, folder),
-                                hint_image(item.get("image"), what, limits), item.get("scale", 1.0),
+        path, module = model_path(item.get("model"), what, folder), item.get("module")
+        prompt = IPAdapterInput(path, hint_image(item.get("image"), what, limits), item.get("scale", 1.0),
                                 layer_scales=item.get("layer_scales"), start=item.get("start", 0.0),
-                                end=item.get("end", 1.0))
+                                end=item.get("end", 1.0), module=module)
         try:
+            if module is not None:
+                if prompt.layer_scales is not None:
+                    raise RequestError("layer_scales and module: an A1111 unit's line records no layer scales; "
+                                       "give one of them")
+                prompt = dataclasses.replace(prompt, image_encoder=unit_image_encoder(module, path))
             prompts.append(check_ip_adapter(prompt, index, convention))
         except RequestError as err:
             raise BadRequest(str(err), 422) from None

@@ -112,6 +112,9 @@ class IPAdapterIn(BaseModel):
     # per-layer scales multiplying `scale` (InstantStyle): diffusers' set_ip_adapter_scale dict, a preset
     # "style" / "style+layout" or the compact text ("down.block_2=0/1 up.block_0=0/1/0"); null: every layer
     layer_scales: str | dict[str, Any] | None = None
+    # the ControlNet extension's IP-Adapter module of the A1111 unit it redraws ("ip-adapter_clip_g", ...): the
+    # image encoder that module names (`ip_adapter_units.unit_image_encoder`), recorded as its "ControlNet N" line
+    module: str | None = None
 
 
 class JobIn(NullsAreDefaults):

@@ -69,7 +69,8 @@ def recorded_units(p: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[s
     `ip_adapters` entries without their pictures (which the text does not hold): a control's settings as
     `--from-png` reads them (`control.recorded_unit`) and `model` the line's "NAME [hash]"; an image prompt's
     `model` and `scale` (its Weight, else 1), from its `IP-Adapter N` line or the IP-Adapter unit the ControlNet
-    extension and Forge write as a `ControlNet N` line (`image_prompt.recorded_ip_adapters`). A line sdlab cannot
+    extension and Forge write as a `ControlNet N` line (`image_prompt.recorded_ip_adapters`; then with the unit's
+    `module` too, which names the image encoder it drew with). A line sdlab cannot
     draw (a preprocessor or mode it has not, a number that is not one, no model) is left out, and its label is
     the third list's."""
     controls, ip_adapters, unreadable = [], [], []
@@ -86,12 +87,13 @@ def recorded_units(p: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[s
             unreadable.append(label)
     for label, line in recorded_ip_adapters(p):
         try:
-            check_recorded_module(line)
+            module = check_recorded_module(line)
             model, weight = recorded_model(line), recorded_weight(line)
             if model is None:
                 raise ValueError("no model")
             ip_adapters.append({"model": model, "scale": 1.0 if weight is None else weight, **recorded_window(line),
-                                **layer_settings(recorded_layer_scales(line))})
+                                **layer_settings(recorded_layer_scales(line)),
+                                **({} if module is None else {"module": module})})
         except ValueError:
             unreadable.append(label)
     return controls, ip_adapters, unreadable
