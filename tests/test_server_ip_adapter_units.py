@@ -283,3 +283,30 @@ def test_a_native_entry_with_a_module_is_checked_as_the_unit(setup):
     both = {**entry, "module": "ip-adapter_clip_g", "layer_scales": "style"}
     refused = client.post("/api/jobs", json={**job, "ip_adapters": [both]})
     assert refused.status_code == 422 and "layer_scales and module" in refused.text, refused.text
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"effective_region_mask": "MASK"}, "effective_region_mask"),
+    ({"advanced_weighting": [0.0] * 16}, "advanced_weighting"),
+    ({"ipadapter_input": ["AAAA"]}, "ipadapter_input"),
+    ({"input_mode": "batch", "batch_images": "/pictures"}, "input_mode 'batch'"),
+    ({"input_mode": "merge"}, "input_mode 'merge'"),
+])
+def test_unit_fields_sdlab_does_not_draw_are_refused_naming_them(setup, change, field):
+    """Fields that change the extension's picture of an IP-Adapter unit are a 422 naming the field, not a
+    picture drawn without them; their defaults (null, empty, input_mode "simple") draw as a unit without them."""
+    if "effective_region_mask" in change:
+        mask = Image.new("L", (64, 64), 0)
+        mask.paste(255, (0, 0, 32, 64))
+        change = {"effective_region_mask": b64_png(mask.convert("RGB"))}
+    refused = _txt2img(setup, _unit(setup, **change))
+    assert refused.status_code == 422, refused.text
+    assert field in refused.text and "module 'ip-adapter_clip_sd15'" in refused.text, refused.text
+
+
+def test_unit_fields_at_their_defaults_draw_as_without_them(setup):
+    plain = _txt2img(setup, _unit(setup))
+    defaults = _txt2img(setup, _unit(setup, effective_region_mask=None, advanced_weighting=None, ipadapter_input=None,
+                                     input_mode="simple", batch_images=""))
+    assert defaults.status_code == 200, defaults.text
+    assert np.array_equal(_pixels(plain.json()["images"][0]), _pixels(defaults.json()["images"][0]))

@@ -208,6 +208,29 @@ def a1111_unit(unit: dict[str, Any], index: int, folder: ModelFolder, limits: Li
     return checked_control(control, index, "a1111")
 
 
+UNREAD_IP_FIELDS = {
+    "effective_region_mask": "the region of the picture the adapter acts on",
+    "advanced_weighting": "a weight for each attention layer",
+    "ipadapter_input": "precomputed image embeddings",
+}
+"""The extension's unit fields that change an IP-Adapter unit's picture and sdlab does not draw -> what they
+hold (sd-webui-controlnet internal_controlnet/external_code.py ControlNetUnit, v1.1.455); each is None when unset."""
+
+
+def refuse_unread_ip_fields(unit: dict[str, Any], what: str) -> None:
+    """A 422 naming the first field of an IP-Adapter `unit` that would change the extension's picture and sdlab does
+    not draw (`UNREAD_IP_FIELDS` set to anything but their null / empty default; `input_mode` other than
+    "simple", the batch / merge modes that draw from `batch_images`), rather than a picture drawn without it."""
+    for field, holds in UNREAD_IP_FIELDS.items():
+        if unit.get(field) not in (None, "", [], {}):
+            raise BadRequest(f"{what}: {field} ({holds}) is not drawn by sdlab for an IP-Adapter unit; "
+                             "leave it out", 422)
+    mode = unit.get("input_mode")
+    if mode not in (None, "", "simple"):
+        raise BadRequest(f"{what}: input_mode {mode!r} (the picture from batch_images) is not drawn by sdlab for "
+                         "an IP-Adapter unit; give the unit's image with input_mode \"simple\"", 422)
+
+
 def a1111_ip_adapter(unit: dict[str, Any], index: int, folder: ModelFolder, limits: Limits,
                      init: Image.Image | None) -> IPAdapterInput:
     """One enabled unit with an IP-Adapter module as a checked `IPAdapterInput` (module docstring); without an
@@ -216,6 +239,7 @@ def a1111_ip_adapter(unit: dict[str, Any], index: int, folder: ModelFolder, limi
     or does not fit the adapter is a 422 naming the module."""
     module = str(unit.get("module")).strip()
     what = f"control {index} (module {module!r})"
+    refuse_unread_ip_fields(unit, what)
     own = image_field(unit.get("image") or unit.get("input_image") or None, what)
     image = hint_image(own or init, what, limits)
     mask = clip_mask(unit, own, image, what, limits)
