@@ -349,8 +349,9 @@ def _add_run_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
     p.add_argument("--ip-adapter-image", action="append", default=[], metavar="FILE",
                    help="the picture of the matching --ip-adapter (the first for the first, ...); repeatable")
     p.add_argument("--ip-adapter-scale", action="append", default=[], type=_ip_adapter_scale, metavar="S",
-                   help="how strongly the matching --ip-adapter's picture acts, 0..10 (default 1, or the Weight "
-                        "and Layers the picture's parameters record; A1111's Weight); or per layer (InstantStyle), "
+                   help="how strongly the matching --ip-adapter's picture acts, 0..10 (default 1"
+                        + _if_from_png(from_png, ", or the Weight and Layers a --from-png picture's parameters record")
+                        + "; A1111's Weight); or per layer (InstantStyle), "
                         "diffusers' set_ip_adapter_scale dict as JSON ('{\"up\": {\"block_0\": [0, 1, 0]}}': "
                         "blocks not named 0), its compact text ('down.block_2=0/1 up.block_0=0/1/0') or a preset: "
                         "style, style+layout (SDXL's up_blocks.0.attentions.1, and down_blocks.2.attentions.1); "
@@ -362,8 +363,9 @@ def _add_run_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
     for flag, which, default in (("--ip-adapter-start", "from", "0"), ("--ip-adapter-end", "to", "1")):
         p.add_argument(flag, action="append", default=[], type=float, metavar="F",
                        help=f"the fraction of the steps the matching --ip-adapter acts {which}, 0..1 (default "
-                            f"{default}, or the picture's Guidance Start / End; A1111's ControlNet unit's); its steps "
-                            "as a --control's: diffusers' rule, or a --from-png picture's Control steps; repeatable")
+                            f"{default}" + _if_from_png(from_png, ", or the --from-png picture's Guidance Start / End")
+                            + "; A1111's ControlNet unit's); its steps as a --control's: diffusers' rule"
+                            + _if_from_png(from_png, ", or a --from-png picture's Control steps") + "; repeatable")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads (default: all cores; for small models such as the shipped one the free "
