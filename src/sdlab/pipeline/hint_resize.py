@@ -10,8 +10,8 @@
   thinned to one pixel (`lvmin_thin`, Lvmin Zhang's hit-or-miss thinning, pruned when the map grew).
 
 Where one side grows and the other shrinks under INTER_AREA (a stretch to another aspect ratio), OpenCV
-interpolates linearly with its own coefficients; sdlab averages the shrinking side (INTER_AREA) and
-interpolates the growing one (INTER_CUBIC) there, which a binary map's threshold mostly hides.
+interpolates linearly on both sides with its area coefficients, as it does where both grow; `area_resize`
+follows it there too.
 """
 
 from __future__ import annotations
@@ -136,15 +136,9 @@ def nearest_resize(x: np.ndarray, width: int, height: int) -> np.ndarray:
 
 
 def _smooth_resize(x: np.ndarray, width: int, height: int, smaller: bool) -> np.ndarray:
-    """INTER_AREA for a map with fewer pixels after, else INTER_CUBIC; a side that grows while the other
-    shrinks under INTER_AREA is interpolated by INTER_CUBIC (see the module docstring)."""
-    if not smaller:
-        return cubic_resize(x, width, height)
-    if width > x.shape[1]:
-        return cubic_resize(area_resize(x, x.shape[1], height), width, height)
-    if height > x.shape[0]:
-        return cubic_resize(area_resize(x, width, x.shape[0]), width, height)
-    return area_resize(x, width, height)
+    """INTER_AREA for a map with fewer pixels after (a side that grows too: OpenCV's linear area mode, see the
+    module docstring), else INTER_CUBIC."""
+    return area_resize(x, width, height) if smaller else cubic_resize(x, width, height)
 
 
 def colour_count(x: np.ndarray) -> int:
