@@ -28,7 +28,7 @@ from sdlab.server.a1111_scripts import (
 )
 from sdlab.server.inputs import BadRequest, JobSpec, refiner_choice, sampler_and_schedule, spec_with_preset
 from sdlab.server.jobs import Job, QueueFull, Unavailable
-from sdlab.server.service import Service
+from sdlab.server.service import Service, recorded_controls
 from sdlab.server.store import INTERRUPTED_ERROR, StoreError
 from sdlab.server.vae_files import AUTOMATIC_VAE
 
@@ -79,13 +79,6 @@ MASK_FIELDS = ("mask_blur", "mask_blur_y", "invert_mask", "mask_round", "inpaint
 """How a mask draws: a job without a mask does not use its own, a script's mask draws with the script's."""
 
 
-def _check_script_fields(body: Any) -> None:
-    """A 422 for ControlNet units, which a script's requests do not carry."""
-    if body.controls:
-        raise BadRequest("a script draws without controls; send ControlNet units to /sdapi/v1 as alwayson_scripts",
-                         422)
-
-
 def _choice_index(value: str, names: tuple[str, ...], field: str) -> int:
     if value not in names:
         raise BadRequest(f"{field} must be one of {', '.join(names)}, got {value!r}", 422)
@@ -107,9 +100,11 @@ def _options(service: Service, body: Any) -> dict[str, Any]:
 
 def a1111_body(service: Service, body: Any) -> Any:
     """The A1111 request (`a1111.Txt2ImgIn` / `Img2ImgIn`) of the native job `body`, for its script to run on: the
-    script changes it, and each of its requests draws the job with those changes (`ScriptJob.job_of`)."""
+    script changes it, and each of its requests draws the job with those changes (`ScriptJob.job_of`). The job's
+    ControlNet units and IP-Adapters are not in it: no script changes them, so each request keeps the job's (as
+    A1111 applies its always-on units to every picture a script draws), each unit with its own picture, its hint
+    drawn at that request's size."""
     from sdlab.server import a1111      # here: a1111 imports the native routes, which import this module
-    _check_script_fields(body)
     fields = {a1111_name: getattr(body, name) for name, a1111_name in REQUEST_FIELDS.items()
               if getattr(body, name) is not None}
     if body.mode == "txt2img" and (body.hr_scale is not None or body.hr_width or body.hr_height):
@@ -186,12 +181,13 @@ def cell_request(job: GenerationRequest, base: tuple[Any, GenerationRequest],
     return dataclasses.replace(job, **changed), set(changed)
 
 
-def recorded_settings(body: Any, model: str) -> dict[str, Any]:
-    """The job's settings as its history records them: the fields it was sent with (pictures left out), its
+def recorded_settings(body: Any, spec: JobSpec, model: str) -> dict[str, Any]:
+    """The job's settings as its history records them: the fields it was sent with (pictures left out; its
+    ControlNet units and IP-Adapters as a plain job's record them, `recorded_controls` of its request `spec`), its
     mode, model and script."""
-    sent = body.model_dump(include=body.model_fields_set - {"init_image", "mask_image", "controls"})
-    return {**sent, "mode": body.mode, "model": model, "script_name": body.script_name,
-            "script_args": body.script_args}
+    sent = body.model_dump(include=body.model_fields_set - {"init_image", "mask_image", "controls", "ip_adapters"})
+    return {**sent, **recorded_controls(spec.request), "mode": body.mode, "model": model,
+            "script_name": body.script_name, "script_args": body.script_args}
 
 
 class ScriptJob:
@@ -365,7 +361,7 @@ async def start(service: Service, body: Any, spec: JobSpec, script: SelectableSc
     model = service.checkpoint(body.model).title
     mode = "txt2img" if body.mode == "txt2img" else "img2img"
     job = Job(id=uuid.uuid4().hex, mode=body.mode, model=model, spec=spec, created=time.time(),
-              settings=recorded_settings(body, model))
+              settings=recorded_settings(body, spec, model))
     running = ScriptJob(service, job, script, body, spec)
     running.queued = asyncio.get_running_loop().create_future()
     service.script_jobs[job.id] = running

@@ -169,14 +169,22 @@ class Service:
         if refiner is not None:
             settings.update(refiner=refiner.name, refiner_switch=refiner.switch_at,
                             refiner_convention=refiner.convention)
-        if request.controls:
-            settings["controls"] = [_control_settings(c, request.control_convention) for c in request.controls]
-        if request.ip_adapters:                 # as the controls: the model by its file name, the picture left out
-            settings["ip_adapters"] = [{"model": Path(prompt.model_path).name, "scale": prompt.scale,
-                                        **({"start": prompt.start, "end": prompt.end} if prompt.windowed else {}),
-                                        **layer_settings(prompt.layer_scales)}
-                                       for prompt in request.ip_adapters]
+        settings.update(recorded_controls(request))
         return spec, mode, checkpoint.title, settings
+
+
+def recorded_controls(request: GenerationRequest) -> dict[str, Any]:
+    """The `controls` and `ip_adapters` of `request` as a job's settings record them (those it has): every setting
+    but the pictures, each model by its file name."""
+    recorded: dict[str, Any] = {}
+    if request.controls:
+        recorded["controls"] = [_control_settings(c, request.control_convention) for c in request.controls]
+    if request.ip_adapters:                     # as the controls: the model by its file name, the picture left out
+        recorded["ip_adapters"] = [{"model": Path(prompt.model_path).name, "scale": prompt.scale,
+                                    **({"start": prompt.start, "end": prompt.end} if prompt.windowed else {}),
+                                    **layer_settings(prompt.layer_scales)}
+                                   for prompt in request.ip_adapters]
+    return recorded
 
 
 def _without_extra_networks(request: GenerationRequest) -> tuple[GenerationRequest, str, str]:
