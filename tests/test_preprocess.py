@@ -4,6 +4,8 @@ it is installed), tile."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
@@ -69,6 +71,72 @@ def test_canny_matches_opencv():
             expected = cv2.Canny(np.asarray(image), low, high) > 0
             mismatch = (_edges(canny(image, low, high)) != expected).mean()
             assert mismatch <= 0.001   # 0 with OpenCV 5.1; the tan(22.5) rounding could flip a rare pixel
+
+
+SAMPLE_PHOTO = Path(__file__).resolve().parents[1] / "docs" / "samples.png"
+
+
+@pytest.mark.parametrize("low, high", [(100, 200), (20, 60), (5, 250)])
+def test_canny_matches_opencv_on_large_pictures(low, high):
+    """A 1536 x 1024 photo and 1024 x 1024 blurred noise (low thresholds: weak parts of a million pixels, which
+    the flood fill of one pixel at a time took seconds over): every pixel as cv2.Canny's."""
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.default_rng(5)
+    photo = Image.open(SAMPLE_PHOTO).convert("RGB").resize((1536, 1024), Image.Resampling.BICUBIC)
+    noise = Image.fromarray(rng.integers(0, 256, (1024, 1024, 3), dtype=np.uint8)).filter(ImageFilter.GaussianBlur(1.5))
+    for image in (photo, noise):
+        expected = cv2.Canny(np.asarray(image), low, high) > 0
+        assert np.array_equal(_edges(canny(image, low, high)), expected)   # 0 pixels apart with OpenCV 5.1
+
+
+def _spiral(size: int) -> np.ndarray:
+    """A one-pixel path winding out from the centre of a size x size square: one part, 8-connected or not."""
+    path = np.zeros((size, size), dtype=bool)
+    y, x, dy, dx, step = size // 2, size // 2, 0, 1, 1
+    while 0 <= y < size and 0 <= x < size:
+        for _ in range(2):
+            for _ in range(step):
+                if 0 <= y < size and 0 <= x < size:
+                    path[y, x] = True
+                y, x = y + dy, x + dx
+            dy, dx = dx, -dy
+        step += 2
+    return path
+
+
+def test_hysteresis_keeps_the_weak_parts_that_hold_a_strong_pixel():
+    """canny's hysteresis against scipy's 8-connected labels: the parts of the weak mask holding a strong pixel,
+    on a spiral seeded at either end (one path of 30013 pixels), a diagonal (pixels joined by corners only)
+    beside another and random masks around the 8-connected percolation density, strong pixels on the borders too."""
+    ndimage = pytest.importorskip("scipy.ndimage")
+    from sdlab.pipeline.preprocess import _hysteresis
+
+    def reference(strong: np.ndarray, weak: np.ndarray) -> np.ndarray:
+        labels, _ = ndimage.label(weak, structure=np.ones((3, 3)))
+        held = np.unique(labels[strong])
+        return np.isin(labels, held[held > 0])
+
+    rng = np.random.default_rng(6)
+    cases = []
+    spiral = _spiral(245)
+    for y, x in ((122, 122), tuple(np.argwhere(spiral)[-1])):
+        strong = np.zeros_like(spiral)
+        strong[y, x] = True
+        cases.append((strong, spiral))
+    staircase = np.eye(60, dtype=bool) | np.eye(60, k=3, dtype=bool)       # two diagonals, apart
+    seed = np.zeros_like(staircase)
+    seed[59, 59] = True
+    cases.append((seed, staircase))
+    for density in (0.3, 0.4, 0.45, 0.6):
+        weak = rng.random((300, 400)) < density
+        strong = weak & (rng.random(weak.shape) < 0.002)
+        strong[0], strong[-1], strong[:, 0], strong[:, -1] = weak[0], weak[-1], weak[:, 0], weak[:, -1]
+        cases.append((strong, weak))
+    cases.append((np.zeros((5, 7), dtype=bool), np.zeros((5, 7), dtype=bool)))
+    for strong, weak in cases:
+        edges = _hysteresis(strong, weak)
+        assert np.array_equal(edges, reference(strong, weak))
+    assert _hysteresis(*cases[0]).sum() == spiral.sum() and _hysteresis(*cases[2]).sum() == 60
 
 
 @pytest.mark.parametrize("band_pixels", [1, 700])

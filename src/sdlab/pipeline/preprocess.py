@@ -82,19 +82,52 @@ def _non_maximum(dx: np.ndarray, dy: np.ndarray, magnitude: np.ndarray) -> np.nd
     return keep
 
 
+_FORWARD_NEIGHBOURS = ((0, 1), (1, 0), (1, 1), (1, -1))
+"""(dy, dx) of the 8-connected neighbours after a pixel in raster order: right, down, down-right, down-left."""
+
+
+def _neighbour_pairs(mask: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The `index` numbers of every two 8-connected pixels both in `mask` (H, W), each pair once."""
+    height, width = mask.shape
+    firsts, seconds = [], []
+    for dy, dx in _FORWARD_NEIGHBOURS:
+        here = (slice(0, height - dy), slice(max(0, -dx), width - max(0, dx)))
+        there = (slice(dy, height), slice(max(0, dx), width - max(0, -dx)))
+        both = mask[here] & mask[there]
+        firsts.append(index[here][both])
+        seconds.append(index[there][both])
+    return np.concatenate(firsts), np.concatenate(seconds)
+
+
+def _components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The 8-connected parts of `mask` (H, W): each pixel's number in raster order among the mask's (-1 off
+    it), and for each number the smallest number of its part. Union-find in whole arrays: each round every
+    part's root takes the smallest root of the parts it touches (never a larger one, so no cycles), then roots
+    are followed to the end; the rounds stop when no two touching pixels have different roots."""
+    count = int(np.count_nonzero(mask))
+    dtype = np.int32 if mask.size < 2**31 else np.int64
+    index = np.full(mask.shape, -1, dtype=dtype)
+    index[mask] = np.arange(count, dtype=dtype)
+    first, second = _neighbour_pairs(mask, index)
+    root = np.arange(count, dtype=dtype)
+    while first.size:
+        a, b = root[first], root[second]
+        apart = a != b
+        first, second, a, b = first[apart], second[apart], a[apart], b[apart]
+        np.minimum.at(root, np.maximum(a, b), np.minimum(a, b))
+        while not np.array_equal(further := root[root], root):
+            root = further
+    return index, root
+
+
 def _hysteresis(strong: np.ndarray, weak: np.ndarray) -> np.ndarray:
-    """Pixels of `weak` 8-connected (through `weak`) to a pixel of `strong` (a subset of `weak`): a
-    flood fill from every strong pixel, as OpenCV's edge stack."""
-    height, width = weak.shape
-    edges = strong.copy()
-    stack = list(zip(*np.nonzero(strong)))
-    while stack:
-        y, x = stack.pop()
-        for ny in (y - 1, y, y + 1):
-            for nx in (x - 1, x, x + 1):
-                if 0 <= ny < height and 0 <= nx < width and weak[ny, nx] and not edges[ny, nx]:
-                    edges[ny, nx] = True
-                    stack.append((ny, nx))
+    """Pixels of `weak` 8-connected (through `weak`) to a pixel of `strong` (a subset of `weak`), as OpenCV's
+    edge stack flood-fills them: the parts of `weak` (`_components`) that hold a strong pixel."""
+    index, root = _components(weak)
+    holds_strong = np.zeros(root.size, dtype=bool)
+    holds_strong[root[index[strong]]] = True
+    edges = np.zeros(weak.shape, dtype=bool)
+    edges[weak] = holds_strong[root]
     return edges
 
 
