@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from sdlab.pipeline.styles import (
-    StyleDatabase, StylesError, infotext_styles, read_styles_file, styled_options, styles_files,
+    StyleDatabase, StylesError, WatchedStyles, infotext_styles, read_styles_file, styled_options, styles_files,
 )
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -290,6 +290,37 @@ def test_not_utf8_and_missing_files_are_errors(tmp_path) -> None:
         read_styles_file(path)
     with pytest.raises(StylesError, match="does not exist"):
         styles_files([tmp_path / "none.csv"])
+
+
+def _edit(path: Path, text: str, tick: int = 1) -> None:
+    """Write `text` to `path`, its modification time moved on by `tick` seconds (a coarse file system's clock)."""
+    before = path.stat().st_mtime_ns if path.exists() else 0
+    path.write_text(text, encoding="utf-8")
+    os.utime(path, ns=(before + tick * 10**9, before + tick * 10**9))
+
+
+def test_watched_styles_are_read_again_when_a_file_changes(tmp_path, caplog) -> None:
+    """A styles file edited (its size or modification time), or a new file a pattern matches, is read again at the
+    next look; an edit that cannot be read keeps the styles read before it, logged."""
+    path = tmp_path / "styles.csv"
+    _edit(path, "name,prompt\nink,ink drawing\n")
+    watched = WatchedStyles([tmp_path / "*.csv"])
+    assert watched.current().listed() == [{"name": "ink", "prompt": "ink drawing", "negative_prompt": ""}]
+    first = watched.current()
+    assert watched.current() is first                                   # unchanged: not read again
+    _edit(path, "name,prompt\nink,ink drawing bold\nneon,neon lights\n")
+    assert [s["name"] for s in watched.current().listed()] == ["ink", "neon"]
+    _edit(path, "name,prompt\nink,INK drawing bold\nneon,neon lights\n")    # the same size, a later time
+    assert watched.current().styles["ink"].prompt == "INK drawing bold"
+    _edit(tmp_path / "more.csv", "name,prompt\nchalk,chalk\n")         # a new file the pattern matches
+    assert set(watched.current().styles) == {"ink", "neon", "chalk"}
+    before = watched.current()
+    _edit(path, "title,prompt\nx,y\n")                                 # half-edited: no name column
+    assert watched.current() is before and "no 'name' column" in caplog.text
+    _edit(path, "name,prompt\nink,ink again\n")                        # fixed: read again
+    assert watched.current().styles["ink"].prompt == "ink again"
+    with pytest.raises(StylesError, match="does not exist"):            # at start: the error itself
+        WatchedStyles([tmp_path / "none.csv"])
 
 
 def test_patterns_name_the_files_in_their_folder(files, tmp_path) -> None:

@@ -25,6 +25,7 @@ STYLES_CSV = ('name,prompt,negative_prompt\n'
               'sharp,sharp focus,"lowres, {prompt}"\n')
 BASE = {"prompt": "a red apple", "negative_prompt": "ugly", "steps": 2, "seed": 7, "cfg_scale": 5.0,
         "sampler_name": "Euler"}
+NATIVE_JOB = {"prompt": "a red apple", "negative_prompt": "ugly", "steps": 1, "seed": 7, "width": 64, "height": 64}
 
 
 @pytest.fixture(scope="module")
@@ -236,3 +237,39 @@ def test_a_bad_styles_file_stops_the_server_with_one_line(tmp_path) -> None:
                           "--styles-file", str(tmp_path / "bad.csv")], capture_output=True, text=True, timeout=120,
                          env=server_env())
     assert run.returncode != 0 and "no 'name' column" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_a_styles_file_edited_while_the_server_runs_is_read_again(tmp_path) -> None:
+    """No restart: after styles.csv is edited, `GET /sdapi/v1/prompt-styles`, the native job's style names (its 404
+    lists the styles), A1111 requests and native script jobs that apply styles all take the file as it now is."""
+    import os
+
+    path = tmp_path / "styles.csv"
+    path.write_text("name,prompt\nink,ink drawing\n", encoding="utf-8")
+    server = start_server(tmp_path / "out", "--styles-file", str(path))
+    try:
+        with httpx.Client(base_url=server.url, timeout=300) as api:
+            assert [s["name"] for s in api.get("/sdapi/v1/prompt-styles").json()] == ["ink"]
+            refused = api.post("/api/jobs", json={**NATIVE_JOB, "styles": ["neon"]})
+            assert refused.status_code == 404 and "'ink'" in refused.text and "neon" not in refused.text.split(":")[-1]
+            stamp = path.stat().st_mtime_ns + 10**9               # a coarse file system's clock moves on too
+            path.write_text('name,prompt,negative_prompt\nink,"{prompt}, chalk drawing",\nneon,neon lights,dark\n',
+                            encoding="utf-8")
+            os.utime(path, ns=(stamp, stamp))
+            assert api.get("/sdapi/v1/prompt-styles").json() == [
+                {"name": "ink", "prompt": "{prompt}, chalk drawing", "negative_prompt": ""},
+                {"name": "neon", "prompt": "neon lights", "negative_prompt": "dark"}]
+            job = api.post("/api/jobs", json={**NATIVE_JOB, "styles": ["neon"]})
+            assert job.status_code == 202, job.text
+            drawn = wait_for_job(api, job.json()["id"])["infotexts"][0].splitlines()
+            assert drawn[:2] == ["a red apple, neon lights", "Negative prompt: ugly, dark"]
+            answer = api.post("/sdapi/v1/txt2img", json={**BASE, "width": 64, "height": 64, "styles": ["ink"]})
+            assert json.loads(answer.json()["info"])["prompt"] == "a red apple, chalk drawing"
+            args = [30, "neon", [], 0, "", [], 0, "", [], False, True, False, False, False, False, False, 0, True]
+            plot = api.post("/api/jobs", json={**NATIVE_JOB, "styles": ["ink"], "script_name": "X/Y/Z plot",
+                                               "script_args": args})
+            assert plot.status_code == 202, plot.text
+            cell = wait_for_job(api, plot.json()["id"])["infotexts"][1].splitlines()
+            assert cell[:2] == ["a red apple, chalk drawing, neon lights", "Negative prompt: ugly, dark"]
+    finally:
+        server.stop()

@@ -30,7 +30,7 @@ def styled_server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("webui-styles")
     (folder / "styles.csv").write_text(STYLES_CSV, encoding="utf-8")
     server = start_server(folder / "out", "--styles-file", str(folder / "styles.csv"))
-    yield server, StyleDatabase.load([folder / "styles.csv"])
+    yield server, StyleDatabase.load([folder / "styles.csv"]), folder / "styles.csv"
     server.stop()
 
 
@@ -169,3 +169,34 @@ def test_a_dropped_loopback_picture_selects_loopback_in_the_img2img_tab(page):
     assert script.first_selected_option.text == "Loopback"
     assert (value(page, "lb_loops"), value(page, "lb_final_denoising_strength")) == ("3", "0.25")   # loops: unsaid
     assert Select(page.find_element(By.ID, "lb_denoising_curve")).first_selected_option.text == "Aggressive"
+
+
+def test_an_edited_styles_file_is_listed_when_the_page_is_back_in_focus(page, styled_server):
+    """styles.csv edited while the server runs: back on the page (a window focus event) the Styles list holds the
+    file as it now is, without a restart or a reload; the chosen styles stay chosen."""
+    import os
+
+    path = styled_server[2]
+
+    def edit(text: str) -> None:
+        stamp = path.stat().st_mtime_ns + 10**9        # a coarse file system's clock moves on too
+        path.write_text(text, encoding="utf-8")
+        os.utime(path, ns=(stamp, stamp))
+
+    def listed() -> list[str]:
+        return [o.text for o in Select(page.find_element(By.ID, "style-choice")).options]
+
+    choose_styles(page, "ink")
+    edit(STYLES_CSV + "neon,neon lights,dark\n")
+    try:
+        page.execute_script("window.dispatchEvent(new Event('focus'))")
+        wait(page, lambda d: listed() == ["add a style", "cinematic", "ink", "neon"], 10, "neon is not listed")
+        assert chips(page) == ["ink"]
+        choose_styles(page, "neon")
+        assert chips(page) == ["ink", "neon"]
+        assert page.find_element(By.CSS_SELECTOR, '#style-list [data-name="neon"] span').get_attribute(
+            "title") == "neon lights\nNegative: dark"
+    finally:
+        edit(STYLES_CSV)
+    page.execute_script("window.dispatchEvent(new Event('focus'))")
+    wait(page, lambda d: listed() == ["add a style", "cinematic", "ink"], 10, "neon is still listed")

@@ -27,7 +27,9 @@ hold (`StyleDatabase.extract`, A1111's `extract_styles_from_prompt`) and takes t
 from __future__ import annotations
 
 import csv
+import logging
 import os
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,8 @@ from typing import Any
 
 from sdlab.pipeline.infotext import a1111_version
 from sdlab.pipeline.png_info import NEGATIVE_PROMPT, PROMPT
+
+logger = logging.getLogger(__name__)
 
 STYLES_FILE = "styles.csv"                  # A1111's file name, in its webui folder
 STYLES_ARRAY = "Styles array"               # the parsed parameters' key of the styles found (A1111's)
@@ -200,6 +204,45 @@ class StyleDatabase:
                     break
             else:
                 return found[::-1], prompt, negative_prompt
+
+
+class WatchedStyles:
+    """The styles of the files `patterns` name (`StyleDatabase.load`), read again whenever those files change
+    while a server runs: a file's modification time or size, or the files a pattern matches. A styles file edited
+    while the server runs is in use from the next request on, without a restart (A1111 has a refresh button for
+    it). The first read's error is raised; a later one (a file half-written, removed, not CSV) is logged and the
+    styles read before it stay in use, as A1111's reload keeps the styles read before an unreadable file."""
+
+    def __init__(self, patterns: Iterable[str | os.PathLike[str]]) -> None:
+        self.patterns = tuple(patterns)
+        self._stamp = self._files_stamp()
+        self._styles = StyleDatabase.load(self.patterns)
+        self._lock = threading.Lock()
+
+    def _files_stamp(self) -> tuple[tuple[str, int, int], ...]:
+        """Each file the patterns name with its modification time (ns) and size; a `StylesError` if one is gone."""
+        stamp = []
+        for path in styles_files(self.patterns):
+            try:
+                info = path.stat()
+            except OSError as err:
+                raise StylesError(f"cannot read the styles file {os.fspath(path)!r}: {err.strerror or err}") from None
+            stamp.append((os.fspath(path), info.st_mtime_ns, info.st_size))
+        return tuple(stamp)
+
+    def current(self) -> StyleDatabase:
+        """The styles as the files now are: read again where they changed since the last read."""
+        if not self.patterns:
+            return self._styles
+        with self._lock:
+            try:
+                stamp = self._files_stamp()
+                if stamp != self._stamp:
+                    self._styles, self._stamp = StyleDatabase.load(self.patterns), stamp
+                    logger.info("styles read again: %d styles", len(self._styles.styles))
+            except StylesError as err:
+                logger.error("the styles files changed but cannot be read, the styles read before stay: %s", err)
+            return self._styles
 
 
 HIRES_PROMPT, HIRES_NEGATIVE_PROMPT = "Hires prompt", "Hires negative prompt"

@@ -14,7 +14,7 @@ from sdlab.pipeline.infotext import drawn_hires_prompt, hires_tag_refs, tag_lora
 from sdlab.pipeline.prompt_loras import forget_read_loras, without_extra_networks
 from sdlab.pipeline.prompt_syntax import strip_comments
 from sdlab.pipeline.request import GenerationRequest, RequestError, fixed_seed
-from sdlab.pipeline.styles import StyleDatabase
+from sdlab.pipeline.styles import StyleDatabase, WatchedStyles
 from sdlab.pipeline.upscale import A1111_REALESRGAN_STEMS
 from sdlab.server.config import ServerConfig
 from sdlab.server.inputs import (
@@ -35,7 +35,7 @@ class Service:
         startup = config.model or shipped_model_path()
         if startup is None:
             raise FileNotFoundError("this sdlab install has no built-in model; pass --model FILE")
-        self.styles = StyleDatabase.load(config.styles_files)     # StylesError: before the store opens
+        self.watched_styles = WatchedStyles(config.styles_files)     # StylesError: before the store opens
         self.store = Store(config.output_dir)
         self.registry = ModelRegistry(Path(startup), config.models_dir, config.vae_dir)
         self.controlnets = ModelFolder(config.controlnet_dir, CONTROLNET_SUFFIXES, hashed=True)
@@ -49,6 +49,11 @@ class Service:
         self.options: dict[str, Any] = {}           # A1111 options clients set that sdlab does not use
         self.script_runs: list[Any] = []            # A1111 selectable scripts drawing now (`a1111.ScriptRun`)
         self.script_jobs: dict[str, Any] = {}       # native jobs of a script, queued or running (`script_jobs`)
+
+    @property
+    def styles(self) -> StyleDatabase:
+        """The prompt styles of `--styles-file` as the files now are (read again after an edit, `WatchedStyles`)."""
+        return self.watched_styles.current()
 
     def start(self) -> None:
         self.queue.start()
