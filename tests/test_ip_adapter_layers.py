@@ -366,9 +366,8 @@ def test_face_id_refusals_and_a_wrong_encoder_are_one_line(sd1, tmp_path):
         (IPAdapterInput(with_lora, torch.zeros(512)), "an IP-Adapter FaceID with a LoRA for the U-Net's attention "
          "layers \\(2 tensors"),
         (IPAdapterInput(write_ip_adapter(models / "faceid_plus.bin", plus), torch.zeros(512)),
-         r"faceid_plus.bin: an IP-Adapter FaceID Plus \(its projection reads an InsightFace face embedding and the "
-         r"picture's CLIP hidden states\), which sdlab does not draw; it draws base, Plus, Full-face and FaceID "
-         r"IP-Adapters$"),
+         r"faceid_plus.bin: an IP-Adapter FaceID Plus without the resampler sdlab knows \(perceiver_resampler.proj_in, "
+         r"layers.N.0.to_q / to_kv / to_out, layers.N.1, proj_out, norm_out\)$"),
         (IPAdapterInput(wide, _picture()), r"Full-face reads 1280-wide image encoder hidden states \(ViT-H/14\); "
          "the image encoder .* is 128 wide"),
     ]

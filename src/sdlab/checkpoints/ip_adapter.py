@@ -12,9 +12,11 @@ encoder's hidden states) read their sizes from those tensors too, and so does th
 (``image_proj.proj.0`` / ``proj.2`` / ``proj.3``: Linear, GELU, Linear, LayerNorm over the hidden states; h94's
 `ip-adapter-full-face_sd15`). A FaceID adapter's projection (``image_proj.proj.0`` / ``proj.2`` / ``norm``, no
 ``proj.3``) reads an InsightFace face embedding, which sdlab does not compute: it draws with one given
-(`pipeline.image_prompt`); one whose file also holds a LoRA for the U-Net's attention layers
-(``ip_adapter.N.to_q_lora.down.weight`` ...: ip-adapter-faceid_sd15, which diffusers applies as a LoRA) and FaceID
-Plus (``perceiver_resampler``, which also reads the picture's CLIP hidden states) are refused by name.
+(`pipeline.image_prompt`); so does FaceID Plus (``image_proj.perceiver_resampler.*`` beside FaceID's ``proj`` /
+``norm``: its resampler also reads the picture's CLIP hidden states; Plus v2, the same file layout, adds a shortcut,
+chosen as ComfyUI_IPAdapter_plus chooses it: a file whose name holds "plusv2"). A FaceID file that also holds
+a LoRA for the U-Net's attention layers (``ip_adapter.N.to_q_lora.down.weight`` ...: ip-adapter-faceid_sd15 and
+the Plus files, which diffusers applies as a LoRA) is refused by name.
 `check_fits` refuses an adapter for another U-Net or image encoder with one line naming both widths.
 """
 
@@ -23,7 +25,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -38,10 +40,6 @@ from sdlab.models.ip_adapter import IPAdapter, IPAdapterConfig, ResamplerConfig,
 from sdlab.models.unet import UNet
 
 _LAYER = re.compile(r"ip_adapter\.(\d+)\.to_k_ip\.weight")
-_OTHER_PROJECTIONS = {"image_proj.perceiver_resampler.proj_in.weight":
-                      "an IP-Adapter FaceID Plus (its projection reads an InsightFace face embedding and the "
-                      "picture's CLIP hidden states), which sdlab does not draw; it draws base, Plus, Full-face and "
-                      "FaceID IP-Adapters"}
 _LORA = re.compile(r"ip_adapter\.\d+\.to_(q|k|v|out)_lora\.(down|up)\.weight")
 
 
@@ -60,9 +58,8 @@ class LoadedIPAdapter:
 def _config_from_shapes(shapes: Mapping[str, torch.Size], path: Path) -> IPAdapterConfig:
     if "image_proj.proj.3.weight" in shapes and "image_proj.perceiver_resampler.proj_in.weight" not in shapes:
         return _full_config(shapes, path, _layer_widths(shapes, path))
-    for key, what in _OTHER_PROJECTIONS.items():
-        if key in shapes:
-            raise CheckpointError(f"{path}: {what}")
+    if "image_proj.perceiver_resampler.proj_in.weight" in shapes:
+        return _face_id_plus_config(shapes, path, _face_id_config(shapes, path, _layer_widths(shapes, path)))
     if "image_proj.latents" in shapes:
         return _plus_config(shapes, path, _layer_widths(shapes, path))
     if "image_proj.proj.0.weight" in shapes and "image_proj.norm.weight" in shapes:
@@ -108,7 +105,7 @@ def _face_id_config(shapes: Mapping[str, torch.Size], path: Path, widths: tuple[
     if lora:
         raise CheckpointError(f"{path}: an IP-Adapter FaceID with a LoRA for the U-Net's attention layers "
                               f"({len(lora)} tensors such as {lora[0]}), which sdlab does not apply with it; sdlab "
-                              "draws FaceID adapters without one (ip-adapter-faceid-portrait*)")
+                              "draws FaceID and FaceID Plus adapters without one (ip-adapter-faceid-portrait*)")
     try:
         hidden, embed_dim = shapes["image_proj.proj.0.weight"]
         out_width, inner = shapes["image_proj.proj.2.weight"]
@@ -121,6 +118,36 @@ def _face_id_config(shapes: Mapping[str, torch.Size], path: Path, widths: tuple[
                               f"({hidden}x{embed_dim}) into whole {context_dim}-wide tokens")
     return IPAdapterConfig(embed_dim=embed_dim, context_dim=context_dim, tokens=out_width // context_dim,
                            widths=widths, face_id=True, mlp_width=hidden)
+
+
+def _face_id_plus_config(shapes: Mapping[str, torch.Size], path: Path, face_id: IPAdapterConfig) -> IPAdapterConfig:
+    """A FaceID Plus adapter's sizes: FaceID's (`face_id`), and its perceiver_resampler's: proj_in (W, E_clip),
+    to_q (heads * 64, W), the feed-forward's first Linear (mult * W, W), how many layers, proj_out (C, W). Its
+    latents are FaceID's C-wide tokens, so W must be C (as in every h94 file: ProjPlusModel's dim)."""
+    prefix = "image_proj.perceiver_resampler."
+    try:
+        width, clip_width = shapes[prefix + "proj_in.weight"]
+        heads = shapes[prefix + "layers.0.0.to_q.weight"][0] // 64
+        ff_mult = shapes[prefix + "layers.0.1.1.weight"][0] // width
+        out_width = shapes[prefix + "proj_out.weight"][0]
+    except (KeyError, ValueError):
+        raise CheckpointError(f"{path}: an IP-Adapter FaceID Plus without the resampler sdlab knows "
+                              "(perceiver_resampler.proj_in, layers.N.0.to_q / to_kv / to_out, layers.N.1, proj_out, "
+                              "norm_out)") from None
+    if width != face_id.context_dim or out_width != face_id.context_dim:
+        raise CheckpointError(f"{path}: an IP-Adapter FaceID Plus whose resampler is {width} wide and gives "
+                              f"{out_width}-wide tokens; sdlab knows the one as wide as its {face_id.context_dim}-wide "
+                              "face tokens")
+    depth = sum(1 for key in shapes if re.fullmatch(re.escape(prefix) + r"layers\.\d+\.0\.to_q\.weight", key))
+    return replace(face_id, clip_width=clip_width,
+                   face_resampler=ResamplerConfig(width=width, depth=depth, heads=heads, ff_mult=ff_mult))
+
+
+def is_face_id_plus_v2(path: str | os.PathLike[str]) -> bool:
+    """Whether a FaceID Plus file is a Plus v2 (its tokens take the shortcut): its name holds "plusv2" (h94's
+    ip-adapter-faceid-plusv2_sd15.bin), ComfyUI_IPAdapter_plus' rule (utils.py `ipadapter_model_loader`: the file
+    layout is v1's)."""
+    return "plusv2" in Path(path).name.lower()
 
 
 def _plus_config(shapes: Mapping[str, torch.Size], path: Path, widths: tuple[int, ...]) -> IPAdapterConfig:
@@ -152,6 +179,19 @@ def read_ip_adapter(path: str | os.PathLike[str]) -> tuple[IPAdapterConfig, Mapp
     return config, tensors
 
 
+def is_ip_adapter_file(path: str | os.PathLike[str]) -> bool:
+    """Whether `path` holds IP-Adapter tensors (``image_proj.*`` and ``ip_adapter.*``, flat or nested as a `.bin`
+    nests them), read from its names alone (a safetensors header, a pickle on the meta device): how a folder of
+    ControlNets, T2I-Adapters and IP-Adapters (A1111's models/ControlNet) tells them apart before one is loaded.
+    A file that cannot be read is none (its loader names why)."""
+    try:
+        tensors, _ = read_checkpoint(Path(path), nested=True, shapes_only=True)
+    except CheckpointError:
+        return False
+    prefixes = {key.split(".", 1)[0] for key in tensors}
+    return {"image_proj", "ip_adapter"} <= prefixes
+
+
 def load_ip_adapter(path: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32,
                     device: torch.device | str = "cpu") -> LoadedIPAdapter:
     config, tensors = read_ip_adapter(path)
@@ -171,8 +211,8 @@ def _tower_by_width(width: int) -> str:
 
 def check_fits(adapter: LoadedIPAdapter, unet: UNet, encoder: CLIPVisionConfig | None, encoder_origin: str) -> None:
     """Refuse (`CheckpointError`, one line naming both sides) an adapter for another U-Net (context width, number
-    or widths of the cross-attentions) or for another image encoder (embedding width; None: a FaceID adapter's
-    face embedding, no encoder)."""
+    or widths of the cross-attentions) or for another image encoder (embedding width, or the hidden states' width
+    of a Plus, Full-face or FaceID Plus adapter; None: a FaceID adapter's face embedding, no encoder)."""
     cfg = adapter.config
     if cfg.context_dim != unet.cfg.context_dim:
         raise CheckpointError(f"{adapter.origin}: this IP-Adapter is for a U-Net with a {cfg.context_dim}-wide text "
@@ -183,7 +223,13 @@ def check_fits(adapter: LoadedIPAdapter, unet: UNet, encoder: CLIPVisionConfig |
                               f"model has {len(widths)} (widths {sorted(set(cfg.widths))} vs {sorted(set(widths))})")
     if encoder is None:
         return
-    if cfg.resampler is not None or cfg.full:
+    if cfg.face_id_plus:
+        if encoder.width != cfg.clip_width:
+            raise CheckpointError(
+                f"{adapter.origin}: this IP-Adapter FaceID Plus reads {cfg.clip_width}-wide image encoder hidden "
+                f"states{_tower_by_width(cfg.clip_width)}; the image encoder {encoder_origin} is {encoder.width} wide"
+                f"{_tower_by_width(encoder.width)}: use the image encoder the adapter was trained with")
+    elif cfg.resampler is not None or cfg.full:
         if encoder.width != cfg.embed_dim:
             raise CheckpointError(
                 f"{adapter.origin}: this IP-Adapter {'Full-face' if cfg.full else 'Plus'} reads {cfg.embed_dim}-wide "

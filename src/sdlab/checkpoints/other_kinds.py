@@ -177,13 +177,19 @@ def _ip_adapter(path: Path) -> Description:
               if (width if hidden else tower.projection_dim) == cfg.embed_dim]
     reads = "hidden states" if hidden else "face embeddings (InsightFace)" if cfg.face_id else "image embeddings"
     towers = [] if cfg.face_id else towers
+    if cfg.face_id_plus:
+        clip = TOWERS_BY_WIDTH.get(cfg.clip_width)
+        reads += f" and {cfg.clip_width}-wide image encoder hidden states" + (f" ({clip[0]})" if clip else "")
     projection = ("Plus (resampler)" if cfg.resampler is not None else "Full-face (MLP)" if cfg.full
-                  else "FaceID (MLP)" if cfg.face_id else "base")
+                  else "FaceID Plus (MLP, resampler)" if cfg.face_id_plus else "FaceID (MLP)" if cfg.face_id
+                  else "base")
     facts = {"for": f"U-Nets of a {cfg.context_dim}-wide text context, {len(cfg.widths)} cross-attentions",
              "image projection": projection, "tokens": cfg.tokens or "one per image encoder position",
              "reads": f"{cfg.embed_dim}-wide {reads}" + (f" ({' or '.join(towers)})" if towers else ""),
              "parameters": sum(shape.numel() for shape in shapes_of(tensors).values())}
-    use = ("Python: IPAdapterInput(FILE, face_embedding) with an InsightFace face embedding (sdlab computes none)"
+    use = ("Python: IPAdapterInput(FILE, PICTURE, face_embedding=EMBEDDING) with an InsightFace face embedding "
+           "(sdlab computes none)" if cfg.face_id_plus else
+           "Python: IPAdapterInput(FILE, face_embedding) with an InsightFace face embedding (sdlab computes none)"
            if cfg.face_id else
            "--ip-adapter FILE --ip-adapter-image PICTURE (its image encoder beside it or --ip-adapter-encoder)")
     return {"kind": "IP-Adapter", "facts": facts, "use": use}

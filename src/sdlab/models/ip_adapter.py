@@ -5,6 +5,8 @@ Models"): a picture as a prompt, through extra tokens and a second cross-attenti
     tokens = Resampler(hidden_states[-2])                                     image_proj, Plus adapters (T = 16)
     tokens = LayerNorm(Linear(GELU(Linear(hidden_states[-2]))))              image_proj, Full-face (T = positions)
     tokens = LayerNorm(reshape(Linear(GELU(Linear(face_embeds))), (T, C)))  image_proj, FaceID (T = 4 or 16)
+    tokens = Resampler(hidden_states[-2], latents = FaceID's tokens)          image_proj, FaceID Plus (T = 4)
+             [+ FaceID's tokens * shortcut scale]                             ... Plus v2 (`shortcut`)
     attn2(x) = to_out(softmax(q k^T) v + scale * softmax(q k_ip^T) v_ip)     per cross-attention, same q
 
 with k = to_k(text context), v = to_v(text context) as before and k_ip = to_k_ip(tokens), v_ip = to_v_ip(tokens)
@@ -57,6 +59,14 @@ class IPAdapterConfig:
     full: bool = False          # the Full-face adapter's MLP over every hidden state (`tokens`: 0, the encoder's)
     face_id: bool = False       # FaceID's MLP over an InsightFace face embedding (`embed_dim` wide) ...
     mlp_width: int = 0          # ... through a `mlp_width`-wide hidden layer
+    # FaceID Plus: a resampler whose latents are FaceID's tokens, over `clip_width`-wide encoder hidden states
+    face_resampler: ResamplerConfig | None = None
+    clip_width: int = 0
+
+    @property
+    def face_id_plus(self) -> bool:
+        """Whether this is a FaceID Plus adapter (reads a face embedding and a picture's hidden states)."""
+        return self.face_resampler is not None
 
 
 class ImageProjection(nn.Module):
@@ -127,33 +137,63 @@ class PerceiverAttention(nn.Module):
         return self.to_out(attention(self.to_q(latents), k, v, self.heads))        # (B, T, W)
 
 
-class Resampler(nn.Module):
-    """IP-Adapter Plus' image projection (diffusers' `IPAdapterPlusImageProjection`): hidden states (B, N, E) ->
-    `tokens` context tokens (B, T, C_ctx). Names as in h94's files: latents, proj_in, layers.{i}.0 (attention),
-    layers.{i}.1 (LayerNorm, Linear, GELU, Linear), proj_out, norm_out."""
+class PerceiverResampler(nn.Module):
+    """Latents (B, T, W) attend, in `depth` blocks, to projected hidden states (B, N, E); -> (B, T, C_ctx).
+    Names as in h94's files: proj_in, layers.{i}.0 (attention), layers.{i}.1 (LayerNorm, Linear, GELU, Linear),
+    proj_out, norm_out (FaceID Plus' `perceiver_resampler`, IP-Adapter's FacePerceiverResampler)."""
 
-    def __init__(self, cfg: IPAdapterConfig):
+    def __init__(self, embed_dim: int, context_dim: int, r: ResamplerConfig):
         super().__init__()
-        r = cfg.resampler
-        assert r is not None
-        self.latents = nn.Parameter(torch.zeros(1, cfg.tokens, r.width))
-        self.proj_in = nn.Linear(cfg.embed_dim, r.width)
+        self.proj_in = nn.Linear(embed_dim, r.width)
         self.layers = nn.ModuleList(nn.ModuleList([
             PerceiverAttention(r),
             nn.Sequential(nn.LayerNorm(r.width), nn.Linear(r.width, r.ff_mult * r.width, bias=False), nn.GELU(),
                           nn.Linear(r.ff_mult * r.width, r.width, bias=False)),
         ]) for _ in range(r.depth))
-        self.proj_out = nn.Linear(r.width, cfg.context_dim)
-        self.norm_out = nn.LayerNorm(cfg.context_dim)
+        self.proj_out = nn.Linear(r.width, context_dim)
+        self.norm_out = nn.LayerNorm(context_dim)
 
-    def forward(self, hidden_states: Tensor) -> Tensor:
-        """hidden_states: (B, N, embed_dim) -> (B, tokens, context_dim)"""
+    def resample(self, hidden_states: Tensor, latents: Tensor) -> Tensor:
+        """hidden_states: (B, N, embed_dim), latents: (B, T, W) -> (B, T, context_dim)"""
         x = self.proj_in(hidden_states.to(self.proj_in.weight.dtype))               # (B, N, W)
-        latents = self.latents.expand(len(x), -1, -1)                                # (B, T, W)
+        latents = latents.to(x.dtype)
         for attn, ff in self.layers:
             latents = attn(x, latents) + latents
             latents = ff(latents) + latents
         return self.norm_out(self.proj_out(latents))                                 # (B, T, C)
+
+
+class Resampler(PerceiverResampler):
+    """IP-Adapter Plus' image projection (diffusers' `IPAdapterPlusImageProjection`): `tokens` learned latents
+    (``latents``) resample the hidden states (B, N, E) -> (B, T, C_ctx)."""
+
+    def __init__(self, cfg: IPAdapterConfig):
+        r = cfg.resampler
+        assert r is not None
+        super().__init__(cfg.embed_dim, cfg.context_dim, r)
+        self.latents = nn.Parameter(torch.zeros(1, cfg.tokens, r.width))
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        """hidden_states: (B, N, embed_dim) -> (B, tokens, context_dim)"""
+        return self.resample(hidden_states, self.latents.expand(len(hidden_states), -1, -1))   # (B, T, C)
+
+
+class FaceIDPlusProjection(FaceIDProjection):
+    """FaceID Plus' image projection (diffusers' `IPAdapterFaceIDPlusImageProjection`, IP-Adapter's
+    `ProjPlusModel`): FaceID's T tokens of the face embedding are the latents of a resampler over the picture's
+    penultimate hidden states; Plus v2 adds the face tokens back, `shortcut` times the resampler's output. Names as
+    in h94's files: proj.0, proj.2, norm, perceiver_resampler.*."""
+
+    def __init__(self, cfg: IPAdapterConfig):
+        super().__init__(cfg)
+        assert cfg.face_resampler is not None
+        self.perceiver_resampler = PerceiverResampler(cfg.clip_width, cfg.context_dim, cfg.face_resampler)
+
+    def forward(self, face_embeds: Tensor, hidden_states: Tensor, shortcut: float | None = None) -> Tensor:
+        """face_embeds: (B, embed_dim), hidden_states: (B, N, clip_width) -> (B, tokens, context_dim)"""
+        faces = super().forward(face_embeds)                                          # (B, T, C)
+        out = self.perceiver_resampler.resample(hidden_states, faces)                 # (B, T, C)
+        return out if shortcut is None else faces + shortcut * out
 
 
 class DecoupledKV(nn.Module):
@@ -170,6 +210,7 @@ class IPAdapter(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.image_proj = (Resampler(cfg) if cfg.resampler is not None else FullImageProjection(cfg) if cfg.full
+                           else FaceIDPlusProjection(cfg) if cfg.face_id_plus
                            else FaceIDProjection(cfg) if cfg.face_id else ImageProjection(cfg))
         self.ip_adapter = nn.ModuleDict({str(2 * k + 1): DecoupledKV(cfg.context_dim, width)
                                          for k, width in enumerate(cfg.widths)})

@@ -16,6 +16,12 @@ Semantics are diffusers' (`load_ip_adapter`, `ip_adapter_image`, `set_ip_adapter
 - a FaceID adapter reads no picture but an InsightFace face embedding, which sdlab does not compute: `image` is
   that embedding (a tensor or NumPy array, E or N x E numbers for N faces, or a .npy file), as diffusers'
   `ip_adapter_image_embeds`; each face gives T tokens, the negative rows those of zero embeddings;
+- a FaceID Plus adapter reads both: `image` is the picture (its encoder's penultimate hidden states, as a Plus
+  adapter's) and `face_embedding` the face's embedding (one face: diffusers pairs each face with a picture); the
+  negative rows are those of a zero embedding and a zero picture's hidden states (diffusers' FaceID Plus example:
+  ``zeros_like`` of the faces, `prepare_ip_adapter_image_embeds`' ``clip_embeds``). A Plus v2 file (its name holds
+  "plusv2") adds its face tokens times `face_shortcut` (default 1; diffusers' ``shortcut`` /
+  ``shortcut_scale``); `face_shortcut` given turns the shortcut on for any FaceID Plus file;
 - the image encoder is the one named, else an `image_encoder` folder beside the adapter file or one folder up
   (h94/IP-Adapter's layout: `models/ip-adapter_sd15.safetensors` with `models/image_encoder/`);
 - an adapter acts on the steps of its window [start, end] alone (A1111's ControlNet extension's Guidance Start /
@@ -53,7 +59,7 @@ from torch import Tensor
 from sdlab.checkpoints.controlnet import legacy_hash
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.image_encoder import LoadedImageEncoder, load_image_encoder
-from sdlab.checkpoints.ip_adapter import LoadedIPAdapter, check_fits, load_ip_adapter
+from sdlab.checkpoints.ip_adapter import LoadedIPAdapter, check_fits, is_face_id_plus_v2, load_ip_adapter
 from sdlab.families.loaded import ModelBundle
 from sdlab.models.ip_adapter import ImagePrompt, IPAdapter, IPAdapterConfig, cross_attentions, embeds_tokens
 from sdlab.pipeline.clip_image import clip_pixels, extension_clip_pixels
@@ -90,6 +96,10 @@ class IPAdapterInput:
     unit: int | None = None         # an A1111 unit's place among its request's enabled units (None: after them)
     # an A1111 unit's mask: the extension's CLIP mask (`clip_image.extension_clip_pixels`; control_convention "a1111")
     mask: Image.Image | str | os.PathLike[str] | None = None
+    # FaceID Plus: the face's InsightFace embedding (`image` is then the picture) and the Plus v2 shortcut's scale
+    # (None: 1 for a "plusv2" file, no shortcut for another)
+    face_embedding: Tensor | np.ndarray | str | os.PathLike[str] | None = None
+    face_shortcut: float | None = None
 
     @property
     def windowed(self) -> bool:
@@ -130,14 +140,14 @@ def check_ip_adapter(prompt: IPAdapterInput, index: int = 0, convention: str = "
             raise RequestError(f"{name}: {err}") from None
     config = prompt.model.config if isinstance(prompt.model, LoadedIPAdapter) \
         else _check_adapter_file(Path(prompt.model), name)
-    _check_face_input(prompt.image, config, name)
+    _check_face_input(prompt, config, name)
     if not _is_face_embedding(prompt.image) and not isinstance(prompt.image, Image.Image) \
             and not Path(prompt.image).is_file():
         raise RequestError(f"{name}: the image {os.fspath(prompt.image)!r} does not exist")
     encoder = prompt.image_encoder
     if isinstance(encoder, (str, os.PathLike)) and not Path(encoder).exists():
         raise RequestError(f"{name}: the image encoder {os.fspath(encoder)!r} does not exist")
-    if encoder is None and not config.face_id:
+    if encoder is None and _reads_picture(config):
         image_encoder_of(prompt.model_path)                   # found beside the adapter, else refused now
     return prompt
 
@@ -159,16 +169,46 @@ def _is_face_embedding(image: Any) -> bool:
         isinstance(image, (str, os.PathLike)) and os.fspath(image).lower().endswith(".npy"))
 
 
-def _check_face_input(image: Any, config: IPAdapterConfig, name: str) -> None:
-    """A RequestError where a FaceID adapter is given a picture, or another adapter a face embedding."""
+def _reads_picture(config: IPAdapterConfig) -> bool:
+    """Whether the adapter reads a picture through an image encoder (every one but FaceID)."""
+    return not config.face_id or config.face_id_plus
+
+
+def _check_face_input(prompt: IPAdapterInput, config: IPAdapterConfig, name: str) -> None:
+    """A RequestError where a FaceID adapter is given a picture, another adapter a face embedding as its image,
+    a FaceID Plus adapter no face embedding or no picture, or a face embedding or shortcut is given to another."""
+    image, face = prompt.image, prompt.face_embedding
+    shortcut = prompt.face_shortcut
+    if config.face_id_plus:
+        if face is None or not _is_face_embedding(face):
+            raise RequestError(f"{name}: an IP-Adapter FaceID Plus reads a picture and an InsightFace face embedding, "
+                               f"which sdlab does not compute; give the picture as the image and the embedding "
+                               f"({config.embed_dim} numbers: a tensor, a NumPy array or a .npy file) as "
+                               "face_embedding through the Python API")
+        if _is_face_embedding(image):
+            raise RequestError(f"{name}: an IP-Adapter FaceID Plus reads a picture as its image (its face "
+                               "embedding is face_embedding)")
+        if shortcut is not None and (isinstance(shortcut, bool) or not isinstance(shortcut, (int, float))
+                                     or not math.isfinite(shortcut) or not 0.0 <= shortcut <= MAX_SCALE):
+            raise RequestError(f"{name}: face_shortcut must be a number in [0, {MAX_SCALE:g}], got {shortcut!r}")
+        _check_face_file(face, name)
+        return
+    if face is not None or shortcut is not None:
+        raise RequestError(f"{name}: face_embedding and face_shortcut are for an IP-Adapter FaceID Plus"
+                           + ("; a FaceID adapter's face embedding is its image" if config.face_id else ""))
     if config.face_id and not _is_face_embedding(image):
         raise RequestError(f"{name}: an IP-Adapter FaceID reads an InsightFace face embedding, which sdlab does not "
                            f"compute from a picture; give the embedding ({config.embed_dim} numbers per face: a "
                            "tensor, a NumPy array or a .npy file) as the image through the Python API")
     if not config.face_id and _is_face_embedding(image):
         raise RequestError(f"{name}: a face embedding is for an IP-Adapter FaceID; this adapter reads a picture")
-    if isinstance(image, (str, os.PathLike)) and config.face_id and not Path(image).is_file():
-        raise RequestError(f"{name}: the face embedding {os.fspath(image)!r} does not exist")
+    if config.face_id:
+        _check_face_file(image, name)
+
+
+def _check_face_file(face: Any, name: str) -> None:
+    if isinstance(face, (str, os.PathLike)) and not Path(face).is_file():
+        raise RequestError(f"{name}: the face embedding {os.fspath(face)!r} does not exist")
 
 
 def face_embeds(image: Tensor | np.ndarray | str | os.PathLike[str], width: int, name: str) -> Tensor:
@@ -311,13 +351,13 @@ def weights_to_load(bundle: ModelBundle, prompts: Sequence[IPAdapterInput], conv
     for index, prompt in enumerate(prompts):
         check_ip_adapter(prompt, index, convention)
         if isinstance(prompt.model, LoadedIPAdapter):
-            face_id = prompt.model.config.face_id
+            config = prompt.model.config
         else:
-            face_id = _check_adapter_file(Path(prompt.model), f"IP-Adapter {index}").face_id
+            config = _check_adapter_file(Path(prompt.model), f"IP-Adapter {index}")
             wanted.setdefault(("adapter", _file_version(prompt.model), param.dtype, str(param.device)),
                               Path(prompt.model))
         encoder = prompt.image_encoder
-        if not face_id and not isinstance(encoder, LoadedImageEncoder):
+        if _reads_picture(config) and not isinstance(encoder, LoadedImageEncoder):
             path = Path(image_encoder_of(prompt.model_path) if encoder is None else encoder)
             wanted.setdefault(("encoder", _file_version(path), param.dtype, str(param.device)), path)
     with _LOCK:
@@ -346,7 +386,7 @@ def _loaded(prompt: IPAdapterInput, bundle: ModelBundle) -> tuple[LoadedIPAdapte
         adapter = _kept("adapter", adapter, param,
                         lambda: load_ip_adapter(prompt.model, dtype=param.dtype, device=param.device))
     adapter.model.to(device=param.device, dtype=param.dtype)
-    if adapter.config.face_id:
+    if not _reads_picture(adapter.config):
         check_fits(adapter, bundle.unet, None, "")
         return adapter, None
     encoder = prompt.image_encoder
@@ -359,17 +399,21 @@ def _loaded(prompt: IPAdapterInput, bundle: ModelBundle) -> tuple[LoadedIPAdapte
     return adapter, encoder
 
 
-def _kept_tokens(adapter: IPAdapter, encoder: torch.nn.Module, pixels: Tensor) -> tuple[Tensor, Tensor]:
+def _kept_tokens(adapter: IPAdapter, encoder: torch.nn.Module, pixels: Tensor,
+                 face: tuple[Tensor, float | None] | None = None) -> tuple[Tensor, Tensor]:
     """`_tokens`, kept for the last `KEPT_TOKENS` (adapter, encoder, picture) triples: the same objects (held
-    weakly) in the same dtype and device, and the same preprocessed pixels. pixels: (1, 3, 224, 224)"""
+    weakly) in the same dtype and device, and the same preprocessed pixels (and FaceID Plus' face embedding and
+    shortcut, `face`). pixels: (1, 3, 224, 224)"""
     digest = hashlib.sha256(pixels.detach().float().cpu().numpy().tobytes()).hexdigest()
+    if face is not None:
+        digest += hashlib.sha256(face[0].detach().float().cpu().numpy().tobytes()).hexdigest() + repr(face[1])
     key = (id(adapter), id(encoder), pixels.dtype, str(pixels.device), tuple(pixels.shape), digest)
     with _LOCK:
         kept = _TOKENS.get(key)
         if kept is not None and kept[0]() is adapter and kept[1]() is encoder:
             _TOKENS.move_to_end(key)
             return kept[2], kept[3]
-    tokens, negative = _tokens(adapter, encoder, pixels)
+    tokens, negative = _tokens(adapter, encoder, pixels, face)
     with _LOCK:
         _TOKENS[key] = (weakref.ref(adapter), weakref.ref(encoder), tokens, negative)
         while len(_TOKENS) > KEPT_TOKENS:
@@ -418,7 +462,22 @@ def _prompt_tokens(prompt: IPAdapterInput, adapter: LoadedIPAdapter, encoder: Lo
         return faces.reshape(1, -1, faces.shape[-1]), negative.reshape(1, -1, negative.shape[-1])  # 2 x (1, N*T, C)
     pixels = picture_pixels(prompt, encoder.config.image_size, index, convention).unsqueeze(0)  # (1, 3, 224, 224)
     param = next(encoder.model.parameters())
-    return _kept_tokens(adapter.model, encoder.model, pixels.to(device=param.device, dtype=param.dtype))
+    pixels = pixels.to(device=param.device, dtype=param.dtype)
+    if adapter.config.face_id_plus:
+        face = face_embeds(prompt.face_embedding, adapter.config.embed_dim, f"IP-Adapter {index}")  # (N, E)
+        if len(face) != 1:
+            raise RequestError(f"IP-Adapter {index}: an IP-Adapter FaceID Plus takes one face with its one "
+                               f"picture; the face embedding holds {len(face)}")
+        return _kept_tokens(adapter.model, encoder.model, pixels, (face.to(param.device), face_shortcut(prompt)))
+    return _kept_tokens(adapter.model, encoder.model, pixels)
+
+
+def face_shortcut(prompt: IPAdapterInput) -> float | None:
+    """The scale of a FaceID Plus input's shortcut: `face_shortcut`, else 1 for a Plus v2 file
+    (`is_face_id_plus_v2`), else None (no shortcut)."""
+    if prompt.face_shortcut is not None:
+        return float(prompt.face_shortcut)
+    return 1.0 if is_face_id_plus_v2(prompt.model_path) else None
 
 
 def picture_pixels(prompt: IPAdapterInput, size: int, index: int, convention: str) -> Tensor:
@@ -449,11 +508,18 @@ def _scales(prompt: IPAdapterInput, bundle: ModelBundle, index: int) -> float | 
     return tuple(float(prompt.scale) * layer for layer in layers)
 
 
-def _tokens(adapter: IPAdapter, encoder: torch.nn.Module, pixels: Tensor) -> tuple[Tensor, Tensor]:
+def _tokens(adapter: IPAdapter, encoder: torch.nn.Module, pixels: Tensor,
+            face: tuple[Tensor, float | None] | None = None) -> tuple[Tensor, Tensor]:
     """The picture's tokens and the negative rows' (1, T, C), as diffusers' `encode_image`: a base adapter
     projects image_embeds and zero embeddings; a Plus or Full-face adapter the penultimate hidden states of the
-    picture and of a zero picture (zeros in CLIP's normalised space). pixels: (1, 3, 224, 224)"""
+    picture and of a zero picture (zeros in CLIP's normalised space); a FaceID Plus adapter those hidden states
+    with the face embedding (1, E) and a zero one, and its shortcut's scale (`face`). pixels: (1, 3, 224, 224)"""
     with torch.no_grad():
+        if face is not None:
+            both = encoder(torch.cat([pixels, torch.zeros_like(pixels)])).hidden_states[-2]     # (2, N, W)
+            embeds = face[0].to(both.dtype)                                                    # (1, E)
+            tokens = adapter.image_proj(torch.cat([embeds, torch.zeros_like(embeds)]), both, face[1])  # (2, T, C)
+            return tokens[:1], tokens[1:]
         if adapter.reads_hidden_states:
             both = encoder(torch.cat([pixels, torch.zeros_like(pixels)])).hidden_states[-2]     # (2, N, W)
             tokens = adapter.image_proj(both)                                                  # (2, T, C)
@@ -537,6 +603,8 @@ def infotext_lines(prompts: Sequence[IPAdapterInput], first_unit: int = 0) -> di
         lines[label] = f"Model: {model}, Weight: {_number(float(prompt.scale))}"
         if prompt.layer_scales is not None:
             lines[label] += f", Layers: {layer_scales_text(prompt.layer_scales)}"
+        if prompt.face_shortcut is not None:
+            lines[label] += f", Face shortcut: {_number(float(prompt.face_shortcut))}"
         if prompt.windowed:
             lines[label] += window
     return lines
