@@ -155,3 +155,32 @@ def test_a_scripts_picture_names_its_script_and_arguments(client):
         read = _read(client, base64.b64encode(buffer.getvalue()).decode())
         assert (read["settings"].get("script_name"), read["settings"].get("script_args")) == (name, args)
         assert read["unread"] == []
+
+
+def test_the_axes_with_choices_list_the_servers_values(client) -> None:
+    """`GET /api/scripts` gives each X/Y/Z axis with choices the values A1111 1.10's `AxisOption.choices` list
+    (scripts/xyz_grid.py): the samplers, the schedule types' labels, the checkpoints' titles (any case order), the
+    VAEs after Automatic and None, the styles, the hires upscalers after the latent modes; an axis without choices
+    has none. Each offered value draws: a plot over two of each is accepted."""
+    scripts = client.get("/api/scripts").json()
+    axes = {axis["label"]: axis for axis in scripts["txt2img"]["axes"]}
+    samplers = [s["name"] for s in client.get("/sdapi/v1/samplers").json()]
+    titles = sorted((m["title"] for m in client.get("/sdapi/v1/sd-models").json()), key=str.casefold)
+    assert axes["Sampler"]["values"] == axes["Hires sampler"]["values"] == samplers
+    assert axes["Schedule type"]["values"] == [s["label"] for s in client.get("/sdapi/v1/schedulers").json()]
+    assert axes["Checkpoint name"]["values"] == titles and axes["Refiner checkpoint"]["values"] == ["None", *titles]
+    assert axes["VAE"]["values"] == ["Automatic", "None", *(v["model_name"] for v in client.get("/sdapi/v1/sd-vae").json())]
+    assert axes["Styles"]["values"] == [s["name"] for s in client.get("/sdapi/v1/prompt-styles").json()]
+    latent = [m["name"] for m in client.get("/sdapi/v1/latent-upscale-modes").json()]
+    assert axes["Hires upscaler"]["values"][:len(latent)] == latent
+    assert "values" not in axes["Steps"] and all(("values" in a) == a["choices"] for a in axes.values())
+    img2img = {axis["label"]: axis for axis in scripts["img2img"]["axes"]}
+    assert img2img["Sampler"]["values"] == samplers and img2img["VAE"]["values"] == axes["VAE"]["values"]
+    for label in ("Sampler", "Schedule type", "Checkpoint name", "VAE", "RNG source"):
+        values = axes[label]["values"][:2]
+        answer = client.post("/api/jobs", json={**NATIVE, "steps": 1, "width": 32, "height": 32,
+                                                "script_name": "X/Y/Z plot", "script_args": [
+            axes[label]["index"], ",".join(values), [], 0, "", [], 0, "", [], False, False, False, False, False,
+            False, False, 0, True]})
+        assert answer.status_code == 202, (label, answer.text)
+        assert wait_for_job(client, answer.json()["id"], 300)["status"] == "done", label

@@ -239,6 +239,11 @@ def test_a_bad_styles_file_stops_the_server_with_one_line(tmp_path) -> None:
     assert run.returncode != 0 and "no 'name' column" in run.stderr and "Traceback" not in run.stderr
 
 
+def _styles_axis_values(api: httpx.Client) -> list[str]:
+    axes = api.get("/api/scripts").json()["txt2img"]["axes"]
+    return next(axis["values"] for axis in axes if axis["label"] == "Styles")
+
+
 def test_a_styles_file_edited_while_the_server_runs_is_read_again(tmp_path) -> None:
     """No restart: after styles.csv is edited, `GET /sdapi/v1/prompt-styles`, the native job's style names (its 404
     lists the styles), A1111 requests and native script jobs that apply styles all take the file as it now is."""
@@ -250,6 +255,7 @@ def test_a_styles_file_edited_while_the_server_runs_is_read_again(tmp_path) -> N
     try:
         with httpx.Client(base_url=server.url, timeout=300) as api:
             assert [s["name"] for s in api.get("/sdapi/v1/prompt-styles").json()] == ["ink"]
+            assert _styles_axis_values(api) == ["ink"]
             refused = api.post("/api/jobs", json={**NATIVE_JOB, "styles": ["neon"]})
             assert refused.status_code == 404 and "'ink'" in refused.text and "neon" not in refused.text.split(":")[-1]
             stamp = path.stat().st_mtime_ns + 10**9               # a coarse file system's clock moves on too
@@ -259,6 +265,7 @@ def test_a_styles_file_edited_while_the_server_runs_is_read_again(tmp_path) -> N
             assert api.get("/sdapi/v1/prompt-styles").json() == [
                 {"name": "ink", "prompt": "{prompt}, chalk drawing", "negative_prompt": ""},
                 {"name": "neon", "prompt": "neon lights", "negative_prompt": "dark"}]
+            assert _styles_axis_values(api) == ["ink", "neon"]        # the X/Y/Z Styles axis's choices
             job = api.post("/api/jobs", json={**NATIVE_JOB, "styles": ["neon"]})
             assert job.status_code == 202, job.text
             drawn = wait_for_job(api, job.json()["id"])["infotexts"][0].splitlines()

@@ -200,3 +200,50 @@ def test_an_edited_styles_file_is_listed_when_the_page_is_back_in_focus(page, st
         edit(STYLES_CSV)
     page.execute_script("window.dispatchEvent(new Event('focus'))")
     wait(page, lambda d: listed() == ["add a style", "cinematic", "ink"], 10, "neon is still listed")
+
+
+def test_xyz_axes_with_choices_offer_the_servers_values_and_typing_still_works(page, base_url):
+    """A1111's value dropdown and Fill button beside the X/Y/Z values box of an axis with choices: Styles (the
+    server's styles), Sampler, Schedule type, Checkpoint name and VAE offer the server's values (`GET /api/scripts`);
+    a value picked joins what was typed, Fill puts every one; an axis without choices shows none. The plot drawn
+    sends the box's text."""
+    prompt = "a grey cube (xyz choices)"
+    set_value(page, "prompt", prompt)
+    Select(page.find_element(By.ID, "script")).select_by_visible_text("X/Y/Z plot")
+
+    def offered(letter: str) -> list[str]:
+        return [o.text for o in Select(page.find_element(By.ID, f"xyz_{letter}_choice")).options][1:]
+
+    def axis(letter: str, label: str) -> None:
+        Select(page.find_element(By.ID, f"xyz_{letter}_type")).select_by_visible_text(label)
+
+    assert not page.find_element(By.ID, "xyz_x_choices").is_displayed()      # Seed: typed only
+    axis("x", "Styles")
+    assert page.find_element(By.ID, "xyz_x_choices").is_displayed()
+    assert offered("x") == ["cinematic", "ink"]
+    page.find_element(By.ID, "xyz_x_fill").click()
+    assert value(page, "xyz_x_values") == "cinematic, ink"
+    axis("y", "Sampler")
+    assert "Euler" in offered("y") and "DPM++ 2M" in offered("y")
+    set_value(page, "xyz_y_values", "Euler a")                               # typed, then one picked
+    Select(page.find_element(By.ID, "xyz_y_choice")).select_by_visible_text("Euler")
+    assert value(page, "xyz_y_values") == "Euler a, Euler"
+    axis("z", "Schedule type")
+    assert {"Automatic", "Karras", "Uniform"} <= set(offered("z"))
+    axis("z", "Checkpoint name")
+    models = [m["title"] for m in http_json(base_url, "/sdapi/v1/sd-models")]
+    assert offered("z") == sorted(models, key=str.casefold)
+    axis("z", "VAE")
+    assert offered("z")[:2] == ["Automatic", "None"]
+    axis("z", "Steps")
+    assert not page.find_element(By.ID, "xyz_z_choices").is_displayed()
+    axis("z", "Nothing")
+    page.find_element(By.ID, "generate").click()
+    job_id = wait(page, lambda d: [j["id"] for j in http_json(base_url, "/api/jobs")["jobs"]
+                                   if j["request"].get("prompt") == prompt], 30,
+                  f"no job queued; error: {text(page, 'error')}")[0]
+    job = wait_job(base_url, job_id)
+    assert job["status"] == "done", job
+    args = job["request"]["script_args"]
+    assert (args[1], args[4]) == ("cinematic, ink", "Euler a, Euler")
+    assert "X Type: Styles" in job["infotexts"][0] and "Y Type: Sampler" in job["infotexts"][0]

@@ -384,18 +384,40 @@ def live_job(service: Service, job_id: str) -> Job | None:
     return running.job if running is not None else service.queue.get(job_id)
 
 
+def axis_values(service: Service) -> dict[str, list[str]]:
+    """The values each X/Y/Z axis with choices offers on this server, as A1111 1.10's `AxisOption.choices`
+    (scripts/xyz_grid.py) list them for its dropdown and fill button: the samplers, the schedule types' labels, the
+    checkpoints' titles (any case order), the hires upscalers (the latent modes, then the upscalers), the VAEs
+    (Automatic, None, then the files), the styles of `--styles-file` as the files now are, the RNG sources and a
+    yes / no option's two words."""
+    from sdlab.server import a1111      # here: a1111 imports the native routes, which import this module
+    samplers = [row["name"] for row in a1111.samplers()]
+    titles = sorted((checkpoint.title for checkpoint in service.registry.checkpoints), key=str.casefold)
+    booleans = ["False", "True"]        # A1111's `boolean_choice(reverse=True)`
+    return {"Sampler": samplers, "Hires sampler": samplers, "Checkpoint name": titles,
+            "Schedule type": [row["label"] for row in a1111.schedulers()],
+            "Hires upscaler": [*a1111.LATENT_UPSCALE_MODES, *a1111.upscaler_names(service)],
+            "VAE": ["Automatic", "None", *service.registry.vaes.names()], "Styles": list(service.styles.styles),
+            "Always discard next-to-last sigma": booleans, "SGM noise multiplier": booleans,
+            "Refiner checkpoint": ["None", *titles], "RNG source": ["GPU", "CPU", "NV"],
+            "[FreeU] Enabled": ["True", "False"]}
+
+
 def native_scripts(service: Service) -> dict[str, Any]:
     """The scripts each tab offers (A1111's titles and `ScriptInfo.args` as `GET /sdapi/v1/script-info` gives
     them: SD upscale's upscalers the server's) and the X/Y/Z plot axes sdlab draws, each with its index in A1111's
-    axis list of the tab (its `x_type` / `y_type` / `z_type`) and whether it has choices (its values then come from
-    the `*_values_dropdown` argument unless `csv_mode`)."""
+    axis list of the tab (its `x_type` / `y_type` / `z_type`), whether it has choices (its values then come from
+    the `*_values_dropdown` argument unless `csv_mode`) and, for one that has, the values it offers (`values`,
+    `axis_values`)."""
     from sdlab.server import a1111      # here: a1111 imports the native routes, which import this module
     upscalers = a1111.upscaler_names(service)
+    values = axis_values(service)
     out: dict[str, Any] = {}
     for mode, img2img in (("txt2img", False), ("img2img", True)):
         out[mode] = {"scripts": [{"title": s.title, "args": [vars(arg) for arg in script_args(s, img2img, upscalers)]}
                                  for s in RUNNABLE_SCRIPTS if mode in s.modes],
-                     "axes": [{"index": i, "label": axis.label, "choices": axis.choices}
+                     "axes": [{"index": i, "label": axis.label, "choices": axis.choices,
+                               **({"values": values[axis.label]} if axis.choices else {})}
                               for i, axis in enumerate(axis_types(mode))
                               if sdlab_field(axis) is not None]}
     return out

@@ -311,7 +311,7 @@ async function loadLists() {
     loadStyles(),
     loadVaes(),
     loadHiresUpscalers(),
-    api("/api/scripts").then((scripts) => { state.scripts = scripts; renderScripts(); }),
+    loadScripts(),
     loadControlLists(),                     // controlnet.js: the ControlNet folder's models, the preprocessors
   ]);
   const failed = results.filter((r) => r.status === "rejected").map((r) => r.reason.message);
@@ -479,8 +479,66 @@ function renderScripts() {
   showScriptControls();
 }
 
+// The tab's scripts and X/Y/Z axes (`GET /api/scripts`), their choices the server's as they now are
+async function loadScripts() {
+  state.scripts = await api("/api/scripts");
+  renderScripts();
+}
+
 function showScriptControls() {
   for (const panel of document.querySelectorAll(".script-controls")) panel.hidden = panel.dataset.script !== $("script").value;
+  renderAxisChoices();
+}
+
+// A value as A1111's csv reads it from an X/Y/Z values box: quoted where it holds a comma or a quote
+const csvValue = (value) => (/[",]/.test(value) ? `"${value.replaceAll('"', '""')}"` : value);
+
+// A1111's value dropdown and fill button (its 📒) beside the values box of an X/Y/Z axis with choices (Checkpoint
+// name, VAE, Styles, Sampler, Schedule type, ...: the axis's `values` in `GET /api/scripts`, the server's): a value
+// picked joins the box's values, Fill puts every one there; the box stays free text, typed into for every axis
+function setupAxisChoices() {
+  for (const letter of ["x", "y", "z"]) {
+    const box = $(`xyz_${letter}_values`);
+    const choice = document.createElement("select");
+    choice.id = `xyz_${letter}_choice`;
+    choice.setAttribute("aria-label", `${letter.toUpperCase()} value to add`);
+    choice.addEventListener("change", () => { addAxisValues(box, [choice.value]); choice.value = ""; });
+    const fill = makeButton("Fill", "axis-fill", () => { box.value = ""; addAxisValues(box, axisValues(letter)); },
+      `Fill the ${letter.toUpperCase()} values with every choice`);
+    fill.id = `xyz_${letter}_fill`;
+    const row = document.createElement("span");
+    row.id = `xyz_${letter}_choices`;
+    row.className = "axis-choices";
+    row.hidden = true;
+    row.append(choice, fill);
+    box.after(row);
+    $(`xyz_${letter}_type`).addEventListener("change", renderAxisChoices);
+  }
+}
+
+// The values the chosen axis of `letter` offers (none: a free-text axis)
+function axisValues(letter) {
+  if (!state.scripts) return [];
+  const axis = state.scripts[state.mode === "txt2img" ? "txt2img" : "img2img"].axes
+    .find((a) => a.index === Number($(`xyz_${letter}_type`).value));
+  return (axis && axis.values) || [];
+}
+
+// `values` after those typed in `box`, ", " between them
+function addAxisValues(box, values) {
+  box.value = [box.value.trim(), ...values.filter(Boolean).map(csvValue)].filter(Boolean).join(", ");
+}
+
+// Each axis's value dropdown: its axis's choices, shown only for an axis that has some
+function renderAxisChoices() {
+  for (const letter of ["x", "y", "z"]) {
+    const choices = $(`xyz_${letter}_choices`);
+    if (!choices) continue;
+    const values = axisValues(letter);
+    fillSelect($(`xyz_${letter}_choice`), values.map((v) => ({ label: v, value: v })), { blank: "add a value" });
+    $(`xyz_${letter}_choice`).value = "";
+    choices.hidden = !values.length;
+  }
 }
 
 function scriptArg(spec) {
@@ -546,11 +604,10 @@ function fillScript(settings, unknown) {
 // choices (`GET /api/scripts`; A1111's and the server's rule), each value quoted as A1111's csv reads it; the other
 // axes keep their text
 function fillDropdowns(args) {
-  const csv = (value) => (/[",]/.test(value) ? `"${value.replaceAll('"', '""')}"` : value);
   const axes = state.scripts[state.mode === "txt2img" ? "txt2img" : "img2img"].axes;
   args.forEach(([spec, value], index) => {
     const axis = spec.into && axes.find((a) => a.index === Number(args[index - 2][1]));
-    if (axis && axis.choices) $(spec.into).value = (Array.isArray(value) ? value : []).map((v) => csv(String(v))).join(", ");
+    if (axis && axis.choices) $(spec.into).value = (Array.isArray(value) ? value : []).map((v) => csvValue(String(v))).join(", ");
   });
 }
 
@@ -1521,7 +1578,9 @@ function setup() {
   $("lora-add").addEventListener("click", addChosenLora);
   $("style-choice").addEventListener("change", addChosenStyle);
   // the server reads an edited styles.csv again: coming back to the page (from the editor) lists it as it now is
-  window.addEventListener("focus", () => loadStyles().catch((err) => showError(`Could not load the styles: ${err.message}`)));
+  window.addEventListener("focus", () => Promise.all([loadStyles(), loadScripts()])
+    .catch((err) => showError(`Could not load the styles: ${err.message}`)));
+  setupAxisChoices();
   $("script").addEventListener("change", showScriptControls);
   for (const id of ["strength", "image_cfg_scale", "subseed_strength", "hr_denoise"]) {
     $(id).addEventListener("input", () => showSliderValue(id));
@@ -1551,7 +1610,7 @@ function setup() {
   $("model-refresh").addEventListener("click", async () => {
     try {
       await Promise.all(["refresh-checkpoints", "refresh-vae"].map((route) => api(`/sdapi/v1/${route}`, { method: "POST" })));
-      await Promise.all([loadModels(), loadLoras(), loadVaes()]);
+      await Promise.all([loadModels(), loadLoras(), loadVaes(), loadScripts()]);    // the axes' checkpoints, VAEs
     } catch (err) {
       showError(err.message);
     }
