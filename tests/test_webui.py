@@ -164,6 +164,33 @@ def drop_file(driver, data: bytes, name: str, target_id: str | None = None) -> N
     )
 
 
+def checked(driver, element_id: str) -> bool:
+    return driver.find_element(By.ID, element_id).is_selected()
+
+
+def reuse(driver, base: str, job_id: str) -> None:
+    """Click the gallery's Reuse button of the job."""
+    open_page(driver, base)
+    card = f'#gallery [data-job-id="{job_id}"]'
+    wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, f"{card} button.reuse"), 20, "the job is not in the gallery")
+    driver.find_element(By.CSS_SELECTOR, f"{card} button.reuse").click()
+
+
+def read_dropped(driver, parameters: str, name: str) -> None:
+    """Drop a PNG named `name` whose parameters are `parameters` and wait until the form has read it cleanly."""
+    drop_file(driver, png_with_parameters(parameters), name)
+    wait(driver, lambda d: text(d, "notice") == f"Settings read from {name}", 20, "the PNG was not read cleanly")
+
+
+def tick_option_box(driver, box: str) -> None:
+    """Tick an option box of the form (app.js OPTION_BOXES: freeu, deep_cache), checking that it starts unticked,
+    folded and left out of the request, and that ticking it shows its settings."""
+    assert not checked(driver, box) and not driver.find_element(By.ID, f"{box}-options").is_displayed()
+    assert box not in driver.execute_script("return collectRequest()")
+    driver.find_element(By.ID, box).click()
+    assert driver.find_element(By.ID, f"{box}-options").is_displayed()
+
+
 def painted_mask(driver) -> Image.Image:
     data_url = driver.execute_script("return maskDataUrl();")
     return Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1]))).convert("L")

@@ -5,20 +5,13 @@ dropped PNG tick it and fill it; a picture without DeepCache unticks it."""
 from __future__ import annotations
 
 from test_webui import (  # noqa: F401  (fixtures: base_url, browser, page; the session's sdlab_server)
-    By, base_url, browser, drop_file, job_by_prompt, open_page, page, png_with_parameters, sdlab_server, set_value,
-    text, value, wait, wait_job,
+    By, base_url, browser, checked, job_by_prompt, page, read_dropped, reuse, sdlab_server, set_value, text,
+    tick_option_box, value, wait, wait_job,
 )
 
 
-def _checked(driver) -> bool:
-    return driver.find_element(By.ID, "deep_cache").is_selected()
-
-
 def test_the_deep_cache_box_reaches_the_job_and_reuse_fills_it(page, base_url):
-    assert not _checked(page) and not page.find_element(By.ID, "deep_cache-options").is_displayed()
-    assert "deep_cache" not in page.execute_script("return collectRequest()")
-    page.find_element(By.ID, "deep_cache").click()
-    assert page.find_element(By.ID, "deep_cache-options").is_displayed()
+    tick_option_box(page, "deep_cache")
     assert [value(page, "deep_cache_interval"), value(page, "deep_cache_branch")] == ["3", "0"]
     prompt = "a deepcache web house"
     set_value(page, "prompt", prompt)
@@ -31,22 +24,16 @@ def test_the_deep_cache_box_reaches_the_job_and_reuse_fills_it(page, base_url):
     assert job["status"] == "done" and job["request"]["deep_cache"] == {"interval": 2, "branch": 1}, job
     assert "DeepCache interval: 2, DeepCache branch: 1" in job["infotexts"][0]
     # Reuse in a fresh page ticks the box and fills it: the form sends the job's setting again
-    open_page(page, base_url)
-    card = f'#gallery [data-job-id="{job["id"]}"]'
-    wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, f"{card} button.reuse"), 20, "the job is not in the gallery")
-    page.find_element(By.CSS_SELECTOR, f"{card} button.reuse").click()
-    wait(page, lambda d: _checked(d), 10, "DeepCache is not ticked")
+    reuse(page, base_url, job["id"])
+    wait(page, lambda d: checked(d, "deep_cache"), 10, "DeepCache is not ticked")
     assert page.execute_script("return collectRequest()")["deep_cache"] == {"interval": 2, "branch": 1}
     assert text(page, "notice") == ""
 
 
 def test_a_dropped_png_ticks_deep_cache_and_one_without_unticks_it(page):
-    cached = ("a dropped house\nSteps: 20, Sampler: Euler, Seed: 1, Size: 64x64, DeepCache interval: 5, "
-              "DeepCache branch: 2")
-    drop_file(page, png_with_parameters(cached), "cached.png")
-    wait(page, lambda d: text(d, "notice") == "Settings read from cached.png", 20, "the PNG was not read cleanly")
-    assert _checked(page) and page.find_element(By.ID, "deep_cache-options").is_displayed()
+    read_dropped(page, "a dropped house\nSteps: 20, Sampler: Euler, Seed: 1, Size: 64x64, DeepCache interval: 5, "
+                       "DeepCache branch: 2", "cached.png")
+    assert checked(page, "deep_cache") and page.find_element(By.ID, "deep_cache-options").is_displayed()
     assert page.execute_script("return collectRequest()")["deep_cache"] == {"interval": 5, "branch": 2}
-    drop_file(page, png_with_parameters("a plain house\nSteps: 20, Sampler: Euler, Seed: 1, Size: 64x64"), "plain.png")
-    wait(page, lambda d: text(d, "notice") == "Settings read from plain.png", 20, "the PNG was not read cleanly")
-    assert not _checked(page) and "deep_cache" not in page.execute_script("return collectRequest()")
+    read_dropped(page, "a plain house\nSteps: 20, Sampler: Euler, Seed: 1, Size: 64x64", "plain.png")
+    assert not checked(page, "deep_cache") and "deep_cache" not in page.execute_script("return collectRequest()")

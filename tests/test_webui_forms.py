@@ -18,8 +18,8 @@ from safetensors.torch import save_file
 from server_fixtures import start_server
 from test_upscale_models import new_arch_state
 from test_webui import (  # noqa: F401  (fixtures: base_url, browser, page; the session's sdlab_server)
-    By, Select, base_url, browser, drop_file, http_bytes, http_json, job_by_prompt, open_page, option_values, page,
-    paint_stroke, png_with_parameters, sdlab_server, set_value, text, value, wait, wait_job,
+    By, Select, base_url, browser, checked, drop_file, http_bytes, http_json, job_by_prompt, open_page, option_values,
+    page, paint_stroke, png_with_parameters, reuse, sdlab_server, set_value, text, value, wait, wait_job,
 )
 
 
@@ -41,22 +41,10 @@ def test_text_that_is_not_a_number_is_an_error(page, base_url):
     assert _jobs(base_url) == before                                    # nothing was sent
 
 
-def checked(driver, element_id: str) -> bool:
-    return driver.find_element(By.ID, element_id).is_selected()
-
-
 def set_slider(driver, element_id: str, number: float) -> None:
     """A range input set as the end of a drag sets it."""
     driver.execute_script("const s = document.getElementById(arguments[0]); s.value = arguments[1];"
                           "s.dispatchEvent(new Event('input'));", element_id, number)
-
-
-def reuse(driver, base: str, job_id: str) -> None:
-    """Click the gallery's Reuse button of the job."""
-    open_page(driver, base)
-    card = f'#gallery [data-job-id="{job_id}"]'
-    wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, f"{card} button.reuse"), 20, "the job is not in the gallery")
-    driver.find_element(By.CSS_SELECTOR, f"{card} button.reuse").click()
 
 
 def test_hires_fix_draws_the_upscaled_picture(page, base_url):

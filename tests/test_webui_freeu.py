@@ -6,20 +6,13 @@ without FreeU unticks it."""
 from __future__ import annotations
 
 from test_webui import (  # noqa: F401  (fixtures: base_url, browser, page; the session's sdlab_server)
-    By, Select, base_url, browser, drop_file, job_by_prompt, open_page, page, png_with_parameters, sdlab_server,
-    set_value, text, value, wait, wait_job,
+    By, Select, base_url, browser, checked, job_by_prompt, page, read_dropped, reuse, sdlab_server, set_value, text,
+    tick_option_box, value, wait, wait_job,
 )
 
 
-def _checked(driver) -> bool:
-    return driver.find_element(By.ID, "freeu").is_selected()
-
-
 def test_the_freeu_box_reaches_the_job_and_reuse_fills_it(page, base_url):
-    assert not _checked(page) and not page.find_element(By.ID, "freeu-options").is_displayed()
-    assert "freeu" not in page.execute_script("return collectRequest()")
-    page.find_element(By.ID, "freeu").click()
-    assert page.find_element(By.ID, "freeu-options").is_displayed()
+    tick_option_box(page, "freeu")
     assert [value(page, f"freeu_{name}") for name in ("b1", "b2", "s1", "s2", "version", "convention", "start",
                                                       "end")] == ["1.3", "1.4", "0.9", "0.2", "2", "comfyui", "0", "1"]
     prompt = "a freeu web house"
@@ -38,26 +31,19 @@ def test_the_freeu_box_reaches_the_job_and_reuse_fills_it(page, base_url):
     assert "freeu_enabled: True, freeu_b1: 1.3, freeu_b2: 1.6" in job["infotexts"][0]
     assert "freeu_start: 0, freeu_end: 0.5" in job["infotexts"][0]
     # Reuse in a fresh page ticks the box and fills it: the form sends the job's setting again
-    open_page(page, base_url)
-    card = f'#gallery [data-job-id="{job["id"]}"]'
-    wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, f"{card} button.reuse"), 20, "the job is not in the gallery")
-    page.find_element(By.CSS_SELECTOR, f"{card} button.reuse").click()
-    wait(page, lambda d: _checked(d), 10, "FreeU is not ticked")
+    reuse(page, base_url, job["id"])
+    wait(page, lambda d: checked(d, "freeu"), 10, "FreeU is not ticked")
     assert page.execute_script("return collectRequest()")["freeu"] == setting and text(page, "notice") == ""
 
 
 def test_a_dropped_png_ticks_freeu_from_forges_labels_and_one_without_unticks_it(page):
     forge = ("a dropped house\nSteps: 20, Sampler: Euler, Seed: 1, Size: 64x64, freeu_enabled: True, "
              "freeu_b1: 1.01, freeu_b2: 1.02, freeu_s1: 0.99, freeu_s2: 0.95")
-    drop_file(page, png_with_parameters(forge), "forge.png")
-    wait(page, lambda d: text(d, "notice") == "Settings read from forge.png", 20, "the PNG was not read cleanly")
-    assert _checked(page) and page.find_element(By.ID, "freeu-options").is_displayed()
+    read_dropped(page, forge, "forge.png")
+    assert checked(page, "freeu") and page.find_element(By.ID, "freeu-options").is_displayed()
     assert page.execute_script("return collectRequest()")["freeu"] == {
         "b1": 1.01, "b2": 1.02, "s1": 0.99, "s2": 0.95, "version": 2, "convention": "comfyui", "start": 0, "end": 1}
-    today = forge + ", freeu_start: 0.25, freeu_end: 0.75"           # Forge since its PR #1689: the step window
-    drop_file(page, png_with_parameters(today), "today.png")
-    wait(page, lambda d: text(d, "notice") == "Settings read from today.png", 20, "the PNG was not read cleanly")
+    read_dropped(page, forge + ", freeu_start: 0.25, freeu_end: 0.75", "today.png")   # Forge since its PR #1689
     assert [value(page, "freeu_start"), value(page, "freeu_end")] == ["0.25", "0.75"]
-    drop_file(page, png_with_parameters("a plain house\nSteps: 20, Sampler: Euler, Seed: 1, Size: 64x64"), "plain.png")
-    wait(page, lambda d: text(d, "notice") == "Settings read from plain.png", 20, "the PNG was not read cleanly")
-    assert not _checked(page) and "freeu" not in page.execute_script("return collectRequest()")
+    read_dropped(page, "a plain house\nSteps: 20, Sampler: Euler, Seed: 1, Size: 64x64", "plain.png")
+    assert not checked(page, "freeu") and "freeu" not in page.execute_script("return collectRequest()")

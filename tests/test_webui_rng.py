@@ -4,10 +4,9 @@ them (an A1111 text without RNG: A1111's default GPU; an sdlab text without it: 
 from __future__ import annotations
 
 from test_webui import (  # noqa: F401  (fixtures: base_url, browser, page; the session's sdlab_server)
-    By, Select, base_url, browser, drop_file, http_json, page, png_with_parameters, sdlab_server, set_value, value,
-    wait, wait_job,
+    By, Select, base_url, browser, checked, drop_file, http_json, page, png_with_parameters, reuse, sdlab_server,
+    set_value, value, wait, wait_job,
 )
-from test_webui_forms import checked, reuse
 
 
 def test_rng_and_seed_resize_reach_the_job(page):

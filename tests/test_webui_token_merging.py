@@ -4,10 +4,9 @@ reused job fills it; the hires pass's ratio, which has no control, is kept under
 from __future__ import annotations
 
 from test_webui import (  # noqa: F401  (fixtures: base_url, browser, page; the session's sdlab_server)
-    By, base_url, browser, drop_file, http_json, page, png_with_parameters, sdlab_server, set_value, value, wait,
-    wait_job,
+    By, base_url, browser, drop_file, http_json, page, png_with_parameters, reuse, sdlab_server, set_value, value,
+    wait, wait_job,
 )
-from test_webui_forms import reuse
 
 
 def test_the_ratio_reaches_the_job(page, base_url):

@@ -12,9 +12,43 @@ const ACTIVE = new Set(["queued", "running"]);
 const TERMINAL_EVENTS = new Set(["done", "failed", "cancelled", "interrupted"]);
 const MASK_COLOUR = "#ff3df5";   // how the painted mask shows on the image (it is sent as white on black)
 const SUBMITTED_KEY = "sdlab-submitted";   // sessionStorage (one per browser tab): this tab's jobs, over a reload
+// The boxes of a tick box and its settings that go out as the native API's object of the box's id (`freeu`,
+// `deep_cache`): each field is a number box (`integer`: a whole number) or, with `choices` ([value, text]), a select;
+// `value` is the form's start and the API's default, which settings without the field fill (buildOptionBoxes,
+// optionBoxRequest, fillOptionBox)
+const OPTION_BOXES = [
+  { id: "freeu", name: "FreeU",
+    title: "FreeU (Si et al. 2023): the U-Net decoder's backbone features scaled by B1 / B2, its skip features' lowest frequencies by S1 / S2, at its two deepest stages; the model's U-Net, not a refiner's (Forge's FreeU Integrated)",
+    fields: [
+      { key: "b1", label: "B1", value: 1.3, min: -10, max: 10, step: 0.01,
+        title: "Backbone factor of stage 1 (ComfyUI's FreeU_V2 default 1.3; FreeU's README: SD1.4 / SDXL 1.3, SD1.5 1.5; Forge's slider 1.01)" },
+      { key: "b2", label: "B2", value: 1.4, min: -10, max: 10, step: 0.01,
+        title: "Backbone factor of stage 2 (ComfyUI's FreeU_V2 default 1.4; FreeU's README: SD1.4 / SDXL 1.4, SD1.5 1.6; Forge's slider 1.02)" },
+      { key: "s1", label: "S1", value: 0.9, min: -10, max: 10, step: 0.01,
+        title: "Skip factor of stage 1 (ComfyUI's and FreeU's README: 0.9; Forge's slider 0.99)" },
+      { key: "s2", label: "S2", value: 0.2, min: -10, max: 10, step: 0.01,
+        title: "Skip factor of stage 2 (ComfyUI's and FreeU's README: 0.2; Forge's slider 0.95)" },
+      { key: "version", label: "Version", value: 2, choices: [["2", "2"], ["1", "1"]],
+        title: "2: ComfyUI's FreeU_V2 and Forge's, the backbone scaled by its normalised channel mean; 1: the paper's constant factor (diffusers' enable_freeu)" },
+      { key: "convention", label: "Stages", value: "comfyui", choices: [["comfyui", "ComfyUI"], ["diffusers", "diffusers"]],
+        title: "Which blocks are stages 1 and 2: by channel count (the original code, ComfyUI, Forge) or by up block (diffusers)" },
+      { key: "start", label: "Start", value: 0, min: 0, max: 1, step: 0.01,
+        title: "The fraction of each pass's sampler steps where FreeU starts (Forge's Start step)" },
+      { key: "end", label: "End", value: 1, min: 0, max: 1, step: 0.01,
+        title: "The fraction of each pass's sampler steps after which FreeU stops (Forge's End step)" },
+    ] },
+  { id: "deep_cache", name: "DeepCache",
+    title: "DeepCache (Ma et al. 2023): the whole U-Net runs every Interval-th sampler step of each pass, the steps between only its shallow Branch on the deep features the last whole step left: faster, a little less faithful; the model's U-Net, not a refiner's",
+    fields: [
+      { key: "interval", label: "Interval", value: 3, min: 1, max: 1000, step: 1, integer: true,
+        title: "A whole U-Net step every this many steps (diffusers' DeepCache example: 3; 1: every step whole)" },
+      { key: "branch", label: "Branch", value: 0, min: 0, max: 11, step: 1, integer: true,
+        title: "DeepCache's cache_branch_id: 0, the cheapest, reruns the first convolution and the last decoder block; up to 11 (SD1 / SD2) or 8 (SDXL), deeper is slower and closer to the plain picture" },
+    ] },
+];
 // checkboxes that show their options (A1111's "Hires. fix" and seed "Extra"); unticked, the request leaves them out
 const TOGGLES = { enable_hr: "hires-options", "seed-extra": "seed-extra-options", enable_refiner: "refiner-options",
-  freeu: "freeu-options", deep_cache: "deep_cache-options" };
+  ...Object.fromEntries(OPTION_BOXES.map((box) => [box.id, `${box.id}-options`])) };
 
 // The seeds the server takes (pipeline/request.py MIN_SEED..MAX_SEED; -1 draws one); a test compares them and the
 // defaults below with Python's (tests/test_webui_from_png.py::test_every_field_the_api_takes_reaches_the_job_...)
@@ -839,40 +873,46 @@ function variationRequest() {
     seed_resize_from_h: numberOrDefault("seed_resize_from_h", { integer: true }) };
 }
 
-// FreeU's number boxes (freeu_NAME): its four factors and step window, sent and filled alike; settings without
-// the window's ends fill the whole window
-const FREEU_NUMBERS = ["b1", "b2", "s1", "s2", "start", "end"];
-const FREEU_WINDOW = { start: 0, end: 1 };
-
-// FreeU's setting (the native API's `freeu` object): its four factors, version, stage rule and step window
-function freeuRequest() {
-  return { ...Object.fromEntries(FREEU_NUMBERS.map((name) => [name, numberField(`freeu_${name}`)])),
-           version: Number($("freeu_version").value), convention: $("freeu_convention").value };
+// An option box (OPTION_BOXES): a fieldset whose legend's tick box shows its settings, a labelled control each
+function optionBox(box) {
+  const control = (field, id) => (field.choices ? choiceSelect(id, field.choices, String(field.value))
+    : element("input", { type: "number", id, defaultValue: field.value, min: field.min, max: field.max,
+      step: field.step }));
+  return element("fieldset", { className: "toggle-box" }, [
+    element("legend", {}, [element("label", { className: "toggle", title: box.title }, [
+      element("input", { type: "checkbox", id: box.id }), ` ${box.name}`])]),
+    element("div", { id: `${box.id}-options`, className: "grid2", hidden: true }, box.fields.map((field) =>
+      labelled(`${box.id}_${field.key}`, field.label, control(field, `${box.id}_${field.key}`), field.title))),
+  ]);
 }
 
-// Settings with FreeU tick its box and fill it; without, the box is unticked (the values stay)
-function fillFreeU(settings, unknown) {
-  const freeu = settings.freeu;
-  setToggle("freeu", Boolean(freeu));
-  if (!freeu) return;
-  for (const name of FREEU_NUMBERS) setField(`freeu_${name}`, freeu[name] ?? FREEU_WINDOW[name]);
-  if (!selectMatching($("freeu_version"), String(freeu.version ?? 2))) unknown.push(`FreeU version "${freeu.version}"`);
-  if (!selectMatching($("freeu_convention"), freeu.convention ?? "comfyui")) unknown.push(`FreeU convention "${freeu.convention}"`);
+// The boxes in place of the page's #option-boxes (controlnet.js's element builders)
+function buildOptionBoxes() {
+  $("option-boxes").replaceWith(...OPTION_BOXES.map(optionBox));
 }
 
-// DeepCache's setting (the native API's `deep_cache` object): its interval and branch
-function deepCacheRequest() {
-  return { interval: numberField("deep_cache_interval", { integer: true }),
-           branch: numberField("deep_cache_branch", { integer: true }) };
+// A ticked box's setting (the native API's object of its id): its number boxes' and selects' values
+function optionBoxRequest(box) {
+  return Object.fromEntries(box.fields.map((field) => {
+    const id = `${box.id}_${field.key}`;
+    if (!field.choices) return [field.key, numberField(id, { integer: field.integer })];
+    return [field.key, typeof field.value === "number" ? Number($(id).value) : $(id).value];
+  }));
 }
 
-// Settings with DeepCache tick its box and fill it; without, the box is unticked (the values stay)
-function fillDeepCache(settings) {
-  const deepCache = settings.deep_cache;
-  setToggle("deep_cache", Boolean(deepCache));
-  if (!deepCache) return;
-  setField("deep_cache_interval", deepCache.interval ?? 3);
-  setField("deep_cache_branch", deepCache.branch ?? 0);
+// Settings with the box's object tick it and fill it (a field they lack: the API's default); without, the box is
+// unticked (the values stay); a choice the select lacks is named in `unknown`
+function fillOptionBox(box, settings, unknown) {
+  const setting = settings[box.id];
+  setToggle(box.id, Boolean(setting));
+  if (!setting) return;
+  for (const field of box.fields) {
+    const id = `${box.id}_${field.key}`;
+    if (!field.choices) setField(id, setting[field.key] ?? field.value);
+    else if (!selectMatching($(id), String(setting[field.key] ?? field.value))) {
+      unknown.push(`${box.name} ${field.key} "${setting[field.key]}"`);
+    }
+  }
 }
 
 // The painted mask and the inpaint box: A1111's Mask blur, Mask mode, Masked content and Inpaint area (Only
@@ -935,8 +975,7 @@ function collectRequest() {
   if (state.styles.length) body.styles = [...state.styles];
   if ($("schedule").value) body.schedule = $("schedule").value;
   if ($("seed-extra").checked) Object.assign(body, variationRequest());
-  if ($("freeu").checked) body.freeu = freeuRequest();
-  if ($("deep_cache").checked) body.deep_cache = deepCacheRequest();
+  for (const box of OPTION_BOXES) if ($(box.id).checked) body[box.id] = optionBoxRequest(box);
   const hires = state.mode === "txt2img" && $("enable_hr").checked;
   if (hires) Object.assign(body, hiresRequest());
   if ($("enable_refiner").checked && $("refiner").value) Object.assign(body, refinerRequest());
@@ -1040,8 +1079,7 @@ function fillForm(settings) {
   else if (settings.image_cfg_scale != null) setImageGuidance(true, settings.image_cfg_scale);   // else it stays (A1111)
   fillImageOptions(settings, unknown);
   fillVariation(settings);
-  fillFreeU(settings, unknown);
-  fillDeepCache(settings);
+  for (const box of OPTION_BOXES) fillOptionBox(box, settings, unknown);
   fillControls(settings, unknown);                         // controlnet.js
   if (usesHires(settings)) fillHires(settings, unknown);
   else setToggle("enable_hr", false);
@@ -1543,6 +1581,7 @@ function setupDrop() {
 // ---------------------------------------------------------------- wiring
 
 function setup() {
+  buildOptionBoxes();
   setupControls();                          // controlnet.js (before setMode, which shows the units' state)
   setMode("txt2img");
   setupMaskPainting();
