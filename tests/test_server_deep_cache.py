@@ -43,27 +43,33 @@ def test_a_native_job_draws_records_and_redraws_deep_cache(client):
     ({"interval": 2, "depth": 1}, 422, "depth"),
     ({"interval": 2.0}, 422, "interval"),                    # strict: a float is no interval
     ({"interval": 0}, 400, "DeepCache interval must be a whole number 1..1000"),
-    ({"interval": 3, "branch": 99}, 400, "DeepCache branch 99 (level 33, layer 0) is not in this U-Net"),
+    ({"interval": 3, "branch": 99}, 422, "DeepCache branch 99 (level 33, layer 0) is not in this U-Net"),
 ])
 def test_a_bad_native_setting_is_refused(client, deep_cache, status, words):
     refused = client.post("/api/jobs", json={**BASE, "deep_cache": deep_cache})
     assert refused.status_code == status and words in refused.text, refused.text
 
 
-def test_a_branch_a_model_not_yet_loaded_lacks_fails_the_job_naming_it(tmp_path_factory):
-    """The submit check needs the model's U-Net: for a model not loaded when the job is posted the job is taken
-    (202) and fails as it starts, before sampling, with the same line (docs/server.md)."""
+def test_a_branch_a_model_not_yet_loaded_lacks_is_refused_at_submit(tmp_path_factory):
+    """A model not loaded when the job is posted is checked against its U-Net as its checkpoint's header describes
+    it (`model_shapes.planned_unet`): a branch it lacks is the same 422 as on a loaded model, nothing queued; a
+    branch it has is taken (202) and drawn. The reduced SD1 U-Net has 2 levels of 2 decoder ResBlocks (3 branches a
+    level): branch 6 (level 2) is past its last level, branch 4 (level 1, layer 1) its last branch."""
     from server_fixtures import run_job, start_server, write_preset_models
 
     root = tmp_path_factory.mktemp("deep-cache-server")
     loaded = write_preset_models(root / "models")
     server = start_server(root / "outputs", "--models-dir", str(root / "models"), "--model", str(loaded))
+    body = {**BASE, "width": 32, "height": 32, "model": "plain.safetensors"}
     try:
         with httpx.Client(base_url=server.url, timeout=120) as client:
-            job = run_job(client, {**BASE, "width": 32, "height": 32, "model": "plain.safetensors",
-                                   "deep_cache": {"interval": 3, "branch": 99}})
+            refused = client.post("/api/jobs", json={**body, "deep_cache": {"interval": 3, "branch": 6}})
+            jobs = client.get("/api/jobs").json()
+            drawn = run_job(client, {**body, "deep_cache": {"interval": 3, "branch": 4}})
     finally:
         server.stop()
-    assert job["status"] == "failed" and job["images"] == [], job
-    assert "DeepCache branch 99 (level 33, layer 0) is not in this U-Net" in str(job["error"]), job
-    assert "Traceback" not in str(job["error"]), job
+    assert refused.status_code == 422, refused.text
+    assert "DeepCache branch 6 (level 2, layer 0) is not in this U-Net" in refused.json()["detail"], refused.text
+    assert "Traceback" not in refused.text
+    assert not jobs.get("jobs"), jobs
+    assert drawn["status"] == "done", drawn

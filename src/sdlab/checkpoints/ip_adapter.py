@@ -209,18 +209,25 @@ def _tower_by_width(width: int) -> str:
     return f" ({TOWERS_BY_WIDTH[width][0]})" if width in TOWERS_BY_WIDTH else ""
 
 
+def check_fits_unet(cfg: IPAdapterConfig, origin: str, unet: UNet) -> None:
+    """Refuse (`CheckpointError`, one line naming both sides) an adapter of config `cfg` (from file `origin`) for
+    another U-Net: its text context width, or the number or widths of its cross-attentions. `unet` may be on the
+    meta device (built from a checkpoint's shapes, not loaded): only its layers' shapes are read."""
+    if cfg.context_dim != unet.cfg.context_dim:
+        raise CheckpointError(f"{origin}: this IP-Adapter is for a U-Net with a {cfg.context_dim}-wide text "
+                              f"context; the model's is {unet.cfg.context_dim}-wide (an adapter for another family)")
+    widths = tuple(attn.to_q.weight.shape[0] for attn in cross_attentions(unet))
+    if widths != cfg.widths:
+        raise CheckpointError(f"{origin}: this IP-Adapter has {len(cfg.widths)} cross-attention layers; the "
+                              f"model has {len(widths)} (widths {sorted(set(cfg.widths))} vs {sorted(set(widths))})")
+
+
 def check_fits(adapter: LoadedIPAdapter, unet: UNet, encoder: CLIPVisionConfig | None, encoder_origin: str) -> None:
     """Refuse (`CheckpointError`, one line naming both sides) an adapter for another U-Net (context width, number
     or widths of the cross-attentions) or for another image encoder (embedding width, or the hidden states' width
     of a Plus, Full-face or FaceID Plus adapter; None: a FaceID adapter's face embedding, no encoder)."""
     cfg = adapter.config
-    if cfg.context_dim != unet.cfg.context_dim:
-        raise CheckpointError(f"{adapter.origin}: this IP-Adapter is for a U-Net with a {cfg.context_dim}-wide text "
-                              f"context; the model's is {unet.cfg.context_dim}-wide (an adapter for another family)")
-    widths = tuple(attn.to_q.weight.shape[0] for attn in cross_attentions(unet))
-    if widths != cfg.widths:
-        raise CheckpointError(f"{adapter.origin}: this IP-Adapter has {len(cfg.widths)} cross-attention layers; the "
-                              f"model has {len(widths)} (widths {sorted(set(cfg.widths))} vs {sorted(set(widths))})")
+    check_fits_unet(cfg, adapter.origin, unet)
     if encoder is None:
         return
     if cfg.face_id_plus:

@@ -59,7 +59,7 @@ from torch import Tensor
 from sdlab.checkpoints.controlnet import legacy_hash
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.image_encoder import LoadedImageEncoder, load_image_encoder
-from sdlab.checkpoints.ip_adapter import LoadedIPAdapter, check_fits, is_face_id_plus_v2, load_ip_adapter
+from sdlab.checkpoints.ip_adapter import LoadedIPAdapter, check_fits, check_fits_unet, is_face_id_plus_v2, load_ip_adapter
 from sdlab.families.loaded import ModelBundle
 from sdlab.models.ip_adapter import ImagePrompt, IPAdapter, IPAdapterConfig, cross_attentions, embeds_tokens
 from sdlab.pipeline.clip_image import clip_pixels, extension_clip_pixels
@@ -448,6 +448,23 @@ def check_image_prompt_layers(bundle: ModelBundle, prompts: Sequence[IPAdapterIn
     checks a job as it is posted); a RequestError names the first block it lacks or list of the wrong length."""
     for index, prompt in enumerate(prompts):
         _scales(prompt, bundle, index)
+
+
+def check_image_prompts_fit(unet: torch.nn.Module, prompts: Sequence[IPAdapterInput]) -> None:
+    """Each image prompt's adapter against `unet` (the loaded model's, or one built on the meta device from its
+    checkpoint's names and shapes): its text context and cross-attention widths (`check_fits_unet`; the adapter
+    file's names and shapes read, no weight); a RequestError naming the first adapter that does not fit, by its
+    file name. What the server checks as a job is posted, so that an adapter of another
+    family (an SDXL one on an SD1 model) is refused before it queues."""
+    for index, prompt in enumerate(prompts):
+        if isinstance(prompt.model, LoadedIPAdapter):
+            config, name = prompt.model.config, Path(prompt.model.origin).name
+        else:
+            config, name = _check_adapter_file(Path(prompt.model), f"IP-Adapter {index}"), Path(prompt.model).name
+        try:
+            check_fits_unet(config, name, unet)
+        except CheckpointError as err:
+            raise RequestError(f"IP-Adapter {index}: {err}") from None
 
 
 def _prompt_tokens(prompt: IPAdapterInput, adapter: LoadedIPAdapter, encoder: LoadedImageEncoder | None,

@@ -573,12 +573,18 @@ def _check_refiner_fits(base: ModelBundle, refiner: ModelBundle) -> None:
 def check_deep_cache_branch(bundle: ModelBundle, req: GenerationRequest) -> DeepCache | None:
     """The request's DeepCache (None: off) where the bundle's U-Net has its branch, else a RequestError (also for a
     network other than sdlab's U-Net: a plug-in family's own)."""
+    return check_deep_cache_unet(bundle.unet, req)
+
+
+def check_deep_cache_unet(unet: torch.nn.Module, req: GenerationRequest) -> DeepCache | None:
+    """`check_deep_cache_branch` against a U-Net: a loaded one, or one built on the meta device from a checkpoint's
+    names and shapes (the server's check of a job whose model is not loaded yet)."""
     if req.deep_cache is None:
         return None
-    if not isinstance(bundle.unet, UNet):
-        raise RequestError(f"DeepCache needs sdlab's U-Net; this model's network ({type(bundle.unet).__name__}) "
+    if not isinstance(unet, UNet):
+        raise RequestError(f"DeepCache needs sdlab's U-Net; this model's network ({type(unet).__name__}) "
                            "has no cached branch")
-    cfg = bundle.unet.cfg
+    cfg = unet.cfg
     try:
         req.deep_cache.skip_block(cfg.num_res_blocks, len(cfg.channel_mult))
     except ValueError as exc:

@@ -29,14 +29,14 @@ from sdlab.families.loaded import ModelBundle
 from sdlab.diffusion.schedule_names import (
     A1111_SCHEDULERS, a1111_name, schedule_from_a1111, schedule_key, split_a1111_sampler,
 )
-from sdlab.pipeline.image_prompt import check_image_prompt_layers
+from sdlab.pipeline.image_prompt import check_image_prompt_layers, check_image_prompts_fit
 from sdlab.pipeline.images import ImageTooLargeError, open_image, upright_8bit
 from sdlab.pipeline.infotext import LoraRef
 from sdlab.pipeline.png_info import ParametersError
 from sdlab.pipeline.presets import PRESETS, get_preset
 from sdlab.pipeline.hires import hires_steps, pass_sizes
 from sdlab.pipeline.plan import (
-    check_deep_cache_branch, check_pag_layers, check_prompt_chunks, check_refiner_convention, prompt_parts,
+    check_deep_cache_unet, check_pag_layers, check_prompt_chunks, check_refiner_convention, prompt_parts,
 )
 from sdlab.pipeline.prompt_schedule import composable_parts
 from sdlab.pipeline.request import (
@@ -421,7 +421,8 @@ def with_upscaler_file(request: GenerationRequest, upscaler: ModelFile | None) -
 
 
 def check_request(request: GenerationRequest, limits: Limits, model: ModelBundle | None = None,
-                  upscaler: ModelFile | None = None, batch_count: int = 1) -> GenerationRequest:
+                  upscaler: ModelFile | None = None, batch_count: int = 1,
+                  unet: torch.nn.Module | None = None) -> GenerationRequest:
     """`request` checked against the server's limits and sdlab's own rules (the model's defaults are filled
     in when it runs); `BadRequest` names the first problem by sdlab's field names (the A1111 routes rename
     them, `a1111._a1111_named`). `--max-steps` and `--max-pixels` hold for either pass. `model`, the model it runs
@@ -429,7 +430,9 @@ def check_request(request: GenerationRequest, limits: Limits, model: ModelBundle
     sizes, so the hires pass is checked at the size it will draw. `upscaler`: the model the hires upscaler
     names (`upscaler_file`), None for a latent mode or a plain resize. `batch_count`: the batches drawn one after
     another (A1111's n_iter), whose pictures count against `--max-images` and whose seeds are all checked now
-    (`check_batch_seeds`)."""
+    (`check_batch_seeds`). `unet`: where `model` is not loaded, its U-Net built on the meta device from the
+    checkpoint's names and shapes (`model_shapes.planned_unet`), against which DeepCache's branch and the image
+    prompts' adapters are checked as against the loaded one's (a 422 either way)."""
     if request.steps is not None and (not isinstance(request.steps, int) or request.steps > limits.max_steps):
         raise BadRequest(f"steps must be an integer <= {limits.max_steps} (this server's limit), got {request.steps!r}")
     hr_steps = getattr(request, "hr_steps", None)
@@ -460,14 +463,21 @@ def check_request(request: GenerationRequest, limits: Limits, model: ModelBundle
             check_pixels(f"the hires pass at {hr_width}x{hr_height}", hr_width, hr_height, limits)
     if size_known:
         check_work(resolved, limits, factor, model, batch_count)
-    if model is not None:               # its tokenizers count the prompt's chunks, its U-Net has the PAG layers,
-        try:                            # DeepCache's branch and the blocks the image prompts' layer scales name
+    if model is not None:               # its tokenizers count the prompt's chunks, its U-Net has the PAG layers
+        try:                            # and the blocks the image prompts' layer scales name
             check_prompt_chunks(model, resolved)
             check_pag_layers(model, resolved)
-            check_deep_cache_branch(model, resolved)
             check_image_prompt_layers(model, request.ip_adapters)
         except (RequestError, ValueError) as err:
             raise BadRequest(str(err)) from None
+    unet = model.unet if model is not None else unet
+    if unet is not None:                # loaded or read from the checkpoint's shapes: DeepCache's branch, the
+        try:                            # adapters' context and cross-attention widths
+            check_deep_cache_unet(unet, resolved)
+            if request.ip_adapters:
+                check_image_prompts_fit(unet, request.ip_adapters)
+        except (RequestError, ValueError) as err:
+            raise BadRequest(str(err), 422) from None
     return request
 
 

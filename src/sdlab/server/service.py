@@ -21,6 +21,7 @@ from sdlab.server.inputs import (
     BadRequest, JobSpec, RefinerChoice, check_request, upscaler_file, with_preset, without_paths,
 )
 from sdlab.server.jobs import Job, JobQueue
+from sdlab.server.model_shapes import planned_unet
 from sdlab.server.model_folders import CONTROLNET_SUFFIXES, UPSCALER_SUFFIXES, ModelFolder
 from sdlab.server.registry import Checkpoint, Lora, ModelRegistry
 from sdlab.server.store import Store
@@ -154,10 +155,11 @@ class Service:
             except RequestError as err:
                 raise BadRequest(f"the model names the preset {preset!r}: {err}", 422) from None
             spec = replace(spec, model_preset_fills=frozenset())
+        loaded = self.host.loaded_bundle(checkpoint)
         request = check_request(replace(request, prompt=drawn, seed=fixed_seed(request.seed)), self.config.limits,
-                                model=self.host.loaded_bundle(checkpoint),
-                                upscaler=upscaler_file(request.hr_upscaler, self.upscalers),
-                                batch_count=spec.batch_count)
+                                model=loaded, upscaler=upscaler_file(request.hr_upscaler, self.upscalers),
+                                batch_count=spec.batch_count, unet=None if loaded is not None or not (
+                                    request.deep_cache or request.ip_adapters) else planned_unet(checkpoint.path))
         spec = replace(spec, request=request, refiner=refiner, prompt_to_record=to_record, tag_loras=tuple(tags),
                        hires_tag_loras=tuple(hires_tags), hr_prompt_to_record=hr_to_record)
         settings = {"mode": mode, "model": checkpoint.title,
