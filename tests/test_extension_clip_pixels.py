@@ -7,6 +7,8 @@ transformers' `CLIPImageProcessor` as before, bit for bit."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -59,6 +61,35 @@ def test_area_resize_is_opencvs_inter_area_bit_for_bit(ipp, channels):
                 assert np.array_equal(area_resize(picture, *target), expected), ((width, height), target)
     finally:
         cv2.ipp.setUseIPP(was)
+
+
+@functools.cache
+def _large_photo() -> np.ndarray:
+    photo = np.asarray(Image.open(SAMPLE_PICTURE).convert("RGB").resize((3000, 2000), Image.Resampling.BICUBIC))
+    return photo ^ np.random.default_rng(7).integers(0, 4, photo.shape, dtype=np.uint8)      # grain: 2 low bits
+
+
+@pytest.mark.parametrize("target", [(224, 224), (1000, 667), (750, 500), (2999, 1999), (3100, 150)])
+def test_area_resize_of_a_large_photo_is_opencvs(target):
+    """A 3000 x 2000 photo (a camera's picture, as an IP-Adapter unit gets it) squashed to 224, shrunk by whole
+    factors (4), by others, by a pixel, and stretched: cv2's INTER_AREA bit for bit."""
+    photo = _large_photo()
+    expected = cv2.resize(photo, target, interpolation=cv2.INTER_AREA)
+    assert np.array_equal(area_resize(photo, *target), expected)
+
+
+@pytest.mark.parametrize("band_values", [1, 777])
+def test_area_resize_in_bands_is_the_same(monkeypatch, band_values):
+    """Bands of one output row and of rows that divide nothing (sources shared by two bands): cv2's pixels."""
+    import sdlab.pipeline.preprocess as module
+
+    monkeypatch.setattr(module, "AREA_BAND_VALUES", band_values)
+    rng = np.random.default_rng(8)
+    for (width, height), target in (((150, 300), (97, 161)), ((301, 157), (100, 52)), ((96, 64), (32, 16)),
+                                    ((97, 61), (40, 30))):
+        picture = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        expected = cv2.resize(picture, target, interpolation=cv2.INTER_AREA)
+        assert np.array_equal(area_resize(picture, *target), expected), ((width, height), target)
 
 
 def _picture(width: int, height: int) -> Image.Image:

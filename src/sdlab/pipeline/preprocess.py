@@ -191,35 +191,100 @@ def tile(image: Image.Image, factor: float = 4.0) -> Image.Image:
 
 def _area_terms(source: int, target: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """OpenCV's `computeResizeAreaTab` along one axis: every (target index, source index, weight) term, in its
-    order. Target pixel d covers source [d s, (d + 1) s), s = 1 / (target / source) as OpenCV computes it; a
-    source pixel counts by the part of it covered, over the cell's width."""
+    order. Target pixel d covers source [d s, (d + 1) s), s = 1 / (target / source) as OpenCV computes it (in
+    float64); a source pixel counts by the part of it covered, over the cell's width: a partly covered first
+    pixel, the whole ones, a partly covered last one, each of a target's terms on the next source pixel."""
     scale = 1.0 / (target / source)
-    terms: list[tuple[int, int, float]] = []
-    for d in range(target):
-        start, end = d * scale, d * scale + scale
-        cell = min(scale, source - start)
-        last = min(math.floor(end), source - 1)
-        first = min(math.ceil(start), last)
-        if first - start > 1e-3:
-            terms.append((d, first - 1, (first - start) / cell))
-        terms += [(d, s, 1.0 / cell) for s in range(first, last)]
-        if end - last > 1e-3:
-            terms.append((d, last, min(end - last, 1.0, cell) / cell))
-    d_index, s_index, weight = zip(*terms)
-    return np.array(d_index), np.array(s_index), np.array(weight, dtype=np.float32)
+    start = np.arange(target) * scale                                       # (target,) float64
+    end = start + scale
+    cell = np.minimum(scale, source - start)
+    last = np.minimum(np.floor(end), source - 1)
+    first = np.minimum(np.ceil(start), last)
+    has_first, has_last = first - start > 1e-3, end - last > 1e-3
+    counts = has_first + (last - first).astype(np.int64) + has_last
+    d_index = np.repeat(np.arange(target), counts)
+    place = np.arange(len(d_index)) - np.repeat(np.cumsum(counts) - counts, counts)   # each term's rank in its target
+    s_index = (first - has_first).astype(np.int64)[d_index] + place
+    weight = (1.0 / cell)[d_index]
+    opening = has_first[d_index] & (place == 0)
+    weight[opening] = ((first - start) / cell)[d_index[opening]]
+    closing = has_last[d_index] & (place == counts[d_index] - 1)
+    weight[closing] = (np.minimum(np.minimum(end - last, 1.0), cell) / cell)[d_index[closing]]
+    return d_index, s_index, weight.astype(np.float32)
 
 
-def _area_pass(x: np.ndarray, axis: int, target: int) -> np.ndarray:
-    """x (float32) shrunk along `axis` to `target` by `_area_terms`, each target a float32 sum of its terms
-    in their order (OpenCV's `ResizeArea_Invoker`)."""
-    d, s, w = _area_terms(x.shape[axis], target)
-    x = np.moveaxis(x, axis, 0)
-    out = np.zeros((target, *x.shape[1:]), dtype=np.float32)
-    rank = np.arange(len(d)) - np.searchsorted(d, d)            # each term's place among its target's
-    for j in range(rank.max() + 1):
-        pick = rank == j
-        out[d[pick]] = out[d[pick]] + x[s[pick]] * w[pick].reshape(-1, *(1,) * (x.ndim - 1))
-    return np.moveaxis(out, 0, axis)
+def _term_ranks(d_index: np.ndarray, s_index: np.ndarray, weight: np.ndarray) -> list[tuple[np.ndarray, ...]]:
+    """Area terms (sorted by target) grouped by their rank among their target's: for each rank, the targets,
+    sources and weights of the terms of that rank."""
+    rank = np.arange(len(d_index)) - np.searchsorted(d_index, d_index)
+    picks = [np.flatnonzero(rank == j) for j in range(rank.max() + 1)]
+    return [(d_index[pick], s_index[pick], weight[pick]) for pick in picks]
+
+
+def _weighted_sums(x: np.ndarray, axis: int, ranks: list[tuple[np.ndarray, ...]], target: int) -> np.ndarray:
+    """The 2-D array x shrunk along `axis` (0 or 1) to `target` by area terms grouped by `_term_ranks`: each
+    target a float32 sum of its source values times their weights, one term after the other from 0 in their
+    order, as OpenCV's `ResizeArea_Invoker` adds them."""
+    shape = (target, x.shape[1]) if axis == 0 else (x.shape[0], target)
+    out = np.zeros(shape, dtype=np.float32)
+    for targets, sources, weights in ranks:
+        product = np.take(x, sources, axis=axis) * (weights[:, None] if axis == 0 else weights)   # float32
+        if len(targets) == target:                                          # every target: all in order
+            out += product
+        elif axis == 0:
+            out[targets] += product
+        else:
+            out[:, targets] += product
+    return out
+
+
+AREA_BAND_VALUES = 1 << 21
+"""About how many source values `area_resize` shrinks at a time (bytes of the uint8 picture): its float32 sums
+of a band take some 8 bytes per source value at most, so a band stays near 20 MB whatever the picture's size."""
+
+
+def _area_shrink(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
+    """`cv2.resize(..., interpolation=cv2.INTER_AREA)` of a uint8 (H, W, C) picture where neither side grows and
+    a factor is not whole: each source row's columns weighed by `_area_terms` in float32, then the rows, in
+    bands of output rows (`AREA_BAND_VALUES`), rounded half to even."""
+    rows, cols, channels = pixels.shape
+    d_index, s_index, weight = _area_terms(cols, width)
+    columns = [(i[:, None] * channels + np.arange(channels)).ravel() for i in (d_index, s_index)]
+    order = np.argsort(columns[0], kind="stable")                          # each channel a column of its own
+    across = _term_ranks(columns[0][order], columns[1][order], np.repeat(weight, channels)[order])
+    y_target, y_source, y_weight = _area_terms(rows, height)
+    out = np.empty((height, width * channels), dtype=np.uint8)
+    band = max(1, AREA_BAND_VALUES // (cols * channels) * height // rows)
+    for top in range(0, height, band):
+        bottom = min(top + band, height)
+        lo, hi = np.searchsorted(y_target, [top, bottom])
+        first, last = y_source[lo:hi].min(), y_source[lo:hi].max() + 1
+        sums = _weighted_sums(pixels[first:last].reshape(last - first, -1), 1, across, width * channels)
+        down = _term_ranks(y_target[lo:hi] - top, y_source[lo:hi] - first, y_weight[lo:hi])
+        out[top:bottom] = np.clip(np.rint(_weighted_sums(sums, 0, down, bottom - top)), 0, 255)
+    return out.reshape(height, width, channels)
+
+
+def _area_blocks(pixels: np.ndarray, fold_x: int, fold_y: int) -> np.ndarray:
+    """`cv2.resize(..., interpolation=cv2.INTER_AREA)` of a uint8 (H, W, C) picture by whole factors: each
+    fold_y x fold_x block's integer sum, 2 x 2 as (sum + 2) >> 2, others as float32(sum) / area rounded half to
+    even; in bands of output rows (`AREA_BAND_VALUES`)."""
+    rows, cols, channels = pixels.shape
+    height, width = rows // fold_y, cols // fold_x
+    out = np.empty((height, width, channels), dtype=np.uint8)
+    band = max(1, AREA_BAND_VALUES // (cols * channels * fold_y))
+    for top in range(0, height, band):
+        count = min(band, height - top)
+        block = pixels[top * fold_y:(top + count) * fold_y].reshape(count * fold_y, width, fold_x * channels)
+        across = block[:, :, :channels].astype(np.int32)                    # (count * fold_y, width, C)
+        for k in range(1, fold_x):
+            across += block[:, :, k * channels:(k + 1) * channels]
+        sums = across.reshape(count, fold_y, width, channels).sum(axis=1)    # < 2 ** 31 below 8e6-pixel blocks
+        if (fold_x, fold_y) == (2, 2):
+            out[top:top + count] = (sums + 2) >> 2
+        else:
+            out[top:top + count] = np.clip(np.rint(sums.astype(np.float32) * np.float32(1.0 / (fold_x * fold_y))), 0, 255)
+    return out
 
 
 def _area_linear_taps(source: int, target: int) -> tuple[np.ndarray, np.ndarray]:
@@ -245,33 +310,31 @@ def _area_enlarge(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
     rows, row_weights = _area_linear_taps(pixels.shape[0], height)
     last = cols[:, 0] + 1 >= pixels.shape[1]                                 # OpenCV's `xmax` on
     col_weights[last] = (2048, 0)
-    source = pixels.astype(np.int64)
+    used, taps = np.unique(rows, return_inverse=True)                       # the source rows read, only
+    source = pixels[used].astype(np.int64)
     across = (source[:, cols[:, 0]] * col_weights[None, :, 0, None]
-              + source[:, cols[:, 1]] * col_weights[None, :, 1, None])        # (H, width, C), < 2 ** 19
-    high = [((across[rows[:, k]] >> 4) * row_weights[:, k, None, None]) >> 16 for k in range(2)]
+              + source[:, cols[:, 1]] * col_weights[None, :, 1, None])        # (rows read, width, C), < 2 ** 19
+    taps = taps.reshape(rows.shape)
+    high = [((across[taps[:, k]] >> 4) * row_weights[:, k, None, None]) >> 16 for k in range(2)]
     return np.clip((high[0] + high[1] + 2) >> 2, 0, 255).astype(np.uint8)
 
 
 def area_resize(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
-    """`cv2.resize(pixels, (width, height), interpolation=cv2.INTER_AREA)` of a uint8 (H, W, C) picture, bit
-    for bit. Shrinking (neither side grows): whole factors average their blocks (2 x 2 as (sum + 2) >> 2,
-    others as float(sum) / area rounded half to even), other factors weigh the covered parts in float32, rows
-    then columns, rounded half to even; either side growing: OpenCV's linear resize with area weights
-    (`_area_enlarge`)."""
+    """`cv2.resize(pixels, (width, height), interpolation=cv2.INTER_AREA)` of a uint8 (H, W[, C]) picture, bit
+    for bit. Shrinking (neither side grows): whole factors average their blocks (`_area_blocks`), others weigh
+    the covered parts in float32 (`_area_shrink`); either side growing: OpenCV's linear resize with area
+    weights (`_area_enlarge`)."""
     rows, cols = pixels.shape[:2]
+    image = pixels.reshape(rows, cols, -1)                                  # (H, W, C)
     scale_x, scale_y = 1.0 / (width / cols), 1.0 / (height / rows)
-    if scale_x < 1 or scale_y < 1:
-        return _area_enlarge(pixels, width, height)
     fold_x, fold_y = round(scale_x), round(scale_y)
-    if abs(scale_x - fold_x) < np.finfo(float).eps and abs(scale_y - fold_y) < np.finfo(float).eps:
-        sums = pixels.astype(np.int64).reshape(height, fold_y, width, fold_x, -1).sum(axis=(1, 3))
-        if (fold_x, fold_y) == (2, 2):
-            out = (sums + 2) >> 2
-        else:
-            out = np.rint(sums.astype(np.float32) * np.float32(1.0 / (fold_x * fold_y)))
+    if scale_x < 1 or scale_y < 1:
+        out = _area_enlarge(image, width, height)
+    elif abs(scale_x - fold_x) < np.finfo(float).eps and abs(scale_y - fold_y) < np.finfo(float).eps:
+        out = _area_blocks(image, fold_x, fold_y)
     else:
-        out = np.rint(_area_pass(_area_pass(pixels.astype(np.float32), 1, width), 0, height))
-    return np.clip(out, 0, 255).astype(np.uint8).reshape(height, width, *pixels.shape[2:])
+        out = _area_shrink(image, width, height)
+    return out.reshape(height, width, *pixels.shape[2:])
 
 
 def tile_resample(image: Image.Image, rate: float = 1.0) -> Image.Image:
