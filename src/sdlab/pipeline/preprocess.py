@@ -32,7 +32,6 @@ extension's `resize_image_with_pad`). Pixel Perfect picks the resolution from th
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -283,7 +282,8 @@ def _area_blocks(pixels: np.ndarray, fold_x: int, fold_y: int) -> np.ndarray:
         if (fold_x, fold_y) == (2, 2):
             out[top:top + count] = (sums + 2) >> 2
         else:
-            out[top:top + count] = np.clip(np.rint(sums.astype(np.float32) * np.float32(1.0 / (fold_x * fold_y))), 0, 255)
+            mean = sums.astype(np.float32) * np.float32(1.0 / (fold_x * fold_y))
+            out[top:top + count] = np.clip(np.rint(mean), 0, 255)
     return out
 
 
