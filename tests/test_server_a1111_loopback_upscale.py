@@ -189,6 +189,7 @@ def test_script_info_lists_the_servers_upscalers_for_sd_upscale(tmp_path) -> Non
 
     from safetensors.torch import save_file
 
+    from sdlab.pipeline.styles import StyleDatabase
     from sdlab.server.a1111 import scripts_info, upscalers
     from sdlab.server.model_folders import UPSCALER_SUFFIXES, ModelFolder
     from sdlab.server.native import scripts
@@ -196,7 +197,8 @@ def test_script_info_lists_the_servers_upscalers_for_sd_upscale(tmp_path) -> Non
 
     save_file(new_arch_state(2), str(tmp_path / "RealESRGAN_x2plus.safetensors"))
     save_file(new_arch_state(4), str(tmp_path / "mine.safetensors"))
-    service = SimpleNamespace(upscalers=ModelFolder(tmp_path, UPSCALER_SUFFIXES, hashed=False))
+    service = SimpleNamespace(upscalers=ModelFolder(tmp_path, UPSCALER_SUFFIXES, hashed=False), styles=StyleDatabase(),
+                              registry=SimpleNamespace(checkpoints=[], vaes=SimpleNamespace(names=list)))
     request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(service=service)))
     [sd_upscale] = [info for info in scripts_info(request) if info["name"] == "sd upscale"]
     upscaler = sd_upscale["args"][2]
