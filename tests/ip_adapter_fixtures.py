@@ -6,8 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
+from server_fixtures import cli_txt2img, start_server
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 SAMPLE_PICTURE = Path(__file__).resolve().parents[1] / "docs" / "samples.png"
@@ -118,3 +121,43 @@ def reference_png() -> bytes:
     buffer = io.BytesIO()
     Image.open(SAMPLE_PICTURE).convert("RGB").crop((0, 0, 200, 160)).save(buffer, "PNG")
     return buffer.getvalue()
+
+
+# ---------------------------------------------------------------- a server with a tiny IP-Adapter
+
+ADAPTER_JOB = {"prompt": "a red apple", "steps": 3, "seed": 11, "width": 64, "height": 64, "cfg_scale": 5,
+               "sampler": "Euler"}
+"""The native job the server tests draw with `adapter_server`'s adapter (`cli_adapter_picture` draws it too)."""
+
+
+@pytest.fixture(scope="module")
+def adapter_server(tmp_path_factory: pytest.TempPathFactory):
+    """`sdlab serve` whose ControlNet folder holds ip-adapter_tiny for the shipped model (its image encoder in
+    models/image_encoder) and lone/ip-adapter_lone (no image encoder beside it or one folder up):
+    {"server", "adapter" (its file), "picture" (a reference picture file)}."""
+    import sdlab
+    from sdlab.models.ip_adapter import cross_attentions
+
+    root = tmp_path_factory.mktemp("server-ip-adapter")
+    models = root / "models"
+    (models / "ControlNet").mkdir(parents=True)
+    bundle = sdlab.load().bundle                    # the shipped model the server draws with
+    write_image_encoder(models / "image_encoder", seed=2, projection=32)
+    widths = [attn.to_q.weight.shape[0] for attn in cross_attentions(bundle.unet)]
+    adapter = write_ip_adapter(models / "ControlNet" / "ip-adapter_tiny.safetensors",
+                               ip_adapter_state(widths, bundle.unet_config.context_dim, 32, seed=3, std=0.3))
+    (models / "ControlNet" / "lone").mkdir()
+    (models / "ControlNet" / "lone" / "ip-adapter_lone.safetensors").write_bytes(adapter.read_bytes())
+    picture = root / "reference.png"
+    Image.open(SAMPLE_PICTURE).convert("RGB").crop((0, 0, 200, 160)).save(picture)
+    server = start_server(root / "outputs", "--models-dir", str(models))
+    yield {"server": server, "adapter": adapter, "picture": picture}
+    server.stop()
+
+
+def cli_adapter_picture(adapter_server: dict, tmp_path: Path, scale: str) -> Image.Image:
+    """`sdlab txt2img` of ADAPTER_JOB with `adapter_server`'s adapter and picture at --ip-adapter-scale `scale`
+    (written to tmp_path / "cli.png")."""
+    return cli_txt2img(tmp_path, ADAPTER_JOB["prompt"], "--steps", "3", "--seed", "11", "--width", "64", "--height",
+                       "64", "--cfg", "5", "--sampler", "Euler", "--ip-adapter", str(adapter_server["adapter"]),
+                       "--ip-adapter-image", str(adapter_server["picture"]), "--ip-adapter-scale", scale)

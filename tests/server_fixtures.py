@@ -134,11 +134,17 @@ def wait_for_job(client: httpx.Client, job_id: str, timeout_s: float = 120) -> d
     raise AssertionError(f"job {job_id} did not finish")
 
 
-def drawn_job(client: httpx.Client, body: dict) -> dict:
+def drawn_job(client: httpx.Client, body: dict, timeout_s: float = 120) -> dict:
     """`run_job`, asserting the job ended done."""
-    job = run_job(client, body)
+    job = run_job(client, body, timeout_s)
     assert job["status"] == "done", job
     return job
+
+
+def drawn_picture(client: httpx.Client, body: dict, timeout_s: float = 120) -> tuple[dict, Image.Image]:
+    """`drawn_job` and its first picture, read whole (its PNG text chunks in `.info`)."""
+    job = drawn_job(client, body, timeout_s)
+    return job, png_picture(client.get(job["images"][0]).content)
 
 
 def job_pixels(client: httpx.Client, job: dict, index: int = 0) -> np.ndarray:

@@ -15,7 +15,7 @@ import torch
 from bundle_fixtures import (
     as_released, init_picture, lower_right_mask, tiny_bundle, write_diffusers_folder, write_original,
 )
-from cli_helpers import pixels, run
+from cli_helpers import assert_from_png_redraws, draw_with_and_without, pixels, run
 from controlnet_fixtures import diffusers_controlnet, write_layout
 from DeepCache import DeepCacheSDHelper
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -299,13 +299,9 @@ def test_bad_settings_are_one_clear_error(sd1, setting, message):
 
 # ---------------------------------------------------------------- the command line and the infotext
 def test_the_command_line_draws_records_and_redraws_deep_cache(tmp_path, capsys):
-    model = tmp_path / "tiny-sd1.safetensors"
-    write_original(tiny_bundle("sd1", seed=3), model, junk=False)
-    fast = ["--model", str(model), "--steps", "5", "--width", "32", "--height", "32", "--seed", "3", "--no-progress"]
-    cached, plain, again, python = (tmp_path / f"{name}.png" for name in ("cached", "plain", "again", "python"))
-    assert run(["txt2img", "a wall", "--deepcache-interval", "2", "--deepcache-branch", "1", "--out", str(cached),
-                *fast], capsys)[0] == 0
-    assert run(["txt2img", "a wall", "--out", str(plain), *fast], capsys)[0] == 0
+    draws = draw_with_and_without(tmp_path, capsys, ["--deepcache-interval", "2", "--deepcache-branch", "1"], steps=5)
+    model, fast, cached, plain = draws.model, draws.fast, draws.drawn, draws.plain
+    again, python = tmp_path / "again.png", tmp_path / "python.png"
     recorded = parse_parameters(read_parameters(cached))
     assert {label: recorded[label] for label in DEEP_CACHE_LABELS} == {"DeepCache interval": "2",
                                                                        "DeepCache branch": "1"}
@@ -315,10 +311,7 @@ def test_the_command_line_draws_records_and_redraws_deep_cache(tmp_path, capsys)
     pipe.txt2img("a wall", steps=5, width=32, height=32, seed=3,
                  deep_cache=DeepCache(interval=2, branch=1)).images[0].save(python)
     assert np.array_equal(pixels(python), pixels(cached))
-    assert run(["txt2img", "--from-png", str(cached), "--out", str(again), *fast], capsys)[0] == 0
-    assert np.array_equal(pixels(again), pixels(cached))
-    assert run(["txt2img", "--from-png", str(cached), "--no-deepcache", "--out", str(again), *fast], capsys)[0] == 0
-    assert np.array_equal(pixels(again), pixels(plain))
+    assert_from_png_redraws(draws, "--no-deepcache", tmp_path, capsys)
     assert run(["txt2img", "--from-png", str(cached), "--deepcache-branch", "0", "--out", str(again), *fast],
                capsys)[0] == 0         # one flag over the picture's: its interval, branch 0
     assert {label: parse_parameters(read_parameters(again))[label] for label in DEEP_CACHE_LABELS} == {

@@ -17,8 +17,8 @@ import re
 import numpy as np
 import pytest
 import torch
-from bundle_fixtures import init_picture, lower_right_mask, tiny_bundle, write_original
-from cli_helpers import pixels, run
+from bundle_fixtures import init_picture, lower_right_mask, tiny_bundle
+from cli_helpers import assert_from_png_redraws, draw_with_and_without, pixels, run
 from controlnet_fixtures import diffusers_controlnet, write_layout
 from diffusers import UNet2DConditionModel
 from diffusers.utils.torch_utils import fourier_filter as diffusers_fourier_filter
@@ -394,13 +394,9 @@ def test_bad_settings_are_one_clear_error():
 
 # ---------------------------------------------------------------- the command line
 def test_the_command_line_draws_records_and_redraws_freeu(tmp_path, capsys):
-    model = tmp_path / "tiny-sd1.safetensors"
-    write_original(tiny_bundle("sd1", seed=3), model, junk=False)
-    fast = ["--model", str(model), "--steps", "2", "--width", "32", "--height", "32", "--seed", "3", "--no-progress"]
-    freeu, plain, again, python = (tmp_path / f"{name}.png" for name in ("freeu", "plain", "again", "python"))
-    assert run(["txt2img", "a wall", "--freeu", "1.3,1.6,0.9,0.2", "--freeu-version", "1", "--out", str(freeu),
-                *fast], capsys)[0] == 0
-    assert run(["txt2img", "a wall", "--out", str(plain), *fast], capsys)[0] == 0
+    draws = draw_with_and_without(tmp_path, capsys, ["--freeu", "1.3,1.6,0.9,0.2", "--freeu-version", "1"], steps=2)
+    model, fast, freeu, plain = draws.model, draws.fast, draws.drawn, draws.plain
+    again, python = tmp_path / "again.png", tmp_path / "python.png"
     recorded = parse_parameters(read_parameters(freeu))
     assert {key: recorded[key] for key in ("freeu_enabled", *FREEU_LABELS, "FreeU version")} == {
         "freeu_enabled": "True", "freeu_b1": "1.3", "freeu_b2": "1.6", "freeu_s1": "0.9", "freeu_s2": "0.2",
@@ -413,10 +409,7 @@ def test_the_command_line_draws_records_and_redraws_freeu(tmp_path, capsys):
     drawn = pipe.txt2img("a wall", steps=2, width=32, height=32, seed=3, freeu=FreeU(1.3, 1.6, 0.9, 0.2, version=1))
     drawn.images[0].save(python)
     assert np.array_equal(pixels(python), pixels(freeu))
-    assert run(["txt2img", "--from-png", str(freeu), "--out", str(again), *fast], capsys)[0] == 0
-    assert np.array_equal(pixels(again), pixels(freeu))
-    assert run(["txt2img", "--from-png", str(freeu), "--no-freeu", "--out", str(again), *fast], capsys)[0] == 0
-    assert np.array_equal(pixels(again), pixels(plain))
+    assert_from_png_redraws(draws, "--no-freeu", tmp_path, capsys)
     # one flag over the picture's: version 2 with the picture's factors
     assert run(["txt2img", "--from-png", str(freeu), "--freeu-version", "2", "--out", str(again), *fast],
                capsys)[0] == 0

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import json
-import time
 
 import httpx
 import numpy as np
@@ -19,7 +18,7 @@ from PIL import Image, ImageDraw
 from controlnet_fixtures import diffusers_controlnet, write_layout
 from ip_adapter_fixtures import (SAMPLE_PICTURE, ip_adapter_plus_state, ip_adapter_state, write_image_encoder,
                                  write_ip_adapter)
-from server_fixtures import b64_png, file_b64, png_picture, start_server
+from server_fixtures import b64_png, drawn_job, file_b64, job_pixels, png_picture, start_server
 
 GEN = {"prompt": "a red apple", "negative_prompt": "blurry", "steps": 4, "seed": 11, "width": 64, "height": 64,
        "cfg_scale": 5, "sampler_name": "Euler"}
@@ -75,17 +74,6 @@ def _pixels(b64: str) -> np.ndarray:
     return np.asarray(png_picture(base64.b64decode(b64)).convert("RGB"), dtype=np.int16)
 
 
-def _native(client: httpx.Client, body: dict) -> np.ndarray:
-    created = client.post("/api/jobs", json=body)
-    assert created.status_code == 202, created.text
-    deadline = time.monotonic() + 300
-    while (job := client.get(f"/api/jobs/{created.json()['id']}").json())["status"] in ("queued", "running"):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    assert job["status"] == "done", job
-    return np.asarray(png_picture(client.get(job["images"][0]).content).convert("RGB"), dtype=np.int16)
-
-
 def _redrawn(setup, answer: httpx.Response, images: dict[str, list[str]]) -> np.ndarray:
     """The native job of the settings the answer's picture records (`/api/parameters`), given the pictures the
     text does not hold (`images`: per entry list, in order)."""
@@ -98,7 +86,7 @@ def _redrawn(setup, answer: httpx.Response, images: dict[str, list[str]]) -> np.
     for key, pictures in images.items():
         assert len(body[key]) == len(pictures), body
         body[key] = [{**entry, "image": image} for entry, image in zip(body[key], pictures)]
-    return _native(client, body)
+    return job_pixels(client, drawn_job(client, body))
 
 
 def _extension_parse_unit(text: str) -> dict:
@@ -235,8 +223,10 @@ def test_a_unit_prepares_its_picture_as_the_extension_and_takes_its_mask(setup):
               if value is not None and key in JobIn.model_fields and key != "model"}
     native["ip_adapters"] = [{**native["ip_adapters"][0], "image": setup["picture"]}]
     assert native["control_convention"] == "a1111"               # the text records it ("Control steps: a1111")
-    assert np.array_equal(_native(setup["client"], native), drawn)
-    assert np.abs(_native(setup["client"], {**native, "control_convention": "diffusers"}) - drawn).max() > 0
+    client = setup["client"]
+    assert np.array_equal(job_pixels(client, drawn_job(client, native)), drawn)
+    diffusers = job_pixels(client, drawn_job(client, {**native, "control_convention": "diffusers"}))
+    assert np.abs(diffusers - drawn).max() > 0
     black, half = Image.new("L", (200, 160)), Image.new("L", (200, 160))
     ImageDraw.Draw(half).rectangle([100, 0, 199, 159], fill=255)
     unmasked = _txt2img(setup, _unit(setup, image={"image": setup["picture"], "mask": b64_png(black)}))
