@@ -57,7 +57,7 @@ from sdlab.diffusion.samplers import (
     A1111_TIMESTEP_SAMPLERS, SamplerSpec, UnknownSamplerError, comfyui_spelling, get_sampler, runs_a1111_timesteps,
 )
 from sdlab.diffusion.schedule_names import schedule_from_a1111
-from sdlab.models.deep_cache import DEEP_CACHE_FIELDS, MAX_DEEP_CACHE_INTERVAL, DeepCache
+from sdlab.models.deep_cache import MAX_DEEP_CACHE_INTERVAL, DeepCache
 from sdlab.models.freeu import (
     FREEU_CONVENTIONS, FREEU_FACTORS, FREEU_VERSIONS, FREEU_WINDOW, MAX_FREEU_FACTOR, FreeU,
 )
@@ -471,6 +471,20 @@ def _bounded(name: str, value: float, low: float, high: float) -> float:
     return float(value)
 
 
+def _as_setting(name: str, setting: Any, kind: type) -> Any:
+    """`setting` (a `kind` dataclass, or a mapping of its fields as the native API and the infotext reader give it)
+    as a `kind`, or a `RequestError` naming a field `kind` lacks or another type; the request field's `name`."""
+    if isinstance(setting, Mapping):
+        names = [f.name for f in fields(kind)]
+        unknown = sorted(set(setting) - set(names))
+        if unknown:
+            raise RequestError(f"{name} takes {', '.join(names)}, got {', '.join(map(str, unknown))}")
+        setting = kind(**setting)
+    if not isinstance(setting, kind):
+        raise RequestError(f"{name} must be a {kind.__name__} setting or None, got {type(setting).__name__}")
+    return setting
+
+
 def check_freeu(freeu: Any) -> FreeU | None:
     """`freeu` (a `FreeU`, a mapping of its fields as the native API and the infotext reader give it, or None) as a
     `FreeU` with float factors, or a `RequestError` naming what is wrong: another field, a factor that is not finite
@@ -478,14 +492,7 @@ def check_freeu(freeu: Any) -> FreeU | None:
     outside [0, 1] or with start after end."""
     if freeu is None:
         return None
-    if isinstance(freeu, Mapping):
-        names = [f.name for f in fields(FreeU)]
-        unknown = sorted(set(freeu) - set(names))
-        if unknown:
-            raise RequestError(f"freeu takes {', '.join(names)}, got {', '.join(map(str, unknown))}")
-        freeu = FreeU(**freeu)
-    if not isinstance(freeu, FreeU):
-        raise RequestError(f"freeu must be a FreeU setting or None, got {type(freeu).__name__}")
+    freeu = _as_setting("freeu", freeu, FreeU)
     factors = {name: _bounded(f"FreeU {name}", getattr(freeu, name), -MAX_FREEU_FACTOR, MAX_FREEU_FACTOR)
                for name in FREEU_FACTORS}
     window = {name: _bounded(f"FreeU {name}", getattr(freeu, name), 0.0, 1.0) for name in FREEU_WINDOW}
@@ -505,13 +512,7 @@ def check_deep_cache(deep_cache: Any) -> DeepCache | None:
     model has that branch is checked with the model, `generate`)."""
     if deep_cache is None:
         return None
-    if isinstance(deep_cache, Mapping):
-        unknown = sorted(set(deep_cache) - set(DEEP_CACHE_FIELDS))
-        if unknown:
-            raise RequestError(f"deep_cache takes {', '.join(DEEP_CACHE_FIELDS)}, got {', '.join(map(str, unknown))}")
-        deep_cache = DeepCache(**deep_cache)
-    if not isinstance(deep_cache, DeepCache):
-        raise RequestError(f"deep_cache must be a DeepCache setting or None, got {type(deep_cache).__name__}")
+    deep_cache = _as_setting("deep_cache", deep_cache, DeepCache)
     values = {}
     for name, low, high in (("interval", 1, MAX_DEEP_CACHE_INTERVAL), ("branch", 0, None)):
         value = getattr(deep_cache, name)
