@@ -28,11 +28,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
-import time
 
-import numpy as np
 import torch
+from timing import alternating, parse_args, picture_rows, print_picture_rows
 
 from sdlab.models.deep_cache import DeepCache, DeepFeature
 from sdlab.models.generation_memo import reusing_generation_work
@@ -54,27 +52,19 @@ def call_times(dtype: torch.dtype, size: int, branches: list[int],
     t = torch.tensor([500.0, 500.0])
     context = torch.randn(2, 77, 768, generator=gen)
     blocks = {branch: DeepCache(2, branch).skip_block(cfg.num_res_blocks, len(cfg.channel_mult)) for branch in branches}
-    kinds: list[int | None] = [None, *branches]
-    walls: dict[int | None, list[float]] = {kind: [] for kind in kinds}
-    cpus: dict[int | None, list[float]] = {kind: [] for kind in kinds}
-    outputs: dict[int | None, torch.Tensor] = {}
     with torch.inference_mode(), reusing_generation_work():
         kept = {}
         for branch, block in blocks.items():            # the features each branch reuses, from one whole call
             slot = DeepFeature(block)
             unet(x, t, context, deep_cache=slot)
             kept[branch] = slot.feature
-        for run in range(runs + 1):
-            for kind in (kinds if run % 2 == 0 else kinds[::-1]):
-                slot = None if kind is None else DeepFeature(blocks[kind], kept[kind])
-                start, cpu_start = time.perf_counter(), time.process_time()
-                out = unet(x, t, context, deep_cache=slot)
-                elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-                if run:                                   # run 0 warms up
-                    walls[kind].append(elapsed)
-                    cpus[kind].append(cpu)
-                outputs[kind] = out.float()
-    return {kind: (statistics.median(walls[kind]), statistics.median(cpus[kind]), outputs[kind]) for kind in kinds}
+
+        def call(kind: int | None) -> torch.Tensor:
+            slot = None if kind is None else DeepFeature(blocks[kind], kept[kind])
+            return unet(x, t, context, deep_cache=slot)     # (2, 4, side, side)
+
+        times, outputs = alternating([None, *branches], runs, call)
+    return {kind: (*times[kind], outputs[kind].float()) for kind in times}
 
 
 def run_times(dtype: torch.dtype, size: int, steps: int, intervals: list[int], branch: int,
@@ -90,26 +80,20 @@ def run_times(dtype: torch.dtype, size: int, steps: int, intervals: list[int], b
     gen = torch.Generator().manual_seed(1)
     start_x = torch.randn(1, 4, side, side, generator=gen).to(dtype)
     context = torch.randn(2, 77, 768, generator=gen)
-    settings = [1, *intervals]
-    walls: dict[int, list[float]] = {s: [] for s in settings}
-    cpus: dict[int, list[float]] = {s: [] for s in settings}
+
+    def steps_run(interval: int) -> None:
+        setting = DeepCache(interval, branch)
+        run = DeepCacheRun(setting, setting.skip_block(cfg.num_res_blocks, len(cfg.channel_mult)))
+        x = start_x
+        for step in range(steps):
+            t = torch.full((2,), 999.0 * (1 - step / steps))
+            slot = run.slot(step, 2)
+            out = unet(x.expand(2, -1, -1, -1), t, context, deep_cache=slot)   # (2, 4, side, side)
+            run.keep(slot)
+            x = x - 0.05 * out[:1]
+
     with torch.inference_mode(), reusing_generation_work():
-        for round_ in range(rounds + 1):
-            for interval in (settings if round_ % 2 == 0 else settings[::-1]):
-                setting = DeepCache(interval, branch)
-                run = DeepCacheRun(setting, setting.skip_block(cfg.num_res_blocks, len(cfg.channel_mult)))
-                x = start_x
-                begin, cpu_begin = time.perf_counter(), time.process_time()
-                for step in range(steps):
-                    t = torch.full((2,), 999.0 * (1 - step / steps))
-                    slot = run.slot(step, 2)
-                    out = unet(x.expand(2, -1, -1, -1), t, context, deep_cache=slot)   # (2, 4, side, side)
-                    run.keep(slot)
-                    x = x - 0.05 * out[:1]
-                if round_:                                # round 0 warms up
-                    walls[interval].append(time.perf_counter() - begin)
-                    cpus[interval].append(time.process_time() - cpu_begin)
-    return {s: (statistics.median(walls[s]), statistics.median(cpus[s])) for s in settings}
+        return alternating([1, *intervals], rounds, steps_run)[0]
 
 
 def run_speed_up(steps: int, interval: int, shallow_over_whole: float) -> float:
@@ -126,23 +110,11 @@ def pictures(size: int, intervals: list[int], branch: int, steps: int | None,
     pipe = sdlab.load(dtype="fp32")
     options = {"seed": 7, "width": size, "height": size, **({"steps": steps} if steps else {})}
 
-    def draw(interval: int) -> np.ndarray:
+    def draw(interval: int):
         setting = None if interval == 1 else DeepCache(interval, branch)
-        return np.asarray(pipe.txt2img(PROMPT, deep_cache=setting, **options).images[0]).astype(np.int16)
+        return pipe.txt2img(PROMPT, deep_cache=setting, **options).images[0]
 
-    settings = [1, *intervals]
-    draw(settings[-1])                                       # warm-up: kernels, caches, the text encoder's memo
-    drawn: dict[int, np.ndarray] = {}
-    walls: dict[int, list[float]] = {s: [] for s in settings}
-    cpus: dict[int, list[float]] = {s: [] for s in settings}
-    for round_ in range(rounds):
-        for interval in (settings if round_ % 2 == 0 else settings[::-1]):
-            start, cpu_start = time.perf_counter(), time.process_time()
-            drawn[interval] = draw(interval)
-            walls[interval].append(time.perf_counter() - start)
-            cpus[interval].append(time.process_time() - cpu_start)
-    return {s: (float(np.abs(drawn[s] - drawn[1]).max()), float(np.abs(drawn[s] - drawn[1]).mean()),
-                statistics.median(walls[s]), statistics.median(cpus[s])) for s in settings}
+    return picture_rows([1, *intervals], draw, rounds)
 
 
 def main() -> None:
@@ -153,7 +125,6 @@ def main() -> None:
     parser.add_argument("--intervals", type=int, nargs="+", default=[2, 3, 5])
     parser.add_argument("--run-steps", type=int, default=20, help="the run the call times are turned into")
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's)")
     parser.add_argument("--no-calls", action="store_true", help="skip the SD1.5-size U-Net calls")
     parser.add_argument("--runs-at", type=int, default=None, metavar="PX",
                         help="also time whole runs of --run-steps guided SD1.5-size U-Net calls at this size, branch "
@@ -163,9 +134,7 @@ def main() -> None:
     parser.add_argument("--picture-steps", type=int, default=None, help="the pictures' steps (default: the model's)")
     parser.add_argument("--picture-branch", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=3, help="timed pictures a setting (median), after a warm-up")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_args(parser)
     print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     if not args.no_calls:
         print(f"SD1.5 U-Net, {args.size} px ({args.size // 8}^2 latent), {args.dtype}, guided call (batch 2), "
@@ -197,12 +166,9 @@ def main() -> None:
         steps = f"{args.picture_steps} steps" if args.picture_steps else "its default steps"
         print(f"\nshipped model (sdlab-tiny, fp32), {size}, {steps} and sampler, seed 7, branch {args.picture_branch}, "
               f"{torch.get_num_threads()} threads, one warm-up drawing, median of {args.rounds} interleaved rounds:")
-        print(f"{'interval':>8} {'max px diff':>11} {'mean px diff':>12} {'wall s':>7} {'cpu s':>7} {'speed-up':>9}")
         drawn = pictures(args.picture_size, args.intervals, args.picture_branch, args.picture_steps, args.rounds)
-        base_wall = drawn[1][2]
-        for interval, (largest, mean, wall, cpu) in drawn.items():
-            name = "off" if interval == 1 else str(interval)
-            print(f"{name:>8} {largest:11.0f} {mean:12.2f} {wall:7.2f} {cpu:7.2f} {base_wall / wall:8.2f}x")
+        print_picture_rows("interval", {"off" if interval == 1 else str(interval): row
+                                        for interval, row in drawn.items()})
     print(f"load average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 

@@ -3,7 +3,8 @@
 Both sides run the same trivial "model" (one multiply, ``x * 0.5``) on a (2, 4, 64, 64) latent, so what is
 timed is the sampler's own work per step: sigma bookkeeping, the update arithmetic and, for ancestral
 samplers, drawing the per-image noise. diffusers' loop is what its pipelines run per step:
-``scale_model_input``, the model, ``step`` (with a per-image generator list where it takes one).
+``scale_model_input``, the model, ``step`` (with a per-image generator list where it takes one). The two
+alternate (benchmarks/timing.py), one warm-up round, then the median of ``--repeats``.
 
 Usage: ``python benchmarks/bench_samplers.py [--steps 50] [--repeats 7] [--threads N]``
 """
@@ -12,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
+from timing import alternating, parse_args
 
 from sdlab.diffusion import sampling_k as K
 from sdlab.diffusion.noise import generators_for, per_image_noise
@@ -34,16 +34,6 @@ CASES = {
     "Euler a": (K.sample_euler_ancestral, "EulerAncestralDiscreteScheduler", {}, False),
     "DPM++ 2M": (K.sample_dpmpp_2m, "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}, True),
 }
-
-
-def _median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def bench(name: str, steps: int, repeats: int) -> tuple[float, float]:
@@ -72,19 +62,16 @@ def bench(name: str, steps: int, repeats: int) -> tuple[float, float]:
         return x
 
     with torch.no_grad():
-        ours = _median_time(run_sdlab, repeats) / steps
-        theirs = _median_time(run_diffusers, repeats) / steps
-    return ours, theirs
+        times, _ = alternating(["sdlab", "diffusers"], repeats,
+                               lambda side: run_sdlab() if side == "sdlab" else run_diffusers())
+    return times["sdlab"][0] / steps, times["diffusers"][0] / steps
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_args(parser)
     print(f"latent {SHAPE}, {args.steps} steps, median of {args.repeats}, torch threads {torch.get_num_threads()}")
     print(f"{'sampler':<10} {'sdlab us/step':>14} {'diffusers us/step':>18} {'diffusers/sdlab':>16}")
     for name in CASES:

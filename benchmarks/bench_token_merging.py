@@ -21,11 +21,9 @@ on a shared machine are noisy: repeat before trusting a few per cent.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
-import numpy as np
 import torch
+from timing import alternating, parse_args, picture_rows, print_picture_rows
 
 from sdlab.models.generation_memo import reusing_generation_work
 from sdlab.models.token_merging import TokenMerging, merging_tokens
@@ -44,22 +42,14 @@ def step_times(dtype: torch.dtype, size: int, ratios: list[float],
     x = torch.randn(1, 4, side, side, generator=gen).expand(2, -1, -1, -1).contiguous()
     t = torch.tensor([500.0, 500.0])
     context = torch.randn(2, 77, 768, generator=gen)
-    times: dict[float, list[float]] = {ratio: [] for ratio in ratios}
-    cpu_times: dict[float, list[float]] = {ratio: [] for ratio in ratios}
-    outputs: dict[float, torch.Tensor] = {}
+
+    def step(ratio: float) -> torch.Tensor:
+        with merging_tokens(unet, TokenMerging(ratio)):
+            return unet(x, t, context)                    # (2, 4, side, side)
+
     with torch.inference_mode(), reusing_generation_work():
-        for run in range(runs + 1):
-            for ratio in (ratios if run % 2 == 0 else ratios[::-1]):
-                with merging_tokens(unet, TokenMerging(ratio)):
-                    start, cpu_start = time.perf_counter(), time.process_time()
-                    out = unet(x, t, context)
-                    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-                if run:                                   # run 0 warms up
-                    times[ratio].append(elapsed)
-                    cpu_times[ratio].append(cpu)
-                outputs[ratio] = out.float()
-    return {ratio: (statistics.median(times[ratio]), statistics.median(cpu_times[ratio]), outputs[ratio])
-            for ratio in ratios}
+        times, outputs = alternating(ratios, runs, step)
+    return {ratio: (*times[ratio], outputs[ratio].float()) for ratio in ratios}
 
 
 def picture_differences(size: int, ratios: list[float], dtype: str, steps: int | None,
@@ -71,23 +61,10 @@ def picture_differences(size: int, ratios: list[float], dtype: str, steps: int |
     pipe = sdlab.load(dtype=dtype)
     options = {"seed": 7, "width": size, "height": size, **({"steps": steps} if steps else {})}
 
-    def draw(ratio: float) -> np.ndarray:
-        result = pipe.txt2img("a red fox in a snowy forest", token_merging_ratio=ratio, **options)
-        return np.asarray(result.images[0]).astype(np.int16)
+    def draw(ratio: float):
+        return pipe.txt2img("a red fox in a snowy forest", token_merging_ratio=ratio, **options).images[0]
 
-    draw(ratios[-1])                                       # warm-up: kernels, caches, the text encoder's memo
-    pictures: dict[float, np.ndarray] = {}
-    walls: dict[float, list[float]] = {ratio: [] for ratio in ratios}
-    cpus: dict[float, list[float]] = {ratio: [] for ratio in ratios}
-    for round_ in range(rounds):
-        for ratio in (ratios if round_ % 2 == 0 else ratios[::-1]):
-            start, cpu_start = time.perf_counter(), time.process_time()
-            pictures[ratio] = draw(ratio)
-            walls[ratio].append(time.perf_counter() - start)
-            cpus[ratio].append(time.process_time() - cpu_start)
-    return {ratio: (float(np.abs(pictures[ratio] - pictures[0.0]).max()),
-                    float(np.abs(pictures[ratio] - pictures[0.0]).mean()),
-                    statistics.median(walls[ratio]), statistics.median(cpus[ratio])) for ratio in ratios}
+    return picture_rows(ratios, draw, rounds)
 
 
 def main() -> None:
@@ -96,15 +73,12 @@ def main() -> None:
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.5])
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's)")
     parser.add_argument("--no-steps", action="store_true", help="skip the SD1.5-size U-Net steps")
     parser.add_argument("--no-picture", action="store_true", help="skip the shipped model's pictures")
     parser.add_argument("--picture-size", type=int, default=None, help="the pictures' side (default: --size)")
     parser.add_argument("--picture-steps", type=int, default=None, help="the pictures' steps (default: the model's)")
     parser.add_argument("--rounds", type=int, default=3, help="timed pictures a ratio (median), after a warm-up")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_args(parser)
     ratios = sorted(set([0.0, *args.ratios]))
     if not args.no_steps:
         print(f"SD1.5 U-Net, {args.size} px ({args.size // 8}^2 latent), guided step (batch 2), "
@@ -124,11 +98,8 @@ def main() -> None:
         steps = f"{args.picture_steps} steps" if args.picture_steps else "its default steps"
         print(f"\nshipped model (sdlab-tiny), {size} px, {steps} and sampler, seed 7, {torch.get_num_threads()} "
               f"threads, one warm-up drawing, median of {args.rounds} interleaved rounds:")
-        print(f"{'ratio':>5} {'max px diff':>11} {'mean px diff':>12} {'wall s':>7} {'cpu s':>7} {'speed-up':>9}")
         pictures = picture_differences(size, ratios, "fp32", args.picture_steps, args.rounds)
-        base_wall = pictures[0.0][2]
-        for ratio, (largest, mean, wall, cpu) in pictures.items():
-            print(f"{ratio:5.2f} {largest:11.0f} {mean:12.2f} {wall:7.2f} {cpu:7.2f} {base_wall / wall:8.2f}x")
+        print_picture_rows("ratio", {f"{ratio:.2f}": row for ratio, row in pictures.items()})
 
 
 if __name__ == "__main__":
