@@ -31,15 +31,24 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_compile_cache_lives_in_sdlab_cache_dir(monkeypatch, tmp_path) -> None:
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+@pytest.fixture(autouse=True)
+def sdlab_cache(monkeypatch, tmp_path) -> Path:
+    """sdlab's cache folder in `tmp_path` and no TORCHINDUCTOR_CACHE_DIR, both as they were again after the test.
+    `use_compile_cache` sets TORCHINDUCTOR_CACHE_DIR itself; monkeypatch restores it only once it has recorded it,
+    and a `delenv` of an unset variable records nothing: the `setenv` first records it."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
     monkeypatch.setenv("SDLAB_CACHE_DIR", str(tmp_path / "cache"))
-    assert compile_cache_dir() == tmp_path / "cache" / "compile"
-    assert use_compile_cache() == tmp_path / "cache" / "compile"
-    assert (tmp_path / "cache" / "compile").is_dir()
+    return tmp_path / "cache"
+
+
+def test_compile_cache_lives_in_sdlab_cache_dir(sdlab_cache) -> None:
+    assert compile_cache_dir() == sdlab_cache / "compile"
+    assert use_compile_cache() == sdlab_cache / "compile"
+    assert (sdlab_cache / "compile").is_dir()
     import os
 
-    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "compile")  # what inductor reads
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(sdlab_cache / "compile")  # what inductor reads
     import torch._inductor.config as inductor_config
 
     assert inductor_config.fx_graph_cache
@@ -78,11 +87,9 @@ def test_cli_compile_flag_compiles_the_unet(model, tmp_path, capsys, monkeypatch
 
 
 @pytest.mark.slow
-def test_compiled_unet_matches_eager_and_fills_the_cache(monkeypatch, tmp_path) -> None:
+def test_compiled_unet_matches_eager_and_fills_the_cache(sdlab_cache) -> None:
     """Inductor reorders float sums; the compiled U-Net stays within 1e-4 of eager (outputs ~1), also for a second
     U-Net at another size in the same process (which once crashed inductor's dynamic-shape lowering)."""
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
-    monkeypatch.setenv("SDLAB_CACHE_DIR", str(tmp_path))
     unet = tiny_bundle("sd1", seed=2).unet
     g = torch.Generator().manual_seed(0)
     x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([700.0, 700.0])
@@ -99,7 +106,7 @@ def test_compiled_unet_matches_eager_and_fills_the_cache(monkeypatch, tmp_path) 
         eager_small = other(small, t, context)
         compile_module(other)
         torch.testing.assert_close(other(small, t, context), eager_small, atol=1e-4, rtol=1e-4)
-    assert any((tmp_path / "compile").rglob("*.py")) or any((tmp_path / "compile").rglob("*.so"))
+    assert any((sdlab_cache / "compile").rglob("*.py")) or any((sdlab_cache / "compile").rglob("*.so"))
 
 
 @pytest.mark.slow
