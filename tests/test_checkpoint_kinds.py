@@ -134,6 +134,28 @@ def test_a_file_of_another_format_says_what_it_is(tmp_path, name, write, says):
     assert message.startswith(f"{path}: not a ") and says in message and "\n" not in message, message
 
 
+def _plain_text(path: Path) -> None:
+    path.write_text("hello world, this is not a model at all\n")
+
+
+@pytest.mark.parametrize("name, says", [
+    ("model.ckpt", "not a PyTorch checkpoint: it is text, not the weights (it begins 'hello world, this is')"),
+    ("model.safetensors", "not a readable safetensors file: it is text, not the weights (it begins 'hello world, this is')"),
+])
+def test_a_text_file_of_no_known_kind_is_said_to_be_text(tmp_path, capsys, name, says):
+    """Before: "not a readable PyTorch checkpoint (101)" (torch's KeyError on the first byte) for a .ckpt, and
+    "its first 8 bytes give a header of 8031924123371070824 bytes" for a .safetensors."""
+    from cli_helpers import run
+
+    path = tmp_path / name
+    _plain_text(path)
+    with pytest.raises(CheckpointError) as err:
+        plan_checkpoint(path)
+    assert str(err.value) == f"{path}: {says}"
+    code, stdout, stderr = run(["txt2img", "a cat", "--model", str(path), "--out", str(tmp_path / "a.png")], capsys)
+    assert code == 2 and stderr.strip() == f"sdlab: error: {err.value}" and not (tmp_path / "a.png").exists()
+
+
 def test_a_truncated_safetensors_file_is_still_said_to_be_one(tmp_path):
     path = _file(tmp_path, "model.safetensors", {"a": (64, 64)})
     path.write_bytes(path.read_bytes()[:-100])

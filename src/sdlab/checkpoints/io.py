@@ -251,11 +251,16 @@ _OTHER_TEXT = (
 )
 
 
-def _content_kind(head: bytes, binary: bool = True) -> str | None:
-    """What a file that begins with `head` is, where it is one of `_OTHER_TEXT` (or `_OTHER_BINARY`); else None."""
+def _content_kind(head: bytes, binary: bool = True, any_text: bool = False) -> str | None:
+    """What a file that begins with `head` is, where it is one of `_OTHER_TEXT` (or `_OTHER_BINARY`), or, with
+    `any_text`, any other text (asked only once the file failed to load: a protocol-0 pickle is text too); else
+    None."""
     text = all(32 <= byte < 127 or byte in b"\t\n\r" for byte in head[:8])
     starts = (_OTHER_BINARY if binary else ()) + (_OTHER_TEXT if text else ())
-    return next((kind for start, kind in starts if head.lstrip().startswith(start)), None)
+    kind = next((kind for start, kind in starts if head.lstrip().startswith(start)), None)
+    if kind is None and text and any_text:
+        kind = f"text, not the weights (it begins {head[:20].decode('ascii', 'replace')!r})"
+    return kind
 
 
 def read_safetensors_header(file: BinaryIO, name: str | os.PathLike[str]) -> tuple[dict[str, Any], int]:
@@ -271,7 +276,7 @@ def read_safetensors_header(file: BinaryIO, name: str | os.PathLike[str]) -> tup
     file.seek(8)
 
     def refuse(why: str) -> CheckpointError:
-        kind = _content_kind(head)
+        kind = _content_kind(head, any_text=True)
         return CheckpointError(f"{name}: not a readable safetensors file" + (f": it is {kind}" if kind else f" ({why})"))
 
     if size < 8 or length > MAX_SAFETENSORS_HEADER or 8 + length > size:
@@ -462,6 +467,8 @@ def _read_pickle(path: Path, nested: bool = False, shapes_only: bool = False) ->
                 f"{path}: refused to unpickle: {reason}. sdlab only loads weights-only pickles (code in a pickle "
                 "would run on load); convert the file to .safetensors with a tool you trust"
             ) from exc
+        if (kind := _content_kind(head, binary=False, any_text=True)) is not None:
+            raise CheckpointError(f"{path}: not a PyTorch checkpoint: it is {kind}") from exc
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_one_line(exc)})") from exc
     tensors = _unwrap_state_dict(obj, path, nested)
     return MappedTensors(tensors) if mmap and not shapes_only else tensors, _plain_entries(obj)
