@@ -451,7 +451,8 @@ def test_a_units_own_mask_of_another_size_than_its_image_is_a_422(tmp_path):
         assert refused.value.status == 422
     assert _units(tmp_path, module="inpaint", image=image, mask=fitting)[0].mask.size == (8, 6)
     net = tmp_path / "ControlNet" / "cn.safetensors"
-    folder = types.SimpleNamespace(find=lambda name: types.SimpleNamespace(path=net), titles=lambda: ["cn"])
+    folder = types.SimpleNamespace(find=lambda name: types.SimpleNamespace(path=net, kind="controlnet"),
+                                   titles=lambda: ["cn"], without_paths=lambda text: text)
     entry = {"model": "cn", "image": b64_png(image), "module": "inpaint"}
     with pytest.raises(BadRequest, match="the mask is 16x6 but its image 8x6") as refused:
         native_controls([{**entry, "mask": b64_png(wide)}], folder, Limits())
@@ -495,7 +496,8 @@ def test_native_thresholds_of_minus_one_are_the_defaults(tmp_path):
 
     _units(tmp_path)                                            # the folder's ControlNet file
     net = tmp_path / "ControlNet" / "cn.safetensors"
-    folder = types.SimpleNamespace(find=lambda name: types.SimpleNamespace(path=net), titles=lambda: ["cn"])
+    folder = types.SimpleNamespace(find=lambda name: types.SimpleNamespace(path=net, kind="controlnet"),
+                                   titles=lambda: ["cn"], without_paths=lambda text: text)
     entry = {"model": "cn", "image": b64_png(Image.new("RGB", (8, 8))), "module": "canny"}
     [control] = native_controls([{**entry, "threshold_a": -1, "threshold_b": -2.5}], folder, Limits())
     assert (control.threshold_a, control.threshold_b) == (None, None)
@@ -515,7 +517,8 @@ def test_native_processor_res_stops_at_the_sliders_top(tmp_path):
 
     _units(tmp_path)
     net = tmp_path / "ControlNet" / "cn.safetensors"
-    folder = types.SimpleNamespace(find=lambda name: types.SimpleNamespace(path=net), titles=lambda: ["cn"])
+    folder = types.SimpleNamespace(find=lambda name: types.SimpleNamespace(path=net, kind="controlnet"),
+                                   titles=lambda: ["cn"], without_paths=lambda text: text)
     entry = {"model": "cn", "image": b64_png(Image.new("RGB", (8, 8))), "module": "canny"}
     for given in (2048, None, -1):
         assert native_controls([{**entry, "processor_res": given}], folder, Limits())[0].processor_res in (given, None)

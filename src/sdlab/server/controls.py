@@ -100,8 +100,15 @@ def threshold_value(value: Any, module: str, index: int) -> Any:
     return value if low <= value <= high else None
 
 
-def model_path(model: Any, what: str, folder: ModelFolder) -> str:
-    """The file of the ControlNet `model` names in the server's folder; `BadRequest` 404 when there is none."""
+KIND_NAMES = {"controlnet": "a ControlNet or T2I-Adapter", "ip-adapter": "an IP-Adapter"}
+"""The kinds of the ControlNet folder's files (`model_folders.CONTROL_KINDS`) as an error names them."""
+
+
+def model_path(model: Any, what: str, folder: ModelFolder, kind: str | None = None, elsewhere: str = "") -> str:
+    """The file of the ControlNet folder's model `model` names: `BadRequest` 404 when there is none; with `kind`
+    (`CONTROL_KINDS`, a native entry's) a 422 when it is of the other kind (`elsewhere`: where that one goes), so
+    the job is refused at submit rather than failing when its model loads. An A1111 unit's model is checked by its
+    module's reader (`a1111_ip_adapter`) or when it loads, with the extension's words."""
     if not isinstance(model, str) or not model or model == "None":
         raise BadRequest(f"{what}: model must name a ControlNet of this server", 422)
     found = folder.find(model)
@@ -109,6 +116,9 @@ def model_path(model: Any, what: str, folder: ModelFolder) -> str:
         known = ", ".join(folder.titles()) or "none (start the server with --controlnet-dir)"
         raise BadRequest(f"{what}: unknown ControlNet model {model!r}; this server has: {known}", 404,
                          "ControlNet model not found")
+    if kind is not None and found.kind and found.kind != kind:
+        raise BadRequest(f"{what}: {found.title} is {KIND_NAMES[found.kind]}, not {KIND_NAMES[kind]}; "
+                         f"{elsewhere}", 422)
     return str(found.path)
 
 
@@ -135,13 +145,13 @@ def hint_image(image: Any, what: str, limits: Limits) -> Image.Image:
     return image if isinstance(image, Image.Image) else decode_image(image, f"{what} image", limits)
 
 
-def checked_control(control: ControlInput, index: int, convention: str) -> ControlInput:
+def checked_control(control: ControlInput, index: int, convention: str, folder: ModelFolder) -> ControlInput:
     """`control` (the request's `index`-th) checked by the pipeline's rules for `convention`
-    (`check_control`); a value it refuses is a 422 naming it."""
+    (`check_control`); a value it refuses is a 422 naming it, its model by title (`without_paths`)."""
     try:
         return check_control(control, index, convention)
     except RequestError as err:
-        raise BadRequest(str(err), 422) from None
+        raise BadRequest(folder.without_paths(str(err)), 422) from None
 
 
 def unit_mask(unit: dict[str, Any], own: Any, image: Image.Image, init: Image.Image | None, what: str,
@@ -205,7 +215,7 @@ def a1111_unit(unit: dict[str, Any], index: int, folder: ModelFolder, limits: Li
                            resize_mode(unit.get("resize_mode") if own else init_resize), threshold_value(unit.get("threshold_a"), module, 0),
                            threshold_value(unit.get("threshold_b"), module, 1), mask,
                            processor_resolution(unit.get("processor_res")), unit.get("pixel_perfect") or False)
-    return checked_control(control, index, "a1111")
+    return checked_control(control, index, "a1111", folder)
 
 
 UNREAD_IP_FIELDS = {
@@ -251,7 +261,7 @@ def a1111_ip_adapter(unit: dict[str, Any], index: int, folder: ModelFolder, limi
         prompt = dataclasses.replace(prompt, image_encoder=unit_image_encoder(module, path))
         return check_ip_adapter(prompt, index, "a1111")
     except RequestError as err:
-        raise BadRequest(f"{what}: {err}", 422) from None
+        raise BadRequest(f"{what}: {folder.without_paths(str(err))}", 422) from None
 
 
 def a1111_controls(scripts: Any, folder: ModelFolder, limits: Limits, init: Image.Image | None = None,
@@ -295,14 +305,15 @@ def native_controls(items: list[dict[str, Any]], folder: ModelFolder, limits: Li
     for index, item in enumerate(items):
         what = f"control {index}"
         mask = item.get("mask")
-        control = ControlInput(model_path(item.get("model"), what, folder), hint_image(item.get("image"), what, limits),
+        control = ControlInput(model_path(item.get("model"), what, folder, "controlnet", "give it in ip_adapters"),
+                               hint_image(item.get("image"), what, limits),
                                item.get("strength", 1.0), item.get("start", 0.0), item.get("end", 1.0),
                                module_name(item.get("module")), item.get("control_mode", "balanced"),
                                item.get("resize_mode"), native_threshold(item.get("threshold_a")),
                                native_threshold(item.get("threshold_b")),
                                decode_image(mask, f"{what} mask", limits) if mask else None,
                                native_threshold(item.get("processor_res")), item.get("pixel_perfect") or False)
-        controls.append(checked_control(control, index, "diffusers"))
+        controls.append(checked_control(control, index, "diffusers", folder))
     return tuple(controls)
 
 
@@ -317,7 +328,8 @@ def native_ip_adapters(items: list[dict[str, Any]], folder: ModelFolder, limits:
     prompts = []
     for index, item in enumerate(items):
         what = f"IP-Adapter {index}"
-        path, module = model_path(item.get("model"), what, folder), item.get("module")
+        path = model_path(item.get("model"), what, folder, "ip-adapter", "give it in controls")
+        module = item.get("module")
         prompt = IPAdapterInput(path, hint_image(item.get("image"), what, limits), item.get("scale", 1.0),
                                 layer_scales=item.get("layer_scales"), start=item.get("start", 0.0),
                                 end=item.get("end", 1.0), module=module)
@@ -329,5 +341,5 @@ def native_ip_adapters(items: list[dict[str, Any]], folder: ModelFolder, limits:
                 prompt = dataclasses.replace(prompt, image_encoder=unit_image_encoder(module, path))
             prompts.append(check_ip_adapter(prompt, index, convention))
         except RequestError as err:
-            raise BadRequest(str(err), 422) from None
+            raise BadRequest(folder.without_paths(str(err)), 422) from None
     return tuple(prompts)

@@ -12,22 +12,32 @@ RealESRGAN_x4plus.pth: `upscale.a1111_upscaler_name`), any other by its stem; th
 from __future__ import annotations
 
 import threading
-from collections.abc import Collection, Iterator
+import os
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from sdlab.checkpoints.controlnet import legacy_hash
+from sdlab.checkpoints.ip_adapter import is_ip_adapter_file
 from sdlab.pipeline.upscale import a1111_upscaler_name
 from sdlab.utils.file_hashes import read_per_version
 
 CONTROLNET_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
 UPSCALER_SUFFIXES = (".pth", ".pt", ".safetensors")
+CONTROL_KINDS = ("controlnet", "ip-adapter")     # ControlNets and T2I-Adapters; IP-Adapters
+
+
+def control_file_kind(path: Path) -> str:
+    """What a file of the ControlNet folder is (`CONTROL_KINDS`): an IP-Adapter by its tensors' names
+    (`is_ip_adapter_file`), else a ControlNet or T2I-Adapter (whose loader refuses any other file)."""
+    return "ip-adapter" if is_ip_adapter_file(path) else "controlnet"
 
 
 @dataclass(frozen=True)
 class ModelFile:
     path: Path
     title: str                      # what lists show ("name [hash]" for ControlNets, A1111's name for upscalers)
+    kind: str = ""                  # what it holds where its folder tells kinds apart (`control_file_kind`)
 
     def names(self) -> set[str]:
         return {self.title, self.path.stem, self.path.name}
@@ -36,15 +46,17 @@ class ModelFile:
 class ModelFolder:
     """The model files of one folder (recursively), then those of `known_in` whose stem is one of `known` (A1111's
     models/RealESRGAN, where it looks for the files of its own Real-ESRGAN names alone); `find(name)` is the only
-    way from a name to a path."""
+    way from a name to a path. `kind_of` (a path -> its kind) sorts the files of a folder of several kinds, each
+    read once per version of the file."""
 
     def __init__(self, folder: Path | None, suffixes: tuple[str, ...], hashed: bool, known_in: Path | None = None,
-                 known: Collection[str] = ()) -> None:
+                 known: Collection[str] = (), kind_of: Callable[[Path], str] | None = None) -> None:
         self.folder = folder.resolve() if folder is not None else None
         self.known_in = known_in.resolve() if known_in is not None else None
         self.known = frozenset(known)
         self.suffixes = suffixes
         self.hashed = hashed
+        self.kind_of = kind_of
         self._lock = threading.Lock()
         self.files: list[ModelFile] = []
         self.refresh()
@@ -52,7 +64,9 @@ class ModelFolder:
     def refresh(self) -> None:
         paths = [*self._paths(self.folder), *(p for p in self._paths(self.known_in) if p.stem in self.known)]
         found = [ModelFile(path, f"{path.stem} [{read_per_version(path, legacy_hash)}]" if self.hashed
-                           else a1111_upscaler_name(path.stem)) for path in dict.fromkeys(paths)]
+                           else a1111_upscaler_name(path.stem),
+                           read_per_version(path, self.kind_of) if self.kind_of is not None else "")
+                 for path in dict.fromkeys(paths)]
         with self._lock:
             self.files = found
 
@@ -83,6 +97,19 @@ class ModelFolder:
         holding = [f for f in files if lower in f.path.stem.lower()]
         return same or min(holding, key=lambda f: len(f.path.stem), default=None)
 
-    def titles(self) -> list[str]:
+    def titles(self, kind: str | None = None) -> list[str]:
+        """The files' titles, those of `kind` alone where it is given."""
         with self._lock:
-            return [f.title for f in self.files]
+            return [f.title for f in self.files if kind is None or f.kind == kind]
+
+    def without_paths(self, text: str) -> str:
+        """`text` with each file's path as its title and the folders beside this one (an IP-Adapter's image encoder
+        in models/image_encoder) by their names under its parent: what clients are shown of where the server keeps
+        them. The longest paths go first, so that a file's path is not cut by its folder's."""
+        if self.folder is None:
+            return text
+        with self._lock:
+            names = [(str(f.path), f.title) for f in self.files]
+        for path, name in sorted(names, key=lambda pair: -len(pair[0])):
+            text = text.replace(path, name)
+        return text.replace(f"{self.folder.parent}{os.sep}", "")

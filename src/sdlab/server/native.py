@@ -23,6 +23,7 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import fields
+from pathlib import Path
 from typing import Any, Literal, get_type_hints
 
 import anyio
@@ -30,6 +31,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator
 
+from sdlab.checkpoints.errors import CheckpointError
 from sdlab.models.deep_cache import DeepCache
 from sdlab.models.freeu import FreeU
 from sdlab.pipeline.perturbed_attention import DEFAULT_LAYERS
@@ -47,10 +49,11 @@ from sdlab.server.inputs import (
     schedule_name, spec_with_preset, unset_preset_fields,
 )
 from sdlab.server.jobs import FINAL_STATES, Job, JobQueue, final_event, image_url
-from sdlab.server.picture_settings import picture_settings, unread_labels
+from sdlab.server.picture_settings import control_units, picture_settings, unread_labels
 from sdlab.server.previews import jpeg_data_url
 from sdlab.server.service import Service
 from sdlab.server.vae_files import AUTOMATIC_VAE
+from sdlab.utils.file_hashes import read_per_version
 
 router = APIRouter(prefix="/api")
 KEEPALIVE_S = 15.0
@@ -425,6 +428,37 @@ def scripts(request: Request) -> dict[str, Any]:
     return script_jobs.native_scripts(service_of(request))
 
 
+@router.get("/control-models")
+def control_models(request: Request) -> dict[str, list[str]]:
+    """The ControlNet folder's models by the job field that may name each, rescanned first: `controls` its
+    ControlNets and T2I-Adapters, `ip_adapters` its IP-Adapters (told apart by their tensors:
+    `model_folders.control_file_kind`). A1111's `/controlnet/model_list` lists them together, as the extension,
+    whose units draw either by their module."""
+    folder = service_of(request).controlnets
+    folder.refresh()
+    return {"controls": folder.titles("controlnet"), "ip_adapters": folder.titles("ip-adapter")}
+
+
+@router.get("/model-size")
+def model_size(request: Request, model: str = "") -> dict[str, Any]:
+    """The size a job of `model` (a title; none: the server's selected model) draws at where it sets no width or
+    height: the model's default side (its file's `modelspec.resolution`, a folder's sample_size, else its
+    family's), from its names and shapes alone, no weight read (`plan_checkpoint`); the web UI's Pixel perfect
+    Preview reads it. One sdlab cannot draw is a 422 naming it by its title."""
+    checkpoint = service_of(request).checkpoint(model or None)
+    try:
+        side = read_per_version(checkpoint.path, _default_side)
+    except CheckpointError as err:
+        raise BadRequest(checkpoint.without_paths(str(err)), 422) from None
+    return {"model": checkpoint.title, "width": side, "height": side}
+
+
+def _default_side(path: Path) -> int:
+    from sdlab.checkpoints.load import plan_checkpoint
+
+    return plan_checkpoint(path).report.to_json()["default_size"]
+
+
 def _find(service: Service, job_id: str) -> tuple[dict[str, Any], Job | None]:
     live = script_jobs.live_job(service, job_id)
     record = live.record() if live is not None else service.store.job(job_id)
@@ -550,4 +584,5 @@ def picture_parameters(body: PictureIn, request: Request) -> dict[str, Any]:
         raise BadRequest(str(err), 422) from None
     if styles is not None:
         settings["styles"] = styles
-    return {"info": text, "settings": settings, "unread": unread_labels(parameters, service.registry)}
+    return {"info": text, "settings": settings, "unread": unread_labels(parameters, service.registry),
+            "control_units": control_units(parameters)}

@@ -64,6 +64,14 @@ def _numbered(p: dict[str, Any], prefix: str) -> list[str]:
     return sorted(labels, key=lambda label: int(label[len(prefix):]))
 
 
+def control_units(p: dict[str, Any]) -> list[int]:
+    """The unit number N (its `ControlNet N` line's) of each `controls` entry `recorded_units` reads from `p`, in
+    its order: a picture of `ControlNet 1` alone fills the form's unit 1, as A1111's paste keeps the unit."""
+    unread = set(recorded_units(p)[2])
+    return [int(label.removeprefix("ControlNet ")) for label in _numbered(p, "ControlNet ")
+            if label not in unread and not is_ip_adapter_unit(str(p[label]))]
+
+
 def recorded_units(p: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
     """The `ControlNet N` and `IP-Adapter N` lines of parsed parameters `p` as the native job's `controls` and
     `ip_adapters` entries without their pictures (which the text does not hold): a control's settings as

@@ -22,7 +22,7 @@ from sdlab.server.inputs import (
 )
 from sdlab.server.jobs import Job, JobQueue
 from sdlab.server.model_shapes import planned_unet
-from sdlab.server.model_folders import CONTROLNET_SUFFIXES, UPSCALER_SUFFIXES, ModelFolder
+from sdlab.server.model_folders import CONTROLNET_SUFFIXES, UPSCALER_SUFFIXES, ModelFolder, control_file_kind
 from sdlab.server.registry import Checkpoint, Lora, ModelRegistry
 from sdlab.server.store import Store
 from sdlab.server.worker import ModelHost, Runner
@@ -39,12 +39,13 @@ class Service:
         self.watched_styles = WatchedStyles(config.styles_files)     # StylesError: before the store opens
         self.store = Store(config.output_dir)
         self.registry = ModelRegistry(Path(startup), config.models_dir, config.vae_dir)
-        self.controlnets = ModelFolder(config.controlnet_dir, CONTROLNET_SUFFIXES, hashed=True)
+        self.controlnets = ModelFolder(config.controlnet_dir, CONTROLNET_SUFFIXES, hashed=True,
+                                       kind_of=control_file_kind)
         self.upscalers = ModelFolder(config.upscalers_dir, UPSCALER_SUFFIXES, hashed=False,
                                      known_in=config.realesrgan_dir, known=A1111_REALESRGAN_STEMS)
         self.host = ModelHost(self.registry, config.device, config.embeddings_dir)
         self.images_dir = config.output_dir / IMAGES_FOLDER
-        self.runner = Runner(self.host, self.images_dir, config.limits, self.upscalers)
+        self.runner = Runner(self.host, self.images_dir, config.limits, self.upscalers, self.controlnets)
         self.queue = JobQueue(self.store, self.runner.run, config.max_queue, on_start=self.runner.warm,
                               on_idle=forget_read_loras)    # the tags' files, read when their jobs were submitted
         self.options: dict[str, Any] = {}           # A1111 options clients set that sdlab does not use
@@ -189,7 +190,8 @@ def recorded_controls(request: GenerationRequest) -> dict[str, Any]:
     if request.ip_adapters:                     # as the controls: the model by its file name, the picture left out
         recorded["ip_adapters"] = [{"model": Path(prompt.model_path).name, "scale": prompt.scale,
                                     **({"start": prompt.start, "end": prompt.end} if prompt.windowed else {}),
-                                    **layer_settings(prompt.layer_scales)}
+                                    **layer_settings(prompt.layer_scales),
+                                    **({"module": prompt.module} if prompt.module else {})}
                                    for prompt in request.ip_adapters]
     return recorded
 

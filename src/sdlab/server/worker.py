@@ -270,11 +270,12 @@ class Runner:
     """`run(job)`, the worker's job function."""
 
     def __init__(self, host: ModelHost, images_dir: Path, limits: Limits | None = None,
-                 upscalers: ModelFolder | None = None) -> None:
+                 upscalers: ModelFolder | None = None, controlnets: ModelFolder | None = None) -> None:
         self.host = host
         self.images_dir = images_dir
         self.limits = limits            # checked again once the model's default size is known
         self.upscalers = upscalers      # the models a hires upscaler may name (`--upscalers-dir`)
+        self.controlnets = controlnets  # the ControlNets and IP-Adapters a job may name (`--controlnet-dir`)
         images_dir.mkdir(parents=True, exist_ok=True)
 
     def warm(self) -> None:
@@ -348,8 +349,9 @@ class Runner:
             job.settings = {**job.settings, **job.spec.recorded(job.spec.shown(plan.request).parameters())}
             for result in _batches(pipe, job, plan.request, upscaler, progress, stop):
                 self._write_batch(job, result, parameters(result))
-        except RequestError as err:        # a tagged LoRA's file: named as the server lists it, not by its path
-            raise RequestError(without_paths(str(err), [(lora.path, lora.name) for lora in registry.loras])) from None
+        except RequestError as err:        # a tagged LoRA's or a control's file: named as the server lists it, not
+            text = without_paths(str(err), [(lora.path, lora.name) for lora in registry.loras])      # by its path
+            raise RequestError(self.controlnets.without_paths(text) if self.controlnets else text) from None
 
     def _write_batch(self, job: Job, result: GenerationResult, texts: list[str]) -> None:
         """A drawn batch's pictures written with their parameters `texts` (all or nothing) as the job's next files
