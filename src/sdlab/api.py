@@ -38,6 +38,7 @@ from sdlab.models.deep_cache import DeepCache as DeepCache  # re-exported: the `
 from sdlab.models.freeu import FreeU as FreeU  # re-exported: the `freeu` field's setting
 from sdlab.pipeline.generate import ProgressFn, SamplingStopped, generate, generate_with_refiner
 from sdlab.pipeline.hires import generate_hires
+from sdlab.pipeline.image_prompt import adapter_loras
 from sdlab.pipeline.memory import is_out_of_memory
 from sdlab.pipeline.plan import GenerationPlan, check_refiner_convention, make_plan
 from sdlab.pipeline.presets import apply_preset
@@ -185,12 +186,13 @@ class Pipeline:
         its first step to its last), so every run draws with exactly its own LoRAs."""
         plan = request if isinstance(request, GenerationPlan) else self.resolve(request)
         bare, uses = request_loras(plan.request.prompt, plan.request.negative_prompt, self.find_lora)
+        uses = [*uses, *adapter_loras(plan.request.ip_adapters)]          # a FaceID file's U-Net LoRA
         drawn = plan if bare == plan.request.prompt else replace(plan, request=replace(plan.request, prompt=bare))
         second = None                               # a hires prompt's own tags: its LoRAs in the second pass
         if plan.request.hr_prompt:
             hr_bare, hr_uses = request_loras(plan.request.hr_prompt, plan.request.hr_negative_prompt, self.find_lora)
             drawn = replace(drawn, request=replace(drawn.request, hr_prompt=hr_bare or " "))   # " ": "" encoded
-            second = [*loras, *hr_uses]
+            second = [*loras, *hr_uses, *adapter_loras(plan.request.ip_adapters)]
         try:
             with patcher_for(self.bundle).using([*loras, *uses]):
                 result = self._draw(drawn, progress, upscaler, second, stop)

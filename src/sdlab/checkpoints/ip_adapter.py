@@ -16,7 +16,8 @@ encoder's hidden states) read their sizes from those tensors too, and so does th
 ``norm``: its resampler also reads the picture's CLIP hidden states; Plus v2, the same file layout, adds a shortcut,
 chosen as ComfyUI_IPAdapter_plus chooses it: a file whose name holds "plusv2"). A FaceID file that also holds
 a LoRA for the U-Net's attention layers (``ip_adapter.N.to_q_lora.down.weight`` ...: ip-adapter-faceid_sd15 and
-the Plus files, which diffusers applies as a LoRA) is refused by name.
+the Plus files, which diffusers' `load_ip_adapter` applies as a LoRA at weight 1) draws with that LoRA merged into
+the U-Net (`IPAdapterConfig.unet_lora`; `checkpoints.lora` reads it by IP-Adapter's attention numbers).
 `check_fits` refuses an adapter for another U-Net or image encoder with one line naming both widths.
 """
 
@@ -99,13 +100,8 @@ def _full_config(shapes: Mapping[str, torch.Size], path: Path, widths: tuple[int
 
 
 def _face_id_config(shapes: Mapping[str, torch.Size], path: Path, widths: tuple[int, ...]) -> IPAdapterConfig:
-    """A FaceID adapter's sizes: proj.0 (H, E), proj.2 (T * C, H), norm (C); one with a LoRA for the U-Net's
-    attention layers is refused (sdlab would draw without it, unlike diffusers)."""
-    lora = [key for key in shapes if _LORA.fullmatch(key)]
-    if lora:
-        raise CheckpointError(f"{path}: an IP-Adapter FaceID with a LoRA for the U-Net's attention layers "
-                              f"({len(lora)} tensors such as {lora[0]}), which sdlab does not apply with it; sdlab "
-                              "draws FaceID and FaceID Plus adapters without one (ip-adapter-faceid-portrait*)")
+    """A FaceID adapter's sizes: proj.0 (H, E), proj.2 (T * C, H), norm (C); and whether the file also holds a
+    LoRA for the U-Net's attention layers (`unet_lora`: merged while the adapter draws, `pipeline.image_prompt`)."""
     try:
         hidden, embed_dim = shapes["image_proj.proj.0.weight"]
         out_width, inner = shapes["image_proj.proj.2.weight"]
@@ -117,7 +113,8 @@ def _face_id_config(shapes: Mapping[str, torch.Size], path: Path, widths: tuple[
         raise CheckpointError(f"{path}: an IP-Adapter FaceID whose proj.2 ({out_width}x{inner}) does not follow proj.0 "
                               f"({hidden}x{embed_dim}) into whole {context_dim}-wide tokens")
     return IPAdapterConfig(embed_dim=embed_dim, context_dim=context_dim, tokens=out_width // context_dim,
-                           widths=widths, face_id=True, mlp_width=hidden)
+                           widths=widths, face_id=True, mlp_width=hidden,
+                           unet_lora=any(_LORA.fullmatch(key) for key in shapes))
 
 
 def _face_id_plus_config(shapes: Mapping[str, torch.Size], path: Path, face_id: IPAdapterConfig) -> IPAdapterConfig:
@@ -175,6 +172,8 @@ def read_ip_adapter(path: str | os.PathLike[str]) -> tuple[IPAdapterConfig, Mapp
     tensors, _ = read_checkpoint(path, nested=True)
     shapes = shapes_of(tensors)
     config = _config_from_shapes(shapes, path)
+    tensors = {key: value for key, value in tensors.items() if not _LORA.fullmatch(key)}   # the U-Net's, not ours
+    shapes = shapes_of(tensors)
     check_builds(lambda: IPAdapter(config), shapes, path, "an IP-Adapter")
     return config, tensors
 

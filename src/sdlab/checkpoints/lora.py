@@ -118,13 +118,29 @@ def kohya_unet_names(cfg: UNetConfig, paths: Iterable[str]) -> dict[str, str]:
 
 def _unet_layer_table(unet: nn.Module, cfg: UNetConfig) -> dict[str, nn.Module]:
     """kohya name -> layer for every Linear / Conv2d / norm of the U-Net, under its SGM name and (when the config
-    has a diffusers equivalent) its diffusers name: files in either convention apply to any family."""
+    has a diffusers equivalent) its diffusers name: files in either convention apply to any family. The attention
+    projections also go by an IP-Adapter FaceID file's names (`_ip_adapter_attention_names`)."""
     modules = dict(unet.named_modules())
     layers = {path: m for path, m in modules.items() if isinstance(m, _TARGETS) and m.weight is not None}
     table = {kohya_name(UNET_PREFIX, path): m for path, m in layers.items()}
     for path, hf_path in _diffusers_module_paths(cfg).items():
         if path in layers:
             table.setdefault(kohya_name(UNET_PREFIX, hf_path), layers[path])
+    table.update(_ip_adapter_attention_names(unet))
+    return table
+
+
+def _ip_adapter_attention_names(unet: nn.Module) -> dict[str, nn.Module]:
+    """kohya name -> layer of the U-Net LoRA an IP-Adapter FaceID file holds (``ip_adapter.{n}.to_q_lora.down.weight``
+    ..., read as ``lora_unet_ip_adapter_{n}_to_q`` / ``_to_out_0``): n numbers every attention as diffusers'
+    ``attn_processors`` does (`models.ip_adapter.all_attentions`), which is how diffusers' `_load_ip_adapter_loras`
+    names them."""
+    from sdlab.models.ip_adapter import all_attentions
+
+    table = {}
+    for n, attn in enumerate(all_attentions(unet)):
+        for name, layer in (("to_q", attn.to_q), ("to_k", attn.to_k), ("to_v", attn.to_v), ("to_out.0", attn.to_out[0])):
+            table[kohya_name(UNET_PREFIX, f"ip_adapter.{n}.{name}")] = layer
     return table
 
 
@@ -217,6 +233,9 @@ _LYCORIS_PREFIX = "lycoris_"     # SimpleTuner's LyCORIS files: lycoris_ + the d
 _OLD_TEXT_ATTENTION = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 
 
+_IP_ADAPTER_WEIGHT = re.compile(r"image_proj\.|ip_adapter\.\d+\.to_[kv]_ip\.")   # a FaceID file's adapter part
+
+
 def _split_key(key: str) -> tuple[str, str] | None:
     for suffix, field in _SUFFIXES:
         if key.endswith(suffix):
@@ -273,7 +292,7 @@ def load_lora_file(path: str | os.PathLike[str], *, weights: bool = True) -> dic
     `UnusableLoRAError`. Without `weights`, every tensor but the
     alphas is on the meta device: a safetensors file is read from its header and alphas only, and values
     are not checked (`sdlab inspect`)."""
-    state, metadata = read_checkpoint(path)
+    state, metadata = read_checkpoint(path, nested=Path(path).suffix.lower() == ".bin")   # h94's FaceID .bin
     peft = _peft_configs(path, metadata)
     groups: dict[str, dict[str, str]] = {}
     for key in state:
@@ -291,7 +310,7 @@ def load_lora_file(path: str | os.PathLike[str], *, weights: bool = True) -> dic
             f"'<name>.hada_w1_a', '<name>.lokr_w1', '<name>.diff', ...) among its {len(state)} tensors "
             f"(e.g. {', '.join(list(state)[:2])}); a full model is passed with --model")
     used = {key for g in modules.values() for key in g.values()}
-    others = [key for key in state if key not in used]
+    others = [key for key in state if key not in used and not _IP_ADAPTER_WEIGHT.match(key)]
     if others:
         logger.warning("%s: ignoring %d tensors that are not LoRA / LyCORIS module weights, e.g. %s",
                        path, len(others), ", ".join(others[:3]))

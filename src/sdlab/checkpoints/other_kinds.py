@@ -187,6 +187,8 @@ def _ip_adapter(path: Path) -> Description:
              "image projection": projection, "tokens": cfg.tokens or "one per image encoder position",
              "reads": f"{cfg.embed_dim}-wide {reads}" + (f" ({' or '.join(towers)})" if towers else ""),
              "parameters": sum(shape.numel() for shape in shapes_of(tensors).values())}
+    if cfg.unet_lora:
+        facts["U-Net LoRA"] = "for the attentions, merged at weight 1 while the adapter draws (as diffusers)"
     use = ("Python: IPAdapterInput(FILE, PICTURE, face_embedding=EMBEDDING) with an InsightFace face embedding "
            "(sdlab computes none)" if cfg.face_id_plus else
            "Python: IPAdapterInput(FILE, face_embedding) with an InsightFace face embedding (sdlab computes none)"

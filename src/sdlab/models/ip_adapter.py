@@ -62,6 +62,7 @@ class IPAdapterConfig:
     # FaceID Plus: a resampler whose latents are FaceID's tokens, over `clip_width`-wide encoder hidden states
     face_resampler: ResamplerConfig | None = None
     clip_width: int = 0
+    unet_lora: bool = False     # the file also holds a LoRA for the U-Net's attentions (ip-adapter-faceid_sd15)
 
     @property
     def face_id_plus(self) -> bool:
@@ -229,8 +230,16 @@ class IPAdapter(nn.Module):
 def cross_attentions(unet: nn.Module) -> list[nn.Module]:
     """The U-Net's text cross-attentions (each transformer block's `attn2`) in IP-Adapter's order: input blocks,
     output blocks, middle block (diffusers registers `up_blocks` before `mid_block`)."""
+    return all_attentions(unet)[1::2]
+
+
+def all_attentions(unet: nn.Module) -> list[nn.Module]:
+    """Every attention of the U-Net in IP-Adapter's numbering (diffusers' ``attn_processors`` order): each
+    transformer block's `attn1` (2k) and `attn2` (2k + 1), over the input, output, then middle blocks. A FaceID
+    file's U-Net LoRA (``ip_adapter.{n}.to_q_lora`` ...) names the attentions by these numbers."""
     blocks = [*unet.input_blocks, *unet.output_blocks, unet.middle_block]
-    return [module.attn2 for block in blocks for module in block.modules() if hasattr(module, "attn2")]
+    return [attn for block in blocks for module in block.modules() if hasattr(module, "attn2")
+            for attn in (module.attn1, module.attn2)]
 
 
 class ImagePrompt:

@@ -59,13 +59,15 @@ from torch import Tensor
 from sdlab.checkpoints.controlnet import legacy_hash
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.image_encoder import LoadedImageEncoder, load_image_encoder
-from sdlab.checkpoints.ip_adapter import LoadedIPAdapter, check_fits, check_fits_unet, is_face_id_plus_v2, load_ip_adapter
+from sdlab.checkpoints.ip_adapter import (LoadedIPAdapter, check_fits, check_fits_unet, is_face_id_plus_v2,
+                                          load_ip_adapter)
 from sdlab.families.loaded import ModelBundle
 from sdlab.models.ip_adapter import ImagePrompt, IPAdapter, IPAdapterConfig, cross_attentions, embeds_tokens
 from sdlab.pipeline.clip_image import clip_pixels, extension_clip_pixels
 from sdlab.pipeline.ip_adapter_layers import LayerScaleError, check_layer_scales, expand_layer_scales, layer_scales_text
 from sdlab.pipeline.control import _line_fields, in_window
 from sdlab.pipeline.ip_adapter_units import MODULE_ENCODERS, is_ip_adapter_module
+from sdlab.pipeline.prompt_loras import LoraUse
 from sdlab.pipeline.request import RequestError, input_image
 from sdlab.utils.file_hashes import stat_version
 
@@ -512,6 +514,20 @@ def picture_pixels(prompt: IPAdapterInput, size: int, index: int, convention: st
         return extension_clip_pixels(picture, size, mask)
     except ValueError as err:
         raise RequestError(f"IP-Adapter {index}: {err}") from None
+
+
+def adapter_loras(prompts: Sequence[IPAdapterInput]) -> list[LoraUse]:
+    """The U-Net LoRAs the prompts' FaceID files hold (`IPAdapterConfig.unet_lora`), each merged at weight 1 for
+    the whole run as diffusers' `load_ip_adapter` merges it (``set_adapters([faceid_i], [1.0])``, whatever the
+    adapter's scale or step window); a file two prompts share once."""
+    uses: dict[Path, LoraUse] = {}
+    for index, prompt in enumerate(prompts):
+        config = prompt.model.config if isinstance(prompt.model, LoadedIPAdapter) \
+            else _check_adapter_file(Path(prompt.model), f"IP-Adapter {index}")
+        if config.unet_lora:
+            path = Path(prompt.model_path)
+            uses.setdefault(path.resolve(), LoraUse(path, 0.0, 1.0, path.stem))
+    return list(uses.values())
 
 
 def _scales(prompt: IPAdapterInput, bundle: ModelBundle, index: int) -> float | tuple[float, ...]:
