@@ -142,3 +142,18 @@ def test_a_palette_with_one_transparent_colour_stays_a_palette() -> None:
     layer = Image.new("P", (4, 4), 1)
     layer.info["transparency"] = 0
     assert upright_8bit(layer).mode == "P"
+
+
+def test_bytes_that_are_no_picture_are_named_without_pillows_stream_object() -> None:
+    """Before: 'init_images[0] is not a readable image: cannot identify image file <_io.BytesIO object at
+    0x7f6c...>' (a memory address in the client's error) for text and for an empty string alike."""
+    import pytest
+
+    from sdlab.server.inputs import BadRequest
+
+    for raw, says in ((b"hello", "init_images[0] is not a readable image: not a picture file Pillow knows (PNG, "
+                                  "JPEG, WebP, ...)"),
+                      (b"", "init_images[0] is empty: no picture was sent")):
+        with pytest.raises(BadRequest) as err:
+            image_from_bytes(raw, "init_images[0]", Limits())
+        assert str(err.value) == says and err.value.status == 400, err.value

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, model_validator
 
 from sdlab.checkpoints.errors import CheckpointError
@@ -315,7 +315,10 @@ def opened_picture(raw: bytes, what: str, limits: Limits) -> Iterator[Image.Imag
     """The picture a client sent (`what`, its file's bytes) opened, not decoded, once its header passed
     `check_picture_size`; what reads it within reads it from `raw`. A header past 4 x `--max-pixels`, or past
     Pillow's decompression-bomb limit, is a 413; a parameters text past sdlab's limit (`read_parameters`) a 422;
-    what Pillow cannot read a 400."""
+    what Pillow cannot read a 400 (an empty string, a file of no format Pillow knows: named so, not by Pillow's
+    message, which names the in-memory stream by its address)."""
+    if not raw:
+        raise BadRequest(f"{what} is empty: no picture was sent", 400, "Invalid encoded image")
     try:
         with open_image(io.BytesIO(raw)) as image:
             check_picture_size(image, what, limits)
@@ -326,6 +329,9 @@ def opened_picture(raw: bytes, what: str, limits: Limits) -> Iterator[Image.Imag
         raise BadRequest(f"{what} is past this server's limit of {4 * limits.max_pixels} pixels: {err}", 413) from None
     except ParametersError as err:
         raise BadRequest(f"{what}: {err}", 422) from None
+    except UnidentifiedImageError:
+        raise BadRequest(f"{what} is not a readable image: not a picture file Pillow knows (PNG, JPEG, WebP, ...)",
+                         400, "Invalid encoded image") from None
     except Exception as err:            # Pillow raises many types on corrupt data, all "not an image"
         raise BadRequest(f"{what} is not a readable image: {err}", 400, "Invalid encoded image") from None
 
