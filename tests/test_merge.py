@@ -294,6 +294,36 @@ def test_vae_attention_stored_as_linear_merges_in_the_layout_of_a(sd1, tmp_path)
 # The output: loads, draws, other formats and inputs
 
 
+def test_a_ckpt_merge_is_written_tensor_by_tensor_as_torch_save_writes_it(sd1, tmp_path, monkeypatch):
+    """A `.ckpt` merge holds one merged tensor at a time (it held them all before torch.save), and its pickle is
+    byte for byte the one torch.save writes for the same tensors (A1111's `torch.save(theta_0, output)`)."""
+    import weakref
+    import zipfile
+
+    from sdlab.checkpoints.merge import MergedState
+
+    made = MergedState.__getitem__
+    alive: list[weakref.ref] = []
+    most = []
+
+    def tracked(self, key):
+        tensor = made(self, key)
+        alive[:] = [ref for ref in alive if ref() is not None] + [weakref.ref(tensor)]
+        most.append(len(alive))
+        return tensor
+
+    merged = merge_checkpoints(sd1[:2], tmp_path / "m.safetensors").path
+    monkeypatch.setattr(MergedState, "__getitem__", tracked)
+    ckpt = merge_checkpoints(sd1[:2], tmp_path / "m.ckpt").path
+    assert max(most) == 1 and len(most) == len(load_file(str(merged)))
+    torch.save(load_file(str(merged)), tmp_path / "reference.ckpt")
+    pickles = []
+    for path in (ckpt, tmp_path / "reference.ckpt"):
+        with zipfile.ZipFile(path) as archive:
+            pickles.append(archive.read(next(n for n in archive.namelist() if n.endswith("/data.pkl"))))
+    assert pickles[0] == pickles[1]
+
+
 def test_the_merged_file_loads_and_draws_and_a_ckpt_holds_the_same(sd1, tmp_path):
     from sdlab.api import Pipeline
     from sdlab.checkpoints.load import load_bundle

@@ -22,9 +22,10 @@ folder's in the layout sdlab saves single files in (`save.bundle_state_dict`). M
 
 Memory: nothing is held whole. Safetensors inputs are read one tensor at a time, the result is written one
 tensor at a time (`MergedState`, a `LazyMapping` whose shapes and dtypes come from the same merge run on
-`meta` tensors, so every shape is checked before a byte is written). Pickled inputs are unpickled whole (torch
-maps a zip checkpoint's stored records), a `.ckpt` output is made whole before `torch.save`, and a diffusers
-folder's text towers are converted whole (the rest of a folder streams).
+`meta` tensors, so every shape is checked before a byte is written), a `.ckpt` too (`torch_zip`: torch.save's
+zip format, its pickle made from those shapes and dtypes). Pickled inputs are unpickled whole (torch maps a zip
+checkpoint's stored records; a legacy or compressed one is read into memory), and a diffusers folder's text
+towers are converted whole (the rest of a folder streams).
 
 Metadata (`merge_metadata`), as A1111's "Save metadata" writes it: the inputs' own (A, then B, then C, each
 replacing the last: "Copy metadata from merged models"), the user's JSON, `format` "pt", and with "Add merge
@@ -531,22 +532,18 @@ def prepare_merge(models: list[str | Path], options: MergeOptions) -> tuple[list
 
 
 def write_merged(path: Path, merged: MergedState, metadata: Mapping[str, str]) -> Path:
-    """Write the merge to `path` atomically: `.safetensors` tensor by tensor, `.ckpt` as A1111's `torch.save` of
-    the plain dict of tensors (made whole first; weights-only loadable, no metadata)."""
+    """Write the merge to `path` atomically, tensor by tensor: `.safetensors`, or `.ckpt` as A1111's `torch.save`
+    of the plain dict of tensors writes it (`torch_zip.write_torch_checkpoint`: weights-only loadable, no
+    metadata)."""
     from sdlab.checkpoints.io import write_safetensors_atomic
+    from sdlab.checkpoints.torch_zip import write_torch_checkpoint
     from sdlab.utils.files import atomic_write
 
     if path.suffix.lower() == ".safetensors":
         return write_safetensors_atomic(path, merged, metadata)
-    tensors = {key: _own_storage(merged[key]) for key in merged}
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: torch.save(tensors, tmp))
+    atomic_write(path, lambda tmp: write_torch_checkpoint(tmp, merged))
     return path
-
-
-def _own_storage(t: Tensor) -> Tensor:
-    """`t`, copied when it is a view of a larger storage (torch.save writes whole storages)."""
-    return t.clone() if t.untyped_storage().nbytes() != t.numel() * t.element_size() else t
 
 
 FORMATS = ("safetensors", "ckpt")
