@@ -148,7 +148,7 @@ const KEPT = {
 // it sends (the hires pass's own count, the rule of an unset size: a job records its size) or list the PNG's
 // unread labels
 const KEPT_APART = new Set(["mode", "model", "vae", "loras", "styles", "refiner_convention", ...Object.keys(KEPT),
-  "controls", "ip_adapters", "first_pass_steps", "size_convention", "unread", "script_name", "script_args"]);
+  "controls", "control_units", "ip_adapters", "first_pass_steps", "size_convention", "unread", "script_name", "script_args"]);
 
 // A1111's selectable scripts: each one's `script_args` in its `Script.run` order, from its controls (`id`, read as
 // `type`) or a value the form sends as it is (`value`: A1111's HTML notes, Loopback's interrogator, which sdlab has
@@ -1532,7 +1532,7 @@ async function readParameters(file) {
     const dataUrl = await readFile(file);
     const read = await api("/api/parameters", { method: "POST", body: { image: base64Of(dataUrl) } });
     const unread = read.unread.map((text) => (text.length > 60 ? text.slice(0, 59) + "\u2026" : text));
-    const missing = applySettings({ ...read.settings, unread });
+    const missing = applySettings({ ...read.settings, unread, control_units: read.control_units });
     showNotice(`Settings read from ${name}` + (missing.length ? `; ${notAvailable(missing)}` : ""));
   } catch (err) {
     showError(`Cannot read the parameters of ${name}: ${err.message}`);

@@ -1,10 +1,12 @@
 // sdlab web UI: the ControlNet units and the IP-Adapter box (loaded after app.js, whose helpers it uses).
-//   lists:    GET /controlnet/model_list (the ControlNet folder: ControlNets, T2I-Adapters, IP-Adapters; rescanned),
-//             GET /controlnet/module_list (the preprocessors and each one's threshold sliders)
+//   lists:    GET /api/control-models (the ControlNet folder's models by the job field that takes them: a unit's
+//             ControlNets and T2I-Adapters, the IP-Adapter box's IP-Adapters; rescanned),
+//             GET /controlnet/module_list (the preprocessors and each one's threshold sliders; the IP-Adapter
+//             modules, the IP-Adapter box's image encoders), GET /controlnet/control_types (the Control Type filter)
 //   preview:  POST /controlnet/detect (a unit's picture through its preprocessor)
 //   a job:    the native API's `controls: [{model, image, strength, start, end, module, control_mode, resize_mode,
 //             threshold_a, threshold_b, processor_res, pixel_perfect}]` and `ip_adapters: [{model, image, scale,
-//             start, end, layer_scales}]`
+//             start, end, layer_scales, module}]`
 "use strict";
 
 const CONTROL_UNIT_COUNT = 3;      // the extension's default unit count (GET /controlnet/settings)
@@ -14,14 +16,22 @@ const CONTROL_MODES = [["balanced", "Balanced"], ["prompt", "My prompt is more i
   ["control", "ControlNet is more important"]];
 const CONTROL_RESIZE_MODES = [["resize", "Just Resize"], ["crop", "Crop and Resize"], ["fill", "Resize and Fill"]];
 // A new unit's values, as the extension's (its Processor Res 512, Crop and Resize): the boxes start with them, and
-// settings without one of them fill it (the preprocessor's own thresholds: showModuleSliders)
+// settings without one of them fill it (the preprocessor's own thresholds: showModuleSliders; settings' null
+// thresholds and Processor res, the preprocessor's defaults, leave their boxes empty: fillControls)
 const UNIT_DEFAULTS = { weight: 1, start: 0, end: 1, control_mode: "balanced", resize_mode: "crop", processor_res: 512 };
 
 const controlState = {
   pictures: Array(CONTROL_UNIT_COUNT).fill(null),   // each unit's own control picture (data URL), or none
   ipPicture: null,                                   // the IP-Adapter's picture (data URL), or none
   sliders: {},                                       // module -> its threshold sliders [{name, min, max, value, step}]
+  unitModels: [],                                    // the titles a unit may draw with (ControlNets, T2I-Adapters)
+  unitModules: [],                                   // the preprocessors a unit may run [{name, label}] (label: the
+                                                     // extension's UI name, as control types list them)
+  types: {},                                         // Control Type -> {module_list, model_list, default_option, ...}
+  chosenTypes: Array(CONTROL_UNIT_COUNT).fill("All"),  // each unit's Control Type
 };
+// The extension's IP-Adapter modules (ip_adapter_units.LISTED_MODULES): the IP-Adapter box's, not a unit's
+const isIpAdapterModule = (name) => /^ip-adapter[-_]/.test(name);
 
 function element(tag, props = {}, children = []) {
   const node = document.createElement(tag);
@@ -81,6 +91,9 @@ function controlUnit(i) {
     element("label", { className: "toggle" }, [
       element("input", { type: "checkbox", id: `${p}_enabled`, "aria-label": `Enable ControlNet Unit ${i}` }), " Enable"]),
     ...pictureBox(p, `ControlNet Unit ${i}`, "Control picture (none: img2img's initial image)"),
+    element("fieldset", { id: `${p}_types`, className: "control-types" }, [
+      element("legend", { textContent: "Control Type",
+        title: "Narrows Preprocessor and Model to one kind of control and picks its defaults (the extension's)" })]),
     element("div", { className: "grid2" }, [
       labelled(`${p}_module`, "Preprocessor", element("select", { id: `${p}_module` })),
       labelled(`${p}_model`, "Model", element("select", { id: `${p}_model` }),
@@ -94,7 +107,8 @@ function controlUnit(i) {
         "How the control picture fits the picture drawn"),
       element("div", { id: `${p}_res_box`, hidden: true }, [
         element("label", { htmlFor: `${p}_processor_res`, textContent: "Processor res" }),
-        element("div", { className: "row" }, [numberInput(`${p}_processor_res`, UNIT_DEFAULTS.processor_res, 64, 2048, 1),
+        element("div", { className: "row" }, [Object.assign(numberInput(`${p}_processor_res`,
+          UNIT_DEFAULTS.processor_res, 64, 2048, 1), { placeholder: "default" }),     // empty: the preprocessor's
           element("label", { className: "toggle", title: "The resolution from the picture's size (A1111's Pixel Perfect)" },
             [element("input", { type: "checkbox", id: `${p}_pixel_perfect` }), " Pixel perfect"])]),
       ]),
@@ -120,7 +134,8 @@ function showModuleSliders(i) {
     $(`${p}_${key}_box`).hidden = !slider;
     if (!slider) return;
     $(`${p}_${key}_label`).textContent = slider.name;
-    Object.assign($(`${p}_${key}`), { min: slider.min, max: slider.max, step: slider.step ?? 1, value: slider.value });
+    Object.assign($(`${p}_${key}`), { min: slider.min, max: slider.max, step: slider.step ?? 1, value: slider.value,
+      placeholder: `default: ${slider.value}` });                  // emptied: the preprocessor's default
   });
 }
 
@@ -161,20 +176,69 @@ async function setControlPicture(prefix, dataUrl) {
   showUnitState(Number(prefix.slice(2)));
 }
 
-// The ControlNet folder's models and the preprocessors, into every unit's selects (a choice still listed stays)
+// The ControlNet folder's models (a unit's ControlNets, the IP-Adapter box's IP-Adapters), the preprocessors and
+// the control types, into every unit's selects (a choice still listed stays) and Control Type radios
 async function loadControlLists() {
-  const [models, modules] = await Promise.all([api("/controlnet/model_list"), api("/controlnet/module_list")]);
-  const titles = (models && models.model_list) || [];
+  const [models, modules, labels, types] = await Promise.all([api("/api/control-models"),
+    api("/controlnet/module_list"), api("/controlnet/module_list?alias_names=true"), api("/controlnet/control_types")]);
+  const names = (modules && modules.module_list) || [];
   controlState.sliders = Object.fromEntries(Object.entries((modules && modules.module_detail) || {})
     .map(([name, detail]) => [name, (detail.sliders || []).slice(1).filter(Boolean)]));
-  const items = titles.map((title) => ({ label: title, value: title }));
+  controlState.unitModels = (models && models.controls) || [];
+  controlState.unitModules = names.map((name, index) => ({ name, label: labels?.module_list?.[index] ?? name }))
+    .filter(({ name }) => !isIpAdapterModule(name));
+  controlState.types = Object.fromEntries(Object.entries((types && types.control_types) || {})
+    .filter(([name]) => name !== "IP-Adapter"));              // the IP-Adapter box's
   for (let i = 0; i < CONTROL_UNIT_COUNT; i++) {
-    fillSelect($(`cn${i}_model`), items, { blank: titles.length ? "None" : "no ControlNets found" });
-    const module = $(`cn${i}_module`).value;
-    fillSelect($(`cn${i}_module`), ((modules && modules.module_list) || []).map((name) => ({ label: name, value: name })));
-    if (module !== $(`cn${i}_module`).value || !module) showModuleSliders(i);
+    showControlTypes(i);
+    fillUnitLists(i);
   }
-  fillSelect($("ipa_model"), items, { blank: titles.length ? "None" : "no IP-Adapters found" });
+  const adapters = (models && models.ip_adapters) || [];
+  fillSelect($("ipa_model"), adapters.map((title) => ({ label: title, value: title })),
+    { blank: adapters.length ? "None" : "no IP-Adapters found" });
+  fillSelect($("ipa_module"), names.filter(isIpAdapterModule).map((name) => ({ label: name, value: name })),
+    { blank: "The adapter's own" });
+}
+
+// Unit i's Control Type radios, as the server lists the types (the one chosen stays while it is listed)
+function showControlTypes(i) {
+  const p = `cn${i}`;
+  if (!(controlState.chosenTypes[i] in controlState.types)) controlState.chosenTypes[i] = "All";
+  const radios = Object.keys(controlState.types).map((name, index) => element("label", { className: "toggle" }, [
+    element("input", { type: "radio", name: `${p}_type`, id: `${p}_type_${index}`, value: name,
+      checked: name === controlState.chosenTypes[i] }), ` ${name}`]));
+  $(`${p}_types`).replaceChildren($(`${p}_types`).querySelector("legend"), ...radios);
+  $(`${p}_types`).hidden = !radios.length;
+}
+
+// Unit i's Preprocessor and Model lists as its Control Type narrows them (the extension's select_control_type,
+// served at /controlnet/control_types; "All": every one); `pick`: a type just chosen, whose default
+// preprocessor and model are selected, as the extension's radio does. A choice still listed stays otherwise.
+function fillUnitLists(i, pick = false) {
+  const p = `cn${i}`;
+  const type = controlState.types[controlState.chosenTypes[i]];
+  const modules = controlState.unitModules.filter(({ name, label }) => !type
+    || type.module_list.includes(name) || type.module_list.includes(label));
+  const models = controlState.unitModels.filter((title) => !type || type.model_list.includes(title));
+  const module = $(`${p}_module`).value;
+  fillSelect($(`${p}_model`), models.map((title) => ({ label: title, value: title })),
+    { blank: controlState.unitModels.length ? "None" : "no ControlNets found" });
+  fillSelect($(`${p}_module`), modules.map(({ name }) => ({ label: name, value: name })));
+  if (pick && type) {
+    const chosen = modules.find(({ name, label }) => type.default_option === name || type.default_option === label);
+    $(`${p}_module`).value = (chosen || modules[0] || { name: "" }).name;
+    $(`${p}_model`).value = models.includes(type.default_model) ? type.default_model : "";
+  }
+  if (pick || module !== $(`${p}_module`).value || !module) showModuleSliders(i);
+  showUnitState(i);
+}
+
+// Unit i's Control Type set to `name`, its lists narrowed (`fillUnitLists`; `pick`: its defaults selected)
+function chooseControlType(i, name, pick) {
+  controlState.chosenTypes[i] = name in controlState.types ? name : "All";
+  const radio = [...document.getElementsByName(`cn${i}_type`)].find((r) => r.value === controlState.chosenTypes[i]);
+  if (radio) radio.checked = true;
+  fillUnitLists(i, pick);
 }
 
 // A unit's (or the IP-Adapter's) number box as the form reads its own (`numberField`): empty is left out (the
@@ -227,13 +291,17 @@ function pixelPerfectResolution(pictureWidth, pictureHeight, width, height, resi
   return exact - floor > 0.5 || (exact - floor === 0.5 && floor % 2 === 1) ? floor + 1 : floor;
 }
 
-// The size the job draws at as the page knows it: Width and Height, an unset side img2img's / inpaint's initial
-// image's (the native API's rule); null where a side is the model's default, which the server knows
-function drawingSize() {
+// The size the job draws at: Width and Height, an unset side img2img's / inpaint's initial image's (the native
+// API's rule), else the chosen model's default side, as the boxes' "model default" (GET /api/model-size)
+async function effectiveSize() {
   const initial = state.mode !== "txt2img" && state.initImage ? $("init-canvas") : null;
-  const width = sideField("width") ?? initial?.width;
-  const height = sideField("height") ?? initial?.height;
-  return width && height ? { width, height } : null;
+  let width = sideField("width") ?? initial?.width;
+  let height = sideField("height") ?? initial?.height;
+  if (!width || !height) {
+    const side = await api(`/api/model-size?model=${encodeURIComponent($("model").value)}`);
+    [width, height] = [width || side.width, height || side.height];
+  }
+  return { width, height };
 }
 
 // The enabled units and IP-Adapter as the native API's `controls` and `ip_adapters` (none: left out); a unit
@@ -265,7 +333,8 @@ function controlRequest() {
     body.ip_adapters = [{ model: $("ipa_model").value, image: base64Of(picture),
       scale: controlNumber("ipa_scale", "IP-Adapter"),
       ...(start ? { start } : {}), ...(end !== undefined && end !== 1 ? { end } : {}),    // every step: left out
-      ...($("ipa_layers").value ? { layer_scales: $("ipa_layers").value } : {}) }];
+      ...($("ipa_layers").value ? { layer_scales: $("ipa_layers").value } : {}),
+      ...($("ipa_module").value ? { module: $("ipa_module").value } : {}) }];
   }
   return body;
 }
@@ -292,21 +361,26 @@ function selectControlModel(select, wanted) {
   return Boolean(found);
 }
 
-// Settings' `controls` (a job's request, or a picture's ControlNet N lines) enable and fill the units in order,
-// `ip_adapters` the IP-Adapter box; a field a unit does not name takes its default (UNIT_DEFAULTS), as the extension
-// reads an older line; units they do not fill are unticked (their values stay), and so is one whose model the
-// server has not (named: the form draws without it). The pictures stay: neither a job nor a picture holds them.
+// Settings' `controls` (a job's request, or a picture's ControlNet N lines) enable and fill the units in order, or
+// each the unit its line names (`control_units`, a picture's N: A1111's paste keeps the unit), `ip_adapters` the
+// IP-Adapter box; a field a unit does not name takes its default (UNIT_DEFAULTS), as the extension reads an older
+// line, but a threshold or Processor res a job records as null (the preprocessor's default) leaves its box empty
+// (its placeholder names the default), so the job sent again has null there too; units they do not fill are
+// unticked (their values stay), and so is one whose model the server has not (named: the form draws without it).
+// Each filled unit shows every Control Type. The pictures stay: neither a job nor a picture holds them.
 function fillControls(settings, unknown) {
   const controls = Array.isArray(settings.controls) ? settings.controls : [];
+  const numbers = Array.isArray(settings.control_units) ? settings.control_units : controls.map((_, index) => index);
   for (let i = 0; i < CONTROL_UNIT_COUNT; i++) {
     const p = `cn${i}`;
-    const unit = controls[i];
+    const unit = controls[numbers.indexOf(i)];
     $(`${p}_enabled`).checked = Boolean(unit);
     if (!unit) {
       showUnitState(i);
       continue;
     }
     $(p).open = true;
+    chooseControlType(i, "All", false);
     if (!selectControlModel($(`${p}_model`), unit.model)) {
       unknown.push(`ControlNet ${i} model "${unit.model}"`);
       $(`${p}_enabled`).checked = false;
@@ -314,13 +388,17 @@ function fillControls(settings, unknown) {
     if (!selectMatching($(`${p}_module`), unit.module ?? "none")) unknown.push(`preprocessor "${unit.module}"`);
     showModuleSliders(i);
     const values = { weight: unit.strength, start: unit.start, end: unit.end, control_mode: unit.control_mode,
-      resize_mode: unit.resize_mode, threshold_a: unit.threshold_a, threshold_b: unit.threshold_b,
-      processor_res: unit.processor_res };
+      resize_mode: unit.resize_mode };
     for (const [key, value] of Object.entries(values)) setField(`${p}_${key}`, value ?? UNIT_DEFAULTS[key]);
+    for (const key of ["threshold_a", "threshold_b", "processor_res"]) {    // unnamed: the slider's, UNIT_DEFAULTS'
+      if (unit[key] !== undefined) $(`${p}_${key}`).value = unit[key] ?? "";
+      else setField(`${p}_${key}`, UNIT_DEFAULTS[key]);
+    }
     $(`${p}_pixel_perfect`).checked = unit.pixel_perfect === true;
     showUnitState(i);
   }
-  if (controls.length > CONTROL_UNIT_COUNT) unknown.push(`${controls.length - CONTROL_UNIT_COUNT} ControlNet units past ${CONTROL_UNIT_COUNT}`);
+  const past = numbers.filter((n) => !(n >= 0 && n < CONTROL_UNIT_COUNT)).length;
+  if (past) unknown.push(`${past} ControlNet units past ${CONTROL_UNIT_COUNT}`);
   const prompts = Array.isArray(settings.ip_adapters) ? settings.ip_adapters : [];
   const found = prompts.length > 0 && selectControlModel($("ipa_model"), prompts[0].model);
   if (prompts.length && !found) unknown.push(`IP-Adapter model "${prompts[0].model}"`);
@@ -331,15 +409,15 @@ function fillControls(settings, unknown) {
   $("ipa_start").value = prompts[0].start ?? 0;                      // a job or a picture of every step: none
   $("ipa_end").value = prompts[0].end ?? 1;
   setIpLayers(prompts[0].layer_scales);
+  if (!selectMatching($("ipa_module"), prompts[0].module ?? "")) unknown.push(`IP-Adapter module "${prompts[0].module}"`);
   if (prompts.length > 1) unknown.push(`${prompts.length - 1} IP-Adapters past the first`);
 }
 
 // The Processor res a unit's Preview runs at: Pixel perfect's from the picture's and the drawing's size where it is
 // ticked (as the extension's preview), else the box's
-async function previewResolution(i, picture, initial, processorRes, what) {
+async function previewResolution(i, picture, initial, processorRes) {
   if (!$(`cn${i}_pixel_perfect`).checked) return processorRes;
-  const size = drawingSize();
-  if (!size) throw new ApiError(`${what}: Pixel perfect's preview needs the drawing's size: set Width and Height`);
+  const size = await effectiveSize();
   const image = await loadImage(picture);
   return pixelPerfectResolution(image.naturalWidth, image.naturalHeight, size.width, size.height,
     unitResizeMode(i, initial));
@@ -358,7 +436,7 @@ async function previewControl(i) {
     const { picture, initial } = pictureOf(controlState.pictures[i], what);
     const { module, threshold_a, threshold_b, processor_res } = preprocessorFields(i, what);
     const resolution = RESOLUTION_MODULES.includes(module)
-      ? await previewResolution(i, picture, initial, processor_res, what) : null;
+      ? await previewResolution(i, picture, initial, processor_res) : null;
     const read = await api("/controlnet/detect", { method: "POST", body: {
       controlnet_module: module, controlnet_input_images: [base64Of(picture)], controlnet_processor_res: resolution,
       controlnet_threshold_a: threshold_a ?? -1, controlnet_threshold_b: threshold_b ?? -1 } });
@@ -391,6 +469,7 @@ function setupControls() {
     $(`cn${i}_enabled`).addEventListener("change", () => showUnitState(i));
     $(`cn${i}_pixel_perfect`).addEventListener("change", () => showUnitState(i));
     $(`cn${i}_preview_button`).addEventListener("click", () => previewControl(i));
+    $(`cn${i}_types`).addEventListener("change", (event) => chooseControlType(i, event.target.value, true));
   }
   $("ipa-picture").append(...pictureBox("ipa", "IP-Adapter", "IP-Adapter picture (none: img2img's initial image)"));
   wirePictureBox("ipa");
