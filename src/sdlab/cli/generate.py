@@ -347,7 +347,12 @@ def _add_run_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
                    help="an IP-Adapter (h94's ip-adapter_sd15 / ip-adapter_sdxl .safetensors or .bin): the "
                         "matching --ip-adapter-image is drawn as an image prompt; repeatable")
     p.add_argument("--ip-adapter-image", action="append", default=[], metavar="FILE",
-                   help="the picture of the matching --ip-adapter (the first for the first, ...); repeatable")
+                   help="the picture of the matching --ip-adapter (the first for the first, ...); a FaceID "
+                        "adapter's InsightFace face embedding as a .npy file instead (sdlab computes none); "
+                        "repeatable")
+    p.add_argument("--ip-adapter-face-embedding", action="append", default=[], metavar="FILE.npy",
+                   help="the InsightFace face embedding (.npy, 512 floats) of the matching --ip-adapter, a FaceID "
+                        "Plus adapter, which also reads its --ip-adapter-image picture; repeatable")
     p.add_argument("--ip-adapter-scale", action="append", default=[], type=_ip_adapter_scale, metavar="S",
                    help="how strongly the matching --ip-adapter's picture acts, 0..10 (default 1"
                         + _if_from_png(from_png, ", or the Weight and Layers a --from-png picture's parameters record")
@@ -983,6 +988,7 @@ def _ip_adapters(args: argparse.Namespace, recorded: dict[str, Any], convention:
         raise UserError(f"{len(args.ip_adapter_image)} --ip-adapter-image for {count} --ip-adapter: give each "
                         "adapter its picture")
     for flag, values in (("--ip-adapter-scale", args.ip_adapter_scale),
+                         ("--ip-adapter-face-embedding", args.ip_adapter_face_embedding),
                          ("--ip-adapter-encoder", args.ip_adapter_encoder), ("--ip-adapter-start", args.ip_adapter_start),
                          ("--ip-adapter-end", args.ip_adapter_end)):
         if len(values) > count:
@@ -1019,8 +1025,10 @@ def _ip_adapters(args: argparse.Namespace, recorded: dict[str, Any], convention:
         for key, given in (("start", args.ip_adapter_start), ("end", args.ip_adapter_end)):
             if index < len(given):
                 window[key] = given[index]
-        prompt = IPAdapterInput(file, _open_image(image, "IP-Adapter image"), 1.0 if scale is None else scale,
-                                encoder, layer_scales=layers, module=module, **window)
+        face = args.ip_adapter_face_embedding[index] if index < len(args.ip_adapter_face_embedding) else None
+        picture = image if image.lower().endswith(".npy") else _open_image(image, "IP-Adapter image")  # FaceID's
+        prompt = IPAdapterInput(file, picture, 1.0 if scale is None else scale, encoder, layer_scales=layers,
+                                module=module, face_embedding=face, **window)
         try:
             prompts.append(check_ip_adapter(prompt, index, convention))
         except RequestError as err:

@@ -186,7 +186,7 @@ def _check_face_input(prompt: IPAdapterInput, config: IPAdapterConfig, name: str
             raise RequestError(f"{name}: an IP-Adapter FaceID Plus reads a picture and an InsightFace face embedding, "
                                f"which sdlab does not compute; give the picture as the image and the embedding "
                                f"({config.embed_dim} numbers: a tensor, a NumPy array or a .npy file) as "
-                               "face_embedding through the Python API")
+                               "face_embedding (Python API; the CLI's --ip-adapter-face-embedding FILE.npy)")
         if _is_face_embedding(image):
             raise RequestError(f"{name}: an IP-Adapter FaceID Plus reads a picture as its image (its face "
                                "embedding is face_embedding)")
@@ -201,7 +201,8 @@ def _check_face_input(prompt: IPAdapterInput, config: IPAdapterConfig, name: str
     if config.face_id and not _is_face_embedding(image):
         raise RequestError(f"{name}: an IP-Adapter FaceID reads an InsightFace face embedding, which sdlab does not "
                            f"compute from a picture; give the embedding ({config.embed_dim} numbers per face: a "
-                           "tensor, a NumPy array or a .npy file) as the image through the Python API")
+                           "tensor, a NumPy array or a .npy file) as the image (Python API; the CLI's "
+                           "--ip-adapter-image FILE.npy)")
     if not config.face_id and _is_face_embedding(image):
         raise RequestError(f"{name}: a face embedding is for an IP-Adapter FaceID; this adapter reads a picture")
     if config.face_id:
