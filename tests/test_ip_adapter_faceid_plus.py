@@ -23,7 +23,9 @@ from sdlab.models.ip_adapter import cross_attentions
 from sdlab.pipeline.image_prompt import IPAdapterInput
 from sdlab.pipeline.infotext import to_parameters
 from sdlab.pipeline.request import RequestError
-from test_ip_adapter import EULER, NEGATIVE, _family, _picture
+from test_ip_adapter import (  # noqa: F401  (cli_files: the tiny SD1 file, an adapter and its image encoder)
+    EULER, NEGATIVE, _family, _picture, cli_files,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -186,3 +188,53 @@ def test_inspect_names_the_face_id_plus_projection(sd1):
     assert described["facts"]["reads"] == ("512-wide face embeddings (InsightFace) and 128-wide image encoder "
                                            "hidden states")
     assert described["use"].startswith("Python: IPAdapterInput(FILE, PICTURE, face_embedding=EMBEDDING)")
+
+
+def test_cli_draws_face_id_and_face_id_plus_as_the_api_does(cli_files, tmp_path, capsys):
+    """--ip-adapter-image FILE.npy (a FaceID adapter's embedding) and --ip-adapter-face-embedding FILE.npy (a FaceID
+    Plus adapter's, beside its picture): the Python API's pictures, pixel for pixel; bad input one line, no file."""
+    import sdlab
+    from cli_helpers import pixels, run
+    from PIL import Image
+    from sdlab.pipeline.png_info import parse_parameters, read_parameters
+    from test_ip_adapter import FAST
+    from test_ip_adapter_layers import face_id_state
+
+    bundle = sdlab.load(cli_files["model"])
+    widths = [attn.to_q.weight.shape[0] for attn in cross_attentions(bundle.bundle.unet)]
+    context = bundle.bundle.unet_config.context_dim
+    models = cli_files["adapter"].parent
+    plus = write_ip_adapter(models / "ip-adapter-faceid-plusv2_cli.bin", face_id_plus_state(widths, context, 128))
+    face_id = write_ip_adapter(models / "ip-adapter-faceid-portrait_cli.bin", face_id_state(widths, context))
+    face = tmp_path / "face.npy"
+    np.save(face, _face(5).numpy())
+    picture = str(cli_files["picture"])
+    base = ["txt2img", "a red apple", "--model", str(cli_files["model"]), *FAST]
+    for adapter, extra, image in ((plus, ["--ip-adapter-image", picture, "--ip-adapter-face-embedding", str(face)],
+                                   Image.open(picture)), (face_id, ["--ip-adapter-image", str(face)], face)):
+        out = tmp_path / f"{adapter.stem}.png"
+        code, _, stderr = run([*base, "--ip-adapter", str(adapter), *extra, "--ip-adapter-scale", "0.8", "--out",
+                               str(out)], capsys)
+        assert code == 0, stderr
+        face_embedding = face if adapter == plus else None
+        api = bundle.txt2img("a red apple", steps=3, width=32, height=32, seed=3, ip_adapters=[
+            IPAdapterInput(adapter, image, 0.8, face_embedding=face_embedding)])
+        assert np.abs(pixels(out) - np.asarray(api.images[0], dtype=np.int16)).max() == 0
+        assert parse_parameters(read_parameters(out))["IP-Adapter 0"].startswith(f"Model: {adapter.stem} [")
+    cases = [
+        (["--ip-adapter", str(plus), "--ip-adapter-image", picture], "give the picture as the image and the "
+         "embedding (512 numbers: a tensor, a NumPy array or a .npy file) as face_embedding (Python API; the CLI's "
+         "--ip-adapter-face-embedding FILE.npy)"),
+        (["--ip-adapter", str(plus), "--ip-adapter-image", picture, "--ip-adapter-face-embedding", str(face),
+          "--ip-adapter-face-embedding", str(face)], "2 --ip-adapter-face-embedding for 1 --ip-adapter"),
+        (["--ip-adapter", str(face_id), "--ip-adapter-image", picture], "(Python API; the CLI's --ip-adapter-image "
+         "FILE.npy)"),
+        (["--ip-adapter", str(cli_files["adapter"]), "--ip-adapter-image", picture, "--ip-adapter-face-embedding",
+          str(face)], "face_embedding and face_shortcut are for an IP-Adapter FaceID Plus"),
+    ]
+    for extra, message in cases:
+        out = tmp_path / "bad.png"
+        code, _, stderr = run([*base, *extra, "--out", str(out)], capsys)
+        assert code != 0 and message in stderr, stderr
+        assert "Traceback" not in stderr and len([line for line in stderr.splitlines() if "error" in line]) == 1
+        assert not out.exists()
