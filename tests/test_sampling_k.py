@@ -361,6 +361,25 @@ def test_registry_names_and_case_insensitive_lookup():
         get_sampler("ddim++")
 
 
+@pytest.mark.parametrize("name, sampler, schedule", [
+    ("DPM++ 2M Karras", "DPM++ 2M", "karras"), ("euler a sgm uniform", "euler a", "sgm_uniform"),
+])
+def test_an_old_a1111_name_joining_sampler_and_schedule_is_refused_naming_both(tmp_path, capsys, name, sampler,
+                                                                                schedule):
+    """A1111 before 1.9 wrote "Sampler: DPM++ 2M Karras" (prompts shared online carry it); sdlab's CLI and native
+    API name the schedule apart. Before: "unknown sampler 'DPM++ 2M Karras'; valid names: " and 114 names, none
+    saying which two options to give."""
+    from cli_helpers import run
+
+    says = (f"unknown sampler {name!r}: the sampler and its schedule are named apart here, sampler {sampler!r} "
+            f"and schedule {schedule!r} (A1111 before 1.9 joined them)")
+    with pytest.raises(UnknownSamplerError) as err:
+        get_sampler(name)
+    assert str(err.value) == says
+    code, _, stderr = run(["txt2img", "a cat", "--sampler", name, "--out", str(tmp_path / "a.png")], capsys)
+    assert code == 2 and stderr.strip() == f"sdlab: error: {says}" and not (tmp_path / "a.png").exists()
+
+
 def test_callback_reports_every_step():
     seen = []
     sigmas = _karras(4)

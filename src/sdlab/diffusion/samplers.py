@@ -75,6 +75,7 @@ from torch import Tensor
 from sdlab.diffusion import sampling_comfy as C
 from sdlab.diffusion import sampling_k as K
 from sdlab.diffusion import sampling_ldm as L
+from sdlab.diffusion.schedule_names import split_a1111_sampler
 
 __all__ = [
     "SAMPLERS", "SAMPLER_TABLE", "SamplerSpec", "UnknownSamplerError", "a1111_run", "a1111_schedule", "also_discards",
@@ -313,8 +314,19 @@ def get_sampler(name: str) -> SamplerSpec:
                                   f"{', '.join(sampler_names())}")
     spec = _BY_SPELLING.get(name.strip()) or _BY_NAME.get(name.strip().casefold())
     if spec is None:
-        raise UnknownSamplerError(f"unknown sampler {name!r}; valid names: {', '.join(sampler_names())}")
+        raise UnknownSamplerError(_joined_name_error(name) or
+                                  f"unknown sampler {name!r}; valid names: {', '.join(sampler_names())}")
     return spec
+
+
+def _joined_name_error(name: str) -> str | None:
+    """The error for an old A1111 name that joins a sampler and its scheduler ("DPM++ 2M Karras", as A1111 before
+    1.9 wrote it: `split_a1111_sampler`), naming the two; None for any other name."""
+    split = split_a1111_sampler(name.strip())
+    if split is None or (split[0].strip() not in _BY_SPELLING and split[0].strip().casefold() not in _BY_NAME):
+        return None
+    return (f"unknown sampler {name!r}: the sampler and its schedule are named apart here, sampler "
+            f"{split[0].strip()!r} and schedule {split[1]!r} (A1111 before 1.9 joined them)")
 
 
 def comfyui_spelling(name: str) -> bool:
