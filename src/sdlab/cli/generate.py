@@ -975,11 +975,12 @@ def _ip_adapters(args: argparse.Namespace, recorded: dict[str, Any], convention:
     its place, checked (the window by the request's `convention`: a --from-png picture's Control steps). A scale not given is the Weight
     (and Layers) the --from-png picture records for the adapter of its place (its `IP-Adapter N` lines, then the
     IP-Adapter units of the ControlNet extension and Forge: `recorded_ip_adapters`), else 1, a start / end not given
-    its Guidance Start / End, else 0 / 1, an encoder not given the one an IP-Adapter unit's Module names
+    its Guidance Start / End, else 0 / 1, a FaceID Plus shortcut its Face shortcut, an encoder not given the one an IP-Adapter unit's Module names
     (`unit_image_encoder`; the redraw records the unit's line again); per-layer scales given (`_ip_adapter_scale`) draw at scale 1. Those past
     the adapters given are named in a warning (the picture is not recorded: each needs its image again)."""
-    from sdlab.pipeline.image_prompt import (IPAdapterInput, check_ip_adapter, recorded_ip_adapters,
-                                             recorded_layer_scales, recorded_weight, recorded_window)
+    from sdlab.pipeline.image_prompt import (IPAdapterInput, check_ip_adapter, recorded_face_shortcut,
+                                             recorded_ip_adapters, recorded_layer_scales, recorded_weight,
+                                             recorded_window)
     from sdlab.pipeline.ip_adapter_units import unit_image_encoder
     from sdlab.pipeline.request import RequestError
 
@@ -1016,19 +1017,23 @@ def _ip_adapters(args: argparse.Namespace, recorded: dict[str, Any], convention:
                 encoder = unit_image_encoder(module, file)
             except RequestError as err:
                 raise UserError(f"--ip-adapter {file!r} ({lines[index][0]}): {err}; pass --ip-adapter-encoder") from None
-        window = {"start": 0.0, "end": 1.0}
+        window, shortcut = {"start": 0.0, "end": 1.0}, None
         if index < len(lines):
             try:
                 window.update(recorded_window(lines[index][1]))
             except ValueError as err:
                 raise UserError(f"{lines[index][0]}: {err}; pass --ip-adapter-start / --ip-adapter-end") from None
+            try:
+                shortcut = recorded_face_shortcut(lines[index][1])          # a FaceID Plus drawn from Python
+            except ValueError as err:
+                raise UserError(f"{lines[index][0]}: {err}") from None
         for key, given in (("start", args.ip_adapter_start), ("end", args.ip_adapter_end)):
             if index < len(given):
                 window[key] = given[index]
         face = args.ip_adapter_face_embedding[index] if index < len(args.ip_adapter_face_embedding) else None
         picture = image if image.lower().endswith(".npy") else _open_image(image, "IP-Adapter image")  # FaceID's
         prompt = IPAdapterInput(file, picture, 1.0 if scale is None else scale, encoder, layer_scales=layers,
-                                module=module, face_embedding=face, **window)
+                                module=module, face_embedding=face, face_shortcut=shortcut, **window)
         try:
             prompts.append(check_ip_adapter(prompt, index, convention))
         except RequestError as err:

@@ -708,6 +708,18 @@ def recorded_weight(line: str) -> float | None:
         raise ValueError(f"Weight {fields['Weight']!r} is not a number") from None
 
 
+def recorded_face_shortcut(line: str) -> float | None:
+    """The FaceID Plus shortcut scale an "IP-Adapter N" infotext line records ("Face shortcut: X",
+    `infotext_lines`); None where it records none. One that is not a number is a ValueError naming it."""
+    value = _line_fields(line).get("Face shortcut")
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"Face shortcut {value!r} is not a number") from None
+
+
 def recorded_layer_scales(line: str) -> str | None:
     """The per-layer scales an "IP-Adapter N" infotext line records ("Layers: ..."), checked; None where it records
     none. Ones sdlab cannot read are a ValueError naming them."""
