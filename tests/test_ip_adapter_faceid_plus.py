@@ -238,3 +238,33 @@ def test_cli_draws_face_id_and_face_id_plus_as_the_api_does(cli_files, tmp_path,
         assert code != 0 and message in stderr, stderr
         assert "Traceback" not in stderr and len([line for line in stderr.splitlines() if "error" in line]) == 1
         assert not out.exists()
+
+
+def test_cli_from_png_redraws_a_recorded_face_shortcut(cli_files, tmp_path, capsys):
+    """A picture the Python API drew with face_shortcut=1.6 records "Face shortcut: 1.6"; `--from-png` with the
+    adapter, picture and embedding given again draws it again (the shortcut read back), pixel for pixel."""
+    import sdlab
+    from cli_helpers import pixels, run
+    from PIL import Image, PngImagePlugin
+    from sdlab.pipeline.infotext import to_parameters
+    from sdlab.pipeline.png_info import format_parameters
+
+    bundle = sdlab.load(cli_files["model"])
+    widths = [attn.to_q.weight.shape[0] for attn in cross_attentions(bundle.bundle.unet)]
+    plus = write_ip_adapter(cli_files["adapter"].parent / "ip-adapter-faceid-plus_redraw.bin",
+                            face_id_plus_state(widths, bundle.bundle.unet_config.context_dim, 128))
+    face = tmp_path / "face.npy"
+    np.save(face, _face(6).numpy())
+    picture = str(cli_files["picture"])
+    drawn = bundle.txt2img("a red apple", steps=3, width=32, height=32, seed=3, ip_adapters=[
+        IPAdapterInput(plus, Image.open(picture), 0.8, face_embedding=face, face_shortcut=1.6)])
+    recorded = tmp_path / "drawn.png"
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", format_parameters(to_parameters(drawn.request)))
+    drawn.images[0].save(recorded, pnginfo=info)
+    again = tmp_path / "again.png"
+    code, _, stderr = run(["txt2img", "--model", str(cli_files["model"]), "--no-progress", "--from-png",
+                           str(recorded), "--ip-adapter", str(plus), "--ip-adapter-image", picture,
+                           "--ip-adapter-face-embedding", str(face), "--out", str(again)], capsys)
+    assert code == 0, stderr
+    assert np.abs(pixels(recorded) - pixels(again)).max() == 0
