@@ -294,10 +294,10 @@ def test_full_face_adapter_matches_diffusers(sd1, suffix):
 
 
 def face_id_state(cross_widths: list[int], context_dim: int, width: int = 512, tokens: int = 4, seed: int = 7,
-                  std: float = 0.05, lora: bool = False) -> dict[str, dict[str, torch.Tensor]]:
-    """h94's FaceID layout (ip-adapter-faceid-portrait_sd15 without a LoRA; ip-adapter-faceid_sd15 with one) with
-    random weights: image_proj.proj.0 (2E, E), proj.2 (T x C, 2E), norm (C); ip_adapter.{2k+1}.to_k_ip /
-    to_v_ip, and with `lora` the attention layers' to_q_lora ... (one layer's, enough to be refused)."""
+                  std: float = 0.05) -> dict[str, dict[str, torch.Tensor]]:
+    """h94's FaceID layout (ip-adapter-faceid-portrait_sd15; ip-adapter-faceid_sd15 adds a U-Net LoRA:
+    test_ip_adapter_faceid_lora) with random weights: image_proj.proj.0 (2E, E), proj.2 (T x C, 2E), norm (C);
+    ip_adapter.{2k+1}.to_k_ip / to_v_ip."""
     gen = torch.Generator().manual_seed(seed)
 
     def draw(*shape: int) -> torch.Tensor:
@@ -310,8 +310,6 @@ def face_id_state(cross_widths: list[int], context_dim: int, width: int = 512, t
     for k, attn_width in enumerate(cross_widths):
         layers[f"{2 * k + 1}.to_k_ip.weight"] = draw(attn_width, context_dim) * 4
         layers[f"{2 * k + 1}.to_v_ip.weight"] = draw(attn_width, context_dim) * 4
-    if lora:
-        layers["0.to_q_lora.down.weight"], layers["0.to_q_lora.up.weight"] = draw(4, 32), draw(32, 4)
     return {"image_proj": proj, "ip_adapter": layers}
 
 

@@ -649,8 +649,9 @@ A1111_MODULES = tuple(MODULE_ENCODERS)
 picture's CLIP image embeddings, which the adapter file decides how to read (`ip_adapter_units`: sd-webui-controlnet
 scripts/preprocessor/legacy/preprocessor_compiled.py, tag "IP-Adapter": ip-adapter_clip_sd15 and _sdxl_plus_vith
 with ViT-H, _sdxl with bigG; its later names ip-adapter_clip_h / _clip_g and ip-adapter-auto; Forge's CLIP-ViT-H /
-CLIP-ViT-bigG (IPAdapter)). Its other IP-Adapter preprocessors (ip-adapter_face_id, _face_id_plus, _pulid) read
-faces, which sdlab does not draw."""
+CLIP-ViT-bigG (IPAdapter)). Its other IP-Adapter preprocessors (ip-adapter_face_id, _face_id_plus, _pulid) compute
+a face embedding with InsightFace, which sdlab does not run (its FaceID adapters draw with an embedding given,
+`IPAdapterInput.face_embedding`)."""
 
 
 def is_ip_adapter_unit(line: str) -> bool:
