@@ -382,6 +382,27 @@ def test_a_folder_that_refuses_the_write_raises_the_writes_error_not_the_cleanup
     assert raised.value.errno == errno.EROFS
 
 
+def test_overwrite_takes_back_the_batch_and_restores_the_files_it_replaced(tmp_path, capsys):
+    """`--out x.png` of a batch whose second name is a folder: before, x-0.png was written (and an old x-0.png
+    lost) while the CLI said "cannot write <folder>: Is a directory; nothing was written"."""
+    from cli_helpers import run
+
+    (tmp_path / "a.png").write_bytes(b"old")
+    (tmp_path / "b.png").mkdir()
+    with pytest.raises(IsADirectoryError):
+        write_files_all_or_nothing([(tmp_path / "a.png", b"new"), (tmp_path / "b.png", b"new"),
+                                    (tmp_path / "c.png", b"new")], overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png"]
+    assert (tmp_path / "a.png").read_bytes() == b"old"
+
+    out = tmp_path / "cli"
+    (out / "x-1.png").mkdir(parents=True)
+    code, _, stderr = run(["txt2img", "a cat", "--steps", "1", "--batch", "2", "--out", str(out / "x.png")], capsys)
+    assert code == 2 and stderr.strip().splitlines()[-1] == (f"sdlab: error: cannot write {out / 'x-1.png'}: Is a "
+                                                             "directory; nothing was written"), stderr
+    assert sorted(p.name for p in out.iterdir()) == ["x-1.png"]
+
+
 def test_no_overwrite_refuses_existing_names_and_takes_back_the_batch(tmp_path):
     (tmp_path / "b.png").write_bytes(b"old")
     with pytest.raises(FileExistsError):

@@ -842,7 +842,8 @@ def _save_images(in_folder: bool, paths: list[Path], images: list, texts: list[s
             paths = _folder_paths(paths[0].parent, prompt, seeds, grid)
         except OSError as err:
             detail = f" ({len(blobs)} image(s), {sum(map(len, blobs))} bytes)"
-            raise write_error(err, paths[0].parent, detail) from None
+            named = next((path for path in paths if str(path) in (err.filename, err.filename2)), paths[0].parent)
+            raise write_error(err, named, detail) from None
     raise UserError(f"cannot find free file names in {paths[0].parent}")
 
 

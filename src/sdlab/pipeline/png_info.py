@@ -34,6 +34,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import struct
 from collections.abc import Sequence
 from importlib import metadata
@@ -353,12 +354,15 @@ def write_files_all_or_nothing(files: Sequence[tuple[Path, bytes]], *, overwrite
     """Write every ``(path, data)`` or none: all go to temporary files first, then each is renamed.
 
     With ``overwrite=False`` an existing file is never replaced: ``FileExistsError`` is raised and the files
-    of this call already in place are removed again. A full disk raises ``OSError`` with ``errno.ENOSPC``
-    (or ``EDQUOT``) before any file of the batch appears. Temporary names are short (``.sdlab-<hex>.tmp``)
-    so that only the final names meet the file system's name-length limit.
+    of this call already in place are removed again. With ``overwrite=True`` a file a name held is kept aside
+    (a hard link, else a copy) until every name is placed, so that a later name that cannot be placed (a
+    folder of that name) takes the batch back and puts the replaced files back. A full disk raises ``OSError``
+    with ``errno.ENOSPC`` (or ``EDQUOT``) before any file of the batch appears. Temporary names are short
+    (``.sdlab-<hex>.tmp``) so that only the final names meet the file system's name-length limit.
     """
     temporaries: list[tuple[Path, Path]] = []
     placed: list[Path] = []
+    kept: dict[Path, Path] = {}                     # a replaced file's name -> the copy kept of it
     try:
         for path, data in files:
             temporary = path.with_name(f".sdlab-{secrets.token_hex(6)}.tmp")
@@ -368,15 +372,36 @@ def write_files_all_or_nothing(files: Sequence[tuple[Path, bytes]], *, overwrite
                 file.flush()
                 os.fsync(file.fileno())
         for temporary, path in temporaries:
+            if overwrite and path.is_file() and not path.is_symlink():
+                kept[path] = _keep_aside(path)
             _place(temporary, path, overwrite)
             placed.append(path)
     except BaseException:
-        for leftover in [temporary for temporary, _ in temporaries] + ([] if overwrite else placed):
+        for path in placed:
+            with contextlib.suppress(OSError):
+                if path in kept:
+                    os.replace(kept.pop(path), path)
+                else:
+                    path.unlink(missing_ok=True)
+        for leftover in [temporary for temporary, _ in temporaries] + list(kept.values()):
             with contextlib.suppress(OSError):      # a read-only folder: the error raised is the write's
                 leftover.unlink(missing_ok=True)
         raise
+    for copy in kept.values():
+        with contextlib.suppress(OSError):
+            copy.unlink()
     for folder in {path.parent for path, _ in files}:
         fsync_dir(folder)
+
+
+def _keep_aside(path: Path) -> Path:
+    """A second name for the file at ``path`` beside it (a hard link, else a copy), to put it back with."""
+    copy = path.with_name(f".sdlab-{secrets.token_hex(6)}.old")
+    try:
+        os.link(path, copy)
+    except OSError:
+        shutil.copy2(path, copy)
+    return copy
 
 
 def _place(temporary: Path, path: Path, overwrite: bool) -> None:
