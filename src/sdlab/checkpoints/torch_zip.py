@@ -1,14 +1,19 @@
 """A weights-only torch checkpoint (`torch.save`'s zip format) of a state dict, written tensor by tensor.
 
 `torch.save` pickles its object whole and then writes each storage it met as a record `data/<key>`. The pickle of a
-dict of contiguous tensors, each of its own storage, needs only their dtypes, shapes and element counts: each
-tensor is `torch._utils._rebuild_tensor_v2(storage, 0, shape, strides, False, OrderedDict())`, each storage the
-persistent id `("storage", torch.<Type>Storage, key, "cpu", numel)`. `state_pickle` makes those bytes from a
-`LazyMapping`'s shapes and dtypes (byte for byte the `data.pkl` torch.save writes for the same tensors); no pickle is
-run. `write_torch_checkpoint` then writes the records torch's writer writes (`data.pkl`, `.format_version`,
-`.storage_alignment`, `byteorder`, each storage, `version`), uncompressed, each record's bytes starting at a
-multiple of 64 as torch aligns them (padding in its local header's extra field), so `torch.load(..., mmap=True)`
-maps them. A tensor is made, written and dropped before the next: the file is never whole in memory.
+dict of contiguous tensors, each of its own storage, needs only their dtypes, shapes and element counts. A tensor
+of a classic dtype (float32, float16, bfloat16, int64, bool, ...) is `torch._utils._rebuild_tensor_v2(storage, 0,
+shape, strides, False, OrderedDict())`, its storage the persistent id `("storage", torch.<Type>Storage, key, "cpu",
+numel)`; a newer dtype (float8, uint16/32/64, complex32, ...) has no such class and is `_rebuild_tensor_v3(...,
+dtype)` over `("storage", torch.UntypedStorage, key, "cpu", nbytes)`, as torch's `Tensor._reduce_ex_internal`
+makes them. `state_pickle` makes those bytes from a `LazyMapping`'s shapes and dtypes (byte for byte the `data.pkl`
+torch.save writes for the same tensors); no pickle is run. `write_torch_checkpoint` then writes `data.pkl`, each
+storage and `version`, uncompressed, each record's bytes starting at a multiple of 64 as torch aligns them (padding
+in its local header's extra field), so `torch.load(..., mmap=True)` maps them. It leaves out the records
+torch.save adds that torch.load does not need (`.format_version`, `.storage_alignment`, `.data/serialization_id`,
+and `byteorder` on a little-endian machine, which torch.load assumes without it): A1111's restricted unpickler
+(modules/safe.py) refuses a file with any record but `data.pkl`, `data/N` and `version` (newer versions also
+`byteorder`). A tensor is made, written and dropped before the next: the file is never whole in memory.
 """
 
 from __future__ import annotations
@@ -27,12 +32,20 @@ import torch
 from sdlab.checkpoints.io import LazyMapping
 
 ALIGNMENT = 64
-"""Where every record's bytes start (torch's `_get_storage_alignment`, recorded in `.storage_alignment`)."""
+"""Where every record's bytes start (torch's writer's default `_get_storage_alignment`)."""
 ARCHIVE = "archive"
 """The folder the records are in (torch.save names it after the file, or `archive` for a buffer; torch.load
 takes any)."""
 _PICKLE_PROTOCOL = 2                                    # torch.serialization.DEFAULT_PROTOCOL
 _ZIP64_EXTRA = 20                                       # the zip64 field `force_zip64` adds to a local header
+TYPED_STORAGES = {
+    torch.float64: "DoubleStorage", torch.float32: "FloatStorage", torch.float16: "HalfStorage",
+    torch.bfloat16: "BFloat16Storage", torch.int64: "LongStorage", torch.int32: "IntStorage",
+    torch.int16: "ShortStorage", torch.int8: "CharStorage", torch.uint8: "ByteStorage", torch.bool: "BoolStorage",
+    torch.complex128: "ComplexDoubleStorage", torch.complex64: "ComplexFloatStorage",
+}
+"""dtype -> the typed storage class torch.save names for it; any other dtype is pickled over an UntypedStorage."""
+_QUANTIZED = (torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4)
 
 
 class _Storage:
@@ -49,16 +62,19 @@ class _Tensor:
         self.storage, self.shape = storage, shape
 
     def __reduce_ex__(self, protocol: int):
-        strides = tuple(math.prod(self.shape[i + 1:]) for i in range(len(self.shape)))
-        return torch._utils._rebuild_tensor_v2, (self.storage, 0, tuple(self.shape), strides, False,
-                                                 collections.OrderedDict())
+        strides = torch.empty(self.shape, device="meta").stride()            # torch's own: (3, 0) -> (1, 1)
+        args = (self.storage, 0, tuple(self.shape), strides, False, collections.OrderedDict())
+        if self.storage.dtype in TYPED_STORAGES:
+            return torch._utils._rebuild_tensor_v2, args
+        return torch._utils._rebuild_tensor_v3, (*args, self.storage.dtype)
 
 
 class _Pickler(pickle.Pickler):
     def persistent_id(self, obj: object):
         if isinstance(obj, _Storage):
-            storage_type = getattr(torch, torch.storage._dtype_to_storage_type_map()[obj.dtype])
-            return "storage", storage_type, obj.key, "cpu", obj.numel
+            if obj.dtype in TYPED_STORAGES:
+                return "storage", getattr(torch, TYPED_STORAGES[obj.dtype]), obj.key, "cpu", obj.numel
+            return "storage", torch.UntypedStorage, obj.key, "cpu", obj.numel * obj.dtype.itemsize
         return None
 
 
@@ -68,6 +84,8 @@ def state_pickle(state: LazyMapping) -> bytes:
     placeholders = {}
     for index, key in enumerate(state):
         shape = tuple(state.shape(key))
+        if state.dtype(key) in _QUANTIZED:
+            raise ValueError(f"{key}: a quantized tensor ({state.dtype(key)}) cannot be written as plain weights")
         placeholders[key] = _Tensor(_Storage(str(index), state.dtype(key), math.prod(shape)), shape)
     buffer = io.BytesIO()
     _Pickler(buffer, protocol=_PICKLE_PROTOCOL).dump(placeholders)
@@ -104,9 +122,8 @@ def write_torch_checkpoint(path: Path, state: LazyMapping) -> Path:
     memory at a time; a tensor whose shape or dtype is not what `state` declared is a ValueError."""
     with zipfile.ZipFile(path, "w", allowZip64=True) as archive:
         _write_record(archive, "data.pkl", state_pickle(state))
-        _write_record(archive, ".format_version", b"1")
-        _write_record(archive, ".storage_alignment", str(ALIGNMENT).encode())
-        _write_record(archive, "byteorder", sys.byteorder.encode())
+        if sys.byteorder != "little":                                        # torch.load assumes little without it
+            _write_record(archive, "byteorder", sys.byteorder.encode())
         for index, key in enumerate(state):
             tensor = state[key]
             if tensor.shape != state.shape(key) or tensor.dtype != state.dtype(key):
