@@ -432,6 +432,22 @@ def test_an_a1111_hint_at_processor_res_is_the_extensions_fitted_map(resize_mode
     assert len(np.unique(hint_tensor(drawn, 96, 64, resize_mode, "diffusers"))) > 2
 
 
+def test_nearest_resize_is_opencvs_inter_nearest_on_random_sizes():
+    """`nearest_resize` (the extension's binary maps) picks cv2's INTER_NEAREST source pixels on 2000 random size
+    pairs, 1 to 700 each way (d * source / target in place of OpenCV's d * (1 / (target / source)) picked
+    another pixel on 192 of them)."""
+    from sdlab.pipeline.hint_resize import nearest_resize
+
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        height, width, new_h, new_w = (int(v) for v in rng.integers(1, 700, 4))
+        rows = np.arange(height, dtype=np.int32)[:, None] * 1000 + np.arange(width, dtype=np.int32)   # the pixel's place
+        expected = cv2.resize(rows.view(np.uint8).reshape(height, width, 4), (new_w, new_h),
+                              interpolation=cv2.INTER_NEAREST)
+        got = nearest_resize(rows.view(np.uint8).reshape(height, width, 4), new_w, new_h)
+        assert np.array_equal(got, expected), ((width, height), (new_w, new_h))
+
+
 def test_a_maps_colour_count_is_numpys_unique_rows():
     """`colour_count` counts the colours `np.unique(axis=0)` (the extension's `get_unique_axis0`) finds, in
     milliseconds: a photo (all 2 ** 24 colours possible), a binary map, a segmentation map, one colour, a

@@ -129,9 +129,10 @@ def lvmin_thin(x: np.ndarray, prunings: bool = True) -> np.ndarray:
 
 
 def nearest_resize(x: np.ndarray, width: int, height: int) -> np.ndarray:
-    """OpenCV's INTER_NEAREST: target pixel d takes source pixel min(floor(d * source / target), source - 1)."""
-    rows = np.minimum(np.floor(np.arange(height) * (x.shape[0] / height)).astype(int), x.shape[0] - 1)
-    cols = np.minimum(np.floor(np.arange(width) * (x.shape[1] / width)).astype(int), x.shape[1] - 1)
+    """OpenCV's INTER_NEAREST: target pixel d takes source pixel min(floor(d * (1 / (target / source))),
+    source - 1), in doubles as its `resizeNN` computes it (d * source / target rounds differently for some sizes)."""
+    rows = np.minimum(np.floor(np.arange(height) * (1.0 / (height / x.shape[0]))).astype(int), x.shape[0] - 1)
+    cols = np.minimum(np.floor(np.arange(width) * (1.0 / (width / x.shape[1]))).astype(int), x.shape[1] - 1)
     return x[rows][:, cols]
 
 
