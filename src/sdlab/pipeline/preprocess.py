@@ -305,18 +305,29 @@ def _area_enlarge(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
     """`cv2.resize(..., interpolation=cv2.INTER_AREA)` of a uint8 (H, W, C) picture where either side grows
     (`_area_linear_taps`): columns in integers (a column past the last source one takes that one's value
     times 2048), then rows as OpenCV's vector code (`VResizeLinearVec_32s8u`) computes them: each sum shifted
-    right by 4, times its weight keeping the high 16 bits, the two added, (+ 2) >> 2."""
+    right by 4, times its weight keeping the high 16 bits, the two added, (+ 2) >> 2. In bands of output rows
+    reading only their own source rows; every term fits int32, a band's some 32 bytes per output value (its two
+    source rows' column sums and products), so a band holds a quarter of `AREA_BAND_VALUES` output values."""
+    channels = pixels.shape[2]
     cols, col_weights = _area_linear_taps(pixels.shape[1], width)
     rows, row_weights = _area_linear_taps(pixels.shape[0], height)
     last = cols[:, 0] + 1 >= pixels.shape[1]                                 # OpenCV's `xmax` on
     col_weights[last] = (2048, 0)
-    used, taps = np.unique(rows, return_inverse=True)                       # the source rows read, only
-    source = pixels[used].astype(np.int64)
-    across = (source[:, cols[:, 0]] * col_weights[None, :, 0, None]
-              + source[:, cols[:, 1]] * col_weights[None, :, 1, None])        # (rows read, width, C), < 2 ** 19
-    taps = taps.reshape(rows.shape)
-    high = [((across[taps[:, k]] >> 4) * row_weights[:, k, None, None]) >> 16 for k in range(2)]
-    return np.clip((high[0] + high[1] + 2) >> 2, 0, 255).astype(np.uint8)
+    col_weights, row_weights = col_weights.astype(np.int32), row_weights.astype(np.int32)
+    out = np.empty((height, width, channels), dtype=np.uint8)
+    band = max(1, AREA_BAND_VALUES // (4 * width * channels))
+    for top in range(0, height, band):
+        bottom = min(top + band, height)
+        used, taps = np.unique(rows[top:bottom], return_inverse=True)       # the band's source rows, only
+        source = pixels[used]                                               # (rows read, W, C) uint8
+        across = (source[:, cols[:, 0]] * col_weights[None, :, 0, None]
+                  + source[:, cols[:, 1]] * col_weights[None, :, 1, None])   # (rows read, width, C), < 2 ** 20
+        across >>= 4
+        taps = taps.reshape(bottom - top, 2)
+        weights = row_weights[top:bottom, :, None, None]                    # (band, 2, 1, 1), <= 2048
+        high = ((across[taps[:, 0]] * weights[:, 0]) >> 16) + ((across[taps[:, 1]] * weights[:, 1]) >> 16)
+        out[top:bottom] = np.clip((high + 2) >> 2, 0, 255)
+    return out
 
 
 def area_resize(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
