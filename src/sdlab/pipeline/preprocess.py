@@ -267,7 +267,9 @@ def _area_shrink(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
 def _area_blocks(pixels: np.ndarray, fold_x: int, fold_y: int) -> np.ndarray:
     """`cv2.resize(..., interpolation=cv2.INTER_AREA)` of a uint8 (H, W, C) picture by whole factors: each
     fold_y x fold_x block's integer sum, 2 x 2 as (sum + 2) >> 2, others as float32(sum) / area rounded half to
-    even; in bands of output rows (`AREA_BAND_VALUES`)."""
+    even; in bands of output rows (`AREA_BAND_VALUES`). OpenCV sums a block in int32, which overflows where a
+    block holds more than 2 ** 31 / 255 (8.42 M) pixels' worth of white (a 3000 x 3000 white picture to 1 x 1 is
+    0 there); sdlab sums in int64 and does not copy the overflow (it gives 255)."""
     rows, cols, channels = pixels.shape
     height, width = rows // fold_y, cols // fold_x
     out = np.empty((height, width, channels), dtype=np.uint8)
@@ -278,7 +280,7 @@ def _area_blocks(pixels: np.ndarray, fold_x: int, fold_y: int) -> np.ndarray:
         across = block[:, :, :channels].astype(np.int32)                    # (count * fold_y, width, C)
         for k in range(1, fold_x):
             across += block[:, :, k * channels:(k + 1) * channels]
-        sums = across.reshape(count, fold_y, width, channels).sum(axis=1)    # < 2 ** 31 below 8e6-pixel blocks
+        sums = across.reshape(count, fold_y, width, channels).sum(axis=1, dtype=np.int64)
         if (fold_x, fold_y) == (2, 2):
             out[top:top + count] = (sums + 2) >> 2
         else:
