@@ -164,3 +164,20 @@ def test_a1111s_safe_unpickler_accepts_every_record_name(tmp_path):
     torch.save(_state(), tmp_path / "reference.ckpt")                           # what torch.save writes is refused
     with zipfile.ZipFile(tmp_path / "reference.ckpt") as archive:
         assert any(not A1111_ALLOWED_ZIP_NAMES.match(n) for n in archive.namelist())
+
+
+# ... and its RestrictedUnpickler.find_class (same file): the globals it lets a pickle name.
+A1111_ALLOWED_GLOBALS = {("collections", "OrderedDict"), ("torch._utils", "_rebuild_tensor_v2"),
+                         *(("torch", name) for name in ("FloatStorage", "HalfStorage", "IntStorage", "LongStorage",
+                                                         "DoubleStorage", "ByteStorage", "float32", "BFloat16Storage"))}
+
+
+def test_a1111s_safe_unpickler_accepts_the_pickle_of_a_checkpoints_dtypes(tmp_path):
+    import pickletools
+
+    kept = (torch.float32, torch.float16, torch.bfloat16, torch.int64)         # an SD checkpoint's
+    state = {k: v for k, v in _state().items() if v.dtype in kept}
+    written = write_torch_checkpoint(tmp_path / "m.ckpt", _lazy(state))
+    named = {tuple(arg.split(" ")) for op, arg, _ in pickletools.genops(_record(written, "/data.pkl"))
+             if op.name == "GLOBAL"}
+    assert named <= A1111_ALLOWED_GLOBALS, named - A1111_ALLOWED_GLOBALS
