@@ -287,5 +287,18 @@ def test_a_many_part_prompt_at_the_largest_size_is_refused_before_it_is_drawn(cl
         hires = {"enable_hr": True, "hr_scale": 1.0} if field == "hr_prompt" else {}
         answer = client.post("/sdapi/v1/txt2img", json={**BASE, "width": 2048, "height": 2048, "steps": 150,
                                                          "batch_size": 2, **hires, field: many})
-        assert answer.status_code == 422 and "U-Net work (8 prompt parts" in answer.text, answer.text
+        assert answer.status_code == 422 and "U-Net work (9 U-Net rows a step" in answer.text, answer.text
     assert len(client.get("/api/jobs", params={"limit": 1000}).json()["jobs"]) == jobs
+
+
+def test_the_work_counts_the_rows_the_memory_estimate_counts() -> None:
+    """A step's rows are `memory.unet_rows`' (the source the memory estimate uses) plus one per further AND part:
+    PAG's perturbed row counts (3 parts + the negative reach the bound; with PAG, 5 rows, 1.3 times), and a CFG 1
+    step runs no negative (4 parts fit)."""
+    limits = Limits(max_pixels=64 * 64, max_steps=4, max_batch=2)
+    most = {"width": 64, "height": 64, "steps": 4, "batch_size": 2}
+    _work_checked("a AND b AND c", limits, **most)
+    _work_checked("a AND b AND c AND d", limits, **most, cfg_scale=1.0)
+    with pytest.raises(BadRequest, match=r"U-Net work \(5 U-Net rows a step.* is 1\.3 times") as refused:
+        _work_checked("a AND b AND c", limits, **most, pag_scale=3.0)
+    assert refused.value.status == 422 and "\n" not in str(refused.value)

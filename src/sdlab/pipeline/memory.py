@@ -14,6 +14,12 @@ The estimate counts what dominates a run, in the bundle's dtype (``e`` bytes per
   at full resolution, where ``c`` is the VAE's top-level width, or that for one tile when the picture is
   tiled, plus the float32 output and its blend weights.
 - the pictures: the decoded batch and its conversions to 8-bit (``PICTURE_BYTES_PER_PIXEL`` per pixel).
+- ControlNets and T2I-Adapters: each file's tensors in the U-Net's dtype (counted from its names and shapes, no
+  weight read; each control loads its own), held from before sampling to its end, on top of the largest phase;
+  with a ControlNet, the U-Net phase also holds the residuals the ControlNets hand it (one per input block and the
+  middle one, summed over the ControlNets, which run one after another): about
+  ``CONTROLNET_PER_ELEMENT * rows * N * c0 * e`` more (a ControlNet's own forward, the U-Net's encoder half, is
+  over before the U-Net's starts and stays below it). T2I-Adapter features are made once, a few per-level maps.
 - IP-Adapters: the adapters and CLIP image encoders the request loads (`image_prompt.weights_to_load`: their
   tensors in the U-Net's dtype, none for those kept from an earlier request), held from before sampling to its end,
   on top of the largest phase. Encoding a picture is one 224 px pass of the encoder, far below the U-Net's.
@@ -27,25 +33,32 @@ are refused. Free memory: ``MemAvailable`` of /proc/meminfo (``os.sysconf`` wher
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
-from sdlab.diffusion.guidance import edit_guidance
+from sdlab.checkpoints.controlnet import LoadedControlNet
+from sdlab.checkpoints.errors import CheckpointError
+from sdlab.checkpoints.t2i_adapter import LoadedT2IAdapter, is_t2i_adapter
+from sdlab.diffusion.guidance import edit_guidance, needs_uncond
 from sdlab.diffusion.samplers import get_sampler
 from sdlab.families.loaded import ModelBundle
+from sdlab.pipeline.control import ControlInput, control_input
 from sdlab.pipeline.image_prompt import weights_to_load
 from sdlab.pipeline.request import GenerationRequest, RequestError
 from sdlab.pipeline.tiling import should_tile
 
-__all__ = ["available_bytes", "check_memory", "estimate_bytes", "is_out_of_memory", "unet_rows"]
+__all__ = ["available_bytes", "check_memory", "control_weights", "estimate_bytes", "is_out_of_memory", "unet_rows"]
 
 UNET_PER_ELEMENT = {True: 28, False: 16}    # first level with / without attention
+CONTROLNET_PER_ELEMENT = 3                  # the residuals held through the U-Net's call (measured 3.1 at 256 px)
 VAE_PER_ELEMENT = 6
 VAE_TILE = 64                               # latent pixels per tile side (tiling.decode_tiled's default)
 PICTURE_BYTES_PER_PIXEL = 3 * 4 * 4         # float32 RGB: the decoded batch, [0, 1], x 255, rounded
 
 
-def unet_rows(bundle: ModelBundle, req: GenerationRequest) -> int:
+def unet_rows(bundle: ModelBundle | None, req: GenerationRequest) -> int:
     """The U-Net rows a guided step runs for one picture of a resolved one-part-prompt request, in one batch, as
     `generate` batches them:
 
@@ -57,10 +70,15 @@ def unet_rows(bundle: ModelBundle, req: GenerationRequest) -> int:
       CFG with the picture in both passes 2 (1 where CFG runs no negative), the conditional pass alone 1.
 
     FreeU scales features inside the U-Net's pass and an IP-Adapter adds tokens to its cross-attention: no row (its
-    adapter and image encoder are counted apart, `estimate_bytes`)."""
+    adapter and image encoder are counted apart, `estimate_bytes`).
+
+    `bundle` None: a model not loaded yet (the server's work limit of a job posted for another model): the negative
+    where CFG runs it (`needs_uncond`), PAG's row, no edit model's rule."""
     sampler = get_sampler(req.sampler)
-    guided = 2 if bundle.runs_uncond(req.cfg_scale, sampler.cfg_pp) else 1
-    if bundle.family.is_edit:
+    uncond = (bundle.runs_uncond(req.cfg_scale, sampler.cfg_pp) if bundle is not None
+              else needs_uncond(req.cfg_scale, sampler.cfg_pp))
+    guided = 2 if uncond else 1
+    if bundle is not None and bundle.family.is_edit:
         how = edit_guidance(req.cfg_scale * sampler.cfg_scale_factor, req.image_cfg_scale, req.img2img_convention)
         return {"image": 3, "plain": guided, "conditional": 1}[how]
     return guided + (1 if req.pag_scale else 0)
@@ -85,7 +103,42 @@ def estimate_bytes(bundle: ModelBundle, req: GenerationRequest) -> int:
         vae_bytes += 4 * height * width * 4                                    # float32 output + weighted tile
     pictures = PICTURE_BYTES_PER_PIXEL * batch * height * width
     image_prompts = weights_to_load(bundle, req.ip_adapters, req.control_convention) if req.ip_adapters else 0
-    return max(unet_bytes, vae_bytes + pictures) + image_prompts
+    controls = [control_input(control) for control in req.controls]
+    controlnets = any(not _is_t2i(control.model) for control in controls)
+    if controlnets:
+        unet_bytes += CONTROLNET_PER_ELEMENT * rows * positions * unet.model_channels * element
+    return max(unet_bytes, vae_bytes + pictures) + image_prompts + control_weights(bundle, controls)
+
+
+def control_weights(bundle: ModelBundle, controls: Sequence[ControlInput]) -> int:
+    """The bytes the request's ControlNets and T2I-Adapters load (`control.load_control_net`, each control its own,
+    in the U-Net's dtype): each file's tensors counted from its names and shapes, no weight read; none for one
+    given loaded."""
+    from sdlab.checkpoints.diffusers_folder import weights_file
+    from sdlab.checkpoints.io import read_checkpoint
+
+    element = torch.finfo(bundle.dtype).bits // 8
+    total = 0
+    for control in map(control_input, controls):
+        if isinstance(control.model, (LoadedControlNet, LoadedT2IAdapter)):
+            continue
+        path = Path(control.model)
+        try:
+            tensors = read_checkpoint(weights_file(path) if path.is_dir() else path, shapes_only=True)[0]
+        except (CheckpointError, OSError):      # loading it names the problem
+            continue
+        total += sum(t.numel() for t in tensors.values()) * element
+    return total
+
+
+def _is_t2i(model: object) -> bool:
+    """Whether a control's network is a T2I-Adapter (its features made once: no residuals through the U-Net)."""
+    if isinstance(model, LoadedT2IAdapter):
+        return True
+    try:
+        return not isinstance(model, LoadedControlNet) and is_t2i_adapter(model)
+    except (CheckpointError, OSError):
+        return False
 
 
 def available_bytes(device: torch.device) -> int | None:

@@ -592,6 +592,26 @@ def check_deep_cache_unet(unet: torch.nn.Module, req: GenerationRequest) -> Deep
     return req.deep_cache
 
 
+def check_hires_memory(bundle: ModelBundle, req: GenerationRequest, free: int | None) -> None:
+    """`check_memory` of a resolved request's hires pass, at the size it upscales to (none without the hires fix)."""
+    if not req.hires:
+        return
+    multiple = math.lcm(SIZE_MULTIPLE, bundle.vae_config.downsample_factor)
+    (width, height), _ = hires_sizes(*hires_base_size(req), req.hr_scale, req.hr_width, req.hr_height, multiple)
+    check_memory(bundle, replace(req, width=width, height=height), free)
+
+
+def check_passes_fit(bundle: ModelBundle, req: GenerationRequest) -> None:
+    """The memory check `make_plan` makes, of each pass of a resolved request (`check_memory`: the estimate against
+    the memory free on the bundle's device now), for a caller that has not planned it yet: the server, as a job is
+    posted for the loaded model, so that both its APIs refuse what cannot fit before it queues."""
+    free = available_bytes(bundle.device)
+    if free is None:
+        return
+    check_memory(bundle, req, free)
+    check_hires_memory(bundle, req, free)
+
+
 def make_plan(
     bundle: ModelBundle,
     request: GenerationRequest,
@@ -611,10 +631,8 @@ def make_plan(
     req = _resolve(bundle, request, free)
     check_prompt_chunks(bundle, req)
     check_deep_cache_branch(bundle, req)
-    if req.hires and free is not None:                            # the second pass, at the upscaled size
-        multiple = math.lcm(SIZE_MULTIPLE, bundle.vae_config.downsample_factor)
-        (width, height), _ = hires_sizes(*hires_base_size(req), req.hr_scale, req.hr_width, req.hr_height, multiple)
-        check_memory(bundle, replace(req, width=width, height=height), free)
+    if free is not None:                                          # the second pass, at the upscaled size
+        check_hires_memory(bundle, req, free)
     if refiner is not None:
         check_refiner_switch(switch_at, "switch_at")
         check_refiner_convention(refiner_convention)

@@ -36,8 +36,10 @@ from sdlab.pipeline.png_info import ParametersError
 from sdlab.pipeline.presets import PRESETS, get_preset
 from sdlab.pipeline.hires import hires_steps, pass_sizes
 from sdlab.pipeline.plan import (
-    check_deep_cache_unet, check_pag_layers, check_prompt_chunks, check_refiner_convention, prompt_parts,
+    check_deep_cache_unet, check_pag_layers, check_passes_fit, check_prompt_chunks, check_refiner_convention,
+    prompt_parts,
 )
+from sdlab.pipeline.memory import unet_rows
 from sdlab.pipeline.prompt_schedule import composable_parts
 from sdlab.pipeline.request import (
     NO_IMAGE_GUIDANCE, SIZE_MULTIPLE, GenerationRequest, RequestError, check_batch_seeds, check_refiner_switch,
@@ -428,7 +430,7 @@ def with_upscaler_file(request: GenerationRequest, upscaler: ModelFile | None) -
 
 def check_request(request: GenerationRequest, limits: Limits, model: ModelBundle | None = None,
                   upscaler: ModelFile | None = None, batch_count: int = 1,
-                  unet: torch.nn.Module | None = None) -> GenerationRequest:
+                  unet: torch.nn.Module | None = None, memory: bool = False) -> GenerationRequest:
     """`request` checked against the server's limits and sdlab's own rules (the model's defaults are filled
     in when it runs); `BadRequest` names the first problem by sdlab's field names (the A1111 routes rename
     them, `a1111._a1111_named`). `--max-steps` and `--max-pixels` hold for either pass. `model`, the model it runs
@@ -438,7 +440,9 @@ def check_request(request: GenerationRequest, limits: Limits, model: ModelBundle
     another (A1111's n_iter), whose pictures count against `--max-images` and whose seeds are all checked now
     (`check_batch_seeds`). `unet`: where `model` is not loaded, its U-Net built on the meta device from the
     checkpoint's names and shapes (`model_shapes.planned_unet`), against which DeepCache's branch and the image
-    prompts' adapters are checked as against the loaded one's (a 422 either way)."""
+    prompts' adapters are checked as against the loaded one's (a 422 either way). `memory`: check the loaded
+    `model`'s memory estimate of each pass against the memory free on its device now (`plan.check_passes_fit`, a
+    422), where no job holds the device (its memory would read as not free)."""
     if request.steps is not None and (not isinstance(request.steps, int) or request.steps > limits.max_steps):
         raise BadRequest(f"steps must be an integer <= {limits.max_steps} (this server's limit), got {request.steps!r}")
     hr_steps = getattr(request, "hr_steps", None)
@@ -484,6 +488,11 @@ def check_request(request: GenerationRequest, limits: Limits, model: ModelBundle
                 check_image_prompts_fit(unet, request.ip_adapters)
         except (RequestError, ValueError) as err:
             raise BadRequest(str(err), 422) from None
+    if memory and model is not None and size_known:     # the estimate against the memory free now, as the plan
+        try:                                            # checks it when the job starts
+            check_passes_fit(model, resolved)
+        except RequestError as err:
+            raise BadRequest(str(err), 422) from None
     return request
 
 
@@ -498,16 +507,23 @@ def max_work(limits: Limits, pictures: int) -> int:
 
 def unet_work(request: GenerationRequest, factor: int, model: ModelBundle | None) -> int:
     """The U-Net work of a resolved request of known size, for a VAE of `factor`: over its passes, the
-    conditionings of a step (each part of the pass's prompt, `prompt_parts`, and the negative) x steps run (an
-    img2img's at its strength, `steps_run`) x batch size x pixels."""
+    rows of a step (`_step_rows`: each part of the pass's prompt, `prompt_parts`, the negative, PAG's and an edit
+    model's extra rows) x steps run (an img2img's at its strength, `steps_run`) x batch size x pixels."""
     steps = request.steps if request.init_image is None else steps_run(request.steps, request.strength,
                                                                         request.img2img_convention)[1]
     passes = [(request.prompt, steps, request.width * request.height)]
     if request.hires:
         _, (width, height) = pass_sizes(request, factor)
         passes.append((request.hr_prompt or request.prompt, hires_steps(request), width * height))
-    return sum((_part_count(prompt, model) + 1) * steps * request.batch_size * pixels
+    return sum(_step_rows(request, prompt, model) * steps * request.batch_size * pixels
                for prompt, steps, pixels in passes)
+
+
+def _step_rows(request: GenerationRequest, prompt: str, model: ModelBundle | None) -> int:
+    """The U-Net rows a step runs for one picture: the rows the memory estimate counts for a one-part prompt
+    (`memory.unet_rows`: the prompt, the negative where guidance runs it, PAG's perturbed row, an edit model's
+    image row) and one more for each further part of `prompt`."""
+    return unet_rows(model, request) + _part_count(prompt, model) - 1
 
 
 def _part_count(prompt: str, model: ModelBundle | None) -> int:
@@ -525,9 +541,10 @@ def check_work(request: GenerationRequest, limits: Limits, factor: int, model: M
     for what, work, pictures, flag in (("batch", batch, limits.max_batch, "--max-batch"),
                                        ("request", batch * batch_count, limits.max_images, "--max-images")):
         if work > max_work(limits, pictures):
-            parts = max(_part_count(text, model) for text in (request.prompt, request.hr_prompt or request.prompt))
-            raise BadRequest(f"the {what}'s U-Net work ({parts} prompt parts and the negative a step x steps x "
-                             f"pictures x pixels, each pass) is {_times(work / max_work(limits, pictures))} times "
+            rows = max(_step_rows(request, text, model) for text in (request.prompt, request.hr_prompt or request.prompt))
+            raise BadRequest(f"the {what}'s U-Net work ({rows} U-Net rows a step: the prompt parts, the negative, "
+                             f"PAG's and an edit model's image rows; x steps x pictures x pixels, each pass) is "
+                             f"{_times(work / max_work(limits, pictures))} times "
                              f"this server's limit, the work of its largest {what} with a one-part prompt "
                              f"(--max-steps, {flag}, --max-pixels, hires): use fewer AND parts, steps, pictures or "
                              "pixels", 422)

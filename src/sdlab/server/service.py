@@ -36,7 +36,8 @@ class Service:
         startup = config.model or shipped_model_path()
         if startup is None:
             raise FileNotFoundError("this sdlab install has no built-in model; pass --model FILE")
-        self.watched_styles = WatchedStyles(config.styles_files)     # StylesError: before the store opens
+        self.watched_styles = WatchedStyles(config.styles_files,     # StylesError: before the store opens
+                                            config.styles_candidates)
         self.store = Store(config.output_dir)
         self.registry = ModelRegistry(Path(startup), config.models_dir, config.vae_dir)
         self.controlnets = ModelFolder(config.controlnet_dir, CONTROLNET_SUFFIXES, hashed=True,
@@ -121,7 +122,16 @@ class Service:
             raise
 
     def _checked(self, spec: JobSpec, mode: str, model: str | None) -> tuple[JobSpec, str, str, dict[str, Any]]:
-        """The job `submit` queues: its spec, mode, model title and settings."""
+        """The job `submit` queues: its spec, mode, model title and settings (`_checked_job`). A refusal names the
+        ControlNet folder's files by their titles (`ModelFolder.without_paths`), as the units' own checks do: an
+        IP-Adapter for another U-Net, say, that the request checks find by its path."""
+        try:
+            return self._checked_job(spec, mode, model)
+        except BadRequest as err:
+            raise BadRequest(self.controlnets.without_paths(err.message), err.status,
+                             self.controlnets.without_paths(err.detail)) from None
+
+    def _checked_job(self, spec: JobSpec, mode: str, model: str | None) -> tuple[JobSpec, str, str, dict[str, Any]]:
         checkpoint = self.checkpoint(model)
         checkpoint.calculate_hash()                 # the job's title and its pictures' parameters carry it
         request = spec.request
@@ -160,7 +170,8 @@ class Service:
         request = check_request(replace(request, prompt=drawn, seed=fixed_seed(request.seed)), self.config.limits,
                                 model=loaded, upscaler=upscaler_file(request.hr_upscaler, self.upscalers),
                                 batch_count=spec.batch_count, unet=None if loaded is not None or not (
-                                    request.deep_cache or request.ip_adapters) else planned_unet(checkpoint.path))
+                                    request.deep_cache or request.ip_adapters) else planned_unet(checkpoint.path),
+                                memory=not self.host.busy.locked())
         spec = replace(spec, request=request, refiner=refiner, prompt_to_record=to_record, tag_loras=tuple(tags),
                        hires_tag_loras=tuple(hires_tags), hr_prompt_to_record=hr_to_record)
         settings = {"mode": mode, "model": checkpoint.title,
