@@ -45,6 +45,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory):
     net = write_layout(diffusers_controlnet(bundle.unet_config, 3, hint_widths=(16, 32, 96, 256)[: factor.bit_length()],
                                             std=0.05), "diffusers-file", controlnet)
     net.rename(controlnet / "tiny_canny.safetensors")
+    strong = write_layout(diffusers_controlnet(bundle.unet_config, 3, hint_widths=(16, 32, 96, 256)[: factor.bit_length()],
+                                               std=0.6), "diffusers-file", controlnet)
+    strong.rename(controlnet / "strong_lines.safetensors")    # a unit whose picture shows in the drawing
     hint = Image.new("RGB", (64, 64), "black")
     ImageDraw.Draw(hint).rectangle([10, 10, 50, 50], outline="white", width=4)
     reference = root / "reference.png"
@@ -52,7 +55,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory):
     server = start_server(root / "outputs", "--models-dir", str(models))
     client = httpx.Client(base_url=server.url, timeout=300)
     canny = next(name for name in client.get("/controlnet/model_list").json()["model_list"] if "canny" in name)
-    yield {"client": client, "hint": b64_png(hint), "picture": file_b64(reference), "canny": canny}
+    strong = next(name for name in client.get("/controlnet/model_list").json()["model_list"] if "strong" in name)
+    yield {"client": client, "hint": b64_png(hint), "picture": file_b64(reference), "canny": canny, "strong": strong}
     client.close()
     server.stop()
 
@@ -173,3 +177,55 @@ def test_a_loopback_pass_keeps_the_units_own_picture(setup) -> None:
         _, (plain,) = _job(client, {**body, **fields})
         _same(picture, plain)
         before = Image.fromarray(picture)
+
+
+INIT_PICTURE = Image.new("RGB", (64, 64), (200, 80, 40))
+ImageDraw.Draw(INIT_PICTURE).ellipse([8, 8, 56, 50], fill=(20, 200, 90))
+LOOPBACK = {"script_name": "Loopback", "script_args": [2, 0.5, "Linear", "None"]}
+SD_UPSCALE = {"script_name": "SD upscale", "script_args": ["", 16, "Lanczos", 2]}
+
+
+def _imageless_units(setup) -> tuple[dict, dict]:
+    """A Canny unit without a picture of its own, as the native job's field and as A1111's unit."""
+    native = {"controls": [{"model": "strong_lines", "module": "canny", "strength": 0.9, "threshold_a": 60,
+                            "threshold_b": 160}], "control_convention": "a1111", "img2img_convention": "a1111",
+              "schedule": "uniform", "rng": "CPU"}           # the A1111 route's rules (/api/parameters of its picture)
+    a1111 = {"alwayson_scripts": {"controlnet": {"args": [
+        {"enabled": True, "model": setup["strong"], "module": "canny", "weight": 0.9, "threshold_a": 60,
+         "threshold_b": 160, "pixel_perfect": False}]}}}
+    return native, a1111
+
+
+@pytest.mark.parametrize("script", [LOOPBACK, SD_UPSCALE], ids=["loopback", "sd-upscale"])
+def test_a_unit_without_a_picture_draws_on_each_requests_init_picture(setup, script) -> None:
+    """A unit without a picture of its own takes each request's init picture, as the extension's
+    `choose_input_image` takes `p.init_images[0]`: a Loopback pass's picture, an SD upscale tile. The native job's
+    pictures equal the A1111 route's (each pass; the upscaled picture), and differ from the unit drawn on the
+    user's picture throughout."""
+    client = setup["client"]
+    native, a1111 = _imageless_units(setup)
+    job, pictures = _job(client, {**NATIVE, **native, "mode": "img2img", "init_image": b64_png(INIT_PICTURE),
+                                  "strength": 0.7, **script})
+    _, want = _a1111(client, "img2img", {**A1111, **a1111, "init_images": [b64_png(INIT_PICTURE)],
+                                         "denoising_strength": 0.7, **script})
+    assert len(pictures) == len(want) == (3 if script is LOOPBACK else 1)
+    for got, expected in zip(pictures, want):
+        _same(got, expected)
+    fixed = {**native, "controls": [{**native["controls"][0], "image": b64_png(INIT_PICTURE)}]}
+    _, on_users = _job(client, {**NATIVE, **fixed, "mode": "img2img", "init_image": b64_png(INIT_PICTURE),
+                                "strength": 0.7, **script})
+    assert np.abs(on_users[-1].astype(int) - pictures[-1]).max() > 20     # the unit's picture shows
+
+
+def test_a_native_unit_without_a_picture_draws_on_the_jobs_init_picture_and_txt2img_refuses_it(setup) -> None:
+    client = setup["client"]
+    native, _ = _imageless_units(setup)
+    body = {**NATIVE, **native, "mode": "img2img", "init_image": b64_png(INIT_PICTURE), "strength": 0.7}
+    _, (without,) = _job(client, body)
+    given = {**native["controls"][0], "image": b64_png(INIT_PICTURE), "resize_mode": "resize"}
+    _, (with_init,) = _job(client, {**body, "controls": [given]})
+    _same(without, with_init)
+    answer = client.post("/api/jobs", json={**NATIVE, **native})
+    assert answer.status_code == 422
+    assert answer.json()["detail"] == ("control 0: needs an image (base64); only an img2img or inpaint job's unit "
+                                       "may leave it out, to draw on the init picture")

@@ -300,16 +300,43 @@ def native_threshold(value: Any) -> Any:
     return None if is_number and value < 0 else value
 
 
-def native_controls(items: list[dict[str, Any]], folder: ModelFolder, limits: Limits) -> tuple[ControlInput, ...]:
+def init_resize(job_resize: str) -> str:
+    """The resize mode a unit without a picture of its own takes from its job's (`request.RESIZE_MODES`), as the
+    extension's `choose_input_image` maps img2img's: its own, "Just resize (latent upscale)" as Just resize."""
+    return "resize" if job_resize == "latent" else job_resize
+
+
+def takes_init(item: dict[str, Any]) -> bool:
+    """Whether a native `controls` entry has no picture of its own, so that it draws on its job's init picture."""
+    return not item.get("image")
+
+
+def on_init(control: ControlInput, init: Image.Image, job_resize: str) -> ControlInput:
+    """`control` drawn on the init picture `init` of one request, resized by the request's mode `job_resize`: a
+    unit without a picture of its own, as the extension's `choose_input_image` takes each request's
+    `init_images[0]` (a Loopback pass's picture, an SD upscale tile, an outpainting canvas)."""
+    return dataclasses.replace(control, image=init, resize_mode=init_resize(job_resize))
+
+
+def native_controls(items: list[dict[str, Any]], folder: ModelFolder, limits: Limits,
+                    init: Image.Image | None = None, job_resize: str = "resize") -> tuple[ControlInput, ...]:
+    """The native `controls` entries as checked `ControlInput`s. An entry without an image takes the job's init
+    picture `init` and its resize mode `job_resize` (as an A1111 unit without one, `a1111_unit`); a txt2img job
+    has none, and such an entry is a 422, as the extension refuses it ("no input image is given")."""
     controls = []
     for index, item in enumerate(items):
         what = f"control {index}"
         mask = item.get("mask")
+        if takes_init(item) and init is None:
+            raise BadRequest(f"{what}: needs an image (base64); only an img2img or inpaint job's unit may leave it "
+                             "out, to draw on the init picture", 422)
+        own = not takes_init(item)
         control = ControlInput(model_path(item.get("model"), what, folder, "controlnet", "give it in ip_adapters"),
-                               hint_image(item.get("image"), what, limits),
+                               hint_image(item.get("image"), what, limits) if own else init,
                                item.get("strength", 1.0), item.get("start", 0.0), item.get("end", 1.0),
                                module_name(item.get("module")), item.get("control_mode", "balanced"),
-                               item.get("resize_mode"), native_threshold(item.get("threshold_a")),
+                               item.get("resize_mode") if own else init_resize(job_resize),
+                               native_threshold(item.get("threshold_a")),
                                native_threshold(item.get("threshold_b")),
                                decode_image(mask, f"{what} mask", limits) if mask else None,
                                native_threshold(item.get("processor_res")), item.get("pixel_perfect") or False)

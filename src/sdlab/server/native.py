@@ -86,8 +86,8 @@ class ControlIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
     model: str
-    image: str
-    strength: float = 1.0
+    image: str | None = None                # None: an img2img / inpaint job's init picture (each request's, in
+    strength: float = 1.0                   # a script), as an A1111 unit without one
     start: float = 0.0
     end: float = 1.0
     module: str = "none"                    # a preprocessor: none, canny, scribble, threshold, invert, tile
@@ -384,7 +384,8 @@ def create_job(body: JobIn, request: Request) -> dict[str, Any]:
         hr_height=body.hr_height, hr_upscaler=body.hr_upscaler, hr_steps=body.hr_steps, hr_denoise=body.hr_denoise,
         hr_sampler=body.hr_sampler, hr_schedule=body.hr_schedule, hr_eta=body.hr_eta, hr_prompt=texts["hr_prompt"],
         hr_negative_prompt=texts["hr_negative_prompt"],
-        controls=native_controls([c.model_dump() for c in body.controls], service.controlnets, limits),
+        controls=native_controls([c.model_dump() for c in body.controls], service.controlnets, limits, init,
+                                 body.resize_mode),
         ip_adapters=native_ip_adapters([a.model_dump() for a in body.ip_adapters], service.controlnets, limits,
                                        body.control_convention),
         steps=body.steps, tiling=body.tiling, token_merging_ratio=body.token_merging_ratio,

@@ -26,6 +26,7 @@ from sdlab.pipeline.styles import PROMPT_FIELDS
 from sdlab.server.a1111_scripts import (
     RUNNABLE_SCRIPTS, SelectableScript, alwayson_args, axis_types, script_args, sdlab_field,
 )
+from sdlab.server.controls import on_init, takes_init
 from sdlab.server.inputs import BadRequest, JobSpec, refiner_choice, sampler_and_schedule, spec_with_preset
 from sdlab.server.jobs import Job, QueueFull, Unavailable
 from sdlab.server.service import Service, recorded_controls
@@ -181,6 +182,17 @@ def cell_request(job: GenerationRequest, base: tuple[Any, GenerationRequest],
     return dataclasses.replace(job, **changed), set(changed)
 
 
+def on_own_init(request: GenerationRequest, sent: list[Any]) -> GenerationRequest:
+    """`request` (one the script draws) with each ControlNet unit the job sent without a picture (`sent`, the
+    job's `controls`) drawn on this request's own init picture (`controls.on_init`): a Loopback pass's picture, an
+    SD upscale tile, an outpainting canvas, as A1111's scripts hand the extension each request's `init_images`."""
+    if request.init_image is None or not any(takes_init(item.model_dump()) for item in sent):
+        return request
+    controls = tuple(on_init(control, request.init_image, request.resize_mode)
+                     if takes_init(item.model_dump()) else control for control, item in zip(request.controls, sent))
+    return dataclasses.replace(request, controls=controls)
+
+
 def recorded_settings(body: Any, spec: JobSpec, model: str) -> dict[str, Any]:
     """The job's settings as its history records them: the fields it was sent with (pictures left out; its
     ControlNet units and IP-Adapters as a plain job's record them, `recorded_controls` of its request `spec`), its
@@ -284,6 +296,7 @@ class ScriptJob:
         assert self.base is not None
         base, base_model = self.base
         request, changed = cell_request(self.spec.request, (self.body, base.request), (body, spec.request))
+        request = on_own_init(request, self.sent.controls)
         typed = {key: getattr(body, key) for key in PROMPT_FIELDS if hasattr(body, key)}
         job = dataclasses.replace(self.spec, request=request, model_preset_fills=self.spec.model_preset_fills - changed,
                                   styles=tuple(body.styles), typed_prompts=typed, script_job=self.job.id)

@@ -305,7 +305,8 @@ async function effectiveSize() {
 }
 
 // The enabled units and IP-Adapter as the native API's `controls` and `ip_adapters` (none: left out); a unit
-// without a model or picture is an error the page shows
+// without a picture of its own in img2img / inpaint sends none (each request's initial image, a script's too);
+// one without a model, or without a picture in txt2img, is an error the page shows
 function controlRequest() {
   const body = {};
   const controls = [];
@@ -316,12 +317,12 @@ function controlRequest() {
     if (!$(`${p}_model`).value) throw new ApiError(`${what} needs a model: choose one or untick Enable`);
     const { picture, initial } = pictureOf(controlState.pictures[i], what);
     const preprocessing = preprocessorFields(i, what);
-    controls.push({
-      model: $(`${p}_model`).value, image: base64Of(picture), ...preprocessing,
+    controls.push({      // no picture of its own: none sent, the server takes each request's initial image
+      model: $(`${p}_model`).value, ...(initial ? {} : { image: base64Of(picture) }), ...preprocessing,
       strength: controlNumber(`${p}_weight`, what), start: controlNumber(`${p}_start`, what),
       end: controlNumber(`${p}_end`, what),
       control_mode: $(`${p}_control_mode`).value,
-      resize_mode: unitResizeMode(i, initial),
+      ...(initial ? {} : { resize_mode: unitResizeMode(i, initial) }),      // ... and its Resize mode
       pixel_perfect: RESOLUTION_MODULES.includes(preprocessing.module) && $(`${p}_pixel_perfect`).checked,
     });
   }
