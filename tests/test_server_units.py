@@ -208,7 +208,8 @@ def test_the_hires_pixel_limit_uses_the_sizes_the_model_snaps_to():
     with pytest.raises(BadRequest, match="hires pass at 128x104"):          # no model yet: released models' 8
         check_request(request, limits)
     model = SimpleNamespace(default_size=64, vae_config=SimpleNamespace(downsample_factor=16),
-                            unet_config=SimpleNamespace(time_cond_proj_dim=None), text_encoders=())
+                            unet_config=SimpleNamespace(time_cond_proj_dim=None), text_encoders=(), unet=None,
+                            family=SimpleNamespace(is_edit=False), runs_uncond=lambda cfg_scale, cfg_pp=False: True)
     assert check_request(request, limits, model=model) is request
 
 
