@@ -170,7 +170,8 @@ def test_the_pages_errors_name_models_not_the_servers_paths(browser, empty_folde
 def test_the_control_type_narrows_the_lists_and_picks_its_defaults(page, base_url):
     """The extension's Control Type radio (its types as GET /controlnet/control_types serves them, IP-Adapter left
     to the IP-Adapter box): Canny narrows Preprocessor to canny's and Model to tiny_canny, both selected; a type
-    without a model here (Depth) leaves Model on None; All gives every one back, preprocessor none."""
+    without a model here (Depth) lists Model None alone, as the extension's current `select_control_type` (its
+    older one listed every model then); All gives every one back, preprocessor none."""
     wait(page, _lists_loaded, 30, "the ControlNet lists did not load")
     types = http_json(base_url, "/controlnet/control_types")["control_types"]
     radios = page.execute_script("return [...document.getElementsByName('cn0_type')].map((r) => r.value)")
@@ -178,7 +179,8 @@ def test_the_control_type_narrows_the_lists_and_picks_its_defaults(page, base_ur
     assert page.find_element(By.ID, "cn0_type_0").is_selected()
     every_module, every_model = _options(page, "cn0_module"), _options(page, "cn0_model")
     canny = radios.index("Canny")
-    page.find_element(By.ID, f"cn0_type_{canny}").click()
+    page.find_element(By.ID, f"cn0_type_{canny}").click()        # the types are read again as one is chosen
+    wait(page, lambda d: value(d, "cn0_module") == "canny", 20, "Canny is not chosen")
     assert _options(page, "cn0_module") == [m for m in every_module if m in types["Canny"]["module_list"]
                                             or m == "invert"] == ["none", "canny", "invert"]
     assert value(page, "cn0_module") == "canny" == types["Canny"]["default_option"]
@@ -187,13 +189,16 @@ def test_the_control_type_narrows_the_lists_and_picks_its_defaults(page, base_ur
     assert text(page, "cn0_threshold_a_label") == "Canny Low Threshold"     # canny's sliders shown
     assert _options(page, "cn1_module") == every_module                     # the other units keep theirs
     page.find_element(By.ID, f"cn0_type_{radios.index('Depth')}").click()
-    assert _options(page, "cn0_module") == ["none"] and value(page, "cn0_module") == "none"
-    assert _options(page, "cn0_model") == every_model and value(page, "cn0_model") == ""   # none of its own: all
+    wait(page, lambda d: _options(d, "cn0_module") == ["none"], 20, "Depth is not chosen")
+    assert value(page, "cn0_module") == "none" and types["Depth"]["model_list"] == ["None"]
+    assert _options(page, "cn0_model") == [""] and value(page, "cn0_model") == ""     # none of its own: None alone
     page.find_element(By.ID, "cn0_type_0").click()
+    wait(page, lambda d: _options(d, "cn0_module") == every_module, 20, "All is not chosen")
     assert _options(page, "cn0_module") == every_module and _options(page, "cn0_model") == every_model
     assert value(page, "cn0_module") == "none"
     # Reuse of a unit shows every type again
     page.find_element(By.ID, f"cn0_type_{canny}").click()
+    wait(page, lambda d: value(d, "cn0_module") == "canny", 20, "Canny is not chosen")
     drop_file(page, png_with_parameters('a\nSteps: 2, Seed: 1, Size: 64x64, ControlNet 0: "Module: threshold, '
                                         'Model: tiny_canny, Weight: 1"'), "threshold.png")
     wait(page, lambda d: value(d, "cn0_module") == "threshold", 20, "the unit is not filled")

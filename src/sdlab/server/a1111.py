@@ -2073,10 +2073,51 @@ def _ui_modules() -> list[str]:
                           if label not in first)
 
 
-def _control_type(name: str, models: list[str]) -> dict[str, Any]:
+def model_name_family(name: str) -> str | None:
+    """The family a ControlNet's name says it is for, as the extension guesses it
+    (`StableDiffusionVersion.detect_from_model_name`): "sd1" for sd14 / sd15 / sd16, "sd2" for sd21 or 2.1 (as
+    written: the extension does not lower-case these two), "sdxl" for xl; None (any family) for a name with
+    none of them."""
+    if any(f"sd{v}" in name.lower() for v in ("14", "15", "16")):
+        return "sd1"
+    if "sd21" in name or "2.1" in name:
+        return "sd2"
+    if "xl" in name.lower():
+        return "sdxl"
+    return None
+
+
+def families_compatible(family: str | None, other: str | None) -> bool:
+    """The extension's `StableDiffusionVersion.is_compatible_with`: apart only where one of the two is SDXL and
+    the other a known family that is not (SD1 and SD2 pass each other; None passes every one)."""
+    return family is None or other is None or (family == "sdxl") == (other == "sdxl")
+
+
+def checkpoint_family(checkpoint: Checkpoint) -> str | None:
+    """The family of `checkpoint` as the extension's `get_sd_version` tells the loaded model's (A1111's
+    is_sd1 / is_sd2 / is_sdxl): "sd1", "sd2" or "sdxl" from its names and shapes (`plan_checkpoint`, no weight
+    read, kept while the file keeps its version); None (the extension's UNKNOWN) for another family (sdlab-tiny)
+    or a file sdlab cannot plan."""
+    try:
+        name = read_per_version(checkpoint.path, _planned_family)
+    except CheckpointError:
+        return None
+    return next((family for family in ("sdxl", "sd2", "sd1") if name.startswith(family)), None)
+
+
+def _planned_family(path: Path) -> str:
+    from sdlab.checkpoints.load import plan_checkpoint
+
+    return plan_checkpoint(path).report.family.name
+
+
+def _control_type(name: str, models: list[str], family: str | None = None) -> dict[str, Any]:
     """The extension's `select_control_type` of control type `name` over sdlab's preprocessors and `models`
-    ("None" first): the preprocessors and models whose names hold the type's words, its default preprocessor
-    (the first listed where sdlab lacks its own) and model (one with "11" in its name first)."""
+    ("None" first) for a model of `family` (None: any): the preprocessors whose names hold the type's words; the
+    models whose names hold them and whose family (`model_name_family`) passes `family`
+    (`families_compatible`), "None" always ("None" alone where none does); its default preprocessor (the first
+    listed where sdlab lacks its own) and model (one with "11" in its name first, else the first; "None" where
+    none is listed)."""
     pattern = name.lower()
     if pattern == "all":
         return {"module_list": _ui_modules(), "model_list": models, "default_option": "none", "default_model": "None"}
@@ -2085,11 +2126,10 @@ def _control_type(name: str, models: list[str]) -> dict[str, Any]:
     modules = [x for x in _ui_modules() if matches(x)]
     if pattern in ("canny", "lineart", "scribble/sketch", "mlsd"):
         modules += [x for x in _ui_modules() if "invert" in x.lower()]
-    filtered = [x for x in models if matches(x)]
+    filtered = [x for x in models if x.lower() == "none"
+                or (matches(x) and families_compatible(family, model_name_family(x)))]
     default = CONTROL_TYPES[name] if CONTROL_TYPES[name] in modules else modules[0]
-    if len(filtered) == 1:
-        return {"module_list": modules, "model_list": models, "default_option": default, "default_model": "None"}
-    model = next((x for x in filtered if "11" in x.split("[")[0]), filtered[1])
+    model = "None" if len(filtered) == 1 else next((x for x in filtered if "11" in x.split("[")[0]), filtered[1])
     return {"module_list": modules, "model_list": filtered, "default_option": default, "default_model": model}
 
 
@@ -2116,9 +2156,16 @@ def controlnet_modules(alias_names: bool = False) -> dict[str, Any]:
 
 
 @controlnet_router.get("/control_types")
-def controlnet_control_types(request: Request) -> dict[str, Any]:
-    models = ["None", *service_of(request).controlnets.titles()]
-    return {"control_types": {name: _control_type(name, models) for name in CONTROL_TYPES}}
+def controlnet_control_types(request: Request, model: str | None = None) -> dict[str, Any]:
+    """Each control type's preprocessors, models and defaults (`_control_type`). Without `model`, as the
+    extension's route, which asks `select_control_type` for no family (every model passes the family test);
+    with `model` (sdlab's: a checkpoint's title, empty for the server's selected model; the web UI's Control Type
+    radios), the models narrowed to that model's family, as the extension's Control Type radio narrows them to
+    the loaded model's (`select_control_type(type, get_sd_version())`). An unknown model is a 404."""
+    service = service_of(request)
+    family = None if model is None else checkpoint_family(service.checkpoint(model or None))
+    models = ["None", *service.controlnets.titles()]
+    return {"control_types": {name: _control_type(name, models, family) for name in CONTROL_TYPES}}
 
 
 @controlnet_router.get("/settings")

@@ -180,15 +180,14 @@ async function setControlPicture(prefix, dataUrl) {
 // the control types, into every unit's selects (a choice still listed stays) and Control Type radios
 async function loadControlLists() {
   const [models, modules, labels, types] = await Promise.all([api("/api/control-models"),
-    api("/controlnet/module_list"), api("/controlnet/module_list?alias_names=true"), api("/controlnet/control_types")]);
+    api("/controlnet/module_list"), api("/controlnet/module_list?alias_names=true"), controlTypesOfTheModel()]);
   const names = (modules && modules.module_list) || [];
   controlState.sliders = Object.fromEntries(Object.entries((modules && modules.module_detail) || {})
     .map(([name, detail]) => [name, (detail.sliders || []).slice(1).filter(Boolean)]));
   controlState.unitModels = (models && models.controls) || [];
   controlState.unitModules = names.map((name, index) => ({ name, label: labels?.module_list?.[index] ?? name }))
     .filter(({ name }) => !isIpAdapterModule(name));
-  controlState.types = Object.fromEntries(Object.entries((types && types.control_types) || {})
-    .filter(([name]) => name !== "IP-Adapter"));              // the IP-Adapter box's
+  controlState.types = types;
   for (let i = 0; i < CONTROL_UNIT_COUNT; i++) {
     showControlTypes(i);
     fillUnitLists(i);
@@ -198,6 +197,26 @@ async function loadControlLists() {
     { blank: adapters.length ? "None" : "no IP-Adapters found" });
   fillSelect($("ipa_module"), names.filter(isIpAdapterModule).map((name) => ({ label: name, value: name })),
     { blank: "The adapter's own" });
+}
+
+// The control types for the model the form draws with (none chosen: the server's selected model), their Model
+// lists narrowed to its family as the extension's radio narrows them to the loaded model's
+// (GET /controlnet/control_types?model=); the IP-Adapter type is the IP-Adapter box's
+async function controlTypesOfTheModel() {
+  const types = await api(`/controlnet/control_types?model=${encodeURIComponent($("model").value)}`);
+  return Object.fromEntries(Object.entries((types && types.control_types) || {})
+    .filter(([name]) => name !== "IP-Adapter"));
+}
+
+// The control types read again for the model chosen now (the extension reads the loaded model's version each
+// time a type is chosen), each unit's lists narrowed by them; `then`: what runs after, with them in place
+async function refreshControlTypes(then = () => {}) {
+  try {
+    controlState.types = await controlTypesOfTheModel();
+  } catch (err) {
+    showError(err.message);
+  }
+  then();
 }
 
 // Unit i's Control Type radios, as the server lists the types (the one chosen stays while it is listed)
@@ -470,11 +489,15 @@ function setupControls() {
     $(`cn${i}_enabled`).addEventListener("change", () => showUnitState(i));
     $(`cn${i}_pixel_perfect`).addEventListener("change", () => showUnitState(i));
     $(`cn${i}_preview_button`).addEventListener("click", () => previewControl(i));
-    $(`cn${i}_types`).addEventListener("change", (event) => chooseControlType(i, event.target.value, true));
+    $(`cn${i}_types`).addEventListener("change",
+      (event) => refreshControlTypes(() => chooseControlType(i, event.target.value, true)));
   }
   $("ipa-picture").append(...pictureBox("ipa", "IP-Adapter", "IP-Adapter picture (none: img2img's initial image)"));
   wirePictureBox("ipa");
   $("ipa_enabled").addEventListener("change", () => { $("ipa-options").hidden = !$("ipa_enabled").checked; });
+  $("model").addEventListener("change", () => refreshControlTypes(() => {
+    for (let i = 0; i < CONTROL_UNIT_COUNT; i++) fillUnitLists(i);
+  }));
   $("cn-refresh").addEventListener("click", async () => {
     try { await loadControlLists(); } catch (err) { showError(err.message); }
   });
