@@ -27,6 +27,19 @@ def test_bad_arguments_are_one_error_line(tmp_path, capsys, extra, message) -> N
     assert not out.exists()
 
 
+def test_an_existing_file_is_kept_unless_overwrite_is_given(tmp_path, capsys) -> None:
+    """A mistyped name must not put random weights over a trained checkpoint: an existing OUT is one error line
+    and stays as it was; --overwrite replaces it."""
+    out = tmp_path / "trained.safetensors"
+    out.write_bytes(b"the user's weights")
+    code = main(["new-model", str(out), "--tiny", "--family", "sdlab-tiny"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "exists; pass --overwrite" in err, err
+    assert out.read_bytes() == b"the user's weights"
+    assert main(["new-model", str(out), "--tiny", "--family", "sdlab-tiny", "--overwrite"]) == 0
+    assert out.stat().st_size > 1000
+
+
 def test_the_largest_seed_makes_a_model(tmp_path, capsys) -> None:
     out = tmp_path / "model.safetensors"
     assert main(["new-model", str(out), "--tiny", "--family", "sdlab-tiny", "--seed", str(2**64 - 1)]) == 0

@@ -4,7 +4,7 @@
     sdlab img2img PROMPT --init IMAGE [--strength S] ...
     sdlab inpaint PROMPT --init IMAGE --mask MASK | --outpaint L,R,T,B ...
     sdlab inspect PATH [--family F] [--prediction P] [--vae FILE] [--json]   (cli/inspect.py)
-    sdlab new-model OUT [--family F] [--tiny] [--dtype D]                 (cli/new_model.py)
+    sdlab new-model OUT [--family F] [--tiny] [--dtype D] [--overwrite]     (cli/new_model.py)
     sdlab train --task unet|vae|text --data DIR ...                        (cli/train.py, sdlab/train/)
     sdlab eval PROMPTS [--model PATH] [--seeds N] [--cfg C] --out DIR       (cli/evaluate.py)
     sdlab serve [--host H] [--port P] [--models-dir DIR] ...               (cli/serve.py, sdlab/server/)

@@ -29,6 +29,9 @@ def add_new_model(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16",
                    help="dtype of the weights written (default fp16, as released checkpoints; fp32: PyTorch's "
                         "initial values unrounded)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT if it exists (without it an existing file is refused: random weights written "
+                        "over a trained checkpoint by a mistyped name would be lost work)")
     p.set_defaults(run=run_new_model)
 
 
@@ -45,6 +48,8 @@ def run_new_model(args: argparse.Namespace) -> int:
         raise UserError(f"the output must be a .safetensors file, got {args.out!r}")
     if not 0 <= args.seed <= MAX_SEED:
         raise UserError(f"--seed must be an integer in 0..{MAX_SEED}, got {args.seed}")
+    if Path(args.out).exists() and not args.overwrite:
+        raise UserError(f"{args.out} exists; pass --overwrite to replace it with random weights")
     make_output_folder(Path(args.out).parent, "the output file's folder")   # before the weights are made
     try:
         write_new_model(args.out, args.family, tiny=args.tiny, seed=args.seed, dtype=dtype_from_name(args.dtype))
