@@ -457,13 +457,14 @@ def check_image_prompts_fit(unet: torch.nn.Module, prompts: Sequence[IPAdapterIn
     """Each image prompt's adapter against `unet` (the loaded model's, or one built on the meta device from its
     checkpoint's names and shapes): its text context and cross-attention widths (`check_fits_unet`; the adapter
     file's names and shapes read, no weight); a RequestError naming the first adapter that does not fit, by its
-    file name. What the server checks as a job is posted, so that an adapter of another
-    family (an SDXL one on an SD1 model) is refused before it queues."""
+    path, as the check of the adapter loaded names it (`check_fits`; the server shows its title). What the server
+    checks as a job is posted, so that an adapter of another family (an SDXL one on an SD1 model) is refused
+    before it queues."""
     for index, prompt in enumerate(prompts):
         if isinstance(prompt.model, LoadedIPAdapter):
-            config, name = prompt.model.config, Path(prompt.model.origin).name
+            config, name = prompt.model.config, prompt.model.origin
         else:
-            config, name = _check_adapter_file(Path(prompt.model), f"IP-Adapter {index}"), Path(prompt.model).name
+            config, name = _check_adapter_file(Path(prompt.model), f"IP-Adapter {index}"), os.fspath(prompt.model)
         try:
             check_fits_unet(config, name, unet)
         except CheckpointError as err:

@@ -121,7 +121,16 @@ class Service:
             raise
 
     def _checked(self, spec: JobSpec, mode: str, model: str | None) -> tuple[JobSpec, str, str, dict[str, Any]]:
-        """The job `submit` queues: its spec, mode, model title and settings."""
+        """The job `submit` queues: its spec, mode, model title and settings (`_checked_job`). A refusal names the
+        ControlNet folder's files by their titles (`ModelFolder.without_paths`), as the units' own checks do: an
+        IP-Adapter for another U-Net, say, that the request checks find by its path."""
+        try:
+            return self._checked_job(spec, mode, model)
+        except BadRequest as err:
+            raise BadRequest(self.controlnets.without_paths(err.message), err.status,
+                             self.controlnets.without_paths(err.detail)) from None
+
+    def _checked_job(self, spec: JobSpec, mode: str, model: str | None) -> tuple[JobSpec, str, str, dict[str, Any]]:
         checkpoint = self.checkpoint(model)
         checkpoint.calculate_hash()                 # the job's title and its pictures' parameters carry it
         request = spec.request

@@ -383,8 +383,8 @@ class Runner:
             if upscaler is None:
                 return None
             return HiresUpscaler(upscaler, load_upscaler_file(upscaler, HIRES_UPSCALER, bundle.device))
-        except BadRequest as err:
-            raise RequestError(str(err)) from None
+        except BadRequest as err:           # an IP-Adapter that does not fit: by its title, as at submit
+            raise RequestError(self.controlnets.without_paths(str(err)) if self.controlnets else str(err)) from None
 
 
 def _refiner_ref(refiner: Checkpoint | None, choice: RefinerChoice | None) -> RefinerRef | None:
