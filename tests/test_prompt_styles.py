@@ -8,6 +8,7 @@ import csv
 import os
 import subprocess
 import sys
+import time
 import typing
 from pathlib import Path
 
@@ -458,3 +459,103 @@ def test_draw_plot_names_the_options_styles_as_the_cells_not_a_styles_axis() -> 
         draw_plot(_recording_run([]), {"prompt": "a cat", "styles": ["ink"]}, Plot(parse_axis("steps=1,2")))
     assert str(raised.value).startswith("the cells' styles (the options', then a Styles axis's) name the prompt "
                                         "styles 'ink': give the styles")
+
+
+def test_a_removed_styles_file_drops_its_styles_and_each_state_is_logged_once(tmp_path, caplog) -> None:
+    """A file removed while the server runs drops its styles (A1111's reload reads the files there are) and is
+    logged once, not at every look; an unreadable edit is logged once too; the file made again is read again."""
+    ink, neon = tmp_path / "ink.csv", tmp_path / "neon.csv"
+    _edit(ink, "name,prompt\nink,ink drawing\n")
+    _edit(neon, "name,prompt\nneon,neon lights\n")
+    watched = WatchedStyles([ink, neon])
+    neon.unlink()
+    for _ in range(5):
+        assert list(watched.current().styles) == ["ink"]
+    assert caplog.text.count("is gone") == 1 and "ERROR" not in caplog.text
+    _edit(ink, "title,prompt\nx,y\n")                                  # half-edited: no name column
+    for _ in range(5):
+        assert list(watched.current().styles) == ["ink"]
+    assert caplog.text.count("no 'name' column") == 1
+    _edit(ink, "name,prompt\nink,ink again\n")
+    _edit(neon, "name,prompt\nneon,neon again\n")
+    assert {name: s.prompt for name, s in watched.current().styles.items()} == {"ink": "ink again",
+                                                                                  "neon": "neon again"}
+
+
+def test_a_read_that_catches_a_file_being_written_keeps_the_styles_before(tmp_path, monkeypatch) -> None:
+    """A read during a save that is not atomic (A1111 writes styles.csv in place) keeps the styles read before and
+    is made again at the next look: a file whose size or time moved while it was read, or one written less than a
+    second ago that gave no styles where it had some (truncated, not yet written)."""
+    import sdlab.pipeline.styles as styles_module
+
+    path = tmp_path / "styles.csv"
+    _edit(path, "name,prompt\nink,ink drawing\nneon,neon lights\n")
+    watched = WatchedStyles([path])
+    read = styles_module.read_styles_file
+
+    def written_during_the_read(file):
+        styles = read(file)
+        _edit(path, "name,prompt\nink,ink drawing\nneon,neon lights\nchalk,chalk\n")   # the save goes on
+        return styles[:1]
+
+    _edit(path, "name,prompt\nink,ink drawing\n")                       # the save begins
+    monkeypatch.setattr(styles_module, "read_styles_file", written_during_the_read)
+    assert list(watched.current().styles) == ["ink", "neon"]            # the styles before
+    monkeypatch.setattr(styles_module, "read_styles_file", read)
+    assert list(watched.current().styles) == ["ink", "neon", "chalk"]   # read again: the saved file
+    path.write_text("", encoding="utf-8")                              # truncated, the rows not yet written
+    for _ in range(3):
+        assert list(watched.current().styles) == ["ink", "neon", "chalk"]
+    path.write_text("name,prompt\nink,ink drawing\nneon,neon lights\nchalk,chalk!\n", encoding="utf-8")
+    assert watched.current().styles["chalk"].prompt == "chalk!"
+    path.write_text("name,prompt\n", encoding="utf-8")                 # emptied on purpose
+    assert list(watched.current().styles) == ["ink", "neon", "chalk"]   # ... while it may be a save going on
+    past = time.time_ns() - 2 * 10**9
+    os.utime(path, ns=(past, past))                                      # ... taken once it is older
+    assert list(watched.current().styles) == []
+
+
+def test_a_styles_file_made_after_start_is_read(tmp_path) -> None:
+    """Without --styles-file, `sdlab serve --models-dir`'s styles.csv (or the webui folder's) is watched where it
+    would be read: made after the server starts, it is read at the next look."""
+    models = tmp_path / "models"
+    (models / "Stable-diffusion").mkdir(parents=True)
+    watched = WatchedStyles([], [models / "styles.csv", tmp_path / "styles.csv"])
+    assert not watched.current().styles
+    _edit(tmp_path / "styles.csv", "name,prompt\nink,ink drawing\n")
+    assert list(watched.current().styles) == ["ink"]
+    _edit(models / "styles.csv", "name,prompt\nneon,neon lights\n")   # the first one wins, as at start
+    assert list(watched.current().styles) == ["neon"]
+
+
+def test_a_styles_file_is_parsed_from_one_reading(tmp_path, monkeypatch) -> None:
+    """The file is read whole before it is parsed, so its header and rows are of one version: read line by line
+    while a writer truncates and rewrites it, an empty first read then another header made a KeyError (a 500)."""
+    import sdlab.pipeline.styles as styles_module
+
+    class BeingWritten:
+        """Line by line: empty at first, then a half-written file; whole: the file as a reader sees it at once."""
+
+        def __init__(self) -> None:
+            self.lines = iter([None, "title,prompt\n", "x,y\n"])
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            return None
+
+        def __iter__(self):
+            return self
+
+        def __next__(self) -> str:
+            line = next(self.lines)
+            if line is None:
+                raise StopIteration
+            return line
+
+        def read(self) -> str:
+            return "name,prompt\nink,ink drawing\n"
+
+    monkeypatch.setattr(styles_module, "open", lambda *args, **kwargs: BeingWritten(), raising=False)
+    assert [style.name for style in read_styles_file(tmp_path / "styles.csv")] == ["ink"]

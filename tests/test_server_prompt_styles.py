@@ -280,3 +280,41 @@ def test_a_styles_file_edited_while_the_server_runs_is_read_again(tmp_path) -> N
             assert cell[:2] == ["a red apple, chalk drawing, neon lights", "Negative prompt: ugly, dark"]
     finally:
         server.stop()
+
+
+def test_a_models_dirs_styles_file_made_after_start_is_listed_and_one_removed_is_dropped(tmp_path) -> None:
+    """`sdlab serve --models-dir` started with no styles.csv watches the path it would read: the file made while
+    the server runs is listed; removed, its styles are gone from the list (as A1111's reload)."""
+    models = tmp_path / "models"
+    models.mkdir()
+    server = start_server(tmp_path / "out", "--models-dir", str(models))
+    try:
+        with httpx.Client(base_url=server.url, timeout=300) as api:
+            assert api.get("/sdapi/v1/prompt-styles").json() == []
+            (models / "styles.csv").write_text("name,prompt\nink,ink drawing\n", encoding="utf-8")
+            assert [s["name"] for s in api.get("/sdapi/v1/prompt-styles").json()] == ["ink"]
+            job = api.post("/api/jobs", json={**NATIVE_JOB, "styles": ["ink"]})
+            assert job.status_code == 202, job.text
+            (models / "styles.csv").unlink()
+            assert api.get("/sdapi/v1/prompt-styles").json() == []
+    finally:
+        server.stop()
+
+
+def test_a_native_job_reads_the_styles_once(tmp_path) -> None:
+    """The job's style names are checked and applied on one reading of the files: an edit between the two
+    cannot apply a style the check did not see, or leave out one it saw."""
+    from types import SimpleNamespace
+
+    from sdlab.pipeline.styles import PromptStyle
+    from sdlab.server.native import JobIn, _styled_texts
+
+    readings = iter([StyleDatabase([PromptStyle("ink", "{prompt}, ink drawing", "")]), StyleDatabase()])
+
+    class EditedService(SimpleNamespace):
+        @property
+        def styles(self) -> StyleDatabase:        # the file as it is at each look: edited after the first
+            return next(readings, StyleDatabase())
+
+    texts = _styled_texts(EditedService(), JobIn(**NATIVE_JOB, styles=["ink"]))
+    assert texts["prompt"] == "a red apple, ink drawing"

@@ -135,12 +135,14 @@ def _model_folder(given: str | None, option: str, models_dir: str | None, defaul
     return fallback if fallback is not None and fallback.is_dir() else None
 
 
-def _styles_files(given: list[str], models_dir: str | None) -> tuple[str, ...]:
+def _styles_files(given: list[str], models_dir: str | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The --styles-file files and patterns, else the styles.csv in --models-dir or, when that is A1111's `models`
     folder (it has `Stable-diffusion/`), the one of the webui folder above it (A1111's own), if there is one; each
-    file read now, so that a missing or malformed one is an error before the server starts."""
+    file read now, so that a missing or malformed one is an error before the server starts. With neither, the
+    paths of those styles.csv files, which the server watches (one made later is read then)."""
     from sdlab.pipeline.styles import STYLES_FILE, StyleDatabase, StylesError
 
+    near: list[Path] = []
     if not given and models_dir is not None:
         folder = Path(models_dir)
         near = [folder / STYLES_FILE] + ([folder.parent / STYLES_FILE] if (folder / "Stable-diffusion").is_dir() else [])
@@ -149,7 +151,7 @@ def _styles_files(given: list[str], models_dir: str | None) -> tuple[str, ...]:
         StyleDatabase.load(given)
     except StylesError as err:
         raise UserError(f"--styles-file: {err}") from None
-    return tuple(given)
+    return tuple(given), () if given else tuple(map(str, near))
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -172,7 +174,7 @@ def run_serve(args: argparse.Namespace) -> int:
     upscalers_dir = _model_folder(args.upscalers_dir, "--upscalers-dir", args.models_dir, "ESRGAN")
     realesrgan_dir = _model_folder(None, "", args.models_dir, "RealESRGAN")     # A1111's, beside --upscalers-dir
     vae_dir = _model_folder(args.vae_dir, "--vae-dir", args.models_dir, "VAE")
-    styles_files = _styles_files(args.styles_file, args.models_dir)
+    styles_files, styles_candidates = _styles_files(args.styles_file, args.models_dir)
     try:
         resolve_device(args.device)
     except RequestError as err:
@@ -191,6 +193,7 @@ def run_serve(args: argparse.Namespace) -> int:
                           embeddings_dir=Path(args.embeddings_dir) if args.embeddings_dir else None,
                           controlnet_dir=controlnet_dir, upscalers_dir=upscalers_dir,
                           realesrgan_dir=realesrgan_dir, vae_dir=vae_dir, styles_files=styles_files,
+                          styles_candidates=styles_candidates,
                           max_queue=args.max_queue, basic_auth=basic, token=token, limits=limits,
                           host=args.host, allowed_hosts=allowed_hosts)
     sock = _listen(args.host, args.port)

@@ -27,9 +27,11 @@ hold (`StyleDatabase.extract`, A1111's `extract_styles_from_prompt`) and takes t
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,18 +133,20 @@ def styles_files(patterns: Iterable[str | os.PathLike[str]]) -> list[Path]:
 
 def read_styles_file(path: str | os.PathLike[str]) -> list[PromptStyle]:
     """The styles of one file, in its order (A1111's `load_from_csv`); a `StylesError` for a file that cannot be
-    read as one."""
+    read as one. The file is read whole, then parsed: its header and rows are of one version of it, whatever
+    writes it meanwhile."""
     try:
         with open(path, encoding="utf-8-sig", newline="") as file:
-            reader = csv.DictReader(file, skipinitialspace=True)
-            columns = reader.fieldnames or []
-            if columns and "name" not in columns:
-                raise StylesError(f"{os.fspath(path)}: no 'name' column (its header: {', '.join(columns)}); a "
-                                  "styles file starts with the header name,prompt,negative_prompt")
-            if columns and "prompt" not in columns and "text" not in columns:
-                raise StylesError(f"{os.fspath(path)}: no 'prompt' column (its header: {', '.join(columns)}); a "
-                                  "styles file starts with the header name,prompt,negative_prompt")
-            return [_style(row, path) for row in reader if row and not (row["name"] or "").startswith("#")]
+            text = file.read()
+        reader = csv.DictReader(io.StringIO(text, newline=""), skipinitialspace=True)
+        columns = reader.fieldnames or []
+        if columns and "name" not in columns:
+            raise StylesError(f"{os.fspath(path)}: no 'name' column (its header: {', '.join(columns)}); a "
+                              "styles file starts with the header name,prompt,negative_prompt")
+        if columns and "prompt" not in columns and "text" not in columns:
+            raise StylesError(f"{os.fspath(path)}: no 'prompt' column (its header: {', '.join(columns)}); a "
+                              "styles file starts with the header name,prompt,negative_prompt")
+        return [_style(row, path) for row in reader if row and not (row["name"] or "").startswith("#")]
     except UnicodeDecodeError as err:
         raise StylesError(f"{os.fspath(path)}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     except csv.Error as err:
@@ -206,42 +210,93 @@ class StyleDatabase:
                 return found[::-1], prompt, negative_prompt
 
 
+SAVE_NS = 10**9
+"""How long after it was written a styles file that gave no styles may still be being saved (A1111 truncates it,
+then writes it)."""
+FileState = tuple[str, "tuple[int, int] | None"]
+"""A watched styles file's path and its modification time (ns) and size, None while it does not exist."""
+
+
+def is_pattern(pattern: str | os.PathLike[str]) -> bool:
+    """Whether a `--styles-file` value is a pattern (`*` or `?` in its file name), not one file."""
+    name = os.path.basename(os.fspath(pattern))
+    return "*" in name or "?" in name
+
+
+def file_state(path: str | os.PathLike[str]) -> tuple[int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_mtime_ns, info.st_size
+
+
 class WatchedStyles:
     """The styles of the files `patterns` name (`StyleDatabase.load`), read again whenever those files change
-    while a server runs: a file's modification time or size, or the files a pattern matches. A styles file edited
+    while a server runs: a file's modification time or size, the files a pattern matches, a file removed (its
+    styles dropped, as A1111's reload drops them) or made again. Without patterns, the first of `candidates` that
+    exists is the file (`sdlab serve --models-dir`'s styles.csv, read once it is made). A styles file edited
     while the server runs is in use from the next request on, without a restart (A1111 has a refresh button for
-    it). The first read's error is raised; a later one (a file half-written, removed, not CSV) is logged and the
-    styles read before it stay in use, as A1111's reload keeps the styles read before an unreadable file."""
+    it). The first read's error is raised; a later one (a file half-written, not CSV) is logged once for that
+    state of the files and the styles read before it stay in use, as A1111's reload keeps the styles read before
+    an unreadable file. A read that caught a file being written (its state changed while it was read, or no
+    styles from a file that had some, written less than a second ago) keeps the styles before it and is made
+    again at the next look."""
 
-    def __init__(self, patterns: Iterable[str | os.PathLike[str]]) -> None:
-        self.patterns = tuple(patterns)
-        self._stamp = self._files_stamp()
-        self._styles = StyleDatabase.load(self.patterns)
+    def __init__(self, patterns: Iterable[str | os.PathLike[str]],
+                 candidates: Iterable[str | os.PathLike[str]] = ()) -> None:
+        self.patterns, self.candidates = tuple(patterns), tuple(candidates)
         self._lock = threading.Lock()
+        self._styles = StyleDatabase.load(self.patterns)
+        self._state = self._files_state()
+        if not self.patterns and self._state:
+            self._styles = self._read(self._state)
 
-    def _files_stamp(self) -> tuple[tuple[str, int, int], ...]:
-        """Each file the patterns name with its modification time (ns) and size; a `StylesError` if one is gone."""
-        stamp = []
-        for path in styles_files(self.patterns):
-            try:
-                info = path.stat()
-            except OSError as err:
-                raise StylesError(f"cannot read the styles file {os.fspath(path)!r}: {err.strerror or err}") from None
-            stamp.append((os.fspath(path), info.st_mtime_ns, info.st_size))
-        return tuple(stamp)
+    def _files_state(self) -> tuple[FileState, ...]:
+        """Each file read now with its `file_state`: the files the patterns match and the plain files they name
+        (existing or not); without patterns, the first candidate that exists."""
+        if not self.patterns:
+            return tuple((os.fspath(Path(path)), state) for path in self.candidates
+                         if (state := file_state(path)) is not None)[:1]
+        files = [os.fspath(path) for pattern in self.patterns       # as `styles_files` spells them
+                 for path in (styles_files([pattern]) if is_pattern(pattern) else [Path(pattern)])]
+        return tuple((path, file_state(path)) for path in dict.fromkeys(files))
+
+    @staticmethod
+    def _read(state: tuple[FileState, ...]) -> StyleDatabase:
+        return StyleDatabase(style for path, info in state if info is not None for style in read_styles_file(path))
+
+    def _caught_writing(self, state: tuple[FileState, ...], styles: StyleDatabase) -> bool:
+        """Whether the read of `state` may have caught a file being written: a file's state moved during the read,
+        or a file written less than `SAVE_NS` ago gave no styles where the styles before held some of it (a save
+        that truncates it, then writes; once it is that old, an emptied file is taken)."""
+        if self._files_state() != state:
+            return True
+        now = time.time_ns()
+        return any(info is not None and now - info[0] < SAVE_NS and not any(s.path == path for s in styles.styles.values())
+                   and any(s.path == path for s in self._styles.styles.values()) for path, info in state)
 
     def current(self) -> StyleDatabase:
         """The styles as the files now are: read again where they changed since the last read."""
-        if not self.patterns:
+        if not self.patterns and not self.candidates:
             return self._styles
         with self._lock:
+            state = self._files_state()
+            if state == self._state:
+                return self._styles
             try:
-                stamp = self._files_stamp()
-                if stamp != self._stamp:
-                    self._styles, self._stamp = StyleDatabase.load(self.patterns), stamp
-                    logger.info("styles read again: %d styles", len(self._styles.styles))
-            except StylesError as err:
+                styles = self._read(state)
+            except StylesError as err:      # logged once: the same state is not read again
                 logger.error("the styles files changed but cannot be read, the styles read before stay: %s", err)
+                self._state = state
+                return self._styles
+            if self._caught_writing(state, styles):
+                return self._styles
+            for path, info in state:
+                if info is None and any(s.path == path for s in self._styles.styles.values()):
+                    logger.warning("the styles file %r is gone: its styles are dropped", path)
+            self._styles, self._state = styles, state
+            logger.info("styles read again: %d styles", len(styles.styles))
             return self._styles
 
 

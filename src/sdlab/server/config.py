@@ -48,6 +48,7 @@ class ServerConfig:
     realesrgan_dir: Path | None = None      # A1111's models/RealESRGAN: the files of its R-ESRGAN names, as well
     vae_dir: Path | None = None             # VAE files sd_vae may name (beside the models folder's sidecars)
     styles_files: tuple[str, ...] = ()      # A1111's styles.csv files (patterns too) a request's `styles` names
+    styles_candidates: tuple[str, ...] = () # with no styles_files: the styles.csv paths watched, the first made read
     device: str = "cpu"
     max_queue: int = 16                     # jobs waiting (the running one not counted); more -> 429
     basic_auth: tuple[str, str] | None = None

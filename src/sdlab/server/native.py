@@ -319,12 +319,14 @@ def _vae_fields(service: Service, name: str | None) -> dict[str, Any]:
 
 def _styled_texts(service: Service, body: JobIn) -> dict[str, str]:
     """The job's prompts (`styles.PROMPT_FIELDS`) with its `styles` applied, as A1111's `setup_prompts`; a name
-    no styles file of the server has is a 404 naming those it has."""
-    if unknown := service.styles.unknown(body.styles):
-        known = ", ".join(map(repr, service.styles.styles)) or "none (sdlab serve --styles-file)"
+    no styles file of the server has is a 404 naming those it has. The styles as the files are now, read once: a
+    file edited meanwhile changes the next request, never half of this one."""
+    styles = service.styles
+    if unknown := styles.unknown(body.styles):
+        known = ", ".join(map(repr, styles.styles)) or "none (sdlab serve --styles-file)"
         raise BadRequest(f"unknown style {', '.join(map(repr, unknown))}; this server has: {known}", 404,
                          "Style not found")
-    return styled_options({key: getattr(body, key) for key in PROMPT_FIELDS}, service.styles, body.styles)
+    return styled_options({key: getattr(body, key) for key in PROMPT_FIELDS}, styles, body.styles)
 
 
 def service_of(request: Request) -> Service:

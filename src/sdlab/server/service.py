@@ -36,7 +36,8 @@ class Service:
         startup = config.model or shipped_model_path()
         if startup is None:
             raise FileNotFoundError("this sdlab install has no built-in model; pass --model FILE")
-        self.watched_styles = WatchedStyles(config.styles_files)     # StylesError: before the store opens
+        self.watched_styles = WatchedStyles(config.styles_files,     # StylesError: before the store opens
+                                            config.styles_candidates)
         self.store = Store(config.output_dir)
         self.registry = ModelRegistry(Path(startup), config.models_dir, config.vae_dir)
         self.controlnets = ModelFolder(config.controlnet_dir, CONTROLNET_SUFFIXES, hashed=True,
