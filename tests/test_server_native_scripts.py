@@ -174,6 +174,10 @@ def test_the_axes_with_choices_list_the_servers_values(client) -> None:
     latent = [m["name"] for m in client.get("/sdapi/v1/latent-upscale-modes").json()]
     assert axes["Hires upscaler"]["values"][:len(latent)] == latent
     assert "values" not in axes["Steps"] and all(("values" in a) == a["choices"] for a in axes.values())
+    # sd-webui-freeu's lib_free_u/xyz_grid.py: choices_bool() returns ["False", "True"]; A1111 1.10's xyz_grid.py:
+    # boolean_choice(reverse=True) is ["False", "True"] too, and RNG source's choices ["GPU", "CPU", "NV"]
+    assert axes["[FreeU] Enabled"]["values"] == axes["SGM noise multiplier"]["values"] == ["False", "True"]
+    assert axes["RNG source"]["values"] == ["GPU", "CPU", "NV"]
     img2img = {axis["label"]: axis for axis in scripts["img2img"]["axes"]}
     assert img2img["Sampler"]["values"] == samplers and img2img["VAE"]["values"] == axes["VAE"]["values"]
     for label in ("Sampler", "Schedule type", "Checkpoint name", "VAE", "RNG source"):

@@ -202,6 +202,23 @@ def test_an_edited_styles_file_is_listed_when_the_page_is_back_in_focus(page, st
     wait(page, lambda d: listed() == ["add a style", "cinematic", "ink"], 10, "neon is still listed")
 
 
+def test_a_failed_reload_on_focus_names_what_could_not_be_loaded(page, base_url):
+    """Back in focus, the page reads the styles and the scripts again; a failed read names the one that failed."""
+    wait(page, lambda d: d.execute_script("return state.scripts !== null"), 20, "GET /api/scripts not read")
+    page.execute_script("""
+      window.realFetch = window.realFetch || window.fetch;
+      window.fetch = (url, ...rest) => String(url).includes("/api/scripts")
+        ? Promise.resolve(new Response('{"detail": "scripts are down"}',
+                                       { status: 500, headers: { "Content-Type": "application/json" } }))
+        : window.realFetch(url, ...rest);
+      window.dispatchEvent(new Event("focus"));""")
+    try:
+        wait(page, lambda d: text(d, "error").startswith("Could not load the scripts"), 10,
+             "the failed scripts reload is not named")
+    finally:
+        page.execute_script("window.fetch = window.realFetch")
+
+
 def test_xyz_axes_with_choices_offer_the_servers_values_and_typing_still_works(page, base_url):
     """A1111's value dropdown and Fill button beside the X/Y/Z values box of an axis with choices: Styles (the
     server's styles), Sampler, Schedule type, Checkpoint name and VAE offer the server's values (`GET /api/scripts`);
@@ -209,6 +226,7 @@ def test_xyz_axes_with_choices_offer_the_servers_values_and_typing_still_works(p
     sends the box's text."""
     prompt = "a grey cube (xyz choices)"
     set_value(page, "prompt", prompt)
+    wait(page, lambda d: d.execute_script("return state.scripts !== null"), 20, "GET /api/scripts not read")
     Select(page.find_element(By.ID, "script")).select_by_visible_text("X/Y/Z plot")
 
     def offered(letter: str) -> list[str]:

@@ -413,7 +413,7 @@ def axis_values(service: Service) -> dict[str, list[str]]:
             "VAE": ["Automatic", "None", *service.registry.vaes.names()], "Styles": list(service.styles.styles),
             "Always discard next-to-last sigma": booleans, "SGM noise multiplier": booleans,
             "Refiner checkpoint": ["None", *titles], "RNG source": ["GPU", "CPU", "NV"],
-            "[FreeU] Enabled": ["True", "False"]}
+            "[FreeU] Enabled": ["False", "True"]}     # sd-webui-freeu's lib_free_u/xyz_grid.py `choices_bool`
 
 
 def native_scripts(service: Service) -> dict[str, Any]:

@@ -1617,8 +1617,10 @@ function setup() {
   $("lora-add").addEventListener("click", addChosenLora);
   $("style-choice").addEventListener("change", addChosenStyle);
   // the server reads an edited styles.csv again: coming back to the page (from the editor) lists it as it now is
-  window.addEventListener("focus", () => Promise.all([loadStyles(), loadScripts()])
-    .catch((err) => showError(`Could not load the styles: ${err.message}`)));
+  window.addEventListener("focus", () => {
+    loadStyles().catch((err) => showError(`Could not load the styles: ${err.message}`));
+    loadScripts().catch((err) => showError(`Could not load the scripts: ${err.message}`));
+  });
   setupAxisChoices();
   $("script").addEventListener("change", showScriptControls);
   for (const id of ["strength", "image_cfg_scale", "subseed_strength", "hr_denoise"]) {
