@@ -183,6 +183,7 @@ INIT_PICTURE = Image.new("RGB", (64, 64), (200, 80, 40))
 ImageDraw.Draw(INIT_PICTURE).ellipse([8, 8, 56, 50], fill=(20, 200, 90))
 LOOPBACK = {"script_name": "Loopback", "script_args": [2, 0.5, "Linear", "None"]}
 SD_UPSCALE = {"script_name": "SD upscale", "script_args": ["", 16, "Lanczos", 2]}
+OUTPAINTING = {"script_name": "Poor man's outpainting", "script_args": [32, 4, 1, ["left"]]}
 
 
 def _imageless_units(setup) -> tuple[dict, dict]:
@@ -196,12 +197,12 @@ def _imageless_units(setup) -> tuple[dict, dict]:
     return native, a1111
 
 
-@pytest.mark.parametrize("script", [LOOPBACK, SD_UPSCALE], ids=["loopback", "sd-upscale"])
+@pytest.mark.parametrize("script", [LOOPBACK, SD_UPSCALE, OUTPAINTING], ids=["loopback", "sd-upscale", "outpainting"])
 def test_a_unit_without_a_picture_draws_on_each_requests_init_picture(setup, script) -> None:
     """A unit without a picture of its own takes each request's init picture, as the extension's
     `choose_input_image` takes `p.init_images[0]`: a Loopback pass's picture, an SD upscale tile. The native job's
-    pictures equal the A1111 route's (each pass; the upscaled picture), and differ from the unit drawn on the
-    user's picture throughout."""
+    pictures equal the A1111 route's (each pass; the upscaled picture; the outpainted canvas), and differ from the
+    unit drawn on the user's picture throughout."""
     client = setup["client"]
     native, a1111 = _imageless_units(setup)
     job, pictures = _job(client, {**NATIVE, **native, "mode": "img2img", "init_image": b64_png(INIT_PICTURE),
