@@ -107,3 +107,74 @@ def test_inspect_names_the_unet_lora(sd1):
     described = describe_other_kind(path)
     assert described["kind"] == "IP-Adapter"
     assert described["facts"]["U-Net LoRA"].startswith("for the attentions, merged at weight 1")
+
+
+def test_the_hires_second_pass_keeps_the_face_id_lora(sd1, tmp_path):
+    """The hires fix with a FaceID file holding a U-Net LoRA and a hires prompt of its own (whose LoRAs the second
+    pass merges in place of the first's): the FaceID LoRA stays merged in the second pass too, the picture of the
+    hand-built expectation, the LoRA-less file with the same LoRA as a separate kohya file given for the run
+    (`loras`, merged in both passes): 0/255; the LoRA-less file alone is 253/255 away. With the FaceID LoRA left
+    out of `Pipeline.run`'s second-pass LoRAs the picture is 85/255 from the expectation, so this fails."""
+    ours, base, _, models, _ = sd1
+    unet, context = ours.bundle.unet, ours.bundle.unet_config.context_dim
+    widths = [attn.to_q.weight.shape[0] for attn in cross_attentions(unet)]
+    adapter = face_id_state(widths, context)
+    lora = unet_lora(unet, context, seed=31)
+    with_lora = write_ip_adapter(models / "ip-adapter-faceid_hires.bin",
+                                 dict(adapter, ip_adapter={**adapter["ip_adapter"], **lora}))
+    without = write_ip_adapter(models / "ip-adapter-faceid-nolora_hires.bin", adapter)
+    separate = kohya_file(models / "ip-adapter-faceid_hires_lora.safetensors", lora, list(base.unet.attn_processors))
+    face = torch.nn.functional.normalize(torch.randn(1, 512, generator=torch.Generator().manual_seed(9)), dim=-1)
+    hires = dict(OPTIONS, hr_scale=1.5, hr_denoise=0.5)
+
+    def draw(path, hr_prompt=None, loras=()):
+        more = {} if hr_prompt is None else dict(hr_prompt=hr_prompt, hr_negative_prompt=NEGATIVE)
+        request = GenerationRequest(prompt=PROMPT, negative_prompt=NEGATIVE,
+                                    ip_adapters=[IPAdapterInput(path, face, 0.6)], **hires, **more)
+        return ours.run(request, loras=loras).images
+
+    hr_prompt = PROMPT + ", detailed"             # a hires prompt equal to the prompt is no hires prompt
+    merged = draw(with_lora, hr_prompt)
+    expected = draw(without, hr_prompt, [LoraUse(separate, 1.0, 1.0, separate.stem)])
+    print("hires FaceID LoRA: vs the separate LoRA", max_pixel_diff(merged, expected),
+          "vs no LoRA", max_pixel_diff(merged, draw(without, hr_prompt)))
+    assert max_pixel_diff(merged, expected) <= MAX_PIXEL_DIFF
+    assert max_pixel_diff(merged, draw(without, hr_prompt)) > 5 * MAX_PIXEL_DIFF
+
+
+def test_two_face_id_files_with_loras_merge_both(sd1):
+    """Two FaceID files each holding a U-Net LoRA: sdlab merges both at weight 1, diffusers' picture with
+    ``set_adapters(["faceid_0", "faceid_1"], [1.0, 1.0])``. diffusers' `load_ip_adapter` alone leaves only the
+    last file's LoRA active (its loop's ``set_adapters([faceid_k], [1.0])``), taken as an accident
+    (`image_prompt.adapter_loras`): that picture is far from sdlab's."""
+    ours, base, _, models, _ = sd1
+    unet, context = ours.bundle.unet, ours.bundle.unet_config.context_dim
+    adapter = face_id_state([attn.to_q.weight.shape[0] for attn in cross_attentions(unet)], context)
+    files = [write_ip_adapter(models / f"ip-adapter-faceid_{name}.bin",
+                              dict(adapter, ip_adapter={**adapter["ip_adapter"], **unet_lora(unet, context, seed=seed)}))
+             for name, seed in (("first", 31), ("second", 32))]
+    face = torch.nn.functional.normalize(torch.randn(1, 512, generator=torch.Generator().manual_seed(9)), dim=-1)
+    embeds = torch.cat([torch.zeros_like(face), face]).unsqueeze(1)
+
+    pipe = StableDiffusionPipeline(**base.components)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(base.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_ip_adapter(str(models), subfolder="", weight_name=[f.name for f in files], image_encoder_folder=None)
+    pipe.set_ip_adapter_scale([0.6, 0.5])
+
+    def reference():
+        return pipe(PROMPT, negative_prompt=NEGATIVE, ip_adapter_image_embeds=[embeds, embeds],
+                    num_inference_steps=STEPS, guidance_scale=CFG, width=SIZE, height=SIZE,
+                    generator=torch.Generator().manual_seed(SEED), output_type="np").images
+
+    last_only = reference()
+    pipe.set_adapters(["faceid_0", "faceid_1"], [1.0, 1.0])
+    both = reference()
+    pipe.unload_lora_weights()
+    pipe.unload_ip_adapter()
+    drawn = ours.txt2img(PROMPT, NEGATIVE, ip_adapters=[IPAdapterInput(files[0], face, 0.6),
+                                                       IPAdapterInput(files[1], face, 0.5)], **OPTIONS)
+    print("two FaceID LoRAs: sdlab vs diffusers both", max_pixel_diff(drawn.images, both),
+          "vs diffusers' load_ip_adapter (last only)", max_pixel_diff(drawn.images, last_only))
+    assert max_pixel_diff(drawn.images, both) <= MAX_PIXEL_DIFF
+    assert max_pixel_diff(drawn.images, last_only) > 5 * MAX_PIXEL_DIFF

@@ -521,7 +521,13 @@ def picture_pixels(prompt: IPAdapterInput, size: int, index: int, convention: st
 def adapter_loras(prompts: Sequence[IPAdapterInput]) -> list[LoraUse]:
     """The U-Net LoRAs the prompts' FaceID files hold (`IPAdapterConfig.unet_lora`), each merged at weight 1 for
     the whole run as diffusers' `load_ip_adapter` merges it (``set_adapters([faceid_i], [1.0])``, whatever the
-    adapter's scale or step window); a file two prompts share once."""
+    adapter's scale or step window); a file two prompts share once.
+
+    Two FaceID files with LoRAs: sdlab merges both, as diffusers' ``set_adapters(["faceid_0", "faceid_1"],
+    [1.0, 1.0])`` does. diffusers' `load_ip_adapter` itself calls ``set_adapters([faceid_k], [1.0])`` once per
+    file in its loading loop, so only the last file's LoRA stays active: each call replaces the active set, which
+    makes loading the earlier LoRAs pointless and the picture depend on the adapters' order, so sdlab takes it as
+    an accident of that loop rather than a rule (ComfyUI and A1111 apply each FaceID LoRA the user loads)."""
     uses: dict[Path, LoraUse] = {}
     for index, prompt in enumerate(prompts):
         config = prompt.model.config if isinstance(prompt.model, LoadedIPAdapter) \
