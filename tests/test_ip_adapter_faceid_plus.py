@@ -187,7 +187,7 @@ def test_inspect_names_the_face_id_plus_projection(sd1):
     assert described["facts"]["image projection"] == "FaceID Plus (MLP, resampler)"
     assert described["facts"]["reads"] == ("512-wide face embeddings (InsightFace) and 128-wide image encoder "
                                            "hidden states")
-    assert described["use"].startswith("Python: IPAdapterInput(FILE, PICTURE, face_embedding=EMBEDDING)")
+    assert described["use"].startswith("--ip-adapter FILE --ip-adapter-image PICTURE --ip-adapter-face-embedding")
 
 
 def test_cli_draws_face_id_and_face_id_plus_as_the_api_does(cli_files, tmp_path, capsys):

@@ -19,6 +19,7 @@ from controlnet_fixtures import diffusers_controlnet, write_layout
 from ip_adapter_fixtures import (SAMPLE_PICTURE, ip_adapter_plus_state, ip_adapter_state, write_image_encoder,
                                  write_ip_adapter)
 from server_fixtures import b64_png, drawn_job, file_b64, job_pixels, png_picture, start_server
+from test_ip_adapter_layers import face_id_state
 
 GEN = {"prompt": "a red apple", "negative_prompt": "blurry", "steps": 4, "seed": 11, "width": 64, "height": 64,
        "cfg_scale": 5, "sampler_name": "Euler"}
@@ -44,6 +45,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory):
     write_ip_adapter(controlnet / "lone" / "ip-adapter_lone.safetensors", ip_adapter_state(widths, context, 32))
     # reads clip_g's 48-wide embeddings: drawn by ip-adapter_clip_g only (its own image_encoder is 32 wide)
     write_ip_adapter(controlnet / "ip-adapter_g48.safetensors", ip_adapter_state(widths, context, 48, seed=9, std=0.3))
+    write_ip_adapter(controlnet / "ip-adapter-faceid_tiny.bin", face_id_state(widths, context))   # face embedding
     factor = bundle.vae_config.downsample_factor
     net = write_layout(diffusers_controlnet(bundle.unet_config, 3, hint_widths=(16, 32, 96, 256)[: factor.bit_length()],
                                             std=0.05), "diffusers-file", controlnet)
@@ -178,6 +180,9 @@ def test_a_plus_unit_and_an_img2img_unit_without_an_image(setup):
     ({"module": "CLIP-ViT-bigG (IPAdapter)"}, 422, "reads 32-wide image embeddings"),
     ({"model": "ip-adapter_lone"}, 422, "ViT-H/14 (clip_h / CLIP-ViT-H-14) image encoder, and there is none"),
     ({"model": "tiny_canny"}, 422, "this is a ControlNet, not an IP-Adapter"),
+    ({"model": "ip-adapter-faceid_tiny"}, 422, "is a FaceID model: it reads an InsightFace face embedding (512 "
+     "numbers), which A1111's ip-adapter_face_id modules compute with InsightFace and sdlab does not; the A1111 "
+     "route cannot take one"),
     ({"model": "nothing such"}, 404, "unknown ControlNet model 'nothing such'"),
     ({"weight": 20}, 422, "scale must be a number in [0, 10]"),
     ({"guidance_start": 0.8, "guidance_end": 0.2}, 422, "need 0 <= start <= end <= 1"),

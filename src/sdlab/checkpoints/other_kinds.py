@@ -189,10 +189,11 @@ def _ip_adapter(path: Path) -> Description:
              "parameters": sum(shape.numel() for shape in shapes_of(tensors).values())}
     if cfg.unet_lora:
         facts["U-Net LoRA"] = "for the attentions, merged at weight 1 while the adapter draws (as diffusers)"
-    use = ("Python: IPAdapterInput(FILE, PICTURE, face_embedding=EMBEDDING) with an InsightFace face embedding "
-           "(sdlab computes none)" if cfg.face_id_plus else
-           "Python: IPAdapterInput(FILE, face_embedding) with an InsightFace face embedding (sdlab computes none)"
-           if cfg.face_id else
+    use = ("--ip-adapter FILE --ip-adapter-image PICTURE --ip-adapter-face-embedding FACE.npy, an InsightFace face "
+           "embedding (sdlab computes none); Python: IPAdapterInput(FILE, PICTURE, face_embedding=FACE)"
+           if cfg.face_id_plus else
+           "--ip-adapter FILE --ip-adapter-image FACE.npy, an InsightFace face embedding (sdlab computes none); "
+           "Python: IPAdapterInput(FILE, FACE)" if cfg.face_id else
            "--ip-adapter FILE --ip-adapter-image PICTURE (its image encoder beside it or --ip-adapter-encoder)")
     return {"kind": "IP-Adapter", "facts": facts, "use": use}
 

@@ -352,7 +352,14 @@ def _add_run_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
                         "repeatable")
     p.add_argument("--ip-adapter-face-embedding", action="append", default=[], metavar="FILE.npy",
                    help="the InsightFace face embedding (.npy, 512 floats) of the matching --ip-adapter, a FaceID "
-                        "Plus adapter, which also reads its --ip-adapter-image picture; repeatable")
+                        "Plus adapter, which also reads its --ip-adapter-image picture; none (or empty): no face "
+                        "embedding for that adapter (another kind), so that a FaceID Plus may follow it; repeatable")
+    p.add_argument("--ip-adapter-face-shortcut", action="append", default=[], type=_face_shortcut, metavar="S",
+                   help="the face shortcut's scale of the matching --ip-adapter, a FaceID Plus (its face tokens "
+                        "added back times S, 0..10: a Plus v2's, for a file not named 'plusv2'); none: the default, "
+                        "1 for a file whose name holds 'plusv2' (ComfyUI_IPAdapter_plus' rule), no shortcut for "
+                        "another" + _if_from_png(from_png, ", or the --from-png picture's Face shortcut")
+                        + "; repeatable")
     p.add_argument("--ip-adapter-scale", action="append", default=[], type=_ip_adapter_scale, metavar="S",
                    help="how strongly the matching --ip-adapter's picture acts, 0..10 (default 1"
                         + _if_from_png(from_png, ", or the Weight and Layers a --from-png picture's parameters record")
@@ -971,6 +978,21 @@ def _ip_adapter_scale(text: str) -> float | str:
     return text.strip()
 
 
+def _face_shortcut(text: str) -> float | None:
+    """An --ip-adapter-face-shortcut: a number, or none / empty (None: the default, `image_prompt.face_shortcut`)."""
+    if text.strip().lower() in ("", "none"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or none") from None
+
+
+def _no_face(value: str | None) -> str | None:
+    """An --ip-adapter-face-embedding's value: None for none / empty (an adapter that reads no face embedding)."""
+    return None if value is None or value.strip().lower() in ("", "none") else value
+
+
 def _ip_adapters(args: argparse.Namespace, recorded: dict[str, Any], convention: str = "diffusers") -> tuple:
     """The --ip-adapter `IPAdapterInput`s, each with the --ip-adapter-image / -scale / -encoder / -start / -end of
     its place, checked (the window by the request's `convention`: a --from-png picture's Control steps). A scale not given is the Weight
@@ -981,7 +1003,7 @@ def _ip_adapters(args: argparse.Namespace, recorded: dict[str, Any], convention:
     the adapters given are named in a warning (the picture is not recorded: each needs its image again)."""
     from sdlab.pipeline.image_prompt import (IPAdapterInput, check_ip_adapter, recorded_face_shortcut,
                                              recorded_ip_adapters, recorded_layer_scales, recorded_weight,
-                                             recorded_window)
+                                             recorded_window, takes_face_shortcut)
     from sdlab.pipeline.ip_adapter_units import unit_image_encoder
     from sdlab.pipeline.request import RequestError
 
@@ -991,6 +1013,7 @@ def _ip_adapters(args: argparse.Namespace, recorded: dict[str, Any], convention:
                         "adapter its picture")
     for flag, values in (("--ip-adapter-scale", args.ip_adapter_scale),
                          ("--ip-adapter-face-embedding", args.ip_adapter_face_embedding),
+                         ("--ip-adapter-face-shortcut", args.ip_adapter_face_shortcut),
                          ("--ip-adapter-encoder", args.ip_adapter_encoder), ("--ip-adapter-start", args.ip_adapter_start),
                          ("--ip-adapter-end", args.ip_adapter_end)):
         if len(values) > count:
@@ -1031,7 +1054,19 @@ def _ip_adapters(args: argparse.Namespace, recorded: dict[str, Any], convention:
         for key, given in (("start", args.ip_adapter_start), ("end", args.ip_adapter_end)):
             if index < len(given):
                 window[key] = given[index]
-        face = args.ip_adapter_face_embedding[index] if index < len(args.ip_adapter_face_embedding) else None
+        given_shortcut = args.ip_adapter_face_shortcut[index] if index < len(args.ip_adapter_face_shortcut) else None
+        if given_shortcut is not None:
+            shortcut = given_shortcut
+        elif shortcut is not None:
+            try:
+                applies = takes_face_shortcut(file)
+            except RequestError as err:
+                raise UserError(f"--ip-adapter {file!r}: {err}") from None
+            if not applies:         # recorded for a FaceID Plus; this place's adapter is another kind
+                logger.warning("%s records Face shortcut: %g, which only a FaceID Plus adapter takes; %s is not "
+                               "one, so it is left out", lines[index][0], shortcut, file)
+                shortcut = None
+        face = _no_face(args.ip_adapter_face_embedding[index] if index < len(args.ip_adapter_face_embedding) else None)
         picture = image if image.lower().endswith(".npy") else _open_image(image, "IP-Adapter image")  # FaceID's
         prompt = IPAdapterInput(file, picture, 1.0 if scale is None else scale, encoder, layer_scales=layers,
                                 module=module, face_embedding=face, face_shortcut=shortcut, **window)

@@ -171,6 +171,13 @@ def _is_face_embedding(image: Any) -> bool:
         isinstance(image, (str, os.PathLike)) and os.fspath(image).lower().endswith(".npy"))
 
 
+def takes_face_shortcut(model: LoadedIPAdapter | str | os.PathLike[str]) -> bool:
+    """Whether the adapter is a FaceID Plus, the one kind a `face_shortcut` acts on (its file's names and shapes
+    read, no weight); a RequestError names a file that is no IP-Adapter."""
+    config = model.config if isinstance(model, LoadedIPAdapter) else _check_adapter_file(Path(model), "IP-Adapter")
+    return config.face_id_plus
+
+
 def _reads_picture(config: IPAdapterConfig) -> bool:
     """Whether the adapter reads a picture through an image encoder (every one but FaceID)."""
     return not config.face_id or config.face_id_plus
@@ -214,16 +221,25 @@ def _check_face_file(face: Any, name: str) -> None:
         raise RequestError(f"{name}: the face embedding {os.fspath(face)!r} does not exist")
 
 
+NPY_MAGIC = b"\x93NUMPY"
+"""The first bytes of every .npy file (NumPy's format.MAGIC_PREFIX)."""
+
+
 def face_embeds(image: Tensor | np.ndarray | str | os.PathLike[str], width: int, name: str) -> Tensor:
     """A FaceID input's face embeddings as (N, width) float32: a tensor or array of `width` numbers per face
     (E, N x E or 1 x N x E, diffusers' `ip_adapter_image_embeds` without its negative half) or a .npy file of
     one (read without pickles); a RequestError names another shape or values that are not finite."""
     if isinstance(image, (str, os.PathLike)):
+        path = os.fspath(image)
         try:
-            image = np.load(image, allow_pickle=False)
+            with open(path, "rb") as file:
+                is_npy = file.read(len(NPY_MAGIC)) == NPY_MAGIC    # else np.load reads a pickle, "allow_pickle"
+            image = np.load(path, allow_pickle=False) if is_npy else None
         except (OSError, ValueError) as err:
-            raise RequestError(f"{name}: the face embedding {os.fspath(image)!r} is not a NumPy .npy array: {err}") \
-                from None
+            raise RequestError(f"{name}: the face embedding {path!r} is not a NumPy .npy array: {err}") from None
+        if not is_npy:
+            raise RequestError(f"{name}: the face embedding {path!r} is not a .npy array file (NumPy's np.save "
+                               "format)")
     embeds = torch.as_tensor(np.asarray(image) if isinstance(image, np.ndarray) else image).detach()
     if not embeds.is_floating_point() or embeds.ndim not in (1, 2, 3) or embeds.shape[-1] != width \
             or embeds.numel() == 0 or (embeds.ndim == 3 and len(embeds) != 1):
@@ -644,8 +660,9 @@ def infotext_lines(prompts: Sequence[IPAdapterInput], first_unit: int = 0) -> di
         lines[label] = f"Model: {model}, Weight: {_number(float(prompt.scale))}"
         if prompt.layer_scales is not None:
             lines[label] += f", Layers: {layer_scales_text(prompt.layer_scales)}"
-        if prompt.face_shortcut is not None:
-            lines[label] += f", Face shortcut: {_number(float(prompt.face_shortcut))}"
+        shortcut = face_shortcut(prompt) if prompt.face_embedding is not None else None   # FaceID Plus only
+        if shortcut is not None:            # given, or a Plus v2 file's by its name: a renamed file redraws the same
+            lines[label] += f", Face shortcut: {_number(shortcut)}"
         if prompt.windowed:
             lines[label] += window
     return lines

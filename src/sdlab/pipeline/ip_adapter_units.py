@@ -149,6 +149,12 @@ def unit_image_encoder(module: str, adapter: str | Path) -> Path:
 
         _check_adapter_file(adapter, "IP-Adapter")      # names the kind of file it is, and the option that takes it
         raise RequestError(str(err)) from None
+    if config.face_id:
+        raise RequestError(f"the IP-Adapter {adapter.name} is a FaceID{' Plus' if config.face_id_plus else ''} "
+                           f"model: it reads an InsightFace face embedding ({config.embed_dim} numbers), which A1111's "
+                           "ip-adapter_face_id modules compute with InsightFace and sdlab does not; the A1111 route "
+                           "cannot take one. Draw it with the embedding given: sdlab's CLI (--ip-adapter-image "
+                           "FACE.npy, or --ip-adapter-face-embedding for FaceID Plus) or Python API")
     towers = [MODULE_ENCODERS[name]] if MODULE_ENCODERS[name] else \
         [PRESET_ENCODERS[adapter.stem]] if adapter.stem in PRESET_ENCODERS else [CLIP_H, CLIP_G]
     found = [(tower, path, encoder) for tower in towers for path, encoder in _candidates(adapter, tower)]
