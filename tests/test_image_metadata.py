@@ -7,6 +7,7 @@ import errno
 import hashlib
 import json
 import re
+import shutil
 import struct
 import time
 import zlib
@@ -401,6 +402,120 @@ def test_overwrite_takes_back_the_batch_and_restores_the_files_it_replaced(tmp_p
     assert code == 2 and stderr.strip().splitlines()[-1] == (f"sdlab: error: cannot write {out / 'x-1.png'}: Is a "
                                                              "directory; nothing was written"), stderr
     assert sorted(p.name for p in out.iterdir()) == ["x-1.png"]
+
+
+def _old_names(folder: Path) -> dict[str, str]:
+    """A folder for an overwriting batch of three: x-0.png a symlink to target.png, x-1.png and x-2.png files."""
+    folder.mkdir()
+    (folder / "target.png").write_bytes(b"target")
+    (folder / "x-0.png").symlink_to("target.png")
+    (folder / "x-1.png").write_bytes(b"old1")
+    (folder / "x-2.png").write_bytes(b"old2")
+    return _entries(folder)
+
+
+def _entries(folder: Path) -> dict[str, str]:
+    """Each name in ``folder``: '-> target' for a symlink, 'DIR' for a folder, else the file's bytes as text."""
+    return {p.name: ("-> " + str(p.readlink()) if p.is_symlink() else "DIR" if p.is_dir() else p.read_text())
+            for p in folder.iterdir()}
+
+
+def _no_hard_links(monkeypatch) -> None:
+    def refused(*args, **kwargs):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(png_info.os, "link", refused)
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_a_failed_overwrite_puts_back_a_symlink_it_replaced(tmp_path, monkeypatch, hard_links):
+    """Before, only regular files were kept aside: a symlink at a name was gone after the take-back."""
+    if not hard_links:
+        _no_hard_links(monkeypatch)
+    folder = tmp_path / "out"
+    _old_names(folder)
+    (folder / "x-1.png").unlink()
+    (folder / "x-1.png").symlink_to(tmp_path)                    # a symlink to a folder is replaced as a link too
+    (folder / "x-3.png").mkdir()
+    before = _entries(folder)
+    with pytest.raises(IsADirectoryError):
+        write_files_all_or_nothing([(folder / f"x-{i}.png", b"new") for i in range(4)], overwrite=True)
+    assert _entries(folder) == before
+
+
+def test_without_hard_links_a_full_disk_while_keeping_a_file_aside_leaves_no_partial_copy(
+        tmp_path, monkeypatch, capsys):
+    """Before, the half-made ``.sdlab-<hex>.old`` copy stayed in the folder."""
+    from cli_helpers import run
+
+    _no_hard_links(monkeypatch)
+    real_copy = shutil.copy2
+
+    def copy_until_full(source, target):
+        if Path(source).name == "x-1.png":
+            Path(target).write_bytes(b"ol")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_copy(source, target)
+
+    monkeypatch.setattr(png_info.shutil, "copy2", copy_until_full)
+    folder = tmp_path / "out"
+    before = _old_names(folder)
+    with pytest.raises(OSError) as raised:
+        write_files_all_or_nothing([(folder / f"x-{i}.png", b"new") for i in range(3)], overwrite=True)
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(folder / "x-1.png")
+    assert _entries(folder) == before
+
+    code, _, stderr = run(["txt2img", "a cat", "--steps", "1", "--batch", "3", "--out", str(folder / "x.png")], capsys)
+    assert code == 2 and stderr.strip().splitlines()[-1].startswith(
+        f"sdlab: error: the disk is full: cannot write {folder / 'x-1.png'}; nothing was written"), stderr
+    assert _entries(folder) == before
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_an_interrupt_at_any_step_of_an_overwrite_leaves_the_names_as_they_were(tmp_path, monkeypatch, hard_links):
+    """Ctrl+C before or after each step that changes the folder (keeping an entry aside, renaming a new file
+    over a name). Before, an interrupt after a rename but before it was recorded left the new file and lost the
+    old one."""
+    if not hard_links:
+        _no_hard_links(monkeypatch)
+    steps = {"replace": png_info.os.replace, "symlink": png_info.os.symlink, "copy2": png_info.shutil.copy2}
+    if hard_links:
+        steps["link"] = png_info.os.link
+    count = {"steps": 0, "stop_at": None}
+
+    def interruptible(step):
+        def run_step(*args, **kwargs):
+            count["steps"] += 1
+            if count["steps"] == count["stop_at"] and count["when"] == "before":
+                raise KeyboardInterrupt
+            result = step(*args, **kwargs)
+            if count["steps"] == count["stop_at"] and count["when"] == "after":
+                raise KeyboardInterrupt
+            return result
+        return run_step
+
+    monkeypatch.setattr(png_info.os, "replace", interruptible(steps["replace"]))
+    monkeypatch.setattr(png_info.os, "symlink", interruptible(steps["symlink"]))
+    monkeypatch.setattr(png_info.shutil, "copy2", interruptible(steps["copy2"]))
+    if hard_links:
+        monkeypatch.setattr(png_info.os, "link", interruptible(steps["link"]))
+    write_files_all_or_nothing([(tmp_path / "count.png", b"new")], overwrite=True)   # no step: nothing there
+    files = lambda folder: [(folder / f"x-{i}.png", f"new{i}".encode()) for i in range(3)]
+    _old_names(tmp_path / "whole")
+    count["steps"] = 0
+    write_files_all_or_nothing(files(tmp_path / "whole"), overwrite=True)
+    total = count["steps"]
+    assert total >= 5 and _entries(tmp_path / "whole") == {"target.png": "target", "x-0.png": "new0",
+                                                          "x-1.png": "new1", "x-2.png": "new2"}
+    for stop_at in range(1, total + 1):
+        for when in ("before", "after"):
+            folder = tmp_path / f"{when}-{stop_at}"
+            before = _old_names(folder)
+            count.update(steps=0, stop_at=stop_at, when=when)
+            with pytest.raises(KeyboardInterrupt):
+                write_files_all_or_nothing(files(folder), overwrite=True)
+            count["stop_at"] = None
+            assert _entries(folder) == before, (when, stop_at)
 
 
 def test_no_overwrite_refuses_existing_names_and_takes_back_the_batch(tmp_path):

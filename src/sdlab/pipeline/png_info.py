@@ -35,6 +35,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import struct
 from collections.abc import Sequence
 from importlib import metadata
@@ -354,15 +355,17 @@ def write_files_all_or_nothing(files: Sequence[tuple[Path, bytes]], *, overwrite
     """Write every ``(path, data)`` or none: all go to temporary files first, then each is renamed.
 
     With ``overwrite=False`` an existing file is never replaced: ``FileExistsError`` is raised and the files
-    of this call already in place are removed again. With ``overwrite=True`` a file a name held is kept aside
-    (a hard link, else a copy) until every name is placed, so that a later name that cannot be placed (a
-    folder of that name) takes the batch back and puts the replaced files back. A full disk raises ``OSError``
-    with ``errno.ENOSPC`` (or ``EDQUOT``) before any file of the batch appears. Temporary names are short
+    of this call already in place are removed again. With ``overwrite=True`` whatever a name held but a folder
+    (a file, a symlink: ``_keep_aside``) is kept aside until every name is placed, so that a later name that
+    cannot be placed (a folder of that name) takes the batch back and puts the replaced entries back. A name
+    is recorded before its rename and the take-back asks whether the rename took place (``_holds``), so an
+    interrupt (Ctrl+C) at any point leaves the names as they were. A full disk raises ``OSError`` with
+    ``errno.ENOSPC`` (or ``EDQUOT``) before any file of the batch appears. Temporary names are short
     (``.sdlab-<hex>.tmp``) so that only the final names meet the file system's name-length limit.
     """
     temporaries: list[tuple[Path, Path]] = []
-    placed: list[Path] = []
-    kept: dict[Path, Path] = {}                     # a replaced file's name -> the copy kept of it
+    placed: list[tuple[Path, Path]] = []            # (temporary, name) whose rename has begun
+    kept: dict[Path, Path] = {}                     # a replaced entry's name -> the second name kept of it
     try:
         for path, data in files:
             temporary = path.with_name(f".sdlab-{secrets.token_hex(6)}.tmp")
@@ -372,17 +375,19 @@ def write_files_all_or_nothing(files: Sequence[tuple[Path, bytes]], *, overwrite
                 file.flush()
                 os.fsync(file.fileno())
         for temporary, path in temporaries:
-            if overwrite and path.is_file() and not path.is_symlink():
-                kept[path] = _keep_aside(path)
+            if overwrite and _stands(path):
+                kept[path] = path.with_name(f".sdlab-{secrets.token_hex(6)}.old")   # recorded before it is made
+                _keep_aside(path, kept[path])
+            placed.append((temporary, path))
             _place(temporary, path, overwrite)
-            placed.append(path)
     except BaseException:
-        for path in placed:
+        for temporary, path in placed:
             with contextlib.suppress(OSError):
-                if path in kept:
-                    os.replace(kept.pop(path), path)
-                else:
-                    path.unlink(missing_ok=True)
+                if _holds(path, temporary):
+                    if path in kept:
+                        os.replace(kept.pop(path), path)
+                    else:
+                        path.unlink(missing_ok=True)
         for leftover in [temporary for temporary, _ in temporaries] + list(kept.values()):
             with contextlib.suppress(OSError):      # a read-only folder: the error raised is the write's
                 leftover.unlink(missing_ok=True)
@@ -394,14 +399,47 @@ def write_files_all_or_nothing(files: Sequence[tuple[Path, bytes]], *, overwrite
         fsync_dir(folder)
 
 
-def _keep_aside(path: Path) -> Path:
-    """A second name for the file at ``path`` beside it (a hard link, else a copy), to put it back with."""
-    copy = path.with_name(f".sdlab-{secrets.token_hex(6)}.old")
+def _stands(path: Path) -> bool:
+    """Whether something other than a folder stands at ``path`` (a symlink counts as itself, not its target)."""
+    try:
+        return not stat.S_ISDIR(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _keep_aside(path: Path, copy: Path) -> None:
+    """Make ``copy`` a second name for the entry at ``path``, to put it back with: a symlink as a link to the
+    same target, anything else as a hard link, else (a file system without them) a regular file as a copy.
+    A copy that fails (a full disk) is removed again, and its error names ``path``."""
+    if path.is_symlink():
+        os.symlink(os.readlink(path), copy)
+        return
     try:
         os.link(path, copy)
+        return
     except OSError:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            raise
+    try:
         shutil.copy2(path, copy)
-    return copy
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            copy.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.filename is None:
+            err.filename = str(path)
+        raise
+
+
+def _holds(path: Path, temporary: Path) -> bool:
+    """Whether ``path`` holds the file written at ``temporary``: its rename (or hard link) took place."""
+    try:
+        written = os.lstat(temporary)
+    except FileNotFoundError:
+        return True                                 # renamed, or linked and the temporary removed
+    try:
+        return os.path.samestat(written, os.lstat(path))
+    except FileNotFoundError:
+        return False
 
 
 def _place(temporary: Path, path: Path, overwrite: bool) -> None:
