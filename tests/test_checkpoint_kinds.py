@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from sdlab.checkpoints.errors import CheckpointError
+from sdlab.checkpoints.io import _text_start, read_checkpoint
 from sdlab.checkpoints.load import plan_checkpoint
 
 
@@ -154,6 +155,49 @@ def test_a_text_file_of_no_known_kind_is_said_to_be_text(tmp_path, capsys, name,
     assert str(err.value) == f"{path}: {says}"
     code, stdout, stderr = run(["txt2img", "a cat", "--model", str(path), "--out", str(tmp_path / "a.png")], capsys)
     assert code == 2 and stderr.strip() == f"sdlab: error: {err.value}" and not (tmp_path / "a.png").exists()
+
+
+_BOM_TEXT = "\ufeffhello world, this is not a model at all\n"                   # Notepad's UTF-8 with a BOM
+_CYRILLIC_TEXT = "Привет, это не модель, а заметка о ней\n" * 20                # 2-byte characters, 1 KiB
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
+@pytest.mark.parametrize("text, begins", [(_BOM_TEXT, "hello world, this is"), (_CYRILLIC_TEXT, "Привет, это не модел")])
+def test_utf8_text_with_a_bom_or_beyond_ascii_is_said_to_be_text(tmp_path, capsys, suffix, text, begins):
+    """Before, the text check read the first 8 bytes as ASCII: a .ckpt was "refused to unpickle: Unsupported
+    operand 239 (208) ... code in a pickle would run", a .safetensors "its first 8 bytes give a header of
+    12885001739560918992 bytes"."""
+    from cli_helpers import run
+
+    path = tmp_path / f"model{suffix}"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(CheckpointError) as err:
+        plan_checkpoint(path)
+    what = "not a PyTorch checkpoint" if suffix == ".ckpt" else "not a readable safetensors file"
+    assert str(err.value) == f"{path}: {what}: it is text, not the weights (it begins {begins!r})"
+    code, stdout, stderr = run(["txt2img", "a cat", "--model", str(path), "--out", str(tmp_path / "a.png")], capsys)
+    assert code == 2 and stderr.strip() == f"sdlab: error: {err.value}" and not (tmp_path / "a.png").exists()
+
+
+def test_a_protocol_0_pickle_is_text_and_still_refused(tmp_path):
+    """A pickle of protocol 0 is text too: one calling a function is refused as a pickle, not called text."""
+    path = tmp_path / "model.ckpt"
+    path.write_bytes(b"cos\nsystem\n(S'echo hi'\ntR.")
+    with pytest.raises(CheckpointError, match=r"refused to unpickle: Trying to load unsupported GLOBAL os\.system"):
+        read_checkpoint(path)
+
+
+@pytest.mark.parametrize("write", [_zip_pickle, _legacy_pickle, None], ids=["zip", "legacy", "safetensors"])
+def test_real_checkpoints_do_not_read_as_text_and_load(tmp_path, write):
+    """The text check's counterpart: a zip (PK), a legacy pickle (0x80) and a safetensors file (8-byte length,
+    then '{') are no text, and still load."""
+    if write is None:
+        path = _file(tmp_path, "model.safetensors", {_DMP + "input_blocks.0.0.weight": (1,)})
+    else:
+        write(path := tmp_path / "model.ckpt")
+    assert _text_start(path.read_bytes()[:512]) is None
+    tensors, _ = read_checkpoint(path)
+    assert [tuple(tensor.shape) for tensor in tensors.values()] == [(1,)]
 
 
 def test_a_truncated_safetensors_file_is_still_said_to_be_one(tmp_path):

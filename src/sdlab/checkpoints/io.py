@@ -27,13 +27,16 @@ from __future__ import annotations
 
 from abc import abstractmethod
 
+import codecs
 import json
 import logging
 import mmap
 import os
+import pickletools
 import struct
 import re
 import threading
+import unicodedata
 import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -237,7 +240,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 # how files people find under a .safetensors name begin -> what they are: binary formats by their magic bytes,
-# text (the first 8 bytes printable: never a safetensors header length, whose high bytes are 0) by its start
+# text (`_text_start`) by its start
 _OTHER_BINARY = (
     (b"PK\x03\x04", "a PyTorch checkpoint (a zip archive, as .ckpt / .pt files are); rename it to .ckpt"),
     (b"\x80\x02\x8a\x0a", "a PyTorch checkpoint (a legacy pickle); rename it to .ckpt"),
@@ -249,18 +252,51 @@ _OTHER_TEXT = (
     (b"<", "a web page (HTML / XML), not the weights (download the file itself)"),
     (b"{", "JSON text, not the weights"),
 )
+_HEAD_BYTES = 512                   # how much of a file's start is read to tell what kind of file it is
+_TEXT_CONTROLS = "\t\n\v\f\r"      # the control characters text may hold: whitespace
+
+
+def _text_start(head: bytes) -> str | None:
+    """`head`, a file's first bytes, as text where it reads as text: UTF-8 (a byte order mark allowed, a
+    character cut off at the end of `head` allowed) holding no control character but whitespace; else None.
+    No checkpoint reads so: a zip begins b"PK\\x03\\x04", a legacy pickle with the protocol byte 0x80 (which no
+    UTF-8 character begins with), a safetensors file with its header's length as 8 little-endian bytes, whose
+    high ones are 0."""
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(head.removeprefix(codecs.BOM_UTF8))
+    except UnicodeDecodeError:
+        return None
+    if not text or any(unicodedata.category(char) == "Cc" and char not in _TEXT_CONTROLS for char in text):
+        return None
+    return text
 
 
 def _content_kind(head: bytes, binary: bool = True, any_text: bool = False) -> str | None:
     """What a file that begins with `head` is, where it is one of `_OTHER_TEXT` (or `_OTHER_BINARY`), or, with
     `any_text`, any other text (asked only once the file failed to load: a protocol-0 pickle is text too); else
     None."""
-    text = all(32 <= byte < 127 or byte in b"\t\n\r" for byte in head[:8])
-    starts = (_OTHER_BINARY if binary else ()) + (_OTHER_TEXT if text else ())
-    kind = next((kind for start, kind in starts if head.lstrip().startswith(start)), None)
-    if kind is None and text and any_text:
-        kind = f"text, not the weights (it begins {head[:20].decode('ascii', 'replace')!r})"
+    text = _text_start(head)
+    starts = (_OTHER_BINARY if binary else ()) + (_OTHER_TEXT if text is not None else ())
+    start = head.removeprefix(codecs.BOM_UTF8).lstrip()
+    kind = next((kind for begins, kind in starts if start.startswith(begins)), None)
+    if kind is None and text is not None and any_text:
+        kind = f"text, not the weights (it begins {text[:20]!r})"
     return kind
+
+
+def _begins_with_a_pickle(path: Path) -> bool:
+    """Whether the file at `path` begins with a whole pickle: `pickletools` walks its opcodes to a STOP within
+    the first MiB. A protocol-0 pickle is text too; text that is none fails torch's unpickler as a refused
+    pickle does ("Unsupported operand"), and is then told apart by this."""
+    with open(path, "rb") as file:
+        data = file.read(1 << 20)
+    opcode = None
+    try:
+        for opcode, _, _ in pickletools.genops(data):
+            pass
+    except Exception:                             # any byte string is given: whatever stops the walk says no
+        return False
+    return opcode is not None and opcode.name == "STOP"
 
 
 def read_safetensors_header(file: BinaryIO, name: str | os.PathLike[str]) -> tuple[dict[str, Any], int]:
@@ -271,7 +307,7 @@ def read_safetensors_header(file: BinaryIO, name: str | os.PathLike[str]) -> tup
     checkpoint, a Git LFS pointer, a saved web page: `_content_kind`) says what it is."""
     size = file.seek(0, os.SEEK_END)
     file.seek(0)
-    head = file.read(64)
+    head = file.read(_HEAD_BYTES)
     (length,) = struct.unpack("<Q", head[:8].ljust(8, b"\0"))
     file.seek(8)
 
@@ -446,7 +482,7 @@ _STAND_INS = threading.Lock()   # torch's allowlist is one set: one load at a ti
 
 def _read_pickle(path: Path, nested: bool = False, shapes_only: bool = False) -> tuple[Mapping[str, Tensor], dict[str, str]]:
     with open(path, "rb") as f:
-        head = f.read(64)
+        head = f.read(_HEAD_BYTES)
     is_zip = head.startswith(b"PK\x03\x04")          # what torch.load takes for its zip format
     if (kind := _content_kind(head, binary=False)) is not None:
         raise CheckpointError(f"{path}: not a PyTorch checkpoint: it is {kind}")
@@ -459,6 +495,9 @@ def _read_pickle(path: Path, nested: bool = False, shapes_only: bool = False) ->
             obj = torch.load(path, map_location="meta" if shapes_only else "cpu", weights_only=True,
                              mmap=mmap and not shapes_only)
     except Exception as exc:
+        kind = _content_kind(head, binary=False, any_text=True)
+        if kind is not None and not _begins_with_a_pickle(path):    # text, and no protocol-0 pickle
+            raise CheckpointError(f"{path}: not a PyTorch checkpoint: it is {kind}") from exc
         message = str(exc)
         refusal = _REFUSAL.search(message)
         if "Weights only load failed" in message or refusal:
@@ -467,8 +506,6 @@ def _read_pickle(path: Path, nested: bool = False, shapes_only: bool = False) ->
                 f"{path}: refused to unpickle: {reason}. sdlab only loads weights-only pickles (code in a pickle "
                 "would run on load); convert the file to .safetensors with a tool you trust"
             ) from exc
-        if (kind := _content_kind(head, binary=False, any_text=True)) is not None:
-            raise CheckpointError(f"{path}: not a PyTorch checkpoint: it is {kind}") from exc
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_one_line(exc)})") from exc
     tensors = _unwrap_state_dict(obj, path, nested)
     return MappedTensors(tensors) if mmap and not shapes_only else tensors, _plain_entries(obj)
