@@ -21,6 +21,7 @@ from sdlab.pipeline.request import GenerationRequest
 from sdlab.server.a1111_scripts import axis_types
 from sdlab.server.config import Limits
 from sdlab.server.inputs import BadRequest, check_request
+from bundle_fixtures import tiny_bundle
 from server_fixtures import b64_png, start_server
 
 BASE = {"prompt": "a red apple", "steps": 2, "seed": 7, "cfg_scale": 5.0, "sampler_name": "Euler", "width": 64,
@@ -302,3 +303,26 @@ def test_the_work_counts_the_rows_the_memory_estimate_counts() -> None:
     with pytest.raises(BadRequest, match=r"U-Net work \(5 U-Net rows a step.* is 1\.3 times") as refused:
         _work_checked("a AND b AND c", limits, **most, pag_scale=3.0)
     assert refused.value.status == 422 and "\n" not in str(refused.value)
+
+
+def test_the_work_refusal_names_the_rows_that_counted() -> None:
+    """The refusal named only AND parts, steps, pictures and pixels as what to lower, though PAG's row and an edit
+    model's image pass count too: it lists the rows of a step and says how to drop PAG's and the image pass."""
+    limits = Limits(max_pixels=64 * 64, max_steps=4, max_batch=2)
+    most = {"width": 64, "height": 64, "steps": 4, "batch_size": 2}
+    with pytest.raises(BadRequest) as refused:
+        _work_checked("a AND b AND c", limits, **most, pag_scale=3.0)
+    said = str(refused.value)
+    assert "(5 U-Net rows a step: 3 prompt parts, the negative, PAG's extra row;" in said, said
+    assert said.endswith("pixels; a PAG scale of 0 drops PAG's extra row"), said
+    edit = tiny_bundle("sd1-edit", seed=4)
+    picture = {"init_image": Image.new("RGB", (64, 64)), "strength": 1.0, "image_cfg_scale": 1.5}
+    with pytest.raises(BadRequest) as refused:
+        check_request(GenerationRequest(prompt="a AND b AND c", seed=1, **most, **picture), limits, model=edit,
+                      memory=False)
+    said = str(refused.value)
+    assert "(5 U-Net rows a step: 3 prompt parts, the negative, the edit model's image pass;" in said, said
+    assert said.endswith("pixels; an image CFG scale of 1 drops the edit model's image pass"), said
+    with pytest.raises(BadRequest) as refused:
+        _work_checked("a AND b AND c AND d", limits, **most)
+    assert str(refused.value).endswith("use fewer AND parts, steps, pictures or pixels"), str(refused.value)

@@ -49,13 +49,16 @@ from sdlab.pipeline.image_prompt import weights_to_load
 from sdlab.pipeline.request import GenerationRequest, RequestError
 from sdlab.pipeline.tiling import should_tile
 
-__all__ = ["available_bytes", "check_memory", "control_weights", "estimate_bytes", "is_out_of_memory", "unet_rows"]
+__all__ = ["available_bytes", "check_memory", "control_weights", "estimate_bytes", "is_out_of_memory", "unet_row_names",
+           "unet_rows"]
 
 UNET_PER_ELEMENT = {True: 28, False: 16}    # first level with / without attention
 CONTROLNET_PER_ELEMENT = 3                  # the residuals held through the U-Net's call (measured 3.1 at 256 px)
 VAE_PER_ELEMENT = 6
 VAE_TILE = 64                               # latent pixels per tile side (tiling.decode_tiled's default)
 PICTURE_BYTES_PER_PIXEL = 3 * 4 * 4         # float32 RGB: the decoded batch, [0, 1], x 255, rounded
+PAG_ROW = "PAG's extra row"
+EDIT_IMAGE_ROW = "the edit model's image pass"
 
 
 def unet_rows(bundle: ModelBundle | None, req: GenerationRequest) -> int:
@@ -74,14 +77,21 @@ def unet_rows(bundle: ModelBundle | None, req: GenerationRequest) -> int:
 
     `bundle` None: a model not loaded yet (the server's work limit of a job posted for another model): the negative
     where CFG runs it (`needs_uncond`), PAG's row, no edit model's rule."""
+    return len(unet_row_names(bundle, req))
+
+
+def unet_row_names(bundle: ModelBundle | None, req: GenerationRequest) -> tuple[str, ...]:
+    """The rows `unet_rows` counts, each named as an error message names it: "the prompt", "the negative",
+    "PAG's extra row", "the edit model's image pass" (the image formula's third pass)."""
     sampler = get_sampler(req.sampler)
     uncond = (bundle.runs_uncond(req.cfg_scale, sampler.cfg_pp) if bundle is not None
               else needs_uncond(req.cfg_scale, sampler.cfg_pp))
-    guided = 2 if uncond else 1
+    guided = ("the prompt", "the negative") if uncond else ("the prompt",)
     if bundle is not None and bundle.family.is_edit:
         how = edit_guidance(req.cfg_scale * sampler.cfg_scale_factor, req.image_cfg_scale, req.img2img_convention)
-        return {"image": 3, "plain": guided, "conditional": 1}[how]
-    return guided + (1 if req.pag_scale else 0)
+        return {"image": ("the prompt", "the negative", EDIT_IMAGE_ROW), "plain": guided,
+                "conditional": ("the prompt",)}[how]
+    return guided + ((PAG_ROW,) if req.pag_scale else ())
 
 
 def estimate_bytes(bundle: ModelBundle, req: GenerationRequest) -> int:

@@ -11,7 +11,7 @@ import binascii
 import io
 import math
 import re
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -39,7 +39,7 @@ from sdlab.pipeline.plan import (
     check_deep_cache_unet, check_pag_layers, check_passes_fit, check_prompt_chunks, check_refiner_convention,
     prompt_parts,
 )
-from sdlab.pipeline.memory import unet_rows
+from sdlab.pipeline.memory import EDIT_IMAGE_ROW, PAG_ROW, unet_row_names, unet_rows
 from sdlab.pipeline.prompt_schedule import composable_parts
 from sdlab.pipeline.request import (
     NO_IMAGE_GUIDANCE, SIZE_MULTIPLE, GenerationRequest, RequestError, check_batch_seeds, check_refiner_switch,
@@ -541,13 +541,30 @@ def check_work(request: GenerationRequest, limits: Limits, factor: int, model: M
     for what, work, pictures, flag in (("batch", batch, limits.max_batch, "--max-batch"),
                                        ("request", batch * batch_count, limits.max_images, "--max-images")):
         if work > max_work(limits, pictures):
-            rows = max(_step_rows(request, text, model) for text in (request.prompt, request.hr_prompt or request.prompt))
-            raise BadRequest(f"the {what}'s U-Net work ({rows} U-Net rows a step: the prompt parts, the negative, "
-                             f"PAG's and an edit model's image rows; x steps x pictures x pixels, each pass) is "
-                             f"{_times(work / max_work(limits, pictures))} times "
+            rows, counted = _rows_counted(request, model)
+            raise BadRequest(f"the {what}'s U-Net work ({rows} U-Net rows a step: {', '.join(counted)}; x steps x "
+                             f"pictures x pixels, each pass) is {_times(work / max_work(limits, pictures))} times "
                              f"this server's limit, the work of its largest {what} with a one-part prompt "
                              f"(--max-steps, {flag}, --max-pixels, hires): use fewer AND parts, steps, pictures or "
-                             "pixels", 422)
+                             f"pixels{_row_advice(counted)}", 422)
+
+
+def _rows_counted(request: GenerationRequest, model: ModelBundle | None) -> tuple[int, list[str]]:
+    """The rows a step of the request's larger pass runs (`_step_rows`) and what each is (`memory.unet_row_names`,
+    the prompt counted as its AND parts where it has more than one)."""
+    parts = max(_part_count(text, model) for text in (request.prompt, request.hr_prompt or request.prompt))
+    names = list(unet_row_names(model, request))
+    if parts > 1:
+        names[0] = f"{parts} prompt parts"
+    return len(names) + parts - 1, names
+
+
+def _row_advice(counted: Sequence[str]) -> str:
+    """How to drop the rows beyond the prompt and the negative that `counted` holds."""
+    advice = {PAG_ROW: "a PAG scale of 0 drops PAG's extra row",
+              EDIT_IMAGE_ROW: "an image CFG scale of 1 drops the edit model's image pass"}
+    said = [advice[name] for name in counted if name in advice]
+    return "; " + "; ".join(said) if said else ""
 
 
 def _times(ratio: float) -> str:
