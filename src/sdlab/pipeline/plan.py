@@ -601,13 +601,15 @@ def check_hires_memory(bundle: ModelBundle, req: GenerationRequest, free: int | 
     check_memory(bundle, replace(req, width=width, height=height), free)
 
 
-def check_passes_fit(bundle: ModelBundle, req: GenerationRequest) -> None:
+def check_passes_fit(bundle: ModelBundle, req: GenerationRequest, let_go: int = 0) -> None:
     """The memory check `make_plan` makes, of each pass of a resolved request (`check_memory`: the estimate against
     the memory free on the bundle's device now), for a caller that has not planned it yet: the server, as a job is
-    posted for the loaded model, so that both its APIs refuse what cannot fit before it queues."""
+    posted for the loaded model, so that both its APIs refuse what cannot fit before it queues. `let_go`: bytes
+    held now that the run lets go before its own check (a refiner it does not draw with), counted as free."""
     free = available_bytes(bundle.device)
     if free is None:
         return
+    free += let_go
     check_memory(bundle, req, free)
     check_hires_memory(bundle, req, free)
 

@@ -430,7 +430,7 @@ def with_upscaler_file(request: GenerationRequest, upscaler: ModelFile | None) -
 
 def check_request(request: GenerationRequest, limits: Limits, model: ModelBundle | None = None,
                   upscaler: ModelFile | None = None, batch_count: int = 1,
-                  unet: torch.nn.Module | None = None, memory: bool = False) -> GenerationRequest:
+                  unet: torch.nn.Module | None = None, memory: bool = False, let_go: int = 0) -> GenerationRequest:
     """`request` checked against the server's limits and sdlab's own rules (the model's defaults are filled
     in when it runs); `BadRequest` names the first problem by sdlab's field names (the A1111 routes rename
     them, `a1111._a1111_named`). `--max-steps` and `--max-pixels` hold for either pass. `model`, the model it runs
@@ -442,7 +442,8 @@ def check_request(request: GenerationRequest, limits: Limits, model: ModelBundle
     checkpoint's names and shapes (`model_shapes.planned_unet`), against which DeepCache's branch and the image
     prompts' adapters are checked as against the loaded one's (a 422 either way). `memory`: check the loaded
     `model`'s memory estimate of each pass against the memory free on its device now (`plan.check_passes_fit`, a
-    422), where no job holds the device (its memory would read as not free)."""
+    422), where no job holds the device (its memory would read as not free), counting as free the `let_go` bytes
+    held now that the job lets go before it runs (`WorkerHost.refiner_let_go`)."""
     if request.steps is not None and (not isinstance(request.steps, int) or request.steps > limits.max_steps):
         raise BadRequest(f"steps must be an integer <= {limits.max_steps} (this server's limit), got {request.steps!r}")
     hr_steps = getattr(request, "hr_steps", None)
@@ -490,7 +491,7 @@ def check_request(request: GenerationRequest, limits: Limits, model: ModelBundle
             raise BadRequest(str(err), 422) from None
     if memory and model is not None and size_known:     # the estimate against the memory free now, as the plan
         try:                                            # checks it when the job starts
-            check_passes_fit(model, resolved)
+            check_passes_fit(model, resolved, let_go)
         except RequestError as err:
             raise BadRequest(str(err), 422) from None
     return request

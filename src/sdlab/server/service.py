@@ -171,7 +171,8 @@ class Service:
                                 model=loaded, upscaler=upscaler_file(request.hr_upscaler, self.upscalers),
                                 batch_count=spec.batch_count, unet=None if loaded is not None or not (
                                     request.deep_cache or request.ip_adapters) else planned_unet(checkpoint.path),
-                                memory=not self.host.busy.locked())
+                                memory=not self.host.busy.locked(), let_go=self.host.refiner_let_go(
+                                    None if refiner is None else self.checkpoint(refiner.name, "refiner").path))
         spec = replace(spec, request=request, refiner=refiner, prompt_to_record=to_record, tag_loras=tuple(tags),
                        hires_tag_loras=tuple(hires_tags), hr_prompt_to_record=hr_to_record)
         settings = {"mode": mode, "model": checkpoint.title,

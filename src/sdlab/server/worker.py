@@ -232,6 +232,16 @@ class ModelHost:
         if str(self.device).startswith("cuda"):
             torch.cuda.empty_cache()
 
+    def refiner_let_go(self, refiner: Path | None) -> int:
+        """The bytes a job drawing with the refiner file `refiner` (None: none) frees before its run-time memory
+        check (`make_plan`): the held refiner's weights where the job names another or none (`_loaded_refiner`
+        lets it go first); 0 where none is held or the job keeps it. The submit-time check counts them as free,
+        so that both checks decide alike."""
+        held, key = self._refiner, self._refiner_key
+        if held is None or key is None or key[0] == refiner:
+            return 0
+        return bundle_bytes(held)
+
     def _loaded_refiner(self, refiner: Checkpoint | None, base: Pipeline, vae: VaeChoice) -> ModelBundle | None:
         """The bundle of `refiner` for `base` (its device, dtype and embeddings: `load_refiner`) with the VAE
         `vae` picks for its file (`vae_for`), loaded unless it is held already; None (and nothing held) without
@@ -256,6 +266,17 @@ class ModelHost:
             yield
         finally:
             self.loading.clear()
+
+
+def bundle_bytes(bundle: ModelBundle) -> int:
+    """The bytes of `bundle`'s weights: its U-Net's, VAE's and text encoders' parameters and buffers, each
+    tensor's memory counted once."""
+    seen: dict[int, int] = {}
+    for module in (bundle.unet, bundle.vae, *(encoder.model for encoder in bundle.text_encoders)):
+        for tensor in (*module.parameters(), *module.buffers()):
+            storage = tensor.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
 
 
 def _vae_version(model: Path, vae_key: tuple[Path | None, bool]) -> tuple | None:
