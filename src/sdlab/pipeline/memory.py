@@ -17,9 +17,11 @@ The estimate counts what dominates a run, in the bundle's dtype (``e`` bytes per
 - ControlNets and T2I-Adapters: each file's tensors in the U-Net's dtype (counted from its names and shapes, no
   weight read; each control loads its own), held from before sampling to its end, on top of the largest phase;
   with a ControlNet, the U-Net phase also holds the residuals the ControlNets hand it (one per input block and the
-  middle one, summed over the ControlNets, which run one after another): about
-  ``CONTROLNET_PER_ELEMENT * rows * N * c0 * e`` more (a ControlNet's own forward, the U-Net's encoder half, is
-  over before the U-Net's starts and stays below it). T2I-Adapter features are made once, a few per-level maps.
+  middle one, summed over the ControlNets, which run one after another; `controlnet_residual_elements`, counted
+  from the U-Net's levels: 3.25 ``c0 x N`` a row for channel_mult (1, 2) with one ResBlock, 5.125 for SD1's and
+  SDXL's layouts) and each ControlNet's hint features, kept for the generation (``c0 x N`` a row):
+  `controlnet_held_bytes` (a ControlNet's own forward, the U-Net's encoder half, is over before the U-Net's starts
+  and stays below it). T2I-Adapter features are made once, a few per-level maps.
 - IP-Adapters: the adapters and CLIP image encoders the request loads (`image_prompt.weights_to_load`: their
   tensors in the U-Net's dtype, none for those kept from an earlier request), held from before sampling to its end,
   on top of the largest phase. Encoding a picture is one 224 px pass of the encoder, far below the U-Net's.
@@ -44,16 +46,17 @@ from sdlab.checkpoints.t2i_adapter import LoadedT2IAdapter, is_t2i_adapter
 from sdlab.diffusion.guidance import edit_guidance, needs_uncond
 from sdlab.diffusion.samplers import get_sampler
 from sdlab.families.loaded import ModelBundle
+from sdlab.models.unet import UNetConfig
 from sdlab.pipeline.control import ControlInput, control_input
 from sdlab.pipeline.image_prompt import weights_to_load
 from sdlab.pipeline.request import GenerationRequest, RequestError
 from sdlab.pipeline.tiling import should_tile
 
-__all__ = ["available_bytes", "check_memory", "control_weights", "estimate_bytes", "is_out_of_memory", "unet_row_names",
+__all__ = ["available_bytes", "check_memory", "control_weights", "controlnet_held_bytes",
+           "controlnet_residual_elements", "estimate_bytes", "is_out_of_memory", "unet_row_names",
            "unet_rows"]
 
 UNET_PER_ELEMENT = {True: 28, False: 16}    # first level with / without attention
-CONTROLNET_PER_ELEMENT = 3                  # the residuals held through the U-Net's call (measured 3.1 at 256 px)
 VAE_PER_ELEMENT = 6
 VAE_TILE = 64                               # latent pixels per tile side (tiling.decode_tiled's default)
 PICTURE_BYTES_PER_PIXEL = 3 * 4 * 4         # float32 RGB: the decoded batch, [0, 1], x 255, rounded
@@ -114,10 +117,34 @@ def estimate_bytes(bundle: ModelBundle, req: GenerationRequest) -> int:
     pictures = PICTURE_BYTES_PER_PIXEL * batch * height * width
     image_prompts = weights_to_load(bundle, req.ip_adapters, req.control_convention) if req.ip_adapters else 0
     controls = [control_input(control) for control in req.controls]
-    controlnets = any(not _is_t2i(control.model) for control in controls)
-    if controlnets:
-        unet_bytes += CONTROLNET_PER_ELEMENT * rows * positions * unet.model_channels * element
+    controlnets = sum(not _is_t2i(control.model) for control in controls)
+    unet_bytes += controlnet_held_bytes(unet, height // factor, width // factor, rows, controlnets, element)
     return max(unet_bytes, vae_bytes + pictures) + image_prompts + control_weights(bundle, controls)
+
+
+def controlnet_residual_elements(unet: UNetConfig, height: int, width: int) -> int:
+    """The elements of one row of the residuals a ControlNet hands a U-Net of config `unet` over a latent of
+    `height` x `width`: one per input block, shaped as its output (conv_in's at ``c0``, each ResBlock's at its
+    level's width, each Downsample's at the next level's size, ceil(h / 2) x ceil(w / 2)), and the middle
+    block's at the last level's width."""
+    widths = [unet.model_channels * mult for mult in unet.channel_mult]
+    total = unet.model_channels * height * width                          # conv_in: (c0, h, w)
+    for level, channels in enumerate(widths):
+        total += unet.num_res_blocks * channels * height * width          # (c0 * mult, h_l, w_l) each
+        if level != len(widths) - 1:
+            height, width = -(-height // 2), -(-width // 2)
+            total += channels * height * width                            # Downsample: (c0 * mult, h_l+1, w_l+1)
+    return total + widths[-1] * height * width                            # middle block: (c0 * mult[-1], ...)
+
+
+def controlnet_held_bytes(unet: UNetConfig, height: int, width: int, rows: int, nets: int, element: int) -> int:
+    """The bytes `nets` ControlNets hold through the U-Net's call over `rows` latents of `height` x `width`: their
+    residuals, summed into one set (`controlnet_residual_elements`), and each ControlNet's hint features
+    ((c0, h, w) a row, kept for the generation: `ControlNet.forward`); 0 without a ControlNet."""
+    if not nets:
+        return 0
+    hints = nets * unet.model_channels * height * width
+    return (controlnet_residual_elements(unet, height, width) + hints) * rows * element
 
 
 def control_weights(bundle: ModelBundle, controls: Sequence[ControlInput]) -> int:
