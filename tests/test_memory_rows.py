@@ -234,3 +234,17 @@ def test_the_controlnet_term_covers_the_measured_peak_on_sd1s_levels(tmp_path):
         counted = controlnet_held_bytes(cfg, latent, latent, rows, 1, 4)
         assert measured > 0.5 * counted, (measured, counted)        # the measurement saw the residuals
         assert counted >= measured, (latent, rows, measured / (rows * latent * latent * cfg.model_channels * 4))
+
+
+def test_cuda_memory_the_caching_allocator_holds_unused_counts_as_free(monkeypatch):
+    """A tensor let go on CUDA (a refiner the next job does not draw with, the last job's activations) stays in
+    PyTorch's caching allocator, which `mem_get_info` reports as used: the free memory counts the reserve not
+    allocated, which the next allocations take first (mocked: no GPU needed)."""
+    import torch
+
+    from sdlab.pipeline.memory import available_bytes
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, 8000))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 3000)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 1200)
+    assert available_bytes(torch.device("cuda", 0)) == 1000 + 1800

@@ -29,7 +29,7 @@ The estimate counts what dominates a run, in the bundle's dtype (``e`` bytes per
 The constants were measured (peak resident memory on CPU, fp32) on sdlab-tiny and reduced-width SD1 / SDXL
 models at 256 to 1024 px and rounded down, so the estimate errs low: only requests that clearly cannot fit
 are refused. Free memory: ``MemAvailable`` of /proc/meminfo (``os.sysconf`` where there is none) on CPU,
-``torch.cuda.mem_get_info`` on CUDA; other devices are not checked.
+``torch.cuda.mem_get_info`` plus the caching allocator's unused reserve on CUDA; other devices are not checked.
 """
 
 from __future__ import annotations
@@ -179,10 +179,13 @@ def _is_t2i(model: object) -> bool:
 
 
 def available_bytes(device: torch.device) -> int | None:
-    """Free memory on `device` in bytes, or None when it cannot be told."""
+    """Free memory on `device` in bytes, or None when it cannot be told. On CUDA the device's free memory and what
+    PyTorch's caching allocator holds unused (reserved, not allocated: the tensors a run let go, a refiner or the
+    last job's activations), which the next allocations take first."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free) + max(int(cached), 0)
     if device.type != "cpu":
         return None
     try:
