@@ -92,3 +92,19 @@ def test_a_job_that_keeps_the_held_refiner_counts_it_as_held(server, monkeypatch
     answer = client.post("/api/jobs", json=refined)
     assert answer.status_code == 422 and "\n" not in answer.json()["detail"], answer.text
     assert len(client.get("/api/jobs").json()["jobs"]) == jobs
+
+
+def test_the_refiner_let_go_is_handed_back_to_the_system(server, monkeypatch):
+    """On CPU the refiner's memory is free for the run-time check only once the C library hands it back: letting
+    it go trims the heap (`allocator.trim`), as letting a model go does."""
+    from sdlab.pipeline import plan
+    from sdlab.server import worker
+
+    client = server["client"]
+    monkeypatch.setattr(plan, "available_bytes", lambda device: 1 << 40)
+    assert _done(client, client.post("/api/jobs", json={**BODY, "sampler": "Euler", "refiner": "refiner",
+                                                         "refiner_switch": 0.5})) == "done"
+    trims = []
+    monkeypatch.setattr(worker, "trim", lambda: trims.append(_held(server["host"])) or True)
+    assert _done(client, client.post("/api/jobs", json={**BODY, "sampler": "Euler"})) == "done"
+    assert trims == [0]             # trimmed once, with the refiner already let go

@@ -250,7 +250,10 @@ class ModelHost:
         key = None if refiner is None else (refiner.path, drawn, file_version(refiner.path),
                                             _vae_version(refiner.path, drawn))
         if key != self._refiner_key:
+            let_go = self._refiner is not None
             self._refiner, self._refiner_key = None, None
+            if let_go:
+                trim()                  # its memory back to the system before the job's memory check
             if refiner is not None:
                 with self._loading():
                     self._refiner = load_refiner(refiner.path, base.bundle, base.embeddings, sidecar_vae=drawn[1],
