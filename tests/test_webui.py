@@ -137,6 +137,17 @@ def text(driver, element_id: str) -> str:
     return driver.find_element(By.ID, element_id).text
 
 
+def generate_and_finish(page, base_url: str, prompt: str) -> dict:
+    """Click Generate, find the job the page queued (by its prompt) and wait for it to end done: its record."""
+    page.find_element(By.ID, "generate").click()
+    job_id = wait(page, lambda d: [j["id"] for j in http_json(base_url, "/api/jobs")["jobs"]
+                                   if j["request"].get("prompt") == prompt], 30,
+                  f"no job queued; error: {text(page, 'error')}")[0]
+    job = wait_job(base_url, job_id)
+    assert job["status"] == "done", job
+    return job
+
+
 def png_with_parameters(parameters: str | None, size=(64, 64), color=(40, 90, 200)) -> bytes:
     image = Image.new("RGB", size, color)
     info = PngImagePlugin.PngInfo()

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from server_fixtures import start_server
 from test_webui import (  # noqa: F401  (fixtures: browser, page; the session's sdlab_server)
-    By, Select, browser, drop_file, http_bytes, http_json, open_page, page, png_with_parameters,
+    By, Select, generate_and_finish, browser, drop_file, http_bytes, http_json, open_page, page, png_with_parameters,
     sdlab_server, set_value, text, value, wait, wait_job,
 )
 
@@ -256,12 +256,7 @@ def test_xyz_axes_with_choices_offer_the_servers_values_and_typing_still_works(p
     axis("z", "Steps")
     assert not page.find_element(By.ID, "xyz_z_choices").is_displayed()
     axis("z", "Nothing")
-    page.find_element(By.ID, "generate").click()
-    job_id = wait(page, lambda d: [j["id"] for j in http_json(base_url, "/api/jobs")["jobs"]
-                                   if j["request"].get("prompt") == prompt], 30,
-                  f"no job queued; error: {text(page, 'error')}")[0]
-    job = wait_job(base_url, job_id)
-    assert job["status"] == "done", job
+    job = generate_and_finish(page, base_url, prompt)
     args = job["request"]["script_args"]
     assert (args[1], args[4]) == ("cinematic, ink", "Euler a, Euler")
     assert "X Type: Styles" in job["infotexts"][0] and "Y Type: Sampler" in job["infotexts"][0]

@@ -5,7 +5,7 @@ them draws: its job sends their indices in the server's axis list and its grid n
 from __future__ import annotations
 
 from test_webui import (  # noqa: F401  (fixtures: base_url, browser, page; the session's sdlab_server)
-    By, Select, base_url, browser, http_json, page, sdlab_server, set_value, text, wait, wait_job,
+    By, Select, generate_and_finish, base_url, browser, http_json, page, sdlab_server, set_value,
 )
 
 AXES = ["[FreeU] Enabled", "[FreeU] Stage 1 Backbone Scale", "[FreeU] Stage 1 Skip Scale",
@@ -22,12 +22,7 @@ def test_the_freeu_and_pag_axes_are_offered_and_drawn(page, base_url):
     set_value(page, "xyz_x_values", "1,1.6")
     Select(page.find_element(By.ID, "xyz_y_type")).select_by_visible_text("PAG scale")
     set_value(page, "xyz_y_values", "2")
-    page.find_element(By.ID, "generate").click()
-    job_id = wait(page, lambda d: [j["id"] for j in http_json(base_url, "/api/jobs")["jobs"]
-                                   if j["request"].get("prompt") == prompt], 30,
-                  f"no job queued; error: {text(page, 'error')}")[0]
-    job = wait_job(base_url, job_id)
-    assert job["status"] == "done", job
+    job = generate_and_finish(page, base_url, prompt)
     listed = [a["label"] for a in http_json(base_url, "/api/scripts")["txt2img"]["axes"]]
     axes = {a["label"]: a["index"] for a in http_json(base_url, "/api/scripts")["txt2img"]["axes"]}
     assert set(AXES) <= set(listed)

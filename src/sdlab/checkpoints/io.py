@@ -290,13 +290,11 @@ def _begins_with_a_pickle(path: Path) -> bool:
     pickle does ("Unsupported operand"), and is then told apart by this."""
     with open(path, "rb") as file:
         data = file.read(1 << 20)
-    opcode = None
     try:
-        for opcode, _, _ in pickletools.genops(data):
-            pass
+        opcodes = [opcode.name for opcode, _, _ in pickletools.genops(data)]
     except Exception:                             # any byte string is given: whatever stops the walk says no
         return False
-    return opcode is not None and opcode.name == "STOP"
+    return opcodes[-1:] == ["STOP"]
 
 
 def read_safetensors_header(file: BinaryIO, name: str | os.PathLike[str]) -> tuple[dict[str, Any], int]:
