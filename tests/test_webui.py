@@ -36,7 +36,7 @@ if __name__ != "__main__":
                     "chromium-driver); .ci/run installs them", allow_module_level=True)
 
 from selenium import webdriver  # noqa: E402
-from selenium.common.exceptions import TimeoutException  # noqa: E402
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -93,8 +93,11 @@ def job_by_prompt(base: str, prompt: str, headers: dict[str, str] | None = None)
 
 
 def wait(driver, condition, timeout: float = TIMEOUT, message: str = ""):
+    """Poll condition until it is truthy. An element the page replaced between finding and reading it (a list being
+    refilled) makes that poll false, not the test failed: the next poll finds the new one."""
     try:
-        return WebDriverWait(driver, timeout, poll_frequency=0.05).until(condition, message)
+        return WebDriverWait(driver, timeout, poll_frequency=0.05,
+                             ignored_exceptions=(StaleElementReferenceException,)).until(condition, message)
     except TimeoutException:
         state = driver.execute_script(
             "const t = (id) => document.getElementById(id)?.textContent;"
@@ -110,10 +113,11 @@ def cancel_leftover_jobs(base: str, headers: dict[str, str] | None = None) -> No
             http_json(base, f"/api/jobs/{job['id']}", method="DELETE", headers=headers)
 
 
-def option_values(driver, select_id: str) -> list[str]:
-    """The values of a select's options, read at once (the page may be refilling the list)."""
-    return driver.execute_script("return [...document.getElementById(arguments[0]).options].map((o) => o.value)",
-                                 select_id)
+def option_values(driver, select_id: str, field: str = "value") -> list[str]:
+    """The values (or another field, such as "text") of a select's options, read in one script: the page may be
+    refilling the list, and option elements read one by one can go stale in between."""
+    return driver.execute_script("return [...document.getElementById(arguments[0]).options].map((o) => o[arguments[1]])",
+                                 select_id, field)
 
 
 def open_page(driver, base: str) -> None:

@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 from server_fixtures import start_server
 from test_webui import (  # noqa: F401  (fixtures: browser, page; the session's sdlab_server)
-    By, Select, generate_and_finish, browser, drop_file, http_bytes, http_json, open_page, page, png_with_parameters,
+    By, Select, generate_and_finish, browser, drop_file, http_bytes, http_json, open_page, option_values, page,
+    png_with_parameters,
     sdlab_server, set_value, text, value, wait, wait_job,
 )
 
@@ -184,7 +185,7 @@ def test_an_edited_styles_file_is_listed_when_the_page_is_back_in_focus(page, st
         os.utime(path, ns=(stamp, stamp))
 
     def listed() -> list[str]:
-        return [o.text for o in Select(page.find_element(By.ID, "style-choice")).options]
+        return option_values(page, "style-choice", "text")
 
     choose_styles(page, "ink")
     edit(STYLES_CSV + "neon,neon lights,dark\n")
@@ -230,7 +231,7 @@ def test_xyz_axes_with_choices_offer_the_servers_values_and_typing_still_works(p
     Select(page.find_element(By.ID, "script")).select_by_visible_text("X/Y/Z plot")
 
     def offered(letter: str) -> list[str]:
-        return [o.text for o in Select(page.find_element(By.ID, f"xyz_{letter}_choice")).options][1:]
+        return option_values(page, f"xyz_{letter}_choice", "text")[1:]
 
     def axis(letter: str, label: str) -> None:
         Select(page.find_element(By.ID, f"xyz_{letter}_type")).select_by_visible_text(label)
