@@ -80,11 +80,15 @@ def test_a_model_of_the_other_kind_is_a_422_at_submit(setup):
     wrong = client.post("/api/jobs", json={**GEN, "ip_adapters": [{"model": "tiny_canny", "image": picture}]})
     assert wrong.status_code == 422 and "is a ControlNet or T2I-Adapter, not an IP-Adapter" in wrong.json()["detail"]
     assert _jobs(client) == before
-    # A1111's units keep the extension's words: an IP-Adapter module's reader refuses a ControlNet at submit (named
-    # by its title), a ControlNet's module fails on an IP-Adapter when it loads (the extension's order)
+    # A1111's units are refused at submit too, naming the unit, the model (by its title) and the module: an
+    # IP-Adapter module's reader refuses a ControlNet, a ControlNet module an IP-Adapter
     answer = client.post("/sdapi/v1/txt2img", json={"prompt": "a", "steps": 2, "width": 64, "height": 64,
                                                     **_a1111_unit("tiny_canny", "ip-adapter_clip_h", picture)})
     assert answer.status_code == 422 and "tiny_canny [" in answer.text and "not an IP-Adapter" in answer.text
+    assert setup["root"].as_posix() not in answer.text
+    answer = client.post("/sdapi/v1/txt2img", json={"prompt": "a", "steps": 2, "width": 64, "height": 64,
+                                                    **_a1111_unit("ip-adapter_tiny", "canny", picture)})
+    assert answer.status_code == 422 and "control 0 (module 'canny'): ip-adapter_tiny [" in answer.text
     assert setup["root"].as_posix() not in answer.text
     # each of its own kind is taken
     assert client.post("/api/jobs", json={**GEN, "ip_adapters": [{"model": "ip-adapter_tiny", "image": picture}],

@@ -196,10 +196,57 @@ def test_bad_units_are_refused_naming_the_module(setup, change, status, words):
         assert f"module {change.get('module', 'ip-adapter_clip_sd15')!r}" in refused.text
 
 
-def test_an_ip_adapter_model_under_a_controlnet_module_says_which_module_draws_it(setup):
-    refused = _txt2img(setup, _unit(setup, module="none"))
-    assert refused.status_code == 400, refused.text
-    assert "an IP-Adapter, not a ControlNet" in refused.text and "unit with an IP-Adapter module" in refused.text
+def _job_count(client: httpx.Client) -> int:
+    return len(client.get("/api/jobs").json()["jobs"])
+
+
+@pytest.mark.parametrize("module", ["none", "canny", "Canny"])
+def test_an_ip_adapter_model_under_a_controlnet_module_is_a_422_at_submit(setup, module):
+    """sd-webui-controlnet (v1.1.455) hands an IP-Adapter the unit's preprocessor output as its CLIP vision output,
+    so a ControlNet preprocessor under an IP-Adapter model fails as it draws; sdlab refuses it before queueing, naming
+    the unit, the model and the module (it failed its job at load with a 400 before)."""
+    client = setup["client"]
+    before = _job_count(client)
+    refused = _txt2img(setup, _unit(setup, module=module))
+    assert refused.status_code == 422, refused.text
+    detail = refused.json()["detail"]
+    assert detail.startswith(f"control 0 (module {module!r}): ip-adapter_tiny ["), detail
+    assert "is an IP-Adapter, not a ControlNet or T2I-Adapter" in detail and "ip-adapter_clip_h" in detail
+    assert _job_count(client) == before
+    # the second unit, after a ControlNet unit, is named by its place
+    refused = _txt2img(setup, {"module": "canny", "model": "tiny_canny", "image": setup["hint"]},
+                       _unit(setup, module=module))
+    assert refused.status_code == 422 and refused.json()["detail"].startswith(f"control 1 (module {module!r})")
+
+
+def test_the_three_pairings_of_model_and_module_on_both_routes(setup):
+    """(a) the canonical pairing (an IP-Adapter module, an IP-Adapter model) draws; (b) an IP-Adapter model under a
+    ControlNet module and (c) a ControlNet under an IP-Adapter module are each one 422 at submit naming the unit, the
+    model and the module; the native route's counterparts (an entry of the other field's kind, or a module of the
+    other kind) are 422s too, and no job is queued by any of them."""
+    client, picture = setup["client"], setup["picture"]
+    drawn = _txt2img(setup, _unit(setup), steps=2)                                              # (a)
+    assert drawn.status_code == 200, drawn.text
+    after_draw = _job_count(client)
+    wrong_model = _txt2img(setup, _unit(setup, module="canny"))                                  # (b)
+    assert wrong_model.status_code == 422 and "control 0 (module 'canny'): ip-adapter_tiny [" in wrong_model.text
+    wrong_module = _txt2img(setup, _unit(setup, model="tiny_canny"))                            # (c)
+    assert wrong_module.status_code == 422, wrong_module.text
+    assert "control 0 (module 'ip-adapter_clip_sd15')" in wrong_module.text and "tiny_canny [" in wrong_module.text
+    assert "this is a ControlNet, not an IP-Adapter" in wrong_module.text
+    job = {"prompt": "a red apple", "steps": 2, "width": 64, "height": 64}
+    native = [
+        ({"controls": [{"model": "ip-adapter_tiny", "image": picture, "module": "canny"}]}, "is an IP-Adapter"),
+        ({"ip_adapters": [{"model": "tiny_canny", "image": picture}]}, "is a ControlNet or T2I-Adapter"),
+        ({"ip_adapters": [{"model": "ip-adapter_tiny", "image": picture, "module": "canny"}]},
+         "unknown IP-Adapter module 'canny'"),
+        ({"controls": [{"model": "tiny_canny", "image": picture, "module": "ip-adapter_clip_sd15"}]},
+         "ip-adapter_clip_sd15"),
+    ]
+    for fields, words in native:
+        refused = client.post("/api/jobs", json={**job, **fields})
+        assert refused.status_code == 422 and words in refused.text, (fields, refused.text)
+    assert _job_count(client) == after_draw
 
 
 def test_module_list_and_control_types_list_the_ip_adapter_modules(setup):
@@ -210,7 +257,9 @@ def test_module_list_and_control_types_list_the_ip_adapter_modules(setup):
                                                                                         "sliders": []}
     assert "ip-adapter_face_id" not in listed["module_list"]
     kind = client.get("/controlnet/control_types").json()["control_types"]["IP-Adapter"]
-    assert kind["default_option"] == "ip-adapter_clip_sd15" and "ip-adapter_clip_g" in kind["module_list"]
+    assert kind["default_option"] == "ip-adapter-auto"            # the extension's: the first after none
+    assert kind["module_list"] == ["none", "ip-adapter-auto", "ip-adapter_clip_h", "ip-adapter_clip_sdxl_plus_vith",
+                                   "ip-adapter_clip_g"]
     assert any(model.startswith("ip-adapter_tiny [") for model in kind["model_list"])
 
 

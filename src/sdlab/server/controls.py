@@ -31,7 +31,7 @@ from sdlab.pipeline.control import (
 )
 from sdlab.pipeline.image_prompt import IPAdapterInput, check_ip_adapter
 from sdlab.pipeline.images import eight_bit
-from sdlab.pipeline.ip_adapter_units import is_ip_adapter_module, unit_image_encoder
+from sdlab.pipeline.ip_adapter_units import LISTED_MODULES, is_ip_adapter_module, unit_image_encoder
 from sdlab.pipeline.preprocess import (
     A1111_MODULE_ALIASES, INPAINT_MODULES, SLIDER_RANGES, a1111_module, processor_resolution,
 )
@@ -107,8 +107,8 @@ KIND_NAMES = {"controlnet": "a ControlNet or T2I-Adapter", "ip-adapter": "an IP-
 def model_path(model: Any, what: str, folder: ModelFolder, kind: str | None = None, elsewhere: str = "") -> str:
     """The file of the ControlNet folder's model `model` names: `BadRequest` 404 when there is none; with `kind`
     (`CONTROL_KINDS`, a native entry's) a 422 when it is of the other kind (`elsewhere`: where that one goes), so
-    the job is refused at submit rather than failing when its model loads. An A1111 unit's model is checked by its
-    module's reader (`a1111_ip_adapter`) or when it loads, with the extension's words."""
+    the job is refused at submit rather than failing when its model loads (an A1111 unit's `what` names its module,
+    and its IP-Adapter module's reader, `a1111_ip_adapter`, checks its model with the extension's words)."""
     if not isinstance(model, str) or not model or model == "None":
         raise BadRequest(f"{what}: model must name a ControlNet of this server", 422)
     found = folder.find(model)
@@ -199,16 +199,25 @@ def masks_something(mask: Image.Image) -> bool:
     return not ((first == 0).all() or (first == 255).all()) and first.max() > 127
 
 
+IP_ADAPTER_UNITS = (f"the extension draws an IP-Adapter in a unit with one of its IP-Adapter modules "
+                    f"({', '.join(LISTED_MODULES)}), whose CLIP image embeddings it reads; a ControlNet "
+                    "preprocessor's picture is none")
+"""Why an A1111 unit with a ControlNet module cannot take an IP-Adapter model (`a1111_unit`)."""
+
+
 def a1111_unit(unit: dict[str, Any], index: int, folder: ModelFolder, limits: Limits,
                init: Image.Image | None, init_resize: int = 0) -> ControlInput:
     """One enabled unit as a checked `ControlInput`, its steps by A1111's rule (`control_convention`). A unit
     without an image takes img2img's init image and img2img's resize mode `init_resize` (A1111's 0..3) for its
-    own, as the extension's `choose_input_image` does."""
+    own, as the extension's `choose_input_image` does. An IP-Adapter model under a ControlNet module is a 422 at
+    submit naming the unit, the model and the module (the extension hands the adapter the preprocessor's picture
+    where it reads CLIP image embeddings, and fails as it draws)."""
     what = f"control {index}"
     own = image_field(unit.get("image") or unit.get("input_image") or None, what)
     module, image = module_name(unit.get("module")), hint_image(own or init, what, limits)
     mask = unit_mask(unit, own, image, init, what, limits) if module in INPAINT_MODULES else None
-    control = ControlInput(model_path(unit["model"], what, folder), image,
+    control = ControlInput(model_path(unit["model"], f"{what} (module {unit.get('module')!r})", folder, "controlnet",
+                                      IP_ADAPTER_UNITS), image,
                            unit.get("weight", 1.0), unit.get("guidance_start", 0.0),
                            unit.get("guidance_end", unit.get("guidance", 1.0)),     # the extension's legacy alias
                            module, control_mode(unit.get("control_mode")),
