@@ -15,14 +15,16 @@ from test_webui import (  # noqa: F401  (fixture: browser)
     By, Select, browser, open_page, severe_console_errors, wait,
 )
 
-from sdlab.server.a1111 import CONTROL_TYPE_ALIASES, CONTROL_TYPES, _control_type
+from sdlab.server.a1111 import _control_type
+from sdlab.server.control_types import CONTROL_TYPES
 
 # ---------------------------------------------------------------- the extension's rule, transcribed
 # Mikubill/sd-webui-controlnet, scripts/enums.py (read at commit 0314d28129a179a21ddee78d67e957bd2ad5ba43)
 # `StableDiffusionVersion.detect_from_model_name` / `is_compatible_with`, and scripts/global_state.py
 # `select_control_type(control_type, sd_version=UNKNOWN, cn_models=...)` of the v1.1.44x releases (the form with
 # `sd_version`; its Control Type radio passes `get_sd_version()`, scripts/api.py's /controlnet/control_types
-# passes none). Its filters come from `Preprocessor.tag_to_filters`; sdlab's words are CONTROL_TYPE_ALIASES'.
+# passes none). Its filters come from `Preprocessor.tag_to_filters` (scripts/supported_preprocessor.py, commit
+# 01de1cb9028c1c3d6a799f2230d3ae06caa1fedb), below.
 UNKNOWN, SD1x, SD2x, SDXL = 0, 1, 2, 3
 
 
@@ -40,11 +42,27 @@ def _is_compatible_with(version: int, other: int) -> bool:
     return any(v == UNKNOWN for v in [version, other]) or sum(v == SDXL for v in [version, other]) != 1
 
 
+def _tag_to_filters(tag: str) -> set[str]:
+    filters_aliases = {
+        "instructp2p": ["ip2p"],
+        "segmentation": ["seg"],
+        "normalmap": ["normal"],
+        "t2i-adapter": ["t2i_adapter", "t2iadapter", "t2ia"],
+        "ip-adapter": ["ip_adapter", "ipadapter"],
+        "openpose": ["openpose", "densepose"],
+        "instant-id": ["instant_id", "instantid"],
+        "scribble": ["sketch"],
+        "tile": ["blur"],
+    }
+    tag = tag.lower()
+    return set([tag] + filters_aliases.get(tag, []))
+
+
 def _extension_models(control_type: str, sd_version: int, all_models: list[str]) -> tuple[list[str], str]:
     pattern = control_type.lower()
     if pattern == "all":
         return all_models, "None"
-    filters = [pattern, *CONTROL_TYPE_ALIASES.get(pattern, [])]
+    filters = _tag_to_filters(control_type)
     filtered_model_list = [
         model for model in all_models
         if model.lower() == "none" or ((
@@ -68,7 +86,9 @@ MODELS = ["None", "control_v11p_sd15_canny [1111aaaa]", "control_sd15_depth [222
           "controlnet_sd21_openpose [6666ffff]", "control_v11p_SD21_seg [77770000]", "control-2.1_tile [88881111]",
           "kohya_controllllite_xl_depth_anime [99992222]", "sai_xl_depth_256lora [aaaa3333]",
           "thibaud_XL_openpose [bbbb4444]", "control_canny-fp16 [cccc5555]", "ip-adapter_sd15 [dddd6666]",
-          "ip-adapter_xl [eeee7777]", "ip-adapter-plus_sdxl_vit-h [ffff8888]", "control_v11e_sd15_shuffle [00009999]"]
+          "ip-adapter_xl [eeee7777]", "ip-adapter-plus_sdxl_vit-h [ffff8888]", "control_v11e_sd15_shuffle [00009999]",
+          "control_v11p_sd15_sketch [12121212]", "control_instant_id_sdxl [34343434]",
+          "controlnet_blur_sd15 [56565656]", "control_v11e_sd15_ip2p [78787878]"]
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

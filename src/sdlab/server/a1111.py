@@ -76,6 +76,7 @@ from sdlab.server.a1111_scripts import (
     selected_script,
 )
 from sdlab.server.config import Limits
+from sdlab.server.control_types import CONTROL_TYPES, type_preprocessors, type_words
 from sdlab.server.controls import (
     A1111_MODULE_ALIASES, CONTROLNET_UNIT_COUNT, a1111_controls, module_name, threshold_value,
 )
@@ -2034,21 +2035,6 @@ def _uses_emphasis(prompt: str) -> bool:
 
 
 controlnet_router = APIRouter(prefix="/controlnet")     # the sd-webui-controlnet extension's routes
-CONTROL_TYPES = {
-    "All": "none", "Canny": "canny", "Depth": "depth_midas", "NormalMap": "normal_bae", "OpenPose": "openpose_full",
-    "MLSD": "mlsd", "Lineart": "lineart_standard (from white bg & black line)", "SoftEdge": "softedge_pidinet",
-    "Scribble/Sketch": "scribble_pidinet", "Segmentation": "seg_ofade20k", "Shuffle": "shuffle",
-    "Tile/Blur": "tile_resample", "Inpaint": "inpaint_only", "InstructP2P": "none", "Reference": "reference_only",
-    "Recolor": "recolor_luminance", "Revision": "revision_clipvision", "T2I-Adapter": "none",
-    "IP-Adapter": "ip-adapter_clip_sd15", "Instant_ID": "instant_id",
-}
-"""The extension's control types and each one's default preprocessor (`preprocessor_filters`)."""
-CONTROL_TYPE_ALIASES = {
-    "instructp2p": ["ip2p"], "segmentation": ["seg"], "normalmap": ["normal"],
-    "t2i-adapter": ["t2i_adapter", "t2iadapter", "t2ia"], "ip-adapter": ["ip_adapter", "ipadapter"],
-    "scribble/sketch": ["scribble", "sketch"], "tile/blur": ["tile", "blur"], "openpose": ["openpose", "densepose"],
-}
-"""The extension's `preprocessor_filters_aliases`: other words a control type's preprocessors and models have."""
 
 
 def _module_sliders(module: str) -> list[dict[str, Any] | None]:
@@ -2063,14 +2049,6 @@ def _module_sliders(module: str) -> list[dict[str, Any] | None]:
 def _module_label(module: str) -> str:
     """A preprocessor's name as the extension's UI shows it (`preprocessor_aliases`)."""
     return next((alias for alias, name in A1111_MODULE_ALIASES.items() if name == module), module)
-
-
-def _ui_modules() -> list[str]:
-    """The extension's `ui_preprocessor_keys` of sdlab's preprocessors and the IP-Adapter modules it draws
-    (`ip_adapter_units.LISTED_MODULES`): none, invert, then the others sorted."""
-    first = ["none", _module_label("invert")]
-    return first + sorted(label for label in [*map(_module_label, PREPROCESSORS), *IP_ADAPTER_MODULES]
-                          if label not in first)
 
 
 def model_name_family(name: str) -> str | None:
@@ -2113,22 +2091,17 @@ def _planned_family(path: Path) -> str:
 
 def _control_type(name: str, models: list[str], family: str | None = None) -> dict[str, Any]:
     """The extension's `select_control_type` of control type `name` over sdlab's preprocessors and `models`
-    ("None" first) for a model of `family` (None: any): the preprocessors whose names hold the type's words; the
-    models whose names hold them and whose family (`model_name_family`) passes `family`
-    (`families_compatible`), "None" always ("None" alone where none does); its default preprocessor (the first
-    listed where sdlab lacks its own) and model (one with "11" in its name first, else the first; "None" where
-    none is listed)."""
-    pattern = name.lower()
-    if pattern == "all":
-        return {"module_list": _ui_modules(), "model_list": models, "default_option": "none", "default_model": "None"}
-    words = [pattern, *CONTROL_TYPE_ALIASES.get(pattern, [])]
-    matches = lambda x: any(word in x.lower() for word in words) or x.lower() == "none"     # noqa: E731
-    modules = [x for x in _ui_modules() if matches(x)]
-    if pattern in ("canny", "lineart", "scribble/sketch", "mlsd"):
-        modules += [x for x in _ui_modules() if "invert" in x.lower()]
+    ("None" first) for a model of `family` (None: any): the type's preprocessors and default one
+    (`control_types.type_preprocessors`: those tagged with it); the models whose names hold its words
+    (`type_words`) and whose family (`model_name_family`) passes `family` (`families_compatible`), "None" always
+    ("None" alone where none does), and its default model (one with "11" in its name first, else the first; "None"
+    where none is listed). "All" lists every model, default "None"."""
+    modules, default = type_preprocessors(name)
+    if name.lower() == "all":
+        return {"module_list": modules, "model_list": models, "default_option": default, "default_model": "None"}
+    words = type_words(name)
     filtered = [x for x in models if x.lower() == "none"
-                or (matches(x) and families_compatible(family, model_name_family(x)))]
-    default = CONTROL_TYPES[name] if CONTROL_TYPES[name] in modules else modules[0]
+                or (any(word in x.lower() for word in words) and families_compatible(family, model_name_family(x)))]
     model = "None" if len(filtered) == 1 else next((x for x in filtered if "11" in x.split("[")[0]), filtered[1])
     return {"module_list": modules, "model_list": filtered, "default_option": default, "default_model": model}
 

@@ -231,18 +231,20 @@ function showControlTypes(i) {
 }
 
 // Unit i's Preprocessor and Model lists as its Control Type narrows them (the extension's select_control_type,
-// served at /controlnet/control_types; "All": every one); `pick`: a type just chosen, whose default
+// served at /controlnet/control_types; "All": every one): the type's preprocessors in its order, shown by the
+// extension's names (a unit's value stays sdlab's name); `pick`: a type just chosen, whose default
 // preprocessor and model are selected, as the extension's radio does. A choice still listed stays otherwise.
 function fillUnitLists(i, pick = false) {
   const p = `cn${i}`;
   const type = controlState.types[controlState.chosenTypes[i]];
-  const modules = controlState.unitModules.filter(({ name, label }) => !type
-    || type.module_list.includes(name) || type.module_list.includes(label));
+  const modules = !type ? controlState.unitModules : type.module_list
+    .map((listed) => controlState.unitModules.find(({ name, label }) => listed === label || listed === name))
+    .filter(Boolean);
   const models = controlState.unitModels.filter((title) => !type || type.model_list.includes(title));
   const module = $(`${p}_module`).value;
   fillSelect($(`${p}_model`), models.map((title) => ({ label: title, value: title })),
     { blank: controlState.unitModels.length ? "None" : "no ControlNets found" });
-  fillSelect($(`${p}_module`), modules.map(({ name }) => ({ label: name, value: name })));
+  fillSelect($(`${p}_module`), modules.map(({ name, label }) => ({ label, value: name })));
   if (pick && type) {
     const chosen = modules.find(({ name, label }) => type.default_option === name || type.default_option === label);
     $(`${p}_module`).value = (chosen || modules[0] || { name: "" }).name;

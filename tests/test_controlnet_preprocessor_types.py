@@ -1,0 +1,212 @@
+"""The Control Types' preprocessor lists (`GET /controlnet/control_types`, the web UI's Control Type radios) are
+sd-webui-controlnet's current ones over sdlab's preprocessors: the types are the tags its preprocessors carry, a
+type lists "none" and the preprocessors tagged with it in the extension's order, its default is the first after
+"none", and "All" lists every one in that order. Before, sdlab matched words of the type in the preprocessors'
+names (the extension's older rule) and kept the older type names (Scribble/Sketch, Tile/Blur, Instant_ID)."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from server_fixtures import start_server
+from test_webui import (  # noqa: F401  (fixture: browser)
+    By, browser, open_page, severe_console_errors, wait,
+)
+
+from sdlab.pipeline.ip_adapter_units import LISTED_MODULES, MODULE_ENCODERS
+from sdlab.pipeline.preprocess import PREPROCESSORS, a1111_module
+from sdlab.server.a1111 import _control_type
+from sdlab.server.control_types import CONTROL_TYPES, LISTED_PREPROCESSORS
+
+# ---------------------------------------------------------------- the extension, transcribed
+# Mikubill/sd-webui-controlnet:
+#   scripts/supported_preprocessor.py (commit 01de1cb9028c1c3d6a799f2230d3ae06caa1fedb): `Preprocessor`'s
+#     get_sorted_preprocessors, get_all_preprocessor_tags, get_filtered_preprocessors, get_default_preprocessor
+#     (below, over the registry `REGISTRY`) and `tag_to_filters`;
+#   scripts/global_state.py `select_control_type` (the sd_version form; the preprocessors part: the labels of
+#     get_filtered_preprocessors, get_default_preprocessor's label; "all": get_sorted_preprocessors, "none") and
+#     scripts/api.py `/controlnet/control_types` (one entry per get_all_preprocessor_tags);
+#   the registry entries (name, label, tags, sorting_priority) of the preprocessors sdlab has:
+#     scripts/preprocessor/model_free_preprocessors.py, inpaint.py, ip_adapter_auto.py
+#     (commit 91a8ddeee2fe578112bf34908546ced372606126), legacy/preprocessor_compiled.py
+#     (commit b64d0896aeb8c4daf07e50297afd008e260c1bd3; a legacy entry's key is its name, "priority" its
+#     sorting_priority).
+REGISTRY = [  # (name, label, tags, sorting_priority)
+    ("none", "none", ["InstructP2P"], 10),                                          # PreprocessorNone
+    ("canny", "canny", ["Canny"], 100),                                             # PreprocessorCanny
+    ("invert", "invert (from white bg & black line)", ["Canny", "Lineart", "Scribble", "MLSD"], 20),
+    ("inpaint", "inpaint_global_harmonious", ["Inpaint"], 0),                       # PreprocessorInpaint
+    ("inpaint_only", "inpaint_only", ["Inpaint"], 100),                             # PreprocessorInpaintOnly
+    ("ip-adapter-auto", "ip-adapter-auto", ["IP-Adapter"], 1000),                   # PreprocessorIPAdapterAuto
+    ("ip-adapter_clip_sd15", "ip-adapter_clip_h", ["IP-Adapter"], 100),             # legacy
+    ("ip-adapter_clip_sdxl", "ip-adapter_clip_g", ["IP-Adapter"], 0),               # legacy
+    ("ip-adapter_clip_sdxl_plus_vith", "ip-adapter_clip_sdxl_plus_vith", ["IP-Adapter"], 0),   # legacy
+    ("threshold", "threshold", [], 0),                                              # legacy
+    ("tile_resample", "tile_resample", ["Tile"], 100),                              # legacy
+]
+# The tags every preprocessor the extension registers carries, by file (the control types come from them).
+TAGS_BY_FILE = {
+    "model_free_preprocessors.py": ["InstructP2P", "Canny", "Lineart", "Scribble", "MLSD", "Tile", "SparseCtrl",
+                                    "Shuffle"],
+    "inpaint.py": ["Inpaint"], "lama_inpaint.py": ["Inpaint"], "ip_adapter_auto.py": ["IP-Adapter"],
+    "pulid.py": ["IP-Adapter"], "normal_dsine.py": ["NormalMap"], "teed.py": ["SoftEdge"],
+    "mobile_sam.py": ["Segmentation"],
+    "legacy/preprocessor_compiled.py": ["OpenPose", "Depth", "Instant-ID", "IP-Adapter", "Lineart", "MLSD",
+                                        "NormalMap", "Recolor", "Reference", "Revision", "Scribble", "SparseCtrl",
+                                        "Segmentation", "SoftEdge", "T2I-Adapter", "Tile"],
+}
+
+
+def get_sorted_preprocessors(registry):
+    none, *others = registry                                                    # "none" is registered first
+    return [none] + sorted(others, key=lambda x: str(x[3]).zfill(8) + x[1], reverse=True)
+
+
+def get_all_preprocessor_tags():
+    tags = set()
+    for carried in TAGS_BY_FILE.values():
+        tags.update(carried)
+    return ["All"] + sorted(tags)
+
+
+def get_filtered_preprocessors(registry, tag):
+    return [p for p in get_sorted_preprocessors(registry) if tag in p[2] or p[1] == "none"]
+
+
+def get_default_preprocessor(registry, tag):
+    ps = get_filtered_preprocessors(registry, tag)
+    return ps[0] if len(ps) == 1 else ps[1]
+
+
+def extension_preprocessors(control_type: str, registry=REGISTRY) -> tuple[list[str], str]:
+    if control_type.lower() == "all":
+        return [p[1] for p in get_sorted_preprocessors(registry)], "none"
+    return ([p[1] for p in get_filtered_preprocessors(registry, control_type)],
+            get_default_preprocessor(registry, control_type)[1])
+
+
+INVERT = "invert (from white bg & black line)"
+# What the route serves, written out: the extension's values above, and sdlab's own scribble and tile (which the
+# extension has not) under Scribble and Tile, last of their type (priority 0).
+EXPECTED = {
+    "All": (["none", "ip-adapter-auto", "tile_resample", "ip-adapter_clip_h", "inpaint_only", "canny", INVERT, "tile",
+             "threshold", "scribble", "ip-adapter_clip_sdxl_plus_vith", "ip-adapter_clip_g",
+             "inpaint_global_harmonious"], "none"),
+    "Canny": (["none", "canny", INVERT], "canny"),
+    "Depth": (["none"], "none"),
+    "IP-Adapter": (["none", "ip-adapter-auto", "ip-adapter_clip_h", "ip-adapter_clip_sdxl_plus_vith",
+                    "ip-adapter_clip_g"], "ip-adapter-auto"),
+    "Inpaint": (["none", "inpaint_only", "inpaint_global_harmonious"], "inpaint_only"),
+    "Instant-ID": (["none"], "none"),
+    "InstructP2P": (["none"], "none"),
+    "Lineart": (["none", INVERT], INVERT),
+    "MLSD": (["none", INVERT], INVERT),
+    "NormalMap": (["none"], "none"),
+    "OpenPose": (["none"], "none"),
+    "Recolor": (["none"], "none"),
+    "Reference": (["none"], "none"),
+    "Revision": (["none"], "none"),
+    "Scribble": (["none", INVERT, "scribble"], INVERT),
+    "Segmentation": (["none"], "none"),
+    "Shuffle": (["none"], "none"),
+    "SoftEdge": (["none"], "none"),
+    "SparseCtrl": (["none"], "none"),
+    "T2I-Adapter": (["none"], "none"),
+    "Tile": (["none", "tile_resample", "tile"], "tile_resample"),
+}
+SDLAB_OWN = [("scribble", "scribble", ["Scribble"], 0), ("tile", "tile", ["Tile"], 0)]
+
+
+def test_the_written_lists_are_the_extensions_rule_over_its_registry():
+    """The values written out are those of the transcribed extension: its types, and for each its preprocessors
+    and default over its registry entries of sdlab's preprocessors (and sdlab's scribble and tile, tagged)."""
+    assert list(EXPECTED) == get_all_preprocessor_tags()
+    for name, expected in EXPECTED.items():
+        assert extension_preprocessors(name, REGISTRY + SDLAB_OWN) == expected, name
+        extensions_alone = extension_preprocessors(name)[0]                 # the same, less sdlab's own two
+        assert extensions_alone == [label for label in expected[0] if label not in ("scribble", "tile")], name
+
+
+def test_sdlabs_table_holds_every_preprocessor_sdlab_runs_as_the_extension_registers_it():
+    """Each of sdlab's preprocessors (and IP-Adapter modules) is one entry, by the extension's name or label, and
+    every label a type lists is a module a unit may name."""
+    entries = [(p.name, p.label, list(p.tags), p.priority) for p in LISTED_PREPROCESSORS]
+    assert sorted(entries) == sorted(REGISTRY + SDLAB_OWN)
+    for module in [*PREPROCESSORS, *LISTED_MODULES]:
+        assert sum(module in (p.name, p.label) for p in LISTED_PREPROCESSORS) == 1, module
+    for p in LISTED_PREPROCESSORS:
+        assert p.label in MODULE_ENCODERS or a1111_module(p.label) == p.name, p
+
+
+def test_every_types_preprocessors_and_default_are_the_extensions():
+    assert list(CONTROL_TYPES) == list(EXPECTED)
+    for name, (modules, default) in EXPECTED.items():
+        served = _control_type(name, ["None"])
+        assert (served["module_list"], served["default_option"]) == (modules, default), name
+
+
+# ---------------------------------------------------------------- the route and the page
+
+CONTROLNETS = ("control_v11p_sd15_canny", "control_v11f1e_sd15_tile", "control_v11p_sd15_scribble",
+               "control_v11p_sd15_inpaint", "control_v11e_sd15_ip2p")
+
+
+@pytest.fixture(scope="module")
+def types_server(tmp_path_factory: pytest.TempPathFactory):
+    """A server drawing with the shipped model (no family: every ControlNet passes) whose ControlNet folder holds
+    files named as ControlNets of several types (listed by name only)."""
+    root = tmp_path_factory.mktemp("preprocessor-types")
+    controlnets = root / "models" / "ControlNet"
+    controlnets.mkdir(parents=True)
+    for name in CONTROLNETS:
+        (controlnets / f"{name}.safetensors").write_bytes(b"\0" * 4096)
+    server = start_server(root / "outputs", "--models-dir", str(root / "models"))
+    try:
+        yield server.url.rstrip("/")
+    finally:
+        server.stop()
+
+
+def test_the_route_serves_every_type_with_the_extensions_preprocessors(types_server):
+    """`GET /controlnet/control_types` (the extension's route, and sdlab's `?model=`): every type, in the
+    extension's order, with its preprocessors and default as the extension's."""
+    for params in ({}, {"model": ""}):
+        types = httpx.get(types_server + "/controlnet/control_types", params=params, timeout=60).json()["control_types"]
+        assert list(types) == list(EXPECTED)
+        assert {name: (t["module_list"], t["default_option"]) for name, t in types.items()} == EXPECTED
+    stems = {name: [title.split(" [")[0] for title in t["model_list"]] for name, t in types.items()}
+    assert stems["Tile"] == ["None", "control_v11f1e_sd15_tile"]
+    assert stems["Scribble"] == ["None", "control_v11p_sd15_scribble"]
+    assert stems["InstructP2P"] == ["None", "control_v11e_sd15_ip2p"]
+    assert stems["Depth"] == ["None"]
+
+
+def _shown(driver, select_id: str) -> list[tuple[str, str]]:
+    return driver.execute_script(
+        "return [...document.getElementById(arguments[0]).options].map((o) => [o.text, o.value])", select_id)
+
+
+def test_choosing_a_control_type_shows_its_preprocessors_and_selects_its_default(browser, types_server):
+    """Each Control Type radio (all but IP-Adapter, the IP-Adapter box's) shows the type's preprocessors in the
+    extension's order by the extension's names (each option's value sdlab's name of it), its default selected, and
+    its models; All shows every one but the IP-Adapter modules, none selected."""
+    open_page(browser, types_server)
+    wait(browser, lambda d: len(_shown(d, "cn0_module")) > 1 and len(_shown(d, "cn0_model")) > 1, 30,
+         "the ControlNet lists did not load")
+    browser.get_log("browser")
+    radios = browser.execute_script("return [...document.getElementsByName('cn0_type')].map((r) => r.value)")
+    assert radios == [name for name in EXPECTED if name != "IP-Adapter"]
+    types = httpx.get(types_server + "/controlnet/control_types", timeout=60).json()["control_types"]
+    name_of = {p.label: p.name for p in LISTED_PREPROCESSORS}
+    for name in radios[1:] + radios[:1]:                       # All last: it is chosen at first
+        browser.find_element(By.ID, f"cn0_type_{radios.index(name)}").click()
+        labels, default = EXPECTED[name]
+        expected = [[label, name_of[label]] for label in labels if not name_of[label].startswith("ip-adapter")]
+        wait(browser, lambda d: _shown(d, "cn0_module") == expected, 20,
+             f"{name} does not show {expected}")
+        chosen = browser.find_element(By.ID, "cn0_module").get_attribute("value")
+        assert chosen == name_of[default], name
+        models = [value for _, value in _shown(browser, "cn0_model")]
+        assert models == ["", *types[name]["model_list"][1:]], name
+    assert severe_console_errors(browser) == []
