@@ -26,6 +26,7 @@ from sdlab.checkpoints.upscaler import Upscaler, load_upscaler
 from sdlab.diffusion.discretization import DISCRETIZATIONS, steps_run
 from sdlab.diffusion.samplers import comfyui_spelling, get_sampler
 from sdlab.families.loaded import ModelBundle
+from sdlab.models.unet import UNetConfig
 from sdlab.diffusion.schedule_names import (
     A1111_SCHEDULERS, a1111_name, schedule_from_a1111, schedule_key, split_a1111_sampler,
 )
@@ -34,11 +35,13 @@ from sdlab.pipeline.images import ImageTooLargeError, open_image, upright_8bit
 from sdlab.pipeline.infotext import LoraRef
 from sdlab.pipeline.png_info import ParametersError
 from sdlab.pipeline.presets import PRESETS, get_preset
+from sdlab.pipeline.control import control_input
 from sdlab.pipeline.hires import hires_steps, pass_sizes
 from sdlab.pipeline.plan import (
     check_deep_cache_unet, check_pag_layers, check_passes_fit, check_prompt_chunks, check_refiner_convention,
     prompt_parts,
 )
+from sdlab.pipeline.control_work import active_steps, controlnet_config, controlnet_share
 from sdlab.pipeline.memory import EDIT_IMAGE_ROW, PAG_ROW, unet_row_names, unet_rows
 from sdlab.pipeline.prompt_schedule import composable_parts
 from sdlab.pipeline.request import (
@@ -440,10 +443,11 @@ def check_request(request: GenerationRequest, limits: Limits, model: ModelBundle
     another (A1111's n_iter), whose pictures count against `--max-images` and whose seeds are all checked now
     (`check_batch_seeds`). `unet`: where `model` is not loaded, its U-Net built on the meta device from the
     checkpoint's names and shapes (`model_shapes.planned_unet`), against which DeepCache's branch and the image
-    prompts' adapters are checked as against the loaded one's (a 422 either way). `memory`: check the loaded
-    `model`'s memory estimate of each pass against the memory free on its device now (`plan.check_passes_fit`, a
-    422), where no job holds the device (its memory would read as not free), counting as free the `let_go` bytes
-    held now that the job lets go before it runs (`WorkerHost.refiner_let_go`)."""
+    prompts' adapters are checked as against the loaded one's (a 422 either way) and the ControlNets' share of the
+    work is counted (`check_work`). `memory`: check the loaded `model`'s memory estimate of each pass against the
+    memory free on its device now (`plan.check_passes_fit`, a 422), where no job holds the device (its memory would
+    read as not free), counting as free the `let_go` bytes held now that the job lets go before it runs
+    (`WorkerHost.refiner_let_go`)."""
     if request.steps is not None and (not isinstance(request.steps, int) or request.steps > limits.max_steps):
         raise BadRequest(f"steps must be an integer <= {limits.max_steps} (this server's limit), got {request.steps!r}")
     hr_steps = getattr(request, "hr_steps", None)
@@ -473,7 +477,8 @@ def check_request(request: GenerationRequest, limits: Limits, model: ModelBundle
         for hr_width, hr_height in pass_sizes(resolved, factor):       # upscaled, then cropped
             check_pixels(f"the hires pass at {hr_width}x{hr_height}", hr_width, hr_height, limits)
     if size_known:
-        check_work(resolved, limits, factor, model, batch_count)
+        check_work(resolved, limits, factor, model, batch_count,
+                   model.unet_config if model is not None else getattr(unet, "cfg", None))
     if model is not None:               # its tokenizers count the prompt's chunks, its U-Net has the PAG layers
         try:                            # and the blocks the image prompts' layer scales name
             check_prompt_chunks(model, resolved)
@@ -506,18 +511,48 @@ def max_work(limits: Limits, pictures: int) -> int:
     return HIRES_PASSES * 2 * limits.max_steps * pictures * limits.max_pixels
 
 
-def unet_work(request: GenerationRequest, factor: int, model: ModelBundle | None) -> int:
+def unet_work(request: GenerationRequest, factor: int, model: ModelBundle | None,
+              unet_config: UNetConfig | None = None) -> float:
     """The U-Net work of a resolved request of known size, for a VAE of `factor`: over its passes, the
     rows of a step (`_step_rows`: each part of the pass's prompt, `prompt_parts`, the negative, PAG's and an edit
-    model's extra rows) x steps run (an img2img's at its strength, `steps_run`) x batch size x pixels."""
+    model's extra rows) x steps run (an img2img's at its strength, `steps_run`) x batch size x pixels, and beside
+    them each ControlNet's forwards over the same rows on the steps its window takes, each at its share of a U-Net
+    row (`_controlnet_steps`; `unet_config`: the U-Net's, where known)."""
+    return sum(_step_rows(request, prompt, model) * request.batch_size * pixels
+               * (steps + sum(share * active for _, share, active in _controlnet_steps(request, unet_config, steps,
+                                                                                         size, factor)))
+               for prompt, steps, size in _passes(request, factor)
+               for pixels in [size[0] * size[1]])
+
+
+def _passes(request: GenerationRequest, factor: int) -> list[tuple[str, int, tuple[int, int]]]:
+    """Each pass of a resolved request of known size: its prompt, the sampler steps it runs (an img2img's at its
+    strength, `steps_run`) and its size (width, height) in pixels."""
     steps = request.steps if request.init_image is None else steps_run(request.steps, request.strength,
                                                                         request.img2img_convention)[1]
-    passes = [(request.prompt, steps, request.width * request.height)]
+    passes = [(request.prompt, steps, (request.width, request.height))]
     if request.hires:
-        _, (width, height) = pass_sizes(request, factor)
-        passes.append((request.hr_prompt or request.prompt, hires_steps(request), width * height))
-    return sum(_step_rows(request, prompt, model) * steps * request.batch_size * pixels
-               for prompt, steps, pixels in passes)
+        _, size = pass_sizes(request, factor)
+        passes.append((request.hr_prompt or request.prompt, hires_steps(request), size))
+    return passes
+
+
+def _controlnet_steps(request: GenerationRequest, unet_config: UNetConfig | None, steps: int, size: tuple[int, int],
+                      factor: int) -> list[tuple[int, float, int]]:
+    """Each ControlNet of the request (index among its controls) that runs in a pass of `steps` steps at `size`
+    pixels: its share of a U-Net row's work at that size (`control_work.controlnet_share`, against `unet_config`,
+    or where the U-Net is not known the one the ControlNet's encoder was copied from, its decoder levels as deep as
+    the encoder's: a ControlNet file has no decoder to read) and the steps its window
+    takes (`control_work.active_steps`); T2I-Adapters, which run once before sampling, are not listed."""
+    latent = (size[1] // factor, size[0] // factor)          # (h, w)
+    found = []
+    for index, control in enumerate(map(control_input, request.controls)):
+        config = controlnet_config(control)
+        active = active_steps(control, steps, request.control_convention)
+        if config is not None and active:
+            unet = unet_config or replace(config.unet, output_depths=())   # the decoder of the encoder's levels
+            found.append((index, controlnet_share(unet, config, *latent), active))
+    return found
 
 
 def _step_rows(request: GenerationRequest, prompt: str, model: ModelBundle | None) -> int:
@@ -533,21 +568,34 @@ def _part_count(prompt: str, model: ModelBundle | None) -> int:
 
 
 def check_work(request: GenerationRequest, limits: Limits, factor: int, model: ModelBundle | None,
-               batch_count: int = 1) -> None:
-    """A 422 for a resolved request whose U-Net work is past `max_work`, a batch's past that of `max_batch`
-    pictures, all `batch_count` batches' past that of `max_images`: AND parts have no limit of their own (A1111
-    has none), but each is a U-Net call at every step, so many parts cost what more steps, pictures or pixels
-    would."""
-    batch = unet_work(request, factor, model)
+               batch_count: int = 1, unet_config: UNetConfig | None = None) -> None:
+    """A 422 for a resolved request whose U-Net work (`unet_work`, ControlNets included) is past `max_work`, a
+    batch's past that of `max_batch` pictures, all `batch_count` batches' past that of `max_images`: AND parts have
+    no limit of their own (A1111 has none), but each is a U-Net call at every step, so many parts cost what more
+    steps, pictures or pixels would; so does a ControlNet, a U-Net encoder run beside each row."""
+    batch = unet_work(request, factor, model, unet_config)
     for what, work, pictures, flag in (("batch", batch, limits.max_batch, "--max-batch"),
                                        ("request", batch * batch_count, limits.max_images, "--max-images")):
         if work > max_work(limits, pictures):
             rows, counted = _rows_counted(request, model)
+            controlnets = _controlnets_counted(request, unet_config, factor)
+            window = "; a ControlNet runs on the steps of its start / end window only" if controlnets else ""
             raise BadRequest(f"the {what}'s U-Net work ({rows} U-Net rows a step: {', '.join(counted)}; x steps x "
-                             f"pictures x pixels, each pass) is {_times(work / max_work(limits, pictures))} times "
+                             f"pictures x pixels, each pass{controlnets}) is "
+                             f"{_times(work / max_work(limits, pictures))} times "
                              f"this server's limit, the work of its largest {what} with a one-part prompt "
                              f"(--max-steps, {flag}, --max-pixels, hires): use fewer AND parts, steps, pictures or "
-                             f"pixels{_row_advice(counted)}", 422)
+                             f"pixels{_row_advice(counted)}{window}", 422)
+
+
+def _controlnets_counted(request: GenerationRequest, unet_config: UNetConfig | None, factor: int) -> str:
+    """The ControlNets' part of the work as the refusal names it: each one's share of a U-Net row and the steps it
+    runs in the first pass (`_controlnet_steps`), '' without any."""
+    _, steps, size = _passes(request, factor)[0]
+    found = _controlnet_steps(request, unet_config, steps, size, factor)
+    said = [f"ControlNet {index + 1} on {active} of {steps} steps at {share:.2f} of a U-Net row"
+            for index, share, active in found]
+    return "; plus the same rows through " + ", ".join(said) if said else ""
 
 
 def _rows_counted(request: GenerationRequest, model: ModelBundle | None) -> tuple[int, list[str]]:

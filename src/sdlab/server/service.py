@@ -170,7 +170,8 @@ class Service:
         request = check_request(replace(request, prompt=drawn, seed=fixed_seed(request.seed)), self.config.limits,
                                 model=loaded, upscaler=upscaler_file(request.hr_upscaler, self.upscalers),
                                 batch_count=spec.batch_count, unet=None if loaded is not None or not (
-                                    request.deep_cache or request.ip_adapters) else planned_unet(checkpoint.path),
+                                    request.deep_cache or request.ip_adapters or request.controls)
+                                else planned_unet(checkpoint.path),
                                 memory=not self.host.busy.locked(), let_go=self.host.refiner_let_go(
                                     None if refiner is None else self.checkpoint(refiner.name, "refiner").path))
         spec = replace(spec, request=request, refiner=refiner, prompt_to_record=to_record, tag_loras=tuple(tags),

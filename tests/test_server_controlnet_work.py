@@ -1,0 +1,146 @@
+"""The server's work limit counts a ControlNet's forwards: a copy of the U-Net's encoder half and middle block run
+beside the U-Net over the same rows on the steps its start / end window takes, at its share of a U-Net row's work
+(`pipeline.control_work.controlnet_share`, counted in FLOPs on the meta device and checked here against diffusers'
+ControlNetModel and UNet2DConditionModel counted the same way)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import httpx
+import pytest
+import torch
+from diffusers import ControlNetModel, UNet2DConditionModel
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+from sdlab.checkpoints.diffusers_unet import unet_config_to_diffusers
+from sdlab.models.controlnet import ControlNetConfig
+from sdlab.pipeline.control import ControlInput
+from sdlab.pipeline.control_work import controlnet_share
+from sdlab.pipeline.request import GenerationRequest
+from sdlab.server.config import Limits
+from sdlab.server.inputs import BadRequest, check_request, unet_work
+from controlnet_fixtures import ENCODERS, controlnet_config, diffusers_controlnet, write_layout
+from server_fixtures import b64_png, start_server
+
+SMALL_SDXL = replace(ENCODERS["sdxl"], transformer_depth=(0, 1, 1), transformer_depth_middle=1)   # a "small" one
+
+
+def _diffusers_share(unet_cfg, net_cfg, height: int, width: int) -> float:
+    """FLOPs of diffusers' ControlNetModel for `net_cfg` without its hint embedding, over those of its
+    UNet2DConditionModel for `unet_cfg`, one row over a height x width latent, on the meta device."""
+    with torch.device("meta"), torch.no_grad():
+        unet = UNet2DConditionModel(**unet_config_to_diffusers(unet_cfg))
+        net = ControlNetModel(**controlnet_config(net_cfg))
+        x, t = torch.zeros(1, unet_cfg.in_channels, height, width), torch.zeros(1)
+        context = torch.zeros(1, 77, unet_cfg.context_dim)
+        hint = torch.zeros(1, 3, height * 8, width * 8)
+        added = {} if unet_cfg.adm_in_channels is None else {"added_cond_kwargs": {
+            "text_embeds": torch.zeros(1, unet_cfg.adm_in_channels - 6 * 256), "time_ids": torch.zeros(1, 6)}}
+        counts = []
+        for run in (lambda: unet(x, t, context, **added), lambda: net(x, t, context, hint, **added),
+                    lambda: net.controlnet_cond_embedding(hint)):
+            with FlopCounterMode(display=False) as counted:
+                run()
+            counts.append(counted.get_total_flops())
+    return (counts[1] - counts[2]) / counts[0]
+
+
+@pytest.mark.parametrize("unet_cfg, net_cfg", [(ENCODERS["sd1"], ENCODERS["sd1"]), (ENCODERS["sd2"], ENCODERS["sd2"]),
+                                               (ENCODERS["sdxl"], ENCODERS["sdxl"]), (ENCODERS["sdxl"], SMALL_SDXL)],
+                         ids=["sd1", "sd2", "sdxl", "sdxl-small-controlnet"])
+@pytest.mark.parametrize("height, width", [(8, 8), (16, 12)])
+def test_the_controlnet_share_is_diffusers_flop_ratio(unet_cfg, net_cfg, height, width) -> None:
+    """The share of a U-Net row equals diffusers' ratio of the two forwards' FLOPs (hint embedding left out: it runs
+    once a generation), to 1e-12; it moves with the size (attention), so it is counted at each pass's latent."""
+    share = controlnet_share(unet_cfg, ControlNetConfig(unet=net_cfg), height, width)
+    assert 0.2 < share < 0.6
+    assert share == pytest.approx(_diffusers_share(unet_cfg, net_cfg, height, width), rel=1e-12)
+
+
+@pytest.fixture(scope="module")
+def net_file(tmp_path_factory) -> str:
+    """A reduced SD1 ControlNet file (diffusers names)."""
+    folder = tmp_path_factory.mktemp("controlnet-work")
+    return str(write_layout(diffusers_controlnet(ENCODERS["sd1"], 1), "diffusers-file", folder))
+
+
+LIMITS = Limits(max_pixels=64 * 64, max_steps=4, max_batch=1, max_images=1)     # 2 x 2 x 4 x 4096
+AT_LIMIT = {"prompt": "a AND b AND c", "seed": 1, "width": 64, "height": 64, "steps": 4, "cfg_scale": 5.0,
+            "sampler": "Euler"}             # 4 rows: 3 parts and the negative
+
+
+def _request(net_file: str, start: float = 0.0, end: float = 1.0, **fields) -> GenerationRequest:
+    hint = Image.new("RGB", (64, 64))
+    return GenerationRequest(**{**AT_LIMIT, **fields}, controls=(ControlInput(net_file, hint, 1.0, start, end),))
+
+
+def test_a_controlnet_adds_its_share_on_the_steps_of_its_window(net_file) -> None:
+    """4 rows x 4 steps x 4096 px is the largest one-part request's work; with a ControlNet beside every row, its
+    share more on each step it runs (its window's steps: 2 of 4 for end 0.5 by diffusers' rule, 3 of 4 for end 0.25
+    by A1111's, none for start 0.9), in each pass at that pass's size."""
+    share = controlnet_share(ENCODERS["sd1"], ControlNetConfig(unet=ENCODERS["sd1"]), 8, 8)
+    plain = GenerationRequest(**AT_LIMIT)
+    assert unet_work(plain, 8, None) == 4 * 4 * 4096
+    for end, convention, active in ((1.0, "diffusers", 4), (0.5, "diffusers", 2), (0.25, "a1111", 3)):
+        request = _request(net_file, end=end, control_convention=convention)
+        assert unet_work(request, 8, None) == pytest.approx(4 * 4096 * (4 + share * active), rel=1e-12)
+    assert unet_work(_request(net_file, start=0.9), 8, None) == 4 * 4 * 4096
+    hires = _request(net_file, hr_scale=2.0, hr_steps=2, width=32, height=32)      # 32 px, then 64 px
+    at_32 = controlnet_share(ENCODERS["sd1"], ControlNetConfig(unet=ENCODERS["sd1"]), 4, 4)
+    assert unet_work(hires, 8, None) == pytest.approx(4 * 1024 * (4 + at_32 * 4) + 4 * 4096 * (2 + share * 2),
+                                                      rel=1e-12)
+
+
+def test_the_work_limit_refuses_a_controlnet_past_it_and_names_it(net_file) -> None:
+    """At the limit without a ControlNet the request is taken; with one it is past it (a 422 that names the
+    ControlNet, its steps and its share, in one line), unless its window takes no step."""
+    check_request(GenerationRequest(**AT_LIMIT), LIMITS)
+    check_request(_request(net_file, start=0.9), LIMITS)
+    with pytest.raises(BadRequest) as refused:
+        check_request(_request(net_file, end=0.5), LIMITS)
+    message = str(refused.value)
+    assert refused.value.status == 422 and "\n" not in message
+    assert "U-Net work (4 U-Net rows a step" in message and "is 1.2 times" in message, message
+    assert "ControlNet 1 on 2 of 4 steps at 0.36 of a U-Net row" in message, message
+    assert "start / end window" in message
+
+
+@pytest.fixture(scope="module")
+def limited_server(tmp_path_factory):
+    """A server at LIMITS with the reduced SD1 ControlNet built for the shipped model's U-Net in its folder."""
+    import sdlab
+
+    root = tmp_path_factory.mktemp("controlnet-work-server")
+    (root / "models" / "ControlNet").mkdir(parents=True)
+    bundle = sdlab.load().bundle
+    widths = (16, 32, 96, 256)[: bundle.vae_config.downsample_factor.bit_length()]
+    net = write_layout(diffusers_controlnet(bundle.unet_config, 3, hint_widths=widths, std=0.05),
+                       "diffusers-file", root / "models" / "ControlNet")
+    net.rename(root / "models" / "ControlNet" / "tiny_canny.safetensors")
+    server = start_server(root / "outputs", "--models-dir", str(root / "models"), "--max-pixels", "4096",
+                          "--max-steps", "4", "--max-batch", "1", "--max-images", "1")
+    yield server
+    server.stop()
+
+
+def test_both_routes_refuse_a_controlnet_past_the_work_limit(limited_server) -> None:
+    """The native job route and A1111's txt2img take the request at the limit and refuse it with a ControlNet unit
+    running on all its steps (422, the ControlNet named); nothing is queued."""
+    hint = b64_png(Image.new("RGB", (64, 64)))
+    body = dict(AT_LIMIT)
+    with httpx.Client(base_url=limited_server.url, timeout=300) as client:
+        jobs = len(client.get("/api/jobs", params={"limit": 1000}).json()["jobs"])
+        native = client.post("/api/jobs", json={**body, "controls": [{"model": "tiny_canny", "image": hint}]})
+        without_sampler = {k: v for k, v in AT_LIMIT.items() if k != "sampler"}
+        unit = {"enabled": True, "model": "tiny_canny", "input_image": hint, "module": "none"}
+        a1111 = client.post("/sdapi/v1/txt2img", json={**without_sampler, "sampler_name": "Euler",
+                                                        "alwayson_scripts": {"controlnet": {"args": [unit]}}})
+        for answer in (native, a1111):
+            assert answer.status_code == 422, answer.text
+            assert "U-Net work" in answer.text and "ControlNet 1 on 4 of 4 steps" in answer.text, answer.text
+        assert len(client.get("/api/jobs", params={"limit": 1000}).json()["jobs"]) == jobs
+        taken = client.post("/api/jobs", json={**body, "controls": [{"model": "tiny_canny", "image": hint,
+                                                                      "start": 0.9}]})
+        assert taken.status_code < 300, taken.text
