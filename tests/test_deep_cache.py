@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -143,6 +144,72 @@ def test_a_step_is_a_sampler_step(sd1, calls, sampler, expected):
     ours_pipe, _ = sd1
     _ours(ours_pipe, dict(sampler=sampler), DeepCache(interval=3, branch=0), batch=2)
     assert "".join(calls) == expected             # CFG's negative and positive prompt: one call, one cache
+
+
+@pytest.fixture
+def timed_calls(monkeypatch):
+    """Each U-Net call while the test runs: its timesteps (B,) and whether it ran whole."""
+    seen: list[tuple[torch.Tensor, bool]] = []
+    forward = UNet.forward
+
+    def watched(self, x, t, *args, deep_cache=None, **kwargs):
+        seen.append((t.detach().clone(), deep_cache is None or deep_cache.feature is None))
+        return forward(self, x, t, *args, deep_cache=deep_cache, **kwargs)
+
+    monkeypatch.setattr(UNet, "forward", watched)
+    return seen
+
+
+def _helper_runs_whole(timesteps: list[float], interval: int) -> list[bool]:
+    """DeepCacheSDHelper's own decision for U-Net calls at `timesteps` (in call order), its scheduler's list being
+    the distinct timesteps called at in the order first called: a call runs whole where the helper does not skip
+    the middle block (its `is_skip_step`, after its U-Net forward wrapper set `cur_timestep` from the list)."""
+    helper = DeepCacheSDHelper(pipe=SimpleNamespace(unet=SimpleNamespace(), scheduler=SimpleNamespace(
+        timesteps=list(dict.fromkeys(timesteps)))))
+    helper.set_params(cache_interval=interval, cache_branch_id=0)
+    helper.reset_states()
+    decided: list[bool] = []
+    helper.pipe.unet.forward = lambda x, t: decided.append(not helper.is_skip_step(0, 0, "mid"))
+    helper.wrap_unet_forward()
+    for t in timesteps:
+        helper.pipe.unet.forward(None, torch.tensor(t))
+    return decided
+
+
+@pytest.mark.parametrize("sampler", ["DPM fast", "dpm_fast", "DPM adaptive"])
+@pytest.mark.parametrize("interval", [2, 3])
+def test_a_sampler_that_chooses_its_sigmas_steps_by_timestep(sd1, timed_calls, sampler, interval):
+    """DPM fast and DPM adaptive call the model at sigmas of their own, not the list's: a call's step is the place
+    of its timestep among those called at, as DeepCacheSDHelper's is (the index of the call's timestep in its
+    scheduler's list), so the whole calls are the helper's, call for call. Tagged by the list's steps before, DPM
+    fast's 7 calls at interval 3 ran "FsFsFss" (whole at 0, 2, 4: calls landing in steps 0, 3, 6 of the list)."""
+    ours_pipe, _ = sd1
+    _ours(ours_pipe, dict(sampler=sampler), DeepCache(interval=interval, branch=0))
+    timesteps = [float(t.flatten()[0]) for t, _ in timed_calls]
+    ours = [whole for _, whole in timed_calls]
+    assert all(len(set(t.flatten().tolist())) == 1 for t, _ in timed_calls)     # one picture: one timestep a call
+    assert ours == _helper_runs_whole(timesteps, interval)
+    assert not all(ours) and ours[0]
+    if sampler.lower().replace(" ", "_") == "dpm_fast":     # a new sigma at every call: every interval-th call
+        assert len(ours) == STEPS and ours == [i % interval == 0 for i in range(STEPS)]
+    else:
+        assert len(ours) > STEPS                                     # its own count of calls
+
+
+def test_dpm_fast_with_a_batch_runs_every_interval_th_call_whole(sd1, calls):
+    """CFG's rows and a batch's pictures share a call's timesteps: the batch runs as one picture does."""
+    ours_pipe, _ = sd1
+    _ours(ours_pipe, dict(sampler="DPM fast"), DeepCache(interval=3, branch=0), batch=2)
+    assert "".join(calls) == "FssFssF"
+
+
+def test_a_repeated_timestep_is_its_first_calls_step():
+    """DPM adaptive repeats a refused try's first call at the same sigma: that call is the step of the timestep's
+    first call, and a new timestep the next step."""
+    run = DeepCacheRun(DeepCache(interval=2), skip_block=0)
+    places = [run.timestep_place(torch.tensor([t, t])) for t in (900.0, 700.0, 650.0, 700.0, 500.0)]
+    assert places == [0, 1, 2, 1, 3]
+    assert run.timestep_place(torch.tensor([500.0, 480.0])) == 4     # a batch's rows at their own timesteps
 
 
 def test_every_pass_counts_its_steps_from_its_first(sd1, calls):

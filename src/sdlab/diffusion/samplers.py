@@ -111,6 +111,7 @@ class SamplerSpec:
     cfg_scale_factor: float = 1.0       # guidance at CFG times this (A1111's DDIM CFG++: its cond_scale_miltiplier)
     a1111_aliases: tuple[str, ...] = ()  # A1111's aliases of the row that are no ComfyUI name (its samplers_map)
     model_range: bool = False           # A1111's txt2img solves between the model's own sigmas, not the schedule's
+    chooses_sigmas: bool = False        # calls the model at sigmas it picks, not the list's (DPM fast, DPM adaptive)
 
     @property
     def name(self) -> str:
@@ -196,13 +197,13 @@ SAMPLER_TABLE: tuple[SamplerSpec, ...] = (
     # txt2img between the model's ends (`KDiffusionSampler.sample`: model_wrap.sigmas[0] / [-1]; only x's scale is
     # the schedule's first sigma)
     SamplerSpec("DPM fast", None, partial(K.sample_dpm_fast, eta=1.0), noise=_GAUSS, model_range=True,
-                a1111_aliases=("k_dpm_fast",)),
-    SamplerSpec(None, "dpm_fast", K.sample_dpm_fast, noise=_GAUSS),
+                a1111_aliases=("k_dpm_fast",), chooses_sigmas=True),
+    SamplerSpec(None, "dpm_fast", K.sample_dpm_fast, noise=_GAUSS, chooses_sigmas=True),
     # DPM-Solver-12/23 with adaptive steps between the same ends, ancestral in A1111. Its model calls follow the
     # picture; A1111 schedules prompt edits over `steps` of them (calls_per_step 1), then falls back to the first prompt
     SamplerSpec("DPM adaptive", None, partial(K.sample_dpm_adaptive, eta=1.0), noise=_GAUSS, model_range=True,
-                a1111_aliases=("k_dpm_ad",)),
-    SamplerSpec(None, "dpm_adaptive", K.sample_dpm_adaptive, noise=_GAUSS),
+                a1111_aliases=("k_dpm_ad",), chooses_sigmas=True),
+    SamplerSpec(None, "dpm_adaptive", K.sample_dpm_adaptive, noise=_GAUSS, chooses_sigmas=True),
     # A1111's Restart (sd_samplers_extra): Heun's steps, from 20 steps on its own Karras list with restarts
     SamplerSpec("Restart", None, K.sample_restart, noise=_GAUSS, a1111_automatic=_KARRAS, calls_per_step=2,
                 a1111_aliases=("restart",)),

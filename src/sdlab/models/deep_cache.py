@@ -30,7 +30,16 @@ What a "step" is (sdlab's choices where DeepCache, written for one model call pe
   alone at another step) runs whole at its first call and keeps its features for the steps up to the next
   full one; a pass's features never stand for another's;
 - each sampling pass starts empty: the hires fix's second pass, img2img's shortened schedule, every picture of
-  a batch count (`DeepCacheRun` lives as long as one pass's model).
+  a batch count (`DeepCacheRun` lives as long as one pass's model);
+- a sampler that calls the model at sigmas it chooses rather than at the list's (DPM fast: DPM-Solver's steps
+  on its own grid, each call at a sigma of its own; DPM adaptive: as many calls as its step-size control takes,
+  a refused try's first call repeated at the same sigma) has no sampler step a call belongs to. There a call's
+  step is the place of its timesteps among the distinct timesteps the pass has called at, in the order first
+  called (`DeepCacheRun.timestep_place`): DeepCacheSDHelper's own rule (the index of the call's timestep in the
+  scheduler's list of the timesteps it calls at), which the sd-webui-deepcache-standalone extension's count of
+  U-Net calls agrees with while every call is at a new sigma (DPM fast: every `interval`-th call runs whole). A
+  call repeated at a timestep is that timestep's step again. In a batch DPM adaptive moves each picture at its
+  own sigma, so its rows' timesteps together are the call's.
 """
 
 from __future__ import annotations
@@ -111,6 +120,7 @@ class DeepCacheRun:
     skip_block: int
     kept: list[KeptFeature] = field(default_factory=list)
     step: int | None = None
+    places: dict[tuple[float, ...], int] = field(default_factory=dict)   # the distinct timesteps called at, in order
     seen: list[Conditioning] = field(default_factory=list)   # the conditionings of this step's calls so far
     current: tuple[Conditioning, int] = ((), 0)              # the pass of the call being made
 
@@ -128,6 +138,12 @@ class DeepCacheRun:
         if self.setting.full_step(step) or kept is None or len(kept.feature) != rows:
             return DeepFeature(self.skip_block)
         return DeepFeature(self.skip_block, kept.feature)
+
+    def timestep_place(self, t: Tensor) -> int:
+        """The step of a call at timesteps `t` (B,) for a sampler that chooses its own sigmas: the place of `t` among
+        the distinct timesteps the pass has called at, in the order first called (module docstring)."""
+        key = tuple(t.flatten().tolist())
+        return self.places.setdefault(key, len(self.places))
 
     def keep(self, slot: DeepFeature) -> None:
         """Keep what a whole call left in its slot, for its pass's calls of the steps up to the next full one."""

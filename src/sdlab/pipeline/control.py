@@ -511,13 +511,17 @@ class ControlledUNet:
     sdlab's choice, A1111 leaves them zero-padded (a T2I-Adapter, run before sampling, keeps zero padding).
     `freeu`: the U-Net's FreeU setting (`UNet.forward`'s `freeu`) at the calls of the steps its window takes
     (`FreeU.active`; every call without `control_step`), None: off. `deep_cache`: DeepCache over the sampling pass
-    this model serves (`models.deep_cache`; each call needs its `control_step`), None: off."""
+    this model serves (`models.deep_cache`; each call needs its `control_step`), None: off. `sigmas_chosen`: the
+    pass's sampler calls the model at sigmas it chooses (`SamplerSpec.chooses_sigmas`): DeepCache's step of a call
+    is then the place of its timesteps among those called at (`DeepCacheRun.timestep_place`), not its
+    `control_step`."""
 
     def __init__(self, unet: torch.nn.Module, controls: Sequence[PreparedControl], circular: bool = False,
-                 freeu: FreeU | None = None, deep_cache: DeepCache | None = None):
+                 freeu: FreeU | None = None, deep_cache: DeepCache | None = None, sigmas_chosen: bool = False):
         self.unet = unet
         self.controls = list(controls)
         self.freeu = freeu
+        self.sigmas_chosen = sigmas_chosen
         cfg = getattr(unet, "cfg", None)
         self.deep_cache = None if deep_cache is None else DeepCacheRun(
             deep_cache, deep_cache.skip_block(cfg.num_res_blocks, len(cfg.channel_mult)))
@@ -568,10 +572,11 @@ class ControlledUNet:
         if freeu is not None and control_step is not None and not freeu.active(*control_step):
             freeu = None
         if self.deep_cache is not None:
-            if control_step is None:
+            if control_step is None and not self.sigmas_chosen:
                 raise ValueError("ControlledUNet: DeepCache needs each call's control_step (`tag_steps`)")
+            step = self.deep_cache.timestep_place(t) if self.sigmas_chosen else control_step[0]
             adapted["deep_cache"] = slot = self.deep_cache.slot(   # each pass keeps its own features
-                control_step[0], len(x), (context, y, cond_mark, identity_rows))
+                step, len(x), (context, y, cond_mark, identity_rows))
         out = self.unet(x, t, context, y, control=control, guidance_emb=guidance_emb, freeu=freeu,
                         identity_rows=identity_rows, identity_layers=identity_layers,
                         image_prompt=image_prompt, **adapted)
@@ -586,11 +591,12 @@ def _summed(a: list[Tensor], b: list[Tensor]) -> list[Tensor]:
 
 
 def controlled_unet(unet: torch.nn.Module, controls: Sequence[PreparedControl], circular: bool = False,
-                    freeu: FreeU | None = None, deep_cache: DeepCache | None = None) -> Any:
+                    freeu: FreeU | None = None, deep_cache: DeepCache | None = None,
+                    sigmas_chosen: bool = False) -> Any:
     """`unet` itself without controls, FreeU or DeepCache, else the `ControlledUNet` that applies them (`circular`,
-    `freeu`, `deep_cache`: see there)."""
+    `freeu`, `deep_cache`, `sigmas_chosen`: see there)."""
     if controls or freeu is not None or deep_cache is not None:
-        return ControlledUNet(unet, controls, circular, freeu, deep_cache)
+        return ControlledUNet(unet, controls, circular, freeu, deep_cache, sigmas_chosen)
     return unet
 
 

@@ -681,7 +681,9 @@ def _guided_model(
     image_prompts = prepare_image_prompts(bundle, req.ip_adapters, req.batch_size,    # IP-Adapters' tokens
                                           req.control_convention)
     net = image_prompted(controlled_unet(bundle.unet, controls, circular=req.tiling, freeu=req.freeu,
-                                         deep_cache=check_deep_cache_branch(bundle, req)), bundle.unet, image_prompts)
+                                         deep_cache=check_deep_cache_branch(bundle, req),
+                                         sigmas_chosen=get_sampler(req.sampler).chooses_sigmas),
+                         bundle.unet, image_prompts)
     denoiser = Denoiser(net, sampling, quantize=req.quantize_timesteps)
     if spans_part(controls) or (req.freeu is not None and req.freeu.windowed) or req.deep_cache is not None \
             or (image_prompts is not None and image_prompts.windowed):
