@@ -13,7 +13,9 @@
     (`_check_torch_zip`): decompression bombs and big-endian files are refused before anything is unpacked;
     zip files whose records are all stored are memory-mapped (`MappedTensors`: a tensor read for a model is
     copied out and its pages given back), those with deflated records are read without mapping (a map would
-    see the compressed bytes). A top-level `state_dict` entry (PyTorch Lightning,
+    see the compressed bytes). With `lazy=True` a zip file's pickle is unpickled by the same unpickler onto `meta`
+    and each tensor is read from its record when looked up (`zip_tensors.ZipTensors`: nothing of the file held
+    or mapped between reads; `sdlab merge` reads so). A top-level `state_dict` entry (PyTorch Lightning,
     CompVis) is unwrapped. A pickle's metadata is its top-level text and number entries, as strings (an
     A1111 embedding's `step`, `sd_checkpoint`, `sd_checkpoint_name`).
 Every failure is a `CheckpointError` with a one-line message.
@@ -40,6 +42,7 @@ import unicodedata
 import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -124,14 +127,7 @@ class LazyStateDict(LazyMapping):
     def __getitem__(self, key: str) -> Tensor:
         shape, dtype, begin, end = self._entry(key)
         tensor = torch.empty(shape, dtype=dtype)
-        buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-        done = 0
-        with open(self.path, "rb") as f:
-            while done < len(buffer):
-                n = os.preadv(f.fileno(), [buffer[done:]], self._data_start + begin + done)
-                if n <= 0:
-                    raise CheckpointError(f"{self.path}: cannot read tensor {key}: file ended early")
-                done += n
+        read_into(self.path, tensor, self._data_start + begin, key)
         return tensor
 
     def read_as(self, key: str, dtype: torch.dtype) -> Tensor:
@@ -206,6 +202,19 @@ class MappedTensors(LazyMapping):
 
     def __contains__(self, key: object) -> bool:
         return key in self._tensors
+
+
+def read_into(path: Path, tensor: Tensor, offset: int, key: str) -> None:
+    """Fill the contiguous CPU `tensor` with the bytes of the file at `path` from `offset` on (`pread`: no file
+    position shared, no staging copy); a file that ends first is a `CheckpointError` naming tensor `key`."""
+    buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+    done = 0
+    with open(path, "rb") as f:
+        while done < len(buffer):
+            n = os.preadv(f.fileno(), [buffer[done:]], offset + done)
+            if n <= 0:
+                raise CheckpointError(f"{path}: cannot read tensor {key}: file ended early")
+            done += n
 
 
 def shapes_of(state: Mapping[str, Tensor | torch.Size]) -> dict[str, torch.Size]:
@@ -324,8 +333,8 @@ def read_safetensors_header(file: BinaryIO, name: str | os.PathLike[str]) -> tup
     return header, 8 + length
 
 
-def read_checkpoint(path: str | os.PathLike[str], *, nested: bool = False,
-                    shapes_only: bool = False) -> tuple[Mapping[str, Tensor], dict[str, str]]:
+def read_checkpoint(path: str | os.PathLike[str], *, nested: bool = False, shapes_only: bool = False,
+                    lazy: bool = False) -> tuple[Mapping[str, Tensor], dict[str, str]]:
     """Tensors and string metadata of a `.safetensors` or weights-only pickle file (see module docstring):
     a safetensors header's `__metadata__`, a pickle's top-level text and number entries as strings (an A1111
     embedding's `name`, `step`, ...), so callers reading a pickle see them too; {} when there are none.
@@ -334,6 +343,9 @@ def read_checkpoint(path: str | os.PathLike[str], *, nested: bool = False,
     `string_to_param` -> `string_to_param.*`); by default only top-level tensors are read.
     `shapes_only`: a pickle's tensors on the meta device (names, shapes and dtypes; a zip checkpoint's weights
     are then not read, a legacy pickle's are read as they stream past); a safetensors file reads none anyway.
+    `lazy`: a zip checkpoint's tensors are read from the file one at a time, when looked up, and nothing of the
+    file is held or mapped between reads (`zip_tensors.ZipTensors`; the pickle is unpickled as without it); a
+    legacy (non-zip) pickle is still read whole. A safetensors file is lazy anyway.
     """
     path = Path(path)
     if not path.exists():
@@ -347,7 +359,7 @@ def read_checkpoint(path: str | os.PathLike[str], *, nested: bool = False,
     if suffix in SAFETENSORS_SUFFIXES:
         return _read_safetensors(path)
     if suffix in PICKLE_SUFFIXES:
-        return _read_pickle(path, nested, shapes_only)
+        return _read_pickle(path, nested, shapes_only, lazy)
     # Unknown suffix: decide by content. A safetensors file starts with an 8-byte little-endian header size
     # followed by "{"; a torch zip checkpoint starts with "PK".
     with open(path, "rb") as f:
@@ -355,7 +367,7 @@ def read_checkpoint(path: str | os.PathLike[str], *, nested: bool = False,
     if len(head) == 9 and head[8:9] == b"{":
         return _read_safetensors(path)
     if zipfile.is_zipfile(path):
-        return _read_pickle(path, nested, shapes_only)
+        return _read_pickle(path, nested, shapes_only, lazy)
     raise CheckpointError(
         f"{path}: unknown checkpoint format (suffix {suffix or 'none'!r}); expected .safetensors, .ckpt, .pt, .pth or .bin"
     )
@@ -478,20 +490,18 @@ INERT_GLOBALS: dict[str, type] = {
 _STAND_INS = threading.Lock()   # torch's allowlist is one set: one load at a time adds and removes them
 
 
-def _read_pickle(path: Path, nested: bool = False, shapes_only: bool = False) -> tuple[Mapping[str, Tensor], dict[str, str]]:
+def _read_pickle(path: Path, nested: bool = False, shapes_only: bool = False,
+                 lazy: bool = False) -> tuple[Mapping[str, Tensor], dict[str, str]]:
     with open(path, "rb") as f:
         head = f.read(_HEAD_BYTES)
     is_zip = head.startswith(b"PK\x03\x04")          # what torch.load takes for its zip format
     if (kind := _content_kind(head, binary=False)) is not None:
         raise CheckpointError(f"{path}: not a PyTorch checkpoint: it is {kind}")
     mmap = _check_torch_zip(path) if is_zip else False
+    if lazy and is_zip and not shapes_only and (read := _read_zip_lazily(path, nested)) is not None:
+        return read
     try:
-        with _STAND_INS, warnings.catch_warnings(), torch.serialization.safe_globals(
-                [(stand_in, name) for name, stand_in in INERT_GLOBALS.items()]):
-            # torch asks to "file an issue" about old pickle protocols
-            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            obj = torch.load(path, map_location="meta" if shapes_only else "cpu", weights_only=True,
-                             mmap=mmap and not shapes_only)
+        obj = _weights_only_load(path, map_location="meta" if shapes_only else "cpu", mmap=mmap and not shapes_only)
     except Exception as exc:
         kind = _content_kind(head, binary=False, any_text=True)
         if kind is not None and not _begins_with_a_pickle(path):    # text, and no protocol-0 pickle
@@ -507,6 +517,38 @@ def _read_pickle(path: Path, nested: bool = False, shapes_only: bool = False) ->
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_one_line(exc)})") from exc
     tensors = _unwrap_state_dict(obj, path, nested)
     return MappedTensors(tensors) if mmap and not shapes_only else tensors, _plain_entries(obj)
+
+
+@contextmanager
+def _weights_only_unpickling() -> Iterator[None]:
+    """torch's weights-only unpickler allowing the stand-ins of `INERT_GLOBALS` (one unpickling at a time)."""
+    with _STAND_INS, warnings.catch_warnings(), torch.serialization.safe_globals(
+            [(stand_in, name) for name, stand_in in INERT_GLOBALS.items()]):
+        # torch asks to "file an issue" about old pickle protocols
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        yield
+
+
+def _weights_only_load(path: Path, map_location: str, mmap: bool) -> object:
+    """`torch.load` with its weights-only unpickler, the stand-ins of `INERT_GLOBALS` allowed."""
+    with _weights_only_unpickling():
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+
+
+def _read_zip_lazily(path: Path, nested: bool) -> tuple[Mapping[str, Tensor], dict[str, str]] | None:
+    """A zip checkpoint as `ZipTensors` (each tensor read from its record when looked up): its pickle unpickled
+    by the same weights-only unpickler, onto `meta` (`zip_tensors.unpickle_onto_meta`). None where the file is not
+    read so: a pickle that fails to unpickle (refused, damaged, TorchScript) or a tensor that is not a plain view
+    of one record; the whole read then gives its result or its error, the same as without `lazy`."""
+    from sdlab.checkpoints.zip_tensors import ZipTensors, unpickle_onto_meta
+
+    try:
+        with _weights_only_unpickling():
+            obj = unpickle_onto_meta(path)
+    except Exception:                   # the whole read unpickles it again and says why it cannot
+        return None
+    tensors = ZipTensors.of(path, _unwrap_state_dict(obj, path, nested))
+    return None if tensors is None else (tensors, _plain_entries(obj))
 
 
 def _plain_entries(obj: Mapping) -> dict[str, str]:

@@ -23,9 +23,10 @@ folder's in the layout sdlab saves single files in (`save.bundle_state_dict`). M
 Memory: nothing is held whole. Safetensors inputs are read one tensor at a time, the result is written one
 tensor at a time (`MergedState`, a `LazyMapping` whose shapes and dtypes come from the same merge run on
 `meta` tensors, so every shape is checked before a byte is written), a `.ckpt` too (`torch_zip`: torch.save's
-zip format, its pickle made from those shapes and dtypes). Pickled inputs are unpickled whole (torch maps a zip
-checkpoint's stored records; a legacy or compressed one is read into memory), and a diffusers folder's text
-towers are converted whole (the rest of a folder streams).
+zip format, its pickle made from those shapes and dtypes). A zip `.ckpt` / `.pt` input is read tensor by tensor
+too (`read_checkpoint(lazy=True)`: its pickle unpickled by the same weights-only loader onto `meta`, each tensor
+read from its record when the merge asks for it); a legacy (pre-zip) pickle is unpickled whole, and a diffusers
+folder's text towers are converted whole (the rest of a folder streams).
 
 Metadata (`merge_metadata`), as A1111's "Save metadata" writes it: the inputs' own (A, then B, then C, each
 replacing the last: "Copy metadata from merged models"), the user's JSON, `format` "pt", and with "Add merge
@@ -192,7 +193,7 @@ def open_input(path: str | Path, *, primary: bool = True) -> MergeInput:
     path = Path(path)
     if path.is_dir():
         return _open_folder(path)
-    state, metadata = read_checkpoint(path)
+    state, metadata = read_checkpoint(path, lazy=True)
     shapes = shapes_of(state)
     try:
         family = base_family(path, shapes, metadata)

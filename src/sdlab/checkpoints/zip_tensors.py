@@ -1,0 +1,176 @@
+"""The tensors of a zip-format torch checkpoint (`torch.save`'s), each read from its record when it is looked up.
+
+`io.read_checkpoint(path, lazy=True)` unpickles the file's `data.pkl` once (`unpickle_onto_meta`) as
+`torch.load(path, weights_only=True, map_location="meta")` does: torch's zip reader, torch's weights-only unpickler
+with the same allowed globals, so the same files are refused. Every tensor comes out on `meta` with its dtype,
+shape, strides and storage offset, and its storage with `_checkpoint_offset`, where torch's reader finds the bytes
+of the storage's record `data/<key>`. `ZipTensors.of` matches each storage to its record (the zip's directory and
+local headers, read here) and `ZipTensors[key]` reads the bytes the tensor's strides cover from that record into a
+fresh tensor: a stored record (torch.save stores every one) with `pread`, a deflated one unpacked whole (its CRC
+checked). Nothing of the file is held or mapped between reads, so a merge of two large `.ckpt` files holds about
+one tensor of each. Tensors that share a storage (views, a transpose, a slice) are each read from their own span
+of it, with their own strides.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zipfile
+import zlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from sdlab.checkpoints.errors import CheckpointError
+from sdlab.checkpoints.io import LazyMapping, read_into
+
+_LOCAL_HEADER = struct.Struct("<4s22xHH")      # signature, ..., file name length, extra field length (30 bytes)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One zip record: where its bytes start in the file, how many it holds unpacked, how they are packed."""
+
+    name: str
+    start: int
+    size: int
+    packed_size: int
+    deflated: bool
+    crc: int
+
+
+@dataclass(frozen=True)
+class Placed:
+    """Where a tensor's elements are: `span` elements from byte `begin` of `record`, laid out by `stride`."""
+
+    record: Record
+    dtype: torch.dtype
+    shape: torch.Size
+    stride: tuple[int, ...]
+    begin: int
+    span: int
+
+
+def unpickle_onto_meta(path: Path) -> object:
+    """The object pickled in the zip checkpoint at `path`, its tensors on `meta`, as `torch.load(path,
+    weights_only=True, map_location="meta")` unpickles it (torch.serialization `_load`: torch's zip reader, its
+    weights-only unpickler, each storage a `meta` storage of the bytes its persistent id names); but each storage's
+    `_checkpoint_offset` is always the offset torch's reader reads from the record's local header (torch.load
+    computes it from the layout of its own writer where the file has a `.format_version` record, which a zip
+    written by another tool does not follow). Unpickle with the allowed globals set (`io._weights_only_unpickling`).
+    A TorchScript archive, which torch.load refuses with weights_only, is refused here too (a ValueError)."""
+    reader = torch._C.PyTorchFileReader(str(path))
+    if reader.has_record("constants.pkl"):
+        raise ValueError(f"{path}: a TorchScript archive")
+
+    def persistent_load(saved_id: tuple) -> torch.storage.TypedStorage:
+        _, storage_type, key, _, numel = saved_id          # ("storage", type, key, location, numel), checked by torch
+        dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
+        storage = torch.UntypedStorage(numel * torch._utils._element_size(dtype), device="meta")
+        storage._checkpoint_offset = reader.get_record_offset(f"data/{torch.serialization._maybe_decode_ascii(key)}")
+        return torch.storage.TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
+
+    unpickler = torch._weights_only_unpickler.Unpickler(io.BytesIO(reader.get_record("data.pkl")), encoding="utf-8")
+    unpickler.persistent_load = persistent_load
+    obj = unpickler.load()
+    torch._utils._validate_loaded_sparse_tensors()         # as torch.load does (and empties torch's list of them)
+    return obj
+
+
+def records_by_start(path: Path) -> dict[int, Record]:
+    """The records of the zip file at `path`, by the file offset their bytes start at (after each local header,
+    whose own name and extra field lengths place them)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise CheckpointError(f"{path}: damaged zip archive ({' '.join(str(exc).split())})") from exc
+    records = {}
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        for info in infos:
+            header = os.pread(f.fileno(), _LOCAL_HEADER.size, info.header_offset)
+            if len(header) < _LOCAL_HEADER.size or header[:4] != b"PK\x03\x04":
+                raise CheckpointError(f"{path}: damaged zip archive (no local header for {info.filename})")
+            _, name_length, extra_length = _LOCAL_HEADER.unpack(header)
+            start = info.header_offset + _LOCAL_HEADER.size + name_length + extra_length
+            if start + info.compress_size > size:
+                raise CheckpointError(f"{path}: damaged zip archive ({info.filename} runs past the end of the file)")
+            records[start] = Record(info.filename, start, info.file_size, info.compress_size,
+                                    info.compress_type == zipfile.ZIP_DEFLATED, info.CRC)
+    return records
+
+
+def place(tensor: Tensor, records: Mapping[int, Record]) -> Placed | None:
+    """Where the elements of `tensor`, unpickled onto `meta`, are in the file; None where it is not a plain
+    (strided, unquantized) view of a storage whose record holds all of the storage's bytes."""
+    if tensor.device.type != "meta" or tensor.layout != torch.strided or tensor.is_quantized:
+        return None
+    storage = tensor.untyped_storage()
+    record = records.get(getattr(storage, "_checkpoint_offset", None))
+    if record is None or storage.nbytes() > record.size:
+        return None
+    span = 1 + sum((n - 1) * s for n, s in zip(tensor.shape, tensor.stride())) if tensor.numel() else 0
+    # torch's unpickling (`Tensor.set_`) checked that the span lies within the storage
+    return Placed(record, tensor.dtype, tensor.shape, tensor.stride(), tensor.storage_offset() * tensor.element_size(),
+                  span)
+
+
+class ZipTensors(LazyMapping):
+    """A read-only state dict over a zip torch checkpoint: shapes and dtypes from its pickle, each tensor read
+    from its record on access (a fresh, owned tensor with the strides torch.load gives it)."""
+
+    def __init__(self, path: Path, placed: Mapping[str, Placed]):
+        self.path, self._placed = path, dict(placed)
+
+    @classmethod
+    def of(cls, path: Path, tensors: Mapping[str, Tensor]) -> ZipTensors | None:
+        """The tensors of the checkpoint at `path`, given unpickled onto `meta`; None where one cannot be `place`d."""
+        records = records_by_start(path)
+        placed = {key: place(tensor, records) for key, tensor in tensors.items()}
+        return None if any(p is None for p in placed.values()) else cls(path, placed)
+
+    def shape(self, key: str) -> torch.Size:
+        return self._placed[key].shape
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._placed[key].dtype
+
+    def __getitem__(self, key: str) -> Tensor:
+        placed = self._placed[key]
+        elements = torch.empty(placed.span, dtype=placed.dtype)                     # [span]
+        if placed.span:
+            if placed.record.deflated:
+                data = self._unpacked(placed.record)
+                nbytes = placed.span * placed.dtype.itemsize
+                elements.view(torch.uint8).numpy()[:] = memoryview(data)[placed.begin:placed.begin + nbytes]
+            else:
+                read_into(self.path, elements, placed.record.start + placed.begin, key)
+        return elements.as_strided(placed.shape, placed.stride)                     # shape, torch.load's strides
+
+    def _unpacked(self, record: Record) -> bytes:
+        """The bytes of a deflated record, unpacked and checked against its CRC."""
+        with open(self.path, "rb") as f:
+            packed = os.pread(f.fileno(), record.packed_size, record.start)
+        try:
+            data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(packed, record.size)
+        except zlib.error as exc:
+            raise CheckpointError(f"{self.path}: damaged zip archive ({record.name}: {exc})") from exc
+        if len(data) != record.size or zlib.crc32(data) != record.crc:
+            raise CheckpointError(f"{self.path}: damaged zip archive ({record.name} does not unpack to its "
+                                  f"{record.size} bytes and CRC)")
+        return data
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._placed)
+
+    def __len__(self) -> int:
+        return len(self._placed)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._placed

@@ -1,0 +1,210 @@
+"""A zip `.ckpt` read tensor by tensor (`read_checkpoint(lazy=True)`, `zip_tensors.ZipTensors`): every tensor equal to
+the whole read's (dtype, shape, strides, values), views of one storage included, from torch.save's files and from
+zips written by other tools (deflated, or stored without torch's alignment); the same refusals and errors as the
+whole read, a malicious pickle never run; a legacy (pre-zip) pickle still read whole; nothing of the file held."""
+
+from __future__ import annotations
+
+import gc
+import pickle
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdlab.checkpoints.errors import CheckpointError
+from sdlab.checkpoints.io import MappedTensors, read_checkpoint
+from sdlab.checkpoints.zip_tensors import ZipTensors
+
+MIB = 1 << 20
+
+
+def _views_and_dtypes() -> dict[str, torch.Tensor]:
+    """Tensors of every kind a checkpoint holds: dtypes, a Parameter, empty, a scalar, and views sharing storages
+    (a slice with a step, a transpose, an expanded scalar, one flat storage cut into weights)."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 10, generator=g)
+    flat = torch.randn(100, generator=g)
+    return {
+        "base": base, "slice": base[1:5, 2::3], "transposed": base.t(), "row": base[4],
+        "expanded": torch.tensor(1.5).expand(3, 4),
+        "flat.a": flat[:24].view(2, 3, 4), "flat.b": flat[24:88].view(8, 8).t(), "flat.c": flat[90:],
+        "fp16": torch.randn(5, 3, generator=g).half(), "bf16": torch.randn(7, generator=g).bfloat16(),
+        "fp8": torch.randn(4, generator=g).to(torch.float8_e4m3fn), "int64": torch.arange(9),
+        "bool": torch.tensor([True, False, True]), "param": torch.nn.Parameter(torch.randn(2, 2, generator=g)),
+        "empty": torch.empty(0, 3), "scalar": torch.tensor(7.0),
+    }
+
+
+def _repacked(source: Path, out: Path, compression: int) -> Path:
+    """`source`'s records rewritten by Python's zipfile (no 64-byte alignment; deflated or stored): the layout
+    torch.load's own offset arithmetic for files with a `.format_version` record does not describe."""
+    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(out, "w", compression) as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info))
+    return out
+
+
+def _assert_same_tensors(lazy, whole):
+    assert list(lazy) == list(whole)
+    for key, expected in whole.items():
+        got = lazy[key]
+        assert (got.dtype, got.shape, got.stride()) == (expected.dtype, expected.shape, expected.stride()), key
+        assert torch.equal(got.view(torch.uint8) if got.dtype == torch.float8_e4m3fn else got,
+                           expected.view(torch.uint8) if expected.dtype == torch.float8_e4m3fn else expected), key
+        if isinstance(lazy, ZipTensors):
+            assert lazy.shape(key) == expected.shape and lazy.dtype(key) == expected.dtype
+
+
+@pytest.mark.parametrize("layout", ["torch.save", "deflated", "stored by zipfile"])
+def test_every_tensor_is_the_whole_reads(tmp_path, layout):
+    path = tmp_path / "m.ckpt"
+    torch.save({"state_dict": _views_and_dtypes(), "global_step": 12, "note": "x"}, path)
+    if layout != "torch.save":
+        compression = zipfile.ZIP_DEFLATED if layout == "deflated" else zipfile.ZIP_STORED
+        path = _repacked(path, tmp_path / "repacked.ckpt", compression)
+    lazy, lazy_metadata = read_checkpoint(path, lazy=True)
+    whole, whole_metadata = read_checkpoint(path)
+    assert isinstance(lazy, ZipTensors)
+    assert lazy_metadata == whole_metadata == {"global_step": "12", "note": "x"}
+    _assert_same_tensors(lazy, whole)
+
+
+def test_a_pt_with_tensors_at_the_top_level_and_an_unknown_suffix(tmp_path):
+    tensors = _views_and_dtypes()
+    for name in ("w.pt", "w.bin", "w.model"):
+        torch.save(tensors, tmp_path / name)
+        lazy, _ = read_checkpoint(tmp_path / name, lazy=True)
+        assert isinstance(lazy, ZipTensors)
+        _assert_same_tensors(lazy, read_checkpoint(tmp_path / name)[0])
+
+
+def test_a_legacy_pickle_is_read_whole(tmp_path):
+    path = tmp_path / "legacy.ckpt"
+    tensors = {k: v for k, v in _views_and_dtypes().items() if k != "fp8"}     # the legacy format has no float8
+    torch.save({"state_dict": tensors}, path, _use_new_zipfile_serialization=False)
+    lazy, _ = read_checkpoint(path, lazy=True)
+    assert isinstance(lazy, dict)
+    _assert_same_tensors(lazy, read_checkpoint(path)[0])
+
+
+class WritesMarker:
+    """Unpickling this object would create `marker`."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _bad_files(tmp_path: Path) -> dict[str, Path]:
+    """Files the whole read refuses or cannot read, each a zip but for the legacy one."""
+    files = {}
+    marker = tmp_path / "pwned"
+    files["malicious"] = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "payload": WritesMarker(marker)}, files["malicious"])
+    files["malicious legacy"] = tmp_path / "evil.pt"
+    torch.save({"w": WritesMarker(marker)}, files["malicious legacy"], _use_new_zipfile_serialization=False)
+    files["no tensors"] = tmp_path / "empty.ckpt"
+    torch.save({"a": 1, "b": "text"}, files["no tensors"])
+    files["a list"] = tmp_path / "list.ckpt"
+    torch.save([torch.zeros(2)], files["a list"])
+    good = tmp_path / "good.ckpt"
+    torch.save({"w": torch.randn(64, 64), "v": torch.randn(8)}, good)
+    data = good.read_bytes()
+    files["truncated"] = tmp_path / "truncated.ckpt"
+    files["truncated"].write_bytes(data[: len(data) // 2])
+    files["a storage record missing"] = tmp_path / "missing.ckpt"
+    with zipfile.ZipFile(good) as zin, zipfile.ZipFile(files["a storage record missing"], "w") as zout:
+        for info in zin.infolist():
+            if not info.filename.endswith("/data/1"):
+                zout.writestr(info.filename, zin.read(info))
+    files["torchscript"] = tmp_path / "script.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), files["torchscript"])
+    files["random bytes"] = tmp_path / "random.ckpt"
+    files["random bytes"].write_bytes(b"PK\x03\x04" + bytes(range(256)) * 8)
+    return files
+
+
+def _outcome(path: Path, lazy: bool) -> str:
+    try:
+        tensors, _ = read_checkpoint(path, lazy=lazy)
+    except CheckpointError as err:
+        return f"error: {err}"
+    return f"read: {sorted(tensors)}"
+
+
+def test_the_same_files_are_refused_with_the_same_errors_and_no_pickle_runs(tmp_path):
+    for name, path in _bad_files(tmp_path).items():
+        lazy, whole = _outcome(path, lazy=True), _outcome(path, lazy=False)
+        assert lazy == whole, name
+        assert lazy.startswith("error: ") and "\n" not in lazy, (name, lazy)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_lightning_callbacks_and_numpy_values_are_read_as_the_whole_read_reads_them(tmp_path):
+    """CompVis' files carry numpy scalars and a Lightning callback class: unpickled as inert stand-ins, the
+    same entries kept, and torch's allowlist left as it was."""
+    import numpy as np
+
+    allowed = set(map(str, torch.serialization.get_safe_globals()))
+    path = tmp_path / "sd-v1-4.ckpt"
+    torch.save({"state_dict": {"x.weight": torch.randn(2, 2)}, "global_step": np.int64(470000),
+                "history": np.zeros(3), "epoch": 3}, path)
+    lazy, metadata = read_checkpoint(path, lazy=True)
+    assert isinstance(lazy, ZipTensors) and metadata == read_checkpoint(path)[1] == {"epoch": "3"}
+    _assert_same_tensors(lazy, read_checkpoint(path)[0])
+    assert set(map(str, torch.serialization.get_safe_globals())) == allowed
+
+
+def test_a_run_checkpoint_says_what_it_is(tmp_path):
+    path = tmp_path / "run.pt"
+    torch.save({"format": 1, "step": 40, "config": {}, "modules": {"unet": {"w": torch.zeros(1)}},
+                "optimizer": {}}, path)
+    assert _outcome(path, lazy=True) == _outcome(path, lazy=False)
+    assert "sdlab train run checkpoint" in _outcome(path, lazy=True)
+
+
+def _rss_file() -> int:
+    """Bytes of mapped file pages this process holds (Linux)."""
+    return int(Path("/proc/self/status").read_text().split("RssFile:")[1].split()[0]) * 1024
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
+def test_reading_holds_nothing_of_the_file(tmp_path):
+    """16 tensors of 4 MiB: read one by one, each is a fresh tensor, the file is never mapped and the mapped
+    file pages held do not grow (the whole read maps the file and holds every page it reads)."""
+    g = torch.Generator().manual_seed(0)
+    path = tmp_path / "w.ckpt"
+    torch.save({"state_dict": {f"w{i}": torch.randn(MIB, generator=g) for i in range(16)}}, path)
+    for lazy, held in ((False, 48 * MIB), (True, 0)):
+        state, _ = read_checkpoint(path, lazy=lazy)
+        assert isinstance(state, ZipTensors if lazy else MappedTensors)
+        before, most, total = _rss_file(), 0, 0.0
+        for key in state:
+            tensor = state[key]
+            total += float(tensor.sum())
+            most = max(most, _rss_file() - before)
+            del tensor
+        assert (most > held) if not lazy else (most < 4 * MIB), f"{most / MIB:.1f} MiB of file pages held"
+        maps = Path("/proc/self/maps").read_text()
+        assert (str(path.resolve()) in maps) != lazy
+        del state
+        gc.collect()
+
+
+def test_pickle_module_is_never_asked(tmp_path, monkeypatch):
+    """The lazy read unpickles with torch's weights-only unpickler alone: Python's pickle is not used."""
+    path = tmp_path / "w.ckpt"
+    torch.save({"w": torch.randn(3)}, path)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("pickle.Unpickler used")
+
+    monkeypatch.setattr(pickle, "Unpickler", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    assert isinstance(read_checkpoint(path, lazy=True)[0], ZipTensors)
