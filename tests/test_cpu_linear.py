@@ -112,3 +112,38 @@ def test_a_transformer_stage_fused_is_as_close_to_fp64_as_unfused(monkeypatch, l
     assert fused.shape == plain.shape == x.shape and fused.is_contiguous(memory_format=torch.channels_last)
     fused_err, plain_err = _errors(fused, plain, exact)
     assert fused_err.max() <= 1.25 * plain_err.max() and fused_err.mean() <= 1.1 * plain_err.mean()
+
+
+@pytest.mark.parametrize("linear_proj", [False, True], ids=["conv-projections", "linear-projections"])
+def test_a_frozen_stage_passes_the_gradient_of_a_trained_context(linear_proj):
+    """Textual inversion in bf16 on the CPU: the stage is frozen and its input needs no gradient, but the text
+    context does, so the tokens reaching proj_out do. proj_out must then run with a backward: oneDNN's fused
+    product has none (PyTorch warns "an autograd kernel was not registered" and drops the gradient). The
+    context's gradient equals the unfused stage's within bf16 rounding (measured: ~1e-2 of its largest value;
+    before, no gradient reached the context at all)."""
+    from sdlab.models.unet import SpatialTransformer
+
+    torch.manual_seed(9)
+    stage = SpatialTransformer(64, heads=2, depth=1, context_dim=48, linear_proj=linear_proj, upcast=False, groups=8)
+    for p in stage.parameters():
+        nn.init.normal_(p, std=0.15)
+    stage = stage.to(memory_format=torch.channels_last).bfloat16().requires_grad_(False)
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(2, 64, 6, 5, generator=g).contiguous(memory_format=torch.channels_last).bfloat16()
+    weights = torch.randn(2, 64, 6, 5, generator=g)
+
+    def context_gradient(fuses: bool) -> torch.Tensor:
+        context = torch.randn(2, 7, 48, generator=torch.Generator().manual_seed(11)).bfloat16().requires_grad_(True)
+        with pytest.MonkeyPatch.context() as patch:
+            if not fuses:
+                patch.setattr(cpu_linear, "fuses", lambda *a: False)
+            (stage(x, context).float() * weights).sum().backward()
+        return torch.zeros(context.shape) if context.grad is None else context.grad.float()
+
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                # the autograd fallback's warning is a failure
+        ours = context_gradient(fuses=True)
+    plain = context_gradient(fuses=False)
+    assert plain.abs().max() > 1.0
+    assert (ours - plain).abs().max() <= 0.03 * plain.abs().max(), float((ours - plain).abs().max())

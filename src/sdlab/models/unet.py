@@ -407,7 +407,8 @@ class SpatialTransformer(nn.Module):
         b, c, height, width = x.shape
         h = cpu_norm.group_norm(self.norm, x)  # (B, C, h, w)
         # bf16 inference on the CPU (`cpu_linear.fuses`): both projections run as linear layers over the tokens
-        # (a 1x1 convolution is one), the residual added inside proj_out's product
+        # (a 1x1 convolution is one), the residual added inside proj_out's product where nothing needs a
+        # gradient there either (a context that does, textual inversion's, reaches h through the blocks)
         fused = cpu_linear.fuses(h, self.proj_in) and cpu_linear.fuses(h, self.proj_out)
         on_tokens = self.linear_proj or fused  # projections over (B, hw, C), not 1x1 convolutions over the map
         if not on_tokens:
@@ -423,7 +424,11 @@ class SpatialTransformer(nn.Module):
         x = copies_to(x, b)  # (B, C, h, w)
         if fused:
             residual = x.permute(0, 2, 3, 1).reshape(b, height * width, c)  # (B, hw, C)
-            h = cpu_linear.product(h, self.proj_out.weight.flatten(1), self.proj_out.bias, residual)
+            weight = self.proj_out.weight.flatten(1)  # (C, C)
+            if cpu_linear.fuses(h, self.proj_out, residual):
+                h = cpu_linear.product(h, weight, self.proj_out.bias, residual)  # (B, hw, C)
+            else:  # the blocks made h need a gradient (a trained text context): the product with a backward
+                h = F.linear(h, weight, self.proj_out.bias) + residual  # (B, hw, C)
             return h.view(b, height, width, c).permute(0, 3, 1, 2)  # (B, C, h, w) channels-last view
         if on_tokens:
             h = self.proj_out(h)
