@@ -16,8 +16,9 @@
     see the compressed bytes). With `lazy=True` a zip file's pickle is unpickled by the same unpickler onto `meta`
     and each tensor is read from its record when looked up (`zip_tensors.ZipTensors`: nothing of the file held
     or mapped between reads; `sdlab merge` reads so). A top-level `state_dict` entry (PyTorch Lightning,
-    CompVis) is unwrapped. A pickle's metadata is its top-level text and number entries, as strings (an
-    A1111 embedding's `step`, `sd_checkpoint`, `sd_checkpoint_name`).
+    CompVis) is unwrapped, and so is a file's only entry that is a dict (`{"module": {...}}`: ComfyUI's
+    `load_torch_file` rule) where nested levels are not read anyway. A pickle's metadata is its top-level
+    text and number entries, as strings (an A1111 embedding's `step`, `sd_checkpoint`, `sd_checkpoint_name`).
 Every failure is a `CheckpointError` with a one-line message.
 
 `write_safetensors_atomic(path, tensors, metadata)` writes a temporary file beside `path`, fsyncs it and
@@ -571,6 +572,8 @@ def _unwrap_state_dict(obj: object, path: Path, nested: bool = False) -> dict[st
         raise _run_checkpoint_error(obj, path)
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
+    elif isinstance(obj, Mapping) and len(obj) == 1 and not nested and isinstance(only := [*obj.values()][0], Mapping):
+        obj = only          # {"module": {...}}, {"model": {...}}: the file's one entry, as ComfyUI unwraps it
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors")
     if nested:
