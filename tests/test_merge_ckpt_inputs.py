@@ -138,3 +138,16 @@ def test_merging_two_ckpts_holds_none_of_their_pages(tmp_path, monkeypatch):
     assert lazy < 8 * MIB < 96 * MIB < most[0], f"{lazy / MIB:.1f} MiB lazily, {most[0] / MIB:.1f} MiB whole"
     assert (tmp_path / "m.safetensors").read_bytes() == (tmp_path / "w.safetensors").read_bytes()
     assert isinstance(read_checkpoint(paths[0], lazy=True)[0], ZipTensors)
+
+
+def test_a_legacy_ckpt_is_read_whole_and_says_so(tmp_path, monkeypatch, caplog):
+    """A pre-zip pickle cannot be read tensor by tensor: it is read whole, merged as the whole read merges it,
+    and the log says why it takes the memory."""
+    legacy = tmp_path / "legacy.ckpt"
+    torch.save({"state_dict": _sd1_state(2)}, legacy, _use_new_zipfile_serialization=False)
+    paths = [_sd1(tmp_path, 1, "ckpt", torch.float32), legacy]
+    with caplog.at_level("INFO", logger="sdlab.checkpoints.merge"):
+        lazy, whole, read = _merged_both_ways(paths, tmp_path / "m.safetensors", MergeOptions(), monkeypatch)
+    assert lazy == whole and read == ["ZipTensors", "dict"]
+    said = [r.getMessage() for r in caplog.records if "read whole" in r.getMessage()]
+    assert len(said) == 2 and all(str(legacy) in line and "legacy (pre-zip)" in line for line in said)

@@ -194,6 +194,9 @@ def open_input(path: str | Path, *, primary: bool = True) -> MergeInput:
     if path.is_dir():
         return _open_folder(path)
     state, metadata = read_checkpoint(path, lazy=True)
+    if not isinstance(state, LazyMapping):
+        logger.info("%s: read whole into memory: a legacy (pre-zip) PyTorch pickle, whose tensors cannot be read one "
+                    "at a time (torch.save's zip format and .safetensors files are)", path)
     shapes = shapes_of(state)
     try:
         family = base_family(path, shapes, metadata)
