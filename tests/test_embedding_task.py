@@ -74,6 +74,13 @@ def test_only_the_vectors_get_gradients(tmp_path):
     (("--embedding-word", "cat/toy"), "names the embedding's file, and no file name on this system holds '/'"),
     (("--embedding-word", "cat\0toy"), r"no file name on this system holds '\\x00'"),
     (("--embedding-word", "w" * 240), "at most 255 bytes"),
+    # words a prompt reads as syntax: the file would train but no prompt could reach it
+    (("--embedding-word", "(mystyle)"), r"cannot be written in a prompt: the prompt syntax reads it as 'mystyle' at weight 1.1"),
+    (("--embedding-word", "[mystyle]"), "reads it as 'mystyle' at weight 0.909"),
+    (("--embedding-word", "BREAK"), "cannot be written in a prompt"),
+    (("--embedding-word", "AND"), "cannot be written in a prompt"),
+    (("--embedding-word", "<lora:mystyle:1>"), "cannot be written in a prompt"),
+    (("--embedding-word", "my#style"), "reads it as 'my' at weight 1"),
 ])
 def test_bad_settings_are_one_clear_error(tmp_path, data, extra, message):
     model = write_tiny_model(tmp_path / "sd1.safetensors")
