@@ -228,5 +228,5 @@ def test_a_native_unit_without_a_picture_draws_on_the_jobs_init_picture_and_txt2
     _same(without, with_init)
     answer = client.post("/api/jobs", json={**NATIVE, **native})
     assert answer.status_code == 422
-    assert answer.json()["detail"] == ("control 0: needs an image (base64); only an img2img or inpaint job's unit "
+    assert answer.json()["detail"] == ("control 0: needs an image; only an img2img or inpaint request's control "
                                        "may leave it out, to draw on the init picture")

@@ -291,6 +291,10 @@ def _add_sampling_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
                         "turbo, lcm, lightning, hyper, tcd, lcm-model; options given here win (docs/few-step.md)")
 
 
+CONTROL_SYNTAX = "FILE[:IMAGE][:STRENGTH[:START:END]]"
+"""--control's syntax: IMAGE left out (FILE, FILE::STRENGTH...) draws on img2img's / inpaint's init picture."""
+
+
 def _add_run_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
     """Device, dtype, LoRAs, embeddings, ControlNets, progress, threads and compile (`sdlab grid` shares them;
     `from_png`: the command has --from-png)."""
@@ -311,10 +315,12 @@ def _add_run_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
                         + _if_from_png(from_png, " (or of --from-png)") + " find NAME.safetensors, subfolders "
                         "included; repeatable (also searched: models/Lora beside the --model's folder, "
                         + _if_from_png(from_png, "the --from-png file's folder, ") + "the current folder)")
-    p.add_argument("--control", action="append", default=[], metavar="FILE:IMAGE[:STRENGTH[:START:END]]",
+    p.add_argument("--control", action="append", default=[], metavar=CONTROL_SYNTAX,
                    help="a ControlNet or T2I-Adapter (original or diffusers file / folder) and its hint image, "
                         "with its strength (default 1) and the fraction of the steps it acts on (default 0:1); "
-                        "repeatable")
+                        "img2img / inpaint may leave the image out (FILE, or FILE::STRENGTH[:START:END]): the "
+                        "control draws on the init picture (each pass's or tile's under a script), fitted by the "
+                        "--resize-mode, as A1111's ControlNet unit without a picture; repeatable")
     p.add_argument("--control-module", action="append", default=[], metavar="NAME",
                    help="preprocessor of the hint image of the matching --control (the first for the first, ...): "
                         "none (default), canny, scribble, threshold, invert, tile_resample, inpaint, inpaint_only "
@@ -935,27 +941,45 @@ def _parse_lora(spec: str, find: Callable[[str], Path | None] | None = None) -> 
     return path, value
 
 
+def _control_paths(parts: list[str]) -> tuple[str, str | None]:
+    """(file, image) of a --control spec's `parts` (split at colons, its numbers taken off): split where both
+    sides exist, else the whole an existing file without an image (``FILE``), else an empty image part
+    (``FILE:`` or ``FILE::STRENGTH``) none, else at the first colon."""
+    splits = [(":".join(parts[:i]), ":".join(parts[i:])) for i in range(1, len(parts))]
+    found = next((s for s in splits if os.path.exists(s[0]) and os.path.exists(s[1])), None)
+    if found is not None:
+        return found
+    if len(parts) == 1 or os.path.exists(":".join(parts)):
+        return ":".join(parts), None
+    if parts[-1] == "":
+        return ":".join(parts[:-1]), None
+    return splits[0]
+
+
 def _parse_control(spec: str, convention: str, **settings: Any):
-    """``FILE:IMAGE[:STRENGTH[:START:END]]`` -> a `ControlInput` checked under the request's control
+    """``FILE[:IMAGE][:STRENGTH[:START:END]]`` -> a `ControlInput` checked under the request's control
     `convention`, with the image (and a `mask`) read and `settings` (`ControlInput`'s fields: module, modes,
     thresholds, and strength / start / end where the spec leaves them out). Numbers are taken from the end, so
-    the file and image paths may contain colons (split where both sides exist)."""
+    the file and image paths may contain colons (`_control_paths`). Without an image (``FILE``,
+    ``FILE::STRENGTH[:START:END]``) the control is drawn on the init picture (`control.drawn_on_init`)."""
     from sdlab.pipeline.control import ControlInput, check_control
     from sdlab.pipeline.request import RequestError
 
     parts, numbers = spec.split(":"), []
     while len(parts) > 2 and len(numbers) < 3 and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", parts[-1]):
         numbers.insert(0, float(parts.pop()))
-    if len(parts) < 2 or len(numbers) == 2:
-        raise UserError(f"--control {spec!r}: expected FILE:IMAGE[:STRENGTH[:START:END]]")
-    splits = [(":".join(parts[:i]), ":".join(parts[i:])) for i in range(1, len(parts))]
-    file, image = next((s for s in splits if os.path.exists(s[0]) and os.path.exists(s[1])), splits[0])
+    if not parts[0] or len(numbers) == 2:
+        raise UserError(f"--control {spec!r}: expected {CONTROL_SYNTAX}")
+    file, image = _control_paths(parts)
     if not os.path.exists(file):
         raise UserError(f"the ControlNet {file!r} does not exist")
+    if image is not None and not os.path.exists(image) and re.fullmatch(r"[-+.\deE]+", image):
+        raise UserError(f"--control {spec!r}: the image {image!r} does not exist; to leave the image out (the init "
+                        f"picture) write FILE::{image}")
     if settings.get("mask") is not None:
         settings["mask"] = _open_image(settings["mask"], "control mask")
     try:
-        control = ControlInput(file, _open_image(image, "control image"),
+        control = ControlInput(file, None if image is None else _open_image(image, "control image"),
                                **{**settings, **dict(zip(("strength", "start", "end"), numbers))})
         return check_control(control, convention=convention)
     except RequestError as err:
@@ -1145,7 +1169,11 @@ def _controls(args: argparse.Namespace, recorded: dict[str, Any], convention: st
     """The --control `ControlInput`s with their per-control options, checked under the request's control
     `convention`. A setting a control is not given (on its spec or by an option) takes the one the --from-png
     picture's `ControlNet N` line records for it (`recorded_unit`: module, weight, guidance start / end,
-    thresholds, processor resolution, Pixel Perfect, modes; `_kept_settings`), as A1111's paste sets its N-th unit."""
+    thresholds, processor resolution, Pixel Perfect, modes; `_kept_settings`), as A1111's paste sets its N-th unit.
+    In txt2img a control without an image is refused (`control.drawn_on_init`)."""
+    from sdlab.pipeline.control import drawn_on_init
+    from sdlab.pipeline.request import RequestError
+
     count = len(args.control)
     columns = [_per_control(getattr(args, attr), "--" + attr.replace("_", "-"), count) for _, attr in _CONTROL_OPTIONS]
     controls = []
@@ -1154,6 +1182,12 @@ def _controls(args: argparse.Namespace, recorded: dict[str, Any], convention: st
                  if column[index] is not None}
         settings = {**_kept_settings(_recorded_unit(recorded, index, args.from_png), given), **given}
         controls.append(_parse_control(spec, convention, **settings))
+    if getattr(args, "mode", None) == "txt2img":    # no init picture: a control without an image refused before the
+        for index, (spec, control) in enumerate(zip(args.control, controls)):      # model loads
+            try:
+                drawn_on_init(control, index, None, "resize")
+            except RequestError as err:
+                raise UserError(f"--control {spec!r}: {err}") from None
     return tuple(controls)
 
 

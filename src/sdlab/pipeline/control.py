@@ -116,10 +116,11 @@ class ControlInput:
     without one an inpainting run's mask serves. `processor_res` (A1111's Processor Res) is the resolution
     canny, threshold and scribble run at (`preprocess.RESOLUTION_MODULES`; None: the picture's own size, under
     A1111's convention the extension's 512: `processor_res_under`);
-    `pixel_perfect` picks it from the drawing's size instead (`resolution_of`)."""
+    `pixel_perfect` picks it from the drawing's size instead (`resolution_of`). `image` None: an img2img /
+    inpainting request's init picture (`drawn_on_init`), as A1111's ControlNet extension takes a unit without one."""
 
     model: LoadedControlNet | LoadedT2IAdapter | str | os.PathLike[str]
-    image: Image.Image | str | os.PathLike[str]
+    image: Image.Image | str | os.PathLike[str] | None = None
     strength: float = 1.0
     start: float = 0.0
     end: float = 1.0
@@ -191,13 +192,51 @@ def check_control(control: ControlInput, index: int = 0, convention: str = "diff
         raise RequestError(f"{name}: pixel_perfect must be true or false, got {control.pixel_perfect!r}")
     if not isinstance(control.model, LOADED) and not Path(control.model).exists():
         raise RequestError(f"{name}: the ControlNet {control.model_path!r} does not exist")
-    if not isinstance(control.image, Image.Image) and not Path(control.image).exists():
+    if isinstance(control.image, (str, os.PathLike)) and not Path(control.image).exists():
         raise RequestError(f"{name}: the image {os.fspath(control.image)!r} does not exist")
+    if control.image is not None and not isinstance(control.image, (Image.Image, str, os.PathLike)):
+        raise RequestError(f"{name}: the image must be a picture, a file path or None (the init picture), got "
+                           f"{type(control.image).__name__}")
     if isinstance(control.mask, (str, os.PathLike)) and not Path(control.mask).exists():
         raise RequestError(f"{name}: the mask {os.fspath(control.mask)!r} does not exist")
-    if control.mask is not None:
+    if control.mask is not None and control.image is not None:      # an init picture's control: once drawn on it
         check_mask_size(input_size(control.image, f"{name} image"), input_size(control.mask, f"{name} mask"), name)
     return control
+
+
+def init_resize(job_resize: str) -> str:
+    """The resize mode a control without a picture of its own takes from its request's (`request.RESIZE_MODES`),
+    as the extension's `choose_input_image` maps img2img's: its own, "latent" (Just resize (latent upscale)) as
+    Just resize."""
+    return "resize" if job_resize == "latent" else job_resize
+
+
+def on_init(control: ControlInput, init: Image.Image, job_resize: str) -> ControlInput:
+    """`control` drawn on the init picture `init` of one request, resized by the request's mode `job_resize`
+    (`init_resize`), as the extension's `choose_input_image` takes each request's `init_images[0]` for a unit
+    without a picture (a Loopback pass's picture, an SD upscale tile, an outpainting canvas)."""
+    return replace(control, image=init, resize_mode=init_resize(job_resize))
+
+
+def drawn_on_init(control: ControlInput, index: int, init: Image.Image | None, job_resize: str) -> ControlInput:
+    """`control` (the request's `index`-th) as it is drawn: unchanged with a picture of its own, else on the
+    request's init picture `init` (`on_init`). Without an init picture (txt2img) such a control is a
+    `RequestError`, as the extension refuses a unit without a picture there ("no input image is given")."""
+    if control.image is not None:
+        return control
+    if init is None:
+        raise RequestError(f"control {index}: needs an image; only an img2img or inpaint request's control may "
+                           "leave it out, to draw on the init picture")
+    return on_init(control, init, job_resize)
+
+
+def controls_on_init(controls: Sequence[ControlInput | Any], init: Image.Image | None,
+                     job_resize: str) -> tuple[ControlInput, ...]:
+    """Each of a request's `controls` as it is drawn (`drawn_on_init`): those without a picture of their own on
+    the init picture `init`, resized by the request's mode `job_resize`. `controls` may hold (file, image[,
+    strength[, start, end]]) records (`control_input`)."""
+    return tuple(drawn_on_init(control_input(control), index, init, job_resize)
+                 for index, control in enumerate(controls))
 
 
 def check_mask_size(image: tuple[int, int], mask: tuple[int, int], name: str) -> None:

@@ -40,6 +40,7 @@ from sdlab.families.loaded import ModelBundle
 from sdlab.models.deep_cache import DeepCache
 from sdlab.models.unet import UNet
 from sdlab.pipeline.conditioning import ClipSkip, encoder_skip, hidden_state_layers, prompt_chunks
+from sdlab.pipeline.control import controls_on_init
 from sdlab.pipeline.memory import available_bytes, check_memory
 from sdlab.pipeline.init_picture import InitPicture, init_pictures
 from sdlab.pipeline.perturbed_attention import PagLayerError, pag_layer_names
@@ -183,7 +184,8 @@ def resolve_for(bundle: ModelBundle, request: GenerationRequest) -> GenerationRe
 def _resolve(bundle: ModelBundle, request: GenerationRequest, free: int | None) -> GenerationRequest:
     """`resolve_for` against `free` bytes (None: the device cannot tell). The prompts lose their comments
     (`strip_comments`), as A1111 draws and records them; an empty negative encoded as "" on a family that encodes it
-    anyway is the family's rule (None: no `Empty negative` label to write)."""
+    anyway is the family's rule (None: no `Empty negative` label to write). A control without a picture of its own
+    is drawn on the init picture (`control.controls_on_init`), a txt2img request's refused."""
     family = bundle.family
     req = resolve(
         request,
@@ -211,6 +213,7 @@ def _resolve(bundle: ModelBundle, request: GenerationRequest, free: int | None) 
         req = replace(req, zero_empty_negative=None)    # the family's own rule, which no model of it changes
     if family.is_edit:
         req = _for_edit_model(family, req)
+    req = replace(req, controls=controls_on_init(req.controls, req.init_image, req.resize_mode))
     _check_model(bundle, req, free)
     return req
 

@@ -28,6 +28,7 @@ from PIL import Image
 
 from sdlab.pipeline.control import (
     CONTROL_MODES, DEFAULT_RESIZE, RESIZE_MODES, ControlInput, a1111_mode, check_control, check_mask_size,
+    drawn_on_init,
 )
 from sdlab.pipeline.image_prompt import IPAdapterInput, check_ip_adapter
 from sdlab.pipeline.images import eight_bit
@@ -35,7 +36,7 @@ from sdlab.pipeline.ip_adapter_units import LISTED_MODULES, is_ip_adapter_module
 from sdlab.pipeline.preprocess import (
     A1111_MODULE_ALIASES, INPAINT_MODULES, SLIDER_RANGES, a1111_module, processor_resolution,
 )
-from sdlab.pipeline.request import RequestError
+from sdlab.pipeline.request import RESIZE_MODES as JOB_RESIZE_MODES, RequestError
 from sdlab.server.config import Limits
 from sdlab.server.inputs import BadRequest, decode_image
 from sdlab.server.model_folders import ModelFolder
@@ -208,23 +209,26 @@ IP_ADAPTER_UNITS = (f"the extension draws an IP-Adapter in a unit with one of it
 def a1111_unit(unit: dict[str, Any], index: int, folder: ModelFolder, limits: Limits,
                init: Image.Image | None, init_resize: int = 0) -> ControlInput:
     """One enabled unit as a checked `ControlInput`, its steps by A1111's rule (`control_convention`). A unit
-    without an image takes img2img's init image and img2img's resize mode `init_resize` (A1111's 0..3) for its
-    own, as the extension's `choose_input_image` does. An IP-Adapter model under a ControlNet module is a 422 at
-    submit naming the unit, the model and the module (the extension hands the adapter the preprocessor's picture
-    where it reads CLIP image embeddings, and fails as it draws)."""
+    without an image takes img2img's init image and img2img's resize mode `init_resize` (A1111's 0..3; another
+    index is Just resize, as the extension's `resize_mode_from_value`) for its own by the pipeline's rule
+    (`control.drawn_on_init`), as the extension's `choose_input_image` does. An IP-Adapter model under a
+    ControlNet module is a 422 at submit naming the unit, the model and the module (the extension hands the
+    adapter the preprocessor's picture where it reads CLIP image embeddings, and fails as it draws)."""
     what = f"control {index}"
     own = image_field(unit.get("image") or unit.get("input_image") or None, what)
     module, image = module_name(unit.get("module")), hint_image(own or init, what, limits)
     mask = unit_mask(unit, own, image, init, what, limits) if module in INPAINT_MODULES else None
     control = ControlInput(model_path(unit["model"], f"{what} (module {unit.get('module')!r})", folder, "controlnet",
-                                      IP_ADAPTER_UNITS), image,
+                                      IP_ADAPTER_UNITS), image if own else None,
                            unit.get("weight", 1.0), unit.get("guidance_start", 0.0),
                            unit.get("guidance_end", unit.get("guidance", 1.0)),     # the extension's legacy alias
                            module, control_mode(unit.get("control_mode")),
-                           resize_mode(unit.get("resize_mode") if own else init_resize), threshold_value(unit.get("threshold_a"), module, 0),
+                           resize_mode(unit.get("resize_mode")) if own else None,
+                           threshold_value(unit.get("threshold_a"), module, 0),
                            threshold_value(unit.get("threshold_b"), module, 1), mask,
                            processor_resolution(unit.get("processor_res")), unit.get("pixel_perfect") or False)
-    return checked_control(control, index, "a1111", folder)
+    job_resize = JOB_RESIZE_MODES[init_resize] if 0 <= init_resize < len(JOB_RESIZE_MODES) else "resize"
+    return checked_control(drawn_on_init(control, index, init, job_resize), index, "a1111", folder)
 
 
 UNREAD_IP_FIELDS = {
@@ -309,46 +313,35 @@ def native_threshold(value: Any) -> Any:
     return None if is_number and value < 0 else value
 
 
-def init_resize(job_resize: str) -> str:
-    """The resize mode a unit without a picture of its own takes from its job's (`request.RESIZE_MODES`), as the
-    extension's `choose_input_image` maps img2img's: its own, "Just resize (latent upscale)" as Just resize."""
-    return "resize" if job_resize == "latent" else job_resize
-
-
 def takes_init(item: dict[str, Any]) -> bool:
     """Whether a native `controls` entry has no picture of its own, so that it draws on its job's init picture."""
     return not item.get("image")
 
 
-def on_init(control: ControlInput, init: Image.Image, job_resize: str) -> ControlInput:
-    """`control` drawn on the init picture `init` of one request, resized by the request's mode `job_resize`: a
-    unit without a picture of its own, as the extension's `choose_input_image` takes each request's
-    `init_images[0]` (a Loopback pass's picture, an SD upscale tile, an outpainting canvas)."""
-    return dataclasses.replace(control, image=init, resize_mode=init_resize(job_resize))
-
-
 def native_controls(items: list[dict[str, Any]], folder: ModelFolder, limits: Limits,
                     init: Image.Image | None = None, job_resize: str = "resize") -> tuple[ControlInput, ...]:
-    """The native `controls` entries as checked `ControlInput`s. An entry without an image takes the job's init
-    picture `init` and its resize mode `job_resize` (as an A1111 unit without one, `a1111_unit`); a txt2img job
-    has none, and such an entry is a 422, as the extension refuses it ("no input image is given")."""
+    """The native `controls` entries as checked `ControlInput`s. An entry without an image is drawn on the job's
+    init picture `init` with its resize mode `job_resize` by the pipeline's rule (`control.drawn_on_init`, as an
+    A1111 unit without one, `a1111_unit`); a txt2img job has none, and such an entry is a 422, as the extension
+    refuses it ("no input image is given")."""
     controls = []
     for index, item in enumerate(items):
         what = f"control {index}"
         mask = item.get("mask")
-        if takes_init(item) and init is None:
-            raise BadRequest(f"{what}: needs an image (base64); only an img2img or inpaint job's unit may leave it "
-                             "out, to draw on the init picture", 422)
         own = not takes_init(item)
         control = ControlInput(model_path(item.get("model"), what, folder, "controlnet", "give it in ip_adapters"),
-                               hint_image(item.get("image"), what, limits) if own else init,
+                               hint_image(item.get("image"), what, limits) if own else None,
                                item.get("strength", 1.0), item.get("start", 0.0), item.get("end", 1.0),
                                module_name(item.get("module")), item.get("control_mode", "balanced"),
-                               item.get("resize_mode") if own else init_resize(job_resize),
+                               item.get("resize_mode"),
                                native_threshold(item.get("threshold_a")),
                                native_threshold(item.get("threshold_b")),
                                decode_image(mask, f"{what} mask", limits) if mask else None,
                                native_threshold(item.get("processor_res")), item.get("pixel_perfect") or False)
+        try:
+            control = drawn_on_init(control, index, init, job_resize)
+        except RequestError as err:
+            raise BadRequest(str(err), 422) from None
         controls.append(checked_control(control, index, "diffusers", folder))
     return tuple(controls)
 

@@ -20,13 +20,14 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
+from sdlab.pipeline.control import on_init
 from sdlab.pipeline.png_info import save_png_atomic
 from sdlab.pipeline.request import DEFAULT_HR_DENOISE, MASKED_CONTENT, RESIZE_MODES, GenerationRequest, check_freeu
 from sdlab.pipeline.styles import PROMPT_FIELDS
 from sdlab.server.a1111_scripts import (
     RUNNABLE_SCRIPTS, SelectableScript, alwayson_args, axis_types, script_args, sdlab_field,
 )
-from sdlab.server.controls import on_init, takes_init
+from sdlab.server.controls import takes_init
 from sdlab.server.inputs import BadRequest, JobSpec, refiner_choice, sampler_and_schedule, spec_with_preset
 from sdlab.server.jobs import Job, QueueFull, Unavailable
 from sdlab.server.service import Service, recorded_controls
@@ -184,8 +185,9 @@ def cell_request(job: GenerationRequest, base: tuple[Any, GenerationRequest],
 
 def on_own_init(request: GenerationRequest, sent: list[Any]) -> GenerationRequest:
     """`request` (one the script draws) with each ControlNet unit the job sent without a picture (`sent`, the
-    job's `controls`) drawn on this request's own init picture (`controls.on_init`): a Loopback pass's picture, an
-    SD upscale tile, an outpainting canvas, as A1111's scripts hand the extension each request's `init_images`."""
+    job's `controls`) drawn on this request's own init picture by the pipeline's rule (`control.on_init`): a
+    Loopback pass's picture, an SD upscale tile, an outpainting canvas, as A1111's scripts hand the extension each
+    request's `init_images`."""
     if request.init_image is None or not any(takes_init(item.model_dump()) for item in sent):
         return request
     controls = tuple(on_init(control, request.init_image, request.resize_mode)

@@ -1,0 +1,260 @@
+"""A ControlNet without a picture of its own in an img2img / inpaint request draws on the request's init picture,
+by one rule (`pipeline.control.drawn_on_init`, A1111's ControlNet extension's `choose_input_image`: the init picture,
+fitted by img2img's resize mode) through every door: the Python API (`ControlInput(file, None, ...)`), the CLI
+(`--control FILE` / `FILE::STRENGTH[:START:END]`; under --loopback / --sd-upscale each pass's picture, each tile
+batch's first tile) and the native server (`controls` entries without `image`). Each picture equals the native
+server's job for the same request, 0 of 255 apart, with the same parameters; txt2img refuses such a control with
+one message at each door."""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from cli_helpers import run
+from controlnet_fixtures import diffusers_controlnet, write_layout
+from server_fixtures import b64_png, start_server, wait_for_job
+
+NATIVE = {"prompt": "a red apple", "negative_prompt": "blurry", "steps": 3, "seed": 7, "cfg_scale": 5.0,
+          "sampler": "Euler", "width": 64, "height": 64}
+CLI = ["a red apple", "--negative", "blurry", "--steps", "3", "--seed", "7", "--cfg", "5", "--sampler", "Euler",
+       "--width", "64", "--height", "64", "--threads", "1", "--no-progress"]     # the test server draws on one thread
+UNIT = {"model": "strong_lines", "module": "canny", "strength": 0.9, "threshold_a": 60, "threshold_b": 160}
+UNIT_FLAGS = ["--control-module", "canny", "--control-threshold-a", "60", "--control-threshold-b", "160"]
+
+INIT = Image.new("RGB", (96, 64), (200, 80, 40))        # wider than the drawing: the resize mode shows
+ImageDraw.Draw(INIT).ellipse([8, 8, 80, 56], fill=(20, 200, 90))
+MASK = Image.new("L", (96, 64), 0)
+ImageDraw.Draw(MASK).rectangle([30, 10, 70, 50], fill=255)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory):
+    import sdlab
+
+    root = tmp_path_factory.mktemp("control-on-init")
+    folder = root / "models" / "ControlNet"
+    folder.mkdir(parents=True)
+    pipe = sdlab.load()
+    factor = pipe.bundle.vae_config.downsample_factor
+    net = write_layout(diffusers_controlnet(pipe.bundle.unet_config, 3, hint_widths=(16, 32, 96, 256)[: factor.bit_length()],
+                                           std=0.6), "diffusers-file", folder)       # strong: its hint shows
+    net = net.rename(folder / "strong_lines.safetensors")
+    INIT.save(root / "init.png")
+    MASK.save(root / "mask.png")
+    server = start_server(root / "outputs", "--models-dir", str(root / "models"))
+    client = httpx.Client(base_url=server.url, timeout=300)
+    yield {"client": client, "pipe": pipe, "net": net, "init": root / "init.png", "mask": root / "mask.png"}
+    client.close()
+    server.stop()
+
+
+def _job(client: httpx.Client, body: dict) -> tuple[dict, list[Image.Image]]:
+    answer = client.post("/api/jobs", json=body)
+    assert answer.status_code == 202, answer.text
+    job = wait_for_job(client, answer.json()["id"], 300)
+    assert job["status"] == "done", job
+    return job, [_picture(client.get(url).content) for url in job["images"]]
+
+
+def _picture(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+def _pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def _same(got: Image.Image, want: Image.Image) -> None:
+    assert got.size == want.size
+    assert np.abs(_pixels(got) - _pixels(want)).max() == 0
+
+
+def _api_result(setup, mode: str, **options):
+    """`pipe.img2img` / `pipe.inpaint` of the native job's settings on one thread, as the test server draws."""
+    from sdlab.pipeline.png_info import format_parameters
+    from sdlab.pipeline.infotext import to_parameters
+
+    pipe, threads = setup["pipe"], torch.get_num_threads()
+    settings = {"steps": 3, "seed": 7, "cfg_scale": 5.0, "sampler": "Euler", "width": 64, "height": 64, **options}
+    torch.set_num_threads(1)
+    try:
+        if mode == "inpaint":
+            result = pipe.inpaint("a red apple", INIT, MASK, "blurry", **settings)
+        else:
+            result = pipe.img2img("a red apple", INIT, settings.pop("strength"), "blurry", **settings)
+    finally:
+        torch.set_num_threads(threads)
+    return result, format_parameters(to_parameters(result.request))
+
+
+def _cli(setup, tmp_path: Path, capsys, mode: str, *flags: str) -> list[Image.Image]:
+    extra = ["--mask", str(setup["mask"])] if mode == "inpaint" else []
+    code, out, err = run([mode, *CLI, "--init", str(setup["init"]), *extra, *flags,
+                          "--out", str(tmp_path / "cli.png")], capsys)
+    assert code == 0, err
+    return [_picture(Path(line).read_bytes()) for line in out.splitlines()]
+
+
+def _control_line(parameters: str) -> str:
+    return re.search(r'ControlNet 0: "[^"]*"', parameters)[0]
+
+
+@pytest.mark.parametrize("mode", ["img2img", "inpaint"])
+def test_the_api_and_the_cli_draw_a_control_without_a_picture_as_the_native_job(setup, tmp_path, capsys, mode):
+    """Resize mode "crop": the control takes the init picture cropped to 64x64 (Crop and Resize, recorded so);
+    the same control given the init picture itself with that resize mode is the same picture; without the
+    control the picture differs (the control shows). Inpaint: an `inpaint` preprocessor's hint masked by the run's
+    mask on the init picture."""
+    from sdlab.pipeline.control import ControlInput
+
+    unit = {**UNIT, "module": "inpaint"} if mode == "inpaint" else UNIT
+    fields = {"mode": mode, "init_image": b64_png(INIT), "strength": 0.7, "resize_mode": "crop"}
+    if mode == "inpaint":
+        fields["mask_image"] = b64_png(MASK)
+    job, (served,) = _job(setup["client"], {**NATIVE, **fields, "controls": [unit]})
+    text = served.info["parameters"]
+    assert "Resize Mode: Crop and Resize" in text
+
+    module = unit["module"]
+    thresholds = {"threshold_a": 60, "threshold_b": 160} if module == "canny" else {}
+    result, api_text = _api_result(setup, mode, strength=0.7, resize_mode="crop",
+                                   controls=[ControlInput(setup["net"], None, 0.9, module=module, **thresholds)])
+    _same(result.images[0], served)
+    assert _control_line(api_text) == _control_line(text)
+
+    flags = ["--control", f"{setup['net']}::0.9", *(UNIT_FLAGS if module == "canny" else ["--control-module", module])]
+    (cli,) = _cli(setup, tmp_path, capsys, mode, "--strength", "0.7", "--resize-mode", "crop", *flags)
+    _same(cli, served)
+    assert cli.info["parameters"] == text
+
+    given, _ = _api_result(setup, mode, strength=0.7, resize_mode="crop",
+                           controls=[ControlInput(setup["net"], INIT, 0.9, module=module, resize_mode="crop",
+                                                  **thresholds)])
+    _same(given.images[0], served)
+    plain, _ = _api_result(setup, mode, strength=0.7, resize_mode="crop")
+    assert np.abs(_pixels(plain.images[0]) - _pixels(served)).max() > 20
+
+
+def test_a_bare_control_file_takes_the_init_picture_and_its_defaults(setup, tmp_path, capsys):
+    """`--control FILE`: strength 1, all the steps, the init picture by Just Resize (img2img's default), as the
+    native entry of the model alone; `--from-png` of the server's picture with `--control FILE` redraws it."""
+    job, (served,) = _job(setup["client"], {**NATIVE, "mode": "img2img", "init_image": b64_png(INIT), "strength": 0.6,
+                                            "controls": [{"model": "strong_lines"}]})
+    assert "Resize Mode: Just Resize" in served.info["parameters"]
+    (cli,) = _cli(setup, tmp_path, capsys, "img2img", "--strength", "0.6", "--control", str(setup["net"]))
+    _same(cli, served)
+    assert cli.info["parameters"] == served.info["parameters"]
+    (tmp_path / "served.png").write_bytes(setup["client"].get(job["images"][0]).content)
+    code, out, err = run(["img2img", "--from-png", str(tmp_path / "served.png"), "--init", str(setup["init"]),
+                          "--control", str(setup["net"]), "--threads", "1", "--no-progress",
+                          "--out", str(tmp_path / "again.png")], capsys)
+    assert code == 0, err
+    again = _picture(Path(out.strip()).read_bytes())
+    _same(again, served)
+    assert again.info["parameters"] == served.info["parameters"]
+
+
+LOOPBACK = ({"script_name": "Loopback", "script_args": [2, 0.5, "Linear", "None"]},
+            ["--loopback", "2", "--final-strength", "0.5", "--strength-curve", "linear"])
+SD_UPSCALE = ({"script_name": "SD upscale", "script_args": ["", 16, "Lanczos", 2]},
+              ["--sd-upscale", "2", "--upscaler", "lanczos", "--tile-overlap", "16"])
+
+
+@pytest.mark.parametrize("script, flags", [LOOPBACK, SD_UPSCALE], ids=["loopback", "sd-upscale"])
+def test_cli_scripts_draw_a_control_without_a_picture_on_each_requests_own(setup, tmp_path, capsys, script, flags):
+    """Each Loopback pass's control takes that pass's picture, each SD upscale tile batch its first tile, as the
+    native job's script (tests/test_server_script_controls.py proves that one equal to the A1111 route's): the
+    CLI's pictures equal the job's, and differ from the control drawn on the user's picture throughout."""
+    body = {**NATIVE, "mode": "img2img", "init_image": b64_png(INIT.resize((64, 64))), "strength": 0.7, **script}
+    _, served = _job(setup["client"], {**body, "controls": [UNIT]})
+    INIT.resize((64, 64)).save(tmp_path / "init64.png")
+    code, out, err = run(["img2img", *CLI, "--init", str(tmp_path / "init64.png"), "--strength", "0.7", *flags,
+                          "--control", f"{setup['net']}::0.9", *UNIT_FLAGS, "--out", str(tmp_path / "cli.png")],
+                         capsys)
+    assert code == 0, err
+    drawn = [_picture(Path(line).read_bytes()) for line in out.splitlines()]
+    served = served[1:] + served[:1] if len(served) > 1 else served       # the job: grid first; the CLI: grid last
+    assert len(drawn) == len(served)
+    for got, want in zip(drawn, served):
+        _same(got, want)
+    code, out, err = run(["img2img", *CLI, "--init", str(tmp_path / "init64.png"), "--strength", "0.7", *flags,
+                          "--control", f"{setup['net']}:{tmp_path / 'init64.png'}:0.9", *UNIT_FLAGS,
+                          "--out", str(tmp_path / "fixed.png")], capsys)
+    assert code == 0, err
+    last = len(drawn) - 2 if len(drawn) > 1 else 0          # the last pass (before Loopback's grid); the upscale
+    fixed = _picture(Path(out.splitlines()[last]).read_bytes())
+    assert np.abs(_pixels(fixed) - _pixels(drawn[last])).max() > 20
+
+
+def test_txt2img_refuses_a_control_without_a_picture_at_every_door(setup, tmp_path, capsys):
+    from sdlab.pipeline.control import ControlInput
+    from sdlab.pipeline.request import RequestError
+
+    message = ("control 0: needs an image; only an img2img or inpaint request's control may leave it out, to draw "
+               "on the init picture")
+    with pytest.raises(RequestError) as refused:
+        setup["pipe"].txt2img("a red apple", steps=2, controls=[ControlInput(setup["net"])])
+    assert str(refused.value) == message
+    answer = setup["client"].post("/api/jobs", json={**NATIVE, "controls": [UNIT]})
+    assert (answer.status_code, answer.json()["detail"]) == (422, message)
+    for spec in (str(setup["net"]), f"{setup['net']}::0.8:0:0.5"):
+        code, out, err = run(["txt2img", *CLI, "--control", spec, "--out", str(tmp_path / "t.png")], capsys)
+        assert (code, out) == (2, "")
+        assert err.strip().splitlines() == [f"sdlab: error: --control {spec!r}: {message}"]
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("{net}:0.8", "the image '0.8' does not exist; to leave the image out (the init picture) write FILE::0.8"),
+    ("{net}::0:1", "expected FILE[:IMAGE][:STRENGTH[:START:END]]"),
+    (":{init}", "expected FILE[:IMAGE][:STRENGTH[:START:END]]"),
+    ("{net}::2:0.6:0.4", "need 0 <= start < end <= 1, got start 0.6, end 0.4"),
+    ("{net}::-1", "strength must lie in [0, 10], got -1.0"),
+    ("{dir}/missing.safetensors", "the ControlNet '{dir}/missing.safetensors' does not exist"),
+])
+def test_bad_control_specs_are_one_line(setup, tmp_path, capsys, spec, message):
+    spec = spec.format(net=setup["net"], init=setup["init"], dir=tmp_path)
+    code, out, err = run(["img2img", *CLI, "--init", str(setup["init"]), "--control", spec,
+                          "--out", str(tmp_path / "x.png")], capsys)
+    assert (code, out) == (2, "")
+    [line] = err.strip().splitlines()
+    assert line.startswith("sdlab: error: ") and line.endswith(message.format(dir=tmp_path)), line
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_control_specs_without_an_image_parse_to_none(setup):
+    """`FILE`, `FILE:` and `FILE::STRENGTH[:START:END]` leave the image out; `FILE:IMAGE...` keeps it (colons in
+    paths: split where both sides exist)."""
+    from sdlab.cli.generate import _parse_control
+
+    net, init = str(setup["net"]), str(setup["init"])
+    for spec, numbers in ((net, (1.0, 0.0, 1.0)), (f"{net}:", (1.0, 0.0, 1.0)), (f"{net}::0.8", (0.8, 0.0, 1.0)),
+                          (f"{net}::0.8:0.2:0.9", (0.8, 0.2, 0.9))):
+        control = _parse_control(spec, "diffusers")
+        assert (control.model, control.image) == (net, None)
+        assert (control.strength, control.start, control.end) == numbers
+    control = _parse_control(f"{net}:{init}:0.5", "diffusers")
+    assert control.image.size == INIT.size and control.strength == 0.5
+
+
+def test_a_grids_img2img_cells_draw_a_control_without_a_picture_on_the_init_picture(setup, tmp_path, capsys):
+    """`sdlab grid --init` with `--control FILE::STRENGTH`: each cell is the `sdlab img2img` of its settings."""
+    flags = ["--init", str(setup["init"]), "--strength", "0.7", "--control", f"{setup['net']}::0.9"]
+    code, out, err = run(["grid", *CLI, *flags, "--x", "CFG Scale=3,9", "--keep-cells", str(tmp_path / "cells"),
+                          "--out", str(tmp_path / "grid.png")], capsys)
+    assert code == 0, err
+    cell = _picture((tmp_path / "cells" / "001-x1-y0-z0.png").read_bytes())
+    (alone,) = _cli(setup, tmp_path, capsys, "img2img", "--strength", "0.7", "--cfg", "9",
+                    "--control", f"{setup['net']}::0.9")
+    _same(cell, alone)
+    assert "ControlNet 0: " in cell.info["parameters"]
