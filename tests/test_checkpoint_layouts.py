@@ -11,6 +11,8 @@
   checker and a feature extractor saved beside the model, the PNDM scheduler config; and the same folder with
   those two subfolders deleted (model_index.json still naming them). sdlab draws diffusers' picture (the same
   pipeline with `safety_checker=None`), within `MAX_PIXEL_DIFF` out of 255, and loads the same weights from both.
+- torch's legacy (non-zip) pickle with Lightning's entries (SD2, SDXL) and ComfyUI's fp8 (float8_e4m3fn)
+  checkpoints: the same weights (fp8: its values upcast exactly).
 """
 
 from __future__ import annotations
@@ -142,3 +144,36 @@ def test_a_folder_whose_safety_checker_was_deleted_loads_the_same_weights(releas
     _assert_same_weights(load_bundle(released_sd1_folder), load_bundle(trimmed))
     result = subprocess.run([sys.executable, "-m", "sdlab", "inspect", str(trimmed)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_a_legacy_pickle_with_lightning_entries_loads_the_same_weights(family, tmp_path):
+    """torch's pre-1.6 (non-zip) format, the weights under `state_dict` beside `global_step` / `epoch`, as
+    CompVis-era training wrote them; SD2's OpenCLIP tower and SDXL's two towers converted as from a .safetensors."""
+    bundle = tiny_bundle(family, seed=6)
+    state = {k: v.contiguous() for k, v in (bundle_state_dict(bundle) | junk_keys(bundle.family)).items()}
+    path = tmp_path / f"{family}-legacy.ckpt"
+    torch.save({"state_dict": state, "global_step": 470000, "epoch": 6}, path, _use_new_zipfile_serialization=False)
+    with open(path, "rb") as f:
+        assert not f.read(4).startswith(b"PK")                     # really the legacy format
+    loaded = load_bundle(path)
+    assert loaded.family is bundle.family
+    _assert_same_weights(bundle, loaded)
+
+
+def test_an_fp8_checkpoint_loads_its_weights_upcast(sd1, tmp_path):
+    """ComfyUI's fp8 checkpoints: the U-Net's matrices stored as float8_e4m3fn, the rest fp16. ComfyUI computes
+    with those values upcast (every fp8 value is exact in fp16 / bf16 / fp32); sdlab loads them so."""
+    bundle, state = sd1
+    stored = {k: (v.to(torch.float8_e4m3fn) if k.startswith("model.diffusion_model.") and v.ndim > 1 else v.half())
+              for k, v in state.items() if v.is_floating_point()}
+    path = tmp_path / "fp8.safetensors"
+    save_file(stored, str(path))
+    unet = load_bundle(path, dtype=torch.float32).unet.state_dict()
+    for key, value in unet.items():
+        assert torch.equal(value, stored["model.diffusion_model." + key].float()), key
+    result = subprocess.run([sys.executable, "-m", "sdlab", "txt2img", "x", "--model", str(path), "--steps", "2",
+                             "--width", "32", "--height", "32", "--out", str(tmp_path / "fp8.png")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "fp8.png").is_file()
