@@ -109,9 +109,14 @@ def test_forges_freeu_integrated_args_draw_freeu_v2(client):
         assert refused.status_code == 422 and words in refused.text, refused.text
 
 
-def test_the_sd_webui_freeu_extensions_script_is_one_a1111_has_not_loaded(client):
-    """sd-webui-freeu's own always-on script ("FreeU": schedule, per-stage offsets / widths / cutoffs) is not drawn:
-    A1111's 422 for a script it has not loaded, not a picture without it."""
-    refused = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1, "width": 64, "height": 64,
-                                                     "alwayson_scripts": {"FreeU": {"args": [True, 0.0, 1.0, 0.0]}}})
-    assert refused.status_code == 422 and "Script 'FreeU' not found" in refused.text, refused.text
+def test_the_sd_webui_freeu_extensions_settings_sdlab_does_not_draw_are_a_422_naming_them(client):
+    """sd-webui-freeu's own always-on script ("FreeU") draws as FreeU's "sd-webui-freeu" convention
+    (tests/test_sd_webui_freeu.py); its settings sdlab does not draw (a schedule that leaves steps out, per-stage
+    offsets / widths / cutoffs / high-end factors, a third stage) are one 422 naming the setting, not a picture
+    without them."""
+    body = {"prompt": "x", "steps": 1, "width": 64, "height": 64}
+    for args, words in (([True, 0.2, 1.0, 0.0], "start_ratio 0.2"),
+                        ([True, 0.0, 1.0, 0.0, 1.2, 0.9, 0.25], "stage 1's backbone window (backbone_offset 0.25"),
+                        ([{"stage_infos": [{}, {}, {"skip_factor": 0.5}]}], "stage 3's factors")):
+        refused = client.post("/sdapi/v1/txt2img", json={**body, "alwayson_scripts": {"FreeU": {"args": args}}})
+        assert refused.status_code == 422 and words in refused.text, refused.text

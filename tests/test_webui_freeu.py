@@ -47,3 +47,15 @@ def test_a_dropped_png_ticks_freeu_from_forges_labels_and_one_without_unticks_it
     assert [value(page, "freeu_start"), value(page, "freeu_end")] == ["0.25", "0.75"]
     read_dropped(page, "a plain house\nSteps: 20, Sampler: Euler, Seed: 1, Size: 64x64", "plain.png")
     assert not checked(page, "freeu") and "freeu" not in page.execute_script("return collectRequest()")
+
+
+def test_a_dropped_png_of_the_sd_webui_freeu_convention_fills_its_stages_choice(page):
+    """A picture drawn through A1111's API with sd-webui-freeu's script records `FreeU convention: sd-webui-freeu`;
+    dropped, it ticks FreeU and picks that choice of Stages, which the form sends again."""
+    text_ = ("an extension house\nSteps: 20, Sampler: Euler, Seed: 1, Size: 64x64, freeu_enabled: True, "
+             "freeu_b1: 1.3, freeu_b2: 1.6, freeu_s1: 0.9, freeu_s2: 0.2, freeu_start: 0, freeu_end: 1, "
+             "FreeU version: 1, FreeU convention: sd-webui-freeu")
+    read_dropped(page, text_, "extension.png")
+    assert checked(page, "freeu") and value(page, "freeu_convention") == "sd-webui-freeu"
+    assert page.execute_script("return collectRequest()")["freeu"] == {
+        "b1": 1.3, "b2": 1.6, "s1": 0.9, "s2": 0.2, "version": 1, "convention": "sd-webui-freeu", "start": 0, "end": 1}

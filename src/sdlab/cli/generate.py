@@ -652,10 +652,11 @@ def _add_freeu_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
                    help="FreeU's version: 2 (the default; ComfyUI's FreeU_V2, Forge's FreeU Integrated) scales the "
                         "backbone by each position's normalised channel mean, 1 (the paper's, diffusers' enable_freeu, "
                         "ComfyUI's FreeU) by the constant factor")
-    p.add_argument("--freeu-convention", choices=("comfyui", "diffusers"),
+    p.add_argument("--freeu-convention", choices=("comfyui", "diffusers", "sd-webui-freeu"),
                    help="which decoder blocks are FreeU's stages 1 and 2: comfyui (the default; the original code's, "
                         "ComfyUI's and Forge's: by channel count) or diffusers (enable_freeu's: by up block); they "
-                        "differ on SD1 and SDXL (README)")
+                        "differ on SD1 and SDXL (README); sd-webui-freeu (A1111's FreeU extension): comfyui's "
+                        "stages, the backbone factor on one channel more than half")
     p.add_argument("--freeu-start", type=float, metavar="FRACTION",
                    help="the fraction of the sampler steps where FreeU starts (Forge's Start step; default 0): it acts "
                         "on each pass's steps whose fraction lies in [start, end], counted as Forge counts them "

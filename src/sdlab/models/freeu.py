@@ -8,11 +8,15 @@ At each output block, before the backbone features h (B, C, h, w) are concatenat
     both: s = IFFT(FFT(s) * mask),  mask = s_k on the 2 x 2 lowest frequencies (threshold 1), 1 elsewhere
 
 with (b, s_k) = (b1, s1) at stage 1 and (b2, s2) at stage 2. The Fourier filter runs in fp32 and is cast back, as
-every reference does (torch's FFT takes no bf16, and fp16 only for power-of-2 sizes).
+every reference does (torch's FFT takes no bf16, and fp16 only for power-of-2 sizes). sd-webui-freeu
+(ljleb/sd-webui-freeu, A1111's FreeU extension) scales a window of h's channels whose default, offset 0 and width
+0.5, runs from channel 0 to channel round(C/2) inclusive (its `ratio_to_region` and `mask <= region_end`): the
+first C/2 + 1 channels, one more than the others' half.
 
 Which blocks are stage 1 and 2 differs between the references:
 - "comfyui" (ChenyangSi/FreeU's free_lunch_utils.py, ComfyUI's nodes_freelunch.py, Forge's FreeU Integrated,
-  sd-webui-freeu): by h's channel count, 4 x model_channels -> stage 1, 2 x model_channels -> stage 2. SD1.5
+  sd-webui-freeu): by h's channel count, 4 x model_channels -> stage 1, 2 x model_channels -> stage 2 (sd-webui-freeu
+  names the counts, 1280 and 640: those of every SD1 / SD2 / SDXL U-Net, whose model_channels is 320). SD1.5
   (320, 640, 1280, 1280): stage 1 is the six blocks of both 1280 levels and the first 640 block (which receives
   the upsampled 1280 features), stage 2 the other 640 blocks and the first 320 block.
 - "diffusers" (`UNet2DConditionModel.enable_freeu`, `apply_freeu`): by up block, up block 0 -> stage 1, up block 1
@@ -20,6 +24,9 @@ Which blocks are stage 1 and 2 differs between the references:
   level, stage 2 the 16 x 16 1280 level; SDXL: stage 1 the 1280 level, stage 2 the 640 level, where ComfyUI
   also counts the 640 level's first block to stage 1 and the 320 level's first block to stage 2. As diffusers'
   up blocks (`is_freeu_enabled` tests each factor's truth), a factor of 0 turns FreeU off at every block.
+- "sd-webui-freeu": the "comfyui" stages, the backbone factor on sd-webui-freeu's default window of C/2 + 1 channels
+  (above); its other settings (other windows, a skip cutoff or high-end factor, a third stage, its own schedule) are
+  not drawn, and the A1111 API refuses them by name (server/alwayson.py).
 
 The step window [start, end] is Forge's FreeU Integrated's (extensions-builtin/sd_forge_freeu/scripts/
 forge_freeu.py since Forge PR #1689): FreeU acts on the model calls whose step fraction s / (N - 1) lies in
@@ -36,7 +43,7 @@ import torch
 from torch import Tensor
 
 FREEU_VERSIONS = (1, 2)
-FREEU_CONVENTIONS = ("comfyui", "diffusers")
+FREEU_CONVENTIONS = ("comfyui", "diffusers", "sd-webui-freeu")
 MAX_FREEU_FACTOR = 10.0     # |b|, |s|: ComfyUI's inputs stop at 10, the extensions' sliders at 2..4
 FREEU_FACTORS = ("b1", "b2", "s1", "s2")
 """FreeU's factors in the order every door lists them (the CLI's --freeu, Forge's args and its freeu_* labels)."""
@@ -48,7 +55,8 @@ FREEU_WINDOW = ("start", "end")
 class FreeU:
     """FreeU's setting: backbone factors b1, b2 and skip factors s1, s2 of stages 1 and 2, `version` 1 (the paper's
     constant backbone factor) or 2 (FreeU_V2: scaled by each position's normalised channel mean), and the
-    `convention` that picks each stage's blocks ("comfyui" or "diffusers": module docstring), and the fractions
+    `convention` that picks each stage's blocks and backbone channels ("comfyui", "diffusers" or "sd-webui-freeu":
+    module docstring), and the fractions
     `start`..`end` of the sampler steps it acts on (Forge's window: module docstring). The default factors are
     ComfyUI's FreeU_V2 node's (1.3, 1.4, 0.9, 0.2), which are also ChenyangSi/FreeU's README values for SD1.4 and
     SDXL; that README gives SD1.5 1.5, 1.6, 0.9, 0.2 and SD2.1 1.4, 1.6, 0.9, 0.2 (Forge's presets too), ComfyUI's
@@ -84,12 +92,13 @@ class FreeU:
         return {4 * model_channels: 1, 2 * model_channels: 2}.get(channels)
 
     def join(self, h: Tensor, skip: Tensor, stage: int | None) -> Tensor:
-        """torch.cat([h, skip], dim=1) with FreeU applied at `stage` (None: plain). h: (B, C, h, w) backbone
-        features, skip: (B, C_skip, h, w); returns (B, C + C_skip, h, w) in h's dtype. h and skip are not changed."""
+        """torch.cat([h, skip], dim=1) with FreeU applied at `stage` (None: plain): the factor on h's first C/2
+        channels (sd-webui-freeu's: C/2 + 1). h: (B, C, h, w) backbone features, skip: (B, C_skip, h, w); returns
+        (B, C + C_skip, h, w) in h's dtype. h and skip are not changed."""
         if stage is None:
             return torch.cat([h, skip], dim=1)
         b, s = (self.b1, self.s1) if stage == 1 else (self.b2, self.s2)
-        half = h.shape[1] // 2
+        half = round(h.shape[1] / 2) + 1 if self.convention == "sd-webui-freeu" else h.shape[1] // 2
         scale = b if self.version == 1 else (b - 1) * normalised_channel_mean(h) + 1   # float or (B, 1, h, w)
         return torch.cat([h[:, :half] * scale, h[:, half:], fourier_filter(skip, 1, s)], dim=1)
 

@@ -370,7 +370,8 @@ def _request(body: Txt2ImgIn, controls: tuple = (), inits: tuple[Image.Image, ..
         seed_resize_from_w=body.seed_resize_from_w, seed_resize_from_h=body.seed_resize_from_h,
         tiling=settings["tiling"] if body.tiling is None else body.tiling, **_sdxl_options(settings), **extra,
         **_token_merging(settings, body.override_settings, img2img=bool(inits), hires=body.enable_hr),
-        freeu=alwayson_freeu(body.alwayson_scripts),
+        freeu=alwayson_freeu(body.alwayson_scripts, body.steps, get_sampler(sampler).calls_per_step,
+                             hires=body.enable_hr and not inits),
         **_guidance_settings(body, settings), **_unipc_settings(settings),
     )
 

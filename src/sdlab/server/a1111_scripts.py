@@ -57,7 +57,7 @@ from sdlab.pipeline.tile_grid import TileGrid, split_grid
 from sdlab.pipeline.upscale import UpscaleError
 from sdlab.models.freeu import FREEU_FACTORS, FREEU_WINDOW
 from sdlab.server.alwayson import (
-    ALWAYSON_SCRIPTS, CONTROLNET, FREEU, FREEU_TITLES, PAG, alwayson_freeu, alwayson_pag,
+    ALWAYSON_SCRIPTS, CONTROLNET, FREEU, FREEU_TITLES, PAG, SD_WEBUI_FREEU, alwayson_freeu, alwayson_pag,
 )
 from sdlab.server.inputs import PLAIN_UPSCALER_NAMES, BadRequest
 
@@ -405,7 +405,8 @@ def alwayson_base(scripts: Mapping[str, Any]) -> dict[str, Any]:
 def alwayson_args(scripts: Mapping[str, Any], changed: Mapping[str, Any]) -> dict[str, Any]:
     """`scripts` with the FreeU setting and the PAG scale of `changed` as Forge's FreeU Integrated args [enabled,
     b1, b2, s1, s2, start, end] and PerturbedAttentionGuidance Integrated args [enabled, scale], each under the
-    title the request named it by (else Forge's)."""
+    title the request named it by (else Forge's); a request that sends sd-webui-freeu's `FreeU` gets the FreeU
+    setting as that script's object (`extension_freeu_args`)."""
     out = dict(scripts)
     for key, title in ALWAYSON_AXES.items():
         if key not in changed:
@@ -413,12 +414,26 @@ def alwayson_args(scripts: Mapping[str, Any], changed: Mapping[str, Any]) -> dic
         titles = FREEU_TITLES if key == "freeu" else (PAG,)
         name = next((name for name in out if name.lower() in titles), title)
         value = changed[key]
+        extension = next((name for name in out if name.lower() == SD_WEBUI_FREEU), None)
         if key == "pag_scale":
             out[name] = {"args": [True, value]}
+        elif extension is not None:
+            out[extension] = extension_freeu_args(value)
         else:
             out[name] = {"args": [False] if value is None else
                          [True, *(getattr(value, field) for field in (*FREEU_FACTORS, *FREEU_WINDOW))]}
     return out
+
+
+def extension_freeu_args(freeu: Any) -> dict[str, Any]:
+    """A cell's FreeU setting (a `FreeU`, or None) as sd-webui-freeu's object: its factors on stages 1 and 2, its
+    version, and the step window as its start / stop ratios (which it reads only whole: `alwayson.sd_webui_freeu`)."""
+    if freeu is None:
+        return {"args": [{"enable": False}]}
+    return {"args": [{"enable": True, "version": str(freeu.version), "start_ratio": float(freeu.start),
+                      "stop_ratio": float(freeu.end), "stage_infos": [
+                          {"backbone_factor": freeu.b1, "skip_factor": freeu.s1},
+                          {"backbone_factor": freeu.b2, "skip_factor": freeu.s2}]}]}
 
 
 def cell_bodies(body: Any, plot: Plot, args: XyzArgs, mode: str) -> list[tuple[Index, Any]]:

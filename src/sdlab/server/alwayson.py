@@ -16,9 +16,24 @@ selectable script in the always on scripts params". A stock A1111 1.10 loads the
   way, which sdlab does not draw, so that is a 422 rather than another picture.
 
 The ControlNet extension's key, `controlnet` in any case, is read by `controls.a1111_controls`; Forge's built-in
-FreeU, `FreeU Integrated (SD 1.x, SD 2.x, SDXL)` or its earlier title `FreeU Integrated` in any case, by
-`alwayson_freeu`; any other extension's (ADetailer, ...) is A1111's 422 for
-a script it has not loaded.
+FreeU, `FreeU Integrated (SD 1.x, SD 2.x, SDXL)` or its earlier title `FreeU Integrated` in any case, and the
+sd-webui-freeu extension's script, `FreeU` in any case, by `alwayson_freeu`; any other extension's (ADetailer, ...)
+is A1111's 422 for a script it has not loaded.
+
+sd-webui-freeu (ljleb/sd-webui-freeu) takes its args as one object, `{"enable", "start_ratio", "stop_ratio",
+"transition_smoothness", "version", "stage_infos"}` (its README's API section; `enable` true unless given), or as
+its UI's values, `[enable, start_ratio, stop_ratio, transition_smoothness, *stage_infos]` (scripts/freeu.py
+`process`; A1111 fills those left out with the UI's: off, 0, 1, 0 and its first preset's stages). `stage_infos`
+holds up to three stages, each an object or six numbers in the order backbone_factor, skip_factor,
+backbone_offset, backbone_width, skip_cutoff, skip_high_end_factor (a stage left out: 1, 1, 0, 0.5, 0, 1, no
+change); `version` "1" (the default) or "2" (also "Version 1" / "Version 2"; any other value is "1", as the
+extension's `format_version` reads it). sdlab draws it as the FreeU convention "sd-webui-freeu" (`models.freeu`):
+stages 1 and 2 as b1 / s1 and b2 / s2 on the extension's default backbone window. A 422 names each setting it
+does not draw: another backbone window (offset, width), a skip cutoff or high-end factor, a third stage that
+changes anything, a schedule that leaves a model call out or weighs one partly (a start after the first call, a
+stop before the last, a transition smoothness), and the runs whose model calls its step counter does not count
+as sdlab's FreeU acts on them: a sampler with more than one model call a step (its counter counts calls against
+the steps, so FreeU stops part-way) and the hires fix (its counter runs on into the second pass).
 """
 
 from __future__ import annotations
@@ -45,6 +60,18 @@ SELECTABLE_SCRIPTS = {"txt2img": _ANY_TAB, "img2img": (
     "img2img alternative test", "Loopback", "Outpainting mk2", "Poor man's outpainting", *_ANY_TAB, "SD upscale")}
 """A1111 1.10's selectable scripts of each tab (scripts/*.py; Custom code only with --allow-code)."""
 SELECTABLE_ERROR = "Cannot have a selectable script in the always on scripts params"
+SD_WEBUI_FREEU = "freeu"
+SD_WEBUI_FREEU_STATE = ("enable", "start_ratio", "stop_ratio", "transition_smoothness", "version", "stage_infos")
+SD_WEBUI_FREEU_STAGE = ("backbone_factor", "skip_factor", "backbone_offset", "backbone_width", "skip_cutoff",
+                        "skip_high_end_factor")
+SD_WEBUI_FREEU_NEUTRAL = (1.0, 1.0, 0.0, 0.5, 0.0, 1.0)
+SD_WEBUI_FREEU_UI = (False, 0.0, 1.0, 0.0, 1.2, 0.9, 0.0, 0.5, 0.0, 1.0, 1.4, 0.2, 0.0, 0.5, 0.0, 1.0,
+                     *SD_WEBUI_FREEU_NEUTRAL)
+SD_WEBUI_FREEU_VERSIONS = {"Version 1": "1", "Version 2": "2"}
+"""sd-webui-freeu's script (ljleb/sd-webui-freeu scripts/freeu.py, lib_free_u/global_state.py): its title, its
+`State`'s fields, a stage's `StageInfo` fields and their defaults (no change), its UI's values in its args' order
+(off, start 0, stop 1, smoothness 0, the stages of its first preset, "SD1.4 Recommendations": 1.2 / 0.9, 1.4 / 0.2
+and a neutral third), and its version labels."""
 PAG = "perturbedattentionguidance integrated"
 PAG_ARGS = ("enabled", "scale")
 PAG_DEFAULTS = (False, 3.0)
@@ -62,8 +89,8 @@ def check_alwayson_scripts(scripts: dict[str, Any], tab: str, masked: bool = Fal
         key = name.lower()
         if key == CONTROLNET:
             continue
-        if key in FREEU_TITLES:
-            alwayson_freeu({name: script})
+        if key in FREEU_TITLES or key == SD_WEBUI_FREEU:
+            alwayson_freeu(scripts)
             continue
         if key in selectable:
             raise BadRequest(f"alwayson_scripts: {SELECTABLE_ERROR} ('{name}' is run by script_name)", 422,
@@ -106,24 +133,156 @@ def _script_args(name: str, script: Any) -> list[Any]:
     return args
 
 
-def alwayson_freeu(scripts: dict[str, Any]) -> dict[str, Any] | None:
-    """The FreeU setting (`models.freeu.FreeU`'s fields) of Forge's FreeU Integrated in `alwayson_scripts`, under
-    either title: its args [enabled, b1, b2, s1, s2, start, end] (the earlier script's 5, or fewer: those left out
-    its UI's defaults), drawn as Forge draws them, ComfyUI's FreeU_V2 on the steps of its window; None where it is
-    absent or not enabled. More args, or a value that is not a number or out of range (`check_freeu`), is a 422."""
-    name = next((name for name in scripts if name.lower() in FREEU_TITLES), None)
-    if name is None:
+def alwayson_freeu(scripts: dict[str, Any], steps: int | None = None, calls_per_step: int = 1,
+                   hires: bool = False) -> dict[str, Any] | None:
+    """The FreeU setting (`models.freeu.FreeU`'s fields) of `alwayson_scripts`: Forge's FreeU Integrated under
+    either title, its args [enabled, b1, b2, s1, s2, start, end] (the earlier script's 5, or fewer: those left out
+    its UI's defaults), drawn as Forge draws them, ComfyUI's FreeU_V2 on the steps of its window; or sd-webui-freeu's
+    `FreeU` (`sd_webui_freeu`, module docstring), checked against the run where it is given (`steps` sampler steps
+    of `calls_per_step` model calls, the hires fix on or not). None where neither is there or enabled. Both, more
+    args, or a value that is not a number, out of range (`check_freeu`) or not drawn, is a 422."""
+    forge = next((name for name in scripts if name.lower() in FREEU_TITLES), None)
+    extension = next((name for name in scripts if name.lower() == SD_WEBUI_FREEU), None)
+    if forge is not None and extension is not None:
+        raise BadRequest(f"alwayson_scripts: {forge!r} (Forge's FreeU) and {extension!r} (sd-webui-freeu's) are two "
+                         "FreeU scripts; send one", 422)
+    if extension is not None:
+        return sd_webui_freeu(extension, _script_args(extension, scripts[extension]), steps, calls_per_step, hires)
+    if forge is None:
         return None
-    args = _script_args(name, scripts[name])
+    args = _script_args(forge, scripts[forge])
     if len(args) > len(FREEU_ARGS):
-        raise BadRequest(f"alwayson_scripts.{name} takes {len(FREEU_ARGS)} args ({', '.join(FREEU_ARGS)}), "
+        raise BadRequest(f"alwayson_scripts.{forge} takes {len(FREEU_ARGS)} args ({', '.join(FREEU_ARGS)}), "
                          f"got {len(args)}", 422)
     values = dict(zip(FREEU_ARGS, [*args, *FREEU_DEFAULTS[len(args):]]))
     if not values.pop("enabled"):
         return None
-    setting = {**values, "version": 2, "convention": "comfyui"}
+    return _checked_freeu(forge, {**values, "version": 2, "convention": "comfyui"})
+
+
+def _checked_freeu(name: str, setting: dict[str, Any]) -> dict[str, Any]:
     try:
         check_freeu(setting)
     except RequestError as err:
         raise BadRequest(f"alwayson_scripts.{name}: {err}", 422) from None
     return setting
+
+
+def sd_webui_freeu(name: str, args: list[Any], steps: int | None = None, calls_per_step: int = 1,
+                   hires: bool = False) -> dict[str, Any] | None:
+    """sd-webui-freeu's args (module docstring) as the FreeU setting sdlab draws for them, None where it is off; a
+    422 naming the first setting that is not drawn."""
+    state = _extension_state(name, args)
+    if not state["enable"]:
+        return None
+    stages = _extension_stages(name, state["stage_infos"])
+    what = f"alwayson_scripts.{name}"
+    for index, stage in enumerate(stages):
+        _check_extension_stage(what, index + 1, stage)
+    _check_extension_schedule(what, state, steps, calls_per_step, hires)
+    version = state["version"]
+    try:
+        version = version if version in SD_WEBUI_FREEU_VERSIONS.values() else SD_WEBUI_FREEU_VERSIONS.get(version, "1")
+    except TypeError:                               # a list or object: the extension's `format_version` fails too
+        raise BadRequest(f"{what}: version must be \"1\" or \"2\", got {version!r}", 422) from None
+    (b1, s1), (b2, s2) = ((stage["backbone_factor"], stage["skip_factor"]) for stage in stages[:2])
+    return _checked_freeu(name, {"b1": b1, "b2": b2, "s1": s1, "s2": s2, "version": int(version),
+                                 "convention": "sd-webui-freeu"})
+
+
+def _extension_state(name: str, args: list[Any]) -> dict[str, Any]:
+    """sd-webui-freeu's `State` fields from its args: the one object, or the UI's values (A1111's UI values for
+    those left out); another first arg, more args than its UI has, or a field it has not is a 422."""
+    what = f"alwayson_scripts.{name}"
+    if args and isinstance(args[0], dict):
+        unknown = [key for key in args[0] if key not in SD_WEBUI_FREEU_STATE]
+        if unknown:
+            raise BadRequest(f"{what}: unknown field {unknown[0]!r}; sd-webui-freeu takes "
+                             f"{', '.join(SD_WEBUI_FREEU_STATE)}", 422)
+        return {"enable": True, "start_ratio": 0.0, "stop_ratio": 1.0, "transition_smoothness": 0.0, "version": "1",
+                "stage_infos": [], **args[0]}
+    if len(args) > len(SD_WEBUI_FREEU_UI):
+        raise BadRequest(f"{what} takes its object or at most {len(SD_WEBUI_FREEU_UI)} args (enable, start_ratio, "
+                         f"stop_ratio, transition_smoothness, then 6 for each of 3 stages), got {len(args)}", 422)
+    values = [*args, *SD_WEBUI_FREEU_UI[len(args):]]
+    if not isinstance(values[0], bool):
+        raise BadRequest(f"{what}: its first arg must be true / false or its settings' object, got {values[0]!r}",
+                         422)
+    schedule = [_number(what, field, value) for field, value in zip(SD_WEBUI_FREEU_STATE[1:4], values[1:4])]
+    return {"enable": values[0], **dict(zip(SD_WEBUI_FREEU_STATE[1:4], map(float, schedule))), "version": "1",
+            "stage_infos": values[4:]}
+
+
+def _number(what: str, field: str, value: Any) -> float | int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BadRequest(f"{what}: {field} must be a number, got {value!r}", 422)
+    return value
+
+
+def _extension_stages(name: str, infos: Any) -> list[dict[str, float]]:
+    """The three stages of sd-webui-freeu's `stage_infos` (its `group_stage_infos`): objects, or runs of up to six
+    numbers; the stages left out no change. A field it has not or a value that is not a number is a 422."""
+    what = f"alwayson_scripts.{name}: stage_infos"
+    if not isinstance(infos, list):
+        raise BadRequest(f"{what} must be a list, got {infos!r:.80}", 422)
+    stages, i = [], 0
+    while i < len(infos) and len(stages) < 3:
+        if isinstance(infos[i], dict):
+            unknown = [key for key in infos[i] if key not in SD_WEBUI_FREEU_STAGE]
+            if unknown:
+                raise BadRequest(f"{what}[{len(stages)}]: unknown field {unknown[0]!r}; a stage takes "
+                                 f"{', '.join(SD_WEBUI_FREEU_STAGE)}", 422)
+            given, i = infos[i], i + 1
+        else:
+            given = dict(zip(SD_WEBUI_FREEU_STAGE, infos[i:i + len(SD_WEBUI_FREEU_STAGE)]))
+            i += len(SD_WEBUI_FREEU_STAGE)
+        stages.append({field: _number(f"{what}[{len(stages)}]", field, given.get(field, default))
+                       for field, default in zip(SD_WEBUI_FREEU_STAGE, SD_WEBUI_FREEU_NEUTRAL)})
+    return stages + [dict(zip(SD_WEBUI_FREEU_STAGE, SD_WEBUI_FREEU_NEUTRAL))] * (3 - len(stages))
+
+
+def _check_extension_stage(what: str, number: int, stage: dict[str, float]) -> None:
+    """A 422 naming a setting of sd-webui-freeu's stage `number` (1..3) that changes its picture and sdlab does not
+    draw: a backbone window other than its default (offset 0, width 0.5) under a backbone factor, a skip cutoff
+    under a skip factor, a high-end factor, a third stage that changes anything."""
+    def refuse(setting: str) -> None:
+        raise BadRequest(f"{what}: stage {number}'s {setting} is not drawn by sdlab (it draws sd-webui-freeu's "
+                         "backbone and skip factors of stages 1 and 2, on its default window: backbone_offset 0, "
+                         "backbone_width 0.5, skip_cutoff 0, skip_high_end_factor 1)", 422)
+    if number == 3 and (stage["backbone_factor"], stage["skip_factor"], stage["skip_high_end_factor"]) != (1, 1, 1):
+        refuse("factors (a third stage, at the 320-channel blocks)")
+    if stage["backbone_factor"] != 1 and (stage["backbone_offset"], stage["backbone_width"]) != (0, 0.5):
+        refuse(f"backbone window (backbone_offset {stage['backbone_offset']:g}, "
+               f"backbone_width {stage['backbone_width']:g})")
+    if stage["skip_high_end_factor"] != 1:
+        refuse(f"skip_high_end_factor {stage['skip_high_end_factor']:g}")
+    if stage["skip_factor"] != 1 and stage["skip_cutoff"] != 0:
+        refuse(f"skip_cutoff {stage['skip_cutoff']:g}")
+
+
+def _check_extension_schedule(what: str, state: dict[str, Any], steps: int | None, calls_per_step: int,
+                              hires: bool) -> None:
+    """A 422 where sd-webui-freeu's schedule leaves a model call of the run out or weighs one partly. Its counter
+    counts model calls from 0 and it acts while the count is at least int(start_ratio x steps) and below
+    int(stop_ratio x steps) (an int: that step itself), weighed by the transition smoothness between those."""
+    start, stop = (_number(what, field, state[field]) for field in ("start_ratio", "stop_ratio"))
+    smoothness = _number(what, "transition_smoothness", state["transition_smoothness"])
+    if start > 0:
+        raise BadRequest(f"{what}: start_ratio {start!r} leaves the first model calls out; sdlab draws "
+                         "sd-webui-freeu's schedule from the first (start_ratio 0)", 422)
+    if smoothness != 0:
+        raise BadRequest(f"{what}: transition_smoothness {smoothness!r} weighs the factors by the step; sdlab draws "
+                         "sd-webui-freeu's schedule without it (0)", 422)
+    whole = stop >= 1 if isinstance(stop, float) else steps is None or stop >= steps
+    if not whole:
+        raise BadRequest(f"{what}: stop_ratio {stop!r} leaves the last model calls out (an int is a step, a float "
+                         "a fraction of the steps); sdlab draws sd-webui-freeu's schedule to the end (stop_ratio "
+                         "1.0)", 422)
+    if calls_per_step > 1:
+        raise BadRequest(f"{what}: sd-webui-freeu counts each model call as a step, so with a sampler of "
+                         f"{calls_per_step} model calls a step its FreeU stops part-way, which sdlab does not draw; "
+                         "use a sampler of one call a step (Euler, DPM++ 2M, ...)", 422)
+    if hires:
+        raise BadRequest(f"{what}: with the hires fix sd-webui-freeu's step counter runs on into the second pass, "
+                         "which its stop_ratio then leaves out in part or whole, and sdlab draws FreeU on both "
+                         "passes; draw without the hires fix or with Forge's FreeU Integrated", 422)
