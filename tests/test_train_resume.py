@@ -351,3 +351,24 @@ def test_an_older_lcd_run_checkpoint_resumes_with_latest(tmp_path, one_thread, c
     assert main(["--output-dir", str(out), "--resume", "latest", "--max-steps", "2", "--no-progress"]) == 0, \
         capsys.readouterr().err
     assert load_run_checkpoint(checkpoint_path(out / "checkpoints", 2))["config"]["caption_dropout"] == 0.0
+
+
+def test_resume_warns_when_the_dataset_changed_since_the_checkpoint(tmp_path, one_thread, caplog):
+    """The checkpoints keep a digest of the samples (path below --data-dir, size, caption, repeats): a resume
+    over the same data says nothing; over a folder whose images or captions changed it warns once that the
+    run goes on with the new data and will not equal an uninterrupted run."""
+    from train_fixtures import run_in_process
+
+    data = write_caption_folder(tmp_path / "data", n=4, size=16)
+    model = write_tiny_model(tmp_path / "tiny-sd1.safetensors")
+    out = tmp_path / "run"
+    common = ("--batch-size", "2", "--checkpoint-every", "1")
+    run_in_process(out, model, data, *common, "--max-steps", "1")
+    caplog.clear()
+    run_in_process(out, model, data, *common, "--max-steps", "2", "--resume", "latest")
+    assert "is not the dataset" not in caplog.text
+    (data / "img01.txt").write_text("a blue circle, recaptioned")
+    caplog.clear()
+    run_in_process(out, model, data, *common, "--max-steps", "3", "--resume", "latest")
+    warned = [r.getMessage() for r in caplog.records if "is not the dataset" in r.getMessage()]
+    assert len(warned) == 1 and "step-00000002.pt trained on (4 images then, 4 now" in warned[0], warned

@@ -139,6 +139,15 @@ class DatasetScan:
     def __len__(self) -> int:
         return len(self.samples)
 
+    def digest(self, root: str | os.PathLike[str]) -> str:
+        """SHA-256 of what the run trains on: each sample's path below ``root``, size in bytes, caption and
+        repeats (not the modification time, which a copy of the folder changes)."""
+        h = hashlib.sha256()
+        for sample in self.samples:
+            size = sample.path.stat().st_size if _is_file(sample.path) else -1
+            h.update(json.dumps([os.path.relpath(sample.path, root), size, sample.caption, sample.repeats]).encode())
+        return h.hexdigest()
+
 
 # the caption files of an image that `scan_dataset` names when the chosen one is missing
 CAPTION_EXTENSIONS = (".txt", ".caption")

@@ -217,6 +217,17 @@ def check_resume(point: ResumePoint, cfg: TrainConfig, global_batch: int) -> Non
                          f"go back from: give --max-steps {point.step} (its weights) or more")
 
 
+def _warn_of_another_dataset(then: dict | None, now: dict, path: Path, data_dir: str) -> None:
+    """Warn when the images, captions or repeats of ``--data-dir`` differ from those the checkpoint trained on
+    (`DatasetScan.digest`; a checkpoint written before it was stored says nothing): the run goes on with the
+    data as it is now, and no longer equals an uninterrupted run."""
+    if then is None or then.get("digest") == now["digest"]:
+        return
+    logger.warning("--data-dir %s is not the dataset %s trained on (%s images then, %d now; files, sizes, captions or "
+                   "repeats changed): the run goes on with it as it is now, so it will not give the weights of an "
+                   "uninterrupted run", data_dir, path.name, then.get("images", "?"), now["images"])
+
+
 def _processes(n: int) -> str:
     return f"{n} process" if n == 1 else f"{n} processes"
 
@@ -275,6 +286,7 @@ def train(task: TrainTask, data: TrainData, cfg: TrainConfig, ctx: DistContext,
                                   eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
     ema = EMA(named, cfg.ema_decay) if cfg.ema_decay is not None else None
     global_batch = data.global_batch
+    dataset = {"images": len(data.scan), "digest": data.scan.digest(cfg.data_dir or os.curdir)}  # in each checkpoint
 
     # -- resume ---------------------------------------------------------------------------------------
     start_step = 0
@@ -299,6 +311,7 @@ def train(task: TrainTask, data: TrainData, cfg: TrainConfig, ctx: DistContext,
             task.load_extra_state(state.get("task_state") or {})
         restore_rng_state(state["rng"])
         start_step = int(state["step"])
+        _warn_of_another_dataset(state.get("dataset"), dataset, resume.path, cfg.data_dir)
         del state
         logger.info("resumed from %s at step %d", resume.path, start_step)
     # the lr of step s is learning_rate * lr_multiplier(s, cfg) under the settings in force, also after a resume
@@ -360,6 +373,7 @@ def train(task: TrainTask, data: TrainData, cfg: TrainConfig, ctx: DistContext,
                 "scheduler": scheduler.state_dict(),
                 "rng": capture_rng_state(),
                 "skipped": skipped | {"broken_at_load": sum(data.broken_at_load.values())},
+                "dataset": dataset,
             }
             try:
                 last_checkpoint = save_run_checkpoint(state, ckpt_dir, done)
