@@ -79,6 +79,12 @@ def get_default_preprocessor(registry, tag):
     return ps[0] if len(ps) == 1 else ps[1]
 
 
+def get_modules(registry, alias_names=False):
+    # internal_controlnet/external_code.py get_modules (commit 01de1cb9, as scripts/api.py `/controlnet/module_list`
+    # calls it, and get_modules_detail's keys): the sorted preprocessors' names, or labels with alias_names
+    return [(p[1] if alias_names else p[0]) for p in get_sorted_preprocessors(registry)]
+
+
 def extension_preprocessors(control_type: str, registry=REGISTRY) -> tuple[list[str], str]:
     if control_type.lower() == "all":
         return [p[1] for p in get_sorted_preprocessors(registry)], "none"
@@ -146,6 +152,24 @@ def test_every_types_preprocessors_and_default_are_the_extensions():
         assert (served["module_list"], served["default_option"]) == (modules, default), name
 
 
+# What `/controlnet/module_list` serves, written out: the extension's names and (alias_names) labels of sdlab's
+# preprocessors and IP-Adapter modules in its order, the "All" type's list.
+MODULE_NAMES = ["none", "ip-adapter-auto", "tile_resample", "ip-adapter_clip_sd15", "inpaint_only", "canny", "invert",
+                "tile", "threshold", "scribble", "ip-adapter_clip_sdxl_plus_vith", "ip-adapter_clip_sdxl", "inpaint"]
+
+
+def test_the_written_module_list_is_the_extensions_get_modules():
+    assert get_modules(REGISTRY + SDLAB_OWN) == MODULE_NAMES
+    assert get_modules(REGISTRY + SDLAB_OWN, alias_names=True) == EXPECTED["All"][0]
+
+
+def test_every_name_and_label_module_list_gives_is_a_module_a_unit_may_name():
+    """A client may send back any entry of either list, and the older names (ip-adapter_clip_sd15 / _sdxl, invert,
+    inpaint) as well as the labels (ip-adapter_clip_h / _g, ...)."""
+    for module in MODULE_NAMES + EXPECTED["All"][0]:
+        assert module in MODULE_ENCODERS or a1111_module(module) in PREPROCESSORS, module
+
+
 # ---------------------------------------------------------------- the route and the page
 
 CONTROLNETS = ("control_v11p_sd15_canny", "control_v11f1e_sd15_tile", "control_v11p_sd15_scribble",
@@ -180,6 +204,26 @@ def test_the_route_serves_every_type_with_the_extensions_preprocessors(types_ser
     assert stems["Scribble"] == ["None", "control_v11p_sd15_scribble"]
     assert stems["InstructP2P"] == ["None", "control_v11e_sd15_ip2p"]
     assert stems["Depth"] == ["None"]
+
+
+def test_module_list_lists_the_extensions_preprocessors_in_its_order(types_server):
+    """`GET /controlnet/module_list` as the extension's route (`get_modules`, `get_modules_detail`): every
+    preprocessor and IP-Adapter module once, in the "All" type's order, by name, or by label with alias_names;
+    `module_detail` keyed by the same names. Before, it kept sdlab's own order and listed ip-adapter_clip_sd15 /
+    _sdxl beside their labels ip-adapter_clip_h / _g."""
+    types = httpx.get(types_server + "/controlnet/control_types", timeout=60).json()["control_types"]
+    for params, expected in (({}, MODULE_NAMES), ({"alias_names": "false"}, MODULE_NAMES),
+                             ({"alias_names": "true"}, EXPECTED["All"][0])):
+        listed = httpx.get(types_server + "/controlnet/module_list", params=params, timeout=60).json()
+        assert listed["module_list"] == expected, params
+        assert list(listed["module_detail"]) == expected, params
+    aliased = httpx.get(types_server + "/controlnet/module_list", params={"alias_names": True}, timeout=60).json()
+    assert aliased["module_list"] == types["All"]["module_list"]
+    assert aliased["module_detail"]["ip-adapter_clip_h"] == {"model_free": False, "sliders": []}
+    plain = httpx.get(types_server + "/controlnet/module_list", timeout=60).json()["module_detail"]
+    assert aliased["module_detail"]["canny"] == plain["canny"] and len(plain["canny"]["sliders"]) == 3
+    assert aliased["module_detail"]["inpaint_global_harmonious"] == plain["inpaint"] == {"model_free": False,
+                                                                                        "sliders": []}
 
 
 def _shown(driver, select_id: str) -> list[tuple[str, str]]:

@@ -274,7 +274,8 @@ def test_detect_refuses_as_the_extension(cn, body, detail):
 def test_settings_module_detail_and_control_types_have_the_extensions_shapes(cn):
     assert cn.get("/settings").json() == {"control_net_unit_count": 3}
     listed = cn.get("/module_list").json()
-    assert listed["module_list"][:2] == ["none", "canny"] and set(listed["module_detail"]) == set(listed["module_list"])
+    assert listed["module_list"][:3] == ["none", "ip-adapter-auto", "tile_resample"]        # the extension's order
+    assert list(listed["module_detail"]) == listed["module_list"]
     assert [s["name"] for s in listed["module_detail"]["canny"]["sliders"]] == [
         "Preprocessor Resolution", "Canny Low Threshold", "Canny High Threshold"]
     assert listed["module_detail"]["tile_resample"]["sliders"][0] is None

@@ -251,10 +251,14 @@ def test_the_three_pairings_of_model_and_module_on_both_routes(setup):
 
 def test_module_list_and_control_types_list_the_ip_adapter_modules(setup):
     client = setup["client"]
-    listed = client.get("/controlnet/module_list").json()
-    for module in ("ip-adapter_clip_h", "ip-adapter_clip_g", "ip-adapter-auto", "ip-adapter_clip_sd15"):
+    listed = client.get("/controlnet/module_list").json()               # the extension's names
+    aliased = client.get("/controlnet/module_list", params={"alias_names": True}).json()      # its labels
+    for module in ("ip-adapter-auto", "ip-adapter_clip_sd15", "ip-adapter_clip_sdxl", "ip-adapter_clip_sdxl_plus_vith"):
         assert module in listed["module_list"] and listed["module_detail"][module] == {"model_free": False,
                                                                                         "sliders": []}
+    for module in ("ip-adapter-auto", "ip-adapter_clip_h", "ip-adapter_clip_g", "ip-adapter_clip_sdxl_plus_vith"):
+        assert module in aliased["module_list"] and aliased["module_detail"][module] == {"model_free": False,
+                                                                                          "sliders": []}
     assert "ip-adapter_face_id" not in listed["module_list"]
     kind = client.get("/controlnet/control_types").json()["control_types"]["IP-Adapter"]
     assert kind["default_option"] == "ip-adapter-auto"            # the extension's: the first after none

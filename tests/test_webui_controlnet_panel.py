@@ -38,9 +38,10 @@ def test_units_list_controlnets_and_the_ip_adapter_box_ip_adapters(page, base_ur
         assert _stems(_options(page, f"cn{i}_model")) == ["", "tiny_canny"]
         assert not [name for name in _options(page, f"cn{i}_module") if name.startswith("ip-adapter")]
     assert _stems(_options(page, "ipa_model")) == ["", "ip-adapter_tiny"]
-    from sdlab.pipeline.ip_adapter_units import LISTED_MODULES
-
-    assert _options(page, "ipa_module") == ["", *LISTED_MODULES]
+    types = http_json(base_url, "/controlnet/control_types")["control_types"]
+    names = dict(zip(http_json(base_url, "/controlnet/module_list?alias_names=true")["module_list"],
+                     http_json(base_url, "/controlnet/module_list")["module_list"]))
+    assert _options(page, "ipa_module") == ["", *(names[label] for label in types["IP-Adapter"]["module_list"][1:])]
     assert sorted(http_json(base_url, "/controlnet/model_list")["model_list"]) == sorted(
         _options(page, "cn0_model")[1:] + _options(page, "ipa_model")[1:])      # A1111's list: both, as the extension
 

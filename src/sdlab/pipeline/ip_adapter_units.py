@@ -44,7 +44,9 @@ MODULE_ENCODERS: dict[str, str | None] = {
 }
 """The IP-Adapter modules sdlab draws (lower case) -> the encoder each names (None: the model's, ip-adapter-auto)."""
 LISTED_MODULES = tuple(sorted(name for name in MODULE_ENCODERS if not name.endswith("(ipadapter)")))
-"""The extension's names of them, as `/controlnet/module_list` lists them (Forge's own are not the extension's)."""
+"""The extension's names and labels of them (ip-adapter_clip_sd15 and its label ip-adapter_clip_h, ...; Forge's own
+are not the extension's): those a unit may name by the extension's spelling. `/controlnet/module_list` lists each
+once, by name or label, as `server/control_types.LISTED_PREPROCESSORS` has it."""
 FACE_MODULES = ("ip-adapter_face_id", "ip-adapter_face_id_plus", "ip-adapter_pulid", "instant_id_face_embedding",
                 "instant_id_face_keypoints", "insightface+clip-h (ipadapter)", "insightface (instantid)")
 """The extension's and Forge's IP-Adapter / InstantID modules that read faces with InsightFace (refused)."""

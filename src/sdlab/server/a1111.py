@@ -46,13 +46,12 @@ from sdlab.diffusion.samplers import (A1111_SAMPLERS_MAP, SAMPLER_TABLE, SAMPLER
                                      get_sampler)
 from sdlab.diffusion.schedule_names import a1111_label
 from sdlab.pipeline.image_prompt import IPAdapterInput
-from sdlab.pipeline.ip_adapter_units import LISTED_MODULES as IP_ADAPTER_MODULES
 from sdlab.pipeline.images import open_image
 from sdlab.pipeline.infotext import (
     a1111_backcompat, drawn_by_sdlab, eta_label, hires_parameters, img2img_parameters, old_hires_sizes, refiner_label,
 )
 from sdlab.pipeline.preprocess import (
-    INPAINT_MODULES, PREPROCESSORS, RESOLUTION_SLIDER, THRESHOLD_SLIDERS, preprocess, processor_resolution,
+    INPAINT_MODULES, RESOLUTION_SLIDER, THRESHOLD_SLIDERS, preprocess, processor_resolution,
 )
 from sdlab.pipeline.prompt_syntax import PromptError, parse_weighted
 from sdlab.pipeline.styles import (
@@ -76,9 +75,9 @@ from sdlab.server.a1111_scripts import (
     selected_script,
 )
 from sdlab.server.config import Limits
-from sdlab.server.control_types import CONTROL_TYPES, type_preprocessors, type_words
+from sdlab.server.control_types import CONTROL_TYPES, sorted_preprocessors, type_preprocessors, type_words
 from sdlab.server.controls import (
-    A1111_MODULE_ALIASES, CONTROLNET_UNIT_COUNT, a1111_controls, module_name, threshold_value,
+    CONTROLNET_UNIT_COUNT, a1111_controls, module_name, threshold_value,
 )
 from sdlab.server.inputs import (
     EXTRAS_UPSCALER, EXTRAS_UPSCALER_2, PLAIN_UPSCALER_NAMES, BadRequest, JobSpec, NullsAreDefaults, check_texts,
@@ -2047,11 +2046,6 @@ def _module_sliders(module: str) -> list[dict[str, Any] | None]:
     return [None if module == "tile_resample" else RESOLUTION_SLIDER, *THRESHOLD_SLIDERS[module]]
 
 
-def _module_label(module: str) -> str:
-    """A preprocessor's name as the extension's UI shows it (`preprocessor_aliases`)."""
-    return next((alias for alias, name in A1111_MODULE_ALIASES.items() if name == module), module)
-
-
 def model_name_family(name: str) -> str | None:
     """The family a ControlNet's name says it is for, as the extension guesses it
     (`StableDiffusionVersion.detect_from_model_name`): "sd1" for sd14 / sd15 / sd16, "sd2" for sd21 or 2.1 (as
@@ -2119,14 +2113,17 @@ def controlnet_models(request: Request, update: bool = True) -> dict[str, Any]:
 
 @controlnet_router.get("/module_list")
 def controlnet_modules(alias_names: bool = False) -> dict[str, Any]:
-    """The preprocessors (by the extension's UI names with `alias_names`), then the IP-Adapter modules sdlab
-    draws (`ip_adapter_units.LISTED_MODULES`, which have no sliders), and each one's `module_detail`: its sliders
-    (`_module_sliders`) and whether it needs no model (none of sdlab's)."""
-    names = {module: _module_label(module) if alias_names else module for module in PREPROCESSORS}
-    names.update({module: module for module in IP_ADAPTER_MODULES})
-    return {"module_list": list(names.values()),
-            "module_detail": {name: {"model_free": False, "sliders": _module_sliders(module)}
-                              for module, name in names.items()}}
+    """sdlab's preprocessors and IP-Adapter modules as the extension's route lists its own
+    (`external_code.get_modules` / `get_modules_detail`): in its order (`control_types.sorted_preprocessors`, the
+    "All" type's), by the extension's names, or by the labels its UI shows with `alias_names`; and each one's
+    `module_detail` under the same name: its sliders (`_module_sliders`; the IP-Adapter modules have none) and
+    whether it needs no model (none of sdlab's). A unit's module may still give either name (`a1111_module`,
+    `ip_adapter_units.MODULE_ENCODERS`)."""
+    listed = sorted_preprocessors()
+    names = [p.label if alias_names else p.name for p in listed]
+    return {"module_list": names,
+            "module_detail": {name: {"model_free": False, "sliders": _module_sliders(p.name)}
+                              for name, p in zip(names, listed)}}
 
 
 @controlnet_router.get("/control_types")

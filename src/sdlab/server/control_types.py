@@ -71,9 +71,10 @@ def type_words(control_type: str) -> list[str]:
     return [pattern, *TYPE_WORDS.get(pattern, ())]
 
 
-def _sorted() -> list[ListedPreprocessor]:
+def sorted_preprocessors() -> list[ListedPreprocessor]:
     """Every preprocessor in the extension's order (`get_sorted_preprocessors`): "none", then the others by priority
-    and label, descending."""
+    and label, descending. `/controlnet/module_list` lists them so (`external_code.get_modules`: their names, or
+    their labels with `alias_names`), as does the "All" type."""
     none, *others = LISTED_PREPROCESSORS
     return [none, *sorted(others, key=lambda p: str(p.priority).zfill(8) + p.label, reverse=True)]
 
@@ -83,6 +84,6 @@ def type_preprocessors(control_type: str) -> tuple[list[str], str]:
     "none" for "All"; else "none" and those tagged with the type, the first after "none" the default ("none"
     where it lists nothing else)."""
     if control_type.lower() == "all":
-        return [p.label for p in _sorted()], "none"
-    listed = [p.label for p in _sorted() if control_type in p.tags or p.label == "none"]
+        return [p.label for p in sorted_preprocessors()], "none"
+    listed = [p.label for p in sorted_preprocessors() if control_type in p.tags or p.label == "none"]
     return listed, listed[0] if len(listed) == 1 else listed[1]
