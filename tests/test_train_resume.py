@@ -372,3 +372,20 @@ def test_resume_warns_when_the_dataset_changed_since_the_checkpoint(tmp_path, on
     run_in_process(out, model, data, *common, "--max-steps", "3", "--resume", "latest")
     warned = [r.getMessage() for r in caplog.records if "is not the dataset" in r.getMessage()]
     assert len(warned) == 1 and "step-00000002.pt trained on (4 images then, 4 now" in warned[0], warned
+
+
+def test_resume_from_a_deleted_step_names_the_checkpoints_kept(tmp_path):
+    """`--resume .../step-00000002.pt` after the run deleted it (it keeps its newest --keep-checkpoints): one
+    error line naming the steps the folder holds and why the older ones are gone."""
+    data = write_caption_folder(tmp_path / "data", n=2, size=16)
+    model = write_tiny_model(tmp_path / "tiny-sd1.safetensors")
+    out = tmp_path / "run"
+    run_cli(cli_args(out, model, data, "--max-steps", "4", "--checkpoint-every", "1"))
+    gone = out / "checkpoints" / "step-00000002.pt"
+    assert not gone.exists()
+    proc = subprocess.run([sys.executable, "-m", "sdlab.train.cli", "--resume", str(gone), "--output-dir",
+                           str(tmp_path / "at-2"), "--max-steps", "2"], env=cli_env(), capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"sdlab: error: --resume {gone}: no such run checkpoint (or use --resume latest); {out / 'checkpoints'} "
+        f"holds those of step 3, 4: a run keeps its newest --keep-checkpoints (2 by default) and deletes the older ones")

@@ -269,12 +269,24 @@ def _resume_point(path: Path) -> ResumePoint:
     return ResumePoint(path, int(state["step"]), dict(state["config"]), int(state["global_batch"]), state)
 
 
+def _checkpoints_beside(path: Path) -> str:
+    """The run checkpoints in the folder of a missing ``path``, by step, and that a run deletes all but its newest
+    ``--keep-checkpoints`` (the usual reason a step's checkpoint is gone); "" when the folder holds none."""
+    found = list_checkpoints(path.parent)
+    if not found:
+        return ""
+    steps = ", ".join(str(step) for step, _ in found[-8:])
+    return (f"; {path.parent} holds those of step {'..., ' if len(found) > 8 else ''}{steps}: a run keeps its newest "
+            f"--keep-checkpoints (2 by default) and deletes the older ones")
+
+
 def find_resume_point(folder: Path, resume: str) -> ResumePoint | None:
     """What ``--resume`` names: ``"latest"`` = the newest checkpoint in ``folder`` that verifies (a warning
     for each newer one passed over; None when there is none at all), or a checkpoint path (verified)."""
     if resume != "latest":
         if not Path(resume).is_file():
-            raise TrainError(f"--resume {resume}: no such run checkpoint (or use --resume latest)")
+            raise TrainError(f"--resume {resume}: no such run checkpoint (or use --resume latest)"
+                             f"{_checkpoints_beside(Path(resume))}")
         return _resume_point(Path(resume))
     damaged: list[str] = []
     for _, path in reversed(list_checkpoints(folder)):
