@@ -254,3 +254,29 @@ def test_choosing_a_control_type_shows_its_preprocessors_and_selects_its_default
         models = [value for _, value in _shown(browser, "cn0_model")]
         assert models == ["", *types[name]["model_list"][1:]], name
     assert severe_console_errors(browser) == []
+
+
+def test_the_ip_adapter_box_lists_the_ip_adapter_types_modules_in_its_order(browser, types_server):
+    """The IP-Adapter box's Image encoder: the adapter's own, then the IP-Adapter type's modules in its order, shown by
+    the extension's labels (each value the extension's name, which the server takes), each once; Reuse of a job or
+    picture naming a module by either name selects it. Before, the box listed six names alphabetically, clip_h
+    beside clip_sd15 and clip_g beside clip_sdxl."""
+    open_page(browser, types_server)
+    wait(browser, lambda d: len(_shown(d, "ipa_module")) > 1, 30, "the IP-Adapter modules did not load")
+    browser.get_log("browser")
+    name_of = {p.label: p.name for p in LISTED_PREPROCESSORS}
+    labels, default = EXPECTED["IP-Adapter"]
+    assert default == labels[1]                                 # ip-adapter-auto, the first module listed
+    assert _shown(browser, "ipa_module") == [["The adapter's own", ""]] + [
+        [label, name_of[label]] for label in labels if label != "none"]
+    assert browser.find_element(By.ID, "ipa_module").get_attribute("value") == ""
+    restored = (("ip-adapter_clip_h", "ip-adapter_clip_sd15"), ("ip-adapter_clip_g", "ip-adapter_clip_sdxl"),
+                ("ip-adapter_clip_sd15", "ip-adapter_clip_sd15"), ("IP-Adapter_Clip_SDXL", "ip-adapter_clip_sdxl"),
+                ("ip-adapter-auto", "ip-adapter-auto"), (None, ""))
+    for module, chosen in restored:
+        unknown = browser.execute_script(
+            "const unknown = []; fillControls({ip_adapters: [{model: 'ip-adapter_tiny', scale: 0.5, "
+            "module: arguments[0]}]}, unknown); return unknown", module)
+        assert browser.find_element(By.ID, "ipa_module").get_attribute("value") == chosen, module
+        assert not [line for line in unknown if "module" in line], (module, unknown)
+    assert severe_console_errors(browser) == []

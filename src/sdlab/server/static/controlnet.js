@@ -1,8 +1,9 @@
 // sdlab web UI: the ControlNet units and the IP-Adapter box (loaded after app.js, whose helpers it uses).
 //   lists:    GET /api/control-models (the ControlNet folder's models by the job field that takes them: a unit's
 //             ControlNets and T2I-Adapters, the IP-Adapter box's IP-Adapters; rescanned),
-//             GET /controlnet/module_list (the preprocessors and each one's threshold sliders; the IP-Adapter
-//             modules, the IP-Adapter box's image encoders), GET /controlnet/control_types (the Control Type filter)
+//             GET /controlnet/module_list (the preprocessors and each one's threshold sliders),
+//             GET /controlnet/control_types (the Control Type filter; its IP-Adapter type's modules, the IP-Adapter
+//             box's image encoders)
 //   preview:  POST /controlnet/detect (a unit's picture through its preprocessor)
 //   a job:    the native API's `controls: [{model, image, strength, start, end, module, control_mode, resize_mode,
 //             threshold_a, threshold_b, processor_res, pixel_perfect}]` and `ip_adapters: [{model, image, scale,
@@ -185,9 +186,9 @@ async function loadControlLists() {
   controlState.sliders = Object.fromEntries(Object.entries((modules && modules.module_detail) || {})
     .map(([name, detail]) => [name, (detail.sliders || []).slice(1).filter(Boolean)]));
   controlState.unitModels = (models && models.controls) || [];
-  controlState.unitModules = names.map((name, index) => ({ name, label: labels?.module_list?.[index] ?? name }))
-    .filter(({ name }) => !isIpAdapterModule(name));
-  controlState.types = types;
+  const listed = names.map((name, index) => ({ name, label: labels?.module_list?.[index] ?? name }));
+  controlState.unitModules = listed.filter(({ name }) => !isIpAdapterModule(name));
+  controlState.types = types.units;
   for (let i = 0; i < CONTROL_UNIT_COUNT; i++) {
     showControlTypes(i);
     fillUnitLists(i);
@@ -195,24 +196,33 @@ async function loadControlLists() {
   const adapters = (models && models.ip_adapters) || [];
   fillSelect($("ipa_model"), adapters.map((title) => ({ label: title, value: title })),
     { blank: adapters.length ? "None" : "no IP-Adapters found" });
-  fillSelect($("ipa_module"), names.filter(isIpAdapterModule).map((name) => ({ label: name, value: name })),
-    { blank: "The adapter's own" });
+  fillSelect($("ipa_module"), typeModules(types.ipAdapter, listed).filter(({ name }) => name !== "none")
+    .map(({ name, label }) => ({ label, value: name })), { blank: "The adapter's own" });
+}
+
+// The preprocessors a control type lists, in its order, as {name, label} of `listed` (the extension lists a type's
+// by its labels; sdlab's names are taken too)
+function typeModules(type, listed) {
+  return ((type && type.module_list) || [])
+    .map((shown) => listed.find(({ name, label }) => shown === label || shown === name))
+    .filter(Boolean);
 }
 
 // The control types for the model the form draws with (none chosen: the server's selected model), their Model
 // lists narrowed to its family as the extension's radio narrows them to the loaded model's
-// (GET /controlnet/control_types?model=); the IP-Adapter type is the IP-Adapter box's
+// (GET /controlnet/control_types?model=): {units: the units' Control Types, ipAdapter: the IP-Adapter type,
+// whose modules are the IP-Adapter box's Image encoders}
 async function controlTypesOfTheModel() {
   const types = await api(`/controlnet/control_types?model=${encodeURIComponent($("model").value)}`);
-  return Object.fromEntries(Object.entries((types && types.control_types) || {})
-    .filter(([name]) => name !== "IP-Adapter"));
+  const { "IP-Adapter": ipAdapter, ...units } = (types && types.control_types) || {};
+  return { units, ipAdapter };
 }
 
 // The control types read again for the model chosen now (the extension reads the loaded model's version each
 // time a type is chosen), each unit's lists narrowed by them; `then`: what runs after, with them in place
 async function refreshControlTypes(then = () => {}) {
   try {
-    controlState.types = await controlTypesOfTheModel();
+    controlState.types = (await controlTypesOfTheModel()).units;
   } catch (err) {
     showError(err.message);
   }
@@ -237,9 +247,7 @@ function showControlTypes(i) {
 function fillUnitLists(i, pick = false) {
   const p = `cn${i}`;
   const type = controlState.types[controlState.chosenTypes[i]];
-  const modules = !type ? controlState.unitModules : type.module_list
-    .map((listed) => controlState.unitModules.find(({ name, label }) => listed === label || listed === name))
-    .filter(Boolean);
+  const modules = !type ? controlState.unitModules : typeModules(type, controlState.unitModules);
   const models = controlState.unitModels.filter((title) => !type || type.model_list.includes(title));
   const module = $(`${p}_module`).value;
   fillSelect($(`${p}_model`), models.map((title) => ({ label: title, value: title })),
