@@ -231,6 +231,10 @@ def _shown(driver, select_id: str) -> list[tuple[str, str]]:
         "return [...document.getElementById(arguments[0]).options].map((o) => [o.text, o.value])", select_id)
 
 
+def _chosen(driver, select_id: str) -> str:
+    return driver.execute_script("return document.getElementById(arguments[0]).value", select_id)
+
+
 def test_choosing_a_control_type_shows_its_preprocessors_and_selects_its_default(browser, types_server):
     """Each Control Type radio (all but IP-Adapter, the IP-Adapter box's) shows the type's preprocessors in the
     extension's order by the extension's names (each option's value sdlab's name of it), its default selected, and
@@ -247,12 +251,12 @@ def test_choosing_a_control_type_shows_its_preprocessors_and_selects_its_default
         browser.find_element(By.ID, f"cn0_type_{radios.index(name)}").click()
         labels, default = EXPECTED[name]
         expected = [[label, name_of[label]] for label in labels if not name_of[label].startswith("ip-adapter")]
-        wait(browser, lambda d: _shown(d, "cn0_module") == expected, 20,
-             f"{name} does not show {expected}")
-        chosen = browser.find_element(By.ID, "cn0_module").get_attribute("value")
-        assert chosen == name_of[default], name
-        models = [value for _, value in _shown(browser, "cn0_model")]
-        assert models == ["", *types[name]["model_list"][1:]], name
+        models = ["", *types[name]["model_list"][1:]]
+        # one wait for the lists and the default together: the radio's choice re-reads the control types (a fetch)
+        # before the lists settle, so reading them one by one after the first matched could catch them mid-way
+        wait(browser, lambda d: (_shown(d, "cn0_module"), _chosen(d, "cn0_module"),
+                                 [value for _, value in _shown(d, "cn0_model")]) == (expected, name_of[default], models),
+             60, f"{name} does not show {expected} with {name_of[default]} chosen and models {models}")
     assert severe_console_errors(browser) == []
 
 
