@@ -216,8 +216,8 @@ def test_txt2img_refuses_a_control_without_a_picture_at_every_door(setup, tmp_pa
 
 @pytest.mark.parametrize("spec, message", [
     ("{net}:0.8", "the image '0.8' does not exist; to leave the image out (the init picture) write FILE::0.8"),
-    ("{net}::0:1", "expected FILE[:IMAGE][:STRENGTH[:START:END]]"),
-    (":{init}", "expected FILE[:IMAGE][:STRENGTH[:START:END]]"),
+    ("{net}::0:1", "expected FILE[:IMAGE[:STRENGTH[:START:END]]]"),
+    (":{init}", "expected FILE[:IMAGE[:STRENGTH[:START:END]]]"),
     ("{net}::2:0.6:0.4", "need 0 <= start < end <= 1, got start 0.6, end 0.4"),
     ("{net}::-1", "strength must lie in [0, 10], got -1.0"),
     ("{dir}/missing.safetensors", "the ControlNet '{dir}/missing.safetensors' does not exist"),
@@ -245,6 +245,76 @@ def test_control_specs_without_an_image_parse_to_none(setup):
         assert (control.strength, control.start, control.end) == numbers
     control = _parse_control(f"{net}:{init}:0.5", "diffusers")
     assert control.image.size == INIT.size and control.strength == 0.5
+
+
+def _drive_paths(setup, folder: Path, monkeypatch) -> None:
+    """A relative folder ``C:`` in `folder` (the current folder), holding ``n/canny.safetensors`` and
+    ``i/edges.png``: a Windows drive path's text names a file here too."""
+    (folder / "C:" / "n").mkdir(parents=True)
+    (folder / "C:" / "i").mkdir()
+    (folder / "C:" / "n" / "canny.safetensors").write_bytes(Path(setup["net"]).read_bytes())
+    INIT.save(folder / "C:" / "i" / "edges.png")
+    monkeypatch.chdir(folder)
+
+
+def test_a_windows_drive_colon_is_part_of_the_path(setup, tmp_path, monkeypatch):
+    """``C:/...`` or ``C:\\...`` at the start of FILE or IMAGE keeps its colon: ``C:/n/net:0.8`` is FILE:IMAGE (an
+    image '0.8'), as ``net:0.8`` is, not FILE::0.8."""
+    from sdlab.cli.generate import UserError, _parse_control
+
+    _drive_paths(setup, tmp_path, monkeypatch)
+    net, edges = "C:/n/canny.safetensors", "C:/i/edges.png"
+    for spec, numbers in ((f"{net}::0.8", (0.8, 0.0, 1.0)), (f"{net}:", (1.0, 0.0, 1.0)),
+                          (f"{net}::0.8:0.1:0.9", (0.8, 0.1, 0.9)), (net, (1.0, 0.0, 1.0))):
+        control = _parse_control(spec, "diffusers")
+        assert (control.model, control.image) == (net, None), spec
+        assert (control.strength, control.start, control.end) == numbers, spec
+    for spec in (f"{net}:{edges}", f"{net}:{edges}:0.5:0:0.5"):
+        control = _parse_control(spec, "diffusers")
+        assert control.model == net and control.image.size == INIT.size, spec
+    assert _parse_control(f"{net}:{edges}:0.5:0:0.5", "diffusers").end == 0.5
+    for spec in (f"{net}:0.8", f"{setup['net']}:0.8"):
+        with pytest.raises(UserError) as refused:
+            _parse_control(spec, "diffusers")
+        assert str(refused.value) == (f"--control {spec!r}: the image '0.8' does not exist; to leave the image "
+                                      "out (the init picture) write FILE::0.8")
+    for spec, missing in (("C:\\n\\gone.pth::0.8", "C:\\n\\gone.pth"), ("C:/n/gone.pth", "C:/n/gone.pth"),
+                          (f"{net}:C:/i/gone.png:0.8", None)):
+        with pytest.raises(UserError) as refused:
+            _parse_control(spec, "diffusers")
+        assert str(refused.value).endswith(f"the ControlNet {missing!r} does not exist" if missing else
+                                           "control image 'C:/i/gone.png' does not exist"), str(refused.value)
+
+
+@pytest.mark.parametrize("spec", ["{net}::", "{net}:::"])
+def test_empty_fields_are_no_part_of_the_file(setup, tmp_path, spec):
+    """``FILE::`` names FILE (no image, no numbers): a missing one is named without its colons."""
+    from sdlab.cli.generate import UserError, _parse_control
+
+    control = _parse_control(spec.format(net=setup["net"]), "diffusers")
+    assert (control.model, control.image, control.strength) == (str(setup["net"]), None, 1.0)
+    with pytest.raises(UserError) as refused:
+        _parse_control(spec.format(net=tmp_path / "net.pth"), "diffusers")
+    assert str(refused.value) == f"the ControlNet '{tmp_path / 'net.pth'}' does not exist"
+
+
+def test_txt2img_says_a_number_in_the_image_place_needs_a_picture(setup, tmp_path, capsys):
+    """txt2img refuses FILE::0.8, so ``FILE:0.8`` there says the control needs a picture, not FILE::0.8."""
+    spec = f"{setup['net']}:0.8"
+    code, out, err = run(["txt2img", *CLI, "--control", spec, "--out", str(tmp_path / "t.png")], capsys)
+    assert (code, out) == (2, "")
+    assert err.strip().splitlines() == [f"sdlab: error: --control {spec!r}: the image '0.8' does not exist; "
+                                        "txt2img has no init picture, so the control needs one: FILE:IMAGE:0.8"]
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_control_flag_shows_both_forms(capsys):
+    """--help's metavar nests the optional fields (FILE:0.8 is no strength) and names FILE::STRENGTH."""
+    with pytest.raises(SystemExit):
+        run(["img2img", "--help"], capsys)
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--control FILE[:IMAGE[:STRENGTH[:START:END]]] | FILE::STRENGTH..." in text
+    assert "not FILE:STRENGTH" in text
 
 
 def test_a_grids_img2img_cells_draw_a_control_without_a_picture_on_the_init_picture(setup, tmp_path, capsys):

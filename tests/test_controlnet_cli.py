@@ -77,7 +77,7 @@ def _bad_inputs(files, tmp_path):
         (f"{sd}:{hint}", "a Stable Diffusion checkpoint .* not a ControlNet"),
         (f"{files['sdxl_net']}:{hint}", "this ControlNet is for SDXL models .* the model is sd1"),
         (f"{net}:{hint}:nan", "hint.png:nan. does not exist"),
-        (f"{net}:{hint}:1:0.5", r"expected FILE\[:IMAGE\]\[:STRENGTH\[:START:END\]\]"),
+        (f"{net}:{hint}:1:0.5", r"expected FILE\[:IMAGE\[:STRENGTH\[:START:END\]\]\]"),
         (f"{net}:{hint}:1:0.7:0.2", "start < end"),
         (f"{net}:{hint}:-1", "strength must lie in"),
         (f"{net}", "control 0: needs an image; only an img2img or inpaint request's control may leave it out"),

@@ -291,8 +291,9 @@ def _add_sampling_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
                         "turbo, lcm, lightning, hyper, tcd, lcm-model; options given here win (docs/few-step.md)")
 
 
-CONTROL_SYNTAX = "FILE[:IMAGE][:STRENGTH[:START:END]]"
-"""--control's syntax: IMAGE left out (FILE, FILE::STRENGTH...) draws on img2img's / inpaint's init picture."""
+CONTROL_SYNTAX = "FILE[:IMAGE[:STRENGTH[:START:END]]]"
+"""--control's syntax: IMAGE left out (FILE, or FILE::STRENGTH[:START:END]) draws on img2img's / inpaint's init
+picture."""
 
 
 def _add_run_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
@@ -315,10 +316,11 @@ def _add_run_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
                         + _if_from_png(from_png, " (or of --from-png)") + " find NAME.safetensors, subfolders "
                         "included; repeatable (also searched: models/Lora beside the --model's folder, "
                         + _if_from_png(from_png, "the --from-png file's folder, ") + "the current folder)")
-    p.add_argument("--control", action="append", default=[], metavar=CONTROL_SYNTAX,
+    p.add_argument("--control", action="append", default=[], metavar=f"{CONTROL_SYNTAX} | FILE::STRENGTH...",
                    help="a ControlNet or T2I-Adapter (original or diffusers file / folder) and its hint image, "
                         "with its strength (default 1) and the fraction of the steps it acts on (default 0:1); "
-                        "img2img / inpaint may leave the image out (FILE, or FILE::STRENGTH[:START:END]): the "
+                        "img2img / inpaint may leave the image out (FILE, or FILE::STRENGTH[:START:END]; not "
+                        "FILE:STRENGTH, whose STRENGTH would be the image): the "
                         "control draws on the init picture (each pass's or tile's under a script), fitted by the "
                         "--resize-mode, as A1111's ControlNet unit without a picture; repeatable")
     p.add_argument("--control-module", action="append", default=[], metavar="NAME",
@@ -953,20 +955,33 @@ def _control_paths(parts: list[str]) -> tuple[str, str | None]:
     if len(parts) == 1 or os.path.exists(":".join(parts)):
         return ":".join(parts), None
     if parts[-1] == "":
-        return ":".join(parts[:-1]), None
+        return ":".join(parts).rstrip(":"), None
     return splits[0]
 
 
-def _parse_control(spec: str, convention: str, **settings: Any):
-    """``FILE[:IMAGE][:STRENGTH[:START:END]]`` -> a `ControlInput` checked under the request's control
+def _control_fields(spec: str) -> list[str]:
+    """A --control spec split at its colons, a Windows drive's colon (a single letter, then ':' and '/' or '\\',
+    at the start of FILE or IMAGE: ``C:/nets/canny.pth``) kept in its path."""
+    fields: list[str] = []
+    for part in spec.split(":"):
+        if fields and re.fullmatch(r"[A-Za-z]", fields[-1]) and part[:1] in ("/", "\\"):
+            fields[-1] += ":" + part
+        else:
+            fields.append(part)
+    return fields
+
+
+def _parse_control(spec: str, convention: str, takes_init: bool = True, **settings: Any):
+    """``FILE[:IMAGE[:STRENGTH[:START:END]]]`` -> a `ControlInput` checked under the request's control
     `convention`, with the image (and a `mask`) read and `settings` (`ControlInput`'s fields: module, modes,
     thresholds, and strength / start / end where the spec leaves them out). Numbers are taken from the end, so
-    the file and image paths may contain colons (`_control_paths`). Without an image (``FILE``,
-    ``FILE::STRENGTH[:START:END]``) the control is drawn on the init picture (`control.drawn_on_init`)."""
+    the file and image paths may contain colons (`_control_paths`; a drive's, `_control_fields`). Without an image
+    (``FILE``, ``FILE::STRENGTH[:START:END]``) the control is drawn on the init picture (`control.drawn_on_init`);
+    `takes_init` False (txt2img: no init picture), a number where the image goes says that a picture is needed."""
     from sdlab.pipeline.control import ControlInput, check_control
     from sdlab.pipeline.request import RequestError
 
-    parts, numbers = spec.split(":"), []
+    parts, numbers = _control_fields(spec), []
     while len(parts) > 2 and len(numbers) < 3 and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", parts[-1]):
         numbers.insert(0, float(parts.pop()))
     if not parts[0] or len(numbers) == 2:
@@ -975,8 +990,9 @@ def _parse_control(spec: str, convention: str, **settings: Any):
     if not os.path.exists(file):
         raise UserError(f"the ControlNet {file!r} does not exist")
     if image is not None and not os.path.exists(image) and re.fullmatch(r"[-+.\deE]+", image):
-        raise UserError(f"--control {spec!r}: the image {image!r} does not exist; to leave the image out (the init "
-                        f"picture) write FILE::{image}")
+        instead = (f"to leave the image out (the init picture) write FILE::{image}" if takes_init else
+                   f"txt2img has no init picture, so the control needs one: FILE:IMAGE:{image}")
+        raise UserError(f"--control {spec!r}: the image {image!r} does not exist; {instead}")
     if settings.get("mask") is not None:
         settings["mask"] = _open_image(settings["mask"], "control mask")
     try:
@@ -1182,7 +1198,7 @@ def _controls(args: argparse.Namespace, recorded: dict[str, Any], convention: st
         given = {key: _given_setting(key, column[index]) for (key, _), column in zip(_CONTROL_OPTIONS, columns)
                  if column[index] is not None}
         settings = {**_kept_settings(_recorded_unit(recorded, index, args.from_png), given), **given}
-        controls.append(_parse_control(spec, convention, **settings))
+        controls.append(_parse_control(spec, convention, getattr(args, "mode", None) != "txt2img", **settings))
     if getattr(args, "mode", None) == "txt2img":    # no init picture: a control without an image refused before the
         for index, (spec, control) in enumerate(zip(args.control, controls)):      # model loads
             try:
