@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import gc
 import pickle
+import re
 import sys
 import zipfile
+import zlib
 from pathlib import Path
 
 import pytest
 import torch
 
+from crafted_ckpt_fixtures import Storage, Tensor, crafted_ckpt
+from sdlab.checkpoints import zip_tensors
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.io import MappedTensors, read_checkpoint
 from sdlab.checkpoints.zip_tensors import ZipTensors
@@ -208,3 +212,108 @@ def test_pickle_module_is_never_asked(tmp_path, monkeypatch):
     monkeypatch.setattr(pickle, "load", refuse)
     monkeypatch.setattr(pickle, "loads", refuse)
     assert isinstance(read_checkpoint(path, lazy=True)[0], ZipTensors)
+
+
+FLOATS = torch.arange(16, dtype=torch.float32).numpy().tobytes()          # the record of 16 float32 the files name
+STORED, DEFLATED = zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED
+
+
+def _float(numel, key="0"):
+    return Storage(torch.FloatStorage, key, numel)
+
+
+def _read_all(path: Path, lazy: bool) -> str | dict:
+    """Every tensor's dtype, shape, strides and bytes, or the error (an object's address in it left out)."""
+    try:
+        tensors, _ = read_checkpoint(path, lazy=lazy)
+    except CheckpointError as err:
+        return re.sub(r" at 0x[0-9a-f]+", "", f"error: {err}")
+    return {key: (t.dtype, t.shape, t.stride(), bytes(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
+            for key, t in ((key, tensors[key]) for key in tensors)}
+
+
+# torch.load keeps one storage per key (`loaded_storages`), of the dtype and size its first reference names
+STORAGES_NAMED_AGAIN = {
+    "again as half, more elements than it holds": ({"a": Tensor(_float(16), 0, (16,), (1,)),
+                                                    "b": Tensor(Storage(torch.HalfStorage, "0", 32), 0, (32,), (1,))},
+                                                   STORED),
+    "again as half, fitting": ({"a": Tensor(_float(16), 0, (16,), (1,)),
+                                "b": Tensor(Storage(torch.HalfStorage, "0", 32), 0, (8,), (1,))}, STORED),
+    "again larger": ({"a": Tensor(_float(1), 0, (1,), (1,)), "b": Tensor(_float(16), 0, (16,), (1,))}, STORED),
+    "again larger, deflated": ({"a": Tensor(_float(1), 0, (1,), (1,)), "b": Tensor(_float(16), 0, (16,), (1,))},
+                               DEFLATED),
+    "again smaller": ({"a": Tensor(_float(16), 0, (16,), (1,)), "b": Tensor(_float(1), 0, (1,), (1,))}, STORED),
+    "with a negative size": ({"w": Tensor(_float(-4), 0, (4,), (1,))}, STORED),
+    "with a negative size, deflated": ({"w": Tensor(_float(-4), 0, (4,), (1,))}, DEFLATED),
+    "with a negative size, empty": ({"w": Tensor(_float(-4), 0, (0,), (1,))}, STORED),
+    "with a size that is text": ({"w": Tensor(_float("16"), 0, (4,), (1,))}, STORED),
+    "smaller than its deflated record": ({"w": Tensor(_float(1), 0, (1,), (1,))}, DEFLATED),
+    "smaller than its stored record": ({"w": Tensor(_float(1), 0, (1,), (1,))}, STORED),
+}
+
+
+@pytest.mark.parametrize("case", STORAGES_NAMED_AGAIN)
+def test_a_storage_is_the_one_its_first_reference_names_as_torch_load_gives_it(tmp_path, case):
+    """A key named again with another dtype or size, or a size unlike its record's: the lazy read gives the whole
+    read's tensors or its refusal."""
+    tensors, compression = STORAGES_NAMED_AGAIN[case]
+    path = crafted_ckpt(tmp_path / "m.ckpt", tensors, {"0": FLOATS}, compression)
+    assert _read_all(path, lazy=True) == _read_all(path, lazy=False)
+
+
+SPANS_PAST_THE_STORAGE = {
+    "offset past the end": (Tensor(_float(16), 14, (4,), (1,)), STORED),
+    "offset past the end, deflated": (Tensor(_float(16), 14, (4,), (1,)), DEFLATED),
+    "a stride whose span overflows int64": (Tensor(_float(16), 0, (4,), (1537228672809129302,)), STORED),
+    "strides whose span overflows, deflated": (Tensor(_float(16), 0, (2, 2), (1 << 62, 1)), DEFLATED),
+    "a negative stride": (Tensor(_float(16), 15, (4,), (-1,)), STORED),
+    "more elements than the storage": (Tensor(_float(16), 0, (1 << 20, 1 << 20), (1 << 20, 1)), STORED),
+}
+
+
+@pytest.mark.parametrize("case", SPANS_PAST_THE_STORAGE)
+def test_a_span_past_its_storage_is_the_whole_reads_refusal(tmp_path, case):
+    """`set_` onto meta grows the storage or overflows unseen; the lazy read checks each span in Python ints and
+    leaves what does not fit to the whole read, whose error it gives, before any tensor is read."""
+    tensor, compression = SPANS_PAST_THE_STORAGE[case]
+    path = crafted_ckpt(tmp_path / "m.ckpt", {"w": tensor}, {"0": FLOATS}, compression)
+    lazy = _read_all(path, lazy=True)
+    assert lazy == _read_all(path, lazy=False)
+    assert lazy.startswith(f"error: {path}: not a readable PyTorch checkpoint ("), lazy
+
+
+def test_a_record_shorter_than_its_storage_is_refused(tmp_path):
+    """A stored record of 8 bytes for a storage of 64: refused (the whole read maps the file and reads on into
+    the next zip header); deflated, the whole read's own refusal."""
+    tensors = {"w": Tensor(_float(16), 0, (16,), (1,))}
+    stored = crafted_ckpt(tmp_path / "stored.ckpt", tensors, {"0": FLOATS[:8]})
+    assert _read_all(stored, lazy=True) == (f"error: {stored}: not a readable PyTorch checkpoint (its record "
+                                            "archive/data/0 holds 8 bytes, fewer than the 64 of its storage)")
+    deflated = crafted_ckpt(tmp_path / "deflated.ckpt", tensors, {"0": FLOATS[:8]}, DEFLATED)
+    lazy = _read_all(deflated, lazy=True)
+    assert lazy == _read_all(deflated, lazy=False) and lazy.startswith("error: ")
+
+
+def test_the_views_of_one_deflated_storage_unpack_it_once(tmp_path, monkeypatch):
+    """400 views of one deflated flat storage: read one after another, the record is unpacked once (each view
+    unpacked it again, quadratic in the file's size); a record no other tensor views is not kept."""
+    g = torch.Generator().manual_seed(0)
+    flat = torch.randn(400 * 25, generator=g)
+    views = {f"w{i}": flat[i * 25:(i + 1) * 25].view(5, 5) for i in range(400)}
+    torch.save(views | {"alone": torch.ones(3)}, tmp_path / "flat.ckpt")
+    path = _repacked(tmp_path / "flat.ckpt", tmp_path / "deflated.ckpt", DEFLATED)
+    unpackings = []
+    unpack = zlib.decompressobj
+
+    def counted(*args):
+        unpackings.append(args)
+        return unpack(*args)
+
+    whole, _ = read_checkpoint(path)
+    lazy, _ = read_checkpoint(path, lazy=True)
+    assert isinstance(lazy, ZipTensors)
+    monkeypatch.setattr(zip_tensors.zlib, "decompressobj", counted)
+    _assert_same_tensors(lazy, whole)
+    assert len(unpackings) == 2                                   # the flat storage, "alone"
+    assert torch.equal(lazy["alone"], torch.ones(3)) and len(unpackings) == 3       # no other view: not kept
+    assert torch.equal(lazy["w7"], views["w7"]) and len(unpackings) == 3            # still the flat one's

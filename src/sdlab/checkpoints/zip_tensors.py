@@ -7,9 +7,15 @@ shape, strides and storage offset, and its storage with `_checkpoint_offset`, wh
 of the storage's record `data/<key>`. `ZipTensors.of` matches each storage to its record (the zip's directory and
 local headers, read here) and `ZipTensors[key]` reads the bytes the tensor's strides cover from that record into a
 fresh tensor: a stored record (torch.save stores every one) with `pread`, a deflated one unpacked whole (its CRC
-checked). Nothing of the file is held or mapped between reads, so a merge of two large `.ckpt` files holds about
-one tensor of each. Tensors that share a storage (views, a transpose, a slice) are each read from their own span
-of it, with their own strides.
+checked). Nothing of the file is mapped, and nothing held between reads but the unpacked bytes of the last deflated
+record that several tensors view (each view would unpack it again), so a merge of two large `.ckpt` files holds
+about one tensor of each. Tensors that share a storage (views, a transpose, a slice) are each read from their own
+span of it, with their own strides.
+
+A file the lazy read does not take as torch.load would (a storage key named again with another dtype or size, a
+record not of its storage's size, a span past its storage, a negative size or stride) is left to the whole read,
+which gives its own answer; but a stored record shorter than its storage is refused here, where the whole read
+would read on into the zip's next header.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import os
 import struct
 import zipfile
 import zlib
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +66,9 @@ class Placed:
 def unpickle_onto_meta(path: Path) -> object:
     """The object pickled in the zip checkpoint at `path`, its tensors on `meta`, as `torch.load(path,
     weights_only=True, map_location="meta")` unpickles it (torch.serialization `_load`: torch's zip reader, its
-    weights-only unpickler, each storage a `meta` storage of the bytes its persistent id names); but each storage's
+    weights-only unpickler, each storage a `meta` storage of the bytes its persistent id names, one per key, its
+    bytes kept as `_checkpoint_nbytes`; a key named again with another dtype or size, which torch.load would read
+    as the first, or a negative size, is a ValueError, left to the whole read); but each storage's
     `_checkpoint_offset` is always the offset torch's reader reads from the record's local header (torch.load
     computes it from the layout of its own writer where the file has a `.format_version` record, which a zip
     written by another tool does not follow). Unpickle with the allowed globals set (`io._weights_only_unpickling`).
@@ -68,12 +77,24 @@ def unpickle_onto_meta(path: Path) -> object:
     if reader.has_record("constants.pkl"):
         raise ValueError(f"{path}: a TorchScript archive")
 
+    storages: dict[object, torch.storage.TypedStorage] = {}    # torch.load's `loaded_storages`: one per key
+
     def persistent_load(saved_id: tuple) -> torch.storage.TypedStorage:
         _, storage_type, key, _, numel = saved_id          # ("storage", type, key, location, numel), checked by torch
         dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
-        storage = torch.UntypedStorage(numel * torch._utils._element_size(dtype), device="meta")
-        storage._checkpoint_offset = reader.get_record_offset(f"data/{torch.serialization._maybe_decode_ascii(key)}")
-        return torch.storage.TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
+        if type(numel) is not int or numel < 0:
+            raise ValueError(f"storage {key!r} of {numel!r} elements")
+        nbytes = numel * torch._utils._element_size(dtype)
+        if key in storages:     # torch.load gives the first reference's storage, whatever a later one says
+            storage = storages[key]
+            if (storage.dtype, storage._untyped_storage._checkpoint_nbytes) != (dtype, nbytes):
+                raise ValueError(f"storage {key!r} named again as {numel} {dtype}")
+            return storage
+        untyped = torch.UntypedStorage(nbytes, device="meta")
+        untyped._checkpoint_offset = reader.get_record_offset(f"data/{torch.serialization._maybe_decode_ascii(key)}")
+        untyped._checkpoint_nbytes = nbytes     # a meta storage grows to fit a `set_` past its end: torch.load's refuses
+        storages[key] = torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
+        return storages[key]
 
     unpickler = torch._weights_only_unpickler.Unpickler(io.BytesIO(reader.get_record("data.pkl")), encoding="utf-8")
     unpickler.persistent_load = persistent_load
@@ -106,19 +127,37 @@ def records_by_start(path: Path) -> dict[int, Record]:
     return records
 
 
-def place(tensor: Tensor, records: Mapping[int, Record]) -> Placed | None:
+def element_span(shape: torch.Size, stride: tuple[int, ...]) -> int | None:
+    """How many elements of its storage, from its first, a tensor of `shape` and `stride` covers:
+    1 + sum((size - 1) * stride), in Python ints (no overflow), 0 for an empty tensor; None for a negative stride."""
+    if any(s < 0 for s in stride):
+        return None
+    if 0 in shape:
+        return 0
+    return 1 + sum((n - 1) * s for n, s in zip(shape, stride))
+
+
+def place(tensor: Tensor, records: Mapping[int, Record], path: Path) -> Placed | None:
     """Where the elements of `tensor`, unpickled onto `meta`, are in the file; None where it is not a plain
-    (strided, unquantized) view of a storage whose record holds all of the storage's bytes."""
+    (strided, unquantized) view lying within a storage whose record holds exactly the storage's bytes (the whole
+    read then gives its answer). A stored record shorter than its storage is a CheckpointError."""
     if tensor.device.type != "meta" or tensor.layout != torch.strided or tensor.is_quantized:
         return None
     storage = tensor.untyped_storage()
     record = records.get(getattr(storage, "_checkpoint_offset", None))
-    if record is None or storage.nbytes() > record.size:
+    if record is None:
         return None
-    span = 1 + sum((n - 1) * s for n, s in zip(tensor.shape, tensor.stride())) if tensor.numel() else 0
-    # torch's unpickling (`Tensor.set_`) checked that the span lies within the storage
-    return Placed(record, tensor.dtype, tensor.shape, tensor.stride(), tensor.storage_offset() * tensor.element_size(),
-                  span)
+    nbytes = storage._checkpoint_nbytes                 # as the pickle names it (`storage.nbytes()` may have grown)
+    if nbytes != record.size:
+        if record.deflated or nbytes < record.size:     # torch.load refuses it, or reads a part of the record
+            return None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (its record {record.name} holds "
+                              f"{record.size} bytes, fewer than the {nbytes} of its storage)")
+    # `Tensor.set_` on meta grows the storage to fit, or overflows unseen: torch.load's refuses a span past its end
+    span, begin = element_span(tensor.shape, tensor.stride()), tensor.storage_offset() * tensor.element_size()
+    if span is None or begin < 0 or (span and begin + span * tensor.element_size() > nbytes):
+        return None
+    return Placed(record, tensor.dtype, tensor.shape, tensor.stride(), begin, span)
 
 
 class ZipTensors(LazyMapping):
@@ -127,12 +166,15 @@ class ZipTensors(LazyMapping):
 
     def __init__(self, path: Path, placed: Mapping[str, Placed]):
         self.path, self._placed = path, dict(placed)
+        views = Counter(p.record for p in self._placed.values())
+        self._shared = {record for record, n in views.items() if record.deflated and n > 1}
+        self._last_unpacked: tuple[Record, bytes] | None = None       # of a record in `_shared`
 
     @classmethod
     def of(cls, path: Path, tensors: Mapping[str, Tensor]) -> ZipTensors | None:
         """The tensors of the checkpoint at `path`, given unpickled onto `meta`; None where one cannot be `place`d."""
         records = records_by_start(path)
-        placed = {key: place(tensor, records) for key, tensor in tensors.items()}
+        placed = {key: place(tensor, records, path) for key, tensor in tensors.items()}
         return None if any(p is None for p in placed.values()) else cls(path, placed)
 
     def shape(self, key: str) -> torch.Size:
@@ -154,7 +196,11 @@ class ZipTensors(LazyMapping):
         return elements.as_strided(placed.shape, placed.stride)                     # shape, torch.load's strides
 
     def _unpacked(self, record: Record) -> bytes:
-        """The bytes of a deflated record, unpacked and checked against its CRC."""
+        """The bytes of a deflated record, unpacked and checked against its CRC; those of a record several tensors
+        view are kept until another is unpacked, so that reading each view costs one copy, not an unpacking."""
+        last = self._last_unpacked
+        if last is not None and last[0] == record:
+            return last[1]
         with open(self.path, "rb") as f:
             packed = os.pread(f.fileno(), record.packed_size, record.start)
         try:
@@ -164,6 +210,8 @@ class ZipTensors(LazyMapping):
         if len(data) != record.size or zlib.crc32(data) != record.crc:
             raise CheckpointError(f"{self.path}: damaged zip archive ({record.name} does not unpack to its "
                                   f"{record.size} bytes and CRC)")
+        if record in self._shared:
+            self._last_unpacked = (record, data)
         return data
 
     def __iter__(self) -> Iterator[str]:
