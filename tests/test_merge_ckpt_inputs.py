@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from bundle_fixtures import tiny_bundle, write_original
+from cli_helpers import run
+from crafted_ckpt_fixtures import crafted_state_dict
 from sdlab.checkpoints import merge as merge_module
 from sdlab.checkpoints.io import read_checkpoint, write_safetensors_atomic
 from sdlab.checkpoints.merge import ADD_DIFFERENCE, WEIGHTED_SUM, MergeOptions, merge_checkpoints
@@ -151,3 +154,37 @@ def test_a_legacy_ckpt_is_read_whole_and_says_so(tmp_path, monkeypatch, caplog):
     assert lazy == whole and read == ["ZipTensors", "dict"]
     said = [r.getMessage() for r in caplog.records if "read whole" in r.getMessage()]
     assert len(said) == 2 and all(str(legacy) in line and "legacy (pre-zip)" in line for line in said)
+
+
+def test_a_deflated_ckpt_read_whole_says_what_it_is(tmp_path, monkeypatch, caplog):
+    """A zip `.ckpt` with deflated records that the lazy read leaves to the whole read (here made to) is logged
+    as what it is, not as a legacy pickle."""
+    saved = _sd1(tmp_path, 2, "ckpt", torch.float32)
+    deflated = tmp_path / "deflated.ckpt"
+    with zipfile.ZipFile(saved) as zin, zipfile.ZipFile(deflated, "w", zipfile.ZIP_DEFLATED) as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info))
+    monkeypatch.setattr(ZipTensors, "of", classmethod(lambda cls, path, tensors: None))
+    with caplog.at_level("INFO", logger="sdlab.checkpoints.merge"):
+        merge_checkpoints([_sd1(tmp_path, 1, "safetensors", torch.float32), deflated], tmp_path / "m.safetensors",
+                          MergeOptions())
+    said = [r.getMessage() for r in caplog.records if "read whole" in r.getMessage()]
+    assert said == [f"{deflated}: read whole into memory: a zip PyTorch checkpoint with compressed records, one of "
+                    "whose tensors cannot be read from its record alone (read as torch.load reads it)"]
+
+
+def test_a_ckpt_whose_strides_overflow_is_refused_before_anything_is_merged(tmp_path, capsys, monkeypatch):
+    """A `.ckpt` whose pickle gives a tensor a stride of 1537228672809129302 (its span overflows int64): exit 2,
+    the whole read's "not a readable PyTorch checkpoint", no tensor merged and no file written."""
+    state = _sd1_state(2)
+    key = "model.diffusion_model.out.2.bias"
+    crafted = crafted_state_dict(tmp_path / "overflow.ckpt", state, {key: (1537228672809129302,)})
+    merged = []
+    made = merge_module.MergedState.__getitem__
+    monkeypatch.setattr(merge_module.MergedState, "__getitem__", lambda self, k: merged.append(k) or made(self, k))
+    out = tmp_path / "m.safetensors"
+    code, _, err = run(["merge", str(_sd1(tmp_path, 1, "safetensors", torch.float32)), str(crafted),
+                        "--out", str(out)], capsys)
+    assert code == 2 and merged == [] and not out.exists()
+    assert f"{crafted}: not a readable PyTorch checkpoint (Storage size calculation overflowed" in err
+    assert "Traceback" not in err

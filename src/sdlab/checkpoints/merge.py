@@ -186,6 +186,17 @@ def base_family(path: Path, shapes: Mapping[str, torch.Size], metadata: Mapping[
         raise CheckpointError(f"{path}: {exc}") from None
 
 
+def _why_read_whole(path: Path) -> str:
+    """Why `read_checkpoint(path, lazy=True)` read a pickle whole: a legacy pickle always is; a zip one (its
+    records deflated, or it would be mapped) where the lazy read left a tensor to torch.load (`zip_tensors`)."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            return ("a legacy (pre-zip) PyTorch pickle, whose tensors cannot be read one at a time (torch.save's zip "
+                    "format and .safetensors files are)")
+    return ("a zip PyTorch checkpoint with compressed records, one of whose tensors cannot be read from its record "
+            "alone (read as torch.load reads it)")
+
+
 def open_input(path: str | Path, *, primary: bool = True) -> MergeInput:
     """A single file or a diffusers folder, ready to merge (names, shapes and metadata read; no weights). A file
     that is not a `primary` model may be of no family sdlab can tell (a part of a model): its shapes are
@@ -195,8 +206,7 @@ def open_input(path: str | Path, *, primary: bool = True) -> MergeInput:
         return _open_folder(path)
     state, metadata = read_checkpoint(path, lazy=True)
     if not isinstance(state, LazyMapping):
-        logger.info("%s: read whole into memory: a legacy (pre-zip) PyTorch pickle, whose tensors cannot be read one "
-                    "at a time (torch.save's zip format and .safetensors files are)", path)
+        logger.info("%s: read whole into memory: %s", path, _why_read_whole(path))
     shapes = shapes_of(state)
     try:
         family = base_family(path, shapes, metadata)
