@@ -105,6 +105,11 @@ def _cli(setup, tmp_path: Path, capsys, mode: str, *flags: str) -> list[Image.Im
     return [_picture(Path(line).read_bytes()) for line in out.splitlines()]
 
 
+def _units(*units: dict) -> dict:
+    """An A1111 request's ControlNet units."""
+    return {"alwayson_scripts": {"controlnet": {"args": list(units)}}}
+
+
 def _control_line(parameters: str) -> str:
     return re.search(r'ControlNet 0: "[^"]*"', parameters)[0]
 
@@ -206,6 +211,11 @@ def test_txt2img_refuses_a_control_without_a_picture_at_every_door(setup, tmp_pa
         setup["pipe"].txt2img("a red apple", steps=2, controls=[ControlInput(setup["net"])])
     assert str(refused.value) == message
     answer = setup["client"].post("/api/jobs", json={**NATIVE, "controls": [UNIT]})
+    assert (answer.status_code, answer.json()["detail"]) == (422, message)
+    models = setup["client"].get("/controlnet/model_list").json()["model_list"]
+    unit = {"enabled": True, "model": next(name for name in models if "strong_lines" in name), "module": "canny"}
+    answer = setup["client"].post("/sdapi/v1/txt2img", json={"prompt": "a red apple", "steps": 2, "width": 64,
+                                                             "height": 64, **_units(unit)})
     assert (answer.status_code, answer.json()["detail"]) == (422, message)
     for spec in (str(setup["net"]), f"{setup['net']}::0.8:0:0.5"):
         code, out, err = run(["txt2img", *CLI, "--control", spec, "--out", str(tmp_path / "t.png")], capsys)

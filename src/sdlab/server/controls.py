@@ -211,24 +211,30 @@ def a1111_unit(unit: dict[str, Any], index: int, folder: ModelFolder, limits: Li
     """One enabled unit as a checked `ControlInput`, its steps by A1111's rule (`control_convention`). A unit
     without an image takes img2img's init image and img2img's resize mode `init_resize` (A1111's 0..3; another
     index is Just resize, as the extension's `resize_mode_from_value`) for its own by the pipeline's rule
-    (`control.drawn_on_init`), as the extension's `choose_input_image` does. An IP-Adapter model under a
+    (`control.drawn_on_init`), as the extension's `choose_input_image` does; in txt2img the rule's message is the
+    422, as at every other door. An IP-Adapter model under a
     ControlNet module is a 422 at submit naming the unit, the model and the module (the extension hands the
     adapter the preprocessor's picture where it reads CLIP image embeddings, and fails as it draws)."""
     what = f"control {index}"
     own = image_field(unit.get("image") or unit.get("input_image") or None, what)
-    module, image = module_name(unit.get("module")), hint_image(own or init, what, limits)
-    mask = unit_mask(unit, own, image, init, what, limits) if module in INPAINT_MODULES else None
+    module, image = module_name(unit.get("module")), hint_image(own, what, limits) if own else None
     control = ControlInput(model_path(unit["model"], f"{what} (module {unit.get('module')!r})", folder, "controlnet",
-                                      IP_ADAPTER_UNITS), image if own else None,
+                                      IP_ADAPTER_UNITS), image,
                            unit.get("weight", 1.0), unit.get("guidance_start", 0.0),
                            unit.get("guidance_end", unit.get("guidance", 1.0)),     # the extension's legacy alias
                            module, control_mode(unit.get("control_mode")),
                            resize_mode(unit.get("resize_mode")) if own else None,
                            threshold_value(unit.get("threshold_a"), module, 0),
-                           threshold_value(unit.get("threshold_b"), module, 1), mask,
+                           threshold_value(unit.get("threshold_b"), module, 1), None,
                            processor_resolution(unit.get("processor_res")), unit.get("pixel_perfect") or False)
     job_resize = JOB_RESIZE_MODES[init_resize] if 0 <= init_resize < len(JOB_RESIZE_MODES) else "resize"
-    return checked_control(drawn_on_init(control, index, init, job_resize), index, "a1111", folder)
+    try:
+        control = drawn_on_init(control, index, init, job_resize)      # txt2img: the rule's one message
+    except RequestError as err:
+        raise BadRequest(str(err), 422) from None
+    if module in INPAINT_MODULES:
+        control = dataclasses.replace(control, mask=unit_mask(unit, own, control.image, init, what, limits))
+    return checked_control(control, index, "a1111", folder)
 
 
 UNREAD_IP_FIELDS = {
