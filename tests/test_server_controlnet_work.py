@@ -17,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from sdlab.checkpoints.diffusers_unet import unet_config_to_diffusers
 from sdlab.models.controlnet import ControlNetConfig
 from sdlab.pipeline.control import ControlInput
+from sdlab.pipeline import control_work
 from sdlab.pipeline.control_work import controlnet_share
 from sdlab.pipeline.request import GenerationRequest
 from sdlab.server.config import Limits
@@ -50,13 +51,31 @@ def _diffusers_share(unet_cfg, net_cfg, height: int, width: int) -> float:
 @pytest.mark.parametrize("unet_cfg, net_cfg", [(ENCODERS["sd1"], ENCODERS["sd1"]), (ENCODERS["sd2"], ENCODERS["sd2"]),
                                                (ENCODERS["sdxl"], ENCODERS["sdxl"]), (ENCODERS["sdxl"], SMALL_SDXL)],
                          ids=["sd1", "sd2", "sdxl", "sdxl-small-controlnet"])
-@pytest.mark.parametrize("height, width", [(8, 8), (16, 12)])
+@pytest.mark.parametrize("height, width", [(8, 8), (16, 12), (9, 7), (40, 24), (13, 5)])
 def test_the_controlnet_share_is_diffusers_flop_ratio(unet_cfg, net_cfg, height, width) -> None:
     """The share of a U-Net row equals diffusers' ratio of the two forwards' FLOPs (hint embedding left out: it runs
-    once a generation), to 1e-12; it moves with the size (attention), so it is counted at each pass's latent."""
+    once a generation), to 1e-12, at latents other than the reference ones the networks were counted at (16 and 32
+    a side), odd ones included: the constant, linear and squared parts scaled to each level's positions are the
+    count at that size. It moves with the size (attention)."""
     share = controlnet_share(unet_cfg, ControlNetConfig(unet=net_cfg), height, width)
     assert 0.2 < share < 0.6
     assert share == pytest.approx(_diffusers_share(unet_cfg, net_cfg, height, width), rel=1e-12)
+
+
+def test_a_second_size_does_not_count_again(monkeypatch) -> None:
+    """Each network is counted once (at the two reference sizes), whatever sizes are asked after: a new
+    size, a hires pass's or an X/Y/Z cell's, costs no count, only the profile's sum."""
+    tallies = []
+    counting = control_work._tallies
+    monkeypatch.setattr(control_work, "_tallies", lambda *args: tallies.append(args) or counting(*args))
+    control_work.flop_profile.cache_clear()
+    unet, net = ENCODERS["sd1"], ControlNetConfig(unet=ENCODERS["sd1"])
+    first = controlnet_share(unet, net, 8, 8)
+    assert [sides for _, *sides in tallies] == [[16, 32], [16, 32]]   # the ControlNet's and the U-Net's
+    for height, width in ((9, 7), (64, 48), (128, 128), (8, 8)):
+        assert 0.2 < controlnet_share(unet, net, height, width) < 0.6
+    assert len(tallies) == 2 and control_work.flop_profile.cache_info().misses == 2
+    assert controlnet_share(unet, net, 8, 8) == first
 
 
 @pytest.fixture(scope="module")
