@@ -183,12 +183,24 @@ def checked(driver, element_id: str) -> bool:
     return driver.find_element(By.ID, element_id).is_selected()
 
 
+def click_card_button(driver, card: str, button: str, timeout: float = 20) -> None:
+    """Click the button (its class, e.g. "reuse") of the gallery card `card` (a CSS selector) once it is there. The
+    gallery is drawn again as jobs change, each card replaced: a button found may be gone by the click, so the click
+    is tried again on the card drawn next (`wait` takes a stale element as a false poll)."""
+    def clicked(d) -> bool:
+        found = d.find_elements(By.CSS_SELECTOR, f"{card} button.{button}")
+        if found:
+            found[0].click()
+        return bool(found)
+
+    wait(driver, clicked, timeout, f"no {button} button on {card}")
+
+
 def reuse(driver, base: str, job_id: str) -> None:
     """Click the gallery's Reuse button of the job."""
     open_page(driver, base)
     card = f'#gallery [data-job-id="{job_id}"]'
-    wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, f"{card} button.reuse"), 20, "the job is not in the gallery")
-    driver.find_element(By.CSS_SELECTOR, f"{card} button.reuse").click()
+    click_card_button(driver, card, "reuse")
 
 
 def read_dropped(driver, parameters: str, name: str) -> None:
@@ -430,7 +442,7 @@ def test_reuse_settings_from_the_gallery(page, base_url):
     card = f'#gallery [data-job-id="{job["id"]}"]'
     wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, f"{card} img"), 20, "the job is not in the gallery")
     assert len(page.find_elements(By.CSS_SELECTOR, f"{card} img")) == 2
-    page.find_element(By.CSS_SELECTOR, f"{card} button.reuse").click()
+    click_card_button(page, card, "reuse")
 
     assert value(page, "prompt") == settings["prompt"]
     assert value(page, "negative_prompt") == "blurry"
@@ -443,7 +455,7 @@ def test_reuse_settings_from_the_gallery(page, base_url):
     assert text(page, "notice") == ""
 
     # its picture as the start of an img2img job
-    page.find_element(By.CSS_SELECTOR, f"{card} button.to-img2img").click()
+    click_card_button(page, card, "to-img2img")
     wait(page, lambda d: d.find_element(By.ID, "init-canvas").is_displayed(), 20, "no initial image")
     assert page.find_element(By.ID, "tab-img2img").get_attribute("aria-selected") == "true"
     assert not page.find_element(By.ID, "mask-tools").is_displayed()

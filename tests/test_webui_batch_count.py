@@ -8,8 +8,8 @@ import io
 
 from PIL import Image
 from test_webui import (  # noqa: F401  (fixtures: base_url, browser, page; the session's sdlab_server)
-    By, base_url, browser, http_bytes, http_json, job_by_prompt, page, sdlab_server, set_value, text, value, wait,
-    wait_job,
+    By, click_card_button, base_url, browser, http_bytes, http_json, job_by_prompt, page, sdlab_server, set_value,
+    text, value, wait, wait_job,
 )
 
 
@@ -40,11 +40,9 @@ def test_the_batch_count_box_draws_every_batch_and_the_gallery_shows_them(page, 
     one = http_json(base_url, "/api/jobs", {"prompt": "a yellow star (one batch)", "steps": 2})
     one = wait_job(base_url, one["id"])
     set_value(page, "batch_count", 5)
-    page.find_element(By.CSS_SELECTOR, f"{card} button.reuse").click()
+    click_card_button(page, card, "reuse")
     assert value(page, "batch_count") == "2" and text(page, "notice") == ""
-    other = f'#gallery [data-job-id="{one["id"]}"] button.reuse'
-    wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, other), 20, "the one-batch job is not in the gallery")
-    page.find_element(By.CSS_SELECTOR, other).click()
+    click_card_button(page, f'#gallery [data-job-id="{one["id"]}"]', "reuse")
     assert value(page, "batch_count") == "1"
 
 

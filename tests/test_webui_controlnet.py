@@ -17,8 +17,8 @@ from controlnet_fixtures import diffusers_controlnet, write_layout
 from ip_adapter_fixtures import SAMPLE_PICTURE, ip_adapter_state, write_image_encoder, write_ip_adapter
 from server_fixtures import start_server
 from test_webui import (  # noqa: F401  (fixtures: browser, page)
-    By, Keys, Select, browser, drop_file, http_bytes, job_by_prompt, open_page, page, paint_stroke, png_with_parameters,
-    set_value, severe_console_errors, text, value, wait, wait_job,
+    By, click_card_button, Keys, Select, browser, drop_file, http_bytes, job_by_prompt, open_page, page,
+    paint_stroke, png_with_parameters, set_value, severe_console_errors, text, value, wait, wait_job,
 )
 
 
@@ -99,8 +99,7 @@ def _restore(driver, base: str, job: dict, how: str) -> None:
     wait(driver, _lists_loaded, 30, "the ControlNet lists did not load")
     if how == "reuse":
         card = f'#gallery [data-job-id="{job["id"]}"]'
-        wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, f"{card} button.reuse"), 20, "no gallery card")
-        driver.find_element(By.CSS_SELECTOR, f"{card} button.reuse").click()
+        click_card_button(driver, card, "reuse")
     else:
         drop_file(driver, http_bytes(base, job["images"][0]), "drawn.png")
 

@@ -8,7 +8,7 @@ import pytest
 from ip_adapter_fixtures import reference_png, write_shipped_model_ip_adapter
 from server_fixtures import start_server
 from test_webui import (  # noqa: F401  (fixtures: browser, page)
-    By, Select, browser, drop_file, http_json, open_page, page, set_value, value, wait, wait_job,
+    By, click_card_button, Select, browser, drop_file, http_json, open_page, page, set_value, value, wait, wait_job,
 )
 
 
@@ -54,7 +54,7 @@ def test_the_window_boxes_send_draw_and_reuse(page, base_url):
     open_page(page, base_url)
     card = f'#gallery [data-job-id="{job["id"]}"]'
     wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, f"{card} img"), 30, "the job is not in the gallery")
-    page.find_element(By.CSS_SELECTOR, f"{card} button.reuse").click()
+    click_card_button(page, card, "reuse")
     wait(page, lambda d: value(d, "ipa_start") == "0.5", 20, "Reuse did not fill the Starting step")
     assert value(page, "ipa_end") == "0.75" and value(page, "ipa_scale") == "0.8"
     drop_file(page, reference_png(), "reference.png", "ipa_drop")

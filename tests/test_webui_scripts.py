@@ -9,8 +9,8 @@ import io
 
 from PIL import Image
 from test_webui import (  # noqa: F401  (fixtures: base_url, browser, page; the session's sdlab_server)
-    By, Select, base_url, browser, http_bytes, http_json, open_page, page, sdlab_server, set_value, text, value, wait,
-    wait_job,
+    By, click_card_button, Select, base_url, browser, http_bytes, http_json, open_page, page, sdlab_server,
+    set_value, text, value, wait, wait_job,
 )
 
 
@@ -66,7 +66,7 @@ def test_xyz_plot_with_a_steps_axis_draws_its_grid_into_the_viewer_and_gallery(p
 
     set_value(page, "xyz_x_values", "")
     Select(page.find_element(By.ID, "script")).select_by_visible_text("None")
-    page.find_element(By.CSS_SELECTOR, f"{card} button.reuse").click()
+    click_card_button(page, card, "reuse")
     assert Select(page.find_element(By.ID, "script")).first_selected_option.text == "X/Y/Z plot"
     assert value(page, "xyz_x_values") == "1,2" and text(page, "notice") == ""
 
@@ -115,8 +115,7 @@ def test_reuse_of_an_api_script_job_restores_the_arguments_it_drew_with(page, ba
                 [4, "1,2", [], 0, "", [], 0, "", [], True, False, False, False, False, False, False, 0, True])
     for job, args in zip(jobs, expected):
         card = f'#gallery [data-job-id="{job["id"]}"]'
-        wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, f"{card} button.reuse"), 20, "no gallery card")
-        page.find_element(By.CSS_SELECTOR, f"{card} button.reuse").click()
+        click_card_button(page, card, "reuse")
         assert page.execute_script("return scriptRequest()")["script_args"] == args
         assert text(page, "notice") == ""
     empty = {**listed, "script_args": [9, "Euler", [], *listed["script_args"][3:]]}      # a job the server refuses

@@ -14,9 +14,8 @@ import pytest
 from PIL import Image
 from server_fixtures import start_server
 from test_webui import (  # noqa: F401  (fixtures: browser, page; the session's sdlab_server)
-    By, Select, generate_and_finish, browser, drop_file, http_bytes, http_json, open_page, option_values, page,
-    png_with_parameters,
-    sdlab_server, set_value, text, value, wait, wait_job,
+    By, click_card_button, Select, generate_and_finish, browser, drop_file, http_bytes, http_json, open_page,
+    option_values, page, png_with_parameters, sdlab_server, set_value, text, value, wait, wait_job,
 )
 
 from sdlab.pipeline.styles import StyleDatabase
@@ -100,8 +99,7 @@ def test_a_job_with_styles_draws_the_styled_prompts_and_reuse_restores_them(page
     remove_styles(page)
     set_value(page, "prompt", "something else")
     card = f'#gallery [data-job-id="{job["id"]}"]'
-    wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, f"{card} button.reuse"), 20, "no gallery card")
-    page.find_element(By.CSS_SELECTOR, f"{card} button.reuse").click()
+    click_card_button(page, card, "reuse")
     assert (value(page, "prompt"), value(page, "negative_prompt"), chips(page)) == (prompt, "ugly", names)
     assert text(page, "notice") == ""
 
