@@ -340,28 +340,19 @@ def _check_file_name(word: str | None) -> None:
 
 
 def _check_prompt_word(word: str | None) -> None:
-    """A `TrainError` when a prompt cannot hold the embedding's word as itself: A1111's prompt syntax, which
-    prompts are read with before an embedding is looked up, would take it as a comment, an extra-network tag,
-    an ``AND`` split or weight, emphasis (``(word)``, ``[word]``, ``\\``) or ``BREAK``, so the trained file
-    could never be used (training reads captions literally and would not notice)."""
+    """A `TrainError` when no prompt can hold the embedding's word as itself, even escaped
+    (`prompt_word.prompt_spelling`: a ``#`` always starts a comment), so the trained file could never be used
+    (training reads captions literally and would not notice). A word a prompt reaches only escaped is
+    trained; the task says how to write it (`embedding_task.build_task`)."""
     if word is None:
         return
-    from sdlab.pipeline.prompt_loras import without_extra_networks
-    from sdlab.pipeline.prompt_schedule import composable_parts
-    from sdlab.pipeline.prompt_syntax import PromptError, parse_weighted
+    from sdlab.pipeline.prompt_word import prompt_spelling, reading
 
-    try:
-        runs = parse_weighted(word)
-    except PromptError:
-        runs = []
-    parts = composable_parts(without_extra_networks(word))
-    if parts == [(word, 1.0)] and runs == [(word, 1.0)]:
-        return
-    read = runs if parts == [(word, 1.0)] else [(text, weight) for text, weight in parts if text]
-    how = ", ".join(f"{text!r} at weight {weight:.3g}" for text, weight in read if text and weight >= 0) or "nothing"
-    raise TrainError(f"--embedding-word {word!r} cannot be written in a prompt: the prompt syntax reads it as {how} "
-                     f"(brackets, \\, #, <kind:name> tags, AND, BREAK and a trailing :number are syntax), so the "
-                     f"embedding could never be used; choose a word without them")
+    if prompt_spelling(word) is None:
+        raise TrainError(f"--embedding-word {word!r} cannot be written in a prompt, even escaped: the prompt syntax "
+                         f"reads it as {reading(word) or 'nothing'}, so the embedding could never be used; choose "
+                         f"another word")
+
 
 # What each task does, and the task-specific settings it reads (settings no task is listed with, such as the
 # optimiser's, data and checkpoint settings, apply to every task). A setting one task reads is refused for the

@@ -27,6 +27,7 @@ metadata records the word too), holding `emb_params` (n, d) for one text encoder
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -37,10 +38,13 @@ from sdlab.checkpoints.embeddings import Embedding, install_embeddings
 from sdlab.checkpoints.file_format import META_EMA
 from sdlab.checkpoints.io import write_safetensors_atomic
 from sdlab.families.loaded import ModelBundle
+from sdlab.pipeline.prompt_word import prompt_spelling, reading
 from sdlab.train.errors import TrainError
 from sdlab.train.task import Batch
 from sdlab.train.unet_task import UNetTask, UNetTaskOptions
 from sdlab.utils.dtypes import dtype_from_name
+
+logger = logging.getLogger(__name__)
 
 def occurrence_pattern(word: str) -> re.Pattern[str]:
     """The word in a caption, any case (the tokenizer lower-cases), not inside a longer run of letters:
@@ -157,5 +161,10 @@ def build_task(config, bundle: ModelBundle) -> EmbeddingTask:
     """The task-registry entry point (`sdlab.train.cli`)."""
     if not config.embedding_word:
         raise TrainError("--task embedding needs --embedding-word (the new word, used in prompts)")
-    return EmbeddingTask(bundle, UNetTaskOptions.from_config(config), config.embedding_word,
+    task = EmbeddingTask(bundle, UNetTaskOptions.from_config(config), config.embedding_word,
                          config.embedding_vectors, config.embedding_init)
+    spelling = prompt_spelling(config.embedding_word)        # TrainConfig refused a word with none
+    if spelling is not None and spelling != config.embedding_word:
+        logger.warning("--embedding-word %r: a prompt reads it as %s; write it %s in a prompt to use the embedding",
+                       config.embedding_word, reading(config.embedding_word), spelling)
+    return task
