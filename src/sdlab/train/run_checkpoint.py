@@ -269,6 +269,17 @@ def _resume_point(path: Path) -> ResumePoint:
     return ResumePoint(path, int(state["step"]), dict(state["config"]), int(state["global_batch"]), state)
 
 
+def _checkpoints_in(folder: Path) -> str:
+    """The run checkpoints a folder given to ``--resume`` holds, by step: the folder's own (a run's checkpoints
+    folder) or its ``checkpoints`` folder's (a run's output folder); "" when neither holds any."""
+    for held in (folder, folder / "checkpoints"):
+        found = list_checkpoints(held)
+        if found:
+            steps = ", ".join(str(step) for step, _ in found[-8:])
+            return f"; {held} holds those of step {'..., ' if len(found) > 8 else ''}{steps}"
+    return ""
+
+
 def _checkpoints_beside(path: Path) -> str:
     """The run checkpoints in the folder of a missing ``path``, by step, and that a run deletes all but its newest
     ``--keep-checkpoints`` (the usual reason a step's checkpoint is gone); "" when the folder holds none."""
@@ -284,6 +295,9 @@ def find_resume_point(folder: Path, resume: str) -> ResumePoint | None:
     """What ``--resume`` names: ``"latest"`` = the newest checkpoint in ``folder`` that verifies (a warning
     for each newer one passed over; None when there is none at all), or a checkpoint path (verified)."""
     if resume != "latest":
+        if Path(resume).is_dir():
+            raise TrainError(f"--resume {resume}: a folder, not a run checkpoint (name one of its steps' files, or "
+                             f"use --resume latest){_checkpoints_in(Path(resume))}")
         if not Path(resume).is_file():
             raise TrainError(f"--resume {resume}: no such run checkpoint (or use --resume latest)"
                              f"{_checkpoints_beside(Path(resume))}")
