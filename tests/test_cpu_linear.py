@@ -119,8 +119,13 @@ def test_a_frozen_stage_passes_the_gradient_of_a_trained_context(linear_proj):
     """Textual inversion in bf16 on the CPU: the stage is frozen and its input needs no gradient, but the text
     context does, so the tokens reaching proj_out do. proj_out must then run with a backward: oneDNN's fused
     product has none (PyTorch warns "an autograd kernel was not registered" and drops the gradient). The
-    context's gradient equals the unfused stage's within bf16 rounding (measured: ~1e-2 of its largest value;
-    before, no gradient reached the context at all)."""
+    context's gradient is compared with the fp32 gradient of the same (bf16-rounded) weights and inputs: by
+    cosine similarity, which the bf16 rounding of the forward and backward barely moves (measured >= 0.99998 for
+    both paths, seeds 1-5 and 9, batch 1-3) and a gradient that never reaches the context (before: zeros) fails
+    at 0; and element-wise, within 5 % of the largest value (measured <= 0.9 % here; the two bf16 paths were
+    seen 3.6 % apart on another machine's kernels)."""
+    import copy
+
     from sdlab.models.unet import SpatialTransformer
 
     torch.manual_seed(9)
@@ -128,22 +133,29 @@ def test_a_frozen_stage_passes_the_gradient_of_a_trained_context(linear_proj):
     for p in stage.parameters():
         nn.init.normal_(p, std=0.15)
     stage = stage.to(memory_format=torch.channels_last).bfloat16().requires_grad_(False)
+    exact = copy.deepcopy(stage).float()                 # the same rounded weights in fp32
     g = torch.Generator().manual_seed(10)
     x = torch.randn(2, 64, 6, 5, generator=g).contiguous(memory_format=torch.channels_last).bfloat16()
     weights = torch.randn(2, 64, 6, 5, generator=g)
+    start = torch.randn(2, 7, 48, generator=torch.Generator().manual_seed(11)).bfloat16()
 
-    def context_gradient(fuses: bool) -> torch.Tensor:
-        context = torch.randn(2, 7, 48, generator=torch.Generator().manual_seed(11)).bfloat16().requires_grad_(True)
+    def context_gradient(module: nn.Module, dtype: torch.dtype, fuses: bool) -> torch.Tensor:
+        context = start.to(dtype).clone().requires_grad_(True)      # (2, 7, 48)
         with pytest.MonkeyPatch.context() as patch:
             if not fuses:
                 patch.setattr(cpu_linear, "fuses", lambda *a: False)
-            (stage(x, context).float() * weights).sum().backward()
+            (module(x.to(dtype), context).float() * weights).sum().backward()
         return torch.zeros(context.shape) if context.grad is None else context.grad.float()
 
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")                # the autograd fallback's warning is a failure
-        ours = context_gradient(fuses=True)
-    plain = context_gradient(fuses=False)
-    assert plain.abs().max() > 1.0
-    assert (ours - plain).abs().max() <= 0.03 * plain.abs().max(), float((ours - plain).abs().max())
+        ours = context_gradient(stage, torch.bfloat16, fuses=True)
+    plain = context_gradient(stage, torch.bfloat16, fuses=False)
+    reference = context_gradient(exact, torch.float32, fuses=False)
+    assert reference.abs().max() > 1.0
+    for gradient in (ours, plain):
+        cosine = F.cosine_similarity(gradient.flatten(), reference.flatten(), dim=0)
+        assert cosine >= 0.999, float(cosine)
+        error = (gradient - reference).abs().max()
+        assert error <= 0.05 * reference.abs().max(), float(error)
