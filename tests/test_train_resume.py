@@ -391,7 +391,8 @@ def test_resume_from_a_deleted_step_names_the_checkpoints_kept(tmp_path):
         f"holds those of step 3, 4: a run keeps its newest --keep-checkpoints (2 by default) and deletes the older ones")
     for folder in (out / "checkpoints", out):      # the checkpoints folder, or the run's folder
         proc = subprocess.run([sys.executable, "-m", "sdlab.train.cli", "--resume", str(folder), "--output-dir",
-                               str(tmp_path / "at-2"), "--max-steps", "2"], env=cli_env(), capture_output=True, text=True)
+                               str(tmp_path / "at-2"), "--max-steps", "2"],
+                              env=cli_env(), capture_output=True, text=True)
         assert proc.returncode == 2
         assert proc.stderr.strip().splitlines()[-1] == (
             f"sdlab: error: --resume {folder}: a folder, not a run checkpoint (name one of its steps' files, or use "

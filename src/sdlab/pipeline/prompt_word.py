@@ -55,8 +55,8 @@ def reading(prompt: str) -> str | None:
         return f"an error ({exc})"
     if runs == [(prompt, 1.0)]:
         return None
-    return ", ".join("a BREAK (a new 75-token chunk)" if is_break(run) else f"{run[0]!r} at emphasis weight {run[1]:.3g}"
-                     for run in runs)
+    return ", ".join("a BREAK (a new 75-token chunk)" if is_break(run)
+                     else f"{run[0]!r} at emphasis weight {run[1]:.3g}" for run in runs)
 
 
 def _reads_as_itself(spelling: str, word: str) -> bool:
