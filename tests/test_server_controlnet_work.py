@@ -5,6 +5,7 @@ ControlNetModel and UNet2DConditionModel counted the same way)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import httpx
@@ -163,3 +164,99 @@ def test_both_routes_refuse_a_controlnet_past_the_work_limit(limited_server) -> 
         taken = client.post("/api/jobs", json={**body, "controls": [{"model": "tiny_canny", "image": hint,
                                                                       "start": 0.9}]})
         assert taken.status_code < 300, taken.text
+
+
+@pytest.mark.parametrize("convention", ["diffusers", "a1111", "a1111_steps"])
+@pytest.mark.parametrize("sampler, schedule, steps, switch_at", [("Euler", "normal", 10, 0.8),
+                                                                 ("DPM++ 2M", "karras", 7, 0.5),
+                                                                 ("Heun", "exponential", 5, 0.3)])
+def test_the_base_steps_are_the_plans_split(convention, sampler, schedule, steps, switch_at) -> None:
+    """The steps the work limit counts the ControlNets on before a refiner takes over are the plan's own split, on
+    the loaded SDXL model (`model`) and, before it loads, on SDXL's schedule (the tiny SDXL's is SDXL's)."""
+    from bundle_fixtures import tiny_bundle
+    from sdlab.pipeline.plan import make_plan
+    from sdlab.server.inputs import RefinerChoice, base_steps
+
+    bundle = tiny_bundle("sdxl")
+    request = GenerationRequest(prompt="x", seed=1, width=64, height=64, steps=steps, sampler=sampler,
+                                schedule=schedule)
+    plan = make_plan(bundle, request, refiner=bundle, switch_at=switch_at, refiner_convention=convention)
+    choice = RefinerChoice("refiner", switch_at, convention)
+    assert base_steps(plan.request, bundle, choice) == plan.refiner_split
+    assert base_steps(plan.request, None, choice) == plan.refiner_split
+    assert base_steps(plan.request, bundle, None) is None
+
+
+def test_a_refiners_steps_run_no_controlnet_in_the_work_limit(net_file) -> None:
+    """The pipeline runs the ControlNets on the base's steps only (`generate`'s refiner run drops them for the
+    refiner): 4 rows x 3 steps with a ControlNet on all 3 is past the 4 x 4 steps limit (3 + 0.36 x 3 > 4), and with a
+    refiner taking over after 2 steps (A1111's switch by sampling steps at 0.5: the first step whose 2 of 3 calls
+    reach it) it fits (3 + 0.36 x 2 < 4) and is taken; the refusal's terms add up to its ratio."""
+    from sdlab.pipeline.request import resolve
+    from sdlab.server.inputs import RefinerChoice, base_steps
+
+    request = _request(net_file, steps=3)
+    refiner = RefinerChoice("refiner", 0.5, "a1111_steps")
+    resolved = resolve(request, default_size=64, default_sampler="Euler", default_schedule="normal", factor=8)
+    assert base_steps(resolved, None, refiner) == 2
+    share = controlnet_share(ENCODERS["sd1"], ControlNetConfig(unet=ENCODERS["sd1"]), 8, 8)
+    with pytest.raises(BadRequest) as refused:
+        check_request(request, LIMITS)
+    assert "4 x (3 + 0.36 x 3) x 1 x 4096 px" in str(refused.value), str(refused.value)
+    check_request(request, LIMITS, refiner=refiner)
+    assert unet_work(resolved, 8, None, refiner=refiner) == pytest.approx(4 * 4096 * (3 + share * 2), rel=1e-12)
+
+
+def test_a_hires_refusal_names_each_passs_term(net_file) -> None:
+    """With the hires fix the refusal names the ControlNet's steps and share in each pass and each pass's term,
+    rows x (steps + share x ControlNet steps) x pictures x pixels, which add up to the ratio it gives."""
+    request = _request(net_file, hr_scale=2.0, hr_steps=3, width=32, height=32, steps=4)   # 32 px, then 64 px
+    with pytest.raises(BadRequest) as refused:
+        check_request(request, LIMITS)
+    message = str(refused.value)
+    at_32 = controlnet_share(ENCODERS["sd1"], ControlNetConfig(unet=ENCODERS["sd1"]), 4, 4)
+    at_64 = controlnet_share(ENCODERS["sd1"], ControlNetConfig(unet=ENCODERS["sd1"]), 8, 8)
+    assert (f"ControlNet 1 on 4 of 4 steps at {at_32:.2f} of a U-Net row in the first pass, "
+            f"ControlNet 1 on 3 of 3 steps at {at_64:.2f} of a U-Net row in the hires pass") in message, message
+    terms = (f"first pass 4 x (4 + {at_32:.2f} x 4) x 1 x 1024 px + hires pass 4 x (3 + {at_64:.2f} x 3) x 1 x "
+             "4096 px")
+    assert terms in message, message
+    work = 4 * 1024 * (4 + at_32 * 4) + 4 * 4096 * (3 + at_64 * 3)
+    assert f"is {math.ceil(work / (2 * 2 * 4 * 4096) * 10) / 10:.1f} times" in message, message
+
+
+@pytest.fixture(scope="module")
+def refiner_server(tmp_path_factory):
+    """A server at LIMITS with a tiny SDXL base and refiner and a reduced ControlNet for the base's U-Net."""
+    from bundle_fixtures import tiny_bundle, write_original
+
+    root = tmp_path_factory.mktemp("controlnet-work-refiner")
+    models = root / "models"
+    (models / "ControlNet").mkdir(parents=True)
+    base = tiny_bundle("sdxl")
+    write_original(base, models / "base.safetensors", junk=False)
+    write_original(tiny_bundle("sdxl-refiner", seed=5), models / "refiner.safetensors", junk=False)
+    widths = (16, 32, 96, 256)[: base.vae_config.downsample_factor.bit_length()]
+    net = write_layout(diffusers_controlnet(base.unet_config, 3, hint_widths=widths, std=0.05), "diffusers-file",
+                       models / "ControlNet")
+    net.rename(models / "ControlNet" / "tiny_xl_canny.safetensors")
+    server = start_server(root / "outputs", "--models-dir", str(models), "--model", str(models / "base.safetensors"),
+                          "--max-pixels", "4096", "--max-steps", "4", "--max-batch", "1", "--max-images", "1")
+    yield server
+    server.stop()
+
+
+def test_a_base_refiner_and_controlnet_job_that_fits_is_taken(refiner_server) -> None:
+    """4 rows x 3 steps at 64 px with a ControlNet on every step is past the 4 x 4 steps limit (a 422 on the native
+    route); with a refiner taking over after 2 of the 3 steps (A1111's switch by sampling steps at 0.5) the
+    ControlNet runs on 2 steps only, as the pipeline runs it, so the same job fits and is queued."""
+    hint = b64_png(Image.new("RGB", (64, 64)))
+    body = {**AT_LIMIT, "steps": 3, "controls": [{"model": "tiny_xl_canny", "image": hint}]}
+    handoff = {"refiner": "refiner", "refiner_switch": 0.5, "refiner_convention": "a1111_steps"}
+    with httpx.Client(base_url=refiner_server.url, timeout=300) as client:
+        alone = client.post("/api/jobs", json=body)
+        assert alone.status_code == 422 and "ControlNet 1 on 3 of 3 steps" in alone.text, alone.text
+        refined = client.post("/api/jobs", json={**body, **handoff})
+        assert refined.status_code < 300, refined.text
+        past = client.post("/api/jobs", json={**body, **handoff, "refiner_switch": 0.9})  # the base's 3 steps
+        assert past.status_code == 422 and "before the refiner takes over" in past.text, past.text

@@ -57,10 +57,11 @@ def _read_config(path: Path) -> ControlNetConfig | None:
         return None
 
 
-def active_steps(control: ControlInput, steps: int, convention: str) -> int:
+def active_steps(control: ControlInput, steps: int, convention: str, until: int | None = None) -> int:
     """The steps of a pass of `steps` sampler steps whose calls run the control (`control.in_window` under the
-    request's `control_convention`)."""
-    return sum(in_window(control.start, control.end, i, steps, convention) for i in range(steps))
+    request's `control_convention`), among its first `until` (an SDXL refiner's handoff: the base's steps) or all."""
+    return sum(in_window(control.start, control.end, i, steps, convention)
+               for i in range(steps if until is None else min(until, steps)))
 
 
 def controlnet_share(unet: UNetConfig, controlnet: ControlNetConfig, height: int, width: int) -> float:

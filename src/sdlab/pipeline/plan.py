@@ -71,8 +71,10 @@ __all__ = [
     "make_plan",
     "prompt_parts",
     "prompt_schedule_steps",
+    "refiner_split",
     "request_sigmas",
     "resolve_for",
+    "run_sampler",
     "warn_if_far_from_native",
 ]
 
@@ -525,6 +527,28 @@ def handoff_index(sigmas: Tensor, sampling: ModelSampling, switch_at: float, con
     return int((timesteps >= cutoff - 1e-3).sum())   # integer timesteps come back from sigma_to_t within ~1e-5
 
 
+def run_sampler(req: GenerationRequest) -> SamplerSpec:
+    """The sampler a resolved request runs: its named one, on A1111's timesteps where it runs them (`a1111_run`)."""
+    sampler = get_sampler(req.sampler)
+    if runs_a1111_timesteps(sampler, req.schedule):
+        sampler = a1111_run(sampler, unipc_order=req.unipc_order, unipc_variant=req.unipc_variant,
+                            unipc_lower_order_final=req.unipc_lower_order_final)
+    return sampler
+
+
+def refiner_split(model_sampling: ModelSampling, req: GenerationRequest, switch_at: float, convention: str, *,
+                  steps_offset: int = 1) -> int:
+    """The steps of a resolved request the base model takes before an SDXL refiner takes over, split as `make_plan`
+    splits them (`handoff_index` over the request's sigmas), without the model loaded: `model_sampling` and
+    `steps_offset` are the base's. The ControlNets run on these steps only (`generate`'s refiner run)."""
+    sampler = run_sampler(req)
+    sampling = request_sampling(model_sampling, req)
+    img2img = req.init_image is not None
+    sigmas = request_sigmas(sampling, sampler, req, img2img=img2img, steps_offset=steps_offset)
+    return handoff_index(sigmas, sampling, switch_at, convention, sampler=sampler,
+                         total_steps=a1111_total_steps(sampler, req, sigmas, img2img))
+
+
 def check_refiner_convention(convention: str) -> str:
     """`convention` when it is one of `REFINER_CONVENTIONS`, else a `RequestError` listing them."""
     if convention not in REFINER_CONVENTIONS:
@@ -646,10 +670,7 @@ def make_plan(
     warn_if_far_from_native(bundle, req)
     warn_of_unloaded_embeddings(bundle, req)
 
-    sampler = get_sampler(req.sampler)
-    if runs_a1111_timesteps(sampler, req.schedule):
-        sampler = a1111_run(sampler, unipc_order=req.unipc_order, unipc_variant=req.unipc_variant,
-                            unipc_lower_order_final=req.unipc_lower_order_final)
+    sampler = run_sampler(req)
     guided = bundle.runs_uncond(req.cfg_scale, sampler.cfg_pp)
     advice = steps_warning(sampler, req.steps, req.schedule) if guided else None
     if advice:

@@ -25,7 +25,9 @@ from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.upscaler import Upscaler, load_upscaler
 from sdlab.diffusion.discretization import DISCRETIZATIONS, steps_run
 from sdlab.diffusion.samplers import comfyui_spelling, get_sampler
+from sdlab.diffusion.prediction import Prediction
 from sdlab.families.loaded import ModelBundle
+from sdlab.families.sdxl import SDXL
 from sdlab.models.unet import UNetConfig
 from sdlab.diffusion.schedule_names import (
     A1111_SCHEDULERS, a1111_name, schedule_from_a1111, schedule_key, split_a1111_sampler,
@@ -39,7 +41,7 @@ from sdlab.pipeline.control import control_input
 from sdlab.pipeline.hires import hires_steps, pass_sizes
 from sdlab.pipeline.plan import (
     check_deep_cache_unet, check_pag_layers, check_passes_fit, check_prompt_chunks, check_refiner_convention,
-    prompt_parts,
+    prompt_parts, refiner_split,
 )
 from sdlab.pipeline.control_work import active_steps, controlnet_config, controlnet_share
 from sdlab.pipeline.memory import EDIT_IMAGE_ROW, PAG_ROW, unet_row_names, unet_rows
@@ -433,7 +435,8 @@ def with_upscaler_file(request: GenerationRequest, upscaler: ModelFile | None) -
 
 def check_request(request: GenerationRequest, limits: Limits, model: ModelBundle | None = None,
                   upscaler: ModelFile | None = None, batch_count: int = 1,
-                  unet: torch.nn.Module | None = None, memory: bool = False, let_go: int = 0) -> GenerationRequest:
+                  unet: torch.nn.Module | None = None, memory: bool = False, let_go: int = 0,
+                  refiner: RefinerChoice | None = None) -> GenerationRequest:
     """`request` checked against the server's limits and sdlab's own rules (the model's defaults are filled
     in when it runs); `BadRequest` names the first problem by sdlab's field names (the A1111 routes rename
     them, `a1111._a1111_named`). `--max-steps` and `--max-pixels` hold for either pass. `model`, the model it runs
@@ -447,7 +450,8 @@ def check_request(request: GenerationRequest, limits: Limits, model: ModelBundle
     work is counted (`check_work`). `memory`: check the loaded `model`'s memory estimate of each pass against the
     memory free on its device now (`plan.check_passes_fit`, a 422), where no job holds the device (its memory would
     read as not free), counting as free the `let_go` bytes held now that the job lets go before it runs
-    (`WorkerHost.refiner_let_go`)."""
+    (`WorkerHost.refiner_let_go`). `refiner`: the SDXL refiner the job hands over to, whose steps run no ControlNet
+    (`base_steps`)."""
     if request.steps is not None and (not isinstance(request.steps, int) or request.steps > limits.max_steps):
         raise BadRequest(f"steps must be an integer <= {limits.max_steps} (this server's limit), got {request.steps!r}")
     hr_steps = getattr(request, "hr_steps", None)
@@ -478,7 +482,7 @@ def check_request(request: GenerationRequest, limits: Limits, model: ModelBundle
             check_pixels(f"the hires pass at {hr_width}x{hr_height}", hr_width, hr_height, limits)
     if size_known:
         check_work(resolved, limits, factor, model, batch_count,
-                   model.unet_config if model is not None else getattr(unet, "cfg", None))
+                   model.unet_config if model is not None else getattr(unet, "cfg", None), refiner)
     if model is not None:               # its tokenizers count the prompt's chunks, its U-Net has the PAG layers
         try:                            # and the blocks the image prompts' layer scales name
             check_prompt_chunks(model, resolved)
@@ -512,17 +516,39 @@ def max_work(limits: Limits, pictures: int) -> int:
 
 
 def unet_work(request: GenerationRequest, factor: int, model: ModelBundle | None,
-              unet_config: UNetConfig | None = None) -> float:
+              unet_config: UNetConfig | None = None, refiner: RefinerChoice | None = None) -> float:
     """The U-Net work of a resolved request of known size, for a VAE of `factor`: over its passes, the
     rows of a step (`_step_rows`: each part of the pass's prompt, `prompt_parts`, the negative, PAG's and an edit
     model's extra rows) x steps run (an img2img's at its strength, `steps_run`) x batch size x pixels, and beside
-    them each ControlNet's forwards over the same rows on the steps its window takes, each at its share of a U-Net
-    row (`_controlnet_steps`; `unet_config`: the U-Net's, where known)."""
-    return sum(_step_rows(request, prompt, model) * request.batch_size * pixels
-               * (steps + sum(share * active for _, share, active in _controlnet_steps(request, unet_config, steps,
-                                                                                         size, factor)))
-               for prompt, steps, size in _passes(request, factor)
-               for pixels in [size[0] * size[1]])
+    them each ControlNet's forwards over the same rows on the steps its window takes (before an SDXL `refiner`'s
+    handoff: `base_steps`), each at its share of a U-Net row (`_controlnet_steps`; `unet_config`: the U-Net's,
+    where known)."""
+    return sum(_pass_work(request, model, unet_config, factor, refiner, *each)[0] for each in _passes(request, factor))
+
+
+def _pass_work(request: GenerationRequest, model: ModelBundle | None, unet_config: UNetConfig | None, factor: int,
+               refiner: RefinerChoice | None, prompt: str, steps: int,
+               size: tuple[int, int]) -> tuple[float, int, list[tuple[int, float, int]]]:
+    """One pass's U-Net work (`unet_work`), the rows of its steps and its ControlNets (`_controlnet_steps`)."""
+    rows = _step_rows(request, prompt, model)
+    until = base_steps(request, model, refiner) if request.controls else None
+    found = _controlnet_steps(request, unet_config, steps, size, factor, until)
+    work = rows * request.batch_size * size[0] * size[1] * (steps + sum(share * active for _, share, active in found))
+    return work, rows, found
+
+
+def base_steps(request: GenerationRequest, model: ModelBundle | None, refiner: RefinerChoice | None) -> int | None:
+    """The steps of a resolved request the base draws before `refiner` takes over (`plan.refiner_split`, on the
+    loaded `model`'s schedule, else SDXL's own: a refiner runs on SDXL bases only); None without a refiner (the
+    hires fix does not run with one)."""
+    if refiner is None:
+        return None
+    sampling, offset = (SDXL.model_sampling(Prediction.EPS), 1) if model is None else (model.model_sampling,
+                                                                                        model.steps_offset)
+    try:
+        return refiner_split(sampling, request, refiner.switch_at, refiner.convention, steps_offset=offset)
+    except (RequestError, ValueError) as err:
+        raise BadRequest(str(err), 422) from None
 
 
 def _passes(request: GenerationRequest, factor: int) -> list[tuple[str, int, tuple[int, int]]]:
@@ -538,17 +564,18 @@ def _passes(request: GenerationRequest, factor: int) -> list[tuple[str, int, tup
 
 
 def _controlnet_steps(request: GenerationRequest, unet_config: UNetConfig | None, steps: int, size: tuple[int, int],
-                      factor: int) -> list[tuple[int, float, int]]:
+                      factor: int, until: int | None = None) -> list[tuple[int, float, int]]:
     """Each ControlNet of the request (index among its controls) that runs in a pass of `steps` steps at `size`
     pixels: its share of a U-Net row's work at that size (`control_work.controlnet_share`, against `unet_config`,
     or where the U-Net is not known the one the ControlNet's encoder was copied from, its decoder levels as deep as
     the encoder's: a ControlNet file has no decoder to read) and the steps its window
-    takes (`control_work.active_steps`); T2I-Adapters, which run once before sampling, are not listed."""
+    takes (`control_work.active_steps`) among the first `until` (the base's, before a refiner) or all; T2I-Adapters,
+    which run once before sampling, are not listed."""
     latent = (size[1] // factor, size[0] // factor)          # (h, w)
     found = []
     for index, control in enumerate(map(control_input, request.controls)):
         config = controlnet_config(control)
-        active = active_steps(control, steps, request.control_convention)
+        active = active_steps(control, steps, request.control_convention, until)
         if config is not None and active:
             unet = unet_config or replace(config.unet, output_depths=())   # the decoder of the encoder's levels
             found.append((index, controlnet_share(unet, config, *latent), active))
@@ -568,17 +595,19 @@ def _part_count(prompt: str, model: ModelBundle | None) -> int:
 
 
 def check_work(request: GenerationRequest, limits: Limits, factor: int, model: ModelBundle | None,
-               batch_count: int = 1, unet_config: UNetConfig | None = None) -> None:
+               batch_count: int = 1, unet_config: UNetConfig | None = None,
+               refiner: RefinerChoice | None = None) -> None:
     """A 422 for a resolved request whose U-Net work (`unet_work`, ControlNets included) is past `max_work`, a
     batch's past that of `max_batch` pictures, all `batch_count` batches' past that of `max_images`: AND parts have
     no limit of their own (A1111 has none), but each is a U-Net call at every step, so many parts cost what more
     steps, pictures or pixels would; so does a ControlNet, a U-Net encoder run beside each row."""
-    batch = unet_work(request, factor, model, unet_config)
+    batch = unet_work(request, factor, model, unet_config, refiner)
     for what, work, pictures, flag in (("batch", batch, limits.max_batch, "--max-batch"),
                                        ("request", batch * batch_count, limits.max_images, "--max-images")):
         if work > max_work(limits, pictures):
             rows, counted = _rows_counted(request, model)
-            controlnets = _controlnets_counted(request, unet_config, factor)
+            controlnets = _controlnets_counted(request, model, unet_config, factor, refiner,
+                                               batch_count if what == "request" else 1)
             window = "; a ControlNet runs on the steps of its start / end window only" if controlnets else ""
             raise BadRequest(f"the {what}'s U-Net work ({rows} U-Net rows a step: {', '.join(counted)}; x steps x "
                              f"pictures x pixels, each pass{controlnets}) is "
@@ -588,14 +617,23 @@ def check_work(request: GenerationRequest, limits: Limits, factor: int, model: M
                              f"pixels{_row_advice(counted)}{window}", 422)
 
 
-def _controlnets_counted(request: GenerationRequest, unet_config: UNetConfig | None, factor: int) -> str:
-    """The ControlNets' part of the work as the refusal names it: each one's share of a U-Net row and the steps it
-    runs in the first pass (`_controlnet_steps`), '' without any."""
-    _, steps, size = _passes(request, factor)[0]
-    found = _controlnet_steps(request, unet_config, steps, size, factor)
-    said = [f"ControlNet {index + 1} on {active} of {steps} steps at {share:.2f} of a U-Net row"
-            for index, share, active in found]
-    return "; plus the same rows through " + ", ".join(said) if said else ""
+def _controlnets_counted(request: GenerationRequest, model: ModelBundle | None, unet_config: UNetConfig | None,
+                         factor: int, refiner: RefinerChoice | None, batches: int) -> str:
+    """The ControlNets' part of the work as the refusal names it, '' without any: each one's share of a U-Net row
+    and the steps it runs in each pass (`_controlnet_steps`), then each pass's term, rows x (steps + share x
+    ControlNet steps) x pictures x pixels, so that the terms add up to the work the ratio is of."""
+    passes = _passes(request, factor)
+    said, terms = [], []
+    for name, (prompt, steps, size) in zip(("first pass", "hires pass"), passes):
+        where, label = (f" in the {name}", f"{name} ") if len(passes) > 1 else ("", "")
+        _, rows, found = _pass_work(request, model, unet_config, factor, refiner, prompt, steps, size)
+        said += [f"ControlNet {index + 1} on {active} of {steps} steps at {share:.2f} of a U-Net row{where}"
+                 for index, share, active in found]
+        controls = "".join(f" + {share:.2f} x {active}" for _, share, active in found)
+        terms.append(f"{label}{rows} x ({steps}{controls}) x {request.batch_size * batches} x {size[0] * size[1]} px")
+    handoff = "" if refiner is None else " (before the refiner takes over)"
+    return (f"; plus the same rows through {', '.join(said)}{handoff}: {' + '.join(terms)}"
+            if said else "")
 
 
 def _rows_counted(request: GenerationRequest, model: ModelBundle | None) -> tuple[int, list[str]]:

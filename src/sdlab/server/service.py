@@ -173,7 +173,8 @@ class Service:
                                     request.deep_cache or request.ip_adapters or request.controls)
                                 else planned_unet(checkpoint.path),
                                 memory=not self.host.busy.locked(), let_go=self.host.refiner_let_go(
-                                    None if refiner is None else self.checkpoint(refiner.name, "refiner").path))
+                                    None if refiner is None else self.checkpoint(refiner.name, "refiner").path),
+                                refiner=refiner)
         spec = replace(spec, request=request, refiner=refiner, prompt_to_record=to_record, tag_loras=tuple(tags),
                        hires_tag_loras=tuple(hires_tags), hr_prompt_to_record=hr_to_record)
         settings = {"mode": mode, "model": checkpoint.title,
