@@ -34,7 +34,7 @@ from sdlab.pipeline.image_prompt import IPAdapterInput, check_ip_adapter
 from sdlab.pipeline.images import eight_bit
 from sdlab.pipeline.ip_adapter_units import LISTED_MODULES, is_ip_adapter_module, unit_image_encoder
 from sdlab.pipeline.preprocess import (
-    A1111_MODULE_ALIASES, INPAINT_MODULES, SLIDER_RANGES, a1111_module, processor_resolution,
+    INPAINT_MODULES, SLIDER_RANGES, a1111_module, processor_resolution,
 )
 from sdlab.pipeline.request import RESIZE_MODES as JOB_RESIZE_MODES, RequestError
 from sdlab.server.config import Limits
