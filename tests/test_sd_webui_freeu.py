@@ -273,7 +273,7 @@ def test_the_a1111_args_map_onto_the_extensions_state(args):
 
     full = args if isinstance(args[0], dict) else [*args, *UI_VALUES[len(args):]]      # A1111's init_script_args
     state = process_args(full)
-    mapped = alwayson_freeu({"FreeU": {"args": args}}, steps=20, calls_per_step=1)
+    mapped = alwayson_freeu({"FreeU": {"args": args}}, steps=20, calls=20)
     assert mapped == {**_sdlab_fields(state), "convention": "sd-webui-freeu"}
 
 
@@ -301,7 +301,11 @@ def test_what_is_off_is_no_freeu():
     ([{"stop_ratio": 0.8}], {}, "stop_ratio 0.8 leaves the last model calls out"),
     ([{"stop_ratio": 1}], {}, "stop_ratio 1 leaves the last model calls out"),     # an int: step 1
     ([{"transition_smoothness": 0.5}], {}, "transition_smoothness 0.5"),
-    ([{}], {"calls_per_step": 2}, "2 model calls a step"),
+    ([{}], {"calls": 39}, "more model calls than that (39, counting every step's), so its FreeU stops part-way"),
+    ([{}], {"calls": math.inf}, "picks its number of model calls"),                         # DPM adaptive
+    ([{"start_ratio": 0.05}], {}, "start_ratio 0.05 leaves the first model calls out"),     # int(0.05 x 20) = 1
+    ([{"start_ratio": math.nan}], {}, "start_ratio must be a finite number, got nan"),
+    ([True, math.nan], {}, "start_ratio must be a finite number, got nan"),
     ([{}], {"hires": True}, "hires fix"),
     ([{"stage_infos": [{"backbone_factor": "1.2"}]}], {}, "backbone_factor must be a number"),
     ([{"stage_infos": [{"backbone_scale": 1.2}]}], {}, "unknown field 'backbone_scale'"),
@@ -358,7 +362,10 @@ def test_the_a1111_route_draws_the_extensions_freeu_as_the_native_convention(sdl
         jobs = len(client.get("/api/jobs").json()["jobs"])
         refused = client.post("/sdapi/v1/txt2img", json={**a1111, "sampler_name": "Heun",
                                                          "alwayson_scripts": {"FreeU": {"args": [True]}}})
-        assert refused.status_code == 422 and "2 model calls a step" in refused.text, refused.text
+        assert refused.status_code == 422 and "more model calls than that (6," in refused.text, refused.text
+        plms = client.post("/sdapi/v1/txt2img", json={**a1111, "sampler_name": "PLMS",      # 3 steps: 4 timesteps
+                                                      "alwayson_scripts": {"FreeU": {"args": [True]}}})
+        assert plms.status_code == 422 and "more model calls than that (4," in plms.text, plms.text
         both = client.post("/sdapi/v1/txt2img", json={**a1111, "alwayson_scripts": {
             "FreeU": {"args": [True]}, "FreeU Integrated": {"args": [True]}}})
         assert both.status_code == 422 and "two FreeU scripts" in both.text, both.text
@@ -401,3 +408,127 @@ def test_an_xyz_freeu_axis_writes_the_extensions_own_args_back():
     assert alwayson_freeu(written, steps=20) == {"b1": 1.5, "b2": 1.4, "s1": 0.9, "s2": 0.3, "version": 1,
                                                  "convention": "sd-webui-freeu"}
     assert alwayson_freeu(alwayson_args(scripts, {"freeu": None}), steps=20) is None
+
+
+HUGE = 10 ** 400         # a JSON integer past a float's range
+
+
+@pytest.mark.parametrize("scripts, words", [
+    ({"FreeU": {"args": [True, HUGE]}}, "FreeU: start_ratio must be a finite number"),
+    ({"FreeU": {"args": [{"stop_ratio": HUGE}]}}, "FreeU: stop_ratio must be a finite number"),
+    ({"FreeU": {"args": [{"stage_infos": [HUGE]}]}}, "stage_infos[0]: backbone_factor must be a finite number"),
+    ({"FreeU": {"args": [{"stage_infos": [{"backbone_factor": 1.2, "backbone_offset": HUGE}]}]}},
+     "stage_infos[0]: backbone_offset must be a finite number"),
+    ({"FreeU Integrated (SD 1.x, SD 2.x, SDXL)": {"args": [True, HUGE]}}, "FreeU b1 must be a finite number"),
+])
+def test_an_integer_past_a_floats_range_is_one_422(scripts, words):
+    from sdlab.server.alwayson import alwayson_freeu
+    from sdlab.server.inputs import BadRequest
+
+    with pytest.raises(BadRequest) as refused:
+        alwayson_freeu(scripts, steps=20)
+    assert refused.value.status == 422 and words in refused.value.message, refused.value.message
+
+
+def test_a_start_before_the_first_step_starts_at_the_first_call():
+    """The extension starts at call int(start_ratio x steps): 0 for any start_ratio below 1 / steps."""
+    from sdlab.server.alwayson import alwayson_freeu
+
+    for start in (0.01, 0.049, 0):
+        assert alwayson_freeu({"FreeU": {"args": [{"start_ratio": start}]}}, steps=20) is not None
+        assert alwayson_freeu({"FreeU": {"args": [True, start]}}, steps=20) is not None
+
+
+def test_the_positional_layout_with_version_reads_it_at_the_fifth_arg():
+    """The newest layout, [enable, start, stop, smoothness, version, *stages] (a string at args[4]), and the
+    earlier one, [enable, start, stop, smoothness, *stages], draw the same stages; the version only from the first."""
+    from sdlab.server.alwayson import alwayson_freeu
+
+    stages = [1.5, 0.95, 0, 0.5, 0, 1, 1.6, 0.2]
+    for version, drawn in (("Version 2", 2), ("2", 2), ("1", 1), ("Version 1", 1)):
+        assert alwayson_freeu({"FreeU": {"args": [True, 0, 1, 0, version, *stages]}}, steps=20) == {
+            "b1": 1.5, "b2": 1.6, "s1": 0.95, "s2": 0.2, "version": drawn, "convention": "sd-webui-freeu"}
+    assert alwayson_freeu({"FreeU": {"args": [True, 0, 1, 0, *stages]}}, steps=20) == {
+        "b1": 1.5, "b2": 1.6, "s1": 0.95, "s2": 0.2, "version": 1, "convention": "sd-webui-freeu"}
+    assert alwayson_freeu({"FreeU": {"args": [True, 0, 1, 0, "Version 2"]}}, steps=20)["b1"] == 1.2   # UI's preset
+
+
+@pytest.mark.parametrize("sampler, steps, img2img", [
+    ("Euler", 6, False), ("Euler", 7, True), ("PLMS", 6, False), ("PLMS", 20, False), ("PLMS", 7, True),
+    ("DDIM", 20, False), ("DDIM", 6, True), ("UniPC", 6, False), ("DPM fast", 6, False), ("DPM fast", 6, True),
+])
+def test_the_model_calls_counted_ahead_are_the_runs(sampler, steps, img2img, tiny_pipe):
+    """`plan.a1111_model_calls` (what the A1111 route checks sd-webui-freeu's schedule by) == the U-Net calls the
+    run makes, on A1111's timesteps for its timestep samplers (PLMS 6 steps: 7 timesteps, 7 calls)."""
+    from PIL import Image
+
+    from sdlab.diffusion.samplers import get_sampler
+    from sdlab.pipeline.plan import a1111_model_calls
+    from sdlab.pipeline.request import GenerationRequest
+
+    pipe, calls = tiny_pipe
+    schedule = "ddim_uniform" if sampler in ("PLMS", "DDIM", "UniPC") else None
+    options = {"steps": steps, "width": 32, "height": 32, "seed": 1, "sampler": sampler, "schedule": schedule}
+    if img2img:
+        options.update(init_image=Image.new("RGB", (32, 32), (120, 80, 40)), strength=0.6, img2img_convention="a1111")
+    calls.clear()
+    pipe.run(GenerationRequest(prompt="a house", **options))
+    assert len(calls) == a1111_model_calls(get_sampler(sampler), GenerationRequest(prompt="a house", **options),
+                                           img2img)
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    import sdlab
+    from sdlab.api import SHIPPED_MODEL
+
+    pipe = sdlab.load(SHIPPED_MODEL)
+    calls: list[int] = []
+    forward = pipe.bundle.unet.forward
+    pipe.bundle.unet.forward = lambda *args, **kwargs: calls.append(1) or forward(*args, **kwargs)
+    return pipe, calls
+
+
+def test_adaptive_steps_are_uncounted():
+    from sdlab.diffusion.samplers import get_sampler
+    from sdlab.pipeline.plan import a1111_model_calls
+    from sdlab.pipeline.request import GenerationRequest
+
+    assert a1111_model_calls(get_sampler("DPM adaptive"), GenerationRequest(prompt="a", steps=20), False) == math.inf
+
+
+DISABLED_WITH_VALUES = [
+    ({"FreeU": {"args": [False, 0, 1, 0, 1.5, 0.95, 0, 0.5, 0, 1, 1.6, 0.2]}}, 1),
+    ({"FreeU": {"args": [{"enable": False, "version": "2", "stage_infos": [
+        {"backbone_factor": 1.5, "skip_factor": 0.95}, {"backbone_factor": 1.6, "skip_factor": 0.2}]}]}}, 2),
+]
+
+
+@pytest.mark.parametrize("scripts, version", DISABLED_WITH_VALUES)
+def test_xyz_enabled_draws_the_disabled_scripts_own_stages(scripts, version):
+    """X/Y/Z on a request whose sd-webui-freeu script is off with its own stages (what its UI sends): a
+    [FreeU] Enabled True cell draws those stages and version (the extension's axis sets `enable` on the state its
+    args hold), a Stage 1 Backbone Scale cell only sets the factor and FreeU stays off."""
+    from sdlab.pipeline.grid import field_named
+    from sdlab.server.a1111_scripts import alwayson_args, alwayson_base
+    from sdlab.server.alwayson import alwayson_freeu
+
+    base = alwayson_base(scripts)
+    own = {"b1": 1.5, "b2": 1.6, "s1": 0.95, "s2": 0.2, "version": version, "convention": "sd-webui-freeu"}
+    enabled = field_named("[FreeU] Enabled").set(dict(base), True, (False, True))
+    assert alwayson_freeu(alwayson_args(scripts, {"freeu": enabled["freeu"]}), steps=20) == own
+    scaled = field_named("[FreeU] Stage 1 Backbone Scale").set(dict(base), 1.7, (1.7,))
+    assert scaled["freeu"] is None
+    then_enabled = field_named("[FreeU] Enabled").set(scaled, True, (True,))
+    assert alwayson_freeu(alwayson_args(scripts, {"freeu": then_enabled["freeu"]}), steps=20) == {**own, "b1": 1.7}
+    off = field_named("[FreeU] Enabled").set(dict(base), False, (False,))
+    assert off["freeu"] is None
+
+
+def test_xyz_enabled_on_a_disabled_script_sdlab_does_not_draw_is_the_cells_error():
+    from sdlab.pipeline.grid import GridError, field_named
+    from sdlab.server.a1111_scripts import alwayson_base
+
+    base = alwayson_base({"FreeU": {"args": [{"enable": False, "stage_infos": [{"skip_high_end_factor": 1.1}]}]}})
+    with pytest.raises(GridError, match="skip_high_end_factor 1.1"):
+        field_named("[FreeU] Enabled").set(dict(base), True, (True,))

@@ -115,7 +115,7 @@ def test_the_sd_webui_freeu_extensions_settings_sdlab_does_not_draw_are_a_422_na
     offsets / widths / cutoffs / high-end factors, a third stage) are one 422 naming the setting, not a picture
     without them."""
     body = {"prompt": "x", "steps": 1, "width": 64, "height": 64}
-    for args, words in (([True, 0.2, 1.0, 0.0], "start_ratio 0.2"),
+    for args, words in (([True, 1.0, 1.0, 0.0], "start_ratio 1.0"),          # int(1.0 x 1 step): call 1
                         ([True, 0.0, 1.0, 0.0, 1.2, 0.9, 0.25], "stage 1's backbone window (backbone_offset 0.25"),
                         ([{"stage_infos": [{}, {}, {"skip_factor": 0.5}]}], "stage 3's factors")):
         refused = client.post("/sdapi/v1/txt2img", json={**body, "alwayson_scripts": {"FreeU": {"args": args}}})

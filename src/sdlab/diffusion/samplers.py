@@ -112,6 +112,7 @@ class SamplerSpec:
     a1111_aliases: tuple[str, ...] = ()  # A1111's aliases of the row that are no ComfyUI name (its samplers_map)
     model_range: bool = False           # A1111's txt2img solves between the model's own sigmas, not the schedule's
     chooses_sigmas: bool = False        # calls the model at sigmas it picks, not the list's (DPM fast, DPM adaptive)
+    adaptive: bool = False              # picks its number of model calls by the picture too (DPM adaptive)
 
     @property
     def name(self) -> str:
@@ -202,8 +203,8 @@ SAMPLER_TABLE: tuple[SamplerSpec, ...] = (
     # DPM-Solver-12/23 with adaptive steps between the same ends, ancestral in A1111. Its model calls follow the
     # picture; A1111 schedules prompt edits over `steps` of them (calls_per_step 1), then falls back to the first prompt
     SamplerSpec("DPM adaptive", None, partial(K.sample_dpm_adaptive, eta=1.0), noise=_GAUSS, model_range=True,
-                a1111_aliases=("k_dpm_ad",), chooses_sigmas=True),
-    SamplerSpec(None, "dpm_adaptive", K.sample_dpm_adaptive, noise=_GAUSS, chooses_sigmas=True),
+                a1111_aliases=("k_dpm_ad",), chooses_sigmas=True, adaptive=True),
+    SamplerSpec(None, "dpm_adaptive", K.sample_dpm_adaptive, noise=_GAUSS, chooses_sigmas=True, adaptive=True),
     # A1111's Restart (sd_samplers_extra): Heun's steps, from 20 steps on its own Karras list with restarts
     SamplerSpec("Restart", None, K.sample_restart, noise=_GAUSS, a1111_automatic=_KARRAS, calls_per_step=2,
                 a1111_aliases=("restart",)),

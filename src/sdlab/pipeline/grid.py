@@ -190,26 +190,43 @@ def _set_size(options: dict[str, Any], value: str, values: tuple[str, ...]) -> d
 
 def cell_freeu(options: Mapping[str, Any]) -> FreeU:
     """The cell's FreeU setting as the axes before this one left it: the request's (a `FreeU`, or the native API's
-    mapping of its fields), else FreeU's defaults."""
+    mapping of its fields), else the one it holds while FreeU is off (`freeu_idle`), else FreeU's defaults."""
     freeu = options.get("freeu")
+    if freeu is None:
+        freeu = options.get("freeu_idle")
+    if isinstance(freeu, str):
+        raise GridError(freeu)
     return FreeU() if freeu is None else check_freeu(freeu)
 
 
+def _idle(options: Mapping[str, Any]) -> bool:
+    """Whether the cell's FreeU is off but its request holds a setting for it (`freeu_idle`: sd-webui-freeu's
+    script sent disabled with its own values, as its UI sends it), which the FreeU axes change without turning
+    FreeU on, as that extension's X/Y/Z axes change its state and leave its `enable`."""
+    return options.get("freeu") is None and "freeu_idle" in options
+
+
 def _set_freeu(name: str) -> Callable[[dict[str, Any], Any, tuple[Any, ...]], dict[str, Any]]:
-    """sd-webui-freeu's `apply_global_state`: the value into the cell's FreeU field `name` (FreeU on); a setting it
-    makes wrong with the request's own (an end before its start) is a GridError, which `Plot.cells` says of the cell."""
+    """sd-webui-freeu's `apply_global_state`: the value into the cell's FreeU field `name` (FreeU on, unless it is
+    off with a setting of its own: `_idle`); a setting it makes wrong with the request's own (an end before its
+    start) is a GridError, which `Plot.cells` says of the cell."""
     def apply(options: dict[str, Any], value: Any, values: tuple[Any, ...]) -> dict[str, Any]:
         try:
-            return {**options, "freeu": check_freeu(replace(cell_freeu(options), **{name: value}))}
+            setting = check_freeu(replace(cell_freeu(options), **{name: value}))
         except RequestError as err:
             raise GridError(str(err)) from None
+        return {**options, "freeu_idle" if _idle(options) else "freeu": setting}
 
     return apply
 
 
 def _freeu_enabled(options: dict[str, Any], value: bool, values: tuple[bool, ...]) -> dict[str, Any]:
-    """sd-webui-freeu's [FreeU] Enabled: True draws the cell's FreeU setting, False and None none."""
-    return {**options, "freeu": cell_freeu(options) if value else None}
+    """sd-webui-freeu's [FreeU] Enabled: True draws the cell's FreeU setting (the one it holds while off too),
+    False and None none, keeping the setting where the request holds one while off (`_idle`)."""
+    if value:
+        return {**options, "freeu": cell_freeu(options)}
+    kept = {"freeu_idle": options.get("freeu") or options["freeu_idle"]} if "freeu_idle" in options else {}
+    return {**options, "freeu": None, **kept}
 
 
 MODEL_FIELDS = ("checkpoint", "vae", "refiner", "refiner_switch")

@@ -153,6 +153,27 @@ def _calls_before(sampler: SamplerSpec | None, step: int) -> int:
     return step * sampler.calls_per_step + (sampler.a1111 == "PLMS" and step > 0)
 
 
+def a1111_model_calls(sampler: SamplerSpec, req: GenerationRequest, img2img: bool) -> float:
+    """Model calls a resolved request's pass makes, without the model loaded: `_calls_before` the end of the steps
+    it runs (txt2img the request's, img2img `steps_run`'s); A1111's timestep samplers (`runs_a1111_timesteps`) run
+    one step between each two of A1111's timesteps (`a1111_timestep_sigmas`; its UniPC one a timestep), which are
+    more than the steps where 1000 is no multiple of them (7 for 6 steps). A sampler of several calls a step counts
+    them all on every step (Heun's last step, to sigma 0, makes one: the count is one over there). Infinite for a
+    sampler that picks its number of calls (`adaptive`: DPM adaptive)."""
+    if sampler.adaptive:
+        return math.inf
+    if runs_a1111_timesteps(sampler, req.schedule):
+        steps, encoded = _a1111_timesteps_run(sampler, req, img2img)
+        timesteps = len(a1111_timesteps(1000, steps))                # SD's 1000 training timesteps
+        timesteps = timesteps if encoded is None else min(timesteps, encoded)     # img2img: timesteps[:t_enc]
+        run = timesteps if sampler.a1111 == "UniPC" else timesteps - 1
+    elif img2img:
+        run = steps_run(req.steps, req.strength, req.img2img_convention)[1]
+    else:
+        run = req.steps
+    return _calls_before(sampler, run)
+
+
 def _check_model(bundle: ModelBundle, req: GenerationRequest, free: int | None, which: str = "") -> None:
     """The checks that need the model: clip skip within its text encoders' layers, PAG layers, memory."""
     skips = encoder_clip_skips(bundle, req)

@@ -458,15 +458,24 @@ def _checked_pag(r: GenerationRequest) -> GenerationRequest:
         raise RequestError(str(exc)) from None
 
 
-def _finite(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+def finite_number(name: str, value: Any) -> float:
+    """`value` as a float, or a `RequestError` naming `name` unless it is a finite number: NaN, an infinity, a bool,
+    another type, and an int past a float's range (JSON's 10**400, which float() cannot take) are not."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestError(f"{name} must be a finite number, got {value!r:.80}")
+    try:
+        number = float(value)
+    except OverflowError:
+        raise RequestError(f"{name} must be a finite number, got an integer past a float's range") from None
+    if not math.isfinite(number):
         raise RequestError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
+    return number
+
 
 
 def _bounded(name: str, value: float, low: float, high: float) -> float:
     """`value` as a float, or a `RequestError` unless it is finite and in [low, high]."""
-    if not low <= _finite(name, value) <= high:
+    if not low <= finite_number(name, value) <= high:
         raise RequestError(f"{name} must lie in [{low:g}, {high:g}], got {value!r}")
     return float(value)
 
@@ -708,7 +717,7 @@ def _resolve_hires(r: GenerationRequest, width: int, height: int, multiple: int,
             raise RequestError(f"{name} must be a number of pixels (0 = unset), got {side!r}")
     scale = None
     if not (r.hr_width or r.hr_height):
-        scale = _finite("hr_scale", r.hr_scale)
+        scale = finite_number("hr_scale", r.hr_scale)
         if scale < 1.0:
             raise RequestError(f"hr_scale must be at least 1 (the hires fix draws larger), got {r.hr_scale!r}")
     width, height = base or (width, height)
@@ -723,7 +732,7 @@ def _resolve_hires(r: GenerationRequest, width: int, height: int, multiple: int,
     steps = r.hr_steps or 0
     if not _integer(steps) or not 0 <= steps <= MAX_STEPS:
         raise RequestError(f"hr_steps must be an integer in 0..{MAX_STEPS} (0 = the first pass's), got {r.hr_steps!r}")
-    denoise = DEFAULT_HR_DENOISE if r.hr_denoise is None else _finite("hr_denoise", r.hr_denoise)
+    denoise = DEFAULT_HR_DENOISE if r.hr_denoise is None else finite_number("hr_denoise", r.hr_denoise)
     if not denoise > 0.0:           # above 1 draws as 1 (A1111's min(strength, 0.999): `HIRES_IMG2IMG`)
         raise RequestError(f"hr_denoise (the second pass's denoising strength) must be above 0, got {r.hr_denoise}")
     total, _ = steps_run(steps or r.steps, denoise, HIRES_IMG2IMG)
@@ -1027,7 +1036,7 @@ def resolve(
     _bounded("extra noise", r.extra_noise, 0.0, MAX_NOISE_MULTIPLIER)
     _bounded("inpainting mask weight", r.inpainting_mask_weight, 0.0, 1.0)
     for name in ("token_merging_ratio", "token_merging_ratio_hr"):
-        if not 0.0 <= _finite(name, getattr(r, name)) < 1.0:
+        if not 0.0 <= finite_number(name, getattr(r, name)) < 1.0:
             raise RequestError(f"{name} must lie in [0, 1) (the fraction of tokens merged), got {getattr(r, name)!r}")
     if r.image_cfg_scale is not None:
         _bounded("image CFG scale", r.image_cfg_scale, 0.0, MAX_CFG)
@@ -1062,7 +1071,7 @@ def resolve(
         raise RequestError(f"subseed must be an integer (or None / -1 for a random one), got {r.subseed!r}")
     if r.latent_noise_seed is not None and not _integer(r.latent_noise_seed):
         raise RequestError(f"latent_noise_seed must be an integer (or None: the seed), got {r.latent_noise_seed!r}")
-    if not 0.0 <= _finite("subseed_strength", r.subseed_strength) <= 1.0:
+    if not 0.0 <= finite_number("subseed_strength", r.subseed_strength) <= 1.0:
         raise RequestError(f"subseed_strength (variation strength) must lie in [0, 1], got {r.subseed_strength}")
     rng = rng_source(r.rng)
     seed_resize = _seed_resize(r, factor)
@@ -1106,7 +1115,7 @@ def resolve(
         if image is not None and not isinstance(image, Image.Image):   # `input_image` reads paths
             raise _not_a_picture(what, image)
     if r.init_image is not None:
-        _finite("strength", r.strength)
+        finite_number("strength", r.strength)
         try:
             total, _ = steps_run(r.steps, r.strength, r.img2img_convention)
         except ValueError as err:       # out of range, or so low that no step runs

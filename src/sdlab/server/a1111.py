@@ -44,12 +44,14 @@ from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.upscaler import read_upscaler
 from sdlab.diffusion.samplers import (A1111_SAMPLERS_MAP, SAMPLER_TABLE, SAMPLERS, a1111_schedule, comfyui_spelling,
                                      get_sampler)
+from sdlab.diffusion.discretization import steps_run
 from sdlab.diffusion.schedule_names import a1111_label
 from sdlab.pipeline.image_prompt import IPAdapterInput
 from sdlab.pipeline.images import open_image
 from sdlab.pipeline.infotext import (
     a1111_backcompat, drawn_by_sdlab, eta_label, hires_parameters, img2img_parameters, old_hires_sizes, refiner_label,
 )
+from sdlab.pipeline.plan import a1111_model_calls
 from sdlab.pipeline.preprocess import (
     INPAINT_MODULES, RESOLUTION_SLIDER, THRESHOLD_SLIDERS, preprocess, processor_resolution,
 )
@@ -356,7 +358,7 @@ def _request(body: Txt2ImgIn, controls: tuple = (), inits: tuple[Image.Image, ..
                      **_picture_options(body, mask is not None, noise))
         if mask is not None:
             extra.update(mask_image=mask)
-    return GenerationRequest(
+    request = GenerationRequest(
         prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps, sampler=sampler,
         schedule=schedule, cfg_scale=body.cfg_scale, seed=body.seed, width=body.width, height=body.height,
         batch_size=_batch_size(body, inits), control_convention="a1111", **_prompt_settings(settings),
@@ -369,10 +371,23 @@ def _request(body: Txt2ImgIn, controls: tuple = (), inits: tuple[Image.Image, ..
         seed_resize_from_w=body.seed_resize_from_w, seed_resize_from_h=body.seed_resize_from_h,
         tiling=settings["tiling"] if body.tiling is None else body.tiling, **_sdxl_options(settings), **extra,
         **_token_merging(settings, body.override_settings, img2img=bool(inits), hires=body.enable_hr),
-        freeu=alwayson_freeu(body.alwayson_scripts, body.steps, get_sampler(sampler).calls_per_step,
-                             hires=body.enable_hr and not inits),
         **_guidance_settings(body, settings), **_unipc_settings(settings),
     )
+    return dataclasses.replace(request, freeu=_alwayson_freeu(body, request, bool(inits)))
+
+
+def _alwayson_freeu(body: Txt2ImgIn, request: GenerationRequest, img2img: bool) -> dict[str, Any] | None:
+    """The FreeU of the request's `alwayson_scripts` (`alwayson_freeu`), checked against the run sd-webui-freeu's
+    step counter counts: A1111's sampling steps (txt2img the steps, img2img t_enc + 1: `steps_run`'s) and the model
+    calls of the pass (`plan.a1111_model_calls`) on the schedule A1111 runs its sampler on; a strength or steps the
+    request's own checks refuse leave the run unknown, and those checks name them."""
+    run = dataclasses.replace(request, schedule=a1111_schedule(request.sampler, request.schedule))
+    try:
+        steps = steps_run(run.steps, run.strength, run.img2img_convention)[1] if img2img else run.steps
+        calls = a1111_model_calls(get_sampler(run.sampler), run, img2img)
+    except (ValueError, RequestError):
+        steps = calls = None
+    return alwayson_freeu(body.alwayson_scripts, steps, calls, hires=body.enable_hr and not img2img)
 
 
 def _token_merging(settings: dict[str, Any], overrides: dict[str, Any], img2img: bool,

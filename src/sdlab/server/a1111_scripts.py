@@ -58,7 +58,9 @@ from sdlab.pipeline.upscale import UpscaleError
 from sdlab.models.freeu import FREEU_FACTORS, FREEU_WINDOW
 from sdlab.server.alwayson import (
     ALWAYSON_SCRIPTS, CONTROLNET, FREEU, FREEU_TITLES, PAG, SD_WEBUI_FREEU, alwayson_freeu, alwayson_pag,
+    sd_webui_freeu,
 )
+from sdlab.server.alwayson import _script_args as alwayson_script_args
 from sdlab.server.inputs import PLAIN_UPSCALER_NAMES, BadRequest
 
 MODES = ("txt2img", "img2img")
@@ -396,10 +398,27 @@ def _cell_body(body: Any, base: Mapping[str, Any], cell: Mapping[str, Any]) -> A
 
 def alwayson_base(scripts: Mapping[str, Any]) -> dict[str, Any]:
     """The FreeU setting (a `FreeU`, or None) and the PAG scale of a request's `alwayson_scripts`, which the FreeU
-    and PAG axes change (`ALWAYSON_AXES`)."""
+    and PAG axes change (`ALWAYSON_AXES`); and where sd-webui-freeu's script is sent disabled, the setting its own
+    values hold (`freeu_idle`: its stages and version, or the 422's text where sdlab does not draw them), which its
+    [FreeU] Enabled axis draws and its other axes change without turning it on (`grid._idle`)."""
     freeu = alwayson_freeu(dict(scripts))
-    return {"freeu": None if freeu is None else check_freeu(freeu),
+    base = {"freeu": None if freeu is None else check_freeu(freeu),
             "pag_scale": alwayson_pag(dict(scripts)).get("pag_scale", 0.0)}
+    extension = next((name for name in scripts if name.lower() == SD_WEBUI_FREEU), None)
+    if freeu is None and extension is not None:
+        try:
+            idle = sd_webui_freeu(extension, _enabled(alwayson_script_args(extension, scripts[extension])))
+            base["freeu_idle"] = check_freeu(idle)
+        except BadRequest as err:
+            base["freeu_idle"] = err.message
+    return base
+
+
+def _enabled(args: list[Any]) -> list[Any]:
+    """sd-webui-freeu's args (its object or its UI's values) with `enable` true."""
+    if args and isinstance(args[0], dict):
+        return [{**args[0], "enable": True}, *args[1:]]
+    return [True, *args[1:]]
 
 
 def alwayson_args(scripts: Mapping[str, Any], changed: Mapping[str, Any]) -> dict[str, Any]:

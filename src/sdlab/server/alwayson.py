@@ -23,8 +23,12 @@ is A1111's 422 for a script it has not loaded.
 sd-webui-freeu (ljleb/sd-webui-freeu) takes its args as one object, `{"enable", "start_ratio", "stop_ratio",
 "transition_smoothness", "version", "stage_infos"}` (its README's API section; `enable` true unless given), or as
 its UI's values, `[enable, start_ratio, stop_ratio, transition_smoothness, *stage_infos]` (scripts/freeu.py
-`process`; A1111 fills those left out with the UI's: off, 0, 1, 0 and its first preset's stages). `stage_infos`
-holds up to three stages, each an object or six numbers in the order backbone_factor, skip_factor,
+`process`; A1111 fills those left out with the UI's: off, 0, 1, 0 and its first preset's stages). The extension's
+newest global_state.py puts `version` between transition_smoothness and the stages of its `State`, whose
+positional args `process` fills in order: a string at args[4] is read as that version and the stages from args[5];
+a number there as the earlier layout's first stage value, the stages from args[4] (the two layouts differ in that
+arg's type alone; a client of the newest UI sends its version's label there). `stage_infos` holds up to three
+stages, each an object or six numbers in the order backbone_factor, skip_factor,
 backbone_offset, backbone_width, skip_cutoff, skip_high_end_factor (a stage left out: 1, 1, 0, 0.5, 0, 1, no
 change); `version` "1" (the default) or "2" (also "Version 1" / "Version 2"; any other value is "1", as the
 extension's `format_version` reads it). sdlab draws it as the FreeU convention "sd-webui-freeu" (`models.freeu`):
@@ -38,10 +42,11 @@ the steps, so FreeU stops part-way) and the hires fix (its counter runs on into 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from sdlab.models.freeu import FREEU_FACTORS, FREEU_WINDOW
-from sdlab.pipeline.request import RequestError, check_freeu
+from sdlab.pipeline.request import RequestError, check_freeu, finite_number
 from sdlab.server.inputs import BadRequest
 
 CONTROLNET = "controlnet"
@@ -133,21 +138,22 @@ def _script_args(name: str, script: Any) -> list[Any]:
     return args
 
 
-def alwayson_freeu(scripts: dict[str, Any], steps: int | None = None, calls_per_step: int = 1,
+def alwayson_freeu(scripts: dict[str, Any], steps: int | None = None, calls: float | None = None,
                    hires: bool = False) -> dict[str, Any] | None:
     """The FreeU setting (`models.freeu.FreeU`'s fields) of `alwayson_scripts`: Forge's FreeU Integrated under
     either title, its args [enabled, b1, b2, s1, s2, start, end] (the earlier script's 5, or fewer: those left out
     its UI's defaults), drawn as Forge draws them, ComfyUI's FreeU_V2 on the steps of its window; or sd-webui-freeu's
-    `FreeU` (`sd_webui_freeu`, module docstring), checked against the run where it is given (`steps` sampler steps
-    of `calls_per_step` model calls, the hires fix on or not). None where neither is there or enabled. Both, more
-    args, or a value that is not a number, out of range (`check_freeu`) or not drawn, is a 422."""
+    `FreeU` (`sd_webui_freeu`, module docstring), checked against the run where it is given (A1111's `steps`, the
+    `calls` the pass makes, `plan.a1111_model_calls`, None: one a step; the hires fix on or not). None where
+    neither is there or enabled. Both, more args, or a value that is not a finite number, out of range
+    (`check_freeu`) or not drawn, is a 422."""
     forge = next((name for name in scripts if name.lower() in FREEU_TITLES), None)
     extension = next((name for name in scripts if name.lower() == SD_WEBUI_FREEU), None)
     if forge is not None and extension is not None:
         raise BadRequest(f"alwayson_scripts: {forge!r} (Forge's FreeU) and {extension!r} (sd-webui-freeu's) are two "
                          "FreeU scripts; send one", 422)
     if extension is not None:
-        return sd_webui_freeu(extension, _script_args(extension, scripts[extension]), steps, calls_per_step, hires)
+        return sd_webui_freeu(extension, _script_args(extension, scripts[extension]), steps, calls, hires)
     if forge is None:
         return None
     args = _script_args(forge, scripts[forge])
@@ -168,7 +174,7 @@ def _checked_freeu(name: str, setting: dict[str, Any]) -> dict[str, Any]:
     return setting
 
 
-def sd_webui_freeu(name: str, args: list[Any], steps: int | None = None, calls_per_step: int = 1,
+def sd_webui_freeu(name: str, args: list[Any], steps: int | None = None, calls: float | None = None,
                    hires: bool = False) -> dict[str, Any] | None:
     """sd-webui-freeu's args (module docstring) as the FreeU setting sdlab draws for them, None where it is off; a
     422 naming the first setting that is not drawn."""
@@ -179,7 +185,7 @@ def sd_webui_freeu(name: str, args: list[Any], steps: int | None = None, calls_p
     what = f"alwayson_scripts.{name}"
     for index, stage in enumerate(stages):
         _check_extension_stage(what, index + 1, stage)
-    _check_extension_schedule(what, state, steps, calls_per_step, hires)
+    _check_extension_schedule(what, state, steps, calls, hires)
     version = state["version"]
     try:
         version = version if version in SD_WEBUI_FREEU_VERSIONS.values() else SD_WEBUI_FREEU_VERSIONS.get(version, "1")
@@ -201,21 +207,30 @@ def _extension_state(name: str, args: list[Any]) -> dict[str, Any]:
                              f"{', '.join(SD_WEBUI_FREEU_STATE)}", 422)
         return {"enable": True, "start_ratio": 0.0, "stop_ratio": 1.0, "transition_smoothness": 0.0, "version": "1",
                 "stage_infos": [], **args[0]}
-    if len(args) > len(SD_WEBUI_FREEU_UI):
-        raise BadRequest(f"{what} takes its object or at most {len(SD_WEBUI_FREEU_UI)} args (enable, start_ratio, "
-                         f"stop_ratio, transition_smoothness, then 6 for each of 3 stages), got {len(args)}", 422)
-    values = [*args, *SD_WEBUI_FREEU_UI[len(args):]]
+    versioned = len(args) > 4 and isinstance(args[4], str)          # the layout with `version` at args[4]
+    ui = (*SD_WEBUI_FREEU_UI[:4], "1", *SD_WEBUI_FREEU_UI[4:]) if versioned else SD_WEBUI_FREEU_UI
+    if len(args) > len(ui):
+        raise BadRequest(f"{what} takes its object or at most {len(ui)} args (enable, start_ratio, stop_ratio, "
+                         f"transition_smoothness, {'version, ' if versioned else ''}then 6 for each of 3 stages), "
+                         f"got {len(args)}", 422)
+    values = [*args, *ui[len(args):]]
     if not isinstance(values[0], bool):
         raise BadRequest(f"{what}: its first arg must be true / false or its settings' object, got {values[0]!r}",
                          422)
     schedule = [_number(what, field, value) for field, value in zip(SD_WEBUI_FREEU_STATE[1:4], values[1:4])]
-    return {"enable": values[0], **dict(zip(SD_WEBUI_FREEU_STATE[1:4], map(float, schedule))), "version": "1",
-            "stage_infos": values[4:]}
+    return {"enable": values[0], **dict(zip(SD_WEBUI_FREEU_STATE[1:4], map(float, schedule))),
+            "version": values[4] if versioned else "1", "stage_infos": values[5:] if versioned else values[4:]}
 
 
 def _number(what: str, field: str, value: Any) -> float | int:
+    """`value` as given (an int stays one: the extension reads an int ratio as a step), or a 422 unless it is a
+    finite number (`finite_number`: NaN, infinities and ints past a float's range too)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise BadRequest(f"{what}: {field} must be a number, got {value!r}", 422)
+    try:
+        finite_number(field, value)
+    except RequestError as err:
+        raise BadRequest(f"{what}: {err}", 422) from None
     return value
 
 
@@ -260,29 +275,49 @@ def _check_extension_stage(what: str, number: int, stage: dict[str, float]) -> N
         refuse(f"skip_cutoff {stage['skip_cutoff']:g}")
 
 
-def _check_extension_schedule(what: str, state: dict[str, Any], steps: int | None, calls_per_step: int,
+def _check_extension_schedule(what: str, state: dict[str, Any], steps: int | None, calls: float | None,
                               hires: bool) -> None:
     """A 422 where sd-webui-freeu's schedule leaves a model call of the run out or weighs one partly. Its counter
-    counts model calls from 0 and it acts while the count is at least int(start_ratio x steps) and below
-    int(stop_ratio x steps) (an int: that step itself), weighed by the transition smoothness between those."""
+    counts the pass's model calls from 0 (`calls`, `plan.a1111_model_calls`; None: one a step) and it acts while
+    the count is at least its start step and below its stop step (its `to_denoising_step`: int(ratio x steps) for a
+    float, an int that step itself), weighed by the transition smoothness between those; `steps` is A1111's
+    `state.sampling_steps` (None: not known yet, so only what holds on any run is checked)."""
     start, stop = (_number(what, field, state[field]) for field in ("start_ratio", "stop_ratio"))
     smoothness = _number(what, "transition_smoothness", state["transition_smoothness"])
-    if start > 0:
-        raise BadRequest(f"{what}: start_ratio {start!r} leaves the first model calls out; sdlab draws "
-                         "sd-webui-freeu's schedule from the first (start_ratio 0)", 422)
     if smoothness != 0:
         raise BadRequest(f"{what}: transition_smoothness {smoothness!r} weighs the factors by the step; sdlab draws "
                          "sd-webui-freeu's schedule without it (0)", 422)
-    whole = stop >= 1 if isinstance(stop, float) else steps is None or stop >= steps
-    if not whole:
+    if steps is None:
+        return
+    calls = steps if calls is None else calls
+    start_call, stop_call = _denoising_step(start, steps), _denoising_step(stop, steps)
+    if start_call > 0:
+        raise BadRequest(f"{what}: start_ratio {start!r} leaves the first model calls out (it starts at call "
+                         f"{start_call:.0f} of {steps} steps); sdlab draws sd-webui-freeu's schedule from the first "
+                         "(int(start_ratio x steps) 0)", 422)
+    if stop_call >= calls:
+        pass
+    elif stop_call >= steps:
+        made = ("its sampler picks its number of model calls" if math.isinf(calls) else
+                f"this run makes more model calls than that ({calls:.0f}, counting every step's)")
+        raise BadRequest(f"{what}: sd-webui-freeu counts each model call against the {steps} steps, and {made}, so "
+                         f"its FreeU stops part-way (after call {stop_call:.0f}), which sdlab does not "
+                         "draw; use a sampler of one call a step (Euler, DPM++ 2M, ...; DDIM, PLMS and UniPC on "
+                         "steps that divide 1000)", 422)
+    else:
         raise BadRequest(f"{what}: stop_ratio {stop!r} leaves the last model calls out (an int is a step, a float "
                          "a fraction of the steps); sdlab draws sd-webui-freeu's schedule to the end (stop_ratio "
                          "1.0)", 422)
-    if calls_per_step > 1:
-        raise BadRequest(f"{what}: sd-webui-freeu counts each model call as a step, so with a sampler of "
-                         f"{calls_per_step} model calls a step its FreeU stops part-way, which sdlab does not draw; "
-                         "use a sampler of one call a step (Euler, DPM++ 2M, ...)", 422)
     if hires:
         raise BadRequest(f"{what}: with the hires fix sd-webui-freeu's step counter runs on into the second pass, "
                          "which its stop_ratio then leaves out in part or whole, and sdlab draws FreeU on both "
                          "passes; draw without the hires fix or with Forge's FreeU Integrated", 422)
+
+
+def _denoising_step(ratio: float | int, steps: int) -> float:
+    """sd-webui-freeu's `to_denoising_step`: int(ratio x steps) for a float (an infinite product as it is), an int
+    as it is (a step)."""
+    if not isinstance(ratio, float):
+        return ratio
+    product = ratio * steps
+    return float(math.floor(product)) if math.isfinite(product) else product
