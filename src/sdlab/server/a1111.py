@@ -379,9 +379,12 @@ def _request(body: Txt2ImgIn, controls: tuple = (), inits: tuple[Image.Image, ..
 def _alwayson_freeu(body: Txt2ImgIn, request: GenerationRequest, img2img: bool) -> dict[str, Any] | None:
     """The FreeU of the request's `alwayson_scripts` (`alwayson_freeu`), checked against the run sd-webui-freeu's
     step counter counts: A1111's sampling steps (txt2img the steps, img2img t_enc + 1: `steps_run`'s) and the model
-    calls of the pass (`plan.a1111_model_calls`) on the schedule A1111 runs its sampler on; a strength or steps the
-    request's own checks refuse leave the run unknown, and those checks name them."""
+    calls of the pass (`plan.a1111_model_calls`) on the schedule A1111 runs its sampler on; steps left to the model
+    (None), or a strength or steps the request's own checks refuse, leave the run unknown, and those checks name
+    them."""
     run = dataclasses.replace(request, schedule=a1111_schedule(request.sampler, request.schedule))
+    if run.steps is None:
+        return alwayson_freeu(body.alwayson_scripts, hires=body.enable_hr and not img2img)
     try:
         steps = steps_run(run.steps, run.strength, run.img2img_convention)[1] if img2img else run.steps
         calls = a1111_model_calls(get_sampler(run.sampler), run, img2img)
