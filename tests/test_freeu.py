@@ -140,6 +140,19 @@ def _control_residuals(reference: UNet2DConditionModel, x, t, context, added):
     return skips, torch.randn(mids[0], generator=gen) * 0.5
 
 
+def patched_and_plain(reference, hooks, x, t, context, control, added) -> tuple[torch.Tensor, torch.Tensor]:
+    """The diffusers U-Net's output with a FreeU patch's `hooks` on, then with them removed: (patched, plain)."""
+    skips, middle = control
+    with torch.no_grad():
+        patched = reference(x, t, context, down_block_additional_residuals=skips,
+                            mid_block_additional_residual=middle, **added).sample
+        for hook in hooks:
+            hook.remove()
+        plain = reference(x, t, context, down_block_additional_residuals=skips,
+                          mid_block_additional_residual=middle, **added).sample
+    return patched, plain
+
+
 def _with_comfy_patch(reference: UNet2DConditionModel, patch):
     """Pre-hooks on every up-block resnet that split its input cat([h, hsp]) and apply ComfyUI's `patch` to it, as
     ComfyUI's UNetModel calls output_block_patch before each output block's concatenation. h's width is the
@@ -185,13 +198,8 @@ def test_comfyui_convention_matches_comfyuis_patch(shape, version):
     setting = SETTINGS[version - 1]
     make = comfy_freeu_patch if version == 1 else comfy_freeu_v2_patch
     hooks = _with_comfy_patch(reference, make(cfg.model_channels, setting.b1, setting.b2, setting.s1, setting.s2))
+    expected, plain = patched_and_plain(reference, hooks, x, t, context, (skips, middle), added)
     with torch.no_grad():
-        expected = reference(x, t, context, down_block_additional_residuals=skips,
-                             mid_block_additional_residual=middle, **added).sample
-        for hook in hooks:
-            hook.remove()
-        plain = reference(x, t, context, down_block_additional_residuals=skips,
-                          mid_block_additional_residual=middle, **added).sample
         actual = model(x, t, context, y, control=(skips, middle), freeu=setting)
     assert (expected - plain).abs().max() > 0.05                     # FreeU changed the output
     torch.testing.assert_close(actual, expected, atol=1e-4, rtol=0)

@@ -26,7 +26,7 @@ from typing import Any, List, Tuple, Union
 import pytest
 import torch
 from server_fixtures import sdlab_server  # noqa: F401
-from test_freeu import SHAPES, _control_residuals, _inputs, _reference, _sdlab, _with_comfy_patch, comfy_freeu_patch
+from test_freeu import SHAPES, _control_residuals, _inputs, _reference, _sdlab, _with_comfy_patch, patched_and_plain
 
 from sdlab.models.freeu import FreeU
 
@@ -224,13 +224,8 @@ def test_the_unet_under_the_convention_matches_the_extensions_cat(shape, version
                                                 {"backbone_factor": 1.4, "skip_factor": 0.2}])
     setting = _sdlab_setting(state)
     hooks = _with_comfy_patch(reference, _extension_patch(state, cfg.model_channels))
+    expected, plain = patched_and_plain(reference, hooks, x, t, context, (skips, middle), added)
     with torch.no_grad():
-        expected = reference(x, t, context, down_block_additional_residuals=skips,
-                             mid_block_additional_residual=middle, **added).sample
-        for hook in hooks:
-            hook.remove()
-        plain = reference(x, t, context, down_block_additional_residuals=skips,
-                          mid_block_additional_residual=middle, **added).sample
         actual = model(x, t, context, y, control=(skips, middle), freeu=setting)
         comfyui = model(x, t, context, y, control=(skips, middle), freeu=dataclasses.replace(setting,
                                                                                              convention="comfyui"))
