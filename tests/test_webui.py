@@ -36,7 +36,8 @@ if __name__ != "__main__":
                     "chromium-driver); .ci/run installs them", allow_module_level=True)
 
 from selenium import webdriver  # noqa: E402
-from selenium.common.exceptions import StaleElementReferenceException, TimeoutException  # noqa: E402
+from selenium.common.exceptions import (  # noqa: E402
+    NoSuchElementException, StaleElementReferenceException, TimeoutException)
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -120,10 +121,57 @@ def option_values(driver, select_id: str, field: str = "value") -> list[str]:
                                  select_id, field)
 
 
+def selected(driver, select_id: str, field: str = "text"):
+    """The text (or another field, such as "value") of a select's chosen option, read in one script: the list may
+    be refilled between finding its option and reading it. None where nothing is chosen."""
+    return driver.execute_script("const o = document.getElementById(arguments[0]).selectedOptions[0];"
+                                 "return o ? o[arguments[1]] : null", select_id, field)
+
+
+def choose(driver, select_id: str, *, value: str | None = None, text: str | None = None, index: int | None = None,
+           timeout: float = 20) -> None:
+    """Pick a select's option by its value, its text or its index, as a person would (Selenium's Select: the page
+    sees the change), once the option is listed. The page fills its lists after a fetch and fills them again
+    (fillSelect, replaceChildren): an option found can be gone by the click, so the pick is tried again on the list
+    drawn next (`wait` takes a stale element as a false poll)."""
+    def picked(d) -> bool:
+        select = Select(d.find_element(By.ID, select_id))
+        try:
+            if value is not None:
+                select.select_by_value(value)
+            elif text is not None:
+                select.select_by_visible_text(text)
+            else:
+                select.select_by_index(index)
+        except NoSuchElementException:
+            return False                     # not listed (yet)
+        return True
+
+    wait(driver, picked, timeout, f"#{select_id} does not list {value if value is not None else text or index!r}")
+
+
+def result_srcs(driver) -> list[str]:
+    """The addresses of the pictures the viewer shows (#results img.result), read in one script: the viewer is
+    drawn again as the job's events come in."""
+    return driver.execute_script("return [...document.querySelectorAll('#results img.result')].map((img) => img.src)")
+
+
+def loaded_results(driver, count: int | None = None, timeout: float = TIMEOUT) -> list[str]:
+    """Wait until the viewer shows its pictures (`count` of them, where given), each loaded: their addresses."""
+    def loaded(d):
+        shown = d.execute_script("return [...document.querySelectorAll('#results img.result')]"
+                                 ".map((img) => img.complete && img.naturalWidth ? img.src : null)")
+        return shown if shown and None not in shown and count in (None, len(shown)) else False
+
+    return wait(driver, loaded, timeout, f"no result{'' if count is None else f' ({count} pictures)'}")
+
+
 def open_page(driver, base: str) -> None:
     driver.get(base + "/")
-    # the lists are loaded: a sampler and a model to pick
-    wait(driver, lambda d: len(option_values(d, "sampler")) > 1 and len(option_values(d, "model")) >= 1, 30,
+    # the lists are loaded: a sampler and a model to pick, and the gallery drawn, which the page does once every
+    # list has loaded (loadLists().then(refreshJobs)): the styles, scripts and ControlNet lists load beside these
+    wait(driver, lambda d: len(option_values(d, "sampler")) > 1 and len(option_values(d, "model")) >= 1
+         and d.execute_script("return document.getElementById('gallery').childElementCount > 0"), 30,
          "the lists did not load")
 
 
@@ -291,7 +339,7 @@ def test_page_loads_with_labelled_controls_and_lists(page, base_url):
     shown = set(option_values(page, "sampler"))
     assert samplers <= shown
     models = http_json(base_url, "/sdapi/v1/sd-models")
-    assert Select(page.find_element(By.ID, "model")).first_selected_option.get_attribute("value") in {
+    assert selected(page, "model", "value") in {
         m["title"] for m in models}
     assert page.find_element(By.ID, "tab-txt2img").get_attribute("aria-selected") == "true"
     assert not page.find_element(By.ID, "image-section").is_displayed()
@@ -326,13 +374,12 @@ def test_ctrl_enter_generates_with_previews_and_final_image(page, base_url):
     page.find_element(By.ID, "prompt").send_keys(prompt)
     page.find_element(By.ID, "prompt").send_keys(Keys.CONTROL, Keys.ENTER)
 
-    result = wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, "#results img.result"), message="no result")[0]
-    wait(page, lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", result))
+    result = loaded_results(page)[0]
     assert int(page.find_element(By.ID, "preview").get_attribute("data-count") or 0) >= 1, "no step preview shown"
     assert page.find_element(By.ID, "preview").get_attribute("src").startswith("data:image/")
     assert text(page, "progress-text").startswith("Done")
 
-    image = Image.open(io.BytesIO(http_bytes(base_url, result.get_attribute("src").replace(base_url, ""))))
+    image = Image.open(io.BytesIO(http_bytes(base_url, result.replace(base_url, ""))))
     assert image.size == (64, 64)
     assert image.info["parameters"].startswith(prompt)
     assert "Seed: 7" in image.info["parameters"] and "Steps: 20" in image.info["parameters"]
@@ -402,7 +449,7 @@ def test_two_tabs_each_show_and_cancel_their_own_jobs(page, base_url):
         set_value(tab_b, "steps", 3)
         tab_b.find_element(By.ID, "generate").click()
         wait(tab_b, lambda d: text(d, "infotext").startswith("tab B picture"), message="B's picture not shown")
-        b_results = [img.get_attribute("src") for img in tab_b.find_elements(By.CSS_SELECTOR, "#results img.result")]
+        b_results = result_srcs(tab_b)
         assert b_results and text(tab_b, "progress-text").startswith("Done")
 
         set_value(tab_a, "prompt", "tab A picture")
@@ -415,7 +462,7 @@ def test_two_tabs_each_show_and_cancel_their_own_jobs(page, base_url):
         # B polls the job list every 10 s while it follows no job of its own: ask it now (what the poll does)
         wait(tab_b, lambda d: d.execute_script("refreshJobs()") or d.find_elements(
             By.CSS_SELECTOR, f'#queue li[data-job-id="{a_id}"]'), 20, "B's queue list does not show A's job")
-        assert [img.get_attribute("src") for img in tab_b.find_elements(By.CSS_SELECTOR, "#results img.result")] == b_results
+        assert result_srcs(tab_b) == b_results
         assert text(tab_b, "infotext").startswith("tab B picture") and text(tab_b, "progress-text").startswith("Done")
         assert not tab_b.find_element(By.ID, "cancel").is_enabled()
         tab_b.execute_script("cancelShown()")                      # what B's Cancel button does
@@ -426,7 +473,7 @@ def test_two_tabs_each_show_and_cancel_their_own_jobs(page, base_url):
         tab_a.find_element(By.ID, "cancel").click()
         wait(tab_a, lambda d: text(d, "progress-text") == "Cancelled", 30, "A's cancel not shown")
         assert wait_job(base_url, a_id)["status"] == "cancelled"
-        assert [img.get_attribute("src") for img in tab_b.find_elements(By.CSS_SELECTOR, "#results img.result")] == b_results
+        assert result_srcs(tab_b) == b_results
         assert text(tab_b, "infotext").startswith("tab B picture")
     finally:
         tab_a.quit()
@@ -560,10 +607,10 @@ def test_inpaint_mask_painted_on_the_image_is_accepted(page, base_url, tmp_path)
     paint_stroke(page, -60, 60)
     mask = painted_mask(page)
     page.find_element(By.ID, "generate").click()
-    result = wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, "#results img.result"), message="no result")[0]
+    result = loaded_results(page)[0]
     job = job_by_prompt(base_url, "a red flower")
     assert job["status"] == "done" and job["mode"] == "inpaint", job
-    image = Image.open(io.BytesIO(http_bytes(base_url, result.get_attribute("src").replace(base_url, "")))).convert("RGB")
+    image = Image.open(io.BytesIO(http_bytes(base_url, result.replace(base_url, "")))).convert("RGB")
     assert image.size == (64, 64)
     # the picture is kept where the mask is black (A1111's paste-back) and repainted where it is white
     import numpy as np
@@ -643,9 +690,8 @@ def test_model_and_lora_pickers_behind_basic_auth(browser, folder_server):
         browser.get_log("browser")
         models = {m["model_name"]: m["title"] for m in http_json(base, "/sdapi/v1/sd-models", headers=auth)}
         assert len(models) == 2
-        model = Select(browser.find_element(By.ID, "model"))
         assert set(option_values(browser, "model")) == set(models.values())
-        model.select_by_value(models["tiny-copy"])
+        choose(browser, "model", value=models["tiny-copy"])
         # a LoRA added to the folder shows up after Refresh
         lora_dir = folder_server.output_dir.parent / "models" / "Lora"
         shutil.copyfile(lora_dir / "wobble.safetensors", lora_dir / "wobble-2.safetensors")
@@ -654,7 +700,7 @@ def test_model_and_lora_pickers_behind_basic_auth(browser, folder_server):
         wait(browser, lambda d: "wobble-2" in option_values(d, "lora"),
              20, "the new LoRA is not listed after Refresh")
         assert value(browser, "model") == models["tiny-copy"]
-        Select(browser.find_element(By.ID, "lora")).select_by_value("wobble")
+        choose(browser, "lora", value="wobble")
         set_value(browser, "lora-weight", 0.8)
         browser.find_element(By.ID, "lora-add").click()
         assert [e.get_attribute("data-name") for e in browser.find_elements(By.CSS_SELECTOR, "#lora-list li")] == ["wobble"]
@@ -662,8 +708,7 @@ def test_model_and_lora_pickers_behind_basic_auth(browser, folder_server):
         set_value(browser, "steps", 12)
         set_value(browser, "seed", 3)
         browser.find_element(By.ID, "generate").click()
-        result = wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#results img.result"), message="no result")[0]
-        wait(browser, lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", result))
+        loaded_results(browser)
         assert int(browser.find_element(By.ID, "preview").get_attribute("data-count") or 0) >= 1
 
         job = job_by_prompt(base, "a blue square", headers=auth)
@@ -705,14 +750,13 @@ def test_refiner_picker_draws_with_the_refiner_and_reuse_fills_it(browser, refin
     assert set(option_values(browser, "refiner")) == set(titles.values())
     assert not browser.find_element(By.ID, "refiner").is_displayed()          # until "Refiner" is ticked
     browser.find_element(By.ID, "enable_refiner").click()
-    Select(browser.find_element(By.ID, "refiner")).select_by_value(titles["refiner"])
+    choose(browser, "refiner", value=titles["refiner"])
     set_value(browser, "refiner_switch", 0.5)
     browser.find_element(By.ID, "prompt").send_keys("a refined castle")
     for field, number in (("steps", 4), ("seed", 3), ("width", 32), ("height", 32)):
         set_value(browser, field, number)
     browser.find_element(By.ID, "generate").click()
-    result = wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#results img.result"), message="no result")[0]
-    wait(browser, lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", result))
+    loaded_results(browser)
     job = job_by_prompt(base, "a refined castle")
     hashed = {m["model_name"]: m["title"] for m in http_json(base, "/sdapi/v1/sd-models")}   # hashed when used
     assert (job["request"]["refiner"], job["request"]["refiner_switch"]) == (hashed["refiner"], 0.5)
@@ -796,12 +840,11 @@ def take_screenshots(base: str, out_dir: Path) -> None:
         set_value(driver, "seed", 5)
         set_value(driver, "batch_size", 4)
         driver.find_element(By.ID, "prompt").send_keys(Keys.CONTROL, Keys.ENTER)
-        wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results img.result")) == 4)
+        loaded_results(driver, 4)
         time.sleep(1.0)
         driver.save_screenshot(str(out_dir / "webui.png"))
 
-        result = driver.find_elements(By.CSS_SELECTOR, "#gallery .card button.to-img2img")[0]
-        result.click()
+        click_card_button(driver, "#gallery .card", "to-img2img")
         wait(driver, lambda d: d.find_element(By.ID, "init-canvas").is_displayed(), 20)
         driver.find_element(By.ID, "tab-inpaint").click()
         driver.execute_script("const b = document.getElementById('brush-size'); b.value = 60;"
@@ -855,8 +898,9 @@ def test_interrupt_keeps_the_pictures_drawn_so_far_and_skip_ends_the_batch(page,
     assert page.execute_script("return [document.getElementById('progress').value, document.getElementById("
                                "'progress').max]") == [job["step"], 150]
     assert len(page.find_elements(By.CSS_SELECTOR, "#results img")) == 2
-    badge = wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, f'#gallery [data-job-id="{job_id}"] .badge'), 20)
-    assert badge[0].text == "interrupted" and not page.find_element(By.ID, "interrupt").is_enabled()
+    badge = wait(page, lambda d: d.execute_script("return document.querySelector(arguments[0])?.textContent",
+                                                  f'#gallery [data-job-id="{job_id}"] .badge'), 20)
+    assert badge == "interrupted" and not page.find_element(By.ID, "interrupt").is_enabled()
 
     job_id = _run_until_step(page, base_url, "a pink square (skipped)", 150, 1)
     drawn = http_json(base_url, f"/api/jobs/{job_id}")["step"]
