@@ -12,7 +12,7 @@ import pytest
 from bundle_fixtures import tiny_bundle, write_original
 from server_fixtures import start_server
 from test_webui import (  # noqa: F401  (fixture: browser)
-    By, Select, browser, open_page, severe_console_errors, wait,
+    By, choose, browser, open_page, severe_console_errors, wait,
 )
 
 from sdlab.server.a1111 import _control_type
@@ -185,8 +185,7 @@ def test_the_web_uis_radio_narrows_to_the_chosen_models_family(browser, family_s
     wait(browser, lambda d: len(_options(d, "cn0_model")) > 1, 30, "the ControlNet lists did not load")
     browser.get_log("browser")
     radios = browser.execute_script("return [...document.getElementsByName('cn0_type')].map((r) => r.value)")
-    Select(browser.find_element(By.ID, "model")).select_by_value(
-        next(v for v in _options(browser, "model") if v.startswith("b_sdxl")))
+    choose(browser, "model", value=next(v for v in _options(browser, "model") if v.startswith("b_sdxl")))
     browser.find_element(By.ID, f"cn0_type_{radios.index('Canny')}").click()
     wait(browser, lambda d: _stems(_options(d, "cn0_model")) == ["", "control_canny", "diffusers_xl_canny_mid"], 20,
          "Canny does not list the SDXL ControlNets alone")
@@ -194,8 +193,7 @@ def test_the_web_uis_radio_narrows_to_the_chosen_models_family(browser, family_s
     assert _stems([browser.find_element(By.ID, "cn0_model").get_attribute("value")]) == ["control_canny"]
     browser.find_element(By.ID, f"cn0_type_{radios.index('Depth')}").click()
     wait(browser, lambda d: _options(d, "cn0_model") == [""], 20, "Depth lists a ControlNet of another family")
-    Select(browser.find_element(By.ID, "model")).select_by_value(
-        next(v for v in _options(browser, "model") if v.startswith("a_sd1")))
+    choose(browser, "model", value=next(v for v in _options(browser, "model") if v.startswith("a_sd1")))
     wait(browser, lambda d: _stems(_options(d, "cn0_model")) == ["", "control_v11f1p_sd15_depth"], 20,
          "the SD1 model's Depth ControlNet is not listed")
     assert severe_console_errors(browser) == []

@@ -324,10 +324,11 @@ def _text_chunk(text: str):
 def test_the_web_ui_offers_the_vae_list(server, models):
     """The page's VAE select: Automatic, None, then `GET sd-vae`'s names (A1111's SD VAE setting); a file
     picked there is the job's `vae` and draws the picture."""
-    from test_webui import job_by_prompt, open_page, option_values, severe_console_errors, set_value, start_browser, wait
+    from test_webui import (
+        choose, job_by_prompt, open_page, option_values, severe_console_errors, set_value, start_browser, wait,
+    )
 
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select
 
     httpx.post(server.url + "/sdapi/v1/refresh-vae")
     driver = start_browser()
@@ -335,7 +336,7 @@ def test_the_web_ui_offers_the_vae_list(server, models):
         open_page(driver, server.url)
         wait(driver, lambda d: len(option_values(d, "vae")) > 2, 30, "the VAE list did not load")
         assert option_values(driver, "vae") == ["Automatic", "None", *_expected_list(models)]
-        Select(driver.find_element(By.ID, "vae")).select_by_value("blue.safetensors")
+        choose(driver, "vae", value="blue.safetensors")
         driver.find_element(By.ID, "prompt").send_keys("a pear in the page")
         for field, number in (("steps", 2), ("seed", 5), ("width", 32), ("height", 32)):
             set_value(driver, field, number)

@@ -17,7 +17,7 @@ from controlnet_fixtures import diffusers_controlnet, write_layout
 from ip_adapter_fixtures import SAMPLE_PICTURE, ip_adapter_state, write_image_encoder, write_ip_adapter
 from server_fixtures import start_server
 from test_webui import (  # noqa: F401  (fixtures: browser, page)
-    By, click_card_button, Keys, Select, browser, drop_file, http_bytes, job_by_prompt, open_page, page,
+    By, click_card_button, Keys, choose, option_values, browser, drop_file, http_bytes, job_by_prompt, open_page, page,
     paint_stroke, png_with_parameters, set_value, severe_console_errors, text, value, wait, wait_job,
 )
 
@@ -111,12 +111,12 @@ def _set_canny_unit(driver) -> str:
     driver.find_element(By.ID, "cn0_enabled").click()
     drop_file(driver, _hint_png(), "hint.png", "cn0_drop")
     wait(driver, lambda d: d.find_element(By.ID, "cn0_view").is_displayed(), 10, "the dropped hint is not shown")
-    Select(driver.find_element(By.ID, "cn0_module")).select_by_value("canny")
+    choose(driver, "cn0_module", value="canny")
     title = _model_title(driver, "tiny_canny")
-    Select(driver.find_element(By.ID, "cn0_model")).select_by_value(title)
+    choose(driver, "cn0_model", value=title)
     set_value(driver, "cn0_weight", 0.8)
     set_value(driver, "cn0_start", 0.1)
-    Select(driver.find_element(By.ID, "cn0_control_mode")).select_by_value("prompt")
+    choose(driver, "cn0_control_mode", value="prompt")
     return title
 
 
@@ -129,10 +129,10 @@ def test_the_page_lists_the_folder_and_knows_the_preprocessors_resolution(page, 
     assert page.execute_script("return RESOLUTION_MODULES") == list(RESOLUTION_MODULES)
     assert [page.find_element(By.ID, f"cn{i}").tag_name for i in range(3)] == ["details"] * 3
     # canny shows its Processor res and its two thresholds with the extension's names and defaults; none hides them
-    Select(page.find_element(By.ID, "cn0_module")).select_by_value("canny")
+    choose(page, "cn0_module", value="canny")
     assert text(page, "cn0_threshold_a_label") == "Canny Low Threshold" and value(page, "cn0_threshold_a") == "100"
     assert value(page, "cn0_threshold_b") == "200" and page.find_element(By.ID, "cn0_res_box").is_displayed()
-    Select(page.find_element(By.ID, "cn0_module")).select_by_value("none")
+    choose(page, "cn0_module", value="none")
     assert not page.find_element(By.ID, "cn0_threshold_a_box").is_displayed()
     assert "controls" not in page.execute_script("return collectRequest()")
 
@@ -163,7 +163,7 @@ def test_the_keyboard_reaches_the_picture_pickers_and_each_is_named(page, base_u
     drop_file(page, _hint_png(), "hint.png", "cn1_drop")
     wait(page, lambda d: _checked(d, "cn1_enabled"), 10, "the dropped hint does not enable unit 1")
     # an enabled unit's title says so and names its preprocessor, folded too; the picture is named
-    Select(page.find_element(By.ID, "cn1_module")).select_by_value("canny")
+    choose(page, "cn1_module", value="canny")
     page.find_element(By.ID, "cn1_summary").click()
     assert text(page, "cn1_summary") == "ControlNet Unit 1 (enabled: canny)"
     page.find_element(By.ID, "cn0_enabled").click()
@@ -217,11 +217,11 @@ def _fill_unit(driver, i: int, settings: dict) -> None:
         driver.find_element(By.ID, f"cn{i}_summary").click()
     driver.find_element(By.ID, f"cn{i}_enabled").click()
     drop_file(driver, _hint_png(), "hint.png", f"cn{i}_drop")
-    Select(driver.find_element(By.ID, f"cn{i}_module")).select_by_value(settings["module"])
-    Select(driver.find_element(By.ID, f"cn{i}_model")).select_by_value(_model_title(driver, "tiny_canny"))
+    choose(driver, f"cn{i}_module", value=settings["module"])
+    choose(driver, f"cn{i}_model", value=_model_title(driver, "tiny_canny"))
     for key, chosen in settings.items():
         if key in ("control_mode", "resize_mode"):
-            Select(driver.find_element(By.ID, f"cn{i}_{key}")).select_by_value(chosen)
+            choose(driver, f"cn{i}_{key}", value=chosen)
         elif key == "pixel_perfect":
             if _checked(driver, f"cn{i}_pixel_perfect") != chosen:
                 driver.find_element(By.ID, f"cn{i}_pixel_perfect").click()
@@ -252,7 +252,7 @@ def test_reuse_and_the_png_restore_every_field_of_three_units_and_the_ip_adapter
     for i, settings in enumerate(units):
         _fill_unit(page, i, settings)
     page.find_element(By.ID, "ipa_enabled").click()
-    Select(page.find_element(By.ID, "ipa_model")).select_by_value(_model_title(page, "ip-adapter_tiny", "ipa_model"))
+    choose(page, "ipa_model", value=_model_title(page, "ip-adapter_tiny", "ipa_model"))
     set_value(page, "ipa_scale", 0.4)
     drop_file(page, _reference_png(), "reference.png", "ipa_drop")
     wait(page, lambda d: d.find_element(By.ID, "ipa_view").is_displayed(), 10, "the dropped picture is not shown")
@@ -272,7 +272,7 @@ def test_reuse_and_the_png_restore_every_field_of_three_units_and_the_ip_adapter
                                                                          "0.4"), restore
     # a PNG naming one unit, its line without Processor Res or Resize Mode (an older extension's)
     set_value(page, "cn0_processor_res", 768)
-    Select(page.find_element(By.ID, "cn0_resize_mode")).select_by_value("fill")
+    choose(page, "cn0_resize_mode", value="fill")
     line = 'ControlNet 0: "Module: canny, Model: tiny_canny, Weight: 0.9, Guidance Start: 0, Guidance End: 1"'
     drop_file(page, png_with_parameters(f"a cat\nSteps: 2, Seed: 1, Size: 64x64, {line}"), "one-unit.png")
     wait(page, lambda d: not _checked(d, "cn1_enabled"), 20, "unit 1 is still ticked")
@@ -298,7 +298,7 @@ def test_img2img_unit_takes_the_initial_image_and_bad_units_show_their_errors(pa
     assert not page.find_element(By.ID, "cn0_resize_mode").is_enabled()    # so its own is greyed out
     # the inpaint tab's unit takes its initial image too, with its resize mode
     page.find_element(By.CSS_SELECTOR, '[role="tab"][data-mode="inpaint"]').click()
-    Select(page.find_element(By.ID, "resize_mode")).select_by_value("fill")
+    choose(page, "resize_mode", value="fill")
     paint_stroke(page, -20, 20)
     sent = page.execute_script("return collectRequest()")
     assert sent["mode"] == "inpaint" and "image" not in sent["controls"][0] and sent["resize_mode"] == "fill"
@@ -379,7 +379,7 @@ def test_preview_shows_the_preprocessed_map(page, base_url):
     assert shown.shape == expected.shape == (96, 96, 3) and (shown == expected).all()
     assert text(page, "error") == ""
     # a preprocessor /controlnet/detect does not run: the server's reason in the error box, the button free again
-    Select(page.find_element(By.ID, "cn0_module")).select_by_value("inpaint")
+    choose(page, "cn0_module", value="inpaint")
     page.find_element(By.ID, "cn0_preview_button").click()
     wait(page, lambda d: "Module not supported" in text(d, "error") and "does not run 'inpaint'" in text(d, "error"),
          10, "the preview error is not shown")
@@ -393,7 +393,7 @@ def test_the_ip_adapter_box_sends_its_fields_and_reuse_fills_it(page, base_url):
     page.find_element(By.ID, "ipa_enabled").click()
     titles = page.execute_script("return [...document.getElementById('ipa_model').options].map((o) => o.value)")
     title = next(t for t in titles if t.startswith("ip-adapter_tiny ["))
-    Select(page.find_element(By.ID, "ipa_model")).select_by_value(title)
+    choose(page, "ipa_model", value=title)
     set_value(page, "ipa_scale", 0.7)
     drop_file(page, _reference_png(), "reference.png", "ipa_drop")
     wait(page, lambda d: d.find_element(By.ID, "ipa_view").is_displayed(), 10, "the dropped picture is not shown")
@@ -431,7 +431,7 @@ def test_a_server_without_controlnets_or_an_image_encoder(browser, empty_folder_
     open_page(browser, url)
     wait(browser, lambda d: d.execute_script("return document.getElementById('cn0_module').options.length > 1"), 30,
          "the preprocessors did not load")
-    assert [o.text for o in Select(browser.find_element(By.ID, "cn0_model")).options] == ["no ControlNets found"]
+    assert option_values(browser, "cn0_model", "text") == ["no ControlNets found"]
     assert browser.execute_script("return document.getElementById('ipa_model').options[0].text") == \
         "no IP-Adapters found"
     drop_file(browser, _hint_png(), "hint.png", "cn0_drop")
@@ -444,9 +444,9 @@ def test_a_server_without_controlnets_or_an_image_encoder(browser, empty_folder_
     write_ip_adapter(folder / "ip-adapter_tiny.safetensors",
                      ip_adapter_state(widths, bundle.unet_config.context_dim, 32, seed=3, std=0.3))
     browser.find_element(By.ID, "cn-refresh").click()
-    wait(browser, lambda d: len(Select(d.find_element(By.ID, "ipa_model")).options) == 2, 20, "no refreshed list")
+    wait(browser, lambda d: len(option_values(d, "ipa_model")) == 2, 20, "no refreshed list")
     browser.find_element(By.ID, "ipa_enabled").click()
-    Select(browser.find_element(By.ID, "ipa_model")).select_by_index(1)
+    choose(browser, "ipa_model", index=1)
     drop_file(browser, _reference_png(), "reference.png", "ipa_drop")
     wait(browser, lambda d: d.find_element(By.ID, "ipa_view").is_displayed(), 10, "the dropped picture is not shown")
     set_value(browser, "prompt", "no image encoder")

@@ -11,8 +11,8 @@ import numpy as np
 from PIL import Image
 
 from test_webui import (  # noqa: F401  (fixtures: browser, page)
-    By, Select, browser, drop_file, http_json, open_page, page, png_with_parameters, set_value, severe_console_errors,
-    text, value, wait, wait_job,
+    By, choose, option_values, browser, drop_file, http_json, open_page, page, png_with_parameters, set_value,
+    severe_console_errors, text, value, wait, wait_job,
 )
 from test_webui_controlnet import (  # noqa: F401  (fixtures: base_url, empty_folder_server)
     _checked, _generate, _hint_png, _lists_loaded, _model_title, _reference_png, _restore, _set_canny_unit,
@@ -51,8 +51,8 @@ def test_the_ip_adapter_module_survives_reuse_and_the_png(page, base_url):
     entry's `module`, recorded, and given back by Reuse and by the drawn PNG (its `ControlNet 0` line)."""
     wait(page, _lists_loaded, 30, "the ControlNet lists did not load")
     page.find_element(By.ID, "ipa_enabled").click()
-    Select(page.find_element(By.ID, "ipa_model")).select_by_value(_options(page, "ipa_model")[1])
-    Select(page.find_element(By.ID, "ipa_module")).select_by_value("ip-adapter_clip_sd15")
+    choose(page, "ipa_model", value=_options(page, "ipa_model")[1])
+    choose(page, "ipa_module", value="ip-adapter_clip_sd15")
     set_value(page, "ipa_scale", 0.6)
     drop_file(page, _reference_png(), "reference.png", "ipa_drop")
     wait(page, lambda d: d.find_element(By.ID, "ipa_view").is_displayed(), 10, "the dropped picture is not shown")
@@ -156,9 +156,9 @@ def test_the_pages_errors_name_models_not_the_servers_paths(browser, empty_folde
     write_ip_adapter(folder / "ip-adapter_tiny.safetensors",
                      ip_adapter_state(widths, bundle.unet_config.context_dim, 32, seed=3, std=0.3))
     open_page(browser, url)
-    wait(browser, lambda d: len(Select(d.find_element(By.ID, "ipa_model")).options) == 2, 30, "no IP-Adapter listed")
+    wait(browser, lambda d: len(option_values(d, "ipa_model")) == 2, 30, "no IP-Adapter listed")
     browser.find_element(By.ID, "ipa_enabled").click()
-    Select(browser.find_element(By.ID, "ipa_model")).select_by_index(1)
+    choose(browser, "ipa_model", index=1)
     drop_file(browser, _reference_png(), "reference.png", "ipa_drop")
     wait(browser, lambda d: d.find_element(By.ID, "ipa_view").is_displayed(), 10, "the dropped picture is not shown")
     browser.find_element(By.ID, "generate").click()

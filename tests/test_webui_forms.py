@@ -18,8 +18,8 @@ from safetensors.torch import save_file
 from server_fixtures import start_server
 from test_upscale_models import new_arch_state
 from test_webui import (  # noqa: F401  (fixtures: base_url, browser, page; the session's sdlab_server)
-    By, Select, base_url, browser, checked, drop_file, http_bytes, http_json, job_by_prompt, open_page, option_values,
-    page, paint_stroke, png_with_parameters, reuse, sdlab_server, set_value, text, value, wait, wait_job,
+    By, choose, base_url, browser, checked, drop_file, http_bytes, http_json, job_by_prompt, loaded_results, open_page,
+    option_values, page, paint_stroke, png_with_parameters, reuse, sdlab_server, set_value, text, value, wait, wait_job,
 )
 
 
@@ -69,10 +69,10 @@ def test_hires_fix_draws_the_upscaled_picture(page, base_url):
     set_value(page, "hr_steps", 2)
     set_slider(page, "hr_denoise", 0.55)
     assert text(page, "hr_denoise-value") == "0.55"
-    Select(page.find_element(By.ID, "hr_upscaler")).select_by_value("Lanczos")
+    choose(page, "hr_upscaler", value="Lanczos")
     page.find_element(By.ID, "generate").click()
-    result = wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, "#results img.result"), message="no result")[0]
-    image = Image.open(io.BytesIO(http_bytes(base_url, result.get_attribute("src").replace(base_url, ""))))
+    result = loaded_results(page)[0]
+    image = Image.open(io.BytesIO(http_bytes(base_url, result.replace(base_url, ""))))
     assert image.size == (96, 96)
     for field in ("Size: 64x64", "Hires upscale: 1.5", "Hires steps: 2", "Hires upscaler: Lanczos",
                   "Denoising strength: 0.55"):
@@ -111,7 +111,7 @@ def test_hires_fix_offers_and_draws_with_the_servers_upscaler_models(browser, up
     set_value(browser, "prompt", prompt)
     set_value(browser, "steps", 3)
     set_value(browser, "hr_steps", 2)
-    Select(browser.find_element(By.ID, "hr_upscaler")).select_by_value("tinyx2")
+    choose(browser, "hr_upscaler", value="tinyx2")
     browser.find_element(By.ID, "generate").click()
     wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#results img.result"), message="no result")
     job = job_by_prompt(base, prompt)
@@ -244,7 +244,9 @@ def test_seeds_past_two_to_the_53_stay_exact(page, base_url):
     job = wait_job(base_url, http_json(base_url, "/api/jobs", {"prompt": "a big seed", "steps": 1, "seed": big})["id"])
     reuse(page, base_url, job["id"])
     wait(page, lambda d: value(d, "seed") == str(big), 10, "Reuse did not fill the seed exactly")
-    assert f"seed {big}" in page.find_element(By.CSS_SELECTOR, f'#gallery [data-job-id="{job["id"]}"]').text
+    card = page.execute_script("return document.querySelector(arguments[0]).innerText",   # one read: the gallery
+                               f'#gallery [data-job-id="{job["id"]}"]')                  # is drawn again
+    assert f"seed {big}" in card
     set_value(page, "prompt", "a big seed again")
     assert generated(page, base_url, "a big seed again")["request"]["seed"] == big
     # the largest seed the server takes draws; one past it is refused with the range, before any request
@@ -297,7 +299,7 @@ def test_the_inpaint_box_reaches_the_job_and_reuse_fills_it(page, base_url):
     wait(page, lambda d: d.find_element(By.ID, "mask-canvas").is_displayed(), 10, "the image was not taken")
     paint_stroke(page, -60, 60)
     for field, option in INPAINT_BOX.items():
-        Select(page.find_element(By.ID, field)).select_by_value(option)
+        choose(page, field, value=option)
     set_value(page, "inpaint_padding", 8)
     set_value(page, "mask_blur", 2)
     set_value(page, "steps", 2)
@@ -386,14 +388,14 @@ def test_reuse_of_a_comfyui_spelt_job_draws_the_same_picture(page, base_url):
     again = wait_job(base_url, job_by_prompt(base_url, prompt)["id"])
     assert again["id"] != job["id"] and again["status"] == "done", again
     assert np.array_equal(_pixels_of(base_url, again), _pixels_of(base_url, job))
-    Select(page.find_element(By.ID, "sampler")).select_by_value("Euler")
+    choose(page, "sampler", value="Euler")
     assert page.execute_script("return keptRequest()") == {}
 
     drop_file(page, http_bytes(base_url, job["images"][0]), "comfy.png")
     wait(page, lambda d: text(d, "notice") == "Settings read from comfy.png", 20, "the PNG was not read cleanly")
     # no zero_empty_negative: the tiny model's family encodes an empty negative anyway (no `Empty negative` label)
     assert page.execute_script("return keptRequest()") == {"eta_noise_seed_delta": 1, "init_noise": "comfyui"}
-    Select(page.find_element(By.ID, "schedule")).select_by_value("karras")
+    choose(page, "schedule", value="karras")
     assert page.execute_script("return keptRequest()") == {}
 
 
@@ -466,7 +468,7 @@ def test_an_empty_or_mistyped_lora_weight_is_an_error_not_weight_0(page, base_ur
     """The LoRA box's Weight and a listed LoRA's weight take a number: an emptied box or text is one error naming
     the box, never the LoRA at weight 0 (A1111's `<lora:name>` is weight 1)."""
     page.execute_script("fillSelect($('lora'), [{label: 'wobble', value: 'wobble'}]); $('lora-add').disabled = false;")
-    Select(page.find_element(By.ID, "lora")).select_by_value("wobble")
+    choose(page, "lora", value="wobble")
     set_value(page, "lora-weight", typed)
     page.find_element(By.ID, "lora-add").click()
     assert text(page, "error").startswith("Weight:") and page.execute_script("return state.loras") == []

@@ -6,7 +6,7 @@ without FreeU unticks it."""
 from __future__ import annotations
 
 from test_webui import (  # noqa: F401  (fixtures: base_url, browser, page; the session's sdlab_server)
-    By, Select, base_url, browser, checked, job_by_prompt, page, read_dropped, reuse, sdlab_server, set_value, text,
+    By, choose, base_url, browser, checked, job_by_prompt, page, read_dropped, reuse, sdlab_server, set_value, text,
     tick_option_box, value, wait, wait_job,
 )
 
@@ -21,7 +21,7 @@ def test_the_freeu_box_reaches_the_job_and_reuse_fills_it(page, base_url):
     set_value(page, "freeu_b1", 1.3)
     set_value(page, "freeu_b2", 1.6)
     set_value(page, "freeu_end", 0.5)
-    Select(page.find_element(By.ID, "freeu_version")).select_by_value("1")
+    choose(page, "freeu_version", value="1")
     page.find_element(By.ID, "generate").click()
     wait(page, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results img.result")) == 1, message="no result")
     job = wait_job(base_url, job_by_prompt(base_url, prompt)["id"])

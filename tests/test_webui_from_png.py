@@ -19,8 +19,8 @@ from sdlab.cli import main
 from sdlab.pipeline import infotext
 from sdlab.server.native import SIGMA_OPTIONS, JobIn
 from test_webui import (  # noqa: F401  (fixtures: base_url, browser, page; the session's sdlab_server)
-    By, Select, base_url, browser, drop_file, http_bytes, http_json, page, png_with_parameters, sdlab_server,
-    set_value, text, value, wait, wait_job,
+    By, choose, click_card_button, base_url, browser, drop_file, http_bytes, http_json, page, png_with_parameters,
+    sdlab_server, set_value, text, value, wait, wait_job,
 )
 
 PICTURES = {
@@ -94,9 +94,9 @@ def test_churn_goes_with_the_sampler_and_the_schedule_overrides_with_the_schedul
         return {key: sent[key] for key in SIGMA_OPTIONS if key in sent}
 
     assert kept() == {**churn, "schedule_rho": 3, "discard_penultimate_sigma": True}
-    Select(page.find_element(By.ID, "schedule")).select_by_value("exponential")
+    choose(page, "schedule", value="exponential")
     assert kept() == churn
-    Select(page.find_element(By.ID, "sampler")).select_by_value("Heun")
+    choose(page, "sampler", value="Heun")
     assert kept() == {}
 
 
@@ -270,7 +270,7 @@ def test_kept_settings_are_shown_as_removable_chips_and_go_with_the_form(page, b
                                        "zero_terminal_snr")} == {
         "s_min_uncond": 1.5, "skip_early_cond": 0.4, "clip_skip_convention": "a1111", "emphasis": "No norm",
         "zero_terminal_snr": True}
-    page.find_element(By.CSS_SELECTOR, '#kept-list li[data-key="zero_terminal_snr"] button').click()
+    click_card_button(page, '#kept-list li[data-key="zero_terminal_snr"]', "remove-kept")
     assert page.execute_script(KEPT_SHOWN) == shown[:-1]
     assert "zero_terminal_snr" not in page.execute_script("return collectRequest()")
     page.refresh()

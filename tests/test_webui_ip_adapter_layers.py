@@ -9,8 +9,8 @@ import pytest
 from ip_adapter_fixtures import reference_png, write_shipped_model_ip_adapter
 from server_fixtures import start_server
 from test_webui import (  # noqa: F401  (fixtures: browser, page)
-    By, click_card_button, Select, browser, drop_file, http_json, open_page, page, set_value, text, value, wait,
-    wait_job,
+    By, click_card_button, choose, option_values, browser, drop_file, http_json, open_page, page, set_value, text,
+    value, wait, wait_job,
 )
 
 LAYERS = "mid=1 up.block_1=0/1"
@@ -42,18 +42,18 @@ def test_layers_select_sends_shows_refusals_and_reuses(page, base_url):
     page.find_element(By.ID, "ipa_enabled").click()
     wait(page, lambda d: d.execute_script("return document.getElementById('ipa_model').options.length > 1"), 30,
          "the IP-Adapter list did not load")
-    Select(page.find_element(By.ID, "ipa_model")).select_by_value(_adapter_title(page))
+    choose(page, "ipa_model", value=_adapter_title(page))
     drop_file(page, reference_png(), "reference.png", "ipa_drop")
     wait(page, lambda d: d.find_element(By.ID, "ipa_view").is_displayed(), 10, "the dropped picture is not shown")
-    assert [o.get_attribute("value") for o in Select(page.find_element(By.ID, "ipa_layers")).options] == [
+    assert option_values(page, "ipa_layers") == [
         "", "style", "style+layout"]
     sent = page.execute_script("return JSON.parse(JSON.stringify(collectRequest()))")["ip_adapters"][0]
     assert "layer_scales" not in sent                                   # All: every cross-attention
-    Select(page.find_element(By.ID, "ipa_layers")).select_by_value("style+layout")
+    choose(page, "ipa_layers", value="style+layout")
     sent = page.execute_script("return JSON.parse(JSON.stringify(collectRequest()))")["ip_adapters"][0]
     assert sent["layer_scales"] == "style+layout"
     # SDXL's presets on the shipped model (2 transformers in up_blocks.0, no down_blocks.2 second one): the 400
-    Select(page.find_element(By.ID, "ipa_layers")).select_by_value("style")
+    choose(page, "ipa_layers", value="style")
     set_value(page, "prompt", "a refused preset")
     page.find_element(By.ID, "generate").click()
     wait(page, lambda d: text(d, "error").startswith("400") and "up.block_0 takes 2 numbers" in text(d, "error"), 30,

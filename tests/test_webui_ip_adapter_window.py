@@ -8,7 +8,7 @@ import pytest
 from ip_adapter_fixtures import reference_png, write_shipped_model_ip_adapter
 from server_fixtures import start_server
 from test_webui import (  # noqa: F401  (fixtures: browser, page)
-    By, click_card_button, Select, browser, drop_file, http_json, open_page, page, set_value, value, wait, wait_job,
+    By, click_card_button, choose, browser, drop_file, http_json, open_page, page, set_value, value, wait, wait_job,
 )
 
 
@@ -33,8 +33,7 @@ def test_the_window_boxes_send_draw_and_reuse(page, base_url):
     wait(page, lambda d: d.execute_script("return document.getElementById('ipa_model').options.length > 1"), 30,
          "the IP-Adapter list did not load")
     titles = page.execute_script("return [...document.getElementById('ipa_model').options].map((o) => o.value)")
-    Select(page.find_element(By.ID, "ipa_model")).select_by_value(
-        next(title for title in titles if title.startswith("ip-adapter_tiny [")))
+    choose(page, "ipa_model", value=next(title for title in titles if title.startswith("ip-adapter_tiny [")))
     drop_file(page, reference_png(), "reference.png", "ipa_drop")
     wait(page, lambda d: d.find_element(By.ID, "ipa_view").is_displayed(), 10, "the dropped picture is not shown")
     assert value(page, "ipa_start") == "0" and value(page, "ipa_end") == "1"

@@ -85,9 +85,12 @@ def browser():
 
 
 def wait(driver, condition, message: str, timeout: float = TIMEOUT):
+    """Poll condition until it is truthy; an element the page replaced meanwhile makes that poll false."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout, poll_frequency=0.05).until(condition, message)
+    return WebDriverWait(driver, timeout, poll_frequency=0.05,
+                         ignored_exceptions=(StaleElementReferenceException,)).until(condition, message)
 
 
 def open_page(driver, base: str) -> None:
@@ -113,13 +116,13 @@ def submit(driver, base: str, prompt: str, model: str, **fields) -> dict:
     """Fill the prompt, model, a small size and `fields` (id -> typed text, or a select's value), generate,
     and return the finished job."""
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select
+    from test_webui import choose
 
     type_in(driver, "prompt", prompt)
-    Select(driver.find_element(By.ID, "model")).select_by_value(model)
+    choose(driver, "model", value=model)
     for element_id, text in {"width": 32, "height": 32, "seed": 7, **fields}.items():
         if element_id == "sampler":
-            Select(driver.find_element(By.ID, "sampler")).select_by_value(text)
+            choose(driver, "sampler", value=text)
         else:
             type_in(driver, element_id, text)
     driver.find_element(By.ID, "generate").click()
@@ -132,6 +135,7 @@ def submit(driver, base: str, prompt: str, model: str, **fields) -> dict:
 @needs_browser
 def test_untouched_form_draws_with_the_model_preset_and_typed_steps_win(browser, served):
     from selenium.webdriver.common.by import By
+    from test_webui import click_card_button
 
     base, models = served.url, titles(served.url)
     open_page(browser, base)
@@ -163,7 +167,6 @@ def test_untouched_form_draws_with_the_model_preset_and_typed_steps_win(browser,
     assert (plain["request"]["steps"], plain["request"]["sampler"]) == (20, "DPM++ 2M")
 
     # reusing the untouched job's settings fills in what it ran with
-    card = f'#gallery [data-job-id="{job["id"]}"] button.reuse'
-    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, card), "the job is not in the gallery", 20)[0].click()
+    click_card_button(browser, f'#gallery [data-job-id="{job["id"]}"]', "reuse")
     assert (value(browser, "steps"), value(browser, "sampler")) == ("4", "LCM")
     assert value(browser, "model") == models["distilled"]

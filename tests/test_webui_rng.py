@@ -4,14 +4,14 @@ them (an A1111 text without RNG: A1111's default GPU; an sdlab text without it: 
 from __future__ import annotations
 
 from test_webui import (  # noqa: F401  (fixtures: base_url, browser, page; the session's sdlab_server)
-    By, Select, base_url, browser, checked, drop_file, http_json, page, png_with_parameters, reuse, sdlab_server,
+    By, choose, base_url, browser, checked, drop_file, http_json, page, png_with_parameters, reuse, sdlab_server,
     set_value, value, wait, wait_job,
 )
 
 
 def test_rng_and_seed_resize_reach_the_job(page):
     assert value(page, "rng") == "CPU"
-    Select(page.find_element(By.ID, "rng")).select_by_value("NV")
+    choose(page, "rng", value="NV")
     page.find_element(By.ID, "seed-extra").click()
     set_value(page, "seed_resize_from_w", 48)
     set_value(page, "seed_resize_from_h", 80)

@@ -9,8 +9,8 @@ import io
 
 from PIL import Image
 from test_webui import (  # noqa: F401  (fixtures: base_url, browser, page; the session's sdlab_server)
-    By, click_card_button, Select, base_url, browser, http_bytes, http_json, open_page, page, sdlab_server,
-    set_value, text, value, wait, wait_job,
+    By, click_card_button, choose, option_values, selected, base_url, browser, http_bytes, http_json, open_page, page,
+    sdlab_server, set_value, text, value, wait, wait_job,
 )
 
 
@@ -22,33 +22,34 @@ def _queued(page, base_url: str, prompt: str) -> str:
 
 
 def test_each_tab_lists_its_scripts_and_shows_the_chosen_ones_controls(page):
-    script = Select(page.find_element(By.ID, "script"))
-    assert [o.text for o in script.options] == ["None", "Prompt Matrix", "Prompts from file or textbox", "X/Y/Z plot"]
-    script.select_by_visible_text("X/Y/Z plot")
+    txt2img = ["None", "Prompt Matrix", "Prompts from file or textbox", "X/Y/Z plot"]
+    wait(page, lambda d: option_values(d, "script", "text") == txt2img, 20,       # the list loads after the page
+         "txt2img's scripts are not listed")
+    choose(page, "script", text="X/Y/Z plot")
     assert page.find_element(By.ID, "xyz_x_type").is_displayed()
-    assert Select(page.find_element(By.ID, "xyz_x_type")).first_selected_option.text == "Seed"   # A1111 1.10's
-    assert Select(page.find_element(By.ID, "xyz_y_type")).first_selected_option.text == "Nothing"
+    assert selected(page, "xyz_x_type") == "Seed"   # A1111 1.10's
+    assert selected(page, "xyz_y_type") == "Nothing"
     assert page.find_element(By.ID, "xyz_draw_legend").is_selected()
     assert not page.find_element(By.ID, "lb_loops").is_displayed()
     page.find_element(By.ID, "tab-img2img").click()
-    assert [o.text for o in script.options] == ["None", "Loopback", "Outpainting mk2", "Poor man's outpainting",
-                                                "Prompt Matrix", "Prompts from file or textbox", "SD upscale",
-                                                "X/Y/Z plot"]
-    assert script.first_selected_option.text == "X/Y/Z plot"     # kept over the tab change
-    assert Select(page.find_element(By.ID, "xyz_x_type")).first_selected_option.text == "Seed"
-    script.select_by_visible_text("Loopback")
+    assert option_values(page, "script", "text") == ["None", "Loopback", "Outpainting mk2", "Poor man's outpainting",
+                                                     "Prompt Matrix", "Prompts from file or textbox", "SD upscale",
+                                                     "X/Y/Z plot"]
+    assert selected(page, "script") == "X/Y/Z plot"     # kept over the tab change
+    assert selected(page, "xyz_x_type") == "Seed"
+    choose(page, "script", text="Loopback")
     assert (value(page, "lb_loops"), value(page, "lb_final_denoising_strength")) == ("4", "0.5")
-    assert Select(page.find_element(By.ID, "lb_denoising_curve")).first_selected_option.text == "Linear"
+    assert selected(page, "lb_denoising_curve") == "Linear"
     page.find_element(By.ID, "tab-txt2img").click()
-    assert script.first_selected_option.text == "None"           # txt2img has no Loopback
+    assert selected(page, "script") == "None"           # txt2img has no Loopback
 
 
 def test_xyz_plot_with_a_steps_axis_draws_its_grid_into_the_viewer_and_gallery(page, base_url):
     prompt = "a blue circle (x/y/z)"
     set_value(page, "prompt", prompt)
     set_value(page, "seed", 5)
-    Select(page.find_element(By.ID, "script")).select_by_visible_text("X/Y/Z plot")
-    Select(page.find_element(By.ID, "xyz_x_type")).select_by_visible_text("Steps")
+    choose(page, "script", text="X/Y/Z plot")
+    choose(page, "xyz_x_type", text="Steps")
     set_value(page, "xyz_x_values", "1,2")
     job_id = _queued(page, base_url, prompt)
     job = wait_job(base_url, job_id)
@@ -65,9 +66,9 @@ def test_xyz_plot_with_a_steps_axis_draws_its_grid_into_the_viewer_and_gallery(p
         [j for j in http_json(base_url, "/api/jobs")["jobs"] if j["status"] not in ("queued", "running")])
 
     set_value(page, "xyz_x_values", "")
-    Select(page.find_element(By.ID, "script")).select_by_visible_text("None")
+    choose(page, "script", text="None")
     click_card_button(page, card, "reuse")
-    assert Select(page.find_element(By.ID, "script")).first_selected_option.text == "X/Y/Z plot"
+    assert selected(page, "script") == "X/Y/Z plot"
     assert value(page, "xyz_x_values") == "1,2" and text(page, "notice") == ""
 
 
@@ -79,7 +80,7 @@ def test_loopback_of_two_loops_from_the_img2img_tab(page, base_url, tmp_path):
     prompt = "an orange square (loopback)"
     set_value(page, "prompt", prompt)
     set_value(page, "steps", 2)
-    Select(page.find_element(By.ID, "script")).select_by_visible_text("Loopback")
+    choose(page, "script", text="Loopback")
     set_value(page, "lb_loops", 2)
     job_id = _queued(page, base_url, prompt)
     job = wait_job(base_url, job_id)
@@ -106,8 +107,8 @@ def test_reuse_of_an_api_script_job_restores_the_arguments_it_drew_with(page, ba
     assert [job["status"] for job in jobs] == ["done", "done", "done"], jobs
     open_page(page, base_url)                   # the gallery lists them
     wait(page, lambda d: d.execute_script("return state.scripts !== null"), 20, "GET /api/scripts not read")
-    Select(page.find_element(By.ID, "script")).select_by_visible_text("X/Y/Z plot")
-    Select(page.find_element(By.ID, "xyz_y_type")).select_by_visible_text("CFG Scale")
+    choose(page, "script", text="X/Y/Z plot")
+    choose(page, "xyz_y_type", text="CFG Scale")
     set_value(page, "xyz_y_values", "3,9")
     expected = ([4, "1,2", [], 0, "", [], 0, "", [], True, False, False, False, False, False, False, 0, True],
                 [9, "Euler, DPM++ 2M", [], 0, "", [], 0, "", [], True, False, False, False, False, False, False, 0,

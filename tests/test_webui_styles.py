@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from server_fixtures import start_server
 from test_webui import (  # noqa: F401  (fixtures: browser, page; the session's sdlab_server)
-    By, click_card_button, Select, generate_and_finish, browser, drop_file, http_bytes, http_json, open_page,
+    By, click_card_button, choose, selected, generate_and_finish, browser, drop_file, http_bytes, http_json, open_page,
     option_values, page, png_with_parameters, sdlab_server, set_value, text, value, wait, wait_job,
 )
 
@@ -45,17 +45,24 @@ def styles(styled_server) -> StyleDatabase:
 
 
 def chips(page) -> list[str]:
-    return [item.get_attribute("data-name") for item in page.find_elements(By.CSS_SELECTOR, "#style-list li")]
+    """The chosen styles' chips, read in one script: the list is drawn again (renderStyles) as styles change."""
+    return page.execute_script("return [...document.querySelectorAll('#style-list li')].map((li) => li.dataset.name)")
+
+
+def chip_title(page, name: str) -> str:
+    return page.execute_script(
+        "return document.querySelector(`#style-list [data-name=\"${arguments[0]}\"] span`).title", name)
 
 
 def choose_styles(page, *names: str) -> None:
     for name in names:
-        Select(page.find_element(By.ID, "style-choice")).select_by_visible_text(name)
+        choose(page, "style-choice", text=name)
 
 
 def remove_styles(page) -> None:
-    while buttons := page.find_elements(By.CSS_SELECTOR, "#style-list button.remove-style"):
-        buttons[0].click()
+    """Remove every chip by its button; the chips are drawn again after each, so each click is tried again on them."""
+    while chips(page):
+        click_card_button(page, "#style-list li", "remove-style")
 
 
 def pixels(data: bytes) -> np.ndarray:
@@ -63,16 +70,15 @@ def pixels(data: bytes) -> np.ndarray:
 
 
 def test_the_styles_list_holds_the_servers_styles_or_says_it_has_none(page, sdlab_server):
-    assert [o.text for o in Select(page.find_element(By.ID, "style-choice")).options] == [
+    assert option_values(page, "style-choice", "text") == [
         "add a style", "cinematic", "ink"]
     choose_styles(page, "ink", "cinematic", "ink")                  # once each, in the order chosen
     assert chips(page) == ["ink", "cinematic"]
-    assert page.find_element(By.CSS_SELECTOR, '#style-list [data-name="cinematic"] span').get_attribute(
-        "title") == "{prompt}, film grain\nNegative: blurry"
+    assert chip_title(page, "cinematic") == "{prompt}, film grain\nNegative: blurry"
     open_page(page, sdlab_server.url)                               # a server without styles
     choice = page.find_element(By.ID, "style-choice")
     wait(page, lambda d: not choice.is_enabled(), 10, "the styles list is not disabled")
-    assert [o.text for o in Select(choice).options] == ["no styles (sdlab serve --styles-file)"]
+    assert option_values(page, "style-choice", "text") == ["no styles (sdlab serve --styles-file)"]
 
 
 def test_a_job_with_styles_draws_the_styled_prompts_and_reuse_restores_them(page, base_url, styles):
@@ -129,11 +135,11 @@ def test_a_dropped_xyz_grid_selects_its_plot_and_draws_it_again(page, base_url):
     a1111 = http_json(base_url, "/sdapi/v1/txt2img", {
         "prompt": "a red square (grid)", "steps": 2, "seed": 9, "sampler_name": "Euler", "cfg_scale": 5,
         "width": 64, "height": 64, "script_name": "x/y/z plot", "script_args": [4, "1,2", [], 6, "3,6"]})
-    Select(page.find_element(By.ID, "script")).select_by_visible_text("None")
+    choose(page, "script", text="None")
     drop_file(page, base64.b64decode(a1111["images"][0]), "grid.png")
     wait(page, lambda d: value(d, "prompt") == "a red square (grid)", 20, "the grid's parameters are not read")
-    assert Select(page.find_element(By.ID, "script")).first_selected_option.text == "X/Y/Z plot"
-    types = [Select(page.find_element(By.ID, f"xyz_{a}_type")).first_selected_option.text for a in "xyz"]
+    assert selected(page, "script") == "X/Y/Z plot"
+    types = [selected(page, f"xyz_{a}_type") for a in "xyz"]
     assert types == ["Steps", "CFG Scale", "Nothing"]
     assert (value(page, "xyz_x_values"), value(page, "xyz_y_values")) == ("1,2", "3,6")
     page.find_element(By.ID, "generate").click()
@@ -147,27 +153,26 @@ def test_a_dropped_xyz_grid_selects_its_plot_and_draws_it_again(page, base_url):
     drop_file(page, png_with_parameters("a cat\nSteps: 2, Sampler: Euler, CFG scale: 5, Seed: 1, Size: 64x64"),
               "plain.png")
     wait(page, lambda d: value(d, "prompt") == "a cat", 20, "the plain picture is not read")
-    assert Select(page.find_element(By.ID, "script")).first_selected_option.text == "None"
+    assert selected(page, "script") == "None"
     drop_file(page, png_with_parameters("a cat\nSteps: 2, Sampler: Euler, CFG scale: 5, Seed: 1, Size: 64x64, "
                                         "Script: X/Y/Z plot, X Type: Face restore, X Values: True"), "faces.png")
     wait(page, lambda d: "Face restore" in text(d, "notice"), 20, "the axis sdlab lacks is not named")
-    assert Select(page.find_element(By.ID, "script")).first_selected_option.text == "None"
+    assert selected(page, "script") == "None"
     assert 'script "X/Y/Z plot" (X type "Face restore" not here)' in text(page, "notice")
 
 
 def test_a_dropped_loopback_picture_selects_loopback_in_the_img2img_tab(page):
     page.find_element(By.ID, "tab-img2img").click()
-    script = Select(page.find_element(By.ID, "script"))
-    script.select_by_visible_text("Loopback")
+    choose(page, "script", text="Loopback")
     set_value(page, "lb_loops", 3)
-    script.select_by_visible_text("None")
+    choose(page, "script", text="None")
     drop_file(page, png_with_parameters("a cat\nSteps: 2, Sampler: Euler, CFG scale: 5, Seed: 1, Size: 64x64, "
                                         "Denoising strength: 0.5, Final denoising strength: 0.25, "
                                         "Denoising curve: Aggressive"), "loop.png")
     wait(page, lambda d: value(d, "prompt") == "a cat", 20, "the picture is not read")
-    assert script.first_selected_option.text == "Loopback"
+    assert selected(page, "script") == "Loopback"
     assert (value(page, "lb_loops"), value(page, "lb_final_denoising_strength")) == ("3", "0.25")   # loops: unsaid
-    assert Select(page.find_element(By.ID, "lb_denoising_curve")).first_selected_option.text == "Aggressive"
+    assert selected(page, "lb_denoising_curve") == "Aggressive"
 
 
 def test_an_edited_styles_file_is_listed_when_the_page_is_back_in_focus(page, styled_server):
@@ -193,8 +198,7 @@ def test_an_edited_styles_file_is_listed_when_the_page_is_back_in_focus(page, st
         assert chips(page) == ["ink"]
         choose_styles(page, "neon")
         assert chips(page) == ["ink", "neon"]
-        assert page.find_element(By.CSS_SELECTOR, '#style-list [data-name="neon"] span').get_attribute(
-            "title") == "neon lights\nNegative: dark"
+        assert chip_title(page, "neon") == "neon lights\nNegative: dark"
     finally:
         edit(STYLES_CSV)
     page.execute_script("window.dispatchEvent(new Event('focus'))")
@@ -226,13 +230,13 @@ def test_xyz_axes_with_choices_offer_the_servers_values_and_typing_still_works(p
     prompt = "a grey cube (xyz choices)"
     set_value(page, "prompt", prompt)
     wait(page, lambda d: d.execute_script("return state.scripts !== null"), 20, "GET /api/scripts not read")
-    Select(page.find_element(By.ID, "script")).select_by_visible_text("X/Y/Z plot")
+    choose(page, "script", text="X/Y/Z plot")
 
     def offered(letter: str) -> list[str]:
         return option_values(page, f"xyz_{letter}_choice", "text")[1:]
 
     def axis(letter: str, label: str) -> None:
-        Select(page.find_element(By.ID, f"xyz_{letter}_type")).select_by_visible_text(label)
+        choose(page, f"xyz_{letter}_type", text=label)
 
     assert not page.find_element(By.ID, "xyz_x_choices").is_displayed()      # Seed: typed only
     axis("x", "Styles")
@@ -243,7 +247,7 @@ def test_xyz_axes_with_choices_offer_the_servers_values_and_typing_still_works(p
     axis("y", "Sampler")
     assert "Euler" in offered("y") and "DPM++ 2M" in offered("y")
     set_value(page, "xyz_y_values", "Euler a")                               # typed, then one picked
-    Select(page.find_element(By.ID, "xyz_y_choice")).select_by_visible_text("Euler")
+    choose(page, "xyz_y_choice", text="Euler")
     assert value(page, "xyz_y_values") == "Euler a, Euler"
     axis("z", "Schedule type")
     assert {"Automatic", "Karras", "Uniform"} <= set(offered("z"))

@@ -5,7 +5,7 @@ them draws: its job sends their indices in the server's axis list and its grid n
 from __future__ import annotations
 
 from test_webui import (  # noqa: F401  (fixtures: base_url, browser, page; the session's sdlab_server)
-    By, Select, generate_and_finish, base_url, browser, http_json, page, sdlab_server, set_value,
+    By, choose, option_values, generate_and_finish, base_url, browser, http_json, page, sdlab_server, set_value,
 )
 
 AXES = ["[FreeU] Enabled", "[FreeU] Stage 1 Backbone Scale", "[FreeU] Stage 1 Skip Scale",
@@ -15,12 +15,11 @@ AXES = ["[FreeU] Enabled", "[FreeU] Stage 1 Backbone Scale", "[FreeU] Stage 1 Sk
 def test_the_freeu_and_pag_axes_are_offered_and_drawn(page, base_url):
     prompt = "a green cone (freeu x pag)"
     set_value(page, "prompt", prompt)
-    Select(page.find_element(By.ID, "script")).select_by_visible_text("X/Y/Z plot")
-    x_type = Select(page.find_element(By.ID, "xyz_x_type"))
-    assert [o.text for o in x_type.options][-len(AXES):] == AXES               # after A1111's, in both tabs
-    Select(page.find_element(By.ID, "xyz_x_type")).select_by_visible_text("[FreeU] Stage 2 Backbone Scale")
+    choose(page, "script", text="X/Y/Z plot")
+    assert option_values(page, "xyz_x_type", "text")[-len(AXES):] == AXES               # after A1111's, in both tabs
+    choose(page, "xyz_x_type", text="[FreeU] Stage 2 Backbone Scale")
     set_value(page, "xyz_x_values", "1,1.6")
-    Select(page.find_element(By.ID, "xyz_y_type")).select_by_visible_text("PAG scale")
+    choose(page, "xyz_y_type", text="PAG scale")
     set_value(page, "xyz_y_values", "2")
     job = generate_and_finish(page, base_url, prompt)
     listed = [a["label"] for a in http_json(base_url, "/api/scripts")["txt2img"]["axes"]]
@@ -32,4 +31,4 @@ def test_the_freeu_and_pag_axes_are_offered_and_drawn(page, base_url):
     assert "X Type: [FreeU] Stage 2 Backbone Scale" in job["infotexts"][0] and "Y Type: PAG scale" in job["infotexts"][0]
     assert "freeu_b2: 1," in job["infotexts"][0] and "PerturbedAttentionGuidance_scale: 2" in job["infotexts"][0]
     page.find_element(By.ID, "tab-img2img").click()
-    assert [o.text for o in Select(page.find_element(By.ID, "xyz_x_type")).options][-len(AXES):] == AXES
+    assert option_values(page, "xyz_x_type", "text")[-len(AXES):] == AXES
