@@ -440,11 +440,16 @@ def test_discard_penultimate_sigma_takes_one_step_mores_timesteps(sampler):
 
 @pytest.mark.parametrize("fields", [dict(sampler="DDIM", steps=1), dict(sampler="UniPC", steps=2),
                                     dict(sampler="DDIM", steps=10, init_image=init_picture(32), strength=0.15,
-                                         img2img_convention="a1111")])
+                                         img2img_convention="a1111"),
+                                    *(dict(sampler=sampler, steps=steps, init_image=init_picture(32),
+                                           strength=strength, img2img_convention="a1111")   # t_enc 0: no timestep
+                                      for sampler in ("UniPC", "DDIM", "PLMS")
+                                      for steps, strength in ((3, 0.3), (1, 0.6)))])
 def test_runs_that_take_no_step_are_refused(fields):
     """A1111's DDIM on one timestep (1 step, or an img2img t_enc of 1) returns its noise; its UniPC asserts its order,
-    3, is at most the steps: a RequestError here."""
-    with pytest.raises(RequestError, match="A1111's"):
+    3, is at most the steps: a RequestError here, which counts no negative steps. An img2img whose t_enc is 0 samples
+    on no timestep: the same RequestError (UniPC's was an internal ValueError)."""
+    with pytest.raises(RequestError, match=r"A1111's \w+ at .* takes \d+ step\(s\)"):
         make_plan(tiny_bundle("sd1"), GenerationRequest(prompt="x", schedule="ddim_uniform", width=32, height=32,
                                                         seed=1, **fields))
 

@@ -504,6 +504,8 @@ def a1111_timestep_sigmas(schedule: NoiseSchedule, steps: int, *, encoded: int |
     timesteps = a1111_timesteps(schedule.num_timesteps, steps)
     if encoded is not None:
         timesteps = timesteps[:encoded]
+    if unipc and not len(timesteps):        # img2img at a strength that samples on no timestep: no step either
+        return torch.zeros(0)
     if unipc:
         start = 1.0 if encoded is None else timesteps[-1:] / schedule.num_timesteps + 1 / schedule.num_timesteps
         return _a1111_unipc_sigmas(schedule, start, len(timesteps))

@@ -456,7 +456,7 @@ def _check_a1111_timestep_steps(sampler: SamplerSpec, req: GenerationRequest, si
     `len(timesteps) - 1` times), or its UniPC fewer than its order (`unipc_order`: A1111's fails there); it names
     `field`, the request's steps (`hr_steps` for a hires second pass), and the strength where a higher one runs
     more steps."""
-    steps, needed = len(sigmas) - 1, req.unipc_order if sampler.a1111 == "UniPC" else 1
+    steps, needed = max(len(sigmas) - 1, 0), req.unipc_order if sampler.a1111 == "UniPC" else 1   # none: 0 steps
     if steps < needed:
         convention = req.img2img_convention
         strength_acts = img2img and steps_run(req.steps, 1.0, convention)[1] > steps_run(req.steps, req.strength,
