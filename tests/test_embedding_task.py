@@ -77,6 +77,8 @@ def test_only_the_vectors_get_gradients(tmp_path):
     # a word no prompt reaches even escaped: '#' always starts a comment
     (("--embedding-word", "my#style"),
      r"cannot be written in a prompt, even escaped: the prompt syntax reads it as '#' starts a comment .* 'my'"),
+    # ComfyUI's lookup of the embedding file 'foo', made on the unescaped prompt
+    (("--embedding-word", "embedding:foo"), "holds ComfyUI's embedding:NAME, .* could never be used"),
 ])
 def test_bad_settings_are_one_clear_error(tmp_path, data, extra, message):
     model = write_tiny_model(tmp_path / "sd1.safetensors")

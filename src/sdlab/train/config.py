@@ -348,10 +348,16 @@ def _check_prompt_word(word: str | None) -> None:
         return
     from sdlab.pipeline.prompt_word import prompt_spelling, reading
 
+    from sdlab.models.tokenizer import _EMBEDDING_SYNTAX
+
     if prompt_spelling(word) is None:
         raise TrainError(f"--embedding-word {word!r} cannot be written in a prompt, even escaped: the prompt syntax "
                          f"reads it as {reading(word) or 'nothing'}, so the embedding could never be used; choose "
                          f"another word")
+    if _EMBEDDING_SYNTAX.search(word):       # looked up after the prompt is unescaped: no spelling escapes it
+        raise TrainError(f"--embedding-word {word!r} holds ComfyUI's embedding:NAME, which a prompt reads as the "
+                         f"embedding file NAME (escaping does not change that), so this word could never be used; "
+                         f"choose another word")
 
 
 # What each task does, and the task-specific settings it reads (settings no task is listed with, such as the
