@@ -31,6 +31,8 @@ def test_the_spelling_reads_back_as_the_word(word):
     spelling = prompt_spelling(word)
     assert read(spelling) == [(word, 1.0)]
     assert read(f"a {spelling} photo") == [(f"a {word} photo", 1.0)]
+    if "AND" not in word:                   # inside emphasis too (an AND part's weight is not emphasis)
+        assert read(f"a ({spelling}:1.5) photo") == [("a ", 1.0), (word, 1.5), (" photo", 1.0)]
 
 
 def test_the_reported_escapes():

@@ -75,10 +75,10 @@ def _reads_as_itself(spelling: str, word: str) -> bool:
 
 
 def prompt_spelling(word: str) -> str | None:
-    """How to write ``word`` in a prompt so that it reads as ``word`` (the inverse of the parser's escaping):
-    the word itself where it can, else with ``\\`` before each bracket and backslash, else also a ``\\`` inside
-    each whole-word ``AND`` / ``BREAK``, then also after each ``<``, then also after each ``:``, else a ``\\``
-    before every character.
+    """How to write ``word`` in a prompt so that it reads as ``word`` (the inverse of the parser's escaping), also
+    inside emphasis: with ``\\`` before each bracket and backslash (the word itself when it holds none: a lone
+    ``)`` reads as itself only outside brackets), else also a ``\\`` inside each whole-word ``AND`` / ``BREAK``,
+    then also after each ``<``, then also after each ``:``, else a ``\\`` before every character.
     None when no spelling reaches it (a ``#``, which always starts a comment, or a blank word)."""
     if not word.strip():
         return None
@@ -87,7 +87,7 @@ def prompt_spelling(word: str) -> str | None:
     tags = _TAG_START.sub(r"\1\\", words)
     weights = _WEIGHT_START.sub(r"\1\\", tags)
     every = "".join("\\" + c for c in word)
-    for spelling in (word, escaped, words, tags, weights, every):
+    for spelling in (escaped, words, tags, weights, every):
         if _reads_as_itself(spelling, word):
             return spelling
     return None
