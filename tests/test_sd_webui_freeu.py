@@ -357,7 +357,7 @@ def test_the_a1111_route_draws_the_extensions_freeu_as_the_native_convention(sdl
         jobs = len(client.get("/api/jobs").json()["jobs"])
         refused = client.post("/sdapi/v1/txt2img", json={**a1111, "sampler_name": "Heun",
                                                          "alwayson_scripts": {"FreeU": {"args": [True]}}})
-        assert refused.status_code == 422 and "more model calls than that (6," in refused.text, refused.text
+        assert refused.status_code == 422 and "more model calls than that (5," in refused.text, refused.text
         plms = client.post("/sdapi/v1/txt2img", json={**a1111, "sampler_name": "PLMS",      # 3 steps: 4 timesteps
                                                       "alwayson_scripts": {"FreeU": {"args": [True]}}})
         assert plms.status_code == 422 and "more model calls than that (4," in plms.text, plms.text
@@ -451,6 +451,8 @@ def test_the_positional_layout_with_version_reads_it_at_the_fifth_arg():
 @pytest.mark.parametrize("sampler, steps, img2img", [
     ("Euler", 6, False), ("Euler", 7, True), ("PLMS", 6, False), ("PLMS", 20, False), ("PLMS", 7, True),
     ("DDIM", 20, False), ("DDIM", 6, True), ("UniPC", 6, False), ("DPM fast", 6, False), ("DPM fast", 6, True),
+    *((sampler, steps, img2img) for sampler in ("Heun", "DPM2", "DPM2 a", "DPM++ SDE", "DPM++ 2S a", "Restart")
+      for steps, img2img in ((1, False), (3, False), (5, True))),        # the last step, to sigma 0: one call
 ])
 def test_the_model_calls_counted_ahead_are_the_runs(sampler, steps, img2img, tiny_pipe):
     """`plan.a1111_model_calls` (what the A1111 route checks sd-webui-freeu's schedule by) == the U-Net calls the

@@ -157,8 +157,8 @@ def a1111_model_calls(sampler: SamplerSpec, req: GenerationRequest, img2img: boo
     """Model calls a resolved request's pass makes, without the model loaded: `_calls_before` the end of the steps
     it runs (txt2img the request's, img2img `steps_run`'s); A1111's timestep samplers (`runs_a1111_timesteps`) run
     one step between each two of A1111's timesteps (`a1111_timestep_sigmas`; its UniPC one a timestep), which are
-    more than the steps where 1000 is no multiple of them (7 for 6 steps). A sampler of several calls a step counts
-    them all on every step (Heun's last step, to sigma 0, makes one: the count is one over there). Infinite for a
+    more than the steps where 1000 is no multiple of them (7 for 6 steps). A1111's two-call samplers (Heun, DPM2,
+    DPM2 a, DPM++ SDE, DPM++ 2S a, Restart) make one on their last step, an Euler step to sigma 0. Infinite for a
     sampler that picks its number of calls (`adaptive`: DPM adaptive)."""
     if sampler.adaptive:
         return math.inf
@@ -171,7 +171,8 @@ def a1111_model_calls(sampler: SamplerSpec, req: GenerationRequest, img2img: boo
         run = steps_run(req.steps, req.strength, req.img2img_convention)[1]
     else:
         run = req.steps
-    return _calls_before(sampler, run)
+    last_is_euler = sampler.a1111 is not None and sampler.calls_per_step == 2 and run > 0
+    return _calls_before(sampler, run) - last_is_euler
 
 
 def _check_model(bundle: ModelBundle, req: GenerationRequest, free: int | None, which: str = "") -> None:
