@@ -126,7 +126,8 @@ def test_numpy_scalars_count_as_python_numbers(bundle):
     assert resolved == expected and resolved.controls == expected.controls
     assert {name: type(getattr(resolved, name)) for name in python} == {name: type(v) for name, v in python.items()}
     assert [type(v) for v in resolved.original_size] == [int, int]
-    assert [type(v) for v in resolved.controls[0][2:]] == [float, float, int]
+    control = resolved.controls[0]                  # a record resolves to a ControlInput (control.controls_on_init)
+    assert [type(v) for v in (control.strength, control.start, control.end)] == [float, float, int]
 
 
 @pytest.mark.parametrize("option", [["--steps", "1000000000"], ["--cfg", "1e308"], ["--eta", "1e308"]])
