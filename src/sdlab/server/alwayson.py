@@ -295,16 +295,14 @@ def _check_extension_schedule(what: str, state: dict[str, Any], steps: int | Non
         raise BadRequest(f"{what}: start_ratio {start!r} leaves the first model calls out (it starts at call "
                          f"{start_call:.0f} of {steps} steps); sdlab draws sd-webui-freeu's schedule from the first "
                          "(int(start_ratio x steps) 0)", 422)
-    if stop_call >= calls:
-        pass
-    elif stop_call >= steps:
+    if stop_call < calls and stop_call >= steps:          # FreeU stops before the run's last model call
         made = ("its sampler picks its number of model calls" if math.isinf(calls) else
                 f"this run makes more model calls than that ({calls:.0f}, counting every step's)")
         raise BadRequest(f"{what}: sd-webui-freeu counts each model call against the {steps} steps, and {made}, so "
                          f"its FreeU stops part-way (after call {stop_call:.0f}), which sdlab does not "
                          "draw; use a sampler of one call a step (Euler, DPM++ 2M, ...; DDIM, PLMS and UniPC on "
                          "steps that divide 1000)", 422)
-    else:
+    if stop_call < calls:
         raise BadRequest(f"{what}: stop_ratio {stop!r} leaves the last model calls out (an int is a step, a float "
                          "a fraction of the steps); sdlab draws sd-webui-freeu's schedule to the end (stop_ratio "
                          "1.0)", 422)
