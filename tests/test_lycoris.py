@@ -514,3 +514,30 @@ def test_unsupported_lycoris_kinds_are_named(tmp_path, keys, kind):
     with pytest.raises(CheckpointError, match=f"LyCORIS {kind} file") as err:
         load_lora_file(tmp_path / "l.safetensors")
     assert "--model" not in str(err.value)
+
+
+@pytest.mark.parametrize("kind", ["OFT", "BOFT", "(IA)^3", "VeRA"])
+def test_peft_adapter_kinds_sdlab_does_not_merge_are_named(tmp_path, kind):
+    """Files of peft adapter kinds other than LoRA / DoRA (its state dict as diffusers' `save_lora_weights`
+    writes it: ``unet.<path>.oft_R.weight``, ``boft_R``, ``ia3_l``, ``vera_lambda_b``) are one error naming
+    the file and the kind, not the hint that a full model goes to --model."""
+    import peft
+    from peft.utils import get_peft_model_state_dict
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.to_q, self.to_k = nn.Linear(32, 32), nn.Linear(32, 32)
+
+    targets = ["to_q", "to_k"]
+    config = {"OFT": lambda: peft.OFTConfig(r=0, oft_block_size=8, target_modules=targets),
+              "BOFT": lambda: peft.BOFTConfig(boft_block_size=8, target_modules=targets),
+              "(IA)^3": lambda: peft.IA3Config(target_modules=targets, feedforward_modules=["to_k"]),
+              "VeRA": lambda: peft.VeraConfig(r=4, target_modules=targets)}[kind]()
+    state = get_peft_model_state_dict(peft.get_peft_model(Attention(), config))
+    path = tmp_path / "adapter.safetensors"
+    save_file({"unet." + k.removeprefix("base_model.model."): v.contiguous() for k, v in state.items()}, str(path))
+    with pytest.raises(CheckpointError) as err:
+        load_lora_file(path)
+    assert str(path) in str(err.value) and f"a peft {kind} file" in str(err.value), err.value
+    assert "--model" not in str(err.value)

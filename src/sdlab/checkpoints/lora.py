@@ -269,19 +269,29 @@ def _kohya_module_name(name: str) -> str:
     return kohya_name(prefix, name)
 
 
+# key suffix -> the peft adapter kind whose files carry it and sdlab does not merge (peft's OFT ``oft_R`` / older
+# ``oft_r``, BOFT ``boft_R`` / ``boft_s``, (IA)^3 ``ia3_l``, VeRA ``vera_lambda_b`` / ``vera_lambda_d``)
+_PEFT_UNSUPPORTED = ((".oft_R.weight", "OFT"), (".oft_r", "OFT"), (".boft_R", "BOFT"), (".ia3_l", "(IA)^3"),
+                     (".vera_lambda_b", "VeRA"))
+
+
 def _unsupported_kind(state: Mapping[str, Tensor]) -> str | None:
-    """The LyCORIS kind A1111 / ComfyUI read and sdlab does not (OFT / BOFT: ``oft_blocks`` / ``oft_diag``;
-    GLoRA: ``a1.weight`` ... ``b2.weight``), when the keys are one's; else None."""
+    """The adapter kind of a file whose keys are one's that sdlab does not merge: the LyCORIS kinds A1111 /
+    ComfyUI read ("LyCORIS OFT / BOFT": ``oft_blocks`` / ``oft_diag``; "LyCORIS GLoRA": ``a1.weight`` ...
+    ``b2.weight``) and peft's ("peft OFT", ... `_PEFT_UNSUPPORTED`); else None."""
     if any(key.endswith((".oft_blocks", ".oft_diag")) for key in state):
-        return "OFT / BOFT"
+        return "LyCORIS OFT / BOFT"
     if any(key.endswith(".a1.weight") for key in state) and any(key.endswith(".b2.weight") for key in state):
-        return "GLoRA"
+        return "LyCORIS GLoRA"
+    for suffix, kind in _PEFT_UNSUPPORTED:
+        if any(key.endswith(suffix) for key in state):
+            return f"peft {kind}"
     return None
 
 
 class UnusableLoRAError(CheckpointError):
-    """A file with LoRA / LyCORIS keys that sdlab cannot merge: a kind it does not read (OFT, GLoRA) or a
-    module with missing, non-numeric or non-finite tensors."""
+    """A file with LoRA / LyCORIS keys that sdlab cannot merge: a kind it does not read (LyCORIS OFT / GLoRA, peft
+    OFT / BOFT / (IA)^3 / VeRA) or a module with missing, non-numeric or non-finite tensors."""
 
 
 def load_lora_file(path: str | os.PathLike[str], *, weights: bool = True) -> dict[str, dict[str, Tensor]]:
@@ -303,8 +313,8 @@ def load_lora_file(path: str | os.PathLike[str], *, weights: bool = True) -> dic
     if not modules:
         unsupported = _unsupported_kind(state)
         if unsupported:
-            raise UnusableLoRAError(f"{path}: a LyCORIS {unsupported} file ({', '.join(list(state)[:2])}); sdlab "
-                                  f"merges LoRA / LoCon, LoHa, LoKr, (IA)^3, full diffs and DoRA, not {unsupported}")
+            raise UnusableLoRAError(f"{path}: a {unsupported} file ({', '.join(list(state)[:2])}); sdlab merges "
+                                    f"LoRA / LoCon, LoHa, LoKr, LyCORIS (IA)^3, full diffs and DoRA, not {unsupported}")
         raise CheckpointError(
             f"{path}: not a LoRA file: no LoRA / LyCORIS module keys ('<name>.lora_down.weight', "
             f"'<name>.hada_w1_a', '<name>.lokr_w1', '<name>.diff', ...) among its {len(state)} tensors "
