@@ -15,7 +15,7 @@ from test_webui import (  # noqa: F401  (fixture: browser)
     By, choose, browser, open_page, severe_console_errors, wait,
 )
 
-from sdlab.server.a1111 import _control_type
+from sdlab.server.a1111_controlnet import _control_type
 from sdlab.server.control_types import CONTROL_TYPES
 
 # ---------------------------------------------------------------- the extension's rule, transcribed

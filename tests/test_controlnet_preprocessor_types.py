@@ -16,7 +16,7 @@ from test_webui import (  # noqa: F401  (fixture: browser)
 
 from sdlab.pipeline.ip_adapter_units import LISTED_MODULES, MODULE_ENCODERS
 from sdlab.pipeline.preprocess import PREPROCESSORS, a1111_module
-from sdlab.server.a1111 import _control_type
+from sdlab.server.a1111_controlnet import _control_type
 from sdlab.server.control_types import CONTROL_TYPES, LISTED_PREPROCESSORS
 
 # ---------------------------------------------------------------- the extension, transcribed

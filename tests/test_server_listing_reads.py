@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import torch
 from safetensors.torch import save_file
 
-from sdlab.server import a1111, model_folders, registry
+from sdlab.server import a1111, a1111_controlnet, model_folders, registry
 from sdlab.server.model_folders import CONTROLNET_SUFFIXES, UPSCALER_SUFFIXES, ModelFolder
 from sdlab.server.registry import Lora
 from sdlab.utils.file_hashes import read_per_version
@@ -124,5 +124,5 @@ def test_the_controlnet_list_hashes_each_file_once_per_version(tmp_path, monkeyp
     reads = _counting(monkeypatch, model_folders, "legacy_hash")
     folder = ModelFolder(tmp_path, CONTROLNET_SUFFIXES, hashed=True)
     request = _request(controlnets=folder)
-    first = a1111.controlnet_models(request)
-    assert a1111.controlnet_models(request) == first and len(reads) == 3
+    first = a1111_controlnet.controlnet_models(request)
+    assert a1111_controlnet.controlnet_models(request) == first and len(reads) == 3

@@ -1,9 +1,9 @@
 """`create_app(config)`: the FastAPI application of `sdlab serve`, and the uvicorn `Server` that runs it.
 
-Routes: `/sdapi/v1/*` (a1111.py), `/api/*` (native.py), the web UI at `/` (static/index.html) and
-`/static/*`. Every route sits behind `guard.Guard` (auth, Host names, Origins, body size). Errors: `/sdapi` and the
-ControlNet extension's `/controlnet` answer in A1111's shape `{error, detail, body, errors}`, everything else
-`{detail: "..."}`.
+Routes: `/sdapi/v1/*` (a1111.py), the ControlNet extension's `/controlnet/*` (a1111_controlnet.py), `/api/*`
+(native.py), the web UI at `/` (static/index.html) and `/static/*`. Every route sits behind `guard.Guard` (auth,
+Host names, Origins, body size). Errors: `/sdapi` and the ControlNet extension's `/controlnet` answer in A1111's
+shape `{error, detail, body, errors}`, everything else `{detail: "..."}`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sdlab.server import a1111, native
+from sdlab.server import a1111, a1111_controlnet, native
 from sdlab.server.config import ServerConfig
 from sdlab.server.guard import Guard
 from sdlab.server.inputs import BadRequest
@@ -49,7 +49,7 @@ def create_app(config: ServerConfig, *, preload: bool = False) -> Guard:
     app = FastAPI(title="sdlab", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.service = service
     app.include_router(a1111.router)
-    app.include_router(a1111.controlnet_router)
+    app.include_router(a1111_controlnet.router)
     app.include_router(native.router)
 
     @app.get("/", include_in_schema=False)

@@ -8,7 +8,7 @@ first after "none" ("none" where it lists nothing else: `get_default_preprocesso
 order: "none", then by `sorting_priority`, higher first, ties by label in reverse (`get_sorted_preprocessors`,
 which sorts `str(priority).zfill(8) + label` descending). "All" lists every preprocessor, default "none".
 A type's models are those whose names hold its lower-cased name or one of its other words
-(`Preprocessor.tag_to_filters`; the family test is `a1111._control_type`'s).
+(`Preprocessor.tag_to_filters`; the family test is `a1111_controlnet._control_type`'s).
 """
 
 from __future__ import annotations
