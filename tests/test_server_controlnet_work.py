@@ -1,7 +1,8 @@
 """The server's work limit counts a ControlNet's forwards: a copy of the U-Net's encoder half and middle block run
 beside the U-Net over the same rows on the steps its start / end window takes, at its share of a U-Net row's work
-(`pipeline.control_work.controlnet_share`, counted in FLOPs on the meta device and checked here against diffusers'
-ControlNetModel and UNet2DConditionModel counted the same way)."""
+(`pipeline.control_work.controlnet_share`, counted in FLOPs from the configs and checked here against
+torch.utils.flop_counter's count of sdlab's own networks and of diffusers' ControlNetModel and UNet2DConditionModel
+on the meta device)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from sdlab.checkpoints.diffusers_unet import unet_config_to_diffusers
-from sdlab.models.controlnet import ControlNetConfig
+from sdlab.models.controlnet import ControlNet, ControlNetConfig
+from sdlab.models.unet import UNet
 from sdlab.pipeline.control import ControlInput
 from sdlab.pipeline import control_work
 from sdlab.pipeline.control_work import controlnet_share
@@ -63,20 +65,63 @@ def test_the_controlnet_share_is_diffusers_flop_ratio(unet_cfg, net_cfg, height,
     assert share == pytest.approx(_diffusers_share(unet_cfg, net_cfg, height, width), rel=1e-12)
 
 
-def test_a_second_size_does_not_count_again(monkeypatch) -> None:
-    """Each network is counted once (at the two reference sizes), whatever sizes are asked after: a new
-    size, a hires pass's or an X/Y/Z cell's, costs no count, only the profile's sum."""
-    tallies = []
-    counting = control_work._tallies
-    monkeypatch.setattr(control_work, "_tallies", lambda *args: tallies.append(args) or counting(*args))
-    control_work.flop_profile.cache_clear()
-    unet, net = ENCODERS["sd1"], ControlNetConfig(unet=ENCODERS["sd1"])
-    first = controlnet_share(unet, net, 8, 8)
-    assert [sides for _, *sides in tallies] == [[16, 32], [16, 32]]   # the ControlNet's and the U-Net's
-    for height, width in ((9, 7), (64, 48), (128, 128), (8, 8)):
-        assert 0.2 < controlnet_share(unet, net, height, width) < 0.6
-    assert len(tallies) == 2 and control_work.flop_profile.cache_info().misses == 2
-    assert controlnet_share(unet, net, 8, 8) == first
+def _counted(config, height: int, width: int) -> int:
+    """torch.utils.flop_counter's FLOPs of one row's forward of sdlab's own U-Net or ControlNet of `config` (its hint
+    block's left out, counted apart as the diffusers reference above does) over a height x width latent, built and
+    run on the meta device: the count the work limit took before it counted from the config."""
+    unet = config.unet if isinstance(config, ControlNetConfig) else config
+    with torch.device("meta"), torch.no_grad():
+        net = ControlNet(config) if isinstance(config, ControlNetConfig) else UNet(config)
+        x, t = torch.zeros(1, unet.in_channels, height, width), torch.zeros(1)
+        context = torch.zeros(1, 77, unet.context_dim)
+        y = None if unet.adm_in_channels is None else torch.zeros(1, unet.adm_in_channels)
+        if isinstance(config, ControlNetConfig):
+            hint = torch.zeros(1, config.hint_channels, height * config.hint_factor, width * config.hint_factor)
+            runs = (lambda: net(x, t, context, hint, y), lambda: net.input_hint_block(hint))
+        else:
+            runs = (lambda: net(x, t, context, y),)
+        counts = []
+        for run in runs:
+            with FlopCounterMode(display=False) as counted:
+                run()
+            counts.append(counted.get_total_flops())
+    return counts[0] - sum(counts[1:])
+
+
+VARIANTS = {
+    "sd1": ENCODERS["sd1"], "sd2": ENCODERS["sd2"], "sdxl": ENCODERS["sdxl"], "sdxl-small": SMALL_SDXL,
+    "sd1-inpaint": replace(ENCODERS["sd1"], in_channels=9, out_channels=4),
+    "sdxl-refiner-like": replace(ENCODERS["sdxl"], channel_mult=(1, 2, 2, 1), transformer_depth=(0, 1, 2, 0),
+                                 adm_in_channels=2560),
+    "ssd-1b-like": replace(ENCODERS["sdxl"], input_depths=(0, 0, 1, 2, 2, 3), output_depths=(3, 1, 2, 1, 0, 2, 0, 0, 0),
+                           transformer_depth_middle=0, middle_transformer=False),
+    "empty-transformer": replace(ENCODERS["sdxl"], empty_transformer_levels=(0,)),
+    "lcm": replace(ENCODERS["sd1"], time_cond_proj_dim=32, num_res_blocks=1),
+}
+
+
+@pytest.mark.parametrize("config", VARIANTS.values(), ids=VARIANTS.keys())
+def test_the_profile_from_the_config_is_the_flop_counters_count(config) -> None:
+    """`flop_profile` counts each network from its config alone; at any latent (odd sizes included) its sum is,
+    exactly, flop_counter's count of sdlab's U-Net and ControlNet (hint block left out) built and run on the meta
+    device, for the SD 1.x / 2.x / XL shapes and those that change the block layout (an inpainting input, a
+    refiner's four levels, SSD-1B's per-block depths and middle without transformer, a transformer without
+    blocks, an LCM guidance embedding, one ResBlock a level)."""
+    for net in (config, ControlNetConfig(unet=config)):
+        profile = control_work.flop_profile(net)
+        for height, width in ((9, 7), (13, 5)):
+            assert profile.at(height, width) == _counted(net, height, width), (net, height, width)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_the_full_size_profiles_are_the_flop_counters_count(family) -> None:
+    """The same at the families' own sizes: 64 x 64 (SD 1.x 512 px), 96 x 96, 128 x 128 and 75 x 57."""
+    from sdlab.families import sd1, sd2, sdxl
+    config = {"sd1": sd1.SD1_UNET, "sd2": sd2.SD2_UNET, "sdxl": sdxl.SDXL_UNET}[family]
+    for net in (config, ControlNetConfig(unet=config)):
+        for height, width in ((64, 64), (96, 96), (128, 128), (75, 57)):
+            assert control_work.flop_profile(net).at(height, width) == _counted(net, height, width)
 
 
 @pytest.fixture(scope="module")

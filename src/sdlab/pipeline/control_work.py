@@ -4,12 +4,13 @@ A ControlNet is a copy of its U-Net's encoder half and middle block (`models.con
 at every model call of the steps its window takes (`control.in_window`), over the same rows (CFG's negative, PAG's
 row and each AND part included: `ControlledUNet`). Its cost relative to one U-Net row, `controlnet_share`, is the
 ratio of the two forwards' floating-point operations at the latent's size. Each network's operations are counted
-once, by `torch.utils.flop_counter` on the meta device from its config (no weight, no arithmetic), at a small
-reference latent and kept apart by how they grow (`FlopProfile`): a constant part (the timestep and SDXL vector
-embeddings, the text context's keys and values), a part linear in each level's positions (convolutions, linear
-layers, cross-attention's scores and weighted sums over the 77 context tokens) and a part growing with their square
-(self-attention's scores and weighted sums), level by level; any size is then that sum at its own level positions
-(each level ceil(h / 2) x ceil(w / 2) of the one above, as the stride-2 convs give), equal to a count at that size.
+once per config, layer by layer from the config as `torch.utils.flop_counter` counts them (no module built, no
+weight: a few microseconds, so a request naming a new ControlNet waits on nothing), kept apart by how they grow
+(`FlopProfile`): a constant part (the timestep and SDXL vector embeddings, the text context's keys and values), a
+part linear in each level's positions (convolutions, linear layers, cross-attention's scores and weighted sums over
+the 77 context tokens) and a part growing with their square (self-attention's scores and weighted sums), level by
+level; any size is then that sum at its own level positions (each level ceil(h / 2) x ceil(w / 2) of the one above,
+as the stride-2 convs give), equal to the counter's count of the network at that size on the meta device.
 Attention grows with the square of the positions and the encoder holds most of the finest, attending level, so the
 share moves with the size (SD 1.x at 512 px: 0.33 of the U-Net; SDXL at 1024 px: 0.44). The hint block is left
 out: it runs once per generation (`generation_memo`). A T2I-Adapter runs once before sampling and adds nothing per
@@ -23,15 +24,11 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry
-
 from sdlab.checkpoints.controlnet import LoadedControlNet, read_controlnet
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.t2i_adapter import LoadedT2IAdapter
-from sdlab.models.controlnet import ControlNet, ControlNetConfig
-from sdlab.models.unet import UNet, UNetConfig
+from sdlab.models.controlnet import ControlNetConfig
+from sdlab.models.unet import UNetConfig
 from sdlab.pipeline.control import ControlInput, in_window
 from sdlab.utils.file_hashes import read_per_version
 
@@ -95,90 +92,88 @@ def level_positions(height: int, width: int, levels: int) -> list[int]:
     return found
 
 
-REFERENCE = 16      # the reference latent's side, doubled for the second count: 2^(levels - 1) divides both
-
-
 @lru_cache(maxsize=32)
 def flop_profile(config: UNetConfig | ControlNetConfig) -> FlopProfile:
-    """The `FlopProfile` of the U-Net or ControlNet (hint block left out) `config` describes. Its operations are
-    counted at a REFERENCE x REFERENCE latent (times 2^levels where it has more levels) and at twice that side; an
-    operation whose FLOPs grow 1x, 4x or 16x is constant, linear or quadratic in the positions of the level of its
-    output's rows (a conv's h x w, a linear layer's tokens, attention's queries)."""
-    levels = len((config.unet if isinstance(config, ControlNetConfig) else config).channel_mult)
-    side = max(REFERENCE, 2 ** levels)
-    small, large = _tallies(config, side, 2 * side)
-    if [op for (op, _), _ in small] != [op for (op, _), _ in large]:
-        raise ValueError("FLOP profile: the two counts ran different operations")
-    per_level = {n: level for level, n in enumerate(level_positions(side, side, levels))}
-    constant, linear, quadratic = 0, [0] * levels, [0] * levels
-    for ((op, rows), flops), ((_, _), flops_large) in zip(small, large):
-        power = {flops: 0, 4 * flops: 1, 16 * flops: 2}.get(flops_large)  # 1x, 4x, 16x: positions^0, ^1, ^2
-        if power == 0:
-            constant += flops
-        elif power is None or rows not in per_level or flops % rows ** power:
-            raise ValueError(f"FLOP profile: {op} over {rows} rows grows {flops_large / flops}x, not as a level's "
-                             "positions")
-        else:
-            (linear if power == 1 else quadratic)[per_level[rows]] += flops // rows ** power
-    return FlopProfile(constant, tuple(linear), tuple(quadratic))
-
-
-ROWS = {"aten.convolution": lambda out: out.shape[-2] * out.shape[-1],     # (B, C, h, w)
-        "aten.mm": lambda out: out.shape[0], "aten.addmm": lambda out: out.shape[0],        # (B * N, C)
-        "aten.bmm": lambda out: out.shape[1], "aten.baddbmm": lambda out: out.shape[1]}     # (B * heads, N, X)
-
-
-class _OpTally(TorchDispatchMode):
-    """Each operation `flop_registry` counts, in order: ((its name, its output's rows: `ROWS`), its FLOPs); while
-    `paused` (the hint block) none."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.counted: list[tuple[tuple[str, int], int]] = []
-        self.paused = False
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        packet = func._overloadpacket
-        if packet in flop_registry and not self.paused:
-            name = str(packet)
-            if name not in ROWS:
-                raise ValueError(f"FLOP profile: no rule for the rows of {name}")
-            self.counted.append(((name, ROWS[name](out)), flop_registry[packet](*args, **kwargs, out_val=out)))
-        return out
-
-
-def _tallies(config: UNetConfig | ControlNetConfig, *sides: int) -> list[list[tuple[tuple[str, int], int]]]:
-    """The operations of one row's forward of the network `config` describes over a square latent of each of
-    `sides` (`_OpTally`), built once on the meta device; a ControlNet's without its hint block."""
-    counted = []
-    with torch.device("meta"):
-        net = ControlNet(config) if isinstance(config, ControlNetConfig) else UNet(config)
-        for side in sides:
-            tally = _OpTally()
-            if isinstance(net, ControlNet):
-                hooks = (net.input_hint_block.register_forward_pre_hook(lambda *_: setattr(tally, "paused", True)),
-                         net.input_hint_block.register_forward_hook(lambda *_: setattr(tally, "paused", False)))
-            with torch.no_grad(), tally:
-                net(*_inputs(config, side, side))
-            if isinstance(net, ControlNet):
-                for hook in hooks:
-                    hook.remove()
-            counted.append(tally.counted)
-    return counted
-
-
-def _inputs(config: UNetConfig | ControlNetConfig, height: int, width: int) -> tuple:
-    """One row's forward inputs of the U-Net or ControlNet of `config` over a `height` x `width` latent (on the
-    current device)."""
+    """The `FlopProfile` of the U-Net or ControlNet (hint block left out) `config` describes, from the config alone:
+    each layer's FLOPs as `torch.utils.flop_counter` counts them (2 per multiply-add of a convolution, linear layer
+    or batched product; bias, norms, activations and resizes none), added up by how they grow (`_LayerTally`).
+    Equal to the counter's count of the network on the meta device (tests/test_server_controlnet_work.py), in
+    microseconds rather than seconds."""
     unet = config.unet if isinstance(config, ControlNetConfig) else config
-    x = torch.zeros(1, unet.in_channels, height, width)                              # (1, C, h, w)
-    t = torch.zeros(1)                                                               # (1,)
-    context = torch.zeros(1, CONTEXT_TOKENS, unet.context_dim)                       # (1, T, C_ctx)
-    y = None if unet.adm_in_channels is None else torch.zeros(1, unet.adm_in_channels)   # (1, adm)
+    tally = _LayerTally(len(unet.channel_mult))
+    mc, emb = unet.model_channels, unet.time_embed_dim
+    tally.constant += 2 * mc * emb + 2 * emb * emb                          # time_embed: two linear layers
+    if unet.adm_in_channels is not None:                                    # SDXL's label_emb
+        tally.constant += 2 * unet.adm_in_channels * emb + 2 * emb * emb
+    skips = _encoder(tally, unet)
     if isinstance(config, ControlNetConfig):
-        factor = config.hint_factor
-        hint = torch.zeros(1, config.hint_channels, height * factor, width * factor)  # (1, 3, H, W)
-        return x, t, context, hint, y
-    return x, t, context, y
+        for level, channels in skips:                                       # a 1x1 zero conv per skip ...
+            tally.linear[level] += 2 * channels * channels
+        level, channels = skips[-1]                                         # ... and after the middle block
+        tally.linear[level] += 2 * channels * channels
+    else:
+        _decoder(tally, unet, skips)
+    return FlopProfile(tally.constant, tuple(tally.linear), tuple(tally.quadratic))
+
+
+class _LayerTally:
+    """FLOPs of one row's forward as they are added up layer by layer: constant, per position of a level (linear)
+    and per position squared (quadratic)."""
+
+    def __init__(self, levels: int) -> None:
+        self.constant = 0
+        self.linear = [0] * levels
+        self.quadratic = [0] * levels
+
+    def resblock(self, unet: UNetConfig, level: int, c_in: int, c_out: int) -> None:
+        """A ResBlock: its time-embedding projection, two 3x3 convs and a 1x1 skip conv where widths differ."""
+        self.constant += 2 * unet.time_embed_dim * c_out
+        self.linear[level] += 18 * c_in * c_out + 18 * c_out * c_out + (2 * c_in * c_out if c_in != c_out else 0)
+
+    def transformer(self, unet: UNetConfig, level: int, c: int, depth: int) -> None:
+        """A SpatialTransformer of `depth` blocks: proj_in and proj_out; per block the self-attention's q, k, v and
+        out projections and its scores and weighted sum over the level's positions, the cross-attention's q and out
+        projections, its k and v of the context's tokens and its scores and sum over them, GEGLU's c -> 8c and the
+        feed-forward's 4c -> c (heads split c without changing any product's FLOPs)."""
+        self.linear[level] += 4 * c * c
+        self.constant += depth * 2 * 2 * CONTEXT_TOKENS * unet.context_dim * c
+        self.linear[level] += depth * (8 * c * c + 4 * c * c + 4 * CONTEXT_TOKENS * c + 24 * c * c)
+        self.quadratic[level] += depth * 4 * c
+
+
+def _encoder(tally: _LayerTally, unet: UNetConfig) -> list[tuple[int, int]]:
+    """Add the encoder half and middle block (`unet.add_encoder`); returns each input block's (level, width)."""
+    mc = unet.model_channels
+    tally.linear[0] += 18 * unet.in_channels * mc                           # conv_in
+    skips, channels, last = [(0, mc)], mc, len(unet.channel_mult) - 1
+    for level, mult in enumerate(unet.channel_mult):
+        for i in range(unet.num_res_blocks):
+            tally.resblock(unet, level, channels, mult * mc)
+            channels = mult * mc
+            if unet.has_transformer(level):
+                tally.transformer(unet, level, channels, unet.input_depth(level, i))
+            skips.append((level, channels))
+        if level != last:
+            tally.linear[level + 1] += 18 * channels * channels             # stride-2 conv, on the next level's grid
+            skips.append((level + 1, channels))
+    tally.resblock(unet, last, channels, channels)
+    if unet.middle_transformer:
+        tally.transformer(unet, last, channels, unet.transformer_depth_middle)
+        tally.resblock(unet, last, channels, channels)
+    return skips
+
+
+def _decoder(tally: _LayerTally, unet: UNetConfig, skips: list[tuple[int, int]]) -> None:
+    """Add the U-Net's output blocks (each joining a skip, `UNet.__init__`) and its output conv."""
+    mc, skips = unet.model_channels, list(skips)
+    channels = skips[-1][1]
+    for level in reversed(range(len(unet.channel_mult))):
+        width = unet.channel_mult[level] * mc
+        for i in range(unet.num_res_blocks + 1):
+            tally.resblock(unet, level, channels + skips.pop()[1], width)
+            channels = width
+            if unet.has_transformer(level):
+                tally.transformer(unet, level, channels, unet.output_depth(level, i))
+            if level and i == unet.num_res_blocks:
+                tally.linear[level - 1] += 18 * channels * channels         # upsample's conv, on the finer grid
+    tally.linear[0] += 18 * mc * unet.out_channels                          # out
