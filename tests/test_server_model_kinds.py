@@ -44,6 +44,20 @@ def test_a_listed_file_that_is_not_a_drawable_model_says_so_by_its_title(tmp_pat
         assert str(err.value).startswith(f"{checkpoint.title}: {says}") and str(tmp_path) not in str(err.value)
 
 
+def test_the_image_encoders_folders_hold_no_checkpoints(tmp_path):
+    """An IP-Adapter's image encoder where the adapters look for it, one folder up from ControlNet/ (image_encoder/,
+    clip_vision/, Forge's ControlNetPreprocessor/): not listed as a checkpoint, which the model picker offered and
+    every job then failed to load. Before: all three listed."""
+    models = _models(tmp_path / "models")
+    encoder = {"vision_model.embeddings.patch_embedding.weight": torch.zeros(8, 3, 4, 4)}
+    for place in ("image_encoder/model.safetensors", "clip_vision/clip_h.safetensors",
+                  "ControlNetPreprocessor/clip_vision/CLIP-ViT-H-14.safetensors"):
+        (models / place).parent.mkdir(parents=True, exist_ok=True)
+        save_file(encoder, str(models / place))
+    registry = ModelRegistry(models / "tiny.safetensors", models)
+    assert sorted(c.name for c in registry.checkpoints) == sorted(["tiny.safetensors", *REFUSED])
+
+
 def test_options_refuse_a_model_sdlab_cannot_draw_with_and_keep_the_one_in_use(tmp_path):
     """Before: 200 null, GET options then showed the file, and every later job failed with a 400."""
     models = _models(tmp_path / "models")

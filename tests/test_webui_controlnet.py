@@ -137,6 +137,12 @@ def test_the_page_lists_the_folder_and_knows_the_preprocessors_resolution(page, 
     assert "controls" not in page.execute_script("return collectRequest()")
 
 
+def test_the_model_picker_does_not_offer_the_ip_adapters_image_encoder(page, base_url):
+    """models/image_encoder (the IP-Adapter's, where the adapters of ControlNet/ find it) is no checkpoint: the
+    Model list offered it and a job drawn with it failed to load. Before: 'image_encoder/model.safetensors' listed."""
+    assert [title.split(" [")[0] for title in option_values(page, "model", "text")] == ["sdlab-tiny.safetensors"]
+
+
 def test_the_keyboard_reaches_the_picture_pickers_and_each_is_named(page, base_url, tmp_path):
     wait(page, _lists_loaded, 30, "the ControlNet lists did not load")
     page.find_element(By.ID, "cn0_enabled").send_keys(Keys.TAB)     # Enable, then the unit's file picker

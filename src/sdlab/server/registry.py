@@ -43,8 +43,11 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 LORA_FOLDERS = ("Lora", "lora", "loras", "LoRA")
 logger = logging.getLogger(__name__)
+# folders of other models, never checkpoints: beside those above, the IP-Adapters' image encoders, which
+# `ip_adapter_units.ENCODER_PLACES` and the adapter's `image_encoder` rule find one folder up from ControlNet/
 _NOT_CHECKPOINT_FOLDERS = {name.lower() for name in (*LORA_FOLDERS, "VAE", "ESRGAN", "RealESRGAN", "embeddings",
-                                                   "ControlNet")}
+                                                   "ControlNet", "image_encoder", "clip_vision",
+                                                   "ControlNetPreprocessor")}
 _CHECKSUM = re.compile(r"\s*\[[^]]+]\s*$")      # A1111's `re_strip_checksum`: the " [hash]" ending a title
 _HASH_LOCKS: dict[Path, threading.Lock] = {}
 _HASH_LOCKS_LOCK = threading.Lock()
