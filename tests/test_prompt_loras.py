@@ -149,6 +149,33 @@ def test_missing_or_non_lora_files_are_one_error_before_merging(tmp_path):
     assert resolve_prompt_loras("no tags here", [folder]) == ("no tags here", [])
 
 
+A1111_HYPERNETWORK = {320: [{"linear.0.weight": torch.zeros(640, 320), "linear.0.bias": torch.zeros(640)}] * 2,
+                      "step": 5, "name": "hn", "layer_structure": [1, 2, 1], "activation_func": "linear"}
+
+
+@pytest.mark.parametrize("stem, write, says", [
+    ("emb", lambda p: save_file({"emb_params": torch.zeros(2, 32)}, str(p.with_suffix(".safetensors"))),
+     "a textual-inversion embedding (emb_params), not a LoRA"),
+    ("sdxl-emb", lambda p: save_file({"clip_l": torch.zeros(1, 32), "clip_g": torch.zeros(1, 64)},
+                                     str(p.with_suffix(".safetensors"))), "a textual-inversion embedding"),
+    ("a1111-emb", lambda p: torch.save({"string_to_param": {"*": torch.zeros(2, 32)}, "name": "x", "step": 3},
+                                       p.with_suffix(".pt")), "an A1111 textual-inversion embedding, not a model"),
+    ("hn", lambda p: torch.save(A1111_HYPERNETWORK, p.with_suffix(".pt")),
+     "an A1111 hypernetwork, which sdlab does not apply"),
+])
+def test_an_embedding_or_hypernetwork_named_as_a_lora_is_one_error_saying_what_it_is(tmp_path, stem, write, says):
+    """A file of another kind in a LoRA folder (an A1111 / kohya / SDXL embedding, an A1111 hypernetwork), tagged
+    ``<lora:...>``, is one RequestError naming the file and saying what it is (`load_lora_file`, which `--lora`
+    reads too), not 'not a LoRA file ... a full model is passed with --model' or 'no tensors at the top level'."""
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    write(folder / stem)
+    with pytest.raises(RequestError) as err:
+        resolve_prompt_loras(f"x <lora:{stem}:1>", [folder])
+    assert says in str(err.value) and str(folder / stem) in str(err.value), err.value
+    assert "--model" not in str(err.value)
+
+
 def _state(bundle) -> dict[str, torch.Tensor]:
     tensors = {f"unet.{k}": v for k, v in bundle.unet.state_dict().items()}
     for i, te in enumerate(bundle.text_encoders):

@@ -584,8 +584,18 @@ def _unwrap_state_dict(obj: object, path: Path, nested: bool = False) -> dict[st
         logger.info("%s: ignoring %d non-tensor entries: %s", path.name, len(dropped), ", ".join(map(str, dropped[:8])))
     if not tensors:
         where = "" if nested else " at the top level"              # nested dicts are read only where asked
-        raise CheckpointError(f"{path}: no tensors{where} (its keys: {', '.join(map(str, list(obj)[:10]))})")
+        kind = next((kind for key, kind in _A1111_PICKLES.items() if key in obj), "")
+        raise CheckpointError(f"{path}: {kind}no tensors{where} (its keys: {', '.join(map(str, list(obj)[:10]))})")
     return tensors
+
+
+# a key of A1111's own pickles (textual_inversion.py / hypernetwork.py save them) -> what the file is, said where
+# such a file is read as a dict of tensors (given as a LoRA or a model)
+_A1111_PICKLES = {
+    "string_to_param": "an A1111 textual-inversion embedding, not a model or a LoRA (its name in a prompt uses it, "
+                       "from an embeddings folder: --embeddings-dir): ",
+    "layer_structure": "an A1111 hypernetwork, which sdlab does not apply: ",
+}
 
 
 def _flatten(obj: Mapping, prefix: str = "", depth: int = 0) -> dict[object, object]:

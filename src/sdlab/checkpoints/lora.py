@@ -315,6 +315,9 @@ def load_lora_file(path: str | os.PathLike[str], *, weights: bool = True) -> dic
         if unsupported:
             raise UnusableLoRAError(f"{path}: a {unsupported} file ({', '.join(list(state)[:2])}); sdlab merges "
                                     f"LoRA / LoCon, LoHa, LoKr, LyCORIS (IA)^3, full diffs and DoRA, not {unsupported}")
+        if {"emb_params", "clip_l", "clip_g"} & state.keys():          # `embeddings.load_embedding`'s keys
+            raise CheckpointError(f"{path}: a textual-inversion embedding ({', '.join(list(state)[:2])}), not a LoRA: "
+                                  f"its name in a prompt uses it, from an embeddings folder (--embeddings-dir)")
         raise CheckpointError(
             f"{path}: not a LoRA file: no LoRA / LyCORIS module keys ('<name>.lora_down.weight', "
             f"'<name>.hada_w1_a', '<name>.lokr_w1', '<name>.diff', ...) among its {len(state)} tensors "
