@@ -575,6 +575,29 @@ def test_hires_pass_settings_fill_from_a_png_and_are_sent(page, base_url):
     assert "Hires" not in text(page, "notice")                           # each found its control
 
 
+def test_a_picture_that_loads_ends_the_error_of_one_that_did_not(page, base_url, tmp_path):
+    """img2img's Initial image: a file the browser cannot read is the page's error; the next picture, chosen or
+    sent by a gallery card's img2img button, loads and the error goes. Before: the error stayed beside the
+    loaded picture."""
+    page.find_element(By.ID, "prompt").send_keys("a card to send")
+    set_value(page, "steps", 2)
+    job = generate_and_finish(page, base_url, "a card to send")            # a 64 x 64 picture
+    (tmp_path / "broken.png").write_bytes(b"not a picture")
+    (tmp_path / "good.png").write_bytes(png_with_parameters(None, size=(48, 40)))
+    page.find_element(By.ID, "tab-img2img").click()
+    page.find_element(By.ID, "init-image").send_keys(str(tmp_path / "broken.png"))
+    wait(page, lambda d: text(d, "error") == "the file is not an image the browser can read", 20, "no error")
+    page.find_element(By.ID, "init-image").send_keys(str(tmp_path / "good.png"))
+    wait(page, lambda d: d.find_element(By.ID, "init-canvas").get_attribute("width") == "48", 20, "not loaded")
+    assert not page.find_element(By.ID, "error").is_displayed()
+
+    drop_file(page, b"not a picture", "broken.png", "init-drop")
+    wait(page, lambda d: d.find_element(By.ID, "error").is_displayed(), 20, "no error for the dropped file")
+    click_card_button(page, f'#gallery [data-job-id="{job["id"]}"]', "to-img2img")
+    wait(page, lambda d: d.find_element(By.ID, "init-canvas").get_attribute("width") == "64", 20, "not sent")
+    assert not page.find_element(By.ID, "error").is_displayed()
+
+
 def test_inpaint_mask_painted_on_the_image_is_accepted(page, base_url, tmp_path):
     init = Image.new("RGB", (64, 64), (30, 60, 160))
     ImageDraw.Draw(init).rectangle([20, 20, 43, 43], fill=(240, 220, 40))

@@ -168,6 +168,7 @@ def test_the_keyboard_reaches_the_picture_pickers_and_each_is_named(page, base_u
     assert not _checked(page, "cn1_enabled")
     drop_file(page, _hint_png(), "hint.png", "cn1_drop")
     wait(page, lambda d: _checked(d, "cn1_enabled"), 10, "the dropped hint does not enable unit 1")
+    assert not page.find_element(By.ID, "error").is_displayed()         # the broken picture's error is over
     # an enabled unit's title says so and names its preprocessor, folded too; the picture is named
     choose(page, "cn1_module", value="canny")
     page.find_element(By.ID, "cn1_summary").click()

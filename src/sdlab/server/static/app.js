@@ -664,6 +664,7 @@ function loadImage(url) {
 }
 
 async function setInitImage(dataUrl) {
+  showError("");                             // a picture given again ends the error of the last one
   const image = await loadImage(dataUrl);
   const initCanvas = $("init-canvas");
   const maskCanvas = $("mask-canvas");

@@ -167,6 +167,7 @@ function showPicture(prefix, dataUrl) {
 // Set the picture of a box (`prefix`: cnN or ipa) from a data URL (null clears it); a picture given to a unit ticks
 // its Enable, as the extension's upload does (javascript/active_units.js), Clear leaves it
 async function setControlPicture(prefix, dataUrl) {
+  showError("");                                    // a picture given again ends the error of the last one
   if (dataUrl) await loadImage(dataUrl);            // a file the browser cannot read is refused here
   if (prefix === "ipa") controlState.ipPicture = dataUrl;
   else controlState.pictures[Number(prefix.slice(2))] = dataUrl;
