@@ -443,6 +443,7 @@ def sample_unipc(
     lower_order_final: bool = True,
     disable_corrector: Sequence[int] = (),
     min_last_sigma: float = 0.0,
+    steps_after: int = 0,
 ) -> Tensor:
     """UniPC (Zhao et al. 2023): multistep predictor UniP with the corrector UniC, on data predictions.
 
@@ -455,7 +456,9 @@ def sample_unipc(
     3. UniP steps x_i to sigma_{i+1} using m_i and up to ``order - 1`` earlier predictions.
 
     The predictor order warms up as 1, 2, ..., ``order``; with ``lower_order_final`` it also drops to
-    the number of remaining steps; a step that ends at sigma 0 is always first order (it returns m_i;
+    the number of remaining steps (counting ``steps_after``, the steps of the schedule that follow ``sigmas`` in
+    another run: an SDXL base's part before the refiner takes over, which diffusers' scheduler steps at the
+    orders of its whole list); a step that ends at sigma 0 is always first order (it returns m_i;
     higher orders have no limit there). The corrector uses the order of the predictor that produced
     x_i. Defaults match diffusers' ``UniPCMultistepScheduler`` (bh2, solver_order 2,
     lower_order_final, ``final_sigmas_type="zero"``); pass the
@@ -483,7 +486,7 @@ def sample_unipc(
             x = _unipc_update(x_prev, sigma_values[i - 1], sigma, m_prev, older, variant, model_next=denoised)
         report_step(callback, i, x, sigma, sigma_next, denoised)
         history = [*history, (denoised, -math.log(sigma))][-order:]
-        step_order = min(order, n_steps - i) if lower_order_final else order
+        step_order = min(order, n_steps + steps_after - i) if lower_order_final else order
         step_order = min(step_order, len(history))
         x_prev, prev_order = x, step_order
         if sigma_next == 0.0:

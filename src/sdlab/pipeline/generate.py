@@ -83,7 +83,7 @@ from sdlab.diffusion.guidance import (
 from sdlab.diffusion.guidance import PerturbedGuidance
 from sdlab.diffusion.model_sampling import ModelSampling
 from sdlab.diffusion.noise import Generator, draw, first_noise, generators_for, per_image_noise
-from sdlab.diffusion.samplers import A1111_TIMESTEP_SAMPLERS, get_sampler, runs_a1111_timesteps
+from sdlab.diffusion.samplers import A1111_TIMESTEP_SAMPLERS, SamplerSpec, get_sampler, runs_a1111_timesteps
 from sdlab.diffusion.steps import StepInfo
 from sdlab.models.circular_padding import circular_padding
 from sdlab.models.token_merging import TokenMerging, merging_tokens
@@ -411,7 +411,8 @@ def _refined(plan: GenerationPlan, base_model: DenoiseFn | None, refine: Callabl
     if plan.refiner_convention in ("a1111", "a1111_steps") and base_model is not None and refine is not None:
         return _run_sampler(plan, _a1111_swapping_model(base_model, refine(start), plan), x, sigmas, options, progress)
     if base_model is not None:
-        x = _run_sampler(plan, base_model, x, sigmas[: split + 1], _share(options, True, refine is None), progress)
+        base_share = _share(options, True, refine is None, plan.sampler, steps_after=len(sigmas) - 1 - split)
+        x = _run_sampler(plan, base_model, x, sigmas[: split + 1], base_share, progress)
         if refine is not None and handoff is not None:
             x, start = handoff(x, start)
     if refine is not None:
@@ -465,11 +466,17 @@ def _a1111_switch(plan: GenerationPlan) -> Callable[[int, Tensor], bool]:
     return lambda call, sigma: bool(a1111_switches(sigma.flatten()[:1], training, switch_at)[0])
 
 
-def _share(options: dict[str, Any], first: bool, last: bool) -> dict[str, Any]:
+def _share(options: dict[str, Any], first: bool, last: bool, sampler: SamplerSpec | None = None,
+           steps_after: int = 0) -> dict[str, Any]:
     """`options` of a run over a part of the plan's sigmas: a solver span's start (`plan.solver_span`'s sigma_max)
-    only for the part that starts the list (`first`), its end (sigma_min) only for the part that ends it (`last`)."""
+    only for the part that starts the list (`first`), its end (sigma_min) only for the part that ends it (`last`);
+    for a part followed by `steps_after` steps of the list, that count where `sampler`'s function takes it (UniPC
+    lowers its order only at the list's end, as diffusers' scheduler counts its whole list)."""
     dropped = {name for name, kept in (("sigma_max", first), ("sigma_min", last)) if not kept}
-    return {name: value for name, value in options.items() if name not in dropped}
+    share = {name: value for name, value in options.items() if name not in dropped}
+    if steps_after and sampler is not None and "steps_after" in inspect.signature(sampler.fn).parameters:
+        share["steps_after"] = steps_after
+    return share
 
 
 def _offset(progress: ProgressFn | None, steps_done: int) -> ProgressFn | None:
