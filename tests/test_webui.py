@@ -598,6 +598,35 @@ def test_a_picture_that_loads_ends_the_error_of_one_that_did_not(page, base_url,
     assert not page.find_element(By.ID, "error").is_displayed()
 
 
+# The form's controls whose right edge lies past the form's (a control the window cuts off or scrolls to)
+CONTROLS_PAST_THE_FORM = """
+const form = document.getElementById("settings").getBoundingClientRect();
+return [...document.querySelectorAll("#settings *")]
+  .filter((e) => { const r = e.getBoundingClientRect(); return r.width > 0 && r.right > form.right + 0.5; })
+  .map((e) => `${e.tagName.toLowerCase()}#${e.id}.${e.className}`);
+"""
+
+
+def test_a_phones_window_fits_every_control_of_the_form(page, base_url, tmp_path):
+    """A phone's width (390 px): with X/Y/Z plot, the inpaint tab's picture and mask tools, and every box open,
+    each control lies inside the form and the page does not scroll sideways. Before: the X/Y/Z values boxes (a text
+    box's default width) and the mask tools' Load mask ran 11 and 2 px past it."""
+    (tmp_path / "picture.png").write_bytes(png_with_parameters(None, size=(640, 480)))
+    try:
+        page.set_window_size(390, 844)
+        choose(page, "script", text="X/Y/Z plot")
+        choose(page, "xyz_x_type", text="Sampler")                   # its value list and Fill button shown too
+        for box in ("seed-extra", "enable_hr", "ipa_enabled", "cn0_summary"):
+            page.find_element(By.ID, box).click()
+        page.find_element(By.ID, "tab-inpaint").click()
+        page.find_element(By.ID, "init-image").send_keys(str(tmp_path / "picture.png"))
+        wait(page, lambda d: d.find_element(By.ID, "mask-tools").is_displayed(), 20, "the picture did not load")
+        assert page.execute_script(CONTROLS_PAST_THE_FORM) == []
+        assert page.execute_script("return document.documentElement.scrollWidth <= innerWidth")
+    finally:
+        page.set_window_size(*WINDOW)
+
+
 def test_inpaint_mask_painted_on_the_image_is_accepted(page, base_url, tmp_path):
     init = Image.new("RGB", (64, 64), (30, 60, 160))
     ImageDraw.Draw(init).rectangle([20, 20, 43, 43], fill=(240, 220, 40))
