@@ -611,3 +611,32 @@ def test_a_lora_merged_at_load_and_tagged_in_the_hires_prompt_draws_at_the_load_
     assert code == 0, err
     assert np.array_equal(np.asarray(_open(tagged)), np.asarray(_open(bare)))
     assert np.array_equal(np.asarray(_open(again)), np.asarray(_open(tagged)))
+
+
+@pytest.mark.parametrize("write, says", [
+    (lambda p: save_file({"unet.to_q.oft_R.weight": torch.zeros(4, 36)}, str(p.with_suffix(".safetensors"))),
+     "a peft OFT file"),
+    (lambda p: torch.save({"string_to_param": {"*": torch.zeros(2, 32)}, "name": "x"}, p.with_suffix(".pt")),
+     "an A1111 textual-inversion embedding"),
+    (lambda p: save_file({"model.diffusion_model.out.2.weight": torch.zeros(4, 4)}, str(p.with_suffix(".safetensors"))),
+     "not a LoRA file"),
+])
+def test_a_native_loras_entry_that_is_no_lora_is_refused_at_submission(model, tmp_path, write, says):
+    """A native job's `loras` entry naming a file of the LoRA folder that sdlab cannot merge is a 400 when the job
+    is submitted, saying what the file is (as its prompt tag is), not a queued job that fails when the model
+    loads; the file is named as clients know it, not by its path."""
+    from sdlab.pipeline.request import GenerationRequest
+    from sdlab.server.inputs import BadRequest, JobSpec, LoraChoice
+
+    service, _ = _service(model, tmp_path)
+    folder = tmp_path / "models" / "Lora"
+    write(folder / "other")
+    service.registry.refresh()
+    try:
+        with pytest.raises(BadRequest) as err:
+            service.submit(JobSpec(GenerationRequest("a cat", sampler="Euler", **OPTIONS),
+                                   loras=(LoraChoice("other", 0.8),)), "txt2img", None)
+        assert err.value.status == 400 and says in err.value.message and "LoRA 'other'" in err.value.message
+        assert str(folder) not in err.value.message
+    finally:
+        service.store.close()

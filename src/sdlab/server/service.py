@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from sdlab.api import shipped_model_path
+from sdlab.checkpoints.errors import CheckpointError
+from sdlab.checkpoints.lora import load_lora_file
 from sdlab.pipeline.control import ControlInput
 from sdlab.pipeline.image_prompt import layer_settings
 from sdlab.pipeline.infotext import drawn_hires_prompt, hires_tag_refs, tag_loras
@@ -138,8 +140,12 @@ class Service:
         refiner = self.refiner(spec.refiner, checkpoint, request)
         if not isinstance(request.prompt, str):
             raise BadRequest("prompt must be text", 422)
-        for choice in spec.loras:
-            self._lora(choice.name)
+        for choice in spec.loras:                   # a file that is no LoRA sdlab merges: refused now, not at load
+            lora = self._lora(choice.name)
+            try:
+                load_lora_file(lora.path, weights=False)
+            except CheckpointError as err:
+                raise BadRequest(without_paths(f"LoRA {choice.name!r}: {err}", [(lora.path, lora.name)])) from None
         hashes: dict[Path, str] = {}
 
         def tag_lora(name: str) -> Path:
