@@ -407,6 +407,23 @@ def test_reuse_seed_takes_only_this_tabs_jobs(page, base_url):
     assert text(page, "notice") == "No finished job yet to take a seed from"
 
 
+def test_a_job_that_ended_while_the_page_was_away_comes_back_to_the_viewer(page, base_url):
+    """The tab leaves the page while its job draws (a reload, another address) and comes back once it has ended: the
+    viewer shows that job's picture, infotext and Done, as for a job seen to the end. Before: 'Idle' and an empty
+    viewer (the picture in the gallery only)."""
+    page.find_element(By.ID, "prompt").send_keys("drawn while the page was away")
+    set_value(page, "steps", 30)
+    page.find_element(By.ID, "generate").click()
+    wait(page, lambda d: text(d, "progress-text").startswith("Step"), 30, "the job did not start")
+    page.get("about:blank")
+    job = wait_job(base_url, job_by_prompt(base_url, "drawn while the page was away")["id"])
+    open_page(page, base_url)
+    assert loaded_results(page, 1) == [base_url + job["images"][0]]
+    assert text(page, "progress-text").startswith("Done")
+    assert text(page, "infotext").startswith("drawn while the page was away")
+    assert page.execute_script("return sessionStorage.getItem('sdlab-submitted')") == "[]"    # seen: forgotten
+
+
 def test_cancel_a_second_job(page, base_url):
     first, second = "a green circle on a white background", "a yellow heart at the bottom (to be cancelled)"
     set_value(page, "steps", 6)

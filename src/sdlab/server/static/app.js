@@ -1511,7 +1511,9 @@ async function refreshJobs(force = false) {
     if (state.submitted.has(job.id) && !ACTIVE.has(job.status) && (!state.follow || state.follow.id !== job.id)) {
       forgetSubmitted(job.id);
       if (job.status === "done" && job.request && job.request.seed != null) state.lastSeed = job.request.seed;
-      if (state.shownJob === job.id) showJob(job);
+      // the job on screen, or the newest (jobs come newest first) on a page that shows none yet: one that ended
+      // while the page was away (reloaded while it ran)
+      if (state.shownJob === job.id || state.shownJob == null) showJob(job);
     }
   }
   const signature = JSON.stringify(jobs.map((j) => [j.id, j.status, j.step, (j.images || []).length]));
