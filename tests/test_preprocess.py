@@ -89,6 +89,19 @@ def test_canny_matches_opencv_on_large_pictures(low, high):
         assert np.array_equal(_edges(canny(image, low, high)), expected)   # 0 pixels apart with OpenCV 5.1
 
 
+@pytest.mark.parametrize("height, width", [(1, 1), (1, 37), (37, 1), (2, 3), (5, 300), (299, 4)])
+def test_canny_matches_opencv_on_thin_pictures(height, width):
+    """Pictures of one or a few rows or columns (runs that fill a row, end it and open the next, bands of one row)
+    and thresholds at and past the largest magnitude (2040): every pixel as cv2.Canny's."""
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.default_rng(height * 1000 + width)
+    pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    pixels[:, : width // 2] = 255                                   # a flat part: runs along whole rows too
+    for low, high in ((0, 0), (20, 60), (100, 200), (2039, 2039.5), (2040, 5000)):
+        expected = cv2.Canny(pixels, low, high) > 0
+        assert np.array_equal(_edges(canny(Image.fromarray(pixels), low, high)), expected), (low, high)
+
+
 def _spiral(size: int) -> np.ndarray:
     """A one-pixel path winding out from the centre of a size x size square: one part, 8-connected or not."""
     path = np.zeros((size, size), dtype=bool)
@@ -153,8 +166,8 @@ def test_canny_in_bands_is_the_same(monkeypatch, band_pixels):
 
 
 def test_canny_memory_is_near_its_picture():
-    """A 4096 x 512 picture: canny holds the picture, its booleans and output and one band's float64 gradients
-    (it took ~170 bytes a pixel, 340 MB, in one piece)."""
+    """A 4096 x 512 picture: canny holds the picture, its booleans and output and one band's int16 gradients
+    (it took ~170 bytes a pixel, 340 MB, in one piece with float64 gradients)."""
     import tracemalloc
 
     image = Image.new("RGB", (4096, 512), "black")

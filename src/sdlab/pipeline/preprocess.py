@@ -40,28 +40,39 @@ from PIL import Image, ImageFilter, ImageOps
 
 from sdlab.pipeline.images import flattened
 
-# Sector bounds of the gradient direction (OpenCV's tan(22.5 deg) and tan(67.5 deg)).
+# Sector bounds of the gradient direction (OpenCV's tan(22.5 deg) and tan(67.5 deg)), as integer limits on |dy|
+# for each |dx| (a Sobel derivative of bytes is at most 4 x 255): for a whole |dy|, |dy| < |dx| tan(22.5) (the
+# product in float64) exactly where |dy| < ceil of it, and |dy| > |dx| tan(67.5) where |dy| > floor of it.
 _TAN_22 = np.tan(np.pi / 8)
 _TAN_67 = np.tan(3 * np.pi / 8)
+_SOBEL_MAX = 4 * 255
+_BELOW_22 = np.ceil(np.arange(_SOBEL_MAX + 1) * _TAN_22).astype(np.int16)     # (1021,): |dy| < this: horizontal
+_ABOVE_67 = np.floor(np.arange(_SOBEL_MAX + 1) * _TAN_67).astype(np.int16)    # (1021,): |dy| > this: vertical
 
 
-def _sobel(channel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """3x3 Sobel derivatives (dx, dy) of an (H, W) float array, borders replicated (OpenCV's Canny)."""
-    p = np.pad(channel, 1, mode="edge")
-    dx = (p[:-2, 2:] + 2 * p[1:-1, 2:] + p[2:, 2:]) - (p[:-2, :-2] + 2 * p[1:-1, :-2] + p[2:, :-2])
-    dy = (p[2:, :-2] + 2 * p[2:, 1:-1] + p[2:, 2:]) - (p[:-2, :-2] + 2 * p[:-2, 1:-1] + p[:-2, 2:])
+def _sobel(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """3x3 Sobel derivatives (dx, dy) of an (H, W, C) int16 array, borders replicated (OpenCV's Canny), each the
+    difference across one axis smoothed (1, 2, 1) along the other, in int16 (exact: |d| <= 4 x 255)."""
+    p = np.pad(pixels, ((1, 1), (1, 1), (0, 0)), mode="edge")              # (H + 2, W + 2, C)
+    across = p[:, 2:] - p[:, :-2]                                           # (H + 2, W, C)
+    dx = across[:-2] + 2 * across[1:-1] + across[2:]                        # (H, W, C)
+    down = p[2:] - p[:-2]                                                   # (H, W + 2, C)
+    dy = down[:, :-2] + 2 * down[:, 1:-1] + down[:, 2:]                     # (H, W, C)
     return dx, dy
 
 
 def _gradients(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(dx, dy, L1 magnitude) of an (H, W, C) image, taking each pixel's strongest channel."""
-    grads = [_sobel(pixels[..., c]) for c in range(pixels.shape[-1])]
-    dx = np.stack([g[0] for g in grads])                                    # (C, H, W)
-    dy = np.stack([g[1] for g in grads])
-    magnitude = np.abs(dx) + np.abs(dy)
-    best = magnitude.argmax(axis=0)[None]                                   # (1, H, W): first maximum wins
-    pick = lambda a: np.take_along_axis(a, best, axis=0)[0]                 # noqa: E731
-    return pick(dx), pick(dy), pick(magnitude)
+    """(dx, dy, L1 magnitude) of an (H, W, C) int16 image, taking each pixel's strongest channel (the first
+    of equal ones), all (H, W) int16."""
+    dx, dy = _sobel(pixels)
+    magnitude = np.abs(dx) + np.abs(dy)                                     # (H, W, C), at most 2040
+    best_dx, best_dy, best = dx[..., 0], dy[..., 0], magnitude[..., 0]
+    for c in range(1, pixels.shape[-1]):
+        stronger = magnitude[..., c] > best                                 # (H, W): strictly, so the first wins
+        best_dx = np.where(stronger, dx[..., c], best_dx)
+        best_dy = np.where(stronger, dy[..., c], best_dy)
+        best = np.where(stronger, magnitude[..., c], best)
+    return best_dx, best_dy, best
 
 
 def _non_maximum(dx: np.ndarray, dy: np.ndarray, magnitude: np.ndarray) -> np.ndarray:
@@ -69,10 +80,12 @@ def _non_maximum(dx: np.ndarray, dy: np.ndarray, magnitude: np.ndarray) -> np.nd
     m = np.pad(magnitude, 1)                                                # zero border
     centre = m[1:-1, 1:-1]
     ax, ay = np.abs(dx), np.abs(dy)
-    horizontal = ay < ax * _TAN_22
-    vertical = ay > ax * _TAN_67
+    horizontal = ay < _BELOW_22[ax]
+    vertical = ay > _ABOVE_67[ax]
     diagonal = ~(horizontal | vertical)
-    same_sign = (dx * dy) >= 0      # the edge normal runs down-right (image rows grow downwards)
+    # the edge normal runs down-right (image rows grow downwards) where dx dy >= 0; a diagonal pixel with a
+    # magnitude has both nonzero (dy = 0 is horizontal, dx = 0 vertical), so the signs' XOR tells it
+    same_sign = (dx ^ dy) >= 0
     keep = horizontal & (centre > m[1:-1, :-2]) & (centre >= m[1:-1, 2:])
     keep |= vertical & (centre > m[:-2, 1:-1]) & (centre >= m[2:, 1:-1])
     down_right = (centre > m[:-2, :-2]) & (centre > m[2:, 2:])
@@ -81,34 +94,43 @@ def _non_maximum(dx: np.ndarray, dy: np.ndarray, magnitude: np.ndarray) -> np.nd
     return keep
 
 
-_FORWARD_NEIGHBOURS = ((0, 1), (1, 0), (1, 1), (1, -1))
-"""(dy, dx) of the 8-connected neighbours after a pixel in raster order: right, down, down-right, down-left."""
+def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The runs of `mask` (H, W) along its rows, in raster order: each run's row, first column and last column
+    (int32 where twice the mask's pixels fit it: flat indices, and the pairs of touching runs, fewer than that)."""
+    dtype = np.int32 if mask.size < 2**30 else np.int64
+    begins = mask.copy()
+    begins[:, 1:] &= ~mask[:, :-1]                                          # on, with the pixel before off
+    row, begin = (a.astype(dtype) for a in np.nonzero(begins))
+    del begins
+    ends = mask.copy()
+    ends[:, :-1] &= ~mask[:, 1:]                                            # on, with the pixel after off
+    return row, begin, np.nonzero(ends)[1].astype(dtype)
 
 
-def _neighbour_pairs(mask: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The `index` numbers of every two 8-connected pixels both in `mask` (H, W), each pair once."""
-    height, width = mask.shape
-    firsts, seconds = [], []
-    for dy, dx in _FORWARD_NEIGHBOURS:
-        here = (slice(0, height - dy), slice(max(0, -dx), width - max(0, dx)))
-        there = (slice(dy, height), slice(max(0, dx), width - max(0, -dx)))
-        both = mask[here] & mask[there]
-        firsts.append(index[here][both])
-        seconds.append(index[there][both])
-    return np.concatenate(firsts), np.concatenate(seconds)
+def _touching_runs(row: np.ndarray, begin: np.ndarray, end: np.ndarray,
+                   width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every two runs (numbers into a mask's `_runs`, rows `width` wide) 8-connected to each other, the second on
+    the row below the first: run b (columns s..t of row r + 1) touches the runs of row r that end at column s - 1
+    or later and begin at column t + 1 or earlier, a range of consecutive numbers."""
+    above = (row - 1) * width                                               # the row above's first flat index
+    first, last = row * width + begin, row * width + end                    # flat indices, increasing
+    # the first ending at column s - 1 or later; past the last beginning at column t + 1 or before
+    low = np.searchsorted(last, above + np.maximum(begin - 1, 0)).astype(row.dtype)
+    high = np.searchsorted(first, above + np.minimum(end + 1, width - 1), side="right").astype(row.dtype)
+    del above, first, last
+    count = np.maximum(high - low, 0)                                       # (runs,): runs touched above
+    del high
+    below = np.repeat(np.arange(row.size, dtype=row.dtype), count)
+    offsets = np.arange(below.size, dtype=row.dtype) - np.repeat(np.cumsum(count, dtype=row.dtype) - count, count)
+    return np.repeat(low, count) + offsets, below
 
 
-def _components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The 8-connected parts of `mask` (H, W): each pixel's number in raster order among the mask's (-1 off
-    it), and for each number the smallest number of its part. Union-find in whole arrays: each round every
-    part's root takes the smallest root of the parts it touches (never a larger one, so no cycles), then roots
-    are followed to the end; the rounds stop when no two touching pixels have different roots."""
-    count = int(np.count_nonzero(mask))
-    dtype = np.int32 if mask.size < 2**31 else np.int64
-    index = np.full(mask.shape, -1, dtype=dtype)
-    index[mask] = np.arange(count, dtype=dtype)
-    first, second = _neighbour_pairs(mask, index)
-    root = np.arange(count, dtype=dtype)
+def _roots(count: int, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """For each of `count` nodes joined by the edges first[i] - second[i], the smallest node of its part.
+    Union-find in whole arrays: each round every part's root takes the smallest root of the parts it touches
+    (never a larger one, so no cycles), then roots are followed to the end; the rounds stop when no two joined
+    nodes have different roots."""
+    root = np.arange(count, dtype=first.dtype)
     while first.size:
         a, b = root[first], root[second]
         apart = a != b
@@ -116,33 +138,47 @@ def _components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         np.minimum.at(root, np.maximum(a, b), np.minimum(a, b))
         while not np.array_equal(further := root[root], root):
             root = further
-    return index, root
+    return root
 
 
 def _hysteresis(strong: np.ndarray, weak: np.ndarray) -> np.ndarray:
     """Pixels of `weak` 8-connected (through `weak`) to a pixel of `strong` (a subset of `weak`), as OpenCV's
-    edge stack flood-fills them: the parts of `weak` (`_components`) that hold a strong pixel."""
-    index, root = _components(weak)
-    holds_strong = np.zeros(root.size, dtype=bool)
-    holds_strong[root[index[strong]]] = True
-    edges = np.zeros(weak.shape, dtype=bool)
-    edges[weak] = holds_strong[root]
-    return edges
+    edge stack flood-fills them: the parts of `weak` that hold a strong pixel, found over its runs along the rows
+    (`_runs`: a run is connected within itself; runs on consecutive rows join where they touch, `_touching_runs`)
+    rather than over its pixels."""
+    row, begin, end = _runs(weak)
+    root = _roots(row.size, *_touching_runs(row, begin, end, weak.shape[1]))
+    first, last = row * weak.shape[1] + begin, row * weak.shape[1] + end   # (runs,) flat indices
+    del row, begin, end
+    holds_strong = np.zeros(first.size, dtype=bool)
+    holds_strong[root[np.searchsorted(first, np.flatnonzero(strong), side="right") - 1]] = True
+    kept = holds_strong[root]                                               # (runs,)
+    marks = np.zeros(weak.size + 1, dtype=np.int8)                          # +1 where a kept run begins, -1 past it
+    marks[first[kept]] = 1
+    marks[last[kept] + 1] -= 1          # 0 where a run ending a row is followed by one opening the next
+    return np.cumsum(marks[:-1], dtype=np.int8).view(bool).reshape(weak.shape)
 
 
-CANNY_BAND_PIXELS = 1 << 17
-"""About how many pixels `canny` takes its gradients of at a time: some 170 bytes each (float64 per channel),
-so a band stays near 22 MB whatever the picture's size."""
+CANNY_BAND_PIXELS = 1 << 18
+"""About how many pixels `canny` takes its gradients of at a time: some 60 bytes each (int16 per channel), so a
+band stays near 16 MB whatever the picture's size."""
 
 
 def _edge_pixels(pixels: np.ndarray, top: int, bottom: int, low: float, high: float) -> tuple[np.ndarray, ...]:
     """Rows top..bottom - 1 of canny's edge candidates (non-maximum suppressed, above `low`) and of those above
     `high`, from the uint8 picture's rows two past them each way (the 3x3 Sobel of the 3x3 comparison)."""
     start, stop = max(0, top - 2), min(pixels.shape[0], bottom + 2)
-    dx, dy, magnitude = _gradients(pixels[start:stop].astype(np.float64))   # exact for rows start + 1 on
+    dx, dy, magnitude = _gradients(pixels[start:stop].astype(np.int16))    # exact for rows start + 1 on
     keep = slice(top - start, bottom - start)
-    candidate = _non_maximum(dx, dy, magnitude)[keep] & (magnitude[keep] > np.floor(low))
-    return candidate, candidate & (magnitude[keep] > np.floor(high))
+    candidate = _non_maximum(dx, dy, magnitude)[keep] & (magnitude[keep] > _magnitude_limit(low))
+    return candidate, candidate & (magnitude[keep] > _magnitude_limit(high))
+
+
+def _magnitude_limit(threshold: float) -> int:
+    """The whole number a pixel's magnitude must pass to be above `threshold` (OpenCV floors it), at most the
+    largest magnitude (2 x 4 x 255, which none passes), so the comparison stays in int16."""
+    limit = np.floor(threshold)
+    return int(limit) if limit < 2 * _SOBEL_MAX else 2 * _SOBEL_MAX
 
 
 def canny(image: Image.Image, low: float = 100, high: float = 200, blur: float = 0.0) -> Image.Image:
@@ -161,7 +197,8 @@ def canny(image: Image.Image, low: float = 100, high: float = 200, blur: float =
         rows = slice(top, top + band)
         candidate[rows], strong[rows] = _edge_pixels(pixels, top, min(top + band, pixels.shape[0]), low, high)
     edges = _hysteresis(strong, candidate)
-    out = np.where(edges, 255, 0).astype(np.uint8)                          # (H, W)
+    del candidate, strong
+    out = edges.view(np.uint8) * np.uint8(255)                              # (H, W)
     return Image.fromarray(out).convert("RGB")
 
 
