@@ -285,3 +285,51 @@ def test_cli_refuses_broken_checkpoints_with_one_line(tmp_path: Path, sd1):
     _assert_one_error_line(_cli("inspect", str(bomb)), "bomb.ckpt", "refused")
     big = _rewrite_zip(src, tmp_path / "big.ckpt", change=lambda n, d: b"big" if n.endswith("/byteorder") else d)
     _assert_one_error_line(_cli("inspect", str(big)), "big.ckpt", "byteorder")
+
+
+# --- a storage record cut short: refused at the load, the CLI and the server ------------------------------------
+
+
+def _cut_ckpt(bundle, folder: Path) -> tuple[Path, str]:
+    """`bundle` as a torch.save `.ckpt` whose U-Net output convolution's record is cut to half its bytes (its zip
+    directory says so; the whole read gave that weight's first half and then the zip's next header as weights),
+    and the words that name the record in the refusal."""
+    state = bundle_state_dict(bundle)
+    source = folder / "model.ckpt"
+    torch.save({"state_dict": state}, source)
+    record = f"model/data/{list(state).index('model.diffusion_model.out.2.weight')}"   # torch.save's keys: 0, 1, ...
+    nbytes = state["model.diffusion_model.out.2.weight"].nbytes
+    cut = _rewrite_zip(source, folder / "cut.ckpt",
+                       change=lambda name, data: data[: nbytes // 2] if name == record else data)
+    source.unlink()
+    return cut, f"(its record {record} holds {nbytes // 2} bytes, fewer than the {nbytes} of its storage)"
+
+
+def test_a_record_cut_short_is_refused_by_the_load_the_cli_and_the_server(tmp_path: Path, sd1):
+    import httpx
+
+    from server_fixtures import start_server
+
+    models = tmp_path / "models"
+    models.mkdir()
+    cut, record = _cut_ckpt(sd1, models)
+    with pytest.raises(CheckpointError) as err:
+        load_bundle(cut)
+    assert str(err.value) == f"{cut}: not a readable PyTorch checkpoint {record}"
+    result = _cli("txt2img", "a red apple", "--model", str(cut), "--steps", "1", "--width", "64", "--height", "64",
+                  "--out", str(tmp_path / "out"))
+    _assert_one_error_line(result, f"{cut}: not a readable PyTorch checkpoint {record}")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+    write_original(sd1, models / "tiny.safetensors")
+    server = start_server(tmp_path / "outputs", "--models-dir", str(models),
+                          "--model", str(models / "tiny.safetensors"))
+    try:
+        with httpx.Client(base_url=server.url, timeout=120) as client:
+            refused = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "cut"})
+            sized = client.get("/api/model-size", params={"model": "cut"})
+    finally:
+        server.stop()
+    assert (refused.status_code, sized.status_code) == (400, 422), (refused.text, sized.text)
+    for answer in (refused, sized):
+        assert record in answer.text and str(models) not in answer.text, answer.text

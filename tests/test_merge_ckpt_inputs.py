@@ -164,7 +164,7 @@ def test_a_deflated_ckpt_read_whole_says_what_it_is(tmp_path, monkeypatch, caplo
     with zipfile.ZipFile(saved) as zin, zipfile.ZipFile(deflated, "w", zipfile.ZIP_DEFLATED) as zout:
         for info in zin.infolist():
             zout.writestr(info.filename, zin.read(info))
-    monkeypatch.setattr(ZipTensors, "of", classmethod(lambda cls, path, tensors: None))
+    monkeypatch.setattr(ZipTensors, "of", classmethod(lambda cls, path, tensors, records: None))
     with caplog.at_level("INFO", logger="sdlab.checkpoints.merge"):
         merge_checkpoints([_sd1(tmp_path, 1, "safetensors", torch.float32), deflated], tmp_path / "m.safetensors",
                           MergeOptions())

@@ -282,16 +282,61 @@ def test_a_span_past_its_storage_is_the_whole_reads_refusal(tmp_path, case):
     assert lazy.startswith(f"error: {path}: not a readable PyTorch checkpoint ("), lazy
 
 
-def test_a_record_shorter_than_its_storage_is_refused(tmp_path):
-    """A stored record of 8 bytes for a storage of 64: refused (the whole read maps the file and reads on into
-    the next zip header); deflated, the whole read's own refusal."""
+SHORT_RECORDS = {
+    "named once": {"w": Tensor(_float(16), 0, (16,), (1,))},
+    "named again smaller": {"a": Tensor(_float(16), 0, (16,), (1,)), "b": Tensor(_float(1), 0, (1,), (1,))},
+}
+
+
+@pytest.mark.parametrize("case", SHORT_RECORDS)
+def test_a_stored_record_shorter_than_its_storage_is_refused_by_every_read(tmp_path, case):
+    """A stored record of 8 bytes for a storage of 64 (as its first reference names it, which torch.load reads):
+    refused by the lazy read, the whole read (which maps the file and read on into the next zip header: other
+    bytes, no error) and the shapes-only read alike, naming the file and the record."""
+    stored = crafted_ckpt(tmp_path / "stored.ckpt", SHORT_RECORDS[case], {"0": FLOATS[:8]})
+    refusal = (f"error: {stored}: not a readable PyTorch checkpoint (its record archive/data/0 holds 8 bytes, fewer "
+               "than the 64 of its storage)")
+    assert _read_all(stored, lazy=True) == _read_all(stored, lazy=False) == refusal
+    with pytest.raises(CheckpointError) as shapes_only:
+        read_checkpoint(stored, shapes_only=True)
+    assert f"error: {shapes_only.value}" == refusal
+
+
+def test_a_deflated_record_shorter_than_its_storage_is_torch_loads_refusal(tmp_path):
     tensors = {"w": Tensor(_float(16), 0, (16,), (1,))}
-    stored = crafted_ckpt(tmp_path / "stored.ckpt", tensors, {"0": FLOATS[:8]})
-    assert _read_all(stored, lazy=True) == (f"error: {stored}: not a readable PyTorch checkpoint (its record "
-                                            "archive/data/0 holds 8 bytes, fewer than the 64 of its storage)")
     deflated = crafted_ckpt(tmp_path / "deflated.ckpt", tensors, {"0": FLOATS[:8]}, DEFLATED)
     lazy = _read_all(deflated, lazy=True)
-    assert lazy == _read_all(deflated, lazy=False) and lazy.startswith("error: ")
+    assert lazy == _read_all(deflated, lazy=False) and lazy.startswith(f"error: {deflated}: not a readable PyTorch")
+
+
+def _cut_short(source: Path, out: Path, name: str, keep: int) -> Path:
+    """`source`'s records rewritten by zipfile (stored), record `name` cut to its first `keep` bytes (the zip's
+    directory says so; the pickle still names the storage's full size)."""
+    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(out, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            zout.writestr(info.filename, data[:keep] if info.filename.endswith(name) else data)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("last", [False, True], ids=["the first storage's record", "the last storage's record"])
+def test_a_torch_save_file_with_a_record_cut_short_is_refused(tmp_path, dtype, last):
+    """torch.save's file, one storage record cut to half: the whole read gave that tensor's first half and then
+    the bytes of the zip's next header (or its central directory) as weights; now refused, as the lazy read
+    refuses it, and a whole file of the same tensors still reads bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(32, 8, generator=g).to(dtype), "b": torch.randn(64, generator=g).to(dtype)}
+    source = tmp_path / "source.ckpt"
+    torch.save({"state_dict": tensors}, source)
+    key = "1" if last else "0"
+    nbytes = tensors["b" if last else "a"].numel() * tensors["a"].element_size()
+    whole = _repacked(source, tmp_path / "whole.ckpt", STORED)          # every record kept: the same tensors
+    cut = _cut_short(source, tmp_path / "cut.ckpt", f"/data/{key}", nbytes // 2)
+    assert all(torch.equal(read_checkpoint(whole)[0][k], tensors[k]) for k in tensors)
+    refusal = (f"error: {cut}: not a readable PyTorch checkpoint (its record source/data/{key} holds {nbytes // 2} "
+               f"bytes, fewer than the {nbytes} of its storage)")
+    assert _read_all(cut, lazy=False) == _read_all(cut, lazy=True) == refusal
 
 
 def test_the_views_of_one_deflated_storage_unpack_it_once(tmp_path, monkeypatch):

@@ -13,9 +13,11 @@
     (`_check_torch_zip`): decompression bombs and big-endian files are refused before anything is unpacked;
     zip files whose records are all stored are memory-mapped (`MappedTensors`: a tensor read for a model is
     copied out and its pages given back), those with deflated records are read without mapping (a map would
-    see the compressed bytes). With `lazy=True` a zip file's pickle is unpickled by the same unpickler onto `meta`
-    and each tensor is read from its record when looked up (`zip_tensors.ZipTensors`: nothing of the file held
-    or mapped between reads; `sdlab merge` reads so). A top-level `state_dict` entry (PyTorch Lightning,
+    see the compressed bytes). A zip file's pickle is first unpickled by the same unpickler onto `meta`, each
+    storage checked against its record: a stored record shorter than its storage is refused (the map would give
+    the bytes after it, the zip's next header, as weights). With `lazy=True` each tensor is then read from its
+    record when looked up (`zip_tensors.ZipTensors`: nothing of the file held or mapped between reads; `sdlab
+    merge` reads so). A top-level `state_dict` entry (PyTorch Lightning,
     CompVis) is unwrapped, and so is a file's only entry that is a dict (`{"module": {...}}`: ComfyUI's
     `load_torch_file` rule) where nested levels are not read anyway. A pickle's metadata is its top-level
     text and number entries, as strings (an A1111 embedding's `step`, `sd_checkpoint`, `sd_checkpoint_name`).
@@ -45,7 +47,7 @@ import zipfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import torch
 from safetensors import safe_open
@@ -54,6 +56,9 @@ from torch import Tensor
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.utils.allocator import release_pages
 from sdlab.utils.files import atomic_write
+
+if TYPE_CHECKING:
+    from sdlab.checkpoints.zip_tensors import Record
 
 logger = logging.getLogger(__name__)
 
@@ -499,7 +504,10 @@ def _read_pickle(path: Path, nested: bool = False, shapes_only: bool = False,
     if (kind := _content_kind(head, binary=False)) is not None:
         raise CheckpointError(f"{path}: not a PyTorch checkpoint: it is {kind}")
     mmap = _check_torch_zip(path) if is_zip else False
-    if lazy and is_zip and not shapes_only and (read := _read_zip_lazily(path, nested)) is not None:
+    unpickled = _unpickle_zip_onto_meta(path) if is_zip else None      # refuses a record shorter than its storage
+    if unpickled is not None and shapes_only:         # as torch.load(map_location="meta") unpickles it
+        return _unwrap_state_dict(unpickled[0], path, nested), _plain_entries(unpickled[0])
+    if unpickled is not None and lazy and (read := _zip_tensors(path, *unpickled, nested)) is not None:
         return read
     try:
         obj = _weights_only_load(path, map_location="meta" if shapes_only else "cpu", mmap=mmap and not shapes_only)
@@ -536,19 +544,33 @@ def _weights_only_load(path: Path, map_location: str, mmap: bool) -> object:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
 
 
-def _read_zip_lazily(path: Path, nested: bool) -> tuple[Mapping[str, Tensor], dict[str, str]] | None:
-    """A zip checkpoint as `ZipTensors` (each tensor read from its record when looked up): its pickle unpickled
-    by the same weights-only unpickler, onto `meta` (`zip_tensors.unpickle_onto_meta`). None where the file is not
-    read so: a pickle that fails to unpickle (refused, damaged, TorchScript) or a tensor that is not a plain view
-    of one record; the whole read then gives its result or its error, the same as without `lazy`."""
-    from sdlab.checkpoints.zip_tensors import ZipTensors, unpickle_onto_meta
+def _unpickle_zip_onto_meta(path: Path) -> tuple[object, dict[int, Record]] | None:
+    """A zip checkpoint's pickle unpickled onto `meta` by the same weights-only unpickler, and its records
+    (`zip_tensors.unpickle_onto_meta`, `records_by_start`); each storage is checked against its record as it is
+    named, so a stored record shorter than its storage is a CheckpointError naming the file and the record, before
+    the whole read (torch.load(mmap=True) would read it on into the zip's next header) or the lazy one. None where
+    the pickle fails to unpickle here (refused, damaged, TorchScript): the whole read unpickles it again and says
+    why it cannot."""
+    from sdlab.checkpoints.zip_tensors import records_by_start, unpickle_onto_meta
 
+    records = records_by_start(path)
     try:
         with _weights_only_unpickling():
-            obj = unpickle_onto_meta(path)
-    except Exception:                   # the whole read unpickles it again and says why it cannot
+            return unpickle_onto_meta(path, records), records
+    except CheckpointError:
+        raise
+    except Exception:
         return None
-    tensors = ZipTensors.of(path, _unwrap_state_dict(obj, path, nested))
+
+
+def _zip_tensors(path: Path, obj: object, records: Mapping[int, Record],
+                 nested: bool) -> tuple[Mapping[str, Tensor], dict[str, str]] | None:
+    """A zip checkpoint's tensors as `ZipTensors` (each read from its record when looked up), from its pickle
+    unpickled onto `meta`; None where a tensor is not a plain view of one record: the whole read then gives its
+    result or its error, the same as without `lazy`."""
+    from sdlab.checkpoints.zip_tensors import ZipTensors
+
+    tensors = ZipTensors.of(path, _unwrap_state_dict(obj, path, nested), records)
     return None if tensors is None else (tensors, _plain_entries(obj))
 
 

@@ -14,8 +14,10 @@ span of it, with their own strides.
 
 A file the lazy read does not take as torch.load would (a storage key named again with another dtype or size, a
 record not of its storage's size, a span past its storage, a negative size or stride) is left to the whole read,
-which gives its own answer; but a stored record shorter than its storage is refused here, where the whole read
-would read on into the zip's next header.
+which gives its own answer. A stored record shorter than its storage is refused as the pickle names it
+(`record_of`), by the lazy read and the whole read alike (`io` unpickles a zip onto `meta` before either):
+torch.load(mmap=True), the whole read of a zip whose records are all stored, would read it on into the zip's next
+header (or its central directory) and give those bytes as weights.
 """
 
 from __future__ import annotations
@@ -63,16 +65,18 @@ class Placed:
     span: int
 
 
-def unpickle_onto_meta(path: Path) -> object:
-    """The object pickled in the zip checkpoint at `path`, its tensors on `meta`, as `torch.load(path,
-    weights_only=True, map_location="meta")` unpickles it (torch.serialization `_load`: torch's zip reader, its
-    weights-only unpickler, each storage a `meta` storage of the bytes its persistent id names, one per key, its
-    bytes kept as `_checkpoint_nbytes`; a key named again with another dtype or size, which torch.load would read
-    as the first, or a negative size, is a ValueError, left to the whole read); but each storage's
-    `_checkpoint_offset` is always the offset torch's reader reads from the record's local header (torch.load
-    computes it from the layout of its own writer where the file has a `.format_version` record, which a zip
-    written by another tool does not follow). Unpickle with the allowed globals set (`io._weights_only_unpickling`).
-    A TorchScript archive, which torch.load refuses with weights_only, is refused here too (a ValueError)."""
+def unpickle_onto_meta(path: Path, records: Mapping[int, Record]) -> object:
+    """The object pickled in the zip checkpoint at `path` (whose `records_by_start` are `records`), its tensors on
+    `meta`, as `torch.load(path, weights_only=True, map_location="meta")` unpickles it (torch.serialization `_load`:
+    torch's zip reader, its weights-only unpickler, each storage a `meta` storage of the bytes its persistent id
+    names, one per key, its bytes kept as `_checkpoint_nbytes`; a key named again with another dtype or size, which
+    torch.load would read as the first, or a negative size, is a ValueError, left to the whole read); but each
+    storage's `_checkpoint_offset` is always the offset torch's reader reads from the record's local header
+    (torch.load computes it from the layout of its own writer where the file has a `.format_version` record, which
+    a zip written by another tool does not follow). Each storage is checked against its record where the pickle
+    first names it, at the size torch.load reads (`record_of`: a stored record shorter than it is a
+    CheckpointError). Unpickle with the allowed globals set (`io._weights_only_unpickling`). A TorchScript archive,
+    which torch.load refuses with weights_only, is refused here too (a ValueError)."""
     reader = torch._C.PyTorchFileReader(str(path))
     if reader.has_record("constants.pkl"):
         raise ValueError(f"{path}: a TorchScript archive")
@@ -93,6 +97,7 @@ def unpickle_onto_meta(path: Path) -> object:
         untyped = torch.UntypedStorage(nbytes, device="meta")
         untyped._checkpoint_offset = reader.get_record_offset(f"data/{torch.serialization._maybe_decode_ascii(key)}")
         untyped._checkpoint_nbytes = nbytes     # a meta storage grows to fit a `set_` past its end: torch.load's refuses
+        record_of(untyped, records, path)
         storages[key] = torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
         return storages[key]
 
@@ -137,25 +142,35 @@ def element_span(shape: torch.Size, stride: tuple[int, ...]) -> int | None:
     return 1 + sum((n - 1) * s for n, s in zip(shape, stride))
 
 
-def place(tensor: Tensor, records: Mapping[int, Record], path: Path) -> Placed | None:
-    """Where the elements of `tensor`, unpickled onto `meta`, are in the file; None where it is not a plain
-    (strided, unquantized) view lying within a storage whose record holds exactly the storage's bytes (the whole
-    read then gives its answer). A stored record shorter than its storage is a CheckpointError."""
-    if tensor.device.type != "meta" or tensor.layout != torch.strided or tensor.is_quantized:
-        return None
-    storage = tensor.untyped_storage()
+def record_of(storage: torch.UntypedStorage, records: Mapping[int, Record], path: Path) -> Record | None:
+    """The record of the file at `path` that `storage`, unpickled onto `meta`, is read from, where it holds exactly
+    the storage's bytes; else None (the whole read gives its answer: torch.load refuses a deflated record of
+    another size, and reads the first bytes of a longer one). A stored record shorter than the storage is a
+    CheckpointError naming the file and the record: torch.load(mmap=True) would read on past its end."""
     record = records.get(getattr(storage, "_checkpoint_offset", None))
     if record is None:
         return None
     nbytes = storage._checkpoint_nbytes                 # as the pickle names it (`storage.nbytes()` may have grown)
     if nbytes != record.size:
-        if record.deflated or nbytes < record.size:     # torch.load refuses it, or reads a part of the record
+        if record.deflated or nbytes < record.size:
             return None
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (its record {record.name} holds "
                               f"{record.size} bytes, fewer than the {nbytes} of its storage)")
+    return record
+
+
+def place(tensor: Tensor, records: Mapping[int, Record], path: Path) -> Placed | None:
+    """Where the elements of `tensor`, unpickled onto `meta`, are in the file; None where it is not a plain
+    (strided, unquantized) view lying within a storage whose record holds exactly the storage's bytes (the whole
+    read then gives its answer)."""
+    if tensor.device.type != "meta" or tensor.layout != torch.strided or tensor.is_quantized:
+        return None
+    record = record_of(tensor.untyped_storage(), records, path)
+    if record is None:
+        return None
     # `Tensor.set_` on meta grows the storage to fit, or overflows unseen: torch.load's refuses a span past its end
     span, begin = element_span(tensor.shape, tensor.stride()), tensor.storage_offset() * tensor.element_size()
-    if span is None or begin < 0 or (span and begin + span * tensor.element_size() > nbytes):
+    if span is None or begin < 0 or (span and begin + span * tensor.element_size() > record.size):
         return None
     return Placed(record, tensor.dtype, tensor.shape, tensor.stride(), begin, span)
 
@@ -171,9 +186,9 @@ class ZipTensors(LazyMapping):
         self._last_unpacked: tuple[Record, bytes] | None = None       # of a record in `_shared`
 
     @classmethod
-    def of(cls, path: Path, tensors: Mapping[str, Tensor]) -> ZipTensors | None:
-        """The tensors of the checkpoint at `path`, given unpickled onto `meta`; None where one cannot be `place`d."""
-        records = records_by_start(path)
+    def of(cls, path: Path, tensors: Mapping[str, Tensor], records: Mapping[int, Record]) -> ZipTensors | None:
+        """The tensors of the checkpoint at `path` (its `records_by_start`), given unpickled onto `meta`; None where
+        one cannot be `place`d."""
         placed = {key: place(tensor, records, path) for key, tensor in tensors.items()}
         return None if any(p is None for p in placed.values()) else cls(path, placed)
 
