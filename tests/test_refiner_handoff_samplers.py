@@ -1,4 +1,5 @@
-"""The SDXL base -> refiner handoff under diffusers' rule with samplers whose order follows the schedule's end.
+"""The SDXL base -> refiner handoff under diffusers' rule: samplers whose order follows the schedule's end, and an
+img2img handoff whose switch lies above the strength's start.
 
 diffusers' base pipeline (`denoising_end`) stops its scheduler part-way through the list that scheduler was set
 up with, so a multistep scheduler that lowers its order near the end (UniPCMultistepScheduler's
@@ -12,9 +13,10 @@ as in tests/test_pipeline_parity.py.
 from __future__ import annotations
 
 import pytest
-from diffusers import UniPCMultistepScheduler
+from bundle_fixtures import init_picture
+from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, UniPCMultistepScheduler
 from picture_parity import CFG, MAX_PIXEL_DIFF, PROMPT, SEED, SIZE, max_pixel_diff
-from test_pipeline_parity import NEGATIVE, SD_SCHEDULER_KEYS, _generators, sdxl, sdxl_refiner  # noqa: F401 (fixtures)
+from test_pipeline_parity import BATCH, NEGATIVE, SD_SCHEDULER_KEYS, _generators, _quiet, sdxl, sdxl_refiner  # noqa: F401 (fixtures)
 
 from sdlab.pipeline.generate import generate_with_refiner
 from sdlab.pipeline.request import GenerationRequest
@@ -46,3 +48,34 @@ def test_unipc_handoff_keeps_the_whole_lists_orders(sdxl, sdxl_refiner, schedule
                                 **options)
     ours = generate_with_refiner(ours_base.bundle, ours_refiner.bundle, request, switch_at=switch_at)
     assert max_pixel_diff(ours.images, reference) <= MAX_PIXEL_DIFF
+
+
+@pytest.mark.parametrize("switch_at", [0.5, 0.3])
+def test_a_switch_above_the_img2img_start_leaves_the_run_to_the_refiner(sdxl, sdxl_refiner, switch_at):  # noqa: F811
+    """img2img at strength 0.6 of 6 steps runs timesteps 333, 167, 1: a switch at 0.5 (cut-off 500) or 0.3 leaves
+    the base no step, and the refiner's img2img at that strength is the picture (the tiny pair shares its VAE
+    weights). diffusers' chained pipelines differ (docs/samplers.md, known difference (7)): `denoising_start`
+    ignores the strength, so the refiner is called from timestep 499 (665) on the base's latent, noised to 333 only:
+    195/255 (255/255) off."""
+    (ours_base, base), (ours_refiner, refiner) = sdxl, sdxl_refiner
+    strength, steps = 0.6, 6
+    config = {key: refiner.scheduler.config[key] for key in SD_SCHEDULER_KEYS}
+    refiner.scheduler = EulerDiscreteScheduler.from_config(config)
+    refiner_alone = refiner(PROMPT, image=init_picture(SIZE), strength=strength, negative_prompt=NEGATIVE,
+                            num_images_per_prompt=BATCH, num_inference_steps=steps, guidance_scale=CFG,
+                            generator=_generators(), output_type="np").images
+    base_img2img = _quiet(StableDiffusionXLImg2ImgPipeline(**base.components))
+    base_img2img.scheduler = EulerDiscreteScheduler.from_config(config)
+    generators = _generators()
+    latents = base_img2img(PROMPT, image=init_picture(SIZE), strength=strength, negative_prompt=NEGATIVE,
+                           num_images_per_prompt=BATCH, num_inference_steps=steps, guidance_scale=CFG,
+                           generator=generators, denoising_end=switch_at, output_type="latent").images
+    chained = refiner(PROMPT, image=latents, negative_prompt=NEGATIVE, num_images_per_prompt=BATCH,
+                      num_inference_steps=steps, guidance_scale=CFG, generator=generators,
+                      denoising_start=switch_at, output_type="np").images
+    request = GenerationRequest(PROMPT, NEGATIVE, steps=steps, cfg_scale=CFG, seed=SEED, batch_size=BATCH,
+                                init_image=init_picture(SIZE), strength=strength, sampler="Euler", schedule="leading")
+    ours = generate_with_refiner(ours_base.bundle, ours_refiner.bundle, request, switch_at=switch_at)
+    assert ours.refined
+    assert max_pixel_diff(ours.images, refiner_alone) <= MAX_PIXEL_DIFF
+    assert max_pixel_diff(ours.images, chained) > 10 * MAX_PIXEL_DIFF
