@@ -408,20 +408,27 @@ def test_reuse_seed_takes_only_this_tabs_jobs(page, base_url):
 
 
 def test_a_job_that_ended_while_the_page_was_away_comes_back_to_the_viewer(page, base_url):
-    """The tab leaves the page while its job draws (a reload, another address) and comes back once it has ended: the
-    viewer shows that job's picture, infotext and Done, as for a job seen to the end. Before: 'Idle' and an empty
-    viewer (the picture in the gallery only)."""
-    page.find_element(By.ID, "prompt").send_keys("drawn while the page was away")
-    set_value(page, "steps", 30)
-    page.find_element(By.ID, "generate").click()
-    wait(page, lambda d: text(d, "progress-text").startswith("Step"), 30, "the job did not start")
+    """The tab leaves the page while its jobs draw (a reload, another address) and comes back once they have ended:
+    the viewer shows the newest one's picture, infotext and Done, as for a job seen to the end, and the seed button
+    takes its seed. Before: 'Idle' and an empty viewer (the pictures in the gallery only), and the oldest one's
+    seed."""
+    for prompt, seed, steps in (("drawn first while the page was away", 11, 30), ("drawn last", 22, 2)):
+        set_value(page, "prompt", prompt)
+        set_value(page, "seed", seed)
+        set_value(page, "steps", steps)
+        page.find_element(By.ID, "generate").click()
+        wait(page, lambda d: prompt in text(d, "queue"), 30, "the job was not queued")
     page.get("about:blank")
-    job = wait_job(base_url, job_by_prompt(base_url, "drawn while the page was away")["id"])
+    for prompt in ("drawn first while the page was away", "drawn last"):
+        job = wait_job(base_url, job_by_prompt(base_url, prompt)["id"])
     open_page(page, base_url)
     assert loaded_results(page, 1) == [base_url + job["images"][0]]
     assert text(page, "progress-text").startswith("Done")
-    assert text(page, "infotext").startswith("drawn while the page was away")
+    assert text(page, "infotext").startswith("drawn last")
     assert page.execute_script("return sessionStorage.getItem('sdlab-submitted')") == "[]"    # seen: forgotten
+    page.find_element(By.ID, "seed-random").click()
+    page.find_element(By.ID, "seed-reuse").click()
+    assert value(page, "seed") == "22"
 
 
 def test_cancel_a_second_job(page, base_url):

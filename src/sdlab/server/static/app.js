@@ -1507,10 +1507,14 @@ async function refreshJobs(force = false) {
   else stopFollowing();
   const listed = new Set(jobs.map((j) => j.id));
   for (const id of queuedBefore) if (!listed.has(id)) forgetSubmitted(id);     // gone from the history
+  let seedTaken = false;                         // from the newest of them (jobs come newest first)
   for (const job of jobs) {
     if (state.submitted.has(job.id) && !ACTIVE.has(job.status) && (!state.follow || state.follow.id !== job.id)) {
       forgetSubmitted(job.id);
-      if (job.status === "done" && job.request && job.request.seed != null) state.lastSeed = job.request.seed;
+      if (!seedTaken && job.status === "done" && job.request && job.request.seed != null) {
+        state.lastSeed = job.request.seed;
+        seedTaken = true;
+      }
       // the job on screen, or the newest (jobs come newest first) on a page that shows none yet: one that ended
       // while the page was away (reloaded while it ran)
       if (state.shownJob === job.id || state.shownJob == null) showJob(job);
