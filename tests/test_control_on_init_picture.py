@@ -8,6 +8,7 @@ one message at each door."""
 
 from __future__ import annotations
 
+import base64
 import io
 import re
 from pathlib import Path
@@ -20,7 +21,7 @@ from PIL import Image, ImageDraw
 
 from cli_helpers import run
 from controlnet_fixtures import diffusers_controlnet, write_layout
-from server_fixtures import b64_png, start_server, wait_for_job
+from server_fixtures import b64_png, drawn_pictures, start_server
 
 NATIVE = {"prompt": "a red apple", "negative_prompt": "blurry", "steps": 3, "seed": 7, "cfg_scale": 5.0,
           "sampler": "Euler", "width": 64, "height": 64}
@@ -57,11 +58,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _job(client: httpx.Client, body: dict) -> tuple[dict, list[Image.Image]]:
-    answer = client.post("/api/jobs", json=body)
-    assert answer.status_code == 202, answer.text
-    job = wait_for_job(client, answer.json()["id"], 300)
-    assert job["status"] == "done", job
-    return job, [_picture(client.get(url).content) for url in job["images"]]
+    return drawn_pictures(client, body, timeout_s=300)
 
 
 def _picture(data: bytes) -> Image.Image:
@@ -116,8 +113,9 @@ def _control_line(parameters: str) -> str:
 
 @pytest.mark.parametrize("mode", ["img2img", "inpaint"])
 def test_the_api_and_the_cli_draw_a_control_without_a_picture_as_the_native_job(setup, tmp_path, capsys, mode):
-    """Resize mode "crop": the control takes the init picture cropped to 64x64 (Crop and Resize, recorded so);
-    the same control given the init picture itself with that resize mode is the same picture; without the
+    """Resize mode "crop": the control takes the init picture cropped to 64x64 and records its own resize mode
+    (none given: the native default, Just Resize), as sd-webui-controlnet writes its unit's `resize_mode`; the
+    same control given the init picture itself with resize mode "crop" is the same picture; without the
     control the picture differs (the control shows). Inpaint: an `inpaint` preprocessor's hint masked by the run's
     mask on the init picture."""
     from sdlab.pipeline.control import ControlInput
@@ -128,7 +126,7 @@ def test_the_api_and_the_cli_draw_a_control_without_a_picture_as_the_native_job(
         fields["mask_image"] = b64_png(MASK)
     job, (served,) = _job(setup["client"], {**NATIVE, **fields, "controls": [unit]})
     text = served.info["parameters"]
-    assert "Resize Mode: Crop and Resize" in text
+    assert "Resize Mode: Just Resize" in text and job["request"]["controls"][0]["resize_mode"] == "resize"
 
     module = unit["module"]
     thresholds = {"threshold_a": 60, "threshold_b": 160} if module == "canny" else {}
@@ -338,3 +336,49 @@ def test_a_grids_img2img_cells_draw_a_control_without_a_picture_on_the_init_pict
                     "--control", f"{setup['net']}::0.9")
     _same(cell, alone)
     assert "ControlNet 0: " in cell.info["parameters"]
+
+
+def test_a1111_unit_without_a_picture_records_its_own_resize_mode_and_reads_back_the_same_picture(
+        setup, tmp_path, capsys):
+    """sd-webui-controlnet writes a unit's own `resize_mode` (scripts/infotext.py `serialize_unit`, @ 1e6f689, of
+    the units `get_enabled_units` copies before `choose_input_image` hands a unit without an image img2img's
+    resize mode: scripts/controlnet.py), and draws that unit on the init picture by img2img's mode. So does the
+    A1111 route: a "Resize and Fill" unit in a Just resize img2img records "Resize Mode: Resize and Fill" and draws
+    as the unit given the init picture with Just Resize; the line read back (`/api/parameters`, the web UI's
+    Reuse of a dropped picture; `--from-png` with `--control FILE`) draws the same picture, 0/255."""
+    client = setup["client"]
+    model = next(name for name in client.get("/controlnet/model_list").json()["model_list"] if "strong_lines" in name)
+    unit = {"enabled": True, "model": model, "module": "canny", "weight": 0.9, "threshold_a": 60,
+            "threshold_b": 160, "resize_mode": "Resize and Fill"}
+    body = {"prompt": "a red apple", "negative_prompt": "blurry", "steps": 3, "seed": 7, "cfg_scale": 5,
+            "sampler_name": "Euler", "width": 64, "height": 64, "init_images": [b64_png(INIT)],
+            "denoising_strength": 0.7, "resize_mode": 0}
+    drawn = client.post("/sdapi/v1/img2img", json={**body, **_units(unit)})
+    assert drawn.status_code == 200, drawn.text
+    picture = _picture(base64.b64decode(drawn.json()["images"][0]))
+    line = _control_line(picture.info["parameters"])
+    assert "Resize Mode: Resize and Fill" in line, line
+    given = client.post("/sdapi/v1/img2img", json={**body, **_units({**unit, "image": b64_png(INIT),
+                                                                     "resize_mode": "Just Resize"})})
+    _same(_picture(base64.b64decode(given.json()["images"][0])), picture)
+    filled = client.post("/sdapi/v1/img2img", json={**body, **_units({**unit, "image": b64_png(INIT)})})
+    assert np.abs(_pixels(_picture(base64.b64decode(filled.json()["images"][0]))) - _pixels(picture)).max() > 0
+
+    from sdlab.server.native import JobIn
+
+    settings = client.post("/api/parameters", json={"image": drawn.json()["images"][0]}).json()["settings"]
+    native = {key: value for key, value in settings.items()
+              if value is not None and key in JobIn.model_fields and key != "model"}
+    assert native["controls"][0]["resize_mode"] == "fill", native["controls"]
+    _, (redrawn,) = _job(client, {**native, "mode": "img2img", "init_image": b64_png(INIT), "resize_mode": "resize"})
+    _same(redrawn, picture)
+    assert _control_line(redrawn.info["parameters"]) == line
+
+    (tmp_path / "drawn.png").write_bytes(base64.b64decode(drawn.json()["images"][0]))
+    code, out, err = run(["img2img", "--from-png", str(tmp_path / "drawn.png"), "--init", str(setup["init"]),
+                          "--control", str(setup["net"]), "--threads", "1", "--no-progress",
+                          "--out", str(tmp_path / "again.png")], capsys)
+    assert code == 0, err
+    again = _picture(Path(out.strip()).read_bytes())
+    _same(again, picture)
+    assert _control_line(again.info["parameters"]) == line

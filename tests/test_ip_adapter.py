@@ -264,7 +264,10 @@ def test_cli_bad_input_is_one_line_and_no_file(cli_files, tmp_path, capsys):
     lone = tmp_path / "lone.safetensors"
     lone.write_bytes(cli_files["adapter"].read_bytes())
     cases = [
-        (["--ip-adapter", adapter], "0 --ip-adapter-image for 1 --ip-adapter"),
+        (["--ip-adapter", adapter], "IP-Adapter 0: needs an image; only an img2img or inpaint request's IP-Adapter "
+         "may leave it out, to draw on the init picture"),
+        (["--ip-adapter", adapter, "--ip-adapter-image", picture, "--ip-adapter-image", picture],
+         "2 --ip-adapter-image for 1 --ip-adapter"),
         (["--ip-adapter", adapter, "--ip-adapter-image", picture, "--ip-adapter-scale", "1",
           "--ip-adapter-scale", "2"], "2 --ip-adapter-scale for 1 --ip-adapter"),
         (["--ip-adapter", adapter, "--ip-adapter-image", picture, "--ip-adapter-scale", "11"], "scale must be"),

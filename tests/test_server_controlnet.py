@@ -567,8 +567,9 @@ def _extensions_resize_mode_from_value(value: int) -> str:
 
 def test_a1111_units_without_an_image_take_img2imgs_resize_mode(tmp_path):
     """The extension's `choose_input_image`: a unit without an image of its own reads img2img's init image with
-    img2img's resize mode (`resize_mode_from_value(p.resize_mode)`), whatever mode the unit names; a unit with
-    its own image keeps its own."""
+    img2img's resize mode (`resize_mode_from_value(p.resize_mode)`), whatever mode the unit names, and keeps the
+    one it names to record (its infotext is its unit's, `serialize_unit`); a unit with its own image runs with its
+    own."""
     from sdlab.server.config import Limits
     from sdlab.server.controls import a1111_controls
     from sdlab.server.model_folders import CONTROLNET_SUFFIXES, ModelFolder
@@ -582,13 +583,17 @@ def test_a1111_units_without_an_image_take_img2imgs_resize_mode(tmp_path):
             units = [{"model": "cn", "image": "", "resize_mode": unit_mode},
                      {"model": "cn", "image": own, "resize_mode": unit_mode}]
             taken, kept = a1111_controls({"controlnet": {"args": units}}, folder, Limits(), init, img2img_mode)
-            assert taken.image is init and taken.resize_mode == _extensions_resize_mode_from_value(img2img_mode)
-            assert kept.resize_mode == _units(tmp_path, resize_mode=unit_mode)[0].resize_mode
+            runs = _extensions_resize_mode_from_value(img2img_mode)
+            assert taken.image is init and taken.resize_mode_under("a1111") == runs
+            assert kept.resize_mode == taken.resize_mode == _units(tmp_path, resize_mode=unit_mode)[0].resize_mode
+            assert kept.resize_mode_under("a1111") == kept.recorded_resize_mode_under("a1111") \
+                == taken.recorded_resize_mode_under("a1111")
 
 
 def test_img2img_units_without_an_image_draw_with_img2imgs_resize_mode(setup, tmp_path):
-    """/sdapi/v1/img2img gives the units its resize_mode: the picture records the unit's as img2img's (2: Resize
-    and Fill), not the extension's default for units (Crop and Resize)."""
+    """/sdapi/v1/img2img gives a unit without an image its resize_mode (2: Resize and Fill) to draw with: the
+    picture equals the unit given the init picture with Resize and Fill, and records the unit's own resize mode (the
+    extension's default for units, Crop and Resize), as the extension's infotext (`serialize_unit` of its unit)."""
     init_picture = Image.new("RGB", (128, 64), "black")
     ImageDraw.Draw(init_picture).rectangle((40, 8, 90, 56), outline="white", width=4)
     init_picture.save(tmp_path / "init.png")
@@ -596,7 +601,15 @@ def test_img2img_units_without_an_image_draw_with_img2imgs_resize_mode(setup, tm
         **GEN, "steps": 2, "init_images": [file_b64(tmp_path / "init.png")], "resize_mode": 2, "denoising_strength": 0.5,
         "alwayson_scripts": {"controlnet": {"args": [{"model": "tiny_canny", "image": "", "module": "none"}]}}})
     assert response.status_code == 200, response.text
-    assert "Resize Mode: Resize and Fill" in json.loads(response.json()["info"])["infotexts"][0]
+    assert "Resize Mode: Crop and Resize" in json.loads(response.json()["info"])["infotexts"][0]
+    given = httpx.post(setup["server"].url + "/sdapi/v1/img2img", timeout=300, json={
+        **GEN, "steps": 2, "init_images": [file_b64(tmp_path / "init.png")], "resize_mode": 2, "denoising_strength": 0.5,
+        "alwayson_scripts": {"controlnet": {"args": [{"model": "tiny_canny", "image": file_b64(tmp_path / "init.png"),
+                                                      "module": "none", "resize_mode": "Resize and Fill"}]}}})
+    assert given.status_code == 200, given.text
+    drawn, with_init = (np.asarray(png_picture(base64.b64decode(answer.json()["images"][0])).convert("RGB"))
+                        for answer in (response, given))
+    assert np.array_equal(drawn, with_init)
 
 
 def test_native_controls_take_thresholds_and_a_mask(setup, tmp_path):

@@ -356,8 +356,9 @@ def _add_run_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
                         "matching --ip-adapter-image is drawn as an image prompt; repeatable")
     p.add_argument("--ip-adapter-image", action="append", default=[], metavar="FILE",
                    help="the picture of the matching --ip-adapter (the first for the first, ...); a FaceID "
-                        "adapter's InsightFace face embedding as a .npy file instead (sdlab computes none); "
-                        "repeatable")
+                        "adapter's InsightFace face embedding as a .npy file instead (sdlab computes none); none "
+                        "(or empty, or not given for the last adapters): img2img's / inpaint's --init picture, as "
+                        "a --control without an image; repeatable")
     p.add_argument("--ip-adapter-face-embedding", action="append", default=[], metavar="FILE.npy",
                    help="the InsightFace face embedding (.npy, 512 floats) of the matching --ip-adapter, a FaceID "
                         "Plus adapter, which also reads its --ip-adapter-image picture; none (or empty): no face "
@@ -1030,7 +1031,8 @@ def _face_shortcut(text: str) -> float | None:
 
 
 def _no_face(value: str | None) -> str | None:
-    """An --ip-adapter-face-embedding's value: None for none / empty (an adapter that reads no face embedding)."""
+    """An --ip-adapter-face-embedding's or --ip-adapter-image's value: None for none / empty (an adapter that reads
+    no face embedding; one that draws on the init picture)."""
     return None if value is None or value.strip().lower() in ("", "none") else value
 
 
@@ -1041,18 +1043,18 @@ def _ip_adapters(args: argparse.Namespace, recorded: dict[str, Any], convention:
     IP-Adapter units of the ControlNet extension and Forge: `recorded_ip_adapters`), else 1, a start / end not given
     its Guidance Start / End, else 0 / 1, a FaceID Plus shortcut its Face shortcut, an encoder not given the one an IP-Adapter unit's Module names
     (`unit_image_encoder`; the redraw records the unit's line again); per-layer scales given (`_ip_adapter_scale`) draw at scale 1. Those past
-    the adapters given are named in a warning (the picture is not recorded: each needs its image again)."""
+    the adapters given are named in a warning (the picture is not recorded: each needs its image again). An adapter
+    without an --ip-adapter-image (none, empty, or past those given) draws on the --init picture
+    (`image_prompt.prompts_on_init`); in txt2img it is refused (`control.drawn_on_init`)."""
     from sdlab.pipeline.image_prompt import (IPAdapterInput, check_ip_adapter, recorded_face_shortcut,
                                              recorded_ip_adapters, recorded_layer_scales, recorded_weight,
                                              recorded_window, takes_face_shortcut)
+    from sdlab.pipeline.control import drawn_on_init
     from sdlab.pipeline.ip_adapter_units import unit_image_encoder
     from sdlab.pipeline.request import RequestError
 
     count = len(args.ip_adapter)
-    if len(args.ip_adapter_image) != count:
-        raise UserError(f"{len(args.ip_adapter_image)} --ip-adapter-image for {count} --ip-adapter: give each "
-                        "adapter its picture")
-    for flag, values in (("--ip-adapter-scale", args.ip_adapter_scale),
+    for flag, values in (("--ip-adapter-image", args.ip_adapter_image), ("--ip-adapter-scale", args.ip_adapter_scale),
                          ("--ip-adapter-face-embedding", args.ip_adapter_face_embedding),
                          ("--ip-adapter-face-shortcut", args.ip_adapter_face_shortcut),
                          ("--ip-adapter-encoder", args.ip_adapter_encoder), ("--ip-adapter-start", args.ip_adapter_start),
@@ -1064,7 +1066,8 @@ def _ip_adapters(args: argparse.Namespace, recorded: dict[str, Any], convention:
         logger.warning("the picture was drawn with %s; pass --ip-adapter and --ip-adapter-image for each to "
                        "redraw it", ", ".join(f"{label} ({line})" for label, line in lines[count:]))
     prompts = []
-    for index, (file, image) in enumerate(zip(args.ip_adapter, args.ip_adapter_image)):
+    images = [_no_face(image) for image in args.ip_adapter_image] + [None] * (count - len(args.ip_adapter_image))
+    for index, (file, image) in enumerate(zip(args.ip_adapter, images)):
         scale = args.ip_adapter_scale[index] if index < len(args.ip_adapter_scale) else None
         layers = None
         if isinstance(scale, str):
@@ -1108,10 +1111,13 @@ def _ip_adapters(args: argparse.Namespace, recorded: dict[str, Any], convention:
                                "one, so it is left out", lines[index][0], shortcut, file)
                 shortcut = None
         face = _no_face(args.ip_adapter_face_embedding[index] if index < len(args.ip_adapter_face_embedding) else None)
-        picture = image if image.lower().endswith(".npy") else _open_image(image, "IP-Adapter image")  # FaceID's
+        picture = image if image is None or image.lower().endswith(".npy") \
+            else _open_image(image, "IP-Adapter image")                   # a FaceID's face embedding as its file
         prompt = IPAdapterInput(file, picture, 1.0 if scale is None else scale, encoder, layer_scales=layers,
                                 module=module, face_embedding=face, face_shortcut=shortcut, **window)
         try:
+            if getattr(args, "mode", None) == "txt2img":        # no init picture: refused before the model loads
+                drawn_on_init(prompt, index, None, "resize")
             prompts.append(check_ip_adapter(prompt, index, convention))
         except RequestError as err:
             raise UserError(f"--ip-adapter {file!r}: {err}") from None

@@ -230,9 +230,10 @@ def _tile_overlap(args: argparse.Namespace, tile: tuple[int, int] = (512, 512)) 
 def run_script(args: argparse.Namespace, pipe, request, plan, target: tuple[Path, str | None],
                parameters: Parameters) -> int:
     """Draw the script `args` names from `request` (`script_request`'s; its `plan`: the seeds fixed, every default
-    filled in) and write its pictures to `target` (`generate._output_target`). A --control without an image draws
-    on each request's own init picture (a Loopback pass's, an SD upscale tile batch's first), as the server's
-    scripts: the passes take `request`'s controls as given, which each pass's resolve draws on its picture."""
+    filled in) and write its pictures to `target` (`generate._output_target`). A --control or --ip-adapter without an
+    image draws on each request's own init picture (a Loopback pass's, an SD upscale tile batch's first), as the
+    server's scripts: the passes take `request`'s controls and IP-Adapters as given, which each pass's resolve draws
+    on its picture."""
     from sdlab.pipeline.request import RequestError
 
     try:
@@ -262,8 +263,8 @@ def _resolved(pipe, requests: list) -> list:
 
 def _loopback(args: argparse.Namespace, pipe, request, plan, parameters: Parameters):
     """(the passes' seeds, whether a grid follows, the drawing): A1111's Loopback (`loopback.loop_plan`) from the
-    resolved `plan` (`request`: as given, its controls), each pass one picture drawn from the last's; checked on a
-    stand-in picture before any draws."""
+    resolved `plan` (`request`: as given, its controls and IP-Adapters), each pass one picture drawn from the
+    last's; checked on a stand-in picture before any draws."""
     from PIL import Image
 
     from sdlab.cli.generate import progress_bar
@@ -271,7 +272,8 @@ def _loopback(args: argparse.Namespace, pipe, request, plan, parameters: Paramet
     from sdlab.pipeline.loopback import kept_pictures, loop_fields, loop_grid, loop_plan
     from sdlab.pipeline.png_info import format_parameters
 
-    base = replace(plan.request, batch_size=1, controls=request.controls)     # each pass's own init picture
+    base = replace(plan.request, batch_size=1, controls=request.controls,     # each pass's own init picture
+                   ip_adapters=request.ip_adapters)
     passes = loop_plan(args.loopback, args.batch_count, base.seed, base.strength, _final_strength(args),
                        _curve(args))
     fields = loop_fields(_final_strength(args), _curve(args))
@@ -324,7 +326,8 @@ def _sd_upscale(args: argparse.Namespace, pipe, request, plan, parameters: Param
 
     def batch_request(batch, tiles: tuple):
         return replace(plan.request, seed=batch.seed, batch_size=batch.batch_size, width=tile[0], height=tile[1],
-                       init_image=tiles[0], init_images=tiles, controls=request.controls)
+                       init_image=tiles[0], init_images=tiles, controls=request.controls,
+                       ip_adapters=request.ip_adapters)
 
     stand_in = Image.new("RGB", tile)
     _resolved(pipe, [batch_request(b, (stand_in,) * len(b.tiles)) for b in batches])

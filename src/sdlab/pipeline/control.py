@@ -117,7 +117,9 @@ class ControlInput:
     canny, threshold and scribble run at (`preprocess.RESOLUTION_MODULES`; None: the picture's own size, under
     A1111's convention the extension's 512: `processor_res_under`);
     `pixel_perfect` picks it from the drawing's size instead (`resolution_of`). `image` None: an img2img /
-    inpainting request's init picture (`drawn_on_init`), as A1111's ControlNet extension takes a unit without one."""
+    inpainting request's init picture (`drawn_on_init`), as A1111's ControlNet extension takes a unit without one;
+    `init_resize_mode` is then the request's resize mode, which fits that picture in place of the control's own
+    `resize_mode` (still the one recorded, as the extension writes its unit's: `recorded_resize_mode_under`)."""
 
     model: LoadedControlNet | LoadedT2IAdapter | str | os.PathLike[str]
     image: Image.Image | str | os.PathLike[str] | None = None
@@ -132,13 +134,22 @@ class ControlInput:
     mask: Image.Image | str | os.PathLike[str] | None = None
     processor_res: int | None = None
     pixel_perfect: bool = False
+    init_resize_mode: str | None = None     # set by `on_init`: the init picture's resize mode (`init_resize`)
 
     @property
     def model_path(self) -> str:
         return self.model.origin if isinstance(self.model, LOADED) else os.fspath(self.model)
 
     def resize_mode_under(self, convention: str) -> str:
-        """The resize mode the control runs with under the request's `control_convention`."""
+        """The resize mode the control runs with under the request's `control_convention`: on the init picture
+        the request's (`on_init`), else its own."""
+        return self.init_resize_mode or self.recorded_resize_mode_under(convention)
+
+    def recorded_resize_mode_under(self, convention: str) -> str:
+        """The control's own resize mode under the request's `control_convention`, the one its infotext line and
+        job record hold: sd-webui-controlnet writes its unit's `resize_mode` (scripts/infotext.py `serialize_unit`,
+        called from `get_enabled_units` before `choose_input_image` picks img2img's for a unit without a
+        picture), so a redraw without the picture again draws on the init picture as the first did."""
         return self.resize_mode or DEFAULT_RESIZE[convention]
 
     def processor_res_under(self, convention: str) -> int | None:
@@ -175,8 +186,9 @@ def check_control(control: ControlInput, index: int = 0, convention: str = "diff
                            f"end {control.end}")
     if control.control_mode not in CONTROL_MODES:
         raise RequestError(f"{name}: unknown control_mode {control.control_mode!r}; valid: {', '.join(CONTROL_MODES)}")
-    if control.resize_mode is not None and control.resize_mode not in RESIZE_MODES:
-        raise RequestError(f"{name}: unknown resize_mode {control.resize_mode!r}; valid: {', '.join(RESIZE_MODES)}")
+    for what, mode in (("resize_mode", control.resize_mode), ("init_resize_mode", control.init_resize_mode)):
+        if mode is not None and mode not in RESIZE_MODES:
+            raise RequestError(f"{name}: unknown {what} {mode!r}; valid: {', '.join(RESIZE_MODES)}")
     for what, value in (("threshold_a", control.threshold_a), ("threshold_b", control.threshold_b)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                   or not math.isfinite(value) or value < 0):
@@ -211,23 +223,34 @@ def init_resize(job_resize: str) -> str:
     return "resize" if job_resize == "latent" else job_resize
 
 
-def on_init(control: ControlInput, init: Image.Image, job_resize: str) -> ControlInput:
-    """`control` drawn on the init picture `init` of one request, resized by the request's mode `job_resize`
-    (`init_resize`), as the extension's `choose_input_image` takes each request's `init_images[0]` for a unit
-    without a picture (a Loopback pass's picture, an SD upscale tile, an outpainting canvas)."""
-    return replace(control, image=init, resize_mode=init_resize(job_resize))
+def on_init(unit: Any, init: Image.Image, job_resize: str) -> Any:
+    """`unit` (a `ControlInput`, or an `image_prompt.IPAdapterInput`) drawn on the init picture `init` of one
+    request, as the extension's `choose_input_image` takes each request's `init_images[0]` for a unit without a
+    picture (a Loopback pass's picture, an SD upscale tile, an outpainting canvas). A control fits it by the
+    request's mode `job_resize` (`init_resize`), keeping its own `resize_mode` to record; an image prompt's CLIP
+    preprocessing takes the picture as it is."""
+    if isinstance(unit, ControlInput):
+        return replace(unit, image=init, init_resize_mode=init_resize(job_resize))
+    return replace(unit, image=init)
 
 
-def drawn_on_init(control: ControlInput, index: int, init: Image.Image | None, job_resize: str) -> ControlInput:
-    """`control` (the request's `index`-th) as it is drawn: unchanged with a picture of its own, else on the
-    request's init picture `init` (`on_init`). Without an init picture (txt2img) such a control is a
-    `RequestError`, as the extension refuses a unit without a picture there ("no input image is given")."""
-    if control.image is not None:
-        return control
+def unit_kind(unit: Any) -> str:
+    """How a refusal names a request's `unit`: "control" (a `ControlInput`) or "IP-Adapter"."""
+    return "control" if isinstance(unit, ControlInput) else "IP-Adapter"
+
+
+def drawn_on_init(unit: Any, index: int, init: Image.Image | None, job_resize: str, name: str | None = None) -> Any:
+    """`unit` (the request's `index`-th control or image prompt, `on_init`) as it is drawn: unchanged with a
+    picture of its own, else on the request's init picture `init` (`on_init`). Without an init picture (txt2img)
+    such a unit is a `RequestError` (named `name`, else "control N" / "IP-Adapter N"), as the extension refuses a
+    unit without a picture there ("no input image is given")."""
+    if unit.image is not None:
+        return unit
     if init is None:
-        raise RequestError(f"control {index}: needs an image; only an img2img or inpaint request's control may "
-                           "leave it out, to draw on the init picture")
-    return on_init(control, init, job_resize)
+        kind = unit_kind(unit)
+        raise RequestError(f"{name or f'{kind} {index}'}: needs an image; only an img2img or inpaint request's "
+                           f"{kind} may leave it out, to draw on the init picture")
+    return on_init(unit, init, job_resize)
 
 
 def controls_on_init(controls: Sequence[ControlInput | Any], init: Image.Image | None,
@@ -695,9 +718,10 @@ def _read_thresholds(control: ControlInput) -> dict[str, float | None]:
 def infotext_lines(controls: Sequence[ControlInput | Any], convention: str = "diffusers") -> dict[str, str]:
     """A1111 ControlNet extension labels and values, in its order, e.g. {"ControlNet 0": "Module: none, Model:
     NAME [hash], Weight: 1, Resize Mode: Just Resize, Guidance Start: 0, Guidance End: 1"}: NAME is the file
-    name without its suffix, hash A1111's short model hash (`legacy_hash`); the resize mode is the one the
-    control ran with (`convention`: the request's `control_convention`); a processor resolution it ran at adds
-    `Processor Res` or `Pixel Perfect: True` (`_drawn_resolution`), given thresholds its preprocessor reads
+    name without its suffix, hash A1111's short model hash (`legacy_hash`); the resize mode is the control's own
+    (`recorded_resize_mode_under`; `convention`: the request's `control_convention`), as the extension writes it;
+    a processor resolution it ran at adds `Processor Res` or `Pixel Perfect: True` (`_drawn_resolution`), given
+    thresholds its preprocessor reads
     `Threshold A` / `Threshold B` (`_read_thresholds`), a control mode other than Balanced `Control Mode`. The
     infotext writer quotes each value. `controls` may hold (file, image[, strength[, start, end]]) records
     (`control_input`)."""
@@ -710,7 +734,7 @@ def infotext_lines(controls: Sequence[ControlInput | Any], convention: str = "di
             model = Path(path).name
         resolution = _drawn_resolution(control, convention)
         fields = {"Module": control.module, "Model": model, "Weight": _number(control.strength),
-                  "Resize Mode": RESIZE_MODES[control.resize_mode_under(convention)],
+                  "Resize Mode": RESIZE_MODES[control.recorded_resize_mode_under(convention)],
                   "Processor Res": resolution["Processor Res"], **_read_thresholds(control),
                   "Guidance Start": _number(control.start), "Guidance End": _number(control.end),
                   "Pixel Perfect": resolution["Pixel Perfect"],

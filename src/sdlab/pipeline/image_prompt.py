@@ -65,7 +65,7 @@ from sdlab.families.loaded import ModelBundle
 from sdlab.models.ip_adapter import ImagePrompt, IPAdapter, IPAdapterConfig, cross_attentions, embeds_tokens
 from sdlab.pipeline.clip_image import clip_pixels, extension_clip_pixels
 from sdlab.pipeline.ip_adapter_layers import LayerScaleError, check_layer_scales, expand_layer_scales, layer_scales_text
-from sdlab.pipeline.control import _line_fields, in_window
+from sdlab.pipeline.control import _line_fields, drawn_on_init, in_window
 from sdlab.pipeline.ip_adapter_units import MODULE_ENCODERS, is_ip_adapter_module
 from sdlab.pipeline.prompt_loras import LoraUse
 from sdlab.pipeline.request import RequestError, input_image
@@ -83,10 +83,13 @@ class IPAdapterInput:
     loaded one; None: found beside the adapter, `ENCODER_FOLDERS`), the fractions of the steps it acts from and
     to (A1111's Guidance Start / End; the request's `control_convention` picks the steps) and `module`: the
     ControlNet extension's preprocessor of the A1111 unit it came from (its infotext is then that unit's
-    "ControlNet N" line, `infotext_lines`), None for sdlab's own image prompts ("IP-Adapter N")."""
+    "ControlNet N" line, `infotext_lines`), None for sdlab's own image prompts ("IP-Adapter N"). `image` None: an
+    img2img / inpainting request's init picture, by a control's rule (`prompts_on_init`, `control.drawn_on_init`),
+    as the extension takes an IP-Adapter unit without one."""
 
     model: LoadedIPAdapter | str | os.PathLike[str]
-    image: Image.Image | str | os.PathLike[str] | Tensor | np.ndarray   # FaceID: the face embedding (`face_embeds`)
+    # FaceID: the face embedding (`face_embeds`); None: the init picture (`prompts_on_init`)
+    image: Image.Image | str | os.PathLike[str] | Tensor | np.ndarray | None = None
     scale: float = 1.0
     image_encoder: LoadedImageEncoder | str | os.PathLike[str] | None = None
     # per-layer scales multiplying `scale` (None: every cross-attention): diffusers' `set_ip_adapter_scale` dict,
@@ -143,15 +146,25 @@ def check_ip_adapter(prompt: IPAdapterInput, index: int = 0, convention: str = "
     config = prompt.model.config if isinstance(prompt.model, LoadedIPAdapter) \
         else _check_adapter_file(Path(prompt.model), name)
     _check_face_input(prompt, config, name)
-    if not _is_face_embedding(prompt.image) and not isinstance(prompt.image, Image.Image) \
-            and not Path(prompt.image).is_file():
-        raise RequestError(f"{name}: the image {os.fspath(prompt.image)!r} does not exist")
+    image = prompt.image                                    # None: the init picture, once drawn on it
+    if image is not None and not isinstance(image, (Image.Image, str, os.PathLike)) and not _is_face_embedding(image):
+        raise RequestError(f"{name}: the image must be a picture, a file path or None (the init picture), got "
+                           f"{type(image).__name__}")
+    if isinstance(image, (str, os.PathLike)) and not _is_face_embedding(image) and not Path(image).is_file():
+        raise RequestError(f"{name}: the image {os.fspath(image)!r} does not exist")
     encoder = prompt.image_encoder
     if isinstance(encoder, (str, os.PathLike)) and not Path(encoder).exists():
         raise RequestError(f"{name}: the image encoder {os.fspath(encoder)!r} does not exist")
     if encoder is None and _reads_picture(config):
         image_encoder_of(prompt.model_path)                   # found beside the adapter, else refused now
     return prompt
+
+
+def prompts_on_init(prompts: Sequence[IPAdapterInput], init: Image.Image | None) -> tuple[IPAdapterInput, ...]:
+    """Each of a request's image prompts as it is drawn, by the rule a control follows (`control.drawn_on_init`):
+    one without a picture of its own on the init picture `init` as it is (its CLIP preprocessing fits it); in
+    txt2img (`init` None) such a prompt is a RequestError."""
+    return tuple(drawn_on_init(prompt, index, init, "resize") for index, prompt in enumerate(prompts))
 
 
 def _check_window(prompt: IPAdapterInput, name: str, convention: str) -> None:

@@ -41,6 +41,7 @@ from sdlab.models.deep_cache import DeepCache
 from sdlab.models.unet import UNet
 from sdlab.pipeline.conditioning import ClipSkip, encoder_skip, hidden_state_layers, prompt_chunks
 from sdlab.pipeline.control import controls_on_init
+from sdlab.pipeline.image_prompt import prompts_on_init
 from sdlab.pipeline.memory import available_bytes, check_memory
 from sdlab.pipeline.init_picture import InitPicture, init_pictures
 from sdlab.pipeline.perturbed_attention import PagLayerError, pag_layer_names
@@ -208,8 +209,9 @@ def resolve_for(bundle: ModelBundle, request: GenerationRequest) -> GenerationRe
 def _resolve(bundle: ModelBundle, request: GenerationRequest, free: int | None) -> GenerationRequest:
     """`resolve_for` against `free` bytes (None: the device cannot tell). The prompts lose their comments
     (`strip_comments`), as A1111 draws and records them; an empty negative encoded as "" on a family that encodes it
-    anyway is the family's rule (None: no `Empty negative` label to write). A control without a picture of its own
-    is drawn on the init picture (`control.controls_on_init`), a txt2img request's refused."""
+    anyway is the family's rule (None: no `Empty negative` label to write). A control or IP-Adapter without a
+    picture of its own is drawn on the init picture (`control.controls_on_init`, `image_prompt.prompts_on_init`), a
+    txt2img request's refused."""
     family = bundle.family
     req = resolve(
         request,
@@ -237,7 +239,8 @@ def _resolve(bundle: ModelBundle, request: GenerationRequest, free: int | None) 
         req = replace(req, zero_empty_negative=None)    # the family's own rule, which no model of it changes
     if family.is_edit:
         req = _for_edit_model(family, req)
-    req = replace(req, controls=controls_on_init(req.controls, req.init_image, req.resize_mode))
+    req = replace(req, controls=controls_on_init(req.controls, req.init_image, req.resize_mode),
+                  ip_adapters=prompts_on_init(req.ip_adapters, req.init_image))
     _check_model(bundle, req, free)
     return req
 

@@ -209,9 +209,10 @@ IP_ADAPTER_UNITS = (f"the extension draws an IP-Adapter in a unit with one of it
 def a1111_unit(unit: dict[str, Any], index: int, folder: ModelFolder, limits: Limits,
                init: Image.Image | None, init_resize: int = 0) -> ControlInput:
     """One enabled unit as a checked `ControlInput`, its steps by A1111's rule (`control_convention`). A unit
-    without an image takes img2img's init image and img2img's resize mode `init_resize` (A1111's 0..3; another
-    index is Just resize, as the extension's `resize_mode_from_value`) for its own by the pipeline's rule
-    (`control.drawn_on_init`), as the extension's `choose_input_image` does; in txt2img the rule's message is the
+    without an image takes img2img's init image fitted by img2img's resize mode `init_resize` (A1111's 0..3; another
+    index is Just resize, as the extension's `resize_mode_from_value`) by the pipeline's rule
+    (`control.drawn_on_init`), as the extension's `choose_input_image` does, keeping its own `resize_mode` to
+    record, as the extension's infotext does; in txt2img the rule's message is the
     422, as at every other door. An IP-Adapter model under a
     ControlNet module is a 422 at submit naming the unit, the model and the module (the extension hands the
     adapter the preprocessor's picture where it reads CLIP image embeddings, and fails as it draws)."""
@@ -223,7 +224,7 @@ def a1111_unit(unit: dict[str, Any], index: int, folder: ModelFolder, limits: Li
                            unit.get("weight", 1.0), unit.get("guidance_start", 0.0),
                            unit.get("guidance_end", unit.get("guidance", 1.0)),     # the extension's legacy alias
                            module, control_mode(unit.get("control_mode")),
-                           resize_mode(unit.get("resize_mode")) if own else None,
+                           resize_mode(unit.get("resize_mode")),     # recorded; on the init picture img2img's fits
                            threshold_value(unit.get("threshold_a"), module, 0),
                            threshold_value(unit.get("threshold_b"), module, 1), None,
                            processor_resolution(unit.get("processor_res")), unit.get("pixel_perfect") or False)
@@ -263,21 +264,26 @@ def refuse_unread_ip_fields(unit: dict[str, Any], what: str) -> None:
 def a1111_ip_adapter(unit: dict[str, Any], index: int, folder: ModelFolder, limits: Limits,
                      init: Image.Image | None) -> IPAdapterInput:
     """One enabled unit with an IP-Adapter module as a checked `IPAdapterInput` (module docstring); without an
-    image it takes img2img's init image, as the extension's `choose_input_image` does. A module sdlab does not
+    image it takes img2img's init image by the pipeline's rule (`control.drawn_on_init`), as the extension's
+    `choose_input_image` does; in txt2img the rule's message is the 422. A module sdlab does not
     draw (the InsightFace ones), a model that is no IP-Adapter sdlab draws, or an image encoder that is missing
     or does not fit the adapter is a 422 naming the module."""
     module = str(unit.get("module")).strip()
     what = f"control {index} (module {module!r})"
     refuse_unread_ip_fields(unit, what)
     own = image_field(unit.get("image") or unit.get("input_image") or None, what)
-    image = hint_image(own or init, what, limits)
-    mask = clip_mask(unit, own, image, what, limits)
+    image = hint_image(own, what, limits) if own else None
     path = model_path(unit["model"], what, folder)
     try:
-        prompt = IPAdapterInput(path, image, unit.get("weight", 1.0), start=unit.get("guidance_start", 0.0),
-                                end=unit.get("guidance_end", unit.get("guidance", 1.0)), module=module, unit=index,
-                                mask=mask)
-        prompt = dataclasses.replace(prompt, image_encoder=unit_image_encoder(module, path))
+        prompt = drawn_on_init(IPAdapterInput(path, image, unit.get("weight", 1.0),
+                                              start=unit.get("guidance_start", 0.0),
+                                              end=unit.get("guidance_end", unit.get("guidance", 1.0)), module=module,
+                                              unit=index), index, init, "resize", what)
+    except RequestError as err:
+        raise BadRequest(str(err), 422) from None
+    mask = clip_mask(unit, own, prompt.image, what, limits)
+    try:
+        prompt = dataclasses.replace(prompt, mask=mask, image_encoder=unit_image_encoder(module, path))
         return check_ip_adapter(prompt, index, "a1111")
     except RequestError as err:
         raise BadRequest(f"{what}: {folder.without_paths(str(err))}", 422) from None
@@ -320,7 +326,8 @@ def native_threshold(value: Any) -> Any:
 
 
 def takes_init(item: dict[str, Any]) -> bool:
-    """Whether a native `controls` entry has no picture of its own, so that it draws on its job's init picture."""
+    """Whether a native `controls` or `ip_adapters` entry has no picture of its own, so that it draws on its job's
+    init picture."""
     return not item.get("image")
 
 
@@ -353,9 +360,10 @@ def native_controls(items: list[dict[str, Any]], folder: ModelFolder, limits: Li
 
 
 def native_ip_adapters(items: list[dict[str, Any]], folder: ModelFolder, limits: Limits,
-                       convention: str = "diffusers") -> tuple:
+                       convention: str = "diffusers", init: Image.Image | None = None) -> tuple:
     """The native `ip_adapters` entries as `IPAdapterInput`s: each model a file of the server's ControlNet folder
-    by name (404 otherwise), its picture base64, its step window `start` / `end` by the request's
+    by name (404 otherwise), its picture base64 (none: the job's init picture `init` by the pipeline's rule,
+    `control.drawn_on_init`, as a control's; in txt2img a 422), its step window `start` / `end` by the request's
     `control_convention`; one the pipeline refuses (`check_ip_adapter`: its scale or window, no image encoder
     beside it) is a 422 naming it. An entry with an A1111 unit's `module` draws with the image encoder the module
     names (`unit_image_encoder`, as the unit did) and is recorded as that unit's line, which holds no layer scales
@@ -365,10 +373,11 @@ def native_ip_adapters(items: list[dict[str, Any]], folder: ModelFolder, limits:
         what = f"IP-Adapter {index}"
         path = model_path(item.get("model"), what, folder, "ip-adapter", "give it in controls")
         module = item.get("module")
-        prompt = IPAdapterInput(path, hint_image(item.get("image"), what, limits), item.get("scale", 1.0),
-                                layer_scales=item.get("layer_scales"), start=item.get("start", 0.0),
-                                end=item.get("end", 1.0), module=module)
+        prompt = IPAdapterInput(path, None if takes_init(item) else hint_image(item.get("image"), what, limits),
+                                item.get("scale", 1.0), layer_scales=item.get("layer_scales"),
+                                start=item.get("start", 0.0), end=item.get("end", 1.0), module=module)
         try:
+            prompt = drawn_on_init(prompt, index, init, "resize")
             if module is not None:
                 if prompt.layer_scales is not None:
                     raise RequestError("layer_scales and module: an A1111 unit's line records no layer scales; "

@@ -102,13 +102,13 @@ class ControlIn(BaseModel):
 
 class IPAdapterIn(BaseModel):
     """One image prompt: an IP-Adapter of the server's ControlNet folder by name (A1111's extension keeps them
-    there), its picture (base64) and scale, the fractions of the steps it acts from and to (the request's
-    `control_convention` picks them, as a control's); its image encoder is the image_encoder folder beside it or
-    one up."""
+    there), its picture (base64; none: an img2img / inpaint job's init picture, each script request's own, as a
+    control's) and scale, the fractions of the steps it acts from and to (the request's `control_convention` picks
+    them, as a control's); its image encoder is the image_encoder folder beside it or one up."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
     model: str
-    image: str
+    image: str | None = None
     scale: float = 1.0
     start: float = 0.0
     end: float = 1.0
@@ -389,7 +389,7 @@ def create_job(body: JobIn, request: Request) -> dict[str, Any]:
         controls=native_controls([c.model_dump() for c in body.controls], service.controlnets, limits, init,
                                  body.resize_mode),
         ip_adapters=native_ip_adapters([a.model_dump() for a in body.ip_adapters], service.controlnets, limits,
-                                       body.control_convention),
+                                       body.control_convention, init),
         steps=body.steps, tiling=body.tiling, token_merging_ratio=body.token_merging_ratio,
         token_merging_ratio_hr=body.token_merging_ratio_hr, freeu=None if body.freeu is None else body.freeu.model_dump(),
         deep_cache=None if body.deep_cache is None else body.deep_cache.model_dump(),

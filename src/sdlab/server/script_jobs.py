@@ -183,16 +183,20 @@ def cell_request(job: GenerationRequest, base: tuple[Any, GenerationRequest],
     return dataclasses.replace(job, **changed), set(changed)
 
 
-def on_own_init(request: GenerationRequest, sent: list[Any]) -> GenerationRequest:
-    """`request` (one the script draws) with each ControlNet unit the job sent without a picture (`sent`, the
-    job's `controls`) drawn on this request's own init picture by the pipeline's rule (`control.on_init`): a
-    Loopback pass's picture, an SD upscale tile, an outpainting canvas, as A1111's scripts hand the extension each
-    request's `init_images`."""
-    if request.init_image is None or not any(takes_init(item.model_dump()) for item in sent):
+def on_own_init(request: GenerationRequest, sent: Any) -> GenerationRequest:
+    """`request` (one the script draws) with each ControlNet unit and IP-Adapter the job `sent` without a picture
+    (its `controls`, `ip_adapters`) drawn on this request's own init picture by the pipeline's rule
+    (`control.on_init`): a Loopback pass's picture, an SD upscale tile, an outpainting canvas, as A1111's scripts
+    hand the extension each request's `init_images`."""
+    if request.init_image is None:
         return request
-    controls = tuple(on_init(control, request.init_image, request.resize_mode)
-                     if takes_init(item.model_dump()) else control for control, item in zip(request.controls, sent))
-    return dataclasses.replace(request, controls=controls)
+
+    def own(units: tuple, items: list[Any]) -> tuple:
+        return tuple(on_init(unit, request.init_image, request.resize_mode) if takes_init(item.model_dump()) else unit
+                     for unit, item in zip(units, items))
+
+    return dataclasses.replace(request, controls=own(request.controls, sent.controls),
+                               ip_adapters=own(request.ip_adapters, sent.ip_adapters))
 
 
 def recorded_settings(body: Any, spec: JobSpec, model: str) -> dict[str, Any]:
@@ -298,7 +302,7 @@ class ScriptJob:
         assert self.base is not None
         base, base_model = self.base
         request, changed = cell_request(self.spec.request, (self.body, base.request), (body, spec.request))
-        request = on_own_init(request, self.sent.controls)
+        request = on_own_init(request, self.sent)
         typed = {key: getattr(body, key) for key in PROMPT_FIELDS if hasattr(body, key)}
         job = dataclasses.replace(self.spec, request=request, model_preset_fills=self.spec.model_preset_fills - changed,
                                   styles=tuple(body.styles), typed_prompts=typed, script_job=self.job.id)

@@ -231,9 +231,10 @@ def _without_extra_networks(request: GenerationRequest) -> tuple[GenerationReque
 
 def _control_settings(control: ControlInput, convention: str) -> dict[str, Any]:
     """A control as the job's request records it: every setting but its pictures (image, mask), the model by its
-    file name and the resize mode it runs with (`convention`'s default when unset); thresholds left unset stay
+    file name and its own resize mode (`convention`'s default when unset; on the init picture the request's fits
+    it, `init_resize_mode`, as its infotext line: `recorded_resize_mode_under`); thresholds left unset stay
     null."""
     settings = {field.name: getattr(control, field.name) for field in fields(control)
-                if field.name not in ("image", "mask")}
+                if field.name not in ("image", "mask", "init_resize_mode")}
     return {**settings, "model": Path(control.model_path).name,
-            "resize_mode": control.resize_mode_under(convention)}
+            "resize_mode": control.recorded_resize_mode_under(convention)}
