@@ -390,7 +390,10 @@ def test_sdxl_lokr_on_both_text_encoders(tmp_path):
 @pytest.mark.parametrize("algo, options", [
     ("locon", {}), ("locon", {"use_tucker": True}), ("locon", {"weight_decompose": True}),
     ("loha", {}), ("loha", {"use_tucker": True}), ("loha", {"weight_decompose": True, "wd_on_out": False}),
-    ("lokr", {}), ("lokr", {"decompose_both": True, "factor": 4}), ("ia3", {}), ("full", {}),
+    ("lokr", {}), ("lokr", {"decompose_both": True, "factor": 4}), ("lokr", {"use_tucker": True}),
+    ("lokr", {"weight_decompose": True}), ("lokr", {"full_matrix": True}),
+    ("loha", {"use_tucker": True, "weight_decompose": True}),
+    ("ia3", {}), ("full", {}),
 ])
 def test_lycoris_files_merge_as_lycoris_draws_them(tmp_path, algo, options):
     """A file written by the LyCORIS library (`LycorisNetwork.save_weights`, random weights) merged by sdlab
