@@ -431,6 +431,27 @@ def test_a_job_that_ended_while_the_page_was_away_comes_back_to_the_viewer(page,
     assert value(page, "seed") == "22"
 
 
+def test_the_keyboard_opens_a_gallery_picture_in_the_viewer(page, base_url):
+    """A gallery card's picture is a button: Enter on it (Tab reaches it) shows that job in the viewer, as a click
+    does. Before: a bare image with a click handler, out of the keyboard's reach."""
+    older = http_json(base_url, "/api/jobs", {"prompt": "an older picture", "steps": 2, "seed": 5})
+    assert wait_job(base_url, older["id"])["status"] == "done"
+    set_value(page, "prompt", "the newest picture")
+    set_value(page, "steps", 2)
+    generate_and_finish(page, base_url, "the newest picture")
+    wait(page, lambda d: text(d, "infotext").startswith("the newest picture"), 20, "the newest job is not shown")
+
+    def pressed(d) -> bool:
+        found = d.find_elements(By.CSS_SELECTOR, f'#gallery [data-job-id="{older["id"]}"] button.thumb')
+        if found:
+            found[0].send_keys(Keys.ENTER)
+        return bool(found)
+
+    wait(page, pressed, 20, "no picture button on the older job's card")
+    wait(page, lambda d: text(d, "infotext").startswith("an older picture"), 20, "Enter did not show the job")
+    assert result_srcs(page) == [base_url + http_json(base_url, f"/api/jobs/{older['id']}")["images"][0]]
+
+
 def test_cancel_a_second_job(page, base_url):
     first, second = "a green circle on a white background", "a yellow heart at the bottom (to be cancelled)"
     set_value(page, "steps", 6)

@@ -1452,13 +1452,15 @@ function renderGallery(jobs) {
     card.dataset.status = job.status;
     const thumbs = document.createElement("div");
     thumbs.className = "thumbs";
-    for (const url of job.images || []) {
+    for (const [index, url] of (job.images || []).entries()) {
       const img = document.createElement("img");
       img.src = url;
       img.alt = (job.request && job.request.prompt) || "result";
       img.loading = "lazy";
-      img.addEventListener("click", () => showJob(job));
-      thumbs.append(img);
+      // a button, so that the keyboard opens the job in the viewer as a click does
+      const open = makeButton("", "thumb", () => showJob(job), `Show job ${job.id} (picture ${index + 1}) in the viewer`);
+      open.append(img);
+      thumbs.append(open);
     }
     const caption = document.createElement("div");
     caption.className = "caption";
