@@ -16,7 +16,8 @@ import pytest
 from bundle_fixtures import init_picture
 from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, UniPCMultistepScheduler
 from picture_parity import CFG, MAX_PIXEL_DIFF, PROMPT, SEED, SIZE, max_pixel_diff
-from test_pipeline_parity import BATCH, NEGATIVE, SD_SCHEDULER_KEYS, _generators, _quiet, sdxl, sdxl_refiner  # noqa: F401 (fixtures)
+from test_pipeline_parity import BATCH, NEGATIVE, SD_SCHEDULER_KEYS, _generators, _quiet
+from test_pipeline_parity import sdxl, sdxl_refiner  # noqa: F401 (fixtures)
 
 from sdlab.pipeline.generate import generate_with_refiner
 from sdlab.pipeline.request import GenerationRequest
