@@ -452,6 +452,51 @@ def test_the_keyboard_opens_a_gallery_picture_in_the_viewer(page, base_url):
     assert result_srcs(page) == [base_url + http_json(base_url, f"/api/jobs/{older['id']}")["images"][0]]
 
 
+def serve_on(port: int, output_dir: Path):
+    """`sdlab serve` on this port (a restart keeps the address the page was loaded from), once it answers."""
+    import subprocess
+
+    from server_fixtures import ServerProcess, server_env
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    log = output_dir.parent / f"serve-{port}-{time.monotonic_ns()}.log"
+    with open(log, "wb") as sink:
+        process = subprocess.Popen([sys.executable, "-m", "sdlab", "serve", "--port", str(port), "--output-dir",
+                                    str(output_dir)], stdout=sink, stderr=subprocess.STDOUT, env=server_env())
+    server = ServerProcess(f"http://127.0.0.1:{port}", output_dir, process, log)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            http_json(server.url, "/api/jobs")
+            return server
+        except OSError:
+            time.sleep(0.2)
+    server.stop()
+    raise AssertionError(f"sdlab serve did not answer on port {port}:\n{server.output()}")
+
+
+def test_a_job_the_server_stopped_shows_its_end_once_the_server_is_back(browser, tmp_path):
+    """The server stops while the page's job draws (it ends the job as it goes: interrupted) and starts again: the
+    page shows the job interrupted and its Interrupt button off. Before: 'Step i / n' and a live Interrupt for
+    good, the job forgotten when its end could not be read."""
+    from server_fixtures import free_port
+
+    port = free_port()
+    server = serve_on(port, tmp_path / "outputs")
+    try:
+        open_page(browser, server.url)
+        set_value(browser, "prompt", "cut off by a restart")
+        set_value(browser, "steps", 150)
+        browser.find_element(By.ID, "generate").click()
+        wait(browser, lambda d: text(d, "progress-text").startswith("Step"), 60, "the job did not start")
+        server.stop()
+        server = serve_on(port, tmp_path / "outputs")
+        wait(browser, lambda d: text(d, "progress-text") == "Interrupted", 30, "the job's end is not shown")
+        assert not browser.find_element(By.ID, "interrupt").is_enabled()
+    finally:
+        server.stop()
+
+
 def test_cancel_a_second_job(page, base_url):
     first, second = "a green circle on a white background", "a yellow heart at the bottom (to be cancelled)"
     set_value(page, "steps", 6)

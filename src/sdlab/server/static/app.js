@@ -1293,9 +1293,10 @@ function stopFollowing() {
 
 // A job the page waited for has ended: show it if it is the one on screen, then follow the next.
 async function jobEnded(id) {
-  forgetSubmitted(id);
   let job = null;
   try { job = await api(`/api/jobs/${encodeURIComponent(id)}`); } catch (err) { showError(err.message); }
+  // unread (a server stopping ends its jobs as it goes): kept, so the poll shows it once the server answers again
+  if (job) forgetSubmitted(id);
   if (job && job.status === "done" && job.request && job.request.seed != null) state.lastSeed = job.request.seed;
   if (job && state.shownJob === id) showJob(job);
   await refreshJobs(true);
