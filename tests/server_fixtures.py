@@ -19,8 +19,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -169,6 +171,13 @@ def png_picture(data: bytes) -> Image.Image:
     image = Image.open(io.BytesIO(data))
     image.load()
     return image
+
+
+def drawn_pictures(client: httpx.Client, body: dict, decode: Callable[[bytes], Any] = png_picture,
+                   timeout_s: float = 120) -> tuple[dict, list]:
+    """`drawn_job` and every picture it drew, each made from its file's bytes by `decode`."""
+    job = drawn_job(client, body, timeout_s)
+    return job, [decode(client.get(url).content) for url in job["images"]]
 
 
 def cli_txt2img(tmp_path: Path, *args: str) -> Image.Image:
