@@ -298,18 +298,30 @@ def test_img2img_unit_takes_the_initial_image_and_bad_units_show_their_errors(pa
     page.find_element(By.CSS_SELECTOR, '[role="tab"][data-mode="img2img"]').click()
     drop_file(page, _hint_png(), "init.png", "init-drop")
     wait(page, lambda d: d.execute_script("return state.initImage") is not None, 10, "no initial image")
+    # the IP-Adapter box without a picture of its own takes the initial image too
+    page.find_element(By.ID, "ipa_enabled").click()
+    choose(page, "ipa_model", value=_model_title(page, "ip-adapter_tiny", "ipa_model"))
     sent = page.execute_script("return collectRequest()")
-    # no picture, no resize mode sent: the server takes each request's initial image with img2img's mode (the
-    # extension's rule), a script's passes / tiles too
-    assert "image" not in sent["controls"][0] and "resize_mode" not in sent["controls"][0]
-    assert not page.find_element(By.ID, "cn0_resize_mode").is_enabled()    # so its own is greyed out
+    # no picture sent: the server takes each request's initial image, a unit's with img2img's mode (the
+    # extension's rule), a script's passes / tiles too; the unit's own Resize mode is sent to be recorded, as the
+    # extension's infotext records its unit's
+    assert "image" not in sent["controls"][0] and sent["controls"][0]["resize_mode"] == "crop"
+    assert "image" not in sent["ip_adapters"][0] and sent["ip_adapters"][0]["model"].startswith("ip-adapter_tiny [")
+    assert not page.find_element(By.ID, "cn0_resize_mode").is_enabled()    # it does not act: greyed out
+    page.find_element(By.CSS_SELECTOR, '[role="tab"][data-mode="txt2img"]').click()
+    page.find_element(By.ID, "cn0_enabled").click()
+    page.find_element(By.ID, "generate").click()
+    wait(page, lambda d: "IP-Adapter needs a picture" in text(d, "error"), 10, "no error for the IP-Adapter")
+    page.find_element(By.ID, "cn0_enabled").click()
+    page.find_element(By.CSS_SELECTOR, '[role="tab"][data-mode="img2img"]').click()
+    page.find_element(By.ID, "ipa_enabled").click()
     # the inpaint tab's unit takes its initial image too, with its resize mode
     page.find_element(By.CSS_SELECTOR, '[role="tab"][data-mode="inpaint"]').click()
     choose(page, "resize_mode", value="fill")
     paint_stroke(page, -20, 20)
     sent = page.execute_script("return collectRequest()")
     assert sent["mode"] == "inpaint" and "image" not in sent["controls"][0] and sent["resize_mode"] == "fill"
-    assert "resize_mode" not in sent["controls"][0]
+    assert sent["controls"][0]["resize_mode"] == "crop"
     page.find_element(By.CSS_SELECTOR, '[role="tab"][data-mode="img2img"]').click()
     # an enabled unit without a model: the page's own error (units past the first start folded)
     assert not page.find_element(By.ID, "cn1_enabled").is_displayed()

@@ -334,8 +334,9 @@ async function effectiveSize() {
   return { width, height };
 }
 
-// The enabled units and IP-Adapter as the native API's `controls` and `ip_adapters` (none: left out); a unit
-// without a picture of its own in img2img / inpaint sends none (each request's initial image, a script's too);
+// The enabled units and IP-Adapter as the native API's `controls` and `ip_adapters` (none: left out); a unit or
+// the IP-Adapter without a picture of its own in img2img / inpaint sends none (each request's initial image, a
+// script's too; a unit's Resize mode, greyed out, is sent to be recorded as the extension records its unit's);
 // one without a model, or without a picture in txt2img, is an error the page shows
 function controlRequest() {
   const body = {};
@@ -352,16 +353,16 @@ function controlRequest() {
       strength: controlNumber(`${p}_weight`, what), start: controlNumber(`${p}_start`, what),
       end: controlNumber(`${p}_end`, what),
       control_mode: $(`${p}_control_mode`).value,
-      ...(initial ? {} : { resize_mode: unitResizeMode(i, initial) }),      // ... and its Resize mode
+      resize_mode: $(`${p}_resize_mode`).value,      // on the initial image recorded only, as the extension's
       pixel_perfect: RESOLUTION_MODULES.includes(preprocessing.module) && $(`${p}_pixel_perfect`).checked,
     });
   }
   if (controls.length) body.controls = controls;
   if ($("ipa_enabled").checked) {
     if (!$("ipa_model").value) throw new ApiError("IP-Adapter needs a model: choose one or untick it");
-    const { picture } = pictureOf(controlState.ipPicture, "IP-Adapter");
+    const { picture, initial } = pictureOf(controlState.ipPicture, "IP-Adapter");
     const start = controlNumber("ipa_start", "IP-Adapter"), end = controlNumber("ipa_end", "IP-Adapter");
-    body.ip_adapters = [{ model: $("ipa_model").value, image: base64Of(picture),
+    body.ip_adapters = [{ model: $("ipa_model").value, ...(initial ? {} : { image: base64Of(picture) }),
       scale: controlNumber("ipa_scale", "IP-Adapter"),
       ...(start ? { start } : {}), ...(end !== undefined && end !== 1 ? { end } : {}),    // every step: left out
       ...($("ipa_layers").value ? { layer_scales: $("ipa_layers").value } : {}),
