@@ -3,7 +3,8 @@
 Routes: `/sdapi/v1/*` (a1111.py), the ControlNet extension's `/controlnet/*` (a1111_controlnet.py), `/api/*`
 (native.py), the web UI at `/` (static/index.html) and `/static/*`. Every route sits behind `guard.Guard` (auth,
 Host names, Origins, body size). Errors: `/sdapi` and the ControlNet extension's `/controlnet` answer in A1111's
-shape `{error, detail, body, errors}`, everything else `{detail: "..."}`.
+shape `{error, detail, body, errors}`, everything else `{detail: "..."}`. OpenAI's images API, `/v1/*`
+(openai_images.py), answers errors in OpenAI's shape `{error: {message, type, param, code}}`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sdlab.server import a1111, a1111_controlnet, native
+from sdlab.server import openai_images
 from sdlab.server.config import ServerConfig
 from sdlab.server.guard import Guard
 from sdlab.server.inputs import BadRequest
@@ -48,6 +50,7 @@ def create_app(config: ServerConfig, *, preload: bool = False) -> Guard:
 
     app = FastAPI(title="sdlab", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.service = service
+    app.include_router(openai_images.router)
     app.include_router(a1111.router)
     app.include_router(a1111_controlnet.router)
     app.include_router(native.router)
@@ -85,8 +88,11 @@ A1111_PREFIXES = ("/sdapi/", "/controlnet/")
 
 
 def error_response(request: Request, status: int, detail, message: str = "", error: str = "HTTPException",
-                   headers: dict | None = None) -> JSONResponse:
-    if request.url.path.startswith(A1111_PREFIXES):
+                   headers: dict | None = None, param: str | None = None, code: str | None = None) -> JSONResponse:
+    if request.url.path.startswith(openai_images.PREFIX):
+        body = openai_images.error_body(status, message or str(detail), param, code)
+        status = openai_images.error_status(status)
+    elif request.url.path.startswith(A1111_PREFIXES):
         body = {"error": error, "detail": detail, "body": "", "errors": message or str(detail)}
     else:
         body = {"detail": message or detail}
@@ -96,7 +102,8 @@ def error_response(request: Request, status: int, detail, message: str = "", err
 def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(BadRequest)
     async def bad_request(request: Request, err: BadRequest) -> JSONResponse:
-        return error_response(request, err.status, err.detail, err.message)
+        return error_response(request, err.status, err.detail, err.message, param=getattr(err, "param", None),
+                              code=getattr(err, "code", None))
 
     @app.exception_handler(QueueFull)
     async def queue_full(request: Request, err: QueueFull) -> JSONResponse:
@@ -110,6 +117,9 @@ def _error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        if request.url.path.startswith(openai_images.PREFIX):
+            message, param = openai_images.validation_message(list(err.errors()))
+            return JSONResponse(openai_images.error_body(400, message, param), status_code=400)
         if request.url.path.startswith(A1111_PREFIXES):
             return JSONResponse({"detail": _jsonable(err.errors())}, status_code=422)
         return JSONResponse({"detail": _validation_text(err)}, status_code=422)

@@ -1,7 +1,7 @@
 """Authentication and the body-size limit, in front of every route (API, UI, images).
 
-An ASGI middleware: HTTP Basic (`--auth user:pass`) or `Authorization: Bearer <token>` (`--token-file`),
-compared in constant time; a request without valid credentials gets 401 with `WWW-Authenticate: Basic`
+An ASGI middleware: HTTP Basic (`--auth user:pass`) or `Authorization: Bearer <token>` (`--token-file`; with
+`--auth`, `Bearer user:pass` too: an OpenAI client's API key), compared in constant time; a request without valid credentials gets 401 with `WWW-Authenticate: Basic`
 (browsers then ask for the password, so the UI works behind it), or with a token alone `Bearer` (RFC 6750:
 a browser cannot send a token, so it shows the 401 rather than a password prompt no password satisfies).
 Bodies longer than the limit get 413, whether they announce their length or stream it. A server on the loopback
@@ -107,10 +107,16 @@ class Guard:
         return bool(sep) and (netloc == (host or "").strip().lower() or host_name(netloc) in self.origins)
 
     def _authorized(self, header: str) -> bool:
+        """Basic credentials of --auth, or a Bearer token: --token-file's, or with --auth its `USER:PASS` (the API
+        key an OpenAI client sends, which has no Basic auth)."""
         scheme, _, value = header.partition(" ")
         scheme, value = scheme.lower(), value.strip()
-        if scheme == "bearer" and self.token is not None:
-            return compare_digest(value.encode(), self.token.encode())
+        if scheme == "bearer" and self.token is not None and compare_digest(value.encode(), self.token.encode()):
+            return True
+        if scheme == "bearer" and self.basic is not None:
+            return compare_digest(value.encode(), ":".join(self.basic).encode())
+        if scheme == "bearer":
+            return False
         if scheme == "basic" and self.basic is not None:
             try:
                 user, sep, password = base64.b64decode(value, validate=True).decode("utf-8").partition(":")

@@ -30,6 +30,7 @@ import anyio
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator
+from PIL import Image
 
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.models.deep_cache import DeepCache
@@ -357,6 +358,22 @@ def create_job(body: JobIn, request: Request) -> dict[str, Any]:
         if body.mask_image is None:
             raise BadRequest("inpaint needs mask_image (white = repaint)", 422)
         mask = decode_image(body.mask_image, "mask_image", limits)
+    spec = job_spec(service, body, init, mask)
+    try:                                                # over the model's preset (the worker applies that one)
+        preset = spec_with_preset(spec, body.preset, body.mode) if body.preset else spec
+    except RequestError as err:
+        raise BadRequest(str(err), 422) from None
+    script = selected_script(body.script_name, "txt2img" if body.mode == "txt2img" else "img2img")
+    if script is not None:                              # each request takes the preset (`ScriptJob.job_of`)
+        return anyio.from_thread.run(script_jobs.start, service, body, spec, script)
+    job, position = service.submit(preset, body.mode, body.model)
+    return {"id": job.id, "status": job.status, "position": position}
+
+
+def job_spec(service: Service, body: JobIn, init: Image.Image | None, mask: Image.Image | None) -> JobSpec:
+    """The job `body` asks for, its init picture and mask decoded (`init`, `mask`; None for none), before its
+    preset and script: what `POST /api/jobs` queues, and the OpenAI images routes (`openai_images`) with it."""
+    limits = service.config.limits
     if not 1 <= body.batch_count <= MAX_BATCH_COUNT:
         raise BadRequest(f"batch_count must be 1..{MAX_BATCH_COUNT}, got {body.batch_count}", 422)
     strength = body.strength if body.strength is not None else (1.0 if body.mode == "inpaint" else 0.75)
@@ -408,15 +425,7 @@ def create_job(body: JobIn, request: Request) -> dict[str, Any]:
                    extra_networks=not body.disable_extra_networks,
                    styles=tuple(body.styles), typed_prompts={key: getattr(body, key) for key in PROMPT_FIELDS},
                    refiner=refiner_choice(body.refiner, body.refiner_switch, body.refiner_convention, "refiner_switch"))
-    try:                                                # over the model's preset (the worker applies that one)
-        preset = spec_with_preset(spec, body.preset, body.mode) if body.preset else spec
-    except RequestError as err:
-        raise BadRequest(str(err), 422) from None
-    script = selected_script(body.script_name, "txt2img" if body.mode == "txt2img" else "img2img")
-    if script is not None:                              # each request takes the preset (`ScriptJob.job_of`)
-        return anyio.from_thread.run(script_jobs.start, service, body, spec, script)
-    job, position = service.submit(preset, body.mode, body.model)
-    return {"id": job.id, "status": job.status, "position": position}
+    return spec
 
 
 @router.get("/jobs")
