@@ -1,0 +1,340 @@
+"""OpenAI's images API on `sdlab serve`, for the clients that speak it (the `openai` Python package, Open WebUI's
+"openai" image engine, the AI SDK), beside A1111's and the native one:
+
+    POST /v1/images/generations   JSON {prompt, model?, n, size, response_format, output_format, seed, ...}
+                                  -> {created, data: [{b64_json} | {url}], output_format, size}
+    POST /v1/images/edits         multipart: image (PNG; several: image[]), mask? (PNG, transparent = repaint),
+                                  prompt, n, size, ... -> the same answer; img2img, or inpaint with a mask
+    GET  /v1/models               {object: "list", data: [{id, object: "model", created, owned_by}]}
+    GET  /v1/models/{id}          one of them
+
+A request becomes a native job (`native.job_spec`: the native API's defaults, checks and preset) queued by
+`Service.submit`, so its pictures are the native route's for the same seed, written with their infotext. Errors
+answer in OpenAI's shape `{"error": {message, type, param, code}}` (`error_body`; app.py's handlers call it for
+every path under `/v1/`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from dataclasses import replace
+from typing import Any
+
+from fastapi import APIRouter, Request
+from PIL import Image, ImageOps
+from pydantic import ConfigDict, ValidationError
+from starlette.datastructures import UploadFile
+
+from sdlab.pipeline.images import open_image, upright_8bit
+from sdlab.pipeline.png_info import ParametersError, encode_image
+from sdlab.pipeline.request import SIZE_MULTIPLE
+from sdlab.server.config import Limits
+from sdlab.server.inputs import BadRequest, NullsAreDefaults, opened_picture
+from sdlab.server.jobs import Job, Unavailable, image_url
+from sdlab.server.native import JobIn, job_spec, service_of
+from sdlab.server.registry import Checkpoint
+from sdlab.server.service import Service
+from sdlab.server.store import INTERRUPTED_ERROR
+
+router = APIRouter(prefix="/v1")
+PREFIX = "/v1/"
+MAX_N = 10                                  # OpenAI's bound of `n`
+OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+RESPONSE_FORMATS = ("b64_json", "url")
+OWNER = "sdlab"
+
+
+class ImagesError(BadRequest):
+    """A refusal naming the request field it concerns (`param`) and OpenAI's error `code`, where there is one."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message, status)
+        self.param = param
+        self.code = code
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """OpenAI's error answer: `type` invalid_request_error for a refusal, server_error for a fault of the server."""
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_status(status: int) -> int:
+    """The status OpenAI answers for sdlab's: a refused body is a 400 there (OpenAI answers no 422)."""
+    return 400 if status == 422 else status
+
+
+def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """(message, param) of pydantic's errors as OpenAI words them: an unknown field is an "Unrecognized request
+    argument", a missing one a "Missing required parameter"; the first error's field is the `param`."""
+    first = errors[0] if errors else {}
+    where = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = where[0] if where else None
+    if first.get("type") == "extra_forbidden":
+        return f"Unrecognized request argument supplied: {param}", param
+    if first.get("type") == "missing":
+        return f"Missing required parameter: '{param}'.", param
+    if first.get("type") == "json_invalid" or param is None:
+        return "We could not parse the JSON body of your request: " + first.get("msg", "invalid body"), None
+    return f"Invalid '{param}': {first.get('msg', 'invalid value')}", param
+
+
+class GenerationIn(NullsAreDefaults):
+    """`POST /v1/images/generations`' body: OpenAI's fields, and sdlab's `seed` and `negative_prompt` (extensions,
+    as LlamaEdge's sd-api-server takes them; stable-diffusion.cpp's sd-server reads a seed from the prompt's
+    `<sd_cpp_extra_args>`). `quality`, `style`, `user` and `moderation` are taken and not read."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    prompt: str
+    model: str | None = None
+    n: int = 1
+    size: str = "auto"
+    response_format: str = "b64_json"
+    output_format: str = "png"
+    output_compression: int = 100           # JPEG / WebP quality, 0..100
+    background: str = "auto"
+    quality: str | None = None
+    style: str | None = None
+    user: str | None = None
+    moderation: str | None = None
+    stream: bool = False
+    partial_images: int = 0
+    seed: int = -1                          # sdlab's: -1 random; picture i draws seed + i
+    negative_prompt: str = ""               # sdlab's
+
+
+class EditIn(GenerationIn):
+    """`POST /v1/images/edits`' text fields (its pictures are the form's files); `input_fidelity` is not read."""
+
+    input_fidelity: str | None = None
+
+
+def _checked(body: GenerationIn) -> tuple[int | None, int | None]:
+    """The (width, height) of `body.size` (None, None for "auto": the model's size, an edit's picture's), once its
+    options are ones sdlab draws; else `ImagesError` naming the field."""
+    if not body.prompt.strip():
+        raise ImagesError("Invalid 'prompt': the prompt is empty.", param="prompt")
+    if not 1 <= body.n <= MAX_N:
+        raise ImagesError(f"Invalid 'n': {body.n} is not in 1..{MAX_N}.", param="n")
+    if body.response_format not in RESPONSE_FORMATS:
+        raise ImagesError(f"Invalid 'response_format': {body.response_format!r}; use 'b64_json' or 'url'.",
+                          param="response_format")
+    if body.output_format not in OUTPUT_FORMATS:
+        raise ImagesError(f"Invalid 'output_format': {body.output_format!r}; use 'png', 'jpeg' or 'webp'.",
+                          param="output_format")
+    if body.response_format == "url" and body.output_format != "png":
+        raise ImagesError("'output_format' jpeg and webp are answered as b64_json only: a 'url' names the PNG the "
+                          "server keeps.", param="output_format")
+    if not 0 <= body.output_compression <= 100:
+        raise ImagesError(f"Invalid 'output_compression': {body.output_compression} is not in 0..100.",
+                          param="output_compression")
+    if body.background not in ("auto", "opaque"):
+        raise ImagesError(f"Invalid 'background': {body.background!r}; sdlab draws 'opaque' pictures ('auto').",
+                          param="background")
+    if body.stream or body.partial_images:
+        raise ImagesError("Streaming ('stream', 'partial_images') is not served here; the native API's "
+                          "/api/jobs/ID/events streams a job's steps.", param="stream" if body.stream else
+                          "partial_images")
+    return _size(body.size)
+
+
+def _size(size: str) -> tuple[int | None, int | None]:
+    if size == "auto":
+        return None, None
+    width, sep, height = size.partition("x")
+    if not (sep and width.isdigit() and height.isdigit()):
+        raise ImagesError(f"Invalid 'size': {size!r}; use 'WIDTHxHEIGHT' (e.g. '512x512') or 'auto'.", param="size")
+    w, h = int(width), int(height)
+    if w < SIZE_MULTIPLE or h < SIZE_MULTIPLE or w % SIZE_MULTIPLE or h % SIZE_MULTIPLE:
+        raise ImagesError(f"Invalid 'size': {size!r}; each side is a multiple of {SIZE_MULTIPLE} from "
+                          f"{SIZE_MULTIPLE} on.", param="size")
+    return w, h
+
+
+def _checkpoint(service: Service, name: str | None) -> Checkpoint:
+    """The model `name` asks for (none: the selected one); an unknown one OpenAI's 404 `model_not_found`."""
+    try:
+        return service.checkpoint(name)
+    except BadRequest as err:
+        raise ImagesError(f"The model {name!r} does not exist on this server; GET /v1/models lists them.",
+                          err.status, "model", "model_not_found") from None
+
+
+async def _drawn(service: Service, body: GenerationIn, pictures: list[Image.Image],
+                 mask: Image.Image | None) -> Job:
+    """The job of `body` (an edit's init `pictures` and sdlab `mask`, white = repaint) once it ended."""
+    width, height = _checked(body)
+    _checkpoint(service, body.model)
+    mode = "txt2img" if not pictures else "inpaint" if mask is not None else "img2img"
+    if len(pictures) > body.n:
+        raise ImagesError(f"{len(pictures)} images for n = {body.n} pictures: picture i starts from image i % "
+                          "count, so send at most n images.", param="image")
+    job_in = JobIn(mode=mode, model=body.model, prompt=body.prompt, negative_prompt=body.negative_prompt,
+                   seed=body.seed, width=width, height=height, batch_size=body.n)
+    spec = job_spec(service, job_in, pictures[0] if pictures else None, mask)
+    if len(pictures) > 1:
+        spec = replace(spec, request=replace(spec.request, init_images=tuple(pictures)))
+    job, _ = await asyncio.to_thread(service.submit, spec, mode, body.model)
+    await _until_finished(job)
+    if job.status == "interrupted":
+        raise Unavailable(job.error or INTERRUPTED_ERROR)
+    if job.status == "failed":
+        raise ImagesError(job.error or "failed", 500 if job.server_fault else 400)
+    if not job.images:                      # cancelled before its first picture
+        raise ImagesError("the job was cancelled before it drew a picture", 503)
+    return job
+
+
+async def _until_finished(job: Job) -> None:
+    """Wait for the job's final event; cancelled (the server stops while it waits) a 503."""
+    queue = job.subscribe(asyncio.get_running_loop(), steps=False)
+    try:
+        while (await queue.get())[0] not in ("done", "failed", "cancelled"):
+            pass
+    except asyncio.CancelledError:
+        raise Unavailable(INTERRUPTED_ERROR) from None
+    finally:
+        job.unsubscribe(queue)
+
+
+def _answer(service: Service, body: GenerationIn, job: Job, base_url: str) -> dict[str, Any]:
+    """OpenAI's answer: each picture as `url` (the server's `/api/images/NAME`, the PNG it keeps) or `b64_json`
+    (that PNG as written, with its `parameters`; a JPEG / WebP with them in its EXIF UserComment)."""
+    data = []
+    size = None
+    for name, text in zip(job.images, job.infotexts):
+        path = service.images_dir / name
+        with open_image(path) as image:
+            size = f"{image.width}x{image.height}"
+            if body.response_format == "url":
+                data.append({"url": base_url + image_url(name)})
+            elif body.output_format == "png":
+                data.append({"b64_json": _b64(path.read_bytes())})
+            else:
+                data.append({"b64_json": _b64(_encoded(image, OUTPUT_FORMATS[body.output_format], text,
+                                                       body.output_compression))})
+    return {"created": int(time.time()), "data": data, "output_format": body.output_format, "size": size}
+
+
+def _encoded(image: Image.Image, fmt: str, parameters: str, quality: int) -> bytes:
+    try:
+        return encode_image(image, fmt, parameters, quality=quality)
+    except ParametersError:                 # past a JPEG's EXIF block: the PNG kept has the text
+        return encode_image(image, fmt, None, quality=quality)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _base_url(request: Request) -> str:
+    return str(request.base_url).rstrip("/")
+
+
+@router.post("/images/generations")
+async def generations(body: GenerationIn, request: Request) -> dict[str, Any]:
+    service = service_of(request)
+    job = await _drawn(service, body, [], None)
+    return await asyncio.to_thread(_answer, service, body, job, _base_url(request))
+
+
+PICTURE_FIELDS = ("image", "image[]", "mask")
+
+
+@router.post("/images/edits")
+async def edits(request: Request) -> dict[str, Any]:
+    service = service_of(request)
+    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        raise ImagesError("Edits take a multipart/form-data body (the image files and the fields).")
+    try:
+        form = await request.form()
+    except Exception as err:            # a malformed multipart body
+        raise ImagesError(f"The multipart body could not be read: {err}") from None
+    try:
+        files: dict[str, list[bytes]] = {}
+        fields: dict[str, str] = {}
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                if key not in PICTURE_FIELDS:
+                    raise ImagesError(f"Unrecognized file field supplied: {key}", param=key)
+                files.setdefault(key, []).append(await value.read())
+            elif key in PICTURE_FIELDS:
+                raise ImagesError(f"Invalid '{key}': send it as a file (a PNG), not as text.", param=key)
+            else:
+                fields[key] = value
+    finally:
+        await form.close()
+    try:
+        body = EditIn.model_validate(fields)
+    except ValidationError as err:
+        message, param = validation_message(err.errors())
+        raise ImagesError(message, param=param) from None
+    images = files.get("image", []) + files.get("image[]", [])
+    if not images:
+        raise ImagesError("Missing required parameter: 'image' (a PNG file).", param="image")
+    if len(files.get("mask", [])) > 1:
+        raise ImagesError("Invalid 'mask': send one mask.", param="mask")
+    limits = service.config.limits
+    pictures = [await asyncio.to_thread(png_picture, raw, f"image[{i}]", "image", limits)
+                for i, raw in enumerate(images)]
+    mask = None
+    if files.get("mask"):
+        openai_mask = await asyncio.to_thread(png_picture, files["mask"][0], "mask", "mask", limits)
+        if openai_mask.size != pictures[0].size:
+            raise ImagesError(f"Invalid 'mask': it is {openai_mask.width}x{openai_mask.height}, the image "
+                              f"{pictures[0].width}x{pictures[0].height}; they must be the same size.", param="mask")
+        mask = repaint_mask(openai_mask)
+    job = await _drawn(service, body, pictures, mask)
+    return await asyncio.to_thread(_answer, service, body, job, _base_url(request))
+
+
+def png_picture(raw: bytes, what: str, param: str, limits: Limits) -> Image.Image:
+    """A PNG file's picture, upright and in 8 bits (`upright_8bit`, as every door reads pictures); another format
+    or no picture `ImagesError` naming `param`; past the server's pixel limit a 413 (`opened_picture`)."""
+    try:
+        with opened_picture(raw, what, limits) as image:
+            if image.format != "PNG":
+                raise ImagesError(f"Invalid '{param}': {what} is a {image.format} file; it must be a PNG.",
+                                  param=param)
+            image.load()
+            return upright_8bit(image)
+    except ImagesError:
+        raise
+    except BadRequest as err:
+        raise ImagesError(f"Invalid '{param}': {err.message}", err.status, param) from None
+
+
+def repaint_mask(mask: Image.Image) -> Image.Image:
+    """OpenAI's mask (its alpha: fully transparent = repaint, opaque = keep) as sdlab's ("L", white = repaint):
+    255 - alpha, so a partly transparent pixel is a partial mask value, as a grey one of a native mask. A mask
+    without transparency is refused: it would say nothing."""
+    if mask.mode in ("P", "RGB", "L") and "transparency" in mask.info:
+        mask = mask.convert("RGBA")
+    if "A" not in mask.getbands():
+        raise ImagesError("Invalid 'mask': it has no alpha channel; its fully transparent pixels say where the "
+                          "image is repainted.", param="mask")
+    return ImageOps.invert(mask.getchannel("A"))          # (H, W) uint8: 255 where alpha 0
+
+
+def model_entry(checkpoint: Checkpoint) -> dict[str, Any]:
+    """A checkpoint as OpenAI lists a model: its `id` the name a request gives as `model` (its path under the
+    models folder, `/sdapi/v1/sd-models`' `name`; its title, file name or hash name it too), `created` its file's
+    modification time."""
+    try:
+        created = int(checkpoint.path.stat().st_mtime)
+    except OSError:
+        created = 0
+    return {"id": checkpoint.name, "object": "model", "created": created, "owned_by": OWNER}
+
+
+@router.get("/models")
+def models(request: Request) -> dict[str, Any]:
+    return {"object": "list", "data": [model_entry(c) for c in service_of(request).registry.checkpoints]}
+
+
+@router.get("/models/{model_id:path}")
+def model(model_id: str, request: Request) -> dict[str, Any]:
+    return model_entry(_checkpoint(service_of(request), model_id))
