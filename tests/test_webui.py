@@ -477,8 +477,8 @@ def serve_on(port: int, output_dir: Path):
 
 def test_a_job_the_server_stopped_shows_its_end_once_the_server_is_back(browser, tmp_path):
     """The server stops while the page's job draws (it ends the job as it goes: interrupted) and starts again: the
-    page shows the job interrupted and its Interrupt button off. Before: 'Step i / n' and a live Interrupt for
-    good, the job forgotten when its end could not be read."""
+    page shows the job interrupted, its Interrupt button off and no "cannot reach the server" left. Before: 'Step
+    i / n' and a live Interrupt for good, the job forgotten when its end could not be read; then the error stayed."""
     from server_fixtures import free_port
 
     port = free_port()
@@ -493,6 +493,8 @@ def test_a_job_the_server_stopped_shows_its_end_once_the_server_is_back(browser,
         server = serve_on(port, tmp_path / "outputs")
         wait(browser, lambda d: text(d, "progress-text") == "Interrupted", 30, "the job's end is not shown")
         assert not browser.find_element(By.ID, "interrupt").is_enabled()
+        # the server answers again: the page's "cannot reach the server" is over
+        wait(browser, lambda d: not d.find_element(By.ID, "error").is_displayed(), 30, "the error stays")
     finally:
         server.stop()
 

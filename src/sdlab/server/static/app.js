@@ -196,6 +196,7 @@ const state = {
   kept: {},               // the reused job's or dropped PNG's `KEPT` that are not the API's, until removed or a
                           // control they go with changes
   clock: null,            // {id, i, t}: the first step seen of the followed job, for the time left
+  unreachable: false,     // a request found no server since the last poll that reached it
   jobsSignature: "",
   scripts: null,          // GET /api/scripts: each tab's scripts and X/Y/Z axes
 };
@@ -218,6 +219,8 @@ function forgetSubmitted(id) {
 // ---------------------------------------------------------------- HTTP
 
 class ApiError extends Error {}
+
+const UNREACHABLE = "cannot reach the server";   // the page's error while it cannot; gone once the server answers
 
 function detailText(detail) {
   // FastAPI validation errors are a list of {loc, msg}; A1111-style errors a string (or {error, detail})
@@ -246,7 +249,8 @@ async function api(path, options = {}) {
   try {
     response = await fetch(path, init);
   } catch (err) {
-    throw new ApiError(`cannot reach the server (${err.message})`);
+    state.unreachable = true;
+    throw new ApiError(`${UNREACHABLE} (${err.message})`);
   }
   const text = await response.text();
   let data = null;
@@ -1497,6 +1501,10 @@ async function refreshJobs(force = false) {
     data = await api("/api/jobs");
   } catch (_) {
     return;
+  }
+  if (state.unreachable) {                   // the server answers again: its "cannot reach" error is over
+    state.unreachable = false;
+    if ($("error").textContent.includes(UNREACHABLE)) showError("");
   }
   const jobs = (data && data.jobs) || [];
   const active = jobs.filter((j) => ACTIVE.has(j.status)).reverse();     // oldest (next to run) first
