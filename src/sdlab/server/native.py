@@ -1,9 +1,12 @@
 """The native async API: `POST /api/jobs` returns at once, the job runs in the queue.
 
     POST   /api/jobs                 {mode, model?, prompt, ...} -> 202 {id, status: "queued", position}
-    GET    /api/jobs                 {jobs: [job, ...]} newest first (this run's and earlier runs')
+    GET    /api/jobs                 {jobs: [job, ...]} newest first (this run's and earlier runs'); ?limit=N (100,
+                                     at most 1000), ?before=ID: the jobs listed after that one (the next page)
     GET    /api/jobs/{id}            job
     DELETE /api/jobs/{id}            cancel (queued: at once; running: at the next step) -> {id, status}
+    POST   /api/jobs/{id}/delete     delete a finished job from the history with its pictures, all or nothing
+                                     -> {id, deleted: [ids], images: n}; queued / running: 409, unknown: 404
     POST   /api/jobs/{id}/interrupt  A1111's Interrupt of the job running: its batch ends with its pictures as far
                                      as they got, the job stops (cancelled, its pictures kept) -> {id, status, stopped}
     POST   /api/jobs/{id}/skip       A1111's Skip of the job running: its batch ends so, the next goes on -> same
@@ -42,7 +45,7 @@ from sdlab.pipeline.request import (
     check_sdxl_conditioning,
 )
 from sdlab.pipeline.styles import PROMPT_FIELDS, STYLES_ARRAY, infotext_styles, styled_options
-from sdlab.server import script_jobs
+from sdlab.server import job_deletion, script_jobs
 from sdlab.server.a1111_scripts import selected_script
 from sdlab.server.controls import native_controls, native_ip_adapters
 from sdlab.server.inputs import (
@@ -429,9 +432,13 @@ def job_spec(service: Service, body: JobIn, init: Image.Image | None, mask: Imag
 
 
 @router.get("/jobs")
-def list_jobs(request: Request, limit: int = Query(100, ge=1, le=1000)) -> dict[str, Any]:
+def list_jobs(request: Request, limit: int = Query(100, ge=1, le=1000), before: str | None = None) -> dict[str, Any]:
+    """The newest `limit` jobs; with `before` (a job's id), the `limit` listed after it: the next page."""
     service = service_of(request)
-    rows = service.store.jobs(limit, without="script_job")      # a script's requests: listed as its job
+    try:
+        rows = service.store.jobs(limit, without="script_job", before=before)   # a script's requests: its job's
+    except KeyError:
+        raise BadRequest(f"no job {before!r} (before)", 404, "Not Found") from None
     return {"jobs": [job_json(r, script_jobs.live_job(service, r["id"])) for r in rows]}
 
 
@@ -495,6 +502,14 @@ def cancel_job(job_id: str, request: Request) -> dict[str, Any]:
         return {"id": job_id, "status": running.cancel()}
     status = service.queue.cancel(live) if live is not None else record["status"]
     return {"id": job_id, "status": status}
+
+
+@router.post("/jobs/{job_id}/delete")
+def delete_job(job_id: str, request: Request) -> dict[str, Any]:
+    """Delete a finished job from the history with its pictures, all or nothing (`job_deletion.delete_job`): a
+    queued or running one is a 409."""
+    service = service_of(request)
+    return job_deletion.delete_job(service.store, service.images_dir, job_id, script_jobs.live_job(service, job_id))
 
 
 @router.post("/jobs/{job_id}/interrupt")

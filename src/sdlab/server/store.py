@@ -129,15 +129,46 @@ class Store:
             row = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return None if row is None else _record(row)
 
-    def jobs(self, limit: int, without: str | None = None) -> list[dict[str, Any]]:
-        """The newest `limit` jobs, newest first; with `without`, only those whose request has no such key."""
-        hidden = "" if without is None else "WHERE json_extract(request, ?) IS NULL "
+    def jobs(self, limit: int, without: str | None = None, before: str | None = None) -> list[dict[str, Any]]:
+        """The newest `limit` jobs, newest first; with `without`, only those whose request has no such key; with
+        `before` (a job's id), only those listed after that job (older, or as old and written earlier): the next
+        page of the list. A `before` the history lacks is a `KeyError`."""
+        where, values = [], []
+        if without is not None:
+            where.append("json_extract(request, ?) IS NULL")
+            values.append(f'$."{without}"')
         with self._using("cannot read", self._requests) as db:
+            if before is not None:
+                after = db.execute("SELECT created, rowid FROM jobs WHERE id = ?", (before,)).fetchone()
+                if after is None:
+                    raise KeyError(before)
+                where.append("(created < ? OR (created = ? AND rowid < ?))")
+                values += [after[0], after[0], after[1]]
+            clause = f"WHERE {' AND '.join(where)} " if where else ""
             rows = db.execute(
-                f"SELECT {', '.join(_COLUMNS)} FROM jobs {hidden}ORDER BY created DESC, rowid DESC LIMIT ?",
-                (limit,) if without is None else (f'$."{without}"', limit),
+                f"SELECT {', '.join(_COLUMNS)} FROM jobs {clause}ORDER BY created DESC, rowid DESC LIMIT ?",
+                (*values, limit),
             ).fetchall()
         return [_record(row) for row in rows]
+
+    def parts(self, job_id: str, key: str) -> list[dict[str, Any]]:
+        """The jobs whose request's `key` is `job_id` (a script job's requests: `key` "script_job")."""
+        with self._using("cannot read", self._requests) as db:
+            rows = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE json_extract(request, ?) = ?",
+                              (f'$."{key}"', job_id)).fetchall()
+        return [_record(row) for row in rows]
+
+    def delete_jobs(self, job_ids: list[str]) -> None:
+        """Delete these jobs' rows in one transaction: all of them, or (a `StoreError`) none."""
+        with self._using("cannot write", self._requests) as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany("DELETE FROM jobs WHERE id = ?", [(job_id,) for job_id in job_ids])
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
 
     @contextmanager
     def _using(self, doing: str, connection: _Connection) -> Iterator[sqlite3.Connection]:
