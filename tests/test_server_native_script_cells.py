@@ -5,7 +5,6 @@ count, a full queue is the plain job's 429, and a job cancelled while queued kee
 
 from __future__ import annotations
 
-import io
 import time
 
 import httpx
@@ -13,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server_fixtures import b64_png, sdlab_server, start_server, wait_for_job  # noqa: F401  (a session fixture)
+from server_fixtures import b64_png, drawn_pictures, png_picture, start_server, wait_for_job
+from server_fixtures import sdlab_server  # noqa: F401  (a session fixture)
 
 BASE = {"prompt": "a red apple", "negative_prompt": "blurry", "steps": 3, "seed": 7, "width": 64, "height": 64}
 NOTHING_PLOT = {"script_name": "X/Y/Z plot",      # Nothing axes, include sub images: the grid, then the one cell
@@ -47,11 +47,7 @@ def client(sdlab_server):
 
 
 def _drawn(client: httpx.Client, body: dict) -> tuple[dict, list[np.ndarray]]:
-    answer = client.post("/api/jobs", json=body)
-    assert answer.status_code == 202, answer.text
-    job = wait_for_job(client, answer.json()["id"], 300)
-    assert job["status"] == "done", job
-    return job, [np.asarray(Image.open(io.BytesIO(client.get(url).content)).convert("RGB")) for url in job["images"]]
+    return drawn_pictures(client, body, lambda data: np.asarray(png_picture(data).convert("RGB")), timeout_s=300)
 
 
 def _assert_cell_is_the_plain_job(client: httpx.Client, body: dict) -> None:

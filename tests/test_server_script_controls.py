@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 
 from controlnet_fixtures import diffusers_controlnet, write_layout
 from ip_adapter_fixtures import SAMPLE_PICTURE, ip_adapter_state, write_image_encoder, write_ip_adapter
-from server_fixtures import b64_png, file_b64, start_server, wait_for_job
+from server_fixtures import b64_png, drawn_pictures, file_b64, start_server
 
 NATIVE = {"prompt": "a red apple", "negative_prompt": "blurry", "steps": 3, "seed": 7, "cfg_scale": 5.0,
           "sampler": "Euler", "width": 64, "height": 64}
@@ -82,11 +82,7 @@ def _pixels(data: bytes) -> np.ndarray:
 
 
 def _job(client: httpx.Client, body: dict) -> tuple[dict, list[np.ndarray]]:
-    answer = client.post("/api/jobs", json=body)
-    assert answer.status_code == 202, answer.text
-    job = wait_for_job(client, answer.json()["id"], 300)
-    assert job["status"] == "done", job
-    return job, [_pixels(client.get(url).content) for url in job["images"]]
+    return drawn_pictures(client, body, _pixels, timeout_s=300)
 
 
 def _a1111(client: httpx.Client, route: str, body: dict) -> tuple[dict, list[np.ndarray]]:
