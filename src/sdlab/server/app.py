@@ -1,8 +1,9 @@
 """`create_app(config)`: the FastAPI application of `sdlab serve`, and the uvicorn `Server` that runs it.
 
 Routes: `/sdapi/v1/*` (a1111.py), the ControlNet extension's `/controlnet/*` (a1111_controlnet.py), `/api/*`
-(native.py), the web UI at `/` (static/index.html) and `/static/*`. Every route sits behind `guard.Guard` (auth,
-Host names, Origins, body size). Errors: `/sdapi` and the ControlNet extension's `/controlnet` answer in A1111's
+(native.py), ComfyUI's `/prompt`, `/ws`, `/history`, ... at `/` and under `/api` (comfy_api.py), the web UI at `/`
+(static/index.html) and `/static/*`. Every route sits behind `guard.Guard` (auth, Host names, Origins, body size;
+a WebSocket's handshake too). Errors: `/sdapi` and the ControlNet extension's `/controlnet` answer in A1111's
 shape `{error, detail, body, errors}`, everything else `{detail: "..."}`. OpenAI's images API, `/v1/*`
 (openai_images.py), answers errors in OpenAI's shape `{error: {message, type, param, code}}`.
 """
@@ -22,7 +23,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sdlab.server import a1111, a1111_controlnet, native
+from sdlab.server import a1111, a1111_controlnet, comfy_api, native
 from sdlab.server import openai_images
 from sdlab.server.config import ServerConfig
 from sdlab.server.guard import Guard
@@ -54,6 +55,7 @@ def create_app(config: ServerConfig, *, preload: bool = False) -> Guard:
     app.include_router(a1111.router)
     app.include_router(a1111_controlnet.router)
     app.include_router(native.router)
+    comfy_api.attach(app, service)
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:

@@ -11,6 +11,7 @@ resolves to 127.0.0.1 (DNS rebinding) cannot drive it from the browser. A POST, 
 another origin sends (an `Origin` header that is neither the server's own, scheme://its Host, nor on a name of
 --allowed-hosts) gets 403 on a server without auth or with --auth (`ServerConfig.origin_names`), so that another
 site cannot send it a form (cross-site request forgery); requests without an Origin (curl, A1111 clients) pass.
+A WebSocket's handshake passes the same checks of its Host, Origin and credentials (`Guard._websocket`).
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ class Guard:
         self.origins = origins              # the names whose pages may post besides the server's own; None: any
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -92,6 +96,21 @@ class Guard:
                 await _respond(send, 413, {"detail": too_large(self.max_body)})
                 return
             receive = _replay(body, receive)
+        await self.app(scope, receive, send)
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A WebSocket's handshake (ComfyUI's /ws) under the requests' rules: its Host, its credentials, and its
+        Origin, which a browser sends with every handshake and which is checked as an unsafe method's (a page of
+        another site must not read the server's messages); refused with close code 1008 (the handshake's 403)."""
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        host, origin = headers.get("host"), headers.get("origin")
+        refused = ((self.hosts is not None and host is not None and not self._known_host(host_name(host)))
+                   or (origin is not None and not self._known_origin(origin, host))
+                   or ((self.basic or self.token) and not self._authorized(headers.get("authorization", ""))))
+        if refused:
+            await receive()                     # websocket.connect
+            await send({"type": "websocket.close", "code": 1008})
+            return
         await self.app(scope, receive, send)
 
     def _known_host(self, name: str) -> bool:

@@ -1,0 +1,491 @@
+"""ComfyUI's HTTP / WebSocket API (a subset) over the server's job queue, at `/` and under `/api` as ComfyUI serves it.
+
+    POST /prompt            {prompt: API-format graph, client_id?, extra_data?} -> {prompt_id, number, node_errors};
+                            a graph sdlab does not draw: 400 {error, node_errors} (`comfy_graph`)
+    GET  /prompt            {exec_info: {queue_remaining}}
+    GET  /ws?clientId=      WebSocket: status, execution_start, execution_cached, executing, progress, executed,
+                            execution_success, execution_error, execution_interrupted ({type, data} JSON frames)
+    GET  /history[/{id}]    {prompt_id: {prompt, outputs: {node: {images: [{filename, subfolder, type}]}}, status}}
+    POST /history           {clear: true} | {delete: [prompt_id, ...]}
+    GET  /view              ?filename&subfolder&type=output|temp|input: a picture drawn or uploaded
+    POST /upload/image      multipart image (+ overwrite, subfolder, type=input) -> {name, subfolder, type}
+    GET  /queue             {queue_running, queue_pending}; POST /queue {clear: true} | {delete: [prompt_id, ...]}
+    POST /interrupt         {prompt_id?}: the prompt drawing now stops at its next step, nothing of it kept
+    GET  /object_info[/{class}], /system_stats, /embeddings
+
+A prompt is one job of the server's queue (`Service.submit`, as a native job), drawn by the one worker beside the
+A1111 and native APIs' jobs. Its pictures are the job's files: `filename` is the job's picture name, `subfolder`
+"", `type` "output" for a SaveImage, "temp" for a PreviewImage (ComfyUI's own file names and prefixes are not
+kept). The pictures LoadImage reads are those `POST /upload/image` put in the server's input folder
+(`<output dir>/comfy_input`). The routes' references: ComfyUI's server.py (routes, `send_json`), execution.py
+(`PromptExecutor`'s messages, `validate_prompt`), script_examples/websockets_api_example.py (comfyanonymous/ComfyUI).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+from fastapi import APIRouter, FastAPI, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import FileResponse, JSONResponse
+
+from sdlab.diffusion.samplers import SAMPLER_TABLE
+from sdlab.pipeline.request import GenerationRequest
+from sdlab.server.comfy_graph import Choices, GraphError, GraphPlan, check_graph, object_info, run_order
+from sdlab.server.inputs import BadRequest, JobSpec, LoraChoice, image_from_bytes, opened_picture
+from sdlab.server.jobs import Job
+from sdlab.server.native import IMAGE_NAME
+from sdlab.server.service import Service
+
+INPUT_FOLDER = "comfy_input"
+COMFY_SAMPLERS = [name for spec in SAMPLER_TABLE for name in (spec.comfy, *spec.comfy_aliases) if name]
+"""ComfyUI's KSampler sampler names, in sdlab's table order (`GET /object_info`'s KSampler sampler_name)."""
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+MAX_HISTORY = 10_000                        # ComfyUI's MAXIMUM_HISTORY_SIZE
+
+router = APIRouter()
+
+
+@dataclass
+class Prompt:
+    """A queued graph: ComfyUI's queue item [number, prompt_id, prompt, extra_data, outputs_to_execute] and the
+    job drawing it."""
+
+    number: int
+    prompt_id: str
+    graph: dict[str, Any]
+    extra_data: dict[str, Any]
+    plan: GraphPlan
+    client_id: str | None
+    job: Job
+    messages: list[list[Any]] = field(default_factory=list)
+    outputs: dict[str, Any] = field(default_factory=dict)
+    executing: str | None = None            # the node shown as executing now
+    ended: bool = False                     # its job ended and its last message was sent: in the history
+
+    def item(self) -> list[Any]:
+        return [self.number, self.prompt_id, self.graph, self.extra_data, list(self.plan.outputs)]
+
+
+class ComfyState:
+    """The prompts of this server (queued, running and their history), the WebSockets by client id, the input
+    folder."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.input_dir = service.config.output_dir / INPUT_FOLDER
+        self.prompts: dict[str, Prompt] = {}        # in the order they were queued, the finished kept as history
+        self.sockets: dict[str, WebSocket] = {}
+        self.tasks: set[asyncio.Task] = set()
+        self.lock = threading.Lock()
+        self.counter = 0
+
+    def choices(self) -> Choices:
+        registry = self.service.registry
+        loras = sorted(lora.path.name for lora in registry.loras)     # sorted, as ComfyUI's folder_paths
+        return Choices(checkpoints=sorted(c.name for c in registry.checkpoints), loras=loras,
+                       input_images=self.input_images(), samplers=COMFY_SAMPLERS)
+
+    def input_images(self) -> list[str]:
+        if not self.input_dir.is_dir():
+            return []
+        return sorted(p.relative_to(self.input_dir).as_posix() for p in self.input_dir.rglob("*")
+                      if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+    def queue_remaining(self) -> int:
+        queued, running = self.service.queue.counts()
+        return queued + running
+
+    async def send(self, event: str, data: dict[str, Any], sid: str | None) -> None:
+        """ComfyUI's `send_json`: to the socket of `sid`, or to every socket when `sid` is None."""
+        targets = [self.sockets[sid]] if sid is not None and sid in self.sockets else (
+            list(self.sockets.values()) if sid is None else [])
+        for socket in targets:
+            try:
+                await socket.send_json({"type": event, "data": data})
+            except Exception:                       # the client went away meanwhile
+                self.sockets = {k: v for k, v in self.sockets.items() if v is not socket}
+
+    async def send_status(self) -> None:
+        await self.send("status", {"status": {"exec_info": {"queue_remaining": self.queue_remaining()}}}, None)
+
+
+def attach(app: FastAPI, service: Service) -> None:
+    """Serve the routes at `/` and under `/api` (ComfyUI's `add_routes`), with the state they share."""
+    app.state.comfy = ComfyState(service)
+    app.include_router(router)
+    app.include_router(router, prefix="/api")
+
+
+def state_of(request: Request | WebSocket) -> ComfyState:
+    return request.app.state.comfy
+
+
+def _bad_prompt(kind: str, message: str, details: str = "") -> JSONResponse:
+    return JSONResponse({"error": {"type": kind, "message": message, "details": details, "extra_info": {}},
+                         "node_errors": {}}, status_code=400)
+
+
+@router.post("/prompt")
+async def post_prompt(request: Request) -> JSONResponse:
+    state = state_of(request)
+    try:
+        body = await request.json()
+    except ValueError:
+        return _bad_prompt("invalid_prompt", "Invalid prompt: the body is not JSON")
+    if not isinstance(body, dict) or "prompt" not in body:
+        return _bad_prompt("no_prompt", "No prompt provided", "No prompt provided")
+    extra_data = body.get("extra_data") if isinstance(body.get("extra_data"), dict) else {}
+    client_id = body.get("client_id")
+    client_id = client_id if isinstance(client_id, str) and client_id else None
+    try:
+        plan = check_graph(body["prompt"], state.choices())
+    except GraphError as err:
+        return JSONResponse(err.body(), status_code=400)
+    try:
+        job = await asyncio.to_thread(_submit, state, plan)
+    except BadRequest as err:
+        return _bad_prompt("invalid_prompt", err.message, err.detail if isinstance(err.detail, str) else "")
+    with state.lock:
+        number = state.counter
+        state.counter += 1
+        prompt = Prompt(number, str(uuid.UUID(job.id)), body["prompt"], extra_data, plan, client_id, job)
+        state.prompts[prompt.prompt_id] = prompt
+        _forget_old(state)
+    task = asyncio.get_running_loop().create_task(_follow(state, prompt))
+    state.tasks.add(task)
+    task.add_done_callback(state.tasks.discard)
+    await state.send_status()
+    return JSONResponse({"prompt_id": prompt.prompt_id, "number": number, "node_errors": {}})
+
+
+def _submit(state: ComfyState, plan: GraphPlan) -> Job:
+    """Queue the generation `plan` describes, as a native job (`Service.submit`)."""
+    service = state.service
+    init = None
+    if plan.init_image is not None:
+        init = _load_image(state, plan.init_image)
+    width, height = (init.size if init is not None else (plan.width, plan.height))
+    request = GenerationRequest(
+        prompt=plan.prompt, negative_prompt=plan.negative_prompt, sampler=plan.sampler, schedule=plan.schedule,
+        cfg_scale=plan.cfg_scale, seed=plan.seed, steps=plan.steps, width=width, height=height,
+        batch_size=plan.batch_size, clip_skip=plan.clip_skip,
+        clip_skip_convention="a1111" if plan.clip_skip != 1 else "diffusers",
+        init_image=init, strength=plan.strength if init is not None else 1.0)
+    loras = tuple(LoraChoice(Path(name).stem, weight) for name, weight in plan.loras)
+    spec = JobSpec(request, loras=loras, extra_networks=False, typed_prompts={
+        "prompt": plan.prompt, "negative_prompt": plan.negative_prompt})
+    job, _ = service.submit(spec, plan.mode, plan.model)
+    return job
+
+
+def _load_image(state: ComfyState, name: str):
+    """ComfyUI's LoadImage and VAEEncode of an input-folder picture: turned upright, RGB (an alpha channel
+    dropped, not composited), cropped to multiples of 8 about its centre (VAEEncode's `vae_encode_crop_pixels`)."""
+    path = _inside(state.input_dir, name)
+    if path is None or not path.is_file():
+        raise BadRequest(f"no input picture {name!r}", 400)
+    image = image_from_bytes(path.read_bytes(), f"LoadImage {name!r}", state.service.config.limits).convert("RGB")
+    width, height = image.size
+    keep_w, keep_h = width // 8 * 8, height // 8 * 8
+    if keep_w < 8 or keep_h < 8:
+        raise BadRequest(f"the input picture {name!r} is smaller than 8 x 8 pixels", 400)
+    left, top = (width % 8) // 2, (height % 8) // 2
+    return image.crop((left, top, left + keep_w, top + keep_h)) if (keep_w, keep_h) != (width, height) else image
+
+
+def _forget_old(state: ComfyState) -> None:
+    """ComfyUI's history keeps its newest MAX_HISTORY prompts."""
+    finished = [pid for pid, p in state.prompts.items() if p.ended]
+    for pid in finished[:max(0, len(finished) - MAX_HISTORY)]:
+        del state.prompts[pid]
+
+
+async def _follow(state: ComfyState, prompt: Prompt) -> None:
+    """The job's events as ComfyUI's executor sends them (execution.py `PromptExecutor.execute`), to the prompt's
+    client, and its history entry."""
+    job, plan, pid, sid = prompt.job, prompt.plan, prompt.prompt_id, prompt.client_id
+
+    async def send(event: str, data: dict[str, Any], keep: bool = False) -> None:
+        if keep:
+            prompt.messages.append([event, {**data, "timestamp": int(time.time() * 1000)}])
+        await state.send(event, data, sid)
+
+    async def executing(node: str | None) -> None:
+        prompt.executing = node
+        await send("executing", {"node": node, "display_node": node, "prompt_id": pid})
+
+    events = job.subscribe(asyncio.get_running_loop())
+    begun = False
+    try:
+        while True:
+            name, data = await events.get()
+            if name in ("started", "step") and not begun:
+                begun = True
+                await send("execution_start", {"prompt_id": pid}, keep=True)
+                await send("execution_cached", {"nodes": [], "prompt_id": pid}, keep=True)
+                for node in run_order(plan, before_sampler=True):
+                    await executing(node)
+            if name == "step":
+                await send("progress", {"value": data["i"], "max": data["n"], "prompt_id": pid,
+                                        "node": plan.sampler_node})
+            elif name == "done":
+                images = [{"filename": Path(url).name, "subfolder": ""} for url in data["images"]]
+                for node in run_order(plan, before_sampler=False):
+                    await executing(node)
+                    if node in plan.outputs:
+                        output = {"images": [{**image, "type": plan.outputs[node]} for image in images]}
+                        prompt.outputs[node] = output
+                        await send("executed", {"node": node, "display_node": node, "output": output,
+                                                "prompt_id": pid})
+                await send("execution_success", {"prompt_id": pid}, keep=True)
+                break
+            elif name in ("failed", "cancelled"):
+                executed = plan.order[:plan.order.index(plan.sampler_node)] if begun else []
+                node = plan.sampler_node
+                if name == "cancelled" or data.get("status") == "interrupted":
+                    await send("execution_interrupted", {"prompt_id": pid, "node_id": node,
+                                                         "node_type": "KSampler", "executed": executed}, keep=True)
+                else:
+                    await send("execution_error", {
+                        "prompt_id": pid, "node_id": node, "node_type": "KSampler", "executed": executed,
+                        "exception_message": data.get("error") or name, "exception_type": "RuntimeError",
+                        "traceback": [], "current_inputs": {}, "current_outputs": {}}, keep=True)
+                break
+    finally:
+        job.unsubscribe(events)
+        prompt.ended = True                 # in the history before its client hears it ended
+    await executing(None)                   # ComfyUI's main.py, after the executor: the prompt's end
+    await state.send_status()
+
+
+def _history_entry(prompt: Prompt) -> dict[str, Any]:
+    status = prompt.job.status
+    return {"prompt": prompt.item(), "outputs": prompt.outputs,
+            "status": {"status_str": "success" if status == "done" else "error",
+                       "completed": status == "done", "messages": prompt.messages},
+            "meta": {node: {"node_id": node, "display_node": node, "parent_node": None, "real_node_id": node}
+                     for node in prompt.outputs}}
+
+
+def _finished(state: ComfyState) -> list[Prompt]:
+    """The prompts whose job ended and whose messages were all sent, oldest first."""
+    with state.lock:
+        return [p for p in state.prompts.values() if p.ended]
+
+
+@router.get("/history")
+def get_history(request: Request, max_items: int | None = None) -> dict[str, Any]:
+    finished = _finished(state_of(request))
+    if max_items is not None:
+        finished = finished[-max_items:] if max_items > 0 else []
+    return {p.prompt_id: _history_entry(p) for p in finished}
+
+
+@router.get("/history/{prompt_id}")
+def get_history_item(prompt_id: str, request: Request) -> dict[str, Any]:
+    return {p.prompt_id: _history_entry(p) for p in _finished(state_of(request)) if p.prompt_id == prompt_id}
+
+
+@router.post("/history")
+async def post_history(request: Request) -> JSONResponse:
+    state, body = state_of(request), await _json_object(request)
+    finished = {p.prompt_id for p in _finished(state)}
+    with state.lock:
+        if body.get("clear"):
+            for pid in finished:
+                state.prompts.pop(pid, None)
+        for pid in body.get("delete") or []:
+            if pid in finished:
+                state.prompts.pop(pid, None)
+    return JSONResponse({})
+
+
+async def _json_object(request: Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise BadRequest("the body is not JSON", 400) from None
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object", 400)
+    return body
+
+
+@router.get("/prompt")
+def get_prompt(request: Request) -> dict[str, Any]:
+    return {"exec_info": {"queue_remaining": state_of(request).queue_remaining()}}
+
+
+@router.get("/queue")
+def get_queue(request: Request) -> dict[str, Any]:
+    state = state_of(request)
+    with state.lock:
+        prompts = list(state.prompts.values())
+    return {"queue_running": [p.item() for p in prompts if p.job.status == "running"],
+            "queue_pending": [p.item() for p in prompts if p.job.status == "queued"]}
+
+
+@router.post("/queue")
+async def post_queue(request: Request) -> JSONResponse:
+    """`{clear: true}` cancels every queued prompt, `{delete: [prompt_id, ...]}` those (the one drawing goes on:
+    `POST /interrupt` stops it)."""
+    state, body = state_of(request), await _json_object(request)
+    with state.lock:
+        prompts = list(state.prompts.values())
+    wanted = set(body.get("delete") or [])
+    for prompt in prompts:
+        if prompt.job.status == "queued" and (body.get("clear") or prompt.prompt_id in wanted):
+            await asyncio.to_thread(state.service.queue.cancel, prompt.job)
+    return JSONResponse({})
+
+
+@router.post("/interrupt")
+async def interrupt(request: Request) -> JSONResponse:
+    """Stop the job drawing now at its next step, its pictures not written (ComfyUI's interrupt keeps no output);
+    with `{prompt_id}`, only when that prompt is the one drawing."""
+    state = state_of(request)
+    try:
+        body = await request.json()
+    except ValueError:
+        body = {}
+    wanted = body.get("prompt_id") if isinstance(body, dict) else None
+    job = state.service.queue.current
+    if job is not None:
+        running = next((p for p in state.prompts.values() if p.job is job), None)
+        if wanted is None or (running is not None and running.prompt_id == wanted):
+            await asyncio.to_thread(state.service.queue.cancel, job)
+    return JSONResponse({})
+
+
+@router.websocket("/ws")
+async def websocket(socket: WebSocket) -> None:
+    state = state_of(socket)
+    sid = socket.query_params.get("clientId") or uuid.uuid4().hex
+    await socket.accept()
+    state.sockets[sid] = socket
+    try:
+        await socket.send_json({"type": "status", "data": {
+            "status": {"exec_info": {"queue_remaining": state.queue_remaining()}}, "sid": sid}})
+        running = next((p for p in list(state.prompts.values()) if p.client_id == sid and p.executing), None)
+        if running is not None:             # a client that reconnects learns the node drawing
+            await socket.send_json({"type": "executing", "data": {"node": running.executing,
+                                                                  "prompt_id": running.prompt_id}})
+        while True:
+            await socket.receive_text()     # clients send nothing sdlab reads
+    except WebSocketDisconnect:
+        pass
+    finally:
+        if state.sockets.get(sid) is socket:
+            del state.sockets[sid]
+
+
+@router.get("/view")
+def view(request: Request, filename: str, subfolder: str = "", type: str = "output") -> FileResponse:
+    state = state_of(request)
+    if type in ("output", "temp"):
+        path = state.service.images_dir / filename
+        found = not subfolder and IMAGE_NAME.match(filename) and path.is_file()
+    elif type == "input":
+        path = _inside(state.input_dir, f"{subfolder}/{filename}" if subfolder else filename)
+        found = path is not None and path.is_file()
+    else:
+        raise BadRequest(f"type must be output, temp or input, got {type!r}", 400)
+    if not found:
+        raise BadRequest("Not Found", 404)
+    return FileResponse(path, filename=filename, content_disposition_type="inline")
+
+
+def _inside(folder: Path, name: str) -> Path | None:
+    """`folder / name` when it lies inside `folder` (no `..`, no absolute path), else None."""
+    if not name or "\\" in name or "\0" in name or Path(name).is_absolute():
+        return None
+    path = (folder / name).resolve()
+    root = folder.resolve()
+    return path if path != root and root in path.parents else None
+
+
+@router.post("/upload/image")
+async def upload_image(request: Request) -> JSONResponse:
+    """ComfyUI's `upload_image`: the file of the form's `image` to the input folder (`subfolder` in it), renamed
+    "name (1).png" where one of its name is there and `overwrite` is not true."""
+    state = state_of(request)
+    form = await request.form()
+    upload = form.get("image")
+    if upload is None or isinstance(upload, str):
+        raise BadRequest("the form has no image file", 400)
+    kind = form.get("type") or "input"
+    if kind != "input":
+        raise BadRequest(f"sdlab takes uploads of type input, got {kind!r}", 400)
+    subfolder = str(form.get("subfolder") or "")
+    raw = await upload.read()
+    with opened_picture(raw, "image", state.service.config.limits):
+        pass
+    name = Path(upload.filename or "image.png").name
+    target = _inside(state.input_dir, f"{subfolder}/{name}" if subfolder else name)
+    if target is None:
+        raise BadRequest("the file name or subfolder leaves the input folder", 400)
+    overwrite = str(form.get("overwrite") or "").lower() in ("true", "1")
+    target = await anyio.to_thread.run_sync(_write_upload, target, raw, overwrite)
+    return JSONResponse({"name": target.name, "subfolder": subfolder, "type": "input"})
+
+
+def _write_upload(target: Path, raw: bytes, overwrite: bool) -> Path:
+    """Write `raw` to `target` (or the first free "stem (n)" beside it) whole: a partial file renamed into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    stem, suffix, n = target.stem, target.suffix, 1
+    while target.exists() and not overwrite:
+        target = target.with_name(f"{stem} ({n}){suffix}")
+        n += 1
+    partial = target.with_name(f".{target.name}.part")
+    partial.write_bytes(raw)
+    os.replace(partial, target)
+    return target
+
+
+@router.get("/object_info")
+def get_object_info(request: Request) -> dict[str, Any]:
+    return object_info(state_of(request).choices())
+
+
+@router.get("/object_info/{node_class}")
+def get_object_info_of(node_class: str, request: Request) -> dict[str, Any]:
+    return object_info(state_of(request).choices(), node_class)
+
+
+@router.get("/embeddings")
+def embeddings(request: Request) -> list[str]:
+    found = state_of(request).service.host.listed_embeddings()
+    return sorted(e.name for e in found.loaded)
+
+
+@router.get("/system_stats")
+def system_stats(request: Request) -> dict[str, Any]:
+    import torch
+
+    from sdlab import __version__
+
+    device = str(state_of(request).service.config.device)
+    try:
+        page = os.sysconf("SC_PAGE_SIZE")
+        ram_total, ram_free = page * os.sysconf("SC_PHYS_PAGES"), page * os.sysconf("SC_AVPHYS_PAGES")
+    except (OSError, ValueError):
+        ram_total = ram_free = 0
+    vram_total = vram_free = 0
+    if device.startswith("cuda") and torch.cuda.is_available():
+        vram_free, vram_total = torch.cuda.mem_get_info(device)
+    return {"system": {"os": os.name, "ram_total": ram_total, "ram_free": ram_free,
+                       "comfyui_version": f"sdlab {__version__}", "python_version": sys.version,
+                       "pytorch_version": torch.__version__, "embedded_python": False, "argv": sys.argv,
+                       "platform": platform.platform()},
+            "devices": [{"name": device, "type": device.split(":")[0], "index": 0 if ":" not in device else
+                         int(device.split(":")[1]), "vram_total": vram_total, "vram_free": vram_free,
+                         "torch_vram_total": vram_total, "torch_vram_free": vram_free}]}

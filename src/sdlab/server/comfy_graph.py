@@ -1,0 +1,439 @@
+"""ComfyUI's API-format graph -> one sdlab generation (`GraphPlan`), or ComfyUI's validation errors.
+
+An API-format graph is `{node_id: {"class_type": ..., "inputs": {...}}}`, an input linked to another node's output
+written `[source_id, output_index]` (ComfyUI's script_examples/websockets_api_example.py). sdlab draws the graphs of
+the standard txt2img / img2img pictures: one KSampler fed by
+
+    CheckpointLoaderSimple -> (LoraLoader ...) -> KSampler.model
+                           -> (LoraLoader ... / CLIPSetLastLayer) -> CLIPTextEncode -> KSampler.positive / negative
+    EmptyLatentImage -> KSampler.latent_image                                  (txt2img)
+    LoadImage -> VAEEncode -> KSampler.latent_image                            (img2img, KSampler's denoise)
+    KSampler -> VAEDecode -> SaveImage / PreviewImage
+
+`NODES` is the table of those nodes: their inputs (ComfyUI's `INPUT_TYPES`, the lists a server fills in at
+`Choices`), outputs and whether they are output nodes, as `GET /object_info` shows them. Checking follows ComfyUI's
+`execution.validate_inputs` / `validate_prompt` (comfyanonymous/ComfyUI execution.py): the same error types
+(`required_input_missing`, `bad_linked_input`, `return_type_mismatch`, `value_not_in_list`, `value_smaller_than_min`,
+`value_bigger_than_max`, `invalid_input_type`, `prompt_no_outputs`, `prompt_outputs_failed_validation`), with
+sdlab's own for a node it does not draw (`unsupported_node`) and for a graph of supported nodes wired in a way one
+generation does not draw (`unsupported_graph`).
+
+The KSampler's sampler_name is ComfyUI's spelling, which brings ComfyUI's conventions to the request
+(`pipeline.request`'s module docstring: its start-noise scale, its step noise, its `denoise`, its empty negative).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sdlab.diffusion.samplers import comfyui_spelling
+
+MAX_SEED = 0xFFFFFFFFFFFFFFFF           # ComfyUI's KSampler seed range
+MAX_RESOLUTION = 16384                  # ComfyUI's nodes.MAX_RESOLUTION
+COMFY_SCHEDULERS = ("simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal",
+                    "linear_quadratic", "kl_optimal")
+"""ComfyUI's KSampler.SCHEDULERS, each an sdlab schedule of the same name and rule (tests/test_comfyui_ksampler.py)."""
+CLIP_LAYERS = (-1, -2)                  # the CLIPSetLastLayer values sdlab draws (its clip skip 1, 2)
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """One node class as `GET /object_info` shows it. An input is (type,) for a link, ("INT" / "FLOAT" /
+    "STRING" / "BOOLEAN", options) for a value, or (list name,) for a value of a list `Choices` fills in."""
+
+    inputs: dict[str, tuple]
+    outputs: tuple[str, ...] = ()
+    output_names: tuple[str, ...] = ()
+    output_node: bool = False
+    category: str = ""
+    display_name: str = ""
+
+
+NODES: dict[str, NodeSpec] = {
+    "CheckpointLoaderSimple": NodeSpec({"ckpt_name": ("checkpoints",)}, ("MODEL", "CLIP", "VAE"),
+                                       category="loaders", display_name="Load Checkpoint"),
+    "LoraLoader": NodeSpec({"model": ("MODEL",), "clip": ("CLIP",), "lora_name": ("loras",),
+                            "strength_model": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}),
+                            "strength_clip": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01})},
+                           ("MODEL", "CLIP"), category="loaders", display_name="Load LoRA"),
+    "CLIPSetLastLayer": NodeSpec({"clip": ("CLIP",),
+                                  "stop_at_clip_layer": ("INT", {"default": -1, "min": -24, "max": -1, "step": 1})},
+                                 ("CLIP",), category="conditioning", display_name="CLIP Set Last Layer"),
+    "CLIPTextEncode": NodeSpec({"text": ("STRING", {"multiline": True, "dynamicPrompts": True}), "clip": ("CLIP",)},
+                               ("CONDITIONING",), category="conditioning", display_name="CLIP Text Encode (Prompt)"),
+    "EmptyLatentImage": NodeSpec({"width": ("INT", {"default": 512, "min": 16, "max": MAX_RESOLUTION, "step": 8}),
+                                  "height": ("INT", {"default": 512, "min": 16, "max": MAX_RESOLUTION, "step": 8}),
+                                  "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096})},
+                                 ("LATENT",), category="latent", display_name="Empty Latent Image"),
+    "LoadImage": NodeSpec({"image": ("input_images",)}, ("IMAGE", "MASK"), category="image",
+                          display_name="Load Image"),
+    "VAEEncode": NodeSpec({"pixels": ("IMAGE",), "vae": ("VAE",)}, ("LATENT",), category="latent",
+                          display_name="VAE Encode"),
+    "KSampler": NodeSpec({"model": ("MODEL",),
+                          "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True}),
+                          "steps": ("INT", {"default": 20, "min": 1, "max": 10000}),
+                          "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
+                          "sampler_name": ("samplers",), "scheduler": ("schedulers",),
+                          "positive": ("CONDITIONING",), "negative": ("CONDITIONING",), "latent_image": ("LATENT",),
+                          "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01})},
+                         ("LATENT",), category="sampling", display_name="KSampler"),
+    "VAEDecode": NodeSpec({"samples": ("LATENT",), "vae": ("VAE",)}, ("IMAGE",), category="latent",
+                          display_name="VAE Decode"),
+    "SaveImage": NodeSpec({"images": ("IMAGE",), "filename_prefix": ("STRING", {"default": "ComfyUI"})},
+                          output_node=True, category="image", display_name="Save Image"),
+    "PreviewImage": NodeSpec({"images": ("IMAGE",)}, output_node=True, category="image",
+                             display_name="Preview Image"),
+}
+OUTPUT_TYPE = {"SaveImage": "output", "PreviewImage": "temp"}     # the `type` of their pictures in /history, /view
+
+
+@dataclass(frozen=True)
+class Choices:
+    """The lists of a server a graph's values are checked against: `checkpoints` (ComfyUI's ckpt_name: the path
+    under the models folder), `loras` (file names), `samplers`, `schedulers`, `input_images` (the upload folder's
+    files)."""
+
+    checkpoints: list[str]
+    loras: list[str]
+    input_images: list[str]
+    samplers: list[str] = field(default_factory=list)
+    schedulers: list[str] = field(default_factory=lambda: list(COMFY_SCHEDULERS))
+
+    def of(self, name: str) -> list[str]:
+        return getattr(self, name)
+
+
+@dataclass
+class GraphPlan:
+    """One generation a valid graph asks for, named as the native job fields name them, and the nodes that
+    show it: `order` (the nodes run, in an order ComfyUI could run them), `sampler_node` (KSampler's id, whose
+    progress the steps are), `outputs` ({output node id: "output" | "temp"})."""
+
+    model: str
+    prompt: str
+    negative_prompt: str
+    seed: int
+    steps: int
+    cfg_scale: float
+    sampler: str
+    schedule: str
+    width: int | None = None
+    height: int | None = None
+    batch_size: int = 1
+    strength: float = 1.0
+    init_image: str | None = None           # an input-folder file name: img2img
+    clip_skip: int = 1
+    loras: list[tuple[str, float]] = field(default_factory=list)
+    order: list[str] = field(default_factory=list)
+    sampler_node: str = ""
+    outputs: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def mode(self) -> str:
+        return "txt2img" if self.init_image is None else "img2img"
+
+
+class GraphError(Exception):
+    """A graph ComfyUI (or sdlab) refuses: `error` ({type, message, details, extra_info}) and `node_errors`
+    ({node_id: {errors, dependent_outputs, class_type}}), the body of ComfyUI's 400 answer."""
+
+    def __init__(self, error: dict[str, Any], node_errors: dict[str, Any] | None = None) -> None:
+        super().__init__(error["message"])
+        self.error = error
+        self.node_errors = node_errors or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": self.error, "node_errors": self.node_errors}
+
+
+def _error(kind: str, message: str, details: str = "", **extra: Any) -> dict[str, Any]:
+    return {"type": kind, "message": message, "details": details, "extra_info": extra}
+
+
+def object_info(choices: Choices, only: str | None = None) -> dict[str, Any]:
+    """`GET /object_info` (ComfyUI's `node_info` for each node of `NODES`), the lists filled from `choices`."""
+    def info(name: str, spec: NodeSpec) -> dict[str, Any]:
+        required = {key: ([choices.of(value[0])] if value[0] in _LISTS else list(value))
+                    for key, value in spec.inputs.items()}
+        return {"input": {"required": required}, "input_order": {"required": list(spec.inputs)},
+                "output": list(spec.outputs), "output_is_list": [False] * len(spec.outputs),
+                "output_name": list(spec.output_names or spec.outputs), "name": name,
+                "display_name": spec.display_name or name, "description": "", "python_module": "nodes",
+                "category": spec.category, "output_node": spec.output_node}
+
+    return {name: info(name, spec) for name, spec in NODES.items() if only is None or name == only}
+
+
+_LISTS = ("checkpoints", "loras", "samplers", "schedulers", "input_images")
+
+
+class _Checker:
+    """ComfyUI's `validate_inputs` over the nodes an output reaches: each node's errors in `node_errors`."""
+
+    def __init__(self, graph: dict[str, Any], choices: Choices) -> None:
+        self.graph = graph
+        self.choices = choices
+        self.valid: dict[str, bool] = {}
+        self.errors: dict[str, list[dict[str, Any]]] = {}
+
+    def check(self, node_id: str) -> bool:
+        if node_id in self.valid:
+            return self.valid[node_id]
+        self.valid[node_id] = False                 # a cycle back here is invalid
+        node = self.graph[node_id]
+        class_type = node.get("class_type")
+        spec = NODES.get(class_type)
+        errors: list[dict[str, Any]] = []
+        inputs = node.get("inputs")
+        if spec is None:
+            errors.append(_error("unsupported_node", f"sdlab does not draw the node {class_type!r}",
+                                 f"{class_type}: sdlab draws {', '.join(NODES)}", class_type=class_type))
+        elif not isinstance(inputs, dict):
+            errors.append(_error("invalid_prompt", "Node inputs must be an object", str(node_id)))
+        else:
+            upstream_ok = True
+            for name, declared in spec.inputs.items():
+                if name not in inputs:
+                    errors.append(_error("required_input_missing", "Required input is missing", name,
+                                         input_name=name))
+                    continue
+                value = inputs[name]
+                if declared[0] in _TYPES_OF_LINKS:
+                    upstream_ok &= self._link(name, declared[0], value, errors)
+                else:
+                    self._value(name, declared, value, errors)
+            if not upstream_ok:
+                self.errors.setdefault(node_id, [])
+        if errors:
+            self.errors[node_id] = errors
+        self.valid[node_id] = not errors and node_id not in self.errors
+        return self.valid[node_id]
+
+    def _link(self, name: str, wanted: str, value: Any, errors: list) -> bool:
+        if not (isinstance(value, list) and len(value) == 2 and isinstance(value[1], int)
+                and not isinstance(value[1], bool) and isinstance(value[0], (str, int))):
+            errors.append(_error("bad_linked_input", "Bad linked input, must be a length-2 list of [node_id, "
+                                 "slot_index]", name, input_name=name, received_value=value))
+            return True
+        source = str(value[0])
+        if source not in self.graph or not isinstance(self.graph[source], dict):
+            errors.append(_error("bad_linked_input", "Linked node does not exist", f"{name}: node {source!r}",
+                                 input_name=name, linked_node=value))
+            return True
+        spec = NODES.get(self.graph[source].get("class_type"))
+        if spec is not None:
+            given = spec.outputs[value[1]] if 0 <= value[1] < len(spec.outputs) else None
+            if given != wanted:
+                errors.append(_error("return_type_mismatch", "Return type mismatch between linked nodes",
+                                     f"{name}, {given} != {wanted}", input_name=name, received_type=given,
+                                     linked_node=value))
+                return True
+        return self.check(source)
+
+    def _value(self, name: str, declared: tuple, value: Any, errors: list) -> None:
+        kind = declared[0]
+        if kind in _LISTS:
+            allowed = self.choices.of(kind)
+            if not isinstance(value, str) or value not in allowed:
+                shown = str(allowed) if len(allowed) <= 20 else f"(list of length {len(allowed)})"
+                errors.append(_error("value_not_in_list", "Value not in list", f"{name}: '{value}' not in {shown}",
+                                     input_name=name, received_value=value))
+            return
+        options = declared[1]
+        number = {"INT": int, "FLOAT": (int, float)}.get(kind)
+        if kind == "STRING":
+            if not isinstance(value, str):
+                errors.append(_error("invalid_input_type", "Failed to convert an input value to a STRING value",
+                                     f"{name}, {value!r}", input_name=name, received_value=value))
+            return
+        if isinstance(value, bool) or not isinstance(value, number) or (kind == "INT" and isinstance(value, float)
+                                                                      and not value.is_integer()):
+            errors.append(_error("invalid_input_type", f"Failed to convert an input value to a {kind} value",
+                                 f"{name}, {value!r}", input_name=name, received_value=value))
+            return
+        if "min" in options and value < options["min"]:
+            errors.append(_error("value_smaller_than_min", f"Value {value} smaller than min of {options['min']}",
+                                 name, input_name=name, received_value=value))
+        if "max" in options and value > options["max"]:
+            errors.append(_error("value_bigger_than_max", f"Value {value} bigger than max of {options['max']}",
+                                 name, input_name=name, received_value=value))
+
+
+_TYPES_OF_LINKS = frozenset(t for spec in NODES.values() for t in spec.outputs)
+
+
+def check_graph(graph: Any, choices: Choices) -> GraphPlan:
+    """The generation `graph` asks for; `GraphError` with ComfyUI's errors (and sdlab's for what it does not
+    draw) otherwise."""
+    if not isinstance(graph, dict) or not all(isinstance(node, dict) for node in graph.values()):
+        raise GraphError(_error("invalid_prompt", "Invalid prompt: the prompt must be an object of nodes", ""))
+    graph = {str(key): node for key, node in graph.items()}
+    for node_id, node in graph.items():
+        if "class_type" not in node:
+            raise GraphError(_error("invalid_prompt", "Cannot execute because a node is missing the class_type "
+                                    "property.", f"Node ID '#{node_id}'"))
+    unknown = {node_id: node["class_type"] for node_id, node in graph.items() if node["class_type"] not in NODES}
+    if unknown:
+        node_id, class_type = next(iter(unknown.items()))
+        raise GraphError(
+            _error("invalid_prompt", f"Cannot execute because node {class_type} does not exist.",
+                   f"Node ID '#{node_id}'"),
+            {nid: {"errors": [_error("unsupported_node", f"sdlab does not draw the node {ct!r}",
+                                     f"{ct}: sdlab draws {', '.join(NODES)}", class_type=ct)],
+                   "dependent_outputs": [], "class_type": ct} for nid, ct in unknown.items()})
+    outputs = [node_id for node_id, node in graph.items() if NODES[node["class_type"]].output_node]
+    if not outputs:
+        raise GraphError(_error("prompt_no_outputs", "Prompt has no outputs"))
+    checker = _Checker(graph, choices)
+    bad = [o for o in outputs if not checker.check(o)]
+    if bad:
+        node_errors = {node_id: {"errors": errors, "dependent_outputs": bad,
+                                 "class_type": graph[node_id]["class_type"]}
+                       for node_id, errors in checker.errors.items() if errors}
+        details = "\n".join(f"{e['message']}: {e['details']}" for errors in checker.errors.values() for e in errors)
+        raise GraphError(_error("prompt_outputs_failed_validation", "Prompt outputs failed validation", details),
+                         node_errors)
+    return _Plan(graph, outputs).plan()
+
+
+class _Plan:
+    """The generation of a checked graph: the one chain of nodes `GraphPlan` describes, else `unsupported_graph`
+    naming the node where the graph leaves it."""
+
+    def __init__(self, graph: dict[str, Any], outputs: list[str]) -> None:
+        self.graph = graph
+        self.outputs = outputs
+        self.order: list[str] = []
+
+    def refuse(self, node_id: str, message: str) -> GraphError:
+        class_type = self.graph[node_id]["class_type"]
+        error = _error("unsupported_graph", message, f"{class_type} #{node_id}: {message}")
+        return GraphError(_error("prompt_outputs_failed_validation", "Prompt outputs failed validation",
+                                 f"{message}"),
+                          {node_id: {"errors": [error], "dependent_outputs": self.outputs, "class_type": class_type}})
+
+    def source(self, node_id: str, name: str) -> tuple[str, int, str]:
+        """(source id, output index, source class_type) of the link `name` of `node_id`."""
+        source, index = self.graph[node_id]["inputs"][name]
+        source = str(source)
+        return source, index, self.graph[source]["class_type"]
+
+    def inputs(self, node_id: str) -> dict[str, Any]:
+        return self.graph[node_id]["inputs"]
+
+    def visit(self, node_id: str) -> None:
+        if node_id not in self.order:
+            self.order.append(node_id)
+
+    def plan(self) -> GraphPlan:
+        decoders = {self.source(o, "images")[0] for o in self.outputs}
+        samplers = set()
+        for decoder in decoders:
+            if self.graph[decoder]["class_type"] != "VAEDecode":
+                raise self.refuse(decoder, "sdlab draws an output's images from a VAEDecode")
+            sampler, _, kind = self.source(decoder, "samples")
+            if kind != "KSampler":
+                raise self.refuse(decoder, "sdlab decodes the latent of a KSampler")
+            samplers.add(sampler)
+        if len(samplers) > 1:
+            raise self.refuse(sorted(samplers)[1], "sdlab draws a graph of one KSampler")
+        sampler = samplers.pop()
+        values = self.inputs(sampler)
+        if not comfyui_spelling(values["sampler_name"]):       # the list holds ComfyUI's spellings alone
+            raise self.refuse(sampler, f"sampler_name {values['sampler_name']!r} is not a ComfyUI sampler")
+        checkpoint, loras = self.model_chain(sampler)
+        prompt, clip_skip = self.text(sampler, "positive", checkpoint, loras)
+        negative, negative_skip = self.text(sampler, "negative", checkpoint, loras)
+        if clip_skip != negative_skip:
+            raise self.refuse(sampler, "sdlab encodes the positive and negative prompts at one CLIP layer")
+        plan = GraphPlan(model=self.inputs(checkpoint)["ckpt_name"], prompt=prompt, negative_prompt=negative,
+                         seed=int(values["seed"]), steps=int(values["steps"]), cfg_scale=float(values["cfg"]),
+                         sampler=values["sampler_name"], schedule=values["scheduler"],
+                         strength=float(values["denoise"]), clip_skip=clip_skip,
+                         loras=[(self.inputs(n)["lora_name"], float(self.inputs(n)["strength_model"]))
+                                for n in loras])
+        self.latent(sampler, checkpoint, plan)
+        self.visit(sampler)
+        for decoder in sorted(decoders):
+            vae, index, _ = self.source(decoder, "vae")
+            if (vae, index) != (checkpoint, 2):
+                raise self.refuse(decoder, "sdlab decodes with the VAE of the KSampler's CheckpointLoaderSimple")
+            self.visit(decoder)
+        for output in self.outputs:
+            self.visit(output)
+        plan.order, plan.sampler_node = self.order, sampler
+        plan.outputs = {o: OUTPUT_TYPE[self.graph[o]["class_type"]] for o in self.outputs}
+        return plan
+
+    def model_chain(self, sampler: str) -> tuple[str, list[str]]:
+        """(CheckpointLoaderSimple id, LoraLoader ids from the checkpoint on) of the KSampler's model."""
+        loras: list[str] = []
+        node, index, kind = self.source(sampler, "model")
+        while kind == "LoraLoader":
+            values = self.inputs(node)
+            if float(values["strength_model"]) != float(values["strength_clip"]):
+                raise self.refuse(node, "sdlab merges a LoRA into the U-Net and the text encoder at one strength "
+                                        "(strength_model = strength_clip)")
+            loras.insert(0, node)
+            node, index, kind = self.source(node, "model")
+        for at in (node, *loras):
+            self.visit(at)
+        return node, loras
+
+    def text(self, sampler: str, which: str, checkpoint: str, loras: list[str]) -> tuple[str, int]:
+        """(the text, clip skip) of the CLIPTextEncode of the KSampler's `which`, whose CLIP must be the
+        checkpoint's through the model's LoRAs (and a CLIPSetLastLayer)."""
+        encoder, _, kind = self.source(sampler, which)
+        if kind != "CLIPTextEncode":
+            raise self.refuse(sampler, f"sdlab reads {which} from a CLIPTextEncode")
+        node, index, kind = self.source(encoder, "clip")
+        clip_skip = 1
+        if kind == "CLIPSetLastLayer":
+            layer = self.inputs(node)["stop_at_clip_layer"]
+            if layer not in CLIP_LAYERS:
+                raise self.refuse(node, f"sdlab draws stop_at_clip_layer {' or '.join(map(str, CLIP_LAYERS))}")
+            clip_skip = -int(layer)
+            setter = node
+            node, index, kind = self.source(node, "clip")
+        else:
+            setter = None
+        chain: list[str] = []
+        while kind == "LoraLoader":
+            chain.insert(0, node)
+            node, index, kind = self.source(node, "clip")
+        if node != checkpoint or chain != loras:
+            raise self.refuse(encoder, "sdlab encodes the prompts with the CLIP of the KSampler's model, through "
+                                       "the same LoraLoaders")
+        if setter is not None:
+            self.visit(setter)
+        self.visit(encoder)
+        return self.inputs(encoder)["text"], clip_skip
+
+    def latent(self, sampler: str, checkpoint: str, plan: GraphPlan) -> None:
+        node, _, kind = self.source(sampler, "latent_image")
+        values = self.inputs(node)
+        if kind == "EmptyLatentImage":
+            if plan.strength != 1.0:
+                raise self.refuse(sampler, "sdlab draws an EmptyLatentImage at denoise 1")
+            plan.width, plan.height, plan.batch_size = (int(values["width"]), int(values["height"]),
+                                                        int(values["batch_size"]))
+        elif kind == "VAEEncode":
+            image, index, image_kind = self.source(node, "pixels")
+            if image_kind != "LoadImage":
+                raise self.refuse(node, "sdlab encodes the picture of a LoadImage")
+            if self.source(node, "vae")[:2] != (checkpoint, 2):
+                raise self.refuse(node, "sdlab encodes with the VAE of the KSampler's CheckpointLoaderSimple")
+            if plan.strength <= 0:
+                raise self.refuse(sampler, "sdlab draws img2img at a denoise above 0")
+            plan.init_image = self.inputs(image)["image"]
+            self.visit(image)
+        else:
+            raise self.refuse(node, "sdlab starts a KSampler from an EmptyLatentImage or a VAEEncode")
+        self.visit(node)
+
+
+def run_order(plan: GraphPlan, before_sampler: bool) -> list[str]:
+    """The nodes shown as executing before the KSampler's steps (`before_sampler`), or after them."""
+    at = plan.order.index(plan.sampler_node)
+    return plan.order[:at + 1] if before_sampler else plan.order[at + 1:]

@@ -1,0 +1,279 @@
+"""ComfyUI's API on `sdlab serve` (server/comfy_api.py, server/comfy_graph.py): the basic graph of ComfyUI's
+script_examples/websockets_api_example.py queued, followed over /ws, read back through /history and /view, drawn as
+the native API draws the same settings with ComfyUI's sampler spelling (ComfyUI's conventions, proven against
+ComfyUI's code in test_comfyui_ksampler.py / test_comfyui_conventions.py); img2img (LoadImage + VAEEncode, denoise
+< 1), LoRA, the graphs it refuses with ComfyUI's node_errors, interrupt. In-process app (TestClient), a tiny SD1
+model."""
+
+from __future__ import annotations
+
+import copy
+import io
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from server_fixtures import b64_png
+from test_cli_outputs import _lora
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+# comfyanonymous/ComfyUI script_examples/websockets_api_example.py's prompt_text, at the tiny model's size and steps
+BASIC = {
+    "3": {"class_type": "KSampler", "inputs": {"cfg": 8, "denoise": 1, "latent_image": ["5", 0], "model": ["4", 0],
+                                               "negative": ["7", 0], "positive": ["6", 0], "sampler_name": "euler",
+                                               "scheduler": "normal", "seed": 8566257, "steps": 3}},
+    "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "plain.safetensors"}},
+    "5": {"class_type": "EmptyLatentImage", "inputs": {"batch_size": 1, "height": 64, "width": 64}},
+    "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1], "text": "masterpiece best quality girl"}},
+    "7": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1], "text": "bad hands"}},
+    "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+    "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "ComfyUI", "images": ["8", 0]}},
+}
+NATIVE = {"model": "plain.safetensors", "prompt": "masterpiece best quality girl", "negative_prompt": "bad hands",
+          "sampler": "euler", "schedule": "normal", "cfg_scale": 8, "seed": 8566257, "steps": 3, "width": 64,
+          "height": 64}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    from fastapi.testclient import TestClient
+    from server_fixtures import write_preset_models
+
+    from sdlab.server.app import create_app
+    from sdlab.server.config import ServerConfig
+
+    root = tmp_path_factory.mktemp("comfy-api")
+    models = root / "models"
+    write_preset_models(models)
+    (models / "Lora").mkdir()
+    _lora(models / "Lora" / "style.safetensors")
+    app = create_app(ServerConfig(output_dir=root / "outputs", model=models / "plain.safetensors",
+                                  models_dir=models), preload=True)
+    with TestClient(app) as client:
+        yield client
+
+
+def graph(**changes) -> dict:
+    """BASIC with `changes` ({"3.steps": 5, ...}) made."""
+    out = copy.deepcopy(BASIC)
+    for key, value in changes.items():
+        node, name = key.split(".")
+        out[node]["inputs"][name] = value
+    return out
+
+
+def follow(socket, prompt_id: str) -> list[tuple[str, dict]]:
+    """The socket's messages of `prompt_id` until ComfyUI's end of it (`executing` with node null)."""
+    seen = []
+    while True:
+        message = socket.receive_json()
+        data = message["data"]
+        if data.get("prompt_id") != prompt_id:
+            continue
+        seen.append((message["type"], data))
+        if message["type"] == "executing" and data["node"] is None:
+            return seen
+
+
+def drawn(client, prompt: dict) -> tuple[list[tuple[str, dict]], dict]:
+    """Queue `prompt` with a client id, follow it over /ws; (its messages, its /history entry)."""
+    with client.websocket_connect("/ws?clientId=tester") as socket:
+        status = socket.receive_json()
+        assert status["type"] == "status" and status["data"]["sid"] == "tester"
+        answer = client.post("/prompt", json={"prompt": prompt, "client_id": "tester"})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["node_errors"] == {}
+        prompt_id = answer.json()["prompt_id"]
+        messages = follow(socket, prompt_id)
+    history = client.get(f"/history/{prompt_id}").json()
+    return messages, history[prompt_id]
+
+
+def native_pixels(client, body: dict) -> np.ndarray:
+    job = client.post("/api/jobs", json=body).json()
+    deadline = time.monotonic() + 120
+    while (state := client.get(f"/api/jobs/{job['id']}").json())["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert state["status"] == "done", state
+    return np.asarray(Image.open(io.BytesIO(client.get(state["images"][0]).content)).convert("RGB"), np.int16)
+
+
+def viewed(client, image: dict, prefix: str = "") -> np.ndarray:
+    response = client.get(f"{prefix}/view", params=image)
+    assert response.status_code == 200 and response.content[:8] == b"\x89PNG\r\n\x1a\n"
+    return np.asarray(Image.open(io.BytesIO(response.content)).convert("RGB"), np.int16)
+
+
+def test_the_basic_graph_runs_with_comfyuis_messages_and_draws_the_native_apis_picture(server):
+    messages, entry = drawn(server, BASIC)
+    kinds = [kind for kind, _ in messages]
+    assert kinds[:2] == ["execution_start", "execution_cached"]
+    executing = [data["node"] for kind, data in messages if kind == "executing"]
+    assert executing == ["4", "6", "7", "5", "3", "8", "9", None]
+    assert [(d["value"], d["max"], d["node"]) for k, d in messages if k == "progress"] == [
+        (1, 3, "3"), (2, 3, "3"), (3, 3, "3")]
+    executed = [data for kind, data in messages if kind == "executed"]
+    assert [d["node"] for d in executed] == ["9"]
+    assert "execution_success" in kinds
+    assert entry["status"]["status_str"] == "success" and entry["status"]["completed"] is True
+    image = entry["outputs"]["9"]["images"][0]
+    assert image["type"] == "output" and image["subfolder"] == "" and executed[0]["output"]["images"] == [image]
+    assert entry["prompt"][1] in server.get("/history").json()
+    pixels = viewed(server, image)
+    assert pixels.shape == (64, 64, 3)
+    assert np.array_equal(pixels, viewed(server, image, "/api"))     # ComfyUI's /api prefix
+    assert np.array_equal(pixels, native_pixels(server, NATIVE))
+    other_seed = native_pixels(server, {**NATIVE, "seed": 1})
+    assert np.abs(pixels - other_seed).max() > 10                    # the comparison can fail
+
+
+def test_img2img_from_an_uploaded_picture(server):
+    rng = np.random.default_rng(3)
+    picture = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    data = io.BytesIO()
+    picture.save(data, format="PNG")
+    uploaded = server.post("/upload/image", files={"image": ("start.png", data.getvalue(), "image/png")}).json()
+    assert uploaded == {"name": "start.png", "subfolder": "", "type": "input"}
+    again = server.post("/api/upload/image", files={"image": ("start.png", data.getvalue(), "image/png")}).json()
+    assert again["name"] == "start (1).png"                         # no overwrite asked: renamed as ComfyUI does
+    assert np.array_equal(viewed(server, {"filename": "start.png", "type": "input"}), np.asarray(picture, np.int16))
+    prompt = graph(**{"3.denoise": 0.6, "3.latent_image": ["10", 0]})
+    prompt["10"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["11", 0], "vae": ["4", 2]}}
+    prompt["11"] = {"class_type": "LoadImage", "inputs": {"image": "start.png"}}
+    del prompt["5"]
+    messages, entry = drawn(server, prompt)
+    assert [d["max"] for k, d in messages if k == "progress"] == [3, 3, 3]   # ComfyUI's denoise: all steps run
+    pixels = viewed(server, entry["outputs"]["9"]["images"][0])
+    native = native_pixels(server, {**NATIVE, "mode": "img2img", "init_image": b64_png(picture), "strength": 0.6})
+    assert np.array_equal(pixels, native)
+    txt2img = viewed(server, drawn(server, BASIC)[1]["outputs"]["9"]["images"][0])
+    assert np.abs(pixels - txt2img).max() > 10
+
+
+def test_a_lora_loader_draws_as_a_native_loras_entry(server):
+    prompt = graph(**{"3.model": ["10", 0], "6.clip": ["10", 1], "7.clip": ["10", 1]})
+    prompt["10"] = {"class_type": "LoraLoader", "inputs": {"model": ["4", 0], "clip": ["4", 1], "strength_model": 0.8,
+                                                           "strength_clip": 0.8, "lora_name": "style.safetensors"}}
+    _, entry = drawn(server, prompt)
+    pixels = viewed(server, entry["outputs"]["9"]["images"][0])
+    assert np.array_equal(pixels, native_pixels(server, {**NATIVE, "loras": [{"name": "style", "weight": 0.8}]}))
+    assert np.abs(pixels - native_pixels(server, NATIVE)).max() > 3
+    lora_info = server.get("/object_info/LoraLoader").json()["LoraLoader"]["input"]["required"]["lora_name"]
+    assert lora_info == [["style.safetensors"]]
+
+
+def refused(client, prompt) -> dict:
+    answer = client.post("/prompt", json={"prompt": prompt})
+    assert answer.status_code == 400, answer.text
+    return answer.json()
+
+
+def test_bad_graphs_get_comfyuis_node_errors(server):
+    missing = graph()
+    del missing["3"]["inputs"]["model"]
+    body = refused(server, missing)
+    assert body["error"]["type"] == "prompt_outputs_failed_validation"
+    assert body["node_errors"]["3"]["class_type"] == "KSampler"
+    assert body["node_errors"]["3"]["errors"][0]["type"] == "required_input_missing"
+    assert body["node_errors"]["3"]["errors"][0]["details"] == "model"
+
+    body = refused(server, graph(**{"3.sampler_name": "Euler a"}))
+    error = body["node_errors"]["3"]["errors"][0]
+    assert error["type"] == "value_not_in_list" and error["details"].startswith("sampler_name: 'Euler a' not in")
+    assert refused(server, graph(**{"3.scheduler": "Karras"}))["node_errors"]["3"]["errors"][0]["type"] == \
+        "value_not_in_list"
+    assert refused(server, graph(**{"4.ckpt_name": "nothere.safetensors"}))["node_errors"]["4"]["errors"][0][
+        "details"] == "ckpt_name: 'nothere.safetensors' not in ['distilled.safetensors', 'plain.safetensors']"
+
+    unknown = graph(**{"8.samples": ["12", 0]})
+    unknown["12"] = {"class_type": "LatentUpscale", "inputs": {"samples": ["3", 0]}}
+    body = refused(server, unknown)
+    assert body["error"]["message"] == "Cannot execute because node LatentUpscale does not exist."
+    assert body["node_errors"]["12"]["class_type"] == "LatentUpscale"
+    assert body["node_errors"]["12"]["errors"][0]["type"] == "unsupported_node"
+
+    body = refused(server, graph(**{"3.positive": ["5", 0]}))       # a LATENT where CONDITIONING goes
+    assert body["node_errors"]["3"]["errors"][0] == {
+        "type": "return_type_mismatch", "message": "Return type mismatch between linked nodes",
+        "details": "positive, LATENT != CONDITIONING",
+        "extra_info": {"input_name": "positive", "received_type": "LATENT", "linked_node": ["5", 0]}}
+    assert refused(server, graph(**{"3.steps": 0}))["node_errors"]["3"]["errors"][0]["type"] == \
+        "value_smaller_than_min"
+    assert refused(server, graph(**{"3.model": ["99", 0]}))["node_errors"]["3"]["errors"][0]["type"] == \
+        "bad_linked_input"
+    no_output = graph()
+    del no_output["9"]
+    assert refused(server, no_output)["error"]["type"] == "prompt_no_outputs"
+    assert refused(server, graph(**{"3.denoise": 0.5}))["node_errors"]["3"]["errors"][0]["type"] == \
+        "unsupported_graph"                                           # an empty latent is drawn at denoise 1
+    assert server.post("/prompt", json={"nothing": 1}).json()["error"]["type"] == "no_prompt"
+    assert server.get("/queue").json() == {"queue_running": [], "queue_pending": []}
+
+
+def test_interrupt_stops_the_prompt_drawing_and_keeps_no_output(server):
+    with server.websocket_connect("/ws?clientId=stopper") as socket:
+        socket.receive_json()
+        answer = server.post("/api/prompt", json={"prompt": graph(**{"3.steps": 150}),
+                                                     "client_id": "stopper"})
+        prompt_id = answer.json()["prompt_id"]
+        while True:
+            message = socket.receive_json()
+            if message["type"] == "progress":
+                break
+        running = server.get("/queue").json()["queue_running"]
+        assert [item[1] for item in running] == [prompt_id]
+        assert server.post("/interrupt", json={"prompt_id": "another"}).status_code == 200   # not this one
+        assert server.post("/interrupt").status_code == 200
+        kinds = [kind for kind, _ in follow(socket, prompt_id)]
+    assert "execution_interrupted" in kinds and "executed" not in kinds
+    entry = server.get(f"/history/{prompt_id}").json()[prompt_id]
+    assert entry["outputs"] == {} and entry["status"]["status_str"] == "error"
+
+
+def test_discovery_routes_read_as_clients_read_them(server):
+    info = server.get("/object_info").json()
+    assert "KSampler" in info and "CheckpointLoaderSimple" in info
+    required = info["KSampler"]["input"]["required"]
+    samplers, schedulers = required["sampler_name"][0], required["scheduler"][0]  # as SillyTavern reads them
+    assert "euler" in samplers and "dpmpp_2m" in samplers and "Euler a" not in samplers
+    assert schedulers[:2] == ["simple", "sgm_uniform"] and "karras" in schedulers
+    assert info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0] == [
+        "distilled.safetensors", "plain.safetensors"]
+    assert info["SaveImage"]["output_node"] is True and info["KSampler"]["output"] == ["LATENT"]
+    assert server.get("/api/object_info/KSampler").json().keys() == {"KSampler"}
+    stats = server.get("/system_stats").json()
+    assert stats["devices"][0]["type"] == "cpu" and stats["system"]["ram_total"] > 0
+    assert server.get("/embeddings").json() == []
+    assert server.get("/prompt").json() == {"exec_info": {"queue_remaining": 0}}
+
+
+def test_view_and_upload_stay_in_their_folders(server):
+    assert server.get("/view", params={"filename": "../outputs/jobs.sqlite", "type": "input"}).status_code == 404
+    assert server.get("/view", params={"filename": "x.png", "subfolder": "..", "type": "input"}).status_code == 404
+    assert server.get("/view", params={"filename": "anything.png"}).status_code == 404
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, format="PNG")
+    answer = server.post("/upload/image", data={"subfolder": "../.."}, files={"image": ("a.png", png.getvalue())})
+    assert answer.status_code == 400 and "leaves the input folder" in answer.text
+    assert server.post("/upload/image", files={"image": ("a.png", b"not a picture", "image/png")}).status_code == 400
+
+
+def test_a_websocket_from_another_sites_page_is_refused(server):
+    """The guard's Origin rule (that of a loopback `sdlab serve`) holds for /ws's handshake: close code 1008."""
+    from fastapi.testclient import TestClient
+    from starlette.websockets import WebSocketDisconnect
+
+    from sdlab.server.guard import Guard
+
+    guarded = TestClient(Guard(server.app.app, basic=None, token=None, max_body=1 << 20,
+                               hosts=frozenset({"testserver"}), origins=frozenset()))
+    with pytest.raises(WebSocketDisconnect) as refusal:
+        with guarded.websocket_connect("/ws?clientId=x", headers={"origin": "http://elsewhere.example"}):
+            pass
+    assert refusal.value.code == 1008
+    with guarded.websocket_connect("/api/ws?clientId=x", headers={"origin": "http://testserver"}) as socket:
+        assert socket.receive_json()["type"] == "status"
