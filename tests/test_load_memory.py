@@ -99,7 +99,7 @@ def test_the_check_sees_a_float32_round_trip(half_files, monkeypatch):
     original = components.CastingView.__getitem__
 
     def through_float32(self, key):
-        t = self._state[key]
+        t = self._entries[key]
         return original(self, key) if not t.is_floating_point() else t.float().to(self._dtype)
 
     monkeypatch.setattr(components.CastingView, "__getitem__", through_float32)

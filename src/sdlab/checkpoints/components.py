@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from sdlab.checkpoints.errors import CheckpointError
-from sdlab.checkpoints.io import LazyMapping, dtypes_of, read_as, shapes_of
+from sdlab.checkpoints.io import KeyedEntries, LazyMapping, dtypes_of, read_as, shapes_of
 from sdlab.models.clip import CLIPTextConfig
 from sdlab.models.unet import UNet, UNetConfig
 from sdlab.models.vae import AutoencoderKL, VAEConfig
@@ -47,37 +47,32 @@ def hf_text_to_sdlab(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {k.removeprefix("text_model."): state[k] for k in state}
 
 
-class SubStateDict(LazyMapping):
-    """The keys of `state` listed in `keys` (local name -> file name), fetched on access."""
+class RenamedView(KeyedEntries):
+    """`state` seen under other names (new name -> file name); tensors fetched on access."""
 
-    def __init__(self, state: Mapping[str, Tensor], keys: Mapping[str, str]):
-        self._state = state
-        self._keys = dict(keys)
+    def __init__(self, state: Mapping[str, Tensor], names: Mapping[str, str]):
+        self._state, self._entries = state, dict(names)
 
     def __getitem__(self, key: str) -> Tensor:
-        return self._state[self._keys[key]]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._keys
+        return self._state[self._entries[key]]
 
     def file_key(self, key: str) -> str:
-        return self._keys[key]
+        return self._entries[key]
+
+
+class SubStateDict(RenamedView, LazyMapping):
+    """The keys of `state` listed in `keys` (local name -> file name), fetched on access, their shapes and dtypes
+    known without reading them (`state`'s own where it is a `LazyMapping`, which may also convert as it reads)."""
 
     def read_as(self, key: str, dtype: torch.dtype) -> Tensor:
-        return read_as(self._state, self._keys[key], dtype)
+        return read_as(self._state, self._entries[key], dtype)
 
     def shape(self, key: str) -> torch.Size:
-        file_key = self._keys[key]
+        file_key = self._entries[key]
         return self._state.shape(file_key) if isinstance(self._state, LazyMapping) else self._state[file_key].shape
 
     def dtype(self, key: str) -> torch.dtype:
-        file_key = self._keys[key]
+        file_key = self._entries[key]
         return self._state.dtype(file_key) if isinstance(self._state, LazyMapping) else self._state[file_key].dtype
 
 
@@ -87,7 +82,7 @@ def meta_view(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {k: torch.empty(s, dtype=dtypes[k], device="meta") for k, s in shapes.items()}
 
 
-class CastingView(Mapping[str, Tensor]):
+class CastingView(KeyedEntries):
     """`state` with every floating tensor converted to `dtype` on `device` as it is read.
 
     Tensors that do not start on a 64-byte boundary (memory-mapped from a file at whatever offset it gives)
@@ -95,10 +90,10 @@ class CastingView(Mapping[str, Tensor]):
     """
 
     def __init__(self, state: Mapping[str, Tensor], dtype: torch.dtype, device: torch.device | str):
-        self._state, self._dtype, self._device = state, dtype, torch.device(device)
+        self._entries, self._dtype, self._device = state, dtype, torch.device(device)     # `state`'s keys
 
     def __getitem__(self, key: str) -> Tensor:
-        state = self._state
+        state = self._entries
         if isinstance(state, LazyMapping) and self._device.type == "cpu":   # converted as it is read
             stored = state.dtype(key)
             out = state.read_as(key, self._dtype if stored.is_floating_point else stored)
@@ -106,31 +101,6 @@ class CastingView(Mapping[str, Tensor]):
             t = state[key]
             out = t.to(device=self._device, dtype=self._dtype if t.is_floating_point() else t.dtype)
         return out.clone(memory_format=torch.contiguous_format) if out.data_ptr() % 64 else out
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._state)
-
-    def __len__(self) -> int:
-        return len(self._state)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._state
-
-
-class RenamedView(Mapping[str, Tensor]):
-    """`state` seen under other names (new name -> file name); tensors fetched on access."""
-
-    def __init__(self, state: Mapping[str, Tensor], names: Mapping[str, str]):
-        self._state, self._names = state, dict(names)
-
-    def __getitem__(self, key: str) -> Tensor:
-        return self._state[self._names[key]]
-
-    def __iter__(self):
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
 
 
 @dataclass(frozen=True)

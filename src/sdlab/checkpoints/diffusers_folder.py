@@ -34,7 +34,7 @@ import json
 import logging
 import os
 import stat
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -59,7 +59,7 @@ from sdlab.checkpoints.diffusers_vae import (
 )
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.infer import infer_text_config
-from sdlab.checkpoints.io import LazyMapping, read_as, read_checkpoint, shapes_of
+from sdlab.checkpoints.io import KeyedEntries, LazyMapping, read_as, read_checkpoint, shapes_of
 from sdlab.checkpoints.noise_model import folder_latent_stats, folder_noise_model
 from sdlab.checkpoints.tolerated import is_hf_text_tolerated
 from sdlab.checkpoints.validate import (
@@ -108,33 +108,27 @@ class DiffusersFolder:
     latent_stats: LatentStats | None = None  # vae/config.json `latents_mean` / `latents_std` (SDXL pipelines)
 
 
-class ShardedStateDict(LazyMapping):
+class ShardedStateDict(KeyedEntries, LazyMapping):
     """Several checkpoint files seen as one state dict (diffusers / transformers `*.index.json` shards)."""
 
     def __init__(self, parts: list[Mapping[str, Tensor]]):
-        self._owner: dict[str, Mapping[str, Tensor]] = {}
+        self._entries: dict[str, Mapping[str, Tensor]] = {}         # key -> the part that holds it
         for part in parts:
             for key in part:
-                self._owner[key] = part
+                self._entries[key] = part
 
     def __getitem__(self, key: str) -> Tensor:
-        return self._owner[key][key]
+        return self._entries[key][key]
 
     def read_as(self, key: str, dtype: torch.dtype) -> Tensor:
-        return read_as(self._owner[key], key, dtype)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._owner)
-
-    def __len__(self) -> int:
-        return len(self._owner)
+        return read_as(self._entries[key], key, dtype)
 
     def shape(self, key: str) -> torch.Size:
-        part = self._owner[key]
+        part = self._entries[key]
         return part.shape(key) if isinstance(part, LazyMapping) else part[key].shape
 
     def dtype(self, key: str) -> torch.dtype:
-        part = self._owner[key]
+        part = self._entries[key]
         return part.dtype(key) if isinstance(part, LazyMapping) else part[key].dtype
 
 

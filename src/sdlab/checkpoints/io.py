@@ -73,6 +73,23 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+class KeyedEntries(Mapping[str, Tensor]):
+    """A read-only state dict whose keys, in order, are those of one mapping, `_entries`: each key to what the
+    tensor is made from (where it lies in a file, a mapped tensor, its name in another state dict, a tensor to
+    convert); each reader says how (`__getitem__`)."""
+
+    _entries: Mapping[str, Any]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+
 class LazyMapping(Mapping[str, Tensor]):
     """A read-only state dict that knows each tensor's shape and dtype without reading its data."""
 
@@ -87,7 +104,7 @@ class LazyMapping(Mapping[str, Tensor]):
         return self[key].to(dtype)
 
 
-class LazyStateDict(LazyMapping):
+class LazyStateDict(KeyedEntries, LazyMapping):
     """A read-only mapping over a safetensors file: shapes and dtypes from the header, tensors on access.
 
     `safe_open` validates the file (header, offsets, coverage) and gives the metadata. Tensor data is then
@@ -104,14 +121,14 @@ class LazyStateDict(LazyMapping):
         with safe_open(str(path), framework="pt", device="cpu") as f:   # validates the whole layout
             self._metadata = dict(f.metadata() or {})
         header.pop("__metadata__", None)
-        self._entries: dict[str, tuple[torch.Size, torch.dtype, int, int]] = {}
+        entries: dict[str, tuple[torch.Size, torch.dtype, int, int]] = {}
         for key, info in header.items():
             dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
             if dtype is None:
                 raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
             begin, end = info["data_offsets"]
-            self._entries[key] = (torch.Size(info["shape"]), dtype, begin, end)
-        self._keys = tuple(sorted(self._entries, key=lambda k: self._entries[k][2]))  # file order
+            entries[key] = (torch.Size(info["shape"]), dtype, begin, end)
+        self._entries = dict(sorted(entries.items(), key=lambda entry: entry[1][2]))      # in file order
 
     def metadata(self) -> dict[str, str]:
         return dict(self._metadata)
@@ -164,33 +181,24 @@ class LazyStateDict(LazyMapping):
                 del source   # the map closes only once no tensor exports it
         return out
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
 
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._entries
-
-
-class MappedTensors(LazyMapping):
+class MappedTensors(KeyedEntries, LazyMapping):
     """The tensors of a memory-mapped zip checkpoint (`torch.load(mmap=True)`; `[key]` is the mapped tensor).
     `read_as` copies a tensor out, in any dtype, and gives its pages back (`release_pages`): loading a model
     holds one copy of its weights and about one tensor's file pages, not that copy plus the whole mapped
     file, and no loaded tensor aliases the map, so it goes with the state dict."""
 
     def __init__(self, tensors: Mapping[str, Tensor]):
-        self._tensors = dict(tensors)
+        self._entries = dict(tensors)
 
     def shape(self, key: str) -> torch.Size:
-        return self._tensors[key].shape
+        return self._entries[key].shape
 
     def dtype(self, key: str) -> torch.dtype:
-        return self._tensors[key].dtype
+        return self._entries[key].dtype
 
     def read_as(self, key: str, dtype: torch.dtype) -> Tensor:
-        mapped = self._tensors[key]
+        mapped = self._entries[key]
         out = torch.empty(mapped.shape, dtype=dtype).copy_(mapped)
         if mapped.numel():
             span = 1 + sum((size - 1) * stride for size, stride in zip(mapped.shape, mapped.stride()))
@@ -198,16 +206,7 @@ class MappedTensors(LazyMapping):
         return out
 
     def __getitem__(self, key: str) -> Tensor:
-        return self._tensors[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._tensors)
-
-    def __len__(self) -> int:
-        return len(self._tensors)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._tensors
+        return self._entries[key]
 
 
 def read_into(path: Path, tensor: Tensor, offset: int, key: str) -> None:

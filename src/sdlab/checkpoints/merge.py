@@ -53,12 +53,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sdlab.checkpoints.components import ComponentSource, meta_view
+from sdlab.checkpoints.components import ComponentSource, SubStateDict, meta_view
 from sdlab.checkpoints.controlnet import legacy_hash
 from sdlab.checkpoints.detect import detect_family
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.file_format import META_FAMILY, bundle_metadata
-from sdlab.checkpoints.io import LazyMapping, meta_tensor, read_checkpoint, shapes_of
+from sdlab.checkpoints.io import KeyedEntries, LazyMapping, meta_tensor, read_checkpoint, shapes_of
 from sdlab.checkpoints.plan import CheckpointPlan
 from sdlab.checkpoints.save import prediction_markers, text_file_state
 from sdlab.checkpoints.sidecar import sidecar_of
@@ -131,31 +131,6 @@ class MergeInput:
         return self.path.name if self.path.is_dir() else self.path.stem
 
 
-class RenamedState(LazyMapping):
-    """`state` under other names (new name -> name in `state`), read on access."""
-
-    def __init__(self, state: Mapping[str, Tensor], names: Mapping[str, str]):
-        self._state, self._names = state, dict(names)
-
-    def __getitem__(self, key: str) -> Tensor:
-        return self._state[self._names[key]]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._names
-
-    def shape(self, key: str) -> torch.Size:
-        return meta_tensor(self._state, self._names[key]).shape
-
-    def dtype(self, key: str) -> torch.dtype:
-        return meta_tensor(self._state, self._names[key]).dtype
-
-
 def a1111_names(keys: list[str], shapes: Mapping[str, torch.Size]) -> dict[str, str]:
     """A1111's key -> the file's key (`sd_models.get_state_dict_from_checkpoint`'s renames)."""
     sd2_turbo = _SD2_TURBO_MARK in shapes and shapes[_SD2_TURBO_MARK][0] == 1024
@@ -215,7 +190,7 @@ def open_input(path: str | Path, *, primary: bool = True) -> MergeInput:
             raise
         logger.info("%s", exc)
         family = None
-    tensors = RenamedState(state, a1111_names(list(state), shapes))
+    tensors = SubStateDict(state, a1111_names(list(state), shapes))
     copied = dict(metadata) if path.suffix.lower() == ".safetensors" else {}   # A1111 reads a header's alone
     return MergeInput(path, tensors, copied, family, model_metadata(metadata))
 
@@ -331,7 +306,7 @@ def _shape(t: Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
 
-class MergedState(LazyMapping):
+class MergedState(KeyedEntries, LazyMapping):
     """The merged checkpoint, one tensor made per access; shapes and dtypes known (and every shape checked)
     from the same merge run on `meta` tensors when it is made."""
 
@@ -340,31 +315,22 @@ class MergedState(LazyMapping):
         self.options, self.vae = options, vae
         self.is_inpainting = self.is_instruct_pix2pix = False
         discard = re.compile(options.discard) if options.discard else None
-        self._keys = [k for k in self.a.tensors if discard is None or not discard.search(k)]
-        self._meta = {key: self._make(key, meta_tensor) for key in self._keys}
-        named = [k for k in self._keys if self.b is not None and "model" in k and k not in SKIP_ON_MERGE]
+        keys = [k for k in self.a.tensors if discard is None or not discard.search(k)]
+        self._entries = {key: self._make(key, meta_tensor) for key in keys}          # each output tensor on meta
+        named = [k for k in keys if self.b is not None and "model" in k and k not in SKIP_ON_MERGE]
         self.unmatched = [k for k in named if k not in self.b.tensors]      # A1111 keeps these A's
         self.merged_count = len(named) - len(self.unmatched)
 
     def __getitem__(self, key: str) -> Tensor:
-        if key not in self._meta:
+        if key not in self._entries:
             raise KeyError(key)
         return self._make(key, lambda state, k: state[k])
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._meta
-
     def shape(self, key: str) -> torch.Size:
-        return self._meta[key].shape
+        return self._entries[key].shape
 
     def dtype(self, key: str) -> torch.dtype:
-        return self._meta[key].dtype
+        return self._entries[key].dtype
 
     def _make(self, key: str, read: Callable[[Mapping[str, Tensor], str], Tensor]) -> Tensor:
         """The output tensor at `key`; `read(state, key)` gives real or `meta` tensors."""

@@ -28,7 +28,7 @@ import struct
 import zipfile
 import zlib
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from sdlab.checkpoints.errors import CheckpointError
-from sdlab.checkpoints.io import LazyMapping, read_into
+from sdlab.checkpoints.io import KeyedEntries, LazyMapping, read_into
 
 _LOCAL_HEADER = struct.Struct("<4s22xHH")      # signature, ..., file name length, extra field length (30 bytes)
 
@@ -175,13 +175,13 @@ def place(tensor: Tensor, records: Mapping[int, Record], path: Path) -> Placed |
     return Placed(record, tensor.dtype, tensor.shape, tensor.stride(), begin, span)
 
 
-class ZipTensors(LazyMapping):
+class ZipTensors(KeyedEntries, LazyMapping):
     """A read-only state dict over a zip torch checkpoint: shapes and dtypes from its pickle, each tensor read
     from its record on access (a fresh, owned tensor with the strides torch.load gives it)."""
 
     def __init__(self, path: Path, placed: Mapping[str, Placed]):
-        self.path, self._placed = path, dict(placed)
-        views = Counter(p.record for p in self._placed.values())
+        self.path, self._entries = path, dict(placed)
+        views = Counter(p.record for p in self._entries.values())
         self._shared = {record for record, n in views.items() if record.deflated and n > 1}
         self._last_unpacked: tuple[Record, bytes] | None = None       # of a record in `_shared`
 
@@ -193,13 +193,13 @@ class ZipTensors(LazyMapping):
         return None if any(p is None for p in placed.values()) else cls(path, placed)
 
     def shape(self, key: str) -> torch.Size:
-        return self._placed[key].shape
+        return self._entries[key].shape
 
     def dtype(self, key: str) -> torch.dtype:
-        return self._placed[key].dtype
+        return self._entries[key].dtype
 
     def __getitem__(self, key: str) -> Tensor:
-        placed = self._placed[key]
+        placed = self._entries[key]
         elements = torch.empty(placed.span, dtype=placed.dtype)                     # [span]
         if placed.span:
             if placed.record.deflated:
@@ -228,12 +228,3 @@ class ZipTensors(LazyMapping):
         if record in self._shared:
             self._last_unpacked = (record, data)
         return data
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._placed)
-
-    def __len__(self) -> int:
-        return len(self._placed)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._placed
