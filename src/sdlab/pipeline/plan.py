@@ -178,15 +178,22 @@ def a1111_model_calls(sampler: SamplerSpec, req: GenerationRequest, img2img: boo
 
 def _check_model(bundle: ModelBundle, req: GenerationRequest, free: int | None, which: str = "") -> None:
     """The checks that need the model: clip skip within its text encoders' layers, PAG layers, memory."""
+    check_clip_skip(bundle, req, which)
+    check_pag_layers(bundle, req, which)
+    if free is not None:                                           # None: the device cannot tell
+        check_memory(bundle, req, free)
+
+
+def check_clip_skip(bundle: ModelBundle, req: GenerationRequest, which: str = "") -> None:
+    """A `RequestError` where the request's clip skip leaves no layer of one of the text encoders of `bundle` (a
+    loaded one, or one built on the meta device from the checkpoint's header: `model_shapes.planned_bundle`), naming
+    the encoder's layer count."""
     skips = encoder_clip_skips(bundle, req)
     for i, encoder in enumerate(bundle.text_encoders):
         try:
             hidden_state_layers(encoder, encoder_skip(skips, i))
         except ValueError as err:
             raise RequestError(f"clip skip {req.clip_skip} is too large for {which or 'this model'}: {err}") from None
-    check_pag_layers(bundle, req, which)
-    if free is not None:                                           # None: the device cannot tell
-        check_memory(bundle, req, free)
 
 
 def check_pag_layers(bundle: ModelBundle, req: GenerationRequest, which: str = "") -> None:

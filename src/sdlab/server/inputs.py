@@ -40,8 +40,8 @@ from sdlab.pipeline.presets import PRESETS, get_preset
 from sdlab.pipeline.control import control_input
 from sdlab.pipeline.hires import hires_steps, pass_sizes
 from sdlab.pipeline.plan import (
-    check_deep_cache_unet, check_pag_layers, check_passes_fit, check_prompt_chunks, check_refiner_convention,
-    prompt_parts, refiner_split,
+    check_clip_skip, check_deep_cache_unet, check_pag_layers, check_passes_fit, check_prompt_chunks,
+    check_refiner_convention, prompt_parts, refiner_split,
 )
 from sdlab.pipeline.control_work import active_steps, controlnet_config, controlnet_share
 from sdlab.pipeline.memory import EDIT_IMAGE_ROW, PAG_ROW, unet_row_names, unet_rows
@@ -436,7 +436,7 @@ def with_upscaler_file(request: GenerationRequest, upscaler: ModelFile | None) -
 def check_request(request: GenerationRequest, limits: Limits, model: ModelBundle | None = None,
                   upscaler: ModelFile | None = None, batch_count: int = 1,
                   unet: torch.nn.Module | None = None, memory: bool = False, let_go: int = 0,
-                  refiner: RefinerChoice | None = None) -> GenerationRequest:
+                  refiner: RefinerChoice | None = None, planned: ModelBundle | None = None) -> GenerationRequest:
     """`request` checked against the server's limits and sdlab's own rules (the model's defaults are filled
     in when it runs); `BadRequest` names the first problem by sdlab's field names (the A1111 routes rename
     them, `a1111._a1111_named`). `--max-steps` and `--max-pixels` hold for either pass. `model`, the model it runs
@@ -451,7 +451,9 @@ def check_request(request: GenerationRequest, limits: Limits, model: ModelBundle
     memory free on its device now (`plan.check_passes_fit`, a 422), where no job holds the device (its memory would
     read as not free), counting as free the `let_go` bytes held now that the job lets go before it runs
     (`WorkerHost.refiner_let_go`). `refiner`: the SDXL refiner the job hands over to, whose steps run no ControlNet
-    (`base_steps`)."""
+    (`base_steps`). `planned`: where `model` is not loaded, the checkpoint built on the meta device from its header
+    (`model_shapes.planned_bundle`), whose text encoders' depths the clip skip is checked against as the loaded
+    one's (a 422 either way)."""
     if request.steps is not None and (not isinstance(request.steps, int) or request.steps > limits.max_steps):
         raise BadRequest(f"steps must be an integer <= {limits.max_steps} (this server's limit), got {request.steps!r}")
     hr_steps = getattr(request, "hr_steps", None)
@@ -477,6 +479,11 @@ def check_request(request: GenerationRequest, limits: Limits, model: ModelBundle
         check_batch_seeds(resolved, batch_count)
     except (RequestError, ValueError) as err:
         raise BadRequest(str(err)) from None
+    if (model or planned) is not None:      # its text encoders' depths: the clip skip leaves one layer at least
+        try:
+            check_clip_skip(model or planned, resolved)
+        except RequestError as err:
+            raise BadRequest(str(err), 422) from None
     if resolved.hires and size_known:       # unknown: the worker checks it once the model is loaded
         for hr_width, hr_height in pass_sizes(resolved, factor):       # upscaled, then cropped
             check_pixels(f"the hires pass at {hr_width}x{hr_height}", hr_width, hr_height, limits)

@@ -1,5 +1,5 @@
-"""A checkpoint's U-Net as its names and shapes describe it, for the checks a job gets as it is posted while its
-model is not loaded.
+"""A checkpoint's U-Net (and its whole bundle) as its names and shapes describe it, for the checks a job gets as it
+is posted while its model is not loaded.
 
 `plan_checkpoint` reads a safetensors file's header (a folder's configs, a pickle's records without their data) and
 no weight; the U-Net its plan builds on the meta device has every layer's shape and no tensor. The server checks a
@@ -14,6 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from sdlab.checkpoints.errors import CheckpointError
+from sdlab.families.loaded import ModelBundle
 from sdlab.utils.file_hashes import read_per_version
 
 
@@ -28,5 +29,20 @@ def _planned_unet(path: Path) -> nn.Module | None:
 
     try:
         return plan_checkpoint(path).unet.build_meta()
+    except (CheckpointError, OSError, ValueError):
+        return None
+
+
+def planned_bundle(path: Path) -> ModelBundle | None:
+    """The checkpoint at `path` as a `ModelBundle` on the meta device (`load.meta_bundle`: its text encoders' depths,
+    its family's rules), or None where planning it fails (the worker's load then names the problem)."""
+    return read_per_version(path, _planned_bundle)
+
+
+def _planned_bundle(path: Path) -> ModelBundle | None:
+    from sdlab.checkpoints.load import meta_bundle, plan_checkpoint
+
+    try:
+        return meta_bundle(plan_checkpoint(path))
     except (CheckpointError, OSError, ValueError):
         return None

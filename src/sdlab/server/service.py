@@ -23,7 +23,7 @@ from sdlab.server.inputs import (
     BadRequest, JobSpec, RefinerChoice, check_request, upscaler_file, with_preset, without_paths,
 )
 from sdlab.server.jobs import Job, JobQueue
-from sdlab.server.model_shapes import planned_unet
+from sdlab.server.model_shapes import planned_bundle, planned_unet
 from sdlab.server.model_folders import CONTROLNET_SUFFIXES, UPSCALER_SUFFIXES, ModelFolder, control_file_kind
 from sdlab.server.registry import Checkpoint, Lora, ModelRegistry
 from sdlab.server.store import Store
@@ -180,7 +180,8 @@ class Service:
                                 else planned_unet(checkpoint.path),
                                 memory=not self.host.busy.locked(), let_go=self.host.refiner_let_go(
                                     None if refiner is None else self.checkpoint(refiner.name, "refiner").path),
-                                refiner=refiner)
+                                refiner=refiner, planned=None if loaded is not None or request.clip_skip == 1
+                                else planned_bundle(checkpoint.path))
         spec = replace(spec, request=request, refiner=refiner, prompt_to_record=to_record, tag_loras=tuple(tags),
                        hires_tag_loras=tuple(hires_tags), hr_prompt_to_record=hr_to_record)
         settings = {"mode": mode, "model": checkpoint.title,
