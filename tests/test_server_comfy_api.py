@@ -277,3 +277,38 @@ def test_a_websocket_from_another_sites_page_is_refused(server):
     assert refusal.value.code == 1008
     with guarded.websocket_connect("/api/ws?clientId=x", headers={"origin": "http://testserver"}) as socket:
         assert socket.receive_json()["type"] == "status"
+
+
+def test_sdlab_serve_answers_the_websocket_handshake(tmp_path):
+    """uvicorn serves /ws in a real `sdlab serve` (its WebSocket library, wsproto, is a dependency): a raw RFC 6455
+    handshake gets 101 and the first frame is ComfyUI's status message."""
+    import base64
+    import json
+    import os
+    import socket
+
+    from server_fixtures import start_server
+
+    served = start_server(tmp_path / "outputs")
+    try:
+        port = int(served.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+            key = base64.b64encode(os.urandom(16)).decode()
+            conn.sendall(f"GET /ws?clientId=raw HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                         f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                         .encode())
+            received = b""
+            while b"\r\n\r\n" not in received:
+                received += conn.recv(4096)
+            head, _, frame = received.partition(b"\r\n\r\n")
+            assert head.split(b"\r\n")[0].split(b" ")[1] == b"101", head
+            while len(frame) < 4:
+                frame += conn.recv(4096)
+            assert frame[0] == 0x81                         # one unfragmented text frame
+            length, start = (frame[1], 2) if frame[1] < 126 else (int.from_bytes(frame[2:4], "big"), 4)
+            while len(frame) < start + length:
+                frame += conn.recv(4096)
+            message = json.loads(frame[start:start + length])
+        assert message == {"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 0}}, "sid": "raw"}}
+    finally:
+        served.stop()
