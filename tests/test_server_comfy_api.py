@@ -17,6 +17,7 @@ from PIL import Image
 
 from server_fixtures import b64_png
 from test_cli_outputs import _lora
+from test_server_vae_files import _vae_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -50,8 +51,9 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     write_preset_models(models)
     (models / "Lora").mkdir()
     _lora(models / "Lora" / "style.safetensors")
+    _vae_file(models / "VAE" / "other.safetensors", seed=97)
     app = create_app(ServerConfig(output_dir=root / "outputs", model=models / "plain.safetensors",
-                                  models_dir=models), preload=True)
+                                  models_dir=models, vae_dir=models / "VAE"), preload=True)
     with TestClient(app) as client:
         yield client
 
@@ -166,6 +168,20 @@ def test_a_lora_loader_draws_as_a_native_loras_entry(server):
     assert lora_info == [["style.safetensors"]]
 
 
+def test_a_vae_loader_draws_as_a_native_vae(server):
+    prompt = graph(**{"8.vae": ["10", 0]})
+    prompt["10"] = {"class_type": "VAELoader", "inputs": {"vae_name": "other.safetensors"}}
+    _, entry = drawn(server, prompt)
+    pixels = viewed(server, entry["outputs"]["9"]["images"][0])
+    assert np.array_equal(pixels, native_pixels(server, {**NATIVE, "vae": "other.safetensors"}))
+    assert np.abs(pixels - native_pixels(server, NATIVE)).max() > 10
+    two_vaes = graph(**{"3.latent_image": ["11", 0], "3.denoise": 0.5, "8.vae": ["10", 0]})
+    two_vaes["10"] = prompt["10"]
+    two_vaes["11"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["12", 0], "vae": ["4", 2]}}
+    two_vaes["12"] = {"class_type": "LoadImage", "inputs": {"image": "start.png"}}
+    assert refused(server, two_vaes)["node_errors"]["11"]["errors"][0]["type"] == "unsupported_graph"
+
+
 def refused(client, prompt) -> dict:
     answer = client.post("/prompt", json={"prompt": prompt})
     assert answer.status_code == 400, answer.text
@@ -244,6 +260,8 @@ def test_discovery_routes_read_as_clients_read_them(server):
     assert info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0] == [
         "distilled.safetensors", "plain.safetensors"]
     assert info["SaveImage"]["output_node"] is True and info["KSampler"]["output"] == ["LATENT"]
+    assert info["VAELoader"]["input"]["required"]["vae_name"] == [["other.safetensors"]]
+    assert info["UNETLoader"]["input"]["required"]["unet_name"] == [[]]     # read by SillyTavern's comfy mode
     assert server.get("/api/object_info/KSampler").json().keys() == {"KSampler"}
     stats = server.get("/system_stats").json()
     assert stats["devices"][0]["type"] == "cpu" and stats["system"]["ram_total"] > 0

@@ -93,7 +93,7 @@ class ComfyState:
         registry = self.service.registry
         loras = sorted(lora.path.name for lora in registry.loras)     # sorted, as ComfyUI's folder_paths
         return Choices(checkpoints=sorted(c.name for c in registry.checkpoints), loras=loras,
-                       input_images=self.input_images(), samplers=COMFY_SAMPLERS)
+                       input_images=self.input_images(), samplers=COMFY_SAMPLERS, vaes=registry.vaes.names())
 
     def input_images(self) -> list[str]:
         if not self.input_dir.is_dir():
@@ -183,7 +183,9 @@ def _submit(state: ComfyState, plan: GraphPlan) -> Job:
         init_image=init, strength=plan.strength if init is not None else 1.0)
     loras = tuple(LoraChoice(Path(name).stem, weight) for name, weight in plan.loras)
     spec = JobSpec(request, loras=loras, extra_networks=False, typed_prompts={
-        "prompt": plan.prompt, "negative_prompt": plan.negative_prompt})
+        "prompt": plan.prompt, "negative_prompt": plan.negative_prompt},
+        # CheckpointLoaderSimple's VAE is the checkpoint's own (no sidecar found near it, as A1111's Automatic)
+        sidecar_vae=False, vae=plan.vae)
     job, _ = service.submit(spec, plan.mode, plan.model)
     return job
 

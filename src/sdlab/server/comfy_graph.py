@@ -9,6 +9,7 @@ the standard txt2img / img2img pictures: one KSampler fed by
     EmptyLatentImage -> KSampler.latent_image                                  (txt2img)
     LoadImage -> VAEEncode -> KSampler.latent_image                            (img2img, KSampler's denoise)
     KSampler -> VAEDecode -> SaveImage / PreviewImage
+    (the VAE of VAEEncode / VAEDecode: the checkpoint's own, or a VAELoader's file)
 
 `NODES` is the table of those nodes: their inputs (ComfyUI's `INPUT_TYPES`, the lists a server fills in at
 `Choices`), outputs and whether they are output nodes, as `GET /object_info` shows them. Checking follows ComfyUI's
@@ -66,6 +67,9 @@ NODES: dict[str, NodeSpec] = {
                                   "height": ("INT", {"default": 512, "min": 16, "max": MAX_RESOLUTION, "step": 8}),
                                   "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096})},
                                  ("LATENT",), category="latent", display_name="Empty Latent Image"),
+    "VAELoader": NodeSpec({"vae_name": ("vaes",)}, ("VAE",), category="loaders", display_name="Load VAE"),
+    "UNETLoader": NodeSpec({"unet_name": ("unets",), "weight_dtype": (["default", "fp8_e4m3fn", "fp8_e5m2"],)},
+                           ("MODEL",), category="advanced/loaders", display_name="Load Diffusion Model"),
     "LoadImage": NodeSpec({"image": ("input_images",)}, ("IMAGE", "MASK"), category="image",
                           display_name="Load Image"),
     "VAEEncode": NodeSpec({"pixels": ("IMAGE",), "vae": ("VAE",)}, ("LATENT",), category="latent",
@@ -91,12 +95,15 @@ OUTPUT_TYPE = {"SaveImage": "output", "PreviewImage": "temp"}     # the `type` o
 @dataclass(frozen=True)
 class Choices:
     """The lists of a server a graph's values are checked against: `checkpoints` (ComfyUI's ckpt_name: the path
-    under the models folder), `loras` (file names), `samplers`, `schedulers`, `input_images` (the upload folder's
-    files)."""
+    under the models folder), `loras` (file names), `vaes` (the server's VAE list), `samplers`, `schedulers`,
+    `input_images` (the upload folder's files), `unets`: none, UNETLoader listed for the clients that read its
+    list (sdlab draws whole checkpoints, so no graph of it is drawn)."""
 
     checkpoints: list[str]
     loras: list[str]
     input_images: list[str]
+    vaes: list[str] = field(default_factory=list)
+    unets: list[str] = field(default_factory=list)
     samplers: list[str] = field(default_factory=list)
     schedulers: list[str] = field(default_factory=lambda: list(COMFY_SCHEDULERS))
 
@@ -123,6 +130,7 @@ class GraphPlan:
     batch_size: int = 1
     strength: float = 1.0
     init_image: str | None = None           # an input-folder file name: img2img
+    vae: str | None = None                  # a VAELoader's file; None: the checkpoint's own VAE
     clip_skip: int = 1
     loras: list[tuple[str, float]] = field(default_factory=list)
     order: list[str] = field(default_factory=list)
@@ -154,7 +162,8 @@ def _error(kind: str, message: str, details: str = "", **extra: Any) -> dict[str
 def object_info(choices: Choices, only: str | None = None) -> dict[str, Any]:
     """`GET /object_info` (ComfyUI's `node_info` for each node of `NODES`), the lists filled from `choices`."""
     def info(name: str, spec: NodeSpec) -> dict[str, Any]:
-        required = {key: ([choices.of(value[0])] if value[0] in _LISTS else list(value))
+        required = {key: ([choices.of(value[0])] if isinstance(value[0], str) and value[0] in _LISTS
+                          else list(value))
                     for key, value in spec.inputs.items()}
         return {"input": {"required": required}, "input_order": {"required": list(spec.inputs)},
                 "output": list(spec.outputs), "output_is_list": [False] * len(spec.outputs),
@@ -165,7 +174,7 @@ def object_info(choices: Choices, only: str | None = None) -> dict[str, Any]:
     return {name: info(name, spec) for name, spec in NODES.items() if only is None or name == only}
 
 
-_LISTS = ("checkpoints", "loras", "samplers", "schedulers", "input_images")
+_LISTS = ("checkpoints", "loras", "vaes", "unets", "samplers", "schedulers", "input_images")
 
 
 class _Checker:
@@ -199,7 +208,7 @@ class _Checker:
                                          input_name=name))
                     continue
                 value = inputs[name]
-                if declared[0] in _TYPES_OF_LINKS:
+                if isinstance(declared[0], str) and declared[0] in _TYPES_OF_LINKS:
                     upstream_ok &= self._link(name, declared[0], value, errors)
                 else:
                     self._value(name, declared, value, errors)
@@ -233,8 +242,8 @@ class _Checker:
 
     def _value(self, name: str, declared: tuple, value: Any, errors: list) -> None:
         kind = declared[0]
-        if kind in _LISTS:
-            allowed = self.choices.of(kind)
+        if isinstance(kind, list) or kind in _LISTS:
+            allowed = kind if isinstance(kind, list) else self.choices.of(kind)
             if not isinstance(value, str) or value not in allowed:
                 shown = str(allowed) if len(allowed) <= 20 else f"(list of length {len(allowed)})"
                 errors.append(_error("value_not_in_list", "Value not in list", f"{name}: '{value}' not in {shown}",
@@ -353,12 +362,13 @@ class _Plan:
                          strength=float(values["denoise"]), clip_skip=clip_skip,
                          loras=[(self.inputs(n)["lora_name"], float(self.inputs(n)["strength_model"]))
                                 for n in loras])
-        self.latent(sampler, checkpoint, plan)
+        vae = self.vae(sorted(decoders)[0], checkpoint)
+        plan.vae = None if vae == checkpoint else self.inputs(vae)["vae_name"]
+        self.latent(sampler, checkpoint, vae, plan)
         self.visit(sampler)
         for decoder in sorted(decoders):
-            vae, index, _ = self.source(decoder, "vae")
-            if (vae, index) != (checkpoint, 2):
-                raise self.refuse(decoder, "sdlab decodes with the VAE of the KSampler's CheckpointLoaderSimple")
+            if self.vae(decoder, checkpoint) != vae:
+                raise self.refuse(decoder, "sdlab encodes and decodes a picture with one VAE")
             self.visit(decoder)
         for output in self.outputs:
             self.visit(output)
@@ -410,7 +420,18 @@ class _Plan:
         self.visit(encoder)
         return self.inputs(encoder)["text"], clip_skip
 
-    def latent(self, sampler: str, checkpoint: str, plan: GraphPlan) -> None:
+    def vae(self, node_id: str, checkpoint: str) -> str:
+        """The node whose VAE `node_id` uses: the KSampler's CheckpointLoaderSimple or a VAELoader."""
+        source, index, kind = self.source(node_id, "vae")
+        if kind == "VAELoader":
+            self.visit(source)
+            return source
+        if (source, index) != (checkpoint, 2):
+            raise self.refuse(node_id, "sdlab draws with the VAE of the KSampler's CheckpointLoaderSimple or of a "
+                                       "VAELoader")
+        return source
+
+    def latent(self, sampler: str, checkpoint: str, vae: str, plan: GraphPlan) -> None:
         node, _, kind = self.source(sampler, "latent_image")
         values = self.inputs(node)
         if kind == "EmptyLatentImage":
@@ -422,8 +443,8 @@ class _Plan:
             image, index, image_kind = self.source(node, "pixels")
             if image_kind != "LoadImage":
                 raise self.refuse(node, "sdlab encodes the picture of a LoadImage")
-            if self.source(node, "vae")[:2] != (checkpoint, 2):
-                raise self.refuse(node, "sdlab encodes with the VAE of the KSampler's CheckpointLoaderSimple")
+            if self.vae(node, checkpoint) != vae:
+                raise self.refuse(node, "sdlab encodes and decodes a picture with one VAE")
             if plan.strength <= 0:
                 raise self.refuse(sampler, "sdlab draws img2img at a denoise above 0")
             plan.init_image = self.inputs(image)["image"]
