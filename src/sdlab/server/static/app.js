@@ -199,7 +199,11 @@ const state = {
   unreachable: false,     // a request found no server since the last poll that reached it
   jobsSignature: "",
   scripts: null,          // GET /api/scripts: each tab's scripts and X/Y/Z axes
+  jobs: [],               // the newest jobs at the last poll (GET /api/jobs: a page of JOBS_PAGE)
+  olderJobs: [],          // finished jobs past the polled page: Load more's pages, and those new jobs pushed out of it
+  moreJobs: false,        // the last page read was full: the history may hold older jobs
 };
+const JOBS_PAGE = 100;    // jobs per GET /api/jobs (its default limit)
 
 // The ids of the jobs this tab queued, kept in its sessionStorage so a reload goes on following them;
 // another tab has its own (A1111 likewise gives each browser session its own task ids).
@@ -351,9 +355,18 @@ async function loadLists() {
     loadHiresUpscalers(),
     loadScripts(),
     loadControlLists(),                     // controlnet.js: the ControlNet folder's models, the preprocessors
+    loadLimits(),
   ]);
   const failed = results.filter((r) => r.status === "rejected").map((r) => r.reason.message);
   if (failed.length) showError("Could not load the lists: " + failed.join("; "));
+}
+
+// The server's limits (sdlab serve --max-batch, --max-steps) as the number boxes' maxima: the box's arrows stop
+// where the server would refuse
+async function loadLimits() {
+  const flags = await api("/sdapi/v1/cmd-flags");
+  if (flags && flags.max_batch) $("batch_size").max = flags.max_batch;
+  if (flags && flags.max_steps) for (const id of ["steps", "hr_steps"]) $(id).max = flags.max_steps;
 }
 
 // Select the option whose value, text or aliases match `wanted` (case-insensitive). Returns success.
@@ -1444,13 +1457,13 @@ function reuseSettings(job) {
 function renderGallery(jobs) {
   const gallery = $("gallery");
   gallery.replaceChildren();
-  if (!jobs.some((j) => !ACTIVE.has(j.status))) {
+  if (!galleryJobs(jobs).some((j) => !ACTIVE.has(j.status))) {
     const empty = document.createElement("p");
     empty.className = "empty";
     empty.textContent = "Finished jobs appear here";
     gallery.append(empty);
   }
-  for (const job of jobs.filter((j) => !ACTIVE.has(j.status)).slice(0, 100)) {
+  for (const job of galleryJobs(jobs).filter((j) => !ACTIVE.has(j.status))) {
     const card = document.createElement("div");
     card.className = "card";
     card.dataset.jobId = job.id;
@@ -1485,10 +1498,82 @@ function renderGallery(jobs) {
     buttons.append(makeButton("Reuse", "reuse", () => reuseSettings(job), `Reuse the settings of job ${job.id}`));
     if ((job.images || []).length) {
       buttons.append(makeButton("img2img", "to-img2img", () => imageToInit(job.images[0]), `Use the image of job ${job.id} for img2img`));
+      buttons.append(makeButton("Download", "download", () => downloadPictures(job), `Download the pictures of job ${job.id}`));
     }
+    buttons.append(makeButton("Delete", "delete-job", () => deleteJob(job), `Delete job ${job.id} and its pictures`));
     card.append(thumbs, caption, error, meta, buttons);
     gallery.append(card);
   }
+  if (state.moreJobs) {
+    gallery.append(makeButton("Load more", "load-more", loadOlderJobs, "Show older jobs of the history"));
+  }
+}
+
+// The finished jobs the gallery shows: the polled page's, then the older ones read with Load more (newest first)
+function galleryJobs(jobs) {
+  const listed = new Set(jobs.map((j) => j.id));
+  return [...jobs, ...state.olderJobs.filter((j) => !listed.has(j.id))];
+}
+
+// Load more: the page of the history after the oldest job the gallery lists (GET /api/jobs?before=ID)
+async function loadOlderJobs() {
+  const shown = galleryJobs(state.jobs);
+  if (!shown.length) return;
+  try {
+    const data = await api(`/api/jobs?limit=${JOBS_PAGE}&before=${encodeURIComponent(shown[shown.length - 1].id)}`);
+    const page = (data && data.jobs) || [];
+    state.olderJobs.push(...page);
+    state.moreJobs = page.length >= JOBS_PAGE;
+  } catch (err) {
+    showError(`Cannot load older jobs: ${err.message}`);
+    return;
+  }
+  renderGallery(state.jobs);
+}
+
+// A picture's file name as the browser saves it: its seed and the first words of its prompt (A1111's
+// "[seed]-[prompt_spaces]" pattern), e.g. "1234-a lighthouse at dusk.png"
+function pictureFileName(job, index) {
+  const seed = ((job.infotexts || [])[index] || "").match(/(?:^|, )Seed: (-?\d+)/);
+  const prompt = ((job.request && job.request.prompt) || "").replace(/[\\/:*?"<>|\x00-\x1f]+/g, " ")
+    .replace(/\s+/g, " ").trim().slice(0, 60).trim();
+  const number = seed ? seed[1] : `${job.id.slice(0, 8)}-${index + 1}`;
+  return `${number}${prompt ? `-${prompt}` : ""}.png`;
+}
+
+// Download: each picture of the job as the server wrote it (a PNG with its parameters text), one file each
+function downloadPictures(job) {
+  for (const [index, url] of (job.images || []).entries()) {
+    const link = document.createElement("a");
+    link.href = url;
+    link.download = pictureFileName(job, index);
+    document.body.append(link);
+    link.click();
+    link.remove();
+  }
+}
+
+// Delete, after the user confirms: the job and its pictures leave the server's history (POST /api/jobs/ID/delete)
+async function deleteJob(job) {
+  const count = (job.images || []).length;
+  const what = count ? `and its ${count === 1 ? "picture" : `${count} pictures`} ` : "";
+  if (!window.confirm(`Delete this job ${what}from the server? This cannot be undone.`)) return;
+  try {
+    await api(`/api/jobs/${encodeURIComponent(job.id)}/delete`, { method: "POST" });
+  } catch (err) {
+    showError(`Cannot delete the job: ${err.message}`);
+    return;
+  }
+  state.olderJobs = state.olderJobs.filter((j) => j.id !== job.id);
+  state.jobs = state.jobs.filter((j) => j.id !== job.id);
+  if (state.shownJob === job.id) {              // the viewer showed it: nothing of it is left to show
+    state.shownJob = null;
+    $("results").replaceChildren();
+    $("infotext").textContent = "";
+    setProgress(0, 1, "Idle");
+  }
+  renderGallery(state.jobs);
+  refreshJobs(true);
 }
 
 // Poll the job list: queue view, gallery, which of this page's jobs to follow, and its jobs that ended
@@ -1498,7 +1583,7 @@ async function refreshJobs(force = false) {
   const queuedBefore = [...state.submitted];     // in the history by now (a job is stored when queued)
   let data;
   try {
-    data = await api("/api/jobs");
+    data = await api(`/api/jobs?limit=${JOBS_PAGE}`);
   } catch (_) {
     return;
   }
@@ -1531,6 +1616,13 @@ async function refreshJobs(force = false) {
       if (state.shownJob === job.id || state.shownJob == null) showJob(job);
     }
   }
+  if (state.olderJobs.length) {          // older pages shown: a job new ones pushed off the polled page stays
+    const pushedOff = state.jobs.filter((j) => !listed.has(j.id) && !ACTIVE.has(j.status));
+    state.olderJobs.unshift(...pushedOff);
+  } else {
+    state.moreJobs = jobs.length >= JOBS_PAGE;
+  }
+  state.jobs = jobs;
   const signature = JSON.stringify(jobs.map((j) => [j.id, j.status, j.step, (j.images || []).length]));
   if (signature === state.jobsSignature && !force) return;
   state.jobsSignature = signature;
