@@ -848,12 +848,18 @@ def img2img_sigmas(
     name: str, schedule: NoiseSchedule, steps: int, strength: float, convention: str = "diffusers", **options: Any
 ) -> Tensor:
     """Build discretization ``name`` for an img2img run (``discretize``'s options); ``result[0]`` is the
-    sigma to noise the image to."""
+    sigma to noise the image to.
+
+    The tail is the last ``run + 1`` sigmas, except under A1111's conventions, whose ``sample_img2img`` counts
+    from the start (``sigma_sched = sigmas[steps - t_enc - 1:]``): the same for a schedule of ``total + 1``
+    sigmas, more steps for one that is longer (A1111's "DDIM" schedule, 7 sigmas and 0 for 6 steps)."""
     if convention == "lcm":     # LCMScheduler's grid: no penultimate sigma to discard, no spacing offset
         return lcm_img2img_sigmas(name, schedule, steps, strength, scheduler=options.get("scheduler", "euler"),
                                   final=options.get("final", "zero"))
     total, run = steps_run(steps, strength, convention)
-    sigmas = discretize(name, schedule, total, **options)
+    sigmas = discretize(name, schedule, total, **options)                    # (total + 1,) or longer
+    if convention in A1111_IMG2IMG:
+        return sigmas[total - run:]
     return sigmas[-(run + 1) :]
 
 
