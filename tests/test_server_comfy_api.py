@@ -182,6 +182,17 @@ def test_a_vae_loader_draws_as_a_native_vae(server):
     assert refused(server, two_vaes)["node_errors"]["11"]["errors"][0]["type"] == "unsupported_graph"
 
 
+def test_a_ksampler_advanced_that_is_a_ksampler_draws_as_one(server):
+    advanced = graph()
+    advanced["3"] = {"class_type": "KSamplerAdvanced", "inputs": {
+        **{k: v for k, v in BASIC["3"]["inputs"].items() if k not in ("seed", "denoise")}, "noise_seed": 8566257,
+        "add_noise": "enable", "start_at_step": 0, "end_at_step": 10000, "return_with_leftover_noise": "disable"}}
+    _, entry = drawn(server, advanced)
+    assert np.array_equal(viewed(server, entry["outputs"]["9"]["images"][0]), native_pixels(server, NATIVE))
+    advanced["3"]["inputs"]["start_at_step"] = 1                     # a part of the steps: not drawn
+    assert refused(server, advanced)["node_errors"]["3"]["errors"][0]["type"] == "unsupported_graph"
+
+
 def refused(client, prompt) -> dict:
     answer = client.post("/prompt", json={"prompt": prompt})
     assert answer.status_code == 400, answer.text
@@ -227,6 +238,8 @@ def test_bad_graphs_get_comfyuis_node_errors(server):
     assert refused(server, graph(**{"3.denoise": 0.5}))["node_errors"]["3"]["errors"][0]["type"] == \
         "unsupported_graph"                                           # an empty latent is drawn at denoise 1
     assert server.post("/prompt", json={"nothing": 1}).json()["error"]["type"] == "no_prompt"
+    assert refused(server, {**graph(), "12": {"class_type": ["x"], "inputs": {}}})["node_errors"]["12"]["errors"][0][
+        "type"] == "unsupported_node"
     assert server.get("/queue").json() == {"queue_running": [], "queue_pending": []}
 
 

@@ -254,12 +254,13 @@ async def _follow(state: ComfyState, prompt: Prompt) -> None:
             elif name in ("failed", "cancelled"):
                 executed = plan.order[:plan.order.index(plan.sampler_node)] if begun else []
                 node = plan.sampler_node
+                kind = prompt.graph[node]["class_type"]
                 if name == "cancelled" or data.get("status") == "interrupted":
                     await send("execution_interrupted", {"prompt_id": pid, "node_id": node,
-                                                         "node_type": "KSampler", "executed": executed}, keep=True)
+                                                         "node_type": kind, "executed": executed}, keep=True)
                 else:
                     await send("execution_error", {
-                        "prompt_id": pid, "node_id": node, "node_type": "KSampler", "executed": executed,
+                        "prompt_id": pid, "node_id": node, "node_type": kind, "executed": executed,
                         "exception_message": data.get("error") or name, "exception_type": "RuntimeError",
                         "traceback": [], "current_inputs": {}, "current_outputs": {}}, keep=True)
                 break

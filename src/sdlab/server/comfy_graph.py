@@ -82,6 +82,17 @@ NODES: dict[str, NodeSpec] = {
                           "positive": ("CONDITIONING",), "negative": ("CONDITIONING",), "latent_image": ("LATENT",),
                           "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01})},
                          ("LATENT",), category="sampling", display_name="KSampler"),
+    "KSamplerAdvanced": NodeSpec({
+        "model": ("MODEL",), "add_noise": (["enable", "disable"],),
+        "noise_seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True}),
+        "steps": ("INT", {"default": 20, "min": 1, "max": 10000}),
+        "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
+        "sampler_name": ("samplers",), "scheduler": ("schedulers",), "positive": ("CONDITIONING",),
+        "negative": ("CONDITIONING",), "latent_image": ("LATENT",),
+        "start_at_step": ("INT", {"default": 0, "min": 0, "max": 10000}),
+        "end_at_step": ("INT", {"default": 10000, "min": 0, "max": 10000}),
+        "return_with_leftover_noise": (["disable", "enable"],)},
+        ("LATENT",), category="sampling", display_name="KSampler (Advanced)"),
     "VAEDecode": NodeSpec({"samples": ("LATENT",), "vae": ("VAE",)}, ("IMAGE",), category="latent",
                           display_name="VAE Decode"),
     "SaveImage": NodeSpec({"images": ("IMAGE",), "filename_prefix": ("STRING", {"default": "ComfyUI"})},
@@ -89,6 +100,7 @@ NODES: dict[str, NodeSpec] = {
     "PreviewImage": NodeSpec({"images": ("IMAGE",)}, output_node=True, category="image",
                              display_name="Preview Image"),
 }
+SAMPLER_NODES = ("KSampler", "KSamplerAdvanced")
 OUTPUT_TYPE = {"SaveImage": "output", "PreviewImage": "temp"}     # the `type` of their pictures in /history, /view
 
 
@@ -282,7 +294,8 @@ def check_graph(graph: Any, choices: Choices) -> GraphPlan:
         if "class_type" not in node:
             raise GraphError(_error("invalid_prompt", "Cannot execute because a node is missing the class_type "
                                     "property.", f"Node ID '#{node_id}'"))
-    unknown = {node_id: node["class_type"] for node_id, node in graph.items() if node["class_type"] not in NODES}
+    unknown = {node_id: node["class_type"] for node_id, node in graph.items()
+               if not isinstance(node["class_type"], str) or node["class_type"] not in NODES}
     if unknown:
         node_id, class_type = next(iter(unknown.items()))
         raise GraphError(
@@ -342,7 +355,7 @@ class _Plan:
             if self.graph[decoder]["class_type"] != "VAEDecode":
                 raise self.refuse(decoder, "sdlab draws an output's images from a VAEDecode")
             sampler, _, kind = self.source(decoder, "samples")
-            if kind != "KSampler":
+            if kind not in SAMPLER_NODES:
                 raise self.refuse(decoder, "sdlab decodes the latent of a KSampler")
             samplers.add(sampler)
         if len(samplers) > 1:
@@ -356,10 +369,11 @@ class _Plan:
         negative, negative_skip = self.text(sampler, "negative", checkpoint, loras)
         if clip_skip != negative_skip:
             raise self.refuse(sampler, "sdlab encodes the positive and negative prompts at one CLIP layer")
+        seed, denoise = self.seed_and_denoise(sampler)
         plan = GraphPlan(model=self.inputs(checkpoint)["ckpt_name"], prompt=prompt, negative_prompt=negative,
-                         seed=int(values["seed"]), steps=int(values["steps"]), cfg_scale=float(values["cfg"]),
+                         seed=seed, steps=int(values["steps"]), cfg_scale=float(values["cfg"]),
                          sampler=values["sampler_name"], schedule=values["scheduler"],
-                         strength=float(values["denoise"]), clip_skip=clip_skip,
+                         strength=denoise, clip_skip=clip_skip,
                          loras=[(self.inputs(n)["lora_name"], float(self.inputs(n)["strength_model"]))
                                 for n in loras])
         vae = self.vae(sorted(decoders)[0], checkpoint)
@@ -375,6 +389,19 @@ class _Plan:
         plan.order, plan.sampler_node = self.order, sampler
         plan.outputs = {o: OUTPUT_TYPE[self.graph[o]["class_type"]] for o in self.outputs}
         return plan
+
+    def seed_and_denoise(self, sampler: str) -> tuple[int, float]:
+        """(seed, denoise) of the sampler node. KSamplerAdvanced is drawn where it is ComfyUI's KSampler at denoise 1
+        (nodes.py `common_ksampler`: noise added, steps 0 to the end, no leftover noise), its noise_seed the seed."""
+        values = self.inputs(sampler)
+        if self.graph[sampler]["class_type"] == "KSampler":
+            return int(values["seed"]), float(values["denoise"])
+        if (values["add_noise"], values["start_at_step"], values["return_with_leftover_noise"]) != ("enable", 0,
+                                                                                                   "disable") \
+                or values["end_at_step"] < values["steps"]:
+            raise self.refuse(sampler, "sdlab draws a KSamplerAdvanced with add_noise enable, start_at_step 0, "
+                                       "end_at_step >= steps and return_with_leftover_noise disable (a KSampler)")
+        return int(values["noise_seed"]), 1.0
 
     def model_chain(self, sampler: str) -> tuple[str, list[str]]:
         """(CheckpointLoaderSimple id, LoraLoader ids from the checkpoint on) of the KSampler's model."""
