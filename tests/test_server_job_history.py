@@ -152,3 +152,26 @@ def test_another_origins_page_cannot_delete(sdlab_server):  # noqa: F811
         assert client.get(f"/api/jobs/{job_id}").status_code == 200
         own = client.post(f"/api/jobs/{job_id}/delete", headers={"Origin": sdlab_server.url})
         assert own.status_code == 200 and client.get(f"/api/jobs/{job_id}").status_code == 404
+
+
+def test_a_script_job_goes_with_its_requests_and_their_pictures(server):
+    """An X/Y/Z plot job (Steps 1, 2: two requests, each a hidden row with its picture, and the job's grid and cells):
+    deleting it deletes its requests' rows and every picture file of them all."""
+    client, service = server
+    args = [4, "1,2", [], 0, "", [], 0, "", [], True, True]     # x_type 4: A1111 1.10's Steps axis
+    answer = client.post("/api/jobs", json={**BODY, "script_name": "X/Y/Z plot", "script_args": args})
+    assert answer.status_code == 202, answer.text
+    job_id = answer.json()["id"]
+    deadline = time.monotonic() + 120
+    while (job := client.get(f"/api/jobs/{job_id}").json())["status"] not in FINAL:
+        assert time.monotonic() < deadline, job
+        time.sleep(0.05)
+    assert job["status"] == "done", job
+    parts = service.store.parts(job_id, "script_job")
+    names = {*(url.rsplit("/", 1)[1] for url in job["images"]), *(name for row in parts for name in row["images"])}
+    assert len(parts) == 2 and all((service.images_dir / name).is_file() for name in names)
+    deleted = client.post(f"/api/jobs/{job_id}/delete").json()
+    assert sorted(deleted["deleted"]) == sorted([job_id, *(row["id"] for row in parts)])
+    assert deleted["images"] == len(names)
+    assert service.store.parts(job_id, "script_job") == [] and client.get(f"/api/jobs/{job_id}").status_code == 404
+    assert not any((service.images_dir / name).exists() for name in names)
