@@ -101,6 +101,11 @@ class ComfyState:
         return sorted(p.relative_to(self.input_dir).as_posix() for p in self.input_dir.rglob("*")
                       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
+    def listed(self) -> list[Prompt]:
+        """The prompts, oldest first (a copy: routes read them in threads while the event loop adds one)."""
+        with self.lock:
+            return list(self.prompts.values())
+
     def queue_remaining(self) -> int:
         queued, running = self.service.queue.counts()
         return queued + running
@@ -282,8 +287,7 @@ def _history_entry(prompt: Prompt) -> dict[str, Any]:
 
 def _finished(state: ComfyState) -> list[Prompt]:
     """The prompts whose job ended and whose messages were all sent, oldest first."""
-    with state.lock:
-        return [p for p in state.prompts.values() if p.ended]
+    return [p for p in state.listed() if p.ended]
 
 
 @router.get("/history")
@@ -307,10 +311,18 @@ async def post_history(request: Request) -> JSONResponse:
         if body.get("clear"):
             for pid in finished:
                 state.prompts.pop(pid, None)
-        for pid in body.get("delete") or []:
+        for pid in _ids(body):
             if pid in finished:
                 state.prompts.pop(pid, None)
     return JSONResponse({})
+
+
+def _ids(body: dict[str, Any]) -> list[str]:
+    """The body's `delete`: a list of prompt ids, else a 400."""
+    ids = body.get("delete") or []
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise BadRequest("delete must be a list of prompt ids", 400)
+    return ids
 
 
 async def _json_object(request: Request) -> dict[str, Any]:
@@ -330,9 +342,7 @@ def get_prompt(request: Request) -> dict[str, Any]:
 
 @router.get("/queue")
 def get_queue(request: Request) -> dict[str, Any]:
-    state = state_of(request)
-    with state.lock:
-        prompts = list(state.prompts.values())
+    prompts = state_of(request).listed()
     return {"queue_running": [p.item() for p in prompts if p.job.status == "running"],
             "queue_pending": [p.item() for p in prompts if p.job.status == "queued"]}
 
@@ -342,10 +352,8 @@ async def post_queue(request: Request) -> JSONResponse:
     """`{clear: true}` cancels every queued prompt, `{delete: [prompt_id, ...]}` those (the one drawing goes on:
     `POST /interrupt` stops it)."""
     state, body = state_of(request), await _json_object(request)
-    with state.lock:
-        prompts = list(state.prompts.values())
-    wanted = set(body.get("delete") or [])
-    for prompt in prompts:
+    wanted = set(_ids(body))
+    for prompt in state.listed():
         if prompt.job.status == "queued" and (body.get("clear") or prompt.prompt_id in wanted):
             await asyncio.to_thread(state.service.queue.cancel, prompt.job)
     return JSONResponse({})
@@ -363,7 +371,7 @@ async def interrupt(request: Request) -> JSONResponse:
     wanted = body.get("prompt_id") if isinstance(body, dict) else None
     job = state.service.queue.current
     if job is not None:
-        running = next((p for p in state.prompts.values() if p.job is job), None)
+        running = next((p for p in state.listed() if p.job is job), None)
         if wanted is None or (running is not None and running.prompt_id == wanted):
             await asyncio.to_thread(state.service.queue.cancel, job)
     return JSONResponse({})
@@ -378,7 +386,7 @@ async def websocket(socket: WebSocket) -> None:
     try:
         await socket.send_json({"type": "status", "data": {
             "status": {"exec_info": {"queue_remaining": state.queue_remaining()}}, "sid": sid}})
-        running = next((p for p in list(state.prompts.values()) if p.client_id == sid and p.executing), None)
+        running = next((p for p in state.listed() if p.client_id == sid and p.executing), None)
         if running is not None:             # a client that reconnects learns the node drawing
             await socket.send_json({"type": "executing", "data": {"node": running.executing,
                                                                   "prompt_id": running.prompt_id}})
