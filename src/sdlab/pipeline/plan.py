@@ -28,7 +28,8 @@ import torch
 from torch import Tensor
 
 from sdlab.diffusion.discretization import (
-    DIFFUSERS_NAMES, a1111_timestep_sigmas, a1111_timesteps, discretize, img2img_sigmas, schedule_overrides, steps_run,
+    A1111_IMG2IMG, DIFFUSERS_NAMES, a1111_timestep_sigmas, a1111_timesteps, discretize, img2img_sigmas,
+    schedule_overrides, steps_run,
 )
 from sdlab.diffusion.model_sampling import DiscreteModelSampling, ModelSampling
 from sdlab.diffusion.schedules import a1111_schedule_override
@@ -118,8 +119,15 @@ class GenerationPlan:
         """(sigma_max, sigma_min) a txt2img sampler whose row has `model_range` (A1111's DPM fast / adaptive) solves
         between: the model's largest and smallest training sigma (float32, `a1111_training_sigmas`), as A1111's
         `KDiffusionSampler.sample` passes them whatever the schedule, its ends or Discard penultimate sigma; only x's
-        scale is ``sigmas[0]``. None otherwise (img2img and a hires pass solve between the ends of `sigmas`)."""
-        if not self.sampler.model_range or self.from_latent or self.request.init_image is not None:
+        scale is ``sigmas[0]``. img2img and a hires pass solve between the ends of `sigmas` (None), but for A1111's
+        on a list that ends above 0 (KL Optimal): its `sample_img2img` passes sigma_min = ``sigma_sched[-2]``, the
+        next-to-last sigma, then (sigmas[0], sigmas[-2]). None for any other sampler."""
+        if not self.sampler.model_range:
+            return None
+        if self.from_latent or self.request.init_image is not None:
+            ends_above_0 = len(self.sigmas) > 2 and float(self.sigmas[-1]) > 0
+            if self.request.img2img_convention in A1111_IMG2IMG and ends_above_0:
+                return float(self.sigmas[0]), float(self.sigmas[-2])
             return None
         training = a1111_training_sigmas(self.sampling)                              # (T,) ascending
         return float(training[-1]), float(training[0])
