@@ -477,7 +477,9 @@ def test_a_refused_submission_lets_the_tag_loras_it_read_go(model, tmp_path):
             with pytest.raises(BadRequest):
                 service.submit(JobSpec(request), "txt2img", None)
             assert service.queue.counts() == (0, 0) and not prompt_loras._FILE_CACHE, request
-        queued, _ = service.submit(JobSpec(GenerationRequest("a dog <lora:style:0.7>", **OPTIONS)), "txt2img", None)
+        _write_lora(style.with_name("dog.safetensors"), seed=8)    # a file not checked yet: read at submit
+        service.registry.refresh()
+        queued, _ = service.submit(JobSpec(GenerationRequest("a dog <lora:dog:0.7>", **OPTIONS)), "txt2img", None)
         service.queue.max_queue = 1
         with pytest.raises(QueueFull):
             service.submit(JobSpec(GenerationRequest("a cat <lora:style:0.5>", **OPTIONS)), "txt2img", None)
@@ -638,5 +640,74 @@ def test_a_native_loras_entry_that_is_no_lora_is_refused_at_submission(model, tm
                                    loras=(LoraChoice("other", 0.8),)), "txt2img", None)
         assert err.value.status == 400 and says in err.value.message and "LoRA 'other'" in err.value.message
         assert str(folder) not in err.value.message
+    finally:
+        service.store.close()
+
+
+def _write_nan_lora(path: Path) -> Path:
+    """A LoRA file whose U-Net module's up weights hold a NaN."""
+    up = torch.zeros(32, 4)
+    up[0, 0] = float("nan")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({f"{TO_Q}.lora_down.weight": torch.zeros(4, 32), f"{TO_Q}.lora_up.weight": up}, str(path))
+    return path
+
+
+def test_a_lora_with_nan_weights_is_refused_at_submission_as_a_loras_entry_and_as_a_tag(model, tmp_path):
+    """A LoRA file with NaN weights is a 400 when the job is submitted, the same refusal whether the job names it
+    in `loras` or tags it in the prompt (one check, `prompt_loras.lora_file_problem`), not a queued job that fails
+    when the model loads."""
+    from sdlab.pipeline.request import GenerationRequest
+    from sdlab.server.inputs import BadRequest, JobSpec, LoraChoice
+
+    service, _ = _service(model, tmp_path)
+    folder = tmp_path / "models" / "Lora"
+    _write_nan_lora(folder / "poisoned.safetensors")
+    service.registry.refresh()
+    try:
+        with pytest.raises(BadRequest) as entry:
+            service.submit(JobSpec(GenerationRequest("a cat", sampler="Euler", **OPTIONS),
+                                   loras=(LoraChoice("poisoned", 0.8),)), "txt2img", None)
+        with pytest.raises(BadRequest) as tag:
+            service.submit(JobSpec(GenerationRequest("a cat <lora:poisoned:0.8>", sampler="Euler", **OPTIONS)),
+                           "txt2img", None)
+        for err in (entry, tag):
+            assert err.value.status == 400 and "NaN or infinite weights" in err.value.message
+            assert str(folder) not in err.value.message
+        assert entry.value.message.startswith("LoRA 'poisoned': ")
+        assert entry.value.message.removeprefix("LoRA 'poisoned': ") == tag.value.message.removeprefix(
+            "<lora:poisoned:0.8>: ")
+    finally:
+        service.store.close()
+
+
+def test_the_submit_check_reads_a_lora_file_once_per_version(model, tmp_path, monkeypatch):
+    """The submit check of a `loras` entry and of a prompt tag reads the LoRA file the first time only: checked
+    again unchanged, after the queue let go of what it read (`forget_read_loras`) too, it is not read again; a new
+    version of the file is read again. Reads are counted where every LoRA file is opened (`read_checkpoint`)."""
+    import sdlab.checkpoints.lora as lora_module
+    from sdlab.pipeline.request import GenerationRequest
+    from sdlab.server.inputs import JobSpec, LoraChoice
+
+    service, style = _service(model, tmp_path)
+    reads: list[Path] = []
+    read_checkpoint = lora_module.read_checkpoint
+
+    def counted(path, *args, **kwargs):
+        reads.append(Path(path).resolve())
+        return read_checkpoint(path, *args, **kwargs)
+
+    monkeypatch.setattr(lora_module, "read_checkpoint", counted)
+    entry = JobSpec(GenerationRequest("a cat", sampler="Euler", **OPTIONS), loras=(LoraChoice("style", 0.8),))
+    tagged = JobSpec(GenerationRequest("a cat <lora:style:0.5>", sampler="Euler", **OPTIONS))
+    try:
+        for spec in (entry, entry, tagged, entry, tagged):
+            service.check(spec, "txt2img", None)
+            prompt_loras.forget_read_loras()
+        assert reads.count(style.resolve()) == 1
+        _write_lora(style, seed=7)                          # a new version of the file
+        service.check(entry, "txt2img", None)
+        service.check(tagged, "txt2img", None)
+        assert reads.count(style.resolve()) == 2
     finally:
         service.store.close()

@@ -48,7 +48,7 @@ from sdlab.checkpoints.lora import bundle_lora_weights, load_lora_file, merged_l
 from sdlab.models.cpu_kernels import tensor_version
 from sdlab.pipeline.prompt_syntax import strip_comments
 from sdlab.pipeline.request import RequestError
-from sdlab.utils.file_hashes import stat_version
+from sdlab.utils.file_hashes import read_per_version, stat_version
 from sdlab.utils.numbers import finite_float
 
 logger = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ __all__ = [
     "default_lora_dirs",
     "find_lora",
     "forget_read_loras",
+    "lora_file_problem",
     "patcher_for",
     "read_lora",
     "request_loras",
@@ -254,6 +255,22 @@ def read_lora(path: str | os.PathLike[str]) -> dict[str, dict[str, Tensor]]:
     return lora
 
 
+def lora_file_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why the file at `path` is no LoRA sdlab merges (the error `read_lora` raises, one line naming the file:
+    not a LoRA, a kind sdlab does not merge, NaN or infinite weights, unreadable), None for one it merges. The
+    answer is kept per version of the file (`read_per_version`): a file checked again unchanged is not read
+    again, after `forget_read_loras` too. The check for a prompt's tags and a server job's `loras` entries."""
+    return read_per_version(path, _read_problem)
+
+
+def _read_problem(path: Path) -> str | None:
+    try:
+        read_lora(path)                                  # kept for the run that merges it
+    except Exception as err:                             # CheckpointError, OSError: one line naming the file
+        return str(err)
+    return None
+
+
 def forget_read_loras() -> None:
     """Let go the LoRA files `read_lora` keeps (the next read of each reads its file again)."""
     with _FILE_CACHE_LOCK:
@@ -291,10 +308,9 @@ def resolve_prompt_loras(prompt: str, find: Callable[[str], Path | None] | Seque
             where = ", ".join(str(f) for f in find) if not callable(find) else "the LoRA folder"
             raise RequestError(f"the prompt asks for the LoRA {tag.text} but there is no {tag.name}"
                                f"{'/'.join(LORA_SUFFIXES)} in {where or 'no folder (pass --lora-dir DIR)'}")
-        try:
-            read_lora(path)
-        except Exception as err:                         # CheckpointError, OSError: one line naming the file
-            raise RequestError(f"{tag.text}: {err}") from None
+        problem = lora_file_problem(path)
+        if problem is not None:
+            raise RequestError(f"{tag.text}: {problem}")
         paths[tag.name] = Path(path)
         uses.append(LoraUse(Path(path), last[tag.name].te_weight, last[tag.name].unet_weight, tag.name))
     return bare, uses

@@ -8,12 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from sdlab.api import shipped_model_path
-from sdlab.checkpoints.errors import CheckpointError
-from sdlab.checkpoints.lora import load_lora_file
 from sdlab.pipeline.control import ControlInput
 from sdlab.pipeline.image_prompt import layer_settings
 from sdlab.pipeline.infotext import drawn_hires_prompt, hires_tag_refs, tag_loras
-from sdlab.pipeline.prompt_loras import forget_read_loras, without_extra_networks
+from sdlab.pipeline.prompt_loras import forget_read_loras, lora_file_problem, without_extra_networks
 from sdlab.pipeline.prompt_syntax import strip_comments
 from sdlab.pipeline.request import GenerationRequest, RequestError, fixed_seed
 from sdlab.pipeline.styles import StyleDatabase, WatchedStyles
@@ -142,10 +140,9 @@ class Service:
             raise BadRequest("prompt must be text", 422)
         for choice in spec.loras:                   # a file that is no LoRA sdlab merges: refused now, not at load
             lora = self._lora(choice.name)
-            try:
-                load_lora_file(lora.path, weights=False)
-            except CheckpointError as err:
-                raise BadRequest(without_paths(f"LoRA {choice.name!r}: {err}", [(lora.path, lora.name)])) from None
+            problem = lora_file_problem(lora.path)  # the tags' check (`resolve_prompt_loras`), kept per version
+            if problem is not None:
+                raise BadRequest(without_paths(f"LoRA {choice.name!r}: {problem}", [(lora.path, lora.name)]))
         hashes: dict[Path, str] = {}
 
         def tag_lora(name: str) -> Path:
