@@ -411,6 +411,52 @@ def test_a_batch_is_comfyuis_one_picture_runs(monkeypatch, tiny):
         torch.testing.assert_close(batch[i:i + 1], single["out"], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("sampler, size", [("euler_ancestral", 64), ("euler", 64), ("ddpm", 64)])
+def test_comfyui_batch_noise_is_comfyuis_batch(monkeypatch, tiny, sampler, size):
+    """batch_noise "comfyui" (the ComfyUI API's graphs): a batch of 3 is ComfyUI's KSampler on a (3, 4, h, w) latent:
+    prepare_noise's one draw of the batch from torch.manual_seed(seed) and, for a sampler with step noise, one
+    (3, 4, h, w) draw a step from default_noise_sampler's generator (seed + 1). sdlab's latents equal ComfyUI's at 1e-5. Before (a generator per image, seed + i) only image 0 matched."""
+    run = sdlab_run(monkeypatch, tiny, sampler=sampler, schedule="karras", steps=6, batch_size=3, width=size,
+                    height=size, batch_noise="comfyui")
+    function = {"euler_ancestral": sample_euler_ancestral, "euler": sample_euler}.get(sampler)
+    if function is None:                                    # ddpm: the caught step noise against ComfyUI's stream
+        comfy = default_noise_sampler(run["x"], SEED)
+        assert run["draws"] and all(torch.equal(draw, comfy(None, None)) for draw in run["draws"])
+        start = ksampler(lambda model, x, sigmas, extra_args: x, run["model"], run["sigmas"], SEED,
+                         torch.zeros_like(run["x"]), tiny.bundle.model_sampling.sigma_max)
+        torch.testing.assert_close(run["x"], start, rtol=1e-5, atol=1e-5)
+        return
+    reference = ksampler(function, run["model"], run["sigmas"], SEED, torch.zeros_like(run["x"]),
+                         tiny.bundle.model_sampling.sigma_max)
+    assert run["x"].shape[0] == 3
+    assert_same_latents(run["out"], reference)
+
+
+def test_comfyui_batch_noise_draws_the_batch_as_one_tensor():
+    """One generator for the batch draws it as one tensor: on a latent of 4 x 9 x 9 (a 72 px picture of a VAE of
+    factor 8), no multiple of 16 numbers, torch's CPU normal gives other numbers for three draws of one image than
+    for one draw of three; sdlab's start and step noise are ComfyUI's prepare_noise / default_noise_sampler bit for
+    bit."""
+    from sdlab.diffusion.noise import first_noise, generators_for, per_image_noise
+
+    like = torch.zeros((3, 4, 9, 9))
+    generators = generators_for([SEED, SEED + 1, SEED + 2], batch_noise="comfyui")
+    start = first_noise(generators, like, [SEED] * 3, [0] * 3, 0.0)
+    assert torch.equal(start, prepare_noise(like, SEED))
+    ours = per_image_noise(generators_for([SEED + 1] * 3, batch_noise="comfyui"), like)
+    comfy = default_noise_sampler(like, SEED)
+    assert all(torch.equal(ours(None, None), comfy(None, None)) for _ in range(3))
+
+
+def test_comfyui_batch_noise_draws_no_other_request_unknown():
+    """An unknown batch_noise is refused at resolve, naming the valid ones."""
+    from sdlab.pipeline.request import GenerationRequest, RequestError, resolve
+
+    with pytest.raises(RequestError, match="unknown batch noise 'one'; valid: per_image, comfyui"):
+        resolve(GenerationRequest("x", seed=1, batch_noise="one"), default_size=64, default_sampler="Euler",
+                default_schedule="karras", factor=8)
+
+
 def test_a1111_names_keep_the_seeds_stream(monkeypatch, tiny):
     """"Euler a" (A1111's spelling) keeps A1111's and diffusers' rule: the step noise continues the seed's generator
     after the initial noise."""
@@ -538,6 +584,18 @@ def test_brownian_trees_are_cpu_trees_moved_to_the_latents_device(monkeypatch):
 
     like = torch.zeros((1, 4, 8, 8))
     ours = BrownianTreeNoise.for_sigmas(like, sigmas, [5])
+    comfy = BrownianTreeNoiseSampler(like, sigmas[sigmas > 0].min(), sigmas.max(), seed=5, cpu=True)
+    for sigma, sigma_next in zip(sigmas[:-2], sigmas[1:-1]):
+        torch.testing.assert_close(ours(sigma, sigma_next), comfy(sigma, sigma_next), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:Should have tb<=t1")
+def test_comfyui_batch_noise_is_one_brownian_tree_for_the_batch():
+    """batch_noise "comfyui": ComfyUI's BatchedBrownianTree with an int seed is one tree of the whole (B, C, h, w);
+    sdlab's increments equal it at 1e-5 for a batch of 3 (per image, image 0 alone matches nothing of it)."""
+    sigmas = torch.tensor([14.6146, 6.0, 1.5, 0.3, 0.0292, 0.0])
+    like = torch.zeros((3, 4, 9, 9))
+    ours = BrownianTreeNoise.for_sigmas(like, sigmas, [5, 6, 7], batch_noise="comfyui")
     comfy = BrownianTreeNoiseSampler(like, sigmas[sigmas > 0].min(), sigmas.max(), seed=5, cpu=True)
     for sigma, sigma_next in zip(sigmas[:-2], sigmas[1:-1]):
         torch.testing.assert_close(ours(sigma, sigma_next), comfy(sigma, sigma_next), rtol=1e-5, atol=1e-5)

@@ -166,6 +166,10 @@ def _add_sampling_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
                    help="how the start noise is scaled: sigma_max (times the first sigma, as A1111), vp (times "
                         "sqrt(1 + sigma^2), as diffusers' VP schedulers) or comfyui (ComfyUI's KSampler rule) "
                         "(default: the schedule's; a diffusers-named schedule: its scheduler's)")
+    p.add_argument("--batch-noise", choices=("per_image", "comfyui"),
+                   help="a batch's noise: per_image (image i from seed + i's generator, A1111's and diffusers') or "
+                        "comfyui (the whole batch from one generator of the seed, as ComfyUI's KSampler) "
+                        "(default per_image)")
     p.add_argument("--quantize-timesteps", action=argparse.BooleanOptionalAction,
                    help="round the U-Net's timesteps to integers, as diffusers' DPM-Solver and UniPC do with "
                         "Karras or exponential sigmas (default off)")
@@ -553,7 +557,7 @@ _FIELDS_NAMED_AS_FLAGS = (
     "pag_scale", "pag_adaptive_scale", "pag_layers",
     "emphasis", "old_prompt_editing", "downcast_alphas_cumprod", "zero_terminal_snr",
     "s_churn", "s_tmin", "s_tmax", "s_noise", "schedule_sigma_min", "schedule_sigma_max", "schedule_rho",
-    "discard_penultimate_sigma", "init_noise", "quantize_timesteps", "unipc_variant", "unipc_order",
+    "discard_penultimate_sigma", "init_noise", "batch_noise", "quantize_timesteps", "unipc_variant", "unipc_order",
     "unipc_lower_order_final",
     "beta_alpha", "beta_beta", "sgm_noise_multiplier", "extra_noise", "inpainting_mask_weight", "image_cfg_scale",
 )

@@ -49,9 +49,12 @@ class BrownianTreeNoise:
         like: a latent (B, C, h, w); the trees draw (C, h, w) in its dtype on the CPU, moved to its device.
         sigma_min, sigma_max: the interval the trees span; queries must stay inside it.
         seeds: one integer seed per image (the tree's entropy).
+        batch_noise: "comfyui": one tree of the whole (B, C, h, w), seeded ``seeds[0]``, as ComfyUI's
+            ``BatchedBrownianTree`` with an int seed (image 0 then differs from a one-image run's).
     """
 
-    def __init__(self, like: Tensor, sigma_min: float | Tensor, sigma_max: float | Tensor, seeds: Sequence[int]) -> None:
+    def __init__(self, like: Tensor, sigma_min: float | Tensor, sigma_max: float | Tensor, seeds: Sequence[int],
+                 batch_noise: str = "per_image") -> None:
         import torchsde  # imported here: a fifth of a second that only the SDE samplers need
 
         if len(seeds) != like.shape[0]:
@@ -59,11 +62,14 @@ class BrownianTreeNoise:
         t0, t1, self._sign = _sorted(torch.as_tensor(sigma_min), torch.as_tensor(sigma_max))
         self._ends = (round(float(t0), _DIGITS), round(float(t1), _DIGITS))  # as the tree keeps them
         self._device = like.device
+        self._whole_batch = batch_noise == "comfyui"
+        if self._whole_batch:
+            seeds = seeds[:1]
         self._trees = [
             torchsde.BrownianInterval(
                 t0=t0,
                 t1=t1,
-                size=tuple(like.shape[1:]),
+                size=tuple(like.shape if self._whole_batch else like.shape[1:]),
                 dtype=like.dtype,
                 device="cpu",
                 entropy=int(seed),
@@ -75,15 +81,19 @@ class BrownianTreeNoise:
         ]
 
     @classmethod
-    def for_sigmas(cls, like: Tensor, sigmas: Tensor, seeds: Sequence[int]) -> BrownianTreeNoise:
+    def for_sigmas(cls, like: Tensor, sigmas: Tensor, seeds: Sequence[int],
+                   batch_noise: str = "per_image") -> BrownianTreeNoise:
         """Span the schedule as k-diffusion does: smallest positive sigma to the largest sigma."""
-        return cls(like, sigmas[sigmas > 0].min(), sigmas.max(), seeds)
+        return cls(like, sigmas[sigmas > 0].min(), sigmas.max(), seeds, batch_noise)
 
     def __call__(self, sigma: Tensor, sigma_next: Tensor) -> Tensor:
         t0, t1 = torch.as_tensor(sigma), torch.as_tensor(sigma_next)
         lo, hi, sign = _sorted(t0, t1)
         lo, hi = self._query_time(lo), self._query_time(hi)
-        w = torch.stack([tree(lo, hi) for tree in self._trees]).to(self._device)  # (B, C, h, w)
+        if self._whole_batch:
+            w = self._trees[0](lo, hi).to(self._device)                                  # (B, C, h, w)
+        else:
+            w = torch.stack([tree(lo, hi) for tree in self._trees]).to(self._device)  # (B, C, h, w)
         w = w * (self._sign * sign)
         return w / (t1 - t0).abs().sqrt()
 

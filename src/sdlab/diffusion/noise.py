@@ -34,10 +34,11 @@ from torch import Tensor
 
 from sdlab.diffusion.philox import PhiloxGenerator
 
-__all__ = ["RNG_SOURCES", "Generator", "NoiseSource", "draw", "first_noise", "generators_for", "image_noise",
+__all__ = ["BATCH_NOISE", "RNG_SOURCES", "Generator", "NoiseSource", "draw", "first_noise", "generators_for", "image_noise",
            "initial_noise", "per_image_noise"]
 
 RNG_SOURCES = ("CPU", "GPU", "NV")            # A1111's randn_source values
+BATCH_NOISE = ("per_image", "comfyui")        # a batch's noise: a generator per image, or one for the batch
 Generator = torch.Generator | PhiloxGenerator
 
 
@@ -50,8 +51,16 @@ class NoiseSource(Protocol):
     def __call__(self, sigma: Tensor, sigma_next: Tensor) -> Tensor: ...
 
 
-def generators_for(seeds: Sequence[int], rng: str = "CPU", device: torch.device | str = "cpu") -> list[Generator]:
-    """One seeded generator per image of the random source `rng` (module docstring) for a run on `device`."""
+def generators_for(seeds: Sequence[int], rng: str = "CPU", device: torch.device | str = "cpu",
+                   batch_noise: str = "per_image") -> list[Generator]:
+    """One seeded generator per image of the random source `rng` (module docstring) for a run on `device`.
+
+    `batch_noise` "comfyui": one generator, of ``seeds[0]``, stands for every image (the list holds that one object
+    len(seeds) times), and the batch's noise is drawn from it as one (B, C, h, w) tensor (`_draw`), as ComfyUI's
+    ``prepare_noise`` (``torch.manual_seed(seed)``, one ``torch.randn`` of the batch) and its step noise (one
+    generator of the seed + 1 for the whole x) draw it. Image 0 is the same as with a generator per image."""
+    if batch_noise == "comfyui":
+        return generators_for(seeds[:1], rng, device) * len(seeds)
     device = torch.device(device)
     if rng == "NV" or (rng == "GPU" and device.type != "cuda"):
         return [PhiloxGenerator(seed) for seed in seeds]
@@ -68,7 +77,12 @@ def draw(generator: Generator, shape: tuple[int, ...], dtype: torch.dtype = torc
 
 
 def _draw(generators: Sequence[Generator], image_shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    """Image i from generator i, each ``(1, *image_shape)`` in ``dtype`` on the generators' device, concatenated."""
+    """Image i from generator i, each ``(1, *image_shape)`` in ``dtype`` on the generators' device, concatenated;
+    one generator standing for the whole batch (`generators_for`'s "comfyui") draws it as one tensor (torch's CPU
+    normal fills in blocks of 16, so B draws of one image differ from one of the batch where an image is no
+    multiple of 16 numbers)."""
+    if len(generators) > 1 and all(g is generators[0] for g in generators):
+        return draw(generators[0], (len(generators), *image_shape), dtype)               # (B, *image_shape)
     return torch.cat([draw(g, (1, *image_shape), dtype) for g in generators])
 
 

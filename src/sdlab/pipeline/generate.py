@@ -279,7 +279,7 @@ def sample_latents(
     if (init_latent is not None) != plan.from_latent or (
             init_latent is not None and tuple(init_latent.shape) != plan.latent_shape):
         raise ValueError(f"init_latent goes with a plan made from_latent, of shape {plan.latent_shape}")
-    generators = generators_for(plan.request.seeds(), plan.request.rng, bundle.device)
+    generators = generators_for(plan.request.seeds(), plan.request.rng, bundle.device, plan.request.batch_noise)
     with tiling_padding(plan.request, bundle), token_merging(plan.request, bundle):
         start = _start(bundle, plan, generators, init_latent)
         if init_pixels is not None:
@@ -359,7 +359,7 @@ def generate_with_refiner(
     plan = _as_plan(base, request, refiner, switch_at)
     req, sigmas, split = plan.request, plan.sigmas, plan.refiner_split
     logger.info("refiner handoff after %d of %d steps, at sigma %.4f", split, len(sigmas) - 1, float(sigmas[split]))
-    generators = generators_for(req.seeds(), req.rng, base.device)
+    generators = generators_for(req.seeds(), req.rng, base.device, req.batch_noise)
     with recording_effects() as effects, tiling_padding(req, base, refiner), token_merging(req, base):
         start = _start(base, plan, generators, refiner=refiner)
         options = _sampler_options(plan, start.x, generators)                 # one noise source across both halves
@@ -971,10 +971,10 @@ def _sampler_options(plan: GenerationPlan, x: Tensor, generators: list[Generator
     sampler, req = plan.sampler, plan.request
     options: dict[str, Any] = {}
     if sampler.noise == "brownian":
-        options["noise"] = BrownianTreeNoise.for_sigmas(x, _brownian_span(plan), req.seeds())
+        options["noise"] = BrownianTreeNoise.for_sigmas(x, _brownian_span(plan), req.seeds(), req.batch_noise)
     elif sampler.noise == "gaussian" or req.s_churn:   # after the initial noise: the same generators (A1111's
         # `ImageRNG.next`, churn's too), or reseeded by ENSD
-        options["noise"] = per_image_noise(generators_for(req.step_noise_seeds(), req.rng, x.device)
+        options["noise"] = per_image_noise(generators_for(req.step_noise_seeds(), req.rng, x.device, req.batch_noise)
                                            if req.eta_noise_seed_delta else generators, x)
     if req.eta is not None:
         options["eta"] = req.eta

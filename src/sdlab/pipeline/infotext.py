@@ -99,6 +99,7 @@ _FIELDS: dict[str, tuple[str, type]] = {
     "Masked content": ("inpaint_fill", str),
     "Masked area padding": ("inpaint_padding", int),
     "Initial noise": ("init_noise", str),
+    "Batch noise": ("batch_noise", str),
     "Img2img steps": ("img2img_convention", str),
     "Control steps": ("control_convention", str),
     "Timestep rounding": ("quantize_timesteps", bool),
@@ -289,6 +290,7 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         **img2img_parameters(req),
         "SGM noise multiplier": True if _sgm_noise_multiplied(req) else None,
         "Initial noise": _initial_noise(req),
+        "Batch noise": req.batch_noise if req.batch_noise != "per_image" else None,   # sdlab's: ComfyUI's batch
         "Img2img steps": req.img2img_convention if req.init_image is not None else None,
         "Timestep rounding": "true" if req.quantize_timesteps else None,
         "Tiling": "True" if req.tiling else None,            # A1111's label and value (processing.py)

@@ -52,7 +52,7 @@ from sdlab.diffusion.discretization import (
     default_init_noise,
     steps_run,
 )
-from sdlab.diffusion.noise import RNG_SOURCES
+from sdlab.diffusion.noise import BATCH_NOISE, RNG_SOURCES
 from sdlab.diffusion.samplers import (
     A1111_TIMESTEP_SAMPLERS, SamplerSpec, UnknownSamplerError, comfyui_spelling, get_sampler, runs_a1111_timesteps,
 )
@@ -201,6 +201,9 @@ class GenerationRequest:
                                             # [from:to:when] rule before 1.6 (prompt_schedule)
     eta_noise_seed_delta: int | None = None  # A1111's ENSD: step noise drawn from seed + this after the initial
                                             # noise; None: `default_ensd` (1 for a ComfyUI spelling that draws it)
+    batch_noise: str = "per_image"          # "per_image": image i from its seed + i's generator (A1111's, diffusers');
+                                            # "comfyui": the batch's noise from one generator of the seed, as
+                                            # ComfyUI's KSampler draws it (noise.generators_for, BATCH_NOISE)
     eta: float | None = None                # ancestral / DDIM noise amount; None = the sampler's default
     s_noise: float = 1.0
     s_churn: float = 0.0                    # k-diffusion's churn (Euler, Heun, DPM2: A1111's Sigma churn): noise
@@ -1010,6 +1013,8 @@ def resolve(
     if r.control_convention not in CONTROL_CONVENTIONS:
         raise RequestError(f"unknown ControlNet step convention {r.control_convention!r}; valid: "
                            f"{', '.join(CONTROL_CONVENTIONS)}")
+    if r.batch_noise not in BATCH_NOISE:
+        raise RequestError(f"unknown batch noise {r.batch_noise!r}; valid: {', '.join(BATCH_NOISE)}")
     if r.eta_noise_seed_delta is not None and (
             not _integer(r.eta_noise_seed_delta) or not 0 <= r.eta_noise_seed_delta <= MAX_SEED):
         raise RequestError(f"eta noise seed delta (ENSD) must be an integer in 0..{MAX_SEED}, "

@@ -896,7 +896,7 @@ A1111_FIXED_LABELS = frozenset({
 })
 """The labels of A1111 1.10's `create_infotext` that are fields of its own, not of `p.extra_generation_params`."""
 SDLAB_LABELS = frozenset({
-    "Clip skip rule", "Empty negative", "Initial noise", "Img2img steps", "Timestep rounding",
+    "Clip skip rule", "Empty negative", "Initial noise", "Batch noise", "Img2img steps", "Timestep rounding",
     "Control steps", "Refiner steps", "Hires eta", "Mask blur x", "Mask blur y", "Mask round",
     "SDXL original size", "SDXL target size", "SDXL negative original size", "SDXL negative target size",
     "SDXL crop top", "SDXL crop left", "SDXL negative crop top", "SDXL negative crop left",

@@ -183,7 +183,7 @@ def _submit(state: ComfyState, plan: GraphPlan) -> Job:
     request = GenerationRequest(
         prompt=plan.prompt, negative_prompt=plan.negative_prompt, sampler=plan.sampler, schedule=plan.schedule,
         cfg_scale=plan.cfg_scale, seed=plan.seed, steps=plan.steps, width=width, height=height,
-        batch_size=plan.batch_size, clip_skip=plan.clip_skip,
+        batch_size=plan.batch_size, batch_noise="comfyui", clip_skip=plan.clip_skip,
         clip_skip_convention="a1111" if plan.clip_skip != 1 else "diffusers",
         init_image=init, strength=plan.strength if init is not None else 1.0)
     loras = tuple(LoraChoice(Path(name).stem, weight) for name, weight in plan.loras)

@@ -198,6 +198,8 @@ class JobIn(NullsAreDefaults):
     eta_noise_seed_delta: int | None = None  # A1111's ENSD: step noise from seed + this; unset: the request's
                                             # (1 for a ComfyUI spelling that draws step noise, else 0)
     init_noise: str | None = None           # the start noise's scale: sigma_max, vp, diffusers_leading, comfyui
+    batch_noise: str = "per_image"          # a batch's noise: a generator per image's seed, or "comfyui": one
+                                            # generator of the seed for the batch, as ComfyUI's KSampler
     img2img_convention: str = "diffusers"   # strength -> steps: diffusers, a1111, a1111_fix_steps, comfyui, lcm
     control_convention: str = "diffusers"   # the steps a control's start / end select: diffusers' or "a1111"'s
     zero_empty_negative: bool | None = None  # an empty negative: zeros or "" encoded (False); unset: the model's
@@ -391,7 +393,7 @@ def job_spec(service: Service, body: JobIn, init: Image.Image | None, mask: Imag
         schedule=schedule, cfg_scale=body.cfg_scale, seed=body.seed, width=body.width, height=body.height,
         batch_size=body.batch_size, clip_skip=body.clip_skip, clip_skip_convention=body.clip_skip_convention,
         sdxl_clip_l_skip=body.sdxl_clip_l_skip,
-        eta=body.eta, init_noise=body.init_noise,
+        eta=body.eta, init_noise=body.init_noise, batch_noise=body.batch_noise,
         img2img_convention=body.img2img_convention, zero_empty_negative=body.zero_empty_negative,
         control_convention=body.control_convention,
         init_image=init, mask_image=mask,
