@@ -1049,11 +1049,10 @@ def _ip_adapters(args: argparse.Namespace, recorded: dict[str, Any], convention:
     (`unit_image_encoder`; the redraw records the unit's line again); per-layer scales given (`_ip_adapter_scale`) draw at scale 1. Those past
     the adapters given are named in a warning (the picture is not recorded: each needs its image again). An adapter
     without an --ip-adapter-image (none, empty, or past those given) draws on the --init picture
-    (`image_prompt.prompts_on_init`); in txt2img it is refused (`control.drawn_on_init`)."""
-    from sdlab.pipeline.image_prompt import (IPAdapterInput, check_ip_adapter, recorded_face_shortcut,
-                                             recorded_ip_adapters, recorded_layer_scales, recorded_weight,
-                                             recorded_window, takes_face_shortcut)
-    from sdlab.pipeline.control import drawn_on_init
+    (`image_prompt.prompts_on_init`); in txt2img it is refused (`image_prompt.prompt_on_init`)."""
+    from sdlab.pipeline.image_prompt import (IPAdapterInput, check_ip_adapter, prompt_on_init,
+                                             recorded_face_shortcut, recorded_ip_adapters, recorded_layer_scales,
+                                             recorded_weight, recorded_window, takes_face_shortcut)
     from sdlab.pipeline.ip_adapter_units import unit_image_encoder
     from sdlab.pipeline.request import RequestError
 
@@ -1121,7 +1120,7 @@ def _ip_adapters(args: argparse.Namespace, recorded: dict[str, Any], convention:
                                 module=module, face_embedding=face, face_shortcut=shortcut, **window)
         try:
             if getattr(args, "mode", None) == "txt2img":        # no init picture: refused before the model loads
-                drawn_on_init(prompt, index, None, "resize")
+                prompt_on_init(prompt, index, None)
             prompts.append(check_ip_adapter(prompt, index, convention))
         except RequestError as err:
             raise UserError(f"--ip-adapter {file!r}: {err}") from None

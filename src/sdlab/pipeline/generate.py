@@ -637,7 +637,7 @@ def _guided_model(
     """The bundle's U-Net (with the request's ControlNets, on their fraction of `sigmas`' steps) as a
     CFG-guided denoiser with the request's conditioning and picture inputs; its prompt schedule counts on
     after `steps_done` steps (a refiner's: the base's). `overlay`: inpainting's (`_overlay`); its region is the
-    part "Only masked" draws, where the ControlNets' images are cut.
+    part "Only masked" draws, where the ControlNets' and IP-Adapters' pictures are cut.
 
     A U-Net with a guidance embedding (LCM-distilled, `time_cond_proj_dim`) runs once per step on the prompt
     alone and takes the CFG scale as its input instead: the embedding of w = cfg_scale - 1 (diffusers'
@@ -686,7 +686,10 @@ def _guided_model(
                                 mask=inpaint_mask(req.mask_image, req.invert_mask, req.mask_blur,
                                                   req.mask_blur_y))
     image_prompts = prepare_image_prompts(bundle, req.ip_adapters, req.batch_size,    # IP-Adapters' tokens
-                                          req.control_convention)
+                                          req.control_convention,
+                                          region=None if overlay is None else overlay.region,
+                                          picture_size=None if overlay is None else overlay.original.size,
+                                          size=(req.width, req.height))
     net = image_prompted(controlled_unet(bundle.unet, controls, circular=req.tiling, freeu=req.freeu,
                                          deep_cache=check_deep_cache_branch(bundle, req),
                                          sigmas_chosen=get_sampler(req.sampler).chooses_sigmas),

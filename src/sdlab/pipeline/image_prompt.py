@@ -47,7 +47,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,8 @@ from sdlab.families.loaded import ModelBundle
 from sdlab.models.ip_adapter import ImagePrompt, IPAdapter, IPAdapterConfig, cross_attentions, embeds_tokens
 from sdlab.pipeline.clip_image import clip_pixels, extension_clip_pixels
 from sdlab.pipeline.ip_adapter_layers import LayerScaleError, check_layer_scales, expand_layer_scales, layer_scales_text
-from sdlab.pipeline.control import _line_fields, drawn_on_init, in_window
+from sdlab.pipeline.control import _line_fields, cropped_to_region, drawn_on_init, in_window
+from sdlab.pipeline.images import eight_bit
 from sdlab.pipeline.ip_adapter_units import MODULE_ENCODERS, is_ip_adapter_module
 from sdlab.pipeline.prompt_loras import LoraUse
 from sdlab.pipeline.request import RequestError, input_image
@@ -163,8 +164,28 @@ def check_ip_adapter(prompt: IPAdapterInput, index: int = 0, convention: str = "
 def prompts_on_init(prompts: Sequence[IPAdapterInput], init: Image.Image | None) -> tuple[IPAdapterInput, ...]:
     """Each of a request's image prompts as it is drawn, by the rule a control follows (`control.drawn_on_init`):
     one without a picture of its own on the init picture `init` as it is (its CLIP preprocessing fits it); in
-    txt2img (`init` None) such a prompt is a RequestError."""
-    return tuple(drawn_on_init(prompt, index, init, "resize") for index, prompt in enumerate(prompts))
+    txt2img (`init` None) such a prompt is a RequestError (`prompt_on_init`)."""
+    return tuple(prompt_on_init(prompt, index, init) for index, prompt in enumerate(prompts))
+
+
+def prompt_on_init(prompt: IPAdapterInput, index: int, init: Image.Image | None,
+                   name: str | None = None) -> IPAdapterInput:
+    """`prompt` (the request's `index`-th) as it is drawn (`control.drawn_on_init`, refusals named `name`). A FaceID
+    adapter without a face embedding in txt2img is refused with the FaceID message it gets in img2img, where the
+    init picture it takes is no embedding (`check_face_on_init`), not with the rule's."""
+    check_face_on_init(prompt, index, init)
+    return drawn_on_init(prompt, index, init, "resize", name)
+
+
+def check_face_on_init(prompt: IPAdapterInput, index: int, init: Image.Image | None) -> None:
+    """Where `prompt` has no image and its request no init picture (txt2img): a FaceID (Plus) adapter's refusal
+    for what it lacks (`_check_face_input`, named "IP-Adapter `index`"), as img2img gives it; nothing for another
+    adapter, nor where there is an image or an init picture."""
+    if prompt.image is None and init is None:
+        name = f"IP-Adapter {index}"
+        config = prompt.model.config if isinstance(prompt.model, LoadedIPAdapter) \
+            else _check_adapter_file(Path(prompt.model), name)
+        _check_face_input(prompt, config, name)
 
 
 def _check_window(prompt: IPAdapterInput, name: str, convention: str) -> None:
@@ -454,10 +475,14 @@ def _kept_tokens(adapter: IPAdapter, encoder: torch.nn.Module, pixels: Tensor,
 
 
 def prepare_image_prompts(bundle: ModelBundle, prompts: Sequence[IPAdapterInput], batch: int,
-                          convention: str = "diffusers") -> PreparedImagePrompts | None:
+                          convention: str = "diffusers", region: tuple[int, int, int, int] | None = None,
+                          picture_size: tuple[int, int] | None = None,
+                          size: tuple[int, int] | None = None) -> PreparedImagePrompts | None:
     """Load (or take) each adapter and its image encoder, check they fit the model, encode each picture; None
     without image prompts. `convention`: the request's `control_convention`, the rule of the adapters' step
-    windows. Errors are RequestErrors naming the adapter."""
+    windows. `region` (x1, y1, x2, y2) of a picture of `picture_size`: the run draws that region at `size` (Inpaint
+    area "Only masked"); each picture (and its mask) is cut to it first, as a control's image is
+    (`in_region`). Errors are RequestErrors naming the adapter."""
     if not prompts:
         return None
     adapters, cond, uncond = [], [], []
@@ -467,12 +492,38 @@ def prepare_image_prompts(bundle: ModelBundle, prompts: Sequence[IPAdapterInput]
             adapter, encoder = _loaded(prompt, bundle)
         except CheckpointError as err:
             raise RequestError(f"IP-Adapter {index}: {err}") from None
+        if region is not None and encoder is not None:        # a FaceID adapter's image is its face embedding
+            prompt = in_region(prompt, index, region, picture_size, size)
         tokens, negative = _prompt_tokens(prompt, adapter, encoder, index, convention)       # 2 x (1, T, C)
         adapters.append((adapter.model, _scales(prompt, bundle, index), tokens.shape[1]))
         cond.append(tokens.expand(batch, -1, -1))                                             # (B, T, C)
         uncond.append(negative.expand(batch, -1, -1))                                         # (B, T, C)
     return PreparedImagePrompts(tuple(adapters), torch.cat(cond, dim=1), torch.cat(uncond, dim=1),
                                 tuple((float(p.start), float(p.end)) for p in prompts), convention)
+
+
+REGION_RESIZE = "crop"
+"""The resize mode that fits an image prompt's picture to the picture's size before an "Only masked" run cuts it
+(`in_region`): the ControlNet extension's default unit's, "Crop and Resize" (`ResizeMode.INNER_FIT`). The init
+picture an adapter without its own takes has that size, and is the same under every mode."""
+
+
+def in_region(prompt: IPAdapterInput, index: int, region: tuple[int, int, int, int],
+              picture_size: tuple[int, int], size: tuple[int, int]) -> IPAdapterInput:
+    """`prompt` with its picture (and an A1111 unit's mask) cut to the `region` an Inpaint area "Only masked" run
+    draws of a picture of `picture_size`, resized to the drawing `size` (`control.cropped_to_region`), as the
+    ControlNet extension's `get_control` cuts every unit's input, an IP-Adapter's too
+    (`try_crop_image_with_a1111_mask`, for a unit whose module is no reference one and whose
+    `inpaint_crop_input_image`, default True, is set; sd-webui-controlnet scripts/controlnet.py, v1.1.455)."""
+    picture = input_image(prompt.image, f"IP-Adapter {index} image")
+    mask = None if prompt.mask is None else input_image(prompt.mask, f"IP-Adapter {index} mask")
+    if mask is not None and mask.size != picture.size:
+        raise RequestError(f"IP-Adapter {index}: the mask is {mask.width}x{mask.height}, the picture "
+                           f"{picture.width}x{picture.height}")
+    picture = cropped_to_region(picture, picture_size, region, size, REGION_RESIZE)
+    if mask is not None:
+        mask = cropped_to_region(eight_bit(mask).convert("RGB"), picture_size, region, size, REGION_RESIZE)
+    return replace(prompt, image=picture, mask=mask)
 
 
 def check_image_prompt_layers(bundle: ModelBundle, prompts: Sequence[IPAdapterInput]) -> None:

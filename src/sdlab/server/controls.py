@@ -30,7 +30,7 @@ from sdlab.pipeline.control import (
     CONTROL_MODES, DEFAULT_RESIZE, RESIZE_MODES, ControlInput, a1111_mode, check_control, check_mask_size,
     drawn_on_init,
 )
-from sdlab.pipeline.image_prompt import IPAdapterInput, check_ip_adapter
+from sdlab.pipeline.image_prompt import IPAdapterInput, check_ip_adapter, prompt_on_init
 from sdlab.pipeline.images import eight_bit
 from sdlab.pipeline.ip_adapter_units import LISTED_MODULES, is_ip_adapter_module, unit_image_encoder
 from sdlab.pipeline.preprocess import (
@@ -274,6 +274,10 @@ def a1111_ip_adapter(unit: dict[str, Any], index: int, folder: ModelFolder, limi
     own = image_field(unit.get("image") or unit.get("input_image") or None, what)
     image = hint_image(own, what, limits) if own else None
     path = model_path(unit["model"], what, folder)
+    try:                    # before the init picture's rule: a FaceID model's refusal in txt2img as in img2img
+        encoder = unit_image_encoder(module, path)
+    except RequestError as err:
+        raise BadRequest(f"{what}: {folder.without_paths(str(err))}", 422) from None
     try:
         prompt = drawn_on_init(IPAdapterInput(path, image, unit.get("weight", 1.0),
                                               start=unit.get("guidance_start", 0.0),
@@ -283,7 +287,7 @@ def a1111_ip_adapter(unit: dict[str, Any], index: int, folder: ModelFolder, limi
         raise BadRequest(str(err), 422) from None
     mask = clip_mask(unit, own, prompt.image, what, limits)
     try:
-        prompt = dataclasses.replace(prompt, mask=mask, image_encoder=unit_image_encoder(module, path))
+        prompt = dataclasses.replace(prompt, mask=mask, image_encoder=encoder)
         return check_ip_adapter(prompt, index, "a1111")
     except RequestError as err:
         raise BadRequest(f"{what}: {folder.without_paths(str(err))}", 422) from None
@@ -377,7 +381,7 @@ def native_ip_adapters(items: list[dict[str, Any]], folder: ModelFolder, limits:
                                 item.get("scale", 1.0), layer_scales=item.get("layer_scales"),
                                 start=item.get("start", 0.0), end=item.get("end", 1.0), module=module)
         try:
-            prompt = drawn_on_init(prompt, index, init, "resize")
+            prompt = prompt_on_init(prompt, index, init)
             if module is not None:
                 if prompt.layer_scales is not None:
                     raise RequestError("layer_scales and module: an A1111 unit's line records no layer scales; "
