@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 
 import httpx
 import numpy as np
@@ -14,7 +15,8 @@ import openai
 import pytest
 from PIL import Image
 
-from server_fixtures import b64_png, drawn_job, png_picture, sdlab_server, start_server  # noqa: F401
+from server_fixtures import (  # noqa: F401
+    b64_png, drawn_job, png_picture, sdlab_server, start_server, wait_for_job)
 
 SIDE = 64
 
@@ -241,3 +243,37 @@ def test_with_auth_the_api_key_is_user_colon_password(tmp_path):
                          timeout=30).status_code == 200          # the key opens every route, as the password
     finally:
         server.stop()
+
+
+def jobs_of_prompt(http: httpx.Client, prompt: str) -> list[dict]:
+    return [job for job in http.get("/api/jobs").json()["jobs"] if job["request"]["prompt"] == prompt]
+
+
+def ended(http: httpx.Client, prompt: str, count: int, timeout_s: float = 60) -> list[str]:
+    """The statuses of the `count` jobs of `prompt` once none is queued or running (or the timeout passed)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        statuses = [job["status"] for job in jobs_of_prompt(http, prompt)]
+        if (len(statuses) >= count and not {"queued", "running"} & set(statuses)) or time.monotonic() > deadline:
+            return statuses
+        time.sleep(0.1)
+
+
+def test_a_client_that_gives_up_cancels_its_queued_and_running_jobs(sdlab_server):
+    """The `openai` package's timeout closes the connection and retries: each try's job is cancelled, queued
+    (behind a long native job) or running, instead of drawing on for nobody."""
+    with httpx.Client(base_url=sdlab_server.url, timeout=60) as http:
+        blocker = http.post("/api/jobs", json={"prompt": "a long one", "width": 512, "height": 512, "steps": 60,
+                                               "batch_count": 4, "seed": 1})
+        assert blocker.status_code == 202
+        impatient = openai.OpenAI(base_url=sdlab_server.url + "/v1", api_key="x", max_retries=1, timeout=1.5)
+        with pytest.raises(openai.APITimeoutError):
+            impatient.images.generate(prompt="a queued otter", size=f"{SIDE}x{SIDE}", extra_body={"seed": 1})
+        assert ended(http, "a queued otter", 2, timeout_s=10) == ["cancelled", "cancelled"]   # two tries, none left
+        assert http.get(f"/api/jobs/{blocker.json()['id']}").json()["status"] == "running"
+        http.delete(f"/api/jobs/{blocker.json()['id']}")
+        assert wait_for_job(http, blocker.json()["id"])["status"] == "cancelled"
+        gone = openai.OpenAI(base_url=sdlab_server.url + "/v1", api_key="x", max_retries=0, timeout=1.5)
+        with pytest.raises(openai.APITimeoutError):
+            gone.images.generate(prompt="a running otter", size="512x512", extra_body={"seed": 1})
+        assert ended(http, "a running otter", 1) == ["cancelled"]

@@ -163,7 +163,7 @@ def _checkpoint(service: Service, name: str | None) -> Checkpoint:
                           err.status, "model", "model_not_found") from None
 
 
-async def _drawn(service: Service, body: GenerationIn, pictures: list[Image.Image],
+async def _drawn(service: Service, request: Request, body: GenerationIn, pictures: list[Image.Image],
                  mask: Image.Image | None) -> Job:
     """The job of `body` (an edit's init `pictures` and sdlab `mask`, white = repaint) once it ended."""
     width, height = _checked(body)
@@ -178,7 +178,7 @@ async def _drawn(service: Service, body: GenerationIn, pictures: list[Image.Imag
     if len(pictures) > 1:
         spec = replace(spec, request=replace(spec.request, init_images=tuple(pictures)))
     job, _ = await asyncio.to_thread(service.submit, spec, mode, body.model)
-    await _until_finished(job)
+    await _until_finished(service, job, request)
     if job.status == "interrupted":
         raise Unavailable(job.error or INTERRUPTED_ERROR)
     if job.status == "failed":
@@ -188,12 +188,26 @@ async def _drawn(service: Service, body: GenerationIn, pictures: list[Image.Imag
     return job
 
 
-async def _until_finished(job: Job) -> None:
-    """Wait for the job's final event; cancelled (the server stops while it waits) a 503."""
+DISCONNECT_POLL_S = 0.5                     # how often a waiting request asks whether its client is still there
+
+
+async def _until_finished(service: Service, job: Job, request: Request) -> None:
+    """Wait for the job's final event; cancelled (the server stops while it waits) a 503. A client that gives up
+    (disconnects, or its timeout closes the connection) cancels its job as the native `DELETE /api/jobs/ID` does:
+    a queued one is removed, a running one stops at its next step (so the `openai` package's retries after a
+    timeout do not leave copies drawing)."""
     queue = job.subscribe(asyncio.get_running_loop(), steps=False)
     try:
-        while (await queue.get())[0] not in ("done", "failed", "cancelled"):
-            pass
+        while True:
+            try:
+                event = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    await asyncio.to_thread(service.queue.cancel, job)
+                    raise Unavailable("the client disconnected; its job was cancelled") from None
+                continue
+            if event[0] in ("done", "failed", "cancelled"):
+                return
     except asyncio.CancelledError:
         raise Unavailable(INTERRUPTED_ERROR) from None
     finally:
@@ -237,7 +251,7 @@ def _base_url(request: Request) -> str:
 @router.post("/images/generations")
 async def generations(body: GenerationIn, request: Request) -> dict[str, Any]:
     service = service_of(request)
-    job = await _drawn(service, body, [], None)
+    job = await _drawn(service, request, body, [], None)
     return await asyncio.to_thread(_answer, service, body, job, _base_url(request))
 
 
@@ -287,7 +301,7 @@ async def edits(request: Request) -> dict[str, Any]:
             raise ImagesError(f"Invalid 'mask': it is {openai_mask.width}x{openai_mask.height}, the image "
                               f"{pictures[0].width}x{pictures[0].height}; they must be the same size.", param="mask")
         mask = repaint_mask(openai_mask)
-    job = await _drawn(service, body, pictures, mask)
+    job = await _drawn(service, request, body, pictures, mask)
     return await asyncio.to_thread(_answer, service, body, job, _base_url(request))
 
 
