@@ -110,6 +110,14 @@ def test_models_lists_the_checkpoints_and_a_listed_id_draws(sdlab_server):
     assert b64_picture(answer.data[0].b64_json).size == (SIDE, SIDE)
 
 
+def test_openais_model_names_draw_with_the_selected_model(sdlab_server):
+    drawn = [pixels(b64_picture(client_of(sdlab_server).images.generate(
+        model=name, prompt="a hill", size=f"{SIDE}x{SIDE}", extra_body={"seed": 9}).data[0].b64_json))
+        for name in ("dall-e-2", "dall-e-3", "gpt-image-1")]
+    native = native_pictures(sdlab_server, {"prompt": "a hill", "seed": 9, "width": SIDE, "height": SIDE})[1][0]
+    assert all(np.abs(picture - pixels(native)).max() == 0 for picture in drawn)
+
+
 def test_an_edit_without_mask_is_the_native_img2img(sdlab_server):
     init = init_picture()
     answer = client_of(sdlab_server).images.edit(
@@ -170,7 +178,7 @@ def error_of(call) -> tuple[int, dict]:
     ({"n": 0}, 400, "n"),
     ({"n": 11}, 400, "n"),
     ({"prompt": "  "}, 400, "prompt"),
-    ({"model": "dall-e-3"}, 404, "model"),
+    ({"model": "no-such-model"}, 404, "model"),
     ({"response_format": "svg"}, 400, "response_format"),
     ({"response_format": "url", "output_format": "jpeg"}, 400, "output_format"),
     ({"background": "transparent"}, 400, "background"),
@@ -182,7 +190,7 @@ def test_generation_refusals_answer_in_openais_error_shape(sdlab_server, fields,
     assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
     assert error["param"] == param and error["message"]
     if param == "model":
-        assert error["code"] == "model_not_found" and "dall-e-3" in error["message"]
+        assert error["code"] == "model_not_found" and "no-such-model" in error["message"]
 
 
 def test_unknown_and_missing_fields_answer_in_openais_error_shape(sdlab_server):
@@ -210,7 +218,7 @@ def test_edit_refusals_answer_in_openais_error_shape(sdlab_server):
                                     mask=("m.png", png_bytes(openai_mask().resize((32, 32))), "image/png")),
          "mask", "same size"),
         (lambda: client.images.edit(image=[("a.png", png, "image/png")] * 3, prompt="x", n=2), "image", "at most n"),
-        (lambda: client.images.edit(image=("x.png", png, "image/png"), prompt="x", model="gpt-image-1"),
+        (lambda: client.images.edit(image=("x.png", png, "image/png"), prompt="x", model="no-such-model"),
          "model", "does not exist"),
     ]
     for call, param, words in cases:

@@ -154,6 +154,15 @@ def _size(size: str) -> tuple[int | None, int | None]:
     return w, h
 
 
+OPENAI_MODELS = ("dall-e-2", "dall-e-3", "gpt-image-1", "gpt-image-1-mini")   # the `openai` package's ImageModel
+
+
+def sdlab_model(name: str | None) -> str | None:
+    """The checkpoint name a request's `model` asks for: OpenAI's own model names (Open WebUI's openai engine sends
+    dall-e-2 unless set) and an empty one mean the selected model (None); any other name as it is."""
+    return None if name is None or name == "" or name in OPENAI_MODELS else name
+
+
 def _checkpoint(service: Service, name: str | None) -> Checkpoint:
     """The model `name` asks for (none: the selected one); an unknown one OpenAI's 404 `model_not_found`."""
     try:
@@ -167,6 +176,7 @@ async def _drawn(service: Service, request: Request, body: GenerationIn, picture
                  mask: Image.Image | None) -> Job:
     """The job of `body` (an edit's init `pictures` and sdlab `mask`, white = repaint) once it ended."""
     width, height = _checked(body)
+    body = body.model_copy(update={"model": sdlab_model(body.model)})
     _checkpoint(service, body.model)
     mode = "txt2img" if not pictures else "inpaint" if mask is not None else "img2img"
     if len(pictures) > body.n:
