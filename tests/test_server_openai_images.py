@@ -118,6 +118,22 @@ def test_openais_model_names_draw_with_the_selected_model(sdlab_server):
     assert all(np.abs(picture - pixels(native)).max() == 0 for picture in drawn)
 
 
+def test_without_a_mask_the_images_transparency_is_the_mask(sdlab_server):
+    rgba = np.dstack([np.asarray(init_picture()), np.asarray(openai_mask())[..., 3]])    # transparent middle
+    init = Image.fromarray(rgba, "RGBA")
+    answer = client_of(sdlab_server).images.edit(
+        image=("init.png", png_bytes(init), "image/png"), prompt="a yellow flower", extra_body={"seed": 41})
+    ours = b64_picture(answer.data[0].b64_json)
+    white_hole = np.zeros((SIDE, SIDE), np.uint8)
+    white_hole[16:48, 16:48] = 255
+    job, native = native_pictures(sdlab_server, {
+        "mode": "inpaint", "init_image": b64_png(init), "mask_image": b64_png(Image.fromarray(white_hole)),
+        "seed": 41, "prompt": "a yellow flower", "batch_size": 1})
+    assert np.abs(pixels(ours) - pixels(native[0])).max() == 0
+    assert ours.info["parameters"] == job["infotexts"][0]
+    assert np.abs(pixels(ours) - pixels(init_picture()))[:16].max() == 0        # the opaque part is kept
+
+
 def test_an_edit_without_mask_is_the_native_img2img(sdlab_server):
     init = init_picture()
     answer = client_of(sdlab_server).images.edit(

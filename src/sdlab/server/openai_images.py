@@ -311,6 +311,8 @@ async def edits(request: Request) -> dict[str, Any]:
             raise ImagesError(f"Invalid 'mask': it is {openai_mask.width}x{openai_mask.height}, the image "
                               f"{pictures[0].width}x{pictures[0].height}; they must be the same size.", param="mask")
         mask = repaint_mask(openai_mask)
+    elif has_transparency(pictures[0]):     # OpenAI: without a mask the image's transparency is the mask
+        mask = repaint_mask(pictures[0])
     job = await _drawn(service, request, body, pictures, mask)
     return await asyncio.to_thread(_answer, service, body, job, _base_url(request))
 
@@ -329,6 +331,14 @@ def png_picture(raw: bytes, what: str, param: str, limits: Limits) -> Image.Imag
         raise
     except BadRequest as err:
         raise ImagesError(f"Invalid '{param}': {err.message}", err.status, param) from None
+
+
+def has_transparency(image: Image.Image) -> bool:
+    """Whether a picture has a pixel that is not fully opaque (an alpha channel, or a palette / colour key
+    transparency)."""
+    if "transparency" in image.info:
+        image = image.convert("RGBA")
+    return "A" in image.getbands() and image.getchannel("A").getextrema()[0] < 255
 
 
 def repaint_mask(mask: Image.Image) -> Image.Image:
