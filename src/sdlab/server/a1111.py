@@ -109,6 +109,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "uni_pc_variant": "bh1", "uni_pc_order": 3, "uni_pc_lower_order_final": True,   # its UniPC's (`_unipc_settings`)
     "uni_pc_skip_type": "time_uniform",
     "sigma_min": 0.0, "sigma_max": 0.0, "rho": 0.0, "always_discard_next_to_last_sigma": False,  # `_schedule_settings`
+    "use_old_karras_scheduler_sigmas": False,                                           # `_schedule_settings`
     "beta_dist_alpha": 0.6, "beta_dist_beta": 0.6, "sgm_noise_multiplier": False,      # `_schedule_settings`,
     "img2img_extra_noise": 0.0, "inpainting_mask_weight": 1.0,                         # `_noise_settings`
     "emphasis": "Original", "use_old_scheduling": False,                                # `_prompt_settings`
@@ -442,10 +443,18 @@ def _prompt_settings(settings: dict[str, Any]) -> dict[str, Any]:
                 zero_terminal_snr=A1111_NOISE_SCHEDULES[settings["sd_noise_schedule"]])
 
 
+OLD_KARRAS_SIGMAS = (0.1, 10.0)
+"""The ends A1111's `get_sigmas` gives its schedule functions with `use_old_karras_scheduler_sigmas` on."""
+
+
 def _schedule_settings(settings: dict[str, Any]) -> dict[str, Any]:
     """A1111's `sigma_min`, `sigma_max`, `rho` and `always_discard_next_to_last_sigma` options as request fields
-    (`KDiffusionSampler.get_sigmas` reads them from the options only; 0 = the model's / the schedule's)."""
-    return dict(schedule_sigma_min=settings.get("sigma_min", 0.0), schedule_sigma_max=settings.get("sigma_max", 0.0),
+    (`KDiffusionSampler.get_sigmas` reads them from the options only; 0 = the model's / the schedule's).
+    `use_old_karras_scheduler_sigmas` makes the ends 0.1 and 10 where `sigma_min` / `sigma_max` leave them: the
+    values every schedule function then takes (get_sigmas: `(0.1, 10) if opts.use_old_karras_scheduler_sigmas`)."""
+    old = OLD_KARRAS_SIGMAS if settings.get("use_old_karras_scheduler_sigmas", False) else (0.0, 0.0)
+    return dict(schedule_sigma_min=settings.get("sigma_min", 0.0) or old[0],
+                schedule_sigma_max=settings.get("sigma_max", 0.0) or old[1],
                 schedule_rho=settings.get("rho", 0.0),
                 discard_penultimate_sigma=settings.get("always_discard_next_to_last_sigma", False),
                 beta_alpha=settings["beta_dist_alpha"], beta_beta=settings["beta_dist_beta"])
@@ -1365,7 +1374,8 @@ def _check_options(body: dict[str, Any], where: str = "") -> None:
     order = body.get("uni_pc_order", 3)
     if not isinstance(order, int) or isinstance(order, bool) or not 1 <= order <= MAX_UNIPC_ORDER:
         raise BadRequest(f"{where}uni_pc_order must be an integer in 1..{MAX_UNIPC_ORDER}, got {order!r}", 422)
-    for key in ("always_discard_next_to_last_sigma", "sgm_noise_multiplier", "uni_pc_lower_order_final"):
+    for key in ("always_discard_next_to_last_sigma", "sgm_noise_multiplier", "uni_pc_lower_order_final",
+                "use_old_karras_scheduler_sigmas"):
         if not isinstance(body.get(key, False), bool):
             raise BadRequest(f"{where}{key} must be true or false, got {body[key]!r}", 422)
     for key, low, high in (("img2img_extra_noise", 0.0, MAX_NOISE_MULTIPLIER), ("inpainting_mask_weight", 0.0, 1.0),
