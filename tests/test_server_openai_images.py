@@ -76,6 +76,19 @@ def test_generations_are_the_native_jobs_pictures_with_their_infotext(sdlab_serv
     assert np.abs(pixels(drawn[0]) - pixels(drawn[1])).max() > 0
 
 
+def test_n_past_max_batch_is_drawn_as_several_batches(sdlab_server):
+    """n = 10 at the default --max-batch 8: two batches of 5, the native job of batch_count 2, seeds 50..59."""
+    answer = client_of(sdlab_server).images.generate(prompt="a row of houses", n=10, size=f"{SIDE}x{SIDE}",
+                                                     extra_body={"seed": 50})
+    drawn = [b64_picture(item.b64_json) for item in answer.data]
+    job, native = native_pictures(sdlab_server, {"prompt": "a row of houses", "seed": 50, "width": SIDE,
+                                                 "height": SIDE, "batch_size": 5, "batch_count": 2})
+    assert len(drawn) == len(native) == 10
+    for i, (ours, theirs, infotext) in enumerate(zip(drawn, native, job["infotexts"])):
+        assert np.abs(pixels(ours) - pixels(theirs)).max() == 0
+        assert ours.info["parameters"] == infotext and f"Seed: {50 + i}," in infotext
+
+
 def test_a_url_answer_is_a_picture_this_server_serves(sdlab_server):
     client = client_of(sdlab_server)
     answer = client.images.generate(prompt="a lighthouse", n=1, size=f"{SIDE}x{SIDE}", response_format="url",

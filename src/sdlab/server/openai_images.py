@@ -182,8 +182,9 @@ async def _drawn(service: Service, request: Request, body: GenerationIn, picture
     if len(pictures) > body.n:
         raise ImagesError(f"{len(pictures)} images for n = {body.n} pictures: picture i starts from image i % "
                           "count, so send at most n images.", param="image")
+    batch_size, batch_count = batches(body.n, service.config.limits.max_batch, max(len(pictures), 1))
     job_in = JobIn(mode=mode, model=body.model, prompt=body.prompt, negative_prompt=body.negative_prompt,
-                   seed=body.seed, width=width, height=height, batch_size=body.n)
+                   seed=body.seed, width=width, height=height, batch_size=batch_size, batch_count=batch_count)
     spec = job_spec(service, job_in, pictures[0] if pictures else None, mask)
     if len(pictures) > 1:
         spec = replace(spec, request=replace(spec.request, init_images=tuple(pictures)))
@@ -199,6 +200,18 @@ async def _drawn(service: Service, request: Request, body: GenerationIn, picture
 
 
 DISCONNECT_POLL_S = 0.5                     # how often a waiting request asks whether its client is still there
+
+
+def batches(n: int, max_batch: int, images: int) -> tuple[int, int]:
+    """(batch_size, batch_count) drawing `n` pictures: one batch where `max_batch` allows, else the largest batch
+    size that divides n (10 at --max-batch 8: 2 batches of 5), the native job of that batch count (picture i draws
+    seed + i either way). With several images (picture i from image i % images, each batch starting again from
+    image 0) the batch size is a multiple of their count; none fits: `ImagesError`."""
+    for size in range(min(n, max_batch), 0, -1):
+        if n % size == 0 and (size % images == 0 or size == n):
+            return size, n // size
+    raise ImagesError(f"n = {n} pictures from {images} images cannot be split into batches of at most {max_batch} "
+                      "(--max-batch) that each start from the first image: ask for fewer pictures.", param="n")
 
 
 async def _until_finished(service: Service, job: Job, request: Request) -> None:
