@@ -195,6 +195,23 @@ def test_several_images_start_the_pictures_in_turn(sdlab_server):
     assert np.abs(drawn[1] - pixels(from_first[1])).mean() > 20
 
 
+def test_jpeg_and_webp_images_are_edited_as_their_pictures(sdlab_server):
+    """gpt-image-1 takes png, jpg and webp images: a JPEG / WebP image is the native img2img of its decoded
+    picture; several images with n unset draw one picture per image."""
+    for fmt, kind in (("JPEG", "image/jpeg"), ("WEBP", "image/webp")):
+        raw = png_bytes(init_picture(), fmt)
+        answer = client_of(sdlab_server).images.edit(image=("init", raw, kind), prompt="a tile",
+                                                     extra_body={"seed": 8})
+        native = native_pictures(sdlab_server, {"mode": "img2img", "seed": 8, "prompt": "a tile",
+                                                "init_image": b64_png(Image.open(io.BytesIO(raw)))})[1]
+        assert np.abs(pixels(b64_picture(answer.data[0].b64_json)) - pixels(native[0])).max() == 0
+    first, second = init_picture(), Image.fromarray(255 - np.asarray(init_picture()))
+    answer = client_of(sdlab_server).images.edit(
+        image=[("a.jpg", png_bytes(first, "JPEG"), "image/jpeg"), ("b.png", png_bytes(second), "image/png")],
+        prompt="a tile", extra_body={"seed": 3})
+    assert len(answer.data) == 2
+
+
 def error_of(call) -> tuple[int, dict]:
     with pytest.raises(openai.APIStatusError) as caught:
         call()
@@ -238,8 +255,10 @@ def test_edit_refusals_answer_in_openais_error_shape(sdlab_server):
     client = client_of(sdlab_server)
     png = png_bytes(init_picture())
     cases = [
-        (lambda: client.images.edit(image=("x.jpg", png_bytes(init_picture(), "JPEG"), "image/jpeg"), prompt="x"),
-         "image", "JPEG"),
+        (lambda: client.images.edit(image=("x.gif", png_bytes(init_picture(), "GIF"), "image/gif"), prompt="x"),
+         "image", "GIF"),
+        (lambda: client.images.edit(image=("x.png", png, "image/png"), prompt="x",
+                                    mask=("m.webp", png_bytes(openai_mask(), "WEBP"), "image/webp")), "mask", "PNG"),
         (lambda: client.images.edit(image=("x.png", b"not a picture", "image/png"), prompt="x"), "image", "readable"),
         (lambda: client.images.edit(image=("x.png", png, "image/png"), prompt="x",
                                     mask=("m.png", png, "image/png")), "mask", "alpha"),
@@ -259,7 +278,7 @@ def test_edit_refusals_answer_in_openais_error_shape(sdlab_server):
     answer = httpx.post(sdlab_server.url + "/v1/images/edits", data={"prompt": "x"},
                         files={"mask": ("m.png", png_bytes(openai_mask()), "image/png")}, timeout=30)
     assert answer.status_code == 400
-    assert answer.json()["error"] == {"message": "Missing required parameter: 'image' (a PNG file).",
+    assert answer.json()["error"] == {"message": "Missing required parameter: 'image' (a PNG, JPEG or WebP file).",
                                       "type": "invalid_request_error", "param": "image", "code": None}
     answer = httpx.post(sdlab_server.url + "/v1/images/edits", json={"prompt": "x"}, timeout=30)
     assert answer.status_code == 400 and "multipart" in answer.json()["error"]["message"]

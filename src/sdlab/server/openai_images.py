@@ -3,8 +3,9 @@
 
     POST /v1/images/generations   JSON {prompt, model?, n, size, response_format, output_format, seed, ...}
                                   -> {created, data: [{b64_json} | {url}], output_format, size}
-    POST /v1/images/edits         multipart: image (PNG; several: image[]), mask? (PNG, transparent = repaint),
-                                  prompt, n, size, ... -> the same answer; img2img, or inpaint with a mask
+    POST /v1/images/edits         multipart: image (PNG, JPEG, WebP; several: image[]), mask? (PNG,
+                                  transparent = repaint), prompt, n, size, ... -> the same answer; img2img, or
+                                  inpaint with a mask (or the image's transparency)
     GET  /v1/models               {object: "list", data: [{id, object: "model", created, owned_by}]}
     GET  /v1/models/{id}          one of them
 
@@ -90,7 +91,7 @@ class GenerationIn(NullsAreDefaults):
 
     prompt: str
     model: str | None = None
-    n: int = 1
+    n: int | None = None                    # unset: 1, an edit's one picture per image
     size: str = "auto"
     response_format: str = "b64_json"
     output_format: str = "png"
@@ -175,8 +176,9 @@ def _checkpoint(service: Service, name: str | None) -> Checkpoint:
 async def _drawn(service: Service, request: Request, body: GenerationIn, pictures: list[Image.Image],
                  mask: Image.Image | None) -> Job:
     """The job of `body` (an edit's init `pictures` and sdlab `mask`, white = repaint) once it ended."""
+    n = body.n if body.n is not None else max(len(pictures), 1)        # unset: one picture per image
+    body = body.model_copy(update={"model": sdlab_model(body.model), "n": n})
     width, height = _checked(body)
-    body = body.model_copy(update={"model": sdlab_model(body.model)})
     _checkpoint(service, body.model)
     mode = "txt2img" if not pictures else "inpaint" if mask is not None else "img2img"
     if len(pictures) > body.n:
@@ -279,6 +281,7 @@ async def generations(body: GenerationIn, request: Request) -> dict[str, Any]:
 
 
 PICTURE_FIELDS = ("image", "image[]", "mask")
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")     # an edit's images (gpt-image-1's png, jpg, webp); its mask a PNG
 
 
 @router.post("/images/edits")
@@ -299,7 +302,7 @@ async def edits(request: Request) -> dict[str, Any]:
                     raise ImagesError(f"Unrecognized file field supplied: {key}", param=key)
                 files.setdefault(key, []).append(await value.read())
             elif key in PICTURE_FIELDS:
-                raise ImagesError(f"Invalid '{key}': send it as a file (a PNG), not as text.", param=key)
+                raise ImagesError(f"Invalid '{key}': send it as a file, not as text.", param=key)
             else:
                 fields[key] = value
     finally:
@@ -311,7 +314,7 @@ async def edits(request: Request) -> dict[str, Any]:
         raise ImagesError(message, param=param) from None
     images = files.get("image", []) + files.get("image[]", [])
     if not images:
-        raise ImagesError("Missing required parameter: 'image' (a PNG file).", param="image")
+        raise ImagesError("Missing required parameter: 'image' (a PNG, JPEG or WebP file).", param="image")
     if len(files.get("mask", [])) > 1:
         raise ImagesError("Invalid 'mask': send one mask.", param="mask")
     limits = service.config.limits
@@ -331,13 +334,15 @@ async def edits(request: Request) -> dict[str, Any]:
 
 
 def png_picture(raw: bytes, what: str, param: str, limits: Limits) -> Image.Image:
-    """A PNG file's picture, upright and in 8 bits (`upright_8bit`, as every door reads pictures); another format
-    or no picture `ImagesError` naming `param`; past the server's pixel limit a 413 (`opened_picture`)."""
+    """A PNG file's picture (for an image also a JPEG or WebP, as gpt-image-1 takes), upright and in 8 bits
+    (`upright_8bit`, as every door reads pictures); another format or no picture `ImagesError` naming `param`;
+    past the server's pixel limit a 413 (`opened_picture`)."""
     try:
         with opened_picture(raw, what, limits) as image:
-            if image.format != "PNG":
-                raise ImagesError(f"Invalid '{param}': {what} is a {image.format} file; it must be a PNG.",
-                                  param=param)
+            formats = IMAGE_FORMATS if param == "image" else ("PNG",)
+            if image.format not in formats:
+                raise ImagesError(f"Invalid '{param}': {what} is a {image.format} file; it must be a "
+                                  f"{' or '.join(formats)}.", param=param)
             image.load()
             return upright_8bit(image)
     except ImagesError:
