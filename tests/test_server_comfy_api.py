@@ -272,6 +272,27 @@ def test_bad_graphs_get_comfyuis_node_errors(server):
     assert server.get("/queue").json() == {"queue_running": [], "queue_pending": []}
 
 
+def test_a_graph_is_checked_off_the_event_loop(server, monkeypatch):
+    import asyncio
+
+    from sdlab.server import comfy_api
+
+    on_loop = []
+
+    def check(graph, choices):
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:                        # no loop in this thread: the check waits no other route
+            on_loop.append(False)
+        return check_graph(graph, choices)
+
+    check_graph = comfy_api.check_graph
+    monkeypatch.setattr(comfy_api, "check_graph", check)
+    refused(server, graph(**{"3.steps": 0}))
+    assert on_loop == [False]
+
+
 def test_interrupt_stops_the_prompt_drawing_and_keeps_no_output(server):
     with server.websocket_connect("/ws?clientId=stopper") as socket:
         socket.receive_json()

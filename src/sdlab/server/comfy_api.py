@@ -153,7 +153,8 @@ async def post_prompt(request: Request) -> JSONResponse:
     client_id = body.get("client_id")
     client_id = client_id if isinstance(client_id, str) and client_id else None
     try:
-        plan = check_graph(body["prompt"], state.choices())
+        # off the event loop: a large graph's check must not hold up every other route
+        plan = await asyncio.to_thread(lambda: check_graph(body["prompt"], state.choices()))
     except GraphError as err:
         return JSONResponse(err.body(), status_code=400)
     try:

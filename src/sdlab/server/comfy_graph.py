@@ -326,7 +326,7 @@ class _Plan:
     def __init__(self, graph: dict[str, Any], outputs: list[str]) -> None:
         self.graph = graph
         self.outputs = outputs
-        self.order: list[str] = []
+        self.order: dict[str, None] = {}         # the nodes run, in order (a dict: a linear walk of N outputs)
 
     def refuse(self, node_id: str, message: str) -> GraphError:
         class_type = self.graph[node_id]["class_type"]
@@ -345,8 +345,7 @@ class _Plan:
         return self.graph[node_id]["inputs"]
 
     def visit(self, node_id: str) -> None:
-        if node_id not in self.order:
-            self.order.append(node_id)
+        self.order.setdefault(node_id, None)
 
     def plan(self) -> GraphPlan:
         decoders = {self.source(o, "images")[0] for o in self.outputs}
@@ -386,7 +385,7 @@ class _Plan:
             self.visit(decoder)
         for output in self.outputs:
             self.visit(output)
-        plan.order, plan.sampler_node = self.order, sampler
+        plan.order, plan.sampler_node = list(self.order), sampler
         plan.outputs = {o: OUTPUT_TYPE[self.graph[o]["class_type"]] for o in self.outputs}
         return plan
 
