@@ -415,7 +415,8 @@ def test_a_batch_is_comfyuis_one_picture_runs(monkeypatch, tiny):
 def test_comfyui_batch_noise_is_comfyuis_batch(monkeypatch, tiny, sampler, size):
     """batch_noise "comfyui" (the ComfyUI API's graphs): a batch of 3 is ComfyUI's KSampler on a (3, 4, h, w) latent:
     prepare_noise's one draw of the batch from torch.manual_seed(seed) and, for a sampler with step noise, one
-    (3, 4, h, w) draw a step from default_noise_sampler's generator (seed + 1). sdlab's latents equal ComfyUI's at 1e-5. Before (a generator per image, seed + i) only image 0 matched."""
+    (3, 4, h, w) draw a step from default_noise_sampler's generator (seed + 1). sdlab's latents equal ComfyUI's at
+    1e-5. Before (a generator per image, seed + i) only image 0 matched."""
     run = sdlab_run(monkeypatch, tiny, sampler=sampler, schedule="karras", steps=6, batch_size=3, width=size,
                     height=size, batch_noise="comfyui")
     function = {"euler_ancestral": sample_euler_ancestral, "euler": sample_euler}.get(sampler)

@@ -783,7 +783,7 @@ def _second_prompts(bundle: ModelBundle, req: GenerationRequest) -> dict[str, st
 def _negative_clip_skip(bundle: ModelBundle, req: GenerationRequest) -> ClipSkip:
     """The negative prompt's clip skip: the prompt's under A1111's convention (A1111 encodes both at one
     layer); the usual layer under diffusers', whose `encode_prompt` applies `clip_skip` to the prompt only."""
-    return encoder_clip_skips(bundle, req) if req.clip_skip_convention == "a1111" else 1
+    return encoder_clip_skips(bundle, req) if req.clip_skip_convention in ("a1111", "comfyui") else 1
 
 
 def _negative_sizes(bundle: ModelBundle, req: GenerationRequest, img2img: bool) -> dict[str, Any]:

@@ -265,7 +265,7 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         "VAE": None if vae is None else vae[0],
         "Clip skip": req.clip_skip if req.clip_skip != 1 else None,
         "Clip skip rule": "a1111" if (req.clip_skip != 1 or req.sdxl_clip_l_skip) and req.clip_skip_convention == "a1111"
-        else None,
+        else "comfyui" if req.clip_skip_convention == "comfyui" else None,   # its 1 is not the usual layer
         "Clip skip SDXL": True if req.sdxl_clip_l_skip else None,
         "Prompt 2": strip_comments(req.prompt_2) or None,
         "Negative prompt 2": strip_comments(req.negative_prompt_2) or None,

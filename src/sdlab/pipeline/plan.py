@@ -310,7 +310,15 @@ def encoder_clip_skips(bundle: ModelBundle, req: GenerationRequest) -> ClipSkip:
     """The clip skip each text encoder of `bundle` reads its hidden state at (`hidden_state_layers`): the request's,
     but under A1111's Clip skip SDXL (`sdxl_clip_l_skip`) SDXL's CLIP-L at A1111's ``hidden_states[-clip_skip]``
     (its rule's clip skip - 1) and the other encoders at their usual layer (A1111's
-    `FrozenCLIPEmbedderForSDXLWithCustomWords.encode_with_transformers`; its bigG ignores clip skip)."""
+    `FrozenCLIPEmbedderForSDXLWithCustomWords.encode_with_transformers`; its bigG ignores clip skip). Under
+    ComfyUI's rule (``clip_skip_convention="comfyui"``) the clip skip n is CLIPSetLastLayer's -n for every encoder
+    (comfy/sd1_clip.py ``SDClipModel.set_clip_options``: layer "hidden", ``layer_idx`` -n, the final LayerNorm where
+    the encoder's rule applies it; comfy/sdxl_clip.py ``SDXLClipModel`` sets clip_l and clip_g alike): n for an
+    encoder whose usual layer is its last, n - 1 (0: its last layer) for SD2's and SDXL's, usually the
+    penultimate."""
+    if req.clip_skip_convention == "comfyui":
+        return tuple(req.clip_skip if encoder.spec.hidden_state == "last" else req.clip_skip - 1
+                     for encoder in bundle.text_encoders)
     if not req.sdxl_clip_l_skip:
         return req.clip_skip
     return tuple(req.clip_skip - 1 if _is_sdxl_clip_l(bundle.family, encoder.spec) else 1

@@ -91,7 +91,7 @@ RESIZE_MODES = ("resize", "crop", "fill", "latent")  # A1111's img2img resize_mo
                                                     # resize, Resize and fill, Just resize (latent upscale)
 MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")   # A1111's inpainting_fill 0..3
 LIBRARY_CONVENTIONS = ("diffusers", "a1111")  # the rules a setting follows where the two libraries differ
-CLIP_SKIP_CONVENTIONS = LIBRARY_CONVENTIONS
+CLIP_SKIP_CONVENTIONS = (*LIBRARY_CONVENTIONS, "comfyui")   # "comfyui": CLIPSetLastLayer's -clip_skip
 EMPHASIS_MODES = ("Original", "No norm", "Ignore", "None")   # A1111's emphasis modes (modules/sd_emphasis.py)
 CONTROL_CONVENTIONS = LIBRARY_CONVENTIONS
 SIZE_CONVENTIONS = LIBRARY_CONVENTIONS
@@ -188,7 +188,9 @@ class GenerationRequest:
     batch_size: int = 1
     clip_skip: int = 1                      # A1111 numbering: 1 = the family's usual layer, 2 = one back
     clip_skip_convention: str = "diffusers"  # "a1111": only encoders whose usual layer is the last (SD1's) move
-                                            # back, as A1111 does; SD2 / SDXL ignore it there (plan._resolve)
+                                            # back, as A1111 does; SD2 / SDXL ignore it there (plan._resolve);
+                                            # "comfyui": ComfyUI's CLIPSetLastLayer -clip_skip, counted from every
+                                            # encoder's last layer (1: the last; plan.encoder_clip_skips)
     sdxl_clip_l_skip: bool = False          # A1111's Clip skip SDXL (sdxl_clip_l_skip), with the "a1111" rule only:
                                             # SDXL's CLIP-L reads hidden_states[-clip_skip] (1: its last layer, no
                                             # norm), bigG its usual layer (plan.encoder_clip_skips)

@@ -143,7 +143,7 @@ class GraphPlan:
     strength: float = 1.0
     init_image: str | None = None           # an input-folder file name: img2img
     vae: str | None = None                  # a VAELoader's file; None: the checkpoint's own VAE
-    clip_skip: int = 1
+    clip_skip: int | None = None            # CLIPSetLastLayer's -stop_at_clip_layer; None: no CLIPSetLastLayer
     loras: list[tuple[str, float]] = field(default_factory=list)
     order: list[str] = field(default_factory=list)
     sampler_node: str = ""
@@ -417,14 +417,15 @@ class _Plan:
             self.visit(at)
         return node, loras
 
-    def text(self, sampler: str, which: str, checkpoint: str, loras: list[str]) -> tuple[str, int]:
-        """(the text, clip skip) of the CLIPTextEncode of the KSampler's `which`, whose CLIP must be the
-        checkpoint's through the model's LoRAs (and a CLIPSetLastLayer)."""
+    def text(self, sampler: str, which: str, checkpoint: str, loras: list[str]) -> tuple[str, int | None]:
+        """(the text, clip skip: CLIPSetLastLayer's -stop_at_clip_layer, None without one) of the CLIPTextEncode
+        of the KSampler's `which`, whose CLIP must be the checkpoint's through the model's LoRAs (and a
+        CLIPSetLastLayer)."""
         encoder, _, kind = self.source(sampler, which)
         if kind != "CLIPTextEncode":
             raise self.refuse(sampler, f"sdlab reads {which} from a CLIPTextEncode")
         node, index, kind = self.source(encoder, "clip")
-        clip_skip = 1
+        clip_skip = None
         if kind == "CLIPSetLastLayer":
             layer = self.inputs(node)["stop_at_clip_layer"]
             if layer not in CLIP_LAYERS:
