@@ -74,3 +74,54 @@ def test_the_a1111_routes_refuse_it_too(server):
         answer = client.post("/sdapi/v1/txt2img", json={**BODY, "override_settings": settings})
         assert answer.status_code == 422, answer.text
         assert _too_large(99, 4 if model is None else layers) in answer.text
+
+
+@pytest.fixture(scope="module")
+def sd2_sdxl_server(tmp_path_factory: pytest.TempPathFactory):
+    from bundle_fixtures import tiny_bundle
+    from fastapi.testclient import TestClient
+
+    from sdlab.checkpoints.save import save_bundle
+    from sdlab.server.app import create_app
+    from sdlab.server.config import ServerConfig
+
+    root = tmp_path_factory.mktemp("clip-skip-a1111")
+    models = root / "models"
+    models.mkdir()
+    for name in ("sd2", "sdxl", "sdxl-refiner"):
+        save_bundle(tiny_bundle(name, seed=5), models / f"{name}.safetensors")
+    app = create_app(ServerConfig(output_dir=root / "outputs", models_dir=models))
+    with TestClient(app) as client:
+        yield client, app.state.service
+
+
+@pytest.mark.parametrize("model", ["sd2", "sdxl", "sdxl-refiner"])
+def test_a1111s_clip_skip_is_ignored_on_sd2_sdxl_and_a_refiner_at_submit_as_when_drawn(sd2_sdxl_server, model):
+    """A1111 moves only SD1's encoder back (`plan.clip_skip_as_drawn`): its clip skip on SD2 / SDXL / a refiner draws
+    the clip skip 1 picture, so the submit check does not refuse it for the encoders' depth (checked against the
+    header while the model is not loaded, against the loaded encoders after)."""
+    client, service = sd2_sdxl_server
+    depth = max(encoder.model.cfg.layers for encoder in service_bundle_encoders(model))
+    body = {**BODY, "width": 64, "height": 64, "override_settings": {"sd_model_checkpoint": model}}
+    reference = client.post("/sdapi/v1/txt2img", json={**body, "override_settings": {
+        "sd_model_checkpoint": model, "CLIP_stop_at_last_layers": 1}})
+    assert reference.status_code == 200, reference.text
+    for skip in (2, 3, 12, depth + 1):
+        settings = {"sd_model_checkpoint": model, "CLIP_stop_at_last_layers": skip}
+        answer = client.post("/sdapi/v1/txt2img", json={**body, "override_settings": settings})
+        assert answer.status_code == 200, (skip, answer.text)
+        assert answer.json()["images"] == reference.json()["images"]
+    other = "sd2" if model != "sd2" else "sdxl"
+    client.post("/sdapi/v1/txt2img", json={**body, "override_settings": {"sd_model_checkpoint": other}})
+    assert service.host.loaded_bundle(service.checkpoint(model)) is None      # the header's check now
+    native = {**BODY, "width": 64, "height": 64, "model": model, "clip_skip": 12, "clip_skip_convention": "a1111"}
+    answer = client.post("/api/jobs", json=native)
+    assert answer.status_code == 202, answer.text
+    native_diffusers = client.post("/api/jobs", json={**native, "clip_skip_convention": "diffusers"})
+    assert native_diffusers.status_code == 422                              # its own rule still checked
+
+
+def service_bundle_encoders(model: str):
+    from bundle_fixtures import tiny_bundle
+
+    return tiny_bundle(model, seed=5).text_encoders

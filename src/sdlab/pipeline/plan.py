@@ -243,13 +243,10 @@ def _resolve(bundle: ModelBundle, request: GenerationRequest, free: int | None) 
     _check_second_prompts(bundle, req)
     if req.schedule == "align_your_steps" and family.is_sdxl:     # A1111 takes the SDXL levels for SDXL
         req = replace(req, schedule="align_your_steps_sdxl")
-    # the family's usual layers, not the loaded towers' (a diffusers-layout SD2 tower is read at its last layer)
-    if req.sdxl_clip_l_skip and not any(_is_sdxl_clip_l(family, spec) for spec in family.text_encoders):
-        req = replace(req, sdxl_clip_l_skip=False)      # A1111: "no effect on SD 1.5 or SD 2.0/2.1" (nor a refiner)
-    if req.clip_skip != 1 and req.clip_skip_convention == "a1111" and not req.sdxl_clip_l_skip and any(
-            spec.hidden_state != "last" for spec in family.text_encoders):
+    drawn = clip_skip_as_drawn(family, req)
+    if drawn.clip_skip != req.clip_skip:
         logger.info("clip skip %d ignored: A1111 moves only SD1's text encoder (its last layer) back", req.clip_skip)
-        req = replace(req, clip_skip=1)
+    req = drawn
     if req.zero_empty_negative is False and not family.conditioner.zero_empty_negative:
         req = replace(req, zero_empty_negative=None)    # the family's own rule, which no model of it changes
     if family.is_edit:
@@ -298,6 +295,20 @@ def _check_second_prompts(bundle: ModelBundle, req: GenerationRequest) -> None:
         raise RequestError(f"prompt_2 ends in {weight!r}, which A1111's syntax reads as a composable-diffusion "
                            "weight (a trailing :NUMBER), the prompt's only: weight the prompt, or end prompt_2 "
                            "with another character (e.g. '16:9,')")
+
+
+def clip_skip_as_drawn(family: FamilySpec, req: GenerationRequest) -> GenerationRequest:
+    """`req` with the clip skip `family`'s models draw it at: A1111's Clip skip SDXL (`sdxl_clip_l_skip`) off where
+    the family has no SDXL CLIP-L (A1111: "no effect on SD 1.5 or SD 2.0/2.1", nor a refiner), and under A1111's
+    rule (``clip_skip_convention="a1111"``) clip skip 1 on a family with an encoder not read at its last layer (SD2,
+    SDXL, a refiner: A1111 moves only SD1's encoder back). The family's usual layers, not the loaded towers' (a
+    diffusers-layout SD2 tower is read at its last layer). Both the plan and the server's submit check draw on it."""
+    if req.sdxl_clip_l_skip and not any(_is_sdxl_clip_l(family, spec) for spec in family.text_encoders):
+        req = replace(req, sdxl_clip_l_skip=False)
+    if req.clip_skip != 1 and req.clip_skip_convention == "a1111" and not req.sdxl_clip_l_skip and any(
+            spec.hidden_state != "last" for spec in family.text_encoders):
+        req = replace(req, clip_skip=1)
+    return req
 
 
 def _is_sdxl_clip_l(family: FamilySpec, spec: TextEncoderSpec) -> bool:

@@ -41,7 +41,7 @@ from sdlab.pipeline.control import control_input
 from sdlab.pipeline.hires import hires_steps, pass_sizes
 from sdlab.pipeline.plan import (
     check_clip_skip, check_deep_cache_unet, check_pag_layers, check_passes_fit, check_prompt_chunks,
-    check_refiner_convention, prompt_parts, refiner_split,
+    check_refiner_convention, clip_skip_as_drawn, prompt_parts, refiner_split,
 )
 from sdlab.pipeline.control_work import active_steps, controlnet_config, controlnet_share
 from sdlab.pipeline.memory import EDIT_IMAGE_ROW, PAG_ROW, unet_row_names, unet_rows
@@ -479,9 +479,10 @@ def check_request(request: GenerationRequest, limits: Limits, model: ModelBundle
         check_batch_seeds(resolved, batch_count)
     except (RequestError, ValueError) as err:
         raise BadRequest(str(err)) from None
-    if (model or planned) is not None:      # its text encoders' depths: the clip skip leaves one layer at least
-        try:
-            check_clip_skip(model or planned, resolved)
+    if (model or planned) is not None:      # its text encoders' depths: the clip skip as the plan draws it leaves
+        try:                                # one layer at least
+            checked = model or planned
+            check_clip_skip(checked, clip_skip_as_drawn(checked.family, resolved))
         except RequestError as err:
             raise BadRequest(str(err), 422) from None
     if resolved.hires and size_known:       # unknown: the worker checks it once the model is loaded
