@@ -53,3 +53,45 @@ def test_many_outputs_are_walked_in_linear_time():
     assert len(plan.outputs) == n + 1 and len(plan.order) == len(graph)
     assert CountedId.compared < 10 * n          # a list lookup per visit: n^2 / 2 = 4.5 million comparisons
 
+
+def test_a_deep_chain_is_checked_without_recursion():
+    graph = basic()
+    previous = ["4", 1]
+    for i in range(5000):                       # far past Python's recursion limit (1000)
+        graph[f"c{i}"] = {"class_type": "CLIPSetLastLayer", "inputs": {"clip": previous, "stop_at_clip_layer": -1}}
+        previous = [f"c{i}", 0]
+    graph["6"]["inputs"]["clip"] = previous
+    graph["7"]["inputs"]["clip"] = previous
+    try:
+        plan = check_graph(graph, CHOICES)
+    except GraphError as err:                   # checked; the drawing refuses the chain with ComfyUI's 400 shape
+        body = err.body()
+        assert body["error"]["type"] == "prompt_outputs_failed_validation"
+        assert [e["type"] for node in body["node_errors"].values() for e in node["errors"]] == ["unsupported_graph"]
+    else:
+        assert plan.prompt == "masterpiece best quality girl"
+    graph["c0"]["inputs"]["stop_at_clip_layer"] = 5             # an error at the far end of the chain is found
+    with pytest.raises(GraphError) as caught:
+        check_graph(graph, CHOICES)
+    assert caught.value.node_errors["c0"]["errors"][0]["type"] == "value_bigger_than_max"
+
+
+def test_a_cycle_and_a_self_link_name_their_nodes():
+    graph = basic()
+    graph["10"] = {"class_type": "CLIPSetLastLayer", "inputs": {"clip": ["11", 0], "stop_at_clip_layer": -1}}
+    graph["11"] = {"class_type": "CLIPSetLastLayer", "inputs": {"clip": ["10", 0], "stop_at_clip_layer": -1}}
+    graph["6"]["inputs"]["clip"] = ["10", 0]
+    with pytest.raises(GraphError) as caught:
+        check_graph(graph, CHOICES)
+    assert list(caught.value.node_errors) == ["11"]
+    error = caught.value.node_errors["11"]["errors"][0]
+    assert (error["type"], error["details"]) == ("dependency_cycle_detected", "clip: node #10 depends on #11")
+    assert "Dependency cycle detected: clip: node #10 depends on #11" in caught.value.error["details"]
+
+    graph = basic()
+    graph["10"] = {"class_type": "CLIPSetLastLayer", "inputs": {"clip": ["10", 0], "stop_at_clip_layer": -1}}
+    graph["6"]["inputs"]["clip"] = ["10", 0]
+    with pytest.raises(GraphError) as caught:
+        check_graph(graph, CHOICES)
+    assert caught.value.node_errors["10"]["errors"][0]["details"] == "clip: node #10 depends on #10"
+

@@ -197,15 +197,41 @@ class _Checker:
         self.choices = choices
         self.valid: dict[str, bool] = {}
         self.errors: dict[str, list[dict[str, Any]]] = {}
+        self.walking: set[str] = set()           # nodes begun and not finished: the path from the output
+        self.pending: dict[str, list[dict[str, Any]]] = {}      # their own errors, kept until they finish
 
-    def check(self, node_id: str) -> bool:
-        if node_id in self.valid:
-            return self.valid[node_id]
-        self.valid[node_id] = False                 # a cycle back here is invalid
+    def check(self, root: str) -> bool:
+        """Whether `root` and the nodes it reaches are valid: a depth-first walk on a stack of its own (a chain of
+        any length, not Python's recursion limit), each node finished after its sources, as ComfyUI's recursion."""
+        stack: list[tuple[str, list[str] | None]] = [(root, None)]
+        while stack:
+            node_id, sources = stack.pop()
+            if sources is None:                     # first visit: the node's own errors, then its sources
+                if node_id in self.valid:
+                    continue
+                self.valid[node_id] = False         # until finished: a link back here is a cycle
+                self.walking.add(node_id)
+                errors, sources = self._inputs(node_id)
+                self.pending[node_id] = errors
+                stack.append((node_id, sources))
+                stack.extend((source, None) for source in reversed(sources) if source not in self.valid)
+                continue
+            self.walking.discard(node_id)
+            errors = self.pending.pop(node_id)
+            if not all(self.valid[source] for source in sources):
+                self.errors.setdefault(node_id, [])
+            if errors:
+                self.errors[node_id] = errors
+            self.valid[node_id] = not errors and node_id not in self.errors
+        return self.valid[root]
+
+    def _inputs(self, node_id: str) -> tuple[list[dict[str, Any]], list[str]]:
+        """(the errors of the node's own inputs, the nodes its well-formed links come from)."""
         node = self.graph[node_id]
         class_type = node.get("class_type")
         spec = NODES.get(class_type)
         errors: list[dict[str, Any]] = []
+        sources: list[str] = []
         inputs = node.get("inputs")
         if spec is None:
             errors.append(_error("unsupported_node", f"sdlab does not draw the node {class_type!r}",
@@ -213,7 +239,6 @@ class _Checker:
         elif not isinstance(inputs, dict):
             errors.append(_error("invalid_prompt", "Node inputs must be an object", str(node_id)))
         else:
-            upstream_ok = True
             for name, declared in spec.inputs.items():
                 if name not in inputs:
                     errors.append(_error("required_input_missing", "Required input is missing", name,
@@ -221,27 +246,25 @@ class _Checker:
                     continue
                 value = inputs[name]
                 if isinstance(declared[0], str) and declared[0] in _TYPES_OF_LINKS:
-                    upstream_ok &= self._link(name, declared[0], value, errors)
+                    source = self._link(node_id, name, declared[0], value, errors)
+                    if source is not None:
+                        sources.append(source)
                 else:
                     self._value(name, declared, value, errors)
-            if not upstream_ok:
-                self.errors.setdefault(node_id, [])
-        if errors:
-            self.errors[node_id] = errors
-        self.valid[node_id] = not errors and node_id not in self.errors
-        return self.valid[node_id]
+        return errors, sources
 
-    def _link(self, name: str, wanted: str, value: Any, errors: list) -> bool:
+    def _link(self, node_id: str, name: str, wanted: str, value: Any, errors: list) -> str | None:
+        """The node the link `value` comes from, to be checked; None for a link in error (in `errors`)."""
         if not (isinstance(value, list) and len(value) == 2 and isinstance(value[1], int)
                 and not isinstance(value[1], bool) and isinstance(value[0], (str, int))):
             errors.append(_error("bad_linked_input", "Bad linked input, must be a length-2 list of [node_id, "
                                  "slot_index]", name, input_name=name, received_value=value))
-            return True
+            return None
         source = str(value[0])
         if source not in self.graph or not isinstance(self.graph[source], dict):
             errors.append(_error("bad_linked_input", "Linked node does not exist", f"{name}: node {source!r}",
                                  input_name=name, linked_node=value))
-            return True
+            return None
         spec = NODES.get(self.graph[source].get("class_type"))
         if spec is not None:
             given = spec.outputs[value[1]] if 0 <= value[1] < len(spec.outputs) else None
@@ -249,8 +272,13 @@ class _Checker:
                 errors.append(_error("return_type_mismatch", "Return type mismatch between linked nodes",
                                      f"{name}, {given} != {wanted}", input_name=name, received_type=given,
                                      linked_node=value))
-                return True
-        return self.check(source)
+                return None
+        if source in self.walking:
+            errors.append(_error("dependency_cycle_detected", "Dependency cycle detected",
+                                 f"{name}: node #{source} depends on #{node_id}", input_name=name,
+                                 linked_node=value))
+            return None
+        return source
 
     def _value(self, name: str, declared: tuple, value: Any, errors: list) -> None:
         kind = declared[0]
