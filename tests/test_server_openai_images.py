@@ -89,6 +89,30 @@ def test_n_past_max_batch_is_drawn_as_several_batches(sdlab_server):
         assert ours.info["parameters"] == infotext and f"Seed: {50 + i}," in infotext
 
 
+def test_llamaedges_extension_fields_are_the_native_jobs(sdlab_server):
+    """LlamaEdge's sd-api-server fields: cfg_scale, steps, sample_method (sd.cpp's names), width / height,
+    negative_prompt, seed; an edit's strength."""
+    answer = httpx.post(sdlab_server.url + "/v1/images/generations", timeout=120, json={
+        "prompt": "a sea otter", "negative_prompt": "blurry", "cfg_scale": 3.5, "sample_method": "euler_a",
+        "steps": 6, "width": 48, "height": 64, "seed": 42}).json()
+    ours = b64_picture(answer["data"][0]["b64_json"])
+    job, native = native_pictures(sdlab_server, {"prompt": "a sea otter", "negative_prompt": "blurry",
+                                                 "cfg_scale": 3.5, "sampler": "euler_ancestral", "steps": 6,
+                                                 "width": 48, "height": 64, "seed": 42})
+    assert ours.size == (48, 64) and np.abs(pixels(ours) - pixels(native[0])).max() == 0
+    assert ours.info["parameters"] == job["infotexts"][0] and "Steps: 6," in job["infotexts"][0]
+    init = init_picture()
+    answer = httpx.post(sdlab_server.url + "/v1/images/edits", timeout=120, files={
+        "image": ("init.png", png_bytes(init), "image/png")}, data={
+        "prompt": "a tile", "strength": "0.4", "steps": "10", "cfg_scale": "5.0", "sample_method": "heun",
+        "seed": "7"}).json()
+    job, native = native_pictures(sdlab_server, {"mode": "img2img", "init_image": b64_png(init), "prompt": "a tile",
+                                                 "strength": 0.4, "steps": 10, "cfg_scale": 5.0, "sampler": "heun",
+                                                 "seed": 7})
+    assert np.abs(pixels(b64_picture(answer["data"][0]["b64_json"])) - pixels(native[0])).max() == 0
+    assert "Denoising strength: 0.4" in job["infotexts"][0]
+
+
 def test_a_url_answer_is_a_picture_this_server_serves(sdlab_server):
     client = client_of(sdlab_server)
     answer = client.images.generate(prompt="a lighthouse", n=1, size=f"{SIDE}x{SIDE}", response_format="url",
@@ -228,10 +252,13 @@ def error_of(call) -> tuple[int, dict]:
     ({"response_format": "svg"}, 400, "response_format"),
     ({"response_format": "url", "output_format": "jpeg"}, 400, "output_format"),
     ({"background": "transparent"}, 400, "background"),
+    ({"size": "auto", "width": 100}, 400, "width"),
+    ({"sample_method": "dpm++2mv2"}, 400, "sample_method"),
 ])
 def test_generation_refusals_answer_in_openais_error_shape(sdlab_server, fields, status, param):
     body = {"prompt": "a cat", "size": f"{SIDE}x{SIDE}", **fields}
-    code, error = error_of(lambda: client_of(sdlab_server).images.generate(**body))
+    extra = {key: body.pop(key) for key in ("width", "sample_method") if key in body}
+    code, error = error_of(lambda: client_of(sdlab_server).images.generate(**body, extra_body=extra))
     assert code == status
     assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
     assert error["param"] == param and error["message"]
@@ -240,10 +267,11 @@ def test_generation_refusals_answer_in_openais_error_shape(sdlab_server, fields,
 
 
 def test_unknown_and_missing_fields_answer_in_openais_error_shape(sdlab_server):
-    answer = httpx.post(sdlab_server.url + "/v1/images/generations", json={"prompt": "x", "steps": 3}, timeout=30)
+    answer = httpx.post(sdlab_server.url + "/v1/images/generations", json={"prompt": "x", "control_strength": 0.9},
+                        timeout=30)
     assert answer.status_code == 400
-    assert answer.json() == {"error": {"message": "Unrecognized request argument supplied: steps",
-                                       "type": "invalid_request_error", "param": "steps", "code": None}}
+    assert answer.json() == {"error": {"message": "Unrecognized request argument supplied: control_strength",
+                                       "type": "invalid_request_error", "param": "control_strength", "code": None}}
     answer = httpx.post(sdlab_server.url + "/v1/images/generations", json={"n": 1}, timeout=30)
     assert answer.status_code == 400 and answer.json()["error"]["param"] == "prompt"
     answer = httpx.post(sdlab_server.url + "/v1/images/generations", content=b"{not json",

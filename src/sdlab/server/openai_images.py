@@ -83,9 +83,11 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
 
 
 class GenerationIn(NullsAreDefaults):
-    """`POST /v1/images/generations`' body: OpenAI's fields, and sdlab's `seed` and `negative_prompt` (extensions,
-    as LlamaEdge's sd-api-server takes them; stable-diffusion.cpp's sd-server reads a seed from the prompt's
-    `<sd_cpp_extra_args>`). `quality`, `style`, `user` and `moderation` are taken and not read."""
+    """`POST /v1/images/generations`' body: OpenAI's fields, and the extensions LlamaEdge's sd-api-server documents
+    that map onto a native job: `seed`, `negative_prompt`, `cfg_scale`, `steps`, `sample_method` (its
+    stable-diffusion.cpp sampler names, `SAMPLE_METHODS`, or any of sdlab's), `width` / `height` (read where
+    `size` is unset, as LlamaEdge ignores them beside a size). `quality`, `style`, `user` and `moderation` are
+    taken and not read."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -103,14 +105,20 @@ class GenerationIn(NullsAreDefaults):
     moderation: str | None = None
     stream: bool = False
     partial_images: int = 0
-    seed: int = -1                          # sdlab's: -1 random; picture i draws seed + i
-    negative_prompt: str = ""               # sdlab's
+    seed: int = -1                          # LlamaEdge's: -1 random; picture i draws seed + i
+    negative_prompt: str = ""               # LlamaEdge's, and cfg_scale, steps, sample_method, width, height
+    cfg_scale: float | None = None          # None: the native job's (the model's preset)
+    steps: int | None = None
+    sample_method: str | None = None
+    width: int | None = None
+    height: int | None = None
 
 
 class EditIn(GenerationIn):
     """`POST /v1/images/edits`' text fields (its pictures are the form's files); `input_fidelity` is not read."""
 
     input_fidelity: str | None = None
+    strength: float | None = None           # LlamaEdge's: img2img's denoising strength (None: the native 0.75)
 
 
 def _checked(body: GenerationIn) -> tuple[int | None, int | None]:
@@ -139,7 +147,28 @@ def _checked(body: GenerationIn) -> tuple[int | None, int | None]:
         raise ImagesError("Streaming ('stream', 'partial_images') is not served here; the native API's "
                           "/api/jobs/ID/events streams a job's steps.", param="stream" if body.stream else
                           "partial_images")
-    return _size(body.size)
+    if body.size != "auto":
+        return _size(body.size)
+    for side in ("width", "height"):
+        value = getattr(body, side)
+        if value is not None and (value < SIZE_MULTIPLE or value % SIZE_MULTIPLE):
+            raise ImagesError(f"Invalid '{side}': {value}; a multiple of {SIZE_MULTIPLE} from {SIZE_MULTIPLE} on.",
+                              param=side)
+    return body.width, body.height
+
+
+# LlamaEdge's `sample_method` values (stable-diffusion.cpp's sampler names) as sdlab's sampler table names them;
+# sd.cpp's dpm++2mv2, its own variant of DPM++ 2M, has no row there and is refused by name
+SAMPLE_METHODS = {"euler_a": "euler_ancestral", "dpm++2s_a": "dpmpp_2s_ancestral", "dpm++2m": "dpmpp_2m"}
+
+
+def sampler_name(sample_method: str | None) -> str | None:
+    """sdlab's sampler for a `sample_method` (None: the native job's); `euler`, `heun`, `dpm2`, `ipndm`,
+    `ipndm_v` and `lcm` are names sdlab's table has as they are."""
+    if sample_method == "dpm++2mv2":
+        raise ImagesError("Invalid 'sample_method': 'dpm++2mv2' (stable-diffusion.cpp's own DPM++ 2M variant) is "
+                          "not one of sdlab's samplers; 'dpm++2m' is.", param="sample_method")
+    return SAMPLE_METHODS.get(sample_method, sample_method) if sample_method else None
 
 
 def _size(size: str) -> tuple[int | None, int | None]:
@@ -186,7 +215,9 @@ async def _drawn(service: Service, request: Request, body: GenerationIn, picture
                           "count, so send at most n images.", param="image")
     batch_size, batch_count = batches(body.n, service.config.limits.max_batch, max(len(pictures), 1))
     job_in = JobIn(mode=mode, model=body.model, prompt=body.prompt, negative_prompt=body.negative_prompt,
-                   seed=body.seed, width=width, height=height, batch_size=batch_size, batch_count=batch_count)
+                   seed=body.seed, width=width, height=height, batch_size=batch_size, batch_count=batch_count,
+                   steps=body.steps, cfg_scale=body.cfg_scale, sampler=sampler_name(body.sample_method),
+                   strength=getattr(body, "strength", None))
     spec = job_spec(service, job_in, pictures[0] if pictures else None, mask)
     if len(pictures) > 1:
         spec = replace(spec, request=replace(spec.request, init_images=tuple(pictures)))
