@@ -95,3 +95,36 @@ def test_a_cycle_and_a_self_link_name_their_nodes():
         check_graph(graph, CHOICES)
     assert caught.value.node_errors["10"]["errors"][0]["details"] == "clip: node #10 depends on #10"
 
+
+
+@pytest.mark.parametrize(("name", "value", "read"), [
+    ("steps", "3", 3), ("steps", 3.0, 3), ("steps", 3.7, 3), ("seed", "123", 123), ("cfg", "7.5", 7.5),
+    ("cfg", 7, 7.0), ("denoise", "1", 1.0), ("steps", True, 1)])
+def test_values_are_converted_as_comfyui_converts_them(name, value, read):
+    # comfyanonymous/ComfyUI execution.py validate_inputs (00a0995): int(val) / float(val) / str(val), stored back
+    graph = basic()
+    graph["3"]["inputs"][name] = value
+    plan = check_graph(graph, CHOICES)
+    got = {"steps": plan.steps, "seed": plan.seed, "cfg": plan.cfg_scale, "denoise": plan.strength}[name]
+    assert got == read and type(got) is type(read)
+    assert graph["3"]["inputs"][name] == read and type(graph["3"]["inputs"][name]) is type(read)
+
+
+def test_a_text_is_converted_to_a_string():
+    graph = basic()
+    graph["6"]["inputs"]["text"] = 5
+    assert check_graph(graph, CHOICES).prompt == "5"
+
+
+@pytest.mark.parametrize(("name", "value", "kind"), [
+    ("steps", "3.0", "invalid_input_type"), ("steps", "three", "invalid_input_type"),
+    ("steps", None, "invalid_input_type"), ("steps", {"a": 1}, "invalid_input_type"),
+    ("cfg", "x", "invalid_input_type"), ("cfg", "nan", "invalid_input_type"), ("cfg", "inf", "value_bigger_than_max"),
+    ("steps", float("inf"), "invalid_input_type"), ("steps", "0", "value_smaller_than_min"),
+    ("seed", "-1", "value_smaller_than_min")])
+def test_what_comfyui_refuses_stays_refused(name, value, kind):
+    graph = basic()
+    graph["3"]["inputs"][name] = value
+    with pytest.raises(GraphError) as caught:
+        check_graph(graph, CHOICES)
+    assert caught.value.node_errors["3"]["errors"][0]["type"] == kind

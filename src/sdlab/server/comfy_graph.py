@@ -250,7 +250,7 @@ class _Checker:
                     if source is not None:
                         sources.append(source)
                 else:
-                    self._value(name, declared, value, errors)
+                    inputs[name] = self._value(name, declared, value, errors)
         return errors, sources
 
     def _link(self, node_id: str, name: str, wanted: str, value: Any, errors: list) -> str | None:
@@ -280,7 +280,10 @@ class _Checker:
             return None
         return source
 
-    def _value(self, name: str, declared: tuple, value: Any, errors: list) -> None:
+    def _value(self, name: str, declared: tuple, value: Any, errors: list) -> Any:
+        """The value as the node reads it, converted as ComfyUI converts it (execution.py `validate_inputs`:
+        int(val) for an INT, float(val) for a FLOAT, str(val) for a STRING, the graph's input replaced by it), so
+        "3", 3.0 and 3.7 are steps 3; the errors of a value ComfyUI refuses (and of a FLOAT nan) in `errors`."""
         kind = declared[0]
         if isinstance(kind, list) or kind in _LISTS:
             allowed = kind if isinstance(kind, list) else self.choices.of(kind)
@@ -288,25 +291,24 @@ class _Checker:
                 shown = str(allowed) if len(allowed) <= 20 else f"(list of length {len(allowed)})"
                 errors.append(_error("value_not_in_list", "Value not in list", f"{name}: '{value}' not in {shown}",
                                      input_name=name, received_value=value))
-            return
+            return value
         options = declared[1]
-        number = {"INT": int, "FLOAT": (int, float)}.get(kind)
-        if kind == "STRING":
-            if not isinstance(value, str):
-                errors.append(_error("invalid_input_type", "Failed to convert an input value to a STRING value",
-                                     f"{name}, {value!r}", input_name=name, received_value=value))
-            return
-        if isinstance(value, bool) or not isinstance(value, number) or (kind == "INT" and isinstance(value, float)
-                                                                      and not value.is_integer()):
+        try:
+            converted = {"INT": int, "FLOAT": float, "STRING": str}[kind](value)
+            if converted != converted:                  # nan: ComfyUI's min / max let it by; no picture is drawn
+                raise ValueError("not a number")
+        except (TypeError, ValueError, OverflowError) as err:
             errors.append(_error("invalid_input_type", f"Failed to convert an input value to a {kind} value",
-                                 f"{name}, {value!r}", input_name=name, received_value=value))
-            return
-        if "min" in options and value < options["min"]:
-            errors.append(_error("value_smaller_than_min", f"Value {value} smaller than min of {options['min']}",
-                                 name, input_name=name, received_value=value))
-        if "max" in options and value > options["max"]:
-            errors.append(_error("value_bigger_than_max", f"Value {value} bigger than max of {options['max']}",
-                                 name, input_name=name, received_value=value))
+                                 f"{name}, {value!r}, {err}", input_name=name, received_value=value,
+                                 exception_message=str(err)))
+            return value
+        if "min" in options and converted < options["min"]:
+            errors.append(_error("value_smaller_than_min", f"Value {converted} smaller than min of "
+                                 f"{options['min']}", name, input_name=name, received_value=converted))
+        if "max" in options and converted > options["max"]:
+            errors.append(_error("value_bigger_than_max", f"Value {converted} bigger than max of {options['max']}",
+                                 name, input_name=name, received_value=converted))
+        return converted
 
 
 _TYPES_OF_LINKS = frozenset(t for spec in NODES.values() for t in spec.outputs)
