@@ -96,6 +96,16 @@ def test_a_cycle_and_a_self_link_name_their_nodes():
     assert caught.value.node_errors["10"]["errors"][0]["details"] == "clip: node #10 depends on #10"
 
 
+def test_many_bad_outputs_answer_in_proportion_to_the_request():
+    n = 3000
+    graph = {str(i): {"class_type": "PreviewImage", "inputs": {}} for i in range(n)}
+    with pytest.raises(GraphError) as caught:
+        check_graph(graph, CHOICES)
+    answer = json.dumps(caught.value.body())
+    assert len(caught.value.node_errors) == n
+    assert all(len(node["dependent_outputs"]) <= 20 for node in caught.value.node_errors.values())
+    assert len(answer) < 200 * len(json.dumps({"prompt": graph}))        # was n ids on each of n node errors
+
 
 @pytest.mark.parametrize(("name", "value", "read"), [
     ("steps", "3", 3), ("steps", 3.0, 3), ("steps", 3.7, 3), ("seed", "123", 123), ("cfg", "7.5", 7.5),

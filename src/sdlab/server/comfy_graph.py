@@ -35,6 +35,9 @@ MAX_RESOLUTION = 16384                  # ComfyUI's nodes.MAX_RESOLUTION
 COMFY_SCHEDULERS = ("simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal",
                     "linear_quadratic", "kl_optimal")
 """ComfyUI's KSampler.SCHEDULERS, each an sdlab schedule of the same name and rule (tests/test_comfyui_ksampler.py)."""
+LISTED_OUTPUTS = 20
+"""The most outputs a node error's `dependent_outputs` lists. ComfyUI lists every failed output on each node error
+(execution.py `validate_prompt`): a graph of N bad outputs would answer N^2 ids."""
 CLIP_LAYERS = (-1, -2)                  # the CLIPSetLastLayer values sdlab draws (its clip skip 1, 2)
 
 
@@ -340,7 +343,7 @@ def check_graph(graph: Any, choices: Choices) -> GraphPlan:
     checker = _Checker(graph, choices)
     bad = [o for o in outputs if not checker.check(o)]
     if bad:
-        node_errors = {node_id: {"errors": errors, "dependent_outputs": bad,
+        node_errors = {node_id: {"errors": errors, "dependent_outputs": bad[:LISTED_OUTPUTS],
                                  "class_type": graph[node_id]["class_type"]}
                        for node_id, errors in checker.errors.items() if errors}
         details = "\n".join(f"{e['message']}: {e['details']}" for errors in checker.errors.values() for e in errors)
@@ -363,7 +366,8 @@ class _Plan:
         error = _error("unsupported_graph", message, f"{class_type} #{node_id}: {message}")
         return GraphError(_error("prompt_outputs_failed_validation", "Prompt outputs failed validation",
                                  f"{message}"),
-                          {node_id: {"errors": [error], "dependent_outputs": self.outputs, "class_type": class_type}})
+                          {node_id: {"errors": [error], "dependent_outputs": self.outputs[:LISTED_OUTPUTS],
+                                     "class_type": class_type}})
 
     def source(self, node_id: str, name: str) -> tuple[str, int, str]:
         """(source id, output index, source class_type) of the link `name` of `node_id`."""
