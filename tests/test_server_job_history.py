@@ -175,3 +175,28 @@ def test_a_script_job_goes_with_its_requests_and_their_pictures(server):
     assert deleted["images"] == len(names)
     assert service.store.parts(job_id, "script_job") == [] and client.get(f"/api/jobs/{job_id}").status_code == 404
     assert not any((service.images_dir / name).exists() for name in names)
+
+
+def test_a_picture_deleted_while_it_is_asked_for_is_a_404_or_whole(server, monkeypatch):
+    """GET /api/images/NAME opens the file before answering: a delete just before (the file there when a check
+    looked, gone when sent) is a 404, not a 500; a delete after it opened the file leaves the answer whole."""
+    import anyio
+
+    from sdlab.server.native import opened_file
+
+    client, service = server
+    job = _done(client, {**BODY, "batch_size": 2})
+    first, second = _files(service, job)
+    whole = first.read_bytes()
+    opened = opened_file(first, "image/png")
+    monkeypatch.setattr(Path, "is_file", lambda self: True)      # a check made before the delete: still there
+    assert client.post(f"/api/jobs/{job['id']}/delete").status_code == 200
+    answer = client.get(job["images"][1])
+    assert answer.status_code == 404 and answer.json() == {"detail": "Not Found"}
+    comfy = client.get("/view", params={"filename": second.name, "type": "output"})
+    assert comfy.status_code == 404
+
+    async def body() -> bytes:
+        return b"".join([chunk async for chunk in opened.body_iterator])
+
+    assert opened.headers["content-length"] == str(len(whole)) and anyio.run(body) == whole

@@ -36,14 +36,14 @@ from typing import Any
 
 import anyio
 from fastapi import APIRouter, FastAPI, Request, WebSocket, WebSocketDisconnect
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 
 from sdlab.diffusion.samplers import SAMPLER_TABLE
 from sdlab.pipeline.request import GenerationRequest
 from sdlab.server.comfy_graph import Choices, GraphError, GraphPlan, check_graph, object_info, run_order
 from sdlab.server.inputs import BadRequest, JobSpec, LoraChoice, image_from_bytes, opened_picture
 from sdlab.server.jobs import Job
-from sdlab.server.native import IMAGE_NAME
+from sdlab.server.native import IMAGE_NAME, opened_file
 from sdlab.server.service import Service
 
 INPUT_FOLDER = "comfy_input"
@@ -402,12 +402,15 @@ async def websocket(socket: WebSocket) -> None:
 
 
 @router.get("/view")
-def view(request: Request, filename: str, subfolder: str = "", type: str = "output") -> FileResponse:
+def view(request: Request, filename: str, subfolder: str = "", type: str = "output") -> Response:
     state = state_of(request)
-    if type in ("output", "temp"):
-        path = state.service.images_dir / filename
-        found = not subfolder and IMAGE_NAME.match(filename) and path.is_file()
-    elif type == "input":
+    if type in ("output", "temp"):      # opened now: a job deleted meanwhile is a 404, not a broken answer
+        picture = None if subfolder or not IMAGE_NAME.match(filename) else opened_file(
+            state.service.images_dir / filename, "image/png", {"Content-Disposition": f'inline; filename="{filename}"'})
+        if picture is None:
+            raise BadRequest("Not Found", 404)
+        return picture
+    if type == "input":
         path = _inside(state.input_dir, f"{subfolder}/{filename}" if subfolder else filename)
         found = path is not None and path.is_file()
     else:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import re
 from collections.abc import Callable
 from dataclasses import fields
@@ -31,7 +32,7 @@ from typing import Any, Literal, get_type_hints
 
 import anyio
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator
 from PIL import Image
 
@@ -574,12 +575,31 @@ def _sse(name: str, data: dict[str, Any]) -> str:
 
 
 @router.get("/images/{name}")
-def get_image(name: str, request: Request) -> FileResponse:
+def get_image(name: str, request: Request) -> Response:
     service = service_of(request)
-    path = service.images_dir / name
-    if not IMAGE_NAME.match(name) or not path.is_file():
-        return JSONResponse({"detail": "Not Found"}, status_code=404)
-    return FileResponse(path, media_type="image/png")
+    response = opened_file(service.images_dir / name, "image/png") if IMAGE_NAME.match(name) else None
+    return response or JSONResponse({"detail": "Not Found"}, status_code=404)
+
+
+FILE_CHUNK = 1 << 16
+
+
+def opened_file(path: Path, media_type: str, headers: dict[str, str] | None = None) -> StreamingResponse | None:
+    """The file at `path` sent from a handle opened now (None where there is no such file), so a delete after this
+    call (POST /api/jobs/ID/delete) leaves the answer whole: the open handle keeps the file's bytes."""
+    try:
+        handle = path.open("rb")
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+    size = os.fstat(handle.fileno()).st_size
+
+    def chunks():
+        with handle:
+            while chunk := handle.read(FILE_CHUNK):
+                yield chunk
+
+    return StreamingResponse(chunks(), media_type=media_type,
+                             headers={"Content-Length": str(size), **(headers or {})})
 
 
 class PictureIn(NullsAreDefaults):
