@@ -200,3 +200,34 @@ def test_a_picture_deleted_while_it_is_asked_for_is_a_404_or_whole(server, monke
         return b"".join([chunk async for chunk in opened.body_iterator])
 
     assert opened.headers["content-length"] == str(len(whole)) and anyio.run(body) == whole
+
+
+def test_a_deletion_stopped_midway_is_undone_or_finished_at_startup(tmp_path):
+    """A server stopped between a deletion's renames and its row delete leaves a row listing hidden pictures: the
+    next start puts them back (the job whole, its pictures served); one stopped after the row delete leaves hidden
+    pictures no row lists: the next start removes them (the job gone)."""
+    from fastapi.testclient import TestClient
+
+    from sdlab.server.app import create_app
+    from sdlab.server.config import ServerConfig
+    from sdlab.server.job_deletion import DELETING_PREFIX
+
+    config = ServerConfig(output_dir=tmp_path / "outputs")
+    app = create_app(config)
+    with TestClient(app) as client:
+        service = app.state.service
+        kept, gone = (_done(client, {**BODY, "batch_size": 2, "seed": seed}) for seed in (5, 6))
+        kept_files, gone_files = _files(service, kept), _files(service, gone)
+        pictures = [client.get(url).content for url in kept["images"]]
+        kept_files[0].rename(kept_files[0].with_name(DELETING_PREFIX + kept_files[0].name))   # one renamed, crash
+        for path in gone_files:                                     # all renamed, rows deleted, crash
+            path.rename(path.with_name(DELETING_PREFIX + path.name))
+        service.store.delete_jobs([gone["id"]])
+        assert client.get(kept["images"][0]).status_code == 404      # the state a crash leaves
+    app = create_app(config)
+    with TestClient(app) as client:
+        assert [client.get(url).content for url in kept["images"]] == pictures
+        assert client.get(f"/api/jobs/{kept['id']}").json()["images"] == kept["images"]
+        assert client.get(f"/api/jobs/{gone['id']}").status_code == 404
+        assert not list(app.state.service.images_dir.glob(DELETING_PREFIX + "*"))
+        assert not any(path.exists() for path in gone_files)

@@ -4,7 +4,8 @@ A script job goes with its requests (the rows tagged `script_job`, which the lis
 Each picture is first renamed to a hidden name in its folder (one the image route never serves); only when every
 rename worked are the rows deleted, in one transaction; only then are the renamed files removed. A rename or a row
 delete that fails puts the pictures renamed so far back: the job stays whole, and the answer says why (503). A
-queued or running job is refused (409: cancel it first); an unknown id is a 404.
+queued or running job is refused (409: cancel it first); an unknown id is a 404. A deletion the server stopped in
+the middle of (a crash, a kill) is finished or undone when it starts again (`recover_deletions`).
 """
 
 from __future__ import annotations
@@ -80,3 +81,24 @@ def _put_back(images_dir: Path, moved: list[str]) -> None:
             (images_dir / (DELETING_PREFIX + name)).rename(images_dir / name)
         except OSError as err:
             logger.error("could not put back the picture %s: %s", name, err.strerror)
+
+
+def recover_deletions(store: Store, images_dir: Path) -> None:
+    """Finish or undo each deletion left in the middle (its pictures' hidden names still in `images_dir`), so a job
+    is whole or gone: a hidden picture a row still lists is put back (the rows were not deleted: the job stays),
+    one no row lists is removed (the rows went, its removal did not happen). Run at startup, when no deletion runs
+    (the output folder is held by one server)."""
+    hidden = sorted(path.name for path in images_dir.glob(DELETING_PREFIX + "*")) if images_dir.is_dir() else []
+    names = [name[len(DELETING_PREFIX):] for name in hidden]
+    held = store.held_pictures(names)
+    for name in names:
+        path = images_dir / (DELETING_PREFIX + name)
+        try:
+            if name in held:
+                path.rename(images_dir / name)
+                logger.warning("put back the picture %s of a deletion stopped before its job went", name)
+            else:
+                path.unlink()
+                logger.warning("removed the picture %s of a deleted job", DELETING_PREFIX + name)
+        except OSError as err:
+            logger.error("cannot recover the picture %s of a stopped deletion: %s", path.name, err.strerror)

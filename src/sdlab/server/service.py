@@ -16,6 +16,7 @@ from sdlab.pipeline.prompt_syntax import strip_comments
 from sdlab.pipeline.request import GenerationRequest, RequestError, fixed_seed
 from sdlab.pipeline.styles import StyleDatabase, WatchedStyles
 from sdlab.pipeline.upscale import A1111_REALESRGAN_STEMS
+from sdlab.server import job_deletion
 from sdlab.server.config import ServerConfig
 from sdlab.server.inputs import (
     BadRequest, JobSpec, RefinerChoice, check_request, upscaler_file, with_preset, without_paths,
@@ -46,6 +47,7 @@ class Service:
                                      known_in=config.realesrgan_dir, known=A1111_REALESRGAN_STEMS)
         self.host = ModelHost(self.registry, config.device, config.embeddings_dir)
         self.images_dir = config.output_dir / IMAGES_FOLDER
+        job_deletion.recover_deletions(self.store, self.images_dir)     # one stopped midway: all or nothing
         self.runner = Runner(self.host, self.images_dir, config.limits, self.upscalers, self.controlnets)
         self.queue = JobQueue(self.store, self.runner.run, config.max_queue, on_start=self.runner.warm,
                               on_idle=forget_read_loras)    # the tags' files, read when their jobs were submitted

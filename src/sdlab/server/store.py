@@ -158,6 +158,15 @@ class Store:
                               (f'$."{key}"', job_id)).fetchall()
         return [_record(row) for row in rows]
 
+    def held_pictures(self, names: list[str]) -> set[str]:
+        """Those of the picture names `names` that a job's row still lists."""
+        if not names:
+            return set()
+        with self._using("cannot read", self._requests) as db:
+            rows = db.execute(f"SELECT DISTINCT picture.value FROM jobs, json_each(jobs.images) AS picture "
+                              f"WHERE picture.value IN ({', '.join('?' * len(names))})", names).fetchall()
+        return {row[0] for row in rows}
+
     def delete_jobs(self, job_ids: list[str]) -> None:
         """Delete these jobs' rows in one transaction: all of them, or (a `StoreError`) none."""
         with self._using("cannot write", self._requests) as db:
