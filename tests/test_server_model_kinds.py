@@ -58,6 +58,20 @@ def test_the_image_encoders_folders_hold_no_checkpoints(tmp_path):
     assert sorted(c.name for c in registry.checkpoints) == sorted(["tiny.safetensors", *REFUSED])
 
 
+def test_a_folder_of_an_encoders_name_deeper_down_is_listed(tmp_path):
+    """Only the image encoders' places directly under --models-dir are left out: a checkpoint in
+    sub/clip_vision/ or SDXL/Image_Encoder/ (the user's folders) is listed. Before: both left out."""
+    import shutil
+
+    models = _models(tmp_path / "models")
+    for place in ("sub/clip_vision/x.safetensors", "SDXL/Image_Encoder/y.safetensors"):
+        (models / place).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(models / "tiny.safetensors", models / place)
+    registry = ModelRegistry(models / "tiny.safetensors", models)
+    names = {c.name for c in registry.checkpoints}
+    assert {"sub/clip_vision/x.safetensors", "SDXL/Image_Encoder/y.safetensors"} <= names
+
+
 def test_options_refuse_a_model_sdlab_cannot_draw_with_and_keep_the_one_in_use(tmp_path):
     """Before: 200 null, GET options then showed the file, and every later job failed with a 400."""
     models = _models(tmp_path / "models")

@@ -43,11 +43,12 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 LORA_FOLDERS = ("Lora", "lora", "loras", "LoRA")
 logger = logging.getLogger(__name__)
-# folders of other models, never checkpoints: beside those above, the IP-Adapters' image encoders, which
-# `ip_adapter_units.ENCODER_PLACES` and the adapter's `image_encoder` rule find one folder up from ControlNet/
+# folders of other models, never checkpoints, at any depth
 _NOT_CHECKPOINT_FOLDERS = {name.lower() for name in (*LORA_FOLDERS, "VAE", "ESRGAN", "RealESRGAN", "embeddings",
-                                                   "ControlNet", "image_encoder", "clip_vision",
-                                                   "ControlNetPreprocessor")}
+                                                   "ControlNet")}
+# the IP-Adapters' image encoders, where `ip_adapter_units.ENCODER_PLACES` and the adapter's `image_encoder` rule
+# find them: directly under --models-dir, one folder up from ControlNet/ (a folder of that name deeper is the user's)
+_ENCODER_FOLDERS = {name.lower() for name in ("image_encoder", "clip_vision", "ControlNetPreprocessor")}
 _CHECKSUM = re.compile(r"\s*\[[^]]+]\s*$")      # A1111's `re_strip_checksum`: the " [hash]" ending a title
 _HASH_LOCKS: dict[Path, threading.Lock] = {}
 _HASH_LOCKS_LOCK = threading.Lock()
@@ -210,8 +211,9 @@ class ModelRegistry:
         root = self._checkpoints_root()
         found = []
         for path in sorted(root.rglob("*")):
-            parts = {part.lower() for part in path.relative_to(root).parts[:-1]}
-            if parts & _NOT_CHECKPOINT_FOLDERS or not self._inside(path):
+            folders = [part.lower() for part in path.relative_to(root).parts[:-1]]
+            encoders = root == self.models_dir and folders[:1] and folders[0] in _ENCODER_FOLDERS
+            if set(folders) & _NOT_CHECKPOINT_FOLDERS or encoders or not self._inside(path):
                 continue
             if path.is_file() and path.suffix.lower() in CHECKPOINT_SUFFIXES and not is_sidecar_vae(path):
                 found.append(path.resolve())
