@@ -127,3 +127,52 @@ def test_load_more_shows_the_jobs_past_the_newest_hundred(browser, long_history)
     wait(browser, lambda d: len(captions(d)) == 130, 30, "Load more added nothing")
     assert captions(browser) == [f"old job {i}" for i in range(129, -1, -1)]
     assert not browser.find_elements(By.CSS_SELECTOR, "#gallery button.load-more")
+
+
+@pytest.fixture
+def history_of_250(tmp_path):
+    """A server whose history holds 250 finished jobs 'old job 0' .. 'old job 249' (their ids in `ids`)."""
+    from server_fixtures import start_server
+
+    from sdlab.server.store import Store
+
+    outputs = tmp_path / "outputs"
+    store = Store(outputs)
+    now = time.time() - 1000
+    ids = [uuid.uuid4().hex for _ in range(250)]
+    for i, job_id in enumerate(ids):
+        store.save_job({"id": job_id, "status": "done", "mode": "txt2img", "model": "tiny",
+                        "request": {"prompt": f"old job {i}", "seed": i}, "images": [], "infotexts": [],
+                        "error": None, "created": now + i, "started": now + i, "finished": now + i, "step": 2,
+                        "steps": 2})
+    store.close()
+    server = start_server(outputs)
+    yield server, ids
+    server.stop()
+
+
+def test_jobs_deleted_elsewhere_after_load_more_leave_and_paging_goes_on(browser, history_of_250):
+    """After Load more, another client deletes the newest job (the polled page's) and the oldest shown (Load
+    more's): the next poll drops the newest's card (before: kept as an older job, a ghost), and Load more pages on
+    past the deleted one (before: 'Cannot load older jobs: 404 ...' at every click)."""
+    server, ids = history_of_250
+    base = server.url
+    open_page(browser, base)
+
+    def captions(d) -> list[str]:
+        return d.execute_script("return [...document.querySelectorAll('#gallery .card .caption')]"
+                                ".map((c) => c.textContent)")
+
+    wait(browser, lambda d: len(captions(d)) == 100, 30, "the newest 100 are not shown")
+    browser.find_element(By.CSS_SELECTOR, "#gallery button.load-more").click()
+    wait(browser, lambda d: len(captions(d)) == 200, 30, "Load more added nothing")
+    for i in (249, 50):
+        http_json(base, f"/api/jobs/{ids[i]}/delete", {}, method="POST")
+    browser.execute_script("refreshJobs(true)")                 # the poll that comes every 10 s
+    wait(browser, lambda d: captions(d)[0] == "old job 248", 30, "the poll did not run")
+    assert "old job 249" not in captions(browser)
+    browser.find_element(By.CSS_SELECTOR, "#gallery button.load-more").click()
+    wait(browser, lambda d: len(captions(d)) == 248 or text(d, "error"), 30, "Load more added nothing")
+    assert text(browser, "error") == ""
+    assert captions(browser) == [f"old job {i}" for i in range(248, -1, -1) if i != 50]
+    assert not browser.find_elements(By.CSS_SELECTOR, "#gallery button.load-more")

@@ -222,7 +222,12 @@ function forgetSubmitted(id) {
 
 // ---------------------------------------------------------------- HTTP
 
-class ApiError extends Error {}
+class ApiError extends Error {
+  constructor(message, status = null) {
+    super(message);
+    this.status = status;       // the HTTP status of a server's answer; null where none came
+  }
+}
 
 const UNREACHABLE = "cannot reach the server";   // the page's error while it cannot; gone once the server answers
 
@@ -264,7 +269,8 @@ async function api(path, options = {}) {
     // A1111-shaped errors (/sdapi, /controlnet) carry the reason in `errors` beside a short `detail`
     if (data && typeof data.errors === "string" && data.errors && data.errors !== message) message += `: ${data.errors}`;
     if (response.status === 429 && !message) message = "the queue is full; wait for a job to finish";
-    throw new ApiError(`${response.status} ${response.statusText || ""}`.trim() + (message ? `: ${message}` : ""));
+    throw new ApiError(`${response.status} ${response.statusText || ""}`.trim() + (message ? `: ${message}` : ""),
+      response.status);
   }
   return data;
 }
@@ -1515,15 +1521,28 @@ function galleryJobs(jobs) {
   return [...jobs, ...state.olderJobs.filter((j) => !listed.has(j.id))];
 }
 
-// Load more: the page of the history after the oldest job the gallery lists (GET /api/jobs?before=ID)
+// Load more: the page of the history after the oldest job the gallery lists (GET /api/jobs?before=ID). One
+// deleted meanwhile (another tab, the API: a 404) leaves the gallery, and the page is read after the next oldest.
 async function loadOlderJobs() {
-  const shown = galleryJobs(state.jobs);
-  if (!shown.length) return;
+  let shown = galleryJobs(state.jobs);
   try {
-    const data = await api(`/api/jobs?limit=${JOBS_PAGE}&before=${encodeURIComponent(shown[shown.length - 1].id)}`);
-    const page = (data && data.jobs) || [];
-    state.olderJobs.push(...page);
-    state.moreJobs = page.length >= JOBS_PAGE;
+    while (shown.length) {
+      const oldest = shown[shown.length - 1].id;
+      let data;
+      try {
+        data = await api(`/api/jobs?limit=${JOBS_PAGE}&before=${encodeURIComponent(oldest)}`);
+      } catch (err) {
+        if (err.status !== 404) throw err;
+        state.olderJobs = state.olderJobs.filter((j) => j.id !== oldest);
+        state.jobs = state.jobs.filter((j) => j.id !== oldest);
+        shown = galleryJobs(state.jobs);
+        continue;
+      }
+      const page = (data && data.jobs) || [];
+      state.olderJobs.push(...page);
+      state.moreJobs = page.length >= JOBS_PAGE;
+      break;
+    }
   } catch (err) {
     showError(`Cannot load older jobs: ${err.message}`);
     return;
@@ -1616,8 +1635,10 @@ async function refreshJobs(force = false) {
       if (state.shownJob === job.id || state.shownJob == null) showJob(job);
     }
   }
-  if (state.olderJobs.length) {          // older pages shown: a job new ones pushed off the polled page stays
-    const pushedOff = state.jobs.filter((j) => !listed.has(j.id) && !ACTIVE.has(j.status));
+  if (state.olderJobs.length) {          // older pages shown: a job new ones pushed off the polled page stays;
+    // pushed off are those past the last job the page still lists (one missing before it was deleted elsewhere)
+    const kept = state.jobs.map((j) => listed.has(j.id)).lastIndexOf(true);
+    const pushedOff = state.jobs.filter((j, i) => i > kept && !listed.has(j.id) && !ACTIVE.has(j.status));
     state.olderJobs.unshift(...pushedOff);
   } else {
     state.moreJobs = jobs.length >= JOBS_PAGE;
