@@ -222,6 +222,17 @@ def test_a_batch_draws_comfyuis_batch_noise(server):
     assert "Batch noise: comfyui" in text
 
 
+def test_prompt_weights_are_comfyuis(server):
+    """A weighted prompt is read and weighted as ComfyUI's CLIPTextEncode (emphasis "ComfyUI", test_comfy_prompt.py
+    against ComfyUI's sd1_clip.py): the graph's picture equals the native job's with emphasis ComfyUI pixel for
+    pixel, and is off A1111's rule's (Original, the mean restored) by more than 2/255."""
+    text = "masterpiece (best quality:1.6) ((girl)) \\(solo\\)"
+    _, entry = drawn(server, graph(**{"6.text": text}))
+    pixels = viewed(server, entry["outputs"]["9"]["images"][0])
+    assert np.array_equal(pixels, native_pixels(server, {**NATIVE, "prompt": text, "emphasis": "ComfyUI"}))
+    assert np.abs(pixels - native_pixels(server, {**NATIVE, "prompt": text})).max() > 2     # 8/255 here
+
+
 def refused(client, prompt) -> dict:
     answer = client.post("/prompt", json={"prompt": prompt})
     assert answer.status_code == 400, answer.text

@@ -231,8 +231,9 @@ def _add_sampling_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
                         + _if_from_png(from_png, "; an A1111 picture's (--from-png) moves the negative too"))
     p.add_argument("--emphasis", metavar="MODE",
                    help="A1111's Emphasis mode: Original (the default: (word:1.2) weights, the mean restored), "
-                        "\"No norm\" (weights, no mean restored), Ignore (the syntax read, no weight applied) or None "
-                        "(brackets, weights and BREAK are plain text)")
+                        "\"No norm\" (weights, no mean restored), Ignore (the syntax read, no weight applied), None "
+                        "(brackets, weights and BREAK are plain text) or ComfyUI (ComfyUI's parentheses and weights: "
+                        "z_empty + (z - z_empty) * w)")
     p.add_argument("--old-prompt-editing", action=argparse.BooleanOptionalAction,
                    help="A1111's Old prompt editing timelines: [a:b:N] switches after step N when N >= 1, after N of "
                         "the steps when N < 1 (A1111 before 1.6); the hires pass reuses the first pass's timeline")

@@ -62,7 +62,7 @@ from sdlab.models.layers import sdxl_vector
 from sdlab.models.tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, CLIPTokenizer
 from sdlab.pipeline.prompt_loras import without_prompt_loras
 from sdlab.pipeline.prompt_schedule import PromptSchedule, prompt_schedule
-from sdlab.pipeline.request import EMPHASIS_MODES
+from sdlab.pipeline.request import PROMPT_EMPHASIS
 from sdlab.pipeline.prompt_syntax import (
     CHUNK_LENGTH,
     Chunk,
@@ -123,12 +123,12 @@ class PromptEmbedding:
 
 
 def emphasis_mode(emphasis: bool | str) -> str:
-    """A1111's emphasis mode (``EMPHASIS_MODES``) of an ``emphasis`` argument: True is "Original", False
-    "Ignore" (the syntax read, no weight applied)."""
+    """The emphasis mode (``PROMPT_EMPHASIS``: A1111's, or "ComfyUI") of an ``emphasis`` argument: True is
+    "Original", False "Ignore" (the syntax read, no weight applied)."""
     if isinstance(emphasis, bool):
         return "Original" if emphasis else "Ignore"
-    if emphasis not in EMPHASIS_MODES:
-        raise ValueError(f"unknown emphasis mode {emphasis!r}; valid: {', '.join(EMPHASIS_MODES)}")
+    if emphasis not in PROMPT_EMPHASIS:
+        raise ValueError(f"unknown emphasis mode {emphasis!r}; valid: {', '.join(PROMPT_EMPHASIS)}")
     return emphasis
 
 
@@ -252,6 +252,14 @@ def _emphasized(hidden: Tensor, weights: Tensor, batches: EmphasisBatches, resto
     return out
 
 
+def _comfy_weighted(hidden: Tensor, empty: Tensor, weights: Tensor) -> Tensor:
+    """ComfyUI's token weights (comfy/sd1_clip.py ``encode_token_weights``): each token's encoding moved away from
+    the empty prompt's at its position by its weight, ``z_empty + (z - z_empty) * w``; no mean is restored.
+    hidden (k, 77, D), empty (77, D), weights (k, 77)."""
+    w = weights.to(device=hidden.device, dtype=hidden.dtype).unsqueeze(-1)                 # (k, 77, 1)
+    return torch.where(w == 1.0, hidden, (hidden - empty) * w + empty)                    # (k, 77, D)
+
+
 def _encode_batches(
     text_encoders: Sequence[TextEncoder],
     batches: Sequence[Sequence[str]],
@@ -292,12 +300,17 @@ def _encode_batches(
         starts = [sum(sizes[:k]) for k in range(len(live))]
         emphasis_batches = [(range(start, start + size), list(counts[b].values()))
                             for b, start, size in zip(live, starts, sizes)]
+        comfy = mode == "ComfyUI" and any(weight != 1.0 for row in rows for weight in row.weights)
+        encoded = [*rows, EMPTY_CHUNK] if comfy else rows                  # ComfyUI's z_empty: the empty prompt's
         features, pooled = _encode_inputs(
-            text_encoders, lambda encoder: chunk_input_ids(rows, encoder.spec.pad_token_id),
+            text_encoders, lambda encoder: chunk_input_ids(encoded, encoder.spec.pad_token_id),
             weighting=(_chunk_weights(rows), emphasis_batches, mode == "Original") if weighted else None,
             clip_skip=clip_skip,
             with_pooled=with_pooled and position == 0,
         )                                                                          # (k, 77, D), (k, P)
+        if comfy:
+            features = _comfy_weighted(features[:-1], features[-1], _chunk_weights(rows))   # (k, 77, D)
+            pooled = None if pooled is None else pooled[:-1]
         for b, part in zip(live, features.split(sizes)):
             columns[b].append(part)
         if pooled is not None:

@@ -68,6 +68,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+from sdlab.pipeline.comfy_prompt import comfy_weighted_runs
 from sdlab.pipeline.request import RequestError
 
 ROUND_BRACKET_MULTIPLIER = 1.1
@@ -319,7 +320,10 @@ def chunk_tokens(
 
 def weighted_runs(prompt: str, mode: str = "Original") -> list[tuple[str, float]]:
     """The ``(text, weight)`` runs the tokenizer reads under an emphasis ``mode`` (``request.EMPHASIS_MODES``):
-    ``parse_weighted``, or, for "None", the whole prompt as one run of weight 1."""
+    ``parse_weighted``, or, for "None", the whole prompt as one run of weight 1, for "ComfyUI" ComfyUI's
+    parentheses (``comfy_prompt``)."""
+    if mode == "ComfyUI":
+        return comfy_weighted_runs(prompt)
     return [(prompt, 1.0)] if mode == "None" else parse_weighted(prompt)
 
 

@@ -93,6 +93,7 @@ MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")   # A111
 LIBRARY_CONVENTIONS = ("diffusers", "a1111")  # the rules a setting follows where the two libraries differ
 CLIP_SKIP_CONVENTIONS = (*LIBRARY_CONVENTIONS, "comfyui")   # "comfyui": CLIPSetLastLayer's -clip_skip
 EMPHASIS_MODES = ("Original", "No norm", "Ignore", "None")   # A1111's emphasis modes (modules/sd_emphasis.py)
+PROMPT_EMPHASIS = (*EMPHASIS_MODES, "ComfyUI")  # a request's: A1111's, then ComfyUI's weights (comfy_prompt.py)
 CONTROL_CONVENTIONS = LIBRARY_CONVENTIONS
 SIZE_CONVENTIONS = LIBRARY_CONVENTIONS
 
@@ -198,7 +199,7 @@ class GenerationRequest:
                                             # encoded as "" (False); None: the model's (checkpoints/load.py), and
                                             # False for a ComfyUI spelling (module docstring)
     emphasis: str = "Original"              # A1111's emphasis mode: "Original", "No norm", "Ignore", "None"
-                                            # (EMPHASIS_MODES; any case)
+                                            # (PROMPT_EMPHASIS, any case: A1111's or "ComfyUI")
     old_prompt_editing: bool = False        # A1111's Old prompt editing timelines (use_old_scheduling): its
                                             # [from:to:when] rule before 1.6 (prompt_schedule)
     eta_noise_seed_delta: int | None = None  # A1111's ENSD: step noise drawn from seed + this after the initial
@@ -938,10 +939,10 @@ def sgm_noise_multiplied(r: GenerationRequest, spec: SamplerSpec) -> bool:
 
 
 def _emphasis_mode(mode: Any) -> str:
-    """A1111's emphasis mode of `mode`, any case (`EMPHASIS_MODES`); a RequestError listing them otherwise."""
-    by_key = {name.lower(): name for name in EMPHASIS_MODES}
+    """The emphasis mode of `mode`, any case (`PROMPT_EMPHASIS`); a RequestError listing them otherwise."""
+    by_key = {name.lower(): name for name in PROMPT_EMPHASIS}
     if not isinstance(mode, str) or mode.strip().lower() not in by_key:
-        raise RequestError(f"unknown emphasis mode {mode!r}; valid: {', '.join(EMPHASIS_MODES)}")
+        raise RequestError(f"unknown emphasis mode {mode!r}; valid: {', '.join(PROMPT_EMPHASIS)}")
     return by_key[mode.strip().lower()]
 
 

@@ -184,7 +184,7 @@ def _submit(state: ComfyState, plan: GraphPlan) -> Job:
     request = GenerationRequest(
         prompt=plan.prompt, negative_prompt=plan.negative_prompt, sampler=plan.sampler, schedule=plan.schedule,
         cfg_scale=plan.cfg_scale, seed=plan.seed, steps=plan.steps, width=width, height=height,
-        batch_size=plan.batch_size, batch_noise="comfyui", clip_skip=plan.clip_skip or 1,
+        batch_size=plan.batch_size, batch_noise="comfyui", emphasis="ComfyUI", clip_skip=plan.clip_skip or 1,
         # CLIPSetLastLayer counts from every encoder's last layer (ComfyUI's rule); without one, the usual layers
         clip_skip_convention="diffusers" if plan.clip_skip is None else "comfyui",
         init_image=init, strength=plan.strength if init is not None else 1.0)

@@ -170,7 +170,8 @@ class JobIn(NullsAreDefaults):
     clip_skip: int = 1
     clip_skip_convention: str = "diffusers"  # "a1111": A1111's rule, SD1's encoder alone moves back (its pictures')
     sdxl_clip_l_skip: bool = False          # A1111's Clip skip SDXL: under its rule SDXL's CLIP-L moves back too
-    emphasis: str = "Original"              # A1111's emphasis mode: "Original", "No norm", "Ignore", "None"
+    emphasis: str = "Original"              # A1111's emphasis mode: "Original", "No norm", "Ignore", "None"; or
+                                            # "ComfyUI" (ComfyUI's weights)
     old_prompt_editing: bool = False        # A1111's Old prompt editing timelines
     downcast_alphas_cumprod: bool = False   # A1111's Downcast alphas_cumprod
     zero_terminal_snr: bool = False         # A1111's Noise Schedule "Zero Terminal SNR"
