@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import io
+import random
 import time
 
 import numpy as np
@@ -352,6 +353,10 @@ def test_view_and_upload_stay_in_their_folders(server):
     answer = server.post("/upload/image", data={"subfolder": "../.."}, files={"image": ("a.png", png.getvalue())})
     assert answer.status_code == 400 and "leaves the input folder" in answer.text
     assert server.post("/upload/image", files={"image": ("a.png", b"not a picture", "image/png")}).status_code == 400
+    noise = io.BytesIO()
+    Image.frombytes("L", (64, 64), random.Random(0).randbytes(64 * 64)).save(noise, format="PNG")   # ~4 KB
+    cut = server.post("/upload/image", files={"image": ("cut.png", noise.getvalue()[:200], "image/png")})  # header whole
+    assert cut.status_code == 400 and "not a readable image" in cut.text
 
 
 def test_a_websocket_from_another_sites_page_is_refused(server):

@@ -443,8 +443,8 @@ async def upload_image(request: Request) -> JSONResponse:
         raise BadRequest(f"sdlab takes uploads of type input, got {kind!r}", 400)
     subfolder = str(form.get("subfolder") or "")
     raw = await upload.read()
-    with opened_picture(raw, "image", state.service.config.limits):
-        pass
+    with opened_picture(raw, "image", state.service.config.limits) as picture:
+        picture.load()      # a file Pillow cannot decode whole is a 400 now, not when a graph loads it
     name = Path(upload.filename or "image.png").name
     target = _inside(state.input_dir, f"{subfolder}/{name}" if subfolder else name)
     if target is None:
