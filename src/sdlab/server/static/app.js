@@ -132,6 +132,8 @@ const KEPT = {
   disable_extra_networks: { name: "Disable extra networks", none: false, with: [] },
   control_convention: { name: "Control steps", none: "diffusers", with: [] },
   emphasis: { name: "Emphasis", none: "Original", with: [] },
+  // ComfyUI's batch noise (one generator for a batch: a ComfyUI graph's job) stays too
+  batch_noise: { name: "Batch noise", none: "per_image", with: [] },
   old_prompt_editing: { name: "Old prompt editing timelines", none: false, with: [] },
   downcast_alphas_cumprod: { name: "Downcast alphas_cumprod", none: false, with: [] },
   zero_terminal_snr: { name: "Noise Schedule", none: false, with: [], shown: "Zero Terminal SNR" },
