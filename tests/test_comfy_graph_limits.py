@@ -9,18 +9,8 @@ import json
 import pytest
 
 from sdlab.server.comfy_graph import Choices, GraphError, check_graph
+from test_server_comfy_api import BASIC   # ComfyUI's websockets_api_example.py prompt_text
 
-BASIC = {    # comfyanonymous/ComfyUI script_examples/websockets_api_example.py's prompt_text
-    "3": {"class_type": "KSampler", "inputs": {"cfg": 8, "denoise": 1, "latent_image": ["5", 0], "model": ["4", 0],
-                                               "negative": ["7", 0], "positive": ["6", 0], "sampler_name": "euler",
-                                               "scheduler": "normal", "seed": 8566257, "steps": 3}},
-    "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "plain.safetensors"}},
-    "5": {"class_type": "EmptyLatentImage", "inputs": {"batch_size": 1, "height": 64, "width": 64}},
-    "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1], "text": "masterpiece best quality girl"}},
-    "7": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1], "text": "bad hands"}},
-    "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
-    "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "ComfyUI", "images": ["8", 0]}},
-}
 CHOICES = Choices(checkpoints=["plain.safetensors"], loras=[], input_images=[], samplers=["euler"])
 
 
