@@ -78,6 +78,7 @@ SCHEDULES = [
     dict(schedule="karras", schedule_sigma_max=9.0),
     dict(schedule="sgm_uniform"),
     dict(schedule="exponential", schedule_sigma_min=0.1, discard_penultimate_sigma=True),
+    dict(schedule="ddim_uniform"),      # A1111's DDIM: 8 sigmas for 6 steps (1000 % 6 != 0), A1111's n is still 6
 ]
 
 
@@ -85,7 +86,8 @@ SCHEDULES = [
 @pytest.mark.parametrize("name", list(FUNCTIONS))
 def test_txt2img_solves_between_the_models_sigmas_as_a1111(bundle, monkeypatch, name, options):
     """Uniform with Discard penultimate sigma (the list's last positive sigma is not the model's), Karras noised to 9,
-    SGM Uniform (ends above the model's sigma_min), Exponential with both: each picture is A1111's."""
+    SGM Uniform (ends above the model's sigma_min), Exponential with both, DDIM (longer than steps + 1: DPM fast
+    made one call more, `plan.solver_calls`): each picture is A1111's."""
     request = GenerationRequest("a red cube", negative_prompt="blurry", steps=STEPS, seed=11, width=SIZE, height=SIZE,
                                 sampler=name, cfg_scale=5.0, **options)
     ours = _picture(bundle, request)

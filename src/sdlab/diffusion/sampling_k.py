@@ -688,17 +688,18 @@ def sample_dpm_fast(
     s_noise: float = 1.0,
     sigma_max: float | None = None,
     sigma_min: float | None = None,
+    n: int | None = None,
 ) -> Tensor:
-    """DPM-Solver-Fast (Lu et al. 2022, section 3.4; k-diffusion's ``sample_dpm_fast``): ``len(sigmas) - 1``
-    model calls in steps of ``dpm_fast_orders`` on a grid uniform in t = -log sigma from ``sigmas[0]`` to the
-    smallest positive sigma, where it ends: the result is x there, and the list's other levels are not visited
-    (A1111's img2img and ComfyUI pass only these two ends; ``sigma_max`` / ``sigma_min`` replace them, as
-    A1111's txt2img passes the model's). ``eta > 0``: each step goes down to ``ancestral_step``'s
+    """DPM-Solver-Fast (Lu et al. 2022, section 3.4; k-diffusion's ``sample_dpm_fast``): ``n`` model calls
+    (``len(sigmas) - 1`` when None) in steps of ``dpm_fast_orders`` on a grid uniform in t = -log sigma from
+    ``sigmas[0]`` to the smallest positive sigma, where it ends: the result is x there, and the list's other
+    levels are not visited (A1111's img2img and ComfyUI pass only these two ends; ``sigma_max`` / ``sigma_min``
+    replace them, as A1111's txt2img passes the model's, and ``n`` its steps). ``eta > 0``: each step goes down to ``ancestral_step``'s
     sigma_down (not below the grid's end) and adds fresh noise up to the step's end, the last step's too.
     ``callback`` once per model call. The grid and coefficients are float32, as k-diffusion computes them."""
     if eta:
         noise = require_noise(noise, "DPM fast", "eta > 0")
-    orders = dpm_fast_orders(len(sigmas) - 1)
+    orders = dpm_fast_orders(len(sigmas) - 1 if n is None else n)
     ends = _solver_ends(sigmas, sigma_max, sigma_min)                                     # t of the two ends
     ts = torch.linspace(ends[0], ends[1], len(orders) + 1)                                # (steps + 1,)
     reported = 0

@@ -469,10 +469,11 @@ def _a1111_switch(plan: GenerationPlan) -> Callable[[int, Tensor], bool]:
 def _share(options: dict[str, Any], first: bool, last: bool, sampler: SamplerSpec | None = None,
            steps_after: int = 0) -> dict[str, Any]:
     """`options` of a run over a part of the plan's sigmas: a solver span's start (`plan.solver_span`'s sigma_max)
-    only for the part that starts the list (`first`), its end (sigma_min) only for the part that ends it (`last`);
+    only for the part that starts the list (`first`), its end (sigma_min) only for the part that ends it (`last`),
+    its model calls (`plan.solver_calls`) only for a run over the whole list;
     for a part followed by `steps_after` steps of the list, that count where `sampler`'s function takes it (UniPC
     lowers its order only at the list's end, as diffusers' scheduler counts its whole list)."""
-    dropped = {name for name, kept in (("sigma_max", first), ("sigma_min", last)) if not kept}
+    dropped = {name for name, kept in (("sigma_max", first), ("sigma_min", last), ("n", first and last)) if not kept}
     share = {name: value for name, value in options.items() if name not in dropped}
     if steps_after and sampler is not None and "steps_after" in inspect.signature(sampler.fn).parameters:
         share["steps_after"] = steps_after
@@ -988,6 +989,8 @@ def _sampler_options(plan: GenerationPlan, x: Tensor, generators: list[Generator
         options.update(s_churn=req.s_churn, s_tmin=req.s_tmin, s_tmax=tmax)
     if plan.solver_span is not None:
         options["sigma_max"], options["sigma_min"] = plan.solver_span
+    if plan.solver_calls is not None and "n" in inspect.signature(sampler.fn).parameters:
+        options["n"] = plan.solver_calls
     if sampler.wants_sigma_to_t:
         options["sigma_to_t"] = plan.sampling.sigma_to_t
     if sampler.wants_t_to_sigma:

@@ -133,9 +133,19 @@ class GenerationPlan:
         return float(training[-1]), float(training[0])
 
     @property
+    def solver_calls(self) -> int | None:
+        """The model calls of a txt2img `solver_span` sampler whose function takes k-diffusion's ``n`` (DPM fast):
+        the request's steps, as A1111's `KDiffusionSampler.sample` passes ``n = steps`` whatever the list's length
+        (its DDIM schedule is longer than steps + 1 where 1000 % steps != 0); None elsewhere (``len(sigmas) - 1``,
+        as its `sample_img2img` passes)."""
+        if self.solver_span is None or self.from_latent or self.request.init_image is not None:
+            return None
+        return self.request.steps
+
+    @property
     def steps_run(self) -> int:
-        """Sampler steps this run takes (fewer than `request.steps` for img2img)."""
-        return len(self.sigmas) - 1
+        """Sampler steps this run takes (fewer than `request.steps` for img2img; `solver_calls` where set)."""
+        return len(self.sigmas) - 1 if self.solver_calls is None else self.solver_calls
 
     @property
     def a1111_total_steps(self) -> int:
