@@ -600,3 +600,81 @@ def test_comfyui_batch_noise_is_one_brownian_tree_for_the_batch():
     comfy = BrownianTreeNoiseSampler(like, sigmas[sigmas > 0].min(), sigmas.max(), seed=5, cpu=True)
     for sigma, sigma_next in zip(sigmas[:-2], sigmas[1:-1]):
         torch.testing.assert_close(ours(sigma, sigma_next), comfy(sigma, sigma_next), rtol=1e-5, atol=1e-5)
+
+
+# -- inpainting: SetLatentNoiseMask's noise mask, KSamplerX0Inpaint's blend ---------------------------------------
+def prepare_mask(noise_mask, shape):
+    """comfy/sampler_helpers.py ``prepare_mask`` (comfyanonymous/ComfyUI 75e5d3d): the mask resized bilinearly to the
+    latent, one copy per channel."""
+    noise_mask = torch.nn.functional.interpolate(noise_mask.reshape((-1, 1, noise_mask.shape[-2],
+                                                                     noise_mask.shape[-1])),
+                                                 size=(shape[2], shape[3]), mode="bilinear")
+    return torch.cat([noise_mask] * shape[1], dim=1)
+
+
+class KSamplerX0Inpaint:
+    """comfy/samplers.py ``KSamplerX0Inpaint.__call__`` (comfyanonymous/ComfyUI 002aefa / 75e5d3d; no
+    denoise_mask_function): the kept region of x set to the init latent noised to sigma with the start noise, the
+    kept region of the model's x0 set to the init latent."""
+
+    def __init__(self, inner_model, latent_image, noise, denoise_mask):
+        self.inner_model, self.latent_image, self.noise, self.denoise_mask = (inner_model, latent_image, noise,
+                                                                              denoise_mask)
+
+    def __call__(self, x, sigma):
+        latent_mask = 1. - self.denoise_mask
+        x = x * self.denoise_mask + eps_noise_scaling(sigma.reshape([sigma.shape[0]] + [1] * (self.noise.ndim - 1)),
+                                                      self.noise, self.latent_image.clone()) * latent_mask
+        out = self.inner_model(x, sigma)
+        return out * self.denoise_mask + self.latent_image * latent_mask
+
+
+def comfyui_noise_mask_picture(size: int = 64):
+    """LoadImage's MASK of an RGBA picture (1 - alpha) as an "L" mask (255 - alpha): a fully transparent rectangle
+    whose edges lie off the 8-pixel grid, and a half transparent band (alpha 100)."""
+    import numpy as np
+    from PIL import Image
+
+    alpha = np.full((size, size), 255, dtype=np.uint8)
+    alpha[13:45, 21:50] = 0
+    alpha[50:59, 5:30] = 100
+    return Image.fromarray(255 - alpha), torch.from_numpy(1.0 - alpha.astype(np.float32) / 255.0)
+
+
+@pytest.mark.parametrize("sampler, schedule, denoise", [("euler", "karras", 1.0), ("euler_ancestral", "normal", 0.7)])
+def test_comfyuis_set_latent_noise_mask_on_the_tiny_model(monkeypatch, tiny, sampler, schedule, denoise):
+    """Inpainting with a ComfyUI name, mask_round off and no paste back is ComfyUI's VAEEncode -> SetLatentNoiseMask
+    -> KSampler: the noise mask resized bilinearly to the latent (soft where an edge crosses a cell: prepare_mask),
+    KSamplerX0Inpaint around the guided denoiser at every call, the sampler's latent returned as it is. Before,
+    sdlab shrank the mask with nearest neighbour and pasted the init latent again after the last step."""
+    import comfy_reference as C
+    from bundle_fixtures import init_picture
+
+    inner_models: list = []
+    real_masked = G.masked
+
+    def recording_masked(inner, *args, **kwargs):
+        inner_models.append(inner)
+        return real_masked(inner, *args, **kwargs)
+
+    kept: list = []
+    real_keep_known = G._keep_known
+    monkeypatch.setattr(G, "masked", recording_masked)
+    monkeypatch.setattr(G, "_keep_known", lambda *args: kept.append(real_keep_known(*args)) or kept[-1])
+    init = init_picture(64)
+    mask_picture, mask = comfyui_noise_mask_picture(64)
+    run = sdlab_run(monkeypatch, tiny, "inpaint", init, mask_picture, sampler=sampler, schedule=schedule, steps=12,
+                    strength=denoise, mask_round=False, paste_back=False)
+    sigmas = C.ksampler_sigmas(C.ModelSamplingDiscrete(), sampler, schedule, 12, None if denoise == 1 else denoise)
+    torch.testing.assert_close(run["sigmas"], sigmas, rtol=2e-6, atol=0)
+    latent = G.encode_image(tiny.bundle, G.pil_to_tensor(init))                  # (1, 4, h, w): the posterior mean
+    denoise_mask = prepare_mask(mask, latent.shape)                             # (1, 4, h, w)
+    assert ((denoise_mask > 0) & (denoise_mask < 1)).any(), "a mask on the latent grid would not tell the rules apart"
+    noise = prepare_noise(latent, SEED)
+    model_k = KSamplerX0Inpaint(inner_models[-1], latent, noise, denoise_mask)
+    x = eps_noise_scaling(sigmas[0], noise, latent.clone(), max_denoise(tiny.bundle.model_sampling.sigma_max, sigmas))
+    if sampler == "euler":
+        reference = sample_euler(model_k, x, sigmas)
+    else:
+        reference = sample_euler_ancestral(model_k, x, sigmas, noise_sampler=replayed(run["draws"]))
+    assert_same_latents(kept[-1], reference)

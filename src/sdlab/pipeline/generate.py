@@ -98,6 +98,7 @@ from sdlab.pipeline.finite import FiniteWatch
 from sdlab.pipeline.image_prompt import image_prompt_conds, image_prompted, prepare_image_prompts
 from sdlab.pipeline.images import (
     a1111_latent_mask,
+    comfyui_latent_mask,
     latent_mask,
     masked_image,
     pil_to_tensor,
@@ -306,8 +307,10 @@ def _keep_known(bundle: ModelBundle, start: _Start, latents: Tensor, req: Genera
     """Inpainting that blends (`_blends_latent`): the kept region of the final latents (B, C, h, w) set to
     the init image's latent, as diffusers and A1111 do after the last step. Samplers that end above sigma 0
     (DDIM, PLMS, TCD: at sigma_min) would otherwise leave it noised to that sigma (`guidance.masked` pastes
-    the known x0 into every denoised estimate, which is all a sampler ending at 0 returns)."""
-    if start.mask is None or not _blends_latent(bundle, req):
+    the known x0 into every denoised estimate, which is all a sampler ending at 0 returns). ComfyUI's KSampler
+    returns the sampler's latent as it is (comfy/samplers.py `KSAMPLER.sample`): a soft latent mask's cells
+    keep that blend once, not twice."""
+    if start.mask is None or not _blends_latent(bundle, req) or req.img2img_convention == "comfyui":
         return latents
     keep = 1 - start.latent_mask.to(latents.device)                                        # (1, 1, h, w)
     return latents + keep * (start.image_latent.to(latents.dtype) - latents)
@@ -564,16 +567,19 @@ def _soft(mask: Tensor) -> bool:
 
 def _latent_repaint(bundle: ModelBundle, plan: GenerationPlan, mask: Tensor) -> Tensor:
     """The latent cells inpainting repaints (1, 1, h, w): under A1111's img2img convention A1111's (the blurred
-    mask resized bicubic and rounded, `a1111_latent_mask`), else diffusers' (the thresholded `mask`
-    (1, 1, H, W) shrunk with nearest neighbour, `latent_mask`); with `mask_round` off both keep the levels.
-    A request's latent mask (A1111's `p.latent_mask`) stands for the blurred mask."""
+    mask resized bicubic and rounded, `a1111_latent_mask`), under ComfyUI's its noise mask (`mask` resized
+    bilinearly, soft at an edge off the latent grid, `comfyui_latent_mask`), else diffusers' (the thresholded
+    `mask` (1, 1, H, W) shrunk with nearest neighbour, `latent_mask`); with `mask_round` off A1111's and diffusers'
+    keep the levels. A request's latent mask (A1111's `p.latent_mask`) stands for the blurred mask."""
     source = plan.picture.latent_mask
+    height, width = plan.latent_shape[-2:]
     if plan.request.img2img_convention in A1111_IMG2IMG:
-        height, width = plan.latent_shape[-2:]
         source = plan.mask if source is None else source
         return a1111_latent_mask(source, (width, height), plan.request.mask_round).to(mask.device)
     if source is not None:
         mask = (source >= 0.5 if plan.request.mask_round else source).to(mask)
+    if plan.request.img2img_convention == "comfyui":
+        return comfyui_latent_mask(mask, (width, height))
     return latent_mask(mask, bundle.vae_config.downsample_factor)
 
 

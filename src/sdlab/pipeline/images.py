@@ -245,6 +245,14 @@ def latent_mask(mask: torch.Tensor, factor: int = 8) -> torch.Tensor:
     return F.interpolate(mask, size=(height // factor, width // factor))   # default mode: nearest
 
 
+def comfyui_latent_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """ComfyUI's latent noise mask (comfy/sampler_helpers.py ``prepare_mask``): the pixel mask (1, 1, H, W)
+    resized bilinearly (align_corners False, no antialias) to ``size=(w, h)`` and kept soft: (1, 1, h, w),
+    1 = repaint. A mask edge off the 8-pixel grid gives the cells it crosses a level between 0 and 1."""
+    width, height = size
+    return F.interpolate(mask, size=(height, width), mode="bilinear")                     # (1, 1, h, w)
+
+
 def a1111_latent_mask(mask: torch.Tensor, size: tuple[int, int], rounded: bool = True) -> torch.Tensor:
     """A1111's latent mask (``latmask`` of ``StableDiffusionProcessingImg2Img.init``): the blurred mask
     (1, 1, H, W) in [0, 1] as its uint8 picture, resized to ``size=(w, h)`` with PIL's default resample
