@@ -157,6 +157,49 @@ def test_img2img_from_an_uploaded_picture(server):
     assert np.abs(pixels - txt2img).max() > 10
 
 
+def test_set_latent_noise_mask_inpaints_by_the_pictures_alpha(server):
+    """LoadImage -> VAEEncode -> SetLatentNoiseMask (LoadImage's MASK: 1 - alpha) -> KSampler is the native inpaint
+    job of the mask 255 - alpha, its levels kept (mask_round false), drawn with ComfyUI's noise mask and blend
+    (test_comfyui_conventions.py::test_comfyuis_set_latent_noise_mask_on_the_tiny_model), the picture not pasted
+    back: inside the transparent rectangle the two pictures are one, outside the native job keeps the original."""
+    rng = np.random.default_rng(5)
+    rgb = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    alpha = np.full((64, 64), 255, dtype=np.uint8)
+    alpha[13:45, 21:50] = 0
+    alpha[50:59, 5:30] = 100
+    data = io.BytesIO()
+    Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(data, format="PNG")
+    server.post("/upload/image", files={"image": ("holed.png", data.getvalue(), "image/png")},
+                data={"overwrite": "true"})
+    prompt = graph(**{"3.denoise": 0.9, "3.latent_image": ["12", 0]})
+    prompt["10"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["11", 0], "vae": ["4", 2]}}
+    prompt["11"] = {"class_type": "LoadImage", "inputs": {"image": "holed.png"}}
+    prompt["12"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["10", 0], "mask": ["11", 1]}}
+    del prompt["5"]
+    messages, entry = drawn(server, prompt)
+    assert [d["node"] for k, d in messages if k == "executing"][:-1].count("12") == 1
+    pixels = viewed(server, entry["outputs"]["9"]["images"][0])
+    native = native_pixels(server, {**NATIVE, "mode": "inpaint", "init_image": b64_png(Image.fromarray(rgb)),
+                                    "mask_image": b64_png(Image.fromarray(255 - alpha)), "mask_round": False,
+                                    "strength": 0.9})
+    inside = (slice(13, 45), slice(21, 50))
+    assert np.array_equal(pixels[inside], native[inside])
+    assert np.array_equal(native[:8], rgb[:8]) and np.abs(pixels[:8] - rgb[:8]).max() > 10
+
+    no_alpha = io.BytesIO()
+    Image.fromarray(rgb).save(no_alpha, format="PNG")
+    server.post("/upload/image", files={"image": ("opaque.png", no_alpha.getvalue(), "image/png")},
+                data={"overwrite": "true"})
+    opaque = copy.deepcopy(prompt)
+    opaque["11"]["inputs"]["image"] = "opaque.png"
+    answer = server.post("/prompt", json={"prompt": opaque})
+    assert answer.status_code == 400 and "has no alpha channel" in answer.json()["error"]["message"]
+    from_empty = graph(**{"3.latent_image": ["12", 0]})
+    from_empty["12"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["5", 0], "mask": ["11", 1]}}
+    from_empty["11"] = {"class_type": "LoadImage", "inputs": {"image": "holed.png"}}
+    assert refused(server, from_empty)["node_errors"]["12"]["errors"][0]["type"] == "unsupported_graph"
+
+
 def test_a_lora_loader_draws_as_a_native_loras_entry(server):
     prompt = graph(**{"3.model": ["10", 0], "6.clip": ["10", 1], "7.clip": ["10", 1]})
     prompt["10"] = {"class_type": "LoraLoader", "inputs": {"model": ["4", 0], "clip": ["4", 1], "strength_model": 0.8,

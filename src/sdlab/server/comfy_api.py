@@ -37,6 +37,7 @@ from typing import Any
 import anyio
 from fastapi import APIRouter, FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse, JSONResponse, Response
+from PIL import Image, ImageOps
 
 from sdlab.diffusion.samplers import SAMPLER_TABLE
 from sdlab.pipeline.request import GenerationRequest
@@ -181,13 +182,16 @@ def _submit(state: ComfyState, plan: GraphPlan) -> Job:
     if plan.init_image is not None:
         init = _load_image(state, plan.init_image)
     width, height = (init.size if init is not None else (plan.width, plan.height))
+    mask = None if plan.mask_image is None else _load_mask(state, plan.mask_image, init.size)
     request = GenerationRequest(
         prompt=plan.prompt, negative_prompt=plan.negative_prompt, sampler=plan.sampler, schedule=plan.schedule,
         cfg_scale=plan.cfg_scale, seed=plan.seed, steps=plan.steps, width=width, height=height,
         batch_size=plan.batch_size, batch_noise="comfyui", emphasis="ComfyUI", clip_skip=plan.clip_skip or 1,
         # CLIPSetLastLayer counts from every encoder's last layer (ComfyUI's rule); without one, the usual layers
         clip_skip_convention="diffusers" if plan.clip_skip is None else "comfyui",
-        init_image=init, strength=plan.strength if init is not None else 1.0)
+        init_image=init, strength=plan.strength if init is not None else 1.0,
+        # SetLatentNoiseMask: ComfyUI's soft mask as it is (no rounding, no blur), the picture not pasted back
+        **({} if mask is None else {"mask_image": mask, "mask_round": False, "paste_back": False}))
     loras = tuple(LoraChoice(Path(name).stem, weight) for name, weight in plan.loras)
     spec = JobSpec(request, loras=loras, extra_networks=False, typed_prompts={
         "prompt": plan.prompt, "negative_prompt": plan.negative_prompt},
@@ -210,6 +214,23 @@ def _load_image(state: ComfyState, name: str):
         raise BadRequest(f"the input picture {name!r} is smaller than 8 x 8 pixels", 400)
     left, top = (width % 8) // 2, (height % 8) // 2
     return image.crop((left, top, left + keep_w, top + keep_h)) if (keep_w, keep_h) != (width, height) else image
+
+
+def _load_mask(state: ComfyState, name: str, size: tuple[int, int]) -> Image.Image:
+    """ComfyUI's LoadImage MASK of an input-folder picture, 1 - its alpha, as a mask picture ("L", 255 - alpha,
+    white = repaint). ComfyUI resizes the mask bilinearly to the latent of the picture VAEEncode crops
+    (comfy/sampler_helpers.py `prepare_mask`); sdlab draws a mask of the picture's own size, a multiple of 8 each
+    way, where the two agree. A picture without alpha has ComfyUI's empty 64 x 64 mask: nothing to repaint."""
+    path = _inside(state.input_dir, name)
+    if path is None or not path.is_file():
+        raise BadRequest(f"no input picture {name!r}", 400)
+    image = image_from_bytes(path.read_bytes(), f"LoadImage {name!r}", state.service.config.limits)
+    if "A" not in image.getbands() and not (image.mode == "P" and "transparency" in image.info):
+        raise BadRequest(f"the mask picture {name!r} has no alpha channel: its MASK repaints nothing", 400)
+    if image.size != size:
+        raise BadRequest(f"the mask picture {name!r} is {image.size[0]} x {image.size[1]}; sdlab draws a noise mask "
+                         f"of the picture's size, a multiple of 8 each way ({size[0]} x {size[1]})", 400)
+    return ImageOps.invert(image.convert("RGBA").getchannel("A"))
 
 
 def _forget_old(state: ComfyState) -> None:

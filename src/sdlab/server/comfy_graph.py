@@ -8,6 +8,8 @@ the standard txt2img / img2img pictures: one KSampler fed by
                            -> (LoraLoader ... / CLIPSetLastLayer) -> CLIPTextEncode -> KSampler.positive / negative
     EmptyLatentImage -> KSampler.latent_image                                  (txt2img)
     LoadImage -> VAEEncode -> KSampler.latent_image                            (img2img, KSampler's denoise)
+    LoadImage -> VAEEncode -> SetLatentNoiseMask -> KSampler.latent_image      (inpainting: the mask a LoadImage's
+    LoadImage.MASK ---------> SetLatentNoiseMask.mask                           MASK, 1 - its alpha)
     KSampler -> VAEDecode -> SaveImage / PreviewImage
     (the VAE of VAEEncode / VAEDecode: the checkpoint's own, or a VAELoader's file)
 
@@ -77,6 +79,8 @@ NODES: dict[str, NodeSpec] = {
                           display_name="Load Image"),
     "VAEEncode": NodeSpec({"pixels": ("IMAGE",), "vae": ("VAE",)}, ("LATENT",), category="latent",
                           display_name="VAE Encode"),
+    "SetLatentNoiseMask": NodeSpec({"samples": ("LATENT",), "mask": ("MASK",)}, ("LATENT",),
+                                   category="latent/inpaint", display_name="Set Latent Noise Mask"),
     "KSampler": NodeSpec({"model": ("MODEL",),
                           "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True}),
                           "steps": ("INT", {"default": 20, "min": 1, "max": 10000}),
@@ -145,6 +149,7 @@ class GraphPlan:
     batch_size: int = 1
     strength: float = 1.0
     init_image: str | None = None           # an input-folder file name: img2img
+    mask_image: str | None = None           # an input-folder file whose alpha is the noise mask (1 - alpha): inpaint
     vae: str | None = None                  # a VAELoader's file; None: the checkpoint's own VAE
     clip_skip: int | None = None            # CLIPSetLastLayer's -stop_at_clip_layer; None: no CLIPSetLastLayer
     loras: list[tuple[str, float]] = field(default_factory=list)
@@ -154,7 +159,9 @@ class GraphPlan:
 
     @property
     def mode(self) -> str:
-        return "txt2img" if self.init_image is None else "img2img"
+        if self.init_image is None:
+            return "txt2img"
+        return "img2img" if self.mask_image is None else "inpaint"
 
 
 class GraphError(Exception):
@@ -494,6 +501,17 @@ class _Plan:
 
     def latent(self, sampler: str, checkpoint: str, vae: str, plan: GraphPlan) -> None:
         node, _, kind = self.source(sampler, "latent_image")
+        masker = None
+        if kind == "SetLatentNoiseMask":
+            masker = node
+            loader, _, loader_kind = self.source(masker, "mask")
+            if loader_kind != "LoadImage":
+                raise self.refuse(masker, "sdlab reads a noise mask from a LoadImage's MASK (1 - its alpha)")
+            node, _, kind = self.source(masker, "samples")
+            if kind != "VAEEncode":
+                raise self.refuse(masker, "sdlab sets the noise mask of a VAEEncode's latent")
+            plan.mask_image = self.inputs(loader)["image"]
+            self.visit(loader)
         values = self.inputs(node)
         if kind == "EmptyLatentImage":
             if plan.strength != 1.0:
@@ -511,8 +529,11 @@ class _Plan:
             plan.init_image = self.inputs(image)["image"]
             self.visit(image)
         else:
-            raise self.refuse(node, "sdlab starts a KSampler from an EmptyLatentImage or a VAEEncode")
+            raise self.refuse(node, "sdlab starts a KSampler from an EmptyLatentImage, a VAEEncode or its "
+                                    "SetLatentNoiseMask")
         self.visit(node)
+        if masker is not None:
+            self.visit(masker)
 
 
 def run_order(plan: GraphPlan, before_sampler: bool) -> list[str]:
