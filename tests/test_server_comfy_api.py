@@ -194,6 +194,12 @@ def test_set_latent_noise_mask_inpaints_by_the_pictures_alpha(server):
     opaque["11"]["inputs"]["image"] = "opaque.png"
     answer = server.post("/prompt", json={"prompt": opaque})
     assert answer.status_code == 400 and "has no alpha channel" in answer.json()["error"]["message"]
+    palette = io.BytesIO()                          # a palette's transparency is no 'A' band: ComfyUI's empty MASK
+    Image.fromarray(rgb).quantize(16).save(palette, format="PNG", transparency=0)
+    server.post("/upload/image", files={"image": ("palette.png", palette.getvalue(), "image/png")},
+                data={"overwrite": "true"})
+    opaque["11"]["inputs"]["image"] = "palette.png"
+    assert "has no alpha channel" in refused(server, opaque)["error"]["message"]
     from_empty = graph(**{"3.latent_image": ["12", 0]})
     from_empty["12"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["5", 0], "mask": ["11", 1]}}
     from_empty["11"] = {"class_type": "LoadImage", "inputs": {"image": "holed.png"}}

@@ -24,6 +24,7 @@ kept). The pictures LoadImage reads are those `POST /upload/image` put in the se
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import platform
 import sys
@@ -224,8 +225,11 @@ def _load_mask(state: ComfyState, name: str, size: tuple[int, int]) -> Image.Ima
     path = _inside(state.input_dir, name)
     if path is None or not path.is_file():
         raise BadRequest(f"no input picture {name!r}", 400)
-    image = image_from_bytes(path.read_bytes(), f"LoadImage {name!r}", state.service.config.limits)
-    if "A" not in image.getbands() and not (image.mode == "P" and "transparency" in image.info):
+    data = path.read_bytes()
+    image = image_from_bytes(data, f"LoadImage {name!r}", state.service.config.limits)
+    with Image.open(io.BytesIO(data)) as stored:     # ComfyUI reads the file's own bands: a palette's
+        has_alpha = "A" in stored.getbands()          # transparency is no alpha to it (nodes.py LoadImage)
+    if not has_alpha:
         raise BadRequest(f"the mask picture {name!r} has no alpha channel: its MASK repaints nothing", 400)
     if image.size != size:
         raise BadRequest(f"the mask picture {name!r} is {image.size[0]} x {image.size[1]}; sdlab draws a noise mask "
