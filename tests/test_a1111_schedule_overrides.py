@@ -22,7 +22,7 @@ from sdlab.diffusion.samplers import get_sampler
 from sdlab.diffusion.schedules import NoiseSchedule
 from sdlab.pipeline.generate import generate
 from sdlab.pipeline.infotext import from_parameters, to_parameters, undrawn_labels
-from sdlab.pipeline.plan import request_sigmas
+from sdlab.pipeline.plan import a1111_training_sigmas, request_sampling, request_sigmas
 from sdlab.pipeline.png_info import format_parameters, parse_parameters
 from sdlab.pipeline.request import GenerationRequest, RequestError, resolve
 from sdlab.server.a1111 import Txt2ImgIn, _request
@@ -246,3 +246,19 @@ def test_the_api_takes_them_from_its_options():
     for bad in ({"rho": -1}, {"sigma_min": "x"}, {"sigma_max": math.inf}, {"always_discard_next_to_last_sigma": 1}):
         with pytest.raises(BadRequest, match="override_settings"):
             _request(Txt2ImgIn(prompt="x", override_settings=bad))
+
+
+def test_the_models_own_ends_are_not_applied_nor_written():
+    """Schedule min / max sigma equal to the model's ends (A1111's m_sigma_min / m_sigma_max, k-diffusion's sigmas of
+    the float32 alphas_cumprod, `a1111_training_sigmas`): A1111's `get_sigmas` leaves them out
+    (``opts.sigma_min != m_sigma_min``) and writes no label; the picture is the plain one, the written infotext
+    has neither label (both were written before `plan._without_the_models_own_ends`)."""
+    bundle = tiny_bundle("sd1", seed=5)
+    ends = a1111_training_sigmas(request_sampling(bundle.model_sampling, GenerationRequest(prompt="x")))
+    fields = dict(prompt="a cat", sampler="DPM++ 2M", schedule="karras", steps=4, seed=3, width=16, height=16)
+    own = generate(bundle, GenerationRequest(**fields, schedule_sigma_min=float(ends[0]),
+                                             schedule_sigma_max=float(ends[-1])))
+    plain = generate(bundle, GenerationRequest(**fields))
+    assert np.array_equal(np.asarray(own.images[0]), np.asarray(plain.images[0]))
+    written = to_parameters(own.request)
+    assert written.get("Schedule min sigma") is None and written.get("Schedule max sigma") is None

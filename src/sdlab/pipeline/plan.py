@@ -561,6 +561,19 @@ def _without_unusable_schedule_options(sampling: ModelSampling, req: GenerationR
     return replace(req, downcast_alphas_cumprod=False, zero_terminal_snr=False)
 
 
+def _without_the_models_own_ends(sampling: ModelSampling, req: GenerationRequest) -> GenerationRequest:
+    """`req` with Schedule min / max sigma at 0 (the model's) where it equals the model's own end, k-diffusion's
+    float32 training sigma (`a1111_training_sigmas`): A1111's `get_sigmas` applies its sigma_min / sigma_max
+    options only where ``opts.sigma_min != 0 and opts.sigma_min != m_sigma_min`` (sigma_max alike), and writes
+    "Schedule min sigma" / "max sigma" only then; an EDM or flow model has no such table and keeps them."""
+    if not isinstance(sampling, DiscreteModelSampling) or not (req.schedule_sigma_min or req.schedule_sigma_max):
+        return req
+    training = a1111_training_sigmas(sampling)                                   # (T,) ascending
+    ends = {"schedule_sigma_min": float(training[0]), "schedule_sigma_max": float(training[-1])}
+    own = {name: 0.0 for name, end in ends.items() if getattr(req, name) == end}
+    return replace(req, **own) if own else req
+
+
 def handoff_index(sigmas: Tensor, sampling: ModelSampling, switch_at: float, convention: str = "diffusers", *,
                   sampler: SamplerSpec | None = None, total_steps: int | None = None) -> int:
     """How many steps of `sigmas` the base model takes before the refiner takes over at ``sigmas[index]``,
@@ -751,6 +764,7 @@ def make_plan(
     model_sampling = bundle.model_sampling                       # built on each read: once here
     req = _without_unusable_schedule_options(model_sampling, req)
     sampling = request_sampling(model_sampling, req)
+    req = _without_the_models_own_ends(sampling, req)
     img2img = from_latent or req.init_image is not None
     sigmas = request_sigmas(sampling, sampler, req, bundle.device, img2img=img2img, steps_offset=bundle.steps_offset)
     if req.hires:
