@@ -161,7 +161,8 @@ def test_set_latent_noise_mask_inpaints_by_the_pictures_alpha(server):
     """LoadImage -> VAEEncode -> SetLatentNoiseMask (LoadImage's MASK: 1 - alpha) -> KSampler is the native inpaint
     job of the mask 255 - alpha, its levels kept (mask_round false), drawn with ComfyUI's noise mask and blend
     (test_comfyui_conventions.py::test_comfyuis_set_latent_noise_mask_on_the_tiny_model), the picture not pasted
-    back: inside the transparent rectangle the two pictures are one, outside the native job keeps the original."""
+    back: inside the transparent rectangle the two pictures are one, outside the native job keeps the original.
+    A LoadImageMask's red channel holding 255 - alpha draws the same picture."""
     rng = np.random.default_rng(5)
     rgb = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
     alpha = np.full((64, 64), 255, dtype=np.uint8)
@@ -185,6 +186,16 @@ def test_set_latent_noise_mask_inpaints_by_the_pictures_alpha(server):
     inside = (slice(13, 45), slice(21, 50))
     assert np.array_equal(pixels[inside], native[inside])
     assert np.array_equal(native[:8], rgb[:8]) and np.abs(pixels[:8] - rgb[:8]).max() > 10
+
+    red = io.BytesIO()                              # LoadImageMask's red channel / 255: the same mask
+    Image.fromarray(np.dstack([255 - alpha, rgb[..., 1], rgb[..., 0]])).save(red, format="PNG")
+    server.post("/upload/image", files={"image": ("red.png", red.getvalue(), "image/png")}, data={"overwrite": "true"})
+    by_channel = copy.deepcopy(prompt)
+    by_channel["12"]["inputs"]["mask"] = ["13", 0]
+    by_channel["13"] = {"class_type": "LoadImageMask", "inputs": {"image": "red.png", "channel": "red"}}
+    assert np.array_equal(viewed(server, drawn(server, by_channel)[1]["outputs"]["9"]["images"][0]), pixels)
+    by_channel["13"]["inputs"]["channel"] = "alpha"                 # an RGB picture's alpha: 255, a mask of 0
+    assert "0 everywhere" in server.post("/prompt", json={"prompt": by_channel}).json()["error"]["message"]
 
     no_alpha = io.BytesIO()
     Image.fromarray(rgb).save(no_alpha, format="PNG")

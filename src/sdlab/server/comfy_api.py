@@ -183,7 +183,7 @@ def _submit(state: ComfyState, plan: GraphPlan) -> Job:
     if plan.init_image is not None:
         init = _load_image(state, plan.init_image)
     width, height = (init.size if init is not None else (plan.width, plan.height))
-    mask = None if plan.mask_image is None else _load_mask(state, plan.mask_image, init.size)
+    mask = None if plan.mask_image is None else _load_mask(state, plan, init.size)
     request = GenerationRequest(
         prompt=plan.prompt, negative_prompt=plan.negative_prompt, sampler=plan.sampler, schedule=plan.schedule,
         cfg_scale=plan.cfg_scale, seed=plan.seed, steps=plan.steps, width=width, height=height,
@@ -217,11 +217,14 @@ def _load_image(state: ComfyState, name: str):
     return image.crop((left, top, left + keep_w, top + keep_h)) if (keep_w, keep_h) != (width, height) else image
 
 
-def _load_mask(state: ComfyState, name: str, size: tuple[int, int]) -> Image.Image:
-    """ComfyUI's LoadImage MASK of an input-folder picture, 1 - its alpha, as a mask picture ("L", 255 - alpha,
-    white = repaint). ComfyUI resizes the mask bilinearly to the latent of the picture VAEEncode crops
-    (comfy/sampler_helpers.py `prepare_mask`); sdlab draws a mask of the picture's own size, a multiple of 8 each
-    way, where the two agree. A picture without alpha has ComfyUI's empty 64 x 64 mask: nothing to repaint."""
+def _load_mask(state: ComfyState, plan: GraphPlan, size: tuple[int, int]) -> Image.Image:
+    """The MASK of the graph's mask picture as a mask picture ("L", white = repaint): LoadImage's, 1 - its alpha
+    (255 - alpha), or LoadImageMask's channel of the picture made RGBA, 1 - alpha for "alpha", the channel / 255
+    for red, green, blue (comfyanonymous/ComfyUI nodes.py, e60e19b). ComfyUI resizes the mask bilinearly to the
+    latent of the picture VAEEncode crops (comfy/sampler_helpers.py `prepare_mask`); sdlab draws a mask of the
+    picture's own size, a multiple of 8 each way, where the two agree. A LoadImage picture without alpha (ComfyUI's
+    empty 64 x 64 mask), or any mask that is 0 everywhere, repaints nothing: a 400."""
+    name = plan.mask_image
     path = _inside(state.input_dir, name)
     if path is None or not path.is_file():
         raise BadRequest(f"no input picture {name!r}", 400)
@@ -229,12 +232,16 @@ def _load_mask(state: ComfyState, name: str, size: tuple[int, int]) -> Image.Ima
     image = image_from_bytes(data, f"LoadImage {name!r}", state.service.config.limits)
     with Image.open(io.BytesIO(data)) as stored:     # ComfyUI reads the file's own bands: a palette's
         has_alpha = "A" in stored.getbands()          # transparency is no alpha to it (nodes.py LoadImage)
-    if not has_alpha:
+    if plan.mask_node == "LoadImage" and not has_alpha:
         raise BadRequest(f"the mask picture {name!r} has no alpha channel: its MASK repaints nothing", 400)
+    band = image.convert("RGBA").getchannel(plan.mask_channel[0].upper())
+    mask = ImageOps.invert(band) if plan.mask_channel == "alpha" else band
+    if mask.getextrema()[1] == 0:
+        raise BadRequest(f"the {plan.mask_channel} mask of {name!r} is 0 everywhere: it repaints nothing", 400)
     if image.size != size:
         raise BadRequest(f"the mask picture {name!r} is {image.size[0]} x {image.size[1]}; sdlab draws a noise mask "
                          f"of the picture's size, a multiple of 8 each way ({size[0]} x {size[1]})", 400)
-    return ImageOps.invert(image.convert("RGBA").getchannel("A"))
+    return mask
 
 
 def _forget_old(state: ComfyState) -> None:

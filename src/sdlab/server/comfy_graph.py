@@ -9,7 +9,8 @@ the standard txt2img / img2img pictures: one KSampler fed by
     EmptyLatentImage -> KSampler.latent_image                                  (txt2img)
     LoadImage -> VAEEncode -> KSampler.latent_image                            (img2img, KSampler's denoise)
     LoadImage -> VAEEncode -> SetLatentNoiseMask -> KSampler.latent_image      (inpainting: the mask a LoadImage's
-    LoadImage.MASK ---------> SetLatentNoiseMask.mask                           MASK, 1 - its alpha)
+    LoadImage.MASK ---------> SetLatentNoiseMask.mask                           MASK, 1 - its alpha, or a
+                                                                               LoadImageMask's channel)
     KSampler -> VAEDecode -> SaveImage / PreviewImage
     (the VAE of VAEEncode / VAEDecode: the checkpoint's own, or a VAELoader's file)
 
@@ -41,6 +42,7 @@ LISTED_OUTPUTS = 20
 """The most outputs a node error's `dependent_outputs` lists. ComfyUI lists every failed output on each node error
 (execution.py `validate_prompt`): a graph of N bad outputs would answer N^2 ids."""
 CLIP_LAYERS = (-1, -2)                  # the CLIPSetLastLayer values sdlab draws (its clip skip 1, 2)
+MASK_CHANNELS = ("alpha", "red", "green", "blue")   # ComfyUI's LoadImageMask._color_channels
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,8 @@ NODES: dict[str, NodeSpec] = {
                            ("MODEL",), category="advanced/loaders", display_name="Load Diffusion Model"),
     "LoadImage": NodeSpec({"image": ("input_images",)}, ("IMAGE", "MASK"), category="image",
                           display_name="Load Image"),
+    "LoadImageMask": NodeSpec({"image": ("input_images",), "channel": (list(MASK_CHANNELS),)}, ("MASK",),
+                              category="mask", display_name="Load Image (as Mask)"),
     "VAEEncode": NodeSpec({"pixels": ("IMAGE",), "vae": ("VAE",)}, ("LATENT",), category="latent",
                           display_name="VAE Encode"),
     "SetLatentNoiseMask": NodeSpec({"samples": ("LATENT",), "mask": ("MASK",)}, ("LATENT",),
@@ -150,6 +154,8 @@ class GraphPlan:
     strength: float = 1.0
     init_image: str | None = None           # an input-folder file name: img2img
     mask_image: str | None = None           # an input-folder file whose alpha is the noise mask (1 - alpha): inpaint
+    mask_channel: str = "alpha"             # the file's channel read: LoadImage's alpha, or LoadImageMask's channel
+    mask_node: str = "LoadImage"            # the node reading it: LoadImage, or LoadImageMask (bands made RGBA)
     vae: str | None = None                  # a VAELoader's file; None: the checkpoint's own VAE
     clip_skip: int | None = None            # CLIPSetLastLayer's -stop_at_clip_layer; None: no CLIPSetLastLayer
     loras: list[tuple[str, float]] = field(default_factory=list)
@@ -505,8 +511,11 @@ class _Plan:
         if kind == "SetLatentNoiseMask":
             masker = node
             loader, _, loader_kind = self.source(masker, "mask")
-            if loader_kind != "LoadImage":
-                raise self.refuse(masker, "sdlab reads a noise mask from a LoadImage's MASK (1 - its alpha)")
+            if loader_kind not in ("LoadImage", "LoadImageMask"):
+                raise self.refuse(masker, "sdlab reads a noise mask from a LoadImage's MASK (1 - its alpha) or a "
+                                          "LoadImageMask")
+            plan.mask_node = loader_kind
+            plan.mask_channel = self.inputs(loader).get("channel", "alpha")
             node, _, kind = self.source(masker, "samples")
             if kind != "VAEEncode":
                 raise self.refuse(masker, "sdlab sets the noise mask of a VAEEncode's latent")
