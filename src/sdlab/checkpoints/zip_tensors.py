@@ -15,7 +15,7 @@ span of it, with their own strides.
 A file the lazy read does not take as torch.load would (a storage key named again with another dtype or size, a
 record not of its storage's size, a span past its storage, a negative size or stride) is left to the whole read,
 which gives its own answer. A stored record shorter than its storage is refused as the pickle names it
-(`record_of`), by the lazy read and the whole read alike (`io` unpickles a zip onto `meta` before either):
+(`record_of`), by the lazy read and the whole read alike (`io` unpickles a zip, onto `meta` or its map, first):
 torch.load(mmap=True), the whole read of a zip whose records are all stored, would read it on into the zip's next
 header (or its central directory) and give those bytes as weights.
 """
@@ -65,7 +65,7 @@ class Placed:
     span: int
 
 
-def unpickle_onto_meta(path: Path, records: Mapping[int, Record]) -> object:
+def unpickle_onto_meta(path: Path, records: Mapping[int, Record], mapped: bool = False) -> object:
     """The object pickled in the zip checkpoint at `path` (whose `records_by_start` are `records`), its tensors on
     `meta`, as `torch.load(path, weights_only=True, map_location="meta")` unpickles it (torch.serialization `_load`:
     torch's zip reader, its weights-only unpickler, each storage a `meta` storage of the bytes its persistent id
@@ -76,12 +76,20 @@ def unpickle_onto_meta(path: Path, records: Mapping[int, Record]) -> object:
     a zip written by another tool does not follow). Each storage is checked against its record where the pickle
     first names it, at the size torch.load reads (`record_of`: a stored record shorter than it is a
     CheckpointError). Unpickle with the allowed globals set (`io._weights_only_unpickling`). A TorchScript archive,
-    which torch.load refuses with weights_only, is refused here too (a ValueError)."""
+    which torch.load refuses with weights_only, is refused here too (a ValueError).
+
+    `mapped` (a file whose records are all stored): each storage is instead the span of its record in a private
+    map of the whole file, as `torch.load(path, weights_only=True, mmap=True)` gives it (its `overall_storage`
+    sliced at the record's offset, `map_location="cpu"`), once its record is checked: the whole read of such a
+    file unpickles its pickle once."""
     reader = torch._C.PyTorchFileReader(str(path))
     if reader.has_record("constants.pkl"):
         raise ValueError(f"{path}: a TorchScript archive")
+    # torch.load(mmap=True)'s map: shared=False (MAP_PRIVATE, torch's default mmap option), the file's whole size
+    whole_file = torch.UntypedStorage.from_file(str(path), False, os.path.getsize(path)) if mapped else None
 
     storages: dict[object, torch.storage.TypedStorage] = {}    # torch.load's `loaded_storages`: one per key
+    named: dict[object, tuple[torch.dtype, int]] = {}          # each key's dtype and bytes as the pickle first names it
 
     def persistent_load(saved_id: tuple) -> torch.storage.TypedStorage:
         _, storage_type, key, _, numel = saved_id          # ("storage", type, key, location, numel), checked by torch
@@ -90,15 +98,17 @@ def unpickle_onto_meta(path: Path, records: Mapping[int, Record]) -> object:
             raise ValueError(f"storage {key!r} of {numel!r} elements")
         nbytes = numel * torch._utils._element_size(dtype)
         if key in storages:     # torch.load gives the first reference's storage, whatever a later one says
-            storage = storages[key]
-            if (storage.dtype, storage._untyped_storage._checkpoint_nbytes) != (dtype, nbytes):
+            if named[key] != (dtype, nbytes):
                 raise ValueError(f"storage {key!r} named again as {numel} {dtype}")
-            return storage
+            return storages[key]
         untyped = torch.UntypedStorage(nbytes, device="meta")
         untyped._checkpoint_offset = reader.get_record_offset(f"data/{torch.serialization._maybe_decode_ascii(key)}")
         untyped._checkpoint_nbytes = nbytes     # a meta storage grows to fit a `set_` past its end: torch.load's refuses
         record_of(untyped, records, path)
+        if whole_file is not None:
+            untyped = whole_file[untyped._checkpoint_offset:untyped._checkpoint_offset + nbytes]    # [nbytes] bytes
         storages[key] = torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
+        named[key] = (dtype, nbytes)
         return storages[key]
 
     unpickler = torch._weights_only_unpickler.Unpickler(io.BytesIO(reader.get_record("data.pkl")), encoding="utf-8")
