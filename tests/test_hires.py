@@ -170,7 +170,7 @@ def test_the_second_pass_brownian_tree_spans_a1111s_whole_stretched_schedule(pip
     noise sampler spans all of it (`create_noise_sampler(x, sigmas, p)` with `sigmas = self.get_sigmas(p,
     steps)`: `sigma_min, sigma_max = sigmas[sigmas > 0].min(), sigmas.max()`), not only the steps that run."""
     spans, for_sigmas = [], BrownianTreeNoise.for_sigmas
-    spy = lambda like, sigmas, seeds: spans.append(sigmas) or for_sigmas(like, sigmas, seeds)    # noqa: E731
+    spy = lambda like, sigmas, *rest: spans.append(sigmas) or for_sigmas(like, sigmas, *rest)    # noqa: E731
     monkeypatch.setattr(BrownianTreeNoise, "for_sigmas", staticmethod(spy))
     pipe.txt2img(PROMPT, steps=4, seed=7, sampler="DPM++ 2M SDE", hr_scale=2, hr_steps=3, hr_denoise=denoise)
     plan = pipe.resolve(GenerationRequest(PROMPT, steps=4, seed=7, sampler="DPM++ 2M SDE"))

@@ -194,7 +194,8 @@ def test_the_pixel_limit_holds_for_the_hires_pass_however_its_size_is_asked(hire
         check_request(GenerationRequest("x", steps=2, width=64, height=64, **hires), limits)
     assert err.value.status == 413
     model = SimpleNamespace(default_size=64, vae_config=SimpleNamespace(downsample_factor=8),
-                            unet_config=SimpleNamespace(time_cond_proj_dim=None), text_encoders=())
+                            unet_config=SimpleNamespace(time_cond_proj_dim=None), text_encoders=(),
+                            family=SimpleNamespace(text_encoders=(), is_sdxl=False))   # no encoder: no clip skip to check
     with pytest.raises(BadRequest, match="hires pass at 256x256"):      # the size left to the model
         check_request(GenerationRequest("x", steps=2, **hires), limits, model=model)
     assert check_request(GenerationRequest("x", steps=2, width=64, height=64, hr_width=128), limits).hr_width == 128
