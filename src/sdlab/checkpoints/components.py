@@ -12,12 +12,12 @@ peak memory stays near one copy of the weights.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from unittest import mock
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.io import KeyedEntries, LazyMapping, dtypes_of, read_as, shapes_of
@@ -29,17 +29,30 @@ ComponentConfig = UNetConfig | VAEConfig | CLIPTextConfig
 
 # Initialisers that modules call in their constructors. On the meta device they would compute nothing, and
 # `normal_` there goes through torch's reference implementations, whose first use imports torch._dynamo
-# (about 1 s of start-up); every weight is replaced from the file anyway.
-_INITIALISERS = ("normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_",
-                 "xavier_uniform_", "xavier_normal_", "zeros_", "ones_", "constant_")
+# (about 1 s of start-up); every weight is replaced from the file anyway. Those that dispatch to a torch
+# function mode are skipped whole; the others reach their tensor's `normal_` / `uniform_` / fills, skipped on meta.
+_INITIALISERS = frozenset({nn.init.normal_, nn.init.uniform_, nn.init.kaiming_uniform_, nn.init.constant_})
+_META_FILLS = frozenset({Tensor.normal_, Tensor.uniform_, Tensor.zero_, Tensor.fill_, Tensor.erfinv_})
+
+
+class _SkipInit(TorchFunctionMode):
+    """Initialisers and fills of meta tensors returned untouched. A torch function mode, so it holds only in
+    the thread that entered it: patching `torch.nn.init` (a module shared by every thread) would leave another
+    thread's new modules uninitialised while it holds, and for good where two threads' holds overlap."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _INITIALISERS or func in _META_FILLS:
+            tensor = args[0] if args else kwargs.get("tensor", kwargs.get("self"))
+            if isinstance(tensor, Tensor) and tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
 
 
 @contextmanager
 def meta_device_without_init() -> Iterator[None]:
-    """Build modules on the meta device with the `torch.nn.init` initialisers turned into no-ops."""
-    with torch.device("meta"), ExitStack() as stack:
-        for name in _INITIALISERS:
-            stack.enter_context(mock.patch.object(nn.init, name, lambda tensor, *args, **kwargs: tensor))
+    """Build modules on the meta device with the `torch.nn.init` initialisers turned into no-ops (this thread only)."""
+    with torch.device("meta"), _SkipInit():
         yield
 
 def hf_text_to_sdlab(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
