@@ -17,6 +17,7 @@ import contextlib
 import copy
 import os
 import re
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -125,9 +126,15 @@ _TEXT_BLOCK = re.compile(r"encoder\.layers\.\d+\.")   # a text tower's block: Op
 def _recording_build_order() -> Iterator[list[nn.Module]]:
     """The modules that register a parameter while inside, in the order they do: the order in which the layers
     are built, and so initialised (a layer's init runs as it is built; the VAE decoder, for one, builds its levels
-    in the reverse of the order it holds them in)."""
+    in the reverse of the order it holds them in). Only this thread's: the hook is called for every thread's."""
     order: list[nn.Module] = []
-    handle = register_module_parameter_registration_hook(lambda module, name, param: order.append(module))
+    thread = threading.get_ident()
+
+    def record(module: nn.Module, name: str, param: nn.Parameter) -> None:
+        if threading.get_ident() == thread:
+            order.append(module)
+
+    handle = register_module_parameter_registration_hook(record)
     try:
         yield order
     finally:
