@@ -1,0 +1,83 @@
+"""sdlab leaves Python's warning filters alone while it reads checkpoints and pictures. They are one list shared by
+every thread, and `warnings.catch_warnings()` saves and puts back all of it: where two threads' holds overlap (A in,
+B in, A out, B out) A takes away the filter B still relies on, and B puts back A's for good. The server reads
+checkpoints, pictures and requests on several threads at once (the worker, `asyncio.to_thread`), so each test forces
+that interleaving and checks the filters and what each call gave."""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from sdlab.checkpoints.io import LazyStateDict
+
+
+class _Overlap:
+    """Two threads, "A" and "B", each running a call that stops once inside its hold (`pause`), driven so that
+    the holds overlap as A in, B in, A out, B out."""
+
+    def __init__(self) -> None:
+        self._inside = {name: threading.Event() for name in "AB"}
+        self._go = {name: threading.Event() for name in "AB"}
+        self.filters_inside: dict[str, list] = {}
+
+    def pause(self) -> None:
+        """Where the calling thread ("A" or "B") holds: note the filters it sees, then wait for its turn."""
+        name = threading.current_thread().name
+        self.filters_inside[name] = list(warnings.filters)
+        self._inside[name].set()
+        assert self._go[name].wait(10)
+
+    def paused(self, real: Callable) -> Callable:
+        """`real`, pausing first: a stand-in for a function the call runs inside its hold."""
+        def stand_in(*args, **kwargs):
+            if threading.current_thread().name in self._inside:
+                self.pause()
+            return real(*args, **kwargs)
+        return stand_in
+
+    def run(self, a: Callable[[], object], b: Callable[[], object]) -> dict[str, object]:
+        """What `a` and `b` returned (or raised), by thread name."""
+        outcome: dict[str, object] = {}
+
+        def body(call: Callable[[], object]) -> None:
+            try:
+                outcome[threading.current_thread().name] = call()
+            except Exception as err:
+                outcome[threading.current_thread().name] = err
+
+        threads = {name: threading.Thread(target=body, args=(call,), name=name) for name, call in zip("AB", (a, b))}
+        threads["A"].start()
+        assert self._inside["A"].wait(10)
+        threads["B"].start()
+        assert self._inside["B"].wait(10)
+        self._go["A"].set()
+        threads["A"].join(10)
+        self._go["B"].set()
+        threads["B"].join(10)
+        return outcome
+
+
+def test_overlapping_dtype_conversions_leave_the_warning_filters_as_they_were(tmp_path: Path, monkeypatch):
+    """`LazyStateDict.read_as` in two threads (a model load, a preview decoder's): no read adds a filter, nor
+    leaves one (an "ignore UserWarning" left on would hide every later UserWarning of the process)."""
+    weight = torch.randn(64, 33, generator=torch.Generator().manual_seed(0)).half()
+    path = tmp_path / "w.safetensors"
+    save_file({"w": weight}, str(path))
+    written = path.read_bytes()
+    lazy = LazyStateDict(path)
+    before = list(warnings.filters)
+    overlap = _Overlap()
+    monkeypatch.setattr(torch, "frombuffer", overlap.paused(torch.frombuffer))
+    read = lambda: lazy.read_as("w", torch.bfloat16)   # noqa: E731
+    outcome = overlap.run(read, read)
+    assert warnings.filters == before
+    assert overlap.filters_inside == {"A": before, "B": before}
+    for got in outcome.values():
+        assert isinstance(got, torch.Tensor) and torch.equal(got, weight.to(torch.bfloat16))
+    assert path.read_bytes() == written   # the private map is never written, nor is the file through it
