@@ -8,32 +8,22 @@ one message at each door."""
 
 from __future__ import annotations
 
-import base64
-import io
 import re
+from base64 import b64decode
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
-import torch
-from PIL import Image, ImageDraw
 
 from cli_helpers import run
 from controlnet_fixtures import diffusers_controlnet, write_layout
-from server_fixtures import b64_png, drawn_pictures, start_server
+from init_picture_fixtures import (A1111_IMG2IMG, CLI, INIT, LOOPBACK, MASK, NATIVE, SD_UPSCALE, a1111_picture,
+                                   a1111_units, api_drawn, apart, cli_drawn, cli_pictures, grid_last, listed_model,
+                                   native_body, native_job, native_settings, parameters_text, same)
+from server_fixtures import b64_png, png_picture, start_server
 
-NATIVE = {"prompt": "a red apple", "negative_prompt": "blurry", "steps": 3, "seed": 7, "cfg_scale": 5.0,
-          "sampler": "Euler", "width": 64, "height": 64}
-CLI = ["a red apple", "--negative", "blurry", "--steps", "3", "--seed", "7", "--cfg", "5", "--sampler", "Euler",
-       "--width", "64", "--height", "64", "--threads", "1", "--no-progress"]     # the test server draws on one thread
 UNIT = {"model": "strong_lines", "module": "canny", "strength": 0.9, "threshold_a": 60, "threshold_b": 160}
 UNIT_FLAGS = ["--control-module", "canny", "--control-threshold-a", "60", "--control-threshold-b", "160"]
-
-INIT = Image.new("RGB", (96, 64), (200, 80, 40))        # wider than the drawing: the resize mode shows
-ImageDraw.Draw(INIT).ellipse([8, 8, 80, 56], fill=(20, 200, 90))
-MASK = Image.new("L", (96, 64), 0)
-ImageDraw.Draw(MASK).rectangle([30, 10, 70, 50], fill=255)
 
 
 @pytest.fixture(scope="module")
@@ -57,54 +47,12 @@ def setup(tmp_path_factory: pytest.TempPathFactory):
     server.stop()
 
 
-def _job(client: httpx.Client, body: dict) -> tuple[dict, list[Image.Image]]:
-    return drawn_pictures(client, body, timeout_s=300)
-
-
-def _picture(data: bytes) -> Image.Image:
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image
-
-
-def _pixels(image: Image.Image) -> np.ndarray:
-    return np.asarray(image.convert("RGB"), dtype=np.int16)
-
-
-def _same(got: Image.Image, want: Image.Image) -> None:
-    assert got.size == want.size
-    assert np.abs(_pixels(got) - _pixels(want)).max() == 0
-
-
-def _api_result(setup, mode: str, **options):
-    """`pipe.img2img` / `pipe.inpaint` of the native job's settings on one thread, as the test server draws."""
-    from sdlab.pipeline.png_info import format_parameters
-    from sdlab.pipeline.infotext import to_parameters
-
-    pipe, threads = setup["pipe"], torch.get_num_threads()
-    settings = {"steps": 3, "seed": 7, "cfg_scale": 5.0, "sampler": "Euler", "width": 64, "height": 64, **options}
-    torch.set_num_threads(1)
-    try:
-        if mode == "inpaint":
-            result = pipe.inpaint("a red apple", INIT, MASK, "blurry", **settings)
-        else:
-            result = pipe.img2img("a red apple", INIT, settings.pop("strength"), "blurry", **settings)
-    finally:
-        torch.set_num_threads(threads)
-    return result, format_parameters(to_parameters(result.request))
-
-
-def _cli(setup, tmp_path: Path, capsys, mode: str, *flags: str) -> list[Image.Image]:
-    extra = ["--mask", str(setup["mask"])] if mode == "inpaint" else []
-    code, out, err = run([mode, *CLI, "--init", str(setup["init"]), *extra, *flags,
-                          "--out", str(tmp_path / "cli.png")], capsys)
-    assert code == 0, err
-    return [_picture(Path(line).read_bytes()) for line in out.splitlines()]
-
-
-def _units(*units: dict) -> dict:
-    """An A1111 request's ControlNet units."""
-    return {"alwayson_scripts": {"controlnet": {"args": list(units)}}}
+def _from_png(setup, png: Path, tmp_path: Path, capsys):
+    """`sdlab img2img --from-png PNG` on the init picture with `--control FILE`: its picture."""
+    (again,) = cli_pictures(["img2img", "--from-png", str(png), "--init", str(setup["init"]), "--control",
+                             str(setup["net"]), "--threads", "1", "--no-progress",
+                             "--out", str(tmp_path / "again.png")], capsys)
+    return again
 
 
 def _control_line(parameters: str) -> str:
@@ -121,56 +69,42 @@ def test_the_api_and_the_cli_draw_a_control_without_a_picture_as_the_native_job(
     from sdlab.pipeline.control import ControlInput
 
     unit = {**UNIT, "module": "inpaint"} if mode == "inpaint" else UNIT
-    fields = {"mode": mode, "init_image": b64_png(INIT), "strength": 0.7, "resize_mode": "crop"}
-    if mode == "inpaint":
-        fields["mask_image"] = b64_png(MASK)
-    job, (served,) = _job(setup["client"], {**NATIVE, **fields, "controls": [unit]})
+    job, (served,) = native_job(setup["client"], native_body(mode, controls=[unit]))
     text = served.info["parameters"]
     assert "Resize Mode: Just Resize" in text and job["request"]["controls"][0]["resize_mode"] == "resize"
 
     module = unit["module"]
     thresholds = {"threshold_a": 60, "threshold_b": 160} if module == "canny" else {}
-    result, api_text = _api_result(setup, mode, strength=0.7, resize_mode="crop",
-                                   controls=[ControlInput(setup["net"], None, 0.9, module=module, **thresholds)])
-    _same(result.images[0], served)
-    assert _control_line(api_text) == _control_line(text)
+    result = api_drawn(setup["pipe"], mode, strength=0.7, resize_mode="crop",
+                       controls=[ControlInput(setup["net"], None, 0.9, module=module, **thresholds)])
+    same(result.images[0], served)
+    assert _control_line(parameters_text(result)) == _control_line(text)
 
     flags = ["--control", f"{setup['net']}::0.9", *(UNIT_FLAGS if module == "canny" else ["--control-module", module])]
-    (cli,) = _cli(setup, tmp_path, capsys, mode, "--strength", "0.7", "--resize-mode", "crop", *flags)
-    _same(cli, served)
+    (cli,) = cli_drawn(setup, tmp_path, capsys, mode, "--strength", "0.7", "--resize-mode", "crop", *flags)
+    same(cli, served)
     assert cli.info["parameters"] == text
 
-    given, _ = _api_result(setup, mode, strength=0.7, resize_mode="crop",
-                           controls=[ControlInput(setup["net"], INIT, 0.9, module=module, resize_mode="crop",
-                                                  **thresholds)])
-    _same(given.images[0], served)
-    plain, _ = _api_result(setup, mode, strength=0.7, resize_mode="crop")
-    assert np.abs(_pixels(plain.images[0]) - _pixels(served)).max() > 20
+    given = api_drawn(setup["pipe"], mode, strength=0.7, resize_mode="crop",
+                      controls=[ControlInput(setup["net"], INIT, 0.9, module=module, resize_mode="crop", **thresholds)])
+    same(given.images[0], served)
+    plain = api_drawn(setup["pipe"], mode, strength=0.7, resize_mode="crop")
+    assert apart(plain.images[0], served) > 20
 
 
 def test_a_bare_control_file_takes_the_init_picture_and_its_defaults(setup, tmp_path, capsys):
     """`--control FILE`: strength 1, all the steps, the init picture by Just Resize (img2img's default), as the
     native entry of the model alone; `--from-png` of the server's picture with `--control FILE` redraws it."""
-    job, (served,) = _job(setup["client"], {**NATIVE, "mode": "img2img", "init_image": b64_png(INIT), "strength": 0.6,
-                                            "controls": [{"model": "strong_lines"}]})
+    job, (served,) = native_job(setup["client"], {**NATIVE, "mode": "img2img", "init_image": b64_png(INIT),
+                                                  "strength": 0.6, "controls": [{"model": "strong_lines"}]})
     assert "Resize Mode: Just Resize" in served.info["parameters"]
-    (cli,) = _cli(setup, tmp_path, capsys, "img2img", "--strength", "0.6", "--control", str(setup["net"]))
-    _same(cli, served)
+    (cli,) = cli_drawn(setup, tmp_path, capsys, "img2img", "--strength", "0.6", "--control", str(setup["net"]))
+    same(cli, served)
     assert cli.info["parameters"] == served.info["parameters"]
     (tmp_path / "served.png").write_bytes(setup["client"].get(job["images"][0]).content)
-    code, out, err = run(["img2img", "--from-png", str(tmp_path / "served.png"), "--init", str(setup["init"]),
-                          "--control", str(setup["net"]), "--threads", "1", "--no-progress",
-                          "--out", str(tmp_path / "again.png")], capsys)
-    assert code == 0, err
-    again = _picture(Path(out.strip()).read_bytes())
-    _same(again, served)
+    again = _from_png(setup, tmp_path / "served.png", tmp_path, capsys)
+    same(again, served)
     assert again.info["parameters"] == served.info["parameters"]
-
-
-LOOPBACK = ({"script_name": "Loopback", "script_args": [2, 0.5, "Linear", "None"]},
-            ["--loopback", "2", "--final-strength", "0.5", "--strength-curve", "linear"])
-SD_UPSCALE = ({"script_name": "SD upscale", "script_args": ["", 16, "Lanczos", 2]},
-              ["--sd-upscale", "2", "--upscaler", "lanczos", "--tile-overlap", "16"])
 
 
 @pytest.mark.parametrize("script, flags", [LOOPBACK, SD_UPSCALE], ids=["loopback", "sd-upscale"])
@@ -179,24 +113,20 @@ def test_cli_scripts_draw_a_control_without_a_picture_on_each_requests_own(setup
     native job's script (tests/test_server_script_controls.py proves that one equal to the A1111 route's): the
     CLI's pictures equal the job's, and differ from the control drawn on the user's picture throughout."""
     body = {**NATIVE, "mode": "img2img", "init_image": b64_png(INIT.resize((64, 64))), "strength": 0.7, **script}
-    _, served = _job(setup["client"], {**body, "controls": [UNIT]})
+    _, served = native_job(setup["client"], {**body, "controls": [UNIT]})
     INIT.resize((64, 64)).save(tmp_path / "init64.png")
-    code, out, err = run(["img2img", *CLI, "--init", str(tmp_path / "init64.png"), "--strength", "0.7", *flags,
+    drawn = cli_pictures(["img2img", *CLI, "--init", str(tmp_path / "init64.png"), "--strength", "0.7", *flags,
                           "--control", f"{setup['net']}::0.9", *UNIT_FLAGS, "--out", str(tmp_path / "cli.png")],
                          capsys)
-    assert code == 0, err
-    drawn = [_picture(Path(line).read_bytes()) for line in out.splitlines()]
-    served = served[1:] + served[:1] if len(served) > 1 else served       # the job: grid first; the CLI: grid last
+    served = grid_last(served)
     assert len(drawn) == len(served)
     for got, want in zip(drawn, served):
-        _same(got, want)
-    code, out, err = run(["img2img", *CLI, "--init", str(tmp_path / "init64.png"), "--strength", "0.7", *flags,
+        same(got, want)
+    fixed = cli_pictures(["img2img", *CLI, "--init", str(tmp_path / "init64.png"), "--strength", "0.7", *flags,
                           "--control", f"{setup['net']}:{tmp_path / 'init64.png'}:0.9", *UNIT_FLAGS,
                           "--out", str(tmp_path / "fixed.png")], capsys)
-    assert code == 0, err
     last = len(drawn) - 2 if len(drawn) > 1 else 0          # the last pass (before Loopback's grid); the upscale
-    fixed = _picture(Path(out.splitlines()[last]).read_bytes())
-    assert np.abs(_pixels(fixed) - _pixels(drawn[last])).max() > 20
+    assert apart(fixed[last], drawn[last]) > 20
 
 
 def test_txt2img_refuses_a_control_without_a_picture_at_every_door(setup, tmp_path, capsys):
@@ -213,7 +143,7 @@ def test_txt2img_refuses_a_control_without_a_picture_at_every_door(setup, tmp_pa
     models = setup["client"].get("/controlnet/model_list").json()["model_list"]
     unit = {"enabled": True, "model": next(name for name in models if "strong_lines" in name), "module": "canny"}
     answer = setup["client"].post("/sdapi/v1/txt2img", json={"prompt": "a red apple", "steps": 2, "width": 64,
-                                                             "height": 64, **_units(unit)})
+                                                             "height": 64, **a1111_units(unit)})
     assert (answer.status_code, answer.json()["detail"]) == (422, message)
     for spec in (str(setup["net"]), f"{setup['net']}::0.8:0:0.5"):
         code, out, err = run(["txt2img", *CLI, "--control", spec, "--out", str(tmp_path / "t.png")], capsys)
@@ -331,10 +261,10 @@ def test_a_grids_img2img_cells_draw_a_control_without_a_picture_on_the_init_pict
     code, out, err = run(["grid", *CLI, *flags, "--x", "CFG Scale=3,9", "--keep-cells", str(tmp_path / "cells"),
                           "--out", str(tmp_path / "grid.png")], capsys)
     assert code == 0, err
-    cell = _picture((tmp_path / "cells" / "001-x1-y0-z0.png").read_bytes())
-    (alone,) = _cli(setup, tmp_path, capsys, "img2img", "--strength", "0.7", "--cfg", "9",
+    cell = png_picture((tmp_path / "cells" / "001-x1-y0-z0.png").read_bytes())
+    (alone,) = cli_drawn(setup, tmp_path, capsys, "img2img", "--strength", "0.7", "--cfg", "9",
                     "--control", f"{setup['net']}::0.9")
-    _same(cell, alone)
+    same(cell, alone)
     assert "ControlNet 0: " in cell.info["parameters"]
 
 
@@ -347,38 +277,28 @@ def test_a1111_unit_without_a_picture_records_its_own_resize_mode_and_reads_back
     as the unit given the init picture with Just Resize; the line read back (`/api/parameters`, the web UI's
     Reuse of a dropped picture; `--from-png` with `--control FILE`) draws the same picture, 0/255."""
     client = setup["client"]
-    model = next(name for name in client.get("/controlnet/model_list").json()["model_list"] if "strong_lines" in name)
+    model = listed_model(client, "strong_lines")
     unit = {"enabled": True, "model": model, "module": "canny", "weight": 0.9, "threshold_a": 60,
             "threshold_b": 160, "resize_mode": "Resize and Fill"}
-    body = {"prompt": "a red apple", "negative_prompt": "blurry", "steps": 3, "seed": 7, "cfg_scale": 5,
-            "sampler_name": "Euler", "width": 64, "height": 64, "init_images": [b64_png(INIT)],
-            "denoising_strength": 0.7, "resize_mode": 0}
-    drawn = client.post("/sdapi/v1/img2img", json={**body, **_units(unit)})
-    assert drawn.status_code == 200, drawn.text
-    picture = _picture(base64.b64decode(drawn.json()["images"][0]))
+    body = {**A1111_IMG2IMG, "denoising_strength": 0.7, "resize_mode": 0}
+    drawn = client.post("/sdapi/v1/img2img", json={**body, **a1111_units(unit)})
+    picture = a1111_picture(drawn)
     line = _control_line(picture.info["parameters"])
     assert "Resize Mode: Resize and Fill" in line, line
-    given = client.post("/sdapi/v1/img2img", json={**body, **_units({**unit, "image": b64_png(INIT),
+    given = client.post("/sdapi/v1/img2img", json={**body, **a1111_units({**unit, "image": b64_png(INIT),
                                                                      "resize_mode": "Just Resize"})})
-    _same(_picture(base64.b64decode(given.json()["images"][0])), picture)
-    filled = client.post("/sdapi/v1/img2img", json={**body, **_units({**unit, "image": b64_png(INIT)})})
-    assert np.abs(_pixels(_picture(base64.b64decode(filled.json()["images"][0]))) - _pixels(picture)).max() > 0
+    same(a1111_picture(given), picture)
+    filled = client.post("/sdapi/v1/img2img", json={**body, **a1111_units({**unit, "image": b64_png(INIT)})})
+    assert apart(a1111_picture(filled), picture) > 0
 
-    from sdlab.server.native import JobIn
-
-    settings = client.post("/api/parameters", json={"image": drawn.json()["images"][0]}).json()["settings"]
-    native = {key: value for key, value in settings.items()
-              if value is not None and key in JobIn.model_fields and key != "model"}
+    native = native_settings(client, drawn.json()["images"][0])
     assert native["controls"][0]["resize_mode"] == "fill", native["controls"]
-    _, (redrawn,) = _job(client, {**native, "mode": "img2img", "init_image": b64_png(INIT), "resize_mode": "resize"})
-    _same(redrawn, picture)
+    _, (redrawn,) = native_job(client, {**native, "mode": "img2img", "init_image": b64_png(INIT),
+                                        "resize_mode": "resize"})
+    same(redrawn, picture)
     assert _control_line(redrawn.info["parameters"]) == line
 
-    (tmp_path / "drawn.png").write_bytes(base64.b64decode(drawn.json()["images"][0]))
-    code, out, err = run(["img2img", "--from-png", str(tmp_path / "drawn.png"), "--init", str(setup["init"]),
-                          "--control", str(setup["net"]), "--threads", "1", "--no-progress",
-                          "--out", str(tmp_path / "again.png")], capsys)
-    assert code == 0, err
-    again = _picture(Path(out.strip()).read_bytes())
-    _same(again, picture)
+    (tmp_path / "drawn.png").write_bytes(b64decode(drawn.json()["images"][0]))
+    again = _from_png(setup, tmp_path / "drawn.png", tmp_path, capsys)
+    same(again, picture)
     assert _control_line(again.info["parameters"]) == line

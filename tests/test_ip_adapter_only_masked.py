@@ -13,29 +13,20 @@ picture with sdlab's cut turned off; the runs agree 0 of 255."""
 
 from __future__ import annotations
 
-import base64
-import io
-
 import numpy as np
 import pytest
-import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-from ip_adapter_fixtures import ip_adapter_state, write_image_encoder, write_ip_adapter
-from server_fixtures import b64_png, drawn_pictures
-from test_ip_adapter_layers import face_id_state
+from init_picture_fixtures import (A1111_IMG2IMG, INIT, MASK, NATIVE, a1111_picture, api_drawn, apart, listed_model,
+                                   native_job, write_face_id_adapter, write_tiny_ip_adapter)
+from server_fixtures import b64_png
 
-INIT = Image.new("RGB", (96, 64), (200, 80, 40))
-ImageDraw.Draw(INIT).ellipse([8, 8, 80, 56], fill=(20, 200, 90))
 OWN = Image.new("RGB", (80, 72), (30, 40, 220))                 # a unit's own picture, of another size
 ImageDraw.Draw(OWN).rectangle([20, 4, 60, 60], fill=(250, 250, 20))
 CLIP_MASK = Image.new("L", (80, 72), 0)                         # an A1111 unit's CLIP mask of that picture
 ImageDraw.Draw(CLIP_MASK).rectangle([0, 0, 30, 72], fill=255)
-MASK = Image.new("L", (96, 64), 0)
-ImageDraw.Draw(MASK).rectangle([30, 10, 70, 50], fill=255)
 SIZE, BLUR, PADDING = (64, 64), 4, 8
-SETTINGS = {"steps": 3, "seed": 7, "cfg_scale": 5.0, "sampler": "Euler", "width": 64, "height": 64,
-            "mask_blur": BLUR, "inpaint_only_masked": True, "inpaint_padding": PADDING}
+ONLY_MASKED = {"mask_blur": BLUR, "inpaint_only_masked": True, "inpaint_padding": PADDING}
 
 
 def extension_crop(image: Image.Image, mode: str) -> Image.Image:
@@ -61,20 +52,14 @@ def setup(tmp_path_factory: pytest.TempPathFactory):
     import sdlab
     from fastapi.testclient import TestClient
 
-    from sdlab.models.ip_adapter import cross_attentions
     from sdlab.server.app import create_app
     from sdlab.server.config import ServerConfig
 
     root = tmp_path_factory.mktemp("ip-adapter-only-masked")
     models = root / "models"
-    (models / "ControlNet").mkdir(parents=True)
     pipe = sdlab.load()
-    widths = [attn.to_q.weight.shape[0] for attn in cross_attentions(pipe.bundle.unet)]
-    write_image_encoder(models / "image_encoder", seed=2, width=128, projection=32)
-    adapter = write_ip_adapter(models / "ControlNet" / "ip-adapter_tiny.safetensors",
-                               ip_adapter_state(widths, pipe.bundle.unet_config.context_dim, 32, seed=3, std=0.3))
-    face = write_ip_adapter(models / "ControlNet" / "ip-adapter-faceid_tiny.bin",
-                            face_id_state(widths, pipe.bundle.unet_config.context_dim))
+    adapter = write_tiny_ip_adapter(models, pipe)
+    face = write_face_id_adapter(models / "ControlNet" / "ip-adapter-faceid_tiny.bin", pipe)
     app = create_app(ServerConfig(output_dir=root / "outputs", models_dir=models,         # in-process: patchable
                                   controlnet_dir=models / "ControlNet"))
     with TestClient(app) as client:
@@ -103,23 +88,9 @@ def uncut(monkeypatch) -> None:
     monkeypatch.setattr(image_prompt, "in_region", lambda prompt, *args: prompt)
 
 
-def _pixels(image: Image.Image) -> np.ndarray:
-    return np.asarray(image.convert("RGB"), dtype=np.int16)
-
-
-def _apart(a: Image.Image, b: Image.Image) -> int:
-    assert a.size == b.size
-    return int(np.abs(_pixels(a) - _pixels(b)).max())
-
-
 def _inpaint(setup, convention: str, *prompts) -> Image.Image:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return setup["pipe"].inpaint("a red apple", INIT, MASK, "blurry", control_convention=convention,
-                                     ip_adapters=list(prompts), **SETTINGS).images[0]
-    finally:
-        torch.set_num_threads(threads)
+    return api_drawn(setup["pipe"], "inpaint", control_convention=convention, ip_adapters=list(prompts),
+                     **ONLY_MASKED).images[0]
 
 
 def test_the_crop_transcription_is_the_drawn_region():
@@ -132,7 +103,7 @@ def test_the_crop_transcription_is_the_drawn_region():
                                 inpaint_only_masked=True, inpaint_padding=PADDING, inpaint_fill="original")
     drawn = init_picture(request).image
     for mode in ("resize", "crop", "fill"):
-        assert _apart(extension_crop(INIT, mode), drawn) == 0
+        assert apart(extension_crop(INIT, mode), drawn) == 0
 
 
 @pytest.mark.parametrize("convention", ["diffusers", "a1111"])
@@ -149,37 +120,32 @@ def test_the_api_draws_the_adapter_on_the_extensions_crop(setup, seen, monkeypat
     drawn = _inpaint(setup, convention, IPAdapterInput(setup["adapter"], OWN if own else None, 0.8, mask=mask))
     (image, cut_mask), = seen
     crop = extension_crop(source, "crop")
-    assert image.size == SIZE and _apart(image, crop) == 0
+    assert image.size == SIZE and apart(image, crop) == 0
     if mask is not None:
         assert np.array_equal(np.asarray(cut_mask.convert("L")), np.asarray(extension_crop(mask, "crop")))
     uncut(monkeypatch)
     reference = _inpaint(setup, convention, IPAdapterInput(setup["adapter"], crop, 0.8,
                                                            mask=None if mask is None else extension_crop(mask, "crop")))
-    assert _apart(drawn, reference) == 0
+    assert apart(drawn, reference) == 0
     whole = _inpaint(setup, convention, IPAdapterInput(setup["adapter"], source, 0.8, mask=mask))
-    assert _apart(whole, reference) > 5, _apart(whole, reference)
+    assert apart(whole, reference) > 5, apart(whole, reference)
 
 
 def _native(setup, entry: dict) -> Image.Image:
-    body = {"prompt": "a red apple", "negative_prompt": "blurry", "mode": "inpaint", "init_image": b64_png(INIT),
-            "mask_image": b64_png(MASK), **SETTINGS, "ip_adapters": [{"model": "ip-adapter_tiny", "scale": 0.8,
-                                                                       **entry}]}
-    _, (picture,) = drawn_pictures(setup["client"], body, timeout_s=300)
+    body = {**NATIVE, "mode": "inpaint", "init_image": b64_png(INIT), "mask_image": b64_png(MASK), **ONLY_MASKED,
+            "ip_adapters": [{"model": "ip-adapter_tiny", "scale": 0.8, **entry}]}
+    _, (picture,) = native_job(setup["client"], body)
     return picture
 
 
 def _a1111(setup, unit: dict) -> Image.Image:
     client = setup["client"]
-    model = next(title for title in client.get("/controlnet/model_list").json()["model_list"]
-                 if title.startswith("ip-adapter_tiny ["))
-    body = {"prompt": "a red apple", "negative_prompt": "blurry", "steps": 3, "seed": 7, "cfg_scale": 5,
-            "sampler_name": "Euler", "width": 64, "height": 64, "init_images": [b64_png(INIT)], "mask": b64_png(MASK),
-            "mask_blur": BLUR, "inpaint_full_res": True, "inpaint_full_res_padding": PADDING,
+    model = listed_model(client, "ip-adapter_tiny")
+    body = {**A1111_IMG2IMG, "mask": b64_png(MASK), "mask_blur": BLUR, "inpaint_full_res": True,
+            "inpaint_full_res_padding": PADDING,
             "alwayson_scripts": {"controlnet": {"args": [{"enabled": True, "module": "ip-adapter_clip_sd15",
                                                           "model": model, "weight": 0.8, **unit}]}}}
-    answer = client.post("/sdapi/v1/img2img", json=body)
-    assert answer.status_code == 200, answer.text
-    return Image.open(io.BytesIO(base64.b64decode(answer.json()["images"][0]))).convert("RGB")
+    return a1111_picture(client.post("/sdapi/v1/img2img", json=body)).convert("RGB")
 
 
 @pytest.mark.parametrize("route", ["native", "a1111"])
@@ -192,10 +158,10 @@ def test_both_server_routes_draw_the_adapter_on_the_extensions_crop(setup, monke
     empty = draw(setup, {"image": ""})
     own = draw(setup, {"image": b64_png(OWN)})
     uncut(monkeypatch)
-    assert _apart(none, draw(setup, {"image": b64_png(extension_crop(INIT, "crop"))})) == 0
-    assert _apart(empty, none) == 0
-    assert _apart(own, draw(setup, {"image": b64_png(extension_crop(OWN, "crop"))})) == 0
-    assert _apart(draw(setup, {"image": b64_png(INIT)}), none) > 5            # the whole init picture
+    assert apart(none, draw(setup, {"image": b64_png(extension_crop(INIT, "crop"))})) == 0
+    assert apart(empty, none) == 0
+    assert apart(own, draw(setup, {"image": b64_png(extension_crop(OWN, "crop"))})) == 0
+    assert apart(draw(setup, {"image": b64_png(INIT)}), none) > 5            # the whole init picture
 
 
 def test_a_face_id_adapter_without_a_face_embedding_in_txt2img_gets_the_face_id_message_at_every_door(
@@ -221,8 +187,7 @@ def test_a_face_id_adapter_without_a_face_embedding_in_txt2img_gets_the_face_id_
                   "ip_adapters": [{"model": "ip-adapter-faceid_tiny"}],
                   **({"init_image": b64_png(INIT)} if mode == "img2img" else {})}
         native = client.post("/api/jobs", json=native)
-        model = next(title for title in client.get("/controlnet/model_list").json()["model_list"]
-                     if title.startswith("ip-adapter-faceid_tiny ["))
+        model = listed_model(client, "ip-adapter-faceid_tiny")
         a1111 = {"prompt": "a", "steps": 2, "width": 64, "height": 64,
                  **({"init_images": [b64_png(INIT)]} if mode == "img2img" else {}),
                  "alwayson_scripts": {"controlnet": {"args": [{"module": "ip-adapter_clip_sd15", "model": model}]}}}
