@@ -6,11 +6,13 @@ that interleaving and checks the filters and what each call gave."""
 
 from __future__ import annotations
 
+import io
 import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -81,3 +83,30 @@ def test_overlapping_dtype_conversions_leave_the_warning_filters_as_they_were(tm
     for got in outcome.values():
         assert isinstance(got, torch.Tensor) and torch.equal(got, weight.to(torch.bfloat16))
     assert path.read_bytes() == written   # the private map is never written, nor is the file through it
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")   # Pillow's own, before sdlab's error
+def test_overlapping_picture_opens_each_refuse_a_decompression_bomb(monkeypatch):
+    """`open_image` in two threads (two requests' pictures): each refuses a picture past Pillow's pixel limit, however
+    their opens overlap (with the warning turned into an error by a filter, A's leaving put the filters back as
+    they were before A, without B's, so B's picture opened), and the filters stay as they were."""
+    from PIL import Image
+
+    from sdlab.pipeline.images import ImageTooLargeError, open_image
+
+    picture = io.BytesIO()
+    Image.new("RGB", (40, 40)).save(picture, format="PNG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)   # 1600 pixels: past the limit, within Pillow's error at 2x
+    before = list(warnings.filters)
+    overlap = _Overlap()
+    monkeypatch.setattr(Image, "open", overlap.paused(Image.open))
+
+    def size() -> tuple[int, int]:
+        with open_image(io.BytesIO(picture.getvalue())) as image:
+            return image.size
+
+    outcome = overlap.run(size, size)
+    assert {name: type(got) for name, got in outcome.items()} == {"A": ImageTooLargeError, "B": ImageTooLargeError}
+    assert "too large to open safely" in str(outcome["B"])
+    assert warnings.filters == before
+    assert overlap.filters_inside == {"A": before, "B": before}

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import warnings
 from collections.abc import Iterator
 from typing import Sequence
 
@@ -52,16 +51,21 @@ def open_image(path: str | os.PathLike[str]) -> Iterator[Image.Image]:
     """``Image.open(path)`` that refuses decompression bombs: ``ImageTooLargeError`` (a ``ValueError``).
 
     Pillow warns above ``Image.MAX_IMAGE_PIXELS`` (about 89 megapixels) and raises above twice that; both
-    become the error here, raised before any pixel is decoded. Other failures are Pillow's own
+    become the error here, raised before any pixel is decoded: the header's size is checked here, against the
+    same limit, rather than by turning Pillow's warning into an error, since the warning filters are one list
+    shared by every thread (``warnings.catch_warnings`` is not thread-safe). Other failures are Pillow's own
     (``FileNotFoundError``, ``UnidentifiedImageError`` / ``OSError``, ``ValueError``).
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            image = Image.open(path)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            raise ImageTooLargeError(f"{source_name(path)} is too large to open safely ({err})") from None
+    try:
+        image = Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:   # the warning: where filters say
+        raise ImageTooLargeError(f"{source_name(path)} is too large to open safely ({err})") from None
     with image:
+        limit = Image.MAX_IMAGE_PIXELS
+        pixels = max(image.width, 1) * max(image.height, 1)     # as Pillow's `_decompression_bomb_check` counts
+        if limit is not None and pixels > limit:
+            raise ImageTooLargeError(f"{source_name(path)} is too large to open safely (Image size ({pixels} pixels) "
+                                     f"exceeds limit of {limit} pixels, could be decompression bomb DOS attack.)")
         yield image
 
 
