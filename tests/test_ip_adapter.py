@@ -241,7 +241,8 @@ def test_parameters_read_the_extensions_ip_adapter_units():
               'Weight: 0.5"')
     controls, ip_adapters, unread = recorded_units(parse_parameters(text))
     assert [unit["model"] for unit in controls] == ["cn [87654321]"]
-    assert ip_adapters == [{"model": "ip-adapter_tiny [12345678]", "scale": 0.7, "module": "ip-adapter_clip_sd15"}]
+    assert ip_adapters == [{"model": "ip-adapter_tiny [12345678]", "scale": 0.7, "module": "ip-adapter_clip_sd15",
+                            "resize_mode": "crop"}]
     assert unread == ["ControlNet 2"]
 
 

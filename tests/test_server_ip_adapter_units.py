@@ -121,9 +121,10 @@ def test_an_ip_adapter_unit_draws_the_native_ip_adapter_of_its_settings(setup):
     assert np.abs(_pixels(drawn.json()["images"][0]) - _pixels(plain.json()["images"][0])).max() > 10
     text = json.loads(drawn.json()["info"])["infotexts"][0]
     line = text.split('ControlNet 0: "')[1].split('"')[0]
-    assert line == f"Module: ip-adapter_clip_sd15, Model: {model}, Weight: 0.7, Guidance Start: 0.25, Guidance End: 0.8"
+    assert line == (f"Module: ip-adapter_clip_sd15, Model: {model}, Weight: 0.7, Resize Mode: Just Resize, "
+                    "Guidance Start: 0.25, Guidance End: 0.8")        # the resize mode fits an "Only masked" cut
     assert _extension_parse_unit(line) == {"module": "ip-adapter_clip_sd15", "model": model, "weight": 0.7,
-                                           "guidance_start": 0.25, "guidance_end": 0.8}
+                                           "resize_mode": "Just Resize", "guidance_start": 0.25, "guidance_end": 0.8}
     assert "Control steps: a1111" in text
     native = _redrawn(setup, drawn, {"ip_adapters": [setup["picture"]]})
     assert np.array_equal(native, _pixels(drawn.json()["images"][0]))

@@ -1053,7 +1053,8 @@ def _ip_adapters(args: argparse.Namespace, recorded: dict[str, Any], convention:
     (`image_prompt.prompts_on_init`); in txt2img it is refused (`image_prompt.prompt_on_init`)."""
     from sdlab.pipeline.image_prompt import (IPAdapterInput, check_ip_adapter, prompt_on_init,
                                              recorded_face_shortcut, recorded_ip_adapters, recorded_layer_scales,
-                                             recorded_weight, recorded_window, takes_face_shortcut)
+                                             recorded_resize_mode, recorded_weight, recorded_window,
+                                             takes_face_shortcut)
     from sdlab.pipeline.ip_adapter_units import unit_image_encoder
     from sdlab.pipeline.request import RequestError
 
@@ -1089,7 +1090,7 @@ def _ip_adapters(args: argparse.Namespace, recorded: dict[str, Any], convention:
                 encoder = unit_image_encoder(module, file)
             except RequestError as err:
                 raise UserError(f"--ip-adapter {file!r} ({lines[index][0]}): {err}; pass --ip-adapter-encoder") from None
-        window, shortcut = {"start": 0.0, "end": 1.0}, None
+        window, shortcut, resize = {"start": 0.0, "end": 1.0}, None, None
         if index < len(lines):
             try:
                 window.update(recorded_window(lines[index][1]))
@@ -1097,6 +1098,7 @@ def _ip_adapters(args: argparse.Namespace, recorded: dict[str, Any], convention:
                 raise UserError(f"{lines[index][0]}: {err}; pass --ip-adapter-start / --ip-adapter-end") from None
             try:
                 shortcut = recorded_face_shortcut(lines[index][1])          # a FaceID Plus drawn from Python
+                resize = recorded_resize_mode(lines[index][1])              # how "Only masked" fits its picture
             except ValueError as err:
                 raise UserError(f"{lines[index][0]}: {err}") from None
         for key, given in (("start", args.ip_adapter_start), ("end", args.ip_adapter_end)):
@@ -1118,7 +1120,8 @@ def _ip_adapters(args: argparse.Namespace, recorded: dict[str, Any], convention:
         picture = image if image is None or image.lower().endswith(".npy") \
             else _open_image(image, "IP-Adapter image")                   # a FaceID's face embedding as its file
         prompt = IPAdapterInput(file, picture, 1.0 if scale is None else scale, encoder, layer_scales=layers,
-                                module=module, face_embedding=face, face_shortcut=shortcut, **window)
+                                module=module, face_embedding=face, face_shortcut=shortcut, resize_mode=resize,
+                                **window)
         try:
             if getattr(args, "mode", None) == "txt2img":        # no init picture: refused before the model loads
                 prompt_on_init(prompt, index, None)

@@ -65,7 +65,7 @@ from sdlab.families.loaded import ModelBundle
 from sdlab.models.ip_adapter import ImagePrompt, IPAdapter, IPAdapterConfig, cross_attentions, embeds_tokens
 from sdlab.pipeline.clip_image import clip_pixels, extension_clip_pixels
 from sdlab.pipeline.ip_adapter_layers import LayerScaleError, check_layer_scales, expand_layer_scales, layer_scales_text
-from sdlab.pipeline.control import _line_fields, cropped_to_region, drawn_on_init, in_window
+from sdlab.pipeline.control import RESIZE_MODES, _line_fields, a1111_mode, cropped_to_region, drawn_on_init, in_window
 from sdlab.pipeline.images import eight_bit
 from sdlab.pipeline.ip_adapter_units import MODULE_ENCODERS, is_ip_adapter_module
 from sdlab.pipeline.prompt_loras import LoraUse
@@ -106,6 +106,9 @@ class IPAdapterInput:
     # (None: 1 for a "plusv2" file, no shortcut for another)
     face_embedding: Tensor | np.ndarray | str | os.PathLike[str] | None = None
     face_shortcut: float | None = None
+    # how an Inpaint area "Only masked" run fits the picture to the init picture before cutting it (`in_region`):
+    # A1111's resize modes by sdlab's names (`control.RESIZE_MODES`); None: "crop", the extension's default unit's
+    resize_mode: str | None = None
 
     @property
     def windowed(self) -> bool:
@@ -139,6 +142,8 @@ def check_ip_adapter(prompt: IPAdapterInput, index: int = 0, convention: str = "
             or not 0.0 <= scale <= MAX_SCALE:
         raise RequestError(f"{name}: scale must be a number in [0, {MAX_SCALE:g}], got {scale!r}")
     _check_window(prompt, name, convention)
+    if prompt.resize_mode is not None and prompt.resize_mode not in RESIZE_MODES:
+        raise RequestError(f"{name}: unknown resize_mode {prompt.resize_mode!r}; valid: {', '.join(RESIZE_MODES)}")
     if prompt.layer_scales is not None:
         try:
             check_layer_scales(prompt.layer_scales, MAX_SCALE)
@@ -504,8 +509,9 @@ def prepare_image_prompts(bundle: ModelBundle, prompts: Sequence[IPAdapterInput]
 
 REGION_RESIZE = "crop"
 """The resize mode that fits an image prompt's picture to the picture's size before an "Only masked" run cuts it
-(`in_region`): the ControlNet extension's default unit's, "Crop and Resize" (`ResizeMode.INNER_FIT`). The init
-picture an adapter without its own takes has that size, and is the same under every mode."""
+(`in_region`) where the prompt names none (`IPAdapterInput.resize_mode`): the ControlNet extension's default
+unit's, "Crop and Resize" (`ResizeMode.INNER_FIT`). The init picture an adapter without its own takes has that
+size, and is the same under every mode."""
 
 
 def in_region(prompt: IPAdapterInput, index: int, region: tuple[int, int, int, int],
@@ -514,15 +520,18 @@ def in_region(prompt: IPAdapterInput, index: int, region: tuple[int, int, int, i
     draws of a picture of `picture_size`, resized to the drawing `size` (`control.cropped_to_region`), as the
     ControlNet extension's `get_control` cuts every unit's input, an IP-Adapter's too
     (`try_crop_image_with_a1111_mask`, for a unit whose module is no reference one and whose
-    `inpaint_crop_input_image`, default True, is set; sd-webui-controlnet scripts/controlnet.py, v1.1.455)."""
+    `inpaint_crop_input_image`, default True, is set; sd-webui-controlnet scripts/controlnet.py, v1.1.455): fitted
+    to the picture's size first by the unit's own resize mode (`resize_mode`; None: `REGION_RESIZE`), the mode
+    `choose_input_image` hands it for a unit with a picture of its own."""
     picture = input_image(prompt.image, f"IP-Adapter {index} image")
     mask = None if prompt.mask is None else input_image(prompt.mask, f"IP-Adapter {index} mask")
     if mask is not None and mask.size != picture.size:
         raise RequestError(f"IP-Adapter {index}: the mask is {mask.width}x{mask.height}, the picture "
                            f"{picture.width}x{picture.height}")
-    picture = cropped_to_region(picture, picture_size, region, size, REGION_RESIZE)
+    mode = prompt.resize_mode or REGION_RESIZE
+    picture = cropped_to_region(picture, picture_size, region, size, mode)
     if mask is not None:
-        mask = cropped_to_region(eight_bit(mask).convert("RGB"), picture_size, region, size, REGION_RESIZE)
+        mask = cropped_to_region(eight_bit(mask).convert("RGB"), picture_size, region, size, mode)
     return replace(prompt, image=picture, mask=mask)
 
 
@@ -704,8 +713,10 @@ def infotext_lines(prompts: Sequence[IPAdapterInput], first_unit: int = 0) -> di
     a step window other than every step `Guidance Start` / `Guidance End`. An A1111 unit's (`module` set) is the
     line the ControlNet extension writes for it (`serialize_unit`), "ControlNet N": "Module: ip-adapter_clip_sd15,
     Model: NAME [hash], Weight: 0.7, Guidance Start: 0, Guidance End: 1", numbered by its `unit` place, else on
-    from `first_unit` (after the request's ControlNet units); the unit's resize mode, processor resolution and
-    control mode, which do not act on an IP-Adapter, are left out. The picture itself is not recorded: a redraw is given it again
+    from `first_unit` (after the request's ControlNet units); a resize mode given (`resize_mode`: an A1111 unit's
+    always) adds "Resize Mode: Crop and Resize" after the Weight, where the extension writes it (it fits the picture
+    an "Only masked" run cuts, `in_region`); the unit's processor resolution and control mode, which do not act on
+    an IP-Adapter, are left out. The picture itself is not recorded: a redraw is given it again
     (`--ip-adapter-image`)."""
     lines, own, unit = {}, 0, first_unit
     for prompt in prompts:
@@ -715,13 +726,14 @@ def infotext_lines(prompts: Sequence[IPAdapterInput], first_unit: int = 0) -> di
         except OSError:
             model = Path(path).stem
         window = f", Guidance Start: {_number(float(prompt.start))}, Guidance End: {_number(float(prompt.end))}"
+        resize = "" if prompt.resize_mode is None else f", Resize Mode: {RESIZE_MODES[prompt.resize_mode]}"
         if prompt.module is not None:
             number, unit = (unit, unit + 1) if prompt.unit is None else (prompt.unit, unit)
             lines[f"ControlNet {number}"] = (f"Module: {prompt.module}, Model: {model}, "
-                                             f"Weight: {_number(float(prompt.scale))}{window}")
+                                             f"Weight: {_number(float(prompt.scale))}{resize}{window}")
             continue
         label, own = f"IP-Adapter {own}", own + 1
-        lines[label] = f"Model: {model}, Weight: {_number(float(prompt.scale))}"
+        lines[label] = f"Model: {model}, Weight: {_number(float(prompt.scale))}{resize}"
         if prompt.layer_scales is not None:
             lines[label] += f", Layers: {layer_scales_text(prompt.layer_scales)}"
         shortcut = face_shortcut(prompt) if prompt.face_embedding is not None else None   # FaceID Plus only
@@ -783,6 +795,19 @@ def recorded_window(line: str) -> dict[str, float]:
             except ValueError:
                 raise ValueError(f"{label} {fields[label]!r} is not a number") from None
     return {} if window == {"start": 0.0, "end": 1.0} else window
+
+
+def recorded_resize_mode(line: str) -> str | None:
+    """The resize mode (sdlab's name, `control.RESIZE_MODES`) an image prompt's infotext line records ("Resize
+    Mode: Crop and Resize", or an older name of the extension's); None where it records none. Another label is a
+    ValueError naming it."""
+    label = _line_fields(line).get("Resize Mode")
+    if label is None:
+        return None
+    name = a1111_mode(label, RESIZE_MODES)
+    if name is None:
+        raise ValueError(f"Resize Mode {label!r} is not one of {', '.join(RESIZE_MODES.values())}")
+    return name
 
 
 def recorded_weight(line: str) -> float | None:

@@ -282,7 +282,8 @@ def a1111_ip_adapter(unit: dict[str, Any], index: int, folder: ModelFolder, limi
         prompt = drawn_on_init(IPAdapterInput(path, image, unit.get("weight", 1.0),
                                               start=unit.get("guidance_start", 0.0),
                                               end=unit.get("guidance_end", unit.get("guidance", 1.0)), module=module,
-                                              unit=index), index, init, "resize", what)
+                                              unit=index, resize_mode=resize_mode(unit.get("resize_mode"))),
+                               index, init, "resize", what)
     except RequestError as err:
         raise BadRequest(str(err), 422) from None
     mask = clip_mask(unit, own, prompt.image, what, limits)
@@ -379,7 +380,8 @@ def native_ip_adapters(items: list[dict[str, Any]], folder: ModelFolder, limits:
         module = item.get("module")
         prompt = IPAdapterInput(path, None if takes_init(item) else hint_image(item.get("image"), what, limits),
                                 item.get("scale", 1.0), layer_scales=item.get("layer_scales"),
-                                start=item.get("start", 0.0), end=item.get("end", 1.0), module=module)
+                                start=item.get("start", 0.0), end=item.get("end", 1.0), module=module,
+                                resize_mode=item.get("resize_mode"))
         try:
             prompt = prompt_on_init(prompt, index, init)
             if module is not None:

@@ -123,6 +123,9 @@ class IPAdapterIn(BaseModel):
     # the ControlNet extension's IP-Adapter module of the A1111 unit it redraws ("ip-adapter_clip_g", ...): the
     # image encoder that module names (`ip_adapter_units.unit_image_encoder`), recorded as its "ControlNet N" line
     module: str | None = None
+    # how an inpaint "Only masked" job fits the picture before cutting it to the drawn region: resize, crop, fill
+    # (A1111's resize modes; null: crop, the ControlNet extension's default unit's)
+    resize_mode: str | None = None
 
 
 class JobIn(NullsAreDefaults):

@@ -16,7 +16,8 @@ from typing import Any
 from sdlab.diffusion.schedule_names import A1111_SCHEDULERS, a1111_name
 from sdlab.pipeline.control import recorded_model, recorded_unit
 from sdlab.pipeline.image_prompt import (check_recorded_module, is_ip_adapter_unit, layer_settings,
-                                        recorded_ip_adapters, recorded_layer_scales, recorded_weight, recorded_window)
+                                        recorded_ip_adapters, recorded_layer_scales, recorded_resize_mode,
+                                        recorded_weight, recorded_window)
 from sdlab.pipeline.infotext import from_parameters, refiner_handoff
 from sdlab.pipeline.request import NO_IMAGE_GUIDANCE
 from sdlab.server.a1111_scripts import XYZ_ARG_NAMES
@@ -96,12 +97,13 @@ def recorded_units(p: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[s
     for label, line in recorded_ip_adapters(p):
         try:
             module = check_recorded_module(line)
-            model, weight = recorded_model(line), recorded_weight(line)
+            model, weight, resize = recorded_model(line), recorded_weight(line), recorded_resize_mode(line)
             if model is None:
                 raise ValueError("no model")
             ip_adapters.append({"model": model, "scale": 1.0 if weight is None else weight, **recorded_window(line),
                                 **layer_settings(recorded_layer_scales(line)),
-                                **({} if module is None else {"module": module})})
+                                **({} if module is None else {"module": module}),
+                                **({} if resize is None else {"resize_mode": resize})})
         except ValueError:
             unreadable.append(label)
     return controls, ip_adapters, unreadable

@@ -211,7 +211,8 @@ def recorded_controls(request: GenerationRequest) -> dict[str, Any]:
         recorded["ip_adapters"] = [{"model": Path(prompt.model_path).name, "scale": prompt.scale,
                                     **({"start": prompt.start, "end": prompt.end} if prompt.windowed else {}),
                                     **layer_settings(prompt.layer_scales),
-                                    **({"module": prompt.module} if prompt.module else {})}
+                                    **({"module": prompt.module} if prompt.module else {}),
+                                    **({"resize_mode": prompt.resize_mode} if prompt.resize_mode else {})}
                                    for prompt in request.ip_adapters]
     return recorded
 
