@@ -34,12 +34,20 @@ Semantics are diffusers' (`StableDiffusionControlNetPipeline`, `MultiControlNetM
   `control_convention="a1111"`, the A1111 API's units) the extension's rule holds instead:
   start <= max(i - 1, 0) / N <= end (`PreparedControl.active`);
 - under Inpaint area "Only masked" the U-Net draws a region of the picture, so the hint is that region of
-  the control image, as A1111's ControlNet extension cuts it (`cropped_to_region`).
+  the control image, as A1111's ControlNet extension cuts it (`cropped_to_region`);
+- under ComfyUI's convention (`control_convention="comfyui"`, the ComfyUI API's ControlNetApply nodes) the rules of
+  comfy/controlnet.py `ControlNet.get_control` hold: the picture is made RGB (an alpha dropped, as LoadImage
+  drops it), cut about its centre to the drawing's aspect ratio and resized by nearest-exact (`comfyui_hint`:
+  comfy/utils.py `common_upscale`, crop "center"; resize mode "resize" is its crop "disabled"); a control acts at
+  each model call whose sigma lies in [percent_to_sigma(end), percent_to_sigma(start)] of the model's own
+  schedule (`comfyui_sigma_window`, `ControlBase.pre_run`), whatever step it belongs to; a pooling ControlNet's
+  residuals go to every row, as ComfyUI pools them without choosing rows.
 
 The seam with the generate loop is two wrappers around the callables it already has:
 
     net = controlled_unet(bundle.unet, prepare_controls(bundle, controls, width, height))
     denoiser = tag_steps(Denoiser(net, ...), sigmas)    # passes control_step=(i, N) down to `net`
+                                                        # (and control_sigma, ComfyUI's window: `with_sigma`)
 
 and, when a control acts on the prompt's rows only, a `cond_mark` entry in the conditional and unconditional
 condition dicts (`prompt_marks`), which CFG batches as it batches the prompts, so the wrapper knows which
@@ -57,6 +65,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import Tensor
 
@@ -90,9 +99,14 @@ ADAPTER_SOFT_SCALES = (0.25, 0.62, 0.825, 1.0)
 """A1111's soft injection of a T2I-Adapter's four features (its hook's `control_scales` for T2I_Adapter)."""
 RESIZE_MODES = {"resize": "Just Resize", "crop": "Crop and Resize", "fill": "Resize and Fill"}
 """sdlab's names of A1111's resize modes -> A1111's (its `ResizeMode` values, in its order)."""
-DEFAULT_RESIZE = {"diffusers": "resize", "a1111": "crop"}
+DEFAULT_RESIZE = {"diffusers": "resize", "a1111": "crop", "comfyui": "crop"}
 """The resize mode of a control that names none, by the request's `control_convention`: diffusers stretches
-the hint; A1111's default is "Crop and Resize" (`ResizeMode.INNER_FIT`)."""
+the hint; A1111's default is "Crop and Resize" (`ResizeMode.INNER_FIT`); ComfyUI cuts the centre
+(`common_upscale`'s crop "center", `comfyui_hint`)."""
+COMFYUI_RESIZE_MODES = ("resize", "crop")
+"""The resize modes ComfyUI's `common_upscale` has: crop "disabled" (stretch) and "center"."""
+COMFYUI_ALWAYS = 999999999.9
+"""ComfyUI's percent_to_sigma(0): a sigma above every model's, so a window from 0 takes the first call."""
 A1111_RESIZE_ALIASES = {"Inner Fit (Scale to Fit)": "Crop and Resize", "Outer Fit (Shrink to Fit)": "Resize and Fill",
                         "Scale to Fit (Inner Fit)": "Crop and Resize", "Envelope (Outer Fit)": "Resize and Fill"}
 """The ControlNet extension's older names of its resize modes (`resize_mode_aliases`)."""
@@ -178,7 +192,7 @@ def check_control(control: ControlInput, index: int = 0, convention: str = "diff
             raise RequestError(f"{name}: {what} must be a finite number, got {value!r}")
     if not 0.0 <= control.strength <= MAX_STRENGTH:
         raise RequestError(f"{name}: strength must lie in [0, {MAX_STRENGTH:g}], got {control.strength}")
-    strict = convention != "a1111"                                          # diffusers: start < end
+    strict = convention == "diffusers"                                      # diffusers: start < end
     ordered = control.start < control.end if strict else control.start <= control.end
     if not (0.0 <= control.start and control.end <= 1.0 and ordered):
         relation = "<" if strict else "<="
@@ -189,6 +203,10 @@ def check_control(control: ControlInput, index: int = 0, convention: str = "diff
     for what, mode in (("resize_mode", control.resize_mode), ("init_resize_mode", control.init_resize_mode)):
         if mode is not None and mode not in RESIZE_MODES:
             raise RequestError(f"{name}: unknown {what} {mode!r}; valid: {', '.join(RESIZE_MODES)}")
+    if convention == "comfyui" and control.resize_mode_under(convention) not in COMFYUI_RESIZE_MODES:
+        raise RequestError(f"{name}: ComfyUI's control pictures are stretched or cut about the centre "
+                           f"(resize_mode {' or '.join(COMFYUI_RESIZE_MODES)}), not "
+                           f"{control.resize_mode_under(convention)!r}")
     for what, value in (("threshold_a", control.threshold_a), ("threshold_b", control.threshold_b)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                   or not math.isfinite(value) or value < 0):
@@ -332,11 +350,30 @@ def fit_hint(image: Image.Image, width: int, height: int, resize_mode: str = "re
     return canvas
 
 
+def comfyui_hint(image: Image.Image, width: int, height: int, resize_mode: str = "crop") -> Tensor:
+    """ComfyUI's hint of a LoadImage picture, (1, 3, height, width) float32 in [0, 1]: the picture made RGB (an
+    alpha channel dropped: nodes.py `LoadImage`'s convert("RGB")), / 255, for "crop" cut about its centre to the
+    drawing's aspect ratio (the cut's offsets rounded as Python rounds), then resized to width x height by
+    nearest-exact (comfy/utils.py `common_upscale(hint, W, H, "nearest-exact", "center")`, called by
+    comfy/controlnet.py `ControlNet.get_control` at the latent's size times 8)."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0                  # (h, w, 3)
+    hint = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)                       # (1, 3, h, w)
+    old_h, old_w = hint.shape[-2:]
+    if resize_mode == "crop":
+        old_aspect, new_aspect = old_w / old_h, width / height
+        left = round((old_w - old_w * (new_aspect / old_aspect)) / 2) if old_aspect > new_aspect else 0
+        top = round((old_h - old_h * (old_aspect / new_aspect)) / 2) if old_aspect < new_aspect else 0
+        hint = hint[..., top:old_h - top, left:old_w - left]                           # (1, 3, h', w')
+    return F.interpolate(hint, size=(height, width), mode="nearest-exact").contiguous()  # (1, 3, H, W)
+
+
 def hint_tensor(image: Image.Image, width: int, height: int, resize_mode: str = "resize",
                 convention: str = "diffusers") -> Tensor:
     """Hint image -> (1, 3, height, width) float32 in [0, 1]: RGB (a transparent picture laid on white,
     `flattened`), fitted to the size by `resize_mode`, scaled by the request's `convention` (`fit_hint`;
-    diffusers' "resize" is its control image processor with do_normalize=False)."""
+    diffusers' "resize" is its control image processor with do_normalize=False); under ComfyUI's `comfyui_hint`."""
+    if convention == "comfyui":
+        return comfyui_hint(image, width, height, resize_mode)
     image = fit_hint(flattened(image).convert("RGB"), width, height, resize_mode, convention=convention)
     pixels = np.asarray(image, dtype=np.float32) / 255.0                    # (H, W, 3)
     return torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0).contiguous()
@@ -392,17 +429,27 @@ class PreparedControl:
     control_mode: str = "balanced"
     hires_pass: bool = False
     features: tuple[Tensor, ...] = ()   # a T2I-Adapter's, made once from the hint: (1, C_i, h_i, w_i) each
+    sigma_window: tuple[float, float] | None = None     # ComfyUI's (highest, lowest) sigma: `comfyui_sigma_window`
 
     def active(self, step: int, steps: int) -> bool:
         """Whether step i of N runs the control (`in_window`)."""
         return in_window(self.start, self.end, step, steps, self.convention)
+
+    def acts(self, control_step: tuple[int, int] | None, sigma: float | None) -> bool:
+        """Whether a model call runs the control: with a sigma window (ComfyUI's) where the call's `sigma` lies in
+        it (comfy/controlnet.py `get_control`: none where t[0] > highest or t[0] < lowest), else where its step
+        `control_step` (i, N) is `active`; a call without either runs every control."""
+        if self.sigma_window is not None and sigma is not None:
+            highest, lowest = self.sigma_window
+            return lowest <= sigma <= highest
+        return control_step is None or self.active(*control_step)
 
     @property
     def cond_only(self) -> bool:
         """Whether the residuals go to the prompt's rows only: a pooling ControlNet's, or in A1111's "ControlNet
         is more important" mode (its `cfg_injection`)."""
         pools = isinstance(self.net, LoadedControlNet) and self.net.config.global_pool
-        return pools or self.control_mode == "control"
+        return (pools and self.convention != "comfyui") or self.control_mode == "control"
 
     @property
     def soft(self) -> bool:
@@ -422,6 +469,21 @@ class PreparedControl:
             return [self.strength * (ADAPTER_SOFT_SCALES[k] if k < len(ADAPTER_SOFT_SCALES) else 1.0)
                     for k in range(count)]
         return [self.strength * SOFT_INJECTION_BASE ** (12 - k) for k in range(count)]
+
+
+def comfyui_sigma_window(start: float, end: float, t_to_sigma: Any) -> tuple[float, float]:
+    """ComfyUI's sigma window of a control acting from `start` to `end` (fractions of the model's timesteps):
+    (percent_to_sigma(start), percent_to_sigma(end)) (comfy/controlnet.py `ControlBase.pre_run`), percent_to_sigma(p)
+    the model's sigma at timestep (1 - p) * 999 (`t_to_sigma`, interpolating log sigma), above every sigma for
+    p <= 0 (`COMFYUI_ALWAYS`) and 0 for p >= 1 (comfy/model_sampling.py `ModelSamplingDiscrete.percent_to_sigma`)."""
+    def percent_to_sigma(percent: float) -> float:
+        if percent <= 0.0:
+            return COMFYUI_ALWAYS
+        if percent >= 1.0:
+            return 0.0
+        return float(t_to_sigma(torch.tensor((1.0 - percent) * 999.0)))      # float32 timestep, as ComfyUI's
+
+    return percent_to_sigma(start), percent_to_sigma(end)
 
 
 def in_window(start: float, end: float, step: int, steps: int, convention: str) -> bool:
@@ -488,7 +550,7 @@ def prepare_controls(
     bundle: ModelBundle, controls: Sequence[ControlInput | Any], width: int, height: int,
     convention: str = "diffusers", hires_pass: bool = False,
     region: tuple[int, int, int, int] | None = None, picture_size: tuple[int, int] | None = None,
-    mask: Image.Image | None = None,
+    mask: Image.Image | None = None, t_to_sigma: Any = None,
 ) -> list[PreparedControl]:
     """Load (or take) each ControlNet, check it fits the bundle, read and preprocess its hint image.
     `controls` may hold (file, image[, strength[, start, end]]) records (`control_input`); `convention` is
@@ -496,7 +558,10 @@ def prepare_controls(
     `region` (x1, y1, x2, y2) of a picture of `picture_size`: the run draws that region (Inpaint area "Only
     masked"); each image (and inpaint mask) is cut to it before its preprocessor runs, as A1111 does
     (`cropped_to_region`). `mask`: an inpainting run's mask as the inpaint preprocessors read it
-    (`inpaint_mask`), for the controls that bring none."""
+    (`inpaint_mask`), for the controls that bring none. `t_to_sigma`: the model's timestep -> sigma, for ComfyUI's
+    sigma windows (`comfyui_sigma_window`; needed under its convention)."""
+    if convention == "comfyui" and t_to_sigma is None:
+        raise ValueError("prepare_controls: ComfyUI's control windows need the model's t_to_sigma")
     prepared = []
     factor = bundle.vae_config.downsample_factor
     for index, control in enumerate(controls):
@@ -515,6 +580,8 @@ def prepare_controls(
             )
         resize_mode = control.resize_mode_under(convention)
         image = input_image(control.image, f"control {index} image")
+        if convention == "comfyui":                 # ComfyUI's LoadImage drops an alpha channel (`comfyui_hint`)
+            image = image.convert("RGB")
         if region is not None:
             image = cropped_to_region(image, picture_size, region, (width, height), resize_mode)
         try:
@@ -527,9 +594,11 @@ def prepare_controls(
             hint = _masked_hint(hint, control, index, mask, region, picture_size, resize_mode)
         hint = hint.to(next(bundle.unet.parameters()).device)
         features = adapter_features(net, hint, index, convention) if isinstance(net, LoadedT2IAdapter) else ()
+        window = (comfyui_sigma_window(float(control.start), float(control.end), t_to_sigma)
+                  if convention == "comfyui" else None)
         prepared.append(PreparedControl(net, hint, float(control.strength), float(control.start),
                                         float(control.end), control.module, convention, control.control_mode,
-                                        hires_pass, features))
+                                        hires_pass, features, window))
     return prepared
 
 
@@ -598,16 +667,17 @@ class ControlledUNet:
         self, x: Tensor, t: Tensor, context: Tensor, y: Tensor | None = None,
         control_step: tuple[int, int] | None = None, guidance_emb: Tensor | None = None,
         cond_mark: Tensor | None = None, identity_rows: Tensor | None = None, identity_layers: Sequence[str] = (),
-        image_prompt: Any = None,
+        image_prompt: Any = None, control_sigma: float | None = None,
     ) -> Tensor:
         """`identity_rows`, `identity_layers`: PAG's perturbed rows and layers, for the U-Net alone (`UNet.forward`;
         the ControlNets attend as usual on every row, as in diffusers' PAG ControlNet pipelines). `image_prompt`:
-        IP-Adapters' image tokens, for the U-Net alone too (the ControlNets attend to the text, as in diffusers)."""
+        IP-Adapters' image tokens, for the U-Net alone too (the ControlNets attend to the text, as in diffusers).
+        `control_sigma`: the call's sigma, for the controls of a sigma window (`PreparedControl.acts`)."""
         skips: list[Tensor] | None = None
         middle: Tensor | None = None
         adapter: list[Tensor] | None = None
         for control, wrapped in zip(self.controls, self.wrapped):
-            if control_step is not None and not control.active(*control_step):
+            if not control.acts(control_step, control_sigma):
                 continue
             rows = cond_mark.view(-1, 1, 1, 1) if control.cond_only and cond_mark is not None else 1.0   # (B, 1, 1, 1)
             if control.features:       # a T2I-Adapter: its features, made once, on every row
@@ -671,20 +741,30 @@ def step_of(sigma: Tensor | float, sigmas: Tensor) -> int:
     return min(max(index, 0), steps - 1)
 
 
+def sigma_windowed(controls: Sequence[PreparedControl]) -> bool:
+    """Whether a control acts by ComfyUI's sigma window (`PreparedControl.sigma_window`) on part of the schedule:
+    then each call must bring its sigma (`tag_steps`'s `with_sigma`)."""
+    return any(control.sigma_window is not None for control in controls if control.start > 0 or control.end < 1)
+
+
 def spans_part(controls: Sequence[PreparedControl]) -> bool:
     """Whether any control runs for part of the schedule only (start > 0 or end < 1): only then must each
     model call learn its step (`tag_steps`, which reads the call's sigma: on a GPU a wait for the queue)."""
     return any(control.start > 0 or control.end < 1 for control in controls)
 
 
-def tag_steps(model: DenoiseFn, sigmas: Tensor) -> DenoiseFn:
+def tag_steps(model: DenoiseFn, sigmas: Tensor, with_sigma: bool = False) -> DenoiseFn:
     """`model` called with `control_step=(i, N)`, the step of `sigmas` each call belongs to: the one the
-    sampler declares (`steps.within_step`: a call at the next step's sigma), else the one its sigma lies in."""
+    sampler declares (`steps.within_step`: a call at the next step's sigma), else the one its sigma lies in;
+    `with_sigma`: also `control_sigma`, the call's sigma (its first row's, as ComfyUI reads t[0]) as a Python
+    float, for ComfyUI's sigma windows (`sigma_windowed`)."""
     steps = len(sigmas) - 1
 
     def denoise(x: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
         declared = step_of_call()
         step = step_of(sigma, sigmas) if declared is None else declared
+        if with_sigma:
+            cond["control_sigma"] = float(torch.as_tensor(sigma).flatten()[0])
         return model(x, sigma, **cond, control_step=(step, steps))
 
     return denoise

@@ -91,7 +91,7 @@ from sdlab.models.generation_memo import reusing_generation_work
 from sdlab.models.unet import guidance_scale_embedding
 from sdlab.models.vae import DiagonalGaussian
 from sdlab.pipeline.control import (
-    controlled_unet, inpaint_mask, prepare_controls, prompt_marks, spans_part, tag_steps,
+    controlled_unet, inpaint_mask, prepare_controls, prompt_marks, sigma_windowed, spans_part, tag_steps,
 )
 from sdlab.pipeline.conditioning import ClipSkip, composed_schedule, empty_context_once, make_cond_schedule
 from sdlab.pipeline.finite import FiniteWatch
@@ -691,7 +691,8 @@ def _guided_model(
                                 region=None if overlay is None else overlay.region,
                                 picture_size=None if overlay is None else overlay.original.size,
                                 mask=inpaint_mask(req.mask_image, req.invert_mask, req.mask_blur,
-                                                  req.mask_blur_y))
+                                                  req.mask_blur_y),
+                                t_to_sigma=sampling.t_to_sigma)
     image_prompts = prepare_image_prompts(bundle, req.ip_adapters, req.batch_size,    # IP-Adapters' tokens
                                           req.control_convention,
                                           region=None if overlay is None else overlay.region,
@@ -704,7 +705,7 @@ def _guided_model(
     denoiser = Denoiser(net, sampling, quantize=req.quantize_timesteps)
     if spans_part(controls) or (req.freeu is not None and req.freeu.windowed) or req.deep_cache is not None \
             or (image_prompts is not None and image_prompts.windowed):
-        denoiser = tag_steps(denoiser, sigmas)                        # else all act at every step
+        denoiser = tag_steps(denoiser, sigmas, with_sigma=sigma_windowed(controls))   # else all act at every step
     marks, extra_uncond = prompt_marks(controls, req.batch_size, device)   # which rows are the prompt's
     extra_cond.update(marks)
     image_tokens, uncond_image_tokens = image_prompt_conds(image_prompts)  # CFG batches them as the prompts

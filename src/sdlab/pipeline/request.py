@@ -94,7 +94,7 @@ LIBRARY_CONVENTIONS = ("diffusers", "a1111")  # the rules a setting follows wher
 CLIP_SKIP_CONVENTIONS = (*LIBRARY_CONVENTIONS, "comfyui")   # "comfyui": CLIPSetLastLayer's -clip_skip
 EMPHASIS_MODES = ("Original", "No norm", "Ignore", "None")   # A1111's emphasis modes (modules/sd_emphasis.py)
 PROMPT_EMPHASIS = (*EMPHASIS_MODES, "ComfyUI")  # a request's: A1111's, then ComfyUI's weights (comfy_prompt.py)
-CONTROL_CONVENTIONS = LIBRARY_CONVENTIONS
+CONTROL_CONVENTIONS = (*LIBRARY_CONVENTIONS, "comfyui")  # "comfyui": ComfyUI's hint resize and sigma windows
 SIZE_CONVENTIONS = LIBRARY_CONVENTIONS
 
 
@@ -301,7 +301,8 @@ class GenerationRequest:
                                             # get_token_merging_ratio(for_hr=True))
     # ControlNets: `pipeline.control.ControlInput`s or (file, image[, strength[, start, end]]) records
     controls: tuple[Any, ...] = field(default=(), repr=False)
-    control_convention: str = "diffusers"   # the steps a control's start / end select: diffusers' or A1111's
+    control_convention: str = "diffusers"   # the steps a control's start / end select: diffusers', A1111's or
+                                            # ComfyUI's (its sigma window and hint resize, control.py)
                                             # (`PreparedControl.active`)
     # image prompts (IP-Adapter): `pipeline.image_prompt.IPAdapterInput`s
     ip_adapters: tuple[Any, ...] = field(default=(), repr=False)
