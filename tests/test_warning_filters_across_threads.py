@@ -110,3 +110,31 @@ def test_overlapping_picture_opens_each_refuse_a_decompression_bomb(monkeypatch)
     assert "too large to open safely" in str(outcome["B"])
     assert warnings.filters == before
     assert overlap.filters_inside == {"A": before, "B": before}
+
+
+def test_a_pickle_read_overlapping_another_thread_s_filter_leaves_the_filters_as_they_were(tmp_path: Path,
+                                                                                           monkeypatch):
+    """Another thread's `catch_warnings` hold (A: its own filter) overlapping the unpickling of a `.ckpt` (B, a
+    model load): B never saves and puts back the filters, so A's filter is not put back by B after A left."""
+    from sdlab.checkpoints.io import read_checkpoint
+
+    weight = torch.randn(8, 3, generator=torch.Generator().manual_seed(1))
+    path = tmp_path / "old.ckpt"   # torch's legacy (not zip) format, pickle protocol 3: torch.load reads it, warning of it
+    torch.save({"state_dict": {"w": weight}}, path, _use_new_zipfile_serialization=False, pickle_protocol=3)
+    assert torch.equal(read_checkpoint(path)[0]["w"], weight)   # a read alone first, then one more, recorded:
+    with warnings.catch_warnings(record=True) as shown:      # torch's pickle-protocol notice is filtered out
+        read_checkpoint(path)
+    assert [str(w.message) for w in shown] == []
+    before = list(warnings.filters)
+    overlap = _Overlap()
+    monkeypatch.setattr(torch, "load", overlap.paused(torch.load))
+
+    def other_code() -> None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="a filter of other code, for its hold only")
+            overlap.pause()
+
+    outcome = overlap.run(other_code, lambda: read_checkpoint(path)[0])
+    assert outcome["A"] is None and torch.equal(outcome["B"]["w"], weight)
+    assert warnings.filters == before
+    assert overlap.filters_inside["B"] == overlap.filters_inside["A"]   # B added none of its own
