@@ -155,6 +155,19 @@ def test_openais_model_names_draw_with_the_selected_model(sdlab_server):
     assert all(np.abs(picture - pixels(native)).max() == 0 for picture in drawn)
 
 
+def test_dall_e_3s_pictures_carry_the_prompt_as_their_revised_prompt(sdlab_server):
+    """OpenAI answers `revised_prompt` for dall-e-3 only (the prompt it rewrote and drew); sdlab draws the
+    prompt as given."""
+    client = client_of(sdlab_server)
+    answer = client.images.generate(model="dall-e-3", prompt="a hill at dawn", n=2, size=f"{SIDE}x{SIDE}",
+                                    extra_body={"seed": 9})
+    assert [item.revised_prompt for item in answer.data] == ["a hill at dawn"] * 2
+    for model in ("dall-e-2", "gpt-image-1", None):
+        answer = httpx.post(sdlab_server.url + "/v1/images/generations", timeout=120, json={
+            "prompt": "a hill at dawn", "size": f"{SIDE}x{SIDE}", "seed": 9, **({"model": model} if model else {})})
+        assert "revised_prompt" not in answer.json()["data"][0]
+
+
 def test_without_a_mask_the_images_transparency_is_the_mask(sdlab_server):
     rgba = np.dstack([np.asarray(init_picture()), np.asarray(openai_mask())[..., 3]])    # transparent middle
     init = Image.fromarray(rgba, "RGBA")
@@ -254,6 +267,9 @@ def error_of(call) -> tuple[int, dict]:
     ({"background": "transparent"}, 400, "background"),
     ({"size": "auto", "width": 100}, 400, "width"),
     ({"sample_method": "dpm++2mv2"}, 400, "sample_method"),
+    ({"stream": True, "partial_images": 4}, 400, "partial_images"),
+    ({"partial_images": 2}, 400, "partial_images"),
+    ({"stream": True, "response_format": "url"}, 400, "response_format"),
 ])
 def test_generation_refusals_answer_in_openais_error_shape(sdlab_server, fields, status, param):
     body = {"prompt": "a cat", "size": f"{SIDE}x{SIDE}", **fields}
@@ -308,8 +324,11 @@ def test_edit_refusals_answer_in_openais_error_shape(sdlab_server):
     assert answer.status_code == 400
     assert answer.json()["error"] == {"message": "Missing required parameter: 'image' (a PNG, JPEG or WebP file).",
                                       "type": "invalid_request_error", "param": "image", "code": None}
-    answer = httpx.post(sdlab_server.url + "/v1/images/edits", json={"prompt": "x"}, timeout=30)
+    answer = httpx.post(sdlab_server.url + "/v1/images/edits", content=b"prompt=x",
+                        headers={"content-type": "application/x-www-form-urlencoded"}, timeout=30)
     assert answer.status_code == 400 and "multipart" in answer.json()["error"]["message"]
+    answer = httpx.post(sdlab_server.url + "/v1/images/edits", json={"prompt": "x"}, timeout=30)
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == "images"     # a JSON edit's
 
 
 def test_with_auth_the_api_key_is_user_colon_password(tmp_path):

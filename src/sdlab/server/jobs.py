@@ -89,7 +89,7 @@ class Job:
     _latent_pass: int = 0                       # A1111's job_no of `latent`
     _pass_end: Tensor | None = None             # the x0 estimate the last pass ended on, until drawn (A1111's `nextjob`)
     saved: Callable[[], None] | None = None     # writes its row while it runs (`JobQueue`): a batch's pictures on disk
-    _subscribers: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue, bool]] = field(default_factory=list)
+    _subscribers: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue, bool, bool]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def record(self) -> dict[str, Any]:
@@ -110,7 +110,7 @@ class Job:
     def followed(self) -> bool:
         """Whether a client follows its step events (the native events stream, the web UI)."""
         with self._lock:
-            return any(steps for _, _, steps in self._subscribers)
+            return any(steps for _, _, steps, _ in self._subscribers)
 
     def store_latent(self, latent: Tensor) -> None:
         """A1111's `store_latent`: `latent` is the x0 estimate of the step just counted (`step`); when that step
@@ -152,9 +152,11 @@ class Job:
     def final_event(self) -> tuple[str, dict[str, Any]] | None:
         return final_event(self.record()) if self.status in FINAL_STATES else None
 
-    def subscribe(self, loop: asyncio.AbstractEventLoop, steps: bool = True) -> asyncio.Queue:
+    def subscribe(self, loop: asyncio.AbstractEventLoop, steps: bool = True, previews: bool = False) -> asyncio.Queue:
         """An asyncio queue of this job's events from now on, starting with its current state (without the
-        step events when `steps` is False: a waiter for the end does not wake the event loop every step)."""
+        step events when `steps` is False: a waiter for the end does not wake the event loop every step; with
+        `previews` each step event's data holds that step's `preview` as published, which a reader of
+        `Job.preview` may miss where the job moves on, or ends, before it reads)."""
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
             final = self.final_event()
@@ -163,7 +165,7 @@ class Job:
             else:
                 queue.put_nowait(("started", self._started_data()) if self.status == "running"
                                  else ("queued", {"id": self.id}))
-                self._subscribers.append((loop, queue, steps))
+                self._subscribers.append((loop, queue, steps, previews))
         return queue
 
     def unsubscribe(self, queue: asyncio.Queue) -> None:
@@ -175,11 +177,12 @@ class Job:
             subscribers = list(self._subscribers)
             if name in ("done", "failed", "cancelled"):
                 self._subscribers.clear()
-        for loop, queue, steps in subscribers:
+        for loop, queue, steps, previews in subscribers:
             if name == "step" and not steps:
                 continue
+            event = (name, {**data, "preview": self.preview}) if name == "step" and previews else (name, data)
             try:
-                loop.call_soon_threadsafe(queue.put_nowait, (name, data))
+                loop.call_soon_threadsafe(queue.put_nowait, event)
             except RuntimeError:        # the loop closed (server shutting down)
                 pass
 

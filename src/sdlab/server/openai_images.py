@@ -5,25 +5,31 @@
                                   -> {created, data: [{b64_json} | {url}], output_format, size}
     POST /v1/images/edits         multipart: image (PNG, JPEG, WebP; several: image[]), mask? (PNG,
                                   transparent = repaint), prompt, n, size, ... -> the same answer; img2img, or
-                                  inpaint with a mask (or the image's transparency)
+                                  inpaint with a mask (or the image's transparency); or JSON: images
+                                  [{image_url}], mask? {image_url}, each a data: URL (`json_edit`)
+    with `stream: true`           Server-Sent Events instead: `partial_images` (0..3) `*.partial_image` events,
+                                  the job's step previews, then one `*.completed` event per picture (openai_stream)
     GET  /v1/models               {object: "list", data: [{id, object: "model", created, owned_by}]}
     GET  /v1/models/{id}          one of them
 
 A request becomes a native job (`native.job_spec`: the native API's defaults, checks and preset) queued by
 `Service.submit`, so its pictures are the native route's for the same seed, written with their infotext. Errors
 answer in OpenAI's shape `{"error": {message, type, param, code}}` (`error_body`; app.py's handlers call it for
-every path under `/v1/`).
+every path under `/v1/`). A dall-e-3 request's pictures carry OpenAI's `revised_prompt`: the prompt as drawn.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
+import json
 import time
 from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
 from PIL import Image, ImageOps
 from pydantic import ConfigDict, ValidationError
 from starlette.datastructures import UploadFile
@@ -35,6 +41,7 @@ from sdlab.server.config import Limits
 from sdlab.server.inputs import BadRequest, NullsAreDefaults, opened_picture
 from sdlab.server.jobs import Job, Unavailable, image_url
 from sdlab.server.native import JobIn, job_spec, service_of
+from sdlab.server.openai_stream import DISCONNECT_POLL_S, PARTIAL_IMAGES, event_stream
 from sdlab.server.registry import Checkpoint
 from sdlab.server.service import Service
 from sdlab.server.store import INTERRUPTED_ERROR
@@ -143,10 +150,14 @@ def _checked(body: GenerationIn) -> tuple[int | None, int | None]:
     if body.background not in ("auto", "opaque"):
         raise ImagesError(f"Invalid 'background': {body.background!r}; sdlab draws 'opaque' pictures ('auto').",
                           param="background")
-    if body.stream or body.partial_images:
-        raise ImagesError("Streaming ('stream', 'partial_images') is not served here; the native API's "
-                          "/api/jobs/ID/events streams a job's steps.", param="stream" if body.stream else
-                          "partial_images")
+    if not 0 <= body.partial_images <= PARTIAL_IMAGES:
+        raise ImagesError(f"Invalid 'partial_images': {body.partial_images} is not in 0..{PARTIAL_IMAGES}.",
+                          param="partial_images")
+    if body.partial_images and not body.stream:
+        raise ImagesError("'partial_images' is read with 'stream': true only.", param="partial_images")
+    if body.stream and body.response_format == "url":
+        raise ImagesError("A stream's pictures are b64_json events: 'response_format' 'url' is not taken with "
+                          "'stream'.", param="response_format")
     if body.size != "auto":
         return _size(body.size)
     for side in ("width", "height"):
@@ -202,9 +213,10 @@ def _checkpoint(service: Service, name: str | None) -> Checkpoint:
                           err.status, "model", "model_not_found") from None
 
 
-async def _drawn(service: Service, request: Request, body: GenerationIn, pictures: list[Image.Image],
-                 mask: Image.Image | None) -> Job:
-    """The job of `body` (an edit's init `pictures` and sdlab `mask`, white = repaint) once it ended."""
+async def _submitted(service: Service, body: GenerationIn, pictures: list[Image.Image],
+                     mask: Image.Image | None) -> Job:
+    """The queued job of `body` (an edit's init `pictures` and sdlab `mask`, white = repaint), once its fields
+    are checked (a refusal `ImagesError`)."""
     n = body.n if body.n is not None else max(len(pictures), 1)        # unset: one picture per image
     body = body.model_copy(update={"model": sdlab_model(body.model), "n": n})
     width, height = _checked(body)
@@ -222,17 +234,63 @@ async def _drawn(service: Service, request: Request, body: GenerationIn, picture
     if len(pictures) > 1:
         spec = replace(spec, request=replace(spec.request, init_images=tuple(pictures)))
     job, _ = await asyncio.to_thread(service.submit, spec, mode, body.model)
-    await _until_finished(service, job, request)
-    if job.status == "interrupted":
-        raise Unavailable(job.error or INTERRUPTED_ERROR)
-    if job.status == "failed":
-        raise ImagesError(job.error or "failed", 500 if job.server_fault else 400)
-    if not job.images:                      # cancelled before its first picture
-        raise ImagesError("the job was cancelled before it drew a picture", 503)
     return job
 
 
-DISCONNECT_POLL_S = 0.5                     # how often a waiting request asks whether its client is still there
+def job_error(job: Job) -> ImagesError | Unavailable | None:
+    """The refusal of an ended job that drew no picture (None: it drew); its status is OpenAI's for it."""
+    if job.status == "interrupted":
+        return Unavailable(job.error or INTERRUPTED_ERROR)
+    if job.status == "failed":
+        return ImagesError(job.error or "failed", 500 if job.server_fault else 400)
+    if not job.images:                      # cancelled before its first picture
+        return ImagesError("the job was cancelled before it drew a picture", 503)
+    return None
+
+
+def stream_error(job: Job) -> dict[str, Any] | None:
+    """OpenAI's error body for an ended job that drew no picture (None: it drew), as a stream's `error` event
+    sends it."""
+    error = job_error(job)
+    if isinstance(error, Unavailable):
+        return error_body(503, str(error))
+    return None if error is None else error_body(error.status, error.message, error.param, error.code)
+
+
+async def _drawn(service: Service, request: Request, body: GenerationIn, pictures: list[Image.Image],
+                 mask: Image.Image | None) -> Job:
+    """The job of `body` once it ended; one that drew nothing its refusal (`job_error`)."""
+    job = await _submitted(service, body, pictures, mask)
+    await _until_finished(service, job, request)
+    error = job_error(job)
+    if error is not None:
+        raise error
+    return job
+
+
+async def _answered(service: Service, request: Request, body: GenerationIn, pictures: list[Image.Image],
+                    mask: Image.Image | None, kind: str) -> Any:
+    """The route's answer: the ended job's pictures as one JSON answer, or with `stream` the events of the job
+    (`kind` image_generation / image_edit) as it draws."""
+    if not body.stream:
+        job = await _drawn(service, request, body, pictures, mask)
+        return await asyncio.to_thread(_answer, service, body, job, _base_url(request))
+    job = await _submitted(service, body, pictures, mask)
+
+    def completed() -> list[tuple[bytes, str]]:
+        return [(data, size) for data, size, _ in _pictures(service, body, job)]
+
+    return StreamingResponse(event_stream(service, request, job, kind, _stream_fields(body), body.partial_images,
+                                          completed, stream_error),
+                             media_type="text/event-stream", headers={"Cache-Control": "no-cache",
+                                                                      "X-Accel-Buffering": "no"})
+
+
+def _stream_fields(body: GenerationIn) -> dict[str, Any]:
+    """The request's settings each stream event repeats: OpenAI's `quality`, `background`, `output_format`, and
+    the encoder's quality for JPEG / WebP."""
+    return {"quality": body.quality or "auto", "background": body.background, "output_format": body.output_format,
+            "pillow_format": OUTPUT_FORMATS[body.output_format], "compression": body.output_compression}
 
 
 def batches(n: int, max_batch: int, images: int) -> tuple[int, int]:
@@ -270,23 +328,39 @@ async def _until_finished(service: Service, job: Job, request: Request) -> None:
         job.unsubscribe(queue)
 
 
+REVISING_MODELS = ("dall-e-3",)            # the models whose pictures OpenAI answers with their `revised_prompt`
+
+
 def _answer(service: Service, body: GenerationIn, job: Job, base_url: str) -> dict[str, Any]:
     """OpenAI's answer: each picture as `url` (the server's `/api/images/NAME`, the PNG it keeps) or `b64_json`
-    (that PNG as written, with its `parameters`; a JPEG / WebP with them in its EXIF UserComment)."""
-    data = []
-    size = None
+    (`_pictures`); asked of dall-e-3, each with its `revised_prompt` (OpenAI's rewrite of the prompt, which it
+    drew; sdlab draws the prompt as given, so it is that prompt)."""
+    pictures = _pictures(service, body, job)
+    data: list[dict[str, Any]] = [{"url": base_url + image_url(name)} if raw is None else {"b64_json": _b64(raw)}
+                                  for raw, _, name in pictures]
+    if body.model in REVISING_MODELS:
+        for item in data:
+            item["revised_prompt"] = body.prompt
+    return {"created": int(time.time()), "data": data, "output_format": body.output_format,
+            "size": pictures[-1][1]}
+
+
+def _pictures(service: Service, body: GenerationIn, job: Job) -> list[tuple[bytes | None, str, str]]:
+    """Each picture of the ended job as (its file in `output_format`: the PNG as written, with its `parameters`,
+    or a JPEG / WebP with them in its EXIF UserComment; None for a `url` answer, "WxH", its name)."""
+    pictures = []
     for name, text in zip(job.images, job.infotexts):
         path = service.images_dir / name
         with open_image(path) as image:
             size = f"{image.width}x{image.height}"
             if body.response_format == "url":
-                data.append({"url": base_url + image_url(name)})
+                raw = None
             elif body.output_format == "png":
-                data.append({"b64_json": _b64(path.read_bytes())})
+                raw = path.read_bytes()
             else:
-                data.append({"b64_json": _b64(_encoded(image, OUTPUT_FORMATS[body.output_format], text,
-                                                       body.output_compression))})
-    return {"created": int(time.time()), "data": data, "output_format": body.output_format, "size": size}
+                raw = _encoded(image, OUTPUT_FORMATS[body.output_format], text, body.output_compression)
+        pictures.append((raw, size, name))
+    return pictures
 
 
 def _encoded(image: Image.Image, fmt: str, parameters: str, quality: int) -> bytes:
@@ -305,10 +379,8 @@ def _base_url(request: Request) -> str:
 
 
 @router.post("/images/generations")
-async def generations(body: GenerationIn, request: Request) -> dict[str, Any]:
-    service = service_of(request)
-    job = await _drawn(service, request, body, [], None)
-    return await asyncio.to_thread(_answer, service, body, job, _base_url(request))
+async def generations(body: GenerationIn, request: Request) -> Any:
+    return await _answered(service_of(request), request, body, [], None, "image_generation")
 
 
 PICTURE_FIELDS = ("image", "image[]", "mask")
@@ -316,10 +388,37 @@ IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")     # an edit's images (gpt-image-1's pn
 
 
 @router.post("/images/edits")
-async def edits(request: Request) -> dict[str, Any]:
+async def edits(request: Request) -> Any:
     service = service_of(request)
-    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
-        raise ImagesError("Edits take a multipart/form-data body (the image files and the fields).")
+    content_type = request.headers.get("content-type", "").lower()
+    if content_type.startswith("multipart/form-data"):
+        body, images, masks = await multipart_edit(request)
+    elif content_type.startswith("application/json"):
+        body, images, masks = json_edit(await request.body())
+    else:
+        raise ImagesError("Edits take a multipart/form-data body (the image files and the fields), or a JSON one "
+                          "(its 'images' data: URLs).")
+    if not images:
+        raise ImagesError("Missing required parameter: 'image' (a PNG, JPEG or WebP file).", param="image")
+    if len(masks) > 1:
+        raise ImagesError("Invalid 'mask': send one mask.", param="mask")
+    limits = service.config.limits
+    pictures = [await asyncio.to_thread(png_picture, raw, f"image[{i}]", "image", limits)
+                for i, raw in enumerate(images)]
+    mask = None
+    if masks:
+        openai_mask = await asyncio.to_thread(png_picture, masks[0], "mask", "mask", limits)
+        if openai_mask.size != pictures[0].size:
+            raise ImagesError(f"Invalid 'mask': it is {openai_mask.width}x{openai_mask.height}, the image "
+                              f"{pictures[0].width}x{pictures[0].height}; they must be the same size.", param="mask")
+        mask = repaint_mask(openai_mask)
+    elif has_transparency(pictures[0]):     # OpenAI: without a mask the image's transparency is the mask
+        mask = repaint_mask(pictures[0])
+    return await _answered(service, request, body, pictures, mask, "image_edit")
+
+
+async def multipart_edit(request: Request) -> tuple[EditIn, list[bytes], list[bytes]]:
+    """A multipart edit's (fields, image files, mask files)."""
     try:
         form = await request.form()
     except Exception as err:            # a malformed multipart body
@@ -338,30 +437,61 @@ async def edits(request: Request) -> dict[str, Any]:
                 fields[key] = value
     finally:
         await form.close()
+    return edit_fields(fields), files.get("image", []) + files.get("image[]", []), files.get("mask", [])
+
+
+def edit_fields(fields: dict[str, Any]) -> EditIn:
     try:
-        body = EditIn.model_validate(fields)
+        return EditIn.model_validate(fields)
     except ValidationError as err:
         message, param = validation_message(err.errors())
         raise ImagesError(message, param=param) from None
-    images = files.get("image", []) + files.get("image[]", [])
-    if not images:
-        raise ImagesError("Missing required parameter: 'image' (a PNG, JPEG or WebP file).", param="image")
-    if len(files.get("mask", [])) > 1:
-        raise ImagesError("Invalid 'mask': send one mask.", param="mask")
-    limits = service.config.limits
-    pictures = [await asyncio.to_thread(png_picture, raw, f"image[{i}]", "image", limits)
-                for i, raw in enumerate(images)]
-    mask = None
-    if files.get("mask"):
-        openai_mask = await asyncio.to_thread(png_picture, files["mask"][0], "mask", "mask", limits)
-        if openai_mask.size != pictures[0].size:
-            raise ImagesError(f"Invalid 'mask': it is {openai_mask.width}x{openai_mask.height}, the image "
-                              f"{pictures[0].width}x{pictures[0].height}; they must be the same size.", param="mask")
-        mask = repaint_mask(openai_mask)
-    elif has_transparency(pictures[0]):     # OpenAI: without a mask the image's transparency is the mask
-        mask = repaint_mask(pictures[0])
-    job = await _drawn(service, request, body, pictures, mask)
-    return await asyncio.to_thread(_answer, service, body, job, _base_url(request))
+
+
+def json_edit(raw: bytes) -> tuple[EditIn, list[bytes], list[bytes]]:
+    """A JSON edit's (fields, image files, mask files): OpenAI's JSON edit body, `images` a list of image
+    references `{"image_url": URL}` (or `{"file_id": ID}`) and `mask` one, beside the multipart edit's fields.
+    Only a data: URL's picture is taken (`data_url_bytes`): the server fetches nothing."""
+    try:
+        fields = json.loads(raw)
+    except ValueError as err:
+        raise ImagesError(f"We could not parse the JSON body of your request: {err}") from None
+    if not isinstance(fields, dict):
+        raise ImagesError("We could not parse the JSON body of your request: it is not an object of fields.")
+    if "image" in fields:
+        raise ImagesError("Invalid 'image': a JSON edit's pictures are its 'images', [{\"image_url\": \"data:...\"}]; "
+                          "'image' files are a multipart edit's.", param="image")
+    refs = fields.pop("images", None)
+    if refs is None:
+        raise ImagesError("Missing required parameter: 'images'.", param="images")
+    if not isinstance(refs, list) or not refs:
+        raise ImagesError("Invalid 'images': a list of image references, [{\"image_url\": \"data:...\"}].",
+                          param="images")
+    mask = fields.pop("mask", None)
+    body = edit_fields(fields)
+    images = [data_url_bytes(ref, f"images[{i}]", "images") for i, ref in enumerate(refs)]
+    return body, images, [] if mask is None else [data_url_bytes(mask, "mask", "mask")]
+
+
+def data_url_bytes(ref: Any, what: str, param: str) -> bytes:
+    """The bytes of an image reference `{"image_url": "data:[TYPE];base64,DATA"}`; a remote URL (the server reaches
+    no network), a `file_id` (OpenAI's Files API, not served here) or a malformed one `ImagesError`."""
+    if not (isinstance(ref, dict) and len(ref) == 1 and set(ref) <= {"image_url", "file_id"}):
+        raise ImagesError(f"Invalid '{what}': an image reference is {{\"image_url\": \"data:...\"}}.", param=param)
+    if "file_id" in ref:
+        raise ImagesError(f"Invalid '{what}': a 'file_id' names a file of OpenAI's Files API, which this server does "
+                          "not keep; send the picture as an 'image_url' data: URL.", param=param)
+    url = ref["image_url"]
+    if not isinstance(url, str) or not url[:5].lower() == "data:":
+        raise ImagesError(f"Invalid '{what}': only data: URLs (data:image/png;base64,...) are taken; this server "
+                          "does not fetch remote URLs.", param=param)
+    header, comma, payload = url.partition(",")
+    if not (comma and header.lower().endswith(";base64")):
+        raise ImagesError(f"Invalid '{what}': its data: URL is not base64 (data:image/png;base64,...).", param=param)
+    try:
+        return base64.b64decode("".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise ImagesError(f"Invalid '{what}': its data: URL's base64 is malformed.", param=param) from None
 
 
 def png_picture(raw: bytes, what: str, param: str, limits: Limits) -> Image.Image:
@@ -370,7 +500,7 @@ def png_picture(raw: bytes, what: str, param: str, limits: Limits) -> Image.Imag
     past the server's pixel limit a 413 (`opened_picture`)."""
     try:
         with opened_picture(raw, what, limits) as image:
-            formats = IMAGE_FORMATS if param == "image" else ("PNG",)
+            formats = ("PNG",) if param == "mask" else IMAGE_FORMATS
             if image.format not in formats:
                 raise ImagesError(f"Invalid '{param}': {what} is a {image.format} file; it must be a "
                                   f"{' or '.join(formats)}.", param=param)
