@@ -243,6 +243,8 @@ def test_json_edits_take_data_urls_as_the_multipart_edit_takes_files(sdlab_serve
     ({"mask": {"image_url": "https://example.com/mask.png"}}, "mask", "only data: URLs"),
     ({"image": "x"}, "image", "'images'"),
     ({"colour": "red"}, "colour", "Unrecognized request argument"),
+    ({"images": [{"image_url": data_url(b"GIF89a not a picture", "image/gif")}]}, "images", "images[0]"),
+    ({"mask": {"image_url": data_url(png_bytes(init_picture(), "JPEG"), "image/jpeg")}}, "mask", "must be a PNG"),
 ])
 def test_json_edit_refusals_answer_in_openais_error_shape(sdlab_server, change, param, words):
     body = {"images": [{"image_url": data_url(png_bytes(init_picture()))}], "prompt": "a tile", **change}

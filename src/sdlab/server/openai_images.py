@@ -393,8 +393,10 @@ async def edits(request: Request) -> Any:
     content_type = request.headers.get("content-type", "").lower()
     if content_type.startswith("multipart/form-data"):
         body, images, masks = await multipart_edit(request)
+        param = "image"
     elif content_type.startswith("application/json"):
         body, images, masks = json_edit(await request.body())
+        param = "images"
     else:
         raise ImagesError("Edits take a multipart/form-data body (the image files and the fields), or a JSON one "
                           "(its 'images' data: URLs).")
@@ -403,7 +405,7 @@ async def edits(request: Request) -> Any:
     if len(masks) > 1:
         raise ImagesError("Invalid 'mask': send one mask.", param="mask")
     limits = service.config.limits
-    pictures = [await asyncio.to_thread(png_picture, raw, f"image[{i}]", "image", limits)
+    pictures = [await asyncio.to_thread(png_picture, raw, f"{param}[{i}]", param, limits)
                 for i, raw in enumerate(images)]
     mask = None
     if masks:
