@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
 
@@ -110,3 +112,28 @@ def test_a_large_model_gets_torchs_default_back_after_a_small_one(monkeypatch, t
         assert torch.get_num_threads() == threads.DEFAULT_THREADS
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_count_set_for_one_thread_is_not_the_one_later_threads_start_with():
+    """The server's worker sets the count before each job; a thread started afterwards (an `asyncio.to_thread`
+    model load or upscale) starts with torch's default, not the job's count, while the worker keeps its own."""
+    before = torch.get_num_threads()
+    chosen = threads.DEFAULT_THREADS + 1
+    seen: dict[str, int] = {}
+
+    def worker() -> None:
+        threads.use_threads_for(nn.Linear(10, 10), torch.device("cpu"), chosen)
+        seen["worker"] = torch.get_num_threads()
+        later = threading.Thread(target=lambda: seen.setdefault("later", torch.get_num_threads()))
+        later.start()
+        later.join()
+        seen["worker after"] = torch.get_num_threads()
+
+    try:
+        job = threading.Thread(target=worker)
+        job.start()
+        job.join()
+    finally:
+        torch.set_num_threads(before)
+    assert seen == {"worker": chosen, "later": threads.DEFAULT_THREADS, "worker after": chosen}
+    assert before == torch.get_num_threads()

@@ -21,6 +21,7 @@ after a small one gets torch's default back (`DEFAULT_THREADS`, read when this m
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -73,9 +74,21 @@ def threads_for(model: nn.Module, explicit: int | None = None) -> int:
 
 
 def use_threads_for(model: nn.Module, device: torch.device, explicit: int | None = None) -> None:
-    """Set torch's CPU thread count for `model` (nothing to do on an accelerator)."""
-    if device.type == "cpu":
-        torch.set_num_threads(threads_for(model, explicit))
+    """Set torch's CPU thread count for `model` in the calling thread (nothing to do on an accelerator).
+
+    Each thread has its own count (OpenMP's), but `torch.set_num_threads` also stores it as the one every thread
+    takes at its first parallel operation, for good: after a small model's job on the server's worker, an
+    `asyncio.to_thread` thread started later (a model load, an extras upscale) would run on its 1-2 threads on
+    any machine. So that process-wide count is put back to `DEFAULT_THREADS`, by a thread of its own."""
+    if device.type != "cpu":
+        return
+    count = threads_for(model, explicit)
+    torch.get_num_threads()    # this thread's first: takes the process-wide count now, not over `count` later
+    torch.set_num_threads(count)
+    if count != DEFAULT_THREADS:
+        restore = threading.Thread(target=torch.set_num_threads, args=(DEFAULT_THREADS,), name="sdlab-threads")
+        restore.start()
+        restore.join()
 
 
 __all__ = ["DEFAULT_THREADS", "SMALL_MODEL_PARAMETERS", "SMALL_MODEL_THREADS", "free_cores", "threads_for", "use_threads_for"]
