@@ -61,14 +61,31 @@ def _sigmas(scheduler, overrides, options=None):
     return request_sigmas(SAMPLING, get_sampler("Euler"), request)
 
 
-OPTIONS = [dict(use_old_karras_scheduler_sigmas=True), dict(use_old_karras_scheduler_sigmas=True, sigma_max=5.0),
-           dict(use_old_karras_scheduler_sigmas=True, sigma_min=0.3), dict(use_old_karras_scheduler_sigmas=False)]
+OWN_MIN, OWN_MAX = MODEL_WRAP.sigmas[0].item(), MODEL_WRAP.sigmas[-1].item()     # the model's ends, as A1111 reads
+ENDS = {"unset": {}, "set": {"sigma_min": 0.3, "sigma_max": 5.0}, "own": {"sigma_min": OWN_MIN, "sigma_max": OWN_MAX}}
+OPTIONS = {f"old={old}-min={low}-max={high}": {"use_old_karras_scheduler_sigmas": old,
+                                               **{k: v for k, v in ENDS[low].items() if k == "sigma_min"},
+                                               **{k: v for k, v in ENDS[high].items() if k == "sigma_max"}}
+           for old in (True, False) for low in ENDS for high in ENDS}
+"""Every combination of the old Karras sigmas on / off and each of sigma_min / sigma_max unset, set, or equal to the
+model's own end (which A1111 leaves out, keeping 0.1 / 10 with the old sigmas on)."""
 
 
-@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("opts", list(OPTIONS.values()), ids=list(OPTIONS))
 @pytest.mark.parametrize("label", list(FUNCTIONS))
 def test_the_api_option_gives_a1111s_sigmas(label, opts):
     torch.testing.assert_close(_sigmas(label, opts), a1111_sigmas(label, opts), rtol=2e-6, atol=0)
+
+
+def test_the_models_own_end_keeps_the_old_ends():
+    """The case that tells: the old sigmas on and an option at the model's own end draw from 0.1 / 10, as with the
+    option unset, not from the model's end (which the old sigmas off draw from)."""
+    own = {"use_old_karras_scheduler_sigmas": True, "sigma_min": OWN_MIN, "sigma_max": OWN_MAX}
+    sigmas = _sigmas("Karras", own)
+    assert sigmas[0].item() == pytest.approx(10.0) and sigmas[-2].item() == pytest.approx(0.1)
+    torch.testing.assert_close(sigmas, _sigmas("Karras", {"use_old_karras_scheduler_sigmas": True}), rtol=0, atol=0)
+    off = _sigmas("Karras", {**own, "use_old_karras_scheduler_sigmas": False})
+    assert off[0].item() == pytest.approx(OWN_MAX) and off[-2].item() == pytest.approx(OWN_MIN)
 
 
 def test_the_servers_option_counts_as_an_override_does():
@@ -87,3 +104,34 @@ def test_a_value_that_is_not_true_or_false_is_a_422(value):
     with pytest.raises(BadRequest) as err:
         api_request(Txt2ImgIn(prompt="x", override_settings={"use_old_karras_scheduler_sigmas": value}))
     assert err.value.status == 422 and "use_old_karras_scheduler_sigmas must be true or false" in str(err.value)
+
+
+def test_a_drawing_resolves_them_records_the_ends_and_redraws_from_its_infotext():
+    """`generate` (the plan) on a reduced SD1 model: the old sigmas with Schedule min / max sigma at the model's own
+    ends draw the picture of the old sigmas alone, 0/255, not the model's ends' picture; the written infotext holds
+    the ends drawn (Schedule min sigma 0.1, max sigma 10) and redraws the same picture; a request's
+    old_karras_sigmas that is not True or False is refused."""
+    import numpy as np
+
+    from bundle_fixtures import tiny_bundle
+    from sdlab.pipeline.generate import generate
+    from sdlab.pipeline.infotext import from_parameters, to_parameters
+    from sdlab.pipeline.plan import a1111_training_sigmas, request_sampling
+    from sdlab.pipeline.png_info import format_parameters, parse_parameters
+    from sdlab.pipeline.request import GenerationRequest, RequestError
+
+    bundle = tiny_bundle("sd1", seed=5)
+    ends = a1111_training_sigmas(request_sampling(bundle.model_sampling, GenerationRequest(prompt="x")))
+    fields = dict(prompt="a cat", sampler="DPM++ 2M", schedule="karras", steps=4, seed=3, width=16, height=16)
+    own = dict(schedule_sigma_min=float(ends[0]), schedule_sigma_max=float(ends[-1]))
+    drawn = generate(bundle, GenerationRequest(**fields, **own, old_karras_sigmas=True))
+    pictures = {name: np.asarray(result.images[0], dtype=np.int16) for name, result in (
+        ("own", drawn), ("old", generate(bundle, GenerationRequest(**fields, old_karras_sigmas=True))),
+        ("model", generate(bundle, GenerationRequest(**fields, **own))))}
+    assert np.array_equal(pictures["own"], pictures["old"]) and np.abs(pictures["own"] - pictures["model"]).max() > 0
+    written = to_parameters(drawn.request)
+    assert (written["Schedule min sigma"], written["Schedule max sigma"]) == (0.1, 10.0)
+    again = generate(bundle, GenerationRequest(**from_parameters(parse_parameters(format_parameters(written)))))
+    assert np.array_equal(np.asarray(again.images[0], dtype=np.int16), pictures["own"])
+    with pytest.raises(RequestError, match="old_karras_sigmas must be True or False, got 1"):
+        generate(bundle, GenerationRequest(**fields, old_karras_sigmas=1))

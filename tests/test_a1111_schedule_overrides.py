@@ -252,7 +252,7 @@ def test_the_models_own_ends_are_not_applied_nor_written():
     """Schedule min / max sigma equal to the model's ends (A1111's m_sigma_min / m_sigma_max, k-diffusion's sigmas of
     the float32 alphas_cumprod, `a1111_training_sigmas`): A1111's `get_sigmas` leaves them out
     (``opts.sigma_min != m_sigma_min``) and writes no label; the picture is the plain one, the written infotext
-    has neither label (both were written before `plan._without_the_models_own_ends`)."""
+    has neither label (both were written before `plan.a1111_schedule_ends`)."""
     bundle = tiny_bundle("sd1", seed=5)
     ends = a1111_training_sigmas(request_sampling(bundle.model_sampling, GenerationRequest(prompt="x")))
     fields = dict(prompt="a cat", sampler="DPM++ 2M", schedule="karras", steps=4, seed=3, width=16, height=16)

@@ -450,9 +450,11 @@ def request_sigmas(
 ) -> Tensor:
     """The sigmas a resolved request visits (the img2img tail for an init image, or when `img2img` says so), on
     `device`: the request's named discretization of the model sampling's training levels (`sampling.schedule`);
-    a diffusers-spaced one counts from the model's `steps_offset` (`ModelBundle.steps_offset`). A1111's timestep
-    samplers step on its timesteps (`runs_a1111_timesteps`, `_a1111_timesteps_run`)."""
+    a diffusers-spaced one counts from the model's `steps_offset` (`ModelBundle.steps_offset`), its ends as A1111
+    takes them (`a1111_schedule_ends`). A1111's timestep samplers step on its timesteps (`runs_a1111_timesteps`,
+    `_a1111_timesteps_run`)."""
     img2img = req.init_image is not None if img2img is None else img2img
+    req = a1111_schedule_ends(sampling, req)
     if runs_a1111_timesteps(sampler, req.schedule):
         sigmas = _a1111_sigmas(sampling, sampler, req, img2img)
         _check_a1111_timestep_steps(sampler, req, sigmas, img2img)
@@ -561,17 +563,28 @@ def _without_unusable_schedule_options(sampling: ModelSampling, req: GenerationR
     return replace(req, downcast_alphas_cumprod=False, zero_terminal_snr=False)
 
 
-def _without_the_models_own_ends(sampling: ModelSampling, req: GenerationRequest) -> GenerationRequest:
-    """`req` with Schedule min / max sigma at 0 (the model's) where it equals the model's own end, k-diffusion's
-    float32 training sigma (`a1111_training_sigmas`): A1111's `get_sigmas` applies its sigma_min / sigma_max
-    options only where ``opts.sigma_min != 0 and opts.sigma_min != m_sigma_min`` (sigma_max alike), and writes
-    "Schedule min sigma" / "max sigma" only then; an EDM or flow model has no such table and keeps them."""
-    if not isinstance(sampling, DiscreteModelSampling) or not (req.schedule_sigma_min or req.schedule_sigma_max):
+OLD_KARRAS_SIGMAS = (0.1, 10.0)
+"""The ends A1111's `get_sigmas` gives its schedule functions with `use_old_karras_scheduler_sigmas` on."""
+
+
+def a1111_schedule_ends(sampling: ModelSampling, req: GenerationRequest) -> GenerationRequest:
+    """`req` with the schedule's ends A1111's `KDiffusionSampler.get_sigmas` (1.10) takes, its `old_karras_sigmas`
+    resolved into them (off): it starts from ``(0.1, 10) if opts.use_old_karras_scheduler_sigmas else (m_sigma_min,
+    m_sigma_max)`` and puts its sigma_min / sigma_max option in their place only where ``opts.sigma_min != 0 and
+    opts.sigma_min != m_sigma_min`` (sigma_max alike), writing "Schedule min sigma" / "max sigma" only then. So
+    Schedule min / max sigma equal to the model's own end (k-diffusion's float32 training sigma,
+    `a1111_training_sigmas`) is 0, the model's, and with the old Karras sigmas 0.1 / 10, as an unset one is; an EDM
+    or flow model has no such table and keeps them. Resolving an already resolved request changes nothing."""
+    if not (req.old_karras_sigmas or req.schedule_sigma_min or req.schedule_sigma_max):
         return req
-    training = a1111_training_sigmas(sampling)                                   # (T,) ascending
-    ends = {"schedule_sigma_min": float(training[0]), "schedule_sigma_max": float(training[-1])}
-    own = {name: 0.0 for name, end in ends.items() if getattr(req, name) == end}
-    return replace(req, **own) if own else req
+    ends = {"schedule_sigma_min": req.schedule_sigma_min, "schedule_sigma_max": req.schedule_sigma_max}
+    if isinstance(sampling, DiscreteModelSampling):
+        training = a1111_training_sigmas(sampling)                               # (T,) ascending
+        own = {"schedule_sigma_min": float(training[0]), "schedule_sigma_max": float(training[-1])}
+        ends = {name: 0.0 if value == own[name] else value for name, value in ends.items()}
+    if req.old_karras_sigmas:
+        ends = {name: value or old for (name, value), old in zip(ends.items(), OLD_KARRAS_SIGMAS)}
+    return replace(req, **ends, old_karras_sigmas=False)
 
 
 def handoff_index(sigmas: Tensor, sampling: ModelSampling, switch_at: float, convention: str = "diffusers", *,
@@ -764,7 +777,7 @@ def make_plan(
     model_sampling = bundle.model_sampling                       # built on each read: once here
     req = _without_unusable_schedule_options(model_sampling, req)
     sampling = request_sampling(model_sampling, req)
-    req = _without_the_models_own_ends(sampling, req)
+    req = a1111_schedule_ends(sampling, req)
     img2img = from_latent or req.init_image is not None
     sigmas = request_sigmas(sampling, sampler, req, bundle.device, img2img=img2img, steps_offset=bundle.steps_offset)
     if req.hires:

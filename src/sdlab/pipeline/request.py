@@ -216,6 +216,8 @@ class GenerationRequest:
     schedule_sigma_max: float = 0.0         # rho settings): the schedule's ends and rho; 0 = the model's / the
     schedule_rho: float = 0.0               # schedule's (discretization.schedule_overrides)
     discard_penultimate_sigma: bool = False  # A1111's always_discard_next_to_last_sigma (plan.request_sigmas)
+    old_karras_sigmas: bool = False         # A1111's use_old_karras_scheduler_sigmas: the ends 0.1 / 10 where
+                                            # Schedule min / max sigma leave them (plan.a1111_schedule_ends)
     beta_alpha: float = 0.6                 # the beta schedules' Beta(alpha, beta): A1111's Beta schedule alpha /
     beta_beta: float = 0.6                  # beta, ComfyUI's BetaSamplingScheduler's (discretization.schedule_overrides)
     sgm_noise_multiplier: bool = False      # A1111's SGM noise multiplier: txt2img's start noise times
@@ -1054,6 +1056,8 @@ def resolve(
             raise RequestError(f"{name} must be above 0 (a Beta distribution's parameter), got 0")
     if not isinstance(r.sgm_noise_multiplier, bool):
         raise RequestError(f"sgm_noise_multiplier must be True or False, got {r.sgm_noise_multiplier!r}")
+    if not isinstance(r.old_karras_sigmas, bool):
+        raise RequestError(f"old_karras_sigmas must be True or False, got {r.old_karras_sigmas!r}")
     if not isinstance(r.invert_mask, bool):
         raise RequestError(f"invert_mask must be True or False, got {r.invert_mask!r}")
     if not isinstance(r.mask_round, bool):

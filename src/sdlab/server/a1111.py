@@ -443,18 +443,15 @@ def _prompt_settings(settings: dict[str, Any]) -> dict[str, Any]:
                 zero_terminal_snr=A1111_NOISE_SCHEDULES[settings["sd_noise_schedule"]])
 
 
-OLD_KARRAS_SIGMAS = (0.1, 10.0)
-"""The ends A1111's `get_sigmas` gives its schedule functions with `use_old_karras_scheduler_sigmas` on."""
-
-
 def _schedule_settings(settings: dict[str, Any]) -> dict[str, Any]:
-    """A1111's `sigma_min`, `sigma_max`, `rho` and `always_discard_next_to_last_sigma` options as request fields
-    (`KDiffusionSampler.get_sigmas` reads them from the options only; 0 = the model's / the schedule's).
-    `use_old_karras_scheduler_sigmas` makes the ends 0.1 and 10 where `sigma_min` / `sigma_max` leave them: the
-    values every schedule function then takes (get_sigmas: `(0.1, 10) if opts.use_old_karras_scheduler_sigmas`)."""
-    old = OLD_KARRAS_SIGMAS if settings.get("use_old_karras_scheduler_sigmas", False) else (0.0, 0.0)
-    return dict(schedule_sigma_min=settings.get("sigma_min", 0.0) or old[0],
-                schedule_sigma_max=settings.get("sigma_max", 0.0) or old[1],
+    """A1111's `sigma_min`, `sigma_max`, `rho`, `always_discard_next_to_last_sigma` and
+    `use_old_karras_scheduler_sigmas` options as request fields (`KDiffusionSampler.get_sigmas` reads them from the
+    options only; 0 = the model's / the schedule's). The old Karras ends, 0.1 and 10, stand where `sigma_min` /
+    `sigma_max` leave them, which only the model's ends tell (an option equal to its own end is left out):
+    `plan.a1111_schedule_ends` resolves them."""
+    return dict(schedule_sigma_min=settings.get("sigma_min", 0.0),
+                schedule_sigma_max=settings.get("sigma_max", 0.0),
+                old_karras_sigmas=settings.get("use_old_karras_scheduler_sigmas", False),
                 schedule_rho=settings.get("rho", 0.0),
                 discard_penultimate_sigma=settings.get("always_discard_next_to_last_sigma", False),
                 beta_alpha=settings["beta_dist_alpha"], beta_beta=settings["beta_dist_beta"])

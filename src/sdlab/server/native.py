@@ -190,6 +190,7 @@ class JobIn(NullsAreDefaults):
     schedule_sigma_max: float = 0.0         # 0 = the model's / the schedule's
     schedule_rho: float = 0.0
     discard_penultimate_sigma: bool = False  # A1111's Discard penultimate sigma
+    old_karras_sigmas: bool = False         # A1111's use_old_karras_scheduler_sigmas: ends 0.1 / 10 where unset
     beta_alpha: float = 0.6                 # the beta schedules' Beta(alpha, beta) (A1111's Beta schedule alpha / beta)
     beta_beta: float = 0.6
     sgm_noise_multiplier: bool = False      # A1111's SGM noise multiplier: txt2img's start noise sqrt(1 + sigma^2)
@@ -284,7 +285,7 @@ def sdxl_conditioning(body: JobIn) -> dict[str, Any]:
 PROMPT_OPTIONS = ("emphasis", "old_prompt_editing", "downcast_alphas_cumprod", "zero_terminal_snr")
 """The job's A1111 Emphasis, Old prompt editing timelines, Downcast alphas_cumprod and Noise Schedule."""
 SIGMA_OPTIONS = ("s_churn", "s_tmin", "s_tmax", "s_noise", "schedule_sigma_min", "schedule_sigma_max", "schedule_rho",
-                 "discard_penultimate_sigma")
+                 "discard_penultimate_sigma", "old_karras_sigmas")
 """The job's churn, noise scale and schedule overrides, named as `GenerationRequest` names them."""
 UNIPC_OPTIONS = ("unipc_variant", "unipc_order", "unipc_lower_order_final")
 """The job's A1111 UniPC options."""

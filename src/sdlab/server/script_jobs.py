@@ -58,7 +58,8 @@ OPTION_FIELDS = {       # the job's field -> the A1111 option that sets it (`ove
     "emphasis": "emphasis", "old_prompt_editing": "use_old_scheduling",
     "downcast_alphas_cumprod": "use_downcasted_alpha_bar", "schedule_sigma_min": "sigma_min",
     "schedule_sigma_max": "sigma_max", "schedule_rho": "rho", "discard_penultimate_sigma":
-    "always_discard_next_to_last_sigma", "beta_alpha": "beta_dist_alpha", "beta_beta": "beta_dist_beta",
+    "always_discard_next_to_last_sigma", "old_karras_sigmas": "use_old_karras_scheduler_sigmas",
+    "beta_alpha": "beta_dist_alpha", "beta_beta": "beta_dist_beta",
     "sgm_noise_multiplier": "sgm_noise_multiplier", "extra_noise": "img2img_extra_noise",
     "inpainting_mask_weight": "inpainting_mask_weight", "s_min_uncond_all": "s_min_uncond_all",
     "skip_early_cond": "skip_early_cond", "pad_cond_uncond": "pad_cond_uncond",

@@ -96,6 +96,7 @@ const KEPT = {
   schedule_sigma_max: { name: "Schedule max sigma", none: 0, with: WITH_SAMPLING },
   schedule_rho: { name: "Schedule rho", none: 0, with: WITH_SAMPLING },
   discard_penultimate_sigma: { name: "Discard penultimate sigma", none: false, with: WITH_SAMPLING },
+  old_karras_sigmas: { name: "Use old karras scheduler sigmas", none: false, with: WITH_SAMPLING },
   beta_alpha: { name: "Beta schedule alpha", none: 0.6, with: WITH_SAMPLING },
   beta_beta: { name: "Beta schedule beta", none: 0.6, with: WITH_SAMPLING },
   sgm_noise_multiplier: { name: "SGM noise multiplier", none: false, with: WITH_SAMPLING },
