@@ -40,7 +40,7 @@ from sdlab.utils.numbers import finite_float
 from sdlab.utils.threads import use_threads_for
 
 logger = logging.getLogger("sdlab")
-MASKED_CONTENT_FLAGS = ("fill", "original", "latent-noise", "latent-nothing")   # the request's, hyphenated
+MASKED_CONTENT_FLAGS = ("fill", "original", "latent-noise", "latent-nothing", "grey")   # the request's, hyphenated
 
 
 
@@ -452,7 +452,11 @@ def _add_inpaint_flags(p: argparse.ArgumentParser) -> None:
                         "soft); --mask-round (the default) turns off a --from-png picture's")
     p.add_argument("--masked-content", choices=MASKED_CONTENT_FLAGS,
                    help="what the masked area starts as (A1111's Masked content): original (the default), "
-                        "fill (the colours around it), latent-noise, latent-nothing")
+                        "fill (the colours around it), latent-noise, latent-nothing; grey: the masked pixels "
+                        "mid-grey as encoded (ComfyUI's VAEEncodeForInpaint)")
+    p.add_argument("--mask-grow", type=int, metavar="PX",
+                   help="grow the rounded mask by a PX x PX box for the latent noise mask (ComfyUI's "
+                        "VAEEncodeForInpaint grow_mask_by, 0-64; a sampler spelt as ComfyUI spells it)")
     p.add_argument("--only-masked", action=argparse.BooleanOptionalAction,
                    help="draw only the mask's region, at --width x --height, and put it back into the picture "
                         "(A1111's Inpaint area \"Only masked\"; default: the whole picture); --no-only-masked "
@@ -552,7 +556,7 @@ def _recorded_parameters(args: argparse.Namespace) -> dict[str, Any]:
 # GenerationRequest fields whose flag has the same name (a flag a subcommand lacks reads None: not given)
 _FIELDS_NAMED_AS_FLAGS = (
     "prompt_2", "negative_prompt_2",
-    "subseed", "subseed_strength", "tiling", "strength", "resize_mode", "mask_blur", "invert_mask", "mask_round",
+    "subseed", "subseed_strength", "tiling", "strength", "resize_mode", "mask_blur", "invert_mask", "mask_round", "mask_grow",
     "token_merging_ratio", "token_merging_ratio_hr",
     "guidance_rescale", "s_min_uncond", "s_min_uncond_all", "skip_early_cond", "pad_cond_uncond", "pad_cond_uncond_v0",
     "pag_scale", "pag_adaptive_scale", "pag_layers",

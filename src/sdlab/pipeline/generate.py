@@ -98,6 +98,7 @@ from sdlab.pipeline.finite import FiniteWatch
 from sdlab.pipeline.image_prompt import image_prompt_conds, image_prompted, prepare_image_prompts
 from sdlab.pipeline.images import (
     a1111_latent_mask,
+    comfyui_grown_mask,
     comfyui_latent_mask,
     latent_mask,
     masked_image,
@@ -297,10 +298,11 @@ def sample_latents(
 
 def _blends_latent(bundle: ModelBundle, req: GenerationRequest) -> bool:
     """Whether inpainting blends the init image's latent into the kept region (`guidance.masked`,
-    `_keep_known`): always for an ordinary model; for a 9-channel inpainting model under A1111's img2img
-    convention, as A1111 blends for every model (`CFGDenoiser`: ``init_latent * mask + nmask * denoised``),
-    where diffusers' inpainting pipelines leave it to the model."""
-    return not bundle.family.is_inpaint or req.img2img_convention in A1111_IMG2IMG
+    `_keep_known`): always for an ordinary model; for a 9-channel inpainting model under A1111's and ComfyUI's
+    img2img conventions, as A1111 blends for every model (`CFGDenoiser`: ``init_latent * mask + nmask * denoised``)
+    and so does ComfyUI's KSampler wherever a noise mask is set (comfy/samplers.py ``KSamplerX0Inpaint``), where
+    diffusers' inpainting pipelines leave it to the model."""
+    return not bundle.family.is_inpaint or req.img2img_convention in UI_IMG2IMG
 
 
 def _keep_known(bundle: ModelBundle, start: _Start, latents: Tensor, req: GenerationRequest) -> Tensor:
@@ -532,7 +534,8 @@ def _start(bundle: ModelBundle, plan: GenerationPlan, generators: list[Generator
     # diffusers' prepare_latents samples the posterior, then the noise; under A1111's convention nothing is
     # drawn for the posterior, so the noise is each seed's first draw (`sample`: x = self.rng.next())
     if pixels is not None and (not from_noise or blends):
-        image_latent = _init_latent(bundle, plan, pixels, small_mask, generators)           # (B, 4, h, w)
+        encoded = pixels if mask is None or req.inpaint_fill != "grey" else masked_image(pixels, mask.round())
+        image_latent = _init_latent(bundle, plan, encoded, small_mask, generators)          # (B, 4, h, w)
     noise = _initial_noise(plan, generators, device, bundle.vae_config.downsample_factor)  # (B, 4, h, w)
     if pixels is not None:              # A1111's img2img `sample`: x = self.rng.next() * initial_noise_multiplier
         noise = noise * req.noise_multiplier                                                # (B, 4, h, w)
@@ -568,7 +571,8 @@ def _soft(mask: Tensor) -> bool:
 def _latent_repaint(bundle: ModelBundle, plan: GenerationPlan, mask: Tensor) -> Tensor:
     """The latent cells inpainting repaints (1, 1, h, w): under A1111's img2img convention A1111's (the blurred
     mask resized bicubic and rounded, `a1111_latent_mask`), under ComfyUI's its noise mask (`mask` resized
-    bilinearly, soft at an edge off the latent grid, `comfyui_latent_mask`), else diffusers' (the thresholded
+    bilinearly, soft at an edge off the latent grid, `comfyui_latent_mask`; a `mask_grow` first grows the rounded
+    mask as VAEEncodeForInpaint does, `comfyui_grown_mask`), else diffusers' (the thresholded
     `mask` (1, 1, H, W) shrunk with nearest neighbour, `latent_mask`); with `mask_round` off A1111's and diffusers'
     keep the levels. A request's latent mask (A1111's `p.latent_mask`) stands for the blurred mask."""
     source = plan.picture.latent_mask
@@ -579,7 +583,8 @@ def _latent_repaint(bundle: ModelBundle, plan: GenerationPlan, mask: Tensor) -> 
     if source is not None:
         mask = (source >= 0.5 if plan.request.mask_round else source).to(mask)
     if plan.request.img2img_convention == "comfyui":
-        return comfyui_latent_mask(mask, (width, height))
+        grown = comfyui_grown_mask(mask, plan.request.mask_grow) if plan.request.mask_grow else mask  # (1, 1, H, W)
+        return comfyui_latent_mask(grown, (width, height))
     return latent_mask(mask, bundle.vae_config.downsample_factor)
 
 
@@ -836,8 +841,15 @@ def _inpaint_extra(bundle: ModelBundle, req: GenerationRequest, start: _Start,
     """The extra input channels of a 9-channel inpainting model (`inpaint_channels`), (B, 5, h, w). txt2img and
     img2img repaint everything, as A1111's `txt2img_image_conditioning` / `inpainting_image_conditioning` without a
     mask: txt2img's masked picture is mid-grey, img2img's too but for a Conditional mask weight below 1, which keeps
-    (1 - weight) of the init picture (a hires pass: of its upscaled pictures, `sample_latents`' `init_pixels`)."""
+    (1 - weight) of the init picture (a hires pass: of its upscaled pictures, `sample_latents`' `init_pixels`).
+    Inpainting under ComfyUI's img2img convention is ComfyUI's (comfy/model_base.py ``BaseModel.concat_cond`` with no
+    concat_latent_image): the latent noise mask rounded, then the init latent the run starts from, as it is (a
+    VAEEncode's: the whole picture; "grey", VAEEncodeForInpaint's: its masked picture)."""
     pixels, mask, weight = start.pixels, start.mask, req.inpainting_mask_weight
+    if mask is not None and req.img2img_convention == "comfyui":
+        latent = start.image_latent                                                       # (B, 4, h, w)
+        small_mask = start.latent_mask.round().to(latent).expand(latent.shape[0], -1, -1, -1)   # (B, 1, h, w)
+        return torch.cat([small_mask, latent], dim=1)                                     # (B, 5, h, w)
     if pixels is not None:
         took_effect("inpainting_mask_weight")
     if mask is None:

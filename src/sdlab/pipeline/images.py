@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 from collections.abc import Iterator
 from typing import Sequence
@@ -255,6 +256,20 @@ def comfyui_latent_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tens
     1 = repaint. A mask edge off the 8-pixel grid gives the cells it crosses a level between 0 and 1."""
     width, height = size
     return F.interpolate(mask, size=(height, width), mode="bilinear")                     # (1, 1, h, w)
+
+
+def comfyui_grown_mask(mask: torch.Tensor, pixels: int) -> torch.Tensor:
+    """ComfyUI's VAEEncodeForInpaint noise mask (nodes.py ``VAEEncodeForInpaint.encode``, ``grow_mask_by``): the pixel
+    mask (1, 1, H, W) rounded, grown by a `pixels` x `pixels` box (a convolution with ones, padded
+    ceil((pixels - 1) / 2) on every side, so an even box grows one pixel more up and left; clamped to 1, cut back to
+    H x W) and rounded; `pixels` 0 rounds it alone. (1, 1, H, W), 1 = repaint."""
+    height, width = mask.shape[-2:]
+    rounded = mask.round()                                                                # (1, 1, H, W)
+    if pixels == 0:
+        return rounded
+    box = torch.ones((1, 1, pixels, pixels), dtype=mask.dtype, device=mask.device)
+    grown = F.conv2d(rounded, box, padding=math.ceil((pixels - 1) / 2)).clamp(0, 1)       # (1, 1, H(+1), W(+1))
+    return grown[:, :, :height, :width].round()                                           # (1, 1, H, W)
 
 
 def a1111_latent_mask(mask: torch.Tensor, size: tuple[int, int], rounded: bool = True) -> torch.Tensor:

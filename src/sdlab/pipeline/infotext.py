@@ -93,6 +93,7 @@ _FIELDS: dict[str, tuple[str, type]] = {
     "Mask blur x": ("mask_blur", float),   # sdlab's labels of unequal sigmas, where A1111 writes no Mask blur
     "Mask blur y": ("mask_blur_y", float),
     "Mask round": ("mask_round", bool),    # sdlab's label of A1111's mask_round off (A1111 writes none)
+    "Mask grow": ("mask_grow", int),       # sdlab's label of ComfyUI's VAEEncodeForInpaint grow_mask_by
     "Noise multiplier": ("noise_multiplier", float),
     "Extra noise": ("extra_noise", float),                 # A1111's img2img_extra_noise
     "Conditional mask weight": ("inpainting_mask_weight", float),
@@ -521,7 +522,7 @@ def _inpaint_parameters(req: GenerationRequest) -> dict[str, Any]:
     Mask blur x / y otherwise), Masked content unless it is "original", Inpaint area "Only masked" with its
     Masked area padding (A1111 writes no "Whole picture" and no resize mode); sdlab's Mask round: False for
     A1111's mask_round off, which changes the picture of a soft mask (and is on as drawn for another: `OFF_UNLESS_DRAWN`)
-    and has no A1111 label."""
+    and has no A1111 label; sdlab's Mask grow (ComfyUI's VAEEncodeForInpaint grow_mask_by) when it grows."""
     if req.mask_image is None:
         return {}
     uneven = req.mask_blur_y is not None and req.mask_blur_y != req.mask_blur
@@ -534,6 +535,7 @@ def _inpaint_parameters(req: GenerationRequest) -> dict[str, Any]:
         "Masked area padding": req.inpaint_padding if req.inpaint_only_masked else None,
         "Masked content": None if req.inpaint_fill == "original" else req.inpaint_fill,
         "Mask round": None if req.mask_round else False,
+        "Mask grow": req.mask_grow or None,
     }
 
 

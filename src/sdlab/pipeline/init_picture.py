@@ -145,5 +145,6 @@ def _resized(image: Image.Image, mode: str, size: tuple[int, int]) -> Image.Imag
 
 def _filled(req: GenerationRequest, picture: Image.Image, mask: Image.Image) -> Image.Image:
     """The picture as Masked content has it encoded: every content but "original" fills it first (A1111:
-    ``if self.inpainting_fill != 1``), "latent noise" and "latent nothing" then replace its latent."""
-    return picture if req.inpaint_fill == "original" else fill(picture, mask)
+    ``if self.inpainting_fill != 1``), "latent noise" and "latent nothing" then replace its latent. "grey" (ComfyUI's
+    VAEEncodeForInpaint) greys the masked pixels as they are encoded (`generate._start`)."""
+    return picture if req.inpaint_fill in ("original", "grey") else fill(picture, mask)

@@ -90,6 +90,8 @@ MAX_AESTHETIC = 100.0                       # |aesthetic score|; the SDXL refine
 RESIZE_MODES = ("resize", "crop", "fill", "latent")  # A1111's img2img resize_mode 0..3: Just resize, Crop and
                                                     # resize, Resize and fill, Just resize (latent upscale)
 MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")   # A1111's inpainting_fill 0..3
+INPAINT_FILLS = (*MASKED_CONTENT, "grey")   # a request's: A1111's, then ComfyUI's VAEEncodeForInpaint mid-grey
+MAX_MASK_GROW = 64                          # ComfyUI's VAEEncodeForInpaint grow_mask_by maximum
 LIBRARY_CONVENTIONS = ("diffusers", "a1111")  # the rules a setting follows where the two libraries differ
 CLIP_SKIP_CONVENTIONS = (*LIBRARY_CONVENTIONS, "comfyui")   # "comfyui": CLIPSetLastLayer's -clip_skip
 EMPHASIS_MODES = ("Original", "No norm", "Ignore", "None")   # A1111's emphasis modes (modules/sd_emphasis.py)
@@ -261,7 +263,12 @@ class GenerationRequest:
                                             # the latent blend, latent noise / nothing and a 9-channel model's mask
                                             # by the blurred mask's levels, not rounded to repaint / keep
     inpaint_fill: str = "original"          # the masked area starts as "fill", "original", "latent noise" or
-                                            # "latent nothing" (A1111's Masked content; pipeline/masked_content.py)
+                                            # "latent nothing" (A1111's Masked content; pipeline/masked_content.py),
+                                            # or "grey": the masked pixels (the mask rounded) mid-grey before
+                                            # encoding (ComfyUI's VAEEncodeForInpaint)
+    mask_grow: int = 0                      # ComfyUI's VAEEncodeForInpaint grow_mask_by: the latent noise mask is
+                                            # the rounded mask grown by a box of this many pixels
+                                            # (`images.comfyui_grown_mask`); the comfyui img2img convention alone
     latent_mask_image: Image.Image | None = field(default=None, repr=False, compare=False)
                                             # A1111's `p.latent_mask` (set by its outpainting scripts, not its API):
                                             # at width x height, white = the area Masked content paints and the
@@ -842,8 +849,10 @@ def _check_picture_options(r: GenerationRequest) -> None:
     """The img2img / inpainting options A1111 names Resize mode, Masked content and Inpaint area."""
     if r.resize_mode not in RESIZE_MODES:
         raise RequestError(f"unknown resize mode {r.resize_mode!r}; valid: {', '.join(RESIZE_MODES)}")
-    if r.inpaint_fill not in MASKED_CONTENT:
-        raise RequestError(f"unknown masked content {r.inpaint_fill!r}; valid: {', '.join(MASKED_CONTENT)}")
+    if r.inpaint_fill not in INPAINT_FILLS:
+        raise RequestError(f"unknown masked content {r.inpaint_fill!r}; valid: {', '.join(INPAINT_FILLS)}")
+    if not _integer(r.mask_grow) or not 0 <= r.mask_grow <= MAX_MASK_GROW:
+        raise RequestError(f"mask_grow must be a number of pixels in 0..{MAX_MASK_GROW}, got {r.mask_grow!r}")
     if not isinstance(r.inpaint_only_masked, bool):
         raise RequestError(f"inpaint_only_masked must be True or False, got {r.inpaint_only_masked!r}")
     if not _integer(r.inpaint_padding) or not 0 <= r.inpaint_padding <= MAX_SIDE:
@@ -920,6 +929,9 @@ def img2img_convention_for(r: GenerationRequest, spec: SamplerSpec, schedule: st
     if r.img2img_convention == "lcm" and r.mask_image is not None:
         raise RequestError("the lcm img2img convention (LatentConsistencyModelImg2ImgPipeline's) does not inpaint; "
                            "use diffusers, a1111 or comfyui")
+    if r.mask_grow and r.img2img_convention != "comfyui":
+        raise RequestError("mask_grow is ComfyUI's VAEEncodeForInpaint rule: it needs the comfyui img2img convention "
+                           "(or a sampler spelt as ComfyUI spells it)")
     if (guidance_embedding and r.img2img_convention == "diffusers" and r.mask_image is None
             and spec.name == "LCM" and schedule in SPACINGS):
         return "lcm"

@@ -191,8 +191,11 @@ def _submit(state: ComfyState, plan: GraphPlan) -> Job:
         # CLIPSetLastLayer counts from every encoder's last layer (ComfyUI's rule); without one, the usual layers
         clip_skip_convention="diffusers" if plan.clip_skip is None else "comfyui",
         init_image=init, strength=plan.strength if init is not None else 1.0,
-        # SetLatentNoiseMask: ComfyUI's soft mask as it is (no rounding, no blur), the picture not pasted back
-        **({} if mask is None else {"mask_image": mask, "mask_round": False, "paste_back": False}))
+        # SetLatentNoiseMask: ComfyUI's soft mask as it is (no rounding, no blur), the picture not pasted back;
+        # VAEEncodeForInpaint: the mask rounded, its pixels grey as encoded, the noise mask grown by grow_mask_by
+        **({} if mask is None else {"mask_image": mask, "mask_round": False, "paste_back": False}
+           if plan.mask_grow is None else {"mask_image": mask, "mask_round": True, "paste_back": False,
+                                           "inpaint_fill": "grey", "mask_grow": plan.mask_grow}))
     loras = tuple(LoraChoice(Path(name).stem, weight) for name, weight in plan.loras)
     spec = JobSpec(request, loras=loras, extra_networks=False, typed_prompts={
         "prompt": plan.prompt, "negative_prompt": plan.negative_prompt},

@@ -11,6 +11,9 @@ the standard txt2img / img2img pictures: one KSampler fed by
     LoadImage -> VAEEncode -> SetLatentNoiseMask -> KSampler.latent_image      (inpainting: the mask a LoadImage's
     LoadImage.MASK ---------> SetLatentNoiseMask.mask                           MASK, 1 - its alpha, or a
                                                                                LoadImageMask's channel)
+    LoadImage (+ MASK) -> VAEEncodeForInpaint -> KSampler.latent_image          (inpainting as ComfyUI's
+                                                                               VAEEncodeForInpaint: masked pixels
+                                                                               grey, the noise mask grown)
     KSampler -> VAEDecode -> SaveImage / PreviewImage
     (the VAE of VAEEncode / VAEDecode: the checkpoint's own, or a VAELoader's file)
 
@@ -85,6 +88,9 @@ NODES: dict[str, NodeSpec] = {
                           display_name="VAE Encode"),
     "SetLatentNoiseMask": NodeSpec({"samples": ("LATENT",), "mask": ("MASK",)}, ("LATENT",),
                                    category="latent/inpaint", display_name="Set Latent Noise Mask"),
+    "VAEEncodeForInpaint": NodeSpec({"pixels": ("IMAGE",), "vae": ("VAE",), "mask": ("MASK",),
+                                     "grow_mask_by": ("INT", {"default": 6, "min": 0, "max": 64, "step": 1})},
+                                    ("LATENT",), category="latent/inpaint", display_name="VAE Encode (for Inpainting)"),
     "KSampler": NodeSpec({"model": ("MODEL",),
                           "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True}),
                           "steps": ("INT", {"default": 20, "min": 1, "max": 10000}),
@@ -156,6 +162,7 @@ class GraphPlan:
     mask_image: str | None = None           # an input-folder file whose alpha is the noise mask (1 - alpha): inpaint
     mask_channel: str = "alpha"             # the file's channel read: LoadImage's alpha, or LoadImageMask's channel
     mask_node: str = "LoadImage"            # the node reading it: LoadImage, or LoadImageMask (bands made RGBA)
+    mask_grow: int | None = None            # VAEEncodeForInpaint's grow_mask_by; None: SetLatentNoiseMask's mask
     vae: str | None = None                  # a VAELoader's file; None: the checkpoint's own VAE
     clip_skip: int | None = None            # CLIPSetLastLayer's -stop_at_clip_layer; None: no CLIPSetLastLayer
     loras: list[tuple[str, float]] = field(default_factory=list)
@@ -508,7 +515,7 @@ class _Plan:
     def latent(self, sampler: str, checkpoint: str, vae: str, plan: GraphPlan) -> None:
         node, _, kind = self.source(sampler, "latent_image")
         masker = None
-        if kind == "SetLatentNoiseMask":
+        if kind in ("SetLatentNoiseMask", "VAEEncodeForInpaint"):
             masker = node
             loader, _, loader_kind = self.source(masker, "mask")
             if loader_kind not in ("LoadImage", "LoadImageMask"):
@@ -516,9 +523,13 @@ class _Plan:
                                           "LoadImageMask")
             plan.mask_node = loader_kind
             plan.mask_channel = self.inputs(loader).get("channel", "alpha")
-            node, _, kind = self.source(masker, "samples")
-            if kind != "VAEEncode":
-                raise self.refuse(masker, "sdlab sets the noise mask of a VAEEncode's latent")
+            if kind == "VAEEncodeForInpaint":       # the encoder itself: its pixels and VAE read as VAEEncode's
+                plan.mask_grow = int(self.inputs(masker)["grow_mask_by"])
+                kind = "VAEEncode"
+            else:
+                node, _, kind = self.source(masker, "samples")
+                if kind != "VAEEncode":
+                    raise self.refuse(masker, "sdlab sets the noise mask of a VAEEncode's latent")
             plan.mask_image = self.inputs(loader)["image"]
             self.visit(loader)
         values = self.inputs(node)
@@ -538,8 +549,8 @@ class _Plan:
             plan.init_image = self.inputs(image)["image"]
             self.visit(image)
         else:
-            raise self.refuse(node, "sdlab starts a KSampler from an EmptyLatentImage, a VAEEncode or its "
-                                    "SetLatentNoiseMask")
+            raise self.refuse(node, "sdlab starts a KSampler from an EmptyLatentImage, a VAEEncode (or its "
+                                    "SetLatentNoiseMask) or a VAEEncodeForInpaint")
         self.visit(node)
         if masker is not None:
             self.visit(masker)

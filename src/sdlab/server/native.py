@@ -167,7 +167,8 @@ class JobIn(NullsAreDefaults):
     invert_mask: bool = False               # repaint the black part instead (A1111's Mask mode "Inpaint not masked")
     mask_round: bool = True                 # false: the mask's levels kept where A1111 rounds them (its mask_round)
     mask_blur: float = 0.0
-    inpaint_fill: str = "original"          # masked content: fill, original, latent noise, latent nothing
+    inpaint_fill: str = "original"          # masked content: fill, original, latent noise, latent nothing, grey
+    mask_grow: int = 0                      # ComfyUI's VAEEncodeForInpaint grow_mask_by (a ComfyUI-spelt sampler)
     inpaint_only_masked: bool = False       # draw only the mask's region (A1111's Inpaint area "Only masked") ...
     inpaint_padding: int = 32               # ... reaching this many pixels past the mask
     clip_skip: int = 1
@@ -405,7 +406,7 @@ def job_spec(service: Service, body: JobIn, init: Image.Image | None, mask: Imag
         init_image=init, mask_image=mask,
         strength=strength, resize_mode=body.resize_mode, mask_blur=body.mask_blur, invert_mask=body.invert_mask,
         mask_round=body.mask_round,
-        inpaint_fill=body.inpaint_fill,
+        inpaint_fill=body.inpaint_fill, mask_grow=body.mask_grow,
         inpaint_only_masked=body.inpaint_only_masked, inpaint_padding=body.inpaint_padding,
         image_cfg_scale=_image_cfg_scale(body),
         subseed=body.subseed if body.subseed_strength else None,

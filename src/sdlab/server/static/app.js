@@ -130,6 +130,8 @@ const KEPT = {
   // A1111's mask_round and disable_extra_networks (its API's jobs'), Emphasis, Old prompt editing timelines, Downcast
   // alphas_cumprod and Noise Schedule stay too
   mask_round: { name: "Mask round", none: true, with: [] },
+  // ComfyUI's VAEEncodeForInpaint grow_mask_by (a ComfyUI graph's job, its picture) stays too
+  mask_grow: { name: "Mask grow", none: 0, with: [] },
   disable_extra_networks: { name: "Disable extra networks", none: false, with: [] },
   control_convention: { name: "Control steps", none: "diffusers", with: [] },
   emphasis: { name: "Emphasis", none: "Original", with: [] },

@@ -1,0 +1,312 @@
+"""ComfyUI's VAEEncodeForInpaint: sdlab's inpainting with `inpaint_fill="grey"`, `mask_grow` and a ComfyUI-spelt
+sampler draws ComfyUI's VAEEncodeForInpaint -> KSampler, for a 4-channel model and a 9-channel inpainting model.
+
+The reference is ComfyUI's code, transcribed below (comfyanonymous/ComfyUI, nodes.py ``VAEEncodeForInpaint.encode``
+at e60e19b; comfy/model_base.py ``BaseModel.concat_cond``; comfy/samplers.py ``KSamplerX0Inpaint`` and
+comfy/sampler_helpers.py ``prepare_mask`` in test_comfyui_conventions.py). The grown mask is compared exactly; the
+latents in float32 at 1e-5 (test_comfyui_conventions.py's `assert_same_latents`; for the random 9-channel model, whose
+latents reach ~65, 1e-5 of the largest), its extra input channels at 1e-6. Through the API: the graph's node_errors, and a server's VAEEncodeForInpaint graph drawing the
+native job of the same options pixel for pixel.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bundle_fixtures import init_picture, tiny_bundle
+from test_comfyui_conventions import (SEED, KSamplerX0Inpaint, assert_same_latents, comfyui_noise_mask_picture,
+                                      eps_noise_scaling, max_denoise, prepare_mask, prepare_noise, replayed,
+                                      sample_euler, sample_euler_ancestral, sdlab_run, tiny)
+from sdlab.api import Pipeline
+from sdlab.pipeline import generate as G
+from sdlab.pipeline.images import comfyui_grown_mask
+from sdlab.pipeline.request import GenerationRequest, RequestError
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+__all__ = ["tiny"]                                   # the module fixture, shared
+
+
+# -- ComfyUI, transcribed ----------------------------------------------------------------------------------------
+def vae_encode_for_inpaint(encode, pixels, mask, grow_mask_by=6):
+    """comfyanonymous/ComfyUI nodes.py ``VAEEncodeForInpaint.encode`` (e60e19b; vae.downscale_ratio 8), `encode`
+    standing for ``vae.encode`` then the KSampler's ``process_latent_in``: pixels (B, H, W, 3) in [0, 1], mask
+    (H, W) or (B, H, W) -> {samples, noise_mask}."""
+    x = (pixels.shape[1] // 8) * 8
+    y = (pixels.shape[2] // 8) * 8
+    mask = torch.nn.functional.interpolate(mask.reshape((-1, 1, mask.shape[-2], mask.shape[-1])),
+                                           size=(pixels.shape[1], pixels.shape[2]), mode="bilinear")
+    pixels = pixels.clone()
+    if pixels.shape[1] != x or pixels.shape[2] != y:
+        x_offset = (pixels.shape[1] % 8) // 2
+        y_offset = (pixels.shape[2] % 8) // 2
+        pixels = pixels[:, x_offset:x + x_offset, y_offset:y + y_offset, :]
+        mask = mask[:, :, x_offset:x + x_offset, y_offset:y + y_offset]
+    if grow_mask_by == 0:
+        mask_erosion = mask
+    else:
+        kernel_tensor = torch.ones((1, 1, grow_mask_by, grow_mask_by))
+        padding = math.ceil((grow_mask_by - 1) / 2)
+        mask_erosion = torch.clamp(torch.nn.functional.conv2d(mask.round(), kernel_tensor, padding=padding), 0, 1)
+    m = (1.0 - mask.round()).squeeze(1)
+    for i in range(3):
+        pixels[:, :, :, i] -= 0.5
+        pixels[:, :, :, i] *= m
+        pixels[:, :, :, i] += 0.5
+    t = encode(pixels)
+    return {"samples": t, "noise_mask": (mask_erosion[:, :, :x, :y].round())}
+
+
+def concat_cond(noise, latent_image, denoise_mask):
+    """comfy/model_base.py ``BaseModel.concat_cond`` for concat_keys ("mask", "masked_image") with no
+    concat_latent_image / concat_mask in the conditioning (a VAEEncodeForInpaint graph): the KSampler's prepared
+    noise mask, rounded, then its latent_image."""
+    concat_latent_image = latent_image
+    if concat_latent_image.shape[1:] != noise.shape[1:]:
+        raise AssertionError("the latent is the noise's size here")
+    if len(denoise_mask.shape) == len(noise.shape):
+        denoise_mask = denoise_mask[:, :1]
+    denoise_mask = denoise_mask.reshape((-1, 1, denoise_mask.shape[-2], denoise_mask.shape[-1]))
+    denoise_mask = denoise_mask.round()
+    return torch.cat([denoise_mask, concat_latent_image], dim=1)
+
+
+# -- the grown mask ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("grow", [0, 1, 2, 3, 6, 7, 64])
+def test_the_grown_mask_is_vae_encode_for_inpaints(grow):
+    """`images.comfyui_grown_mask` is the noise mask VAEEncodeForInpaint puts on its latent (an odd and an even
+    box: the even one grows one pixel more up and left), on soft masks whose levels round both ways."""
+    generator = torch.Generator().manual_seed(grow)
+    for height, width in ((64, 64), (40, 72)):
+        mask = (torch.rand((height // 8, width // 8), generator=generator) > 0.7).float()
+        mask = torch.nn.functional.interpolate(mask[None, None], size=(height, width), mode="bilinear")[0, 0]
+        mask = mask * torch.rand((height, width), generator=generator).add(0.5).clamp(max=1)      # soft levels
+        reference = vae_encode_for_inpaint(lambda p: p, torch.zeros((1, height, width, 3)), mask, grow)
+        ours = comfyui_grown_mask(mask[None, None], grow)
+        assert ours.shape == (1, 1, height, width)
+        assert torch.equal(ours, reference["noise_mask"])
+        assert ours.sum() >= mask.round().sum()
+
+
+# -- whole runs on tiny models -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_inpainting():
+    return Pipeline(tiny_bundle("sd1-inpaint", seed=3))            # a 9-channel U-Net, random weights
+
+
+def comfyui_pixels(picture: Image.Image) -> torch.Tensor:
+    """LoadImage's IMAGE of an RGB picture: (1, H, W, 3) in [0, 1]."""
+    return torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0)[None]
+
+
+def _encoder(bundle):
+    """ComfyUI's vae.encode of (B, H, W, 3) in [0, 1] (its ``process_input``: 2x - 1), scaled to the model's latent
+    space as the KSampler scales it: sdlab's `encode_image` (its posterior mean, sdlab's rule for ComfyUI)."""
+    return lambda pixels: G.encode_image(bundle, pixels.movedim(-1, 1) * 2.0 - 1.0)
+
+
+@pytest.mark.parametrize("model, grow, sampler, schedule, denoise", [
+    ("plain", 6, "euler", "karras", 1.0),
+    ("plain", 3, "euler_ancestral", "normal", 0.8),
+    ("inpainting", 6, "euler", "karras", 1.0),
+    ("inpainting", 0, "euler_ancestral", "normal", 1.0),
+])
+def test_vae_encode_for_inpaint_on_tiny_models(monkeypatch, tiny, tiny_inpainting, model, grow, sampler, schedule,
+                                               denoise):
+    """inpaint_fill "grey", mask_grow and mask_round on a ComfyUI-spelt sampler is VAEEncodeForInpaint -> KSampler:
+    the KSampler starts from (and KSamplerX0Inpaint keeps) the latent of the picture greyed under the rounded mask,
+    its noise mask the grown mask resized bilinearly; a 9-channel model's extra channels are that noise mask rounded
+    and that same latent (concat_cond). The soft mask picture has an edge off the latent grid and a band below 1/2."""
+    pipe = tiny if model == "plain" else tiny_inpainting
+    bundle = pipe.bundle
+    inner_models: list = []
+    real_masked = G.masked
+    monkeypatch.setattr(G, "masked", lambda inner, *a, **k: inner_models.append(inner) or real_masked(inner, *a, **k))
+    concats: list = []
+    real_extra = G._inpaint_extra
+    monkeypatch.setattr(G, "_inpaint_extra", lambda *a: concats.append(real_extra(*a)) or concats[-1])
+    kept: list = []
+    real_keep_known = G._keep_known
+    monkeypatch.setattr(G, "_keep_known", lambda *args: kept.append(real_keep_known(*args)) or kept[-1])
+
+    init = init_picture(64)
+    mask_picture, mask = comfyui_noise_mask_picture(64)
+    run = sdlab_run(monkeypatch, pipe, "inpaint", init, mask_picture, sampler=sampler, schedule=schedule, steps=10,
+                    strength=denoise, inpaint_fill="grey", mask_grow=grow, mask_round=True, paste_back=False)
+    sigmas = run["sigmas"]
+    encoded = vae_encode_for_inpaint(_encoder(bundle), comfyui_pixels(init), mask, grow)
+    latent = encoded["samples"]                                                          # (1, 4, h, w)
+    denoise_mask = prepare_mask(encoded["noise_mask"], latent.shape)                     # (1, 4, h, w)
+    assert ((denoise_mask > 0) & (denoise_mask < 1)).any(), "a mask on the latent grid would not tell the rules apart"
+    noise = prepare_noise(latent, SEED)
+    if model == "inpainting":
+        assert len(concats) == 1
+        torch.testing.assert_close(concats[0], concat_cond(noise, latent, denoise_mask), rtol=1e-6, atol=1e-6)
+    else:
+        assert not concats
+    x = eps_noise_scaling(sigmas[0], noise, latent.clone(), max_denoise(bundle.model_sampling.sigma_max, sigmas))
+    torch.testing.assert_close(run["x"], x, rtol=1e-5, atol=1e-5)
+    model_k = KSamplerX0Inpaint(inner_models[-1], latent, noise, denoise_mask)
+    if sampler == "euler":
+        reference = sample_euler(model_k, x, sigmas)
+    else:
+        reference = sample_euler_ancestral(model_k, x, sigmas, noise_sampler=replayed(run["draws"]))
+    if model == "plain":
+        assert_same_latents(kept[-1], reference)
+    else:                   # the random 9-channel U-Net's latents reach ~65: float32 rounding of 1e-5 of that
+        torch.testing.assert_close(kept[-1], reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
+
+
+def test_mask_grow_needs_comfyuis_convention_and_a_box_comfyui_takes(tiny):
+    mask_picture, _ = comfyui_noise_mask_picture(64)
+    with pytest.raises(RequestError, match="comfyui img2img convention"):
+        tiny.inpaint("x", init_picture(64), mask_picture, sampler="Euler", steps=2, mask_grow=6)
+    with pytest.raises(RequestError, match="0..64"):
+        tiny.resolve(GenerationRequest("x", sampler="euler", steps=2, mask_grow=65, init_image=init_picture(64),
+                                       mask_image=mask_picture))
+    with pytest.raises(RequestError, match="grey"):
+        tiny.resolve(GenerationRequest("x", sampler="euler", steps=2, inpaint_fill="gray",
+                                       init_image=init_picture(64), mask_image=mask_picture))
+
+
+def test_grey_and_mask_grow_through_the_cli_are_recorded_and_redrawn_from_png(tmp_path, capsys):
+    """`sdlab inpaint --masked-content grey --mask-grow N` with a ComfyUI-spelt sampler records "Masked content:
+    grey, Mask grow: N" and --from-png redraws the picture; without the grow the picture differs."""
+    from cli_helpers import pixels, run
+    from sdlab.pipeline.png_info import read_parameters
+    from bundle_fixtures import write_original
+
+    model = tmp_path / "tiny-sd1.safetensors"
+    write_original(tiny_bundle("sd1"), model, junk=False)
+    init, mask = tmp_path / "init.png", tmp_path / "mask.png"
+    init_picture(64).save(init)
+    comfyui_noise_mask_picture(64)[0].save(mask)
+    common = ["--init", str(init), "--mask", str(mask), "--model", str(model), "--steps", "2", "--seed", "3",
+              "--sampler", "euler", "--no-progress"]
+    grown, again, plain = (tmp_path / f"{name}.png" for name in ("grown", "again", "plain"))
+    code, _, err = run(["inpaint", "a hat", *common, "--masked-content", "grey", "--mask-grow", "5", "--out",
+                        str(grown)], capsys)
+    assert code == 0, err
+    assert "Masked content: grey" in read_parameters(grown) and "Mask grow: 5" in read_parameters(grown)
+    code, _, err = run(["inpaint", "--from-png", str(grown), *common, "--out", str(again)], capsys)
+    assert code == 0, err
+    assert np.array_equal(pixels(again), pixels(grown))
+    code, _, err = run(["inpaint", "a hat", *common, "--masked-content", "grey", "--out", str(plain)], capsys)
+    assert code == 0, err
+    assert "Mask grow" not in read_parameters(plain) and not np.array_equal(pixels(plain), pixels(grown))
+    code, _, err = run(["inpaint", "a hat", *common[:-3], "--sampler", "Euler", "--no-progress", "--mask-grow", "5",
+                        "--out", str(tmp_path / "bad.png")], capsys)
+    assert code != 0 and "comfyui img2img convention" in err and "Traceback" not in err
+
+
+# -- the ComfyUI API -------------------------------------------------------------------------------------------------
+from test_server_comfy_api import NATIVE, drawn, graph, native_pixels, server, viewed  # noqa: E402
+
+__all__ += ["server"]
+
+
+def _inpaint_graph(grow: int = 6) -> dict:
+    prompt = graph(**{"3.latent_image": ["12", 0]})
+    prompt["11"] = {"class_type": "LoadImage", "inputs": {"image": "holed-vefi.png"}}
+    prompt["12"] = {"class_type": "VAEEncodeForInpaint",
+                    "inputs": {"pixels": ["11", 0], "vae": ["4", 2], "mask": ["11", 1], "grow_mask_by": grow}}
+    del prompt["5"]
+    return prompt
+
+
+@pytest.fixture()
+def holed(server) -> tuple[np.ndarray, np.ndarray]:
+    """(RGB, alpha) of the input picture holed-vefi.png, uploaded: a transparent rectangle off the 8-pixel grid and a
+    band of alpha 100."""
+    rng = np.random.default_rng(11)
+    rgb = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    alpha = np.full((64, 64), 255, dtype=np.uint8)
+    alpha[13:45, 21:50] = 0
+    alpha[50:59, 5:30] = 100
+    data = io.BytesIO()
+    Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(data, format="PNG")
+    server.post("/upload/image", files={"image": ("holed-vefi.png", data.getvalue(), "image/png")},
+                data={"overwrite": "true"})
+    return rgb, alpha
+
+
+def test_vae_encode_for_inpaint_graph_draws_the_native_grey_grown_job(server, holed):
+    """LoadImage -> VAEEncodeForInpaint (LoadImage's MASK) -> KSampler is the native inpaint job of the mask
+    255 - alpha with masked content grey, mask_grow grow_mask_by, ComfyUI's sampler spelling: inside the mask the
+    pictures are one (the native job pastes the original back outside it, ComfyUI does not)."""
+    rgb, alpha = holed
+    prompt = _inpaint_graph(6)
+    messages, entry = drawn(server, prompt)
+    assert [d["node"] for k, d in messages if k == "executing"][:-1].count("12") == 1
+    pixels = viewed(server, entry["outputs"]["9"]["images"][0])
+    native = native_pixels(server, {**NATIVE, "mode": "inpaint", "init_image": b64_png(Image.fromarray(rgb)),
+                                    "mask_image": b64_png(Image.fromarray(255 - alpha)), "strength": 1.0,
+                                    "inpaint_fill": "grey", "mask_grow": 6})
+    inside = (slice(13, 45), slice(21, 50))
+    assert np.array_equal(pixels[inside], native[inside])
+    set_latent = native_pixels(server, {**NATIVE, "mode": "inpaint", "init_image": b64_png(Image.fromarray(rgb)),
+                                        "mask_image": b64_png(Image.fromarray(255 - alpha)), "strength": 1.0,
+                                        "mask_round": False})
+    assert not np.array_equal(pixels[inside], set_latent[inside])      # not SetLatentNoiseMask's picture
+
+
+def b64_png(image: Image.Image) -> str:
+    from server_fixtures import b64_png as encoded
+    return encoded(image)
+
+
+@pytest.mark.parametrize("change, where, message", [
+    (lambda g: g["12"]["inputs"].update(grow_mask_by=65), "12", "Value 65 bigger than max of 64"),
+    (lambda g: g.update({"20": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64,
+                                                                              "batch_size": 1}},
+                         "21": {"class_type": "VAEDecode", "inputs": {"samples": ["20", 0], "vae": ["4", 2]}}})
+     or g["12"]["inputs"].update(pixels=["21", 0]), "12", "sdlab encodes the picture of a LoadImage"),
+    (lambda g: g.update({"13": {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["12", 0],
+                                                                               "mask": ["11", 1]}}})
+     or g["3"]["inputs"].update(latent_image=["13", 0]), "13", "sdlab sets the noise mask of a VAEEncode's latent"),
+    (lambda g: g["12"]["inputs"].update(mask=["11", 0]), "12", "return_type_mismatch"),
+])
+def test_graphs_sdlab_does_not_draw_get_comfyuis_node_errors(server, holed, change, where, message):
+    """A VAEEncodeForInpaint graph ComfyUI refuses, or one sdlab does not draw (its picture decoded from a
+    KSampler, its latent given a second noise mask), answers a 400 with ComfyUI's node_errors on the node."""
+    prompt = copy.deepcopy(_inpaint_graph())
+    change(prompt)
+    answer = server.post("/prompt", json={"prompt": prompt})
+    assert answer.status_code == 400
+    body = answer.json()
+    assert set(body["node_errors"]) == {where}
+    error = body["node_errors"][where]
+    assert set(error) == {"errors", "dependent_outputs", "class_type"} and error["dependent_outputs"] == ["9"]
+    assert message in str(error["errors"])
+
+
+def test_object_info_lists_vae_encode_for_inpaint(server):
+    info = server.get("/object_info/VAEEncodeForInpaint").json()["VAEEncodeForInpaint"]
+    assert info["input"]["required"]["grow_mask_by"] == ["INT", {"default": 6, "min": 0, "max": 64, "step": 1}]
+    assert (info["output"], info["category"]) == (["LATENT"], "latent/inpaint")
+
+
+# -- the web UI ------------------------------------------------------------------------------------------------------
+from test_webui import (  # noqa: E402  (fixtures: base_url, browser, page; the session's sdlab_server)
+    base_url, browser, drop_file, page, png_with_parameters, sdlab_server, text, value, wait,
+)
+
+__all__ += ["base_url", "browser", "page", "sdlab_server"]
+GREY_PICTURE = ("a hat\nSteps: 2, Sampler: Euler, Schedule type: Karras, CFG scale: 5, Seed: 3, Size: 64x64, "
+                "ENSD: 1, Initial noise: comfyui, Img2img steps: comfyui, Denoising strength: 1, "
+                "Masked content: grey, Mask grow: 5, Version: sdlab 0.1.0")
+
+
+def test_a_dropped_picture_keeps_its_grey_masked_content_and_mask_grow(page):
+    """In real chromium: a dropped picture's Masked content grey is the form's choice, its Mask grow (no control:
+    ComfyUI's VAEEncodeForInpaint option) is kept and sent with the form's requests."""
+    drop_file(page, png_with_parameters(GREY_PICTURE), "grey.png")
+    wait(page, lambda d: text(d, "notice") == "Settings read from grey.png", 20, "the PNG was not read cleanly")
+    assert value(page, "inpaint_fill") == "grey"
+    assert page.execute_script("return keptRequest()")["mask_grow"] == 5
