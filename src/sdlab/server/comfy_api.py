@@ -24,6 +24,7 @@ kept). The pictures LoadImage reads are those `POST /upload/image` put in the se
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import os
 import platform
@@ -41,6 +42,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from PIL import Image, ImageOps
 
 from sdlab.diffusion.samplers import SAMPLER_TABLE
+from sdlab.pipeline.control import ControlInput
 from sdlab.pipeline.request import GenerationRequest
 from sdlab.server.comfy_graph import Choices, GraphError, GraphPlan, check_graph, object_info, run_order
 from sdlab.server.inputs import BadRequest, JobSpec, LoraChoice, image_from_bytes, opened_picture
@@ -95,7 +97,15 @@ class ComfyState:
         registry = self.service.registry
         loras = sorted(lora.path.name for lora in registry.loras)     # sorted, as ComfyUI's folder_paths
         return Choices(checkpoints=sorted(c.name for c in registry.checkpoints), loras=loras,
-                       input_images=self.input_images(), samplers=COMFY_SAMPLERS, vaes=registry.vaes.names())
+                       input_images=self.input_images(), samplers=COMFY_SAMPLERS, vaes=registry.vaes.names(),
+                       controlnets=sorted(self.controlnet_files()))
+
+    def controlnet_files(self) -> dict[str, Path]:
+        """ComfyUI's control_net_name list: the ControlNets and T2I-Adapters of the server's ControlNet folder by
+        their path under it (ComfyUI's folder_paths names), each to its file."""
+        folder = self.service.controlnets
+        return {f.path.relative_to(folder.folder).as_posix(): f.path for f in list(folder.files)
+                if f.kind == "controlnet" and folder.folder is not None and f.path.is_relative_to(folder.folder)}
 
     def input_images(self) -> list[str]:
         if not self.input_dir.is_dir():
@@ -196,6 +206,8 @@ def _submit(state: ComfyState, plan: GraphPlan) -> Job:
         **({} if mask is None else {"mask_image": mask, "mask_round": False, "paste_back": False}
            if plan.mask_grow is None else {"mask_image": mask, "mask_round": True, "paste_back": False,
                                            "inpaint_fill": "grey", "mask_grow": plan.mask_grow}))
+    if plan.controls:       # ControlNetApply nodes: ComfyUI's hint resize and sigma windows (`control.py`)
+        request = dataclasses.replace(request, controls=_controls(state, plan), control_convention="comfyui")
     loras = tuple(LoraChoice(Path(name).stem, weight) for name, weight in plan.loras)
     spec = JobSpec(request, loras=loras, extra_networks=False, typed_prompts={
         "prompt": plan.prompt, "negative_prompt": plan.negative_prompt},
@@ -218,6 +230,23 @@ def _load_image(state: ComfyState, name: str):
         raise BadRequest(f"the input picture {name!r} is smaller than 8 x 8 pixels", 400)
     left, top = (width % 8) // 2, (height % 8) // 2
     return image.crop((left, top, left + keep_w, top + keep_h)) if (keep_w, keep_h) != (width, height) else image
+
+
+def _controls(state: ComfyState, plan: GraphPlan) -> tuple[ControlInput, ...]:
+    """The graph's ControlNets as the request's controls: each ControlNetLoader's file, its LoadImage picture as
+    ComfyUI's LoadImage reads it (upright, RGB: an alpha channel dropped), strength and percents."""
+    files = state.controlnet_files()
+    controls = []
+    for control in plan.controls:
+        if control.model not in files:
+            raise BadRequest(f"no ControlNet {control.model!r}", 400)
+        path = _inside(state.input_dir, control.image)
+        if path is None or not path.is_file():
+            raise BadRequest(f"no input picture {control.image!r}", 400)
+        picture = image_from_bytes(path.read_bytes(), f"LoadImage {control.image!r}",
+                                   state.service.config.limits).convert("RGB")
+        controls.append(ControlInput(files[control.model], picture, control.strength, control.start, control.end))
+    return tuple(controls)
 
 
 def _load_mask(state: ComfyState, plan: GraphPlan, size: tuple[int, int]) -> Image.Image:

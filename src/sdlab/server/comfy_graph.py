@@ -16,6 +16,9 @@ the standard txt2img / img2img pictures: one KSampler fed by
                                                                                grey, the noise mask grown)
     KSampler -> VAEDecode -> SaveImage / PreviewImage
     (the VAE of VAEEncode / VAEDecode: the checkpoint's own, or a VAELoader's file)
+    CLIPTextEncode -> ControlNetApply / ControlNetApplyAdvanced ... -> KSampler.positive / negative
+    ControlNetLoader -> .control_net, LoadImage -> .image         (ControlNets in a row, drawn as the request's
+                                                                   controls by ComfyUI's rules: `_Plan.controls`)
 
 `NODES` is the table of those nodes: their inputs (ComfyUI's `INPUT_TYPES`, the lists a server fills in at
 `Choices`), outputs and whether they are output nodes, as `GET /object_info` shows them. Checking follows ComfyUI's
@@ -59,6 +62,8 @@ class NodeSpec:
     output_node: bool = False
     category: str = ""
     display_name: str = ""
+    optional: dict[str, tuple] = field(default_factory=dict)     # ComfyUI's "optional" inputs: may be left out
+    deprecated: bool = False                                      # ComfyUI's DEPRECATED: /object_info says so
 
 
 NODES: dict[str, NodeSpec] = {
@@ -73,6 +78,20 @@ NODES: dict[str, NodeSpec] = {
                                  ("CLIP",), category="conditioning", display_name="CLIP Set Last Layer"),
     "CLIPTextEncode": NodeSpec({"text": ("STRING", {"multiline": True, "dynamicPrompts": True}), "clip": ("CLIP",)},
                                ("CONDITIONING",), category="conditioning", display_name="CLIP Text Encode (Prompt)"),
+    "ControlNetLoader": NodeSpec({"control_net_name": ("controlnets",)}, ("CONTROL_NET",), category="loaders",
+                                 display_name="Load ControlNet Model"),
+    "ControlNetApply": NodeSpec({"conditioning": ("CONDITIONING",), "control_net": ("CONTROL_NET",),
+                                 "image": ("IMAGE",),
+                                 "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01})},
+                                ("CONDITIONING",), category="conditioning/controlnet",
+                                display_name="Apply ControlNet (OLD)", deprecated=True),
+    "ControlNetApplyAdvanced": NodeSpec({
+        "positive": ("CONDITIONING",), "negative": ("CONDITIONING",), "control_net": ("CONTROL_NET",),
+        "image": ("IMAGE",), "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01}),
+        "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001}),
+        "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001})},
+        ("CONDITIONING", "CONDITIONING"), ("positive", "negative"), category="conditioning/controlnet",
+        display_name="Apply ControlNet", optional={"vae": ("VAE",)}),
     "EmptyLatentImage": NodeSpec({"width": ("INT", {"default": 512, "min": 16, "max": MAX_RESOLUTION, "step": 8}),
                                   "height": ("INT", {"default": 512, "min": 16, "max": MAX_RESOLUTION, "step": 8}),
                                   "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096})},
@@ -118,6 +137,8 @@ NODES: dict[str, NodeSpec] = {
                              display_name="Preview Image"),
 }
 SAMPLER_NODES = ("KSampler", "KSamplerAdvanced")
+CONTROL_NODES = {"ControlNetApply": ("conditioning",), "ControlNetApplyAdvanced": ("positive", "negative")}
+"""The nodes that put a ControlNet on a conditioning: the input each output (by index) passes on."""
 OUTPUT_TYPE = {"SaveImage": "output", "PreviewImage": "temp"}     # the `type` of their pictures in /history, /view
 
 
@@ -126,18 +147,33 @@ class Choices:
     """The lists of a server a graph's values are checked against: `checkpoints` (ComfyUI's ckpt_name: the path
     under the models folder), `loras` (file names), `vaes` (the server's VAE list), `samplers`, `schedulers`,
     `input_images` (the upload folder's files), `unets`: none, UNETLoader listed for the clients that read its
-    list (sdlab draws whole checkpoints, so no graph of it is drawn)."""
+    list (sdlab draws whole checkpoints, so no graph of it is drawn), `controlnets` (ComfyUI's control_net_name:
+    the path under the server's ControlNet folder of its ControlNets and T2I-Adapters)."""
 
     checkpoints: list[str]
     loras: list[str]
     input_images: list[str]
     vaes: list[str] = field(default_factory=list)
     unets: list[str] = field(default_factory=list)
+    controlnets: list[str] = field(default_factory=list)
     samplers: list[str] = field(default_factory=list)
     schedulers: list[str] = field(default_factory=lambda: list(COMFY_SCHEDULERS))
 
     def of(self, name: str) -> list[str]:
         return getattr(self, name)
+
+
+@dataclass(frozen=True)
+class GraphControl:
+    """One ControlNet a graph applies (a ControlNetApply or ControlNetApplyAdvanced): a ControlNetLoader's file
+    (under the ControlNet folder), a LoadImage's picture, strength and the fractions of the schedule it acts on
+    (ControlNetApply: 0 to 1)."""
+
+    model: str
+    image: str
+    strength: float
+    start: float = 0.0
+    end: float = 1.0
 
 
 @dataclass
@@ -169,6 +205,7 @@ class GraphPlan:
     order: list[str] = field(default_factory=list)
     sampler_node: str = ""
     outputs: dict[str, str] = field(default_factory=dict)
+    controls: list[GraphControl] = field(default_factory=list)     # the ControlNets on both rows, in applied order
 
     @property
     def mode(self) -> str:
@@ -200,16 +237,19 @@ def object_info(choices: Choices, only: str | None = None) -> dict[str, Any]:
         required = {key: ([choices.of(value[0])] if isinstance(value[0], str) and value[0] in _LISTS
                           else list(value))
                     for key, value in spec.inputs.items()}
-        return {"input": {"required": required}, "input_order": {"required": list(spec.inputs)},
+        optional = {"optional": {key: list(value) for key, value in spec.optional.items()}} if spec.optional else {}
+        return {"input": {"required": required, **optional},
+                "input_order": {"required": list(spec.inputs), **{k: list(v) for k, v in optional.items()}},
                 "output": list(spec.outputs), "output_is_list": [False] * len(spec.outputs),
                 "output_name": list(spec.output_names or spec.outputs), "name": name,
                 "display_name": spec.display_name or name, "description": "", "python_module": "nodes",
-                "category": spec.category, "output_node": spec.output_node}
+                "category": spec.category, "output_node": spec.output_node,
+                **({"deprecated": True} if spec.deprecated else {})}
 
     return {name: info(name, spec) for name, spec in NODES.items() if only is None or name == only}
 
 
-_LISTS = ("checkpoints", "loras", "vaes", "unets", "samplers", "schedulers", "input_images")
+_LISTS = ("checkpoints", "loras", "vaes", "unets", "samplers", "schedulers", "input_images", "controlnets")
 
 
 class _Checker:
@@ -262,7 +302,9 @@ class _Checker:
         elif not isinstance(inputs, dict):
             errors.append(_error("invalid_prompt", "Node inputs must be an object", str(node_id)))
         else:
-            for name, declared in spec.inputs.items():
+            for name, declared in {**spec.inputs, **spec.optional}.items():
+                if name not in inputs and name in spec.optional:
+                    continue
                 if name not in inputs:
                     errors.append(_error("required_input_missing", "Required input is missing", name,
                                          input_name=name))
@@ -422,6 +464,7 @@ class _Plan:
         negative, negative_skip = self.text(sampler, "negative", checkpoint, loras)
         if clip_skip != negative_skip:
             raise self.refuse(sampler, "sdlab encodes the positive and negative prompts at one CLIP layer")
+        controls = self.controls(sampler)
         seed, denoise = self.seed_and_denoise(sampler)
         plan = GraphPlan(model=self.inputs(checkpoint)["ckpt_name"], prompt=prompt, negative_prompt=negative,
                          seed=seed, steps=int(values["steps"]), cfg_scale=float(values["cfg"]),
@@ -439,7 +482,7 @@ class _Plan:
             self.visit(decoder)
         for output in self.outputs:
             self.visit(output)
-        plan.order, plan.sampler_node = list(self.order), sampler
+        plan.order, plan.sampler_node, plan.controls = list(self.order), sampler, controls
         plan.outputs = {o: OUTPUT_TYPE[self.graph[o]["class_type"]] for o in self.outputs}
         return plan
 
@@ -475,7 +518,7 @@ class _Plan:
         """(the text, clip skip: CLIPSetLastLayer's -stop_at_clip_layer, None without one) of the CLIPTextEncode
         of the KSampler's `which`, whose CLIP must be the checkpoint's through the model's LoRAs (and a
         CLIPSetLastLayer)."""
-        encoder, _, kind = self.source(sampler, which)
+        encoder, _, kind = self.under_controls(sampler, which)[0]
         if kind != "CLIPTextEncode":
             raise self.refuse(sampler, f"sdlab reads {which} from a CLIPTextEncode")
         node, index, kind = self.source(encoder, "clip")
@@ -500,6 +543,59 @@ class _Plan:
             self.visit(setter)
         self.visit(encoder)
         return self.inputs(encoder)["text"], clip_skip
+
+    def under_controls(self, sampler: str, which: str) -> tuple[tuple[str, int, str], list[str]]:
+        """(the source of the KSampler's `which` conditioning past its ControlNet nodes, those nodes from the
+        encoder on): each output passes on the input of its index (`CONTROL_NODES`)."""
+        chain: list[str] = []
+        source = self.source(sampler, which)
+        while source[2] in CONTROL_NODES:
+            chain.insert(0, source[0])
+            source = self.source(source[0], CONTROL_NODES[source[2]][source[1]])
+        return source, chain
+
+    def controls(self, sampler: str) -> list[GraphControl]:
+        """The ControlNets of the KSampler's rows, as ComfyUI gives them (nodes.py ControlNetApply /
+        ControlNetApplyAdvanced, comfy/samplers.py `apply_empty_x_to_equal_area`): a node of strength 0 passes its
+        conditioning on untouched; the positive's chain; the negative's its own, or where it has none and the
+        positive's last node is a ControlNetApply (control_apply_to_uncond) the positive's. sdlab draws one set of
+        ControlNets for every row, so the two must be the same nodes; one whose start_percent > end_percent never
+        acts and is left out."""
+        chains = {which: self.under_controls(sampler, which)[1] for which in ("positive", "negative")}
+        for node in dict.fromkeys(chains["positive"] + chains["negative"]):
+            self.control_inputs(node)
+        acting = {which: [n for n in chain if float(self.inputs(n)["strength"]) != 0]
+                  for which, chain in chains.items()}
+        positive, negative = acting["positive"], acting["negative"]
+        if not negative and positive and self.graph[positive[-1]]["class_type"] == "ControlNetApply":
+            negative = positive
+        if positive != negative:
+            raise self.refuse(sampler, "sdlab draws the same ControlNets on the positive and the negative "
+                                       "conditioning (a ControlNetApply on the positive alone, or the same "
+                                       "ControlNetApplyAdvanced nodes on both)")
+        found = []
+        for node in positive:
+            values = self.inputs(node)
+            start, end = float(values.get("start_percent", 0.0)), float(values.get("end_percent", 1.0))
+            if start <= end:
+                loader, image = self.source(node, "control_net")[0], self.source(node, "image")[0]
+                found.append(GraphControl(self.inputs(loader)["control_net_name"], self.inputs(image)["image"],
+                                          float(values["strength"]), start, end))
+        return found
+
+    def control_inputs(self, node: str) -> None:
+        """Check and run (in order) a ControlNet node's ControlNetLoader, LoadImage (and VAELoader: its VAE is
+        read only by ControlNets of a latent format, none of SD's), then the node."""
+        loader, _, loader_kind = self.source(node, "control_net")
+        image, _, image_kind = self.source(node, "image")
+        if loader_kind != "ControlNetLoader":
+            raise self.refuse(node, "sdlab applies the ControlNet of a ControlNetLoader")
+        if image_kind != "LoadImage":
+            raise self.refuse(node, "sdlab applies a ControlNet to the picture of a LoadImage")
+        if "vae" in self.inputs(node) and self.source(node, "vae")[2] == "VAELoader":
+            self.visit(self.source(node, "vae")[0])
+        for at in (loader, image, node):
+            self.visit(at)
 
     def vae(self, node_id: str, checkpoint: str) -> str:
         """The node whose VAE `node_id` uses: the KSampler's CheckpointLoaderSimple or a VAELoader."""

@@ -1,0 +1,204 @@
+"""ComfyUI's API: ControlNetLoader, ControlNetApply and ControlNetApplyAdvanced (server/comfy_graph.py `_Plan.controls`,
+server/comfy_api.py `_controls`). A graph's ControlNets are drawn as the native API's `controls` under
+control_convention "comfyui" (ComfyUI's hint resize and sigma windows, proven against ComfyUI's code in
+tests/test_comfyui_controlnet.py); /object_info lists the nodes with their inputs as ComfyUI does (comfyanonymous/ComfyUI
+nodes.py ControlNetLoader / ControlNetApply / ControlNetApplyAdvanced); graphs sdlab does not draw get ComfyUI's
+node_errors. In-process app (TestClient), a tiny SD1 model and two random ControlNets of its width."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import io
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from bundle_fixtures import tiny_bundle
+from controlnet_fixtures import diffusers_controlnet, write_layout
+from server_fixtures import b64_png
+from test_server_comfy_api import BASIC, NATIVE, drawn, native_pixels, refused, viewed
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+EDGES, DEPTH = "edges.safetensors", "sub/depth.safetensors"     # control_net_name: the path under the folder
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    from fastapi.testclient import TestClient
+    from server_fixtures import write_preset_models
+
+    from sdlab.server.app import create_app
+    from sdlab.server.config import ServerConfig
+
+    root = tmp_path_factory.mktemp("comfy-controlnet")
+    models = root / "models"
+    write_preset_models(models)
+    unet = tiny_bundle("sd1", seed=3).unet_config
+    folder = models / "ControlNet"
+    for name, seed in ((EDGES, 5), (DEPTH, 6)):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        written = write_layout(diffusers_controlnet(unet, seed, hint_widths=(16, 32), std=0.1), "original",
+                               (folder / name).parent)
+        written.rename(folder / name)
+    app = create_app(ServerConfig(output_dir=root / "outputs", model=models / "plain.safetensors",
+                                  models_dir=models, controlnet_dir=folder), preload=True)
+    with TestClient(app) as client:
+        for name, picture in PICTURES.items():
+            data = io.BytesIO()
+            picture.save(data, format="PNG")
+            assert client.post("/upload/image", files={"image": (name, data.getvalue(), "image/png")}).status_code \
+                == 200
+        yield client
+
+
+def _picture(seed: int, size: tuple[int, int]) -> Image.Image:
+    """A control picture of another aspect ratio than the drawing's 64 x 64 (ComfyUI cuts its centre), with a
+    transparent band (which ComfyUI's LoadImage drops)."""
+    image = Image.new("RGBA", size, (30, 30, 160, 255))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([4 + 6 * seed, 4, size[0] - 10, size[1] - 8], outline=(255, 255, 255, 255), width=4)
+    draw.ellipse([10, 8 + 3 * seed, 40, 40], fill=(220, 80 * seed, 60, 255))
+    draw.rectangle([0, 0, size[0] - 1, 5], fill=(255, 0, 0, 0))
+    return image
+
+
+PICTURES = {"edges.png": _picture(0, (96, 64)), "depth.png": _picture(1, (48, 72))}
+
+
+def with_controls(nodes: dict, positive: list, negative: list) -> dict:
+    """BASIC with `nodes` added and the KSampler's positive / negative linked to them."""
+    prompt = copy.deepcopy(BASIC)
+    prompt.update(copy.deepcopy(nodes))
+    prompt["3"]["inputs"].update(positive=positive, negative=negative)
+    return prompt
+
+
+LOADERS = {"10": {"class_type": "ControlNetLoader", "inputs": {"control_net_name": EDGES}},
+           "11": {"class_type": "LoadImage", "inputs": {"image": "edges.png"}},
+           "13": {"class_type": "ControlNetLoader", "inputs": {"control_net_name": DEPTH}},
+           "14": {"class_type": "LoadImage", "inputs": {"image": "depth.png"}}}
+
+
+def advanced(positive, negative, loader, image, strength, start, end, **more) -> dict:
+    return {"class_type": "ControlNetApplyAdvanced", "inputs": {
+        "positive": positive, "negative": negative, "control_net": [loader, 0], "image": [image, 0],
+        "strength": strength, "start_percent": start, "end_percent": end, **more}}
+
+
+CHAIN = {**LOADERS, "12": advanced(["6", 0], ["7", 0], "10", "11", 0.8, 0.0, 0.6, vae=["4", 2]),
+         "15": advanced(["12", 0], ["12", 1], "13", "14", 0.5, 0.3, 1.0)}
+
+
+def native_control(name: str, strength: float, start: float = 0.0, end: float = 1.0) -> dict:
+    return {"model": name.rsplit("/", 1)[-1].split(".")[0], "image": b64_png(PICTURES[name.replace(
+        "safetensors", "png").rsplit("/", 1)[-1]]), "strength": strength, "start": start, "end": end}
+
+
+def graph_pixels(client, prompt: dict) -> np.ndarray:
+    return viewed(client, drawn(client, prompt)[1]["outputs"]["9"]["images"][0])
+
+
+def test_two_controlnet_apply_advanced_in_a_row_draw_the_native_comfyui_controls(server):
+    messages, entry = drawn(server, with_controls(CHAIN, ["15", 0], ["15", 1]))
+    executing = [data["node"] for kind, data in messages if kind == "executing"]
+    assert executing == ["4", "6", "7", "10", "11", "12", "13", "14", "15", "5", "3", "8", "9", None]
+    image = entry["outputs"]["9"]["images"][0]
+    pixels = viewed(server, image)
+    native = native_pixels(server, {**NATIVE, "control_convention": "comfyui", "controls": [
+        native_control(EDGES, 0.8, 0.0, 0.6), native_control(DEPTH, 0.5, 0.3, 1.0)]})
+    assert np.array_equal(pixels, native)
+    assert np.abs(pixels - graph_pixels(server, BASIC)).max() > 10          # the ControlNets change the picture
+    png = server.get("/view", params=image).content
+    written = Image.open(io.BytesIO(png)).info["parameters"]
+    assert "Control steps: comfyui" in written and "ControlNet 1: " in written
+    read = server.post("/api/parameters", json={"image": base64.b64encode(png).decode()})     # Reuse, --from-png
+    assert read.status_code == 200, read.text
+    settings = read.json()["settings"]
+    assert settings["control_convention"] == "comfyui"
+    assert [(c["strength"], c["start"], c["end"]) for c in settings["controls"]] == [(0.8, 0.0, 0.6), (0.5, 0.3, 1.0)]
+
+
+def test_controlnet_apply_on_the_positive_acts_on_both_rows(server):
+    """ControlNetApply sets control_apply_to_uncond: ComfyUI's sampler gives the negative the positive's control
+    (comfy/samplers.py apply_empty_x_to_equal_area), so it is the native control on every row."""
+    nodes = {**LOADERS, "12": {"class_type": "ControlNetApply", "inputs": {
+        "conditioning": ["6", 0], "control_net": ["10", 0], "image": ["11", 0], "strength": 0.9}}}
+    pixels = graph_pixels(server, with_controls(nodes, ["12", 0], ["7", 0]))
+    native = native_pixels(server, {**NATIVE, "control_convention": "comfyui",
+                                    "controls": [native_control(EDGES, 0.9)]})
+    assert np.array_equal(pixels, native)
+    other_rule = native_pixels(server, {**NATIVE, "controls": [native_control(EDGES, 0.9)]})   # diffusers' resize
+    assert np.abs(pixels - other_rule).max() > 0
+
+
+def test_controls_that_never_act_are_left_out(server):
+    """Strength 0 returns the conditioning untouched (nodes.py); start_percent > end_percent is a window no sigma
+    lies in: both draw the graph without them."""
+    nodes = {**LOADERS, "12": advanced(["6", 0], ["7", 0], "10", "11", 0.0, 0.0, 1.0),
+             "15": advanced(["12", 0], ["12", 1], "13", "14", 0.7, 0.8, 0.2)}
+    assert np.array_equal(graph_pixels(server, with_controls(nodes, ["15", 0], ["15", 1])),
+                          graph_pixels(server, BASIC))
+
+
+def test_object_info_lists_the_controlnet_nodes_as_comfyui(server):
+    info = server.get("/object_info").json()
+    assert info["ControlNetLoader"]["input"] == {"required": {"control_net_name": [[EDGES, DEPTH]]}}
+    assert info["ControlNetLoader"]["output"] == ["CONTROL_NET"] and info["ControlNetLoader"]["category"] == "loaders"
+    advanced_info = server.get("/object_info/ControlNetApplyAdvanced").json()["ControlNetApplyAdvanced"]
+    assert advanced_info["input"] == {
+        "required": {"positive": ["CONDITIONING"], "negative": ["CONDITIONING"], "control_net": ["CONTROL_NET"],
+                     "image": ["IMAGE"],
+                     "strength": ["FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01}],
+                     "start_percent": ["FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001}],
+                     "end_percent": ["FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001}]},
+        "optional": {"vae": ["VAE"]}}
+    assert advanced_info["input_order"]["optional"] == ["vae"]
+    assert advanced_info["output"] == ["CONDITIONING", "CONDITIONING"]
+    assert advanced_info["output_name"] == ["positive", "negative"]
+    assert "deprecated" not in advanced_info
+    apply_info = info["ControlNetApply"]
+    assert list(apply_info["input"]["required"]) == ["conditioning", "control_net", "image", "strength"]
+    assert apply_info["deprecated"] is True and apply_info["category"] == "conditioning/controlnet"
+
+
+def test_controlnet_graphs_sdlab_does_not_draw_get_comfyuis_node_errors(server):
+    chain = with_controls(CHAIN, ["15", 0], ["15", 1])
+    bad = copy.deepcopy(chain)
+    bad["10"]["inputs"]["control_net_name"] = "nothere.safetensors"
+    error = refused(server, bad)["node_errors"]["10"]["errors"][0]
+    assert error["type"] == "value_not_in_list"
+    assert error["details"] == f"control_net_name: 'nothere.safetensors' not in {[EDGES, DEPTH]}"
+    bad = copy.deepcopy(chain)
+    del bad["15"]["inputs"]["image"]
+    body = refused(server, bad)
+    assert body["node_errors"]["15"]["errors"][0]["type"] == "required_input_missing"
+    assert body["node_errors"]["15"]["class_type"] == "ControlNetApplyAdvanced"
+    bad = copy.deepcopy(chain)
+    bad["15"]["inputs"]["strength"] = 11
+    assert refused(server, bad)["node_errors"]["15"]["errors"][0]["type"] == "value_bigger_than_max"
+    bad = copy.deepcopy(chain)
+    bad["15"]["inputs"]["control_net"] = ["4", 0]                       # a MODEL where CONTROL_NET goes
+    assert refused(server, bad)["node_errors"]["15"]["errors"][0]["details"] == "control_net, MODEL != CONTROL_NET"
+    bad = copy.deepcopy(chain)
+    bad["15"]["inputs"]["image"] = ["8", 0]                              # the picture this KSampler draws
+    assert refused(server, bad)["node_errors"]["15"]["errors"][0]["type"] == "dependency_cycle_detected"
+    bad = copy.deepcopy(chain)                                          # a picture not a LoadImage's
+    bad["20"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["14", 0], "vae": ["4", 2]}}
+    bad["21"] = {"class_type": "VAEDecode", "inputs": {"samples": ["20", 0], "vae": ["4", 2]}}
+    bad["15"]["inputs"]["image"] = ["21", 0]
+    body = refused(server, bad)
+    assert body["node_errors"]["15"]["errors"][0]["type"] == "unsupported_graph"
+    # an Advanced node's positive alone on the KSampler: the negative rows would be drawn without it
+    body = refused(server, with_controls(CHAIN, ["15", 0], ["7", 0]))
+    assert body["error"]["type"] == "prompt_outputs_failed_validation"
+    assert body["node_errors"]["3"]["errors"][0]["type"] == "unsupported_graph"
+    # a ControlNetApply after an Advanced node: the negative keeps the Advanced one's alone (ComfyUI gives the
+    # positive's to a negative without any)
+    after = {**CHAIN, "16": {"class_type": "ControlNetApply", "inputs": {
+        "conditioning": ["15", 0], "control_net": ["10", 0], "image": ["11", 0], "strength": 0.4}}}
+    assert refused(server, with_controls(after, ["16", 0], ["15", 1]))["node_errors"]["3"]["errors"][0][
+        "type"] == "unsupported_graph"
+    assert server.get("/queue").json() == {"queue_running": [], "queue_pending": []}
