@@ -7,7 +7,7 @@
 //   preview:  POST /controlnet/detect (a unit's picture through its preprocessor)
 //   a job:    the native API's `controls: [{model, image, strength, start, end, module, control_mode, resize_mode,
 //             threshold_a, threshold_b, processor_res, pixel_perfect}]` and `ip_adapters: [{model, image, scale,
-//             start, end, layer_scales, module}]`
+//             start, end, layer_scales, module, resize_mode}]`
 "use strict";
 
 const CONTROL_UNIT_COUNT = 3;      // the extension's default unit count (GET /controlnet/settings)
@@ -366,7 +366,8 @@ function controlRequest() {
       scale: controlNumber("ipa_scale", "IP-Adapter"),
       ...(start ? { start } : {}), ...(end !== undefined && end !== 1 ? { end } : {}),    // every step: left out
       ...($("ipa_layers").value ? { layer_scales: $("ipa_layers").value } : {}),
-      ...($("ipa_module").value ? { module: $("ipa_module").value } : {}) }];
+      ...($("ipa_module").value ? { module: $("ipa_module").value } : {}),
+      ...($("ipa_resize_mode").value ? { resize_mode: $("ipa_resize_mode").value } : {}) }];
   }
   return body;
 }
@@ -442,6 +443,9 @@ function fillControls(settings, unknown) {
   $("ipa_end").value = prompts[0].end ?? 1;
   setIpLayers(prompts[0].layer_scales);
   if (!selectMatching($("ipa_module"), prompts[0].module ?? "")) unknown.push(`IP-Adapter module "${prompts[0].module}"`);
+  if (!selectMatching($("ipa_resize_mode"), prompts[0].resize_mode ?? "")) {
+    unknown.push(`IP-Adapter resize mode "${prompts[0].resize_mode}"`);
+  }
   if (prompts.length > 1) unknown.push(`${prompts.length - 1} IP-Adapters past the first`);
 }
 
