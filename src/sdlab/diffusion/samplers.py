@@ -66,9 +66,9 @@ Adding a sampler = writing its function and adding one row to ``SAMPLER_TABLE``.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from functools import partial
+from functools import cached_property, partial
 
 from torch import Tensor
 
@@ -125,6 +125,11 @@ class SamplerSpec:
         row, ComfyUI's aliases."""
         return tuple(n for n in (*self.a1111_aliases, self.comfy, *self.comfy_aliases) if n and n != self.name)
 
+    @cached_property
+    def parameters(self) -> Mapping[str, inspect.Parameter]:
+        """Its function's parameters, the options it takes (`inspect.signature`, read once per row)."""
+        return inspect.signature(self.fn).parameters
+
     @property
     def stochastic(self) -> bool:
         return self.noise != "none"
@@ -132,7 +137,7 @@ class SamplerSpec:
     @property
     def default_eta(self) -> float | None:
         """The eta its function draws with when given none (None: it takes no eta)."""
-        taken = inspect.signature(self.fn).parameters.get("eta")
+        taken = self.parameters.get("eta")
         return None if taken is None else taken.default
 
     def draws_step_noise(self, eta: float | None = None, s_churn: float = 0.0) -> bool:
@@ -140,8 +145,7 @@ class SamplerSpec:
         default) and ``s_churn``: a row whose function takes an eta draws none at eta 0 (DDIM, ``res_multistep``,
         ``dpm_fast`` and ``dpm_adaptive`` by default); one that takes churn (Euler, Heun, DPM2) draws it with churn;
         the SDE rows' Brownian trees are seeded with the seeds themselves."""
-        parameters = inspect.signature(self.fn).parameters
-        if s_churn > 0 and "s_churn" in parameters:
+        if s_churn > 0 and "s_churn" in self.parameters:
             return True
         if self.noise != "gaussian":
             return False

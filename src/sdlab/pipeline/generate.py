@@ -59,7 +59,6 @@ sigmas[0] (diffusers' ``add_noise``), strength 1 included, where ComfyUI's rule 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 from functools import partial
 import logging
@@ -480,7 +479,7 @@ def _share(options: dict[str, Any], first: bool, last: bool, sampler: SamplerSpe
     lowers its order only at the list's end, as diffusers' scheduler counts its whole list)."""
     dropped = {name for name, kept in (("sigma_max", first), ("sigma_min", last), ("n", first and last)) if not kept}
     share = {name: value for name, value in options.items() if name not in dropped}
-    if steps_after and sampler is not None and "steps_after" in inspect.signature(sampler.fn).parameters:
+    if steps_after and sampler is not None and "steps_after" in sampler.parameters:
         share["steps_after"] = steps_after
     return share
 
@@ -1008,13 +1007,13 @@ def _sampler_options(plan: GenerationPlan, x: Tensor, generators: list[Generator
         options.update(s_churn=req.s_churn, s_tmin=req.s_tmin, s_tmax=tmax)
     if plan.solver_span is not None:
         options["sigma_max"], options["sigma_min"] = plan.solver_span
-    if plan.solver_calls is not None and "n" in inspect.signature(sampler.fn).parameters:
+    if plan.solver_calls is not None and "n" in sampler.parameters:
         options["n"] = plan.solver_calls
     if sampler.wants_sigma_to_t:
         options["sigma_to_t"] = plan.sampling.sigma_to_t
     if sampler.wants_t_to_sigma:
         options["t_to_sigma"] = plan.sampling.t_to_sigma
-    accepted = inspect.signature(sampler.fn).parameters
+    accepted = sampler.parameters
     ignored = sorted(name for name in options if name not in accepted and name != "noise")
     if ignored:
         logger.warning("sampler %s takes no %s; ignored", sampler.name, ", ".join(ignored))

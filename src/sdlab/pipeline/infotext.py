@@ -12,7 +12,6 @@ it is encoded, as A1111 does.
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import json
 import math
@@ -654,7 +653,7 @@ def _taken(req: GenerationRequest, option: str, value: float | None) -> float | 
         spec = get_sampler(req.sampler)
     except UnknownSamplerError:
         return value
-    return value if option in inspect.signature(spec.fn).parameters else None
+    return value if option in spec.parameters else None
 
 
 def _eta_parameters(req: GenerationRequest) -> dict[str, Any]:
