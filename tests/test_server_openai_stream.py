@@ -186,9 +186,18 @@ def test_a_stream_without_partial_images_is_the_completed_event_alone(sdlab_serv
 
 
 def test_a_client_leaving_mid_stream_cancels_its_job(sdlab_server):
+    """Queued (behind a long native job) or running, the job of a stream its client closes is cancelled."""
     body = {"prompt": "a streamed otter", "size": "512x512", "stream": True, "partial_images": 3, "steps": 60,
             "seed": 1}
     with httpx.Client(base_url=sdlab_server.url, timeout=60) as http:
+        blocker = http.post("/api/jobs", json={"prompt": "a long one", "width": 512, "height": 512, "steps": 60,
+                                               "batch_count": 4, "seed": 1}).json()["id"]
+        with http.stream("POST", "/v1/images/generations", json={**body, "prompt": "a queued otter"}) as answer:
+            assert answer.status_code == 200
+            assert [j["status"] for j in jobs_of_prompt(http, "a queued otter")] == ["queued"]
+        assert ended(http, "a queued otter", 1, timeout_s=10) == ["cancelled"]
+        assert http.get(f"/api/jobs/{blocker}").json()["status"] == "running"
+        http.delete(f"/api/jobs/{blocker}")
         with http.stream("POST", "/v1/images/generations", json=body) as answer:
             assert answer.status_code == 200
             deadline = time.monotonic() + 30

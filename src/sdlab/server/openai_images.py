@@ -29,7 +29,6 @@ from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 from PIL import Image, ImageOps
 from pydantic import ConfigDict, ValidationError
 from starlette.datastructures import UploadFile
@@ -41,7 +40,7 @@ from sdlab.server.config import Limits
 from sdlab.server.inputs import BadRequest, NullsAreDefaults, opened_picture
 from sdlab.server.jobs import Job, Unavailable, image_url
 from sdlab.server.native import JobIn, job_spec, service_of
-from sdlab.server.openai_stream import DISCONNECT_POLL_S, PARTIAL_IMAGES, event_stream
+from sdlab.server.openai_stream import DISCONNECT_POLL_S, PARTIAL_IMAGES, JobEventsResponse, event_stream
 from sdlab.server.registry import Checkpoint
 from sdlab.server.service import Service
 from sdlab.server.store import INTERRUPTED_ERROR
@@ -280,10 +279,8 @@ async def _answered(service: Service, request: Request, body: GenerationIn, pict
     def completed() -> list[tuple[bytes, str]]:
         return [(data, size) for data, size, _ in _pictures(service, body, job)]
 
-    return StreamingResponse(event_stream(service, request, job, kind, _stream_fields(body), body.partial_images,
-                                          completed, stream_error),
-                             media_type="text/event-stream", headers={"Cache-Control": "no-cache",
-                                                                      "X-Accel-Buffering": "no"})
+    return JobEventsResponse(service, job, event_stream(request, job, kind, _stream_fields(body),
+                                                        body.partial_images, completed, stream_error))
 
 
 def _stream_fields(body: GenerationIn) -> dict[str, Any]:

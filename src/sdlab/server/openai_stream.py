@@ -10,7 +10,8 @@ A partial image is the job's live preview (`server/previews.py`, the native even
 spread evenly over its steps, scaled up to the picture's size, in the request's `output_format`; a job too short
 for them all sends fewer, as OpenAI may. A job that ends without a picture sends one `error` event
 (`{type: "error", error: {message, type, param, code}}`, what the `openai` package raises as an `APIError`). The
-client leaving before the end (it disconnects, or stops reading) cancels the job as `DELETE /api/jobs/ID` does.
+client leaving before the end (it disconnects) cancels the job as `DELETE /api/jobs/ID` does
+(`JobEventsResponse`).
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 from PIL import Image
+from starlette.types import Receive, Scope, Send
 from torch import Tensor
 
-from sdlab.server.jobs import Job
+from sdlab.server.jobs import FINAL_STATES, Job
 from sdlab.server.previews import preview_image
 from sdlab.server.service import Service
 
@@ -75,14 +78,30 @@ def event(kind: str, name: str, raw: bytes, size: str, fields: dict[str, Any], *
     return sse(data["type"], data)
 
 
-async def event_stream(service: Service, request: Request, job: Job, kind: str, fields: dict[str, Any],
-                       partial_images: int, completed: Callable[[], list[tuple[bytes, str]]],
+class JobEventsResponse(StreamingResponse):
+    """The `text/event-stream` answer of a job's events; when it ends before the job did (the client left, even
+    before its first event, or the server stops), the job is cancelled: nobody waits for its pictures."""
+
+    def __init__(self, service: Service, job: Job, events: AsyncIterator[str]) -> None:
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.service, self.job = service, job
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if self.job.status not in FINAL_STATES:
+                self.service.queue.cancel(self.job)     # no await: this may run cancelled
+
+
+async def event_stream(request: Request, job: Job, kind: str, fields: dict[str, Any], partial_images: int,
+                       completed: Callable[[], list[tuple[bytes, str]]],
                        error_of: Callable[[Job], dict[str, Any] | None]) -> AsyncIterator[str]:
     """The events of `job` from now to its end: partial images while it draws, then each `completed()` picture
     (file, "WxH"), or an `error` event of `error_of(job)` (OpenAI's error body) when it drew none."""
-    loop = asyncio.get_running_loop()
-    queue = job.subscribe(loop, steps=partial_images > 0, previews=True)    # following its steps draws previews
-    ended, sent, quiet = False, 0, 0.0
+    queue = job.subscribe(asyncio.get_running_loop(), steps=partial_images > 0, previews=True)  # draws previews
+    sent, quiet = 0, 0.0
     try:
         while True:
             try:
@@ -106,7 +125,6 @@ async def event_stream(service: Service, request: Request, job: Job, kind: str, 
                     yield event(kind, "partial_image", raw, shown, fields, partial_image_index=sent)
                     sent += 1
             elif name in ENDED:
-                ended = True
                 error = error_of(job)
                 if error is not None:
                     yield sse("error", {"type": "error", **error})
@@ -116,5 +134,3 @@ async def event_stream(service: Service, request: Request, job: Job, kind: str, 
                 return
     finally:
         job.unsubscribe(queue)
-        if not ended:           # the client left (or the server stops): nobody waits for its pictures
-            loop.run_in_executor(None, service.queue.cancel, job)
