@@ -202,3 +202,10 @@ def test_controlnet_graphs_sdlab_does_not_draw_get_comfyuis_node_errors(server):
     assert refused(server, with_controls(after, ["16", 0], ["15", 1]))["node_errors"]["3"]["errors"][0][
         "type"] == "unsupported_graph"
     assert server.get("/queue").json() == {"queue_running": [], "queue_pending": []}
+
+
+def test_a_native_comfyui_control_with_a_resize_comfyui_has_not_is_a_422(server):
+    answer = server.post("/api/jobs", json={**NATIVE, "control_convention": "comfyui",
+                                            "controls": [{**native_control(EDGES, 0.9), "resize_mode": "fill"}]})
+    assert answer.status_code == 422, answer.text
+    assert "resize_mode resize or crop" in answer.text

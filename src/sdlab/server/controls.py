@@ -337,11 +337,13 @@ def takes_init(item: dict[str, Any]) -> bool:
 
 
 def native_controls(items: list[dict[str, Any]], folder: ModelFolder, limits: Limits,
-                    init: Image.Image | None = None, job_resize: str = "resize") -> tuple[ControlInput, ...]:
+                    init: Image.Image | None = None, job_resize: str = "resize",
+                    convention: str = "diffusers") -> tuple[ControlInput, ...]:
     """The native `controls` entries as checked `ControlInput`s. An entry without an image is drawn on the job's
     init picture `init` with its resize mode `job_resize` by the pipeline's rule (`control.drawn_on_init`, as an
     A1111 unit without one, `a1111_unit`); a txt2img job has none, and such an entry is a 422, as the extension
-    refuses it ("no input image is given")."""
+    refuses it ("no input image is given"). Under the job's `convention` "comfyui" its rules are checked too
+    (ComfyUI's resize modes)."""
     controls = []
     for index, item in enumerate(items):
         what = f"control {index}"
@@ -361,6 +363,8 @@ def native_controls(items: list[dict[str, Any]], folder: ModelFolder, limits: Li
         except RequestError as err:
             raise BadRequest(str(err), 422) from None
         controls.append(checked_control(control, index, "diffusers", folder))
+        if convention == "comfyui":
+            checked_control(control, index, convention, folder)
     return tuple(controls)
 
 

@@ -416,7 +416,7 @@ def job_spec(service: Service, body: JobIn, init: Image.Image | None, mask: Imag
         hr_sampler=body.hr_sampler, hr_schedule=body.hr_schedule, hr_eta=body.hr_eta, hr_prompt=texts["hr_prompt"],
         hr_negative_prompt=texts["hr_negative_prompt"],
         controls=native_controls([c.model_dump() for c in body.controls], service.controlnets, limits, init,
-                                 body.resize_mode),
+                                 body.resize_mode, body.control_convention),
         ip_adapters=native_ip_adapters([a.model_dump() for a in body.ip_adapters], service.controlnets, limits,
                                        body.control_convention, init),
         steps=body.steps, tiling=body.tiling, token_merging_ratio=body.token_merging_ratio,
