@@ -77,9 +77,10 @@ class ComfyControlNet:
     ``get_control`` / ``control_merge``, over sdlab's loaded ControlNet module (the network itself is proven equal to
     diffusers' in tests/test_controlnet.py). `factor`: ComfyUI's 8 (see the module docstring)."""
 
-    def __init__(self, net, image, strength, percent_range, previous, factor):
+    def __init__(self, net, image, strength, percent_range, previous, factor, global_average_pooling=False):
         self.net, self.cond_hint_original, self.strength = net, image.movedim(-1, 1), strength
         self.timestep_percent_range, self.previous_controlnet, self.factor = percent_range, previous, factor
+        self.global_average_pooling = global_average_pooling
 
     def pre_run(self, s):
         self.timestep_range = (percent_to_sigma(s, self.timestep_percent_range[0]),
@@ -96,7 +97,10 @@ class ComfyControlNet:
         cond_hint = common_upscale(self.cond_hint_original, x_noisy.shape[3] * self.factor,
                                    x_noisy.shape[2] * self.factor, "nearest-exact", "center")
         residuals, mid = self.net.model(x_noisy, t, context, cond_hint.expand(x_noisy.shape[0], -1, -1, -1), y)
-        out = [x * self.strength for x in [*residuals, mid]]
+        out = [*residuals, mid]
+        if self.global_average_pooling:
+            out = [torch.mean(x, dim=(2, 3), keepdim=True).repeat(1, 1, x.shape[2], x.shape[3]) for x in out]
+        out = [x * self.strength for x in out]
         if control_prev is not None:
             out = [o + p for o, p in zip(out, control_prev)]
         return out
@@ -113,7 +117,9 @@ def sd1(tmp_path_factory):
         model = diffusers_controlnet(bundle.unet_config, seed=30 + k, hint_widths=(16, 32), std=0.1)
         (folder / f"cn{k}").mkdir()
         paths.append(write_layout(model, "original", folder / f"cn{k}"))
-    return pipe, paths
+    shuffle = folder / "cn1" / "control_cn_shuffle.safetensors"     # pooled by its name, as ComfyUI pools it
+    shuffle.write_bytes(paths[1].read_bytes())
+    return pipe, [*paths, shuffle]
 
 
 def control_picture(seed: int, size=(60, 30)) -> Image.Image:
@@ -136,8 +142,10 @@ def reference_run(monkeypatch, pipe, units, sampler, schedule):
     assert torch.equal(bundle.model_sampling.t_to_sigma(torch.arange(1000.0)).float(), s.sigmas)   # SD's schedule
     chain = None
     for path, picture, strength, start, end in units:
-        chain = ComfyControlNet(load_controlnet(path), load_image(picture), strength, (start, end), chain,
-                                bundle.vae_config.downsample_factor)
+        pooled = path.stem.endswith("_shuffle")                      # comfy/controlnet.py load_controlnet
+        net = load_controlnet(path.with_name("control_cn.safetensors") if pooled else path)   # the same, unpooled
+        chain = ComfyControlNet(net, load_image(picture), strength, (start, end), chain,
+                                bundle.vae_config.downsample_factor, global_average_pooling=pooled)
     chain.pre_run(s)
     seen = {}
 
@@ -183,7 +191,7 @@ def draw(pipe, sampler, schedule, **options):
 def test_a_chain_of_two_controlnets_draws_comfyuis_picture(monkeypatch, sd1, sampler, schedule):
     """Two ControlNets in a row, each on part of the schedule: ComfyUI's hint, window, strength and sum. heun calls
     the model at the next step's sigma inside a step: ComfyUI's window takes each call by its own sigma."""
-    pipe, (first, second) = sd1
+    pipe, (first, second, _) = sd1
     units = [(first, control_picture(0), 0.8, 0.0, 0.55), (second, control_picture(1), 0.6, 0.3, 1.0)]
     controls = [ControlInput(path, picture, strength, start, end) for path, picture, strength, start, end in units]
     ours = draw(pipe, sampler, schedule, controls=controls, control_convention="comfyui")
@@ -194,6 +202,18 @@ def test_a_chain_of_two_controlnets_draws_comfyuis_picture(monkeypatch, sd1, sam
     assert (diffusers[0] - reference[0]).abs().max() > 0.01         # sdlab's other rules draw another one
     assert torch.equal(ours[0], reference[0])
     assert np.array_equal(uint8_pictures(ours[1]), uint8_pictures(reference[1]))
+
+
+def test_a_pooling_controlnet_acts_on_every_row_as_comfyuis(monkeypatch, sd1):
+    """A shuffle ControlNet (pooled by its name, as ComfyUI's load_controlnet pools it): ComfyUI averages its
+    residuals in control_merge and gives them to every row, where diffusers' rule keeps them to the prompt's."""
+    pipe, (_, _, shuffle) = sd1
+    units = [(shuffle, control_picture(1), 0.9, 0.0, 1.0)]
+    ours = draw(pipe, "euler", "normal", controls=[ControlInput(*units[0])], control_convention="comfyui")
+    reference = reference_run(monkeypatch, pipe, units, "euler", "normal")
+    diffusers = draw(pipe, "euler", "normal", controls=[ControlInput(*units[0])])
+    assert (diffusers[0] - reference[0]).abs().max() > 0.01                 # the prompt's rows alone: another
+    assert torch.equal(ours[0], reference[0])
 
 
 def test_the_hint_is_comfyuis_centre_cut_and_nearest_exact_resize():
@@ -221,7 +241,7 @@ def test_the_window_is_comfyuis_percent_to_sigma():
 
 
 def test_comfyuis_rule_refuses_resize_and_fill(sd1):
-    pipe, (first, _) = sd1
+    pipe, (first, _, _) = sd1
     with pytest.raises(RequestError, match="resize_mode resize or crop"):
         draw(pipe, "euler", "karras", controls=[ControlInput(first, control_picture(0), resize_mode="fill")],
              control_convention="comfyui")
