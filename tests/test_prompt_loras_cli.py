@@ -627,8 +627,7 @@ def test_a_native_loras_entry_that_is_no_lora_is_refused_at_submission(model, tm
     """A native job's `loras` entry naming a file of the LoRA folder that sdlab cannot merge is a 400 when the job
     is submitted, saying what the file is (as its prompt tag is), not a queued job that fails when the model
     loads; the file is named as clients know it, not by its path."""
-    from sdlab.pipeline.request import GenerationRequest
-    from sdlab.server.inputs import BadRequest, JobSpec, LoraChoice
+    from sdlab.server.inputs import BadRequest
 
     service, _ = _service(model, tmp_path)
     folder = tmp_path / "models" / "Lora"
@@ -636,8 +635,7 @@ def test_a_native_loras_entry_that_is_no_lora_is_refused_at_submission(model, tm
     service.registry.refresh()
     try:
         with pytest.raises(BadRequest) as err:
-            service.submit(JobSpec(GenerationRequest("a cat", sampler="Euler", **OPTIONS),
-                                   loras=(LoraChoice("other", 0.8),)), "txt2img", None)
+            service.submit(_entry_job("other"), "txt2img", None)
         assert err.value.status == 400 and says in err.value.message and "LoRA 'other'" in err.value.message
         assert str(folder) not in err.value.message
     finally:
@@ -658,7 +656,7 @@ def test_a_lora_with_nan_weights_is_refused_at_submission_as_a_loras_entry_and_a
     in `loras` or tags it in the prompt (one check, `prompt_loras.lora_file_problem`), not a queued job that fails
     when the model loads."""
     from sdlab.pipeline.request import GenerationRequest
-    from sdlab.server.inputs import BadRequest, JobSpec, LoraChoice
+    from sdlab.server.inputs import BadRequest, JobSpec
 
     service, _ = _service(model, tmp_path)
     folder = tmp_path / "models" / "Lora"
@@ -666,8 +664,7 @@ def test_a_lora_with_nan_weights_is_refused_at_submission_as_a_loras_entry_and_a
     service.registry.refresh()
     try:
         with pytest.raises(BadRequest) as entry:
-            service.submit(JobSpec(GenerationRequest("a cat", sampler="Euler", **OPTIONS),
-                                   loras=(LoraChoice("poisoned", 0.8),)), "txt2img", None)
+            service.submit(_entry_job("poisoned"), "txt2img", None)
         with pytest.raises(BadRequest) as tag:
             service.submit(JobSpec(GenerationRequest("a cat <lora:poisoned:0.8>", sampler="Euler", **OPTIONS)),
                            "txt2img", None)
@@ -681,15 +678,19 @@ def test_a_lora_with_nan_weights_is_refused_at_submission_as_a_loras_entry_and_a
         service.store.close()
 
 
-def test_the_submit_check_reads_a_lora_file_once_per_version(model, tmp_path, monkeypatch):
-    """The submit check of a `loras` entry and of a prompt tag reads the LoRA file the first time only: checked
-    again unchanged, after the queue let go of what it read (`forget_read_loras`) too, it is not read again; a new
-    version of the file is read again. Reads are counted where every LoRA file is opened (`read_checkpoint`)."""
-    import sdlab.checkpoints.lora as lora_module
+def _entry_job(name: str):
+    """A server job (`JobSpec`) of "a cat" with the LoRA `name` of the server's folder as its `loras` entry at 0.8."""
     from sdlab.pipeline.request import GenerationRequest
     from sdlab.server.inputs import JobSpec, LoraChoice
 
-    service, style = _service(model, tmp_path)
+    return JobSpec(GenerationRequest("a cat", sampler="Euler", **OPTIONS), loras=(LoraChoice(name, 0.8),))
+
+
+def _counted_reads(monkeypatch) -> list[Path]:
+    """The files LoRA reads open from now on, resolved: where every LoRA file is opened (`read_checkpoint` in
+    checkpoints/lora.py)."""
+    import sdlab.checkpoints.lora as lora_module
+
     reads: list[Path] = []
     read_checkpoint = lora_module.read_checkpoint
 
@@ -698,7 +699,19 @@ def test_the_submit_check_reads_a_lora_file_once_per_version(model, tmp_path, mo
         return read_checkpoint(path, *args, **kwargs)
 
     monkeypatch.setattr(lora_module, "read_checkpoint", counted)
-    entry = JobSpec(GenerationRequest("a cat", sampler="Euler", **OPTIONS), loras=(LoraChoice("style", 0.8),))
+    return reads
+
+
+def test_the_submit_check_reads_a_lora_file_once_per_version(model, tmp_path, monkeypatch):
+    """The submit check of a `loras` entry and of a prompt tag reads the LoRA file the first time only: checked
+    again unchanged, after the queue let go of what it read (`forget_read_loras`) too, it is not read again; a new
+    version of the file is read again. Reads are counted where every LoRA file is opened (`read_checkpoint`)."""
+    from sdlab.pipeline.request import GenerationRequest
+    from sdlab.server.inputs import JobSpec
+
+    service, style = _service(model, tmp_path)
+    reads = _counted_reads(monkeypatch)
+    entry = _entry_job("style")
     tagged = JobSpec(GenerationRequest("a cat <lora:style:0.5>", sampler="Euler", **OPTIONS))
     try:
         for spec in (entry, entry, tagged, entry, tagged):
@@ -711,3 +724,39 @@ def test_the_submit_check_reads_a_lora_file_once_per_version(model, tmp_path, mo
         assert reads.count(style.resolve()) == 2
     finally:
         service.store.close()
+
+
+def test_a_loras_entry_is_read_once_by_its_check_and_its_load(model, tmp_path, monkeypatch):
+    """A server job's `loras` entry: the submit check reads the file (`lora_file_problem`) and the job's load merges
+    that read (`api.load`, `lora_to_merge`), so a pickled LoRA (a full unpickle) is read once, not twice, and the
+    read is let go once nothing waits; `sdlab.load(loras=...)` without a check reads it once and keeps nothing.
+    Reads are counted where every LoRA file is opened (`read_checkpoint`; a .ckpt has no metadata for
+    `lora_preset` to read)."""
+    import time
+
+    from safetensors.torch import load_file
+
+    service, style = _service(model, tmp_path)
+    old = style.with_name("old.ckpt")
+    torch.save(load_file(str(style)), old)
+    service.registry.refresh()                          # A1111's refresh-loras: old.ckpt is listed
+    reads = _counted_reads(monkeypatch)
+    try:
+        sdlab.load(model, loras=[(old, 0.8)])
+        assert reads.count(old.resolve()) == 1
+        assert str(old.resolve()) not in {key[0] for key in prompt_loras._FILE_CACHE}      # nothing of it kept
+        reads.clear()
+        job, _ = service.submit(_entry_job("old"), "txt2img", None)
+    except BaseException:
+        service.store.close()
+        raise
+    service.start()
+    try:
+        deadline = time.monotonic() + 120
+        while job.status not in ("done", "failed") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert job.status == "done", job.error
+        assert reads.count(old.resolve()) == 1
+        assert not prompt_loras._FILE_CACHE
+    finally:
+        service.stop()

@@ -31,7 +31,7 @@ from sdlab.checkpoints.embeddings import (Embedding, FoundEmbeddings, embeddings
                                           install_embeddings, install_fitting_embeddings)
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.load import load_bundle, with_vae
-from sdlab.checkpoints.lora import apply_lora, load_lora_file, lora_preset
+from sdlab.checkpoints.lora import apply_lora, lora_preset
 from sdlab.checkpoints.upscaler import Upscaler
 from sdlab.families.loaded import ModelBundle
 from sdlab.models.deep_cache import DeepCache as DeepCache  # re-exported: the `deep_cache` field's setting
@@ -46,6 +46,7 @@ from sdlab.pipeline.prompt_loras import (
     LoraUse,
     default_lora_dirs,
     find_lora,
+    lora_to_merge,
     patcher_for,
     request_loras,
     resolve_prompt_loras,
@@ -386,7 +387,7 @@ def load(
         path = shipped_model_path()
         if path is None:
             raise FileNotFoundError("this sdlab install has no built-in model; pass the path of a checkpoint")
-    lora_files = [(lora_path, load_lora_file(lora_path), weight) for lora_path, weight in _lora_entries(loras)]  # bad ones first
+    lora_files = [(lora_path, lora_to_merge(lora_path), weight) for lora_path, weight in _lora_entries(loras)]  # bad ones first
     bundle = load_bundle(Path(path), device=device, dtype=dtype, family=family, prediction=prediction, vae=vae,
                          sidecar_vae=sidecar_vae)
     for lora_path, lora, weight in lora_files:

@@ -63,6 +63,7 @@ __all__ = [
     "find_lora",
     "forget_read_loras",
     "lora_file_problem",
+    "lora_to_merge",
     "patcher_for",
     "read_lora",
     "request_loras",
@@ -243,16 +244,35 @@ def _file_key(path: Path) -> tuple:
 def read_lora(path: str | os.PathLike[str]) -> dict[str, dict[str, Tensor]]:
     """`load_lora_file(path)`, kept while the file is unchanged (the last few files)."""
     key = _file_key(Path(path))
-    with _FILE_CACHE_LOCK:
-        if key in _FILE_CACHE:
-            _FILE_CACHE.move_to_end(key)
-            return _FILE_CACHE[key]
+    lora = _kept_lora(key)
+    if lora is not None:
+        return lora
     lora = load_lora_file(path)
     with _FILE_CACHE_LOCK:
         _FILE_CACHE[key] = lora
         while len(_FILE_CACHE) > _FILE_CACHE_SIZE:
             _FILE_CACHE.popitem(last=False)
     return lora
+
+
+def lora_to_merge(path: str | os.PathLike[str]) -> dict[str, dict[str, Tensor]]:
+    """The LoRA file at `path` for a merge for good (`api.load`'s `loras`): the read `read_lora` keeps of this
+    version of it where there is one (a server job's submit check read it: `lora_file_problem`), else
+    `load_lora_file(path)` read now and not kept, so its tensors go with the caller's."""
+    try:
+        key = _file_key(Path(path))
+    except OSError:                                     # load_lora_file names what is wrong with the path
+        return load_lora_file(path)
+    lora = _kept_lora(key)
+    return load_lora_file(path) if lora is None else lora
+
+
+def _kept_lora(key: tuple) -> dict[str, dict[str, Tensor]] | None:
+    with _FILE_CACHE_LOCK:
+        if key not in _FILE_CACHE:
+            return None
+        _FILE_CACHE.move_to_end(key)
+        return _FILE_CACHE[key]
 
 
 def lora_file_problem(path: str | os.PathLike[str]) -> str | None:
