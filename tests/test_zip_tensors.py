@@ -76,6 +76,33 @@ def test_every_tensor_is_the_whole_reads(tmp_path, layout):
     _assert_same_tensors(lazy, whole)
 
 
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED], ids=["stored", "deflated"])
+def test_the_whole_read_unpickles_once_what_torch_load_gives(tmp_path, monkeypatch, compression):
+    """The whole read of a zip whose records are stored (its tensors on the file's map) or deflated (each record
+    read into a storage of its own, as torch.load reads it) unpickles its pickle once, with torch's weights-only
+    unpickler, and gives what torch.load(weights_only=True) gives: dtype, shape, strides and bytes of each tensor;
+    of a deflated file's too each storage offset and which tensors share a storage."""
+    import torch._weights_only_unpickler as weights_only
+
+    torch.save({"state_dict": _views_and_dtypes(), "global_step": 12}, tmp_path / "m.ckpt")
+    path = _repacked(tmp_path / "m.ckpt", tmp_path / "repacked.ckpt", compression)
+    want = torch.load(path, weights_only=True)["state_dict"]
+    unpickles, unpickle = [], weights_only.Unpickler.load
+    monkeypatch.setattr(weights_only.Unpickler, "load", lambda self: (unpickles.append(self), unpickle(self))[1])
+    got, metadata = read_checkpoint(path)
+    assert len(unpickles) == 1 and metadata == {"global_step": "12"}
+    _assert_same_tensors(got, want)
+    if compression == zipfile.ZIP_DEFLATED:
+        assert [got[k].storage_offset() for k in got] == [want[k].storage_offset() for k in want]
+        assert _sharing(got) == _sharing(want)
+
+
+def _sharing(state: dict) -> list[list[str]]:
+    """For each tensor of `state`, the keys of the tensors on its storage."""
+    storage = {key: tensor.untyped_storage().data_ptr() for key, tensor in state.items()}
+    return [[other for other in state if storage[other] == storage[key]] for key in state]
+
+
 def test_a_pt_with_tensors_at_the_top_level_and_an_unknown_suffix(tmp_path):
     tensors = _views_and_dtypes()
     for name in ("w.pt", "w.bin", "w.model"):

@@ -15,12 +15,13 @@
     copied out and its pages given back), those with deflated records are read without mapping (a map would
     see the compressed bytes). A zip file's pickle is first unpickled by the same unpickler onto `meta`, each
     storage checked against its record: a stored record shorter than its storage is refused (the map would give
-    the bytes after it, the zip's next header, as weights); a file that is mapped is unpickled so once, onto its
-    map (`zip_tensors.unpickle_onto_meta(mapped=True)`: the tensors torch.load(mmap=True) gives). With `lazy=True` each tensor is then read from its
-    record when looked up (`zip_tensors.ZipTensors`: nothing of the file held or mapped between reads; `sdlab
-    merge` reads so). A top-level `state_dict` entry (PyTorch Lightning,
-    CompVis) is unwrapped, and so is a file's only entry that is a dict (`{"module": {...}}`: ComfyUI's
-    `load_torch_file` rule) where nested levels are not read anyway. A pickle's metadata is its top-level
+    the bytes after it, the zip's next header, as weights); the whole read unpickles it so once, onto its map, or
+    for a file with deflated records onto storages read from its records (`zip_tensors.unpickle_onto_meta`, `into`
+    "map" / "memory": the tensors torch.load(mmap=True) / torch.load gives). With `lazy=True` each tensor is then
+    read from its record when looked up (`zip_tensors.ZipTensors`: nothing of the file held or mapped between
+    reads; `sdlab merge` reads so). A top-level `state_dict` entry (PyTorch Lightning, CompVis) is unwrapped,
+    and so is a file's only entry that is a dict (`{"module": {...}}`: ComfyUI's `load_torch_file` rule) where
+    nested levels are not read anyway. A pickle's metadata is its top-level
     text and number entries, as strings (an A1111 embedding's `step`, `sd_checkpoint`, `sd_checkpoint_name`).
 Every failure is a `CheckpointError` with a one-line message.
 
@@ -519,10 +520,12 @@ def _read_pickle(path: Path, nested: bool = False, shapes_only: bool = False,
     if (kind := _content_kind(head, binary=False)) is not None:
         raise CheckpointError(f"{path}: not a PyTorch checkpoint: it is {kind}")
     mmap = _check_torch_zip(path) if is_zip else False
-    mapped = mmap and not shapes_only and not lazy      # the whole read of a zip it maps: unpickled once, here
-    unpickled = _unpickle_zip_onto_meta(path, mapped) if is_zip else None   # refuses a record shorter than its storage
-    if unpickled is not None and mapped:              # as torch.load(mmap=True) unpickles it
-        return MappedTensors(_unwrap_state_dict(unpickled[0], path, nested)), _plain_entries(unpickled[0])
+    whole = not shapes_only and not lazy                # the whole read of a zip: unpickled once, here
+    into = ("map" if mmap else "memory") if whole else "meta"
+    unpickled = _unpickle_zip_onto_meta(path, into) if is_zip else None   # refuses a record shorter than its storage
+    if unpickled is not None and whole:               # as torch.load(mmap=mmap) unpickles it
+        tensors = _unwrap_state_dict(unpickled[0], path, nested)
+        return MappedTensors(tensors) if mmap else tensors, _plain_entries(unpickled[0])
     if unpickled is not None and shapes_only:         # as torch.load(map_location="meta") unpickles it
         return _unwrap_state_dict(unpickled[0], path, nested), _plain_entries(unpickled[0])
     if unpickled is not None and lazy and (read := _zip_tensors(path, *unpickled, nested)) is not None:
@@ -574,20 +577,21 @@ def _weights_only_load(path: Path, map_location: str, mmap: bool) -> object:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
 
 
-def _unpickle_zip_onto_meta(path: Path, mapped: bool = False) -> tuple[object, dict[int, Record]] | None:
+def _unpickle_zip_onto_meta(path: Path, into: str = "meta") -> tuple[object, dict[int, Record]] | None:
     """A zip checkpoint's pickle unpickled onto `meta` by the same weights-only unpickler, and its records
     (`zip_tensors.unpickle_onto_meta`, `records_by_start`); each storage is checked against its record as it is
     named, so a stored record shorter than its storage is a CheckpointError naming the file and the record, before
-    the whole read (torch.load(mmap=True) would read it on into the zip's next header) or the lazy one. `mapped`:
-    its tensors are instead on a private map of the file, as torch.load(mmap=True) gives them (that whole read
-    then unpickles nothing again). None where the pickle fails to unpickle here (refused, damaged, TorchScript):
-    the whole read unpickles it again and says why it cannot."""
+    the whole read (torch.load(mmap=True) would read it on into the zip's next header) or the lazy one. `into`
+    "map" / "memory": its tensors are instead on a private map of the file, or read from their records, as
+    torch.load(mmap=True) / torch.load gives them (that whole read then unpickles nothing again). None where the
+    pickle fails to unpickle here (refused, damaged, TorchScript, a record of another size): the whole read
+    unpickles it again by torch.load and says why it cannot."""
     from sdlab.checkpoints.zip_tensors import records_by_start, unpickle_onto_meta
 
     records = records_by_start(path)
     try:
         with _weights_only_unpickling():
-            return unpickle_onto_meta(path, records, mapped), records
+            return unpickle_onto_meta(path, records, into), records
     except CheckpointError:
         raise
     except Exception:

@@ -65,7 +65,7 @@ class Placed:
     span: int
 
 
-def unpickle_onto_meta(path: Path, records: Mapping[int, Record], mapped: bool = False) -> object:
+def unpickle_onto_meta(path: Path, records: Mapping[int, Record], into: str = "meta") -> object:
     """The object pickled in the zip checkpoint at `path` (whose `records_by_start` are `records`), its tensors on
     `meta`, as `torch.load(path, weights_only=True, map_location="meta")` unpickles it (torch.serialization `_load`:
     torch's zip reader, its weights-only unpickler, each storage a `meta` storage of the bytes its persistent id
@@ -78,15 +78,18 @@ def unpickle_onto_meta(path: Path, records: Mapping[int, Record], mapped: bool =
     CheckpointError). Unpickle with the allowed globals set (`io._weights_only_unpickling`). A TorchScript archive,
     which torch.load refuses with weights_only, is refused here too (a ValueError).
 
-    `mapped` (a file whose records are all stored): each storage is instead the span of its record in a private
-    map of the whole file, as `torch.load(path, weights_only=True, mmap=True)` gives it (its `overall_storage`
-    sliced at the record's offset, `map_location="cpu"`), once its record is checked: the whole read of such a
-    file unpickles its pickle once."""
+    `into` says where the storages go once each record is checked: "meta" as above; "map" (a file whose records
+    are all stored) the span of its record in a private map of the whole file, as `torch.load(path,
+    weights_only=True, mmap=True)` gives it (its `overall_storage` sliced at the record's offset,
+    `map_location="cpu"`); "memory" its record read (a deflated one unpacked, its CRC checked) by torch's zip reader
+    into a storage of its own, as `torch.load(path, weights_only=True, map_location="cpu")` reads it
+    (`get_storage_from_record`), where the record holds exactly the storage's bytes (else a ValueError: the
+    whole read by torch.load gives its own answer). So the whole read of a file unpickles its pickle once."""
     reader = torch._C.PyTorchFileReader(str(path))
     if reader.has_record("constants.pkl"):
         raise ValueError(f"{path}: a TorchScript archive")
     # torch.load(mmap=True)'s map: shared=False (MAP_PRIVATE, torch's default mmap option), the file's whole size
-    whole_file = torch.UntypedStorage.from_file(str(path), False, os.path.getsize(path)) if mapped else None
+    whole_file = torch.UntypedStorage.from_file(str(path), False, os.path.getsize(path)) if into == "map" else None
 
     storages: dict[object, torch.storage.TypedStorage] = {}    # torch.load's `loaded_storages`: one per key
     named: dict[object, tuple[torch.dtype, int]] = {}          # each key's dtype and bytes as the pickle first names it
@@ -101,12 +104,18 @@ def unpickle_onto_meta(path: Path, records: Mapping[int, Record], mapped: bool =
             if named[key] != (dtype, nbytes):
                 raise ValueError(f"storage {key!r} named again as {numel} {dtype}")
             return storages[key]
+        name = f"data/{torch.serialization._maybe_decode_ascii(key)}"
         untyped = torch.UntypedStorage(nbytes, device="meta")
-        untyped._checkpoint_offset = reader.get_record_offset(f"data/{torch.serialization._maybe_decode_ascii(key)}")
+        untyped._checkpoint_offset = reader.get_record_offset(name)
         untyped._checkpoint_nbytes = nbytes     # a meta storage grows to fit a `set_` past its end: torch.load's refuses
-        record_of(untyped, records, path)
+        record = record_of(untyped, records, path)
         if whole_file is not None:
             untyped = whole_file[untyped._checkpoint_offset:untyped._checkpoint_offset + nbytes]    # [nbytes] bytes
+        elif into == "memory":
+            if record is None:
+                raise ValueError(f"storage {key!r}: no record of its {nbytes} bytes")
+            read = reader.get_storage_from_record(name, nbytes, torch.UntypedStorage)       # torch.load's load_tensor
+            untyped = read._typed_storage()._untyped_storage
         storages[key] = torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
         named[key] = (dtype, nbytes)
         return storages[key]
