@@ -15,9 +15,9 @@ span of it, with their own strides.
 A file the lazy read does not take as torch.load would (a storage key named again with another dtype or size, a
 record not of its storage's size, a span past its storage, a negative size or stride) is left to the whole read,
 which gives its own answer. A stored record shorter than its storage is refused as the pickle names it
-(`record_of`), by the lazy read and the whole read alike (`io` unpickles a zip, onto `meta` or its map, first):
-torch.load(mmap=True), the whole read of a zip whose records are all stored, would read it on into the zip's next
-header (or its central directory) and give those bytes as weights.
+(`record_of`), by the lazy read and the whole read alike (`io` unpickles a zip first, onto `meta`, its map or
+storages read from its records): torch.load(mmap=True), the whole read of a zip whose records are all stored, would
+read it on into the zip's next header (or its central directory) and give those bytes as weights.
 """
 
 from __future__ import annotations
