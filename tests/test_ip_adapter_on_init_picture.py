@@ -101,7 +101,9 @@ def test_the_a1111_routes_unit_without_an_image_is_the_native_job_of_its_setting
     same(a1111_picture(given), picture)
 
     native = native_settings(client, drawn.json()["images"][0])
-    assert native["ip_adapters"] == [{"model": model, "scale": 0.8, "module": "ip-adapter_clip_sd15"}], native
+    # an A1111 unit's line records its resize mode (the extension's default: Crop and Resize)
+    assert native["ip_adapters"] == [{"model": model, "scale": 0.8, "module": "ip-adapter_clip_sd15",
+                                      "resize_mode": "crop"}], native
     native.update(mode=mode, init_image=b64_png(INIT), resize_mode="crop",     # the pictures and how they fit:
                   **({"mask_image": b64_png(MASK)} if mode == "inpaint" else {}))   # given again, as A1111's paste
     _, (redrawn,) = native_job(client, native)
