@@ -5,7 +5,8 @@ Routes: `/sdapi/v1/*` (a1111.py), the ControlNet extension's `/controlnet/*` (a1
 (static/index.html) and `/static/*`. Every route sits behind `guard.Guard` (auth, Host names, Origins, body size;
 a WebSocket's handshake too). Errors: `/sdapi` and the ControlNet extension's `/controlnet` answer in A1111's
 shape `{error, detail, body, errors}`, everything else `{detail: "..."}`. OpenAI's images API, `/v1/*`
-(openai_images.py), answers errors in OpenAI's shape `{error: {message, type, param, code}}`.
+(openai_images.py), answers errors in OpenAI's shape `{error: {message, type, param, code}}`, the guard's
+refusals (401, 403, 413) too (`refusal_body`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from sdlab.server import a1111, a1111_controlnet, comfy_api, native
 from sdlab.server import openai_images
 from sdlab.server.config import ServerConfig
-from sdlab.server.guard import Guard
+from sdlab.server.guard import Guard, detail_body
 from sdlab.server.inputs import BadRequest
 from sdlab.server.jobs import QueueFull, Unavailable
 from sdlab.server.service import Service
@@ -65,7 +66,7 @@ def create_app(config: ServerConfig, *, preload: bool = False) -> Guard:
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     _error_handlers(app)
     guarded = Guard(app, basic=config.basic_auth, token=config.token, max_body=config.limits.max_body_bytes,
-                    hosts=config.host_names, origins=config.origin_names)
+                    hosts=config.host_names, origins=config.origin_names, refusal=refusal_body)
     guarded.state = app.state           # tests and tools reach the service through either object
     return guarded
 
@@ -87,6 +88,14 @@ class Server(uvicorn.Server):
 
 A1111_PREFIXES = ("/sdapi/", "/controlnet/")
 """The routes that answer errors in A1111's shape (its API middleware's, which the ControlNet extension's share)."""
+
+
+def refusal_body(path: str, status: int, message: str) -> dict:
+    """The body of the guard's refusal at `path`: OpenAI's error shape under `/v1/` (a 401's code OpenAI's
+    `invalid_api_key`, which its clients read), else `{"detail": message}`."""
+    if path.startswith(openai_images.PREFIX):
+        return openai_images.error_body(status, message, code="invalid_api_key" if status == 401 else None)
+    return detail_body(path, status, message)
 
 
 def error_response(request: Request, status: int, detail, message: str = "", error: str = "HTTPException",

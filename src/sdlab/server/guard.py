@@ -12,6 +12,8 @@ another origin sends (an `Origin` header that is neither the server's own, schem
 --allowed-hosts) gets 403 on a server without auth or with --auth (`ServerConfig.origin_names`), so that another
 site cannot send it a form (cross-site request forgery); requests without an Origin (curl, A1111 clients) pass.
 A WebSocket's handshake passes the same checks of its Host, Origin and credentials (`Guard._websocket`).
+A refusal's JSON body is `{"detail": message}`, or what the `refusal` the app gives makes of (path, status,
+message): OpenAI's error shape under `/v1/` (app.py's `refusal_body`).
 """
 
 from __future__ import annotations
@@ -20,13 +22,20 @@ import base64
 import binascii
 import json
 from secrets import compare_digest
-from typing import Any
+from typing import Any, Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sdlab.server.config import bare_host, is_loopback
 
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})     # what a page may not send from another origin
+NOT_AUTHENTICATED = "Not authenticated"
+Refusal = Callable[[str, int, str], Any]                # (path, status, message) -> the JSON body answered
+
+
+def detail_body(path: str, status: int, message: str) -> dict[str, str]:
+    """The refusal body of a route without a shape of its own: `{"detail": message}`."""
+    return {"detail": message}
 
 
 def too_large(limit: int) -> str:
@@ -55,8 +64,10 @@ def host_name(header: str) -> str:
 
 class Guard:
     def __init__(self, app: ASGIApp, *, basic: tuple[str, str] | None, token: str | None, max_body: int,
-                 hosts: frozenset[str] | None = None, origins: frozenset[str] | None = None) -> None:
+                 hosts: frozenset[str] | None = None, origins: frozenset[str] | None = None,
+                 refusal: Refusal = detail_body) -> None:
         self.app = app
+        self.refusal = refusal              # the body of a refusal at a path, in that route's error shape
         self.basic = basic
         self.token = token
         self.max_body = max_body
@@ -71,29 +82,33 @@ class Guard:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+
+        async def refuse(status: int, message: str, extra: list[tuple[bytes, bytes]] = ()) -> None:
+            await _respond(send, status, self.refusal(scope["path"], status, message), extra)
+
         host = headers.get("host")
         if self.hosts is not None and host is not None and not self._known_host(host_name(host)):
-            await _respond(send, 403, {"detail": unknown_host(host)})
+            await refuse(403, unknown_host(host))
             return
         origin, method = headers.get("origin"), scope["method"]
         if origin is not None and method in UNSAFE_METHODS and not self._known_origin(origin, host):
-            await _respond(send, 403, {"detail": foreign_origin(origin, method)})
+            await refuse(403, foreign_origin(origin, method))
             return
         if (self.basic or self.token) and not self._authorized(headers.get("authorization", "")):
             scheme = b"Basic" if self.basic else b"Bearer"
-            await _respond(send, 401, {"detail": "Not authenticated"},
-                           [(b"www-authenticate", scheme + b' realm="sdlab"')])
+            await refuse(401, NOT_AUTHENTICATED, [(b"www-authenticate", scheme + b' realm="sdlab"')])
             return
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
-            status = 413 if length.isdigit() else 400
-            await _respond(send, status, {"detail": too_large(self.max_body) if status == 413
-                                          else "invalid Content-Length"})
+            if length.isdigit():
+                await refuse(413, too_large(self.max_body))
+            else:
+                await refuse(400, "invalid Content-Length")
             return
         if length is None and headers.get("transfer-encoding"):     # a streamed body: read it up to the limit
             body = await _read_body(receive, self.max_body)
             if body is None:
-                await _respond(send, 413, {"detail": too_large(self.max_body)})
+                await refuse(413, too_large(self.max_body))
                 return
             receive = _replay(body, receive)
         await self.app(scope, receive, send)
