@@ -175,6 +175,19 @@ def test_mask_grow_needs_comfyuis_convention_and_a_box_comfyui_takes(tiny):
                                        init_image=init_picture(64), mask_image=mask_picture))
 
 
+def test_mask_grow_without_a_mask_is_ignored_as_a1111s_inpainting_fields_are(tiny):
+    """A txt2img or img2img job with a leftover mask_grow draws as without it, under any convention, and records
+    no Mask grow: A1111's own inpainting-only fields (mask_blur, inpainting_fill, inpaint_full_res) are taken
+    and left unused without a mask (modules/processing.py StableDiffusionProcessingImg2Img.init reads them only
+    under ``if image_mask is not None``), as sdlab's mask_blur and inpaint_fill are."""
+    from sdlab.pipeline.infotext import to_parameters
+    for mode, args in (("txt2img", ()), ("img2img", (init_picture(64), 0.6))):
+        plain = getattr(tiny, mode)("x", *args, sampler="Euler", steps=2, seed=3)
+        grown = getattr(tiny, mode)("x", *args, sampler="Euler", steps=2, seed=3, mask_grow=6)
+        assert np.array_equal(np.asarray(grown.images[0]), np.asarray(plain.images[0]))
+        assert "Mask grow" not in to_parameters(grown.request)
+
+
 def test_grey_and_mask_grow_through_the_cli_are_recorded_and_redrawn_from_png(tmp_path, capsys):
     """`sdlab inpaint --masked-content grey --mask-grow N` with a ComfyUI-spelt sampler records "Masked content:
     grey, Mask grow: N" and --from-png redraws the picture; without the grow the picture differs."""
@@ -310,6 +323,19 @@ def test_a_dropped_picture_keeps_its_grey_masked_content_and_mask_grow(page):
     wait(page, lambda d: text(d, "notice") == "Settings read from grey.png", 20, "the PNG was not read cleanly")
     assert value(page, "inpaint_fill") == "grey"
     assert page.execute_script("return keptRequest()")["mask_grow"] == 5
+
+
+def test_a_kept_mask_grow_goes_with_the_sampler_as_comfyuis_convention_does(page):
+    """In real chromium: choosing another sampler lets the dropped picture's Mask grow go with its Img2img steps
+    (comfyui), which the grow needs: kept, every later job of an A1111 sampler's would be refused."""
+    drop_file(page, png_with_parameters(GREY_PICTURE), "grey.png")
+    wait(page, lambda d: text(d, "notice") == "Settings read from grey.png", 20, "the PNG was not read cleanly")
+    kept = page.execute_script("return keptRequest()")
+    assert (kept["mask_grow"], kept["img2img_convention"]) == (5, "comfyui")
+    page.execute_script("const s = document.getElementById('sampler'); s.value = 'DPM++ 2M';"
+                        "s.dispatchEvent(new Event('change'));")
+    kept = page.execute_script("return keptRequest()")
+    assert "mask_grow" not in kept and "img2img_convention" not in kept
 
 
 def test_a_two_pass_hires_graph_is_refused_with_comfyuis_node_errors(server):

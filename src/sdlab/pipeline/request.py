@@ -929,7 +929,7 @@ def img2img_convention_for(r: GenerationRequest, spec: SamplerSpec, schedule: st
     if r.img2img_convention == "lcm" and r.mask_image is not None:
         raise RequestError("the lcm img2img convention (LatentConsistencyModelImg2ImgPipeline's) does not inpaint; "
                            "use diffusers, a1111 or comfyui")
-    if r.mask_grow and r.img2img_convention != "comfyui":
+    if r.mask_grow and r.mask_image is not None and r.img2img_convention != "comfyui":
         raise RequestError("mask_grow is ComfyUI's VAEEncodeForInpaint rule: it needs the comfyui img2img convention "
                            "(or a sampler spelt as ComfyUI spells it)")
     if (guidance_embedding and r.img2img_convention == "diffusers" and r.mask_image is None

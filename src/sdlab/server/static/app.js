@@ -107,6 +107,9 @@ const KEPT = {
   s_tmin: { name: "Sigma tmin", none: 0, with: ["sampler"] },
   s_tmax: { name: "Sigma tmax", none: null, with: ["sampler"] },
   s_noise: { name: "Sigma noise", none: 1, with: ["sampler"] },
+  // ComfyUI's VAEEncodeForInpaint grow_mask_by (a ComfyUI graph's job, its picture) goes with its sampler: it is
+  // drawn under ComfyUI's img2img convention alone, which goes with the sampler too
+  mask_grow: { name: "Mask grow", none: 0, with: WITH_SAMPLING },
   // A1111's UniPC options stay with its sampler
   unipc_variant: { name: "UniPC variant", none: "bh1", with: ["sampler"] },
   unipc_order: { name: "UniPC order", none: 3, with: ["sampler"] },
@@ -130,8 +133,6 @@ const KEPT = {
   // A1111's mask_round and disable_extra_networks (its API's jobs'), Emphasis, Old prompt editing timelines, Downcast
   // alphas_cumprod and Noise Schedule stay too
   mask_round: { name: "Mask round", none: true, with: [] },
-  // ComfyUI's VAEEncodeForInpaint grow_mask_by (a ComfyUI graph's job, its picture) stays too
-  mask_grow: { name: "Mask grow", none: 0, with: [] },
   disable_extra_networks: { name: "Disable extra networks", none: false, with: [] },
   control_convention: { name: "Control steps", none: "diffusers", with: [] },
   emphasis: { name: "Emphasis", none: "Original", with: [] },
