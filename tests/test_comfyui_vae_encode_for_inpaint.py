@@ -269,6 +269,20 @@ def test_vae_encode_for_inpaint_graph_draws_the_native_grey_grown_job(server, ho
     assert not np.array_equal(pixels[inside], set_latent[inside])      # not SetLatentNoiseMask's picture
 
 
+def test_a_script_job_refuses_grey_and_mask_grow_alike(server, holed):
+    """A native inpaint job with a script (Loopback) draws A1111's request, which has neither ComfyUI option:
+    inpaint_fill "grey" and mask_grow are each refused with the same 422, before anything is drawn."""
+    rgb, alpha = holed
+    body = {**NATIVE, "mode": "inpaint", "init_image": b64_png(Image.fromarray(rgb)),
+            "mask_image": b64_png(Image.fromarray(255 - alpha)), "strength": 1.0, "script_name": "Loopback",
+            "script_args": [2, 0.5]}
+    for options in ({"inpaint_fill": "grey"}, {"mask_grow": 6}, {"inpaint_fill": "grey", "mask_grow": 6}):
+        answer = server.post("/api/jobs", json={**body, **options})
+        assert answer.status_code == 422, answer.text
+        assert "inpaint_fill 'grey' and mask_grow are ComfyUI's VAEEncodeForInpaint options" in answer.text
+        assert "Traceback" not in answer.text
+
+
 def b64_png(image: Image.Image) -> str:
     from server_fixtures import b64_png as encoded
     return encoded(image)

@@ -127,6 +127,9 @@ def a1111_body(service: Service, body: Any) -> Any:
     if body.mode == "inpaint":
         if body.mask_image is None:
             raise BadRequest("inpaint needs mask_image (white = repaint)", 422)
+        if body.inpaint_fill == "grey" or body.mask_grow:    # A1111's request, which its scripts draw, has neither
+            raise BadRequest("inpaint_fill 'grey' and mask_grow are ComfyUI's VAEEncodeForInpaint options; a job "
+                             f"with a script ({body.script_name}) draws A1111's request, which has neither", 422)
         fields.update(mask=body.mask_image, mask_blur=body.mask_blur, inpainting_mask_invert=int(body.invert_mask),
                       mask_round=body.mask_round, inpaint_full_res=body.inpaint_only_masked,
                       inpaint_full_res_padding=body.inpaint_padding,
