@@ -82,19 +82,29 @@ def test_a_step_event_holds_the_preview_it_was_published_with():
     assert with_preview["i"] == 1 and without == {"i": 1, "n": 2}       # other readers' events as they were
 
 
-@pytest.mark.parametrize("ref, words", [
-    ({"image_url": "https://example.com/a.png"}, "does not fetch remote URLs"),
-    ({"image_url": "DATA:image/png;base64,QUJD"}, None),
-    ({"image_url": "data:;base64,QU\nJD"}, None),
-    ({"file_id": "file-1"}, "Files API"),
-    ({"image_url": "data:image/png;base64,QUJD", "file_id": "f"}, "an image reference is"),
+@pytest.mark.parametrize("ref, param, words", [
+    ({"image_url": "https://example.com/a.png"}, "images", "does not fetch remote URLs"),
+    ({"image_url": "DATA:image/png;base64,QUJD"}, "images", ("PNG",)),
+    ({"image_url": "data:IMAGE/JPEG;name=a.jpg;base64,QU\nJD"}, "images", ("JPEG",)),
+    ({"image_url": "data:image/webp;base64,QUJD"}, "images", ("WEBP",)),
+    ({"image_url": "data:image/png;base64,QUJD"}, "mask", ("PNG",)),
+    ({"image_url": "data:;base64,QUJD"}, "images", "has no type; it must be image/png, image/jpeg or image/webp"),
+    ({"image_url": "data:text/plain;base64,QUJD"}, "images", "has the type 'text/plain'"),
+    ({"image_url": "data:image/gif;base64,QUJD"}, "images", "has the type 'image/gif'"),
+    ({"image_url": "data:image/jpeg;base64,QUJD"}, "mask", r"it must be a PNG \(image/png\)"),
+    ({"image_url": {"url": "data:image/png;base64,QUJD"}}, "images",
+     r"its 'image_url' is a string, the data: URL itself .*, not an object"),
+    ({"file_id": "file-1"}, "images", "Files API"),
+    ({"image_url": "data:image/png;base64,QUJD", "file_id": "f"}, "images", "an image reference is"),
 ])
-def test_data_url_bytes(ref, words):
-    if words is None:
-        assert data_url_bytes(ref, "images[0]", "images") == b"ABC"
+def test_data_url_bytes(ref, param, words):
+    """A data: URL's bytes and the Pillow format of its type: image/png, image/jpeg or image/webp (what the
+    multipart edit takes; a mask's image/png); another type, none, an object for the URL: a refusal naming it."""
+    if isinstance(words, tuple):
+        assert data_url_bytes(ref, "images[0]", param) == (b"ABC", *words)
     else:
         with pytest.raises(ImagesError, match=words):
-            data_url_bytes(ref, "images[0]", "images")
+            data_url_bytes(ref, "images[0]", param)
 
 
 def test_a_stream_sends_partial_images_then_the_native_jobs_picture(sdlab_server):
@@ -253,6 +263,18 @@ def test_json_edits_take_data_urls_as_the_multipart_edit_takes_files(sdlab_serve
     ({"image": "x"}, "image", "'images'"),
     ({"colour": "red"}, "colour", "Unrecognized request argument"),
     ({"images": [{"image_url": data_url(b"GIF89a not a picture", "image/gif")}]}, "images", "images[0]"),
+    ({"images": [{"image_url": data_url(png_bytes(init_picture()), "text/plain")}]}, "images",
+     "images[0]': its data: URL has the type 'text/plain'"),
+    ({"images": [{"image_url": data_url(png_bytes(init_picture()), "image/gif")}]}, "images",
+     "images[0]': its data: URL has the type 'image/gif'"),
+    ({"images": [{"image_url": data_url(png_bytes(init_picture()), "")}]}, "images", "its data: URL has no type"),
+    ({"images": [{"image_url": data_url(png_bytes(init_picture()), "image/jpeg")}]}, "images",
+     "images[0] is a PNG file (its data: URL says JPEG); it must be a JPEG"),
+    ({"images": [{"image_url": data_url(png_bytes(init_picture(), "JPEG"))}]}, "images",
+     "images[0] is a JPEG file (its data: URL says PNG)"),
+    ({"images": [{"image_url": {"url": data_url(png_bytes(init_picture()))}}]}, "images",
+     "its 'image_url' is a string, the data: URL itself"),
+    ({"images": [{"image_url": data_url(png_bytes(init_picture()))}] * 2, "n": 1}, "images", "at most n images"),
     ({"mask": {"image_url": data_url(png_bytes(init_picture(), "JPEG"), "image/jpeg")}}, "mask", "must be a PNG"),
 ])
 def test_json_edit_refusals_answer_in_openais_error_shape(sdlab_server, change, param, words):
@@ -262,3 +284,32 @@ def test_json_edit_refusals_answer_in_openais_error_shape(sdlab_server, change, 
     assert answer.status_code == 400, answer.text
     error = answer.json()["error"]
     assert error["param"] == param and words in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_a_json_edit_is_parsed_and_decoded_off_the_event_loop(tmp_path, monkeypatch):
+    """`json_edit` (json.loads of the body, each data: URL's base64 decode) runs in a worker thread, as the
+    multipart edit's pictures are read: a large body does not hold up the server's other requests. In-process
+    app, no model loaded: the parse is stopped once it has been seen."""
+    from fastapi.testclient import TestClient
+
+    from sdlab.server import openai_images
+    from sdlab.server.app import create_app
+    from sdlab.server.config import ServerConfig
+
+    seen, json_edit = [], openai_images.json_edit
+
+    def watched(raw: bytes):
+        try:
+            asyncio.get_running_loop()
+            seen.append("on the event loop")
+        except RuntimeError:
+            seen.append("off the event loop")
+        json_edit(raw)
+        raise ImagesError("parsed", param="images")
+
+    monkeypatch.setattr(openai_images, "json_edit", watched)
+    http = TestClient(create_app(ServerConfig(output_dir=tmp_path / "outputs")))
+    answer = http.post("/v1/images/edits", json={"images": [{"image_url": data_url(png_bytes(init_picture()))}],
+                                                 "prompt": "a tile"})
+    assert answer.status_code == 400 and answer.json()["error"]["message"] == "parsed"
+    assert seen == ["off the event loop"]

@@ -6,7 +6,8 @@
     POST /v1/images/edits         multipart: image (PNG, JPEG, WebP; several: image[]), mask? (PNG,
                                   transparent = repaint), prompt, n, size, ... -> the same answer; img2img, or
                                   inpaint with a mask (or the image's transparency); or JSON: images
-                                  [{image_url}], mask? {image_url}, each a data: URL (`json_edit`)
+                                  [{image_url}], mask? {image_url}, each a data: URL of an image/png,
+                                  image/jpeg or image/webp (a mask's image/png) (`json_edit`)
     with `stream: true`           Server-Sent Events instead: `partial_images` (0..3) `*.partial_image` events,
                                   the job's step previews, then one `*.completed` event per picture (openai_stream)
     GET  /v1/models               {object: "list", data: [{id, object: "model", created, owned_by}]}
@@ -213,9 +214,9 @@ def _checkpoint(service: Service, name: str | None) -> Checkpoint:
 
 
 async def _submitted(service: Service, body: GenerationIn, pictures: list[Image.Image],
-                     mask: Image.Image | None) -> Job:
-    """The queued job of `body` (an edit's init `pictures` and sdlab `mask`, white = repaint), once its fields
-    are checked (a refusal `ImagesError`)."""
+                     mask: Image.Image | None, images_param: str = "image") -> Job:
+    """The queued job of `body` (an edit's init `pictures`, its field `images_param`: a multipart edit's image, a
+    JSON one's images; and sdlab `mask`, white = repaint), once its fields are checked (a refusal `ImagesError`)."""
     n = body.n if body.n is not None else max(len(pictures), 1)        # unset: one picture per image
     body = body.model_copy(update={"model": sdlab_model(body.model), "n": n})
     width, height = _checked(body)
@@ -223,7 +224,7 @@ async def _submitted(service: Service, body: GenerationIn, pictures: list[Image.
     mode = "txt2img" if not pictures else "inpaint" if mask is not None else "img2img"
     if len(pictures) > body.n:
         raise ImagesError(f"{len(pictures)} images for n = {body.n} pictures: picture i starts from image i % "
-                          "count, so send at most n images.", param="image")
+                          "count, so send at most n images.", param=images_param)
     batch_size, batch_count = batches(body.n, service.config.limits.max_batch, max(len(pictures), 1))
     job_in = JobIn(mode=mode, model=body.model, prompt=body.prompt, negative_prompt=body.negative_prompt,
                    seed=body.seed, width=width, height=height, batch_size=batch_size, batch_count=batch_count,
@@ -257,9 +258,9 @@ def stream_error(job: Job) -> dict[str, Any] | None:
 
 
 async def _drawn(service: Service, request: Request, body: GenerationIn, pictures: list[Image.Image],
-                 mask: Image.Image | None) -> Job:
+                 mask: Image.Image | None, images_param: str) -> Job:
     """The job of `body` once it ended; one that drew nothing its refusal (`job_error`)."""
-    job = await _submitted(service, body, pictures, mask)
+    job = await _submitted(service, body, pictures, mask, images_param)
     await _until_finished(service, job, request)
     error = job_error(job)
     if error is not None:
@@ -268,13 +269,13 @@ async def _drawn(service: Service, request: Request, body: GenerationIn, picture
 
 
 async def _answered(service: Service, request: Request, body: GenerationIn, pictures: list[Image.Image],
-                    mask: Image.Image | None, kind: str) -> Any:
+                    mask: Image.Image | None, kind: str, images_param: str = "image") -> Any:
     """The route's answer: the ended job's pictures as one JSON answer, or with `stream` the events of the job
     (`kind` image_generation / image_edit) as it draws."""
     if not body.stream:
-        job = await _drawn(service, request, body, pictures, mask)
+        job = await _drawn(service, request, body, pictures, mask, images_param)
         return await asyncio.to_thread(_answer, service, body, job, _base_url(request))
-    job = await _submitted(service, body, pictures, mask)
+    job = await _submitted(service, body, pictures, mask, images_param)
 
     def completed() -> list[tuple[bytes, str]]:
         return [(data, size) for data, size, _ in _pictures(service, body, job)]
@@ -382,6 +383,7 @@ async def generations(body: GenerationIn, request: Request) -> Any:
 
 PICTURE_FIELDS = ("image", "image[]", "mask")
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")     # an edit's images (gpt-image-1's png, jpg, webp); its mask a PNG
+DATA_URL_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP"}   # a data: URL's, as Pillow's
 
 
 @router.post("/images/edits")
@@ -391,8 +393,8 @@ async def edits(request: Request) -> Any:
     if content_type.startswith("multipart/form-data"):
         body, images, masks = await multipart_edit(request)
         param = "image"
-    elif content_type.startswith("application/json"):
-        body, images, masks = json_edit(await request.body())
+    elif content_type.startswith("application/json"):        # parsed and decoded off the event loop
+        body, images, masks = await asyncio.to_thread(json_edit, await request.body())
         param = "images"
     else:
         raise ImagesError("Edits take a multipart/form-data body (the image files and the fields), or a JSON one "
@@ -402,21 +404,25 @@ async def edits(request: Request) -> Any:
     if len(masks) > 1:
         raise ImagesError("Invalid 'mask': send one mask.", param="mask")
     limits = service.config.limits
-    pictures = [await asyncio.to_thread(png_picture, raw, f"{param}[{i}]", param, limits)
-                for i, raw in enumerate(images)]
+    pictures = [await asyncio.to_thread(png_picture, raw, f"{param}[{i}]", param, limits, declared)
+                for i, (raw, declared) in enumerate(images)]
     mask = None
     if masks:
-        openai_mask = await asyncio.to_thread(png_picture, masks[0], "mask", "mask", limits)
+        mask_raw, mask_declared = masks[0]
+        openai_mask = await asyncio.to_thread(png_picture, mask_raw, "mask", "mask", limits, mask_declared)
         if openai_mask.size != pictures[0].size:
             raise ImagesError(f"Invalid 'mask': it is {openai_mask.width}x{openai_mask.height}, the image "
                               f"{pictures[0].width}x{pictures[0].height}; they must be the same size.", param="mask")
         mask = repaint_mask(openai_mask)
     elif has_transparency(pictures[0]):     # OpenAI: without a mask the image's transparency is the mask
         mask = repaint_mask(pictures[0])
-    return await _answered(service, request, body, pictures, mask, "image_edit")
+    return await _answered(service, request, body, pictures, mask, "image_edit", param)
 
 
-async def multipart_edit(request: Request) -> tuple[EditIn, list[bytes], list[bytes]]:
+Upload = tuple[bytes, str | None]           # a picture file sent and the Pillow format its data: URL says (None: any)
+
+
+async def multipart_edit(request: Request) -> tuple[EditIn, list[Upload], list[Upload]]:
     """A multipart edit's (fields, image files, mask files)."""
     try:
         form = await request.form()
@@ -436,7 +442,8 @@ async def multipart_edit(request: Request) -> tuple[EditIn, list[bytes], list[by
                 fields[key] = value
     finally:
         await form.close()
-    return edit_fields(fields), files.get("image", []) + files.get("image[]", []), files.get("mask", [])
+    images, masks = files.get("image", []) + files.get("image[]", []), files.get("mask", [])
+    return edit_fields(fields), [(raw, None) for raw in images], [(raw, None) for raw in masks]
 
 
 def edit_fields(fields: dict[str, Any]) -> EditIn:
@@ -447,7 +454,7 @@ def edit_fields(fields: dict[str, Any]) -> EditIn:
         raise ImagesError(message, param=param) from None
 
 
-def json_edit(raw: bytes) -> tuple[EditIn, list[bytes], list[bytes]]:
+def json_edit(raw: bytes) -> tuple[EditIn, list[Upload], list[Upload]]:
     """A JSON edit's (fields, image files, mask files): OpenAI's JSON edit body, `images` a list of image
     references `{"image_url": URL}` (or `{"file_id": ID}`) and `mask` one, beside the multipart edit's fields.
     Only a data: URL's picture is taken (`data_url_bytes`): the server fetches nothing."""
@@ -472,36 +479,54 @@ def json_edit(raw: bytes) -> tuple[EditIn, list[bytes], list[bytes]]:
     return body, images, [] if mask is None else [data_url_bytes(mask, "mask", "mask")]
 
 
-def data_url_bytes(ref: Any, what: str, param: str) -> bytes:
-    """The bytes of an image reference `{"image_url": "data:[TYPE];base64,DATA"}`; a remote URL (the server reaches
-    no network), a `file_id` (OpenAI's Files API, not served here) or a malformed one `ImagesError`."""
+def data_url_bytes(ref: Any, what: str, param: str) -> Upload:
+    """The bytes of an image reference `{"image_url": "data:TYPE;base64,DATA"}` and the Pillow format of its TYPE
+    (image/png, image/jpeg or image/webp, a mask's image/png: what the multipart edit takes); another TYPE, a remote
+    URL (the server reaches no network), a `file_id` (OpenAI's Files API, not served here) or a malformed one
+    `ImagesError`."""
     if not (isinstance(ref, dict) and len(ref) == 1 and set(ref) <= {"image_url", "file_id"}):
         raise ImagesError(f"Invalid '{what}': an image reference is {{\"image_url\": \"data:...\"}}.", param=param)
     if "file_id" in ref:
         raise ImagesError(f"Invalid '{what}': a 'file_id' names a file of OpenAI's Files API, which this server does "
                           "not keep; send the picture as an 'image_url' data: URL.", param=param)
     url = ref["image_url"]
-    if not isinstance(url, str) or not url[:5].lower() == "data:":
+    if not isinstance(url, str):
+        raise ImagesError(f"Invalid '{what}': its 'image_url' is a string, the data: URL itself "
+                          f"({{\"image_url\": \"data:image/png;base64,...\"}}), not {_json_kind(url)}.", param=param)
+    if not url[:5].lower() == "data:":
         raise ImagesError(f"Invalid '{what}': only data: URLs (data:image/png;base64,...) are taken; this server "
                           "does not fetch remote URLs.", param=param)
     header, comma, payload = url.partition(",")
     if not (comma and header.lower().endswith(";base64")):
         raise ImagesError(f"Invalid '{what}': its data: URL is not base64 (data:image/png;base64,...).", param=param)
+    mime = header[5:].partition(";")[0].strip().lower()
+    types = ("image/png",) if param == "mask" else tuple(DATA_URL_TYPES)
+    if mime not in types:
+        kinds = "a PNG (image/png)" if param == "mask" else "image/png, image/jpeg or image/webp"
+        said = f"has the type {mime!r}" if mime else "has no type"
+        raise ImagesError(f"Invalid '{what}': its data: URL {said}; it must be {kinds}.", param=param)
     try:
-        return base64.b64decode("".join(payload.split()), validate=True)
+        return base64.b64decode("".join(payload.split()), validate=True), DATA_URL_TYPES[mime]
     except (binascii.Error, ValueError):
         raise ImagesError(f"Invalid '{what}': its data: URL's base64 is malformed.", param=param) from None
 
 
-def png_picture(raw: bytes, what: str, param: str, limits: Limits) -> Image.Image:
-    """A PNG file's picture (for an image also a JPEG or WebP, as gpt-image-1 takes), upright and in 8 bits
-    (`upright_8bit`, as every door reads pictures); another format or no picture `ImagesError` naming `param`;
-    past the server's pixel limit a 413 (`opened_picture`)."""
+def _json_kind(value: Any) -> str:
+    """How JSON names a value's kind: an object, a list, a number, ..."""
+    kinds = {dict: "an object", list: "a list", bool: "a boolean", int: "a number", float: "a number"}
+    return "null" if value is None else kinds.get(type(value), "a " + type(value).__name__)
+
+
+def png_picture(raw: bytes, what: str, param: str, limits: Limits, declared: str | None = None) -> Image.Image:
+    """A PNG file's picture (for an image also a JPEG or WebP, as gpt-image-1 takes; of a data: URL the format its
+    type says, `declared`), upright and in 8 bits (`upright_8bit`, as every door reads pictures); another format or
+    no picture `ImagesError` naming `param`; past the server's pixel limit a 413 (`opened_picture`)."""
     try:
         with opened_picture(raw, what, limits) as image:
-            formats = ("PNG",) if param == "mask" else IMAGE_FORMATS
+            formats = (declared,) if declared else ("PNG",) if param == "mask" else IMAGE_FORMATS
             if image.format not in formats:
-                raise ImagesError(f"Invalid '{param}': {what} is a {image.format} file; it must be a "
+                said = f" (its data: URL says {declared})" if declared else ""
+                raise ImagesError(f"Invalid '{param}': {what} is a {image.format} file{said}; it must be a "
                                   f"{' or '.join(formats)}.", param=param)
             image.load()
             return upright_8bit(image)
