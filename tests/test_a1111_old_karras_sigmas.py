@@ -135,3 +135,37 @@ def test_a_drawing_resolves_them_records_the_ends_and_redraws_from_its_infotext(
     assert np.array_equal(np.asarray(again.images[0], dtype=np.int16), pictures["own"])
     with pytest.raises(RequestError, match="old_karras_sigmas must be True or False, got 1"):
         generate(bundle, GenerationRequest(**fields, old_karras_sigmas=1))
+
+
+HIRES_CASES = {f"{first}-then-{hires}-{name}": (first, hires, fields)
+               for first in ("uniform", "simple", "ddim_uniform", "align_your_steps")
+               for hires in ("exponential", "karras")
+               for name, fields in (("old", {"old_karras_sigmas": True}),
+                                    ("set", {"schedule_sigma_min": 0.3, "schedule_sigma_max": 5.0}))}
+"""A first pass whose schedule ignores the ends, a hires pass whose schedule takes them: the old Karras ends, or
+Schedule min / max sigma set."""
+
+
+@pytest.mark.parametrize("first, hires, fields", list(HIRES_CASES.values()), ids=list(HIRES_CASES))
+def test_a_hires_pass_that_takes_the_ends_redraws_from_its_infotext(first, hires, fields):
+    """The ends only the hires pass's schedule took are recorded (A1111's hires `get_sigmas` writes them into the
+    same `extra_generation_params`), so the infotext, read back as `--from-png` and /api/parameters read it, redraws
+    the picture 0/255; before, it recorded the schedule types only and the redraw's hires pass drew from the model's
+    ends (14.6 ... 0.029 where the old ends give 10 ... 0.1)."""
+    import numpy as np
+
+    from bundle_fixtures import tiny_bundle
+    from sdlab.pipeline.generate import generate
+    from sdlab.pipeline.infotext import from_parameters, to_parameters
+    from sdlab.pipeline.png_info import format_parameters, parse_parameters
+    from sdlab.pipeline.request import GenerationRequest
+
+    bundle = tiny_bundle("sd1", seed=5)
+    drawn = generate(bundle, GenerationRequest(prompt="a cat", sampler="Euler", schedule=first, steps=4, seed=3,
+                                               width=16, height=16, hr_scale=2, hr_upscaler="Latent",
+                                               hr_schedule=hires, hr_denoise=0.8, **fields))
+    written = to_parameters(drawn.request)
+    ends = (0.1, 10.0) if fields.get("old_karras_sigmas") else (0.3, 5.0)
+    assert (written["Schedule min sigma"], written["Schedule max sigma"]) == ends
+    again = generate(bundle, GenerationRequest(**from_parameters(parse_parameters(format_parameters(written)))))
+    assert np.array_equal(np.asarray(again.images[0]), np.asarray(drawn.images[0]))

@@ -585,22 +585,32 @@ def _ensd(req: GenerationRequest) -> int | None:
 
 
 def _schedule_overrides(req: GenerationRequest) -> dict[str, Any]:
-    """A1111's `Schedule min sigma` / `max sigma` / `rho` where the schedule took them and `Discard penultimate
-    sigma` where it dropped a sigma the sampler's row keeps (`KDiffusionSampler.get_sigmas`); none for a request
-    without a schedule or with a sampler or schedule sdlab does not know."""
+    """A1111's `Schedule min sigma` / `max sigma` / `rho` where a pass's schedule took them and `Discard
+    penultimate sigma` where it dropped a sigma a pass's sampler row keeps (`KDiffusionSampler.get_sigmas`, which
+    each pass runs and which writes them into the one `extra_generation_params`): a hires pass's schedule or
+    sampler of its own counts as the first pass's does, so a first pass that ignores the ends (Uniform) and a
+    hires one that takes them (Karras) records the ends the hires pass drew. None for a request without a schedule
+    or with a sampler or schedule sdlab does not know."""
     if req.schedule is None:
         return {}
+    passes = [(req.sampler, req.schedule)]
+    if req.hires:
+        passes.append((req.hr_sampler or req.sampler, req.hr_schedule or req.schedule))
+    taken: dict[str, float] = {}
+    discards = False
     try:
-        spec = get_sampler(req.sampler)
-        taken = schedule_overrides(req.schedule, sigma_min=req.schedule_sigma_min, sigma_max=req.schedule_sigma_max,
-                                   rho=req.schedule_rho, alpha=req.beta_alpha, beta=req.beta_beta)
+        for sampler, schedule in passes:
+            taken.update(schedule_overrides(schedule, sigma_min=req.schedule_sigma_min,
+                                            sigma_max=req.schedule_sigma_max, rho=req.schedule_rho,
+                                            alpha=req.beta_alpha, beta=req.beta_beta))
+            discards = discards or also_discards(get_sampler(sampler), req.discard_penultimate_sigma)
     except (UnknownSamplerError, UnknownDiscretizationError):
         return {}
     beta = "alpha" in taken or "beta" in taken         # A1111 writes both with its Beta schedule
     return {"Schedule min sigma": taken.get("sigma_min"), "Schedule max sigma": taken.get("sigma_max"),
             "Schedule rho": taken.get("rho"),
             "Beta schedule alpha": req.beta_alpha if beta else None, "Beta schedule beta": req.beta_beta if beta else None,
-            "Discard penultimate sigma": also_discards(spec, req.discard_penultimate_sigma) or None}
+            "Discard penultimate sigma": discards or None}
 
 
 _UNIPC_OPTIONS = {"UniPC variant": "unipc_variant", "UniPC order": "unipc_order",
