@@ -269,6 +269,57 @@ def test_vae_encode_for_inpaint_graph_draws_the_native_grey_grown_job(server, ho
     assert not np.array_equal(pixels[inside], set_latent[inside])      # not SetLatentNoiseMask's picture
 
 
+def _off_grid_upload(server, name: str, size: tuple[int, int], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(RGB, alpha) of an RGBA input picture of `size` (w, h) off the 8-pixel grid, uploaded as `name`: a
+    transparent rectangle, a band of alpha 100 and levels 127 / 128 at the rounding's edge."""
+    width, height = size
+    rng = np.random.default_rng(seed)
+    rgb = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+    alpha = np.full((height, width), 255, dtype=np.uint8)
+    alpha[height // 5:height * 2 // 3, width // 3:width * 3 // 4] = 0
+    alpha[height * 3 // 4:height * 7 // 8, 2:width // 2] = 100
+    alpha[1:4, 1:5], alpha[height // 2:height // 2 + 3, width - 6:width - 1] = 127, 128
+    data = io.BytesIO()
+    Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(data, format="PNG")
+    server.post("/upload/image", files={"image": (name, data.getvalue(), "image/png")}, data={"overwrite": "true"})
+    return rgb, alpha
+
+
+@pytest.mark.parametrize("mask_size", [(70, 67), (29, 41)])
+def test_a_picture_off_the_8_pixel_grid_is_cropped_with_its_mask_as_comfyui_crops_them(server, mask_size):
+    """A 70 x 67 LoadImage into VAEEncodeForInpaint, its MASK its own alpha or another picture's (29 x 41, resized
+    bilinearly to the pixels): ComfyUI crops pixels and mask by the same offsets to 64 x 64 and rounds the mask.
+    sdlab's mask (`images.comfyui_encoded_mask`) is the transcribed encode's exactly, and the graph draws the
+    native job of the transcribed crop's pixels and mask pixel for pixel inside the mask."""
+    from sdlab.pipeline.images import comfyui_encoded_mask
+
+    rgb, alpha = _off_grid_upload(server, "off-grid.png", (70, 67), seed=5)
+    prompt = _inpaint_graph(6)
+    prompt["11"]["inputs"]["image"] = "off-grid.png"
+    if mask_size != (70, 67):
+        _, alpha = _off_grid_upload(server, "off-grid-mask.png", mask_size, seed=6)
+        prompt["13"] = {"class_type": "LoadImage", "inputs": {"image": "off-grid-mask.png"}}
+        prompt["12"]["inputs"]["mask"] = ["13", 1]
+    comfy_mask = 1.0 - torch.from_numpy(alpha.astype(np.float32) / 255.0)             # LoadImage's MASK
+    reference = vae_encode_for_inpaint(lambda pixels: pixels, comfyui_pixels(Image.fromarray(rgb)), comfy_mask, 0)
+    rounded = reference["noise_mask"][0, 0]                                            # (64, 64), the crop rounded
+    assert rounded.shape == (64, 64) and 0 < rounded.sum() < 64 * 64
+    ours = comfyui_encoded_mask(comfy_mask.numpy(), (70, 67), (3, 1, 67, 65))
+    assert torch.equal(torch.from_numpy(np.asarray(ours) / 255.0).float(), rounded)
+    messages, entry = drawn(server, prompt)
+    pixels = viewed(server, entry["outputs"]["9"]["images"][0])
+    assert pixels.shape == (64, 64, 3)
+    cropped = rgb[1:65, 3:67]                                                          # ComfyUI's offsets
+    kept = rounded == 0                                                                # not greyed: (x - .5) + .5
+    torch.testing.assert_close(reference["samples"][0][kept], comfyui_pixels(Image.fromarray(cropped))[0][kept],
+                               rtol=0, atol=1e-7)
+    native = native_pixels(server, {**NATIVE, "mode": "inpaint", "init_image": b64_png(Image.fromarray(cropped)),
+                                    "mask_image": b64_png(Image.fromarray((rounded.numpy() * 255).astype(np.uint8))),
+                                    "strength": 1.0, "inpaint_fill": "grey", "mask_grow": 6})
+    inside = rounded.numpy() == 1
+    assert np.array_equal(pixels[inside], native[inside])
+
+
 def test_a_script_job_refuses_grey_and_mask_grow_alike(server, holed):
     """A native inpaint job with a script (Loopback) draws A1111's request, which has neither ComfyUI option:
     inpaint_fill "grey" and mask_grow are each refused with the same 422, before anything is drawn."""

@@ -272,6 +272,18 @@ def comfyui_grown_mask(mask: torch.Tensor, pixels: int) -> torch.Tensor:
     return grown[:, :, :height, :width].round()                                           # (1, 1, H, W)
 
 
+def comfyui_encoded_mask(mask: np.ndarray, size: tuple[int, int], box: tuple[int, int, int, int]) -> Image.Image:
+    """The mask ComfyUI's VAEEncodeForInpaint greys and grows (nodes.py ``VAEEncodeForInpaint.encode``): the MASK
+    (H, W) in [0, 1] resized bilinearly to the pixels' `size` (w, h), cut by the crop `box` (left, top, right,
+    bottom) that takes the pixels to multiples of 8, and rounded: as a mask picture ("L", 0 or 255, white =
+    repaint), which the rounding of an inpaint job and `comfyui_grown_mask` keep as it is."""
+    width, height = size
+    resized = F.interpolate(torch.from_numpy(mask)[None, None], size=(height, width), mode="bilinear")  # (1, 1, h, w)
+    left, top, right, bottom = box
+    kept = resized[0, 0, top:bottom, left:right].round()                                  # (h', w')
+    return Image.fromarray((kept.numpy() * 255).astype(np.uint8), "L")
+
+
 def a1111_latent_mask(mask: torch.Tensor, size: tuple[int, int], rounded: bool = True) -> torch.Tensor:
     """A1111's latent mask (``latmask`` of ``StableDiffusionProcessingImg2Img.init``): the blurred mask
     (1, 1, H, W) in [0, 1] as its uint8 picture, resized to ``size=(w, h)`` with PIL's default resample

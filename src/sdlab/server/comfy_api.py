@@ -39,10 +39,12 @@ from typing import Any
 import anyio
 from fastapi import APIRouter, FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse, JSONResponse, Response
+import numpy as np
 from PIL import Image, ImageOps
 
 from sdlab.diffusion.samplers import SAMPLER_TABLE
 from sdlab.pipeline.control import ControlInput
+from sdlab.pipeline.images import comfyui_encoded_mask
 from sdlab.pipeline.request import GenerationRequest
 from sdlab.server.comfy_graph import Choices, GraphError, GraphPlan, check_graph, object_info, run_order
 from sdlab.server.inputs import BadRequest, JobSpec, LoraChoice, image_from_bytes, opened_picture
@@ -189,11 +191,12 @@ async def post_prompt(request: Request) -> JSONResponse:
 def _submit(state: ComfyState, plan: GraphPlan) -> Job:
     """Queue the generation `plan` describes, as a native job (`Service.submit`)."""
     service = state.service
-    init = None
+    init = loaded = None
     if plan.init_image is not None:
-        init = _load_image(state, plan.init_image)
+        loaded = _input_picture(state, plan.init_image).convert("RGB")      # LoadImage's IMAGE
+        init = _vae_cropped(loaded, plan.init_image)                        # the pixels VAEEncode encodes
     width, height = (init.size if init is not None else (plan.width, plan.height))
-    mask = None if plan.mask_image is None else _load_mask(state, plan, init.size)
+    mask = None if plan.mask_image is None else _load_mask(state, plan, loaded.size)
     request = GenerationRequest(
         prompt=plan.prompt, negative_prompt=plan.negative_prompt, sampler=plan.sampler, schedule=plan.schedule,
         cfg_scale=plan.cfg_scale, seed=plan.seed, steps=plan.steps, width=width, height=height,
@@ -217,19 +220,31 @@ def _submit(state: ComfyState, plan: GraphPlan) -> Job:
     return job
 
 
-def _load_image(state: ComfyState, name: str):
-    """ComfyUI's LoadImage and VAEEncode of an input-folder picture: turned upright, RGB (an alpha channel
-    dropped, not composited), cropped to multiples of 8 about its centre (VAEEncode's `vae_encode_crop_pixels`)."""
+def _input_picture(state: ComfyState, name: str) -> Image.Image:
+    """An input-folder picture as ComfyUI's LoadImage reads it: turned upright (RGB: an alpha channel dropped, not
+    composited, where the caller converts it)."""
     path = _inside(state.input_dir, name)
     if path is None or not path.is_file():
         raise BadRequest(f"no input picture {name!r}", 400)
-    image = image_from_bytes(path.read_bytes(), f"LoadImage {name!r}", state.service.config.limits).convert("RGB")
-    width, height = image.size
+    return image_from_bytes(path.read_bytes(), f"LoadImage {name!r}", state.service.config.limits)
+
+
+def _vae_cropped(picture: Image.Image, name: str) -> Image.Image:
+    """The pixels VAEEncode encodes of a LoadImage picture: cropped to multiples of 8 about its centre."""
+    box = _crop_box(picture.size, name)
+    return picture.crop(box) if box != (0, 0, *picture.size) else picture
+
+
+def _crop_box(size: tuple[int, int], name: str) -> tuple[int, int, int, int]:
+    """The box (left, top, right, bottom) VAEEncode and VAEEncodeForInpaint keep of pixels of `size` (w, h):
+    multiples of 8, the offsets (side % 8) // 2 (comfy/sd.py `vae_encode_crop_pixels`, nodes.py
+    ``VAEEncodeForInpaint.encode``)."""
+    width, height = size
     keep_w, keep_h = width // 8 * 8, height // 8 * 8
     if keep_w < 8 or keep_h < 8:
         raise BadRequest(f"the input picture {name!r} is smaller than 8 x 8 pixels", 400)
     left, top = (width % 8) // 2, (height % 8) // 2
-    return image.crop((left, top, left + keep_w, top + keep_h)) if (keep_w, keep_h) != (width, height) else image
+    return left, top, left + keep_w, top + keep_h
 
 
 def _controls(state: ComfyState, plan: GraphPlan) -> tuple[ControlInput, ...]:
@@ -252,10 +267,12 @@ def _controls(state: ComfyState, plan: GraphPlan) -> tuple[ControlInput, ...]:
 def _load_mask(state: ComfyState, plan: GraphPlan, size: tuple[int, int]) -> Image.Image:
     """The MASK of the graph's mask picture as a mask picture ("L", white = repaint): LoadImage's, 1 - its alpha
     (255 - alpha), or LoadImageMask's channel of the picture made RGBA, 1 - alpha for "alpha", the channel / 255
-    for red, green, blue (comfyanonymous/ComfyUI nodes.py, e60e19b). ComfyUI resizes the mask bilinearly to the
-    latent of the picture VAEEncode crops (comfy/sampler_helpers.py `prepare_mask`); sdlab draws a mask of the
-    picture's own size, a multiple of 8 each way, where the two agree. A LoadImage picture without alpha (ComfyUI's
-    empty 64 x 64 mask), or any mask that is 0 everywhere, repaints nothing: a 400."""
+    for red, green, blue (comfyanonymous/ComfyUI nodes.py, e60e19b); `size` is the LoadImage pixels' (w, h) before
+    VAEEncode's crop. VAEEncodeForInpaint's mask is resized bilinearly to the pixels, cropped with them and rounded
+    (`images.comfyui_encoded_mask`). SetLatentNoiseMask's: ComfyUI resizes it bilinearly to the latent of the
+    picture VAEEncode crops (comfy/sampler_helpers.py `prepare_mask`); sdlab draws a mask of the cropped picture's
+    size, where the two agree. A LoadImage picture without alpha (ComfyUI's empty 64 x 64 mask), or any mask that
+    is 0 everywhere, repaints nothing: a 400."""
     name = plan.mask_image
     path = _inside(state.input_dir, name)
     if path is None or not path.is_file():
@@ -270,6 +287,11 @@ def _load_mask(state: ComfyState, plan: GraphPlan, size: tuple[int, int]) -> Ima
     mask = ImageOps.invert(band) if plan.mask_channel == "alpha" else band
     if mask.getextrema()[1] == 0:
         raise BadRequest(f"the {plan.mask_channel} mask of {name!r} is 0 everywhere: it repaints nothing", 400)
+    box = _crop_box(size, plan.init_image)
+    if plan.mask_grow is not None:          # VAEEncodeForInpaint: LoadImage's MASK in float32, as ComfyUI's
+        values = np.asarray(band, dtype=np.float32) / np.float32(255.0)                # (h, w)
+        return comfyui_encoded_mask(1.0 - values if plan.mask_channel == "alpha" else values, size, box)
+    size = (box[2] - box[0], box[3] - box[1])
     if image.size != size:
         raise BadRequest(f"the mask picture {name!r} is {image.size[0]} x {image.size[1]}; sdlab draws a noise mask "
                          f"of the picture's size, a multiple of 8 each way ({size[0]} x {size[1]})", 400)
