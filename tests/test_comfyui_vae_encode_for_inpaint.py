@@ -163,6 +163,47 @@ def test_vae_encode_for_inpaint_on_tiny_models(monkeypatch, tiny, tiny_inpaintin
         torch.testing.assert_close(kept[-1], reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
 
 
+@pytest.mark.parametrize("sampler, schedule, denoise", [("euler", "karras", 1.0), ("euler_ancestral", "normal", 0.7)])
+def test_set_latent_noise_mask_on_a_9_channel_model(monkeypatch, tiny_inpainting, sampler, schedule, denoise):
+    """A 9-channel inpainting model under ComfyUI's convention (a ComfyUI-spelt sampler, mask_round off, no paste
+    back) is VAEEncode -> SetLatentNoiseMask -> KSampler: its extra channels are concat_cond's, the KSampler's soft
+    noise mask (prepare_mask: bilinear to the latent) rounded and the picture's own latent, not greyed; every model
+    call blended by KSamplerX0Inpaint with the soft mask. Latents at 1e-5 relative and 1e-5 of the largest latent
+    absolute (the random U-Net's reach ~65), the channels at 1e-6."""
+    bundle = tiny_inpainting.bundle
+    inner_models: list = []
+    real_masked = G.masked
+    monkeypatch.setattr(G, "masked", lambda inner, *a, **k: inner_models.append(inner) or real_masked(inner, *a, **k))
+    concats: list = []
+    real_extra = G._inpaint_extra
+    monkeypatch.setattr(G, "_inpaint_extra", lambda *a: concats.append(real_extra(*a)) or concats[-1])
+    kept: list = []
+    real_keep_known = G._keep_known
+    monkeypatch.setattr(G, "_keep_known", lambda *args: kept.append(real_keep_known(*args)) or kept[-1])
+
+    init = init_picture(64)
+    mask_picture, mask = comfyui_noise_mask_picture(64)
+    run = sdlab_run(monkeypatch, tiny_inpainting, "inpaint", init, mask_picture, sampler=sampler, schedule=schedule,
+                    steps=10, strength=denoise, mask_round=False, paste_back=False)
+    sigmas = run["sigmas"]
+    latent = _encoder(bundle)(comfyui_pixels(init))                                      # VAEEncode, (1, 4, h, w)
+    denoise_mask = prepare_mask(mask[None, None], latent.shape)                          # SetLatentNoiseMask's, soft
+    assert ((denoise_mask > 0) & (denoise_mask < 1)).any(), "a mask on the latent grid would not tell the rules apart"
+    noise = prepare_noise(latent, SEED)
+    assert len(concats) == 1
+    torch.testing.assert_close(concats[0], concat_cond(noise, latent, denoise_mask), rtol=1e-6, atol=1e-6)
+    x = eps_noise_scaling(sigmas[0], noise, latent.clone(), max_denoise(bundle.model_sampling.sigma_max, sigmas))
+    torch.testing.assert_close(run["x"], x, rtol=1e-5, atol=1e-5)
+    model_k = KSamplerX0Inpaint(inner_models[-1], latent, noise, denoise_mask)
+    if sampler == "euler":
+        reference = sample_euler(model_k, x, sigmas)
+    else:
+        reference = sample_euler_ancestral(model_k, x, sigmas, noise_sampler=replayed(run["draws"]))
+    assert reference.abs().max() > 0.1
+    assert kept, "KSamplerX0Inpaint blends a 9-channel model's latent too (the kept cells the picture's latent)"
+    torch.testing.assert_close(kept[-1], reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
+
+
 def test_mask_grow_needs_comfyuis_convention_and_a_box_comfyui_takes(tiny):
     mask_picture, _ = comfyui_noise_mask_picture(64)
     with pytest.raises(RequestError, match="comfyui img2img convention"):
