@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["COMFY_LATENT_UPSCALE_METHODS", "COMFY_CROPS", "bislerp", "comfyui_upscale_latent", "latent_upscale_size",
-           "latent_upscale_by_size"]
+__all__ = ["COMFY_LATENT_UPSCALE_METHODS", "COMFY_CROPS", "bislerp", "comfyui_hires_size", "comfyui_upscale_latent",
+           "latent_upscale_size", "latent_upscale_by_size"]
 
 COMFY_LATENT_UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "bislerp")
 """LatentUpscale's / LatentUpscaleBy's upscale_method list (nodes.py ``LatentUpscale.upscale_methods``)."""
@@ -112,10 +112,11 @@ def _slerp(first: Tensor, second: Tensor, ratio: Tensor) -> Tensor:
     return out
 
 
-def latent_upscale_size(latent_height: int, latent_width: int, width: int, height: int) -> tuple[int, int] | None:
+def latent_upscale_size(latent_height: int, latent_width: int, width: int, height: int,
+                        factor: int = 8) -> tuple[int, int] | None:
     """LatentUpscale's latent size (w, h) for its `width` x `height` pixels, of a latent of `latent_height` x
     `latent_width` cells: None for 0 x 0 (the latent as it is); a side of 0 follows the other's aspect; each side at
-    least 64 pixels; // 8."""
+    least 64 pixels; // 8 (ComfyUI's VAE factor; `factor` for a VAE of another)."""
     if width == 0 and height == 0:
         return None
     if width == 0:
@@ -126,9 +127,19 @@ def latent_upscale_size(latent_height: int, latent_width: int, width: int, heigh
         height = max(64, round(latent_height * width / latent_width))
     else:
         width, height = max(64, width), max(64, height)
-    return width // 8, height // 8
+    return width // factor, height // factor
 
 
 def latent_upscale_by_size(latent_height: int, latent_width: int, scale_by: float) -> tuple[int, int]:
     """LatentUpscaleBy's latent size (w, h): the latent's sides times `scale_by`, rounded."""
     return round(latent_width * scale_by), round(latent_height * scale_by)
+
+
+def comfyui_hires_size(latent_height: int, latent_width: int, scale: float | None, width: int,
+                       height: int, factor: int = 8) -> tuple[int, int]:
+    """The latent size (w, h) of a ComfyUI hires graph's upscale of a latent of `latent_height` x `latent_width`
+    cells: LatentUpscale's at `width` x `height` pixels (of a VAE of `factor`) where either is set, else
+    LatentUpscaleBy's at `scale`."""
+    if width or height:
+        return latent_upscale_size(latent_height, latent_width, width, height, factor)
+    return latent_upscale_by_size(latent_height, latent_width, scale)

@@ -19,6 +19,14 @@
                  convention, `HIRES_IMG2IMG`): hr_denoise above 1 draws as 1, and the SDE samplers' Brownian
                  tree spans the whole stretched schedule (A1111's `create_noise_sampler` of `get_sigmas`)
 
+ComfyUI's two-pass graph (hr_convention "comfyui": KSampler -> LatentUpscale / LatentUpscaleBy -> KSampler): the
+upscaled size is the final one (LatentUpscale's pixel rule for hr_width / hr_height, LatentUpscaleBy's rounding for
+hr_scale: `comfyui_hires_size`), the first pass's latent upscaled as the VAE's latents by ComfyUI's method and crop
+(`comfyui_upscale_latent`, hr_upscaler / hr_crop), no crop box; the second pass is the second KSampler: its own
+seed (`hr_seed`) and CFG (`hr_cfg_scale`), its denoise rule (img2img convention "comfyui": int(steps / denoise)
+sigmas, the last steps + 1 run) from the upscaled latent + its seed's noise at the first of its sigmas, its step noise
+from its seed + 1 (`_second_pass_ensd`).
+
 Seeds: A1111 draws the second pass's noise from fresh generators on the same seeds and subseeds
 (`sample_hr_pass`: a new `ImageRNG`, whose first draw is the noise and whose later draws are the step
 noise). Both upscaler kinds therefore end in the same run: `second_pass_request` started `from_latent` on
@@ -49,6 +57,7 @@ from sdlab.checkpoints.upscaler import Upscaler, load_upscaler
 from sdlab.diffusion.guidance import recording_effects
 from sdlab.diffusion.samplers import get_sampler
 from sdlab.families.loaded import ModelBundle
+from sdlab.pipeline.comfy_latent_upscale import comfyui_hires_size, comfyui_upscale_latent
 from sdlab.pipeline.control import at_first_pass_resolution
 from sdlab.pipeline.generate import (
     NonFiniteError,
@@ -68,6 +77,7 @@ from sdlab.pipeline.request import (
     HIRES_IMG2IMG,
     SIZE_MULTIPLE,
     GenerationRequest,
+    default_ensd,
     GenerationResult,
     drawn_request,
     hires_base_size,
@@ -108,7 +118,7 @@ def hires_upscaler(req: GenerationRequest, bundle: ModelBundle) -> Upscaler | st
     read safely on the bundle's device in the upscaler's own ``auto`` dtype (fp32, as `sdlab upscale` runs it,
     whatever the model's; a bad file is a `CheckpointError`)."""
     name = req.hr_upscaler
-    if is_latent_upscaler(name) or not os.path.isfile(name):
+    if req.hr_convention == "comfyui" or is_latent_upscaler(name) or not os.path.isfile(name):
         return name
     return load_upscaler(name, device=bundle.device)
 
@@ -118,21 +128,30 @@ def second_pass_request(req: GenerationRequest, factor: int) -> GenerationReques
     `hr_steps` (or the first pass's) steps at strength `hr_denoise`, the hires sampler, schedule, eta and prompts
     where set (A1111's `sample_hr_pass` and `calculate_hr_conds`; a hires prompt is every text encoder's, SDXL's
     prompt_2 / negative_prompt_2 giving way to it as to the prompt), the hires token merging ratio where set (else
-    the first pass's, A1111's `get_token_merging_ratio(for_hr=True)`), the same seeds, no hires fields, and
+    the first pass's, A1111's `get_token_merging_ratio(for_hr=True)`), the same seeds and CFG scale (`hr_seed`,
+    `hr_cfg_scale` where set), no hires fields, and
     the first pass's model calls by the first pass's sampler (A1111's `firstpass_steps`: prompt edits count on from
     it). SDXL's original and target sizes the request
     leaves unset are the upscaled size before the crop and unsnapped, (hr_upscale_to_y, hr_upscale_to_x), for
     the prompt and the negative, as A1111's `calculate_hr_conds` conditions its second pass. A ControlNet's Pixel
-    Perfect resolution stays the first pass's (`at_first_pass_resolution`), as the extension preprocesses once."""
+    Perfect resolution stays the first pass's (`at_first_pass_resolution`), as the extension preprocesses once.
+    ComfyUI's graph (hr_convention "comfyui"): the second KSampler's denoise rule (img2img convention "comfyui"),
+    SDXL conditioned on its own size (ComfyUI's width / height of the latent it samples)."""
+    comfyui = req.hr_convention == "comfyui"
     _, (width, height) = pass_sizes(req, factor)
-    (up_width, up_height), _ = upscaled_to(req)
+    (up_width, up_height), _ = pass_sizes(req, factor) if comfyui else upscaled_to(req)
     return replace(req, width=width, height=height, steps=hires_steps(req), strength=req.hr_denoise,
+                   seed=req.seed if req.hr_seed is None else req.hr_seed,
+                   cfg_scale=req.cfg_scale if req.hr_cfg_scale is None else req.hr_cfg_scale,
+                   hr_seed=None, hr_cfg_scale=None, hr_convention="a1111", hr_crop="disabled",
+                   eta_noise_seed_delta=_second_pass_ensd(req) if comfyui else req.eta_noise_seed_delta,
                    sampler=req.hr_sampler or req.sampler, schedule=req.hr_schedule or req.schedule,
                    eta=req.eta if req.hr_eta is None else req.hr_eta,
                    prompt=req.hr_prompt or req.prompt, negative_prompt=req.hr_negative_prompt or req.negative_prompt,
                    prompt_2="" if req.hr_prompt else req.prompt_2,
                    negative_prompt_2="" if req.hr_negative_prompt else req.negative_prompt_2,
-                   img2img_convention=HIRES_IMG2IMG, hr_scale=None, hr_width=None, hr_height=None, hr_upscaler=None,
+                   img2img_convention="comfyui" if comfyui else HIRES_IMG2IMG,
+                   hr_scale=None, hr_width=None, hr_height=None, hr_upscaler=None,
                    hr_steps=None, hr_denoise=None, hr_sampler=None, hr_schedule=None, hr_eta=None, hr_prompt="",
                    hr_negative_prompt="", hr_base_size=None,
                    first_pass_steps=req.steps * get_sampler(req.sampler).calls_per_step,
@@ -140,6 +159,16 @@ def second_pass_request(req: GenerationRequest, factor: int) -> GenerationReques
                    controls=at_first_pass_resolution(req.controls, req.width, req.height, req.control_convention),
                    original_size=req.original_size or (up_height, up_width),
                    target_size=req.target_size or (up_height, up_width))
+
+
+def _second_pass_ensd(req: GenerationRequest) -> int:
+    """The ENSD of a ComfyUI graph's second KSampler: ComfyUI seeds every sampler's step noise seed + 1
+    (`default_ensd` of a ComfyUI name), so where the first pass took its sampler's default the second takes its own
+    sampler's (a first `euler`, which draws no step noise, took 0); one set for the request stays."""
+    eta = req.eta if req.hr_eta is None else req.hr_eta
+    if req.eta_noise_seed_delta != default_ensd(True, get_sampler(req.sampler), req.eta):
+        return req.eta_noise_seed_delta
+    return default_ensd(True, get_sampler(req.hr_sampler or req.sampler), eta)
 
 
 def _warn_second_prompts_replaced(req: GenerationRequest) -> None:
@@ -153,7 +182,13 @@ def _warn_second_prompts_replaced(req: GenerationRequest) -> None:
 
 
 def pass_sizes(req: GenerationRequest, factor: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """(upscaled, final) (width, height) of a resolved hires request for a VAE of `factor` (`hires_sizes`)."""
+    """(upscaled, final) (width, height) of a resolved hires request for a VAE of `factor` (`hires_sizes`; ComfyUI's
+    graph: both its LatentUpscale(By)'s size, `comfyui_hires_size`)."""
+    if req.hr_convention == "comfyui":
+        cells = comfyui_hires_size(req.height // factor, req.width // factor, req.hr_scale, req.hr_width or 0,
+                                   req.hr_height or 0, factor)
+        size = (cells[0] * factor, cells[1] * factor)
+        return size, size
     return hires_sizes(*hires_base_size(req), req.hr_scale, req.hr_width, req.hr_height,
                        math.lcm(SIZE_MULTIPLE, factor))
 
@@ -196,7 +231,7 @@ def generate_hires(bundle: ModelBundle, plan: GenerationPlan, upscaler: Upscaler
     left, top = _crop_box(up, final, factor)
     with recording_effects() as effects, tiling_padding(req, bundle):
         skipped = False
-        if isinstance(upscaler, str) and is_latent_upscaler(upscaler):
+        if req.hr_convention == "comfyui" or isinstance(upscaler, str) and is_latent_upscaler(upscaler):
             try:
                 with pictures_if_stopped(bundle, plan):            # stopped: the first pass's pictures, at its size
                     latents = sample_latents(bundle, plan, progress=progress)              # (B, C, h, w)
@@ -205,7 +240,7 @@ def generate_hires(bundle: ModelBundle, plan: GenerationPlan, upscaler: Upscaler
                 if not stopped.skipped:
                     raise
                 latents, skipped = stopped.latents, True
-            z = upscale_latent(latents, up[1] // factor, up[0] // factor, upscaler)       # (B, C, H/f, W/f)
+            z = _upscaled_latent(bundle, req, latents, up[0] // factor, up[1] // factor)  # (B, C, H/f, W/f)
             source = decode_latents(bundle, z, tiled=req.tiled_vae) if _conditions_on_pictures(bundle, req) else None
         else:
             try:
@@ -237,6 +272,17 @@ def generate_hires(bundle: ModelBundle, plan: GenerationPlan, upscaler: Upscaler
     if not torch.isfinite(pixels).all():
         raise NonFiniteError("the VAE decoded NaN or Inf values; no picture was made")
     return GenerationResult(images=tensor_to_pil(pixels), seeds=req.seeds(), request=drawn_request(req, effects))
+
+
+def _upscaled_latent(bundle: ModelBundle, req: GenerationRequest, latents: torch.Tensor, width: int,
+                     height: int) -> torch.Tensor:
+    """The first pass's `latents` (B, C, h, w) at (B, C, height, width): A1111's latent mode, or ComfyUI's
+    LatentUpscale(By) with its method and crop (`comfyui_upscale_latent`) on the VAE's latents, as ComfyUI holds them
+    between its nodes."""
+    if req.hr_convention != "comfyui":
+        return upscale_latent(latents, height, width, req.hr_upscaler)
+    z_vae = bundle.to_vae_latents(latents)                                                 # (B, C, h, w)
+    return bundle.to_model_latents(comfyui_upscale_latent(z_vae, width, height, req.hr_upscaler, req.hr_crop))
 
 
 def _conditions_on_pictures(bundle: ModelBundle, req: GenerationRequest) -> bool:

@@ -110,6 +110,10 @@ _FIELDS: dict[str, tuple[str, type]] = {
     "Hires sampler": ("hr_sampler", str),
     "Hires schedule type": ("hr_schedule", str),
     "Hires eta": ("hr_eta", float),         # sdlab's label of a hires eta that A1111's labels cannot hold (`_etas`)
+    "Hires seed": ("hr_seed", int),
+    "Hires CFG Scale": ("hr_cfg_scale", float),     # Forge's label of its hires CFG
+    "Hires convention": ("hr_convention", str),     # sdlab's: "comfyui", ComfyUI's two-pass graph
+    "Hires crop": ("hr_crop", str),
     "Hires prompt": ("hr_prompt", str),
     "Hires negative prompt": ("hr_negative_prompt", str),
     "SDXL aesthetic score": ("aesthetic_score", float),
@@ -542,7 +546,8 @@ def hires_parameters(req: GenerationRequest, merged: Sequence[LoraRef] = ()) -> 
     """A1111's hires fix labels, its `extra_generation_params` of a hires run (None values are left out of the
     text): the second pass's Denoising strength, its own Hires sampler, Hires prompt, Hires negative prompt and Hires
     schedule type where they differ from the first pass's, Hires upscale (or Hires resize WxH, 0 = unset), Hires steps
-    (when set), Hires upscaler (a model file by A1111's name of it: `a1111_upscaler_name`), Extra noise and
+    (when set), Hires upscaler (a model file by A1111's name of it: `a1111_upscaler_name`), Hires seed and Hires
+    CFG Scale where set, Hires convention and Hires crop where not A1111's, Extra noise and
     Conditional mask weight where the second pass used them; none without it. The Hires prompt carries a tag of
     each LoRA `merged` at load, as the prompt does: A1111 draws a hires prompt's own tags in the second pass."""
     if not req.hires:
@@ -562,6 +567,10 @@ def hires_parameters(req: GenerationRequest, merged: Sequence[LoraRef] = ()) -> 
         "Hires resize": f"{req.hr_width or 0}x{req.hr_height or 0}" if sized else None,
         "Hires steps": req.hr_steps or None,
         "Hires upscaler": upscaler,
+        "Hires seed": req.hr_seed,
+        "Hires CFG Scale": req.hr_cfg_scale,
+        "Hires convention": None if req.hr_convention == "a1111" else req.hr_convention,
+        "Hires crop": None if req.hr_crop == "disabled" else req.hr_crop,
         "Extra noise": req.extra_noise or None,        # A1111's `sample_img2img` of the second pass
         "Conditional mask weight": req.inpainting_mask_weight if req.inpainting_mask_weight != 1.0 else None,
     }
@@ -798,7 +807,8 @@ def _sampler_and_schedule(fields: dict[str, Any], sampler: str, schedule: str) -
 
 
 HIRES_FIELDS = ("hr_scale", "hr_width", "hr_height", "hr_upscaler", "hr_steps", "hr_denoise", "hr_sampler",
-                "hr_schedule", "hr_eta", "hr_prompt", "hr_negative_prompt", "token_merging_ratio_hr")
+                "hr_schedule", "hr_eta", "hr_prompt", "hr_negative_prompt", "token_merging_ratio_hr", "hr_seed",
+                "hr_cfg_scale", "hr_convention", "hr_crop")
 DEFAULT_HR_SCALE = 2.0                      # A1111's Upscale by slider
 
 

@@ -61,6 +61,7 @@ from sdlab.models.deep_cache import MAX_DEEP_CACHE_INTERVAL, DeepCache
 from sdlab.models.freeu import (
     FREEU_CONVENTIONS, FREEU_FACTORS, FREEU_VERSIONS, FREEU_WINDOW, MAX_FREEU_FACTOR, FreeU,
 )
+from sdlab.pipeline.comfy_latent_upscale import COMFY_CROPS, COMFY_LATENT_UPSCALE_METHODS, comfyui_hires_size
 from sdlab.pipeline.images import on_white, read_image, snap_size, upright_size
 from sdlab.pipeline.perturbed_attention import DEFAULT_LAYERS, PagLayerError, check_layer_patterns
 from sdlab.pipeline.upscale import (
@@ -76,6 +77,7 @@ SIZE_MULTIPLE = 8                           # pixel sides snap to multiples of l
 MAX_SEED = 2**64 - 1                        # torch.Generator.manual_seed's range: MIN_SEED..MAX_SEED
 MIN_SEED = -(2**63)
 MAX_STEPS = 1000                            # the training schedule's 1000 timesteps; more repeats them
+HIRES_CONVENTIONS = ("a1111", "comfyui")     # `hr_convention`: A1111's hires fix or ComfyUI's two-pass graph
 HIRES_IMG2IMG = "a1111_fix_steps"           # the hires pass's img2img convention: A1111's setup_img2img_steps
 MAX_SCHEDULE = 10_000                       # img2img "comfyui" stretches the schedule to steps / strength
 MAX_CFG = 100.0                             # |CFG|; useful values are 1..30
@@ -332,6 +334,13 @@ class GenerationRequest:
                                             # (unset there: the second pass sampler's default)
     hr_eta: float | None = None             # its eta where it differs from the first pass's (A1111's eta option of
                                             # a hires sampler of its own: `eta_ddim` for DDIM); None: `eta`
+    hr_seed: int | None = None              # the second pass's seed; None: the first pass's
+    hr_cfg_scale: float | None = None       # the second pass's CFG scale; None: the first pass's
+    hr_convention: str = "a1111"            # "comfyui": ComfyUI's two-pass graph (KSampler -> LatentUpscale(By) ->
+                                            # KSampler): its latent sizes, no crop box, hr_upscaler one of its
+                                            # methods (`COMFY_LATENT_UPSCALE_METHODS`), the second pass on its denoise
+                                            # rule from the upscaled latent + its seed's noise (`pipeline/hires.py`)
+    hr_crop: str = "disabled"               # comfyui: LatentUpscale's crop, "disabled" or "center"
     hr_prompt: str = ""                     # the second pass's prompts (A1111's hr_prompt / hr_negative_prompt,
     hr_negative_prompt: str = ""            # encoded for it with their own prompt editing and LoRA tags); "": the
                                             # first pass's
@@ -680,6 +689,8 @@ def next_batch(request: GenerationRequest, k: int) -> GenerationRequest:
     step = k * request.batch_size
     if request.img2img_convention in A1111_IMG2IMG and request.latent_noise_seed is None:
         request = replace(request, latent_noise_seed=request.seed)     # A1111's `init`, before its n_iter loop
+    if request.hr_seed is not None:
+        request = replace(request, hr_seed=request.hr_seed + step)
     if request.subseed_strength:
         return replace(request, subseed=request.subseed + step)
     return replace(request, seed=request.seed + step)
@@ -715,13 +726,17 @@ def _hires_base(r: GenerationRequest, asked: tuple[int, int], size: tuple[int, i
 
 
 def _resolve_hires(r: GenerationRequest, width: int, height: int, multiple: int,
-                   base: tuple[int, int] | None) -> dict[str, Any]:
+                   base: tuple[int, int] | None, factor: int) -> dict[str, Any]:
     """The checked hires fields (defaults filled in) of a request drawn at width x height and sized from `base`
     (`hires_base_size`)."""
     if not r.hires:
         if r.hr_upscaler is not None or r.hr_steps or r.hr_denoise is not None:
             raise RequestError("hr_upscaler, hr_steps and hr_denoise need hr_scale or hr_width / hr_height "
                                "(the hires fix)")
+        given = [name for name, unset in (("hr_seed", None), ("hr_cfg_scale", None), ("hr_convention", "a1111"),
+                                          ("hr_crop", "disabled")) if getattr(r, name) != unset]
+        if given:
+            raise RequestError(f"{', '.join(given)} need hr_scale or hr_width / hr_height (the hires fix)")
         if r.token_merging_ratio_hr != 0:
             raise RequestError(f"token_merging_ratio_hr ({r.token_merging_ratio_hr!r}) needs hr_scale or hr_width / "
                                "hr_height (the hires fix)")
@@ -736,6 +751,13 @@ def _resolve_hires(r: GenerationRequest, width: int, height: int, multiple: int,
         scale = finite_number("hr_scale", r.hr_scale)
         if scale < 1.0:
             raise RequestError(f"hr_scale must be at least 1 (the hires fix draws larger), got {r.hr_scale!r}")
+    second = _second_pass_options(r)
+    if r.hr_convention not in HIRES_CONVENTIONS:
+        raise RequestError(f"unknown hr_convention {r.hr_convention!r}; valid: {', '.join(HIRES_CONVENTIONS)}")
+    if r.hr_convention == "comfyui":
+        return {**_resolve_comfyui_hires(r, width, height, scale, multiple, factor), **second}
+    if r.hr_crop != "disabled":
+        raise RequestError(f"hr_crop is ComfyUI's LatentUpscale crop: it needs hr_convention comfyui, got {r.hr_crop!r}")
     width, height = base or (width, height)
     if scale is not None and max(width, height) * scale >= MAX_SIDE + multiple:     # before int(): 1e308 -> inf
         raise RequestError(f"hr_scale {scale:g} would draw {width * scale:.6g}x{height * scale:.6g} px from "
@@ -772,7 +794,53 @@ def _resolve_hires(r: GenerationRequest, width: int, height: int, multiple: int,
                 "Lanczos, Nearest, or an upscaler model file that exists"
             ) from None
     return dict(hr_scale=scale, hr_width=r.hr_width or None, hr_height=r.hr_height or None, hr_upscaler=upscaler,
-                hr_steps=steps, hr_denoise=denoise, hr_base_size=base)
+                hr_steps=steps, hr_denoise=denoise, hr_base_size=base, **second)
+
+
+def _second_pass_options(r: GenerationRequest) -> dict[str, Any]:
+    """The checked hr_seed (-1: one drawn now, as `fixed_seed`) and hr_cfg_scale of a hires request."""
+    if r.hr_seed is not None and not _integer(r.hr_seed):
+        raise RequestError(f"hr_seed must be an integer (-1: a random one), got {r.hr_seed!r}")
+    seed = None if r.hr_seed is None else int(_batch_seed("hr_seed", fixed_seed(r.hr_seed), r.batch_size))
+    cfg = None if r.hr_cfg_scale is None else _bounded("hr_cfg_scale", r.hr_cfg_scale, -MAX_CFG, MAX_CFG)
+    return dict(hr_seed=seed, hr_cfg_scale=cfg)
+
+
+def _resolve_comfyui_hires(r: GenerationRequest, width: int, height: int, scale: float | None,
+                           multiple: int, factor: int) -> dict[str, Any]:
+    """The checked hires fields of a request drawn at width x height under ComfyUI's two-pass graph
+    (hr_convention "comfyui"): sizes by LatentUpscale / LatentUpscaleBy (`comfyui_hires_size`), hr_upscaler one of
+    their methods (default "nearest-exact", ComfyUI's first), hr_crop one of their crops, hr_denoise in (0, 1]
+    (default 1, KSampler's) by ComfyUI's denoise rule."""
+    if r.hr_width is not None and r.hr_width >= MAX_SIDE + multiple or (
+            r.hr_height is not None and r.hr_height >= MAX_SIDE + multiple):
+        raise RequestError(f"hr_width / hr_height must lie in 0..{MAX_SIDE}")
+    if scale is not None and max(width, height) * scale >= MAX_SIDE + multiple:
+        raise RequestError(f"hr_scale {scale:g} would draw {width * scale:.6g}x{height * scale:.6g} px from "
+                           f"{width}x{height}; each side must lie in {multiple}..{MAX_SIDE}")
+    cells = comfyui_hires_size(height // factor, width // factor, scale, r.hr_width or 0, r.hr_height or 0, factor)
+    size = (cells[0] * factor, cells[1] * factor)
+    if not (multiple <= min(size) and max(size) <= MAX_SIDE):
+        raise RequestError(f"the hires fix would draw {size[0]}x{size[1]} px from {width}x{height}; "
+                           f"each side must lie in {multiple}..{MAX_SIDE}")
+    steps = r.hr_steps or 0
+    if not _integer(steps) or not 0 <= steps <= MAX_STEPS:
+        raise RequestError(f"hr_steps must be an integer in 0..{MAX_STEPS} (0 = the first pass's), got {r.hr_steps!r}")
+    denoise = 1.0 if r.hr_denoise is None else _bounded("hr_denoise", r.hr_denoise, 0.0, 1.0)
+    if denoise == 0.0:
+        raise RequestError("hr_denoise (the second KSampler's denoise) must be above 0")
+    total, _ = steps_run(steps or r.steps, denoise, "comfyui")
+    if total > MAX_SCHEDULE:
+        raise RequestError(f"{steps or r.steps} hires steps at hr_denoise {denoise} make a {total}-step schedule; "
+                           f"the limit is {MAX_SCHEDULE}: raise hr_denoise")
+    upscaler = COMFY_LATENT_UPSCALE_METHODS[0] if r.hr_upscaler is None else r.hr_upscaler
+    if upscaler not in COMFY_LATENT_UPSCALE_METHODS:
+        raise RequestError(f"hr_upscaler {upscaler!r} is not one of ComfyUI's latent upscale methods: "
+                           f"{', '.join(COMFY_LATENT_UPSCALE_METHODS)}")
+    if r.hr_crop not in COMFY_CROPS:
+        raise RequestError(f"unknown hr_crop {r.hr_crop!r}; valid: {', '.join(COMFY_CROPS)}")
+    return dict(hr_scale=scale, hr_width=r.hr_width or None, hr_height=r.hr_height or None, hr_upscaler=upscaler,
+                hr_steps=steps, hr_denoise=denoise, hr_base_size=None)
 
 
 def _schedule_asked(name: str | None) -> str | None:
@@ -1173,7 +1241,7 @@ def resolve(
     subseed = _batch_seed("subseed", fixed_seed(r.subseed), r.batch_size) if r.subseed_strength else None
     if r.latent_noise_seed is not None:
         _batch_seed("latent_noise_seed", r.latent_noise_seed, r.batch_size)
-    hires = _resolve_hires(r, width, height, multiple, _hires_base(r, asked, (width, height), multiple))
+    hires = _resolve_hires(r, width, height, multiple, _hires_base(r, asked, (width, height), multiple), factor)
     hires.update(_resolve_hires_pass(r, spec, schedule, asked_schedule, default_schedule))
     init_images = tuple(on_white(image) for image in r.init_images)
     init_image = init_images[0] if init_images else None if r.init_image is None else on_white(r.init_image)
