@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import re
 import shutil
@@ -117,6 +118,32 @@ def test_decompression_bombs_are_refused_before_decoding(tmp_path, side):
             pass
     with pytest.raises(ParametersError, match="too large"):
         read_parameters(path)
+
+
+def test_a_picture_between_pillows_warning_and_its_error_is_refused_without_its_warning(tmp_path):
+    """100 Mpx, between Image.MAX_IMAGE_PIXELS and twice it, where Pillow's own check in `Image.open` warns
+    (DecompressionBombWarning, then its `warnings.warn` source line on stderr) before sdlab's error: the header is
+    read and refused before that check runs, so no warning is issued (in process, every filter "always") and
+    `sdlab upscale` prints its one error line only."""
+    import subprocess
+    import sys
+    import warnings
+
+    path = _png_header_only(tmp_path / "bomb.png", 10_000, 10_000)
+    with warnings.catch_warnings(record=True) as issued:
+        warnings.simplefilter("always")
+        with pytest.raises(ImageTooLargeError, match="too large"):
+            with open_image(path):
+                pass
+        with pytest.raises(ImageTooLargeError, match="too large"):
+            with open_image(io.BytesIO(path.read_bytes())):     # a server's picture, read from the request
+                pass
+    assert [w.category.__name__ for w in issued] == []
+    done = subprocess.run([sys.executable, "-W", "default", "-m", "sdlab", "upscale", str(path), "--scale", "2",
+                           "--out", str(tmp_path / "out.png")], capture_output=True, text=True, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "too large to open safely" in lines[0], done.stderr
+    assert not (tmp_path / "out.png").exists()
 
 
 # --- JPEG / WebP ----------------------------------------------------------------------------------------------

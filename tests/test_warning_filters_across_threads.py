@@ -85,13 +85,13 @@ def test_overlapping_dtype_conversions_leave_the_warning_filters_as_they_were(tm
     assert path.read_bytes() == written   # the private map is never written, nor is the file through it
 
 
-@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")   # Pillow's own, before sdlab's error
 def test_overlapping_picture_opens_each_refuse_a_decompression_bomb(monkeypatch):
     """`open_image` in two threads (two requests' pictures): each refuses a picture past Pillow's pixel limit, however
-    their opens overlap (with the warning turned into an error by a filter, A's leaving put the filters back as
-    they were before A, without B's, so B's picture opened), and the filters stay as they were."""
+    their header reads overlap (with the warning turned into an error by a filter, A's leaving put the filters back
+    as they were before A, without B's, so B's picture opened), and the filters stay as they were."""
     from PIL import Image
 
+    from sdlab.pipeline import images
     from sdlab.pipeline.images import ImageTooLargeError, open_image
 
     picture = io.BytesIO()
@@ -99,7 +99,7 @@ def test_overlapping_picture_opens_each_refuse_a_decompression_bomb(monkeypatch)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)   # 1600 pixels: past the limit, within Pillow's error at 2x
     before = list(warnings.filters)
     overlap = _Overlap()
-    monkeypatch.setattr(Image, "open", overlap.paused(Image.open))
+    monkeypatch.setattr(images, "declared_pixels", overlap.paused(images.declared_pixels))
 
     def size() -> tuple[int, int]:
         with open_image(io.BytesIO(picture.getvalue())) as image:

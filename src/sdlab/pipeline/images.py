@@ -23,8 +23,9 @@ import contextlib
 import logging
 import math
 import os
+import struct
 from collections.abc import Iterator
-from typing import Sequence
+from typing import IO, Sequence
 
 import numpy as np
 import torch
@@ -47,27 +48,65 @@ def source_name(path: object) -> str:
     return repr(name) if isinstance(name, str) else "the picture"
 
 
+def declared_pixels(fp: IO[bytes]) -> int | None:
+    """The pixel count the header of the picture in `fp` declares, as Pillow's `_decompression_bomb_check` counts
+    it (``max(w, 1) * max(h, 1)``), read by the format plugins `Image.open` tries, in its order, without its
+    bomb check; `fp` is left at its start. None where no plugin reads the header (`Image.open` then gives Pillow's
+    own error)."""
+    Image.init()                                                 # every plugin, as Image.open's last try loads
+    fp.seek(0)
+    prefix = fp.read(16)
+    try:
+        for name in list(Image.ID):
+            factory, accept = Image.OPEN[name]
+            accepted = not accept or accept(prefix)
+            if isinstance(accepted, str) or not accepted:       # a str: Image.open's note why not
+                continue
+            fp.seek(0)
+            try:
+                header = factory(fp, "")
+            except (SyntaxError, IndexError, TypeError, struct.error):    # Image.open tries the next plugin
+                continue
+            except Exception:                                   # Image.open raises it: let it
+                return None
+            return max(header.width, 1) * max(header.height, 1)
+        return None
+    finally:
+        fp.seek(0)
+
+
 @contextlib.contextmanager
-def open_image(path: str | os.PathLike[str]) -> Iterator[Image.Image]:
+def open_image(path: str | os.PathLike[str] | IO[bytes]) -> Iterator[Image.Image]:
     """``Image.open(path)`` that refuses decompression bombs: ``ImageTooLargeError`` (a ``ValueError``).
 
     Pillow warns above ``Image.MAX_IMAGE_PIXELS`` (about 89 megapixels) and raises above twice that; both
-    become the error here, raised before any pixel is decoded: the header's size is checked here, against the
-    same limit, rather than by turning Pillow's warning into an error, since the warning filters are one list
-    shared by every thread (``warnings.catch_warnings`` is not thread-safe). Other failures are Pillow's own
+    become the error here, raised before any pixel is decoded and before `Image.open` runs its own check (so
+    its `DecompressionBombWarning` is never printed beside the error): the header's size is read first
+    (`declared_pixels`) and checked against the same limit, rather than by turning Pillow's warning into an
+    error or silencing it, since the warning filters are one list shared by every thread
+    (``warnings.catch_warnings`` is not thread-safe) and the host program's own. Other failures are Pillow's own
     (``FileNotFoundError``, ``UnidentifiedImageError`` / ``OSError``, ``ValueError``).
     """
+    if isinstance(path, (str, os.PathLike)):
+        with open(path, "rb") as fp:
+            _refuse_past_the_limit(path, declared_pixels(fp))
+    else:
+        _refuse_past_the_limit(path, declared_pixels(path))
     try:
         image = Image.open(path)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:   # the warning: where filters say
         raise ImageTooLargeError(f"{source_name(path)} is too large to open safely ({err})") from None
     with image:
-        limit = Image.MAX_IMAGE_PIXELS
-        pixels = max(image.width, 1) * max(image.height, 1)     # as Pillow's `_decompression_bomb_check` counts
-        if limit is not None and pixels > limit:
-            raise ImageTooLargeError(f"{source_name(path)} is too large to open safely (Image size ({pixels} pixels) "
-                                     f"exceeds limit of {limit} pixels, could be decompression bomb DOS attack.)")
+        _refuse_past_the_limit(path, max(image.width, 1) * max(image.height, 1))   # as Pillow's check counts
         yield image
+
+
+def _refuse_past_the_limit(path: object, pixels: int | None) -> None:
+    """``ImageTooLargeError`` where `pixels` exceeds Pillow's ``Image.MAX_IMAGE_PIXELS`` (None: no limit)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and pixels is not None and pixels > limit:
+        raise ImageTooLargeError(f"{source_name(path)} is too large to open safely (Image size ({pixels} pixels) "
+                                 f"exceeds limit of {limit} pixels, could be decompression bomb DOS attack.)")
 
 
 def read_image(path: str | os.PathLike[str]) -> Image.Image:
