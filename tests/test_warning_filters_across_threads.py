@@ -138,3 +138,21 @@ def test_a_pickle_read_overlapping_another_thread_s_filter_leaves_the_filters_as
     assert outcome["A"] is None and torch.equal(outcome["B"]["w"], weight)
     assert warnings.filters == before
     assert overlap.filters_inside["B"] == overlap.filters_inside["A"]   # B added none of its own
+
+
+def test_the_pickle_notice_stays_filtered_after_a_later_catch_all_filter(tmp_path: Path):
+    """A `.ckpt` of pickle protocol 3 read once (the notice's filter added), then ``warnings.simplefilter("default")``
+    (``python -W default``, an application's own set-up) put in front of it: the next read's unpickling finds the
+    filter no longer the first to match the notice and puts it back in front, so the notice stays out; other
+    warnings still meet the "default" filter. Before, it found the filter in the list and left it behind."""
+    from sdlab.checkpoints.io import read_checkpoint
+
+    weight = torch.randn(8, 3, generator=torch.Generator().manual_seed(1))
+    path = tmp_path / "old.ckpt"
+    torch.save({"state_dict": {"w": weight}}, path, _use_new_zipfile_serialization=False, pickle_protocol=3)
+    with warnings.catch_warnings(record=True) as shown:
+        read_checkpoint(path)
+        warnings.simplefilter("default")
+        assert torch.equal(read_checkpoint(path)[0]["w"], weight)
+        warnings.warn("another warning", UserWarning)
+    assert [str(w.message) for w in shown] == ["another warning"]

@@ -551,15 +551,26 @@ def _read_pickle(path: Path, nested: bool = False, shapes_only: bool = False,
 
 # torch's weights-only unpickler asks to "file an issue" about every pickle protocol but 2 (what most tools wrote)
 _PROTOCOL_NOTICE = "Detected pickle protocol"
+_A_PROTOCOL_NOTICE = ("Detected pickle protocol 4 in the checkpoint, which was not the default pickle protocol used "
+                      "by `torch.load` (2).")
+"""The start of the notice as torch words it (`_weights_only_unpickler.Unpickler.load`), for matching filters."""
 
 
 def _quiet_protocol_notice() -> None:
-    """Filter out torch's pickle-protocol notice for the process, where the filters lack that filter: added, never
-    taken away. Not each unpickling's `warnings.catch_warnings()`, which saves and puts back the filter list all
-    threads share: overlapping another thread's hold, it put that thread's filter back for good, or took it away
-    during the hold. (Where something puts the list back without it, the next unpickling adds it again.)"""
-    if ("ignore", re.compile(_PROTOCOL_NOTICE, re.I), UserWarning, None, 0) not in warnings.filters:
-        warnings.filterwarnings("ignore", message=_PROTOCOL_NOTICE, category=UserWarning)
+    """Filter out torch's pickle-protocol notice for the process, where that filter is not in effect: the first
+    filter that matches the notice (its text, a UserWarning, from any module and line) is not it, as after a
+    later `warnings.simplefilter("default")` or ``python -W default``, or it is missing. Then it is put at the
+    front (`filterwarnings` moves it there, once): added, never taken away. Not each unpickling's
+    `warnings.catch_warnings()`, which saves and puts back the filter list all threads share: overlapping another
+    thread's hold, it put that thread's filter back for good, or took it away during the hold."""
+    ours = ("ignore", re.compile(_PROTOCOL_NOTICE, re.I), UserWarning, None, 0)
+    for item in warnings.filters:
+        if item == ours:
+            return
+        _, message, category, _, _ = item
+        if (message is None or message.match(_A_PROTOCOL_NOTICE)) and issubclass(UserWarning, category):
+            break                                       # the notice stops at this filter, before ours
+    warnings.filterwarnings("ignore", message=_PROTOCOL_NOTICE, category=UserWarning)
 
 
 @contextmanager
