@@ -142,6 +142,36 @@ def test_compact_srvgg_matches_spandrel(scale: int, tmp_path: Path) -> None:
     assert diff.max() <= 6 and diff.mean() <= 0.3                # measured: max 2-4, mean 0.05-0.18
 
 
+
+class _CountInitialisers(torch.overrides.TorchFunctionMode):
+    """The `torch.nn.init` initialisers and in-place fills a build runs (those that reach this mode)."""
+
+    NAMES = {"normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_",
+             "trunc_normal_", "constant_", "zeros_", "ones_", "zero_", "fill_", "erfinv_", "orthogonal_"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.NAMES:
+            self.calls.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("layout", ["old", "new", "compact"])
+def test_the_network_is_built_on_meta_without_its_initialisers(layout: str) -> None:
+    """The file's network is built on meta under `meta_device_without_init`, as the other builders are (plain
+    ``torch.device("meta")`` ran every RRDBNet layer's initialisers: 702 calls for the full-size x4), and loads the
+    same weights."""
+    state = {"old": lambda: old_arch_state(4, seed=6), "new": lambda: new_arch_state(2, seed=6),
+             "compact": lambda: _compact_state(6)}[layout]()
+    with _CountInitialisers() as counted:
+        ours = upscaler_from_state(dict(state))
+    assert counted.calls == []
+    assert all(not p.is_meta for p in ours.net.parameters())
+    assert sorted(v.sum().item() for v in ours.net.state_dict().values()) == sorted(v.sum().item() for v in state.values())
+
 def test_channels_blocks_and_features_come_from_the_tensors() -> None:
     esrgan = _spandrel_esrgan()
     net = esrgan.ESRGAN(in_nc=1, out_nc=1, num_filters=8, num_blocks=3, scale=2)

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from sdlab.checkpoints.components import meta_device_without_init
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.io import read_checkpoint, shapes_of
 from sdlab.models.rrdbnet import RRDBNet, RRDBNetConfig
@@ -235,7 +236,7 @@ def _network(state: Mapping[str, Tensor], where: Path) -> tuple[RRDBNet | SRVGGN
         names = rrdbnet_names(inner, layout, where)
     file_shapes = shapes_of(state)
     shapes = {ours: file_shapes[key] for key, ours in names.items()}
-    with torch.device("meta"):
+    with meta_device_without_init():                                  # no initialiser runs on meta
         net = SRVGGNetCompact(compact_config(shapes, where)) if compact else RRDBNet(config_from_shapes(shapes, where))
     _check_shapes(net, shapes, where)
     return net, names
