@@ -53,8 +53,12 @@ def declared_pixels(fp: IO[bytes]) -> int | None:
     it (``max(w, 1) * max(h, 1)``), read by the format plugins `Image.open` tries, in its order, without its
     bomb check; `fp` is left at its start. None where no plugin reads the header (`Image.open` then gives Pillow's
     own error)."""
-    Image.init()                                                 # every plugin, as Image.open's last try loads
-    fp.seek(0)
+    Image.preinit()                                              # the common plugins first, in Image.open's
+    Image.init()                                                 # order, then every other, as its last try loads
+    try:
+        fp.seek(0)
+    except (AttributeError, OSError):                            # not seekable: Image.open reads it into memory
+        return None
     prefix = fp.read(16)
     try:
         for name in list(Image.ID):
