@@ -209,3 +209,15 @@ def test_a_native_comfyui_control_with_a_resize_comfyui_has_not_is_a_422(server)
                                             "controls": [{**native_control(EDGES, 0.9), "resize_mode": "fill"}]})
     assert answer.status_code == 422, answer.text
     assert "resize_mode resize or crop" in answer.text
+
+
+def test_a_native_comfyui_control_with_start_equal_to_end_draws_as_the_graphs(server):
+    """ComfyUI's sigma window takes start_percent == end_percent (the steps on that one sigma), and so do the
+    pipeline and the graph: a native job under comfyui draws it as the graph does; diffusers' rule refuses it."""
+    nodes = {**LOADERS, "12": advanced(["6", 0], ["7", 0], "10", "11", 0.9, 0.5, 0.5)}
+    graph = graph_pixels(server, with_controls(nodes, ["12", 0], ["12", 1]))
+    native = native_pixels(server, {**NATIVE, "control_convention": "comfyui",
+                                    "controls": [native_control(EDGES, 0.9, 0.5, 0.5)]})
+    assert np.array_equal(graph, native)
+    answer = server.post("/api/jobs", json={**NATIVE, "controls": [native_control(EDGES, 0.9, 0.5, 0.5)]})
+    assert answer.status_code == 422 and "0 <= start < end <= 1" in answer.text, answer.text

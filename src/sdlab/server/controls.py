@@ -342,8 +342,8 @@ def native_controls(items: list[dict[str, Any]], folder: ModelFolder, limits: Li
     """The native `controls` entries as checked `ControlInput`s. An entry without an image is drawn on the job's
     init picture `init` with its resize mode `job_resize` by the pipeline's rule (`control.drawn_on_init`, as an
     A1111 unit without one, `a1111_unit`); a txt2img job has none, and such an entry is a 422, as the extension
-    refuses it ("no input image is given"). Under the job's `convention` "comfyui" its rules are checked too
-    (ComfyUI's resize modes)."""
+    refuses it ("no input image is given"). Under the job's `convention` "comfyui" its rules are checked instead of
+    diffusers' (ComfyUI's resize modes; a window start == end, which ComfyUI's sigma window takes)."""
     controls = []
     for index, item in enumerate(items):
         what = f"control {index}"
@@ -362,9 +362,8 @@ def native_controls(items: list[dict[str, Any]], folder: ModelFolder, limits: Li
             control = drawn_on_init(control, index, init, job_resize)
         except RequestError as err:
             raise BadRequest(str(err), 422) from None
-        controls.append(checked_control(control, index, "diffusers", folder))
-        if convention == "comfyui":
-            checked_control(control, index, convention, folder)
+        controls.append(checked_control(control, index, "comfyui" if convention == "comfyui" else "diffusers",
+                                        folder))
     return tuple(controls)
 
 
