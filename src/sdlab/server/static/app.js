@@ -1601,6 +1601,30 @@ async function deleteJob(job) {
   refreshJobs(true);
 }
 
+// The history past the polled page `jobs`, as far as the gallery's older jobs reach (Load more's pages, and the
+// jobs new ones pushed off the polled page), read again at each poll so that a job deleted elsewhere leaves them;
+// null where nothing older is shown or the read failed (the older jobs then stay as they are until the next poll)
+async function readPastPage(jobs) {
+  if (!state.olderJobs.length) return null;
+  if (!jobs.length) return [];                   // the history is empty
+  let wanted = state.olderJobs.length + state.jobs.length;
+  const past = [];
+  try {
+    while (wanted > 0) {
+      const limit = Math.min(wanted, 1000);      // GET /api/jobs's largest page
+      const oldest = past.length ? past[past.length - 1] : jobs[jobs.length - 1];
+      const data = await api(`/api/jobs?limit=${limit}&before=${encodeURIComponent(oldest.id)}`);
+      const page = (data && data.jobs) || [];
+      past.push(...page);
+      wanted -= limit;
+      if (page.length < limit) break;
+    }
+  } catch (_) {                                  // e.g. a 404: the polled page's last job deleted meanwhile
+    return null;
+  }
+  return past;
+}
+
 // Poll the job list: queue view, gallery, which of this page's jobs to follow, and its jobs that ended
 // unseen (cancelled while queued, or while no stream followed them). Other pages' jobs show in the queue
 // list only: they never take over this page's viewer, progress bar or Cancel button.
@@ -1617,6 +1641,8 @@ async function refreshJobs(force = false) {
     if ($("error").textContent.includes(UNREACHABLE)) showError("");
   }
   const jobs = (data && data.jobs) || [];
+  const checked = new Set(state.olderJobs.map((j) => j.id));
+  const past = await readPastPage(jobs);
   const active = jobs.filter((j) => ACTIVE.has(j.status)).reverse();     // oldest (next to run) first
   const own = active.filter((j) => state.submitted.has(j.id));
   state.activeIds = active.map((j) => j.id);
@@ -1646,6 +1672,12 @@ async function refreshJobs(force = false) {
     const kept = state.jobs.map((j) => listed.has(j.id)).lastIndexOf(true);
     const pushedOff = state.jobs.filter((j, i) => i > kept && !listed.has(j.id) && !ACTIVE.has(j.status));
     state.olderJobs.unshift(...pushedOff);
+    if (past) {                          // one deleted elsewhere (another tab, the API) leaves Load more's pages
+      const still = new Set(past.map((j) => j.id));
+      const before = state.olderJobs.length;
+      state.olderJobs = state.olderJobs.filter((j) => !checked.has(j.id) || still.has(j.id));
+      force = force || state.olderJobs.length !== before;
+    }
   } else {
     state.moreJobs = jobs.length >= JOBS_PAGE;
   }
