@@ -176,3 +176,45 @@ def test_jobs_deleted_elsewhere_after_load_more_leave_and_paging_goes_on(browser
     assert text(browser, "error") == ""
     assert captions(browser) == [f"old job {i}" for i in range(248, -1, -1) if i != 50]
     assert not browser.find_elements(By.CSS_SELECTOR, "#gallery button.load-more")
+
+
+def test_a_job_deleted_elsewhere_leaves_load_mores_page_at_the_next_poll(browser, history_of_250):
+    """After Load more, other clients delete jobs in the middle of the Load more page: one through the API, one
+    with its card's Delete in a second tab. The first tab's next poll takes both cards away (before: ghosts until a
+    reload), keeps every other card in order, and Load more then pages on from the oldest shown."""
+    server, ids = history_of_250
+    base = server.url
+
+    def captions(d) -> list[str]:
+        return d.execute_script("return [...document.querySelectorAll('#gallery .card .caption')]"
+                                ".map((c) => c.textContent)")
+
+    def load_more(d) -> None:
+        shown = len(captions(d))
+        d.find_element(By.CSS_SELECTOR, "#gallery button.load-more").click()
+        wait(d, lambda d: len(captions(d)) > shown, 30, "Load more added nothing")
+
+    open_page(browser, base)
+    wait(browser, lambda d: len(captions(d)) == 100, 30, "the newest 100 are not shown")
+    load_more(browser)
+    first = browser.current_window_handle
+    browser.switch_to.new_window("tab")
+    try:
+        open_page(browser, base)
+        wait(browser, lambda d: len(captions(d)) == 100, 30, "the second tab shows not the newest 100")
+        load_more(browser)
+        click_card_button(browser, _card(ids[100]), "delete-job")
+        wait(browser, expected_conditions.alert_is_present(), 20, "no confirm").accept()
+        wait(browser, lambda d: not d.find_elements(By.CSS_SELECTOR, _card(ids[100])), 20, "the card stays")
+    finally:
+        browser.close()
+        browser.switch_to.window(first)
+    http_json(base, f"/api/jobs/{ids[120]}/delete", {}, method="POST")
+    assert browser.find_elements(By.CSS_SELECTOR, _card(ids[120]))       # shown until the next poll
+    browser.execute_script("refreshJobs()")                     # the poll that comes every 10 s
+    gone = [f"old job {i}" for i in (100, 120)]
+    wait(browser, lambda d: not set(gone) & set(captions(d)), 30, "the deleted jobs stay in the gallery")
+    assert captions(browser) == [f"old job {i}" for i in range(249, 49, -1) if i not in (100, 120)]
+    load_more(browser)
+    assert captions(browser) == [f"old job {i}" for i in range(249, -1, -1) if i not in (100, 120)]
+    assert text(browser, "error") == ""
