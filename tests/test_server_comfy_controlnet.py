@@ -221,3 +221,22 @@ def test_a_native_comfyui_control_with_start_equal_to_end_draws_as_the_graphs(se
     assert np.array_equal(graph, native)
     answer = server.post("/api/jobs", json={**NATIVE, "controls": [native_control(EDGES, 0.9, 0.5, 0.5)]})
     assert answer.status_code == 422 and "0 <= start < end <= 1" in answer.text, answer.text
+
+
+def test_a_controlnet_apply_on_each_side_applying_the_same_draws_as_one(server):
+    """The old workflows' pattern: a ControlNetApply on the positive and another, applying the same net, picture
+    and strength, on the negative. ComfyUI gives each row its own control of equal settings, so it draws as the
+    one native control; nodes that apply something else on each side are still refused."""
+    def apply(conditioning: str, strength: float, loader: str = "10") -> dict:
+        return {"class_type": "ControlNetApply", "inputs": {
+            "conditioning": [conditioning, 0], "control_net": [loader, 0], "image": ["11", 0], "strength": strength}}
+
+    twin_loader = {"16": {"class_type": "ControlNetLoader", "inputs": {"control_net_name": EDGES}}}
+    nodes = {**LOADERS, **twin_loader, "12": apply("6", 0.9), "17": apply("7", 0.9, "16")}   # its own loader node
+    pixels = graph_pixels(server, with_controls(nodes, ["12", 0], ["17", 0]))
+    native = native_pixels(server, {**NATIVE, "control_convention": "comfyui",
+                                    "controls": [native_control(EDGES, 0.9)]})
+    assert np.array_equal(pixels, native)
+    for other in (apply("7", 0.8), apply("7", 0.9, "13")):                 # another strength, another net
+        body = refused(server, with_controls({**LOADERS, "12": apply("6", 0.9), "17": other}, ["12", 0], ["17", 0]))
+        assert body["node_errors"]["3"]["errors"][0]["type"] == "unsupported_graph"

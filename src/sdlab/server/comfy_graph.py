@@ -559,8 +559,9 @@ class _Plan:
         ControlNetApplyAdvanced, comfy/samplers.py `apply_empty_x_to_equal_area`): a node of strength 0 passes its
         conditioning on untouched; the positive's chain; the negative's its own, or where it has none and the
         positive's last node is a ControlNetApply (control_apply_to_uncond) the positive's. sdlab draws one set of
-        ControlNets for every row, so the two must be the same nodes; one whose start_percent > end_percent never
-        acts and is left out."""
+        ControlNets for every row, so the two must apply the same (`applied`: net, picture, strength, window; the
+        same nodes, or one node on each side as the old ControlNetApply pattern has it, whose controls ComfyUI
+        draws alike); one whose start_percent > end_percent never acts and is left out."""
         chains = {which: self.under_controls(sampler, which)[1] for which in ("positive", "negative")}
         for node in dict.fromkeys(chains["positive"] + chains["negative"]):
             self.control_inputs(node)
@@ -569,19 +570,21 @@ class _Plan:
         positive, negative = acting["positive"], acting["negative"]
         if not negative and positive and self.graph[positive[-1]]["class_type"] == "ControlNetApply":
             negative = positive
-        if positive != negative:
+        found, other = ([c for c in map(self.applied, nodes) if c.start <= c.end] for nodes in (positive, negative))
+        if found != other:
             raise self.refuse(sampler, "sdlab draws the same ControlNets on the positive and the negative "
-                                       "conditioning (a ControlNetApply on the positive alone, or the same "
-                                       "ControlNetApplyAdvanced nodes on both)")
-        found = []
-        for node in positive:
-            values = self.inputs(node)
-            start, end = float(values.get("start_percent", 0.0)), float(values.get("end_percent", 1.0))
-            if start <= end:
-                loader, image = self.source(node, "control_net")[0], self.source(node, "image")[0]
-                found.append(GraphControl(self.inputs(loader)["control_net_name"], self.inputs(image)["image"],
-                                          float(values["strength"]), start, end))
+                                       "conditioning (a ControlNetApply on the positive alone, or ControlNet "
+                                       "nodes applying the same net, picture, strength and window on both)")
         return found
+
+    def applied(self, node: str) -> GraphControl:
+        """What a ControlNet node applies: its ControlNetLoader's file, its LoadImage's picture, its strength and
+        window (ControlNetApply: 0 to 1)."""
+        values = self.inputs(node)
+        loader, image = self.source(node, "control_net")[0], self.source(node, "image")[0]
+        return GraphControl(self.inputs(loader)["control_net_name"], self.inputs(image)["image"],
+                            float(values["strength"]), float(values.get("start_percent", 0.0)),
+                            float(values.get("end_percent", 1.0)))
 
     def control_inputs(self, node: str) -> None:
         """Check and run (in order) a ControlNet node's ControlNetLoader, LoadImage (and VAELoader: its VAE is
