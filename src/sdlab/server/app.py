@@ -2,11 +2,11 @@
 
 Routes: `/sdapi/v1/*` (a1111.py), the ControlNet extension's `/controlnet/*` (a1111_controlnet.py), `/api/*`
 (native.py), ComfyUI's `/prompt`, `/ws`, `/history`, ... at `/` and under `/api` (comfy_api.py), the web UI at `/`
-(static/index.html) and `/static/*`. Every route sits behind `guard.Guard` (auth, Host names, Origins, body size;
-a WebSocket's handshake too). Errors: `/sdapi` and the ControlNet extension's `/controlnet` answer in A1111's
-shape `{error, detail, body, errors}`, everything else `{detail: "..."}`. OpenAI's images API, `/v1/*`
-(openai_images.py), answers errors in OpenAI's shape `{error: {message, type, param, code}}`, the guard's
-refusals (401, 403, 413) too (`refusal_body`).
+(static/index.html) and `/static/*`, the API's Swagger UI at `/docs` (api_docs.py: its assets served here, no CDN).
+Every route sits behind `guard.Guard` (auth, Host names, Origins, body size; a WebSocket's handshake too). Errors:
+`/sdapi` and the ControlNet extension's `/controlnet` answer in A1111's shape `{error, detail, body, errors}`,
+everything else `{detail: "..."}`. OpenAI's images API, `/v1/*` (openai_images.py), answers errors in OpenAI's shape
+`{error: {message, type, param, code}}`, the guard's refusals (401, 403, 413) too (`refusal_body`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sdlab.server import a1111, a1111_controlnet, comfy_api, native
+from sdlab.server import a1111, a1111_controlnet, api_docs, comfy_api, native
 from sdlab.server import openai_images
 from sdlab.server.config import ServerConfig
 from sdlab.server.guard import Guard, detail_body
@@ -50,13 +50,14 @@ def create_app(config: ServerConfig, *, preload: bool = False) -> Guard:
         yield
         await asyncio.to_thread(service.stop)
 
-    app = FastAPI(title="sdlab", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app = FastAPI(title="sdlab", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.service = service
     app.include_router(openai_images.router)
     app.include_router(a1111.router)
     app.include_router(a1111_controlnet.router)
     app.include_router(native.router)
     comfy_api.attach(app, service)
+    api_docs.attach(app)              # /docs: Swagger UI from local assets
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
