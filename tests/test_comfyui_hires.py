@@ -13,6 +13,7 @@ latents compared at 1e-5 (relative and absolute, latents of size ~1).
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -185,3 +186,26 @@ def test_the_infotext_records_the_comfyui_hires_and_draws_it_again(tiny):
     assert again.images[0].tobytes() == result.images[0].tobytes()
     plain = tiny.txt2img(PROMPT, seed=SEED, steps=3, width=64, height=64, hr_scale=1.5)
     assert "Hires convention" not in format_parameters(to_parameters(plain.request))
+
+
+def test_the_cli_draws_the_comfyui_hires_and_its_picture_again(tmp_path, capsys):
+    """sdlab txt2img --hr-convention comfyui --hr-upscaler bislerp --hr-seed --hr-cfg-scale --hr-size --hr-crop: the
+    Python API's picture; --from-png of it draws it again."""
+    from cli_helpers import pixels, run
+
+    flags = ["--steps", "3", "--seed", str(SEED), "--sampler", "euler_ancestral", "--schedule", "karras", "--width",
+             "64", "--height", "64", "--cfg-scale", "5", "--hr-convention", "comfyui", "--hr-size", "112x64",
+             "--hr-crop", "center", "--hr-upscaler", "bislerp", "--hr-denoise", "0.6", "--hr-seed", str(HIRES_SEED),
+             "--hr-cfg-scale", "2.5", "--no-progress"]
+    code, _, err = run(["txt2img", PROMPT, *flags, "--out", str(tmp_path / "a.png")], capsys)
+    assert code == 0, err
+    code, _, err = run(["txt2img", "--from-png", str(tmp_path / "a.png"), "--out", str(tmp_path / "b.png"),
+                        "--no-progress"], capsys)
+    assert code == 0, err
+    drawn = sdlab.load().txt2img(PROMPT, seed=SEED, steps=3, sampler="euler_ancestral", schedule="karras",
+                                 width=64, height=64, cfg_scale=5.0, hr_convention="comfyui", hr_width=112,
+                                 hr_height=64, hr_crop="center", hr_upscaler="bislerp", hr_denoise=0.6,
+                                 hr_seed=HIRES_SEED, hr_cfg_scale=2.5)
+    assert pixels(tmp_path / "a.png").shape == (64, 112, 3)
+    assert np.array_equal(pixels(tmp_path / "a.png"), np.asarray(drawn.images[0]))
+    assert np.array_equal(pixels(tmp_path / "b.png"), pixels(tmp_path / "a.png"))

@@ -101,9 +101,9 @@ def test_a_broken_upscaler_file_is_one_error_line(tmp_path: Path, capsys) -> Non
 
 
 def test_from_png_warns_about_a1111s_own_hires_pass_settings(tmp_path: Path, capsys) -> None:
-    """A1111 writes Hires checkpoint (and Forge its Hires CFG Scale) for a second pass unlike the first, which sdlab's
-    second pass does not draw (it takes the first pass's model and CFG), and says so; its Hires sampler / schedule
-    type / prompt / negative prompt it draws (tests/test_hires_pass_settings.py)."""
+    """A1111 writes Hires checkpoint for a second pass unlike the first, which sdlab's second pass does not draw (it
+    takes the first pass's model), and says so; its Hires sampler / schedule type / prompt / negative prompt and
+    Forge's Hires CFG Scale (`hr_cfg_scale`) it draws (tests/test_hires_pass_settings.py, test_comfyui_hires.py)."""
     text = ("a red apple\nNegative prompt: ugly\nSteps: 2, Sampler: Euler a, Schedule type: Karras, CFG scale: 7, "
             "Seed: 5, Size: 64x64, Denoising strength: 0.5, Hires upscale: 1, Hires upscaler: Latent, "
             "Hires checkpoint: other_model, Hires sampler: DPM++ 2M, Hires schedule type: Karras, "
@@ -113,6 +113,7 @@ def test_from_png_warns_about_a1111s_own_hires_pass_settings(tmp_path: Path, cap
                        capsys)
     assert code == 0, err
     warning = next(line for line in err.splitlines() if "hires pass had its own" in line)
-    assert "Hires checkpoint 'other_model', Hires CFG Scale '5.0'" in warning
+    assert "Hires checkpoint 'other_model'" in warning and "CFG" not in warning
     assert "sampler" not in warning and "prompt" not in warning and "schedule" not in warning   # drawn
     assert "Hires sampler: DPM++ 2M, Hires prompt: a green pear" in read_parameters(tmp_path / "b.png")
+    assert "Hires CFG Scale: 5," in read_parameters(tmp_path / "b.png")

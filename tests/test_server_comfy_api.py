@@ -318,10 +318,10 @@ def test_bad_graphs_get_comfyuis_node_errors(server):
         "details"] == "ckpt_name: 'nothere.safetensors' not in ['distilled.safetensors', 'plain.safetensors']"
 
     unknown = graph(**{"8.samples": ["12", 0]})
-    unknown["12"] = {"class_type": "LatentUpscale", "inputs": {"samples": ["3", 0]}}
+    unknown["12"] = {"class_type": "LatentFlip", "inputs": {"samples": ["3", 0], "flip_method": "x-axis: vertically"}}
     body = refused(server, unknown)
-    assert body["error"]["message"] == "Cannot execute because node LatentUpscale does not exist."
-    assert body["node_errors"]["12"]["class_type"] == "LatentUpscale"
+    assert body["error"]["message"] == "Cannot execute because node LatentFlip does not exist."
+    assert body["node_errors"]["12"]["class_type"] == "LatentFlip"
     assert body["node_errors"]["12"]["errors"][0]["type"] == "unsupported_node"
 
     body = refused(server, graph(**{"3.positive": ["5", 0]}))       # a LATENT where CONDITIONING goes

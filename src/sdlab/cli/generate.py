@@ -488,6 +488,14 @@ def _add_hires_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hr-prompt", metavar="TEXT", help="second-pass prompt, with its own prompt editing and <lora:...> "
                                                        "tags (A1111's Hires prompt; default: the prompt)")
     p.add_argument("--hr-negative-prompt", metavar="TEXT", help="second-pass negative prompt (default: the negative)")
+    p.add_argument("--hr-seed", type=int, metavar="N", help="second-pass seed (-1: a random one; default: --seed)")
+    p.add_argument("--hr-cfg-scale", type=float, metavar="C", help="second-pass CFG scale (default: --cfg-scale)")
+    p.add_argument("--hr-convention", choices=("a1111", "comfyui"),
+                   help="a1111 (default): A1111's hires fix; comfyui: ComfyUI's two-pass graph (KSampler -> "
+                        "LatentUpscale(By) -> KSampler): --hr-upscaler one of nearest-exact (default), bilinear, area, "
+                        "bicubic, bislerp, no crop box, --hr-denoise the second KSampler's (default 1)")
+    p.add_argument("--hr-crop", choices=("disabled", "center"),
+                   help="comfyui: LatentUpscale's crop to the --hr-size aspect (default disabled: stretched)")
     p.add_argument("--token-merging-ratio-hr", type=float, metavar="R",
                    help="second-pass token merging ratio (A1111's Token merging ratio hr; default 0: "
                         "--token-merging-ratio's)")
@@ -521,7 +529,8 @@ def _hires_options(args: argparse.Namespace, options: dict[str, Any]) -> None:
         options.pop("hr_height", None)
     given = {"hr_upscaler": args.hr_upscaler, "hr_steps": args.hr_steps, "hr_denoise": args.hr_denoise,
              **{name: getattr(args, name) for name in ("hr_sampler", "hr_schedule", "hr_eta", "hr_prompt",
-                                                       "hr_negative_prompt")}}
+                                                       "hr_negative_prompt", "hr_seed", "hr_cfg_scale",
+                                                       "hr_convention", "hr_crop")}}
     options.update({k: v for k, v in given.items() if v is not None})
     if options.get("hr_upscaler") is not None:     # a recorded name: the model file beside the picture or here
         folders = [Path(args.from_png).resolve().parent] if args.from_png else []
@@ -1378,9 +1387,9 @@ def _check_model(recorded: dict[str, Any], name: str, hash_: str | None) -> None
                        name, f" (hash {hash_})" if hash_ else "")
 
 
-# A1111's settings of its own for the hires pass that sdlab does not draw (its checkpoint, Forge's CFG, written
-# always), with the first pass's label: sdlab's second pass runs with the first pass's
-HIRES_PASS_SETTINGS = {"Hires checkpoint": "Model", "Hires CFG Scale": "CFG scale"}
+# A1111's settings of its own for the hires pass that sdlab does not draw (its checkpoint), with the first pass's
+# label: sdlab's second pass runs with the first pass's (Forge's Hires CFG Scale it draws: `hr_cfg_scale`)
+HIRES_PASS_SETTINGS = {"Hires checkpoint": "Model"}
 
 
 def _own_hires_settings(recorded: dict[str, Any]) -> list[str]:

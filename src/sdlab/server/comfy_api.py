@@ -46,7 +46,8 @@ from sdlab.diffusion.samplers import SAMPLER_TABLE
 from sdlab.pipeline.control import ControlInput
 from sdlab.pipeline.images import comfyui_encoded_mask
 from sdlab.pipeline.request import GenerationRequest
-from sdlab.server.comfy_graph import Choices, GraphError, GraphPlan, check_graph, object_info, run_order
+from sdlab.server.comfy_graph import (Choices, GraphError, GraphPlan, check_graph, object_info, run_order,
+                                     second_pass_nodes)
 from sdlab.server.inputs import BadRequest, JobSpec, LoraChoice, image_from_bytes, opened_picture
 from sdlab.server.jobs import Job
 from sdlab.server.native import IMAGE_NAME, opened_file
@@ -203,7 +204,7 @@ def _submit(state: ComfyState, plan: GraphPlan) -> Job:
         batch_size=plan.batch_size, batch_noise="comfyui", emphasis="ComfyUI", clip_skip=plan.clip_skip or 1,
         # CLIPSetLastLayer counts from every encoder's last layer (ComfyUI's rule); without one, the usual layers
         clip_skip_convention="diffusers" if plan.clip_skip is None else "comfyui",
-        init_image=init, strength=plan.strength if init is not None else 1.0,
+        init_image=init, strength=plan.strength if init is not None else 1.0, **plan.hires,
         # SetLatentNoiseMask: ComfyUI's soft mask as it is (no rounding, no blur), the picture not pasted back;
         # VAEEncodeForInpaint: the mask rounded, its pixels grey as encoded, the noise mask grown by grow_mask_by
         **({} if mask is None else {"mask_image": mask, "mask_round": False, "paste_back": False}
@@ -321,6 +322,7 @@ async def _follow(state: ComfyState, prompt: Prompt) -> None:
 
     events = job.subscribe(asyncio.get_running_loop())
     begun = False
+    second_pass: list[str] = []             # a two-pass graph's nodes after the first KSampler, once run
     try:
         while True:
             name, data = await events.get()
@@ -331,11 +333,17 @@ async def _follow(state: ComfyState, prompt: Prompt) -> None:
                 for node in run_order(plan, before_sampler=True):
                     await executing(node)
             if name == "step":
-                await send("progress", {"value": data["i"], "max": data["n"], "prompt_id": pid,
-                                        "node": plan.sampler_node})
+                first = job.passes[0] if plan.second_node and job.passes else data["n"]
+                if data["i"] > first and not second_pass:           # a two-pass graph: the upscale, the second
+                    second_pass = second_pass_nodes(plan)            # KSampler, counting its own steps
+                    for node in second_pass:
+                        await executing(node)
+                await send("progress", {"value": data["i"] - first if second_pass else data["i"],
+                                        "max": data["n"] - first if second_pass else first, "prompt_id": pid,
+                                        "node": plan.second_node if second_pass else plan.sampler_node})
             elif name == "done":
                 images = [{"filename": Path(url).name, "subfolder": ""} for url in data["images"]]
-                for node in run_order(plan, before_sampler=False):
+                for node in run_order(plan, before_sampler=False)[len(second_pass):]:
                     await executing(node)
                     if node in plan.outputs:
                         output = {"images": [{**image, "type": plan.outputs[node]} for image in images]}
@@ -345,8 +353,8 @@ async def _follow(state: ComfyState, prompt: Prompt) -> None:
                 await send("execution_success", {"prompt_id": pid}, keep=True)
                 break
             elif name in ("failed", "cancelled"):
-                executed = plan.order[:plan.order.index(plan.sampler_node)] if begun else []
-                node = plan.sampler_node
+                node = second_pass[-1] if second_pass else plan.sampler_node
+                executed = plan.order[:plan.order.index(node)] if begun else []
                 kind = prompt.graph[node]["class_type"]
                 if name == "cancelled" or data.get("status") == "interrupted":
                     await send("execution_interrupted", {"prompt_id": pid, "node_id": node,

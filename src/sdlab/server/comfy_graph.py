@@ -15,6 +15,9 @@ the standard txt2img / img2img pictures: one KSampler fed by
                                                                                VAEEncodeForInpaint: masked pixels
                                                                                grey, the noise mask grown)
     KSampler -> VAEDecode -> SaveImage / PreviewImage
+    KSampler -> LatentUpscale / LatentUpscaleBy -> KSampler -> VAEDecode       (ComfyUI's two-pass hires fix, from
+                                                                               an EmptyLatentImage: the request's
+                                                                               hires fix, hr_convention comfyui)
     (the VAE of VAEEncode / VAEDecode: the checkpoint's own, or a VAELoader's file)
     CLIPTextEncode -> ControlNetApply / ControlNetApplyAdvanced ... -> KSampler.positive / negative
     ControlNetLoader -> .control_net, LoadImage -> .image         (ControlNets in a row, drawn as the request's
@@ -38,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sdlab.diffusion.samplers import comfyui_spelling
+from sdlab.pipeline.comfy_latent_upscale import COMFY_CROPS, COMFY_LATENT_UPSCALE_METHODS
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF           # ComfyUI's KSampler seed range
 MAX_RESOLUTION = 16384                  # ComfyUI's nodes.MAX_RESOLUTION
@@ -129,6 +133,14 @@ NODES: dict[str, NodeSpec] = {
         "end_at_step": ("INT", {"default": 10000, "min": 0, "max": 10000}),
         "return_with_leftover_noise": (["disable", "enable"],)},
         ("LATENT",), category="sampling", display_name="KSampler (Advanced)"),
+    "LatentUpscale": NodeSpec({"samples": ("LATENT",), "upscale_method": (list(COMFY_LATENT_UPSCALE_METHODS),),
+                               "width": ("INT", {"default": 512, "min": 0, "max": MAX_RESOLUTION, "step": 8}),
+                               "height": ("INT", {"default": 512, "min": 0, "max": MAX_RESOLUTION, "step": 8}),
+                               "crop": (list(COMFY_CROPS),)},
+                              ("LATENT",), category="latent", display_name="Upscale Latent"),
+    "LatentUpscaleBy": NodeSpec({"samples": ("LATENT",), "upscale_method": (list(COMFY_LATENT_UPSCALE_METHODS),),
+                                 "scale_by": ("FLOAT", {"default": 1.5, "min": 0.01, "max": 8.0, "step": 0.01})},
+                                ("LATENT",), category="latent", display_name="Upscale Latent By"),
     "VAEDecode": NodeSpec({"samples": ("LATENT",), "vae": ("VAE",)}, ("IMAGE",), category="latent",
                           display_name="VAE Decode"),
     "SaveImage": NodeSpec({"images": ("IMAGE",), "filename_prefix": ("STRING", {"default": "ComfyUI"})},
@@ -137,6 +149,7 @@ NODES: dict[str, NodeSpec] = {
                              display_name="Preview Image"),
 }
 SAMPLER_NODES = ("KSampler", "KSamplerAdvanced")
+UPSCALE_NODES = ("LatentUpscale", "LatentUpscaleBy")
 CONTROL_NODES = {"ControlNetApply": ("conditioning",), "ControlNetApplyAdvanced": ("positive", "negative")}
 """The nodes that put a ControlNet on a conditioning: the input each output (by index) passes on."""
 OUTPUT_TYPE = {"SaveImage": "output", "PreviewImage": "temp"}     # the `type` of their pictures in /history, /view
@@ -206,6 +219,8 @@ class GraphPlan:
     sampler_node: str = ""
     outputs: dict[str, str] = field(default_factory=dict)
     controls: list[GraphControl] = field(default_factory=list)     # the ControlNets on both rows, in applied order
+    hires: dict[str, Any] = field(default_factory=dict)             # a two-pass graph: the request's hires fields
+    second_node: str = ""                   # a two-pass graph's second KSampler, whose steps follow the first's
 
     @property
     def mode(self) -> str:
@@ -455,7 +470,10 @@ class _Plan:
             samplers.add(sampler)
         if len(samplers) > 1:
             raise self.refuse(sorted(samplers)[1], "sdlab draws a graph of one KSampler")
-        sampler = samplers.pop()
+        sampler = second = samplers.pop()
+        upscale = self.upscale(second)
+        if upscale is not None:                                 # ComfyUI's hires fix: the first KSampler's chain
+            sampler = self.source(upscale, "samples")[0]
         values = self.inputs(sampler)
         if not comfyui_spelling(values["sampler_name"]):       # the list holds ComfyUI's spellings alone
             raise self.refuse(sampler, f"sampler_name {values['sampler_name']!r} is not a ComfyUI sampler")
@@ -476,6 +494,9 @@ class _Plan:
         plan.vae = None if vae == checkpoint else self.inputs(vae)["vae_name"]
         self.latent(sampler, checkpoint, vae, plan)
         self.visit(sampler)
+        if upscale is not None:
+            plan.hires = self.second_pass(second, upscale, (checkpoint, loras), plan)
+            plan.second_node = second
         for decoder in sorted(decoders):
             if self.vae(decoder, checkpoint) != vae:
                 raise self.refuse(decoder, "sdlab encodes and decodes a picture with one VAE")
@@ -485,6 +506,57 @@ class _Plan:
         plan.order, plan.sampler_node, plan.controls = list(self.order), sampler, controls
         plan.outputs = {o: OUTPUT_TYPE[self.graph[o]["class_type"]] for o in self.outputs}
         return plan
+
+    def upscale(self, sampler: str) -> str | None:
+        """The LatentUpscale(By) whose latent the KSampler samples, of another KSampler's (a two-pass graph); None
+        where it samples another latent."""
+        node, _, kind = self.source(sampler, "latent_image")
+        if kind not in UPSCALE_NODES:
+            return None
+        if self.source(node, "samples")[2] not in SAMPLER_NODES:
+            raise self.refuse(node, "sdlab upscales the latent of a KSampler (ComfyUI's two-pass hires fix)")
+        if self.graph[sampler]["class_type"] != "KSampler":
+            raise self.refuse(sampler, "sdlab draws a two-pass graph's second pass with a KSampler")
+        return node
+
+    def second_pass(self, second: str, upscale: str, model: tuple[str, list[str]], plan: GraphPlan) -> dict[str, Any]:
+        """The request's hires fields (hr_convention comfyui) of a two-pass graph: the upscale node's method, crop
+        and size (LatentUpscale's width / height, 0 = unset; LatentUpscaleBy's scale_by, at least 1: sdlab's hires
+        fix draws larger), the second KSampler's seed, steps, CFG, sampler, scheduler, denoise and prompts (where
+        they differ), its model, CLIP layer and ControlNets (none) the first's; from an EmptyLatentImage alone."""
+        if plan.init_image is not None:
+            raise self.refuse(second, "sdlab draws a two-pass graph from an EmptyLatentImage")
+        values = self.inputs(second)
+        if not comfyui_spelling(values["sampler_name"]):
+            raise self.refuse(second, f"sampler_name {values['sampler_name']!r} is not a ComfyUI sampler")
+        if self.model_chain(second) != model:
+            raise self.refuse(second, "sdlab draws both KSamplers of a two-pass graph with one model and its LoRAs")
+        prompt, clip_skip = self.text(second, "positive", *model)
+        negative, negative_skip = self.text(second, "negative", *model)
+        if {clip_skip, negative_skip} != {plan.clip_skip}:
+            raise self.refuse(second, "sdlab encodes both KSamplers' prompts at one CLIP layer")
+        if plan.controls or self.controls(second):
+            raise self.refuse(second, "sdlab draws a two-pass graph without ControlNets")
+        if float(values["denoise"]) <= 0:
+            raise self.refuse(second, "sdlab draws a two-pass graph's second KSampler at a denoise above 0")
+        up = self.inputs(upscale)
+        size: dict[str, Any]
+        if self.graph[upscale]["class_type"] == "LatentUpscaleBy":
+            if float(up["scale_by"]) < 1:
+                raise self.refuse(upscale, "sdlab's hires fix upscales by a scale_by of at least 1")
+            size = {"hr_scale": float(up["scale_by"])}
+        else:
+            if int(up["width"]) == int(up["height"]) == 0:
+                raise self.refuse(upscale, "sdlab's hires fix upscales to a width or a height above 0")
+            size = {"hr_width": int(up["width"]), "hr_height": int(up["height"]), "hr_crop": up["crop"]}
+        self.visit(upscale)
+        self.visit(second)
+        return {"hr_convention": "comfyui", "hr_upscaler": up["upscale_method"], **size,
+                "hr_seed": int(values["seed"]), "hr_steps": int(values["steps"]), "hr_cfg_scale": float(values["cfg"]),
+                "hr_sampler": values["sampler_name"], "hr_schedule": values["scheduler"],
+                "hr_denoise": float(values["denoise"]),
+                "hr_prompt": "" if prompt == plan.prompt else prompt,
+                "hr_negative_prompt": "" if negative == plan.negative_prompt else negative}
 
     def seed_and_denoise(self, sampler: str) -> tuple[int, float]:
         """(seed, denoise) of the sampler node. KSamplerAdvanced is drawn where it is ComfyUI's KSampler at denoise 1
@@ -659,3 +731,10 @@ def run_order(plan: GraphPlan, before_sampler: bool) -> list[str]:
     """The nodes shown as executing before the KSampler's steps (`before_sampler`), or after them."""
     at = plan.order.index(plan.sampler_node)
     return plan.order[:at + 1] if before_sampler else plan.order[at + 1:]
+
+
+def second_pass_nodes(plan: GraphPlan) -> list[str]:
+    """The nodes of a two-pass graph shown as executing once the first KSampler's steps end: from after it to the
+    second KSampler (the upscale node, then the second KSampler)."""
+    order = plan.order
+    return order[order.index(plan.sampler_node) + 1:order.index(plan.second_node) + 1]

@@ -391,6 +391,12 @@ def upscaler_file(name: object, upscalers: ModelFolder | None, use: UpscalerUse 
     return found
 
 
+def hires_upscaler_name(request: GenerationRequest) -> str | None:
+    """The hires upscaler name of `request` that may name an `--upscalers-dir` model: None under ComfyUI's two-pass
+    graph (hr_convention comfyui), whose hr_upscaler is one of its latent methods (the request's check)."""
+    return None if request.hr_convention == "comfyui" else request.hr_upscaler
+
+
 def _is_named_upscaler(name: str, latent_modes: bool) -> bool:
     """Whether `name` is a plain resize or (`latent_modes`) a latent mode, in any spelling the pipeline takes."""
     if name.strip().lower() in PLAIN_UPSCALERS:

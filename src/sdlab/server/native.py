@@ -225,6 +225,10 @@ class JobIn(NullsAreDefaults):
     hr_sampler: str | None = None           # the second pass's own sampler, schedule and prompts (A1111's Hires
     hr_schedule: str | None = None          # sampler, schedule type, prompt, negative prompt); unset: the first's
     hr_eta: float | None = None             # the second pass's eta; unset: eta
+    hr_seed: int | None = None              # the second pass's seed and CFG scale; unset: the first's
+    hr_cfg_scale: float | None = None
+    hr_convention: str = "a1111"            # "comfyui": ComfyUI's two-pass graph (hr_upscaler one of its latent
+    hr_crop: str = "disabled"               # methods, hr_crop LatentUpscale's "disabled" / "center")
     hr_prompt: str = ""
     hr_negative_prompt: str = ""
     disable_extra_networks: bool = False    # A1111's: the prompts' <kind:...> tags drawn as no text, none applied,
@@ -414,6 +418,7 @@ def job_spec(service: Service, body: JobIn, init: Image.Image | None, mask: Imag
         seed_resize_from_h=body.seed_resize_from_h, hr_scale=body.hr_scale, hr_width=body.hr_width,
         hr_height=body.hr_height, hr_upscaler=body.hr_upscaler, hr_steps=body.hr_steps, hr_denoise=body.hr_denoise,
         hr_sampler=body.hr_sampler, hr_schedule=body.hr_schedule, hr_eta=body.hr_eta, hr_prompt=texts["hr_prompt"],
+        hr_seed=body.hr_seed, hr_cfg_scale=body.hr_cfg_scale, hr_convention=body.hr_convention, hr_crop=body.hr_crop,
         hr_negative_prompt=texts["hr_negative_prompt"],
         controls=native_controls([c.model_dump() for c in body.controls], service.controlnets, limits, init,
                                  body.resize_mode, body.control_convention),

@@ -19,7 +19,7 @@ from sdlab.pipeline.upscale import A1111_REALESRGAN_STEMS
 from sdlab.server import job_deletion
 from sdlab.server.config import ServerConfig
 from sdlab.server.inputs import (
-    BadRequest, JobSpec, RefinerChoice, check_request, upscaler_file, with_preset, without_paths,
+    BadRequest, JobSpec, RefinerChoice, check_request, hires_upscaler_name, upscaler_file, with_preset, without_paths,
 )
 from sdlab.server.jobs import Job, JobQueue
 from sdlab.server.model_shapes import planned_bundle, planned_unet
@@ -173,7 +173,7 @@ class Service:
             spec = replace(spec, model_preset_fills=frozenset())
         loaded = self.host.loaded_bundle(checkpoint)
         request = check_request(replace(request, prompt=drawn, seed=fixed_seed(request.seed)), self.config.limits,
-                                model=loaded, upscaler=upscaler_file(request.hr_upscaler, self.upscalers),
+                                model=loaded, upscaler=upscaler_file(hires_upscaler_name(request), self.upscalers),
                                 batch_count=spec.batch_count, unet=None if loaded is not None or not (
                                     request.deep_cache or request.ip_adapters or request.controls)
                                 else planned_unet(checkpoint.path),

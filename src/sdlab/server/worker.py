@@ -50,7 +50,7 @@ from sdlab.pipeline.request import GenerationRequest, GenerationResult, RequestE
 from sdlab.server.config import Limits
 from sdlab.server.inputs import (
     HIRES_UPSCALER, BadRequest, LoraChoice, RefinerChoice, check_request, load_upscaler_file, upscaler_file, with_preset, with_upscaler_file,
-    load_failure, without_paths,
+    hires_upscaler_name, load_failure, without_paths,
 )
 from sdlab.server.jobs import Job, JobCancelled, ServerFault
 from sdlab.server.model_folders import ModelFile, ModelFolder
@@ -401,7 +401,7 @@ class Runner:
         batches is checked against the limits at the model's size; None for a latent mode or a plain resize. A
         problem with either is the job's `RequestError`."""
         try:
-            upscaler = upscaler_file(request.hr_upscaler, self.upscalers)
+            upscaler = upscaler_file(hires_upscaler_name(request), self.upscalers)
             if self.limits is not None:     # the model's size and VAE factor: known only now when it was not loaded at submit
                 check_request(request, self.limits, model=bundle, upscaler=upscaler, batch_count=batch_count)
             if upscaler is None:

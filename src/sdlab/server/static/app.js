@@ -84,6 +84,7 @@ const NOT_IN_FORM = {
 // rules, its Extra noise and Conditional mask weight (its pictures' and its API's jobs') stay.
 const WITH_SAMPLING = ["sampler", "schedule"];
 const WITH_SIZE = ["width", "height"];
+const WITH_HIRES = ["hr_upscaler", "hr_scale", "hr_width", "hr_height"];
 const KEPT = {
   // SDXL's second prompts go with the prompts
   prompt_2: { name: "Prompt 2", none: "", with: ["prompt"] },
@@ -103,6 +104,12 @@ const KEPT = {
   eta: { name: "Eta", none: null, with: ["sampler"] },
   // a hires sampler's own eta (A1111's DDIM's behind an ancestral sampler, read from its Eta DDIM; sdlab's Hires eta)
   hr_eta: { name: "Hires pass eta", none: null, with: ["sampler", "hr_sampler"] },
+  // the hires pass's own seed and CFG scale, and ComfyUI's two-pass graph (a ComfyUI graph's job, its picture) go
+  // with the hires controls
+  hr_seed: { name: "Hires seed", none: null, with: WITH_HIRES },
+  hr_cfg_scale: { name: "Hires CFG scale", none: null, with: WITH_HIRES },
+  hr_convention: { name: "Hires convention", none: "a1111", with: WITH_HIRES },
+  hr_crop: { name: "Hires crop", none: "disabled", with: WITH_HIRES },
   s_churn: { name: "Sigma churn", none: 0, with: ["sampler"] },
   s_tmin: { name: "Sigma tmin", none: 0, with: ["sampler"] },
   s_tmax: { name: "Sigma tmax", none: null, with: ["sampler"] },

@@ -1,0 +1,107 @@
+"""ComfyUI's two-pass "hires fix" graph over the ComfyUI API (/prompt): KSampler -> LatentUpscale(By) -> KSampler ->
+VAEDecode drawn as the native job's hires fix under hr_convention comfyui (server/comfy_graph.py `second_pass`), pixel
+for pixel; ComfyUI's messages across both KSamplers; its /object_info entries; the graphs sdlab refuses. The latents
+of the two passes are proven against ComfyUI's two common_ksampler calls in tests/test_comfyui_hires.py."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from test_server_comfy_api import NATIVE, drawn, graph, native_pixels, server, viewed  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+def two_pass(upscale: dict, **second) -> dict:
+    """The basic graph with ComfyUI's hires fix: node 3's latent upscaled by node 10 (`upscale`: its class_type and
+    inputs), sampled again by node 11 (node 3's inputs with `second` changed), decoded by node 8."""
+    prompt = graph()
+    prompt["10"] = {"class_type": upscale.pop("class_type"), "inputs": {"samples": ["3", 0], **upscale}}
+    prompt["11"] = {"class_type": "KSampler", "inputs": {**prompt["3"]["inputs"], "latent_image": ["10", 0],
+                                                         **second}}
+    prompt["8"]["inputs"]["samples"] = ["11", 0]
+    return prompt
+
+
+BY = dict(class_type="LatentUpscaleBy", upscale_method="bislerp", scale_by=1.5)
+SECOND = dict(seed=7, steps=2, cfg=4.5, sampler_name="euler_ancestral", scheduler="karras", denoise=0.5)
+NATIVE_HIRES = dict(hr_convention="comfyui", hr_upscaler="bislerp", hr_scale=1.5, hr_seed=7, hr_steps=2,
+                    hr_cfg_scale=4.5, hr_sampler="euler_ancestral", hr_schedule="karras", hr_denoise=0.5)
+
+
+def test_the_two_pass_graph_draws_the_native_comfyui_hires_job(server):
+    """LatentUpscaleBy bislerp x1.5 + a second KSampler of its own seed, steps, CFG, sampler, scheduler and denoise:
+    the native job with those as hr_* fields, pixel for pixel; ComfyUI's messages: the first KSampler's 3 steps, then
+    the upscale and the second KSampler executing, its own 2 steps; the picture's infotext records the hires."""
+    messages, entry = drawn(server, two_pass(dict(BY), **SECOND))
+    executing = [data["node"] for kind, data in messages if kind == "executing"]
+    assert executing == ["4", "6", "7", "5", "3", "10", "11", "8", "9", None]
+    assert [(d["value"], d["max"], d["node"]) for k, d in messages if k == "progress"] == [
+        (1, 3, "3"), (2, 3, "3"), (3, 3, "3"), (1, 2, "11"), (2, 2, "11")]
+    pixels = viewed(server, entry["outputs"]["9"]["images"][0])
+    assert pixels.shape == (96, 96, 3)
+    native = native_pixels(server, {**NATIVE, **NATIVE_HIRES})
+    assert np.array_equal(pixels, native)
+    plain = native_pixels(server, {**NATIVE, **NATIVE_HIRES, "hr_seed": 8})
+    assert np.abs(plain - native).max() > 10                      # the second pass's own seed draws
+    picture = Image.open(io.BytesIO(server.get("/view", params=entry["outputs"]["9"]["images"][0]).content))
+    infotext = picture.info["parameters"]
+    assert "Hires convention: comfyui" in infotext and "Hires seed: 7" in infotext
+
+
+def test_a_latent_upscale_with_a_centre_crop_draws_the_native_job(server):
+    """LatentUpscale to 160 x 96 px with crop center, the second KSampler with other prompts (hr_prompt /
+    hr_negative_prompt) and the first's seed: the native job, pixel for pixel."""
+    prompt = two_pass(dict(class_type="LatentUpscale", upscale_method="bicubic", width=160, height=96,
+                           crop="center"), steps=2, denoise=0.6, positive=["12", 0], negative=["13", 0])
+    prompt["12"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1], "text": "a castle"}}
+    prompt["13"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1], "text": "fog"}}
+    _, entry = drawn(server, prompt)
+    pixels = viewed(server, entry["outputs"]["9"]["images"][0])
+    assert pixels.shape == (96, 160, 3)
+    native = native_pixels(server, {**NATIVE, "hr_convention": "comfyui", "hr_upscaler": "bicubic", "hr_width": 160,
+                                    "hr_height": 96, "hr_crop": "center", "hr_steps": 2, "hr_denoise": 0.6,
+                                    "hr_seed": NATIVE["seed"], "hr_prompt": "a castle", "hr_negative_prompt": "fog"})
+    assert np.array_equal(pixels, native)
+
+
+def test_object_info_lists_the_upscale_nodes_as_comfyui(server):
+    info = server.get("/object_info/LatentUpscaleBy").json()["LatentUpscaleBy"]
+    assert info["input"]["required"]["upscale_method"] == [["nearest-exact", "bilinear", "area", "bicubic",
+                                                            "bislerp"]]
+    assert info["input"]["required"]["scale_by"][1] == {"default": 1.5, "min": 0.01, "max": 8.0, "step": 0.01}
+    assert info["output"] == ["LATENT"] and info["display_name"] == "Upscale Latent By"
+    info = server.get("/object_info/LatentUpscale").json()["LatentUpscale"]
+    assert info["input"]["required"]["crop"] == [["disabled", "center"]]
+    assert info["input"]["required"]["width"][1] == {"default": 512, "min": 0, "max": 16384, "step": 8}
+
+
+@pytest.mark.parametrize("change, node, words", [
+    (lambda p: p["10"]["inputs"].update(scale_by=0.5), "10", "at least 1"),
+    (lambda p: p["11"]["inputs"].update(denoise=0), "11", "denoise above 0"),
+    (lambda p: p.update({"10": {"class_type": "LatentUpscale", "inputs": {
+        "samples": ["3", 0], "upscale_method": "area", "width": 0, "height": 0, "crop": "disabled"}}}),
+     "10", "above 0"),
+    (lambda p: p["10"]["inputs"].update(samples=["5", 0]), "10", "latent of a KSampler"),
+    (lambda p: p["11"]["inputs"].update(model=["14", 0]) or p.update({"14": {
+        "class_type": "LoraLoader", "inputs": {"model": ["4", 0], "clip": ["4", 1], "lora_name": "style.safetensors",
+                                               "strength_model": 1.0, "strength_clip": 1.0}}}), "11", "one model"),
+])
+def test_two_pass_graphs_sdlab_does_not_draw_are_refused(server, change, node, words):
+    prompt = two_pass(dict(BY), **SECOND)
+    change(prompt)
+    answer = server.post("/prompt", json={"prompt": prompt})
+    assert answer.status_code == 400, answer.text
+    errors = answer.json()["node_errors"]
+    assert list(errors) == [node] and words in errors[node]["errors"][0]["message"], errors
+
+
+def test_a_bad_upscale_method_is_comfyuis_value_not_in_list(server):
+    prompt = two_pass(dict(BY, upscale_method="lanczos"), **SECOND)
+    errors = server.post("/prompt", json={"prompt": copy.deepcopy(prompt)}).json()["node_errors"]
+    assert errors["10"]["errors"][0]["type"] == "value_not_in_list"
