@@ -209,3 +209,17 @@ def test_the_cli_draws_the_comfyui_hires_and_its_picture_again(tmp_path, capsys)
     assert pixels(tmp_path / "a.png").shape == (64, 112, 3)
     assert np.array_equal(pixels(tmp_path / "a.png"), np.asarray(drawn.images[0]))
     assert np.array_equal(pixels(tmp_path / "b.png"), pixels(tmp_path / "a.png"))
+
+
+def test_a_batch_of_the_graph_is_comfyuis_batch(monkeypatch, tiny):
+    """batch_noise "comfyui" (the ComfyUI API's graphs): a batch of 2 through both KSamplers is ComfyUI's, each
+    KSampler's noise one draw of the batch from its own seed and euler_ancestral's step noise one (2, 4, h, w) draw a
+    step from its seed + 1; latents within 1e-5."""
+    first = dict(sampler="euler_ancestral", steps=3)
+    second = dict(sampler="euler_ancestral", steps=3, denoise=0.5, method="bislerp", scale=1.5)
+    runs, _ = both_passes(monkeypatch, tiny, sampler="euler_ancestral", schedule="karras", steps=3, batch_size=2,
+                          batch_noise="comfyui", hr_convention="comfyui", hr_upscaler="bislerp", hr_denoise=0.5,
+                          hr_steps=3, hr_scale=1.5, hr_seed=HIRES_SEED, hr_cfg_scale=3.0)
+    reference = comfyui_graph(tiny, runs, first, second, lambda samples: latent_upscale_by(samples, 1.5))
+    assert reference.shape[0] == 2 and runs[1]["out"].abs().max() > 0.1
+    torch.testing.assert_close(runs[1]["out"], reference, rtol=1e-5, atol=1e-5)
