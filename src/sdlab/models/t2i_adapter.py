@@ -14,10 +14,12 @@ ControlNet extension and ComfyUI load:
 `downsampled[i]` says whether level i halves its input first: SD1 / SD2 adapters (u = 8) at every level but
 the first, giving features at 1, 1/2, 1/4, 1/8 of the latent; SDXL's (`Adapter_XL`, diffusers'
 `full_adapter_xl`, u = 16) at the third level only, giving 1/2, 1/2, 1/4, 1/4. Average pooling rounds odd
-sizes up by default (diffusers' `ceil_mode=True`), so the features land on the grid of the U-Net's own stride-2
-convs; `forward(hint, pool_ceil=False)` rounds them down as TencentARC's `AvgPool2d(2, 2)` does, which A1111's
-ControlNet extension runs (its features then miss the U-Net's grid at odd sizes, and the U-Net resizes them:
-`UNet.forward`'s `adapter_nearest`). A stride-2 conv (`down_opt.op`) rounds up under both. Where the features
+sizes up by default (`pool="ceil"`: diffusers' `ceil_mode=True`), so the features land on the grid of the U-Net's
+own stride-2 convs; `forward(hint, pool="floor")` rounds them down as TencentARC's `AvgPool2d(2, 2)` does, which
+A1111's ControlNet extension runs (its features then miss the U-Net's grid at odd sizes, and the U-Net resizes them:
+`UNet.forward`'s `adapter_nearest`); `pool="pad"` pads an odd side by one zero on each end (counted in the mean) as
+ComfyUI's adapter `Downsample` does (`padding = [h % 2, w % 2]`), which rounds up too but averages other cells. A
+stride-2 conv (`down_opt.op`) rounds up under all three. Where the features
 are added is the U-Net's business (`unet.adapter_blocks`).
 """
 
@@ -69,11 +71,15 @@ def _downsample(channels: int, conv: bool) -> nn.Module:
 
 
 class _AveragePool(nn.Module):
-    """2x2 average pooling, stride 2 (no tensors): odd sizes round up with `ceil` (diffusers' ceil_mode=True),
-    else down (TencentARC's AvgPool2d(2, 2))."""
+    """2x2 average pooling, stride 2 (no tensors): an odd size rounds up with `pool` "ceil" (diffusers'
+    ceil_mode=True, the last window a single row), down with "floor" (TencentARC's AvgPool2d(2, 2)), up with "pad"
+    (ComfyUI's: one zero row on each end, counted in the mean, so every window is shifted by one)."""
 
-    def forward(self, x: Tensor, ceil: bool = True) -> Tensor:
-        return F.avg_pool2d(x, kernel_size=2, stride=2, ceil_mode=ceil)   # (B, C, h / 2, w / 2)
+    def forward(self, x: Tensor, pool: str = "ceil") -> Tensor:
+        if pool == "pad":
+            padding = (x.shape[2] % 2, x.shape[3] % 2)
+            return F.avg_pool2d(x, kernel_size=2, stride=2, padding=padding)   # (B, C, ceil(h / 2), ceil(w / 2))
+        return F.avg_pool2d(x, kernel_size=2, stride=2, ceil_mode=pool == "ceil")   # (B, C, h / 2, w / 2)
 
 
 class _Downsample(nn.Module):
@@ -83,7 +89,7 @@ class _Downsample(nn.Module):
         super().__init__()
         self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
 
-    def forward(self, x: Tensor, ceil: bool = True) -> Tensor:
+    def forward(self, x: Tensor, pool: str = "ceil") -> Tensor:
         return self.op(x)
 
 
@@ -99,9 +105,9 @@ class _ResnetBlock(nn.Module):
         self.act = nn.ReLU()
         self.block2 = nn.Conv2d(out_c, out_c, kernel_size, padding=pad)
 
-    def forward(self, x: Tensor, pool_ceil: bool = True) -> Tensor:
+    def forward(self, x: Tensor, pool: str = "ceil") -> Tensor:
         if self.down_opt is not None:
-            x = self.down_opt(x, pool_ceil)          # (B, C_in, h / 2, w / 2)
+            x = self.down_opt(x, pool)               # (B, C_in, h / 2, w / 2)
         if self.in_conv is not None:
             x = self.in_conv(x)                      # (B, C_out, h, w)
         return x + self.block2(self.act(self.block1(x)))
@@ -130,9 +136,9 @@ class _Extractor(nn.Module):
         self.body = nn.Sequential(*(_LightResnetBlock(inner) for _ in range(blocks)))
         self.out_conv = nn.Conv2d(inner, out_c, 1)
 
-    def forward(self, x: Tensor, pool_ceil: bool = True) -> Tensor:
+    def forward(self, x: Tensor, pool: str = "ceil") -> Tensor:
         if self.down_opt is not None:
-            x = self.down_opt(x, pool_ceil)          # (B, C_in, h / 2, w / 2)
+            x = self.down_opt(x, pool)               # (B, C_in, h / 2, w / 2)
         return self.out_conv(self.body(self.in_conv(x)))   # (B, C_out, h, w)
 
 
@@ -159,28 +165,34 @@ class T2IAdapter(nn.Module):
             self.body = nn.ModuleList(_Extractor(in_c, out_c, cfg.num_res_blocks, down)
                                       for in_c, out_c, down in zip(widths, cfg.channels, cfg.downsampled))
 
-    def forward(self, hint: Tensor, pool_ceil: bool = True) -> list[Tensor]:
+    def forward(self, hint: Tensor, pool: str = "ceil") -> list[Tensor]:
         """hint: (B, hint_channels, H, W), H and W multiples of `cfg.unshuffle` -> features, feature i
         (B, channels[i], H / f_i, W / f_i) with f_i = `cfg.feature_factors()[i]`, in the parameters' dtype;
-        `pool_ceil`: average pooling rounds odd sizes up (diffusers), else down (TencentARC, A1111's extension)."""
+        `pool`: how average pooling treats odd sizes (diffusers' "ceil", TencentARC's and A1111's extension's
+        "floor", ComfyUI's "pad")."""
         dtype = next(self.parameters()).dtype
         x = self.unshuffle(hint.to(dtype))              # (B, hint_channels * u^2, H / u, W / u)
         features = []
         if self.conv_in is None:
             for level in self.body:
-                x = level(x, pool_ceil)
+                x = level(x, pool)
                 features.append(x)
             return features
         x = self.conv_in(x)                              # (B, channels[0], H / u, W / u)
         per_level = self.cfg.num_res_blocks
         for i, block in enumerate(self.body):
-            x = block(x, pool_ceil)
+            x = block(x, pool)
             if (i + 1) % per_level == 0:
                 features.append(x)
         return features
 
 
-def hint_input(hint: Tensor, cfg: T2IAdapterConfig) -> Tensor:
+def hint_input(hint: Tensor, cfg: T2IAdapterConfig, convention: str = "diffusers") -> Tensor:
     """An RGB hint (B, 3, H, W) as the adapter reads it: a one-channel adapter (the sketch models) takes the first
-    channel, as A1111's ControlNet extension gives it (`hint[0]`)."""
-    return hint[:, : cfg.hint_channels] if cfg.hint_channels < hint.shape[1] else hint
+    channel, as A1111's ControlNet extension gives it (`hint[0]`), or under ComfyUI's `convention` the mean of the
+    channels (comfy/controlnet.py `T2IAdapter.get_control`: torch.mean(hint, 1, keepdim=True))."""
+    if cfg.hint_channels >= hint.shape[1]:
+        return hint
+    if convention == "comfyui" and cfg.hint_channels == 1:
+        return hint.mean(1, keepdim=True)                                   # (B, 1, H, W)
+    return hint[:, : cfg.hint_channels]

@@ -529,21 +529,31 @@ def _load_adapter(model: LoadedT2IAdapter | str | os.PathLike[str], bundle: Mode
 def adapter_features(net: LoadedT2IAdapter, hint: Tensor, index: int,
                      convention: str = "diffusers") -> tuple[Tensor, ...]:
     """A T2I-Adapter's features of a (1, 3, H, W) hint, made once for every step (as diffusers and A1111's
-    extension make them), its average pooling rounding odd sizes up (diffusers) or, under A1111's `convention`,
-    down (the extension's). A size its pixel-unshuffle cannot split, or one that rounding down pools to nothing,
-    is a `RequestError`."""
+    extension make them), its average pooling rounding odd sizes up (diffusers), under A1111's `convention` down
+    (the extension's), under ComfyUI's up with a zero on each end (its adapter `Downsample`); a one-channel
+    adapter reads the hint by the convention (`hint_input`). A size its pixel-unshuffle cannot split, or one that
+    rounding down pools to nothing, is a `RequestError` (ComfyUI's hint is made at a size it splits,
+    `comfyui_adapter_size`)."""
     step = net.config.unshuffle
     height, width = hint.shape[-2:]
     if height % step or width % step:
         raise RequestError(f"control {index}: {net.origin} reads pictures in steps of {step} pixels; "
                            f"{width}x{height} is not one")
-    floor = convention == "a1111"
+    pool = {"a1111": "floor", "comfyui": "pad"}.get(convention, "ceil")
     smallest = net.config.feature_factors()[-1]
-    if floor and not net.config.conv_downsample and min(height, width) < smallest:
+    if pool == "floor" and not net.config.conv_downsample and min(height, width) < smallest:
         raise RequestError(f"control {index}: {net.origin} pools pictures down to 1/{smallest} of their size; "
                            f"{width}x{height} is smaller than that")
     with torch.no_grad():
-        return tuple(net.model(hint_input(hint, net.config), pool_ceil=not floor))   # (1, C_i, h_i, w_i) each
+        return tuple(net.model(hint_input(hint, net.config, convention), pool=pool))   # (1, C_i, h_i, w_i) each
+
+
+def comfyui_adapter_size(net: LoadedT2IAdapter, width: int, height: int) -> tuple[int, int]:
+    """The size ComfyUI draws a T2I-Adapter's hint at for a `width` x `height` picture: each side rounded up to a
+    multiple of the adapter's pixel-unshuffle (comfy/controlnet.py `T2IAdapter.scale_image_to`), the picture
+    then cut about its centre and stretched to it as any control picture."""
+    step = net.config.unshuffle
+    return math.ceil(width / step) * step, math.ceil(height / step) * step
 
 
 def prepare_controls(
@@ -589,7 +599,9 @@ def prepare_controls(
                                resolution_of(control, image, width, height, resize_mode, convention))
         except ValueError as err:
             raise RequestError(f"control {index}: {err}") from None
-        hint = hint_tensor(image, width, height, resize_mode, convention)
+        size = (comfyui_adapter_size(net, width, height)
+                if convention == "comfyui" and isinstance(net, LoadedT2IAdapter) else (width, height))
+        hint = hint_tensor(image, *size, resize_mode, convention)
         if control.module in INPAINT_MODULES:
             hint = _masked_hint(hint, control, index, mask, region, picture_size, resize_mode)
         hint = hint.to(next(bundle.unet.parameters()).device)
