@@ -157,3 +157,23 @@ def test_bytes_that_are_no_picture_are_named_without_pillows_stream_object() -> 
         with pytest.raises(BadRequest) as err:
             image_from_bytes(raw, "init_images[0]", Limits())
         assert str(err.value) == says and err.value.status == 400, err.value
+
+
+def test_files_of_under_4_bytes_are_unidentified_as_image_open_says(tmp_path: Path) -> None:
+    """Image.open takes a struct.error from a format's `accept` (BMP / DIB on fewer than 4 bytes) as "not this
+    format"; `open_image`'s header read let it escape: struct.error "unpack_from requires a buffer of at least 4
+    bytes" for a file of 1 to 3 bytes, from a path and from memory alike."""
+    import pytest
+    from PIL import UnidentifiedImageError
+
+    from sdlab.pipeline.images import declared_pixels, open_image
+
+    for raw in (b"", b"B", b"ab", b"BM\x00"):
+        (tmp_path / "short.png").write_bytes(raw)
+        assert declared_pixels(io.BytesIO(raw)) is None
+        for source in (tmp_path / "short.png", io.BytesIO(raw)):
+            with pytest.raises(UnidentifiedImageError, match="cannot identify image file"):
+                with open_image(source):
+                    pass
+            with pytest.raises(UnidentifiedImageError):
+                Image.open(source)                              # Pillow's own answer, the same

@@ -192,6 +192,16 @@ def test_a_picture_past_the_pixel_limit_is_a_413_on_every_route(client, route: s
     assert "limit" in answer.text and "PathLike" not in answer.text
 
 
+@pytest.mark.parametrize("raw", [b"B", b"ab", b"BM\x00"])
+def test_a_picture_of_under_4_bytes_is_not_a_picture_file(client, raw: bytes) -> None:
+    """Pillow's BMP / DIB `accept` raises struct.error on fewer than 4 bytes (Image.open tries the next format);
+    Extras answered 400 "not a readable image: unpack_from requires a buffer of at least 4 bytes"."""
+    answer = client.post("/sdapi/v1/extra-single-image",
+                         json=PICTURE_ROUTES["/sdapi/v1/extra-single-image"](base64.b64encode(raw).decode()))
+    assert answer.status_code == 400, answer.text
+    assert "image is not a readable image: not a picture file Pillow knows" in answer.text, answer.text
+
+
 @pytest.mark.parametrize("route", ["/sdapi/v1/png-info", "/api/parameters"])
 def test_a_parameters_text_past_the_limit_is_a_422_that_says_so(client, route: str) -> None:
     picture = base64.b64encode(_png_with_parameters("a" * 70_000)).decode()

@@ -137,3 +137,14 @@ def test_decompression_bombs_are_refused(tmp_path, picture, monkeypatch, capsys)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)           # the 24 x 20 picture is now "too large"
     out = str(tmp_path / "out.png")
     _fails(["upscale", str(picture), "--scale", "2", "--out", out], capsys, "too large to open safely", tmp_path)
+
+
+@pytest.mark.parametrize("raw", [b"", b"B", b"ab", b"BM\x00"])
+def test_a_file_of_under_4_bytes_is_no_picture(tmp_path, raw: bytes, capsys) -> None:
+    """Pillow's BMP / DIB `accept` raises struct.error on fewer than 4 bytes, which Image.open takes as "not this
+    format"; `declared_pixels` let it escape: rc 1 "internal error: unpack_from requires a buffer of at least 4
+    bytes" instead of Pillow's "cannot identify image file" (rc 2)."""
+    short = tmp_path / "short.png"
+    short.write_bytes(raw)
+    _fails(["upscale", str(short), "--scale", "2", "--out", str(tmp_path / "out.png")], capsys,
+           "cannot identify image file", tmp_path)

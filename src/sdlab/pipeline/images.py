@@ -63,11 +63,11 @@ def declared_pixels(fp: IO[bytes]) -> int | None:
     try:
         for name in list(Image.ID):
             factory, accept = Image.OPEN[name]
-            accepted = not accept or accept(prefix)
-            if isinstance(accepted, str) or not accepted:       # a str: Image.open's note why not
-                continue
-            fp.seek(0)
-            try:
+            try:                                                # accept and factory in one try, as in
+                accepted = not accept or accept(prefix)         # Image.open's _open_core (BMP's accept
+                if isinstance(accepted, str) or not accepted:   # raises struct.error on a file under 4
+                    continue                                    # bytes); a str: Image.open's note why not
+                fp.seek(0)
                 header = factory(fp, "")
             except (SyntaxError, IndexError, TypeError, struct.error):    # Image.open tries the next plugin
                 continue
