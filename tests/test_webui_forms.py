@@ -47,6 +47,9 @@ def set_slider(driver, element_id: str, number: float) -> None:
                           "s.dispatchEvent(new Event('input'));", element_id, number)
 
 
+COMFY_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "bislerp"]
+
+
 def test_hires_fix_draws_the_upscaled_picture(page, base_url):
     # off and folded by default, as in A1111; txt2img only
     assert not checked(page, "enable_hr") and not page.find_element(By.ID, "hires-options").is_displayed()
@@ -55,11 +58,12 @@ def test_hires_fix_draws_the_upscaled_picture(page, base_url):
     page.find_element(By.ID, "tab-txt2img").click()
     page.find_element(By.ID, "enable_hr").click()
     assert page.find_element(By.ID, "hires-options").is_displayed()
-    # A1111's defaults; the upscalers the hires fix takes: the latent modes, then the plain resizes
+    # A1111's defaults; the upscalers the hires fix takes: the latent modes, then the plain resizes, then ComfyUI's
+    # latent methods (its two-pass graph: tests/test_webui_comfy_hires.py)
     assert (value(page, "hr_scale"), value(page, "hr_width"), value(page, "hr_height"), value(page, "hr_steps"),
             value(page, "hr_denoise"), value(page, "hr_upscaler")) == ("2", "0", "0", "0", "0.7", "Latent")
     latent = [mode["name"] for mode in http_json(base_url, "/sdapi/v1/latent-upscale-modes")]
-    assert option_values(page, "hr_upscaler") == [*latent, "None", "Lanczos", "Nearest"]
+    assert option_values(page, "hr_upscaler") == [*latent, "None", "Lanczos", "Nearest", *COMFY_METHODS]
 
     prompt = "a hires red square"
     set_value(page, "prompt", prompt)
@@ -100,11 +104,13 @@ def upscalers_server(tmp_path_factory):
 
 
 def test_hires_fix_offers_and_draws_with_the_servers_upscaler_models(browser, upscalers_server):
-    """As A1111's Upscaler select: the latent modes, then every name of /sdapi/v1/upscalers, models included."""
+    """As A1111's Upscaler select: the latent modes, then every name of /sdapi/v1/upscalers, models included (then
+    ComfyUI's latent methods)."""
     base = upscalers_server.url
     open_page(browser, base)
     latent = [mode["name"] for mode in http_json(base, "/sdapi/v1/latent-upscale-modes")]
-    wait(browser, lambda d: option_values(d, "hr_upscaler") == [*latent, "None", "Lanczos", "Nearest", "tinyx2"],
+    wait(browser, lambda d: option_values(d, "hr_upscaler") == [*latent, "None", "Lanczos", "Nearest", "tinyx2",
+                                                                 *COMFY_METHODS],
          20, f"the hires upscalers are {option_values(browser, 'hr_upscaler')}")
     browser.find_element(By.ID, "enable_hr").click()
     prompt = "a hires square by a model"

@@ -344,11 +344,14 @@ async function loadLoras() {
 }
 
 // The hires fix's upscalers, as A1111's: the latent modes ("Latent" first, A1111's default), then every
-// upscaler of /sdapi/v1/upscalers (the plain resizes None, Lanczos, Nearest, then the server's model files).
+// upscaler of /sdapi/v1/upscalers (the plain resizes None, Lanczos, Nearest, then the server's model files), then
+// ComfyUI's latent methods, which draw its two-pass graph (hr_convention comfyui: `hiresRequest`)
+const COMFY_UPSCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "bislerp"];
 async function loadHiresUpscalers() {
   const [latent, upscalers] = await Promise.all([api("/sdapi/v1/latent-upscale-modes"), api("/sdapi/v1/upscalers")]);
   const names = [...(latent || []), ...(upscalers || [])].map((u) => u.name);
-  fillSelect($("hr_upscaler"), names.map((name) => ({ label: name, value: name })));
+  fillSelect($("hr_upscaler"), [...names.map((name) => ({ label: name, value: name })),
+    ...COMFY_UPSCALE_METHODS.map((name) => ({ label: `ComfyUI ${name}`, value: name }))]);
   fillSelect($("sdu_upscaler"), (upscalers || []).map((u) => ({ label: u.name, value: u.name })));   // SD upscale's
 }
 
@@ -892,6 +895,7 @@ function numberOrDefault(id, options) {
 function hiresRequest() {
   return {
     hr_upscaler: $("hr_upscaler").value || undefined,
+    hr_convention: COMFY_UPSCALE_METHODS.includes($("hr_upscaler").value) ? "comfyui" : undefined,
     hr_scale: numberOrDefault("hr_scale"),
     hr_width: Number(orDefault("hr_width", sideField("hr_width"))),
     hr_height: Number(orDefault("hr_height", sideField("hr_height"))),
