@@ -475,7 +475,12 @@ def comfyui_sigma_window(start: float, end: float, t_to_sigma: Any) -> tuple[flo
     """ComfyUI's sigma window of a control acting from `start` to `end` (fractions of the model's timesteps):
     (percent_to_sigma(start), percent_to_sigma(end)) (comfy/controlnet.py `ControlBase.pre_run`), percent_to_sigma(p)
     the model's sigma at timestep (1 - p) * 999 (`t_to_sigma`, interpolating log sigma), above every sigma for
-    p <= 0 (`COMFYUI_ALWAYS`) and 0 for p >= 1 (comfy/model_sampling.py `ModelSamplingDiscrete.percent_to_sigma`)."""
+    p <= 0 (`COMFYUI_ALWAYS`) and 0 for p >= 1 (comfy/model_sampling.py `ModelSamplingDiscrete.percent_to_sigma`).
+    `t_to_sigma` interpolates in float64, ComfyUI in float32: an edge differs from ComfyUI's in its last float32
+    bit for about a third of the percents, as sdlab's normal / sgm_uniform sigmas from ComfyUI's, so an edge on a
+    step's own sigma may take one step more or less than ComfyUI (README, ControlNet: the edge case). Making the
+    edge alone float32 would part it from sdlab's own float64 sigmas and miss more often (measured 299 against
+    187 of 3504 edges on a step)."""
     def percent_to_sigma(percent: float) -> float:
         if percent <= 0.0:
             return COMFYUI_ALWAYS
