@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import pickle
 import re
+import struct
 import sys
 import zipfile
 import zlib
@@ -389,3 +390,51 @@ def test_the_views_of_one_deflated_storage_unpack_it_once(tmp_path, monkeypatch)
     assert len(unpackings) == 2                                   # the flat storage, "alone"
     assert torch.equal(lazy["alone"], torch.ones(3)) and len(unpackings) == 3       # no other view: not kept
     assert torch.equal(lazy["w7"], views["w7"]) and len(unpackings) == 3            # still the flat one's
+
+
+def _damaged(source: Path, out: Path, name: str, how: str) -> Path:
+    """`source` (deflated records) with record `name` damaged: "a packed byte flipped" in its deflate stream, or
+    "another CRC" written in both its local header and its directory entry (the stream intact)."""
+    data = bytearray(source.read_bytes())
+    with zipfile.ZipFile(source) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith(name))
+    name_length, extra_length = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
+    if how == "a packed byte flipped":
+        data[info.header_offset + 30 + name_length + extra_length + 3] ^= 0xFF
+    else:
+        wrong = struct.pack("<I", info.CRC ^ 1)
+        data[info.header_offset + 14:info.header_offset + 18] = wrong                   # local header's CRC
+        entry = data.find(b"PK\x01\x02")
+        while data[entry + 46:entry + 46 + name_length] != info.filename.encode():
+            entry = data.find(b"PK\x01\x02", entry + 4)
+        data[entry + 16:entry + 20] = wrong                                                 # directory's CRC
+    out.write_bytes(bytes(data))
+    return out
+
+
+@pytest.mark.parametrize("record", ["data/1", "data.pkl"])
+@pytest.mark.parametrize("how", ["a packed byte flipped", "another CRC"])
+def test_a_damaged_deflated_record_is_refused_by_every_read(tmp_path, how, record):
+    """torch's zip reader (`get_storage_from_record`, `get_record`) gives a damaged deflate stream's record as
+    whatever memory it unpacked into, no error, different bytes each read, and checks no CRC: the whole read gave
+    those as weights (only the lazy read checked a storage's CRC), a damaged pickle was refused as "Unsupported
+    operand" of a varying byte by both. Every read now refuses the file with the lazy read's message, every time."""
+    g = torch.Generator().manual_seed(0)
+    torch.save({"w": torch.randn(64, 64, generator=g), "v": torch.randn(300, generator=g)}, tmp_path / "good.ckpt")
+    good = _repacked(tmp_path / "good.ckpt", tmp_path / "deflated.ckpt", DEFLATED)
+    path = _damaged(good, tmp_path / "damaged.ckpt", record, how)
+    with zipfile.ZipFile(good) as archive:
+        size = archive.getinfo(f"good/{record}").file_size
+    says = (rf"good/{re.escape(record)}: Error -\d+ while decompressing data: .*" if how == "a packed byte flipped"
+            else rf"good/{re.escape(record)} does not unpack to its {size} bytes and CRC")
+    refusal = re.compile(f"error: {re.escape(str(path))}: damaged zip archive \\({says}\\)")
+    def read_all(lazy: bool) -> str | dict:                      # a lazy read's error comes as a tensor is read
+        try:
+            return _read_all(path, lazy)
+        except CheckpointError as err:
+            return f"error: {err}"
+
+    for _ in range(3):
+        whole, lazy = read_all(lazy=False), read_all(lazy=True)
+        assert whole == lazy and refusal.fullmatch(whole), (whole, lazy)
+    assert _read_all(good, lazy=False) == _read_all(good, lazy=True)

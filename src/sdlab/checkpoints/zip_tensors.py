@@ -32,6 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -84,7 +85,9 @@ def unpickle_onto_meta(path: Path, records: Mapping[int, Record], into: str = "m
     `map_location="cpu"`); "memory" its record read (a deflated one unpacked, its CRC checked) by torch's zip reader
     into a storage of its own, as `torch.load(path, weights_only=True, map_location="cpu")` reads it
     (`get_storage_from_record`), where the record holds exactly the storage's bytes (else a ValueError: the
-    whole read by torch.load gives its own answer). So the whole read of a file unpickles its pickle once."""
+    whole read by torch.load gives its own answer). So the whole read of a file unpickles its pickle once.
+    torch's reader checks no CRC and gives a damaged deflate stream as whatever memory it unpacked into: a deflated
+    record it reads (the pickle's, a storage's) whose CRC is not its own is a CheckpointError (`check_read`)."""
     reader = torch._C.PyTorchFileReader(str(path))
     if reader.has_record("constants.pkl"):
         raise ValueError(f"{path}: a TorchScript archive")
@@ -116,11 +119,17 @@ def unpickle_onto_meta(path: Path, records: Mapping[int, Record], into: str = "m
                 raise ValueError(f"storage {key!r}: no record of its {nbytes} bytes")
             read = reader.get_storage_from_record(name, nbytes, torch.UntypedStorage)       # torch.load's load_tensor
             untyped = read._typed_storage()._untyped_storage
+            if record.deflated:         # torch's reader gives what a damaged deflate stream left, without an error
+                check_read(path, record, torch.empty(0, dtype=torch.uint8).set_(untyped).numpy())   # [nbytes]
         storages[key] = torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
         named[key] = (dtype, nbytes)
         return storages[key]
 
-    unpickler = torch._weights_only_unpickler.Unpickler(io.BytesIO(reader.get_record("data.pkl")), encoding="utf-8")
+    pickled = reader.get_record("data.pkl")
+    pickle_record = records.get(reader.get_record_offset("data.pkl"))
+    if pickle_record is not None and pickle_record.deflated:       # torch's reader does not check it either
+        check_read(path, pickle_record, pickled)
+    unpickler = torch._weights_only_unpickler.Unpickler(io.BytesIO(pickled), encoding="utf-8")
     unpickler.persistent_load = persistent_load
     obj = unpickler.load()
     torch._utils._validate_loaded_sparse_tensors()         # as torch.load does (and empties torch's list of them)
@@ -149,6 +158,30 @@ def records_by_start(path: Path) -> dict[int, Record]:
             records[start] = Record(info.filename, start, info.file_size, info.compress_size,
                                     info.compress_type == zipfile.ZIP_DEFLATED, info.CRC)
     return records
+
+
+def unpack_record(path: Path, record: Record) -> bytes:
+    """The bytes of the deflated `record` of the file at `path`, unpacked and checked against its size and CRC
+    (zlib.crc32, as zipfile checks a record it reads); a damaged one is a CheckpointError naming the record."""
+    with open(path, "rb") as f:
+        packed = os.pread(f.fileno(), record.packed_size, record.start)
+    try:
+        data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(packed, record.size)
+    except zlib.error as exc:
+        raise CheckpointError(f"{path}: damaged zip archive ({record.name}: {exc})") from exc
+    if len(data) != record.size or zlib.crc32(data) != record.crc:
+        raise CheckpointError(f"{path}: damaged zip archive ({record.name} does not unpack to its "
+                              f"{record.size} bytes and CRC)")
+    return data
+
+
+def check_read(path: Path, record: Record, data: bytes | np.ndarray) -> None:
+    """Refuse `data`, the deflated `record` of the file at `path` as torch's zip reader unpacked it, where its
+    CRC is not the record's: with the CheckpointError the lazy read (`unpack_record`) gives for it."""
+    if zlib.crc32(data) != record.crc:
+        unpack_record(path, record)                     # raises: zlib's error, or the size and CRC
+        raise CheckpointError(f"{path}: damaged zip archive ({record.name} does not unpack to its "
+                              f"{record.size} bytes and CRC)")
 
 
 def element_span(shape: torch.Size, stride: tuple[int, ...]) -> int | None:
@@ -235,15 +268,7 @@ class ZipTensors(KeyedEntries, LazyMapping):
         last = self._last_unpacked
         if last is not None and last[0] == record:
             return last[1]
-        with open(self.path, "rb") as f:
-            packed = os.pread(f.fileno(), record.packed_size, record.start)
-        try:
-            data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(packed, record.size)
-        except zlib.error as exc:
-            raise CheckpointError(f"{self.path}: damaged zip archive ({record.name}: {exc})") from exc
-        if len(data) != record.size or zlib.crc32(data) != record.crc:
-            raise CheckpointError(f"{self.path}: damaged zip archive ({record.name} does not unpack to its "
-                                  f"{record.size} bytes and CRC)")
+        data = unpack_record(self.path, record)
         if record in self._shared:
             self._last_unpacked = (record, data)
         return data
