@@ -759,24 +759,14 @@ def _resolve_hires(r: GenerationRequest, width: int, height: int, multiple: int,
     if r.hr_crop != "disabled":
         raise RequestError(f"hr_crop is ComfyUI's LatentUpscale crop: it needs hr_convention comfyui, got {r.hr_crop!r}")
     width, height = base or (width, height)
-    if scale is not None and max(width, height) * scale >= MAX_SIDE + multiple:     # before int(): 1e308 -> inf
-        raise RequestError(f"hr_scale {scale:g} would draw {width * scale:.6g}x{height * scale:.6g} px from "
-                           f"{width}x{height}; each side must lie in {multiple}..{MAX_SIDE}")
+    _check_hires_scale(scale, width, height, multiple)
     up, final = hires_sizes(width, height, scale, r.hr_width, r.hr_height, multiple)
-    for size in (up, final):
-        if not (multiple <= min(size) and max(size) <= MAX_SIDE):
-            raise RequestError(f"the hires fix would draw {size[0]}x{size[1]} px from {width}x{height}; "
-                               f"each side must lie in {multiple}..{MAX_SIDE}")
-    steps = r.hr_steps or 0
-    if not _integer(steps) or not 0 <= steps <= MAX_STEPS:
-        raise RequestError(f"hr_steps must be an integer in 0..{MAX_STEPS} (0 = the first pass's), got {r.hr_steps!r}")
+    _check_hires_sizes((up, final), width, height, multiple)
+    steps = _hires_steps(r)
     denoise = DEFAULT_HR_DENOISE if r.hr_denoise is None else finite_number("hr_denoise", r.hr_denoise)
     if not denoise > 0.0:           # above 1 draws as 1 (A1111's min(strength, 0.999): `HIRES_IMG2IMG`)
         raise RequestError(f"hr_denoise (the second pass's denoising strength) must be above 0, got {r.hr_denoise}")
-    total, _ = steps_run(steps or r.steps, denoise, HIRES_IMG2IMG)
-    if total > MAX_SCHEDULE:
-        raise RequestError(f"{steps or r.steps} hires steps at hr_denoise {denoise} make a {total}-step schedule; "
-                           f"the limit is {MAX_SCHEDULE}: raise hr_denoise")
+    _check_hires_schedule(r, steps, denoise, HIRES_IMG2IMG)
     upscaler = DEFAULT_HR_UPSCALER if r.hr_upscaler is None else r.hr_upscaler
     if not isinstance(upscaler, (str, os.PathLike)):
         raise RequestError(f"hr_upscaler must be a name or a file, got {upscaler!r}")
@@ -815,24 +805,15 @@ def _resolve_comfyui_hires(r: GenerationRequest, width: int, height: int, scale:
     if r.hr_width is not None and r.hr_width >= MAX_SIDE + multiple or (
             r.hr_height is not None and r.hr_height >= MAX_SIDE + multiple):
         raise RequestError(f"hr_width / hr_height must lie in 0..{MAX_SIDE}")
-    if scale is not None and max(width, height) * scale >= MAX_SIDE + multiple:
-        raise RequestError(f"hr_scale {scale:g} would draw {width * scale:.6g}x{height * scale:.6g} px from "
-                           f"{width}x{height}; each side must lie in {multiple}..{MAX_SIDE}")
+    _check_hires_scale(scale, width, height, multiple)
     cells = comfyui_hires_size(height // factor, width // factor, scale, r.hr_width or 0, r.hr_height or 0, factor)
     size = (cells[0] * factor, cells[1] * factor)
-    if not (multiple <= min(size) and max(size) <= MAX_SIDE):
-        raise RequestError(f"the hires fix would draw {size[0]}x{size[1]} px from {width}x{height}; "
-                           f"each side must lie in {multiple}..{MAX_SIDE}")
-    steps = r.hr_steps or 0
-    if not _integer(steps) or not 0 <= steps <= MAX_STEPS:
-        raise RequestError(f"hr_steps must be an integer in 0..{MAX_STEPS} (0 = the first pass's), got {r.hr_steps!r}")
+    _check_hires_sizes((size,), width, height, multiple)
+    steps = _hires_steps(r)
     denoise = 1.0 if r.hr_denoise is None else _bounded("hr_denoise", r.hr_denoise, 0.0, 1.0)
     if denoise == 0.0:
         raise RequestError("hr_denoise (the second KSampler's denoise) must be above 0")
-    total, _ = steps_run(steps or r.steps, denoise, "comfyui")
-    if total > MAX_SCHEDULE:
-        raise RequestError(f"{steps or r.steps} hires steps at hr_denoise {denoise} make a {total}-step schedule; "
-                           f"the limit is {MAX_SCHEDULE}: raise hr_denoise")
+    _check_hires_schedule(r, steps, denoise, "comfyui")
     upscaler = COMFY_LATENT_UPSCALE_METHODS[0] if r.hr_upscaler is None else r.hr_upscaler
     if upscaler not in COMFY_LATENT_UPSCALE_METHODS:
         raise RequestError(f"hr_upscaler {upscaler!r} is not one of ComfyUI's latent upscale methods: "
@@ -842,6 +823,37 @@ def _resolve_comfyui_hires(r: GenerationRequest, width: int, height: int, scale:
     return dict(hr_scale=scale, hr_width=r.hr_width or None, hr_height=r.hr_height or None, hr_upscaler=upscaler,
                 hr_steps=steps, hr_denoise=denoise, hr_base_size=None)
 
+
+
+def _check_hires_scale(scale: float | None, width: int, height: int, multiple: int) -> None:
+    """An hr_scale that would draw past `MAX_SIDE` from width x height is refused (before any int(): 1e308 -> inf)."""
+    if scale is not None and max(width, height) * scale >= MAX_SIDE + multiple:
+        raise RequestError(f"hr_scale {scale:g} would draw {width * scale:.6g}x{height * scale:.6g} px from "
+                           f"{width}x{height}; each side must lie in {multiple}..{MAX_SIDE}")
+
+
+def _check_hires_sizes(sizes: tuple[tuple[int, int], ...], width: int, height: int, multiple: int) -> None:
+    """Each size the hires fix draws from width x height has its sides in multiple..MAX_SIDE."""
+    for size in sizes:
+        if not (multiple <= min(size) and max(size) <= MAX_SIDE):
+            raise RequestError(f"the hires fix would draw {size[0]}x{size[1]} px from {width}x{height}; "
+                               f"each side must lie in {multiple}..{MAX_SIDE}")
+
+
+def _hires_steps(r: GenerationRequest) -> int:
+    """The checked hr_steps (0: the first pass's)."""
+    steps = r.hr_steps or 0
+    if not _integer(steps) or not 0 <= steps <= MAX_STEPS:
+        raise RequestError(f"hr_steps must be an integer in 0..{MAX_STEPS} (0 = the first pass's), got {r.hr_steps!r}")
+    return steps
+
+
+def _check_hires_schedule(r: GenerationRequest, steps: int, denoise: float, rule: str) -> None:
+    """The second pass's schedule (`steps_run` under the img2img `rule`) stays within `MAX_SCHEDULE`."""
+    total, _ = steps_run(steps or r.steps, denoise, rule)
+    if total > MAX_SCHEDULE:
+        raise RequestError(f"{steps or r.steps} hires steps at hr_denoise {denoise} make a {total}-step schedule; "
+                           f"the limit is {MAX_SCHEDULE}: raise hr_denoise")
 
 def _schedule_asked(name: str | None) -> str | None:
     """sdlab's name of a schedule asked for by sdlab's or A1111's name ("SGM Uniform"); "Automatic" or unset: None."""
