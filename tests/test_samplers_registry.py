@@ -246,3 +246,23 @@ def test_schedule_labels_of_a_request_without_schedule_or_with_unknown_names():
     assert _schedule_overrides(req)["Schedule rho"] == 5.0
     for other in (replace(req, schedule=None), replace(req, sampler="Nope"), replace(req, schedule="nope")):
         assert _schedule_overrides(other) == {}
+
+
+def test_every_row_copies_and_pickles_once_its_parameters_are_read() -> None:
+    """`parameters` was cached as the signature's mappingproxy: copy.deepcopy and pickle of a row that had read it
+    raised "cannot pickle 'mappingproxy' object"."""
+    import copy
+    import dataclasses
+    import functools
+    import pickle
+
+    def fields(row):                # a partial (DPM++ 2M SDE Heun) equals only itself: its function and options
+        fn = row.fn
+        plain = (fn.func, fn.args, fn.keywords) if isinstance(fn, functools.partial) else fn
+        return dataclasses.replace(row, fn=None), plain
+
+    for row in SAMPLER_TABLE:
+        assert row.default_eta is None or row.default_eta >= 0          # reads (and caches) `parameters`
+        for copied in (copy.deepcopy(row), pickle.loads(pickle.dumps(row)), copy.copy(row)):
+            assert fields(copied) == fields(row) and copied.parameters == row.parameters, row.name
+            assert copied.draws_step_noise() == row.draws_step_noise(), row.name

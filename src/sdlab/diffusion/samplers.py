@@ -127,8 +127,9 @@ class SamplerSpec:
 
     @cached_property
     def parameters(self) -> Mapping[str, inspect.Parameter]:
-        """Its function's parameters, the options it takes (`inspect.signature`, read once per row)."""
-        return inspect.signature(self.fn).parameters
+        """Its function's parameters, the options it takes (`inspect.signature`, read once per row); a plain dict,
+        not the signature's mappingproxy, so that a row that has read it still copies and pickles."""
+        return dict(inspect.signature(self.fn).parameters)
 
     @property
     def stochastic(self) -> bool:
