@@ -223,3 +223,37 @@ def test_a_batch_of_the_graph_is_comfyuis_batch(monkeypatch, tiny):
     reference = comfyui_graph(tiny, runs, first, second, lambda samples: latent_upscale_by(samples, 1.5))
     assert reference.shape[0] == 2 and runs[1]["out"].abs().max() > 0.1
     torch.testing.assert_close(runs[1]["out"], reference, rtol=1e-5, atol=1e-5)
+
+
+def test_each_picture_of_a_batch_records_its_own_hires_seed(tiny):
+    """Picture i's second pass draws from hr_seed + i, as its first from seed + i: its infotext says so, and read back
+    (`from_parameters`) draws picture i again; with a variation seed every picture's is hr_seed, as its seed."""
+    from sdlab.pipeline.infotext import from_parameters, to_parameters
+    from sdlab.pipeline.png_info import format_parameters, parse_parameters
+    from sdlab.pipeline.request import GenerationRequest
+
+    result = tiny.txt2img(PROMPT, seed=SEED, steps=2, sampler="euler", width=64, height=64, batch_size=2,
+                          hr_convention="comfyui", hr_scale=1.5, hr_seed=HIRES_SEED)
+    text = format_parameters(to_parameters(result.request, index=1))
+    assert f"Seed: {SEED + 1}," in text and f"Hires seed: {HIRES_SEED + 1}," in text
+    again = tiny.run(GenerationRequest(**from_parameters(parse_parameters(text))))
+    off = np.abs(np.asarray(again.images[0], dtype=int) - np.asarray(result.images[1], dtype=int))
+    assert off.max() <= 2           # a batch of 1 against one of 2: the matmuls' rounding only
+    varied = tiny.txt2img(PROMPT, seed=SEED, steps=2, sampler="euler", width=64, height=64, batch_size=2,
+                          subseed=9, subseed_strength=0.3, hr_scale=1.5, hr_seed=HIRES_SEED)
+    assert f"Hires seed: {HIRES_SEED}," in format_parameters(to_parameters(varied.request, index=1))
+
+
+@pytest.mark.parametrize("subseed_strength", [0.0, 0.3])
+def test_a_hires_seed_set_to_the_seed_draws_every_batch_as_unset(tiny, subseed_strength):
+    """Batch k of a batch count: hr_seed follows the seed's rule (moves on with it; with a variation seed, stays with
+    it as A1111's seed does), so hr_seed == seed gives each batch's second pass the seeds an unset one gives."""
+    from sdlab.pipeline.hires import second_pass_request
+    from sdlab.pipeline.request import GenerationRequest, next_batch
+
+    def second_seeds(**more):
+        req = tiny.resolve(GenerationRequest(prompt=PROMPT, seed=5, steps=2, width=64, height=64, batch_size=2,
+                                             subseed=9, subseed_strength=subseed_strength, hr_scale=1.5, **more)).request
+        return [second_pass_request(next_batch(req, k), 8).seeds() for k in range(3)]
+
+    assert second_seeds(hr_seed=5) == second_seeds()

@@ -276,7 +276,7 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         **prompt_option_parameters(req),
         "Empty negative": _empty_negative(req),
         "Denoising strength": None,      # its place in the text; the hires fix's or img2img's value below
-        **hires_parameters(req, merged_at_load(req, loras)),
+        **hires_parameters(req, merged_at_load(req, loras), index=index),
         **_eta_parameters(req),
         **_unipc_options(req),
         "ENSD": _ensd(req),
@@ -542,14 +542,16 @@ def _inpaint_parameters(req: GenerationRequest) -> dict[str, Any]:
     }
 
 
-def hires_parameters(req: GenerationRequest, merged: Sequence[LoraRef] = ()) -> dict[str, Any]:
+def hires_parameters(req: GenerationRequest, merged: Sequence[LoraRef] = (), *, index: int = 0) -> dict[str, Any]:
     """A1111's hires fix labels, its `extra_generation_params` of a hires run (None values are left out of the
     text): the second pass's Denoising strength, its own Hires sampler, Hires prompt, Hires negative prompt and Hires
     schedule type where they differ from the first pass's, Hires upscale (or Hires resize WxH, 0 = unset), Hires steps
     (when set), Hires upscaler (a model file by A1111's name of it: `a1111_upscaler_name`), Hires seed and Hires
     CFG Scale where set, Hires convention and Hires crop where not A1111's, Extra noise and
     Conditional mask weight where the second pass used them; none without it. The Hires prompt carries a tag of
-    each LoRA `merged` at load, as the prompt does: A1111 draws a hires prompt's own tags in the second pass."""
+    each LoRA `merged` at load, as the prompt does: A1111 draws a hires prompt's own tags in the second pass. The
+    Hires seed is image `index`'s: the second pass numbers its seeds from hr_seed as the first from seed
+    (`hires.second_pass_request`'s `seeds()`: hr_seed + index, or hr_seed for each with a variation seed)."""
     if not req.hires:
         return {}
     sized = bool(req.hr_width or req.hr_height)
@@ -567,7 +569,7 @@ def hires_parameters(req: GenerationRequest, merged: Sequence[LoraRef] = ()) -> 
         "Hires resize": f"{req.hr_width or 0}x{req.hr_height or 0}" if sized else None,
         "Hires steps": req.hr_steps or None,
         "Hires upscaler": upscaler,
-        "Hires seed": req.hr_seed,
+        "Hires seed": None if req.hr_seed is None else req.hr_seed + (0 if req.subseed_strength else index),
         "Hires CFG Scale": req.hr_cfg_scale,
         "Hires convention": None if req.hr_convention == "a1111" else req.hr_convention,
         "Hires crop": None if req.hr_crop == "disabled" else req.hr_crop,

@@ -685,14 +685,15 @@ def next_batch(request: GenerationRequest, k: int) -> GenerationRequest:
     """Batch `k` of a batch count (A1111's n_iter, `sdlab txt2img --batch-count`) after the resolved
     `request`, batch 0: its seeds (or, with a variation seed, its subseeds) continue after those of the
     batches before, as A1111 numbers `all_seeds` / `all_subseeds`; under A1111's img2img convention "latent noise"
-    stays batch 0's (`latent_noise_seed`), as A1111 draws it once per job from ``all_seeds[0:batch_size]``."""
+    stays batch 0's (`latent_noise_seed`), as A1111 draws it once per job from ``all_seeds[0:batch_size]``. A hires
+    seed follows the seed's rule (moves on with it, stays with it), so that hr_seed set to the seed draws as unset."""
     step = k * request.batch_size
     if request.img2img_convention in A1111_IMG2IMG and request.latent_noise_seed is None:
         request = replace(request, latent_noise_seed=request.seed)     # A1111's `init`, before its n_iter loop
-    if request.hr_seed is not None:
-        request = replace(request, hr_seed=request.hr_seed + step)
     if request.subseed_strength:
         return replace(request, subseed=request.subseed + step)
+    if request.hr_seed is not None:
+        request = replace(request, hr_seed=request.hr_seed + step)
     return replace(request, seed=request.seed + step)
 
 
