@@ -161,6 +161,8 @@ def test_the_second_pass_takes_its_own_seed_and_cfg(monkeypatch, tiny):
     (dict(hr_convention="forge", hr_scale=1.5), "unknown hr_convention"),
     (dict(hr_scale=1.5, hr_seed="x"), "hr_seed must be an integer"),
     (dict(hr_scale=1.5, hr_cfg_scale=1e9), "hr_cfg_scale"),
+    # the tiny VAE's factor 4: 16 cells x 1.3 = 21 cells, 84 px, drawn by no 8-px plan
+    (dict(hr_convention="comfyui", hr_scale=1.3), "would draw 84x84 px from 64x64 .* multiple of 8 px"),
 ])
 def test_bad_comfyui_hires_options_are_one_error(tiny, options, message):
     with pytest.raises(RequestError, match=message):
@@ -202,6 +204,10 @@ def test_the_cli_draws_the_comfyui_hires_and_its_picture_again(tmp_path, capsys)
     code, _, err = run(["txt2img", "--from-png", str(tmp_path / "a.png"), "--out", str(tmp_path / "b.png"),
                         "--no-progress"], capsys)
     assert code == 0, err
+    code, _, err = run(["txt2img", PROMPT, "--steps", "2", "--width", "72", "--height", "40", "--hr-convention",
+                        "comfyui", "--hr-scale", "1.37", "--out", str(tmp_path / "c.png"), "--no-progress"], capsys)
+    assert code == 2 and "would draw 100x56 px from 72x40" in err and "Traceback" not in err, err
+    assert not (tmp_path / "c.png").exists()
     drawn = sdlab.load().txt2img(PROMPT, seed=SEED, steps=3, sampler="euler_ancestral", schedule="karras",
                                  width=64, height=64, cfg_scale=5.0, hr_convention="comfyui", hr_width=112,
                                  hr_height=64, hr_crop="center", hr_upscaler="bislerp", hr_denoise=0.6,

@@ -105,3 +105,18 @@ def test_a_bad_upscale_method_is_comfyuis_value_not_in_list(server):
     prompt = two_pass(dict(BY, upscale_method="lanczos"), **SECOND)
     errors = server.post("/prompt", json={"prompt": copy.deepcopy(prompt)}).json()["node_errors"]
     assert errors["10"]["errors"][0]["type"] == "value_not_in_list"
+
+
+def test_an_upscale_to_part_of_an_8_px_side_is_refused_at_submit(server):
+    """The server's tiny model's VAE of factor 2: LatentUpscaleBy x1.37 of 72 x 40 px is 49 x 27 latent cells, 98 x 54
+    px, no side a multiple of 8 px: refused when queued (the native job 400, the graph's node_errors naming the upscale node), not a
+    failed job."""
+    body = {**NATIVE, **NATIVE_HIRES, "width": 72, "height": 40, "hr_scale": 1.37}
+    answer = server.post("/api/jobs", json=body)
+    assert answer.status_code == 400 and "would draw 98x54 px from 72x40" in answer.text, answer.text
+    prompt = two_pass(dict(BY, scale_by=1.37), **SECOND)
+    prompt["5"]["inputs"].update(width=72, height=40)
+    answer = server.post("/prompt", json={"prompt": prompt})
+    assert answer.status_code == 400, answer.text
+    errors = answer.json()["node_errors"]
+    assert list(errors) == ["10"] and "would draw 98x54 px" in errors["10"]["errors"][0]["message"], errors

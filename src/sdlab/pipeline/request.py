@@ -810,6 +810,10 @@ def _resolve_comfyui_hires(r: GenerationRequest, width: int, height: int, scale:
     cells = comfyui_hires_size(height // factor, width // factor, scale, r.hr_width or 0, r.hr_height or 0, factor)
     size = (cells[0] * factor, cells[1] * factor)
     _check_hires_sizes((size,), width, height, multiple)
+    if size[0] % multiple or size[1] % multiple:      # a VAE of factor 4: whole latent cells, not whole 8 px
+        raise RequestError(f"the hires fix (hr_convention comfyui) would draw {size[0]}x{size[1]} px from "
+                           f"{width}x{height} (LatentUpscale's whole latent cells of {factor} px); each side must be "
+                           f"a multiple of {multiple} px: choose another hr_scale, hr_width or hr_height")
     steps = _hires_steps(r)
     denoise = 1.0 if r.hr_denoise is None else _bounded("hr_denoise", r.hr_denoise, 0.0, 1.0)
     if denoise == 0.0:

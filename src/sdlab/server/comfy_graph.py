@@ -221,12 +221,22 @@ class GraphPlan:
     controls: list[GraphControl] = field(default_factory=list)     # the ControlNets on both rows, in applied order
     hires: dict[str, Any] = field(default_factory=dict)             # a two-pass graph: the request's hires fields
     second_node: str = ""                   # a two-pass graph's second KSampler, whose steps follow the first's
+    upscale_node: str = ""                  # a two-pass graph's LatentUpscale(By), whose size the hires fix draws
 
     @property
     def mode(self) -> str:
         if self.init_image is None:
             return "txt2img"
         return "img2img" if self.mask_image is None else "inpaint"
+
+
+def node_refusal(graph: dict[str, Any], node_id: str, message: str, outputs: list[str]) -> GraphError:
+    """ComfyUI's failed validation of the graph's node `node_id` (its `node_errors` entry), whose `outputs` fail."""
+    class_type = graph[node_id]["class_type"]
+    error = _error("unsupported_graph", message, f"{class_type} #{node_id}: {message}")
+    return GraphError(_error("prompt_outputs_failed_validation", "Prompt outputs failed validation", message),
+                      {node_id: {"errors": [error], "dependent_outputs": outputs[:LISTED_OUTPUTS],
+                                 "class_type": class_type}})
 
 
 class GraphError(Exception):
@@ -439,12 +449,7 @@ class _Plan:
         self.order: dict[str, None] = {}         # the nodes run, in order (a dict: a linear walk of N outputs)
 
     def refuse(self, node_id: str, message: str) -> GraphError:
-        class_type = self.graph[node_id]["class_type"]
-        error = _error("unsupported_graph", message, f"{class_type} #{node_id}: {message}")
-        return GraphError(_error("prompt_outputs_failed_validation", "Prompt outputs failed validation",
-                                 f"{message}"),
-                          {node_id: {"errors": [error], "dependent_outputs": self.outputs[:LISTED_OUTPUTS],
-                                     "class_type": class_type}})
+        return node_refusal(self.graph, node_id, message, self.outputs)
 
     def source(self, node_id: str, name: str) -> tuple[str, int, str]:
         """(source id, output index, source class_type) of the link `name` of `node_id`."""
@@ -496,7 +501,7 @@ class _Plan:
         self.visit(sampler)
         if upscale is not None:
             plan.hires = self.second_pass(second, upscale, (checkpoint, loras), plan)
-            plan.second_node = second
+            plan.second_node, plan.upscale_node = second, upscale
         for decoder in sorted(decoders):
             if self.vae(decoder, checkpoint) != vae:
                 raise self.refuse(decoder, "sdlab encodes and decodes a picture with one VAE")
