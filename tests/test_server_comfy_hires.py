@@ -120,3 +120,26 @@ def test_an_upscale_to_part_of_an_8_px_side_is_refused_at_submit(server):
     assert answer.status_code == 400, answer.text
     errors = answer.json()["node_errors"]
     assert list(errors) == ["10"] and "would draw 98x54 px" in errors["10"]["errors"][0]["message"], errors
+
+
+def test_forges_hr_cfg_is_the_a1111_doors_hires_cfg_scale(server):
+    """/sdapi/v1/txt2img takes Forge's `hr_cfg` (modules/processing.py StableDiffusionProcessingTxt2Img.hr_cfg,
+    lllyasviel/stable-diffusion-webui-forge 70d6e10) as the second pass's CFG scale: hr_cfg 20 draws another picture,
+    recorded as Forge's `Hires CFG Scale: 20`; hr_cfg equal to cfg_scale draws what no hr_cfg (A1111's) draws."""
+    import base64
+    import json
+
+    body = dict(prompt="a cat", negative_prompt="bad hands, blurry", steps=2, width=64, height=64, seed=3, cfg_scale=7,
+                enable_hr=True, hr_scale=1.5, hr_upscaler="Latent", sampler_name="Euler", denoising_strength=0.5)
+
+    def a1111(**more) -> tuple[np.ndarray, str]:
+        answer = server.post("/sdapi/v1/txt2img", json={**body, **more})
+        assert answer.status_code == 200, answer.text
+        picture = Image.open(io.BytesIO(base64.b64decode(answer.json()["images"][0]))).convert("RGB")
+        return np.asarray(picture, dtype=int), json.loads(answer.json()["info"])["infotexts"][0]
+
+    plain, plain_text = a1111()
+    own, text = a1111(hr_cfg=20.0)
+    assert "Hires CFG Scale: 20" in text and "Hires CFG Scale" not in plain_text
+    assert not np.array_equal(own, plain)        # the tiny random model's CFG moves few pixels, by 1-2 levels
+    assert np.array_equal(a1111(hr_cfg=7.0)[0], plain)

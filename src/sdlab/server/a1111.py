@@ -198,6 +198,7 @@ class Txt2ImgIn(NullsAreDefaults):
     hr_scheduler: str | None = None         # first pass's ("Use same sampler" / "Use same scheduler" too)
     hr_prompt: str = ""
     hr_negative_prompt: str = ""
+    hr_cfg: float | None = None             # Forge's: the second pass's CFG scale (hr_cfg_scale); unset: the first's
     tiling: bool | None = None              # None: the `tiling` option (A1111's opts.tiling), False by default
     refiner_checkpoint: str | None = None   # a model of `sd-models` that finishes the schedule; "None": none
     refiner_switch_at: float | None = None  # the fraction drawn before it (A1111's `apply_refiner`); unset: 0.8
@@ -292,14 +293,15 @@ def _check_init_count(body: Img2ImgIn, limits: Limits) -> None:
 def _hires_pass(body: Txt2ImgIn, sampler: str) -> dict[str, Any]:
     """The hires pass's own sampler, schedule and prompts of `body` as A1111 draws them (`sample_hr_pass`:
     `hr_sampler_name or sampler_name`; `hr_scheduler`, unset the request's `scheduler`, "Automatic" the hires
-    sampler's own: `KDiffusionSampler.get_sigmas`)."""
+    sampler's own: `KDiffusionSampler.get_sigmas`), and Forge's `hr_cfg`: the second pass's CFG scale as sent (Forge's
+    `sample_hr_pass` draws with it, at 1 without the negative: the same picture), unset A1111's first pass's."""
     named = body.hr_sampler_name not in (None, "", "Use same sampler")
     scheduled = body.hr_scheduler not in (None, "", "Use same scheduler")
     hr_sampler, hr_schedule = sampler_and_schedule(body.hr_sampler_name if named else sampler,
                                                    body.hr_scheduler if scheduled else body.scheduler)
     return {"hr_sampler": hr_sampler if named else None,
             "hr_schedule": a1111_schedule(hr_sampler, hr_schedule) if named or scheduled else None,
-            "hr_prompt": body.hr_prompt, "hr_negative_prompt": body.hr_negative_prompt}
+            "hr_prompt": body.hr_prompt, "hr_negative_prompt": body.hr_negative_prompt, "hr_cfg_scale": body.hr_cfg}
 
 
 def _styled(body: Txt2ImgIn, styles: StyleDatabase | None) -> Txt2ImgIn:
