@@ -206,7 +206,7 @@ def test_bad_or_stray_hires_pass_settings_are_one_request_error(pipe8: Pipeline)
         pipe8.resolve(GenerationRequest("a cat", hr_scale=2, hr_sampler="Euler z"))
     with pytest.raises(RequestError, match="unknown schedule"):
         pipe8.resolve(GenerationRequest("a cat", hr_scale=2, hr_schedule="zigzag"))
-    with pytest.raises(RequestError, match="hr_prompt need hr_scale"):
+    with pytest.raises(RequestError, match="hr_prompt needs hr_scale"):
         pipe8.resolve(GenerationRequest("a cat", hr_prompt="a dog"))
 
 
@@ -388,7 +388,7 @@ def test_a_hires_ddims_eta_ddim_changes_its_picture_and_draws_again_from_its_lab
 
 
 def test_hr_eta_is_checked_and_needs_the_hires_fix(pipe8: Pipeline):
-    with pytest.raises(RequestError, match="hr_eta need hr_scale"):
+    with pytest.raises(RequestError, match="hr_eta needs hr_scale"):
         pipe8.resolve(GenerationRequest("a cat", hr_eta=0.5))
     with pytest.raises(RequestError, match="hr_eta must lie in"):
         pipe8.resolve(GenerationRequest("a cat", hr_scale=1.5, hr_eta=-1))

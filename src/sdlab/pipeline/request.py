@@ -737,7 +737,8 @@ def _resolve_hires(r: GenerationRequest, width: int, height: int, multiple: int,
         given = [name for name, unset in (("hr_seed", None), ("hr_cfg_scale", None), ("hr_convention", "a1111"),
                                           ("hr_crop", "disabled")) if getattr(r, name) != unset]
         if given:
-            raise RequestError(f"{', '.join(given)} need hr_scale or hr_width / hr_height (the hires fix)")
+            raise RequestError(f"{', '.join(given)} {'need' if len(given) > 1 else 'needs'} hr_scale or hr_width / "
+                               "hr_height (the hires fix)")
         if r.token_merging_ratio_hr != 0:
             raise RequestError(f"token_merging_ratio_hr ({r.token_merging_ratio_hr!r}) needs hr_scale or hr_width / "
                                "hr_height (the hires fix)")
@@ -882,7 +883,8 @@ def _resolve_hires_pass(r: GenerationRequest, spec: SamplerSpec, schedule: str, 
     if not r.hires:
         given = [name for name in (*names, "hr_eta") if getattr(r, name) not in (None, "")]
         if given:
-            raise RequestError(f"{', '.join(given)} need hr_scale or hr_width / hr_height (the hires fix)")
+            raise RequestError(f"{', '.join(given)} {'need' if len(given) > 1 else 'needs'} hr_scale or hr_width / "
+                               "hr_height (the hires fix)")
         return {}
     for name in names:
         if not isinstance(getattr(r, name), (str, type(None))):
