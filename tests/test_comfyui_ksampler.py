@@ -41,7 +41,7 @@ def sdlab_sigmas(sampler: str, schedule: str, steps: int, denoise: float | None 
     request = types.SimpleNamespace(schedule=schedule, steps=steps, init_image=None if denoise is None else object(),
                                     strength=denoise, img2img_convention="comfyui", discard_penultimate_sigma=False,
                                     schedule_sigma_min=0.0, schedule_sigma_max=0.0, schedule_rho=0.0,
-                                    beta_alpha=0.6, beta_beta=0.6)
+                                    beta_alpha=0.6, beta_beta=0.6, old_karras_sigmas=False)
     return request_sigmas(DiscreteModelSampling(NoiseSchedule.sd(), "eps"), get_sampler(sampler), request)
 
 
