@@ -227,10 +227,15 @@ def _submit(state: ComfyState, plan: GraphPlan) -> Job:
 def _input_picture(state: ComfyState, name: str) -> Image.Image:
     """An input-folder picture as ComfyUI's LoadImage reads it: turned upright (RGB: an alpha channel dropped, not
     composited, where the caller converts it)."""
+    return image_from_bytes(_input_bytes(state, name), f"LoadImage {name!r}", state.service.config.limits)
+
+
+def _input_bytes(state: ComfyState, name: str) -> bytes:
+    """The bytes of the input-folder file a LoadImage names (a 400 where there is none)."""
     path = _inside(state.input_dir, name)
     if path is None or not path.is_file():
         raise BadRequest(f"no input picture {name!r}", 400)
-    return image_from_bytes(path.read_bytes(), f"LoadImage {name!r}", state.service.config.limits)
+    return path.read_bytes()
 
 
 def _vae_cropped(picture: Image.Image, name: str) -> Image.Image:
@@ -259,11 +264,7 @@ def _controls(state: ComfyState, plan: GraphPlan) -> tuple[ControlInput, ...]:
     for control in plan.controls:
         if control.model not in files:
             raise BadRequest(f"no ControlNet {control.model!r}", 400)
-        path = _inside(state.input_dir, control.image)
-        if path is None or not path.is_file():
-            raise BadRequest(f"no input picture {control.image!r}", 400)
-        picture = image_from_bytes(path.read_bytes(), f"LoadImage {control.image!r}",
-                                   state.service.config.limits).convert("RGB")
+        picture = _input_picture(state, control.image).convert("RGB")
         controls.append(ControlInput(files[control.model], picture, control.strength, control.start, control.end))
     return tuple(controls)
 
@@ -278,10 +279,7 @@ def _load_mask(state: ComfyState, plan: GraphPlan, size: tuple[int, int]) -> Ima
     size, where the two agree. A LoadImage picture without alpha (ComfyUI's empty 64 x 64 mask), or any mask that
     is 0 everywhere, repaints nothing: a 400."""
     name = plan.mask_image
-    path = _inside(state.input_dir, name)
-    if path is None or not path.is_file():
-        raise BadRequest(f"no input picture {name!r}", 400)
-    data = path.read_bytes()
+    data = _input_bytes(state, name)
     image = image_from_bytes(data, f"LoadImage {name!r}", state.service.config.limits)
     with Image.open(io.BytesIO(data)) as stored:     # ComfyUI reads the file's own bands: a palette's
         has_alpha = "A" in stored.getbands()          # transparency is no alpha to it (nodes.py LoadImage)
