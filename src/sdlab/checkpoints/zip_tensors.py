@@ -32,7 +32,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -82,12 +81,13 @@ def unpickle_onto_meta(path: Path, records: Mapping[int, Record], into: str = "m
     `into` says where the storages go once each record is checked: "meta" as above; "map" (a file whose records
     are all stored) the span of its record in a private map of the whole file, as `torch.load(path,
     weights_only=True, mmap=True)` gives it (its `overall_storage` sliced at the record's offset,
-    `map_location="cpu"`); "memory" its record read (a deflated one unpacked, its CRC checked) by torch's zip reader
-    into a storage of its own, as `torch.load(path, weights_only=True, map_location="cpu")` reads it
+    `map_location="cpu"`); "memory" its record read into a storage of its own (a stored one by torch's zip reader,
+    a deflated one unpacked by zlib and its CRC checked), as `torch.load(path, weights_only=True, map_location="cpu")` reads it
     (`get_storage_from_record`), where the record holds exactly the storage's bytes (else a ValueError: the
     whole read by torch.load gives its own answer). So the whole read of a file unpickles its pickle once.
-    torch's reader checks no CRC and gives a damaged deflate stream as whatever memory it unpacked into: a deflated
-    record it reads (the pickle's, a storage's) whose CRC is not its own is a CheckpointError (`check_read`)."""
+    torch's reader checks no CRC and gives a damaged deflate stream as whatever memory it unpacked into, which may
+    even be the right bytes left from an earlier read: a deflated record (the pickle's, a storage's) is unpacked by
+    zlib instead (`unpack_record`), a damaged one a CheckpointError."""
     reader = torch._C.PyTorchFileReader(str(path))
     if reader.has_record("constants.pkl"):
         raise ValueError(f"{path}: a TorchScript archive")
@@ -117,18 +117,19 @@ def unpickle_onto_meta(path: Path, records: Mapping[int, Record], into: str = "m
         elif into == "memory":
             if record is None:
                 raise ValueError(f"storage {key!r}: no record of its {nbytes} bytes")
-            read = reader.get_storage_from_record(name, nbytes, torch.UntypedStorage)       # torch.load's load_tensor
-            untyped = read._typed_storage()._untyped_storage
-            if record.deflated:         # torch's reader gives what a damaged deflate stream left, without an error
-                check_read(path, record, torch.empty(0, dtype=torch.uint8).set_(untyped).numpy())   # [nbytes]
+            if record.deflated:         # unpacked by zlib: torch's reader gives a damaged stream as stale memory
+                untyped = torch.UntypedStorage(nbytes)                                      # [nbytes]
+                torch.empty(0, dtype=torch.uint8).set_(untyped).numpy()[:] = memoryview(unpack_record(path, record))
+            else:
+                read = reader.get_storage_from_record(name, nbytes, torch.UntypedStorage)   # torch.load's load_tensor
+                untyped = read._typed_storage()._untyped_storage
         storages[key] = torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
         named[key] = (dtype, nbytes)
         return storages[key]
 
-    pickled = reader.get_record("data.pkl")
     pickle_record = records.get(reader.get_record_offset("data.pkl"))
-    if pickle_record is not None and pickle_record.deflated:       # torch's reader does not check it either
-        check_read(path, pickle_record, pickled)
+    pickled = (unpack_record(path, pickle_record) if pickle_record is not None and pickle_record.deflated
+               else reader.get_record("data.pkl"))
     unpickler = torch._weights_only_unpickler.Unpickler(io.BytesIO(pickled), encoding="utf-8")
     unpickler.persistent_load = persistent_load
     obj = unpickler.load()
@@ -173,15 +174,6 @@ def unpack_record(path: Path, record: Record) -> bytes:
         raise CheckpointError(f"{path}: damaged zip archive ({record.name} does not unpack to its "
                               f"{record.size} bytes and CRC)")
     return data
-
-
-def check_read(path: Path, record: Record, data: bytes | np.ndarray) -> None:
-    """Refuse `data`, the deflated `record` of the file at `path` as torch's zip reader unpacked it, where its
-    CRC is not the record's: with the CheckpointError the lazy read (`unpack_record`) gives for it."""
-    if zlib.crc32(data) != record.crc:
-        unpack_record(path, record)                     # raises: zlib's error, or the size and CRC
-        raise CheckpointError(f"{path}: damaged zip archive ({record.name} does not unpack to its "
-                              f"{record.size} bytes and CRC)")
 
 
 def element_span(shape: torch.Size, stride: tuple[int, ...]) -> int | None:
