@@ -20,7 +20,7 @@ import torch
 import comfy_reference as C
 import sdlab
 from sdlab.pipeline import generate as G
-from sdlab.pipeline.request import RequestError
+from sdlab.pipeline.request import HIRES_SIZE, GenerationRequest, RequestError
 from test_comfyui_conventions import ksampler, sample_euler, sample_euler_ancestral
 from test_comfyui_latent_upscale import common_upscale, latent_upscale, latent_upscale_by
 
@@ -168,6 +168,23 @@ def test_the_second_pass_takes_its_own_seed_and_cfg(monkeypatch, tiny):
 def test_bad_comfyui_hires_options_are_one_error(tiny, options, message):
     with pytest.raises(RequestError, match=message):
         tiny.txt2img(PROMPT, seed=SEED, steps=2, sampler="euler", width=64, height=64, **options)
+
+
+@pytest.mark.parametrize("options, refused", [
+    (dict(hr_convention="comfyui", hr_scale=1.3), HIRES_SIZE),                  # 84 px: no whole 8 px
+    (dict(hr_convention="comfyui", hr_scale=400.0), HIRES_SIZE),                # past the largest side
+    (dict(hr_scale=400.0), HIRES_SIZE),                                         # A1111's rule alike
+    (dict(hr_convention="comfyui", hr_scale=1.5, hr_crop="middle"), None),
+    (dict(hr_convention="comfyui", hr_scale=1.5, hr_denoise=1.5), None),
+])
+def test_a_hires_size_refusal_says_so_in_its_refused_field(tiny, options, refused):
+    """The hires size checks' RequestError names what it refuses (`refused` HIRES_SIZE, which the ComfyUI API turns
+    into a node error of the upscale node), the other refusals none; the texts are the messages as they were."""
+    request = GenerationRequest(PROMPT, seed=SEED, steps=2, sampler="euler", width=64, height=64, **options)
+    with pytest.raises(RequestError) as caught:
+        tiny.resolve(request)
+    assert caught.value.refused == refused
+    assert ("would draw" in str(caught.value)) == (refused is not None), str(caught.value)
 
 
 def test_the_infotext_records_the_comfyui_hires_and_draws_it_again(tiny):

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sdlab.pipeline.request import HIRES_SIZE
+from sdlab.server.inputs import BadRequest
 from test_server_comfy_api import NATIVE, drawn, graph, native_pixels, server, viewed  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -120,6 +122,26 @@ def test_an_upscale_to_part_of_an_8_px_side_is_refused_at_submit(server):
     assert answer.status_code == 400, answer.text
     errors = answer.json()["node_errors"]
     assert list(errors) == ["10"] and "would draw 98x54 px" in errors["10"]["errors"][0]["message"], errors
+
+
+@pytest.mark.parametrize("refused, message, named", [
+    (HIRES_SIZE, "the hires pass's size is refused", True),
+    (None, "a refusal that says it would draw 98x54 px", False),
+])
+def test_the_upscale_node_is_named_by_the_refusals_field_not_its_text(server, monkeypatch, refused, message, named):
+    """The queued job's refusal names the upscale node where its `refused` field is the hires size (request.py's
+    HIRES_SIZE), whatever its text says; any other refusal is ComfyUI's invalid_prompt without node_errors."""
+    from sdlab.server import comfy_api
+
+    def refuse(state, plan):
+        raise BadRequest(message, 400, refused=refused)
+
+    monkeypatch.setattr(comfy_api, "_submit", refuse)
+    answer = server.post("/prompt", json={"prompt": two_pass(dict(BY), **SECOND)})
+    assert answer.status_code == 400, answer.text
+    body = answer.json()
+    assert (list(body["node_errors"]) == ["10"]) == named, body
+    assert (body["error"]["type"] == "invalid_prompt") != named and message in answer.text, body
 
 
 def test_forges_hr_cfg_is_the_a1111_doors_hires_cfg_scale(server):

@@ -102,8 +102,18 @@ CONTROL_CONVENTIONS = (*LIBRARY_CONVENTIONS, "comfyui")  # "comfyui": ComfyUI's 
 SIZE_CONVENTIONS = LIBRARY_CONVENTIONS
 
 
+HIRES_SIZE = "hires size"
+"""`RequestError.refused` of a refusal of the size the hires fix would draw (its sides past the limits, or not whole
+multiples): the ComfyUI API names the graph's upscale node for it."""
+
+
 class RequestError(ValueError):
-    """A request that cannot be run; the message says which value is wrong and why."""
+    """A request that cannot be run; the message says which value is wrong and why, `refused` (where a caller
+    tells refusals apart) what it refuses: `HIRES_SIZE`, else None."""
+
+    def __init__(self, message: str, refused: str | None = None) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 ImageLike = Image.Image | str | os.PathLike[str]
@@ -814,7 +824,8 @@ def _resolve_comfyui_hires(r: GenerationRequest, width: int, height: int, scale:
     if size[0] % multiple or size[1] % multiple:      # a VAE of factor 4: whole latent cells, not whole 8 px
         raise RequestError(f"the hires fix (hr_convention comfyui) would draw {size[0]}x{size[1]} px from "
                            f"{width}x{height} (LatentUpscale's whole latent cells of {factor} px); each side must be "
-                           f"a multiple of {multiple} px: choose another hr_scale, hr_width or hr_height")
+                           f"a multiple of {multiple} px: choose another hr_scale, hr_width or hr_height",
+                           HIRES_SIZE)
     steps = _hires_steps(r)
     denoise = 1.0 if r.hr_denoise is None else _bounded("hr_denoise", r.hr_denoise, 0.0, 1.0)
     if denoise == 0.0:
@@ -835,7 +846,7 @@ def _check_hires_scale(scale: float | None, width: int, height: int, multiple: i
     """An hr_scale that would draw past `MAX_SIDE` from width x height is refused (before any int(): 1e308 -> inf)."""
     if scale is not None and max(width, height) * scale >= MAX_SIDE + multiple:
         raise RequestError(f"hr_scale {scale:g} would draw {width * scale:.6g}x{height * scale:.6g} px from "
-                           f"{width}x{height}; each side must lie in {multiple}..{MAX_SIDE}")
+                           f"{width}x{height}; each side must lie in {multiple}..{MAX_SIDE}", HIRES_SIZE)
 
 
 def _check_hires_sizes(sizes: tuple[tuple[int, int], ...], width: int, height: int, multiple: int) -> None:
@@ -843,7 +854,7 @@ def _check_hires_sizes(sizes: tuple[tuple[int, int], ...], width: int, height: i
     for size in sizes:
         if not (multiple <= min(size) and max(size) <= MAX_SIDE):
             raise RequestError(f"the hires fix would draw {size[0]}x{size[1]} px from {width}x{height}; "
-                               f"each side must lie in {multiple}..{MAX_SIDE}")
+                               f"each side must lie in {multiple}..{MAX_SIDE}", HIRES_SIZE)
 
 
 def _hires_steps(r: GenerationRequest) -> int:

@@ -45,7 +45,7 @@ from PIL import Image, ImageOps
 from sdlab.diffusion.samplers import SAMPLER_TABLE
 from sdlab.pipeline.control import ControlInput
 from sdlab.pipeline.images import comfyui_encoded_mask
-from sdlab.pipeline.request import GenerationRequest
+from sdlab.pipeline.request import HIRES_SIZE, GenerationRequest
 from sdlab.server.comfy_graph import (Choices, GraphError, GraphPlan, check_graph, node_refusal, object_info,
                                       run_order, second_pass_nodes)
 from sdlab.server.inputs import BadRequest, JobSpec, LoraChoice, image_from_bytes, opened_picture
@@ -175,7 +175,7 @@ async def post_prompt(request: Request) -> JSONResponse:
     try:
         job = await asyncio.to_thread(_submit, state, plan)
     except BadRequest as err:
-        if plan.upscale_node and " would draw " in err.message:     # request.py's hires size checks: the upscale's
+        if plan.upscale_node and err.refused == HIRES_SIZE:      # request.py's hires size checks: the upscale's
             return JSONResponse(node_refusal(body["prompt"], plan.upscale_node, err.message,
                                              list(plan.outputs)).body(), status_code=400)
         return _bad_prompt("invalid_prompt", err.message, err.detail if isinstance(err.detail, str) else "")

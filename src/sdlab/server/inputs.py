@@ -59,13 +59,16 @@ from sdlab.utils.text import not_utf8
 
 
 class BadRequest(Exception):
-    """A request the server refuses: `status` (4xx), `detail` (A1111's short text), `message` (the why)."""
+    """A request the server refuses: `status` (4xx), `detail` (A1111's short text), `message` (the why), `refused`
+    (what it refuses where a caller tells refusals apart: the `RequestError.refused` it came from, else None)."""
 
-    def __init__(self, message: str, status: int = 400, detail: str | None = None) -> None:
+    def __init__(self, message: str, status: int = 400, detail: str | None = None,
+                 refused: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.detail = detail or message
         self.message = message
+        self.refused = refused
 
 
 @dataclass(frozen=True)
@@ -484,7 +487,7 @@ def check_request(request: GenerationRequest, limits: Limits, model: ModelBundle
                            guidance_embedding=model is not None and model.unet_config.time_cond_proj_dim is not None)
         check_batch_seeds(resolved, batch_count)
     except (RequestError, ValueError) as err:
-        raise BadRequest(str(err)) from None
+        raise BadRequest(str(err), refused=getattr(err, "refused", None)) from None
     if (model or planned) is not None:      # its text encoders' depths: the clip skip as the plan draws it leaves
         try:                                # one layer at least
             checked = model or planned

@@ -131,7 +131,7 @@ class Service:
             return self._checked_job(spec, mode, model)
         except BadRequest as err:
             raise BadRequest(self.controlnets.without_paths(err.message), err.status,
-                             self.controlnets.without_paths(err.detail)) from None
+                             self.controlnets.without_paths(err.detail), err.refused) from None
 
     def _checked_job(self, spec: JobSpec, mode: str, model: str | None) -> tuple[JobSpec, str, str, dict[str, Any]]:
         checkpoint = self.checkpoint(model)
