@@ -5,9 +5,9 @@ A1111's ControlNet extension crops every unit's input in `get_control` (`Script.
 sd-webui-controlnet scripts/controlnet.py, v1.1.455): for a unit whose module holds no "reference" in an img2img
 with `inpaint_full_res` and a mask, when `unit.inpaint_crop_input_image` (default True,
 internal_controlnet/external_code.py ControlNetUnit) is set, an IP-Adapter unit's too; the picture is the unit's
-own, else `p.init_images[0]` (`choose_input_image`). `extension_crop` transcribes its lines: each channel
-``images.resize_image(resize_mode, channel, mask.width, mask.height)``, ``.crop(crop_region)``, then
-``images.resize_image(OUTER_FIT, channel, p.width, p.height)``, stacked again (`resize_image` is sdlab's
+own, else `p.init_images[0]` (`choose_input_image`). `extension_crop` (only_masked_fixtures) transcribes its
+lines: each channel ``images.resize_image(resize_mode, channel, mask.width, mask.height)``, ``.crop(crop_region)``,
+then ``images.resize_image(OUTER_FIT, channel, p.width, p.height)``, stacked again (`resize_image` is sdlab's
 `images.resize_image`). The reference run is the reviewer's construction: the adapter given that crop as its
 picture with sdlab's cut turned off; the runs agree 0 of 255."""
 
@@ -15,77 +15,25 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw
 
-from init_picture_fixtures import (A1111_IMG2IMG, INIT, MASK, NATIVE, a1111_picture, api_drawn, apart, listed_model,
-                                   native_job, write_face_id_adapter, write_tiny_ip_adapter)
+from init_picture_fixtures import INIT, MASK, api_drawn, apart, listed_model
+from only_masked_fixtures import (  # noqa: F401  (fixture: seen)
+    BLUR, ONLY_MASKED, PADDING, SIZE, a1111_only_masked, extension_crop, native_only_masked, patchable_setup, seen,
+    uncut,
+)
 from server_fixtures import b64_png
 
 OWN = Image.new("RGB", (80, 72), (30, 40, 220))                 # a unit's own picture, of another size
 ImageDraw.Draw(OWN).rectangle([20, 4, 60, 60], fill=(250, 250, 20))
 CLIP_MASK = Image.new("L", (80, 72), 0)                         # an A1111 unit's CLIP mask of that picture
 ImageDraw.Draw(CLIP_MASK).rectangle([0, 0, 30, 72], fill=255)
-SIZE, BLUR, PADDING = (64, 64), 4, 8
-ONLY_MASKED = {"mask_blur": BLUR, "inpaint_only_masked": True, "inpaint_padding": PADDING}
-
-
-def extension_crop(image: Image.Image, mode: str) -> Image.Image:
-    """`try_crop_image_with_a1111_mask`'s cut of `image` (RGB or L) for `MASK` blurred by `BLUR`, its crop region
-    A1111's (`masking.get_crop_region` + `expand_crop_region`, sdlab's `inpaint_region`), `mode` the unit's resize
-    mode (for the init picture img2img's)."""
-    from sdlab.pipeline.inpaint_area import inpaint_region
-    from sdlab.pipeline.upscale import IMG2IMG_UPSCALER, resize_image
-
-    mask = MASK.filter(ImageFilter.GaussianBlur(BLUR))                  # prepare_mask: the init picture's size
-    region = inpaint_region(mask, PADDING, SIZE)
-    channels = [Image.fromarray(np.asarray(image)[:, :, i]) for i in range(len(image.getbands()))] \
-        if image.mode != "L" else [image]
-    channels = [resize_image(c, IMG2IMG_UPSCALER, mask.size, mode=mode) for c in channels]
-    channels = [c.crop(region) for c in channels]
-    channels = [resize_image(c, IMG2IMG_UPSCALER, SIZE, mode="fill") for c in channels]
-    stacked = np.stack([np.asarray(c) for c in channels], axis=2)                            # (H, W, C)
-    return Image.fromarray(stacked[:, :, 0] if image.mode == "L" else stacked)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory):
-    import sdlab
-    from fastapi.testclient import TestClient
-
-    from sdlab.server.app import create_app
-    from sdlab.server.config import ServerConfig
-
-    root = tmp_path_factory.mktemp("ip-adapter-only-masked")
-    models = root / "models"
-    pipe = sdlab.load()
-    adapter = write_tiny_ip_adapter(models, pipe)
-    face = write_face_id_adapter(models / "ControlNet" / "ip-adapter-faceid_tiny.bin", pipe)
-    app = create_app(ServerConfig(output_dir=root / "outputs", models_dir=models,         # in-process: patchable
-                                  controlnet_dir=models / "ControlNet"))
-    with TestClient(app) as client:
-        yield {"pipe": pipe, "adapter": adapter, "face": face, "client": client}
-
-
-@pytest.fixture
-def seen(monkeypatch):
-    """The pictures (and masks) each image prompt's encoder is given, as `picture_pixels` reads them."""
-    from sdlab.pipeline import image_prompt
-
-    given, read = [], image_prompt.picture_pixels
-
-    def recording(prompt, *args, **kwargs):
-        given.append((prompt.image, prompt.mask))
-        return read(prompt, *args, **kwargs)
-
-    monkeypatch.setattr(image_prompt, "picture_pixels", recording)
-    return given
-
-
-def uncut(monkeypatch) -> None:
-    """sdlab's cut turned off: the adapter draws the picture it is given."""
-    from sdlab.pipeline import image_prompt
-
-    monkeypatch.setattr(image_prompt, "in_region", lambda prompt, *args: prompt)
+    with patchable_setup(tmp_path_factory.mktemp("ip-adapter-only-masked"), face_id=True) as made:
+        yield made
 
 
 def _inpaint(setup, convention: str, *prompts) -> Image.Image:
@@ -132,20 +80,11 @@ def test_the_api_draws_the_adapter_on_the_extensions_crop(setup, seen, monkeypat
 
 
 def _native(setup, entry: dict) -> Image.Image:
-    body = {**NATIVE, "mode": "inpaint", "init_image": b64_png(INIT), "mask_image": b64_png(MASK), **ONLY_MASKED,
-            "ip_adapters": [{"model": "ip-adapter_tiny", "scale": 0.8, **entry}]}
-    _, (picture,) = native_job(setup["client"], body)
-    return picture
+    return native_only_masked(setup["client"], entry)[1]
 
 
 def _a1111(setup, unit: dict) -> Image.Image:
-    client = setup["client"]
-    model = listed_model(client, "ip-adapter_tiny")
-    body = {**A1111_IMG2IMG, "mask": b64_png(MASK), "mask_blur": BLUR, "inpaint_full_res": True,
-            "inpaint_full_res_padding": PADDING,
-            "alwayson_scripts": {"controlnet": {"args": [{"enabled": True, "module": "ip-adapter_clip_sd15",
-                                                          "model": model, "weight": 0.8, **unit}]}}}
-    return a1111_picture(client.post("/sdapi/v1/img2img", json=body)).convert("RGB")
+    return a1111_only_masked(setup["client"], unit)[1]
 
 
 @pytest.mark.parametrize("route", ["native", "a1111"])

@@ -8,121 +8,45 @@ Reference, transcribed from Mikubill/sd-webui-controlnet scripts/controlnet.py (
 `try_crop_image_with_a1111_mask(p, unit, input_image, resize_mode)` cuts each channel as
 ``images.resize_image(resize_mode.int_value(), channel, mask.width, mask.height)``, ``.crop(crop_region)``, then
 ``images.resize_image(ResizeMode.OUTER_FIT.int_value(), channel, p.width, p.height)``, the channels stacked again
-(`extension_crop`; `images.resize_image` is sdlab's `upscale.resize_image`, A1111's modes 0 / 1 / 2). The
-reference run is the adapter given that crop as its picture with sdlab's cut turned off: 0 of 255 apart."""
+(only_masked_fixtures' `extension_crop`; `images.resize_image` is sdlab's `upscale.resize_image`, A1111's modes
+0 / 1 / 2). The reference run is the adapter given that crop as its picture with sdlab's cut turned off: 0 of 255
+apart."""
 
 from __future__ import annotations
 
-import base64
-import io
-import json
-
 import numpy as np
 import pytest
-import torch
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw
 
-from ip_adapter_fixtures import ip_adapter_state, write_image_encoder, write_ip_adapter
-from server_fixtures import b64_png, drawn_pictures
+from init_picture_fixtures import INIT, MASK, api_drawn, apart
+from only_masked_fixtures import (  # noqa: F401  (fixture: seen)
+    BLUR, ONLY_MASKED, PADDING, SIZE, a1111_only_masked, extension_crop, native_only_masked, patchable_setup, seen,
+    uncut,
+)
+from server_fixtures import b64_png
 
-INIT = Image.new("RGB", (96, 64), (200, 80, 40))
-ImageDraw.Draw(INIT).ellipse([8, 8, 80, 56], fill=(20, 200, 90))
 OWN = Image.new("RGB", (48, 96), (30, 40, 220))                 # a unit's own picture, tall where the init is wide
 ImageDraw.Draw(OWN).rectangle([4, 20, 40, 84], fill=(250, 250, 20))
 ImageDraw.Draw(OWN).ellipse([10, 2, 30, 30], fill=(240, 20, 20))
 CLIP_MASK = Image.new("L", OWN.size, 0)                         # an A1111 unit's CLIP mask of that picture
 ImageDraw.Draw(CLIP_MASK).rectangle([0, 0, 20, 96], fill=255)
-MASK = Image.new("L", (96, 64), 0)
-ImageDraw.Draw(MASK).rectangle([30, 10, 70, 50], fill=255)
-SIZE, BLUR, PADDING = (64, 64), 4, 8
-SETTINGS = {"steps": 3, "seed": 7, "cfg_scale": 5.0, "sampler": "Euler", "width": 64, "height": 64,
-            "mask_blur": BLUR, "inpaint_only_masked": True, "inpaint_padding": PADDING}
 MODES = {"resize": "Just Resize", "crop": "Crop and Resize", "fill": "Resize and Fill"}
-
-
-def extension_crop(image: Image.Image, mode: str) -> Image.Image:
-    """`try_crop_image_with_a1111_mask`'s cut of `image` (RGB or L) for `MASK` blurred by `BLUR` (its
-    `prepare_mask`), the crop region A1111's (`masking.get_crop_region` + `expand_crop_region`: sdlab's
-    `inpaint_region`), `mode` the unit's resize mode."""
-    from sdlab.pipeline.inpaint_area import inpaint_region
-    from sdlab.pipeline.upscale import IMG2IMG_UPSCALER, resize_image
-
-    mask = MASK.filter(ImageFilter.GaussianBlur(BLUR))
-    region = inpaint_region(mask, PADDING, SIZE)
-    array = np.asarray(image)
-    channels = [image] if image.mode == "L" else [Image.fromarray(array[:, :, i]) for i in range(array.shape[2])]
-    channels = [resize_image(c, IMG2IMG_UPSCALER, mask.size, mode=mode) for c in channels]
-    channels = [c.crop(region) for c in channels]
-    channels = [resize_image(c, IMG2IMG_UPSCALER, SIZE, mode="fill") for c in channels]
-    stacked = np.stack([np.asarray(c) for c in channels], axis=2)                            # (H, W, C)
-    return Image.fromarray(stacked[:, :, 0] if image.mode == "L" else stacked)
-
-
-def _apart(a: Image.Image, b: Image.Image) -> int:
-    assert a.size == b.size
-    pixels = [np.asarray(image.convert("RGB"), dtype=np.int16) for image in (a, b)]
-    return int(np.abs(pixels[0] - pixels[1]).max())
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory):
-    import sdlab
-    from fastapi.testclient import TestClient
-
-    from sdlab.models.ip_adapter import cross_attentions
-    from sdlab.server.app import create_app
-    from sdlab.server.config import ServerConfig
-
-    root = tmp_path_factory.mktemp("ip-adapter-only-masked-resize")
-    models = root / "models"
-    (models / "ControlNet").mkdir(parents=True)
-    pipe = sdlab.load()
-    widths = [attn.to_q.weight.shape[0] for attn in cross_attentions(pipe.bundle.unet)]
-    write_image_encoder(models / "image_encoder", seed=2, width=128, projection=32)
-    adapter = write_ip_adapter(models / "ControlNet" / "ip-adapter_tiny.safetensors",
-                               ip_adapter_state(widths, pipe.bundle.unet_config.context_dim, 32, seed=3, std=0.3))
-    app = create_app(ServerConfig(output_dir=root / "outputs", models_dir=models,         # in-process: patchable
-                                  controlnet_dir=models / "ControlNet"))
-    with TestClient(app) as client:
-        yield {"pipe": pipe, "adapter": adapter, "client": client}
-
-
-@pytest.fixture
-def seen(monkeypatch):
-    """The pictures (and masks) each image prompt's encoder is given, as `picture_pixels` reads them."""
-    from sdlab.pipeline import image_prompt
-
-    given, read = [], image_prompt.picture_pixels
-
-    def recording(prompt, *args, **kwargs):
-        given.append((prompt.image, prompt.mask))
-        return read(prompt, *args, **kwargs)
-
-    monkeypatch.setattr(image_prompt, "picture_pixels", recording)
-    return given
-
-
-def uncut(monkeypatch) -> None:
-    """sdlab's cut turned off: the adapter draws the picture it is given."""
-    from sdlab.pipeline import image_prompt
-
-    monkeypatch.setattr(image_prompt, "in_region", lambda prompt, *args: prompt)
+    with patchable_setup(tmp_path_factory.mktemp("ip-adapter-only-masked-resize")) as made:
+        yield made
 
 
 def _inpaint(setup, *prompts):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return setup["pipe"].inpaint("a red apple", INIT, MASK, "blurry", control_convention="a1111",
-                                     ip_adapters=list(prompts), **SETTINGS)
-    finally:
-        torch.set_num_threads(threads)
+    return api_drawn(setup["pipe"], "inpaint", control_convention="a1111", ip_adapters=list(prompts), **ONLY_MASKED)
 
 
 def test_the_three_modes_cut_three_pictures():
     """The transcription gives each mode its own crop of the tall picture (so the tests below can tell them apart)."""
     crops = {mode: extension_crop(OWN, mode) for mode in MODES}
-    assert min(_apart(crops[a], crops[b]) for a, b in (("resize", "crop"), ("crop", "fill"), ("resize", "fill"))) > 20
+    assert min(apart(crops[a], crops[b]) for a, b in (("resize", "crop"), ("crop", "fill"), ("resize", "fill"))) > 20
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -137,12 +61,12 @@ def test_the_api_cuts_by_the_prompts_resize_mode(setup, seen, monkeypatch, mode)
                                             module="ip-adapter_clip_sd15"))
     (image, cut_mask), = seen
     crop, mask_crop = extension_crop(OWN, mode), extension_crop(CLIP_MASK, mode)
-    assert image.size == SIZE and _apart(image, crop) == 0
+    assert image.size == SIZE and apart(image, crop) == 0
     assert np.array_equal(np.asarray(cut_mask.convert("L")), np.asarray(mask_crop))
     uncut(monkeypatch)
     reference = _inpaint(setup, IPAdapterInput(setup["adapter"], crop, 0.8, mask=mask_crop,
                                                module="ip-adapter_clip_sd15")).images[0]
-    assert _apart(result.images[0], reference) == 0
+    assert apart(result.images[0], reference) == 0
     line = to_parameters(result.request)["ControlNet 0"]
     assert line.startswith(f"Module: ip-adapter_clip_sd15, Model: ip-adapter_tiny [") and \
         line.endswith(f"Weight: 0.8, Resize Mode: {MODES[mode]}, Guidance Start: 0, Guidance End: 1"), line
@@ -153,32 +77,17 @@ def test_an_unset_mode_is_crop_and_resize_and_an_unknown_one_is_refused(setup, s
     from sdlab.pipeline.request import RequestError
 
     _inpaint(setup, IPAdapterInput(setup["adapter"], OWN, 0.8))
-    assert _apart(seen[0][0], extension_crop(OWN, "crop")) == 0
+    assert apart(seen[0][0], extension_crop(OWN, "crop")) == 0
     with pytest.raises(RequestError, match=r"IP-Adapter 0: unknown resize_mode 'latent'; valid: resize, crop, fill"):
         check_ip_adapter(IPAdapterInput(setup["adapter"], OWN, resize_mode="latent"))
 
 
 def _native(setup, entry: dict) -> tuple[dict, Image.Image]:
-    body = {"prompt": "a red apple", "negative_prompt": "blurry", "mode": "inpaint", "init_image": b64_png(INIT),
-            "mask_image": b64_png(MASK), **SETTINGS,
-            "ip_adapters": [{"model": "ip-adapter_tiny", "scale": 0.8, **entry}]}
-    job, (picture,) = drawn_pictures(setup["client"], body, timeout_s=300)
-    return job, picture
+    return native_only_masked(setup["client"], entry)
 
 
 def _a1111(setup, unit: dict) -> tuple[dict, Image.Image]:
-    client = setup["client"]
-    model = next(title for title in client.get("/controlnet/model_list").json()["model_list"]
-                 if title.startswith("ip-adapter_tiny ["))
-    body = {"prompt": "a red apple", "negative_prompt": "blurry", "steps": 3, "seed": 7, "cfg_scale": 5,
-            "sampler_name": "Euler", "width": 64, "height": 64, "init_images": [b64_png(INIT)], "mask": b64_png(MASK),
-            "mask_blur": BLUR, "inpaint_full_res": True, "inpaint_full_res_padding": PADDING,
-            "alwayson_scripts": {"controlnet": {"args": [{"enabled": True, "module": "ip-adapter_clip_sd15",
-                                                          "model": model, "weight": 0.8, **unit}]}}}
-    answer = client.post("/sdapi/v1/img2img", json=body)
-    assert answer.status_code == 200, answer.text
-    payload = answer.json()
-    return json.loads(payload["info"]), Image.open(io.BytesIO(base64.b64decode(payload["images"][0]))).convert("RGB")
+    return a1111_only_masked(setup["client"], unit)
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -190,10 +99,10 @@ def test_the_native_route_takes_the_entrys_resize_mode(setup, monkeypatch, mode)
     assert job["request"]["ip_adapters"][0]["resize_mode"] == mode
     again = job["request"]["ip_adapters"][0]
     _, redrawn = _native(setup, {**{k: v for k, v in again.items() if k not in ("model",)}, "image": b64_png(OWN)})
-    assert _apart(redrawn, drawn) == 0
+    assert apart(redrawn, drawn) == 0
     uncut(monkeypatch)
     _, reference = _native(setup, {"image": b64_png(extension_crop(OWN, mode))})
-    assert _apart(drawn, reference) == 0
+    assert apart(drawn, reference) == 0
 
 
 @pytest.mark.parametrize("given", [0, 1, 2, "Just Resize", "Crop and Resize", "Resize and Fill",
@@ -214,7 +123,7 @@ def test_the_a1111_route_takes_the_units_resize_mode(setup, monkeypatch, given):
     assert unreadable == [] and adapters[0]["resize_mode"] == mode, adapters
     uncut(monkeypatch)
     _, reference = _a1111(setup, {"image": b64_png(extension_crop(OWN, mode))})
-    assert _apart(drawn, reference) == 0
+    assert apart(drawn, reference) == 0
 
 
 def test_a_recorded_mode_is_read_back_and_a_bad_one_named():
@@ -257,5 +166,5 @@ def test_cli_from_png_draws_the_recorded_units_resize_mode(setup, tmp_path, caps
 
     fill, crop = redraw("fill", "own.png"), redraw("crop", "own.png")
     uncut(monkeypatch)
-    assert _apart(fill, redraw("fill", "cut.png")) == 0
-    assert _apart(fill, crop) > 5
+    assert apart(fill, redraw("fill", "cut.png")) == 0
+    assert apart(fill, crop) > 5
