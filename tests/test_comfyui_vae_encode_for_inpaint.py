@@ -12,7 +12,6 @@ native job of the same options pixel for pixel.
 from __future__ import annotations
 
 import copy
-import io
 import math
 
 import numpy as np
@@ -111,35 +110,55 @@ def _encoder(bundle):
     return lambda pixels: G.encode_image(bundle, pixels.movedim(-1, 1) * 2.0 - 1.0)
 
 
+@pytest.fixture
+def caught(monkeypatch) -> dict[str, list]:
+    """What an inpaint run hands the pieces ComfyUI's KSampler has, in order: the guided models `G.masked` wraps
+    ("inner"), a 9-channel model's extra input channels ("concats") and the latents `G._keep_known` blends
+    ("kept")."""
+    caught: dict[str, list] = {"inner": [], "concats": [], "kept": []}
+    real_masked, real_extra, real_keep_known = G.masked, G._inpaint_extra, G._keep_known
+    monkeypatch.setattr(G, "masked",
+                        lambda inner, *a, **k: caught["inner"].append(inner) or real_masked(inner, *a, **k))
+    monkeypatch.setattr(G, "_inpaint_extra",
+                        lambda *a: caught["concats"].append(real_extra(*a)) or caught["concats"][-1])
+    monkeypatch.setattr(G, "_keep_known",
+                        lambda *a: caught["kept"].append(real_keep_known(*a)) or caught["kept"][-1])
+    return caught
+
+
+def ksampler_inpaint(bundle, run: dict, inner, latent, noise, denoise_mask, sampler: str) -> torch.Tensor:
+    """ComfyUI's KSampler on an inpainting latent, driven by sdlab's guided model `inner` and `run`'s sigmas: its
+    start x (eps_noise_scaling of the latent; sdlab's run starts there, within 1e-5), then k-diffusion's `sampler`
+    (euler, or euler_ancestral replaying the run's noise draws) on KSamplerX0Inpaint's blend with `denoise_mask`:
+    the final latent."""
+    sigmas = run["sigmas"]
+    x = eps_noise_scaling(sigmas[0], noise, latent.clone(), max_denoise(bundle.model_sampling.sigma_max, sigmas))
+    torch.testing.assert_close(run["x"], x, rtol=1e-5, atol=1e-5)
+    model_k = KSamplerX0Inpaint(inner, latent, noise, denoise_mask)
+    if sampler == "euler":
+        return sample_euler(model_k, x, sigmas)
+    return sample_euler_ancestral(model_k, x, sigmas, noise_sampler=replayed(run["draws"]))
+
+
 @pytest.mark.parametrize("model, grow, sampler, schedule, denoise", [
     ("plain", 6, "euler", "karras", 1.0),
     ("plain", 3, "euler_ancestral", "normal", 0.8),
     ("inpainting", 6, "euler", "karras", 1.0),
     ("inpainting", 0, "euler_ancestral", "normal", 1.0),
 ])
-def test_vae_encode_for_inpaint_on_tiny_models(monkeypatch, tiny, tiny_inpainting, model, grow, sampler, schedule,
-                                               denoise):
+def test_vae_encode_for_inpaint_on_tiny_models(monkeypatch, caught, tiny, tiny_inpainting, model, grow, sampler,
+                                               schedule, denoise):
     """inpaint_fill "grey", mask_grow and mask_round on a ComfyUI-spelt sampler is VAEEncodeForInpaint -> KSampler:
     the KSampler starts from (and KSamplerX0Inpaint keeps) the latent of the picture greyed under the rounded mask,
     its noise mask the grown mask resized bilinearly; a 9-channel model's extra channels are that noise mask rounded
     and that same latent (concat_cond). The soft mask picture has an edge off the latent grid and a band below 1/2."""
     pipe = tiny if model == "plain" else tiny_inpainting
     bundle = pipe.bundle
-    inner_models: list = []
-    real_masked = G.masked
-    monkeypatch.setattr(G, "masked", lambda inner, *a, **k: inner_models.append(inner) or real_masked(inner, *a, **k))
-    concats: list = []
-    real_extra = G._inpaint_extra
-    monkeypatch.setattr(G, "_inpaint_extra", lambda *a: concats.append(real_extra(*a)) or concats[-1])
-    kept: list = []
-    real_keep_known = G._keep_known
-    monkeypatch.setattr(G, "_keep_known", lambda *args: kept.append(real_keep_known(*args)) or kept[-1])
-
+    inner_models, concats, kept = caught["inner"], caught["concats"], caught["kept"]
     init = init_picture(64)
     mask_picture, mask = comfyui_noise_mask_picture(64)
     run = sdlab_run(monkeypatch, pipe, "inpaint", init, mask_picture, sampler=sampler, schedule=schedule, steps=10,
                     strength=denoise, inpaint_fill="grey", mask_grow=grow, mask_round=True, paste_back=False)
-    sigmas = run["sigmas"]
     encoded = vae_encode_for_inpaint(_encoder(bundle), comfyui_pixels(init), mask, grow)
     latent = encoded["samples"]                                                          # (1, 4, h, w)
     denoise_mask = prepare_mask(encoded["noise_mask"], latent.shape)                     # (1, 4, h, w)
@@ -150,13 +169,7 @@ def test_vae_encode_for_inpaint_on_tiny_models(monkeypatch, tiny, tiny_inpaintin
         torch.testing.assert_close(concats[0], concat_cond(noise, latent, denoise_mask), rtol=1e-6, atol=1e-6)
     else:
         assert not concats
-    x = eps_noise_scaling(sigmas[0], noise, latent.clone(), max_denoise(bundle.model_sampling.sigma_max, sigmas))
-    torch.testing.assert_close(run["x"], x, rtol=1e-5, atol=1e-5)
-    model_k = KSamplerX0Inpaint(inner_models[-1], latent, noise, denoise_mask)
-    if sampler == "euler":
-        reference = sample_euler(model_k, x, sigmas)
-    else:
-        reference = sample_euler_ancestral(model_k, x, sigmas, noise_sampler=replayed(run["draws"]))
+    reference = ksampler_inpaint(bundle, run, inner_models[-1], latent, noise, denoise_mask, sampler)
     if model == "plain":
         assert_same_latents(kept[-1], reference)
     else:                   # the random 9-channel U-Net's latents reach ~65: float32 rounding of 1e-5 of that
@@ -164,41 +177,26 @@ def test_vae_encode_for_inpaint_on_tiny_models(monkeypatch, tiny, tiny_inpaintin
 
 
 @pytest.mark.parametrize("sampler, schedule, denoise", [("euler", "karras", 1.0), ("euler_ancestral", "normal", 0.7)])
-def test_set_latent_noise_mask_on_a_9_channel_model(monkeypatch, tiny_inpainting, sampler, schedule, denoise):
+def test_set_latent_noise_mask_on_a_9_channel_model(monkeypatch, caught, tiny_inpainting, sampler, schedule,
+                                                     denoise):
     """A 9-channel inpainting model under ComfyUI's convention (a ComfyUI-spelt sampler, mask_round off, no paste
     back) is VAEEncode -> SetLatentNoiseMask -> KSampler: its extra channels are concat_cond's, the KSampler's soft
     noise mask (prepare_mask: bilinear to the latent) rounded and the picture's own latent, not greyed; every model
     call blended by KSamplerX0Inpaint with the soft mask. Latents at 1e-5 relative and 1e-5 of the largest latent
     absolute (the random U-Net's reach ~65), the channels at 1e-6."""
     bundle = tiny_inpainting.bundle
-    inner_models: list = []
-    real_masked = G.masked
-    monkeypatch.setattr(G, "masked", lambda inner, *a, **k: inner_models.append(inner) or real_masked(inner, *a, **k))
-    concats: list = []
-    real_extra = G._inpaint_extra
-    monkeypatch.setattr(G, "_inpaint_extra", lambda *a: concats.append(real_extra(*a)) or concats[-1])
-    kept: list = []
-    real_keep_known = G._keep_known
-    monkeypatch.setattr(G, "_keep_known", lambda *args: kept.append(real_keep_known(*args)) or kept[-1])
-
+    inner_models, concats, kept = caught["inner"], caught["concats"], caught["kept"]
     init = init_picture(64)
     mask_picture, mask = comfyui_noise_mask_picture(64)
     run = sdlab_run(monkeypatch, tiny_inpainting, "inpaint", init, mask_picture, sampler=sampler, schedule=schedule,
                     steps=10, strength=denoise, mask_round=False, paste_back=False)
-    sigmas = run["sigmas"]
     latent = _encoder(bundle)(comfyui_pixels(init))                                      # VAEEncode, (1, 4, h, w)
     denoise_mask = prepare_mask(mask[None, None], latent.shape)                          # SetLatentNoiseMask's, soft
     assert ((denoise_mask > 0) & (denoise_mask < 1)).any(), "a mask on the latent grid would not tell the rules apart"
     noise = prepare_noise(latent, SEED)
     assert len(concats) == 1
     torch.testing.assert_close(concats[0], concat_cond(noise, latent, denoise_mask), rtol=1e-6, atol=1e-6)
-    x = eps_noise_scaling(sigmas[0], noise, latent.clone(), max_denoise(bundle.model_sampling.sigma_max, sigmas))
-    torch.testing.assert_close(run["x"], x, rtol=1e-5, atol=1e-5)
-    model_k = KSamplerX0Inpaint(inner_models[-1], latent, noise, denoise_mask)
-    if sampler == "euler":
-        reference = sample_euler(model_k, x, sigmas)
-    else:
-        reference = sample_euler_ancestral(model_k, x, sigmas, noise_sampler=replayed(run["draws"]))
+    reference = ksampler_inpaint(bundle, run, inner_models[-1], latent, noise, denoise_mask, sampler)
     assert reference.abs().max() > 0.1
     assert kept, "KSamplerX0Inpaint blends a 9-channel model's latent too (the kept cells the picture's latent)"
     torch.testing.assert_close(kept[-1], reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
@@ -260,7 +258,9 @@ def test_grey_and_mask_grow_through_the_cli_are_recorded_and_redrawn_from_png(tm
 
 
 # -- the ComfyUI API -------------------------------------------------------------------------------------------------
-from test_server_comfy_api import NATIVE, drawn, graph, native_pixels, server, viewed  # noqa: E402
+from test_server_comfy_api import (  # noqa: E402
+    NATIVE, drawn, graph, native_pixels, server, upload, upload_holed, viewed,
+)
 
 __all__ += ["server"]
 
@@ -278,16 +278,7 @@ def _inpaint_graph(grow: int = 6) -> dict:
 def holed(server) -> tuple[np.ndarray, np.ndarray]:
     """(RGB, alpha) of the input picture holed-vefi.png, uploaded: a transparent rectangle off the 8-pixel grid and a
     band of alpha 100."""
-    rng = np.random.default_rng(11)
-    rgb = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
-    alpha = np.full((64, 64), 255, dtype=np.uint8)
-    alpha[13:45, 21:50] = 0
-    alpha[50:59, 5:30] = 100
-    data = io.BytesIO()
-    Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(data, format="PNG")
-    server.post("/upload/image", files={"image": ("holed-vefi.png", data.getvalue(), "image/png")},
-                data={"overwrite": "true"})
-    return rgb, alpha
+    return upload_holed(server, "holed-vefi.png", seed=11)
 
 
 def test_vae_encode_for_inpaint_graph_draws_the_native_grey_grown_job(server, holed):
@@ -320,9 +311,7 @@ def _off_grid_upload(server, name: str, size: tuple[int, int], seed: int) -> tup
     alpha[height // 5:height * 2 // 3, width // 3:width * 3 // 4] = 0
     alpha[height * 3 // 4:height * 7 // 8, 2:width // 2] = 100
     alpha[1:4, 1:5], alpha[height // 2:height // 2 + 3, width - 6:width - 1] = 127, 128
-    data = io.BytesIO()
-    Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(data, format="PNG")
-    server.post("/upload/image", files={"image": (name, data.getvalue(), "image/png")}, data={"overwrite": "true"})
+    upload(server, name, Image.fromarray(np.dstack([rgb, alpha]), "RGBA"))
     return rgb, alpha
 
 

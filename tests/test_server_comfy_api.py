@@ -111,6 +111,28 @@ def viewed(client, image: dict, prefix: str = "") -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(response.content)).convert("RGB"), np.int16)
 
 
+def upload(client, name: str, picture: Image.Image, **save) -> None:
+    """`picture` uploaded as the input picture `name` (a PNG, `save` its writer's options), overwriting one of that
+    name."""
+    data = io.BytesIO()
+    picture.save(data, format="PNG", **save)
+    answer = client.post("/upload/image", files={"image": (name, data.getvalue(), "image/png")},
+                         data={"overwrite": "true"})
+    assert answer.status_code == 200, answer.text
+
+
+def upload_holed(client, name: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(RGB, alpha) of a 64 x 64 RGBA input picture uploaded as `name`: random pixels drawn from `seed`, a
+    transparent rectangle off the 8-pixel grid (rows 13..44, columns 21..49) and a band of alpha 100."""
+    rng = np.random.default_rng(seed)
+    rgb = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    alpha = np.full((64, 64), 255, dtype=np.uint8)
+    alpha[13:45, 21:50] = 0
+    alpha[50:59, 5:30] = 100
+    upload(client, name, Image.fromarray(np.dstack([rgb, alpha]), "RGBA"))
+    return rgb, alpha
+
+
 def test_the_basic_graph_runs_with_comfyuis_messages_and_draws_the_native_apis_picture(server):
     messages, entry = drawn(server, BASIC)
     kinds = [kind for kind, _ in messages]
@@ -163,15 +185,7 @@ def test_set_latent_noise_mask_inpaints_by_the_pictures_alpha(server):
     (test_comfyui_conventions.py::test_comfyuis_set_latent_noise_mask_on_the_tiny_model), the picture not pasted
     back: inside the transparent rectangle the two pictures are one, outside the native job keeps the original.
     A LoadImageMask's red channel holding 255 - alpha draws the same picture."""
-    rng = np.random.default_rng(5)
-    rgb = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
-    alpha = np.full((64, 64), 255, dtype=np.uint8)
-    alpha[13:45, 21:50] = 0
-    alpha[50:59, 5:30] = 100
-    data = io.BytesIO()
-    Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(data, format="PNG")
-    server.post("/upload/image", files={"image": ("holed.png", data.getvalue(), "image/png")},
-                data={"overwrite": "true"})
+    rgb, alpha = upload_holed(server, "holed.png", seed=5)
     prompt = graph(**{"3.denoise": 0.9, "3.latent_image": ["12", 0]})
     prompt["10"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["11", 0], "vae": ["4", 2]}}
     prompt["11"] = {"class_type": "LoadImage", "inputs": {"image": "holed.png"}}
@@ -187,9 +201,8 @@ def test_set_latent_noise_mask_inpaints_by_the_pictures_alpha(server):
     assert np.array_equal(pixels[inside], native[inside])
     assert np.array_equal(native[:8], rgb[:8]) and np.abs(pixels[:8] - rgb[:8]).max() > 10
 
-    red = io.BytesIO()                              # LoadImageMask's red channel / 255: the same mask
-    Image.fromarray(np.dstack([255 - alpha, rgb[..., 1], rgb[..., 0]])).save(red, format="PNG")
-    server.post("/upload/image", files={"image": ("red.png", red.getvalue(), "image/png")}, data={"overwrite": "true"})
+    # LoadImageMask's red channel / 255: the same mask
+    upload(server, "red.png", Image.fromarray(np.dstack([255 - alpha, rgb[..., 1], rgb[..., 0]])))
     by_channel = copy.deepcopy(prompt)
     by_channel["12"]["inputs"]["mask"] = ["13", 0]
     by_channel["13"] = {"class_type": "LoadImageMask", "inputs": {"image": "red.png", "channel": "red"}}
@@ -197,18 +210,13 @@ def test_set_latent_noise_mask_inpaints_by_the_pictures_alpha(server):
     by_channel["13"]["inputs"]["channel"] = "alpha"                 # an RGB picture's alpha: 255, a mask of 0
     assert "0 everywhere" in server.post("/prompt", json={"prompt": by_channel}).json()["error"]["message"]
 
-    no_alpha = io.BytesIO()
-    Image.fromarray(rgb).save(no_alpha, format="PNG")
-    server.post("/upload/image", files={"image": ("opaque.png", no_alpha.getvalue(), "image/png")},
-                data={"overwrite": "true"})
+    upload(server, "opaque.png", Image.fromarray(rgb))
     opaque = copy.deepcopy(prompt)
     opaque["11"]["inputs"]["image"] = "opaque.png"
     answer = server.post("/prompt", json={"prompt": opaque})
     assert answer.status_code == 400 and "has no alpha channel" in answer.json()["error"]["message"]
-    palette = io.BytesIO()                          # a palette's transparency is no 'A' band: ComfyUI's empty MASK
-    Image.fromarray(rgb).quantize(16).save(palette, format="PNG", transparency=0)
-    server.post("/upload/image", files={"image": ("palette.png", palette.getvalue(), "image/png")},
-                data={"overwrite": "true"})
+    # a palette's transparency is no 'A' band: ComfyUI's empty MASK
+    upload(server, "palette.png", Image.fromarray(rgb).quantize(16), transparency=0)
     opaque["11"]["inputs"]["image"] = "palette.png"
     assert "has no alpha channel" in refused(server, opaque)["error"]["message"]
     from_empty = graph(**{"3.latent_image": ["12", 0]})
