@@ -39,16 +39,7 @@ from sdlab.pipeline import generate as generate_module
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-# -- comfy/model_sampling.py ModelSamplingDiscrete.percent_to_sigma, comfy/k_diffusion/sampling.py helpers ----------
-def percent_to_sigma(model_sampling, percent):
-    if percent <= 0.0:
-        return 999999999.9
-    if percent >= 1.0:
-        return 0.0
-    percent = 1.0 - percent
-    return model_sampling.sigma(torch.tensor(percent * 999.0)).item()
-
-
+# -- comfy/k_diffusion/sampling.py helpers (ModelSamplingDiscrete.percent_to_sigma: comfy_reference.py's) -----------
 def sigma_to_half_log_snr(sigma, model_sampling):
     return sigma.log().neg()            # not CONST
 
@@ -289,8 +280,8 @@ def sample_sa_solver(model, x, sigmas, model_sampling, tau_func=None, s_noise=1.
 
     if tau_func is None:
         # Use default interval for stochastic sampling
-        start_sigma = percent_to_sigma(model_sampling, 0.2)
-        end_sigma = percent_to_sigma(model_sampling, 0.8)
+        start_sigma = model_sampling.percent_to_sigma(0.2)
+        end_sigma = model_sampling.percent_to_sigma(0.8)
         tau_func = get_tau_interval_func(start_sigma, end_sigma, eta=1.0)
 
     max_used_order = max(predictor_order, corrector_order)
@@ -459,8 +450,8 @@ def test_options_match_comfyui(comfy, name, ours_options, reference_options):
     SA-Solver's eta is its tau inside the KSampler's interval."""
     if "eta" in reference_options and name.startswith("sa_solver"):
         eta = reference_options.pop("eta")
-        reference_options["tau_func"] = get_tau_interval_func(percent_to_sigma(comfy, 0.2),
-                                                              percent_to_sigma(comfy, 0.8), eta)
+        reference_options["tau_func"] = get_tau_interval_func(comfy.percent_to_sigma(0.2), comfy.percent_to_sigma(0.8),
+                                                              eta)
     for steps in (3, 10, 20):
         sigmas = C.ksampler_sigmas(comfy, name, "karras", steps).double()
         x = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(steps), dtype=torch.float64) * sigmas[0]
@@ -503,7 +494,7 @@ def test_sa_solver_sde_interval_is_comfyuis(comfy):
     """percent_to_sigma(0.2) and (0.8) of an SD model: sdlab's schedule against ComfyUI's float32 table."""
     for percent in (0.2, 0.8):
         assert comfy_percent_to_sigma(SD_SAMPLING.t_to_sigma, percent) == pytest.approx(
-            percent_to_sigma(comfy, percent), rel=1e-5)
+            comfy.percent_to_sigma(percent), rel=1e-5)
 
 
 # comfy/samplers.py KSAMPLER_NAMES and SAMPLER_NAMES (comfy/sampler_names.py in later versions)

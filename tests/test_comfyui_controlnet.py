@@ -62,16 +62,6 @@ def load_image(picture: Image.Image) -> torch.Tensor:
     return torch.from_numpy(image)[None,]
 
 
-def percent_to_sigma(s: ModelSamplingDiscrete, percent: float) -> float:
-    """comfy/model_sampling.py ``ModelSamplingDiscrete.percent_to_sigma``."""
-    if percent <= 0.0:
-        return 999999999.9
-    if percent >= 1.0:
-        return 0.0
-    percent = 1.0 - percent
-    return s.sigma(torch.tensor(percent * 999.0)).item()
-
-
 class ComfyControlNet:
     """comfy/controlnet.py ``ControlNet`` with ``set_cond_hint`` / ``set_previous_controlnet`` / ``pre_run`` /
     ``get_control`` / ``control_merge``, over sdlab's loaded ControlNet module (the network itself is proven equal to
@@ -83,8 +73,8 @@ class ComfyControlNet:
         self.global_average_pooling = global_average_pooling
 
     def pre_run(self, s):
-        self.timestep_range = (percent_to_sigma(s, self.timestep_percent_range[0]),
-                               percent_to_sigma(s, self.timestep_percent_range[1]))
+        self.timestep_range = (s.percent_to_sigma(self.timestep_percent_range[0]),
+                               s.percent_to_sigma(self.timestep_percent_range[1]))
         if self.previous_controlnet is not None:
             self.previous_controlnet.pre_run(s)
 
@@ -237,7 +227,7 @@ def test_the_window_is_comfyuis_percent_to_sigma():
     s = ModelSamplingDiscrete()
     for start, end in ((0.0, 1.0), (0.0, 0.55), (0.3, 1.0), (0.125, 0.875), (0.5, 0.5)):
         high, low = comfyui_sigma_window(start, end, t_to_sigma)
-        assert (high, low) == pytest.approx((percent_to_sigma(s, start), percent_to_sigma(s, end)), rel=1e-6)
+        assert (high, low) == pytest.approx((s.percent_to_sigma(start), s.percent_to_sigma(end)), rel=1e-6)
 
 
 def test_comfyuis_rule_refuses_resize_and_fill(sd1):
