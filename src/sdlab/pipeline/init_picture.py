@@ -21,6 +21,9 @@ In A1111's order:
    by the mask of step 2); "latent noise" and "latent nothing" then replace that area of its latent once
    encoded (``masked_content.masked_latent``, in ``pipeline/generate.py``). A request's latent mask (A1111's
    ``p.latent_mask``, which its outpainting scripts set) takes the mask's place there and in the latent blend.
+   Under ComfyUI's img2img convention (but for VAEEncodeForInpaint's "grey") the latent blend's mask is the blurred
+   mask at its own size, which ComfyUI's SetLatentNoiseMask noise mask is: resized bilinearly straight to the latent
+   (comfy/sampler_helpers.py ``prepare_mask``), whatever its size.
 
 After decoding, "Only masked" puts each picture back into its region and every inpainting pastes the
 original over the result by the overlay weight (``overlay.apply_overlay``): the output then has the init
@@ -59,8 +62,9 @@ class InitPicture:
     image: Image.Image               # RGB at width x height; the "latent" resize mode: at its own size
     mask: Tensor | None = None       # (1, 1, H, W) the blurred mask at width x height in [0, 1], 1 = repaint
     overlay: Overlay | None = None   # what the decoded pictures are pasted onto
-    latent_mask: Tensor | None = None    # (1, 1, H, W) the request's latent mask, which the latent blend repaints
-                                         # in place of `mask` (A1111's `p.latent_mask`); None: `mask`'s
+    latent_mask: Tensor | None = None    # (1, 1, H', W') the request's latent mask, which the latent blend repaints
+                                         # in place of `mask` (A1111's `p.latent_mask`; under ComfyUI's
+                                         # convention its noise mask, any size); None: `mask`'s
 
 
 @dataclass(frozen=True)
@@ -73,7 +77,8 @@ class _MaskSide:
                                                     # each picture's own (`_overlay_weight`)
     region: tuple[int, int, int, int] | None = None  # "Only masked": where the picture is cropped
     blurred: Image.Image | None = None              # "Only masked": the blurred mask ("L", its own size)
-    latent: Tensor | None = None                    # (1, 1, H, W) the request's latent mask, None without one
+    latent: Tensor | None = None                    # (1, 1, H', W') the request's latent mask, or under ComfyUI's
+                                                    # convention the blurred mask at its own size; None: `mask`
 
 
 def init_pictures(req: GenerationRequest) -> tuple[InitPicture, ...]:
@@ -105,6 +110,9 @@ def _mask_side(req: GenerationRequest) -> _MaskSide | None:
         if req.latent_mask_image is not None:       # A1111's `p.latent_mask`: what Masked content fills
             latent = req.latent_mask_image.convert("L")
             return _MaskSide(latent, weights, overlay_weight(weights), latent=mask_tensor(latent))
+        if req.img2img_convention == "comfyui" and req.inpaint_fill != "grey":     # SetLatentNoiseMask's noise mask,
+            # which ComfyUI resizes from its own size straight to the latent (`prepare_mask`), of any size
+            return _MaskSide(resized, weights, overlay_weight(weights), latent=mask_tensor(blurred))
         return _MaskSide(resized, weights, overlay_weight(weights))
     mask = fit_mask(blurred, req.init_image.size)                                       # the region's coordinates
     region = inpaint_region(mask, req.inpaint_padding, size)

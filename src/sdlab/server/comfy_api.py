@@ -274,10 +274,10 @@ def _load_mask(state: ComfyState, plan: GraphPlan, size: tuple[int, int]) -> Ima
     (255 - alpha), or LoadImageMask's channel of the picture made RGBA, 1 - alpha for "alpha", the channel / 255
     for red, green, blue (comfyanonymous/ComfyUI nodes.py, e60e19b); `size` is the LoadImage pixels' (w, h) before
     VAEEncode's crop. VAEEncodeForInpaint's mask is resized bilinearly to the pixels, cropped with them and rounded
-    (`images.comfyui_encoded_mask`). SetLatentNoiseMask's: ComfyUI resizes it bilinearly to the latent of the
-    picture VAEEncode crops (comfy/sampler_helpers.py `prepare_mask`); sdlab draws a mask of the cropped picture's
-    size, where the two agree. A LoadImage picture without alpha (ComfyUI's empty 64 x 64 mask), or any mask that
-    is 0 everywhere, repaints nothing: a 400."""
+    (`images.comfyui_encoded_mask`). SetLatentNoiseMask's is kept at its own size, any size: ComfyUI resizes it
+    bilinearly straight to the latent of the picture VAEEncode crops (comfy/sampler_helpers.py `prepare_mask`), as
+    the inpaint job under ComfyUI's convention does (`init_picture`). A LoadImage picture without alpha (ComfyUI's
+    empty 64 x 64 mask), or any mask that is 0 everywhere, repaints nothing: a 400."""
     name = plan.mask_image
     data = _input_bytes(state, name)
     image = image_from_bytes(data, f"LoadImage {name!r}", state.service.config.limits)
@@ -289,14 +289,10 @@ def _load_mask(state: ComfyState, plan: GraphPlan, size: tuple[int, int]) -> Ima
     mask = ImageOps.invert(band) if plan.mask_channel == "alpha" else band
     if mask.getextrema()[1] == 0:
         raise BadRequest(f"the {plan.mask_channel} mask of {name!r} is 0 everywhere: it repaints nothing", 400)
-    box = _crop_box(size, plan.init_image)
     if plan.mask_grow is not None:          # VAEEncodeForInpaint: LoadImage's MASK in float32, as ComfyUI's
         values = np.asarray(band, dtype=np.float32) / np.float32(255.0)                # (h, w)
-        return comfyui_encoded_mask(1.0 - values if plan.mask_channel == "alpha" else values, size, box)
-    size = (box[2] - box[0], box[3] - box[1])
-    if image.size != size:
-        raise BadRequest(f"the mask picture {name!r} is {image.size[0]} x {image.size[1]}; sdlab draws a noise mask "
-                         f"of the picture's size, a multiple of 8 each way ({size[0]} x {size[1]})", 400)
+        return comfyui_encoded_mask(1.0 - values if plan.mask_channel == "alpha" else values, size,
+                                    _crop_box(size, plan.init_image))
     return mask
 
 
