@@ -1,7 +1,8 @@
 """ComfyUI's HTTP / WebSocket API (a subset) over the server's job queue, at `/` and under `/api` as ComfyUI serves it.
 
-    POST /prompt            {prompt: API-format graph, client_id?, extra_data?} -> {prompt_id, number, node_errors};
-                            a graph sdlab does not draw: 400 {error, node_errors} (`comfy_graph`)
+    POST /prompt            {prompt: API-format graph, client_id?, extra_data?, front?, number?} -> {prompt_id,
+                            number, node_errors}; a graph sdlab does not draw: 400 {error, node_errors}
+                            (`comfy_graph`); `front` / `number` place it in the queue (`jobs.Place`)
     GET  /prompt            {exec_info: {queue_remaining}}
     GET  /ws?clientId=      WebSocket: status, execution_start, execution_cached, executing, progress, executed,
                             execution_success, execution_error, execution_interrupted ({type, data} JSON frames)
@@ -9,7 +10,8 @@
     POST /history           {clear: true} | {delete: [prompt_id, ...]}
     GET  /view              ?filename&subfolder&type=output|temp|input: a picture drawn or uploaded
     POST /upload/image      multipart image (+ overwrite, subfolder, type=input) -> {name, subfolder, type}
-    GET  /queue             {queue_running, queue_pending}; POST /queue {clear: true} | {delete: [prompt_id, ...]}
+    GET  /queue             {queue_running, queue_pending: in the order drawn}; POST /queue {clear: true} |
+                            {delete: [prompt_id, ...]}
     POST /interrupt         {prompt_id?}: the prompt drawing now stops at its next step, nothing of it kept
     GET  /object_info[/{class}], /system_stats, /embeddings
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import io
+import math
 import os
 import platform
 import sys
@@ -49,7 +52,7 @@ from sdlab.pipeline.request import HIRES_SIZE, GenerationRequest
 from sdlab.server.comfy_graph import (Choices, GraphError, GraphPlan, check_graph, node_refusal, object_info,
                                       run_order, second_pass_nodes)
 from sdlab.server.inputs import BadRequest, JobSpec, LoraChoice, image_from_bytes, opened_picture
-from sdlab.server.jobs import Job
+from sdlab.server.jobs import IN_TURN, Job, Place
 from sdlab.server.native import IMAGE_NAME, opened_file
 from sdlab.server.service import Service
 
@@ -67,7 +70,7 @@ class Prompt:
     """A queued graph: ComfyUI's queue item [number, prompt_id, prompt, extra_data, outputs_to_execute] and the
     job drawing it."""
 
-    number: int
+    number: float                           # the number the queue sorts it by (`jobs.Place`)
     prompt_id: str
     graph: dict[str, Any]
     extra_data: dict[str, Any]
@@ -94,7 +97,6 @@ class ComfyState:
         self.sockets: dict[str, WebSocket] = {}
         self.tasks: set[asyncio.Task] = set()
         self.lock = threading.Lock()
-        self.counter = 0
 
     def choices(self) -> Choices:
         registry = self.service.registry
@@ -164,6 +166,10 @@ async def post_prompt(request: Request) -> JSONResponse:
         return _bad_prompt("invalid_prompt", "Invalid prompt: the body is not JSON")
     if not isinstance(body, dict) or "prompt" not in body:
         return _bad_prompt("no_prompt", "No prompt provided", "No prompt provided")
+    try:
+        place = _place(body)
+    except ValueError as err:
+        return _bad_prompt("invalid_prompt", str(err))
     extra_data = body.get("extra_data") if isinstance(body.get("extra_data"), dict) else {}
     client_id = body.get("client_id")
     client_id = client_id if isinstance(client_id, str) and client_id else None
@@ -173,15 +179,14 @@ async def post_prompt(request: Request) -> JSONResponse:
     except GraphError as err:
         return JSONResponse(err.body(), status_code=400)
     try:
-        job = await asyncio.to_thread(_submit, state, plan)
+        job = await asyncio.to_thread(_submit, state, plan, place)
     except BadRequest as err:
         if plan.upscale_node and err.refused == HIRES_SIZE:      # request.py's hires size checks: the upscale's
             return JSONResponse(node_refusal(body["prompt"], plan.upscale_node, err.message,
                                              list(plan.outputs)).body(), status_code=400)
         return _bad_prompt("invalid_prompt", err.message, err.detail if isinstance(err.detail, str) else "")
+    number = job.number                     # ComfyUI answers the number its queue sorts the prompt by
     with state.lock:
-        number = state.counter
-        state.counter += 1
         prompt = Prompt(number, str(uuid.UUID(job.id)), body["prompt"], extra_data, plan, client_id, job)
         state.prompts[prompt.prompt_id] = prompt
         _forget_old(state)
@@ -192,8 +197,23 @@ async def post_prompt(request: Request) -> JSONResponse:
     return JSONResponse({"prompt_id": prompt.prompt_id, "number": number, "node_errors": {}})
 
 
-def _submit(state: ComfyState, plan: GraphPlan) -> Job:
-    """Queue the generation `plan` describes, as a native job (`Service.submit`)."""
+def _place(body: dict[str, Any]) -> Place:
+    """The queue place a POST /prompt asks for (ComfyUI's server.py ``post_prompt``): `front` (any true value)
+    before every prompt pending, `number` (float() of it, as ComfyUI reads it) the number its queue sorts by; a
+    `number` that is no number, or NaN, a ValueError."""
+    number = body.get("number")
+    if number is not None:
+        try:
+            number = float(number)
+        except (TypeError, ValueError):
+            raise ValueError(f"number must be a number, got {number!r}") from None
+        if math.isnan(number):
+            raise ValueError("number must be a number, got NaN")
+    return Place(front=bool(body.get("front")), number=number)
+
+
+def _submit(state: ComfyState, plan: GraphPlan, place: Place = IN_TURN) -> Job:
+    """Queue the generation `plan` describes, as a native job (`Service.submit`), at its `place`."""
     service = state.service
     init = loaded = None
     if plan.init_image is not None:
@@ -220,7 +240,7 @@ def _submit(state: ComfyState, plan: GraphPlan) -> Job:
         "prompt": plan.prompt, "negative_prompt": plan.negative_prompt},
         # CheckpointLoaderSimple's VAE is the checkpoint's own (no sidecar found near it, as A1111's Automatic)
         sidecar_vae=False, vae=plan.vae)
-    job, _ = service.submit(spec, plan.mode, plan.model)
+    job, _ = service.submit(spec, plan.mode, plan.model, place)
     return job
 
 
@@ -435,9 +455,13 @@ def get_prompt(request: Request) -> dict[str, Any]:
 
 @router.get("/queue")
 def get_queue(request: Request) -> dict[str, Any]:
-    prompts = state_of(request).listed()
+    """The prompts running, and those pending in the order the worker draws them (`front` / `number`)."""
+    state = state_of(request)
+    prompts = state.listed()
+    by_job = {id(p.job): p for p in prompts}
+    pending = [by_job[id(job)] for job in state.service.queue.queued() if id(job) in by_job]
     return {"queue_running": [p.item() for p in prompts if p.job.status == "running"],
-            "queue_pending": [p.item() for p in prompts if p.job.status == "queued"]}
+            "queue_pending": [p.item() for p in pending]}
 
 
 @router.post("/queue")

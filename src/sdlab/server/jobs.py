@@ -71,6 +71,7 @@ class Job:
     step: int = 0
     steps: int = 0                              # every sampler step of the job; 0 until it is resolved (`count_steps`)
     passes: tuple[int, ...] = ()                # the sampler steps of each pass of one batch (`pass_steps`)
+    number: float = 0                           # its place in the queue's order (`Place`), lowest drawn first
     images: list[str] = field(default_factory=list)      # file names in the output folder
     infotexts: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
@@ -224,8 +225,29 @@ def pass_steps(plan: GenerationPlan) -> tuple[int, ...]:
 RunFn = Callable[[Job], None]
 
 
+@dataclass(frozen=True)
+class Place:
+    """Where a job joins the queue, as ComfyUI's POST /prompt places a prompt (server.py ``post_prompt``): the
+    queue draws its jobs by number, lowest first (its heap), and among equal numbers in the order they came. A job's
+    number is the count of jobs queued before it (every API's), its negative with `front` (before every job
+    pending, the latest front first), or `number` where given."""
+
+    front: bool = False
+    number: float | None = None
+
+    def number_of(self, arrival: int) -> float:
+        """The number of the job that is the queue's `arrival`-th (from 0)."""
+        if self.number is not None:
+            return self.number
+        return -arrival if self.front else arrival
+
+
+IN_TURN = Place()           # a job queued after every one queued before it
+
+
 class JobQueue:
-    """A bounded FIFO of jobs and the worker thread that runs them one at a time with `run(job)`.
+    """A bounded queue of jobs, drawn by their numbers (`Place`: first in, first out unless a job asks for another
+    place), and the worker thread that runs them one at a time with `run(job)`.
 
     `run` sets the job's results (or raises: `JobCancelled`, or any error, which fails the job)."""
 
@@ -242,6 +264,7 @@ class JobQueue:
         self._condition = threading.Condition()
         self._stopping = False
         self._places_kept = 0               # jobs being submitted: their rows are being written
+        self._arrivals = itertools.count()  # the jobs queued so far, which number them in turn (`Place`)
         self.current: Job | None = None
         self._thread = threading.Thread(target=self._work, name="sdlab-worker", daemon=True)
 
@@ -266,8 +289,10 @@ class JobQueue:
         for job in queued:
             self._finish(job, "interrupted", INTERRUPTED_ERROR)
 
-    def submit(self, spec: JobSpec, mode: str, model: str, settings: dict[str, Any]) -> tuple[Job, int]:
-        """Queue a job; returns it and its position (0 = next). `QueueFull` past `max_queue` waiting jobs.
+    def submit(self, spec: JobSpec, mode: str, model: str, settings: dict[str, Any],
+               place: Place = IN_TURN) -> tuple[Job, int]:
+        """Queue a job at its `place`; returns it and its position (0 = next). `QueueFull` past `max_queue` waiting
+        jobs.
 
         The job's row is written outside the queue's lock (a locked history holds up no other caller), in a
         place in the queue kept for it meanwhile."""
@@ -278,7 +303,7 @@ class JobQueue:
         except StoreError as err:
             self._leave_place()
             raise Unavailable(str(err)) from None
-        position = self._take_place(job)
+        position = self._take_place(job, place)
         if position is None:                # `stop_jobs` ran while the row was written
             self._finish(job, "interrupted", INTERRUPTED_ERROR)
             raise Unavailable("the server is stopping")
@@ -298,16 +323,20 @@ class JobQueue:
         with self._condition:
             self._places_kept -= 1
 
-    def _take_place(self, job: Job) -> int | None:
-        """Queue `job` in its kept place; its position, or None when the server stopped meanwhile."""
+    def _take_place(self, job: Job, place: Place) -> int | None:
+        """Queue `job` in its kept place, after every job of a number up to its own (`Place`); its position, or None
+        when the server stopped meanwhile."""
         with self._condition:
             self._places_kept -= 1
             if self._stopping:
                 return None
-            self._queue.append(job)
+            job.number = place.number_of(next(self._arrivals))
+            position = next((i for i, other in enumerate(self._queue) if other.number > job.number),
+                            len(self._queue))
+            self._queue.insert(position, job)
             self._jobs[job.id] = job
             self._condition.notify_all()
-            return len(self._queue) - 1
+            return position
 
     def get(self, job_id: str) -> Job | None:
         with self._condition:
@@ -316,6 +345,11 @@ class JobQueue:
     def position(self, job: Job) -> int | None:
         with self._condition:
             return self._queue.index(job) if job in self._queue else None
+
+    def queued(self) -> list[Job]:
+        """The jobs waiting, in the order the worker draws them."""
+        with self._condition:
+            return list(self._queue)
 
     def release_if_idle(self) -> None:
         """Call `on_idle` when no job runs, waits or is being queued: the one rule after a job ends, after a

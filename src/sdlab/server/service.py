@@ -21,7 +21,7 @@ from sdlab.server.config import ServerConfig
 from sdlab.server.inputs import (
     BadRequest, JobSpec, RefinerChoice, check_request, hires_upscaler_name, upscaler_file, with_preset, without_paths,
 )
-from sdlab.server.jobs import Job, JobQueue
+from sdlab.server.jobs import IN_TURN, Job, JobQueue, Place
 from sdlab.server.model_shapes import planned_bundle, planned_unet
 from sdlab.server.model_folders import CONTROLNET_SUFFIXES, UPSCALER_SUFFIXES, ModelFolder, control_file_kind
 from sdlab.server.registry import Checkpoint, Lora, ModelRegistry
@@ -103,14 +103,15 @@ class Service:
         found.calculate_hash()
         return replace(choice, name=found.title)
 
-    def submit(self, spec: JobSpec, mode: str, model: str | None) -> tuple[Job, int]:
-        """Check and queue a generation: the seed fixed, the LoRAs looked up: `loras` entries, merged when the
+    def submit(self, spec: JobSpec, mode: str, model: str | None, place: Place = IN_TURN) -> tuple[Job, int]:
+        """Check and queue a generation at its `place` in the queue (`jobs.Place`: its turn, unless ComfyUI's
+        `front` / `number` ask for another): the seed fixed, the LoRAs looked up: `loras` entries, merged when the
         model loads, and the prompt's tags, which the pipeline merges for the run at both weights as
         `sdlab txt2img` does (a tag of a `loras` entry's LoRA left out, as with `--lora`), read and named for
         the parameters now (`infotext.tag_loras`). A refused job's files read are let go once nothing is
         queued or running (`JobQueue.release_if_idle`)."""
         try:
-            return self.queue.submit(*self._checked(spec, mode, model))
+            return self.queue.submit(*self._checked(spec, mode, model), place=place)
         except Exception:
             self.queue.release_if_idle()
             raise
