@@ -228,7 +228,8 @@ def test_cli_from_png_reads_the_extensions_ip_adapter_unit(cli_files, tmp_path, 
 def test_parameters_read_the_extensions_ip_adapter_units():
     """POST /api/parameters' reading (picture_settings.recorded_units): the extension's IP-Adapter unit is an
     ip_adapters entry (model by its name, Weight -> scale, its module, which names its encoder), not a ControlNet;
-    a face-reading one is unread."""
+    a FaceID one too (its face embedding, as the picture, given again); a face module sdlab does not draw (PuLID)
+    is unread."""
     from sdlab.pipeline.png_info import parse_parameters
     from sdlab.server.picture_settings import recorded_units
 
@@ -238,12 +239,15 @@ def test_parameters_read_the_extensions_ip_adapter_units():
               'Processor Res: 512, Threshold A: 100, Threshold B: 200, Guidance Start: 0.0, Guidance End: 1.0, '
               'Pixel Perfect: False, Control Mode: Balanced", '
             + 'ControlNet 2: "Module: ip-adapter_face_id_plus, Model: ip-adapter-faceid-plus_sd15 [11111111], '
-              'Weight: 0.5"')
+              'Weight: 0.5", '
+            + 'ControlNet 3: "Module: ip-adapter_pulid, Model: ip-adapter_pulid_sdxl_fp16 [22222222], Weight: 1"')
     controls, ip_adapters, unread = recorded_units(parse_parameters(text))
     assert [unit["model"] for unit in controls] == ["cn [87654321]"]
     assert ip_adapters == [{"model": "ip-adapter_tiny [12345678]", "scale": 0.7, "module": "ip-adapter_clip_sd15",
-                            "resize_mode": "crop"}]
-    assert unread == ["ControlNet 2"]
+                            "resize_mode": "crop"},
+                           {"model": "ip-adapter-faceid-plus_sd15 [11111111]", "scale": 0.5,
+                            "module": "ip-adapter_face_id_plus"}]
+    assert unread == ["ControlNet 3"]
 
 
 def _controlnet_file(cli_files) -> Path:

@@ -144,14 +144,18 @@ def test_a_text_file_named_npy_is_named_as_not_an_npy_file(cli_files, faces, tmp
 @pytest.mark.parametrize("which", ["face_id", "v2"])
 def test_the_a1111_route_says_a_face_id_model_needs_a_face_embedding(faces, which):
     """An A1111 IP-Adapter unit with a FaceID / FaceID Plus model and a CLIP module: the encoder choice says the
-    model reads an InsightFace face embedding, which the A1111 route cannot take (not a CLIP encoder to pick)."""
+    model reads an InsightFace face embedding and names the FaceID module to give it with (not a CLIP encoder to
+    pick); the FaceID module gives FaceID no encoder (test_server_ip_adapter_faceid draws both)."""
     from sdlab.pipeline.ip_adapter_units import unit_image_encoder
 
     with pytest.raises(RequestError) as raised:
         unit_image_encoder("ip-adapter_clip_sd15", faces[which])
     message = str(raised.value)
     assert "reads an InsightFace face embedding (512 numbers)" in message
-    assert "the A1111 route cannot take one" in message and "ip-adapter_clip_h" not in message
+    module = "ip-adapter_face_id_plus" if which == "v2" else "ip-adapter_face_id"
+    assert f"give it the module {module} with the embedding" in message and "ip-adapter_clip_h" not in message
+    if which == "face_id":
+        assert unit_image_encoder("ip-adapter_face_id", faces[which]) is None
 
 
 def test_inspect_names_the_cli_flags_of_face_id_files(faces):

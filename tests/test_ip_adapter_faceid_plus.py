@@ -224,11 +224,11 @@ def test_cli_draws_face_id_and_face_id_plus_as_the_api_does(cli_files, tmp_path,
     cases = [
         (["--ip-adapter", str(plus), "--ip-adapter-image", picture], "give the picture as the image and the "
          "embedding (512 numbers: a tensor, a NumPy array or a .npy file) as face_embedding (Python API; the CLI's "
-         "--ip-adapter-face-embedding FILE.npy)"),
+         "--ip-adapter-face-embedding FILE.npy; the server's ip_adapters[].face_embedding)"),
         (["--ip-adapter", str(plus), "--ip-adapter-image", picture, "--ip-adapter-face-embedding", str(face),
           "--ip-adapter-face-embedding", str(face)], "2 --ip-adapter-face-embedding for 1 --ip-adapter"),
         (["--ip-adapter", str(face_id), "--ip-adapter-image", picture], "(Python API; the CLI's --ip-adapter-image "
-         "FILE.npy)"),
+         "FILE.npy; the server's ip_adapters[].face_embedding)"),
         (["--ip-adapter", str(cli_files["adapter"]), "--ip-adapter-image", picture, "--ip-adapter-face-embedding",
           str(face)], "face_embedding and face_shortcut are for an IP-Adapter FaceID Plus"),
     ]

@@ -175,15 +175,16 @@ def test_a_plus_unit_and_an_img2img_unit_without_an_image(setup):
 
 
 @pytest.mark.parametrize("change, status, words", [
-    ({"module": "ip-adapter_face_id_plus"}, 422, "'ip-adapter_face_id_plus' reads faces with InsightFace"),
+    ({"module": "ip-adapter_face_id_plus"}, 422, "computes this module's face embedding with InsightFace, which "
+     "sdlab does not have; send the embedding as the unit's ipadapter_input"),
     ({"module": "InsightFace+CLIP-H (IPAdapter)"}, 422, "'InsightFace+CLIP-H (IPAdapter)' reads faces"),
     ({"module": "ip-adapter_clip_sdxl"}, 422, "module 'ip-adapter_clip_sdxl' draws with the image encoder"),
     ({"module": "CLIP-ViT-bigG (IPAdapter)"}, 422, "reads 32-wide image embeddings"),
     ({"model": "ip-adapter_lone"}, 422, "ViT-H/14 (clip_h / CLIP-ViT-H-14) image encoder, and there is none"),
     ({"model": "tiny_canny"}, 422, "this is a ControlNet, not an IP-Adapter"),
     ({"model": "ip-adapter-faceid_tiny"}, 422, "is a FaceID model: it reads an InsightFace face embedding (512 "
-     "numbers), which A1111's ip-adapter_face_id modules compute with InsightFace and sdlab does not; the A1111 "
-     "route cannot take one"),
+     "numbers), which sdlab does not compute, not a CLIP module's picture; give it the module ip-adapter_face_id "
+     "with the embedding (an A1111 unit's ipadapter_input"),
     ({"model": "nothing such"}, 404, "unknown ControlNet model 'nothing such'"),
     ({"weight": 20}, 422, "scale must be a number in [0, 10]"),
     ({"guidance_start": 0.8, "guidance_end": 0.2}, 422, "need 0 <= start <= end <= 1"),

@@ -67,7 +67,7 @@ from sdlab.pipeline.clip_image import clip_pixels, extension_clip_pixels
 from sdlab.pipeline.ip_adapter_layers import LayerScaleError, check_layer_scales, expand_layer_scales, layer_scales_text
 from sdlab.pipeline.control import RESIZE_MODES, _line_fields, a1111_mode, cropped_to_region, drawn_on_init, in_window
 from sdlab.pipeline.images import eight_bit
-from sdlab.pipeline.ip_adapter_units import MODULE_ENCODERS, is_ip_adapter_module
+from sdlab.pipeline.ip_adapter_units import FACE_ID_MODULES, MODULE_ENCODERS, is_ip_adapter_module
 from sdlab.pipeline.prompt_loras import LoraUse
 from sdlab.pipeline.request import RequestError, input_image
 from sdlab.utils.file_hashes import stat_version
@@ -232,7 +232,8 @@ def _check_face_input(prompt: IPAdapterInput, config: IPAdapterConfig, name: str
             raise RequestError(f"{name}: an IP-Adapter FaceID Plus reads a picture and an InsightFace face embedding, "
                                f"which sdlab does not compute; give the picture as the image and the embedding "
                                f"({config.embed_dim} numbers: a tensor, a NumPy array or a .npy file) as "
-                               "face_embedding (Python API; the CLI's --ip-adapter-face-embedding FILE.npy)")
+                               "face_embedding (Python API; the CLI's --ip-adapter-face-embedding FILE.npy; the "
+                               "server's ip_adapters[].face_embedding)")
         if _is_face_embedding(image):
             raise RequestError(f"{name}: an IP-Adapter FaceID Plus reads a picture as its image (its face "
                                "embedding is face_embedding)")
@@ -240,6 +241,10 @@ def _check_face_input(prompt: IPAdapterInput, config: IPAdapterConfig, name: str
                                      or not math.isfinite(shortcut) or not 0.0 <= shortcut <= MAX_SCALE):
             raise RequestError(f"{name}: face_shortcut must be a number in [0, {MAX_SCALE:g}], got {shortcut!r}")
         _check_face_file(face, name)
+        faces = len(face_embeds(face, config.embed_dim, name))
+        if faces != 1:
+            raise RequestError(f"{name}: an IP-Adapter FaceID Plus takes one face with its one picture; the face "
+                               f"embedding holds {faces}")
         return
     if face is not None or shortcut is not None:
         raise RequestError(f"{name}: face_embedding and face_shortcut are for an IP-Adapter FaceID Plus"
@@ -248,11 +253,34 @@ def _check_face_input(prompt: IPAdapterInput, config: IPAdapterConfig, name: str
         raise RequestError(f"{name}: an IP-Adapter FaceID reads an InsightFace face embedding, which sdlab does not "
                            f"compute from a picture; give the embedding ({config.embed_dim} numbers per face: a "
                            "tensor, a NumPy array or a .npy file) as the image (Python API; the CLI's "
-                           "--ip-adapter-image FILE.npy)")
+                           "--ip-adapter-image FILE.npy; the server's ip_adapters[].face_embedding)")
     if not config.face_id and _is_face_embedding(image):
         raise RequestError(f"{name}: a face embedding is for an IP-Adapter FaceID; this adapter reads a picture")
     if config.face_id:
         _check_face_file(image, name)
+        face_embeds(image, config.embed_dim, name)              # its shape and values, before any model loads
+
+
+def with_face_embedding(prompt: IPAdapterInput, face: Tensor | np.ndarray, name: str) -> IPAdapterInput:
+    """`prompt` given the face embedding `face` where its adapter reads it: a FaceID adapter's `image` (it reads no
+    picture: one given besides is a RequestError), a FaceID Plus adapter's `face_embedding` (its `image` the
+    picture); an adapter of another kind given one is a RequestError. The server's doors send the embedding apart
+    from the picture whatever the adapter (`face_embedding`, an A1111 unit's `ipadapter_input`)."""
+    config = _adapter_config(prompt, name)
+    if not config.face_id:
+        raise RequestError(f"{name}: a face embedding is for an IP-Adapter FaceID; this adapter reads a picture")
+    if config.face_id_plus:
+        return replace(prompt, face_embedding=face)
+    if prompt.image is not None:
+        raise RequestError(f"{name}: an IP-Adapter FaceID reads the face embedding alone, no picture; leave the "
+                           "image out")
+    return replace(prompt, image=face)
+
+
+def _adapter_config(prompt: IPAdapterInput, name: str) -> IPAdapterConfig:
+    """The sizes of the prompt's adapter: a loaded one's, else its file's names and shapes (`_check_adapter_file`)."""
+    return prompt.model.config if isinstance(prompt.model, LoadedIPAdapter) \
+        else _check_adapter_file(Path(prompt.model), name)
 
 
 def _check_face_file(face: Any, name: str) -> None:
@@ -744,14 +772,14 @@ def infotext_lines(prompts: Sequence[IPAdapterInput], first_unit: int = 0) -> di
     return lines
 
 
-A1111_MODULES = tuple(MODULE_ENCODERS)
+A1111_MODULES = (*MODULE_ENCODERS, *FACE_ID_MODULES)
 """The preprocessors of an IP-Adapter unit of A1111's ControlNet extension (and Forge's) that sdlab draws: the
 picture's CLIP image embeddings, which the adapter file decides how to read (`ip_adapter_units`: sd-webui-controlnet
 scripts/preprocessor/legacy/preprocessor_compiled.py, tag "IP-Adapter": ip-adapter_clip_sd15 and _sdxl_plus_vith
 with ViT-H, _sdxl with bigG; its later names ip-adapter_clip_h / _clip_g and ip-adapter-auto; Forge's CLIP-ViT-H /
-CLIP-ViT-bigG (IPAdapter)). Its other IP-Adapter preprocessors (ip-adapter_face_id, _face_id_plus, _pulid) compute
-a face embedding with InsightFace, which sdlab does not run (its FaceID adapters draw with an embedding given,
-`IPAdapterInput.face_embedding`)."""
+CLIP-ViT-bigG (IPAdapter)); and its FaceID ones (ip-adapter_face_id, _face_id_plus), whose face embedding the
+extension computes with InsightFace and sdlab is given (`ip_adapter_units.FACE_ID_MODULES`: a redraw is given it
+again, as the picture). Its other face preprocessors (ip-adapter_pulid, InstantID's) it does not draw."""
 
 
 def is_ip_adapter_unit(line: str) -> bool:

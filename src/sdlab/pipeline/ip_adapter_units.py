@@ -20,7 +20,11 @@ adapter reads): a module whose encoder does not is refused by name, as is a modu
 For ip-adapter-auto without a preset sdlab takes the first encoder that fits (ViT-H's places first).
 
 The face preprocessors (InsightFace: FaceID, FaceID Plus, PuLID, InstantID) need a face-analysis network
-sdlab does not have: a unit with one is refused naming it (`FACE_MODULES`).
+sdlab does not have: a unit with one is refused naming it (`FACE_MODULES`), but for the FaceID ones given the
+embedding the preprocessor would compute (`FACE_ID_MODULES`: the extension's API-only `ipadapter_input`, the
+native `face_embedding`): ip-adapter_face_id draws a FaceID adapter with no image encoder, ip-adapter_face_id_plus
+a FaceID Plus adapter with the ViT-H encoder (the extension's `face_id_plus` preprocessor reads the picture with
+clip_h), each refused naming the other for the other kind of file.
 """
 
 from __future__ import annotations
@@ -50,6 +54,9 @@ once, by name or label, as `server/control_types.LISTED_PREPROCESSORS` has it.""
 FACE_MODULES = ("ip-adapter_face_id", "ip-adapter_face_id_plus", "ip-adapter_pulid", "instant_id_face_embedding",
                 "instant_id_face_keypoints", "insightface+clip-h (ipadapter)", "insightface (instantid)")
 """The extension's and Forge's IP-Adapter / InstantID modules that read faces with InsightFace (refused)."""
+FACE_ID_MODULES: dict[str, str | None] = {"ip-adapter_face_id": None, "ip-adapter_face_id_plus": CLIP_H}
+"""The face modules sdlab draws given the face embedding their InsightFace would compute -> the encoder each names
+(None: FaceID reads no picture)."""
 PRESET_ENCODERS = {
     "ip-adapter_sd15": CLIP_H, "ip-adapter_sd15_light": CLIP_H, "ip-adapter_sd15_light_v11": CLIP_H,
     "ip-adapter_sd15_vit-G": CLIP_G, "ip-adapter-plus_sd15": CLIP_H, "ip-adapter_sd15_plus": CLIP_H,
@@ -74,6 +81,8 @@ def is_ip_adapter_module(module: object) -> bool:
 def check_module(module: str) -> str:
     """The module's name in lower case; a RequestError for a face module or one sdlab does not know."""
     name = module.strip().lower()
+    if name in FACE_ID_MODULES:
+        return name
     if name in FACE_MODULES:
         raise RequestError(f"the IP-Adapter module {module!r} reads faces with InsightFace, which sdlab does not "
                            f"have; sdlab draws the CLIP modules: {', '.join(MODULE_ENCODERS)}")
@@ -109,20 +118,30 @@ def _config(path: Path) -> CLIPVisionConfig:
         raise RequestError(str(err)) from None
 
 
+def _reads_hidden_states(adapter: IPAdapterConfig) -> bool:
+    """Whether the adapter reads the encoder's hidden states (a Plus or FaceID Plus adapter), not its embeddings."""
+    return adapter.resampler is not None or adapter.face_id_plus
+
+
+def _read_width(adapter: IPAdapterConfig) -> int:
+    """The width of what the adapter reads from its encoder (FaceID Plus: `clip_width`; `embed_dim` is its face's)."""
+    return adapter.clip_width if adapter.face_id_plus else adapter.embed_dim
+
+
 def _reads(adapter: IPAdapterConfig) -> str:
     """What width of the encoder the adapter reads, in words."""
-    return (f"{adapter.embed_dim}-wide hidden states" if adapter.resampler is not None
+    return (f"{_read_width(adapter)}-wide hidden states" if _reads_hidden_states(adapter)
             else f"{adapter.embed_dim}-wide image embeddings")
 
 
 def _fits(adapter: IPAdapterConfig, encoder: CLIPVisionConfig) -> bool:
     """Whether the encoder gives what the adapter reads (a Plus adapter: hidden states; a base one: embeddings)."""
-    width = encoder.width if adapter.resampler is not None else encoder.projection_dim
-    return width == adapter.embed_dim
+    width = encoder.width if _reads_hidden_states(adapter) else encoder.projection_dim
+    return width == _read_width(adapter)
 
 
 def _gives(adapter: IPAdapterConfig, encoder: CLIPVisionConfig) -> str:
-    return (f"{encoder.width}-wide hidden states" if adapter.resampler is not None
+    return (f"{encoder.width}-wide hidden states" if _reads_hidden_states(adapter)
             else f"{encoder.projection_dim}-wide image embeddings")
 
 
@@ -139,9 +158,34 @@ def _candidates(adapter: Path, tower: str) -> list[tuple[Path, CLIPVisionConfig]
     return found
 
 
-def unit_image_encoder(module: str, adapter: str | Path) -> Path:
-    """The image encoder a unit's `module` names for the IP-Adapter file `adapter` (module docstring); a
-    RequestError naming the module where it is missing or does not fit the adapter."""
+def _face_id_towers(name: str, module: str, adapter: Path, config: IPAdapterConfig) -> list[str]:
+    """The encoder a FaceID module names for a FaceID (Plus) file (none for FaceID); a RequestError where the module
+    and the file are not of one kind (a CLIP module, or the other FaceID module, or a FaceID module for a file that
+    is not FaceID)."""
+    kind = f"FaceID{' Plus' if config.face_id_plus else ''}"
+    wanted = "ip-adapter_face_id_plus" if config.face_id_plus else "ip-adapter_face_id"
+    if not config.face_id:
+        raise RequestError(f"module {module!r} reads a face embedding for an IP-Adapter FaceID, and {adapter.name} "
+                           "is none (it reads a picture): choose a CLIP module (ip-adapter_clip_h, ip-adapter_clip_g "
+                           "or ip-adapter-auto)")
+    if name not in FACE_ID_MODULES:
+        flag = "--ip-adapter-face-embedding" if config.face_id_plus else "--ip-adapter-image"
+        raise RequestError(f"the IP-Adapter {adapter.name} is a {kind} model: it reads an InsightFace face embedding "
+                           f"({config.embed_dim} numbers), which sdlab does not compute, not a CLIP module's "
+                           f"picture; give it the module {wanted} with the embedding (an A1111 unit's "
+                           "ipadapter_input, the native face_embedding, the CLI's "
+                           f"{flag} FILE.npy)")
+    if name != wanted:
+        raise RequestError(f"module {module!r} is not for the IP-Adapter {adapter.name}, a {kind} model: choose "
+                           f"{wanted}")
+    tower = FACE_ID_MODULES[name]
+    return [] if tower is None else [tower]
+
+
+def unit_image_encoder(module: str, adapter: str | Path) -> Path | None:
+    """The image encoder a unit's `module` names for the IP-Adapter file `adapter` (module docstring; None: a FaceID
+    adapter under ip-adapter_face_id, which reads no picture); a RequestError naming the module where it is
+    missing or does not fit the adapter."""
     name = check_module(module)
     adapter = Path(adapter)
     try:
@@ -151,14 +195,13 @@ def unit_image_encoder(module: str, adapter: str | Path) -> Path:
 
         _check_adapter_file(adapter, "IP-Adapter")      # names the kind of file it is, and the option that takes it
         raise RequestError(str(err)) from None
-    if config.face_id:
-        raise RequestError(f"the IP-Adapter {adapter.name} is a FaceID{' Plus' if config.face_id_plus else ''} "
-                           f"model: it reads an InsightFace face embedding ({config.embed_dim} numbers), which A1111's "
-                           "ip-adapter_face_id modules compute with InsightFace and sdlab does not; the A1111 route "
-                           "cannot take one. Draw it with the embedding given: sdlab's CLI (--ip-adapter-image "
-                           "FACE.npy, or --ip-adapter-face-embedding for FaceID Plus) or Python API")
-    towers = [MODULE_ENCODERS[name]] if MODULE_ENCODERS[name] else \
-        [PRESET_ENCODERS[adapter.stem]] if adapter.stem in PRESET_ENCODERS else [CLIP_H, CLIP_G]
+    if config.face_id or name in FACE_ID_MODULES:
+        towers = _face_id_towers(name, module, adapter, config)
+        if not towers:
+            return None
+    else:
+        towers = [MODULE_ENCODERS[name]] if MODULE_ENCODERS[name] else \
+            [PRESET_ENCODERS[adapter.stem]] if adapter.stem in PRESET_ENCODERS else [CLIP_H, CLIP_G]
     found = [(tower, path, encoder) for tower in towers for path, encoder in _candidates(adapter, tower)]
     if not found:
         wanted = " or ".join(f"{TOWER_NAMES[t]} ({' / '.join(ENCODER_NAMES[t])})" for t in towers)

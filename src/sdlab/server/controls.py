@@ -30,14 +30,16 @@ from sdlab.pipeline.control import (
     CONTROL_MODES, DEFAULT_RESIZE, RESIZE_MODES, ControlInput, a1111_mode, check_control, check_mask_size,
     drawn_on_init,
 )
-from sdlab.pipeline.image_prompt import IPAdapterInput, check_ip_adapter, prompt_on_init
+from sdlab.pipeline.image_prompt import IPAdapterInput, check_ip_adapter, prompt_on_init, with_face_embedding
 from sdlab.pipeline.images import eight_bit
-from sdlab.pipeline.ip_adapter_units import LISTED_MODULES, is_ip_adapter_module, unit_image_encoder
+from sdlab.pipeline.ip_adapter_units import (FACE_ID_MODULES, LISTED_MODULES, is_ip_adapter_module,
+                                             unit_image_encoder)
 from sdlab.pipeline.preprocess import (
     INPAINT_MODULES, SLIDER_RANGES, a1111_module, processor_resolution,
 )
 from sdlab.pipeline.request import RESIZE_MODES as JOB_RESIZE_MODES, RequestError
 from sdlab.server.config import Limits
+from sdlab.server.face_embeddings import native_face_embedding, unit_face_embedding
 from sdlab.server.inputs import BadRequest, decode_image
 from sdlab.server.model_folders import ModelFolder
 
@@ -247,18 +249,36 @@ UNREAD_IP_FIELDS = {
 hold (sd-webui-controlnet internal_controlnet/external_code.py ControlNetUnit, v1.1.455); each is None when unset."""
 
 
-def refuse_unread_ip_fields(unit: dict[str, Any], what: str) -> None:
+def refuse_unread_ip_fields(unit: dict[str, Any], what: str, read: tuple[str, ...] = ()) -> None:
     """A 422 naming the first field of an IP-Adapter `unit` that would change the extension's picture and sdlab does
-    not draw (`UNREAD_IP_FIELDS` set to anything but their null / empty default; `input_mode` other than
-    "simple", the batch / merge modes that draw from `batch_images`), rather than a picture drawn without it."""
+    not draw (`UNREAD_IP_FIELDS` but those `read` set to anything but their null / empty default; `input_mode`
+    other than "simple", the batch / merge modes that draw from `batch_images`), rather than a picture drawn
+    without it."""
     for field, holds in UNREAD_IP_FIELDS.items():
-        if unit.get(field) not in (None, "", [], {}):
+        if field not in read and unit.get(field) not in (None, "", [], {}):
             raise BadRequest(f"{what}: {field} ({holds}) is not drawn by sdlab for an IP-Adapter unit; "
                              "leave it out", 422)
     mode = unit.get("input_mode")
     if mode not in (None, "", "simple"):
         raise BadRequest(f"{what}: input_mode {mode!r} (the picture from batch_images) is not drawn by sdlab for "
                          "an IP-Adapter unit; give the unit's image with input_mode \"simple\"", 422)
+
+
+def a1111_face_embedding(unit: dict[str, Any], module: str, what: str) -> Any:
+    """The face embedding of a unit with a FaceID module (`FACE_ID_MODULES`): its `ipadapter_input`
+    (`face_embeddings.unit_face_embedding`), which the extension takes as the module's output in place of running
+    InsightFace; without one a 422 saying to send it. None for another module (its `ipadapter_input`, precomputed
+    CLIP embeddings, is refused with the unit's other unread fields)."""
+    if module.lower() not in FACE_ID_MODULES:
+        return None
+    given = unit.get("ipadapter_input")
+    if given in (None, "", []):
+        raise BadRequest(f"{what}: the extension computes this module's face embedding with InsightFace, which "
+                         "sdlab does not have; send the embedding as the unit's ipadapter_input (base64 of "
+                         "torch.save of InsightFace's normed_embedding as a (1, 512) tensor, the module's output"
+                         f"{'; the picture as its image' if module.lower() == 'ip-adapter_face_id_plus' else ''})",
+                         422)
+    return unit_face_embedding(given, what)
 
 
 def a1111_ip_adapter(unit: dict[str, Any], index: int, folder: ModelFolder, limits: Limits,
@@ -270,8 +290,11 @@ def a1111_ip_adapter(unit: dict[str, Any], index: int, folder: ModelFolder, limi
     or does not fit the adapter is a 422 naming the module."""
     module = str(unit.get("module")).strip()
     what = f"control {index} (module {module!r})"
-    refuse_unread_ip_fields(unit, what)
+    face = a1111_face_embedding(unit, module, what)
+    refuse_unread_ip_fields(unit, what, () if face is None else ("ipadapter_input",))
     own = image_field(unit.get("image") or unit.get("input_image") or None, what)
+    if face is not None and module.lower() == "ip-adapter_face_id":
+        own = None              # the extension reads no picture where ipadapter_input is the module's output
     image = hint_image(own, what, limits) if own else None
     path = model_path(unit["model"], what, folder)
     try:                    # before the init picture's rule: a FaceID model's refusal in txt2img as in img2img
@@ -279,11 +302,12 @@ def a1111_ip_adapter(unit: dict[str, Any], index: int, folder: ModelFolder, limi
     except RequestError as err:
         raise BadRequest(f"{what}: {folder.without_paths(str(err))}", 422) from None
     try:
-        prompt = drawn_on_init(IPAdapterInput(path, image, unit.get("weight", 1.0),
-                                              start=unit.get("guidance_start", 0.0),
-                                              end=unit.get("guidance_end", unit.get("guidance", 1.0)), module=module,
-                                              unit=index, resize_mode=resize_mode(unit.get("resize_mode"))),
-                               index, init, "resize", what)
+        prompt = IPAdapterInput(path, image, unit.get("weight", 1.0), start=unit.get("guidance_start", 0.0),
+                                end=unit.get("guidance_end", unit.get("guidance", 1.0)), module=module, unit=index,
+                                resize_mode=resize_mode(unit.get("resize_mode")))
+        if face is not None:
+            prompt = with_face_embedding(prompt, face, what)
+        prompt = drawn_on_init(prompt, index, init, "resize", what)
     except RequestError as err:
         raise BadRequest(str(err), 422) from None
     mask = clip_mask(unit, own, prompt.image, what, limits)
@@ -375,17 +399,23 @@ def native_ip_adapters(items: list[dict[str, Any]], folder: ModelFolder, limits:
     `control_convention`; one the pipeline refuses (`check_ip_adapter`: its scale or window, no image encoder
     beside it) is a 422 naming it. An entry with an A1111 unit's `module` draws with the image encoder the module
     names (`unit_image_encoder`, as the unit did) and is recorded as that unit's line, which holds no layer scales
-    (both given: a 422)."""
+    (both given: a 422). An IP-Adapter FaceID's `face_embedding` (`face_embeddings.native_face_embedding`) goes
+    where its adapter reads it (`with_face_embedding`: a FaceID's image, a FaceID Plus's face embedding beside its
+    picture); its shape and values are checked with the entry (`check_ip_adapter`)."""
     prompts = []
     for index, item in enumerate(items):
         what = f"IP-Adapter {index}"
         path = model_path(item.get("model"), what, folder, "ip-adapter", "give it in controls")
         module = item.get("module")
+        face = item.get("face_embedding")
+        face = None if face is None else native_face_embedding(face, what)
         prompt = IPAdapterInput(path, None if takes_init(item) else hint_image(item.get("image"), what, limits),
                                 item.get("scale", 1.0), layer_scales=item.get("layer_scales"),
                                 start=item.get("start", 0.0), end=item.get("end", 1.0), module=module,
-                                resize_mode=item.get("resize_mode"))
+                                resize_mode=item.get("resize_mode"), face_shortcut=item.get("face_shortcut"))
         try:
+            if face is not None:
+                prompt = with_face_embedding(prompt, face, what)
             prompt = prompt_on_init(prompt, index, init)
             if module is not None:
                 if prompt.layer_scales is not None:

@@ -126,6 +126,12 @@ class IPAdapterIn(BaseModel):
     # how an inpaint "Only masked" job fits the picture before cutting it to the drawn region: resize, crop, fill
     # (A1111's resize modes; null: crop, the ControlNet extension's default unit's)
     resize_mode: str | None = None
+    # an IP-Adapter FaceID's InsightFace face embedding (normed_embedding, which sdlab does not compute): 512
+    # numbers, a list of them per face, or base64 of a .npy file (`face_embeddings`); a FaceID adapter reads it
+    # alone (no image), a FaceID Plus adapter with its image; face_shortcut: a FaceID Plus's shortcut scale
+    # (null: 1 for a "plusv2" file, none for another)
+    face_embedding: str | list[Any] | None = None
+    face_shortcut: float | None = None
 
 
 class JobIn(NullsAreDefaults):

@@ -16,8 +16,8 @@ from typing import Any
 from sdlab.diffusion.schedule_names import A1111_SCHEDULERS, a1111_name
 from sdlab.pipeline.control import recorded_model, recorded_unit
 from sdlab.pipeline.image_prompt import (check_recorded_module, is_ip_adapter_unit, layer_settings,
-                                        recorded_ip_adapters, recorded_layer_scales, recorded_resize_mode,
-                                        recorded_weight, recorded_window)
+                                        recorded_face_shortcut, recorded_ip_adapters, recorded_layer_scales,
+                                        recorded_resize_mode, recorded_weight, recorded_window)
 from sdlab.pipeline.infotext import from_parameters, refiner_handoff
 from sdlab.pipeline.request import NO_IMAGE_GUIDANCE
 from sdlab.server.a1111_scripts import XYZ_ARG_NAMES
@@ -79,7 +79,8 @@ def recorded_units(p: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[s
     `--from-png` reads them (`control.recorded_unit`) and `model` the line's "NAME [hash]"; an image prompt's
     `model` and `scale` (its Weight, else 1), from its `IP-Adapter N` line or the IP-Adapter unit the ControlNet
     extension and Forge write as a `ControlNet N` line (`image_prompt.recorded_ip_adapters`; then with the unit's
-    `module` too, which names the image encoder it drew with). A line sdlab cannot
+    `module` too, which names the image encoder it drew with; and a FaceID Plus's `face_shortcut`, its Face
+    shortcut; the face embedding, as the picture, is not in the text). A line sdlab cannot
     draw (a preprocessor or mode it has not, a number that is not one, no model) is left out, and its label is
     the third list's."""
     controls, ip_adapters, unreadable = [], [], []
@@ -98,12 +99,14 @@ def recorded_units(p: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[s
         try:
             module = check_recorded_module(line)
             model, weight, resize = recorded_model(line), recorded_weight(line), recorded_resize_mode(line)
+            shortcut = recorded_face_shortcut(line)
             if model is None:
                 raise ValueError("no model")
             ip_adapters.append({"model": model, "scale": 1.0 if weight is None else weight, **recorded_window(line),
                                 **layer_settings(recorded_layer_scales(line)),
                                 **({} if module is None else {"module": module}),
-                                **({} if resize is None else {"resize_mode": resize})})
+                                **({} if resize is None else {"resize_mode": resize}),
+                                **({} if shortcut is None else {"face_shortcut": shortcut})})
         except ValueError:
             unreadable.append(label)
     return controls, ip_adapters, unreadable

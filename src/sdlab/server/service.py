@@ -204,7 +204,7 @@ class Service:
 
 def recorded_controls(request: GenerationRequest) -> dict[str, Any]:
     """The `controls` and `ip_adapters` of `request` as a job's settings record them (those it has): every setting
-    but the pictures, each model by its file name."""
+    but the pictures (and an IP-Adapter FaceID's face embedding), each model by its file name."""
     recorded: dict[str, Any] = {}
     if request.controls:
         recorded["controls"] = [_control_settings(c, request.control_convention) for c in request.controls]
@@ -213,7 +213,8 @@ def recorded_controls(request: GenerationRequest) -> dict[str, Any]:
                                     **({"start": prompt.start, "end": prompt.end} if prompt.windowed else {}),
                                     **layer_settings(prompt.layer_scales),
                                     **({"module": prompt.module} if prompt.module else {}),
-                                    **({"resize_mode": prompt.resize_mode} if prompt.resize_mode else {})}
+                                    **({"resize_mode": prompt.resize_mode} if prompt.resize_mode else {}),
+                                    **({} if prompt.face_shortcut is None else {"face_shortcut": prompt.face_shortcut})}
                                    for prompt in request.ip_adapters]
     return recorded
 

@@ -1,0 +1,256 @@
+"""IP-Adapter FaceID through the server: the native `ip_adapters[].face_embedding` (512 numbers, or base64 of a
+.npy file) and `face_shortcut`, and an A1111 ControlNet unit's `ipadapter_input` under the extension's
+ip-adapter_face_id / ip-adapter_face_id_plus modules (base64 of torch.save's (1, 512) tensor, the module's
+output). Pictures equal `sdlab txt2img` with the same .npy (--ip-adapter-image / --ip-adapter-face-embedding),
+pixel for pixel, and their infotext; the A1111 unit's picture equals the native job /api/parameters reads back
+from it; bad embeddings, a face embedding for the wrong adapter or module, and a pickle that is no tensor are
+one 4xx line each; an entry without face_embedding draws as before."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import pickle
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ip_adapter_fixtures import ADAPTER_JOB, SAMPLE_PICTURE, ip_adapter_state, write_image_encoder, write_ip_adapter
+from server_fixtures import cli_txt2img, drawn_job, drawn_picture, file_b64, job_pixels, start_server
+from test_ip_adapter_faceid_plus import _face, face_id_plus_state
+from test_ip_adapter_layers import face_id_state
+
+CLI_JOB = ("--steps", "3", "--seed", "11", "--width", "64", "--height", "64", "--cfg", "5", "--sampler", "Euler")
+A1111_JOB = {"prompt": "a red apple", "steps": 3, "seed": 11, "width": 64, "height": 64, "cfg_scale": 5,
+             "sampler_name": "Euler"}
+
+
+@pytest.fixture(scope="module")
+def faceid(tmp_path_factory: pytest.TempPathFactory):
+    """`sdlab serve` whose ControlNet folder holds a plain adapter, a FaceID and a FaceID Plus v2 adapter for the
+    shipped model (the ViT encoder, 128 wide, in models/image_encoder), and a face's .npy."""
+    import sdlab
+    from sdlab.models.ip_adapter import cross_attentions
+
+    root = tmp_path_factory.mktemp("server-faceid")
+    models = root / "models"
+    (models / "ControlNet").mkdir(parents=True)
+    bundle = sdlab.load().bundle
+    context = bundle.unet_config.context_dim
+    widths = [attn.to_q.weight.shape[0] for attn in cross_attentions(bundle.unet)]
+    write_image_encoder(models / "image_encoder", seed=2, width=128, projection=32)
+    folder = models / "ControlNet"
+    files = {"plain": write_ip_adapter(folder / "ip-adapter_tiny.safetensors",
+                                       ip_adapter_state(widths, context, 32, seed=3, std=0.3)),
+             "face_id": write_ip_adapter(folder / "ip-adapter-faceid_tiny.bin", face_id_state(widths, context)),
+             "plus": write_ip_adapter(folder / "ip-adapter-faceid-plusv2_tiny.bin",
+                                      face_id_plus_state(widths, context, 128))}
+    face = _face(7).numpy()                                                            # (1, 512), unit length
+    npy = root / "face.npy"
+    np.save(npy, face)
+    picture = root / "reference.png"
+    Image.open(SAMPLE_PICTURE).convert("RGB").crop((0, 0, 200, 160)).save(picture)
+    server = start_server(root / "outputs", "--models-dir", str(models))
+    client = httpx.Client(base_url=server.url, timeout=300)
+    yield {"client": client, "files": files, "face": face, "npy": npy, "picture": picture}
+    client.close()
+    server.stop()
+
+
+def _torch_b64(value) -> str:
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _npy_b64(array: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _rgb(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def test_native_face_id_equals_the_cli_as_numbers_and_as_npy(faceid, tmp_path):
+    """A FaceID entry with no image: its 512 numbers, and the same as base64 .npy, draw the CLI's picture with the
+    .npy as --ip-adapter-image, its infotext too; the job records no embedding; without FaceID the job draws the
+    plain picture, and a plain entry with face_embedding null draws as without the field."""
+    client, face = faceid["client"], faceid["face"]
+    cli = cli_txt2img(tmp_path, ADAPTER_JOB["prompt"], *CLI_JOB, "--ip-adapter", str(faceid["files"]["face_id"]),
+                      "--ip-adapter-image", str(faceid["npy"]), "--ip-adapter-scale", "0.8")
+    entry = {"model": "ip-adapter-faceid_tiny", "scale": 0.8}
+    job, numbers = drawn_picture(client, {**ADAPTER_JOB, "ip_adapters": [
+        {**entry, "face_embedding": face[0].tolist()}]})
+    _, npy = drawn_picture(client, {**ADAPTER_JOB, "ip_adapters": [{**entry, "face_embedding": _npy_b64(face)}]})
+    assert np.array_equal(_rgb(numbers), _rgb(cli)) and np.array_equal(_rgb(npy), _rgb(cli))
+    assert numbers.info["parameters"] == cli.info["parameters"]
+    assert 'IP-Adapter 0: "Model: ip-adapter-faceid_tiny [' in numbers.info["parameters"]
+    assert job["request"]["ip_adapters"] == [{"model": "ip-adapter-faceid_tiny.bin", "scale": 0.8}]
+    _, plain = drawn_picture(client, ADAPTER_JOB)
+    assert np.abs(_rgb(plain) - _rgb(cli)).max() > 10                    # the face acts
+    image = file_b64(faceid["picture"])
+    nulled = drawn_job(client, {**ADAPTER_JOB, "ip_adapters": [
+        {"model": "ip-adapter_tiny", "image": image, "face_embedding": None, "face_shortcut": None}]})
+    bare = drawn_job(client, {**ADAPTER_JOB, "ip_adapters": [{"model": "ip-adapter_tiny", "image": image}]})
+    assert np.array_equal(job_pixels(client, nulled), job_pixels(client, bare))
+    assert nulled["request"]["ip_adapters"] == bare["request"]["ip_adapters"]
+
+
+def test_native_face_id_plus_equals_the_cli_and_its_shortcut_reads_back(faceid, tmp_path):
+    """A FaceID Plus v2 entry: the picture, the face and face_shortcut 1.6 draw the CLI's picture; 'Face shortcut:
+    1.6' is recorded, the job's settings and /api/parameters give it back, and the settings with the face and
+    picture given again redraw the picture."""
+    client, face = faceid["client"], faceid["face"]
+    cli = cli_txt2img(tmp_path, ADAPTER_JOB["prompt"], *CLI_JOB, "--ip-adapter", str(faceid["files"]["plus"]),
+                      "--ip-adapter-image", str(faceid["picture"]), "--ip-adapter-face-embedding",
+                      str(faceid["npy"]), "--ip-adapter-face-shortcut", "1.6")
+    job, served = drawn_picture(client, {**ADAPTER_JOB, "ip_adapters": [
+        {"model": "ip-adapter-faceid-plusv2_tiny", "image": file_b64(faceid["picture"]),
+         "face_embedding": _npy_b64(face), "face_shortcut": 1.6}]})
+    assert np.array_equal(_rgb(served), _rgb(cli)) and served.info["parameters"] == cli.info["parameters"]
+    assert "Face shortcut: 1.6" in served.info["parameters"]
+    assert job["request"]["ip_adapters"][0]["face_shortcut"] == 1.6
+    png = base64.b64encode(client.get(job["images"][0]).content).decode()
+    settings = client.post("/api/parameters", json={"image": png}).json()["settings"]
+    assert settings["ip_adapters"][0]["face_shortcut"] == 1.6
+    again = drawn_job(client, {**ADAPTER_JOB, "ip_adapters": [
+        {**settings["ip_adapters"][0], "model": "ip-adapter-faceid-plusv2_tiny", "image": file_b64(faceid["picture"]),
+         "face_embedding": face.tolist()}]})
+    assert np.array_equal(job_pixels(client, again), _rgb(served))
+
+
+def _job_count(client: httpx.Client) -> int:
+    return len(client.get("/api/jobs").json()["jobs"])
+
+
+@pytest.mark.parametrize("entry, status, words", [
+    ({"face_embedding": [0.1] * 511}, 422, "the face embedding has shape (511,)"),
+    ({"face_embedding": [[0.1] * 512, [0.1] * 3]}, 422, "face_embedding must be numbers"),
+    ({"face_embedding": ["x"] * 512}, 422, "face_embedding must be numbers"),
+    ({"face_embedding": base64.b64encode(b"not a numpy file").decode()}, 422, "is not a .npy file"),
+    ({"face_embedding": "%%%"}, 400, "face_embedding is not valid base64"),
+    ({"face_embedding": "NPY:nan"}, 422, "the face embedding holds NaN or infinite values"),
+    ({"face_embedding": "NPY:int"}, 422, "int64); this FaceID adapter takes 512 floats per face"),
+    ({}, 422, "an IP-Adapter FaceID reads an InsightFace face embedding"),
+    ({"face_embedding": "FACE", "image": "PICTURE"}, 422, "reads the face embedding alone, no picture"),
+    ({"face_embedding": "FACE", "face_shortcut": 1.0}, 422, "face_embedding and face_shortcut are for an IP-Adapter "
+                                                            "FaceID Plus"),
+    ({"model": "ip-adapter_tiny", "face_embedding": "FACE", "image": "PICTURE"}, 422,
+     "a face embedding is for an IP-Adapter FaceID; this adapter reads a picture"),
+    ({"model": "ip-adapter-faceid-plusv2_tiny", "image": "PICTURE", "face_embedding": "TWO"}, 422,
+     "an IP-Adapter FaceID Plus takes one face with its one picture; the face embedding holds 2"),
+    ({"model": "ip-adapter-faceid-plusv2_tiny", "face_embedding": "FACE"}, 422, "needs an image"),
+    ({"model": "ip-adapter-faceid-plusv2_tiny", "image": "PICTURE", "face_embedding": "FACE", "face_shortcut": 20},
+     422, "face_shortcut must be a number in [0, 10]"),
+])
+def test_bad_native_face_embeddings_are_one_4xx_line(faceid, entry, status, words):
+    client, face = faceid["client"], faceid["face"]
+    given = {"NPY:nan": _npy_b64(np.full((1, 512), np.nan, np.float32)),
+             "NPY:int": _npy_b64(np.ones(512, np.int64)), "FACE": face[0].tolist(),
+             "TWO": np.concatenate([face, face]).tolist(), "PICTURE": file_b64(faceid["picture"])}
+    entry = {key: given.get(value, value) if isinstance(value, str) else value for key, value in entry.items()}
+    before = _job_count(client)
+    refused = client.post("/api/jobs", json={**ADAPTER_JOB, "ip_adapters": [
+        {"model": "ip-adapter-faceid_tiny", **entry}]})
+    assert refused.status_code == status and words in refused.json()["detail"], refused.text
+    assert "Traceback" not in refused.text and "IP-Adapter 0" in refused.json()["detail"]
+    assert _job_count(client) == before
+
+
+def _unit(**change) -> dict:
+    return {"enabled": True, "module": "ip-adapter_face_id", "model": "ip-adapter-faceid_tiny", "weight": 0.8,
+            "guidance_start": 0.0, "guidance_end": 1.0, **change}
+
+
+def _a1111(client: httpx.Client, *units: dict) -> httpx.Response:
+    return client.post("/sdapi/v1/txt2img", json={
+        **A1111_JOB, "alwayson_scripts": {"controlnet": {"args": list(units)}}})
+
+
+def _redrawn(client: httpx.Client, answer: httpx.Response, **given) -> np.ndarray:
+    """The native job /api/parameters reads back from the answer's picture, its IP-Adapter entry given `given`
+    (the face embedding, the picture: the text holds neither)."""
+    from sdlab.server.native import JobIn
+
+    settings = client.post("/api/parameters", json={"image": answer.json()["images"][0]}).json()["settings"]
+    body = {key: value for key, value in settings.items()
+            if value is not None and key in JobIn.model_fields and key != "model"}
+    assert len(body["ip_adapters"]) == 1, body
+    body["ip_adapters"] = [{**body["ip_adapters"][0], **given}]
+    return job_pixels(client, drawn_job(client, body))
+
+
+def _pixels(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"), dtype=np.int16)
+
+
+def test_a1111_face_id_units_take_ipadapter_input(faceid):
+    """A unit with module ip-adapter_face_id and the extension's ipadapter_input (torch.save of the (1, 512)
+    tensor; its image, which the extension does not read then, ignored) draws; its 'ControlNet 0' line is the
+    extension's, and the native job /api/parameters reads from it, given the face, redraws it. A list of two
+    tensors is two faces. ip-adapter_face_id_plus reads the unit's picture and the face: the same redraw."""
+    client, face = faceid["client"], faceid["face"]
+    tensor = torch.from_numpy(face)                                                    # (1, 512)
+    drawn = _a1111(client, _unit(ipadapter_input=_torch_b64(tensor), image=file_b64(faceid["picture"])))
+    assert drawn.status_code == 200, drawn.text
+    info = json.loads(drawn.json()["info"])["infotexts"][0]
+    assert 'ControlNet 0: "Module: ip-adapter_face_id, Model: ip-adapter-faceid_tiny [' in info, info
+    pixels = _pixels(drawn.json()["images"][0])
+    assert np.array_equal(_redrawn(client, drawn, face_embedding=face.tolist()), pixels)
+    unimaged = _a1111(client, _unit(ipadapter_input=[_torch_b64(tensor)]))
+    assert np.array_equal(_pixels(unimaged.json()["images"][0]), pixels)
+    two = _a1111(client, _unit(ipadapter_input=[_torch_b64(tensor), _torch_b64(-tensor)]))
+    assert two.status_code == 200 and np.abs(_pixels(two.json()["images"][0]) - pixels).max() > 5
+    plus = _a1111(client, _unit(module="ip-adapter_face_id_plus", model="ip-adapter-faceid-plusv2_tiny",
+                                ipadapter_input=_torch_b64(tensor), image=file_b64(faceid["picture"])))
+    assert plus.status_code == 200, plus.text
+    assert 'ControlNet 0: "Module: ip-adapter_face_id_plus, Model: ip-adapter-faceid-plusv2_tiny [' in \
+        json.loads(plus.json()["info"])["infotexts"][0]
+    assert np.array_equal(_redrawn(client, plus, face_embedding=face.tolist(), image=file_b64(faceid["picture"])),
+                          _pixels(plus.json()["images"][0]))
+
+
+class _Runs:
+    """A pickle that would run code when loaded without weights_only (never here)."""
+
+    def __reduce__(self):
+        return (print, ("loaded",))
+
+
+@pytest.mark.parametrize("unit, words", [
+    ({}, "computes this module's face embedding with InsightFace, which sdlab does not have; send the embedding as "
+         "the unit's ipadapter_input"),
+    ({"module": "ip-adapter_clip_sd15", "image": "PICTURE"},
+     "give it the module ip-adapter_face_id with the embedding"),
+    ({"ipadapter_input": "TENSOR", "model": "ip-adapter-faceid-plusv2_tiny", "image": "PICTURE"},
+     "is not for the IP-Adapter ip-adapter-faceid-plusv2_tiny.bin, a FaceID Plus model: choose "
+     "ip-adapter_face_id_plus"),
+    ({"ipadapter_input": "TENSOR", "model": "ip-adapter_tiny"},
+     "reads a face embedding for an IP-Adapter FaceID, and ip-adapter_tiny.safetensors is none"),
+    ({"ipadapter_input": "TENSOR", "module": "ip-adapter_face_id_plus", "model": "ip-adapter-faceid-plusv2_tiny"},
+     "needs an image"),
+    ({"ipadapter_input": "WIDE"}, "the face embedding has shape (1, 100)"),
+    ({"ipadapter_input": "RUNS"}, "ipadapter_input is not a tensor torch.save wrote (read as tensors alone)"),
+    ({"ipadapter_input": "DICT"}, "ipadapter_input holds dict, not the face embedding's tensor"),
+    ({"ipadapter_input": base64.b64encode(b"junk").decode()}, "ipadapter_input is not a tensor torch.save wrote"),
+    ({"ipadapter_input": "TENSOR", "module": "ip-adapter_clip_sd15", "model": "ip-adapter_tiny", "image": "PICTURE"},
+     "ipadapter_input (precomputed image embeddings) is not drawn by sdlab"),
+])
+def test_bad_a1111_face_units_are_one_422_line(faceid, unit, words):
+    face = torch.from_numpy(faceid["face"])
+    given = {"TENSOR": _torch_b64(face), "WIDE": _torch_b64(torch.ones(1, 100)), "RUNS": _pickled(_Runs()),
+             "DICT": _torch_b64({"face": face}), "PICTURE": file_b64(faceid["picture"])}
+    unit = {key: given.get(value, value) if isinstance(value, str) else value for key, value in unit.items()}
+    refused = _a1111(faceid["client"], _unit(**unit))
+    assert refused.status_code == 422 and words in refused.text, refused.text
+    assert "module '" in refused.text and "Traceback" not in refused.text
+
+
+def _pickled(value) -> str:
+    return base64.b64encode(pickle.dumps(value)).decode()
