@@ -24,6 +24,7 @@ const UNIT_DEFAULTS = { weight: 1, start: 0, end: 1, control_mode: "balanced", r
 const controlState = {
   pictures: Array(CONTROL_UNIT_COUNT).fill(null),   // each unit's own control picture (data URL), or none
   ipPicture: null,                                   // the IP-Adapter's picture (data URL), or none
+  ipFace: null,                                      // its FaceID face embedding {name, data: .npy base64}, or none
   sliders: {},                                       // module -> its threshold sliders [{name, min, max, value, step}]
   unitModels: [],                                    // the titles a unit may draw with (ControlNets, T2I-Adapters)
   unitModules: [],                                   // the preprocessors a unit may run [{name, label}] (label: the
@@ -360,9 +361,14 @@ function controlRequest() {
   if (controls.length) body.controls = controls;
   if ($("ipa_enabled").checked) {
     if (!$("ipa_model").value) throw new ApiError("IP-Adapter needs a model: choose one or untick it");
-    const { picture, initial } = pictureOf(controlState.ipPicture, "IP-Adapter");
+    const face = controlState.ipFace;     // with one and no picture of its own: none sent (FaceID reads none;
+    const { picture, initial } = face && !controlState.ipPicture      // FaceID Plus takes the initial image)
+      ? { picture: null, initial: true } : pictureOf(controlState.ipPicture, "IP-Adapter");
     const start = controlNumber("ipa_start", "IP-Adapter"), end = controlNumber("ipa_end", "IP-Adapter");
+    const shortcut = controlNumber("ipa_face_shortcut", "IP-Adapter");
     body.ip_adapters = [{ model: $("ipa_model").value, ...(initial ? {} : { image: base64Of(picture) }),
+      ...(face ? { face_embedding: face.data } : {}),
+      ...(shortcut !== undefined ? { face_shortcut: shortcut } : {}),
       scale: controlNumber("ipa_scale", "IP-Adapter"),
       ...(start ? { start } : {}), ...(end !== undefined && end !== 1 ? { end } : {}),    // every step: left out
       ...($("ipa_layers").value ? { layer_scales: $("ipa_layers").value } : {}),
@@ -442,6 +448,7 @@ function fillControls(settings, unknown) {
   $("ipa_start").value = prompts[0].start ?? 0;                      // a job or a picture of every step: none
   $("ipa_end").value = prompts[0].end ?? 1;
   setIpLayers(prompts[0].layer_scales);
+  $("ipa_face_shortcut").value = prompts[0].face_shortcut ?? "";     // the face embedding stays, as the picture
   if (!selectMatching($("ipa_module"), prompts[0].module ?? "")) unknown.push(`IP-Adapter module "${prompts[0].module}"`);
   if (!selectMatching($("ipa_resize_mode"), prompts[0].resize_mode ?? "")) {
     unknown.push(`IP-Adapter resize mode "${prompts[0].resize_mode}"`);
@@ -495,6 +502,14 @@ function wirePictureBox(prefix) {
   $(`${prefix}_clear`).addEventListener("click", () => setControlPicture(prefix, null));
 }
 
+// The IP-Adapter's face embedding (a FaceID's: sent as the native face_embedding, the server reads the .npy), or
+// none; its file's name shown
+function setIpFace(face) {
+  controlState.ipFace = face;
+  $("ipa_face_name").textContent = face ? `Face embedding: ${face.name}`
+    : "No face embedding (FaceID: InsightFace's, a .npy file)";
+}
+
 // Build the units, wire their controls (the lists load with the page's: loadLists)
 function setupControls() {
   const units = $("cn-units");
@@ -510,6 +525,16 @@ function setupControls() {
   }
   $("ipa-picture").append(...pictureBox("ipa", "IP-Adapter", "IP-Adapter picture (none: img2img's initial image)"));
   wirePictureBox("ipa");
+  $("ipa_face_file").addEventListener("change", async () => {
+    const file = $("ipa_face_file").files[0];
+    try {
+      if (file) setIpFace({ name: file.name, data: base64Of(await readFile(file)) });
+    } catch (err) {
+      showError(err.message);
+    }
+    $("ipa_face_file").value = "";
+  });
+  $("ipa_face_clear").addEventListener("click", () => setIpFace(null));
   $("ipa_enabled").addEventListener("change", () => { $("ipa-options").hidden = !$("ipa_enabled").checked; });
   $("model").addEventListener("change", () => refreshControlTypes(() => {
     for (let i = 0; i < CONTROL_UNIT_COUNT; i++) fillUnitLists(i);
