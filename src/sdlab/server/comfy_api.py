@@ -5,7 +5,8 @@
                             (`comfy_graph`); `front` / `number` place it in the queue (`jobs.Place`)
     GET  /prompt            {exec_info: {queue_remaining}}
     GET  /ws?clientId=      WebSocket: status, execution_start, execution_cached, executing, progress, executed,
-                            execution_success, execution_error, execution_interrupted ({type, data} JSON frames)
+                            execution_success, execution_error, execution_interrupted ({type, data} JSON frames);
+                            a binary preview frame after each progress where extra_data.preview_method asks
     GET  /history[/{id}]    {prompt_id: {prompt, outputs: {node: {images: [{filename, subfolder, type}]}}, status}}
     POST /history           {clear: true} | {delete: [prompt_id, ...]}
     GET  /view              ?filename&subfolder&type=output|temp|input: a picture drawn or uploaded
@@ -31,6 +32,7 @@ import io
 import math
 import os
 import platform
+import struct
 import sys
 import threading
 import time
@@ -44,6 +46,7 @@ from fastapi import APIRouter, FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse, JSONResponse, Response
 import numpy as np
 from PIL import Image, ImageOps
+from torch import Tensor
 
 from sdlab.diffusion.samplers import SAMPLER_TABLE
 from sdlab.pipeline.control import ControlInput
@@ -61,6 +64,12 @@ COMFY_SAMPLERS = [name for spec in SAMPLER_TABLE for name in (spec.comfy, *spec.
 """ComfyUI's KSampler sampler names, in sdlab's table order (`GET /object_info`'s KSampler sampler_name)."""
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 MAX_HISTORY = 10_000                        # ComfyUI's MAXIMUM_HISTORY_SIZE
+PREVIEW_METHODS = ("auto", "latent2rgb", "taesd")
+"""The `extra_data.preview_method` values that ask ComfyUI for step previews (execution.py `set_preview_method`;
+"none", "default" or none at all: ComfyUI's default --preview-method, none). sdlab sends its own previews
+(`server/previews.py`) for each."""
+PREVIEW_IMAGE, JPEG_PREVIEW = 1, 1          # ComfyUI's BinaryEventTypes.PREVIEW_IMAGE, send_image's JPEG type
+MAX_PREVIEW_SIDE = 512                      # ComfyUI's MAX_PREVIEW_RESOLUTION (--preview-size's default)
 
 router = APIRouter()
 
@@ -127,13 +136,17 @@ class ComfyState:
         queued, running = self.service.queue.counts()
         return queued + running
 
-    async def send(self, event: str, data: dict[str, Any], sid: str | None) -> None:
-        """ComfyUI's `send_json`: to the socket of `sid`, or to every socket when `sid` is None."""
+    async def send(self, event: str, data: dict[str, Any] | bytes, sid: str | None) -> None:
+        """ComfyUI's `send_json` (`send_bytes` for a binary frame, `data` bytes): to the socket of `sid`, or to every
+        socket when `sid` is None."""
         targets = [self.sockets[sid]] if sid is not None and sid in self.sockets else (
             list(self.sockets.values()) if sid is None else [])
         for socket in targets:
             try:
-                await socket.send_json({"type": event, "data": data})
+                if isinstance(data, bytes):
+                    await socket.send_bytes(data)
+                else:
+                    await socket.send_json({"type": event, "data": data})
             except Exception:                       # the client went away meanwhile
                 self.sockets = {k: v for k, v in self.sockets.items() if v is not socket}
 
@@ -316,6 +329,19 @@ def _load_mask(state: ComfyState, plan: GraphPlan, size: tuple[int, int]) -> Ima
     return mask
 
 
+def preview_frame(rgb: Tensor) -> bytes:
+    """A step preview (h, w, 3) uint8 as ComfyUI's binary WebSocket frame (server.py ``send_image`` and
+    ``encode_bytes``): the event type PREVIEW_IMAGE and the image type JPEG, each 4 bytes big-endian, then the
+    picture fitted to MAX_PREVIEW_SIDE (``ImageOps.contain``, bilinear: a latent-sized preview is scaled up) as a
+    JPEG of quality 95."""
+    image = ImageOps.contain(Image.fromarray(rgb.numpy(), "RGB"), (MAX_PREVIEW_SIDE, MAX_PREVIEW_SIDE),
+                             Image.Resampling.BILINEAR)
+    data = io.BytesIO()
+    data.write(struct.pack(">I", PREVIEW_IMAGE) + struct.pack(">I", JPEG_PREVIEW))
+    image.save(data, format="JPEG", quality=95)
+    return data.getvalue()
+
+
 def _forget_old(state: ComfyState) -> None:
     """ComfyUI's history keeps its newest MAX_HISTORY prompts."""
     finished = [pid for pid, p in state.prompts.items() if p.ended]
@@ -337,7 +363,8 @@ async def _follow(state: ComfyState, prompt: Prompt) -> None:
         prompt.executing = node
         await send("executing", {"node": node, "display_node": node, "prompt_id": pid})
 
-    events = job.subscribe(asyncio.get_running_loop())
+    previews = prompt.extra_data.get("preview_method") in PREVIEW_METHODS
+    events = job.subscribe(asyncio.get_running_loop(), previews=previews)
     begun = False
     second_pass: list[str] = []             # a two-pass graph's nodes after the first KSampler, once run
     try:
@@ -358,6 +385,8 @@ async def _follow(state: ComfyState, prompt: Prompt) -> None:
                 await send("progress", {"value": data["i"] - first if second_pass else data["i"],
                                         "max": data["n"] - first if second_pass else first, "prompt_id": pid,
                                         "node": plan.second_node if second_pass else plan.sampler_node})
+                if previews and data.get("preview") is not None:        # after its progress, as ComfyUI's hook
+                    await send("preview", await asyncio.to_thread(preview_frame, data["preview"]))
             elif name == "done":
                 images = [{"filename": Path(url).name, "subfolder": ""} for url in data["images"]]
                 for node in run_order(plan, before_sampler=False)[len(second_pass):]:
