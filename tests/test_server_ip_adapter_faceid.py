@@ -254,3 +254,27 @@ def test_bad_a1111_face_units_are_one_422_line(faceid, unit, words):
 
 def _pickled(value) -> str:
     return base64.b64encode(pickle.dumps(value)).decode()
+
+
+@pytest.mark.parametrize("module", ["ip-adapter_face_id", "ip-adapter_face_id_plus"])
+def test_a1111_face_id_unit_pictures_redraw_from_png(faceid, module, tmp_path, capsys):
+    """--from-png of an A1111 FaceID unit's picture, given the adapter and the .npy (and FaceID Plus's picture):
+    the unit's line read back (its module: no encoder for FaceID, clip_h's for FaceID Plus), recorded again, and
+    the unit's picture redrawn (this process against the server's: float sums may round 1 apart)."""
+    from cli_helpers import pixels, run
+    from sdlab.pipeline.png_info import read_parameters
+
+    plus = module.endswith("plus")
+    unit = _unit(module=module, ipadapter_input=_torch_b64(torch.from_numpy(faceid["face"])),
+                 **({"model": "ip-adapter-faceid-plusv2_tiny", "image": file_b64(faceid["picture"])} if plus else {}))
+    drawn = _a1111(faceid["client"], unit)
+    assert drawn.status_code == 200, drawn.text
+    saved, again = tmp_path / "unit.png", tmp_path / "again.png"
+    saved.write_bytes(base64.b64decode(drawn.json()["images"][0]))
+    given = (["--ip-adapter-image", str(faceid["picture"]), "--ip-adapter-face-embedding", str(faceid["npy"])] if plus
+             else ["--ip-adapter-image", str(faceid["npy"])])
+    code, _, stderr = run(["txt2img", "--no-progress", "--from-png", str(saved), "--ip-adapter",
+                           str(faceid["files"]["plus" if plus else "face_id"]), *given, "--out", str(again)], capsys)
+    assert code == 0, stderr
+    assert read_parameters(again) == read_parameters(saved)
+    assert np.abs(pixels(again) - _pixels(drawn.json()["images"][0])).max() <= 1

@@ -15,7 +15,9 @@ an `IPAdapterInput` of its model (found as a ControlNet's), its picture, `weight
 Start / End as the adapter's step window (the extension's rule: `control.in_window`) and the image encoder its
 module names (`unit_image_encoder`). Its resize_mode, processor_res, pixel_perfect, thresholds and control_mode
 are read by the extension's preprocessors and ControlNets alone: the CLIP preprocessor takes the picture as
-sent, and the adapter's weight is its only strength, so they do nothing for such a unit.
+sent, and the adapter's weight is its only strength, so they do nothing for such a unit. Under the extension's
+FaceID modules (ip-adapter_face_id, _face_id_plus) the unit's `ipadapter_input` is the face embedding their
+InsightFace would compute (`a1111_face_embedding`); a native entry gives it as `face_embedding`.
 """
 
 from __future__ import annotations
