@@ -13,21 +13,18 @@ for pixel, where sdlab answered a 400 before.
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from bundle_fixtures import init_picture
-from test_comfyui_conventions import (SEED, KSamplerX0Inpaint, assert_same_latents, eps_noise_scaling, max_denoise,
-                                      prepare_mask, prepare_noise, replayed, sample_euler, sample_euler_ancestral,
-                                      sdlab_run, tiny)
+from test_comfyui_conventions import SEED, assert_same_latents, prepare_mask, prepare_noise, sdlab_run, tiny
+from test_comfyui_vae_encode_for_inpaint import caught, ksampler_inpaint
 from sdlab.pipeline import generate as G
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-__all__ = ["tiny"]                                   # the module fixture, shared
+__all__ = ["caught", "tiny"]                         # the fixtures, shared
 
 
 # -- ComfyUI, transcribed ----------------------------------------------------------------------------------------
@@ -60,37 +57,24 @@ def soft_mask(size: tuple[int, int], seed: int) -> tuple[Image.Image, torch.Tens
     ((70, 67), "euler_ancestral", "normal", 0.7),
     ((128, 96), "euler", "normal", 0.8),
 ])
-def test_a_noise_mask_of_another_size_is_resized_straight_to_the_latent(monkeypatch, tiny, mask_size, sampler,
+def test_a_noise_mask_of_another_size_is_resized_straight_to_the_latent(monkeypatch, caught, tiny, mask_size, sampler,
                                                                         schedule, denoise):
     """A mask of another size than the picture, under ComfyUI's convention: its noise mask is the mask resized
     bilinearly from its own size to the latent (prepare_mask), not first to the picture's size (Lanczos, as the
     other conventions fit it), and KSamplerX0Inpaint blends by it at every call."""
-    inner_models: list = []
-    real_masked = G.masked
-    monkeypatch.setattr(G, "masked", lambda inner, *a, **k: inner_models.append(inner) or real_masked(inner, *a, **k))
-    kept: list = []
-    real_keep_known = G._keep_known
-    monkeypatch.setattr(G, "_keep_known", lambda *args: kept.append(real_keep_known(*args)) or kept[-1])
     init = init_picture(64)
     mask_picture, mask = soft_mask(mask_size, seed=mask_size[0])
     run = sdlab_run(monkeypatch, tiny, "inpaint", init, mask_picture, sampler=sampler, schedule=schedule, steps=10,
                     strength=denoise, mask_round=False, paste_back=False)
-    sigmas = run["sigmas"]
     latent = G.encode_image(tiny.bundle, G.pil_to_tensor(init))                  # VAEEncode, (1, 4, h, w)
     denoise_mask = prepare_mask(mask, latent.shape)                             # (1, 4, h, w), from (H', W')
     assert ((denoise_mask > 0) & (denoise_mask < 1)).any()
     via_picture = prepare_mask(torch.nn.functional.interpolate(mask[None, None], size=(64, 64), mode="bilinear"),
                                latent.shape)
     assert (via_picture - denoise_mask).abs().max() > 1e-2, "the two routes to the latent would not be told apart"
-    noise = prepare_noise(latent, SEED)
-    x = eps_noise_scaling(sigmas[0], noise, latent.clone(), max_denoise(tiny.bundle.model_sampling.sigma_max, sigmas))
-    torch.testing.assert_close(run["x"], x, rtol=1e-5, atol=1e-5)
-    model_k = KSamplerX0Inpaint(inner_models[-1], latent, noise, denoise_mask)
-    if sampler == "euler":
-        reference = sample_euler(model_k, x, sigmas)
-    else:
-        reference = sample_euler_ancestral(model_k, x, sigmas, noise_sampler=replayed(run["draws"]))
-    assert_same_latents(kept[-1], reference)
+    reference = ksampler_inpaint(tiny.bundle, run, caught["inner"][-1], latent, prepare_noise(latent, SEED),
+                                 denoise_mask, sampler)
+    assert_same_latents(caught["kept"][-1], reference)
 
 
 def test_other_conventions_still_fit_the_mask_to_the_picture(tiny):
@@ -106,29 +90,11 @@ def test_other_conventions_still_fit_the_mask_to_the_picture(tiny):
 
 
 # -- the ComfyUI API -----------------------------------------------------------------------------------------------
+from server_fixtures import b64_png  # noqa: E402
+from test_comfyui_vae_encode_for_inpaint import _off_grid_upload  # noqa: E402
 from test_server_comfy_api import NATIVE, drawn, graph, native_pixels, server, viewed  # noqa: E402
 
 __all__ += ["server"]
-
-
-def _upload(server, name: str, size: tuple[int, int], seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(RGB, alpha) of an RGBA input picture of `size` (w, h), uploaded as `name`: a transparent rectangle off the
-    8-pixel grid, a band of alpha 100."""
-    width, height = size
-    rng = np.random.default_rng(seed)
-    rgb = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
-    alpha = np.full((height, width), 255, dtype=np.uint8)
-    alpha[height // 5:height * 2 // 3, width // 3:width * 3 // 4] = 0
-    alpha[height * 3 // 4:height * 7 // 8, 2:width // 2] = 100
-    data = io.BytesIO()
-    Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(data, format="PNG")
-    server.post("/upload/image", files={"image": (name, data.getvalue(), "image/png")}, data={"overwrite": "true"})
-    return rgb, alpha
-
-
-def b64_png(image: Image.Image) -> str:
-    from server_fixtures import b64_png as encoded
-    return encoded(image)
 
 
 @pytest.mark.parametrize("mask_size", [(70, 67), (29, 41)])
@@ -138,14 +104,14 @@ def test_an_off_grid_picture_and_a_mask_of_any_size_draw_the_native_job(server, 
     whole; the graph's picture is the native inpaint job of that crop and the whole mask (255 - alpha) under
     ComfyUI's sampler spelling, mask_round false, pixel for pixel where the native job pastes nothing back (the
     graph pastes nothing back anywhere), and not the job of the mask fitted to the picture first."""
-    rgb, alpha = _upload(server, "off-grid-slnm.png", (70, 67), seed=5)
+    rgb, alpha = _off_grid_upload(server, "off-grid-slnm.png", (70, 67), seed=5)
     prompt = graph(**{"3.denoise": 0.9, "3.latent_image": ["12", 0]})
     prompt["10"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["11", 0], "vae": ["4", 2]}}
     prompt["11"] = {"class_type": "LoadImage", "inputs": {"image": "off-grid-slnm.png"}}
     prompt["12"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["10", 0], "mask": ["11", 1]}}
     del prompt["5"]
     if mask_size != (70, 67):
-        _, alpha = _upload(server, "off-grid-slnm-mask.png", mask_size, seed=6)
+        _, alpha = _off_grid_upload(server, "off-grid-slnm-mask.png", mask_size, seed=6)
         prompt["13"] = {"class_type": "LoadImage", "inputs": {"image": "off-grid-slnm-mask.png"}}
         prompt["12"]["inputs"]["mask"] = ["13", 1]
     _, entry = drawn(server, prompt)
