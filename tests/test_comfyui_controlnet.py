@@ -30,6 +30,7 @@ from sdlab.diffusion.denoiser import Denoiser
 from sdlab.pipeline import generate as G
 from sdlab.pipeline.control import ControlInput, comfyui_hint, comfyui_sigma_window
 from sdlab.pipeline.request import RequestError
+from test_comfyui_latent_upscale import common_upscale   # comfy/utils.py, transcribed there
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,25 +38,6 @@ PROMPT, NEGATIVE, SEED, STEPS, CFG, WIDTH, HEIGHT = "a red cube", "blurry", 7, 6
 
 
 # -- ComfyUI, transcribed ----------------------------------------------------------------------------------------
-def common_upscale(samples, width, height, upscale_method, crop):
-    """comfy/utils.py ``common_upscale`` (4-D samples; the interpolate branch)."""
-    if crop == "center":
-        old_width = samples.shape[3]
-        old_height = samples.shape[2]
-        old_aspect = old_width / old_height
-        new_aspect = width / height
-        x = 0
-        y = 0
-        if old_aspect > new_aspect:
-            x = round((old_width - old_width * (new_aspect / old_aspect)) / 2)
-        elif old_aspect < new_aspect:
-            y = round((old_height - old_height * (old_aspect / new_aspect)) / 2)
-        s = samples[:, :, y:old_height - y, x:old_width - x]
-    else:
-        s = samples
-    return torch.nn.functional.interpolate(s, size=(height, width), mode=upscale_method)
-
-
 def load_image(picture: Image.Image) -> torch.Tensor:
     """nodes.py ``LoadImage``: RGB, float32 / 255, (1, H, W, 3)."""
     image = np.array(picture.convert("RGB")).astype(np.float32) / 255.0
