@@ -17,13 +17,31 @@ import torch
 import sampler_harness as H
 
 
-class ModelSamplingDiscrete:
-    """comfy/model_sampling.py, SD's scaled_linear betas (``make_beta_schedule``: float64, then float32 sigmas)."""
+def rescale_zero_terminal_snr_sigmas(sigmas):
+    """comfy/model_sampling.py (comfy_extras/nodes_model_advanced.py before it): the ``zsnr`` sigmas."""
+    alphas_cumprod = 1 / ((sigmas * sigmas) + 1)
+    alphas_bar_sqrt = alphas_cumprod.sqrt()
+    alphas_bar_sqrt_0 = alphas_bar_sqrt[0].clone()
+    alphas_bar_sqrt_T = alphas_bar_sqrt[-1].clone()
+    alphas_bar_sqrt -= (alphas_bar_sqrt_T)
+    alphas_bar_sqrt *= alphas_bar_sqrt_0 / (alphas_bar_sqrt_0 - alphas_bar_sqrt_T)
+    alphas_bar = alphas_bar_sqrt**2
+    alphas_bar[-1] = 4.8973451890853435e-08
+    return ((1 - alphas_bar) / alphas_bar) ** 0.5
 
-    def __init__(self) -> None:
+
+class ModelSamplingDiscrete:
+    """comfy/model_sampling.py (comfyanonymous/ComfyUI 5b40e7a5: ``_register_schedule``, ``set_sigmas``, ``timestep``,
+    ``sigma``, ``percent_to_sigma``), SD's scaled_linear betas (``make_beta_schedule("linear")``: float64, then
+    float32 tables), as SD1, SD2 (eps and v) and SDXL all take them; ``zsnr``: the sigmas rescaled to zero terminal
+    SNR (``rescale_zero_terminal_snr_sigmas``) before the tables are made."""
+
+    def __init__(self, zsnr: bool = False) -> None:
         betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
         alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+        if zsnr:
+            sigmas = rescale_zero_terminal_snr_sigmas(sigmas)
         self.sigmas = sigmas.float()
         self.log_sigmas = sigmas.log().float()
 
@@ -45,6 +63,14 @@ class ModelSamplingDiscrete:
         low_idx, high_idx, w = t.floor().long(), t.ceil().long(), t.frac()
         log_sigma = (1 - w) * self.log_sigmas[low_idx] + w * self.log_sigmas[high_idx]
         return log_sigma.exp()
+
+    def percent_to_sigma(self, percent):
+        if percent <= 0.0:
+            return 999999999.9
+        if percent >= 1.0:
+            return 0.0
+        percent = 1.0 - percent
+        return self.sigma(torch.tensor(percent * 999.0)).item()
 
 
 def simple_scheduler(s, steps):

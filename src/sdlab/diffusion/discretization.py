@@ -69,6 +69,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sdlab.diffusion.comfy_sigmas import comfyui_sigma, comfyui_timestep
 from sdlab.diffusion.schedules import NoiseSchedule
 
 __all__ = [
@@ -84,6 +85,7 @@ __all__ = [
     "UnknownDiscretizationError",
     "a1111_timestep_sigmas",
     "a1111_timesteps",
+    "comfyui_options",
     "ddim_timesteps",
     "ddim_uniform_sigmas",
     "default_init_noise",
@@ -434,11 +436,24 @@ def _t_range(schedule: NoiseSchedule, sigma_min: float | None, sigma_max: float 
     return top, 0.0 if sigma_min is None else float(schedule.sigma_to_t(float(sigma_min)))
 
 
+def _comfyui_normal_ramp(schedule: NoiseSchedule, count: int, sigma_min: float | None,
+                         sigma_max: float | None) -> Tensor:
+    """ComfyUI's ``normal_scheduler`` ramp (comfy/samplers.py), its float32 ``sigma`` at ``count`` timesteps
+    ``torch.linspace(timestep(sigma_max), timestep(sigma_min), count)`` in float32, ``timestep`` the nearest training
+    timestep (``comfy_sigmas``); the model's ends unless overridden. (count,) float32."""
+    lo, hi = _sigma_range(schedule, sigma_min, sigma_max)
+    start, end = comfyui_timestep(schedule, hi), comfyui_timestep(schedule, lo)          # int64, 0-dim
+    return comfyui_sigma(schedule, torch.linspace(start, end, count, dtype=torch.float32))
+
+
 def normal_sigmas(schedule: NoiseSchedule, steps: int, *, sigma_min: float | None = None,
-                  sigma_max: float | None = None, final: str = "zero") -> Tensor:
+                  sigma_max: float | None = None, final: str = "zero", comfyui: bool = False) -> Tensor:
     """sigma(t) at ``steps`` timesteps evenly spaced from T-1 down to 0 (log-sigma interpolation); between the
-    timesteps of `sigma_max` and `sigma_min` where given."""
+    timesteps of `sigma_max` and `sigma_min` where given. `comfyui`: in ComfyUI's float32 arithmetic
+    (`_comfyui_normal_ramp`; the ends' nearest timesteps), else in float64 on fractional timesteps, rounded."""
     steps = _check_steps(steps)
+    if comfyui:
+        return _finish_ramp(_comfyui_normal_ramp(schedule, steps, sigma_min, sigma_max), schedule, final)
     t = _linspace64(*_t_range(schedule, sigma_min, sigma_max), steps)
     return _finish_ramp(schedule.t_to_sigma(t), schedule, final)
 
@@ -450,10 +465,12 @@ def uniform_sigmas(schedule: NoiseSchedule, steps: int, *, final: str = "zero") 
 
 
 def sgm_uniform_sigmas(schedule: NoiseSchedule, steps: int, *, sigma_min: float | None = None,
-                       sigma_max: float | None = None, final: str = "zero") -> Tensor:
+                       sigma_max: float | None = None, final: str = "zero", comfyui: bool = False) -> Tensor:
     """sigma(t) at ``linspace(T-1, 0, steps+1)[:-1]``: never visits t=0 before the final step (the ends
-    overridable as `normal_sigmas`')."""
+    overridable and `comfyui` as `normal_sigmas`')."""
     steps = _check_steps(steps)
+    if comfyui:
+        return _finish(_comfyui_normal_ramp(schedule, steps + 1, sigma_min, sigma_max)[:-1], schedule, final)
     t = _linspace64(*_t_range(schedule, sigma_min, sigma_max), steps + 1)[:-1]
     return _finish(schedule.t_to_sigma(t), schedule, final)
 
@@ -749,6 +766,13 @@ def schedule_overrides(name: str, *, sigma_min: float = 0.0, sigma_max: float = 
     given = {"sigma_min": sigma_min, "sigma_max": sigma_max, "rho": rho, "alpha": alpha, "beta": beta}
     return {key: float(value) for key, value in given.items()
             if value and key in taken and (key in ("sigma_min", "sigma_max") or value != taken[key].default)}
+
+
+def comfyui_options(name: str) -> dict[str, bool]:
+    """The option that builds discretization `name` in ComfyUI's float32 arithmetic (``comfyui=True``: `normal` and
+    `sgm_uniform`, `comfy_sigmas`) where it has one; none for the others, whose sigmas are ComfyUI's as they are
+    or computed as k-diffusion's (karras, exponential) for A1111 and ComfyUI alike."""
+    return {"comfyui": True} if "comfyui" in inspect.signature(get_discretization(name)).parameters else {}
 
 
 def discretize(name: str, schedule: NoiseSchedule, steps: int, *, scheduler: str = "euler",

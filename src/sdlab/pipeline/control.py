@@ -40,8 +40,9 @@ Semantics are diffusers' (`StableDiffusionControlNetPipeline`, `MultiControlNetM
   drops it), cut about its centre to the drawing's aspect ratio and resized by nearest-exact (`comfyui_hint`:
   comfy/utils.py `common_upscale`, crop "center"; resize mode "resize" is its crop "disabled"); a control acts at
   each model call whose sigma lies in [percent_to_sigma(end), percent_to_sigma(start)] of the model's own
-  schedule (`comfyui_sigma_window`, `ControlBase.pre_run`), whatever step it belongs to; a pooling ControlNet's
-  residuals go to every row, as ComfyUI pools them without choosing rows.
+  schedule (`comfyui_sigma_window`, `ControlBase.pre_run`; in ComfyUI's float32 arithmetic, `comfy_sigmas`),
+  whatever step it belongs to; a pooling ControlNet's residuals go to every row, as ComfyUI pools them without
+  choosing rows.
 
 The seam with the generate loop is two wrappers around the callables it already has:
 
@@ -58,7 +59,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,9 @@ from torch import Tensor
 from sdlab.checkpoints.controlnet import LoadedControlNet, legacy_hash, load_controlnet
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.t2i_adapter import LoadedT2IAdapter, is_t2i_adapter, load_t2i_adapter
+from sdlab.diffusion.comfy_sigmas import comfyui_percent_to_sigma, comfyui_sigma
 from sdlab.diffusion.denoiser import DenoiseFn
+from sdlab.diffusion.model_sampling import DiscreteModelSampling, ModelSampling
 from sdlab.diffusion.steps import step_of_call
 from sdlab.families.loaded import ModelBundle
 from sdlab.models.circular_padding import circular_padding, padded_convolutions
@@ -105,8 +108,6 @@ the hint; A1111's default is "Crop and Resize" (`ResizeMode.INNER_FIT`); ComfyUI
 (`common_upscale`'s crop "center", `comfyui_hint`)."""
 COMFYUI_RESIZE_MODES = ("resize", "crop")
 """The resize modes ComfyUI's `common_upscale` has: crop "disabled" (stretch) and "center"."""
-COMFYUI_ALWAYS = 999999999.9
-"""ComfyUI's percent_to_sigma(0): a sigma above every model's, so a window from 0 takes the first call."""
 A1111_RESIZE_ALIASES = {"Inner Fit (Scale to Fit)": "Crop and Resize", "Outer Fit (Shrink to Fit)": "Resize and Fill",
                         "Scale to Fit (Inner Fit)": "Crop and Resize", "Envelope (Outer Fit)": "Resize and Fill"}
 """The ControlNet extension's older names of its resize modes (`resize_mode_aliases`)."""
@@ -474,21 +475,22 @@ class PreparedControl:
 def comfyui_sigma_window(start: float, end: float, t_to_sigma: Any) -> tuple[float, float]:
     """ComfyUI's sigma window of a control acting from `start` to `end` (fractions of the model's timesteps):
     (percent_to_sigma(start), percent_to_sigma(end)) (comfy/controlnet.py `ControlBase.pre_run`), percent_to_sigma(p)
-    the model's sigma at timestep (1 - p) * 999 (`t_to_sigma`, interpolating log sigma), above every sigma for
-    p <= 0 (`COMFYUI_ALWAYS`) and 0 for p >= 1 (comfy/model_sampling.py `ModelSamplingDiscrete.percent_to_sigma`).
-    `t_to_sigma` interpolates in float64, ComfyUI in float32: an edge differs from ComfyUI's in its last float32
-    bit for about a third of the percents, as sdlab's normal / sgm_uniform sigmas from ComfyUI's, so an edge on a
-    step's own sigma may take one step more or less than ComfyUI (README, ControlNet: the edge case). Making the
-    edge alone float32 would part it from sdlab's own float64 sigmas and miss more often (measured 299 against
-    187 of 3504 edges on a step)."""
-    def percent_to_sigma(percent: float) -> float:
-        if percent <= 0.0:
-            return COMFYUI_ALWAYS
-        if percent >= 1.0:
-            return 0.0
-        return float(t_to_sigma(torch.tensor((1.0 - percent) * 999.0)))      # float32 timestep, as ComfyUI's
+    the model's sigma at the float32 timestep (1 - p) * 999 (`t_to_sigma`: `comfyui_timestep_sigma`'s), above every
+    sigma for p <= 0 and 0 for p >= 1 (comfy/model_sampling.py `ModelSamplingDiscrete.percent_to_sigma`:
+    `comfy_sigmas.comfyui_percent_to_sigma`)."""
+    return comfyui_percent_to_sigma(start, t_to_sigma), comfyui_percent_to_sigma(end, t_to_sigma)
 
-    return percent_to_sigma(start), percent_to_sigma(end)
+
+def comfyui_timestep_sigma(sampling: ModelSampling) -> Callable[[Tensor], Tensor]:
+    """The timestep -> sigma map ComfyUI's control windows read (`comfyui_sigma_window`): a discrete model's
+    ``ModelSamplingDiscrete.sigma``, float32 on ComfyUI's float32 log-sigma table (`comfy_sigmas.comfyui_sigma`), so
+    an edge is ComfyUI's bit for bit and falls on a step's sigma exactly where ComfyUI's does (the KSampler's
+    `normal` / `sgm_uniform` sigmas are the same function's under ComfyUI's conventions: `plan.comfyui_arithmetic`);
+    an EDM or flow model's own `t_to_sigma`."""
+    if isinstance(sampling, DiscreteModelSampling):
+        schedule = sampling.schedule
+        return lambda t: comfyui_sigma(schedule, t)
+    return sampling.t_to_sigma
 
 
 def in_window(start: float, end: float, step: int, steps: int, convention: str) -> bool:
@@ -573,8 +575,9 @@ def prepare_controls(
     `region` (x1, y1, x2, y2) of a picture of `picture_size`: the run draws that region (Inpaint area "Only
     masked"); each image (and inpaint mask) is cut to it before its preprocessor runs, as A1111 does
     (`cropped_to_region`). `mask`: an inpainting run's mask as the inpaint preprocessors read it
-    (`inpaint_mask`), for the controls that bring none. `t_to_sigma`: the model's timestep -> sigma, for ComfyUI's
-    sigma windows (`comfyui_sigma_window`; needed under its convention)."""
+    (`inpaint_mask`), for the controls that bring none. `t_to_sigma`: the model's timestep -> sigma as ComfyUI
+    computes it (`comfyui_timestep_sigma`), for ComfyUI's sigma windows (`comfyui_sigma_window`; needed under its
+    convention)."""
     if convention == "comfyui" and t_to_sigma is None:
         raise ValueError("prepare_controls: ComfyUI's control windows need the model's t_to_sigma")
     prepared = []

@@ -90,7 +90,8 @@ from sdlab.models.generation_memo import reusing_generation_work
 from sdlab.models.unet import guidance_scale_embedding
 from sdlab.models.vae import DiagonalGaussian
 from sdlab.pipeline.control import (
-    controlled_unet, inpaint_mask, prepare_controls, prompt_marks, sigma_windowed, spans_part, tag_steps,
+    comfyui_timestep_sigma, controlled_unet, inpaint_mask, prepare_controls, prompt_marks, sigma_windowed, spans_part,
+    tag_steps,
 )
 from sdlab.pipeline.conditioning import ClipSkip, composed_schedule, empty_context_once, make_cond_schedule
 from sdlab.pipeline.finite import FiniteWatch
@@ -696,7 +697,7 @@ def _guided_model(
                                 picture_size=None if overlay is None else overlay.original.size,
                                 mask=inpaint_mask(req.mask_image, req.invert_mask, req.mask_blur,
                                                   req.mask_blur_y),
-                                t_to_sigma=sampling.t_to_sigma)
+                                t_to_sigma=comfyui_timestep_sigma(sampling))
     image_prompts = prepare_image_prompts(bundle, req.ip_adapters, req.batch_size,    # IP-Adapters' tokens
                                           req.control_convention,
                                           region=None if overlay is None else overlay.region,

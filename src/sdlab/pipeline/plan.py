@@ -28,8 +28,8 @@ import torch
 from torch import Tensor
 
 from sdlab.diffusion.discretization import (
-    A1111_IMG2IMG, DIFFUSERS_NAMES, a1111_timestep_sigmas, a1111_timesteps, discretize, img2img_sigmas,
-    schedule_overrides, steps_run,
+    A1111_IMG2IMG, DIFFUSERS_NAMES, a1111_timestep_sigmas, a1111_timesteps, comfyui_options, discretize,
+    img2img_sigmas, schedule_overrides, steps_run,
 )
 from sdlab.diffusion.model_sampling import DiscreteModelSampling, ModelSampling
 from sdlab.diffusion.schedules import a1111_schedule_override
@@ -68,6 +68,7 @@ __all__ = [
     "REFINER_CONVENTIONS",
     "check_pag_layers",
     "check_refiner_convention",
+    "comfyui_arithmetic",
     "encoder_clip_skips",
     "handoff_index",
     "make_plan",
@@ -452,7 +453,8 @@ def request_sigmas(
     `device`: the request's named discretization of the model sampling's training levels (`sampling.schedule`);
     a diffusers-spaced one counts from the model's `steps_offset` (`ModelBundle.steps_offset`), its ends as A1111
     takes them (`a1111_schedule_ends`). A1111's timestep samplers step on its timesteps (`runs_a1111_timesteps`,
-    `_a1111_timesteps_run`)."""
+    `_a1111_timesteps_run`). Under ComfyUI's KSampler (`comfyui_arithmetic`) `normal` and `sgm_uniform` are
+    computed in ComfyUI's float32 arithmetic (`discretization.comfyui_options`)."""
     img2img = req.init_image is not None if img2img is None else img2img
     req = a1111_schedule_ends(sampling, req)
     if runs_a1111_timesteps(sampler, req.schedule):
@@ -465,6 +467,8 @@ def request_sigmas(
                    **schedule_overrides(req.schedule, sigma_min=req.schedule_sigma_min,
                                         sigma_max=req.schedule_sigma_max, rho=req.schedule_rho,
                                         alpha=req.beta_alpha, beta=req.beta_beta))
+    if comfyui_arithmetic(sampling, req):
+        options.update(comfyui_options(req.schedule))
     if req.schedule.strip().lower() in DIFFUSERS_NAMES:
         options["steps_offset"] = steps_offset
     try:
@@ -476,6 +480,14 @@ def request_sigmas(
     except ValueError as err:   # e.g. a strength so low that no step runs, LCM past its 50 steps
         raise RequestError(str(err)) from None
     return sigmas.to(device)
+
+
+def comfyui_arithmetic(sampling: ModelSampling, req: GenerationRequest) -> bool:
+    """Whether a resolved request's sigmas are ComfyUI's KSampler's in its float32 arithmetic (`comfy_sigmas`): its
+    start noise is ComfyUI's KSampler rule (init_noise "comfyui", which a sampler spelt as ComfyUI spells it brings
+    on a schedule not named the diffusers way) on a discrete model (ComfyUI's `ModelSamplingDiscrete`; an EDM or
+    flow model keeps sdlab's arithmetic)."""
+    return req.init_noise == "comfyui" and isinstance(sampling, DiscreteModelSampling)
 
 
 def _a1111_timesteps_run(sampler: SamplerSpec, req: GenerationRequest, img2img: bool) -> tuple[int, int | None]:
