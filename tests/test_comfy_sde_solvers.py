@@ -28,13 +28,15 @@ from cli_helpers import pixels, run
 
 import comfy_reference as C
 import sdlab
+from sdlab.diffusion.comfy_sigmas import comfyui_percent_to_sigma
 from sdlab.diffusion.denoiser import Denoiser
 from sdlab.diffusion.guidance import cfg
 from sdlab.diffusion.model_sampling import DiscreteModelSampling
-from sdlab.diffusion.sa_solver import adams_weights, comfy_percent_to_sigma
+from sdlab.diffusion.sa_solver import adams_weights
 from sdlab.diffusion.samplers import get_sampler, sampler_names
 from sdlab.diffusion.schedules import NoiseSchedule
 from sdlab.pipeline import generate as generate_module
+from sdlab.pipeline.plan import comfyui_timestep_sigma
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -404,7 +406,7 @@ def run_both(name, model, x, sigmas, comfy, ours_options=None, reference_options
     """sdlab's row and ComfyUI's function from the same x and noise: (ours, reference, ours' noise, theirs)."""
     ours_noise, reference_noise = RecordedNoise(7, x), RecordedNoise(7, x)
     spec = get_sampler(name)
-    extra = {"t_to_sigma": SD_SAMPLING.t_to_sigma} if spec.wants_t_to_sigma else {}
+    extra = {"t_to_sigma": comfyui_timestep_sigma(SD_SAMPLING)} if spec.wants_t_to_sigma else {}   # generate's
     ours = spec.fn(model, x.clone(), sigmas, noise=ours_noise, **extra, **(ours_options or {}))
     reference = REFERENCES[name](model, x.clone(), sigmas, comfy, noise_sampler=reference_noise,
                                  **(reference_options or {}))
@@ -416,7 +418,7 @@ def run_both(name, model, x, sigmas, comfy, ours_options=None, reference_options
 def test_samplers_match_comfyui(comfy, name, scheduler):
     """Every step count from 1 to 20 on ComfyUI's KSampler sigmas; the noise source is asked for the same sigma
     pairs in the same order (a Brownian tree, or the step count of a Gaussian stream, would see no difference)."""
-    for steps in (1, 2, 3, 4, 5, 7, 10, 20):
+    for steps in (1, 2, 3, 4, 5, 6, 7, 10, 20):
         sigmas = C.ksampler_sigmas(comfy, name, scheduler, steps).double()
         x = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(steps), dtype=torch.float64) * sigmas[0]
         ours, reference, ours_noise, reference_noise = run_both(name, mixture_denoiser, x, sigmas, comfy)
@@ -491,10 +493,12 @@ def test_sa_solver_weights_are_comfyuis(order, tau):
 
 
 def test_sa_solver_sde_interval_is_comfyuis(comfy):
-    """percent_to_sigma(0.2) and (0.8) of an SD model: sdlab's schedule against ComfyUI's float32 table."""
+    """percent_to_sigma(0.2) and (0.8) of an SD model, as the generate loop gives SA-Solver its map
+    (`plan.comfyui_timestep_sigma`): ComfyUI's float32 edges bit for bit (0.2's is the sigma of step 1 of `normal` at
+    6 steps, which SA-Solver then runs as an SDE step, as ComfyUI's does)."""
     for percent in (0.2, 0.8):
-        assert comfy_percent_to_sigma(SD_SAMPLING.t_to_sigma, percent) == pytest.approx(
-            comfy.percent_to_sigma(percent), rel=1e-5)
+        assert comfyui_percent_to_sigma(percent, comfyui_timestep_sigma(SD_SAMPLING)) == comfy.percent_to_sigma(percent)
+    assert comfy.percent_to_sigma(0.2) == float(C.ksampler_sigmas(comfy, "sa_solver", "normal", 6)[1])
 
 
 # comfy/samplers.py KSAMPLER_NAMES and SAMPLER_NAMES (comfy/sampler_names.py in later versions)

@@ -30,9 +30,9 @@ from sdlab.diffusion.samplers import get_sampler
 from sdlab.diffusion.schedules import A1111_ZERO_SNR_TERMINAL_ALPHAS_CUMPROD
 from sdlab.families import get_family
 from sdlab.families.base import ScheduleSpec
-from sdlab.pipeline.control import PreparedControl, comfyui_sigma_window, comfyui_timestep_sigma
+from sdlab.pipeline.control import PreparedControl, comfyui_sigma_window
 from sdlab.pipeline.infotext import from_parameters, to_parameters
-from sdlab.pipeline.plan import request_sigmas
+from sdlab.pipeline.plan import comfyui_timestep_sigma, request_sigmas
 from sdlab.pipeline.png_info import format_parameters, parse_parameters
 from sdlab.pipeline.request import GenerationRequest, resolve
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["adams_weights", "comfy_percent_to_sigma", "tau_interval"]
+__all__ = ["adams_weights", "tau_interval"]
 
 
 def _moments(lambda_s: float, lambda_t: float, count: int, tau: float) -> Tensor:
@@ -40,11 +40,6 @@ def adams_weights(points: Sequence[float], lambda_s: float, lambda_t: float, tau
     nodes = torch.tensor(list(points), dtype=torch.float64)                  # (K,)
     vandermonde_t = torch.vander(nodes, len(points), increasing=True).T      # (K, K): row p holds nodes^p
     return torch.linalg.solve(vandermonde_t, _moments(lambda_s, lambda_t, len(points), tau)).tolist()
-
-
-def comfy_percent_to_sigma(t_to_sigma: Callable[[Tensor], Tensor], percent: float) -> float:
-    """ComfyUI's ``ModelSamplingDiscrete.percent_to_sigma``: the sigma at timestep ``(1 - percent) * 999``."""
-    return float(t_to_sigma(torch.tensor((1.0 - percent) * 999.0)))
 
 
 def tau_interval(start_sigma: float, end_sigma: float, eta: float) -> Callable[[float], float]:

@@ -42,7 +42,8 @@ from torch import Tensor
 from sdlab.diffusion.deis import deis_coefficients
 from sdlab.diffusion.denoiser import DenoiseFn
 from sdlab.diffusion.noise import NoiseSource
-from sdlab.diffusion.sa_solver import adams_weights, comfy_percent_to_sigma, tau_interval
+from sdlab.diffusion.comfy_sigmas import comfyui_percent_to_sigma
+from sdlab.diffusion.sa_solver import adams_weights, tau_interval
 from sdlab.diffusion.sampling_k import sample_dpmpp_2m, sample_dpmpp_2s_ancestral, sample_euler_ancestral
 from sdlab.diffusion.sampling_ldm import ADAMS_BASHFORTH
 from sdlab.diffusion.steps import (
@@ -524,7 +525,8 @@ def sample_sa_solver(
     ``predictor_order`` on the last denoised estimates, each step first corrected with the new estimate by a
     stochastic Adams-Moulton corrector of order up to ``corrector_order`` (not on the first step, nor the last
     unless ``use_pece``); weights from ``sa_solver.adams_weights`` in lambda = -log sigma. The noise strength tau
-    is ``eta`` for the sigmas between ComfyUI's percent_to_sigma(0.2) and (0.8) of the model (``t_to_sigma``),
+    is ``eta`` for the sigmas between ComfyUI's percent_to_sigma(0.2) and (0.8) of the model (``t_to_sigma``: its
+    ``ModelSamplingDiscrete.sigma`` in float32, ``pipeline.plan.comfyui_timestep_sigma``, for ComfyUI's edges),
     0 elsewhere; the predictor's noise ``sigma' sqrt(1 - e^(-2 tau^2 h))`` carries into the corrected state. With
     a schedule ending at 0 the orders fall towards the end (the predictor's to the steps left after this one).
     ``use_pece`` (``sa_solver_pece``): the corrected state is evaluated again (two model calls a step)."""
@@ -532,7 +534,7 @@ def sample_sa_solver(
         return x
     if t_to_sigma is None:
         raise ValueError("sa_solver needs the model's t_to_sigma: its SDE interval is a range of the model's timesteps")
-    tau_of = tau_interval(*(comfy_percent_to_sigma(t_to_sigma, p) for p in SA_SOLVER_SDE_PERCENTS), eta)
+    tau_of = tau_interval(*(comfyui_percent_to_sigma(p, t_to_sigma) for p in SA_SOLVER_SDE_PERCENTS), eta)
     levels = sigmas.tolist()
     lambdas = [-math.log(s) if s > 0 else math.inf for s in levels]
     last = len(levels) - 1

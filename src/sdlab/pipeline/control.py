@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -73,9 +73,8 @@ from torch import Tensor
 from sdlab.checkpoints.controlnet import LoadedControlNet, legacy_hash, load_controlnet
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.t2i_adapter import LoadedT2IAdapter, is_t2i_adapter, load_t2i_adapter
-from sdlab.diffusion.comfy_sigmas import comfyui_percent_to_sigma, comfyui_sigma
+from sdlab.diffusion.comfy_sigmas import comfyui_percent_to_sigma
 from sdlab.diffusion.denoiser import DenoiseFn
-from sdlab.diffusion.model_sampling import DiscreteModelSampling, ModelSampling
 from sdlab.diffusion.steps import step_of_call
 from sdlab.families.loaded import ModelBundle
 from sdlab.models.circular_padding import circular_padding, padded_convolutions
@@ -475,22 +474,10 @@ class PreparedControl:
 def comfyui_sigma_window(start: float, end: float, t_to_sigma: Any) -> tuple[float, float]:
     """ComfyUI's sigma window of a control acting from `start` to `end` (fractions of the model's timesteps):
     (percent_to_sigma(start), percent_to_sigma(end)) (comfy/controlnet.py `ControlBase.pre_run`), percent_to_sigma(p)
-    the model's sigma at the float32 timestep (1 - p) * 999 (`t_to_sigma`: `comfyui_timestep_sigma`'s), above every
+    the model's sigma at the float32 timestep (1 - p) * 999 (`t_to_sigma`: `plan.comfyui_timestep_sigma`'s), above every
     sigma for p <= 0 and 0 for p >= 1 (comfy/model_sampling.py `ModelSamplingDiscrete.percent_to_sigma`:
     `comfy_sigmas.comfyui_percent_to_sigma`)."""
     return comfyui_percent_to_sigma(start, t_to_sigma), comfyui_percent_to_sigma(end, t_to_sigma)
-
-
-def comfyui_timestep_sigma(sampling: ModelSampling) -> Callable[[Tensor], Tensor]:
-    """The timestep -> sigma map ComfyUI's control windows read (`comfyui_sigma_window`): a discrete model's
-    ``ModelSamplingDiscrete.sigma``, float32 on ComfyUI's float32 log-sigma table (`comfy_sigmas.comfyui_sigma`), so
-    an edge is ComfyUI's bit for bit and falls on a step's sigma exactly where ComfyUI's does (the KSampler's
-    `normal` / `sgm_uniform` sigmas are the same function's under ComfyUI's conventions: `plan.comfyui_arithmetic`);
-    an EDM or flow model's own `t_to_sigma`."""
-    if isinstance(sampling, DiscreteModelSampling):
-        schedule = sampling.schedule
-        return lambda t: comfyui_sigma(schedule, t)
-    return sampling.t_to_sigma
 
 
 def in_window(start: float, end: float, step: int, steps: int, convention: str) -> bool:
@@ -576,7 +563,7 @@ def prepare_controls(
     masked"); each image (and inpaint mask) is cut to it before its preprocessor runs, as A1111 does
     (`cropped_to_region`). `mask`: an inpainting run's mask as the inpaint preprocessors read it
     (`inpaint_mask`), for the controls that bring none. `t_to_sigma`: the model's timestep -> sigma as ComfyUI
-    computes it (`comfyui_timestep_sigma`), for ComfyUI's sigma windows (`comfyui_sigma_window`; needed under its
+    computes it (`plan.comfyui_timestep_sigma`), for ComfyUI's sigma windows (`comfyui_sigma_window`; needed under its
     convention)."""
     if convention == "comfyui" and t_to_sigma is None:
         raise ValueError("prepare_controls: ComfyUI's control windows need the model's t_to_sigma")

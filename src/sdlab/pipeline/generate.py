@@ -90,8 +90,7 @@ from sdlab.models.generation_memo import reusing_generation_work
 from sdlab.models.unet import guidance_scale_embedding
 from sdlab.models.vae import DiagonalGaussian
 from sdlab.pipeline.control import (
-    comfyui_timestep_sigma, controlled_unet, inpaint_mask, prepare_controls, prompt_marks, sigma_windowed, spans_part,
-    tag_steps,
+    controlled_unet, inpaint_mask, prepare_controls, prompt_marks, sigma_windowed, spans_part, tag_steps,
 )
 from sdlab.pipeline.conditioning import ClipSkip, composed_schedule, empty_context_once, make_cond_schedule
 from sdlab.pipeline.finite import FiniteWatch
@@ -114,6 +113,7 @@ from sdlab.pipeline.plan import (
     GenerationPlan,
     a1111_switches,
     a1111_training_sigmas,
+    comfyui_timestep_sigma,
     encoder_clip_skips,
     handoff_index,
     make_plan,
@@ -1012,8 +1012,9 @@ def _sampler_options(plan: GenerationPlan, x: Tensor, generators: list[Generator
         options["n"] = plan.solver_calls
     if sampler.wants_sigma_to_t:
         options["sigma_to_t"] = plan.sampling.sigma_to_t
-    if sampler.wants_t_to_sigma:
-        options["t_to_sigma"] = plan.sampling.t_to_sigma
+    if sampler.wants_t_to_sigma:        # TCD's integer timesteps are diffusers'; ComfyUI's own samplers (SA-Solver)
+        options["t_to_sigma"] = (plan.sampling.t_to_sigma if sampler.a1111     # read ComfyUI's percent_to_sigma
+                                 else comfyui_timestep_sigma(plan.sampling))
     accepted = sampler.parameters
     ignored = sorted(name for name in options if name not in accepted and name != "noise")
     if ignored:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -31,6 +32,7 @@ from sdlab.diffusion.discretization import (
     A1111_IMG2IMG, DIFFUSERS_NAMES, a1111_timestep_sigmas, a1111_timesteps, comfyui_options, discretize,
     img2img_sigmas, schedule_overrides, steps_run,
 )
+from sdlab.diffusion.comfy_sigmas import comfyui_sigma
 from sdlab.diffusion.model_sampling import DiscreteModelSampling, ModelSampling
 from sdlab.diffusion.schedules import a1111_schedule_override
 from sdlab.diffusion.samplers import (
@@ -69,6 +71,7 @@ __all__ = [
     "check_pag_layers",
     "check_refiner_convention",
     "comfyui_arithmetic",
+    "comfyui_timestep_sigma",
     "encoder_clip_skips",
     "handoff_index",
     "make_plan",
@@ -488,6 +491,18 @@ def comfyui_arithmetic(sampling: ModelSampling, req: GenerationRequest) -> bool:
     on a schedule not named the diffusers way) on a discrete model (ComfyUI's `ModelSamplingDiscrete`; an EDM or
     flow model keeps sdlab's arithmetic)."""
     return req.init_noise == "comfyui" and isinstance(sampling, DiscreteModelSampling)
+
+
+def comfyui_timestep_sigma(sampling: ModelSampling) -> Callable[[Tensor], Tensor]:
+    """The timestep -> sigma map ComfyUI's percent_to_sigma reads (a ControlNet's window under ComfyUI's convention,
+    `control.comfyui_sigma_window`; SA-Solver's SDE interval): a discrete model's ``ModelSamplingDiscrete.sigma``,
+    float32 on ComfyUI's float32 log-sigma table (`comfy_sigmas.comfyui_sigma`), so an edge is ComfyUI's bit for bit
+    and falls on a step's sigma exactly where ComfyUI's does (the KSampler's `normal` / `sgm_uniform` sigmas are the
+    same function's under `comfyui_arithmetic`); an EDM or flow model's own `t_to_sigma`."""
+    if isinstance(sampling, DiscreteModelSampling):
+        schedule = sampling.schedule
+        return lambda t: comfyui_sigma(schedule, t)
+    return sampling.t_to_sigma
 
 
 def _a1111_timesteps_run(sampler: SamplerSpec, req: GenerationRequest, img2img: bool) -> tuple[int, int | None]:
