@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 
 import sdlab
 from bundle_fixtures import tiny_bundle, write_diffusers_folder
-from comfy_reference import ModelSamplingDiscrete
+from comfy_reference import ModelSamplingDiscrete, normal_scheduler
 from controlnet_fixtures import diffusers_controlnet, write_layout
 from picture_parity import uint8_pictures
 from sdlab.checkpoints.controlnet import load_controlnet
@@ -174,6 +174,33 @@ def test_a_chain_of_two_controlnets_draws_comfyuis_picture(monkeypatch, sd1, sam
     assert (diffusers[0] - reference[0]).abs().max() > 0.01         # sdlab's other rules draw another one
     assert torch.equal(ours[0], reference[0])
     assert np.array_equal(uint8_pictures(ours[1]), uint8_pictures(reference[1]))
+
+
+def test_an_edge_on_a_steps_sigma_acts_where_comfyuis_does(monkeypatch, sd1):
+    """end_percent 0.4 on `normal` at 6 steps is the sigma of step 2 itself (timestep 599.4): the run's sigmas and
+    the edge are ComfyUI's float32 ones bit for bit, so the control takes steps 0..2 as ComfyUI's get_control does
+    (in float64 arithmetic the edge fell a last bit below that step's sigma and dropped step 2)."""
+    pipe, (first, _, _) = sd1
+    units = [(first, control_picture(0), 0.8, 0.0, 0.4)]
+    seen = []
+
+    class SigmaSpy(Denoiser):
+        def __call__(self, x, sigma, **cond):
+            seen.append(float(torch.as_tensor(sigma).flatten()[0]))
+            return super().__call__(x, sigma, **cond)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(G, "Denoiser", SigmaSpy)
+        ours = draw(pipe, "euler", "normal", controls=[ControlInput(*units[0])], control_convention="comfyui")
+    s = ModelSamplingDiscrete()
+    sigmas = normal_scheduler(s, STEPS)
+    assert seen == sigmas[:-1].tolist()                                     # ComfyUI's KSampler sigmas
+    assert s.percent_to_sigma(0.4) == seen[2]
+    reference = reference_run(monkeypatch, pipe, units, "euler", "normal")
+    assert torch.equal(ours[0], reference[0])
+    without_step_2 = draw(pipe, "euler", "normal", controls=[ControlInput(first, control_picture(0), 0.8, 0.0, 0.3)],
+                          control_convention="comfyui")                     # steps 0..1: another latent
+    assert not torch.equal(without_step_2[0], reference[0])
 
 
 def test_a_pooling_controlnet_acts_on_every_row_as_comfyuis(monkeypatch, sd1):
