@@ -7,6 +7,7 @@ numbers POST /prompt answers."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -118,7 +119,7 @@ def test_front_and_number_place_a_prompt_in_the_one_queue(server, monkeypatch):
         assert [item[0] for item in listed["queue_pending"]] == [p["number"] for p in order]
         for bad in ("many", "nan", [1]):
             answer = server.post("/prompt", json={"prompt": graph(), "number": bad})
-            assert answer.status_code == 400 and "number must be a number" in answer.text, answer.text
+            assert answer.status_code == 400 and "number must be a finite number" in answer.text, answer.text
     finally:
         let_go.set()
     deadline = time.monotonic() + WAIT_S
@@ -126,3 +127,24 @@ def test_front_and_number_place_a_prompt_in_the_one_queue(server, monkeypatch):
         assert time.monotonic() < deadline
         time.sleep(0.02)
     assert drawn == [_job_id(p["prompt_id"]) for p in (held, *order)] + [native["id"]]
+
+
+@pytest.mark.parametrize("number, shown", [
+    ("1e400", "got inf"), ("-Infinity", "got -inf"), ('"inf"', "got inf"), ('"-1e999"', "got -inf"),
+    ("9" * 400, "got 9999"),
+], ids=["1e400", "-Infinity", "inf-text", "-1e999-text", "400-digits"])
+def test_a_number_beyond_a_float_is_one_400_and_nothing_queued(server, monkeypatch, number, shown):
+    """JSON has no infinity: a `number` that float() makes infinite (1e400, -Infinity, "inf") would be answered and
+    listed by GET /queue as a number no JSON carries, and a 400-digit integer overflows float(). Each is one 400
+    line, like a `number` that is no number, and no job is queued."""
+    from sdlab.server import comfy_api
+
+    submitted = []
+    monkeypatch.setattr(comfy_api, "_submit", lambda *args: submitted.append(args) or pytest.fail("queued"))
+    answer = server.post("/prompt", content='{"prompt": %s, "number": %s}' % (json.dumps(graph()), number),
+                         headers={"content-type": "application/json"})
+    assert answer.status_code == 400, answer.text
+    message = answer.json()["error"]["message"]
+    assert message.startswith("number must be a finite number, " + shown) and "\n" not in message, message
+    assert len(message) < 80 and submitted == []
+    assert server.get("/queue").json() == {"queue_running": [], "queue_pending": []}

@@ -213,16 +213,23 @@ async def post_prompt(request: Request) -> JSONResponse:
 def _place(body: dict[str, Any]) -> Place:
     """The queue place a POST /prompt asks for (ComfyUI's server.py ``post_prompt``): `front` (any true value)
     before every prompt pending, `number` (float() of it, as ComfyUI reads it) the number its queue sorts by; a
-    `number` that is no number, or NaN, a ValueError."""
+    `number` that is no finite number (NaN, an infinity, an integer beyond a float's range), a ValueError: the
+    answer and GET /queue carry the number as JSON, which has no infinity."""
     number = body.get("number")
     if number is not None:
         try:
             number = float(number)
-        except (TypeError, ValueError):
-            raise ValueError(f"number must be a number, got {number!r}") from None
-        if math.isnan(number):
-            raise ValueError("number must be a number, got NaN")
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"number must be a finite number, got {_shown(number)}") from None
+        if not math.isfinite(number):
+            raise ValueError(f"number must be a finite number, got {number}")
     return Place(front=bool(body.get("front")), number=number)
+
+
+def _shown(value: Any) -> str:
+    """`value` for a one-line message: its repr, cut to 40 characters."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _submit(state: ComfyState, plan: GraphPlan, place: Place = IN_TURN) -> Job:
