@@ -9,11 +9,13 @@ from __future__ import annotations
 import io
 import json
 import struct
+import threading
+import time
 
 import pytest
 from PIL import Image, ImageOps
 
-from sdlab.server import previews
+from sdlab.server import comfy_api, previews
 from test_server_comfy_api import graph, server  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -87,3 +89,51 @@ def test_a_prompt_not_asking_for_previews_gets_no_binary_frame(server, extra_dat
     frames, _ = _followed(server, extra_data)
     kinds = [kind for kind, _ in frames]
     assert "bytes" not in kinds and kinds.count("progress") == 3
+
+
+def _finished(client, prompt_id: str) -> dict:
+    deadline = time.monotonic() + 60
+    while (entry := client.get(f"/history/{prompt_id}").json().get(prompt_id)) is None:
+        assert time.monotonic() < deadline, "the prompt did not end"
+        time.sleep(0.02)
+    return entry
+
+
+def test_no_frame_is_encoded_where_no_socket_gets_it(server, monkeypatch):
+    """A prompt asking for previews whose client never connected, one without client_id while no socket is open, and
+    one whose client closed its socket before the first step: the previews are drawn (the job asked for them) but no
+    JPEG frame is encoded, as none would be sent; a client connected meanwhile gets its frames as before."""
+    encoded, drawn, entered, go_on = [], [], threading.Event(), threading.Event()
+    real_frame, real_rgb = comfy_api.preview_frame, previews.LatentPreviewer.rgb
+    monkeypatch.setattr(comfy_api, "preview_frame", lambda rgb: encoded.append(rgb) or real_frame(rgb))
+
+    def rgb(self, latent):
+        entered.set()
+        assert go_on.wait(60)
+        drawn.append(real_rgb(self, latent))
+        return drawn[-1]
+
+    monkeypatch.setattr(previews.LatentPreviewer, "rgb", rgb)
+    go_on.set()
+    for extra in ({"client_id": "nobody"}, {}):
+        answer = server.post("/prompt", json={"prompt": graph(), "extra_data": {"preview_method": "taesd"}, **extra})
+        assert answer.status_code == 200, answer.text
+        assert _finished(server, answer.json()["prompt_id"])["status"]["status_str"] == "success"
+        assert len(drawn) == 3 and encoded == []
+        drawn.clear()
+    go_on.clear()
+    entered.clear()
+    with server.websocket_connect("/ws?clientId=closer") as socket:
+        socket.receive_json()
+        answer = server.post("/prompt", json={"prompt": graph(), "client_id": "closer",
+                                              "extra_data": {"preview_method": "auto"}})
+        assert entered.wait(60)                         # the first step's preview, held
+    deadline = time.monotonic() + 60
+    while "closer" in server.app.state.comfy.sockets:   # the server saw the socket close
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    go_on.set()
+    assert _finished(server, answer.json()["prompt_id"])["status"]["status_str"] == "success"
+    assert len(drawn) == 3 and encoded == []
+    frames, _ = _followed(server, {"preview_method": "latent2rgb"})
+    assert [kind for kind, _ in frames].count("bytes") == 3 and len(encoded) == 3

@@ -136,12 +136,17 @@ class ComfyState:
         queued, running = self.service.queue.counts()
         return queued + running
 
+    def listeners(self, sid: str | None) -> list[WebSocket]:
+        """The open sockets a message to `sid` goes to: its own (none where it is not connected), every one for
+        None."""
+        if sid is None:
+            return list(self.sockets.values())
+        return [self.sockets[sid]] if sid in self.sockets else []
+
     async def send(self, event: str, data: dict[str, Any] | bytes, sid: str | None) -> None:
         """ComfyUI's `send_json` (`send_bytes` for a binary frame, `data` bytes): to the socket of `sid`, or to every
         socket when `sid` is None."""
-        targets = [self.sockets[sid]] if sid is not None and sid in self.sockets else (
-            list(self.sockets.values()) if sid is None else [])
-        for socket in targets:
+        for socket in self.listeners(sid):
             try:
                 if isinstance(data, bytes):
                     await socket.send_bytes(data)
@@ -392,7 +397,8 @@ async def _follow(state: ComfyState, prompt: Prompt) -> None:
                 await send("progress", {"value": data["i"] - first if second_pass else data["i"],
                                         "max": data["n"] - first if second_pass else first, "prompt_id": pid,
                                         "node": plan.second_node if second_pass else plan.sampler_node})
-                if previews and data.get("preview") is not None:        # after its progress, as ComfyUI's hook
+                # after its progress, as ComfyUI's hook; encoded only where a socket will get it
+                if previews and data.get("preview") is not None and state.listeners(sid):
                     await send("preview", await asyncio.to_thread(preview_frame, data["preview"]))
             elif name == "done":
                 images = [{"filename": Path(url).name, "subfolder": ""} for url in data["images"]]
