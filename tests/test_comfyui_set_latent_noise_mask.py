@@ -89,6 +89,49 @@ def test_other_conventions_still_fit_the_mask_to_the_picture(tiny):
     assert np.array_equal(np.asarray(drawn), np.asarray(tiny.inpaint("x", init, fitted, **options).images[0]))
 
 
+def third_and_quarter(size: tuple[int, int]) -> Image.Image:
+    """A mask picture of `size` (w, h): the left third and the top quarter white (repaint)."""
+    width, height = size
+    levels = np.zeros((height, width), dtype=np.uint8)
+    levels[:, :width // 3] = 255
+    levels[:height // 4, :] = 255
+    return Image.fromarray(levels, "L")
+
+
+@pytest.mark.parametrize("resize_mode", ["crop", "fill", "resize"])
+def test_the_noise_mask_follows_a_picture_cut_or_padded(monkeypatch, tiny, resize_mode):
+    """The straight resize is ComfyUI's rule where the picture reaches the latent stretched as the mask does. A 96 x 64
+    picture with its mask drawn on it, drawn at 64 x 64 under ComfyUI's convention: "crop" cuts the picture's middle
+    64 columns, "fill" pads it to 64 x 64, and the noise mask is prepare_mask of the mask cut / padded so (the left
+    third of the picture: 16 of the 64 columns drawn, whole latent cells, after "crop"), not the whole 96 x 64 mask
+    squeezed onto the latent; "resize" stretches both and keeps the straight resize."""
+    from sdlab.pipeline.overlay import mask_tensor
+    from sdlab.pipeline.upscale import IMG2IMG_UPSCALER, resize_image
+
+    caught_masks = []
+    real = G._latent_repaint
+    monkeypatch.setattr(G, "_latent_repaint", lambda bundle, plan, mask: caught_masks.append(
+        real(bundle, plan, mask)) or caught_masks[-1])
+    picture = init_picture(96).crop((0, 16, 96, 80))                              # 96 x 64
+    mask_picture = third_and_quarter((96, 64))
+    tiny.inpaint("x", picture, mask_picture, width=64, height=64, resize_mode=resize_mode, sampler="euler",
+                 steps=2, seed=SEED, mask_blur=0, mask_round=False, paste_back=False)
+    noise_mask = caught_masks[-1]                                                  # (1, 1, h, w)
+    shape = (1, 1, *noise_mask.shape[-2:])
+    straight = prepare_mask(mask_tensor(mask_picture), shape)                      # ComfyUI's, of the whole mask
+    followed = prepare_mask(mask_tensor(resize_image(mask_picture, IMG2IMG_UPSCALER, (64, 64), mode=resize_mode)),
+                            shape)                                                 # of the mask cut as the picture
+    if resize_mode == "resize":
+        assert torch.equal(noise_mask, straight)
+        return
+    assert torch.equal(noise_mask, followed)
+    assert (followed - straight).abs().max() > 0.3, "the two routes to the latent would not be told apart"
+    if resize_mode == "crop":                       # 16 columns and 16 rows of the 64 drawn: whole latent cells
+        cells = 16 * noise_mask.shape[-1] // 64
+        assert (noise_mask[..., :cells, :] == 1).all() and (noise_mask[..., :, :cells] == 1).all()
+        assert (noise_mask[..., cells:, cells:] == 0).all()
+
+
 # -- the ComfyUI API -----------------------------------------------------------------------------------------------
 from server_fixtures import b64_png  # noqa: E402
 from test_comfyui_vae_encode_for_inpaint import _off_grid_upload  # noqa: E402

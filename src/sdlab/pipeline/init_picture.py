@@ -21,9 +21,10 @@ In A1111's order:
    by the mask of step 2); "latent noise" and "latent nothing" then replace that area of its latent once
    encoded (``masked_content.masked_latent``, in ``pipeline/generate.py``). A request's latent mask (A1111's
    ``p.latent_mask``, which its outpainting scripts set) takes the mask's place there and in the latent blend.
-   Under ComfyUI's img2img convention (but for VAEEncodeForInpaint's "grey") the latent blend's mask is the blurred
-   mask at its own size, which ComfyUI's SetLatentNoiseMask noise mask is: resized bilinearly straight to the latent
-   (comfy/sampler_helpers.py ``prepare_mask``), whatever its size.
+   Under ComfyUI's img2img convention (but for VAEEncodeForInpaint's "grey") with the resize mode "resize" or
+   "latent" the latent blend's mask is the blurred mask at its own size, which ComfyUI's SetLatentNoiseMask noise
+   mask is: resized bilinearly straight to the latent (comfy/sampler_helpers.py ``prepare_mask``), whatever its
+   size; "crop" and "fill" cut or pad the picture, and its mask follows it (the mask of step 2).
 
 After decoding, "Only masked" puts each picture back into its region and every inpainting pastes the
 original over the result by the overlay weight (``overlay.apply_overlay``): the output then has the init
@@ -110,8 +111,8 @@ def _mask_side(req: GenerationRequest) -> _MaskSide | None:
         if req.latent_mask_image is not None:       # A1111's `p.latent_mask`: what Masked content fills
             latent = req.latent_mask_image.convert("L")
             return _MaskSide(latent, weights, overlay_weight(weights), latent=mask_tensor(latent))
-        if req.img2img_convention == "comfyui" and req.inpaint_fill != "grey":     # SetLatentNoiseMask's noise mask,
-            # which ComfyUI resizes from its own size straight to the latent (`prepare_mask`), of any size
+        if _straight_to_latent(req):    # SetLatentNoiseMask's noise mask, which ComfyUI resizes from its own size
+            # straight to the latent (`prepare_mask`), of any size
             return _MaskSide(resized, weights, overlay_weight(weights), latent=mask_tensor(blurred))
         return _MaskSide(resized, weights, overlay_weight(weights))
     mask = fit_mask(blurred, req.init_image.size)                                       # the region's coordinates
@@ -121,6 +122,16 @@ def _mask_side(req: GenerationRequest) -> _MaskSide | None:
         return None
     crop_mask = resize_image(mask.crop(region), IMG2IMG_UPSCALER, size, mode="fill")
     return _MaskSide(crop_mask, mask_tensor(crop_mask), None, region, blurred)
+
+
+def _straight_to_latent(req: GenerationRequest) -> bool:
+    """Whether the latent noise mask is the blurred mask at its own size, resized straight to the latent as ComfyUI's
+    SetLatentNoiseMask's (`prepare_mask`): under ComfyUI's img2img convention (but for VAEEncodeForInpaint's "grey")
+    where the picture is stretched to the latent as the mask is ("resize", "latent"; the ComfyUI API's pictures are
+    their own size). Where "crop" or "fill" cuts or pads the picture, the mask follows it (the mask at width x
+    height), as ComfyUI's would had the graph cut both alike."""
+    return (req.img2img_convention == "comfyui" and req.inpaint_fill != "grey"
+            and req.resize_mode in ("resize", "latent"))
 
 
 def _picture_inputs(req: GenerationRequest, image: Image.Image, mask_side: _MaskSide | None) -> InitPicture:
