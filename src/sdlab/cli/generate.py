@@ -69,9 +69,9 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
                                           "image's parameters (PNG, or JPEG / WebP written by sdlab or A1111)")
         add_style_flags(p, from_png=True)
         add_prompts_file_flags(p)
-        if mode == "txt2img":
+        if mode != "inpaint":       # img2img: ComfyUI's two-pass graph from a VAEEncode (--hr-convention comfyui)
             _add_hires_flags(p)
-        else:
+        if mode != "txt2img":
             _add_init_flags(p, "init image (required, also with --from-png)", "1" if mode == "inpaint" else "0.75",
                             from_png=True)
         if mode != "txt2img":
@@ -501,12 +501,23 @@ def _add_hires_flags(p: argparse.ArgumentParser) -> None:
                         "--token-merging-ratio's)")
 
 
+# the hires flags (`_add_hires_flags`), by their argparse names
+_HIRES_FLAGS = ("hr_scale", "hr_size", "hr_upscaler", "hr_steps", "hr_denoise", "hr_sampler", "hr_eta", "hr_schedule",
+                "hr_prompt", "hr_negative_prompt", "hr_seed", "hr_cfg_scale", "hr_convention", "hr_crop")
+
+
 def _hires_options(args: argparse.Namespace, options: dict[str, Any]) -> None:
-    """Put the hires flags into `options` (txt2img; other modes drop a --from-png picture's hires fields)."""
+    """Put the hires flags into `options` (txt2img; img2img under ComfyUI's two-pass graph from a VAEEncode:
+    --hr-convention comfyui, or a --from-png img2img picture's, read with its own strength; img2img's hires flags
+    otherwise go to the request, which refuses A1111's hires fix there). Otherwise a --from-png picture's hires
+    fields are dropped, its Denoising strength the strength."""
     from sdlab.pipeline.hires import find_upscaler
     from sdlab.pipeline.infotext import HIRES_FIELDS
 
-    if args.mode != "txt2img":                     # a hires picture's Denoising strength stays the strength
+    comfyui = getattr(args, "hr_convention", None) == "comfyui" or (
+        options.get("hr_convention") == "comfyui" and None not in (options.get("strength"), options.get("hr_denoise")))
+    flagged = any(getattr(args, name, None) is not None for name in _HIRES_FLAGS)   # kept: the request says what
+    if args.mode == "inpaint" or args.mode == "img2img" and not (comfyui or flagged):
         if options.get("hr_denoise") is not None:
             options.setdefault("strength", options["hr_denoise"])
         for name in HIRES_FIELDS:

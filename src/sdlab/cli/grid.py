@@ -499,13 +499,10 @@ class HeldModel:
         self.pipe = self.pipe.with_refiner(refiner, *_refiner_handoff(flags, {}))
 
 
-# the hires flags (`generate._add_hires_flags`), by their argparse names
-_HIRES_FLAGS = ("hr_scale", "hr_size", "hr_upscaler", "hr_steps", "hr_denoise", "hr_sampler", "hr_eta", "hr_schedule",
-                "hr_prompt", "hr_negative_prompt")
-
-
 def _check_hires(args: argparse.Namespace) -> None:
     """The hires fix is txt2img's: a grid with --init draws img2img cells, which have none."""
+    from sdlab.cli.generate import _HIRES_FLAGS
+
     given = ["--" + name.replace("_", "-") for name in _HIRES_FLAGS if getattr(args, name) is not None]
     if args.init and given:
         raise UserError(f"{', '.join(given)}: the hires fix is txt2img's; a grid with --init draws img2img cells")

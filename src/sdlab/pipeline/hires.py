@@ -22,10 +22,11 @@
 ComfyUI's two-pass graph (hr_convention "comfyui": KSampler -> LatentUpscale / LatentUpscaleBy -> KSampler): the
 upscaled size is the final one (LatentUpscale's pixel rule for hr_width / hr_height, LatentUpscaleBy's rounding for
 hr_scale: `comfyui_hires_size`), the first pass's latent upscaled as the VAE's latents by ComfyUI's method and crop
-(`comfyui_upscale_latent`, hr_upscaler / hr_crop), no crop box; the second pass is the second KSampler: its own
-seed (`hr_seed`) and CFG (`hr_cfg_scale`), its denoise rule (img2img convention "comfyui": int(steps / denoise)
-sigmas, the last steps + 1 run) from the upscaled latent + its seed's noise at the first of its sigmas, its step noise
-from its seed + 1 (`_second_pass_ensd`).
+(`comfyui_upscale_latent`, hr_upscaler / hr_crop), no crop box; the first pass is txt2img (an EmptyLatentImage)
+or img2img at the request's strength (a VAEEncode: the KSampler's denoise; no mask); the second pass is the second
+KSampler: its own seed (`hr_seed`) and CFG (`hr_cfg_scale`), its denoise rule (img2img convention "comfyui":
+int(steps / denoise) sigmas, the last steps + 1 run) from the upscaled latent + its seed's noise at the first of its
+sigmas, its step noise from its seed + 1 (`_second_pass_ensd`).
 
 Seeds: A1111 draws the second pass's noise from fresh generators on the same seeds and subseeds
 (`sample_hr_pass`: a new `ImageRNG`, whose first draw is the noise and whose later draws are the step
@@ -136,11 +137,13 @@ def second_pass_request(req: GenerationRequest, factor: int) -> GenerationReques
     the prompt and the negative, as A1111's `calculate_hr_conds` conditions its second pass. A ControlNet's Pixel
     Perfect resolution stays the first pass's (`at_first_pass_resolution`), as the extension preprocesses once.
     ComfyUI's graph (hr_convention "comfyui"): the second KSampler's denoise rule (img2img convention "comfyui"),
-    SDXL conditioned on its own size (ComfyUI's width / height of the latent it samples)."""
+    SDXL conditioned on its own size (ComfyUI's width / height of the latent it samples); a first pass from an
+    init picture (img2img) hands on its upscaled latent alone, no init picture."""
     comfyui = req.hr_convention == "comfyui"
     _, (width, height) = pass_sizes(req, factor)
     (up_width, up_height), _ = pass_sizes(req, factor) if comfyui else upscaled_to(req)
     return replace(req, width=width, height=height, steps=hires_steps(req), strength=req.hr_denoise,
+                   init_image=None, init_images=(),      # from a VAEEncode (comfyui): the upscaled latent alone
                    seed=req.seed if req.hr_seed is None else req.hr_seed,
                    cfg_scale=req.cfg_scale if req.hr_cfg_scale is None else req.hr_cfg_scale,
                    hr_seed=None, hr_cfg_scale=None, hr_convention="a1111", hr_crop="disabled",

@@ -114,6 +114,8 @@ _FIELDS: dict[str, tuple[str, type]] = {
     "Hires CFG Scale": ("hr_cfg_scale", float),     # Forge's label of its hires CFG
     "Hires convention": ("hr_convention", str),     # sdlab's: "comfyui", ComfyUI's two-pass graph
     "Hires crop": ("hr_crop", str),
+    "Hires denoising strength": ("hr_denoise", float),  # sdlab's: the second pass's where Denoising strength is
+                                                        # img2img's (ComfyUI's two-pass graph from a VAEEncode)
     "Hires prompt": ("hr_prompt", str),
     "Hires negative prompt": ("hr_negative_prompt", str),
     "SDXL aesthetic score": ("aesthetic_score", float),
@@ -544,7 +546,8 @@ def _inpaint_parameters(req: GenerationRequest) -> dict[str, Any]:
 
 def hires_parameters(req: GenerationRequest, merged: Sequence[LoraRef] = (), *, index: int = 0) -> dict[str, Any]:
     """A1111's hires fix labels, its `extra_generation_params` of a hires run (None values are left out of the
-    text): the second pass's Denoising strength, its own Hires sampler, Hires prompt, Hires negative prompt and Hires
+    text): the second pass's Denoising strength (an img2img's, whose Denoising strength is its own: Hires denoising
+    strength), its own Hires sampler, Hires prompt, Hires negative prompt and Hires
     schedule type where they differ from the first pass's, Hires upscale (or Hires resize WxH, 0 = unset), Hires steps
     (when set), Hires upscaler (a model file by A1111's name of it: `a1111_upscaler_name`), Hires seed and Hires
     CFG Scale where set, Hires convention and Hires crop where not A1111's, Extra noise and
@@ -559,8 +562,10 @@ def hires_parameters(req: GenerationRequest, merged: Sequence[LoraRef] = (), *, 
     upscaler = req.hr_upscaler
     if upscaler is not None and os.path.isfile(upscaler):
         upscaler = a1111_upscaler_name(os.path.splitext(os.path.basename(upscaler))[0])
+    img2img = req.init_image is not None            # its Denoising strength the first pass's (`img2img_parameters`)
     return {
-        "Denoising strength": req.hr_denoise,
+        "Denoising strength": None if img2img else req.hr_denoise,
+        "Hires denoising strength": req.hr_denoise if img2img else None,
         "Hires sampler": req.hr_sampler,                # A1111's order: its `init`, then calculate_target_resolution
         "Hires prompt": with_lora_tags(hr_prompt, merged) if hr_prompt else None,
         "Hires negative prompt": strip_comments(req.hr_negative_prompt) or None,
@@ -816,10 +821,12 @@ DEFAULT_HR_SCALE = 2.0                      # A1111's Upscale by slider
 
 def _hires_as_pasted(fields: dict[str, Any]) -> None:
     """The hires fix of read fields as A1111 pastes a text (`ui.py`: `enable_hr` where there is a `Denoising
-    strength` and a `Hires upscale`, `Hires upscaler` or `Hires resize`): on, the strength its second pass's, at
-    its scale 2 where none is named (or a resize of 0x0); off otherwise, its other labels dropped."""
+    strength` and a `Hires upscale`, `Hires upscaler` or `Hires resize`): on, the strength its second pass's (where
+    sdlab's Hires denoising strength gives none: an img2img's), at its scale 2 where none is named (or a resize of
+    0x0); off otherwise, its other labels dropped."""
     if "strength" in fields and any(name in fields for name in ("hr_scale", "hr_upscaler", "hr_width")):
-        fields["hr_denoise"] = fields.pop("strength")
+        if "hr_denoise" not in fields:      # sdlab's Hires denoising strength: the strength stays img2img's
+            fields["hr_denoise"] = fields.pop("strength")
         if not (fields.get("hr_scale") or fields.get("hr_width") or fields.get("hr_height")):
             fields.update(hr_scale=fields.get("hr_scale") or DEFAULT_HR_SCALE, hr_width=None, hr_height=None)
         return

@@ -349,7 +349,8 @@ class GenerationRequest:
     hr_convention: str = "a1111"            # "comfyui": ComfyUI's two-pass graph (KSampler -> LatentUpscale(By) ->
                                             # KSampler): its latent sizes, no crop box, hr_upscaler one of its
                                             # methods (`COMFY_LATENT_UPSCALE_METHODS`), the second pass on its denoise
-                                            # rule from the upscaled latent + its seed's noise (`pipeline/hires.py`)
+                                            # rule from the upscaled latent + its seed's noise (`pipeline/hires.py`);
+                                            # the first pass txt2img or img2img (a VAEEncode's KSampler)
     hr_crop: str = "disabled"               # comfyui: LatentUpscale's crop, "disabled" or "center"
     hr_prompt: str = ""                     # the second pass's prompts (A1111's hr_prompt / hr_negative_prompt,
     hr_negative_prompt: str = ""            # encoded for it with their own prompt editing and LoRA tags); "": the
@@ -368,7 +369,8 @@ class GenerationRequest:
 
     @property
     def hires(self) -> bool:
-        """Whether the hires fix runs: a txt2img request with hr_scale or hr_width / hr_height."""
+        """Whether the hires fix runs: a request with hr_scale or hr_width / hr_height (txt2img; under
+        hr_convention "comfyui" img2img too, ComfyUI's two-pass graph from a VAEEncode)."""
         return self.hr_scale is not None or bool(self.hr_width) or bool(self.hr_height)
 
     def init_pictures(self) -> tuple[Image.Image, ...]:
@@ -753,8 +755,11 @@ def _resolve_hires(r: GenerationRequest, width: int, height: int, multiple: int,
             raise RequestError(f"token_merging_ratio_hr ({r.token_merging_ratio_hr!r}) needs hr_scale or hr_width / "
                                "hr_height (the hires fix)")
         return {}
-    if r.init_image is not None:
-        raise RequestError("the hires fix is for txt2img; for img2img, upscale the init image instead")
+    if r.init_image is not None and r.hr_convention != "comfyui":
+        raise RequestError("the hires fix is for txt2img; for img2img, upscale the init image instead, or draw "
+                           "ComfyUI's two-pass graph (hr_convention comfyui)")
+    if r.mask_image is not None:        # ComfyUI's graph carries the noise mask on to its second KSampler
+        raise RequestError("the hires fix (hr_convention comfyui) draws from an init picture without a mask")
     for name, side in (("hr_width", r.hr_width), ("hr_height", r.hr_height)):
         if side is not None and (not _integer(side) or side < 0):
             raise RequestError(f"{name} must be a number of pixels (0 = unset), got {side!r}")
