@@ -240,3 +240,69 @@ def test_a_controlnet_apply_on_each_side_applying_the_same_draws_as_one(server):
     for other in (apply("7", 0.8), apply("7", 0.9, "13")):                 # another strength, another net
         body = refused(server, with_controls({**LOADERS, "12": apply("6", 0.9), "17": other}, ["12", 0], ["17", 0]))
         assert body["node_errors"]["3"]["errors"][0]["type"] == "unsupported_graph"
+
+
+HIRES_NODES = {"20": {"class_type": "LatentUpscaleBy", "inputs": {"samples": ["3", 0], "upscale_method": "bislerp",
+                                                                 "scale_by": 1.5}},
+               "21": {"class_type": "KSampler", "inputs": {
+                   "model": ["4", 0], "positive": ["15", 0], "negative": ["15", 1], "latent_image": ["20", 0],
+                   "seed": 7, "steps": 2, "cfg": 4.5, "sampler_name": "euler_ancestral", "scheduler": "karras",
+                   "denoise": 0.5}}}
+NATIVE_HIRES = dict(hr_convention="comfyui", hr_upscaler="bislerp", hr_scale=1.5, hr_seed=7, hr_steps=2,
+                    hr_cfg_scale=4.5, hr_sampler="euler_ancestral", hr_schedule="karras", hr_denoise=0.5)
+
+
+def two_pass_with_controls(nodes: dict = CHAIN, positive: list = ["15", 0], negative: list = ["15", 1],
+                           first: tuple[list, list] = (["15", 0], ["15", 1])) -> dict:
+    """The graph of `nodes` with its KSampler (on the conditionings `first`) drawn again: its latent upscaled (node
+    20) and sampled (node 21, on the conditionings `positive` / `negative`), node 21's latent decoded."""
+    prompt = with_controls(nodes, *first)
+    prompt.update(copy.deepcopy(HIRES_NODES))
+    prompt["21"]["inputs"].update(positive=positive, negative=negative)
+    prompt["8"]["inputs"]["samples"] = ["21", 0]
+    return prompt
+
+
+def test_a_two_pass_graph_with_controlnets_on_both_ksamplers_draws_the_native_hires_job(server):
+    """Two ControlNetApplyAdvanced in a row on the conditionings of both KSamplers of ComfyUI's hires graph: the
+    native job's controls under control_convention comfyui with its hires fix (hr_convention comfyui), which act in
+    both passes, each hint cut and resized to its pass's latent as ComfyUI's get_control does (proven against
+    ComfyUI's code in tests/test_comfyui_two_pass.py), pixel for pixel; ComfyUI's messages across both KSamplers.
+    A second KSampler on its own ControlNet nodes applying the same draws the same."""
+    messages, entry = drawn(server, two_pass_with_controls())
+    executing = [data["node"] for kind, data in messages if kind == "executing"]
+    assert executing == ["4", "6", "7", "10", "11", "12", "13", "14", "15", "5", "3", "20", "21", "8", "9", None]
+    assert [(d["value"], d["max"], d["node"]) for k, d in messages if k == "progress"] == [
+        (1, 3, "3"), (2, 3, "3"), (3, 3, "3"), (1, 2, "21"), (2, 2, "21")]
+    pixels = viewed(server, entry["outputs"]["9"]["images"][0])
+    assert pixels.shape == (96, 96, 3)
+    controls = [native_control(EDGES, 0.8, 0.0, 0.6), native_control(DEPTH, 0.5, 0.3, 1.0)]
+    native = native_pixels(server, {**NATIVE, **NATIVE_HIRES, "control_convention": "comfyui", "controls": controls})
+    assert np.array_equal(pixels, native)
+    uncontrolled = native_pixels(server, {**NATIVE, **NATIVE_HIRES})
+    assert np.abs(pixels - uncontrolled).max() > 10
+    own = {**CHAIN, "16": advanced(["6", 0], ["7", 0], "10", "11", 0.8, 0.0, 0.6),
+           "17": advanced(["16", 0], ["16", 1], "13", "14", 0.5, 0.3, 1.0)}
+    assert np.array_equal(graph_pixels(server, two_pass_with_controls(own, ["17", 0], ["17", 1])), pixels)
+
+
+@pytest.mark.parametrize("nodes, positive, negative, first", [
+    (CHAIN, ["6", 0], ["7", 0], (["15", 0], ["15", 1])),               # the first KSampler's alone
+    (CHAIN, ["15", 0], ["15", 1], (["6", 0], ["7", 0])),               # the second's alone
+    ({**CHAIN, "16": advanced(["6", 0], ["7", 0], "10", "11", 0.8, 0.0, 0.6)}, ["16", 0], ["16", 1],
+     (["15", 0], ["15", 1])),                                           # one of the two
+    ({**CHAIN, "16": advanced(["12", 0], ["12", 1], "13", "14", 0.4, 0.3, 1.0)}, ["16", 0], ["16", 1],
+     (["15", 0], ["15", 1])),                                           # another strength
+    ({**CHAIN, "16": advanced(["12", 0], ["12", 1], "13", "11", 0.5, 0.3, 1.0)}, ["16", 0], ["16", 1],
+     (["15", 0], ["15", 1])),                                           # another picture
+])
+def test_a_two_pass_graph_whose_ksamplers_apply_other_controlnets_is_one_node_error(server, nodes, positive,
+                                                                                     negative, first):
+    """The request's controls act in both passes: a second KSampler whose ControlNets are not the first's (none,
+    these on it alone, one of the two, another strength or picture) is refused with one node error on it, nothing
+    queued."""
+    body = refused(server, two_pass_with_controls(nodes, positive, negative, first))
+    assert list(body["node_errors"]) == ["21"], body
+    error = body["node_errors"]["21"]["errors"][0]
+    assert error["type"] == "unsupported_graph" and "the same ControlNets" in error["message"], error
+    assert server.get("/queue").json() == {"queue_running": [], "queue_pending": []}

@@ -165,3 +165,55 @@ def test_forges_hr_cfg_is_the_a1111_doors_hires_cfg_scale(server):
     assert "Hires CFG Scale: 20" in text and "Hires CFG Scale" not in plain_text
     assert not np.array_equal(own, plain)        # the tiny random model's CFG moves few pixels, by 1-2 levels
     assert np.array_equal(a1111(hr_cfg=7.0)[0], plain)
+
+
+def from_picture(prompt: dict, denoise: float, masked: bool = False) -> dict:
+    """`prompt` with its first KSampler (node 3) started from LoadImage "start-2pass.png" -> VAEEncode at `denoise`
+    (through a SetLatentNoiseMask of the picture's MASK where `masked`) instead of the EmptyLatentImage."""
+    prompt = copy.deepcopy(prompt)
+    prompt["3"]["inputs"].update(denoise=denoise, latent_image=["20", 0])
+    prompt["20"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["21", 0], "vae": ["4", 2]}}
+    prompt["21"] = {"class_type": "LoadImage", "inputs": {"image": "start-2pass.png"}}
+    if masked:
+        prompt["22"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["20", 0], "mask": ["21", 1]}}
+        prompt["3"]["inputs"]["latent_image"] = ["22", 0]
+    del prompt["5"]
+    return prompt
+
+
+def test_a_two_pass_graph_from_a_vae_encode_draws_the_native_img2img_hires_job(server):
+    """LoadImage -> VAEEncode -> KSampler at denoise 0.7 -> LatentUpscaleBy -> KSampler: the native img2img job at
+    strength 0.7 with the hires fields (hr_convention comfyui), pixel for pixel; ComfyUI's messages: the first
+    KSampler's 3 steps (its denoise rule runs them all), the second's 2. The latents are ComfyUI's two KSamplers'
+    (tests/test_comfyui_two_pass.py)."""
+    from server_fixtures import b64_png
+    from test_server_comfy_api import upload
+
+    picture = Image.fromarray(np.random.default_rng(5).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    upload(server, "start-2pass.png", picture)
+    messages, entry = drawn(server, from_picture(two_pass(dict(BY), **SECOND), 0.7))
+    executing = [data["node"] for kind, data in messages if kind == "executing"]
+    assert executing == ["4", "6", "7", "21", "20", "3", "10", "11", "8", "9", None]
+    assert [(d["value"], d["max"], d["node"]) for k, d in messages if k == "progress"] == [
+        (1, 3, "3"), (2, 3, "3"), (3, 3, "3"), (1, 2, "11"), (2, 2, "11")]
+    pixels = viewed(server, entry["outputs"]["9"]["images"][0])
+    assert pixels.shape == (96, 96, 3)
+    body = {**NATIVE, **NATIVE_HIRES, "mode": "img2img", "init_image": b64_png(picture), "strength": 0.7}
+    assert np.array_equal(pixels, native_pixels(server, body))
+    assert np.abs(pixels - native_pixels(server, {**NATIVE, **NATIVE_HIRES})).max() > 10    # not txt2img's
+    picture_text = Image.open(io.BytesIO(server.get("/view", params=entry["outputs"]["9"]["images"][0]).content))
+    assert "Hires convention: comfyui" in picture_text.info["parameters"]
+    assert "Denoising strength: 0.7" in picture_text.info["parameters"]
+
+
+def test_a_two_pass_graph_from_a_noise_mask_is_one_node_error(server):
+    """ComfyUI's latent carries a SetLatentNoiseMask's mask on through LatentUpscale to the second KSampler, which
+    sdlab does not draw: one node error on the second KSampler, nothing queued."""
+    from test_server_comfy_api import upload_holed
+
+    upload_holed(server, "start-2pass.png", 4)
+    answer = server.post("/prompt", json={"prompt": from_picture(two_pass(dict(BY), **SECOND), 0.7, masked=True)})
+    assert answer.status_code == 400, answer.text
+    errors = answer.json()["node_errors"]
+    assert list(errors) == ["11"] and "without a noise mask" in errors["11"]["errors"][0]["message"], errors
+    assert server.get("/queue").json() == {"queue_running": [], "queue_pending": []}

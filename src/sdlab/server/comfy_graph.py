@@ -16,8 +16,10 @@ the standard txt2img / img2img pictures: one KSampler fed by
                                                                                grey, the noise mask grown)
     KSampler -> VAEDecode -> SaveImage / PreviewImage
     KSampler -> LatentUpscale / LatentUpscaleBy -> KSampler -> VAEDecode       (ComfyUI's two-pass hires fix, from
-                                                                               an EmptyLatentImage: the request's
-                                                                               hires fix, hr_convention comfyui)
+                                                                               an EmptyLatentImage or a VAEEncode,
+                                                                               both KSamplers with the same
+                                                                               ControlNets: the request's hires
+                                                                               fix, hr_convention comfyui)
     (the VAE of VAEEncode / VAEDecode: the checkpoint's own, or a VAELoader's file)
     CLIPTextEncode -> ControlNetApply / ControlNetApplyAdvanced ... -> KSampler.positive / negative
     ControlNetLoader -> .control_net, LoadImage -> .image         (ControlNets in a row, drawn as the request's
@@ -500,7 +502,7 @@ class _Plan:
         self.latent(sampler, checkpoint, vae, plan)
         self.visit(sampler)
         if upscale is not None:
-            plan.hires = self.second_pass(second, upscale, (checkpoint, loras), plan)
+            plan.hires = self.second_pass(second, upscale, (checkpoint, loras), controls, plan)
             plan.second_node, plan.upscale_node = second, upscale
         for decoder in sorted(decoders):
             if self.vae(decoder, checkpoint) != vae:
@@ -524,13 +526,20 @@ class _Plan:
             raise self.refuse(sampler, "sdlab draws a two-pass graph's second pass with a KSampler")
         return node
 
-    def second_pass(self, second: str, upscale: str, model: tuple[str, list[str]], plan: GraphPlan) -> dict[str, Any]:
+    def second_pass(self, second: str, upscale: str, model: tuple[str, list[str]], controls: list[GraphControl],
+                    plan: GraphPlan) -> dict[str, Any]:
         """The request's hires fields (hr_convention comfyui) of a two-pass graph: the upscale node's method, crop
         and size (LatentUpscale's width / height, 0 = unset; LatentUpscaleBy's scale_by, at least 1: sdlab's hires
         fix draws larger), the second KSampler's seed, steps, CFG, sampler, scheduler, denoise and prompts (where
-        they differ), its model, CLIP layer and ControlNets (none) the first's; from an EmptyLatentImage alone."""
-        if plan.init_image is not None:
-            raise self.refuse(second, "sdlab draws a two-pass graph from an EmptyLatentImage")
+        they differ), its model and CLIP layer the first's. Its ControlNets are the first's `controls` (the
+        request's controls act in both passes, each KSampler's hint cut and resized to its own latent as ComfyUI's
+        get_control does: `control.comfyui_hint`); a graph whose KSamplers apply other ones is refused. The first
+        KSampler starts from an EmptyLatentImage or a VAEEncode (img2img at its denoise, the hires fix's first
+        pass); a noise mask, which ComfyUI's latent carries on through LatentUpscale to the second KSampler, is
+        not drawn."""
+        if plan.mask_image is not None:
+            raise self.refuse(second, "sdlab draws a two-pass graph from an EmptyLatentImage or a VAEEncode "
+                                      "without a noise mask")
         values = self.inputs(second)
         if not comfyui_spelling(values["sampler_name"]):
             raise self.refuse(second, f"sampler_name {values['sampler_name']!r} is not a ComfyUI sampler")
@@ -540,8 +549,9 @@ class _Plan:
         negative, negative_skip = self.text(second, "negative", *model)
         if {clip_skip, negative_skip} != {plan.clip_skip}:
             raise self.refuse(second, "sdlab encodes both KSamplers' prompts at one CLIP layer")
-        if plan.controls or self.controls(second):
-            raise self.refuse(second, "sdlab draws a two-pass graph without ControlNets")
+        if self.controls(second) != controls:
+            raise self.refuse(second, "sdlab draws a two-pass graph's KSamplers with the same ControlNets (net, "
+                                      "picture, strength and window), or none on either")
         if float(values["denoise"]) <= 0:
             raise self.refuse(second, "sdlab draws a two-pass graph's second KSampler at a denoise above 0")
         up = self.inputs(upscale)
