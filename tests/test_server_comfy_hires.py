@@ -186,6 +186,8 @@ def test_a_two_pass_graph_from_a_vae_encode_draws_the_native_img2img_hires_job(s
     strength 0.7 with the hires fields (hr_convention comfyui), pixel for pixel; ComfyUI's messages: the first
     KSampler's 3 steps (its denoise rule runs them all), the second's 2. The latents are ComfyUI's two KSamplers'
     (tests/test_comfyui_two_pass.py)."""
+    import base64
+
     from server_fixtures import b64_png
     from test_server_comfy_api import upload
 
@@ -201,9 +203,15 @@ def test_a_two_pass_graph_from_a_vae_encode_draws_the_native_img2img_hires_job(s
     body = {**NATIVE, **NATIVE_HIRES, "mode": "img2img", "init_image": b64_png(picture), "strength": 0.7}
     assert np.array_equal(pixels, native_pixels(server, body))
     assert np.abs(pixels - native_pixels(server, {**NATIVE, **NATIVE_HIRES})).max() > 10    # not txt2img's
-    picture_text = Image.open(io.BytesIO(server.get("/view", params=entry["outputs"]["9"]["images"][0]).content))
-    assert "Hires convention: comfyui" in picture_text.info["parameters"]
-    assert "Denoising strength: 0.7" in picture_text.info["parameters"]
+    png = server.get("/view", params=entry["outputs"]["9"]["images"][0]).content
+    text = Image.open(io.BytesIO(png)).info["parameters"]
+    assert "Hires convention: comfyui" in text and "Denoising strength: 0.7," in text
+    assert "Hires denoising strength: 0.5," in text
+    read = server.post("/api/parameters", json={"image": base64.b64encode(png).decode()})     # Reuse, --from-png
+    assert read.status_code == 200, read.text
+    settings = read.json()["settings"]
+    assert (settings["strength"], settings["hr_denoise"], settings["hr_convention"]) == (0.7, 0.5, "comfyui")
+    assert np.array_equal(pixels, native_pixels(server, {**settings, "mode": "img2img", "init_image": b64_png(picture)}))
 
 
 def test_a_two_pass_graph_from_a_noise_mask_is_one_node_error(server):
