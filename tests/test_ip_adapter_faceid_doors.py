@@ -141,6 +141,54 @@ def test_a_text_file_named_npy_is_named_as_not_an_npy_file(cli_files, faces, tmp
     assert "allow_pickle" not in stderr and "Traceback" not in stderr and not out.exists()
 
 
+def _npy_with_header(shape: tuple[int, ...], descr: str = "<f4") -> bytes:
+    """A .npy file whose header declares `shape` of `descr`, followed by 16 bytes of data."""
+    import io
+
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": descr, "fortran_order": False, "shape": shape})
+    return buffer.getvalue() + bytes(16)
+
+
+@pytest.mark.parametrize("content, words", [
+    (lambda: _npy_with_header((10 ** 13,)), "its header declares shape (10000000000000,), 10000000000000 numbers"),
+    (lambda: _npy_with_header((600,)), "its header declares shape (600,) (2400 bytes of <f4); the file holds 16"),
+    (lambda: np.array(["a"] * 512), "its dtype '<U1' is not numbers"),
+    (lambda: np.zeros(512, dtype=[("a", "f4")]), "its dtype '|V4' is not numbers"),
+    (lambda: np.ones(512, bool), "its dtype '|b1' is not numbers"),
+])
+def test_a_npy_file_of_no_small_numeric_array_is_one_line(cli_files, faces, tmp_path, capsys, content, words):
+    """A .npy face embedding whose header declares a huge shape (read from the header: nothing allocated), more
+    bytes than the file holds, text, records or booleans: one line saying so, exit non-zero, no picture."""
+    face = tmp_path / "face.npy"
+    given = content()
+    if isinstance(given, bytes):
+        face.write_bytes(given)
+    else:
+        np.save(face, given)
+    out = tmp_path / "out.png"
+    code, _, stderr = run(["txt2img", "a red apple", "--model", str(cli_files["model"]), *FAST, "--ip-adapter",
+                           str(faces["face_id"]), "--ip-adapter-image", str(face), "--out", str(out)], capsys)
+    assert code != 0 and f"the face embedding {str(face)!r} is not a small numeric .npy array: {words}" in stderr, \
+        stderr
+    assert "Traceback" not in stderr and "MemoryError" not in stderr and not out.exists()
+
+
+def test_a_big_endian_npy_face_draws_as_the_native_one(cli_files, faces, tmp_path, capsys):
+    """A big-endian '>f4' .npy of the face (np.save on such an array) is the same embedding: the picture equals
+    the native float32 file's, pixel for pixel."""
+    big = tmp_path / "big.npy"
+    np.save(big, np.load(faces["face"]).astype(">f4"))
+    pictures = []
+    for face in (faces["face"], big):
+        out = tmp_path / f"{face.stem}.png"
+        code, _, stderr = run(["txt2img", "a red apple", "--model", str(cli_files["model"]), *FAST, "--ip-adapter",
+                               str(faces["face_id"]), "--ip-adapter-image", str(face), "--out", str(out)], capsys)
+        assert code == 0, stderr
+        pictures.append(pixels(out))
+    assert np.array_equal(*pictures)
+
+
 @pytest.mark.parametrize("which", ["face_id", "v2"])
 def test_the_a1111_route_says_a_face_id_model_needs_a_face_embedding(faces, which):
     """An A1111 IP-Adapter unit with a FaceID / FaceID Plus model and a CLIP module: the encoder choice says the

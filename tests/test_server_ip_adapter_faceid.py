@@ -125,6 +125,22 @@ def test_native_face_id_plus_equals_the_cli_and_its_shortcut_reads_back(faceid, 
     assert np.array_equal(job_pixels(client, again), _rgb(served))
 
 
+def _huge_npy_b64() -> str:
+    """A .npy file whose header declares 10**13 float32 numbers (36 TiB), followed by 16 bytes."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": "<f4", "fortran_order": False, "shape": (10 ** 13,)})
+    return base64.b64encode(buffer.getvalue() + bytes(16)).decode()
+
+
+def test_a_big_endian_npy_face_draws_as_the_native_one(faceid):
+    """A big-endian '>f4' .npy of the face is the same embedding: the job draws the float32 file's picture."""
+    client, face = faceid["client"], faceid["face"]
+    drawn = [job_pixels(client, drawn_job(client, {**ADAPTER_JOB, "ip_adapters": [
+        {"model": "ip-adapter-faceid_tiny", "face_embedding": _npy_b64(face.astype(dtype))}]}))
+        for dtype in ("<f4", ">f4")]
+    assert np.array_equal(*drawn)
+
+
 def _job_count(client: httpx.Client) -> int:
     return len(client.get("/api/jobs").json()["jobs"])
 
@@ -137,6 +153,12 @@ def _job_count(client: httpx.Client) -> int:
     ({"face_embedding": "%%%"}, 400, "face_embedding is not valid base64"),
     ({"face_embedding": "NPY:nan"}, 422, "the face embedding holds NaN or infinite values"),
     ({"face_embedding": "NPY:int"}, 422, "int64); this FaceID adapter takes 512 floats per face"),
+    ({"face_embedding": "NPY:text"}, 422, "face_embedding is not a small numeric .npy array: its dtype '<U1' is "
+                                          "not numbers"),
+    ({"face_embedding": "NPY:records"}, 422, "its dtype '|V4' is not numbers"),
+    ({"face_embedding": "NPY:huge"}, 422, "its header declares shape (10000000000000,), 10000000000000 numbers"),
+    ({"face_embedding": [True] * 512}, 422, "face_embedding must be numbers"),
+    ({"face_embedding": ["0.1"] * 512}, 422, "face_embedding must be numbers"),
     ({}, 422, "an IP-Adapter FaceID reads an InsightFace face embedding"),
     ({"face_embedding": "FACE", "image": "PICTURE"}, 422, "reads the face embedding alone, no picture"),
     ({"face_embedding": "FACE", "face_shortcut": 1.0}, 422, "face_embedding and face_shortcut are for an IP-Adapter "
@@ -148,11 +170,16 @@ def _job_count(client: httpx.Client) -> int:
     ({"model": "ip-adapter-faceid-plusv2_tiny", "face_embedding": "FACE"}, 422, "needs an image"),
     ({"model": "ip-adapter-faceid-plusv2_tiny", "image": "PICTURE", "face_embedding": "FACE", "face_shortcut": 20},
      422, "face_shortcut must be a number in [0, 10]"),
+    ({"model": "ip-adapter-faceid-plusv2_tiny", "module": "ip-adapter_face_id_plus", "image": "PICTURE",
+      "face_embedding": "FACE", "face_shortcut": 1.6}, 422, "face_shortcut and module: an A1111 unit's line records "
+                                                           "no face shortcut"),
 ])
 def test_bad_native_face_embeddings_are_one_4xx_line(faceid, entry, status, words):
     client, face = faceid["client"], faceid["face"]
     given = {"NPY:nan": _npy_b64(np.full((1, 512), np.nan, np.float32)),
-             "NPY:int": _npy_b64(np.ones(512, np.int64)), "FACE": face[0].tolist(),
+             "NPY:int": _npy_b64(np.ones(512, np.int64)), "NPY:text": _npy_b64(np.array(["a"] * 512)),
+             "NPY:records": _npy_b64(np.zeros(512, dtype=[("a", "f4")])), "NPY:huge": _huge_npy_b64(),
+             "FACE": face[0].tolist(),
              "TWO": np.concatenate([face, face]).tolist(), "PICTURE": file_b64(faceid["picture"])}
     entry = {key: given.get(value, value) if isinstance(value, str) else value for key, value in entry.items()}
     before = _job_count(client)
@@ -216,6 +243,46 @@ def test_a1111_face_id_units_take_ipadapter_input(faceid):
                           _pixels(plus.json()["images"][0]))
 
 
+def _extension_average_of(*embeds: torch.Tensor) -> torch.Tensor:
+    """sd-webui-controlnet scripts/ipadapter/ipadapter_model.py (commit 01de1cb) `ImageEmbed.average_of`'s
+    `average_tensors`, which plugable_ipadapter.py `hook` applies to each input's `get_image_emb` (each input's
+    face projected alone: `_get_image_embeds_faceid`, ``image_proj_model(faceid_embed)`` and of zeros_like)."""
+    return torch.sum(torch.stack(embeds), dim=0) / len(embeds)
+
+
+def test_several_ipadapter_input_faces_are_averaged_as_the_extension(faceid):
+    """Several faces of one A1111 FaceID unit: the extension projects each input's face alone and averages the
+    results (cond and uncond); sdlab's tokens under the A1111 convention equal that transcription within 1e-5
+    (4 tokens, not the diffusers convention's 8, which stays for a native job), and the A1111 unit draws the
+    native a1111-convention job's picture with the same two faces, pixel for pixel."""
+    import sdlab
+    from sdlab.checkpoints.ip_adapter import load_ip_adapter
+    from sdlab.pipeline.image_prompt import IPAdapterInput, prepare_image_prompts
+
+    client, face = faceid["client"], faceid["face"]
+    other = _face(9).numpy()                                                            # (1, 512)
+    both = np.concatenate([face, other])                                                # (2, 512)
+    bundle = sdlab.load().bundle
+    adapter = load_ip_adapter(faceid["files"]["face_id"])
+    prepared = prepare_image_prompts(bundle, [IPAdapterInput(adapter, both)], 1, convention="a1111")
+    with torch.no_grad():
+        project = adapter.model.image_proj
+        ones = [torch.from_numpy(f[None]) for f in both]                                 # each (1, 512)
+        cond = _extension_average_of(*[project(f) for f in ones])                         # (1, 4, C)
+        uncond = _extension_average_of(*[project(torch.zeros_like(f)) for f in ones])
+    assert prepared.cond_tokens.shape == cond.shape == (1, 4, cond.shape[-1])
+    assert torch.allclose(prepared.cond_tokens, cond, atol=1e-5, rtol=0)      # max 1.4e-6: batched float32
+    assert torch.allclose(prepared.uncond_tokens, uncond, atol=1e-5, rtol=0)
+    diffusers = prepare_image_prompts(bundle, [IPAdapterInput(adapter, both)], 1)
+    assert diffusers.cond_tokens.shape[1] == 8                                         # N x T, one after another
+    drawn = _a1111(client, _unit(ipadapter_input=[_torch_b64(torch.from_numpy(face)),
+                                                  _torch_b64(torch.from_numpy(other))]))
+    assert drawn.status_code == 200, drawn.text
+    native = _redrawn(client, drawn, face_embedding=both.tolist())
+    assert json.loads(drawn.json()["info"])["infotexts"][0].count("ControlNet 0") == 1
+    assert np.array_equal(native, _pixels(drawn.json()["images"][0]))
+
+
 class _Runs:
     """A pickle that would run code when loaded without weights_only (never here)."""
 
@@ -239,17 +306,37 @@ class _Runs:
     ({"ipadapter_input": "RUNS"}, "ipadapter_input is not a tensor torch.save wrote (read as tensors alone)"),
     ({"ipadapter_input": "DICT"}, "ipadapter_input holds dict, not the face embedding's tensor"),
     ({"ipadapter_input": base64.b64encode(b"junk").decode()}, "ipadapter_input is not a tensor torch.save wrote"),
+    ({"ipadapter_input": "SPARSE"}, "ipadapter_input holds a torch.sparse_coo tensor; the face embedding's is a "
+                                    "dense (1, 512) tensor"),
+    ({"ipadapter_input": ["TENSOR", "SPARSE"]}, "ipadapter_input holds a torch.sparse_coo tensor"),
+    ({"ipadapter_input": "BOMB"}, "ipadapter_input unpacks to 64000"),
     ({"ipadapter_input": "TENSOR", "module": "ip-adapter_clip_sd15", "model": "ip-adapter_tiny", "image": "PICTURE"},
      "ipadapter_input (precomputed image embeddings) is not drawn by sdlab"),
 ])
 def test_bad_a1111_face_units_are_one_422_line(faceid, unit, words):
     face = torch.from_numpy(faceid["face"])
     given = {"TENSOR": _torch_b64(face), "WIDE": _torch_b64(torch.ones(1, 100)), "RUNS": _pickled(_Runs()),
-             "DICT": _torch_b64({"face": face}), "PICTURE": file_b64(faceid["picture"])}
-    unit = {key: given.get(value, value) if isinstance(value, str) else value for key, value in unit.items()}
+             "DICT": _torch_b64({"face": face}), "PICTURE": file_b64(faceid["picture"]),
+             "SPARSE": _torch_b64(face.to_sparse()), "BOMB": _deflated_b64(torch.zeros(1, 16_000_000))}
+    unit = {key: [given[v] for v in value] if isinstance(value, list) else given.get(value, value)
+            if isinstance(value, str) else value for key, value in unit.items()}
     refused = _a1111(faceid["client"], _unit(**unit))
     assert refused.status_code == 422 and words in refused.text, refused.text
     assert "module '" in refused.text and "Traceback" not in refused.text
+
+
+def _deflated_b64(value) -> str:
+    """torch.save of `value` rewritten with deflated records: a (1, 16e6) zero tensor is 64 MB unpacked in about
+    62 KB (a decompression bomb in the small)."""
+    import zipfile
+
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    source, out = zipfile.ZipFile(buffer), io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
+        for info in source.infolist():
+            archive.writestr(info.filename, source.read(info.filename))
+    return base64.b64encode(out.getvalue()).decode()
 
 
 def _pickled(value) -> str:

@@ -15,7 +15,9 @@ Semantics are diffusers' (`load_ip_adapter`, `ip_adapter_image`, `set_ip_adapter
   per-layer dict, InstantStyle's presets: `ip_adapter_layers`) give each cross-attention its own factor of `scale`;
 - a FaceID adapter reads no picture but an InsightFace face embedding, which sdlab does not compute: `image` is
   that embedding (a tensor or NumPy array, E or N x E numbers for N faces, or a .npy file), as diffusers'
-  `ip_adapter_image_embeds`; each face gives T tokens, the negative rows those of zero embeddings;
+  `ip_adapter_image_embeds`; each face gives T tokens, the negative rows those of zero embeddings (under the
+  A1111 ControlNet extension's convention, an A1111 unit's, several faces' tokens are averaged, as the extension
+  averages its inputs' embeds: `average_face_tokens`);
 - a FaceID Plus adapter reads both: `image` is the picture (its encoder's penultimate hidden states, as a Plus
   adapter's) and `face_embedding` the face's embedding (one face: diffusers pairs each face with a picture); the
   negative rows are those of a zero embedding and a zero picture's hidden states (diffusers' FaceID Plus example:
@@ -67,6 +69,7 @@ from sdlab.pipeline.clip_image import clip_pixels, extension_clip_pixels
 from sdlab.pipeline.ip_adapter_layers import LayerScaleError, check_layer_scales, expand_layer_scales, layer_scales_text
 from sdlab.pipeline.control import RESIZE_MODES, _line_fields, a1111_mode, cropped_to_region, drawn_on_init, in_window
 from sdlab.pipeline.images import eight_bit
+from sdlab.pipeline.npy_arrays import NPY_MAGIC, NUMBER_KINDS, NpyError, read_npy
 from sdlab.pipeline.ip_adapter_units import FACE_ID_MODULES, MODULE_ENCODERS, is_ip_adapter_module
 from sdlab.pipeline.prompt_loras import LoraUse
 from sdlab.pipeline.request import RequestError, input_image
@@ -288,26 +291,21 @@ def _check_face_file(face: Any, name: str) -> None:
         raise RequestError(f"{name}: the face embedding {os.fspath(face)!r} does not exist")
 
 
-NPY_MAGIC = b"\x93NUMPY"
-"""The first bytes of every .npy file (NumPy's format.MAGIC_PREFIX)."""
-
-
 def face_embeds(image: Tensor | np.ndarray | str | os.PathLike[str], width: int, name: str) -> Tensor:
     """A FaceID input's face embeddings as (N, width) float32: a tensor or array of `width` numbers per face
     (E, N x E or 1 x N x E, diffusers' `ip_adapter_image_embeds` without its negative half) or a .npy file of
-    one (read without pickles); a RequestError names another shape or values that are not finite."""
+    one (read without pickles, its header checked first: `npy_arrays.read_npy`); a RequestError names another
+    shape, numbers that are not floats, a sparse tensor, or values that are not finite."""
     if isinstance(image, (str, os.PathLike)):
-        path = os.fspath(image)
-        try:
-            with open(path, "rb") as file:
-                is_npy = file.read(len(NPY_MAGIC)) == NPY_MAGIC    # else np.load reads a pickle, "allow_pickle"
-            image = np.load(path, allow_pickle=False) if is_npy else None
-        except (OSError, ValueError) as err:
-            raise RequestError(f"{name}: the face embedding {path!r} is not a NumPy .npy array: {err}") from None
-        if not is_npy:
-            raise RequestError(f"{name}: the face embedding {path!r} is not a .npy array file (NumPy's np.save "
-                               "format)")
-    embeds = torch.as_tensor(np.asarray(image) if isinstance(image, np.ndarray) else image).detach()
+        image = _read_face_file(os.fspath(image), name)
+    if isinstance(image, np.ndarray):
+        if image.dtype.kind not in NUMBER_KINDS or image.dtype.fields is not None or image.dtype.itemsize > 8:
+            raise RequestError(f"{name}: the face embedding is an array of {image.dtype.str!r}; this FaceID adapter "
+                               f"takes {width} floats per face (float16, 32 or 64: InsightFace's normed_embedding)")
+        image = image.astype(image.dtype.newbyteorder("="), copy=False)        # torch reads native order alone
+    if isinstance(image, Tensor) and image.layout != torch.strided:
+        raise RequestError(f"{name}: the face embedding is a {image.layout} tensor; a dense one is read")
+    embeds = torch.as_tensor(image).detach()
     if not embeds.is_floating_point() or embeds.ndim not in (1, 2, 3) or embeds.shape[-1] != width \
             or embeds.numel() == 0 or (embeds.ndim == 3 and len(embeds) != 1):
         raise RequestError(f"{name}: the face embedding has shape {tuple(embeds.shape)} ({embeds.dtype}); this "
@@ -317,6 +315,22 @@ def face_embeds(image: Tensor | np.ndarray | str | os.PathLike[str], width: int,
     if not torch.isfinite(embeds).all():
         raise RequestError(f"{name}: the face embedding holds NaN or infinite values")
     return embeds
+
+
+def _read_face_file(path: str, name: str) -> np.ndarray:
+    """The array of a face embedding's .npy file (`npy_arrays.read_npy`), or a RequestError saying why not."""
+    try:
+        with open(path, "rb") as file:
+            is_npy = file.read(len(NPY_MAGIC)) == NPY_MAGIC                # else np.load would read a pickle
+            file.seek(0)
+            array = read_npy(file, os.fstat(file.fileno()).st_size) if is_npy else None
+    except OSError as err:
+        raise RequestError(f"{name}: the face embedding {path!r} cannot be read: {err.strerror or err}") from None
+    except NpyError as err:
+        raise RequestError(f"{name}: the face embedding {path!r} is not a small numeric .npy array: {err}") from None
+    if array is None:
+        raise RequestError(f"{name}: the face embedding {path!r} is not a .npy array file (NumPy's np.save format)")
+    return array
 
 
 def _check_adapter_file(path: Path, name: str) -> IPAdapterConfig:
@@ -592,11 +606,14 @@ def _prompt_tokens(prompt: IPAdapterInput, adapter: LoadedIPAdapter, encoder: Lo
                    index: int, convention: str = "diffusers") -> tuple[Tensor, Tensor]:
     """The prompt's tokens and the negative rows', (1, T, C) each: its picture's through the encoder (kept,
     `_kept_tokens`; prepared as `convention` says, `picture_pixels`), or a FaceID adapter's of its N face
-    embeddings and of zero ones, the faces' T tokens one after another."""
+    embeddings and of zero ones: the faces' T tokens one after another (diffusers' N x T), or under `convention`
+    "a1111" their average, (1, T, C) (`average_face_tokens`)."""
     if encoder is None:
         param = next(adapter.model.parameters())
         embeds = face_embeds(prompt.image, adapter.config.embed_dim, f"IP-Adapter {index}")       # (N, E)
         faces, negative = embeds_tokens(adapter.model, embeds.to(device=param.device, dtype=param.dtype))
+        if convention == "a1111":
+            return average_face_tokens(faces), average_face_tokens(negative)                  # 2 x (1, T, C)
         return faces.reshape(1, -1, faces.shape[-1]), negative.reshape(1, -1, negative.shape[-1])  # 2 x (1, N*T, C)
     pixels = picture_pixels(prompt, encoder.config.image_size, index, convention).unsqueeze(0)  # (1, 3, 224, 224)
     param = next(encoder.model.parameters())
@@ -608,6 +625,14 @@ def _prompt_tokens(prompt: IPAdapterInput, adapter: LoadedIPAdapter, encoder: Lo
                                f"picture; the face embedding holds {len(face)}")
         return _kept_tokens(adapter.model, encoder.model, pixels, (face.to(param.device), face_shortcut(prompt)))
     return _kept_tokens(adapter.model, encoder.model, pixels)
+
+
+def average_face_tokens(tokens: Tensor) -> Tensor:
+    """The mean of N faces' tokens (N, T, C) -> (1, T, C), as A1111's ControlNet extension takes several inputs of
+    one FaceID unit: each input's embeds projected alone, then averaged (sd-webui-controlnet
+    scripts/ipadapter/plugable_ipadapter.py `hook`: ``ImageEmbed.average_of(...)``, the sum of the stacked
+    tensors over their count), the negative rows as the positive ones."""
+    return tokens.sum(dim=0, keepdim=True) / len(tokens)                                       # (1, T, C)
 
 
 def face_shortcut(prompt: IPAdapterInput) -> float | None:

@@ -205,8 +205,8 @@ def masks_something(mask: Image.Image) -> bool:
 
 
 IP_ADAPTER_UNITS = (f"the extension draws an IP-Adapter in a unit with one of its IP-Adapter modules "
-                    f"({', '.join(LISTED_MODULES)}), whose CLIP image embeddings it reads; a ControlNet "
-                    "preprocessor's picture is none")
+                    f"({', '.join(LISTED_MODULES)}), whose CLIP image embeddings (or face embeddings) it reads; a "
+                    "ControlNet preprocessor's picture is none")
 """Why an A1111 unit with a ControlNet module cannot take an IP-Adapter model (`a1111_unit`)."""
 
 
@@ -401,7 +401,7 @@ def native_ip_adapters(items: list[dict[str, Any]], folder: ModelFolder, limits:
     `control_convention`; one the pipeline refuses (`check_ip_adapter`: its scale or window, no image encoder
     beside it) is a 422 naming it. An entry with an A1111 unit's `module` draws with the image encoder the module
     names (`unit_image_encoder`, as the unit did) and is recorded as that unit's line, which holds no layer scales
-    (both given: a 422). An IP-Adapter FaceID's `face_embedding` (`face_embeddings.native_face_embedding`) goes
+    and no face shortcut (either given with it: a 422). An IP-Adapter FaceID's `face_embedding` (`face_embeddings.native_face_embedding`) goes
     where its adapter reads it (`with_face_embedding`: a FaceID's image, a FaceID Plus's face embedding beside its
     picture); its shape and values are checked with the entry (`check_ip_adapter`)."""
     prompts = []
@@ -421,8 +421,12 @@ def native_ip_adapters(items: list[dict[str, Any]], folder: ModelFolder, limits:
             prompt = prompt_on_init(prompt, index, init)
             if module is not None:
                 if prompt.layer_scales is not None:
-                    raise RequestError("layer_scales and module: an A1111 unit's line records no layer scales; "
-                                       "give one of them")
+                    raise RequestError(f"{what}: layer_scales and module: an A1111 unit's line records no layer "
+                                       "scales; give one of them")
+                if prompt.face_shortcut is not None:
+                    raise RequestError(f"{what}: face_shortcut and module: an A1111 unit's line records no face "
+                                       "shortcut (the extension's FaceID Plus v2 adds its shortcut at 1, by the "
+                                       "file's name); give one of them")
                 prompt = dataclasses.replace(prompt, image_encoder=unit_image_encoder(module, path))
             prompts.append(check_ip_adapter(prompt, index, convention))
         except RequestError as err:
