@@ -14,7 +14,7 @@ from test_webui import (  # noqa: F401  (fixture: browser)
     By, browser, open_page, severe_console_errors, wait,
 )
 
-from sdlab.pipeline.ip_adapter_units import LISTED_MODULES, MODULE_ENCODERS
+from sdlab.pipeline.ip_adapter_units import FACE_ID_MODULES, LISTED_MODULES, MODULE_ENCODERS
 from sdlab.pipeline.preprocess import PREPROCESSORS, a1111_module
 from sdlab.server.a1111_controlnet import _control_type
 from sdlab.server.control_types import CONTROL_TYPES, LISTED_PREPROCESSORS
@@ -42,6 +42,8 @@ REGISTRY = [  # (name, label, tags, sorting_priority)
     ("ip-adapter_clip_sd15", "ip-adapter_clip_h", ["IP-Adapter"], 100),             # legacy
     ("ip-adapter_clip_sdxl", "ip-adapter_clip_g", ["IP-Adapter"], 0),               # legacy
     ("ip-adapter_clip_sdxl_plus_vith", "ip-adapter_clip_sdxl_plus_vith", ["IP-Adapter"], 0),   # legacy
+    ("ip-adapter_face_id", "ip-adapter_face_id", ["IP-Adapter"], 0),               # legacy (given its embedding)
+    ("ip-adapter_face_id_plus", "ip-adapter_face_id_plus", ["IP-Adapter"], 0),     # legacy (given its embedding)
     ("threshold", "threshold", [], 0),                                              # legacy
     ("tile_resample", "tile_resample", ["Tile"], 100),                              # legacy
 ]
@@ -97,12 +99,12 @@ INVERT = "invert (from white bg & black line)"
 # extension has not) under Scribble and Tile, last of their type (priority 0).
 EXPECTED = {
     "All": (["none", "ip-adapter-auto", "tile_resample", "ip-adapter_clip_h", "inpaint_only", "canny", INVERT, "tile",
-             "threshold", "scribble", "ip-adapter_clip_sdxl_plus_vith", "ip-adapter_clip_g",
-             "inpaint_global_harmonious"], "none"),
+             "threshold", "scribble", "ip-adapter_face_id_plus", "ip-adapter_face_id", "ip-adapter_clip_sdxl_plus_vith",
+             "ip-adapter_clip_g", "inpaint_global_harmonious"], "none"),
     "Canny": (["none", "canny", INVERT], "canny"),
     "Depth": (["none"], "none"),
-    "IP-Adapter": (["none", "ip-adapter-auto", "ip-adapter_clip_h", "ip-adapter_clip_sdxl_plus_vith",
-                    "ip-adapter_clip_g"], "ip-adapter-auto"),
+    "IP-Adapter": (["none", "ip-adapter-auto", "ip-adapter_clip_h", "ip-adapter_face_id_plus", "ip-adapter_face_id",
+                    "ip-adapter_clip_sdxl_plus_vith", "ip-adapter_clip_g"], "ip-adapter-auto"),
     "Inpaint": (["none", "inpaint_only", "inpaint_global_harmonious"], "inpaint_only"),
     "Instant-ID": (["none"], "none"),
     "InstructP2P": (["none"], "none"),
@@ -142,7 +144,7 @@ def test_sdlabs_table_holds_every_preprocessor_sdlab_runs_as_the_extension_regis
     for module in [*PREPROCESSORS, *LISTED_MODULES]:
         assert sum(module in (p.name, p.label) for p in LISTED_PREPROCESSORS) == 1, module
     for p in LISTED_PREPROCESSORS:
-        assert p.label in MODULE_ENCODERS or a1111_module(p.label) == p.name, p
+        assert p.label in MODULE_ENCODERS or p.label in FACE_ID_MODULES or a1111_module(p.label) == p.name, p
 
 
 def test_every_types_preprocessors_and_default_are_the_extensions():
@@ -155,7 +157,8 @@ def test_every_types_preprocessors_and_default_are_the_extensions():
 # What `/controlnet/module_list` serves, written out: the extension's names and (alias_names) labels of sdlab's
 # preprocessors and IP-Adapter modules in its order, the "All" type's list.
 MODULE_NAMES = ["none", "ip-adapter-auto", "tile_resample", "ip-adapter_clip_sd15", "inpaint_only", "canny", "invert",
-                "tile", "threshold", "scribble", "ip-adapter_clip_sdxl_plus_vith", "ip-adapter_clip_sdxl", "inpaint"]
+                "tile", "threshold", "scribble", "ip-adapter_face_id_plus", "ip-adapter_face_id",
+                "ip-adapter_clip_sdxl_plus_vith", "ip-adapter_clip_sdxl", "inpaint"]
 
 
 def test_the_written_module_list_is_the_extensions_get_modules():
@@ -167,7 +170,7 @@ def test_every_name_and_label_module_list_gives_is_a_module_a_unit_may_name():
     """A client may send back any entry of either list, and the older names (ip-adapter_clip_sd15 / _sdxl, invert,
     inpaint) as well as the labels (ip-adapter_clip_h / _g, ...)."""
     for module in MODULE_NAMES + EXPECTED["All"][0]:
-        assert module in MODULE_ENCODERS or a1111_module(module) in PREPROCESSORS, module
+        assert module in MODULE_ENCODERS or module in FACE_ID_MODULES or a1111_module(module) in PREPROCESSORS, module
 
 
 # ---------------------------------------------------------------- the route and the page

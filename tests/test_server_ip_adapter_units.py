@@ -255,17 +255,19 @@ def test_module_list_and_control_types_list_the_ip_adapter_modules(setup):
     client = setup["client"]
     listed = client.get("/controlnet/module_list").json()               # the extension's names
     aliased = client.get("/controlnet/module_list", params={"alias_names": True}).json()      # its labels
-    for module in ("ip-adapter-auto", "ip-adapter_clip_sd15", "ip-adapter_clip_sdxl", "ip-adapter_clip_sdxl_plus_vith"):
+    for module in ("ip-adapter-auto", "ip-adapter_clip_sd15", "ip-adapter_clip_sdxl", "ip-adapter_clip_sdxl_plus_vith",
+                   "ip-adapter_face_id", "ip-adapter_face_id_plus"):
         assert module in listed["module_list"] and listed["module_detail"][module] == {"model_free": False,
                                                                                         "sliders": []}
-    for module in ("ip-adapter-auto", "ip-adapter_clip_h", "ip-adapter_clip_g", "ip-adapter_clip_sdxl_plus_vith"):
+    for module in ("ip-adapter-auto", "ip-adapter_clip_h", "ip-adapter_clip_g", "ip-adapter_clip_sdxl_plus_vith",
+                   "ip-adapter_face_id", "ip-adapter_face_id_plus"):
         assert module in aliased["module_list"] and aliased["module_detail"][module] == {"model_free": False,
                                                                                           "sliders": []}
-    assert "ip-adapter_face_id" not in listed["module_list"]
+    assert "ip-adapter_pulid" not in listed["module_list"]            # a face module sdlab does not draw
     kind = client.get("/controlnet/control_types").json()["control_types"]["IP-Adapter"]
     assert kind["default_option"] == "ip-adapter-auto"            # the extension's: the first after none
-    assert kind["module_list"] == ["none", "ip-adapter-auto", "ip-adapter_clip_h", "ip-adapter_clip_sdxl_plus_vith",
-                                   "ip-adapter_clip_g"]
+    assert kind["module_list"] == ["none", "ip-adapter-auto", "ip-adapter_clip_h", "ip-adapter_face_id_plus",
+                                   "ip-adapter_face_id", "ip-adapter_clip_sdxl_plus_vith", "ip-adapter_clip_g"]
     assert any(model.startswith("ip-adapter_tiny [") for model in kind["model_list"])
 
 

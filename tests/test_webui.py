@@ -701,8 +701,9 @@ return [...document.querySelectorAll("#settings *")]
 
 def test_a_phones_window_fits_every_control_of_the_form(page, base_url, tmp_path):
     """A phone's width (390 px): with X/Y/Z plot, the inpaint tab's picture and mask tools, and every box open,
-    each control lies inside the form and the page does not scroll sideways. Before: the X/Y/Z values boxes (a text
-    box's default width) and the mask tools' Load mask ran 11 and 2 px past it."""
+    each control lies inside the form and the page does not scroll sideways, a face embedding of a long file name
+    chosen too. Before: the X/Y/Z values boxes (a text box's default width) and the mask tools' Load mask ran 11
+    and 2 px past it, and the face embedding's name (one word of 154 letters) far past it."""
     (tmp_path / "picture.png").write_bytes(png_with_parameters(None, size=(640, 480)))
     try:
         page.set_window_size(390, 844)
@@ -713,9 +714,16 @@ def test_a_phones_window_fits_every_control_of_the_form(page, base_url, tmp_path
         page.find_element(By.ID, "tab-inpaint").click()
         page.find_element(By.ID, "init-image").send_keys(str(tmp_path / "picture.png"))
         wait(page, lambda d: d.find_element(By.ID, "mask-tools").is_displayed(), 20, "the picture did not load")
+        import numpy as np
+
+        face = tmp_path / f"{'insightface_normed_embedding_of_a_long_named_face_' * 3}.npy"  # one word: no spaces
+        np.save(face, np.zeros((1, 512), np.float32))
+        page.find_element(By.ID, "ipa_face_file").send_keys(str(face))
+        wait(page, lambda d: face.name in text(d, "ipa_face_name"), 10, "the chosen face embedding is not named")
         assert page.execute_script(CONTROLS_PAST_THE_FORM) == []
         assert page.execute_script("return document.documentElement.scrollWidth <= innerWidth")
     finally:
+        page.find_element(By.ID, "ipa_face_clear").click()
         page.set_window_size(*WINDOW)
 
 

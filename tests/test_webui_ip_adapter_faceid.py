@@ -1,7 +1,8 @@
 """The web UI's IP-Adapter face embedding, in chromium: a .npy chosen with the box's file input goes out as the
 native `face_embedding` (no picture for a FaceID adapter) and draws the picture a native job with the same numbers
-draws; a file that is no .npy shows the server's 422; Clear sends none again; the Face shortcut box sends
-`face_shortcut` and Reuse of a FaceID Plus job fills it."""
+draws; a file that is no .npy shows the server's 422; after Clear the adapter asks for a face embedding (a
+picture or not); the Face shortcut box sends `face_shortcut` and Reuse of a FaceID Plus job fills it; an A1111
+FaceID picture's module fills the module box."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from server_fixtures import start_server
 from test_ip_adapter_faceid_plus import _face, face_id_plus_state
 from test_ip_adapter_layers import face_id_state
 from test_webui import (  # noqa: F401  (fixtures: browser, page)
-    By, browser, choose, generate_and_finish, http_bytes, http_json, page, set_value, text, value, wait, wait_job,
+    By, browser, choose, drop_file, generate_and_finish, http_bytes, http_json, page, png_with_parameters, set_value,
+    text, value, wait, wait_job,
 )
 from webui_ip_adapter_fixtures import drop_reference, reuse_job, sent_unit
 
@@ -91,7 +93,10 @@ def test_a_face_embedding_file_is_sent_drawn_and_refused_when_bad(page, base_url
     # Clear: no face embedding sent; the FaceID adapter then needs one, and says so
     page.find_element(By.ID, "ipa_face_clear").click()
     assert "No face embedding" in text(page, "ipa_face_name")
-    with pytest.raises(Exception, match="needs a picture"):
+    with pytest.raises(Exception, match="IP-Adapter FaceID needs a face embedding: choose its .npy file"):
+        sent_unit(page)
+    drop_reference(page)                 # a picture is no face: still the face embedding asked for
+    with pytest.raises(Exception, match="IP-Adapter FaceID needs a face embedding"):
         sent_unit(page)
 
 
@@ -115,3 +120,18 @@ def test_the_face_shortcut_box_sends_and_reuse_fills_it(page, base_url, tmp_path
     reuse_job(page, base_url, job["id"])
     wait(page, lambda d: value(d, "ipa_face_shortcut") == "0.4", 20, "Reuse did not fill the Face shortcut")
     assert value(page, "ipa_model").startswith("ip-adapter-faceid-plusv2_tiny [")
+
+
+@pytest.mark.parametrize("module, stem", [("ip-adapter_face_id", "ip-adapter-faceid_tiny"),
+                                          ("ip-adapter_face_id_plus", "ip-adapter-faceid-plusv2_tiny")])
+def test_an_a1111_face_id_pictures_module_fills_the_module_box(page, base_url, module, stem):
+    """A picture an A1111 FaceID unit drew (its `ControlNet 0` line names the module): the module box, which lists
+    the IP-Adapter type's modules of /controlnet/module_list, offers the FaceID module and Reuse of the picture
+    chooses it, with the adapter; the page sends it as the entry's `module`."""
+    line = f'"Module: {module}, Model: {stem}, Weight: 0.7, Guidance Start: 0, Guidance End: 1"'
+    wait(page, lambda d: d.execute_script("return document.getElementById('ipa_module').options.length > 1"), 30,
+         "the module list did not load")
+    assert module in page.execute_script("return [...document.getElementById('ipa_module').options].map((o) => o.value)")
+    drop_file(page, png_with_parameters(f"a face\nSteps: 2, Seed: 1, Size: 64x64, ControlNet 0: {line}"), "face.png")
+    wait(page, lambda d: value(d, "ipa_scale") == "0.7", 20, "the picture's unit line is not read")
+    assert value(page, "ipa_module") == module and value(page, "ipa_model").startswith(f"{stem} [")

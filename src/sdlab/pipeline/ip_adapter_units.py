@@ -47,16 +47,19 @@ MODULE_ENCODERS: dict[str, str | None] = {
     "ip-adapter-auto": None,
 }
 """The IP-Adapter modules sdlab draws (lower case) -> the encoder each names (None: the model's, ip-adapter-auto)."""
-LISTED_MODULES = tuple(sorted(name for name in MODULE_ENCODERS if not name.endswith("(ipadapter)")))
-"""The extension's names and labels of them (ip-adapter_clip_sd15 and its label ip-adapter_clip_h, ...; Forge's own
-are not the extension's): those a unit may name by the extension's spelling. `/controlnet/module_list` lists each
-once, by name or label, as `server/control_types.LISTED_PREPROCESSORS` has it."""
 FACE_MODULES = ("ip-adapter_face_id", "ip-adapter_face_id_plus", "ip-adapter_pulid", "instant_id_face_embedding",
                 "instant_id_face_keypoints", "insightface+clip-h (ipadapter)", "insightface (instantid)")
 """The extension's and Forge's IP-Adapter / InstantID modules that read faces with InsightFace (refused)."""
 FACE_ID_MODULES: dict[str, str | None] = {"ip-adapter_face_id": None, "ip-adapter_face_id_plus": CLIP_H}
 """The face modules sdlab draws given the face embedding their InsightFace would compute -> the encoder each names
 (None: FaceID reads no picture)."""
+LISTED_MODULES = tuple(sorted([*(name for name in MODULE_ENCODERS if not name.endswith("(ipadapter)")),
+                               *FACE_ID_MODULES]))
+"""The extension's names and labels of them and of the FaceID modules (ip-adapter_clip_sd15 and its label
+ip-adapter_clip_h, ..., ip-adapter_face_id, ip-adapter_face_id_plus; Forge's own are not the extension's): those a
+unit may name by the extension's spelling. `/controlnet/module_list` lists each once, by name or label, as
+`server/control_types.LISTED_PREPROCESSORS` has it (so the web UI's IP-Adapter box offers them, and Reuse of an
+A1111 FaceID picture finds its module there)."""
 PRESET_ENCODERS = {
     "ip-adapter_sd15": CLIP_H, "ip-adapter_sd15_light": CLIP_H, "ip-adapter_sd15_light_v11": CLIP_H,
     "ip-adapter_sd15_vit-G": CLIP_G, "ip-adapter-plus_sd15": CLIP_H, "ip-adapter_sd15_plus": CLIP_H,

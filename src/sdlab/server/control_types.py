@@ -38,6 +38,8 @@ LISTED_PREPROCESSORS = (
     ListedPreprocessor("ip-adapter_clip_sd15", "ip-adapter_clip_h", ("IP-Adapter",), 100),
     ListedPreprocessor("ip-adapter_clip_sdxl", "ip-adapter_clip_g", ("IP-Adapter",)),
     ListedPreprocessor("ip-adapter_clip_sdxl_plus_vith", "ip-adapter_clip_sdxl_plus_vith", ("IP-Adapter",)),
+    ListedPreprocessor("ip-adapter_face_id", "ip-adapter_face_id", ("IP-Adapter",)),
+    ListedPreprocessor("ip-adapter_face_id_plus", "ip-adapter_face_id_plus", ("IP-Adapter",)),
     # sdlab's own (the extension has no preprocessor of these names), under the type whose models read their hint
     ListedPreprocessor("scribble", "scribble", ("Scribble",)),
     ListedPreprocessor("tile", "tile", ("Tile",)),
@@ -45,7 +47,8 @@ LISTED_PREPROCESSORS = (
 """The extension's preprocessors that sdlab runs (`pipeline.preprocess.PREPROCESSORS`, the IP-Adapter modules of
 `pipeline.ip_adapter_units.LISTED_MODULES`), with their labels, tags and sorting priorities in the extension
 (`scripts/preprocessor/model_free_preprocessors.py`, `inpaint.py`, `ip_adapter_auto.py`,
-`legacy/preprocessor_compiled.py`), and sdlab's own two."""
+`legacy/preprocessor_compiled.py`: the FaceID ones, which sdlab draws given their face embedding, priority 0), and
+sdlab's own two."""
 
 CONTROL_TYPES = (
     "All", "Canny", "Depth", "IP-Adapter", "Inpaint", "Instant-ID", "InstructP2P", "Lineart", "MLSD", "NormalMap",

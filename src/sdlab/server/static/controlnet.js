@@ -34,6 +34,8 @@ const controlState = {
 };
 // The extension's IP-Adapter modules (ip_adapter_units.LISTED_MODULES): the IP-Adapter box's, not a unit's
 const isIpAdapterModule = (name) => /^ip-adapter[-_]/.test(name);
+// An IP-Adapter FaceID (or FaceID Plus) model, by its name as the extension tells one ("faceid" in it)
+const isFaceIdModel = (title) => /faceid/i.test(title);
 
 function element(tag, props = {}, children = []) {
   const node = document.createElement(tag);
@@ -362,6 +364,9 @@ function controlRequest() {
   if ($("ipa_enabled").checked) {
     if (!$("ipa_model").value) throw new ApiError("IP-Adapter needs a model: choose one or untick it");
     const face = controlState.ipFace;     // with one and no picture of its own: none sent (FaceID reads none;
+    if (!face && isFaceIdModel($("ipa_model").value)) {
+      throw new ApiError("IP-Adapter FaceID needs a face embedding: choose its .npy file (InsightFace's normed_embedding)");
+    }
     const { picture, initial } = face && !controlState.ipPicture      // FaceID Plus takes the initial image)
       ? { picture: null, initial: true } : pictureOf(controlState.ipPicture, "IP-Adapter");
     const start = controlNumber("ipa_start", "IP-Adapter"), end = controlNumber("ipa_end", "IP-Adapter");
