@@ -65,8 +65,9 @@ def tiny():
     return sdlab.load()                                  # the shipped sdlab-tiny: v-prediction, VAE factor 4
 
 
-def both_passes(monkeypatch, pipe, **options) -> tuple[list[dict], object]:
-    """`pipe.txt2img` with `options`; each sampler run's guided denoiser, sigmas and returned latent, in order."""
+def caught_runs(monkeypatch, draw) -> tuple[list[dict], object]:
+    """Each sampler run of `draw()` (its guided denoiser, start, sigmas and returned latent, in order) and what
+    `draw()` returns."""
     runs: list[dict] = []
     real = G._run_sampler
 
@@ -76,8 +77,16 @@ def both_passes(monkeypatch, pipe, **options) -> tuple[list[dict], object]:
         return out
 
     monkeypatch.setattr(G, "_run_sampler", spy)
-    result = pipe.txt2img(PROMPT, **{"seed": SEED, "cfg_scale": 5.0, "width": 64, "height": 64, **options})
-    return runs, result
+    try:
+        return runs, draw()
+    finally:
+        monkeypatch.setattr(G, "_run_sampler", real)
+
+
+def both_passes(monkeypatch, pipe, **options) -> tuple[list[dict], object]:
+    """`pipe.txt2img` with `options`; each sampler run's guided denoiser, sigmas and returned latent, in order."""
+    return caught_runs(monkeypatch, lambda: pipe.txt2img(PROMPT, **{"seed": SEED, "cfg_scale": 5.0, "width": 64,
+                                                                    "height": 64, **options}))
 
 
 def comfyui_graph(tiny, runs, first: dict, second: dict, size) -> torch.Tensor:

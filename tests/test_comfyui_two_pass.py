@@ -33,6 +33,7 @@ from sdlab.pipeline import generate as G
 from sdlab.pipeline.control import ControlInput
 from test_comfyui_controlnet import ComfyControlNet, control_picture, load_image, sd1  # noqa: F401
 from test_comfyui_conventions import ksampler, sample_euler, sample_euler_ancestral
+from test_comfyui_hires import caught_runs
 from test_comfyui_latent_upscale import common_upscale, latent_upscale_by
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -40,23 +41,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 PROMPT, NEGATIVE, SEED, HIRES_SEED, CFG = "a red cube", "blurry", 7, 11, 6.0
 HIRES = dict(hr_convention="comfyui", hr_upscaler="bislerp", hr_scale=1.5, hr_seed=HIRES_SEED, hr_steps=4,
              hr_cfg_scale=4.0, hr_sampler="euler_ancestral", hr_schedule="karras", hr_denoise=0.6)
-
-
-def caught_runs(monkeypatch, draw) -> tuple[list[dict], list]:
-    """`draw()`'s pictures and each sampler run's denoiser, start, sigmas and latent, in order."""
-    runs: list[dict] = []
-    real = G._run_sampler
-
-    def spy(plan, model, x, sigmas, sampler_options, progress):
-        out = real(plan, model, x, sigmas, sampler_options, progress)
-        runs.append(dict(model=model, x=x.clone(), sigmas=sigmas.clone(), out=out.clone()))
-        return out
-
-    monkeypatch.setattr(G, "_run_sampler", spy)
-    try:
-        return runs, draw()
-    finally:
-        monkeypatch.setattr(G, "_run_sampler", real)
 
 
 # -- ControlNets on both KSamplers ---------------------------------------------------------------------------------
