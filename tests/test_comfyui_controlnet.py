@@ -26,6 +26,7 @@ from comfy_reference import ModelSamplingDiscrete, normal_scheduler
 from controlnet_fixtures import diffusers_controlnet, write_layout
 from picture_parity import uint8_pictures
 from sdlab.checkpoints.controlnet import load_controlnet
+from sdlab.diffusion.comfy_sigmas import COMFYUI_ALWAYS, comfyui_percent_to_sigma
 from sdlab.diffusion.denoiser import Denoiser
 from sdlab.pipeline import generate as G
 from sdlab.pipeline.control import ControlInput, comfyui_hint, comfyui_sigma_window
@@ -201,6 +202,67 @@ def test_an_edge_on_a_steps_sigma_acts_where_comfyuis_does(monkeypatch, sd1):
     without_step_2 = draw(pipe, "euler", "normal", controls=[ControlInput(first, control_picture(0), 0.8, 0.0, 0.3)],
                           control_convention="comfyui")                     # steps 0..1: another latent
     assert not torch.equal(without_step_2[0], reference[0])
+
+
+def caught_windows(monkeypatch, run) -> list[list[tuple[float, float] | None]]:
+    """The sigma windows of the controls each pass of `run()` prepared (`generate.prepare_controls`)."""
+    windows = []
+    real = G.prepare_controls
+
+    def spy(*args, **kwargs):
+        controls = real(*args, **kwargs)
+        windows.append([control.sigma_window for control in controls])
+        return controls
+
+    with monkeypatch.context() as patch:
+        patch.setattr(G, "prepare_controls", spy)
+        run()
+    return windows
+
+
+def test_the_windows_edges_are_the_passs_arithmetic(monkeypatch, sd1):
+    """One seam (`plan.comfyui_arithmetic`) decides whether a pass follows ComfyUI's float32 arithmetic, for its
+    sigmas and its control windows alike: under a sampler spelt as ComfyUI spells it the edge of end_percent 0.2 is
+    ComfyUI's float32 percent_to_sigma (5.0924082); under A1111's `Euler` (float64 sigmas) it is sdlab's float64 one
+    rounded (5.0924077), as before the float32 arithmetic came. A hires fix's
+    second pass under hr_convention comfyui is ComfyUI's second KSampler: float32 edges after an `Euler` first pass."""
+    pipe, (first, _, _) = sd1
+    model_t_to_sigma = pipe.bundle.model_sampling.t_to_sigma
+    comfy = ModelSamplingDiscrete()
+    float32_edge, float64_edge = comfy.percent_to_sigma(0.2), comfyui_percent_to_sigma(0.2, model_t_to_sigma)
+    assert float32_edge != float64_edge
+    control = dict(controls=[ControlInput(first, control_picture(0), 0.8, 0.0, 0.2)], control_convention="comfyui")
+    comfy_spelt = caught_windows(monkeypatch, lambda: draw(pipe, "euler", "normal", **control))
+    a1111_spelt = caught_windows(monkeypatch, lambda: draw(pipe, "Euler", "normal", **control))
+    assert comfy_spelt == [[(COMFYUI_ALWAYS, float32_edge)]]
+    assert a1111_spelt == [[(COMFYUI_ALWAYS, float64_edge)]]
+    hires = dict(hr_convention="comfyui", hr_upscaler="nearest-exact", hr_scale=1.5, hr_steps=4, hr_denoise=0.5)
+    two_passes = caught_windows(monkeypatch, lambda: draw(pipe, "Euler", "normal", **control, **hires,
+                                                          hr_sampler="euler"))
+    assert two_passes == [[(COMFYUI_ALWAYS, float64_edge)], [(COMFYUI_ALWAYS, float32_edge)]]
+
+
+def test_sa_solvers_interval_is_the_passs_arithmetic(monkeypatch, sd1):
+    """SA-Solver's SDE interval reads the same seam: ComfyUI's float32 percent_to_sigma(0.2) on `normal` (its KSampler
+    rule), sdlab's float64 one on a schedule named the diffusers way (`trailing`), as before."""
+    pipe, _ = sd1
+    comfy = ModelSamplingDiscrete()
+    maps = []
+    real = G._sampler_options
+
+    def spy(*args):
+        options = real(*args)
+        maps.append(options["t_to_sigma"])
+        return options
+
+    with monkeypatch.context() as patch:
+        patch.setattr(G, "_sampler_options", spy)
+        draw(pipe, "sa_solver", "normal")
+        draw(pipe, "sa_solver", "trailing")
+    (normal, trailing), model_t_to_sigma = maps, pipe.bundle.model_sampling.t_to_sigma
+    assert comfyui_percent_to_sigma(0.2, normal) == comfy.percent_to_sigma(0.2)
+    assert comfyui_percent_to_sigma(0.2, trailing) == comfyui_percent_to_sigma(0.2, model_t_to_sigma)
+    assert comfy.percent_to_sigma(0.2) != comfyui_percent_to_sigma(0.2, model_t_to_sigma)
 
 
 def test_a_pooling_controlnet_acts_on_every_row_as_comfyuis(monkeypatch, sd1):

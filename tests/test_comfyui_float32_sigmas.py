@@ -23,7 +23,6 @@ import pytest
 import torch
 
 import comfy_reference as C
-from sdlab.diffusion.comfy_sigmas import comfyui_log_sigmas
 from sdlab.diffusion.model_sampling import DiscreteModelSampling
 from sdlab.diffusion.prediction import Prediction
 from sdlab.diffusion.samplers import get_sampler
@@ -31,6 +30,7 @@ from sdlab.diffusion.schedules import A1111_ZERO_SNR_TERMINAL_ALPHAS_CUMPROD
 from sdlab.families import get_family
 from sdlab.families.base import ScheduleSpec
 from sdlab.pipeline.control import PreparedControl, comfyui_sigma_window
+from sdlab.pipeline.hires import second_pass_request
 from sdlab.pipeline.infotext import from_parameters, to_parameters
 from sdlab.pipeline.plan import comfyui_timestep_sigma, request_sigmas
 from sdlab.pipeline.png_info import format_parameters, parse_parameters
@@ -82,7 +82,7 @@ def test_the_tables_are_comfyuis(model):
     sampling, zsnr = model
     comfy = comfyui_sampling(zsnr)
     assert torch.equal(sampling.schedule.sigmas.float(), comfy.sigmas)
-    assert torch.equal(comfyui_log_sigmas(sampling.schedule), comfy.log_sigmas)
+    assert torch.equal(sampling.schedule.log_sigmas.float(), comfy.log_sigmas)
 
 
 @pytest.mark.parametrize("sampler", ["euler", "dpm_2"])
@@ -130,6 +130,62 @@ def test_a_comfyui_spelt_request_and_its_parameters_read_back_draw_comfyuis_sigm
     assert torch.equal(sigmas_of(GenerationRequest(**fields))[1], reference)
     a1111 = sigmas_of(GenerationRequest("x", sampler=get_sampler(sampler).a1111, schedule=schedule, steps=13, seed=1))
     assert not torch.equal(a1111[1], reference)                             # A1111's name: sdlab's float64 sigmas
+
+
+@pytest.mark.parametrize("schedule", ["normal", "sgm_uniform"])
+@pytest.mark.parametrize("ends", [dict(schedule_sigma_min=0.1, schedule_sigma_max=10.0),
+                                  dict(schedule_sigma_max=10.0), dict(schedule_sigma_min=0.1),
+                                  dict(old_karras_sigmas=True)])
+def test_set_schedule_ends_keep_sdlabs_arithmetic(schedule, ends):
+    """ComfyUI has no min / max sigma setting: a ComfyUI-spelt request with A1111's Schedule min / max sigma (or the
+    old Karras ends 0.1 / 10) draws the sigmas A1111's name draws (float64, from the ends' fractional timesteps:
+    10.0 ... 0.1 at 5 steps), not the ends moved to their nearest training timestep (10.0273 ... 0.0983)."""
+    sampling = get_family("sd1").model_sampling(Prediction.EPS)
+
+    def sigmas_of(sampler: str) -> torch.Tensor:
+        request = resolve(GenerationRequest("x", sampler=sampler, schedule=schedule, steps=5, seed=1, **ends),
+                          default_size=64, default_sampler="Euler", default_schedule="karras", factor=8)
+        return request_sigmas(sampling, get_sampler(request.sampler), request)
+
+    ours = sigmas_of("euler")
+    assert torch.equal(ours, sigmas_of("Euler"))
+    top = ends.get("schedule_sigma_max", 10.0 if ends.get("old_karras_sigmas") else sampling.sigma_max)
+    assert float(ours[0]) == pytest.approx(top, rel=1e-6)
+    if schedule == "normal":
+        bottom = ends.get("schedule_sigma_min", 0.1 if ends.get("old_karras_sigmas") else sampling.sigma_min)
+        assert float(ours[-2]) == pytest.approx(bottom, rel=1e-6)
+
+
+HIRES_PASSES = [  # (first sampler, hires sampler, first schedule, hires schedule)
+    ("Euler", "euler", "normal", None), ("Euler", None, "normal", None), ("Euler a", "dpm_2", "karras", "normal"),
+    ("euler", "Euler", "normal", "sgm_uniform"), ("DPM++ 2M", "dpmpp_2m", "sgm_uniform", None),
+]
+
+
+@pytest.mark.parametrize("first, second, schedule, hr_schedule", HIRES_PASSES)
+def test_a_comfyui_hires_second_pass_draws_comfyuis_sigmas(first, second, schedule, hr_schedule):
+    """hr_convention comfyui: the second pass is ComfyUI's second KSampler, its sigmas ComfyUI's (the last steps + 1
+    of int(steps / denoise)) bit for bit whatever the first pass's sampler is spelt as (an `Euler` first pass's
+    second one followed its first's float64 arithmetic, 11 of 60 such schedules a last bit off); under A1111's hires
+    the second pass keeps the first's arithmetic."""
+    sampling = get_family("sd1").model_sampling(Prediction.EPS)
+    comfy = comfyui_sampling(False)
+    for hr_steps, hr_denoise in [(None, 0.5), (7, 0.55), (1, 0.3), (13, 0.7), (10, 1.0)]:
+        request = resolve(GenerationRequest("x", seed=1, sampler=first, schedule=schedule, steps=10, width=64,
+                                            height=64, hr_scale=1.5, hr_convention="comfyui",
+                                            hr_upscaler="nearest-exact", hr_sampler=second, hr_schedule=hr_schedule,
+                                            hr_steps=hr_steps, hr_denoise=hr_denoise),
+                          default_size=64, default_sampler="Euler", default_schedule="karras", factor=8)
+        second_pass = second_pass_request(request, 8)
+        assert second_pass.init_noise == "comfyui"
+        ours = request_sigmas(sampling, get_sampler(second_pass.sampler), second_pass, img2img=True)
+        reference = C.ksampler_sigmas(comfy, get_sampler(second or first).comfy, hr_schedule or schedule,
+                                      hr_steps or 10, hr_denoise)
+        assert torch.equal(ours, reference), (hr_steps, hr_denoise, ours - reference)
+    a1111 = resolve(GenerationRequest("x", seed=1, sampler="Euler", schedule="normal", steps=10, width=64, height=64,
+                                      hr_scale=1.5, hr_upscaler="Latent", hr_sampler="euler", hr_denoise=0.5),
+                    default_size=64, default_sampler="Euler", default_schedule="karras", factor=8)
+    assert second_pass_request(a1111, 8).init_noise == "sigma_max"         # A1111's hires: the first pass's
 
 
 # -- the ControlNet window ---------------------------------------------------------------------------------------

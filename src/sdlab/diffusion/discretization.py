@@ -69,7 +69,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sdlab.diffusion.comfy_sigmas import comfyui_sigma, comfyui_timestep
 from sdlab.diffusion.schedules import NoiseSchedule
 
 __all__ = [
@@ -436,24 +435,25 @@ def _t_range(schedule: NoiseSchedule, sigma_min: float | None, sigma_max: float 
     return top, 0.0 if sigma_min is None else float(schedule.sigma_to_t(float(sigma_min)))
 
 
-def _comfyui_normal_ramp(schedule: NoiseSchedule, count: int, sigma_min: float | None,
-                         sigma_max: float | None) -> Tensor:
-    """ComfyUI's ``normal_scheduler`` ramp (comfy/samplers.py), its float32 ``sigma`` at ``count`` timesteps
-    ``torch.linspace(timestep(sigma_max), timestep(sigma_min), count)`` in float32, ``timestep`` the nearest training
-    timestep (``comfy_sigmas``); the model's ends unless overridden. (count,) float32."""
-    lo, hi = _sigma_range(schedule, sigma_min, sigma_max)
-    start, end = comfyui_timestep(schedule, hi), comfyui_timestep(schedule, lo)          # int64, 0-dim
-    return comfyui_sigma(schedule, torch.linspace(start, end, count, dtype=torch.float32))
+def _comfyui_normal_ramp(schedule: NoiseSchedule, count: int) -> Tensor:
+    """ComfyUI's ``normal_scheduler`` ramp (comfy/samplers.py) between the model's ends, ComfyUI having no other:
+    its float32 ``sigma`` at ``count`` timesteps ``torch.linspace(timestep(sigma_max), timestep(sigma_min), count)``
+    in float32, ``timestep`` the nearest training timestep (`comfy_sigmas`: the schedule's maps in float32).
+    (count,) float32."""
+    ends = torch.tensor([schedule.sigma_max, schedule.sigma_min], dtype=torch.float32)               # (2,)
+    start, end = schedule.sigma_to_t(ends, quantize=True, dtype=torch.float32).tolist()             # whole numbers
+    return schedule.t_to_sigma(torch.linspace(start, end, count, dtype=torch.float32), dtype=torch.float32)
 
 
 def normal_sigmas(schedule: NoiseSchedule, steps: int, *, sigma_min: float | None = None,
                   sigma_max: float | None = None, final: str = "zero", comfyui: bool = False) -> Tensor:
     """sigma(t) at ``steps`` timesteps evenly spaced from T-1 down to 0 (log-sigma interpolation); between the
     timesteps of `sigma_max` and `sigma_min` where given. `comfyui`: in ComfyUI's float32 arithmetic
-    (`_comfyui_normal_ramp`; the ends' nearest timesteps), else in float64 on fractional timesteps, rounded."""
+    (`_comfyui_normal_ramp`; the ends' nearest timesteps), else in float64 on fractional timesteps, rounded; ends
+    given (A1111's Schedule min / max sigma, which ComfyUI has not) keep the float64 path, `comfyui` or not."""
     steps = _check_steps(steps)
-    if comfyui:
-        return _finish_ramp(_comfyui_normal_ramp(schedule, steps, sigma_min, sigma_max), schedule, final)
+    if comfyui and sigma_min is None and sigma_max is None:
+        return _finish_ramp(_comfyui_normal_ramp(schedule, steps), schedule, final)
     t = _linspace64(*_t_range(schedule, sigma_min, sigma_max), steps)
     return _finish_ramp(schedule.t_to_sigma(t), schedule, final)
 
@@ -469,8 +469,8 @@ def sgm_uniform_sigmas(schedule: NoiseSchedule, steps: int, *, sigma_min: float 
     """sigma(t) at ``linspace(T-1, 0, steps+1)[:-1]``: never visits t=0 before the final step (the ends
     overridable and `comfyui` as `normal_sigmas`')."""
     steps = _check_steps(steps)
-    if comfyui:
-        return _finish(_comfyui_normal_ramp(schedule, steps + 1, sigma_min, sigma_max)[:-1], schedule, final)
+    if comfyui and sigma_min is None and sigma_max is None:
+        return _finish(_comfyui_normal_ramp(schedule, steps + 1)[:-1], schedule, final)
     t = _linspace64(*_t_range(schedule, sigma_min, sigma_max), steps + 1)[:-1]
     return _finish(schedule.t_to_sigma(t), schedule, final)
 

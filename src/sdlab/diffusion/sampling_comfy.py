@@ -526,7 +526,8 @@ def sample_sa_solver(
     stochastic Adams-Moulton corrector of order up to ``corrector_order`` (not on the first step, nor the last
     unless ``use_pece``); weights from ``sa_solver.adams_weights`` in lambda = -log sigma. The noise strength tau
     is ``eta`` for the sigmas between ComfyUI's percent_to_sigma(0.2) and (0.8) of the model (``t_to_sigma``: its
-    ``ModelSamplingDiscrete.sigma`` in float32, ``pipeline.plan.comfyui_timestep_sigma``, for ComfyUI's edges),
+    ``ModelSamplingDiscrete.sigma`` in float32 where the pass follows ComfyUI's arithmetic,
+    ``pipeline.plan.pass_timestep_sigma``, for ComfyUI's edges),
     0 elsewhere; the predictor's noise ``sigma' sqrt(1 - e^(-2 tau^2 h))`` carries into the corrected state. With
     a schedule ending at 0 the orders fall towards the end (the predictor's to the steps left after this one).
     ``use_pece`` (``sa_solver_pece``): the corrected state is evaluated again (two model calls a step)."""

@@ -236,23 +236,28 @@ class NoiseSchedule:
         return float(self.sigmas[-1])
 
     # -- sigma <-> t ----------------------------------------------------------------------------
-    def _log_sigmas_on(self, device: torch.device) -> Tensor:
-        """log_sigmas on ``device``, in float32 where float64 is unsupported (MPS)."""
+    def _log_sigmas_on(self, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
+        """log_sigmas on ``device``: rounded to ``dtype`` where given, else in their own dtype, float32 where float64
+        is unsupported (MPS)."""
+        if dtype is not None:
+            return self.log_sigmas.to(device=device, dtype=dtype)
         if device.type == "mps":
             return self.log_sigmas.to(device=device, dtype=torch.float32)
         return self.log_sigmas.to(device)
 
-    def sigma_to_t(self, sigma: Tensor | float, quantize: bool = False) -> Tensor:
+    def sigma_to_t(self, sigma: Tensor | float, quantize: bool = False, dtype: torch.dtype | None = None) -> Tensor:
         """Fractional timestep whose log sigma interpolates to ``log(sigma)``.
 
         Piecewise-linear in log sigma between the two neighbouring training levels, clamped to
         ``[0, T-1]`` (k-diffusion ``DiscreteSchedule.sigma_to_t``, diffusers ``_sigma_to_t``).
         ``quantize=True`` returns the nearest training timestep instead. Computed in the schedule's
-        dtype; returned in sigma's dtype (float32 for non-float input), same shape as sigma.
+        dtype, or in ``dtype`` on the log-sigma table rounded to it (float32: ComfyUI's
+        ``ModelSamplingDiscrete.timestep`` with ``quantize``, `comfy_sigmas`); returned in sigma's dtype (float32
+        for non-float input), same shape as sigma.
         """
         sigma_t = torch.as_tensor(sigma)
         out_dtype = sigma_t.dtype if torch.is_floating_point(sigma_t) else torch.float32
-        log_sigmas = self._log_sigmas_on(sigma_t.device)  # (T,)
+        log_sigmas = self._log_sigmas_on(sigma_t.device, dtype)  # (T,)
         # sigma == 0 has no timestep; clamp like diffusers (1e-10) so it maps to t = 0.
         log_sigma = sigma_t.to(log_sigmas.dtype).clamp_min(1e-10).log()  # (...)
         if quantize:
@@ -265,12 +270,13 @@ class NoiseSchedule:
         w = ((lo - log_sigma) / (lo - hi)).clamp(0, 1)
         return (low.to(log_sigmas.dtype) + w).to(out_dtype)
 
-    def t_to_sigma(self, t: Tensor | float) -> Tensor:
-        """Sigma at fractional timestep t, interpolating linearly in log sigma. Returned in t's
-        dtype (the schedule's dtype for integer t), same shape as t."""
+    def t_to_sigma(self, t: Tensor | float, dtype: torch.dtype | None = None) -> Tensor:
+        """Sigma at fractional timestep t, interpolating linearly in log sigma, in the schedule's dtype or in
+        ``dtype`` on the log-sigma table rounded to it (float32: ComfyUI's ``ModelSamplingDiscrete.sigma``,
+        `comfy_sigmas`). Returned in t's dtype (the schedule's dtype for integer t), same shape as t."""
         t_t = torch.as_tensor(t)
         out_dtype = t_t.dtype if torch.is_floating_point(t_t) else self.alphas_cumprod.dtype
-        log_sigmas = self._log_sigmas_on(t_t.device)  # (T,)
+        log_sigmas = self._log_sigmas_on(t_t.device, dtype)  # (T,)
         tf = t_t.to(log_sigmas.dtype).clamp(0, self.num_timesteps - 1)
         low = tf.floor().long()
         high = tf.ceil().long()

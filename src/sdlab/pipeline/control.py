@@ -40,7 +40,8 @@ Semantics are diffusers' (`StableDiffusionControlNetPipeline`, `MultiControlNetM
   drops it), cut about its centre to the drawing's aspect ratio and resized by nearest-exact (`comfyui_hint`:
   comfy/utils.py `common_upscale`, crop "center"; resize mode "resize" is its crop "disabled"); a control acts at
   each model call whose sigma lies in [percent_to_sigma(end), percent_to_sigma(start)] of the model's own
-  schedule (`comfyui_sigma_window`, `ControlBase.pre_run`; in ComfyUI's float32 arithmetic, `comfy_sigmas`),
+  schedule (`comfyui_sigma_window`, `ControlBase.pre_run`; in ComfyUI's float32 arithmetic, `comfy_sigmas`,
+  where the pass follows it: `plan.comfyui_arithmetic`, else in sdlab's float64),
   whatever step it belongs to; a pooling ControlNet's residuals go to every row, as ComfyUI pools them without
   choosing rows.
 
@@ -474,7 +475,7 @@ class PreparedControl:
 def comfyui_sigma_window(start: float, end: float, t_to_sigma: Any) -> tuple[float, float]:
     """ComfyUI's sigma window of a control acting from `start` to `end` (fractions of the model's timesteps):
     (percent_to_sigma(start), percent_to_sigma(end)) (comfy/controlnet.py `ControlBase.pre_run`), percent_to_sigma(p)
-    the model's sigma at the float32 timestep (1 - p) * 999 (`t_to_sigma`: `plan.comfyui_timestep_sigma`'s), above every
+    the model's sigma at the float32 timestep (1 - p) * 999 (`t_to_sigma`: `plan.pass_timestep_sigma`'s), above every
     sigma for p <= 0 and 0 for p >= 1 (comfy/model_sampling.py `ModelSamplingDiscrete.percent_to_sigma`:
     `comfy_sigmas.comfyui_percent_to_sigma`)."""
     return comfyui_percent_to_sigma(start, t_to_sigma), comfyui_percent_to_sigma(end, t_to_sigma)
@@ -562,8 +563,8 @@ def prepare_controls(
     `region` (x1, y1, x2, y2) of a picture of `picture_size`: the run draws that region (Inpaint area "Only
     masked"); each image (and inpaint mask) is cut to it before its preprocessor runs, as A1111 does
     (`cropped_to_region`). `mask`: an inpainting run's mask as the inpaint preprocessors read it
-    (`inpaint_mask`), for the controls that bring none. `t_to_sigma`: the model's timestep -> sigma as ComfyUI
-    computes it (`plan.comfyui_timestep_sigma`), for ComfyUI's sigma windows (`comfyui_sigma_window`; needed under its
+    (`inpaint_mask`), for the controls that bring none. `t_to_sigma`: the model's timestep -> sigma as this pass
+    computes it (`plan.pass_timestep_sigma`), for ComfyUI's sigma windows (`comfyui_sigma_window`; needed under its
     convention)."""
     if convention == "comfyui" and t_to_sigma is None:
         raise ValueError("prepare_controls: ComfyUI's control windows need the model's t_to_sigma")

@@ -113,10 +113,10 @@ from sdlab.pipeline.plan import (
     GenerationPlan,
     a1111_switches,
     a1111_training_sigmas,
-    comfyui_timestep_sigma,
     encoder_clip_skips,
     handoff_index,
     make_plan,
+    pass_timestep_sigma,
     prompt_parts,
     prompt_schedule_steps,
     request_sigmas,
@@ -697,7 +697,7 @@ def _guided_model(
                                 picture_size=None if overlay is None else overlay.original.size,
                                 mask=inpaint_mask(req.mask_image, req.invert_mask, req.mask_blur,
                                                   req.mask_blur_y),
-                                t_to_sigma=comfyui_timestep_sigma(sampling))
+                                t_to_sigma=pass_timestep_sigma(sampling, req))
     image_prompts = prepare_image_prompts(bundle, req.ip_adapters, req.batch_size,    # IP-Adapters' tokens
                                           req.control_convention,
                                           region=None if overlay is None else overlay.region,
@@ -1014,7 +1014,7 @@ def _sampler_options(plan: GenerationPlan, x: Tensor, generators: list[Generator
         options["sigma_to_t"] = plan.sampling.sigma_to_t
     if sampler.wants_t_to_sigma:        # TCD's integer timesteps are diffusers'; ComfyUI's own samplers (SA-Solver)
         options["t_to_sigma"] = (plan.sampling.t_to_sigma if sampler.a1111     # read ComfyUI's percent_to_sigma
-                                 else comfyui_timestep_sigma(plan.sampling))
+                                 else pass_timestep_sigma(plan.sampling, req))
     accepted = sampler.parameters
     ignored = sorted(name for name in options if name not in accepted and name != "noise")
     if ignored:

@@ -80,6 +80,7 @@ from sdlab.pipeline.request import (
     GenerationRequest,
     default_ensd,
     GenerationResult,
+    implied_init_noise,
     drawn_request,
     hires_base_size,
     hires_sizes,
@@ -137,8 +138,9 @@ def second_pass_request(req: GenerationRequest, factor: int) -> GenerationReques
     the prompt and the negative, as A1111's `calculate_hr_conds` conditions its second pass. A ControlNet's Pixel
     Perfect resolution stays the first pass's (`at_first_pass_resolution`), as the extension preprocesses once.
     ComfyUI's graph (hr_convention "comfyui"): the second KSampler's denoise rule (img2img convention "comfyui"),
-    SDXL conditioned on its own size (ComfyUI's width / height of the latent it samples); a first pass from an
-    init picture (img2img) hands on its upscaled latent alone, no init picture."""
+    start-noise rule (`_second_pass_init_noise`) and step-noise seed (`_second_pass_ensd`), SDXL conditioned on its
+    own size (ComfyUI's width / height of the latent it samples); a first pass from an init picture (img2img) hands
+    on its upscaled latent alone, no init picture."""
     comfyui = req.hr_convention == "comfyui"
     _, (width, height) = pass_sizes(req, factor)
     (up_width, up_height), _ = pass_sizes(req, factor) if comfyui else upscaled_to(req)
@@ -148,6 +150,7 @@ def second_pass_request(req: GenerationRequest, factor: int) -> GenerationReques
                    cfg_scale=req.cfg_scale if req.hr_cfg_scale is None else req.hr_cfg_scale,
                    hr_seed=None, hr_cfg_scale=None, hr_convention="a1111", hr_crop="disabled",
                    eta_noise_seed_delta=_second_pass_ensd(req) if comfyui else req.eta_noise_seed_delta,
+                   init_noise=_second_pass_init_noise(req) if comfyui else req.init_noise,
                    sampler=req.hr_sampler or req.sampler, schedule=req.hr_schedule or req.schedule,
                    eta=req.eta if req.hr_eta is None else req.hr_eta,
                    prompt=req.hr_prompt or req.prompt, negative_prompt=req.hr_negative_prompt or req.negative_prompt,
@@ -172,6 +175,17 @@ def _second_pass_ensd(req: GenerationRequest) -> int:
     if req.eta_noise_seed_delta != default_ensd(True, get_sampler(req.sampler), req.eta):
         return req.eta_noise_seed_delta
     return default_ensd(True, get_sampler(req.hr_sampler or req.sampler), eta)
+
+
+def _second_pass_init_noise(req: GenerationRequest) -> str:
+    """The start-noise rule of a ComfyUI graph's second KSampler: the one its own sampler brings on its schedule under
+    ComfyUI's conventions (`implied_init_noise`: ComfyUI's KSampler rule, "comfyui", on a schedule not named the
+    diffusers way), whatever the first pass's. It scales the noise of a second pass at denoise 1 by ComfyUI's
+    max_denoise rule, and the pass follows ComfyUI's float32 arithmetic (`plan.comfyui_arithmetic`: its sigmas,
+    ControlNet windows and SA-Solver's interval) as ComfyUI's KSampler does, a first pass spelt as A1111 spells its
+    sampler or not."""
+    second = get_sampler(req.hr_sampler or req.sampler)
+    return implied_init_noise(second, req.hr_schedule or req.schedule, comfyui=True)
 
 
 def _warn_second_prompts_replaced(req: GenerationRequest) -> None:

@@ -32,7 +32,6 @@ from sdlab.diffusion.discretization import (
     A1111_IMG2IMG, DIFFUSERS_NAMES, a1111_timestep_sigmas, a1111_timesteps, comfyui_options, discretize,
     img2img_sigmas, schedule_overrides, steps_run,
 )
-from sdlab.diffusion.comfy_sigmas import comfyui_sigma
 from sdlab.diffusion.model_sampling import DiscreteModelSampling, ModelSampling
 from sdlab.diffusion.schedules import a1111_schedule_override
 from sdlab.diffusion.samplers import (
@@ -75,6 +74,7 @@ __all__ = [
     "encoder_clip_skips",
     "handoff_index",
     "make_plan",
+    "pass_timestep_sigma",
     "prompt_parts",
     "prompt_schedule_steps",
     "refiner_split",
@@ -486,23 +486,35 @@ def request_sigmas(
 
 
 def comfyui_arithmetic(sampling: ModelSampling, req: GenerationRequest) -> bool:
-    """Whether a resolved request's sigmas are ComfyUI's KSampler's in its float32 arithmetic (`comfy_sigmas`): its
-    start noise is ComfyUI's KSampler rule (init_noise "comfyui", which a sampler spelt as ComfyUI spells it brings
-    on a schedule not named the diffusers way) on a discrete model (ComfyUI's `ModelSamplingDiscrete`; an EDM or
-    flow model keeps sdlab's arithmetic)."""
+    """Whether a pass follows ComfyUI's KSampler in its float32 arithmetic (`comfy_sigmas`): its `normal` /
+    `sgm_uniform` sigmas (`request_sigmas`), its ControlNet windows under control_convention "comfyui" and
+    SA-Solver's SDE interval (`pass_timestep_sigma`) all ask here. So it does where the pass's start noise is ComfyUI's
+    KSampler rule, init_noise "comfyui": a sampler spelt as ComfyUI spells it on a schedule not named the diffusers
+    way brings it (every KSampler of the ComfyUI API), and so does a hires fix's second pass under hr_convention
+    "comfyui", ComfyUI's second KSampler (`hires.second_pass_request`); on a discrete model (ComfyUI's
+    `ModelSamplingDiscrete`; an EDM or flow model keeps sdlab's arithmetic). A pass with another start noise (a
+    sampler spelt as A1111 or diffusers spell it, init_noise "comfyui" not asked for) keeps sdlab's float64
+    arithmetic in all three."""
     return req.init_noise == "comfyui" and isinstance(sampling, DiscreteModelSampling)
 
 
 def comfyui_timestep_sigma(sampling: ModelSampling) -> Callable[[Tensor], Tensor]:
-    """The timestep -> sigma map ComfyUI's percent_to_sigma reads (a ControlNet's window under ComfyUI's convention,
-    `control.comfyui_sigma_window`; SA-Solver's SDE interval): a discrete model's ``ModelSamplingDiscrete.sigma``,
-    float32 on ComfyUI's float32 log-sigma table (`comfy_sigmas.comfyui_sigma`), so an edge is ComfyUI's bit for bit
-    and falls on a step's sigma exactly where ComfyUI's does (the KSampler's `normal` / `sgm_uniform` sigmas are the
-    same function's under `comfyui_arithmetic`); an EDM or flow model's own `t_to_sigma`."""
+    """The timestep -> sigma map ComfyUI's percent_to_sigma reads: a discrete model's ``ModelSamplingDiscrete.sigma``,
+    float32 on ComfyUI's float32 log-sigma table (``NoiseSchedule.t_to_sigma(t, dtype=torch.float32)``), so an edge
+    is ComfyUI's bit for bit and falls on a step's sigma exactly where ComfyUI's does (the KSampler's `normal` /
+    `sgm_uniform` sigmas are the same function's under `comfyui_arithmetic`); an EDM or flow model's own
+    `t_to_sigma`."""
     if isinstance(sampling, DiscreteModelSampling):
         schedule = sampling.schedule
-        return lambda t: comfyui_sigma(schedule, t)
+        return lambda t: schedule.t_to_sigma(torch.as_tensor(t).float(), dtype=torch.float32)
     return sampling.t_to_sigma
+
+
+def pass_timestep_sigma(sampling: ModelSampling, req: GenerationRequest) -> Callable[[Tensor], Tensor]:
+    """The timestep -> sigma map a pass's percent_to_sigma reads (a ControlNet's window under ComfyUI's convention,
+    `control.comfyui_sigma_window`; SA-Solver's SDE interval): ComfyUI's float32 one (`comfyui_timestep_sigma`)
+    where the pass follows ComfyUI's arithmetic (`comfyui_arithmetic`), else the model's own `t_to_sigma`."""
+    return comfyui_timestep_sigma(sampling) if comfyui_arithmetic(sampling, req) else sampling.t_to_sigma
 
 
 def _a1111_timesteps_run(sampler: SamplerSpec, req: GenerationRequest, img2img: bool) -> tuple[int, int | None]:

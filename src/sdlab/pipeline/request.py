@@ -1048,6 +1048,13 @@ def sampler_init_noise(spec: SamplerSpec, schedule: str) -> str | None:
     return "vp" if runs_a1111_timesteps(spec, schedule) else None
 
 
+def implied_init_noise(spec: SamplerSpec, schedule: str, comfyui: bool) -> str:
+    """The start noise an unset init_noise resolves to for `spec` on `schedule`: the one the sampler brings
+    (`sampler_init_noise`), else the schedule's convention (`discretization.default_init_noise`; `comfyui`: under
+    ComfyUI's conventions, its KSampler rule "comfyui" on a schedule not named the diffusers way)."""
+    return sampler_init_noise(spec, schedule) or default_init_noise(schedule, spec.spacing, comfyui=comfyui)
+
+
 def sgm_noise_multiplied(r: GenerationRequest, spec: SamplerSpec) -> bool:
     """Whether A1111's SGM noise multiplier scales the request's start noise: txt2img (the hires fix's first pass)
     with a k-diffusion sampler, whose `KDiffusionSampler.sample` starts at noise * sqrt(1 + sigmas[0]^2); its
@@ -1219,7 +1226,7 @@ def resolve(
     comfyui = r.sampler is not None and comfyui_spelling(r.sampler)       # ComfyUI's conventions (module docstring)
     init_noise = r.init_noise
     if init_noise is None:
-        init_noise = sampler_init_noise(spec, schedule) or default_init_noise(schedule, spec.spacing, comfyui=comfyui)
+        init_noise = implied_init_noise(spec, schedule, comfyui)
     if sgm_noise_multiplied(r, spec):
         if r.init_noise not in (None, "vp"):
             raise RequestError(f"the SGM noise multiplier starts from init_noise 'vp', not {r.init_noise!r}")
