@@ -223,3 +223,30 @@ def test_the_cli_draws_an_img2img_hires_and_its_picture_again(tmp_path, capsys, 
                         "--out", str(tmp_path / "c.png"), "--no-progress"], capsys)
     assert code == 2 and "the hires fix is for txt2img" in err and "Traceback" not in err, err
     assert not (tmp_path / "c.png").exists()
+
+
+def test_strength_on_the_line_does_not_make_a_txt2img_hires_picture_an_img2img_two_pass(tmp_path, capsys, tiny):
+    """img2img --from-png of a ComfyUI *txt2img* hires picture with --strength: the picture's one Denoising strength
+    is its second pass's, so it is no img2img two-pass and the redraw is the plain img2img at --strength (the hires
+    fields dropped), not a two-pass picture because the line's --strength sat beside the picture's hr_denoise."""
+    from bundle_fixtures import init_picture
+    from cli_helpers import pixels, run
+    from sdlab.pipeline.infotext import HIRES_FIELDS, from_parameters
+    from sdlab.pipeline.png_info import parse_parameters, read_parameters
+    from sdlab.pipeline.request import GenerationRequest
+
+    init = init_picture(64)
+    init.save(tmp_path / "init.png")
+    code, _, err = run(["txt2img", PROMPT, "--steps", "3", "--seed", str(SEED), "--sampler", "euler", "--width", "64",
+                        "--height", "64", "--hr-convention", "comfyui", "--hr-scale", "1.5", "--hr-denoise", "0.55",
+                        "--no-progress", "--out", str(tmp_path / "t.png")], capsys)
+    assert code == 0, err
+    code, _, err = run(["img2img", "--from-png", str(tmp_path / "t.png"), "--init", str(tmp_path / "init.png"),
+                        "--strength", "0.4", "--no-progress", "--out", str(tmp_path / "i.png")], capsys)
+    assert code == 0, err
+    assert pixels(tmp_path / "i.png").shape == (64, 64, 3)
+    assert "Hires" not in read_parameters(tmp_path / "i.png")
+    fields = from_parameters(parse_parameters(read_parameters(tmp_path / "t.png")))
+    plain = {k: v for k, v in fields.items() if k not in HIRES_FIELDS}
+    drawn = tiny.run(GenerationRequest(**plain, strength=0.4, init_image=init))
+    assert np.array_equal(pixels(tmp_path / "i.png"), np.asarray(drawn.images[0]))

@@ -506,16 +506,23 @@ _HIRES_FLAGS = ("hr_scale", "hr_size", "hr_upscaler", "hr_steps", "hr_denoise", 
                 "hr_prompt", "hr_negative_prompt", "hr_seed", "hr_cfg_scale", "hr_convention", "hr_crop")
 
 
-def _hires_options(args: argparse.Namespace, options: dict[str, Any]) -> None:
+def _is_comfyui_img2img_two_pass(picture: dict[str, Any]) -> bool:
+    """Whether a --from-png picture's fields (`from_parameters`, before any flag is put over them) are a ComfyUI
+    img2img two-pass: hr_convention comfyui with both its Denoising strength (the first pass's) and Hires denoising
+    strength. A txt2img hires picture records the one Denoising strength, read as hr_denoise alone."""
+    return picture.get("hr_convention") == "comfyui" and None not in (picture.get("strength"),
+                                                                      picture.get("hr_denoise"))
+
+
+def _hires_options(args: argparse.Namespace, options: dict[str, Any], picture_two_pass: bool = False) -> None:
     """Put the hires flags into `options` (txt2img; img2img under ComfyUI's two-pass graph from a VAEEncode:
-    --hr-convention comfyui, or a --from-png img2img picture's, read with its own strength; img2img's hires flags
-    otherwise go to the request, which refuses A1111's hires fix there). Otherwise a --from-png picture's hires
-    fields are dropped, its Denoising strength the strength."""
+    --hr-convention comfyui, or a --from-png img2img two-pass picture's, `picture_two_pass`, judged from its own
+    recorded fields; img2img's hires flags otherwise go to the request, which refuses A1111's hires fix there).
+    Otherwise a --from-png picture's hires fields are dropped, its Denoising strength the strength."""
     from sdlab.pipeline.hires import find_upscaler
     from sdlab.pipeline.infotext import HIRES_FIELDS
 
-    comfyui = getattr(args, "hr_convention", None) == "comfyui" or (
-        options.get("hr_convention") == "comfyui" and None not in (options.get("strength"), options.get("hr_denoise")))
+    comfyui = getattr(args, "hr_convention", None) == "comfyui" or picture_two_pass
     flagged = any(getattr(args, name, None) is not None for name in _HIRES_FLAGS)   # kept: the request says what
     if args.mode == "inpaint" or args.mode == "img2img" and not (comfyui or flagged):
         if options.get("hr_denoise") is not None:
@@ -610,6 +617,7 @@ def _options_from_args(args: argparse.Namespace, recorded: dict[str, Any] | None
             options.update(from_parameters(recorded))
         except ValueError as err:
             raise UserError(str(err)) from None
+    picture_two_pass = _is_comfyui_img2img_two_pass(options)      # the picture's, before --strength and the rest
     if getattr(args, "threads", None) is not None and not 1 <= args.threads <= 1024:
         raise UserError(f"--threads must be 1 to 1024, got {args.threads}")
     from sdlab.pipeline.request import MAX_BATCH_COUNT
@@ -666,7 +674,7 @@ def _options_from_args(args: argparse.Namespace, recorded: dict[str, Any] | None
         raise UserError("a prompt is needed (or --from-png FILE)")
     if args.mode == "txt2img":
         options.pop("strength", None)
-    _hires_options(args, options)
+    _hires_options(args, options, picture_two_pass)
     _freeu_options(args, options)
     _deep_cache_options(args, options)
     return options
