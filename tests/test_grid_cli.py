@@ -502,12 +502,19 @@ def test_grid_compiles_the_u_net_with_compile(tmp_path: Path, capsys, monkeypatc
 
 
 def test_the_hires_fix_with_init_is_refused(tmp_path: Path, capsys) -> None:
-    """A grid with --init draws img2img cells, which have no hires fix: refused in one line, not ignored."""
+    """A grid with --init draws img2img cells without a hires fix (ComfyUI's img2img two-pass is sdlab img2img's):
+    refused in one line that says so, not ignored, --hr-convention comfyui too."""
     init = tmp_path / "init.png"
     Image.new("RGB", (64, 64)).save(init)
     code, _, err = run(["grid", PROMPT, "--init", str(init), "--x", "steps=2,3", "--hr-scale", "2",
                         "--out", str(tmp_path / "g.png")], capsys)
-    assert code == 2 and "--hr-scale: the hires fix is txt2img's" in err and err.count("\n") == 1
+    assert code == 2 and err.count("\n") == 1, err
+    assert "--hr-scale: a grid with --init draws img2img cells without a hires fix (ComfyUI's img2img two-pass: " \
+           "sdlab img2img --hr-convention comfyui)" in err
+    code, _, err = run(["grid", PROMPT, "--init", str(init), "--x", "steps=2,3", "--hr-convention", "comfyui",
+                        "--hr-scale", "1.5", "--out", str(tmp_path / "g.png")], capsys)
+    assert code == 2 and "--hr-scale, --hr-convention: a grid with --init draws img2img cells without" in err, err
+    assert not (tmp_path / "g.png").exists()
 
 
 @pytest.mark.parametrize("axis", ["hr_denoise=0.3,0.5", "Hires steps=1,2", "Hires sampler=Euler,DDIM"])
@@ -519,7 +526,8 @@ def test_a_hires_axis_with_init_is_refused(tmp_path: Path, capsys, axis: str) ->
     code, _, err = run(["grid", PROMPT, "--init", str(init), "--x", axis, "--model",
                         str(tmp_path / "not-loaded.safetensors"), "--out", str(tmp_path / "g.png")], capsys)
     name = field_named(axis.partition("=")[0]).name
-    assert code == 2 and err == f"sdlab: error: {name}: the hires fix is txt2img's; a grid with --init draws img2img cells\n"
+    assert code == 2 and err == (f"sdlab: error: {name}: a grid with --init draws img2img cells without a hires fix "
+                                 "(ComfyUI's img2img two-pass: sdlab img2img --hr-convention comfyui)\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["init.png"]
     cell = parse_axis("hr_denoise=0.3").apply({"prompt": "a", "init_image": Image.new("RGB", (8, 8))}, 0)
     assert cell["hr_denoise"] == 0.3 and "strength" not in cell

@@ -164,7 +164,7 @@ def _plot(args: argparse.Namespace):
         raise UserError(str(err)) from None
     hires_axes = [axis.field.name for axis in axes.values() if axis.field.name.startswith("hr_")]
     if args.init and hires_axes:
-        raise UserError(f"{', '.join(hires_axes)}: the hires fix is txt2img's; a grid with --init draws img2img cells")
+        raise UserError(_no_hires_on_init(hires_axes))
     hires = args.hr_scale is not None or args.hr_size is not None
     if not args.init and not hires and any(axis.field.name == "strength" for axis in axes.values()):
         raise UserError("a Denoising axis needs --init IMAGE (img2img's strength) or the hires fix (--hr-scale / "
@@ -499,13 +499,20 @@ class HeldModel:
         self.pipe = self.pipe.with_refiner(refiner, *_refiner_handoff(flags, {}))
 
 
+def _no_hires_on_init(names: list[str]) -> str:
+    """The refusal of hires flags / axes `names` on a grid with --init: its img2img cells are drawn without a hires
+    fix (A1111's is txt2img's; ComfyUI's img2img two-pass is sdlab img2img's, not the grid's)."""
+    return (f"{', '.join(names)}: a grid with --init draws img2img cells without a hires fix (ComfyUI's img2img "
+            "two-pass: sdlab img2img --hr-convention comfyui)")
+
+
 def _check_hires(args: argparse.Namespace) -> None:
-    """The hires fix is txt2img's: a grid with --init draws img2img cells, which have none."""
+    """A grid with --init draws img2img cells, which it draws without a hires fix (`_no_hires_on_init`)."""
     from sdlab.cli.generate import _HIRES_FLAGS
 
     given = ["--" + name.replace("_", "-") for name in _HIRES_FLAGS if getattr(args, name) is not None]
     if args.init and given:
-        raise UserError(f"{', '.join(given)}: the hires fix is txt2img's; a grid with --init draws img2img cells")
+        raise UserError(_no_hires_on_init(given))
 
 
 def _image_names(number: int, index, count: int) -> list[str]:
