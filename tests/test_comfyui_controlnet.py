@@ -15,6 +15,9 @@ hint at the latent's size times 2 (the picture's size, as for SD at 8).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import numpy as np
 import pytest
 import torch
@@ -106,21 +109,21 @@ def control_picture(seed: int, size=(60, 30)) -> Image.Image:
     return image
 
 
-def reference_run(monkeypatch, pipe, units, sampler, schedule):
-    """The picture of `pipe` without sdlab's controls, its U-Net given ComfyUI's transcribed control chain of `units`
-    (path, picture, strength, start_percent, end_percent; in the order the nodes apply them) at each call, by the
-    sigma that call was made at."""
+@contextmanager
+def comfyui_control_chain(monkeypatch, pipe, units) -> Iterator[set[tuple[int, int]]]:
+    """`pipe`'s U-Net given ComfyUI's transcribed control chain of `units` (path, picture, strength, start_percent,
+    end_percent; in the order the nodes apply them) at each call, by the sigma that call was made at (the window by
+    the call's sigma; the hint cut and resized to the call's latent size), and no controls of sdlab's own; yields
+    the latent sizes the U-Net is called at."""
     bundle = pipe.bundle
-    s = ModelSamplingDiscrete()
-    assert torch.equal(bundle.model_sampling.t_to_sigma(torch.arange(1000.0)).float(), s.sigmas)   # SD's schedule
     chain = None
     for path, picture, strength, start, end in units:
         pooled = path.stem.endswith("_shuffle")                      # comfy/controlnet.py load_controlnet
         net = load_controlnet(path.with_name("control_cn.safetensors") if pooled else path)   # the same, unpooled
         chain = ComfyControlNet(net, load_image(picture), strength, (start, end), chain,
                                 bundle.vae_config.downsample_factor, global_average_pooling=pooled)
-    chain.pre_run(s)
-    seen = {}
+    chain.pre_run(ModelSamplingDiscrete())
+    seen, sizes = {}, set()
 
     class SigmaSpy(Denoiser):
         def __call__(self, x, sigma, **cond):
@@ -130,16 +133,23 @@ def reference_run(monkeypatch, pipe, units, sampler, schedule):
     real = bundle.unet.forward
 
     def forward(x, t, context, y=None, **kwargs):
+        sizes.add(tuple(x.shape[-2:]))
         out = chain.get_control(x, t, seen["sigma"], context, y)
         control = None if out is None else (out[:-1], out[-1])
         return real(x, t, context, y, control=control, **kwargs)
 
-    monkeypatch.setattr(G, "Denoiser", SigmaSpy)
-    monkeypatch.setattr(bundle.unet, "forward", forward)
-    try:
+    with monkeypatch.context() as patch:
+        patch.setattr(G, "Denoiser", SigmaSpy)
+        patch.setattr(bundle.unet, "forward", forward)
+        yield sizes
+
+
+def reference_run(monkeypatch, pipe, units, sampler, schedule):
+    """The picture of `pipe` drawn with ComfyUI's control chain of `units` (`comfyui_control_chain`)."""
+    sigmas = pipe.bundle.model_sampling.t_to_sigma(torch.arange(1000.0)).float()
+    assert torch.equal(sigmas, ModelSamplingDiscrete().sigmas)                                   # SD's schedule
+    with comfyui_control_chain(monkeypatch, pipe, units):
         return draw(pipe, sampler, schedule)
-    finally:
-        monkeypatch.undo()
 
 
 def draw(pipe, sampler, schedule, **options):

@@ -25,13 +25,10 @@ import pytest
 import torch
 
 import comfy_reference as C
-from comfy_reference import ModelSamplingDiscrete
 from picture_parity import uint8_pictures
-from sdlab.checkpoints.controlnet import load_controlnet
-from sdlab.diffusion.denoiser import Denoiser
 from sdlab.pipeline import generate as G
 from sdlab.pipeline.control import ControlInput
-from test_comfyui_controlnet import ComfyControlNet, control_picture, load_image, sd1  # noqa: F401
+from test_comfyui_controlnet import comfyui_control_chain, control_picture, sd1  # noqa: F401
 from test_comfyui_conventions import ksampler, sample_euler, sample_euler_ancestral
 from test_comfyui_hires import caught_runs
 from test_comfyui_latent_upscale import common_upscale, latent_upscale_by
@@ -53,33 +50,9 @@ def comfyui_controlled(monkeypatch, pipe, units):
     """The two-pass picture of `pipe` without sdlab's controls, its U-Net given ComfyUI's transcribed control chain
     of `units` (path, picture, strength, start_percent, end_percent) at each call of either pass: the window by the
     call's sigma (pre_run at each KSampler: one window), the hint cut and resized to the call's latent size."""
-    bundle = pipe.bundle
-    s = ModelSamplingDiscrete()
-    chain = None
-    for path, picture, strength, start, end in units:
-        chain = ComfyControlNet(load_controlnet(path), load_image(picture), strength, (start, end), chain,
-                                bundle.vae_config.downsample_factor)
-    chain.pre_run(s)
-    seen = {}
-
-    class SigmaSpy(Denoiser):
-        def __call__(self, x, sigma, **cond):
-            seen["sigma"] = torch.as_tensor(sigma, dtype=torch.float32).flatten()
-            return super().__call__(x, sigma, **cond)
-
-    real = bundle.unet.forward
-
-    def forward(x, t, context, y=None, **kwargs):
-        seen.setdefault("sizes", set()).add(tuple(x.shape[-2:]))
-        out = chain.get_control(x, t, seen["sigma"], context, y)
-        control = None if out is None else (out[:-1], out[-1])
-        return real(x, t, context, y, control=control, **kwargs)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(G, "Denoiser", SigmaSpy)
-        patch.setattr(bundle.unet, "forward", forward)
+    with comfyui_control_chain(monkeypatch, pipe, units) as sizes:
         runs, images = caught_runs(monkeypatch, lambda: two_pass(pipe, control_convention="comfyui"))
-    assert seen["sizes"] == {(16, 24), (24, 36)}            # both passes' latents (factor 2), the hint at each
+    assert sizes == {(16, 24), (24, 36)}            # both passes' latents (factor 2), the hint at each
     return runs, images
 
 
