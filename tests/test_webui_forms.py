@@ -51,9 +51,14 @@ COMFY_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "bislerp"]
 
 
 def test_hires_fix_draws_the_upscaled_picture(page, base_url):
-    # off and folded by default, as in A1111; txt2img only
+    # off and folded by default, as in A1111; txt2img's, and img2img's under ComfyUI's two-pass graph
+    # (tests/test_webui_img2img_hires.py), not inpaint's
     assert not checked(page, "enable_hr") and not page.find_element(By.ID, "hires-options").is_displayed()
+    assert not page.find_element(By.ID, "enable_hr-img2img-hint").is_displayed()
     page.find_element(By.ID, "tab-img2img").click()
+    assert page.find_element(By.ID, "hires-section").is_displayed()
+    assert page.find_element(By.ID, "enable_hr-img2img-hint").is_displayed()
+    page.find_element(By.ID, "tab-inpaint").click()
     assert not page.find_element(By.ID, "hires-section").is_displayed()
     page.find_element(By.ID, "tab-txt2img").click()
     page.find_element(By.ID, "enable_hr").click()

@@ -526,7 +526,9 @@ function setMode(mode) {
     tab.tabIndex = tab.dataset.mode === mode ? 0 : -1;      // the ARIA tabs pattern: arrows move between tabs
   }
   $("image-section").hidden = mode === "txt2img";
-  $("hires-section").hidden = mode !== "txt2img";             // A1111's hires fix is txt2img's only
+  // A1111's hires fix is txt2img's; img2img's is ComfyUI's two-pass graph from a VAEEncode (`hiresRequest`)
+  $("hires-section").hidden = mode === "inpaint";
+  $("enable_hr-img2img-hint").hidden = mode !== "img2img";
   $("mask-tools").hidden = $("mask-options").hidden = mode !== "inpaint";
   $("mask-canvas").classList.toggle("disabled", mode !== "inpaint");
   excludeHiresOrRefiner();
@@ -977,9 +979,9 @@ function refinerRequest() {
 }
 
 // The hires fix does not run with a refiner: while one is on, the other shows its hint and cannot be ticked
-// (txt2img's hires fix only: the other tabs draw without it)
+// (txt2img's and img2img's hires fix: the inpaint tab draws without it)
 function excludeHiresOrRefiner() {
-  blockToggle("enable_refiner", state.mode === "txt2img" && $("enable_hr").checked);
+  blockToggle("enable_refiner", state.mode !== "inpaint" && $("enable_hr").checked);
   blockToggle("enable_hr", $("enable_refiner").checked);
 }
 
@@ -1017,8 +1019,12 @@ function collectRequest() {
   if ($("schedule").value) body.schedule = $("schedule").value;
   if ($("seed-extra").checked) Object.assign(body, variationRequest());
   for (const box of OPTION_BOXES) if ($(box.id).checked) body[box.id] = optionBoxRequest(box);
-  const hires = state.mode === "txt2img" && $("enable_hr").checked;
+  const hires = state.mode !== "inpaint" && $("enable_hr").checked;
   if (hires) Object.assign(body, hiresRequest());
+  if (hires && state.mode === "img2img" && body.hr_convention !== "comfyui") {
+    throw new ApiError("img2img's hires fix is ComfyUI's two-pass graph: choose a ComfyUI upscaler, or untick "
+      + "Hires. fix (A1111's hires fix is txt2img's)");
+  }
   if ($("enable_refiner").checked && $("refiner").value) Object.assign(body, refinerRequest());
   Object.assign(body, keptRequest(), scriptRequest());
   if (!hires) delete body.token_merging_ratio_hr;   // kept for a hires pass only (the server refuses it alone)
@@ -1124,6 +1130,7 @@ function fillForm(settings) {
   fillControls(settings, unknown);                         // controlnet.js
   if (usesHires(settings)) fillHires(settings, unknown);
   else setToggle("enable_hr", false);
+  if (usesHires(settings) && state.mode === "inpaint") unknown.push("the hires fix (not on the inpaint tab)");
   fillRefiner(settings, unknown);
   fillStyles(settings, unknown);
   fillScript(settings, unknown);
