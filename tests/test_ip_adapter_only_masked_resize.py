@@ -68,7 +68,7 @@ def test_the_api_cuts_by_the_prompts_resize_mode(setup, seen, monkeypatch, mode)
                                                module="ip-adapter_clip_sd15")).images[0]
     assert apart(result.images[0], reference) == 0
     line = to_parameters(result.request)["ControlNet 0"]
-    assert line.startswith(f"Module: ip-adapter_clip_sd15, Model: ip-adapter_tiny [") and \
+    assert line.startswith("Module: ip-adapter_clip_sd15, Model: ip-adapter_tiny [") and \
         line.endswith(f"Weight: 0.8, Resize Mode: {MODES[mode]}, Guidance Start: 0, Guidance End: 1"), line
 
 
