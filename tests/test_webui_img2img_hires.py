@@ -86,3 +86,26 @@ def test_reuse_of_an_img2img_two_pass_job_draws_its_hires_pass_on_the_img2img_ta
     assert (value(page, "hr_upscaler"), value(page, "hr_scale"), value(page, "hr_denoise"), value(page, "strength")) \
         == ("bislerp", "1.5", "0.5", "0.7")
     assert page.execute_script("return collectRequest()")["hr_convention"] == "comfyui"
+
+
+def test_reuse_of_an_a1111_hires_job_on_the_img2img_tab_leaves_the_hires_fix_unticked(page, base_url):
+    """A1111's hires fix is txt2img's: Reused on the img2img tab, the box stays unticked and the notice names it,
+    so Generate draws the img2img (before, the box was ticked with an A1111 upscaler and Generate was refused)."""
+    request = {"prompt": "an A1111 hires job", "steps": 2, "seed": 5, "hr_scale": 1.5, "hr_upscaler": "Latent",
+               "hr_denoise": 0.6}
+    first = wait_job(base_url, http_json(base_url, "/api/jobs", request)["id"])
+    assert first["status"] == "done", first
+
+    reuse(page, base_url, first["id"])                      # opens the page: Reuse on the txt2img tab ticks it
+    wait(page, lambda d: checked(d, "enable_hr"), 10, "the hires fix is not ticked on the txt2img tab")
+    assert (value(page, "hr_upscaler"), value(page, "hr_scale")) == ("Latent", "1.5")
+
+    page.find_element(By.ID, "tab-img2img").click()
+    drop_file(page, _init_png(), "init.png", "init-drop")
+    wait(page, lambda d: d.execute_script("return state.initImage") is not None, 10, "no initial image")
+    click_card_button(page, f'#gallery [data-job-id="{first["id"]}"]', "reuse")
+    wait(page, lambda d: "A1111's hires fix (txt2img's" in text(d, "notice"), 10,
+         "the Reuse notice does not name the dropped hires fix")
+    assert not checked(page, "enable_hr")
+    job = generate_and_finish(page, base_url, "an A1111 hires job")
+    assert job["request"]["mode"] == "img2img" and job["request"].get("hr_scale") is None, job["request"]

@@ -1102,6 +1102,11 @@ function setField(id, value) {
 // Whether request-style settings draw with the hires fix (A1111: Hires upscale, or a Hires resize side)
 const usesHires = (s) => s.hr_scale != null || Boolean(s.hr_width) || Boolean(s.hr_height);
 
+// Whether the tab draws the settings' hires fix: txt2img both conventions, img2img ComfyUI's two-pass graph alone
+// (`hiresRequest`), inpaint none
+const hiresOnThisTab = (s) => usesHires(s)
+  && (state.mode === "txt2img" || (state.mode === "img2img" && s.hr_convention === "comfyui"));
+
 // Fill the form from request-style settings ({prompt, negative_prompt, steps, sampler, ...}).
 // Returns the names of settings that did not fit a list (unknown sampler, schedule, model or hires upscaler).
 function fillForm(settings) {
@@ -1128,9 +1133,13 @@ function fillForm(settings) {
   fillVariation(settings);
   for (const box of OPTION_BOXES) fillOptionBox(box, settings, unknown);
   fillControls(settings, unknown);                         // controlnet.js
-  if (usesHires(settings)) fillHires(settings, unknown);
+  const hiresHere = hiresOnThisTab(settings);
+  if (hiresHere) fillHires(settings, unknown);
   else setToggle("enable_hr", false);
-  if (usesHires(settings) && state.mode === "inpaint") unknown.push("the hires fix (not on the inpaint tab)");
+  if (usesHires(settings) && !hiresHere) {
+    unknown.push(state.mode === "inpaint" ? "the hires fix (not on the inpaint tab)"
+      : "A1111's hires fix (txt2img's: the img2img tab draws ComfyUI's two-pass graph alone)");
+  }
   fillRefiner(settings, unknown);
   fillStyles(settings, unknown);
   fillScript(settings, unknown);
