@@ -225,6 +225,29 @@ def test_set_latent_noise_mask_inpaints_by_the_pictures_alpha(server):
     assert refused(server, from_empty)["node_errors"]["12"]["errors"][0]["type"] == "unsupported_graph"
 
 
+def test_a_load_image_reads_comfyuis_annotated_input_name(server):
+    """ComfyUI's frontend names a pasted or mask-edited picture "clipspace/<file> [input]" (folder_paths'
+    annotated name, which LoadImage's VALIDATE_INPUTS and load_image read as the input folder's <file>): the
+    SetLatentNoiseMask graph of a mask-editor export draws the picture of the plain name. A name annotated with
+    another folder is ComfyUI's value_not_in_list."""
+    rgb, alpha = upload_holed(server, "edited.png", seed=11)
+    data = io.BytesIO()
+    Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(data, format="PNG")
+    answer = server.post("/upload/image", files={"image": ("clipspace-mask-1.png", data.getvalue(), "image/png")},
+                         data={"subfolder": "clipspace", "overwrite": "true"})
+    assert answer.json() == {"name": "clipspace-mask-1.png", "subfolder": "clipspace", "type": "input"}
+    prompt = graph(**{"3.denoise": 0.9, "3.latent_image": ["12", 0]})
+    prompt["10"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["11", 0], "vae": ["4", 2]}}
+    prompt["11"] = {"class_type": "LoadImage", "inputs": {"image": "clipspace/clipspace-mask-1.png [input]"}}
+    prompt["12"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["10", 0], "mask": ["11", 1]}}
+    del prompt["5"]
+    annotated = viewed(server, drawn(server, prompt)[1]["outputs"]["9"]["images"][0])
+    prompt["11"]["inputs"]["image"] = "edited.png"
+    assert np.array_equal(annotated, viewed(server, drawn(server, prompt)[1]["outputs"]["9"]["images"][0]))
+    prompt["11"]["inputs"]["image"] = "edited.png [output]"
+    assert refused(server, prompt)["node_errors"]["11"]["errors"][0]["type"] == "value_not_in_list"
+
+
 def test_a_lora_loader_draws_as_a_native_loras_entry(server):
     prompt = graph(**{"3.model": ["10", 0], "6.clip": ["10", 1], "7.clip": ["10", 1]})
     prompt["10"] = {"class_type": "LoraLoader", "inputs": {"model": ["4", 0], "clip": ["4", 1], "strength_model": 0.8,

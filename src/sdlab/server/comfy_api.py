@@ -52,8 +52,8 @@ from sdlab.diffusion.samplers import SAMPLER_TABLE
 from sdlab.pipeline.control import ControlInput
 from sdlab.pipeline.images import comfyui_encoded_mask
 from sdlab.pipeline.request import HIRES_SIZE, GenerationRequest
-from sdlab.server.comfy_graph import (Choices, GraphError, GraphPlan, check_graph, node_refusal, object_info,
-                                      run_order, second_pass_nodes)
+from sdlab.server.comfy_graph import (Choices, GraphError, GraphPlan, check_graph, input_file, node_refusal,
+                                      object_info, run_order, second_pass_nodes)
 from sdlab.server.inputs import BadRequest, JobSpec, LoraChoice, image_from_bytes, opened_picture
 from sdlab.server.jobs import IN_TURN, Job, Place
 from sdlab.server.native import IMAGE_NAME, opened_file
@@ -276,8 +276,8 @@ def _input_picture(state: ComfyState, name: str) -> Image.Image:
 
 
 def _input_bytes(state: ComfyState, name: str) -> bytes:
-    """The bytes of the input-folder file a LoadImage names (a 400 where there is none)."""
-    path = _inside(state.input_dir, name)
+    """The bytes of the input-folder file a LoadImage names, "file [input]" too (a 400 where there is none)."""
+    path = _inside(state.input_dir, input_file(name))
     if path is None or not path.is_file():
         raise BadRequest(f"no input picture {name!r}", 400)
     return path.read_bytes()

@@ -55,6 +55,14 @@ LISTED_OUTPUTS = 20
 (execution.py `validate_prompt`): a graph of N bad outputs would answer N^2 ids."""
 CLIP_LAYERS = (-1, -2)                  # the CLIPSetLastLayer values sdlab draws (its clip skip 1, 2)
 MASK_CHANNELS = ("alpha", "red", "green", "blue")   # ComfyUI's LoadImageMask._color_channels
+INPUT_ANNOTATION = " [input]"           # folder_paths.annotated_filepath's suffix naming the input folder
+
+
+def input_file(name: str) -> str:
+    """The input-folder file a LoadImage / LoadImageMask `image` names: ComfyUI's annotated name "file [input]"
+    (as its frontend writes a pasted or mask-edited picture, "clipspace/clipspace-mask-1.png [input]") is `file`,
+    as folder_paths.get_annotated_filepath reads it; any other name is the file itself."""
+    return name[:-len(INPUT_ANNOTATION)] if name.endswith(INPUT_ANNOTATION) else name
 
 
 @dataclass(frozen=True)
@@ -379,7 +387,7 @@ class _Checker:
         kind = declared[0]
         if isinstance(kind, list) or kind in _LISTS:
             allowed = kind if isinstance(kind, list) else self.choices.of(kind)
-            if not isinstance(value, str) or value not in allowed:
+            if not isinstance(value, str) or (input_file(value) if kind == "input_images" else value) not in allowed:
                 shown = str(allowed) if len(allowed) <= 20 else f"(list of length {len(allowed)})"
                 errors.append(_error("value_not_in_list", "Value not in list", f"{name}: '{value}' not in {shown}",
                                      input_name=name, received_value=value))
