@@ -435,6 +435,37 @@ def test_discovery_routes_read_as_clients_read_them(server):
     assert server.get("/prompt").json() == {"exec_info": {"queue_remaining": 0}}
 
 
+def test_model_folders_list_the_files_comfyuis_nodes_take(server, tmp_path):
+    """GET /models and /models/{folder} (ComfyUI's app/model_manager.py): the folder names, each folder's files as
+    its nodes take them (CheckpointLoaderSimple's, LoraLoader's, VAELoader's lists; an embedding's path under its
+    folder with its suffix, as `embedding:` names it without); another folder a 404, as ComfyUI's."""
+    import torch
+    from fastapi.testclient import TestClient
+
+    from sdlab.server.app import create_app
+    from sdlab.server.config import ServerConfig
+
+    assert server.get("/models").json() == ["checkpoints", "loras", "vae", "controlnet", "diffusion_models",
+                                            "embeddings"]
+    info = server.get("/object_info").json()
+    assert server.get("/models/checkpoints").json() == info["CheckpointLoaderSimple"]["input"]["required"][
+        "ckpt_name"][0] == ["distilled.safetensors", "plain.safetensors"]
+    assert server.get("/api/models/loras").json() == ["style.safetensors"]
+    assert server.get("/models/vae").json() == ["other.safetensors"]
+    assert server.get("/models/controlnet").json() == server.get("/models/diffusion_models").json() == []
+    assert server.get("/models/unet").status_code == 404            # a legacy name, no key of ComfyUI's folders
+    assert server.get("/models/upscale_models").status_code == 404
+    folder = tmp_path / "embeddings"
+    (folder / "styles").mkdir(parents=True)
+    torch.save({"string_to_param": {"*": torch.randn(2, 64)}, "name": "zqink"}, folder / "styles" / "zqink.pt")
+    torch.save({"string_to_param": {"*": torch.randn(1, 64)}, "name": "zqplain"}, folder / "zqplain.pt")
+    models = server.app.state.comfy.service.config.models_dir
+    app = create_app(ServerConfig(output_dir=tmp_path / "outputs", model=models / "plain.safetensors",
+                                  models_dir=models, embeddings_dir=folder), preload=True)
+    with TestClient(app) as client:
+        assert client.get("/models/embeddings").json() == ["styles/zqink.pt", "zqplain.pt"]
+
+
 def test_view_and_upload_stay_in_their_folders(server):
     assert server.get("/view", params={"filename": "../outputs/jobs.sqlite", "type": "input"}).status_code == 404
     assert server.get("/view", params={"filename": "x.png", "subfolder": "..", "type": "input"}).status_code == 404

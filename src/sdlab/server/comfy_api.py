@@ -14,7 +14,7 @@
     GET  /queue             {queue_running, queue_pending: in the order drawn}; POST /queue {clear: true} |
                             {delete: [prompt_id, ...]}
     POST /interrupt         {prompt_id?}: the prompt drawing now stops at its next step, nothing of it kept
-    GET  /object_info[/{class}], /system_stats, /embeddings
+    GET  /object_info[/{class}], /system_stats, /embeddings, /models[/{folder}]
 
 A prompt is one job of the server's queue (`Service.submit`, as a native job), drawn by the one worker beside the
 A1111 and native APIs' jobs. Its pictures are the job's files: `filename` is the job's picture name, `subfolder`
@@ -70,6 +70,10 @@ PREVIEW_METHODS = ("auto", "latent2rgb", "taesd")
 (`server/previews.py`) for each."""
 PREVIEW_IMAGE, JPEG_PREVIEW = 1, 1          # ComfyUI's BinaryEventTypes.PREVIEW_IMAGE, send_image's JPEG type
 MAX_PREVIEW_SIDE = 512                      # ComfyUI's MAX_PREVIEW_RESOLUTION (--preview-size's default)
+MODEL_FOLDERS = {"checkpoints": "checkpoints", "loras": "loras", "vae": "vaes", "controlnet": "controlnets",
+                 "diffusion_models": "unets", "embeddings": ""}
+"""ComfyUI's model folders (folder_paths.folder_names_and_paths) `GET /models` lists, each to its `Choices` list
+(the embeddings: the loaded model's)."""
 
 router = APIRouter()
 
@@ -632,6 +636,25 @@ def get_object_info(request: Request) -> dict[str, Any]:
 @router.get("/object_info/{node_class}")
 def get_object_info_of(node_class: str, request: Request) -> dict[str, Any]:
     return object_info(state_of(request).choices(), node_class)
+
+
+@router.get("/models")
+def model_folders(request: Request) -> list[str]:
+    """ComfyUI's model folder names (app/model_manager.py ``list_model_types``): those whose files sdlab lists."""
+    return list(MODEL_FOLDERS)
+
+
+@router.get("/models/{folder}")
+def model_files(folder: str, request: Request) -> list[str]:
+    """The files of a model folder as ComfyUI's ``get_models`` lists them (the names its nodes take: a checkpoint's
+    path under the models folder, a LoRA's file name, ...); a folder sdlab does not list, a 404 as ComfyUI's."""
+    if folder not in MODEL_FOLDERS:
+        raise BadRequest(f"no model folder {folder!r}: sdlab lists {', '.join(MODEL_FOLDERS)}", 404)
+    state = state_of(request)
+    if folder == "embeddings":      # the files' paths under the folder, as `embedding:` names them, and suffixes
+        found = state.service.host.listed_embeddings()
+        return sorted(f"{e.path_in_folder or e.name}{e.path.suffix}" for e in found.loaded)
+    return state.choices().of(MODEL_FOLDERS[folder])
 
 
 @router.get("/embeddings")
