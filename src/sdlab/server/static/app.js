@@ -1660,7 +1660,10 @@ async function refreshJobs(force = false) {
   let data;
   try {
     data = await api(`/api/jobs?limit=${JOBS_PAGE}`);
-  } catch (_) {
+  } catch (err) {
+    // no server answers (stopped, the network gone): say so once, or the page would show its job's last step for
+    // good; the first poll that is answered takes the error away (below)
+    if (err.status === null && !$("error").textContent.includes(UNREACHABLE)) showError(err.message);
     return;
   }
   if (state.unreachable) {                   // the server answers again: its "cannot reach" error is over
