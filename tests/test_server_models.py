@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import subprocess
 import sys
 
@@ -84,6 +85,17 @@ def test_switching_models_by_options_and_per_job(client, served):
         assert client.post("/api/jobs", json={"prompt": "x", "model": "nope"}).status_code == 404
     finally:
         client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny-a.safetensors"})
+
+
+def test_info_names_a_model_in_a_sub_folder_as_a1111_by_its_file_stem(client):
+    """A1111 1.10 (processing.py) sets `info.sd_model_name` from `sd_checkpoint_info.name_for_extra`, the file's
+    name without extension or folders, the same name as the pictures' `Model:`; before, sdlab answered the
+    listed `model_name`, 'sub_tiny-b'."""
+    body = {"prompt": "x", **SMALL, "override_settings": {"sd_model_checkpoint": "sub/tiny-b.safetensors"}}
+    answer = client.post("/sdapi/v1/txt2img", json=body)
+    assert answer.status_code == 200, answer.text
+    info = json.loads(answer.json()["info"])
+    assert info["sd_model_name"] == "tiny-b" and "Model: tiny-b," in info["infotexts"][0]
 
 
 def test_lora_by_name_or_tag_matches_the_cli(client, served, tmp_path):

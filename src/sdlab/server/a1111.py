@@ -622,7 +622,7 @@ def _answer(service: Service, body: Txt2ImgIn, request: GenerationRequest, job: 
 def _job_info(service: Service, body: Txt2ImgIn, request: GenerationRequest, job: Job) -> dict[str, Any]:
     """A1111's `info` of a done job (`_info`), with the extra generation parameters it drew with."""
     checkpoint = service.registry.find(job.model)
-    name = checkpoint.model_name if checkpoint is not None else job.model
+    name = checkpoint.name_for_extra if checkpoint is not None else job.model
     extra = {**_drawn_parameters(job, request), **_refiner_parameters(service, job)}
     extra.update({label: value for label, value in _written_extra_parameters(job).items() if label not in extra})
     return _info(job, body, name, extra, batch_size=request.batch_size)

@@ -90,6 +90,11 @@ class Checkpoint:
         return stem.replace("/", "_").replace("\\", "_")
 
     @property
+    def name_for_extra(self) -> str:
+        """A1111's `name_for_extra`, its `info.sd_model_name`: the file's name without its extension, no folders."""
+        return self.path.name if self.path.is_dir() else self.path.stem
+
+    @property
     def infotext_name(self) -> str:
         """The `Model` written into the pictures' parameters, as `sdlab txt2img` writes it."""
         return model_name(self.path)
