@@ -225,6 +225,39 @@ def test_set_latent_noise_mask_inpaints_by_the_pictures_alpha(server):
     assert refused(server, from_empty)["node_errors"]["12"]["errors"][0]["type"] == "unsupported_graph"
 
 
+def test_a_prompt_id_the_client_chose_names_the_prompt(server):
+    """ComfyUI's script_examples/websockets_api_example.py makes a prompt_id, posts it with the graph and waits on
+    the socket for `executing` {node: null} of that id, then reads /history/{id}: the prompt is known by it. The id
+    of a prompt still queued or running is a 400; of a finished one, the prompt takes its history entry over."""
+    chosen = "5d7c8bd6-2f5c-4c45-9a4e-0f1f3e2d6a11"
+    with server.websocket_connect("/ws?clientId=chooser") as socket:
+        socket.receive_json()
+        answer = server.post("/prompt", json={"prompt": BASIC, "client_id": "chooser", "prompt_id": chosen})
+        assert answer.status_code == 200 and answer.json()["prompt_id"] == chosen
+        messages = follow(socket, chosen)
+    assert messages[-1] == ("executing", {"node": None, "display_node": None, "prompt_id": chosen})
+    entry = server.get(f"/history/{chosen}").json()[chosen]
+    assert entry["prompt"][1] == chosen and entry["status"]["completed"] is True
+    assert np.array_equal(viewed(server, entry["outputs"]["9"]["images"][0]), native_pixels(server, NATIVE))
+    assert drawn(server, graph(**{"3.seed": 1}))[1]["prompt"][1] != chosen     # no prompt_id: a new one
+
+    with server.websocket_connect("/ws?clientId=chooser") as socket:
+        socket.receive_json()
+        long = graph(**{"3.steps": 150})
+        assert server.post("/prompt", json={"prompt": long, "client_id": "chooser", "prompt_id": 7}).status_code == 200
+        while socket.receive_json()["type"] != "progress":
+            pass
+        again = server.post("/prompt", json={"prompt": BASIC, "prompt_id": "7"})       # str() of 7: running
+        assert again.status_code == 400 and "queued or running" in again.json()["error"]["message"]
+        assert server.post("/interrupt").status_code == 200
+        follow(socket, "7")
+        assert server.post("/prompt", json={"prompt": graph(**{"3.seed": 1}), "client_id": "chooser",
+                                             "prompt_id": chosen}).status_code == 200
+        follow(socket, chosen)
+    history = server.get("/history").json()
+    assert list(history).count(chosen) == 1 and history[chosen]["prompt"][2]["3"]["inputs"]["seed"] == 1
+
+
 def test_a_load_image_reads_comfyuis_annotated_input_name(server):
     """ComfyUI's frontend names a pasted or mask-edited picture "clipspace/<file> [input]" (folder_paths'
     annotated name, which LoadImage's VALIDATE_INPUTS and load_image read as the input folder's <file>): the

@@ -1,7 +1,7 @@
 """ComfyUI's HTTP / WebSocket API (a subset) over the server's job queue, at `/` and under `/api` as ComfyUI serves it.
 
-    POST /prompt            {prompt: API-format graph, client_id?, extra_data?, front?, number?} -> {prompt_id,
-                            number, node_errors}; a graph sdlab does not draw: 400 {error, node_errors}
+    POST /prompt            {prompt: API-format graph, client_id?, extra_data?, front?, number?, prompt_id?} ->
+                            {prompt_id, number, node_errors}; a graph sdlab does not draw: 400 {error, node_errors}
                             (`comfy_graph`); `front` / `number` place it in the queue (`jobs.Place`)
     GET  /prompt            {exec_info: {queue_remaining}}
     GET  /ws?clientId=      WebSocket: status, execution_start, execution_cached, executing, progress, executed,
@@ -192,6 +192,11 @@ async def post_prompt(request: Request) -> JSONResponse:
         place = _place(body)
     except ValueError as err:
         return _bad_prompt("invalid_prompt", str(err))
+    prompt_id = _prompt_id(body)
+    with state.lock:
+        queued = state.prompts.get(prompt_id) if prompt_id is not None else None
+    if queued is not None and not queued.ended:
+        return _bad_prompt("invalid_prompt", f"prompt_id {prompt_id!r} is a prompt queued or running")
     extra_data = body.get("extra_data") if isinstance(body.get("extra_data"), dict) else {}
     client_id = body.get("client_id")
     client_id = client_id if isinstance(client_id, str) and client_id else None
@@ -209,14 +214,24 @@ async def post_prompt(request: Request) -> JSONResponse:
         return _bad_prompt("invalid_prompt", err.message, err.detail if isinstance(err.detail, str) else "")
     number = job.number                     # ComfyUI answers the number its queue sorts the prompt by
     with state.lock:
-        prompt = Prompt(number, str(uuid.UUID(job.id)), body["prompt"], extra_data, plan, client_id, job)
-        state.prompts[prompt.prompt_id] = prompt
+        prompt_id = prompt_id or str(uuid.UUID(job.id))
+        prompt = Prompt(number, prompt_id, body["prompt"], extra_data, plan, client_id, job)
+        state.prompts.pop(prompt_id, None)          # a finished prompt of that id leaves the history
+        state.prompts[prompt_id] = prompt
         _forget_old(state)
     task = asyncio.get_running_loop().create_task(_follow(state, prompt))
     state.tasks.add(task)
     task.add_done_callback(state.tasks.discard)
     await state.send_status()
     return JSONResponse({"prompt_id": prompt.prompt_id, "number": number, "node_errors": {}})
+
+
+def _prompt_id(body: dict[str, Any]) -> str | None:
+    """The id the client chose: the body's `prompt_id` as str() gives it (ComfyUI's server.py ``post_prompt``: its
+    script_examples/websockets_api_example.py makes one, sends it and waits for it on the socket); None (null,
+    "" or none sent) for the job's own id as a UUID."""
+    given = body.get("prompt_id")
+    return None if given is None or given == "" else str(given)
 
 
 def _place(body: dict[str, Any]) -> Place:
