@@ -258,6 +258,20 @@ def test_a_prompt_id_the_client_chose_names_the_prompt(server):
     assert list(history).count(chosen) == 1 and history[chosen]["prompt"][2]["3"]["inputs"]["seed"] == 1
 
 
+def test_the_queue_items_extra_data_names_the_client(server):
+    """ComfyUI's post_prompt puts the body's client_id in the queue item's extra_data (/queue, /history's
+    `prompt[3]`), beside the extra_data sent."""
+    _, entry = drawn(server, BASIC)             # posted with client_id "tester", no extra_data
+    assert entry["prompt"][3] == {"client_id": "tester"}
+    answer = server.post("/prompt", json={"prompt": BASIC, "extra_data": {"extra_pnginfo": {"workflow": {}}}})
+    prompt_id = answer.json()["prompt_id"]
+    deadline = time.monotonic() + 120
+    while not (entry := server.get(f"/history/{prompt_id}").json()):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert entry[prompt_id]["prompt"][3] == {"extra_pnginfo": {"workflow": {}}}
+
+
 def test_a_load_image_reads_comfyuis_annotated_input_name(server):
     """ComfyUI's frontend names a pasted or mask-edited picture "clipspace/<file> [input]" (folder_paths'
     annotated name, which LoadImage's VALIDATE_INPUTS and load_image read as the input folder's <file>): the

@@ -197,7 +197,9 @@ async def post_prompt(request: Request) -> JSONResponse:
         queued = state.prompts.get(prompt_id) if prompt_id is not None else None
     if queued is not None and not queued.ended:
         return _bad_prompt("invalid_prompt", f"prompt_id {prompt_id!r} is a prompt queued or running")
-    extra_data = body.get("extra_data") if isinstance(body.get("extra_data"), dict) else {}
+    extra_data = dict(body["extra_data"]) if isinstance(body.get("extra_data"), dict) else {}
+    if "client_id" in body:                 # ComfyUI's post_prompt: the queue item's extra_data names its client
+        extra_data["client_id"] = body["client_id"]
     client_id = body.get("client_id")
     client_id = client_id if isinstance(client_id, str) and client_id else None
     try:
