@@ -260,8 +260,18 @@ def test_info_carries_the_hires_labels_of_the_infotext(client, hires, labels):
     assert {label: written[label] for label in extra} == extra
     assert info["denoising_strength"] == 0.5 and info["styles"] == ["ink", "noir"]
     _, plain = txt2img(client)
-    assert plain["extra_generation_params"] == {"Schedule type": "Uniform"} and plain["denoising_strength"] is None
+    assert plain["extra_generation_params"] == {"Schedule type": "Uniform"} and plain["denoising_strength"] == 0.75
     assert plain["styles"] == []
+
+
+@pytest.mark.parametrize("sent, answered", [({}, 0.75), ({"denoising_strength": 0.3}, 0.3),
+                                            ({"denoising_strength": None}, None)])
+def test_a_plain_txt2img_answers_the_requests_denoising_strength_as_a1111(client, sent, answered):
+    """A1111 1.10's `Processed.denoising_strength` is `getattr(p, 'denoising_strength', None)` and txt2img's p keeps
+    the request's (`StableDiffusionProcessingTxt2Img.denoising_strength: float = 0.75`) with or without the hires
+    fix; only the hires fix writes it into the pictures. Before, sdlab answered null without the hires fix."""
+    _, info = txt2img(client, **sent)
+    assert info["denoising_strength"] == answered and "Denoising strength" not in info["infotexts"][0]
 
 
 # ---------------------------------------------------------------- 4. override_settings_restore_afterwards

@@ -1001,6 +1001,10 @@ def _info(job: Job, body: Txt2ImgIn, model_name: str, extra: dict[str, Any] | No
     subseeds = subseeds or [subseed + i for i in range(count)]
     prompts = [s.get("prompt", "")] * count
     written = _first_parameters(job)        # the VAE drawn, as its pictures say
+    # A1111 (processing.py Processed): p.denoising_strength, txt2img's too: without the hires fix the request's
+    # (0.75 unset, null sent), which the pictures do not record
+    strength = (s.get("strength") if job.mode != "txt2img"
+                else extra.get("Denoising strength", _echo(body)["denoising_strength"]))
     return {
         "prompt": s.get("prompt", ""), "all_prompts": prompts,
         "negative_prompt": s.get("negative_prompt", ""), "all_negative_prompts": [s.get("negative_prompt", "")] * len(prompts),
@@ -1013,7 +1017,7 @@ def _info(job: Job, body: Txt2ImgIn, model_name: str, extra: dict[str, Any] | No
         "sd_vae_name": written.get("VAE"), "sd_vae_hash": written.get("VAE hash"),
         "seed_resize_from_w": s.get("seed_resize_from_w") or -1,
         "seed_resize_from_h": s.get("seed_resize_from_h") or -1,
-        "denoising_strength": s.get("strength") if job.mode != "txt2img" else extra.get("Denoising strength"),
+        "denoising_strength": strength,
         "extra_generation_params": {"Schedule type": a1111_label(s.get("schedule")), **extra},
         "index_of_first_image": 0, "infotexts": job.infotexts, "styles": body.styles, "job_timestamp": _stamp(job.created),
         "clip_skip": s.get("clip_skip", 1), "is_using_inpainting_conditioning": False, "version": version_label(),
