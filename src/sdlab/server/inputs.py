@@ -480,7 +480,7 @@ def check_request(request: GenerationRequest, limits: Limits, model: ModelBundle
     width, height = requested_size(request, default_size)      # default_size None: not known yet
     size_known = isinstance(width, int) and isinstance(height, int)
     if size_known:
-        check_pixels(f"{width}x{height}", width, height, limits)
+        check_pixels(f"{width}x{height}", width, height, limits, _size_advice(request))
     try:
         resolved = resolve(with_upscaler_file(request, upscaler), default_size=default_size or 64,
                            default_sampler="Euler", default_schedule="normal", factor=factor,
@@ -676,8 +676,16 @@ def _times(ratio: float) -> str:
     return f"{math.ceil(ratio * 10) / 10:.1f}"
 
 
-def check_pixels(what: str, width: int, height: int, limits: Limits) -> None:
-    """A 413 when a picture of width x height (named `what`) is past `--max-pixels`."""
+def check_pixels(what: str, width: int, height: int, limits: Limits, advice: str = "") -> None:
+    """A 413 when a picture of width x height (named `what`) is past `--max-pixels`; `advice` ends the line."""
     if width * height > limits.max_pixels:
         raise BadRequest(f"{what} is {width * height} pixels; this server draws at most {limits.max_pixels} "
-                         "(--max-pixels)", 413)
+                         f"(--max-pixels){advice}", 413)
+
+
+def _size_advice(request: GenerationRequest) -> str:
+    """Where a side left unset is the init image's (`requested_size`), what to do about a size past the limit: a
+    photo sent to img2img without a width and height is drawn at its own size."""
+    if requested_size(request, None) == (request.width, request.height):     # no side taken from the image
+        return ""
+    return ": the initial image's own size (width / height unset); give the width and height to draw at"

@@ -526,6 +526,8 @@ function setMode(mode) {
     tab.tabIndex = tab.dataset.mode === mode ? 0 : -1;      // the ARIA tabs pattern: arrows move between tabs
   }
   $("image-section").hidden = mode === "txt2img";
+  // an empty side is the model's default in txt2img, the initial image's own in img2img / inpaint (the server's rule)
+  for (const id of ["width", "height"]) $(id).placeholder = mode === "txt2img" ? "model default" : "image's size";
   // A1111's hires fix is txt2img's; img2img's is ComfyUI's two-pass graph from a VAEEncode (`hiresRequest`)
   $("hires-section").hidden = mode === "inpaint";
   $("enable_hr-img2img-hint").hidden = mode !== "img2img";
