@@ -38,3 +38,26 @@ def test_help_still_prints_the_usage(capsys):
     with pytest.raises(SystemExit) as stop:
         main(["txt2img", "--help"])
     assert stop.value.code == 0 and capsys.readouterr().out.startswith("usage: sdlab txt2img")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["img2img", "a", "--init", "in.png", "--mask", "m.png"],
+     "sdlab img2img has no --mask option (an option of sdlab inpaint)"),
+    (["eval", "prompts.txt", "--out", "o", "--seed", "7"], "sdlab eval has no --seed option (an option of sdlab txt2img"),
+    (["img2img", "a", "--init", "in.png", "--sd-upscale", "2", "--tile", "512"],
+     "sdlab img2img has no --tile option (an option of sdlab upscale)"),
+    (["txt2img", "a", "--init=in.png"], "sdlab txt2img has no --init option (an option of sdlab img2img, sdlab inpaint"),
+])
+def test_another_commands_option_is_refused_not_read_as_an_abbreviation(tmp_path, capsys, args, message):
+    """An option of another subcommand is not argparse's abbreviation of a longer one it begins (`--mask` of
+    `--mask-weight`, `--seed` of eval's `--seeds`, `--tile` of `--tile-overlap`, `--init` of `--init-noise`)."""
+    code, out, err = run(args, capsys)
+    assert code == 2 and out == "" and len(err.splitlines()) == 1, err
+    assert err.startswith("sdlab: error: ") and message in err and "--help lists the options" in err, err
+    assert "invalid" not in err and "could match" not in err, err
+
+
+def test_an_abbreviation_of_the_commands_own_option_still_reads(capsys):
+    """`--hr-scal` is --hr-scale: refused (for its value) as that option, not as another command's."""
+    code, _, err = run(["txt2img", "a", "--hr-scal", "0.5"], capsys)
+    assert code == 2 and "hr_scale must be at least 1" in err, err

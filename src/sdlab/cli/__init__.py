@@ -78,14 +78,29 @@ class CommandParser(argparse.ArgumentParser):
     """argparse with sdlab's error line: a bad option value or choice is a `UserError` (`sdlab: error: ...`,
     exit 2, naming the command whose --help lists the options), not argparse's usage block; and a value that
     starts with a minus and a digit (`--outpaint -8,0,0,0`) is read as a value, as Python 3.13's argparse
-    reads it, not as an unknown option. Subcommands' parsers are made of the same class."""
+    reads it, not as an unknown option. Subcommands' parsers are made of the same class.
+
+    An option of another subcommand that this one lacks (`foreign_options`, filled by `build_parser`) is
+    refused by name, not read as the abbreviation of a longer option it begins: `sdlab img2img --mask M` is
+    not `--mask-weight M`, `sdlab eval --seed 7` not `--seeds 7`, `sdlab img2img --tile 512` not
+    `--tile-overlap 512`. Other abbreviations (`--neg` for `--negative`) are read as argparse reads them."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._negative_number_matcher = re.compile(r"-\.?\d")
+        self.foreign_options: dict[str, list[str]] = {}   # option -> the other subcommands that have it
 
     def error(self, message: str) -> NoReturn:
         raise UserError(f"{message} ({self.prog} --help lists the options)")
+
+    def _get_option_tuples(self, option_string: str) -> list:
+        option = option_string.split("=", 1)[0]
+        owners = self.foreign_options.get(option)
+        if owners:
+            where = ", ".join(f"sdlab {name}" for name in owners)
+            raise UserError(f"{self.prog} has no {option} option (an option of {where}); "
+                            f"{self.prog} --help lists the options")
+        return super()._get_option_tuples(option_string)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,7 +111,20 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in SUBCOMMANDS:
         add(subparsers)
+    _refuse_other_commands_options(subparsers.choices)
     return parser
+
+
+def _refuse_other_commands_options(commands: dict[str, argparse.ArgumentParser]) -> None:
+    """Give each subcommand's parser the long options only other subcommands have (`CommandParser`)."""
+    options = {name: {o for o in command._option_string_actions if o.startswith("--")}
+               for name, command in commands.items()}
+    for name, command in commands.items():
+        foreign: dict[str, list[str]] = {}
+        for other, other_options in options.items():
+            for option in other_options - options[name]:
+                foreign.setdefault(option, []).append(other)
+        command.foreign_options = foreign
 
 
 def _error(message: str) -> None:
