@@ -93,6 +93,10 @@ def test_object_info_lists_the_upscale_nodes_as_comfyui(server):
     (lambda p: p["11"]["inputs"].update(model=["14", 0]) or p.update({"14": {
         "class_type": "LoraLoader", "inputs": {"model": ["4", 0], "clip": ["4", 1], "lora_name": "style.safetensors",
                                                "strength_model": 1.0, "strength_clip": 1.0}}}), "11", "one model"),
+    # ComfyUI's 2-pass example's "Save Intermediate Image": the first KSampler's decoder named, what to leave out said
+    (lambda p: p.update({"12": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+                         "13": {"class_type": "SaveImage", "inputs": {"images": ["12", 0], "filename_prefix": "x"}}}),
+     "12", "leave out the VAEDecode of the first KSampler (#3)"),
 ])
 def test_two_pass_graphs_sdlab_does_not_draw_are_refused(server, change, node, words):
     prompt = two_pass(dict(BY), **SECOND)

@@ -484,6 +484,7 @@ class _Plan:
                 raise self.refuse(decoder, "sdlab decodes the latent of a KSampler")
             samplers.add(sampler)
         if len(samplers) > 1:
+            self.refuse_intermediate(decoders, samplers)
             raise self.refuse(sorted(samplers)[1], "sdlab draws a graph of one KSampler")
         sampler = second = samplers.pop()
         upscale = self.upscale(second)
@@ -521,6 +522,19 @@ class _Plan:
         plan.order, plan.sampler_node, plan.controls = list(self.order), sampler, controls
         plan.outputs = {o: OUTPUT_TYPE[self.graph[o]["class_type"]] for o in self.outputs}
         return plan
+
+    def refuse_intermediate(self, decoders: set[str], samplers: set[str]) -> None:
+        """Refuse, naming it, the decoder of a two-pass graph's first KSampler (ComfyUI's 2-pass example saves
+        that "intermediate image" too): sdlab's hires fix returns the second pass's pictures alone. Nothing for
+        other graphs of several KSamplers."""
+        for second in sorted(samplers):
+            upscale = self.upscale(second)
+            first = self.source(upscale, "samples")[0] if upscale is not None else None
+            if first in samplers and samplers == {first, second}:
+                decoder = min(d for d in decoders if self.source(d, "samples")[0] == first)
+                raise self.refuse(decoder, "sdlab draws the pictures of a two-pass graph's second KSampler alone: "
+                                           f"leave out the VAEDecode of the first KSampler (#{first}) and the "
+                                           "outputs of its pictures (ComfyUI's 'Save Intermediate Image')")
 
     def upscale(self, sampler: str) -> str | None:
         """The LatentUpscale(By) whose latent the KSampler samples, of another KSampler's (a two-pass graph); None
