@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from sdlab.train.data import SampleStream, TrainData, generator_for, scan_dataset
+from sdlab.train.errors import TrainError
 from train_fixtures import pattern_image
 
 KOHYA_IMAGE_EXTENSIONS = [".png", ".jpg", ".jpeg", ".webp", ".bmp", ".PNG", ".JPG", ".JPEG", ".WEBP", ".BMP"]
@@ -293,6 +294,50 @@ def test_a_metadata_jsonl_with_a_byte_order_mark_keeps_its_first_line(tmp_path):
     (tmp_path / "metadata.jsonl").write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode())
     scan = scan_dataset(tmp_path)
     assert [s.caption for s in scan.samples] == ["picture 0", "picture 1"] and not scan.skipped
+
+
+def test_a_metadata_csv_is_read_as_hugging_face_imagefolder_reads_it(tmp_path):
+    """Before, a metadata.csv (imagefolder's other metadata file, as Excel or pandas write it) was passed over:
+    every image was skipped as uncaptioned and the run refused its data."""
+    images(tmp_path, 4)
+    (tmp_path / "sub").mkdir()
+    pattern_image(1, 16).save(tmp_path / "sub" / "4.png")
+    rows = ('file_name,text,score\r\n0.png,"red, square",1\r\n1.png,"two\nlines ""quoted""",2\r\n'
+            ',no file,3\r\n2.png,,4\r\n\r\nsub/4.png,café 猫,5\r\n')
+    (tmp_path / "metadata.csv").write_bytes(b"\xef\xbb\xbf" + rows.encode())  # Excel's "CSV UTF-8"
+    scan = scan_dataset(tmp_path)
+    assert [(os.path.relpath(s.path, tmp_path), s.caption) for s in scan.samples] == [
+        ("0.png", "red, square"), ("1.png", 'two\nlines "quoted"'), ("sub/4.png", "café 猫")]
+    assert scan.skipped == {"bad_metadata_line": 1, "empty_caption": 1}
+
+
+def test_metadata_files_that_cannot_be_read_say_why(tmp_path, caplog):
+    images(tmp_path, 2)
+    (tmp_path / "metadata.csv").write_bytes("file_name,text\n0.png,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(TrainError, match=r"metadata.csv is not UTF-8 text \(the byte 0xE9 at byte 25\); save it as CSV UTF-8"):
+        scan_dataset(tmp_path)
+    (tmp_path / "metadata.csv").write_text("image,text\n0.png,a\n")
+    with pytest.raises(TrainError, match="a file_name column is needed \\(it has 'image', 'text'\\)"):
+        scan_dataset(tmp_path)
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "0.png", "text": "a"}))
+    with pytest.raises(TrainError, match="holds both a metadata.jsonl and a metadata.csv"):
+        scan_dataset(tmp_path)
+    (tmp_path / "metadata.csv").unlink()
+    with pytest.raises(TrainError, match="holds a metadata.jsonl, which is the whole dataset: --data-layout kohya"):
+        scan_dataset(tmp_path, layout="kohya")
+
+
+def test_metadata_rows_without_a_text_caption_are_named_with_their_keys(tmp_path, caplog):
+    """Before, rows that name their caption otherwise (diffusers' --caption_column, "prompt") were each
+    skipped as an "empty or missing caption", no line saying what the rows lacked."""
+    images(tmp_path, 3)
+    lines = [{"file_name": "0.png", "prompt": "a"}, {"file_name": "1.png", "text": "b"}, {"file_name": "2.png", "prompt": "c"}]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(map(json.dumps, lines)))
+    with caplog.at_level(logging.WARNING):
+        scan = scan_dataset(tmp_path)
+    assert [s.caption for s in scan.samples] == ["b"] and scan.skipped == {"empty_caption": 2}
+    assert ('metadata.jsonl: 2 line(s) have no "text" (the caption; "caption" is read too; line 1 has \'prompt\'): '
+            'their images are skipped; name the caption "text"') in caplog.text
 
 
 def _jpeg(path: Path, i: int) -> bytes:

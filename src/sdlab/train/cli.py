@@ -195,7 +195,8 @@ def _scan(cfg: TrainConfig):
     if not scan.samples:
         skipped = f" (skipped: {', '.join(f'{n} {k}' for k, n in scan.skipped.items())})" if scan.skipped else ""
         raise TrainError(f"--data-dir {cfg.data_dir}: no usable training images{skipped}; it needs images with "
-                         f"same-name {cfg.caption_extension} captions, or a metadata.jsonl")
+                         f"same-name {cfg.caption_extension} captions, or a metadata.jsonl / metadata.csv with file_name "
+                         f"and text")
     return scan
 
 

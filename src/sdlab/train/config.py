@@ -59,7 +59,7 @@ class TrainConfig:
 
     # data
     data_dir: str | None = setting(None, "images with same-name .txt captions (kohya's <repeats>_<class tokens> "
-                                         "folders too), or a metadata.jsonl (required)")
+                                         "folders too), or a metadata.jsonl / metadata.csv (required)")
     caption_extension: str = setting(".txt", "extension of an image's same-name caption file (kohya's "
                                              "--caption_extension, e.g. .caption)")
     data_layout: str = setting("auto", "how --data-dir's folders are read: plain (every image below it with its "

@@ -11,9 +11,10 @@ Dataset layouts (the common trainer conventions):
     when there are none: ``10_``); a caption file gives its first line, as kohya's ``read_caption``. As in kohya
     only the images directly in such a folder count; images elsewhere (the root, other folders, deeper folders)
     are skipped with a warning and counted;
-  - a ``metadata.jsonl`` at the root, one ``{"file_name": "a.png", "text": "..."}`` per line (Hugging Face
-    ``imagefolder``; ``caption`` is accepted for ``text``; a UTF-8 byte-order mark is read past). When it exists
-    it is the whole dataset.
+  - a ``metadata.jsonl`` at the root, one ``{"file_name": "a.png", "text": "..."}`` per line, or a
+    ``metadata.csv`` with the columns ``file_name`` and ``text`` (Hugging Face ``imagefolder``'s two metadata
+    files; ``caption`` is accepted for ``text``; a UTF-8 byte-order mark is read past). When one exists it is
+    the whole dataset (both: an error).
 A file that PIL cannot open or decode to its end, an empty / missing caption (but in a repeat folder its empty
 class tokens and a caption file whose first line is blank, which kohya trains on the empty caption), or a caption that is not UTF-8 text, is skipped with a warning and counted (`DatasetScan.skipped`); it is never fatal. An image that passes the
 scan but fails to decode later is replaced by the next sample of the stream (of its bucket, else of another one,
@@ -35,7 +36,9 @@ first ``keep_tokens`` stay in front) and joined by ", ".
 from __future__ import annotations
 
 import codecs
+import csv
 import hashlib
+import io
 import itertools
 import json
 import logging
@@ -134,7 +137,7 @@ class ImageSample:
 class DatasetScan:
     samples: list[ImageSample]
     skipped: Counter = field(default_factory=Counter)   # reason -> count: "broken_image", "empty_caption", ...
-    layout: str = "plain"                               # how it was read: "plain" (a metadata.jsonl too) or "kohya"
+    layout: str = "plain"                               # how it was read: "plain" (a metadata file too) or "kohya"
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -186,37 +189,77 @@ def _image_opens(path: Path) -> bool:
         return False
 
 
-def _jsonl_entry(root: Path, raw: bytes) -> tuple[Path, str | None] | None:
-    """(image path, caption) of one metadata line, or None when it is not UTF-8 JSON with a file name."""
-    try:
-        row = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return None
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")   # Hugging Face imagefolder's caption files
+_CAPTION_KEYS = ("text", "caption")
+
+
+def _metadata_entry(root: Path, row: object) -> tuple[Path, str | None] | None:
+    """(image path, caption or None) of one metadata row (a parsed JSON line, a CSV row), or None when it is no
+    object with a file name."""
     if not isinstance(row, dict):
         return None
     name = row.get("file_name", row.get("file"))  # "file": sdlab.tiny.datasets.build
     if not isinstance(name, str) or not name.strip() or "\0" in name:
         return None
-    caption = row.get("text", row.get("caption"))
+    caption = next((row[key] for key in _CAPTION_KEYS if key in row), None)
     if isinstance(caption, str) and not_utf8(caption, "text") is not None:   # an escaped lone surrogate
         return None
     return root / name, caption if isinstance(caption, str) else None
 
 
-def _read_jsonl(root: Path, meta: Path, scan: DatasetScan) -> list[tuple[Path, str | None]]:
-    """Entries of a ``metadata.jsonl`` (after a UTF-8 byte-order mark, which Windows editors write); a line that
-    is not a UTF-8 JSON object with a string ``file_name`` is skipped with a warning and counted as
-    ``bad_metadata_line``."""
-    entries = []
+def _jsonl_rows(meta: Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed object or None when the line is not UTF-8 JSON) of each non-blank line of a
+    ``metadata.jsonl``, after a UTF-8 byte-order mark, which Windows editors write."""
     for number, line in enumerate(meta.read_bytes().removeprefix(codecs.BOM_UTF8).splitlines(), 1):
         if not line.strip():
             continue
-        entry = _jsonl_entry(root, line)
+        try:
+            yield number, json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            yield number, None
+
+
+def _csv_rows(meta: Path) -> Iterator[tuple[int, object]]:
+    """(line number, {column: cell}) of each non-blank row of a ``metadata.csv`` (Hugging Face imagefolder's
+    other metadata file: a header row naming the columns, ``file_name`` and ``text``), read as UTF-8 after a
+    byte-order mark (Excel's "CSV UTF-8"); a file that is not UTF-8 text is a `TrainError`."""
+    raw = meta.read_bytes().removeprefix(codecs.BOM_UTF8)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise TrainError(f"{meta} is not UTF-8 text (the byte 0x{raw[err.start]:02X} at byte {err.start + 1}); "
+                         f"save it as CSV UTF-8") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if reader.fieldnames is None or not {"file_name", "file"} & set(reader.fieldnames):
+        raise TrainError(f"{meta}: its first row names the columns, and a file_name column is needed "
+                         f"(it has {', '.join(map(repr, reader.fieldnames or [])) or 'none'})")
+    for row in reader:
+        if any((cell or "").strip() for key, cell in row.items() if key is not None):
+            yield reader.line_num, row
+
+
+def _read_metadata(root: Path, meta: Path, scan: DatasetScan) -> list[tuple[Path, str | None]]:
+    """Entries of a ``metadata.jsonl`` or ``metadata.csv``; a row that is not an object with a ``file_name`` text
+    is skipped with a warning and counted as ``bad_metadata_line``. Rows without a ``text`` (or ``caption``) are
+    named in one warning with the keys they have (their images are skipped as uncaptioned)."""
+    entries, uncaptioned = [], []
+    rows = _csv_rows(meta) if meta.suffix == ".csv" else _jsonl_rows(meta)
+    for number, row in rows:
+        entry = _metadata_entry(root, row)
         if entry is None:
-            logger.warning("skipping %s line %d: not a UTF-8 JSON object with a file_name text", meta, number)
+            logger.warning("skipping %s line %d: not a UTF-8 JSON object with a file_name text" if meta.suffix ==
+                           ".jsonl" else "skipping %s line %d: no file_name", meta, number)
             scan.skipped["bad_metadata_line"] += 1
             continue
+        if not any(key in row for key in _CAPTION_KEYS):
+            uncaptioned.append((number, row))
         entries.append(entry)
+    if uncaptioned:
+        number, row = uncaptioned[0]
+        keys = [key for key in row if key is not None and key not in ("file_name", "file")]
+        logger.warning("%s: %d line(s) have no \"text\" (the caption; \"caption\" is read too; line %d has %s): "
+                       "their images are skipped; name the caption \"text\"", meta, len(uncaptioned), number,
+                       ", ".join(map(repr, keys)) or "only the file_name")
     return entries
 
 
@@ -416,12 +459,16 @@ def scan_dataset(root: str | os.PathLike[str], caption_extension: str = ".txt", 
         raise ValueError(f"layout must be one of {', '.join(DATA_LAYOUTS)}; got {layout!r}")
     extension = caption_extension if caption_extension.startswith(".") else "." + caption_extension
     scan = DatasetScan(samples=[])
-    meta = root / "metadata.jsonl"
-    if meta.is_file():
+    metas = [root / name for name in METADATA_FILES if (root / name).is_file()]
+    if len(metas) > 1:
+        raise TrainError(f"--data-dir {root} holds both a metadata.jsonl and a metadata.csv: each is the whole "
+                         f"dataset; keep one")
+    if metas:
+        meta = metas[0]
         if layout == "kohya":
-            raise TrainError(f"--data-dir {root} holds a metadata.jsonl, which is the whole dataset: --data-layout "
-                             f"kohya does not apply to it (drop it, or the metadata.jsonl)")
-        entries = [(path, caption, 1, False) for path, caption in _read_jsonl(root, meta, scan)]
+            raise TrainError(f"--data-dir {root} holds a {meta.name}, which is the whole dataset: --data-layout "
+                             f"kohya does not apply to it (drop it, or the {meta.name})")
+        entries = [(path, caption, 1, False) for path, caption in _read_metadata(root, meta, scan)]
         extension = None
     else:
         scan.layout = _auto_layout(root) if layout == "auto" else layout
