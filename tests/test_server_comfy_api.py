@@ -511,6 +511,8 @@ def test_model_folders_list_the_files_comfyuis_nodes_take(server, tmp_path):
                                   models_dir=models, embeddings_dir=folder), preload=True)
     with TestClient(app) as client:
         assert client.get("/models/embeddings").json() == ["styles/zqink.pt", "zqplain.pt"]
+        # ComfyUI's /embeddings: the same paths without suffixes, the names `embedding:` takes
+        assert client.get("/embeddings").json() == ["styles/zqink", "zqplain"]
 
 
 def test_view_and_upload_stay_in_their_folders(server):

@@ -676,8 +676,10 @@ def model_files(folder: str, request: Request) -> list[str]:
 
 @router.get("/embeddings")
 def embeddings(request: Request) -> list[str]:
+    """ComfyUI's embedding names (server.py ``get_embeddings``: the folder's files without their suffixes), each
+    the path under its folder that `embedding:` takes ("styles/ink"), of the embeddings the loaded model draws."""
     found = state_of(request).service.host.listed_embeddings()
-    return sorted(e.name for e in found.loaded)
+    return sorted(e.path_in_folder or e.name for e in found.loaded)
 
 
 @router.get("/system_stats")
