@@ -5,7 +5,10 @@ File shapes (`.safetensors`, or weights-only `.pt` / `.bin` pickles; nothing pic
 - A1111: `string_to_param` = {"*": (n, d)} beside `name`, `step`, ... (its `.pt` files);
 - kohya / A1111 safetensors: `emb_params` (n, d);
 - SDXL (both towers): `clip_l` (n, 768) and `clip_g` (n, 1280);
-- diffusers' `learned_embeds.bin` and other one-key files: {"<token>": (d,) or (n, d)}.
+- diffusers' `learned_embeds.bin` and other one-key files: {"<token>": (d,) or (n, d)};
+- A1111's embedding pictures (`.png`, `.webp`): an A1111 `.pt`'s dict stored in the picture
+  (`sdlab.checkpoints.image_embedding`), named by the `name` it records, as A1111 names them; a picture
+  without one (a preview image, `<name>.preview.png`) is skipped quietly in a folder.
 
 A loaded embedding is named by its file's stem and used by writing that name in a prompt (A1111) or
 `embedding:name` / `embedding:subfolder/name` (ComfyUI), in negative prompts too; each of its n vectors
@@ -28,12 +31,14 @@ import torch
 from torch import Tensor
 
 from sdlab.checkpoints.errors import CheckpointError
+from sdlab.checkpoints.image_embedding import (IMAGE_EMBEDDING_SUFFIXES, NoEmbeddingInPicture, is_preview_picture,
+                                               read_image_embedding)
 from sdlab.checkpoints.io import read_checkpoint
 from sdlab.families.loaded import ModelBundle, TextEncoder
 
 logger = logging.getLogger(__name__)
 
-EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
+EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin", *IMAGE_EMBEDDING_SUFFIXES)
 MAX_VECTORS = 75                    # one chunk: more could never be written in a prompt
 
 
@@ -84,9 +89,10 @@ def _vector_tensors(tensors: Mapping[str, Tensor], path: Path) -> tuple[Tensor, 
 
 
 def load_embedding(path: str | os.PathLike[str]) -> Embedding:
-    """Read one embedding file; the name is the file's stem."""
+    """Read one embedding file; the name is the file's stem (a picture's: the name it records, else the stem)."""
     path = Path(path)
-    tensors, metadata = read_checkpoint(path, nested=True)
+    picture = path.suffix.lower() in IMAGE_EMBEDDING_SUFFIXES
+    tensors, metadata = read_image_embedding(path) if picture else read_checkpoint(path, nested=True)
     vectors = []
     for tensor in _vector_tensors(tensors, path):
         tensor = tensor.detach()
@@ -105,7 +111,8 @@ def load_embedding(path: str | os.PathLike[str]) -> Embedding:
     if not all(bool(torch.isfinite(v).all()) for v in vectors):
         raise EmbeddingError(f"{path}: embedding holds NaN or infinite values")
     step = metadata.get("step", "")
-    return Embedding(name=path.stem, vectors=tuple(vectors), path=path, step=int(step) if step.isdigit() else None,
+    name = metadata.get("name") or path.stem if picture else path.stem
+    return Embedding(name=name, vectors=tuple(vectors), path=path, step=int(step) if step.isdigit() else None,
                      sd_checkpoint=metadata.get("sd_checkpoint"), sd_checkpoint_name=metadata.get("sd_checkpoint_name"))
 
 
@@ -193,11 +200,13 @@ def embeddings_used(bundle: ModelBundle, embeddings: Iterable[Embedding], *texts
 
 
 def embedding_files(folder: str | os.PathLike[str]) -> list[Path]:
-    """The embedding files under `folder` (recursively, as A1111 scans its embeddings folder), sorted."""
+    """The embedding files under `folder` (recursively, as A1111 scans its embeddings folder), sorted; preview
+    pictures (`<name>.preview.png`) left out."""
     folder = Path(folder)
     if not folder.is_dir():
         raise EmbeddingError(f"{folder}: no such folder of embeddings")
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in EMBEDDING_SUFFIXES)
+    return sorted(p for p in folder.rglob("*")
+                  if p.is_file() and p.suffix.lower() in EMBEDDING_SUFFIXES and not is_preview_picture(p))
 
 
 class FoundEmbeddings(NamedTuple):
@@ -243,11 +252,14 @@ def scan_embeddings_dir(folder: str | os.PathLike[str], bundle: ModelBundle,
                         read: Callable[[Path], Embedding] = load_embedding) -> FoundEmbeddings:
     """The embeddings in `folder`, each file read with `read`: those that fit `bundle`'s text encoders, and
     those made for another model (skipped with a warning). Files that are not embeddings are left out with a
-    warning."""
+    warning, pictures without an embedding in them (previews) quietly."""
     found = FoundEmbeddings([], [])
     for path in embedding_files(folder):
         try:
             embedding = dataclasses.replace(read(path), path_in_folder=_path_in_folder(path, folder))
+        except NoEmbeddingInPicture as err:
+            logger.debug("skipping %s", err)
+            continue
         except CheckpointError as err:
             logger.warning("skipping %s", err)
             continue
