@@ -475,6 +475,10 @@ def test_discovery_routes_read_as_clients_read_them(server):
     assert info["SaveImage"]["output_node"] is True and info["KSampler"]["output"] == ["LATENT"]
     assert info["VAELoader"]["input"]["required"]["vae_name"] == [["other.safetensors"]]
     assert info["UNETLoader"]["input"]["required"]["unet_name"] == [[]]     # read by SillyTavern's comfy mode
+    uploaded = server.get("/object_info/LoadImage").json()["LoadImage"]["input"]["required"]["image"]
+    assert uploaded[1] == {"image_upload": True} and uploaded[0] == sorted(uploaded[0])   # ComfyUI's INPUT_TYPES
+    masks = info["LoadImageMask"]["input"]["required"]
+    assert masks["image"] == uploaded and masks["channel"] == [["alpha", "red", "green", "blue"]]
     assert server.get("/api/object_info/KSampler").json().keys() == {"KSampler"}
     stats = server.get("/system_stats").json()
     assert stats["devices"][0]["type"] == "cpu" and stats["system"]["ram_total"] > 0

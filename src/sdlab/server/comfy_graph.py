@@ -68,7 +68,8 @@ def input_file(name: str) -> str:
 @dataclass(frozen=True)
 class NodeSpec:
     """One node class as `GET /object_info` shows it. An input is (type,) for a link, ("INT" / "FLOAT" /
-    "STRING" / "BOOLEAN", options) for a value, or (list name,) for a value of a list `Choices` fills in."""
+    "STRING" / "BOOLEAN", options) for a value, or (list name,) for a value of a list `Choices` fills in (with
+    ComfyUI's options after it: LoadImage's image_upload)."""
 
     inputs: dict[str, tuple]
     outputs: tuple[str, ...] = ()
@@ -113,9 +114,10 @@ NODES: dict[str, NodeSpec] = {
     "VAELoader": NodeSpec({"vae_name": ("vaes",)}, ("VAE",), category="loaders", display_name="Load VAE"),
     "UNETLoader": NodeSpec({"unet_name": ("unets",), "weight_dtype": (["default", "fp8_e4m3fn", "fp8_e5m2"],)},
                            ("MODEL",), category="advanced/loaders", display_name="Load Diffusion Model"),
-    "LoadImage": NodeSpec({"image": ("input_images",)}, ("IMAGE", "MASK"), category="image",
+    "LoadImage": NodeSpec({"image": ("input_images", {"image_upload": True})}, ("IMAGE", "MASK"), category="image",
                           display_name="Load Image"),
-    "LoadImageMask": NodeSpec({"image": ("input_images",), "channel": (list(MASK_CHANNELS),)}, ("MASK",),
+    "LoadImageMask": NodeSpec({"image": ("input_images", {"image_upload": True}), "channel": (list(MASK_CHANNELS),)},
+                              ("MASK",),
                               category="mask", display_name="Load Image (as Mask)"),
     "VAEEncode": NodeSpec({"pixels": ("IMAGE",), "vae": ("VAE",)}, ("LATENT",), category="latent",
                           display_name="VAE Encode"),
@@ -269,7 +271,7 @@ def _error(kind: str, message: str, details: str = "", **extra: Any) -> dict[str
 def object_info(choices: Choices, only: str | None = None) -> dict[str, Any]:
     """`GET /object_info` (ComfyUI's `node_info` for each node of `NODES`), the lists filled from `choices`."""
     def info(name: str, spec: NodeSpec) -> dict[str, Any]:
-        required = {key: ([choices.of(value[0])] if isinstance(value[0], str) and value[0] in _LISTS
+        required = {key: ([choices.of(value[0]), *value[1:]] if isinstance(value[0], str) and value[0] in _LISTS
                           else list(value))
                     for key, value in spec.inputs.items()}
         optional = {"optional": {key: list(value) for key, value in spec.optional.items()}} if spec.optional else {}
