@@ -86,3 +86,17 @@ def test_options_refuse_a_model_sdlab_cannot_draw_with_and_keep_the_one_in_use(t
                 assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == before
     finally:
         server.stop()
+
+
+def test_the_files_inside_a_diffusers_folder_are_not_listed_apart(tmp_path):
+    """A diffusers folder is one checkpoint: its unet/, text_encoder/ (and a sharded or .bin component's) weight
+    files are not listed beside it, which the model picker offered and A1111 clients chose, each job then failing
+    ('no key starting with model.diffusion_model.'). Before: the unet and text encoder files were listed."""
+    from bundle_fixtures import write_diffusers_folder
+
+    models = _models(tmp_path / "models")
+    pipeline = write_diffusers_folder(tiny_bundle("sdxl"), models / "sub" / "xl-pipe")
+    (pipeline / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"PK")          # another format beside it
+    registry = ModelRegistry(models / "tiny.safetensors", models)
+    assert sorted(c.name for c in registry.checkpoints) == sorted(["tiny.safetensors", "sub/xl-pipe", *REFUSED])
+    registry.find("sub/xl-pipe").check_loadable()

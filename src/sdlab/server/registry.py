@@ -213,17 +213,22 @@ class ModelRegistry:
         return self.models_dir / "Stable-diffusion" if (self.models_dir / "Stable-diffusion").is_dir() else self.models_dir
 
     def _checkpoint_files(self) -> list[Path]:
+        """The checkpoint files and diffusers folders under the checkpoints folder; the files inside a diffusers
+        folder (its unet/, text_encoder/, ... weights) are parts of that one model, not listed apart."""
         root = self._checkpoints_root()
-        found = []
-        for path in sorted(root.rglob("*")):
+        found, pipelines = [], []
+        for path in sorted(root.rglob("*")):                # a folder comes before the paths inside it
             folders = [part.lower() for part in path.relative_to(root).parts[:-1]]
             encoders = root == self.models_dir and folders[:1] and folders[0] in _ENCODER_FOLDERS
             if set(folders) & _NOT_CHECKPOINT_FOLDERS or encoders or not self._inside(path):
+                continue
+            if any(path.is_relative_to(pipeline) for pipeline in pipelines):
                 continue
             if path.is_file() and path.suffix.lower() in CHECKPOINT_SUFFIXES and not is_sidecar_vae(path):
                 found.append(path.resolve())
             elif path.is_dir() and (path / "model_index.json").is_file():
                 found.append(path.resolve())
+                pipelines.append(path)
         return found
 
     def _inside(self, path: Path) -> bool:
