@@ -307,6 +307,29 @@ def test_a_lora_loader_draws_as_a_native_loras_entry(server):
     assert lora_info == [["style.safetensors"]]
 
 
+def test_a_lora_in_a_subfolder_is_named_by_its_path_as_comfyui_names_it(server):
+    """ComfyUI's lora_name of a LoRA in a subfolder of the LoRA folder is its path there ("sub/inked.safetensors",
+    folder_paths' names): listed so, and a LoraLoader of it draws as the native job's LoRA of that file."""
+    folder = server.app.state.comfy.service.config.models_dir / "Lora" / "sub"
+    folder.mkdir()
+    nested = _lora(folder / "inked.safetensors", scale=0.7)
+    try:
+        assert server.post("/sdapi/v1/refresh-loras").status_code == 200
+        names = server.get("/object_info/LoraLoader").json()["LoraLoader"]["input"]["required"]["lora_name"][0]
+        assert names == ["style.safetensors", "sub/inked.safetensors"] == server.get("/models/loras").json()
+        prompt = graph(**{"3.model": ["10", 0], "6.clip": ["10", 1], "7.clip": ["10", 1]})
+        prompt["10"] = {"class_type": "LoraLoader", "inputs": {"model": ["4", 0], "clip": ["4", 1],
+                                                               "strength_model": 0.8, "strength_clip": 0.8,
+                                                               "lora_name": "sub/inked.safetensors"}}
+        pixels = viewed(server, drawn(server, prompt)[1]["outputs"]["9"]["images"][0])
+        assert np.array_equal(pixels, native_pixels(server, {**NATIVE, "loras": [{"name": "inked", "weight": 0.8}]}))
+        assert np.abs(pixels - native_pixels(server, NATIVE)).max() > 3
+    finally:
+        nested.unlink()
+        folder.rmdir()
+        server.post("/sdapi/v1/refresh-loras")
+
+
 def test_a_vae_loader_draws_as_a_native_vae(server):
     prompt = graph(**{"8.vae": ["10", 0]})
     prompt["10"] = {"class_type": "VAELoader", "inputs": {"vae_name": "other.safetensors"}}

@@ -51,12 +51,14 @@ from torch import Tensor
 from sdlab.diffusion.samplers import SAMPLER_TABLE
 from sdlab.pipeline.control import ControlInput
 from sdlab.pipeline.images import comfyui_encoded_mask
+from sdlab.pipeline.prompt_loras import default_lora_dirs
 from sdlab.pipeline.request import HIRES_SIZE, GenerationRequest
 from sdlab.server.comfy_graph import (Choices, GraphError, GraphPlan, check_graph, input_file, node_refusal,
                                       object_info, run_order, second_pass_nodes)
 from sdlab.server.inputs import BadRequest, JobSpec, LoraChoice, image_from_bytes, opened_picture
 from sdlab.server.jobs import IN_TURN, Job, Place
 from sdlab.server.native import IMAGE_NAME, opened_file
+from sdlab.server.registry import LORA_FOLDERS
 from sdlab.server.service import Service
 
 INPUT_FOLDER = "comfy_input"
@@ -113,10 +115,23 @@ class ComfyState:
 
     def choices(self) -> Choices:
         registry = self.service.registry
-        loras = sorted(lora.path.name for lora in registry.loras)     # sorted, as ComfyUI's folder_paths
+        loras = sorted(self.lora_files())                             # sorted, as ComfyUI's folder_paths
         return Choices(checkpoints=sorted(c.name for c in registry.checkpoints), loras=loras,
                        input_images=self.input_images(), samplers=COMFY_SAMPLERS, vaes=registry.vaes.names(),
                        controlnets=sorted(self.controlnet_files()))
+
+    def lora_files(self) -> dict[str, str]:
+        """ComfyUI's lora_name list, each to the server's LoRA name: a LoRA by its path under the LoRA folder it
+        was found in, with its suffix ("sub/detail.safetensors", as ComfyUI's folder_paths names a file in a
+        subfolder)."""
+        registry = self.service.registry
+        bases = [registry.models_dir / folder for folder in LORA_FOLDERS] if registry.models_dir is not None else []
+        bases += default_lora_dirs(registry.startup_model)
+        files = {}
+        for lora in registry.loras:
+            base = next((b for b in bases if lora.path.is_relative_to(b)), lora.path.parent)
+            files[lora.path.relative_to(base).as_posix()] = lora.name
+        return files
 
     def controlnet_files(self) -> dict[str, Path]:
         """ComfyUI's control_net_name list: the ControlNets and T2I-Adapters of the server's ControlNet folder by
@@ -281,7 +296,11 @@ def _submit(state: ComfyState, plan: GraphPlan, place: Place = IN_TURN) -> Job:
                                            "inpaint_fill": "grey", "mask_grow": plan.mask_grow}))
     if plan.controls:       # ControlNetApply nodes: ComfyUI's hint resize and sigma windows (`control.py`)
         request = dataclasses.replace(request, controls=_controls(state, plan), control_convention="comfyui")
-    loras = tuple(LoraChoice(Path(name).stem, weight) for name, weight in plan.loras)
+    files = state.lora_files()
+    missing = [name for name, _ in plan.loras if name not in files]
+    if missing:                 # removed since the graph was checked
+        raise BadRequest(f"no LoRA {missing[0]!r}", 400)
+    loras = tuple(LoraChoice(files[name], weight) for name, weight in plan.loras)
     spec = JobSpec(request, loras=loras, extra_networks=False, typed_prompts={
         "prompt": plan.prompt, "negative_prompt": plan.negative_prompt},
         # CheckpointLoaderSimple's VAE is the checkpoint's own (no sidecar found near it, as A1111's Automatic)
