@@ -117,16 +117,33 @@ def _legacy_pickle(path: Path) -> None:
                _use_new_zipfile_serialization=False)
 
 
+def _picture(kind: str):
+    """A model page's preview picture saved under the model's name."""
+    def write(path: Path) -> None:
+        from PIL import Image
+
+        Image.new("RGB", (64, 48), (200, 120, 40)).save(path, format=kind)
+    write.__name__ = f"_{kind.lower()}_picture"
+    return write
+
+
 @pytest.mark.parametrize("name, write, says", [
     ("model.safetensors", _lfs_pointer, "it is a Git LFS pointer, not the weights (fetch them with git lfs pull"),
     ("model.ckpt", _lfs_pointer, "it is a Git LFS pointer, not the weights"),
     ("model.safetensors", _web_page, "it is a web page (HTML / XML), not the weights"),
     ("model.safetensors", _zip_pickle, "it is a PyTorch checkpoint (a zip archive, as .ckpt / .pt files are); rename it to .ckpt"),
     ("model.safetensors", _legacy_pickle, "it is a PyTorch checkpoint (a legacy pickle); rename it to .ckpt"),
+    ("model.safetensors", _picture("PNG"), "it is a PNG picture, not the weights (download the file itself)"),
+    ("model.ckpt", _picture("PNG"), "it is a PNG picture, not the weights (download the file itself)"),
+    ("model.safetensors", _picture("JPEG"), "it is a JPEG picture, not the weights (download the file itself)"),
+    ("model.pt", _picture("JPEG"), "it is a JPEG picture, not the weights (download the file itself)"),
+    ("model.ckpt", _picture("GIF"), "it is a GIF picture, not the weights (download the file itself)"),
 ])
 def test_a_file_of_another_format_says_what_it_is(tmp_path, name, write, says):
     """Before: `safe_open` spoke first, "not a readable safetensors file (Error while deserializing header: header
-    too large)" for all of them (an LFS pointer named .ckpt: "refused to unpickle")."""
+    too large)" for all of them (an LFS pointer named .ckpt: "refused to unpickle"). A picture named .safetensors
+    was "its first 8 bytes give a header of ... bytes", named .ckpt "refused to unpickle: Unsupported operand 137
+    ... code in a pickle would run on load", as though it might be hostile."""
     path = tmp_path / name
     write(path)
     with pytest.raises(CheckpointError) as err:

@@ -277,6 +277,12 @@ _OTHER_BINARY = (
     (b"\x80\x02\x8a\x0a", "a PyTorch checkpoint (a legacy pickle); rename it to .ckpt"),
     (b"GGUF", "a GGUF file, which sdlab does not read"),
 )
+# pictures (a model page's preview saved under the model's name), said so under any checkpoint name
+_PICTURES = (
+    (b"\x89PNG\r\n\x1a\n", "a PNG picture, not the weights (download the file itself)"),
+    (b"\xff\xd8\xff", "a JPEG picture, not the weights (download the file itself)"),
+    (b"GIF8", "a GIF picture, not the weights (download the file itself)"),
+)
 _OTHER_TEXT = (
     (b"version https://git-lfs", "a Git LFS pointer, not the weights (fetch them with git lfs pull, or download "
                                  "the file itself)"),
@@ -303,10 +309,12 @@ def _text_start(head: bytes) -> str | None:
 
 
 def _content_kind(head: bytes, binary: bool = True, any_text: bool = False) -> str | None:
-    """What a file that begins with `head` is, where it is one of `_OTHER_TEXT` (or `_OTHER_BINARY`), or, with
-    `any_text`, any other text (asked only once the file failed to load: a protocol-0 pickle is text too); else
-    None."""
+    """What a file that begins with `head` is, where it is one of `_PICTURES`, `_OTHER_TEXT` (or `_OTHER_BINARY`),
+    or, with `any_text`, any other text (asked only once the file failed to load: a protocol-0 pickle is text
+    too); else None."""
     text = _text_start(head)
+    if (picture := next((kind for begins, kind in _PICTURES if head.startswith(begins)), None)) is not None:
+        return picture
     starts = (_OTHER_BINARY if binary else ()) + (_OTHER_TEXT if text is not None else ())
     start = head.removeprefix(codecs.BOM_UTF8).lstrip()
     kind = next((kind for begins, kind in starts if start.startswith(begins)), None)
