@@ -14,6 +14,7 @@
     GET  /queue             {queue_running, queue_pending: in the order drawn}; POST /queue {clear: true} |
                             {delete: [prompt_id, ...]}
     POST /interrupt         {prompt_id?}: the prompt drawing now stops at its next step, nothing of it kept
+    POST /free              {unload_models?, free_memory?}: the model let go after the prompt drawing now
     GET  /object_info[/{class}], /system_stats, /embeddings, /models[/{folder}]
 
 A prompt is one job of the server's queue (`Service.submit`, as a native job), drawn by the one worker beside the
@@ -662,6 +663,26 @@ def _write_upload(target: Path, raw: bytes, overwrite: bool) -> Path:
     partial.write_bytes(raw)
     os.replace(partial, target)
     return target
+
+
+@router.post("/free")
+async def free(request: Request) -> Response:
+    """ComfyUI's `post_free`: `unload_models` (by default `free_memory`, as its main.py reads the flags) lets the
+    model go (`ModelHost.unload`, A1111's unload-checkpoint: the next prompt loads it again) once the prompt drawing
+    now ends; the answer does not wait for it, as ComfyUI's queue flags act between prompts. sdlab keeps no node
+    outputs, so `free_memory` has nothing else to free."""
+    state, body = state_of(request), await _json_object(request)
+    if body.get("unload_models", bool(body.get("free_memory"))):
+        host = state.service.host
+
+        def unload() -> None:
+            with host.busy:             # never beside a generation
+                host.unload()
+
+        task = asyncio.get_running_loop().create_task(asyncio.to_thread(unload))
+        state.tasks.add(task)
+        task.add_done_callback(state.tasks.discard)
+    return Response(status_code=200)
 
 
 @router.get("/object_info")
