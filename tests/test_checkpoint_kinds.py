@@ -217,6 +217,21 @@ def test_real_checkpoints_do_not_read_as_text_and_load(tmp_path, write):
     assert [tuple(tensor.shape) for tensor in tensors.values()] == [(1,)]
 
 
+@pytest.mark.parametrize("suffix", [".ckpt", ".pt", ".bin"])
+def test_a_safetensors_file_under_a_pickles_name_loads_as_what_it_is(tmp_path, suffix):
+    """A safetensors file renamed .ckpt / .pt / .bin is read as safetensors (nothing unpickled), the same
+    model as under its own name. Before: "refused to unpickle: Unsupported operand 216. sdlab only loads
+    weights-only pickles (code in a pickle would run on load)"."""
+    from bundle_fixtures import tiny_bundle, write_original
+
+    model = write_original(tiny_bundle("sd1"), tmp_path / "model.safetensors")
+    renamed = tmp_path / f"model{suffix}"
+    renamed.write_bytes(model.read_bytes())
+    ours, theirs = read_checkpoint(renamed)[0], read_checkpoint(model)[0]
+    assert list(ours) == list(theirs) and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert plan_checkpoint(renamed).report.to_json()["family"] == plan_checkpoint(model).report.to_json()["family"]
+
+
 def test_a_truncated_safetensors_file_is_still_said_to_be_one(tmp_path):
     path = _file(tmp_path, "model.safetensors", {"a": (64, 64)})
     path.write_bytes(path.read_bytes()[:-100])

@@ -388,19 +388,24 @@ def read_checkpoint(path: str | os.PathLike[str], *, nested: bool = False, shape
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
         return _read_safetensors(path)
+    if _begins_as_safetensors(path, size):   # unknown suffix, or a safetensors file renamed .ckpt / .pt / .bin
+        return _read_safetensors(path)
     if suffix in PICKLE_SUFFIXES:
         return _read_pickle(path, nested, shapes_only, lazy)
-    # Unknown suffix: decide by content. A safetensors file starts with an 8-byte little-endian header size
-    # followed by "{"; a torch zip checkpoint starts with "PK".
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if len(head) == 9 and head[8:9] == b"{":
-        return _read_safetensors(path)
+    # Unknown suffix: decide by content; a torch zip checkpoint starts with "PK".
     if zipfile.is_zipfile(path):
         return _read_pickle(path, nested, shapes_only, lazy)
     raise CheckpointError(
         f"{path}: unknown checkpoint format (suffix {suffix or 'none'!r}); expected .safetensors, .ckpt, .pt, .pth or .bin"
     )
+
+
+def _begins_as_safetensors(path: Path, size: int) -> bool:
+    """Whether the file at `path` (`size` bytes) begins as safetensors data does: an 8-byte little-endian header
+    length that fits in the file, then "{". No pickle begins so (a zip with "PK", a legacy pickle with 0x80)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 8 + struct.unpack("<Q", head[:8])[0] <= size
 
 
 def _read_safetensors(path: Path) -> tuple[LazyStateDict, dict[str, str]]:
