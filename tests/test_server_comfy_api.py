@@ -344,6 +344,28 @@ def test_a_vae_loader_draws_as_a_native_vae(server):
     assert refused(server, two_vaes)["node_errors"]["11"]["errors"][0]["type"] == "unsupported_graph"
 
 
+def test_a_vae_in_a_subfolder_is_named_by_its_path_as_comfyui_names_it(server):
+    """ComfyUI's vae_name of a file in a subfolder of the VAE folder is its path there: listed so, and a VAELoader of
+    it draws the native job's VAE of that file."""
+    folder = server.app.state.comfy.service.config.vae_dir / "sub"
+    folder.mkdir()
+    nested = folder / "nested.safetensors"
+    _vae_file(nested, seed=98)
+    try:
+        assert server.post("/sdapi/v1/refresh-vae").status_code == 200
+        names = server.get("/object_info/VAELoader").json()["VAELoader"]["input"]["required"]["vae_name"][0]
+        assert names == ["other.safetensors", "sub/nested.safetensors"] == server.get("/models/vae").json()
+        prompt = graph(**{"8.vae": ["10", 0]})
+        prompt["10"] = {"class_type": "VAELoader", "inputs": {"vae_name": "sub/nested.safetensors"}}
+        pixels = viewed(server, drawn(server, prompt)[1]["outputs"]["9"]["images"][0])
+        assert np.array_equal(pixels, native_pixels(server, {**NATIVE, "vae": "nested.safetensors"}))
+        assert np.abs(pixels - native_pixels(server, {**NATIVE, "vae": "other.safetensors"})).max() > 10
+    finally:
+        nested.unlink()
+        folder.rmdir()
+        server.post("/sdapi/v1/refresh-vae")
+
+
 def test_a_ksampler_advanced_that_is_a_ksampler_draws_as_one(server):
     advanced = graph()
     advanced["3"] = {"class_type": "KSamplerAdvanced", "inputs": {

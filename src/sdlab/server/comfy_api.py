@@ -118,7 +118,7 @@ class ComfyState:
         registry = self.service.registry
         loras = sorted(self.lora_files())                             # sorted, as ComfyUI's folder_paths
         return Choices(checkpoints=sorted(c.name for c in registry.checkpoints), loras=loras,
-                       input_images=self.input_images(), samplers=COMFY_SAMPLERS, vaes=registry.vaes.names(),
+                       input_images=self.input_images(), samplers=COMFY_SAMPLERS, vaes=sorted(self.vae_files()),
                        controlnets=sorted(self.controlnet_files()))
 
     def lora_files(self) -> dict[str, str]:
@@ -133,6 +133,15 @@ class ComfyState:
             base = next((b for b in bases if lora.path.is_relative_to(b)), lora.path.parent)
             files[lora.path.relative_to(base).as_posix()] = lora.name
         return files
+
+    def vae_files(self) -> dict[str, str]:
+        """ComfyUI's vae_name list, each to the server's VAE name: a file of the VAE folder by its path there
+        ("sub/kl-f8.safetensors", as ComfyUI's folder_paths names a file in a subfolder), any other file of the
+        server's VAE list (a checkpoint's sidecar) by its name."""
+        vaes = self.service.registry.vaes
+        folder, files = vaes.vae_folder, list(vaes.files)         # the list a refresh replaces whole
+        return {(f.path.relative_to(folder).as_posix() if folder is not None and f.path.is_relative_to(folder)
+                 else f.name): f.name for f in files}
 
     def controlnet_files(self) -> dict[str, Path]:
         """ComfyUI's control_net_name list: the ControlNets and T2I-Adapters of the server's ControlNet folder by
@@ -305,7 +314,7 @@ def _submit(state: ComfyState, plan: GraphPlan, place: Place = IN_TURN) -> Job:
     spec = JobSpec(request, loras=loras, extra_networks=False, typed_prompts={
         "prompt": plan.prompt, "negative_prompt": plan.negative_prompt},
         # CheckpointLoaderSimple's VAE is the checkpoint's own (no sidecar found near it, as A1111's Automatic)
-        sidecar_vae=False, vae=plan.vae)
+        sidecar_vae=False, vae=None if plan.vae is None else state.vae_files().get(plan.vae, plan.vae))
     job, _ = service.submit(spec, plan.mode, plan.model, place)
     return job
 
