@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, features
 
 from sdlab.train.data import SampleStream, TrainData, generator_for, scan_dataset
 from sdlab.train.errors import TrainError
@@ -338,6 +338,40 @@ def test_metadata_rows_without_a_text_caption_are_named_with_their_keys(tmp_path
     assert [s.caption for s in scan.samples] == ["b"] and scan.skipped == {"empty_caption": 2}
     assert ('metadata.jsonl: 2 line(s) have no "text" (the caption; "caption" is read too; line 1 has \'prompt\'): '
             'their images are skipped; name the caption "text"') in caplog.text
+
+
+def test_avif_and_jfif_images_train_and_captions_of_no_read_image_are_named(tmp_path, caplog):
+    """Before, a .avif picture (kohya's glob_images takes .avif where Pillow reads it: library/train_util.py,
+    IMAGE_EXTENSIONS with pillow_avif) or a .jfif one (a JPEG as Windows browsers save it) was passed over, and
+    the caption of a picture in a format not read (an iPhone's .heic) trained nothing, no line saying so."""
+    pattern_image(0, 16).save(tmp_path / "a.jfif", format="JPEG")
+    (tmp_path / "a.txt").write_text("a jfif")
+    (tmp_path / "sub").mkdir()
+    if features.check("avif"):
+        pattern_image(1, 16).save(tmp_path / "sub" / "b.avif")
+        (tmp_path / "sub" / "b.txt").write_text("an avif")
+    (tmp_path / "sub" / "photo.heic").write_bytes(b"\0\0\0\x18ftypheic")
+    (tmp_path / "sub" / "photo.txt").write_text("a phone photo")
+    (tmp_path / "notes.txt").write_text("my notes")
+    (tmp_path / "c.png.txt").write_text("a caption named after the whole file name")
+    pattern_image(2, 16).save(tmp_path / "c.png")
+    (tmp_path / "c.txt").write_text("c")
+    with caplog.at_level(logging.WARNING):
+        scan = scan_dataset(tmp_path)
+    read = [("a.jfif", "a jfif"), ("c.png", "c")] + ([("b.avif", "an avif")] if features.check("avif") else [])
+    assert sorted((s.path.name, s.caption) for s in scan.samples) == sorted(read) and not scan.skipped
+    assert (f"3 .txt file(s) name no image that is read, and train nothing: {tmp_path / 'c.png.txt'}, "
+            f"{tmp_path / 'notes.txt'} and {tmp_path / 'sub' / 'photo.txt'} (beside photo.heic, a format not read); the "
+            f"images read are .png .jpg .jpeg .jfif .webp .avif .bmp .gif .tif .tiff files") in caplog.text
+    caplog.clear()
+    kohya = tmp_path / "kohya"
+    (kohya / "3_sks").mkdir(parents=True)
+    (kohya / "3_sks" / "photo.heic").write_bytes(b"\0\0\0\x18ftypheic")
+    (kohya / "3_sks" / "photo.txt").write_text("sks")
+    pattern_image(0, 16).save(kohya / "3_sks" / "0.png")
+    with caplog.at_level(logging.WARNING):
+        assert [s.caption for s in scan_dataset(kohya).samples] == ["sks"]
+    assert f"1 .txt file(s) name no image that is read, and train nothing: {kohya / '3_sks' / 'photo.txt'}" in caplog.text
 
 
 def _jpeg(path: Path, i: int) -> bytes:

@@ -2,7 +2,8 @@
 
 Dataset layouts (the common trainer conventions):
   - ``image.png`` + ``image.txt`` (same name, the caption; another extension with ``caption_extension``, kohya's
-    ``--caption_extension``), in the folder or any subfolder, linked folders included;
+    ``--caption_extension``), in the folder or any subfolder, linked folders included (images: `IMAGE_SUFFIXES`;
+    one warning names the caption files that name no image read, `_warn_of_captions_without_images`);
   - kohya-ss/sd-scripts' DreamBooth layout (``layout="kohya"``; ``"auto"`` takes it when every first-level
     folder that holds images is named ``<N>_<class tokens>``, ``10_sks dog``, with N >= 1 and no image lies beside
     them, `_auto_layout`): as kohya's ``generate_dreambooth_subsets_config_by_subdirs`` reads it, each first-level
@@ -90,7 +91,7 @@ __all__ = [
     "upright_size",
 ]
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".webp", ".avif", ".bmp", ".gif", ".tif", ".tiff")
 _SEED_MASK = (1 << 63) - 1
 
 
@@ -288,6 +289,45 @@ def _image_files(folder: Path, recursive: bool) -> list[Path]:
     return list(_walk_images(folder, recursive))
 
 
+def _walk_folders(folder: Path, ancestors: frozenset[str] = frozenset()) -> Iterator[Path]:
+    """``folder`` and every folder below it as `_walk_images` walks them (links followed, loops not), quietly."""
+    real = os.path.realpath(folder)
+    if real in ancestors:
+        return
+    yield folder
+    try:
+        subfolders = sorted((Path(e.path) for e in os.scandir(folder) if e.is_dir()), key=lambda p: p.name)
+    except OSError:
+        return
+    for sub in subfolders:
+        yield from _walk_folders(sub, ancestors | {real})
+
+
+def _warn_of_captions_without_images(folders: Iterator[Path], extension: str) -> None:
+    """One warning naming the ``extension`` caption files in ``folders`` that no image the scan reads is named
+    by (an iPhone's photo.heic beside its photo.txt; a notes.txt), with the other file of that name, if any."""
+    unread = []
+    for folder in folders:
+        try:
+            names = sorted(e.name for e in os.scandir(folder) if e.is_file())
+        except OSError:
+            continue
+        stems: dict[str, list[str]] = {}
+        for name in names:
+            stems.setdefault(Path(name).stem, []).append(name)
+        for name in names:
+            if Path(name).suffix != extension:
+                continue
+            beside = [other for other in stems[Path(name).stem] if other != name]
+            if not any(Path(other).suffix.lower() in IMAGE_SUFFIXES for other in beside):
+                other = next((o for o in beside if Path(o).suffix not in CAPTION_EXTENSIONS), None)
+                unread.append(f"{folder / name}" + (f" (beside {other}, a format not read)" if other else ""))
+    if unread:
+        logger.warning("%d %s file(s) name no image that is read, and train nothing: %s; the images read are %s "
+                       "files (convert others, e.g. HEIC, to PNG or JPEG)", len(unread), extension,
+                       _names(unread, limit=3), " ".join(IMAGE_SUFFIXES))
+
+
 def _subfolders(root: Path) -> list[Path]:
     """The folders (links to folders too) directly in ``root``, sorted by name."""
     return sorted((Path(e.path) for e in os.scandir(root) if e.is_dir()), key=lambda p: p.name)
@@ -474,6 +514,8 @@ def scan_dataset(root: str | os.PathLike[str], caption_extension: str = ".txt", 
         scan.layout = _auto_layout(root) if layout == "auto" else layout
         entries = _read_repeat_layout(root, extension, scan) if scan.layout == "kohya" else \
             [(path, caption, 1, False) for path, caption in _read_captions(_image_files(root, True), extension, scan)]
+        _warn_of_captions_without_images(_walk_folders(root) if scan.layout == "plain" else
+                                          (p for p in _subfolders(root) if _is_repeat_folder(p)), extension)
     for path, caption, repeats, empty_trains in sorted(entries, key=lambda e: str(e[0])):
         if not _is_file(path):
             logger.warning("skipping %s: file not found", path)
