@@ -145,6 +145,30 @@ def test_an_out_that_cannot_be_a_folder_is_refused_before_the_model_loads(model,
     assert taken.read_text() == ""
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--sampler", "Euler x"], "unknown sampler 'Euler x'"),
+    (["--schedule", "karas"], "unknown schedule 'karas'"),
+    (["--size", "7"], "width must be an integer in 8..8192, got 7"),
+    (["--cfg", "nan"], "CFG scale must be a finite number"),
+    (["--steps", "5000"], "steps must be an integer in 1..1000"),
+])
+def test_a_bad_drawing_option_is_refused_before_the_model_loads(model, prompts, tmp_path, capsys, monkeypatch,
+                                                                extra, message) -> None:
+    """Before, a misspelt sampler, a bad schedule, size, CFG or step count loaded the model, made --out and started
+    the progress bar, then failed at the first picture (an empty --out folder left, the bar on stderr)."""
+    import sdlab.api
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(sdlab.api, "load", no_load)
+    out = tmp_path / "eval"
+    code = main(["eval", str(prompts), "--model", str(model), "--out", str(out), *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("sdlab: error:") and err.count("\n") == 1, err
+    assert message in err and not out.exists()
+
+
 def test_eval_shows_a_progress_bar_on_stderr(model, prompts, tmp_path, capsys) -> None:
     code = main(["eval", str(prompts), "--model", str(model), "--seeds", "2", "--steps", "1", "--out",
                  str(tmp_path / "eval")])

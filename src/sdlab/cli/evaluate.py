@@ -87,6 +87,21 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _check_drawing_options(args: argparse.Namespace) -> None:
+    """--steps, --sampler, --schedule, --cfg and --size through the request's model-free checks
+    (`request.resolve`), so that a bad one is refused before the model loads, --out is made and the progress bar
+    starts, as `sdlab grid` checks its cells."""
+    from sdlab.pipeline.request import GenerationRequest, RequestError, resolve
+
+    given = {"steps": args.steps, "sampler": args.sampler, "schedule": args.schedule, "cfg_scale": args.cfg,
+             "width": args.size, "height": args.size}
+    try:
+        resolve(GenerationRequest(prompt="", **{k: v for k, v in given.items() if v is not None}),
+                default_size=64, default_sampler="Euler", default_schedule="karras", factor=8)
+    except RequestError as err:
+        raise UserError(str(err)) from None
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -108,6 +123,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             get_preset(args.preset)
         except RequestError as err:
             raise UserError(f"--preset: {err}") from None
+    _check_drawing_options(args)
     try:
         prompts = read_prompt_file(args.prompts)
     except OSError as err:
