@@ -230,3 +230,29 @@ def test_force_zeros_for_empty_prompt_is_not_read_for_a_family_that_never_zeroes
     """SD1 / SD2 encode an empty negative prompt as "": diffusers' StableDiffusionPipeline has no such setting."""
     _edit(folder, "model_index.json", force_zeros_for_empty_prompt=True)
     assert plan_checkpoint(folder).report.zero_empty_negative is None
+
+
+@pytest.mark.parametrize("given, says", [
+    ("unet", "this is a diffusers UNet2DConditionModel folder (one part of a pipeline), not a whole model; use it "
+             "with --model with the whole pipeline: {pipe}"),
+    ("text_encoder", "this is a diffusers CLIPTextModel folder (one part of a pipeline), not a whole model; use it "
+                     "with --model with the whole pipeline: {pipe}"),
+    ("vae", "this is a VAE, not a whole model; use it with --vae PATH (in place of the model's own VAE)"),
+    ("models", "not a diffusers pipeline folder (no model_index.json); it holds 1 checkpoint file(s), pass one: "
+               "a.safetensors"),
+    ("empty", "not a diffusers pipeline folder (no model_index.json)"),
+])
+def test_a_folder_that_is_no_pipeline_says_what_it_is(folder, tmp_path, capsys, given, says):
+    """A pipeline's unet/ (or text_encoder/, vae/) given as the model names the pipeline folder to pass (or --vae),
+    as `sdlab inspect` describes it; a models folder names its checkpoint files. Before: one line for all,
+    '<folder>/model_index.json: missing'."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "a.safetensors").write_bytes(b"")
+    (tmp_path / "empty").mkdir()
+    path = folder / given if (folder / given).is_dir() else tmp_path / given
+    with pytest.raises(CheckpointError) as err:
+        plan_checkpoint(path)
+    assert str(err.value) == f"{path}: " + says.format(pipe=folder.resolve())
+    code = main(["txt2img", "a cat", "--model", str(path), "--out", str(tmp_path / "a.png"), "--steps", "1"])
+    assert code == 2 and capsys.readouterr().err.strip() == f"sdlab: error: {err.value}"
+    assert not (tmp_path / "a.png").exists()

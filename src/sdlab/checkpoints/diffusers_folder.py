@@ -346,8 +346,27 @@ def _first_text_config(path: Path, model_index: Mapping[str, Any]) -> dict[str, 
     return read_config_json(config) if config.exists() else None
 
 
+def _not_a_pipeline(path: Path) -> CheckpointError:
+    """The error for a folder without `model_index.json` given as a model: what it is where it is a part of a
+    pipeline (`unet/`: the pipeline folder to pass) or a VAE folder (`other_kinds.not_a_model`), else that it is no
+    pipeline, naming the checkpoint files it holds (a models folder passed for one of its models)."""
+    from sdlab.checkpoints.io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
+    from sdlab.checkpoints.other_kinds import not_a_model
+
+    described = not_a_model(path)
+    if described is not None:
+        return described
+    files = sorted(p.name for p in path.iterdir()
+                   if p.is_file() and p.suffix.lower() in (*SAFETENSORS_SUFFIXES, *PICKLE_SUFFIXES))
+    hint = (f"; it holds {len(files)} checkpoint file(s), pass one: {', '.join(files[:4])}{' ...' if len(files) > 4 else ''}"
+            if files else "")
+    return CheckpointError(f"{path}: not a diffusers pipeline folder (no {MODEL_INDEX}){hint}")
+
+
 def read_diffusers_folder(path: Path, *, family: str | None = None) -> DiffusersFolder:
     """Detect the family of a diffusers folder and open each component (weights are read lazily)."""
+    if not (path / MODEL_INDEX).exists():
+        raise _not_a_pipeline(path)
     model_index = read_config_json(path / MODEL_INDEX)
     refuse_unsupported_pipeline(model_index)
     unet_json = read_config_json(path / "unet" / "config.json")
