@@ -1,0 +1,43 @@
+"""The web UI's output panel beside the form, in a real headless browser (the helpers and fixtures of test_webui.py):
+the form is far taller than a window, its Generate button at its foot; the progress and the pictures of the job it
+queues must be in view there, not at the top of a page scrolled away from them."""
+
+from __future__ import annotations
+
+from test_webui import (  # noqa: F401  (fixtures: base_url, browser, page; the session's sdlab_server)
+    By, base_url, browser, loaded_results, open_page, page, sdlab_server, set_value,
+)
+
+IN_VIEW = """
+const box = document.getElementById(arguments[0]).getBoundingClientRect();
+return box.height > 0 && box.top >= 0 && box.bottom <= window.innerHeight;
+"""
+
+
+def test_generate_at_the_forms_foot_shows_the_progress_and_pictures_in_view(page, base_url):
+    """Before: at 1280x900 the form is about 2100 px tall; scrolled to Generate, the output panel (progress, pictures)
+    was 1300 px above the window, the column beside the button empty."""
+    assert page.execute_script("return document.documentElement.scrollHeight > 1.5 * window.innerHeight")
+    set_value(page, "prompt", "a yellow square (in view)")
+    set_value(page, "steps", 2)
+    page.find_element(By.ID, "generate").click()        # scrolled to the form's foot to be clicked
+    loaded_results(page, 1)
+    assert page.execute_script("return window.scrollY") > 1000        # the page is at the form's foot
+    assert page.execute_script(IN_VIEW, "progress") and page.execute_script(IN_VIEW, "results")
+    # the gallery goes on within the panel: its cards are reached by scrolling it
+    card = page.find_element(By.CSS_SELECTOR, "#gallery .card")
+    page.execute_script("arguments[0].scrollIntoView({block: 'nearest'})", card)
+    assert page.execute_script("const b = arguments[0].getBoundingClientRect(); "
+                               "return b.top >= 0 && b.bottom <= window.innerHeight", card)
+
+
+def test_a_phones_window_keeps_the_panel_under_the_form(browser, base_url):
+    """One column (860 px and narrower): the output panel follows the form as before, the page scrolling to it."""
+    browser.set_window_size(390, 844)
+    try:
+        open_page(browser, base_url)
+        assert browser.execute_script(
+            "return getComputedStyle(document.querySelector('.output')).position") == "static"
+    finally:
+        from test_webui import WINDOW
+        browser.set_window_size(*WINDOW)
