@@ -205,15 +205,42 @@ def test_the_native_api_draws_them_as_the_python_api(tmp_path):
 
 
 def test_the_native_api_takes_them(sdlab_server):
-    """The native API's prompt_2 reaches the request: on the server's one-encoder model its job fails with the
-    request's error, not a 422 for an unknown field."""
+    """The native API's prompt_2 reaches the request: on the server's one-encoder model it is refused as the job
+    is posted with the request's error (before, the job was queued and then failed with it), not a 422 for an
+    unknown field."""
     import httpx
-    from server_fixtures import run_job
 
     with httpx.Client(base_url=sdlab_server.url, timeout=120) as client:
-        job = run_job(client, {"prompt": "a red apple", "prompt_2": "a lighthouse", "steps": 2, "width": 32,
-                               "height": 32})
-        assert job["status"] == "failed" and "prompt_2 is the second text encoder's text" in job["error"], job
+        body = {"prompt": "a red apple", "steps": 2, "width": 32, "height": 32}
+        assert client.post("/api/jobs", json=body).status_code == 202        # the model is loaded
+        for name in ("prompt_2", "negative_prompt_2"):
+            answer = client.post("/api/jobs", json={**body, name: "a lighthouse"})
+            assert answer.status_code == 422, answer.text
+            assert f"{name} is the second text encoder's text" in answer.json()["detail"]
+
+
+def test_a_second_prompt_for_a_model_not_loaded_is_refused_from_its_file(tmp_path):
+    """A one-encoder model that is not loaded is read from its file's header (`model_shapes.planned_bundle`), as for
+    the clip skip: prompt_2 is a 422 as the job is posted, nothing queued."""
+    import httpx
+    from bundle_fixtures import write_original
+    from server_fixtures import start_server
+
+    models = tmp_path / "models"
+    models.mkdir()
+    write_original(tiny_bundle("sd1"), models / "loaded.safetensors", junk=False)
+    write_original(tiny_bundle("sd1", seed=3), models / "other.safetensors", junk=False)
+    server = start_server(tmp_path / "outputs", "--models-dir", str(models),
+                          "--model", str(models / "loaded.safetensors"))
+    try:
+        with httpx.Client(base_url=server.url, timeout=120) as client:
+            answer = client.post("/api/jobs", json={"prompt": "a red apple", "prompt_2": "a lighthouse",
+                                                    "model": "other", "steps": 2, "width": 32, "height": 32})
+            assert answer.status_code == 422, answer.text
+            assert "prompt_2 is the second text encoder's text" in answer.json()["detail"]
+            assert client.get("/api/jobs").json()["jobs"] == []
+    finally:
+        server.stop()
 
 
 def test_the_cli_flags_draw_them_and_the_png_draws_them_again(tmp_path, capsys):

@@ -254,7 +254,7 @@ def _resolve(bundle: ModelBundle, request: GenerationRequest, free: int | None) 
     )
     req = replace(req, prompt=strip_comments(req.prompt), negative_prompt=strip_comments(req.negative_prompt),
                   prompt_2=strip_comments(req.prompt_2), negative_prompt_2=strip_comments(req.negative_prompt_2))
-    _check_second_prompts(bundle, req)
+    check_second_prompts(bundle, req)
     if req.schedule == "align_your_steps" and family.is_sdxl:     # A1111 takes the SDXL levels for SDXL
         req = replace(req, schedule="align_your_steps_sdxl")
     drawn = clip_skip_as_drawn(family, req)
@@ -286,7 +286,7 @@ def _for_edit_model(family: FamilySpec, req: GenerationRequest) -> GenerationReq
     return req
 
 
-def _check_second_prompts(bundle: ModelBundle, req: GenerationRequest) -> None:
+def check_second_prompts(bundle: ModelBundle, req: GenerationRequest) -> None:
     """prompt_2 / negative_prompt_2 need a second text encoder and take no extra-network tags (a `<lora:...>` tag is
     the prompt's: its network changes every encoder); prompt_2 takes no AND or trailing :WEIGHT where A1111's split
     (`prompt_parts`) finds one, named in the error (composable diffusion splits the prompt alone, every part's

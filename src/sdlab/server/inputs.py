@@ -41,11 +41,12 @@ from sdlab.pipeline.control import control_input
 from sdlab.pipeline.hires import hires_steps, pass_sizes
 from sdlab.pipeline.plan import (
     check_clip_skip, check_deep_cache_unet, check_pag_layers, check_passes_fit, check_prompt_chunks,
-    check_refiner_convention, clip_skip_as_drawn, prompt_parts, refiner_split,
+    check_refiner_convention, check_second_prompts, clip_skip_as_drawn, prompt_parts, refiner_split,
 )
 from sdlab.pipeline.control_work import active_steps, controlnet_config, controlnet_share
 from sdlab.pipeline.memory import EDIT_IMAGE_ROW, PAG_ROW, unet_row_names, unet_rows
 from sdlab.pipeline.prompt_schedule import composable_parts
+from sdlab.pipeline.prompt_syntax import strip_comments
 from sdlab.pipeline.request import (
     NO_IMAGE_GUIDANCE, SIZE_MULTIPLE, GenerationRequest, RequestError, check_batch_seeds, check_refiner_switch,
     requested_size, resolve,
@@ -461,8 +462,8 @@ def check_request(request: GenerationRequest, limits: Limits, model: ModelBundle
     read as not free), counting as free the `let_go` bytes held now that the job lets go before it runs
     (`WorkerHost.refiner_let_go`). `refiner`: the SDXL refiner the job hands over to, whose steps run no ControlNet
     (`base_steps`). `planned`: where `model` is not loaded, the checkpoint built on the meta device from its header
-    (`model_shapes.planned_bundle`), whose text encoders' depths the clip skip is checked against as the loaded
-    one's (a 422 either way)."""
+    (`model_shapes.planned_bundle`), whose text encoders' depths the clip skip and whose count the second prompts
+    (`prompt_2`, `negative_prompt_2`) are checked against as the loaded one's (a 422 either way)."""
     if request.steps is not None and (not isinstance(request.steps, int) or request.steps > limits.max_steps):
         raise BadRequest(f"steps must be an integer <= {limits.max_steps} (this server's limit), got {request.steps!r}")
     hr_steps = getattr(request, "hr_steps", None)
@@ -488,10 +489,12 @@ def check_request(request: GenerationRequest, limits: Limits, model: ModelBundle
         check_batch_seeds(resolved, batch_count)
     except (RequestError, ValueError) as err:
         raise BadRequest(str(err), refused=getattr(err, "refused", None)) from None
-    if (model or planned) is not None:      # its text encoders' depths: the clip skip as the plan draws it leaves
-        try:                                # one layer at least
+    if (model or planned) is not None:      # its text encoders: the clip skip as the plan draws it leaves one
+        try:                                # layer at least, a second prompt needs a second encoder
             checked = model or planned
             check_clip_skip(checked, clip_skip_as_drawn(checked.family, resolved))
+            check_second_prompts(checked, replace(resolved, prompt_2=strip_comments(resolved.prompt_2),    # as drawn
+                                                  negative_prompt_2=strip_comments(resolved.negative_prompt_2)))
         except RequestError as err:
             raise BadRequest(str(err), 422) from None
     if resolved.hires and size_known:       # unknown: the worker checks it once the model is loaded

@@ -180,7 +180,8 @@ class Service:
                                 else planned_unet(checkpoint.path),
                                 memory=not self.host.busy.locked(), let_go=self.host.refiner_let_go(
                                     None if refiner is None else self.checkpoint(refiner.name, "refiner").path),
-                                refiner=refiner, planned=None if loaded is not None or request.clip_skip == 1
+                                refiner=refiner, planned=None if loaded is not None or (
+                                    request.clip_skip == 1 and not (request.prompt_2 or request.negative_prompt_2))
                                 else planned_bundle(checkpoint.path))
         spec = replace(spec, request=request, refiner=refiner, prompt_to_record=to_record, tag_loras=tuple(tags),
                        hires_tag_loras=tuple(hires_tags), hr_prompt_to_record=hr_to_record)
