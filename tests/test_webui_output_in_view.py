@@ -41,3 +41,24 @@ def test_a_phones_window_keeps_the_panel_under_the_form(browser, base_url):
     finally:
         from test_webui import WINDOW
         browser.set_window_size(*WINDOW)
+
+
+def test_a_cards_status_and_seed_stay_within_a_phones_card(browser, base_url):
+    """Two cards a row at 390 px: 'interrupted' beside a ten-digit seed ran 8 px past the card's edge, a seed near
+    2^64 further; the line wraps (and the seed breaks) within the card."""
+    browser.set_window_size(390, 844)
+    try:
+        open_page(browser, base_url)
+        overflowing = browser.execute_script("""
+            const jobs = [["interrupted", 1450357496], ["failed", "18446744073709551615"], ["done", 123]].map(
+              ([status, seed], i) => ({id: `${i}`.repeat(32), status, request: {prompt: "a card", seed},
+                                       images: [], infotexts: [], error: status === "done" ? null : "stopped"}));
+            renderGallery(jobs);
+            return [...document.querySelectorAll("#gallery .card .meta")]
+              .filter((meta) => meta.scrollWidth > meta.clientWidth || meta.getBoundingClientRect().right
+                                > meta.closest(".card").getBoundingClientRect().right)
+              .map((meta) => meta.textContent);""")
+        assert overflowing == []
+    finally:
+        from test_webui import WINDOW
+        browser.set_window_size(*WINDOW)
