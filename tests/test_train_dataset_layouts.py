@@ -374,6 +374,25 @@ def test_avif_and_jfif_images_train_and_captions_of_no_read_image_are_named(tmp_
     assert f"1 .txt file(s) name no image that is read, and train nothing: {kohya / '3_sks' / 'photo.txt'}" in caplog.text
 
 
+def test_metadata_files_below_the_data_dir_are_named(tmp_path, caplog):
+    """Before, a Hugging Face dataset's split folders (train/metadata.jsonl, test/metadata.csv) given as their
+    parent were read as plain folders: every image skipped as uncaptioned, no line naming the metadata files."""
+    for split, name in (("train", "metadata.jsonl"), ("test", "metadata.csv")):
+        images(tmp_path / split, 1)
+    (tmp_path / "train" / "metadata.jsonl").write_text(json.dumps({"file_name": "0.png", "text": "a"}))
+    (tmp_path / "test" / "metadata.csv").write_text("file_name,text\n0.png,b\n")
+    with caplog.at_level(logging.WARNING):
+        scan = scan_dataset(tmp_path)
+    assert not scan.samples and scan.skipped == {"empty_caption": 2}
+    assert (f"--data-dir {tmp_path}: {tmp_path / 'test' / 'metadata.csv'} and {tmp_path / 'train' / 'metadata.jsonl'} "
+            f"are not read (only a metadata file directly in --data-dir is); give --data-dir {tmp_path / 'train'} to "
+            f"train on its images and captions") in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert [s.caption for s in scan_dataset(tmp_path / "train").samples] == ["a"]
+    assert "not read" not in caplog.text
+
+
 def _jpeg(path: Path, i: int) -> bytes:
     """A JPEG whose compressed data is most of the file (noise), so a cut lands in it, not in the headers."""
     noise = np.random.default_rng(i).integers(0, 256, (96, 96, 3), dtype=np.uint8)

@@ -328,6 +328,17 @@ def _warn_of_captions_without_images(folders: Iterator[Path], extension: str) ->
                        _names(unread, limit=3), " ".join(IMAGE_SUFFIXES))
 
 
+def _warn_of_metadata_below(root: Path) -> None:
+    """One warning naming the metadata files in folders below ``root`` (a Hugging Face dataset's ``train/``
+    split), which are not read: only one directly in the ``--data-dir`` is."""
+    below = [folder / name for folder in itertools.islice(_walk_folders(root), 1, None) for name in METADATA_FILES
+             if _is_file(folder / name)]
+    if below:
+        logger.warning("--data-dir %s: %s %s not read (only a metadata file directly in --data-dir is); give "
+                       "--data-dir %s to train on its images and captions", root, _names([str(p) for p in below]),
+                       "is" if len(below) == 1 else "are", min(below, key=lambda p: p.parent.name != "train").parent)
+
+
 def _subfolders(root: Path) -> list[Path]:
     """The folders (links to folders too) directly in ``root``, sorted by name."""
     return sorted((Path(e.path) for e in os.scandir(root) if e.is_dir()), key=lambda p: p.name)
@@ -516,6 +527,7 @@ def scan_dataset(root: str | os.PathLike[str], caption_extension: str = ".txt", 
             [(path, caption, 1, False) for path, caption in _read_captions(_image_files(root, True), extension, scan)]
         _warn_of_captions_without_images(_walk_folders(root) if scan.layout == "plain" else
                                           (p for p in _subfolders(root) if _is_repeat_folder(p)), extension)
+        _warn_of_metadata_below(root)
     for path, caption, repeats, empty_trains in sorted(entries, key=lambda e: str(e[0])):
         if not _is_file(path):
             logger.warning("skipping %s: file not found", path)
