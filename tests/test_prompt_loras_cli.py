@@ -227,6 +227,26 @@ def _run(argv, capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
+def test_a_dynamic_rank_tag_is_warned_of_once_per_run(model, tmp_path, capsys, monkeypatch):
+    """``<lora:NAME:TE:UNET:dyn=N>``: the one warning that the full rank is used, once however often the prompt
+    is read (before: once per conditioning encoded, 9 lines for one tag in a 2-step run), and the picture of
+    the same tag without dyn."""
+    monkeypatch.setattr(prompt_loras, "_warned_dyn", set(), raising=False)
+    folder = tmp_path / "loras"
+    _write_lora(folder / "style.safetensors")
+    drawn = {}
+    for tag in ("<lora:style:0.5:0.9:dyn=2>", "<lora:style:0.5:0.9>"):
+        out = tmp_path / f"{len(drawn)}.png"
+        code, err = _run(["txt2img", f"a red apple {tag}", "--model", str(model), "--lora-dir", str(folder), *FAST,
+                          "--out", str(out)], capsys)
+        assert code == 0, err
+        drawn[tag] = np.asarray(_open(out))
+        if "dyn" in tag:
+            lines = [line for line in err.splitlines() if "dynamic rank (dyn)" in line]
+            assert len(lines) == 1, err
+    assert np.array_equal(*drawn.values())
+
+
 def test_cli_records_tags_as_typed_and_from_png_redraws(model, tmp_path, capsys):
     folder = tmp_path / "loras"
     style = _write_lora(folder / "styles" / "style.safetensors")

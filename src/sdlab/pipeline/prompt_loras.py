@@ -81,6 +81,7 @@ LORA_FOLDER_NAMES = ("Lora", "loras")          # A1111's models/Lora, ComfyUI's 
 _EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
 _LORA_KINDS = ("lora", "lyco")
 _warned_kinds: set[str] = set()            # extra-network kinds already warned of (once each per process)
+_warned_dyn: set[str] = set()              # tags with a dynamic rank already warned of (once each per process)
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,8 @@ def _parse_tag(match: re.Match) -> LoraTag:
     name = positional[0]
     te = _number(named.get("te", positional[1] if len(positional) > 1 else "1"), tag)
     unet = _number(named.get("unet", positional[2] if len(positional) > 2 else str(te)), tag)
-    if "dyn" in named or len(positional) > 3:
+    if ("dyn" in named or len(positional) > 3) and tag not in _warned_dyn:
+        _warned_dyn.add(tag)                     # the prompt is read again for every conditioning it is encoded for
         logger.warning("%s: dynamic rank (dyn) is not supported; the full rank is used", tag)
     return LoraTag(name, te, unet, tag)
 
