@@ -9,6 +9,7 @@ often and on which caption (no caching, face-crop names or wildcards).
 
 from __future__ import annotations
 
+import codecs
 import glob
 import json
 import logging
@@ -391,6 +392,30 @@ def test_metadata_files_below_the_data_dir_are_named(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert [s.caption for s in scan_dataset(tmp_path / "train").samples] == ["a"]
     assert "not read" not in caplog.text
+
+
+def test_caption_files_with_a_byte_order_mark_train_their_text(tmp_path, caplog):
+    """Before, a caption saved by Windows Notepad as "Unicode" (UTF-16 with its byte-order mark) was skipped with
+    the advice to convert it from Latin-1, and a UTF-8 byte-order mark stayed in the caption: a file holding that
+    mark alone (an empty caption saved as UTF-8 with BOM) trained as a captioned image instead of being skipped."""
+    images(tmp_path, 5)
+    (tmp_path / "0.txt").write_bytes("a red square, café".encode("utf-16"))          # BOM + native order
+    (tmp_path / "1.txt").write_bytes(codecs.BOM_UTF16_BE + "猫 cat".encode("utf-16-be"))
+    (tmp_path / "2.txt").write_bytes(codecs.BOM_UTF8 + "a green stripe\r\n".encode())
+    (tmp_path / "3.txt").write_bytes(codecs.BOM_UTF8 + b"\r\n")
+    (tmp_path / "4.txt").write_bytes(codecs.BOM_UTF32_LE + "thirty-two".encode("utf-32-le"))
+    with caplog.at_level(logging.WARNING):
+        scan = scan_dataset(tmp_path)
+    assert [(s.path.name, s.caption) for s in scan.samples] == [
+        ("0.png", "a red square, café"), ("1.png", "猫 cat"), ("2.png", "a green stripe"), ("4.png", "thirty-two")]
+    assert scan.skipped == {"empty_caption": 1} and f"skipping {tmp_path / '3.png'}: empty or missing caption" in caplog.text
+    # kohya's layout: its read_caption keeps a UTF-8 mark, a first line that the tokenizer reads as the empty
+    # caption, which trains (a 0-byte file does not)
+    kohya = tmp_path / "kohya" / "2_sks"
+    images(kohya, 2)
+    (kohya / "0.txt").write_bytes(codecs.BOM_UTF8 + b"\nsecond line")
+    (kohya / "1.txt").write_bytes(codecs.BOM_UTF8 + "first line\nsecond".encode())
+    assert [(s.path.name, s.caption) for s in scan_dataset(tmp_path / "kohya").samples] == [("0.png", ""), ("1.png", "first line")]
 
 
 def _jpeg(path: Path, i: int) -> bytes:

@@ -348,14 +348,32 @@ def _caption_file(image: Path, extension: str) -> Path:
     return image.with_name(image.stem + extension)
 
 
+_UNICODE_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+                 (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+
+
+def _caption_text(raw: bytes) -> str:
+    """A caption file's text: UTF-16 or UTF-32 where it starts with their byte-order mark (what Windows Notepad
+    saves as "Unicode"), else UTF-8 (a UTF-8 byte-order mark kept, as kohya's ``read_caption`` keeps it: see
+    `_caption_words`)."""
+    codec = next((codec for bom, codec in _UNICODE_BOMS if raw.startswith(bom)), "utf-8")
+    return raw.decode(codec)
+
+
+def _caption_words(caption: str | None) -> str:
+    """The caption trained: stripped, without a UTF-8 byte-order mark in front (Windows editors write one; the
+    tokenizer drops it, so a caption file of a byte-order mark alone is an empty caption)."""
+    return (caption or "").removeprefix("\ufeff").strip()
+
+
 def _read_captions(images: list[Path], extension: str, scan: DatasetScan) -> list[tuple[Path, str | None]]:
-    """(image, its same-name ``extension`` caption or None); an image whose caption file is not UTF-8 text is
-    skipped with a warning naming the file and counted as ``bad_caption``."""
+    """(image, its same-name ``extension`` caption or None); an image whose caption file is not UTF-8 (or UTF-16 /
+    UTF-32 with a byte-order mark) text is skipped with a warning naming the file and counted as ``bad_caption``."""
     entries = []
     for path in images:
         caption = _caption_file(path, extension)
         try:
-            entries.append((path, caption.read_bytes().decode("utf-8") if caption.is_file() else None))
+            entries.append((path, _caption_text(caption.read_bytes()) if caption.is_file() else None))
         except UnicodeDecodeError as err:
             logger.warning("skipping %s: its caption %s is not UTF-8 text: the byte 0x%02X at byte %d; convert it "
                            "to UTF-8 first (e.g. iconv -f latin1 -t utf-8)", path, caption, err.object[err.start],
@@ -532,13 +550,13 @@ def scan_dataset(root: str | os.PathLike[str], caption_extension: str = ".txt", 
         if not _is_file(path):
             logger.warning("skipping %s: file not found", path)
             scan.skipped["missing_image"] += 1
-        elif not (caption or "").strip() and not empty_trains:
+        elif not _caption_words(caption) and not empty_trains:
             logger.warning("skipping %s: %s", path, _no_caption(path, caption, extension))
             scan.skipped["empty_caption"] += 1
         elif not _image_opens(path):
             scan.skipped["broken_image"] += 1
         else:
-            scan.samples.append(ImageSample(path, caption.strip(), repeats))
+            scan.samples.append(ImageSample(path, _caption_words(caption), repeats))
     logger.info("dataset %s: %d samples, skipped %s", root, len(scan.samples), dict(scan.skipped) or "none")
     return scan
 
