@@ -280,6 +280,20 @@ def test_new_folders_are_made_only_when_writing(tmp_path: Path, capsys) -> None:
     assert (tmp_path / "a" / "g.png").is_file() and (tmp_path / "b" / "000-x0-y0-z0.png").is_file()
 
 
+def test_an_out_that_is_a_folder_is_refused_before_any_cell_is_drawn(tmp_path: Path, capsys, monkeypatch) -> None:
+    """`--out grid.png` naming an existing folder: one error before any work (before, every cell was drawn and then
+    the write failed with 'Is a directory')."""
+    import sdlab.api
+
+    drawn = []
+    monkeypatch.setattr(sdlab.api.Pipeline, "run", lambda self, request, **kw: drawn.append(request))
+    (tmp_path / "grid.png").mkdir()
+    code, _, err = run(["grid", PROMPT, "--x", "steps=2,3", "--out", str(tmp_path / "grid.png"), "--no-progress"],
+                       capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and "is a folder; name the grid's file" in err, err
+    assert drawn == [] and list((tmp_path / "grid.png").iterdir()) == []
+
+
 def test_python_api_draw_plot_matches_txt2img() -> None:
     import sdlab
     from sdlab.pipeline.grid import Plot, draw_plot, parse_axis

@@ -48,6 +48,7 @@ import argparse
 import contextlib
 import copy
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -215,6 +216,8 @@ def _output_files(args: argparse.Namespace) -> None:
 
     if image_format(args.out) is None:
         raise UserError(f"--out {args.out!r}: sdlab writes {', '.join(IMAGE_SUFFIXES)} files; name one of these")
+    if os.path.isdir(args.out):
+        raise UserError(f"--out {args.out!r} is a folder; name the grid's file")
     for folder, name in _output_folders(args).items():
         check_output_folder(folder, name)
 
