@@ -3,10 +3,11 @@ options (exit status 2), not argparse's usage block; `--help` itself is unchange
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from PIL import Image
 
-from cli_helpers import run
+from cli_helpers import pixels, run
 from sdlab.cli import main
 
 
@@ -61,3 +62,21 @@ def test_an_abbreviation_of_the_commands_own_option_still_reads(capsys):
     """`--hr-scal` is --hr-scale: refused (for its value) as that option, not as another command's."""
     code, _, err = run(["txt2img", "a", "--hr-scal", "0.5"], capsys)
     assert code == 2 and "hr_scale must be at least 1" in err, err
+
+
+def test_negative_prompt_is_the_negative_not_an_abbreviation_of_the_second_one(tmp_path, capsys):
+    """`--negative-prompt` (diffusers' and A1111's negative_prompt) is --negative. Before, argparse read it as the
+    abbreviation of --negative-prompt-2: on SDXL only bigG's negative was set (CLIP-L's left empty), on a model with
+    one text encoder it was refused as a second prompt."""
+    from sdlab.cli import build_parser
+    from sdlab.pipeline.png_info import parse_parameters, read_parameters
+
+    common = ["a cat", "--seed", "3", "--steps", "2", "--no-progress"]
+    assert run(["txt2img", *common, "--negative", "ugly", "--out", str(tmp_path / "a.png")], capsys)[0] == 0
+    code, _, err = run(["txt2img", *common, "--negative-prompt", "ugly", "--out", str(tmp_path / "b.png")], capsys)
+    assert code == 0, err
+    recorded = parse_parameters(read_parameters(tmp_path / "b.png"))
+    assert recorded["Negative prompt"] == "ugly" and "Negative prompt 2" not in recorded
+    assert np.array_equal(pixels(tmp_path / "a.png"), pixels(tmp_path / "b.png"))
+    grid = build_parser().parse_args(["grid", "a", "--x", "steps=1,2", "--out", "g.png", "--negative-prompt", "n"])
+    assert grid.negative == "n" and grid.negative_prompt_2 is None

@@ -53,7 +53,8 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
         p = subparsers.add_parser(mode, help=help_text, description=help_text)
         p.add_argument("prompt", nargs="?", type=utf8_text("the prompt"),
                        help="the prompt (A1111 syntax: (word:1.3), [word], BREAK)")
-        p.add_argument("--negative", type=utf8_text("--negative"), help="negative prompt")
+        p.add_argument("--negative", "--negative-prompt", dest="negative", type=utf8_text("--negative"),
+                       help="negative prompt (diffusers' and A1111's negative_prompt)")
         _add_second_prompt_flags(p, from_png=True)
         _add_model_flags(p, from_png=True)
         _add_sampling_flags(p, from_png=True)

@@ -97,7 +97,8 @@ def add_grid(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-random-seeds", action="store_true",
                    help="A1111's Keep -1 for seeds: an unset or -1 seed, and a -1 in a Seed or Var. seed axis, stays "
                         "random in each cell (default: drawn once for the whole grid)")
-    p.add_argument("--negative", type=utf8_text("--negative"), help="negative prompt")
+    p.add_argument("--negative", "--negative-prompt", dest="negative", type=utf8_text("--negative"),
+                   help="negative prompt (diffusers' and A1111's negative_prompt)")
     _add_second_prompt_flags(p, from_png=False)
     _add_model_flags(p, from_png=False)
     _add_sampling_flags(p, from_png=False)
