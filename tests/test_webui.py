@@ -612,6 +612,29 @@ def test_reuse_settings_from_the_gallery(page, base_url):
     assert Image.open(io.BytesIO(http_bytes(base_url, job["images"][0]))).size == (64, 48)
 
 
+def test_the_card_img2img_sends_the_picture_opened_from_its_thumbnails(page, base_url):
+    """A batch's card: its img2img sends the picture last opened from the card's thumbnails (A1111's Send to
+    img2img takes the gallery's selected picture), outlined in the viewer; unopened, the first (before, always the
+    first)."""
+    job = wait_job(base_url, http_json(base_url, "/api/jobs", {"prompt": "two pictures to choose from", "steps": 2,
+                                                              "seed": 8, "batch_size": 2})["id"])
+    assert job["status"] == "done" and len(job["images"]) == 2, job
+    pictures = [base64.b64encode(http_bytes(base_url, url)).decode() for url in job["images"]]
+    assert pictures[0] != pictures[1]
+    sent = "return state.initImage && state.initImage.split(',')[1]"
+    card = f'#gallery [data-job-id="{job["id"]}"]'
+    for opened in (None, 1, 0):
+        open_page(page, base_url)
+        wait(page, lambda d: len(d.find_elements(By.CSS_SELECTOR, f"{card} button.thumb")) == 2, 20, "no thumbnails")
+        if opened is not None:
+            page.find_elements(By.CSS_SELECTOR, f"{card} button.thumb")[opened].click()
+            chosen = page.find_elements(By.CSS_SELECTOR, "#results img.chosen")
+            assert [img.get_attribute("src").endswith(job["images"][opened]) for img in chosen] == [True]
+        click_card_button(page, card, "to-img2img")
+        wait(page, lambda d: d.execute_script(sent) is not None, 20, "no initial image")
+        assert page.execute_script(sent) == pictures[opened or 0], opened
+
+
 def test_dropped_png_fills_the_form_from_its_parameters(page, base_url, tmp_path):
     parameters = ("a tiny cat face in the bottom right\nNegative prompt: lowres, (text:1.2)\n"
                   "Steps: 17, Sampler: Euler a, Schedule type: Karras, CFG scale: 6.5, Seed: 424242, "

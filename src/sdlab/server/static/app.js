@@ -204,6 +204,7 @@ const state = {
   ownActiveIds: [],       // those this page queued: the only ones its viewer, progress and Cancel follow
   runningId: null,        // this page's job running now: the one Interrupt and Skip stop
   shownJob: null,         // id of the job the progress bar and viewer show
+  chosenPicture: null,    // {job, index}: the picture of a batch last opened from its thumbnail (the card's img2img)
   lastSeed: null,         // the seed of the newest finished job this tab queued (or whose settings it reused)
   refinerConvention: "diffusers",   // the refiner's handoff rule: the native API's default, or the reused job's
   kept: {},               // the reused job's or dropped PNG's `KEPT` that are not the API's, until removed or a
@@ -1386,7 +1387,7 @@ function showJob(job) {
     link.target = "_blank";
     const img = document.createElement("img");
     img.src = url;
-    img.className = "result";
+    img.className = index === chosenIndex(job) && job.images.length > 1 ? "result chosen" : "result";
     img.alt = `Result ${index + 1}: ${job.request ? job.request.prompt : ""}`;
     link.append(img);
     results.append(link);
@@ -1394,6 +1395,16 @@ function showJob(job) {
   if ((job.images || []).length || !ACTIVE.has(status)) $("preview").hidden = true;
   $("infotext").textContent = (job.infotexts || []).join("\n\n");
 }
+
+// A batch's picture opened from its thumbnail: shown in the viewer, outlined there, and the one the card's img2img
+// sends (A1111's Send to img2img takes the gallery's selected picture); another job's card sends its first
+function choosePicture(job, index) {
+  state.chosenPicture = { job: job.id, index };
+  showJob(job);
+}
+
+const chosenIndex = (job) => (state.chosenPicture?.job === job.id
+  && state.chosenPicture.index < (job.images || []).length ? state.chosenPicture.index : 0);
 
 // A job's status as the page names it: a cancelled job with pictures was interrupted (A1111's Interrupt, or a
 // cancel after some of its batches were drawn), its pictures kept
@@ -1517,7 +1528,8 @@ function renderGallery(jobs) {
       img.alt = (job.request && job.request.prompt) || "result";
       img.loading = "lazy";
       // a button, so that the keyboard opens the job in the viewer as a click does
-      const open = makeButton("", "thumb", () => showJob(job), `Show job ${job.id} (picture ${index + 1}) in the viewer`);
+      const open = makeButton("", "thumb", () => choosePicture(job, index),
+        `Show job ${job.id} (picture ${index + 1}) in the viewer`);
       open.append(img);
       thumbs.append(open);
     }
@@ -1538,7 +1550,8 @@ function renderGallery(jobs) {
     buttons.className = "row";
     buttons.append(makeButton("Reuse", "reuse", () => reuseSettings(job), `Reuse the settings of job ${job.id}`));
     if ((job.images || []).length) {
-      buttons.append(makeButton("img2img", "to-img2img", () => imageToInit(job.images[0]), `Use the image of job ${job.id} for img2img`));
+      buttons.append(makeButton("img2img", "to-img2img", () => imageToInit(job.images[chosenIndex(job)]),
+        `Use the image of job ${job.id} for img2img (the picture last opened from its thumbnails)`));
       buttons.append(makeButton("Download", "download", () => downloadPictures(job), `Download the pictures of job ${job.id}`));
     }
     buttons.append(makeButton("Delete", "delete-job", () => deleteJob(job), `Delete job ${job.id} and its pictures`));
