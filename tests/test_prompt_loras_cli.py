@@ -227,24 +227,61 @@ def _run(argv, capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def test_a_dynamic_rank_tag_is_warned_of_once_per_run(model, tmp_path, capsys, monkeypatch):
-    """``<lora:NAME:TE:UNET:dyn=N>``: the one warning that the full rank is used, once however often the prompt
-    is read (before: once per conditioning encoded, 9 lines for one tag in a 2-step run), and the picture of
-    the same tag without dyn."""
-    monkeypatch.setattr(prompt_loras, "_warned_dyn", set(), raising=False)
+def _first_ranks(source: Path, out: Path, dyn: int) -> Path:
+    """The LoRA A1111 merges for ``dyn=N`` (extensions-builtin/Lora: `lyco_helpers.rebuild_conventional` cuts
+    ``up[:, :dyn] @ down[:dyn]``, `network_lora` scales it by alpha / the full rank), written as a file of its own:
+    the first N ranks of every plain module, alpha * N / r (alpha r where the file has none)."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(source))
+    cut = {}
+    for key, tensor in state.items():
+        module, field = key.split(".", 1)
+        rank = state[f"{module}.lora_down.weight"].shape[0]
+        kept = min(dyn, rank)
+        if field == "lora_down.weight":
+            cut[key] = tensor[:kept].contiguous()
+        elif field == "lora_up.weight":
+            cut[key] = tensor[:, :kept].contiguous()
+        else:
+            cut[key] = tensor * kept / rank
+        if field == "lora_down.weight" and f"{module}.alpha" not in state:
+            cut[f"{module}.alpha"] = torch.tensor(float(kept))
+    save_file(cut, str(out))
+    return out
+
+
+@pytest.mark.parametrize("tag, dyn", [("<lora:style:0.5:0.9:dyn=2>", 2), ("<lora:style:0.5:0.9:1>", 1),
+                                      ("<lora:style:0.5:0.9:dyn=64>", 4)])
+def test_a_dynamic_rank_merges_the_first_ranks_as_a1111(model, tmp_path, capsys, tag, dyn):
+    """``<lora:NAME:TE:UNET:dyn=N>`` (or N as the 4th positional, A1111's extra_networks_lora) draws the picture
+    of the file holding only the first N ranks at the full rank's scale; N past the rank is the whole LoRA.
+    Before: 'dynamic rank (dyn) is not supported; the full rank is used', warned once per conditioning (9 lines
+    for one tag in a 2-step run), the whole LoRA merged."""
+    folder = tmp_path / "loras"
+    style = _write_lora(folder / "style.safetensors")              # rank 4; its conv module has no alpha
+    _first_ranks(style, tmp_path / "first.safetensors", dyn)
+    drawn = {}
+    for name, prompt, loras in (("dyn", f"a red apple {tag}", folder),
+                                ("first", "a red apple <lora:first:0.5:0.9>", tmp_path),
+                                ("whole", "a red apple <lora:style:0.5:0.9>", folder)):
+        out = tmp_path / f"{name}.png"
+        code, err = _run(["txt2img", prompt, "--model", str(model), "--lora-dir", str(loras), *FAST,
+                          "--out", str(out)], capsys)
+        assert code == 0 and "dyn" not in err, err
+        drawn[name] = np.asarray(_open(out)).astype(int)
+    assert np.array_equal(drawn["dyn"], drawn["first"])
+    assert (np.abs(drawn["dyn"] - drawn["whole"]).max() > 0) == (dyn < 4)
+
+
+@pytest.mark.parametrize("tag", ["<lora:style:1:1:dyn=x>", "<lora:style:1:1:1.5>", "<lora:style:dyn=-1>"])
+def test_a_dynamic_rank_that_is_no_whole_number_is_one_error(model, tmp_path, capsys, tag):
     folder = tmp_path / "loras"
     _write_lora(folder / "style.safetensors")
-    drawn = {}
-    for tag in ("<lora:style:0.5:0.9:dyn=2>", "<lora:style:0.5:0.9>"):
-        out = tmp_path / f"{len(drawn)}.png"
-        code, err = _run(["txt2img", f"a red apple {tag}", "--model", str(model), "--lora-dir", str(folder), *FAST,
-                          "--out", str(out)], capsys)
-        assert code == 0, err
-        drawn[tag] = np.asarray(_open(out))
-        if "dyn" in tag:
-            lines = [line for line in err.splitlines() if "dynamic rank (dyn)" in line]
-            assert len(lines) == 1, err
-    assert np.array_equal(*drawn.values())
+    code, err = _run(["txt2img", f"a red apple {tag}", "--model", str(model), "--lora-dir", str(folder), *FAST,
+                      "--out", str(tmp_path / "a.png")], capsys)
+    assert code == 2 and "dynamic rank" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "a.png").exists()
 
 
 def test_cli_records_tags_as_typed_and_from_png_redraws(model, tmp_path, capsys):

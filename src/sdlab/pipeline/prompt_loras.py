@@ -4,6 +4,11 @@ and merged into the model for one request, then taken out again exactly.
     a castle <lora:ink_style:0.8>              text encoders and U-Net at 0.8
     a castle <lora:ink_style:0.5:1>            text encoders at 0.5, U-Net at 1 (A1111's te / unet)
     a castle <lora:ink_style:te=0.5:unet=1>    the same with names; <lyco:...> is an alias of <lora:...>
+    a castle <lora:ink_style:1:1:dyn=8>        plain LoRA modules merged with their first 8 ranks (4th positional too)
+
+A dynamic rank (DyLoRA's ``dyn``) keeps the first N rows of each plain LoRA module's down and columns of its up
+at the full rank's alpha / rank scale, as A1111's `lyco_helpers.rebuild_conventional` truncates them; other
+kinds (LoHa, LoKr, a Tucker-core LoRA, full diffs) merge whole, as there.
 
 `split_prompt_loras` takes the tags out of the text that is encoded, after the prompt's comments
 (`prompt_syntax.strip_comments`: A1111 removes them first, so a tag in a comment is never applied); the
@@ -42,6 +47,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
 from sdlab.checkpoints.lora import bundle_lora_weights, load_lora_file, merged_layers
@@ -81,7 +87,6 @@ LORA_FOLDER_NAMES = ("Lora", "loras")          # A1111's models/Lora, ComfyUI's 
 _EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
 _LORA_KINDS = ("lora", "lyco")
 _warned_kinds: set[str] = set()            # extra-network kinds already warned of (once each per process)
-_warned_dyn: set[str] = set()              # tags with a dynamic rank already warned of (once each per process)
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,7 @@ class LoraTag:
     te_weight: float = 1.0
     unet_weight: float = 1.0
     text: str = ""
+    dyn: int | None = None
 
 
 @dataclass(frozen=True)
@@ -103,6 +109,7 @@ class LoraUse:
     te_weight: float = 1.0
     unet_weight: float = 1.0
     name: str = ""
+    dyn: int | None = None                       # dynamic rank: the first `dyn` ranks of plain LoRA modules
 
 
 def _number(text: str, tag: str) -> float:
@@ -113,7 +120,7 @@ def _number(text: str, tag: str) -> float:
 
 def _parse_tag(match: re.Match) -> LoraTag:
     """A1111 extra_networks_lora.activate: name, then te (positional 1 or ``te=``, default 1), unet
-    (positional 2 or ``unet=``, default te); ``dyn`` (dynamic rank) is not supported and ignored."""
+    (positional 2 or ``unet=``, default te), dyn (positional 3 or ``dyn=``, an integer; none by default)."""
     tag = match.group(0)
     positional, named = [], {}
     for item in match.group(2).split(":"):
@@ -127,10 +134,16 @@ def _parse_tag(match: re.Match) -> LoraTag:
     name = positional[0]
     te = _number(named.get("te", positional[1] if len(positional) > 1 else "1"), tag)
     unet = _number(named.get("unet", positional[2] if len(positional) > 2 else str(te)), tag)
-    if ("dyn" in named or len(positional) > 3) and tag not in _warned_dyn:
-        _warned_dyn.add(tag)                     # the prompt is read again for every conditioning it is encoded for
-        logger.warning("%s: dynamic rank (dyn) is not supported; the full rank is used", tag)
-    return LoraTag(name, te, unet, tag)
+    dyn = named.get("dyn", positional[3] if len(positional) > 3 else None)
+    if dyn is not None:
+        try:
+            dyn = int(dyn)
+        except ValueError:
+            raise ValueError(f"the LoRA tag {tag!r} has {dyn!r} where the dynamic rank goes: dyn=N, a whole "
+                             "number") from None
+        if dyn < 0:
+            raise ValueError(f"the LoRA tag {tag!r} has a negative dynamic rank {dyn}")
+    return LoraTag(name, te, unet, tag, dyn)
 
 
 def split_prompt_loras(prompt: str) -> tuple[str, list[LoraTag]]:
@@ -320,7 +333,8 @@ def resolve_prompt_loras(prompt: str, find: Callable[[str], Path | None] | Seque
     uses: list[LoraUse] = []
     for tag in tags:
         if tag.name in paths:
-            uses.append(LoraUse(paths[tag.name], last[tag.name].te_weight, last[tag.name].unet_weight, tag.name))
+            uses.append(LoraUse(paths[tag.name], last[tag.name].te_weight, last[tag.name].unet_weight, tag.name,
+                                last[tag.name].dyn))
             continue
         try:
             path = lookup(tag.name)
@@ -334,7 +348,8 @@ def resolve_prompt_loras(prompt: str, find: Callable[[str], Path | None] | Seque
         if problem is not None:
             raise RequestError(f"{tag.text}: {problem}")
         paths[tag.name] = Path(path)
-        uses.append(LoraUse(Path(path), last[tag.name].te_weight, last[tag.name].unet_weight, tag.name))
+        uses.append(LoraUse(Path(path), last[tag.name].te_weight, last[tag.name].unet_weight, tag.name,
+                            last[tag.name].dyn))
     return bare, uses
 
 
@@ -353,7 +368,29 @@ def request_loras(prompt: str, negative_prompt: str,
 
 
 def _use_key(uses: Sequence[LoraUse]) -> tuple:
-    return tuple((_file_key(u.path), u.te_weight, u.unet_weight) for u in uses)
+    return tuple((_file_key(u.path), u.te_weight, u.unet_weight, u.dyn) for u in uses)
+
+
+def with_dynamic_rank(modules: Mapping[str, Mapping[str, Tensor]], dyn: int | None) -> Mapping[str, Mapping[str, Tensor]]:
+    """`modules` with each plain LoRA module (down and up, no Tucker core) cut to its first `dyn` ranks, its alpha
+    scaled so that the merge keeps the full rank's scale alpha / r (1 without an alpha), as A1111 merges a
+    ``dyn`` tag (`lyco_helpers.rebuild_conventional`: ``up[:, :dyn] @ down[:dyn]``, times ``alpha / r``); at
+    ``dyn=0`` such a module changes nothing and is left out. Other modules, and all of them without `dyn`, are
+    as given."""
+    if dyn is None:
+        return modules
+    cut = {}
+    for name, module in modules.items():
+        if "down" in module and "up" in module and "mid" not in module:
+            rank = module["down"].shape[0]                                          # down (r, in[, kh, kw])
+            kept = min(dyn, rank)
+            if kept == 0:
+                continue
+            alpha = float(module["alpha"]) if "alpha" in module else float(rank)
+            module = {**module, "down": module["down"][:kept], "up": module["up"][:, :kept],   # up (out, r[, 1, 1])
+                      "alpha": torch.tensor(alpha * kept / rank)}
+        cut[name] = module
+    return cut
 
 
 def _base(param: nn.Parameter) -> tuple[Tensor, int | None]:
@@ -405,7 +442,7 @@ class LoraPatcher:
         merges = None
         for use in uses:
             try:
-                merges, _ = bundle_lora_weights(self.bundle, use.path, read_lora(use.path),
+                merges, _ = bundle_lora_weights(self.bundle, use.path, with_dynamic_rank(read_lora(use.path), use.dyn),
                                                 use.te_weight, use.unet_weight, merges)
             except Exception as err:
                 raise RequestError(f"LoRA {use.name or use.path}: {err}") from None
