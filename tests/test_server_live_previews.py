@@ -6,10 +6,14 @@ worker on the shipped model, the preview projection counted by a spy."""
 from __future__ import annotations
 
 import asyncio
+import math
 import uuid
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from sdlab.api import shipped_model_path
 from sdlab.pipeline.request import GenerationRequest
@@ -75,7 +79,7 @@ def test_progress_polls_draw_previews_as_a1111s_set_current_image(every, enabled
             job.step = 36               # `_batches` after the skip: the second batch's end
         for step in range(1, steps_run + 1):
             job.step += 1
-            job.store_latent(torch.tensor(job.step))
+            job.store_latent(torch.tensor([job.step]))     # a batch of one picture
             state.current_latent, state.sampling_step = job.step, step
             if step % (1 + job_no % 2):
                 continue
@@ -135,3 +139,39 @@ def test_a_followed_job_draws_a_preview_at_each_step(runner, projections):
     finally:
         loop.close()
     assert events.count("step") == 6 and len(projections) == 6
+
+
+def _a1111_image_grid(imgs: list[Image.Image]) -> Image.Image:
+    """AUTOMATIC1111/stable-diffusion-webui modules/images.py `image_grid(imgs, batch_size=1, rows=None)` (1.10) at
+    its default options (n_rows -1, grid_prevent_empty_spots false, grid_background_color #ffffff), which
+    `sd_samplers_common.samples_to_image_grid` calls on a batch's previews (State.do_set_current_image under the
+    default `show_progress_grid`), without the script callback."""
+    rows = round(math.sqrt(len(imgs)))
+    if rows > len(imgs):
+        rows = len(imgs)
+    cols = math.ceil(len(imgs) / rows)
+    w, h = map(max, zip(*(img.size for img in imgs)))
+    grid = Image.new("RGB", size=(cols * w, rows * h), color=(255, 255, 255))
+    for i, img in enumerate(imgs):
+        img_w, img_h = img.size
+        w_offset, h_offset = 0 if img_w == w else (w - img_w) // 2, 0 if img_h == h else (h - img_h) // 2
+        grid.paste(img, box=(i % cols * w + w_offset, i // cols * h + h_offset))
+    return grid
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3, 4])
+def test_a_batchs_progress_preview_is_a1111s_grid_of_its_pictures(runner, batch):
+    """A1111 1.10 previews a batch as one grid of its pictures' previews (`samples_to_image_grid`); before, the
+    progress preview showed the first picture alone. The batch drawn in process, polled as /progress polls."""
+    runner, registry = runner
+    job = _job(registry, steps=2)
+    job.spec = JobSpec(replace(job.spec.request, batch_size=batch))
+    runner.run(job)
+    latents = job.latent                                        # the last step's estimate, (batch, C, h, w)
+    assert latents.shape[0] == batch
+    shown = job.a1111_preview((0, 2), 1, True)
+    expected = _a1111_image_grid([Image.fromarray(job.previewer(latent).numpy()) for latent in latents])
+    assert np.array_equal(shown.numpy(), np.asarray(expected))
+    height, width, _ = job.previewer(latents[0]).shape
+    rows, columns = (1, batch) if batch < 3 else (2, 2)         # round(sqrt(n)) rows, 3 leaving a white slot
+    assert tuple(shown.shape) == (rows * height, columns * width, 3)

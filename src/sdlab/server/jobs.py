@@ -34,6 +34,7 @@ from sdlab.pipeline.hires import hires_steps
 from sdlab.pipeline.plan import GenerationPlan
 from sdlab.pipeline.request import GenerationRequest
 from sdlab.server.inputs import JobSpec
+from sdlab.server.previews import batch_preview
 from sdlab.server.store import INTERRUPTED_ERROR, Store, StoreError
 
 logger = logging.getLogger("sdlab.server")
@@ -82,7 +83,7 @@ class Job:
     skip: threading.Event = field(default_factory=threading.Event)      # its running batch only (`JobQueue.skip`)
     interrupt: threading.Event = field(default_factory=threading.Event)  # a cancel keeping that batch's pictures
     finished_event: threading.Event = field(default_factory=threading.Event)
-    latent: Tensor | None = None                # the latest step's x0 estimate of its first picture (C, h, w)
+    latent: Tensor | None = None                # the latest step's x0 estimate of its batch (B, C, h, w)
     previewer: Callable[[Tensor], Tensor] | None = None     # a latent -> its preview, (h, w, 3) uint8
     preview: Tensor | None = None               # the latest step's preview, drawn while a client follows its steps
     current_image: Tensor | None = None         # A1111's `State.current_image`: drawn as /progress asks (`a1111_preview`)
@@ -146,7 +147,7 @@ class Job:
                 return self.current_image
             if every != -1:
                 self._current_at = at
-        image = previewer(latent)
+        image = batch_preview([previewer(picture) for picture in latent])     # a batch's in one grid, as A1111's
         self.current_image = image
         return image
 

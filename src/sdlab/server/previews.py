@@ -19,12 +19,14 @@ import logging
 from collections.abc import Callable
 from functools import partial
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
 from sdlab.families.loaded import ModelBundle
 from sdlab.models.preview_decoder import PreviewDecoder
+from sdlab.pipeline.grid import cell_picture
 
 logger = logging.getLogger("sdlab.server")
 
@@ -133,3 +135,13 @@ def preview_image(rgb: Tensor, min_side: int = 64) -> Image.Image:
     if scale > 1:
         image = image.resize((image.width * scale, image.height * scale), Image.Resampling.BILINEAR)
     return image
+
+
+def batch_preview(rgbs: list[Tensor]) -> Tensor:
+    """A1111's live preview of a batch (`State.set_current_image` under its default `show_progress_grid`:
+    `samples_to_image_grid`): the pictures' (h, w, 3) uint8 previews in one grid as `images.image_grid` lays a batch
+    out (`grid.cell_picture`: round(sqrt(n)) rows, on white), one picture's as it is."""
+    if len(rgbs) == 1:
+        return rgbs[0]
+    grid = cell_picture([Image.fromarray(rgb.numpy(), "RGB") for rgb in rgbs])
+    return torch.from_numpy(np.array(grid))                                    # (rows h, columns w, 3)

@@ -350,8 +350,8 @@ class Runner:
             if job.cancel.is_set():
                 raise JobCancelled
             job.step += 1
-            job.store_latent(info.denoised[0])      # drawn as a preview only where a client asks for one
-            job.preview = previewer.rgb(job.latent) if previewer is not None and job.followed() else None
+            job.store_latent(info.denoised)         # drawn as a preview only where a client asks for one
+            job.preview = previewer.rgb(job.latent[0]) if previewer is not None and job.followed() else None
             job.publish("step", {"i": job.step, "n": job.steps})
 
         refs += job.spec.tag_loras
