@@ -272,6 +272,29 @@ def test_resume_latest_takes_the_stored_settings(tiny, tmp_path, capsys):
     assert "to step 3" in stdout
 
 
+def test_a_resume_from_another_working_directory_names_no_output_dir_change(tiny, tmp_path, capsys, monkeypatch):
+    """Before, a run started with a relative --output-dir and resumed from another working directory was
+    announced with 'changed: --output-dir runs/a -> /abs/runs/a', though it goes on in the same folder."""
+    model, data = tiny
+    (tmp_path / "first").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "first")
+    common = ("--resolution", CLI_RES, "--no-progress", "--num-workers", "1", "--device", "cpu")
+    code, _, err = _sdlab(capsys, "train", "--model", model, "--data-dir", data, "--output-dir", "runs/a", *common,
+                          "--max-steps", "1", "--lora-rank", "2")
+    assert code == 0, err
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    out = tmp_path / "first" / "runs" / "a"
+    code, _, err = _sdlab(capsys, "train", "--output-dir", out, "--resume", "latest", "--max-steps", "2")
+    assert code == 0, err
+    assert f"sdlab: resuming {out} from step 1 (step-00000001.pt) to step 2; changed: --max-steps 1 -> 2\n" in err
+    # a checkpoint written into another folder is a change of it, named by the folder the checkpoint is in
+    code, _, err = _sdlab(capsys, "train", "--resume", out / "checkpoints" / "step-00000001.pt", "--output-dir", "b",
+                          "--max-steps", "1")
+    assert code == 0, err
+    assert f"changed: --output-dir {out} -> b\n" in err
+
+
 def test_a_loss_that_becomes_nan_is_one_error_line_without_a_warning(tiny, tmp_path, capsys):
     """The message reads the loss without autograd's 'Converting a tensor with requires_grad=True to a scalar'
     warning (one per process under torchrun) before it."""

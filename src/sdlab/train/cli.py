@@ -429,12 +429,15 @@ def resolve_settings(args: argparse.Namespace) -> tuple[TrainConfig, ResumePoint
                              f"a new run there needs {missing}")
         logger.warning("no run checkpoint in %s: starting at step 0", output_dir / "checkpoints")
         return config_from_settings(given), None, None
+    run_dir = point.path.parent.parent if point.path.parent.name == "checkpoints" else None
     if given["resume"] == "latest":
         given["output_dir"] = str(output_dir)  # where it was found, wherever the run was first written
     elif "output_dir" not in given:
-        run_dir = point.path.parent.parent if point.path.parent.name == "checkpoints" else None
         given["output_dir"] = str(run_dir or point.config.get("output_dir", TrainConfig.output_dir))
-    cfg, changed = merge_resumed(point.config, given)
+    # the run's folder is the one its checkpoint is in (the stored --output-dir may be relative to another
+    # working directory), so that only another folder is said to be a change
+    stored = point.config | ({"output_dir": str(run_dir)} if run_dir is not None else {})
+    cfg, changed = merge_resumed(stored, given)
     note = "; changed: " + ", ".join(f"{flag(k)} {old} -> {new}" for k, (old, new) in changed.items()) if changed else ""
     return cfg, point, (f"sdlab: resuming {cfg.output_dir} from step {point.step} ({point.path.name}) to step "
                         f"{cfg.max_steps}{note}")
