@@ -117,3 +117,28 @@ def test_from_png_warns_about_a1111s_own_hires_pass_settings(tmp_path: Path, cap
     assert "sampler" not in warning and "prompt" not in warning and "schedule" not in warning   # drawn
     assert "Hires sampler: DPM++ 2M, Hires prompt: a green pear" in read_parameters(tmp_path / "b.png")
     assert "Hires CFG Scale: 5," in read_parameters(tmp_path / "b.png")
+
+
+def test_a_recorded_upscaler_is_found_in_a_models_dirs_esrgan_folder(tmp_path: Path, capsys, monkeypatch) -> None:
+    """An A1111 picture's 'Hires upscaler: 4x-UltraSharp' (or --hr-upscaler 4x-UltraSharp) is found in A1111's
+    models/ESRGAN under --models-dir, as img2img's --upscaler finds it. Before, only the picture's folder and the
+    current folder were searched: 'unknown hires upscaler '4x-UltraSharp''."""
+    models = tmp_path / "webui" / "models"
+    (models / "ESRGAN").mkdir(parents=True)
+    upscaler = models / "ESRGAN" / "4x-UltraSharp.safetensors"
+    save_file(new_arch_state(2, seed=3), upscaler)
+    monkeypatch.chdir(tmp_path)
+    common = ["--steps", "2", "--seed", "5", "--hr-scale", "2", "--hr-steps", "1", "--hr-denoise", "0.5", "--no-progress"]
+    code, _, err = run(["txt2img", PROMPT, *common, "--hr-upscaler", str(upscaler), "--out", "by_path.png"], capsys)
+    assert code == 0, err
+    code, _, err = run(["txt2img", PROMPT, *common, "--hr-upscaler", "4x-UltraSharp", "--models-dir", str(models),
+                        "--out", "by_name.png"], capsys)
+    assert code == 0, err
+    assert np.array_equal(pixels(tmp_path / "by_name.png"), pixels(tmp_path / "by_path.png"))
+    assert "Hires upscaler: 4x-UltraSharp" in read_parameters(tmp_path / "by_name.png")
+    code, _, err = run(["txt2img", "--from-png", "by_name.png", "--models-dir", str(models), "--out", "re.png",
+                        "--no-progress"], capsys)
+    assert code == 0, err
+    assert np.array_equal(pixels(tmp_path / "re.png"), pixels(tmp_path / "by_path.png"))
+    code, _, err = run(["txt2img", "--from-png", "by_name.png", "--out", "none.png", "--no-progress"], capsys)
+    assert code == 2 and "'4x-UltraSharp'" in err and not (tmp_path / "none.png").exists(), err

@@ -65,7 +65,8 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
         _add_run_flags(p, from_png=True)
         p.add_argument("--models-dir", action="append", default=[], metavar="DIR",
                        help="where --from-png looks for the picture's model, by name or by its recorded hash "
-                            "(subfolders too); repeatable")
+                            "(subfolders too), and where an upscaler named by --hr-upscaler, --upscaler or the "
+                            "picture is looked for (its ESRGAN / RealESRGAN folders, A1111's); repeatable")
         p.add_argument("--from-png", help="take every unset option, the LoRAs and (checked) the model from this "
                                           "image's parameters (PNG, or JPEG / WebP written by sdlab or A1111)")
         add_style_flags(p, from_png=True)
@@ -478,7 +479,9 @@ def _add_hires_flags(p: argparse.ArgumentParser) -> None:
                                                    "the aspect ratio; both: cover, then a centred crop)")
     p.add_argument("--hr-upscaler", metavar="NAME|FILE",
                    help='"Latent" (default), "Latent (bicubic)", "Latent (antialiased)", "Latent (nearest)", ..., '
-                        "Lanczos, Nearest, or an upscaler model file (ESRGAN / Real-ESRGAN)")
+                        "Lanczos, Nearest, or an upscaler model file (ESRGAN / Real-ESRGAN): a path, or a name "
+                        "(the file's stem, or A1111's 'R-ESRGAN 4x+') beside the --from-png picture, in the current "
+                        "folder or in a --models-dir's ESRGAN / RealESRGAN folder")
     p.add_argument("--hr-steps", type=int, metavar="N", help="second-pass steps (default 0: as many as the first pass)")
     p.add_argument("--hr-denoise", type=float, metavar="D",
                    help="second-pass denoising strength above 0; above 1 draws as 1 (default 0.7)")
@@ -551,9 +554,10 @@ def _hires_options(args: argparse.Namespace, options: dict[str, Any], picture_tw
                                                        "hr_negative_prompt", "hr_seed", "hr_cfg_scale",
                                                        "hr_convention", "hr_crop")}}
     options.update({k: v for k, v in given.items() if v is not None})
-    if options.get("hr_upscaler") is not None:     # a recorded name: the model file beside the picture or here
-        folders = [Path(args.from_png).resolve().parent] if args.from_png else []
-        options["hr_upscaler"] = find_upscaler(options["hr_upscaler"], [*folders, Path(".")])
+    if options.get("hr_upscaler") is not None:     # a recorded name: the model file beside the picture, here, or
+        folders = [Path(args.from_png).resolve().parent] if args.from_png else []    # in A1111's models folders
+        upscaler_folders = [Path(d) / sub for d in getattr(args, "models_dir", []) for sub in ("ESRGAN", "RealESRGAN")]
+        options["hr_upscaler"] = find_upscaler(options["hr_upscaler"], [*folders, Path("."), *upscaler_folders])
 
 
 def _recorded_parameters(args: argparse.Namespace) -> dict[str, Any]:
