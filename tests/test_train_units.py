@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections import Counter
 
 import pytest
 import torch
@@ -73,7 +74,7 @@ def test_scan_counts_broken_and_uncaptioned(tmp_path):
     assert [s.caption for s in jsonl.samples] == ["a red square", "a blue circle", "a green stripe"]
 
 
-def test_combine_lists_every_source_without_copying(tmp_path, capsys) -> None:
+def test_combine_lists_every_source_without_copying(tmp_path, capsys, caplog) -> None:
     built = build_dataset(tmp_path / "built", 6, seed=1, kind="emoji")         # metadata.jsonl layout
     loose = tmp_path / "loose" / "nested"                                      # image + .txt layout
     loose.mkdir(parents=True)
@@ -90,6 +91,21 @@ def test_combine_lists_every_source_without_copying(tmp_path, capsys) -> None:
     rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
     assert all(row["file_name"].startswith("../../") for row in rows)               # relative to the mix
     assert sorted(p.name for p in out.iterdir()) == ["metadata.jsonl"]
+
+    # kohya's repeat folders: each image listed once per repeat, so an epoch of the mix draws it as often (before,
+    # once: a 10_ folder's repeats were lost); one training on the empty caption is left out with a warning
+    kohya = tmp_path / "kohya"
+    for folder, caption in (("3_sks dog", None), ("2_", None), ("1_cat", "a tabby")):
+        (kohya / folder).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(kohya / folder / "p.png")
+        if caption:
+            (kohya / folder / "p.txt").write_text(caption)
+    mixed = tmp_path / "kmix"
+    combine.main([str(mixed), str(kohya)])
+    assert "4 images" in capsys.readouterr().out
+    assert Counter(s.caption for s in scan_dataset(mixed).samples) == {"sks dog": 3, "a tabby": 1}
+    assert f"{kohya}: 1 image(s) train on the empty caption ({kohya / '2_' / 'p.png'}, ...), which a metadata.jsonl " \
+           "does not list: left out" in caplog.text
 
     with pytest.raises(SystemExit) as exit_info:
         combine.main([str(tmp_path / "none"), str(tmp_path / "loose" / "missing")])

@@ -1,20 +1,26 @@
 """Combine training folders into one without copying images: ``python -m sdlab.train.combine OUT SRC...``.
 
 Writes ``OUT/metadata.jsonl`` with one ``{"file_name", "text"}`` line per usable (image, caption) pair of
-every source folder (either layout that ``sdlab train`` reads), the file names relative to OUT. The images
-stay where they are, so a latent cache built on a source folder is reused (its key is the resolved path).
+every source folder (either layout that ``sdlab train`` reads), the file names relative to OUT; an image of a
+kohya repeat folder (``10_sks dog``) is listed once per repeat, so an epoch draws it as often as before. The
+images stay where they are, so a latent cache built on a source folder is reused (its key is the resolved path).
+A kohya image that trains on the empty caption (a folder named ``10_``) has no line a metadata.jsonl trains on,
+and is left out with a warning.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
 
 from sdlab.train.data import scan_dataset
 from sdlab.utils.files import atomic_write
+
+logger = logging.getLogger(__name__)
 
 
 def combine(out: str | os.PathLike[str], sources: list[str | os.PathLike[str]]) -> int:
@@ -23,9 +29,15 @@ def combine(out: str | os.PathLike[str], sources: list[str | os.PathLike[str]]) 
     root = out.resolve()
     lines = []
     for source in sources:
-        for sample in scan_dataset(source).samples:
+        samples = scan_dataset(source).samples
+        uncaptioned = [sample.path for sample in samples if not sample.caption]
+        if uncaptioned:
+            logger.warning("%s: %d image(s) train on the empty caption (%s, ...), which a metadata.jsonl does not "
+                           "list: left out", source, len(uncaptioned), uncaptioned[0])
+        for sample in samples:
             name = os.path.relpath(sample.path.resolve(), root)
-            lines.append(json.dumps({"file_name": name, "text": sample.caption}, ensure_ascii=False))
+            line = json.dumps({"file_name": name, "text": sample.caption}, ensure_ascii=False)
+            lines += [line] * sample.repeats if sample.caption else []
     if not lines:
         raise ValueError("the source folders hold no usable (image, caption) pairs")
     out.mkdir(parents=True, exist_ok=True)
