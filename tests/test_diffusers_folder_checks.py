@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from bundle_fixtures import tiny_bundle, write_diffusers_folder
 
 from sdlab.checkpoints.errors import CheckpointError
@@ -256,3 +257,27 @@ def test_a_folder_that_is_no_pipeline_says_what_it_is(folder, tmp_path, capsys, 
     code = main(["txt2img", "a cat", "--model", str(path), "--out", str(tmp_path / "a.png"), "--steps", "1"])
     assert code == 2 and capsys.readouterr().err.strip() == f"sdlab: error: {err.value}"
     assert not (tmp_path / "a.png").exists()
+
+
+def test_a_folder_without_vae_draws_with_the_vae_given(folder, pristine, tmp_path, capsys):
+    """A pipeline folder without vae/ and a --vae (diffusers' `from_pretrained(folder, vae=...)`): drawn with that
+    VAE, the picture of the whole folder with the same --vae; without one, one error naming vae/ and --vae.
+    Before: '<folder>/vae/config.json: missing' either way."""
+    import numpy as np
+
+    import sdlab
+
+    shutil.rmtree(folder / "vae")
+    vae = pristine / "vae"
+    with pytest.raises(CheckpointError) as err:
+        plan_checkpoint(folder)
+    assert str(err.value) == f"{folder}: sd1 folder has no vae/; pass a VAE file or folder (vae=... / --vae)"
+    assert plan_checkpoint(folder, vae=vae).report.to_json()["default_size"] == plan_checkpoint(pristine).report.to_json()["default_size"]
+    options = dict(steps=2, width=32, height=32, seed=5)
+    ours = sdlab.load(folder, vae=vae).txt2img("a red house", **options).images[0]
+    whole = sdlab.load(pristine, vae=vae).txt2img("a red house", **options).images[0]
+    assert np.array_equal(np.asarray(ours), np.asarray(whole))
+    out = tmp_path / "cli.png"
+    assert main(["txt2img", "a red house", "--model", str(folder), "--vae", str(vae), "--steps", "2", "--width", "32",
+                 "--height", "32", "--seed", "5", "--no-progress", "--out", str(out)]) == 0, capsys.readouterr().err
+    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(whole.convert("RGB")))

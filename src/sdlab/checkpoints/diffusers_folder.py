@@ -363,8 +363,11 @@ def _not_a_pipeline(path: Path) -> CheckpointError:
     return CheckpointError(f"{path}: not a diffusers pipeline folder (no {MODEL_INDEX}){hint}")
 
 
-def read_diffusers_folder(path: Path, *, family: str | None = None) -> DiffusersFolder:
-    """Detect the family of a diffusers folder and open each component (weights are read lazily)."""
+def read_diffusers_folder(path: Path, *, family: str | None = None,
+                          vae_override: ComponentSource | None = None) -> DiffusersFolder:
+    """Detect the family of a diffusers folder and open each component (weights are read lazily).
+    `vae_override`: the VAE drawn with in place of the folder's (`--vae`), which stands for it where the folder
+    has no `vae/` (as diffusers' `from_pretrained(folder, vae=...)` needs none)."""
     if not (path / MODEL_INDEX).exists():
         raise _not_a_pipeline(path)
     model_index = read_config_json(path / MODEL_INDEX)
@@ -372,9 +375,14 @@ def read_diffusers_folder(path: Path, *, family: str | None = None) -> Diffusers
     unet_json = read_config_json(path / "unet" / "config.json")
     unet = _unet_source(path / "unet", unet_json)  # checks unet/config.json before detection reads it
     spec = detect_diffusers_family(model_index, unet_json, _first_text_config(path, model_index), override=family)
-    vae_json = read_config_json(path / "vae" / "config.json")
     unet = replace(unet, build=spec.unet_module)
-    vae = replace(vae_source_from_folder(path / "vae", vae_json), build=spec.vae_module)
+    if vae_override is not None and not (path / "vae").exists():
+        vae_json, vae = {}, vae_override
+    elif not (path / "vae").exists():
+        raise CheckpointError(f"{path}: {spec.name} folder has no vae/; pass a VAE file or folder (vae=... / --vae)")
+    else:
+        vae_json = read_config_json(path / "vae" / "config.json")
+        vae = replace(vae_source_from_folder(path / "vae", vae_json), build=spec.vae_module)
     scaling = vae_json.get("scaling_factor")
     if scaling is not None and (isinstance(scaling, bool) or not isinstance(scaling, (int, float))):
         raise CheckpointError(f"{path / 'vae' / 'config.json'}: scaling_factor must be a number, got {scaling!r}")

@@ -323,13 +323,14 @@ def _finish_plan(origin: str, spec: FamilySpec, family_source: str, pred: Predic
 def _plan_diffusers_folder(
     path: Path, family: str | None, prediction: str | Prediction | None, vae: str | os.PathLike[str] | None
 ) -> CheckpointPlan:
-    folder = diffusers_folder.read_diffusers_folder(path, family=family)
+    override = load_vae_source(vae) if vae is not None else None
+    folder = diffusers_folder.read_diffusers_folder(path, family=family, vae_override=override)
     spec = folder.family
     pred, pred_source = resolve_prediction(
         spec, argument=prediction, metadata={}, path=None, diffusers_value=folder.prediction_type
     )
     scaling = folder.scaling_factor if folder.scaling_factor is not None else spec.latent_scaling_factor
-    vae_source = load_vae_source(vae) if vae is not None else folder.vae
+    vae_source = override if override is not None else folder.vae
     scaling, stats = _vae_latents(vae, spec, scaling, folder.latent_stats)
     return _finish_plan(str(path), spec, folder.family_source, pred, pred_source, scaling, folder.unet, vae_source,
                         list(folder.text_encoders), folder.ignored, folder.total_keys, {},
