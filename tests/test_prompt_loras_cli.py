@@ -324,6 +324,32 @@ def test_cli_finds_loras_in_the_a1111_folder_beside_the_model(model, tmp_path, c
         lora_folder.rmdir()
 
 
+def test_from_png_finds_the_pictures_loras_in_a_models_dirs_lora_folder(tmp_path, capsys, monkeypatch):
+    """`--from-png pic.png --models-dir ~/webui/models`: the picture's model is found in models/Stable-diffusion
+    and its `<lora:NAME:W>` in models/Lora (or ComfyUI's models/loras), as `sdlab serve --models-dir` finds them.
+    Before, the LoRA folders searched were the shipped model's, the picture's folder and the current one: 'no
+    style.safetensors ... in the LoRA folder'."""
+    models = tmp_path / "webui" / "models"
+    checkpoint = models / "Stable-diffusion" / "tiny.safetensors"
+    checkpoint.parent.mkdir(parents=True)
+    write_original(tiny_bundle("sd1"), checkpoint, junk=False)
+    _write_lora(models / "loras" / "style.safetensors", seed=6)
+    drawn = tmp_path / "drawn"
+    drawn.mkdir()
+    prompt = "a red apple <lora:style:0.7>"
+    code, err = _run(["txt2img", prompt, "--model", str(checkpoint), "--lora-dir", str(models / "loras"), *FAST,
+                      "--out", str(drawn / "a.png")], capsys)
+    assert code == 0, err
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, err = _run(["txt2img", "--from-png", str(drawn / "a.png"), "--models-dir", str(models), "--no-progress",
+                      "--out", "again.png"], capsys)
+    assert code == 0, err
+    assert np.array_equal(np.asarray(_open(elsewhere / "again.png")), np.asarray(_open(drawn / "a.png")))
+    assert parse_parameters(read_parameters(elsewhere / "again.png"))["Prompt"] == prompt
+
+
 def test_cli_lora_option_takes_a_name_found_in_the_lora_folders(model, tmp_path, capsys):
     """``--lora NAME[:WEIGHT]`` with no such file: the LoRA of that name in the LoRA folders, as a tag finds
     it; it draws what ``--lora FILE:WEIGHT`` draws. An unknown name is one error line."""

@@ -322,7 +322,8 @@ def _add_run_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
                    help="where <lora:NAME:WEIGHT> / <lora:NAME:TE:UNET> tags of the prompt"
                         + _if_from_png(from_png, " (or of --from-png)") + " find NAME.safetensors, subfolders "
                         "included; repeatable (also searched: models/Lora beside the --model's folder, "
-                        + _if_from_png(from_png, "the --from-png file's folder, ") + "the current folder)")
+                        + _if_from_png(from_png, "the Lora / loras folder of each --models-dir, the --from-png "
+                                                 "file's folder, ") + "the current folder)")
     p.add_argument("--control", action="append", default=[], metavar=f"{CONTROL_SYNTAX} | FILE::STRENGTH...",
                    help="a ControlNet or T2I-Adapter (original or diffusers file / folder) and its hint image, "
                         "with its strength (default 1) and the fraction of the steps it acts on (default 0:1); "
@@ -1276,14 +1277,18 @@ _LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 
 def _lora_search_dirs(args: argparse.Namespace) -> tuple[list[Path], list[Path]]:
     """(folders searched with their subfolders, folders searched for the file alone) for prompt tags:
-    --lora-dir, then A1111's models/Lora beside the model; the --from-png file's folder and the current one."""
+    --lora-dir, then A1111's models/Lora beside the model, then each --models-dir's Lora / loras folder (A1111's
+    and ComfyUI's models folder, where the --from-png picture's model is found; `sdlab serve --models-dir` reads
+    its LoRAs there too); the --from-png file's folder and the current one."""
     from sdlab.api import shipped_model_path
-    from sdlab.pipeline.prompt_loras import default_lora_dirs
+    from sdlab.pipeline.prompt_loras import LORA_FOLDER_NAMES, default_lora_dirs
 
     from_png = getattr(args, "from_png", None)
     flat = [Path(from_png).resolve().parent] if from_png else []
     model = getattr(args, "model", None) or shipped_model_path()     # the shipped model's: its own adapters
-    return [Path(d) for d in getattr(args, "lora_dir", [])] + default_lora_dirs(model), [*flat, Path(".")]
+    models_dirs = [Path(d) / name for d in getattr(args, "models_dir", []) for name in LORA_FOLDER_NAMES]
+    deep = [Path(d) for d in getattr(args, "lora_dir", [])] + default_lora_dirs(model)
+    return deep + [d for d in models_dirs if d.is_dir() and d not in deep], [*flat, Path(".")]
 
 
 def _lora_finder(args: argparse.Namespace, recorded_hashes: dict[str, str] | None = None):
