@@ -164,7 +164,13 @@ def test_img2img_from_an_uploaded_picture(server):
     uploaded = server.post("/upload/image", files={"image": ("start.png", data.getvalue(), "image/png")}).json()
     assert uploaded == {"name": "start.png", "subfolder": "", "type": "input"}
     again = server.post("/api/upload/image", files={"image": ("start.png", data.getvalue(), "image/png")}).json()
-    assert again["name"] == "start (1).png"                         # no overwrite asked: renamed as ComfyUI does
+    assert again["name"] == "start.png"         # the same bytes: the file there (ComfyUI's compare_image_hash)
+    other = io.BytesIO()
+    Image.fromarray(255 - np.asarray(picture)).save(other, format="PNG")
+    renamed = server.post("/api/upload/image", files={"image": ("start.png", other.getvalue(), "image/png")}).json()
+    assert renamed["name"] == "start (1).png"                       # no overwrite asked: renamed as ComfyUI does
+    assert [n for n in server.get("/object_info/LoadImage").json()["LoadImage"]["input"]["required"][
+        "image"][0] if n.startswith("start")] == ["start (1).png", "start.png"]
     assert np.array_equal(viewed(server, {"filename": "start.png", "type": "input"}), np.asarray(picture, np.int16))
     prompt = graph(**{"3.denoise": 0.6, "3.latent_image": ["10", 0]})
     prompt["10"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["11", 0], "vae": ["4", 2]}}

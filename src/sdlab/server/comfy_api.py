@@ -662,10 +662,14 @@ async def upload_image(request: Request) -> JSONResponse:
 
 
 def _write_upload(target: Path, raw: bytes, overwrite: bool) -> Path:
-    """Write `raw` to `target` (or the first free "stem (n)" beside it) whole: a partial file renamed into place."""
+    """Write `raw` to `target` (or the first free "stem (n)" beside it) whole: a partial file renamed into place. A
+    file of that name holding the same bytes is the upload, not written again (ComfyUI's `compare_image_hash`, its
+    fix of duplicates: a client uploading one picture for each prompt leaves one file)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     stem, suffix, n = target.stem, target.suffix, 1
     while target.exists() and not overwrite:
+        if target.is_file() and target.read_bytes() == raw:
+            return target
         target = target.with_name(f"{stem} ({n}){suffix}")
         n += 1
     partial = target.with_name(f".{target.name}.part")
