@@ -448,10 +448,21 @@ def test_bad_graphs_get_comfyuis_node_errors(server):
 
     unknown = graph(**{"8.samples": ["12", 0]})
     unknown["12"] = {"class_type": "LatentFlip", "inputs": {"samples": ["3", 0], "flip_method": "x-axis: vertically"}}
-    body = refused(server, unknown)
-    assert body["error"]["message"] == "Cannot execute because node LatentFlip does not exist."
+    body = refused(server, unknown)       # ComfyUI's execution.validate_prompt (2025-): missing_node_type
+    assert body["error"] == {
+        "type": "missing_node_type", "message": "Node 'LatentFlip' not found. The custom node may not be installed.",
+        "details": "Node ID '#12'", "extra_info": {"node_id": "12", "class_type": "LatentFlip",
+                                                   "node_title": "LatentFlip"}}
     assert body["node_errors"]["12"]["class_type"] == "LatentFlip"
     assert body["node_errors"]["12"]["errors"][0]["type"] == "unsupported_node"
+    unknown["12"]["_meta"] = {"title": "Flip it"}                     # the frontend's title names it
+    assert refused(server, unknown)["error"]["message"] == "Node 'Flip it' not found. The custom node may not be " \
+        "installed."
+    del unknown["12"]["class_type"]
+    assert refused(server, unknown)["error"] == {
+        "type": "missing_node_type", "message": "Node 'Flip it' has no class_type. The workflow may be corrupted or "
+        "a custom node is missing.", "details": "Node ID '#12'",
+        "extra_info": {"node_id": "12", "class_type": None, "node_title": "Flip it"}}
 
     body = refused(server, graph(**{"3.positive": ["5", 0]}))       # a LATENT where CONDITIONING goes
     assert body["node_errors"]["3"]["errors"][0] == {

@@ -264,6 +264,12 @@ class GraphError(Exception):
         return {"error": self.error, "node_errors": self.node_errors}
 
 
+def _title(node: dict[str, Any]) -> Any:
+    """The node's title as the ComfyUI frontend exports it (`_meta.title`), None without one."""
+    meta = node.get("_meta")
+    return meta.get("title") if isinstance(meta, dict) else None
+
+
 def _error(kind: str, message: str, details: str = "", **extra: Any) -> dict[str, Any]:
     return {"type": kind, "message": message, "details": details, "extra_info": extra}
 
@@ -424,15 +430,19 @@ def check_graph(graph: Any, choices: Choices) -> GraphPlan:
     graph = {str(key): node for key, node in graph.items()}
     for node_id, node in graph.items():
         if "class_type" not in node:
-            raise GraphError(_error("invalid_prompt", "Cannot execute because a node is missing the class_type "
-                                    "property.", f"Node ID '#{node_id}'"))
+            title = _title(node)
+            raise GraphError(_error("missing_node_type", f"Node '{title or f'ID #{node_id}'}' has no class_type. The "
+                                    "workflow may be corrupted or a custom node is missing.", f"Node ID '#{node_id}'",
+                                    node_id=node_id, class_type=None, node_title=title))
     unknown = {node_id: node["class_type"] for node_id, node in graph.items()
                if not isinstance(node["class_type"], str) or node["class_type"] not in NODES}
     if unknown:
+        # ComfyUI's execution.validate_prompt names the first (by its title); sdlab's node_errors list each one
         node_id, class_type = next(iter(unknown.items()))
+        title = _title(graph[node_id]) or class_type
         raise GraphError(
-            _error("invalid_prompt", f"Cannot execute because node {class_type} does not exist.",
-                   f"Node ID '#{node_id}'"),
+            _error("missing_node_type", f"Node '{title}' not found. The custom node may not be installed.",
+                   f"Node ID '#{node_id}'", node_id=node_id, class_type=class_type, node_title=title),
             {nid: {"errors": [_error("unsupported_node", f"sdlab does not draw the node {ct!r}",
                                      f"{ct}: sdlab draws {', '.join(NODES)}", class_type=ct)],
                    "dependent_outputs": [], "class_type": ct} for nid, ct in unknown.items()})
