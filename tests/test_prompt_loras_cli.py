@@ -324,6 +324,24 @@ def test_cli_finds_loras_in_the_a1111_folder_beside_the_model(model, tmp_path, c
         lora_folder.rmdir()
 
 
+def test_cli_finds_lycoris_files_in_the_a1111_lycoris_folder_beside_the_model(model, tmp_path, capsys):
+    """A1111 (1.5.1+) reads models/LyCORIS beside models/Lora (its Lora extension's --lyco-dir-backcompat), where
+    users of the old LyCORIS extension keep their files: ``<lyco:NAME>`` and ``<lora:NAME>`` find them there.
+    Before: 'the prompt asks for the LoRA <lyco:locon:0.6> but there is no locon.safetensors ...'."""
+    lycoris = model.parent.parent / "LyCORIS"
+    _write_lora(lycoris / "locon.safetensors", seed=4)
+    try:
+        for tag in ("<lyco:locon:0.6>", "<lora:locon:0.6>"):
+            out = tmp_path / "b.png"
+            code, err = _run(["txt2img", f"a pear {tag}", "--model", str(model), *FAST, "--out", str(out)], capsys)
+            assert code == 0, err
+            assert "locon:" in parse_parameters(read_parameters(out))["Lora hashes"]
+    finally:
+        for p in lycoris.iterdir():
+            p.unlink()
+        lycoris.rmdir()
+
+
 def test_from_png_finds_the_pictures_loras_in_a_models_dirs_lora_folder(tmp_path, capsys, monkeypatch):
     """`--from-png pic.png --models-dir ~/webui/models`: the picture's model is found in models/Stable-diffusion
     and its `<lora:NAME:W>` in models/Lora (or ComfyUI's models/loras), as `sdlab serve --models-dir` finds them.

@@ -100,3 +100,17 @@ def test_the_files_inside_a_diffusers_folder_are_not_listed_apart(tmp_path):
     registry = ModelRegistry(models / "tiny.safetensors", models)
     assert sorted(c.name for c in registry.checkpoints) == sorted(["tiny.safetensors", "sub/xl-pipe", *REFUSED])
     registry.find("sub/xl-pipe").check_loadable()
+
+
+def test_a1111s_lycoris_folder_holds_loras_not_checkpoints(tmp_path):
+    """models/LyCORIS (A1111's --lyco-dir-backcompat, read beside models/Lora since 1.5.1): its files are LoRAs the
+    server lists (and <lyco:NAME> finds), not checkpoints. Before: a --models-dir without Stable-diffusion/ listed
+    LyCORIS/locon.safetensors as a checkpoint, and no LoRA."""
+    models = _models(tmp_path / "models")
+    lora = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    (models / "LyCORIS").mkdir()
+    save_file({f"{lora}.lora_down.weight": torch.zeros(4, 32), f"{lora}.lora_up.weight": torch.zeros(32, 4)},
+              str(models / "LyCORIS" / "locon.safetensors"))
+    registry = ModelRegistry(models / "tiny.safetensors", models)
+    assert sorted(c.name for c in registry.checkpoints) == sorted(["tiny.safetensors", *REFUSED])
+    assert registry.lora("locon") is not None

@@ -80,7 +80,9 @@ __all__ = [
 ]
 
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
-LORA_FOLDER_NAMES = ("Lora", "loras")          # A1111's models/Lora, ComfyUI's models/loras
+# A1111's models/Lora and models/LyCORIS (its Lora extension's --lyco-dir-backcompat, read since 1.5.1), ComfyUI's
+# models/loras
+LORA_FOLDER_NAMES = ("Lora", "LyCORIS", "loras")
 
 # A1111's extra-network syntax (modules/extra_networks.py: ``re_extra_net``); the kinds applied are its Lora
 # extension's, looked up by exact name (``extra_network_registry``)
@@ -235,8 +237,8 @@ def _glob_escape(text: str) -> str:
 
 
 def default_lora_dirs(model: str | os.PathLike[str] | None) -> list[Path]:
-    """Where A1111 / ComfyUI users keep LoRAs for `model`: ``Lora`` / ``loras`` beside the model's folder
-    (``models/Stable-diffusion/x.safetensors`` -> ``models/Lora``) and inside it; those that exist."""
+    """Where A1111 / ComfyUI users keep LoRAs for `model`: ``Lora`` / ``LyCORIS`` / ``loras`` beside the model's
+    folder (``models/Stable-diffusion/x.safetensors`` -> ``models/Lora``) and inside it; those that exist."""
     if model is None:
         return []
     folder = Path(model).resolve().parent

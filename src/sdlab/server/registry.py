@@ -41,7 +41,7 @@ from sdlab.utils.file_hashes import file_version, read_per_version
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
-LORA_FOLDERS = ("Lora", "lora", "loras", "LoRA")
+LORA_FOLDERS = ("Lora", "lora", "loras", "LoRA", "LyCORIS")     # LyCORIS: A1111's --lyco-dir-backcompat
 logger = logging.getLogger(__name__)
 # folders of other models, never checkpoints, at any depth
 _NOT_CHECKPOINT_FOLDERS = {name.lower() for name in (*LORA_FOLDERS, "VAE", "ESRGAN", "RealESRGAN", "embeddings",
