@@ -295,6 +295,24 @@ def test_a_resume_from_another_working_directory_names_no_output_dir_change(tiny
     assert f"changed: --output-dir {out} -> b\n" in err
 
 
+def test_a_resume_whose_dataset_moved_says_what_to_do(tiny, tmp_path, capsys):
+    """Before, 'sdlab: error: dataset folder /abs/data does not exist', no word that it is the folder the
+    checkpoint names nor what to do (a changed --data-dir is refused: the path defines the run)."""
+    model, _ = tiny
+    data = write_caption_folder(tmp_path / "data", n=2, size=24)
+    out = tmp_path / "run"
+    common = ("--resolution", CLI_RES, "--no-progress", "--num-workers", "1", "--device", "cpu")
+    code, _, err = _sdlab(capsys, "train", "--model", model, "--data-dir", data, "--output-dir", out, *common,
+                          "--max-steps", "1", "--lora-rank", "2")
+    assert code == 0, err
+    data.rename(tmp_path / "moved")
+    code, _, err = _sdlab(capsys, "train", "--output-dir", out, "--resume", "latest", "--max-steps", "2")
+    assert code == 2 and _one_error_line(err) == (
+        f"sdlab: error: --data-dir {data}, which the run of {out / 'checkpoints' / 'step-00000001.pt'} trained on, "
+        f"does not exist (moved?): a run resumes on the folder it trained on (its path defines the run); put the "
+        f"dataset back there, or train a new run on it (another --output-dir)")
+
+
 def test_a_loss_that_becomes_nan_is_one_error_line_without_a_warning(tiny, tmp_path, capsys):
     """The message reads the loss without autograd's 'Converting a tensor with requires_grad=True to a scalar'
     warning (one per process under torchrun) before it."""

@@ -363,6 +363,10 @@ def run_from_config(cfg: TrainConfig, ctx: DistContext | None = None, resume: Re
         _refuse_to_mix(cfg, resume)
         if resuming and ctx.is_main:
             print(resuming, file=sys.stderr)
+        if resume is not None and not Path(cfg.data_dir).exists():
+            raise TrainError(f"--data-dir {cfg.data_dir}, which the run of {resume.path} trained on, does not exist "
+                             f"(moved?): a run resumes on the folder it trained on (its path defines the run); put "
+                             f"the dataset back there, or train a new run on it (another --output-dir)")
         scan = _scan(cfg)
         cfg = replace(cfg, data_layout=scan.layout)     # what auto chose, stored in the run checkpoints
         if resume is not None:
