@@ -369,3 +369,23 @@ def test_pipeline_resolve_fills_the_model_defaults_and_checks_values(bundle):
     assert (unset.steps, unset.schedule) == (bundle.family.default_steps, bundle.family.default_sigma_schedule)
     with pytest.raises(RequestError, match="steps must be"):
         Pipeline(bundle).resolve(GenerationRequest(prompt="a cube", steps=0))
+
+
+@pytest.mark.parametrize(("changes", "hint"), [
+    ({}, "leave width and height unset for the native size"),
+    ({"init_image": "init"}, "set width and height near it: unset, they are the init picture's"),
+    ({"init_image": "init", "size_convention": "a1111"}, "leave width and height unset for the native size"),
+])
+def test_the_far_size_warning_says_what_an_unset_size_is(bundle, caplog, changes, hint):
+    """img2img's unset width / height are the init picture's (the "diffusers" size convention): its warning for a
+    large init picture says to set them, not to leave them unset (which drew that size)."""
+    from PIL import Image
+
+    from sdlab.pipeline.generate import warn_if_far_from_native
+
+    if "init_image" in changes:
+        changes = {**changes, "init_image": Image.new("RGB", (256, 256))}
+    request = _resolved_without_memory_check(bundle, _request(width=256, height=256, **changes))
+    with caplog.at_level(logging.WARNING):
+        warn_if_far_from_native(bundle, request)
+    assert "256x256 is far from this model's native 64x64" in caplog.text and hint in caplog.text, caplog.text

@@ -222,8 +222,10 @@ def _add_sampling_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
     p.add_argument("--seed-resize-from", metavar="WxH",
                    help="A1111's Seed resize from: the noise the seeds draw at WxH pixels, centred in this size's, "
                         "so a picture keeps its composition at another size (0x0: off)")
-    p.add_argument("--width", type=int, help="width in pixels, a multiple of 8 (default: the family's)")
-    p.add_argument("--height", type=int, help="height in pixels, a multiple of 8 (default: the family's)")
+    p.add_argument("--width", type=int, help="width in pixels, a multiple of 8 (default: the family's; with --init "
+                                             "the init picture's)")
+    p.add_argument("--height", type=int, help="height in pixels, a multiple of 8 (default: the family's; with "
+                                              "--init the init picture's)")
     p.add_argument("--batch", type=int, help="images drawn together, one batch (default 1)")
     p.add_argument("--batch-count", type=int, default=1, metavar="N",
                    help="batches drawn one after another (A1111's batch count); seeds continue (default 1)")

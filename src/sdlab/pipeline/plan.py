@@ -442,9 +442,12 @@ def warn_if_far_from_native(bundle: ModelBundle, req: GenerationRequest) -> None
     draws well near the size it was trained at (repeated subjects above it, mush below it)."""
     native = bundle.default_size
     if any(not native / FAR_FROM_NATIVE <= side <= native * FAR_FROM_NATIVE for side in (req.width, req.height)):
+        of_init = req.init_image is not None and req.size_convention == "diffusers"     # unset: the init's size
         logger.warning(
-            "%dx%d is far from this model's native %dx%d px; expect repeated or broken subjects "
-            "(leave width and height unset for the native size)", req.width, req.height, native, native,
+            "%dx%d is far from this model's native %dx%d px; expect repeated or broken subjects (%s)",
+            req.width, req.height, native, native,
+            "set width and height near it: unset, they are the init picture's" if of_init
+            else "leave width and height unset for the native size",
         )
 
 
