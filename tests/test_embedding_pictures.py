@@ -19,7 +19,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from sdlab.checkpoints.embeddings import embedding_files, load_embedding, scan_embeddings_dir
 from sdlab.checkpoints.errors import CheckpointError
-from sdlab.checkpoints.image_embedding import _unmask
+from sdlab.checkpoints.image_embedding import _lcg_stream, _unmask
 
 
 # --- A1111's writer, transcribed from AUTOMATIC1111/stable-diffusion-webui
@@ -118,6 +118,10 @@ def test_the_lcg_is_a1111s():
     """The first values of A1111's stream, as its own self-test lists them (`reference_random`)."""
     reference = [253, 242, 127, 44, 157, 27, 239, 133, 38, 79, 167, 4, 177, 95, 130, 79, 78, 14, 52, 215]
     assert (_unmask(np.zeros(20, dtype=np.uint8)) == np.array(reference, dtype=np.uint8) & 0x0F).all()
+    g = _lcg()                                                  # past the first run of values made one by one
+    whole = np.array([next(g) for _ in range(3 * 4096 + 77)]).astype(np.uint8)
+    assert np.array_equal(_lcg_stream(whole.size), whole)
+    assert _lcg_stream(0).size == 0
 
 
 @pytest.mark.parametrize("where", ["text chunk", "pixels", "pixels, lossless webp"])

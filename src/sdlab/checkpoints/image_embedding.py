@@ -103,14 +103,31 @@ def _crop_black(pixels: np.ndarray) -> np.ndarray:
     return pixels[rows[0]: rows[-1] + 1, cols[0]: cols[-1] + 1]
 
 
+_LCG_A, _LCG_C, _LCG_M = 1664525, 1013904223, 2**32
+_LCG_RUN = 4096                     # values made one by one; each later run of as many follows from the one before
+
+
+def _lcg_stream(n: int) -> np.ndarray:
+    """The first `n` values of A1111's `lcg()` (seed 0, each state mod 255), as uint8. A run of `_LCG_RUN` states
+    follows from the run before it in one step, x[i + K] = A x[i] + C (mod 2**32) with A = a**K and
+    C = c (a**(K-1) + ... + 1), in uint64 arithmetic (its wrap at 2**64 keeps the value mod 2**32)."""
+    states = np.empty(n, dtype=np.uint64)
+    seed = 0
+    for i in range(min(n, _LCG_RUN)):
+        seed = (_LCG_A * seed + _LCG_C) % _LCG_M
+        states[i] = seed
+    jump_a = np.uint64(pow(_LCG_A, _LCG_RUN, _LCG_M))
+    jump_c = np.uint64(_LCG_C * sum(pow(_LCG_A, j, _LCG_M) for j in range(_LCG_RUN)) % _LCG_M)
+    for start in range(_LCG_RUN, n, _LCG_RUN):
+        count = min(_LCG_RUN, n - start)
+        states[start: start + count] = (states[start - _LCG_RUN: start - _LCG_RUN + count] * jump_a + jump_c) \
+            & np.uint64(_LCG_M - 1)
+    return (states % np.uint64(255)).astype(np.uint8)
+
+
 def _unmask(block: np.ndarray) -> np.ndarray:
     """`block` xor the low nibble of A1111's LCG stream (`xor_block`), element by element in C order."""
-    stream = np.empty(block.size, dtype=np.uint8)
-    seed = 0
-    for i in range(block.size):
-        seed = (1664525 * seed + 1013904223) % 2**32
-        stream[i] = seed % 255
-    return block.astype(np.uint8) ^ (stream.reshape(block.shape) & 0x0F)
+    return block.astype(np.uint8) ^ (_lcg_stream(block.size).reshape(block.shape) & 0x0F)
 
 
 def _decode_json(path: Path, raw: bytes) -> Any:
