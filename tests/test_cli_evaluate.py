@@ -241,3 +241,11 @@ def test_eval_preset_draws_at_the_preset_s_settings(model, prompts, tmp_path, ca
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "unknown preset 'fast'" in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_cfg_scale_is_evals_cfg_as_txt2imgs(tmp_path) -> None:
+    """`sdlab eval --cfg-scale C` as `sdlab txt2img --cfg-scale C` (before: 'sdlab eval has no --cfg-scale option')."""
+    from sdlab.cli import build_parser
+
+    args = build_parser().parse_args(["eval", "p.txt", "--out", str(tmp_path), "--cfg-scale", "3"])
+    assert args.cfg == 3.0

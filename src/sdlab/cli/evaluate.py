@@ -57,7 +57,8 @@ def add_evaluate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, as `sdlab txt2img`)")
     p.add_argument("--sampler", default=None, help="sampler name (default: the model's, as `sdlab txt2img`)")
     p.add_argument("--schedule", default=None, help="sigma schedule (default: the model's, as `sdlab txt2img`)")
-    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
+    p.add_argument("--cfg", "--cfg-scale", type=float, dest="cfg", default=None,
+                   help="classifier-free guidance scale (default: the model's)")
     p.add_argument("--preset", metavar="NAME",
                    help="few-step settings (sampler, schedule, steps, CFG, eta) of a distilled model or LoRA: turbo, "
                         "lcm, lightning, hyper, tcd, lcm-model; options given here win (default: the one the model "
