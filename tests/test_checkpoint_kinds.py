@@ -268,14 +268,40 @@ def _embedding(folder: Path) -> Path:
     return _file(folder, "mystyle.safetensors", {"emb_params": (2, 768)})
 
 
+def _unet_alone(folder: Path) -> Path:
+    """A U-Net saved alone in the original layout, as ComfyUI's UNETLoader files are."""
+    from bundle_fixtures import tiny_bundle
+
+    path = folder / "unet-only.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_bundle("sd1").unet.state_dict().items()}, str(path))
+    return path
+
+
+def _diffusers_unet_weights(folder: Path) -> Path:
+    """A diffusers pipeline's unet/ weights file downloaded alone."""
+    from bundle_fixtures import tiny_bundle
+    from sdlab.checkpoints.diffusers_unet import unet_state_dict_to_diffusers
+
+    bundle = tiny_bundle("sd1")
+    path = folder / "diffusion_pytorch_model.safetensors"
+    state = unet_state_dict_to_diffusers(bundle.unet.state_dict(), bundle.unet_config)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
 @pytest.mark.parametrize("write, kind, option", [
     (_lora, "LoRA", "--lora FILE[:WEIGHT]"), (_vae, "VAE", "--vae PATH"),
     (_controlnet, "ControlNet", "--control FILE:IMAGE[:STRENGTH]"),
     (_embedding, "textual-inversion embedding", "--embeddings-dir DIR"),
+    (_unet_alone, "U-Net alone (no text encoder, no VAE)",
+     "--model with a checkpoint of its base model holding it under model.diffusion_model."),
+    (_diffusers_unet_weights, "U-Net alone (no text encoder, no VAE)",
+     "--model with a copy of its base model's diffusers folder holding it as unet/"),
 ])
 def test_a_file_of_another_kind_given_as_the_model_says_what_it_is(tmp_path, capsys, write, kind, option):
     """What `sdlab inspect` says of it (`describe_other_kind`), as one line from loading it as the model. Before:
-    "no key starting with model.diffusion_model. (the U-Net); top-level prefixes: ..." ."""
+    "no key starting with model.diffusion_model. (the U-Net); top-level prefixes: ..." (a U-Net alone, in either
+    layout, until it was described too)."""
     from cli_helpers import run
     from sdlab.checkpoints.other_kinds import describe_other_kind
 

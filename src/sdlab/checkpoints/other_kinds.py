@@ -1,6 +1,6 @@
 """What a file that is not a whole model is: a LoRA, a ControlNet, a T2I-Adapter, an IP-Adapter, a VAE, an
-upscaler, a textual-inversion embedding, a CLIP image encoder, one component folder of a diffusers pipeline, or an
-``sdlab train`` run checkpoint (`sdlab inspect` on it).
+upscaler, a textual-inversion embedding, a CLIP image encoder, one component folder of a diffusers pipeline, a
+U-Net saved alone, or an ``sdlab train`` run checkpoint (`sdlab inspect` on it).
 
 Each kind is recognised by the reader that loads it for generation (`load_lora_file`, `read_controlnet`,
 `read_t2i_adapter`, `load_vae_source`, `read_upscaler`, `load_embedding`), tried in that order (the embedding reader last: it
@@ -42,7 +42,7 @@ def describe_other_kind(path: str | os.PathLike[str]) -> Description | None:
     path = Path(path)
     readers: tuple[Callable[[Path], Description], ...] = (_run_checkpoint, _lora, _controlnet, _t2i_adapter,
                                                           _ip_adapter, _vae, _upscaler, _embedding, _image_encoder,
-                                                          _component)
+                                                          _component, _unet_alone)
     refused = None
     for describe in readers:
         try:
@@ -271,6 +271,34 @@ def _component(path: Path) -> Description:
     name = config.get("_class_name") or next(iter(config.get("architectures") or []), "component")
     return {"kind": f"diffusers {name} folder (one part of a pipeline)", "facts": facts,
             "use": f"--model with the whole pipeline: {where}"}
+
+
+# a U-Net's own keys, without the checkpoint's model.diffusion_model. prefix: (layout, input conv, output conv)
+_UNET_ALONE = (("original (LDM) layout", "input_blocks.0.0.weight", "out.2.weight"),
+               ("diffusers layout", "conv_in.weight", "conv_out.weight"))
+
+
+def _unet_alone(path: Path) -> Description:
+    """A denoising U-Net saved alone (ComfyUI's UNETLoader files, a diffusers `unet/` weights file downloaded by
+    itself): its input conv, output conv and timestep embedding at the top level, nothing else of a model."""
+    from sdlab.checkpoints.io import read_checkpoint
+
+    if path.is_dir():
+        raise CheckpointError(f"{path}: a folder")
+    shapes = shapes_of(read_checkpoint(path, shapes_only=True)[0])
+    layout = next((name for name, conv_in, conv_out in _UNET_ALONE if conv_in in shapes and conv_out in shapes), None)
+    if layout is None or not any(k.startswith(("time_embed.", "time_embedding.")) for k in shapes):
+        raise CheckpointError(f"{path}: not a U-Net")
+    conv_in = next(shapes[conv_in] for name, conv_in, _ in _UNET_ALONE if name == layout)
+    contexts = {tuple(s)[1] for k, s in shapes.items() if k.endswith("attn2.to_k.weight") and len(s) == 2}
+    facts: dict[str, Any] = {"layout": layout, "input channels": conv_in[1]}
+    if contexts:
+        facts["context width"] = _values(contexts)
+    facts["parameters"] = sum(s.numel() for s in shapes.values())
+    where = ("a copy of its base model's diffusers folder holding it as unet/ (with the config.json it came with)"
+             if layout.startswith("diffusers") else
+             "a checkpoint of its base model holding it under model.diffusion_model. in place of the base's U-Net")
+    return {"kind": "U-Net alone (no text encoder, no VAE)", "facts": facts, "use": f"--model with {where}"}
 
 
 # how a fact reads as text where its value alone does not say it
