@@ -293,6 +293,13 @@ def test_not_utf8_and_missing_files_are_errors(tmp_path) -> None:
         styles_files([tmp_path / "none.csv"])
 
 
+def test_a_folder_given_as_the_styles_file_is_named_as_one(tmp_path) -> None:
+    """`--styles-file ~/webui` (the folder A1111's styles.csv is in): 'is a folder; name the file', not 'does not
+    exist' (before)."""
+    with pytest.raises(StylesError, match=r"is a folder; name the file \(A1111's '.*styles\.csv'\)"):
+        styles_files([tmp_path])
+
+
 def _edit(path: Path, text: str, tick: int = 1) -> None:
     """Write `text` to `path`, its modification time moved on by `tick` seconds (a coarse file system's clock)."""
     before = path.stat().st_mtime_ns if path.exists() else 0

@@ -124,6 +124,9 @@ def styles_files(patterns: Iterable[str | os.PathLike[str]]) -> list[Path]:
         folder, name = os.path.split(os.fspath(pattern))
         if "*" in name or "?" in name:
             found += sorted(Path(folder or ".").glob(name))
+        elif Path(pattern).is_dir():
+            raise StylesError(f"the styles file {os.fspath(pattern)!r} is a folder; name the file (A1111's "
+                              f"{os.path.join(os.fspath(pattern), 'styles.csv')!r})")
         elif not Path(pattern).is_file():
             raise StylesError(f"the styles file {os.fspath(pattern)!r} does not exist")
         else:
