@@ -65,8 +65,8 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
         _add_run_flags(p, from_png=True)
         p.add_argument("--models-dir", action="append", default=[], metavar="DIR",
                        help="where --from-png looks for the picture's model, by name or by its recorded hash "
-                            "(subfolders too), and where an upscaler named by --hr-upscaler, --upscaler or the "
-                            "picture is looked for (its ESRGAN / RealESRGAN folders, A1111's); repeatable")
+                            "(subfolders too), its LoRAs (its Lora / loras folder) and an upscaler by name (its "
+                            "ESRGAN / RealESRGAN folders): A1111's models layout; repeatable")
         p.add_argument("--from-png", help="take every unset option, the LoRAs and (checked) the model from this "
                                           "image's parameters (PNG, or JPEG / WebP written by sdlab or A1111)")
         add_style_flags(p, from_png=True)
