@@ -142,9 +142,15 @@ def _error_handlers(app: FastAPI) -> None:
 
 
 def _validation_text(err: RequestValidationError) -> str:
-    """Pydantic's errors as one line: `steps: Input should be a valid integer; ...`."""
+    """Pydantic's errors as one line: `steps: Input should be a valid integer; ...`; a body that is not JSON:
+    `the body is not valid JSON: Expecting value at character 10`."""
     parts = []
     for item in err.errors():
+        if item.get("type") == "json_invalid":          # loc: ("body", the character where parsing stopped)
+            where = item.get("loc", ())[-1]
+            reason = (item.get("ctx") or {}).get("error", "JSON decode error")
+            parts.append(f"the body is not valid JSON: {reason} at character {where}")
+            continue
         where = ".".join(str(p) for p in item.get("loc", ()) if p != "body") or "body"
         parts.append(f"{where}: {item.get('msg', 'invalid')}")
     return "; ".join(parts) or "invalid request"
