@@ -634,6 +634,17 @@ def test_the_card_img2img_sends_the_picture_opened_from_its_thumbnails(page, bas
         wait(page, lambda d: d.execute_script(sent) is not None, 20, "no initial image")
         assert page.execute_script(sent) == pictures[opened or 0], opened
 
+    # each card keeps its own: another job's thumbnail opened after it leaves this card's choice as it was
+    other = wait_job(base_url, http_json(base_url, "/api/jobs", {"prompt": "another job", "steps": 1, "seed": 9})["id"])
+    open_page(page, base_url)
+    wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, f'#gallery [data-job-id="{other["id"]}"] button.thumb'), 20,
+         "no thumbnail of the other job")
+    page.find_elements(By.CSS_SELECTOR, f"{card} button.thumb")[1].click()
+    page.find_element(By.CSS_SELECTOR, f'#gallery [data-job-id="{other["id"]}"] button.thumb').click()
+    click_card_button(page, card, "to-img2img")
+    wait(page, lambda d: d.execute_script(sent) is not None, 20, "no initial image")
+    assert page.execute_script(sent) == pictures[1]
+
 
 def test_dropped_png_fills_the_form_from_its_parameters(page, base_url, tmp_path):
     parameters = ("a tiny cat face in the bottom right\nNegative prompt: lowres, (text:1.2)\n"

@@ -204,7 +204,7 @@ const state = {
   ownActiveIds: [],       // those this page queued: the only ones its viewer, progress and Cancel follow
   runningId: null,        // this page's job running now: the one Interrupt and Skip stop
   shownJob: null,         // id of the job the progress bar and viewer show
-  chosenPicture: null,    // {job, index}: the picture of a batch last opened from its thumbnail (the card's img2img)
+  chosenPictures: {},     // job id -> the picture of its batch last opened from its card's thumbnails (its img2img)
   lastSeed: null,         // the seed of the newest finished job this tab queued (or whose settings it reused)
   refinerConvention: "diffusers",   // the refiner's handoff rule: the native API's default, or the reused job's
   kept: {},               // the reused job's or dropped PNG's `KEPT` that are not the API's, until removed or a
@@ -1397,14 +1397,16 @@ function showJob(job) {
 }
 
 // A batch's picture opened from its thumbnail: shown in the viewer, outlined there, and the one the card's img2img
-// sends (A1111's Send to img2img takes the gallery's selected picture); another job's card sends its first
+// sends (A1111's Send to img2img takes the gallery's selected picture); a card never opened sends its first
 function choosePicture(job, index) {
-  state.chosenPicture = { job: job.id, index };
+  state.chosenPictures[job.id] = index;
   showJob(job);
 }
 
-const chosenIndex = (job) => (state.chosenPicture?.job === job.id
-  && state.chosenPicture.index < (job.images || []).length ? state.chosenPicture.index : 0);
+function chosenIndex(job) {
+  const index = state.chosenPictures[job.id] ?? 0;
+  return index < (job.images || []).length ? index : 0;
+}
 
 // A job's status as the page names it: a cancelled job with pictures was interrupted (A1111's Interrupt, or a
 // cancel after some of its batches were drawn), its pictures kept
