@@ -264,6 +264,45 @@ def test_a_prompt_id_the_client_chose_names_the_prompt(server):
     assert list(history).count(chosen) == 1 and history[chosen]["prompt"][2]["3"]["inputs"]["seed"] == 1
 
 
+def test_two_posts_of_one_prompt_id_at_once_queue_one_prompt(server, monkeypatch):
+    """The id a client chose is held from the first post's check until its prompt is queued: a second post of it
+    meanwhile (its graph still being checked) is the 400 of an id queued or running, and draws nothing."""
+    import threading
+
+    from sdlab.server import comfy_api
+
+    checking, answered = threading.Event(), threading.Event()
+
+    def check(graph, choices):                  # the first post waits in its check until the second is answered
+        if not checking.is_set():
+            checking.set()
+            assert answered.wait(60)
+        return check_graph(graph, choices)
+
+    check_graph = comfy_api.check_graph
+    monkeypatch.setattr(comfy_api, "check_graph", check)
+    jobs_before = len(server.get("/api/jobs?limit=1000").json()["jobs"])
+    first = []
+    poster = threading.Thread(target=lambda: first.append(server.post("/prompt", json={
+        "prompt": graph(**{"3.seed": 1}), "prompt_id": "twice"})))
+    poster.start()
+    try:
+        assert checking.wait(60)
+        second = server.post("/prompt", json={"prompt": graph(**{"3.seed": 2}), "prompt_id": "twice"})
+    finally:
+        answered.set()
+        poster.join(60)
+    assert second.status_code == 400 and "queued or running" in second.json()["error"]["message"]
+    assert first[0].status_code == 200 and first[0].json()["prompt_id"] == "twice"
+    deadline = time.monotonic() + 120
+    while not (entry := server.get("/history/twice").json()):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert entry["twice"]["prompt"][2]["3"]["inputs"]["seed"] == 1
+    jobs = server.get("/api/jobs?limit=1000").json()["jobs"]
+    assert len(jobs) == jobs_before + 1 and jobs[0]["request"]["seed"] == 1
+
+
 def test_the_queue_items_extra_data_names_the_client(server):
     """ComfyUI's post_prompt puts the body's client_id in the queue item's extra_data (/queue, /history's
     `prompt[3]`), beside the extra_data sent."""

@@ -113,6 +113,21 @@ class ComfyState:
         self.sockets: dict[str, WebSocket] = {}
         self.tasks: set[asyncio.Task] = set()
         self.lock = threading.Lock()
+        self.claimed: set[str] = set()              # client-chosen prompt ids of POST /prompt being checked, queued
+
+    def claim(self, prompt_id: str) -> bool:
+        """Hold `prompt_id` for a POST /prompt until its prompt is saved (`release`): False where a prompt of it is
+        queued or running, or another POST holds it (two posts of one id at once: one is queued, one refused)."""
+        with self.lock:
+            queued = self.prompts.get(prompt_id)
+            if prompt_id in self.claimed or (queued is not None and not queued.ended):
+                return False
+            self.claimed.add(prompt_id)
+            return True
+
+    def release(self, prompt_id: str) -> None:
+        with self.lock:
+            self.claimed.discard(prompt_id)
 
     def choices(self) -> Choices:
         registry = self.service.registry
@@ -218,10 +233,19 @@ async def post_prompt(request: Request) -> JSONResponse:
     except ValueError as err:
         return _bad_prompt("invalid_prompt", str(err))
     prompt_id = _prompt_id(body)
-    with state.lock:
-        queued = state.prompts.get(prompt_id) if prompt_id is not None else None
-    if queued is not None and not queued.ended:
+    if prompt_id is None:
+        return await _queued(state, body, place, None)
+    if not state.claim(prompt_id):
         return _bad_prompt("invalid_prompt", f"prompt_id {prompt_id!r} is a prompt queued or running")
+    try:
+        return await _queued(state, body, place, prompt_id)
+    finally:
+        state.release(prompt_id)
+
+
+async def _queued(state: ComfyState, body: dict[str, Any], place: Place, prompt_id: str | None) -> JSONResponse:
+    """POST /prompt's graph checked and queued as the prompt `prompt_id` (None: the job's id as a UUID), with its
+    answer; a graph sdlab does not draw, ComfyUI's 400."""
     extra_data = dict(body["extra_data"]) if isinstance(body.get("extra_data"), dict) else {}
     if "client_id" in body:                 # ComfyUI's post_prompt: the queue item's extra_data names its client
         extra_data["client_id"] = body["client_id"]
