@@ -1,5 +1,7 @@
-"""A native API body that is not JSON (a shell's quoting cut it short, a trailing comma) is a 422 that says so and
-where parsing stopped, not pydantic's location tuple (`10: JSON decode error`). In-process app; nothing is drawn."""
+"""Native API bodies refused before anything is queued: one that is not JSON (a shell's quoting cut it short, a
+trailing comma) is a 422 that says so and where parsing stopped, not pydantic's location tuple (`10: JSON decode
+error`); a picture the job's mode does not read (an init picture in txt2img, a mask outside inpaint) a 422 naming the
+mode to send. In-process app; nothing is drawn."""
 
 from __future__ import annotations
 
@@ -33,3 +35,31 @@ def test_field_errors_keep_their_names(client):
     answer = client.post("/api/jobs", json={"prompt": "x", "steps": "many"})
     assert answer.status_code == 422
     assert answer.json()["detail"].startswith("steps: Input should be a valid integer")
+
+
+PICTURE = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAAAAAA6fptVAAAACklEQVR4nGP4DwABAQEAG7buVgAAAABJRU5ErkJggg==")  # 1x1 grey
+
+
+@pytest.mark.parametrize("body,detail", [
+    ({"init_image": PICTURE},
+     "init_image is given but mode is 'txt2img', which reads none: send mode 'img2img' (or 'inpaint' with mask_image)"),
+    ({"mode": "txt2img", "init_image": PICTURE, "script_name": "Prompt matrix"},
+     "init_image is given but mode is 'txt2img', which reads none: send mode 'img2img' (or 'inpaint' with mask_image)"),
+    ({"mode": "img2img", "init_image": PICTURE, "mask_image": PICTURE},
+     "mask_image is given but mode is 'img2img', which reads none: send mode 'inpaint'"),
+    ({"mask_image": PICTURE}, "mask_image is given but mode is 'txt2img', which reads none: send mode 'inpaint'"),
+])
+def test_a_picture_the_mode_does_not_read_is_refused_not_dropped(client, body, detail):
+    """Before, a job sent with an init picture and no mode (txt2img, the default) drew a picture of the prompt alone
+    and an img2img job's mask was dropped: the client got a 202 and a picture that ignored what it sent."""
+    answer = client.post("/api/jobs", json={"prompt": "a cat", "steps": 2, **body})
+    assert answer.status_code == 422, answer.text
+    assert answer.json() == {"detail": detail}
+    assert client.get("/api/jobs").json()["jobs"] == []
+
+
+def test_null_pictures_are_unset_in_any_mode(client):
+    """A client that sends every field, the pictures null, is not refused (a field sent as null counts as unset)."""
+    answer = client.post("/api/jobs", json={"prompt": "a cat", "steps": 200000, "init_image": None,
+                                            "mask_image": None})
+    assert answer.status_code == 400 and "steps" in answer.json()["detail"]     # refused for its steps alone

@@ -372,6 +372,11 @@ def create_job(body: JobIn, request: Request) -> dict[str, Any]:
     service = service_of(request)
     limits = service.config.limits
     init = mask = None
+    if body.init_image is not None and body.mode == "txt2img":     # else dropped unread: a picture of the prompt
+        raise BadRequest("init_image is given but mode is 'txt2img', which reads none: send mode 'img2img' (or "
+                         "'inpaint' with mask_image)", 422)
+    if body.mask_image is not None and body.mode != "inpaint":
+        raise BadRequest(f"mask_image is given but mode is {body.mode!r}, which reads none: send mode 'inpaint'", 422)
     if body.mode != "txt2img":
         if body.init_image is None:
             raise BadRequest(f"{body.mode} needs init_image (a base64 PNG or data URL)", 422)
