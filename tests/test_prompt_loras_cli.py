@@ -274,6 +274,29 @@ def test_a_dynamic_rank_merges_the_first_ranks_as_a1111(model, tmp_path, capsys,
     assert (np.abs(drawn["dyn"] - drawn["whole"]).max() > 0) == (dyn < 4)
 
 
+@pytest.mark.parametrize("tag", ["<lora:style:1:1:dyn=0>", "<lora:style:1:1:0>"])
+def test_a_dynamic_rank_of_zero_draws_without_the_plain_modules(model, tmp_path, capsys, tag):
+    """``dyn=0`` (or 0 as the 4th positional) gives each plain module A1111's zero update
+    (`lyco_helpers.rebuild_conventional`: ``up[:, :0] @ down[:0]``): the picture is the one drawn without the tag,
+    and another LoRA of the prompt (a LoHa, which merges whole under any dyn) applies as alone. Before:
+    'none of its 0 LoRA modules matches a layer of this sd1 model', exit 2."""
+    folder = tmp_path / "loras"
+    _write_lora(folder / "style.safetensors")
+    _write_lora(folder / "hada.safetensors", kind="loha")
+    drawn = {}
+    for name, prompt in (("dyn0", f"a red apple {tag}"), ("plain", "a red apple"),
+                         ("dyn0_hada", f"a red apple {tag} <lora:hada:1>"), ("hada", "a red apple <lora:hada:1>"),
+                         ("whole", "a red apple <lora:style:1:1>")):
+        out = tmp_path / f"{name}.png"
+        code, err = _run(["txt2img", prompt, "--model", str(model), "--lora-dir", str(folder), *FAST,
+                          "--out", str(out)], capsys)
+        assert code == 0, err
+        drawn[name] = np.asarray(_open(out)).astype(int)
+    assert np.array_equal(drawn["dyn0"], drawn["plain"])
+    assert np.array_equal(drawn["dyn0_hada"], drawn["hada"])
+    assert np.abs(drawn["whole"] - drawn["plain"]).max() > 0 and np.abs(drawn["hada"] - drawn["plain"]).max() > 0
+
+
 @pytest.mark.parametrize("tag", ["<lora:style:1:1:dyn=x>", "<lora:style:1:1:1.5>", "<lora:style:dyn=-1>"])
 def test_a_dynamic_rank_that_is_no_whole_number_is_one_error(model, tmp_path, capsys, tag):
     folder = tmp_path / "loras"

@@ -376,9 +376,10 @@ def _use_key(uses: Sequence[LoraUse]) -> tuple:
 def with_dynamic_rank(modules: Mapping[str, Mapping[str, Tensor]], dyn: int | None) -> Mapping[str, Mapping[str, Tensor]]:
     """`modules` with each plain LoRA module (down and up, no Tucker core) cut to its first `dyn` ranks, its alpha
     scaled so that the merge keeps the full rank's scale alpha / r (1 without an alpha), as A1111 merges a
-    ``dyn`` tag (`lyco_helpers.rebuild_conventional`: ``up[:, :dyn] @ down[:dyn]``, times ``alpha / r``); at
-    ``dyn=0`` such a module changes nothing and is left out. Other modules, and all of them without `dyn`, are
-    as given."""
+    ``dyn`` tag (`lyco_helpers.rebuild_conventional`: ``up[:, :dyn] @ down[:dyn]``, times ``alpha / r``). At
+    ``dyn=0`` such a module keeps rank 0: its update is zero, as A1111's ``up[:, :0] @ down[:0]`` (the layer
+    stays as it is, but for a DoRA module's renormalisation), and the file still has to fit the model. Other
+    modules, and all of them without `dyn`, are as given."""
     if dyn is None:
         return modules
     cut = {}
@@ -386,11 +387,12 @@ def with_dynamic_rank(modules: Mapping[str, Mapping[str, Tensor]], dyn: int | No
         if "down" in module and "up" in module and "mid" not in module:
             rank = module["down"].shape[0]                                          # down (r, in[, kh, kw])
             kept = min(dyn, rank)
-            if kept == 0:
-                continue
-            alpha = float(module["alpha"]) if "alpha" in module else float(rank)
-            module = {**module, "down": module["down"][:kept], "up": module["up"][:, :kept],   # up (out, r[, 1, 1])
-                      "alpha": torch.tensor(alpha * kept / rank)}
+            module = {**module, "down": module["down"][:kept], "up": module["up"][:, :kept]}  # up (out, r[, 1, 1])
+            if kept:
+                alpha = float(module["alpha"]) if "alpha" in module else float(rank)
+                module["alpha"] = torch.tensor(alpha * kept / rank)
+            else:
+                module.pop("alpha", None)                   # a zero update: no alpha / 0 to scale it by
         cut[name] = module
     return cut
 
