@@ -102,6 +102,27 @@ def test_the_files_inside_a_diffusers_folder_are_not_listed_apart(tmp_path):
     registry.find("sub/xl-pipe").check_loadable()
 
 
+def test_a_whole_checkpoint_beside_model_index_json_is_listed(tmp_path):
+    """A cloned Hugging Face repo holds whole checkpoints beside its model_index.json (runwayml/stable-diffusion-v1-5:
+    v1-5-pruned-emaonly.safetensors; SDXL base: sd_xl_base_1.0.safetensors), which A1111 lists: only the component
+    folders model_index.json names are parts of the folder's model. A folder of another name inside it still lists
+    its checkpoints. Before: everything under the folder was hidden."""
+    from bundle_fixtures import write_diffusers_folder
+
+    models = _models(tmp_path / "models")
+    pipeline = write_diffusers_folder(tiny_bundle("sd1"), models / "stable-diffusion-v1-5")
+    (pipeline / "v1-5-pruned-emaonly.safetensors").write_bytes((models / "tiny.safetensors").read_bytes())
+    (pipeline / "safety_checker").mkdir()                       # [null, null] in model_index.json: still a slot
+    (pipeline / "safety_checker" / "model.safetensors").write_bytes(b"")
+    (pipeline / "older").mkdir()
+    (pipeline / "older" / "v1-4.ckpt").write_bytes(b"")
+    registry = ModelRegistry(models / "tiny.safetensors", models)
+    listed = {"stable-diffusion-v1-5", "stable-diffusion-v1-5/v1-5-pruned-emaonly.safetensors",
+              "stable-diffusion-v1-5/older/v1-4.ckpt"}
+    assert sorted(c.name for c in registry.checkpoints) == sorted(["tiny.safetensors", *listed, *REFUSED])
+    registry.find("stable-diffusion-v1-5/v1-5-pruned-emaonly.safetensors").check_loadable()
+
+
 def test_a1111s_lycoris_folder_holds_loras_not_checkpoints(tmp_path):
     """models/LyCORIS (A1111's --lyco-dir-backcompat, read beside models/Lora since 1.5.1): its files are LoRAs the
     server lists (and <lyco:NAME> finds), not checkpoints. Before: a --models-dir without Stable-diffusion/ listed

@@ -29,6 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sdlab.checkpoints.diffusers_folder import MODEL_INDEX, read_config_json
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.io import read_safetensors_header
 from sdlab.checkpoints.sidecar import is_sidecar_vae
@@ -214,21 +215,23 @@ class ModelRegistry:
 
     def _checkpoint_files(self) -> list[Path]:
         """The checkpoint files and diffusers folders under the checkpoints folder; the files inside a diffusers
-        folder (its unet/, text_encoder/, ... weights) are parts of that one model, not listed apart."""
+        folder's component folders (its unet/, text_encoder/, ... weights) are parts of that one model, not listed
+        apart. A whole checkpoint beside `model_index.json` (a cloned Hugging Face repo's
+        v1-5-pruned-emaonly.safetensors) is a model of its own and is listed, as A1111 lists it."""
         root = self._checkpoints_root()
-        found, pipelines = [], []
+        found, components = [], []
         for path in sorted(root.rglob("*")):                # a folder comes before the paths inside it
             folders = [part.lower() for part in path.relative_to(root).parts[:-1]]
             encoders = root == self.models_dir and folders[:1] and folders[0] in _ENCODER_FOLDERS
             if set(folders) & _NOT_CHECKPOINT_FOLDERS or encoders or not self._inside(path):
                 continue
-            if any(path.is_relative_to(pipeline) for pipeline in pipelines):
+            if any(path.is_relative_to(component) for component in components):
                 continue
             if path.is_file() and path.suffix.lower() in CHECKPOINT_SUFFIXES and not is_sidecar_vae(path):
                 found.append(path.resolve())
-            elif path.is_dir() and (path / "model_index.json").is_file():
+            elif path.is_dir() and (path / MODEL_INDEX).is_file():
                 found.append(path.resolve())
-                pipelines.append(path)
+                components.extend(_component_folders(path))
         return found
 
     def _inside(self, path: Path) -> bool:
@@ -246,6 +249,19 @@ class ModelRegistry:
             return Checkpoint(path, name)
         version = file_version(path)
         return Checkpoint(path, name, known_file_sha256(path) or self._hashed.get((path, version)), version)
+
+
+def _component_folders(pipeline: Path) -> list[Path]:
+    """The folders of a diffusers folder's components: each entry of its `model_index.json` that names a
+    (library, class) pair, ``[null, null]`` too (a slot the folder may still hold weights in). Every sub-folder
+    where `model_index.json` does not read as one (the folder is not loadable then anyway)."""
+    try:
+        index = read_config_json(pipeline / MODEL_INDEX)
+    except CheckpointError:
+        return [path for path in pipeline.iterdir() if path.is_dir()]
+    return [pipeline / name for name, entry in index.items()
+            if name and not name.startswith(("_", ".")) and "/" not in name and "\\" not in name
+            and isinstance(entry, list) and len(entry) == 2]
 
 
 def _hash_lock(path: Path) -> threading.Lock:
