@@ -68,6 +68,13 @@ _HINTS = {                      # sqlite3's error name -> what the user can do a
 }
 
 
+def _readable(column: str) -> str:
+    """SQL of a JSON column as itself, or `{}` where it cannot be read (a damaged page, a hand edit), so that SQLite's
+    JSON functions over every row (the list's filter, a script job's parts, the pictures rows hold) pass over such a
+    row instead of failing the whole query with "malformed JSON"."""
+    return f"CASE WHEN json_valid({column}) THEN {column} ELSE '{{}}' END"
+
+
 class StoreError(Exception):
     """The job history cannot be opened, read or written; the message names the file and why."""
 
@@ -135,7 +142,7 @@ class Store:
         page of the list. A `before` the history lacks is a `KeyError`."""
         where, values = [], []
         if without is not None:
-            where.append("json_extract(request, ?) IS NULL")
+            where.append(f"json_extract({_readable('request')}, ?) IS NULL")    # a damaged row: listed
             values.append(f'$."{without}"')
         with self._using("cannot read", self._requests) as db:
             if before is not None:
@@ -154,7 +161,8 @@ class Store:
     def parts(self, job_id: str, key: str) -> list[dict[str, Any]]:
         """The jobs whose request's `key` is `job_id` (a script job's requests: `key` "script_job")."""
         with self._using("cannot read", self._requests) as db:
-            rows = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE json_extract(request, ?) = ?",
+            rows = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs "
+                              f"WHERE json_extract({_readable('request')}, ?) = ?",
                               (f'$."{key}"', job_id)).fetchall()
         return [_record(row) for row in rows]
 
@@ -163,7 +171,8 @@ class Store:
         if not names:
             return set()
         with self._using("cannot read", self._requests) as db:
-            rows = db.execute(f"SELECT DISTINCT picture.value FROM jobs, json_each(jobs.images) AS picture "
+            rows = db.execute(f"SELECT DISTINCT picture.value FROM jobs, json_each({_readable('jobs.images')}) "
+                              f"AS picture "
                               f"WHERE picture.value IN ({', '.join('?' * len(names))})", names).fetchall()
         return {row[0] for row in rows}
 
