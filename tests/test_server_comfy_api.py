@@ -565,20 +565,22 @@ def test_interrupt_stops_the_prompt_drawing_and_keeps_no_output(server):
 
 
 def test_free_unloads_the_model_as_comfyuis_flags_do(server):
-    """POST /free (ComfyUI's post_free, scripts call it to hand the GPU to another program): unload_models, or
-    free_memory alone, lets the model go; the next prompt loads it again and draws the same picture. A body that is
-    not a JSON object is a 400."""
+    """POST /free (ComfyUI's post_free, scripts call it to hand the GPU to another program): a true unload_models or
+    free_memory lets the model go, {unload_models: false, free_memory: true} too (ComfyUI's post_free sets a flag
+    only where it is true, and main.py unloads on flags.get("unload_models", free_memory)); the next prompt loads
+    it again and draws the same picture. Both false, nothing goes. A body that is not a JSON object is a 400."""
     host = server.app.state.comfy.service.host
     assert host.pipe is not None
     before = viewed(server, drawn(server, BASIC)[1]["outputs"]["9"]["images"][0])
-    for body in ({"unload_models": True}, {"free_memory": True}):
+    for body in ({"unload_models": True}, {"free_memory": True}, {"unload_models": False, "free_memory": True}):
         assert server.post("/free", json=body).status_code == 200
         deadline = time.monotonic() + 60
         while host.pipe is not None:
             assert time.monotonic() < deadline
             time.sleep(0.02)
         assert np.array_equal(viewed(server, drawn(server, BASIC)[1]["outputs"]["9"]["images"][0]), before)
-    assert server.post("/free", json={"unload_models": False, "free_memory": True}).status_code == 200
+    assert server.post("/free", json={"unload_models": False, "free_memory": False}).status_code == 200
+    assert server.post("/free", json={}).status_code == 200
     assert host.pipe is not None and server.post("/api/free", content=b"[").status_code == 400
 
 

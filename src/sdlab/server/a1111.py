@@ -88,7 +88,6 @@ from sdlab.server.registry import Checkpoint
 from sdlab.server.service import Service
 from sdlab.server.store import INTERRUPTED_ERROR
 from sdlab.server.vae_files import AUTOMATIC_VAE, VaeChoice
-from sdlab.server.worker import ModelHost
 from sdlab.utils.file_hashes import read_per_version
 
 router = APIRouter(prefix="/sdapi/v1")
@@ -702,7 +701,7 @@ def _script_host(service: Service, prepare: Callable[[Service, Any], Any],
 
     async def restore_model() -> None:
         try:
-            await asyncio.to_thread(_holding_device, service.host, lambda: _load_selected(service))
+            await asyncio.to_thread(service.host.between_jobs, lambda: _load_selected(service))
         except Exception as err:        # the plot is drawn: its answer stands, the next job loads the model
             logger.error("the selected model was not loaded again after the script: %s", err)
 
@@ -1924,14 +1923,14 @@ async def refresh_embeddings(request: Request) -> None:
     """Read every file of `--embeddings-dir` again and install them in the loaded model (while no job runs), as
     A1111's forced reload; nothing without a loaded model. Jobs install a changed folder's files themselves."""
     host = service_of(request).host
-    await asyncio.to_thread(_holding_device, host, host.refresh_embeddings)
+    await asyncio.to_thread(host.between_jobs, host.refresh_embeddings)
 
 
 @router.post("/unload-checkpoint")
 async def unload_checkpoint(request: Request) -> dict[str, Any]:
     """The model is let go (while no job runs); the next job loads it again."""
     host = service_of(request).host
-    await asyncio.to_thread(_holding_device, host, host.unload)
+    await asyncio.to_thread(host.between_jobs, host.unload)
     return {}
 
 
@@ -1939,13 +1938,8 @@ async def unload_checkpoint(request: Request) -> dict[str, Any]:
 async def reload_checkpoint(request: Request) -> dict[str, Any]:
     """The selected model is loaded now (while no job runs), if it is not loaded already."""
     service = service_of(request)
-    await asyncio.to_thread(_holding_device, service.host, lambda: _load_selected(service))
+    await asyncio.to_thread(service.host.between_jobs, lambda: _load_selected(service))
     return {}
-
-
-def _holding_device(host: ModelHost, action: Callable[[], None]) -> None:
-    with host.busy:                     # never beside a generation
-        action()
 
 
 def _load_selected(service: Service) -> None:

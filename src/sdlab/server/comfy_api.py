@@ -704,19 +704,15 @@ def _write_upload(target: Path, raw: bytes, overwrite: bool) -> Path:
 
 @router.post("/free")
 async def free(request: Request) -> Response:
-    """ComfyUI's `post_free`: `unload_models` (by default `free_memory`, as its main.py reads the flags) lets the
-    model go (`ModelHost.unload`, A1111's unload-checkpoint: the next prompt loads it again) once the prompt drawing
-    now ends; the answer does not wait for it, as ComfyUI's queue flags act between prompts. sdlab keeps no node
-    outputs, so `free_memory` has nothing else to free."""
+    """ComfyUI's `post_free`: a true `unload_models` or `free_memory` lets the model go (`ModelHost.unload`, A1111's
+    unload-checkpoint: the next prompt loads it again) once the prompt drawing now ends; the answer does not wait
+    for it, as ComfyUI's queue flags act between prompts. ComfyUI sets each flag only where it is true and its
+    main.py unloads on `flags.get("unload_models", free_memory)`, so {unload_models: false, free_memory: true}
+    unloads there too. sdlab keeps no node outputs, so `free_memory` has nothing else to free."""
     state, body = state_of(request), await _json_object(request)
-    if body.get("unload_models", bool(body.get("free_memory"))):
+    if body.get("unload_models") or body.get("free_memory"):
         host = state.service.host
-
-        def unload() -> None:
-            with host.busy:             # never beside a generation
-                host.unload()
-
-        task = asyncio.get_running_loop().create_task(asyncio.to_thread(unload))
+        task = asyncio.get_running_loop().create_task(asyncio.to_thread(host.between_jobs, host.unload))
         state.tasks.add(task)
         task.add_done_callback(state.tasks.discard)
     return Response(status_code=200)
@@ -734,7 +730,7 @@ def get_object_info_of(node_class: str, request: Request) -> dict[str, Any]:
 
 @router.get("/models")
 def model_folders(request: Request) -> list[str]:
-    """ComfyUI's model folder names (app/model_manager.py ``list_model_types``): those whose files sdlab lists."""
+    """ComfyUI's model folder names (server.py ``list_model_types``): those whose files sdlab lists."""
     return list(MODEL_FOLDERS)
 
 

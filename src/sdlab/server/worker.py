@@ -221,6 +221,12 @@ class ModelHost:
         if self.pipe is not None:
             patcher_for(self.pipe.bundle).forget()
 
+    def between_jobs(self, action: Callable[[], None]) -> None:
+        """`action()` while `busy` is held: after the job drawing now, never beside a generation (the A1111 API's
+        unload / reload / refresh routes, ComfyUI's POST /free)."""
+        with self.busy:
+            action()
+
     def unload(self) -> None:
         """Let the model and the refiner go (A1111's unload-checkpoint), and the IP-Adapters and image encoders
         kept for image prompts: the next job, or `pipeline`, loads its model again from the file, its embeddings
