@@ -7,6 +7,7 @@ CHECKPOINT_KEY_NAMES, the original releases), with tiny tensors.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -277,6 +278,22 @@ def _unet_alone(folder: Path) -> Path:
     return path
 
 
+def _prefixed_unet_alone(family: str) -> Callable[[Path], Path]:
+    """A U-Net saved alone with its keys still under a whole checkpoint's model.diffusion_model. prefix (what
+    ComfyUI's UNETLoader also takes)."""
+    def write(folder: Path) -> Path:
+        from bundle_fixtures import tiny_bundle, write_original
+        from safetensors.torch import load_file
+
+        whole = write_original(tiny_bundle(family), folder / "whole.safetensors", junk=False)
+        path = folder / f"{family}-unet.safetensors"
+        save_file({k: v.contiguous() for k, v in load_file(str(whole)).items()
+                   if k.startswith("model.diffusion_model.")}, str(path))
+        whole.unlink()
+        return path
+    return write
+
+
 def _diffusers_unet_weights(folder: Path) -> Path:
     """A diffusers pipeline's unet/ weights file downloaded alone."""
     from bundle_fixtures import tiny_bundle
@@ -297,6 +314,10 @@ def _diffusers_unet_weights(folder: Path) -> Path:
      "--model with a checkpoint of its base model holding it under model.diffusion_model."),
     (_diffusers_unet_weights, "U-Net alone (no text encoder, no VAE)",
      "--model with a copy of its base model's diffusers folder holding it as unet/"),
+    (_prefixed_unet_alone("sd1"), "U-Net alone (no text encoder, no VAE)",
+     "--model with a checkpoint of its base model holding it under model.diffusion_model."),
+    (_prefixed_unet_alone("sdxl"), "U-Net alone (no text encoder, no VAE)",
+     "--model with a checkpoint of its base model holding it under model.diffusion_model."),
 ])
 def test_a_file_of_another_kind_given_as_the_model_says_what_it_is(tmp_path, capsys, write, kind, option):
     """What `sdlab inspect` says of it (`describe_other_kind`), as one line from loading it as the model. Before:
@@ -312,6 +333,24 @@ def test_a_file_of_another_kind_given_as_the_model_says_what_it_is(tmp_path, cap
     assert str(err.value).startswith(f"{path}: this is a {kind}, not a whole model; use it with {option}")
     code, _, stderr = run(["txt2img", "a cat", "--model", str(path), "--out", str(tmp_path / "a.png")], capsys)
     assert code == 2 and stderr.strip() == f"sdlab: error: {err.value}"
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_a_whole_model_without_its_unet_prefix_is_no_unet_alone(tmp_path, family):
+    """A U-Net alone holds nothing else of a model: a whole checkpoint whose U-Net keys lost their
+    model.diffusion_model. prefix (its first_stage_model. and cond_stage_model. / conditioner. keys beside them)
+    is not one, and loading it says what is missing. Before: described as 'U-Net alone (no text encoder, no VAE)'."""
+    from bundle_fixtures import tiny_bundle, write_original
+    from safetensors.torch import load_file
+    from sdlab.checkpoints.other_kinds import describe_other_kind
+
+    whole = write_original(tiny_bundle(family), tmp_path / "whole.safetensors", junk=False)
+    path = tmp_path / "stripped.safetensors"
+    save_file({k.removeprefix("model.diffusion_model."): v.contiguous() for k, v in load_file(str(whole)).items()},
+              str(path))
+    assert describe_other_kind(path) is None
+    with pytest.raises(CheckpointError, match="no key starting with model.diffusion_model."):
+        plan_checkpoint(path)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -273,23 +273,37 @@ def _component(path: Path) -> Description:
             "use": f"--model with the whole pipeline: {where}"}
 
 
-# a U-Net's own keys, without the checkpoint's model.diffusion_model. prefix: (layout, input conv, output conv)
-_UNET_ALONE = (("original (LDM) layout", "input_blocks.0.0.weight", "out.2.weight"),
-               ("diffusers layout", "conv_in.weight", "conv_out.weight"))
+# a U-Net's own keys, without the checkpoint's model.diffusion_model. prefix: (layout, input conv, output conv,
+# the top-level modules its keys are under)
+_UNET_ALONE = (("original (LDM) layout", "input_blocks.0.0.weight", "out.2.weight",
+                {"input_blocks", "middle_block", "output_blocks", "time_embed", "label_emb", "out"}),
+               ("diffusers layout", "conv_in.weight", "conv_out.weight",
+                {"conv_in", "time_embedding", "add_embedding", "class_embedding", "encoder_hid_proj", "down_blocks",
+                 "mid_block", "up_blocks", "conv_norm_out", "conv_out"}))
 
 
 def _unet_alone(path: Path) -> Description:
     """A denoising U-Net saved alone (ComfyUI's UNETLoader files, a diffusers `unet/` weights file downloaded by
-    itself): its input conv, output conv and timestep embedding at the top level, nothing else of a model."""
+    itself): its input conv, output conv and timestep embedding at the top level, or each key under a whole
+    checkpoint's ``model.diffusion_model.`` prefix; nothing else of a model (every key under a U-Net module of
+    its layout: no VAE, no text encoder)."""
     from sdlab.checkpoints.io import read_checkpoint
+    from sdlab.families.base import UNET_PREFIX
 
     if path.is_dir():
         raise CheckpointError(f"{path}: a folder")
     shapes = shapes_of(read_checkpoint(path, shapes_only=True)[0])
-    layout = next((name for name, conv_in, conv_out in _UNET_ALONE if conv_in in shapes and conv_out in shapes), None)
+    if shapes and all(k.startswith(UNET_PREFIX) for k in shapes):
+        shapes = {k.removeprefix(UNET_PREFIX): s for k, s in shapes.items()}
+    layout = next((name for name, conv_in, conv_out, _ in _UNET_ALONE if conv_in in shapes and conv_out in shapes),
+                  None)
     if layout is None or not any(k.startswith(("time_embed.", "time_embedding.")) for k in shapes):
         raise CheckpointError(f"{path}: not a U-Net")
-    conv_in = next(shapes[conv_in] for name, conv_in, _ in _UNET_ALONE if name == layout)
+    conv_in, modules = next((conv_in, modules) for name, conv_in, _, modules in _UNET_ALONE if name == layout)
+    others = sorted({k.split(".", 1)[0] for k in shapes} - modules)
+    if others:
+        raise CheckpointError(f"{path}: not a U-Net alone (also {', '.join(others[:3])})")
+    conv_in = shapes[conv_in]
     contexts = {tuple(s)[1] for k, s in shapes.items() if k.endswith("attn2.to_k.weight") and len(s) == 2}
     facts: dict[str, Any] = {"layout": layout, "input channels": conv_in[1]}
     if contexts:

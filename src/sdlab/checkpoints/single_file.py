@@ -56,6 +56,7 @@ from sdlab.checkpoints.validate import (
     unet_shape_fields,
 )
 from sdlab.families import FamilySpec, TextEncoderSpec
+from sdlab.families.base import UNET_PREFIX
 from sdlab.models.clip import CLIPTextConfig
 from sdlab.models.vae import AutoencoderKL, VAEConfig, normalize_vae_attention_shapes
 
@@ -168,6 +169,10 @@ def read_single_file(path: Path, *, family: str | None = None, vae: str | os.Pat
         override, family_source = metadata[META_FAMILY], f"metadata {META_FAMILY}"
     else:
         override, family_source = None, "detected"
+    if shapes and all(key.startswith(UNET_PREFIX) for key in shapes):          # a U-Net alone, prefixed
+        unet_alone = not_a_model(path)
+        if unet_alone is not None:
+            raise unet_alone
     try:
         spec = detect_family(shapes, override=override)
     except NoUNetError as exc:
