@@ -320,8 +320,10 @@ def test_the_queue_items_extra_data_names_the_client(server):
 def test_a_load_image_reads_comfyuis_annotated_input_name(server):
     """ComfyUI's frontend names a pasted or mask-edited picture "clipspace/<file> [input]" (folder_paths'
     annotated name, which LoadImage's VALIDATE_INPUTS and load_image read as the input folder's <file>): the
-    SetLatentNoiseMask graph of a mask-editor export draws the picture of the plain name. A name annotated with
-    another folder is ComfyUI's value_not_in_list."""
+    SetLatentNoiseMask graph of a mask-editor export draws the picture of the plain name. LoadImage's
+    VALIDATE_INPUTS checks that the file exists, not the list (ComfyUI's execution.py skips the list check of an
+    input it validates): a file no folder holds is custom_validation_failed "Invalid image file"; "name [output]"
+    is a picture of the output folder, as /history names a drawn one."""
     rgb, alpha = upload_holed(server, "edited.png", seed=11)
     data = io.BytesIO()
     Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(data, format="PNG")
@@ -336,8 +338,21 @@ def test_a_load_image_reads_comfyuis_annotated_input_name(server):
     annotated = viewed(server, drawn(server, prompt)[1]["outputs"]["9"]["images"][0])
     prompt["11"]["inputs"]["image"] = "edited.png"
     assert np.array_equal(annotated, viewed(server, drawn(server, prompt)[1]["outputs"]["9"]["images"][0]))
-    prompt["11"]["inputs"]["image"] = "edited.png [output]"
-    assert refused(server, prompt)["node_errors"]["11"]["errors"][0]["type"] == "value_not_in_list"
+    for missing in ("edited.png [output]", "edited.png [temp]", "gone.png", "gone.png [input]"):
+        prompt["11"]["inputs"]["image"] = missing
+        assert refused(server, prompt)["node_errors"]["11"]["errors"] == [{
+            "type": "custom_validation_failed", "message": "Custom validation failed for node",
+            "details": f"image - Invalid image file: {missing}",
+            "extra_info": {"input_name": "image", "received_value": missing}}]
+    image = drawn(server, graph(**{"3.seed": 5}))[1]["outputs"]["9"]["images"][0]
+    again = graph(**{"3.denoise": 0.6, "3.latent_image": ["10", 0]})
+    again["10"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["11", 0], "vae": ["4", 2]}}
+    again["11"] = {"class_type": "LoadImage", "inputs": {"image": f"{image['filename']} [output]"}}
+    del again["5"]
+    from_output = viewed(server, drawn(server, again)[1]["outputs"]["9"]["images"][0])
+    picture = Image.fromarray(viewed(server, image).astype(np.uint8))
+    native = native_pixels(server, {**NATIVE, "mode": "img2img", "init_image": b64_png(picture), "strength": 0.6})
+    assert np.array_equal(from_output, native)
 
 
 def test_a_lora_loader_draws_as_a_native_loras_entry(server):

@@ -54,7 +54,7 @@ from sdlab.pipeline.control import ControlInput
 from sdlab.pipeline.images import comfyui_encoded_mask
 from sdlab.pipeline.prompt_loras import default_lora_dirs
 from sdlab.pipeline.request import HIRES_SIZE, GenerationRequest
-from sdlab.server.comfy_graph import (Choices, GraphError, GraphPlan, check_graph, input_file, node_refusal,
+from sdlab.server.comfy_graph import (Choices, GraphError, GraphPlan, annotated_file, check_graph, node_refusal,
                                       object_info, run_order, second_pass_nodes)
 from sdlab.server.inputs import BadRequest, JobSpec, LoraChoice, image_from_bytes, opened_picture
 from sdlab.server.jobs import IN_TURN, Job, Place
@@ -134,7 +134,11 @@ class ComfyState:
         loras = sorted(self.lora_files())                             # sorted, as ComfyUI's folder_paths
         return Choices(checkpoints=sorted(c.name for c in registry.checkpoints), loras=loras,
                        input_images=self.input_images(), samplers=COMFY_SAMPLERS, vaes=sorted(self.vae_files()),
-                       controlnets=sorted(self.controlnet_files()))
+                       controlnets=sorted(self.controlnet_files()), output_images=self.output_picture_exists)
+
+    def output_picture_exists(self, name: str) -> bool:
+        """Whether `name` is a picture of the server's output folder (a job's, as /history names it)."""
+        return bool(IMAGE_NAME.match(name)) and (self.service.images_dir / name).is_file()
 
     def lora_files(self) -> dict[str, str]:
         """ComfyUI's lora_name list, each to the server's LoRA name: a LoRA by its path under the LoRA folder it
@@ -350,8 +354,13 @@ def _input_picture(state: ComfyState, name: str) -> Image.Image:
 
 
 def _input_bytes(state: ComfyState, name: str) -> bytes:
-    """The bytes of the input-folder file a LoadImage names, "file [input]" too (a 400 where there is none)."""
-    path = _inside(state.input_dir, input_file(name))
+    """The bytes of the picture a LoadImage names: an input-folder file ("file [input]" too), or a picture of the
+    output folder ("file [output]" / "[temp]", `comfy_graph.annotated_file`); a 400 where there is none."""
+    folder, file = annotated_file(name)
+    if folder == "input":
+        path = _inside(state.input_dir, file)
+    else:
+        path = state.service.images_dir / file if state.output_picture_exists(file) else None
     if path is None or not path.is_file():
         raise BadRequest(f"no input picture {name!r}", 400)
     return path.read_bytes()

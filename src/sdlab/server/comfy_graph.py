@@ -39,6 +39,7 @@ The KSampler's sampler_name is ComfyUI's spelling, which brings ComfyUI's conven
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,14 +56,18 @@ LISTED_OUTPUTS = 20
 (execution.py `validate_prompt`): a graph of N bad outputs would answer N^2 ids."""
 CLIP_LAYERS = (-1, -2)                  # the CLIPSetLastLayer values sdlab draws (its clip skip 1, 2)
 MASK_CHANNELS = ("alpha", "red", "green", "blue")   # ComfyUI's LoadImageMask._color_channels
-INPUT_ANNOTATION = " [input]"           # folder_paths.annotated_filepath's suffix naming the input folder
+ANNOTATIONS = ("[output]", "[input]", "[temp]")     # folder_paths.annotated_filepath's folder tags, in its order
 
 
-def input_file(name: str) -> str:
-    """The input-folder file a LoadImage / LoadImageMask `image` names: ComfyUI's annotated name "file [input]"
-    (as its frontend writes a pasted or mask-edited picture, "clipspace/clipspace-mask-1.png [input]") is `file`,
-    as folder_paths.get_annotated_filepath reads it; any other name is the file itself."""
-    return name[:-len(INPUT_ANNOTATION)] if name.endswith(INPUT_ANNOTATION) else name
+def annotated_file(name: str) -> tuple[str, str]:
+    """(folder, file) of the picture a LoadImage / LoadImageMask `image` names, as ComfyUI's
+    folder_paths.annotated_filepath reads it: "file [output]" / "[input]" / "[temp]" a file of that folder (the
+    tag and the character before it cut off: its frontend names a pasted or mask-edited picture
+    "clipspace/clipspace-mask-1.png [input]"); any other name a file of the input folder."""
+    for tag in ANNOTATIONS:
+        if name.endswith(tag):
+            return tag[1:-1], name[:-len(tag) - 1]
+    return "input", name
 
 
 @dataclass(frozen=True)
@@ -183,9 +188,17 @@ class Choices:
     controlnets: list[str] = field(default_factory=list)
     samplers: list[str] = field(default_factory=list)
     schedulers: list[str] = field(default_factory=lambda: list(COMFY_SCHEDULERS))
+    output_images: Callable[[str], bool] = lambda name: False    # whether the output folder holds that picture
 
     def of(self, name: str) -> list[str]:
         return getattr(self, name)
+
+    def has_image(self, name: str) -> bool:
+        """Whether the picture a LoadImage names exists (ComfyUI's folder_paths.exists_annotated_filepath): a file
+        of `input_images`, or of the output folder ("[output]" / "[temp]": sdlab writes both kinds of pictures
+        there)."""
+        folder, file = annotated_file(name)
+        return file in self.input_images if folder == "input" else self.output_images(file)
 
 
 @dataclass(frozen=True)
@@ -395,7 +408,13 @@ class _Checker:
         kind = declared[0]
         if isinstance(kind, list) or kind in _LISTS:
             allowed = kind if isinstance(kind, list) else self.choices.of(kind)
-            if not isinstance(value, str) or (input_file(value) if kind == "input_images" else value) not in allowed:
+            if kind == "input_images":          # LoadImage's VALIDATE_INPUTS: the file named must exist
+                if not isinstance(value, str) or not self.choices.has_image(value):
+                    errors.append(_error("custom_validation_failed", "Custom validation failed for node",
+                                         f"{name} - Invalid image file: {value}", input_name=name,
+                                         received_value=value))
+                return value
+            if not isinstance(value, str) or value not in allowed:
                 shown = str(allowed) if len(allowed) <= 20 else f"(list of length {len(allowed)})"
                 errors.append(_error("value_not_in_list", "Value not in list", f"{name}: '{value}' not in {shown}",
                                      input_name=name, received_value=value))
