@@ -184,3 +184,28 @@ def test_damaged_pictures_are_one_clear_error(tmp_path):
     Image.fromarray(noise).save(tmp_path / "noise.png")
     with pytest.raises(CheckpointError, match="embedding data is damaged"):
         load_embedding(tmp_path / "noise.png")
+
+
+def test_a_lossless_avif_picture_reads_where_pillow_reads_avif(tmp_path):
+    """A1111's embeddings folder also loads `.avif` (and `.jxl`) pictures (textual_inversion.py `load_from_file`,
+    1.10): a lossless AVIF keeps the pixels' data. Read where this Pillow reads AVIF (11.3+); where it does not,
+    the file is not listed (A1111 would log an error for it). Before: `.avif` files were never listed or read."""
+    from sdlab.checkpoints.image_embedding import image_embedding_suffixes
+
+    vectors = _vectors(2, 64, 5)
+    rgb = np.asarray(_insert_image_data_embed(_caption_picture(), _data("inkstyle", vectors)).convert("RGB"))
+    path = tmp_path / "inkstyle-1500.avif"
+    (tmp_path / "inkstyle-1500.preview.avif").write_bytes(b"")
+    if ".avif" not in image_embedding_suffixes():
+        path.write_bytes(b"")
+        assert embedding_files(tmp_path) == []
+        return
+    cv2 = pytest.importorskip("cv2")
+    if not cv2.haveImageWriter(str(path)):
+        pytest.skip("this OpenCV writes no AVIF (the lossless writer the test uses)")
+    assert cv2.imwrite(str(path), rgb[:, :, ::-1], [cv2.IMWRITE_AVIF_QUALITY, 100])     # libavif lossless, BGR in
+    assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), rgb)           # lossless: the data is kept
+    assert embedding_files(tmp_path) == [path]                                          # the preview passed over
+    embedding = load_embedding(path)
+    assert embedding.name == "inkstyle" and embedding.step == 1500
+    assert torch.equal(embedding.vectors[0], vectors)

@@ -6,7 +6,8 @@ File shapes (`.safetensors`, or weights-only `.pt` / `.bin` pickles; nothing pic
 - kohya / A1111 safetensors: `emb_params` (n, d);
 - SDXL (both towers): `clip_l` (n, 768) and `clip_g` (n, 1280);
 - diffusers' `learned_embeds.bin` and other one-key files: {"<token>": (d,) or (n, d)};
-- A1111's embedding pictures (`.png`, `.webp`): an A1111 `.pt`'s dict stored in the picture
+- A1111's embedding pictures (`.png`, `.webp`, `.avif` / `.jxl` where Pillow reads them): an A1111 `.pt`'s dict
+  stored in the picture
   (`sdlab.checkpoints.image_embedding`), named by the `name` it records, as A1111 names them; a picture
   without one (a preview image, `<name>.preview.png`) is skipped quietly in a folder.
 
@@ -31,14 +32,14 @@ import torch
 from torch import Tensor
 
 from sdlab.checkpoints.errors import CheckpointError
-from sdlab.checkpoints.image_embedding import (IMAGE_EMBEDDING_SUFFIXES, NoEmbeddingInPicture, is_preview_picture,
+from sdlab.checkpoints.image_embedding import (NoEmbeddingInPicture, image_embedding_suffixes, is_preview_picture,
                                                read_image_embedding)
 from sdlab.checkpoints.io import read_checkpoint
 from sdlab.families.loaded import ModelBundle, TextEncoder
 
 logger = logging.getLogger(__name__)
 
-EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin", *IMAGE_EMBEDDING_SUFFIXES)
+EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")       # and the pictures Pillow reads (image_embedding_suffixes)
 MAX_VECTORS = 75                    # one chunk: more could never be written in a prompt
 
 
@@ -91,7 +92,7 @@ def _vector_tensors(tensors: Mapping[str, Tensor], path: Path) -> tuple[Tensor, 
 def load_embedding(path: str | os.PathLike[str]) -> Embedding:
     """Read one embedding file; the name is the file's stem (a picture's: the name it records, else the stem)."""
     path = Path(path)
-    picture = path.suffix.lower() in IMAGE_EMBEDDING_SUFFIXES
+    picture = path.suffix.lower() in image_embedding_suffixes()
     tensors, metadata = read_image_embedding(path) if picture else read_checkpoint(path, nested=True)
     vectors = []
     for tensor in _vector_tensors(tensors, path):
@@ -206,7 +207,8 @@ def embedding_files(folder: str | os.PathLike[str]) -> list[Path]:
     if not folder.is_dir():
         raise EmbeddingError(f"{folder}: no such folder of embeddings")
     return sorted(p for p in folder.rglob("*")
-                  if p.is_file() and p.suffix.lower() in EMBEDDING_SUFFIXES and not is_preview_picture(p))
+                  if p.is_file() and p.suffix.lower() in (*EMBEDDING_SUFFIXES, *image_embedding_suffixes())
+                  and not is_preview_picture(p))
 
 
 class FoundEmbeddings(NamedTuple):

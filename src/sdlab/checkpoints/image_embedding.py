@@ -1,5 +1,6 @@
 """Textual-inversion embeddings stored in a picture, as A1111's training writes them beside its `.pt` files
-(`modules/textual_inversion/image_embedding.py`) and its embeddings folder loads them (`.png`, `.webp`).
+(`modules/textual_inversion/image_embedding.py`) and its embeddings folder loads them (`.png`, `.webp`, `.avif`,
+`.jxl`: each where this Pillow reads it, `image_embedding_suffixes`; a lossless AVIF keeps the pixels' data).
 
 The picture carries the embedding's data (A1111's `.pt` dict: `string_to_param`, `name`, `step`, ...) as JSON
 in which each tensor is ``{"TORCHTENSOR": nested lists}``, in one of two ways:
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import zlib
 from pathlib import Path
@@ -30,9 +32,10 @@ from torch import Tensor
 
 from sdlab.checkpoints.errors import CheckpointError
 
-__all__ = ["IMAGE_EMBEDDING_SUFFIXES", "NoEmbeddingInPicture", "is_preview_picture", "read_image_embedding"]
+__all__ = ["A1111_PICTURE_SUFFIXES", "NoEmbeddingInPicture", "image_embedding_suffixes", "is_preview_picture",
+           "read_image_embedding"]
 
-IMAGE_EMBEDDING_SUFFIXES = (".png", ".webp")
+A1111_PICTURE_SUFFIXES = (".png", ".webp", ".avif", ".jxl")     # textual_inversion.py `load_from_file`
 TEXT_CHUNK = "sd-ti-embedding"
 MAX_JSON_BYTES = 64 * 2**20          # 75 vectors of 1280 + 768 floats are a few MB of JSON; a zlib bomb is refused
 
@@ -41,9 +44,20 @@ class NoEmbeddingInPicture(CheckpointError):
     """A picture that holds no embedding (a preview image beside the embeddings)."""
 
 
+@functools.cache
+def image_embedding_suffixes() -> tuple[str, ...]:
+    """The suffixes of A1111's embedding pictures that this Pillow opens: `.png`, `.webp`, `.avif` from Pillow
+    11.3 (where it is built with libavif), `.jxl` where Pillow reads JPEG XL (Pillow 13 does not). Asked once:
+    importing Pillow's plugins costs a fraction of a second."""
+    from PIL import Image
+
+    readable = {suffix for suffix, kind in Image.registered_extensions().items() if kind in Image.OPEN}
+    return tuple(suffix for suffix in A1111_PICTURE_SUFFIXES if suffix in readable)
+
+
 def is_preview_picture(path: Path) -> bool:
     """`<name>.preview.png`: the preview picture A1111 and its extensions keep beside an embedding, never read."""
-    return path.suffix.lower() in IMAGE_EMBEDDING_SUFFIXES and Path(path.stem).suffix.lower() == ".preview"
+    return path.suffix.lower() in A1111_PICTURE_SUFFIXES and Path(path.stem).suffix.lower() == ".preview"
 
 
 def read_image_embedding(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
