@@ -65,6 +65,14 @@ def test_folder_outputs_are_numbered_like_a1111_and_never_overwritten(models, tm
     assert all((out / name).read_bytes() == data for name, data in first.items())
 
 
+def test_folder_output_names_keep_a_prompts_words_in_any_script(models, tmp_path, capsys):
+    """A1111 keeps a prompt's non-ASCII words in its file names; sdlab dropped them ('猫 on blue' -> 'on-blue')."""
+    out = tmp_path / "outputs"
+    code, stdout, _ = run(["txt2img", "猫 on blue, café_au_lait", "--model", str(models["a"]), "--out", str(out),
+                           *FAST], capsys)
+    assert code == 0 and [p.name for p in out.iterdir()] == ["00000-5-猫-on-blue-café-au-lait.png"]
+    assert stdout.strip() == str(out / "00000-5-猫-on-blue-café-au-lait.png")
+
 @pytest.mark.parametrize("suffix, fmt", [(".jpg", "JPEG"), (".webp", "WEBP")])
 def test_out_jpg_and_webp_write_those_formats_with_the_parameters(models, tmp_path, capsys, suffix, fmt):
     out = tmp_path / f"x{suffix}"

@@ -844,7 +844,9 @@ def _output_target(out: str) -> tuple[Path, str | None]:
 
 
 def _slug(prompt: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:48] or "image"
+    """The prompt in a file name: its letters and digits in any script (A1111 keeps a prompt's non-ASCII words
+    too), every run of anything else one '-', at most 48 characters."""
+    return re.sub(r"[\W_]+", "-", prompt.lower()).strip("-")[:48].rstrip("-") or "image"
 
 
 def _next_number(folder: Path) -> int:
