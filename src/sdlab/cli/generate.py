@@ -475,7 +475,9 @@ def _add_inpaint_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_hires_flags(p: argparse.ArgumentParser) -> None:
+def _add_hires_flags(p: argparse.ArgumentParser, from_png: bool = True) -> None:
+    """The hires fix options (`from_png`: the command has --from-png and --models-dir, which --hr-upscaler's name
+    lookup then reads)."""
     p.add_argument("--hr-scale", type=float, metavar="S",
                    help="hires fix (A1111): draw at --width x --height, upscale by S (>= 1), redraw with img2img")
     p.add_argument("--hr-size", metavar="WxH", help="hires fix to this size instead of --hr-scale (0 for a side keeps "
@@ -483,8 +485,9 @@ def _add_hires_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hr-upscaler", metavar="NAME|FILE",
                    help='"Latent" (default), "Latent (bicubic)", "Latent (antialiased)", "Latent (nearest)", ..., '
                         "Lanczos, Nearest, or an upscaler model file (ESRGAN / Real-ESRGAN): a path, or a name "
-                        "(the file's stem, or A1111's 'R-ESRGAN 4x+') beside the --from-png picture, in the current "
-                        "folder or in a --models-dir's ESRGAN / RealESRGAN folder")
+                        "(the file's stem, or A1111's 'R-ESRGAN 4x+') "
+                        + ("beside the --from-png picture, in the current folder or in a --models-dir's ESRGAN / "
+                           "RealESRGAN folder" if from_png else "in the current folder"))
     p.add_argument("--hr-steps", type=int, metavar="N", help="second-pass steps (default 0: as many as the first pass)")
     p.add_argument("--hr-denoise", type=float, metavar="D",
                    help="second-pass denoising strength above 0; above 1 draws as 1 (default 0.7)")

@@ -104,7 +104,7 @@ def add_grid(subparsers: argparse._SubParsersAction) -> None:
     _add_sampling_flags(p, from_png=False)
     _add_run_flags(p, from_png=False)
     add_style_flags(p, from_png=False)
-    _add_hires_flags(p)
+    _add_hires_flags(p, from_png=False)
     _add_init_flags(p, "init image: every cell is an img2img of it", "0.75", from_png=False)
     p.set_defaults(run=run_grid, from_png=None)
 
