@@ -297,7 +297,8 @@ def test_a_resume_from_another_working_directory_names_no_output_dir_change(tiny
 
 def test_a_resume_whose_dataset_moved_says_what_to_do(tiny, tmp_path, capsys):
     """Before, 'sdlab: error: dataset folder /abs/data does not exist', no word that it is the folder the
-    checkpoint names nor what to do (a changed --data-dir is refused: the path defines the run)."""
+    checkpoint names nor what to do (a changed --data-dir is refused: the path defines the run); and
+    'sdlab: resuming ... to step 2' was printed before the error."""
     model, _ = tiny
     data = write_caption_folder(tmp_path / "data", n=2, size=24)
     out = tmp_path / "run"
@@ -311,6 +312,7 @@ def test_a_resume_whose_dataset_moved_says_what_to_do(tiny, tmp_path, capsys):
         f"sdlab: error: --data-dir {data}, which the run of {out / 'checkpoints' / 'step-00000001.pt'} trained on, "
         f"does not exist (moved?): a run resumes on the folder it trained on (its path defines the run); put the "
         f"dataset back there, or train a new run on it (another --output-dir)")
+    assert "resuming" not in err              # a refused resume is not announced first (it was, before this error)
 
 
 def test_a_loss_that_becomes_nan_is_one_error_line_without_a_warning(tiny, tmp_path, capsys):

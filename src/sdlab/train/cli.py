@@ -361,8 +361,6 @@ def run_from_config(cfg: TrainConfig, ctx: DistContext | None = None, resume: Re
             check_resume(resume, cfg, cfg.global_batch(ctx.world_size))
         lock = _lock_run_folder(cfg, ctx)
         _refuse_to_mix(cfg, resume)
-        if resuming and ctx.is_main:
-            print(resuming, file=sys.stderr)
         if resume is not None and not Path(cfg.data_dir).exists():
             raise TrainError(f"--data-dir {cfg.data_dir}, which the run of {resume.path} trained on, does not exist "
                              f"(moved?): a run resumes on the folder it trained on (its path defines the run); put "
@@ -371,6 +369,8 @@ def run_from_config(cfg: TrainConfig, ctx: DistContext | None = None, resume: Re
         cfg = replace(cfg, data_layout=scan.layout)     # what auto chose, stored in the run checkpoints
         if resume is not None:
             check_resume(resume, cfg, cfg.global_batch(ctx.world_size))
+        if resuming and ctx.is_main:                    # announced once the checkpoint fits the run and its data
+            print(resuming, file=sys.stderr)
         _claim_output_dir(cfg, resume, ctx.is_main)
         _make_output_dir(cfg.output_dir)
         torch.manual_seed(cfg.seed)  # LoRA initialisation and anything else drawn at set-up
