@@ -426,6 +426,52 @@ def test_a_vae_in_a_subfolder_is_named_by_its_path_as_comfyui_names_it(server):
         server.post("/sdapi/v1/refresh-vae")
 
 
+def test_files_of_one_name_in_two_subfolders_are_each_listed_and_drawn_as_comfyui(server):
+    """ComfyUI lists and loads every file of its LoRA and VAE folders by its path there: Lora/a/inked.safetensors
+    and Lora/b/inked.safetensors are two lora_names, each drawn with its own file (the A1111 list keeps one
+    "inked", the first; the other is the native API's "./b/inked.safetensors"); VAE/a/x and VAE/b/x likewise (A1111's
+    list keeps the later, b/x)."""
+    lora_dir = server.app.state.comfy.service.config.models_dir / "Lora"
+    vae_dir = server.app.state.comfy.service.config.vae_dir
+    for folder in (lora_dir / "a", lora_dir / "b", vae_dir / "a", vae_dir / "b"):
+        folder.mkdir()
+    made = [_lora(lora_dir / "a" / "inked.safetensors", scale=0.7), _lora(lora_dir / "b" / "inked.safetensors",
+                                                                          scale=1.3)]
+    for sub, seed in (("a", 97), ("b", 5)):
+        _vae_file(vae_dir / sub / "x.safetensors", seed=seed)
+        made.append(vae_dir / sub / "x.safetensors")
+    try:
+        assert server.post("/sdapi/v1/refresh-loras").status_code == 200
+        assert server.post("/sdapi/v1/refresh-vae").status_code == 200
+        assert server.get("/models/loras").json() == ["a/inked.safetensors", "b/inked.safetensors", "style.safetensors"]
+        assert server.get("/models/vae").json() == ["a/x.safetensors", "b/x.safetensors", "other.safetensors"]
+        assert [l["name"] for l in server.get("/sdapi/v1/loras").json()].count("inked") == 1
+        assert [v["model_name"] for v in server.get("/sdapi/v1/sd-vae").json()].count("x.safetensors") == 1
+        lora_pixels = {}
+        for sub, native_name in (("a", "inked"), ("b", "./b/inked.safetensors")):
+            prompt = graph(**{"3.model": ["10", 0], "6.clip": ["10", 1], "7.clip": ["10", 1]})
+            prompt["10"] = {"class_type": "LoraLoader", "inputs": {"model": ["4", 0], "clip": ["4", 1],
+                                                                   "strength_model": 0.8, "strength_clip": 0.8,
+                                                                   "lora_name": f"{sub}/inked.safetensors"}}
+            lora_pixels[sub] = viewed(server, drawn(server, prompt)[1]["outputs"]["9"]["images"][0])
+            assert np.array_equal(lora_pixels[sub], native_pixels(
+                server, {**NATIVE, "loras": [{"name": native_name, "weight": 0.8}]}))
+        assert np.abs(lora_pixels["a"] - lora_pixels["b"]).max() > 3
+        vae_pixels = {}
+        for sub, native_name in (("a", "./a/x.safetensors"), ("b", "x.safetensors")):
+            prompt = graph(**{"8.vae": ["10", 0]})
+            prompt["10"] = {"class_type": "VAELoader", "inputs": {"vae_name": f"{sub}/x.safetensors"}}
+            vae_pixels[sub] = viewed(server, drawn(server, prompt)[1]["outputs"]["9"]["images"][0])
+            assert np.array_equal(vae_pixels[sub], native_pixels(server, {**NATIVE, "vae": native_name}))
+        assert np.abs(vae_pixels["a"] - vae_pixels["b"]).max() > 10
+    finally:
+        for path in made:
+            path.unlink()
+            path.parent.rmdir()
+        server.post("/sdapi/v1/refresh-loras")
+        server.post("/sdapi/v1/refresh-vae")
+
+
 def test_a_ksampler_advanced_that_is_a_ksampler_draws_as_one(server):
     advanced = graph()
     advanced["3"] = {"class_type": "KSamplerAdvanced", "inputs": {

@@ -52,14 +52,12 @@ from torch import Tensor
 from sdlab.diffusion.samplers import SAMPLER_TABLE
 from sdlab.pipeline.control import ControlInput
 from sdlab.pipeline.images import comfyui_encoded_mask
-from sdlab.pipeline.prompt_loras import default_lora_dirs
 from sdlab.pipeline.request import HIRES_SIZE, GenerationRequest
 from sdlab.server.comfy_graph import (Choices, GraphError, GraphPlan, annotated_file, check_graph, node_refusal,
                                       object_info, run_order, second_pass_nodes)
 from sdlab.server.inputs import BadRequest, JobSpec, LoraChoice, image_from_bytes, opened_picture
 from sdlab.server.jobs import IN_TURN, Job, Place
 from sdlab.server.native import IMAGE_NAME, opened_file
-from sdlab.server.registry import LORA_FOLDERS
 from sdlab.server.service import Service
 
 INPUT_FOLDER = "comfy_input"
@@ -143,24 +141,18 @@ class ComfyState:
     def lora_files(self) -> dict[str, str]:
         """ComfyUI's lora_name list, each to the server's LoRA name: a LoRA by its path under the LoRA folder it
         was found in, with its suffix ("sub/detail.safetensors", as ComfyUI's folder_paths names a file in a
-        subfolder)."""
-        registry = self.service.registry
-        bases = [registry.models_dir / folder for folder in LORA_FOLDERS] if registry.models_dir is not None else []
-        bases += default_lora_dirs(registry.startup_model)
-        files = {}
-        for lora in registry.loras:
-            base = next((b for b in bases if lora.path.is_relative_to(b)), lora.path.parent)
-            files[lora.path.relative_to(base).as_posix()] = lora.name
-        return files
+        subfolder), every file of a stem two folders hold too (`ModelRegistry.lora_names`)."""
+        return self.service.registry.lora_names()
 
     def vae_files(self) -> dict[str, str]:
         """ComfyUI's vae_name list, each to the server's VAE name: a file of the VAE folder by its path there
-        ("sub/kl-f8.safetensors", as ComfyUI's folder_paths names a file in a subfolder), any other file of the
-        server's VAE list (a checkpoint's sidecar) by its name."""
+        ("sub/kl-f8.safetensors", as ComfyUI's folder_paths names a file in a subfolder; every file of a name two
+        folders hold, `VaeFiles.folder_names`), any other file of the server's VAE list (a checkpoint's sidecar)
+        by its name."""
         vaes = self.service.registry.vaes
-        folder, files = vaes.vae_folder, list(vaes.files)         # the list a refresh replaces whole
-        return {(f.path.relative_to(folder).as_posix() if folder is not None and f.path.is_relative_to(folder)
-                 else f.name): f.name for f in files}
+        folder = vaes.vae_folder
+        others = {f.name: f.name for f in list(vaes.files) if folder is None or not f.path.is_relative_to(folder)}
+        return {**others, **vaes.folder_names()}
 
     def controlnet_files(self) -> dict[str, Path]:
         """ComfyUI's control_net_name list: the ControlNets and T2I-Adapters of the server's ControlNet folder by

@@ -328,7 +328,8 @@ def _vae_fields(service: Service, name: str | None) -> dict[str, Any]:
     """`JobSpec`'s VAE fields of the job's `vae`: null, "Automatic" or "auto" draw a single-file model with the
     VAE A1111's Automatic finds near it (`VaeFiles.near`: the first listed file whose name starts with the model's
     stem, else the sidecar beside it), if any, "None" with its own, a name of the server's VAE list
-    (`GET /sdapi/v1/sd-vae`) with that file; another name is a 404 naming the list, as an unknown LoRA's."""
+    (`GET /sdapi/v1/sd-vae`) with that file (or a VAE-folder file by its path there, `VaeFiles.find`); another name
+    is a 404 naming the list, as an unknown LoRA's."""
     if name is None or name in AUTOMATIC_VAE:
         return {}
     if name == "None":
@@ -337,7 +338,7 @@ def _vae_fields(service: Service, name: str | None) -> dict[str, Any]:
     if found is None:
         known = ", ".join(service.registry.vaes.names()) or "none"
         raise BadRequest(f"unknown VAE {name!r}; this server has: {known}", 404, "VAE not found")
-    return {"sidecar_vae": False, "vae": found.name}
+    return {"sidecar_vae": False, "vae": name}           # the name `find` takes: a path for a file named twice
 
 
 def _styled_texts(service: Service, body: JobIn) -> dict[str, str]:

@@ -163,6 +163,7 @@ class ModelRegistry:
         self._lock = threading.Lock()
         self.checkpoints: list[Checkpoint] = []
         self.loras: list[Lora] = []
+        self.lora_paths: dict[str, Lora] = {}     # every LoRA file by its path under the LoRA folder it is in
         self.refresh()
         self.vaes = VaeFiles(self._checkpoints_root() if self.models_dir is not None else None, vae_dir)
 
@@ -174,7 +175,7 @@ class ModelRegistry:
             self._hashed = {(c.path, c.version): c.sha256 for c in self.checkpoints if c.sha256 and c.version}
         checkpoints = [self._checkpoint(self.startup_model, self._relative_name(self.startup_model))]
         checkpoints[0].calculate_hash()
-        loras: list[Lora] = []
+        loras: list[tuple[Path, Lora]] = []             # (its LoRA folder, the LoRA)
         if self.models_dir is not None:
             for path in self._checkpoint_files():
                 if path != self.startup_model:
@@ -182,11 +183,16 @@ class ModelRegistry:
             for folder in LORA_FOLDERS:
                 base = self.models_dir / folder
                 if base.is_dir():
-                    loras += _readable_loras(p for p in sorted(base.rglob("*")) if self._inside(p))
+                    loras += [(base, lora) for lora in
+                              _readable_loras(p for p in sorted(base.rglob("*")) if self._inside(p))]
         for base in default_lora_dirs(self.startup_model):
-            loras += _readable_loras(sorted(base.glob("*")))
+            loras += [(base, lora) for lora in _readable_loras(sorted(base.glob("*")))]
+        paths: dict[str, Lora] = {}
+        for base, lora in loras:
+            paths.setdefault(lora.path.relative_to(base).as_posix(), lora)
         with self._lock:
-            self.checkpoints, self.loras = checkpoints, _unique_names(loras)
+            self.checkpoints, self.loras = checkpoints, _unique_names([lora for _, lora in loras])
+            self.lora_paths = paths
 
     @property
     def default(self) -> Checkpoint:
@@ -205,8 +211,21 @@ class ModelRegistry:
         return None
 
     def lora(self, name: str) -> Lora | None:
+        """The LoRA of `name` (A1111's: the file's stem, the first file of it found), else the LoRA file whose path
+        under its LoRA folder `name` is ("sub/inked.safetensors", "./" before it or not: ComfyUI's lora_name),
+        the way to a file whose stem an earlier file has; None for neither."""
         with self._lock:
-            return next((lora for lora in self.loras if lora.name == name), None)
+            named = next((lora for lora in self.loras if lora.name == name), None)
+            return named or self.lora_paths.get(name.removeprefix("./"))
+
+    def lora_names(self) -> dict[str, str]:
+        """Each LoRA file by its path under its LoRA folder (ComfyUI's lora_name), to the name `lora` finds it by:
+        its stem, or "./" and that path for a file whose stem an earlier file has (two folders each holding an
+        inked.safetensors)."""
+        with self._lock:
+            named = {lora.name: lora for lora in self.loras}
+            return {path: lora.name if named.get(lora.name) == lora else f"./{path}"
+                    for path, lora in self.lora_paths.items()}
 
     def _checkpoints_root(self) -> Path:
         """The folder checkpoints are found in: `--models-dir`, or its `Stable-diffusion/` folder."""

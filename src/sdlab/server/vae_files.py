@@ -2,8 +2,9 @@
 `sd_vae.refresh_vae_list` finds them: the sidecar VAEs `*.vae.ckpt`, then `*.vae.pt`, then `*.vae.safetensors`
 under the checkpoints folder, then every `*.ckpt`, `*.pt`, `*.safetensors` under the VAE folder (`--vae-dir`,
 default `<models-dir>/VAE`), subfolders too. A file is named by its file name; a later file of the same name
-takes the name over where the first one stood (A1111's `vae_dict[name] = filepath`). Clients pick by name only,
-never by path, so nothing outside these folders is loaded; symlinks that leave their folder are skipped.
+takes the name over where the first one stood (A1111's `vae_dict[name] = filepath`); ComfyUI's API names a VAE
+folder file by its path there (`find`'s second way, `folder_names`). Clients pick by these names only, never by a
+path of their own, so nothing outside these folders is loaded; symlinks that leave their folder are skipped.
 
 Which file a model is drawn with is A1111's `resolve_vae` (`VaeChoice`, `vae_to_load`).
 """
@@ -44,22 +45,38 @@ class VaeFiles:
         self.vae_folder = vae_folder.resolve() if vae_folder is not None else None
         self._lock = threading.Lock()
         self.files: list[VaeFile] = []
+        self.folder_files: dict[str, VaeFile] = {}   # every file of the VAE folder by its path there
         self.refresh()
 
     def refresh(self) -> None:
         """Rescan both folders (A1111's refresh-vae)."""
         found: dict[str, Path] = {}
+        in_folder: dict[str, VaeFile] = {}
         for folder, suffixes in ((self.checkpoints_folder, VAE_SUFFIXES), (self.vae_folder, VAE_FOLDER_SUFFIXES)):
             for suffix in suffixes:
                 for path in _files(folder, suffix):
                     found[path.name] = path
+                    if folder == self.vae_folder and folder is not None:
+                        in_folder[path.relative_to(folder).as_posix()] = VaeFile(path)
         with self._lock:
             self.files = [VaeFile(path) for path in found.values()]
+            self.folder_files = dict(sorted(in_folder.items()))
 
     def find(self, name: str) -> VaeFile | None:
-        """The file of the list named `name` (its file name, exactly as A1111's `vae_dict.get`)."""
+        """The file of the list named `name` (its file name, exactly as A1111's `vae_dict.get`), else the VAE
+        folder's file whose path there `name` is ("sub/kl-f8.safetensors", "./" before it or not: ComfyUI's
+        vae_name), the way to a file whose name a later one took."""
         with self._lock:
-            return next((f for f in self.files if f.name == name), None)
+            named = next((f for f in self.files if f.name == name), None)
+            return named or self.folder_files.get(name.removeprefix("./"))
+
+    def folder_names(self) -> dict[str, str]:
+        """Each file of the VAE folder by its path there (ComfyUI's vae_name), to the name `find` finds it by: its
+        file name, or "./" and that path for a file whose name a later one took (VAE/a/x.safetensors beside
+        VAE/b/x.safetensors)."""
+        with self._lock:
+            named = {f.name: f for f in self.files}
+            return {path: f.name if named.get(f.name) == f else f"./{path}" for path, f in self.folder_files.items()}
 
     def names(self) -> list[str]:
         with self._lock:
