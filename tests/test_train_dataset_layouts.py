@@ -328,6 +328,35 @@ def test_metadata_files_that_cannot_be_read_say_why(tmp_path, caplog):
         scan_dataset(tmp_path, layout="kohya")
 
 
+def test_a_malformed_metadata_csv_is_one_error_naming_its_line(tmp_path):
+    """Before, the CSV was read leniently: a quote never closed took in every row after it (0.png trained on
+    'unterminated\n1.png,y', 1.png dropped, no word); a cell over csv's field limit ended in 'internal error:
+    Error: field larger than field limit'. pandas' read_csv, which Hugging Face imagefolder uses, refuses the first
+    ('EOF inside string')."""
+    images(tmp_path, 2)
+    meta = tmp_path / "metadata.csv"
+    meta.write_text('file_name,text\n\n0.png,"unterminated\n1.png,y\n')
+    with pytest.raises(TrainError) as err:
+        scan_dataset(tmp_path)
+    assert str(err.value) == (f'{meta}: the row starting on line 3 is not well-formed CSV: a quoted cell is never '
+                              f'closed (the file ends inside it); close it with ", and write a " inside a quoted '
+                              f'cell twice ("")')
+    meta.write_text('file_name,text\n0.png,"a "quoted" word"\n')
+    with pytest.raises(TrainError, match="the row starting on line 2 is not well-formed CSV: \',\' expected after"):
+        scan_dataset(tmp_path)
+    meta.write_text('file_name,text\n0.png,"' + "x" * 131_073 + '"\n1.png,y\n')
+    with pytest.raises(TrainError, match="line 2 is not well-formed CSV: a cell is over 131,072 characters"):
+        scan_dataset(tmp_path)
+
+
+def test_of_two_metadata_csv_columns_of_one_name_the_first_is_read(tmp_path):
+    """As pandas' read_csv reads the header (pandas/io/parsers/base_parser.py ``_dedup_names``, pandas 2.2: the
+    second 'text' becomes 'text.1'), so Hugging Face imagefolder trains on the first. Before: the last."""
+    images(tmp_path, 2)
+    (tmp_path / "metadata.csv").write_text("file_name,text,text\n0.png,first,second\n1.png,one\n")
+    assert [s.caption for s in scan_dataset(tmp_path).samples] == ["first", "one"]
+
+
 def test_metadata_rows_without_a_text_caption_are_named_with_their_keys(tmp_path, caplog):
     """Before, rows that name their caption otherwise (diffusers' --caption_column, "prompt") were each
     skipped as an "empty or missing caption", no line saying what the rows lacked."""

@@ -223,20 +223,56 @@ def _jsonl_rows(meta: Path) -> Iterator[tuple[int, object]]:
 def _csv_rows(meta: Path) -> Iterator[tuple[int, object]]:
     """(line number, {column: cell}) of each non-blank row of a ``metadata.csv`` (Hugging Face imagefolder's
     other metadata file: a header row naming the columns, ``file_name`` and ``text``), read as UTF-8 after a
-    byte-order mark (Excel's "CSV UTF-8"); a file that is not UTF-8 text is a `TrainError`."""
+    byte-order mark (Excel's "CSV UTF-8"). Read strictly, as pandas' ``read_csv`` (which imagefolder uses) reads
+    it: a file that is not UTF-8 text or not well-formed CSV is a `TrainError` naming the line (`_csv_cells`).
+    Of two columns of one name the first is read, as pandas reads it (it renames the second ``text.1``); cells
+    past the header's columns are not read."""
     raw = meta.read_bytes().removeprefix(codecs.BOM_UTF8)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise TrainError(f"{meta} is not UTF-8 text (the byte 0x{raw[err.start]:02X} at byte {err.start + 1}); "
                          f"save it as CSV UTF-8") from None
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    if reader.fieldnames is None or not {"file_name", "file"} & set(reader.fieldnames):
+    rows = _csv_cells(meta, text)
+    header = next((cells for _, cells in rows), None)
+    if header is None or not {"file_name", "file"} & set(header):
         raise TrainError(f"{meta}: its first row names the columns, and a file_name column is needed "
-                         f"(it has {', '.join(map(repr, reader.fieldnames or [])) or 'none'})")
-    for row in reader:
-        if any((cell or "").strip() for key, cell in row.items() if key is not None):
-            yield reader.line_num, row
+                         f"(it has {', '.join(map(repr, header or [])) or 'none'})")
+    columns: dict[str, int] = {}                        # column name -> index of its first column
+    for index, name in enumerate(header):
+        columns.setdefault(name, index)
+    for number, cells in rows:
+        if any(cell.strip() for cell in cells[:len(header)]):
+            yield number, {name: cells[index] if index < len(cells) else None for name, index in columns.items()}
+
+
+def _csv_cells(meta: Path, text: str) -> Iterator[tuple[int, list[str]]]:
+    """(line the row starts on, its cells) of each non-blank row of CSV ``text``, read with ``strict=True``: a
+    quote never closed (which would take in every row after it) or a stray quote after a quoted cell is a
+    `TrainError` naming ``meta`` and the line, as is a cell over csv's field limit (131,072 characters)."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    while True:
+        start = reader.line_num + 1
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            raise TrainError(f"{meta}: the row starting on line {start} is not well-formed CSV: "
+                             f"{_csv_fault(str(err))}") from None
+        if cells:                                       # a blank line reads as []
+            yield start, cells
+
+
+def _csv_fault(error: str) -> str:
+    """What Python's csv error ``error`` means for whoever wrote the file."""
+    if error == "unexpected end of data":
+        return ('a quoted cell is never closed (the file ends inside it); close it with ", and write a " inside '
+                'a quoted cell twice ("")')
+    if error.startswith("field larger than field limit"):
+        return (f"a cell is over {csv.field_size_limit():,} characters, the most read (is a quoted cell never "
+                f"closed, taking in the lines after it?)")
+    return f'{error} (a " inside a quoted cell is written twice: "")'
 
 
 def _read_metadata(root: Path, meta: Path, scan: DatasetScan) -> list[tuple[Path, str | None]]:
