@@ -447,6 +447,23 @@ def test_caption_files_with_a_byte_order_mark_train_their_text(tmp_path, caplog)
     assert [(s.path.name, s.caption) for s in scan_dataset(tmp_path / "kohya").samples] == [("0.png", ""), ("1.png", "first line")]
 
 
+def test_a_damaged_utf16_caption_is_named_so(tmp_path, caplog):
+    """Before, a UTF-16 caption cut short (its byte-order mark kept) was called 'not UTF-8 text', with the advice
+    to convert it from Latin-1 (iconv -f latin1), which would garble it."""
+    images(tmp_path, 3)
+    (tmp_path / "0.txt").write_bytes(codecs.BOM_UTF16_LE + b"a\x00b")                 # an odd byte last
+    (tmp_path / "1.txt").write_bytes(codecs.BOM_UTF32_BE + b"\x00\x11\x00\x00")         # past U+10FFFF
+    (tmp_path / "2.txt").write_text("fine")
+    with caplog.at_level(logging.WARNING):
+        scan = scan_dataset(tmp_path)
+    assert [s.caption for s in scan.samples] == ["fine"] and scan.skipped == {"bad_caption": 2}
+    assert (f"skipping {tmp_path / '0.png'}: its caption {tmp_path / '0.txt'} starts with a UTF-16 byte-order mark "
+            f"but is damaged UTF-16 text (truncated data at byte 5 of 5); save it again (as UTF-8, or as "
+            f'"Unicode")') in caplog.text
+    assert "damaged UTF-32 text (code point not in range(0x110000) at byte 5 of 8)" in caplog.text
+    assert "latin1" not in caplog.text
+
+
 def _jpeg(path: Path, i: int) -> bytes:
     """A JPEG whose compressed data is most of the file (noise), so a cut lands in it, not in the headers."""
     noise = np.random.default_rng(i).integers(0, 256, (96, 96, 3), dtype=np.uint8)

@@ -402,18 +402,28 @@ def _caption_words(caption: str | None) -> str:
     return (caption or "").removeprefix("\ufeff").strip()
 
 
+def _caption_fault(err: UnicodeDecodeError) -> str:
+    """Why a caption file's bytes are not text, and what to do: UTF-8 text that is not (most often Latin-1), or,
+    behind a UTF-16 / UTF-32 byte-order mark, a damaged file of that encoding (cut short, a broken surrogate)."""
+    if err.encoding.startswith(("utf-16", "utf-32")):
+        name = err.encoding[:6].upper()
+        return (f"starts with a {name} byte-order mark but is damaged {name} text ({err.reason} at byte "
+                f"{err.start + 1} of {len(err.object)}); save it again (as UTF-8, or as \"Unicode\")")
+    return (f"is not UTF-8 text: the byte 0x{err.object[err.start]:02X} at byte {err.start + 1}; convert it to "
+            f"UTF-8 first (e.g. iconv -f latin1 -t utf-8)")
+
+
 def _read_captions(images: list[Path], extension: str, scan: DatasetScan) -> list[tuple[Path, str | None]]:
     """(image, its same-name ``extension`` caption or None); an image whose caption file is not UTF-8 (or UTF-16 /
-    UTF-32 with a byte-order mark) text is skipped with a warning naming the file and counted as ``bad_caption``."""
+    UTF-32 with a byte-order mark) text is skipped with a warning naming the file and why (`_caption_fault`) and
+    counted as ``bad_caption``."""
     entries = []
     for path in images:
         caption = _caption_file(path, extension)
         try:
             entries.append((path, _caption_text(caption.read_bytes()) if caption.is_file() else None))
         except UnicodeDecodeError as err:
-            logger.warning("skipping %s: its caption %s is not UTF-8 text: the byte 0x%02X at byte %d; convert it "
-                           "to UTF-8 first (e.g. iconv -f latin1 -t utf-8)", path, caption, err.object[err.start],
-                           err.start + 1)
+            logger.warning("skipping %s: its caption %s %s", path, caption, _caption_fault(err))
             scan.skipped["bad_caption"] += 1
     return entries
 
