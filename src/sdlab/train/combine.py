@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 from sdlab.train.data import scan_dataset
 from sdlab.utils.files import atomic_write
@@ -23,11 +24,17 @@ from sdlab.utils.files import atomic_write
 logger = logging.getLogger(__name__)
 
 
-def combine(out: str | os.PathLike[str], sources: list[str | os.PathLike[str]]) -> int:
-    """Write ``out/metadata.jsonl`` listing every sample of ``sources``; returns how many it lists."""
+class Listed(NamedTuple):
+    """What a combined metadata.jsonl lists: distinct images, and lines (an image of a repeat folder on several)."""
+    images: int
+    lines: int
+
+
+def combine(out: str | os.PathLike[str], sources: list[str | os.PathLike[str]]) -> Listed:
+    """Write ``out/metadata.jsonl`` listing every sample of ``sources``; returns how many images and lines."""
     out = Path(out)
     root = out.resolve()
-    lines = []
+    lines, images = [], set()
     for source in sources:
         samples = scan_dataset(source).samples
         uncaptioned = [sample.path for sample in samples if not sample.caption]
@@ -37,12 +44,14 @@ def combine(out: str | os.PathLike[str], sources: list[str | os.PathLike[str]]) 
         for sample in samples:
             name = os.path.relpath(sample.path.resolve(), root)
             line = json.dumps({"file_name": name, "text": sample.caption}, ensure_ascii=False)
-            lines += [line] * sample.repeats if sample.caption else []
+            if sample.caption:
+                lines += [line] * sample.repeats
+                images.add(sample.path.resolve())
     if not lines:
         raise ValueError("the source folders hold no usable (image, caption) pairs")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "metadata.jsonl", lambda tmp: tmp.write_text("\n".join(lines) + "\n", encoding="utf-8"))
-    return len(lines)
+    return Listed(len(images), len(lines))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -51,11 +60,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("sources", nargs="+", help="training folders to list")
     args = parser.parse_args(argv)
     try:
-        count = combine(args.out_dir, args.sources)
+        listed = combine(args.out_dir, args.sources)
     except (OSError, ValueError) as err:
         print(f"sdlab: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    print(f"wrote {Path(args.out_dir) / 'metadata.jsonl'}: {count} images")
+    repeats = f", {listed.lines} lines with repeats" if listed.lines != listed.images else ""
+    print(f"wrote {Path(args.out_dir) / 'metadata.jsonl'}: {listed.images} images{repeats}")
 
 
 if __name__ == "__main__":
