@@ -58,6 +58,21 @@ def test_another_commands_option_is_refused_not_read_as_an_abbreviation(tmp_path
     assert "invalid" not in err and "could match" not in err, err
 
 
+@pytest.mark.parametrize("args, meant", [
+    (["train", "--out", "runs/x"], "sdlab train has no --out option (an option of sdlab txt2img"),
+    (["train", "--batch", "4"], "sdlab train has no --batch option (an option of sdlab txt2img"),
+    (["serve", "--out", "o"], "sdlab serve has no --out option (an option of sdlab txt2img"),
+    (["serve", "--style", "s.csv"], "sdlab serve has no --style option (an option of sdlab txt2img"),
+])
+def test_a_refused_shortening_points_at_the_option_meant(capsys, args, meant):
+    """A shortening of this command's option that is another command's option is refused (as f2fe386 made it)
+    naming both: `sdlab train --out D` names txt2img's --out and train's --output-dir."""
+    option = {"--out": "--output-dir", "--batch": "--batch-size", "--style": "--styles-file"}[args[1]]
+    code, out, err = run(args, capsys)
+    assert code == 2 and out == "" and len(err.splitlines()) == 1, err
+    assert meant in err and f"did you mean {option}? sdlab {args[0]} --help lists the options" in err, err
+
+
 def test_an_abbreviation_of_the_commands_own_option_still_reads(capsys):
     """`--hr-scal` is --hr-scale: refused (for its value) as that option, not as another command's."""
     code, _, err = run(["txt2img", "a", "--hr-scal", "0.5"], capsys)

@@ -83,7 +83,9 @@ class CommandParser(argparse.ArgumentParser):
     An option of another subcommand that this one lacks (`foreign_options`, filled by `build_parser`) is
     refused by name, not read as the abbreviation of a longer option it begins: `sdlab img2img --mask M` is
     not `--mask-weight M`, `sdlab eval --seed 7` not `--seeds 7`, `sdlab img2img --tile 512` not
-    `--tile-overlap 512`. Other abbreviations (`--neg` for `--negative`) are read as argparse reads them."""
+    `--tile-overlap 512`; the refusal names the options of this subcommand it begins (`sdlab train --out D`:
+    did you mean --output-dir?). Other abbreviations (`--hr-den` for `--hr-denoise`) are read as argparse
+    reads them; one that begins several options (`--neg`: --negative, --negative-prompt-2, ...) is ambiguous."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -98,8 +100,10 @@ class CommandParser(argparse.ArgumentParser):
         owners = self.foreign_options.get(option)
         if owners:
             where = ", ".join(f"sdlab {name}" for name in owners)
+            begun = sorted(own for own in self._option_string_actions if own.startswith(option) and own != option)
+            meant = f"did you mean {' or '.join(begun)}? " if begun else ""
             raise UserError(f"{self.prog} has no {option} option (an option of {where}); "
-                            f"{self.prog} --help lists the options")
+                            f"{meant}{self.prog} --help lists the options")
         return super()._get_option_tuples(option_string)
 
 
