@@ -391,6 +391,41 @@ def test_from_png_finds_the_pictures_loras_in_a_models_dirs_lora_folder(tmp_path
     assert parse_parameters(read_parameters(elsewhere / "again.png"))["Prompt"] == prompt
 
 
+def test_a_models_dirs_lora_comes_after_the_folders_searched_without_it(tmp_path, capsys, monkeypatch):
+    """--models-dir's Lora folders are searched after the current folder and the --from-png picture's folder (as
+    the picture's model and an upscaler are): adding --models-dir never changes the LoRA a tag finds. Before, a
+    models/Lora/style.safetensors beat ./style.safetensors (another hash recorded, no warning) and the picture's
+    own file beside it (a redraw of other pixels)."""
+    models = tmp_path / "webui" / "models"
+    checkpoint = tmp_path / "checkpoints" / "tiny.safetensors"
+    checkpoint.parent.mkdir(parents=True)
+    write_original(tiny_bundle("sd1"), checkpoint, junk=False)
+    _write_lora(models / "Lora" / "style.safetensors", seed=9)        # another file of the same name
+    here = tmp_path / "here"
+    _write_lora(here / "style.safetensors", seed=1)
+    monkeypatch.chdir(here)
+    prompt = "a red apple <lora:style:0.7>"
+    for out, extra in (("plain.png", []), ("with-models-dir.png", ["--models-dir", str(models)])):
+        code, err = _run(["txt2img", prompt, "--model", str(checkpoint), *extra, *FAST, "--out", out], capsys)
+        assert code == 0, err
+    hashes = [parse_parameters(read_parameters(here / out))["Lora hashes"] for out in ("plain.png", "with-models-dir.png")]
+    assert hashes[0] == hashes[1] == f"style: {lora_hash(here / 'style.safetensors')}"
+
+    drawn = tmp_path / "drawn"
+    _write_lora(drawn / "style.safetensors", seed=1)
+    code, err = _run(["txt2img", prompt, "--model", str(checkpoint), "--lora-dir", str(drawn), *FAST,
+                      "--out", str(drawn / "a.png")], capsys)
+    assert code == 0, err
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, err = _run(["txt2img", "--from-png", str(drawn / "a.png"), "--model", str(checkpoint), "--models-dir",
+                      str(models), "--no-progress", "--out", "again.png"], capsys)
+    assert code == 0, err
+    assert "hash" not in err
+    assert np.array_equal(np.asarray(_open(elsewhere / "again.png")), np.asarray(_open(drawn / "a.png")))
+
+
 def test_cli_lora_option_takes_a_name_found_in_the_lora_folders(model, tmp_path, capsys):
     """``--lora NAME[:WEIGHT]`` with no such file: the LoRA of that name in the LoRA folders, as a tag finds
     it; it draws what ``--lora FILE:WEIGHT`` draws. An unknown name is one error line."""

@@ -324,8 +324,8 @@ def _add_run_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
                    help="where <lora:NAME:WEIGHT> / <lora:NAME:TE:UNET> tags of the prompt"
                         + _if_from_png(from_png, " (or of --from-png)") + " find NAME.safetensors, subfolders "
                         "included; repeatable (also searched: models/Lora beside the --model's folder, "
-                        + _if_from_png(from_png, "the Lora / loras folder of each --models-dir, the --from-png "
-                                                 "file's folder, ") + "the current folder)")
+                        + _if_from_png(from_png, "the --from-png file's folder, ") + "the current folder"
+                        + _if_from_png(from_png, ", then the Lora / loras folder of each --models-dir") + ")")
     p.add_argument("--control", action="append", default=[], metavar=f"{CONTROL_SYNTAX} | FILE::STRENGTH...",
                    help="a ControlNet or T2I-Adapter (original or diffusers file / folder) and its hint image, "
                         "with its strength (default 1) and the fraction of the steps it acts on (default 0:1); "
@@ -1282,11 +1282,14 @@ def _kept_settings(unit: dict[str, Any], given: dict[str, Any]) -> dict[str, Any
 _LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 
 
-def _lora_search_dirs(args: argparse.Namespace) -> tuple[list[Path], list[Path]]:
-    """(folders searched with their subfolders, folders searched for the file alone) for prompt tags:
-    --lora-dir, then A1111's models/Lora beside the model, then each --models-dir's Lora / loras folder (A1111's
-    and ComfyUI's models folder, where the --from-png picture's model is found; `sdlab serve --models-dir` reads
-    its LoRAs there too); the --from-png file's folder and the current one."""
+def _lora_search_dirs(args: argparse.Namespace) -> tuple[list[Path], list[Path], list[Path]]:
+    """The folders prompt tags are looked up in, in this order: (folders searched with their subfolders:
+    --lora-dir, then A1111's models/Lora beside the model; folders searched for the file alone: the --from-png
+    file's folder and the current one; folders searched with their subfolders last: each --models-dir's Lora /
+    loras folder (A1111's and ComfyUI's models folder, where the --from-png picture's model is found; `sdlab
+    serve --models-dir` reads its LoRAs there too)). The --models-dir folders come after the ones searched
+    without --models-dir, as the picture's model and an upscaler are looked up, so adding it never changes a
+    file found without it."""
     from sdlab.api import shipped_model_path
     from sdlab.pipeline.prompt_loras import LORA_FOLDER_NAMES, default_lora_dirs
 
@@ -1295,7 +1298,7 @@ def _lora_search_dirs(args: argparse.Namespace) -> tuple[list[Path], list[Path]]
     model = getattr(args, "model", None) or shipped_model_path()     # the shipped model's: its own adapters
     models_dirs = [Path(d) / name for d in getattr(args, "models_dir", []) for name in LORA_FOLDER_NAMES]
     deep = [Path(d) for d in getattr(args, "lora_dir", [])] + default_lora_dirs(model)
-    return deep + [d for d in models_dirs if d.is_dir() and d not in deep], [*flat, Path(".")]
+    return deep, [*flat, Path(".")], [d for d in models_dirs if d.is_dir() and d not in deep]
 
 
 def _lora_finder(args: argparse.Namespace, recorded_hashes: dict[str, str] | None = None):
@@ -1305,17 +1308,18 @@ def _lora_finder(args: argparse.Namespace, recorded_hashes: dict[str, str] | Non
     draw), and the finder searches each NAME by hash, and says what it found, once."""
     from sdlab.pipeline.prompt_loras import find_lora
 
-    deep, flat = _lora_search_dirs(args)
+    deep, flat, later = _lora_search_dirs(args)
     hashes = recorded_hashes or {}
     found_by_hash: dict[str, Path | None] = {}
 
     def by_hash(name: str) -> Path | None:
         wanted = hashes.get(name, "").lower()[:12]
         if wanted and name not in found_by_hash:
-            found_by_hash[name] = _lora_by_hash(name, wanted, deep)
+            found_by_hash[name] = _lora_by_hash(name, wanted, [*deep, *later])
         return found_by_hash.get(name)
 
-    return lambda name: find_lora(name, deep) or find_lora(name, flat, recursive=False) or by_hash(name)
+    return lambda name: (find_lora(name, deep) or find_lora(name, flat, recursive=False) or find_lora(name, later)
+                         or by_hash(name))
 
 
 def _lora_by_hash(name: str, wanted: str, folders: list[Path]) -> Path | None:
@@ -1359,8 +1363,7 @@ def _resolve_loras(args: argparse.Namespace, prompt: str, recorded: dict[str, An
         for_pipeline, to_record, tag_refs = tag_loras(prompt, {Path(path).stem: weight for path, weight in files},
                                                       finder, lora_hash)
     except RequestError as err:
-        deep, flat = _lora_search_dirs(args)
-        where = ", ".join(str(d) for d in [*deep, *flat])
+        where = ", ".join(str(d) for folders in _lora_search_dirs(args) for d in folders)
         raise UserError(f"{err} (searched {where}); pass --lora FILE:WEIGHT or --lora-dir DIR "
                         "(or a prompt without the tag)") from None
     refs = [LoraRef(Path(path).stem, weight, lora_hash(path)) for path, weight in files] + tag_refs
