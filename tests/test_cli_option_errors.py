@@ -73,6 +73,18 @@ def test_a_refused_shortening_points_at_the_option_meant(capsys, args, meant):
     assert meant in err and f"did you mean {option}? sdlab {args[0]} --help lists the options" in err, err
 
 
+def test_the_size_help_speaks_of_init_only_where_the_command_has_it() -> None:
+    """--width / --height: an unset size is the init picture's in img2img, inpaint and a grid with --init;
+    txt2img has no --init, so its help does not speak of one."""
+    from sdlab.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    for name in ("txt2img", "img2img", "inpaint", "grid"):
+        texts = {action.dest: action.help for action in commands[name]._actions}
+        for dest in ("width", "height"):
+            assert ("--init" in texts[dest]) == (name != "txt2img"), (name, texts[dest])
+
+
 def test_an_abbreviation_of_the_commands_own_option_still_reads(capsys):
     """`--hr-scal` is --hr-scale: refused (for its value) as that option, not as another command's."""
     code, _, err = run(["txt2img", "a", "--hr-scal", "0.5"], capsys)

@@ -57,7 +57,7 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
                        help="negative prompt (diffusers' and A1111's negative_prompt)")
         _add_second_prompt_flags(p, from_png=True)
         _add_model_flags(p, from_png=True)
-        _add_sampling_flags(p, from_png=True)
+        _add_sampling_flags(p, from_png=True, init=mode != "txt2img")
         p.add_argument("--out", default="outputs",
                        help="output file (.png, .jpg, .webp; a batch adds -0, -1, ...; an existing file is replaced) "
                             "or a folder, where files are numbered 00012-SEED-PROMPT.png and never replaced "
@@ -157,9 +157,9 @@ def _add_model_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
                         + _if_from_png(from_png, ", or the --from-png picture's") + ")")
 
 
-def _add_sampling_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
+def _add_sampling_flags(p: argparse.ArgumentParser, from_png: bool, init: bool) -> None:
     """The settings of the pictures drawn: sampler to preset (`sdlab grid` shares them; `from_png`: the command
-    has --from-png)."""
+    has --from-png; `init`: it has --init, whose picture's size an unset size is)."""
     p.add_argument("--sampler", help='sampler, A1111 or ComfyUI name ("DPM++ 2M", "euler_ancestral", ...); '
                    "LMS, PLMS and DPM++ 3M SDE need about 30 steps with guidance (LMS: 20 with karras)")
     p.add_argument("--schedule", help="noise schedule: karras, exponential, normal, simple, sgm_uniform, leading, ... "
@@ -222,10 +222,9 @@ def _add_sampling_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
     p.add_argument("--seed-resize-from", metavar="WxH",
                    help="A1111's Seed resize from: the noise the seeds draw at WxH pixels, centred in this size's, "
                         "so a picture keeps its composition at another size (0x0: off)")
-    p.add_argument("--width", type=int, help="width in pixels, a multiple of 8 (default: the family's; with --init "
-                                             "the init picture's)")
-    p.add_argument("--height", type=int, help="height in pixels, a multiple of 8 (default: the family's; with "
-                                              "--init the init picture's)")
+    of_init = "; with --init the init picture's" if init else ""
+    p.add_argument("--width", type=int, help=f"width in pixels, a multiple of 8 (default: the family's{of_init})")
+    p.add_argument("--height", type=int, help=f"height in pixels, a multiple of 8 (default: the family's{of_init})")
     p.add_argument("--batch", type=int, help="images drawn together, one batch (default 1)")
     p.add_argument("--batch-count", type=int, default=1, metavar="N",
                    help="batches drawn one after another (A1111's batch count); seeds continue (default 1)")

@@ -101,7 +101,7 @@ def add_grid(subparsers: argparse._SubParsersAction) -> None:
                    help="negative prompt (diffusers' and A1111's negative_prompt)")
     _add_second_prompt_flags(p, from_png=False)
     _add_model_flags(p, from_png=False)
-    _add_sampling_flags(p, from_png=False)
+    _add_sampling_flags(p, from_png=False, init=True)
     _add_run_flags(p, from_png=False)
     add_style_flags(p, from_png=False)
     _add_hires_flags(p, from_png=False)
