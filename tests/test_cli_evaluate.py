@@ -169,6 +169,16 @@ def test_a_bad_drawing_option_is_refused_before_the_model_loads(model, prompts, 
     assert message in err and not out.exists()
 
 
+def test_a_size_off_the_grid_is_warned_of_once_a_picture(model, prompts, tmp_path, capsys) -> None:
+    """--size 36 draws 32 px pictures, each saying so (2 prompts x 2 seeds: 4 warnings); the early check of the
+    drawing options (before the model loads) says it no more. Before: 5."""
+    code = main(["eval", str(prompts), "--model", str(model), "--seeds", "2", "--steps", "1", "--size", "36",
+                 "--no-progress", "--out", str(tmp_path / "eval")])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert err.count("size 36x36 is not a multiple of 8; using 32x32") == 4, err
+
+
 def test_eval_shows_a_progress_bar_on_stderr(model, prompts, tmp_path, capsys) -> None:
     code = main(["eval", str(prompts), "--model", str(model), "--seeds", "2", "--steps", "1", "--out",
                  str(tmp_path / "eval")])

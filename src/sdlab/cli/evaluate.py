@@ -91,11 +91,13 @@ def format_summary(summary: dict) -> str:
 def _check_drawing_options(args: argparse.Namespace) -> None:
     """--steps, --sampler, --schedule, --cfg and --size through the request's model-free checks
     (`request.resolve`), so that a bad one is refused before the model loads, --out is made and the progress bar
-    starts, as `sdlab grid` checks its cells."""
+    starts, as `sdlab grid` checks its cells. A --size off the 8 px grid is checked as the size it draws (rounded
+    down), so that its "not a multiple of 8" warning is said by each picture alone, not once more here."""
     from sdlab.pipeline.request import GenerationRequest, RequestError, resolve
 
+    size = args.size if args.size is None else (args.size - args.size % 8 or args.size)   # under 8: refused as given
     given = {"steps": args.steps, "sampler": args.sampler, "schedule": args.schedule, "cfg_scale": args.cfg,
-             "width": args.size, "height": args.size}
+             "width": size, "height": size}
     try:
         resolve(GenerationRequest(prompt="", **{k: v for k, v in given.items() if v is not None}),
                 default_size=64, default_sampler="Euler", default_schedule="karras", factor=8)
