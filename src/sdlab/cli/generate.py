@@ -528,7 +528,7 @@ def _hires_options(args: argparse.Namespace, options: dict[str, Any], picture_tw
     --hr-convention comfyui, or a --from-png img2img two-pass picture's, `picture_two_pass`, judged from its own
     recorded fields; img2img's hires flags otherwise go to the request, which refuses A1111's hires fix there).
     Otherwise a --from-png picture's hires fields are dropped, its Denoising strength the strength."""
-    from sdlab.pipeline.hires import find_upscaler
+    from sdlab.pipeline.hires import find_upscaler, models_upscaler_folders
     from sdlab.pipeline.infotext import HIRES_FIELDS
 
     comfyui = getattr(args, "hr_convention", None) == "comfyui" or picture_two_pass
@@ -561,7 +561,7 @@ def _hires_options(args: argparse.Namespace, options: dict[str, Any], picture_tw
     options.update({k: v for k, v in given.items() if v is not None})
     if options.get("hr_upscaler") is not None:     # a recorded name: the model file beside the picture, here, or
         folders = [Path(args.from_png).resolve().parent] if args.from_png else []    # in A1111's models folders
-        upscaler_folders = [Path(d) / sub for d in getattr(args, "models_dir", []) for sub in ("ESRGAN", "RealESRGAN")]
+        upscaler_folders = models_upscaler_folders(getattr(args, "models_dir", []))
         options["hr_upscaler"] = find_upscaler(options["hr_upscaler"], [*folders, Path("."), *upscaler_folders])
 
 

@@ -51,6 +51,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -344,6 +345,13 @@ def hires_steps(req: GenerationRequest) -> int:
 
 
 UPSCALER_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
+UPSCALER_FOLDER_NAMES = ("ESRGAN", "RealESRGAN")    # A1111's models folders of upscaler model files
+
+
+def models_upscaler_folders(models_dirs: list[str | os.PathLike[str]]) -> list[Path]:
+    """Each models folder's upscaler folders (`UPSCALER_FOLDER_NAMES`, A1111's layout), in order: where
+    `find_upscaler` looks for a name after the folders searched without a models folder."""
+    return [Path(folder) / name for folder in models_dirs for name in UPSCALER_FOLDER_NAMES]
 
 
 def find_upscaler(name: str, folders: list[str | os.PathLike[str]]) -> str:
