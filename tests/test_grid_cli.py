@@ -442,21 +442,8 @@ def test_cells_take_txt2img_s_other_options_as_txt2img_draws_them(tmp_path: Path
 def test_a_one_image_cell_is_its_image_and_a_batch_a1111_s_batch_grid() -> None:
     """`cell_picture`: A1111's `images.image_grid` at its default settings (round(sqrt(n)) rows, white where a
     row is short), transcribed here as the reference."""
-    import math
-
+    from a1111_image_grid import a1111_image_grid
     from sdlab.pipeline.grid import cell_picture
-
-    def a1111_image_grid(imgs):                          # modules/images.py, opts.n_rows = -1, #ffffff
-        rows = round(math.sqrt(len(imgs)))
-        rows = min(rows, len(imgs))
-        cols = math.ceil(len(imgs) / rows)
-        w, h = map(max, zip(*(img.size for img in imgs)))
-        grid = Image.new("RGB", size=(cols * w, rows * h), color=(255, 255, 255))
-        for i, img in enumerate(imgs):
-            img_w, img_h = img.size
-            w_offset, h_offset = 0 if img_w == w else (w - img_w) // 2, 0 if img_h == h else (h - img_h) // 2
-            grid.paste(img, box=(i % cols * w + w_offset, i // cols * h + h_offset))
-        return grid
 
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)) for _ in range(5)]

@@ -6,7 +6,6 @@ worker on the shipped model, the preview projection counted by a spy."""
 from __future__ import annotations
 
 import asyncio
-import math
 import uuid
 from dataclasses import replace
 
@@ -15,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from a1111_image_grid import a1111_image_grid
 from sdlab.api import shipped_model_path
 from sdlab.pipeline.request import GenerationRequest
 from sdlab.server.a1111 import OPTION_DEFAULTS, _a1111_jobs
@@ -141,24 +141,6 @@ def test_a_followed_job_draws_a_preview_at_each_step(runner, projections):
     assert events.count("step") == 6 and len(projections) == 6
 
 
-def _a1111_image_grid(imgs: list[Image.Image]) -> Image.Image:
-    """AUTOMATIC1111/stable-diffusion-webui modules/images.py `image_grid(imgs, batch_size=1, rows=None)` (1.10) at
-    its default options (n_rows -1, grid_prevent_empty_spots false, grid_background_color #ffffff), which
-    `sd_samplers_common.samples_to_image_grid` calls on a batch's previews (State.do_set_current_image under the
-    default `show_progress_grid`), without the script callback."""
-    rows = round(math.sqrt(len(imgs)))
-    if rows > len(imgs):
-        rows = len(imgs)
-    cols = math.ceil(len(imgs) / rows)
-    w, h = map(max, zip(*(img.size for img in imgs)))
-    grid = Image.new("RGB", size=(cols * w, rows * h), color=(255, 255, 255))
-    for i, img in enumerate(imgs):
-        img_w, img_h = img.size
-        w_offset, h_offset = 0 if img_w == w else (w - img_w) // 2, 0 if img_h == h else (h - img_h) // 2
-        grid.paste(img, box=(i % cols * w + w_offset, i // cols * h + h_offset))
-    return grid
-
-
 @pytest.mark.parametrize("batch", [1, 2, 3, 4])
 def test_a_batchs_progress_preview_is_a1111s_grid_of_its_pictures(runner, batch):
     """A1111 1.10 previews a batch as one grid of its pictures' previews (`samples_to_image_grid`); before, the
@@ -170,7 +152,7 @@ def test_a_batchs_progress_preview_is_a1111s_grid_of_its_pictures(runner, batch)
     latents = job.latent                                        # the last step's estimate, (batch, C, h, w)
     assert latents.shape[0] == batch
     shown = job.a1111_preview((0, 2), 1, True)
-    expected = _a1111_image_grid([Image.fromarray(job.previewer(latent).numpy()) for latent in latents])
+    expected = a1111_image_grid([Image.fromarray(job.previewer(latent).numpy()) for latent in latents])
     assert np.array_equal(shown.numpy(), np.asarray(expected))
     height, width, _ = job.previewer(latents[0]).shape
     rows, columns = (1, batch) if batch < 3 else (2, 2)         # round(sqrt(n)) rows, 3 leaving a white slot
