@@ -311,8 +311,8 @@ def test_a_model_that_fails_to_load_after_the_plot_is_logged(monkeypatch, caplog
         raise RuntimeError("CUDA out of memory")
 
     monkeypatch.setattr(a1111, "_load_selected", fails)
-    service = SimpleNamespace(host=SimpleNamespace(busy=threading.Lock(), selected=SimpleNamespace(title="a",
-                                                                                                  sha256=None)),
+    service = SimpleNamespace(host=SimpleNamespace(busy=threading.Lock(), selected=SimpleNamespace(title="a", sha256=None),
+                                                   between_jobs=lambda action: action()),
                               options={}, config=SimpleNamespace(limits=SimpleNamespace(max_images=4)),
                               registry=SimpleNamespace(vaes=SimpleNamespace(names=list)))
     with caplog.at_level("ERROR", logger="sdlab.server"):

@@ -68,7 +68,7 @@ class VaeFiles:
         vae_name), the way to a file whose name a later one took."""
         with self._lock:
             named = next((f for f in self.files if f.name == name), None)
-            return named or self.folder_files.get(name.removeprefix("./"))
+            return named or (self.folder_files.get(name.removeprefix("./")) if isinstance(name, str) else None)
 
     def folder_names(self) -> dict[str, str]:
         """Each file of the VAE folder by its path there (ComfyUI's vae_name), to the name `find` finds it by: its
