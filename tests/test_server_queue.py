@@ -11,6 +11,7 @@ import errno
 import os
 import sqlite3
 import threading
+import time
 import types
 
 import pytest
@@ -241,6 +242,45 @@ def test_an_a1111_call_submits_off_the_event_loop():
         assert asyncio.run(call_and_poll())
     finally:
         timer.cancel()
+
+
+def test_on_queued_runs_before_the_worker_can_start_the_job(store):
+    seen = []
+
+    def on_queued(job: Job) -> None:
+        time.sleep(0.2)                                 # a worker free to start the job would start it meanwhile
+        seen.append(job.status)
+
+    queue = JobQueue(store, lambda job: None, max_queue=4)
+    queue.start()
+    try:
+        job, _ = queue.submit(_spec(), "txt2img", "model", {}, on_queued=on_queued)
+        assert job.finished_event.wait(WAIT_S) and job.status == "done"
+        assert seen == ["queued"]
+    finally:
+        queue.stop()
+
+
+def test_a_script_request_is_its_runs_job_before_it_can_run():
+    """`/progress` finds a running script request's run by `run.job` (`_script_run`): linked as the job is queued,
+    not after the submit returns, when the worker may already be drawing it and a poll would count it alone."""
+    run = a1111.ScriptRun([1, 1])
+    linked_as_submitted = []
+
+    class Host:
+        options: dict = {}
+
+        def submit(self, spec, mode, model, on_queued=None):
+            job = Job(id="j", mode=mode, model="m", spec=spec, created=0.0, settings={})
+            if on_queued is not None:
+                on_queued(job)
+            linked_as_submitted.append(run.job is job)     # the worker may start the job from here on
+            raise Unavailable("stop here")
+
+    with pytest.raises(Unavailable):
+        asyncio.run(a1111._drawn_job(Host(), a1111.Txt2ImgIn(), "txt2img",
+                                     GenerationRequest("a red apple", sampler="Euler"), run))
+    assert linked_as_submitted == [True]
 
 
 def _row(job_id: str, status: str, created: float, **fields) -> dict:

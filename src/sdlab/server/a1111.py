@@ -578,11 +578,11 @@ async def _drawn_job(service: Service, body: Txt2ImgIn, mode: str, request: Gene
     if kept:
         _check_kept_options(service, kept, "override_settings: ")
     try:
-        job, _ = await asyncio.to_thread(service.submit, spec, mode, model)
+        job, _ = await asyncio.to_thread(service.submit, spec, mode, model,
+                                         on_queued=None if run is None else run.follow)
     except BadRequest as err:
         raise _a1111_refusal(err) from None
     if run is not None:
-        run.job = job
         run.queued += 1
         if run.on_job is not None:
             run.on_job(run, job)
@@ -645,6 +645,10 @@ class ScriptRun:
     queued: int = 0                         # the requests that got a job
     on_job: Callable[[ScriptRun, Job], None] | None = None     # told of each request's job as it is queued
     job_of: ScriptJobOf | None = None       # each request's job in place of the route's (`_script_host`)
+
+    def follow(self, job: Job) -> None:
+        """`job` is this run's drawing request (as it is queued, before it can run: `JobQueue.submit`)."""
+        self.job = job
 
     def progress(self, job_no: int) -> tuple[int, int, str]:
         """A1111's (job_count, job_no, job) with the drawing request at its own `job_no`."""

@@ -291,9 +291,11 @@ class JobQueue:
             self._finish(job, "interrupted", INTERRUPTED_ERROR)
 
     def submit(self, spec: JobSpec, mode: str, model: str, settings: dict[str, Any],
-               place: Place = IN_TURN) -> tuple[Job, int]:
+               place: Place = IN_TURN, on_queued: Callable[[Job], None] | None = None) -> tuple[Job, int]:
         """Queue a job at its `place`; returns it and its position (0 = next). `QueueFull` past `max_queue` waiting
-        jobs.
+        jobs. `on_queued(job)` runs under the queue's lock as the job is queued, before the worker can start it
+        (what follows the job, such as a script's run, is linked to it before any `/progress` can see it run); it
+        must not call the queue.
 
         The job's row is written outside the queue's lock (a locked history holds up no other caller), in a
         place in the queue kept for it meanwhile."""
@@ -304,7 +306,7 @@ class JobQueue:
         except StoreError as err:
             self._leave_place()
             raise Unavailable(str(err)) from None
-        position = self._take_place(job, place)
+        position = self._take_place(job, place, on_queued)
         if position is None:                # `stop_jobs` ran while the row was written
             self._finish(job, "interrupted", INTERRUPTED_ERROR)
             raise Unavailable("the server is stopping")
@@ -324,7 +326,7 @@ class JobQueue:
         with self._condition:
             self._places_kept -= 1
 
-    def _take_place(self, job: Job, place: Place) -> int | None:
+    def _take_place(self, job: Job, place: Place, on_queued: Callable[[Job], None] | None = None) -> int | None:
         """Queue `job` in its kept place, after every job of a number up to its own (`Place`); its position, or None
         when the server stopped meanwhile."""
         with self._condition:
@@ -336,6 +338,8 @@ class JobQueue:
                             len(self._queue))
             self._queue.insert(position, job)
             self._jobs[job.id] = job
+            if on_queued is not None:
+                on_queued(job)
             self._condition.notify_all()
             return position
 

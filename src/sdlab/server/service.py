@@ -3,6 +3,7 @@ submission both APIs share."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
@@ -103,15 +104,16 @@ class Service:
         found.calculate_hash()
         return replace(choice, name=found.title)
 
-    def submit(self, spec: JobSpec, mode: str, model: str | None, place: Place = IN_TURN) -> tuple[Job, int]:
+    def submit(self, spec: JobSpec, mode: str, model: str | None, place: Place = IN_TURN,
+               on_queued: Callable[[Job], None] | None = None) -> tuple[Job, int]:
         """Check and queue a generation at its `place` in the queue (`jobs.Place`: its turn, unless ComfyUI's
         `front` / `number` ask for another): the seed fixed, the LoRAs looked up: `loras` entries, merged when the
         model loads, and the prompt's tags, which the pipeline merges for the run at both weights as
         `sdlab txt2img` does (a tag of a `loras` entry's LoRA left out, as with `--lora`), read and named for
         the parameters now (`infotext.tag_loras`). A refused job's files read are let go once nothing is
-        queued or running (`JobQueue.release_if_idle`)."""
+        queued or running (`JobQueue.release_if_idle`). `on_queued`: `JobQueue.submit`'s."""
         try:
-            return self.queue.submit(*self._checked(spec, mode, model), place=place)
+            return self.queue.submit(*self._checked(spec, mode, model), place=place, on_queued=on_queued)
         except Exception:
             self.queue.release_if_idle()
             raise
