@@ -21,6 +21,7 @@ from bundle_fixtures import tiny_bundle
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.lora import apply_lora, load_lora_file, lora_layer_tables, lora_merges, merged_layers
 from sdlab.checkpoints.lycoris import merged_weight
+from sdlab.pipeline.prompt_loras import with_dynamic_rank
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -179,6 +180,23 @@ def test_dora_scale(tmp_path, axis):
         return merged * dora / norm - w
 
     _check_merge(tmp_path, mods, delta, multiplier=0.8)
+
+
+@pytest.mark.parametrize("dyn", [0, 1])
+def test_dora_scale_at_a_dynamic_rank(dyn):
+    """``<lora:...:dyn=N>`` on a DoRA module as A1111 merges it: ``rebuild_conventional`` cuts the product to
+    ``up[:, :N] @ down[:N]``, scaled by alpha over the *full* rank, then `apply_weight_decompose` renormalises
+    ``W + dW`` (at N = 0: W itself, the module still rescales the layer's rows)."""
+    g = torch.Generator().manual_seed(6)
+    r, alpha, multiplier = 3, 2.0, 0.7
+    w, up, down = _rand(32, 24, g=g), _rand(32, r, g=g), _rand(r, 24, g=g)
+    dora = torch.rand(32, 1, generator=g) + 0.5
+    module = {"up": up, "down": down, "alpha": torch.tensor(alpha), "dora_scale": dora}
+    merged = w + up[:, :dyn] @ down[:dyn] * (alpha / r)
+    expected = w + multiplier * (merged * dora / merged.norm(dim=1, keepdim=True) - w)
+    cut = with_dynamic_rank({"m": module}, dyn)["m"]
+    torch.testing.assert_close(merged_weight(cut, w, multiplier)[0], expected)
+    assert not torch.allclose(expected, w)
 
 
 # --- peft as the reference for the math -------------------------------------------------------------
