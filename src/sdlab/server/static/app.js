@@ -205,6 +205,7 @@ const state = {
   runningId: null,        // this page's job running now: the one Interrupt and Skip stop
   shownJob: null,         // id of the job the progress bar and viewer show
   chosenPictures: {},     // job id -> the picture of its batch last opened from its card's thumbnails (its img2img)
+  missingModel: null,     // the model the reused or read settings name that the Model list lacks (markMissingModel)
   lastSeed: null,         // the seed of the newest finished job this tab queued (or whose settings it reused)
   refinerConvention: "diffusers",   // the refiner's handoff rule: the native API's default, or the reused job's
   kept: {},               // the reused job's or dropped PNG's `KEPT` that are not the API's, until removed or a
@@ -1149,7 +1150,7 @@ function fillForm(settings) {
   keepSettings(settings);
   if (settings.sampler !== undefined && !selectMatching($("sampler"), settings.sampler ?? "")) unknown.push(`sampler "${settings.sampler}"`);
   if (settings.schedule !== undefined && !selectMatching($("schedule"), settings.schedule ?? "")) unknown.push(`schedule "${settings.schedule}"`);
-  if (settings.model && !selectMatching($("model"), settings.model)) unknown.push(`model "${settings.model}"`);
+  markMissingModel(settings.model && !selectMatching($("model"), settings.model) ? settings.model : null);
   if (!selectMatching($("vae"), settings.vae ?? "Automatic")) unknown.push(`VAE "${settings.vae}"`);
   return unknown;
 }
@@ -1233,6 +1234,30 @@ function applySettings(settings) {
 }
 
 const notAvailable = (missing) => `not available here: ${missing.join(", ")} (the form draws without them)`;
+
+// A model the filled settings name that the Model list lacks (its file renamed or removed since): the form keeps the
+// model chosen, outlines the list and names the missing one beside it until another is picked (null: none missing)
+function markMissingModel(name) {
+  state.missingModel = name;
+  if (name) $("model").setAttribute("aria-invalid", "true");
+  else $("model").removeAttribute("aria-invalid");
+  $("model-missing").textContent = name ? `"${name}" is missing: pick a model` : "";
+  $("model-missing").hidden = !name;
+}
+
+// The notice of settings that filled the form (`done`: what filled it): the model they name that is missing, then
+// what the form has no control for (`missing`: applySettings'); "" when nothing is to be said and `quiet`.
+// A missing model sends the keyboard to the Model list.
+function filledNotice(done, missing, { quiet = false } = {}) {
+  const notes = [];
+  if (state.missingModel) {
+    notes.push(`model "${state.missingModel}" is not on this server (renamed or removed? Refresh rescans the models `
+      + `folder): the form draws with "${$("model").value}" until you pick another under Model`);
+    $("model").focus();
+  }
+  if (missing.length) notes.push(notAvailable(missing));
+  return notes.length || !quiet ? [done, ...notes].join("; ") : "";
+}
 
 // ---------------------------------------------------------------- jobs
 
@@ -1505,7 +1530,7 @@ function reuseSettings(job) {
   if (job.request && job.request.model === undefined && job.model) settings.model = job.model;
   const missing = applySettings(settings);
   if (job.request && job.request.seed != null) state.lastSeed = job.request.seed;
-  showNotice(missing.length ? `Settings reused; ${notAvailable(missing)}` : "");
+  showNotice(filledNotice("Settings reused", missing, { quiet: true }));
 }
 
 function renderGallery(jobs) {
@@ -1749,7 +1774,7 @@ async function readParameters(file) {
     const read = await api("/api/parameters", { method: "POST", body: { image: base64Of(dataUrl) } });
     const unread = read.unread.map((text) => (text.length > 60 ? text.slice(0, 59) + "\u2026" : text));
     const missing = applySettings({ ...read.settings, unread, control_units: read.control_units });
-    showNotice(`Settings read from ${name}` + (missing.length ? `; ${notAvailable(missing)}` : ""));
+    showNotice(filledNotice(`Settings read from ${name}`, missing));
   } catch (err) {
     showError(`Cannot read the parameters of ${name}: ${err.message}`);
   }
@@ -1864,6 +1889,7 @@ function setup() {
     if (file) await readParameters(file);
     $("png-info-file").value = "";
   });
+  $("model").addEventListener("change", () => markMissingModel(null));
   $("model-refresh").addEventListener("click", async () => {
     try {
       await Promise.all(["refresh-checkpoints", "refresh-vae"].map((route) => api(`/sdapi/v1/${route}`, { method: "POST" })));
