@@ -107,3 +107,50 @@ def test_negative_prompt_is_the_negative_not_an_abbreviation_of_the_second_one(t
     assert np.array_equal(pixels(tmp_path / "a.png"), pixels(tmp_path / "b.png"))
     grid = build_parser().parse_args(["grid", "a", "--x", "steps=1,2", "--out", "g.png", "--negative-prompt", "n"])
     assert grid.negative == "n" and grid.negative_prompt_2 is None
+
+
+@pytest.mark.parametrize("command, option, dest", [
+    ("txt2img", "--negative", "negative"), ("txt2img", "--negative-prompt", "negative"),
+    ("img2img", "--prompt-2", "prompt_2"), ("inpaint", "--negative-prompt-2", "negative_prompt_2"),
+    ("txt2img", "--hr-prompt", "hr_prompt"), ("txt2img", "--hr-negative-prompt", "hr_negative_prompt"),
+    ("grid", "--negative", "negative"),
+])
+@pytest.mark.parametrize("text", ["-blurry", "--blurry", "-1", "-"])
+def test_a_text_option_takes_a_value_that_starts_with_a_minus(command, option, dest, text):
+    """`--negative -blurry` is the negative "-blurry", as `--negative=-blurry` is (getopt gives an option the word
+    after it); before, argparse read -blurry as an option and refused --negative for its missing value."""
+    from sdlab.cli import build_parser
+
+    common = {"grid": ["--x", "steps=1,2", "--out", "g.png"], "img2img": ["--init", "i.png"],
+              "inpaint": ["--init", "i.png"]}.get(command, [])
+    args = build_parser().parse_args([command, "a cat", *common, option, text])
+    assert getattr(args, dest) == text and args.prompt == "a cat"
+    styles = build_parser().parse_args(["txt2img", "a", "--style", text, "--style", "-x"]).style
+    assert styles == [text, "-x"]
+
+
+@pytest.mark.parametrize("command, common", [("txt2img", []), ("img2img", ["--init", "i.png"]),
+                                             ("grid", ["--x", "steps=1,2", "--out", "g.png"])])
+def test_a_prompt_that_starts_with_a_minus_is_the_prompt(command, common):
+    from sdlab.cli import build_parser
+
+    assert build_parser().parse_args([command, "-blurry", *common, "--negative", "-x"]).prompt == "-blurry"
+    assert build_parser().parse_args([command, *common, "-blurry"]).prompt == "-blurry"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["txt2img", "a", "--negative", "--seed", "3"], "argument --negative/--negative-prompt: expected one argument"),
+    (["txt2img", "a", "--negative", "--hr-scal", "2"], "argument --negative/--negative-prompt: expected one argument"),
+    (["txt2img", "a", "--negative", "--init", "i.png"], "sdlab txt2img has no --init option (an option of"),
+    (["txt2img", "a", "-steps", "5"], "sdlab txt2img has no -steps option; did you mean --steps?"),
+    (["txt2img", "--prompts-file", "p.txt", "-tiling"], "sdlab txt2img has no -tiling option; did you mean --tiling?"),
+    (["txt2img", "a", "-vv"], "-vv is an option of sdlab, not of sdlab txt2img: give it before the command"),
+    (["txt2img", "--debug"], "--debug is an option of sdlab"),
+    (["txt2img", "a", "--stepz", "3"], "unrecognized arguments: --stepz 3"),
+])
+def test_a_word_that_names_an_option_is_not_read_as_text(capsys, args, message):
+    """The words after a text option, or in the prompt's place, that name an option (this command's, a shortening
+    of one, another command's, sdlab's own, or --steps with one minus) are still refused as options."""
+    code, out, err = run(args, capsys)
+    assert code == 2 and out == "" and len(err.splitlines()) == 1, err
+    assert err.startswith("sdlab: error: ") and message in err, err

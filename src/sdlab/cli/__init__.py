@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import NoReturn
 
 from sdlab.checkpoints.errors import CheckpointError
-from sdlab.cli.errors import Terminated, UserError, is_disk_full, path_error
+from sdlab.cli.errors import Terminated, UserError, is_disk_full, path_error, takes_free_text
 from sdlab.cli.evaluate import add_evaluate
 from sdlab.cli.generate import add_generate
 from sdlab.cli.grid import add_grid
@@ -85,15 +85,77 @@ class CommandParser(argparse.ArgumentParser):
     not `--mask-weight M`, `sdlab eval --seed 7` not `--seeds 7`, `sdlab img2img --tile 512` not
     `--tile-overlap 512`; the refusal names the options of this subcommand it begins (`sdlab train --out D`:
     did you mean --output-dir?). Other abbreviations (`--hr-den` for `--hr-denoise`) are read as argparse
-    reads them; one that begins several options (`--neg`: --negative, --negative-prompt-2, ...) is ambiguous."""
+    reads them; one that begins several options (`--neg`: --negative, --negative-prompt-2, ...) is ambiguous.
+
+    A word that starts with one minus and names no option (`-blurry`) is a value, the prompt's or an option's, as
+    argparse reads one holding a space (`"-blurry face"`); `-steps`, where --steps is an option, is refused (did you
+    mean --steps?), and `-v` / `--debug` after the command are refused as `sdlab`'s own options. A free-text option
+    (`cli.errors.utf8_text`: --negative, --style, --prompt-2, ...) takes the word after it as its text even where that
+    starts with two minuses, as getopt gives an option its argument (POSIX), unless the word names an option
+    (`--negative --seed 3` is still a missing value)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._negative_number_matcher = re.compile(r"-\.?\d")
         self.foreign_options: dict[str, list[str]] = {}   # option -> the other subcommands that have it
+        self.main_options: frozenset[str] = frozenset()   # `sdlab`'s own (-v, --debug), given before the command
 
     def error(self, message: str) -> NoReturn:
         raise UserError(f"{message} ({self.prog} --help lists the options)")
+
+    def parse_known_args(self, args=None, namespace=None):
+        if args is not None:
+            args = self._free_text_joined(list(args))
+        return super().parse_known_args(args, namespace)
+
+    def _free_text_joined(self, words: list[str]) -> list[str]:
+        """`words` with each free-text option and the word after it that starts with a minus but names no option
+        made one (`--negative --blurry` -> `--negative=--blurry`), as argparse reads an option's value after '='."""
+        joined: list[str] = []
+        index = 0
+        while index < len(words):
+            word = words[index]
+            if word == "--":
+                return joined + words[index:]
+            action = self._option_string_actions.get(word)
+            following = words[index + 1] if index + 1 < len(words) else ""
+            if (action is not None and takes_free_text(action) and following.startswith("-") and following != "--"
+                    and not self._names_option(following)):
+                joined.append(f"{word}={following}")
+                index += 2
+            else:
+                joined.append(word)
+                index += 1
+        return joined
+
+    def _names_option(self, word: str) -> bool:
+        """Whether `word` names an option: this command's (or begins one of its long ones), another command's,
+        or `sdlab`'s own."""
+        name = word.split("=", 1)[0]
+        if name in self._option_string_actions or name in self.foreign_options or self._is_main_option(name):
+            return True
+        return name.startswith("--") and any(option.startswith(name) for option in self._option_string_actions)
+
+    def _is_main_option(self, name: str) -> bool:
+        """`name` is an option of `sdlab` itself: --debug, -v, or -v repeated (-vv)."""
+        repeated = len(name) > 2 and name[1] != "-" and set(name[1:]) == {name[1]}
+        return name in self.main_options or (repeated and name[:2] in self.main_options)
+
+    def _parse_optional(self, arg_string: str):
+        parsed = super()._parse_optional(arg_string)
+        if not _names_no_option(parsed):
+            return parsed
+        name = arg_string.split("=", 1)[0]
+        if self._is_main_option(name):
+            command = self.prog.split()[-1]
+            raise UserError(f"{name} is an option of sdlab, not of {self.prog}: give it before the command "
+                            f"(sdlab {name} {command} ...)")
+        if arg_string.startswith("--"):
+            return parsed
+        if "-" + name in self._option_string_actions:
+            raise UserError(f"{self.prog} has no {name} option; did you mean -{name}? "
+                            f"({self.prog} --help lists the options)")
+        return None     # `-blurry`: a value, as argparse reads "-blurry face"
 
     def _get_option_tuples(self, option_string: str) -> list:
         option = option_string.split("=", 1)[0]
@@ -107,6 +169,15 @@ class CommandParser(argparse.ArgumentParser):
         return super()._get_option_tuples(option_string)
 
 
+def _names_no_option(parsed) -> bool:
+    """Whether argparse's `_parse_optional` read a word as an option it has not got (its tuple, or from Python 3.12
+    its list of tuples, holding no action)."""
+    if parsed is None:
+        return False
+    first = parsed[0] if isinstance(parsed, list) else parsed
+    return first[0] is None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = CommandParser(prog="sdlab", description="Stable Diffusion from scratch in PyTorch.")
     parser.add_argument("--version", action="version", version=f"sdlab {package_version()}")
@@ -116,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     for add in SUBCOMMANDS:
         add(subparsers)
     _refuse_other_commands_options(subparsers.choices)
+    for command in subparsers.choices.values():
+        command.main_options = frozenset(parser._option_string_actions)
     return parser
 
 

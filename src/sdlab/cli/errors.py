@@ -37,11 +37,18 @@ def path_error(err: OSError) -> str:
 def utf8_text(what: str) -> Callable[[str], str]:
     """The argparse type of text sdlab writes into its files as UTF-8 (a prompt), named `what` in errors: an
     argument holding a byte that is not UTF-8 (`sdlab.utils.text.not_utf8`) is a `UserError` while the
-    arguments are parsed, before any model loads."""
+    arguments are parsed, before any model loads. An option of this type takes the word after it as its text
+    even where that starts with a minus (`--negative -blurry`; `sdlab.cli.CommandParser`)."""
     def text(value: str) -> str:
         problem = not_utf8(value, what)
         if problem is not None:
             raise UserError(problem)
         return value
 
+    text.free_text = True   # type: ignore[attr-defined]
     return text
+
+
+def takes_free_text(action) -> bool:
+    """Whether the argparse action's value is free text (its type a `utf8_text`)."""
+    return getattr(action.type, "free_text", False)

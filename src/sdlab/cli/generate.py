@@ -494,9 +494,11 @@ def _add_hires_flags(p: argparse.ArgumentParser, from_png: bool = True) -> None:
     p.add_argument("--hr-eta", type=float, help="second-pass eta (default: --eta)")
     p.add_argument("--hr-schedule", metavar="NAME",
                    help="second-pass schedule (A1111's Hires schedule type; default: --schedule, unset: the sampler's)")
-    p.add_argument("--hr-prompt", metavar="TEXT", help="second-pass prompt, with its own prompt editing and <lora:...> "
-                                                       "tags (A1111's Hires prompt; default: the prompt)")
-    p.add_argument("--hr-negative-prompt", metavar="TEXT", help="second-pass negative prompt (default: the negative)")
+    p.add_argument("--hr-prompt", type=utf8_text("--hr-prompt"), metavar="TEXT",
+                   help="second-pass prompt, with its own prompt editing and <lora:...> tags (A1111's Hires prompt; "
+                        "default: the prompt)")
+    p.add_argument("--hr-negative-prompt", type=utf8_text("--hr-negative-prompt"), metavar="TEXT",
+                   help="second-pass negative prompt (default: the negative)")
     p.add_argument("--hr-seed", type=int, metavar="N", help="second-pass seed (-1: a random one; default: --seed)")
     p.add_argument("--hr-cfg-scale", type=float, metavar="C", help="second-pass CFG scale (default: --cfg-scale)")
     p.add_argument("--hr-convention", choices=("a1111", "comfyui"),
