@@ -10,7 +10,7 @@
     GET  /history[/{id}]    {prompt_id: {prompt, outputs: {node: {images: [{filename, subfolder, type}]}}, status}}
     POST /history           {clear: true} | {delete: [prompt_id, ...]}
     GET  /view              ?filename&subfolder&type=output|temp|input: a picture drawn or uploaded
-    POST /upload/image      multipart image (+ overwrite, subfolder, type=input) -> {name, subfolder, type}
+    POST /upload/image      multipart image (+ overwrite, subfolder, type=input|temp|output) -> {name, subfolder, type}
     GET  /queue             {queue_running, queue_pending: in the order drawn}; POST /queue {clear: true} |
                             {delete: [prompt_id, ...]}
     POST /interrupt         {prompt_id?}: the prompt drawing now stops at its next step, nothing of it kept
@@ -21,7 +21,8 @@ A prompt is one job of the server's queue (`Service.submit`, as a native job), d
 A1111 and native APIs' jobs. Its pictures are the job's files: `filename` is the job's picture name, `subfolder`
 "", `type` "output" for a SaveImage, "temp" for a PreviewImage (ComfyUI's own file names and prefixes are not
 kept). The pictures LoadImage reads are those `POST /upload/image` put in the server's input folder
-(`<output dir>/comfy_input`). The routes' references: ComfyUI's server.py (routes, `send_json`), execution.py
+(`<output dir>/comfy_input`); an upload of type output or temp goes to `comfy_output` / `comfy_temp` beside it, which
+/view and LoadImage's "name [output]" / "name [temp]" read after the jobs' pictures (`ComfyState.picture_file`). The routes' references: ComfyUI's server.py (routes, `send_json`), execution.py
 (`PromptExecutor`'s messages, `validate_prompt`), script_examples/websockets_api_example.py (comfyanonymous/ComfyUI).
 """
 
@@ -61,6 +62,8 @@ from sdlab.server.native import IMAGE_NAME, opened_file
 from sdlab.server.service import Service
 
 INPUT_FOLDER = "comfy_input"
+UPLOAD_FOLDERS = {"input": INPUT_FOLDER, "output": "comfy_output", "temp": "comfy_temp"}
+"""The folder, under the output folder, of each upload `type` (ComfyUI's folder_paths.get_directory_by_type)."""
 COMFY_SAMPLERS = [name for spec in SAMPLER_TABLE for name in (spec.comfy, *spec.comfy_aliases) if name]
 """ComfyUI's KSampler sampler names, in sdlab's table order (`GET /object_info`'s KSampler sampler_name)."""
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
@@ -106,7 +109,8 @@ class ComfyState:
 
     def __init__(self, service: Service) -> None:
         self.service = service
-        self.input_dir = service.config.output_dir / INPUT_FOLDER
+        self.upload_dirs = {kind: service.config.output_dir / name for kind, name in UPLOAD_FOLDERS.items()}
+        self.input_dir = self.upload_dirs["input"]
         self.prompts: dict[str, Prompt] = {}        # in the order they were queued, the finished kept as history
         self.sockets: dict[str, WebSocket] = {}
         self.tasks: set[asyncio.Task] = set()
@@ -132,11 +136,22 @@ class ComfyState:
         loras = sorted(self.lora_files())                             # sorted, as ComfyUI's folder_paths
         return Choices(checkpoints=sorted(c.name for c in registry.checkpoints), loras=loras,
                        input_images=self.input_images(), samplers=COMFY_SAMPLERS, vaes=sorted(self.vae_files()),
-                       controlnets=sorted(self.controlnet_files()), output_images=self.output_picture_exists)
+                       controlnets=sorted(self.controlnet_files()),
+                       output_images=lambda folder, name: self.picture_file(folder, name) is not None)
 
-    def output_picture_exists(self, name: str) -> bool:
-        """Whether `name` is a picture of the server's output folder (a job's, as /history names it)."""
-        return bool(IMAGE_NAME.match(name)) and (self.service.images_dir / name).is_file()
+    def picture_file(self, kind: str, name: str, subfolder: str = "") -> Path | None:
+        """The file of a picture of ComfyUI's folder `kind` (input, output, temp; any other: None) as /view and
+        LoadImage name it: for output and temp a job's picture ("<job id>-<n>.png", no subfolder, as /history names
+        it), else an upload of that type; for input an upload. None where there is no such file or the name leaves
+        the folder."""
+        if kind in ("output", "temp") and not subfolder and IMAGE_NAME.match(name):
+            job_picture = self.service.images_dir / name
+            if job_picture.is_file():
+                return job_picture
+        if kind not in self.upload_dirs:
+            return None
+        path = _inside(self.upload_dirs[kind], f"{subfolder}/{name}" if subfolder else name)
+        return path if path is not None and path.is_file() else None
 
     def lora_files(self) -> dict[str, str]:
         """ComfyUI's lora_name list, each to the server's LoRA name: a LoRA by its path under the LoRA folder it
@@ -348,12 +363,8 @@ def _input_picture(state: ComfyState, name: str) -> Image.Image:
 def _input_bytes(state: ComfyState, name: str) -> bytes:
     """The bytes of the picture a LoadImage names: an input-folder file ("file [input]" too), or a picture of the
     output folder ("file [output]" / "[temp]", `comfy_graph.annotated_file`); a 400 where there is none."""
-    folder, file = annotated_file(name)
-    if folder == "input":
-        path = _inside(state.input_dir, file)
-    else:
-        path = state.service.images_dir / file if state.output_picture_exists(file) else None
-    if path is None or not path.is_file():
+    path = state.picture_file(*annotated_file(name))
+    if path is None:
         raise BadRequest(f"no input picture {name!r}", 400)
     return path.read_bytes()
 
@@ -636,18 +647,16 @@ async def websocket(socket: WebSocket) -> None:
 @router.get("/view")
 def view(request: Request, filename: str, subfolder: str = "", type: str = "output") -> Response:
     state = state_of(request)
-    if type in ("output", "temp"):      # opened now: a job deleted meanwhile is a 404, not a broken answer
-        picture = None if subfolder or not IMAGE_NAME.match(filename) else opened_file(
-            state.service.images_dir / filename, "image/png", {"Content-Disposition": f'inline; filename="{filename}"'})
-        if picture is None:
-            raise BadRequest("Not Found", 404)
-        return picture
-    if type == "input":
-        path = _inside(state.input_dir, f"{subfolder}/{filename}" if subfolder else filename)
-        found = path is not None and path.is_file()
-    else:
+    if type not in UPLOAD_FOLDERS:
         raise BadRequest(f"type must be output, temp or input, got {type!r}", 400)
-    if not found:
+    path = state.picture_file(type, filename, subfolder)
+    if path is not None and path.parent == state.service.images_dir:
+        # a job's picture opened now: a job deleted meanwhile is a 404, not a broken answer
+        picture = opened_file(path, "image/png", {"Content-Disposition": f'inline; filename="{filename}"'})
+        if picture is not None:
+            return picture
+        path = None
+    if path is None:
         raise BadRequest("Not Found", 404)
     return FileResponse(path, filename=filename, content_disposition_type="inline")
 
@@ -663,27 +672,40 @@ def _inside(folder: Path, name: str) -> Path | None:
 
 @router.post("/upload/image")
 async def upload_image(request: Request) -> JSONResponse:
-    """ComfyUI's `upload_image`: the file of the form's `image` to the input folder (`subfolder` in it), renamed
-    "name (1).png" where one of its name is there and `overwrite` is not true."""
-    state = state_of(request)
+    """ComfyUI's `upload_image`: the file of the form's `image` to the folder of its `type` (input, the default;
+    temp or output: `UPLOAD_FOLDERS`), `subfolder` in it, renamed "name (1).png" where one of its name is there and
+    `overwrite` is not true."""
     form = await request.form()
+    upload, raw = await _uploaded_picture(request, form)
+    return await _stored(state_of(request), form, upload.filename, raw)
+
+
+async def _uploaded_picture(request: Request, form: Any) -> tuple[Any, bytes]:
+    """(the form's `image` file, its bytes), checked to be a picture Pillow decodes whole (else a 400 now, not when
+    a graph loads it)."""
     upload = form.get("image")
     if upload is None or isinstance(upload, str):
         raise BadRequest("the form has no image file", 400)
-    kind = form.get("type") or "input"
-    if kind != "input":
-        raise BadRequest(f"sdlab takes uploads of type input, got {kind!r}", 400)
-    subfolder = str(form.get("subfolder") or "")
     raw = await upload.read()
-    with opened_picture(raw, "image", state.service.config.limits) as picture:
-        picture.load()      # a file Pillow cannot decode whole is a 400 now, not when a graph loads it
-    name = Path(upload.filename or "image.png").name
-    target = _inside(state.input_dir, f"{subfolder}/{name}" if subfolder else name)
+    with opened_picture(raw, "image", state_of(request).service.config.limits) as picture:
+        picture.load()
+    return upload, raw
+
+
+async def _stored(state: ComfyState, form: Any, filename: str | None, raw: bytes) -> JSONResponse:
+    """ComfyUI's `image_upload`: `raw` written to the folder of the form's `type` as the file `filename` (in its
+    `subfolder`), the answer naming it."""
+    kind = form.get("type") or "input"
+    if kind not in UPLOAD_FOLDERS:
+        raise BadRequest(f"type must be input, temp or output, got {kind!r}", 400)
+    subfolder = str(form.get("subfolder") or "")
+    name = Path(filename or "image.png").name
+    target = _inside(state.upload_dirs[kind], f"{subfolder}/{name}" if subfolder else name)
     if target is None:
-        raise BadRequest("the file name or subfolder leaves the input folder", 400)
+        raise BadRequest(f"the file name or subfolder leaves the {kind} folder", 400)
     overwrite = str(form.get("overwrite") or "").lower() in ("true", "1")
     target = await anyio.to_thread.run_sync(_write_upload, target, raw, overwrite)
-    return JSONResponse({"name": target.name, "subfolder": subfolder, "type": "input"})
+    return JSONResponse({"name": target.name, "subfolder": subfolder, "type": kind})
 
 
 def _write_upload(target: Path, raw: bytes, overwrite: bool) -> Path:

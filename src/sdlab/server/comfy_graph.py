@@ -188,17 +188,17 @@ class Choices:
     controlnets: list[str] = field(default_factory=list)
     samplers: list[str] = field(default_factory=list)
     schedulers: list[str] = field(default_factory=lambda: list(COMFY_SCHEDULERS))
-    output_images: Callable[[str], bool] = lambda name: False    # whether the output folder holds that picture
+    output_images: Callable[[str, str], bool] = lambda folder, name: False  # whether that folder holds the picture
 
     def of(self, name: str) -> list[str]:
         return getattr(self, name)
 
     def has_image(self, name: str) -> bool:
         """Whether the picture a LoadImage names exists (ComfyUI's folder_paths.exists_annotated_filepath): a file
-        of `input_images`, or of the output folder ("[output]" / "[temp]": sdlab writes both kinds of pictures
-        there)."""
+        of `input_images`, or of the output or temp folder ("[output]" / "[temp]": a job's picture or an upload of
+        that type)."""
         folder, file = annotated_file(name)
-        return file in self.input_images if folder == "input" else self.output_images(file)
+        return file in self.input_images if folder == "input" else self.output_images(folder, file)
 
 
 @dataclass(frozen=True)
