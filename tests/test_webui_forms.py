@@ -519,6 +519,25 @@ def _mask_file(mode: str, size: tuple[int, int]) -> Image.Image:
     return mask
 
 
+def test_a_mask_file_and_the_jobs_sent_with_it_read_the_mask_without_a_canvas_warning(page, base_url, tmp_path):
+    """The mask canvas is read back when a mask file loads and again for each job sent: Chrome logged 'Canvas2D:
+    Multiple readback operations using getImageData are faster with the willReadFrequently attribute set to true'
+    by the second; its context is made with willReadFrequently."""
+    page.find_element(By.ID, "tab-inpaint").click()
+    drop_file(page, png_bytes(), "init.png", "init-drop")
+    wait(page, lambda d: d.find_element(By.ID, "mask-canvas").is_displayed(), 10, "the image was not taken")
+    for size in ((64, 64), (32, 32)):                      # a mask file loaded again reads the canvas again
+        _mask_file("L", size).save(tmp_path / "mask.png")
+        page.execute_script("state.maskPainted = false")
+        page.find_element(By.ID, "mask-file").send_keys(str(tmp_path / "mask.png"))
+        wait(page, lambda d: d.execute_script("return state.maskPainted"), 10, "no mask")
+    page.execute_script("maskDataUrl()")                    # as Generate reads it
+    warnings = [entry["message"] for entry in page.get_log("browser") if "willReadFrequently" in entry["message"]]
+    assert warnings == []
+    assert page.execute_script("return document.getElementById('mask-canvas').getContext('2d')"
+                               ".getContextAttributes().willReadFrequently") is True
+
+
 @pytest.mark.parametrize(("mode", "size"), [("L", (64, 64)), ("L", (32, 32)), ("L", (64, 32)), ("RGBA", (64, 64)),
                                             ("LA", (48, 48))])
 def test_a_mask_file_is_the_mask_the_form_sends(page, base_url, tmp_path, mode, size):

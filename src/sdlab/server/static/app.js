@@ -722,9 +722,13 @@ async function setInitImage(dataUrl) {
   $("init-placeholder").hidden = true;
 }
 
+// The painted mask's 2D context: read back (getImageData) on each mask file loaded and each job sent, so kept in
+// memory rather than on the GPU (`willReadFrequently`, which only the canvas's first getContext sets)
+const maskContext = () => $("mask-canvas").getContext("2d", { willReadFrequently: true });
+
 function clearMask() {
   const canvas = $("mask-canvas");
-  canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+  maskContext().clearRect(0, 0, canvas.width, canvas.height);
   state.maskPainted = false;
   state.maskFile = null;
 }
@@ -737,7 +741,7 @@ async function loadMask(dataUrl) {
   if (!state.initImage) throw new ApiError("choose the initial image first, then its mask");
   const image = await loadImage(dataUrl);
   const canvas = $("mask-canvas");
-  const ctx = canvas.getContext("2d");
+  const ctx = maskContext();
   ctx.clearRect(0, 0, canvas.width, canvas.height);
   ctx.drawImage(image, 0, 0, canvas.width, canvas.height);
   const pixels = ctx.getImageData(0, 0, canvas.width, canvas.height);
@@ -763,7 +767,7 @@ function setupMaskPainting() {
     return { x: (event.clientX - rect.left) * scale, y: (event.clientY - rect.top) * scale, scale };
   };
   const stroke = (from, to) => {
-    const ctx = canvas.getContext("2d");
+    const ctx = maskContext();
     ctx.strokeStyle = ctx.fillStyle = MASK_COLOUR;
     ctx.lineCap = ctx.lineJoin = "round";
     ctx.lineWidth = Math.max(1, Number($("brush-size").value) * to.scale);
@@ -800,7 +804,7 @@ function maskDataUrl() {
   const out = document.createElement("canvas");
   out.width = painted.width;
   out.height = painted.height;
-  const pixels = painted.getContext("2d").getImageData(0, 0, painted.width, painted.height);
+  const pixels = maskContext().getImageData(0, 0, painted.width, painted.height);
   const rgba = pixels.data;
   for (let i = 0; i < rgba.length; i += 4) {
     rgba[i] = rgba[i + 1] = rgba[i + 2] = rgba[i + 3];
