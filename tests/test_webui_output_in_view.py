@@ -62,3 +62,33 @@ def test_a_cards_status_and_seed_stay_within_a_phones_card(browser, base_url):
     finally:
         from test_webui import WINDOW
         browser.set_window_size(*WINDOW)
+
+
+def test_a_phones_window_brings_the_progress_into_view_after_generate(browser, base_url):
+    """One column: Ctrl+Enter in the prompt (or Generate at the form's foot) queued the job with the progress bar
+    and the pictures 2000 px below the window, out of sight; now the page scrolls to the output panel. Side by side
+    the page does not move (the panel is in view beside the form)."""
+    from test_webui import WINDOW, Keys, cancel_leftover_jobs, text, wait
+
+    cancel_leftover_jobs(base_url)
+    browser.set_window_size(390, 844)
+    try:
+        open_page(browser, base_url)
+        assert not browser.execute_script(IN_VIEW, "progress")
+        set_value(browser, "steps", 2)
+        set_value(browser, "prompt", "a phone's square (in view)")
+        browser.find_element(By.ID, "prompt").send_keys(Keys.CONTROL, Keys.ENTER)
+        wait(browser, lambda d: d.execute_script(IN_VIEW, "progress"), 20,
+             f"the progress stays out of view; error: {text(browser, 'error')}")
+        loaded_results(browser, 1)
+        assert browser.execute_script(IN_VIEW, "progress")
+        assert browser.execute_script("return document.getElementById('results').getBoundingClientRect().top"
+                                      " < window.innerHeight")
+    finally:
+        browser.set_window_size(*WINDOW)
+    open_page(browser, base_url)
+    set_value(browser, "steps", 2)
+    set_value(browser, "prompt", "a wide square (in view)")
+    browser.find_element(By.ID, "prompt").send_keys(Keys.CONTROL, Keys.ENTER)
+    loaded_results(browser, 1)
+    assert browser.execute_script("return window.scrollY") == 0

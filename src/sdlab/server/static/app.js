@@ -1282,6 +1282,7 @@ async function generate() {
     const job = await api("/api/jobs", { method: "POST", body });
     state.submitted.add(job.id);
     rememberSubmitted();
+    bringOutputIntoView();
     if (!state.follow) {                       // nothing running: follow this one from its start
       state.shownJob = job.id;
       setProgress(0, 1, queuedText(job.position));
@@ -1293,6 +1294,14 @@ async function generate() {
   } finally {
     button.disabled = false;
   }
+}
+
+// The output panel's progress row, once a job is queued, in view: in one column (a phone's window) the panel is under
+// the long form, the Generate button far above or below it; side by side it is always in view (sticky) and the page
+// stays where it is
+function bringOutputIntoView() {
+  const row = document.querySelector(".output .progress-row").getBoundingClientRect();
+  if (row.top < 0 || row.bottom > window.innerHeight) document.querySelector(".output").scrollIntoView({ block: "start" });
 }
 
 // `position`: jobs waiting ahead of this one (0 = it runs next)
