@@ -11,6 +11,8 @@
     POST /history           {clear: true} | {delete: [prompt_id, ...]}
     GET  /view              ?filename&subfolder&type=output|temp|input: a picture drawn or uploaded
     POST /upload/image      multipart image (+ overwrite, subfolder, type=input|temp|output) -> {name, subfolder, type}
+    POST /upload/mask       the same with original_ref {filename, subfolder?, type?}: that picture, its alpha the
+                            uploaded mask's alpha
     GET  /queue             {queue_running, queue_pending: in the order drawn}; POST /queue {clear: true} |
                             {delete: [prompt_id, ...]}
     POST /interrupt         {prompt_id?}: the prompt drawing now stops at its next step, nothing of it kept
@@ -31,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import io
+import json
 import math
 import os
 import platform
@@ -47,7 +50,7 @@ import anyio
 from fastapi import APIRouter, FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse, JSONResponse, Response
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, PngImagePlugin
 from torch import Tensor
 
 from sdlab.diffusion.samplers import SAMPLER_TABLE
@@ -680,6 +683,21 @@ async def upload_image(request: Request) -> JSONResponse:
     return await _stored(state_of(request), form, upload.filename, raw)
 
 
+@router.post("/upload/mask")
+async def upload_mask(request: Request) -> JSONResponse:
+    """ComfyUI's `upload_mask` (its mask editor's save): the picture `original_ref` names ({filename, subfolder?,
+    type?: output by default}; "name [input]"-style names as LoadImage's) made RGBA, its alpha replaced by the
+    uploaded `image`'s alpha (an image without one: opaque, as Pillow's RGBA conversion gives it), its PNG text kept,
+    stored as /upload/image stores a file. A mask of another size than the picture, or an original_ref naming no
+    picture, is a 400 (ComfyUI fails on the first and writes nothing for the second)."""
+    state = state_of(request)
+    form = await request.form()
+    upload, raw = await _uploaded_picture(request, form)
+    original = _original_ref(state, form.get("original_ref"))
+    merged = await anyio.to_thread.run_sync(_with_mask_alpha, original, raw, state.service.config.limits)
+    return await _stored(state, form, upload.filename, merged)
+
+
 async def _uploaded_picture(request: Request, form: Any) -> tuple[Any, bytes]:
     """(the form's `image` file, its bytes), checked to be a picture Pillow decodes whole (else a 400 now, not when
     a graph loads it)."""
@@ -706,6 +724,45 @@ async def _stored(state: ComfyState, form: Any, filename: str | None, raw: bytes
     overwrite = str(form.get("overwrite") or "").lower() in ("true", "1")
     target = await anyio.to_thread.run_sync(_write_upload, target, raw, overwrite)
     return JSONResponse({"name": target.name, "subfolder": subfolder, "type": kind})
+
+
+def _original_ref(state: ComfyState, given: Any) -> Path:
+    """The file of the picture a mask upload's `original_ref` names (ComfyUI's upload_mask: JSON {filename,
+    subfolder?, type?}, the type output where neither it nor the filename's annotation says); a 400 where it is
+    malformed or names no picture."""
+    try:
+        ref = json.loads(given) if isinstance(given, str) else None
+    except ValueError:
+        ref = None
+    if not isinstance(ref, dict) or not isinstance(ref.get("filename"), str) or not ref["filename"]:
+        raise BadRequest('original_ref must be the JSON {"filename": ..., "subfolder": ..., "type": ...} of the '
+                         "picture the mask is for", 400)
+    folder, file = annotated_file(ref["filename"])
+    kind = folder if file != ref["filename"] else str(ref.get("type") or "output")
+    path = state.picture_file(kind, file, str(ref.get("subfolder") or ""))
+    if path is None:
+        raise BadRequest(f"original_ref names no picture: {ref['filename']!r} (type {kind!r}) is not there", 400)
+    return path
+
+
+def _with_mask_alpha(original: Path, mask: bytes, limits: Any) -> bytes:
+    """The picture `original` as RGBA with the alpha of the picture `mask` (ComfyUI's upload_mask: both converted
+    to RGBA, `putalpha` of the mask's A), as a PNG keeping the original's text chunks."""
+    with opened_picture(original.read_bytes(), "original_ref", limits) as picture:
+        text = dict(getattr(picture, "text", {}) or {})
+        merged = picture.convert("RGBA")
+    with opened_picture(mask, "image", limits) as picture:
+        alpha = picture.convert("RGBA").getchannel("A")
+    if alpha.size != merged.size:
+        raise BadRequest(f"the mask is {alpha.size[0]}x{alpha.size[1]} px, the picture original_ref names "
+                         f"{merged.size[0]}x{merged.size[1]}", 400)
+    merged.putalpha(alpha)
+    info = PngImagePlugin.PngInfo()
+    for key, value in text.items():
+        info.add_text(key, value)
+    data = io.BytesIO()
+    merged.save(data, format="PNG", compress_level=4, pnginfo=info)
+    return data.getvalue()
 
 
 def _write_upload(target: Path, raw: bytes, overwrite: bool) -> Path:
