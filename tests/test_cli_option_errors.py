@@ -154,3 +154,25 @@ def test_a_word_that_names_an_option_is_not_read_as_text(capsys, args, message):
     code, out, err = run(args, capsys)
     assert code == 2 and out == "" and len(err.splitlines()) == 1, err
     assert err.startswith("sdlab: error: ") and message in err, err
+
+
+@pytest.mark.parametrize("device", ["CPU", "Cpu", "cpu:0", "CPU:0"])
+def test_the_device_is_read_in_any_case(tmp_path, capsys, device):
+    """`--device CPU` is torch's cpu (as cuda, cuda:1, mps in any case): before, torch refused 'CPU'."""
+    from sdlab.cli import build_parser
+
+    Image.new("RGB", (16, 16), "red").save(tmp_path / "in.png")
+    code, _, err = run(["upscale", str(tmp_path / "in.png"), "--scale", "2", "--device", device,
+                        "--out", str(tmp_path / "o.png")], capsys)
+    assert code == 0 and Image.open(tmp_path / "o.png").size == (32, 32), err
+    for command in (["txt2img", "a"], ["img2img", "a", "--init", "i.png"], ["inpaint", "a", "--init", "i.png"],
+                    ["serve"], ["grid", "a", "--x", "steps=1,2", "--out", "g.png"]):
+        assert build_parser().parse_args([*command, "--device", "Cuda:1"]).device == "cuda:1"
+
+
+def test_a_device_torch_does_not_know_is_still_one_error_line(tmp_path, capsys):
+    Image.new("RGB", (16, 16), "red").save(tmp_path / "in.png")
+    code, out, err = run(["upscale", str(tmp_path / "in.png"), "--scale", "2", "--device", "GPU",
+                          "--out", str(tmp_path / "o.png")], capsys)
+    assert code == 2 and out == "" and len(err.splitlines()) == 1 and "unknown device 'gpu'" in err, err
+    assert not (tmp_path / "o.png").exists()

@@ -307,7 +307,7 @@ picture."""
 def _add_run_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
     """Device, dtype, LoRAs, embeddings, ControlNets, progress, threads and compile (`sdlab grid` shares them;
     `from_png`: the command has --from-png)."""
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
+    p.add_argument("--device", type=str.lower, default="cpu", help="cpu, cuda, cuda:1, mps, in any case (default cpu)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                    help="weight dtype; auto (default): bf16 for SD1.5 / SDXL-size models on a CPU with native "
                         "bf16 or on CUDA, fp32 for small models (docs/performance.md)")

@@ -61,7 +61,7 @@ def add_serve(subparsers: argparse._SubParsersAction) -> None:
                    help="most images drawn together, a batch (default 8; A1111's n_iter batches run one after another)")
     p.add_argument("--max-images", type=int, default=100,
                    help="most images of one request, every batch's (A1111's batch_size x n_iter; default 100)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
+    p.add_argument("--device", type=str.lower, default="cpu", help="cpu, cuda, cuda:1, mps, in any case (default cpu)")
     p.set_defaults(run=run_serve)
 
 

@@ -38,7 +38,7 @@ def add_upscale(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tile", type=int, default=192, help="tile side in input pixels, 0 = whole picture at once (default 192)")
     p.add_argument("--tile-overlap", type=int, default=32, help="pixels neighbouring tiles share (default 32)")
     p.add_argument("--out", required=True, help="output file (.png, .jpg, .webp); an existing file is replaced")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
+    p.add_argument("--device", type=str.lower, default="cpu", help="cpu, cuda, cuda:1, mps, in any case (default cpu)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default=AUTO,
                    help="weight dtype; auto (default): fp32, as auto keeps every small model (README)")
     p.set_defaults(run=run_upscale)
@@ -88,14 +88,14 @@ def _load(model: str, args: argparse.Namespace):
     from sdlab.checkpoints.upscaler import load_upscaler
     from sdlab.pipeline.upscale import PLAIN_UPSCALERS
 
+    try:
+        device = resolve_device(args.device)       # checked for a plain resize too, which runs on the CPU
+    except RequestError as err:
+        raise UserError(str(err)) from None
     if model.strip().lower() in PLAIN_UPSCALERS and not os.path.exists(model):
         return model.strip().lower(), None
     if not os.path.exists(model):
         raise UserError(f"the upscaler model {model!r} does not exist (or name lanczos / nearest for a plain resize)")
-    try:
-        device = resolve_device(args.device)
-    except RequestError as err:
-        raise UserError(str(err)) from None
     upscaler = load_upscaler(model, device=device, dtype=requested_dtype(args.dtype))
     return upscaler, upscaler.scale
 
