@@ -110,6 +110,20 @@ def test_checkpoint_cells_are_txt2img_with_that_model(models: Path, tmp_path: Pa
         "Checkpoint name", f"{beta},{alpha}", "beta", 3.0)
 
 
+def test_a_checkpoint_named_by_its_a1111_title_is_its_file(models: Path, tmp_path: Path, capsys, loads) -> None:
+    """A Checkpoint name as A1111's X/Y/Z plot lists it, 'beta.safetensors [0123456789]' (its title: the file and
+    a short hash), draws with the file, as A1111's get_closet_checkpoint_match strips the checksum; the label and
+    X Values keep what was typed."""
+    beta = models / "beta.safetensors"
+    axis = f"Checkpoint name={beta} [0123456789]"
+    out, cells = _grid(capsys, tmp_path, "--x", axis)
+    assert loads == ["beta.safetensors"]
+    want, text = _txt2img(capsys, tmp_path / "single.png", "--model", str(beta))
+    got, recorded = _cell(cells, 0, (0, 0, 0))
+    assert np.abs(got - want).max() == 0 and recorded == text
+    assert parse_parameters(read_parameters(out))["X Values"] == f"{beta} [0123456789]"
+
+
 def test_vae_cells_are_txt2img_with_that_vae(models: Path, tmp_path: Path, capsys, loads) -> None:
     """VAE None (the checkpoint's own: --no-sidecar-vae), automatic (txt2img's default: alpha's sidecar) and a VAE
     file (--vae): each cell txt2img's picture and parameters, labelled `VAE: <value>` (a file by its name, as
