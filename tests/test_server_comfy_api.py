@@ -472,6 +472,39 @@ def test_files_of_one_name_in_two_subfolders_are_each_listed_and_drawn_as_comfyu
         server.post("/sdapi/v1/refresh-vae")
 
 
+def test_a_lora_another_file_shadows_is_recorded_by_the_name_that_finds_it(server):
+    """A LoRA whose stem an earlier file has (Lora/a/inked and Lora/b/inked: "inked" is a's) is recorded in the
+    picture's parameters by its path under the LoRA folder, ComfyUI's lora_name ("<lora:b/inked.safetensors:0.8>",
+    `Lora hashes` naming it so), which the server finds it by: the parameters read back (Reuse) draw the picture
+    again. a's own stays A1111's "inked". Before, b was recorded "inked", which draws a's."""
+    import base64
+
+    lora_dir = server.app.state.comfy.service.config.models_dir / "Lora"
+    for sub in ("a", "b"):
+        (lora_dir / sub).mkdir()
+    made = [_lora(lora_dir / "a" / "inked.safetensors", scale=0.7), _lora(lora_dir / "b" / "inked.safetensors",
+                                                                          scale=1.3)]
+    try:
+        assert server.post("/sdapi/v1/refresh-loras").status_code == 200
+        for sub, recorded in (("a", "inked"), ("b", "b/inked.safetensors")):
+            prompt = graph(**{"3.model": ["10", 0], "6.clip": ["10", 1], "7.clip": ["10", 1]})
+            prompt["10"] = {"class_type": "LoraLoader", "inputs": {"model": ["4", 0], "clip": ["4", 1],
+                                                                   "strength_model": 0.8, "strength_clip": 0.8,
+                                                                   "lora_name": f"{sub}/inked.safetensors"}}
+            image = drawn(server, prompt)[1]["outputs"]["9"]["images"][0]
+            png = server.get("/view", params=image).content
+            text = Image.open(io.BytesIO(png)).info["parameters"]
+            assert f"<lora:{recorded}:0.8>" in text and f'Lora hashes: "{recorded}: ' in text, text
+            read = server.post("/api/parameters", json={"image": base64.b64encode(png).decode()})
+            assert read.status_code == 200, read.text
+            assert np.array_equal(viewed(server, image), native_pixels(server, read.json()["settings"]))
+    finally:
+        for path in made:
+            path.unlink()
+            path.parent.rmdir()
+        server.post("/sdapi/v1/refresh-loras")
+
+
 def test_a_ksampler_advanced_that_is_a_ksampler_draws_as_one(server):
     advanced = graph()
     advanced["3"] = {"class_type": "KSamplerAdvanced", "inputs": {

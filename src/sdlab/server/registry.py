@@ -218,6 +218,15 @@ class ModelRegistry:
             named = next((lora for lora in self.loras if lora.name == name), None)
             return named or self.lora_paths.get(name.removeprefix("./"))
 
+    def recorded_name(self, lora: Lora) -> str:
+        """The name a picture's parameters give `lora` (its `<lora:NAME:w>` tag, `Lora hashes`), one `lora` finds it
+        by again: A1111's, the stem, where that is this file; else its path under its LoRA folder, ComfyUI's
+        lora_name ("b/inked.safetensors": an earlier file has the stem, which would draw another picture)."""
+        with self._lock:
+            if next((found for found in self.loras if found.name == lora.name), None) == lora:
+                return lora.name
+            return next((path for path, found in self.lora_paths.items() if found == lora), lora.name)
+
     def lora_names(self) -> dict[str, str]:
         """Each LoRA file by its path under its LoRA folder (ComfyUI's lora_name), to the name `lora` finds it by:
         its stem, or "./" and that path for a file whose stem an earlier file has (two folders each holding an

@@ -329,7 +329,7 @@ class Runner:
             if lora is None:
                 raise RequestError(f"the LoRA {choice.name!r} is no longer in the models folder")
             loras.append((lora.path, choice.weight))
-            refs.append(LoraRef(lora.name, choice.weight, lora.read_hash()))
+            refs.append(LoraRef(registry.recorded_name(lora), choice.weight, lora.read_hash()))
         choice = job.spec.refiner
         refiner = None if choice is None else registry.find(choice.name)
         if choice is not None and refiner is None:
