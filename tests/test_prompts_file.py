@@ -257,6 +257,10 @@ def test_prompts_file_pictures_equal_single_runs(tmp_path: Path, capsys) -> None
     ("--prompt a --sampler_name nonsense\n", "line 1: --sampler_name is none of A1111's sampler names"),
     ("--prompt a --restore_faces true\n", "line 1: --restore_faces true: sdlab has no face restoration"),
     ("--prompt a --steps 0\n", "line 1:"),
+    ("a cat\n--prompt a --steps abc\n",
+     "line 2: --steps: invalid int value: 'abc', expected a whole number (A1111 would draw"),
+    ("--prompt a --seed 1.5\n", "line 1: --seed: invalid int value: '1.5', expected a whole number"),
+    ("--prompt a --cfg_scale 7,5\n", "line 1: --cfg_scale: invalid float value: '7,5', expected a number"),
     ("\n  \n", "no line to draw"),
 ])
 def test_prompts_file_errors_before_any_work(tmp_path: Path, capsys, text: str, match: str) -> None:

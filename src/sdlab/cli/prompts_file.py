@@ -35,6 +35,7 @@ from typing import Any
 
 from sdlab.cli.errors import UserError
 
+NUMBER_KINDS = {int: "a whole number", float: "a number"}     # a tag's kind -> what its value must be
 UNUSED_TAGS = ("sampler_index", "prompt_for_display", "outpath_grids", "do_not_save_grid")
 FLAGS = {                           # A1111's tag -> the command's option (argparse name)
     "seed": "seed", "subseed": "subseed", "subseed_strength": "subseed_strength", "sampler_name": "sampler",
@@ -136,6 +137,19 @@ def _check_request(ns: argparse.Namespace) -> None:
         raise UserError(str(err)) from None
 
 
+def _line_error(line) -> str:
+    """A line's error as the command line words it: a value that is not its tag's number names the tag, the value
+    and what it wants (`--steps: invalid int value: 'abc', expected a whole number`), not Python's int() message;
+    the other errors A1111's text."""
+    from sdlab.pipeline.prompts_file import PROMPT_TAGS
+
+    if line.bad_value is None:
+        return line.error
+    tag, text = line.bad_value
+    kind = PROMPT_TAGS[tag]
+    return f"--{tag}: invalid {kind.__name__} value: {text!r}, expected {NUMBER_KINDS[kind]}"
+
+
 def line_namespaces(args: argparse.Namespace) -> list[tuple[str, argparse.Namespace]]:
     """Every line's options (after how errors name the line), checked before any work (a line that does not read
     is an error naming it)."""
@@ -157,7 +171,7 @@ def line_namespaces(args: argparse.Namespace) -> list[tuple[str, argparse.Namesp
     for line, seed in zip(lines, seeds):
         where = f"--prompts-file {args.prompts_file} line {line.number}"
         if line.error is not None:
-            raise UserError(f"{where}: {line.error} (A1111 would draw the whole line as a prompt)")
+            raise UserError(f"{where}: {_line_error(line)} (A1111 would draw the whole line as a prompt)")
         ns = _line_namespace(args, line, seed, where, styles)
         try:
             _output_target(ns.out)

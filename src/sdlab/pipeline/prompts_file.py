@@ -35,7 +35,12 @@ POSITIONS = ("start", "end")        # A1111's Insert prompts at the
 
 
 class PromptsFileError(ValueError):
-    """A line A1111's `cmdargs` cannot read, with A1111's error text."""
+    """A line A1111's `cmdargs` cannot read, with A1111's error text; `bad_value` the (tag, text) of a value that is
+    not the tag's kind (`--steps abc`: ("steps", "abc")), None for the other errors."""
+
+    def __init__(self, message: str, bad_value: tuple[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.bad_value = bad_value
 
 
 def _boolean(text: str) -> bool:
@@ -101,18 +106,19 @@ def _value(kind: Any, text: str, find_checkpoint: Callable[[str], str | None], t
     try:
         return kind(text)
     except ValueError as err:
-        raise PromptsFileError(str(err)) from None
+        raise PromptsFileError(str(err), (tag, text)) from None
 
 
 @dataclass(frozen=True)
 class Line:
     """One job: the line's `number` in the text (from 1), the line, its tags (`{"prompt": line}` where it has no
-    `--` or does not read) and, where it does not read, A1111's error text."""
+    `--` or does not read) and, where it does not read, A1111's error text (and `PromptsFileError.bad_value`)."""
 
     number: int
     text: str
     args: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    bad_value: tuple[str, str] | None = None
 
 
 def read_lines(text: str, find_checkpoint: Callable[[str], str | None] = lambda name: name,
@@ -126,13 +132,13 @@ def read_lines(text: str, find_checkpoint: Callable[[str], str | None] = lambda 
             continue
         if most is not None and len(lines) == most:
             break
-        args, error = {"prompt": line}, None
+        args, error, bad_value = {"prompt": line}, None, None
         if "--" in line:
             try:
                 args = line_args(line, find_checkpoint)
             except PromptsFileError as err:
-                args, error = {"prompt": line}, str(err)
-        lines.append(Line(number, line, args, error))
+                args, error, bad_value = {"prompt": line}, str(err), err.bad_value
+        lines.append(Line(number, line, args, error, bad_value))
     return lines
 
 
