@@ -761,6 +761,25 @@ def test_a_phones_window_fits_every_control_of_the_form(page, base_url, tmp_path
         page.set_window_size(*WINDOW)
 
 
+def test_the_top_bars_labels_stay_beside_their_lists_in_a_narrow_window(page):
+    """The top bar wraps in a narrow window: before, the VAE label ended the Model list's line (beside the Model
+    list, at 390 and at 700 px) and its list began the next; each label and its list now wrap together."""
+    try:
+        for width in (390, 700, 1280):
+            page.set_window_size(width, 844)
+            apart = page.execute_script("""
+                const lists = [...document.querySelectorAll('.topbar label[for]')]
+                  .filter((label) => label.control.tagName === 'SELECT');
+                return lists.filter((label) => {
+                  const l = label.getBoundingClientRect(), c = label.control.getBoundingClientRect();
+                  const middle = (l.top + l.bottom) / 2;
+                  return middle < c.top || middle > c.bottom || l.right > c.left;
+                }).map((label) => label.textContent);""")
+            assert apart == [], width
+    finally:
+        page.set_window_size(*WINDOW)
+
+
 def test_inpaint_mask_painted_on_the_image_is_accepted(page, base_url, tmp_path):
     init = Image.new("RGB", (64, 64), (30, 60, 160))
     ImageDraw.Draw(init).rectangle([20, 20, 43, 43], fill=(240, 220, 40))
