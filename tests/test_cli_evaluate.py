@@ -259,3 +259,16 @@ def test_cfg_scale_is_evals_cfg_as_txt2imgs(tmp_path) -> None:
 
     args = build_parser().parse_args(["eval", "p.txt", "--out", str(tmp_path), "--cfg-scale", "3"])
     assert args.cfg == 3.0
+
+
+def test_the_summary_tables_columns_line_up_past_long_metric_names() -> None:
+    """A metric name longer than the first column's default (the report's 'template phrasing/background', 28
+    characters) widens the column: every row's accuracy ends where the header's does."""
+    from sdlab.cli.evaluate import format_summary
+
+    names = ("any/shape", "template phrasing/background", "background=black")
+    summary = {"accuracy": dict.fromkeys(names, 0.5), "counts": dict.fromkeys(names, 2),
+               "targets": {"any/shape": {"target": 0.85, "accuracy": 0.5, "met": False}}, "diversity": 0.25}
+    lines = format_summary(summary).splitlines()
+    end = lines[0].index("accuracy") + len("accuracy")
+    assert [line[end - 5:end] for line in lines[1:]] == ["0.500"] * 3 + ["0.250"], lines

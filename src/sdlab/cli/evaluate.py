@@ -78,13 +78,15 @@ def add_evaluate(subparsers: argparse._SubParsersAction) -> None:
 def format_summary(summary: dict) -> str:
     """The summary of `sdlab.tiny.evaluation.summarise` as a text table: one line per metric with its accuracy,
     image count and, where one is set, the target and whether it is met; then the diversity."""
-    lines = [f"{'metric':<26} {'accuracy':>8} {'images':>6}  target"]
+    width = max(len(name) for name in ("diversity across seeds", *summary["accuracy"]))   # the longest name's
+    lines = [f"{'metric':<{width}} {'accuracy':>8} {'images':>6}  target"]
     for key, accuracy in summary["accuracy"].items():
         target = summary["targets"].get(key)
         goal = f">= {target['target']:.2f} {'met' if target['met'] else 'not met'}" if target else ""
-        lines.append(f"{key:<26} {accuracy:>8.3f} {summary['counts'][key]:>6}  {goal}")
+        lines.append(f"{key:<{width}} {accuracy:>8.3f} {summary['counts'][key]:>6}  {goal}")
     diversity = summary.get("diversity")
-    lines.append(f"{'diversity across seeds':<26} {diversity:>8.3f}" if diversity is not None else "diversity: n/a (one seed)")
+    lines.append(f"{'diversity across seeds':<{width}} {diversity:>8.3f}" if diversity is not None
+                 else "diversity: n/a (one seed)")
     return "\n".join(lines)
 
 
