@@ -63,6 +63,8 @@ from sdlab.checkpoints.io import write_safetensors_atomic
 from sdlab.models.vae import posterior_draw
 from sdlab.pipeline.images import upright_8bit
 from sdlab.train.errors import TrainError
+from sdlab.train.run_checkpoint import list_checkpoints
+from sdlab.train.run_lock import LOCK_NAME
 from sdlab.train.task import Batch
 from sdlab.utils.text import not_utf8
 
@@ -300,9 +302,37 @@ def _read_metadata(root: Path, meta: Path, scan: DatasetScan) -> list[tuple[Path
     return entries
 
 
+def is_run_folder(folder: Path) -> bool:
+    """Whether ``folder`` is an ``sdlab train`` run folder: its lock file (a run going on, the new run's own
+    ``--output-dir`` among them), its run checkpoints, or the summary.json and log.csv of a run that ended. Its
+    previews and weights are no training data: the scan never enters one below ``--data-dir``
+    (`_warn_of_run_folders`)."""
+    if _is_file(folder / LOCK_NAME) or (_is_file(folder / "summary.json") and _is_file(folder / "log.csv")):
+        return True
+    try:
+        return bool(list_checkpoints(folder / "checkpoints"))
+    except OSError:                                     # a checkpoints folder that cannot be listed
+        return False
+
+
+def _warn_of_run_folders(root: Path) -> None:
+    """One warning naming the run folders below ``root`` (`is_run_folder`) that the scan leaves out."""
+    found = []
+    for folder in _walk_folders(root):
+        try:
+            found += [sub for sub in _subfolders(folder, runs=True) if is_run_folder(sub)]
+        except OSError:                                 # a folder that cannot be listed: `_walk_images` says so
+            continue
+    if found:
+        logger.warning("--data-dir %s: left out %s, %s of sdlab train (previews, weights and checkpoints are no "
+                       "training data)", root, _names([str(p) for p in found]),
+                       "a run folder" if len(found) == 1 else "run folders")
+
+
 def _walk_images(folder: Path, recursive: bool, ancestors: frozenset[str] = frozenset()) -> Iterator[Path]:
     """The images in ``folder`` (and, ``recursive``, in its subfolders, following links to folders as kohya's
-    ``os.listdir`` walk does; a link back to a folder it is in is skipped with a warning), sorted."""
+    ``os.listdir`` walk does; a link back to a folder it is in is skipped with a warning, a run folder,
+    `is_run_folder`, quietly), sorted."""
     real = os.path.realpath(folder)
     if real in ancestors:
         logger.warning("skipping %s: a link back to %s, which holds it", folder, real)
@@ -315,7 +345,7 @@ def _walk_images(folder: Path, recursive: bool, ancestors: frozenset[str] = froz
     for entry in entries:
         path = Path(entry.path)
         if entry.is_dir():
-            if recursive:
+            if recursive and not is_run_folder(path):
                 yield from _walk_images(path, True, ancestors | {real})
         elif path.suffix.lower() in IMAGE_SUFFIXES and entry.is_file():
             yield path
@@ -326,13 +356,14 @@ def _image_files(folder: Path, recursive: bool) -> list[Path]:
 
 
 def _walk_folders(folder: Path, ancestors: frozenset[str] = frozenset()) -> Iterator[Path]:
-    """``folder`` and every folder below it as `_walk_images` walks them (links followed, loops not), quietly."""
+    """``folder`` and every folder below it as `_walk_images` walks them (links followed, loops and run folders
+    not), quietly."""
     real = os.path.realpath(folder)
     if real in ancestors:
         return
     yield folder
     try:
-        subfolders = sorted((Path(e.path) for e in os.scandir(folder) if e.is_dir()), key=lambda p: p.name)
+        subfolders = _subfolders(folder)
     except OSError:
         return
     for sub in subfolders:
@@ -375,9 +406,11 @@ def _warn_of_metadata_below(root: Path) -> None:
                        "is" if len(below) == 1 else "are", min(below, key=lambda p: p.parent.name != "train").parent)
 
 
-def _subfolders(root: Path) -> list[Path]:
-    """The folders (links to folders too) directly in ``root``, sorted by name."""
-    return sorted((Path(e.path) for e in os.scandir(root) if e.is_dir()), key=lambda p: p.name)
+def _subfolders(root: Path, runs: bool = False) -> list[Path]:
+    """The folders (links to folders too) directly in ``root``, sorted by name; run folders (`is_run_folder`)
+    only with ``runs``."""
+    found = sorted((Path(e.path) for e in os.scandir(root) if e.is_dir()), key=lambda p: p.name)
+    return found if runs else [p for p in found if not is_run_folder(p)]
 
 
 def _caption_file(image: Path, extension: str) -> Path:
@@ -521,7 +554,7 @@ def _read_repeat_layout(root: Path, extension: str,
             _skip_outside(_image_files(folder, True), f"{why} ({layout})", scan)
             continue
         repeats, class_tokens = params
-        _skip_outside([p for sub in sorted(folder.iterdir()) if sub.is_dir() for p in _image_files(sub, True)],
+        _skip_outside([p for sub in _subfolders(folder) for p in _image_files(sub, True)],
                       f"in a folder inside {folder.name} ({layout})", scan)
         texts = _read_captions(_image_files(folder, False), extension, scan)
         captions = _first_lines(folder, texts)
@@ -592,6 +625,7 @@ def scan_dataset(root: str | os.PathLike[str], caption_extension: str = ".txt", 
         _warn_of_captions_without_images(_walk_folders(root) if scan.layout == "plain" else
                                           (p for p in _subfolders(root) if _is_repeat_folder(p)), extension)
         _warn_of_metadata_below(root)
+        _warn_of_run_folders(root)
     for path, caption, repeats, empty_trains in sorted(entries, key=lambda e: str(e[0])):
         if not _is_file(path):
             logger.warning("skipping %s: file not found", path)
