@@ -67,7 +67,7 @@ from sdlab.train.run_checkpoint import (
     stored_config,
 )
 from sdlab.train.run_lock import RunLock
-from sdlab.utils.files import OutputFolderError, atomic_write, make_output_folder
+from sdlab.utils.files import OutputFolderError, atomic_write, check_output_folder, make_output_folder
 
 logger = logging.getLogger(__name__)
 
@@ -227,6 +227,42 @@ def _make_output_dir(folder: str) -> None:
         raise TrainError(str(err)) from None
 
 
+def _check_output_paths(cfg: TrainConfig, ctx: DistContext) -> None:
+    """Every path the run writes, checked by rank 0 once its folder is made and before the model loads (each rank
+    raises its verdict), so that a ``checkpoints`` that is a file or a ``--cache-dir`` naming one is one error
+    now, not a failure at the first checkpoint after minutes of training: each folder it writes into can be made
+    and written (`check_output_folder`; the folders the check makes it removes again), and no folder takes the
+    name of one of its files."""
+    refusal = _output_path_fault(cfg) if ctx.is_main else None
+    refusal = ctx.from_main(refusal)
+    if refusal is not None:
+        raise TrainError(refusal)
+
+
+def _output_path_fault(cfg: TrainConfig) -> str | None:
+    """Why the run cannot write one of its paths (`_check_output_paths`), or None."""
+    out = Path(cfg.output_dir)
+    folders = [(out / "checkpoints", "the run checkpoints' folder")]
+    if cfg.sample_every is not None:
+        folders.append((out / "samples", "the previews' folder"))
+    if cfg.cache_latents:
+        folders.append((Path(cfg.cache_dir), "--cache-dir") if cfg.cache_dir else
+                       (out / "latent_cache", "the latent cache's folder"))
+    for folder, name in folders:
+        try:
+            check_output_folder(folder, name)
+        except OutputFolderError as err:
+            return str(err)
+    stems = ("final", "interrupted", *([cfg.embedding_word] if cfg.embedding_word else []))
+    names = ("log.csv", "loss.png", "summary.json", *(f"{stem}{ema}.safetensors" for stem in stems
+                                                      for ema in ("", "-ema")))
+    taken = [str(out / name) for name in names if (out / name).is_dir()]
+    if taken:
+        return (f"{', '.join(taken)} {'is a folder' if len(taken) == 1 else 'are folders'} where the run writes a "
+                f"file of that name: move {'it' if len(taken) == 1 else 'them'} out of {_named_folder(cfg)}")
+    return None
+
+
 def _own_history(cfg: TrainConfig, resume: ResumePoint | None) -> bool:
     """Whether ``resume`` is a checkpoint of ``--output-dir`` itself (the run goes on from one of its steps)."""
     return resume is not None and resume.path.resolve().parent == (Path(cfg.output_dir) / "checkpoints").resolve()
@@ -373,6 +409,7 @@ def run_from_config(cfg: TrainConfig, ctx: DistContext | None = None, resume: Re
             print(resuming, file=sys.stderr)
         _claim_output_dir(cfg, resume, ctx.is_main)
         _make_output_dir(cfg.output_dir)
+        _check_output_paths(cfg, ctx)
         torch.manual_seed(cfg.seed)  # LoRA initialisation and anything else drawn at set-up
         bundle = load_bundle(cfg.model, device=ctx.device, dtype=_load_dtype(cfg), family=cfg.family,
                              prediction=cfg.prediction, vae=cfg.vae, sidecar_vae=cfg.sidecar_vae,
