@@ -9,6 +9,7 @@ import io
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image, ImageOps, PngImagePlugin
 
@@ -56,6 +57,57 @@ def test_16_bit_greyscale_keeps_its_levels(tmp_path: Path) -> None:
     assert abs(levels.mean() - 127.5) < 1 and levels.min() == 0 and levels.max() == 255
     loaded = load_training_image(path, 16, center_crop=True, random_flip=False, generator=torch.Generator())
     assert abs(float(loaded.pixels.mean())) < 0.05                 # [-1, 1]: mid-grey on average, not white
+
+
+def _float_tiff(path: Path, low: float, high: float, **tags: float) -> Path:
+    """A 64 x 16 float (Pillow mode "F") TIFF ramp from `low` (black) to `high` (white); `tags`: TIFF tag
+    number -> value (340 SMinSampleValue, 341 SMaxSampleValue)."""
+    ramp = np.tile(np.linspace(low, high, 64, dtype=np.float32), (16, 1))
+    Image.fromarray(ramp, mode="F").save(path, tiffinfo={int(k[1:]): v for k, v in tags.items()})
+    assert Image.open(path).mode == "F"
+    return path
+
+
+def _stripe_png_16bit_rgb(path: Path) -> Path:
+    """A 16-bit RGB PNG (written by hand: Pillow writes none), 64 x 16, red ramping black -> white."""
+    import struct
+    import zlib
+
+    red = np.linspace(0, 65535, 64).round().astype(">u2")
+    row = np.stack([red, np.zeros_like(red), np.zeros_like(red)], -1).tobytes()
+    raw = b"".join(b"\x00" + row for _ in range(16))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 64, 16, 16, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("low,high,tags", [
+    (0.0, 1.0, {}),                              # Photoshop's, GIMP's, OpenCV's float convention
+    (0.0, 255.0, {}),                            # values past 1: read as Pillow reads them (diffusers, kohya)
+    (-1.0, 3.0, {"t340": -1.0, "t341": 3.0}),    # the file's SMinSampleValue / SMaxSampleValue
+])
+def test_a_float_tiff_keeps_its_levels(tmp_path: Path, low, high, tags) -> None:
+    """Before, a 0..1 float TIFF trained (and was read as an init picture) black: Pillow's convert clips it to
+    0..1 of 255."""
+    path = _float_tiff(tmp_path / "ramp.tif", low, high, **tags)
+    image = read_image(path)
+    levels = np.asarray(image, dtype=np.float32)
+    assert image.mode == "L" and levels.min() == 0 and levels.max() == 255 and abs(levels.mean() - 127.5) < 1
+    loaded = load_training_image(path, 16, center_crop=True, random_flip=False, generator=torch.Generator())
+    assert abs(float(loaded.pixels.mean())) < 0.05                 # [-1, 1]: mid-grey on average, not black
+
+
+def test_a_16_bit_rgb_png_keeps_its_levels(tmp_path: Path) -> None:
+    path = _stripe_png_16bit_rgb(tmp_path / "rgb16.png")
+    loaded = load_training_image(path, 16, center_crop=False, random_flip=False, generator=torch.Generator(),
+                                 bucket=(64, 16))
+    red, green = (loaded.pixels[c] for c in (0, 1))
+    assert abs(float(red.mean())) < 0.05 and float(red[:, 0].mean()) < -0.95 and float(red[:, -1].mean()) > 0.95
+    assert float(green.max()) == -1.0
 
 
 def test_a_16_bit_picture_keeps_its_text_items(tmp_path: Path) -> None:

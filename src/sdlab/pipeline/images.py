@@ -138,8 +138,8 @@ def upright_size(path: str | os.PathLike[str]) -> tuple[int, int]:
 def upright_8bit(image: Image.Image) -> Image.Image:
     """A picture as it is meant to be seen, in 8 bits a channel (a new image): turned by its EXIF
     orientation (a phone photo stored sideways; diffusers' ``load_image`` and A1111 do the same), its
-    palette alphas kept (`with_palette_alpha`), and `eight_bit`."""
-    return eight_bit(with_palette_alpha(ImageOps.exif_transpose(image)))   # a copy, also when nothing changes
+    palette alphas kept (`with_palette_alpha`), and `eight_bit` (by the file's TIFF tags, which the copy lacks)."""
+    return eight_bit(with_palette_alpha(ImageOps.exif_transpose(image)), image)  # a copy, also when nothing changes
 
 
 def with_palette_alpha(image: Image.Image) -> Image.Image:
@@ -152,16 +152,47 @@ def with_palette_alpha(image: Image.Image) -> Image.Image:
     return image
 
 
-def eight_bit(image: Image.Image) -> Image.Image:
+def eight_bit(image: Image.Image, opened: Image.Image | None = None) -> Image.Image:
     """A 16-bit greyscale picture scaled to 0..255 ("L"; Pillow's ``convert`` would clip every value above 255
-    to white), keeping its ``info`` (text items, EXIF) as ``convert`` does but a 16-bit transparent value; any
-    other picture as it is."""
-    if image.mode not in _WIDE_MODES:
+    to white), a 32-bit float one ("F", a float TIFF) scaled from its range (`float_range`; Pillow's ``convert``
+    reads it as 0..255, so a 0..1 picture comes out black; its range tags read from ``opened``, the image as
+    opened, where ``image`` is a copy of it), keeping its ``info`` (text items, EXIF) as
+    ``convert`` does but a 16-bit transparent value; any other picture as it is."""
+    if image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        low, high = float_range(opened or image, values)
+        values = np.nan_to_num(values)                  # NaN black, infinities the ends
+        scaled = (values - low) * (255.0 / (high - low))
+    elif image.mode in _WIDE_MODES:
+        scaled = np.asarray(image, dtype=np.float64) / 257.0
+    else:
         return image
-    wide = np.asarray(image, dtype=np.float64)
-    eight = Image.fromarray(np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8), mode="L")
+    eight = Image.fromarray(np.clip(np.round(scaled), 0, 255).astype(np.uint8), mode="L")
     eight.info = {key: value for key, value in image.info.items() if key != "transparency"}
     return eight
+
+
+_SAMPLE_RANGE_TAGS = (340, 341)     # TIFF's SMinSampleValue, SMaxSampleValue
+
+
+def float_range(image: Image.Image, values: np.ndarray) -> tuple[float, float]:
+    """The (black, white) values of a float picture ``image`` (``values``: its pixels): the range its TIFF tags
+    SMinSampleValue / SMaxSampleValue give, else 0..1 where every finite value lies in it (the convention of
+    the programs that write float pictures: Photoshop, GIMP, OpenCV, scikit-image), else 0..255 (Pillow's
+    reading, which diffusers' ``load_image`` and kohya's loaders inherit)."""
+    tags = getattr(image, "tag_v2", {})
+    low, high = (_first_number(tags.get(tag)) for tag in _SAMPLE_RANGE_TAGS)
+    if low is not None and high is not None and math.isfinite(low) and math.isfinite(high) and high > low:
+        return low, high
+    finite = values[np.isfinite(values)]
+    return (0.0, 1.0) if finite.size and finite.min() >= 0.0 and finite.max() <= 1.0 else (0.0, 255.0)
+
+
+def _first_number(value: object) -> float | None:
+    """A TIFF tag's number (Pillow gives a number, or a tuple of one per channel), or None."""
+    if isinstance(value, tuple):
+        value = value[0] if value else None
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def on_white(image: Image.Image) -> Image.Image:
