@@ -63,3 +63,20 @@ def test_null_pictures_are_unset_in_any_mode(client):
     answer = client.post("/api/jobs", json={"prompt": "a cat", "steps": 200000, "init_image": None,
                                             "mask_image": None})
     assert answer.status_code == 400 and "steps" in answer.json()["detail"]     # refused for its steps alone
+
+
+@pytest.mark.parametrize("body,detail", [
+    (b'{"prompt": "caf\xe9"}', "the body is not valid JSON: it is not UTF-8 text (the byte 0xE9 at byte 16)"),
+    (b'{"script_args": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+     "the body is not valid JSON: its arrays and objects nest deeper than the server reads"),
+    (b'{"a":' * 5000 + b"1" + b"}" * 5000,
+     "the body is not valid JSON: its arrays and objects nest deeper than the server reads"),
+], ids=["latin-1 byte", "deep arrays", "deep objects"])
+def test_a_body_python_cannot_read_is_the_same_422_with_its_reason(client, body, detail):
+    """Before, FastAPI answered these 400 "There was an error parsing the body", the reason dropped; the A1111 routes
+    answer the json_invalid error in their shape, as a body that is not JSON."""
+    answer = client.post("/api/jobs", content=body, headers={"content-type": "application/json"})
+    assert (answer.status_code, answer.json()) == (422, {"detail": detail})
+    a1111 = client.post("/sdapi/v1/txt2img", content=body, headers={"content-type": "application/json"})
+    assert a1111.status_code == 422 and a1111.json()["detail"][0]["type"] == "json_invalid", a1111.text
+    assert client.get("/api/jobs").json()["jobs"] == []

@@ -138,7 +138,26 @@ def _error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        unreadable = unreadable_json(err)
+        if unreadable is not None:                      # a body that is no JSON, as FastAPI's own json_invalid
+            return await invalid(request, unreadable)
         return error_response(request, err.status_code, err.detail, headers=getattr(err, "headers", None))
+
+
+def unreadable_json(err: StarletteHTTPException) -> RequestValidationError | None:
+    """FastAPI's bare 400 "There was an error parsing the body" for a JSON body Python's reader stops on without a
+    JSONDecodeError, as the json_invalid error a body that is not JSON gets, its reason said: bytes that are not
+    UTF-8 (JSON's encoding, RFC 8259; a UnicodeDecodeError) or arrays and objects nested past the reader's depth
+    (a RecursionError). None for any other error."""
+    cause = err.__cause__
+    if isinstance(cause, UnicodeDecodeError):
+        reason = f"it is not UTF-8 text (the byte 0x{cause.object[cause.start]:02X} at byte {cause.start + 1})"
+    elif isinstance(cause, RecursionError):
+        reason = "its arrays and objects nest deeper than the server reads"
+    else:
+        return None
+    return RequestValidationError([{"type": "json_invalid", "loc": ("body",), "msg": f"JSON decode error: {reason}",
+                                    "input": {}, "ctx": {"error": reason}}])
 
 
 def _validation_text(err: RequestValidationError) -> str:
@@ -147,9 +166,10 @@ def _validation_text(err: RequestValidationError) -> str:
     parts = []
     for item in err.errors():
         if item.get("type") == "json_invalid":          # loc: ("body", the character where parsing stopped)
-            where = item.get("loc", ())[-1]
+            loc = item.get("loc", ())
             reason = (item.get("ctx") or {}).get("error", "JSON decode error")
-            parts.append(f"the body is not valid JSON: {reason} at character {where}")
+            at = f" at character {loc[-1]}" if len(loc) > 1 else ""
+            parts.append(f"the body is not valid JSON: {reason}{at}")
             continue
         where = ".".join(str(p) for p in item.get("loc", ()) if p != "body") or "body"
         parts.append(f"{where}: {item.get('msg', 'invalid')}")
