@@ -148,3 +148,22 @@ def test_a_file_of_under_4_bytes_is_no_picture(tmp_path, raw: bytes, capsys) -> 
     short.write_bytes(raw)
     _fails(["upscale", str(short), "--scale", "2", "--out", str(tmp_path / "out.png")], capsys,
            "cannot identify image file", tmp_path)
+
+
+def test_a_png_says_what_was_done_as_a1111s_extras_and_keeps_the_inputs_texts(tmp_path, x4_model, capsys) -> None:
+    """As A1111's Extras saves an upscaled PNG (run_postprocessing): the input's parameters and other text items
+    (a ComfyUI workflow here) kept, and the infotext of what was done (ScriptPostprocessingUpscale: the scale, then
+    the upscaler as A1111 lists it, R-ESRGAN 4x+ for RealESRGAN_x4plus) as its postprocessing and extras items."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", PARAMETERS)
+    info.add_text("workflow", '{"nodes": []}')
+    source = tmp_path / "in.png"
+    Image.fromarray(np.zeros((20, 24, 3), dtype=np.uint8)).save(source, pnginfo=info)
+    for options, done in ((["--model", str(x4_model), "--scale", "2"], "Postprocess upscale by: 2.0, Postprocess "
+                           "upscaler: R-ESRGAN 4x+"), ([], "Postprocess upscale by: 4.0, Postprocess upscaler: Lanczos")):
+        out = tmp_path / "out.png"
+        code, _, err = run(["upscale", str(source), *options, "--out", str(out)], capsys)
+        assert code == 0, err
+        texts = Image.open(out).text
+        assert texts == {"parameters": PARAMETERS, "workflow": '{"nodes": []}', "postprocessing": done,
+                         "extras": done}, texts

@@ -7,8 +7,10 @@
 The size follows A1111's Extras (`Upscaler.upscale`, `sdlab.pipeline.upscale.upscale_by`): width and height
 times the scale, each rounded down to a multiple of 8; model passes until the picture is large enough (a
 first pass even at scale 1), then a Lanczos resize to that size. The input's A1111 `parameters` text is copied
-into the output. The output's folder is checked before the model loads (made only when writing); the file is
-written under a temporary name and renamed; a bad input writes nothing.
+into the output; a PNG also keeps the input's other text items and, as A1111's Extras saves one, says what was
+done in `postprocessing` and `extras` text items (`Postprocess upscale by: 2.0, Postprocess upscaler: R-ESRGAN
+4x+`). The output's folder is checked before the model loads (made only when writing); the file is written
+under a temporary name and renamed; a bad input writes nothing.
 """
 
 from __future__ import annotations
@@ -66,6 +68,21 @@ def _parameters_of(path: str) -> str | None:
         return None
 
 
+def _postprocessing_texts(image, scale: float, upscaler) -> dict[str, str]:
+    """The text items A1111's Extras (`run_postprocessing`) saves in a PNG besides the parameters: the input's own
+    (string items of the picture, which `_read_input` read as `image`), and the infotext of what was done as both
+    `postprocessing` and `extras` (`ScriptPostprocessingUpscale`: the scale asked, then the upscaler by the name
+    A1111 lists it: R-ESRGAN 4x+ for RealESRGAN_x4plus, else the file's stem; Lanczos, Nearest)."""
+    from sdlab.pipeline.png_info import PARAMETERS_KEY, quote
+    from sdlab.pipeline.upscale import a1111_upscaler_name
+
+    name = upscaler.capitalize() if isinstance(upscaler, str) else a1111_upscaler_name(upscaler.name)
+    infotext = f"Postprocess upscale by: {float(scale)}, Postprocess upscaler: {quote(name)}"
+    own = {key: value for key, value in image.info.items()
+           if isinstance(key, str) and isinstance(value, str) and key != PARAMETERS_KEY}
+    return {**own, "postprocessing": infotext, "extras": infotext}
+
+
 def _check_options(args: argparse.Namespace) -> None:
     from sdlab.pipeline.png_info import IMAGE_SUFFIXES, image_format
 
@@ -114,7 +131,8 @@ def run_upscale(args: argparse.Namespace) -> int:
     except UpscaleError as err:
         raise UserError(str(err)) from None
     out = Path(args.out)
-    blob = encode_image(result, image_format(out), parameters)
+    texts = _postprocessing_texts(image, scale, upscaler)
+    blob = encode_image(result, image_format(out), parameters, texts=texts)
     make_output_folder(out.parent, OUT_FOLDER)
     try:
         write_files_all_or_nothing([(out, blob)], overwrite=True)
