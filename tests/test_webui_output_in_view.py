@@ -92,3 +92,39 @@ def test_a_phones_window_brings_the_progress_into_view_after_generate(browser, b
     browser.find_element(By.ID, "prompt").send_keys(Keys.CONTROL, Keys.ENTER)
     loaded_results(browser, 1)
     assert browser.execute_script("return window.scrollY") == 0
+
+
+def test_a_phones_window_shows_the_form_a_gallery_card_filled(browser, base_url):
+    """One column: a card's Reuse and img2img fill the form 2000 px above the card, and nothing in view changed;
+    now the page scrolls to the form's top (Reuse) or its initial image (img2img). Side by side the form is beside
+    the gallery: the page stays where it is."""
+    from test_webui import WINDOW, click_card_button, http_json, text, value, wait, wait_job
+
+    job = wait_job(base_url, http_json(base_url, "/api/jobs", {"prompt": "a card to reuse (in view)", "steps": 2,
+                                                               "seed": 5})["id"])
+    card = f'#gallery [data-job-id="{job["id"]}"]'
+    browser.set_window_size(390, 844)
+    try:
+        open_page(browser, base_url)
+        browser.execute_script("document.querySelector(arguments[0]).scrollIntoView()", card)
+        assert not browser.execute_script(IN_VIEW, "prompt")
+        click_card_button(browser, card, "reuse")
+        assert value(browser, "prompt") == "a card to reuse (in view)"
+        assert browser.execute_script(IN_VIEW, "prompt")
+        browser.execute_script("document.querySelector(arguments[0]).scrollIntoView()", card)
+        click_card_button(browser, card, "to-img2img")
+        wait(browser, lambda d: d.execute_script(IN_VIEW, "init-canvas"), 20,
+             f"the initial image is not in view; error: {text(browser, 'error')}")
+    finally:
+        browser.set_window_size(*WINDOW)
+    open_page(browser, base_url)
+    browser.execute_script("window.scrollTo(0, document.documentElement.scrollHeight)")   # the form's foot
+    assert browser.execute_script("return window.scrollY") > 1000
+    browser.execute_script("""window.__scrolled = [];               // the page's own scrolls, by element id
+        const own = Element.prototype.scrollIntoView;
+        Element.prototype.scrollIntoView = function (...args) { __scrolled.push(this.id); return own.apply(this, args); };""")
+    click_card_button(browser, card, "reuse")
+    assert value(browser, "seed") == "5"
+    click_card_button(browser, card, "to-img2img")
+    wait(browser, lambda d: d.find_element(By.ID, "init-canvas").is_displayed(), 20, "no initial image")
+    assert browser.execute_script("return window.__scrolled") == []

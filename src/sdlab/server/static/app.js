@@ -1304,6 +1304,14 @@ function bringOutputIntoView() {
   if (row.top < 0 || row.bottom > window.innerHeight) document.querySelector(".output").scrollIntoView({ block: "start" });
 }
 
+// The form at `element`, once a gallery card's Reuse or img2img has filled it, in view: in one column (a phone's
+// window) the gallery is under the long form, the change far above the card; side by side the form is beside the
+// gallery and the page stays where it is
+function showFormAt(element) {
+  const oneColumn = $("settings").getBoundingClientRect().bottom <= document.querySelector(".output").getBoundingClientRect().top;
+  if (oneColumn) element.scrollIntoView({ block: "start" });
+}
+
 // `position`: jobs waiting ahead of this one (0 = it runs next)
 const queuedText = (position) => (position == null ? "Queued" : position === 0 ? "Queued (next)" : `Queued (${position} ahead)`);
 
@@ -1531,6 +1539,7 @@ async function imageToInit(url) {
     if (!response.ok) throw new ApiError(`${response.status}: cannot load ${url}`);
     await setInitImage(await readFile(await response.blob()));
     if (state.mode === "txt2img") setMode("img2img");
+    showFormAt($("image-section"));
   } catch (err) {
     showError(err.message);
   }
@@ -1544,6 +1553,7 @@ function reuseSettings(job) {
   const missing = applySettings(settings);
   if (job.request && job.request.seed != null) state.lastSeed = job.request.seed;
   showNotice(filledNotice("Settings reused", missing, { quiet: true }));
+  if (!state.missingModel) showFormAt($("settings"));       // a missing model's list has the focus, in view
 }
 
 function renderGallery(jobs) {
