@@ -14,7 +14,7 @@ from PIL import Image
 
 from sdlab.pipeline.request import HIRES_SIZE
 from sdlab.server.inputs import BadRequest
-from test_server_comfy_api import NATIVE, drawn, graph, native_pixels, server, viewed  # noqa: F401
+from test_server_comfy_api import NATIVE, drawn, graph, native_batch, native_pixels, server, viewed  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -72,6 +72,34 @@ def test_a_latent_upscale_with_a_centre_crop_draws_the_native_job(server):
     assert np.array_equal(pixels, native)
 
 
+def test_the_first_ksamplers_pictures_are_saved_as_comfyuis_two_pass_example_saves_them(server):
+    """ComfyUI's 2-pass example saves the first KSampler's pictures too ("Save Intermediate Image": VAEDecode of
+    node 3 -> SaveImage 13, here also a PreviewImage 15): ComfyUI runs every output node. Both outputs are in the
+    history by node id, node 13's of type output and 15's of type temp, each the native txt2img job of the first
+    KSampler's settings pixel for pixel (a batch of 2), node 9's the native hires job's; /view serves them; the
+    intermediate decoder and outputs execute once the first KSampler ends, before the upscale."""
+    prompt = two_pass(dict(BY), **SECOND)
+    prompt["5"]["inputs"]["batch_size"] = 2
+    prompt["12"] = {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}}
+    prompt["13"] = {"class_type": "SaveImage", "inputs": {"images": ["12", 0], "filename_prefix": "intermediate"}}
+    prompt["15"] = {"class_type": "PreviewImage", "inputs": {"images": ["12", 0]}}
+    messages, entry = drawn(server, prompt)
+    executing = [data["node"] for kind, data in messages if kind == "executing"]
+    assert executing == ["4", "6", "7", "5", "3", "12", "13", "15", "10", "11", "8", "9", None]
+    assert [data["node"] for kind, data in messages if kind == "executed"] == ["13", "15", "9"]
+    assert sorted(entry["outputs"]) == ["13", "15", "9"]
+    first = native_batch(server, {**NATIVE, "batch_size": 2, "batch_noise": "comfyui"})
+    final = native_batch(server, {**NATIVE, **NATIVE_HIRES, "batch_size": 2, "batch_noise": "comfyui"})
+    for node, kind, expected in (("13", "output", first), ("15", "temp", first), ("9", "output", final)):
+        images = entry["outputs"][node]["images"]
+        assert [image["type"] for image in images] == [kind, kind]
+        for image, pixels in zip(images, expected):
+            assert np.array_equal(viewed(server, image), pixels), node
+    assert first[0].shape == (64, 64, 3) and final[0].shape == (96, 96, 3)
+    png = server.get("/view", params=entry["outputs"]["13"]["images"][0]).content
+    assert "Seed: 8566257" in Image.open(io.BytesIO(png)).info["parameters"]
+
+
 def test_object_info_lists_the_upscale_nodes_as_comfyui(server):
     info = server.get("/object_info/LatentUpscaleBy").json()["LatentUpscaleBy"]
     assert info["input"]["required"]["upscale_method"] == [["nearest-exact", "bilinear", "area", "bicubic",
@@ -93,10 +121,11 @@ def test_object_info_lists_the_upscale_nodes_as_comfyui(server):
     (lambda p: p["11"]["inputs"].update(model=["14", 0]) or p.update({"14": {
         "class_type": "LoraLoader", "inputs": {"model": ["4", 0], "clip": ["4", 1], "lora_name": "style.safetensors",
                                                "strength_model": 1.0, "strength_clip": 1.0}}}), "11", "one model"),
-    # ComfyUI's 2-pass example's "Save Intermediate Image": the first KSampler's decoder named, what to leave out said
-    (lambda p: p.update({"12": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
-                         "13": {"class_type": "SaveImage", "inputs": {"images": ["12", 0], "filename_prefix": "x"}}}),
-     "12", "leave out the VAEDecode of the first KSampler (#3)"),
+    # the first KSampler's pictures decoded by another VAE than the second's: sdlab decodes both with one
+    (lambda p: p.update({"12": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["14", 0]}},
+                         "13": {"class_type": "SaveImage", "inputs": {"images": ["12", 0], "filename_prefix": "x"}},
+                         "14": {"class_type": "VAELoader", "inputs": {"vae_name": "other.safetensors"}}}),
+     "12", "with one VAE"),
 ])
 def test_two_pass_graphs_sdlab_does_not_draw_are_refused(server, change, node, words):
     prompt = two_pass(dict(BY), **SECOND)
@@ -137,7 +166,7 @@ def test_the_upscale_node_is_named_by_the_refusals_field_not_its_text(server, mo
     HIRES_SIZE), whatever its text says; any other refusal is ComfyUI's invalid_prompt without node_errors."""
     from sdlab.server import comfy_api
 
-    def refuse(state, plan, place):
+    def refuse(state, plan, place, first_pass=None):
         raise BadRequest(message, 400, refused=refused)
 
     monkeypatch.setattr(comfy_api, "_submit", refuse)

@@ -169,13 +169,15 @@ class Pipeline:
 
     def run(self, request: GenerationRequest | GenerationPlan, *, progress: ProgressFn | None = None,
             loras: Sequence[LoraUse] = (), upscaler: Upscaler | None = None,
-            stop: Callable[[], None] | None = None) -> GenerationResult:
+            stop: Callable[[], None] | None = None,
+            first_pass: Callable[[GenerationResult], None] | None = None) -> GenerationResult:
         """Draw a plan from `resolve` (or a request, resolved here once). `progress(StepInfo)` is called once per
         step; an exception it raises stops the run and propagates, a `SamplingStopped` with the pictures of that
         step's x0 estimate as its `result` (A1111's interrupt and skip: `pipeline.generate`). Running out of
         memory (past the estimate checked up front) is a `RequestError`. `upscaler`: the network of the hires
         upscaler file the request names, loaded by the caller (else read from the file here). `stop`: called where
         the hires fix checks for a stop between its passes (`generate_hires`); it raises `SamplingStopped` to stop.
+        `first_pass`: called with a hires run's first-pass pictures once that pass ends (`generate_hires`).
 
         The prompt's `<lora:NAME:WEIGHT>` / `<lora:NAME:TE:UNET>` tags (A1111) are taken out of the encoded
         text, with every other extra-network tag (not applied, as A1111 skips a kind it does not know:
@@ -196,19 +198,21 @@ class Pipeline:
             second = [*loras, *hr_uses, *adapter_loras(plan.request.ip_adapters)]
         try:
             with patcher_for(self.bundle).using([*loras, *uses]):
-                result = self._draw(drawn, progress, upscaler, second, stop)
+                result = self._draw(drawn, progress, upscaler, second, stop, first_pass)
         except SamplingStopped as stop:
             stop.result = _as_asked(stop.result, plan.request, drawn.request)
             raise
         return _as_asked(result, plan.request, drawn.request)
 
     def _draw(self, plan: GenerationPlan, progress: ProgressFn | None, upscaler: Upscaler | None,
-              second: Sequence[LoraUse] | None = None, stop: Callable[[], None] | None = None) -> GenerationResult:
+              second: Sequence[LoraUse] | None = None, stop: Callable[[], None] | None = None,
+              first_pass: Callable[[GenerationResult], None] | None = None) -> GenerationResult:
         """Draw `plan` with the weights now in the model (`second`: the LoRAs of a hires prompt's second pass);
         running out of memory is a `RequestError`."""
         try:
             if plan.request.hires:
-                return generate_hires(self.bundle, plan, upscaler, progress=progress, second_loras=second, stop=stop)
+                return generate_hires(self.bundle, plan, upscaler, progress=progress, second_loras=second, stop=stop,
+                                      first_pass=first_pass)
             if self.refiner is not None:
                 return generate_with_refiner(self.bundle, self.refiner, plan, progress=progress)
             return generate(self.bundle, plan, progress=progress)

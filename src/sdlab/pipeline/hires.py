@@ -234,14 +234,17 @@ def _offset(progress: ProgressFn | None, steps_done: int) -> ProgressFn | None:
 def generate_hires(bundle: ModelBundle, plan: GenerationPlan, upscaler: Upscaler | str | None = None, *,
                    progress: ProgressFn | None = None,
                    second_loras: Sequence[LoraUse] | None = None,
-                   stop: Callable[[], None] | None = None) -> GenerationResult:
+                   stop: Callable[[], None] | None = None,
+                   first_pass: Callable[[GenerationResult], None] | None = None) -> GenerationResult:
     """Run a hires plan (`make_plan` of a request with hr_scale or hr_width / hr_height) on `bundle`: first
     pass, upscale, second pass (module docstring). `upscaler`: `hires_upscaler(plan.request, bundle)`, loaded
     once by the caller (read here when None). `second_loras`: the LoRAs the second pass draws with instead of
     the first's (a hires prompt's tags: A1111 activates `hr_extra_network_data` for it), put in by the bundle's
     `LoraPatcher` inside the caller's `using` block, which restores the model after. `stop`: raises `SamplingStopped`
-    where the run is to stop, called before the upscaler and before the second pass (module docstring). The
-    result's request is the resolved hires request."""
+    where the run is to stop, called before the upscaler and before the second pass (module docstring).
+    `first_pass`: called with the first pass's pictures (its latents decoded, the resolved hires request) once it
+    ends, before the upscaler (A1111's save_images_before_highres_fix; ComfyUI's VAEDecode of a two-pass graph's
+    first KSampler); not where a stop ended the first pass. The result's request is the resolved hires request."""
     req = plan.request
     factor = bundle.vae_config.downsample_factor
     upscaler = hires_upscaler(req, bundle) if upscaler is None else upscaler
@@ -258,6 +261,9 @@ def generate_hires(bundle: ModelBundle, plan: GenerationPlan, upscaler: Upscaler
                 if not stopped.skipped:
                     raise
                 latents, skipped = stopped.latents, True
+            if first_pass is not None and not skipped:
+                first_pass(GenerationResult(images=tensor_to_pil(decode_latents(bundle, latents, tiled=req.tiled_vae)),
+                                            seeds=req.seeds(), request=req))
             z = _upscaled_latent(bundle, req, latents, up[0] // factor, up[1] // factor)  # (B, C, H/f, W/f)
             source = decode_latents(bundle, z, tiled=req.tiled_vae) if _conditions_on_pictures(bundle, req) else None
         else:
@@ -268,6 +274,8 @@ def generate_hires(bundle: ModelBundle, plan: GenerationPlan, upscaler: Upscaler
                 if not stopped.skipped:
                     raise
                 first, skipped = stopped.result, True
+            if first_pass is not None and not skipped:
+                first_pass(first)
             exact, _ = upscaled_to(req)                 # A1111 resizes to it unsnapped; the encoder floors
             upscaled = [resize_image(picture, upscaler, exact, tile=req.hr_upscaler_tile,
                                      overlap=req.hr_upscaler_tile_overlap) for picture in first.images]

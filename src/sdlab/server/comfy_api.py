@@ -42,6 +42,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,11 +57,12 @@ from torch import Tensor
 from sdlab.diffusion.samplers import SAMPLER_TABLE
 from sdlab.pipeline.control import ControlInput
 from sdlab.pipeline.images import comfyui_encoded_mask
+from sdlab.pipeline.png_info import encode_image, write_files_all_or_nothing
 from sdlab.pipeline.request import HIRES_SIZE, GenerationRequest
 from sdlab.server.comfy_graph import (Choices, GraphError, GraphPlan, annotated_file, check_graph, node_refusal,
                                       object_info, run_order, second_pass_nodes)
 from sdlab.server.inputs import BadRequest, JobSpec, LoraChoice, image_from_bytes, opened_picture
-from sdlab.server.jobs import IN_TURN, Job, Place
+from sdlab.server.jobs import IN_TURN, Job, Place, ServerFault
 from sdlab.server.native import IMAGE_NAME, opened_file
 from sdlab.server.service import Service
 
@@ -99,6 +101,7 @@ class Prompt:
     job: Job
     messages: list[list[Any]] = field(default_factory=list)
     outputs: dict[str, Any] = field(default_factory=dict)
+    first_pass: list[str] = field(default_factory=list)     # a two-pass graph's first-pass pictures, once written
     executing: str | None = None            # the node shown as executing now
     ended: bool = False                     # its job ended and its last message was sent: in the history
 
@@ -270,8 +273,9 @@ async def _queued(state: ComfyState, body: dict[str, Any], place: Place, prompt_
         plan = await asyncio.to_thread(lambda: check_graph(body["prompt"], state.choices()))
     except GraphError as err:
         return JSONResponse(err.body(), status_code=400)
+    first_pass: list[str] = []
     try:
-        job = await asyncio.to_thread(_submit, state, plan, place)
+        job = await asyncio.to_thread(_submit, state, plan, place, first_pass)
     except BadRequest as err:
         if plan.upscale_node and err.refused == HIRES_SIZE:      # request.py's hires size checks: the upscale's
             return JSONResponse(node_refusal(body["prompt"], plan.upscale_node, err.message,
@@ -280,7 +284,7 @@ async def _queued(state: ComfyState, body: dict[str, Any], place: Place, prompt_
     number = job.number                     # ComfyUI answers the number its queue sorts the prompt by
     with state.lock:
         prompt_id = prompt_id or str(uuid.UUID(job.id))
-        prompt = Prompt(number, prompt_id, body["prompt"], extra_data, plan, client_id, job)
+        prompt = Prompt(number, prompt_id, body["prompt"], extra_data, plan, client_id, job, first_pass=first_pass)
         state.prompts.pop(prompt_id, None)          # a finished prompt of that id leaves the history
         state.prompts[prompt_id] = prompt
         _forget_old(state)
@@ -321,8 +325,10 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _submit(state: ComfyState, plan: GraphPlan, place: Place = IN_TURN) -> Job:
-    """Queue the generation `plan` describes, as a native job (`Service.submit`), at its `place`."""
+def _submit(state: ComfyState, plan: GraphPlan, place: Place = IN_TURN, first_pass: list[str] | None = None) -> Job:
+    """Queue the generation `plan` describes, as a native job (`Service.submit`), at its `place`; the names of the
+    first-pass pictures of a two-pass graph that saves them go to `first_pass` as they are written
+    (`_first_pass_writer`)."""
     service = state.service
     init = loaded = None
     if plan.init_image is not None:
@@ -352,9 +358,38 @@ def _submit(state: ComfyState, plan: GraphPlan, place: Place = IN_TURN) -> Job:
     spec = JobSpec(request, loras=loras, extra_networks=False, typed_prompts={
         "prompt": plan.prompt, "negative_prompt": plan.negative_prompt},
         # CheckpointLoaderSimple's VAE is the checkpoint's own (no sidecar found near it, as A1111's Automatic)
-        sidecar_vae=False, vae=None if plan.vae is None else state.vae_files().get(plan.vae, plan.vae))
+        sidecar_vae=False, vae=None if plan.vae is None else state.vae_files().get(plan.vae, plan.vae),
+        first_pass=_first_pass_writer(state, plan, [] if first_pass is None else first_pass))
     job, _ = service.submit(spec, plan.mode, plan.model, place)
     return job
+
+
+def _first_pass_writer(state: ComfyState, plan: GraphPlan,
+                       names: list[str]) -> Callable[[list[Image.Image], list[str]], None] | None:
+    """The job's `JobSpec.first_pass` of a two-pass graph whose first KSampler's pictures an output takes
+    (ComfyUI's 2-pass example's "Save Intermediate Image"): the pictures written with their parameters, all or
+    nothing, into the output folder of each such output's type (`UPLOAD_FOLDERS`: comfy_output for a SaveImage,
+    comfy_temp for a PreviewImage, as ComfyUI's SaveImage and PreviewImage write theirs), their names added to
+    `names`; None for any other graph."""
+    kinds = sorted(set(plan.first_pass_outputs.values()))
+    if not kinds:
+        return None
+    stem = uuid.uuid4().hex
+
+    def write(images: list[Image.Image], texts: list[str]) -> None:
+        files = [f"{stem}-first-pass-{len(names) + i}.png" for i in range(len(images))]
+        blobs = [encode_image(image, "PNG", text) for image, text in zip(images, texts)]
+        try:
+            for kind in kinds:
+                state.upload_dirs[kind].mkdir(parents=True, exist_ok=True)
+                write_files_all_or_nothing([(state.upload_dirs[kind] / f, b) for f, b in zip(files, blobs)],
+                                           overwrite=False)
+        except OSError as err:
+            raise ServerFault("cannot write the first KSampler's pictures into the server's output folder: "
+                              f"{err.strerror or err}") from None
+        names.extend(files)
+
+    return write
 
 
 def _input_picture(state: ComfyState, name: str) -> Image.Image:
@@ -464,6 +499,12 @@ async def _follow(state: ComfyState, prompt: Prompt) -> None:
         prompt.executing = node
         await send("executing", {"node": node, "display_node": node, "prompt_id": pid})
 
+    async def executed(node: str, images: list[dict[str, str]], kind: str) -> None:
+        """The output node's pictures (`kind`: their /view type) in the history and its `executed` message."""
+        output = {"images": [{**image, "type": kind} for image in images]}
+        prompt.outputs[node] = output
+        await send("executed", {"node": node, "display_node": node, "output": output, "prompt_id": pid})
+
     previews = prompt.extra_data.get("preview_method") in PREVIEW_METHODS
     events = job.subscribe(asyncio.get_running_loop(), previews=previews)
     begun = False
@@ -479,10 +520,13 @@ async def _follow(state: ComfyState, prompt: Prompt) -> None:
                     await executing(node)
             if name == "step":
                 first = job.passes[0] if plan.second_node and job.passes else data["n"]
-                if data["i"] > first and not second_pass:           # a two-pass graph: the upscale, the second
-                    second_pass = second_pass_nodes(plan)            # KSampler, counting its own steps
-                    for node in second_pass:
+                if data["i"] > first and not second_pass:           # a two-pass graph: the first KSampler's
+                    second_pass = second_pass_nodes(plan)            # outputs, the upscale, the second KSampler,
+                    for node in second_pass:                         # counting its own steps
                         await executing(node)
+                        if node in plan.first_pass_outputs:
+                            await executed(node, [{"filename": name, "subfolder": ""} for name in prompt.first_pass],
+                                           plan.first_pass_outputs[node])
                 await send("progress", {"value": data["i"] - first if second_pass else data["i"],
                                         "max": data["n"] - first if second_pass else first, "prompt_id": pid,
                                         "node": plan.second_node if second_pass else plan.sampler_node})
@@ -493,11 +537,8 @@ async def _follow(state: ComfyState, prompt: Prompt) -> None:
                 images = [{"filename": Path(url).name, "subfolder": ""} for url in data["images"]]
                 for node in run_order(plan, before_sampler=False)[len(second_pass):]:
                     await executing(node)
-                    if node in plan.outputs:
-                        output = {"images": [{**image, "type": plan.outputs[node]} for image in images]}
-                        prompt.outputs[node] = output
-                        await send("executed", {"node": node, "display_node": node, "output": output,
-                                                "prompt_id": pid})
+                    if node in plan.outputs and node not in plan.first_pass_outputs:
+                        await executed(node, images, plan.outputs[node])
                 await send("execution_success", {"prompt_id": pid}, keep=True)
                 break
             elif name in ("failed", "cancelled"):

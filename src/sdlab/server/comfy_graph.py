@@ -247,6 +247,8 @@ class GraphPlan:
     hires: dict[str, Any] = field(default_factory=dict)             # a two-pass graph: the request's hires fields
     second_node: str = ""                   # a two-pass graph's second KSampler, whose steps follow the first's
     upscale_node: str = ""                  # a two-pass graph's LatentUpscale(By), whose size the hires fix draws
+    first_pass_outputs: dict[str, str] = field(default_factory=dict)   # the outputs of a two-pass graph's first
+                                            # KSampler's pictures ("Save Intermediate Image"), as `outputs`
 
     @property
     def mode(self) -> str:
@@ -514,10 +516,9 @@ class _Plan:
             if kind not in SAMPLER_NODES:
                 raise self.refuse(decoder, "sdlab decodes the latent of a KSampler")
             samplers.add(sampler)
-        if len(samplers) > 1:
-            self.refuse_intermediate(decoders, samplers)
-            raise self.refuse(sorted(samplers)[1], "sdlab draws a graph of one KSampler")
-        sampler = second = samplers.pop()
+        second, first_decoders = self.last_sampler(decoders, samplers)
+        decoders -= first_decoders
+        sampler = second
         upscale = self.upscale(second)
         if upscale is not None:                                 # ComfyUI's hires fix: the first KSampler's chain
             sampler = self.source(upscale, "samples")[0]
@@ -541,6 +542,14 @@ class _Plan:
         plan.vae = None if vae == checkpoint else self.inputs(vae)["vae_name"]
         self.latent(sampler, checkpoint, vae, plan)
         self.visit(sampler)
+        for decoder in sorted(first_decoders):      # runnable once the first KSampler ends: before the upscale
+            if self.vae(decoder, checkpoint) != vae:
+                raise self.refuse(decoder, "sdlab encodes and decodes a picture with one VAE")
+            self.visit(decoder)
+            for output in self.outputs:
+                if self.source(output, "images")[0] == decoder:
+                    self.visit(output)
+                    plan.first_pass_outputs[output] = OUTPUT_TYPE[self.graph[output]["class_type"]]
         if upscale is not None:
             plan.hires = self.second_pass(second, upscale, (checkpoint, loras), controls, plan)
             plan.second_node, plan.upscale_node = second, upscale
@@ -554,18 +563,19 @@ class _Plan:
         plan.outputs = {o: OUTPUT_TYPE[self.graph[o]["class_type"]] for o in self.outputs}
         return plan
 
-    def refuse_intermediate(self, decoders: set[str], samplers: set[str]) -> None:
-        """Refuse, naming it, the decoder of a two-pass graph's first KSampler (ComfyUI's 2-pass example saves
-        that "intermediate image" too): sdlab's hires fix returns the second pass's pictures alone. Nothing for
-        other graphs of several KSamplers."""
+    def last_sampler(self, decoders: set[str], samplers: set[str]) -> tuple[str, set[str]]:
+        """(the KSampler whose pictures the graph ends with, the decoders of the first KSampler of a two-pass graph):
+        one KSampler, or the two of ComfyUI's two-pass graph, whose 2-pass example saves the first's pictures too
+        ("Save Intermediate Image": ComfyUI runs every output node); any other graph of several KSamplers is
+        refused."""
+        if len(samplers) == 1:
+            return next(iter(samplers)), set()
         for second in sorted(samplers):
             upscale = self.upscale(second)
             first = self.source(upscale, "samples")[0] if upscale is not None else None
             if first in samplers and samplers == {first, second}:
-                decoder = min(d for d in decoders if self.source(d, "samples")[0] == first)
-                raise self.refuse(decoder, "sdlab draws the pictures of a two-pass graph's second KSampler alone: "
-                                           f"leave out the VAEDecode of the first KSampler (#{first}) and the "
-                                           "outputs of its pictures (ComfyUI's 'Save Intermediate Image')")
+                return second, {d for d in decoders if self.source(d, "samples")[0] == first}
+        raise self.refuse(sorted(samplers)[1], "sdlab draws a graph of one KSampler, or ComfyUI's two-pass graph")
 
     def upscale(self, sampler: str) -> str | None:
         """The LatentUpscale(By) whose latent the KSampler samples, of another KSampler's (a two-pass graph); None
@@ -803,6 +813,7 @@ def run_order(plan: GraphPlan, before_sampler: bool) -> list[str]:
 
 def second_pass_nodes(plan: GraphPlan) -> list[str]:
     """The nodes of a two-pass graph shown as executing once the first KSampler's steps end: from after it to the
-    second KSampler (the upscale node, then the second KSampler)."""
+    second KSampler (the first KSampler's decoders and their outputs, the upscale node, then the second
+    KSampler)."""
     order = plan.order
     return order[order.index(plan.sampler_node) + 1:order.index(plan.second_node) + 1]

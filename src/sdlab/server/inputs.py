@@ -11,7 +11,7 @@ import binascii
 import io
 import math
 import re
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -116,6 +116,9 @@ class JobSpec:
     styles: tuple[str, ...] = ()             # the prompt styles applied to the request's prompts, by name, and
     typed_prompts: dict[str, str] = field(default_factory=dict)   # those prompts as sent (`recorded`)
     script_job: str | None = None            # the native script job this is a request of (its row tagged so)
+    first_pass: Callable[[list[Image.Image], list[str]], None] | None = None
+    """Where set, called with the hires fix's first-pass pictures and their parameters texts once that pass ends (the
+    ComfyUI API's outputs of a two-pass graph's first KSampler, which it writes itself)."""
 
     def shown(self, request: GenerationRequest) -> GenerationRequest:
         """`request`, drawn for this job, with the prompts its pictures and record show: those drawn, or where

@@ -373,11 +373,13 @@ class Runner:
                                                     edit_model=pipe.bundle.family.is_edit))
                     for i in range(len(result.images))]
 
+        kept = job.spec.first_pass
+        first_pass = None if kept is None else lambda result: kept(result.images, parameters(result))
         try:
             plan = _resolved(pipe, job.spec.request, upscaler)
             job.count_steps(plan)               # the steps it runs, as resolved: its progress and step events
             job.settings = {**job.settings, **job.spec.recorded(job.spec.shown(plan.request).parameters())}
-            for result in _batches(pipe, job, plan.request, upscaler, progress, stop):
+            for result in _batches(pipe, job, plan.request, upscaler, progress, stop, first_pass):
                 self._write_batch(job, result, parameters(result))
         except RequestError as err:        # a tagged LoRA's or a control's file: named as the server lists it, not
             text = without_paths(str(err), [(lora.path, lora.name) for lora in registry.loras])      # by its path
@@ -446,19 +448,21 @@ class HiresUpscaler:
 
 
 def _run_with_upscaler(pipe: Pipeline, request: GenerationRequest, upscaler: HiresUpscaler | None,
-                       progress: ProgressFn, stop: Callable[[], None] | None = None) -> GenerationResult:
-    """`pipe.run(request)` (`progress`, `stop` as there), with the hires upscaler model `upscaler` where the request
-    names one; the result's request names it as `/sdapi/v1/upscalers` lists it, as the pictures' parameters do
-    (A1111's `Hires upscaler`)."""
+                       progress: ProgressFn, stop: Callable[[], None] | None = None,
+                       first_pass: Callable[[GenerationResult], None] | None = None) -> GenerationResult:
+    """`pipe.run(request)` (`progress`, `stop`, `first_pass` as there), with the hires upscaler model `upscaler`
+    where the request names one; the result's request names it as `/sdapi/v1/upscalers` lists it, as the pictures'
+    parameters do (A1111's `Hires upscaler`)."""
     if upscaler is None:
-        return pipe.run(request, progress=progress, stop=stop)
+        return pipe.run(request, progress=progress, stop=stop, first_pass=first_pass)
 
     def named(result: GenerationResult) -> GenerationResult:
         return replace(result, request=replace(result.request, hr_upscaler=upscaler.file.title))
 
     try:
         return named(pipe.run(with_upscaler_file(request, upscaler.file), progress=progress, stop=stop,
-                              upscaler=upscaler.network))
+                              upscaler=upscaler.network,
+                              first_pass=None if first_pass is None else lambda result: first_pass(named(result))))
     except SamplingStopped as stop:
         stop.result = named(stop.result)
         raise
@@ -472,20 +476,21 @@ def _resolved(pipe: Pipeline, request: GenerationRequest, upscaler: HiresUpscale
 
 
 def _batches(pipe: Pipeline, job: Job, first: GenerationRequest, upscaler: HiresUpscaler | None,
-             progress: ProgressFn, stop: Callable[[], None]) -> Iterator[GenerationResult]:
+             progress: ProgressFn, stop: Callable[[], None],
+             first_pass: Callable[[GenerationResult], None] | None = None) -> Iterator[GenerationResult]:
     """The job's batches drawn one after another (`JobSpec.batch_count`, A1111's n_iter) from the first's
     resolved request `first`, the seeds continuing (`next_batch`, as `sdlab txt2img --batch-count`). As in
     A1111's `process_images_inner`, a cancel stops them (between steps: `JobCancelled` from `progress`; before a
     batch starts); an interrupt and a skip end the running batch with its pictures as far as they got (A1111's
     sampler returns its latest x0 estimate: `SamplingStopped`; its steps counted as run), after which an
     interrupt stops the job and a skip goes on with the next batch, one that comes between batches skipping
-    nothing."""
+    nothing. `first_pass`: called with each batch's hires first-pass pictures (`Pipeline.run`)."""
     for k in range(job.spec.batch_count):
         if _stopping(job):
             raise JobCancelled
         job.skip.clear()
         try:
-            result = _run_with_upscaler(pipe, next_batch(first, k), upscaler, progress, stop)
+            result = _run_with_upscaler(pipe, next_batch(first, k), upscaler, progress, stop, first_pass)
         except SamplingStopped as stopped:
             if not job.interrupt.is_set():      # skipped: the next batch counts on from this one's end
                 job.step = job.steps * (k + 1) // job.spec.batch_count
