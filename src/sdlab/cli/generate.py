@@ -66,7 +66,7 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--models-dir", action="append", default=[], metavar="DIR",
                        help="where --from-png looks for the picture's model, by name or by its recorded hash "
                             "(subfolders too), its LoRAs (its Lora / loras folder) and an upscaler by name (its "
-                            "ESRGAN / RealESRGAN folders): A1111's models layout; repeatable")
+                            "ESRGAN / RealESRGAN folders): A1111's models layout; repeatable, the first that holds a name wins")
         p.add_argument("--from-png", help="take every unset option, the LoRAs and (checked) the model from this "
                                           "image's parameters (PNG, or JPEG / WebP written by sdlab or A1111)")
         add_style_flags(p, from_png=True)
@@ -530,7 +530,7 @@ def _hires_options(args: argparse.Namespace, options: dict[str, Any], picture_tw
     --hr-convention comfyui, or a --from-png img2img two-pass picture's, `picture_two_pass`, judged from its own
     recorded fields; img2img's hires flags otherwise go to the request, which refuses A1111's hires fix there).
     Otherwise a --from-png picture's hires fields are dropped, its Denoising strength the strength."""
-    from sdlab.pipeline.hires import find_upscaler, models_upscaler_folders
+    from sdlab.cli.models_dirs import find_upscaler_in
     from sdlab.pipeline.infotext import HIRES_FIELDS
 
     comfyui = getattr(args, "hr_convention", None) == "comfyui" or picture_two_pass
@@ -563,8 +563,8 @@ def _hires_options(args: argparse.Namespace, options: dict[str, Any], picture_tw
     options.update({k: v for k, v in given.items() if v is not None})
     if options.get("hr_upscaler") is not None:     # a recorded name: the model file beside the picture, here, or
         folders = [Path(args.from_png).resolve().parent] if args.from_png else []    # in A1111's models folders
-        upscaler_folders = models_upscaler_folders(getattr(args, "models_dir", []))
-        options["hr_upscaler"] = find_upscaler(options["hr_upscaler"], [*folders, Path("."), *upscaler_folders])
+        options["hr_upscaler"] = find_upscaler_in(options["hr_upscaler"], [*folders, Path(".")],
+                                                  getattr(args, "models_dir", []))
 
 
 def _recorded_parameters(args: argparse.Namespace) -> dict[str, Any]:
@@ -1290,7 +1290,8 @@ def _lora_search_dirs(args: argparse.Namespace) -> tuple[list[Path], list[Path],
     loras folder (A1111's and ComfyUI's models folder, where the --from-png picture's model is found; `sdlab
     serve --models-dir` reads its LoRAs there too)). The --models-dir folders come after the ones searched
     without --models-dir, as the picture's model and an upscaler are looked up, so adding it never changes a
-    file found without it."""
+    file found without it; among them the first --models-dir given that holds a name wins
+    (`models_dirs.first_in_models_dirs`)."""
     from sdlab.api import shipped_model_path
     from sdlab.pipeline.prompt_loras import LORA_FOLDER_NAMES, default_lora_dirs
 
@@ -1307,11 +1308,13 @@ def _lora_finder(args: argparse.Namespace, recorded_hashes: dict[str, str] | Non
     searched with subfolders whose LoRA hash is the one recorded for NAME (A1111 finds renamed files so).
     A run makes one finder: it looks its LoRAs up more than once (the prompt, the preset, the request, the
     draw), and the finder searches each NAME by hash, and says what it found, once."""
+    from sdlab.cli.models_dirs import first_in_models_dirs
     from sdlab.pipeline.prompt_loras import find_lora
 
     deep, flat, later = _lora_search_dirs(args)
     hashes = recorded_hashes or {}
     found_by_hash: dict[str, Path | None] = {}
+    found_in_models_dirs: dict[str, Path | None] = {}
 
     def by_hash(name: str) -> Path | None:
         wanted = hashes.get(name, "").lower()[:12]
@@ -1319,7 +1322,15 @@ def _lora_finder(args: argparse.Namespace, recorded_hashes: dict[str, str] | Non
             found_by_hash[name] = _lora_by_hash(name, wanted, [*deep, *later])
         return found_by_hash.get(name)
 
-    return lambda name: (find_lora(name, deep) or find_lora(name, flat, recursive=False) or find_lora(name, later)
+    def in_models_dirs(name: str) -> Path | None:        # the first --models-dir's Lora / loras holding it
+        if name not in found_in_models_dirs:
+            found_in_models_dirs[name] = first_in_models_dirs(
+                getattr(args, "models_dir", []),
+                lambda models_dir: find_lora(name, [folder for folder in later if folder.parent == models_dir]),
+                f"the LoRA {name!r}")
+        return found_in_models_dirs[name]
+
+    return lambda name: (find_lora(name, deep) or find_lora(name, flat, recursive=False) or in_models_dirs(name)
                          or by_hash(name))
 
 
@@ -1364,9 +1375,7 @@ def _resolve_loras(args: argparse.Namespace, prompt: str, recorded: dict[str, An
         for_pipeline, to_record, tag_refs = tag_loras(prompt, {Path(path).stem: weight for path, weight in files},
                                                       finder, lora_hash)
     except RequestError as err:
-        where = ", ".join(str(d) for folders in _lora_search_dirs(args) for d in folders)
-        raise UserError(f"{err} (searched {where}); pass --lora FILE:WEIGHT or --lora-dir DIR "
-                        "(or a prompt without the tag)") from None
+        raise _missing_tag_lora(args, err) from None
     refs = [LoraRef(Path(path).stem, weight, lora_hash(path)) for path, weight in files] + tag_refs
     for ref in refs:
         wanted = recorded_hashes.get(ref.name, "").lower()
@@ -1374,6 +1383,13 @@ def _resolve_loras(args: argparse.Namespace, prompt: str, recorded: dict[str, An
             logger.warning("the LoRA %r found has hash %s but the picture was drawn with one of hash %s",
                            ref.name, ref.hash, wanted)
     return for_pipeline, files, refs, to_record
+
+
+def _missing_tag_lora(args: argparse.Namespace, err: Exception) -> UserError:
+    """A prompt tag's LoRA that is missing or unreadable (`err`), with the folders searched and what to do."""
+    where = ", ".join(str(d) for folders in _lora_search_dirs(args) for d in folders)
+    return UserError(f"{err} (searched {where}); pass --lora FILE:WEIGHT or --lora-dir DIR "
+                     "(or a prompt without the tag)")
 
 
 def _identify_model(model: str | os.PathLike) -> tuple[str, str | None]:
@@ -1395,18 +1411,27 @@ def _refiner_ref(args: argparse.Namespace, pipe):
 def _recorded_model(args: argparse.Namespace, recorded: dict[str, Any]) -> str | None:
     """Without --model: the model the PNG names, when NAME.safetensors / .ckpt / NAME/ is beside it, here or in
     a --models-dir; else the file under a --models-dir whose hash is the recorded `Model hash` (A1111's
-    lookup; hashes are cached per file, so only new or changed files are read)."""
+    lookup; hashes are cached per file, so only new or changed files are read). Of the --models-dir folders,
+    the first given that holds the name wins (`models_dirs.first_in_models_dirs`)."""
+    from sdlab.cli.models_dirs import first_in_models_dirs
     from sdlab.pipeline.png_info import model_hash
 
     if args.model:
         return None
     name = str(recorded.get("Model") or "")
     models_dirs = [Path(d) for d in getattr(args, "models_dir", [])]
+
+    def by_name(folder: Path) -> Path | None:
+        for candidate in (folder / f"{name}.safetensors", folder / f"{name}.ckpt", folder / name):
+            if candidate.is_file() or (candidate / "model_index.json").is_file():
+                return candidate
+        return None
+
     if name and not any(sep in name for sep in ("/", "\\", "\0")) and name not in (".", ".."):
-        for folder in (Path(args.from_png).resolve().parent, Path("."), *models_dirs):
-            for candidate in (folder / f"{name}.safetensors", folder / f"{name}.ckpt", folder / name):
-                if candidate.is_file() or (candidate / "model_index.json").is_file():
-                    return str(candidate)
+        found = (by_name(Path(args.from_png).resolve().parent) or by_name(Path("."))
+                 or first_in_models_dirs(models_dirs, by_name, f"the model {name!r}"))
+        if found is not None:
+            return str(found)
     wanted = str(recorded.get("Model hash") or "").lower()
     if wanted:
         for folder in models_dirs:
@@ -1600,6 +1625,7 @@ def run_generate(args: argparse.Namespace, pipelines: dict | None = None) -> int
     from sdlab.pipeline.hires import hires_steps
     from sdlab.pipeline.infotext import drawn_hires_prompt, hires_tag_refs, parse_lora_hashes, to_parameters
     from sdlab.pipeline.png_info import embedding_hash, format_parameters, lora_hash, vae_ref
+    from sdlab.pipeline.prompt_loras import resolve_prompt_loras
     from sdlab.pipeline.request import GenerationRequest, RequestError, check_batch_seeds, next_batch
     from sdlab.pipeline.styles import styled_options
 
@@ -1612,6 +1638,10 @@ def run_generate(args: argparse.Namespace, pipelines: dict | None = None) -> int
     options["prompt"], loras, lora_refs, prompt_to_record = _resolve_loras(args, options["prompt"], recorded, finder)
     if options.get("hr_prompt"):
         options["hr_prompt"] = drawn_hires_prompt(options["hr_prompt"], {Path(path).stem: w for path, w in loras})
+        try:                                                  # its tags found as the prompt's, before any work
+            resolve_prompt_loras(options["hr_prompt"], finder, "hires prompt")
+        except RequestError as err:
+            raise _missing_tag_lora(args, err) from None
     _add_input_pictures(args, options)
 
     controls = _controls(args, recorded, options.get("control_convention", GenerationRequest.control_convention))

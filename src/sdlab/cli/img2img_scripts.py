@@ -369,15 +369,16 @@ def script_request(args: argparse.Namespace, request, pipe):
 def _upscaler(args: argparse.Namespace) -> tuple[str, str | None]:
     """(the upscaler's name as A1111 records it, its file or None for a plain resize): --upscaler as a plain
     resize's name (any case), an existing file, or a name found as the hires fix's --hr-upscaler finds one
-    (`hires.find_upscaler`) in the current folder and each --models-dir's ESRGAN and RealESRGAN folders."""
-    from sdlab.pipeline.hires import find_upscaler, models_upscaler_folders, upscaler_name
+    (`hires.find_upscaler`) in the current folder, then each --models-dir's ESRGAN and RealESRGAN folders (the
+    first --models-dir that has it: `models_dirs.find_upscaler_in`)."""
+    from sdlab.cli.models_dirs import find_upscaler_in
+    from sdlab.pipeline.hires import upscaler_name
     from sdlab.pipeline.upscale import missing_upscaler
 
     given = args.upscaler or DEFAULT_UPSCALER
     if given.strip().lower() in PLAIN_UPSCALERS and not os.path.isfile(given):
         return PLAIN_UPSCALERS[given.strip().lower()], None
-    folders = [Path("."), *models_upscaler_folders(args.models_dir)]
-    found = find_upscaler(given, folders)
+    found = find_upscaler_in(given, [Path(".")], args.models_dir)
     if not os.path.isfile(found):
         where = "in the current folder or a --models-dir's ESRGAN / RealESRGAN folder"
         name, hint = _source(args, "upscaler", "--upscaler")
