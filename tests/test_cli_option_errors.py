@@ -176,3 +176,24 @@ def test_a_device_torch_does_not_know_is_still_one_error_line(tmp_path, capsys):
                           "--out", str(tmp_path / "o.png")], capsys)
     assert code == 2 and out == "" and len(err.splitlines()) == 1 and "unknown device 'gpu'" in err, err
     assert not (tmp_path / "o.png").exists()
+
+
+@pytest.mark.parametrize("args, dest, value", [
+    (["inspect", "--family", "SDXL"], "family", "sdxl"), (["inspect", "--prediction", "V"], "prediction", "v"),
+    (["new-model", "x.safetensors", "--family", "SD1", "--dtype", "FP32"], "dtype", "fp32"),
+    (["txt2img", "a", "--dtype", "BF16"], "dtype", "bf16"),
+    (["img2img", "a", "--init", "i.png", "--resize-mode", "Crop"], "resize_mode", "crop"),
+    (["txt2img", "a", "--hr-convention", "ComfyUI"], "hr_convention", "comfyui"),
+    (["merge", "a.safetensors", "--out", "o", "--format", "CKPT"], "format", "ckpt"),
+])
+def test_a_choice_is_read_in_any_case(args, dest, value):
+    """Lower-case choices read in any case, as --sampler, --schedule and txt2img's --family: before, `sdlab inspect
+    --family SDXL` was an invalid choice while `sdlab txt2img --family SDXL` drew."""
+    from sdlab.cli import build_parser
+
+    assert getattr(build_parser().parse_args(args), dest) == value
+
+
+def test_a_choice_that_is_none_is_still_refused_naming_the_choices(capsys):
+    code, _, err = run(["new-model", "x.safetensors", "--dtype", "FP17"], capsys)
+    assert code == 2 and "argument --dtype: invalid choice: 'fp17' (choose from 'fp16', 'bf16', 'fp32')" in err, err

@@ -189,7 +189,19 @@ def build_parser() -> argparse.ArgumentParser:
     _refuse_other_commands_options(subparsers.choices)
     for command in subparsers.choices.values():
         command.main_options = frozenset(parser._option_string_actions)
+        _read_choices_in_any_case(command)
     return parser
+
+
+def _read_choices_in_any_case(command: argparse.ArgumentParser) -> None:
+    """An option whose choices are lower-case words (--dtype fp16, --family sdxl, --resize-mode crop) reads its
+    value in any case, as --sampler, --schedule, --device and txt2img's --family do: its value is lower-cased
+    before the choice is checked (--dtype FP16 is fp16; --dtype fp17 is still refused, naming the choices)."""
+    for action in command._actions:
+        choices = action.choices
+        if (action.type is None and choices and not isinstance(choices, dict)
+                and all(isinstance(choice, str) and choice == choice.lower() for choice in choices)):
+            action.type = str.lower
 
 
 def _refuse_other_commands_options(commands: dict[str, argparse.ArgumentParser]) -> None:
