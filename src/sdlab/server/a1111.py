@@ -46,6 +46,8 @@ from sdlab.diffusion.samplers import (A1111_SAMPLERS_MAP, SAMPLER_TABLE, SAMPLER
                                      get_sampler)
 from sdlab.diffusion.discretization import steps_run
 from sdlab.diffusion.schedule_names import a1111_label
+from sdlab.families import FamilySpec
+from sdlab.pipeline.hires import is_latent_upscaler
 from sdlab.pipeline.image_prompt import IPAdapterInput
 from sdlab.pipeline.images import open_image
 from sdlab.pipeline.infotext import (
@@ -81,6 +83,7 @@ from sdlab.server.inputs import (
     opened_picture, scheduler_rows, unset_preset_fields, upscaler_file, SCRIPT_UPSCALER,
 )
 from sdlab.server.jobs import Job, Unavailable, image_seeds
+from sdlab.server.model_shapes import planned_bundle
 from sdlab.server.model_folders import ModelFile
 from sdlab.server.native import service_of
 from sdlab.server.previews import preview_image
@@ -624,7 +627,8 @@ def _job_info(service: Service, body: Txt2ImgIn, request: GenerationRequest, job
     name = checkpoint.name_for_extra if checkpoint is not None else job.model
     extra = {**_drawn_parameters(job, request), **_refiner_parameters(service, job)}
     extra.update({label: value for label, value in _written_extra_parameters(job).items() if label not in extra})
-    return _info(job, body, name, extra, batch_size=request.batch_size)
+    inpainting = _inpainting_conditioning(_model_family(service, job.model), job.mode, _drawn_request(job, request))
+    return _info(job, body, name, extra, batch_size=request.batch_size, inpainting=inpainting)
 
 
 ScriptJobOf = Callable[[Txt2ImgIn, JobSpec, "str | None"], "tuple[JobSpec, str | None]"]
@@ -888,15 +892,46 @@ def _base64_picture(image: Image.Image, parameters: str | None, options: dict[st
         return _b64(encode_image(image, fmt, None, quality=options["jpeg_quality"], texts=texts))
 
 
+def _drawn_request(job: Job, request: GenerationRequest) -> GenerationRequest:
+    """`request`'s pictures with the settings the job drew with (its resolved request, `Job.settings`)."""
+    images = {"init_image", "init_images", "mask_image", "controls", "ip_adapters"}
+    names = {f.name for f in dataclasses.fields(GenerationRequest)} - images
+    return dataclasses.replace(request, **{k: v for k, v in job.settings.items() if k in names})
+
+
 def _drawn_parameters(job: Job, request: GenerationRequest) -> dict[str, Any]:
     """A1111's `extra_generation_params` of the hires fix and of an img2img job (Denoising strength, Hires
     upscale, Mask blur, Inpaint area, ...: `infotext.hires_parameters` and `img2img_parameters`, as its
-    infotext writes them): `request`'s pictures with the settings the job drew with."""
-    images = {"init_image", "init_images", "mask_image", "controls", "ip_adapters"}
-    names = {f.name for f in dataclasses.fields(GenerationRequest)} - images
-    drawn = dataclasses.replace(request, **{k: v for k, v in job.settings.items() if k in names})
+    infotext writes them) of the request the job drew (`_drawn_request`)."""
+    drawn = _drawn_request(job, request)
     labels = {**hires_parameters(drawn), **img2img_parameters(drawn)}
     return {label: value for label, value in labels.items() if value is not None}
+
+
+def _model_family(service: Service, title: str) -> FamilySpec | None:
+    """The family of the checkpoint `title`: the loaded model's, else its file's as planned from its header
+    (`model_shapes.planned_bundle`); None where the file is gone or unreadable."""
+    checkpoint = service.registry.find(title)
+    if checkpoint is None:
+        return None
+    bundle = service.host.loaded_bundle(checkpoint) or planned_bundle(checkpoint.path)
+    return None if bundle is None else bundle.family
+
+
+def _inpainting_conditioning(family: FamilySpec | None, mode: str, drawn: GenerationRequest) -> bool:
+    """A1111's `is_using_inpainting_conditioning` of a job drawn in `mode` by a model of `family` (A1111 1.10
+    processing.py): its `txt2img_image_conditioning` sets it where the model's `conditioning_key` is 'hybrid' or
+    'concat' (SD1's and SD2's 9-channel inpainting models; not SDXL's, whose key is 'crossattn'), its
+    `inpainting_image_conditioning` for any 9-channel model (SDXL's too, `is_sdxl_inpaint`), which img2img's `init`
+    reaches and so does the hires pass of txt2img (`sample_hr_pass`) but for a latent upscale at a Conditional mask
+    weight of 1, which takes txt2img's conditioning again. An edit (InstructPix2Pix) model's img2img is its
+    `edit_image_conditioning`: false (it draws no txt2img here)."""
+    if family is None or not family.is_inpaint:
+        return False
+    if mode != "txt2img" or not family.is_sdxl:
+        return True
+    latent_at_full_weight = is_latent_upscaler(drawn.hr_upscaler or "") and drawn.inpainting_mask_weight >= 1.0
+    return drawn.hires and not latent_at_full_weight
 
 
 A1111_FIXED_LABELS = frozenset({
@@ -988,9 +1023,10 @@ def _without_images(scripts: dict[str, Any]) -> dict[str, Any]:
 
 
 def _info(job: Job, body: Txt2ImgIn, model_name: str, extra: dict[str, Any] | None = None,
-          batch_size: int | None = None) -> dict[str, Any]:
+          batch_size: int | None = None, inpainting: bool = False) -> dict[str, Any]:
     """A1111's `Processed.js()` fields; `extra`: more of its `extra_generation_params`; `batch_size`: the
-    pictures per iteration (None: the body's). `sd_vae_name` / `sd_vae_hash` name a VAE file drawn with (A1111's
+    pictures per iteration (None: the body's); `inpainting`: its `is_using_inpainting_conditioning`
+    (`_inpainting_conditioning`). `sd_vae_name` / `sd_vae_hash` name a VAE file drawn with (A1111's
     `get_loaded_vae_name` / `_hash`: its name and sha256[:10], the pictures' `VAE` / `VAE hash`), else null."""
     s, extra = job.settings, extra or {}
     count = max(1, s.get("batch_size") or 1) * s.get("batch_count", 1)
@@ -1023,7 +1059,7 @@ def _info(job: Job, body: Txt2ImgIn, model_name: str, extra: dict[str, Any] | No
         "denoising_strength": strength,
         "extra_generation_params": {"Schedule type": a1111_label(s.get("schedule")), **extra},
         "index_of_first_image": 0, "infotexts": job.infotexts, "styles": body.styles, "job_timestamp": _stamp(job.created),
-        "clip_skip": s.get("clip_skip", 1), "is_using_inpainting_conditioning": False, "version": version_label(),
+        "clip_skip": s.get("clip_skip", 1), "is_using_inpainting_conditioning": inpainting, "version": version_label(),
         "interrupted": job.status == "cancelled",
     }
 
