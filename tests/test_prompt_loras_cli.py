@@ -919,3 +919,21 @@ def test_a_loras_entry_is_read_once_by_its_check_and_its_load(model, tmp_path, m
         assert not prompt_loras._FILE_CACHE
     finally:
         service.stop()
+
+
+def test_a_missing_lora_of_the_hires_prompt_is_named_as_the_hires_prompts(model, tmp_path, capsys):
+    """The README's `--hr-prompt "a castle, intricate <lora:detail:0.6>"` without the file: one line naming the
+    hires prompt and the folders searched, as a prompt's tag is named, nothing written. Before: 'the prompt asks
+    for the LoRA <lora:detail:0.6> but there is no detail.safetensors/.pt/.ckpt in the LoRA folder' (the prompt
+    had no tag; no folder named)."""
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    out = tmp_path / "h.png"
+    code, err = _run(["txt2img", "a castle", "--model", str(model), "--lora-dir", str(folder), *FAST,
+                      "--sampler", "Euler", "--hr-scale", "1.5", "--hr-prompt", "a castle <lora:detail:0.6>",
+                      "--out", str(out)], capsys)
+    assert code == 2 and err.count("sdlab: error:") == 1 and not out.exists(), err
+    assert "the hires prompt asks for the LoRA <lora:detail:0.6>" in err and f"searched {folder}" in err, err
+    pipe = sdlab.load(model, lora_dirs=[folder])
+    with pytest.raises(RequestError, match="the hires prompt asks for the LoRA <lora:detail:0.6>"):
+        pipe.txt2img("a castle", sampler="Euler", hr_scale=1.5, hr_prompt="a castle <lora:detail:0.6>", **OPTIONS)

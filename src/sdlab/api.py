@@ -164,7 +164,7 @@ class Pipeline:
                          refiner_convention=self.refiner_convention)
         resolve_prompt_loras(plan.request.prompt, self.find_lora)
         if plan.request.hr_prompt:
-            resolve_prompt_loras(plan.request.hr_prompt, self.find_lora)
+            resolve_prompt_loras(plan.request.hr_prompt, self.find_lora, "hires prompt")
         return plan
 
     def run(self, request: GenerationRequest | GenerationPlan, *, progress: ProgressFn | None = None,

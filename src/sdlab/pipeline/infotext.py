@@ -192,11 +192,11 @@ def drawn_hires_prompt(hr_prompt: str | None, merged: Mapping[str, float]) -> st
 
 
 def tag_refs(prompt: str, find: Callable[[str], Path | None],
-             hash_of: Callable[[Path], str | None]) -> list[LoraRef]:
+             hash_of: Callable[[Path], str | None], field: str = "prompt") -> list[LoraRef]:
     """The LoRAs `prompt`'s tags merge, one ref per name in the order first tagged, each file found by `find`
     and hashed by `hash_of` (`resolve_prompt_loras`: a missing or unreadable one is a RequestError)."""
     refs: dict[str, LoraRef] = {}
-    for use in resolve_prompt_loras(prompt, find)[1]:
+    for use in resolve_prompt_loras(prompt, find, field)[1]:
         if use.name not in refs:
             refs[use.name] = LoraRef(use.name, use.te_weight, hash_of(use.path))
     return list(refs.values())
@@ -205,7 +205,7 @@ def tag_refs(prompt: str, find: Callable[[str], Path | None],
 def hires_tag_refs(req: GenerationRequest, find: Callable[[str], Path | None],
                    hash_of: Callable[[Path], str | None]) -> list[LoraRef]:
     """`tag_refs` of a hires request's hires prompt (the LoRAs its second pass merges), none without one."""
-    return tag_refs(req.hr_prompt, find, hash_of) if req.hires else []
+    return tag_refs(req.hr_prompt, find, hash_of, "hires prompt") if req.hires else []
 
 
 def with_lora_tags(prompt: str, loras: Sequence[LoraRef]) -> str:

@@ -315,10 +315,11 @@ def forget_read_loras() -> None:
 
 
 def resolve_prompt_loras(prompt: str, find: Callable[[str], Path | None] | Sequence[str | os.PathLike[str]],
-                         ) -> tuple[str, list[LoraUse]]:
+                         field: str = "prompt") -> tuple[str, list[LoraUse]]:
     """(the prompt without its LoRA tags, the files to merge): every tag looked up (`find` is a function
     of the name or a list of folders for `find_lora`) and its file read, so that a missing name or a file
-    that is not a LoRA is one `RequestError` before any work. A name tagged twice is merged twice, both
+    that is not a LoRA is one `RequestError` before any work, naming the `field` the tag is in ("hires
+    prompt"). A name tagged twice is merged twice, both
     times at its last tag's weights, as A1111 does: `networks.load_networks` gets the same `Network` object
     for each tag of a name, sets its multipliers from each tag in turn (the last one stays) and appends it to
     `loaded_networks` once per tag, and every entry there is merged (``<lora:a:0.5> <lora:a:0.3>``: a plain
@@ -344,7 +345,7 @@ def resolve_prompt_loras(prompt: str, find: Callable[[str], Path | None] | Seque
             raise RequestError(str(err)) from None
         if path is None:
             where = ", ".join(str(f) for f in find) if not callable(find) else "the LoRA folder"
-            raise RequestError(f"the prompt asks for the LoRA {tag.text} but there is no {tag.name}"
+            raise RequestError(f"the {field} asks for the LoRA {tag.text} but there is no {tag.name}"
                                f"{'/'.join(LORA_SUFFIXES)} in {where or 'no folder (pass --lora-dir DIR)'}")
         problem = lora_file_problem(path)
         if problem is not None:
