@@ -253,7 +253,10 @@ def test_prompts_file_pictures_equal_single_runs(tmp_path: Path, capsys) -> None
 
 
 @pytest.mark.parametrize("text, match", [
-    ("a cat\n--prompt a --step 3\n", "line 2: unknown commandline option: --step (A1111 would draw"),
+    ("a cat\n--prompt a --step 3\n", "line 2: unknown commandline option: --step; did you mean --steps? (A1111 would draw"),
+    ("--prompt a --cfg-scale 5\n", "line 1: unknown commandline option: --cfg-scale; did you mean --cfg_scale? (A1111"),
+    ("--prompt a --batch-count 2\n", "line 1: unknown commandline option: --batch-count; did you mean --n_iter?"),
+    ("--prompt a --negative x\n", "line 1: unknown commandline option: --negative; did you mean --negative_prompt?"),
     ("--prompt a --sampler_name nonsense\n", "line 1: --sampler_name is none of A1111's sampler names"),
     ("--prompt a --restore_faces true\n", "line 1: --restore_faces true: sdlab has no face restoration"),
     ("--prompt a --steps 0\n", "line 1:"),

@@ -140,14 +140,33 @@ def _check_request(ns: argparse.Namespace) -> None:
 def _line_error(line) -> str:
     """A line's error as the command line words it: a value that is not its tag's number names the tag, the value
     and what it wants (`--steps: invalid int value: 'abc', expected a whole number`), not Python's int() message;
-    the other errors A1111's text."""
+    an unknown tag the tag meant (`--cfg-scale`, the command's spelling: did you mean --cfg_scale?); the other
+    errors A1111's text."""
     from sdlab.pipeline.prompts_file import PROMPT_TAGS
 
+    if line.unknown_tag is not None and (meant := _tag_meant(line.unknown_tag)) is not None:
+        return f"{line.error}; did you mean --{meant}?"
     if line.bad_value is None:
         return line.error
     tag, text = line.bad_value
     kind = PROMPT_TAGS[tag]
     return f"--{tag}: invalid {kind.__name__} value: {text!r}, expected {NUMBER_KINDS[kind]}"
+
+
+def _tag_meant(unknown: str) -> str | None:
+    """The A1111 tag an unknown one likely means: the command's option of the same setting (--cfg-scale, --cfg,
+    --negative, --batch-count: cfg_scale, cfg_scale, negative_prompt, n_iter), else the closest tag's name."""
+    import difflib
+
+    from sdlab.pipeline.prompts_file import PROMPT_TAGS
+
+    name = unknown.replace("-", "_").lower()
+    by_option = {dest: tag for tag, dest in FLAGS.items()} | {"negative": "negative_prompt", "style": "styles",
+                                                               "out": "outpath_samples"}
+    if name in PROMPT_TAGS or name in by_option:
+        return by_option.get(name, name)
+    close = difflib.get_close_matches(name, PROMPT_TAGS, n=1)
+    return close[0] if close else None
 
 
 def line_namespaces(args: argparse.Namespace) -> list[tuple[str, argparse.Namespace]]:

@@ -36,11 +36,12 @@ POSITIONS = ("start", "end")        # A1111's Insert prompts at the
 
 class PromptsFileError(ValueError):
     """A line A1111's `cmdargs` cannot read, with A1111's error text; `bad_value` the (tag, text) of a value that is
-    not the tag's kind (`--steps abc`: ("steps", "abc")), None for the other errors."""
+    not the tag's kind (`--steps abc`: ("steps", "abc")), `unknown_tag` a tag not in `PROMPT_TAGS` (`--step`:
+    "step"), None for the other errors."""
 
-    def __init__(self, message: str, bad_value: tuple[str, str] | None = None) -> None:
+    def __init__(self, message: str, bad_value: tuple[str, str] | None = None, unknown_tag: str | None = None) -> None:
         super().__init__(message)
-        self.bad_value = bad_value
+        self.bad_value, self.unknown_tag = bad_value, unknown_tag
 
 
 def _boolean(text: str) -> bool:
@@ -89,7 +90,7 @@ def line_args(line: str, find_checkpoint: Callable[[str], str | None] = lambda n
             continue
         kind = PROMPT_TAGS.get(tag)
         if kind is None:
-            raise PromptsFileError(f"unknown commandline option: {word}")
+            raise PromptsFileError(f"unknown commandline option: {word}", unknown_tag=tag)
         args[tag] = _value(kind, words[pos + 1], find_checkpoint, tag)
         pos += 2
     return args
@@ -112,13 +113,15 @@ def _value(kind: Any, text: str, find_checkpoint: Callable[[str], str | None], t
 @dataclass(frozen=True)
 class Line:
     """One job: the line's `number` in the text (from 1), the line, its tags (`{"prompt": line}` where it has no
-    `--` or does not read) and, where it does not read, A1111's error text (and `PromptsFileError.bad_value`)."""
+    `--` or does not read) and, where it does not read, A1111's error text (and `PromptsFileError.bad_value`,
+    `unknown_tag`)."""
 
     number: int
     text: str
     args: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     bad_value: tuple[str, str] | None = None
+    unknown_tag: str | None = None
 
 
 def read_lines(text: str, find_checkpoint: Callable[[str], str | None] = lambda name: name,
@@ -132,13 +135,13 @@ def read_lines(text: str, find_checkpoint: Callable[[str], str | None] = lambda 
             continue
         if most is not None and len(lines) == most:
             break
-        args, error, bad_value = {"prompt": line}, None, None
-        if "--" in line:
-            try:
-                args = line_args(line, find_checkpoint)
-            except PromptsFileError as err:
-                args, error, bad_value = {"prompt": line}, str(err), err.bad_value
-        lines.append(Line(number, line, args, error, bad_value))
+        if "--" not in line:
+            lines.append(Line(number, line, {"prompt": line}))
+            continue
+        try:
+            lines.append(Line(number, line, line_args(line, find_checkpoint)))
+        except PromptsFileError as err:
+            lines.append(Line(number, line, {"prompt": line}, str(err), err.bad_value, err.unknown_tag))
     return lines
 
 
