@@ -227,7 +227,7 @@ def test_a1111_hires_fix_without_a_denoising_strength_takes_a1111s_api_default()
     ({"CLIP_stop_at_last_layers": 0}, "override_settings.CLIP_stop_at_last_layers must be an integer >= 1, got 0"),
     ({"CLIP_stop_at_last_layers": "2"}, "override_settings.CLIP_stop_at_last_layers must be an integer >= 1"),
     ({"CLIP_stop_at_last_layers": 1.5}, "override_settings.CLIP_stop_at_last_layers must be an integer >= 1"),
-    ({"eta_noise_seed_delta": -1}, "override_settings.eta_noise_seed_delta must be an integer >= 0"),
+    ({"eta_noise_seed_delta": -1}, "override_settings.eta_noise_seed_delta must be an integer in 0.."),
     ({"tiling": "yes"}, "override_settings.tiling must be true or false"),
 ])
 def test_override_settings_have_one_check_whatever_restore_afterwards_says(override, named, restore):

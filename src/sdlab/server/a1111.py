@@ -62,9 +62,9 @@ from sdlab.pipeline.png_info import (
     PARAMETERS_KEY, ParametersError, encode_image, parse_parameters, quote, read_parameters, version_label,
 )
 from sdlab.pipeline.request import (
-    A1111_UNIPC_VARIANTS, EMPHASIS_MODES, MASKED_CONTENT, MAX_AESTHETIC, MAX_BATCH_COUNT, MAX_BETA,
-    MAX_NOISE_MULTIPLIER, MAX_UNIPC_ORDER, RESIZE_MODES, RNG_SOURCES, GenerationRequest, RequestError, fixed_seed,
-    rng_source,
+    A1111_UNIPC_VARIANTS, EMPHASIS_MODES, MASKED_CONTENT, MAX_AESTHETIC, MAX_BATCH_COUNT, MAX_BETA, MAX_CHURN,
+    MAX_ETA, MAX_NOISE_MULTIPLIER, MAX_SEED, MAX_UNIPC_ORDER, RESIZE_MODES, RNG_SOURCES, GenerationRequest,
+    RequestError, finite_number, fixed_seed, rng_source,
 )
 from sdlab.pipeline.upscale import (
     A1111_REALESRGAN_STEMS, DEFAULT_OVERLAP, DEFAULT_TILE, LATENT_UPSCALE_MODES, UpscaleError, centred_on_canvas,
@@ -1158,6 +1158,14 @@ A1111_OPTION_LABELS = {
 ETA_OPTIONS = {A1111_OPTION_LABELS[option]: option for option in ("eta_ddim", "eta_ancestral")}
 """A1111's eta options by the label its samplers write them under (`Sampler.eta_infotext_field` /
 `eta_option_field`): `Eta DDIM` its timestep samplers' (DDIM), `Eta` k-diffusion's (the ancestral and SDE ones)."""
+SAMPLER_OPTION_BOUNDS = {
+    "s_churn": MAX_CHURN, "s_tmin": math.inf, "s_tmax": math.inf, "s_noise": MAX_ETA,          # `_sigma_options`
+    "sigma_min": math.inf, "sigma_max": math.inf, "rho": math.inf,                             # `_schedule_settings`
+    **dict.fromkeys(ETA_OPTIONS.values(), MAX_ETA),                                            # `_eta`
+}
+"""The most each sampler option (a number >= 0) may be: the bound a job's request has (`request.resolve`), wider than
+A1111's sliders (shared_options.py: s_churn 0..100, s_noise 0..1.1, eta_ddim and eta_ancestral 0..1), so POST
+options refuses what every later job would."""
 
 
 def _option_value(option: str, value: Any) -> Any:
@@ -1394,21 +1402,25 @@ def _check_options(body: dict[str, Any], where: str = "") -> None:
     for key in ("use_old_scheduling", "use_downcasted_alpha_bar", "sdxl_clip_l_skip", "live_previews_enable"):
         if not isinstance(body.get(key, False), bool):
             raise BadRequest(f"{where}{key} must be true or false, got {body[key]!r}", 422)
-    for key, least in (("CLIP_stop_at_last_layers", 1), ("eta_noise_seed_delta", 0), ("sdxl_crop_top", 0),
-                       ("sdxl_crop_left", 0), ("show_progress_every_n_steps", -1)):
+    for key, least in (("CLIP_stop_at_last_layers", 1), ("sdxl_crop_top", 0), ("sdxl_crop_left", 0),
+                       ("show_progress_every_n_steps", -1)):
         value = body.get(key, least)
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise BadRequest(f"{where}{key} must be an integer >= {least}, got {value!r}", 422)
+    ensd = body.get("eta_noise_seed_delta", 0)
+    if not isinstance(ensd, int) or isinstance(ensd, bool) or not 0 <= ensd <= MAX_SEED:
+        raise BadRequest(f"{where}eta_noise_seed_delta must be an integer in 0..{MAX_SEED}, got {ensd!r}", 422)
     _check_tile_options(body, where)
     for key in ("sdxl_refiner_high_aesthetic_score", "sdxl_refiner_low_aesthetic_score"):
         score = body.get(key, 0.0)
         if isinstance(score, bool) or not isinstance(score, (int, float)) or not abs(score) <= MAX_AESTHETIC:
             raise BadRequest(f"{where}{key} must be a number in -{MAX_AESTHETIC:g}..{MAX_AESTHETIC:g}, got {score!r}",
                              422)
-    for key in (*A1111_SIGMA_OPTIONS, "sigma_min", "sigma_max", "rho", *ETA_OPTIONS.values()):   # `_eta` too
+    for key, high in SAMPLER_OPTION_BOUNDS.items():
         value = body.get(key, 0.0)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-            raise BadRequest(f"{where}{key} must be a number >= 0, got {value!r}", 422)
+        if not _finite(value) or not 0 <= value <= high:
+            bounds = f"in 0..{high:g}" if high < math.inf else ">= 0"
+            raise BadRequest(f"{where}{key} must be a number {bounds}, got {value!r}", 422)
     for key, choices in (("uni_pc_variant", A1111_UNIPC_VARIANTS), ("uni_pc_skip_type", ("time_uniform",))):
         if body.get(key, choices[0]) not in choices:       # A1111's vary_coeff, time_quadratic, logSNR: not drawn
             raise BadRequest(f"{where}{key} must be one of {', '.join(map(repr, choices))} (sdlab draws no other), "
@@ -1488,13 +1500,22 @@ def _check_tile_pair(settings: dict[str, Any], where: str) -> None:
                          f"{tile} (at most {tile // 2})", 422)
 
 
+def _finite(value: Any) -> bool:
+    """Whether an option's `value` is a number a job can draw with (`request.finite_number`): not a bool, NaN, an
+    infinity or an integer past a float's range (JSON's 10**400, which the request's float() cannot take)."""
+    try:
+        finite_number("", value)
+    except RequestError:
+        return False
+    return True
+
+
 def _check_guidance_options(body: dict[str, Any], where: str) -> None:
     """`_guidance_settings`' options: NGMS a number (off where not above 0, as A1111's), Skip Early CFG one in
     0..1, the others true or false."""
     for key, bounds in (("s_min_uncond", ""), ("skip_early_cond", " in 0..1")):
         value = body.get(key, 0.0)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                math.isfinite(value) and (not bounds or 0 <= value <= 1)):
+        if not _finite(value) or bounds and not 0 <= value <= 1:
             raise BadRequest(f"{where}{key} must be a number{bounds}, got {value!r}", 422)
     for key in ("s_min_uncond_all", "pad_cond_uncond", "pad_cond_uncond_v0"):
         if not isinstance(body.get(key, False), bool):
