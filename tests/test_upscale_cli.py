@@ -128,6 +128,9 @@ def test_bad_inputs_write_nothing(tmp_path, picture, x4_model, capsys) -> None:
     _fails(["upscale", str(picture), "--model", str(text), "--out", out], capsys, "unknown checkpoint format", tmp_path)
     _fails(["upscale", str(picture), "--model", str(x4_model), "--out", str(tmp_path / "x.gif")], capsys, "--out", tmp_path)
     _fails(["upscale", str(picture), "--scale", "-2", "--out", out], capsys, "--scale", tmp_path)
+    for tile, overlap in (("16", "40"), ("16", "15"), ("192", "97")):   # tiles one step of tile - overlap apart
+        _fails(["upscale", str(picture), "--model", str(x4_model), "--tile", tile, "--tile-overlap", overlap,
+                "--out", out], capsys, f"--tile-overlap {overlap} must be at most half of --tile {tile}", tmp_path)
     big = tmp_path / "big.png"
     Image.new("RGB", (2100, 2100), "white").save(big)           # x4: 8400 x 8400 = 70.6 MP, over the 67 MP limit
     _fails(["upscale", str(big), "--model", str(x4_model), "--out", out], capsys, "beyond the limit", tmp_path)
