@@ -5,6 +5,8 @@ mode to send. In-process app; nothing is drawn."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 
@@ -80,3 +82,66 @@ def test_a_body_python_cannot_read_is_the_same_422_with_its_reason(client, body,
     a1111 = client.post("/sdapi/v1/txt2img", content=body, headers={"content-type": "application/json"})
     assert a1111.status_code == 422 and a1111.json()["detail"][0]["type"] == "json_invalid", a1111.text
     assert client.get("/api/jobs").json()["jobs"] == []
+
+
+def _number_fields(model) -> dict[str, str]:
+    """The fields of request model `model` that take an int or a float (alone, in a union or a tuple): name -> kind."""
+    import typing
+
+    def kinds(hint) -> set:
+        if hint in (int, float):
+            return {hint}
+        return set().union(*(kinds(arg) for arg in typing.get_args(hint))) if typing.get_args(hint) else set()
+
+    found = {}
+    for name, info in model.model_fields.items():
+        kind = kinds(info.annotation)
+        if kind:
+            found[name] = "int" if int in kind else "float"
+    return found
+
+
+def test_every_number_of_the_native_requests_refuses_true_strings_and_non_finite(client):
+    """Before, `{"steps": true}` drew 1 step and `"7"` 7 (pydantic's lax int), `{"cfg_scale": true}` scale 1: every
+    int and float field of a job, its LoRAs, controls and IP-Adapters is a 422 naming the field and the value."""
+    from sdlab.server.native import ControlIn, IPAdapterIn, JobIn, LoraIn
+
+    lists = {LoraIn: ("loras", {"name": "x"}), ControlIn: ("controls", {"model": "x"}),
+             IPAdapterIn: ("ip_adapters", {"model": "x"})}
+    cases = []
+    for name, kind in _number_fields(JobIn).items():
+        tuple_field = name in ("original_size", "crops_coords_top_left", "target_size", "negative_original_size",
+                               "negative_crops_coords_top_left", "negative_target_size")
+        seed = name in ("seed", "subseed", "hr_seed")    # their digits are a seed (the next test)
+        for bad in ((True, 7.5) if seed else (True, "7", 7.5)) if kind == "int" else (True, "7.5"):
+            cases.append(({name: [bad, 64] if tuple_field else bad}, f"{name}.0" if tuple_field else name, bad))
+    for model, (field, base) in lists.items():
+        for name in _number_fields(model):
+            cases.append(({field: [{**base, name: True}]}, f"{field}.0.{name}", True))
+    assert len(cases) > 60                              # the audit reached every number field
+    for fields, where, bad in cases:
+        answer = client.post("/api/jobs", json={"prompt": "a cat", "steps": 2, **fields})
+        assert answer.status_code == 422, (fields, answer.text)
+        assert answer.json()["detail"].startswith(where) and json.dumps(bad) in answer.json()["detail"], \
+            (fields, answer.text)
+    for raw in (b"NaN", b"Infinity", b"-Infinity"):      # Python's JSON reader takes them; no number of a job is one
+        answer = client.post("/api/jobs", content=b'{"prompt": "a", "cfg_scale": ' + raw + b"}",
+                             headers={"content-type": "application/json"})
+        assert answer.status_code == 422 and answer.json()["detail"] == \
+            f"cfg_scale: Input should be a finite number, got {raw.decode()}", answer.text
+    assert client.get("/api/jobs").json()["jobs"] == []
+
+
+def test_numbers_of_their_kind_and_seed_digits_still_pass(client):
+    """An int where a float is wanted is that float; a tuple is a JSON array; a seed past JavaScript's exact integers
+    comes as its digits from the web UI (app.js seedField). Each request is refused after validation, by its steps."""
+    from sdlab.server.native import JobIn
+
+    body = JobIn.model_validate({"cfg_scale": 7, "seed": "18446744073709551615", "subseed": "-5", "hr_seed": 3,
+                                 "original_size": [512, 768], "pag_layers": ["mid"], "loras": [{"name": "x",
+                                                                                               "weight": 1}]})
+    assert (body.cfg_scale, body.seed, body.subseed, body.original_size) == (7.0, 2**64 - 1, -5, (512, 768))
+    assert body.pag_layers == ("mid",) and body.loras[0].weight == 1.0
+    for seed in ("12a", "1e3", " ", True, 1.5):
+        answer = client.post("/api/jobs", json={"prompt": "a cat", "seed": seed})
+        assert answer.status_code == 422 and answer.json()["detail"].startswith("seed: "), (seed, answer.text)

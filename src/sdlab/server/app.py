@@ -12,6 +12,7 @@ everything else `{detail: "..."}`. OpenAI's images API, `/v1/*` (openai_images.p
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 from contextlib import asynccontextmanager
@@ -160,9 +161,14 @@ def unreadable_json(err: StarletteHTTPException) -> RequestValidationError | Non
                                     "input": {}, "ctx": {"error": reason}}])
 
 
+NUMBER_ERRORS = frozenset({"int_type", "float_type", "finite_number", "int_parsing", "float_parsing",
+                           "int_from_float", "bool_type"})
+"""Pydantic's errors of a value that is no number of the field's kind: its line says what was sent."""
+
+
 def _validation_text(err: RequestValidationError) -> str:
-    """Pydantic's errors as one line: `steps: Input should be a valid integer; ...`; a body that is not JSON:
-    `the body is not valid JSON: Expecting value at character 10`."""
+    """Pydantic's errors as one line: `steps: Input should be a valid integer, got true; ...`; a body that is not
+    JSON: `the body is not valid JSON: Expecting value at character 10`."""
     parts = []
     for item in err.errors():
         if item.get("type") == "json_invalid":          # loc: ("body", the character where parsing stopped)
@@ -172,8 +178,15 @@ def _validation_text(err: RequestValidationError) -> str:
             parts.append(f"the body is not valid JSON: {reason}{at}")
             continue
         where = ".".join(str(p) for p in item.get("loc", ()) if p != "body") or "body"
-        parts.append(f"{where}: {item.get('msg', 'invalid')}")
+        sent = f", got {_shown(item['input'])}" if item.get("type") in NUMBER_ERRORS and "input" in item else ""
+        parts.append(f"{where}: {item.get('msg', 'invalid')}{sent}")
     return "; ".join(parts) or "invalid request"
+
+
+def _shown(value: object, limit: int = 40) -> str:
+    """A value sent, as JSON writes it, cut to `limit` characters."""
+    text = json.dumps(value, default=str)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _jsonable(errors: list) -> list:

@@ -33,7 +33,7 @@ from typing import Any, Literal, get_type_hints
 import anyio
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, create_model, field_validator
 from PIL import Image
 
 from sdlab.checkpoints.errors import CheckpointError
@@ -63,10 +63,16 @@ from sdlab.utils.file_hashes import read_per_version
 router = APIRouter(prefix="/api")
 KEEPALIVE_S = 15.0
 IMAGE_NAME = re.compile(r"^[0-9a-f]{32}-[0-9]{1,3}\.png$")
+STRICT_NUMBERS = ConfigDict(strict=True, allow_inf_nan=False)
+"""The request models' numbers (the FreeU / DeepCache settings' rule): an int field takes a JSON integer alone (no
+true, 7.5, 7.0 or "7"), a float field a finite JSON number (no true, "7.5", NaN or Infinity, which Python's JSON
+reader takes). A sequence field is a JSON array, read with `Field(strict=False)` (strict would want a Python tuple)
+and its items strict; a seed also takes its digits (`_seed_digits`)."""
+SEED_DIGITS = re.compile(r"^-?[0-9]+$")
 
 
 class LoraIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", **STRICT_NUMBERS)
     name: str
     weight: float = 1.0
 
@@ -89,7 +95,7 @@ DeepCacheIn = create_model(
 class ControlIn(BaseModel):
     """One ControlNet: a model of the server's ControlNet folder by name, its hint image (base64)."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), **STRICT_NUMBERS)
     model: str
     image: str | None = None                # None: an img2img / inpaint job's init picture (each request's, in
     strength: float = 1.0                   # a script), as an A1111 unit without one
@@ -111,7 +117,7 @@ class IPAdapterIn(BaseModel):
     control's) and scale, the fractions of the steps it acts from and to (the request's `control_convention` picks
     them, as a control's); its image encoder is the image_encoder folder beside it or one up."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), **STRICT_NUMBERS)
     model: str
     image: str | None = None
     scale: float = 1.0
@@ -137,7 +143,7 @@ class IPAdapterIn(BaseModel):
 class JobIn(NullsAreDefaults):
     """A generation: `GenerationRequest`'s fields, the mode, and optionally the model by name."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), **STRICT_NUMBERS)
 
     mode: Literal["txt2img", "img2img", "inpaint"] = "txt2img"
     model: str | None = None
@@ -159,7 +165,7 @@ class JobIn(NullsAreDefaults):
     pad_cond_uncond_v0: bool = False
     pag_scale: float = 0.0                  # perturbed-attention guidance (diffusers' pag_scale, pag_adaptive_scale,
     pag_adaptive_scale: float = 0.0         # pag_applied_layers; `sdlab txt2img --pag-scale`); 0: off
-    pag_layers: tuple[str, ...] = DEFAULT_LAYERS
+    pag_layers: tuple[str, ...] = Field(DEFAULT_LAYERS, strict=False)
     seed: int = -1
     width: int | None = None
     height: int | None = None
@@ -249,13 +255,13 @@ class JobIn(NullsAreDefaults):
     refiner_switch: float = 0.8             # ... after this fraction of it drawn by `model`
     refiner_convention: str = "diffusers"   # ... at the step diffusers' denoising_end picks, "a1111"'s, "a1111_steps"'s
     # SDXL's micro-conditioning (diffusers' pipeline arguments): sizes [height, width], crop corners [top, left]
-    original_size: tuple[int, int] | None = None            # None: the picture's size
-    crops_coords_top_left: tuple[int, int] = (0, 0)
-    target_size: tuple[int, int] | None = None              # None: the picture's size
+    original_size: tuple[StrictInt, StrictInt] | None = Field(None, strict=False)   # None: the picture's size
+    crops_coords_top_left: tuple[StrictInt, StrictInt] = Field((0, 0), strict=False)
+    target_size: tuple[StrictInt, StrictInt] | None = Field(None, strict=False)     # None: the picture's size
     aesthetic_score: float = 6.0                            # the refiner's
-    negative_original_size: tuple[int, int] | None = None   # None: the positive's
-    negative_crops_coords_top_left: tuple[int, int] = (0, 0)
-    negative_target_size: tuple[int, int] | None = None     # None: the positive's
+    negative_original_size: tuple[StrictInt, StrictInt] | None = Field(None, strict=False)   # None: the positive's
+    negative_crops_coords_top_left: tuple[StrictInt, StrictInt] = Field((0, 0), strict=False)
+    negative_target_size: tuple[StrictInt, StrictInt] | None = Field(None, strict=False)     # None: the positive's
     negative_aesthetic_score: float = 2.5
     preset: str | None = None               # few-step settings (pipeline/presets.py); the fields given win
     loras: list[LoraIn] = Field(default_factory=list)
@@ -269,9 +275,18 @@ class JobIn(NullsAreDefaults):
     @field_validator("token_merging_ratio", "token_merging_ratio_hr", mode="before")
     @classmethod
     def _ratio_is_no_bool(cls, value: Any, info: ValidationInfo) -> Any:
-        """true is no ratio (pydantic would read it as 1.0), as the A1111 API's options refuse it."""
+        """true is no ratio, as the A1111 API's options refuse it: named with its range."""
         if isinstance(value, bool):
             raise ValueError(f"{info.field_name} must be a number in [0, 1), got {str(value).lower()}")
+        return value
+
+    @field_validator("seed", "subseed", "hr_seed", mode="before")
+    @classmethod
+    def _seed_digits(cls, value: Any) -> Any:
+        """A seed as its digits ("18446744073709551615") is that seed: JavaScript holds no integer past 2^53
+        exactly, so the web UI sends a larger one so (app.js `seedField`); any other string stays refused."""
+        if isinstance(value, str) and SEED_DIGITS.match(value.strip()):
+            return int(value)
         return value
 
     @field_validator("image_cfg_scale", mode="before")
@@ -626,7 +641,7 @@ def opened_file(path: Path, media_type: str, headers: dict[str, str] | None = No
 
 
 class PictureIn(NullsAreDefaults):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", **STRICT_NUMBERS)
     image: str                              # a PNG, JPEG or WebP: base64 or a data URL
 
 
