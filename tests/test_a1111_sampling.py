@@ -101,14 +101,17 @@ def test_ensd_draws_the_step_noise_from_seed_plus_ensd(ensd):
 @pytest.mark.parametrize("family, kept", [("sd1", 2), ("sd2", 1), ("sdxl", 1)])
 def test_a1111_clip_skip_moves_only_sd1s_text_encoder(family, kept):
     """A1111 reads `CLIP_stop_at_last_layers` only for SD1's CLIP ViT-L (`sd_hijack_clip`); its SD2 and SDXL
-    encoders ignore it (`sd_hijack_open_clip`; SDXL's CLIP-L only with the non-default `sdxl_clip_l_skip`).
+    encoders ignore it (`sd_hijack_open_clip`; SDXL's CLIP-L only with the non-default `sdxl_clip_l_skip`), yet
+    its pictures record it on every model (`create_infotext`: "Clip skip": None if clip_skip <= 1 else clip_skip).
     sdlab's own clip skip (diffusers' `clip_skip`) moves every family."""
     from bundle_fixtures import tiny_bundle
-    from sdlab.pipeline.plan import resolve_for
+    from sdlab.pipeline.infotext import to_parameters
+    from sdlab.pipeline.plan import encoder_clip_skips, resolve_for
 
     bundle = tiny_bundle(family)
     a1111 = resolve_for(bundle, GenerationRequest(prompt="x", clip_skip=2, clip_skip_convention="a1111"))
-    assert a1111.clip_skip == kept
+    assert encoder_clip_skips(bundle, a1111) == kept
+    assert a1111.clip_skip == 2 and to_parameters(a1111)["Clip skip"] == 2
     if family == "sd1":         # (the tiny SD2 / SDXL towers have too few layers for sdlab's own clip skip 2)
         assert resolve_for(bundle, GenerationRequest(prompt="x", clip_skip=2)).clip_skip == 2
 
@@ -118,10 +121,10 @@ def test_a1111_clip_skip_ignores_sd2_read_from_a_diffusers_folder(tmp_path):
     model is SD2, whose A1111 encoder ignores clip skip: the family decides, not the loaded tower's rule."""
     from bundle_fixtures import tiny_bundle, write_diffusers_folder
     from sdlab.checkpoints.load import load_bundle
-    from sdlab.pipeline.plan import resolve_for
+    from sdlab.pipeline.plan import encoder_clip_skips, resolve_for
 
     folder = write_diffusers_folder(tiny_bundle("sd2"), tmp_path / "sd2")
     bundle = load_bundle(folder)
     assert bundle.text_encoders[0].spec.hidden_state == "last"
     request = GenerationRequest(prompt="x", clip_skip=2, clip_skip_convention="a1111")
-    assert resolve_for(bundle, request).clip_skip == 1
+    assert encoder_clip_skips(bundle, resolve_for(bundle, request)) == 1

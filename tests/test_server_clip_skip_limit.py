@@ -5,9 +5,15 @@ In-process app (TestClient): the shipped model (CLIP-L of 4 layers) loaded, a re
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 import time
 
 import pytest
+from PIL import Image
+
+from sdlab.pipeline.png_info import parse_parameters
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -97,20 +103,28 @@ def sd2_sdxl_server(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.mark.parametrize("model", ["sd2", "sdxl", "sdxl-refiner"])
 def test_a1111s_clip_skip_is_ignored_on_sd2_sdxl_and_a_refiner_at_submit_as_when_drawn(sd2_sdxl_server, model):
-    """A1111 moves only SD1's encoder back (`plan.clip_skip_as_drawn`): its clip skip on SD2 / SDXL / a refiner draws
+    """A1111 moves only SD1's encoder back (`plan.encoder_clip_skips`): its clip skip on SD2 / SDXL / a refiner draws
     the clip skip 1 picture, so the submit check does not refuse it for the encoders' depth (checked against the
-    header while the model is not loaded, against the loaded encoders after)."""
+    header while the model is not loaded, against the loaded encoders after). A1111 still records it, in the
+    pictures (`create_infotext`: "Clip skip": None if clip_skip <= 1 else clip_skip) and in `info.clip_skip`
+    (`Processed.clip_skip = opts.CLIP_stop_at_last_layers`)."""
     client, service = sd2_sdxl_server
     depth = max(encoder.model.cfg.layers for encoder in service_bundle_encoders(model))
     body = {**BODY, "width": 64, "height": 64, "override_settings": {"sd_model_checkpoint": model}}
     reference = client.post("/sdapi/v1/txt2img", json={**body, "override_settings": {
         "sd_model_checkpoint": model, "CLIP_stop_at_last_layers": 1}})
     assert reference.status_code == 200, reference.text
+    assert "Clip skip" not in json.loads(reference.json()["info"])["infotexts"][0]
     for skip in (2, 3, 12, depth + 1):
         settings = {"sd_model_checkpoint": model, "CLIP_stop_at_last_layers": skip}
         answer = client.post("/sdapi/v1/txt2img", json={**body, "override_settings": settings})
         assert answer.status_code == 200, (skip, answer.text)
-        assert answer.json()["images"] == reference.json()["images"]
+        assert _pixels(answer.json()["images"][0]) == _pixels(reference.json()["images"][0])
+        info = json.loads(answer.json()["info"])
+        assert info["clip_skip"] == skip
+        assert f"Clip skip: {skip}, " in info["infotexts"][0]
+        picture = Image.open(io.BytesIO(base64.b64decode(answer.json()["images"][0])))
+        assert parse_parameters(picture.info["parameters"])["Clip skip"] == skip      # the PNG's text
     other = "sd2" if model != "sd2" else "sdxl"
     client.post("/sdapi/v1/txt2img", json={**body, "override_settings": {"sd_model_checkpoint": other}})
     assert service.host.loaded_bundle(service.checkpoint(model)) is None      # the header's check now
@@ -119,6 +133,10 @@ def test_a1111s_clip_skip_is_ignored_on_sd2_sdxl_and_a_refiner_at_submit_as_when
     assert answer.status_code == 202, answer.text
     native_diffusers = client.post("/api/jobs", json={**native, "clip_skip_convention": "diffusers"})
     assert native_diffusers.status_code == 422                              # its own rule still checked
+
+
+def _pixels(b64: str) -> bytes:
+    return Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB").tobytes()
 
 
 def service_bundle_encoders(model: str):

@@ -257,10 +257,10 @@ def _resolve(bundle: ModelBundle, request: GenerationRequest, free: int | None) 
     check_second_prompts(bundle, req)
     if req.schedule == "align_your_steps" and family.is_sdxl:     # A1111 takes the SDXL levels for SDXL
         req = replace(req, schedule="align_your_steps_sdxl")
-    drawn = clip_skip_as_drawn(family, req)
-    if drawn.clip_skip != req.clip_skip:
-        logger.info("clip skip %d ignored: A1111 moves only SD1's text encoder (its last layer) back", req.clip_skip)
-    req = drawn
+    req = clip_skip_as_drawn(family, req)
+    if req.clip_skip != 1 and req.clip_skip_convention == "a1111" and encoder_clip_skips(bundle, req) == 1:
+        logger.info("clip skip %d has no effect on %s: A1111 moves only SD1's text encoder (its last layer) back",
+                    req.clip_skip, family.name)
     if req.zero_empty_negative is False and not family.conditioner.zero_empty_negative:
         req = replace(req, zero_empty_negative=None)    # the family's own rule, which no model of it changes
     if family.is_edit:
@@ -312,16 +312,12 @@ def check_second_prompts(bundle: ModelBundle, req: GenerationRequest) -> None:
 
 
 def clip_skip_as_drawn(family: FamilySpec, req: GenerationRequest) -> GenerationRequest:
-    """`req` with the clip skip `family`'s models draw it at: A1111's Clip skip SDXL (`sdxl_clip_l_skip`) off where
-    the family has no SDXL CLIP-L (A1111: "no effect on SD 1.5 or SD 2.0/2.1", nor a refiner), and under A1111's
-    rule (``clip_skip_convention="a1111"``) clip skip 1 on a family with an encoder not read at its last layer (SD2,
-    SDXL, a refiner: A1111 moves only SD1's encoder back). The family's usual layers, not the loaded towers' (a
-    diffusers-layout SD2 tower is read at its last layer). Both the plan and the server's submit check draw on it."""
+    """`req` with A1111's Clip skip SDXL (`sdxl_clip_l_skip`) off where `family` has no SDXL CLIP-L (A1111: "no
+    effect on SD 1.5 or SD 2.0/2.1", nor a refiner). Its clip skip stays the one asked for, recorded as A1111 records
+    it (`Clip skip: N` over 1, whatever the model: `create_infotext`); which encoders it moves is
+    `encoder_clip_skips`'. Both the plan and the server's submit check draw on it."""
     if req.sdxl_clip_l_skip and not any(_is_sdxl_clip_l(family, spec) for spec in family.text_encoders):
         req = replace(req, sdxl_clip_l_skip=False)
-    if req.clip_skip != 1 and req.clip_skip_convention == "a1111" and not req.sdxl_clip_l_skip and any(
-            spec.hidden_state != "last" for spec in family.text_encoders):
-        req = replace(req, clip_skip=1)
     return req
 
 
@@ -332,10 +328,14 @@ def _is_sdxl_clip_l(family: FamilySpec, spec: TextEncoderSpec) -> bool:
 
 
 def encoder_clip_skips(bundle: ModelBundle, req: GenerationRequest) -> ClipSkip:
-    """The clip skip each text encoder of `bundle` reads its hidden state at (`hidden_state_layers`): the request's,
-    but under A1111's Clip skip SDXL (`sdxl_clip_l_skip`) SDXL's CLIP-L at A1111's ``hidden_states[-clip_skip]``
-    (its rule's clip skip - 1) and the other encoders at their usual layer (A1111's
-    `FrozenCLIPEmbedderForSDXLWithCustomWords.encode_with_transformers`; its bigG ignores clip skip). Under
+    """The clip skip each text encoder of `bundle` reads its hidden state at (`hidden_state_layers`; one number where
+    all read alike): the request's, but under A1111's rule (``clip_skip_convention="a1111"``) only an encoder whose
+    family reads its last layer (SD1's CLIP-L) moves back, the others (SD2's OpenCLIP, SDXL's CLIP-L and bigG, a
+    refiner's bigG) read their usual layer (1): A1111's `FrozenOpenCLIPEmbedderWithCustomWords` and
+    `FrozenOpenCLIPEmbedder2WithCustomWords` ignore clip skip, `FrozenCLIPEmbedderForSDXLWithCustomWords` reads its
+    `layer_idx`. The family's usual layers, not the loaded towers' (a diffusers-layout SD2 tower is read at its last
+    layer). Under A1111's Clip skip SDXL (`sdxl_clip_l_skip`) SDXL's CLIP-L reads A1111's ``hidden_states[-clip_skip]``
+    (its rule's clip skip - 1; `FrozenCLIPEmbedderForSDXLWithCustomWords.encode_with_transformers`). Under
     ComfyUI's rule (``clip_skip_convention="comfyui"``) the clip skip n is CLIPSetLastLayer's -n for every encoder
     (comfy/sd1_clip.py ``SDClipModel.set_clip_options``: layer "hidden", ``layer_idx`` -n, the final LayerNorm where
     the encoder's rule applies it; comfy/sdxl_clip.py ``SDXLClipModel`` sets clip_l and clip_g alike): n for an
@@ -344,10 +344,13 @@ def encoder_clip_skips(bundle: ModelBundle, req: GenerationRequest) -> ClipSkip:
     if req.clip_skip_convention == "comfyui":
         return tuple(req.clip_skip if encoder.spec.hidden_state == "last" else req.clip_skip - 1
                      for encoder in bundle.text_encoders)
-    if not req.sdxl_clip_l_skip:
+    if req.clip_skip_convention != "a1111":
         return req.clip_skip
-    return tuple(req.clip_skip - 1 if _is_sdxl_clip_l(bundle.family, encoder.spec) else 1
-                 for encoder in bundle.text_encoders)
+    family = bundle.family
+    skips = tuple(req.clip_skip if spec.hidden_state == "last"
+                  else req.clip_skip - 1 if req.sdxl_clip_l_skip and _is_sdxl_clip_l(family, spec)
+                  else 1 for spec in family.text_encoders)
+    return skips[0] if len(set(skips)) == 1 else skips
 
 
 def warn_of_unloaded_embeddings(bundle: ModelBundle, req: GenerationRequest) -> None:
