@@ -1,7 +1,8 @@
 """`POST /sdapi/v1/options` (and a request's `override_settings`, checked by the same rules: `a1111._check_options`)
 refuses a sampler option past the bound every later job's request has (`request.resolve`: s_churn 0..MAX_CHURN,
 s_noise and eta 0..MAX_ETA, ENSD 0..MAX_SEED) with a 422 naming it, where it was stored and each later job then
-failed; a number past a float's range (JSON's 10**400) is a 422 too, where it was a 500 (OverflowError). Values
+failed; a number past a float's range (JSON's 10**400) is a 422 too, where it was a 500 (OverflowError; SDXL's
+crop option at the job, in its float conditioning). Values
 A1111's sliders give (shared_options.py: s_churn 0..100, s_noise 0..1.1, eta 0..1) and the request's own bounds
 stay drawn."""
 
@@ -28,6 +29,7 @@ BIG = 10**400
     ("sigma_max", BIG, "sigma_max must be a number >= 0, got"),
     ("s_min_uncond", BIG, "s_min_uncond must be a number, got"),
     ("skip_early_cond", -BIG, "skip_early_cond must be a number in 0..1, got"),
+    ("sdxl_crop_top", BIG, "sdxl_crop_top must be an integer >= 0, got"),
 ], ids=lambda v: "10**400" if v in (BIG, -BIG) else None)
 def test_an_option_no_job_can_draw_with_is_a_422_naming_it(key, value, named):
     with pytest.raises(BadRequest) as refused:

@@ -1405,8 +1405,8 @@ def _check_options(body: dict[str, Any], where: str = "") -> None:
     for key, least in (("CLIP_stop_at_last_layers", 1), ("sdxl_crop_top", 0), ("sdxl_crop_left", 0),
                        ("show_progress_every_n_steps", -1)):
         value = body.get(key, least)
-        if not isinstance(value, int) or isinstance(value, bool) or value < least:
-            raise BadRequest(f"{where}{key} must be an integer >= {least}, got {value!r}", 422)
+        if not isinstance(value, int) or not _finite(value) or value < least:     # SDXL's crop: a float tensor
+            raise BadRequest(f"{where}{key} must be an integer >= {least}, got {value!r:.80}", 422)
     ensd = body.get("eta_noise_seed_delta", 0)
     if not isinstance(ensd, int) or isinstance(ensd, bool) or not 0 <= ensd <= MAX_SEED:
         raise BadRequest(f"{where}eta_noise_seed_delta must be an integer in 0..{MAX_SEED}, got {ensd!r}", 422)
