@@ -66,7 +66,8 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--models-dir", action="append", default=[], metavar="DIR",
                        help="where --from-png looks for the picture's model, by name or by its recorded hash "
                             "(subfolders too), its LoRAs (its Lora / loras folder) and an upscaler by name (its "
-                            "ESRGAN / RealESRGAN folders): A1111's models layout; repeatable, the first that holds a name wins")
+                            "ESRGAN / RealESRGAN folders): A1111's models layout; repeatable, the first that holds "
+                            "a name wins")
         p.add_argument("--from-png", help="take every unset option, the LoRAs and (checked) the model from this "
                                           "image's parameters (PNG, or JPEG / WebP written by sdlab or A1111)")
         add_style_flags(p, from_png=True)
@@ -164,7 +165,7 @@ def _add_sampling_flags(p: argparse.ArgumentParser, from_png: bool, init: bool) 
                    "LMS, PLMS and DPM++ 3M SDE need about 30 steps with guidance (LMS: 20 with karras)")
     p.add_argument("--schedule", help="noise schedule: karras, exponential, normal, simple, sgm_uniform, leading, ... "
                    "(default: the model's, sgm_uniform for sdlab-tiny, karras for SD)")
-    p.add_argument("--init-noise", metavar="RULE",
+    p.add_argument("--init-noise", type=str.lower, metavar="RULE",
                    help="how the start noise is scaled: sigma_max (times the first sigma, as A1111), vp (times "
                         "sqrt(1 + sigma^2), as diffusers' VP schedulers) or comfyui (ComfyUI's KSampler rule) "
                         "(default: the schedule's; a diffusers-named schedule: its scheduler's)")
@@ -275,7 +276,7 @@ def _add_sampling_flags(p: argparse.ArgumentParser, from_png: bool, init: bool) 
                    dest="discard_penultimate_sigma",
                    help="A1111's Discard penultimate sigma: drop the schedule's next-to-last sigma (as A1111's DPM2 "
                         "rows do) for any sampler but DDIM, PLMS, UniPC")
-    p.add_argument("--unipc-variant", metavar="VARIANT",
+    p.add_argument("--unipc-variant", type=str.lower, metavar="VARIANT",
                    help="A1111's UniPC variant (its uni_pc_variant): bh1 (the default) or bh2, the B(h) of A1111's "
                         "UniPC")
     p.add_argument("--unipc-order", type=int, metavar="N",
@@ -336,10 +337,10 @@ def _add_run_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
                    help="preprocessor of the hint image of the matching --control (the first for the first, ...): "
                         "none (default), canny, scribble, threshold, invert, tile_resample, inpaint, inpaint_only "
                         "(A1111's meanings) or tile (sdlab's: down 4x and back); repeatable")
-    p.add_argument("--control-mode", action="append", default=[], metavar="MODE",
+    p.add_argument("--control-mode", action="append", default=[], type=str.lower, metavar="MODE",
                    help="A1111's control mode of the matching --control: balanced (default), prompt (\"My prompt "
                         "is more important\"), control (\"ControlNet is more important\"); repeatable")
-    p.add_argument("--control-resize", action="append", default=[], metavar="MODE",
+    p.add_argument("--control-resize", action="append", default=[], type=str.lower, metavar="MODE",
                    help="how the hint image of the matching --control fits the picture (A1111's resize modes): "
                         "resize (Just Resize: stretched; the default), crop (Crop and Resize), fill (Resize and "
                         "Fill: padded with its border's colour); repeatable")
