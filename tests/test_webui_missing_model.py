@@ -8,8 +8,9 @@ import shutil
 
 import pytest
 
-from test_webui import (  # noqa: F401  (fixture: browser)
-    By, Keys, browser, choose, click_card_button, http_json, open_page, option_values, text, value, wait, wait_job,
+from test_webui import (  # noqa: F401  (fixtures: browser, base_url, page; the session's sdlab_server)
+    By, Keys, base_url, browser, choose, click_card_button, drop_file, http_json, open_page, option_values, page,
+    png_with_parameters, sdlab_server, text, value, wait, wait_job,
 )
 
 
@@ -71,3 +72,20 @@ def test_reuse_of_a_job_whose_model_was_renamed_names_it_and_keeps_the_rest(brow
     redrawn = wait_job(base, queued[0])
     assert redrawn["status"] == "done" and redrawn["model"].startswith("second-v2.safetensors"), redrawn
     assert redrawn["request"]["seed"] == 4321
+
+
+def test_a_dropped_pngs_refiner_the_server_has_not_is_named_and_its_list_marked(page):
+    """Before: 'not available here: refiner "gone" (the form draws without them)', though Refiner was
+    ticked and the form drew with the refiner left chosen."""
+    drawing_with = value(page, "refiner")
+    drop_file(page, png_with_parameters("a castle\nSteps: 4, Seed: 9, Size: 64x64, Refiner: gone [0123456789], "
+                                        "Refiner switch at: 0.6, Version: v1.10.1"), "castle.png")
+    wait(page, lambda d: text(d, "notice").startswith("Settings read from castle.png"), 20, "the PNG was not read")
+    notice = text(page, "notice")
+    assert 'refiner "gone" is not on this server' in notice, notice
+    assert f'draws with "{drawing_with}" until you pick another under Refiner model' in notice, notice
+    assert "draws without" not in notice, notice
+    refiner = page.find_element(By.ID, "refiner")
+    assert page.find_element(By.ID, "enable_refiner").is_selected() and refiner.get_attribute("aria-invalid") == "true"
+    assert page.switch_to.active_element == refiner
+    assert (value(page, "prompt"), value(page, "seed"), value(page, "refiner_switch")) == ("a castle", "9", "0.6")

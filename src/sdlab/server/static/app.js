@@ -205,7 +205,7 @@ const state = {
   runningId: null,        // this page's job running now: the one Interrupt and Skip stop
   shownJob: null,         // id of the job the progress bar and viewer show
   chosenPictures: {},     // job id -> the picture of its batch last opened from its card's thumbnails (its img2img)
-  missingModel: null,     // the model the reused or read settings name that the Model list lacks (markMissingModel)
+  missingModels: {},      // list id -> the model the reused or read settings name that it lacks (markMissingModel)
   lastSeed: null,         // the seed of the newest finished job this tab queued (or whose settings it reused)
   refinerConvention: "diffusers",   // the refiner's handoff rule: the native API's default, or the reused job's
   kept: {},               // the reused job's or dropped PNG's `KEPT` that are not the API's, until removed or a
@@ -1154,7 +1154,7 @@ function fillForm(settings) {
   keepSettings(settings);
   if (settings.sampler !== undefined && !selectMatching($("sampler"), settings.sampler ?? "")) unknown.push(`sampler "${settings.sampler}"`);
   if (settings.schedule !== undefined && !selectMatching($("schedule"), settings.schedule ?? "")) unknown.push(`schedule "${settings.schedule}"`);
-  markMissingModel(settings.model && !selectMatching($("model"), settings.model) ? settings.model : null);
+  markMissingModel("model", settings.model && !selectMatching($("model"), settings.model) ? settings.model : null);
   if (!selectMatching($("vae"), settings.vae ?? "Automatic")) unknown.push(`VAE "${settings.vae}"`);
   return unknown;
 }
@@ -1193,10 +1193,11 @@ function fillRefiner(settings, unknown) {
   const withHires = usesHires(settings);
   setToggle("enable_refiner", Boolean(settings.refiner) && !withHires);
   state.refinerConvention = settings.refiner_convention ?? "diffusers";
+  markMissingModel("refiner", null);
   if (!settings.refiner) return;
   if (withHires) unknown.push(`refiner "${settings.refiner}" (not with the hires fix)`);
   setField("refiner_switch", orDefault("refiner_switch", settings.refiner_switch));
-  if (!selectMatching($("refiner"), settings.refiner)) unknown.push(`refiner "${settings.refiner}"`);
+  if (!selectMatching($("refiner"), settings.refiner) && !withHires) markMissingModel("refiner", settings.refiner);
 }
 
 // Tick "Hires. fix" and fill it; a field the settings leave out takes the page's default (A1111's)
@@ -1239,26 +1240,30 @@ function applySettings(settings) {
 
 const notAvailable = (missing) => `not available here: ${missing.join(", ")} (the form draws without them)`;
 
-// A model the filled settings name that the Model list lacks (its file renamed or removed since): the form keeps the
-// model chosen, outlines the list and names the missing one beside it until another is picked (null: none missing)
-function markMissingModel(name) {
-  state.missingModel = name;
-  if (name) $("model").setAttribute("aria-invalid", "true");
-  else $("model").removeAttribute("aria-invalid");
+// The lists of model files that filled settings name (by the list's id): the notice's name of each and its label
+const MODEL_LISTS = { model: { name: "model", label: "Model" }, refiner: { name: "refiner", label: "Refiner model" } };
+
+// A model the filled settings name that its list lacks (its file renamed or removed since): the form keeps the model
+// chosen, outlines the list (the Model list names the missing one beside it) until another is picked (null: none)
+function markMissingModel(id, name) {
+  state.missingModels[id] = name;
+  if (name) $(id).setAttribute("aria-invalid", "true");
+  else $(id).removeAttribute("aria-invalid");
+  if (id !== "model") return;
   $("model-missing").textContent = name ? `"${name}" is missing: pick a model` : "";
   $("model-missing").hidden = !name;
 }
 
-// The notice of settings that filled the form (`done`: what filled it): the model they name that is missing, then
+const missingModelLists = () => Object.keys(MODEL_LISTS).filter((id) => state.missingModels[id]);
+
+// The notice of settings that filled the form (`done`: what filled it): the models they name that are missing, then
 // what the form has no control for (`missing`: applySettings'); "" when nothing is to be said and `quiet`.
-// A missing model sends the keyboard to the Model list.
+// A missing model sends the keyboard to its list (the Model list's first).
 function filledNotice(done, missing, { quiet = false } = {}) {
-  const notes = [];
-  if (state.missingModel) {
-    notes.push(`model "${state.missingModel}" is not on this server (renamed or removed? Refresh rescans the models `
-      + `folder): the form draws with "${$("model").value}" until you pick another under Model`);
-    $("model").focus();
-  }
+  const notes = missingModelLists().map((id) => `${MODEL_LISTS[id].name} "${state.missingModels[id]}" is not on this `
+    + `server (renamed or removed? Refresh rescans the models folder): the form draws with "${$(id).value}" until you `
+    + `pick another under ${MODEL_LISTS[id].label}`);
+  if (notes.length) $(missingModelLists()[0]).focus();
   if (missing.length) notes.push(notAvailable(missing));
   return notes.length || !quiet ? [done, ...notes].join("; ") : "";
 }
@@ -1553,7 +1558,7 @@ function reuseSettings(job) {
   const missing = applySettings(settings);
   if (job.request && job.request.seed != null) state.lastSeed = job.request.seed;
   showNotice(filledNotice("Settings reused", missing, { quiet: true }));
-  if (!state.missingModel) showFormAt($("settings"));       // a missing model's list has the focus, in view
+  if (!missingModelLists().length) showFormAt($("settings"));   // a missing model's list has the focus, in view
 }
 
 function renderGallery(jobs) {
@@ -1912,7 +1917,7 @@ function setup() {
     if (file) await readParameters(file);
     $("png-info-file").value = "";
   });
-  $("model").addEventListener("change", () => markMissingModel(null));
+  for (const id of Object.keys(MODEL_LISTS)) $(id).addEventListener("change", () => markMissingModel(id, null));
   $("model-refresh").addEventListener("click", async () => {
     try {
       await Promise.all(["refresh-checkpoints", "refresh-vae"].map((route) => api(`/sdapi/v1/${route}`, { method: "POST" })));
