@@ -84,6 +84,13 @@ def _f32(module: Mapping[str, Tensor], field: str) -> Tensor:
     return module[field].to(torch.float32)
 
 
+def module_rank(module: Mapping[str, Tensor]) -> int | None:
+    """The rank a module's alpha is divided by (A1111's `dim`): the rows of a LoRA's down, a LoHa's hada_w1_b, a
+    LoKr's lokr_w2_b (else its lokr_w1_b); None where there is none (a LoKr of whole factors, (IA)^3, a diff)."""
+    return next((module[field].shape[0] for field in ("down", "hada_w1_b", "lokr_w2_b", "lokr_w1_b")
+                 if field in module), None)
+
+
 def _alpha_scale(module: Mapping[str, Tensor], rank: int) -> float:
     return float(module["alpha"]) / rank if "alpha" in module else 1.0
 
@@ -112,23 +119,22 @@ def _loha(module: Mapping[str, Tensor], shape: torch.Size) -> Tensor:
         m2 = _tucker(_f32(module, "hada_t2"), w2a, w2b)
     else:
         m1, m2 = w1a @ w1b, w2a @ w2b                                                 # (out, in*kh*kw) each
-    return (m1 * m2).reshape(shape) * _alpha_scale(module, w1b.shape[0])
+    return (m1 * m2).reshape(shape) * _alpha_scale(module, module_rank(module))
 
 
 def _lokr(module: Mapping[str, Tensor], shape: torch.Size) -> Tensor:
-    rank = None
     if "lokr_w1" in module:
         w1 = _f32(module, "lokr_w1")
     else:
-        w1, rank = _f32(module, "lokr_w1_a") @ _f32(module, "lokr_w1_b"), module["lokr_w1_b"].shape[0]
+        w1 = _f32(module, "lokr_w1_a") @ _f32(module, "lokr_w1_b")
     if "lokr_w2" in module:
         w2 = _f32(module, "lokr_w2")
     else:
         wa, wb = _f32(module, "lokr_w2_a"), _f32(module, "lokr_w2_b")
         w2 = _tucker(_f32(module, "lokr_t2"), wa, wb) if "lokr_t2" in module else wa @ wb
-        rank = module["lokr_w2_b"].shape[0]
     if w2.ndim == 4:
         w1 = w1[:, :, None, None]                                                     # (o1, i1, 1, 1)
+    rank = module_rank(module)
     scale = _alpha_scale(module, rank) if rank is not None else 1.0
     return torch.kron(w1, w2.contiguous()).reshape(shape) * scale
 

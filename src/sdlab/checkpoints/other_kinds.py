@@ -109,7 +109,7 @@ def _run_checkpoint(path: Path) -> Description:
 def _lora(path: Path) -> Description:
     from sdlab.checkpoints.io import read_checkpoint
     from sdlab.checkpoints.lora import load_lora_file
-    from sdlab.checkpoints.lycoris import module_kind
+    from sdlab.checkpoints.lycoris import module_kind, module_rank
 
     modules = load_lora_file(path, weights=False)
     metadata = read_checkpoint(path)[1]
@@ -120,7 +120,7 @@ def _lora(path: Path) -> Description:
         "module kinds": _values(module_kind(m) for m in modules.values()),
         "parameters": sum(t.numel() for m in modules.values() for f, t in m.items() if f != "alpha"),
     }
-    ranks = [m["down"].shape[0] for m in modules.values() if "down" in m]
+    ranks = [rank for m in modules.values() if (rank := module_rank(m)) is not None]
     if ranks:
         facts["rank"] = _values(ranks)
     alphas = [round(float(m["alpha"]), 4) for m in modules.values() if "alpha" in m]
