@@ -1420,7 +1420,7 @@ def _check_options(body: dict[str, Any], where: str = "") -> None:
         value = body.get(key, 0.0)
         if not _finite(value) or not 0 <= value <= high:
             bounds = f"in 0..{high:g}" if high < math.inf else ">= 0"
-            raise BadRequest(f"{where}{key} must be a number {bounds}, got {value!r}", 422)
+            raise BadRequest(f"{where}{key} must be a number {bounds}, got {value!r:.80}", 422)
     for key, choices in (("uni_pc_variant", A1111_UNIPC_VARIANTS), ("uni_pc_skip_type", ("time_uniform",))):
         if body.get(key, choices[0]) not in choices:       # A1111's vary_coeff, time_quadratic, logSNR: not drawn
             raise BadRequest(f"{where}{key} must be one of {', '.join(map(repr, choices))} (sdlab draws no other), "
@@ -1516,7 +1516,7 @@ def _check_guidance_options(body: dict[str, Any], where: str) -> None:
     for key, bounds in (("s_min_uncond", ""), ("skip_early_cond", " in 0..1")):
         value = body.get(key, 0.0)
         if not _finite(value) or bounds and not 0 <= value <= 1:
-            raise BadRequest(f"{where}{key} must be a number{bounds}, got {value!r}", 422)
+            raise BadRequest(f"{where}{key} must be a number{bounds}, got {value!r:.80}", 422)
     for key in ("s_min_uncond_all", "pad_cond_uncond", "pad_cond_uncond_v0"):
         if not isinstance(body.get(key, False), bool):
             raise BadRequest(f"{where}{key} must be true or false, got {body[key]!r}", 422)
