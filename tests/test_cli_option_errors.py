@@ -202,10 +202,12 @@ def test_a_choice_that_is_none_is_still_refused_naming_the_choices(capsys):
 @pytest.mark.parametrize("flag, given, dest, value", [
     ("--unipc-variant", "BH2", "unipc_variant", "bh2"), ("--init-noise", "ComfyUI", "init_noise", "comfyui"),
     ("--control-mode", "Balanced", "control_mode", ["balanced"]), ("--control-resize", "Crop", "control_resize", ["crop"]),
+    ("--control-module", "Canny", "control_module", ["canny"]),
 ])
 def test_a_settings_word_is_read_in_any_case(flag, given, dest, value):
-    """The words of --unipc-variant, --init-noise, --control-mode and --control-resize (checked by the request,
-    not argparse's choices) read in any case: before, 'BH2' was 'UniPC variant must be one of bh1, bh2'."""
+    """The words of --unipc-variant, --init-noise, --control-mode, --control-resize and --control-module (checked
+    by the request, not argparse's choices) read in any case: before, 'BH2' was 'UniPC variant must be one of bh1,
+    bh2', 'Canny' 'sdlab has no preprocessor'."""
     from sdlab.cli import build_parser
 
     assert getattr(build_parser().parse_args(["txt2img", "a", flag, given]), dest) == value

@@ -333,7 +333,7 @@ def _add_run_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
                         "FILE:STRENGTH, whose STRENGTH would be the image): the "
                         "control draws on the init picture (each pass's or tile's under a script), fitted by the "
                         "--resize-mode, as A1111's ControlNet unit without a picture; repeatable")
-    p.add_argument("--control-module", action="append", default=[], metavar="NAME",
+    p.add_argument("--control-module", action="append", default=[], type=str.lower, metavar="NAME",
                    help="preprocessor of the hint image of the matching --control (the first for the first, ...): "
                         "none (default), canny, scribble, threshold, invert, tile_resample, inpaint, inpaint_only "
                         "(A1111's meanings) or tile (sdlab's: down 4x and back); repeatable")
