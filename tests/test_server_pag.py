@@ -80,3 +80,15 @@ def test_a_pag_layer_the_loaded_model_lacks_is_a_400_at_submit(client):
         assert f"PAG layer {layers[-1]!r} selects no self-attention" in refused.text and "its transformers" in \
             refused.text
     _native(client, {"prompt": "x", "steps": 2, "width": 64, "height": 64, "pag_layers": ["down_blocks.7"]})  # PAG off
+
+
+@pytest.mark.parametrize("scale", [10**400, float("nan"), float("inf")])
+def test_a_pag_scale_no_float_holds_is_a_422(scale):
+    """A scale past a float's range (JSON's 10**400) was a 500 (OverflowError), NaN / Infinity a pag_scale the job
+    then refused; each is a 422 naming the scale as the request is read."""
+    from sdlab.server.alwayson import alwayson_pag
+    from sdlab.server.inputs import BadRequest
+
+    with pytest.raises(BadRequest) as refused:
+        alwayson_pag({"PerturbedAttentionGuidance Integrated": {"args": [True, scale]}})
+    assert refused.value.status == 422 and "scale must be a finite number" in str(refused.value), str(refused.value)

@@ -116,7 +116,7 @@ def alwayson_pag(scripts: dict[str, Any]) -> dict[str, float]:
     """The perturbed-attention guidance fields of Forge's PerturbedAttentionGuidance Integrated in `alwayson_scripts`:
     its args [enabled, scale] (left out: its UI's defaults) as `pag_scale`, on its layers (the middle block's
     self-attentions: diffusers' "mid", the request's default) without an adaptive scale; none where it is absent or
-    not enabled. More args, or a scale that is not a number, is a 422."""
+    not enabled. More args, or a scale that is not a finite number (`_number`), is a 422."""
     name = next((name for name in scripts if name.lower() == PAG), None)
     if name is None:
         return {}
@@ -125,9 +125,7 @@ def alwayson_pag(scripts: dict[str, Any]) -> dict[str, float]:
         raise BadRequest(f"alwayson_scripts.{name} takes {len(PAG_ARGS)} args ({', '.join(PAG_ARGS)}), "
                          f"got {len(args)}", 422)
     enabled, scale = [*args, *PAG_DEFAULTS[len(args):]]
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise BadRequest(f"alwayson_scripts.{name}: scale must be a number, got {scale!r}", 422)
-    return {"pag_scale": float(scale)} if enabled else {}
+    return {"pag_scale": float(_number(f"alwayson_scripts.{name}", "scale", scale))} if enabled else {}
 
 
 def _script_args(name: str, script: Any) -> list[Any]:
