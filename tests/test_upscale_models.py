@@ -24,6 +24,7 @@ from sdlab.pipeline.upscale import (
     latent_mode,
     resize_image,
     run_upscaler,
+    tile_overlap_limit,
     upscale_by,
     upscale_image,
     upscale_latent,
@@ -434,3 +435,12 @@ def test_nearest_is_a1111s_pixel_upscaler_not_a_latent_mode(name: str) -> None:
         latent_mode(name)
     assert latent_mode("Latent (nearest)") == ("nearest", False)
     assert name.strip().lower() in PLAIN_UPSCALERS
+
+
+def test_a_tile_overlap_past_half_the_tile_is_named_with_its_limit() -> None:
+    """The one rule `sdlab upscale --tile-overlap` and the A1111 API's ESRGAN_tile_overlap refuse by: tiles share
+    at most half a tile (rounded down); no tiles (0) have no limit."""
+    assert tile_overlap_limit(16, 8) is None and tile_overlap_limit(17, 8) is None
+    assert tile_overlap_limit(16, 9) == 8 and tile_overlap_limit(16, 15) == 8 and tile_overlap_limit(17, 9) == 8
+    assert tile_overlap_limit(192, 97) == 96 and tile_overlap_limit(192, 32) is None
+    assert tile_overlap_limit(0, 500) is None

@@ -96,9 +96,12 @@ def _check_options(args: argparse.Namespace) -> None:
         raise UserError("--tile and --tile-overlap must be >= 0")
     if args.tile and args.tile < 16:
         raise UserError(f"--tile {args.tile} is too small; use 16 or more pixels (0 = no tiling)")
-    if args.tile and args.tile_overlap > args.tile // 2:       # the server's rule for A1111's ESRGAN_tile options
+    from sdlab.pipeline.upscale import tile_overlap_limit
+
+    limit = tile_overlap_limit(args.tile, args.tile_overlap)
+    if limit is not None:
         raise UserError(f"--tile-overlap {args.tile_overlap} must be at most half of --tile {args.tile} "
-                        f"({args.tile // 2}): tiles step by tile - overlap, so a larger overlap multiplies the network "
+                        f"({limit}): tiles step by tile - overlap, so a larger overlap multiplies the network "
                         "runs (one per pixel at 16 / 15)")
     check_output_folder(Path(args.out).parent, OUT_FOLDER)
 

@@ -155,6 +155,16 @@ def target_size(width: int, height: int, scale: float) -> tuple[int, int]:
     return max(1, int(width * scale)), max(1, int(height * scale))
 
 
+def tile_overlap_limit(tile: int, overlap: int) -> int | None:
+    """The most pixels `tile`-pixel tiles may share, half a tile, where `overlap` passes it, else None (also for
+    tile 0: no tiles). Tiles step by tile - overlap, so within the limit an upscale takes at most about 4 x its
+    untiled work; past it the runs multiply (one per pixel at 16 / 15; `_run_network` clamps an overlap that
+    reaches the tile to tile - 1). Every door refuses such a pair in its own words: `sdlab upscale --tile-overlap`,
+    the A1111 API's ESRGAN_tile_overlap."""
+    limit = tile // 2
+    return limit if tile and overlap > limit else None
+
+
 def _check_size(width: int, height: int) -> None:
     if width * height > MAX_OUTPUT_PIXELS:
         raise UpscaleError(f"upscaling to {width}x{height} pixels is beyond the limit of {MAX_OUTPUT_PIXELS:,} pixels; "

@@ -68,7 +68,7 @@ from sdlab.pipeline.request import (
 )
 from sdlab.pipeline.upscale import (
     A1111_REALESRGAN_STEMS, DEFAULT_OVERLAP, DEFAULT_TILE, LATENT_UPSCALE_MODES, UpscaleError, centred_on_canvas,
-    upscale_by,
+    tile_overlap_limit, upscale_by,
 )
 from sdlab.server.alwayson import alwayson_freeu, alwayson_pag, check_alwayson_scripts
 from sdlab.server.a1111_scripts import (
@@ -1490,14 +1490,14 @@ def _check_tile_options(body: dict[str, Any], where: str) -> None:
 
 
 def _check_tile_pair(settings: dict[str, Any], where: str) -> None:
-    """The tiles of `settings` (checked one by one, `_check_tile_options`) advance by at least half a tile: an
-    overlap of at most half of `ESRGAN_tile`, so an upscale takes at most about 4 x its untiled work. A1111's tiles
-    step by tile - overlap: at 16 / 15 one pixel a network call (the work of tile 1), at an overlap not below the
-    tile no tile at all (its upscale fails)."""
+    """The tiles of `settings` (checked one by one, `_check_tile_options`) overlap by at most half of
+    `ESRGAN_tile` (`tile_overlap_limit`). A1111's tiles step by tile - overlap: at 16 / 15 one pixel a network
+    call (the work of tile 1), at an overlap not below the tile no tile at all (its upscale fails)."""
     tile, overlap = settings["ESRGAN_tile"], settings["ESRGAN_tile_overlap"]
-    if tile and overlap > tile // 2:
+    limit = tile_overlap_limit(tile, overlap)
+    if limit is not None:
         raise BadRequest(f"{where}ESRGAN_tile_overlap must be at most half of ESRGAN_tile: {overlap} with a tile of "
-                         f"{tile} (at most {tile // 2})", 422)
+                         f"{tile} (at most {limit})", 422)
 
 
 def _finite(value: Any) -> bool:
