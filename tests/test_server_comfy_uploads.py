@@ -121,3 +121,25 @@ def test_upload_mask_puts_the_masks_alpha_on_the_original_as_comfyui(server):
         small = png(Image.new("RGBA", (32, 32))) if "32x32" in words else mask
         bad = server.post("/upload/mask", files={"image": ("m.png", small, "image/png")}, data=data)
         assert bad.status_code == 400 and words in bad.text, bad.text
+
+
+def test_an_upload_naming_a_folder_or_no_file_is_a_400_that_writes_nothing(server):
+    """An upload whose file name, in its subfolder, is a folder there ("d" beside the subfolder "d", with or
+    without overwrite), whose subfolder passes through a file ("d/x.png/e") or that names no file ("." in a
+    subfolder: the subfolder itself) is one 400 and leaves the folder as it was; ComfyUI's makedirs / open() of such
+    a path fails. Before: overwrite was a 500 (IsADirectoryError) leaving a ".d.part" file, a subfolder through a
+    file a 500 (NotADirectoryError), and "." wrote the file "d" beside the subfolder "d" answering the name "d" in
+    it."""
+    picture = png(Image.fromarray(np.full((8, 8, 3), 7, np.uint8)))
+    files = {"image": ("x.png", picture, "image/png")}
+    assert server.post("/upload/image", files=files, data={"subfolder": "d", "type": "temp"}).status_code == 200
+    folder = server.app.state.comfy.upload_dirs["temp"]
+    before = sorted(p.name for p in folder.iterdir())
+    for name, data, words in [("d", {"overwrite": "true"}, "'d' cannot be a file of the temp folder"),
+                              ("d", {}, "'d' cannot be a file of the temp folder"),
+                              ("x.png", {"subfolder": "d/x.png/e"}, "'d/x.png/e/x.png' cannot be a file"),
+                              (".", {"subfolder": "d"}, "names no file")]:
+        files = {"image": (name, picture, "image/png")}
+        bad = server.post("/upload/image", files=files, data={"type": "temp", **data})
+        assert bad.status_code == 400 and words in bad.text, (name, data, bad.text)
+    assert sorted(p.name for p in folder.iterdir()) == before

@@ -759,9 +759,16 @@ async def _stored(state: ComfyState, form: Any, filename: str | None, raw: bytes
         raise BadRequest(f"type must be input, temp or output, got {kind!r}", 400)
     subfolder = str(form.get("subfolder") or "")
     name = Path(filename or "image.png").name
-    target = _inside(state.upload_dirs[kind], f"{subfolder}/{name}" if subfolder else name)
+    if name in ("", "."):
+        raise BadRequest(f"the uploaded file's name {filename!r} names no file", 400)
+    relative = f"{subfolder}/{name}" if subfolder else name
+    target = _inside(state.upload_dirs[kind], relative)
     if target is None:
         raise BadRequest(f"the file name or subfolder leaves the {kind} folder", 400)
+    if target.is_dir() or any(p.exists() and not p.is_dir() for p in target.parents):
+        # ComfyUI's makedirs / open() of such a path fails (a 500); here the rename left a partial file
+        raise BadRequest(f"{relative!r} cannot be a file of the {kind} folder: it is a folder, or under a file",
+                         400)
     overwrite = str(form.get("overwrite") or "").lower() in ("true", "1")
     target = await anyio.to_thread.run_sync(_write_upload, target, raw, overwrite)
     return JSONResponse({"name": target.name, "subfolder": subfolder, "type": kind})
