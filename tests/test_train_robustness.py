@@ -72,6 +72,25 @@ def test_bad_settings_are_one_error_line_before_loading(tmp_path, capsys, option
     assert named in _one_error_line(err)
 
 
+def test_a_settings_word_is_read_in_any_case(tmp_path, capsys):
+    """--device, --mixed-precision and the other choices read their word in any case, as the other subcommands'
+    (`sdlab txt2img --device CPU`): the run gets past its settings to the model (here missing); a word that is no
+    choice in any case is still refused naming the choices, FP16 as fp16."""
+    data = write_caption_folder(tmp_path / "data", n=1, size=16)
+    missing_model = tmp_path / "never-read.safetensors"
+    code, _, err = _sdlab(capsys, "train", "--model", missing_model, "--data-dir", data, "--output-dir",
+                          tmp_path / "run", "--device", "CPU", "--mixed-precision", "BF16", "--save-dtype", "FP16",
+                          "--lr-schedule", "Cosine", "--data-layout", "Plain")
+    assert code == 2 and "never-read.safetensors" in _one_error_line(err), err
+    config = TrainConfig(device="Cuda:1", mixed_precision="BF16", task="UNet", loss_type="Huber")
+    assert (config.device, config.mixed_precision, config.task, config.loss_type) == ("cuda:1", "bf16", "unet", "huber")
+    assert TrainConfig(device="CPU").to_json()["device"] == "cpu"
+    with pytest.raises(TrainError, match="--mixed-precision fp16 is not supported"):
+        TrainConfig(mixed_precision="FP16")
+    with pytest.raises(TrainError, match="--mixed-precision must be one of no, bf16; got 'BF17'"):
+        TrainConfig(mixed_precision="BF17")
+
+
 def test_config_file_mistakes_name_the_file_and_key(tmp_path, capsys):
     data = write_caption_folder(tmp_path / "data", n=1, size=16)
     cases = {"unknown.toml": ("max_steps = 3\nlearning_rat = 1e-4\n", "learning_rat"),

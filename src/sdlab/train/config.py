@@ -204,9 +204,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             _check_type(f.name, getattr(self, f.name))
+        _read_words_in_any_case(self)
         if self.caption_dropout is None:
             object.__setattr__(self, "caption_dropout", _TASK_CAPTION_DROPOUT.get(self.task, 0.0))
-        if self.mixed_precision == "fp16":
+        if self.mixed_precision.lower() == "fp16":
             raise TrainError("--mixed-precision fp16 is not supported (fp16 training needs loss scaling): "
                              "use bf16, or no")
         for f in fields(self):
@@ -245,6 +246,17 @@ class TrainConfig:
         and compares against, the files this run read."""
         values = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
         return values | {k: os.path.realpath(values[k]) for k in _PATH_SETTINGS if values[k] is not None}
+
+
+def _read_words_in_any_case(cfg: TrainConfig) -> None:
+    """Read `cfg`'s words in any case, as the other subcommands read theirs (`sdlab.cli`: choices, --device): a
+    value that lower-cased is one of its setting's choices is that choice (--mixed-precision BF16 is bf16, --task
+    UNet unet), and --device is lower-cased, as torch names devices (CPU is cpu, Cuda:1 cuda:1)."""
+    for f in fields(cfg):
+        choices, value = f.metadata.get("choices"), getattr(cfg, f.name)
+        if choices and isinstance(value, str) and value.lower() in choices:
+            object.__setattr__(cfg, f.name, value.lower())
+    object.__setattr__(cfg, "device", cfg.device.lower())
 
 
 def bucket_bounds(cfg: TrainConfig) -> tuple[int, int]:
