@@ -786,6 +786,14 @@ def test_errors_name_the_img2img_step_rule_by_a1111s_option(client, fix_steps, s
     assert answer.status_code == 400 and answer.json()["errors"] == message, answer.text
 
 
+def test_img2img_steps_past_a_floats_range_are_refused_naming_steps(client):
+    """JSON's 10**400 steps: the request's check names them (a 400), where img2img's FreeU step count
+    (`_alwayson_freeu`'s `steps_run`, min(strength, 0.999) * steps) was a 500 (OverflowError)."""
+    answer = client.post("/img2img", json={"prompt": "x", "steps": 10**400,
+                                           "init_images": [png_b64((64, 64), (9, 9, 9))]})
+    assert answer.status_code == 400 and answer.json()["errors"].startswith("steps must be an integer"), answer.text
+
+
 @pytest.mark.parametrize("strength", [1.0000001, 1.5])
 def test_img2img_denoising_strength_above_1_draws_as_1_as_a1111(client, strength):
     """A1111 takes any denoising_strength: setup_img2img_steps reads min(denoising_strength, 0.999), and the

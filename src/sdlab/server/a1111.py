@@ -387,7 +387,7 @@ def _alwayson_freeu(body: Txt2ImgIn, request: GenerationRequest, img2img: bool) 
     try:
         steps = steps_run(run.steps, run.strength, run.img2img_convention)[1] if img2img else run.steps
         calls = a1111_model_calls(get_sampler(run.sampler), run, img2img)
-    except (ValueError, RequestError):
+    except (ValueError, OverflowError, RequestError):      # OverflowError: steps past a float's range (10**400)
         steps = calls = None
     return alwayson_freeu(body.alwayson_scripts, steps, calls, hires=body.enable_hr and not img2img)
 
