@@ -712,7 +712,7 @@ def test_model_folders_list_the_files_comfyuis_nodes_take(server, tmp_path):
     from sdlab.server.config import ServerConfig
 
     assert server.get("/models").json() == ["checkpoints", "loras", "vae", "controlnet", "diffusion_models",
-                                            "embeddings"]
+                                            "upscale_models", "embeddings"]
     info = server.get("/object_info").json()
     assert server.get("/models/checkpoints").json() == info["CheckpointLoaderSimple"]["input"]["required"][
         "ckpt_name"][0] == ["distilled.safetensors", "plain.safetensors"]
@@ -720,7 +720,7 @@ def test_model_folders_list_the_files_comfyuis_nodes_take(server, tmp_path):
     assert server.get("/models/vae").json() == ["other.safetensors"]
     assert server.get("/models/controlnet").json() == server.get("/models/diffusion_models").json() == []
     assert server.get("/models/unet").status_code == 404            # a legacy name, no key of ComfyUI's folders
-    assert server.get("/models/upscale_models").status_code == 404
+    assert server.get("/models/upscale_models").json() == []      # no upscalers folder
     folder = tmp_path / "embeddings"
     (folder / "styles").mkdir(parents=True)
     torch.save({"string_to_param": {"*": torch.randn(2, 64)}, "name": "zqink"}, folder / "styles" / "zqink.pt")

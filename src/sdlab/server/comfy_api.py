@@ -63,6 +63,7 @@ from sdlab.server.comfy_graph import (Choices, GraphError, GraphPlan, annotated_
                                       object_info, run_order, second_pass_nodes)
 from sdlab.server.inputs import BadRequest, JobSpec, LoraChoice, image_from_bytes, opened_picture
 from sdlab.server.jobs import IN_TURN, Job, Place, ServerFault
+from sdlab.server.model_folders import ModelFile
 from sdlab.server.native import IMAGE_NAME, opened_file
 from sdlab.server.service import Service
 
@@ -80,7 +81,7 @@ PREVIEW_METHODS = ("auto", "latent2rgb", "taesd")
 PREVIEW_IMAGE, JPEG_PREVIEW = 1, 1          # ComfyUI's BinaryEventTypes.PREVIEW_IMAGE, send_image's JPEG type
 MAX_PREVIEW_SIDE = 512                      # ComfyUI's MAX_PREVIEW_RESOLUTION (--preview-size's default)
 MODEL_FOLDERS = {"checkpoints": "checkpoints", "loras": "loras", "vae": "vaes", "controlnet": "controlnets",
-                 "diffusion_models": "unets", "embeddings": ""}
+                 "diffusion_models": "unets", "upscale_models": "upscale_models", "embeddings": ""}
 """ComfyUI's model folders (folder_paths.folder_names_and_paths) `GET /models` lists, each to its `Choices` list
 (the embeddings: the loaded model's)."""
 
@@ -142,7 +143,7 @@ class ComfyState:
         loras = sorted(self.lora_files())                             # sorted, as ComfyUI's folder_paths
         return Choices(checkpoints=sorted(c.name for c in registry.checkpoints), loras=loras,
                        input_images=self.input_images(), samplers=COMFY_SAMPLERS, vaes=sorted(self.vae_files()),
-                       controlnets=sorted(self.controlnet_files()),
+                       controlnets=sorted(self.controlnet_files()), upscale_models=sorted(self.upscale_model_files()),
                        output_images=lambda folder, name: self.picture_file(folder, name) is not None)
 
     def picture_file(self, kind: str, name: str, subfolder: str = "") -> Path | None:
@@ -181,6 +182,13 @@ class ComfyState:
         folder = self.service.controlnets
         return {f.path.relative_to(folder.folder).as_posix(): f.path for f in list(folder.files)
                 if f.kind == "controlnet" and folder.folder is not None and f.path.is_relative_to(folder.folder)}
+
+    def upscale_model_files(self) -> dict[str, ModelFile]:
+        """ComfyUI's UpscaleModelLoader model_name list: the upscaler models of the server's upscalers folder by their
+        path under it (ComfyUI's folder_paths names), each to its file."""
+        folder = self.service.upscalers
+        return {f.path.relative_to(folder.folder).as_posix(): f for f in list(folder.files)
+                if folder.folder is not None and f.path.is_relative_to(folder.folder)}
 
     def input_images(self) -> list[str]:
         if not self.input_dir.is_dir():
@@ -359,9 +367,20 @@ def _submit(state: ComfyState, plan: GraphPlan, place: Place = IN_TURN, first_pa
         "prompt": plan.prompt, "negative_prompt": plan.negative_prompt},
         # CheckpointLoaderSimple's VAE is the checkpoint's own (no sidecar found near it, as A1111's Automatic)
         sidecar_vae=False, vae=None if plan.vae is None else state.vae_files().get(plan.vae, plan.vae),
-        first_pass=_first_pass_writer(state, plan, [] if first_pass is None else first_pass))
+        first_pass=_first_pass_writer(state, plan, [] if first_pass is None else first_pass),
+        picture_upscaler=_upscale_model(state, plan))
     job, _ = service.submit(spec, plan.mode, plan.model, place)
     return job
+
+
+def _upscale_model(state: ComfyState, plan: GraphPlan) -> ModelFile | None:
+    """The upscalers-folder file of the graph's UpscaleModelLoader, if it has one."""
+    if plan.upscale_model is None:
+        return None
+    found = state.upscale_model_files().get(plan.upscale_model)
+    if found is None:           # removed since the graph was checked
+        raise BadRequest(f"no upscale model {plan.upscale_model!r}", 400)
+    return found
 
 
 def _first_pass_writer(state: ComfyState, plan: GraphPlan,

@@ -15,6 +15,8 @@ the standard txt2img / img2img pictures: one KSampler fed by
                                                                                VAEEncodeForInpaint: masked pixels
                                                                                grey, the noise mask grown)
     KSampler -> VAEDecode -> SaveImage / PreviewImage
+    VAEDecode -> ImageUpscaleWithModel -> SaveImage / PreviewImage              (the pictures through an upscaler
+    UpscaleModelLoader -> .upscale_model                                         network as ComfyUI tiles it)
     KSampler -> LatentUpscale / LatentUpscaleBy -> KSampler -> VAEDecode       (ComfyUI's two-pass hires fix, from
                                                                                an EmptyLatentImage or a VAEEncode,
                                                                                both KSamplers with the same
@@ -160,6 +162,10 @@ NODES: dict[str, NodeSpec] = {
                                 ("LATENT",), category="latent", display_name="Upscale Latent By"),
     "VAEDecode": NodeSpec({"samples": ("LATENT",), "vae": ("VAE",)}, ("IMAGE",), category="latent",
                           display_name="VAE Decode"),
+    "UpscaleModelLoader": NodeSpec({"model_name": ("upscale_models",)}, ("UPSCALE_MODEL",), category="loaders",
+                                   display_name="Load Upscale Model"),
+    "ImageUpscaleWithModel": NodeSpec({"upscale_model": ("UPSCALE_MODEL",), "image": ("IMAGE",)}, ("IMAGE",),
+                                      category="image/upscaling", display_name="Upscale Image (using Model)"),
     "SaveImage": NodeSpec({"images": ("IMAGE",), "filename_prefix": ("STRING", {"default": "ComfyUI"})},
                           output_node=True, category="image", display_name="Save Image"),
     "PreviewImage": NodeSpec({"images": ("IMAGE",)}, output_node=True, category="image",
@@ -178,7 +184,8 @@ class Choices:
     under the models folder), `loras` (file names), `vaes` (the server's VAE list), `samplers`, `schedulers`,
     `input_images` (the upload folder's files), `unets`: none, UNETLoader listed for the clients that read its
     list (sdlab draws whole checkpoints, so no graph of it is drawn), `controlnets` (ComfyUI's control_net_name:
-    the path under the server's ControlNet folder of its ControlNets and T2I-Adapters)."""
+    the path under the server's ControlNet folder of its ControlNets and T2I-Adapters), `upscale_models` (ComfyUI's
+    UpscaleModelLoader model_name: the path under the server's upscalers folder)."""
 
     checkpoints: list[str]
     loras: list[str]
@@ -186,6 +193,7 @@ class Choices:
     vaes: list[str] = field(default_factory=list)
     unets: list[str] = field(default_factory=list)
     controlnets: list[str] = field(default_factory=list)
+    upscale_models: list[str] = field(default_factory=list)
     samplers: list[str] = field(default_factory=list)
     schedulers: list[str] = field(default_factory=lambda: list(COMFY_SCHEDULERS))
     output_images: Callable[[str, str], bool] = lambda folder, name: False  # whether that folder holds the picture
@@ -249,6 +257,8 @@ class GraphPlan:
     upscale_node: str = ""                  # a two-pass graph's LatentUpscale(By), whose size the hires fix draws
     first_pass_outputs: dict[str, str] = field(default_factory=dict)   # the outputs of a two-pass graph's first
                                             # KSampler's pictures ("Save Intermediate Image"), as `outputs`
+    upscale_model: str | None = None        # an UpscaleModelLoader's file every picture of `outputs` is run through
+                                            # (ImageUpscaleWithModel); None: the decoded pictures
 
     @property
     def mode(self) -> str:
@@ -307,7 +317,8 @@ def object_info(choices: Choices, only: str | None = None) -> dict[str, Any]:
     return {name: info(name, spec) for name, spec in NODES.items() if only is None or name == only}
 
 
-_LISTS = ("checkpoints", "loras", "vaes", "unets", "samplers", "schedulers", "input_images", "controlnets")
+_LISTS = ("checkpoints", "loras", "vaes", "unets", "samplers", "schedulers", "input_images", "controlnets",
+          "upscale_models")
 
 
 class _Checker:
@@ -507,7 +518,8 @@ class _Plan:
         self.order.setdefault(node_id, None)
 
     def plan(self) -> GraphPlan:
-        decoders = {self.source(o, "images")[0] for o in self.outputs}
+        pictures = {o: self.pictures(o) for o in self.outputs}
+        decoders = {decoder for decoder, _ in pictures.values()}
         samplers = set()
         for decoder in decoders:
             if self.graph[decoder]["class_type"] != "VAEDecode":
@@ -518,6 +530,7 @@ class _Plan:
             samplers.add(sampler)
         second, first_decoders = self.last_sampler(decoders, samplers)
         decoders -= first_decoders
+        model_upscale = self.model_upscale(pictures, first_decoders)
         sampler = second
         upscale = self.upscale(second)
         if upscale is not None:                                 # ComfyUI's hires fix: the first KSampler's chain
@@ -547,7 +560,7 @@ class _Plan:
                 raise self.refuse(decoder, "sdlab encodes and decodes a picture with one VAE")
             self.visit(decoder)
             for output in self.outputs:
-                if self.source(output, "images")[0] == decoder:
+                if pictures[output][0] == decoder:
                     self.visit(output)
                     plan.first_pass_outputs[output] = OUTPUT_TYPE[self.graph[output]["class_type"]]
         if upscale is not None:
@@ -557,11 +570,40 @@ class _Plan:
             if self.vae(decoder, checkpoint) != vae:
                 raise self.refuse(decoder, "sdlab encodes and decodes a picture with one VAE")
             self.visit(decoder)
+        if model_upscale is not None:           # ComfyUI runs the loader as the upscale's input, before it
+            loader = self.source(model_upscale, "upscale_model")[0]
+            self.visit(loader)
+            self.visit(model_upscale)
+            plan.upscale_model = self.inputs(loader)["model_name"]
         for output in self.outputs:
             self.visit(output)
         plan.order, plan.sampler_node, plan.controls = list(self.order), sampler, controls
         plan.outputs = {o: OUTPUT_TYPE[self.graph[o]["class_type"]] for o in self.outputs}
         return plan
+
+    def pictures(self, output: str) -> tuple[str, str | None]:
+        """(the VAEDecode whose pictures an output node takes, the ImageUpscaleWithModel they pass through or
+        None)."""
+        node, _, kind = self.source(output, "images")
+        if kind != "ImageUpscaleWithModel":
+            return node, None
+        decoder, _, kind = self.source(node, "image")
+        if kind != "VAEDecode":
+            raise self.refuse(node, "sdlab upscales the pictures of a VAEDecode with a model")
+        return decoder, node
+
+    def model_upscale(self, pictures: dict[str, tuple[str, str | None]], first_decoders: set[str]) -> str | None:
+        """The ImageUpscaleWithModel every last output takes its pictures from, or None where none does: sdlab
+        writes one set of pictures, so a graph saving both the decoded and the upscaled pictures (or two
+        upscales, or a two-pass graph's first pictures upscaled) is refused."""
+        upscales = {upscale for decoder, upscale in pictures.values() if decoder not in first_decoders}
+        first = sorted(u for decoder, u in pictures.values() if decoder in first_decoders and u is not None)
+        if first:
+            raise self.refuse(first[0], "sdlab upscales the pictures of a graph's last KSampler with a model")
+        if len(upscales) > 1:
+            raise self.refuse(sorted(u for u in upscales if u is not None)[0],
+                              "sdlab saves a graph's pictures either all through one ImageUpscaleWithModel or none")
+        return next(iter(upscales))
 
     def last_sampler(self, decoders: set[str], samplers: set[str]) -> tuple[str, set[str]]:
         """(the KSampler whose pictures the graph ends with, the decoders of the first KSampler of a two-pass graph):

@@ -119,6 +119,9 @@ class JobSpec:
     first_pass: Callable[[list[Image.Image], list[str]], None] | None = None
     """Where set, called with the hires fix's first-pass pictures and their parameters texts once that pass ends (the
     ComfyUI API's outputs of a two-pass graph's first KSampler, which it writes itself)."""
+    picture_upscaler: ModelFile | None = None
+    """Where set, the `--upscalers-dir` model every picture is run through before it is written, as ComfyUI's
+    ImageUpscaleWithModel (`pipeline.comfy_image_upscale`): the ComfyUI API's UpscaleModelLoader."""
 
     def shown(self, request: GenerationRequest) -> GenerationRequest:
         """`request`, drawn for this job, with the prompts its pictures and record show: those drawn, or where
@@ -374,6 +377,7 @@ class UpscalerUse:
 HIRES_UPSCALER = UpscalerUse("hires upscaler", latent_modes=True)
 EXTRAS_UPSCALER = UpscalerUse("upscaler", latent_modes=False, unknown_status=404, unknown_reason="Upscaler not found")
 EXTRAS_UPSCALER_2 = UpscalerUse("upscaler_2", latent_modes=False, unknown_status=422)   # A1111 fails its assert
+PICTURE_UPSCALER = UpscalerUse("upscale model", latent_modes=False)     # ComfyUI's UpscaleModelLoader
 SCRIPT_UPSCALER = UpscalerUse("sd upscale upscaler", latent_modes=False, unknown_status=422)   # `upscaler_index`
 
 

@@ -40,6 +40,7 @@ from sdlab.checkpoints.sidecar import vae_beside
 from sdlab.checkpoints.upscaler import Upscaler
 from sdlab.diffusion.steps import StepInfo
 from sdlab.families.loaded import ModelBundle
+from sdlab.pipeline.comfy_image_upscale import upscale_with_model
 from sdlab.pipeline.generate import ProgressFn, SamplingStopped
 from sdlab.pipeline.image_prompt import forget_image_prompt_models
 from sdlab.pipeline.infotext import LoraRef, RefinerRef, to_parameters
@@ -49,7 +50,7 @@ from sdlab.pipeline.prompt_loras import patcher_for
 from sdlab.pipeline.request import GenerationRequest, GenerationResult, RequestError, next_batch
 from sdlab.server.config import Limits
 from sdlab.server.inputs import (
-    HIRES_UPSCALER, BadRequest, LoraChoice, RefinerChoice, check_request, load_upscaler_file, upscaler_file, with_preset, with_upscaler_file,
+    HIRES_UPSCALER, PICTURE_UPSCALER, BadRequest, JobSpec, LoraChoice, RefinerChoice, check_request, load_upscaler_file, upscaler_file, with_preset, with_upscaler_file,
     hires_upscaler_name, load_failure, without_paths,
 )
 from sdlab.server.jobs import Job, JobCancelled, ServerFault
@@ -379,8 +380,11 @@ class Runner:
             plan = _resolved(pipe, job.spec.request, upscaler)
             job.count_steps(plan)               # the steps it runs, as resolved: its progress and step events
             job.settings = {**job.settings, **job.spec.recorded(job.spec.shown(plan.request).parameters())}
+            pictures = self._picture_upscaler(job.spec, pipe.bundle)
             for result in _batches(pipe, job, plan.request, upscaler, progress, stop, first_pass):
-                self._write_batch(job, result, parameters(result))
+                shown = result if pictures is None else replace(result, images=upscale_with_model(pictures,
+                                                                                                  result.images))
+                self._write_batch(job, shown, parameters(result))
         except RequestError as err:        # a tagged LoRA's or a control's file: named as the server lists it, not
             text = without_paths(str(err), [(lora.path, lora.name) for lora in registry.loras])      # by its path
             raise RequestError(self.controlnets.without_paths(text) if self.controlnets else text) from None
@@ -402,6 +406,17 @@ class Runner:
         job.seeds = job.seeds + result.seeds
         if job.saved is not None:
             job.saved()
+
+    def _picture_upscaler(self, spec: JobSpec, bundle: ModelBundle) -> Upscaler | None:
+        """The network of the job's `JobSpec.picture_upscaler` on the model's device, if it names one."""
+        if spec.picture_upscaler is None:
+            return None
+        if not spec.picture_upscaler.path.is_file():
+            raise RequestError(f"the upscale model {spec.picture_upscaler.title!r} is no longer in the upscalers folder")
+        try:
+            return load_upscaler_file(spec.picture_upscaler, PICTURE_UPSCALER, bundle.device)
+        except BadRequest as err:
+            raise RequestError(err.message) from None
 
     def _hires_upscaler(self, request: GenerationRequest, bundle: ModelBundle,
                         batch_count: int) -> HiresUpscaler | None:

@@ -1,0 +1,167 @@
+"""ComfyUI's upscale-model graph over the ComfyUI API: VAEDecode -> ImageUpscaleWithModel (an UpscaleModelLoader's
+file of the upscalers folder) -> SaveImage. The pictures equal ComfyUI's: its tiled_scale (comfy/utils.py
+`tiled_scale_multidim`, transcribed below as the reference) of the decoded picture with a tiny random-weight
+Real-ESRGAN x4, clamped and written as its SaveImage writes (255 * x truncated). Tolerance: 1 of 255 (the network
+runs under the server's thread count, so float sums may round the other way at a truncation edge)."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from sdlab.checkpoints.upscaler import load_upscaler
+from sdlab.pipeline.comfy_image_upscale import tiled_scale, upscale_with_model
+from test_server_comfy_api import BASIC, NATIVE, drawn, native_pixels, viewed
+from test_upscale_models import new_arch_state
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+MODEL = "sub/tinyx4.safetensors"
+
+
+def comfy_tiled_scale(samples, function, tile=(64, 64), overlap=8, upscale_amount=4, out_channels=3):
+    """ComfyUI's comfy/utils.py tiled_scale_multidim (2-D, a number upscale_amount), transcribed."""
+    dims = len(tile)
+    overlap = [overlap] * dims
+    output = torch.empty([samples.shape[0], out_channels] + [round(a * upscale_amount) for a in samples.shape[2:]])
+    for b in range(samples.shape[0]):
+        s = samples[b:b + 1]
+        if all(s.shape[d + 2] <= tile[d] for d in range(dims)):
+            output[b:b + 1] = function(s)
+            continue
+        out = torch.zeros([s.shape[0], out_channels] + [round(a * upscale_amount) for a in s.shape[2:]])
+        out_div = torch.zeros_like(out)
+        positions = [range(0, s.shape[d + 2] - overlap[d], tile[d] - overlap[d]) if s.shape[d + 2] > tile[d] else [0]
+                     for d in range(dims)]
+        for it in itertools.product(*positions):
+            s_in = s
+            upscaled = []
+            for d in range(dims):
+                pos = max(0, min(s.shape[d + 2] - overlap[d], it[d]))
+                length = min(tile[d], s.shape[d + 2] - pos)
+                s_in = s_in.narrow(d + 2, pos, length)
+                upscaled.append(round(upscale_amount * pos))
+            ps = function(s_in)
+            mask = torch.ones_like(ps)
+            for d in range(2, dims + 2):
+                feather = round(upscale_amount * overlap[d - 2])
+                if feather >= mask.shape[d]:
+                    continue
+                for t in range(feather):
+                    a = (t + 1) / feather
+                    mask.narrow(d, t, 1).mul_(a)
+                    mask.narrow(d, mask.shape[d] - 1 - t, 1).mul_(a)
+            o, o_d = out, out_div
+            for d in range(dims):
+                o = o.narrow(d + 2, upscaled[d], mask.shape[d + 2])
+                o_d = o_d.narrow(d + 2, upscaled[d], mask.shape[d + 2])
+            o += ps * mask
+            o_d += mask
+        output[b:b + 1] = out / out_div
+    return output
+
+
+def comfy_upscale_with_model(net, pixels: np.ndarray) -> np.ndarray:
+    """ComfyUI's ImageUpscaleWithModel (tile 512, overlap 32) of 8-bit (H, W, 3) pixels, then its SaveImage's
+    np.clip(255. * i, 0, 255).astype(np.uint8)."""
+    image = torch.from_numpy(pixels.astype(np.float32) / 255.0)[None]              # (1, H, W, 3), ComfyUI's IMAGE
+    with torch.inference_mode():
+        s = comfy_tiled_scale(image.movedim(-1, -3), net, tile=(512, 512), overlap=32, upscale_amount=4)
+    s = torch.clamp(s.movedim(-3, -1), min=0, max=1.0)
+    return np.clip(255.0 * s[0].numpy(), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    from fastapi.testclient import TestClient
+    from server_fixtures import write_preset_models
+
+    from sdlab.server.app import create_app
+    from sdlab.server.config import ServerConfig
+
+    root = tmp_path_factory.mktemp("comfy-upscale-model")
+    models = root / "models"
+    write_preset_models(models)
+    upscalers = root / "upscalers"
+    (upscalers / "sub").mkdir(parents=True)
+    save_file(new_arch_state(4, seed=3), str(upscalers / MODEL))
+    app = create_app(ServerConfig(output_dir=root / "outputs", model=models / "plain.safetensors",
+                                  models_dir=models, upscalers_dir=upscalers), preload=True)
+    with TestClient(app) as client:
+        client.upscaler = load_upscaler(upscalers / MODEL)
+        yield client
+
+
+def upscale_graph() -> dict:
+    """ComfyUI's upscale-model example on the basic graph: node 8's pictures through node 11's model, saved by 9."""
+    prompt = copy.deepcopy(BASIC)
+    prompt["10"] = {"class_type": "UpscaleModelLoader", "inputs": {"model_name": MODEL}}
+    prompt["11"] = {"class_type": "ImageUpscaleWithModel", "inputs": {"upscale_model": ["10", 0], "image": ["8", 0]}}
+    prompt["9"]["inputs"]["images"] = ["11", 0]
+    return prompt
+
+
+def test_the_upscale_model_graph_saves_comfyuis_upscaled_pictures(server):
+    """The graph is drawn (it was refused: missing_node_type); node 9's picture in the history (type output) is
+    ComfyUI's ImageUpscaleWithModel of the native job's picture; the nodes execute in ComfyUI's order."""
+    messages, entry = drawn(server, upscale_graph())
+    executing = [data["node"] for kind, data in messages if kind == "executing"]
+    assert executing == ["4", "6", "7", "5", "3", "8", "10", "11", "9", None]
+    [image] = entry["outputs"]["9"]["images"]
+    assert image["type"] == "output"
+    pixels = viewed(server, image)
+    assert pixels.shape == (256, 256, 3)
+    decoded = native_pixels(server, NATIVE)
+    expected = comfy_upscale_with_model(server.upscaler.net, decoded.astype(np.uint8)).astype(np.int16)
+    assert np.abs(pixels - expected).max() <= 1
+
+
+def test_tiled_scale_blends_tiles_as_comfyui(server):
+    """A picture wider than ComfyUI's 512 px tile (two tiles, the last a short one, 32 px shared): sdlab's
+    tiled_scale equals ComfyUI's to float precision, the written picture to 1 of 255; untiled it would differ."""
+    rng = np.random.default_rng(5)
+    pixels = rng.integers(0, 256, (24, 600, 3), dtype=np.uint8)
+    net = server.upscaler.net
+    x = torch.from_numpy(pixels.astype(np.float32) / 255.0).permute(2, 0, 1)[None]   # (1, 3, 24, 600)
+    with torch.inference_mode():
+        ours = tiled_scale(x, net, 4)
+        reference = comfy_tiled_scale(x, net, tile=(512, 512), overlap=32, upscale_amount=4)
+        untiled = net(x)
+    assert ours.shape == (1, 3, 96, 2400)
+    assert torch.allclose(ours, reference, atol=1e-5)
+    assert (untiled - reference).abs().max() > 1e-3             # the blend is what is tested
+    [written] = upscale_with_model(server.upscaler, [Image.fromarray(pixels)])
+    assert np.abs(np.asarray(written, np.int16) - comfy_upscale_with_model(net, pixels)).max() <= 1
+
+
+def test_object_info_and_models_list_the_upscale_models(server):
+    """/object_info's UpscaleModelLoader lists the upscalers folder's files by their path under it, as ComfyUI's
+    folder_paths; GET /models/upscale_models lists them too."""
+    info = server.get("/object_info/UpscaleModelLoader").json()["UpscaleModelLoader"]
+    assert info["input"]["required"]["model_name"][0] == [MODEL]
+    assert info["output"] == ["UPSCALE_MODEL"]
+    upscale = server.get("/object_info/ImageUpscaleWithModel").json()["ImageUpscaleWithModel"]
+    assert upscale["input"]["required"] == {"upscale_model": ["UPSCALE_MODEL"], "image": ["IMAGE"]}
+    assert "upscale_models" in server.get("/models").json()
+    assert server.get("/models/upscale_models").json() == [MODEL]
+
+
+def test_graphs_the_upscale_does_not_draw_are_refused_naming_the_node(server):
+    """Saving both the decoded and the upscaled pictures (sdlab writes one set), an unknown model name."""
+    both = upscale_graph()
+    both["12"] = {"class_type": "SaveImage", "inputs": {"filename_prefix": "plain", "images": ["8", 0]}}
+    answer = server.post("/prompt", json={"prompt": both})
+    assert answer.status_code == 400
+    [error] = answer.json()["node_errors"]["11"]["errors"]
+    assert error["type"] == "unsupported_graph" and "either all through one ImageUpscaleWithModel" in error["message"]
+    unknown = upscale_graph()
+    unknown["10"]["inputs"]["model_name"] = "other.pth"
+    answer = server.post("/prompt", json={"prompt": unknown})
+    assert answer.status_code == 400
+    assert answer.json()["node_errors"]["10"]["errors"][0]["type"] == "value_not_in_list"
