@@ -41,7 +41,7 @@ def test_a_native_job_draws_records_and_redraws_deep_cache(client):
 
 @pytest.mark.parametrize("deep_cache, status, words", [
     ({"interval": 2, "depth": 1}, 422, "depth"),
-    ({"interval": 2.0}, 422, "interval"),                    # strict: a float is no interval
+    ({"interval": 2.5}, 422, "interval"),                    # no whole number (2.0 is 2)
     ({"interval": 0}, 400, "DeepCache interval must be a whole number 1..1000"),
     ({"interval": 3, "branch": 99}, 422, "DeepCache branch 99 (level 33, layer 0) is not in this U-Net"),
 ])

@@ -101,47 +101,83 @@ def _number_fields(model) -> dict[str, str]:
     return found
 
 
-def test_every_number_of_the_native_requests_refuses_true_strings_and_non_finite(client):
-    """Before, `{"steps": true}` drew 1 step and `"7"` 7 (pydantic's lax int), `{"cfg_scale": true}` scale 1: every
-    int and float field of a job, its LoRAs, controls and IP-Adapters is a 422 naming the field and the value."""
-    from sdlab.server.native import ControlIn, IPAdapterIn, JobIn, LoraIn
+TUPLE_FIELDS = ("original_size", "crops_coords_top_left", "target_size", "negative_original_size",
+                "negative_crops_coords_top_left", "negative_target_size")
 
-    lists = {LoraIn: ("loras", {"name": "x"}), ControlIn: ("controls", {"model": "x"}),
-             IPAdapterIn: ("ip_adapters", {"model": "x"})}
+
+def _number_cases(bad_int: tuple, bad_float: tuple) -> list:
+    """(fields, where, value) for every int / float field of a job, its LoRAs, controls, IP-Adapters, FreeU and
+    DeepCache settings: each value of `bad_int` for an int field, of `bad_float` for a float field."""
+    from sdlab.server.native import ControlIn, DeepCacheIn, FreeUIn, IPAdapterIn, JobIn, LoraIn
+
     cases = []
     for name, kind in _number_fields(JobIn).items():
-        tuple_field = name in ("original_size", "crops_coords_top_left", "target_size", "negative_original_size",
-                               "negative_crops_coords_top_left", "negative_target_size")
-        seed = name in ("seed", "subseed", "hr_seed")    # their digits are a seed (the next test)
-        for bad in ((True, 7.5) if seed else (True, "7", 7.5)) if kind == "int" else (True, "7.5"):
-            cases.append(({name: [bad, 64] if tuple_field else bad}, f"{name}.0" if tuple_field else name, bad))
+        for value in bad_int if kind == "int" else bad_float:
+            if name in TUPLE_FIELDS:
+                cases.append(({name: [value, 64]}, f"{name}.0", value))
+            else:
+                cases.append(({name: value}, name, value))
+    lists = {LoraIn: ("loras", {"name": "x"}), ControlIn: ("controls", {"model": "x"}),
+             IPAdapterIn: ("ip_adapters", {"model": "x"})}
     for model, (field, base) in lists.items():
-        for name in _number_fields(model):
-            cases.append(({field: [{**base, name: True}]}, f"{field}.0.{name}", True))
-    assert len(cases) > 60                              # the audit reached every number field
+        for name, kind in _number_fields(model).items():
+            for value in bad_int if kind == "int" else bad_float:
+                cases.append(({field: [{**base, name: value}]}, f"{field}.0.{name}", value))
+    for model, field in ((FreeUIn, "freeu"), (DeepCacheIn, "deep_cache")):
+        for name, kind in _number_fields(model).items():
+            for value in bad_int if kind == "int" else bad_float:
+                cases.append(({field: {name: value}}, f"{field}.{name}", value))
+    return cases
+
+
+def test_every_number_of_the_native_requests_refuses_true_fractions_and_non_finite(client):
+    """Before, `{"steps": true}` drew 1 step, `{"cfg_scale": true}` scale 1: every int and float field of a job, its
+    LoRAs, controls, IP-Adapters, FreeU and DeepCache settings is a 422 naming the field and the value for true, a
+    fraction or a word where an int is wanted, true or a word where a float is."""
+    cases = _number_cases((True, 7.5, "7.5"), (True, "many"))
+    assert len(cases) > 120                             # the audit reached every number field
     for fields, where, bad in cases:
         answer = client.post("/api/jobs", json={"prompt": "a cat", "steps": 2, **fields})
         assert answer.status_code == 422, (fields, answer.text)
         assert answer.json()["detail"].startswith(where) and json.dumps(bad) in answer.json()["detail"], \
             (fields, answer.text)
-    for raw in (b"NaN", b"Infinity", b"-Infinity"):      # Python's JSON reader takes them; no number of a job is one
-        answer = client.post("/api/jobs", content=b'{"prompt": "a", "cfg_scale": ' + raw + b"}",
-                             headers={"content-type": "application/json"})
-        assert answer.status_code == 422 and answer.json()["detail"] == \
-            f"cfg_scale: Input should be a finite number, got {raw.decode()}", answer.text
+    for raw in (b"NaN", b"Infinity", b"-Infinity", b'"nan"'):   # Python's JSON reader takes them; no number is one
+        for field in (b'"cfg_scale": ', b'"steps": '):
+            answer = client.post("/api/jobs", content=b'{"prompt": "a", ' + field + raw + b"}",
+                                 headers={"content-type": "application/json"})
+            assert answer.status_code == 422 and answer.json()["detail"].startswith(field[1:-3].decode()), \
+                answer.text
+            assert raw.decode() in answer.json()["detail"], answer.text
     assert client.get("/api/jobs").json()["jobs"] == []
+
+
+def test_a_whole_float_is_its_integer_and_a_numbers_string_that_number():
+    """JSON does not tell 20 from 20.0 and many clients (Python's json of a float, JavaScript's arithmetic) send
+    20.0: every int field takes it as 20, as pydantic's lax mode does, and a string of a number ("20", "7.5") as
+    that number; so a seed past JavaScript's exact integers comes as its digits from the web UI (app.js seedField).
+    Before, 20.0 was a 422 for every int field (FreeU's version and DeepCache's interval too)."""
+    from sdlab.server.native import JobIn
+
+    for fields, where, value in _number_cases((20.0, "20", " 20 "), (7, "7.5")):
+        body = JobIn.model_validate(fields)
+        read = body
+        for part in where.split("."):
+            read = read[int(part)] if part.isdigit() else getattr(read, part)
+        assert read == (20 if value in (20.0, "20", " 20 ") else float(value)), (fields, read)
+        assert type(read) is (int if value in (20.0, "20", " 20 ") else float), (fields, read)
 
 
 def test_numbers_of_their_kind_and_seed_digits_still_pass(client):
     """An int where a float is wanted is that float; a tuple is a JSON array; a seed past JavaScript's exact integers
-    comes as its digits from the web UI (app.js seedField). Each request is refused after validation, by its steps."""
+    comes as its digits from the web UI (app.js seedField)."""
     from sdlab.server.native import JobIn
 
     body = JobIn.model_validate({"cfg_scale": 7, "seed": "18446744073709551615", "subseed": "-5", "hr_seed": 3,
                                  "original_size": [512, 768], "pag_layers": ["mid"], "loras": [{"name": "x",
-                                                                                               "weight": 1}]})
+                                                                                               "weight": 1}],
+                                 "image_cfg_scale": " None"})
     assert (body.cfg_scale, body.seed, body.subseed, body.original_size) == (7.0, 2**64 - 1, -5, (512, 768))
-    assert body.pag_layers == ("mid",) and body.loras[0].weight == 1.0
+    assert body.pag_layers == ("mid",) and body.loras[0].weight == 1.0 and body.image_cfg_scale == "none"
     for seed in ("12a", "1e3", " ", True, 1.5):
         answer = client.post("/api/jobs", json={"prompt": "a cat", "seed": seed})
         assert answer.status_code == 422 and answer.json()["detail"].startswith("seed: "), (seed, answer.text)

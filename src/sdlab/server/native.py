@@ -28,12 +28,14 @@ import re
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Literal, get_type_hints
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import anyio
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, create_model, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictInt, TypeAdapter, ValidationError, ValidationInfo,
+                      create_model, field_validator)
 from PIL import Image
 
 from sdlab.checkpoints.errors import CheckpointError
@@ -63,39 +65,75 @@ from sdlab.utils.file_hashes import read_per_version
 router = APIRouter(prefix="/api")
 KEEPALIVE_S = 15.0
 IMAGE_NAME = re.compile(r"^[0-9a-f]{32}-[0-9]{1,3}\.png$")
-STRICT_NUMBERS = ConfigDict(strict=True, allow_inf_nan=False)
-"""The request models' numbers (the FreeU / DeepCache settings' rule): an int field takes a JSON integer alone (no
-true, 7.5, 7.0 or "7"), a float field a finite JSON number (no true, "7.5", NaN or Infinity, which Python's JSON
-reader takes). A sequence field is a JSON array, read with `Field(strict=False)` (strict would want a Python tuple)
-and its items strict; a seed also takes its digits (`_seed_digits`)."""
-SEED_DIGITS = re.compile(r"^-?[0-9]+$")
+JSON_INT = TypeAdapter(int)
+JSON_FLOAT = TypeAdapter(float, config=ConfigDict(allow_inf_nan=False))
 
 
-class LoraIn(BaseModel):
-    model_config = ConfigDict(extra="forbid", **STRICT_NUMBERS)
+def json_number(value: Any, hint: Any) -> Any:
+    """`value` as the number a field of type `hint` (an int or float, alone, in a union or in a tuple) reads it: an
+    integral float (JSON's 20.0, which many clients send for 20) is that int, a string of a number ("7", "7.5") that
+    number, as pydantic's lax mode reads them; anything else (true, 7.5 for an int, NaN) is left for the strict
+    check to refuse with its reason."""
+    if isinstance(hint, type) and hint in (int, float):
+        readable = (float, str) if hint is int else (str,)
+        if isinstance(value, bool) or not isinstance(value, readable):
+            return value
+        try:
+            return (JSON_INT if hint is int else JSON_FLOAT).validate_python(value)
+        except ValidationError:
+            return value
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Annotated:
+        return json_number(value, args[0])
+    if origin is tuple and isinstance(value, list):
+        items = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
+        return [json_number(item, kind) for item, kind in zip(value, items)] + value[len(items):]
+    if origin in (Union, UnionType):
+        numbers = [arg for arg in args if arg in (int, float) or get_origin(arg) in (tuple, Annotated)]
+        return json_number(value, numbers[0]) if len(numbers) == 1 else value
+    return value
+
+
+class JsonNumbers(BaseModel):
+    """A request model whose numbers are JSON numbers of their kind (every native request model, FreeU's and
+    DeepCache's settings too): an int field takes an integer, 20.0 or "20" (`json_number`), not true or 7.5; a float
+    field a finite number or its string, not true, NaN or Infinity (which Python's JSON reader takes); a seed past 2^53
+    comes as its digits from the web UI (app.js `seedField`: JavaScript holds no larger integer exactly). Unknown
+    fields are refused. A tuple field is a JSON array, read with `Field(strict=False)` (strict would want a Python tuple),
+    its items `StrictInt`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _json_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        return json_number(value, cls.model_fields[info.field_name].annotation)
+
+
+class LoraIn(JsonNumbers):
     name: str
     weight: float = 1.0
 
 
 FreeUIn = create_model(
-    "FreeUIn", __config__=ConfigDict(extra="forbid", strict=True),
+    "FreeUIn", __base__=JsonNumbers,
     __doc__="FreeU's setting (`models.freeu.FreeU`): backbone factors b1, b2, skip factors s1, s2, version 1 or 2, "
             "the \"comfyui\" or \"diffusers\" rule for its stages, the step window start..end; its fields, types and "
-            "defaults are the dataclass's (strict: true is no number).",
+            "defaults are the dataclass's.",
     **{f.name: (hint, f.default) for f, hint in zip(fields(FreeU), get_type_hints(FreeU).values())})
 
 
 DeepCacheIn = create_model(
-    "DeepCacheIn", __config__=ConfigDict(extra="forbid", strict=True),
+    "DeepCacheIn", __base__=JsonNumbers,
     __doc__="DeepCache's setting (`models.deep_cache.DeepCache`): a whole U-Net call every `interval` steps, the "
-            "shallow `branch` between; its fields, types and defaults are the dataclass's (strict: 3.0 is no int).",
+            "shallow `branch` between; its fields, types and defaults are the dataclass's.",
     **{f.name: (hint, f.default) for f, hint in zip(fields(DeepCache), get_type_hints(DeepCache).values())})
 
 
-class ControlIn(BaseModel):
+class ControlIn(JsonNumbers):
     """One ControlNet: a model of the server's ControlNet folder by name, its hint image (base64)."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=(), **STRICT_NUMBERS)
+    model_config = ConfigDict(protected_namespaces=())
     model: str
     image: str | None = None                # None: an img2img / inpaint job's init picture (each request's, in
     strength: float = 1.0                   # a script), as an A1111 unit without one
@@ -111,13 +149,13 @@ class ControlIn(BaseModel):
     pixel_perfect: bool = False             # picture's own size); A1111's Pixel Perfect: the resolution from the size
 
 
-class IPAdapterIn(BaseModel):
+class IPAdapterIn(JsonNumbers):
     """One image prompt: an IP-Adapter of the server's ControlNet folder by name (A1111's extension keeps them
     there), its picture (base64; none: an img2img / inpaint job's init picture, each script request's own, as a
     control's) and scale, the fractions of the steps it acts from and to (the request's `control_convention` picks
     them, as a control's); its image encoder is the image_encoder folder beside it or one up."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=(), **STRICT_NUMBERS)
+    model_config = ConfigDict(protected_namespaces=())
     model: str
     image: str | None = None
     scale: float = 1.0
@@ -140,10 +178,10 @@ class IPAdapterIn(BaseModel):
     face_shortcut: float | None = None
 
 
-class JobIn(NullsAreDefaults):
+class JobIn(NullsAreDefaults, JsonNumbers):
     """A generation: `GenerationRequest`'s fields, the mode, and optionally the model by name."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=(), **STRICT_NUMBERS)
+    model_config = ConfigDict(protected_namespaces=())
 
     mode: Literal["txt2img", "img2img", "inpaint"] = "txt2img"
     model: str | None = None
@@ -278,15 +316,6 @@ class JobIn(NullsAreDefaults):
         """true is no ratio, as the A1111 API's options refuse it: named with its range."""
         if isinstance(value, bool):
             raise ValueError(f"{info.field_name} must be a number in [0, 1), got {str(value).lower()}")
-        return value
-
-    @field_validator("seed", "subseed", "hr_seed", mode="before")
-    @classmethod
-    def _seed_digits(cls, value: Any) -> Any:
-        """A seed as its digits ("18446744073709551615") is that seed: JavaScript holds no integer past 2^53
-        exactly, so the web UI sends a larger one so (app.js `seedField`); any other string stays refused."""
-        if isinstance(value, str) and SEED_DIGITS.match(value.strip()):
-            return int(value)
         return value
 
     @field_validator("image_cfg_scale", mode="before")
@@ -640,8 +669,7 @@ def opened_file(path: Path, media_type: str, headers: dict[str, str] | None = No
                              headers={"Content-Length": str(size), **(headers or {})})
 
 
-class PictureIn(NullsAreDefaults):
-    model_config = ConfigDict(extra="forbid", **STRICT_NUMBERS)
+class PictureIn(NullsAreDefaults, JsonNumbers):
     image: str                              # a PNG, JPEG or WebP: base64 or a data URL
 
 
