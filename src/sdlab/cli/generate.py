@@ -590,7 +590,22 @@ def _recorded_parameters(args: argparse.Namespace) -> dict[str, Any]:
     if parsed.keys() == {PROMPT, NEGATIVE_PROMPT}:
         logger.warning("the parameters of %s have no settings line (Steps: ..., Sampler: ..., Seed: ...): its text "
                        "is the prompt, drawn with the default settings", args.from_png)
+    if getattr(args, "mode", None) == "txt2img" and _drawn_from_a_picture(parsed):
+        logger.warning("%s was drawn from a picture (img2img or inpaint: its %s): txt2img draws another picture; "
+                       "redraw it with 'sdlab img2img --from-png %s --init PICTURE' ('sdlab inpaint' with --mask "
+                       "for an inpainting)", args.from_png, _drawn_from_a_picture(parsed), args.from_png)
     return parsed
+
+
+def _drawn_from_a_picture(parsed: dict[str, Any]) -> str | None:
+    """The label that shows a picture's parameters are an img2img's or an inpainting's (sdlab's `Img2img steps`;
+    A1111's `Denoising strength` without a hires fix's labels), None for a txt2img's."""
+    if "Img2img steps" in parsed:
+        return "'Img2img steps' label"
+    hires = ("Hires upscale", "Hires upscaler", "Hires resize", "Hires resize-1", "First pass size")
+    if "Denoising strength" in parsed and not any(label in parsed for label in hires):
+        return "'Denoising strength' without a hires fix"
+    return None
 
 
 # GenerationRequest fields whose flag has the same name (a flag a subcommand lacks reads None: not given)
