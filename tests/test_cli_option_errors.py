@@ -134,7 +134,7 @@ def test_a_text_option_takes_a_value_that_starts_with_a_minus(command, option, d
 def test_a_prompt_that_starts_with_a_minus_is_the_prompt(command, common):
     from sdlab.cli import build_parser
 
-    assert build_parser().parse_args([command, "-blurry", *common, "--negative", "-x"]).prompt == "-blurry"
+    assert build_parser().parse_args([command, "-blurry", *common, "--negative", "-ugly"]).prompt == "-blurry"
     assert build_parser().parse_args([command, *common, "-blurry"]).prompt == "-blurry"
 
 
@@ -147,10 +147,17 @@ def test_a_prompt_that_starts_with_a_minus_is_the_prompt(command, common):
     (["txt2img", "a", "-vv"], "-vv is an option of sdlab, not of sdlab txt2img: give it before the command"),
     (["txt2img", "--debug"], "--debug is an option of sdlab"),
     (["txt2img", "a", "--stepz", "3"], "unrecognized arguments: --stepz 3"),
+    (["txt2img", "a", "--negative", "-steps", "5"],
+     "--negative -steps: -steps looks like a mistyped --steps; give the option, or write --negative=-steps"),
+    (["txt2img", "a", "--negative", "--tilling"], "--tilling looks like a mistyped --tiling"),
+    (["txt2img", "a", "--negative", "--stpes", "5"], "--stpes looks like a mistyped --steps"),
+    (["grid", "a", "--x", "steps=1,2", "--negative", "--widht", "64"], "--widht looks like a mistyped --width"),
+    (["img2img", "a", "--init", "i.png", "--prompt-2", "-seed", "3"], "-seed looks like a mistyped --seed"),
 ])
 def test_a_word_that_names_an_option_is_not_read_as_text(capsys, args, message):
     """The words after a text option, or in the prompt's place, that name an option (this command's, a shortening
-    of one, another command's, sdlab's own, or --steps with one minus) are still refused as options."""
+    of one, another command's, sdlab's own, or --steps with one minus) are still refused as options; after a text
+    option, so is a word that looks like a mistyped option (`--tilling`), where it was taken silently as the text."""
     code, out, err = run(args, capsys)
     assert code == 2 and out == "" and len(err.splitlines()) == 1, err
     assert err.startswith("sdlab: error: ") and message in err, err

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import logging
 import os
 import re
@@ -92,7 +93,8 @@ class CommandParser(argparse.ArgumentParser):
     mean --steps?), and `-v` / `--debug` after the command are refused as `sdlab`'s own options. A free-text option
     (`cli.errors.utf8_text`: --negative, --style, --prompt-2, ...) takes the word after it as its text even where that
     starts with two minuses, as getopt gives an option its argument (POSIX), unless the word names an option
-    (`--negative --seed 3` is still a missing value)."""
+    (`--negative --seed 3` is still a missing value) or looks like a mistyped one (`--negative --tilling`,
+    `--negative -steps 5`: refused naming the option and `--negative=--tilling` for that text)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -121,6 +123,10 @@ class CommandParser(argparse.ArgumentParser):
             following = words[index + 1] if index + 1 < len(words) else ""
             if (action is not None and takes_free_text(action) and following.startswith("-") and following != "--"
                     and not self._names_option(following)):
+                meant = self._mistyped_option(following)
+                if meant is not None:
+                    raise UserError(f"{word} {following}: {following} looks like a mistyped {meant}; give the option, "
+                                    f"or write {word}={following} for that text ({self.prog} --help lists the options)")
                 joined.append(f"{word}={following}")
                 index += 2
             else:
@@ -135,6 +141,18 @@ class CommandParser(argparse.ArgumentParser):
         if name in self._option_string_actions or name in self.foreign_options or self._is_main_option(name):
             return True
         return name.startswith("--") and any(option.startswith(name) for option in self._option_string_actions)
+
+    def _mistyped_option(self, word: str) -> str | None:
+        """The option of this command that `word`, naming none, seems a mistyping of: the one with two minuses
+        where `word` has one (`-steps`: --steps), else the long option nearest in spelling (`--stpes`: --steps,
+        `--tilling`: --tiling; difflib's ratio of at least 0.8, which `--blurry`, `--lowres`, `--bad-hands` are
+        far from); None for a word that looks like no option."""
+        name = word.split("=", 1)[0]
+        if not name.startswith("--"):
+            return "-" + name if "-" + name in self._option_string_actions else None
+        longs = [option for option in self._option_string_actions if option.startswith("--")]
+        nearest = difflib.get_close_matches(name, longs, n=1, cutoff=0.8)
+        return nearest[0] if nearest else None
 
     def _is_main_option(self, name: str) -> bool:
         """`name` is an option of `sdlab` itself: --debug, -v, or -v repeated (-vv)."""
@@ -152,8 +170,9 @@ class CommandParser(argparse.ArgumentParser):
                             f"(sdlab {name} {command} ...)")
         if arg_string.startswith("--"):
             return parsed
-        if "-" + name in self._option_string_actions:
-            raise UserError(f"{self.prog} has no {name} option; did you mean -{name}? "
+        meant = self._mistyped_option(name)
+        if meant is not None:
+            raise UserError(f"{self.prog} has no {name} option; did you mean {meant}? "
                             f"({self.prog} --help lists the options)")
         return None     # `-blurry`: a value, as argparse reads "-blurry face"
 
