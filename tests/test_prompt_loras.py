@@ -136,6 +136,29 @@ def test_files_are_found_by_stem_subfolder_and_output_name(tmp_path):
         find_lora("../ink", [b])
 
 
+def test_a_path_under_a_folder_finds_that_file_not_the_stems_first(tmp_path):
+    """ComfyUI's lora_name, a file's path under a LoRA folder with its suffix ("b/ink.safetensors", which `sdlab
+    serve` records where an earlier file has the stem), finds that file, not the stem's first (a/ink); a path that
+    leaves the folder, is absolute, has a backslash or no LoRA suffix is a ValueError, a link out of the folder is
+    not followed, a flat search (`recursive=False`) takes no path. Before, every path was a ValueError: `sdlab
+    txt2img --from-png` of such a server picture stopped on 'not a plain file name'."""
+    folder = tmp_path / "Lora"
+    first = _lora_file(folder / "a" / "ink.safetensors", _small_lora(0))
+    shadowed = _lora_file(folder / "b" / "ink.safetensors", _small_lora(1))
+    outside = _lora_file(tmp_path / "elsewhere" / "out.safetensors", _small_lora(2))
+    (folder / "c").mkdir()
+    (folder / "c" / "out.safetensors").symlink_to(outside)
+    assert find_lora("ink", [folder]) == first
+    assert find_lora("b/ink.safetensors", [tmp_path / "none", folder]) == shadowed
+    assert find_lora("b/ink.safetensors", [folder], recursive=False) is None
+    assert find_lora("b/gone.safetensors", [folder]) is None
+    assert find_lora("c/out.safetensors", [folder]) is None
+    for name in ("../elsewhere/out.safetensors", "/abs/ink.safetensors", "b\\ink.safetensors", "b/ink",
+                 "b//ink.safetensors", "b/./ink.safetensors"):
+        with pytest.raises(ValueError, match="plain file name"):
+            find_lora(name, [folder])
+
+
 def test_missing_or_non_lora_files_are_one_error_before_merging(tmp_path):
     folder = tmp_path / "loras"
     _lora_file(folder / "ink.safetensors", _small_lora(0))

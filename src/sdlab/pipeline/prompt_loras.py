@@ -17,7 +17,8 @@ rest of the prompt, spaces included, is kept as written. Every other extra-netwo
 kind, as A1111 skips a kind it has no network for: only ``lora`` and its alias ``lyco`` are applied, in
 A1111's lower case (``<LORA:...>`` is an unknown kind there). NAME is a file's stem: `find_lora` looks for
 ``NAME.safetensors`` (``.pt``, ``.ckpt``) in each folder and its subfolders, then for a ``.safetensors``
-whose kohya ``ss_output_name`` is NAME. Tags in the negative prompt are not LoRAs: A1111 reads extra
+whose kohya ``ss_output_name`` is NAME; a NAME with "/" is a file's path under a folder, ComfyUI's lora_name
+(``sub/NAME.safetensors``). Tags in the negative prompt are not LoRAs: A1111 reads extra
 networks from the positive prompt only (processing.py: ``parse_extra_network_prompts`` parses
 ``self.prompts``), so a tag there stays text.
 
@@ -208,10 +209,12 @@ def _ss_output_name(path: Path) -> str | None:
 def find_lora(name: str, folders: Iterable[str | os.PathLike[str]], *, recursive: bool = True) -> Path | None:
     """The file `name` means in `folders` (in order): NAME.safetensors / .pt / .ckpt in a folder, then
     (`recursive`) in its subfolders (sorted), then a .safetensors whose ``ss_output_name`` is NAME; None if
-    there is none. A name with a path separator is a ValueError (tags name files, never paths)."""
-    if not _plain_name(name):
-        raise ValueError(f"the LoRA name {name!r} is not a plain file name (a tag names a file in a LoRA folder)")
+    there is none. A name with "/" is ComfyUI's lora_name, a file's path under a folder with its suffix
+    ("b/inked.safetensors": `sdlab serve` records a LoRA so where an earlier file has its stem), looked for under
+    each folder (`recursive` only); any other path ("..", absolute, a backslash, no LoRA suffix) is a ValueError."""
     folders = [Path(f) for f in folders]
+    if not _plain_name(name):
+        return _path_under(name, folders if recursive else [])
     for folder in folders:
         for suffix in LORA_SUFFIXES:
             if (folder / f"{name}{suffix}").is_file():
@@ -229,6 +232,21 @@ def find_lora(name: str, folders: Iterable[str | os.PathLike[str]], *, recursive
             for path in sorted(folder.rglob("*.safetensors")):
                 if path.is_file() and _ss_output_name(path) == name:
                     return path
+    return None
+
+
+def _path_under(name: str, folders: list[Path]) -> Path | None:
+    """The file `name` ("sub/x.safetensors", a path under a LoRA folder with its suffix) names in the first of
+    `folders` holding it, never a file outside the folder; a ValueError where `name` is no such path."""
+    parts = name.split("/")
+    if ("\\" in name or "\0" in name or any(part in ("", ".", "..") for part in parts)
+            or Path(name).suffix.lower() not in LORA_SUFFIXES):
+        raise ValueError(f"the LoRA name {name!r} is not a plain file name nor a file's path under a LoRA folder "
+                         "(sub/NAME.safetensors)")
+    for folder in folders:
+        path = folder / name
+        if path.is_file() and path.resolve().is_relative_to(folder.resolve()):
+            return path
     return None
 
 
