@@ -131,7 +131,7 @@ def test_a_model_file_error_of_the_run_itself_is_not_blamed_on_the_hires_upscale
     upscaler = HiresUpscaler(folder.find("tinyx2"), load_upscaler(tmp_path / "tinyx2.safetensors"))
 
     class FailingPipe:                  # a file the run reads past the upscaler (a prompt's LoRA, say) is broken
-        def run(self, request, progress=None, stop=None, upscaler=None):
+        def run(self, request, progress=None, stop=None, upscaler=None, first_pass=None):
             raise CheckpointError("other.safetensors: not a checkpoint")
 
     request = GenerationRequest(prompt=PROMPT, hr_scale=2, hr_upscaler="tinyx2")
