@@ -9,6 +9,7 @@ from pathlib import Path
 
 from sdlab.train.data import is_run_folder, scan_dataset
 from sdlab.train.run_lock import LOCK_NAME
+from sdlab.train.run_log import RUN_LOG_COLUMNS
 from train_fixtures import pattern_image, write_caption_folder
 
 
@@ -27,7 +28,7 @@ def _earlier_run(folder: Path) -> Path:
     pattern_image(1, 24).save(folder / "samples" / "step-100-0.png")
     (folder / "checkpoints" / "step-00000100.pt").write_bytes(b"state")
     (folder / "summary.json").write_text("{}")
-    (folder / "log.csv").write_text("step,loss\n")
+    (folder / "log.csv").write_text(",".join(RUN_LOG_COLUMNS) + "\n100,0.1,1e-4,0.5,2.0,1,3.0\n")
     return folder
 
 
@@ -64,3 +65,23 @@ def test_a_folder_is_a_run_folder_only_by_what_a_run_writes(tmp_path):
     assert not is_run_folder(tmp_path)
     (tmp_path / "checkpoints" / "step-00000002.pt").write_bytes(b"x")
     assert is_run_folder(tmp_path)
+
+
+def test_a_datasets_own_summary_log_and_checkpoints_do_not_make_it_a_run_folder(tmp_path):
+    """Before, any summary.json with any log.csv (a scraper's, a labelling tool's) or any checkpoints/step-N.pt
+    (another trainer's) made a dataset folder a run folder, and its images were left out of the scan."""
+    data = tmp_path / "data"
+    own = write_caption_folder(data / "scraped", n=2, size=24)
+    (own / "summary.json").write_text('{"images": 2}')
+    (own / "log.csv").write_text("url,status\nhttp://x/0.png,200\n")
+    other = write_caption_folder(data / "other", n=1, size=24)
+    (other / "checkpoints").mkdir()
+    (other / "checkpoints" / "step-100.pt").write_bytes(b"another trainer's")
+    assert not is_run_folder(own) and not is_run_folder(other)
+    scan = scan_dataset(data)
+    assert sorted(s.path.parent.name for s in scan.samples) == ["other", "scraped", "scraped"]
+    ended = tmp_path / "ended"                                # a run that ended before its first checkpoint
+    ended.mkdir()
+    (ended / "summary.json").write_text("{}")
+    (ended / "log.csv").write_text(",".join(RUN_LOG_COLUMNS) + "\n")
+    assert is_run_folder(ended)

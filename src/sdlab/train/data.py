@@ -63,8 +63,9 @@ from sdlab.checkpoints.io import write_safetensors_atomic
 from sdlab.models.vae import posterior_draw
 from sdlab.pipeline.images import upright_8bit
 from sdlab.train.errors import TrainError
-from sdlab.train.run_checkpoint import list_checkpoints
+from sdlab.train.run_checkpoint import checkpoint_path, list_checkpoints
 from sdlab.train.run_lock import LOCK_NAME
+from sdlab.train.run_log import is_run_log
 from sdlab.train.task import Batch
 from sdlab.utils.text import not_utf8
 
@@ -303,14 +304,16 @@ def _read_metadata(root: Path, meta: Path, scan: DatasetScan) -> list[tuple[Path
 
 
 def is_run_folder(folder: Path) -> bool:
-    """Whether ``folder`` is an ``sdlab train`` run folder: its lock file (a run going on, the new run's own
-    ``--output-dir`` among them), its run checkpoints, or the summary.json and log.csv of a run that ended. Its
-    previews and weights are no training data: the scan never enters one below ``--data-dir``
-    (`_warn_of_run_folders`)."""
-    if _is_file(folder / LOCK_NAME) or (_is_file(folder / "summary.json") and _is_file(folder / "log.csv")):
+    """Whether ``folder`` is an ``sdlab train`` run folder, by what only a run writes: its lock file (a run going
+    on, the new run's own ``--output-dir`` among them), a run checkpoint under its own name (`checkpoint_path`), or
+    a run's log.csv (`is_run_log`: its header) with summary.json. Its previews and weights are no training data:
+    the scan never enters one below ``--data-dir`` (`_warn_of_run_folders`). A dataset's own summary.json, log.csv
+    or checkpoints/*.pt do not make it one."""
+    if _is_file(folder / LOCK_NAME) or (_is_file(folder / "summary.json") and is_run_log(folder / "log.csv")):
         return True
     try:
-        return bool(list_checkpoints(folder / "checkpoints"))
+        return any(path == checkpoint_path(folder / "checkpoints", step)
+                   for step, path in list_checkpoints(folder / "checkpoints"))
     except OSError:                                     # a checkpoints folder that cannot be listed
         return False
 

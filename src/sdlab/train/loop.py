@@ -57,7 +57,7 @@ from sdlab.train.run_checkpoint import (
     restore_rng_state,
     save_run_checkpoint,
 )
-from sdlab.train.run_log import CSVLog, draw_loss_curve, read_log
+from sdlab.train.run_log import RUN_LOG_COLUMNS, CSVLog, draw_loss_curve, read_log
 from sdlab.train.task import TrainTask
 
 logger = logging.getLogger(__name__)
@@ -337,7 +337,7 @@ def train(task: TrainTask, data: TrainData, cfg: TrainConfig, ctx: DistContext,
     # -- logging --------------------------------------------------------------------------------------
     log: CSVLog | None = None
     if ctx.is_main:
-        log = CSVLog(out_dir / "log.csv", ["step", "loss", "lr", "grad_norm", "images_per_s", "epoch", "time"],
+        log = CSVLog(out_dir / "log.csv", RUN_LOG_COLUMNS,
                      resume_step=start_step if cfg.resume is not None else None)
     bar = None
     if ctx.is_main and cfg.progress:

@@ -16,7 +16,19 @@ from PIL import Image, ImageDraw
 
 from sdlab.utils.files import atomic_write
 
-__all__ = ["CSVLog", "draw_loss_curve", "read_log"]
+__all__ = ["CSVLog", "RUN_LOG_COLUMNS", "draw_loss_curve", "read_log", "is_run_log"]
+
+RUN_LOG_COLUMNS = ("step", "loss", "lr", "grad_norm", "images_per_s", "epoch", "time")
+"""The columns of a training run's log.csv, its header line."""
+
+
+def is_run_log(path: Path) -> bool:
+    """Whether ``path`` is the log.csv of a training run: a file whose header line is `RUN_LOG_COLUMNS`."""
+    try:
+        with open(path, encoding="utf-8", errors="replace", newline="") as f:
+            return f.readline(200).rstrip("\r\n") == ",".join(RUN_LOG_COLUMNS)
+    except OSError:                                     # not a file, or unreadable
+        return False
 
 
 class CSVLog:
