@@ -66,7 +66,7 @@ from sdlab.pipeline.images import on_white, read_image, snap_size, upright_size
 from sdlab.pipeline.perturbed_attention import DEFAULT_LAYERS, PagLayerError, check_layer_patterns
 from sdlab.pipeline.upscale import (
     DEFAULT_OVERLAP, DEFAULT_TILE, LATENT_UPSCALE_MODES, PLAIN_UPSCALERS, UpscaleError, canonical_latent_name,
-    missing_upscaler,
+    missing_upscaler, tile_overlap_limit,
 )
 
 MAX_PROMPT_CHARS = 20_000   # longer prompts are refused: they are almost always a mistake (a pasted file)
@@ -1187,6 +1187,11 @@ def resolve(
     for name in ("hr_upscaler_tile", "hr_upscaler_tile_overlap"):
         if not _integer(getattr(r, name)) or getattr(r, name) < 0:
             raise RequestError(f"{name} must be an integer >= 0, got {getattr(r, name)!r}")
+    overlap_limit = tile_overlap_limit(r.hr_upscaler_tile, r.hr_upscaler_tile_overlap)
+    if overlap_limit is not None:
+        raise RequestError(f"hr_upscaler_tile_overlap must be at most half of hr_upscaler_tile: "
+                           f"{r.hr_upscaler_tile_overlap} with a tile of {r.hr_upscaler_tile} "
+                           f"(at most {overlap_limit})")
     if r.tiled_vae is not None and not isinstance(r.tiled_vae, bool):
         raise RequestError(f"tiled_vae must be True, False or None (tile large pictures), got {r.tiled_vae!r}")
     if not isinstance(r.paste_back, bool):
