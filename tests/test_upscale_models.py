@@ -444,3 +444,20 @@ def test_a_tile_overlap_past_half_the_tile_is_named_with_its_limit() -> None:
     assert tile_overlap_limit(16, 9) == 8 and tile_overlap_limit(16, 15) == 8 and tile_overlap_limit(17, 9) == 8
     assert tile_overlap_limit(192, 97) == 96 and tile_overlap_limit(192, 32) is None
     assert tile_overlap_limit(0, 500) is None
+
+
+def test_a_request_whose_hires_tiles_overlap_past_half_a_tile_is_refused() -> None:
+    """The Python API's hires upscaler tiles (GenerationRequest.hr_upscaler_tile / _overlap) keep the rule the A1111
+    API's ESRGAN_tile options and `sdlab upscale` keep: 16 / 15 (a network run per pixel) is refused by the request,
+    whatever door sends it; half a tile and no tiles draw."""
+    from sdlab.pipeline.request import GenerationRequest, RequestError, resolve
+
+    def resolved(tile: int, overlap: int) -> GenerationRequest:
+        return resolve(GenerationRequest(prompt="x", hr_scale=2, hr_upscaler="Lanczos", hr_upscaler_tile=tile,
+                                         hr_upscaler_tile_overlap=overlap),
+                       default_size=64, default_sampler="Euler", default_schedule="karras", factor=8)
+
+    with pytest.raises(RequestError, match=r"hr_upscaler_tile_overlap must be at most half of hr_upscaler_tile: "
+                                           r"15 with a tile of 16 \(at most 8\)"):
+        resolved(16, 15)
+    assert (resolved(16, 8).hr_upscaler_tile_overlap, resolved(0, 500).hr_upscaler_tile) == (8, 0)
