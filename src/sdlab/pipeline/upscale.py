@@ -160,7 +160,7 @@ def tile_overlap_limit(tile: int, overlap: int) -> int | None:
     tile 0: no tiles). Tiles step by tile - overlap, so within the limit an upscale takes at most about 4 x its
     untiled work; past it the runs multiply (one per pixel at 16 / 15; `_run_network` clamps an overlap that
     reaches the tile to tile - 1). Every door refuses such a pair in its own words: `sdlab upscale --tile-overlap`,
-    the A1111 API's ESRGAN_tile_overlap."""
+    the A1111 API's ESRGAN_tile_overlap, a request's hr_upscaler_tile_overlap."""
     limit = tile // 2
     return limit if tile and overlap > limit else None
 
