@@ -291,3 +291,20 @@ def test_a_cuda_index_from_the_local_rank_is_refused_alike_by_every_process_of_t
         with pytest.raises(TrainError, match="the 4 processes on this machine need a CUDA device each"):
             resolve_device(name, local_rank, 4)
     assert resolve_device("cuda:1", 3, 4) == torch.device("cuda:1")
+
+
+def test_torchrun_with_an_output_path_it_cannot_write_stops_every_rank_before_the_model_loads(tmp_path):
+    """Rank 0 alone checks the paths the run writes (`_check_output_paths`: the ranks share the folder); every
+    rank learns its verdict: a `checkpoints` file in --output-dir is one error line, every rank's status 2, no
+    rank loads the model (rank 1 does not wait at a later barrier for a peer that left)."""
+    data = write_caption_folder(tmp_path / "data", n=4, size=16)
+    model = write_tiny_model(tmp_path / "tiny-sd1.safetensors")
+    (tmp_path / "ranks.py").write_text(RANKS_RECORD_WHAT_THEY_READ)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoints").write_text("")
+    args = cli_args(tmp_path / "run", model, data, "--batch-size", "1", "--max-steps", "1")
+    proc = _torchrun([str(tmp_path / "ranks.py"), *args[2:]], 29537, {"STATUS_DIR": str(tmp_path)})
+    assert _error_lines(proc) == [f"sdlab: error: the run checkpoints' folder {tmp_path / 'run' / 'checkpoints'} "
+                                  "exists and is not a folder"], proc.stderr[-3000:]
+    assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["2", "2"]
+    assert not list(tmp_path.glob("rank*-load_bundle")), sorted(p.name for p in tmp_path.glob("rank*-*"))

@@ -77,3 +77,27 @@ def test_a_run_whose_output_dir_is_inside_its_data_dir_leaves_it_out(model, tmp_
     assert code == 2 and "checkpoints' folder" in _error_line(err)
     assert scans[0].layout == "kohya" and len(scans[0].samples) == 3
     assert f"left out {out}, a run folder of sdlab train" in err
+
+
+@pytest.mark.parametrize("alias", ["same", "dotdot", "link"])
+def test_an_output_dir_that_is_the_data_dir_is_refused_before_anything_is_read(model, tmp_path, capsys, monkeypatch,
+                                                                               alias):
+    """Before, --output-dir equal to --data-dir trained, writing samples/ among the training images: a later
+    --resume scanned the previews (in a kohya dataset, `auto` then read the folders as plain)."""
+    import sdlab.train.cli as train_cli
+
+    def no_scan(*args, **kwargs):
+        raise AssertionError("the data was read")
+
+    monkeypatch.setattr(train_cli, "scan_dataset", no_scan)
+    data = _kohya_folder(tmp_path / "data")
+    out = {"same": data, "dotdot": data / "10_sks dog" / "..", "link": tmp_path / "link"}[alias]
+    if alias == "link":
+        out.symlink_to(data)
+    before = sorted(data.rglob("*"))
+    code, err = _train(capsys, model, data, out)
+    assert code == 2 and _error_line(err) == (
+        f"sdlab: error: --output-dir {out} is --data-dir {data}: the run's previews and weights would lie among "
+        f"its training images; give the run a folder of its own (one inside --data-dir, such as "
+        f"{data / 'runs' / 'first'}, is left out of the scan)")
+    assert sorted(data.rglob("*")) == before                 # no lock, no folder made

@@ -227,6 +227,21 @@ def _make_output_dir(folder: str) -> None:
         raise TrainError(str(err)) from None
 
 
+def _refuse_output_dir_as_data_dir(cfg: TrainConfig) -> None:
+    """A run folder that is the dataset's folder itself is refused before anything is read: its previews
+    (samples/) would lie among the training images, read as images on the next scan (--resume), where they would
+    turn a kohya dataset read by `auto` into plain folders. A run folder inside --data-dir is fine: the scan
+    leaves it out (`data.is_run_folder`)."""
+    out, data = Path(cfg.output_dir), Path(cfg.data_dir)
+    same = out.resolve() == data.resolve()
+    if not same and out.is_dir() and data.is_dir():
+        same = os.path.samefile(out, data)              # one folder by two names (a hard link, a bind mount)
+    if same:
+        raise TrainError(f"{_named_folder(cfg)} is --data-dir {cfg.data_dir}: the run's previews and weights would "
+                         f"lie among its training images; give the run a folder of its own (one inside --data-dir, "
+                         f"such as {data / 'runs' / 'first'}, is left out of the scan)")
+
+
 def _check_output_paths(cfg: TrainConfig, ctx: DistContext) -> None:
     """Every path the run writes, checked by rank 0 once its folder is made and before the model loads (each rank
     raises its verdict), so that a ``checkpoints`` that is a file or a ``--cache-dir`` naming one is one error
@@ -389,6 +404,7 @@ def run_from_config(cfg: TrainConfig, ctx: DistContext | None = None, resume: Re
         if cfg.model is None or cfg.data_dir is None:
             missing = " and ".join(flag(k) for k in ("model", "data_dir") if getattr(cfg, k) is None)
             raise TrainError(f"sdlab train needs {missing} (or --resume latest with the run's --output-dir)")
+        _refuse_output_dir_as_data_dir(cfg)
         task_module = _task_module(cfg.task)
         if resume is None and cfg.resume is not None:
             resume = find_resume_point(Path(cfg.output_dir) / "checkpoints", cfg.resume)
