@@ -228,3 +228,14 @@ def test_model_hash_is_first_ten_hex_of_sha256(tmp_path):
 
 def test_version_label():
     assert version_label().startswith("sdlab")
+
+
+def test_a_checkpoint_title_loses_its_checksum_as_a1111_strips_it() -> None:
+    """`without_checksum`, the one rule of A1111's `re_strip_checksum` (`sdlab grid`'s Checkpoint name values, the
+    A1111 API's checkpoint lookup, the server's registry): the title's ending ' [hash]' goes, nothing else."""
+    from sdlab.pipeline.png_info import without_checksum
+
+    assert without_checksum("v1-5.safetensors [6ce0161689]") == "v1-5.safetensors"
+    assert without_checksum("sub/model [abc] ") == "sub/model"
+    assert without_checksum("a [b] c.safetensors") == "a [b] c.safetensors"
+    assert without_checksum("plain.ckpt") == "plain.ckpt"

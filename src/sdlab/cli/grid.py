@@ -49,7 +49,6 @@ import contextlib
 import copy
 import logging
 import os
-import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -364,14 +363,13 @@ def _cell_model(args: argparse.Namespace, cell: dict) -> CellModel:
     return CellModel(checkpoint, vae, sidecar_vae, refiner, cell.get("refiner_switch", args.refiner_switch))
 
 
-_CHECKSUM = re.compile(r"\s*\[[^]]+]\s*$")     # A1111's sd_models.re_strip_checksum
-
-
 def _file_of_title(value: str) -> str:
     """A checkpoint axis value as A1111 lists checkpoints, its title 'name.safetensors [6ce0161689]' (the file and
     its short hash): the file, where `value` names none and the value without its ' [hash]' does (A1111's
     `get_closet_checkpoint_match` strips the checksum the same way); any other value as it is."""
-    bare = _CHECKSUM.sub("", value)
+    from sdlab.pipeline.png_info import without_checksum
+
+    bare = without_checksum(value)
     return bare if bare != value and not os.path.exists(value) and os.path.exists(bare) else value
 
 

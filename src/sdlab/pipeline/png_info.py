@@ -115,6 +115,15 @@ def unquote(text: str) -> str:
         return text
 
 
+_CHECKSUM = re.compile(r"\s*\[[^]]+]\s*$")     # A1111's sd_models.re_strip_checksum
+
+
+def without_checksum(title: str) -> str:
+    """A checkpoint's title as A1111 lists it ('name.safetensors [6ce0161689]') without its ' [hash]', as A1111's
+    `get_closet_checkpoint_match` strips it (`re_strip_checksum`); any other text as it is."""
+    return _CHECKSUM.sub("", title)
+
+
 def format_parameters(p: Mapping[str, Any]) -> str:
     """The ``parameters`` text for a mapping of A1111 labels to values (``None`` values are left out).
 

@@ -60,6 +60,7 @@ from sdlab.pipeline.styles import (
 )
 from sdlab.pipeline.png_info import (
     PARAMETERS_KEY, ParametersError, encode_image, parse_parameters, quote, read_parameters, version_label,
+    without_checksum,
 )
 from sdlab.pipeline.request import (
     A1111_UNIPC_VARIANTS, EMPHASIS_MODES, MASKED_CONTENT, MAX_AESTHETIC, MAX_BATCH_COUNT, MAX_BETA, MAX_CHURN,
@@ -1231,10 +1232,6 @@ def _named_by_infotext(body: Txt2ImgIn) -> Iterator[None]:
         raise BadRequest(f"infotext {label}: {err.message}", err.status, detail) from None
 
 
-_CHECKSUM = re.compile(r"\s*\[[^]]+]\s*$")
-"""A model title's ` [hash]` (A1111's `re_strip_checksum`)."""
-
-
 def _closest_checkpoint(service: Service, text: object) -> Checkpoint | None:
     """A1111's `get_closet_checkpoint_match`: the model `text` names (`Registry.find`), else the one with the
     shortest title holding `text`, else holding it without its ` [hash]`; None where none does, or for no text."""
@@ -1242,7 +1239,7 @@ def _closest_checkpoint(service: Service, text: object) -> Checkpoint | None:
         return None
     name = str(text)
     found = service.registry.find(name)
-    for wanted in (name, _CHECKSUM.sub("", name)):
+    for wanted in (name, without_checksum(name)):
         if found is None:
             found = min((c for c in service.registry.checkpoints if wanted in c.title), key=lambda c: len(c.title),
                         default=None)

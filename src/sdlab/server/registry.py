@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.io import read_safetensors_header
 from sdlab.checkpoints.sidecar import is_sidecar_vae
 from sdlab.pipeline.png_info import (
-    file_sha256, known_file_sha256, known_lora_hash, lora_hash, model_name, safetensors_metadata,
+    file_sha256, known_file_sha256, known_lora_hash, lora_hash, model_name, safetensors_metadata, without_checksum,
 )
 from sdlab.pipeline.prompt_loras import default_lora_dirs
 from sdlab.server.vae_files import VaeFiles
@@ -50,7 +49,6 @@ _NOT_CHECKPOINT_FOLDERS = {name.lower() for name in (*LORA_FOLDERS, "VAE", "ESRG
 # the IP-Adapters' image encoders, where `ip_adapter_units.ENCODER_PLACES` and the adapter's `image_encoder` rule
 # find them: directly under --models-dir, one folder up from ControlNet/ (a folder of that name deeper is the user's)
 _ENCODER_FOLDERS = {name.lower() for name in ("image_encoder", "clip_vision", "ControlNetPreprocessor")}
-_CHECKSUM = re.compile(r"\s*\[[^]]+]\s*$")      # A1111's `re_strip_checksum`: the " [hash]" ending a title
 _HASH_LOCKS: dict[Path, threading.Lock] = {}
 _HASH_LOCKS_LOCK = threading.Lock()
 
@@ -204,7 +202,7 @@ class ModelRegistry:
         `get_closet_checkpoint_match` strips the " [hash]" when no title matches."""
         wanted = name.strip()
         with self._lock:
-            for candidate in (wanted, _CHECKSUM.sub("", wanted)):
+            for candidate in (wanted, without_checksum(wanted)):
                 for checkpoint in self.checkpoints:
                     if candidate in checkpoint.names():
                         return checkpoint
