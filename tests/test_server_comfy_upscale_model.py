@@ -12,7 +12,6 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import save_file
 
 from sdlab.checkpoints.upscaler import load_upscaler
@@ -67,12 +66,13 @@ def comfy_tiled_scale(samples, function, tile=(64, 64), overlap=8, upscale_amoun
     return output
 
 
-def comfy_upscale_with_model(net, pixels: np.ndarray) -> np.ndarray:
-    """ComfyUI's ImageUpscaleWithModel (tile 512, overlap 32) of 8-bit (H, W, 3) pixels, then its SaveImage's
-    np.clip(255. * i, 0, 255).astype(np.uint8)."""
-    image = torch.from_numpy(pixels.astype(np.float32) / 255.0)[None]              # (1, H, W, 3), ComfyUI's IMAGE
+def comfy_upscale_with_model(net, pixels: np.ndarray, scale: int = 4) -> np.ndarray:
+    """ComfyUI's ImageUpscaleWithModel (tile 512, overlap 32) of (H, W, 3) pixels (8-bit, or float in [0, 1] as its
+    VAEDecode gives them), then its SaveImage's np.clip(255. * i, 0, 255).astype(np.uint8)."""
+    unit = pixels if pixels.dtype.kind == "f" else pixels.astype(np.float32) / 255.0
+    image = torch.from_numpy(unit.astype(np.float32))[None]                      # (1, H, W, 3), ComfyUI's IMAGE
     with torch.inference_mode():
-        s = comfy_tiled_scale(image.movedim(-1, -3), net, tile=(512, 512), overlap=32, upscale_amount=4)
+        s = comfy_tiled_scale(image.movedim(-1, -3), net, tile=(512, 512), overlap=32, upscale_amount=scale)
     s = torch.clamp(s.movedim(-3, -1), min=0, max=1.0)
     return np.clip(255.0 * s[0].numpy(), 0, 255).astype(np.uint8)
 
@@ -136,8 +136,32 @@ def test_tiled_scale_blends_tiles_as_comfyui(server):
     assert ours.shape == (1, 3, 96, 2400)
     assert torch.allclose(ours, reference, atol=1e-5)
     assert (untiled - reference).abs().max() > 1e-3             # the blend is what is tested
-    [written] = upscale_with_model(server.upscaler, [Image.fromarray(pixels)])
+    [written] = upscale_with_model(server.upscaler, x)
     assert np.abs(np.asarray(written, np.int16) - comfy_upscale_with_model(net, pixels)).max() <= 1
+
+
+def test_the_network_is_fed_the_float_decode_as_comfyuis_vaedecode_gives_it(server, monkeypatch):
+    """ComfyUI's ImageUpscaleWithModel reads VAEDecode's float IMAGE ((decode + 1) / 2 clamped, unrounded), not the
+    8-bit picture (up to 0.5 / 255 apart): the network's input equals the VAE's decode to float precision, and the
+    saved picture is ComfyUI's upscale of that float decode."""
+    import sdlab.pipeline.comfy_image_upscale as comfy_image_upscale
+    import sdlab.pipeline.generate as generate
+
+    decodes, inputs = [], []
+    decode, tiled = generate.decode_latents, comfy_image_upscale.tiled_scale
+    monkeypatch.setattr(generate, "decode_latents", lambda *a, **k: decodes.append(decode(*a, **k)) or decodes[-1])
+    monkeypatch.setattr(comfy_image_upscale, "tiled_scale",
+                        lambda x, *a, **k: inputs.append(x.detach().cpu().float()) or tiled(x, *a, **k))
+    prompt = upscale_graph()
+    prompt["3"]["inputs"]["seed"] = 77                          # not the other tests' picture
+    _, entry = drawn(server, prompt)
+    [decoded], [fed] = decodes, inputs                          # (1, 3, 64, 64) in [-1, 1]; (1, 3, 64, 64)
+    unit = ((decoded.float().cpu() + 1.0) / 2.0).clamp(0, 1)    # comfy/sd.py VAE.decode's process_output
+    assert (unit * 255 - (unit * 255).round()).abs().max() > 0.1     # the float decode is not its 8-bit picture
+    assert torch.allclose(fed, unit, atol=1e-6)
+    [image] = entry["outputs"]["9"]["images"]
+    expected = comfy_upscale_with_model(server.upscaler.net, unit[0].permute(1, 2, 0).numpy())
+    assert np.abs(viewed(server, image) - expected.astype(np.int16)).max() <= 1
 
 
 def test_object_info_and_models_list_the_upscale_models(server):

@@ -8,8 +8,8 @@ by a mask ramping up over `round(overlap * scale)` px from every side of the til
 pixel (on both ends of a side, the picture's edges too, so those weights divide out), skipped on a side the ramp
 does not fit in; the sums are divided by the summed masks. A picture that fits in one tile is one call.
 
-sdlab's picture enters as its 8-bit pixels / 255 (ComfyUI's, the VAE's float decode), and leaves as ComfyUI's
-SaveImage writes it: 255 * x truncated to 8 bits.
+The pictures enter as ComfyUI's VAEDecode gives them, the VAE's float decode in [0, 1] unrounded
+(`GenerationResult.pixels`), and leave as ComfyUI's SaveImage writes them: 255 * x truncated to 8 bits.
 """
 
 from __future__ import annotations
@@ -78,11 +78,11 @@ def tiled_scale(x: Tensor, net: Callable[[Tensor], Tensor], scale: int, tile: in
     return torch.cat(outputs)
 
 
-def upscale_with_model(upscaler: Upscaler, images: list[Image.Image]) -> list[Image.Image]:
-    """ComfyUI's ImageUpscaleWithModel of `images` (RGB), as its SaveImage writes the result."""
+def upscale_with_model(upscaler: Upscaler, pixels: Tensor) -> list[Image.Image]:
+    """ComfyUI's ImageUpscaleWithModel of `pixels` ((B, 3, H, W) float in [0, 1], ComfyUI's IMAGE moved to
+    channels first), as its SaveImage writes the result."""
     param = next(upscaler.net.parameters())
-    arrays = [np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0 for image in images]
-    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(param.device, param.dtype)   # (B, 3, H, W)
+    x = pixels.to(param.device, param.dtype)                                    # (B, 3, H, W)
     tile = TILE
     while True:
         try:

@@ -103,6 +103,7 @@ from sdlab.pipeline.images import (
     masked_image,
     pil_to_tensor,
     tensor_to_pil,
+    unit_pixels,
 )
 from sdlab.pipeline.init_picture import InitPicture
 from sdlab.pipeline.masked_content import masked_latent
@@ -201,7 +202,8 @@ def _stopped_result(bundle: ModelBundle, plan: GenerationPlan, request: Generati
                     effects: set[str], refined: bool = False) -> GenerationResult:
     """A stopped run's result: `latents` decoded by `bundle` for `plan`, recorded with `request` as drawn so far."""
     req = drawn_request(request, effects)
-    return GenerationResult(images=_pictures(bundle, plan, latents), seeds=req.seeds(), request=req, refined=refined)
+    images, pixels = _pictures(bundle, plan, latents)
+    return GenerationResult(images=images, seeds=req.seeds(), request=req, refined=refined, pixels=pixels)
 
 
 @torch.no_grad()
@@ -213,8 +215,9 @@ def generate(
     plan = _as_plan(bundle, request)
     with recording_effects() as effects, tiling_padding(plan.request, bundle), pictures_if_stopped(bundle, plan):
         latents = sample_latents(bundle, plan, progress=progress)   # (B, 4, h, w), model space
-        images = _pictures(bundle, plan, latents)
-    return GenerationResult(images=images, seeds=plan.request.seeds(), request=drawn_request(plan.request, effects))
+        images, pixels = _pictures(bundle, plan, latents)
+    return GenerationResult(images=images, seeds=plan.request.seeds(), request=drawn_request(plan.request, effects),
+                            pixels=pixels)
 
 
 def tiling_padding(req: GenerationRequest, *bundles: ModelBundle) -> AbstractContextManager[None]:
@@ -236,9 +239,11 @@ def token_merging(req: GenerationRequest, bundle: ModelBundle) -> AbstractContex
     return merging_tokens(bundle.unet, TokenMerging(req.token_merging_ratio))
 
 
-def _pictures(bundle: ModelBundle, plan: GenerationPlan, latents: Tensor) -> list[Image.Image]:
+def _pictures(bundle: ModelBundle, plan: GenerationPlan,
+              latents: Tensor) -> tuple[list[Image.Image], Tensor | None]:
     """Decode, check, and for inpainting paste the original back outside the mask (A1111's overlay; for
-    Inpaint area "Only masked" the pictures go back into their region of the original first)."""
+    Inpaint area "Only masked" the pictures go back into their region of the original first). With the pictures,
+    their float decode (`GenerationResult.pixels`), None where they were pasted back."""
     req = plan.request
     images = decode_latents(bundle, latents, tiled=req.tiled_vae)                         # (B, 3, H, W)
     if not torch.isfinite(images).all():
@@ -248,8 +253,8 @@ def _pictures(bundle: ModelBundle, plan: GenerationPlan, latents: Tensor) -> lis
         )
     pictures = tensor_to_pil(images)
     if _overlay(plan) is not None and req.paste_back:
-        pictures = _pasted_back(pictures, plan.pictures)
-    return pictures
+        return _pasted_back(pictures, plan.pictures), None
+    return pictures, unit_pixels(images)
 
 
 def _overlay(plan: GenerationPlan) -> Overlay | None:
@@ -393,9 +398,9 @@ def generate_with_refiner(
         _check_finite(x, "the final latent", req)
         sampling = plan.refiner_sampling if last is refiner else plan.sampling
         latents = _keep_known(last, start, sampling.inverse_noise_scaling(sigmas[-1], x), req)
-        images = _pictures(last, plan, latents)
+        images, pixels = _pictures(last, plan, latents)
     return GenerationResult(images=images, seeds=req.seeds(), request=drawn_request(req, effects),
-                            refined=last is refiner)
+                            refined=last is refiner, pixels=pixels)
 
 
 def _noting_a_call(model: DenoiseFn, called: list[bool]) -> DenoiseFn:

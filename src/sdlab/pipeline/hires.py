@@ -72,7 +72,7 @@ from sdlab.pipeline.generate import (
     sample_latents,
     tiling_padding,
 )
-from sdlab.pipeline.images import pil_to_tensor, pil_to_unit_tensor, tensor_to_pil
+from sdlab.pipeline.images import pil_to_tensor, pil_to_unit_tensor, tensor_to_pil, unit_pixels
 from sdlab.pipeline.plan import GenerationPlan, make_plan
 from sdlab.pipeline.prompt_loras import LoraUse, patcher_for
 from sdlab.pipeline.request import (
@@ -297,7 +297,8 @@ def generate_hires(bundle: ModelBundle, plan: GenerationPlan, upscaler: Upscaler
         pixels = decode_latents(bundle, z, tiled=req.tiled_vae)                           # (B, 3, H2, W2)
     if not torch.isfinite(pixels).all():
         raise NonFiniteError("the VAE decoded NaN or Inf values; no picture was made")
-    return GenerationResult(images=tensor_to_pil(pixels), seeds=req.seeds(), request=drawn_request(req, effects))
+    return GenerationResult(images=tensor_to_pil(pixels), seeds=req.seeds(), request=drawn_request(req, effects),
+                            pixels=unit_pixels(pixels))
 
 
 def _upscaled_latent(bundle: ModelBundle, req: GenerationRequest, latents: torch.Tensor, width: int,

@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from torch import Tensor
 
 from sdlab.diffusion.discretization import (
     A1111_IMG2IMG,
@@ -413,6 +414,9 @@ class GenerationResult:
     seeds: list[int]
     request: GenerationRequest              # resolved: every default filled in
     refined: bool = False                   # an SDXL refiner drew part of the schedule (its parameters record it)
+    pixels: Tensor | None = None
+    """The pictures as the VAE decoded them, (B, 3, H, W) float32 in [0, 1] on the CPU (`images.unit_pixels`), where
+    `images` are them rounded and nothing else (None where a picture was pasted back or resized after decoding)."""
 
 
 OFF_UNLESS_DRAWN: dict[str, dict[str, Any]] = {

@@ -43,6 +43,7 @@ from sdlab.families.loaded import ModelBundle
 from sdlab.pipeline.comfy_image_upscale import upscale_with_model
 from sdlab.pipeline.generate import ProgressFn, SamplingStopped
 from sdlab.pipeline.image_prompt import forget_image_prompt_models
+from sdlab.pipeline.images import pil_to_unit_tensor
 from sdlab.pipeline.infotext import LoraRef, RefinerRef, to_parameters
 from sdlab.pipeline.plan import GenerationPlan
 from sdlab.pipeline.png_info import embedding_hash, encode_image, format_parameters, vae_ref, write_files_all_or_nothing
@@ -382,8 +383,9 @@ class Runner:
             job.settings = {**job.settings, **job.spec.recorded(job.spec.shown(plan.request).parameters())}
             pictures = self._picture_upscaler(job.spec, pipe.bundle)
             for result in _batches(pipe, job, plan.request, upscaler, progress, stop, first_pass):
-                shown = result if pictures is None else replace(result, images=upscale_with_model(pictures,
-                                                                                                  result.images))
+                shown = result if pictures is None else replace(result, images=upscale_with_model(
+                    pictures, result.pixels if result.pixels is not None else pil_to_unit_tensor(result.images)),
+                    pixels=None)
                 self._write_batch(job, shown, parameters(result))
         except RequestError as err:        # a tagged LoRA's or a control's file: named as the server lists it, not
             text = without_paths(str(err), [(lora.path, lora.name) for lora in registry.loras])      # by its path
