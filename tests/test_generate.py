@@ -297,7 +297,9 @@ BAD_REQUESTS = [
     (dict(eta=-1.0), r"eta must lie in \[0, 10\], got -1.0"),
     (dict(mask_blur=-2.0), r"mask blur must lie in \[0, 256\]"),
     (dict(original_size=(1024,)), "original_size must be two integers"),
-    (dict(crops_coords_top_left=(-1, 0)), "crops_coords_top_left must be two integers >= 0"),
+    (dict(crops_coords_top_left=(-1, 0)), "crops_coords_top_left must be two integers in 0"),
+    (dict(crops_coords_top_left=(0, 10**400)), r"crops_coords_top_left must be two integers in 0\.\.2\*\*127"),
+    (dict(original_size=(2**128, 64)), r"original_size must be two integers in 1\.\.2\*\*127"),   # float32's inf
     (dict(prompt=None), "the prompt must be text, got NoneType"),
     (dict(init_image=3), "the init image must be a PIL image or a file path, got int"),
     (dict(init_image=_picture(), mask_image=b"not a picture"), "the mask must be a PIL image or a file path, got bytes"),

@@ -29,7 +29,8 @@ BIG = 10**400
     ("sigma_max", BIG, "sigma_max must be a number >= 0, got"),
     ("s_min_uncond", BIG, "s_min_uncond must be a number, got"),
     ("skip_early_cond", -BIG, "skip_early_cond must be a number in 0..1, got"),
-    ("sdxl_crop_top", BIG, "sdxl_crop_top must be an integer >= 0, got"),
+    ("sdxl_crop_top", BIG, "sdxl_crop_top must be an integer in 0..2**127, got"),
+    ("sdxl_crop_left", 2**128, "sdxl_crop_left must be an integer in 0..2**127, got"),   # the request's bound
 ], ids=lambda v: "10**400" if v in (BIG, -BIG) else None)
 def test_an_option_no_job_can_draw_with_is_a_422_naming_it(key, value, named):
     with pytest.raises(BadRequest) as refused:

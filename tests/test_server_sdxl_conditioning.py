@@ -76,10 +76,13 @@ def test_native_conditioning_equals_the_python_api(client, models, fields, refin
     ("original_size", [0, 64]), ("crops_coords_top_left", [-1, 0]), ("target_size", [64]),
     ("negative_original_size", [64, 64, 64]), ("negative_crops_coords_top_left", [0, 1.5]),
     ("negative_target_size", [64, "wide"]), ("aesthetic_score", 1e308), ("negative_aesthetic_score", -1000),
+    ("crops_coords_top_left", [10**400, 0]), ("original_size", [64, 10**400]),     # past a float: were 500s
+    ("negative_target_size", [2**128, 64]),                                         # float32's infinity
 ])
 def test_bad_conditioning_is_a_422_naming_the_field(client, field, value):
     refused = client.post("/api/jobs", json={**SETTINGS, field: value})
     assert refused.status_code == 422 and field in refused.json()["detail"], refused.text
+    assert len(refused.json()["detail"]) < 300, refused.text                     # 10**400's digits cut
 
 
 A1111_OPTIONS = {"sdxl_crop_top": 8, "sdxl_crop_left": 4, "sdxl_refiner_high_aesthetic_score": 9.0,
@@ -113,7 +116,7 @@ def test_a1111s_sdxl_options_condition_the_prompt_and_the_negative_as_a1111s(cli
     assert client.get("/sdapi/v1/options").json()["sdxl_crop_top"] == 0        # restored after the request
 
 
-@pytest.mark.parametrize("option, value", [("sdxl_crop_top", -1), ("sdxl_crop_left", 1.5),
+@pytest.mark.parametrize("option, value", [("sdxl_crop_top", -1), ("sdxl_crop_left", 1.5), ("sdxl_crop_left", 2**128),
                                            ("sdxl_refiner_high_aesthetic_score", "high"),
                                            ("sdxl_refiner_low_aesthetic_score", 1e308)])
 def test_a_bad_a1111_sdxl_option_is_a_422_naming_it(client, option, value):

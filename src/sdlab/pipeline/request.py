@@ -90,6 +90,7 @@ MAX_MASK_BLUR = 256.0                       # pixels (A1111's slider stops at 64
 MAX_NOISE_MULTIPLIER = 10.0                 # A1111's slider: 0.5..1.5
 MAX_BETA = 100.0                            # the beta schedules' alpha / beta; A1111's sliders: 0.01..1
 MAX_AESTHETIC = 100.0                       # |aesthetic score|; the SDXL refiner was trained on 0..10
+MAX_SIZE_CONDITION = 2**127                 # SDXL's size / crop numbers: what its float32 tensor holds
 RESIZE_MODES = ("resize", "crop", "fill", "latent")  # A1111's img2img resize_mode 0..3: Just resize, Crop and
                                                     # resize, Resize and fill, Just resize (latent upscale)
 MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")   # A1111's inpainting_fill 0..3
@@ -607,10 +608,14 @@ def _integer(value: Any) -> bool:
 
 
 def _pair(name: str, value: Any, minimum: int) -> None:
+    """`value` (None: unset) as SDXL's size conditioning reads it: two integers in minimum..`MAX_SIZE_CONDITION`,
+    which its float32 tensor holds (JSON's 10**400 was an OverflowError there, 10**300 an infinity)."""
     if value is None:
         return
-    if not (isinstance(value, (tuple, list)) and len(value) == 2 and all(_integer(v) and v >= minimum for v in value)):
-        raise RequestError(f"{name} must be two integers >= {minimum} (height, width / top, left), got {value!r}")
+    if not (isinstance(value, (tuple, list)) and len(value) == 2
+            and all(_integer(v) and minimum <= v <= MAX_SIZE_CONDITION for v in value)):
+        raise RequestError(f"{name} must be two integers in {minimum}..2**127 (height, width / top, left), "
+                           f"got {value!r:.80}")
 
 
 def check_sdxl_conditioning(r: GenerationRequest) -> None:

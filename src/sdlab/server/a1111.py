@@ -64,8 +64,8 @@ from sdlab.pipeline.png_info import (
 )
 from sdlab.pipeline.request import (
     A1111_UNIPC_VARIANTS, EMPHASIS_MODES, MASKED_CONTENT, MAX_AESTHETIC, MAX_BATCH_COUNT, MAX_BETA, MAX_CHURN,
-    MAX_ETA, MAX_NOISE_MULTIPLIER, MAX_SEED, MAX_UNIPC_ORDER, RESIZE_MODES, RNG_SOURCES, GenerationRequest,
-    RequestError, finite_number, fixed_seed, rng_source,
+    MAX_ETA, MAX_NOISE_MULTIPLIER, MAX_SEED, MAX_SIZE_CONDITION, MAX_UNIPC_ORDER, RESIZE_MODES, RNG_SOURCES,
+    GenerationRequest, RequestError, finite_number, fixed_seed, rng_source,
 )
 from sdlab.pipeline.upscale import (
     A1111_REALESRGAN_STEMS, DEFAULT_OVERLAP, DEFAULT_TILE, LATENT_UPSCALE_MODES, UpscaleError, centred_on_canvas,
@@ -1399,11 +1399,14 @@ def _check_options(body: dict[str, Any], where: str = "") -> None:
     for key in ("use_old_scheduling", "use_downcasted_alpha_bar", "sdxl_clip_l_skip", "live_previews_enable"):
         if not isinstance(body.get(key, False), bool):
             raise BadRequest(f"{where}{key} must be true or false, got {body[key]!r}", 422)
-    for key, least in (("CLIP_stop_at_last_layers", 1), ("sdxl_crop_top", 0), ("sdxl_crop_left", 0),
-                       ("show_progress_every_n_steps", -1)):
+    for key, least in (("CLIP_stop_at_last_layers", 1), ("show_progress_every_n_steps", -1)):
         value = body.get(key, least)
-        if not isinstance(value, int) or not _finite(value) or value < least:     # SDXL's crop: a float tensor
+        if not isinstance(value, int) or not _finite(value) or value < least:
             raise BadRequest(f"{where}{key} must be an integer >= {least}, got {value!r:.80}", 422)
+    for key in ("sdxl_crop_top", "sdxl_crop_left"):         # the request's crops_coords_top_left (`_pair`)
+        value = body.get(key, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SIZE_CONDITION:
+            raise BadRequest(f"{where}{key} must be an integer in 0..2**127, got {value!r:.80}", 422)
     ensd = body.get("eta_noise_seed_delta", 0)
     if not isinstance(ensd, int) or isinstance(ensd, bool) or not 0 <= ensd <= MAX_SEED:
         raise BadRequest(f"{where}eta_noise_seed_delta must be an integer in 0..{MAX_SEED}, got {ensd!r}", 422)
