@@ -239,3 +239,21 @@ def test_a_checkpoint_title_loses_its_checksum_as_a1111_strips_it() -> None:
     assert without_checksum("sub/model [abc] ") == "sub/model"
     assert without_checksum("a [b] c.safetensors") == "a [b] c.safetensors"
     assert without_checksum("plain.ckpt") == "plain.ckpt"
+
+
+def test_a_pictures_other_text_items_are_its_strings_but_the_parameters() -> None:
+    """`other_text_items`, the one rule of what A1111's Extras and PNG Info keep besides the parameters (`sdlab
+    upscale`'s output, the A1111 API's extra-single-image and png-info): string items, not the parameters, not
+    Pillow's other info (dpi, gamma)."""
+    import io
+
+    from PIL import Image, PngImagePlugin
+
+    from sdlab.pipeline.png_info import other_text_items
+
+    info = PngImagePlugin.PngInfo()
+    for key, value in (("parameters", "a cat\nSteps: 2"), ("workflow", "{}"), ("Software", "x")):
+        info.add_text(key, value)
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, "PNG", pnginfo=info, dpi=(72, 72))
+    assert other_text_items(Image.open(buffer)) == {"workflow": "{}", "Software": "x"}

@@ -73,14 +73,12 @@ def _postprocessing_texts(image, scale: float, upscaler) -> dict[str, str]:
     (string items of the picture, which `_read_input` read as `image`), and the infotext of what was done as both
     `postprocessing` and `extras` (`ScriptPostprocessingUpscale`: the scale asked, then the upscaler by the name
     A1111 lists it: R-ESRGAN 4x+ for RealESRGAN_x4plus, else the file's stem; Lanczos, Nearest)."""
-    from sdlab.pipeline.png_info import PARAMETERS_KEY, quote
+    from sdlab.pipeline.png_info import other_text_items, quote
     from sdlab.pipeline.upscale import a1111_upscaler_name
 
     name = upscaler.capitalize() if isinstance(upscaler, str) else a1111_upscaler_name(upscaler.name)
     infotext = f"Postprocess upscale by: {float(scale)}, Postprocess upscaler: {quote(name)}"
-    own = {key: value for key, value in image.info.items()
-           if isinstance(key, str) and isinstance(value, str) and key != PARAMETERS_KEY}
-    return {**own, "postprocessing": infotext, "extras": infotext}
+    return {**other_text_items(image), "postprocessing": infotext, "extras": infotext}
 
 
 def _check_options(args: argparse.Namespace) -> None:

@@ -226,6 +226,13 @@ def save_png_atomic(image: Image.Image, path: str | os.PathLike, parameters: str
     atomic_write(path, lambda temporary: image.save(temporary, format="PNG", pnginfo=info))
 
 
+def other_text_items(image: Image.Image) -> dict[str, str]:
+    """A picture's text items besides its parameters (`image.info`'s strings: a ComfyUI workflow, ...), which
+    A1111's Extras keeps in what it writes (`run_postprocessing`: `read_info_from_image`'s items)."""
+    return {key: value for key, value in image.info.items()
+            if isinstance(key, str) and isinstance(value, str) and key != PARAMETERS_KEY}
+
+
 def read_parameters(path: str | os.PathLike) -> str | None:
     """The ``parameters`` text stored in an image file (PNG chunk or JPEG / WebP EXIF), or ``None``.
 

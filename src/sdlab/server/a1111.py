@@ -59,7 +59,7 @@ from sdlab.pipeline.styles import (
     INFOTEXT_STYLES, PROMPT_FIELDS, STYLES_ARRAY, StyleDatabase, infotext_styles, styled_options,
 )
 from sdlab.pipeline.png_info import (
-    PARAMETERS_KEY, ParametersError, encode_image, parse_parameters, quote, read_parameters, version_label,
+    ParametersError, encode_image, other_text_items, parse_parameters, quote, read_parameters, version_label,
     without_checksum,
 )
 from sdlab.pipeline.request import (
@@ -1747,7 +1747,7 @@ def _upscale(service: Service, body: ExtrasIn, data: str, what: str) -> tuple[st
     info: dict[str, Any] = {}
     result = _postprocessed(service, body, source.convert("RGB"), info)
     infotext = ", ".join(f"{key}: {quote(str(value))}" for key, value in info.items())
-    texts = {**_text_items(source), "postprocessing": infotext}
+    texts = {**other_text_items(source), "postprocessing": infotext}
     return _base64_picture(result, parameters, _options(service), texts), f"<p>{html.escape(infotext)}</p>"
 
 
@@ -1786,12 +1786,6 @@ def _listed_upscaler(name: str, found: ModelFile | None) -> str:
     if found is not None:
         return found.title
     return next(listed for listed in PLAIN_UPSCALER_NAMES if listed.lower() == name.lower())
-
-
-def _text_items(image: Image.Image) -> dict[str, str]:
-    """A picture's text items besides its parameters (`image.info`'s strings), which A1111's Extras keeps."""
-    return {key: value for key, value in image.info.items()
-            if isinstance(key, str) and isinstance(value, str) and key != PARAMETERS_KEY}
 
 
 def _b64(blob: bytes) -> str:
@@ -2024,7 +2018,7 @@ def png_info(body: PngInfoIn, request: Request) -> dict[str, Any]:
     other text chunks, parameters: the text parsed, A1111's defaults alone for a picture without one}."""
     raw = decode_base64(body.image, "image")
     with opened_picture(raw, "image", service_of(request).config.limits) as image:   # reading its text decodes it
-        items = {k: v for k, v in image.info.items() if isinstance(k, str) and isinstance(v, str) and k != PARAMETERS_KEY}
+        items = other_text_items(image)
         size = image.size
         text = read_parameters(io.BytesIO(raw)) or ""
     if items.get("Software") == "NovelAI":
