@@ -89,6 +89,7 @@ def _stripe_png_16bit_rgb(path: Path) -> Path:
     (0.0, 1.0, {}),                              # Photoshop's, GIMP's, OpenCV's float convention
     (0.0, 255.0, {}),                            # values past 1: read as Pillow reads them (diffusers, kohya)
     (-1.0, 3.0, {"t340": -1.0, "t341": 3.0}),    # the file's SMinSampleValue / SMaxSampleValue
+    (-0.02, 1.02, {}),                           # a 0..1 picture's overshoot, clipped (was read as 0..255: black)
 ])
 def test_a_float_tiff_keeps_its_levels(tmp_path: Path, low, high, tags) -> None:
     """Before, a 0..1 float TIFF trained (and was read as an init picture) black: Pillow's convert clips it to

@@ -162,7 +162,7 @@ def eight_bit(image: Image.Image, opened: Image.Image | None = None) -> Image.Im
         values = np.asarray(image, dtype=np.float64)
         low, high = float_range(opened or image, values)
         values = np.nan_to_num(values)                  # NaN black, infinities the ends
-        scaled = (values - low) * (255.0 / (high - low))
+        scaled = np.floor((values - low) * (255.0 / (high - low)))   # cut, as Pillow's convert("L") cuts
     elif image.mode in _WIDE_MODES:
         scaled = np.asarray(image, dtype=np.float64) / 257.0
     else:
@@ -177,15 +177,21 @@ _SAMPLE_RANGE_TAGS = (340, 341)     # TIFF's SMinSampleValue, SMaxSampleValue
 
 def float_range(image: Image.Image, values: np.ndarray) -> tuple[float, float]:
     """The (black, white) values of a float picture ``image`` (``values``: its pixels): the range its TIFF tags
-    SMinSampleValue / SMaxSampleValue give, else 0..1 where every finite value lies in it (the convention of
-    the programs that write float pictures: Photoshop, GIMP, OpenCV, scikit-image), else 0..255 (Pillow's
-    reading, which diffusers' ``load_image`` and kohya's loaders inherit)."""
+    SMinSampleValue / SMaxSampleValue give, else 0..1 (the convention of the programs that write float pictures:
+    Photoshop, GIMP, OpenCV, scikit-image, which clip what lies outside it: a resampled picture's slight overshoot
+    or undershoot) unless its brightest finite value passes `FLOAT_WHITE_PAST`, then 0..255 (Pillow's reading,
+    which diffusers' ``load_image`` and kohya's loaders inherit: a picture ``convert("F")`` made)."""
     tags = getattr(image, "tag_v2", {})
     low, high = (_first_number(tags.get(tag)) for tag in _SAMPLE_RANGE_TAGS)
     if low is not None and high is not None and math.isfinite(low) and math.isfinite(high) and high > low:
         return low, high
     finite = values[np.isfinite(values)]
-    return (0.0, 1.0) if finite.size and finite.min() >= 0.0 and finite.max() <= 1.0 else (0.0, 255.0)
+    return (0.0, 255.0) if finite.size and finite.max() > FLOAT_WHITE_PAST else (0.0, 1.0)
+
+
+FLOAT_WHITE_PAST = 2.0
+"""The brightest value past which a float picture is read as 0..255 (`float_range`): a 0..1 picture's overshoot
+stays below it, and a 0..255 picture whose brightest value is below it is black either way."""
 
 
 def _first_number(value: object) -> float | None:
