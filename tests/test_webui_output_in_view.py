@@ -12,6 +12,7 @@ IN_VIEW = """
 const box = document.getElementById(arguments[0]).getBoundingClientRect();
 return box.height > 0 && box.top >= 0 && box.bottom <= window.innerHeight;
 """
+FOCUSED = "return document.activeElement && document.activeElement.id"
 
 
 def test_generate_at_the_forms_foot_shows_the_progress_and_pictures_in_view(page, base_url):
@@ -96,7 +97,8 @@ def test_a_phones_window_brings_the_progress_into_view_after_generate(browser, b
 
 def test_a_phones_window_shows_the_form_a_gallery_card_filled(browser, base_url):
     """One column: a card's Reuse and img2img fill the form 2000 px above the card, and nothing in view changed;
-    now the page scrolls to the form's top (Reuse) or its initial image (img2img). Side by side the form is beside
+    now the page scrolls to the form's top (Reuse) or its initial image (img2img), the keyboard there (the prompt, the
+    initial image's file field). Side by side the form is beside
     the gallery: the page stays where it is."""
     from test_webui import WINDOW, click_card_button, http_json, text, value, wait, wait_job
 
@@ -111,10 +113,13 @@ def test_a_phones_window_shows_the_form_a_gallery_card_filled(browser, base_url)
         click_card_button(browser, card, "reuse")
         assert value(browser, "prompt") == "a card to reuse (in view)"
         assert browser.execute_script(IN_VIEW, "prompt")
+        assert browser.execute_script(FOCUSED) == "prompt"       # Tab goes on in the form, not back at the card
         browser.execute_script("document.querySelector(arguments[0]).scrollIntoView()", card)
         click_card_button(browser, card, "to-img2img")
         wait(browser, lambda d: d.execute_script(IN_VIEW, "init-canvas"), 20,
              f"the initial image is not in view; error: {text(browser, 'error')}")
+        wait(browser, lambda d: d.execute_script(FOCUSED) == "init-image", 10, "the keyboard is not at the image")
+        assert browser.execute_script(IN_VIEW, "init-canvas")
     finally:
         browser.set_window_size(*WINDOW)
     open_page(browser, base_url)
@@ -125,6 +130,7 @@ def test_a_phones_window_shows_the_form_a_gallery_card_filled(browser, base_url)
         Element.prototype.scrollIntoView = function (...args) { __scrolled.push(this.id); return own.apply(this, args); };""")
     click_card_button(browser, card, "reuse")
     assert value(browser, "seed") == "5"
+    assert browser.execute_script(FOCUSED) != "prompt"
     click_card_button(browser, card, "to-img2img")
     wait(browser, lambda d: d.find_element(By.ID, "init-canvas").is_displayed(), 20, "no initial image")
     assert browser.execute_script("return window.__scrolled") == []

@@ -1309,12 +1309,14 @@ function bringOutputIntoView() {
   if (row.top < 0 || row.bottom > window.innerHeight) document.querySelector(".output").scrollIntoView({ block: "start" });
 }
 
-// The form at `element`, once a gallery card's Reuse or img2img has filled it, in view: in one column (a phone's
-// window) the gallery is under the long form, the change far above the card; side by side the form is beside the
-// gallery and the page stays where it is
-function showFormAt(element) {
+// The form at `element`, once a gallery card's Reuse or img2img has filled it, in view, the keyboard at its `field`:
+// in one column (a phone's window) the gallery is under the long form, the change far above the card (and Tab from
+// the card's button would go back down to it); side by side the form is beside the gallery and neither moves
+function showFormAt(element, field) {
   const oneColumn = $("settings").getBoundingClientRect().bottom <= document.querySelector(".output").getBoundingClientRect().top;
-  if (oneColumn) element.scrollIntoView({ block: "start" });
+  if (!oneColumn) return;
+  element.scrollIntoView({ block: "start" });
+  field.focus({ preventScroll: true });
 }
 
 // `position`: jobs waiting ahead of this one (0 = it runs next)
@@ -1544,7 +1546,7 @@ async function imageToInit(url) {
     if (!response.ok) throw new ApiError(`${response.status}: cannot load ${url}`);
     await setInitImage(await readFile(await response.blob()));
     if (state.mode === "txt2img") setMode("img2img");
-    showFormAt($("image-section"));
+    showFormAt($("image-section"), $("init-image"));
   } catch (err) {
     showError(err.message);
   }
@@ -1558,7 +1560,7 @@ function reuseSettings(job) {
   const missing = applySettings(settings);
   if (job.request && job.request.seed != null) state.lastSeed = job.request.seed;
   showNotice(filledNotice("Settings reused", missing, { quiet: true }));
-  if (!missingModelLists().length) showFormAt($("settings"));   // a missing model's list has the focus, in view
+  if (!missingModelLists().length) showFormAt($("settings"), $("prompt"));   // else its list has the focus, in view
 }
 
 function renderGallery(jobs) {
