@@ -281,10 +281,10 @@ def test_the_hires_pass_conditions_an_inpainting_model_on_the_upscaled_pictures(
     monkeypatch.setattr(G, "inpaint_channels", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
     drawn = generate_hires(inpainting, plan)
     assert len(seen) == 2 and torch.equal(seen[1], reference)                  # the first pass's is txt2img's
-    assert to_parameters(drawn.request)["Conditional mask weight"] == 0.35
-    for bundle, weight in ((inpainting, 1.0), (sd1, 0.35)):
+    assert _written(drawn.request, inpainting)["Conditional mask weight"] == 0.35
+    for bundle, weight, label in ((inpainting, 1.0, 1.0), (sd1, 0.35, None)):      # A1111: SD1's 9 channels, at 1 too
         unweighted = generate_hires(bundle, make_plan(bundle, replace(req, inpainting_mask_weight=weight)))
-        assert to_parameters(unweighted.request)["Conditional mask weight"] is None
+        assert _written(unweighted.request, bundle).get("Conditional mask weight") == label
 
 
 # -- Beta schedule alpha / beta -----------------------------------------------------------------------------------
@@ -303,29 +303,32 @@ def test_beta_schedules_take_alpha_and_beta(steps, alpha, beta, sd1):
 
 
 # -- infotext ------------------------------------------------------------------------------------------------------
-def _written(req: GenerationRequest) -> dict:
-    return {k: v for k, v in to_parameters(req).items() if v is not None}
+def _written(req: GenerationRequest, bundle=None) -> dict:
+    family = None if bundle is None else bundle.family
+    return {k: v for k, v in to_parameters(req, family=family).items() if v is not None}
 
 
-def test_the_labels_are_written_where_they_drew_and_read_back(sd1):
+def test_the_labels_are_written_where_they_drew_and_read_back(sd1, inpainting):
     cases = [
-        (_img2img(extra_noise=0.25, inpainting_mask_weight=0.4), {"Extra noise": 0.25, "Conditional mask weight": 0.4}),
-        (_request(extra_noise=0.25, hr_scale=1.5, hr_denoise=0.6), {"Extra noise": 0.25}),
-        (_request(sgm_noise_multiplier=True), {"SGM noise multiplier": True}),
-        (_request(schedule="Beta", beta_alpha=0.3), {"Beta schedule alpha": 0.3, "Beta schedule beta": 0.6}),
+        (inpainting, _img2img(extra_noise=0.25, inpainting_mask_weight=0.4),
+         {"Extra noise": 0.25, "Conditional mask weight": 0.4}),
+        (sd1, _request(extra_noise=0.25, hr_scale=1.5, hr_denoise=0.6), {"Extra noise": 0.25}),
+        (sd1, _request(sgm_noise_multiplier=True), {"SGM noise multiplier": True}),
+        (sd1, _request(schedule="Beta", beta_alpha=0.3), {"Beta schedule alpha": 0.3, "Beta schedule beta": 0.6}),
     ]
-    for req, labels in cases:
-        resolved = make_plan(sd1, req).request
-        written = _written(resolved)
+    for bundle, req, labels in cases:
+        resolved = make_plan(bundle, req).request
+        written = _written(resolved, bundle)
         assert {k: written.get(k) for k in labels} == labels
         assert "Initial noise" not in written
         read = from_parameters(parse_parameters(format_parameters(written)))
-        again = make_plan(sd1, replace(GenerationRequest(**read), init_image=req.init_image)).request
+        again = make_plan(bundle, replace(GenerationRequest(**read), init_image=req.init_image)).request
         for name in ("extra_noise", "inpainting_mask_weight", "sgm_noise_multiplier", "beta_alpha", "beta_beta",
                      "init_noise"):
             assert getattr(again, name) == getattr(resolved, name), name
-    for req in (_request(extra_noise=0.25, inpainting_mask_weight=0.4), _request(beta_alpha=0.3)):
-        written = _written(make_plan(sd1, req).request)         # txt2img: no img2img; karras: no Beta
+    for req in (_request(extra_noise=0.25, inpainting_mask_weight=0.4), _request(beta_alpha=0.3),
+                _img2img(inpainting_mask_weight=0.4)):          # txt2img: no img2img; karras: no Beta; 4 channels
+        written = _written(make_plan(sd1, req).request, sd1)
         assert not {"Extra noise", "Conditional mask weight", "Beta schedule alpha"} & set(written)
 
 
@@ -342,7 +345,7 @@ def test_the_labels_are_written_where_the_drawing_used_them(sd1, inpainting, mod
     bundle = {"sd1": sd1, "inpainting": inpainting}[model]
     req = _img2img(batch_size=1, **fields)
     result = generate(bundle, req)
-    written = _written(result.request)
+    written = _written(result.request, bundle)
     assert {k: written[k] for k in ("Conditional mask weight", "Extra noise") if k in written} == labels
     plain = generate(bundle, replace(req, inpainting_mask_weight=1.0, extra_noise=0.0)).images[0]
     assert np.array_equal(np.asarray(result.images[0]), np.asarray(plain)) is not bool(labels)

@@ -372,9 +372,10 @@ def _no_image_guidance_picture(edit_file, path: Path):
     from sdlab.pipeline.infotext import to_parameters
     from sdlab.pipeline.png_info import format_parameters, save_png_atomic
 
-    result = sdlab.load(edit_file).img2img(INSTRUCTION, init_picture(SIZE), steps=3, seed=3, sampler="Euler",
-                                           image_cfg_scale=None, img2img_convention="a1111")
-    text = format_parameters(to_parameters(result.request, edit_model=True))
+    pipe = sdlab.load(edit_file)
+    result = pipe.img2img(INSTRUCTION, init_picture(SIZE), steps=3, seed=3, sampler="Euler", image_cfg_scale=None,
+                          img2img_convention="a1111")
+    text = format_parameters(to_parameters(result.request, family=pipe.bundle.family))
     assert "Image CFG scale" not in text and "Image guidance: none" in text and "Img2img steps: a1111" in text
     save_png_atomic(result.images[0], path, text)
     return np.asarray(result.images[0], dtype=np.int16)

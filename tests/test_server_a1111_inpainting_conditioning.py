@@ -10,6 +10,9 @@ masked-picture conditioning, as A1111 1.10 sets it (modules/processing.py):
     sample_hr_pass: a latent upscale at inpainting_mask_weight < 1 and every pixel upscale
         -> img2img_image_conditioning; a latent upscale at weight 1 -> txt2img_image_conditioning
 
+create_infotext writes "Conditional mask weight" wherever the flag is set, at 1 too:
+    getattr(p, "inpainting_mask_weight", shared.opts.inpainting_mask_weight) if p.is_using_inpainting_conditioning
+
 SD1's and SD2's 9-channel models have the key 'hybrid' (v1-inpainting-inference.yaml); SDXL's inpainting model
 'crossattn' (sd_models_xl.extend_sdxl) with `is_sdxl_inpaint`. In-process app (TestClient), tiny random-weight SD1,
 SD1-inpainting and SDXL-inpainting files in a --models-dir."""
@@ -50,7 +53,13 @@ def _flag(client, route: str, model: str, options: dict | None = None, **fields)
     body = {**BODY, **fields, "override_settings": {"sd_model_checkpoint": model, **(options or {})}}
     answer = client.post(f"/sdapi/v1/{route}", json=body)
     assert answer.status_code == 200, answer.text
-    return json.loads(answer.json()["info"])["is_using_inpainting_conditioning"]
+    info = json.loads(answer.json()["info"])
+    flag = info["is_using_inpainting_conditioning"]
+    weight = (options or {}).get("inpainting_mask_weight", 1.0)
+    for text in info["infotexts"]:      # create_infotext: the weight wherever the flag is set, at 1 too
+        assert ("Conditional mask weight" in text) is flag and (f"Conditional mask weight: {weight:g}," in text) is flag
+    assert "Conditional mask weight" not in info["extra_generation_params"]     # not p.extra_generation_params'
+    return flag
 
 
 def _img2img(masked: bool = False) -> dict:

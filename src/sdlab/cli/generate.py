@@ -1695,7 +1695,7 @@ def run_generate(args: argparse.Namespace, pipelines: dict | None = None) -> int
         """The labelled parameters of picture `index` of `result` (a `GenerationResult` of this run)."""
         return to_parameters(result.request, index=index, model_name=name, model_hash=hash_, loras=lora_refs,
                              prompt=prompt_to_record, embeddings=used, refiner=refiner if result.refined else None,
-                             vae=vae, hires_loras=hires_refs, edit_model=pipe.bundle.family.is_edit)
+                             vae=vae, hires_loras=hires_refs, family=pipe.bundle.family)
 
     if script_chosen(args):
         return run_script(args, pipe, request, plan, target, parameters)

@@ -634,7 +634,7 @@ class _CellDrawing:
                               embeddings=[(e.name, embedding_hash(e.path))
                                           for e in pipe.embeddings_used(result.request)],
                               hires_loras=hires_tag_refs(result.request, loras.find, lora_hash),
-                              edit_model=pipe.bundle.family.is_edit)
+                              family=pipe.bundle.family)
                 for result in drawn[index] for i in range(len(result.images))]
         self.results.update(drawn)
 

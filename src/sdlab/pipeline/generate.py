@@ -855,8 +855,7 @@ def _inpaint_extra(bundle: ModelBundle, req: GenerationRequest, start: _Start,
         latent = start.image_latent                                                       # (B, 4, h, w)
         small_mask = start.latent_mask.round().to(latent).expand(latent.shape[0], -1, -1, -1)   # (B, 1, h, w)
         return torch.cat([small_mask, latent], dim=1)                                     # (B, 5, h, w)
-    if pixels is not None:
-        took_effect("inpainting_mask_weight")
+    took_effect("inpainting_mask_weight")                  # A1111 records its setting wherever it conditions so
     if mask is None:
         mask = torch.ones((1, 1, req.height, req.width), device=bundle.device)
         if pixels is None or weight == 1.0:

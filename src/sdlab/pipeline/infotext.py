@@ -27,9 +27,11 @@ from sdlab.diffusion.samplers import (
     A1111_TIMESTEP_SAMPLERS, UnknownSamplerError, a1111_schedule, also_discards, comfyui_spelling, get_sampler,
 )
 from sdlab.diffusion.schedule_names import a1111_label, schedule_from_a1111, schedule_key
+from sdlab.families import FamilySpec
 from sdlab.models.deep_cache import DEEP_CACHE_FIELDS, DeepCache
 from sdlab.models.freeu import FREEU_FACTORS, FREEU_WINDOW, FreeU
 from sdlab.pipeline.control import infotext_lines
+from sdlab.pipeline.hires import is_latent_upscaler
 from sdlab.pipeline.image_prompt import infotext_lines as image_prompt_lines
 from sdlab.pipeline.perturbed_attention import DEFAULT_LAYERS
 from sdlab.pipeline.png_info import NEGATIVE_PROMPT, PROMPT, version_label
@@ -236,7 +238,7 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
                   prompt: str | None = None, embeddings: Sequence[tuple[str, str]] = (),
                   refiner: RefinerRef | None = None,
                   vae: tuple[str, str | None] | None = None,
-                  hires_loras: Sequence[LoraRef] = (), edit_model: bool = False) -> dict[str, Any]:
+                  hires_loras: Sequence[LoraRef] = (), family: FamilySpec | None = None) -> dict[str, Any]:
     """The labelled parameters of image `index` of a resolved request (its seed is seed + index).
 
     `loras` are the LoRAs merged into the model: each gets a `<lora:NAME:WEIGHT>` tag in the prompt
@@ -247,8 +249,10 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
     [hash]`, `Refiner switch at`) with the handoff rule (`Refiner steps`). `vae` is a standalone VAE that replaced the
     model's: (file name, short hash), A1111's `VAE hash` and `VAE`. `hires_loras` are the LoRAs the hires prompt's
     tags merge in the second pass (`tag_refs`): `Lora hashes` names those not in `loras` after them, as A1111's
-    `lora_hashes` gathers both passes' networks. `edit_model`: an edit (InstructPix2Pix) model drew it, whose img2img
-    without image guidance (image scale None) is recorded as `Image guidance: none` (`no_image_guidance_label`).
+    `lora_hashes` gathers both passes' networks. `family`: the drawing model's (None: unknown); an edit
+    (InstructPix2Pix) model's img2img without image guidance (image scale None) is recorded as `Image guidance: none`
+    (`no_image_guidance_label`), and Conditional mask weight is written where the model drew with inpainting
+    conditioning (`uses_inpainting_conditioning`).
     """
     p: dict[str, Any] = {
         PROMPT: with_lora_tags(strip_comments(req.prompt if prompt is None else prompt), loras),
@@ -259,7 +263,7 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         **_schedule_overrides(req),
         "CFG scale": req.cfg_scale,
         "Image CFG scale": req.image_cfg_scale,     # None unless an edit model drew with it (`drawn_request`)
-        "Image guidance": no_image_guidance_label(req, edit_model),
+        "Image guidance": no_image_guidance_label(req, family is not None and family.is_edit),
         "Seed": req.seeds()[index],
         "Size": "{}x{}".format(*hires_base_size(req)) if req.hires else f"{req.width}x{req.height}",
         "Variation seed": req.subseeds()[index] if req.subseed_strength else None,
@@ -278,6 +282,7 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         **prompt_option_parameters(req),
         "Empty negative": _empty_negative(req),
         "Denoising strength": None,      # its place in the text; the hires fix's or img2img's value below
+        "Conditional mask weight": req.inpainting_mask_weight if uses_inpainting_conditioning(family, req) else None,
         **hires_parameters(req, merged_at_load(req, loras), index=index),
         **_eta_parameters(req),
         **_unipc_options(req),
@@ -516,9 +521,24 @@ def img2img_parameters(req: GenerationRequest) -> dict[str, Any]:
     if req.init_image is None:
         return {}
     return {"Denoising strength": req.strength, **_inpaint_parameters(req),
-            "Conditional mask weight": req.inpainting_mask_weight if req.inpainting_mask_weight != 1.0 else None,
             "Noise multiplier": req.noise_multiplier if req.noise_multiplier != 1.0 else None,
             "Extra noise": req.extra_noise or None}
+
+
+def uses_inpainting_conditioning(family: FamilySpec | None, req: GenerationRequest) -> bool:
+    """A1111's `is_using_inpainting_conditioning` of `req` drawn by a model of `family` (None: unknown, false), where
+    its infotext writes Conditional mask weight, at 1 too (A1111 1.10 processing.py): `txt2img_image_conditioning`
+    sets it where the model's `conditioning_key` is 'hybrid' or 'concat' (SD1's and SD2's 9-channel inpainting
+    models; not SDXL's, whose key is 'crossattn'), `inpainting_image_conditioning` for any 9-channel model (SDXL's
+    too, `is_sdxl_inpaint`), which img2img's `init` reaches and so does the hires pass of txt2img (`sample_hr_pass`)
+    but for a latent upscale at a Conditional mask weight of 1, which takes txt2img's conditioning again. An edit
+    (InstructPix2Pix) model's img2img is its `edit_image_conditioning`: false."""
+    if family is None or not family.is_inpaint:
+        return False
+    if req.init_image is not None or not family.is_sdxl:
+        return True
+    latent_at_full_weight = is_latent_upscaler(req.hr_upscaler or "") and req.inpainting_mask_weight >= 1.0
+    return req.hires and not latent_at_full_weight
 
 
 def _inpaint_parameters(req: GenerationRequest) -> dict[str, Any]:
@@ -550,8 +570,8 @@ def hires_parameters(req: GenerationRequest, merged: Sequence[LoraRef] = (), *, 
     strength), its own Hires sampler, Hires prompt, Hires negative prompt and Hires
     schedule type where they differ from the first pass's, Hires upscale (or Hires resize WxH, 0 = unset), Hires steps
     (when set), Hires upscaler (a model file by A1111's name of it: `a1111_upscaler_name`), Hires seed and Hires
-    CFG Scale where set, Hires convention and Hires crop where not A1111's, Extra noise and
-    Conditional mask weight where the second pass used them; none without it. The Hires prompt carries a tag of
+    CFG Scale where set, Hires convention and Hires crop where not A1111's, Extra noise where the second pass
+    added it; none without it. The Hires prompt carries a tag of
     each LoRA `merged` at load, as the prompt does: A1111 draws a hires prompt's own tags in the second pass. The
     Hires seed is image `index`'s: the second pass numbers its seeds from hr_seed as the first from seed
     (`hires.second_pass_request`'s `seeds()`: hr_seed + index, or hr_seed for each with a variation seed)."""
@@ -579,7 +599,6 @@ def hires_parameters(req: GenerationRequest, merged: Sequence[LoraRef] = (), *, 
         "Hires convention": None if req.hr_convention == "a1111" else req.hr_convention,
         "Hires crop": None if req.hr_crop == "disabled" else req.hr_crop,
         "Extra noise": req.extra_noise or None,        # A1111's `sample_img2img` of the second pass
-        "Conditional mask weight": req.inpainting_mask_weight if req.inpainting_mask_weight != 1.0 else None,
     }
 
 

@@ -434,7 +434,8 @@ OFF_UNLESS_DRAWN: dict[str, dict[str, Any]] = {
 }
 """The options a drawing notes where they change it (`guidance.took_effect`), each with its fields' values off: NGMS
 and Skip Early CFG where a call ran without the negative prompt, Pad conds / v0 where they padded, Extra noise where
-it was added to an init latent, Conditional mask weight where an inpainting model read an init picture, mask_round
+it was added to an init latent, Conditional mask weight where an inpainting model drew (A1111's masked-picture
+conditioning; its label: `infotext.uses_inpainting_conditioning`), mask_round
 off where the mask kept a level rounding would have changed. A1111 writes their labels only there (NGMS, Skip Early
 CFG and Pad conds as its sampler runs; Conditional mask weight only with inpainting conditioning; mask_round has
 none: sdlab's Mask round), Image CFG scale where an edit model drew (A1111 sets it for edit models only), and

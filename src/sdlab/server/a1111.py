@@ -47,11 +47,11 @@ from sdlab.diffusion.samplers import (A1111_SAMPLERS_MAP, SAMPLER_TABLE, SAMPLER
 from sdlab.diffusion.discretization import steps_run
 from sdlab.diffusion.schedule_names import a1111_label
 from sdlab.families import FamilySpec
-from sdlab.pipeline.hires import is_latent_upscaler
 from sdlab.pipeline.image_prompt import IPAdapterInput
 from sdlab.pipeline.images import open_image
 from sdlab.pipeline.infotext import (
     a1111_backcompat, drawn_by_sdlab, eta_label, hires_parameters, img2img_parameters, old_hires_sizes, refiner_label,
+    uses_inpainting_conditioning,
 )
 from sdlab.pipeline.plan import a1111_model_calls
 from sdlab.pipeline.prompt_syntax import PromptError, parse_weighted
@@ -628,7 +628,7 @@ def _job_info(service: Service, body: Txt2ImgIn, request: GenerationRequest, job
     name = checkpoint.name_for_extra if checkpoint is not None else job.model
     extra = {**_drawn_parameters(job, request), **_refiner_parameters(service, job)}
     extra.update({label: value for label, value in _written_extra_parameters(job).items() if label not in extra})
-    inpainting = _inpainting_conditioning(_model_family(service, job.model), job.mode, _drawn_request(job, request))
+    inpainting = uses_inpainting_conditioning(_model_family(service, job.model), _drawn_request(job, request))
     return _info(job, body, name, extra, batch_size=request.batch_size, inpainting=inpainting)
 
 
@@ -919,22 +919,6 @@ def _model_family(service: Service, title: str) -> FamilySpec | None:
     return None if bundle is None else bundle.family
 
 
-def _inpainting_conditioning(family: FamilySpec | None, mode: str, drawn: GenerationRequest) -> bool:
-    """A1111's `is_using_inpainting_conditioning` of a job drawn in `mode` by a model of `family` (A1111 1.10
-    processing.py): its `txt2img_image_conditioning` sets it where the model's `conditioning_key` is 'hybrid' or
-    'concat' (SD1's and SD2's 9-channel inpainting models; not SDXL's, whose key is 'crossattn'), its
-    `inpainting_image_conditioning` for any 9-channel model (SDXL's too, `is_sdxl_inpaint`), which img2img's `init`
-    reaches and so does the hires pass of txt2img (`sample_hr_pass`) but for a latent upscale at a Conditional mask
-    weight of 1, which takes txt2img's conditioning again. An edit (InstructPix2Pix) model's img2img is its
-    `edit_image_conditioning`: false (it draws no txt2img here)."""
-    if family is None or not family.is_inpaint:
-        return False
-    if mode != "txt2img" or not family.is_sdxl:
-        return True
-    latent_at_full_weight = is_latent_upscaler(drawn.hr_upscaler or "") and drawn.inpainting_mask_weight >= 1.0
-    return drawn.hires and not latent_at_full_weight
-
-
 A1111_FIXED_LABELS = frozenset({
     "Prompt", "Negative prompt", "Steps", "Sampler", "CFG scale", "Image CFG scale", "Seed", "Face restoration",
     "Size", "Model hash", "Model", "FP8 weight", "Cache FP16 weight for LoRA", "VAE hash", "VAE", "Variation seed",
@@ -1027,7 +1011,7 @@ def _info(job: Job, body: Txt2ImgIn, model_name: str, extra: dict[str, Any] | No
           batch_size: int | None = None, inpainting: bool = False) -> dict[str, Any]:
     """A1111's `Processed.js()` fields; `extra`: more of its `extra_generation_params`; `batch_size`: the
     pictures per iteration (None: the body's); `inpainting`: its `is_using_inpainting_conditioning`
-    (`_inpainting_conditioning`). `sd_vae_name` / `sd_vae_hash` name a VAE file drawn with (A1111's
+    (`infotext.uses_inpainting_conditioning`). `sd_vae_name` / `sd_vae_hash` name a VAE file drawn with (A1111's
     `get_loaded_vae_name` / `_hash`: its name and sha256[:10], the pictures' `VAE` / `VAE hash`), else null."""
     s, extra = job.settings, extra or {}
     count = max(1, s.get("batch_size") or 1) * s.get("batch_count", 1)

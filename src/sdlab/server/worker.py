@@ -372,7 +372,7 @@ class Runner:
                                                     prompt=job.spec.prompt_to_record, embeddings=used,
                                                     refiner=_refiner_ref(refiner, choice) if result.refined else None,
                                                     vae=vae_ref(pipe.bundle.report), hires_loras=job.spec.hires_tag_loras,
-                                                    edit_model=pipe.bundle.family.is_edit))
+                                                    family=pipe.bundle.family))
                     for i in range(len(result.images))]
 
         kept = job.spec.first_pass
