@@ -189,3 +189,16 @@ def test_graphs_the_upscale_does_not_draw_are_refused_naming_the_node(server):
     answer = server.post("/prompt", json={"prompt": unknown})
     assert answer.status_code == 400
     assert answer.json()["node_errors"]["10"]["errors"][0]["type"] == "value_not_in_list"
+
+
+def test_an_upscale_past_the_servers_upscale_limit_is_refused_at_submit_naming_the_node(server):
+    """x4 of 1024 x 1152 pictures is 4096 x 4608, past 4 x --max-pixels (the Extras' limit, 16.8 M at the default):
+    a 400 on the ImageUpscaleWithModel before anything is queued (it was queued and drawn, then upscaled)."""
+    prompt = upscale_graph()
+    prompt["5"]["inputs"].update(width=1024, height=1152)
+    answer = server.post("/prompt", json={"prompt": prompt})
+    assert answer.status_code == 400, answer.text
+    [error] = answer.json()["node_errors"]["11"]["errors"]
+    assert error["type"] == "unsupported_graph"
+    assert "4096x4608" in error["message"] and str(4 * 2048 * 2048) in error["message"]
+    assert server.get("/queue").json() == {"queue_running": [], "queue_pending": []}

@@ -54,14 +54,19 @@ import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin
 from torch import Tensor
 
+from sdlab.checkpoints.errors import CheckpointError
+from sdlab.checkpoints.upscaler import read_upscaler
 from sdlab.diffusion.samplers import SAMPLER_TABLE
 from sdlab.pipeline.control import ControlInput
 from sdlab.pipeline.images import comfyui_encoded_mask
 from sdlab.pipeline.png_info import encode_image, write_files_all_or_nothing
-from sdlab.pipeline.request import HIRES_SIZE, GenerationRequest
+from sdlab.pipeline.hires import pass_sizes
+from sdlab.pipeline.request import HIRES_SIZE, SIZE_MULTIPLE, GenerationRequest
+from sdlab.pipeline.upscale import MAX_OUTPUT_PIXELS
 from sdlab.server.comfy_graph import (Choices, GraphError, GraphPlan, annotated_file, check_graph, node_refusal,
                                       object_info, run_order, second_pass_nodes)
-from sdlab.server.inputs import BadRequest, JobSpec, LoraChoice, image_from_bytes, opened_picture
+from sdlab.server.inputs import (BadRequest, JobSpec, LoraChoice, image_from_bytes, opened_picture, read_json,
+                                 without_paths)
 from sdlab.server.jobs import IN_TURN, Job, Place, ServerFault
 from sdlab.server.model_folders import ModelFile
 from sdlab.server.native import IMAGE_NAME, opened_file
@@ -80,6 +85,7 @@ PREVIEW_METHODS = ("auto", "latent2rgb", "taesd")
 (`server/previews.py`) for each."""
 PREVIEW_IMAGE, JPEG_PREVIEW = 1, 1          # ComfyUI's BinaryEventTypes.PREVIEW_IMAGE, send_image's JPEG type
 MAX_PREVIEW_SIDE = 512                      # ComfyUI's MAX_PREVIEW_RESOLUTION (--preview-size's default)
+UPSCALE_MODEL = "upscale model"             # `BadRequest.refused` of the upscale model's file or output size
 MODEL_FOLDERS = {"checkpoints": "checkpoints", "loras": "loras", "vae": "vaes", "controlnet": "controlnets",
                  "diffusion_models": "unets", "upscale_models": "upscale_models", "embeddings": ""}
 """ComfyUI's model folders (folder_paths.folder_names_and_paths) `GET /models` lists, each to its `Choices` list
@@ -248,7 +254,7 @@ def _bad_prompt(kind: str, message: str, details: str = "") -> JSONResponse:
 async def post_prompt(request: Request) -> JSONResponse:
     state = state_of(request)
     try:
-        body = await request.json()
+        body = read_json(await request.body())
     except ValueError:
         return _bad_prompt("invalid_prompt", "Invalid prompt: the body is not JSON")
     if not isinstance(body, dict) or "prompt" not in body:
@@ -285,9 +291,11 @@ async def _queued(state: ComfyState, body: dict[str, Any], place: Place, prompt_
     try:
         job = await asyncio.to_thread(_submit, state, plan, place, first_pass)
     except BadRequest as err:
-        if plan.upscale_node and err.refused == HIRES_SIZE:      # request.py's hires size checks: the upscale's
-            return JSONResponse(node_refusal(body["prompt"], plan.upscale_node, err.message,
-                                             list(plan.outputs)).body(), status_code=400)
+        # request.py's hires size checks: the LatentUpscale's; the upscale model's output size: its node's
+        node = {HIRES_SIZE: plan.upscale_node, UPSCALE_MODEL: plan.model_upscale_node}.get(err.refused or "")
+        if node:
+            return JSONResponse(node_refusal(body["prompt"], node, err.message, list(plan.outputs)).body(),
+                                status_code=400)
         return _bad_prompt("invalid_prompt", err.message, err.detail if isinstance(err.detail, str) else "")
     number = job.number                     # ComfyUI answers the number its queue sorts the prompt by
     with state.lock:
@@ -368,18 +376,34 @@ def _submit(state: ComfyState, plan: GraphPlan, place: Place = IN_TURN, first_pa
         # CheckpointLoaderSimple's VAE is the checkpoint's own (no sidecar found near it, as A1111's Automatic)
         sidecar_vae=False, vae=None if plan.vae is None else state.vae_files().get(plan.vae, plan.vae),
         first_pass=_first_pass_writer(state, plan, [] if first_pass is None else first_pass),
-        picture_upscaler=_upscale_model(state, plan))
+        picture_upscaler=_upscale_model(state, plan, request))
     job, _ = service.submit(spec, plan.mode, plan.model, place)
     return job
 
 
-def _upscale_model(state: ComfyState, plan: GraphPlan) -> ModelFile | None:
-    """The upscalers-folder file of the graph's UpscaleModelLoader, if it has one."""
+def _upscale_model(state: ComfyState, plan: GraphPlan, request: GenerationRequest) -> ModelFile | None:
+    """The upscalers-folder file of the graph's UpscaleModelLoader, if it has one. Its pictures, `request`'s
+    (the second pass's size in a two-pass graph) times the network's scale, must lie within the server's upscale
+    limit, 4 x --max-pixels as the Extras' (and `upscale.MAX_OUTPUT_PIXELS`): else a `BadRequest` refusing
+    `UPSCALE_MODEL`, which the answer names the ImageUpscaleWithModel by, before anything is drawn."""
     if plan.upscale_model is None:
         return None
     found = state.upscale_model_files().get(plan.upscale_model)
     if found is None:           # removed since the graph was checked
         raise BadRequest(f"no upscale model {plan.upscale_model!r}", 400)
+    try:
+        scale = read_upscaler(found.path).config.scale          # from its names and shapes, on the meta device
+    except (CheckpointError, OSError) as err:
+        raise BadRequest(f"the upscale model {plan.upscale_model!r} cannot be read: "
+                         f"{without_paths(str(err), [(found.path, plan.upscale_model)])}", 400,
+                         refused=UPSCALE_MODEL) from None
+    width, height = pass_sizes(request, SIZE_MULTIPLE)[1] if plan.hires else (request.width, request.height)
+    limit = min(4 * state.service.config.limits.max_pixels, MAX_OUTPUT_PIXELS)
+    if width * scale * height * scale > limit:
+        raise BadRequest(f"the upscale model {plan.upscale_model!r} (x{scale}) would make {width}x{height} pictures "
+                         f"{width * scale}x{height * scale}, past this server's limit of {limit} pixels "
+                         "(4 x --max-pixels); draw smaller pictures or use a smaller scale", 400,
+                         refused=UPSCALE_MODEL)
     return found
 
 
@@ -631,7 +655,7 @@ def _ids(body: dict[str, Any]) -> list[str]:
 
 async def _json_object(request: Request) -> dict[str, Any]:
     try:
-        body = await request.json()
+        body = read_json(await request.body())
     except ValueError:
         raise BadRequest("the body is not JSON", 400) from None
     if not isinstance(body, dict):
@@ -673,7 +697,7 @@ async def interrupt(request: Request) -> JSONResponse:
     with `{prompt_id}`, only when that prompt is the one drawing."""
     state = state_of(request)
     try:
-        body = await request.json()
+        body = read_json(await request.body())
     except ValueError:
         body = {}
     wanted = body.get("prompt_id") if isinstance(body, dict) else None
@@ -710,6 +734,7 @@ async def websocket(socket: WebSocket) -> None:
 @router.get("/view")
 def view(request: Request, filename: str, subfolder: str = "", type: str = "output") -> Response:
     state = state_of(request)
+    type, filename = _annotated_or(filename, type)
     if type not in UPLOAD_FOLDERS:
         raise BadRequest(f"type must be output, temp or input, got {type!r}", 400)
     path = state.picture_file(type, filename, subfolder)
@@ -722,6 +747,13 @@ def view(request: Request, filename: str, subfolder: str = "", type: str = "outp
     if path is None:
         raise BadRequest("Not Found", 404)
     return FileResponse(path, filename=filename, content_disposition_type="inline")
+
+
+def _annotated_or(name: str, kind: str) -> tuple[str, str]:
+    """(folder, file) of a picture `name` whose type is `kind` unless its ComfyUI annotation ("x.png [input]") says
+    another, as /view and upload_mask read a filename (folder_paths.annotated_filepath before the `type`)."""
+    folder, file = annotated_file(name)
+    return (folder, file) if file != name else (kind, name)
 
 
 def _inside(folder: Path, name: str) -> Path | None:
@@ -804,8 +836,7 @@ def _original_ref(state: ComfyState, given: Any) -> Path:
     if not isinstance(ref, dict) or not isinstance(ref.get("filename"), str) or not ref["filename"]:
         raise BadRequest('original_ref must be the JSON {"filename": ..., "subfolder": ..., "type": ...} of the '
                          "picture the mask is for", 400)
-    folder, file = annotated_file(ref["filename"])
-    kind = folder if file != ref["filename"] else str(ref.get("type") or "output")
+    kind, file = _annotated_or(ref["filename"], str(ref.get("type") or "output"))
     path = state.picture_file(kind, file, str(ref.get("subfolder") or ""))
     if path is None:
         raise BadRequest(f"original_ref names no picture: {ref['filename']!r} (type {kind!r}) is not there", 400)

@@ -259,6 +259,7 @@ class GraphPlan:
                                             # KSampler's pictures ("Save Intermediate Image"), as `outputs`
     upscale_model: str | None = None        # an UpscaleModelLoader's file every picture of `outputs` is run through
                                             # (ImageUpscaleWithModel); None: the decoded pictures
+    model_upscale_node: str = ""            # that ImageUpscaleWithModel
 
     @property
     def mode(self) -> str:
@@ -574,7 +575,7 @@ class _Plan:
             loader = self.source(model_upscale, "upscale_model")[0]
             self.visit(loader)
             self.visit(model_upscale)
-            plan.upscale_model = self.inputs(loader)["model_name"]
+            plan.upscale_model, plan.model_upscale_node = self.inputs(loader)["model_name"], model_upscale
         for output in self.outputs:
             self.visit(output)
         plan.order, plan.sampler_node, plan.controls = list(self.order), sampler, controls
