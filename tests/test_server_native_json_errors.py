@@ -84,6 +84,25 @@ def test_a_body_python_cannot_read_is_the_same_422_with_its_reason(client, body,
     assert client.get("/api/jobs").json()["jobs"] == []
 
 
+@pytest.mark.parametrize("body,reason", [
+    (b'{"prompt": "caf\xe9"}', "it is not UTF-8 text (the byte 0xE9 at byte 16)"),
+    (b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "its arrays and objects nest deeper than the server reads"),
+], ids=["latin-1 byte", "deep arrays"])
+def test_the_routes_that_read_their_own_body_refuse_it_in_their_shape_with_its_reason(client, body, reason):
+    """ComfyUI's /prompt, /queue, /history, /interrupt and OpenAI's JSON edit read their body themselves: a body nested
+    past the reader's depth was a 500 (RecursionError) there; now their own refusal, with the reason."""
+    headers = {"content-type": "application/json"}
+    prompt = client.post("/prompt", content=body, headers=headers)
+    assert prompt.status_code == 400 and prompt.json()["error"]["type"] == "invalid_prompt", prompt.text
+    for route in ("/queue", "/history"):
+        answer = client.post(route, content=body, headers=headers)
+        assert answer.status_code == 400 and "the body is not JSON" in answer.text, (route, answer.text)
+    assert client.post("/interrupt", content=body, headers=headers).status_code == 200   # ComfyUI's: no body needed
+    edit = client.post("/v1/images/edits", content=body, headers=headers)
+    assert edit.status_code == 400 and reason in edit.json()["error"]["message"], edit.text
+    assert client.get("/api/jobs").json()["jobs"] == []
+
+
 def _number_fields(model) -> dict[str, str]:
     """The fields of request model `model` that take an int or a float (alone, in a union or a tuple): name -> kind."""
     import typing

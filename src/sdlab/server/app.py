@@ -29,7 +29,7 @@ from sdlab.server import a1111, a1111_controlnet, api_docs, comfy_api, native
 from sdlab.server import openai_images
 from sdlab.server.config import ServerConfig
 from sdlab.server.guard import Guard, detail_body
-from sdlab.server.inputs import BadRequest
+from sdlab.server.inputs import BadRequest, unreadable_json_reason
 from sdlab.server.jobs import QueueFull, Unavailable
 from sdlab.server.service import Service
 from sdlab.server.store import StoreError
@@ -150,12 +150,8 @@ def unreadable_json(err: StarletteHTTPException) -> RequestValidationError | Non
     JSONDecodeError, as the json_invalid error a body that is not JSON gets, its reason said: bytes that are not
     UTF-8 (JSON's encoding, RFC 8259; a UnicodeDecodeError) or arrays and objects nested past the reader's depth
     (a RecursionError). None for any other error."""
-    cause = err.__cause__
-    if isinstance(cause, UnicodeDecodeError):
-        reason = f"it is not UTF-8 text (the byte 0x{cause.object[cause.start]:02X} at byte {cause.start + 1})"
-    elif isinstance(cause, RecursionError):
-        reason = "its arrays and objects nest deeper than the server reads"
-    else:
+    reason = unreadable_json_reason(err.__cause__)
+    if reason is None:
         return None
     return RequestValidationError([{"type": "json_invalid", "loc": ("body",), "msg": f"JSON decode error: {reason}",
                                     "input": {}, "ctx": {"error": reason}}])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 import math
 import re
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -185,6 +186,27 @@ def spec_with_preset(spec: JobSpec, name: str, mode: str) -> JobSpec:
     which then fills none (the request's preset wins over the model's)."""
     return replace(spec, request=with_preset(spec.request, name, mode, spec.model_preset_fills),
                    model_preset_fills=frozenset())
+
+
+def unreadable_json_reason(err: BaseException | None) -> str | None:
+    """Why Python's JSON reader stopped on a body without a JSONDecodeError, or None: bytes that are not UTF-8
+    (JSON's encoding, RFC 8259; a UnicodeDecodeError) or arrays and objects nested past its depth (a
+    RecursionError)."""
+    if isinstance(err, UnicodeDecodeError):
+        return f"it is not UTF-8 text (the byte 0x{err.object[err.start]:02X} at byte {err.start + 1})"
+    if isinstance(err, RecursionError):
+        return "its arrays and objects nest deeper than the server reads"
+    return None
+
+
+def read_json(raw: bytes | str) -> Any:
+    """A request body read as JSON; a ValueError saying why it is none (`unreadable_json_reason`, or the
+    JSONDecodeError), never a RecursionError, for the routes that read their body themselves."""
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as err:
+        reason = unreadable_json_reason(err)
+        raise (ValueError(reason) if reason else err) from None
 
 
 class NullsAreDefaults(BaseModel):

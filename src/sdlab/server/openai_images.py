@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import json
 import time
 from dataclasses import replace
 from typing import Any
@@ -38,7 +37,7 @@ from sdlab.pipeline.images import open_image, upright_8bit
 from sdlab.pipeline.png_info import ParametersError, encode_image
 from sdlab.pipeline.request import SIZE_MULTIPLE
 from sdlab.server.config import Limits
-from sdlab.server.inputs import BadRequest, NullsAreDefaults, opened_picture
+from sdlab.server.inputs import BadRequest, NullsAreDefaults, opened_picture, read_json
 from sdlab.server.jobs import Job, Unavailable, image_url
 from sdlab.server.native import JobIn, job_spec, service_of
 from sdlab.server.openai_stream import DISCONNECT_POLL_S, PARTIAL_IMAGES, JobEventsResponse, event_stream
@@ -459,7 +458,7 @@ def json_edit(raw: bytes) -> tuple[EditIn, list[Upload], list[Upload]]:
     references `{"image_url": URL}` (or `{"file_id": ID}`) and `mask` one, beside the multipart edit's fields.
     Only a data: URL's picture is taken (`data_url_bytes`): the server fetches nothing."""
     try:
-        fields = json.loads(raw)
+        fields = read_json(raw)
     except ValueError as err:
         raise ImagesError(f"We could not parse the JSON body of your request: {err}") from None
     if not isinstance(fields, dict):
