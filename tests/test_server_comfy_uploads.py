@@ -52,6 +52,9 @@ def test_an_upload_of_type_temp_or_output_goes_to_that_folder(server, kind):
     for subfolder in ("sub", ""):
         shown = viewed(server, {"filename": "shared.png", "subfolder": subfolder, "type": kind})
         assert np.array_equal(shown, np.asarray(picture, np.int16))
+    # ComfyUI's /view reads a filename's annotation before its type (folder_paths.annotated_filepath)
+    annotated = viewed(server, {"filename": f"shared.png [{kind}]", "subfolder": "sub", "type": "input"})
+    assert np.array_equal(annotated, np.asarray(picture, np.int16))
     assert server.get("/view", params={"filename": "shared.png", "type": "input"}).status_code == 404
     pixels = viewed(server, drawn(server, from_load_image(f"sub/shared.png [{kind}]"))[1]["outputs"]["9"]["images"][0])
     native = native_pixels(server, {**NATIVE, "mode": "img2img", "init_image": b64_png(picture), "strength": 0.6})
