@@ -16,7 +16,8 @@ from sdlab.cli import main
     (["img2img", "a", "--resize-mode", "zoom"], "argument --resize-mode: invalid choice: 'zoom'"),
     (["inpaint", "a", "--masked-content", "foo"], "argument --masked-content: invalid choice: 'foo'"),
     (["new-model", "--family", "sd3", "x.safetensors"], "invalid choice: 'sd3' (choose from 'sd1'"),
-    (["txt2img", "a", "--stepz", "3"], "unrecognized arguments: --stepz 3 (sdlab txt2img --help lists the options)"),
+    (["txt2img", "a", "--stepz", "3"],
+     "unrecognized arguments: --stepz 3; did you mean --steps? (sdlab txt2img --help lists the options)"),
     (["grid", "a", "--x"], "argument --x: expected one argument (sdlab grid --help"),
     (["txt2imgg", "a"], "argument COMMAND: invalid choice: 'txt2imgg'"),
 ])
@@ -147,6 +148,8 @@ def test_a_prompt_that_starts_with_a_minus_is_the_prompt(command, common):
     (["txt2img", "a", "-vv"], "-vv is an option of sdlab, not of sdlab txt2img: give it before the command"),
     (["txt2img", "--debug"], "--debug is an option of sdlab"),
     (["txt2img", "a", "--stepz", "3"], "unrecognized arguments: --stepz 3"),
+    (["txt2img", "a", "--stpes", "3"], "unrecognized arguments: --stpes 3; did you mean --steps? (sdlab txt2img"),
+    (["upscale", "in.png", "--out", "o.png", "--tile-overlpa", "8"], "--tile-overlpa 8; did you mean --tile-overlap?"),
     (["txt2img", "a", "--negative", "-steps", "5"],
      "--negative -steps: -steps looks like a mistyped --steps; give the option, or write --negative=-steps"),
     (["txt2img", "a", "--negative", "--tilling"], "--tilling looks like a mistyped --tiling"),

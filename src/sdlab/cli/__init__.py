@@ -235,6 +235,15 @@ def _refuse_other_commands_options(commands: dict[str, argparse.ArgumentParser])
         command.foreign_options = foreign
 
 
+def _unrecognized(parser: argparse.ArgumentParser, command: str, unknown: list[str]) -> str:
+    """The refusal of the words `command` did not read, naming the option the first mistyped one seems to mean
+    (`--stpes 3`: did you mean --steps?; `CommandParser._mistyped_option`)."""
+    command_parser = parser._subparsers._group_actions[0].choices[command]
+    meant = next((f"; did you mean {option}?" for word in unknown if word.startswith("-")
+                  and (option := command_parser._mistyped_option(word)) is not None), "")
+    return f"unrecognized arguments: {' '.join(unknown)}{meant} (sdlab {command} --help lists the options)"
+
+
 def _error(message: str) -> None:
     print(f"sdlab: error: {' '.join(str(message).split())}", file=sys.stderr)
 
@@ -270,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args, unknown = parser.parse_known_args(argv)
         if unknown:
-            raise UserError(f"unrecognized arguments: {' '.join(unknown)} (sdlab {args.command} --help lists the options)")
+            raise UserError(_unrecognized(parser, args.command, unknown))
     except UserError as exc:   # argparse's own errors (`CommandParser`) and an argument's check (`cli.errors.utf8_text`)
         _error(str(exc))
         return EXIT_USER_ERROR
