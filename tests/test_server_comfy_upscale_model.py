@@ -202,3 +202,25 @@ def test_an_upscale_past_the_servers_upscale_limit_is_refused_at_submit_naming_t
     assert error["type"] == "unsupported_graph"
     assert "4096x4608" in error["message"] and str(4 * 2048 * 2048) in error["message"]
     assert server.get("/queue").json() == {"queue_running": [], "queue_pending": []}
+
+
+@pytest.mark.parametrize("fails, node, kind", [("upscale_with_model", "11", "ImageUpscaleWithModel"),
+                                               ("load_upscaler_file", "10", "UpscaleModelLoader")])
+def test_an_upscale_failure_names_the_upscale_node_not_the_ksampler(server, monkeypatch, fails, node, kind):
+    """The network (or reading its file) failing: execution_error names that node, as ComfyUI's executor names the
+    node that raised, with the nodes before it executed; it named the KSampler."""
+    import sdlab.server.worker as worker
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the upscaler broke")
+
+    monkeypatch.setattr(worker, fails, broken)
+    prompt = upscale_graph()
+    prompt["3"]["inputs"]["seed"] = 78
+    messages, entry = drawn(server, prompt)
+    [error] = [data for name, data in messages if name == "execution_error"]
+    assert (error["node_id"], error["node_type"]) == (node, kind)
+    assert "the upscaler broke" in error["exception_message"]
+    order = ["4", "6", "7", "5", "3", "8", "10", "11", "9"]
+    assert error["executed"] == order[:order.index(node)]
+    assert entry["status"]["status_str"] == "error"

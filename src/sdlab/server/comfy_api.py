@@ -109,6 +109,7 @@ class Prompt:
     messages: list[list[Any]] = field(default_factory=list)
     outputs: dict[str, Any] = field(default_factory=dict)
     first_pass: list[str] = field(default_factory=list)     # a two-pass graph's first-pass pictures, once written
+    upscale_failed: list[str] = field(default_factory=list)  # the upscale-model node whose work failed, if one did
     executing: str | None = None            # the node shown as executing now
     ended: bool = False                     # its job ended and its last message was sent: in the history
 
@@ -288,8 +289,9 @@ async def _queued(state: ComfyState, body: dict[str, Any], place: Place, prompt_
     except GraphError as err:
         return JSONResponse(err.body(), status_code=400)
     first_pass: list[str] = []
+    upscale_failed: list[str] = []
     try:
-        job = await asyncio.to_thread(_submit, state, plan, place, first_pass)
+        job = await asyncio.to_thread(_submit, state, plan, place, first_pass, upscale_failed)
     except BadRequest as err:
         # request.py's hires size checks: the LatentUpscale's; the upscale model's output size: its node's
         node = {HIRES_SIZE: plan.upscale_node, UPSCALE_MODEL: plan.model_upscale_node}.get(err.refused or "")
@@ -300,7 +302,8 @@ async def _queued(state: ComfyState, body: dict[str, Any], place: Place, prompt_
     number = job.number                     # ComfyUI answers the number its queue sorts the prompt by
     with state.lock:
         prompt_id = prompt_id or str(uuid.UUID(job.id))
-        prompt = Prompt(number, prompt_id, body["prompt"], extra_data, plan, client_id, job, first_pass=first_pass)
+        prompt = Prompt(number, prompt_id, body["prompt"], extra_data, plan, client_id, job, first_pass=first_pass,
+                        upscale_failed=upscale_failed)
         state.prompts.pop(prompt_id, None)          # a finished prompt of that id leaves the history
         state.prompts[prompt_id] = prompt
         _forget_old(state)
@@ -341,10 +344,11 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _submit(state: ComfyState, plan: GraphPlan, place: Place = IN_TURN, first_pass: list[str] | None = None) -> Job:
+def _submit(state: ComfyState, plan: GraphPlan, place: Place = IN_TURN, first_pass: list[str] | None = None,
+            upscale_failed: list[str] | None = None) -> Job:
     """Queue the generation `plan` describes, as a native job (`Service.submit`), at its `place`; the names of the
     first-pass pictures of a two-pass graph that saves them go to `first_pass` as they are written
-    (`_first_pass_writer`)."""
+    (`_first_pass_writer`), the class of an upscale-model node whose work fails to `upscale_failed`."""
     service = state.service
     init = loaded = None
     if plan.init_image is not None:
@@ -376,7 +380,8 @@ def _submit(state: ComfyState, plan: GraphPlan, place: Place = IN_TURN, first_pa
         # CheckpointLoaderSimple's VAE is the checkpoint's own (no sidecar found near it, as A1111's Automatic)
         sidecar_vae=False, vae=None if plan.vae is None else state.vae_files().get(plan.vae, plan.vae),
         first_pass=_first_pass_writer(state, plan, [] if first_pass is None else first_pass),
-        picture_upscaler=_upscale_model(state, plan, request))
+        picture_upscaler=_upscale_model(state, plan, request),
+        picture_upscaler_failed=None if upscale_failed is None else upscale_failed.append)
     job, _ = service.submit(spec, plan.mode, plan.model, place)
     return job
 
@@ -405,6 +410,12 @@ def _upscale_model(state: ComfyState, plan: GraphPlan, request: GenerationReques
                          "(4 x --max-pixels); draw smaller pictures or use a smaller scale", 400,
                          refused=UPSCALE_MODEL)
     return found
+
+
+def _upscale_node(prompt: Prompt, kind: str) -> str:
+    """The graph's node of class `kind`: its ImageUpscaleWithModel, or the UpscaleModelLoader feeding it."""
+    upscale = prompt.plan.model_upscale_node
+    return upscale if kind == "ImageUpscaleWithModel" else prompt.graph[upscale]["inputs"]["upscale_model"][0]
 
 
 def _first_pass_writer(state: ComfyState, plan: GraphPlan,
@@ -586,6 +597,12 @@ async def _follow(state: ComfyState, prompt: Prompt) -> None:
                 break
             elif name in ("failed", "cancelled"):
                 node = second_pass[-1] if second_pass else plan.sampler_node
+                if prompt.upscale_failed:           # the upscale-model node whose work failed, after the nodes before
+                    node = _upscale_node(prompt, prompt.upscale_failed[0])          # it shown as executing
+                    after = plan.order[plan.order.index(plan.sampler_node) + 1:plan.order.index(node) + 1]
+                    for ran in (after if begun else []):
+                        if ran not in second_pass:
+                            await executing(ran)
                 executed = plan.order[:plan.order.index(node)] if begun else []
                 kind = prompt.graph[node]["class_type"]
                 if name == "cancelled" or data.get("status") == "interrupted":

@@ -123,6 +123,10 @@ class JobSpec:
     picture_upscaler: ModelFile | None = None
     """Where set, the `--upscalers-dir` model every picture is run through before it is written, as ComfyUI's
     ImageUpscaleWithModel (`pipeline.comfy_image_upscale`): the ComfyUI API's UpscaleModelLoader."""
+    picture_upscaler_failed: Callable[[str], None] | None = None
+    """Where set, called with the ComfyUI node ("UpscaleModelLoader": reading `picture_upscaler`;
+    "ImageUpscaleWithModel": running it) whose work failed, before the job fails with that error: the ComfyUI API
+    names that node, not the KSampler."""
 
     def shown(self, request: GenerationRequest) -> GenerationRequest:
         """`request`, drawn for this job, with the prompts its pictures and record show: those drawn, or where

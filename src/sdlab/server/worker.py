@@ -383,9 +383,7 @@ class Runner:
             job.settings = {**job.settings, **job.spec.recorded(job.spec.shown(plan.request).parameters())}
             pictures = self._picture_upscaler(job.spec, pipe.bundle)
             for result in _batches(pipe, job, plan.request, upscaler, progress, stop, first_pass):
-                shown = result if pictures is None else replace(result, images=upscale_with_model(
-                    pictures, result.pixels if result.pixels is not None else pil_to_unit_tensor(result.images)),
-                    pixels=None)
+                shown = result if pictures is None else _upscaled(job.spec, pictures, result)
                 self._write_batch(job, shown, parameters(result))
         except RequestError as err:        # a tagged LoRA's or a control's file: named as the server lists it, not
             text = without_paths(str(err), [(lora.path, lora.name) for lora in registry.loras])      # by its path
@@ -413,12 +411,14 @@ class Runner:
         """The network of the job's `JobSpec.picture_upscaler` on the model's device, if it names one."""
         if spec.picture_upscaler is None:
             return None
-        if not spec.picture_upscaler.path.is_file():
-            raise RequestError(f"the upscale model {spec.picture_upscaler.title!r} is no longer in the upscalers folder")
-        try:
-            return load_upscaler_file(spec.picture_upscaler, PICTURE_UPSCALER, bundle.device)
-        except BadRequest as err:
-            raise RequestError(err.message) from None
+        with _failing_node(spec, "UpscaleModelLoader"):
+            if not spec.picture_upscaler.path.is_file():
+                raise RequestError(f"the upscale model {spec.picture_upscaler.title!r} is no longer in the upscalers "
+                                   "folder")
+            try:
+                return load_upscaler_file(spec.picture_upscaler, PICTURE_UPSCALER, bundle.device)
+            except BadRequest as err:
+                raise RequestError(err.message) from None
 
     def _hires_upscaler(self, request: GenerationRequest, bundle: ModelBundle,
                         batch_count: int) -> HiresUpscaler | None:
@@ -482,6 +482,26 @@ def _run_with_upscaler(pipe: Pipeline, request: GenerationRequest, upscaler: Hir
                               first_pass=None if first_pass is None else lambda result: first_pass(named(result))))
     except SamplingStopped as stop:
         stop.result = named(stop.result)
+        raise
+
+
+def _upscaled(spec: JobSpec, upscaler: Upscaler, result: GenerationResult) -> GenerationResult:
+    """`result` with its pictures through the job's picture upscaler (ComfyUI's ImageUpscaleWithModel), fed their
+    float decode where the result has one, else the 8-bit pictures."""
+    pixels = result.pixels if result.pixels is not None else pil_to_unit_tensor(result.images)     # (B, 3, H, W)
+    with _failing_node(spec, "ImageUpscaleWithModel"):
+        return replace(result, images=upscale_with_model(upscaler, pixels), pixels=None)
+
+
+@contextmanager
+def _failing_node(spec: JobSpec, node: str) -> Iterator[None]:
+    """Tell the job's `JobSpec.picture_upscaler_failed` that `node`'s work failed, where it does, and let the
+    error go on."""
+    try:
+        yield
+    except Exception:
+        if spec.picture_upscaler_failed is not None:
+            spec.picture_upscaler_failed(node)
         raise
 
 
