@@ -22,6 +22,7 @@ from test_upscale_models import new_arch_state
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 MODEL = "sub/tinyx4.safetensors"
+X2 = "tinyx2.safetensors"               # Real-ESRGAN x2: pixel-unshuffled input, 64 px feathers
 
 
 def comfy_tiled_scale(samples, function, tile=(64, 64), overlap=8, upscale_amount=4, out_channels=3):
@@ -91,17 +92,19 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     upscalers = root / "upscalers"
     (upscalers / "sub").mkdir(parents=True)
     save_file(new_arch_state(4, seed=3), str(upscalers / MODEL))
+    save_file(new_arch_state(2, seed=4), str(upscalers / X2))
     app = create_app(ServerConfig(output_dir=root / "outputs", model=models / "plain.safetensors",
                                   models_dir=models, upscalers_dir=upscalers), preload=True)
     with TestClient(app) as client:
         client.upscaler = load_upscaler(upscalers / MODEL)
+        client.upscalers = {MODEL: client.upscaler, X2: load_upscaler(upscalers / X2)}
         yield client
 
 
-def upscale_graph() -> dict:
+def upscale_graph(model: str = MODEL) -> dict:
     """ComfyUI's upscale-model example on the basic graph: node 8's pictures through node 11's model, saved by 9."""
     prompt = copy.deepcopy(BASIC)
-    prompt["10"] = {"class_type": "UpscaleModelLoader", "inputs": {"model_name": MODEL}}
+    prompt["10"] = {"class_type": "UpscaleModelLoader", "inputs": {"model_name": model}}
     prompt["11"] = {"class_type": "ImageUpscaleWithModel", "inputs": {"upscale_model": ["10", 0], "image": ["8", 0]}}
     prompt["9"]["inputs"]["images"] = ["11", 0]
     return prompt
@@ -122,25 +125,30 @@ def test_the_upscale_model_graph_saves_comfyuis_upscaled_pictures(server):
     assert np.abs(pixels - expected).max() <= 1
 
 
-def test_tiled_scale_blends_tiles_as_comfyui(server):
+@pytest.mark.parametrize("model, scale", [(MODEL, 4), (X2, 2)])
+def test_tiled_scale_blends_tiles_as_comfyui(server, model, scale):
     """A picture wider than ComfyUI's 512 px tile (two tiles, the last a short one, 32 px shared): sdlab's
-    tiled_scale equals ComfyUI's to float precision, the written picture to 1 of 255; untiled it would differ."""
+    tiled_scale equals ComfyUI's to float precision, the written picture to 1 of 255; untiled it would differ.
+    x4 and x2 (feathers of 128 and 64 output px)."""
     rng = np.random.default_rng(5)
     pixels = rng.integers(0, 256, (24, 600, 3), dtype=np.uint8)
-    net = server.upscaler.net
+    upscaler = server.upscalers[model]
+    assert upscaler.scale == scale
+    net = upscaler.net
     x = torch.from_numpy(pixels.astype(np.float32) / 255.0).permute(2, 0, 1)[None]   # (1, 3, 24, 600)
     with torch.inference_mode():
-        ours = tiled_scale(x, net, 4)
-        reference = comfy_tiled_scale(x, net, tile=(512, 512), overlap=32, upscale_amount=4)
+        ours = tiled_scale(x, net, scale)
+        reference = comfy_tiled_scale(x, net, tile=(512, 512), overlap=32, upscale_amount=scale)
         untiled = net(x)
-    assert ours.shape == (1, 3, 96, 2400)
+    assert ours.shape == (1, 3, 24 * scale, 600 * scale)
     assert torch.allclose(ours, reference, atol=1e-5)
     assert (untiled - reference).abs().max() > 1e-3             # the blend is what is tested
-    [written] = upscale_with_model(server.upscaler, x)
-    assert np.abs(np.asarray(written, np.int16) - comfy_upscale_with_model(net, pixels)).max() <= 1
+    [written] = upscale_with_model(upscaler, x)
+    assert np.abs(np.asarray(written, np.int16) - comfy_upscale_with_model(net, pixels, scale)).max() <= 1
 
 
-def test_the_network_is_fed_the_float_decode_as_comfyuis_vaedecode_gives_it(server, monkeypatch):
+@pytest.mark.parametrize("model, scale", [(MODEL, 4), (X2, 2)])
+def test_the_network_is_fed_the_float_decode_as_comfyuis_vaedecode_gives_it(server, monkeypatch, model, scale):
     """ComfyUI's ImageUpscaleWithModel reads VAEDecode's float IMAGE ((decode + 1) / 2 clamped, unrounded), not the
     8-bit picture (up to 0.5 / 255 apart): the network's input equals the VAE's decode to float precision, and the
     saved picture is ComfyUI's upscale of that float decode."""
@@ -152,28 +160,30 @@ def test_the_network_is_fed_the_float_decode_as_comfyuis_vaedecode_gives_it(serv
     monkeypatch.setattr(generate, "decode_latents", lambda *a, **k: decodes.append(decode(*a, **k)) or decodes[-1])
     monkeypatch.setattr(comfy_image_upscale, "tiled_scale",
                         lambda x, *a, **k: inputs.append(x.detach().cpu().float()) or tiled(x, *a, **k))
-    prompt = upscale_graph()
-    prompt["3"]["inputs"]["seed"] = 77                          # not the other tests' picture
+    prompt = upscale_graph(model)
+    prompt["3"]["inputs"]["seed"] = 77 + scale                  # not the other tests' picture
     _, entry = drawn(server, prompt)
     [decoded], [fed] = decodes, inputs                          # (1, 3, 64, 64) in [-1, 1]; (1, 3, 64, 64)
     unit = ((decoded.float().cpu() + 1.0) / 2.0).clamp(0, 1)    # comfy/sd.py VAE.decode's process_output
     assert (unit * 255 - (unit * 255).round()).abs().max() > 0.1     # the float decode is not its 8-bit picture
     assert torch.allclose(fed, unit, atol=1e-6)
     [image] = entry["outputs"]["9"]["images"]
-    expected = comfy_upscale_with_model(server.upscaler.net, unit[0].permute(1, 2, 0).numpy())
-    assert np.abs(viewed(server, image) - expected.astype(np.int16)).max() <= 1
+    expected = comfy_upscale_with_model(server.upscalers[model].net, unit[0].permute(1, 2, 0).numpy(), scale)
+    pixels = viewed(server, image)
+    assert pixels.shape == (64 * scale, 64 * scale, 3)
+    assert np.abs(pixels - expected.astype(np.int16)).max() <= 1
 
 
 def test_object_info_and_models_list_the_upscale_models(server):
     """/object_info's UpscaleModelLoader lists the upscalers folder's files by their path under it, as ComfyUI's
     folder_paths; GET /models/upscale_models lists them too."""
     info = server.get("/object_info/UpscaleModelLoader").json()["UpscaleModelLoader"]
-    assert info["input"]["required"]["model_name"][0] == [MODEL]
+    assert info["input"]["required"]["model_name"][0] == [MODEL, X2]
     assert info["output"] == ["UPSCALE_MODEL"]
     upscale = server.get("/object_info/ImageUpscaleWithModel").json()["ImageUpscaleWithModel"]
     assert upscale["input"]["required"] == {"upscale_model": ["UPSCALE_MODEL"], "image": ["IMAGE"]}
     assert "upscale_models" in server.get("/models").json()
-    assert server.get("/models/upscale_models").json() == [MODEL]
+    assert server.get("/models/upscale_models").json() == [MODEL, X2]
 
 
 def test_graphs_the_upscale_does_not_draw_are_refused_naming_the_node(server):
