@@ -166,7 +166,7 @@ def test_the_upscale_node_is_named_by_the_refusals_field_not_its_text(server, mo
     HIRES_SIZE), whatever its text says; any other refusal is ComfyUI's invalid_prompt without node_errors."""
     from sdlab.server import comfy_api
 
-    def refuse(state, plan, place, first_pass=None):
+    def refuse(state, plan, place, *lists):           # _submit's first_pass / upscale_failed lists
         raise BadRequest(message, 400, refused=refused)
 
     monkeypatch.setattr(comfy_api, "_submit", refuse)
