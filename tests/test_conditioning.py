@@ -418,8 +418,8 @@ def test_emphasis_scales_the_weighted_tokens_and_keeps_the_mean(sd1, sdxl, famil
         z, e = plain[..., start : start + width], emphasized[..., start : start + width]
         scaled = z * weights[..., None]
         expected = scaled * (z.mean() / scaled.mean())
-        assert _max_err(e, expected) < 1e-6
-        assert abs(e.mean().item() - z.mean().item()) < 1e-6
+        assert _max_err(e, expected) < 2e-6
+        assert abs(e.mean().item() - z.mean().item()) < 2e-6
         start += width
     changed = (emphasized != plain).any(dim=-1)[0]
     assert changed[2]

@@ -153,7 +153,7 @@ def test_control_mode_and_resize_go_to_the_matching_control(files, tmp_path, cap
     for extra, message in ((["--control-mode", "prompt"], "1 --control-mode for 0 --control"),
                            (["--control", spec, "--control-resize", "crop", "--control-resize", "fill"],
                             "2 --control-resize for 1 --control"),
-                           (["--control", spec, "--control-mode", "Balanced"], "unknown control_mode 'Balanced'"),
+                           (["--control", spec, "--control-mode", "loud"], "unknown control_mode 'loud'"),
                            (["--control", spec, "--control-resize", "stretch"], "unknown resize_mode 'stretch'")):
         code, _, stderr = run([*base, *extra, "--out", str(tmp_path / "bad.png")], capsys)
         assert code == 2 and message in stderr and not (tmp_path / "bad.png").exists(), stderr
