@@ -12,8 +12,11 @@ machine): 0.5-0.8 x the time of interpolate + conv; the result differs by the ro
 weights (in bf16 the error against an fp64 reference rises from ~0.016 to ~0.022 at outputs of ~7; in fp32
 it falls). oneDNN's transposed convolution loses at the U-Net's 1280-channel levels (1.5-6 x slower), so
 only the VAE takes it. CPU inference in bf16 only (in fp32 it is faster too, 0.4-0.7 x, but differs from
-interpolate + conv by ~1e-6, where an fp32 decode is otherwise bit-identical with gradients on and off),
-without hooks on the convolution (a LoRA in training adds its output through one), not while compiling.
+interpolate + conv by ~1e-6, where an fp32 decode is otherwise bit-identical with gradients on and off), and
+only on a CPU that computes bf16 natively (`dtypes.cpu_has_native_bf16`): where bf16 is emulated (AVX2 without
+AVX-512) oneDNN's bf16 transposed convolution is ~15 x slower than interpolate + conv (512 channels at 64 x 64:
+91.9 s against 6.3 s) and its error against fp64 1.9-2.35 x the plain path's. Never with hooks on the
+convolution (a LoRA in training adds its output through one), not while compiling.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sdlab.models import cpu_kernels
+from sdlab.utils import dtypes
 
 # transposed tap t (0..3) <- the 3x3 taps summed into it
 _TAPS = ((0.0, 0.0, 1.0), (0.0, 1.0, 1.0), (1.0, 1.0, 0.0), (1.0, 0.0, 0.0))
@@ -59,7 +63,7 @@ def _transposes(x: Tensor, conv: nn.Conv2d) -> bool:
             and conv.weight.dtype == x.dtype and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
             and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
             and conv.padding_mode == "zeros" and not cpu_kernels.has_hooks(conv)
-            and cpu_kernels.inference_only(x, conv.weight))
+            and cpu_kernels.inference_only(x, conv.weight) and dtypes.cpu_has_native_bf16())
 
 
 __all__ = ["transposed_weight", "upsampled_conv"]
