@@ -72,6 +72,7 @@ from PIL import Image
 from torch import Tensor
 
 from sdlab.families.loaded import ModelBundle
+from sdlab.diffusion.area_conds import AreaPart, area_average, opposite_areas
 from sdlab.diffusion.brownian import BrownianTreeNoise
 from sdlab.diffusion.denoiser import DenoiseFn, Denoiser
 from sdlab.diffusion.discretization import A1111_IMG2IMG, UI_IMG2IMG, steps_run
@@ -246,11 +247,6 @@ def _pictures(bundle: ModelBundle, plan: GenerationPlan,
     their float decode (`GenerationResult.pixels`), None where they were pasted back."""
     req = plan.request
     images = decode_latents(bundle, latents, tiled=req.tiled_vae)                         # (B, 3, H, W)
-    if not torch.isfinite(images).all():
-        raise NonFiniteError(
-            "the VAE decoded NaN or Inf values (its weights or the latent scaling factor are broken); "
-            "no picture was made"
-        )
     pictures = tensor_to_pil(images)
     if _overlay(plan) is not None and req.paste_back:
         return _pasted_back(pictures, plan.pictures), None
@@ -732,7 +728,12 @@ def _guided_model(
         extra_cond["concat"] = extra_uncond["concat"] = _edit_image(bundle, req, start)
         if req.image_cfg_scale is not None:
             took_effect("image_cfg_scale")
-    if not composed:
+    if req.area_prompts:
+        _refuse_with_areas(composed, edit, controls, image_prompts, req)
+        factor = bundle.vae_config.downsample_factor
+        model = _area_model(denoiser, conditioning, req, extra_cond, extra_uncond, (req.height // factor,
+                            req.width // factor), bundle.runs_uncond(req.cfg_scale, get_sampler(req.sampler).cfg_pp))
+    elif not composed:
         guided = bundle.runs_uncond(req.cfg_scale, get_sampler(req.sampler).cfg_pp) or edit == "image"
         guide = partial(cfg, denoiser, scale=guidance_scale(req), rescale=req.guidance_rescale,
                         perturbed=_perturbed_guidance(bundle, sampling, req, extra_cond, extra_uncond))
@@ -889,6 +890,43 @@ def _composed_model(denoiser: DenoiseFn, conditioning: Callable[..., Any], parts
                              partial(denoiser, **uncond, **extra_uncond), guidance_scale(req)))
         for end, conds, uncond in schedule
     ], first_call)
+
+
+def _refuse_with_areas(composed: bool, edit: str | None, controls: Any, image_prompts: Any,
+                       req: GenerationRequest) -> None:
+    """A `RequestError` naming what area prompts are not drawn with."""
+    refused = [what for what, found in (("a prompt with AND or a :WEIGHT", composed),
+                                        ("an edit (InstructPix2Pix) model", edit is not None),
+                                        ("ControlNets", bool(controls)), ("IP-Adapters", image_prompts is not None),
+                                        ("perturbed-attention guidance", bool(req.pag_scale)),
+                                        ("guidance rescale", bool(req.guidance_rescale))) if found]
+    if refused:
+        raise RequestError(f"area prompts are not drawn with {', '.join(refused)}")
+
+
+def _area_model(denoiser: DenoiseFn, conditioning: Callable[..., Any], req: GenerationRequest,
+                extra_cond: dict[str, Tensor], extra_uncond: dict[str, Tensor], latent_size: tuple[int, int],
+                guided: bool) -> DenoiseFn:
+    """ComfyUI's area composition (`diffusion.area_conds`): each area prompt's conditioning run on its area of the
+    (h, w) `latent_size` latent, the negative prompt on the whole and on each of their areas, both sides averaged by
+    weight, then guided as ComfyUI's ``uncond + (cond - uncond) * cfg``."""
+    positive: list[AreaPart] = []
+    uncond = None
+    for area_prompt in req.area_prompts:
+        schedule = conditioning(area_prompt.prompt, req.negative_prompt, guidance=guided)
+        if len(schedule) > 1:
+            raise RequestError("area prompts are drawn without prompt editing ([from:to:when])")
+        _, cond, uncond = schedule[0]
+        positive.append(area_prompt.part({**cond, **extra_cond}, latent_size))
+    negative = [] if uncond is None else [AreaPart({**uncond, **extra_uncond})]
+    positive, negative = opposite_areas(positive, negative)
+
+    def side(parts: list[AreaPart]) -> DenoiseFn:
+        return area_average(parts, lambda cond: partial(denoiser, **cond))
+
+    if uncond is None:
+        return side(positive)
+    return composable_cfg([(side(positive), 1.0)], side(negative), guidance_scale(req))
 
 
 def guidance_scale(req: GenerationRequest) -> float:
@@ -1108,7 +1146,8 @@ def inpaint_channels(bundle: ModelBundle, pixels: Tensor, mask: Tensor,
 
 
 def decode_latents(bundle: ModelBundle, latents: Tensor, *, tiled: bool | None = None) -> Tensor:
-    """Model-space latents (B, 4, h, w) -> images (B, 3, H, W) in [-1, 1], decoded one picture at a time."""
+    """Model-space latents (B, 4, h, w) -> images (B, 3, H, W) in [-1, 1], decoded one picture at a time; a
+    decode holding NaN or Inf raises `NonFiniteError` (every picture made, a hires pass's intermediate ones too)."""
     vae = bundle.vae
     factor = bundle.vae_config.downsample_factor
     z = bundle.to_vae_latents(latents)
@@ -1119,4 +1158,10 @@ def decode_latents(bundle: ModelBundle, latents: Tensor, *, tiled: bool | None =
         return torch.cat([decode_tiled(vae.decode, row, factor=factor) if tile else vae.decode(row)
                           for row in z.to(vae.dtype).split(1)])
 
-    return in_safe_vae_precision(bundle, decode)
+    images = in_safe_vae_precision(bundle, decode)                                        # (B, 3, H, W)
+    if not torch.isfinite(images).all():
+        raise NonFiniteError(
+            "the VAE decoded NaN or Inf values (its weights or the latent scaling factor are broken); "
+            "no picture was made"
+        )
+    return images

@@ -62,7 +62,6 @@ from sdlab.families.loaded import ModelBundle
 from sdlab.pipeline.comfy_latent_upscale import comfyui_hires_size, comfyui_upscale_latent
 from sdlab.pipeline.control import at_first_pass_resolution
 from sdlab.pipeline.generate import (
-    NonFiniteError,
     ProgressFn,
     SamplingStopped,
     decode_latents,
@@ -295,8 +294,6 @@ def generate_hires(bundle: ModelBundle, plan: GenerationPlan, upscaler: Upscaler
             z = sample_latents(bundle, second_plan, init_latent=z.contiguous(), init_pixels=source,
                                progress=_offset(progress, plan.steps_run))
         pixels = decode_latents(bundle, z, tiled=req.tiled_vae)                           # (B, 3, H2, W2)
-    if not torch.isfinite(pixels).all():
-        raise NonFiniteError("the VAE decoded NaN or Inf values; no picture was made")
     return GenerationResult(images=tensor_to_pil(pixels), seeds=req.seeds(), request=drawn_request(req, effects),
                             pixels=unit_pixels(pixels))
 
