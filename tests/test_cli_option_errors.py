@@ -126,8 +126,8 @@ def test_a_text_option_takes_a_value_that_starts_with_a_minus(command, option, d
               "inpaint": ["--init", "i.png"]}.get(command, [])
     args = build_parser().parse_args([command, "a cat", *common, option, text])
     assert getattr(args, dest) == text and args.prompt == "a cat"
-    styles = build_parser().parse_args(["txt2img", "a", "--style", text, "--style", "-x"]).style
-    assert styles == [text, "-x"]
+    styles = build_parser().parse_args(["txt2img", "a", "--style", text, "--style", "-xl"]).style
+    assert styles == [text, "-xl"]
 
 
 @pytest.mark.parametrize("command, common", [("txt2img", []), ("img2img", ["--init", "i.png"]),
@@ -140,8 +140,18 @@ def test_a_prompt_that_starts_with_a_minus_is_the_prompt(command, common):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["txt2img", "a", "--negative", "--seed", "3"], "argument --negative/--negative-prompt: expected one argument"),
-    (["txt2img", "a", "--negative", "--hr-scal", "2"], "argument --negative/--negative-prompt: expected one argument"),
+    (["txt2img", "a", "--negative", "--seed", "3"],
+     "--negative has no text: the word after it, --seed, is an option of sdlab txt2img; give the text after "
+     "--negative, or write --negative=--seed if that is the text"),
+    (["txt2img", "a", "--negative", "--hr-scal", "2"], "--negative has no text: the word after it, --hr-scal, is an"),
+    (["grid", "a", "--x", "steps=1,2", "--negative", "--out", "g.png"], "write --negative=--out if that is the text"),
+    (["txt2img", "a", "--negative", "-s", "3"],
+     "--negative -s: sdlab txt2img has no -s option (its options have long names), and --negative would take -s as "
+     "its text; give the option's long name, or write --negative=-s for that text"),
+    (["txt2img", "a", "--negative-prompt", "-W"], "sdlab txt2img has no -W option"),
+    (["img2img", "a", "--init", "i.png", "--prompt-2", "-n", "x"], "or write --prompt-2=-n for that text"),
+    (["txt2img", "a", "--negative", "--noise"],
+     "--noise looks like a mistyped --s-noise; give the option, or write --negative=--noise for that text"),
     (["txt2img", "a", "--negative", "--init", "i.png"], "sdlab txt2img has no --init option (an option of"),
     (["txt2img", "a", "-steps", "5"], "sdlab txt2img has no -steps option; did you mean --steps?"),
     (["txt2img", "--prompts-file", "p.txt", "-tiling"], "sdlab txt2img has no -tiling option; did you mean --tiling?"),

@@ -93,8 +93,9 @@ class CommandParser(argparse.ArgumentParser):
     mean --steps?), and `-v` / `--debug` after the command are refused as `sdlab`'s own options. A free-text option
     (`cli.errors.utf8_text`: --negative, --style, --prompt-2, ...) takes the word after it as its text even where that
     starts with two minuses, as getopt gives an option its argument (POSIX), unless the word names an option
-    (`--negative --seed 3` is still a missing value) or looks like a mistyped one (`--negative --tilling`,
-    `--negative -steps 5`: refused naming the option and `--negative=--tilling` for that text)."""
+    (`--negative --seed 3`: refused, the negative has no text) or looks like a short one (`--negative -s 3`: sdlab's
+    commands have none) or a mistyped one (`--negative --tilling`, `--negative -steps 5`); each refusal says that
+    `--negative=--seed` gives that text (`_refused_text`)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -121,18 +122,42 @@ class CommandParser(argparse.ArgumentParser):
                 return joined + words[index:]
             action = self._option_string_actions.get(word)
             following = words[index + 1] if index + 1 < len(words) else ""
-            if (action is not None and takes_free_text(action) and following.startswith("-") and following != "--"
-                    and not self._names_option(following)):
-                meant = self._mistyped_option(following)
-                if meant is not None:
-                    raise UserError(f"{word} {following}: {following} looks like a mistyped {meant}; give the option, "
-                                    f"or write {word}={following} for that text ({self.prog} --help lists the options)")
+            text_like = (action is not None and takes_free_text(action) and following.startswith("-")
+                         and following != "--")
+            refusal = self._refused_text(word, following) if text_like else None
+            if refusal is not None:
+                raise UserError(f"{refusal} ({self.prog} --help lists the options)")
+            if text_like and not self._names_option(following):
                 joined.append(f"{word}={following}")
                 index += 2
             else:
                 joined.append(word)
                 index += 1
         return joined
+
+    def _refused_text(self, option: str, word: str) -> str | None:
+        """Why the free-text `option` cannot take `word`, which starts with a minus, as its text: `word` names one of
+        this command's options (`--negative --seed 3`: the negative has no text), looks like a short option
+        (`--negative -s 3`: sdlab's commands have none) or like a mistyped one (`--negative --tilling`); each says
+        `option=word` gives that text. None where `word` is the text (`-blurry`, `--lowres`, `-1`) or names another
+        command's option or `sdlab`'s own (refused as such by argparse)."""
+        name = word.split("=", 1)[0]
+        own = name in self._option_string_actions or (
+            name.startswith("--") and name not in self.foreign_options
+            and any(known.startswith(name) for known in self._option_string_actions))
+        if own:
+            return (f"{option} has no text: the word after it, {word}, is an option of {self.prog}; give the text "
+                    f"after {option}, or write {option}={word} if that is the text")
+        if self._names_option(word):
+            return None
+        if re.fullmatch(r"-[A-Za-z]", name):
+            return (f"{option} {word}: {self.prog} has no {name} option (its options have long names), and {option} "
+                    f"would take {word} as its text; give the option's long name, or write {option}={word} for that text")
+        meant = self._mistyped_option(word)
+        if meant is not None:
+            return (f"{option} {word}: {word} looks like a mistyped {meant}; give the option, "
+                    f"or write {option}={word} for that text")
+        return None
 
     def _names_option(self, word: str) -> bool:
         """Whether `word` names an option: this command's (or begins one of its long ones), another command's,
