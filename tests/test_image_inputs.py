@@ -102,6 +102,36 @@ def test_a_float_tiff_keeps_its_levels(tmp_path: Path, low, high, tags) -> None:
     assert abs(float(loaded.pixels.mean())) < 0.05                 # [-1, 1]: mid-grey on average, not black
 
 
+def _int32_tiff(path: Path, writer: str, signed: bool) -> Path:
+    """A 64 x 16 32-bit integer TIFF (Pillow opens it as mode "I") ramping black -> white over the whole range its
+    SampleFormat gives (unsigned 0..2**32 - 1; signed 0..2**31 - 1, a column of negatives on the left, black),
+    written by Pillow (mode "I": signed int32) or by tifffile (`signed` picks the numpy dtype)."""
+    top = 2**31 - 1 if signed else 2**32 - 1
+    ramp = np.linspace(0, top, 64).round().astype(np.int64)
+    if signed:
+        ramp[0] = -(2**31)
+    rows = np.tile(ramp, (16, 1)).astype(np.int32 if signed else np.uint32)
+    if writer == "pillow":
+        Image.fromarray(rows, mode="I").save(path)
+    else:
+        pytest.importorskip("tifffile").imwrite(path, rows)
+    assert Image.open(path).mode == "I"
+    return path
+
+
+@pytest.mark.parametrize("writer, signed", [("pillow", True), ("tifffile", True), ("tifffile", False)])
+def test_a_32_bit_integer_tiff_keeps_its_levels(tmp_path: Path, writer, signed) -> None:
+    """Read by its 32-bit range (scikit-image's img_as_ubyte), not as 16 bits: before, every value past 65535 was
+    white (a training picture of one colour), an unsigned one's upper half (negative in Pillow's int32) black."""
+    path = _int32_tiff(tmp_path / "ramp32.tif", writer, signed)
+    image = read_image(path)
+    levels = np.asarray(image, dtype=np.float32)[0]                       # one row, black -> white
+    assert image.mode == "L" and levels[0] == 0 and levels[-1] == 255 and abs(levels.mean() - 127.5) < 3
+    assert (np.diff(levels[1:]) >= 0).all()                               # a ramp, not wrapped
+    loaded = load_training_image(path, 16, center_crop=True, random_flip=False, generator=torch.Generator())
+    assert abs(float(loaded.pixels.mean())) < 0.05                 # [-1, 1]: mid-grey on average, not white
+
+
 def test_a_16_bit_rgb_png_keeps_its_levels(tmp_path: Path) -> None:
     path = _stripe_png_16bit_rgb(tmp_path / "rgb16.png")
     loaded = load_training_image(path, 16, center_crop=False, random_flip=False, generator=torch.Generator(),

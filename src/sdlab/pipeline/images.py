@@ -121,7 +121,7 @@ def read_image(path: str | os.PathLike[str]) -> Image.Image:
         return upright_8bit(image)
 
 
-_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")   # 16-bit greyscale PNG / TIFF as Pillow opens them
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")   # 16-bit greyscale PNG / TIFF, 32-bit integer TIFF
 
 
 def upright_size(path: str | os.PathLike[str]) -> tuple[int, int]:
@@ -154,7 +154,7 @@ def with_palette_alpha(image: Image.Image) -> Image.Image:
 
 def eight_bit(image: Image.Image, opened: Image.Image | None = None) -> Image.Image:
     """A 16-bit greyscale picture scaled to 0..255 ("L"; Pillow's ``convert`` would clip every value above 255
-    to white), a 32-bit float one ("F", a float TIFF) scaled from its range (`float_range`; Pillow's ``convert``
+    to white), a 32-bit integer one from its range (`integer_levels`), a 32-bit float one ("F", a float TIFF) scaled from its range (`float_range`; Pillow's ``convert``
     reads it as 0..255, so a 0..1 picture comes out black; its range tags read from ``opened``, the image as
     opened, where ``image`` is a copy of it), keeping its ``info`` (text items, EXIF) as
     ``convert`` does but a 16-bit transparent value; any other picture as it is."""
@@ -164,7 +164,7 @@ def eight_bit(image: Image.Image, opened: Image.Image | None = None) -> Image.Im
         values = np.nan_to_num(values)                  # NaN black, infinities the ends
         scaled = np.floor((values - low) * (255.0 / (high - low)))   # cut, as Pillow's convert("L") cuts
     elif image.mode in _WIDE_MODES:
-        scaled = np.asarray(image, dtype=np.float64) / 257.0
+        scaled = integer_levels(np.asarray(image), opened or image)
     else:
         return image
     eight = Image.fromarray(np.clip(np.round(scaled), 0, 255).astype(np.uint8), mode="L")
@@ -173,6 +173,21 @@ def eight_bit(image: Image.Image, opened: Image.Image | None = None) -> Image.Im
 
 
 _SAMPLE_RANGE_TAGS = (340, 341)     # TIFF's SMinSampleValue, SMaxSampleValue
+_BITS_PER_SAMPLE, _SAMPLE_FORMAT, _SIGNED = 258, 339, 2     # TIFF tags; SampleFormat 2: signed integers
+
+
+def integer_levels(values: np.ndarray, image: Image.Image) -> np.ndarray:
+    """The pixels `values` (H, W) of a wide integer greyscale picture `image` (as opened: its TIFF tags) on
+    0..255, by the range its file stores. A 32-bit integer TIFF (Pillow's mode "I", BitsPerSample 32): unsigned
+    0..2**32 - 1 (Pillow holds them as int32, the upper half negative), or signed (SampleFormat 2) 0..2**31 - 1,
+    its negatives black, as scikit-image's ``img_as_ubyte`` reads both; any other (a 16-bit PNG, PGM or TIFF:
+    Pillow's "I;16" modes, and the "I" older Pillow opens a 16-bit PNG as) 0..65535."""
+    tags = getattr(image, "tag_v2", {})
+    if image.mode == "I" and _first_number(tags.get(_BITS_PER_SAMPLE)) == 32:
+        if _first_number(tags.get(_SAMPLE_FORMAT)) == _SIGNED:
+            return np.maximum(values.astype(np.float64), 0.0) * (255.0 / (2**31 - 1))
+        return values.astype(np.int32).view(np.uint32).astype(np.float64) * (255.0 / (2**32 - 1))
+    return values.astype(np.float64) / 257.0
 
 
 def float_range(image: Image.Image, values: np.ndarray) -> tuple[float, float]:
