@@ -200,3 +200,17 @@ def test_numbers_of_their_kind_and_seed_digits_still_pass(client):
     for seed in ("12a", "1e3", " ", True, 1.5):
         answer = client.post("/api/jobs", json={"prompt": "a cat", "seed": seed})
         assert answer.status_code == 422 and answer.json()["detail"].startswith("seed: "), (seed, answer.text)
+
+
+def test_true_false_fields_read_as_pydantic_lax_mode_reads_them(client):
+    """The native request models are read in pydantic's lax mode (numbers refuse true / false by `JsonInt` /
+    `JsonFloat` alone): a true / false field takes 1 / 0 and "true" / "false", "yes" / "no" as A1111's lax models
+    do, and refuses another word or number naming the field. Before (strict models), "false" was a 422."""
+    from sdlab.server.native import JobIn
+
+    body = JobIn.model_validate({"tiling": "false", "invert_mask": 1, "mask_round": "no", "controls": [
+        {"model": "x", "pixel_perfect": "true"}]})
+    assert (body.tiling, body.invert_mask, body.mask_round, body.controls[0].pixel_perfect) == (False, True, False, True)
+    for bad in ("maybe", 2):
+        answer = client.post("/api/jobs", json={"prompt": "a cat", "tiling": bad})
+        assert answer.status_code == 422 and answer.json()["detail"].startswith("tiling: "), (bad, answer.text)

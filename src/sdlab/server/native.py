@@ -28,14 +28,13 @@ import re
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
-from types import UnionType
-from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal, get_type_hints
 
 import anyio
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import (BaseModel, ConfigDict, Field, StrictInt, TypeAdapter, ValidationError, ValidationInfo,
-                      create_model, field_validator)
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, create_model, field_validator
+from pydantic_core import PydanticKnownError
 from PIL import Image
 
 from sdlab.checkpoints.errors import CheckpointError
@@ -65,54 +64,41 @@ from sdlab.utils.file_hashes import read_per_version
 router = APIRouter(prefix="/api")
 KEEPALIVE_S = 15.0
 IMAGE_NAME = re.compile(r"^[0-9a-f]{32}-[0-9]{1,3}\.png$")
-JSON_INT = TypeAdapter(int)
-JSON_FLOAT = TypeAdapter(float, config=ConfigDict(allow_inf_nan=False))
 
 
-def json_number(value: Any, hint: Any) -> Any:
-    """`value` as the number a field of type `hint` (an int or float, alone, in a union or in a tuple) reads it: an
-    integral float (JSON's 20.0, which many clients send for 20) is that int, a string of a number ("7", "7.5") that
-    number, as pydantic's lax mode reads them; anything else (true, 7.5 for an int, NaN) is left for the strict
-    check to refuse with its reason."""
-    if isinstance(hint, type) and hint in (int, float):
-        readable = (float, str) if hint is int else (str,)
-        if isinstance(value, bool) or not isinstance(value, readable):
-            return value
-        try:
-            return (JSON_INT if hint is int else JSON_FLOAT).validate_python(value)
-        except ValidationError:
-            return value
-    origin, args = get_origin(hint), get_args(hint)
-    if origin is Annotated:
-        return json_number(value, args[0])
-    if origin is tuple and isinstance(value, list):
-        items = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
-        return [json_number(item, kind) for item, kind in zip(value, items)] + value[len(items):]
-    if origin in (Union, UnionType):
-        numbers = [arg for arg in args if arg in (int, float) or get_origin(arg) in (tuple, Annotated)]
-        return json_number(value, numbers[0]) if len(numbers) == 1 else value
-    return value
+def no_bool(error: str) -> BeforeValidator:
+    """A check refusing true and false, which pydantic's lax mode reads as 1 and 0, as pydantic's `error` type
+    ("int_type", "float_type"): the field's line then shows what was sent (`app.NUMBER_ERRORS`)."""
+    def refuse(value: Any) -> Any:
+        if isinstance(value, bool):
+            raise PydanticKnownError(error)
+        return value
+    return BeforeValidator(refuse)
+
+
+JsonInt = Annotated[int, no_bool("int_type")]
+"""An int field of a request: an integer, 20.0 or "20" (pydantic's lax mode), not true, 7.5, "7.5" or NaN."""
+JsonFloat = Annotated[float, no_bool("float_type")]
+"""A float field of a request: a finite number or its string ("7.5"), not true, NaN or Infinity."""
 
 
 class JsonNumbers(BaseModel):
     """A request model whose numbers are JSON numbers of their kind (every native request model, FreeU's and
-    DeepCache's settings too): an int field takes an integer, 20.0 or "20" (`json_number`), not true or 7.5; a float
-    field a finite number or its string, not true, NaN or Infinity (which Python's JSON reader takes); a seed past 2^53
-    comes as its digits from the web UI (app.js `seedField`: JavaScript holds no larger integer exactly). Unknown
-    fields are refused. A tuple field is a JSON array, read with `Field(strict=False)` (strict would want a Python tuple),
-    its items `StrictInt`."""
+    DeepCache's settings too), read in pydantic's lax mode: an int field (`JsonInt`) takes an integer, 20.0 (which
+    many clients send for 20) or "20", not true or 7.5; a float field (`JsonFloat`) a finite number or its string,
+    not true, NaN or Infinity (which Python's JSON reader takes); a seed past 2^53 comes as its digits from the web
+    UI (app.js `seedField`: JavaScript holds no larger integer exactly). Unknown fields are refused."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    @field_validator("*", mode="before")
-    @classmethod
-    def _json_numbers(cls, value: Any, info: ValidationInfo) -> Any:
-        return json_number(value, cls.model_fields[info.field_name].annotation)
+
+JSON_NUMBER_TYPES = {int: JsonInt, float: JsonFloat}
+"""A dataclass's number hint as a request model's field type (FreeU's and DeepCache's settings)."""
 
 
 class LoraIn(JsonNumbers):
     name: str
-    weight: float = 1.0
+    weight: JsonFloat = 1.0
 
 
 FreeUIn = create_model(
@@ -120,14 +106,16 @@ FreeUIn = create_model(
     __doc__="FreeU's setting (`models.freeu.FreeU`): backbone factors b1, b2, skip factors s1, s2, version 1 or 2, "
             "the \"comfyui\" or \"diffusers\" rule for its stages, the step window start..end; its fields, types and "
             "defaults are the dataclass's.",
-    **{f.name: (hint, f.default) for f, hint in zip(fields(FreeU), get_type_hints(FreeU).values())})
+    **{f.name: (JSON_NUMBER_TYPES.get(hint, hint), f.default)
+       for f, hint in zip(fields(FreeU), get_type_hints(FreeU).values())})
 
 
 DeepCacheIn = create_model(
     "DeepCacheIn", __base__=JsonNumbers,
     __doc__="DeepCache's setting (`models.deep_cache.DeepCache`): a whole U-Net call every `interval` steps, the "
             "shallow `branch` between; its fields, types and defaults are the dataclass's.",
-    **{f.name: (hint, f.default) for f, hint in zip(fields(DeepCache), get_type_hints(DeepCache).values())})
+    **{f.name: (JSON_NUMBER_TYPES.get(hint, hint), f.default)
+       for f, hint in zip(fields(DeepCache), get_type_hints(DeepCache).values())})
 
 
 class ControlIn(JsonNumbers):
@@ -136,16 +124,16 @@ class ControlIn(JsonNumbers):
     model_config = ConfigDict(protected_namespaces=())
     model: str
     image: str | None = None                # None: an img2img / inpaint job's init picture (each request's, in
-    strength: float = 1.0                   # a script), as an A1111 unit without one
-    start: float = 0.0
-    end: float = 1.0
+    strength: JsonFloat = 1.0               # a script), as an A1111 unit without one
+    start: JsonFloat = 0.0
+    end: JsonFloat = 1.0
     module: str = "none"                    # a preprocessor: none, canny, scribble, threshold, invert, tile
     control_mode: str = "balanced"          # sdlab's names of A1111's control modes: balanced, prompt, control
     resize_mode: str | None = None          # resize (the default), crop, fill: A1111's resize modes
-    threshold_a: float | None = None        # the preprocessor's A1111 Threshold A / B (canny's low / high, ...);
-    threshold_b: float | None = None        # None or -1: its default
+    threshold_a: JsonFloat | None = None    # the preprocessor's A1111 Threshold A / B (canny's low / high, ...);
+    threshold_b: JsonFloat | None = None    # None or -1: its default
     mask: str | None = None                 # an inpaint / inpaint_only entry's own mask (base64, white = masked)
-    processor_res: int | None = None        # A1111's Processor Res of canny / threshold / scribble (None or -1: the
+    processor_res: JsonInt | None = None    # A1111's Processor Res of canny / threshold / scribble (None or -1: the
     pixel_perfect: bool = False             # picture's own size); A1111's Pixel Perfect: the resolution from the size
 
 
@@ -158,9 +146,9 @@ class IPAdapterIn(JsonNumbers):
     model_config = ConfigDict(protected_namespaces=())
     model: str
     image: str | None = None
-    scale: float = 1.0
-    start: float = 0.0
-    end: float = 1.0
+    scale: JsonFloat = 1.0
+    start: JsonFloat = 0.0
+    end: JsonFloat = 1.0
     # per-layer scales multiplying `scale` (InstantStyle): diffusers' set_ip_adapter_scale dict, a preset
     # "style" / "style+layout" or the compact text ("down.block_2=0/1 up.block_0=0/1/0"); null: every layer
     layer_scales: str | dict[str, Any] | None = None
@@ -175,7 +163,7 @@ class IPAdapterIn(JsonNumbers):
     # alone (no image), a FaceID Plus adapter with its image; face_shortcut: a FaceID Plus's shortcut scale
     # (null: 1 for a "plusv2" file, none for another)
     face_embedding: str | list[Any] | None = None
-    face_shortcut: float | None = None
+    face_shortcut: JsonFloat | None = None
 
 
 class JobIn(NullsAreDefaults, JsonNumbers):
@@ -191,37 +179,37 @@ class JobIn(NullsAreDefaults, JsonNumbers):
     negative_prompt_2: str = ""             # "": the prompt's / the negative's)
     styles: list[str] = Field(default_factory=list)   # A1111's prompt styles by name (`--styles-file`), applied to
                                                       # the prompts and the hires ones in order (`_styled_texts`)
-    steps: int | None = None                # None: the model's preset, else its family's default
+    steps: JsonInt | None = None            # None: the model's preset, else its family's default
     sampler: str | None = None
     schedule: str | None = None
-    cfg_scale: float | None = None
-    guidance_rescale: float = 0.0           # diffusers' guidance_rescale (CFG rescale), 0..1
-    s_min_uncond: float = 0.0               # A1111's NGMS, NGMS all steps, Skip Early CFG, Pad conds and Pad conds
+    cfg_scale: JsonFloat | None = None
+    guidance_rescale: JsonFloat = 0.0       # diffusers' guidance_rescale (CFG rescale), 0..1
+    s_min_uncond: JsonFloat = 0.0           # A1111's NGMS, NGMS all steps, Skip Early CFG, Pad conds and Pad conds
     s_min_uncond_all: bool = False          # v0 (`GUIDANCE_OPTIONS`, docs/samplers.md)
-    skip_early_cond: float = 0.0
+    skip_early_cond: JsonFloat = 0.0
     pad_cond_uncond: bool = False
     pad_cond_uncond_v0: bool = False
-    pag_scale: float = 0.0                  # perturbed-attention guidance (diffusers' pag_scale, pag_adaptive_scale,
-    pag_adaptive_scale: float = 0.0         # pag_applied_layers; `sdlab txt2img --pag-scale`); 0: off
-    pag_layers: tuple[str, ...] = Field(DEFAULT_LAYERS, strict=False)
-    seed: int = -1
-    width: int | None = None
-    height: int | None = None
-    batch_size: int = 1
-    batch_count: int = 1                    # batches of batch_size drawn one after another, the seeds continuing
+    pag_scale: JsonFloat = 0.0              # perturbed-attention guidance (diffusers' pag_scale, pag_adaptive_scale,
+    pag_adaptive_scale: JsonFloat = 0.0     # pag_applied_layers; `sdlab txt2img --pag-scale`); 0: off
+    pag_layers: tuple[str, ...] = DEFAULT_LAYERS
+    seed: JsonInt = -1
+    width: JsonInt | None = None
+    height: JsonInt | None = None
+    batch_size: JsonInt = 1
+    batch_count: JsonInt = 1                # batches of batch_size drawn one after another, the seeds continuing
                                             # (A1111's Batch count, its API's n_iter)
-    strength: float | None = None           # img2img 0.75, inpaint 1.0
+    strength: JsonFloat | None = None       # img2img 0.75, inpaint 1.0
     init_image: str | None = None           # base64 or data URL
     resize_mode: str = "resize"             # init image to width x height: resize, crop, fill, latent (A1111's)
     mask_image: str | None = None           # white = repaint
     invert_mask: bool = False               # repaint the black part instead (A1111's Mask mode "Inpaint not masked")
     mask_round: bool = True                 # false: the mask's levels kept where A1111 rounds them (its mask_round)
-    mask_blur: float = 0.0
+    mask_blur: JsonFloat = 0.0
     inpaint_fill: str = "original"          # masked content: fill, original, latent noise, latent nothing, grey
-    mask_grow: int = 0                      # ComfyUI's VAEEncodeForInpaint grow_mask_by (a ComfyUI-spelt sampler)
+    mask_grow: JsonInt = 0                  # ComfyUI's VAEEncodeForInpaint grow_mask_by (a ComfyUI-spelt sampler)
     inpaint_only_masked: bool = False       # draw only the mask's region (A1111's Inpaint area "Only masked") ...
-    inpaint_padding: int = 32               # ... reaching this many pixels past the mask
-    clip_skip: int = 1
+    inpaint_padding: JsonInt = 32           # ... reaching this many pixels past the mask
+    clip_skip: JsonInt = 1
     clip_skip_convention: str = "diffusers"  # "a1111": A1111's rule, SD1's encoder alone moves back (its pictures')
     sdxl_clip_l_skip: bool = False          # A1111's Clip skip SDXL: under its rule SDXL's CLIP-L moves back too
     emphasis: str = "Original"              # A1111's emphasis mode: "Original", "No norm", "Ignore", "None"; or
@@ -229,30 +217,30 @@ class JobIn(NullsAreDefaults, JsonNumbers):
     old_prompt_editing: bool = False        # A1111's Old prompt editing timelines
     downcast_alphas_cumprod: bool = False   # A1111's Downcast alphas_cumprod
     zero_terminal_snr: bool = False         # A1111's Noise Schedule "Zero Terminal SNR"
-    eta: float | None = None
-    s_churn: float = 0.0                    # k-diffusion's churn (A1111's Sigma churn / tmin / tmax: Euler, Heun,
-    s_tmin: float = 0.0                     # DPM2) and noise scale (its Sigma noise), as A1111 passes them
-    s_tmax: float | None = None             # (docs/samplers.md); s_tmax None or 0: no upper end
-    s_noise: float = 1.0
+    eta: JsonFloat | None = None
+    s_churn: JsonFloat = 0.0                # k-diffusion's churn (A1111's Sigma churn / tmin / tmax: Euler, Heun,
+    s_tmin: JsonFloat = 0.0                 # DPM2) and noise scale (its Sigma noise), as A1111 passes them
+    s_tmax: JsonFloat | None = None         # (docs/samplers.md); s_tmax None or 0: no upper end
+    s_noise: JsonFloat = 1.0
     unipc_variant: str = "bh1"              # A1111's UniPC variant, order and lower order final (its uni_pc_*
-    unipc_order: int = 3                    # options, which its UniPC pictures record)
+    unipc_order: JsonInt = 3                # options, which its UniPC pictures record)
     unipc_lower_order_final: bool = True
-    schedule_sigma_min: float = 0.0         # A1111's Schedule min / max sigma and rho: the schedule's ends and rho,
-    schedule_sigma_max: float = 0.0         # 0 = the model's / the schedule's
-    schedule_rho: float = 0.0
+    schedule_sigma_min: JsonFloat = 0.0     # A1111's Schedule min / max sigma and rho: the schedule's ends and rho,
+    schedule_sigma_max: JsonFloat = 0.0     # 0 = the model's / the schedule's
+    schedule_rho: JsonFloat = 0.0
     discard_penultimate_sigma: bool = False  # A1111's Discard penultimate sigma
     old_karras_sigmas: bool = False         # A1111's use_old_karras_scheduler_sigmas: ends 0.1 / 10 where unset
-    beta_alpha: float = 0.6                 # the beta schedules' Beta(alpha, beta) (A1111's Beta schedule alpha / beta)
-    beta_beta: float = 0.6
+    beta_alpha: JsonFloat = 0.6             # the beta schedules' Beta(alpha, beta) (A1111's Beta schedule alpha / beta)
+    beta_beta: JsonFloat = 0.6
     sgm_noise_multiplier: bool = False      # A1111's SGM noise multiplier: txt2img's start noise sqrt(1 + sigma^2)
-    extra_noise: float = 0.0                # A1111's Extra noise: img2img's and the hires pass's start noise again
-    inpainting_mask_weight: float = 1.0     # A1111's Conditional mask weight (9-channel inpainting models)
-    image_cfg_scale: float | Literal["none"] | None = None  # an edit (InstructPix2Pix) model's image guidance
+    extra_noise: JsonFloat = 0.0            # A1111's Extra noise: img2img's and the hires pass's start noise again
+    inpainting_mask_weight: JsonFloat = 1.0  # A1111's Conditional mask weight (9-channel inpainting models)
+    image_cfg_scale: JsonFloat | Literal["none"] | None = None  # an edit (InstructPix2Pix) model's image guidance
                                             # (A1111's Image CFG scale); unset / null: 1.5 in img2img / inpaint
                                             # (diffusers' and A1111's UI's); "none": none (`NO_IMAGE_GUIDANCE`)
     # the drawing conventions a job records, so that its record draws it again (a ComfyUI-spelt sampler's are
     # recorded under A1111's name: `GenerationRequest`'s module docstring)
-    eta_noise_seed_delta: int | None = None  # A1111's ENSD: step noise from seed + this; unset: the request's
+    eta_noise_seed_delta: JsonInt | None = None  # A1111's ENSD: step noise from seed + this; unset: the request's
                                             # (1 for a ComfyUI spelling that draws step noise, else 0)
     init_noise: str | None = None           # the start noise's scale: sigma_max, vp, diffusers_leading, comfyui
     batch_noise: str = "per_image"          # a batch's noise: a generator per image's seed, or "comfyui": one
@@ -261,22 +249,22 @@ class JobIn(NullsAreDefaults, JsonNumbers):
     control_convention: str = "diffusers"   # the steps a control's start / end select: diffusers' or "a1111"'s
     zero_empty_negative: bool | None = None  # an empty negative: zeros or "" encoded (False); unset: the model's
                                             # rule (False for a ComfyUI spelling)
-    subseed: int | None = None              # variation seed (A1111); used when subseed_strength > 0
-    subseed_strength: float = 0.0
+    subseed: JsonInt | None = None          # variation seed (A1111); used when subseed_strength > 0
+    subseed_strength: JsonFloat = 0.0
     rng: str = "CPU"                        # the noise's random source: CPU, GPU or NV (A1111's RNG)
-    seed_resize_from_w: int = 0             # A1111's Seed resize from (pixels; 0: off)
-    seed_resize_from_h: int = 0
-    hr_scale: float | None = None           # hires fix (txt2img): a second pass at this multiple ...
-    hr_width: int | None = None             # ... or at this size
-    hr_height: int | None = None
+    seed_resize_from_w: JsonInt = 0         # A1111's Seed resize from (pixels; 0: off)
+    seed_resize_from_h: JsonInt = 0
+    hr_scale: JsonFloat | None = None       # hires fix (txt2img): a second pass at this multiple ...
+    hr_width: JsonInt | None = None         # ... or at this size
+    hr_height: JsonInt | None = None
     hr_upscaler: str | None = None
-    hr_steps: int | None = None
-    hr_denoise: float | None = None
+    hr_steps: JsonInt | None = None
+    hr_denoise: JsonFloat | None = None
     hr_sampler: str | None = None           # the second pass's own sampler, schedule and prompts (A1111's Hires
     hr_schedule: str | None = None          # sampler, schedule type, prompt, negative prompt); unset: the first's
-    hr_eta: float | None = None             # the second pass's eta; unset: eta
-    hr_seed: int | None = None              # the second pass's seed and CFG scale; unset: the first's
-    hr_cfg_scale: float | None = None
+    hr_eta: JsonFloat | None = None         # the second pass's eta; unset: eta
+    hr_seed: JsonInt | None = None          # the second pass's seed and CFG scale; unset: the first's
+    hr_cfg_scale: JsonFloat | None = None
     hr_convention: str = "a1111"            # "comfyui": ComfyUI's two-pass graph (hr_upscaler one of its latent
     hr_crop: str = "disabled"               # methods, hr_crop LatentUpscale's "disabled" / "center")
     hr_prompt: str = ""
@@ -284,23 +272,23 @@ class JobIn(NullsAreDefaults, JsonNumbers):
     disable_extra_networks: bool = False    # A1111's: the prompts' <kind:...> tags drawn as no text, none applied,
                                             # recorded as sent (a job of the A1111 API drawn so records it)
     tiling: bool = False                    # a seamless picture, whose edges wrap around (A1111's Tiling)
-    token_merging_ratio: float = 0.0        # A1111's Token merging ratio (tomesd): the fraction of the full-resolution
+    token_merging_ratio: JsonFloat = 0.0    # A1111's Token merging ratio (tomesd): the fraction of the full-resolution
                                             # tokens merged before each self-attention, 0 <= r < 1; 0: none
-    token_merging_ratio_hr: float = 0.0     # the hires pass's; 0: token_merging_ratio's
+    token_merging_ratio_hr: JsonFloat = 0.0  # the hires pass's; 0: token_merging_ratio's
     freeu: FreeUIn | None = None            # FreeU on the model's U-Net (not a refiner's); null: off
     deep_cache: DeepCacheIn | None = None   # DeepCache on the model's U-Net (not a refiner's); null: off
     refiner: str | None = None              # an SDXL refiner (a model's title or name) that finishes the schedule
-    refiner_switch: float = 0.8             # ... after this fraction of it drawn by `model`
+    refiner_switch: JsonFloat = 0.8         # ... after this fraction of it drawn by `model`
     refiner_convention: str = "diffusers"   # ... at the step diffusers' denoising_end picks, "a1111"'s, "a1111_steps"'s
     # SDXL's micro-conditioning (diffusers' pipeline arguments): sizes [height, width], crop corners [top, left]
-    original_size: tuple[StrictInt, StrictInt] | None = Field(None, strict=False)   # None: the picture's size
-    crops_coords_top_left: tuple[StrictInt, StrictInt] = Field((0, 0), strict=False)
-    target_size: tuple[StrictInt, StrictInt] | None = Field(None, strict=False)     # None: the picture's size
-    aesthetic_score: float = 6.0                            # the refiner's
-    negative_original_size: tuple[StrictInt, StrictInt] | None = Field(None, strict=False)   # None: the positive's
-    negative_crops_coords_top_left: tuple[StrictInt, StrictInt] = Field((0, 0), strict=False)
-    negative_target_size: tuple[StrictInt, StrictInt] | None = Field(None, strict=False)     # None: the positive's
-    negative_aesthetic_score: float = 2.5
+    original_size: tuple[JsonInt, JsonInt] | None = None   # None: the picture's size
+    crops_coords_top_left: tuple[JsonInt, JsonInt] = (0, 0)
+    target_size: tuple[JsonInt, JsonInt] | None = None     # None: the picture's size
+    aesthetic_score: JsonFloat = 6.0                        # the refiner's
+    negative_original_size: tuple[JsonInt, JsonInt] | None = None   # None: the positive's
+    negative_crops_coords_top_left: tuple[JsonInt, JsonInt] = (0, 0)
+    negative_target_size: tuple[JsonInt, JsonInt] | None = None     # None: the positive's
+    negative_aesthetic_score: JsonFloat = 2.5
     preset: str | None = None               # few-step settings (pipeline/presets.py); the fields given win
     loras: list[LoraIn] = Field(default_factory=list)
     vae: str | None = None                  # a VAE file by its name in GET /sdapi/v1/sd-vae, "None" (the model's
