@@ -461,3 +461,22 @@ def test_a_request_whose_hires_tiles_overlap_past_half_a_tile_is_refused() -> No
                                            r"15 with a tile of 16 \(at most 8\)"):
         resolved(16, 15)
     assert (resolved(16, 8).hr_upscaler_tile_overlap, resolved(0, 500).hr_upscaler_tile) == (8, 0)
+
+
+@pytest.mark.parametrize("tile", [1, 8, 15])
+def test_a_request_whose_hires_tiles_are_below_16_pixels_is_refused(tile: int) -> None:
+    """A hires upscaler tile of 1..15 pixels (a network run per few pixels) is refused by the request, as `sdlab
+    upscale --tile` and the A1111 API's ESRGAN_tile refuse it (`upscale.tile_too_small`); before, the Python API
+    drew it. 0 (no tiles) and 16 draw."""
+    from sdlab.pipeline.request import GenerationRequest, RequestError, resolve
+    from sdlab.pipeline.upscale import tile_too_small
+
+    def resolved(tile: int) -> GenerationRequest:
+        return resolve(GenerationRequest(prompt="x", hr_scale=2, hr_upscaler="Lanczos", hr_upscaler_tile=tile,
+                                         hr_upscaler_tile_overlap=0),
+                       default_size=64, default_sampler="Euler", default_schedule="karras", factor=8)
+
+    with pytest.raises(RequestError, match=rf"hr_upscaler_tile {tile} is too small; use 16 or more pixels"):
+        resolved(tile)
+    assert tile_too_small(tile) and not tile_too_small(0) and not tile_too_small(16)
+    assert (resolved(0).hr_upscaler_tile, resolved(16).hr_upscaler_tile) == (0, 16)

@@ -92,10 +92,10 @@ def _check_options(args: argparse.Namespace) -> None:
         raise UserError(f"--scale must lie in (0, 16], got {args.scale:g}")
     if args.tile < 0 or args.tile_overlap < 0:
         raise UserError("--tile and --tile-overlap must be >= 0")
-    if args.tile and args.tile < 16:
-        raise UserError(f"--tile {args.tile} is too small; use 16 or more pixels (0 = no tiling)")
-    from sdlab.pipeline.upscale import tile_overlap_limit
+    from sdlab.pipeline.upscale import MIN_TILE, tile_overlap_limit, tile_too_small
 
+    if tile_too_small(args.tile):
+        raise UserError(f"--tile {args.tile} is too small; use {MIN_TILE} or more pixels (0 = no tiling)")
     limit = tile_overlap_limit(args.tile, args.tile_overlap)
     if limit is not None:
         raise UserError(f"--tile-overlap {args.tile_overlap} must be at most half of --tile {args.tile} "

@@ -67,7 +67,7 @@ from sdlab.pipeline.images import on_white, read_image, snap_size, upright_size
 from sdlab.pipeline.perturbed_attention import DEFAULT_LAYERS, PagLayerError, check_layer_patterns
 from sdlab.pipeline.upscale import (
     DEFAULT_OVERLAP, DEFAULT_TILE, LATENT_UPSCALE_MODES, PLAIN_UPSCALERS, UpscaleError, canonical_latent_name,
-    missing_upscaler, tile_overlap_limit,
+    MIN_TILE, missing_upscaler, tile_overlap_limit, tile_too_small,
 )
 
 MAX_PROMPT_CHARS = 20_000   # longer prompts are refused: they are almost always a mistake (a pasted file)
@@ -1197,6 +1197,9 @@ def resolve(
     for name in ("hr_upscaler_tile", "hr_upscaler_tile_overlap"):
         if not _integer(getattr(r, name)) or getattr(r, name) < 0:
             raise RequestError(f"{name} must be an integer >= 0, got {getattr(r, name)!r}")
+    if tile_too_small(r.hr_upscaler_tile):
+        raise RequestError(f"hr_upscaler_tile {r.hr_upscaler_tile} is too small; use {MIN_TILE} or more pixels "
+                           "(0 = no tiles)")
     overlap_limit = tile_overlap_limit(r.hr_upscaler_tile, r.hr_upscaler_tile_overlap)
     if overlap_limit is not None:
         raise RequestError(f"hr_upscaler_tile_overlap must be at most half of hr_upscaler_tile: "

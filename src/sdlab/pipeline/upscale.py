@@ -155,6 +155,17 @@ def target_size(width: int, height: int, scale: float) -> tuple[int, int]:
     return max(1, int(width * scale)), max(1, int(height * scale))
 
 
+MIN_TILE = 16
+"""The smallest tile an upscaler model runs in (A1111's ESRGAN_tile slider, 0 or 16..512)."""
+
+
+def tile_too_small(tile: int) -> bool:
+    """Whether `tile` pixels a side is a tile below `MIN_TILE` (0, no tiles, is not): each would make an upscale one
+    network call per few pixels (hours at 2048², the device held). Every door refuses it in its own words: `sdlab
+    upscale --tile`, the A1111 API's ESRGAN_tile, a request's hr_upscaler_tile."""
+    return 0 < tile < MIN_TILE
+
+
 def tile_overlap_limit(tile: int, overlap: int) -> int | None:
     """The most pixels `tile`-pixel tiles may share, half a tile, where `overlap` passes it, else None (also for
     tile 0: no tiles). Tiles step by tile - overlap, so within the limit an upscale takes at most about 4 x its

@@ -68,8 +68,8 @@ from sdlab.pipeline.request import (
     GenerationRequest, RequestError, finite_number, fixed_seed, rng_source,
 )
 from sdlab.pipeline.upscale import (
-    A1111_REALESRGAN_STEMS, DEFAULT_OVERLAP, DEFAULT_TILE, LATENT_UPSCALE_MODES, UpscaleError, centred_on_canvas,
-    tile_overlap_limit, upscale_by,
+    A1111_REALESRGAN_STEMS, DEFAULT_OVERLAP, DEFAULT_TILE, LATENT_UPSCALE_MODES, MIN_TILE, UpscaleError,
+    centred_on_canvas, tile_overlap_limit, tile_too_small, upscale_by,
 )
 from sdlab.server.alwayson import alwayson_freeu, alwayson_pag, check_alwayson_scripts
 from sdlab.server.a1111_scripts import (
@@ -1455,7 +1455,7 @@ def _check_options(body: dict[str, Any], where: str = "") -> None:
                          f"got {body['sd_vae_overrides_per_model_preferences']!r}", 422)
 
 
-ESRGAN_TILES = (16, 512)        # A1111's slider of ESRGAN_tile (0: no tiles, else 16..512)
+MAX_TILE = 512                  # A1111's slider of ESRGAN_tile (0: no tiles, else MIN_TILE..512)
 MAX_TILE_OVERLAP = 48           # A1111's slider of ESRGAN_tile_overlap (0..48)
 
 
@@ -1463,10 +1463,10 @@ def _check_tile_options(body: dict[str, Any], where: str) -> None:
     """The upscalers' tiles within A1111's sliders (`shared_options`): `ESRGAN_tile` 0 (no tiles) or 16..512,
     `ESRGAN_tile_overlap` 0..48. A1111's API takes any integer, which its UI never sends; a tile of a few pixels
     makes every upscale one network call per few pixels (hours at 2048², the device held)."""
-    low, high = ESRGAN_TILES
     tile = body.get("ESRGAN_tile", 0)
-    if not isinstance(tile, int) or isinstance(tile, bool) or not (tile == 0 or low <= tile <= high):
-        raise BadRequest(f"{where}ESRGAN_tile must be 0 (no tiles) or an integer in {low}..{high}, got {tile!r}", 422)
+    if not isinstance(tile, int) or isinstance(tile, bool) or tile < 0 or tile_too_small(tile) or tile > MAX_TILE:
+        raise BadRequest(f"{where}ESRGAN_tile must be 0 (no tiles) or an integer in {MIN_TILE}..{MAX_TILE}, "
+                         f"got {tile!r}", 422)
     overlap = body.get("ESRGAN_tile_overlap", 0)
     if not isinstance(overlap, int) or isinstance(overlap, bool) or not 0 <= overlap <= MAX_TILE_OVERLAP:
         raise BadRequest(f"{where}ESRGAN_tile_overlap must be an integer in 0..{MAX_TILE_OVERLAP}, got {overlap!r}",
