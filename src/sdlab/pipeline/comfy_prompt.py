@@ -8,11 +8,20 @@ whose ``:w`` is no number keeps the 1.1 factor and its text, colon included. Unb
 
 Its weights act on the encoding, not on a mean: ``z = z_empty + (z - z_empty) * w`` at each token, ``z_empty``
 being the encoding of the empty prompt (``SDClipModel.encode_token_weights``; conditioning.py applies it).
+
+`AreaPrompt` is one entry of ComfyUI's positive conditioning list under its area nodes (ConditioningSetArea,
+ConditioningSetAreaPercentage, ConditioningSetAreaStrength): a prompt, its area and strength (`diffusion.area_conds`
+draws them).
 """
 
 from __future__ import annotations
 
-__all__ = ["comfy_weighted_runs"]
+from dataclasses import dataclass
+from typing import Any
+
+from sdlab.diffusion.area_conds import Area, AreaPart
+
+__all__ = ["AreaPrompt", "check_area_prompts", "comfy_weighted_runs"]
 
 _ESCAPED_CLOSE = "\0\1"
 _ESCAPED_OPEN = "\0\2"
@@ -75,3 +84,54 @@ def _weighted(text: str, weight: float) -> list[tuple[str, float]]:
         else:
             runs.append((group, weight))
     return runs
+
+
+MAX_AREA_STRENGTH = 10.0                # ConditioningSetArea's strength range: 0..10
+LATENT_FACTOR = 8                       # ConditioningSetArea's pixels per latent pixel (its `// 8`)
+
+
+@dataclass(frozen=True)
+class AreaPrompt:
+    """One entry of ComfyUI's positive conditioning list: a prompt (a CLIPTextEncode), the area it is drawn on
+    (ConditioningSetArea's pixels or ConditioningSetAreaPercentage's fractions, (width, height, x, y); neither:
+    the whole picture) and the strength it weighs there (`diffusion.area_conds`)."""
+
+    prompt: str
+    pixels: tuple[int, int, int, int] | None = None
+    fractions: tuple[float, float, float, float] | None = None
+    strength: float = 1.0
+
+    def latent_area(self, size: tuple[int, int]) -> Area | None:
+        """The area on a latent of (h, w) `size`: ConditioningSetArea's ``(height // 8, width // 8, y // 8,
+        x // 8)``, or a percentage's as ComfyUI's `resolve_areas_and_cond_masks` rounds it ``(max(1, round(fh * h)),
+        max(1, round(fw * w)), round(fy * h), round(fx * w))``; None for the whole latent."""
+        if self.pixels is not None:
+            width, height, x, y = self.pixels
+            return Area(height // LATENT_FACTOR, width // LATENT_FACTOR, y // LATENT_FACTOR, x // LATENT_FACTOR)
+        if self.fractions is not None:
+            fw, fh, fx, fy = self.fractions
+            h, w = size
+            return Area(max(1, round(fh * h)), max(1, round(fw * w)), round(fy * h), round(fx * w))
+        return None
+
+    def part(self, cond: Any, size: tuple[int, int]) -> AreaPart:
+        return AreaPart(cond, self.latent_area(size), self.strength)
+
+
+def check_area_prompts(prompts: Any, width: int, height: int, factor: int) -> tuple[AreaPrompt, ...]:
+    """`prompts` as a tuple of `AreaPrompt`s whose strengths lie in 0..10 and whose areas start inside a
+    width x height picture's latent (a VAE of downsampling `factor`); a `ValueError` saying which one is wrong
+    otherwise."""
+    found = tuple(prompts)
+    size = (height // factor, width // factor)
+    for i, each in enumerate(found):
+        if not isinstance(each, AreaPrompt):
+            raise ValueError(f"area prompt {i} must be an AreaPrompt, got {type(each).__name__}")
+        strength = float(each.strength)
+        if not 0.0 <= strength <= MAX_AREA_STRENGTH:
+            raise ValueError(f"area prompt {i}'s strength must lie in 0..{MAX_AREA_STRENGTH:g}, got {each.strength!r}")
+        area = each.latent_area(size)
+        if area is not None and (area.height <= 0 or area.width <= 0 or area.top >= size[0] or area.left >= size[1]):
+            raise ValueError(f"area prompt {i}'s area (latent {area.width}x{area.height} at {area.left}, {area.top}) "
+                             f"lies outside the {width}x{height} picture's {size[1]}x{size[0]} latent")
+    return found

@@ -63,6 +63,7 @@ from sdlab.models.freeu import (
     FREEU_CONVENTIONS, FREEU_FACTORS, FREEU_VERSIONS, FREEU_WINDOW, MAX_FREEU_FACTOR, FreeU,
 )
 from sdlab.pipeline.comfy_latent_upscale import COMFY_CROPS, COMFY_LATENT_UPSCALE_METHODS, comfyui_hires_size
+from sdlab.pipeline.comfy_prompt import check_area_prompts
 from sdlab.pipeline.images import on_white, read_image, snap_size, upright_size
 from sdlab.pipeline.perturbed_attention import DEFAULT_LAYERS, PagLayerError, check_layer_patterns
 from sdlab.pipeline.upscale import (
@@ -327,6 +328,10 @@ class GenerationRequest:
     control_convention: str = "diffusers"   # the steps a control's start / end select: diffusers', A1111's or
                                             # ComfyUI's (its sigma window and hint resize, control.py)
                                             # (`PreparedControl.active`)
+    # ComfyUI's area composition: its positive conditioning list (`pipeline.comfy_prompt.AreaPrompt`s: a prompt, an
+    # area, a strength), each drawn on its area and averaged by weight (`diffusion.area_conds`) in place of `prompt`
+    # (which records the first's); the negative prompt drawn on the whole picture and on each of their areas
+    area_prompts: tuple[Any, ...] = field(default=(), repr=False)
     # image prompts (IP-Adapter): `pipeline.image_prompt.IPAdapterInput`s
     ip_adapters: tuple[Any, ...] = field(default=(), repr=False)
     # hires fix (A1111, txt2img; pipeline/hires.py): on when hr_scale or hr_width / hr_height is set
@@ -944,6 +949,19 @@ def _as_compared(prompt: str) -> str:
     return " ".join(strip_comments(prompt).split())
 
 
+def _check_area_prompts(r: GenerationRequest, width: int, height: int, factor: int) -> None:
+    """Area prompts (`comfy_prompt.check_area_prompts`) of a single pass: not with the hires fix, whose second
+    pass would need them at its size."""
+    if not r.area_prompts:
+        return
+    try:
+        check_area_prompts(r.area_prompts, width, height, factor)
+    except ValueError as err:
+        raise RequestError(str(err)) from None
+    if r.hr_scale is not None or r.hr_width is not None or r.hr_height is not None:
+        raise RequestError("area prompts are drawn in one pass; the hires fix is not drawn with them")
+
+
 def _check_latent_mask(r: GenerationRequest, size: tuple[int, int]) -> None:
     """A latent mask goes with a mask, the whole picture drawn, at the size drawn (A1111 fills the picture by it
     at that size, `masking.fill`)."""
@@ -1301,6 +1319,7 @@ def resolve(
     subseed = _batch_seed("subseed", fixed_seed(r.subseed), r.batch_size) if r.subseed_strength else None
     if r.latent_noise_seed is not None:
         _batch_seed("latent_noise_seed", r.latent_noise_seed, r.batch_size)
+    _check_area_prompts(r, width, height, factor)
     hires = _resolve_hires(r, width, height, multiple, _hires_base(r, asked, (width, height), multiple), factor)
     hires.update(_resolve_hires_pass(r, spec, schedule, asked_schedule, default_schedule))
     init_images = tuple(on_white(image) for image in r.init_images)

@@ -362,7 +362,8 @@ def _submit(state: ComfyState, plan: GraphPlan, place: Place = IN_TURN, first_pa
         batch_size=plan.batch_size, batch_noise="comfyui", emphasis="ComfyUI", clip_skip=plan.clip_skip or 1,
         # CLIPSetLastLayer counts from every encoder's last layer (ComfyUI's rule); without one, the usual layers
         clip_skip_convention="diffusers" if plan.clip_skip is None else "comfyui",
-        init_image=init, strength=plan.strength if init is not None else 1.0, **plan.hires,
+        init_image=init, strength=plan.strength if init is not None else 1.0, area_prompts=plan.area_prompts,
+        **plan.hires,
         # SetLatentNoiseMask: ComfyUI's soft mask as it is (no rounding, no blur), the picture not pasted back;
         # VAEEncodeForInpaint: the mask rounded, its pixels grey as encoded, the noise mask grown by grow_mask_by
         **({} if mask is None else {"mask_image": mask, "mask_round": False, "paste_back": False}

@@ -26,6 +26,9 @@ the standard txt2img / img2img pictures: one KSampler fed by
     CLIPTextEncode -> ControlNetApply / ControlNetApplyAdvanced ... -> KSampler.positive / negative
     ControlNetLoader -> .control_net, LoadImage -> .image         (ControlNets in a row, drawn as the request's
                                                                    controls by ComfyUI's rules: `_Plan.controls`)
+    CLIPTextEncode -> ConditioningSetArea / ConditioningSetAreaPercentage / ConditioningSetAreaStrength
+                   -> ConditioningCombine ... -> KSampler.positive    (ComfyUI's area composition: the request's
+                                                                       area prompts, `_Plan.positive_areas`)
 
 `NODES` is the table of those nodes: their inputs (ComfyUI's `INPUT_TYPES`, the lists a server fills in at
 `Choices`), outputs and whether they are output nodes, as `GET /object_info` shows them. Checking follows ComfyUI's
@@ -42,11 +45,12 @@ The KSampler's sampler_name is ComfyUI's spelling, which brings ComfyUI's conven
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sdlab.diffusion.samplers import comfyui_spelling
 from sdlab.pipeline.comfy_latent_upscale import COMFY_CROPS, COMFY_LATENT_UPSCALE_METHODS
+from sdlab.pipeline.comfy_prompt import AreaPrompt
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF           # ComfyUI's KSampler seed range
 MAX_RESOLUTION = 16384                  # ComfyUI's nodes.MAX_RESOLUTION
@@ -100,6 +104,27 @@ NODES: dict[str, NodeSpec] = {
                                  ("CLIP",), category="conditioning", display_name="CLIP Set Last Layer"),
     "CLIPTextEncode": NodeSpec({"text": ("STRING", {"multiline": True, "dynamicPrompts": True}), "clip": ("CLIP",)},
                                ("CONDITIONING",), category="conditioning", display_name="CLIP Text Encode (Prompt)"),
+    "ConditioningSetArea": NodeSpec({
+        "conditioning": ("CONDITIONING",),
+        "width": ("INT", {"default": 64, "min": 64, "max": MAX_RESOLUTION, "step": 8}),
+        "height": ("INT", {"default": 64, "min": 64, "max": MAX_RESOLUTION, "step": 8}),
+        "x": ("INT", {"default": 0, "min": 0, "max": MAX_RESOLUTION, "step": 8}),
+        "y": ("INT", {"default": 0, "min": 0, "max": MAX_RESOLUTION, "step": 8}),
+        "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01})},
+        ("CONDITIONING",), category="conditioning", display_name="Conditioning (Set Area)"),
+    "ConditioningSetAreaPercentage": NodeSpec({
+        "conditioning": ("CONDITIONING",), "width": ("FLOAT", {"default": 1.0, "min": 0, "max": 1.0, "step": 0.01}),
+        "height": ("FLOAT", {"default": 1.0, "min": 0, "max": 1.0, "step": 0.01}),
+        "x": ("FLOAT", {"default": 0, "min": 0, "max": 1.0, "step": 0.01}),
+        "y": ("FLOAT", {"default": 0, "min": 0, "max": 1.0, "step": 0.01}),
+        "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01})},
+        ("CONDITIONING",), category="conditioning", display_name="Conditioning (Set Area with Percentage)"),
+    "ConditioningSetAreaStrength": NodeSpec({
+        "conditioning": ("CONDITIONING",),
+        "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01})},
+        ("CONDITIONING",), category="conditioning", display_name="ConditioningSetAreaStrength"),
+    "ConditioningCombine": NodeSpec({"conditioning_1": ("CONDITIONING",), "conditioning_2": ("CONDITIONING",)},
+                                    ("CONDITIONING",), category="conditioning", display_name="Conditioning (Combine)"),
     "ControlNetLoader": NodeSpec({"control_net_name": ("controlnets",)}, ("CONTROL_NET",), category="loaders",
                                  display_name="Load ControlNet Model"),
     "ControlNetApply": NodeSpec({"conditioning": ("CONDITIONING",), "control_net": ("CONTROL_NET",),
@@ -173,6 +198,9 @@ NODES: dict[str, NodeSpec] = {
 }
 SAMPLER_NODES = ("KSampler", "KSamplerAdvanced")
 UPSCALE_NODES = ("LatentUpscale", "LatentUpscaleBy")
+AREA_NODES = ("ConditioningSetArea", "ConditioningSetAreaPercentage", "ConditioningSetAreaStrength",
+              "ConditioningCombine")
+"""The nodes of ComfyUI's area composition, drawn on a KSampler's positive conditioning (`GraphPlan.area_prompts`)."""
 CONTROL_NODES = {"ControlNetApply": ("conditioning",), "ControlNetApplyAdvanced": ("positive", "negative")}
 """The nodes that put a ControlNet on a conditioning: the input each output (by index) passes on."""
 OUTPUT_TYPE = {"SaveImage": "output", "PreviewImage": "temp"}     # the `type` of their pictures in /history, /view
@@ -252,6 +280,8 @@ class GraphPlan:
     sampler_node: str = ""
     outputs: dict[str, str] = field(default_factory=dict)
     controls: list[GraphControl] = field(default_factory=list)     # the ControlNets on both rows, in applied order
+    area_prompts: tuple[AreaPrompt, ...] = ()   # the positive's area composition (ConditioningSetArea ...,
+                                            # ConditioningCombine) in ComfyUI's list order; (): one plain prompt
     hires: dict[str, Any] = field(default_factory=dict)             # a two-pass graph: the request's hires fields
     second_node: str = ""                   # a two-pass graph's second KSampler, whose steps follow the first's
     upscale_node: str = ""                  # a two-pass graph's LatentUpscale(By), whose size the hires fix draws
@@ -540,16 +570,21 @@ class _Plan:
         if not comfyui_spelling(values["sampler_name"]):       # the list holds ComfyUI's spellings alone
             raise self.refuse(sampler, f"sampler_name {values['sampler_name']!r} is not a ComfyUI sampler")
         checkpoint, loras = self.model_chain(sampler)
-        prompt, clip_skip = self.text(sampler, "positive", checkpoint, loras)
+        areas, clip_skip = self.positive_areas(sampler, checkpoint, loras)
+        prompt = areas[0].prompt
         negative, negative_skip = self.text(sampler, "negative", checkpoint, loras)
         if clip_skip != negative_skip:
             raise self.refuse(sampler, "sdlab encodes the positive and negative prompts at one CLIP layer")
         controls = self.controls(sampler)
+        drawn_areas = () if len(areas) == 1 and areas[0] == AreaPrompt(prompt) else tuple(areas)
+        if drawn_areas and (controls or upscale is not None):
+            raise self.refuse(sampler, "sdlab draws area conditioning (ConditioningSetArea ..., ConditioningCombine) "
+                                       "in one KSampler without ControlNets")
         seed, denoise = self.seed_and_denoise(sampler)
         plan = GraphPlan(model=self.inputs(checkpoint)["ckpt_name"], prompt=prompt, negative_prompt=negative,
                          seed=seed, steps=int(values["steps"]), cfg_scale=float(values["cfg"]),
                          sampler=values["sampler_name"], schedule=values["scheduler"],
-                         strength=denoise, clip_skip=clip_skip,
+                         strength=denoise, clip_skip=clip_skip, area_prompts=drawn_areas,
                          loras=[(self.inputs(n)["lora_name"], float(self.inputs(n)["strength_model"]))
                                 for n in loras])
         vae = self.vae(sorted(decoders)[0], checkpoint)
@@ -712,8 +747,63 @@ class _Plan:
         of the KSampler's `which`, whose CLIP must be the checkpoint's through the model's LoRAs (and a
         CLIPSetLastLayer)."""
         encoder, _, kind = self.under_controls(sampler, which)[0]
+        if kind in AREA_NODES:
+            raise self.refuse(encoder, "sdlab draws area conditioning on the positive of a graph's one KSampler")
         if kind != "CLIPTextEncode":
             raise self.refuse(sampler, f"sdlab reads {which} from a CLIPTextEncode")
+        return self.encoded(encoder, checkpoint, loras)
+
+    def positive_areas(self, sampler: str, checkpoint: str, loras: list[str]) -> tuple[list[AreaPrompt], int | None]:
+        """(the KSampler's positive conditioning list as ComfyUI builds it: CLIPTextEncodes put together by
+        ConditioningCombine (conditioning_1's entries, then conditioning_2's), each entry's area and strength set
+        by the ConditioningSetArea / ConditioningSetAreaPercentage / ConditioningSetAreaStrength nodes it passes
+        (nodes.py: each sets its values on every entry, an area replacing the area before it), the clip skip of
+        its encoders (one for all))."""
+        entries: list[AreaPrompt] = []
+        skips: set[int | None] = set()
+        start = self.under_controls(sampler, "positive")[0]
+        stack: list[tuple[tuple[str, int, str], list[str], bool]] = [(start, [], False)]
+        while stack:                # depth first, conditioning_1 before conditioning_2, a node run after its inputs
+            (node, index, kind), setters, inputs_done = stack.pop()
+            if inputs_done:
+                self.visit(node)
+            elif kind in AREA_NODES:
+                stack.append(((node, index, kind), setters, True))
+                names = ("conditioning_2", "conditioning_1") if kind == "ConditioningCombine" else ("conditioning",)
+                stack.extend((self.source(node, name), setters + [node], False) for name in names)
+            elif kind == "CLIPTextEncode":
+                text, skip = self.encoded(node, checkpoint, loras)
+                skips.add(skip)
+                entry = AreaPrompt(text)
+                for setter in reversed(setters):        # the node nearest the encoder acts first
+                    entry = self.area_set(setter, entry)
+                entries.append(entry)
+            else:
+                raise self.refuse(node, "sdlab reads the positive from CLIPTextEncodes, through ConditioningSetArea, "
+                                        "ConditioningSetAreaPercentage, ConditioningSetAreaStrength or "
+                                        "ConditioningCombine nodes")
+        if len(skips) > 1:
+            raise self.refuse(sampler, "sdlab encodes the positive prompts at one CLIP layer")
+        return entries, skips.pop()
+
+    def area_set(self, node: str, entry: AreaPrompt) -> AreaPrompt:
+        """`entry` as the area node `node` leaves it (ConditioningCombine: unchanged)."""
+        values = self.inputs(node)
+        kind = self.graph[node]["class_type"]
+        if kind == "ConditioningSetArea":
+            return AreaPrompt(entry.prompt, pixels=(int(values["width"]), int(values["height"]), int(values["x"]),
+                                                    int(values["y"])), strength=float(values["strength"]))
+        if kind == "ConditioningSetAreaPercentage":
+            return AreaPrompt(entry.prompt, fractions=(float(values["width"]), float(values["height"]),
+                                                       float(values["x"]), float(values["y"])),
+                              strength=float(values["strength"]))
+        if kind == "ConditioningSetAreaStrength":
+            return replace(entry, strength=float(values["strength"]))
+        return entry
+
+    def encoded(self, encoder: str, checkpoint: str, loras: list[str]) -> tuple[str, int | None]:
+        """(the text, clip skip) of a CLIPTextEncode whose CLIP must be the checkpoint's through the model's LoRAs
+        (and a CLIPSetLastLayer)."""
         node, index, kind = self.source(encoder, "clip")
         clip_skip = None
         if kind == "CLIPSetLastLayer":
