@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bundle_fixtures import tiny_bundle, write_original
+from bundle_fixtures import tiny_bundle, write_diffusers_folder, write_original
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.cli import main
 
@@ -85,6 +85,33 @@ def _bad_files(folder: Path) -> dict[str, Path]:
 
     write_safetensors_atomic(files["not-a-model"], {"lora_unet_down.weight": torch.zeros(2, 2)})
     return files
+
+
+@pytest.mark.parametrize("family, layout", [("sd1", "file"), ("sdxl", "file"), ("sd1", "folder")])
+def test_a_model_without_a_vae_is_described_and_the_vae_named_missing(tmp_path: Path, capsys, family, layout):
+    """A checkpoint without VAE keys (a diffusers folder without vae/) is described with what it holds, its VAE
+    named missing; drawing with it is still refused without --vae. Before: one error line, exit 2."""
+    from sdlab.checkpoints.load import plan_checkpoint
+
+    bundle = tiny_bundle(family)
+    if layout == "file":
+        path = write_original(bundle, tmp_path / "no-vae.safetensors", drop=("first_stage_model.",))
+        reason = "no key starting with first_stage_model."
+    else:
+        path = write_diffusers_folder(bundle, tmp_path / "no-vae")
+        shutil.rmtree(path / "vae")
+        reason = "no vae/ folder"
+    assert main(["inspect", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["family"] == family and report["missing_vae"] == reason
+    expected = {"unet": sum(p.numel() for p in bundle.unet.parameters())} | {
+        te.spec.name: sum(p.numel() for p in te.model.parameters()) for te in bundle.text_encoders}
+    assert {c["name"]: c["parameters"] for c in report["components"]} == expected
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"family          {family} " in out and f"missing keys    the VAE's ({reason})" in out
+    with pytest.raises(CheckpointError, match="has no (VAE|vae/)"):
+        plan_checkpoint(path)
 
 
 def test_bad_files_give_one_line_and_exit_2(tmp_path: Path, capsys):

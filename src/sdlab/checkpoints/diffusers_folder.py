@@ -93,7 +93,7 @@ class DiffusersFolder:
     family: FamilySpec
     family_source: str
     unet: ComponentSource
-    vae: ComponentSource
+    vae: ComponentSource | None             # None: the folder has no vae/, read with need_vae False
     text_encoders: tuple[tuple[TextEncoderSpec, ComponentSource], ...]
     prediction_type: str | None             # scheduler_config.json `prediction_type`, if any
     scaling_factor: float | None            # vae/config.json `scaling_factor`, if any
@@ -364,10 +364,11 @@ def _not_a_pipeline(path: Path) -> CheckpointError:
 
 
 def read_diffusers_folder(path: Path, *, family: str | None = None,
-                          vae_override: ComponentSource | None = None) -> DiffusersFolder:
+                          vae_override: ComponentSource | None = None, need_vae: bool = True) -> DiffusersFolder:
     """Detect the family of a diffusers folder and open each component (weights are read lazily).
     `vae_override`: the VAE drawn with in place of the folder's (`--vae`), which stands for it where the folder
-    has no `vae/` (as diffusers' `from_pretrained(folder, vae=...)` needs none)."""
+    has no `vae/` (as diffusers' `from_pretrained(folder, vae=...)` needs none). A folder with neither is
+    refused, or with `need_vae` False (describing it: `sdlab inspect`) read without a VAE."""
     if not (path / MODEL_INDEX).exists():
         raise _not_a_pipeline(path)
     model_index = read_config_json(path / MODEL_INDEX)
@@ -376,10 +377,14 @@ def read_diffusers_folder(path: Path, *, family: str | None = None,
     unet = _unet_source(path / "unet", unet_json)  # checks unet/config.json before detection reads it
     spec = detect_diffusers_family(model_index, unet_json, _first_text_config(path, model_index), override=family)
     unet = replace(unet, build=spec.unet_module)
+    vae: ComponentSource | None
     if vae_override is not None and not (path / "vae").exists():
         vae_json, vae = {}, vae_override
     elif not (path / "vae").exists():
-        raise CheckpointError(f"{path}: {spec.name} folder has no vae/; pass a VAE file or folder (vae=... / --vae)")
+        if need_vae:
+            raise CheckpointError(f"{path}: {spec.name} folder has no vae/; pass a VAE file or folder "
+                                  "(vae=... / --vae)")
+        vae_json, vae = {}, None
     else:
         vae_json = read_config_json(path / "vae" / "config.json")
         vae = replace(vae_source_from_folder(path / "vae", vae_json), build=spec.vae_module)
@@ -399,7 +404,7 @@ def read_diffusers_folder(path: Path, *, family: str | None = None,
     scheduler = read_scheduler_config(scheduler_config, spec.schedule, scheduler_path)
     log_scheduler(scheduler_path, scheduler, model_index.get("_class_name"))
     noise_model = folder_noise_model(scheduler_config, scheduler.schedule or spec.schedule, scheduler_path)
-    total = sum(len(c.state) + len(c.ignored) for c in [unet, vae, *(src for _, src in text)])
+    total = sum(len(c.state) + len(c.ignored) for c in [unet, vae, *(src for _, src in text)] if c is not None)
     return DiffusersFolder(
         path=path,
         family=spec,
@@ -414,7 +419,8 @@ def read_diffusers_folder(path: Path, *, family: str | None = None,
         schedule=scheduler.schedule,
         sampler=scheduler.sampler,
         steps_offset=spacing_offset(scheduler, model_index.get("_class_name"), scheduler_path),
-        native_size=_native_size(path / "unet" / "config.json", unet_json, vae.config.downsample_factor),
+        native_size=_native_size(path / "unet" / "config.json", unet_json,
+                                 (spec.vae if vae is None else vae.config).downsample_factor),
         zero_empty_negative=_force_zeros_for_empty_prompt(path / MODEL_INDEX, model_index, spec),
         noise_model=noise_model,
         latent_stats=folder_latent_stats(vae_json, path / "vae" / "config.json", spec),

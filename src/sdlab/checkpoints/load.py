@@ -249,9 +249,10 @@ def _nested(config: Mapping[str, Any], *names: str) -> Any:
 
 
 def _plan_single_file(
-    path: Path, family: str | None, prediction: str | Prediction | None, vae: str | os.PathLike[str] | None
+    path: Path, family: str | None, prediction: str | Prediction | None, vae: str | os.PathLike[str] | None,
+    need_vae: bool = True,
 ) -> CheckpointPlan:
-    file = read_single_file(path, family=family, vae=vae)
+    file = read_single_file(path, family=family, vae=vae, need_vae=need_vae)
     spec = file.family
     pred, pred_source = resolve_prediction(spec, argument=prediction, metadata=file.metadata, path=path,
                                            keys=file.shapes, unet_state=file.unet.state)
@@ -266,7 +267,7 @@ def _plan_single_file(
                         list(file.text_encoders), file.ignored, file.total_keys, file.metadata,
                         native=native_size(file.metadata), schedule=schedule, schedule_source=schedule_source,
                         steps_offset=stored_steps_offset(file.metadata), noise_model=noise_model,
-                        noise_model_source=noise_source, latent_stats=stats)
+                        noise_model_source=noise_source, latent_stats=stats, missing_vae=file.missing_vae)
 
 
 def _vae_latents(vae: str | os.PathLike[str] | None, spec: FamilySpec, scaling: float,
@@ -287,12 +288,13 @@ def _vae_latents(vae: str | os.PathLike[str] | None, spec: FamilySpec, scaling: 
 
 
 def _finish_plan(origin: str, spec: FamilySpec, family_source: str, pred: Prediction, pred_source: str,
-                 scaling: float, unet: ComponentSource, vae: ComponentSource,
+                 scaling: float, unet: ComponentSource, vae: ComponentSource | None,
                  text: list[tuple[TextEncoderSpec, ComponentSource]], ignored: tuple[str, ...], total: int,
                  metadata: Mapping[str, str], *, native: int | None = None, schedule: ScheduleSpec | None = None,
                  schedule_source: str | None = None, sampler: Mapping[str, Any] | None = None, steps_offset: int = 1,
                  zero_empty_negative: bool | None = None, noise_model: EDMSpec | None = None,
-                 noise_model_source: str | None = None, latent_stats: LatentStats | None = None) -> CheckpointPlan:
+                 noise_model_source: str | None = None, latent_stats: LatentStats | None = None,
+                 missing_vae: str | None = None) -> CheckpointPlan:
     if unet.config.cross_attends and unet.config.context_dim != sum(src.config.width for _, src in text):
         raise CheckpointError(
             f"{origin}: U-Net cross-attention width {unet.config.context_dim} does not match the text encoder "
@@ -301,7 +303,7 @@ def _finish_plan(origin: str, spec: FamilySpec, family_source: str, pred: Predic
     if noise_model is not None:
         logger.info("%s: %s-prediction on a %s (%s)", origin, pred.value, noise_model.describe(), noise_model_source)
     reports = []
-    for source in [unet, vae, *(src for _, src in text)]:
+    for source in [unet, *([] if vae is None else [vae]), *(src for _, src in text)]:
         converted, count = source.check()
         stored_dtypes = {k: v.dtype for k, v in meta_view(source.state).items()}
         reports.append(ComponentReport(
@@ -316,15 +318,17 @@ def _finish_plan(origin: str, spec: FamilySpec, family_source: str, pred: Predic
         sampler=dict(sampler or {}), steps_offset=steps_offset, zero_empty_negative=zero_empty_negative,
         noise_model=noise_model,
         noise_model_source=noise_model_source if noise_model is not None else None, latent_stats=latent_stats,
+        missing_vae=missing_vae,
     )
     return CheckpointPlan(report=report, unet=unet, vae=vae, text_encoders=tuple(text))
 
 
 def _plan_diffusers_folder(
-    path: Path, family: str | None, prediction: str | Prediction | None, vae: str | os.PathLike[str] | None
+    path: Path, family: str | None, prediction: str | Prediction | None, vae: str | os.PathLike[str] | None,
+    need_vae: bool = True,
 ) -> CheckpointPlan:
     override = load_vae_source(vae) if vae is not None else None
-    folder = diffusers_folder.read_diffusers_folder(path, family=family, vae_override=override)
+    folder = diffusers_folder.read_diffusers_folder(path, family=family, vae_override=override, need_vae=need_vae)
     spec = folder.family
     pred, pred_source = resolve_prediction(
         spec, argument=prediction, metadata={}, path=None, diffusers_value=folder.prediction_type
@@ -338,7 +342,8 @@ def _plan_diffusers_folder(
                         schedule_source="scheduler/scheduler_config.json", sampler=folder.sampler,
                         steps_offset=folder.steps_offset,
                         zero_empty_negative=folder.zero_empty_negative, noise_model=folder.noise_model,
-                        noise_model_source="scheduler/scheduler_config.json", latent_stats=stats)
+                        noise_model_source="scheduler/scheduler_config.json", latent_stats=stats,
+                        missing_vae="no vae/ folder" if vae_source is None else None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -352,10 +357,12 @@ def plan_checkpoint(
     prediction: str | Prediction | None = None,
     vae: str | os.PathLike[str] | None = None,
     sidecar_vae: bool = True,
+    need_vae: bool = True,
 ) -> CheckpointPlan:
     """Detect, infer and check everything about `path` without reading a weight (see module docstring);
     `sidecar_vae` False keeps a single file's own VAE where a `<name>.vae.*` file lies beside it (A1111's
-    `sd_vae` "None")."""
+    `sd_vae` "None"). A model without a VAE (and no `vae`) is refused, or with `need_vae` False planned without
+    one (the plan's `vae` None, its report's `missing_vae` saying why): it can be described, not built."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
@@ -365,9 +372,9 @@ def plan_checkpoint(
         logger.info("%s: drawing with the VAE beside it, %s (as A1111's sd_vae Automatic)", path.name, vae.name)
     try:
         if path.is_dir():
-            plan = check_plan(_plan_diffusers_folder(path, family, prediction, vae))
+            plan = check_plan(_plan_diffusers_folder(path, family, prediction, vae, need_vae))
         else:
-            plan = check_plan(_plan_single_file(path, family, prediction, vae))
+            plan = check_plan(_plan_single_file(path, family, prediction, vae, need_vae))
     except CheckpointError as exc:
         if vae_source == SIDECAR_VAE_SOURCE and str(exc).startswith(str(vae)):
             raise _sidecar_vae_error(path, Path(vae), exc) from None

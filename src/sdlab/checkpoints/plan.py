@@ -57,6 +57,7 @@ class LoadReport:
     latent_stats: LatentStats | None = None  # per-channel latents mean / std (None: scaling alone)
     vae_file: str | None = None             # the standalone VAE drawn with (None: the checkpoint's own)
     vae_file_source: str | None = None      # "argument", or beside the model (A1111's sidecar)
+    missing_vae: str | None = None          # why the model has no VAE ("no vae/ folder"; None: it has one)
 
     def to_json(self) -> dict[str, Any]:
         schedule = self.schedule or self.family.schedule
@@ -75,6 +76,7 @@ class LoadReport:
             **({"latent_stats": config_to_json(self.latent_stats)} if self.latent_stats is not None else {}),
             "steps_offset": self.steps_offset,
             **({"vae_file": self.vae_file, "vae_file_source": self.vae_file_source} if self.vae_file else {}),
+            **({"missing_vae": self.missing_vae} if self.missing_vae else {}),
             **({"diffusers_sampler": dict(self.sampler)} if self.sampler else {}),
             "description": self.family.description,
             "total_keys": self.total_keys,
@@ -100,7 +102,7 @@ class CheckpointPlan:
 
     report: LoadReport
     unet: ComponentSource
-    vae: ComponentSource
+    vae: ComponentSource | None             # None only from plan_checkpoint(need_vae=False): the model has none
     text_encoders: tuple[tuple[TextEncoderSpec, ComponentSource], ...]
 
 

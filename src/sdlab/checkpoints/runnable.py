@@ -73,7 +73,7 @@ def check_text_config(source: ComponentSource) -> None:
 def check_plan(plan: CheckpointPlan) -> CheckpointPlan:
     """Refuse a planned checkpoint that could not run (see module docstring); returns `plan`."""
     check_scaling_factor(plan.report.scaling_factor, plan.report.source)
-    for source in (plan.unet, plan.vae, *(src for _, src in plan.text_encoders)):
+    for source in (plan.unet, *(() if plan.vae is None else (plan.vae,)), *(src for _, src in plan.text_encoders)):
         check_dtypes(source)
         check_text_config(source)
     return plan

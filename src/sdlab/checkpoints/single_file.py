@@ -83,7 +83,7 @@ class SingleFile:
     family: FamilySpec
     family_source: str                      # "argument", "metadata sdlab.family", "detected"
     unet: ComponentSource
-    vae: ComponentSource
+    vae: ComponentSource | None             # None: the file has none, read with need_vae False (`missing_vae`)
     text_encoders: tuple[tuple[TextEncoderSpec, ComponentSource], ...]
     metadata: Mapping[str, str]
     shapes: Mapping[str, Any]               # every key of the file -> its shape
@@ -91,6 +91,7 @@ class SingleFile:
     ignored: tuple[str, ...]                # file keys outside every component, known to be unused
     markers: Mapping[str, Tensor] = field(default_factory=dict)  # ComfyUI's EDM keys it holds (`noise_model`)
     schedule_buffers: Mapping[str, Tensor] = field(default_factory=dict)  # its LDM `alphas_cumprod` / `betas`
+    missing_vae: str | None = None          # why `vae` is None ("no key starting with first_stage_model.")
 
 
 def _confirmed(stored: Any, found: Any, shape_fields: tuple[str, ...]) -> Any:
@@ -158,9 +159,11 @@ def _missing_component(path: Path, family: FamilySpec, what: str, prefix: str, h
     return CheckpointError(f"{path}: {family.name} checkpoint has no {what} (no key starting with {prefix}){hint}")
 
 
-def read_single_file(path: Path, *, family: str | None = None, vae: str | os.PathLike[str] | None = None) -> SingleFile:
+def read_single_file(path: Path, *, family: str | None = None, vae: str | os.PathLike[str] | None = None,
+                     need_vae: bool = True) -> SingleFile:
     """Detect the family of a single-file checkpoint, split its keys into components by prefix and check each
-    against its inferred (or stored and confirmed) config; `vae` replaces the file's own VAE."""
+    against its inferred (or stored and confirmed) config; `vae` replaces the file's own VAE. A file without a
+    VAE is refused, or with `need_vae` False (describing it: `sdlab inspect`) read without one."""
     state, metadata = read_checkpoint(path)
     shapes = shapes_of(state)
     if family is not None:
@@ -218,13 +221,17 @@ def read_single_file(path: Path, *, family: str | None = None, vae: str | os.Pat
     unet_config = _confirmed(stored["unet"] if stored else None, found_unet, unet_shape_fields(found_unet))
     unet = ComponentSource("unet", spec.unet_module, origin, unet_sub, dict, unet_config)
 
+    vae_source: ComponentSource | None = None
+    missing_vae = None
     if vae is not None:
         vae_source = load_vae_source(vae)
         if buckets["vae"]:
             logger.info("%s: using the VAE from %s instead of the file's own", path.name, vae)
             ignored.extend(buckets["vae"])
     elif not buckets["vae"]:
-        raise _missing_component(path, spec, "VAE", spec.vae_prefix, "; pass a VAE file (vae=... / --vae)")
+        if need_vae:
+            raise _missing_component(path, spec, "VAE", spec.vae_prefix, "; pass a VAE file (vae=... / --vae)")
+        missing_vae = f"no key starting with {spec.vae_prefix}"
     else:
         vae_local = {k[len(spec.vae_prefix):]: k for k in buckets["vae"]}
         vae_source = _vae_source(origin, state, vae_local, stored["vae"] if stored else None, spec.vae,
@@ -247,6 +254,7 @@ def read_single_file(path: Path, *, family: str | None = None, vae: str | os.Pat
         metadata=metadata, shapes=shapes, total_keys=len(shapes), ignored=tuple(sorted(ignored)),
         markers={key: state[key] for key in COMFY_NOISE_MODEL_KEYS if key in shapes},
         schedule_buffers={key: state[key] for key in ("alphas_cumprod", "betas") if key in shapes},
+        missing_vae=missing_vae,
     )
 
 

@@ -3,7 +3,8 @@
 Without a path it describes the model that ships inside the package (the one `sdlab txt2img` draws with).
 A file that is not a whole model (a LoRA, a ControlNet, a VAE, an upscaler, an embedding, one component
 folder of a diffusers pipeline) is described as that kind, with the option that takes it
-(`sdlab.checkpoints.other_kinds`).
+(`sdlab.checkpoints.other_kinds`). A model without a VAE is described with what it has, the VAE named missing
+(drawing with it needs `--vae`).
 """
 
 from __future__ import annotations
@@ -66,7 +67,11 @@ def _format_inspect(report: dict) -> str:
         lines.append(f"ignored keys    {len(ignored)}: {', '.join(shown)}")
     else:
         lines.append("ignored keys    none")
-    lines.append("missing keys    none (every network's keys and shapes match)")
+    if "missing_vae" in report:
+        lines.append(f"missing keys    the VAE's ({report['missing_vae']}): to draw, pass --vae FILE; the other "
+                     "networks' keys and shapes match")
+    else:
+        lines.append("missing keys    none (every network's keys and shapes match)")
     return "\n".join(lines)
 
 
@@ -82,7 +87,7 @@ def run_inspect(args: argparse.Namespace) -> int:
         raise UserError("no path given and this sdlab install has no built-in model; pass a checkpoint PATH")
     try:
         plan = plan_checkpoint(path, family=args.family, prediction=args.prediction, vae=args.vae,
-                               sidecar_vae=args.sidecar_vae)
+                               sidecar_vae=args.sidecar_vae, need_vae=False)
     except CheckpointError:
         described = describe_other_kind(path)               # a LoRA, a VAE, ...: what it is, not what it lacks
         if described is None:
