@@ -141,12 +141,11 @@ _TO_Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
     ("oft", {f"{_TO_Q}.oft_blocks": torch.randn(4, 8, 8), f"{_TO_Q}.alpha": torch.tensor(1.0)},
      "a LyCORIS OFT / BOFT file"),
     ("diag-oft", {f"{_TO_Q}.oft_diag": torch.randn(4, 8, 8)}, "a LyCORIS OFT / BOFT file"),
-    ("glora", {f"{_TO_Q}.{f}.weight": torch.randn(4, 32) for f in ("a1", "a2", "b1", "b2")}, "a LyCORIS GLoRA file"),
     ("no-down", {f"{_TO_Q}.lora_up.weight": torch.randn(32, 4), f"{_TO_Q}.alpha": torch.tensor(1.0)},
      f"module {_TO_Q}: a lora module without down"),
-], ids=["oft", "diag-oft", "glora", "no-down"])
+], ids=["oft", "diag-oft", "no-down"])
 def test_a_lora_sdlab_cannot_merge_gets_the_lora_readers_error(tmp_path: Path, capsys, name, tensors, message):
-    """An OFT / BOFT / GLoRA file or a LoRA module without its down is the error `--lora` gives, not the
+    """An OFT / BOFT file or a LoRA module without its down is the error `--lora` gives, not the
     whole-model "no key starting with model.diffusion_model." error."""
     from sdlab.checkpoints.io import write_safetensors_atomic
 

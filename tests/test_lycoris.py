@@ -411,7 +411,7 @@ def test_sdxl_lokr_on_both_text_encoders(tmp_path):
     ("lokr", {}), ("lokr", {"decompose_both": True, "factor": 4}), ("lokr", {"use_tucker": True}),
     ("lokr", {"weight_decompose": True}), ("lokr", {"full_matrix": True}),
     ("loha", {"use_tucker": True, "weight_decompose": True}),
-    ("ia3", {}), ("full", {}),
+    ("ia3", {}), ("full", {}), ("glora", {}), ("glora", {"weight_decompose": True}),
 ])
 def test_lycoris_files_merge_as_lycoris_draws_them(tmp_path, algo, options):
     """A file written by the LyCORIS library (`LycorisNetwork.save_weights`, random weights) merged by sdlab
@@ -526,10 +526,9 @@ def test_lycoris_norm_layer_diffs(tmp_path):
 
 @pytest.mark.parametrize("keys, kind", [
     ({"lora_unet_blk_lin.oft_blocks": torch.zeros(4, 16, 16), "lora_unet_blk_lin.alpha": torch.tensor(0.0)}, "OFT / BOFT"),
-    ({f"lora_unet_blk_lin.{f}.weight": torch.zeros(4, 4) for f in ("a1", "a2", "b1", "b2")}, "GLoRA"),
 ])
 def test_unsupported_lycoris_kinds_are_named(tmp_path, keys, kind):
-    """OFT / BOFT and GLoRA files (A1111 network_oft.py / network_glora.py read them) are refused naming the
+    """OFT / BOFT files (A1111 network_oft.py reads them) are refused naming the
     kind, not with the hint that a full model goes to --model."""
     save_file(keys, str(tmp_path / "l.safetensors"))
     with pytest.raises(CheckpointError, match=f"LyCORIS {kind} file") as err:
@@ -562,3 +561,23 @@ def test_peft_adapter_kinds_sdlab_does_not_merge_are_named(tmp_path, kind):
         load_lora_file(path)
     assert str(path) in str(err.value) and f"a peft {kind} file" in str(err.value), err.value
     assert "--model" not in str(err.value)
+
+
+@pytest.mark.parametrize("layout", ["lycoris", "older"])
+def test_glora_layouts_merge_as_comfyui_merges_them(layout):
+    """GLoRA in LyCORIS's layout (a1 (in, r), a2 (r, in), b1 (out, r), b2 (r, in)): ``W + m * alpha / r *
+    (W a1 a2 + b1 b2)``; in the older layout (a1 (r, in), a2 (in, r), b1 (r, in), b2 (out, r)):
+    ``W + m * alpha / r * (b2 b1 + W a2 a1)`` (ComfyUI weight_adapter/glora.py), told apart by the shapes."""
+    g = torch.Generator().manual_seed(8)
+    out, in_, r, alpha, multiplier = 32, 24, 4, 2.0, 0.6
+    w = _rand(out, in_, g=g)
+    if layout == "lycoris":
+        a1, a2, b1, b2 = _rand(in_, r, g=g), _rand(r, in_, g=g), _rand(out, r, g=g), _rand(r, in_, g=g)
+        delta = w @ a1 @ a2 + b1 @ b2
+    else:
+        a1, a2, b1, b2 = _rand(r, in_, g=g), _rand(in_, r, g=g), _rand(r, in_, g=g), _rand(out, r, g=g)
+        delta = b2 @ b1 + w @ a2 @ a1
+    module = {"glora_a1": a1, "glora_a2": a2, "glora_b1": b1, "glora_b2": b2, "alpha": torch.tensor(alpha)}
+    torch.testing.assert_close(merged_weight(module, w, multiplier)[0], w + multiplier * alpha / r * delta)
+    with pytest.raises(ValueError, match="glora tensors"):
+        merged_weight(module, _rand(out, in_ + 8, g=g), multiplier)

@@ -219,7 +219,8 @@ _SUFFIXES = (
     ("_lora.down.weight", "down"), ("_lora.up.weight", "up"),
     (".lora.down.weight", "down"), (".lora.up.weight", "up"),
     (".w_norm", "diff"), (".b_norm", "diff_b"),             # LyCORIS ``train_norm``: a norm layer's full diff
-    *((f".{field}", field) for field in FIELDS if field not in ("down", "up", "mid", "weight")),
+    *((f".{field[len('glora_'):]}.weight", field) for field in FIELDS if field.startswith("glora_")),   # a1.weight ...
+    *((f".{field}", field) for field in FIELDS if field not in ("down", "up", "mid", "weight") and not field.startswith("glora_")),
     (".weight", "weight"),                                          # (IA)^3, only beside ``on_input``
 )
 # a module name's start -> kohya's prefix: diffusers / peft components; ComfyUI's own model paths (comfy/lora.py
@@ -276,13 +277,11 @@ _PEFT_UNSUPPORTED = ((".oft_R.weight", "OFT"), (".oft_r", "OFT"), (".boft_R", "B
 
 
 def _unsupported_kind(state: Mapping[str, Tensor]) -> str | None:
-    """The adapter kind of a file whose keys are one's that sdlab does not merge: the LyCORIS kinds A1111 /
-    ComfyUI read ("LyCORIS OFT / BOFT": ``oft_blocks`` / ``oft_diag``; "LyCORIS GLoRA": ``a1.weight`` ...
-    ``b2.weight``) and peft's ("peft OFT", ... `_PEFT_UNSUPPORTED`); else None."""
+    """The adapter kind of a file whose keys are one's that sdlab does not merge: the LyCORIS kind A1111 /
+    ComfyUI read ("LyCORIS OFT / BOFT": ``oft_blocks`` / ``oft_diag``) and peft's ("peft OFT", ...
+    `_PEFT_UNSUPPORTED`); else None."""
     if any(key.endswith((".oft_blocks", ".oft_diag")) for key in state):
         return "LyCORIS OFT / BOFT"
-    if any(key.endswith(".a1.weight") for key in state) and any(key.endswith(".b2.weight") for key in state):
-        return "LyCORIS GLoRA"
     for suffix, kind in _PEFT_UNSUPPORTED:
         if any(key.endswith(suffix) for key in state):
             return f"peft {kind}"
@@ -290,7 +289,7 @@ def _unsupported_kind(state: Mapping[str, Tensor]) -> str | None:
 
 
 class UnusableLoRAError(CheckpointError):
-    """A file with LoRA / LyCORIS keys that sdlab cannot merge: a kind it does not read (LyCORIS OFT / GLoRA, peft
+    """A file with LoRA / LyCORIS keys that sdlab cannot merge: a kind it does not read (LyCORIS OFT / BOFT, peft
     OFT / BOFT / (IA)^3 / VeRA) or a module with missing, non-numeric or non-finite tensors."""
 
 
@@ -314,7 +313,7 @@ def load_lora_file(path: str | os.PathLike[str], *, weights: bool = True) -> dic
         unsupported = _unsupported_kind(state)
         if unsupported:
             raise UnusableLoRAError(f"{path}: a {unsupported} file ({', '.join(list(state)[:2])}); sdlab merges "
-                                    f"LoRA / LoCon, LoHa, LoKr, LyCORIS (IA)^3, full diffs and DoRA, not {unsupported}")
+                                    f"LoRA / LoCon, LoHa, LoKr, GLoRA, LyCORIS (IA)^3, full diffs and DoRA, not {unsupported}")
         if {"emb_params", "clip_l", "clip_g"} & state.keys():          # `embeddings.load_embedding`'s keys
             raise CheckpointError(f"{path}: a textual-inversion embedding ({', '.join(list(state)[:2])}), not a LoRA: "
                                   f"its name in a prompt uses it, from an embeddings folder (--embeddings-dir)")

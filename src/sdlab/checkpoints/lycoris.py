@@ -21,6 +21,11 @@ a file has no ``alpha``).
   ``lokr_t2``, the Tucker rebuild as LoHa's): ``dW = scale * kron(w1, w2)`` where w1 gains two trailing
   unit dims when w2 is a conv kernel; ``scale = alpha / rank`` only when a factor is decomposed (rank = the
   decomposed ``*_b.shape[0]``, w2's when both are), else 1 (ComfyUI lokr.py, LyCORIS lokr).
+- GLoRA (``a1.weight`` / ``a2.weight`` / ``b1.weight`` / ``b2.weight``, fields ``glora_a1`` ...): LyCORIS's layout,
+  a1 (in, r), a2 (r, in), b1 (out, r), b2 (r, in[, kh, kw]): ``dW = scale * (W a1 a2 + b1 b2)`` (W's input axis
+  contracted with a1, then a2), rank = ``a2.shape[0]``; the older layout, a1 (r, in), a2 (in, r), b1 (r, in),
+  b2 (out, r): ``dW = scale * (b2 b1 + W a2 a1)``, rank = ``a1.shape[0]``, read where the shapes fit only it
+  or the layer is square with a2 (out, r) (ComfyUI weight_adapter/glora.py, as LyCORIS's GLoRAModule draws them).
 - (IA)^3 (``weight`` and ``on_input``): ``dW = W * w`` with w a column (out, 1) or, ``on_input``, a row
   (1, in) (A1111 network_ia3.py); no alpha.
 - Full (``diff``, optional ``diff_b``): ``dW = diff``, ``db = diff_b``, no alpha (A1111 network_full.py);
@@ -53,6 +58,7 @@ FIELDS: dict[str, str | None] = {
     "lokr_w2_b": "lokr", "lokr_t2": "lokr",
     "weight": "ia3", "on_input": "ia3",
     "diff": "full", "diff_b": "full",
+    "glora_a1": "glora", "glora_a2": "glora", "glora_b1": "glora", "glora_b2": "glora",
     "alpha": None, "dora_scale": None, "magnitude": None,
 }
 
@@ -63,6 +69,7 @@ KINDS: dict[str, tuple[tuple[str, ...], ...]] = {
     "lokr": (("lokr_w1", "lokr_w1_a"), ("lokr_w2", "lokr_w2_a")),
     "ia3": (("weight",), ("on_input",)),
     "full": (("diff",),),
+    "glora": (("glora_a1",), ("glora_a2",), ("glora_b1",), ("glora_b2",)),
 }
 
 
@@ -139,6 +146,23 @@ def _lokr(module: Mapping[str, Tensor], shape: torch.Size) -> Tensor:
     return torch.kron(w1, w2.contiguous()).reshape(shape) * scale
 
 
+def _glora(module: Mapping[str, Tensor], weight: Tensor) -> Tensor:
+    a1, a2, b1, b2 = (_f32(module, f).flatten(1) for f in ("glora_a1", "glora_a2", "glora_b1", "glora_b2"))
+    w = weight.to(torch.float32)
+    old = b2.shape[1] == b1.shape[0] == a1.shape[0] == a2.shape[1]        # older LyCORIS: a1 (r, in), a2 (in, r)
+    new = b2.shape[0] == b1.shape[1] == a1.shape[1] == a2.shape[0]        # a1 (in, r), a2 (r, in)
+    if new and not (old and a2.shape[0] == w.shape[0] == w.shape[1]):
+        old = False
+    if old:
+        delta = b2 @ b1 + w.flatten(1) @ a2 @ a1                                          # (out, in*kh*kw)
+        rank = a1.shape[0]
+    else:
+        wa = torch.einsum("oi...,ij->oj...", torch.einsum("oi...,ij->oj...", w, a1), a2)  # (out, in[, kh, kw])
+        delta = wa.reshape(w.shape) + (b1 @ b2).reshape(w.shape)
+        rank = a2.shape[0]
+    return delta.reshape(w.shape) * _alpha_scale(module, rank)
+
+
 def _ia3(module: Mapping[str, Tensor], weight: Tensor) -> Tensor:
     w = _f32(module, "weight").flatten()
     on_input = bool(module["on_input"].flatten()[0])
@@ -160,6 +184,8 @@ def module_delta(module: Mapping[str, Tensor], weight: Tensor) -> tuple[Tensor, 
             return _lokr(module, shape), None
         if kind == "ia3":
             return _ia3(module, weight), None
+        if kind == "glora":
+            return _glora(module, weight), None
         diff_b = _f32(module, "diff_b").flatten() if "diff_b" in module else None
         return _f32(module, "diff").reshape(shape), diff_b                              # no alpha (A1111)
     except RuntimeError as exc:                     # matmul / reshape / broadcast of mismatched sizes

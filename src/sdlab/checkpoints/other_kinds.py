@@ -6,7 +6,7 @@ Each kind is recognised by the reader that loads it for generation (`load_lora_f
 `read_t2i_adapter`, `load_vae_source`, `read_upscaler`, `load_embedding`), tried in that order (the embedding reader last: it
 takes any single 2-D tensor), so what is described here is what `--lora`, `--control`, `--vae`,
 `sdlab upscale --model` and `--embeddings-dir` would load; a file with LoRA keys that no reader accepts
-gets the LoRA reader's error (an OFT / GLoRA file, a module without its ``lora_down``), as `--lora` gives
+gets the LoRA reader's error (an OFT / BOFT file, a module without its ``lora_down``), as `--lora` gives
 it. The readers go by names, shapes and metadata (a LoRA's alphas, an embedding's vectors: a few
 numbers): the weights of a LoRA, ControlNet, VAE or upscaler are not read (from a pickle, where its format lets torch skip them), nor checked for NaN. Every
 description has the same fields: `source`, `kind`, `facts` (name -> a number, a list of numbers, a count per
