@@ -19,6 +19,7 @@ from test_unet import SMALL, _diffusers_unet, _inputs, _sdlab_from
 from tomesd import apply_patch, remove_patch
 from tomesd.merge import bipartite_soft_matching_random2d
 
+from sdlab.models import cpu_attention
 from sdlab.models.token_merging import MergingCall, TokenMerging, bipartite_soft_matching, merging_tokens
 
 TOLERANCE = 1e-5
@@ -130,11 +131,14 @@ def test_random_destinations_match_tomesd_with_one_generator(batch):
 
 
 def test_bf16_cpu_attention_path_merges_as_fp32():
-    """bf16 on the CPU, 48 x 48 latents: 2,304 tokens merge to 1,152, still enough for sdlab's own bf16 attention
-    kernel (`cpu_attention.MIN_TOKENS`) where the CPU has it. The bf16 U-Net with merging stays as close to the
-    fp32 one with merging as bf16 without merging stays to fp32 without (within 2x), and merging moves both."""
+    """bf16 on the CPU, 48 x 48 latents where the CPU has sdlab's own bf16 attention kernel: 2,304 tokens merge to
+    1,152, still enough for the kernel (`cpu_attention.MIN_TOKENS`); elsewhere bf16 attention is PyTorch's at any
+    size, so 16 x 16 latents test that path (bf16 is emulated there, 9x the fp32 time). The bf16 U-Net with merging
+    stays as close to the fp32 one with merging as bf16 without merging stays to fp32 without (within 2x), and
+    merging moves both."""
+    side = 48 if cpu_attention.runs_here() else 16
     cfg, _, model = _pair("sd1")
-    x, t, context, y, _ = _guided_inputs(cfg, 48, 48)
+    x, t, context, y, _ = _guided_inputs(cfg, side, side)
     low = copy.deepcopy(model).to(torch.bfloat16)
     setting = TokenMerging(0.5)
     with torch.no_grad():
