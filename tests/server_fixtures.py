@@ -19,7 +19,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,26 @@ def write_preset_models(models: Path) -> Path:
     save_bundle(replace(tiny_bundle("sd1", seed=3), preset="lcm"), models / "distilled.safetensors")
     save_bundle(tiny_bundle("sd1", seed=3), models / "plain.safetensors")
     return models / "distilled.safetensors"
+
+
+@contextmanager
+def tiny_models_client(root: Path, families: Sequence[str], seed: int) -> Iterator[Any]:
+    """An in-process app (a `TestClient`; `.app.state.service` its service) whose --models-dir (root / "models")
+    holds one reduced-width random-weight file `<family>.safetensors` of each of `families` (`tiny_bundle`, `seed`),
+    its outputs under root / "outputs"."""
+    from fastapi.testclient import TestClient
+
+    from bundle_fixtures import tiny_bundle
+    from sdlab.checkpoints.save import save_bundle
+    from sdlab.server.app import create_app
+    from sdlab.server.config import ServerConfig
+
+    models = root / "models"
+    models.mkdir()
+    for family in families:
+        save_bundle(tiny_bundle(family, seed=seed), models / f"{family}.safetensors")
+    with TestClient(create_app(ServerConfig(output_dir=root / "outputs", models_dir=models))) as client:
+        yield client
 
 
 def run_job(client: httpx.Client, body: dict, timeout_s: float = 120) -> dict:

@@ -55,6 +55,17 @@ def _text_config(width: int, heads: int, act: str, pad: int):
                           projection_dim=width, bos_token_id=49406, eos_token_id=49407, pad_token_id=pad)
 
 
+def _unet_config(in_channels: int, widths: list[int], layers: int, attends: list[bool], heads: list[int],
+                 context: int, **extra) -> dict:
+    """A UNet2DConditionModel config with linear projections: level i `widths[i]` wide, of `layers` blocks, with
+    cross-attention (`heads[i]` heads: diffusers' `attention_head_dim` counts) where `attends[i]`, mirrored on the
+    way up; `extra`: more of its fields."""
+    return dict(in_channels=in_channels, out_channels=4, block_out_channels=widths, layers_per_block=layers,
+                down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attends],
+                up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attends)],
+                attention_head_dim=heads, cross_attention_dim=context, use_linear_projection=True, **extra)
+
+
 def _write_folder(folder: Path, class_name: str, unet: dict, texts: dict, prediction: str, index: dict) -> Path:
     """A diffusers pipeline folder: each component built by diffusers / transformers from its config, seeded
     random weights, saved by its own `save_pretrained`. `texts`: subfolder -> (model class, config, pad token)."""
@@ -84,11 +95,7 @@ def _generators() -> list[torch.Generator]:
 def sd2_like(tmp_path_factory) -> Path:
     from transformers import CLIPTextModel
 
-    unet = dict(in_channels=4, out_channels=4, block_out_channels=[32, 64, 64], layers_per_block=1,
-                down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-                up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-                attention_head_dim=[2, 4, 4], cross_attention_dim=64, use_linear_projection=True,
-                upcast_attention=True)
+    unet = _unet_config(4, [32, 64, 64], 1, [True, True, False], [2, 4, 4], 64, upcast_attention=True)
     return _write_folder(tmp_path_factory.mktemp("sd2-like"), "StableDiffusionPipeline", unet,
                          {"text_encoder": (CLIPTextModel, _text_config(64, 4, "gelu", 0), "!")}, "v_prediction",
                          {"safety_checker": [None, None], "feature_extractor": [None, None],
@@ -130,12 +137,9 @@ def test_sd2_like_folder_and_its_single_file(sd2_like, tmp_path, monkeypatch):
 def sdxl_inpaint(tmp_path_factory) -> Path:
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    unet = dict(in_channels=9, out_channels=4, block_out_channels=[64, 128, 128], layers_per_block=2,
-                down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-                up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-                attention_head_dim=[1, 2, 2], cross_attention_dim=128, use_linear_projection=True,
-                transformer_layers_per_block=[1, 2, 3], addition_embed_type="text_time", addition_time_embed_dim=256,
-                projection_class_embeddings_input_dim=6 * 256 + 64)
+    unet = _unet_config(9, [64, 128, 128], 2, [False, True, True], [1, 2, 2], 128,
+                        transformer_layers_per_block=[1, 2, 3], addition_embed_type="text_time",
+                        addition_time_embed_dim=256, projection_class_embeddings_input_dim=6 * 256 + 64)
     texts = {"text_encoder": (CLIPTextModel, _text_config(64, 1, "quick_gelu", 49407), "<|endoftext|>"),
              "text_encoder_2": (CLIPTextModelWithProjection, _text_config(64, 1, "gelu", 0), "!")}
     return _write_folder(tmp_path_factory.mktemp("sdxl-inpaint"), "StableDiffusionXLInpaintPipeline", unet, texts,

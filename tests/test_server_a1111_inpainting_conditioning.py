@@ -23,7 +23,7 @@ import json
 
 import pytest
 
-from server_fixtures import b64_png
+from server_fixtures import b64_png, tiny_models_client
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -32,20 +32,8 @@ BODY = {"prompt": "a harbour", "seed": 2, "steps": 2, "width": 64, "height": 64,
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory: pytest.TempPathFactory):
-    from bundle_fixtures import tiny_bundle
-    from fastapi.testclient import TestClient
-
-    from sdlab.checkpoints.save import save_bundle
-    from sdlab.server.app import create_app
-    from sdlab.server.config import ServerConfig
-
-    root = tmp_path_factory.mktemp("inpainting-conditioning")
-    models = root / "models"
-    models.mkdir()
-    for name in ("sd1", "sd1-inpaint", "sdxl-inpaint"):
-        save_bundle(tiny_bundle(name, seed=3), models / f"{name}.safetensors")
-    app = create_app(ServerConfig(output_dir=root / "outputs", models_dir=models))
-    with TestClient(app) as c:
+    with tiny_models_client(tmp_path_factory.mktemp("inpainting-conditioning"), ("sd1", "sd1-inpaint", "sdxl-inpaint"),
+                            seed=3) as c:
         yield c
 
 

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from sdlab.pipeline.png_info import parse_parameters
+from server_fixtures import tiny_models_client
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -84,21 +85,9 @@ def test_the_a1111_routes_refuse_it_too(server):
 
 @pytest.fixture(scope="module")
 def sd2_sdxl_server(tmp_path_factory: pytest.TempPathFactory):
-    from bundle_fixtures import tiny_bundle
-    from fastapi.testclient import TestClient
-
-    from sdlab.checkpoints.save import save_bundle
-    from sdlab.server.app import create_app
-    from sdlab.server.config import ServerConfig
-
-    root = tmp_path_factory.mktemp("clip-skip-a1111")
-    models = root / "models"
-    models.mkdir()
-    for name in ("sd2", "sdxl", "sdxl-refiner"):
-        save_bundle(tiny_bundle(name, seed=5), models / f"{name}.safetensors")
-    app = create_app(ServerConfig(output_dir=root / "outputs", models_dir=models))
-    with TestClient(app) as client:
-        yield client, app.state.service
+    families = ("sd2", "sdxl", "sdxl-refiner")
+    with tiny_models_client(tmp_path_factory.mktemp("clip-skip-a1111"), families, seed=5) as client:
+        yield client, client.app.state.service
 
 
 @pytest.mark.parametrize("model", ["sd2", "sdxl", "sdxl-refiner"])
