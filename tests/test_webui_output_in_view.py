@@ -21,7 +21,8 @@ def test_generate_at_the_forms_foot_shows_the_progress_and_pictures_in_view(page
     assert page.execute_script("return document.documentElement.scrollHeight > 1.5 * window.innerHeight")
     set_value(page, "prompt", "a yellow square (in view)")
     set_value(page, "steps", 2)
-    page.find_element(By.ID, "generate").click()        # scrolled to the form's foot to be clicked
+    page.execute_script("window.scrollTo(0, document.documentElement.scrollHeight)")     # the form's foot
+    page.find_element(By.ID, "generate").click()
     loaded_results(page, 1)
     assert page.execute_script("return window.scrollY") > 1000        # the page is at the form's foot
     assert page.execute_script(IN_VIEW, "progress") and page.execute_script(IN_VIEW, "results")
@@ -134,3 +135,68 @@ def test_a_phones_window_shows_the_form_a_gallery_card_filled(browser, base_url)
     click_card_button(browser, card, "to-img2img")
     wait(browser, lambda d: d.find_element(By.ID, "init-canvas").is_displayed(), 20, "no initial image")
     assert browser.execute_script("return window.__scrolled") == []
+
+
+FOOT_COVERS_FOCUS = """
+const el = document.activeElement, box = el.getBoundingClientRect();
+const foot = document.querySelector('.form-foot'), edge = foot.getBoundingClientRect();
+const under = !foot.contains(el) && box.bottom > edge.top && box.top < edge.bottom;
+return [el.id || el.tagName, under || box.top < 0 || box.bottom > window.innerHeight + 1];
+"""
+
+
+def test_a_wide_windows_form_shows_its_message_in_view_and_keeps_the_prompt(browser, base_url):
+    """Side by side (1920x1080, 1280x800) the form's foot (Generate, its error and notice) stays at the window's
+    bottom. Before, Ctrl+Enter in the prompt with a size the server refuses put the error 1200 px down, at the form's
+    foot (the page jumped there, away from the prompt), and a notice (Reuse seed with no job done) was out of view.
+    Tab's controls are never under that foot (the page's scroll padding is its height)."""
+    from test_webui import WINDOW, ActionChains, Keys, text, wait
+
+    try:
+        for size in ((1920, 1080), (1280, 800)):
+            browser.set_window_size(*size)
+            open_page(browser, base_url)
+            browser.execute_script("document.getElementById('width').value = 100000")   # past --max-pixels
+            browser.find_element(By.ID, "prompt").send_keys("a refused size", Keys.CONTROL, Keys.ENTER)
+            wait(browser, lambda d: d.find_element(By.ID, "error").is_displayed(), 20, "no error")
+            assert "max-pixels" in text(browser, "error")
+            assert browser.execute_script(IN_VIEW, "error"), size
+            assert browser.execute_script(IN_VIEW, "prompt") and browser.execute_script(FOCUSED) == "prompt", size
+            assert browser.execute_script(IN_VIEW, "generate"), size
+            browser.execute_script("document.getElementById('seed-reuse').scrollIntoView({block: 'center'})")
+            browser.find_element(By.ID, "seed-reuse").click()          # mid-form
+            assert "No finished job yet" in text(browser, "notice") and browser.execute_script(IN_VIEW, "notice")
+        browser.set_window_size(1280, 800)
+        open_page(browser, base_url)
+        browser.find_element(By.ID, "tab-txt2img").click()
+        covered = []
+        for _ in range(60):
+            ActionChains(browser).send_keys(Keys.TAB).perform()
+            focused, under = browser.execute_script(FOOT_COVERS_FOCUS)
+            covered += [focused] if under else []
+            if focused == "generate":
+                break
+        assert focused == "generate" and covered == []
+    finally:
+        browser.set_window_size(*WINDOW)
+
+
+def test_the_queue_says_starting_or_the_place_not_an_unknown_step_count(page):
+    """A running job whose model is still loading (its steps not yet counted) read "0 / ?" in the queue, a queued one
+    nothing; now "starting", "next", "1 ahead", and the row follows when the steps are counted (the step still 0)."""
+    rows = page.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        const job = (id, status, steps) => ({id: id.repeat(32), status, step: 0, steps, request: {prompt: id},
+                                              images: [], infotexts: []});
+        const rows = () => [...document.querySelectorAll('#queue li')].map((li) => li.textContent);
+        let steps = 0;
+        window.api = async () => ({jobs: [job("c", "queued", 0), job("b", "queued", 0), job("a", "running", steps)]});
+        (async () => {
+          await refreshJobs(true);
+          const first = rows();
+          steps = 20;
+          await refreshJobs();
+          done([first, rows()]);
+        })();""")
+    assert rows == [["runningastartingCancel", "queuedbnextCancel", "queuedc1 aheadCancel"],
+                    ["runninga0 / 20Cancel", "queuedbnextCancel", "queuedc1 aheadCancel"]]

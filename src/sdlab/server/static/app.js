@@ -291,16 +291,20 @@ async function api(path, options = {}) {
 }
 
 function showError(message) {
-  const box = $("error");
-  box.textContent = message;
-  box.hidden = !message;
-  if (message) box.scrollIntoView({ block: "nearest" });
+  showMessage($("error"), message);
 }
 
 function showNotice(message) {
-  const box = $("notice");
+  showMessage($("notice"), message);
+}
+
+// A message at the form's foot, in view: side by side the foot stays at the window's bottom (sticky) and the page does
+// not move; in one column (a phone's window) the page scrolls to it
+function showMessage(box, message) {
   box.textContent = message;
   box.hidden = !message;
+  const shown = box.getBoundingClientRect();
+  if (message && (shown.top < 0 || shown.bottom > window.innerHeight)) box.scrollIntoView({ block: "nearest" });
 }
 
 // ---------------------------------------------------------------- lists
@@ -1301,6 +1305,15 @@ async function generate() {
   }
 }
 
+// The page's scroll padding at its foot is the form's foot's height (CSS --form-foot-height): side by side that foot
+// stays at the window's bottom, and a control Tab reaches (or a message scrolled to) is put above it, not under it
+function keepFocusAboveTheFormsFoot() {
+  const foot = document.querySelector(".form-foot");
+  const follow = () => document.documentElement.style.setProperty("--form-foot-height", `${foot.offsetHeight}px`);
+  new ResizeObserver(follow).observe(foot);
+  follow();
+}
+
 // The output panel's progress row, once a job is queued, in view: in one column (a phone's window) the panel is under
 // the long form, the Generate button far above or below it; side by side it is always in view (sticky) and the page
 // stays where it is
@@ -1515,6 +1528,13 @@ function badge(status) {
   return span;
 }
 
+// A queue row's state beside its badge: a running job's steps ("3 / 20"; "starting" until its model is loaded and its
+// steps counted), a queued one's place ("next", "2 ahead")
+function queueState(job, ahead) {
+  if (job.status === "running") return job.steps ? `${job.step || 0} / ${job.steps}` : "starting";
+  return ahead === 0 ? "next" : `${ahead} ahead`;
+}
+
 function renderQueue(jobs) {
   const queue = $("queue");
   queue.replaceChildren();
@@ -1525,6 +1545,7 @@ function renderQueue(jobs) {
     empty.textContent = "No jobs waiting";
     queue.append(empty);
   }
+  let ahead = 0;                           // queued jobs before this one (the server runs them oldest first)
   for (const job of active) {
     const item = document.createElement("li");
     item.dataset.jobId = job.id;
@@ -1533,7 +1554,7 @@ function renderQueue(jobs) {
     prompt.className = "prompt";
     prompt.textContent = (job.request && job.request.prompt) || "(no prompt)";
     const progress = document.createElement("span");
-    progress.textContent = job.status === "running" ? `${job.step || 0} / ${job.steps || "?"}` : "";
+    progress.textContent = queueState(job, job.status === "running" ? 0 : ahead++);
     item.append(badge(job.status), prompt, progress,
       makeButton("Cancel", "cancel-job", () => cancelJob(job.id), `Cancel job ${job.id}`));
     queue.append(item);
@@ -1784,7 +1805,7 @@ async function refreshJobs(force = false) {
     state.moreJobs = jobs.length >= JOBS_PAGE;
   }
   state.jobs = jobs;
-  const signature = JSON.stringify(jobs.map((j) => [j.id, j.status, j.step, (j.images || []).length]));
+  const signature = JSON.stringify(jobs.map((j) => [j.id, j.status, j.step, j.steps, (j.images || []).length]));
   if (signature === state.jobsSignature && !force) return;
   state.jobsSignature = signature;
   renderQueue(jobs);
@@ -1928,6 +1949,7 @@ function setup() {
       showError(err.message);
     }
   });
+  keepFocusAboveTheFormsFoot();
   renderLoras();
   loadLists().then(refreshJobs);
   setInterval(() => { if (state.activeIds.length || state.submitted.size) refreshJobs(); }, 1500);
