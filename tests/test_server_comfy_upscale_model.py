@@ -12,10 +12,11 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 from sdlab.checkpoints.upscaler import load_upscaler
-from sdlab.pipeline.comfy_image_upscale import tiled_scale, upscale_with_model
+from sdlab.pipeline.comfy_image_upscale import ThroughModel, comfy_pictures, tiled_scale
 from test_server_comfy_api import BASIC, NATIVE, drawn, native_pixels, viewed
 from test_upscale_models import new_arch_state
 
@@ -143,7 +144,7 @@ def test_tiled_scale_blends_tiles_as_comfyui(server, model, scale):
     assert ours.shape == (1, 3, 24 * scale, 600 * scale)
     assert torch.allclose(ours, reference, atol=1e-5)
     assert (untiled - reference).abs().max() > 1e-3             # the blend is what is tested
-    [written] = upscale_with_model(upscaler, x)
+    [written] = comfy_pictures(x, [ThroughModel()], upscaler)
     assert np.abs(np.asarray(written, np.int16) - comfy_upscale_with_model(net, pixels, scale)).max() <= 1
 
 
@@ -219,12 +220,13 @@ def test_an_upscale_past_the_servers_upscale_limit_is_refused_at_submit_naming_t
 def test_an_upscale_failure_names_the_upscale_node_not_the_ksampler(server, monkeypatch, fails, node, kind):
     """The network (or reading its file) failing: execution_error names that node, as ComfyUI's executor names the
     node that raised, with the nodes before it executed; it named the KSampler."""
+    import sdlab.pipeline.comfy_image_upscale as comfy_image_upscale
     import sdlab.server.worker as worker
 
     def broken(*args, **kwargs):
         raise RuntimeError("the upscaler broke")
 
-    monkeypatch.setattr(worker, fails, broken)
+    monkeypatch.setattr(comfy_image_upscale if fails == "upscale_with_model" else worker, fails, broken)
     prompt = upscale_graph()
     prompt["3"]["inputs"]["seed"] = 78
     messages, entry = drawn(server, prompt)
@@ -234,3 +236,184 @@ def test_an_upscale_failure_names_the_upscale_node_not_the_ksampler(server, monk
     order = ["4", "6", "7", "5", "3", "8", "10", "11", "9"]
     assert error["executed"] == order[:order.index(node)]
     assert entry["status"]["status_str"] == "error"
+
+
+def comfy_common_upscale(samples, width, height, upscale_method, crop):
+    """ComfyUI's comfy/utils.py common_upscale (with its lanczos) of (B, C, H, W), transcribed."""
+    if crop == "center":
+        old_width, old_height = samples.shape[3], samples.shape[2]
+        old_aspect, new_aspect = old_width / old_height, width / height
+        x = y = 0
+        if old_aspect > new_aspect:
+            x = round((old_width - old_width * (new_aspect / old_aspect)) / 2)
+        elif old_aspect < new_aspect:
+            y = round((old_height - old_height * (old_aspect / new_aspect)) / 2)
+        s = samples.narrow(-2, y, old_height - y * 2).narrow(-1, x, old_width - x * 2)
+    else:
+        s = samples
+    if upscale_method == "lanczos":
+        images = [Image.fromarray(np.clip(255. * image.movedim(0, -1).cpu().numpy(), 0, 255).astype(np.uint8))
+                  for image in s]
+        images = [image.resize((width, height), resample=Image.Resampling.LANCZOS) for image in images]
+        images = [torch.from_numpy(np.array(image).astype(np.float32) / 255.0).movedim(-1, 0) for image in images]
+        return torch.stack(images)
+    return torch.nn.functional.interpolate(s, size=(height, width), mode=upscale_method)
+
+
+def comfy_image_scale(image, upscale_method, width, height, crop):
+    """ComfyUI's nodes.py ImageScale.upscale of an IMAGE (B, H, W, C), transcribed."""
+    if width == 0 and height == 0:
+        return image
+    samples = image.movedim(-1, 1)
+    if width == 0:
+        width = max(1, round(samples.shape[3] * height / samples.shape[2]))
+    elif height == 0:
+        height = max(1, round(samples.shape[2] * width / samples.shape[3]))
+    return comfy_common_upscale(samples, width, height, upscale_method, crop).movedim(1, -1)
+
+
+def comfy_image_scale_by(image, upscale_method, scale_by):
+    """ComfyUI's nodes.py ImageScaleBy.upscale, transcribed."""
+    samples = image.movedim(-1, 1)
+    width, height = round(samples.shape[3] * scale_by), round(samples.shape[2] * scale_by)
+    return comfy_common_upscale(samples, width, height, upscale_method, "disabled").movedim(1, -1)
+
+
+def comfy_steps(net, image, steps, scale=4):
+    """ComfyUI's run of a chain of ImageUpscaleWithModel ("model") / ImageScale / ImageScaleBy nodes over an IMAGE
+    (B, H, W, C) float, then its SaveImage's 8 bits (B, H', W', C)."""
+    for kind, values in steps:
+        if kind == "model":
+            with torch.inference_mode():
+                s = comfy_tiled_scale(image.movedim(-1, -3), net, tile=(512, 512), overlap=32, upscale_amount=scale)
+            image = torch.clamp(s.movedim(-3, -1), min=0, max=1.0)
+        elif kind == "ImageScale":
+            image = comfy_image_scale(image, values["upscale_method"], values["width"], values["height"],
+                                      values["crop"])
+        else:
+            image = comfy_image_scale_by(image, values["upscale_method"], values["scale_by"])
+    return np.clip(255.0 * image.numpy(), 0, 255).astype(np.uint8)
+
+
+def chain_graph(steps, model: str = MODEL) -> dict:
+    """The basic graph with node 8's pictures through `steps` (("model", {}) an ImageUpscaleWithModel of `model`,
+    ("ImageScale" / "ImageScaleBy", inputs)) in order, nodes 11, 12, ..., saved by 9."""
+    prompt = copy.deepcopy(BASIC)
+    prompt["10"] = {"class_type": "UpscaleModelLoader", "inputs": {"model_name": model}}
+    source = ["8", 0]
+    for number, (kind, values) in enumerate(steps, start=11):
+        if kind == "model":
+            prompt[str(number)] = {"class_type": "ImageUpscaleWithModel",
+                                   "inputs": {"upscale_model": ["10", 0], "image": source}}
+        else:
+            prompt[str(number)] = {"class_type": kind, "inputs": {"image": source, **values}}
+        source = [str(number), 0]
+    if not any(kind == "model" for kind, _ in steps):
+        del prompt["10"]
+    prompt["9"]["inputs"]["images"] = source
+    return prompt
+
+
+SCALES = [
+    ("model then by 0.5 bicubic", [("model", {}), ("ImageScaleBy", {"upscale_method": "bicubic", "scale_by": 0.5})]),
+    ("model then by 0.75 lanczos", [("model", {}), ("ImageScaleBy", {"upscale_method": "lanczos", "scale_by": 0.75})]),
+    ("model then by 0.3 area", [("model", {}), ("ImageScaleBy", {"upscale_method": "area", "scale_by": 0.3})]),
+    ("model then 200x120 nearest centre", [("model", {}), ("ImageScale", {"upscale_method": "nearest-exact",
+                                                                          "width": 200, "height": 120,
+                                                                          "crop": "center"})]),
+    ("model then height 100 bilinear", [("model", {}), ("ImageScale", {"upscale_method": "bilinear", "width": 0,
+                                                                       "height": 100, "crop": "disabled"})]),
+    ("scale 48x80 centre then model", [("ImageScale", {"upscale_method": "bicubic", "width": 48, "height": 80,
+                                                       "crop": "center"}), ("model", {})]),
+    ("no model: by 1.5 lanczos", [("ImageScaleBy", {"upscale_method": "lanczos", "scale_by": 1.5})]),
+]
+
+
+@pytest.mark.parametrize("case", range(len(SCALES)), ids=[name for name, _ in SCALES])
+def test_image_scale_nodes_around_the_upscale_are_drawn_as_comfyui(server, monkeypatch, case):
+    """ComfyUI's "upscale x4, then scale by 0.5" graph and its kin (ImageScale / ImageScaleBy before or after the
+    ImageUpscaleWithModel, or alone; each method, crop center): the saved picture is ComfyUI's run of the same nodes
+    over the float decode, to 1 of 255; the nodes execute in the graph's order. They were refused
+    (missing_node_type)."""
+    import sdlab.pipeline.generate as generate
+
+    decodes = []
+    decode = generate.decode_latents
+    monkeypatch.setattr(generate, "decode_latents", lambda *a, **k: decodes.append(decode(*a, **k)) or decodes[-1])
+    steps = SCALES[case][1]
+    prompt = chain_graph(steps)
+    prompt["3"]["inputs"]["seed"] = 200 + case                  # not the other tests' picture
+    messages, entry = drawn(server, prompt)
+    executing = [data["node"] for kind, data in messages if kind == "executing"]
+    chain = [str(n) for n in range(11, 11 + len(steps))]
+    loader = ["10"] if "10" in prompt else []
+    at = next((i for i, (kind, _) in enumerate(steps) if kind == "model"), None)
+    expected_chain = chain if at is None else chain[:at] + loader + chain[at:]
+    assert executing == ["4", "6", "7", "5", "3", "8", *expected_chain, "9", None]
+    [decoded] = decodes
+    unit = ((decoded.float().cpu() + 1.0) / 2.0).clamp(0, 1).permute(0, 2, 3, 1)       # (1, 64, 64, 3) IMAGE
+    expected = comfy_steps(server.upscaler.net, unit, steps)[0].astype(np.int16)
+    [image] = entry["outputs"]["9"]["images"]
+    pixels = viewed(server, image)
+    assert pixels.shape == expected.shape
+    assert np.abs(pixels - expected).max() <= 1
+
+
+@pytest.mark.parametrize("method", ["nearest-exact", "bilinear", "area", "bicubic", "lanczos"])
+@pytest.mark.parametrize("width, height, crop", [(150, 90, "center"), (90, 150, "center"), (0, 70, "disabled"),
+                                                 (33, 0, "disabled"), (0, 0, "disabled")])
+def test_scale_pictures_is_comfyuis_image_scale(method, width, height, crop):
+    """sdlab's ImageScale / ImageScaleBy equal ComfyUI's (float, no clamp: bicubic overshoots) on a 100 x 120
+    picture: every method, both crops, a side of 0, both 0 (the picture as it is)."""
+    from sdlab.pipeline.comfy_image_upscale import PictureScale, scale_pictures
+
+    image = torch.rand(2, 120, 100, 3, generator=torch.Generator().manual_seed(3))       # (B, H, W, C)
+    ours = scale_pictures(image.movedim(-1, 1), PictureScale(method, width, height, crop)).movedim(1, -1)
+    theirs = comfy_image_scale(image, method, width, height, crop)
+    assert ours.shape == theirs.shape
+    assert torch.allclose(ours, theirs, atol=1e-6)
+    for scale_by in (0.37, 2.5):
+        ours = scale_pictures(image.movedim(-1, 1), PictureScale(method, scale_by=scale_by)).movedim(1, -1)
+        assert torch.allclose(ours, comfy_image_scale_by(image, method, scale_by), atol=1e-6)
+
+
+def test_object_info_lists_the_image_scale_nodes_as_comfyui(server):
+    info = server.get("/object_info/ImageScale").json()["ImageScale"]
+    required = info["input"]["required"]
+    assert required["upscale_method"] == [["nearest-exact", "bilinear", "area", "bicubic", "lanczos"]]
+    assert required["width"] == ["INT", {"default": 512, "min": 0, "max": 16384, "step": 1}]
+    assert required["crop"] == [["disabled", "center"]]
+    by = server.get("/object_info/ImageScaleBy").json()["ImageScaleBy"]
+    assert by["input"]["required"]["scale_by"] == ["FLOAT", {"default": 1.0, "min": 0.01, "max": 8.0, "step": 0.01}]
+    assert by["output"] == ["IMAGE"] and by["category"] == "image/upscaling"
+
+
+def test_an_image_scale_past_the_limit_or_to_nothing_is_refused_at_submit_naming_it(server):
+    """ImageScale to 16384 x 16384 after the x4 (past 4 x --max-pixels), ImageScaleBy 0.01 of 16 px (0 px): a 400
+    on that node before anything is queued."""
+    huge = chain_graph([("model", {}), ("ImageScale", {"upscale_method": "bilinear", "width": 16384,
+                                                      "height": 16384, "crop": "disabled"})])
+    answer = server.post("/prompt", json={"prompt": huge})
+    assert answer.status_code == 400, answer.text
+    [error] = answer.json()["node_errors"]["12"]["errors"]
+    assert "16384x16384" in error["message"] and "ImageScale #12" in error["message"]
+    empty = chain_graph([("ImageScaleBy", {"upscale_method": "area", "scale_by": 0.01})])
+    empty["5"]["inputs"].update(width=16, height=16)             # 0.16 px: round() makes 0
+    answer = server.post("/prompt", json={"prompt": empty})
+    assert answer.status_code == 400, answer.text
+    assert "0x0" in answer.json()["node_errors"]["11"]["errors"][0]["message"]
+    assert server.get("/queue").json() == {"queue_running": [], "queue_pending": []}
+
+
+def test_picture_chains_sdlab_does_not_run_are_refused_naming_the_node(server):
+    """Two ImageUpscaleWithModel in a row (one model per job), outputs through different scales: a 400 naming the
+    node, never a 500."""
+    twice = chain_graph([("model", {}), ("model", {})])
+    answer = server.post("/prompt", json={"prompt": twice})
+    assert answer.status_code == 400, answer.text
+    assert "one ImageUpscaleWithModel" in answer.json()["node_errors"]["12"]["errors"][0]["message"]
+    split = chain_graph([("model", {}), ("ImageScaleBy", {"upscale_method": "area", "scale_by": 0.5})])
+    split["13"] = {"class_type": "SaveImage", "inputs": {"filename_prefix": "big", "images": ["11", 0]}}
+    answer = server.post("/prompt", json={"prompt": split})
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["node_errors"]["11"]["errors"][0]["type"] == "unsupported_graph"

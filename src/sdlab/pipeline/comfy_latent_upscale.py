@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["COMFY_LATENT_UPSCALE_METHODS", "COMFY_CROPS", "bislerp", "comfyui_hires_size", "comfyui_upscale_latent",
-           "latent_upscale_size", "latent_upscale_by_size"]
+__all__ = ["COMFY_LATENT_UPSCALE_METHODS", "COMFY_CROPS", "bislerp", "centre_crop", "comfyui_hires_size",
+           "comfyui_upscale_latent", "latent_upscale_size", "latent_upscale_by_size"]
 
 COMFY_LATENT_UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "bislerp")
 """LatentUpscale's / LatentUpscaleBy's upscale_method list (nodes.py ``LatentUpscale.upscale_methods``)."""
@@ -33,13 +33,13 @@ def comfyui_upscale_latent(z: Tensor, width: int, height: int, method: str, crop
     if crop not in COMFY_CROPS:
         raise ValueError(f"unknown crop {crop!r}; valid: {', '.join(COMFY_CROPS)}")
     if crop == "center":
-        z = _centre_crop(z, width / height)                                          # (B, C, h', w')
+        z = centre_crop(z, width / height)                                          # (B, C, h', w')
     if method == "bislerp":
         return bislerp(z, width, height)
     return F.interpolate(z, size=(height, width), mode=method)                       # (B, C, height, width)
 
 
-def _centre_crop(z: Tensor, aspect: float) -> Tensor:
+def centre_crop(z: Tensor, aspect: float) -> Tensor:
     """z cut to `aspect` (width / height) about its centre, the margin round(...) / 2 cells on each side, as
     ComfyUI cuts it (the same number of cells off both sides)."""
     old_height, old_width = z.shape[-2:]

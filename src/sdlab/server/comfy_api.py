@@ -59,6 +59,7 @@ from sdlab.checkpoints.upscaler import read_upscaler
 from sdlab.diffusion.samplers import SAMPLER_TABLE
 from sdlab.pipeline.control import ControlInput
 from sdlab.pipeline.images import comfyui_encoded_mask
+from sdlab.pipeline.comfy_image_upscale import ThroughModel, steps_size
 from sdlab.pipeline.png_info import encode_image, write_files_all_or_nothing
 from sdlab.pipeline.hires import pass_sizes
 from sdlab.pipeline.request import HIRES_SIZE, SIZE_MULTIPLE, GenerationRequest
@@ -85,7 +86,8 @@ PREVIEW_METHODS = ("auto", "latent2rgb", "taesd")
 (`server/previews.py`) for each."""
 PREVIEW_IMAGE, JPEG_PREVIEW = 1, 1          # ComfyUI's BinaryEventTypes.PREVIEW_IMAGE, send_image's JPEG type
 MAX_PREVIEW_SIDE = 512                      # ComfyUI's MAX_PREVIEW_RESOLUTION (--preview-size's default)
-UPSCALE_MODEL = "upscale model"             # `BadRequest.refused` of the upscale model's file or output size
+UPSCALE_MODEL = "upscale model"             # `BadRequest.refused` of the upscale model's file
+PICTURE_NODE = "picture node "              # + a node id: `BadRequest.refused` of a picture step's output size
 MODEL_FOLDERS = {"checkpoints": "checkpoints", "loras": "loras", "vae": "vaes", "controlnet": "controlnets",
                  "diffusion_models": "unets", "upscale_models": "upscale_models", "embeddings": ""}
 """ComfyUI's model folders (folder_paths.folder_names_and_paths) `GET /models` lists, each to its `Choices` list
@@ -109,7 +111,7 @@ class Prompt:
     messages: list[list[Any]] = field(default_factory=list)
     outputs: dict[str, Any] = field(default_factory=dict)
     first_pass: list[str] = field(default_factory=list)     # a two-pass graph's first-pass pictures, once written
-    upscale_failed: list[str] = field(default_factory=list)  # the upscale-model node whose work failed, if one did
+    upscale_failed: list[str] = field(default_factory=list)  # the picture node whose work failed, if one did
     executing: str | None = None            # the node shown as executing now
     ended: bool = False                     # its job ended and its last message was sent: in the history
 
@@ -293,8 +295,11 @@ async def _queued(state: ComfyState, body: dict[str, Any], place: Place, prompt_
     try:
         job = await asyncio.to_thread(_submit, state, plan, place, first_pass, upscale_failed)
     except BadRequest as err:
-        # request.py's hires size checks: the LatentUpscale's; the upscale model's output size: its node's
-        node = {HIRES_SIZE: plan.upscale_node, UPSCALE_MODEL: plan.model_upscale_node}.get(err.refused or "")
+        # request.py's hires size checks: the LatentUpscale's; the upscale model's file: its node's; a picture
+        # node's output size: that node's (`PICTURE_NODE` + its id)
+        refused = err.refused or ""
+        node = {HIRES_SIZE: plan.upscale_node, UPSCALE_MODEL: plan.model_upscale_node}.get(refused) or (
+            refused.removeprefix(PICTURE_NODE) if refused.startswith(PICTURE_NODE) else "")
         if node:
             return JSONResponse(node_refusal(body["prompt"], node, err.message, list(plan.outputs)).body(),
                                 status_code=400)
@@ -348,7 +353,8 @@ def _submit(state: ComfyState, plan: GraphPlan, place: Place = IN_TURN, first_pa
             upscale_failed: list[str] | None = None) -> Job:
     """Queue the generation `plan` describes, as a native job (`Service.submit`), at its `place`; the names of the
     first-pass pictures of a two-pass graph that saves them go to `first_pass` as they are written
-    (`_first_pass_writer`), the class of an upscale-model node whose work fails to `upscale_failed`."""
+    (`_first_pass_writer`), the id of a picture node (or UpscaleModelLoader) whose work fails to
+    `upscale_failed`."""
     service = state.service
     init = loaded = None
     if plan.init_image is not None:
@@ -381,42 +387,63 @@ def _submit(state: ComfyState, plan: GraphPlan, place: Place = IN_TURN, first_pa
         # CheckpointLoaderSimple's VAE is the checkpoint's own (no sidecar found near it, as A1111's Automatic)
         sidecar_vae=False, vae=None if plan.vae is None else state.vae_files().get(plan.vae, plan.vae),
         first_pass=_first_pass_writer(state, plan, [] if first_pass is None else first_pass),
-        picture_upscaler=_upscale_model(state, plan, request),
-        picture_upscaler_failed=None if upscale_failed is None else upscale_failed.append)
+        picture_upscaler=_upscale_model(state, plan, request), picture_steps=tuple(plan.picture_steps),
+        picture_upscaler_failed=None if upscale_failed is None else _failed_node(plan, upscale_failed))
     job, _ = service.submit(spec, plan.mode, plan.model, place)
     return job
 
 
 def _upscale_model(state: ComfyState, plan: GraphPlan, request: GenerationRequest) -> ModelFile | None:
-    """The upscalers-folder file of the graph's UpscaleModelLoader, if it has one. Its pictures, `request`'s
-    (the second pass's size in a two-pass graph) times the network's scale, must lie within the server's upscale
+    """The upscalers-folder file of the graph's UpscaleModelLoader, if it has one (else None), after its picture
+    steps' sizes are checked: each step's pictures (from `request`'s size, the second pass's in a two-pass graph;
+    the model's times the network's scale) must have sides of at least 1 px and lie within the server's upscale
     limit, 4 x --max-pixels as the Extras' (and `upscale.MAX_OUTPUT_PIXELS`): else a `BadRequest` refusing
-    `UPSCALE_MODEL`, which the answer names the ImageUpscaleWithModel by, before anything is drawn."""
-    if plan.upscale_model is None:
-        return None
-    found = state.upscale_model_files().get(plan.upscale_model)
-    if found is None:           # removed since the graph was checked
-        raise BadRequest(f"no upscale model {plan.upscale_model!r}", 400)
-    try:
-        scale = read_upscaler(found.path).config.scale          # from its names and shapes, on the meta device
-    except (CheckpointError, OSError) as err:
-        raise BadRequest(f"the upscale model {plan.upscale_model!r} cannot be read: "
-                         f"{without_paths(str(err), [(found.path, plan.upscale_model)])}", 400,
-                         refused=UPSCALE_MODEL) from None
+    `PICTURE_NODE` + the node that makes them, which the answer names, before anything is drawn."""
+    found, scale = None, 1
+    if plan.upscale_model is not None:
+        found = state.upscale_model_files().get(plan.upscale_model)
+        if found is None:           # removed since the graph was checked
+            raise BadRequest(f"no upscale model {plan.upscale_model!r}", 400)
+        try:
+            scale = read_upscaler(found.path).config.scale          # from its names and shapes, on the meta device
+        except (CheckpointError, OSError) as err:
+            raise BadRequest(f"the upscale model {plan.upscale_model!r} cannot be read: "
+                             f"{without_paths(str(err), [(found.path, plan.upscale_model)])}", 400,
+                             refused=UPSCALE_MODEL) from None
     width, height = pass_sizes(request, SIZE_MULTIPLE)[1] if plan.hires else (request.width, request.height)
     limit = min(4 * state.service.config.limits.max_pixels, MAX_OUTPUT_PIXELS)
-    if width * scale * height * scale > limit:
-        raise BadRequest(f"the upscale model {plan.upscale_model!r} (x{scale}) would make {width}x{height} pictures "
-                         f"{width * scale}x{height * scale}, past this server's limit of {limit} pixels "
-                         "(4 x --max-pixels); draw smaller pictures or use a smaller scale", 400,
-                         refused=UPSCALE_MODEL)
+    for step, node, (new_width, new_height) in zip(plan.picture_steps, plan.picture_nodes,
+                                                   steps_size(width, height, plan.picture_steps, scale)):
+        what = (f"the upscale model {plan.upscale_model!r} (x{scale})" if isinstance(step, ThroughModel)
+                else f"{_picture_kind(plan, node)} #{node}")
+        if new_width * new_height > limit:
+            raise BadRequest(f"{what} would make {width}x{height} pictures {new_width}x{new_height}, past this "
+                             f"server's limit of {limit} pixels (4 x --max-pixels); draw smaller pictures or use a "
+                             "smaller scale", 400, refused=PICTURE_NODE + node)
+        if min(new_width, new_height) < 1:
+            raise BadRequest(f"{what} would make {width}x{height} pictures {new_width}x{new_height}, an empty "
+                             "picture; use a larger scale", 400, refused=PICTURE_NODE + node)
+        width, height = new_width, new_height
     return found
 
 
-def _upscale_node(prompt: Prompt, kind: str) -> str:
-    """The graph's node of class `kind`: its ImageUpscaleWithModel, or the UpscaleModelLoader feeding it."""
-    upscale = prompt.plan.model_upscale_node
-    return upscale if kind == "ImageUpscaleWithModel" else prompt.graph[upscale]["inputs"]["upscale_model"][0]
+def _picture_kind(plan: GraphPlan, node: str) -> str:
+    """The node's class as the plan's picture steps name it: ImageUpscaleWithModel, ImageScale or ImageScaleBy."""
+    step = plan.picture_steps[plan.picture_nodes.index(node)]
+    if isinstance(step, ThroughModel):
+        return "ImageUpscaleWithModel"
+    return "ImageScaleBy" if step.scale_by is not None else "ImageScale"
+
+
+def _failed_node(plan: GraphPlan, failed: list[str]) -> Callable[[int | None], None]:
+    """The job's `JobSpec.picture_upscaler_failed`: the id of the node whose work failed added to `failed` (a
+    picture step's node, None: the UpscaleModelLoader feeding the ImageUpscaleWithModel)."""
+    def tell(step: int | None) -> None:
+        if step is not None:
+            failed.append(plan.picture_nodes[step])
+        else:
+            failed.append(plan.model_loader_node)
+    return tell
 
 
 def _first_pass_writer(state: ComfyState, plan: GraphPlan,
@@ -599,7 +626,7 @@ async def _follow(state: ComfyState, prompt: Prompt) -> None:
             elif name in ("failed", "cancelled"):
                 node = second_pass[-1] if second_pass else plan.sampler_node
                 if prompt.upscale_failed:           # the upscale-model node whose work failed, after the nodes before
-                    node = _upscale_node(prompt, prompt.upscale_failed[0])          # it shown as executing
+                    node = prompt.upscale_failed[0]                                 # it shown as executing
                     after = plan.order[plan.order.index(plan.sampler_node) + 1:plan.order.index(node) + 1]
                     for ran in (after if begun else []):
                         if ran not in second_pass:

@@ -17,6 +17,9 @@ the standard txt2img / img2img pictures: one KSampler fed by
     KSampler -> VAEDecode -> SaveImage / PreviewImage
     VAEDecode -> ImageUpscaleWithModel -> SaveImage / PreviewImage              (the pictures through an upscaler
     UpscaleModelLoader -> .upscale_model                                         network as ComfyUI tiles it)
+    VAEDecode -> (ImageUpscaleWithModel / ImageScale / ImageScaleBy ...) -> SaveImage   (ComfyUI's "upscale x4, then
+                                                                               scale by 0.5": the pictures through
+                                                                               one model and any scales, in order)
     KSampler -> LatentUpscale / LatentUpscaleBy -> KSampler -> VAEDecode       (ComfyUI's two-pass hires fix, from
                                                                                an EmptyLatentImage or a VAEEncode,
                                                                                both KSamplers with the same
@@ -49,6 +52,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sdlab.diffusion.samplers import comfyui_spelling
+from sdlab.pipeline.comfy_image_upscale import COMFY_IMAGE_UPSCALE_METHODS, PictureScale, PictureStep, ThroughModel
 from sdlab.pipeline.comfy_latent_upscale import COMFY_CROPS, COMFY_LATENT_UPSCALE_METHODS
 from sdlab.pipeline.comfy_prompt import AreaPrompt
 
@@ -191,6 +195,14 @@ NODES: dict[str, NodeSpec] = {
                                    display_name="Load Upscale Model"),
     "ImageUpscaleWithModel": NodeSpec({"upscale_model": ("UPSCALE_MODEL",), "image": ("IMAGE",)}, ("IMAGE",),
                                       category="image/upscaling", display_name="Upscale Image (using Model)"),
+    "ImageScale": NodeSpec({"image": ("IMAGE",), "upscale_method": (list(COMFY_IMAGE_UPSCALE_METHODS),),
+                            "width": ("INT", {"default": 512, "min": 0, "max": MAX_RESOLUTION, "step": 1}),
+                            "height": ("INT", {"default": 512, "min": 0, "max": MAX_RESOLUTION, "step": 1}),
+                            "crop": (list(COMFY_CROPS),)},
+                           ("IMAGE",), category="image/upscaling", display_name="Upscale Image"),
+    "ImageScaleBy": NodeSpec({"image": ("IMAGE",), "upscale_method": (list(COMFY_IMAGE_UPSCALE_METHODS),),
+                              "scale_by": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 8.0, "step": 0.01})},
+                             ("IMAGE",), category="image/upscaling", display_name="Upscale Image By"),
     "SaveImage": NodeSpec({"images": ("IMAGE",), "filename_prefix": ("STRING", {"default": "ComfyUI"})},
                           output_node=True, category="image", display_name="Save Image"),
     "PreviewImage": NodeSpec({"images": ("IMAGE",)}, output_node=True, category="image",
@@ -198,6 +210,8 @@ NODES: dict[str, NodeSpec] = {
 }
 SAMPLER_NODES = ("KSampler", "KSamplerAdvanced")
 UPSCALE_NODES = ("LatentUpscale", "LatentUpscaleBy")
+PICTURE_NODES = ("ImageUpscaleWithModel", "ImageScale", "ImageScaleBy")
+"""The nodes sdlab runs on the decoded pictures before they are written (`GraphPlan.picture_steps`)."""
 AREA_NODES = ("ConditioningSetArea", "ConditioningSetAreaPercentage", "ConditioningSetAreaStrength",
               "ConditioningCombine")
 """The nodes of ComfyUI's area composition, drawn on a KSampler's positive conditioning (`GraphPlan.area_prompts`)."""
@@ -288,8 +302,12 @@ class GraphPlan:
     first_pass_outputs: dict[str, str] = field(default_factory=dict)   # the outputs of a two-pass graph's first
                                             # KSampler's pictures ("Save Intermediate Image"), as `outputs`
     upscale_model: str | None = None        # an UpscaleModelLoader's file every picture of `outputs` is run through
-                                            # (ImageUpscaleWithModel); None: the decoded pictures
+                                            # (ImageUpscaleWithModel); None: no model step
     model_upscale_node: str = ""            # that ImageUpscaleWithModel
+    model_loader_node: str = ""             # and the UpscaleModelLoader feeding it
+    picture_steps: list[PictureStep] = field(default_factory=list)   # what the decoded pictures of `outputs` pass
+                                            # through, in order (the model, ImageScale / ImageScaleBy)
+    picture_nodes: list[str] = field(default_factory=list)   # the node of each of `picture_steps`
 
     @property
     def mode(self) -> str:
@@ -561,7 +579,7 @@ class _Plan:
             samplers.add(sampler)
         second, first_decoders = self.last_sampler(decoders, samplers)
         decoders -= first_decoders
-        model_upscale = self.model_upscale(pictures, first_decoders)
+        chain = self.picture_chain(pictures, first_decoders)
         sampler = second
         upscale = self.upscale(second)
         if upscale is not None:                                 # ComfyUI's hires fix: the first KSampler's chain
@@ -606,40 +624,64 @@ class _Plan:
             if self.vae(decoder, checkpoint) != vae:
                 raise self.refuse(decoder, "sdlab encodes and decodes a picture with one VAE")
             self.visit(decoder)
-        if model_upscale is not None:           # ComfyUI runs the loader as the upscale's input, before it
-            loader = self.source(model_upscale, "upscale_model")[0]
-            self.visit(loader)
-            self.visit(model_upscale)
-            plan.upscale_model, plan.model_upscale_node = self.inputs(loader)["model_name"], model_upscale
+        for node in chain:
+            plan.picture_steps.append(self.picture_step(node, plan))
+            plan.picture_nodes.append(node)
         for output in self.outputs:
             self.visit(output)
         plan.order, plan.sampler_node, plan.controls = list(self.order), sampler, controls
         plan.outputs = {o: OUTPUT_TYPE[self.graph[o]["class_type"]] for o in self.outputs}
         return plan
 
-    def pictures(self, output: str) -> tuple[str, str | None]:
-        """(the VAEDecode whose pictures an output node takes, the ImageUpscaleWithModel they pass through or
-        None)."""
+    def pictures(self, output: str) -> tuple[str, tuple[str, ...]]:
+        """(the node whose pictures an output node's chain starts from, a VAEDecode where sdlab draws it; the
+        ImageUpscaleWithModel / ImageScale / ImageScaleBy nodes they pass through, from it to the output)."""
+        chain: list[str] = []
         node, _, kind = self.source(output, "images")
-        if kind != "ImageUpscaleWithModel":
-            return node, None
-        decoder, _, kind = self.source(node, "image")
-        if kind != "VAEDecode":
-            raise self.refuse(node, "sdlab upscales the pictures of a VAEDecode with a model")
-        return decoder, node
+        while kind in PICTURE_NODES:
+            chain.insert(0, node)
+            node, _, kind = self.source(node, "image")
+        if chain and kind != "VAEDecode":
+            raise self.refuse(chain[0], "sdlab upscales and scales the pictures of a VAEDecode after a KSampler "
+                                        f"(not of a {kind}: a picture is upscaled only as a KSampler's output)")
+        return node, tuple(chain)
 
-    def model_upscale(self, pictures: dict[str, tuple[str, str | None]], first_decoders: set[str]) -> str | None:
-        """The ImageUpscaleWithModel every last output takes its pictures from, or None where none does: sdlab
-        writes one set of pictures, so a graph saving both the decoded and the upscaled pictures (or two
-        upscales, or a two-pass graph's first pictures upscaled) is refused."""
-        upscales = {upscale for decoder, upscale in pictures.values() if decoder not in first_decoders}
-        first = sorted(u for decoder, u in pictures.values() if decoder in first_decoders and u is not None)
+    def picture_chain(self, pictures: dict[str, tuple[str, tuple[str, ...]]],
+                      first_decoders: set[str]) -> tuple[str, ...]:
+        """The ImageUpscaleWithModel / ImageScale(By) nodes every last output takes its pictures through (none
+        where they take the decoded pictures): sdlab writes one set of pictures, so a graph saving both the decoded
+        and the upscaled pictures (or two chains, or a two-pass graph's first pictures upscaled or scaled) is
+        refused, as is a chain of two ImageUpscaleWithModel (the job runs one model)."""
+        chains = {chain for decoder, chain in pictures.values() if decoder not in first_decoders}
+        first = sorted(c[0] for decoder, c in pictures.values() if decoder in first_decoders and c)
         if first:
-            raise self.refuse(first[0], "sdlab upscales the pictures of a graph's last KSampler with a model")
-        if len(upscales) > 1:
-            raise self.refuse(sorted(u for u in upscales if u is not None)[0],
-                              "sdlab saves a graph's pictures either all through one ImageUpscaleWithModel or none")
-        return next(iter(upscales))
+            raise self.refuse(first[0], "sdlab upscales and scales the pictures of a graph's last KSampler only")
+        if len(chains) > 1:
+            raise self.refuse(sorted(c[-1] for c in chains if c)[0],
+                              "sdlab saves a graph's pictures either all through one ImageUpscaleWithModel (and the "
+                              "same ImageScale / ImageScaleBy nodes) or none")
+        chain = next(iter(chains))
+        models = [n for n in chain if self.graph[n]["class_type"] == "ImageUpscaleWithModel"]
+        if len(models) > 1:
+            raise self.refuse(models[1], "sdlab runs a graph's pictures through one ImageUpscaleWithModel")
+        return chain
+
+    def picture_step(self, node: str, plan: GraphPlan) -> PictureStep:
+        """What a node of the picture chain does, its nodes visited in ComfyUI's order (an ImageUpscaleWithModel's
+        UpscaleModelLoader before it); the model's file and node go to `plan`."""
+        values = self.inputs(node)
+        kind = self.graph[node]["class_type"]
+        if kind == "ImageUpscaleWithModel":
+            loader = self.source(node, "upscale_model")[0]
+            self.visit(loader)
+            self.visit(node)
+            plan.upscale_model, plan.model_upscale_node = self.inputs(loader)["model_name"], node
+            plan.model_loader_node = loader
+            return ThroughModel()
+        self.visit(node)
+        if kind == "ImageScaleBy":
+            return PictureScale(values["upscale_method"], scale_by=float(values["scale_by"]))
+        return PictureScale(values["upscale_method"], int(values["width"]), int(values["height"]), values["crop"])
 
     def last_sampler(self, decoders: set[str], samplers: set[str]) -> tuple[str, set[str]]:
         """(the KSampler whose pictures the graph ends with, the decoders of the first KSampler of a two-pass graph):

@@ -38,6 +38,7 @@ from sdlab.pipeline.images import ImageTooLargeError, open_image, upright_8bit
 from sdlab.pipeline.infotext import LoraRef
 from sdlab.pipeline.png_info import ParametersError
 from sdlab.pipeline.presets import PRESETS, get_preset
+from sdlab.pipeline.comfy_image_upscale import PictureStep
 from sdlab.pipeline.control import control_input
 from sdlab.pipeline.hires import hires_steps, pass_sizes
 from sdlab.pipeline.plan import (
@@ -121,12 +122,14 @@ class JobSpec:
     """Where set, called with the hires fix's first-pass pictures and their parameters texts once that pass ends (the
     ComfyUI API's outputs of a two-pass graph's first KSampler, which it writes itself)."""
     picture_upscaler: ModelFile | None = None
-    """Where set, the `--upscalers-dir` model every picture is run through before it is written, as ComfyUI's
-    ImageUpscaleWithModel (`pipeline.comfy_image_upscale`): the ComfyUI API's UpscaleModelLoader."""
-    picture_upscaler_failed: Callable[[str], None] | None = None
-    """Where set, called with the ComfyUI node ("UpscaleModelLoader": reading `picture_upscaler`;
-    "ImageUpscaleWithModel": running it) whose work failed, before the job fails with that error: the ComfyUI API
-    names that node, not the KSampler."""
+    """Where set, the `--upscalers-dir` model of the `picture_steps` step `ThroughModel` (ComfyUI's
+    ImageUpscaleWithModel, `pipeline.comfy_image_upscale`): the ComfyUI API's UpscaleModelLoader."""
+    picture_steps: tuple[PictureStep, ...] = ()
+    """What every picture passes through, in order, before it is written (the ComfyUI API's ImageUpscaleWithModel,
+    ImageScale, ImageScaleBy; `comfy_image_upscale.comfy_pictures`); (): the pictures as drawn."""
+    picture_upscaler_failed: Callable[[int | None], None] | None = None
+    """Where set, called with the index of the `picture_steps` step whose work failed (None: reading
+    `picture_upscaler`), before the job fails with that error: the ComfyUI API names that node, not the KSampler."""
 
     def shown(self, request: GenerationRequest) -> GenerationRequest:
         """`request`, drawn for this job, with the prompts its pictures and record show: those drawn, or where

@@ -40,7 +40,7 @@ from sdlab.checkpoints.sidecar import vae_beside
 from sdlab.checkpoints.upscaler import Upscaler
 from sdlab.diffusion.steps import StepInfo
 from sdlab.families.loaded import ModelBundle
-from sdlab.pipeline.comfy_image_upscale import upscale_with_model
+from sdlab.pipeline.comfy_image_upscale import comfy_pictures
 from sdlab.pipeline.generate import ProgressFn, SamplingStopped
 from sdlab.pipeline.image_prompt import forget_image_prompt_models
 from sdlab.pipeline.images import pil_to_unit_tensor
@@ -383,7 +383,7 @@ class Runner:
             job.settings = {**job.settings, **job.spec.recorded(job.spec.shown(plan.request).parameters())}
             pictures = self._picture_upscaler(job.spec, pipe.bundle)
             for result in _batches(pipe, job, plan.request, upscaler, progress, stop, first_pass):
-                shown = result if pictures is None else _upscaled(job.spec, pictures, result)
+                shown = _upscaled(job.spec, pictures, result) if job.spec.picture_steps else result
                 self._write_batch(job, shown, parameters(result))
         except RequestError as err:        # a tagged LoRA's or a control's file: named as the server lists it, not
             text = without_paths(str(err), [(lora.path, lora.name) for lora in registry.loras])      # by its path
@@ -411,7 +411,7 @@ class Runner:
         """The network of the job's `JobSpec.picture_upscaler` on the model's device, if it names one."""
         if spec.picture_upscaler is None:
             return None
-        with _failing_node(spec, "UpscaleModelLoader"):
+        with _failing_node(spec, None):
             if not spec.picture_upscaler.path.is_file():
                 raise RequestError(f"the upscale model {spec.picture_upscaler.title!r} is no longer in the upscalers "
                                    "folder")
@@ -485,23 +485,24 @@ def _run_with_upscaler(pipe: Pipeline, request: GenerationRequest, upscaler: Hir
         raise
 
 
-def _upscaled(spec: JobSpec, upscaler: Upscaler, result: GenerationResult) -> GenerationResult:
-    """`result` with its pictures through the job's picture upscaler (ComfyUI's ImageUpscaleWithModel), fed their
-    float decode where the result has one, else the 8-bit pictures."""
+def _upscaled(spec: JobSpec, upscaler: Upscaler | None, result: GenerationResult) -> GenerationResult:
+    """`result` with its pictures through the job's picture steps (ComfyUI's ImageUpscaleWithModel with its picture
+    upscaler, ImageScale, ImageScaleBy), fed their float decode where the result has one, else the 8-bit
+    pictures."""
     pixels = result.pixels if result.pixels is not None else pil_to_unit_tensor(result.images)     # (B, 3, H, W)
-    with _failing_node(spec, "ImageUpscaleWithModel"):
-        return replace(result, images=upscale_with_model(upscaler, pixels), pixels=None)
+    images = comfy_pictures(pixels, spec.picture_steps, upscaler, spec.picture_upscaler_failed)
+    return replace(result, images=images, pixels=None)
 
 
 @contextmanager
-def _failing_node(spec: JobSpec, node: str) -> Iterator[None]:
-    """Tell the job's `JobSpec.picture_upscaler_failed` that `node`'s work failed, where it does, and let the
-    error go on."""
+def _failing_node(spec: JobSpec, step: int | None) -> Iterator[None]:
+    """Tell the job's `JobSpec.picture_upscaler_failed` that the picture step `step`'s work (None: reading the
+    picture upscaler) failed, where it does, and let the error go on."""
     try:
         yield
     except Exception:
         if spec.picture_upscaler_failed is not None:
-            spec.picture_upscaler_failed(node)
+            spec.picture_upscaler_failed(step)
         raise
 
 
