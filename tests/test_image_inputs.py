@@ -102,15 +102,14 @@ def test_a_float_tiff_keeps_its_levels(tmp_path: Path, low, high, tags) -> None:
     assert abs(float(loaded.pixels.mean())) < 0.05                 # [-1, 1]: mid-grey on average, not black
 
 
-def _int32_tiff(path: Path, writer: str, signed: bool) -> Path:
-    """A 64 x 16 32-bit integer TIFF (Pillow opens it as mode "I") ramping black -> white over the whole range its
-    SampleFormat gives (unsigned 0..2**32 - 1; signed 0..2**31 - 1, a column of negatives on the left, black),
-    written by Pillow (mode "I": signed int32) or by tifffile (`signed` picks the numpy dtype)."""
-    top = 2**31 - 1 if signed else 2**32 - 1
-    ramp = np.linspace(0, top, 64).round().astype(np.int64)
-    if signed:
-        ramp[0] = -(2**31)
-    rows = np.tile(ramp, (16, 1)).astype(np.int32 if signed else np.uint32)
+def _integer_tiff(path: Path, writer: str, dtype: str) -> Path:
+    """A 64 x 16 integer TIFF (Pillow opens it as mode "I") ramping black -> white over the whole range its
+    `dtype` gives (unsigned 0..2**bits - 1; signed 0..2**(bits - 1) - 1, a column of negatives on the left,
+    black), written by Pillow (mode "I": int32) or by tifffile."""
+    info = np.iinfo(dtype)
+    ramp = np.linspace(0, int(info.max), 64).round().astype(np.int64)
+    ramp[0] = info.min
+    rows = np.tile(ramp, (16, 1)).astype(dtype)
     if writer == "pillow":
         Image.fromarray(rows, mode="I").save(path)
     else:
@@ -119,11 +118,13 @@ def _int32_tiff(path: Path, writer: str, signed: bool) -> Path:
     return path
 
 
-@pytest.mark.parametrize("writer, signed", [("pillow", True), ("tifffile", True), ("tifffile", False)])
-def test_a_32_bit_integer_tiff_keeps_its_levels(tmp_path: Path, writer, signed) -> None:
-    """Read by its 32-bit range (scikit-image's img_as_ubyte), not as 16 bits: before, every value past 65535 was
-    white (a training picture of one colour), an unsigned one's upper half (negative in Pillow's int32) black."""
-    path = _int32_tiff(tmp_path / "ramp32.tif", writer, signed)
+@pytest.mark.parametrize("writer, dtype", [("pillow", "int32"), ("tifffile", "int32"), ("tifffile", "uint32"),
+                                           ("tifffile", "int16")])
+def test_an_integer_tiff_keeps_its_levels(tmp_path: Path, writer, dtype) -> None:
+    """Read by its own range (scikit-image's img_as_ubyte), not as unsigned 16 bits: before, a 32-bit one's values
+    past 65535 were white (a training picture of one colour), an unsigned one's upper half (negative in Pillow's
+    int32) black, and a signed 16-bit one (Pillow's "I" too) came out no brighter than mid-grey."""
+    path = _integer_tiff(tmp_path / "ramp.tif", writer, dtype)
     image = read_image(path)
     levels = np.asarray(image, dtype=np.float32)[0]                       # one row, black -> white
     assert image.mode == "L" and levels[0] == 0 and levels[-1] == 255 and abs(levels.mean() - 127.5) < 3

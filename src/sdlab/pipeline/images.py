@@ -121,7 +121,7 @@ def read_image(path: str | os.PathLike[str]) -> Image.Image:
         return upright_8bit(image)
 
 
-_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")   # 16-bit greyscale PNG / TIFF, 32-bit integer TIFF
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")   # 16-bit greyscale PNG / TIFF, 16-bit signed / 32-bit TIFF
 
 
 def upright_size(path: str | os.PathLike[str]) -> tuple[int, int]:
@@ -154,7 +154,7 @@ def with_palette_alpha(image: Image.Image) -> Image.Image:
 
 def eight_bit(image: Image.Image, opened: Image.Image | None = None) -> Image.Image:
     """A 16-bit greyscale picture scaled to 0..255 ("L"; Pillow's ``convert`` would clip every value above 255
-    to white), a 32-bit integer one from its range (`integer_levels`), a 32-bit float one ("F", a float TIFF) scaled from its range (`float_range`; Pillow's ``convert``
+    to white), a 32-bit or signed integer one from its range (`integer_levels`), a 32-bit float one ("F", a float TIFF) scaled from its range (`float_range`; Pillow's ``convert``
     reads it as 0..255, so a 0..1 picture comes out black; its range tags read from ``opened``, the image as
     opened, where ``image`` is a copy of it), keeping its ``info`` (text items, EXIF) as
     ``convert`` does but a 16-bit transparent value; any other picture as it is."""
@@ -178,16 +178,19 @@ _BITS_PER_SAMPLE, _SAMPLE_FORMAT, _SIGNED = 258, 339, 2     # TIFF tags; SampleF
 
 def integer_levels(values: np.ndarray, image: Image.Image) -> np.ndarray:
     """The pixels `values` (H, W) of a wide integer greyscale picture `image` (as opened: its TIFF tags) on
-    0..255, by the range its file stores. A 32-bit integer TIFF (Pillow's mode "I", BitsPerSample 32): unsigned
-    0..2**32 - 1 (Pillow holds them as int32, the upper half negative), or signed (SampleFormat 2) 0..2**31 - 1,
-    its negatives black, as scikit-image's ``img_as_ubyte`` reads both; any other (a 16-bit PNG, PGM or TIFF:
-    Pillow's "I;16" modes, and the "I" older Pillow opens a 16-bit PNG as) 0..65535."""
+    0..255, by the range its file stores, as scikit-image's ``img_as_ubyte`` reads it. A TIFF Pillow opens as
+    mode "I" by its BitsPerSample: unsigned 0..2**bits - 1 (a 32-bit one held as int32 by Pillow, the upper half
+    negative), signed (SampleFormat 2) 0..2**(bits - 1) - 1, its negatives black; any other (a 16-bit PNG, PGM
+    or unsigned TIFF: Pillow's "I;16" modes, and the "I" older Pillow opens a 16-bit PNG as) 0..65535."""
     tags = getattr(image, "tag_v2", {})
-    if image.mode == "I" and _first_number(tags.get(_BITS_PER_SAMPLE)) == 32:
-        if _first_number(tags.get(_SAMPLE_FORMAT)) == _SIGNED:
-            return np.maximum(values.astype(np.float64), 0.0) * (255.0 / (2**31 - 1))
-        return values.astype(np.int32).view(np.uint32).astype(np.float64) * (255.0 / (2**32 - 1))
-    return values.astype(np.float64) / 257.0
+    bits = _first_number(tags.get(_BITS_PER_SAMPLE)) if image.mode == "I" else None
+    if bits not in (16, 32):
+        return values.astype(np.float64) / 257.0
+    if _first_number(tags.get(_SAMPLE_FORMAT)) == _SIGNED:
+        return np.maximum(values.astype(np.float64), 0.0) * (255.0 / (2 ** (bits - 1) - 1))
+    if bits == 32:
+        values = values.astype(np.int32).view(np.uint32)
+    return values.astype(np.float64) * (255.0 / (2**bits - 1))
 
 
 def float_range(image: Image.Image, values: np.ndarray) -> tuple[float, float]:
