@@ -18,12 +18,14 @@ from safetensors.torch import save_file
 from sdlab.checkpoints.upscaler import load_upscaler
 from sdlab.pipeline.comfy_image_upscale import ThroughModel, comfy_pictures, tiled_scale
 from test_server_comfy_api import BASIC, NATIVE, drawn, native_pixels, viewed
-from test_upscale_models import new_arch_state
+from test_upscale_models import new_arch_state, old_arch_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 MODEL = "sub/tinyx4.safetensors"
 X2 = "tinyx2.safetensors"               # Real-ESRGAN x2: pixel-unshuffled input, 64 px feathers
+X1 = "restore/tinyx1.safetensors"       # Real-ESRGAN x1 (a restoration model): input unshuffled by 4, 32 px feathers
+X8 = "tinyx8.pth"                       # ESRGAN old arch x8: three upsample stages, 256 px feathers
 
 
 def comfy_tiled_scale(samples, function, tile=(64, 64), overlap=8, upscale_amount=4, out_channels=3):
@@ -94,11 +96,14 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     (upscalers / "sub").mkdir(parents=True)
     save_file(new_arch_state(4, seed=3), str(upscalers / MODEL))
     save_file(new_arch_state(2, seed=4), str(upscalers / X2))
+    (upscalers / "restore").mkdir()
+    save_file(new_arch_state(1, seed=6), str(upscalers / X1))
+    torch.save(old_arch_state(8, seed=7), upscalers / X8)
     app = create_app(ServerConfig(output_dir=root / "outputs", model=models / "plain.safetensors",
                                   models_dir=models, upscalers_dir=upscalers), preload=True)
     with TestClient(app) as client:
         client.upscaler = load_upscaler(upscalers / MODEL)
-        client.upscalers = {MODEL: client.upscaler, X2: load_upscaler(upscalers / X2)}
+        client.upscalers = {name: load_upscaler(upscalers / name) for name in (MODEL, X2, X1, X8)}
         yield client
 
 
@@ -126,11 +131,11 @@ def test_the_upscale_model_graph_saves_comfyuis_upscaled_pictures(server):
     assert np.abs(pixels - expected).max() <= 1
 
 
-@pytest.mark.parametrize("model, scale", [(MODEL, 4), (X2, 2)])
+@pytest.mark.parametrize("model, scale", [(MODEL, 4), (X2, 2), (X1, 1), (X8, 8)])
 def test_tiled_scale_blends_tiles_as_comfyui(server, model, scale):
     """A picture wider than ComfyUI's 512 px tile (two tiles, the last a short one, 32 px shared): sdlab's
     tiled_scale equals ComfyUI's to float precision, the written picture to 1 of 255; untiled it would differ.
-    x4 and x2 (feathers of 128 and 64 output px)."""
+    x4, x2, x1 and x8 (feathers of 128, 64, 32 and 256 output px)."""
     rng = np.random.default_rng(5)
     pixels = rng.integers(0, 256, (24, 600, 3), dtype=np.uint8)
     upscaler = server.upscalers[model]
@@ -148,11 +153,12 @@ def test_tiled_scale_blends_tiles_as_comfyui(server, model, scale):
     assert np.abs(np.asarray(written, np.int16) - comfy_upscale_with_model(net, pixels, scale)).max() <= 1
 
 
-@pytest.mark.parametrize("model, scale", [(MODEL, 4), (X2, 2)])
+@pytest.mark.parametrize("model, scale", [(MODEL, 4), (X2, 2), (X1, 1), (X8, 8)])
 def test_the_network_is_fed_the_float_decode_as_comfyuis_vaedecode_gives_it(server, monkeypatch, model, scale):
     """ComfyUI's ImageUpscaleWithModel reads VAEDecode's float IMAGE ((decode + 1) / 2 clamped, unrounded), not the
     8-bit picture (up to 0.5 / 255 apart): the network's input equals the VAE's decode to float precision, and the
-    saved picture is ComfyUI's upscale of that float decode."""
+    saved picture is ComfyUI's upscale of that float decode. Every scale spandrel's ESRGAN loads: x4, x2, a x1
+    restoration model (same size out), an old-arch x8."""
     import sdlab.pipeline.comfy_image_upscale as comfy_image_upscale
     import sdlab.pipeline.generate as generate
 
@@ -162,7 +168,7 @@ def test_the_network_is_fed_the_float_decode_as_comfyuis_vaedecode_gives_it(serv
     monkeypatch.setattr(comfy_image_upscale, "tiled_scale",
                         lambda x, *a, **k: inputs.append(x.detach().cpu().float()) or tiled(x, *a, **k))
     prompt = upscale_graph(model)
-    prompt["3"]["inputs"]["seed"] = 77 + scale                  # not the other tests' picture
+    prompt["3"]["inputs"]["seed"] = 77 + scale + 10 * (model == X1)     # not the other tests' picture
     _, entry = drawn(server, prompt)
     [decoded], [fed] = decodes, inputs                          # (1, 3, 64, 64) in [-1, 1]; (1, 3, 64, 64)
     unit = ((decoded.float().cpu() + 1.0) / 2.0).clamp(0, 1)    # comfy/sd.py VAE.decode's process_output
@@ -179,12 +185,12 @@ def test_object_info_and_models_list_the_upscale_models(server):
     """/object_info's UpscaleModelLoader lists the upscalers folder's files by their path under it, as ComfyUI's
     folder_paths; GET /models/upscale_models lists them too."""
     info = server.get("/object_info/UpscaleModelLoader").json()["UpscaleModelLoader"]
-    assert info["input"]["required"]["model_name"][0] == [MODEL, X2]
+    assert info["input"]["required"]["model_name"][0] == sorted([MODEL, X2, X1, X8])
     assert info["output"] == ["UPSCALE_MODEL"]
     upscale = server.get("/object_info/ImageUpscaleWithModel").json()["ImageUpscaleWithModel"]
     assert upscale["input"]["required"] == {"upscale_model": ["UPSCALE_MODEL"], "image": ["IMAGE"]}
     assert "upscale_models" in server.get("/models").json()
-    assert server.get("/models/upscale_models").json() == [MODEL, X2]
+    assert server.get("/models/upscale_models").json() == sorted([MODEL, X2, X1, X8])
 
 
 def test_graphs_the_upscale_does_not_draw_are_refused_naming_the_node(server):
