@@ -200,3 +200,20 @@ def test_the_queue_says_starting_or_the_place_not_an_unknown_step_count(page):
         })();""")
     assert rows == [["runningastartingCancel", "queuedbnextCancel", "queuedc1 aheadCancel"],
                     ["runninga0 / 20Cancel", "queuedbnextCancel", "queuedc1 aheadCancel"]]
+
+
+def test_an_empty_gallerys_note_is_one_line_across_the_panel(browser, base_url):
+    """At 1920x1080 "Finished jobs appear here" was wrapped in one card's 150 px column of a 1100 px gallery."""
+    from test_webui import WINDOW
+
+    browser.set_window_size(1920, 1080)
+    try:
+        open_page(browser, base_url)
+        lines, fits = browser.execute_script("""
+            renderGallery([]);
+            const note = document.querySelector('#gallery .empty'), box = note.getBoundingClientRect();
+            return [box.height / parseFloat(getComputedStyle(note).lineHeight),
+                    box.right <= document.getElementById('gallery').getBoundingClientRect().right];""")
+        assert lines < 1.5 and fits
+    finally:
+        browser.set_window_size(*WINDOW)
