@@ -423,3 +423,32 @@ def test_picture_chains_sdlab_does_not_run_are_refused_naming_the_node(server):
     answer = server.post("/prompt", json={"prompt": split})
     assert answer.status_code == 400, answer.text
     assert answer.json()["node_errors"]["11"]["errors"][0]["type"] == "unsupported_graph"
+
+
+def test_upscale_graphs_without_a_ksampler_before_them_are_refused_naming_the_node(server):
+    """ComfyUI's "upscale a loaded picture" graph (LoadImage -> ImageUpscaleWithModel -> SaveImage, no sampling) and
+    its "hires fix with a model" graph (upscaled pictures -> VAEEncode -> a second KSampler at denoise 0.5): a 400
+    unsupported_graph naming the ImageUpscaleWithModel / the VAEEncode (the second said only 'sdlab encodes the
+    picture of a LoadImage'), nothing queued."""
+    from test_server_comfy_api import upload
+
+    upload(server, "to-upscale.png", Image.new("RGB", (40, 24), (200, 30, 90)))
+    loaded = {"1": {"class_type": "LoadImage", "inputs": {"image": "to-upscale.png"}},
+              "2": {"class_type": "UpscaleModelLoader", "inputs": {"model_name": MODEL}},
+              "3": {"class_type": "ImageUpscaleWithModel", "inputs": {"upscale_model": ["2", 0], "image": ["1", 0]}},
+              "4": {"class_type": "SaveImage", "inputs": {"filename_prefix": "up", "images": ["3", 0]}}}
+    answer = server.post("/prompt", json={"prompt": loaded})
+    assert answer.status_code == 400, answer.text
+    [error] = answer.json()["node_errors"]["3"]["errors"]
+    assert error["type"] == "unsupported_graph" and "not of a LoadImage" in error["message"]
+    second = chain_graph([("model", {}), ("ImageScaleBy", {"upscale_method": "lanczos", "scale_by": 0.5})])
+    second["13"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["12", 0], "vae": ["4", 2]}}
+    second["14"] = copy.deepcopy(second["3"])
+    second["14"]["inputs"].update(latent_image=["13", 0], denoise=0.5)
+    second["15"] = {"class_type": "VAEDecode", "inputs": {"samples": ["14", 0], "vae": ["4", 2]}}
+    second["9"]["inputs"]["images"] = ["15", 0]
+    answer = server.post("/prompt", json={"prompt": second})
+    assert answer.status_code == 400, answer.text
+    [error] = answer.json()["node_errors"]["13"]["errors"]
+    assert error["type"] == "unsupported_graph" and "second KSampler from a decoded or upscaled" in error["message"]
+    assert server.get("/queue").json() == {"queue_running": [], "queue_pending": []}

@@ -965,6 +965,11 @@ class _Plan:
         elif kind == "VAEEncode":
             image, index, image_kind = self.source(node, "pixels")
             if image_kind != "LoadImage":
+                if image_kind in PICTURE_NODES or image_kind == "VAEDecode":
+                    raise self.refuse(node, "sdlab does not draw a second KSampler from a decoded or upscaled "
+                                            "picture (VAEEncode of an ImageUpscaleWithModel / ImageScale / "
+                                            "VAEDecode); ComfyUI's two-pass graph upscales the latent "
+                                            "(LatentUpscale / LatentUpscaleBy), or save the upscaled pictures")
                 raise self.refuse(node, "sdlab encodes the picture of a LoadImage")
             if self.vae(node, checkpoint) != vae:
                 raise self.refuse(node, "sdlab encodes and decodes a picture with one VAE")
