@@ -310,3 +310,27 @@ def test_the_area_graph_is_drawn_over_the_comfyui_api(server):  # noqa: F811
     prompt["11"]["inputs"]["x"] = 1024
     answer = server.post("/prompt", json={"prompt": prompt})
     assert answer.status_code == 400 and "lies outside" in answer.text, answer.text
+
+
+# -- the server's work limit ------------------------------------------------------------------------------------------
+def test_area_prompts_count_their_passes_in_the_servers_work_limit():
+    """Each area prompt is a U-Net pass on its area (and, guided, the negative's pass on it too): the work limit counts
+    them at their areas' shares of the picture, so many whole-picture areas at the most steps are a 422 naming
+    them, where they were counted as one prompt and drawn."""
+    from dataclasses import replace
+
+    from sdlab.pipeline.request import GenerationRequest
+    from sdlab.server.config import Limits
+    from sdlab.server.inputs import BadRequest, check_work, unet_work
+
+    base = GenerationRequest("a", sampler="euler", schedule="normal", cfg_scale=8.0, steps=10, width=512, height=512,
+                             seed=1)
+    areas = (AreaPrompt("a"), AreaPrompt("b", pixels=(256, 256, 0, 0)), AreaPrompt("c", fractions=(0.5, 1.0, 0.5, 0)))
+    plain = unet_work(base, 8, None)                                  # the prompt and the negative: 2 rows
+    # positive 1 + 1/4 + 1/2, the negative 1 (whole) + 1/4 + 1/2
+    assert unet_work(replace(base, area_prompts=areas), 8, None) == pytest.approx(plain * 3.5 / 2)
+    limits = Limits(max_pixels=512 * 512, max_steps=10, max_batch=1, max_images=1)
+    check_work(replace(base, area_prompts=areas), limits, 8, None)     # within the limit (4 rows' worth)
+    with pytest.raises(BadRequest) as caught:
+        check_work(replace(base, area_prompts=(AreaPrompt("a"),) * 5), limits, 8, None)
+    assert caught.value.status == 422 and "5 area prompts" in str(caught.value)

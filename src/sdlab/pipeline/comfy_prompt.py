@@ -21,7 +21,7 @@ from typing import Any
 
 from sdlab.diffusion.area_conds import Area, AreaPart
 
-__all__ = ["AreaPrompt", "check_area_prompts", "comfy_weighted_runs"]
+__all__ = ["AreaPrompt", "area_rows", "check_area_prompts", "comfy_weighted_runs"]
 
 _ESCAPED_CLOSE = "\0\1"
 _ESCAPED_OPEN = "\0\2"
@@ -135,3 +135,17 @@ def check_area_prompts(prompts: Any, width: int, height: int, factor: int) -> tu
             raise ValueError(f"area prompt {i}'s area (latent {area.width}x{area.height} at {area.left}, {area.top}) "
                              f"lies outside the {width}x{height} picture's {size[1]}x{size[0]} latent")
     return found
+
+
+def area_rows(prompts: tuple[AreaPrompt, ...], width: int, height: int, factor: int, negative: bool) -> float:
+    """The U-Net work a step of area prompts runs for one width x height picture, in whole-picture rows: each
+    prompt's pass on its area's share of the latent (the whole: 1), and where guidance runs the `negative` its
+    pass on each of their areas besides its whole-picture one (`area_conds.opposite_areas`)."""
+    size = (height // factor, width // factor)
+    shares = []
+    for each in prompts:
+        area = each.latent_area(size)
+        shares.append(1.0 if area is None else
+                      max(0, area.clamped(size).height) * max(0, area.clamped(size).width) / (size[0] * size[1]))
+    with_areas = [share for share, each in zip(shares, prompts) if each.latent_area(size) is not None]
+    return sum(shares) + (sum(with_areas) if negative else 0.0)

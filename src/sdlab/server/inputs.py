@@ -39,6 +39,7 @@ from sdlab.pipeline.infotext import LoraRef
 from sdlab.pipeline.png_info import ParametersError
 from sdlab.pipeline.presets import PRESETS, get_preset
 from sdlab.pipeline.comfy_image_upscale import PictureStep
+from sdlab.pipeline.comfy_prompt import area_rows
 from sdlab.pipeline.control import control_input
 from sdlab.pipeline.hires import hires_steps, pass_sizes
 from sdlab.pipeline.plan import (
@@ -641,8 +642,17 @@ def _controlnet_steps(request: GenerationRequest, unet_config: UNetConfig | None
 def _step_rows(request: GenerationRequest, prompt: str, model: ModelBundle | None) -> int:
     """The U-Net rows a step runs for one picture: the rows the memory estimate counts for a one-part prompt
     (`memory.unet_rows`: the prompt, the negative where guidance runs it, PAG's perturbed row, an edit model's
-    image row) and one more for each further part of `prompt`."""
+    image row) and one more for each further part of `prompt`; area prompts (ComfyUI's area composition) count
+    their passes in place of the prompt's row, each at its area's share of the picture (`comfy_prompt.area_rows`)."""
+    if request.area_prompts:
+        return unet_rows(model, request) - 1 + _area_rows(request, model)
     return unet_rows(model, request) + _part_count(prompt, model) - 1
+
+
+def _area_rows(request: GenerationRequest, model: ModelBundle | None) -> float:
+    factor = 8 if model is None else model.vae_config.downsample_factor
+    return area_rows(tuple(request.area_prompts), request.width, request.height, factor,
+                     negative="the negative" in unet_row_names(model, request))
 
 
 def _part_count(prompt: str, model: ModelBundle | None) -> int:
@@ -665,7 +675,7 @@ def check_work(request: GenerationRequest, limits: Limits, factor: int, model: M
             controlnets = _controlnets_counted(request, model, unet_config, factor, refiner,
                                                batch_count if what == "request" else 1)
             window = "; a ControlNet runs on the steps of its start / end window only" if controlnets else ""
-            raise BadRequest(f"the {what}'s U-Net work ({rows} U-Net rows a step: {', '.join(counted)}; x steps x "
+            raise BadRequest(f"the {what}'s U-Net work ({rows:g} U-Net rows a step: {', '.join(counted)}; x steps x "
                              f"pictures x pixels, each pass{controlnets}) is "
                              f"{_times(work / max_work(limits, pictures))} times "
                              f"this server's limit, the work of its largest {what} with a one-part prompt "
@@ -699,6 +709,10 @@ def _rows_counted(request: GenerationRequest, model: ModelBundle | None) -> tupl
     names = list(unet_row_names(model, request))
     if parts > 1:
         names[0] = f"{parts} prompt parts"
+    if request.area_prompts:
+        rows = _area_rows(request, model)
+        names[0] = f"{len(request.area_prompts)} area prompts and the negative on their areas ({rows:.2f} rows)"
+        return len(names) - 1 + rows, names
     return len(names) + parts - 1, names
 
 
