@@ -480,3 +480,16 @@ def test_a_request_whose_hires_tiles_are_below_16_pixels_is_refused(tile: int) -
         resolved(tile)
     assert tile_too_small(tile) and not tile_too_small(0) and not tile_too_small(16)
     assert (resolved(0).hr_upscaler_tile, resolved(16).hr_upscaler_tile) == (0, 16)
+
+
+@pytest.mark.parametrize("tile, overlap", [(8, 0), (15, 4), (-1, 0), (32, 17), (64, -1)])
+def test_the_python_apis_upscaler_tiles_keep_the_doors_rule(tile: int, overlap: int) -> None:
+    """`run_upscaler` / `upscale_by` (the Python API) refuse the tiles the doors refuse (`tile_too_small`,
+    `tile_overlap_limit`): before, a tile of 8 px ran the network once per few pixels. 0 and 16 / 8 draw."""
+    upscaler = upscaler_from_state(new_arch_state(1), "x1")
+    picture = Image.new("RGB", (20, 20), (120, 60, 30))
+    with pytest.raises(UpscaleError, match="upscaler tile"):
+        run_upscaler(upscaler, picture, tile=tile, overlap=overlap)
+    with pytest.raises(UpscaleError, match="upscaler tile"):
+        upscale_by(picture, upscaler, 2, tile=tile, overlap=overlap)
+    assert run_upscaler(upscaler, picture, tile=0).size == run_upscaler(upscaler, picture, tile=16, overlap=8).size

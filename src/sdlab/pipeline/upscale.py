@@ -162,7 +162,8 @@ MIN_TILE = 16
 def tile_too_small(tile: int) -> bool:
     """Whether `tile` pixels a side is a tile below `MIN_TILE` (0, no tiles, is not): each would make an upscale one
     network call per few pixels (hours at 2048², the device held). Every door refuses it in its own words: `sdlab
-    upscale --tile`, the A1111 API's ESRGAN_tile, a request's hr_upscaler_tile."""
+    upscale --tile`, the A1111 API's ESRGAN_tile, a request's hr_upscaler_tile; `run_upscaler` (the Python API's
+    `upscale_by` / `upscale_image` / `resize_image` too) by `check_tiles`."""
     return 0 < tile < MIN_TILE
 
 
@@ -174,6 +175,17 @@ def tile_overlap_limit(tile: int, overlap: int) -> int | None:
     the A1111 API's ESRGAN_tile_overlap, a request's hr_upscaler_tile_overlap."""
     limit = tile // 2
     return limit if tile and overlap > limit else None
+
+
+def check_tiles(tile: int, overlap: int) -> None:
+    """`UpscaleError` where `tile` / `overlap` break `tile_too_small` or `tile_overlap_limit` (or are negative):
+    the rules the doors check in their own words, kept where every network pass runs (`run_upscaler`)."""
+    if tile < 0 or overlap < 0 or tile_too_small(tile):
+        raise UpscaleError(f"upscaler tiles of {tile} px overlapping by {overlap} px: a tile is 0 (no tiles) or "
+                           f"{MIN_TILE} or more pixels, an overlap 0 or more")
+    limit = tile_overlap_limit(tile, overlap)
+    if limit is not None:
+        raise UpscaleError(f"an upscaler tile overlap of {overlap} px passes half the {tile} px tile (at most {limit})")
 
 
 def _check_size(width: int, height: int) -> None:
@@ -202,7 +214,8 @@ def run_upscaler(upscaler: Upscaler, image: Image.Image, *, tile: int = DEFAULT_
     """One pass of the network over `image`, tiled unless `tile` is 0. A 3-channel network sees RGB and a
     1-channel one L, and the alpha channel, if any, is resized with Lanczos and put back (RGBA / LA); a
     4-channel network sees RGBA. A 16-bit greyscale picture is scaled to 8 bits first, as files are read
-    (`eight_bit`)."""
+    (`eight_bit`). Tiles below `MIN_TILE` or overlapping past half a tile are refused (`check_tiles`)."""
+    check_tiles(tile, overlap)
     image = eight_bit(image)
     config = upscaler.net.config
     if config.in_channels not in _MODES or config.out_channels not in _MODES:
