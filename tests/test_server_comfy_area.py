@@ -169,17 +169,36 @@ def test_area_weights_and_opposites_are_comfyuis_on_a_toy_denoiser():
 
     def part(c):
         area = c.get("area")
-        return AreaPart(c["text"], None if area is None else Area(*area), c.get("strength", 1.0))
+        return AreaPart({"text": c["text"]}, None if area is None else Area(*area), c.get("strength", 1.0))
 
     ours_pos, ours_neg = opposite_areas([part(c) for c in positive], [part(c) for c in negative])
     reference = comfyui_guided(toy, positive, negative, 1.0, 20, 28)
-    cond, uncond = (area_average(parts, lambda text: lambda crop, s: toy(crop, s, text))(x, sigma)
+    cond, uncond = (area_average(parts, toy)(x, sigma)
                     for parts in (ours_pos, ours_neg))
     want_cond, want_uncond = calc_cond_batch(toy, [*_resolved(positive, negative)], x, sigma)
     torch.testing.assert_close(cond, want_cond, rtol=0, atol=1e-6)
     torch.testing.assert_close(uncond, want_uncond, rtol=0, atol=1e-6)
     torch.testing.assert_close(cond, reference(x, sigma), rtol=0, atol=1e-6)
     assert len(ours_neg) == 2 + 4 and len(ours_pos) == 5 + 1       # each side got the other's areas
+
+
+def test_a_conditioning_laid_out_like_the_latent_is_cut_to_the_area():
+    """An inpainting model's ``concat`` (B, 5, h, w), bound to a part or given at the call, reaches the denoiser cut
+    to the part's area as x is (ComfyUI's CONDNoiseShape.process_cond); the pooled vector (B, 1280) as it is."""
+    torch.manual_seed(1)
+    x, concat, y = torch.randn(1, 4, 16, 24), torch.randn(1, 5, 16, 24), torch.randn(1, 1280)
+    seen = []
+
+    def model(crop, sigma, concat, y):
+        assert concat.shape[-2:] == crop.shape[-2:] and y.shape == (1, 1280)
+        seen.append(concat)
+        return crop * 0 + concat[:, :4]
+
+    area = Area(6, 10, 4, 8)
+    parts = [AreaPart({"concat": concat}), AreaPart({"concat": concat}, area, 2.0)]
+    out = area_average(parts, model)(x, torch.tensor(1.0), y=y)
+    torch.testing.assert_close(seen[1], concat[:, :, 4:10, 8:18])
+    torch.testing.assert_close(out, concat[:, :4])               # the same value under every weight: itself
 
 
 def _resolved(positive, negative):

@@ -11,7 +11,7 @@ drawn on the same crops as the positive's areas.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -49,10 +49,10 @@ class Area:
 
 @dataclass(frozen=True)
 class AreaPart:
-    """One conditioning of a side: what it conditions on (`cond`, a caller's value), its area (None: the whole
-    latent) and the weight it is averaged with."""
+    """One conditioning of a side: what it conditions on (`cond`: the denoiser's keyword arguments), its area
+    (None: the whole latent) and the weight it is averaged with."""
 
-    cond: Any
+    cond: Mapping[str, Any]
     area: Area | None = None
     strength: float = 1.0
 
@@ -83,18 +83,19 @@ def _cropped(value: Any, area: Area, size: tuple[int, int]) -> Any:
     return value
 
 
-def area_average(parts: Sequence[AreaPart], denoise: Callable[[Any], DenoiseFn]) -> DenoiseFn:
-    """The denoiser of one side: each part's prediction on its area's crop of x (`denoise(part.cond)`), summed
-    with its `area_weight` and divided by the summed weights (ComfyUI's `calc_cond_batch` for one side)."""
-    runs = [(denoise(part.cond), part) for part in parts]
+def area_average(parts: Sequence[AreaPart], denoiser: DenoiseFn) -> DenoiseFn:
+    """The denoiser of one side: `denoiser` on each part's area's crop of x with its conditioning (`part.cond`: the
+    denoiser's keyword arguments, those laid out like the latent cut to the area as x is), summed with its
+    `area_weight` and divided by the summed weights (ComfyUI's `calc_cond_batch` for one side)."""
 
     def averaged(x: Tensor, sigma: Tensor, **extra: Any) -> Tensor:
         size = (x.shape[-2], x.shape[-1])
         total = torch.zeros_like(x)                                                  # (B, C, h, w)
         count = torch.full_like(x, EMPTY_COUNT)                                      # (B, C, h, w)
-        for run, part in runs:
+        for part in parts:
+            given = {**part.cond, **extra}
             if part.area is None:
-                total += run(x, sigma, **extra) * part.strength
+                total += denoiser(x, sigma, **given) * part.strength
                 count += part.strength
                 continue
             area = part.area.clamped(size)
@@ -104,7 +105,7 @@ def area_average(parts: Sequence[AreaPart], denoise: Callable[[Any], DenoiseFn])
                    slice(area.left, area.left + area.width))
             crop = x[box]                                                            # (B, C, ah, aw)
             weight = area_weight(area, part.strength, size, x)                       # (1, 1, ah, aw)
-            out = run(crop, sigma, **{k: _cropped(v, area, size) for k, v in extra.items()})
+            out = denoiser(crop, sigma, **{k: _cropped(v, area, size) for k, v in given.items()})
             total[box] += out * weight
             count[box] += weight
         return total / count

@@ -921,12 +921,10 @@ def _area_model(denoiser: DenoiseFn, conditioning: Callable[..., Any], req: Gene
     negative = [] if uncond is None else [AreaPart({**uncond, **extra_uncond})]
     positive, negative = opposite_areas(positive, negative)
 
-    def side(parts: list[AreaPart]) -> DenoiseFn:
-        return area_average(parts, lambda cond: partial(denoiser, **cond))
-
     if uncond is None:
-        return side(positive)
-    return composable_cfg([(side(positive), 1.0)], side(negative), guidance_scale(req))
+        return area_average(positive, denoiser)
+    return composable_cfg([(area_average(positive, denoiser), 1.0)], area_average(negative, denoiser),
+                          guidance_scale(req))
 
 
 def guidance_scale(req: GenerationRequest) -> float:
