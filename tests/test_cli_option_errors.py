@@ -149,6 +149,8 @@ def test_a_prompt_that_starts_with_a_minus_is_the_prompt(command, common):
      "--negative -s: sdlab txt2img has no -s option (its options have long names), and --negative would take -s as "
      "its text; give the option's long name, or write --negative=-s for that text"),
     (["txt2img", "a", "--negative-prompt", "-W"], "sdlab txt2img has no -W option"),
+    (["txt2img", "-s", "3", "a cat"], "sdlab txt2img has no -s option (its options have long names; sdlab txt2img"),
+    (["txt2img", "a cat", "-n", "ugly"], "sdlab txt2img has no -n option"),
     (["img2img", "a", "--init", "i.png", "--prompt-2", "-n", "x"], "or write --prompt-2=-n for that text"),
     (["txt2img", "a", "--negative", "--noise"],
      "--noise looks like a mistyped --s-noise; give the option, or write --negative=--noise for that text"),

@@ -90,7 +90,7 @@ class CommandParser(argparse.ArgumentParser):
 
     A word that starts with one minus and names no option (`-blurry`) is a value, the prompt's or an option's, as
     argparse reads one holding a space (`"-blurry face"`); `-steps`, where --steps is an option, is refused (did you
-    mean --steps?), and `-v` / `--debug` after the command are refused as `sdlab`'s own options. A free-text option
+    mean --steps?), as is a one-letter short option (`-s 3`: sdlab's commands have none), and `-v` / `--debug` after the command are refused as `sdlab`'s own options. A free-text option
     (`cli.errors.utf8_text`: --negative, --style, --prompt-2, ...) takes the word after it as its text even where that
     starts with two minuses, as getopt gives an option its argument (POSIX), unless the word names an option
     (`--negative --seed 3`: refused, the negative has no text) or looks like a short one (`--negative -s 3`: sdlab's
@@ -150,7 +150,7 @@ class CommandParser(argparse.ArgumentParser):
                     f"after {option}, or write {option}={word} if that is the text")
         if self._names_option(word):
             return None
-        if re.fullmatch(r"-[A-Za-z]", name):
+        if self.main_options and re.fullmatch(r"-[A-Za-z]", name):     # a command's (`sdlab` reads all words first)
             return (f"{option} {word}: {self.prog} has no {name} option (its options have long names), and {option} "
                     f"would take {word} as its text; give the option's long name, or write {option}={word} for that text")
         meant = self._mistyped_option(word)
@@ -195,6 +195,9 @@ class CommandParser(argparse.ArgumentParser):
                             f"(sdlab {name} {command} ...)")
         if arg_string.startswith("--"):
             return parsed
+        if self.main_options and re.fullmatch(r"-[A-Za-z]", name):     # a command's (`sdlab` reads all words first)
+            raise UserError(f"{self.prog} has no {name} option (its options have long names; "
+                            f"{self.prog} --help lists them)")
         meant = self._mistyped_option(name)
         if meant is not None:
             raise UserError(f"{self.prog} has no {name} option; did you mean {meant}? "
