@@ -83,7 +83,8 @@ def _conv_and_skip(seed, c_in=32, c_out=48, size=32):
     return conv, x, skip
 
 
-@pytest.mark.skipif(not patch_conv.cpu_kernels.onednn_fuses(), reason="no oneDNN fused convolutions here")
+@pytest.mark.skipif(not patch_conv.cpu_kernels.onednn_fuses(),
+                    reason="no oneDNN bf16 fused convolutions here (oneDNN needs AVX-512 or AMX for bf16)")
 def test_forward_add_adds_inside_the_convolution_and_is_as_close_to_fp64():
     conv, x, skip = _conv_and_skip(seed=11)
     with torch.no_grad():
