@@ -243,13 +243,13 @@ def test_txt2img_draws_a1111s_ddim_cfgpp(sd1, prompt, parts, skip_early):
     """sample_latents at CFG 6 (composable diffusion too: A1111 combines every part at cond_scale / 12.5; Skip Early
     CFG: the skipped calls step along the prompt's eps, guided at 1)."""
     req = GenerationRequest(prompt=prompt, negative_prompt="blurry", sampler="DDIM CFG++", schedule="ddim_uniform",
-                            steps=12, cfg_scale=6.0, seed=3, width=32, height=32, batch_size=2,
+                            steps=6, cfg_scale=6.0, seed=3, width=32, height=32, batch_size=2,
                             skip_early_cond=skip_early)
     plan = make_plan(sd1, req)
     start = _start(sd1, plan, generators_for(plan.request.seeds(), plan.request.rng, sd1.device))
     assert plan.request.init_noise == "vp"
-    model = _a1111_model(sd1, parts, "blurry", skip_early_cond=skip_early, total_steps=12)
-    reference = ddim_cfgpp(model, start.noise, get_timesteps(12), {"cond_scale": 6.0})
+    model = _a1111_model(sd1, parts, "blurry", skip_early_cond=skip_early, total_steps=6)
+    reference = ddim_cfgpp(model, start.noise, get_timesteps(6), {"cond_scale": 6.0})
     assert _close(sample_latents(sd1, plan), reference)
 
 
