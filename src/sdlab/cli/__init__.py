@@ -90,7 +90,8 @@ class CommandParser(argparse.ArgumentParser):
 
     A word that starts with one minus and names no option (`-blurry`) is a value, the prompt's or an option's, as
     argparse reads one holding a space (`"-blurry face"`); `-steps`, where --steps is an option, is refused (did you
-    mean --steps?), as is a one-letter short option (`-s 3`: sdlab's commands have none), and `-v` / `--debug` after the command are refused as `sdlab`'s own options. A free-text option
+    mean --steps?), as is a one-letter short option (`-s 3`: sdlab's commands have none, `_short_option`), and
+    `-v` / `--debug` after the command are refused as `sdlab`'s own options. A free-text option
     (`cli.errors.utf8_text`: --negative, --style, --prompt-2, ...) takes the word after it as its text even where that
     starts with two minuses, as getopt gives an option its argument (POSIX), unless the word names an option
     (`--negative --seed 3`: refused, the negative has no text) or looks like a short one (`--negative -s 3`: sdlab's
@@ -150,7 +151,7 @@ class CommandParser(argparse.ArgumentParser):
                     f"after {option}, or write {option}={word} if that is the text")
         if self._names_option(word):
             return None
-        if self.main_options and re.fullmatch(r"-[A-Za-z]", name):     # a command's (`sdlab` reads all words first)
+        if self._short_option(name):
             return (f"{option} {word}: {self.prog} has no {name} option (its options have long names), and {option} "
                     f"would take {word} as its text; give the option's long name, or write {option}={word} for that text")
         meant = self._mistyped_option(word)
@@ -158,6 +159,11 @@ class CommandParser(argparse.ArgumentParser):
             return (f"{option} {word}: {word} looks like a mistyped {meant}; give the option, "
                     f"or write {option}={word} for that text")
         return None
+
+    def _short_option(self, name: str) -> bool:
+        """Whether `name` (naming no option) is a one-letter short option (`-s`), which a command refuses: sdlab's
+        commands have none. `sdlab`'s own parser (no `main_options`: it reads every word first) refuses none."""
+        return bool(self.main_options) and re.fullmatch(r"-[A-Za-z]", name) is not None
 
     def _names_option(self, word: str) -> bool:
         """Whether `word` names an option: this command's (or begins one of its long ones), another command's,
@@ -195,7 +201,7 @@ class CommandParser(argparse.ArgumentParser):
                             f"(sdlab {name} {command} ...)")
         if arg_string.startswith("--"):
             return parsed
-        if self.main_options and re.fullmatch(r"-[A-Za-z]", name):     # a command's (`sdlab` reads all words first)
+        if self._short_option(name):
             raise UserError(f"{self.prog} has no {name} option (its options have long names; "
                             f"{self.prog} --help lists them)")
         meant = self._mistyped_option(name)
