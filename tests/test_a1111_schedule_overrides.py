@@ -195,6 +195,20 @@ def test_a_karras_rho_whose_float32_ramp_reaches_zero_is_refused():
         request_sigmas(SAMPLING, get_sampler("Euler"), _req("Euler", "Karras", 10, schedule_rho=0.3))
 
 
+@pytest.mark.parametrize("label", ["Karras", "SGM Uniform", "Exponential"])
+@pytest.mark.parametrize("fields", [{"schedule_sigma_min": 1e30}, {"schedule_sigma_min": 5.0, "schedule_sigma_max": 5.0},
+                                    {"schedule_sigma_min": 8.0, "schedule_sigma_max": 2.0}])
+def test_overrides_whose_sigmas_do_not_fall_are_refused(label, fields):
+    """A minimum at or past the maximum (the model's where unset), or a rho so large every step lands on one sigma:
+    a request error naming the overrides. Before, DPM++ 2M failed mid-job with a ZeroDivisionError (its step
+    before's size 0), which the native API reported as an "internal error"."""
+    with pytest.raises(RequestError, match="schedule_sigma_min .* do not fall step by step"):
+        request_sigmas(SAMPLING, get_sampler("DPM++ 2M"), _req("DPM++ 2M", label, 6, **fields))
+    if label == "Karras":
+        with pytest.raises(RequestError, match="schedule_rho 1e.30 .* do not fall step by step"):
+            request_sigmas(SAMPLING, get_sampler("DPM++ 2M"), _req("DPM++ 2M", label, 6, schedule_rho=1e30))
+
+
 def test_defaults_leave_the_sigmas_as_they_were():
     for label in SCHEDULERS:
         for sampler in ("Euler", "DPM2", "DDIM", "DPM++ 2M"):

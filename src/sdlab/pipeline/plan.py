@@ -488,7 +488,26 @@ def request_sigmas(
                                     **options)
     except ValueError as err:   # e.g. a strength so low that no step runs, LCM past its 50 steps
         raise RequestError(str(err)) from None
+    _check_overridden_sigmas_fall(req, sigmas)
     return sigmas.to(device)
+
+
+def _check_overridden_sigmas_fall(req: GenerationRequest, sigmas: Tensor) -> None:
+    """A `RequestError` where A1111's Schedule min / max sigma or rho (`schedule_overrides`) make a schedule whose
+    sigmas (steps + 1,) do not fall step by step: one rises (a minimum past the maximum, the model's where unset) or
+    all are one (a minimum at the maximum, a rho so large every step lands on one sigma); two equal neighbours of a
+    float32 ramp (polyexponential at rho 7, as A1111's) draw. A multistep sampler divides by the step before's size (a
+    ZeroDivisionError in DPM++ 2M mid-job); no sampler draws such a schedule."""
+    if not (req.schedule_sigma_min or req.schedule_sigma_max or req.schedule_rho):
+        return
+    drawn = sigmas[:-1] if sigmas[-1] == 0 else sigmas            # the final 0 a schedule appends
+    rises = bool((drawn[1:] > drawn[:-1]).any())                 # two equal neighbours of a float32 ramp draw
+    if len(drawn) > 1 and (rises or drawn[-1] >= drawn[0]):
+        raise RequestError(
+            f"schedule_sigma_min {req.schedule_sigma_min:g}, schedule_sigma_max {req.schedule_sigma_max:g} and "
+            f"schedule_rho {req.schedule_rho:g} (0: the model's / the schedule's) make {req.schedule!r} sigmas "
+            f"that do not fall step by step (from {float(drawn[0]):g} to {float(drawn[-1]):g}); set the minimum "
+            "below the maximum and a smaller rho")
 
 
 def comfyui_arithmetic(sampling: ModelSampling, req: GenerationRequest) -> bool:
