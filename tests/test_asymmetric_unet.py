@@ -19,6 +19,7 @@ parameter names from it; (d) the SSD-1B-shaped folder draws `StableDiffusionXLPi
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,13 +57,19 @@ CONFIGS = {
 }
 
 
-def _folder(tmp_path_factory, name: str):
-    path = _as_released(write_diffusers_folder(tiny_bundle("sdxl", seed=11), tmp_path_factory.mktemp(name) / "pipe"))
-    config = json.loads((path / "unet" / "config.json").read_text())
-    unet = UNet2DConditionModel.from_config({**config, **CONFIGS[name]})
-    randomize_(unet, seed=7)
-    unet.save_pretrained(path / "unet")
-    return path
+_FOLDERS: dict[str, Path] = {}  # one written folder per config and process: the tests only read them
+
+
+def _folder(tmp_path_factory, name: str) -> Path:
+    if name not in _FOLDERS:
+        bundle = tiny_bundle("sdxl", seed=11)
+        path = _as_released(write_diffusers_folder(bundle, tmp_path_factory.mktemp(name) / "pipe"))
+        config = json.loads((path / "unet" / "config.json").read_text())
+        unet = UNet2DConditionModel.from_config({**config, **CONFIGS[name]})
+        randomize_(unet, seed=7)
+        unet.save_pretrained(path / "unet")
+        _FOLDERS[name] = path
+    return _FOLDERS[name]
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
