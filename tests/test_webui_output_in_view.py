@@ -137,20 +137,10 @@ def test_a_phones_window_shows_the_form_a_gallery_card_filled(browser, base_url)
     assert browser.execute_script("return window.__scrolled") == []
 
 
-FOOT_COVERS_FOCUS = """
-const el = document.activeElement, box = el.getBoundingClientRect();
-const foot = document.querySelector('.form-foot'), edge = foot.getBoundingClientRect();
-const under = !foot.contains(el) && box.bottom > edge.top && box.top < edge.bottom;
-return [el.id || el.tagName, under || box.top < 0 || box.bottom > window.innerHeight + 1];
-"""
-
-
-def test_a_wide_windows_form_shows_its_message_in_view_and_keeps_the_prompt(browser, base_url):
-    """Side by side (1920x1080, 1280x800) the form's foot (Generate, its error and notice) stays at the window's
-    bottom. Before, Ctrl+Enter in the prompt with a size the server refuses put the error 1200 px down, at the form's
-    foot (the page jumped there, away from the prompt), and a notice (Reuse seed with no job done) was out of view.
-    Tab's controls are never under that foot (the page's scroll padding is its height)."""
-    from test_webui import WINDOW, ActionChains, Keys, text, wait
+def test_a_wide_windows_form_shows_its_message_in_view(browser, base_url):
+    """Side by side (1920x1080, 1280x800) an error or notice at the form's foot is scrolled into view: a notice (Reuse
+    seed before any job, a button mid-form) stayed 1000 px below the window."""
+    from test_webui import WINDOW, Keys, text, wait
 
     try:
         for size in ((1920, 1080), (1280, 800)):
@@ -159,24 +149,11 @@ def test_a_wide_windows_form_shows_its_message_in_view_and_keeps_the_prompt(brow
             browser.execute_script("document.getElementById('width').value = 100000")   # past --max-pixels
             browser.find_element(By.ID, "prompt").send_keys("a refused size", Keys.CONTROL, Keys.ENTER)
             wait(browser, lambda d: d.find_element(By.ID, "error").is_displayed(), 20, "no error")
-            assert "max-pixels" in text(browser, "error")
-            assert browser.execute_script(IN_VIEW, "error"), size
-            assert browser.execute_script(IN_VIEW, "prompt") and browser.execute_script(FOCUSED) == "prompt", size
-            assert browser.execute_script(IN_VIEW, "generate"), size
+            assert "max-pixels" in text(browser, "error") and browser.execute_script(IN_VIEW, "error"), size
+            open_page(browser, base_url)
             browser.execute_script("document.getElementById('seed-reuse').scrollIntoView({block: 'center'})")
             browser.find_element(By.ID, "seed-reuse").click()          # mid-form
             assert "No finished job yet" in text(browser, "notice") and browser.execute_script(IN_VIEW, "notice")
-        browser.set_window_size(1280, 800)
-        open_page(browser, base_url)
-        browser.find_element(By.ID, "tab-txt2img").click()
-        covered = []
-        for _ in range(60):
-            ActionChains(browser).send_keys(Keys.TAB).perform()
-            focused, under = browser.execute_script(FOOT_COVERS_FOCUS)
-            covered += [focused] if under else []
-            if focused == "generate":
-                break
-        assert focused == "generate" and covered == []
     finally:
         browser.set_window_size(*WINDOW)
 

@@ -298,8 +298,8 @@ function showNotice(message) {
   showMessage($("notice"), message);
 }
 
-// A message at the form's foot, in view: side by side the foot stays at the window's bottom (sticky) and the page does
-// not move; in one column (a phone's window) the page scrolls to it
+// A message at the form's foot, in view: the page scrolls to it where it is out of view (the form is far taller than
+// the window; Ctrl+Enter in the prompt or a button mid-form leaves the foot below)
 function showMessage(box, message) {
   box.textContent = message;
   box.hidden = !message;
@@ -1305,15 +1305,6 @@ async function generate() {
   }
 }
 
-// The page's scroll padding at its foot is the form's foot's height (CSS --form-foot-height): side by side that foot
-// stays at the window's bottom, and a control Tab reaches (or a message scrolled to) is put above it, not under it
-function keepFocusAboveTheFormsFoot() {
-  const foot = document.querySelector(".form-foot");
-  const follow = () => document.documentElement.style.setProperty("--form-foot-height", `${foot.offsetHeight}px`);
-  new ResizeObserver(follow).observe(foot);
-  follow();
-}
-
 // The output panel's progress row, once a job is queued, in view: in one column (a phone's window) the panel is under
 // the long form, the Generate button far above or below it; side by side it is always in view (sticky) and the page
 // stays where it is
@@ -1949,7 +1940,6 @@ function setup() {
       showError(err.message);
     }
   });
-  keepFocusAboveTheFormsFoot();
   renderLoras();
   loadLists().then(refreshJobs);
   setInterval(() => { if (state.activeIds.length || state.submitted.size) refreshJobs(); }, 1500);
