@@ -136,16 +136,17 @@ def comfyui_guided(model_function, positive, negative, cfg, h, w):
     return guided
 
 
-def set_area(width, height, x, y, strength=1.0):
-    """nodes.py ConditioningSetArea's values."""
-    return {"area": (height // 8, width // 8, y // 8, x // 8), "strength": strength}
+def set_area(width, height, x, y, strength=1.0, factor=8):
+    """nodes.py ConditioningSetArea's values: ``(height // 8, width // 8, y // 8, x // 8)``, 8 being ComfyUI's VAEs'
+    downsampling factor (`factor`: the tiny model's 4)."""
+    return {"area": (height // factor, width // factor, y // factor, x // factor), "strength": strength}
 
 
 # -- the tests ------------------------------------------------------------------------------------------------------
 PROMPTS = ("a red cube", "a blue ball", "green grass")
 AREAS = (AreaPrompt(PROMPTS[0]), AreaPrompt(PROMPTS[1], pixels=(24, 40, 8, 16), strength=1.5),
          AreaPrompt(PROMPTS[2], fractions=(0.5, 0.3, 0.5, 0.7), strength=0.8))
-COMFY_POSITIVE = [{"text": PROMPTS[0]}, {"text": PROMPTS[1], **set_area(24, 40, 8, 16, 1.5)},
+COMFY_POSITIVE = [{"text": PROMPTS[0]}, {"text": PROMPTS[1], **set_area(24, 40, 8, 16, 1.5, factor=4)},
                   {"text": PROMPTS[2], "area": ("percentage", 0.3, 0.5, 0.7, 0.5), "strength": 0.8}]
 NEGATIVE = "blurry"
 
@@ -246,8 +247,25 @@ def test_area_prompts_draw_comfyuis_area_composition_on_the_tiny_model(monkeypat
     assert (plain["out"] - drawn_out).abs().max() > 1e-2            # the areas change the drawing
 
 
+def test_an_area_over_the_whole_picture_draws_the_plain_picture(tiny):  # noqa: F811
+    """One prompt on an area that covers the picture (ConditioningSetArea in pixels, the percentage's 1 x 1, or the
+    whole at another strength) is the plain prompt's picture, batch of 2, 64 x 96: the weights cancel and the
+    negative's copy on that area is the negative. The pixels are the picture's on a VAE of any factor (the tiny
+    model's 4; ComfyUI's `// 8` is its VAEs' 8), where // 8 on the tiny model drew a quarter of the picture."""
+    options = dict(steps=3, cfg_scale=5.0, seed=3, sampler="euler", schedule="karras", width=64, height=96,
+                   negative_prompt="blurry", batch_size=2)
+
+    def pixels(**extra):
+        images = tiny.txt2img("a red cube", **options, **extra).images
+        return np.stack([np.asarray(im, dtype=np.int16) for im in images])
+    plain = pixels()
+    for area in (AreaPrompt("a red cube", pixels=(64, 96, 0, 0)), AreaPrompt("a red cube", fractions=(1, 1, 0, 0)),
+                 AreaPrompt("a red cube", strength=2.0)):
+        assert np.abs(pixels(area_prompts=(area,)) - plain).max() <= 1, area
+
+
 @pytest.mark.parametrize("areas, words", [
-    ((AreaPrompt("a", pixels=(64, 64, 128, 0)),), "lies outside"),   # x // 8 past the 16 px latent
+    ((AreaPrompt("a", pixels=(64, 64, 128, 0)),), "lies outside"),   # x // 4 past the 16 px latent
     ((AreaPrompt("a", fractions=(0.5, 0.5, 1.0, 0.0)),), "lies outside"),
     ((AreaPrompt("a", strength=11.0),), "strength"),
     (("a",), "AreaPrompt"),

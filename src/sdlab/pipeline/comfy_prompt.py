@@ -87,7 +87,6 @@ def _weighted(text: str, weight: float) -> list[tuple[str, float]]:
 
 
 MAX_AREA_STRENGTH = 10.0                # ConditioningSetArea's strength range: 0..10
-LATENT_FACTOR = 8                       # ConditioningSetArea's pixels per latent pixel (its `// 8`)
 
 
 @dataclass(frozen=True)
@@ -101,21 +100,22 @@ class AreaPrompt:
     fractions: tuple[float, float, float, float] | None = None
     strength: float = 1.0
 
-    def latent_area(self, size: tuple[int, int]) -> Area | None:
-        """The area on a latent of (h, w) `size`: ConditioningSetArea's ``(height // 8, width // 8, y // 8,
-        x // 8)``, or a percentage's as ComfyUI's `resolve_areas_and_cond_masks` rounds it ``(max(1, round(fh * h)),
+    def latent_area(self, size: tuple[int, int], factor: int) -> Area | None:
+        """The area on a latent of (h, w) `size` (a VAE of downsampling `factor`): ConditioningSetArea's pixels
+        floor-divided by the factor (ComfyUI's ``(height // 8, width // 8, y // 8, x // 8)``, 8 being its VAEs'
+        factor), or a percentage's as ComfyUI's `resolve_areas_and_cond_masks` rounds it ``(max(1, round(fh * h)),
         max(1, round(fw * w)), round(fy * h), round(fx * w))``; None for the whole latent."""
         if self.pixels is not None:
             width, height, x, y = self.pixels
-            return Area(height // LATENT_FACTOR, width // LATENT_FACTOR, y // LATENT_FACTOR, x // LATENT_FACTOR)
+            return Area(height // factor, width // factor, y // factor, x // factor)
         if self.fractions is not None:
             fw, fh, fx, fy = self.fractions
             h, w = size
             return Area(max(1, round(fh * h)), max(1, round(fw * w)), round(fy * h), round(fx * w))
         return None
 
-    def part(self, cond: Any, size: tuple[int, int]) -> AreaPart:
-        return AreaPart(cond, self.latent_area(size), self.strength)
+    def part(self, cond: Any, size: tuple[int, int], factor: int) -> AreaPart:
+        return AreaPart(cond, self.latent_area(size, factor), self.strength)
 
 
 def check_area_prompts(prompts: Any, width: int, height: int, factor: int) -> tuple[AreaPrompt, ...]:
@@ -130,7 +130,7 @@ def check_area_prompts(prompts: Any, width: int, height: int, factor: int) -> tu
         strength = float(each.strength)
         if not 0.0 <= strength <= MAX_AREA_STRENGTH:
             raise ValueError(f"area prompt {i}'s strength must lie in 0..{MAX_AREA_STRENGTH:g}, got {each.strength!r}")
-        area = each.latent_area(size)
+        area = each.latent_area(size, factor)
         if area is not None and (area.height <= 0 or area.width <= 0 or area.top >= size[0] or area.left >= size[1]):
             raise ValueError(f"area prompt {i}'s area (latent {area.width}x{area.height} at {area.left}, {area.top}) "
                              f"lies outside the {width}x{height} picture's {size[1]}x{size[0]} latent")
@@ -144,8 +144,8 @@ def area_rows(prompts: tuple[AreaPrompt, ...], width: int, height: int, factor: 
     size = (height // factor, width // factor)
     shares = []
     for each in prompts:
-        area = each.latent_area(size)
+        area = each.latent_area(size, factor)
         shares.append(1.0 if area is None else
                       max(0, area.clamped(size).height) * max(0, area.clamped(size).width) / (size[0] * size[1]))
-    with_areas = [share for share, each in zip(shares, prompts) if each.latent_area(size) is not None]
+    with_areas = [share for share, each in zip(shares, prompts) if each.latent_area(size, factor) is not None]
     return sum(shares) + (sum(with_areas) if negative else 0.0)

@@ -731,8 +731,8 @@ def _guided_model(
     if req.area_prompts:
         _refuse_with_areas(composed, edit, controls, image_prompts, req)
         factor = bundle.vae_config.downsample_factor
-        model = _area_model(denoiser, conditioning, req, extra_cond, extra_uncond, (req.height // factor,
-                            req.width // factor), bundle.runs_uncond(req.cfg_scale, get_sampler(req.sampler).cfg_pp))
+        model = _area_model(denoiser, conditioning, req, extra_cond, extra_uncond, factor,
+                            bundle.runs_uncond(req.cfg_scale, get_sampler(req.sampler).cfg_pp))
     elif not composed:
         guided = bundle.runs_uncond(req.cfg_scale, get_sampler(req.sampler).cfg_pp) or edit == "image"
         guide = partial(cfg, denoiser, scale=guidance_scale(req), rescale=req.guidance_rescale,
@@ -905,11 +905,12 @@ def _refuse_with_areas(composed: bool, edit: str | None, controls: Any, image_pr
 
 
 def _area_model(denoiser: DenoiseFn, conditioning: Callable[..., Any], req: GenerationRequest,
-                extra_cond: dict[str, Tensor], extra_uncond: dict[str, Tensor], latent_size: tuple[int, int],
+                extra_cond: dict[str, Tensor], extra_uncond: dict[str, Tensor], factor: int,
                 guided: bool) -> DenoiseFn:
     """ComfyUI's area composition (`diffusion.area_conds`): each area prompt's conditioning run on its area of the
-    (h, w) `latent_size` latent, the negative prompt on the whole and on each of their areas, both sides averaged by
-    weight, then guided as ComfyUI's ``uncond + (cond - uncond) * cfg``."""
+    latent (a VAE of downsampling `factor`), the negative prompt on the whole and on each of their areas, both sides
+    averaged by weight, then guided as ComfyUI's ``uncond + (cond - uncond) * cfg``."""
+    latent_size = (req.height // factor, req.width // factor)
     positive: list[AreaPart] = []
     uncond = None
     for area_prompt in req.area_prompts:
@@ -917,7 +918,7 @@ def _area_model(denoiser: DenoiseFn, conditioning: Callable[..., Any], req: Gene
         if len(schedule) > 1:
             raise RequestError("area prompts are drawn without prompt editing ([from:to:when])")
         _, cond, uncond = schedule[0]
-        positive.append(area_prompt.part({**cond, **extra_cond}, latent_size))
+        positive.append(area_prompt.part({**cond, **extra_cond}, latent_size, factor))
     negative = [] if uncond is None else [AreaPart({**uncond, **extra_uncond})]
     positive, negative = opposite_areas(positive, negative)
 
