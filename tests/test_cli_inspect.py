@@ -361,14 +361,16 @@ def test_inspect_reads_names_shapes_and_metadata_not_weights(other_kinds, capsys
 
 def test_a_loha_and_a_lokr_say_the_rank_their_alpha_is_divided_by(tmp_path: Path, capsys) -> None:
     """A LoHa's rank is its hada_w1_b's rows, a LoKr's its lokr_w2_b's (A1111's `dim`, what alpha is divided by),
-    said as a LoRA's is (a LoRA's down rows)."""
+    a GLoRA's its a2's rows (LyCORIS's layout, ComfyUI's rank), said as a LoRA's is (a LoRA's down rows)."""
     from safetensors.torch import save_file
 
     name = "lora_unet_mid_block_attentions_0_proj_in"
     files = {"loha": ({f"{name}.hada_w1_a": torch.randn(32, 6), f"{name}.hada_w1_b": torch.randn(6, 32),
                        f"{name}.hada_w2_a": torch.randn(32, 6), f"{name}.hada_w2_b": torch.randn(6, 32)}, 6),
              "lokr": ({f"{name}.lokr_w1": torch.randn(4, 4), f"{name}.lokr_w2_a": torch.randn(8, 3),
-                       f"{name}.lokr_w2_b": torch.randn(3, 8)}, 3)}
+                       f"{name}.lokr_w2_b": torch.randn(3, 8)}, 3),
+             "glora": ({f"{name}.a1.weight": torch.randn(32, 5), f"{name}.a2.weight": torch.randn(5, 32),  # LyCORIS's
+                        f"{name}.b1.weight": torch.randn(32, 5), f"{name}.b2.weight": torch.randn(5, 32)}, 5)}
     for kind, (tensors, rank) in files.items():
         path = tmp_path / f"{kind}.safetensors"
         save_file({**tensors, f"{name}.alpha": torch.tensor(1.0)}, str(path))

@@ -91,11 +91,26 @@ def _f32(module: Mapping[str, Tensor], field: str) -> Tensor:
     return module[field].to(torch.float32)
 
 
-def module_rank(module: Mapping[str, Tensor]) -> int | None:
+def module_rank(module: Mapping[str, Tensor], weight_shape: tuple[int, ...] | None = None) -> int | None:
     """The rank a module's alpha is divided by (A1111's `dim`): the rows of a LoRA's down, a LoHa's hada_w1_b, a
-    LoKr's lokr_w2_b (else its lokr_w1_b); None where there is none (a LoKr of whole factors, (IA)^3, a diff)."""
+    LoKr's lokr_w2_b (else its lokr_w1_b), a GLoRA's by its layout (`_glora_is_old`; the layer's (out, in)
+    `weight_shape` breaks a tie); None where there is none (a LoKr of whole factors, (IA)^3, a diff)."""
+    if "glora_a1" in module:
+        a1, a2 = module["glora_a1"], module["glora_a2"]
+        return a1.shape[0] if _glora_is_old(module, weight_shape) else a2.shape[0]
     return next((module[field].shape[0] for field in ("down", "hada_w1_b", "lokr_w2_b", "lokr_w1_b")
                  if field in module), None)
+
+
+def _glora_is_old(module: Mapping[str, Tensor], weight_shape: tuple[int, ...] | None) -> bool:
+    """Whether a GLoRA module is in the older layout (a1 (r, in), a2 (in, r), b1 (r, in), b2 (out, r)), not
+    LyCORIS's (a1 (in, r), a2 (r, in), b1 (out, r), b2 (r, in)), by its shapes; where both fit, the older one
+    only on a square layer of a2's rows (ComfyUI weight_adapter/glora.py; unknown layer: LyCORIS's)."""
+    a1, a2, b1, b2 = (module[f].flatten(1).shape for f in ("glora_a1", "glora_a2", "glora_b1", "glora_b2"))
+    old = b2[1] == b1[0] == a1[0] == a2[1]
+    new = b2[0] == b1[1] == a1[1] == a2[0]
+    square = weight_shape is not None and a2[0] == weight_shape[0] == weight_shape[1]
+    return old and (not new or square)
 
 
 def _alpha_scale(module: Mapping[str, Tensor], rank: int) -> float:
@@ -149,18 +164,12 @@ def _lokr(module: Mapping[str, Tensor], shape: torch.Size) -> Tensor:
 def _glora(module: Mapping[str, Tensor], weight: Tensor) -> Tensor:
     a1, a2, b1, b2 = (_f32(module, f).flatten(1) for f in ("glora_a1", "glora_a2", "glora_b1", "glora_b2"))
     w = weight.to(torch.float32)
-    old = b2.shape[1] == b1.shape[0] == a1.shape[0] == a2.shape[1]        # older LyCORIS: a1 (r, in), a2 (in, r)
-    new = b2.shape[0] == b1.shape[1] == a1.shape[1] == a2.shape[0]        # a1 (in, r), a2 (r, in)
-    if new and not (old and a2.shape[0] == w.shape[0] == w.shape[1]):
-        old = False
-    if old:
+    if _glora_is_old(module, tuple(w.shape)):
         delta = b2 @ b1 + w.flatten(1) @ a2 @ a1                                          # (out, in*kh*kw)
-        rank = a1.shape[0]
     else:
         wa = torch.einsum("oi...,ij->oj...", torch.einsum("oi...,ij->oj...", w, a1), a2)  # (out, in[, kh, kw])
         delta = wa.reshape(w.shape) + (b1 @ b2).reshape(w.shape)
-        rank = a2.shape[0]
-    return delta.reshape(w.shape) * _alpha_scale(module, rank)
+    return delta.reshape(w.shape) * _alpha_scale(module, module_rank(module, tuple(w.shape)))
 
 
 def _ia3(module: Mapping[str, Tensor], weight: Tensor) -> Tensor:
