@@ -275,6 +275,14 @@ def test_bad_area_prompts_are_refused_naming_the_fault(tiny, areas, words):  # n
         tiny.txt2img("a", steps=1, width=64, height=64, sampler="euler", area_prompts=areas)
 
 
+def test_area_prompts_are_not_drawn_seamless(tiny):  # noqa: F811
+    """Tiling runs the U-Net with circular padding: on an area's crop the crop's own edges would meet, seams inside
+    the picture, so area prompts with tiling are refused naming it, not drawn."""
+    with pytest.raises(RequestError, match="tiling"):
+        tiny.txt2img("a", steps=1, width=64, height=64, sampler="euler", tiling=True,
+                     area_prompts=(AreaPrompt("a"), AreaPrompt("b", pixels=(32, 32, 0, 0))))
+
+
 # -- the graph ------------------------------------------------------------------------------------------------------
 def area_graph() -> dict:
     """ComfyUI's area composition example, small: the whole-picture prompt 6 combined with a ConditioningSetArea of

@@ -899,7 +899,8 @@ def _refuse_with_areas(composed: bool, edit: str | None, controls: Any, image_pr
                                         ("an edit (InstructPix2Pix) model", edit is not None),
                                         ("ControlNets", bool(controls)), ("IP-Adapters", image_prompts is not None),
                                         ("perturbed-attention guidance", bool(req.pag_scale)),
-                                        ("guidance rescale", bool(req.guidance_rescale))) if found]
+                                        ("guidance rescale", bool(req.guidance_rescale)),
+                                        ("tiling (an area's crop would wrap on itself)", req.tiling)) if found]
     if refused:
         raise RequestError(f"area prompts are not drawn with {', '.join(refused)}")
 
