@@ -58,6 +58,14 @@ class ServerConfig:
     allowed_hosts: tuple[str, ...] = ()     # more Host names a loopback server without auth answers, and names
                                             # whose pages may post to it ("*": any)
 
+    def __post_init__(self) -> None:
+        # a Python caller may name folders with strings, as `sdlab.load` takes them
+        for name in ("output_dir", "model", "models_dir", "embeddings_dir", "controlnet_dir", "upscalers_dir",
+                     "realesrgan_dir", "vae_dir"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, Path(value))
+
     @property
     def auth_enabled(self) -> bool:
         return self.basic_auth is not None or self.token is not None
