@@ -214,3 +214,13 @@ def test_true_false_fields_read_as_pydantic_lax_mode_reads_them(client):
     for bad in ("maybe", 2):
         answer = client.post("/api/jobs", json={"prompt": "a cat", "tiling": bad})
         assert answer.status_code == 422 and answer.json()["detail"].startswith("tiling: "), (bad, answer.text)
+
+
+@pytest.mark.parametrize("field, sent, read", [("resize_mode", "Crop", "crop"), ("resize_mode", " LATENT ", "latent"),
+                                               ("inpaint_fill", "Latent  Noise", "latent noise"),
+                                               ("inpaint_fill", "ORIGINAL", "original")])
+def test_mode_words_are_read_in_any_case(field, sent, read):
+    """The native API's mode words in any case and spacing, as its rng and sampler names."""
+    from sdlab.server.native import JobIn
+
+    assert getattr(JobIn(prompt="a cat", **{field: sent}), field) == read

@@ -306,6 +306,13 @@ class JobIn(NullsAreDefaults, JsonNumbers):
             raise ValueError(f"{info.field_name} must be a number in [0, 1), got {str(value).lower()}")
         return value
 
+    @field_validator("resize_mode", "inpaint_fill", mode="before")
+    @classmethod
+    def _word_in_any_case(cls, value: Any) -> Any:
+        """A mode's word in any case and spacing ("Crop", " LATENT NOISE"), as rng, samplers and the CLI's
+        choices are read."""
+        return " ".join(value.lower().split()) if isinstance(value, str) else value
+
     @field_validator("image_cfg_scale", mode="before")
     @classmethod
     def _none_in_any_case(cls, value: Any) -> Any:
