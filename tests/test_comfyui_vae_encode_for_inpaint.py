@@ -374,7 +374,8 @@ def b64_png(image: Image.Image) -> str:
     (lambda g: g.update({"20": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64,
                                                                               "batch_size": 1}},
                          "21": {"class_type": "VAEDecode", "inputs": {"samples": ["20", 0], "vae": ["4", 2]}}})
-     or g["12"]["inputs"].update(pixels=["21", 0]), "12", "sdlab encodes the picture of a LoadImage"),
+     or g["12"]["inputs"].update(pixels=["21", 0]), "12",
+     "sdlab does not draw a second KSampler from a decoded"),
     (lambda g: g.update({"13": {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["12", 0],
                                                                                "mask": ["11", 1]}}})
      or g["3"]["inputs"].update(latent_image=["13", 0]), "13", "sdlab sets the noise mask of a VAEEncode's latent"),

@@ -966,8 +966,9 @@ class _Plan:
             image, index, image_kind = self.source(node, "pixels")
             if image_kind != "LoadImage":
                 if image_kind in PICTURE_NODES or image_kind == "VAEDecode":
+                    encoder = self.graph[node]["class_type"]        # VAEEncode or VAEEncodeForInpaint
                     raise self.refuse(node, "sdlab does not draw a second KSampler from a decoded or upscaled "
-                                            "picture (VAEEncode of an ImageUpscaleWithModel / ImageScale / "
+                                            f"picture ({encoder} of an ImageUpscaleWithModel / ImageScale / "
                                             "VAEDecode); ComfyUI's two-pass graph upscales the latent "
                                             "(LatentUpscale / LatentUpscaleBy), or save the upscaled pictures")
                 raise self.refuse(node, "sdlab encodes the picture of a LoadImage")
