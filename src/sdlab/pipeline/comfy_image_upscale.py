@@ -86,9 +86,9 @@ def scale_pictures(x: Tensor, step: PictureScale) -> Tensor:
         raise ValueError(f"unknown upscale_method {step.method!r}; valid: {', '.join(COMFY_IMAGE_UPSCALE_METHODS)}")
     if step.crop not in COMFY_CROPS:
         raise ValueError(f"unknown crop {step.crop!r}; valid: {', '.join(COMFY_CROPS)}")
-    width, height = step.size(x.shape[-1], x.shape[-2])
-    if (width, height) == (x.shape[-1], x.shape[-2]) and step.scale_by is None and step.width == step.height == 0:
+    if step.scale_by is None and step.width == step.height == 0:
         return x                                                               # ImageScale 0 x 0: as it is
+    width, height = step.size(x.shape[-1], x.shape[-2])
     if step.crop == "center":
         x = centre_crop(x, width / height)                                    # (B, C, H', W')
     if step.method == "lanczos":

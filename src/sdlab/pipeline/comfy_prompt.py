@@ -142,10 +142,12 @@ def area_rows(prompts: tuple[AreaPrompt, ...], width: int, height: int, factor: 
     prompt's pass on its area's share of the latent (the whole: 1), and where guidance runs the `negative` its
     pass on each of their areas besides its whole-picture one (`area_conds.opposite_areas`)."""
     size = (height // factor, width // factor)
-    shares = []
+    whole = with_areas = 0.0
     for each in prompts:
         area = each.latent_area(size, factor)
-        shares.append(1.0 if area is None else
-                      max(0, area.clamped(size).height) * max(0, area.clamped(size).width) / (size[0] * size[1]))
-    with_areas = [share for share, each in zip(shares, prompts) if each.latent_area(size, factor) is not None]
-    return sum(shares) + (sum(with_areas) if negative else 0.0)
+        if area is None:
+            whole += 1.0
+            continue
+        area = area.clamped(size)
+        with_areas += max(0, area.height) * max(0, area.width) / (size[0] * size[1])
+    return whole + with_areas * (2 if negative else 1)

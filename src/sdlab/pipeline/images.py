@@ -154,10 +154,10 @@ def with_palette_alpha(image: Image.Image) -> Image.Image:
 
 def eight_bit(image: Image.Image, opened: Image.Image | None = None) -> Image.Image:
     """A 16-bit greyscale picture scaled to 0..255 ("L"; Pillow's ``convert`` would clip every value above 255
-    to white), a 32-bit or signed integer one from its range (`integer_levels`), a 32-bit float one ("F", a float TIFF) scaled from its range (`float_range`; Pillow's ``convert``
-    reads it as 0..255, so a 0..1 picture comes out black; its range tags read from ``opened``, the image as
-    opened, where ``image`` is a copy of it), keeping its ``info`` (text items, EXIF) as
-    ``convert`` does but a 16-bit transparent value; any other picture as it is."""
+    to white), a 32-bit or signed integer one from its range (`integer_levels`), a 32-bit float one ("F", a float
+    TIFF) scaled from its range (`float_range`; Pillow's ``convert`` reads it as 0..255, so a 0..1 picture comes
+    out black; its range tags read from ``opened``, the image as opened, where ``image`` is a copy of it), keeping
+    its ``info`` (text items, EXIF) as ``convert`` does but a 16-bit transparent value; any other picture as it is."""
     if image.mode == "F":
         values = np.asarray(image, dtype=np.float64)
         low, high = float_range(opened or image, values)
